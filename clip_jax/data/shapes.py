@@ -1,0 +1,369 @@
+"""Built-in procedural image-caption dataset ``shapes``.
+
+Every example is generated on the fly from ``(seed, split, index)``: a background colour and 1-9 coloured
+shapes placed in distinct cells of a 3x3 grid. Exactly one object is "large" (the salient object); its
+colour-shape pair is the class label and the subject of the short caption, while the long caption describes
+the background and every object with all of its attributes. A fixed set of colour-shape pairs is held out of
+training so zero-shot generalisation to unseen attribute combinations can be measured.
+
+Rendering uses numpy masks on coordinate grids (one small bounding box per object), so it is cheap enough to
+feed training from a couple of CPU cores without any files on disk.
+"""
+
+import dataclasses
+import math
+import operator
+
+import numpy as np
+
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan")
+# Saturated, well separated RGB values so colour identity survives textures and small sizes.
+_COLOUR_RGB = np.array(
+    [
+        (225, 30, 30),
+        (40, 180, 50),
+        (40, 80, 235),
+        (245, 225, 30),
+        (155, 50, 205),
+        (250, 140, 20),
+        (245, 245, 245),
+        (40, 225, 235),
+    ],
+    dtype=np.uint8,
+)
+# Texture "ink" is a darker shade of the object's own colour, never another palette colour.
+_SHADE_RGB = (_COLOUR_RGB.astype(np.float64) * 0.55).astype(np.uint8)
+_OUTLINE_RGB = np.array((15, 15, 15), dtype=np.uint8)
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
+SIZES: tuple[str, ...] = ("small", "medium", "large")
+# Radius as a fraction of the cell side. Shape areas (in radius units) span 1.6 (star) to 2.6 (square), so a
+# large/medium radius ratio of 1.39 keeps even a large star ~20% bigger in pixels than a medium square: the
+# salient object is unambiguous. Small is as big as legibility at 64 px allows.
+_SIZE_RADIUS = {"small": 0.25, "medium": 0.33, "large": 0.46}
+TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted", "checkered")
+POSITIONS: tuple[str, ...] = (
+    "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right",
+)  # fmt: skip
+# Muted, mid-luminance backgrounds: far from every object colour, and light enough that the near-black
+# outline stays visible on all of them.
+BACKGROUNDS: tuple[str, ...] = ("grey", "beige", "slate", "brown")
+_BACKGROUND_RGB = np.array([(105, 105, 110), (175, 160, 130), (75, 95, 115), (110, 80, 60)], dtype=np.uint8)
+
+SPLITS: tuple[str, ...] = ("train", "test", "test_seen", "test_held_out")
+# One pair per colour, no shape used more than twice: every colour keeps 5 seen shapes and every shape keeps
+# at least 6 seen colours, so each attribute on its own is well covered during training.
+DEFAULT_HELD_OUT: tuple[tuple[str, str], ...] = (
+    ("red", "star"), ("green", "cross"), ("blue", "triangle"), ("yellow", "diamond"),
+    ("purple", "circle"), ("orange", "square"), ("white", "circle"), ("cyan", "star"),
+)  # fmt: skip
+# No template puts "a" directly before the class name, so "orange ..." classes read grammatically.
+ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
+    "a photo of the {}.",
+    "a picture of one {}.",
+    "there is one {} in the image.",
+    "the {}.",
+    "an image of the {}.",
+    "a drawing of one {}.",
+)
+_SHORT_TEMPLATES = ("{a_obj}.", "a picture of {a_obj}.", "there is {a_obj} in the image.",
+                    "a photo of the {obj}.", "an image of one {obj}.")  # fmt: skip
+_OBJECT_TEMPLATES = (
+    "{a_size} {tex} {col} {shp} {pos}, {outl}",
+    "{pos} there is {a_size} {col} {shp} with {tex_noun} and {outl_noun}",
+    "the {col} {shp} {pos} is {size} and {tex}, {outl}",
+    "{pos} you can see {a_tex} {col} {shp} of {size} size, {outl}",
+    "{a_size} {shp} {pos} is coloured {col} and has {tex_noun} and {outl_noun}",
+    "there is {a_col} {shp} {pos}; it is {size} and {tex}, {outl}",
+)
+_POSITION_PHRASES = (
+    "in the top left corner", "at the top", "in the top right corner", "on the left side", "in the centre",
+    "on the right side", "in the bottom left corner", "at the bottom", "in the bottom right corner",
+)  # fmt: skip
+_TEXTURE_NOUNS = {"solid": "a solid fill", "striped": "a striped pattern", "dotted": "a dotted pattern",
+                  "checkered": "a checkered pattern"}  # fmt: skip
+_OUTLINE_CLAUSES = {True: ("with a dark outline", "with a black outline", "outlined in black"),
+                    False: ("with no outline", "without an outline")}  # fmt: skip
+_OUTLINE_NOUNS = {True: ("a dark outline", "a black outline"), False: ("no outline",)}
+_BACKGROUND_TEMPLATES = ("the background is {bg}", "the background colour is {bg}",
+                         "all shapes sit on a plain {bg} background", "the picture has {a_bg} background")
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_COUNT_TEMPLATES = ("there are {n} objects in total", "the image contains {n} shapes",
+                    "{n} shapes are drawn in this picture")  # fmt: skip
+_SINGLE_COUNT = ("there is only one object in the picture", "the image contains a single shape")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeObject:
+    """One object of a scene. ``jitter`` is the offset from the cell centre as a fraction (-1..1, per axis)
+    of the free room left in the cell, so the object always stays inside its cell at any image size."""
+
+    colour: str
+    shape: str
+    size: str
+    cell: int
+    texture: str = "solid"
+    outline: bool = False
+    jitter: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """Explicit scene description; ``render_example`` turns it into an image and captions."""
+
+    background: str
+    objects: tuple[ShapeObject, ...]
+
+    @property
+    def salient(self) -> ShapeObject:
+        """The unique largest object (``validate_scene`` guarantees there is exactly one)."""
+        return max(self.objects, key=lambda o: SIZES.index(o.size))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesConfig:
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 3
+    seed: int = 0
+    held_out: tuple[tuple[str, str], ...] = DEFAULT_HELD_OUT  # (colour, shape) pairs
+
+    def __post_init__(self) -> None:
+        # Fail at construction so a bad experiment config is reported before any data is generated.
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 (shapes are unreadable below), got {self.image_size}")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if self.max_objects > len(POSITIONS):
+            raise ValueError(f"max_objects must be <= {len(POSITIONS)} (one per grid cell), got {self.max_objects}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
+        for pair in self.held_out:
+            if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in SHAPES:
+                raise ValueError(f"held_out pair {pair!r} is not (colour, shape) with colour in {COLOURS} "
+                                 f"and shape in {SHAPES}")
+        if len({tuple(p) for p in self.held_out}) == len(COLOURS) * len(SHAPES):
+            raise ValueError("held_out covers every colour-shape pair; nothing is left to train on")
+
+
+def class_names() -> list[str]:
+    """All colour-shape classes, index = colour_index * len(SHAPES) + shape_index."""
+    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def class_index(colour: str, shape: str) -> int:
+    return COLOURS.index(colour) * len(SHAPES) + SHAPES.index(shape)
+
+
+def validate_scene(scene: Scene) -> None:
+    """Raise ValueError unless the scene is drawable and has a unique largest object."""
+    if scene.background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {scene.background!r}; expected one of {BACKGROUNDS}")
+    if not 1 <= len(scene.objects) <= len(POSITIONS):
+        raise ValueError(f"a scene needs 1 to {len(POSITIONS)} objects, got {len(scene.objects)}")
+    for obj, name, allowed in ((o, n, a) for o in scene.objects for n, a in
+                               (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("texture", TEXTURES))):
+        if getattr(obj, name) not in allowed:
+            raise ValueError(f"unknown {name} {getattr(obj, name)!r}; expected one of {allowed}")
+    cells = [o.cell for o in scene.objects]
+    if any(not 0 <= c < len(POSITIONS) for c in cells) or len(set(cells)) != len(cells):
+        raise ValueError(f"object cells must be distinct integers in [0, 8], got {cells}")
+    sizes = sorted((SIZES.index(o.size) for o in scene.objects), reverse=True)
+    if len(sizes) > 1 and sizes[0] == sizes[1]:
+        raise ValueError("the largest object must be unique so that the salient object is unambiguous")
+
+
+def object_geometry(obj: ShapeObject, image_size: int) -> tuple[float, float, float]:
+    """Return the object's centre (x, y) and radius in pixels."""
+    cell = image_size / 3.0
+    row, col = divmod(obj.cell, 3)
+    radius = _SIZE_RADIUS[obj.size] * cell
+    # Keep half a pixel of margin so neighbouring objects never touch.
+    slack = max(0.0, cell / 2.0 - radius - 0.5)
+    return (col + 0.5) * cell + obj.jitter[0] * slack, (row + 0.5) * cell + obj.jitter[1] * slack, radius
+
+
+# Shape masks on coordinates (u, v) measured in object radii from the centre (v points down). Every shape
+# fits inside the unit square so the radius bounds the object in both axes.
+def _star(u: np.ndarray, v: np.ndarray, inner: float = 0.55) -> np.ndarray:
+    # Fold the angle into one half-spike (0 = tip, pi/5 = notch) and compare the distance from the centre
+    # with the distance to the straight edge from tip (1, 0) to notch along the same ray.
+    sector = 2.0 * math.pi / 5.0
+    a = np.mod(np.arctan2(v, u) + math.pi / 2.0, sector)
+    a = np.minimum(a, sector - a)
+    ex, ey = inner * math.cos(sector / 2) - 1.0, inner * math.sin(sector / 2)
+    return np.hypot(u, v) * (ey * np.cos(a) - ex * np.sin(a)) <= ey
+
+
+_SHAPE_MASKS = {
+    "circle": lambda u, v: u * u + v * v <= 0.81,  # radius 0.9: area close to the square's
+    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.8,
+    "triangle": lambda u, v: (v <= 0.75) & (np.abs(u) * 1.75 <= (v + 1.0) * 0.98),
+    "star": _star,
+    "cross": lambda u, v: ((np.abs(u) <= 0.33) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.33) & (np.abs(u) <= 0.95)),
+    "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1.0,
+}
+
+
+def _texture_mask(texture: str, ix: np.ndarray, iy: np.ndarray, period: int) -> np.ndarray:
+    """Pixels (integer offsets from the object centre) painted in the darker shade."""
+    half = period // 2
+    if texture == "striped":
+        return ((ix + iy) // half) % 2 == 1
+    if texture == "dotted":
+        # Sparse small dots (a quarter of each period) so they cannot be confused with the checkerboard.
+        return (np.mod(ix, period + 1) < half) & (np.mod(iy, period + 1) < half)
+    return ((ix // (half + 1)) + (iy // (half + 1))) % 2 == 1  # checkered
+
+
+def _draw_object(image: np.ndarray, obj: ShapeObject) -> None:
+    size = image.shape[0]
+    cx, cy, r = object_geometry(obj, size)
+    x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
+    y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
+    # Pixel centres sit at +0.5; row/column vectors broadcast to the bounding box without a meshgrid.
+    u = ((np.arange(x0, x1) + 0.5 - cx) / r)[None, :]
+    v = ((np.arange(y0, y1) + 0.5 - cy) / r)[:, None]
+    fn = _SHAPE_MASKS[obj.shape]
+    mask = fn(u, v)
+    region = image[y0:y1, x0:x1]
+    colour = COLOURS.index(obj.colour)
+    region[mask] = _COLOUR_RGB[colour]
+    if obj.texture == "solid" and not obj.outline:
+        return
+    # A shrunken copy of the shape: the band between it and the full mask is the outline, or, without an
+    # outline, a rim of plain colour that keeps the silhouette crisp when a texture darkens edge pixels.
+    scale = r / (r - max(1.2, 0.13 * r))
+    inner = fn(u * scale, v * scale)
+    if obj.texture != "solid":
+        period = max(4, round(size / 16))
+        ix = np.arange(x0, x1)[None, :] - round(cx)
+        iy = np.arange(y0, y1)[:, None] - round(cy)
+        region[inner & _texture_mask(obj.texture, ix, iy, period)] = _SHADE_RGB[colour]
+    if obj.outline:
+        region[mask & ~inner] = _OUTLINE_RGB
+
+
+def render_scene(scene: Scene, image_size: int = 64) -> np.ndarray:
+    """Draw a scene as a uint8 [image_size, image_size, 3] array."""
+    validate_scene(scene)
+    image = np.empty((image_size, image_size, 3), dtype=np.uint8)
+    image[:] = _BACKGROUND_RGB[BACKGROUNDS.index(scene.background)]
+    for obj in scene.objects:
+        _draw_object(image, obj)
+    return image
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _describe_object(obj: ShapeObject, rng: np.random.Generator) -> str:
+    pos = _POSITION_PHRASES[obj.cell] + _pick(rng, (" of the image", " of the picture"))
+    return _pick(rng, _OBJECT_TEMPLATES).format(
+        a_size=_a(obj.size), size=obj.size, tex=obj.texture, a_tex=_a(obj.texture),
+        tex_noun=_TEXTURE_NOUNS[obj.texture], col=obj.colour, a_col=_a(obj.colour), shp=obj.shape, pos=pos,
+        outl=_pick(rng, _OUTLINE_CLAUSES[obj.outline]), outl_noun=_pick(rng, _OUTLINE_NOUNS[obj.outline]),
+    )  # fmt: skip
+
+
+def describe_scene(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """Return (short_caption, long_caption) for a scene, with phrasing drawn from ``rng``."""
+    salient = scene.salient
+    name = f"{salient.colour} {salient.shape}"
+    short = _pick(rng, _SHORT_TEMPLATES).format(obj=name, a_obj=_a(name))
+    n = len(scene.objects)
+    count = _pick(rng, _SINGLE_COUNT) if n == 1 else _pick(rng, _COUNT_TEMPLATES).format(n=_NUMBER_WORDS[n])
+    rest = [_describe_object(o, rng) for o in scene.objects if o is not salient]
+    rest.append(_pick(rng, _BACKGROUND_TEMPLATES).format(bg=scene.background, a_bg=_a(scene.background)))
+    rest.append(count)
+    # The salient object always leads: Long-CLIP-style training uses the first sentence as a short caption.
+    sentences = [_describe_object(salient, rng)] + [rest[i] for i in rng.permutation(len(rest))]
+    return short, ". ".join(sentences) + "."
+
+
+def render_example(scene: Scene, image_size: int, rng: np.random.Generator) -> dict:
+    """Image, captions and label for an explicit scene (e.g. hand-built hard pairs)."""
+    image = render_scene(scene, image_size)
+    short, long = describe_scene(scene, rng)
+    label = np.int32(class_index(scene.salient.colour, scene.salient.shape))
+    return {"image": image, "short_caption": short, "long_caption": long, "label": label}
+
+
+class ShapesDataset:
+    """Random-access source (usable with ``grain.MapDataset.source``) of procedural shape scenes."""
+
+    def __init__(self, config: ShapesConfig, split: str, num_examples: int = 2**31 - 1):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if num_examples < 1:
+            raise ValueError(f"num_examples must be positive, got {num_examples}")
+        self.config = config
+        self.split = split
+        self.num_examples = num_examples
+        held = {class_index(c, s) for c, s in config.held_out}
+        self._held_out = np.array(sorted(held), dtype=np.int64)
+        self._seen = np.array([i for i in range(len(COLOURS) * len(SHAPES)) if i not in held], dtype=np.int64)
+        if split == "test_held_out" and not len(self._held_out):
+            raise ValueError("split 'test_held_out' needs a non-empty config.held_out")
+        self._salient_pool = self._held_out if split == "test_held_out" else self._seen
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self._rng(index)
+        return render_example(self._sample_scene(rng), self.config.image_size, rng)
+
+    def scene(self, index: int) -> Scene:
+        """The scene description that ``self[index]`` renders."""
+        return self._sample_scene(self._rng(index))
+
+    def render(self, scene: Scene, caption_seed: int = 0) -> dict:
+        """Render an explicit scene at this dataset's image size; captions are drawn from ``caption_seed``."""
+        return render_example(scene, self.config.image_size, np.random.default_rng(caption_seed))
+
+    def class_names(self) -> list[str]:
+        return class_names()
+
+    def held_out_classes(self) -> list[int]:
+        return [int(i) for i in self._held_out]
+
+    def seen_classes(self) -> list[int]:
+        return [int(i) for i in self._seen]
+
+    def _rng(self, index: int) -> np.random.Generator:
+        index = operator.index(index)
+        if index < 0:
+            index += self.num_examples
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"index {index} out of range for {self.num_examples} examples")
+        # Seeding with the split id gives every split its own independent stream for the same index.
+        return np.random.default_rng([self.config.seed, SPLITS.index(self.split), index])
+
+    def _sample_scene(self, rng: np.random.Generator) -> Scene:
+        cfg = self.config
+        n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        cells = rng.permutation(len(POSITIONS))[:n]
+        # Non-salient objects always come from seen pairs: held-out pairs only ever appear as the salient
+        # object of the test_held_out split.
+        pairs = np.concatenate([self._salient_pool[rng.integers(len(self._salient_pool), size=1)],
+                                self._seen[rng.integers(len(self._seen), size=n - 1)]])
+        sizes = np.concatenate([[2], rng.integers(0, 2, size=n - 1)])  # only the salient one is large
+        textures = rng.integers(len(TEXTURES), size=n)
+        outlines = rng.random(n) < 0.5
+        jitter = rng.uniform(-1.0, 1.0, size=(n, 2))
+        objects = tuple(
+            ShapeObject(colour=COLOURS[p // len(SHAPES)], shape=SHAPES[p % len(SHAPES)], size=SIZES[s],
+                        cell=int(c), texture=TEXTURES[t], outline=bool(o), jitter=(float(j[0]), float(j[1])))
+            for p, s, c, t, o, j in zip(pairs, sizes, cells, textures, outlines, jitter, strict=True)
+        )  # fmt: skip
+        return Scene(background=BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], objects=objects)

@@ -1,0 +1,166 @@
+"""Contrastive losses, written for the devices' local shards and run inside `jax.shard_map`.
+
+A loss is a function `loss_fn(outputs, *, axis_name, **hparams) -> (loss, metrics)`. `outputs` holds the
+local rows of per-example arrays (`image`, `text` embeddings, L2-normalised; `caption_key`, ...) and the replicated
+scalars (`logit_scale`, `logit_bias`). It returns the loss of the *global* batch, identical on every device, so
+that its gradient equals that of the single-device computation. New methods (SLIP, Long-CLIP, AudioCLIP) add a
+function here and a name in `LOSSES`; the trainer does not change.
+
+Each device scores its local rows against the all-gathered other side (open_clip's `--local-loss
+--gather-with-grad`): memory grows with B_local * B_global, not B_global^2. `all_gather`'s transpose is a
+reduce-scatter, so the gradients of remote rows flow back to the device that owns them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from clip_jax.sharding import BATCH_AXES
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+# Fixed odd multipliers for hashing token rows: identical captions get identical keys.
+_HASH_MULTIPLIERS = np.random.default_rng(20240101).integers(1, 2**32, size=4096, dtype=np.uint64) | 1
+
+
+def caption_key(tokens: jax.Array) -> jax.Array:
+    """A uint32 hash of each row of token ids; equal captions -> equal keys (collisions ~ B^2 / 2^32)."""
+    mult = jnp.asarray(_HASH_MULTIPLIERS[: tokens.shape[-1]].astype(np.uint32))
+    return jnp.sum(tokens.astype(jnp.uint32) * mult, axis=-1, dtype=jnp.uint32)
+
+
+def _positives(outputs: dict[str, jax.Array], offset: jax.Array, n_global: int, gathered_keys: jax.Array | None
+               ) -> jax.Array:
+    """Float [b_local, n_global] matrix of positives: the diagonal, or every pair with an identical caption."""
+    b_local = outputs["image"].shape[0]
+    if gathered_keys is not None:
+        return (outputs["caption_key"][:, None] == gathered_keys[None, :]).astype(jnp.float32)
+    return jax.nn.one_hot(offset + jnp.arange(b_local), n_global, dtype=jnp.float32)
+
+
+def _soft_cross_entropy(logits: jax.Array, positives: jax.Array, label_smoothing: float) -> jax.Array:
+    targets = positives / positives.sum(-1, keepdims=True)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+    return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def clip_loss(
+    outputs: dict[str, jax.Array],
+    *,
+    axis_name,
+    label_smoothing: float = 0.0,
+    multi_positive: bool = False,
+    image_key: str = "image",
+    text_key: str = "text",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Symmetric InfoNCE: (CE(s I T^T) + CE(s T I^T)) / 2 averaged over the global batch.
+
+    multi_positive: captions that are identical (same `caption_key`) count as positives of each other, with the
+    target mass split between them; without it a repeated caption is a false negative.
+    """
+    image, text = outputs[image_key], outputs[text_key]
+    scale = outputs["logit_scale"]
+    b_local = image.shape[0]
+    all_image = jax.lax.all_gather(image, axis_name, tiled=True)
+    all_text = jax.lax.all_gather(text, axis_name, tiled=True)
+    n_global = all_image.shape[0]
+    offset = jax.lax.axis_index(axis_name) * b_local
+    keys = jax.lax.all_gather(outputs["caption_key"], axis_name, tiled=True) if multi_positive else None
+    positives = _positives(outputs, offset, n_global, keys)
+    logits_i2t = scale * image @ all_text.T
+    logits_t2i = scale * text @ all_image.T
+    ce = _soft_cross_entropy(logits_i2t, positives, label_smoothing) + _soft_cross_entropy(
+        logits_t2i, positives, label_smoothing
+    )
+    loss = jax.lax.psum(ce.sum(), axis_name) / (2 * n_global)
+    hit = jnp.take_along_axis(positives, jnp.argmax(logits_i2t, -1)[:, None], axis=-1)
+    metrics = {"i2t_acc": jax.lax.psum(hit.sum(), axis_name) / n_global}
+    return loss, metrics
+
+
+def siglip_loss(outputs: dict[str, jax.Array], *, axis_name, multi_positive: bool = False
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sigmoid loss, all-gather form: -1/N sum_i sum_j log_sigmoid(z_ij (t <I_i, T_j> + b)), z = +1 on positives."""
+    image, text = outputs["image"], outputs["text"]
+    b_local = image.shape[0]
+    all_text = jax.lax.all_gather(text, axis_name, tiled=True)
+    n_global = all_text.shape[0]
+    offset = jax.lax.axis_index(axis_name) * b_local
+    keys = jax.lax.all_gather(outputs["caption_key"], axis_name, tiled=True) if multi_positive else None
+    z = 2.0 * _positives(outputs, offset, n_global, keys) - 1.0
+    logits = outputs["logit_scale"] * image @ all_text.T + outputs["logit_bias"]
+    loss = -jax.lax.psum(jax.nn.log_sigmoid(z * logits).sum(), axis_name) / n_global
+    return loss, {}
+
+
+def siglip_ring_loss(outputs: dict[str, jax.Array], *, axis_name, multi_positive: bool = False
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sigmoid loss with text blocks passed around a ring of devices (`ppermute`): each device only ever holds
+    one remote block, never the gathered text embeddings. Same value and gradients as `siglip_loss`."""
+    image, text = outputs["image"], outputs["text"]
+    b_local = image.shape[0]
+    n_dev = jax.lax.axis_size(axis_name)
+    rank = jax.lax.axis_index(axis_name)
+    scale, bias = outputs["logit_scale"], outputs["logit_bias"]
+    ring = [(i, (i + 1) % n_dev) for i in range(n_dev)]
+    key = outputs["caption_key"] if multi_positive else None
+
+    def block_loss(text_block, key_block, source_rank):
+        logits = scale * image @ text_block.T + bias
+        if multi_positive:
+            positive = outputs["caption_key"][:, None] == key_block[None, :]
+        else:
+            positive = (jnp.arange(b_local)[:, None] == jnp.arange(b_local)[None, :]) & (source_rank == rank)
+        z = jnp.where(positive, 1.0, -1.0)
+        return jax.nn.log_sigmoid(z * logits).sum()
+
+    def step(carry, k):
+        text_block, key_block, total = carry
+        source = (rank - k) % n_dev  # after k shifts we hold the block that started on device rank - k
+        total = total + block_loss(text_block, key_block, source)
+        text_block = jax.lax.ppermute(text_block, axis_name, ring)
+        if multi_positive:
+            key_block = jax.lax.ppermute(key_block, axis_name, ring)
+        return (text_block, key_block, total), None
+
+    # Carries must be typed as varying over the ring's axes, like the per-device values they will hold.
+    vary = functools.partial(jax.lax.pcast, axis_name=axis_name, to="varying")
+    key0 = key if multi_positive else vary(jnp.zeros((b_local,), jnp.uint32))
+    init = (text, key0, vary(jnp.zeros((), jnp.float32)))
+    # The last ppermute's result is unused; XLA drops it.
+    (_, _, total), _ = jax.lax.scan(step, init, jnp.arange(n_dev))
+    loss = -jax.lax.psum(total, axis_name) / (b_local * n_dev)
+    return loss, {}
+
+
+LOSSES: dict[str, LossFn] = {"clip": clip_loss, "siglip": siglip_loss, "siglip_ring": siglip_ring_loss}
+
+
+def get_loss(name: str, **hparams) -> LossFn:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    return functools.partial(LOSSES[name], **hparams)
+
+
+def shard_loss(loss_fn: LossFn, mesh: Mesh) -> Callable[[dict[str, jax.Array]], tuple[jax.Array, dict]]:
+    """Runs a local-shard loss on global arrays: per-example arrays split over the batch axes, scalars replicated."""
+
+    def run(outputs: dict[str, jax.Array]):
+        specs = {k: PartitionSpec() if v.ndim == 0 else PartitionSpec(BATCH_AXES) for k, v in outputs.items()}
+        fn = jax.shard_map(
+            functools.partial(loss_fn, axis_name=BATCH_AXES),
+            mesh=mesh,
+            in_specs=(specs,),
+            out_specs=PartitionSpec(),
+            check_vma=True,
+        )
+        return fn(outputs)
+
+    return run

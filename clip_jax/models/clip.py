@@ -1,0 +1,92 @@
+"""The two-tower CLIP model: normalised embeddings plus the learnable temperature (and SigLIP's bias)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS, TextConfig, VisionConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    vision: VisionConfig
+    text: TextConfig
+    embed_dim: int = 512
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    logit_scale_init: float = math.log(1 / 0.07)
+    max_logit_scale: float = 100.0  # clamp of exp(logit_scale) as in CLIP; <= 0 disables it (Long-CLIP)
+    logit_bias_init: float | None = None  # set (e.g. -10) to add SigLIP's learnable bias
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+        """Builds the config from a plain dict (e.g. `config.model.to_dict()`)."""
+        d = dict(d)
+        vision = dict(d.pop("vision"))
+        text = dict(d.pop("text"))
+        vision_cls = VISION_TOWERS[vision.get("type", "vit")][0]
+        text_cls = TEXT_TOWERS[text.get("type", "transformer")][0]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            vision=vision_cls.from_dict(vision),
+            text=text_cls.from_dict(text),
+            **{k: v for k, v in d.items() if k in fields},
+        )
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+class CLIP(nn.Module):
+    config: CLIPConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        common = dict(embed_dim=cfg.embed_dim, dtype=dtype, scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
+        self.visual = VISION_TOWERS[cfg.vision.type][1](cfg.vision, **common)
+        self.text = TEXT_TOWERS[cfg.text.type][1](cfg.text, **common)
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init), (), jnp.float32)
+        if cfg.logit_bias_init is not None:
+            self.logit_bias = self.param("logit_bias", nn.initializers.constant(cfg.logit_bias_init), (), jnp.float32)
+
+    def encode_image(self, images: jax.Array, normalize: bool = True) -> jax.Array:
+        features = self.visual(images)
+        return l2_normalize(features) if normalize else features.astype(jnp.float32)
+
+    def encode_text(
+        self,
+        tokens: jax.Array | None = None,
+        *,
+        token_embeddings: jax.Array | None = None,
+        pool_index: jax.Array | None = None,
+        normalize: bool = True,
+    ) -> jax.Array:
+        features = self.text(tokens, token_embeddings=token_embeddings, pool_index=pool_index)
+        return l2_normalize(features) if normalize else features.astype(jnp.float32)
+
+    def temperature(self) -> tuple[jax.Array, jax.Array]:
+        """(scale, bias): the multiplier of cosine similarities, clamped as configured, and the bias (0 if none)."""
+        scale = jnp.exp(self.logit_scale)
+        if self.config.max_logit_scale > 0:
+            scale = jnp.minimum(scale, self.config.max_logit_scale)
+        bias = self.logit_bias if self.config.logit_bias_init is not None else jnp.zeros((), jnp.float32)
+        return scale, bias
+
+    def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+        scale, bias = self.temperature()
+        return {
+            "image": self.encode_image(images),
+            "text": self.encode_text(tokens),
+            "logit_scale": scale,
+            "logit_bias": bias,
+        }

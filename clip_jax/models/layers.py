@@ -1,0 +1,196 @@
+"""Transformer building blocks shared by the towers.
+
+Parameter names follow the OpenAI CLIP checkpoints (`ln_1`, `attn/in_proj`, `mlp/c_fc`, ...) so that conversion
+to and from PyTorch is a rename plus a transpose. Every parameter and the main activations carry *logical* axis
+names; `clip_jax.sharding.LOGICAL_RULES` maps them to mesh axes in one place.
+
+Logical parameter axes: `embed` (model width), `mlp`, `heads`, `kv` (head width), `qkv` (the 3 of a fused
+projection), `vocab`, `positions`, `patch` (conv kernel spatial/input dims), `proj` (joint embedding), `norm`,
+`layers` (the stacked axis of a scanned transformer).
+Logical activation axes: `batch`, `length`, `act_embed`, `act_heads`, `act_kv`, `act_mlp`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | type
+
+# Named rematerialisation policies (MaxText style): what the backward pass may keep instead of recomputing.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no remat: keep every activation (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute elementwise ops
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections, not attention
+}
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # OpenAI's checkpoints were trained with QuickGELU; open_clip's own models with exact GELU. The weights do not
+    # record which, so it is an explicit config field.
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    """An initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside a mesh + rules context (e.g. on one device)."""
+    return nn.with_logical_constraint(x, names)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with eps 1e-5 (CLIP) that normalises in float32 whatever the compute dtype."""
+
+    dtype: Dtype = jnp.float32
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (width,), jnp.float32)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (width,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection, computed by `jax.nn.dot_product_attention`
+    (cuDNN flash attention on GPU for bf16, XLA elsewhere)."""
+
+    num_heads: int
+    head_dim: int
+    causal: bool
+    num_layers: int  # only for the output projection's init scale
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        attn_std = width**-0.5
+        qkv = nn.DenseGeneral(
+            features=(3, self.num_heads, self.head_dim),
+            kernel_init=partitioned(nn.initializers.normal(attn_std), ("embed", "qkv", "heads", "kv")),
+            bias_init=partitioned(nn.initializers.zeros, ("qkv", "heads", "kv")),
+            dtype=self.dtype,
+            name="in_proj",
+        )(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = constrain(q, ("batch", "length", "act_heads", "act_kv"))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
+        proj_std = width**-0.5 * (2 * self.num_layers) ** -0.5
+        return nn.DenseGeneral(
+            features=width,
+            axis=(-2, -1),
+            kernel_init=partitioned(nn.initializers.normal(proj_std), ("heads", "kv", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+            dtype=self.dtype,
+            name="out_proj",
+        )(out)
+
+
+class Mlp(nn.Module):
+    mlp_dim: int
+    activation: str
+    num_layers: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.mlp_dim,
+            kernel_init=partitioned(nn.initializers.normal((2 * width) ** -0.5), ("embed", "mlp")),
+            bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+            dtype=self.dtype,
+            name="c_fc",
+        )(x)
+        h = constrain(ACTIVATIONS[self.activation](h), ("batch", "length", "act_mlp"))
+        return nn.Dense(
+            width,
+            kernel_init=partitioned(
+                nn.initializers.normal(width**-0.5 * (2 * self.num_layers) ** -0.5), ("mlp", "embed")
+            ),
+            bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+            dtype=self.dtype,
+            name="c_proj",
+        )(h)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    activation: str
+    causal: bool
+    num_layers: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _unused=None):
+        x = constrain(x, ("batch", "length", "act_embed"))
+        y = LayerNorm(self.dtype, name="ln_1")(x)
+        x = x + Attention(self.num_heads, self.head_dim, self.causal, self.num_layers, self.dtype, name="attn")(y)
+        y = LayerNorm(self.dtype, name="ln_2")(x)
+        x = x + Mlp(self.mlp_dim, self.activation, self.num_layers, self.dtype, name="mlp")(y)
+        # The (carry, output) signature lets the same block run under nn.scan.
+        return x, None
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks, optionally scanned (one compiled block, stacked params on a `layers` axis:
+    fast compiles for deep models) and rematerialised with a named policy."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    activation: str
+    causal: bool
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+        block_cls = ResidualBlock
+        if self.remat_policy != "none":
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
+        block_args = dict(
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            mlp_dim=self.mlp_dim,
+            activation=self.activation,
+            causal=self.causal,
+            num_layers=self.num_layers,
+            dtype=self.dtype,
+        )
+        if self.scan_layers:
+            scanned = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(**block_args, name="resblocks")(x, None)
+            return x
+        for i in range(self.num_layers):
+            x, _ = block_cls(**block_args, name=f"resblocks_{i}")(x, None)
+        return x

@@ -1,0 +1,186 @@
+"""The image and text towers of CLIP (OpenAI architecture), plus their configs.
+
+Towers are registered by name (`VISION_TOWERS`, `TEXT_TOWERS`) so that other architectures (ModifiedResNet,
+GroupViT, an audio tower) plug into the same `CLIP` module and trainer through the config's `type` field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.models.layers import Dtype, LayerNorm, Transformer, constrain, partitioned
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    """Fields shared by every transformer tower. `heads * head_dim` need not equal `width` (ViT-bigG's does not)."""
+
+    width: int
+    layers: int
+    heads: int
+    head_dim: int
+    mlp_dim: int
+    activation: str = "quick_gelu"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TowerConfig:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(TowerConfig):
+    type: str = "vit"
+    patch_size: int = 32
+    image_size: int = 224
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig(TowerConfig):
+    type: str = "transformer"
+    vocab_size: int = 49408
+    context_length: int = 77
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower: patchify (conv without bias), class token, learned positions, ln_pre, blocks, ln_post on
+    the class token, projection."""
+
+    config: VisionConfig
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """images: float [B, H, W, 3], already normalised. Returns unnormalised features [B, embed_dim]."""
+        cfg = self.config
+        if images.shape[1:3] != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"image tower expects {cfg.image_size}x{cfg.image_size} images, got {images.shape[1]}x"
+                f"{images.shape[2]}; resize them or set model.vision.image_size"
+            )
+        scale = cfg.width**-0.5
+        x = nn.Conv(
+            cfg.width,
+            (cfg.patch_size, cfg.patch_size),
+            strides=cfg.patch_size,
+            padding="VALID",
+            use_bias=False,
+            kernel_init=partitioned(nn.initializers.lecun_normal(), ("patch", "patch", "patch", "embed")),
+            dtype=self.dtype,
+            name="conv1",
+        )(images.astype(self.dtype))
+        batch = x.shape[0]
+        x = x.reshape(batch, -1, cfg.width)
+        class_embedding = self.param(
+            "class_embedding", partitioned(nn.initializers.normal(scale), ("embed",)), (cfg.width,), jnp.float32
+        )
+        num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        positions = self.param(
+            "positional_embedding",
+            partitioned(nn.initializers.normal(scale), ("positions", "embed")),
+            (num_positions, cfg.width),
+            jnp.float32,
+        )
+        cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, cfg.width))
+        x = jnp.concatenate([cls, x], axis=1) + positions.astype(self.dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        x = LayerNorm(self.dtype, name="ln_pre")(x)
+        x = Transformer(
+            cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=False,
+            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, name="transformer",
+        )(x)
+        pooled = LayerNorm(self.dtype, name="ln_post")(x[:, 0])
+        proj = self.param(
+            "proj", partitioned(nn.initializers.normal(scale), ("embed", "proj")), (cfg.width, self.embed_dim),
+            jnp.float32,
+        )
+        return pooled @ proj.astype(self.dtype)
+
+
+class TextTransformer(nn.Module):
+    """Causal text transformer pooled at the end-of-text token.
+
+    Accepts token ids, or ready token embeddings (prompt learning: learned context vectors in place of word
+    embeddings) together with the ids or explicit pooling positions.
+    """
+
+    config: TextConfig
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    def setup(self):
+        cfg = self.config
+        self.token_embedding = nn.Embed(
+            cfg.vocab_size,
+            cfg.width,
+            embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="token_embedding",
+        )
+        self.positional_embedding = self.param(
+            "positional_embedding",
+            partitioned(nn.initializers.normal(0.01), ("positions", "embed")),
+            (cfg.context_length, cfg.width),
+            jnp.float32,
+        )
+        self.transformer = Transformer(
+            cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=True,
+            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype,
+        )
+        self.ln_final = LayerNorm(self.dtype)
+        self.text_projection = self.param(
+            "text_projection",
+            partitioned(nn.initializers.normal(cfg.width**-0.5), ("embed", "proj")),
+            (cfg.width, self.embed_dim),
+            jnp.float32,
+        )
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Word embeddings [B, T, width] of token ids, e.g. to splice learned prompt vectors between them."""
+        return self.token_embedding(tokens)
+
+    def __call__(
+        self,
+        tokens: jax.Array | None = None,
+        *,
+        token_embeddings: jax.Array | None = None,
+        pool_index: jax.Array | None = None,
+    ) -> jax.Array:
+        """Returns unnormalised features [B, embed_dim].
+
+        tokens: int [B, T] (T <= context_length). Pooling is at argmax(tokens): the end-of-text token has the
+        largest id, as in OpenAI's vocabulary (and in vocabularies trained by `ClipTokenizer.train`).
+        token_embeddings: [B, T, width] in place of the embedding lookup; then `pool_index` [B] or `tokens`
+        must say where to pool.
+        """
+        if token_embeddings is None:
+            if tokens is None:
+                raise ValueError("encode_text needs tokens or token_embeddings")
+            token_embeddings = self.embed_tokens(tokens)
+        if pool_index is None:
+            if tokens is None:
+                raise ValueError("with token_embeddings, pass pool_index (or the tokens) to locate end-of-text")
+            pool_index = jnp.argmax(tokens, axis=-1)
+        length = token_embeddings.shape[1]
+        if length > self.config.context_length:
+            raise ValueError(
+                f"text of {length} tokens exceeds the model's context_length {self.config.context_length}; "
+                "tokenize with truncation to the context length"
+            )
+        x = token_embeddings.astype(self.dtype) + self.positional_embedding[:length].astype(self.dtype)
+        x = self.transformer(x)
+        x = self.ln_final(x)
+        pooled = jnp.take_along_axis(x, pool_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        return pooled @ self.text_projection.astype(self.dtype)
+
+
+VISION_TOWERS: dict[str, tuple[type[VisionConfig], type[nn.Module]]] = {"vit": (VisionConfig, VisionTransformer)}
+TEXT_TOWERS: dict[str, tuple[type[TextConfig], type[nn.Module]]] = {"transformer": (TextConfig, TextTransformer)}

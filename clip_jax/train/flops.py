@@ -1,0 +1,41 @@
+"""Analytic model FLOPs (2 FLOPs per multiply-add), for MFU.
+
+Counted: every matmul of the towers (patch embedding, q/k/v/out projections, attention scores and values, MLP,
+final projections). Not counted: norms, softmax, elementwise ops, embedding lookups (they are not matmuls).
+Causal attention is counted in full, as is customary (the kernels mostly compute it in full anyway).
+"""
+
+from __future__ import annotations
+
+from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.towers import TowerConfig
+
+
+def transformer_flops(cfg: TowerConfig, tokens: int) -> float:
+    """Forward FLOPs of one sequence through a stack of pre-LN blocks."""
+    attn_width = cfg.heads * cfg.head_dim
+    per_token = (
+        2 * 3 * cfg.width * attn_width  # fused q/k/v projection
+        + 2 * attn_width * cfg.width  # output projection
+        + 2 * 2 * tokens * attn_width  # q @ k^T and probs @ v
+        + 2 * 2 * cfg.width * cfg.mlp_dim  # c_fc and c_proj
+    )
+    return float(cfg.layers * tokens * per_token)
+
+
+def image_forward_flops(cfg: CLIPConfig) -> float:
+    v = cfg.vision
+    patches = (v.image_size // v.patch_size) ** 2
+    patch_embed = 2 * patches * (3 * v.patch_size**2) * v.width
+    return patch_embed + transformer_flops(v, patches + 1) + 2 * v.width * cfg.embed_dim
+
+
+def text_forward_flops(cfg: CLIPConfig, context_length: int | None = None) -> float:
+    t = cfg.text
+    tokens = context_length or t.context_length
+    return transformer_flops(t, tokens) + 2 * t.width * cfg.embed_dim
+
+
+def train_flops_per_sample(cfg: CLIPConfig, context_length: int | None = None) -> float:
+    """Forward + backward (3x forward); recomputation from remat is not counted, as MFU convention has it."""
+    return 3.0 * (image_forward_flops(cfg) + text_forward_flops(cfg, context_length))
