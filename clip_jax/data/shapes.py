@@ -18,29 +18,21 @@ import numpy as np
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan")
 # Saturated, well separated RGB values so colour identity survives textures and small sizes.
-_COLOUR_RGB = np.array(
-    [
-        (225, 30, 30),
-        (40, 180, 50),
-        (40, 80, 235),
-        (245, 225, 30),
-        (155, 50, 205),
-        (250, 140, 20),
-        (245, 245, 245),
-        (40, 225, 235),
-    ],
-    dtype=np.uint8,
-)
+COLOUR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (225, 30, 30), "green": (40, 180, 50), "blue": (40, 80, 235), "yellow": (245, 230, 40),
+    "purple": (155, 50, 205), "orange": (250, 125, 15), "white": (245, 245, 245), "cyan": (40, 225, 235),
+}  # fmt: skip
+_COLOUR_RGB = np.array([COLOUR_RGB[c] for c in COLOURS], dtype=np.uint8)
 # Texture "ink" is a darker shade of the object's own colour, never another palette colour.
-_SHADE_RGB = (_COLOUR_RGB.astype(np.float64) * 0.55).astype(np.uint8)
+_SHADE_RGB = (_COLOUR_RGB.astype(np.float64) * 0.62).astype(np.uint8)
 _OUTLINE_RGB = np.array((15, 15, 15), dtype=np.uint8)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 SIZES: tuple[str, ...] = ("small", "medium", "large")
-# Radius as a fraction of the cell side. Shape areas (in radius units) span 1.6 (star) to 2.6 (square), so a
-# large/medium radius ratio of 1.39 keeps even a large star ~20% bigger in pixels than a medium square: the
-# salient object is unambiguous. Small is as big as legibility at 64 px allows.
-_SIZE_RADIUS = {"small": 0.25, "medium": 0.33, "large": 0.46}
+# Radius as a fraction of the cell side. Shape areas (in radius units) span 1.6 (star) to 2.5 (circle, square),
+# so a large/medium radius ratio of ~1.5 keeps even a large star >= 25% bigger in pixels than any medium
+# object: the salient object is unambiguous. Small is as big as legibility at 64 px allows.
+_SIZE_RADIUS = {"small": 0.24, "medium": 0.31, "large": 0.46}
 TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted", "checkered")
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right",
@@ -48,7 +40,10 @@ POSITIONS: tuple[str, ...] = (
 # Muted, mid-luminance backgrounds: far from every object colour, and light enough that the near-black
 # outline stays visible on all of them.
 BACKGROUNDS: tuple[str, ...] = ("grey", "beige", "slate", "brown")
-_BACKGROUND_RGB = np.array([(105, 105, 110), (175, 160, 130), (75, 95, 115), (110, 80, 60)], dtype=np.uint8)
+BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
+    "grey": (105, 105, 110), "beige": (175, 160, 130), "slate": (75, 95, 115), "brown": (110, 80, 60),
+}  # fmt: skip
+_BACKGROUND_RGB = np.array([BACKGROUND_RGB[b] for b in BACKGROUNDS], dtype=np.uint8)
 
 SPLITS: tuple[str, ...] = ("train", "test", "test_seen", "test_held_out")
 # One pair per colour, no shape used more than twice: every colour keeps 5 seen shapes and every shape keeps
@@ -120,8 +115,8 @@ class Scene:
 
     @property
     def salient(self) -> ShapeObject:
-        """The unique largest object (``validate_scene`` guarantees there is exactly one)."""
-        return max(self.objects, key=lambda o: SIZES.index(o.size))
+        """The single large object (``validate_scene`` guarantees there is exactly one)."""
+        return next(o for o in self.objects if o.size == "large")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,21 +155,22 @@ def class_index(colour: str, shape: str) -> int:
 
 
 def validate_scene(scene: Scene) -> None:
-    """Raise ValueError unless the scene is drawable and has a unique largest object."""
+    """Raise ValueError unless the scene is drawable and has exactly one large (salient) object."""
     if scene.background not in BACKGROUNDS:
         raise ValueError(f"unknown background {scene.background!r}; expected one of {BACKGROUNDS}")
     if not 1 <= len(scene.objects) <= len(POSITIONS):
         raise ValueError(f"a scene needs 1 to {len(POSITIONS)} objects, got {len(scene.objects)}")
-    for obj, name, allowed in ((o, n, a) for o in scene.objects for n, a in
-                               (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("texture", TEXTURES))):
-        if getattr(obj, name) not in allowed:
-            raise ValueError(f"unknown {name} {getattr(obj, name)!r}; expected one of {allowed}")
+    attributes = (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("texture", TEXTURES))
+    for obj in scene.objects:
+        for name, allowed in attributes:
+            if getattr(obj, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(obj, name)!r}; expected one of {allowed}")
     cells = [o.cell for o in scene.objects]
     if any(not 0 <= c < len(POSITIONS) for c in cells) or len(set(cells)) != len(cells):
         raise ValueError(f"object cells must be distinct integers in [0, 8], got {cells}")
-    sizes = sorted((SIZES.index(o.size) for o in scene.objects), reverse=True)
-    if len(sizes) > 1 and sizes[0] == sizes[1]:
-        raise ValueError("the largest object must be unique so that the salient object is unambiguous")
+    # Only large-vs-medium has a pixel-area margin that holds for every shape pair (medium vs small does not).
+    if [o.size for o in scene.objects].count("large") != 1:
+        raise ValueError("a scene needs exactly one 'large' object so that the salient object is unambiguous")
 
 
 def object_geometry(obj: ShapeObject, image_size: int) -> tuple[float, float, float]:
@@ -201,7 +197,7 @@ def _star(u: np.ndarray, v: np.ndarray, inner: float = 0.55) -> np.ndarray:
 
 _SHAPE_MASKS = {
     "circle": lambda u, v: u * u + v * v <= 0.81,  # radius 0.9: area close to the square's
-    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.8,
+    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.77,
     "triangle": lambda u, v: (v <= 0.75) & (np.abs(u) * 1.75 <= (v + 1.0) * 0.98),
     "star": _star,
     "cross": lambda u, v: ((np.abs(u) <= 0.33) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.33) & (np.abs(u) <= 0.95)),
@@ -209,15 +205,16 @@ _SHAPE_MASKS = {
 }
 
 
-def _texture_mask(texture: str, ix: np.ndarray, iy: np.ndarray, period: int) -> np.ndarray:
-    """Pixels (integer offsets from the object centre) painted in the darker shade."""
-    half = period // 2
+def _texture_mask(texture: str, ix: np.ndarray, iy: np.ndarray, image_size: int) -> np.ndarray:
+    """Pixels (integer offsets from the object centre) painted in the darker shade. Feature sizes scale with
+    the image and are 1-3 px at 64 px, the smallest that still reads on a small object."""
+    unit = max(1, round(image_size / 64))
     if texture == "striped":
-        return ((ix + iy) // half) % 2 == 1
+        return ((ix + iy) // (2 * unit)) % 2 == 1
     if texture == "dotted":
-        # Sparse small dots (a quarter of each period) so they cannot be confused with the checkerboard.
-        return (np.mod(ix, period + 1) < half) & (np.mod(iy, period + 1) < half)
-    return ((ix // (half + 1)) + (iy // (half + 1))) % 2 == 1  # checkered
+        # Isolated single-unit dots on a 3-unit lattice: sparse enough not to look like the checkerboard.
+        return ((ix // unit) % 3 == 1) & ((iy // unit) % 3 == 1)
+    return ((ix // (3 * unit)) + (iy // (3 * unit))) % 2 == 1  # checkered
 
 
 def _draw_object(image: np.ndarray, obj: ShapeObject) -> None:
@@ -240,10 +237,9 @@ def _draw_object(image: np.ndarray, obj: ShapeObject) -> None:
     scale = r / (r - max(1.2, 0.13 * r))
     inner = fn(u * scale, v * scale)
     if obj.texture != "solid":
-        period = max(4, round(size / 16))
         ix = np.arange(x0, x1)[None, :] - round(cx)
         iy = np.arange(y0, y1)[:, None] - round(cy)
-        region[inner & _texture_mask(obj.texture, ix, iy, period)] = _SHADE_RGB[colour]
+        region[inner & _texture_mask(obj.texture, ix, iy, size)] = _SHADE_RGB[colour]
     if obj.outline:
         region[mask & ~inner] = _OUTLINE_RGB
 

@@ -40,6 +40,10 @@ class CLIPConfig:
             **{k: v for k, v in d.items() if k in fields},
         )
 
+# OpenAI CLIP's RGB normalisation.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     x = x.astype(jnp.float32)
@@ -60,6 +64,10 @@ class CLIP(nn.Module):
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(cfg.logit_bias_init), (), jnp.float32)
 
     def encode_image(self, images: jax.Array, normalize: bool = True) -> jax.Array:
+        """images: uint8 RGB [B, H, W, 3] (normalised here, on device: 4x less host-to-device traffic than
+        float), or float images already normalised with CLIP's mean and std."""
+        if images.dtype == jnp.uint8:
+            images = (images.astype(jnp.float32) / 255.0 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
         features = self.visual(images)
         return l2_normalize(features) if normalize else features.astype(jnp.float32)
 

@@ -65,9 +65,49 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+class InProj(nn.Module):
+    """Fused q/k/v projection: kernel [embed, 3, heads, head_dim], bias [3, heads, head_dim]. Explicit parameters
+    and einsum rather than DenseGeneral, which initialises a flattened kernel and so loses per-axis names."""
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        width = x.shape[-1]
+        shape = (3, self.num_heads, self.head_dim)
+        kernel = self.param(
+            "kernel", partitioned(nn.initializers.normal(width**-0.5), ("embed", "qkv", "heads", "kv")),
+            (width, *shape), jnp.float32,
+        )
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("qkv", "heads", "kv")), shape, jnp.float32)
+        qkv = jnp.einsum("btd,dchk->cbthk", x.astype(self.dtype), kernel.astype(self.dtype))
+        qkv = qkv + bias.astype(self.dtype)[:, None, None]
+        return qkv[0], qkv[1], qkv[2]
+
+
+class OutProj(nn.Module):
+    """Output projection of attention: kernel [heads, head_dim, embed]."""
+
+    width: int
+    init_std: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        heads, head_dim = x.shape[-2:]
+        kernel = self.param(
+            "kernel", partitioned(nn.initializers.normal(self.init_std), ("heads", "kv", "embed")),
+            (heads, head_dim, self.width), jnp.float32,
+        )
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (self.width,), jnp.float32)
+        return jnp.einsum("bthk,hkd->btd", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused q/k/v projection, computed by `jax.nn.dot_product_attention`
-    (cuDNN flash attention on GPU for bf16, XLA elsewhere)."""
+    """Multi-head self-attention computed by `jax.nn.dot_product_attention` (cuDNN flash attention on GPU for
+    bf16, XLA elsewhere)."""
 
     num_heads: int
     head_dim: int
@@ -78,27 +118,11 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        attn_std = width**-0.5
-        qkv = nn.DenseGeneral(
-            features=(3, self.num_heads, self.head_dim),
-            kernel_init=partitioned(nn.initializers.normal(attn_std), ("embed", "qkv", "heads", "kv")),
-            bias_init=partitioned(nn.initializers.zeros, ("qkv", "heads", "kv")),
-            dtype=self.dtype,
-            name="in_proj",
-        )(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = InProj(self.num_heads, self.head_dim, self.dtype, name="in_proj")(x)
         q = constrain(q, ("batch", "length", "act_heads", "act_kv"))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
-        proj_std = width**-0.5 * (2 * self.num_layers) ** -0.5
-        return nn.DenseGeneral(
-            features=width,
-            axis=(-2, -1),
-            kernel_init=partitioned(nn.initializers.normal(proj_std), ("heads", "kv", "embed")),
-            bias_init=partitioned(nn.initializers.zeros, ("norm",)),
-            dtype=self.dtype,
-            name="out_proj",
-        )(out)
+        return OutProj(width, width**-0.5 * (2 * self.num_layers) ** -0.5, self.dtype, name="out_proj")(out)
 
 
 class Mlp(nn.Module):

@@ -178,7 +178,8 @@ class TextTransformer(nn.Module):
         x = token_embeddings.astype(self.dtype) + self.positional_embedding[:length].astype(self.dtype)
         x = self.transformer(x)
         x = self.ln_final(x)
-        pooled = jnp.take_along_axis(x, pool_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        # Pooling as a one-hot contraction rather than a gather: it partitions cleanly under any sharding.
+        pooled = jnp.einsum("btd,bt->bd", x, jax.nn.one_hot(pool_index, length, dtype=x.dtype))
         return pooled @ self.text_projection.astype(self.dtype)
 
 

@@ -1,0 +1,231 @@
+"""Configuration: the default schema, loading of config files with `--config.a.b=value` overrides, validation
+with one clear line per error, and the `config.json` written to every workdir.
+
+Config files in `configs/` define `get_config(arg: str | None = None)` and start from `default_config()`, changing
+only what differs. Every key a file or an override sets must exist here: a typo is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.presets import model_preset
+from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS
+
+
+class ConfigError(ValueError):
+    """A problem with the configuration, stated in one line that names the key."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every configurable field, with its default. Config files override a subset."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 256  # global batch, over all hosts and devices
+    # Micro-batches per step. The loss still sees the whole batch of negatives: embeddings of all micro-batches
+    # are computed first, then each micro-batch is backpropagated with its slice of the embedding gradients.
+    c.accum_steps = 1
+
+    # Mesh axis sizes; -1 = all remaining devices. The batch is split over data x fsdp.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+    c.model = ml_collections.ConfigDict(model_preset("B/16"))
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "clip"  # clip | siglip | siglip_ring (see clip_jax.losses.LOSSES)
+    c.loss.label_smoothing = 0.0  # clip only
+    c.loss.multi_positive = False  # identical captions in a batch are positives of each other
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 5e-4
+    c.optimizer.min_lr_ratio = 0.0  # cosine decays to lr * min_lr_ratio
+    c.optimizer.warmup_steps = 100
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.98
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 0.2
+    c.optimizer.grad_clip_norm = 1.0  # <= 0 disables clipping
+    # Regexes over parameter paths like "visual/transformer/resblocks_0/attn/in_proj/kernel" (re.search).
+    c.optimizer.no_decay = (r"bias$", r"ln_[^/]*/scale$", r"ln_(pre|post|final)/", r"embedding", r"logit_")
+    c.optimizer.frozen = ()  # matching parameters get no update and no optimizer state (e.g. r"^visual/" for LiT)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "shapes"
+    c.data.min_objects = 1  # shapes: objects per image
+    c.data.max_objects = 3
+    c.data.long_caption_prob = 0.0  # shapes: probability of training on the long caption instead of the short one
+    c.data.augment = True  # random resized crop for training (eval: resize + centre crop)
+    c.data.crop_scale = (0.8, 1.0)
+    c.data.tokenizer = "train"  # "train": fit a BPE vocabulary on training captions; "openai": OpenAI's; or a path
+    c.data.tokenizer_vocab_size = 1024  # for "train"
+    c.data.workers = 0  # grain worker processes (0: in the main process)
+    c.data.prefetch = 2  # batches prepared ahead in a background thread
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0: only at the end
+    c.eval.batch_size = 250
+    c.eval.num_examples = 1000  # per zero-shot split and for retrieval
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.keep_period = 0  # also keep every K-th step forever (0: off)
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10
+    c.log.tensorboard = True
+    c.log.progress_bar = True
+    return c
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    if isinstance(default, tuple | list):
+        return isinstance(value, tuple | list)
+    return isinstance(value, type(default))
+
+
+def _check_against(schema: Any, value: Any, path: str) -> None:
+    if isinstance(schema, ml_collections.ConfigDict) or isinstance(schema, dict):
+        if not isinstance(value, ml_collections.ConfigDict | dict):
+            raise ConfigError(f"config key '{path}' must be a group of fields, got {type(value).__name__}")
+        for key in value:
+            sub = f"{path}.{key}" if path else key
+            if key not in schema:
+                close = [k for k in schema if k.lower()[:3] == str(key).lower()[:3]]
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown config key '{sub}'{hint}; valid keys here: {', '.join(sorted(schema))}")
+            _check_against(schema[key], value[key], sub)
+    elif not _type_ok(schema, value):
+        raise ConfigError(
+            f"config key '{path}' must be {type(schema).__name__}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _model_schema(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The model's own schema: the dataclass fields of the chosen tower types."""
+    vision_type = model.get("vision", {}).get("type", "vit")
+    text_type = model.get("text", {}).get("type", "transformer")
+    if vision_type not in VISION_TOWERS:
+        raise ConfigError(f"unknown model.vision.type {vision_type!r}; choose one of {sorted(VISION_TOWERS)}")
+    if text_type not in TEXT_TOWERS:
+        raise ConfigError(f"unknown model.text.type {text_type!r}; choose one of {sorted(TEXT_TOWERS)}")
+    reference = model_preset("tiny")
+    schema = {k: v for k, v in reference.items() if k not in ("vision", "text")}
+    schema["vision"] = {f.name: reference["vision"].get(f.name) for f in dataclasses.fields(VISION_TOWERS[vision_type][0])}
+    schema["text"] = {f.name: reference["text"].get(f.name) for f in dataclasses.fields(TEXT_TOWERS[text_type][0])}
+    schema["logit_bias_init"] = 0.0
+    return schema
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError (one line naming the key) for unknown keys, wrong types and inconsistent values."""
+    schema = default_config()
+    del schema.model
+    top = {k: v for k, v in config.items() if k != "model"}
+    _check_against(schema, top, "")
+    _check_against(_model_schema(config.model), config.model, "model")
+    missing = [f"model.{k}" for k in ("vision", "text") if k not in config.model]
+    if missing:
+        raise ConfigError(f"config is missing {', '.join(missing)}")
+    for key in ("total_steps", "batch_size", "accum_steps"):
+        if config[key] < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
+    if config.batch_size % config.accum_steps:
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by accum_steps {config.accum_steps}")
+    for tower in ("vision", "text"):
+        t = config.model[tower]
+        if t.width % 1 or t.heads < 1 or t.head_dim < 1:
+            raise ConfigError(f"model.{tower}: heads and head_dim must be >= 1")
+    v = config.model.vision
+    if v.image_size % v.patch_size:
+        raise ConfigError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+    if not 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {config.data.crop_scale}")
+
+
+def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
+    return CLIPConfig.from_dict(config.model.to_dict())
+
+
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py[:arg]`, applies `a.b=value` overrides (Python literals; bare words are strings),
+    and validates. Errors are ConfigError with one line naming the problem."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(f"clip_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.removeprefix("--").removeprefix("config.")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like --config.{key}=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node:
+                raise ConfigError(f"unknown config key '{'.'.join(parents[: i + 1])}' in override {item!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key '{key}' in override {item!r}")
+        value = _parse_value(text)
+        if not _type_ok(node[leaf], value):
+            raise ConfigError(
+                f"override {item!r}: '{key}' must be {type(node[leaf]).__name__}, got {type(value).__name__}"
+            )
+        with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+            node[leaf] = float(value) if isinstance(node[leaf], float) and not isinstance(value, bool) else value
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save_config(config: ml_collections.ConfigDict, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list) + "\n")
+
+
+def read_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Reads a workdir's config.json back (tuples come back as lists; types otherwise as saved)."""
+    data = json.loads(pathlib.Path(path).read_text())
+    config = ml_collections.ConfigDict(data)
+    validate(config)
+    return config

@@ -1,0 +1,93 @@
+"""Train state, the optimizer and the regex rules for which parameters train and which decay."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    rng: jax.Array  # for in-graph randomness of future methods (augmentations, masking); split every step
+
+
+def param_paths(params: PyTree) -> PyTree:
+    """A tree like `params` whose leaves are '/'-joined key paths, e.g. 'visual/ln_pre/scale'."""
+
+    def path_str(path, _):
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    return jax.tree_util.tree_map_with_path(path_str, params)
+
+
+def match_any(patterns: Sequence[str], path: str) -> bool:
+    return any(re.search(p, path) for p in patterns)
+
+
+def trainable_mask(params: PyTree, frozen: Sequence[str]) -> PyTree:
+    """True for parameters that train: those no `frozen` regex matches."""
+    return jax.tree.map(lambda p: not match_any(frozen, p), param_paths(params))
+
+
+def check_patterns(params: PyTree, patterns: Sequence[str], what: str) -> None:
+    """A rule that matches no parameter is almost always a typo: say so instead of silently training everything."""
+    paths = jax.tree.leaves(param_paths(params))
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{what} rule {pattern!r} is not a valid regex: {e}") from None
+        if not any(regex.search(p) for p in paths):
+            raise ValueError(f"{what} rule {pattern!r} matches no parameter; paths look like {paths[0]!r}")
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay to lr * min_lr_ratio at total_steps."""
+    warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=opt.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=opt.lr * opt.min_lr_ratio,
+    )
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, params: PyTree) -> optax.GradientTransformation:
+    """AdamW with clipping and warm-up + cosine; no decay on biases, norms, embeddings and the temperature; frozen
+    parameters get zero updates and no optimizer state at all."""
+    check_patterns(params, opt.frozen, "optimizer.frozen")
+    check_patterns(params, opt.no_decay, "optimizer.no_decay")
+    paths = param_paths(params)
+    decay_mask = jax.tree.map(lambda p: not match_any(opt.no_decay, p), paths)
+    adamw = optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm > 0 else optax.identity(),
+        optax.adamw(
+            learning_rate_schedule(opt, total_steps),
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+    if not opt.frozen:
+        return adamw
+    labels = jax.tree.map(lambda p: "frozen" if match_any(opt.frozen, p) else "train", paths)
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)

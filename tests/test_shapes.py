@@ -1,0 +1,272 @@
+"""Behavioural tests for the procedural ``shapes`` dataset."""
+
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+from clip_jax.data import shapes
+from clip_jax.data.shapes import (
+    BACKGROUND_RGB,
+    COLOUR_RGB,
+    COLOURS,
+    DEFAULT_HELD_OUT,
+    POSITIONS,
+    SHAPES,
+    SPLITS,
+    ZERO_SHOT_TEMPLATES,
+    Scene,
+    ShapeObject,
+    ShapesConfig,
+    ShapesDataset,
+)
+
+# Approximation of the CLIP BPE pre-tokeniser, as used to size long captions.
+TOKEN_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
+NEGATED_OUTLINE = re.compile(r"\bno outline\b|\bwithout an outline\b|\bnot outlined\b")
+
+
+def position_regex(position: str) -> re.Pattern:
+    """Match a grid position as words, so "top" does not match inside "top left" and vice versa."""
+    if position in ("top", "bottom"):
+        return re.compile(rf"\b{position}\b(?! (left|right)\b)")
+    if position in ("left", "right"):
+        return re.compile(rf"(?<!top )(?<!bottom )\b{position}\b")
+    return re.compile(rf"\b{position}\b")
+
+
+def has_word(word: str, text: str) -> bool:
+    return re.search(rf"\b{re.escape(word)}\b", text) is not None
+
+
+def many_objects(split: str = "train", **kwargs) -> ShapesDataset:
+    return ShapesDataset(ShapesConfig(min_objects=1, max_objects=8, **kwargs), split)
+
+
+def test_deterministic_by_index_and_seed():
+    a, b = many_objects(), many_objects()
+    for i in (0, 7, 12345):
+        x, y = a[i], b[i]
+        assert x["image"].tobytes() == y["image"].tobytes()
+        assert (x["short_caption"], x["long_caption"], x["label"]) == (y["short_caption"], y["long_caption"],
+                                                                       y["label"])
+    assert a[3]["image"].tobytes() != a[4]["image"].tobytes()
+    assert a[3]["long_caption"] != a[4]["long_caption"]
+    assert many_objects(seed=1)[3]["image"].tobytes() != a[3]["image"].tobytes()
+
+
+def test_splits_use_independent_streams():
+    images = {s: [many_objects(s)[i]["image"].tobytes() for i in range(20)] for s in SPLITS}
+    for s, t in itertools.combinations(SPLITS, 2):
+        assert sum(x == y for x, y in zip(images[s], images[t], strict=True)) == 0, (s, t)
+
+
+def test_output_format_and_grain_source():
+    import grain
+
+    ds = ShapesDataset(ShapesConfig(image_size=96), "train", num_examples=10)
+    ex = ds[0]
+    assert ex["image"].shape == (96, 96, 3) and ex["image"].dtype == np.uint8
+    assert isinstance(ex["short_caption"], str) and isinstance(ex["long_caption"], str)
+    assert ex["label"].dtype == np.int32
+    assert len(ds) == 10
+    with pytest.raises(IndexError):
+        ds[10]
+    assert ds[np.int64(-1)]["long_caption"] == ds[9]["long_caption"]
+    source = grain.MapDataset.source(ds)
+    assert source[4]["image"].tobytes() == ds[4]["image"].tobytes()
+
+
+def test_classes_and_held_out_partition():
+    ds = ShapesDataset(ShapesConfig(), "train")
+    names = ds.class_names()
+    assert len(names) == len(set(names)) == len(COLOURS) * len(SHAPES) >= 48
+    assert len(SHAPES) >= 6 and len(COLOURS) >= 8
+    held, seen = ds.held_out_classes(), ds.seen_classes()
+    assert sorted(held + seen) == list(range(len(names)))
+    assert {names[i] for i in held} == {f"{c} {s}" for c, s in DEFAULT_HELD_OUT}
+    assert len(names) // 8 <= len(held) <= len(names) // 5
+    seen_names = [names[i].split() for i in seen]
+    for colour in COLOURS:
+        assert sum(c == colour for c, _ in seen_names) >= 4
+    for shape in SHAPES:
+        assert sum(s == shape for _, s in seen_names) >= 4
+    assert 5 <= len(ZERO_SHOT_TEMPLATES) <= 8 and all(t.count("{}") == 1 for t in ZERO_SHOT_TEMPLATES)
+
+
+@pytest.mark.parametrize("split", ["train", "test", "test_seen"])
+def test_held_out_pairs_never_drawn_outside_held_out_split(split):
+    ds = many_objects(split)
+    held = set(DEFAULT_HELD_OUT)
+    n = 2000 if split == "train" else 300
+    for i in range(n):
+        assert not {(o.colour, o.shape) for o in ds.scene(i).objects} & held
+    for i in range(100):
+        assert not any(f"{c} {s}" in ds[i]["short_caption"] for c, s in held)
+
+
+def test_held_out_split_salient_is_held_out_and_rest_seen():
+    ds = many_objects("test_held_out")
+    held = set(DEFAULT_HELD_OUT)
+    for i in range(200):
+        scene = ds.scene(i)
+        assert (scene.salient.colour, scene.salient.shape) in held
+        assert all((o.colour, o.shape) not in held for o in scene.objects if o is not scene.salient)
+        assert int(ds[i]["label"]) in ds.held_out_classes()
+
+
+def test_salient_is_unique_largest_and_named_in_short_caption():
+    ds = many_objects()
+    for i in range(150):
+        scene, ex = ds.scene(i), ds[i]
+        assert [o.size for o in scene.objects].count("large") == 1
+        assert scene.salient.size == "large"
+        # Measured in pixels: objects never leave their grid cell, so the non-background pixels of a cell
+        # are that object's area.
+        foreground = np.any(ex["image"] != np.array(BACKGROUND_RGB[scene.background], dtype=np.uint8), axis=-1)
+        cell_of_pixel = (np.arange(64) * 3 // 64)[:, None] * 3 + (np.arange(64) * 3 // 64)[None, :]
+        areas = [int(foreground[cell_of_pixel == o.cell].sum()) for o in scene.objects]
+        assert sum(areas) == foreground.sum()
+        salient_area = areas.pop(scene.objects.index(scene.salient))
+        # A clear margin, not just a strict maximum: "largest" must be obvious by eye.
+        assert salient_area >= 1.2 * max(areas, default=0)
+        name = f"{scene.salient.colour} {scene.salient.shape}"
+        assert name in ex["short_caption"]
+        assert ds.class_names()[int(ex["label"])] == name
+        # Long-CLIP uses the first sentence as a short caption: it must be about the salient object.
+        first = ex["long_caption"].split(". ")[0]
+        assert has_word(scene.salient.colour, first) and has_word(scene.salient.shape, first)
+        assert has_word("large", first)
+
+
+def test_long_caption_describes_every_object_and_attribute():
+    ds = ShapesDataset(ShapesConfig(min_objects=1, max_objects=9), "test")
+    for i in range(300):
+        scene, caption = ds.scene(i), ds[i]["long_caption"]
+        assert caption.endswith(".")
+        sentences = caption[:-1].split(". ")
+        assert has_word(scene.background, caption)
+        for obj in scene.objects:
+            matching = [s for s in sentences if position_regex(obj.position).search(s)]
+            assert len(matching) == 1, (obj, caption)
+            sentence = matching[0]
+            for word in (obj.colour, obj.shape, obj.size, obj.texture):
+                assert has_word(word, sentence), (word, sentence)
+            negated = NEGATED_OUTLINE.search(sentence) is not None
+            assert "outline" in sentence and negated != obj.outline, sentence
+
+
+def test_long_caption_phrasing_varies():
+    ds = many_objects()
+    first_words = {ds[i]["long_caption"].split()[0] for i in range(100)}
+    short_templates = {re.sub(r"\b(" + "|".join(COLOURS + SHAPES) + r")\b", "", ds[i]["short_caption"])
+                       for i in range(100)}
+    assert len(first_words) >= 3 and len(short_templates) >= 3
+
+
+def test_long_captions_are_long_with_many_objects():
+    ds = ShapesDataset(ShapesConfig(min_objects=6, max_objects=8), "train")
+    counts = [len(TOKEN_RE.findall(ds[i]["long_caption"].lower())) for i in range(300)]
+    assert np.mean(counts) >= 120
+
+
+def test_solid_centre_pixel_is_palette_colour():
+    ds = many_objects()
+    checked = 0
+    for i in range(300):
+        scene = ds.scene(i)
+        if scene.salient.texture != "solid":
+            continue
+        cx, cy, _ = shapes.object_geometry(scene.salient, 64)
+        assert tuple(ds[i]["image"][int(cy), int(cx)]) == COLOUR_RGB[scene.salient.colour]
+        checked += 1
+    assert checked > 30
+    # A hand-placed object at the exact image centre, independent of the geometry helper.
+    for colour, shape in itertools.product(COLOURS, SHAPES):
+        scene = Scene("grey", (ShapeObject(colour, shape, "large", cell=4, outline=True),))
+        image = shapes.render_scene(scene, 64)
+        assert tuple(image[32, 32]) == COLOUR_RGB[colour]
+        assert tuple(image[2, 2]) == BACKGROUND_RGB["grey"]
+
+
+def test_palettes_are_clearly_distinct():
+    objects = [np.array(v, dtype=int) for v in COLOUR_RGB.values()]
+    backgrounds = [np.array(v, dtype=int) for v in BACKGROUND_RGB.values()]
+    for a, b in itertools.combinations(objects, 2):
+        assert np.abs(a - b).sum() >= 120
+    for a, b in itertools.product(objects, backgrounds):
+        assert np.abs(a - b).sum() >= 120
+
+
+@pytest.mark.parametrize("texture", ["striped", "dotted", "checkered"])
+def test_textures_only_use_shades_of_the_object_colour(texture):
+    for colour in COLOURS:
+        obj = ShapeObject(colour, "square", "large", cell=4, texture=texture)
+        image = shapes.render_scene(Scene("beige", (obj,)), 64).reshape(-1, 3).astype(float)
+        pixels = np.unique(image[np.any(image != BACKGROUND_RGB["beige"], axis=-1)], axis=0)
+        assert len(pixels) == 2, (colour, texture, pixels)
+        base = np.array(COLOUR_RGB[colour], dtype=float)
+        for p in pixels:
+            # Every pixel is the colour itself or a uniformly darker version of it (same hue), up to rounding.
+            k = p @ base / (base @ base)
+            assert np.abs(p - k * base).max() <= 1.5 and 0.4 <= k <= 1.0, (colour, p)
+
+
+def test_render_explicit_scene_hard_pair():
+    ds = ShapesDataset(ShapesConfig(), "train")
+    objs = [ShapeObject("red", "circle", "large", cell=0, texture="striped", outline=True, jitter=(0.3, -0.2)),
+            ShapeObject("blue", "square", "small", cell=8)]
+    a = ds.render(Scene("slate", tuple(objs)), caption_seed=5)
+    objs[1] = ShapeObject("yellow", "square", "small", cell=8)
+    b = ds.render(Scene("slate", tuple(objs)), caption_seed=5)
+    changed = np.argwhere(np.any(a["image"] != b["image"], axis=-1))
+    assert len(changed) > 0 and changed.min() >= 2 * 64 // 3  # only the bottom-right cell differs
+    assert a["label"] == b["label"] == ds.class_names().index("red circle")
+    assert a["short_caption"] == b["short_caption"]
+    assert a["long_caption"].replace("blue", "yellow") == b["long_caption"]
+
+
+@pytest.mark.parametrize(
+    "scene",
+    [
+        Scene("grey", (ShapeObject("red", "circle", "large", 0), ShapeObject("blue", "star", "large", 1))),
+        Scene("grey", (ShapeObject("red", "circle", "large", 0), ShapeObject("blue", "star", "small", 0))),
+        Scene("grey", (ShapeObject("red", "circle", "medium", 0), ShapeObject("blue", "star", "small", 1))),
+        Scene("grey", (ShapeObject("magenta", "circle", "large", 0),)),
+        Scene("black", (ShapeObject("red", "circle", "large", 0),)),
+        Scene("grey", ()),
+    ],
+)
+def test_invalid_scene_raises(scene):
+    with pytest.raises(ValueError):
+        shapes.render_scene(scene)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"held_out": (("magenta", "circle"),)},
+        {"held_out": (("red", "hexagon"),)},
+        {"min_objects": 4, "max_objects": 3},
+        {"min_objects": 0},
+        {"max_objects": 10},
+        {"image_size": 31},
+        {"seed": -1},
+    ],
+)
+def test_bad_config_raises(kwargs):
+    with pytest.raises(ValueError):
+        ShapesConfig(**kwargs)
+
+
+def test_bad_split_and_empty_held_out_raise():
+    with pytest.raises(ValueError):
+        ShapesDataset(ShapesConfig(), "validation")
+    with pytest.raises(ValueError):
+        ShapesDataset(ShapesConfig(held_out=()), "test_held_out")
+    assert ShapesDataset(ShapesConfig(held_out=()), "train").held_out_classes() == []
+
+
+def test_positions_cover_grid():
+    assert len(POSITIONS) == 9 and "centre" in POSITIONS

@@ -1,0 +1,114 @@
+"""One compiled training step on a tiny model: sharded == single device, gradient accumulation == one shot,
+frozen parameters untouched, non-finite updates skipped."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from clip_jax import losses
+from clip_jax.config import default_config
+from clip_jax.models.clip import CLIP, CLIPConfig
+from clip_jax.sharding import global_batch, make_mesh
+from clip_jax.train import state as state_lib
+from clip_jax.train import step as step_lib
+
+BATCH, IMAGE, CONTEXT, VOCAB = 16, 32, 12, 64
+
+
+def tiny_model_dict():
+    tower = dict(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64, activation="gelu")
+    return {
+        "vision": dict(tower, type="vit", patch_size=16, image_size=IMAGE),
+        "text": dict(tower, type="transformer", vocab_size=VOCAB, context_length=CONTEXT),
+        "embed_dim": 16,
+    }
+
+
+def make_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    text = rng.integers(1, VOCAB - 1, size=(BATCH, CONTEXT)).astype(np.int32)
+    text[:, -3] = VOCAB - 1  # end-of-text (largest id)
+    text[:, -2:] = 0
+    text[4] = text[5]  # a repeated caption
+    image = rng.integers(0, 256, size=(BATCH, IMAGE, IMAGE, 3)).astype(np.uint8)
+    return {"image": image, "text": text}
+
+
+def run_steps(mesh_sizes, accum_steps=1, frozen=(), n_steps=2, devices=None):
+    config = default_config()
+    config.optimizer.frozen = frozen
+    config.optimizer.warmup_steps = 1
+    config.optimizer.lr = 1e-2
+    mesh = make_mesh(mesh_sizes, devices)
+    model = CLIP(CLIPConfig.from_dict(tiny_model_dict()))
+    batch = make_batch()
+    boxed = jax.eval_shape(model.init, jax.random.key(0), batch["image"][:1], batch["text"][:1])["params"]
+    params = nn.unbox(model.init(jax.random.key(0), batch["image"][:1], batch["text"][:1])["params"])
+    start = jax.tree.map(np.array, params)  # a host copy: the device arrays are donated to the step
+    tx = state_lib.make_optimizer(config.optimizer, 10, params)
+    shardings = step_lib.state_shardings(boxed, tx, mesh)
+    state = jax.device_put(state_lib.init_state(params, tx, jax.random.key(1)), shardings)
+    loss_fn = losses.shard_loss(losses.get_loss("clip", multi_positive=True), mesh)
+    train_step = step_lib.make_train_step(
+        step_lib.clip_embed_fn(model), step_lib.clip_scalars_fn(model), loss_fn, tx,
+        state_lib.trainable_mask(params, frozen), state_lib.learning_rate_schedule(config.optimizer, 10), accum_steps,
+    )
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    compiled = step_lib.compile_train_step(
+        train_step, shardings, abstract_state, step_lib.abstract_batch(BATCH, IMAGE, CONTEXT, mesh), mesh
+    )
+    metrics = []
+    for i in range(n_steps):
+        b = make_batch(i)
+        gb = global_batch(b, mesh)
+        state, m = compiled(state, gb)
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics, start
+
+
+def assert_trees_close(a, b, rtol, atol):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    return run_steps({"data": 1}, devices=jax.devices()[:1])
+
+
+def test_sharded_step_equals_single_device(single_device_run):
+    want, want_metrics, _ = single_device_run
+    got, got_metrics, _ = run_steps({"data": 2, "fsdp": 2, "tensor": 2})
+    np.testing.assert_allclose(got_metrics[0]["loss"], want_metrics[0]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got_metrics[0]["grad_norm"], want_metrics[0]["grad_norm"], rtol=1e-5)
+    # Adam divides by sqrt(v): float rounding of near-zero gradients moves a parameter by up to ~1e-5 at lr 1e-2.
+    assert_trees_close(got.params, want.params, rtol=1e-4, atol=2e-5)
+
+
+def test_gradient_accumulation_equals_one_shot(single_device_run):
+    want, want_metrics, start = single_device_run
+    got, got_metrics, _ = run_steps({"data": 4, "fsdp": 2}, accum_steps=2)
+    np.testing.assert_allclose(got_metrics[1]["loss"], want_metrics[1]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got_metrics[0]["grad_norm"], want_metrics[0]["grad_norm"], rtol=1e-5)
+    assert_trees_close(got.params, want.params, rtol=1e-4, atol=2e-5)
+    # and the step did move the parameters (the comparison above is not between two untouched trees)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), got.params, start)
+    assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_frozen_parameters_do_not_change_and_have_no_optimizer_state():
+    got, _, start = run_steps({"data": 8}, frozen=(r"^visual/",), n_steps=2)  # step 0 has lr 0 (warm-up)
+    assert_trees_close(got.params["visual"], start["visual"], rtol=0, atol=0)
+    assert np.abs(np.asarray(got.params["text"]["text_projection"]) - start["text"]["text_projection"]).max() > 0
+    # Optimizer moments exist for the text tower only.
+    sizes = sum(x.size for x in jax.tree.leaves(got.opt_state))
+    n_text = sum(x.size for x in jax.tree.leaves(start["text"])) + 1  # + logit_scale
+    assert sizes < 2 * n_text + 100
+
+
+def test_frozen_rule_that_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match="matches no parameter"):
+        run_steps({"data": 8}, frozen=(r"^vision/",), n_steps=1)
