@@ -39,3 +39,26 @@ def text_forward_flops(cfg: CLIPConfig, context_length: int | None = None) -> fl
 def train_flops_per_sample(cfg: CLIPConfig, context_length: int | None = None) -> float:
     """Forward + backward (3x forward); recomputation from remat is not counted, as MFU convention has it."""
     return 3.0 * (image_forward_flops(cfg) + text_forward_flops(cfg, context_length))
+
+
+# Peak dense bf16 FLOP/s per device, by `device_kind` prefix (vendor figures; H100/H200 SXM).
+PEAK_FLOPS: dict[str, float] = {
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+    """Vendor peak for a known accelerator, None otherwise (e.g. CPU: MFU is then not reported)."""
+    for prefix, flops in PEAK_FLOPS.items():
+        if device_kind.startswith(prefix):
+            return flops
+    return None

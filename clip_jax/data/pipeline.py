@@ -1,0 +1,149 @@
+"""grain input pipelines: deterministic, sharded per host, checkpointable.
+
+train: source -> this host's slice -> random map (augment, pick caption) -> batch -> tokenize -> prefetch.
+Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device) and `text` int32 [B, context_length].
+Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access source whose items have `image`
+(uint8 HxWx3) and the caption fields.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from clip_jax.data.images import random_resized_crop, resize_center_crop
+from clip_jax.data.shapes import ShapesConfig, ShapesDataset
+from clip_jax.data.tokenizer import ClipTokenizer
+
+
+def shapes_config(config: ml_collections.ConfigDict) -> ShapesConfig:
+    return ShapesConfig(
+        image_size=config.model.vision.image_size,
+        min_objects=config.data.min_objects,
+        max_objects=config.data.max_objects,
+        seed=config.seed,
+    )
+
+
+def _shapes_source(config: ml_collections.ConfigDict, split: str):
+    return ShapesDataset(shapes_config(config), split)
+
+
+TRAIN_SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {"shapes": _shapes_source}
+
+
+def get_source(config: ml_collections.ConfigDict, split: str):
+    if config.data.source not in TRAIN_SOURCES:
+        raise ValueError(f"unknown data.source {config.data.source!r}; choose one of {sorted(TRAIN_SOURCES)}")
+    return TRAIN_SOURCES[config.data.source](config, split)
+
+
+class TrainExample(grain.transforms.RandomMap):
+    """Augments the image and picks the caption of one training example (a class, so worker processes can
+    pickle it)."""
+
+    def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float):
+        self.image_size = image_size
+        self.augment = augment
+        self.crop_scale = tuple(crop_scale)
+        self.long_caption_prob = long_caption_prob
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        image = element["image"]
+        if self.augment:
+            image = random_resized_crop(image, self.image_size, rng, self.crop_scale)
+        elif image.shape[:2] != (self.image_size, self.image_size):
+            image = resize_center_crop(image, self.image_size)
+        use_long = "long_caption" in element and rng.random() < self.long_caption_prob
+        caption = element["long_caption"] if use_long else element.get("short_caption", element.get("caption"))
+        return {"image": image, "caption": caption}
+
+
+class Tokenize(grain.transforms.Map):
+    """Tokenizes a whole batch of captions at once (the tokenizer is batched, in Rust)."""
+
+    def __init__(self, tokenizer: ClipTokenizer, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def map(self, batch: dict) -> dict:
+        return {"image": batch["image"], "text": self.tokenizer(list(batch["caption"]), self.context_length)}
+
+
+def local_batch_size(global_batch_size: int) -> int:
+    if global_batch_size % jax.process_count():
+        raise ValueError(f"batch_size {global_batch_size} does not divide over {jax.process_count()} hosts")
+    return global_batch_size // jax.process_count()
+
+
+def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer) -> grain.IterDataset:
+    """The training stream of this host: infinite for procedural sources, deterministic given config.seed."""
+    source = get_source(config, "train")
+    ds = grain.MapDataset.source(source)
+    ds = ds[jax.process_index() :: jax.process_count()]
+    if config.data.source != "shapes":  # procedural samples are already i.i.d. by index; files need shuffling
+        ds = ds.shuffle(seed=config.seed).repeat()
+    ds = ds.random_map(
+        TrainExample(
+            config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob
+        ),
+        seed=config.seed,
+    )
+    ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
+    ds = ds.map(Tokenize(tokenizer, config.model.text.context_length))
+    # Batches are assembled by a few threads ahead of the step (numpy and PIL release the GIL); worker processes
+    # for heavier decoding are opt-in.
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=config.data.prefetch))
+    if config.data.workers > 0:
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))
+    return iter_ds
+
+
+def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer) -> Iterator[dict]:
+    return iter(train_dataset(config, tokenizer))
+
+
+def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[str]:
+    """Training captions to fit a from-scratch BPE vocabulary on (both caption kinds, as training may use both)."""
+    source = get_source(config, "train")
+    texts = []
+    for i in range(n):
+        item = source[i]
+        texts.extend(item[k] for k in ("short_caption", "long_caption", "caption") if k in item)
+    return texts
+
+
+def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> ClipTokenizer:
+    """The workdir's tokenizer (`tokenizer.json`); created on the first run from `config.data.tokenizer`."""
+    path = workdir / "tokenizer.json"
+    if path.exists():
+        tokenizer = ClipTokenizer.load(path)
+    else:
+        choice = config.data.tokenizer
+        if choice == "train":
+            tokenizer = ClipTokenizer.train(tokenizer_corpus(config), config.data.tokenizer_vocab_size)
+        elif choice == "openai":
+            vocab = ClipTokenizer.find_openai_vocab()
+            if vocab is None:
+                raise FileNotFoundError(
+                    "data.tokenizer='openai' needs bpe_simple_vocab_16e6.txt.gz: install open-clip-torch "
+                    "(pip install open-clip-torch) or set data.tokenizer to the file's path"
+                )
+            tokenizer = ClipTokenizer.from_openai_vocab(vocab)
+        elif choice.endswith(".json"):
+            tokenizer = ClipTokenizer.load(choice)
+        else:
+            tokenizer = ClipTokenizer.from_openai_vocab(choice)
+        if jax.process_index() == 0:
+            tokenizer.save(path)
+    if tokenizer.vocab_size > config.model.text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
+            f"{config.model.text.vocab_size}; set --config.model.text.vocab_size={tokenizer.vocab_size}"
+        )
+    return tokenizer

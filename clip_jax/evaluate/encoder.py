@@ -1,0 +1,129 @@
+"""Batched, sharded embedding of host arrays: images or token ids in, L2-normalised numpy embeddings out.
+
+Each tower is compiled once for one fixed global batch shape. The last, partial batch is padded to that shape
+(so it does not compile again) and the padding rows are dropped from the result, so every example is embedded
+exactly once whatever N is.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from clip_jax.models.clip import CLIP
+from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, replicated
+
+# Batches dispatched ahead of the one being fetched: keeps the device busy while the host copies results back,
+# without holding every result of a large evaluation set on the device at once.
+_IN_FLIGHT = 2
+
+
+def _place_params(params: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """(params, shardings): leaves already laid out on `mesh` keep their sharding (e.g. fsdp-sharded training
+    params are used as they are); anything else (host arrays, arrays on one device or on another mesh) is
+    replicated onto `mesh`."""
+    params = nn.meta.unbox(params)
+
+    def sharding_of(x):
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated(mesh)
+
+    shardings = jax.tree.map(sharding_of, params)
+    return jax.device_put(params, shardings), shardings
+
+
+class Encoder:
+    """Embeds images and tokenized texts with `model` on `mesh`, `batch_size` examples per device call.
+
+    `batch_size` is rounded up to a multiple of the number of batch shards so every batch divides over the mesh.
+    Inputs are host numpy arrays that every process holds in full; the results are replicated, so each process
+    gets all rows back.
+    """
+
+    def __init__(self, model: CLIP, params: Any, mesh: Mesh, batch_size: int = 256) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.model = model
+        self.mesh = mesh
+        divisor = batch_divisor(mesh)
+        self.batch_size = -(-batch_size // divisor) * divisor
+        self.embed_dim = model.config.embed_dim
+        # How often each function was traced (python side effect inside the jitted body): 1 after any number of
+        # calls with the same input shape and dtype.
+        self.trace_counts = {"images": 0, "texts": 0}
+        self.params, self._param_shardings = _place_params(params, mesh)
+        self._build()
+
+    def set_params(self, params: Any) -> None:
+        """Swaps in new parameters (e.g. after more training). Same shardings: the compiled functions are
+        reused."""
+        self.params, shardings = _place_params(params, self.mesh)
+        if shardings != self._param_shardings:
+            self._param_shardings = shardings
+            self._build()
+
+    def images(self, images: np.ndarray) -> np.ndarray:
+        """float32 [N, D] embeddings of uint8 RGB images [N, H, W, 3] (or float images already normalised)."""
+        return self._run(self._image_fn, np.asarray(images))
+
+    def texts(self, tokens: np.ndarray) -> np.ndarray:
+        """float32 [N, D] embeddings of token ids [N, T] (T <= the model's context length)."""
+        return self._run(self._text_fn, np.asarray(tokens, dtype=np.int32))
+
+    def _build(self) -> None:
+        self._image_fn = self._jit("images", CLIP.encode_image)
+        self._text_fn = self._jit("texts", CLIP.encode_text)
+
+    def _jit(self, name: str, method: Callable) -> Callable:
+        model = self.model
+
+        # The params are an argument, not a closure: closed-over arrays would be embedded in the executable as
+        # constants (a second copy of the weights) and fix them at compile time.
+        def encode(params, batch):
+            self.trace_counts[name] += 1
+            return model.apply({"params": params}, batch, method=method)
+
+        return jax.jit(
+            encode,
+            in_shardings=(self._param_shardings, batch_sharding(self.mesh)),
+            # Replicated output: fully addressable on every process, so device_get works on any number of hosts.
+            out_shardings=replicated(self.mesh),
+        )
+
+    def _put(self, batch: np.ndarray) -> jax.Array:
+        # Every process holds the whole host batch and supplies the shards of its own devices: the same call
+        # works on one host and on many.
+        return jax.make_array_from_callback(batch.shape, batch_sharding(self.mesh), lambda index: batch[index])
+
+    def _run(self, fn: Callable, inputs: np.ndarray) -> np.ndarray:
+        n, size = len(inputs), self.batch_size
+        results: list[np.ndarray] = []
+        pending: collections.deque[tuple[jax.Array, int]] = collections.deque()
+
+        def fetch():
+            out, rows = pending.popleft()
+            results.append(np.asarray(jax.device_get(out), dtype=np.float32)[:rows])  # drop the padding rows
+
+        # The model's sharding constraints resolve logical axis names through these rules at trace time.
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            for start in range(0, n, size):
+                batch = inputs[start : start + size]
+                rows = len(batch)
+                if rows < size:
+                    # Zero rows are valid inputs for both towers (a black image; an all-padding text pooled at
+                    # position 0); they are computed and discarded.
+                    batch = np.concatenate([batch, np.zeros((size - rows, *batch.shape[1:]), batch.dtype)])
+                pending.append((fn(self.params, self._put(batch)), rows))
+                if len(pending) > _IN_FLIGHT:
+                    fetch()
+            while pending:
+                fetch()
+        if not results:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.concatenate(results)

@@ -1,0 +1,37 @@
+"""Training curves (loss, accuracies) of a workdir's metrics.jsonl as a PNG."""
+
+from __future__ import annotations
+
+import pathlib
+
+from clip_jax.train.metrics import read_metrics
+
+
+def plot_training_curves(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r.get("split") == "train"]
+    evals = [r for r in records if r.get("split") == "eval"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("contrastive loss")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    if train and "i2t_acc" in train[0]:
+        ax_acc.plot([r["step"] for r in train], [r["i2t_acc"] for r in train], label="train batch i2t acc", alpha=0.6)
+    for key in ("zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1"):
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        if points:
+            ax_acc.plot(*zip(*points, strict=True), marker="o", label=key)
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("accuracy / recall")
+    ax_acc.set_ylim(0, 1.02)
+    ax_acc.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

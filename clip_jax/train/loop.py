@@ -1,0 +1,244 @@
+"""The training loop. It reads top to bottom: workdir and config, mesh, data, model and state, restore, compile,
+steps (metrics, checkpoints, evaluations), final evaluation and results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clip_jax import losses
+from clip_jax.config import ConfigError, model_config, read_config, save_config
+from clip_jax.data.pipeline import make_tokenizer, train_iterator
+from clip_jax.evaluate.suite import evaluate, print_results
+from clip_jax.models.clip import CLIP
+from clip_jax.sharding import LOGICAL_RULES, batch_divisor, global_batch, make_mesh
+from clip_jax.train import flops as flops_lib
+from clip_jax.train import state as state_lib
+from clip_jax.train import step as step_lib
+from clip_jax.train.checkpoint import Checkpointer
+from clip_jax.train.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Writes config.json; on an existing workdir, refuses a different model (resuming it would mix runs)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.json"
+    if path.exists():
+        previous = read_config(path)
+        old, new = previous.model.to_dict(), json.loads(json.dumps(config.model.to_dict(), default=list))
+        diff = sorted(_diff_keys(old, new))
+        if diff:
+            raise ConfigError(
+                f"workdir {workdir} holds a run with a different model ({', '.join(diff)}); "
+                "use a new --workdir"
+            )
+    if jax.process_index() == 0:
+        save_config(config, path)
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "model") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff_keys(va, vb, f"{prefix}.{k}")
+        elif va != vb:
+            out.append(f"{prefix}.{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def create_state(config: ml_collections.ConfigDict, model: CLIP, mesh):
+    """(init function, shardings, optimizer): the state is initialised directly in its shardings, so no host
+    ever holds the full unsharded parameters."""
+    v, t = config.model.vision, config.model.text
+    image = jnp.zeros((1, v.image_size, v.image_size, 3), jnp.uint8)
+    text = jnp.zeros((1, t.context_length), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), image, text)["params"]
+    tx = state_lib.make_optimizer(config.optimizer, config.total_steps, nn.unbox(boxed))
+    shardings = step_lib.state_shardings(boxed, tx, mesh)
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        params = nn.unbox(model.init(init_rng, image, text)["params"])
+        return state_lib.init_state(params, tx, state_rng)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        init_fn = jax.jit(init, out_shardings=shardings)
+    return init_fn, shardings, tx
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    workdir = pathlib.Path(workdir)
+
+    # --- Workdir and config -------------------------------------------------------------------------------------
+    prepare_workdir(config, workdir)
+
+    # --- Mesh ---------------------------------------------------------------------------------------------------
+    mesh = make_mesh(config.mesh.to_dict())
+    shards = batch_divisor(mesh) * config.accum_steps
+    if config.batch_size % shards:
+        raise ConfigError(
+            f"batch_size {config.batch_size} must be a multiple of {shards} (batch shards {batch_divisor(mesh)} "
+            f"x accum_steps {config.accum_steps})"
+        )
+    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+
+    # --- Data ---------------------------------------------------------------------------------------------------
+    tokenizer = make_tokenizer(config, workdir)
+    data_iter = train_iterator(config, tokenizer)
+
+    # --- Model and train state ----------------------------------------------------------------------------------
+    model = CLIP(model_config(config))
+    init_fn, shardings, tx = create_state(config, model, mesh)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract_state = jax.eval_shape(init_fn, rng)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+    # --- Restore or initialise ----------------------------------------------------------------------------------
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(abstract_state, data_iter)
+        log.info("resuming from step %d", int(state.step))
+    else:
+        state = init_fn(rng)
+    start_step = int(jax.device_get(state.step))
+
+    # --- Compile ------------------------------------------------------------------------------------------------
+    loss_fn = losses.shard_loss(
+        losses.get_loss(config.loss.name, **_loss_hparams(config.loss)), mesh
+    )
+    train_step = step_lib.make_train_step(
+        step_lib.clip_embed_fn(model),
+        step_lib.clip_scalars_fn(model),
+        loss_fn,
+        tx,
+        state_lib.trainable_mask(abstract_state.params, config.optimizer.frozen),
+        state_lib.learning_rate_schedule(config.optimizer, config.total_steps),
+        config.accum_steps,
+    )
+    batch_spec = step_lib.abstract_batch(
+        config.batch_size, config.model.vision.image_size, config.model.text.context_length, mesh
+    )
+    t0 = time.time()
+    compiled = step_lib.compile_train_step(train_step, shardings, abstract_state, batch_spec, mesh)
+    flops_per_step = flops_lib.train_flops_per_sample(model.config) * config.batch_size
+    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
+    _report_compiled(compiled, time.time() - t0, flops_per_step, peak, mesh.size)
+
+    # --- Steps --------------------------------------------------------------------------------------------------
+    writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, config.log.progress_bar)
+    pending: list[dict] = []
+    last_log_time, last_log_step = time.time(), start_step
+    for step in range(start_step, config.total_steps):
+        batch = global_batch(next(data_iter), mesh)
+        state, metrics = compiled(state, batch)
+        pending.append(metrics)
+        done = step + 1
+        writer.advance()
+        if done % config.log.every_steps == 0 or done == config.total_steps:
+            summary = _summarise(jax.device_get(pending))
+            pending = []
+            elapsed = time.time() - last_log_time
+            steps = done - last_log_step
+            summary["samples_per_s"] = steps * config.batch_size / elapsed
+            summary["tflops_per_s_per_device"] = steps * flops_per_step / elapsed / mesh.size / 1e12
+            if peak:
+                summary["mfu"] = steps * flops_per_step / elapsed / (peak * mesh.size)
+            writer.write(done, summary)
+            last_log_time, last_log_step = time.time(), done
+        if done % config.checkpoint.every_steps == 0 and done != config.total_steps:
+            checkpointer.save(done, state, data_iter)
+        if config.eval.every_steps and done % config.eval.every_steps == 0 and done != config.total_steps:
+            writer.write(done, evaluate(config, model, state.params, mesh, tokenizer), prefix="eval")
+            last_log_time = time.time()  # evaluation time is not training throughput
+
+    # --- Final checkpoint, evaluation and results ---------------------------------------------------------------
+    if checkpointer.latest_step() != config.total_steps:
+        checkpointer.save(config.total_steps, state, data_iter, force=True)
+    checkpointer.wait()
+    results = evaluate(config, model, state.params, mesh, tokenizer)
+    writer.write(config.total_steps, results, prefix="eval")
+    writer.close()
+    checkpointer.close()
+    if jax.process_index() == 0:
+        results = {"step": config.total_steps, **results}
+        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print_results(results)
+        from clip_jax.plots import plot_training_curves
+
+        plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+    return results
+
+
+def _loss_hparams(loss_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    hparams = {"multi_positive": loss_config.multi_positive}
+    if loss_config.name == "clip":
+        hparams["label_smoothing"] = loss_config.label_smoothing
+    return hparams
+
+
+def _summarise(history: list[dict]) -> dict[str, float]:
+    """Means over the logging window; counters (non-finite updates) summed."""
+    out = {}
+    for key in history[0]:
+        values = np.asarray([h[key] for h in history], dtype=np.float64)
+        out[key] = float(values.sum() if key == "nonfinite" else values.mean())
+    return out
+
+
+def _report_compiled(compiled, seconds: float, flops_per_step: float, peak: float | None, n_devices: int) -> None:
+    """Prints the compiled step's per-device memory and the analytic FLOPs before step 0 (MaxText habit): an OOM
+    or a badly sharded model shows here, not an hour into the run."""
+    lines = [f"compiled train step in {seconds:.1f}s; model FLOPs per step {flops_per_step / 1e12:.3f} TFLOP"]
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            gib = 1024**3
+            lines.append(
+                f"per-device memory: arguments {mem.argument_size_in_bytes / gib:.3f} GiB, outputs "
+                f"{mem.output_size_in_bytes / gib:.3f} GiB, temporaries {mem.temp_size_in_bytes / gib:.3f} GiB, "
+                f"aliased {mem.alias_size_in_bytes / gib:.3f} GiB"
+            )
+    except (NotImplementedError, AttributeError):  # not every backend reports it
+        pass
+    if peak:
+        lines.append(f"peak {peak / 1e12:.0f} TFLOP/s per device x {n_devices}: MFU is logged every log step")
+    for line in lines:
+        print(line, flush=True)
+
+
+def load_trained(workdir: str | pathlib.Path, step: int | None = None):
+    """(config, model, params, tokenizer, mesh, step) of a workdir's latest (or given) checkpoint, for eval,
+    encode and export."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} is not a clip_jax workdir (no config.json); train or convert into it first")
+    config = read_config(workdir / "config.json")
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    if checkpointer.latest_step() is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet (no {checkpointer.directory}/<step>)")
+    mesh = make_mesh(config.mesh.to_dict())
+    model = CLIP(model_config(config))
+    init_fn, shardings, _ = create_state(config, model, mesh)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(init_fn, jax.random.PRNGKey(0)),
+        shardings,
+    )
+    state = checkpointer.restore(abstract_state, step=step)
+    checkpointer.close()
+    tokenizer = make_tokenizer(config, workdir)
+    return config, model, state.params, tokenizer, mesh, int(jax.device_get(state.step))
