@@ -107,6 +107,10 @@ def _type_ok(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
+# Fields that may be None although their schema gives a type (None switches the feature off).
+_NULLABLE = ("model.logit_bias_init",)
+
+
 def _check_against(schema: Any, value: Any, path: str) -> None:
     if isinstance(schema, ml_collections.ConfigDict) or isinstance(schema, dict):
         if not isinstance(value, ml_collections.ConfigDict | dict):
@@ -118,6 +122,8 @@ def _check_against(schema: Any, value: Any, path: str) -> None:
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"unknown config key '{sub}'{hint}; valid keys here: {', '.join(sorted(schema))}")
             _check_against(schema[key], value[key], sub)
+    elif value is None and schema is not None and path not in _NULLABLE:
+        raise ConfigError(f"config key '{path}' must be {type(schema).__name__}, got None")
     elif not _type_ok(schema, value):
         raise ConfigError(
             f"config key '{path}' must be {type(schema).__name__}, got {type(value).__name__} {value!r}"
@@ -150,15 +156,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     missing = [f"model.{k}" for k in ("vision", "text") if k not in config.model]
     if missing:
         raise ConfigError(f"config is missing {', '.join(missing)}")
-    for key in ("total_steps", "batch_size", "accum_steps"):
-        if config[key] < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
+    for key in ("total_steps", "batch_size", "accum_steps", "log.every_steps", "checkpoint.every_steps"):
+        group, _, leaf = key.rpartition(".")
+        value = (config[group] if group else config)[leaf]
+        if value < 1:  # the every_steps are step moduli
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if config.batch_size % config.accum_steps:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by accum_steps {config.accum_steps}")
-    for tower in ("vision", "text"):
+    for tower, sizes in (("vision", ("patch_size", "image_size")), ("text", ("context_length", "vocab_size"))):
         t = config.model[tower]
-        if t.width % 1 or t.heads < 1 or t.head_dim < 1:
-            raise ConfigError(f"model.{tower}: heads and head_dim must be >= 1")
+        for field in ("width", "layers", "heads", "head_dim", "mlp_dim", *sizes):
+            if t[field] < 1:
+                raise ConfigError(f"config key 'model.{tower}.{field}' must be >= 1, got {t[field]}")
     v = config.model.vision
     if v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
@@ -182,7 +191,10 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except TypeError as e:  # ConfigDict is type-safe: `config.total_steps = "100"` in a file raises here
+        raise ConfigError(f"config file {path}: {e}") from None
     apply_overrides(config, overrides)
     validate(config)
     return config

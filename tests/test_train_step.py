@@ -3,8 +3,6 @@ frozen parameters untouched, non-finite updates skipped."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

@@ -1,0 +1,280 @@
+"""Configuration: typos, wrong types and inconsistent values are one-line ConfigErrors naming the key; every file
+in configs/ loads, validates and builds its model and optimizer; config.json round-trips."""
+
+import inspect
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from clip_jax.config import (
+    ConfigError,
+    apply_overrides,
+    default_config,
+    load_config,
+    model_config,
+    read_config,
+    save_config,
+    validate,
+)
+from clip_jax.models.clip import CLIP
+from clip_jax.models.presets import PRESETS
+from clip_jax.train.state import make_optimizer
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+DEMO = str(CONFIGS / "demo.py")
+
+
+def write_config_file(tmp_path, body, name="my_config.py"):
+    """A config file whose get_config() starts from the defaults and runs `body` (lines using `c`)."""
+    path = tmp_path / name
+    lines = "\n".join(f"    {line}" for line in body)
+    path.write_text(
+        "from clip_jax.config import default_config\n"
+        "from clip_jax.models.presets import model_preset\n\n\n"
+        f"def get_config(arg=None):\n    c = default_config()\n{lines}\n    return c\n"
+    )
+    return str(path)
+
+
+def config_error(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- unknown keys -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--config.totl_steps=5", "totl_steps"),  # top level
+        ("--config.optimzer.lr=1", "optimzer"),  # a misspelt group
+        ("--config.optimizer.learning_rate=1e-3", "optimizer.learning_rate"),  # a misspelt leaf in a group
+        ("--config.model.vision.widht=64", "model.vision.widht"),  # inside the model
+    ],
+)
+def test_unknown_override_key(override, key):
+    assert f"'{key}'" in config_error(DEMO, [override])
+
+
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ("c.total_step = 5", "total_step"),
+        ("c.optimizer.learning_rate = 1e-3", "optimizer.learning_rate"),
+        ("c.model.vision.patchsize = 8", "model.vision.patchsize"),
+        ("c.model.embed_dims = 64", "model.embed_dims"),
+    ],
+)
+def test_unknown_key_set_in_a_config_file(tmp_path, line, key):
+    message = config_error(write_config_file(tmp_path, [line]))
+    assert f"unknown config key '{key}'" in message
+
+
+def test_unknown_key_in_a_file_lists_the_valid_keys(tmp_path):
+    message = config_error(write_config_file(tmp_path, ["c.optimizer.warmup_step = 10"]))
+    assert "did you mean 'warmup_steps'?" in message
+    assert set(message.split("valid keys here: ")[1].split(", ")) == set(default_config().optimizer)
+
+
+def test_model_keys_follow_the_tower_type():
+    """The model schema is the chosen tower's dataclass: a ViT field on the text tower is unknown."""
+    message = config_error(DEMO, ["--config.model.text.patch_size=16"])
+    assert "'model.text.patch_size'" in message
+
+
+# --- wrong types --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("batch_size=abc", "batch_size"),
+        ("batch_size=1.5", "batch_size"),
+        ("total_steps=True", "total_steps"),  # bools are not ints here
+        ("total_steps=None", "total_steps"),
+        ("seed=None", "seed"),
+        ("log.tensorboard=1", "log.tensorboard"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("model.vision.width=64.0", "model.vision.width"),
+        ("optimizer=3", "optimizer"),
+    ],
+)
+def test_wrong_type_override(override, key):
+    assert f"'{key}'" in config_error(DEMO, [f"--config.{override}"])
+
+
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ('c.total_steps = "100"', "total_steps"),
+        ("c.model.text.layers = 2.0", "model.text.layers"),
+        ("c.optimizer = 3", "optimizer"),
+        ("c.data.augment = None", "data.augment"),
+    ],
+)
+def test_wrong_type_in_a_config_file(tmp_path, line, key):
+    """Caught when the file assigns (ConfigDict is type-safe; its message names the field) or by validation."""
+    path = write_config_file(tmp_path, [line])
+    message = config_error(path)
+    assert f"'{key}'" in message or (path in message and f"'{key.split('.')[-1]}'" in message)
+
+
+def test_override_values_are_python_literals():
+    config = load_config(
+        DEMO,
+        [
+            "--config.optimizer.lr=1",  # an int for a float field becomes a float
+            "--config.data.source=shapes",  # a bare word is a string
+            "--config.data.crop_scale=(0.5, 1.0)",
+            "--config.model.logit_bias_init=-10.0",  # None by default: SigLIP's bias switched on
+            "--config.optimizer.frozen=('^visual/',)",
+        ],
+    )
+    assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
+    assert config.data.source == "shapes"
+    assert tuple(config.data.crop_scale) == (0.5, 1.0)
+    assert config.model.logit_bias_init == -10.0
+    assert tuple(config.optimizer.frozen) == ("^visual/",)
+    config = load_config(DEMO, ["--config.model.logit_bias_init=None"])  # and off again
+    assert config.model.logit_bias_init is None
+
+
+def test_override_without_value():
+    assert "--config.eval.every_steps=VALUE" in config_error(DEMO, ["--config.eval.every_steps"])
+
+
+# --- inconsistent values ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["batch_size=96", "accum_steps=5"], ("batch_size 96", "accum_steps 5")),
+        (["model.vision.image_size=72"], ("image_size 72", "patch_size 16")),
+        (["model.vision.patch_size=0"], ("model.vision.patch_size",)),
+        (["model.text.heads=0"], ("model.text.heads",)),
+        (["model.vision.width=0"], ("model.vision.width",)),
+        (["total_steps=0"], ("total_steps",)),
+        (["accum_steps=0"], ("accum_steps",)),
+        (["checkpoint.every_steps=0"], ("checkpoint.every_steps",)),
+        (["log.every_steps=0"], ("log.every_steps",)),
+        (["data.crop_scale=(0.9, 0.5)"], ("data.crop_scale",)),
+        (["data.crop_scale=(0.0, 1.0)"], ("data.crop_scale",)),
+        (["model.vision.type=resnet"], ("model.vision.type", "vit")),
+    ],
+)
+def test_inconsistent_values(overrides, words):
+    message = config_error(DEMO, [f"--config.{o}" for o in overrides])
+    for word in words:
+        assert word in message
+
+
+def test_consistent_edge_values_pass():
+    overrides = ["batch_size=96", "accum_steps=4", "data.crop_scale=(1.0, 1.0)", "model.vision.image_size=48"]
+    config = load_config(DEMO, [f"--config.{o}" for o in overrides])
+    assert (config.batch_size, config.accum_steps, config.model.vision.image_size) == (96, 4, 48)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    assert "not found" in config_error(str(tmp_path / "nope.py"))
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    assert "get_config" in config_error(str(empty))
+
+
+def test_config_file_argument(tmp_path):
+    path = write_config_file(tmp_path, ["c.model = model_preset(arg or 'tiny')"])
+    assert load_config(path).model.vision.width == 128
+    config = load_config(f"{path}:L/14")
+    assert (config.model.vision.width, config.model.vision.patch_size, config.model.text.width) == (1024, 14, 768)
+
+
+# --- the files in configs/ ----------------------------------------------------------------------------------------
+
+
+def config_specs():
+    specs = []
+    for path in sorted(CONFIGS.glob("*.py")):
+        spec = str(path)
+        specs.append(spec)
+        source = path.read_text()
+        # A file whose get_config takes a preset name (configs/pretrain.py:B/16): every preset.
+        namespace = {}
+        exec(compile(source, spec, "exec"), namespace)
+        params = list(inspect.signature(namespace["get_config"]).parameters.values())
+        if params and params[0].default in PRESETS:
+            specs += [f"{spec}:{preset}" for preset in PRESETS]
+    return specs
+
+
+@pytest.mark.parametrize("spec", config_specs(), ids=lambda s: s.split("configs/")[-1])
+def test_every_config_file_loads_and_builds(spec):
+    config = load_config(spec)
+    validate(config)
+    # The model it describes builds (shapes only: nothing is computed), and the optimizer's regex rules each
+    # match a parameter of it.
+    model = CLIP(model_config(config))
+    v, t = config.model.vision, config.model.text
+    image = jnp.zeros((1, v.image_size, v.image_size, 3), jnp.uint8)
+    text = jnp.zeros((1, t.context_length), jnp.int32)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), image, text)["params"])
+    make_optimizer(config.optimizer, config.total_steps, params)
+    if config.data.tokenizer == "train":
+        assert config.data.tokenizer_vocab_size <= t.vocab_size
+    # The global batch splits evenly into micro-batches.
+    assert config.batch_size % config.accum_steps == 0
+
+
+# --- config.json --------------------------------------------------------------------------------------------------
+
+
+def as_json_types(value):
+    if isinstance(value, dict):
+        return {k: as_json_types(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [as_json_types(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("overrides", [[], ["--config.model.logit_bias_init=-10.0", "--config.optimizer.lr=3e-4",
+                                            "--config.optimizer.frozen=('^visual/',)"]])
+def test_config_json_round_trip(tmp_path, overrides):
+    config = load_config(DEMO, overrides)
+    save_config(config, tmp_path / "config.json")
+    back = read_config(tmp_path / "config.json")
+    # Same values and value types (tuples come back as lists, as JSON has no tuples).
+    want, got = as_json_types(config.to_dict()), back.to_dict()
+    assert got == want
+    flat = lambda d, p="": [(p + k, type(v)) for k, v in d.items() if not isinstance(v, dict)] + [
+        x for k, v in d.items() if isinstance(v, dict) for x in flat(v, p + k + ".")
+    ]
+    assert flat(got) == flat(want)
+    # A second save is byte-identical, and the file is plain sorted JSON.
+    save_config(back, tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == (tmp_path / "config.json").read_text()
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == config.optimizer.lr
+
+
+def test_read_config_accepts_overrides_like_a_fresh_config(tmp_path):
+    """Resuming reads config.json then applies --config overrides: tuple-valued fields (now lists) take tuples."""
+    save_config(load_config(DEMO), tmp_path / "config.json")
+    config = read_config(tmp_path / "config.json")
+    apply_overrides(config, ["--config.total_steps=3000", "--config.data.crop_scale=(0.5, 1.0)"])
+    validate(config)
+    assert config.total_steps == 3000 and list(config.data.crop_scale) == [0.5, 1.0]
+
+
+def test_read_config_validates(tmp_path):
+    data = default_config().to_dict()
+    data["optimizer"]["learning_rate"] = 1e-3
+    (tmp_path / "config.json").write_text(json.dumps(data, default=list))
+    with pytest.raises(ConfigError, match="optimizer.learning_rate"):
+        read_config(tmp_path / "config.json")

@@ -1,0 +1,284 @@
+"""End to end through the `clip-jax` command line, in-process, on a tiny model: a training run and everything it
+writes; a run interrupted after its mid-run checkpoint and relaunched ends bit-identical to an uninterrupted one;
+`eval` and `encode` on the trained workdir; configuration mistakes stop the command with a one-line message."""
+
+import json
+import math
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from clip_jax import cli
+from clip_jax.data.shapes import ShapesConfig, ShapesDataset
+from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.models.clip import CLIP
+from clip_jax.train.loop import load_trained
+from clip_jax.train.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.py")
+STEPS, HALF, LOG_EVERY, WARMUP, LR = 4, 2, 2, 2, 1e-3  # configs/demo.py has optimizer.lr = 1e-3
+VOCAB, EMBED, IMAGE, CONTEXT = 600, 16, 32, 16
+
+
+def tower(name):
+    sizes = dict(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64)
+    return [f"--config.model.{name}.{k}={v}" for k, v in sizes.items()]
+
+
+TINY = [
+    *tower("vision"),
+    *tower("text"),
+    f"--config.model.vision.image_size={IMAGE}",
+    "--config.model.vision.patch_size=16",
+    f"--config.model.text.context_length={CONTEXT}",
+    f"--config.model.text.vocab_size={VOCAB}",
+    f"--config.model.embed_dim={EMBED}",
+    f"--config.data.tokenizer_vocab_size={VOCAB}",
+    "--config.batch_size=16",
+    f"--config.total_steps={STEPS}",
+    f"--config.optimizer.warmup_steps={WARMUP}",
+    f"--config.checkpoint.every_steps={HALF}",
+    f"--config.log.every_steps={LOG_EVERY}",
+    "--config.log.progress_bar=False",
+    "--config.eval.every_steps=0",
+    "--config.eval.num_examples=64",
+    "--config.eval.batch_size=64",
+]
+RESULT_KEYS = {"zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1"}
+
+
+def train_args(workdir, *extra):
+    return ["train", "--config", DEMO, "--workdir", str(workdir), *TINY, *extra]
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def saved_state(workdir, step):
+    """The whole train state (params, optimizer state, step, rng) of a checkpoint, as host arrays."""
+    manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data"))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        manager.close()
+    return jax.device_get(restored["state"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e") / "run"
+    cli.main(train_args(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def resumed(trained, tmp_path_factory):
+    """The same run killed right after its step-HALF checkpoint was committed, then relaunched (`train --workdir`,
+    no --config: the run's own config.json). The killed run is the uninterrupted one's workdir rolled back to what
+    it held at that moment (runs are deterministic): checkpoint HALF, the metrics up to HALF, no results."""
+    workdir = tmp_path_factory.mktemp("e2e") / "resumed"
+    shutil.copytree(trained, workdir)
+    for step in checkpoint_steps(workdir):
+        if step > HALF:
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+    for name in ("results.json", "curves.png"):
+        (workdir / name).unlink()
+    kept = [line for line in (workdir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= HALF]
+    (workdir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    assert checkpoint_steps(workdir) == [HALF]
+    cli.main(["train", "--workdir", str(workdir)])
+    return workdir
+
+
+# --- train --------------------------------------------------------------------------------------------------------
+
+
+def expected_lr(step):
+    """optax warmup_cosine_decay by hand: linear 0 -> LR over WARMUP steps, then cosine to 0 at STEPS."""
+    if step < WARMUP:
+        return LR * step / WARMUP
+    return LR * 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (STEPS - WARMUP)))
+
+
+def test_train_writes_config_and_tokenizer(trained):
+    config = json.loads((trained / "config.json").read_text())
+    assert config["total_steps"] == STEPS and config["batch_size"] == 16
+    assert config["model"]["vision"]["width"] == 32 and config["model"]["text"]["context_length"] == CONTEXT
+    assert config["optimizer"]["lr"] == LR  # from configs/demo.py, not the default
+    tokenizer = ClipTokenizer.load(trained / "tokenizer.json")
+    assert tokenizer.vocab_size == VOCAB
+
+
+def test_train_metrics(trained):
+    records = read_metrics(trained / "metrics.jsonl")
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    for r in train:
+        for key in ("loss", "lr", "logit_scale", "samples_per_s", "grad_norm"):
+            assert math.isfinite(r[key]), key
+        assert r["samples_per_s"] > 0 and r["nonfinite"] == 0
+        # A log record averages the steps of its window; each step's lr is the schedule at the step before it.
+        window = range(r["step"] - LOG_EVERY, r["step"])
+        assert r["lr"] == pytest.approx(np.mean([expected_lr(s) for s in window]), rel=1e-6)
+        # Contrastive loss of a barely trained model: near ln(batch) = ln 16.
+        assert 1.0 < r["loss"] < 6.0
+    # The temperature starts at 1 / 0.07 and barely moves in a few steps.
+    assert train[0]["logit_scale"] == pytest.approx(1 / 0.07, rel=0.01)
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [STEPS]
+    assert RESULT_KEYS <= set(evals[0])
+
+
+def test_train_results_json(trained):
+    results = json.loads((trained / "results.json").read_text())
+    assert results["step"] == STEPS
+    assert RESULT_KEYS <= set(results)
+    for key in RESULT_KEYS:
+        assert 0.0 <= results[key] <= 1.0
+    # The same numbers as the final evaluation logged in metrics.jsonl.
+    final_eval = [r for r in read_metrics(trained / "metrics.jsonl") if r["split"] == "eval"][-1]
+    for key in RESULT_KEYS:
+        assert results[key] == pytest.approx(final_eval[key], abs=1e-12)
+
+
+def test_train_writes_curves_tensorboard_and_checkpoints(trained):
+    with Image.open(trained / "curves.png") as png:
+        assert png.format == "PNG" and png.size == (1100, 400)  # figsize (11, 4) at 100 dpi
+    events = list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    data = b"".join(p.read_bytes() for p in events)
+    assert b"train/loss" in data and b"eval/zero_shot_top1" in data
+    assert checkpoint_steps(trained) == [HALF, STEPS]
+    assert saved_state(trained, STEPS)["step"] == STEPS
+
+
+# --- resume -------------------------------------------------------------------------------------------------------
+
+
+def test_resumed_run_equals_uninterrupted_run(trained, resumed):
+    want, got = saved_state(trained, STEPS), saved_state(resumed, STEPS)
+    assert int(got["step"]) == STEPS
+    want_leaves, want_def = jax.tree.flatten_with_path(want)
+    got_leaves, got_def = jax.tree.flatten_with_path(got)
+    assert want_def == got_def
+    for (path, w), (_, g) in zip(want_leaves, got_leaves, strict=True):
+        np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
+    # The parameters did change after the resume point (the comparison above is not of two copies of step HALF).
+    half = saved_state(trained, HALF)
+    assert not np.array_equal(half["params"]["logit_scale"], got["params"]["logit_scale"])
+    # The data iterator's saved position agrees too.
+    data = lambda w: sorted(p.read_text() for p in (w / "checkpoints" / str(STEPS) / "data").glob("*.json"))
+    assert data(resumed) == data(trained)
+    # The steps after the resume saw the same batches: same logged loss, same final evaluation.
+    loss_at = lambda w: {r["step"]: r["loss"] for r in read_metrics(w / "metrics.jsonl") if r["split"] == "train"}
+    assert loss_at(resumed) == loss_at(trained)
+    assert json.loads((resumed / "results.json").read_text()) == json.loads((trained / "results.json").read_text())
+
+
+# --- eval and encode ----------------------------------------------------------------------------------------------
+
+
+def test_eval_reproduces_results_json(trained, capsys):
+    cli.main(["eval", "--workdir", str(trained)])
+    out = capsys.readouterr().out
+    results = json.loads((trained / "results.json").read_text())
+    evaluated = json.loads((trained / f"eval_{STEPS}.json").read_text())
+    assert evaluated.keys() == results.keys()
+    for key, value in results.items():
+        assert evaluated[key] == pytest.approx(value, abs=1e-6), key
+    for key in RESULT_KEYS:
+        assert f"{key}" in out and f"{results[key]:.4f}" in out
+
+
+def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, tmp_path, capsys):
+    texts = ["a red circle.", "a picture of a blue square.", "there is a green star in the image.", "x"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    source = ShapesDataset(ShapesConfig(image_size=48), "test")  # not the model's 32 px: encode resizes
+    for i in range(3):
+        Image.fromarray(source[i]["image"]).save(images / f"img{i}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    out = tmp_path / "out"
+
+    cli.main(["encode", "--workdir", str(trained), "--texts", str(tmp_path / "texts.txt"), "--images", str(images),
+              "--out", str(out), "--batch-size", "8"])
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "warning" in captured.err
+    assert "1 undecodable" in captured.out
+
+    text_emb = np.load(out / "text_embeddings.npy")
+    image_emb = np.load(out / "image_embeddings.npy")
+    kept = (out / "image_files.txt").read_text().splitlines()
+    assert text_emb.shape == (len(texts), EMBED) and image_emb.shape == (3, EMBED)
+    assert [pathlib.Path(f).name for f in kept] == ["img0.png", "img1.png", "img2.png"]
+    np.testing.assert_allclose(np.linalg.norm(text_emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-5)
+
+    # Row i is the embedding of input i: the model applied directly (one device, no batching or padding).
+    _, model, params, tokenizer, _, _ = load_trained(trained)
+    small = np.stack([np.asarray(Image.open(images / f"img{i}.png").resize((IMAGE, IMAGE), Image.BICUBIC))
+                      for i in range(3)])
+
+    @jax.jit
+    def embed(p, tokens, pixels):
+        return (model.apply({"params": p}, tokens, method=CLIP.encode_text),
+                model.apply({"params": p}, pixels, method=CLIP.encode_image))
+
+    want_text, want_image = embed(jax.device_get(params), tokenizer(texts, CONTEXT), small)
+    np.testing.assert_allclose(text_emb, want_text, atol=1e-5)
+    np.testing.assert_allclose(image_emb, want_image, atol=1e-5)
+
+
+# --- mistakes -----------------------------------------------------------------------------------------------------
+
+
+def exit_message(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_misspelt_config_key_exits_before_any_work(tmp_path, capsys, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("training started despite the bad key")
+
+    monkeypatch.setattr("clip_jax.train.loop.train_and_evaluate", fail)
+    monkeypatch.setattr("clip_jax.train.step.compile_train_step", fail)
+    workdir = tmp_path / "run"
+    message = exit_message(train_args(workdir, "--config.optimzer.lr=1"), capsys)
+    assert message.startswith("clip-jax train: error:") and "'optimzer'" in message
+    assert not workdir.exists()
+
+
+def test_train_refuses_a_workdir_of_another_model(trained, capsys):
+    before = {p: p.read_bytes() for p in (trained / "config.json", trained / "metrics.jsonl")}
+    steps = checkpoint_steps(trained)
+    message = exit_message(
+        train_args(trained, "--config.model.vision.width=64", "--config.model.text.layers=2"), capsys
+    )
+    assert "different model" in message
+    assert "model.vision.width: 32 -> 64" in message and "model.text.layers: 1 -> 2" in message
+    assert message.count(" -> ") == 2  # only the fields that differ
+    assert {p: p.read_bytes() for p in before} == before
+    assert checkpoint_steps(trained) == steps
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "clip_jax", "--help"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "eval", "encode"):
+        assert command in result.stdout
