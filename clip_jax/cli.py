@@ -3,6 +3,9 @@
   clip-jax train  --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
   clip-jax eval   --workdir DIR
   clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] --out DIR
+  clip-jax convert SRC --to-workdir DIR [--vocab PATH] [--activation quick_gelu|gelu] [--heads-vision N]
+                   [--heads-text N] [--scan-layers]
+  clip-jax export --workdir DIR --format {openai,hf,hf-text} --out PATH [--pt]
 """
 
 from __future__ import annotations
@@ -83,7 +86,30 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 
-COMMANDS = {"train": _train, "eval": _eval, "encode": _encode}
+def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
+    from clip_jax.interop.workdir import convert_to_workdir
+
+    summary = convert_to_workdir(
+        args.src, args.to_workdir, vocab=args.vocab, activation=args.activation, heads_vision=args.heads_vision,
+        heads_text=args.heads_text, scan_layers=args.scan_layers,
+    )
+    v, t = summary["model"]["vision"], summary["model"]["text"]
+    print(
+        f"converted {args.src} ({summary['source']} layout) -> {args.to_workdir}: image {v['width']}w/{v['layers']}L/"
+        f"{v['heads']}h patch {v['patch_size']} at {v['image_size']}px, text {t['width']}w/{t['layers']}L/"
+        f"{t['heads']}h {t['context_length']} tokens, activation {v['activation']}/{t['activation']}, "
+        f"tokenizer {summary['tokenizer']}"
+    )
+
+
+def _export(args: argparse.Namespace, overrides: list[str]) -> None:
+    from clip_jax.interop.workdir import export_workdir
+
+    for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt):
+        print(f"wrote {path}")
+
+
+COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "convert": _convert, "export": _export}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--images", nargs="+", help="image files or directories")
     enc.add_argument("--out", required=True, help="output directory")
     enc.add_argument("--batch-size", type=int, default=256)
+    conv = sub.add_parser("convert", help="make a workdir from a PyTorch checkpoint (OpenAI, open_clip, Long-CLIP, HF)")
+    conv.add_argument("src", help="state dict file (.safetensors/.pt/.bin) or open_clip / HF CLIPModel directory")
+    conv.add_argument("--to-workdir", required=True)
+    conv.add_argument("--vocab", help="BPE merges file (bpe_simple_vocab_16e6.txt.gz) or a tokenizer.json of ours")
+    conv.add_argument("--activation", choices=("quick_gelu", "gelu"),
+                      help="MLP activation (not stored in weights); default: source config, else quick_gelu")
+    conv.add_argument("--heads-vision", type=int, help="attention heads; default: source config, else width // 64")
+    conv.add_argument("--heads-text", type=int, help="attention heads; default: source config, else width // 64")
+    conv.add_argument("--scan-layers", action="store_true", help="store blocks stacked (model.scan_layers=True)")
+    exp = sub.add_parser("export", help="write a workdir's checkpoint as PyTorch files (open_clip or HF)")
+    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--format", required=True, choices=("openai", "hf", "hf-text"))
+    exp.add_argument("--out", required=True, help="file (.safetensors/.pt) or directory")
+    exp.add_argument("--pt", action="store_true", help="torch.save pickle instead of .safetensors (needs torch)")
     return parser
 
 
@@ -118,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         COMMANDS[args.command](args, overrides)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, FloatingPointError) as e:
         if os.environ.get("CLIP_JAX_DEBUG"):
             raise
         print(f"clip-jax {args.command}: error: {e}", file=sys.stderr)

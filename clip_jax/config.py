@@ -57,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Regexes over parameter paths like "visual/transformer/resblocks_0/attn/in_proj/kernel" (re.search).
     c.optimizer.no_decay = (r"bias$", r"ln_[^/]*/scale$", r"ln_(pre|post|final)/", r"embedding", r"logit_")
     c.optimizer.frozen = ()  # matching parameters get no update and no optimizer state (e.g. r"^visual/" for LiT)
+    # A step whose loss or gradient is NaN/inf is skipped (parameters and optimizer state unchanged); this many in
+    # a row stop the run, since the run is then diverging rather than hitting one bad batch.
+    c.optimizer.max_consecutive_nonfinite = 10
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "shapes"
@@ -140,8 +143,8 @@ def _model_schema(model: ml_collections.ConfigDict) -> dict[str, Any]:
         raise ConfigError(f"unknown model.text.type {text_type!r}; choose one of {sorted(TEXT_TOWERS)}")
     reference = model_preset("tiny")
     schema = {k: v for k, v in reference.items() if k not in ("vision", "text")}
-    schema["vision"] = {f.name: reference["vision"].get(f.name) for f in dataclasses.fields(VISION_TOWERS[vision_type][0])}
-    schema["text"] = {f.name: reference["text"].get(f.name) for f in dataclasses.fields(TEXT_TOWERS[text_type][0])}
+    for tower, registry, kind in (("vision", VISION_TOWERS, vision_type), ("text", TEXT_TOWERS, text_type)):
+        schema[tower] = {f.name: reference[tower].get(f.name) for f in dataclasses.fields(registry[kind][0])}
     schema["logit_bias_init"] = 0.0
     return schema
 

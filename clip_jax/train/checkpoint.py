@@ -39,14 +39,33 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state: Any, data_iterator: Any | None = None, step: int | None = None) -> Any:
-        """Restores the state (into the shardings of `abstract_state`) and, in place, the data iterator."""
-        step = self.latest_step() if step is None else step
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        log.info("restored checkpoint of step %d from %s", step, self.directory)
-        return restored["state"]
+        """Restores the state (into the shardings of `abstract_state`) and, in place, the data iterator.
+
+        Without an explicit `step`, a newest checkpoint that cannot be read (corrupt or truncated files) is skipped
+        with a warning naming it, and the next older one is used: a crash while writing never costs the run."""
+        candidates = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        if not candidates:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        failures = []
+        for candidate in candidates:
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+            except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+                if step is not None:
+                    raise RuntimeError(f"checkpoint {self.directory / str(candidate)} is unreadable: {e}") from e
+                failures.append(candidate)
+                log.warning("checkpoint %s is unreadable (%s: %s)", self.directory / str(candidate),
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                continue
+            if failures:
+                log.warning("newest checkpoint(s) %s unreadable: resumed from the older step %d instead",
+                            failures, candidate)
+            log.info("restored checkpoint of step %d from %s", candidate, self.directory)
+            return restored["state"]
+        raise RuntimeError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

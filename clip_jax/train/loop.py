@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from clip_jax import losses
 from clip_jax.config import ConfigError, model_config, read_config, save_config
@@ -140,7 +142,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # --- Steps --------------------------------------------------------------------------------------------------
     writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, config.log.progress_bar)
+    preempted = PreemptionFlag()
     pending: list[dict] = []
+    nonfinite_run = 0
     last_log_time, last_log_step = time.time(), start_step
     for step in range(start_step, config.total_steps):
         batch = global_batch(next(data_iter), mesh)
@@ -148,9 +152,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         pending.append(metrics)
         done = step + 1
         writer.advance()
+        if preempted.is_set(done):
+            checkpointer.save(done, state, data_iter, force=True)
+            checkpointer.wait()
+            writer.close()
+            print(f"preempted: saved the checkpoint of step {done}; relaunch the same command to resume", flush=True)
+            raise SystemExit(0)
         if done % config.log.every_steps == 0 or done == config.total_steps:
-            summary = _summarise(jax.device_get(pending))
+            history = jax.device_get(pending)
             pending = []
+            for i, h in enumerate(history):
+                nonfinite_run = nonfinite_run + 1 if h["nonfinite"] else 0
+                if nonfinite_run >= config.optimizer.max_consecutive_nonfinite:
+                    bad_step = done - len(history) + i + 1
+                    raise FloatingPointError(
+                        f"loss or gradients were NaN/inf for {nonfinite_run} steps in a row (steps "
+                        f"{bad_step - nonfinite_run + 1}-{bad_step}); those updates were skipped. The latest "
+                        f"checkpoint is step {checkpointer.latest_step()}: lower optimizer.lr, raise warm-up or "
+                        "check the data, then relaunch"
+                    )
+            summary = _summarise(history)
             elapsed = time.time() - last_log_time
             steps = done - last_log_step
             summary["samples_per_s"] = steps * config.batch_size / elapsed
@@ -181,6 +202,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
         plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
     return results
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (cloud preemption, SLURM time limit) and by JAX's preemption sync point on TPU pods: the loop
+    then saves a checkpoint and exits cleanly, and the relaunch resumes from it."""
+
+    def __init__(self):
+        self._set = False
+        try:
+            signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not in the main thread (e.g. a library call from a worker): no handler
+            pass
+
+    def _handler(self, signum, frame):
+        self._set = True
+
+    def is_set(self, step: int) -> bool:
+        if self._set:
+            return True
+        try:  # every host reaches the same decision at the same step (multi-controller runtime)
+            return jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # the preemption service is not running (single process, CPU)
+            return False
 
 
 def _loss_hparams(loss_config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -1,0 +1,105 @@
+"""Failure handling: non-finite updates are skipped and, when they persist, stop the run with a message; an
+unreadable newest checkpoint falls back to the previous one; SIGTERM saves a checkpoint and exits cleanly."""
+
+import logging
+import os
+import pathlib
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax import cli
+from clip_jax.train import loop
+from clip_jax.train.loop import PreemptionFlag, load_trained
+
+from .test_end_to_end import STEPS, checkpoint_steps, exit_message, train_args, trained  # noqa: F401
+from .test_train_step import run_steps
+
+
+def test_nonfinite_loss_skips_the_update(monkeypatch):
+    """A loss made NaN on the second step leaves parameters and optimizer state exactly as after the first."""
+    import clip_jax.losses as losses_lib
+
+    real = losses_lib.shard_loss
+
+    def poisoned_shard_loss(loss_fn, mesh):
+        run = real(loss_fn, mesh)
+
+        def wrapped(outputs):
+            loss, metrics = run(outputs)
+            # caption_key of row 0 identifies the batch: poison batch 1 only (make_batch(1) in run_steps)
+            poison = outputs["caption_key"][0] == jnp.uint32(poisoned_key)
+            return jnp.where(poison, jnp.nan, loss), metrics
+
+        return wrapped
+
+    from clip_jax.losses import caption_key
+
+    from .test_train_step import make_batch
+
+    poisoned_key = int(caption_key(jnp.asarray(make_batch(1)["text"]))[0])
+    one_step, _, _ = run_steps({"data": 8}, n_steps=1)
+    monkeypatch.setattr(losses_lib, "shard_loss", poisoned_shard_loss)
+    two_steps, metrics, _ = run_steps({"data": 8}, n_steps=2)
+    assert [int(m["nonfinite"]) for m in metrics] == [0, 1]
+    assert int(two_steps.step) == 2  # the step counter moves on; the update does not
+    for a, b in zip(jax.tree.leaves((one_step.params, one_step.opt_state)),
+                    jax.tree.leaves((two_steps.params, two_steps.opt_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_persistent_nonfinite_updates_stop_the_run_with_a_message(tmp_path, capsys):
+    # An absurd learning rate makes the parameters overflow after the first real update; every later step is
+    # non-finite and skipped, and the second in a row stops the run.
+    message = exit_message(
+        train_args(tmp_path / "run", "--config.optimizer.lr=1e30", "--config.optimizer.max_consecutive_nonfinite=2",
+                   "--config.log.every_steps=1", "--config.optimizer.warmup_steps=1"),
+        capsys,
+    )
+    assert "NaN/inf for 2 steps in a row" in message and "lower optimizer.lr" in message
+
+
+def corrupt(checkpoint_dir: pathlib.Path) -> None:
+    """Overwrite every array data file of a checkpoint with garbage of the same size (a torn write)."""
+    files = [p for p in checkpoint_dir.rglob("*") if p.is_file() and "state" in p.parts and p.stat().st_size > 0]
+    assert files
+    for p in files:
+        p.write_bytes(b"\xff" * p.stat().st_size)
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, caplog):  # noqa: F811
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    newest, previous = checkpoint_steps(workdir)[-1], checkpoint_steps(workdir)[-2]
+    corrupt(workdir / "checkpoints" / str(newest))
+    with caplog.at_level(logging.WARNING):
+        *_, step = load_trained(workdir)
+    assert step == previous
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert f"checkpoints/{newest}" in warnings and f"step {previous}" in warnings
+
+
+def test_sigterm_sets_the_preemption_flag_without_killing_the_process():
+    flag = PreemptionFlag()
+    try:
+        assert not flag.is_set(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.is_set(2)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_preempted_run_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "run"
+    monkeypatch.setattr(loop.PreemptionFlag, "is_set", lambda self, step: step == 3)
+    with pytest.raises(SystemExit) as info:
+        cli.main(train_args(workdir))
+    assert info.value.code == 0
+    assert checkpoint_steps(workdir) == [2, 3] and "preempted" in capsys.readouterr().out
+    monkeypatch.setattr(loop.PreemptionFlag, "is_set", lambda self, step: False)
+    cli.main(["train", "--workdir", str(workdir)])
+    assert checkpoint_steps(workdir)[-1] == STEPS and (workdir / "results.json").exists()
