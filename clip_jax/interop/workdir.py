@@ -1,0 +1,283 @@
+"""`clip-jax convert` (a PyTorch checkpoint -> a workdir) and `clip-jax export` (a workdir -> PyTorch files).
+
+A converted workdir is an ordinary one: config.json (`default_config()` with the model read from the source),
+tokenizer.json, and an Orbax checkpoint at step 0 holding a full TrainState (the source's params, a fresh
+optimizer state, the data iterator) written by the trainer's own `Checkpointer`. So `train` on it fine-tunes from
+the source, and `eval` / `encode` / `export` read it like any trained run.
+
+Sources: a state-dict file (OpenAI / open_clip / Long-CLIP layout, or HF keys), an open_clip hub directory
+(`open_clip_config.json` + weights), or an HF `CLIPModel` directory (config.json + model.safetensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from clip_jax.interop import ConversionError
+from clip_jax.interop import hf as hf_lib
+from clip_jax.interop import openai as oa
+from clip_jax.interop.safe_load import TORCH_SUFFIXES, read_tensors, write_tensors
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("openai", "hf", "hf-text")
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                      "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclasses.dataclass
+class Imported:
+    model: dict[str, Any]  # a model config dict, as `model_preset` returns
+    params: dict[str, Any]  # our params tree (unstacked), float32 numpy
+    towers: tuple[str, ...]  # what the source holds: openai.TOWERS, or ("text",) for a text encoder
+    source: str  # "openai" | "longclip" | "open_clip" | "hf"
+    tokenizer_dir: pathlib.Path | None = None  # a directory with HF tokenizer files
+
+
+def load_source(src: str | pathlib.Path, *, heads_vision: int | None = None, heads_text: int | None = None,
+                activation: str | None = None) -> Imported:
+    """Reads any supported PyTorch checkpoint into our params. Architecture: the source's config when it has
+    one, else tensor shapes; heads and activation flags, when given, win over both."""
+    src = pathlib.Path(src)
+    flags = {"heads_vision": heads_vision, "heads_text": heads_text, "activation": activation}
+    if src.is_dir():
+        if (src / "open_clip_config.json").is_file():
+            weights = _first_file(src, _OPEN_CLIP_WEIGHTS)
+            from_config = oa.open_clip_overrides(json.loads((src / "open_clip_config.json").read_text()))
+            return _from_openai(read_tensors(weights), {**from_config, **_given(flags)}, "open_clip")
+        if (src / "config.json").is_file():
+            return _from_hf_dir(src, flags)
+        raise ConversionError(f"{src}: a directory needs config.json (Hugging Face) or open_clip_config.json")
+    return load_source_state_dict(read_tensors(src), **flags)
+
+
+def load_source_state_dict(sd: dict[str, np.ndarray], *, heads_vision: int | None = None,
+                           heads_text: int | None = None, activation: str | None = None) -> Imported:
+    """`load_source` of a state dict already in memory (OpenAI / open_clip / Long-CLIP layout, or HF keys)."""
+    if any(k.startswith(("text_model.", "vision_model.")) for k in sd):  # HF keys without their config.json
+        sd = hf_lib.openai_from_hf(sd)
+    flags = {"heads_vision": heads_vision, "heads_text": heads_text, "activation": activation}
+    return _from_openai(sd, flags, "openai")
+
+
+def _given(flags: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _first_file(directory: pathlib.Path, names: tuple[str, ...]) -> pathlib.Path:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise ConversionError(f"{directory}: no weights file (looked for {', '.join(names)})")
+
+
+def _from_openai(sd: dict[str, np.ndarray], flags: dict[str, Any], source: str) -> Imported:
+    source = "longclip" if "positional_embedding_res" in sd else source
+    sd = oa.normalize_state_dict(sd)
+    flags = {"activation": "quick_gelu", **_given(flags)}  # OpenAI's weights were trained with QuickGELU
+    model = oa.infer_model(sd, **flags)
+    return Imported(model, oa.params_from_state_dict(sd, model), oa.TOWERS, source)
+
+
+def _from_hf_dir(src: pathlib.Path, flags: dict[str, Any]) -> Imported:
+    cfg = json.loads((src / "config.json").read_text())
+    towers = oa.TOWERS
+    if cfg.get("model_type") == "clip_text_model":  # a text encoder (e.g. diffusers' text_encoder/)
+        cfg, towers = {"text_config": cfg, "projection_dim": cfg.get("projection_dim", 512)}, ("text",)
+    model = hf_lib.model_from_hf_config(cfg, **flags)
+    if (src / "model.safetensors.index.json").is_file():  # sharded (large models)
+        shards = sorted(set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        sd = {k: v for shard in shards for k, v in read_tensors(src / shard).items()}
+        where = f"{src} (sharded)"
+    else:
+        weights = _first_file(src, _HF_WEIGHTS)
+        sd, where = read_tensors(weights), str(weights)
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    if towers == ("text",):
+        sd.pop("logit_scale", None)
+        if "text_projection.weight" not in sd:  # a plain CLIPTextModel has no projection
+            raise ConversionError(f"{where}: a text encoder without text_projection cannot be imported")
+    oa.check_tensors(sd, hf_lib.expected_hf_shapes(model, towers), where)
+    params = oa.params_from_state_dict(hf_lib.openai_from_hf(sd), model, towers)
+    has_tokenizer = hf_lib.read_hf_tokenizer(src) is not None
+    return Imported(model, params, towers, "hf", src if has_tokenizer else None)
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------------
+def _tokenizer_state(tokenizer) -> dict[str, Any]:
+    """The tokenizer's own JSON (vocab in id order, merges, special tokens): the public way to see its tables."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(pathlib.Path(tmp) / "tokenizer.json")
+        return json.loads((pathlib.Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
+
+
+def _tokenizer_from_hf(directory: pathlib.Path):
+    from clip_jax.data.tokenizer import ClipTokenizer
+
+    vocab, merges = hf_lib.read_hf_tokenizer(directory)
+    with tempfile.TemporaryDirectory() as tmp:  # HF's merges.txt is OpenAI's format: header line, then merges
+        path = pathlib.Path(tmp) / "merges.txt"
+        path.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+        tokenizer = ClipTokenizer.from_openai_vocab(path)
+    state = _tokenizer_state(tokenizer)
+    ours = [hf_lib.HF_SOT if t == state["sot_token"] else hf_lib.HF_EOT if t == state["eot_token"] else t
+            for t in state["vocab"]]
+    if ours != vocab:
+        raise ConversionError(
+            f"{directory}: the tokenizer's vocabulary is not laid out as CLIP BPE (byte symbols, merges, SOT, EOT); "
+            "pass --vocab with the model's BPE merges file"
+        )
+    return tokenizer
+
+
+def resolve_tokenizer(imported: Imported, vocab: str | pathlib.Path | None = None):
+    """--vocab PATH, else the source's HF tokenizer files, else OpenAI's vocabulary from open-clip-torch."""
+    from clip_jax.data.tokenizer import ClipTokenizer
+
+    if vocab is not None:
+        path = pathlib.Path(vocab)
+        return ClipTokenizer.load(path) if path.suffix == ".json" else ClipTokenizer.from_openai_vocab(path)
+    if imported.tokenizer_dir is not None:
+        return _tokenizer_from_hf(imported.tokenizer_dir)
+    path = ClipTokenizer.find_openai_vocab()
+    if path is None:
+        raise ConversionError(
+            "no tokenizer vocabulary: pass --vocab PATH to bpe_simple_vocab_16e6.txt.gz (in the open-clip-torch wheel "
+            "and in github.com/openai/CLIP under clip/), or pip install open-clip-torch so it is found"
+        )
+    return ClipTokenizer.from_openai_vocab(path)
+
+
+# ---- convert -----------------------------------------------------------------------------------------------------
+def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, vocab: str | None = None,
+                       activation: str | None = None, heads_vision: int | None = None, heads_text: int | None = None,
+                       scan_layers: bool = False) -> dict[str, Any]:
+    """Makes a workdir from a PyTorch checkpoint (see the module docstring). Returns a summary."""
+    import jax
+    import ml_collections
+
+    from clip_jax.config import default_config, model_config, validate
+    from clip_jax.data.pipeline import train_iterator
+    from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
+    from clip_jax.models.clip import CLIP
+    from clip_jax.sharding import make_mesh
+    from clip_jax.train import state as state_lib
+    from clip_jax.train.checkpoint import Checkpointer
+    from clip_jax.train.loop import create_state, prepare_workdir
+
+    workdir = pathlib.Path(workdir)
+    imported = load_source(src, heads_vision=heads_vision, heads_text=heads_text, activation=activation)
+    if imported.towers != oa.TOWERS:
+        raise ConversionError(f"{src} holds only the {'/'.join(imported.towers)} tower; a workdir needs a full CLIP")
+    tokenizer = resolve_tokenizer(imported, vocab)
+    model = dict(imported.model, scan_layers=scan_layers)
+    if tokenizer.vocab_size > model["text"]["vocab_size"]:
+        raise ConversionError(
+            f"the tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} tokens but the model's token_embedding has "
+            f"{model['text']['vocab_size']} rows; pass --vocab with the vocabulary the model was trained with"
+        )
+    config = default_config()
+    config.model = ml_collections.ConfigDict(model)
+    config.data.tokenizer = (
+        "openai" if tokenizer.name == OPENAI_VOCAB_NAME else str((workdir / "tokenizer.json").absolute())
+    )
+    validate(config)
+
+    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        raise ConversionError(f"{workdir} is already a workdir; convert into a new --to-workdir")
+    prepare_workdir(config, workdir)
+    if jax.process_index() == 0:
+        tokenizer.save(workdir / "tokenizer.json")
+
+    mesh = make_mesh(config.mesh.to_dict())
+    clip = CLIP(model_config(config))
+    init_fn, shardings, tx = create_state(config, clip, mesh)
+    params = oa.stack_layers(imported.params) if scan_layers else imported.params
+    _check_tree(params, jax.eval_shape(init_fn, jax.random.PRNGKey(0)).params)
+    params = jax.device_put(params, shardings.params)
+    state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as create_state's init would
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda p, r: state_lib.init_state(p, tx, r), out_shardings=shardings)(params, state_rng)
+    # With the data iterator's state too: `train` restores both items, so a checkpoint without it would not load.
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    checkpointer.save(0, state, train_iterator(config, tokenizer), force=True)
+    checkpointer.wait()
+    checkpointer.close()
+    log.info("converted %s (%s layout) into %s", src, imported.source, workdir)
+    return {"source": imported.source, "workdir": str(workdir), "tokenizer": tokenizer.name, "model": model}
+
+
+def _check_tree(params: dict, abstract: Any) -> None:
+    """Our tree against the model's: a mismatch here is a bug in the key table, said plainly."""
+    import jax
+
+    ours = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    theirs = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    if ours != theirs:
+        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:6]
+        raise ConversionError(f"converted params do not match the model's parameters: {diff}")
+
+
+# ---- export ------------------------------------------------------------------------------------------------------
+def export_workdir(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path, *, pt: bool = False,
+                   step: int | None = None) -> list[pathlib.Path]:
+    """Writes a workdir's latest (or given) checkpoint as PyTorch files (see `export_params`)."""
+    import jax
+
+    from clip_jax.train.loop import load_trained
+
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    config, _, params, _, _, _ = load_trained(workdir, step)
+    tokenizer = json.loads((pathlib.Path(workdir) / "tokenizer.json").read_text(encoding="utf-8"))
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    return export_params(params, config.model.to_dict(), fmt, out, tokenizer=tokenizer, pt=pt)
+
+
+def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: str | pathlib.Path, *,
+                  tokenizer: dict[str, Any] | None = None, pt: bool = False) -> list[pathlib.Path]:
+    """Writes params (stacked or not) of a model config dict; returns the paths written.
+
+    openai: an OpenAI / open_clip state dict. `--out x.safetensors` (or .pt/.bin, or --pt) writes that one file;
+      any other --out is a directory with open_clip_config.json + weights (`open_clip.create_model("local-dir:D")`).
+    hf: a `CLIPModel` directory; hf-text: a `CLIPTextModelWithProjection` directory (for diffusers; it loads as
+      `CLIPTextModel` too, which ignores text_projection). Both get HF tokenizer files when `tokenizer` (the JSON
+      state of our ClipTokenizer, as in a workdir's tokenizer.json) is given.
+    """
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = pathlib.Path(out)
+    if fmt == "openai":
+        sd = oa.state_dict_from_params(params, model)
+        if out.suffix in (".safetensors", *TORCH_SUFFIXES):
+            if pt and out.suffix == ".safetensors":
+                raise ConversionError(f"--pt writes a torch pickle; name it .pt or .bin, not {out.name}")
+            return [write_tensors(out, sd, torch_format=pt or out.suffix != ".safetensors")]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "open_clip_config.json").write_text(json.dumps(oa.open_clip_config(model), indent=2) + "\n")
+        name = "open_clip_pytorch_model.bin" if pt else "open_clip_model.safetensors"
+        return [out / "open_clip_config.json", write_tensors(out / name, sd, torch_format=pt)]
+
+    towers = ("text",) if fmt == "hf-text" else oa.TOWERS
+    sd = hf_lib.hf_from_openai(oa.state_dict_from_params(params, model, towers))
+    vocab_size = tokenizer["vocab_size"] if tokenizer else model["text"]["vocab_size"]
+    config_json = hf_lib.hf_config(model, sot_id=vocab_size - 2, eot_id=vocab_size - 1, text_only=fmt == "hf-text")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    # HF's safetensors loader wants metadata format=pt.
+    weights = write_tensors(out / ("pytorch_model.bin" if pt else "model.safetensors"), sd, torch_format=pt,
+                            metadata=None if pt else {"format": "pt"})
+    written = [out / "config.json", weights]
+    if tokenizer:
+        hf_lib.write_hf_tokenizer(out, tokenizer["vocab"], tokenizer["merges"], tokenizer["sot_token"],
+                                  tokenizer["eot_token"], model["text"]["context_length"])
+        written += [out / "vocab.json", out / "merges.txt", out / "tokenizer_config.json"]
+    return written

@@ -1,0 +1,362 @@
+"""Checkpoint interop against the real peers: randomly initialised open_clip and Hugging Face models (no downloads).
+
+Parity: image embeddings, text embeddings and logits of the imported model vs PyTorch on the same inputs, max abs
+diff <= 1e-5 in float32. Exports reload in open_clip (strict) and transformers and give the same outputs; round
+trips clip_jax -> file -> clip_jax are bit-exact.
+"""
+
+import json
+import pathlib
+import pickle
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+# The torchvision build here is broken; open_clip and transformers import it only for this module's side effects.
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+transformers = pytest.importorskip("transformers")
+from open_clip.model import CLIP as OpenClipCLIP  # noqa: E402
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+
+from clip_jax.cli import main  # noqa: E402
+from clip_jax.data.tokenizer import ClipTokenizer  # noqa: E402
+from clip_jax.interop import ConversionError  # noqa: E402
+from clip_jax.interop import openai as oa  # noqa: E402
+from clip_jax.interop import workdir as wd  # noqa: E402
+from clip_jax.interop.safe_load import read_tensors, write_tensors  # noqa: E402
+from clip_jax.models.clip import CLIP, CLIPConfig  # noqa: E402
+
+TOL = 1e-5
+
+
+def small_open_clip(quick_gelu=False, context_length=16, vocab_size=100, text_width=64, seed=0):
+    torch.manual_seed(seed)
+    return OpenClipCLIP(
+        embed_dim=32,
+        vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=context_length, vocab_size=vocab_size, width=text_width, heads=2, layers=2),
+        quick_gelu=quick_gelu,
+    ).eval()
+
+
+def state_dict(module):
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def inputs(image_size, context_length, vocab_size, batch=2, seed=0):
+    """Images (NHWC, already normalised) and ids whose EOT (= vocab_size - 1, the largest id) occurs once per row:
+    argmax pooling (ours, open_clip) and first-EOS pooling (HF) pick the same position."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
+    ids = np.zeros((batch, context_length), np.int64)
+    for row in range(batch):
+        n = int(rng.integers(2, context_length - 1))
+        ids[row, : n] = rng.integers(1, vocab_size - 2, n)
+        ids[row, 0], ids[row, n] = vocab_size - 2, vocab_size - 1
+    return images, ids
+
+
+def ours(model_dict, params, images, ids):
+    model = CLIP(CLIPConfig.from_dict(model_dict))
+    if model_dict.get("scan_layers") and "resblocks_0" in params["visual"]["transformer"]:
+        params = oa.stack_layers(params)
+    out = model.apply({"params": params}, images, ids)
+    image, text = np.asarray(out["image"]), np.asarray(out["text"])
+    return image, text, float(out["logit_scale"]) * image @ text.T
+
+
+def assert_close(name, a, b):
+    diff = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    print(f"{name}: max abs diff {diff:.2e}")
+    assert diff <= TOL, (name, diff)
+
+
+def open_clip_outputs(model, images, ids):
+    with torch.no_grad():
+        image, text, scale = model(torch.from_numpy(images.transpose(0, 3, 1, 2)), torch.from_numpy(ids))
+    return image.numpy(), text.numpy(), (scale * image @ text.T).numpy()
+
+
+def hf_outputs(model, images, ids):
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    return out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_image.numpy()
+
+
+def assert_parity(prefix, theirs, mine):
+    for name, a, b in zip(("image", "text", "logits"), theirs, mine, strict=True):
+        assert_close(f"{prefix} {name}", a, b)
+
+
+def trees_equal(a, b):
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+# ---- import: open_clip -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_small_open_clip_parity(tmp_path, quick_gelu):
+    torch_model = small_open_clip(quick_gelu)
+    write_tensors(tmp_path / "small.safetensors", state_dict(torch_model))
+    imported = wd.load_source(
+        tmp_path / "small.safetensors", heads_vision=2, heads_text=2, activation="quick_gelu" if quick_gelu else "gelu"
+    )
+    assert imported.model["vision"]["heads"] == 2 and imported.model["text"]["context_length"] == 16
+    images, ids = inputs(32, 16, 100)
+    assert_parity("open_clip small", open_clip_outputs(torch_model, images, ids), ours(imported.model,
+                                                                                      imported.params, images, ids))
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu"])
+def test_b32_parity(name):
+    """Full-size B/32 (random init): shapes, heads (width // 64) and activation as OpenAI's. One forward of 2."""
+    torch_model = open_clip.create_model(name).eval()
+    # No flags for the quickgelu model: OpenAI-layout defaults are QuickGELU and width // 64 heads.
+    imported = wd.load_source_state_dict(state_dict(torch_model), activation=None if "quick" in name else "gelu")
+    model = dict(imported.model, scan_layers=True)  # the stacked layout, and a faster compile
+    assert (model["vision"]["heads"], model["text"]["heads"], model["vision"]["image_size"]) == (12, 8, 224)
+    images, ids = inputs(224, 77, 49408)
+    assert_parity(name, open_clip_outputs(torch_model, images, ids), ours(model, imported.params, images, ids))
+
+
+def test_open_clip_training_checkpoint_and_longclip(tmp_path):
+    torch_model = small_open_clip(context_length=248)
+    sd = state_dict(torch_model)
+    # open_clip training checkpoint: wrapped, DDP prefix
+    torch.save({"epoch": 1, "name": "run", "state_dict": {"module." + k: torch.from_numpy(v) for k, v in sd.items()}},
+               tmp_path / "epoch_1.pt")
+    imported = wd.load_source(tmp_path / "epoch_1.pt", heads_vision=2, heads_text=2, activation="gelu")
+    assert trees_equal(imported.params, wd.load_source_state_dict(sd, heads_vision=2, heads_text=2).params)
+    # Long-CLIP: a frozen table for positions < 20, a trained one for the rest
+    frozen, trained = sd["positional_embedding"], sd["positional_embedding"] + 1.0
+    longclip = {**sd, "positional_embedding": frozen, "positional_embedding_res": trained}
+    write_tensors(tmp_path / "longclip.safetensors", longclip)
+    imported = wd.load_source(tmp_path / "longclip.safetensors", heads_vision=2, heads_text=2)
+    table = imported.params["text"]["positional_embedding"]
+    assert imported.source == "longclip" and table.shape == (248, 64)
+    np.testing.assert_array_equal(table[:20], frozen[:20])
+    np.testing.assert_array_equal(table[20:], trained[20:])
+
+
+# ---- import: Hugging Face ----------------------------------------------------------------------------------------
+def small_hf(max_positions=16):
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=100, max_position_embeddings=max_positions, hidden_act="quick_gelu",
+                         bos_token_id=98, eos_token_id=99, pad_token_id=99),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                           image_size=32, patch_size=8, hidden_act="gelu"),
+        projection_dim=24,
+    )
+    return transformers.CLIPModel(config).eval()
+
+
+def test_hf_parity(tmp_path):
+    hf_model = small_hf()
+    assert hf_model.config.text_config.eos_token_id == 99  # first-EOS pooling, at the largest id here
+    hf_model.save_pretrained(tmp_path / "hf")
+    imported = wd.load_source(tmp_path / "hf")
+    m = imported.model
+    assert (m["vision"]["activation"], m["text"]["activation"]) == ("gelu", "quick_gelu")
+    assert (m["vision"]["heads"], m["text"]["heads"], m["embed_dim"]) == (3, 4, 24)
+    images, ids = inputs(32, 16, 100)
+    assert_parity("HF CLIPModel", hf_outputs(hf_model, images, ids), ours(m, imported.params, images, ids))
+
+
+# ---- export ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_import():
+    torch_model = small_open_clip()
+    imported = wd.load_source_state_dict(state_dict(torch_model), heads_vision=2, heads_text=2, activation="gelu")
+    return torch_model, imported
+
+
+def test_export_openai_strict_load_and_round_trip(tmp_path, small_import):
+    torch_model, imported = small_import
+    images, ids = inputs(32, 16, 100)
+    expected = ours(imported.model, imported.params, images, ids)
+    for out, pt in (("m.safetensors", False), ("m.pt", True), ("oc_dir", False)):
+        paths = wd.export_params(imported.params, imported.model, "openai", tmp_path / out, pt=pt)
+        if out == "oc_dir":
+            reloaded = open_clip.create_model(f"local-dir:{tmp_path / out}").eval()
+            back = wd.load_source(tmp_path / out)  # heads and activation from open_clip_config.json
+        else:
+            reloaded = small_open_clip(seed=1)
+            sd = torch.load(paths[0], weights_only=True) if pt else {
+                k: torch.from_numpy(v) for k, v in read_tensors(paths[0]).items()}
+            reloaded.load_state_dict(sd, strict=True)
+            back = wd.load_source(paths[0], heads_vision=2, heads_text=2, activation="gelu")
+        assert_parity(f"export openai {out}", open_clip_outputs(reloaded, images, ids), expected)
+        assert trees_equal(back.params, imported.params) and back.model == imported.model
+
+
+def test_export_openai_from_scanned_params(tmp_path, small_import):
+    _, imported = small_import
+    path = wd.export_params(oa.stack_layers(imported.params), imported.model, "openai", tmp_path / "s.safetensors")[0]
+    assert trees_equal(wd.load_source(path, heads_vision=2, heads_text=2, activation="gelu").params, imported.params)
+
+
+def test_export_hf_round_trip(tmp_path, small_import):
+    _, imported = small_import
+    images, ids = inputs(32, 16, 100)
+    wd.export_params(imported.params, imported.model, "hf", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["text_config"]["hidden_act"] == "gelu" and config["vision_config"]["num_attention_heads"] == 2
+    reloaded = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    assert_parity("export hf", hf_outputs(reloaded, images, ids), ours(imported.model, imported.params, images, ids))
+    back = wd.load_source(tmp_path / "hf")
+    assert trees_equal(back.params, imported.params) and back.model == imported.model
+
+
+def test_export_hf_text_248_positions(tmp_path):
+    torch_model = small_open_clip(context_length=248)
+    imported = wd.load_source_state_dict(state_dict(torch_model), heads_vision=2, heads_text=2, activation="gelu")
+    wd.export_params(imported.params, imported.model, "hf-text", tmp_path / "text")
+    _, ids = inputs(32, 248, 100)
+    model = CLIP(CLIPConfig.from_dict(imported.model))
+    expected = np.asarray(model.apply({"params": imported.params}, ids, normalize=False, method=CLIP.encode_text))
+    with torch.no_grad():
+        with_proj = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "text").eval()
+        assert with_proj.config.max_position_embeddings == 248
+        assert_close("hf-text CLIPTextModelWithProjection", with_proj(torch.from_numpy(ids)).text_embeds, expected)
+        plain = transformers.CLIPTextModel.from_pretrained(tmp_path / "text").eval()
+        pooled = plain(torch.from_numpy(ids)).pooler_output @ with_proj.text_projection.weight.T
+        assert_close("hf-text CLIPTextModel", pooled, expected)
+    back = wd.load_source(tmp_path / "text")
+    assert back.towers == ("text",) and trees_equal(back.params["text"], imported.params["text"])
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling this calls open(marker, "w"): a file appears if anything ran
+        return (open, (self.marker, "w"))
+
+
+def test_refuses_arbitrary_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, tmp_path / "evil.pt")
+    (tmp_path / "evil.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    for name in ("evil.pt", "evil.bin"):
+        with pytest.raises(ConversionError, match=f"refusing to load .*{name}.*arbitrary Python unpickling"):
+            read_tensors(tmp_path / name)
+        assert not marker.exists()
+    pickle.loads((tmp_path / "evil.bin").read_bytes())  # the payload is live: plain pickle does run it
+    assert marker.exists()
+
+
+def test_refuses_torchscript(tmp_path):
+    torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)).save(str(tmp_path / "ViT-B-32.pt"))
+    with pytest.raises(ConversionError, match="TorchScript archive.*torch.jit.load"):
+        read_tensors(tmp_path / "ViT-B-32.pt")
+
+
+def test_shape_and_key_messages(tmp_path, small_import):
+    torch_model, _ = small_import
+    sd = state_dict(torch_model)
+    bad = {**sd, "transformer.resblocks.1.mlp.c_fc.weight": np.zeros((128, 64), np.float32)}
+    with pytest.raises(ConversionError, match=r"key 'transformer.resblocks.1.mlp.c_fc.weight': expected shape "
+                                              r"\(256, 64\), found \(128, 64\)"):
+        wd.load_source_state_dict(bad, heads_vision=2, heads_text=2)
+    missing = {k: v for k, v in sd.items() if k != "visual.ln_post.weight"}
+    with pytest.raises(ConversionError, match=r"missing key 'visual.ln_post.weight' \(expected shape \(64,\)\)"):
+        wd.load_source_state_dict(missing, heads_vision=2, heads_text=2)
+    with pytest.raises(ConversionError, match=r"unexpected key 'visual.extra' \(shape \(3,\)\)"):
+        wd.load_source_state_dict({**sd, "visual.extra": np.zeros(3, np.float32)}, heads_vision=2, heads_text=2)
+    # HF: the message names the HF key
+    small_hf().save_pretrained(tmp_path / "hf")
+    weights = read_tensors(tmp_path / "hf" / "model.safetensors")
+    weights["text_model.encoder.layers.0.self_attn.q_proj.weight"] = np.zeros((64, 32), np.float32)
+    write_tensors(tmp_path / "hf" / "model.safetensors", weights, metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"key 'text_model.encoder.layers.0.self_attn.q_proj.weight': "
+                                              r"expected shape \(64, 64\), found \(64, 32\)"):
+        wd.load_source(tmp_path / "hf")
+
+
+# ---- CLI: convert -> restore as train does -> export ------------------------------------------------------
+def test_cli_convert_and_export(tmp_path):
+    from clip_jax.config import read_config
+    from clip_jax.data.pipeline import train_iterator
+    from clip_jax.train.checkpoint import Checkpointer
+    from clip_jax.train.loop import create_state, load_trained
+    from clip_jax.train.state import TrainState
+
+    torch_model = small_open_clip(vocab_size=49408, text_width=32)
+    torch.save({"epoch": 2, "state_dict": {"module." + k: v for k, v in torch_model.state_dict().items()}},
+               tmp_path / "epoch_2.pt")
+    work = tmp_path / "work"
+    main(["convert", str(tmp_path / "epoch_2.pt"), "--to-workdir", str(work), "--heads-vision", "2",
+          "--heads-text", "2", "--activation", "gelu", "--scan-layers"])
+    config = read_config(work / "config.json")
+    assert config.data.tokenizer == "openai" and config.model.text.activation == "gelu" and config.model.scan_layers
+    assert ClipTokenizer.load(work / "tokenizer.json").name == "openai-bpe-16e6"
+
+    # what `train` does on this workdir: restore the full state (optimizer, data iterator) into its shardings
+    config, model, params, tokenizer, mesh, step = load_trained(work)
+    init_fn, shardings, _ = create_state(config, model, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(init_fn, jax.random.PRNGKey(0)), shardings)
+    checkpointer = Checkpointer(work, config.checkpoint)
+    state = checkpointer.restore(abstract, train_iterator(config, tokenizer))
+    checkpointer.close()
+    assert isinstance(state, TrainState) and int(state.step) == 0 and step == 0
+    assert trees_equal(jax.device_get(state.params), jax.device_get(params))
+
+    texts = ["a photo of a cat", "two red squares &amp; a blue circle"]
+    ids = tokenizer(texts, 16).astype(np.int64)
+    images, _ = inputs(32, 16, 49408)
+    assert_parity("CLI convert", open_clip_outputs(torch_model, images, ids), ours(config.model.to_dict(),
+                  jax.device_get(params), images, ids))
+
+    main(["export", "--workdir", str(work), "--format", "openai", "--out", str(tmp_path / "out.safetensors")])
+    exported = read_tensors(tmp_path / "out.safetensors")
+    original = state_dict(torch_model)
+    assert exported.keys() == original.keys() and all(np.array_equal(exported[k], original[k]) for k in original)
+
+    main(["export", "--workdir", str(work), "--format", "hf", "--out", str(tmp_path / "hf")])
+    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp_path / "hf")
+    plain = ["a photo of a cat", "Two red squares, one blue circle!"]  # HF does not unescape HTML: plain text
+    hf_ids = hf_tokenizer(plain, padding="max_length", max_length=16, truncation=True, return_tensors="np")["input_ids"]
+    our_ids = tokenizer(plain, 16)
+    eot = tokenizer.eot_id
+    for mine, theirs in zip(our_ids, hf_ids, strict=True):  # HF pads with EOT, we with 0
+        n = int(np.argmax(mine == eot)) + 1
+        assert mine[:n].tolist() == theirs[:n].tolist() and (theirs[n:] == eot).all()
+    reloaded = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    assert_parity("CLI export hf", hf_outputs(reloaded, images, hf_ids.astype(np.int64)),
+                  ours(config.model.to_dict(), jax.device_get(params), images, hf_ids))
+    # the exported HF directory's tokenizer files come back as OpenAI's vocabulary
+    back = wd.load_source(tmp_path / "hf")
+    assert wd.resolve_tokenizer(back).name == "openai-bpe-16e6"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "junk.safetensors"), "--to-workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert "clip-jax convert: error:" in err and "junk.safetensors" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_missing_vocab_message(monkeypatch, small_import):
+    _, imported = small_import
+    monkeypatch.setattr(ClipTokenizer, "find_openai_vocab", classmethod(lambda cls: None))
+    with pytest.raises(ConversionError, match="--vocab PATH to bpe_simple_vocab_16e6.txt.gz"):
+        wd.resolve_tokenizer(imported)
+
+
+def test_pt_needs_matching_suffix(tmp_path, small_import):
+    _, imported = small_import
+    with pytest.raises(ConversionError, match="--pt writes a torch pickle"):
+        wd.export_params(imported.params, imported.model, "openai", tmp_path / "x.safetensors", pt=True)
+    assert not pathlib.Path(tmp_path / "x.safetensors").exists()
