@@ -360,3 +360,25 @@ def test_pt_needs_matching_suffix(tmp_path, small_import):
     with pytest.raises(ConversionError, match="--pt writes a torch pickle"):
         wd.export_params(imported.params, imported.model, "openai", tmp_path / "x.safetensors", pt=True)
     assert not pathlib.Path(tmp_path / "x.safetensors").exists()
+
+
+def test_converted_workdir_fine_tunes_with_its_own_frozen_rules(tmp_path):
+    """A converted workdir is a warm start: `train` takes its parameters and builds the optimizer of the run's
+    config, here one that freezes the image tower (LiT-style), which the converted optimizer state did not."""
+    from clip_jax.train.loop import load_trained
+
+    torch_model = small_open_clip(vocab_size=49408, text_width=32)
+    write_tensors(tmp_path / "model.safetensors", state_dict(torch_model))
+    work = tmp_path / "work"
+    main(["convert", str(tmp_path / "model.safetensors"), "--to-workdir", str(work), "--heads-vision", "2",
+          "--heads-text", "2", "--activation", "gelu"])
+    *_, converted, _, _, _ = load_trained(work)
+    converted = jax.device_get(converted)
+    main(["train", "--workdir", str(work), "--config.optimizer.frozen=('^visual/',)", "--config.total_steps=2",
+          "--config.batch_size=16", "--config.optimizer.warmup_steps=1", "--config.log.progress_bar=False",
+          "--config.eval.num_examples=16", "--config.eval.batch_size=16", "--config.log.every_steps=1"])
+    *_, tuned, _, _, step = load_trained(work)
+    tuned = jax.device_get(tuned)
+    assert step == 2
+    assert trees_equal(tuned["visual"], converted["visual"])
+    assert not np.array_equal(tuned["text"]["text_projection"], converted["text"]["text_projection"])

@@ -67,6 +67,15 @@ class Checkpointer:
             return restored["state"]
         raise RuntimeError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
 
+    def restore_params(self, step: int, shardings: Any) -> Any:
+        """Only the parameters of a checkpoint, placed in `shardings` (whatever optimizer state it holds)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        params = restored["state"]["params"]
+        try:
+            return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+        except ValueError as e:
+            raise ValueError(f"checkpoint {self.directory / str(step)} holds parameters of another model: {e}") from None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

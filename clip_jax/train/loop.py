@@ -111,7 +111,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # --- Restore or initialise ----------------------------------------------------------------------------------
     checkpointer = Checkpointer(workdir, config.checkpoint)
-    if checkpointer.latest_step() is not None:
+    if checkpointer.latest_step() == 0:
+        # A step-0 checkpoint is a warm start (a converted or stretched model): take its parameters and build the
+        # optimizer state of *this* config, whose frozen/decay rules may differ from the ones it was written with.
+        state = init_fn(rng).replace(params=checkpointer.restore_params(0, shardings.params))
+        log.info("warm start from the parameters of checkpoint 0")
+    elif checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_state, data_iter)
         log.info("resuming from step %d", int(state.step))
     else:
