@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Micro-batches per step. The loss still sees the whole batch of negatives: embeddings of all micro-batches
     # are computed first, then each micro-batch is backpropagated with its slice of the embedding gradients.
     c.accum_steps = 1
+    # Warm starts (a workdir whose only checkpoint is step 0: converted or stretched) set logit_scale to
+    # model.logit_scale_init instead of keeping the checkpoint's value (Long-CLIP restarts from ln 100).
+    c.reset_logit_scale = False
 
     # Mesh axis sizes; -1 = all remaining devices. The batch is split over data x fsdp.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -41,9 +44,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(model_preset("B/16"))
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "clip"  # clip | siglip | siglip_ring (see clip_jax.losses.LOSSES)
-    c.loss.label_smoothing = 0.0  # clip only
+    c.loss.name = "clip"  # clip | siglip | siglip_ring | longclip (see clip_jax.losses.LOSSES)
+    c.loss.label_smoothing = 0.0  # clip and longclip (Long-CLIP: 0.1)
     c.loss.multi_positive = False  # identical captions in a batch are positives of each other
+    # longclip: long_weight * CLIP(image, long text) + short_weight * CLIP(PCA-reduced image, short text)
+    c.loss.long_weight = 1.0
+    c.loss.short_weight = 1.0
+    c.loss.pca_components = 32  # principal components kept; must be below the batch the PCA runs over
+    c.loss.pca_scope = "local"  # PCA over each device's batch (the reference) or the "global" all-gathered one
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 5e-4
@@ -65,7 +73,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.source = "shapes"
     c.data.min_objects = 1  # shapes: objects per image
     c.data.max_objects = 3
-    c.data.long_caption_prob = 0.0  # shapes: probability of training on the long caption instead of the short one
+    c.data.long_caption_prob = 0.0  # probability of training on the long caption instead of the short one
+    # Long-CLIP (a loss that reads `short_text`): the short caption is the data's own, else the long caption's first
+    # sentence, tokenized to this length (capped at the model's). The causal text tower gives the same features at
+    # any length that holds the whole caption, so 77 tokens cost a third of 248 for nothing lost.
+    c.data.short_context_length = 77
+    # File sources (data.source "sharegpt4v": ShareGPT4V JSON; "captions": JSONL or CSV of image, caption
+    # [, short_caption]); see clip_jax/data/captions.py. Image paths are relative to image_root (default: the
+    # file's folder); undecodable images are skipped and counted.
+    c.data.path = ""
+    c.data.image_root = ""
+    c.data.skip = 0  # leave out the first N records (ShareGPT4V-1k: the first 1,000 are the test set)
     c.data.augment = True  # random resized crop for training (eval: resize + centre crop)
     c.data.crop_scale = (0.8, 1.0)
     c.data.tokenizer = "train"  # "train": fit a BPE vocabulary on training captions; "openai": OpenAI's; or a path
@@ -77,6 +95,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 0  # 0: only at the end
     c.eval.batch_size = 250
     c.eval.num_examples = 1000  # per zero-shot split and for retrieval
+    # shapes: also long-text retrieval on captions over 77 tokens and the hard-pairs test (see evaluate/long_text.py)
+    c.eval.long_text = False
+    # Long-text retrieval on a folder in the Urban-1k layout (image/N.jpg, caption/N.txt) or a JSON file
+    # {image file name: caption}; "" = off
+    c.eval.long_text_set = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500
@@ -171,9 +194,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for field in ("width", "layers", "heads", "head_dim", "mlp_dim", *sizes):
             if t[field] < 1:
                 raise ConfigError(f"config key 'model.{tower}.{field}' must be >= 1, got {t[field]}")
+    t = config.model.text
+    if not 0 <= t.get("keep_positions", 0) < t.context_length:
+        raise ConfigError(
+            f"model.text.keep_positions must be in [0, context_length {t.context_length}), got {t.keep_positions}"
+        )
     v = config.model.vision
     if v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+    if config.loss.pca_scope not in ("local", "global"):
+        raise ConfigError(f"loss.pca_scope must be 'local' or 'global', got {config.loss.pca_scope!r}")
+    if config.loss.pca_components < 1 or config.data.short_context_length < 2:
+        raise ConfigError("loss.pca_components must be >= 1 and data.short_context_length >= 2")
     if not 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {config.data.crop_scale}")
 

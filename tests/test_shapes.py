@@ -270,3 +270,16 @@ def test_bad_split_and_empty_held_out_raise():
 
 def test_positions_cover_grid():
     assert len(POSITIONS) == 9 and "centre" in POSITIONS
+
+
+def test_partial_caption_names_exactly_one_attribute_of_the_salient_object():
+    ds = ShapesDataset(ShapesConfig(max_objects=4), "train")
+    kinds = set()
+    for i in range(200):
+        item, salient = ds[i], ds.scene(i).salient
+        words = set(item["partial_caption"].rstrip(".").split())
+        has_colour, has_shape = salient.colour in words, salient.shape in words
+        assert has_colour != has_shape, item["partial_caption"]
+        assert not (words & (set(COLOURS) - {salient.colour})) and not (words & (set(SHAPES) - {salient.shape}))
+        kinds.add(has_colour)
+    assert kinds == {True, False}  # both kinds occur

@@ -1,7 +1,8 @@
 """grain input pipelines: deterministic, sharded per host, checkpointable.
 
 train: source -> this host's slice -> random map (augment, pick caption) -> batch -> tokenize -> prefetch.
-Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device) and `text` int32 [B, context_length].
+Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device) and `text` int32 [B, context_length]; for a
+loss that reads short captions (Long-CLIP) also `short_text` int32 [B, short_text_length(config)].
 Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access source whose items have `image`
 (uint8 HxWx3) and the caption fields.
 """
@@ -16,9 +17,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from clip_jax.data import captions
 from clip_jax.data.images import random_resized_crop, resize_center_crop
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.longclip import first_sentence
+from clip_jax.losses import SHORT_TEXT_LOSSES
 
 
 def shapes_config(config: ml_collections.ConfigDict) -> ShapesConfig:
@@ -34,7 +38,21 @@ def _shapes_source(config: ml_collections.ConfigDict, split: str):
     return ShapesDataset(shapes_config(config), split)
 
 
-TRAIN_SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {"shapes": _shapes_source}
+def _file_source(reader):
+    def make(config: ml_collections.ConfigDict, split: str):
+        if split != "train":
+            raise ValueError(f"data.source {config.data.source!r} has only a train split, not {split!r}")
+        d = config.data
+        return captions.file_source(reader, d.path, d.image_root, config.model.vision.image_size, d.skip)
+
+    return make
+
+
+TRAIN_SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {
+    "shapes": _shapes_source,
+    "sharegpt4v": _file_source(captions.read_sharegpt4v),
+    "captions": _file_source(captions.read_captions),
+}
 
 
 def get_source(config: ml_collections.ConfigDict, split: str):
@@ -47,11 +65,13 @@ class TrainExample(grain.transforms.RandomMap):
     """Augments the image and picks the caption of one training example (a class, so worker processes can
     pickle it)."""
 
-    def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float):
+    def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
+                 short_caption: bool = False):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
         self.long_caption_prob = long_caption_prob
+        self.short_caption = short_caption  # also emit the short caption (Long-CLIP)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         image = element["image"]
@@ -59,20 +79,34 @@ class TrainExample(grain.transforms.RandomMap):
             image = random_resized_crop(image, self.image_size, rng, self.crop_scale)
         elif image.shape[:2] != (self.image_size, self.image_size):
             image = resize_center_crop(image, self.image_size)
-        use_long = "long_caption" in element and rng.random() < self.long_caption_prob
-        caption = element["long_caption"] if use_long else element.get("short_caption", element.get("caption"))
-        return {"image": image, "caption": caption}
+        long, short = element.get("long_caption"), element.get("short_caption", element.get("caption"))
+        use_long = long is not None and rng.random() < self.long_caption_prob
+        out = {"image": image, "caption": long if use_long or short is None else short}
+        if self.short_caption:
+            out["short_caption"] = short if short is not None else first_sentence(long)
+        return out
 
 
 class Tokenize(grain.transforms.Map):
     """Tokenizes a whole batch of captions at once (the tokenizer is batched, in Rust)."""
 
-    def __init__(self, tokenizer: ClipTokenizer, context_length: int):
+    def __init__(self, tokenizer: ClipTokenizer, context_length: int, short_context_length: int | None = None):
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.short_context_length = short_context_length
 
     def map(self, batch: dict) -> dict:
-        return {"image": batch["image"], "text": self.tokenizer(list(batch["caption"]), self.context_length)}
+        out = {"image": batch["image"], "text": self.tokenizer(list(batch["caption"]), self.context_length)}
+        if self.short_context_length is not None:
+            out["short_text"] = self.tokenizer(list(batch["short_caption"]), self.short_context_length)
+        return out
+
+
+def short_text_length(config: ml_collections.ConfigDict) -> int | None:
+    """Token length of the batches' `short_text`, or None when the loss reads no short captions."""
+    if config.loss.name not in SHORT_TEXT_LOSSES:
+        return None
+    return min(config.data.short_context_length, config.model.text.context_length)
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -88,14 +122,16 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer) -
     ds = ds[jax.process_index() :: jax.process_count()]
     if config.data.source != "shapes":  # procedural samples are already i.i.d. by index; files need shuffling
         ds = ds.shuffle(seed=config.seed).repeat()
+    short_length = short_text_length(config)
     ds = ds.random_map(
         TrainExample(
-            config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob
+            config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob,
+            short_caption=short_length is not None,
         ),
         seed=config.seed,
     )
     ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
-    ds = ds.map(Tokenize(tokenizer, config.model.text.context_length))
+    ds = ds.map(Tokenize(tokenizer, config.model.text.context_length, short_length))
     # Batches are assembled by a few threads ahead of the step (numpy and PIL release the GIL); worker processes
     # for heavier decoding are opt-in.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=config.data.prefetch))
@@ -114,7 +150,7 @@ def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[s
     texts = []
     for i in range(n):
         item = source[i]
-        texts.extend(item[k] for k in ("short_caption", "long_caption", "caption") if k in item)
+        texts.extend(item[k] for k in ("short_caption", "long_caption", "partial_caption", "caption") if k in item)
     return texts
 
 
