@@ -74,7 +74,8 @@ class Checkpointer:
         try:
             return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
         except ValueError as e:
-            raise ValueError(f"checkpoint {self.directory / str(step)} holds parameters of another model: {e}") from None
+            where = self.directory / str(step)
+            raise ValueError(f"checkpoint {where} holds parameters of another model: {e}") from None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
