@@ -74,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.min_objects = 1  # shapes: objects per image
     c.data.max_objects = 3
     c.data.long_caption_prob = 0.0  # probability of training on the long caption instead of the short one
+    c.data.partial_caption_prob = 0.0  # probability of a caption naming only the colour or only the shape (shapes)
     # Long-CLIP (a loss that reads `short_text`): the short caption is the data's own, else the long caption's first
     # sentence, tokenized to this length (capped at the model's). The causal text tower gives the same features at
     # any length that holds the whole caption, so 77 tokens cost a third of 248 for nothing lost.
