@@ -1,0 +1,76 @@
+"""Expected training throughput per topology: COMPUTED from the analytic FLOPs, at ASSUMED MFUs, not measured.
+
+  python3 launch/expected_perf.py      # prints the markdown tables of docs/launch.md
+
+samples/s = devices x peak FLOP/s per device x MFU / training FLOPs per sample, with the FLOPs of
+clip_jax.train.flops.train_flops_per_sample (3x the forward matmuls, remat not counted) and the vendor peaks of
+clip_jax.train.flops.PEAK_FLOPS. Data loading, evaluation and checkpoint pauses are not included.
+"""
+
+from __future__ import annotations
+
+from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.presets import model_preset
+from clip_jax.train.flops import PEAK_FLOPS, train_flops_per_sample
+
+MFUS = (0.40, 0.55)  # assumptions: a plausible range for a well-sharded ViT, not measurements of this code
+
+# (label, PEAK_FLOPS key, JAX devices, hosts). A JAX device is a chip on v4/v5p (megacore) and v5e, one GPU on GPUs.
+# v4-N and v5p-N count TensorCores (2 per chip), v5litepod-N counts chips.
+TPUS = [
+    ("v4-32", "TPU v4", 16, 4),
+    ("v5p-64", "TPU v5p", 32, 8),
+    ("v5litepod-16", "TPU v5 lite", 16, 2),
+]
+GPUS = [
+    ("1 node x 8 H100", "NVIDIA H100", 8, 1),
+    ("1 node x 8 A100", "NVIDIA A100", 8, 1),
+    ("2 nodes x 8 H100", "NVIDIA H100", 16, 2),
+]
+
+# (title, preset, text context length, global batch, samples to report the duration of, what those samples are)
+EXAMPLES = [
+    ("B/16 pretraining (`configs/pretrain.py:B/16`)", "B/16", 77, 32768, 32768 * 100_000,
+     "the config's 100k steps x 32768 (3.3B samples)", TPUS + GPUS[:1]),
+    ("Long-CLIP L/14 fine-tuning (L/14, 248 text tokens, 224 px)", "L/14", 248, 1024, 1_000_000,
+     "1M image-text pairs", GPUS + TPUS[1:2]),
+]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def table(preset: str, context_length: int, batch: int, samples: int, topologies) -> list[str]:
+    cfg = CLIPConfig.from_dict(model_preset(preset, context_length=context_length))
+    per_sample = train_flops_per_sample(cfg)
+    lo, hi = (f"{m:.0%}" for m in MFUS)
+    lines = [
+        f"Training FLOPs per sample: {per_sample / 1e9:.1f} GFLOP; global batch {batch}.",
+        "",
+        f"| topology | devices (hosts) | peak bf16 PFLOP/s | samples/s at {lo} / {hi} MFU "
+        f"| step time at {lo} / {hi} | time for the samples at {lo} / {hi} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, kind, devices, hosts in topologies:
+        peak = devices * PEAK_FLOPS[kind]
+        rates = [peak * m / per_sample for m in MFUS]
+        lines.append(
+            f"| {label} | {devices} ({hosts}) | {peak / 1e15:.2f} | {rates[0]:,.0f} / {rates[1]:,.0f} "
+            f"| {batch / rates[0]:.2f} s / {batch / rates[1]:.2f} s "
+            f"| {_duration(samples / rates[0])} / {_duration(samples / rates[1])} |"
+        )
+    return lines
+
+
+def markdown() -> str:
+    out = []
+    for title, preset, context_length, batch, samples, what, topologies in EXAMPLES:
+        out += [f"**{title}**, time for {what}:", ""]
+        out += table(preset, context_length, batch, samples, topologies)
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -1,0 +1,127 @@
+"""clip_jax on GPUs: a multi-node SLURM job, or one process on one multi-GPU machine.
+
+  python3 launch/gpu.py submit --nodes=4 --gpus-per-node=8 --config=configs/pretrain.py:B/16 --workdir=/shared/runs/b16
+                               [--time=24:00:00] [--partition=P] [--account=A] [--config.key=value ...] [--dry-run]
+  python3 launch/gpu.py local  [--gpus=0,1,2,3] --config=configs/pretrain.py:B/16 --workdir=runs/b16 [--dry-run]
+
+`submit` fills launch/slurm/train.sbatch in (resources, trainer arguments), writes the result to --script
+(default: JOB_NAME.sbatch in the current directory) and runs `sbatch` on it. SLURM keeps a copy of the script, so a
+requeued job (time limit, preemption) reruns exactly what was submitted. With --dry-run the first line printed is
+the sbatch command and the rest is the script; nothing is written or submitted.
+
+`local` runs the trainer in the foreground as one JAX process that drives every visible GPU of the machine (no
+SLURM, no jax.distributed); --gpus restricts it through CUDA_VISIBLE_DEVICES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+TEMPLATE = pathlib.Path(__file__).resolve().parent / "slurm" / "train.sbatch"
+
+
+def train_args(args: argparse.Namespace) -> list[str]:
+    return ([f"--config={args.config}"] if args.config else []) + [f"--workdir={args.workdir}", *args.overrides]
+
+
+def job_name_of(args: argparse.Namespace) -> str:
+    return args.job_name or "clip_jax-" + (args.workdir.rstrip("/").rpartition("/")[2] or "run")
+
+
+def _replace(text: str, pattern: str, new: str) -> str:
+    text, n = re.subn(pattern, lambda _: new, text, count=1, flags=re.M)
+    if n != 1:  # the template changed: fail loudly rather than submit an unfilled script
+        raise SystemExit(f"{TEMPLATE}: no line matches {pattern!r}")
+    return text
+
+
+def render(args: argparse.Namespace) -> str:
+    """The batch script: the template with this job's #SBATCH values and the trainer's arguments written in."""
+    text = TEMPLATE.read_text()
+    directives = {
+        "job-name": job_name_of(args),
+        "nodes": args.nodes,
+        "gpus-per-node": args.gpus_per_node,
+        "cpus-per-task": args.cpus_per_task,
+        "time": args.time,
+        "signal": f"B:USR1@{args.grace_seconds}",
+    }
+    for key, value in directives.items():
+        text = _replace(text, rf"^#SBATCH --{key}=.*$", f"#SBATCH --{key}={value}")
+    extra = [f"#SBATCH --{key}={value}" for key, value in (("partition", args.partition), ("account", args.account))
+             if value]
+    if extra:
+        text = _replace(text, r"^#SBATCH --job-name=.*$", "\n".join([f"#SBATCH --job-name={job_name_of(args)}",
+                                                                       *extra]))
+    text = _replace(text, r"^PYTHON=.*$", f"PYTHON=${{PYTHON:-{shlex.quote(args.python)}}}")
+    text = _replace(text, r'^TRAIN_ARGS=\("\$@"\)$', f"TRAIN_ARGS=({shlex.join(train_args(args))})")
+    return _replace(text, r"^#!/bin/bash$", "#!/bin/bash\n# Rendered by launch/gpu.py from launch/slurm/train.sbatch.")
+
+
+def submit(args: argparse.Namespace) -> int:
+    script = args.script or f"{job_name_of(args)}.sbatch"
+    text = render(args)
+    command = ["sbatch", script]
+    print(shlex.join(command), flush=True)
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    pathlib.Path(script).write_text(text)
+    return subprocess.run(command).returncode  # an argument list: no shell
+
+
+def local(args: argparse.Namespace) -> int:
+    command = [args.python, "-m", "clip_jax", "train", *train_args(args)]
+    if args.gpus:
+        command = ["env", f"CUDA_VISIBLE_DEVICES={args.gpus}", *command]
+    print(shlex.join(command), flush=True)
+    return 0 if args.dry_run else subprocess.run(command).returncode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/gpu.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", help="e.g. configs/pretrain.py:B/16 (omit to resume from the workdir's config.json)")
+        p.add_argument("--workdir", required=True)
+        p.add_argument("--python", default="python3", help="interpreter with clip_jax installed")
+        p.add_argument("--dry-run", action="store_true", help="print instead of running")
+        return p
+
+    p = add("submit", "submit a multi-node SLURM job (one task per node, all its GPUs per task)")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--cpus-per-task", type=int, default=16, help="cores per node for the data loader")
+    p.add_argument("--time", default="24:00:00", help="time limit per job run; the job requeues itself after it")
+    p.add_argument("--grace-seconds", type=int, default=120,
+                   help="checkpoint this long before the time limit (a step plus a checkpoint save must fit)")
+    p.add_argument("--job-name", help="default: clip_jax-<workdir's last component>")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--script", help="where to write the batch script (default: JOB_NAME.sbatch)")
+
+    p = add("local", "run on this machine's GPUs as one process (no SLURM)")
+    p.add_argument("--gpus", help="comma-separated GPU indices (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    # Trainer overrides pass through untouched, as in `clip-jax train`; anything else is a typo.
+    args.overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return submit(args) if args.command == "submit" else local(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

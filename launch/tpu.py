@@ -1,0 +1,268 @@
+"""Cloud TPU VM pods for clip_jax: create, install, run, tail, status, stop, delete, through `gcloud`.
+
+  python3 launch/tpu.py create  NAME --zone=ZONE --accelerator-type=v4-32 [--spot | --reserved | --best-effort]
+                                     [--queued]
+  python3 launch/tpu.py install NAME --zone=ZONE (--git=URL [--ref=REF] | --tarball [PATH])
+  python3 launch/tpu.py run     NAME --zone=ZONE --config=configs/pretrain.py:B/16 --workdir=gs://BUCKET/runs/b16
+                                     [--config.key=value ...]
+  python3 launch/tpu.py tail    NAME --zone=ZONE --run-name=b16 [--worker=0] [--follow]
+  python3 launch/tpu.py status  NAME --zone=ZONE [--queued] [--run-name=b16]
+  python3 launch/tpu.py stop    NAME --zone=ZONE --run-name=b16
+  python3 launch/tpu.py delete  NAME --zone=ZONE [--queued] [--yes]
+
+Every subcommand takes --dry-run: the commands are printed (one per line, shell-quoted) instead of run. A TPU pod is
+a multi-controller JAX program: every worker runs the same command (`--worker=all`) and `jax.distributed` finds its
+peers from the TPU metadata, so nothing here assigns ranks.
+
+On each worker the code lives in ~/clip_jax (a git clone, or the extracted tarball of this checkout's HEAD), its
+Python in ~/clip_jax_venv (made by uv, because the TPU images ship Python 3.10 and clip_jax needs 3.11+), and each
+run's log and pid in ~/clip_jax_logs/<run>.{log,pid}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SRC = "~/clip_jax"  # remote paths stay unquoted in remote commands so that the remote shell expands `~`
+VENV = "~/clip_jax_venv"
+LOGS = "~/clip_jax_logs"
+UV = "~/.local/bin/uv"  # where `pip install --user uv` puts it
+TARBALL_REMOTE = "clip_jax_src.tar.gz"  # relative to the remote home directory
+
+# The TPU software version for JAX, by accelerator generation (Cloud TPU docs, "TPU software versions").
+RUNTIME_VERSIONS = {
+    "v2": "tpu-ubuntu2204-base",
+    "v3": "tpu-ubuntu2204-base",
+    "v4": "tpu-ubuntu2204-base",
+    "v5p": "v2-alpha-tpuv5",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v6e": "v2-alpha-tpuv6e",
+}
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # run names become file names in unquoted remote paths
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def default_runtime_version(accelerator_type: str) -> str:
+    generation = accelerator_type.rpartition("-")[0]
+    if generation not in RUNTIME_VERSIONS:
+        raise SystemExit(f"no default runtime version for {accelerator_type!r}: pass --version")
+    return RUNTIME_VERSIONS[generation]
+
+
+def run_name_of(args: argparse.Namespace) -> str:
+    name = args.run_name or args.workdir.rstrip("/").rpartition("/")[2]
+    if not _SAFE_NAME.match(name):
+        raise SystemExit(f"run name {name!r} must be letters, digits, '.', '_' or '-' (pass --run-name)")
+    return name
+
+
+# --- gcloud command lines --------------------------------------------------------------------------------------
+
+
+def _where(args: argparse.Namespace) -> list[str]:
+    return [f"--zone={args.zone}"] + ([f"--project={args.project}"] if args.project else [])
+
+
+def ssh(args: argparse.Namespace, command: str, worker: str = "all") -> list[str]:
+    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.name, *_where(args), f"--worker={worker}",
+            f"--command={command}"]
+
+
+def create(args: argparse.Namespace) -> list[list[str]]:
+    version = args.version or default_runtime_version(args.accelerator_type)
+    tier = ["--spot"] if args.spot else ["--reserved"] if args.reserved else []
+    if args.best_effort:
+        if not args.queued:
+            raise SystemExit("--best-effort is a queued-resource tier: add --queued")
+        tier = ["--best-effort"]
+    if not args.queued:
+        return [["gcloud", "compute", "tpus", "tpu-vm", "create", args.name, *_where(args),
+                 f"--accelerator-type={args.accelerator_type}", f"--version={version}", *tier]]
+    # The queued resource and the TPU VM it provisions share the name, so that ssh/scp address the VM by it.
+    # --best-effort exists only in the alpha track of `queued-resources create`.
+    track = ["alpha"] if args.best_effort else []
+    return [["gcloud", *track, "compute", "tpus", "queued-resources", "create", args.name, *_where(args),
+             f"--accelerator-type={args.accelerator_type}", f"--runtime-version={version}", f"--node-id={args.name}",
+             *tier]]
+
+
+def install(args: argparse.Namespace) -> list[list[str]]:
+    commands = []
+    if args.git:
+        fetch = f"rm -rf {SRC} && git clone {shlex.quote(args.git)} {SRC}"
+        if args.ref:
+            fetch += f" && git -C {SRC} checkout {shlex.quote(args.ref)}"
+    else:  # this checkout's committed HEAD (uncommitted edits are not shipped: what runs is a commit)
+        tarball = args.tarball or str(pathlib.Path(tempfile.gettempdir()) / TARBALL_REMOTE)
+        if not args.tarball or not pathlib.Path(args.tarball).exists():
+            commands.append(["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"])
+        commands.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{args.name}:{TARBALL_REMOTE}",
+                         *_where(args), "--worker=all"])
+        fetch = f"rm -rf {SRC} && mkdir -p {SRC} && tar -xzf ~/{TARBALL_REMOTE} -C {SRC}"
+    # One resolver run for the repo and jax[tpu], so libtpu matches the jax that clip_jax's pins select.
+    setup = (
+        f"python3 -m pip install --user --upgrade uv"
+        f" && {UV} venv --allow-existing --python {shlex.quote(args.python_version)} {VENV}"
+        f' && {UV} pip install --python {VENV}/bin/python -e {SRC} "jax[tpu]"'
+    )
+    commands.append(ssh(args, f"{fetch} && {setup}"))
+    return commands
+
+
+def train_command(args: argparse.Namespace) -> list[str]:
+    argv = [f"{VENV}/bin/python", "-m", "clip_jax", "train"]
+    if args.config:
+        argv.append(f"--config={args.config}")
+    return [*argv, f"--workdir={args.workdir}", *args.overrides]
+
+
+def run(args: argparse.Namespace) -> list[list[str]]:
+    run_name = run_name_of(args)
+    log, pid = f"{LOGS}/{run_name}.log", f"{LOGS}/{run_name}.pid"
+    env = []
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not _ENV_KEY.match(key):
+            raise SystemExit(f"--env takes KEY=VALUE, got {item!r}")
+        env.append(f"{key}={shlex.quote(value)}")  # only the value is quoted: `'K=v' cmd` is no assignment
+    argv = train_command(args)
+    trainer = " ".join([argv[0], *map(shlex.quote, argv[1:])])  # argv[0] keeps its `~` unquoted
+    # nohup + redirected stdin/stdout/stderr: the trainer outlives the SSH session. The log is appended to, so a
+    # relaunch after a preemption keeps the history. `cd` and the guard run in the foreground (`a && b & c` would
+    # background the whole list and $! would not be the trainer's pid).
+    remote = "; ".join([
+        f"mkdir -p {LOGS} && cd {SRC} || exit 1",
+        f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo "{run_name} is already running" >&2;'
+        " exit 1; fi",
+        " ".join([*env, "nohup", trainer, f">> {log} 2>&1 < /dev/null & echo $! > {pid}"]),
+    ])
+    return [ssh(args, remote)]
+
+
+def tail(args: argparse.Namespace) -> list[list[str]]:
+    follow = " -F" if args.follow else ""
+    return [ssh(args, f"tail -n {args.lines}{follow} {LOGS}/{args.run_name}.log", worker=args.worker)]
+
+
+def status(args: argparse.Namespace) -> list[list[str]]:
+    kind = ["queued-resources"] if args.queued else ["tpu-vm"]
+    commands = [["gcloud", "compute", "tpus", *kind, "describe", args.name, *_where(args)]]
+    if args.run_name:
+        pid, log = f"{LOGS}/{args.run_name}.pid", f"{LOGS}/{args.run_name}.log"
+        commands.append(ssh(args, (
+            f'if kill -0 "$(cat {pid} 2>/dev/null)" 2>/dev/null; then echo "$(hostname): {args.run_name} running";'
+            f' else echo "$(hostname): {args.run_name} not running"; fi; tail -n 2 {log}'
+        )))
+    return commands
+
+
+def stop(args: argparse.Namespace) -> list[list[str]]:
+    # SIGTERM: the trainer saves a checkpoint and exits 0; `run` with the same arguments resumes from it.
+    return [ssh(args, f'kill -TERM "$(cat {LOGS}/{args.run_name}.pid)"')]
+
+
+def delete(args: argparse.Namespace) -> list[list[str]]:
+    quiet = ["--quiet"] if args.yes else []  # otherwise gcloud asks for confirmation
+    if args.queued:  # --force also deletes the TPU VM the queued resource provisioned
+        return [["gcloud", "compute", "tpus", "queued-resources", "delete", args.name, *_where(args), "--force",
+                 *quiet]]
+    return [["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *_where(args), *quiet]]
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("name", help="TPU VM (and queued resource) name")
+        p.add_argument("--zone", required=True, help="e.g. us-central2-b")
+        p.add_argument("--project", help="GCP project (default: gcloud's configured project)")
+        p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+        return p
+
+    p = add("create", "create a TPU VM slice, directly or as a queued resource")
+    p.add_argument("--accelerator-type", required=True, help="e.g. v4-32, v5p-64, v5litepod-16")
+    p.add_argument("--version", help="TPU software version (default: by generation, e.g. tpu-ubuntu2204-base)")
+    tier = p.add_mutually_exclusive_group()
+    tier.add_argument("--spot", action="store_true", help="Spot VMs: cheaper, preemptible")
+    tier.add_argument("--reserved", action="store_true", help="use the project's reserved capacity")
+    tier.add_argument("--best-effort", action="store_true", help="best-effort tier (queued resources, gcloud alpha)")
+    p.add_argument("--queued", action="store_true", help="request through a queued resource (waits for capacity)")
+
+    p = add("install", "put clip_jax and jax[tpu] on every worker")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--git", metavar="URL", help="clone this repository URL on every worker")
+    src.add_argument("--tarball", nargs="?", const="", metavar="PATH",
+                     help="copy a source tarball to every worker (default: `git archive HEAD` of this checkout)")
+    p.add_argument("--ref", help="with --git: branch, tag or commit to check out")
+    p.add_argument("--python-version", default="3.11", help="Python for the workers' venv (uv fetches it)")
+
+    p = add("run", "start the trainer on every worker, in the background, logging to ~/clip_jax_logs/RUN.log")
+    p.add_argument("--config", help="e.g. configs/pretrain.py:B/16 (omit to resume from the workdir's config.json)")
+    p.add_argument("--workdir", required=True, help="shared by all workers: a gs:// path")
+    p.add_argument("--run-name", help="log/pid file name (default: the workdir's last component)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the trainer")
+
+    p = add("tail", "print (or follow) the end of one worker's log")
+    p.add_argument("--run-name", required=True)
+    p.add_argument("--worker", default="0", help="worker index (default 0, the one that writes metrics)")
+    p.add_argument("--lines", type=int, default=100)
+    p.add_argument("--follow", action="store_true", help="keep printing new lines (Ctrl-C to stop)")
+
+    p = add("status", "describe the TPU (or queued resource) and, with --run-name, the run on each worker")
+    p.add_argument("--queued", action="store_true", help="NAME is a queued resource")
+    p.add_argument("--run-name")
+
+    p = add("stop", "SIGTERM the run on every worker: it checkpoints and exits")
+    p.add_argument("--run-name", required=True)
+
+    p = add("delete", "delete the TPU VM (with --queued: the queued resource and its VM)")
+    p.add_argument("--queued", action="store_true", help="NAME is a queued resource")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation (gcloud --quiet)")
+    return parser
+
+
+COMMANDS = {"create": create, "install": install, "run": run, "tail": tail, "status": status, "stop": stop,
+            "delete": delete}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # Trainer overrides pass through untouched (as in `clip-jax train`); anything else is a typo.
+    args.overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown or (args.overrides and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or args.overrides)}")
+    if args.command == "install" and args.ref and not args.git:
+        parser.error("--ref goes with --git")
+    if getattr(args, "run_name", None):
+        run_name_of(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    for command in COMMANDS[args.command](args):
+        print(shlex.join(command), flush=True)
+        if not args.dry_run:
+            result = subprocess.run(command)  # an argument list: no shell on this side
+            if result.returncode:
+                return result.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

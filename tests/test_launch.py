@@ -1,0 +1,449 @@
+"""Launch tooling: the exact commands of every dry run, the remote shell snippets run for real against a fake
+worker home, the SLURM batch script run for real against fake scontrol/srun/scancel (signals included), and the
+computed performance tables of docs/launch.md."""
+
+import importlib.util
+import os
+import pathlib
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tpu = _load("tpu")
+gpu = _load("gpu")
+expected_perf = _load("expected_perf")
+
+ZONE = "us-central2-b"
+RUN = ("run", "clip-v4", f"--zone={ZONE}", "--config=configs/pretrain.py:B/16", "--workdir=gs://bucket/runs/b16",
+       "--config.batch_size=4096")
+
+
+def dry_run(module, capsys, *argv):
+    assert module.main([*argv, "--dry-run"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def remote_command(line):
+    """The shell snippet that `gcloud ... ssh --command=...` runs on the workers."""
+    (command,) = [a.removeprefix("--command=") for a in shlex.split(line) if a.startswith("--command=")]
+    return command
+
+
+# --- launch/tpu.py: exact gcloud commands -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, tier", [([], []), (["--spot"], ["--spot"]), (["--reserved"], ["--reserved"])])
+def test_create_tpu_vm(capsys, flags, tier):
+    assert dry_run(tpu, capsys, "create", "clip-v4", f"--zone={ZONE}", "--accelerator-type=v4-32", *flags) == [
+        shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "create", "clip-v4", f"--zone={ZONE}",
+                    "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", *tier])
+    ]
+
+
+def test_create_queued_resource(capsys):
+    assert dry_run(tpu, capsys, "create", "clip-v5p", "--zone=europe-west4-b", "--project=my-proj",
+                   "--accelerator-type=v5p-64", "--queued", "--spot") == [
+        "gcloud compute tpus queued-resources create clip-v5p --zone=europe-west4-b --project=my-proj "
+        "--accelerator-type=v5p-64 --runtime-version=v2-alpha-tpuv5 --node-id=clip-v5p --spot"
+    ]
+
+
+def test_create_best_effort_uses_the_alpha_track(capsys):
+    assert dry_run(tpu, capsys, "create", "clip-v5e", f"--zone={ZONE}", "--accelerator-type=v5litepod-16",
+                   "--queued", "--best-effort", "--version=my-version") == [
+        f"gcloud alpha compute tpus queued-resources create clip-v5e --zone={ZONE} --accelerator-type=v5litepod-16 "
+        "--runtime-version=my-version --node-id=clip-v5e --best-effort"
+    ]
+    with pytest.raises(SystemExit, match="--queued"):  # not a tier of direct creation
+        tpu.main(["create", "clip-v5e", f"--zone={ZONE}", "--accelerator-type=v5litepod-16", "--best-effort"])
+    with pytest.raises(SystemExit):  # one tier at a time
+        tpu.main(["create", "x", f"--zone={ZONE}", "--accelerator-type=v4-8", "--spot", "--reserved"])
+
+
+@pytest.mark.parametrize("accelerator, version", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5p-64", "v2-alpha-tpuv5"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v6e-8", "v2-alpha-tpuv6e"),
+])
+def test_default_runtime_versions(accelerator, version):
+    assert tpu.default_runtime_version(accelerator) == version
+    with pytest.raises(SystemExit, match="--version"):
+        tpu.default_runtime_version("v9x-8")
+
+
+SETUP = ("python3 -m pip install --user --upgrade uv && ~/.local/bin/uv venv --allow-existing --python 3.11 "
+         "~/clip_jax_venv && ~/.local/bin/uv pip install --python ~/clip_jax_venv/bin/python -e ~/clip_jax "
+         '"jax[tpu]"')
+
+
+def test_install_from_git(capsys):
+    lines = dry_run(tpu, capsys, "install", "clip-v4", f"--zone={ZONE}", "--git=https://github.com/org/clip_jax.git",
+                    "--ref=v1.0")
+    assert lines == [shlex.join([
+        "gcloud", "compute", "tpus", "tpu-vm", "ssh", "clip-v4", f"--zone={ZONE}", "--worker=all",
+        "--command=rm -rf ~/clip_jax && git clone https://github.com/org/clip_jax.git ~/clip_jax"
+        f" && git -C ~/clip_jax checkout v1.0 && {SETUP}",
+    ])]
+
+
+def test_install_from_a_tarball(capsys, tmp_path):
+    tarball = tmp_path / "src.tar.gz"
+    copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(tarball), "clip-v4:clip_jax_src.tar.gz",
+            f"--zone={ZONE}", "--worker=all"]
+    extract = shlex.join([
+        "gcloud", "compute", "tpus", "tpu-vm", "ssh", "clip-v4", f"--zone={ZONE}", "--worker=all",
+        "--command=rm -rf ~/clip_jax && mkdir -p ~/clip_jax && tar -xzf ~/clip_jax_src.tar.gz -C ~/clip_jax"
+        f" && {SETUP}",
+    ])
+    # No tarball yet: made from this checkout's HEAD first.
+    assert dry_run(tpu, capsys, "install", "clip-v4", f"--zone={ZONE}", f"--tarball={tarball}") == [
+        shlex.join(["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"]),
+        shlex.join(copy), extract,
+    ]
+    tarball.write_bytes(b"")  # an existing tarball is sent as it is
+    assert dry_run(tpu, capsys, "install", "clip-v4", f"--zone={ZONE}", f"--tarball={tarball}") == [
+        shlex.join(copy), extract,
+    ]
+
+
+def test_run_starts_the_trainer_on_every_worker_with_a_kept_log(capsys):
+    (line,) = dry_run(tpu, capsys, *RUN, "--env=XLA_FLAGS=--xla_dump_to=/tmp/x y")
+    assert shlex.split(line)[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "clip-v4", f"--zone={ZONE}",
+                                     "--worker=all"]
+    assert remote_command(line) == (
+        "mkdir -p ~/clip_jax_logs && cd ~/clip_jax || exit 1; "
+        'if [ -f ~/clip_jax_logs/b16.pid ] && kill -0 "$(cat ~/clip_jax_logs/b16.pid)" 2>/dev/null; '
+        'then echo "b16 is already running" >&2; exit 1; fi; '
+        "XLA_FLAGS='--xla_dump_to=/tmp/x y' nohup ~/clip_jax_venv/bin/python -m clip_jax train "
+        "--config=configs/pretrain.py:B/16 --workdir=gs://bucket/runs/b16 --config.batch_size=4096 "
+        ">> ~/clip_jax_logs/b16.log 2>&1 < /dev/null & echo $! > ~/clip_jax_logs/b16.pid"
+    )
+
+
+def test_run_resumes_from_the_workdir_config_and_takes_a_run_name(capsys):
+    (line,) = dry_run(tpu, capsys, "run", "clip-v4", f"--zone={ZONE}", "--workdir=gs://b/runs/x", "--run-name=x2")
+    assert "nohup ~/clip_jax_venv/bin/python -m clip_jax train --workdir=gs://b/runs/x >> ~/clip_jax_logs/x2.log" in (
+        remote_command(line))
+
+
+def test_tail_status_stop_delete(capsys):
+    where = ("clip-v4", f"--zone={ZONE}")
+    ssh = f"gcloud compute tpus tpu-vm ssh clip-v4 --zone={ZONE}"
+    assert dry_run(tpu, capsys, "tail", *where, "--run-name=b16") == [
+        f"{ssh} --worker=0 '--command=tail -n 100 ~/clip_jax_logs/b16.log'"]
+    assert dry_run(tpu, capsys, "tail", *where, "--run-name=b16", "--worker=3", "--lines=20", "--follow") == [
+        f"{ssh} --worker=3 '--command=tail -n 20 -F ~/clip_jax_logs/b16.log'"]
+    assert dry_run(tpu, capsys, "status", *where) == [f"gcloud compute tpus tpu-vm describe clip-v4 --zone={ZONE}"]
+    status = dry_run(tpu, capsys, "status", *where, "--queued", "--run-name=b16")
+    assert status[0] == f"gcloud compute tpus queued-resources describe clip-v4 --zone={ZONE}"
+    assert status[1].startswith(f"{ssh} --worker=all ")
+    assert dry_run(tpu, capsys, "stop", *where, "--run-name=b16") == [
+        f"""{ssh} --worker=all '--command=kill -TERM "$(cat ~/clip_jax_logs/b16.pid)"'"""]
+    assert dry_run(tpu, capsys, "delete", *where) == [f"gcloud compute tpus tpu-vm delete clip-v4 --zone={ZONE}"]
+    assert dry_run(tpu, capsys, "delete", *where, "--queued", "--yes") == [
+        f"gcloud compute tpus queued-resources delete clip-v4 --zone={ZONE} --force --quiet"]
+
+
+def test_bad_arguments_are_refused(capsys):
+    for argv in (
+        ["stop", "clip-v4", f"--zone={ZONE}", "--run-name=b16; rm -rf ~"],  # run names reach remote shells
+        ["run", "clip-v4", f"--zone={ZONE}", "--workdir=gs://b/runs/x", "--env=1BAD=x"],
+        ["run", "clip-v4", f"--zone={ZONE}", "--workdir=gs://b/runs/x", "--confg.batch_size=8"],  # typo
+        ["status", "clip-v4", f"--zone={ZONE}", "--config.batch_size=8"],  # overrides only go to `run`
+        ["install", "clip-v4", f"--zone={ZONE}", "--tarball", "--ref=main"],
+        ["run", "clip-v4", "--workdir=gs://b/runs/x"],  # no zone
+    ):
+        with pytest.raises(SystemExit) as e:
+            tpu.main([*argv, "--dry-run"])
+        assert e.value.code != 0
+    capsys.readouterr()
+
+
+def test_commands_run_without_a_shell(monkeypatch, capsys):
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append((command, kwargs))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(tpu.subprocess, "run", fake_run)
+    assert tpu.main(["delete", "clip-v4", f"--zone={ZONE}", "--yes"]) == 0
+    assert calls == [(["gcloud", "compute", "tpus", "tpu-vm", "delete", "clip-v4", f"--zone={ZONE}", "--quiet"], {})]
+    assert capsys.readouterr().out == f"gcloud compute tpus tpu-vm delete clip-v4 --zone={ZONE} --quiet\n"
+
+
+# --- launch/tpu.py: the remote snippets, run against a fake worker --------------------------------------------------
+
+ALL_REMOTE = [
+    ("install", "clip-v4", f"--zone={ZONE}", "--git=https://github.com/org/clip_jax.git", "--ref=main"),
+    ("install", "clip-v4", f"--zone={ZONE}", "--tarball=/nonexistent/src.tar.gz"),
+    RUN,
+    ("tail", "clip-v4", f"--zone={ZONE}", "--run-name=b16", "--follow"),
+    ("status", "clip-v4", f"--zone={ZONE}", "--run-name=b16"),
+    ("stop", "clip-v4", f"--zone={ZONE}", "--run-name=b16"),
+]
+
+
+@pytest.mark.parametrize("argv", ALL_REMOTE, ids=lambda a: a[0])
+def test_remote_commands_are_valid_bash(capsys, argv):
+    line = [ln for ln in dry_run(tpu, capsys, *argv) if "--command=" in ln][-1]
+    subprocess.run(["bash", "-n", "-c", remote_command(line)], check=True)
+
+
+FAKE_TRAINER = """#!/bin/bash
+echo "started in $PWD with CLIP_TEST_ENV=${CLIP_TEST_ENV:-}: $*"
+trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
+while :; do sleep 0.05; done
+"""
+
+
+def _wait_for(predicate, what, timeout=10.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_run_status_stop_on_a_fake_worker(capsys, tmp_path):
+    """The snippets that `run`, `status`, `tail` and `stop` send to the workers, run by bash in a fake home."""
+    home = tmp_path / "home"
+    (home / "clip_jax").mkdir(parents=True)
+    python = home / "clip_jax_venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_TRAINER)
+    python.chmod(0o755)
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+
+    def remote(*argv):
+        (line,) = [ln for ln in dry_run(tpu, capsys, *argv) if "--command=" in ln]
+        return subprocess.run(["bash", "-c", remote_command(line)], env=env, capture_output=True, text=True,
+                              timeout=30)
+
+    log, pid_file = home / "clip_jax_logs" / "b16.log", home / "clip_jax_logs" / "b16.pid"
+    where = ("clip-v4", f"--zone={ZONE}")
+    started = remote(*RUN, "--env=CLIP_TEST_ENV=a b")  # returns at once: the trainer runs on in the background
+    assert started.returncode == 0, started.stderr
+    _wait_for(lambda: log.exists() and "started" in log.read_text(), "the trainer to start")
+    pid = int(pid_file.read_text())
+    try:
+        assert log.read_text() == (f"started in {home}/clip_jax with CLIP_TEST_ENV=a b: -m clip_jax train "
+                                   "--config=configs/pretrain.py:B/16 --workdir=gs://bucket/runs/b16 "
+                                   "--config.batch_size=4096\n")
+        again = remote(*RUN)
+        assert again.returncode == 1 and "b16 is already running" in again.stderr
+        assert int(pid_file.read_text()) == pid
+        assert remote("status", *where, "--run-name=b16").stdout.splitlines()[0].endswith(": b16 running")
+        assert remote("tail", *where, "--run-name=b16", "--lines=1").stdout.startswith("started in")
+        assert remote("stop", *where, "--run-name=b16").returncode == 0
+        _wait_for(lambda: "SIGTERM: checkpoint saved" in log.read_text(), "the trainer to checkpoint")
+        _wait_for(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0,
+                  "the trainer to exit")
+        assert remote("status", *where, "--run-name=b16").stdout.splitlines()[0].endswith(": b16 not running")
+        assert remote(*RUN).returncode == 0  # a relaunch appends to the same log
+        _wait_for(lambda: log.read_text().count("started") == 2, "the relaunch")
+        assert remote("stop", *where, "--run-name=b16").returncode == 0
+    finally:
+        for p in {pid, int(pid_file.read_text())}:
+            subprocess.run(["kill", "-9", str(p)], capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud is not installed")
+def test_gcloud_parses_every_command(capsys, tmp_path):
+    """gcloud's own argument parser accepts each command: it gets as far as asking for credentials. Offline: a
+    fresh config dir with no account, and the on-GCE probe of the metadata server switched off."""
+    config = tmp_path / "gcloud"
+    config.mkdir()
+    (config / "gce").write_text("False")  # gcloud's cache of "am I on GCE": no metadata-server probe
+    env = {**os.environ, "CLOUDSDK_CONFIG": str(config), "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false",
+           "CLOUDSDK_CORE_DISABLE_PROMPTS": "1", "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true",
+           "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true", "CLOUDSDK_CORE_PROJECT": "fake-project"}
+    (tmp_path / "src.tar.gz").write_bytes(b"")
+    commands = []
+    for argv in [  # one of each shape of command (about 1 s of CPU each)
+        ("create", "t", f"--zone={ZONE}", "--accelerator-type=v4-32", "--spot"),
+        ("create", "t", f"--zone={ZONE}", "--accelerator-type=v4-32", "--queued", "--reserved"),
+        ("create", "t", f"--zone={ZONE}", "--accelerator-type=v4-32", "--queued", "--best-effort"),
+        ("install", "t", f"--zone={ZONE}", f"--tarball={tmp_path / 'src.tar.gz'}"),  # scp, ssh --worker=all
+        ("status", "t", f"--zone={ZONE}", "--queued"),
+        ("delete", "t", f"--zone={ZONE}", "--queued", "--yes"),
+    ]:
+        commands += [shlex.split(line) for line in dry_run(tpu, capsys, *argv)]
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    for command, proc in zip(commands, procs, strict=True):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and "active account" in err, f"{shlex.join(command)}\n{err}"
+
+
+# --- launch/gpu.py and launch/slurm/train.sbatch --------------------------------------------------------------------
+
+SUBMIT = ("submit", "--nodes=2", "--gpus-per-node=8", "--config=configs/pretrain.py:L/14",
+          "--workdir=/shared/runs/longclip", "--config.model.text.context_length=248",
+          "--config.data.crop_scale=(0.5, 1.0)")
+
+
+def test_submit_dry_run_prints_the_sbatch_command_and_the_script(capsys):
+    lines = dry_run(gpu, capsys, *SUBMIT, "--partition=gpu", "--account=proj", "--time=4:00:00", "--grace-seconds=300")
+    assert lines[0] == "sbatch clip_jax-longclip.sbatch"
+    script = "\n".join(lines[1:]) + "\n"
+    template = (ROOT / "launch" / "slurm" / "train.sbatch").read_text()
+    expected = template.replace(
+        "#!/bin/bash\n", "#!/bin/bash\n# Rendered by launch/gpu.py from launch/slurm/train.sbatch.\n"
+    ).replace(
+        "#SBATCH --job-name=clip_jax\n",
+        "#SBATCH --job-name=clip_jax-longclip\n#SBATCH --partition=gpu\n#SBATCH --account=proj\n",
+    ).replace("#SBATCH --time=24:00:00\n", "#SBATCH --time=4:00:00\n").replace(
+        "#SBATCH --signal=B:USR1@120\n", "#SBATCH --signal=B:USR1@300\n"
+    ).replace(
+        'TRAIN_ARGS=("$@")\n',
+        "TRAIN_ARGS=(--config=configs/pretrain.py:L/14 --workdir=/shared/runs/longclip "
+        "--config.model.text.context_length=248 '--config.data.crop_scale=(0.5, 1.0)')\n",
+    )
+    assert script == expected
+    for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue", "--open-mode=append"):
+        assert f"#SBATCH {directive}\n" in script
+
+
+def test_submit_writes_the_script_and_runs_sbatch(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setattr(gpu.subprocess, "run", lambda c, **k: calls.append(c) or subprocess.CompletedProcess(c, 0))
+    script = tmp_path / "job.sbatch"
+    assert gpu.main([*SUBMIT, f"--script={script}", "--nodes=3", "--job-name=lc", "--cpus-per-task=32"]) == 0
+    assert calls == [["sbatch", str(script)]]
+    assert capsys.readouterr().out == f"sbatch {script}\n"
+    text = script.read_text()
+    assert "#SBATCH --nodes=3\n" in text and "#SBATCH --job-name=lc\n" in text
+    assert "#SBATCH --cpus-per-task=32\n" in text
+
+
+def test_local_command(capsys):
+    assert dry_run(gpu, capsys, "local", "--gpus=0,1,2,3", "--config=configs/pretrain.py:B/16",
+                   "--workdir=runs/b16", "--config.batch_size=4096") == [
+        "env CUDA_VISIBLE_DEVICES=0,1,2,3 python3 -m clip_jax train --config=configs/pretrain.py:B/16 "
+        "--workdir=runs/b16 --config.batch_size=4096"]
+    assert dry_run(gpu, capsys, "local", "--workdir=/shared/runs/longclip-l14", "--python=/venv/bin/python") == [
+        "/venv/bin/python -m clip_jax train --workdir=/shared/runs/longclip-l14"]
+
+
+def test_batch_scripts_pass_bash_n(capsys, tmp_path):
+    rendered = tmp_path / "job.sbatch"
+    rendered.write_text("\n".join(dry_run(gpu, capsys, *SUBMIT)[1:]) + "\n")
+    for script in (ROOT / "launch" / "slurm" / "train.sbatch", rendered):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        if shutil.which("shellcheck"):
+            subprocess.run(["shellcheck", str(script)], check=True)
+
+
+# Stand-ins for the SLURM commands and the trainer, enough to run the batch script for real.
+FAKE_SLURM = {
+    "scontrol": """#!/bin/bash
+echo "scontrol $*" >> "$FAKE_DIR/calls"
+if [[ $1 == show && $2 == hostnames ]]; then printf 'gpu-node-07\\ngpu-node-08\\n'; fi
+""",
+    "scancel": """#!/bin/bash
+echo "scancel $*" >> "$FAKE_DIR/calls"
+for f in "$FAKE_DIR"/task.*.pid; do kill -s "${1#--signal=}" "$(cat "$f")"; done
+""",
+    "srun": """#!/bin/bash
+echo "srun $*" >> "$FAKE_DIR/calls"
+while [[ $1 == -* ]]; do shift; done
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_PROCID=$i "$@" & done
+status=0
+for job in $(jobs -p); do wait "$job" || status=$?; done
+exit "$status"
+""",
+    "python": """#!/bin/bash
+out="$FAKE_DIR/task.$JAX_PROCESS_ID"
+echo "$JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $JAX_PROCESS_ID $SRUN_CPUS_PER_TASK | $*" > "$out.out"
+echo $$ > "$out.pid"
+if [[ -n ${FAKE_HOLD:-} ]]; then  # train until SIGTERM, then "checkpoint" and exit with FAKE_HOLD's status
+  trap 'echo TERM >> "$out.out"; exit "$FAKE_HOLD"' TERM
+  while :; do sleep 0.05; done
+fi
+""",
+}
+
+
+@pytest.fixture()
+def slurm(capsys, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text("\n".join(dry_run(gpu, capsys, *SUBMIT, f"--python={bin_dir / 'python'}")[1:]) + "\n")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu-node-[07-08]", "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "16"}
+
+    def start(**extra):
+        return subprocess.Popen(["bash", str(script)], env={**env, **extra}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def calls():
+        return (tmp_path / "calls").read_text().splitlines()
+
+    yield start, calls, tmp_path
+    for pid_file in tmp_path.glob("task.*.pid"):  # no fake trainer outlives a failed test
+        subprocess.run(["kill", "-9", pid_file.read_text().strip()], capture_output=True)
+
+
+def test_batch_script_sets_the_rendezvous_for_each_task(slurm):
+    start, calls, fake_dir = slurm
+    job = start()
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == 0, out
+    args = ("-m clip_jax train --config=configs/pretrain.py:L/14 --workdir=/shared/runs/longclip "
+            "--config.model.text.context_length=248 --config.data.crop_scale=(0.5, 1.0)")
+    for rank in (0, 1):  # coordinator on the first node, port 20000 + 4242, one process per node
+        assert (fake_dir / f"task.{rank}.out").read_text() == f"gpu-node-07:24242 2 {rank} 16 | {args}\n"
+    assert calls()[0] == "scontrol show hostnames gpu-node-[07-08]"
+    assert calls()[1].startswith("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c ")
+    assert len(calls()) == 2  # no scancel, no requeue
+
+
+@pytest.mark.parametrize("sig, trainer_status, requeued", [
+    (signal.SIGUSR1, 0, True),  # time limit near: checkpoint, then requeue
+    (signal.SIGUSR1, 3, False),  # ... but a trainer that failed is not requeued
+    (signal.SIGTERM, 0, False),  # preemption or scancel: checkpoint, and leave the decision to SLURM
+])
+def test_batch_script_checkpoints_on_signals(slurm, sig, trainer_status, requeued):
+    start, calls, fake_dir = slurm
+    job = start(FAKE_HOLD=str(trainer_status))
+    try:
+        _wait_for(lambda: all((fake_dir / f"task.{r}.pid").exists() for r in (0, 1)), "both tasks to start")
+        job.send_signal(sig)
+        out, _ = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    assert job.returncode == trainer_status, out
+    assert all((fake_dir / f"task.{r}.out").read_text().endswith("TERM\n") for r in (0, 1))
+    assert "scancel --signal=TERM 4242" in calls()
+    assert ("scontrol requeue 4242" in calls()) == requeued
+
+
+# --- docs/launch.md -------------------------------------------------------------------------------------------------
+
+
+def test_docs_tables_are_the_computed_ones():
+    """The expected-performance tables in the docs are exactly what launch/expected_perf.py computes."""
+    assert expected_perf.markdown() in (ROOT / "docs" / "launch.md").read_text()
+
+
+def test_expected_throughput_arithmetic():
+    # B/16: 3 x 41.09 GFLOP per sample; v4-32 = 16 chips x 275 TFLOP/s; at 40% MFU about 14.3k samples/s.
+    row = [ln for ln in expected_perf.table("B/16", 77, 32768, 1, expected_perf.TPUS) if ln.startswith("| v4-32")]
+    assert row[0].startswith("| v4-32 | 16 (4) | 4.40 | 14,279 / 19,633 |")
