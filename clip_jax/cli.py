@@ -1,11 +1,15 @@
 """`clip-jax` command line: a thin layer of flags over library calls.
 
   clip-jax train  --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
-  clip-jax eval   --workdir DIR
+  clip-jax eval   --workdir DIR [--config.eval.key=value ...]
   clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] --out DIR
   clip-jax convert SRC --to-workdir DIR [--vocab PATH] [--activation quick_gelu|gelu] [--heads-vision N]
                    [--heads-text N] [--scan-layers]
   clip-jax export --workdir DIR --format {openai,hf,hf-text} --out PATH [--pt]
+  clip-jax stretch --workdir DIR --out-workdir DIR [--keep K --ratio R | --method interpolate --length L]
+  clip-jax data convert --format {webdataset,csv,tsv,jsonl,sharegpt4v,folder} INPUT... --out DIR [--image-root DIR]
+                        [--workers N] [--shard-index I --num-shards N] [--shard-size N] [--min-size PX]
+  clip-jax data inspect PATH [-n N]
 """
 
 from __future__ import annotations
@@ -14,17 +18,20 @@ import argparse
 import json
 import logging
 import os
-import pathlib
 import sys
 
 from clip_jax.config import ConfigError
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from etils import epath
+
     from clip_jax.config import load_config, read_config
+    from clip_jax.distributed import maybe_initialize
     from clip_jax.train.loop import train_and_evaluate
 
-    workdir = pathlib.Path(args.workdir)
+    maybe_initialize()
+    workdir = epath.Path(args.workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
     if args.config:
         config = load_config(args.config, overrides)
     elif (workdir / "config.json").exists():  # resume a run with the config it was started with
@@ -39,35 +46,58 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    import jax
+    from etils import epath
+
+    from clip_jax.config import apply_overrides, validate
+    from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.suite import evaluate, print_results
     from clip_jax.train.loop import load_trained
 
+    maybe_initialize()
     config, model, params, tokenizer, mesh, step = load_trained(args.workdir)
-    results = {"step": step, **evaluate(config, model, params, mesh, tokenizer)}
-    out = pathlib.Path(args.workdir) / f"eval_{step}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print_results(results)
-    print(f"wrote {out}")
+    apply_overrides(config, overrides)  # eval.* only (main checks): e.g. --config.eval.long_text_set=DIR
+    validate(config)
+    results = {"step": step, **evaluate(config, model, params, mesh, tokenizer)}  # every process has them all
+    if jax.process_index() == 0:
+        out = epath.Path(args.workdir) / f"eval_{step}.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print_results(results)
+        print(f"wrote {out}")
 
 
 def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
+    import jax
     import numpy as np
+    from etils import epath
 
     from clip_jax.data.images import list_images, load_image
+    from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
     if not args.texts and not args.images:
         raise ConfigError("encode needs --texts FILE and/or --images DIR_OR_FILES")
+    maybe_initialize()
     config, model, params, tokenizer, mesh, _ = load_trained(args.workdir)
     encoder = Encoder(model, params, mesh, args.batch_size)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Every process embeds every input (the encoder's results are replicated); process 0 writes them.
+    primary = jax.process_index() == 0
+    out = epath.Path(args.out)
+
+    def save(name: str, array: np.ndarray) -> None:
+        with (out / name).open("wb") as f:  # through epath: --out may be a bucket
+            np.save(f, array)
+
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
     if args.texts:
-        texts = pathlib.Path(args.texts).read_text(encoding="utf-8").splitlines()
+        texts = epath.Path(args.texts).read_text(encoding="utf-8").splitlines()
         tokens = tokenizer(texts, config.model.text.context_length)
-        np.save(out / "text_embeddings.npy", encoder.texts(tokens))
-        print(f"encoded {len(texts)} texts -> {out / 'text_embeddings.npy'}")
+        embeddings = encoder.texts(tokens)
+        if primary:
+            save("text_embeddings.npy", embeddings)
+            print(f"encoded {len(texts)} texts -> {out / 'text_embeddings.npy'}")
     if args.images:
         files = list_images(args.images)
         size = config.model.vision.image_size
@@ -79,11 +109,13 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             except ValueError as e:  # a corrupt file is reported and skipped, never fatal
                 skipped.append(str(f))
                 print(f"warning: {e}", file=sys.stderr)
-        if images:
-            np.save(out / "image_embeddings.npy", encoder.images(np.stack(images)))
-        (out / "image_files.txt").write_text("".join(f + "\n" for f in kept))
-        print(f"encoded {len(kept)} images -> {out / 'image_embeddings.npy'}" + (
-            f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+        embeddings = encoder.images(np.stack(images)) if images else None
+        if primary:
+            if embeddings is not None:
+                save("image_embeddings.npy", embeddings)
+            (out / "image_files.txt").write_text("".join(f + "\n" for f in kept))
+            print(f"encoded {len(kept)} images -> {out / 'image_embeddings.npy'}" + (
+                f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 
 def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -109,7 +141,55 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"wrote {path}")
 
 
-COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "convert": _convert, "export": _export}
+def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
+    from clip_jax.longclip import stretch_workdir
+
+    if args.method == "interpolate" and args.length is None:
+        raise ConfigError("stretch --method interpolate needs --length L")
+    out = stretch_workdir(args.workdir, args.out_workdir, method=args.method, keep=args.keep, ratio=args.ratio,
+                          length=args.length)
+    print(f"stretched {args.workdir} -> {args.out_workdir}: {out['context_length']} text positions, keep_positions "
+          f"{out['keep_positions']}; fine-tune with clip-jax train --workdir {args.out_workdir} [--config ...]")
+
+
+def _data(args: argparse.Namespace, overrides: list[str]) -> None:
+    from clip_jax.data import convert, records
+
+    if args.data_command == "inspect":
+        print(json.dumps(records.describe(args.path, args.n), indent=2, ensure_ascii=False))
+        return
+
+    def progress(report: dict) -> None:
+        if "error" in report:
+            print(f"{report['shard']}: FAILED ({report['input']}): {report['error']}", file=sys.stderr, flush=True)
+        elif report.get("resumed"):
+            print(f"{report['shard']}: converted before, skipped", flush=True)
+        else:
+            skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"
+            print(f"{report['shard']}: {report['written']} of {report['samples']} samples written in "
+                  f"{report['seconds']} s (skipped: {skipped})", flush=True)
+
+    try:
+        summary = convert.convert(
+            args.format, args.inputs, args.out, image_root=args.image_root, workers=args.workers,
+            shard_index=args.shard_index, num_shards=args.num_shards, shard_size=args.shard_size,
+            min_size=args.min_size, prefix=args.prefix,
+            fields=(args.image_field, args.caption_field, args.short_caption_field), progress=progress,
+        )
+    except ValueError as e:  # a bad argument or an input that cannot be read at all (bad samples never raise)
+        raise ConfigError(str(e)) from None
+    skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
+    print(f"{args.out}: {summary['shards_done']} of {summary['shards']} shards done, {summary['written']} of "
+          f"{summary['samples']} samples written (skipped: {skipped}); report: "
+          f"{args.out}/reports/{args.prefix}-summary.json")
+    if summary["failed"]:
+        print(f"clip-jax data convert: {len(summary['failed'])} shards failed; run the command again to retry them",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "convert": _convert, "export": _export,
+            "stretch": _stretch, "data": _data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +220,35 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", required=True, choices=("openai", "hf", "hf-text"))
     exp.add_argument("--out", required=True, help="file (.safetensors/.pt) or directory")
     exp.add_argument("--pt", action="store_true", help="torch.save pickle instead of .safetensors (needs torch)")
+    st = sub.add_parser("stretch", help="Long-CLIP: a new workdir with the text positions stretched (a warm start)")
+    st.add_argument("--workdir", required=True, help="source workdir (its latest checkpoint)")
+    st.add_argument("--out-workdir", required=True, help="new workdir to write")
+    st.add_argument("--method", choices=("keep", "interpolate"), default="keep",
+                    help="keep: Long-CLIP's knowledge-preserving stretching (default); interpolate: the plain baseline")
+    st.add_argument("--keep", type=int, default=20, help="keep: positions kept as they are (and frozen by Long-CLIP "
+                    "configs); the new length is keep + ratio * (length - keep)")
+    st.add_argument("--ratio", type=int, default=4, help="keep: stretch factor of the other positions")
+    st.add_argument("--length", type=int, help="interpolate: the new number of positions")
+    data = sub.add_parser("data", help="image-caption data sets: convert to ArrayRecord shards, inspect shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    dc = data_sub.add_parser("convert", help="WebDataset tars, CSV/TSV/JSONL, ShareGPT4V JSON or an image folder -> "
+                             "ArrayRecord shards for data.source=records (see docs/data.md)")
+    dc.add_argument("inputs", nargs="+", metavar="INPUT", help="input files (globs and, for tars, folders expand)")
+    dc.add_argument("--format", required=True, choices=("webdataset", "csv", "tsv", "jsonl", "sharegpt4v", "folder"))
+    dc.add_argument("--out", required=True, help="output directory (local or gs://)")
+    dc.add_argument("--image-root", help="folder image paths are relative to (default: each input file's folder)")
+    dc.add_argument("--workers", type=int, default=1, help="shards converted in parallel processes")
+    dc.add_argument("--shard-index", type=int, default=0, help="this machine's slice: shards i with i %% N == I")
+    dc.add_argument("--num-shards", type=int, default=1, help="N machines converting slices of the same command")
+    dc.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard (tables and folders)")
+    dc.add_argument("--min-size", type=int, default=32, help="skip images whose shorter side is below this (px)")
+    dc.add_argument("--prefix", default="train", help="shard names: PREFIX-00000-of-00016.arrayrecord")
+    dc.add_argument("--image-field", default="image", help="csv/tsv/jsonl: the image path column")
+    dc.add_argument("--caption-field", default="caption", help="csv/tsv/jsonl: the caption column")
+    dc.add_argument("--short-caption-field", default="short_caption", help="csv/tsv/jsonl: optional short caption")
+    di = data_sub.add_parser("inspect", help="shard and record counts and the first records of a shard set")
+    di.add_argument("path", help="shard directory, glob or comma-separated list (as data.path)")
+    di.add_argument("-n", type=int, default=3, help="records to show")
     return parser
 
 
@@ -151,8 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
-    if overrides and args.command != "train":
-        parser.error("--config.key=value overrides apply to train only")
+    if overrides and args.command != "train" and not (
+        args.command == "eval" and all(o.startswith("--config.eval.") for o in overrides)
+    ):
+        parser.error("--config.key=value overrides apply to train (and --config.eval.* to eval) only")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -70,18 +70,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.max_consecutive_nonfinite = 10
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "shapes"
+    c.data.source = "shapes"  # shapes | sharegpt4v | captions | records (see data.path)
     c.data.min_objects = 1  # shapes: objects per image
     c.data.max_objects = 3
     c.data.long_caption_prob = 0.0  # probability of training on the long caption instead of the short one
     c.data.partial_caption_prob = 0.0  # probability of a caption naming only the colour or only the shape (shapes)
+    c.data.grayscale_shape_captions = False  # show the image in grayscale when its caption names only the shape
     # Long-CLIP (a loss that reads `short_text`): the short caption is the data's own, else the long caption's first
     # sentence, tokenized to this length (capped at the model's). The causal text tower gives the same features at
     # any length that holds the whole caption, so 77 tokens cost a third of 248 for nothing lost.
     c.data.short_context_length = 77
     # File sources (data.source "sharegpt4v": ShareGPT4V JSON; "captions": JSONL or CSV of image, caption
     # [, short_caption]); see clip_jax/data/captions.py. Image paths are relative to image_root (default: the
-    # file's folder); undecodable images are skipped and counted.
+    # file's folder); undecodable images are skipped and counted. "records": ArrayRecord shards written by
+    # `clip-jax data convert` (a directory, which must hold every shard of its set, a glob, or a comma-separated
+    # list; gs:// works); see docs/data.md.
     c.data.path = ""
     c.data.image_root = ""
     c.data.skip = 0  # leave out the first N records (ShareGPT4V-1k: the first 1,000 are the test set)

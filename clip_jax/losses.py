@@ -4,7 +4,8 @@ A loss is a function `loss_fn(outputs, *, axis_name, **hparams) -> (loss, metric
 local rows of per-example arrays (`image`, `text` embeddings, L2-normalised; `caption_key`, ...) and the replicated
 scalars (`logit_scale`, `logit_bias`). It returns the loss of the *global* batch, identical on every device, so
 that its gradient equals that of the single-device computation. New methods (SLIP, Long-CLIP, AudioCLIP) add a
-function here and a name in `LOSSES`; the trainer does not change.
+function here and a name in `LOSSES`; the trainer does not change. Long-CLIP's loss also reads the embeddings of a
+second text field, `short_text`.
 
 Each device scores its local rows against the all-gathered other side (open_clip's `--local-loss
 --gather-with-grad`): memory grows with B_local * B_global, not B_global^2. `all_gather`'s transpose is a
@@ -140,7 +141,97 @@ def siglip_ring_loss(outputs: dict[str, jax.Array], *, axis_name, multi_positive
     return loss, {}
 
 
-LOSSES: dict[str, LossFn] = {"clip": clip_loss, "siglip": siglip_loss, "siglip_ring": siglip_ring_loss}
+_HIGHEST = jax.lax.Precision.HIGHEST  # PCA in full float32 (TPU/GPU default matmuls round f32 inputs to bf16/tf32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def top_k_projector(gram: jax.Array, k: int) -> jax.Array:
+    """U_k U_k^T: the orthogonal projector onto the eigenvectors of the k largest eigenvalues of a symmetric matrix.
+
+    Differentiated by its own rule (below) rather than through the eigenvectors (or an SVD), whose derivatives
+    divide by every eigenvalue difference: near-equal eigenvalues *inside* the kept (or the discarded) set, and
+    the zero singular values of a centred batch no larger than the feature size, make those terms inf and the
+    gradient NaN, although the projector itself does not depend on them. The reference hits this too ("SVD may
+    encounter infs"). The projector's derivative only involves kept-discarded pairs:
+    dQ = U (F * U^T dG U) U^T with F_ij = 1 / (l_i - l_j) for i kept and j discarded (and its transpose), 0
+    elsewhere; it is finite whenever the k-th and (k+1)-th eigenvalues differ, when the subspace is well defined.
+    """
+    _, vectors = jnp.linalg.eigh(gram)
+    top = vectors[:, gram.shape[0] - k :]
+    return jnp.matmul(top, top.T, precision=_HIGHEST)
+
+
+@top_k_projector.defjvp
+def _top_k_projector_jvp(k: int, primals, tangents):
+    (gram,), (d_gram,) = primals, tangents
+    values, vectors = jnp.linalg.eigh(gram)  # ascending: the last k are kept
+    n = gram.shape[0]
+    kept = jnp.arange(n) >= n - k
+    cross = kept[:, None] != kept[None, :]
+    # A vanishing gap between the k-th and (k+1)-th eigenvalues leaves the subspace undefined; the floor keeps the
+    # gradient finite there (its direction is then arbitrary, as the subspace is).
+    gap = jnp.maximum(jnp.abs(values[:, None] - values[None, :]), 1e-6 * jnp.maximum(values[-1], 1e-30))
+    f = jnp.where(cross, 1.0 / gap, 0.0)
+    top = vectors[:, n - k :]
+    dot = functools.partial(jnp.matmul, precision=_HIGHEST)
+    d_proj = dot(dot(vectors, f * dot(dot(vectors.T, d_gram), vectors)), vectors.T)
+    return dot(top, top.T), d_proj
+
+
+def pca_reconstruct(x: jax.Array, k: int) -> jax.Array:
+    """Long-CLIP's coarse features: rows of x [B, D] centred by their mean, projected onto the top-k principal
+    components (right singular vectors V_k of the centred batch) and un-centred, X_c V_k V_k^T + mean. Not
+    re-normalised. X_c V_k V_k^T = U_k U_k^T X_c, so the projector comes from the smaller Gram matrix:
+    X_c X_c^T [B, B] or X_c^T X_c [D, D]."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(axis=0, keepdims=True)
+    centred = x - mean
+    dot = functools.partial(jnp.matmul, precision=_HIGHEST)
+    if x.shape[0] <= x.shape[1]:
+        return dot(top_k_projector(dot(centred, centred.T), k), centred) + mean
+    return dot(centred, top_k_projector(dot(centred.T, centred), k)) + mean
+
+
+def longclip_loss(
+    outputs: dict[str, jax.Array],
+    *,
+    axis_name,
+    label_smoothing: float = 0.1,
+    long_weight: float = 1.0,
+    short_weight: float = 1.0,
+    pca_components: int = 32,
+    pca_scope: str = "local",
+    multi_positive: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Long-CLIP (arXiv 2403.15378): long_weight * CLIP(fine image, long text) + short_weight * CLIP(coarse image,
+    short text), where coarse = `pca_reconstruct` of the fine image embeddings over the device's local batch
+    (pca_scope "local", as the reference) or over the all-gathered global batch ("global"). Needs the `short_text`
+    embeddings (and, with multi_positive, `short_caption_key`)."""
+    image = outputs["image"]
+    if pca_scope == "local":
+        coarse = pca_reconstruct(image, pca_components)
+    elif pca_scope == "global":
+        b_local = image.shape[0]
+        coarse = pca_reconstruct(jax.lax.all_gather(image, axis_name, tiled=True), pca_components)
+        coarse = jax.lax.dynamic_slice_in_dim(coarse, jax.lax.axis_index(axis_name) * b_local, b_local)
+    else:
+        raise ValueError(f"pca_scope must be 'local' or 'global', got {pca_scope!r}")
+    clip = functools.partial(clip_loss, axis_name=axis_name, label_smoothing=label_smoothing,
+                             multi_positive=multi_positive)
+    long_loss, metrics = clip(outputs)
+    short = {**outputs, "image": coarse, "text": outputs["short_text"]}
+    if multi_positive:
+        short["caption_key"] = outputs["short_caption_key"]
+    short_loss, _ = clip(short)
+    loss = long_weight * long_loss + short_weight * short_loss
+    return loss, {**metrics, "loss_long": long_loss, "loss_short": short_loss}
+
+
+LOSSES: dict[str, LossFn] = {
+    "clip": clip_loss, "siglip": siglip_loss, "siglip_ring": siglip_ring_loss, "longclip": longclip_loss,
+}
+# Losses that read a `short_text` batch field (its embeddings, and `short_caption_key`): the pipeline then emits it.
+SHORT_TEXT_LOSSES = frozenset({"longclip"})
 
 
 def get_loss(name: str, **hparams) -> LossFn:

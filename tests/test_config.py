@@ -207,7 +207,7 @@ def config_specs():
         specs.append(spec)
         source = path.read_text()
         # A file whose get_config takes a preset name (configs/pretrain.py:B/16): every preset.
-        namespace = {}
+        namespace = {"__file__": spec}  # as when imported (configs/longclip_l14.py builds on longclip_b16.py)
         exec(compile(source, spec, "exec"), namespace)
         params = list(inspect.signature(namespace["get_config"]).parameters.values())
         if params and params[0].default in PRESETS:

@@ -133,15 +133,43 @@ def test_open_clip_training_checkpoint_and_longclip(tmp_path):
                tmp_path / "epoch_1.pt")
     imported = wd.load_source(tmp_path / "epoch_1.pt", heads_vision=2, heads_text=2, activation="gelu")
     assert trees_equal(imported.params, wd.load_source_state_dict(sd, heads_vision=2, heads_text=2).params)
-    # Long-CLIP: a frozen table for positions < 20, a trained one for the rest
+
+
+def test_longclip_two_tables_import_export(tmp_path):
+    """Long-CLIP: a frozen table for positions < 20 and a trained one for the rest. Both import as they are
+    (keep_positions 20), the model uses where(pos < 20, first, second), the openai export writes both back
+    bit-exact, and the HF text export holds that merged table."""
+    torch_model = small_open_clip(context_length=248)
+    sd = {k: v.copy() for k, v in state_dict(torch_model).items()}  # not views of the torch model's memory
     frozen, trained = sd["positional_embedding"], sd["positional_embedding"] + 1.0
     longclip = {**sd, "positional_embedding": frozen, "positional_embedding_res": trained}
     write_tensors(tmp_path / "longclip.safetensors", longclip)
-    imported = wd.load_source(tmp_path / "longclip.safetensors", heads_vision=2, heads_text=2)
-    table = imported.params["text"]["positional_embedding"]
-    assert imported.source == "longclip" and table.shape == (248, 64)
-    np.testing.assert_array_equal(table[:20], frozen[:20])
-    np.testing.assert_array_equal(table[20:], trained[20:])
+    imported = wd.load_source(tmp_path / "longclip.safetensors", heads_vision=2, heads_text=2, activation="gelu")
+    assert imported.source == "longclip" and imported.model["text"]["keep_positions"] == 20
+    np.testing.assert_array_equal(imported.params["text"]["positional_embedding"], frozen)
+    np.testing.assert_array_equal(imported.params["text"]["positional_embedding_res"], trained)
+
+    merged = np.where(np.arange(248)[:, None] < 20, frozen, trained)
+    with torch.no_grad():
+        torch_model.positional_embedding.copy_(torch.from_numpy(merged))  # open_clip holding the merged table
+    images, ids = inputs(32, 248, 100)
+    # (image and text embeddings; logits multiply the text difference, ~2e-6 at 248 tokens, by the scale 14.3)
+    theirs, mine = open_clip_outputs(torch_model, images, ids), ours(imported.model, imported.params, images, ids)
+    for name, a, b in zip(("image", "text"), theirs, mine, strict=False):
+        assert_close(f"Long-CLIP {name}", a, b)
+
+    back = read_tensors(wd.export_params(imported.params, imported.model, "openai", tmp_path / "b.safetensors")[0])
+    assert set(back) == set(longclip) and all(np.array_equal(back[k], longclip[k]) for k in longclip)
+
+    wd.export_params(imported.params, imported.model, "hf-text", tmp_path / "text")
+    hf_text = wd.load_source(tmp_path / "text")
+    assert hf_text.model["text"]["keep_positions"] == 0
+    np.testing.assert_array_equal(hf_text.params["text"]["positional_embedding"], merged)
+    model = CLIP(CLIPConfig.from_dict(imported.model))
+    expected = np.asarray(model.apply({"params": imported.params}, ids, normalize=False, method=CLIP.encode_text))
+    with torch.no_grad():
+        reloaded = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "text").eval()
+        assert_close("Long-CLIP hf-text", reloaded(torch.from_numpy(ids)).text_embeds, expected)
 
 
 # ---- import: Hugging Face ----------------------------------------------------------------------------------------

@@ -107,3 +107,115 @@ def test_caption_key_identifies_equal_rows():
 def test_unknown_loss_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown loss 'clipp'"):
         losses.get_loss("clipp")
+
+
+# --- Long-CLIP: primary component matching ------------------------------------------------------------------------
+LC_BATCH, LC_DIM, LC_K = 32, 6, 3
+
+
+def reference_pca(x, k):
+    """The reference's PCA, written out: SVD of the batch centred by its mean, top-k right singular vectors,
+    X_c V V^T + mean."""
+    mean = x.mean(0, keepdims=True)
+    _, _, vt = jnp.linalg.svd(x - mean, full_matrices=False)
+    v = vt[:k].T
+    return (x - mean) @ v @ v.T + mean
+
+
+def reference_longclip(image, long, short, scale, shards, keys=None, short_keys=None, short_weight=1.0):
+    """CLIP(image, long) + w * CLIP(coarse image, short), coarse = PCA of each device's block of rows."""
+    coarse = jnp.concatenate([reference_pca(block, LC_K) for block in jnp.split(image, shards)])
+    return reference_clip(image, long, scale, keys, 0.1) + short_weight * reference_clip(coarse, short, scale,
+                                                                                         short_keys, 0.1)
+
+
+def longclip_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    # Anisotropic features with distinct singular values: the SVD-based reference is then differentiable too.
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    image = unit(rng.normal(size=(LC_BATCH, LC_DIM)) * np.linspace(3.0, 0.5, LC_DIM)).astype(np.float32)
+    long = unit(rng.normal(size=(LC_BATCH, LC_DIM))).astype(np.float32)
+    short = unit(rng.normal(size=(LC_BATCH, LC_DIM))).astype(np.float32)
+    keys = rng.integers(0, 5, size=LC_BATCH).astype(np.uint32)  # short captions repeat
+    return image, long, short, np.float32(5.0), keys
+
+
+@pytest.mark.parametrize("devices,mesh_sizes,scope,multi,short_weight", [
+    (2, (2, 1, 1), "local", False, 1.0),
+    (4, (2, 2, 1), "local", True, 0.5),
+    (8, (2, 2, 2), "global", True, 1.0),
+], ids=["local-2dev", "local-4dev-multi", "global-8dev-multi"])
+def test_longclip_loss_equals_reference(devices, mesh_sizes, scope, multi, short_weight):
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_sizes, strict=True)), jax.devices()[:devices])
+    shards = (mesh_sizes[0] * mesh_sizes[1]) if scope == "local" else 1
+    loss_fn = losses.shard_loss(losses.get_loss(
+        "longclip", pca_components=LC_K, pca_scope=scope, multi_positive=multi, short_weight=short_weight), mesh)
+    image, long, short, scale, keys = longclip_inputs()
+    long_keys = np.arange(LC_BATCH, dtype=np.uint32)  # distinct long captions
+    put = lambda x: jax.device_put(x, batch_sharding(mesh))
+
+    def sharded(image, long, short, scale):
+        outputs = {"image": image, "text": long, "short_text": short, "logit_scale": scale,
+                   "caption_key": put(long_keys), "short_caption_key": put(keys)}
+        return loss_fn(outputs)[0]
+
+    args = (put(image), put(long), put(short), jax.device_put(scale, replicated(mesh)))
+    got, got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3)))(*args)
+    ref_keys = (jnp.asarray(long_keys), jnp.asarray(keys)) if multi else (None, None)
+    want, want_grads = jax.value_and_grad(
+        lambda i, t, s, c: reference_longclip(i, t, s, c, shards, *ref_keys, short_weight=short_weight),
+        argnums=(0, 1, 2, 3))(image, long, short, scale)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w, name in zip(got_grads, want_grads, ("image", "long", "short", "scale"), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_pca_on_a_batch_of_at_most_k_plus_1_rows_is_exact():
+    # The centred batch has rank <= B - 1 <= k: the top-k components span it (REFERENCE: "a no-op at <= 33").
+    x = np.random.default_rng(1).normal(size=(LC_K + 1, LC_DIM)).astype(np.float32)
+    np.testing.assert_allclose(losses.pca_reconstruct(jnp.asarray(x), LC_K), x, atol=1e-5)
+    # and with more rows it is a real reduction: the residual is orthogonal to the kept components
+    y = np.random.default_rng(2).normal(size=(12, LC_DIM)).astype(np.float32)
+    r = np.asarray(losses.pca_reconstruct(jnp.asarray(y), LC_K))
+    assert np.linalg.matrix_rank(r - y.mean(0), tol=1e-4) == LC_K
+    np.testing.assert_allclose((y - r).T @ (r - y.mean(0)), 0, atol=1e-4)
+
+
+def _spectrum_case(rows, dim, singular_values, rng):
+    u, _ = np.linalg.qr(rng.normal(size=(rows, rows)))
+    v, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    s = np.asarray(singular_values)
+    return (u[:, : len(s)] * s) @ v[:, : len(s)].T + 0.3  # an offset: centring must remove it
+
+
+@pytest.mark.parametrize("case", ["repeated-gram", "repeated-covariance", "duplicate-rows"])
+def test_pca_gradient_is_finite_and_right_in_degenerate_batches(case):
+    """Repeated singular values inside the kept and the discarded sets, or a batch with duplicated rows (many zero
+    singular values): where gradients through an SVD or the eigenvectors divide by zero (jnp.linalg.svd gives NaN
+    on 128 rows with 64 duplicates), the gradient is finite and equals float64 central differences of a numpy PCA."""
+    rng = np.random.default_rng(3)
+    if case == "duplicate-rows":
+        base = rng.normal(size=(6, 16))
+        x = np.concatenate([base, base])
+    else:
+        rows, dim = (8, 16) if case == "repeated-gram" else (32, 8)
+        x = _spectrum_case(rows, dim, [4.0, 4.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5], rng)
+    w = rng.normal(size=x.shape)
+    k = 3  # a gap after the 3rd singular value: the kept subspace is well defined
+
+    def numpy_pca(x):
+        c = x - x.mean(0)
+        _, vecs = np.linalg.eigh(c.T @ c)
+        top = vecs[:, -k:]
+        return c @ top @ top.T + x.mean(0)
+
+    f = lambda x: np.sum(w * np.tanh(numpy_pca(x)))
+    eps = 1e-6
+    numeric = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        step = np.zeros_like(x)
+        step[idx] = eps
+        numeric[idx] = (f(x + step) - f(x - step)) / (2 * eps)
+    grad = jax.grad(lambda x: jnp.sum(w * jnp.tanh(losses.pca_reconstruct(x, k))))(jnp.asarray(x, jnp.float32))
+    assert np.isfinite(np.asarray(grad)).all()
+    np.testing.assert_allclose(np.asarray(grad), numeric, atol=2e-3)

@@ -95,3 +95,14 @@ def test_get_state_set_state_resumes_exactly(tokenizer, k):
     restored.set_state(state)
     for want, got in zip(uninterrupted[k:], take(restored, 2), strict=True):
         assert_batches_equal(want, got)
+
+
+def test_worker_processes_give_the_same_batches(tokenizer):
+    """data.workers > 0 decodes in grain worker processes (which read absl flags: the pipeline must mark them
+    parsed); the stream is the same as in-process."""
+    config = make_config()
+    want = take(train_iterator(config, tokenizer), 2)
+    config.data.workers = 1
+    got = take(train_iterator(config, tokenizer), 2)
+    for a, b in zip(got, want, strict=True):
+        assert_batches_equal(a, b)

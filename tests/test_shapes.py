@@ -280,6 +280,7 @@ def test_partial_caption_names_exactly_one_attribute_of_the_salient_object():
         words = set(item["partial_caption"].rstrip(".").split())
         has_colour, has_shape = salient.colour in words, salient.shape in words
         assert has_colour != has_shape, item["partial_caption"]
+        assert item["partial_caption_kind"] == ("colour" if has_colour else "shape")
         assert not (words & (set(COLOURS) - {salient.colour})) and not (words & (set(SHAPES) - {salient.shape}))
         kinds.add(has_colour)
     assert kinds == {True, False}  # both kinds occur

@@ -1,6 +1,8 @@
 """grain input pipelines: deterministic, sharded per host, checkpointable.
 
-train: source -> this host's slice -> random map (augment, pick caption) -> batch -> tokenize -> prefetch.
+train: source -> random map (augment, pick caption) -> this host's rows of each global batch -> batch -> tokenize
+-> prefetch. Shuffling and the random map are keyed by the global example index, so global batch k holds the same
+examples in the same order on any number of hosts.
 Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device) and `text` int32 [B, context_length]; for a
 loss that reads short captions (Long-CLIP) also `short_text` int32 [B, short_text_length(config)].
 Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access source whose items have `image`
@@ -10,17 +12,19 @@ Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access 
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
-from clip_jax.data import captions
+from clip_jax.data import captions, records
 from clip_jax.data.images import random_resized_crop, resize_center_crop
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.distributed import GlobalBatchRows, barrier, batch_rows
 from clip_jax.longclip import first_sentence
 from clip_jax.losses import SHORT_TEXT_LOSSES
 
@@ -52,6 +56,7 @@ TRAIN_SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {
     "shapes": _shapes_source,
     "sharegpt4v": _file_source(captions.read_sharegpt4v),
     "captions": _file_source(captions.read_captions),
+    "records": records.records_source,  # ArrayRecord shards written by `clip-jax data convert` (docs/data.md)
 }
 
 
@@ -66,12 +71,15 @@ class TrainExample(grain.transforms.RandomMap):
     pickle it)."""
 
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
-                 short_caption: bool = False):
+                 short_caption: bool = False, partial_caption_prob: float = 0.0,
+                 grayscale_shape_captions: bool = False):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
         self.long_caption_prob = long_caption_prob
         self.short_caption = short_caption  # also emit the short caption (Long-CLIP)
+        self.partial_caption_prob = partial_caption_prob
+        self.grayscale_shape_captions = grayscale_shape_captions
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         image = element["image"]
@@ -80,8 +88,20 @@ class TrainExample(grain.transforms.RandomMap):
         elif image.shape[:2] != (self.image_size, self.image_size):
             image = resize_center_crop(image, self.image_size)
         long, short = element.get("long_caption"), element.get("short_caption", element.get("caption"))
-        use_long = long is not None and rng.random() < self.long_caption_prob
-        out = {"image": image, "caption": long if use_long or short is None else short}
+        partial = element.get("partial_caption")
+        draw = rng.random()
+        if long is not None and (draw < self.long_caption_prob or short is None):
+            caption = long
+        elif partial is not None and draw < self.long_caption_prob + self.partial_caption_prob:
+            caption = partial
+            if self.grayscale_shape_captions and element.get("partial_caption_kind") == "shape":
+                # The caption names no colour, so the image need not show one: shape features must then work
+                # without colour, and transfer to colour-shape pairs never seen in training.
+                gray = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+                image = np.repeat(gray[..., None], 3, axis=-1).round().astype(np.uint8)
+        else:
+            caption = short
+        out = {"image": image, "caption": caption}
         if self.short_caption:
             out["short_caption"] = short if short is not None else first_sentence(long)
         return out
@@ -109,39 +129,52 @@ def short_text_length(config: ml_collections.ConfigDict) -> int | None:
     return min(config.data.short_context_length, config.model.text.context_length)
 
 
-def local_batch_size(global_batch_size: int) -> int:
-    if global_batch_size % jax.process_count():
-        raise ValueError(f"batch_size {global_batch_size} does not divide over {jax.process_count()} hosts")
-    return global_batch_size // jax.process_count()
-
-
-def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer) -> grain.IterDataset:
-    """The training stream of this host: infinite for procedural sources, deterministic given config.seed."""
+def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None
+                  ) -> grain.IterDataset:
+    """The training stream of this host: infinite (files repeat), deterministic given config.seed. `rows`: the rows
+    of each global batch this host loads (default: its contiguous block; see `distributed.batch_rows`)."""
+    rows = batch_rows(config.batch_size) if rows is None else rows
     source = get_source(config, "train")
     ds = grain.MapDataset.source(source)
-    ds = ds[jax.process_index() :: jax.process_count()]
     if config.data.source != "shapes":  # procedural samples are already i.i.d. by index; files need shuffling
         ds = ds.shuffle(seed=config.seed).repeat()
+    decode = getattr(source, "decode", None)  # sources of encoded images (records) decode in the grain map
+    if decode is not None:
+        ds = ds.map(decode)
     short_length = short_text_length(config)
     ds = ds.random_map(
         TrainExample(
             config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob,
-            short_caption=short_length is not None,
+            short_caption=short_length is not None, partial_caption_prob=config.data.partial_caption_prob,
+            grayscale_shape_captions=config.data.grayscale_shape_captions,
         ),
         seed=config.seed,
     )
-    ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
-    ds = ds.map(Tokenize(tokenizer, config.model.text.context_length, short_length))
-    # Batches are assembled by a few threads ahead of the step (numpy and PIL release the GIL); worker processes
-    # for heavier decoding are opt-in.
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=config.data.prefetch))
+    ds = GlobalBatchRows(ds, rows, config.batch_size)
+    if decode is not None:
+        # An undecodable image is dropped (the map returns None): grain batches such a sparse dataset only after
+        # reading it, so here the threads prefetch examples, and batches are stacked as they are consumed.
+        batch = len(rows)
+        read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=config.data.prefetch * batch)
+        iter_ds = ds.to_iter_dataset(read).batch(batch, drop_remainder=True)
+        iter_ds = iter_ds.map(Tokenize(tokenizer, config.model.text.context_length, short_length))
+    else:
+        ds = ds.batch(len(rows), drop_remainder=True)
+        ds = ds.map(Tokenize(tokenizer, config.model.text.context_length, short_length))
+        # Batches are assembled by a few threads ahead of the step (numpy and PIL release the GIL); worker
+        # processes for heavier decoding are opt-in.
+        iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=config.data.prefetch))
     if config.data.workers > 0:
+        # grain's worker processes read absl flags; our CLI uses argparse, so mark them parsed (defaults).
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))
     return iter_ds
 
 
-def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer) -> Iterator[dict]:
-    return iter(train_dataset(config, tokenizer))
+def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None
+                   ) -> Iterator[dict]:
+    return iter(train_dataset(config, tokenizer, rows))
 
 
 def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[str]:
@@ -157,7 +190,13 @@ def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[s
 def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> ClipTokenizer:
     """The workdir's tokenizer (`tokenizer.json`); created on the first run from `config.data.tokenizer`."""
     path = workdir / "tokenizer.json"
-    if path.exists():
+    exists = path.exists()
+    # Process 0 creates the file and the others then read it: every host uses the same vocabulary, and no host
+    # looks for the file while it is being written.
+    barrier("tokenizer.json looked up")
+    if exists or jax.process_index() > 0:
+        if not exists:
+            barrier("tokenizer.json written")
         tokenizer = ClipTokenizer.load(path)
     else:
         choice = config.data.tokenizer
@@ -175,8 +214,8 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
             tokenizer = ClipTokenizer.load(choice)
         else:
             tokenizer = ClipTokenizer.from_openai_vocab(choice)
-        if jax.process_index() == 0:
-            tokenizer.save(path)
+        tokenizer.save(path)
+        barrier("tokenizer.json written")
     if tokenizer.vocab_size > config.model.text.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "

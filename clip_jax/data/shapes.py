@@ -290,12 +290,14 @@ _PARTIAL_TEMPLATES = (("a {col} shape.", "a {col} object.", "something {col}."),
                       ("{a_shp}.", "a picture of {a_shp}.", "the shape is {a_shp}."))  # fmt: skip
 
 
-def partial_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming only the salient object's colour or only its shape. Training on some of these teaches
-    colour and shape as separate attributes, which is what zero-shot recognition of unseen pairs relies on."""
+def partial_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """(caption, kind): a caption naming only the salient object's colour (kind "colour") or only its shape
+    ("shape"). Training on some of these teaches colour and shape as separate attributes, which is what zero-shot
+    recognition of unseen pairs relies on."""
     salient = scene.salient
-    templates = _PARTIAL_TEMPLATES[int(rng.integers(2))]
-    return _pick(rng, templates).format(col=salient.colour, a_shp=_a(salient.shape))
+    kind = int(rng.integers(2))
+    caption = _pick(rng, _PARTIAL_TEMPLATES[kind]).format(col=salient.colour, a_shp=_a(salient.shape))
+    return caption, ("colour", "shape")[kind]
 
 
 def render_example(scene: Scene, image_size: int, rng: np.random.Generator) -> dict:
@@ -303,8 +305,9 @@ def render_example(scene: Scene, image_size: int, rng: np.random.Generator) -> d
     image = render_scene(scene, image_size)
     short, long = describe_scene(scene, rng)
     label = np.int32(class_index(scene.salient.colour, scene.salient.shape))
-    partial = partial_caption(scene, rng)  # drawn last: the other captions do not depend on it
-    return {"image": image, "short_caption": short, "long_caption": long, "partial_caption": partial, "label": label}
+    partial, kind = partial_caption(scene, rng)  # drawn last: the other captions do not depend on it
+    return {"image": image, "short_caption": short, "long_caption": long, "partial_caption": partial,
+            "partial_caption_kind": kind, "label": label}
 
 
 class ShapesDataset:

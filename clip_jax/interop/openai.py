@@ -6,7 +6,9 @@ drift apart, and the shape check names the torch key. Transforms are exact (tran
 round trip is bit-exact in float32.
 
 Long-CLIP checkpoints keep two text position tables (a frozen `positional_embedding` for the first 20 positions
-and a trainable `positional_embedding_res` for the rest); they are merged into one table on import.
+and a trainable `positional_embedding_res` for the rest). They import as they are, into a model with
+`text.keep_positions = 20` (so a round trip is bit-exact and fine-tuning can keep the first table frozen);
+`single_position_table` merges them for layouts with one table (Hugging Face).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from typing import Any
 import numpy as np
 
 from clip_jax.interop import ConversionError
+from clip_jax.longclip import merge_position_tables
 from clip_jax.models.presets import model_preset
 
-LONGCLIP_KEEP = 20  # Long-CLIP: positions below this come from the frozen table (REFERENCE.md section 5)
+# Long-CLIP: positions below this come from the frozen table (REFERENCE.md section 5). Their checkpoints do not
+# record it; every released one uses 20.
+LONGCLIP_KEEP = 20
 # Entries of the raw OpenAI (TorchScript) state dicts that are metadata, not weights.
 _METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -86,6 +91,9 @@ def layout(model: Mapping[str, Any], towers: tuple[str, ...] = TOWERS) -> list[t
             ("token_embedding.weight", "text/token_embedding/embedding", (t["vocab_size"], w), "same", t),
             ("positional_embedding", "text/positional_embedding", (t["context_length"], w), "same", t),
         ]
+        if t.get("keep_positions", 0):
+            rows.append(("positional_embedding_res", "text/positional_embedding_res", (t["context_length"], w),
+                         "same", t))
         rows += _blocks("transformer.resblocks", "text/transformer", t)
         rows += [
             ("ln_final.weight", "text/ln_final/scale", (w,), "same", t),
@@ -166,19 +174,21 @@ def check_representable(model: Mapping[str, Any]) -> None:
 
 # ---- state dict <-> params -----------------------------------------------------------------------------------------
 def normalize_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drops OpenAI's metadata entries and merges Long-CLIP's two text position tables into one."""
+    """Drops OpenAI's metadata entries."""
     sd = {k: v for k, v in sd.items() if k not in _METADATA_KEYS}
     if any(k.startswith("visual.layer1.") for k in sd):
         raise ConversionError("ModifiedResNet image towers (OpenAI RN50, RN101, ...) are not supported; only ViT")
-    if "positional_embedding_res" in sd:
-        frozen, trained = sd.pop("positional_embedding"), sd.pop("positional_embedding_res")
-        if frozen.shape != trained.shape:
-            raise ConversionError(
-                f"Long-CLIP position tables differ in shape: positional_embedding {frozen.shape}, "
-                f"positional_embedding_res {trained.shape}"
-            )
-        keep = np.arange(frozen.shape[0])[:, None] < LONGCLIP_KEEP
-        sd["positional_embedding"] = np.where(keep, frozen, trained)
+    return sd
+
+
+def single_position_table(sd: Mapping[str, np.ndarray], model: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The state dict with a Long-CLIP model's two text position tables merged into the one table the text tower
+    uses (as `positional_embedding`), for layouts that hold one table."""
+    sd = dict(sd)
+    keep = model["text"].get("keep_positions", 0)
+    if keep:
+        rest = sd.pop("positional_embedding_res")
+        sd["positional_embedding"] = np.asarray(merge_position_tables(sd["positional_embedding"], rest, keep))
     return sd
 
 
@@ -309,6 +319,8 @@ def infer_model(sd: Mapping[str, np.ndarray], *, heads_vision: int | None = None
         mlp_dim=int(_require(sd, "transformer.resblocks.0.mlp.c_fc.weight").shape[0]),
     )
     model["embed_dim"] = int(_require(sd, "visual.proj").shape[1])
+    if "positional_embedding_res" in sd:
+        model["text"]["keep_positions"] = LONGCLIP_KEEP
     if "logit_bias" in sd:
         model["logit_bias_init"] = float(np.asarray(sd["logit_bias"]))
     return model

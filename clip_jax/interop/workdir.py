@@ -1,4 +1,5 @@
-"""`clip-jax convert` (a PyTorch checkpoint -> a workdir) and `clip-jax export` (a workdir -> PyTorch files).
+"""`clip-jax convert` (a PyTorch checkpoint -> a workdir) and `clip-jax export` (a workdir -> PyTorch files), and
+`write_workdir`, which `convert` and `clip-jax stretch` (clip_jax/longclip.py) write their workdirs with.
 
 A converted workdir is an ordinary one: config.json (`default_config()` with the model read from the source),
 tokenizer.json, and an Orbax checkpoint at step 0 holding a full TrainState (the source's params, a fresh
@@ -161,17 +162,10 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
                        activation: str | None = None, heads_vision: int | None = None, heads_text: int | None = None,
                        scan_layers: bool = False) -> dict[str, Any]:
     """Makes a workdir from a PyTorch checkpoint (see the module docstring). Returns a summary."""
-    import jax
     import ml_collections
 
-    from clip_jax.config import default_config, model_config, validate
-    from clip_jax.data.pipeline import train_iterator
+    from clip_jax.config import default_config
     from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
-    from clip_jax.models.clip import CLIP
-    from clip_jax.sharding import make_mesh
-    from clip_jax.train import state as state_lib
-    from clip_jax.train.checkpoint import Checkpointer
-    from clip_jax.train.loop import create_state, prepare_workdir
 
     workdir = pathlib.Path(workdir)
     imported = load_source(src, heads_vision=heads_vision, heads_text=heads_text, activation=activation)
@@ -189,10 +183,29 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
     config.data.tokenizer = (
         "openai" if tokenizer.name == OPENAI_VOCAB_NAME else str((workdir / "tokenizer.json").absolute())
     )
-    validate(config)
+    write_workdir(config, oa.stack_layers(imported.params) if scan_layers else imported.params, tokenizer, workdir)
+    log.info("converted %s (%s layout) into %s", src, imported.source, workdir)
+    return {"source": imported.source, "workdir": str(workdir), "tokenizer": tokenizer.name, "model": model}
 
+
+def write_workdir(config, params: dict[str, Any], tokenizer, workdir: str | pathlib.Path) -> None:
+    """A new workdir (config.json, tokenizer.json) whose step-0 checkpoint holds `params` (host arrays, in the
+    model's tree): a full TrainState (fresh optimizer state, the data iterator) written by the trainer's own
+    `Checkpointer`, which `train` takes as a warm start. The common end of `convert` and `stretch`."""
+    import jax
+
+    from clip_jax.config import model_config, validate
+    from clip_jax.data.pipeline import train_iterator
+    from clip_jax.models.clip import CLIP
+    from clip_jax.sharding import make_mesh
+    from clip_jax.train import state as state_lib
+    from clip_jax.train.checkpoint import Checkpointer
+    from clip_jax.train.loop import create_state, prepare_workdir
+
+    workdir = pathlib.Path(workdir)
+    validate(config)
     if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
-        raise ConversionError(f"{workdir} is already a workdir; convert into a new --to-workdir")
+        raise ConversionError(f"{workdir} is already a workdir; write into a new one")
     prepare_workdir(config, workdir)
     if jax.process_index() == 0:
         tokenizer.save(workdir / "tokenizer.json")
@@ -200,7 +213,6 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
     mesh = make_mesh(config.mesh.to_dict())
     clip = CLIP(model_config(config))
     init_fn, shardings, tx = create_state(config, clip, mesh)
-    params = oa.stack_layers(imported.params) if scan_layers else imported.params
     _check_tree(params, jax.eval_shape(init_fn, jax.random.PRNGKey(0)).params)
     params = jax.device_put(params, shardings.params)
     state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as create_state's init would
@@ -211,8 +223,6 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
     checkpointer.save(0, state, train_iterator(config, tokenizer), force=True)
     checkpointer.wait()
     checkpointer.close()
-    log.info("converted %s (%s layout) into %s", src, imported.source, workdir)
-    return {"source": imported.source, "workdir": str(workdir), "tokenizer": tokenizer.name, "model": model}
 
 
 def _check_tree(params: dict, abstract: Any) -> None:
@@ -223,7 +233,7 @@ def _check_tree(params: dict, abstract: Any) -> None:
     theirs = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
     if ours != theirs:
         diff = sorted(set(ours.items()) ^ set(theirs.items()))[:6]
-        raise ConversionError(f"converted params do not match the model's parameters: {diff}")
+        raise ConversionError(f"the params do not match the model's parameters: {diff}")
 
 
 # ---- export ------------------------------------------------------------------------------------------------------
@@ -246,11 +256,13 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
                   tokenizer: dict[str, Any] | None = None, pt: bool = False) -> list[pathlib.Path]:
     """Writes params (stacked or not) of a model config dict; returns the paths written.
 
-    openai: an OpenAI / open_clip state dict. `--out x.safetensors` (or .pt/.bin, or --pt) writes that one file;
-      any other --out is a directory with open_clip_config.json + weights (`open_clip.create_model("local-dir:D")`).
+    openai: an OpenAI / open_clip state dict (with keep_positions > 0, Long-CLIP's: both position tables).
+      `--out x.safetensors` (or .pt/.bin, or --pt) writes that one file; any other --out is a directory with
+      open_clip_config.json + weights (`open_clip.create_model("local-dir:D")`; one merged position table).
     hf: a `CLIPModel` directory; hf-text: a `CLIPTextModelWithProjection` directory (for diffusers; it loads as
-      `CLIPTextModel` too, which ignores text_projection). Both get HF tokenizer files when `tokenizer` (the JSON
-      state of our ClipTokenizer, as in a workdir's tokenizer.json) is given.
+      `CLIPTextModel` too, which ignores text_projection). Long-CLIP's two position tables become the one merged
+      table the model uses. Both get HF tokenizer files when `tokenizer` (the JSON state of our ClipTokenizer, as
+      in a workdir's tokenizer.json) is given.
     """
     if fmt not in FORMATS:
         raise ConversionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -264,10 +276,12 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
         out.mkdir(parents=True, exist_ok=True)
         (out / "open_clip_config.json").write_text(json.dumps(oa.open_clip_config(model), indent=2) + "\n")
         name = "open_clip_pytorch_model.bin" if pt else "open_clip_model.safetensors"
+        # open_clip's CLIP has one position table: the folder is for open_clip.create_model, so merge Long-CLIP's.
+        sd = oa.single_position_table(sd, model)
         return [out / "open_clip_config.json", write_tensors(out / name, sd, torch_format=pt)]
 
     towers = ("text",) if fmt == "hf-text" else oa.TOWERS
-    sd = hf_lib.hf_from_openai(oa.state_dict_from_params(params, model, towers))
+    sd = hf_lib.hf_from_openai(oa.single_position_table(oa.state_dict_from_params(params, model, towers), model))
     vocab_size = tokenizer["vocab_size"] if tokenizer else model["text"]["vocab_size"]
     config_json = hf_lib.hf_config(model, sot_id=vocab_size - 2, eot_id=vocab_size - 1, text_only=fmt == "hf-text")
     out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ def model_preset(name: str, activation: str = "quick_gelu", vocab_size: int = 49
         "text": {
             "type": "transformer", "width": tw, "layers": tl, "heads": th, "head_dim": tw // th, "mlp_dim": 4 * tw,
             "activation": activation, "vocab_size": vocab_size, "context_length": context_length,
+            "keep_positions": 0,
         },
         "embed_dim": embed_dim,
         "dtype": "float32",

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.longclip import merge_position_tables
 from clip_jax.models.layers import Dtype, LayerNorm, Transformer, constrain, partitioned
 
 
@@ -44,6 +45,9 @@ class TextConfig(TowerConfig):
     type: str = "transformer"
     vocab_size: int = 49408
     context_length: int = 77
+    # Long-CLIP: > 0 gives two position tables, `positional_embedding` for positions below this and
+    # `positional_embedding_res` for the rest, so that a config can freeze the first (kept) positions alone.
+    keep_positions: int = 0
 
 
 class VisionTransformer(nn.Module):
@@ -125,12 +129,13 @@ class TextTransformer(nn.Module):
             embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="token_embedding",
         )
-        self.positional_embedding = self.param(
-            "positional_embedding",
-            partitioned(nn.initializers.normal(0.01), ("positions", "embed")),
-            (cfg.context_length, cfg.width),
+        positions = (
+            partitioned(nn.initializers.normal(0.01), ("positions", "embed")), (cfg.context_length, cfg.width),
             jnp.float32,
         )
+        self.positional_embedding = self.param("positional_embedding", *positions)
+        if cfg.keep_positions:
+            self.positional_embedding_res = self.param("positional_embedding_res", *positions)
         self.transformer = Transformer(
             cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=True,
             scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype,
@@ -142,6 +147,13 @@ class TextTransformer(nn.Module):
             (cfg.width, self.embed_dim),
             jnp.float32,
         )
+
+    def positions(self) -> jax.Array:
+        """The [context_length, width] position table in use (Long-CLIP's two tables merged)."""
+        if not self.config.keep_positions:
+            return self.positional_embedding
+        return merge_position_tables(self.positional_embedding, self.positional_embedding_res,
+                                     self.config.keep_positions)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """Word embeddings [B, T, width] of token ids, e.g. to splice learned prompt vectors between them."""
@@ -175,7 +187,7 @@ class TextTransformer(nn.Module):
                 f"text of {length} tokens exceeds the model's context_length {self.config.context_length}; "
                 "tokenize with truncation to the context length"
             )
-        x = token_embeddings.astype(self.dtype) + self.positional_embedding[:length].astype(self.dtype)
+        x = token_embeddings.astype(self.dtype) + self.positions()[:length].astype(self.dtype)
         x = self.transformer(x)
         x = self.ln_final(x)
         # Pooling as a one-hot contraction rather than a gather: it partitions cleanly under any sharding.

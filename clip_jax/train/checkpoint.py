@@ -2,31 +2,37 @@
 
 Layout: `<workdir>/checkpoints/<step>/{state,data}`. Saves are asynchronous (the step loop goes on while the
 arrays are written); the manager keeps the last `max_to_keep` plus every `keep_period`-th step.
+
+On several hosts every process calls save and restore at the same step: Orbax writes each process's array shards
+and commits once all are written, and grain's handler writes each process's data position as
+`data/process_<i>-of-<n>.json`, which only a run with the same number of processes reads back.
 """
 
 from __future__ import annotations
 
 import logging
-import pathlib
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: epath.PathLike, config: ml_collections.ConfigDict):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.max_to_keep,
             keep_period=config.keep_period or None,
             enable_async_checkpointing=config.async_save,
             create=True,
         )
-        self.directory = (pathlib.Path(workdir) / "checkpoints").absolute()
+        directory = epath.Path(workdir) / "checkpoints"  # pathlib would turn gs://bucket/run into gs:/bucket/run
+        # Orbax wants an absolute path; a gs:// one is absolute already (`absolute()` would prefix the cwd to it).
+        self.directory = directory if directory.is_absolute() else directory.absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
@@ -67,14 +73,28 @@ class Checkpointer:
             return restored["state"]
         raise RuntimeError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
 
-    def restore_params(self, step: int, shardings: Any) -> Any:
-        """Only the parameters of a checkpoint, placed in `shardings` (whatever optimizer state it holds)."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        params = restored["state"]["params"]
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of a checkpoint (whatever optimizer state it holds), read straight into the shapes,
+        dtypes and shardings of `abstract_params`: the checkpoint's own shardings name the devices of the run that
+        wrote it (e.g. a one-device `convert`), which another process layout does not have."""
+        where = self.directory / str(step)
+        # A partial restore skips what the target lacks and does not complain about what the checkpoint lacks: the
+        # parameter names are compared first.
+        saved = ocp.PyTreeCheckpointHandler().metadata(where / "state").tree["params"]
+        names = lambda tree: {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+        if names(saved) != names(abstract_params):
+            differ = sorted(names(saved) ^ names(abstract_params))
+            raise ValueError(f"checkpoint {where} holds parameters of another model (they differ in {differ[:5]})")
+        args = ocp.args.PyTreeRestore(
+            item={"params": abstract_params},
+            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+            partial_restore=True,
+        )
+        # A reader of its own: the manager's "state" item is bound to the StandardSave/StandardRestore handler.
         try:
-            return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
-        except ValueError as e:
-            where = self.directory / str(step)
+            with ocp.PyTreeCheckpointer() as reader:
+                return reader.restore(where / "state", args=args)["params"]
+        except ValueError as e:  # e.g. a shape that differs
             raise ValueError(f"checkpoint {where} holds parameters of another model: {e}") from None
 
     def wait(self) -> None:

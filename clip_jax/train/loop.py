@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 import signal
 import time
 from typing import Any
@@ -15,14 +14,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from clip_jax import losses
 from clip_jax.config import ConfigError, model_config, read_config, save_config
-from clip_jax.data.pipeline import make_tokenizer, train_iterator
+from clip_jax.data.pipeline import make_tokenizer, short_text_length, train_iterator
+from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.suite import evaluate, print_results
 from clip_jax.models.clip import CLIP
-from clip_jax.sharding import LOGICAL_RULES, batch_divisor, global_batch, make_mesh
+from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, global_batch, make_mesh
 from clip_jax.train import flops as flops_lib
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
@@ -32,19 +33,28 @@ from clip_jax.train.metrics import MetricsWriter
 log = logging.getLogger(__name__)
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Writes config.json; on an existing workdir, refuses a different model (resuming it would mix runs)."""
+# Model fields that say how the parameters are used, not what they are: a warm start may set them anew (e.g. bf16
+# compute, or Long-CLIP's unclamped temperature, on a converted or stretched model).
+_WARM_START_FIELDS = ("model.dtype", "model.remat_policy", "model.logit_scale_init", "model.max_logit_scale")
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, warm_start: bool = False) -> None:
+    """Writes config.json; on an existing workdir, refuses a different model (resuming it would mix runs). A warm
+    start (the workdir's only checkpoint is step 0) may change the fields in `_WARM_START_FIELDS`."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
     if path.exists():
         previous = read_config(path)
         old, new = previous.model.to_dict(), json.loads(json.dumps(config.model.to_dict(), default=list))
         diff = sorted(_diff_keys(old, new))
+        if warm_start:
+            diff = [d for d in diff if d.partition(":")[0] not in _WARM_START_FIELDS]
         if diff:
             raise ConfigError(
                 f"workdir {workdir} holds a run with a different model ({', '.join(diff)}); "
                 "use a new --workdir"
             )
+    barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
         save_config(config, path)
 
@@ -80,11 +90,14 @@ def create_state(config: ml_collections.ConfigDict, model: CLIP, mesh):
     return init_fn, shardings, tx
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    workdir = pathlib.Path(workdir)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
+    workdir = epath.Path(workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
 
     # --- Workdir and config -------------------------------------------------------------------------------------
-    prepare_workdir(config, workdir)
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
+    warm_start = checkpointer.latest_step() == 0
+    prepare_workdir(config, workdir, warm_start)
 
     # --- Mesh ---------------------------------------------------------------------------------------------------
     mesh = make_mesh(config.mesh.to_dict())
@@ -94,11 +107,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             f"batch_size {config.batch_size} must be a multiple of {shards} (batch shards {batch_divisor(mesh)} "
             f"x accum_steps {config.accum_steps})"
         )
+    if config.loss.name == "longclip":
+        scope, k = config.loss.pca_scope, config.loss.pca_components
+        pca_batch = config.batch_size // (batch_divisor(mesh) if scope == "local" else 1)
+        if pca_batch <= k:
+            raise ConfigError(
+                f"loss.pca_components {k} must be below the {scope} batch the PCA runs over ({pca_batch}: batch_size "
+                f"{config.batch_size}, {batch_divisor(mesh)} batch shards); lower loss.pca_components or raise "
+                "batch_size" + (" or set loss.pca_scope='global'" if scope == "local" else "")
+            )
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
     # --- Data ---------------------------------------------------------------------------------------------------
     tokenizer = make_tokenizer(config, workdir)
-    data_iter = train_iterator(config, tokenizer)
+    # This host's rows of every global batch: the ones its devices hold.
+    data_iter = train_iterator(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)))
 
     # --- Model and train state ----------------------------------------------------------------------------------
     model = CLIP(model_config(config))
@@ -110,11 +133,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     )
 
     # --- Restore or initialise ----------------------------------------------------------------------------------
-    checkpointer = Checkpointer(workdir, config.checkpoint)
-    if checkpointer.latest_step() == 0:
-        # A step-0 checkpoint is a warm start (a converted or stretched model): take its parameters and build the
-        # optimizer state of *this* config, whose frozen/decay rules may differ from the ones it was written with.
-        state = init_fn(rng).replace(params=checkpointer.restore_params(0, shardings.params))
+    if warm_start:
+        # Take the checkpoint's parameters and build the optimizer state of *this* config, whose frozen/decay rules
+        # may differ from the ones it was written with.
+        params = checkpointer.restore_params(0, abstract_state.params)
+        if config.reset_logit_scale:
+            scale = jnp.asarray(config.model.logit_scale_init, jnp.float32)
+            params = {**params, "logit_scale": jax.device_put(scale, shardings.params["logit_scale"])}
+        state = init_fn(rng).replace(params=params)
         log.info("warm start from the parameters of checkpoint 0")
     elif checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_state, data_iter)
@@ -136,12 +162,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         state_lib.learning_rate_schedule(config.optimizer, config.total_steps),
         config.accum_steps,
     )
+    short_length = short_text_length(config)
     batch_spec = step_lib.abstract_batch(
-        config.batch_size, config.model.vision.image_size, config.model.text.context_length, mesh
+        config.batch_size, config.model.vision.image_size, config.model.text.context_length, mesh, short_length
     )
     t0 = time.time()
     compiled = step_lib.compile_train_step(train_step, shardings, abstract_state, batch_spec, mesh)
-    flops_per_step = flops_lib.train_flops_per_sample(model.config) * config.batch_size
+    flops_per_sample = flops_lib.train_flops_per_sample(model.config)
+    if short_length is not None:  # Long-CLIP's second text pass, forward and backward
+        flops_per_sample += 3 * flops_lib.text_forward_flops(model.config, short_length)
+    flops_per_step = flops_per_sample * config.batch_size
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     _report_compiled(compiled, time.time() - t0, flops_per_step, peak, mesh.size)
 
@@ -210,11 +240,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (cloud preemption, SLURM time limit) and by JAX's preemption sync point on TPU pods: the loop
-    then saves a checkpoint and exits cleanly, and the relaunch resumes from it."""
+    """Set after SIGTERM (cloud preemption, SLURM time limit, `launch/tpu.py stop`): the loop then saves a checkpoint
+    and exits cleanly, and the relaunch resumes from it.
+
+    One process: a Python SIGTERM handler sets it. Several: the signal may reach the hosts at different steps, or
+    only some of them, and a host that saved alone would wait forever in the checkpoint's collectives. There the
+    preemption service that `jax.distributed.initialize` starts catches SIGTERM itself and makes every host agree
+    on one step (`reached_preemption_sync_point`, true at the same step everywhere); it talks through the
+    coordination service, so the steps are not held up by a collective of ours. No Python handler is installed
+    then: it would replace JAX's."""
 
     def __init__(self):
         self._set = False
+        self._multihost = jax.process_count() > 1
+        self._service = True
+        if self._multihost:
+            return
         try:
             signal.signal(signal.SIGTERM, self._handler)
         except ValueError:  # not in the main thread (e.g. a library call from a worker): no handler
@@ -224,18 +265,25 @@ class PreemptionFlag:
         self._set = True
 
     def is_set(self, step: int) -> bool:
-        if self._set:
-            return True
-        try:  # every host reaches the same decision at the same step (multi-controller runtime)
-            return jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError:  # the preemption service is not running (single process, CPU)
+        if not self._multihost:
+            return self._set
+        if not self._service:
+            return False
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError as e:  # started with jax_enable_preemption_service=False
+            self._service = False
+            log.warning("no JAX preemption service (%s): SIGTERM will end the run without a checkpoint", e)
             return False
 
 
 def _loss_hparams(loss_config: ml_collections.ConfigDict) -> dict[str, Any]:
     hparams = {"multi_positive": loss_config.multi_positive}
-    if loss_config.name == "clip":
+    if loss_config.name in ("clip", "longclip"):
         hparams["label_smoothing"] = loss_config.label_smoothing
+    if loss_config.name == "longclip":
+        for key in ("long_weight", "short_weight", "pca_components", "pca_scope"):
+            hparams[key] = loss_config[key]
     return hparams
 
 
@@ -269,10 +317,10 @@ def _report_compiled(compiled, seconds: float, flops_per_step: float, peak: floa
         print(line, flush=True)
 
 
-def load_trained(workdir: str | pathlib.Path, step: int | None = None):
+def load_trained(workdir: epath.PathLike, step: int | None = None):
     """(config, model, params, tokenizer, mesh, step) of a workdir's latest (or given) checkpoint, for eval,
     encode and export."""
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     if not (workdir / "config.json").exists():
         raise FileNotFoundError(f"{workdir} is not a clip_jax workdir (no config.json); train or convert into it first")
     config = read_config(workdir / "config.json")

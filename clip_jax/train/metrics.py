@@ -1,30 +1,64 @@
 """Metrics: JSON lines in `<workdir>/metrics.jsonl`, TensorBoard events and a console progress bar.
-Only process 0 writes."""
+Only process 0 writes.
+
+The workdir may be a bucket (`gs://...`, through etils.epath). Object stores cannot append, so there metrics.jsonl
+is rewritten whole at every write, from the records kept in memory (an earlier run's are read back at the
+start): an object write is atomic, so a crash leaves the previous complete file, never a torn line, and the file
+stays small (one record per log interval). A local file is appended to. TensorBoard events go through tensorboardX,
+which writes gs:// (with google-cloud-storage installed) and s3:// (with boto3) itself; on any other remote path,
+or without that client, a warning says so and the run goes on without TensorBoard.
+"""
 
 from __future__ import annotations
 
 import json
-import pathlib
+import logging
+import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+def is_remote(path: epath.PathLike) -> bool:
+    """A URI (gs://, s3://, ...) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def _summary_writer(logdir: epath.Path):
+    """A tensorboardX SummaryWriter on `logdir`, or None (with a warning) where tensorboardX cannot write."""
+    from tensorboardX import SummaryWriter, record_writer
+
+    if is_remote(logdir):
+        # tensorboardX writes gs:// with google-cloud-storage installed and s3:// with boto3; any other URI it would
+        # take for a local folder named "<scheme>:".
+        writable = {"gs": record_writer.GCS_ENABLED, "s3": record_writer.S3_ENABLED}
+        if not writable.get(os.fspath(logdir).partition("://")[0], False):
+            log.warning("no TensorBoard events: tensorboardX cannot write to %s (gs:// needs google-cloud-storage, "
+                        "s3:// needs boto3)", logdir)
+            return None
+    return SummaryWriter(os.fspath(logdir))
 
 
 class MetricsWriter:
-    def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int, tensorboard: bool = True,
+    def __init__(self, workdir: epath.PathLike, total_steps: int, start_step: int, tensorboard: bool = True,
                  progress_bar: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        workdir = epath.Path(workdir)
+        self.path = workdir / "metrics.jsonl"
+        self._lines: list[str] | None = None  # on a remote workdir: the whole file, rewritten at each write
         self._tb = None
         self._bar = None
         if not self.enabled:
             return
+        if is_remote(workdir):
+            self._lines = [line + "\n" for line in self.path.read_text().splitlines()] if self.path.exists() else []
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+            self._tb = _summary_writer(workdir / "tensorboard")
         if progress_bar:
             from tqdm import tqdm
 
@@ -34,9 +68,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in metrics.items()}
-        record = {"step": step, "time": time.time(), "split": prefix, **clean}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps({"step": step, "time": time.time(), "split": prefix, **clean}) + "\n"
+        if self._lines is None:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float):
@@ -57,10 +95,10 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_metrics(path: pathlib.Path) -> list[dict]:
+def read_metrics(path: epath.PathLike) -> list[dict]:
     """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
     records = []
-    for line in pathlib.Path(path).read_text().splitlines():
+    for line in epath.Path(path).read_text().splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -1,7 +1,8 @@
 """The pure training step and its compilation with explicit shardings.
 
 `make_train_step` builds `train_step(state, batch) -> (state, metrics)` from four pluggable pieces:
-- `embed_fn(params, batch) -> {name: [B, ...]}`: per-example outputs of the towers (CLIP: `image`, `text`);
+- `embed_fn(params, batch) -> {name: [B, ...]}`: per-example outputs of the towers (CLIP: `image`, `text`, and
+  `short_text` when the batch has it);
 - `scalars_fn(params) -> {name: scalar}`: parameters the loss uses directly (`logit_scale`, `logit_bias`);
 - `loss_fn(outputs) -> (loss, metrics)`: a global-array loss, usually `clip_jax.losses.shard_loss(...)`;
 - the optax transformation and the mask of trainable parameters.
@@ -33,13 +34,18 @@ PyTree = Any
 Batch = dict[str, jax.Array]
 
 
+# Token fields of a batch that the text tower encodes, when present: `text` always, `short_text` for Long-CLIP.
+TEXT_FIELDS = ("text", "short_text")
+
+
 def clip_embed_fn(model: CLIP) -> Callable[[PyTree, Batch], dict[str, jax.Array]]:
     def embed(params, batch):
         variables = {"params": params}
-        return {
-            "image": model.apply(variables, batch["image"], method=CLIP.encode_image),
-            "text": model.apply(variables, batch["text"], method=CLIP.encode_text),
-        }
+        out = {"image": model.apply(variables, batch["image"], method=CLIP.encode_image)}
+        for field in TEXT_FIELDS:
+            if field in batch:
+                out[field] = model.apply(variables, batch[field], method=CLIP.encode_text)
+        return out
 
     return embed
 
@@ -80,7 +86,8 @@ def make_train_step(
         return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
     def batch_extras(batch):
-        return {"caption_key": caption_key(batch["text"])} if "text" in batch else {}
+        # `caption_key` of `text`, `short_caption_key` of `short_text`
+        return {f"{f.removesuffix('text')}caption_key": caption_key(batch[f]) for f in TEXT_FIELDS if f in batch}
 
     def one_shot(params, batch):
         def loss_of(p):
@@ -185,9 +192,14 @@ def compile_train_step(
         return jitted.lower(abstract_state, abstract_batch).compile()
 
 
-def abstract_batch(batch_size: int, image_size: int, context_length: int, mesh: Mesh) -> Batch:
+def abstract_batch(batch_size: int, image_size: int, context_length: int, mesh: Mesh,
+                   short_context_length: int | None = None) -> Batch:
+    """The batch the step is compiled for; with `short_context_length`, a `short_text` field too."""
     sharding = batch_sharding(mesh)
-    return {
+    batch = {
         "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8, sharding=sharding),
         "text": jax.ShapeDtypeStruct((batch_size, context_length), jnp.int32, sharding=sharding),
     }
+    if short_context_length is not None:
+        batch["short_text"] = jax.ShapeDtypeStruct((batch_size, short_context_length), jnp.int32, sharding=sharding)
+    return batch

@@ -1,0 +1,450 @@
+"""`clip-jax data convert`: image-caption data in common layouts -> our ArrayRecord shards (records.py).
+
+Formats (layouts and examples in docs/data.md): `webdataset` (img2dataset tars: `<key>.jpg|png|webp` + `.txt` +
+`.json`; one tar -> one shard), `csv`/`tsv`/`jsonl` (image path, caption[, short_caption]; other fields become
+metadata), `sharegpt4v` (JSON list; the caption is the first "gpt" turn) and `folder` (images with `captions.json`
+or a `.txt` beside each). Tables and folders are cut into chunks of `shard_size` samples, one shard each.
+
+Shards are numbered over all inputs in order, so machines can convert disjoint slices (`shard_index` of
+`num_shards`) of the same command into one directory. A shard is written under a temporary name and renamed when
+complete, then its JSON report goes to `reports/`: a re-run skips shards whose report exists. Bad samples
+(undecodable or truncated images, missing files, missing/empty/non-UTF-8 captions, images below `min_size`) are
+skipped and counted by reason, never fatal. Captions are kept whole (whitespace collapsed): truncation to a
+context length happens at tokenization.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import multiprocessing
+import os
+import posixpath
+import socket
+import tarfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from etils import epath
+from PIL import Image
+
+from clip_jax.data import records
+from clip_jax.data.images import IMAGE_SUFFIXES
+
+FORMATS = ("webdataset", "csv", "tsv", "jsonl", "sharegpt4v", "folder")
+KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
+# 8-bit modes that every reader turns into RGB the same way; others (CMYK, 16-bit, float, LAB) are re-encoded.
+KEEP_MODES = ("RGB", "L", "RGBA", "LA", "P", "PA", "1")
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+EXAMPLES_PER_REASON = 5
+
+
+class Skip(Exception):  # noqa: N818 - a control-flow signal carrying the skip reason, not an error
+    """A sample is skipped for `reason` (a report key)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One sample of a table or folder input, resolved to an image path."""
+
+    key: str
+    image: str
+    caption: str | None = None
+    short_caption: str | None = None
+    metadata: dict | None = None
+    caption_file: str | None = None  # folder inputs without captions.json: the caption is this file's text
+    problem: str | None = None  # found while parsing the input (e.g. a bad JSON line): counted, not converted
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One output shard: a whole tar (rows None) or a chunk of rows."""
+
+    index: int
+    source: str
+    rows: list[Row] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    out: str
+    prefix: str
+    count: int  # shards in the whole data set (the N of -of-N)
+    min_size: int
+
+
+# --- Images and captions --------------------------------------------------------------------------------------
+
+
+def prepare_image(data: bytes, min_size: int) -> tuple[bytes, str | None]:
+    """(bytes to store, None) when the original can be kept, else (re-encoded bytes, "FORMAT/MODE" of the original):
+    CMYK JPEGs become RGB JPEGs (quality 95), other formats and modes RGB PNGs. Raises Skip for a bad image."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, mode, (w, h) = img.format, img.mode, img.size
+            if min(w, h) < min_size:
+                raise Skip("too_small", f"{w}x{h}")
+            img.load()  # decode everything: a truncated file fails here, not in training
+            if fmt in KEEP_FORMATS and mode in KEEP_MODES:
+                return data, None
+            rgb = records.to_rgb(img)
+    except Skip:
+        raise
+    except Image.DecompressionBombError as e:
+        raise Skip("too_large", str(e)) from None
+    except OSError as e:
+        raise Skip("truncated_image" if "truncated" in str(e).lower() else "undecodable_image", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; a bad sample is never fatal
+        raise Skip("undecodable_image", f"{type(e).__name__}: {e}") from None
+    out = io.BytesIO()
+    if fmt == "JPEG":  # a lossy original stays lossy; PNG of a photo would be 5-10x larger
+        Image.fromarray(rgb).save(out, "JPEG", quality=95, subsampling=0)
+    else:
+        Image.fromarray(rgb).save(out, "PNG")
+    return out.getvalue(), f"{fmt}/{mode}"
+
+
+def clean_caption(raw: str | bytes | None) -> str:
+    """The caption with whitespace runs (newlines too) collapsed to single spaces; Skip if absent, empty or not
+    valid UTF-8 (CSV/JSONL text is read with surrogateescape, so bad bytes arrive here as lone surrogates)."""
+    if raw is None:
+        raise Skip("missing_caption")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise Skip("non_utf8_caption", str(e)) from None
+    if not isinstance(raw, str):
+        raise Skip("missing_caption", f"caption is {type(raw).__name__}")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Skip("non_utf8_caption", str(e)) from None
+    text = " ".join(raw.split())
+    if not text:
+        raise Skip("empty_caption")
+    return text
+
+
+# --- Reading inputs -------------------------------------------------------------------------------------------
+
+
+def _decode_text(data: bytes) -> str:
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _resolve(image: str, root: str) -> str:
+    return image if image.startswith("/") or records.is_remote(image) else os.fspath(epath.Path(root) / image)
+
+
+def read_table(path: str, fmt: str, image_root: str | None, fields: Sequence[str]) -> list[Row]:
+    """Rows of a csv/tsv/jsonl/sharegpt4v file. `fields`: the names of the image, caption and short caption."""
+    image_f, caption_f, short_f = fields
+    root = image_root or os.fspath(epath.Path(path).parent)
+    text = _decode_text(epath.Path(path).read_bytes())
+    if fmt == "sharegpt4v":
+        return [_sharegpt4v_row(i, entry, root) for i, entry in enumerate(json.loads(text))]
+    if fmt == "jsonl":
+        objects: list[Any] = []
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    objects.append(json.loads(line))
+                except json.JSONDecodeError:
+                    objects.append(None)
+    else:
+        delimiter, quoting = ("\t", csv.QUOTE_NONE) if fmt == "tsv" else (",", csv.QUOTE_MINIMAL)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+        missing = [f for f in (image_f, caption_f) if f not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} in the header {reader.fieldnames}")
+        objects = list(reader)
+    rows = []
+    for i, obj in enumerate(objects):
+        if not isinstance(obj, dict) or not isinstance(obj.get(image_f), str) or not obj[image_f]:
+            rows.append(Row(key=f"{epath.Path(path).name}:{i}", image="", problem="bad_row"))
+            continue
+        meta = {k: v for k, v in obj.items() if k not in fields and k is not None and v not in ("", None)}
+        short = obj.get(short_f) or None
+        rows.append(Row(obj[image_f], _resolve(obj[image_f], root), obj.get(caption_f), short, meta or None))
+    return rows
+
+
+def _sharegpt4v_row(i: int, entry: Any, root: str) -> Row:
+    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+        return Row(key=f"#{i}", image="", problem="bad_row")
+    turns = [t.get("value") for t in entry.get("conversations", ()) if isinstance(t, dict) and t.get("from") == "gpt"]
+    meta = {k: v for k, v in entry.items() if k not in ("image", "conversations")}
+    return Row(entry["image"], _resolve(entry["image"], root), turns[0] if turns else None, None, meta or None)
+
+
+def _walk(folder: epath.Path) -> Iterator[epath.Path]:
+    """Files under `folder`, recursively (epath refuses `**` globs, which cost one request per folder on GCS)."""
+    for p in folder.iterdir():
+        if p.is_dir():
+            yield from _walk(p)
+        else:
+            yield p
+
+
+def read_folder(path: str) -> list[Row]:
+    """Rows of a folder input: its images, sorted, with captions from captions.json or sidecar .txt files."""
+    folder = epath.Path(path)
+    images = sorted(p for p in _walk(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
+    index = folder / "captions.json"
+    captions = json.loads(_decode_text(index.read_bytes())) if index.exists() else None
+    rows = []
+    for p in images:
+        rel = p.relative_to(folder).as_posix()
+        if captions is None:
+            rows.append(Row(rel, os.fspath(p), caption_file=os.fspath(p.with_suffix(".txt"))))
+            continue
+        entry = captions.get(rel)
+        if isinstance(entry, dict):
+            rows.append(Row(rel, os.fspath(p), entry.get("caption"), entry.get("short_caption") or None))
+        else:
+            rows.append(Row(rel, os.fspath(p), entry))  # None: counted as missing_caption
+    return rows
+
+
+def _tar_samples(path: str, stats: ShardStats) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a WebDataset tar, streamed in order. The key is the member's path
+    up to the first dot of its base name (WebDataset's rule). A tar cut short (an interrupted download) ends the
+    shard early: the partial sample is counted as `truncated_tar`, the samples before it are kept."""
+    key, files = None, {}
+    with epath.Path(path).open("rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    base = posixpath.basename(member.name)
+                    if not member.isfile() or base.startswith(".") or "." not in base:
+                        continue
+                    stem, ext = base.split(".", 1)
+                    member_key = posixpath.join(posixpath.dirname(member.name), stem)
+                    if member_key != key:
+                        if key is not None:
+                            yield key, files
+                        key, files = member_key, {}
+                    files[ext.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            stats.samples += 1  # the partial sample: samples == written + skipped holds
+            stats.skip("truncated_tar", key or path, f"{type(e).__name__}: {e}")
+            return
+    if key is not None:
+        yield key, files
+
+
+# --- Converting one shard -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ShardStats:
+    samples: int = 0
+    skipped: Counter[str] = dataclasses.field(default_factory=Counter)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # the first few keys per reason
+    reencoded: Counter[str] = dataclasses.field(default_factory=Counter)
+    metadata_dropped: int = 0  # samples kept without their unparseable .json
+
+    def skip(self, reason: str, key: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        if len(examples := self.examples.setdefault(reason, [])) < EXAMPLES_PER_REASON:
+            examples.append(f"{key}: {detail}" if detail else key)
+
+
+def _record(key: str, image: bytes, caption: Any, short: Any, metadata: Any, opts: Options,
+            stats: ShardStats) -> bytes:
+    data, original = prepare_image(image, opts.min_size)
+    if original:
+        stats.reencoded[original] += 1
+    short_text = clean_caption(short) if short else None
+    return records.encode_record(data, clean_caption(caption), short_caption=short_text, metadata=metadata, key=key)
+
+
+def _tar_record(sample: tuple[str, dict[str, bytes]], opts: Options, stats: ShardStats) -> bytes:
+    key, files = sample
+    image = next((files[e] for e in WDS_IMAGE_EXTS if e in files), None)
+    if image is None:
+        raise Skip("missing_image", f"members {sorted(files)}")
+    metadata = None
+    if "json" in files:
+        try:
+            metadata = json.loads(files["json"])
+        except (ValueError, UnicodeDecodeError):
+            stats.metadata_dropped += 1  # metadata is optional: drop it, keep the sample
+    caption = files.get("txt")
+    if caption is None and isinstance(metadata, dict):
+        caption = metadata.get("caption")
+    return _record(key, image, caption, None, metadata, opts, stats)
+
+
+def _row_record(row: Row, opts: Options, stats: ShardStats) -> bytes:
+    if row.problem:
+        raise Skip(row.problem)
+    caption = row.caption
+    if row.caption_file is not None:
+        try:
+            caption = epath.Path(row.caption_file).read_bytes()
+        except FileNotFoundError:
+            raise Skip("missing_caption", row.caption_file) from None
+    try:
+        image = epath.Path(row.image).read_bytes()
+    except FileNotFoundError:
+        raise Skip("missing_file", row.image) from None
+    except OSError as e:  # a directory, no permission, an I/O error: this file, not the conversion
+        raise Skip("unreadable_file", f"{row.image}: {e}") from None
+    return _record(row.key, image, caption, row.short_caption, row.metadata, opts, stats)
+
+
+def report_path(opts: Options, index: int) -> epath.Path:
+    stem = records.shard_name(opts.prefix, index, opts.count).removesuffix(records.SUFFIX)
+    return epath.Path(opts.out) / "reports" / f"{stem}.json"
+
+
+def convert_shard(task: Task, opts: Options) -> dict[str, Any]:
+    """Writes shard `task.index` and its report; returns the report (the existing one if the shard is done)."""
+    name = records.shard_name(opts.prefix, task.index, opts.count)
+    report_file = report_path(opts, task.index)
+    if report_file.exists():  # the report is written last: its presence means the shard is complete
+        return json.loads(report_file.read_text()) | {"resumed": True}
+    start = time.time()
+    stats = ShardStats()
+    samples, make = (_tar_samples(task.source, stats), _tar_record) if task.rows is None else (task.rows, _row_record)
+    with records.ShardWriter(epath.Path(opts.out) / name) as writer:
+        for sample in samples:
+            stats.samples += 1
+            try:
+                writer.write(make(sample, opts, stats))
+            except Skip as s:
+                stats.skip(s.reason, sample.key if isinstance(sample, Row) else sample[0], s.detail)
+    report = {
+        "shard": name, "input": task.source, "samples": stats.samples, "written": writer.count,
+        "skipped": dict(sorted(stats.skipped.items())), "examples": stats.examples,
+        "reencoded": dict(sorted(stats.reencoded.items())), "metadata_dropped": stats.metadata_dropped,
+        "bytes": (epath.Path(opts.out) / name).stat().length, "seconds": round(time.time() - start, 2),
+        "host": socket.gethostname(), "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    _write_json(report_file, report)
+    return report
+
+
+def _write_json(path: epath.Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+# --- The command ----------------------------------------------------------------------------------------------
+
+
+def expand_inputs(inputs: Sequence[str], fmt: str) -> list[str]:
+    """Input paths in the order given; globs and, for tars, directories (their *.tar, sorted) expanded."""
+    out: list[str] = []
+    for spec in inputs:
+        path = epath.Path(spec)
+        if any(c in spec for c in "*?["):
+            matched = records.glob(spec)
+            if not matched:
+                raise FileNotFoundError(f"no input matches {spec}")
+            out.extend(matched)
+        elif fmt == "webdataset" and path.is_dir():
+            out.extend(sorted(os.fspath(p) for p in path.glob("*.tar")))
+        elif not path.exists():
+            raise FileNotFoundError(f"input {spec} does not exist")
+        else:
+            out.append(spec)
+    if not out:
+        raise FileNotFoundError(f"no inputs in {list(inputs)}")
+    return out
+
+
+def plan(fmt: str, inputs: Sequence[str], image_root: str | None = None, shard_size: int = 10_000,
+         fields: Sequence[str] = ("image", "caption", "short_caption")) -> list[Task]:
+    """Every output shard of the data set, numbered over the inputs in order (the same on every machine)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    paths = expand_inputs(inputs, fmt)
+    if fmt == "webdataset":
+        return [Task(i, p) for i, p in enumerate(paths)]
+    tasks: list[Task] = []
+    for p in paths:
+        rows = read_folder(p) if fmt == "folder" else read_table(p, fmt, image_root, fields)
+        for start in range(0, len(rows), shard_size):
+            tasks.append(Task(len(tasks), p, rows[start : start + shard_size]))
+    return tasks
+
+
+def summarize(out: str, prefix: str, count: int, failed: Sequence[dict] = ()) -> dict[str, Any]:
+    """Totals over all shard reports in `out` (from every machine), written to reports/<prefix>-summary.json."""
+    opts = Options(out, prefix, count, 0)
+    reports = [json.loads(p.read_text()) for p in (report_path(opts, i) for i in range(count)) if p.exists()]
+    skipped: Counter[str] = Counter()
+    reencoded: Counter[str] = Counter()
+    for r in reports:
+        skipped.update(r["skipped"])
+        reencoded.update(r["reencoded"])
+    done = {r["shard"] for r in reports}
+    missing = [records.shard_name(prefix, i, count) for i in range(count)]
+    missing = [m for m in missing if m not in done]
+    summary = {
+        "shards": count, "shards_done": len(reports), "missing": missing[:20], "failed": list(failed),
+        "samples": sum(r["samples"] for r in reports), "written": sum(r["written"] for r in reports),
+        "skipped": dict(sorted(skipped.items())), "reencoded": dict(sorted(reencoded.items())),
+        "bytes": sum(r["bytes"] for r in reports),
+    }
+    _write_json(epath.Path(out) / "reports" / f"{prefix}-summary.json", summary)
+    return summary
+
+
+def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None = None, workers: int = 1,
+            shard_index: int = 0, num_shards: int = 1, shard_size: int = 10_000, min_size: int = 32,
+            prefix: str = "train", fields: Sequence[str] = ("image", "caption", "short_caption"),
+            progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Converts this machine's slice (shards i with i % num_shards == shard_index) and returns the summary over
+    every report in `out`. A shard that fails as a whole (a write error) is reported in `failed` after the
+    others finish; the next run retries it."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} must be in [0, num_shards {num_shards})")
+    if shard_size < 1 or workers < 1:
+        raise ValueError("shard_size and workers must be >= 1")
+    tasks = plan(fmt, inputs, image_root, shard_size, fields)
+    if not tasks:
+        raise ValueError(f"{', '.join(inputs)}: no samples to convert")
+    opts = Options(out, prefix, len(tasks), min_size)
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
+    mine = [t for t in tasks if t.index % num_shards == shard_index]
+    failed: list[dict] = []
+
+    def done(task: Task, report: dict | None, error: BaseException | None) -> None:
+        if error is not None:
+            failed.append({"shard": records.shard_name(prefix, task.index, opts.count), "input": task.source,
+                           "error": f"{type(error).__name__}: {error}"})
+            report = failed[-1]
+        if progress:
+            progress(report)
+
+    if workers == 1:
+        for task in mine:
+            try:
+                done(task, convert_shard(task, opts), None)
+            except Exception as e:  # noqa: BLE001 - reported with the summary; the other shards still convert
+                done(task, None, e)
+    else:
+        # spawn: the parent may have imported jax (via the CLI), whose threads do not survive fork
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(convert_shard, t, opts): t for t in mine}
+            for future in concurrent.futures.as_completed(futures):
+                error = future.exception()
+                done(futures[future], None if error else future.result(), error)
+    return summarize(out, prefix, opts.count, failed)

@@ -1,0 +1,343 @@
+"""Our record format for web-scale image-text data (ArrayRecord shards of msgpack records) and the training source
+that reads it (`data.source = "records"`).
+
+A record is a msgpack map (layout in docs/data.md):
+  "v": 1                 format version
+  "image": bytes         the encoded image as published (JPEG/PNG/WebP); re-encoded by the converter only where a
+                         reader could not use it as is (CMYK, 16-bit, other formats)
+  "caption": str         the caption (the long one, when there are two); never truncated
+  "short_caption": str   optional
+  "metadata": str        optional JSON text (e.g. img2dataset's per-sample .json: url, original size, ...)
+  "key": str             optional id of the sample in its source (tar key, file name, row)
+Shards are named `<prefix>-00003-of-00016.arrayrecord` and written with `group_size:1` (every record its own
+chunk, so a random read costs one record: grain's global shuffle reads in random order) and no compression
+(images are compressed already; brotli would cost CPU on every read for ~nothing).
+
+Training: grain reads records by global index (this host's slice, global shuffle, checkpointable iterator
+state; see pipeline.train_dataset), and `DecodeImage`, a grain map, decodes the bytes to RGB uint8 ahead of the
+random resized crop. A record whose image cannot be decoded is dropped (the map returns None, which grain
+filters out) and counted: `decode_failures()`.
+
+Paths go through `etils.epath`, and ArrayRecord's reader opens `gs://` paths itself; its writer writes local
+files only, so `ShardWriter` writes remote shards locally first and copies them (epath needs gcsfs for gs://).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import msgpack
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUFFIX = ".arrayrecord"
+WRITER_OPTIONS = "group_size:1,uncompressed"
+SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5,})-of-(?P<count>\d{5,})\.arrayrecord$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# A training run whose first records all fail is pointed at the wrong data: stop instead of spinning forever.
+_ALL_FAILED_LIMIT = 200
+
+
+def shard_name(prefix: str, index: int, count: int) -> str:
+    return f"{prefix}-{index:05d}-of-{count:05d}{SUFFIX}"
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", os.fspath(path)) is not None
+
+
+# --- Records --------------------------------------------------------------------------------------------------
+
+
+def encode_record(image: bytes, caption: str, *, short_caption: str | None = None,
+                  metadata: dict | str | None = None, key: str | None = None) -> bytes:
+    """One record's bytes. `metadata` is stored as JSON text (a dict is serialised, a str kept as given)."""
+    record: dict[str, Any] = {"v": FORMAT_VERSION, "image": bytes(image), "caption": caption}
+    if short_caption:
+        record["short_caption"] = short_caption
+    if metadata is not None:
+        text = metadata if isinstance(metadata, str) else json.dumps(metadata, ensure_ascii=False,
+                                                                     separators=(",", ":"))
+        record["metadata"] = text
+    if key is not None:
+        record["key"] = key
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    """The record's fields (see the module docstring); ValueError if `data` is not a record of ours."""
+    try:
+        record = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise ValueError(f"not a clip_jax record: {e}") from None
+    if not isinstance(record, dict) or record.get("v") != FORMAT_VERSION or not isinstance(record.get("image"), bytes):
+        raise ValueError(f"not a clip_jax record (version {FORMAT_VERSION}): keys {sorted(record)[:8]}"
+                         if isinstance(record, dict) else "not a clip_jax record: not a map")
+    return record
+
+
+def record_metadata(record: dict[str, Any]) -> dict | None:
+    text = record.get("metadata")
+    return json.loads(text) if text else None
+
+
+# --- Images ---------------------------------------------------------------------------------------------------
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """RGB uint8 of a loaded image of any mode; 16/32-bit integer images are scaled by their maximum (as
+    `images.load_image` does), since PIL's convert would clip them to 255."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of encoded image bytes. With `min_side`, a JPEG is decoded at the smallest of 1/1, 1/2,
+    1/4, 1/8 scale whose sides both stay >= min_side (libjpeg scales in the DCT: a 4000x3000 photo decodes ~5x
+    faster); other formats decode at full size. Raises what PIL raises for a bad file."""
+    with Image.open(io.BytesIO(data)) as img:
+        if min_side and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
+        img.load()
+        return to_rgb(img)
+
+
+def crop_min_side(image_size: int, augment: bool, crop_scale: Sequence[float]) -> int:
+    """The shorter side a decoded image needs so that the training crop is not upsampled: the smallest random
+    resized crop (area fraction crop_scale[0] at aspect ratio 3/4) has a side of sqrt(0.75 * scale) times the
+    image's."""
+    return math.ceil(image_size / math.sqrt(0.75 * crop_scale[0])) if augment else image_size
+
+
+class _Counts:
+    """Decode counts, shared by grain's reader threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.decoded = 0  # counted per DecodeImage only
+        self.failed = 0
+
+
+_COUNTS = _Counts()  # per process
+
+
+def decode_failures() -> int:
+    """Records dropped because their image could not be decoded, in this process, since it started. With
+    `data.workers > 0` the decoding (and the counting) happens in grain's worker processes, which log each
+    failure instead (the first 10, then every 100th)."""
+    return _COUNTS.failed
+
+
+class DecodeImage(grain.transforms.Map):
+    """Grain map: a record item's `image_bytes` -> `image` (RGB uint8), or None (dropped by grain) when the bytes
+    do not decode. A class, so grain's worker processes can pickle it."""
+
+    def __init__(self, min_side: int = 0):
+        self.min_side = min_side
+        self._seen = _Counts()  # this map's own counts: a data set none of whose first records decode is an error
+
+    def __getstate__(self) -> dict:
+        return {"min_side": self.min_side}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["min_side"])
+
+    def map(self, element: dict) -> dict | None:
+        data = element.get("image_bytes")
+        try:
+            if not data:
+                raise ValueError(element.get("error", "no image bytes"))
+            image = decode_image(data, self.min_side)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; one bad record is never fatal
+            with _COUNTS.lock:
+                _COUNTS.failed += 1
+                failed = _COUNTS.failed
+            with self._seen.lock:
+                self._seen.failed += 1
+                all_failed = self._seen.decoded == 0 and self._seen.failed >= _ALL_FAILED_LIMIT
+            if failed <= 10 or failed % 100 == 0:
+                log.warning("dropping record %s: undecodable image (%s: %s); %d dropped so far in process %d",
+                            element.get("key", "?"), type(e).__name__, e, failed, os.getpid())
+            if all_failed:
+                raise ValueError(f"the first {_ALL_FAILED_LIMIT} records read have no decodable image: is data.path "
+                                 "a set of shards written by `clip-jax data convert`?") from None
+            return None
+        with self._seen.lock:
+            self._seen.decoded += 1
+        return {k: v for k, v in element.items() if k not in ("image_bytes", "key", "error")} | {"image": image}
+
+
+# --- Shards ---------------------------------------------------------------------------------------------------
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted paths matching `pattern` (local or remote): epath globs below the last folder without wildcards."""
+    pieces = pattern.split("/")
+    first = next((i for i, piece in enumerate(pieces) if _GLOB_CHARS.search(piece)), len(pieces))
+    base = "/".join(pieces[:first]) or ("/" if pattern.startswith("/") else ".")
+    return sorted(os.fspath(p) for p in epath.Path(base).glob("/".join(pieces[first:])))
+
+
+def list_shards(spec: str) -> list[str]:
+    """Shard paths of `spec`: a directory (all its shards, which must be complete: every index of `-of-N`), a
+    glob, a file, or a comma-separated list of these. Sorted within each item."""
+    found: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if _GLOB_CHARS.search(part):
+            matched = [p for p in glob(part) if p.endswith(SUFFIX)]
+            if not matched:
+                raise FileNotFoundError(f"no {SUFFIX} shards match {part}")
+        else:
+            path = epath.Path(part)
+            if path.is_dir():
+                matched = sorted(os.fspath(p) for p in path.iterdir() if p.name.endswith(SUFFIX))
+                if not matched:
+                    raise FileNotFoundError(f"no {SUFFIX} shards in {part}")
+                _check_complete(matched, part)
+            elif path.exists():
+                matched = [os.fspath(path)]
+            else:
+                raise FileNotFoundError(f"shard path {part} does not exist")
+        found.extend(matched)
+    if not found:
+        raise FileNotFoundError(f"data.path {spec!r} names no shards")
+    return found
+
+
+def _check_complete(paths: list[str], where: str) -> None:
+    """A directory stands for a whole data set: missing shards mean a conversion that has not finished."""
+    sets: dict[tuple[str, int], set[int]] = {}
+    for p in paths:
+        m = SHARD_RE.match(epath.Path(p).name)
+        if m:
+            sets.setdefault((m["prefix"], int(m["count"])), set()).add(int(m["index"]))
+    for (prefix, count), have in sorted(sets.items()):
+        missing = sorted(set(range(count)) - have)
+        if missing:
+            names = ", ".join(f"{i:05d}" for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise FileNotFoundError(
+                f"{where}: {len(have)} of {count} '{prefix}' shards present (missing {names}); is the conversion "
+                "still running? To train on a subset, name the shards with a glob"
+            )
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name and renames it on a clean close, so an existing shard is always
+    complete. A remote destination is written locally, then copied (ArrayRecord writes local files only)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = epath.Path(path)
+        self.count = 0
+        self._tmp_name = f"{self.path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+        self._local_dir = tempfile.mkdtemp(prefix="clip_jax_shard_") if is_remote(path) else None
+        self._tmp = (epath.Path(self._local_dir) if self._local_dir else self.path.parent) / self._tmp_name
+        self._writer = ArrayRecordWriter(os.fspath(self._tmp), WRITER_OPTIONS)
+
+    def write(self, record: bytes) -> None:
+        self._writer.write(record)
+        self.count += 1
+
+    def close(self) -> None:
+        self._writer.close()
+        if self._local_dir is None:
+            self._tmp.replace(self.path)
+            return
+        remote_tmp = self.path.parent / self._tmp_name
+        self._tmp.copy(remote_tmp, overwrite=True)
+        remote_tmp.replace(self.path)
+        shutil.rmtree(self._local_dir, ignore_errors=True)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+        if self._local_dir:
+            shutil.rmtree(self._local_dir, ignore_errors=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# --- Training source ------------------------------------------------------------------------------------------
+
+
+class RecordSource:
+    """Random-access source (for `grain.MapDataset.source`) over shards: items {"image_bytes", "long_caption"
+    [, "short_caption"], "key"}, decoded by `self.decode` in the grain map. A record that does not parse comes back
+    without image bytes, so the map drops and counts it like an undecodable image."""
+
+    def __init__(self, paths: Sequence[str], min_side: int = 0):
+        self.paths = list(paths)
+        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        if len(self._source) == 0:
+            raise ValueError(f"the shards {self.paths[:3]}{' ...' if len(self.paths) > 3 else ''} hold no records")
+        self.decode = DecodeImage(min_side)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        # Indices wrap around, as in captions.CaptionFileSource: pipeline.tokenizer_corpus reads a fixed count.
+        try:
+            record = decode_record(self._source[index % len(self._source)])
+        except ValueError as e:
+            return {"image_bytes": None, "long_caption": "", "key": f"#{index}", "error": str(e)}
+        item = {"image_bytes": record["image"], "long_caption": record["caption"], "key": record.get("key", "")}
+        if record.get("short_caption"):
+            item["short_caption"] = record["short_caption"]
+        return item
+
+
+def records_source(config: ml_collections.ConfigDict, split: str) -> RecordSource:
+    """`data.source = "records"`: the shards of `data.path`, less nothing (`data.skip` is for caption files)."""
+    if split != "train":
+        raise ValueError(f"data.source 'records' has only a train split, not {split!r}")
+    if not config.data.path:
+        raise ValueError("data.source 'records' needs data.path: a shard directory, a glob or a list of shards")
+    d = config.data
+    return RecordSource(list_shards(d.path), crop_min_side(config.model.vision.image_size, d.augment, d.crop_scale))
+
+
+def describe(spec: str, n: int = 3) -> dict[str, Any]:
+    """Shard count, record count and the first `n` records (key, captions, image size) of `spec`."""
+    paths = list_shards(spec)
+    source = grain.sources.ArrayRecordDataSource(paths)
+    samples = []
+    for i in range(min(n, len(source))):
+        record = decode_record(source[i])
+        try:
+            h, w = decode_image(record["image"]).shape[:2]
+            size = f"{w}x{h}"
+        except Exception as e:  # noqa: BLE001 - reported, not raised: this is an inspection tool
+            size = f"undecodable ({type(e).__name__})"
+        samples.append({"key": record.get("key"), "caption": record["caption"],
+                        "short_caption": record.get("short_caption"), "image": size,
+                        "metadata": record_metadata(record)})
+    return {"shards": len(paths), "records": len(source), "first": paths[0], "samples": samples}

@@ -1,0 +1,258 @@
+"""`clip-jax data convert`: every input format becomes shards whose records are the good samples in input order
+(original image bytes kept, CMYK/16-bit re-encoded), bad samples are skipped and counted by reason, shards are
+numbered over the inputs so machines can split the work, and a re-run converts only unfinished shards."""
+
+import io
+import json
+import os
+import tarfile
+import warnings
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax import cli
+from clip_jax.data import convert, records
+from clip_jax.data.pipeline import train_dataset
+from clip_jax.data.tokenizer import ClipTokenizer
+
+RNG = np.random.default_rng(0)
+
+
+def image_bytes(w=48, h=40, fmt="JPEG", mode="RGB", value=None, smooth=False):
+    if smooth:  # a colour gradient: survives JPEG re-encoding closely, as photos do (noise would not)
+        y, x = np.mgrid[0:h, 0:w]
+        array = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h) + 64], -1).astype(np.uint8)
+    else:
+        array = RNG.integers(0, 256, (h, w, 3), np.uint8) if value is None else np.full((h, w, 3), value, np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(out, fmt)
+    return out.getvalue()
+
+
+def sixteen_bit_png():
+    out = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 1000, np.uint16)).save(out, "PNG")
+    return out.getvalue()
+
+
+def read_shards(paths):
+    return [records.decode_record(r) for r in grain.sources.ArrayRecordDataSource([str(p) for p in paths])]
+
+
+def make_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+LONG = " ".join(["word"] * 2000)
+GOOD_JPEG = image_bytes()
+
+
+def test_webdataset_tar(tmp_path):
+    png, webp, deep = image_bytes(fmt="PNG"), image_bytes(fmt="WEBP"), sixteen_bit_png()
+    cmyk = image_bytes(mode="CMYK", smooth=True)
+    make_tar(tmp_path / "00000.tar", [
+        ("000.jpg", GOOD_JPEG), ("000.txt", b"a  photo\nof a cat "), ("000.json", b'{"url": "http://a", "w": 48}'),
+        ("001.png", png), ("001.txt", LONG.encode()),
+        ("002.webp", webp), ("002.json", b'{"caption": "from the json"}'),
+        ("003.jpg", GOOD_JPEG[: len(GOOD_JPEG) // 2]), ("003.txt", b"truncated"),
+        ("004.jpg", b"not an image"), ("004.txt", b"garbage"),
+        ("005.jpg", image_bytes(8, 100)), ("005.txt", b"tiny"),
+        ("006.jpg", GOOD_JPEG), ("006.txt", b" \n "),
+        ("007.jpg", GOOD_JPEG), ("007.txt", b"caf\xe9 latin-1"),
+        ("008.txt", b"no image"),
+        ("009.jpg", GOOD_JPEG),
+        ("010.jpg", cmyk), ("010.txt", b"cmyk"), ("010.json", b"{not json"),
+        ("011.png", deep), ("011.txt", b"sixteen bit"),
+    ])
+    summary = convert.convert("webdataset", [str(tmp_path)], str(tmp_path / "out"))
+    assert (tmp_path / "out" / "train-00000-of-00001.arrayrecord").exists()
+    report = json.loads((tmp_path / "out" / "reports" / "train-00000-of-00001.json").read_text())
+    assert report["skipped"] == {"empty_caption": 1, "missing_caption": 1, "missing_image": 1, "non_utf8_caption": 1,
+                                 "too_small": 1, "truncated_image": 1, "undecodable_image": 1}
+    assert report["samples"] == 12 and report["written"] == 5 and report["metadata_dropped"] == 1
+    assert report["reencoded"] == {"JPEG/CMYK": 1, "PNG/I;16": 1}
+    assert report["examples"]["too_small"] == ["005: 8x100"]
+    assert summary["written"] == 5 and summary["skipped"] == report["skipped"] and summary["shards_done"] == 1
+    recs = read_shards([tmp_path / "out" / "train-00000-of-00001.arrayrecord"])
+    assert [r["key"] for r in recs] == ["000", "001", "002", "010", "011"]
+    assert [r["image"] for r in recs[:3]] == [GOOD_JPEG, png, webp]  # the original bytes, byte for byte
+    assert recs[0]["caption"] == "a photo of a cat" and records.record_metadata(recs[0]) == {"url": "http://a", "w": 48}
+    assert recs[1]["caption"] == LONG  # never truncated
+    assert recs[2]["caption"] == "from the json"
+    assert "metadata" not in recs[3]
+    cmyk_back = Image.open(io.BytesIO(recs[3]["image"]))
+    assert (cmyk_back.format, cmyk_back.mode) == ("JPEG", "RGB")
+    original = np.asarray(Image.open(io.BytesIO(cmyk)).convert("RGB"), np.float32)
+    assert np.abs(np.asarray(cmyk_back, np.float32) - original).mean() < 3
+    deep_back = Image.open(io.BytesIO(recs[4]["image"]))
+    assert (deep_back.format, deep_back.mode) == ("PNG", "RGB")
+    assert (np.asarray(deep_back) == 255).all()  # scaled by the maximum, not clipped
+
+
+def test_truncated_tar_keeps_the_samples_before(tmp_path):
+    make_tar(tmp_path / "full.tar", [(f"{i:03d}.{ext}", GOOD_JPEG if ext == "jpg" else f"caption {i}".encode())
+                                     for i in range(4) for ext in ("jpg", "txt")])
+    data = (tmp_path / "full.tar").read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        cut = tar.getmember("002.jpg").offset_data + 100  # inside sample 002's image
+    (tmp_path / "cut.tar").write_bytes(data[:cut])
+    summary = convert.convert("webdataset", [str(tmp_path / "cut.tar")], str(tmp_path / "out"))
+    assert summary["written"] == 2 and summary["skipped"] == {"truncated_tar": 1}
+    assert [r["caption"] for r in read_shards([tmp_path / "out" / "train-00000-of-00001.arrayrecord"])] == [
+        "caption 0", "caption 1"]
+
+
+def write_images(root, names):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(image_bytes(value=len(name)))
+
+
+def test_csv_chunks_into_shards(tmp_path):
+    write_images(tmp_path / "imgs", ["a.jpg", "b.jpg", "sub/c.jpg", "d.jpg", "e.jpg"])
+    (tmp_path / "list.csv").write_bytes(
+        b"image,caption,short_caption,source\n"
+        b"a.jpg,\"long, quoted caption. second sentence\",short a,web\n"
+        b"missing.jpg,caption,,\n"
+        b"b.jpg,,,\n"
+        b"sub/c.jpg,caf\xe9 not utf-8,,\n"
+        b"d.jpg,caption d,,\n"
+        b",no image,,\n"
+        b"e.jpg,caption e,,\n"
+    )
+    summary = convert.convert("csv", [str(tmp_path / "list.csv")], str(tmp_path / "out"),
+                              image_root=str(tmp_path / "imgs"), shard_size=3)
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.arrayrecord"))
+    assert names == [f"train-0000{i}-of-00003.arrayrecord" for i in range(3)]
+    assert summary["skipped"] == {"bad_row": 1, "empty_caption": 1, "missing_file": 1, "non_utf8_caption": 1}
+    recs = read_shards(sorted((tmp_path / "out").glob("*.arrayrecord")))
+    assert [r["key"] for r in recs] == ["a.jpg", "d.jpg", "e.jpg"]
+    assert recs[0]["caption"] == "long, quoted caption. second sentence" and recs[0]["short_caption"] == "short a"
+    assert records.record_metadata(recs[0]) == {"source": "web"} and "short_caption" not in recs[1]
+    assert recs[1]["image"] == (tmp_path / "imgs" / "d.jpg").read_bytes()
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "reports").glob("train-0*.json"))]
+    assert [(r["samples"], r["written"]) for r in reports] == [(3, 1), (3, 1), (1, 1)]
+
+
+def test_tsv_and_jsonl(tmp_path):
+    write_images(tmp_path, ["x.png", "y.png"])
+    (tmp_path / "t.tsv").write_text('image\tcaption\nx.png\ta "quoted" caption\ny.png\tsecond\n', encoding="utf-8")
+    (tmp_path / "t.jsonl").write_text(
+        '{"image": "x.png", "caption": "j1", "short_caption": "s1", "id": 7}\n{broken json\n\n'
+        '{"image": "y.png", "caption": "\\udc80 lone surrogate"}\n{"image": "y.png", "caption": "j2"}\n')
+    convert.convert("tsv", [str(tmp_path / "t.tsv")], str(tmp_path / "tsv"))
+    assert [r["caption"] for r in read_shards((tmp_path / "tsv").glob("*.arrayrecord"))] == ['a "quoted" caption',
+                                                                                             "second"]
+    summary = convert.convert("jsonl", [str(tmp_path / "t.jsonl")], str(tmp_path / "jsonl"))
+    assert summary["skipped"] == {"bad_row": 1, "non_utf8_caption": 1}
+    recs = read_shards((tmp_path / "jsonl").glob("*.arrayrecord"))
+    assert [(r["caption"], r.get("short_caption")) for r in recs] == [("j1", "s1"), ("j2", None)]
+    assert records.record_metadata(recs[0]) == {"id": 7}
+
+
+def test_sharegpt4v(tmp_path):
+    write_images(tmp_path / "data" / "coco", ["1.jpg", "2.jpg"])
+    entries = [
+        {"id": "a", "image": "coco/1.jpg", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                                             {"from": "gpt", "value": "A long\n\ncaption. More."}]},
+        {"id": "b", "image": "coco/2.jpg", "conversations": [{"from": "human", "value": "?"}]},
+        {"id": "c", "conversations": []},
+    ]
+    (tmp_path / "sharegpt4v.json").write_text(json.dumps(entries))
+    summary = convert.convert("sharegpt4v", [str(tmp_path / "sharegpt4v.json")], str(tmp_path / "out"),
+                              image_root=str(tmp_path / "data"))
+    assert summary["skipped"] == {"bad_row": 1, "missing_caption": 1}
+    (rec,) = read_shards((tmp_path / "out").glob("*.arrayrecord"))
+    assert rec["caption"] == "A long caption. More." and records.record_metadata(rec) == {"id": "a"}
+
+
+def test_folder_layouts(tmp_path):
+    write_images(tmp_path / "f1", ["a.jpg", "sub/b.png", "c.webp"])
+    (tmp_path / "f1" / "captions.json").write_text(json.dumps(
+        {"a.jpg": "caption a", "sub/b.png": {"caption": "long b", "short_caption": "b"}}))
+    write_images(tmp_path / "f2", ["p.jpg", "q.jpg"])
+    (tmp_path / "f2" / "p.txt").write_text("sidecar p\n")
+    summary = convert.convert("folder", [str(tmp_path / "f1"), str(tmp_path / "f2")], str(tmp_path / "out"),
+                              shard_size=2)
+    assert summary["shards"] == 3 and summary["skipped"] == {"missing_caption": 2}
+    recs = read_shards(sorted((tmp_path / "out").glob("*.arrayrecord")))
+    assert [(r["key"], r["caption"], r.get("short_caption")) for r in recs] == [
+        ("a.jpg", "caption a", None), ("sub/b.png", "long b", "b"), ("p.jpg", "sidecar p", None)]
+
+
+def test_machines_split_the_shards_and_reruns_skip_finished_ones(tmp_path):
+    tars = []
+    for t in range(3):
+        tars.append(tmp_path / f"{t:05d}.tar")
+        make_tar(tars[-1], [(f"{t}{i}.{ext}", GOOD_JPEG if ext == "jpg" else b"c") for i in range(2)
+                            for ext in ("jpg", "txt")])
+    out = tmp_path / "out"
+    first = convert.convert("webdataset", [str(p) for p in tars], str(out), shard_index=1, num_shards=2)
+    assert sorted(p.name for p in out.glob("*.arrayrecord")) == ["train-00001-of-00003.arrayrecord"]
+    assert first["shards_done"] == 1 and len(first["missing"]) == 2
+    second = convert.convert("webdataset", [str(p) for p in tars], str(out), shard_index=0, num_shards=2)
+    assert second["shards_done"] == 3 and second["written"] == 6 and second["missing"] == []
+    shard1 = out / "train-00001-of-00003.arrayrecord"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.arrayrecord")}
+    (out / "reports" / "train-00002-of-00003.json").unlink()  # as if the machine died before finishing shard 2
+    seen = []
+    again = convert.convert("webdataset", [str(p) for p in tars], str(out), progress=seen.append)
+    assert sorted((r["shard"][6:11], bool(r.get("resumed"))) for r in seen) == [
+        ("00000", True), ("00001", True), ("00002", False)]
+    assert shard1.stat().st_mtime_ns == mtimes[shard1.name] and again["written"] == 6
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_parallel_workers_write_the_same_shards(tmp_path):
+    write_images(tmp_path, [f"{i}.jpg" for i in range(6)])
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps({"image": f"{i}.jpg", "caption": f"c{i}"}) + "\n"
+                                              for i in range(6)))
+    convert.convert("jsonl", [str(tmp_path / "l.jsonl")], str(tmp_path / "one"), shard_size=2)
+    convert.convert("jsonl", [str(tmp_path / "l.jsonl")], str(tmp_path / "two"), shard_size=2, workers=2)
+    for name in (f"train-0000{i}-of-00003.arrayrecord" for i in range(3)):
+        assert read_shards([tmp_path / "one" / name]) == read_shards([tmp_path / "two" / name])
+
+
+def test_cli_convert_inspect_and_train_on_the_result(tmp_path, capsys):
+    write_images(tmp_path, [f"{i}.png" for i in range(8)])
+    (tmp_path / "l.csv").write_text("file,text\n" + "".join(f"{i}.png,caption {i}\n" for i in range(8)))
+    cli.main(["data", "convert", "--format", "csv", str(tmp_path / "l.csv"), "--out", str(tmp_path / "out"),
+              "--image-field", "file", "--caption-field", "text", "--shard-size", "3", "--prefix", "web"])
+    printed = capsys.readouterr().out
+    assert "web-00002-of-00003.arrayrecord: 2 of 2 samples written" in printed
+    assert "3 of 3 shards done, 8 of 8 samples written (skipped: none)" in printed
+    cli.main(["data", "inspect", str(tmp_path / "out"), "-n", "2"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["shards"] == 3 and info["records"] == 8 and info["samples"][1]["caption"] == "caption 1"
+    assert info["samples"][0]["image"] == "48x40"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["data", "convert", "--format", "csv", str(tmp_path / "l.csv"), "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "no column 'image'" in capsys.readouterr().err
+
+    from clip_jax.config import default_config
+    from clip_jax.models.presets import model_preset
+
+    config = default_config()
+    config.batch_size, config.data.source, config.data.path = 4, "records", str(tmp_path / "out")
+    config.model = model_preset("tiny", vocab_size=600, context_length=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny corpus cannot fill the vocabulary
+        tokenizer = ClipTokenizer.train([f"caption {i}" for i in range(8)] * 3, 600)
+    batch = next(iter(train_dataset(config, tokenizer)))
+    size = config.model.vision.image_size
+    assert batch["image"].shape == (4, size, size, 3) and batch["text"].shape == (4, 8)
+
+
+def test_cli_formats_match_the_converter():
+    parser = cli.build_parser()
+    data = next(a for a in parser._subparsers._group_actions[0].choices["data"]._actions if a.dest == "data_command")
+    fmt = next(a for a in data.choices["convert"]._actions if a.dest == "format")
+    assert tuple(fmt.choices) == convert.FORMATS
+    assert os.path.basename(records.shard_name("p", 3, 16)) == "p-00003-of-00016.arrayrecord"

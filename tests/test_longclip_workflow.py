@@ -1,0 +1,125 @@
+"""Long-CLIP end to end through the command line on a tiny model: a 77-token base, `stretch` (keep 20 x 4 and plain
+interpolation), a fine-tune with primary component matching (kept positions frozen, temperature reset to 100), and
+the fine-tuned text tower exported for diffusers as HF `CLIPTextModel(WithProjection)` with 248 positions, which
+transformers loads offline and which reproduces clip_jax's text features."""
+
+import json
+import math
+import pathlib
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax import cli
+from clip_jax.longclip import interpolate_positions, stretch_positions
+from clip_jax.models.clip import CLIP
+from clip_jax.train.loop import load_trained
+from clip_jax.train.metrics import read_metrics
+
+CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "longclip_shapes.py")
+SIZES = dict(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64)
+TINY = [
+    *(f"--config.model.{tower}.{k}={v}" for tower in ("vision", "text") for k, v in SIZES.items()),
+    "--config.model.vision.image_size=32", "--config.model.text.vocab_size=600", "--config.model.embed_dim=16",
+    "--config.data.tokenizer_vocab_size=600", "--config.batch_size=16", "--config.total_steps=2",
+    "--config.optimizer.warmup_steps=1", "--config.log.every_steps=1", "--config.eval.num_examples=16",
+    "--config.eval.batch_size=16",
+]
+
+
+def params_of(workdir):
+    return jax.tree.map(np.asarray, jax.device_get(load_trained(workdir)[2]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("longclip")
+    cli.main(["train", "--config", f"{CONFIG}:base", "--workdir", str(root / "base"), *TINY])
+    cli.main(["stretch", "--workdir", str(root / "base"), "--out-workdir", str(root / "keep")])
+    stretched = params_of(root / "keep")  # before the fine-tune writes its own checkpoints there
+    # 8 fake devices hold 2 rows each: PCA over the global batch of 16
+    cli.main(["train", "--config", CONFIG, "--workdir", str(root / "keep"), *TINY, "--config.loss.pca_components=4",
+              "--config.loss.pca_scope=global"])
+    return root, stretched
+
+
+def test_stretch_writes_a_warm_start_workdir(runs):
+    root, stretched = runs
+    base = params_of(root / "base")
+    table = stretch_positions(base["text"]["positional_embedding"], keep=20, ratio=4)
+    np.testing.assert_array_equal(stretched["text"]["positional_embedding"], table)
+    np.testing.assert_array_equal(stretched["text"]["positional_embedding_res"], table)
+    flat = lambda tree: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    before, after = flat(base), flat(stretched)
+    changed = {k for k in after if k not in before or not np.array_equal(after[k], before[k])}
+    assert changed == {"['text']['positional_embedding']", "['text']['positional_embedding_res']"}
+    assert (root / "keep" / "tokenizer.json").read_bytes() == (root / "base" / "tokenizer.json").read_bytes()
+
+    cli.main(["stretch", "--workdir", str(root / "base"), "--out-workdir", str(root / "interp"), "--method",
+              "interpolate", "--length", "100"])
+    config, _, params, *_ = load_trained(root / "interp")
+    assert (config.model.text.context_length, config.model.text.keep_positions) == (100, 0)
+    assert "positional_embedding_res" not in params["text"]
+    np.testing.assert_array_equal(np.asarray(params["text"]["positional_embedding"]),
+                                  interpolate_positions(base["text"]["positional_embedding"], 100))
+
+
+def test_finetune_freezes_kept_positions_and_resets_the_temperature(runs):
+    root, stretched = runs
+    tuned = params_of(root / "keep")
+    np.testing.assert_array_equal(tuned["text"]["positional_embedding"], stretched["text"]["positional_embedding"])
+    moved = np.abs(tuned["text"]["positional_embedding_res"] - stretched["text"]["positional_embedding_res"])
+    assert moved[20:].max() > 0 and moved[:20].max() == 0  # rows < 20 of the second table get no gradient
+    config = json.loads((root / "keep" / "config.json").read_text())
+    assert config["loss"]["name"] == "longclip" and config["model"]["max_logit_scale"] == 0
+    train = [r for r in read_metrics(root / "keep" / "metrics.jsonl") if r["split"] == "train"]
+    # The base trained with a temperature starting at 1/0.07; the fine-tune starts at 100, unclamped.
+    assert train[0]["logit_scale"] == pytest.approx(100.0, rel=1e-5)
+    assert math.isfinite(train[-1]["loss_long"]) and math.isfinite(train[-1]["loss_short"])
+    results = json.loads((root / "keep" / "results.json").read_text())
+    assert {"long_t2i_r1", "long_i2t_r1", "hard_pairs_acc", "hard_pairs_image_acc"} <= set(results)
+
+
+def test_pca_wider_than_the_batch_is_refused_before_compiling(runs, capsys):
+    root, _ = runs
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", CONFIG, "--workdir", str(root / "refused"), *TINY])  # 16 components, 2 rows
+    err = capsys.readouterr().err
+    assert "loss.pca_components 16 must be below the local batch the PCA runs over (2: batch_size 16, 8" in err
+    assert "compiled" not in capsys.readouterr().out
+
+
+# ---- export for diffusers ----------------------------------------------------------------------------------------
+def test_hf_text_export_of_the_finetuned_model(runs):
+    # The torchvision build here is broken; transformers imports it only for this module's side effects.
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    root, _ = runs
+    cli.main(["export", "--workdir", str(root / "keep"), "--format", "hf-text", "--out", str(root / "text")])
+    config, model, params, tokenizer, _, _ = load_trained(root / "keep")
+    from clip_jax.data.shapes import ShapesConfig, ShapesDataset
+
+    captions = [ShapesDataset(ShapesConfig(image_size=32, min_objects=8, max_objects=8), "test")[i]["long_caption"]
+                for i in range(3)]
+    ids = tokenizer(captions, 248)
+    assert ((ids > 0).sum(axis=1) > 77).all()  # captions longer than CLIP's 77 tokens
+    expected = np.asarray(model.apply({"params": params}, ids, normalize=False, method=CLIP.encode_text))
+
+    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "text", local_files_only=True)
+    hf_ids = hf_tokenizer(captions, padding="max_length", max_length=248, truncation=True, return_tensors="np")
+    eot = tokenizer.eot_id
+    for mine, theirs in zip(ids, hf_ids["input_ids"], strict=True):  # HF pads with EOT, we with 0
+        n = int(np.argmax(mine == eot)) + 1
+        assert mine[:n].tolist() == theirs[:n].tolist()
+    with torch.no_grad():
+        with_proj = transformers.CLIPTextModelWithProjection.from_pretrained(root / "text", local_files_only=True)
+        assert with_proj.config.max_position_embeddings == 248
+        got = with_proj.eval()(torch.from_numpy(hf_ids["input_ids"].astype(np.int64))).text_embeds.numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        plain = transformers.CLIPTextModel.from_pretrained(root / "text", local_files_only=True).eval()
+        pooled = plain(torch.from_numpy(hf_ids["input_ids"].astype(np.int64))).pooler_output
+        np.testing.assert_allclose((pooled @ with_proj.text_projection.weight.T).numpy(), expected, atol=1e-5)

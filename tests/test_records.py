@@ -1,0 +1,223 @@
+"""Our ArrayRecord format and its training source: records round-trip, shards appear only when complete, shard
+lists are checked, and the grain pipeline over shards is a global, deterministic, resumable shuffle of exactly the
+decodable records, split disjointly over hosts, with undecodable ones dropped and counted."""
+
+import io
+import warnings
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax.config import default_config
+from clip_jax.data import pipeline, records
+from clip_jax.data.pipeline import tokenizer_corpus, train_dataset
+from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.models.presets import model_preset
+
+N_GOOD, PER_SHARD, BATCH, IMAGE, CONTEXT, VOCAB = 24, 7, 4, 16, 16, 600
+BAD_KEYS = ("corrupt", "garbage")
+
+
+def encode(array, fmt="PNG", mode=None, **kw):
+    img = Image.fromarray(array)
+    if mode:
+        img = img.convert(mode)
+    out = io.BytesIO()
+    img.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def colour(i):
+    """A solid colour identifying record i (PNG keeps it exact, through resizing too)."""
+    return np.array([10 * i, 255 - 10 * i, (37 * i) % 256], np.uint8)
+
+
+def write_set(directory, prefix="train", bad=True):
+    """N_GOOD solid-colour records (caption "record i") and two bad ones, over ceil(26 / PER_SHARD) shards."""
+    blobs = []
+    for i in range(N_GOOD):
+        image = np.broadcast_to(colour(i), (20 + i, 30, 3)).copy()
+        blobs.append(records.encode_record(encode(image), f"record {i}", key=f"k{i}"))
+        if i == 5 and bad:
+            blobs.append(records.encode_record(b"\x89PNG\r\n\x1a\n broken", "never seen", key="corrupt"))
+        if i == 17 and bad:
+            blobs.append(b"not msgpack at all \xc1")
+    count = -(-len(blobs) // PER_SHARD)
+    for s in range(count):
+        with records.ShardWriter(directory / records.shard_name(prefix, s, count)) as writer:
+            for blob in blobs[s * PER_SHARD : (s + 1) * PER_SHARD]:
+                writer.write(blob)
+    return count
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("records")
+    write_set(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny corpus cannot fill the vocabulary
+        return ClipTokenizer.train([f"record {i}" for i in range(N_GOOD)] * 4, VOCAB)
+
+
+def make_config(path, seed=0):
+    config = default_config()
+    config.seed = seed
+    config.batch_size = BATCH
+    config.model = model_preset("tiny", vocab_size=VOCAB, context_length=CONTEXT)
+    config.model.vision.image_size = IMAGE
+    config.data.source = "records"
+    config.data.path = str(path)
+    config.data.augment = False  # centre crop: a record's pixels stay its colour
+    return config
+
+
+def identify(batch, tokenizer):
+    """The record index of every example, checking that its caption is that record's caption."""
+    ids = []
+    for image, text in zip(batch["image"], batch["text"], strict=True):
+        assert (image == image[0, 0]).all()
+        i = next(i for i in range(N_GOOD) if (image[0, 0] == colour(i)).all())
+        np.testing.assert_array_equal(text, tokenizer([f"record {i}"], CONTEXT)[0])
+        ids.append(i)
+    return ids
+
+
+# --- Format ---------------------------------------------------------------------------------------------------
+
+
+def test_record_round_trip():
+    data = records.encode_record(b"\xff\xd8jpeg", "a long caption " * 50, short_caption="short", key="00042",
+                                 metadata={"url": "http://x/é", "width": 640})
+    record = records.decode_record(data)
+    assert record["image"] == b"\xff\xd8jpeg" and record["caption"] == "a long caption " * 50
+    assert record["short_caption"] == "short" and record["key"] == "00042"
+    assert records.record_metadata(record) == {"url": "http://x/é", "width": 640}
+    bare = records.decode_record(records.encode_record(b"x", "c"))
+    assert set(bare) == {"v", "image", "caption"} and records.record_metadata(bare) is None
+    for garbage in (b"", b"\x93\x01\x02\x03", records.encode_record(b"x", "c").replace(b"\x01", b"\x02", 1)):
+        with pytest.raises(ValueError, match="not a clip_jax record"):
+            records.decode_record(garbage)
+
+
+def test_shard_writer_renames_only_complete_shards(tmp_path):
+    path = tmp_path / records.shard_name("web", 3, 16)
+    assert path.name == "web-00003-of-00016.arrayrecord"
+    with records.ShardWriter(path) as writer:
+        writer.write(b"one")
+        assert not path.exists() and len(list(tmp_path.iterdir())) == 1  # under its temporary name
+    assert path.exists() and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(RuntimeError), records.ShardWriter(tmp_path / "failed.arrayrecord") as writer:
+        writer.write(b"two")
+        raise RuntimeError("conversion failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert len(grain.sources.ArrayRecordDataSource([str(path)])) == 1
+
+
+def test_list_shards(tmp_path):
+    for i in (0, 1, 3):
+        with records.ShardWriter(tmp_path / records.shard_name("a", i, 4)) as w:
+            w.write(b"x")
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"3 of 4 'a' shards present \(missing 00002\)"):
+        records.list_shards(str(tmp_path))
+    names = [p.rsplit("/", 1)[1] for p in records.list_shards(f"{tmp_path}/a-0000[13]-*")]
+    assert names == ["a-00001-of-00004.arrayrecord", "a-00003-of-00004.arrayrecord"]
+    single = str(tmp_path / records.shard_name("a", 0, 4))
+    assert records.list_shards(f"{single}, {tmp_path}/a-00003*") == [single, str(tmp_path / "a-00003-of-00004"
+                                                                               ".arrayrecord")]
+    with records.ShardWriter(tmp_path / records.shard_name("a", 2, 4)) as w:
+        w.write(b"x")
+    assert len(records.list_shards(str(tmp_path))) == 4
+    with pytest.raises(FileNotFoundError):
+        records.list_shards(f"{tmp_path}/b-*")
+    with pytest.raises(FileNotFoundError):
+        records.list_shards(str(tmp_path / "nowhere"))
+
+
+def test_decode_image_modes_and_jpeg_draft():
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3), np.uint8)
+    for mode in ("L", "RGBA", "P", "CMYK"):
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        out = records.decode_image(encode(rgb, fmt, mode))
+        assert out.shape == (6, 8, 3) and out.dtype == np.uint8, mode
+    np.testing.assert_array_equal(records.decode_image(encode(rgb)), rgb)
+    deep = Image.fromarray(np.full((4, 4), 4000, np.uint16))  # 16-bit: scaled by its maximum, not clipped at 255
+    buf = io.BytesIO()
+    deep.save(buf, "PNG")
+    assert (records.decode_image(buf.getvalue()) == 255).all()
+    photo = encode(np.zeros((768, 1024, 3), np.uint8), "JPEG")
+    assert records.decode_image(photo).shape == (768, 1024, 3)
+    assert records.decode_image(photo, min_side=200).shape == (384, 512, 3)  # 1/4 would be 192 < 200
+    assert records.crop_min_side(224, True, (0.8, 1.0)) == 290 and records.crop_min_side(224, False, (0.8, 1)) == 224
+
+
+# --- Training source ------------------------------------------------------------------------------------------
+
+
+def test_records_source_items_and_tokenizer_corpus(shards):
+    config = make_config(shards)
+    source = pipeline.get_source(config, "train")
+    assert len(source) == N_GOOD + 2
+    assert source[0]["long_caption"] == "record 0" and source[0]["image_bytes"].startswith(b"\x89PNG")
+    corpus = tokenizer_corpus(config, n=10)
+    assert corpus[:6] == [f"record {i}" for i in range(6)]
+
+
+def test_epoch_is_a_global_shuffle_of_the_decodable_records(shards, tokenizer):
+    before = records.decode_failures()
+    iterator = iter(train_dataset(make_config(shards), tokenizer))
+    batches = [next(iterator) for _ in range(N_GOOD // BATCH)]  # one epoch: 24 good records, 6 batches
+    assert set(batches[0]) == {"image", "text"}
+    assert batches[0]["image"].shape == (BATCH, IMAGE, IMAGE, 3) and batches[0]["text"].dtype == np.int32
+    order = [i for b in batches for i in identify(b, tokenizer)]
+    assert sorted(order) == list(range(N_GOOD))  # every good record once, the bad ones never
+    assert order != sorted(order)
+    assert len({i // PER_SHARD for i in order[:BATCH]}) > 1  # the first batch already mixes shards
+    assert records.decode_failures() - before == 2  # both bad records were read and counted
+
+
+def test_same_seed_same_stream_and_resume_from_state(shards, tokenizer):
+    def stream(seed, n):
+        it = iter(train_dataset(make_config(shards, seed), tokenizer))
+        return [identify(next(it), tokenizer) for _ in range(n)]
+
+    assert stream(0, 8) == stream(0, 8)
+    assert stream(1, 8) != stream(0, 8)
+    it = iter(train_dataset(make_config(shards), tokenizer))
+    for _ in range(5):  # into the second epoch, past bad records
+        next(it)
+    state = it.get_state()
+    expected = [identify(next(it), tokenizer) for _ in range(3)]
+    resumed = iter(train_dataset(make_config(shards), tokenizer))
+    resumed.set_state(state)
+    assert [identify(next(resumed), tokenizer) for _ in range(3)] == expected
+
+
+def test_hosts_read_disjoint_rows_of_each_global_batch(tmp_path, tokenizer):
+    write_set(tmp_path, bad=False)  # with none dropped, host batches line up with global ones
+    config = make_config(tmp_path)
+    config.batch_size = 2 * BATCH
+
+    def stream(rows, n=N_GOOD // (2 * BATCH)):  # one epoch
+        it = iter(train_dataset(config, tokenizer, rows=rows))
+        return [identify(next(it), tokenizer) for _ in range(n)]
+
+    whole = stream(list(range(2 * BATCH)))
+    hosts = [stream(list(range(BATCH))), stream(list(range(BATCH, 2 * BATCH)))]
+    assert [a + b for a, b in zip(*hosts, strict=True)] == whole
+    assert sorted(i for batch in whole for i in batch) == list(range(N_GOOD))
+
+
+def test_all_undecodable_is_an_error_not_a_hang(tmp_path, tokenizer):
+    with records.ShardWriter(tmp_path / records.shard_name("bad", 0, 1)) as writer:
+        for i in range(8):
+            writer.write(records.encode_record(b"not an image", f"caption {i}"))
+    with pytest.raises(ValueError, match="no decodable image"):
+        next(iter(train_dataset(make_config(tmp_path), tokenizer)))
