@@ -6,9 +6,9 @@ Every host runs the same command. `maybe_initialize` starts `jax.distributed` on
 - explicit: `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (what launch/slurm/train.sbatch
   sets); more than one process initialises with exactly these values;
 - a TPU slice: `TPU_WORKER_HOSTNAMES` / `TPU_PROCESS_ADDRESSES` naming more than one host (GKE), `MEGASCALE_*`
-  (multislice), or a Cloud TPU VM, whose slice is described only by its metadata server (launch/tpu.py's VMs
-  export no worker list): `jax.distributed.initialize()` reads it, and on a one-host VM makes a one-process
-  cluster, which costs nothing;
+  (multislice), or a Cloud TPU VM (what launch/tpu.py creates), whose slice is described by its metadata server
+  rather than the environment: `jax.distributed.initialize()` reads it, and on a one-host VM makes a harmless
+  one-process cluster;
 - SLURM: an `srun` step with several tasks (`SLURM_NTASKS` > 1 and `SLURM_PROCID`): `jax.distributed.initialize()`
   detects the rest;
 - anything else is one process and never initialises.
