@@ -88,7 +88,7 @@ def test_pca_wider_than_the_batch_is_refused_before_compiling(runs, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", CONFIG, "--workdir", str(root / "refused"), *TINY])  # 16 components, 2 rows
     err = capsys.readouterr().err
-    assert "loss.pca_components 16 must be below the local batch the PCA runs over (2: batch_size 16, 8" in err
+    assert "loss.pca_components 16 must be below the local batch the PCA runs over minus one (2: batch_size 16" in err
     assert "compiled" not in capsys.readouterr().out
 
 

@@ -110,11 +110,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if config.loss.name == "longclip":
         scope, k = config.loss.pca_scope, config.loss.pca_components
         pca_batch = config.batch_size // (batch_divisor(mesh) if scope == "local" else 1)
-        if pca_batch <= k:
+        if pca_batch - 1 <= k:  # a centred batch of B rows has rank B - 1: k >= B - 1 components reconstruct it
             raise ConfigError(
-                f"loss.pca_components {k} must be below the {scope} batch the PCA runs over ({pca_batch}: batch_size "
-                f"{config.batch_size}, {batch_divisor(mesh)} batch shards); lower loss.pca_components or raise "
-                "batch_size" + (" or set loss.pca_scope='global'" if scope == "local" else "")
+                f"loss.pca_components {k} must be below the {scope} batch the PCA runs over minus one ({pca_batch}: "
+                f"batch_size {config.batch_size}, {batch_divisor(mesh)} batch shards), else the short-caption term "
+                "sees the fine features; lower loss.pca_components or raise batch_size"
+                + (" or set loss.pca_scope='global'" if scope == "local" else "")
             )
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
