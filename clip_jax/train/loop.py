@@ -49,6 +49,15 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, warm
         diff = sorted(_diff_keys(old, new))
         if warm_start:
             diff = [d for d in diff if d.partition(":")[0] not in _WARM_START_FIELDS]
+        old_context, new_context = old["text"]["context_length"], new["text"]["context_length"]
+        if old_context != new_context:
+            # The positional embedding's length is fixed by the checkpoint: the one change with a tool of its own.
+            raise ConfigError(
+                f"workdir {workdir} holds a text tower with context_length {old_context}, the config asks for "
+                f"{new_context}; the checkpoint's positional embedding cannot take another length: set "
+                f"--config.model.text.context_length={old_context}, or lengthen it with `clip-jax stretch "
+                f"--workdir {workdir} --out-workdir NEW` and train in NEW"
+            )
         if diff:
             raise ConfigError(
                 f"workdir {workdir} holds a run with a different model ({', '.join(diff)}); "
