@@ -12,6 +12,7 @@ from PIL import Image
 
 from clip_jax.config import default_config
 from clip_jax.data import pipeline, records
+from clip_jax.data.images import crop_min_side, decode_image
 from clip_jax.data.pipeline import tokenizer_corpus, train_dataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.models.presets import model_preset
@@ -145,17 +146,19 @@ def test_decode_image_modes_and_jpeg_draft():
     rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3), np.uint8)
     for mode in ("L", "RGBA", "P", "CMYK"):
         fmt = "JPEG" if mode == "CMYK" else "PNG"
-        out = records.decode_image(encode(rgb, fmt, mode))
-        assert out.shape == (6, 8, 3) and out.dtype == np.uint8, mode
-    np.testing.assert_array_equal(records.decode_image(encode(rgb)), rgb)
+        out, file_mode = decode_image(encode(rgb, fmt, mode))
+        assert out.shape == (6, 8, 3) and out.dtype == np.uint8 and file_mode == mode, mode
+    out, file_mode = decode_image(encode(rgb))
+    np.testing.assert_array_equal(out, rgb)
+    assert file_mode == "RGB"
     deep = Image.fromarray(np.full((4, 4), 4000, np.uint16))  # 16-bit: scaled by its maximum, not clipped at 255
     buf = io.BytesIO()
     deep.save(buf, "PNG")
-    assert (records.decode_image(buf.getvalue()) == 255).all()
+    assert (decode_image(buf.getvalue())[0] == 255).all()
     photo = encode(np.zeros((768, 1024, 3), np.uint8), "JPEG")
-    assert records.decode_image(photo).shape == (768, 1024, 3)
-    assert records.decode_image(photo, min_side=200).shape == (384, 512, 3)  # 1/4 would be 192 < 200
-    assert records.crop_min_side(224, True, (0.8, 1.0)) == 290 and records.crop_min_side(224, False, (0.8, 1)) == 224
+    assert decode_image(photo)[0].shape == (768, 1024, 3)
+    assert decode_image(photo, min_side=200)[0].shape == (384, 512, 3)  # 1/4 would be 192 < 200
+    assert crop_min_side(224, True, (0.8, 1.0)) == 290 and crop_min_side(224, False, (0.8, 1)) == 224
 
 
 # --- Training source ------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from etils import epath
 from PIL import Image
 
 from clip_jax.data import records
-from clip_jax.data.images import IMAGE_SUFFIXES
+from clip_jax.data.images import IMAGE_SUFFIXES, to_rgb
 
 FORMATS = ("webdataset", "csv", "tsv", "jsonl", "sharegpt4v", "folder")
 KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -98,7 +98,7 @@ def prepare_image(data: bytes, min_size: int) -> tuple[bytes, str | None]:
             img.load()  # decode everything: a truncated file fails here, not in training
             if fmt in KEEP_FORMATS and mode in KEEP_MODES:
                 return data, None
-            rgb = records.to_rgb(img)
+            rgb = to_rgb(img)
     except Skip:
         raise
     except Image.DecompressionBombError as e:

@@ -24,10 +24,8 @@ files only, so `ShardWriter` writes remote shards locally first and copies them 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -40,10 +38,10 @@ from typing import Any
 import grain
 import ml_collections
 import msgpack
-import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
-from PIL import Image
+
+from clip_jax.data.images import crop_min_side, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -102,33 +100,6 @@ def record_metadata(record: dict[str, Any]) -> dict | None:
 # --- Images ---------------------------------------------------------------------------------------------------
 
 
-def to_rgb(img: Image.Image) -> np.ndarray:
-    """RGB uint8 of a loaded image of any mode; 16/32-bit integer images are scaled by their maximum (as
-    `images.load_image` does), since PIL's convert would clip them to 255."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of encoded image bytes. With `min_side`, a JPEG is decoded at the smallest of 1/1, 1/2,
-    1/4, 1/8 scale whose sides both stay >= min_side (libjpeg scales in the DCT: a 4000x3000 photo decodes ~5x
-    faster); other formats decode at full size. Raises what PIL raises for a bad file."""
-    with Image.open(io.BytesIO(data)) as img:
-        if min_side and img.format == "JPEG":
-            img.draft("RGB", (min_side, min_side))
-        img.load()
-        return to_rgb(img)
-
-
-def crop_min_side(image_size: int, augment: bool, crop_scale: Sequence[float]) -> int:
-    """The shorter side a decoded image needs so that the training crop is not upsampled: the smallest random
-    resized crop (area fraction crop_scale[0] at aspect ratio 3/4) has a side of sqrt(0.75 * scale) times the
-    image's."""
-    return math.ceil(image_size / math.sqrt(0.75 * crop_scale[0])) if augment else image_size
-
-
 class _Counts:
     """Decode counts, shared by grain's reader threads."""
 
@@ -167,7 +138,7 @@ class DecodeImage(grain.transforms.Map):
         try:
             if not data:
                 raise ValueError(element.get("error", "no image bytes"))
-            image = decode_image(data, self.min_side)
+            image = decode_image(data, self.min_side)[0]
         except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; one bad record is never fatal
             with _COUNTS.lock:
                 _COUNTS.failed += 1
@@ -333,7 +304,7 @@ def describe(spec: str, n: int = 3) -> dict[str, Any]:
     for i in range(min(n, len(source))):
         record = decode_record(source[i])
         try:
-            h, w = decode_image(record["image"]).shape[:2]
+            h, w = decode_image(record["image"])[0].shape[:2]
             size = f"{w}x{h}"
         except Exception as e:  # noqa: BLE001 - reported, not raised: this is an inspection tool
             size = f"undecodable ({type(e).__name__})"
