@@ -69,6 +69,9 @@ class Launch:
             # The launches compile the same programs: a shared persistent cache compiles them once.
             "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+            # `python tests/multihost_worker.py` puts tests/ first on sys.path: without this it would import the
+            # installed clip_jax (another checkout, for an editable install) rather than this one.
+            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         })
         self.logs = [tmp / f"{name}.{i}.log" for i in range(2)]
         self.procs: list[subprocess.Popen] = []
