@@ -39,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from clip_jax.config import default_config  # noqa: E402
 from clip_jax.data import records  # noqa: E402
-from clip_jax.data.images import random_resized_crop  # noqa: E402
+from clip_jax.data.images import crop_min_side, decode_image, random_resized_crop  # noqa: E402
 from clip_jax.data.pipeline import train_dataset  # noqa: E402
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
 from clip_jax.data.tokenizer import ClipTokenizer  # noqa: E402
@@ -84,7 +84,8 @@ def make_shards(directory: pathlib.Path, n: int, shards: int, seed: int = 0) -> 
 
 def one_core(paths: list[str], tokenizer: ClipTokenizer, seconds: float) -> dict:
     """Per-example work in this process, no threads: what one core sustains."""
-    source = records.RecordSource(paths, records.crop_min_side(IMAGE_SIZE, True, (0.8, 1.0)))
+    source = records.RecordSource(paths)
+    min_side = crop_min_side(IMAGE_SIZE, True, (0.8, 1.0))
     rng = np.random.default_rng(0)
     order = rng.permutation(len(source))
     done, captions, stages = 0, [], {"read": 0.0, "decode": 0.0, "crop": 0.0, "tokenize": 0.0}
@@ -94,7 +95,7 @@ def one_core(paths: list[str], tokenizer: ClipTokenizer, seconds: float) -> dict
             t0 = time.perf_counter()
             item = source[int(index)]
             t1 = time.perf_counter()
-            image = records.decode_image(item["image_bytes"], source.decode.min_side)
+            image = decode_image(item["image_bytes"], min_side)[0]
             t2 = time.perf_counter()
             random_resized_crop(image, IMAGE_SIZE, rng, (0.8, 1.0))
             t3 = time.perf_counter()

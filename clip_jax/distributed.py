@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import grain
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from clip_jax.config import ConfigError
@@ -95,6 +96,11 @@ def barrier(name: str) -> None:
     """Every process waits here until all have arrived (nothing to wait for on one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def sum_over_processes(values: np.ndarray) -> np.ndarray:
+    """`values` (a small vector) summed elementwise over all processes; every process calls it at the same point."""
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values))).sum(axis=0)
 
 
 def batch_rows(batch_size: int, sharding: jax.sharding.Sharding | None = None) -> list[int]:

@@ -1,6 +1,6 @@
-"""File sources on small files written here: ShareGPT4V JSON, JSONL and CSV records; undecodable images skipped and
-counted; and the Long-CLIP batch (long text truncated with EOT last, short text = the own short caption or the
-long one's first sentence)."""
+"""File sources on small files written here: ShareGPT4V JSON, JSONL and CSV records (read by the converter's reader);
+undecodable images dropped; and the Long-CLIP batch (long text truncated with EOT last, short text = the own short
+caption or the long one's first sentence). Every kind of bad sample: tests/test_bad_samples.py."""
 
 import json
 
@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from clip_jax.config import default_config
-from clip_jax.data.captions import CaptionFileSource, Record, read_captions, read_sharegpt4v
+from clip_jax.data.captions import CaptionFileSource, Row, file_source, read_table
 from clip_jax.data.images import load_image
-from clip_jax.data.pipeline import train_iterator
+from clip_jax.data.pipeline import STATS, DecodeExample, train_iterator
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.models.presets import model_preset
 
@@ -44,12 +44,11 @@ def sharegpt4v_file(folder):
 
 
 def test_read_sharegpt4v(folder):
-    records = read_sharegpt4v(sharegpt4v_file(folder))
-    assert [r.image for r in records] == list(NAMES)
-    assert records[0].long_caption == LONG[0].replace("\n", " ") and records[0].short_caption is None
+    source = file_source(str(sharegpt4v_file(folder)), "sharegpt4v", "", 0)
+    assert [source[i]["path"] for i in range(len(NAMES))] == [str(folder / n) for n in NAMES]
+    assert source[0]["long_caption"] == LONG[0].replace("\n", " ") and "short_caption" not in source[0]
     (folder / "broken.json").write_text(json.dumps([{"image": "a.png", "conversations": [{"from": "human"}]}]))
-    with pytest.raises(ValueError, match="record 0 has no 'image' or no 'gpt' turn"):
-        read_sharegpt4v(folder / "broken.json")
+    assert file_source(str(folder / "broken.json"), "sharegpt4v", "", 0)[0]["long_caption"] == ""  # then dropped
 
 
 def test_read_jsonl_and_csv(folder):
@@ -59,23 +58,28 @@ def test_read_jsonl_and_csv(folder):
     csv_text = "image,caption,short_caption\n" + "".join(
         f'{r["image"]},"{r["caption"]}",{r.get("short_caption", "")}\n' for r in rows)
     (folder / "c.csv").write_text(csv_text)
-    want = [Record("a.png", LONG[0].replace("\n", " "), "a bicycle"), Record("b.jpg", LONG[1], None)]
-    assert read_captions(folder / "c.jsonl") == want
-    assert read_captions(folder / "c.csv") == want
-    (folder / "bad.csv").write_text("image,caption\na.png,\n")
-    with pytest.raises(ValueError, match="row 0 needs 'image' and 'caption'"):
-        read_captions(folder / "bad.csv")
+    want = [{"path": str(folder / "a.png"), "long_caption": LONG[0].replace("\n", " "), "short_caption": "a bicycle",
+             "bad_utf8": 0, "key": "a.png"},
+            {"path": str(folder / "b.jpg"), "long_caption": LONG[1], "bad_utf8": 0, "key": "b.jpg"}]
+    for fmt in ("jsonl", "csv"):
+        source = file_source(str(folder / f"c.{fmt}"), None, "", 0)  # the format by the suffix
+        assert [source[0], source[1]] == want, fmt
+        assert [r.caption for r in read_table(str(folder / f"c.{fmt}"), fmt)] == [LONG[0], LONG[1]]  # as written
+    (folder / "bad.csv").write_text("picture,caption\na.png,\n")
+    with pytest.raises(ValueError, match="no column 'image'"):
+        file_source(str(folder / "bad.csv"), None, "", 0)
 
 
-def test_undecodable_image_is_dropped_and_counted(folder):
-    source = CaptionFileSource(read_sharegpt4v(sharegpt4v_file(folder)), folder, SIZE)
-    assert source[1 + len(NAMES)] == {"path": str(folder / "bad.jpg"), "long_caption": LONG[1]}  # indices wrap
-    good = source.decode.map(source[2])
-    np.testing.assert_array_equal(good["image"], load_image(folder / "b.jpg", SIZE))
-    assert good["long_caption"] == LONG[2] and "path" not in good
-    assert source.decode.map(source[1]) is None and source.decode.failures == 1
-    missing = CaptionFileSource([Record("nowhere.png", "x")], folder, SIZE)
-    assert missing.decode.map(missing[0]) is None and missing.decode.failures == 1
+def test_undecodable_image_is_dropped(folder):
+    source = file_source(str(sharegpt4v_file(folder)), "sharegpt4v", "", 0)
+    assert source[1 + len(NAMES)] == source[1] and source[1]["path"] == str(folder / "bad.jpg")  # indices wrap
+    decode = DecodeExample(SIZE, SIZE)
+    good = decode.map(source[2])
+    np.testing.assert_array_equal(good["image"], np.asarray(Image.open(folder / "b.jpg").convert("RGB")))
+    assert good["long_caption"] == LONG[2] and "path" not in good and "key" not in good
+    assert decode.map(source[1]) is None
+    missing = CaptionFileSource([Row("nowhere.png", str(folder / "nowhere.png"), "x")])
+    assert decode.map(missing[0]) is None
 
 
 def longclip_config(source, path):
@@ -95,7 +99,7 @@ def longclip_config(source, path):
 def test_longclip_batches_from_sharegpt4v(folder):
     tokenizer = ClipTokenizer.train(LONG * 3, 600)
     batch = next(train_iterator(longclip_config("sharegpt4v", sharegpt4v_file(folder)), tokenizer))
-    assert set(batch) == {"image", "text", "short_text"}
+    assert set(batch) == {"image", "text", "short_text", STATS}
     assert batch["text"].shape == (6, CONTEXT) and batch["short_text"].shape == (6, SHORT)
     record_of = {tuple(row): i for i, row in enumerate(tokenizer(LONG, CONTEXT))}
     for text, short, image in zip(batch["text"], batch["short_text"], batch["image"], strict=True):
@@ -120,5 +124,5 @@ def test_own_short_captions_from_jsonl(folder):
 def test_a_set_of_undecodable_images_is_an_error_not_a_hang(folder):
     (folder / "bad.jsonl").write_text(json.dumps({"image": "bad.jpg", "caption": LONG[0]}) + "\n")
     tokenizer = ClipTokenizer.train(LONG * 3, 600)
-    with pytest.raises(ValueError, match="images read cannot be decoded: check data.image_root"):
+    with pytest.raises(ValueError, match="no decodable image or no caption: check data.path and data.image_root"):
         next(train_iterator(longclip_config("captions", folder / "bad.jsonl"), tokenizer))

@@ -131,6 +131,9 @@ def test_train_metrics(trained):
         assert r["lr"] == pytest.approx(np.mean([expected_lr(s) for s in window]), rel=1e-6)
         # Contrastive loss of a barely trained model: near ln(batch) = ln 16.
         assert 1.0 < r["loss"] < 6.0
+        # Procedural data has no bad samples; some long captions exceed the 16-token context and are counted.
+        assert [r[f"data_{k}"] for k in ("dropped", "converted", "upscaled", "bad_utf8")] == [0, 0, 0, 0]
+        assert 0 < r["data_truncated_caption"] < LOG_EVERY * 16
     # The temperature starts at 1 / 0.07 and barely moves in a few steps.
     assert train[0]["logit_scale"] == pytest.approx(1 / 0.07, rel=0.01)
     evals = [r for r in records if r["split"] == "eval"]

@@ -32,7 +32,7 @@ from PIL import Image
 
 from clip_jax import cli, distributed
 from clip_jax.config import ConfigError, default_config
-from clip_jax.data.pipeline import train_dataset
+from clip_jax.data.pipeline import STATS, train_dataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import GlobalBatchRows, batch_rows, cluster
 from clip_jax.sharding import batch_sharding, make_mesh
@@ -69,6 +69,9 @@ class Launch:
             # The launches compile the same programs: a shared persistent cache compiles them once.
             "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+            # `python tests/multihost_worker.py` puts tests/ first on sys.path: without this it would import the
+            # installed clip_jax (another checkout, for an editable install) rather than this one.
+            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         })
         self.logs = [tmp / f"{name}.{i}.log" for i in range(2)]
         self.procs: list[subprocess.Popen] = []
@@ -254,6 +257,10 @@ def test_two_processes_train_like_one(one_process, two_processes):
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
     np.testing.assert_allclose([r["i2t_acc"] for r in two], [r["i2t_acc"] for r in one], rtol=0, atol=0)
+    # Each host counts its own rows; process 0 logs the sum over both: the counts of the one-process run.
+    data_keys = [k for k in one[0] if k.startswith("data_")]
+    assert "data_truncated_caption" in data_keys and sum(r["data_truncated_caption"] for r in one) > 0
+    assert [[r[k] for k in data_keys] for r in two] == [[r[k] for k in data_keys] for r in one]
 
 
 def test_two_processes_evaluate_like_one(two_processes):
@@ -425,6 +432,8 @@ def global_batches(config, tokenizer, hosts: int, n: int) -> list[dict]:
     out = []
     for _ in range(n):
         parts = [next(it) for it in iterators]
+        for part in parts:
+            del part[STATS]  # host-side: each host numbers the examples of its own stream
         out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     return out
 

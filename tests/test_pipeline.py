@@ -1,5 +1,6 @@
 """The grain training pipeline: deterministic given the config, batches in the documented layout (and equal to
-the source's own examples), and an iterator's state resumes the stream exactly."""
+the source's own examples, numbered by their stream positions, captions cut to the context marked), and an
+iterator's state resumes the stream exactly."""
 
 import json
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from clip_jax.config import default_config
-from clip_jax.data.pipeline import tokenizer_corpus, train_iterator
+from clip_jax.data.pipeline import MARKS, STATS, tokenizer_corpus, train_iterator
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.models.presets import model_preset
@@ -37,9 +38,11 @@ def take(iterator, n):
 
 
 def assert_batches_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
+    assert a.keys() == b.keys() and a[STATS].keys() == b[STATS].keys()
+    for key in a.keys() - {STATS}:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for key in a[STATS]:
+        np.testing.assert_array_equal(a[STATS][key], b[STATS][key], err_msg=key)
 
 
 def test_same_config_same_batches_other_seed_other_batches(tokenizer):
@@ -55,7 +58,10 @@ def test_same_config_same_batches_other_seed_other_batches(tokenizer):
 
 def test_batch_layout(tokenizer):
     batch = next(train_iterator(make_config(), tokenizer))
-    assert set(batch) == {"image", "text"}
+    assert set(batch) == {"image", "text", STATS}
+    assert set(batch[STATS]) == {"example_index", *MARKS}
+    for values in batch[STATS].values():
+        assert values.shape == (BATCH,) and values.dtype.kind == "i"
     assert batch["image"].shape == (BATCH, IMAGE, IMAGE, 3) and batch["image"].dtype == np.uint8
     assert batch["text"].shape == (BATCH, CONTEXT) and batch["text"].dtype == np.int32
     text = batch["text"]
@@ -70,15 +76,26 @@ def test_batch_layout(tokenizer):
     assert (text < VOCAB).all()
 
 
-def test_batches_are_the_source_examples_in_order(tokenizer):
-    """Without augmentation or long captions, batch k holds examples k*B ... k*B+B-1 of the train split, with their
-    short captions tokenized: nothing dropped, reordered or duplicated."""
-    config = make_config(augment=False, long_caption_prob=0.0)
+@pytest.mark.parametrize("caption", ["short_caption", "long_caption"])
+def test_batches_are_the_source_examples_in_order(tokenizer, caption):
+    """Without augmentation, batch k holds examples k*B ... k*B+B-1 of the train split (their stream positions),
+    with their short (or long) captions tokenized: nothing dropped, reordered or duplicated. Procedural images are
+    RGB at the model's size (never converted or upscaled); a caption is marked truncated where it has more BPE
+    tokens than fit between SOT and EOT (the long ones, some of them, at 24 tokens)."""
+    config = make_config(augment=False, long_caption_prob=float(caption == "long_caption"))
     source = ShapesDataset(ShapesConfig(image_size=IMAGE, seed=config.seed), "train")
+    truncated = []
     for k, batch in enumerate(take(train_iterator(config, tokenizer), 2)):
         items = [source[k * BATCH + i] for i in range(BATCH)]
         np.testing.assert_array_equal(batch["image"], np.stack([it["image"] for it in items]))
-        np.testing.assert_array_equal(batch["text"], tokenizer([it["short_caption"] for it in items], CONTEXT))
+        np.testing.assert_array_equal(batch["text"], tokenizer([it[caption] for it in items], CONTEXT))
+        stats = batch[STATS]
+        assert stats["example_index"].tolist() == list(range(k * BATCH, (k + 1) * BATCH))
+        assert not stats["converted"].any() and not stats["upscaled"].any() and not stats["bad_utf8"].any()
+        want = [len(tokenizer.encode(it[caption])) > CONTEXT - 2 for it in items]
+        assert stats["truncated_caption"].tolist() == want
+        truncated += want
+    assert (caption == "long_caption") == any(truncated)
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -1,6 +1,7 @@
 """Our ArrayRecord format and its training source: records round-trip, shards appear only when complete, shard
 lists are checked, and the grain pipeline over shards is a global, deterministic, resumable shuffle of exactly the
-decodable records, split disjointly over hosts, with undecodable ones dropped and counted."""
+decodable records, split disjointly over hosts, with undecodable ones dropped (missing from the stream's
+positions)."""
 
 import io
 import warnings
@@ -12,12 +13,13 @@ from PIL import Image
 
 from clip_jax.config import default_config
 from clip_jax.data import pipeline, records
-from clip_jax.data.pipeline import tokenizer_corpus, train_dataset
+from clip_jax.data.images import crop_min_side, decode_image
+from clip_jax.data.pipeline import STATS, tokenizer_corpus, train_dataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.models.presets import model_preset
 
 N_GOOD, PER_SHARD, BATCH, IMAGE, CONTEXT, VOCAB = 24, 7, 4, 16, 16, 600
-BAD_KEYS = ("corrupt", "garbage")
+BAD_INDICES = (6, 19)  # where write_set puts the two bad records
 
 
 def encode(array, fmt="PNG", mode=None, **kw):
@@ -145,17 +147,19 @@ def test_decode_image_modes_and_jpeg_draft():
     rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3), np.uint8)
     for mode in ("L", "RGBA", "P", "CMYK"):
         fmt = "JPEG" if mode == "CMYK" else "PNG"
-        out = records.decode_image(encode(rgb, fmt, mode))
-        assert out.shape == (6, 8, 3) and out.dtype == np.uint8, mode
-    np.testing.assert_array_equal(records.decode_image(encode(rgb)), rgb)
+        out, file_mode = decode_image(encode(rgb, fmt, mode))
+        assert out.shape == (6, 8, 3) and out.dtype == np.uint8 and file_mode == mode, mode
+    out, file_mode = decode_image(encode(rgb))
+    np.testing.assert_array_equal(out, rgb)
+    assert file_mode == "RGB"
     deep = Image.fromarray(np.full((4, 4), 4000, np.uint16))  # 16-bit: scaled by its maximum, not clipped at 255
     buf = io.BytesIO()
     deep.save(buf, "PNG")
-    assert (records.decode_image(buf.getvalue()) == 255).all()
+    assert (decode_image(buf.getvalue())[0] == 255).all()
     photo = encode(np.zeros((768, 1024, 3), np.uint8), "JPEG")
-    assert records.decode_image(photo).shape == (768, 1024, 3)
-    assert records.decode_image(photo, min_side=200).shape == (384, 512, 3)  # 1/4 would be 192 < 200
-    assert records.crop_min_side(224, True, (0.8, 1.0)) == 290 and records.crop_min_side(224, False, (0.8, 1)) == 224
+    assert decode_image(photo)[0].shape == (768, 1024, 3)
+    assert decode_image(photo, min_side=200)[0].shape == (384, 512, 3)  # 1/4 would be 192 < 200
+    assert crop_min_side(224, True, (0.8, 1.0)) == 290 and crop_min_side(224, False, (0.8, 1)) == 224
 
 
 # --- Training source ------------------------------------------------------------------------------------------
@@ -171,16 +175,19 @@ def test_records_source_items_and_tokenizer_corpus(shards):
 
 
 def test_epoch_is_a_global_shuffle_of_the_decodable_records(shards, tokenizer):
-    before = records.decode_failures()
     iterator = iter(train_dataset(make_config(shards), tokenizer))
     batches = [next(iterator) for _ in range(N_GOOD // BATCH)]  # one epoch: 24 good records, 6 batches
-    assert set(batches[0]) == {"image", "text"}
+    assert set(batches[0]) == {"image", "text", STATS}
     assert batches[0]["image"].shape == (BATCH, IMAGE, IMAGE, 3) and batches[0]["text"].dtype == np.int32
     order = [i for b in batches for i in identify(b, tokenizer)]
     assert sorted(order) == list(range(N_GOOD))  # every good record once, the bad ones never
     assert order != sorted(order)
     assert len({i // PER_SHARD for i in order[:BATCH]}) > 1  # the first batch already mixes shards
-    assert records.decode_failures() - before == 2  # both bad records were read and counted
+    # The stream positions no batch holds are those of the bad records, in the order grain's shuffle gives them.
+    positions = [p for b in batches for p in b[STATS]["example_index"]]
+    shuffled = grain.MapDataset.range(N_GOOD + 2).shuffle(seed=0).repeat()
+    assert sorted(set(range(positions[-1] + 1)) - set(positions)) == [
+        p for p in range(positions[-1] + 1) if shuffled[p] in BAD_INDICES]
 
 
 def test_same_seed_same_stream_and_resume_from_state(shards, tokenizer):

@@ -230,6 +230,9 @@ def assert_same_as_reference(tok: ClipTokenizer, ref: RefBPE, texts: list[str]) 
         assert got.dtype == np.int32 and got.shape == want.shape
         bad = [texts[i] for i in np.flatnonzero((got != want).any(axis=1))]
         assert not bad, f"{len(bad)} rows differ at L={context_length}, e.g. {bad[:3]!r}"
+    # The lengths before the cut (the pipeline counts captions longer than the context with them).
+    ids, lengths = tok.tokenize_with_lengths(texts, 77)
+    assert (ids == tok(texts, 77)).all() and lengths.tolist() == [len(ref.encode(t)) for t in texts]
     for text in texts[:200]:
         assert tok.encode(text) == ref.encode(text), text
 

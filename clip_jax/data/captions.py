@@ -1,138 +1,191 @@
-"""Image-caption files as training sources: ShareGPT4V's JSON (Long-CLIP's training set), JSONL and CSV.
+"""Image-caption tables: one reader (`read_table`) for ShareGPT4V JSON, JSONL, CSV and TSV, used by the training
+sources (`data.source = "sharegpt4v"` or `"captions"`, this file) and by `clip-jax data convert`.
 
-- ShareGPT4V (`data.source = "sharegpt4v"`): a JSON list of {"image": relative path, "conversations": [{"from":
-  "human", ...}, {"from": "gpt", "value": long caption}]}; the caption is the first "gpt" turn.
-- JSONL / CSV (`data.source = "captions"`, by the file's suffix): one {"image": path, "caption": text[,
-  "short_caption": text]} object per line, or a CSV with a header row naming the columns image, caption[,
-  short_caption]. `caption` is the long caption; a missing short one is the long one's first sentence (Long-CLIP).
+- ShareGPT4V: a JSON list of {"image": relative path, "conversations": [{"from": "human", ...}, {"from": "gpt",
+  "value": long caption}]} (Long-CLIP's training set); the caption is the first "gpt" turn.
+- JSONL / CSV / TSV: one {"image": path, "caption": text[, "short_caption": text]} object per line, or a table
+  whose header row names those columns (other names: `fields`); TSV is read without quoting. `caption` is the
+  long caption; a missing short one is the long one's first sentence (Long-CLIP).
+Other fields are kept as metadata. Image paths are relative to the image root (default: the file's folder), or
+absolute, or remote (gs://).
 
-Newlines in captions become spaces (as Long-CLIP's loader does, so that the first sentence ends at ". ").
-Images are read with `load_image` at the model's resolution, in the grain map (`CaptionFileSource.decode`, as
-for record shards): a missing or undecodable image drops its record, counted and logged, never fatal.
+Files are read as UTF-8 with undecodable bytes kept (surrogateescape), so a stray Latin-1 byte never stops the
+reading; `caption_text` finds them. Training replaces them with U+FFFD and counts them (`data_bad_utf8`); the
+converter skips such samples. A row without an image path (a JSONL line that is not JSON, an empty cell) comes back
+with `problem="bad_row"`: training drops it in the stream (counted in `data_dropped`), the converter counts it.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
-import pathlib
-import threading
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
-import grain
+from etils import epath
 
-from clip_jax.data.images import load_image
+from clip_jax.data.records import is_remote
 
 log = logging.getLogger(__name__)
 
+TABLE_FORMATS = ("csv", "tsv", "jsonl", "sharegpt4v")
+FIELDS = ("image", "caption", "short_caption")  # the default names of the image, caption and short caption fields
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+
 
 @dataclasses.dataclass(frozen=True)
-class Record:
-    image: str  # path relative to the image root (or absolute)
-    long_caption: str
-    short_caption: str | None = None
+class Row:
+    """One sample of a table or folder input, resolved to an image path."""
+
+    key: str  # the image path as written in the input, or "<file>:<row>" for a bad row
+    image: str
+    caption: Any = None  # as read: bad bytes as lone surrogates; None (or a non-string) when absent
+    short_caption: Any = None
+    metadata: dict | None = None
+    caption_file: str | None = None  # folder inputs without captions.json: the caption is this file's text
+    problem: str | None = None  # found while parsing the input (e.g. a bad JSON line): counted, not converted
 
 
-def _clean(caption: str) -> str:
-    return caption.replace("\n", " ").strip()
+def decode_text(data: bytes) -> str:
+    """UTF-8 (a BOM dropped) with undecodable bytes kept as lone surrogates, for `caption_text` to find."""
+    return data.decode("utf-8-sig", errors="surrogateescape")
 
 
-def read_sharegpt4v(path: str | pathlib.Path) -> list[Record]:
-    """Records of a ShareGPT4V JSON file, in file order."""
-    records = []
-    for i, entry in enumerate(json.loads(pathlib.Path(path).read_text(encoding="utf-8"))):
-        turns = [t.get("value") for t in entry.get("conversations", ()) if t.get("from") == "gpt"]
-        if "image" not in entry or not turns or not isinstance(turns[0], str):
-            raise ValueError(f"{path}: record {i} has no 'image' or no 'gpt' turn with a caption")
-        records.append(Record(entry["image"], _clean(turns[0])))
-    return records
-
-
-def read_captions(path: str | pathlib.Path) -> list[Record]:
-    """Records of a JSONL (`.jsonl`) or CSV (`.csv`) file with fields image, caption[, short_caption]."""
-    path = pathlib.Path(path)
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"{path}: caption files are .jsonl or .csv")
-    records = []
-    for i, row in enumerate(rows):
-        if not row.get("image") or not row.get("caption"):
-            raise ValueError(f"{path}: row {i} needs 'image' and 'caption'")
-        short = row.get("short_caption")
-        records.append(Record(row["image"], _clean(row["caption"]), _clean(short) if short else None))
-    return records
-
-
-class LoadImage(grain.transforms.Map):
-    """Grain map: an item's image `path` -> `image` (`load_image` at the model's resolution), or None, which grain
-    drops, when the file is missing or cannot be decoded (counted in `failures` and logged). A class, so grain's
-    worker processes can pickle it; each process counts its own."""
-
-    def __init__(self, image_size: int):
-        self.image_size = image_size
-        self.failures = 0
-        self.loaded = 0
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        return {"image_size": self.image_size}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["image_size"])
-
-    def map(self, element: dict) -> dict | None:
+def caption_text(raw: Any) -> tuple[str, bool]:
+    """(the caption with whitespace runs, newlines too, collapsed to single spaces; whether it held bytes that are
+    not UTF-8, now U+FFFD). `raw`: text as `read_table` returns it, bytes (a tar's .txt), or anything else, which is
+    no caption: ("", False)."""
+    if isinstance(raw, bytes):
+        raw = decode_text(raw)
+    if not isinstance(raw, str):
+        return "", False
+    replaced = False
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
         try:
-            image = load_image(element["path"], self.image_size)
-        except ValueError as e:
-            with self._lock:
-                self.failures += 1
-                failures, nothing_loaded = self.failures, self.loaded == 0
-            log.warning("dropping %s (%d undecodable images so far)", e, failures)
-            if nothing_loaded and failures >= _ALL_FAILED_LIMIT:  # else grain would spin on a repeated set forever
-                raise ValueError(f"the first {failures} images read cannot be decoded: check data.image_root") from None
-            return None
-        with self._lock:
-            self.loaded += 1
-        return {k: v for k, v in element.items() if k != "path"} | {"image": image}
+            data = raw.encode("utf-8", "surrogateescape")  # the file's bytes back
+        except UnicodeEncodeError:  # a lone surrogate written as a JSON escape stands for no byte
+            data = raw.encode("utf-8", "surrogatepass")
+        raw, replaced = data.decode("utf-8", "replace"), True
+    return " ".join(raw.split()), replaced
 
 
-_ALL_FAILED_LIMIT = 100
+def _resolve(image: str, root: str) -> str:
+    return image if image.startswith("/") or is_remote(image) else os.fspath(epath.Path(root) / image)
+
+
+def read_table(path: str, fmt: str, image_root: str | None = None, fields: Sequence[str] = FIELDS) -> list[Row]:
+    """Rows of a csv/tsv/jsonl/sharegpt4v file, in file order. `fields`: the names of the image, caption and short
+    caption. Raises only for a file that is not of its format as a whole (no header column for the image or
+    caption, a ShareGPT4V file that is not a JSON list)."""
+    if fmt not in TABLE_FORMATS:
+        raise ValueError(f"unknown table format {fmt!r}; choose one of {', '.join(TABLE_FORMATS)}")
+    image_f, caption_f, short_f = fields
+    root = image_root or os.fspath(epath.Path(path).parent)
+    text = decode_text(epath.Path(path).read_bytes())
+    if fmt == "sharegpt4v":
+        entries = json.loads(text)
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: a ShareGPT4V file is a JSON list, not a {type(entries).__name__}")
+        return [_sharegpt4v_row(i, entry, root) for i, entry in enumerate(entries)]
+    if fmt == "jsonl":
+        objects: list[Any] = []
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    objects.append(json.loads(line))
+                except json.JSONDecodeError:
+                    objects.append(None)
+    else:
+        delimiter, quoting = ("\t", csv.QUOTE_NONE) if fmt == "tsv" else (",", csv.QUOTE_MINIMAL)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+        missing = [f for f in (image_f, caption_f) if f not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} in the header {reader.fieldnames}")
+        objects = list(reader)
+    rows = []
+    for i, obj in enumerate(objects):
+        if not isinstance(obj, dict) or not isinstance(obj.get(image_f), str) or not obj[image_f]:
+            rows.append(Row(key=f"{epath.Path(path).name}:{i}", image="", problem="bad_row"))
+            continue
+        meta = {k: v for k, v in obj.items() if k not in fields and k is not None and v not in ("", None)}
+        short = obj.get(short_f) or None
+        rows.append(Row(obj[image_f], _resolve(obj[image_f], root), obj.get(caption_f), short, meta or None))
+    return rows
+
+
+def _sharegpt4v_row(i: int, entry: Any, root: str) -> Row:
+    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
+        return Row(key=f"#{i}", image="", problem="bad_row")
+    turns = [t.get("value") for t in entry.get("conversations", ()) if isinstance(t, dict) and t.get("from") == "gpt"]
+    meta = {k: v for k, v in entry.items() if k not in ("image", "conversations")}
+    return Row(entry["image"], _resolve(entry["image"], root), turns[0] if turns else None, None, meta or None)
+
+
+def table_format(path: str) -> str:
+    """The format of a `data.source = "captions"` file, by its suffix."""
+    fmt = _SUFFIX_FORMATS.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise ValueError(f"{path}: caption files are {', '.join(_SUFFIX_FORMATS)}")
+    return fmt
+
+
+class _Entry(NamedTuple):  # one row, as training reads it (a tuple: millions of them stay small)
+    key: str
+    path: str
+    caption: str
+    short_caption: str
+    bad_utf8: bool
+    problem: str | None
 
 
 class CaptionFileSource:
-    """Random-access source (for `grain.MapDataset.source`) of records: items {"path", "long_caption"[,
-    "short_caption"]}, whose images `self.decode` loads in the grain map. Indices wrap around (the tokenizer
-    corpus reads a fixed number of items)."""
+    """Random-access source (for `grain.MapDataset.source`) of table rows: items {"path", "long_caption"[,
+    "short_caption"], "bad_utf8", "key"[, "error"]}, whose images the pipeline's decoding map reads
+    (`pipeline.DecodeExample`, which also drops the items with an error or an empty caption). Captions are cleaned
+    once, here; every row stays, so indices are rows of the file. Indices wrap around (the tokenizer corpus reads a
+    fixed number of items)."""
 
-    def __init__(self, records: list[Record], image_root: str | pathlib.Path, image_size: int):
-        if not records:
-            raise ValueError("no records to train on")
-        self.records = records
-        self.image_root = pathlib.Path(image_root)
-        self.decode = LoadImage(image_size)
+    encoded_images = True  # items name image files for pipeline.DecodeExample
+
+    def __init__(self, rows: Sequence[Row], name: str = "caption file"):
+        if not rows:
+            raise ValueError(f"{name}: no records to train on")
+        self._entries = []
+        for row in rows:
+            caption, bad_long = caption_text(row.caption)
+            short, bad_short = caption_text(row.short_caption)
+            self._entries.append(_Entry(row.key, row.image, caption, short, bad_long or bad_short, row.problem))
+        bad_utf8 = sum(e.bad_utf8 for e in self._entries)
+        unusable = sum(bool(e.problem or not e.caption) for e in self._entries)
+        if bad_utf8:
+            log.warning("%s: %d of %d rows have captions with bytes that are not UTF-8; they are replaced by U+FFFD "
+                        "(training counts them in data_bad_utf8)", name, bad_utf8, len(rows))
+        if unusable:
+            log.warning("%s: %d of %d rows have no image path or no caption; training drops them (data_dropped)",
+                        name, unusable, len(rows))
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self._entries)
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index % len(self.records)]
-        item = {"path": str(self.image_root / record.image), "long_caption": record.long_caption}
-        if record.short_caption:
-            item["short_caption"] = record.short_caption
+        entry = self._entries[index % len(self._entries)]
+        item = {"path": entry.path, "long_caption": entry.caption, "bad_utf8": int(entry.bad_utf8), "key": entry.key}
+        if entry.short_caption:
+            item["short_caption"] = entry.short_caption
+        if entry.problem:
+            item["error"] = entry.problem
         return item
 
 
-def file_source(reader, path: str, image_root: str, image_size: int, skip: int) -> CaptionFileSource:
-    """A source over the records `reader` reads from `path`, less the first `skip`; images under `image_root`
-    (default: the file's folder)."""
+def file_source(path: str, fmt: str | None, image_root: str, skip: int) -> CaptionFileSource:
+    """A source over the rows of the table at `path` (format `fmt`, or by its suffix: `table_format`), less the
+    first `skip`; images under `image_root` (default: the file's folder)."""
     if not path:
         raise ValueError("data.path must name the caption file")
-    records = reader(path)[skip:]
-    return CaptionFileSource(records, image_root or pathlib.Path(path).parent, image_size)
-
+    return CaptionFileSource(read_table(path, fmt or table_format(path), image_root or None)[skip:], path)

@@ -16,7 +16,6 @@ context length happens at tokenization.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
 import datetime
 import io
@@ -36,9 +35,10 @@ from etils import epath
 from PIL import Image
 
 from clip_jax.data import records
-from clip_jax.data.images import IMAGE_SUFFIXES
+from clip_jax.data.captions import FIELDS, TABLE_FORMATS, Row, caption_text, decode_text, read_table
+from clip_jax.data.images import IMAGE_SUFFIXES, to_rgb
 
-FORMATS = ("webdataset", "csv", "tsv", "jsonl", "sharegpt4v", "folder")
+FORMATS = ("webdataset", *TABLE_FORMATS, "folder")
 KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
 # 8-bit modes that every reader turns into RGB the same way; others (CMYK, 16-bit, float, LAB) are re-encoded.
 KEEP_MODES = ("RGB", "L", "RGBA", "LA", "P", "PA", "1")
@@ -52,19 +52,6 @@ class Skip(Exception):  # noqa: N818 - a control-flow signal carrying the skip r
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason, detail)
         self.reason, self.detail = reason, detail
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One sample of a table or folder input, resolved to an image path."""
-
-    key: str
-    image: str
-    caption: str | None = None
-    short_caption: str | None = None
-    metadata: dict | None = None
-    caption_file: str | None = None  # folder inputs without captions.json: the caption is this file's text
-    problem: str | None = None  # found while parsing the input (e.g. a bad JSON line): counted, not converted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +85,7 @@ def prepare_image(data: bytes, min_size: int) -> tuple[bytes, str | None]:
             img.load()  # decode everything: a truncated file fails here, not in training
             if fmt in KEEP_FORMATS and mode in KEEP_MODES:
                 return data, None
-            rgb = records.to_rgb(img)
+            rgb = to_rgb(img)
     except Skip:
         raise
     except Image.DecompressionBombError as e:
@@ -115,78 +102,21 @@ def prepare_image(data: bytes, min_size: int) -> tuple[bytes, str | None]:
     return out.getvalue(), f"{fmt}/{mode}"
 
 
-def clean_caption(raw: str | bytes | None) -> str:
-    """The caption with whitespace runs (newlines too) collapsed to single spaces; Skip if absent, empty or not
-    valid UTF-8 (CSV/JSONL text is read with surrogateescape, so bad bytes arrive here as lone surrogates)."""
-    if raw is None:
-        raise Skip("missing_caption")
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise Skip("non_utf8_caption", str(e)) from None
-    if not isinstance(raw, str):
-        raise Skip("missing_caption", f"caption is {type(raw).__name__}")
-    try:
-        raw.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise Skip("non_utf8_caption", str(e)) from None
-    text = " ".join(raw.split())
+def clean_caption(raw: Any) -> str:
+    """The caption with whitespace runs (newlines too) collapsed to single spaces (`captions.caption_text`); Skip
+    if absent, empty or not valid UTF-8 (tables are read with surrogateescape, so bad bytes arrive here as lone
+    surrogates)."""
+    if not isinstance(raw, str | bytes):
+        raise Skip("missing_caption", "" if raw is None else f"caption is {type(raw).__name__}")
+    text, replaced = caption_text(raw)
+    if replaced:
+        raise Skip("non_utf8_caption", text[:80])
     if not text:
         raise Skip("empty_caption")
     return text
 
 
 # --- Reading inputs -------------------------------------------------------------------------------------------
-
-
-def _decode_text(data: bytes) -> str:
-    return data.decode("utf-8-sig", errors="surrogateescape")
-
-
-def _resolve(image: str, root: str) -> str:
-    return image if image.startswith("/") or records.is_remote(image) else os.fspath(epath.Path(root) / image)
-
-
-def read_table(path: str, fmt: str, image_root: str | None, fields: Sequence[str]) -> list[Row]:
-    """Rows of a csv/tsv/jsonl/sharegpt4v file. `fields`: the names of the image, caption and short caption."""
-    image_f, caption_f, short_f = fields
-    root = image_root or os.fspath(epath.Path(path).parent)
-    text = _decode_text(epath.Path(path).read_bytes())
-    if fmt == "sharegpt4v":
-        return [_sharegpt4v_row(i, entry, root) for i, entry in enumerate(json.loads(text))]
-    if fmt == "jsonl":
-        objects: list[Any] = []
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    objects.append(json.loads(line))
-                except json.JSONDecodeError:
-                    objects.append(None)
-    else:
-        delimiter, quoting = ("\t", csv.QUOTE_NONE) if fmt == "tsv" else (",", csv.QUOTE_MINIMAL)
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-        missing = [f for f in (image_f, caption_f) if f not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} in the header {reader.fieldnames}")
-        objects = list(reader)
-    rows = []
-    for i, obj in enumerate(objects):
-        if not isinstance(obj, dict) or not isinstance(obj.get(image_f), str) or not obj[image_f]:
-            rows.append(Row(key=f"{epath.Path(path).name}:{i}", image="", problem="bad_row"))
-            continue
-        meta = {k: v for k, v in obj.items() if k not in fields and k is not None and v not in ("", None)}
-        short = obj.get(short_f) or None
-        rows.append(Row(obj[image_f], _resolve(obj[image_f], root), obj.get(caption_f), short, meta or None))
-    return rows
-
-
-def _sharegpt4v_row(i: int, entry: Any, root: str) -> Row:
-    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-        return Row(key=f"#{i}", image="", problem="bad_row")
-    turns = [t.get("value") for t in entry.get("conversations", ()) if isinstance(t, dict) and t.get("from") == "gpt"]
-    meta = {k: v for k, v in entry.items() if k not in ("image", "conversations")}
-    return Row(entry["image"], _resolve(entry["image"], root), turns[0] if turns else None, None, meta or None)
 
 
 def _walk(folder: epath.Path) -> Iterator[epath.Path]:
@@ -203,7 +133,7 @@ def read_folder(path: str) -> list[Row]:
     folder = epath.Path(path)
     images = sorted(p for p in _walk(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
     index = folder / "captions.json"
-    captions = json.loads(_decode_text(index.read_bytes())) if index.exists() else None
+    captions = json.loads(decode_text(index.read_bytes())) if index.exists() else None
     rows = []
     for p in images:
         rel = p.relative_to(folder).as_posix()
@@ -370,7 +300,7 @@ def expand_inputs(inputs: Sequence[str], fmt: str) -> list[str]:
 
 
 def plan(fmt: str, inputs: Sequence[str], image_root: str | None = None, shard_size: int = 10_000,
-         fields: Sequence[str] = ("image", "caption", "short_caption")) -> list[Task]:
+         fields: Sequence[str] = FIELDS) -> list[Task]:
     """Every output shard of the data set, numbered over the inputs in order (the same on every machine)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -409,7 +339,7 @@ def summarize(out: str, prefix: str, count: int, failed: Sequence[dict] = ()) ->
 
 def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None = None, workers: int = 1,
             shard_index: int = 0, num_shards: int = 1, shard_size: int = 10_000, min_size: int = 32,
-            prefix: str = "train", fields: Sequence[str] = ("image", "caption", "short_caption"),
+            prefix: str = "train", fields: Sequence[str] = FIELDS,
             progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Converts this machine's slice (shards i with i % num_shards == shard_index) and returns the summary over
     every report in `out`. A shard that fails as a whole (a write error) is reported in `failed` after the

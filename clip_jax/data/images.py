@@ -1,15 +1,54 @@
 """Image preprocessing on the host, in uint8 (normalisation happens on device, see `CLIP.encode_image`):
-random resized crop for training, resize + centre crop for evaluation, and robust file loading."""
+decoding any mode to RGB, random resized crop for training, resize + centre crop for evaluation, and robust file
+loading."""
 
 from __future__ import annotations
 
+import io
 import math
 import pathlib
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# PIL modes of more than 8 bits per pixel: 16-bit (PNG, TIFF), 32-bit integer and float.
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def scale_to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint8 of an image array of more than 8 bits, scaled by its maximum: such images rarely use their full range
+    (12-bit scans, medical images), and a plain cast would wrap or clip at 255. Negative values become 0."""
+    array = np.clip(np.asarray(array, dtype=np.float64), 0, None)
+    return (array / max(float(array.max(initial=0)), 1.0) * 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of a loaded image of any mode (grayscale, palette, RGBA, CMYK, 16-bit, float)."""
+    if img.mode in _DEEP_MODES:
+        img = Image.fromarray(scale_to_uint8(np.asarray(img)))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(data: bytes, min_side: int = 0) -> tuple[np.ndarray, str]:
+    """(RGB uint8 [H, W, 3], the file's own mode: "RGB", "L", "CMYK", "I;16", ...) of encoded image bytes. With
+    `min_side`, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose sides both stay >= min_side
+    (libjpeg scales in the DCT: a 4000x3000 photo decodes ~5x faster); other formats decode at full size. Raises
+    what PIL raises for a bad file (a truncated one too: the whole image is decoded here)."""
+    with Image.open(io.BytesIO(data)) as img:
+        mode = img.mode
+        if min_side and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
+        img.load()
+        return to_rgb(img), mode
+
+
+def crop_min_side(image_size: int, augment: bool, crop_scale: Sequence[float]) -> int:
+    """The shorter side a decoded image needs so that the training crop is not upsampled: the smallest random
+    resized crop (area fraction crop_scale[0] at aspect ratio 3/4) has a side of sqrt(0.75 * scale) times the
+    image's."""
+    return math.ceil(image_size / math.sqrt(0.75 * crop_scale[0])) if augment else image_size
 
 
 def resize_center_crop(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
@@ -55,11 +94,7 @@ def load_image(path: str | pathlib.Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
-            img = img.convert("RGB")
-            return resize_center_crop(img, size)
+            return resize_center_crop(to_rgb(img), size)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot decode image {path}: {e}") from None
 

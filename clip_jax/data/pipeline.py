@@ -1,17 +1,24 @@
 """grain input pipelines: deterministic, sharded per host, checkpointable.
 
-train: source -> random map (augment, pick caption) -> this host's rows of each global batch -> batch -> tokenize
--> prefetch. Shuffling and the random map are keyed by the global example index, so global batch k holds the same
-examples in the same order on any number of hosts.
+train: source -> [decode: `DecodeExample`] -> random map (augment, pick caption) -> this host's rows of each global
+batch, each example numbered by its position in this host's stream -> batch -> tokenize -> prefetch. Shuffling and
+the random map are keyed by the global example index, so global batch k holds the same examples in the same order
+on any number of hosts.
 Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device) and `text` int32 [B, context_length]; for a
-loss that reads short captions (Long-CLIP) also `short_text` int32 [B, short_text_length(config)].
+loss that reads short captions (Long-CLIP) also `short_text` int32 [B, short_text_length(config)]; and `stats`, host-
+only int [B] fields: `example_index` (the position) and the `MARKS`, which `DataCounts.take` removes and counts
+before the batch goes to the device (the compiled step never sees them).
 Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access source whose items have `image`
-(uint8 HxWx3) and the caption fields.
+(uint8 HxWx3), or, for a source with `encoded_images = True`, `image_bytes` or a file `path` (decoded by
+`DecodeExample`), and the caption fields.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import pathlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import grain
@@ -19,14 +26,28 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
+from etils import epath
 
 from clip_jax.data import captions, records
-from clip_jax.data.images import random_resized_crop, resize_center_crop
+from clip_jax.data.images import crop_min_side, decode_image, random_resized_crop, resize_center_crop
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
-from clip_jax.distributed import GlobalBatchRows, barrier, batch_rows
+from clip_jax.distributed import GlobalBatchRows, barrier, batch_rows, sum_over_processes
 from clip_jax.longclip import first_sentence
 from clip_jax.losses import SHORT_TEXT_LOSSES
+
+log = logging.getLogger(__name__)
+
+STATS = "stats"  # a batch's host-only fields (module docstring)
+# Per-example 0/1 marks: what was done to an example's image and caption, set before batching ...
+_EXAMPLE_MARKS = ("converted", "upscaled", "bad_utf8")
+# ... and at tokenization. The loop logs each as `data_<mark>`, summed over the log window (docs/data.md).
+MARKS = (*_EXAMPLE_MARKS, "truncated_caption")
+# An image whose shorter side is below this is dropped: tracking pixels and icons show nothing to learn from. Larger
+# images below the model's resolution are kept, upsampled by the crop, and marked `upscaled`.
+MIN_IMAGE_SIDE = 8
+# A training run whose first examples all fail is pointed at the wrong data: stop instead of spinning forever.
+_ALL_FAILED_LIMIT = 200
 
 
 def shapes_config(config: ml_collections.ConfigDict) -> ShapesConfig:
@@ -42,20 +63,22 @@ def _shapes_source(config: ml_collections.ConfigDict, split: str):
     return ShapesDataset(shapes_config(config), split)
 
 
-def _file_source(reader):
+def _file_source(fmt: str | None):
+    """A table file source (captions.py); fmt None: the format by the file's suffix."""
+
     def make(config: ml_collections.ConfigDict, split: str):
         if split != "train":
             raise ValueError(f"data.source {config.data.source!r} has only a train split, not {split!r}")
         d = config.data
-        return captions.file_source(reader, d.path, d.image_root, config.model.vision.image_size, d.skip)
+        return captions.file_source(d.path, fmt, d.image_root, d.skip)
 
     return make
 
 
 TRAIN_SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {
     "shapes": _shapes_source,
-    "sharegpt4v": _file_source(captions.read_sharegpt4v),
-    "captions": _file_source(captions.read_captions),
+    "sharegpt4v": _file_source("sharegpt4v"),
+    "captions": _file_source(None),  # JSONL, CSV or TSV
     "records": records.records_source,  # ArrayRecord shards written by `clip-jax data convert` (docs/data.md)
 }
 
@@ -64,6 +87,60 @@ def get_source(config: ml_collections.ConfigDict, split: str):
     if config.data.source not in TRAIN_SOURCES:
         raise ValueError(f"unknown data.source {config.data.source!r}; choose one of {sorted(TRAIN_SOURCES)}")
     return TRAIN_SOURCES[config.data.source](config, split)
+
+
+class DecodeExample(grain.transforms.Map):
+    """Grain map of the sources with encoded images: an item's `image_bytes` (or the file at `path`) -> `image`, RGB
+    uint8 of any file mode, a JPEG decoded at reduced scale down to `min_side` (`images.decode_image`).
+
+    Returns None, which grain drops, for an item with an `error` (a record or row that does not parse), an empty
+    caption, a missing, unreadable, undecodable or truncated image, or one whose shorter side is below
+    MIN_IMAGE_SIDE: the stream's positions count the drops (`DataCounts`), the log names them (the first 10, then
+    every 100th, per process). Marks a kept example `converted` (a mode other than RGB: grayscale, palette, RGBA,
+    CMYK, 16-bit) and `upscaled` (shorter side below `image_size`). A class, so worker processes can pickle it."""
+
+    def __init__(self, image_size: int, min_side: int):
+        self.image_size = image_size
+        self.min_side = min_side
+        self._lock = threading.Lock()  # grain's reader threads share the map
+        self._decoded = self._dropped = 0  # this map's own: a data set none of whose first examples decode is an error
+
+    def __getstate__(self) -> dict:
+        return {"image_size": self.image_size, "min_side": self.min_side}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def map(self, element: dict) -> dict | None:
+        reason = element.get("error") or ("" if element.get("long_caption") else "empty caption")
+        if not reason:
+            data = element.get("image_bytes")
+            try:
+                image, mode = decode_image(epath.Path(element["path"]).read_bytes() if data is None else data,
+                                           self.min_side)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; a bad sample is never fatal
+                reason = f"{type(e).__name__}: {e}"
+            else:
+                h, w = image.shape[:2]
+                if min(h, w) < MIN_IMAGE_SIDE:
+                    reason = f"{w}x{h} image, below {MIN_IMAGE_SIDE} px"
+        if reason:
+            self._drop(element.get("key") or "(no key)", reason)
+            return None
+        with self._lock:
+            self._decoded += 1
+        out = {k: v for k, v in element.items() if k not in ("image_bytes", "path", "key", "error")}
+        return out | {"image": image, "converted": int(mode != "RGB"), "upscaled": int(min(h, w) < self.image_size)}
+
+    def _drop(self, key: str, reason: str) -> None:
+        with self._lock:
+            self._dropped += 1
+            dropped, all_failed = self._dropped, self._decoded == 0 and self._dropped >= _ALL_FAILED_LIMIT
+        if dropped <= 10 or dropped % 100 == 0:
+            log.warning("dropping example %s: %s (%d dropped so far in process %d)", key, reason, dropped, os.getpid())
+        if all_failed:
+            raise ValueError(f"the first {dropped} examples read have no decodable image or no caption: check "
+                             "data.path and data.image_root")
 
 
 class TrainExample(grain.transforms.RandomMap):
@@ -82,6 +159,7 @@ class TrainExample(grain.transforms.RandomMap):
         self.grayscale_shape_captions = grayscale_shape_captions
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        """The example's `image`, `caption`[, `short_caption`] and `stats` (its marks; 0 where the source sets none)."""
         image = element["image"]
         if self.augment:
             image = random_resized_crop(image, self.image_size, rng, self.crop_scale)
@@ -101,14 +179,21 @@ class TrainExample(grain.transforms.RandomMap):
                 image = np.repeat(gray[..., None], 3, axis=-1).round().astype(np.uint8)
         else:
             caption = short
-        out = {"image": image, "caption": caption}
+        out = {"image": image, "caption": caption, STATS: {m: element.get(m, 0) for m in _EXAMPLE_MARKS}}
         if self.short_caption:
             out["short_caption"] = short if short is not None else first_sentence(long)
         return out
 
 
+def _add_example_index(index: int, element: dict) -> dict:
+    """Numbers an example by its position in this host's stream (GlobalBatchRows' index), which is absolute across
+    epochs and resumes: the positions that no batch holds are the examples dropped."""
+    return element | {STATS: element[STATS] | {"example_index": index}}
+
+
 class Tokenize(grain.transforms.Map):
-    """Tokenizes a whole batch of captions at once (the tokenizer is batched, in Rust)."""
+    """Tokenizes a whole batch of captions at once (the tokenizer is batched, in Rust), marking the captions cut to
+    the context (`truncated_caption`; cut as open_clip does, EOT last)."""
 
     def __init__(self, tokenizer: ClipTokenizer, context_length: int, short_context_length: int | None = None):
         self.tokenizer = tokenizer
@@ -116,10 +201,41 @@ class Tokenize(grain.transforms.Map):
         self.short_context_length = short_context_length
 
     def map(self, batch: dict) -> dict:
-        out = {"image": batch["image"], "text": self.tokenizer(list(batch["caption"]), self.context_length)}
+        text, lengths = self.tokenizer.tokenize_with_lengths(list(batch["caption"]), self.context_length)
+        stats = batch[STATS] | {"truncated_caption": (lengths > self.context_length - 2).astype(np.int64)}
+        out = {"image": batch["image"], "text": text, STATS: stats}
         if self.short_context_length is not None:
             out["short_text"] = self.tokenizer(list(batch["short_caption"]), self.short_context_length)
         return out
+
+
+class DataCounts:
+    """The loop's data metrics, from the `stats` of the batches this host consumed: `data_dropped`, the examples
+    dropped since step 0 (positions no batch held: exact with worker processes too, and across resumes, since the
+    positions are absolute), and `data_<mark>` for each of MARKS, the marked examples since the last log. Each
+    process counts its own rows; `metrics` sums over processes."""
+
+    def __init__(self):
+        self._window = dict.fromkeys(MARKS, 0)
+        self._end = 0  # one past the position of the last example consumed
+        self._rows = 0  # examples per batch on this host
+
+    def take(self, batch: dict) -> dict:
+        """`batch` without its host-only `stats`, which are counted: what goes to the device."""
+        stats = batch.pop(STATS)
+        for mark in MARKS:
+            self._window[mark] += int(stats[mark].sum())
+        self._end = int(stats["example_index"][-1]) + 1
+        self._rows = len(stats["example_index"])
+        return batch
+
+    def metrics(self, steps: int) -> dict[str, int]:
+        """The metrics after `steps` steps (one batch each) over all processes, which must all call it at the same
+        step (a collective); the window starts anew."""
+        dropped = self._end - steps * self._rows
+        totals = sum_over_processes(np.array([dropped, *self._window.values()], np.int64))
+        self._window = dict.fromkeys(MARKS, 0)
+        return {"data_dropped": int(totals[0])} | {f"data_{m}": int(t) for m, t in zip(MARKS, totals[1:], strict=True)}
 
 
 def short_text_length(config: ml_collections.ConfigDict) -> int | None:
@@ -138,9 +254,10 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
     ds = grain.MapDataset.source(source)
     if config.data.source != "shapes":  # procedural samples are already i.i.d. by index; files need shuffling
         ds = ds.shuffle(seed=config.seed).repeat()
-    decode = getattr(source, "decode", None)  # sources of encoded images (records) decode in the grain map
-    if decode is not None:
-        ds = ds.map(decode)
+    encoded = getattr(source, "encoded_images", False)
+    if encoded:  # decoded in the grain map, at the resolution the crop needs
+        size, d = config.model.vision.image_size, config.data
+        ds = ds.map(DecodeExample(size, crop_min_side(size, d.augment, d.crop_scale)))
     short_length = short_text_length(config)
     ds = ds.random_map(
         TrainExample(
@@ -150,10 +267,10 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
         ),
         seed=config.seed,
     )
-    ds = GlobalBatchRows(ds, rows, config.batch_size)
-    if decode is not None:
-        # An undecodable image is dropped (the map returns None): grain batches such a sparse dataset only after
-        # reading it, so here the threads prefetch examples, and batches are stacked as they are consumed.
+    ds = GlobalBatchRows(ds, rows, config.batch_size).map_with_index(_add_example_index)
+    if encoded:
+        # A bad example is dropped (the map returns None): grain batches such a sparse dataset only after reading
+        # it, so here the threads prefetch examples, and batches are stacked as they are consumed.
         batch = len(rows)
         read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=config.data.prefetch * batch)
         iter_ds = ds.to_iter_dataset(read).batch(batch, drop_remainder=True)
@@ -183,7 +300,7 @@ def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[s
     texts = []
     for i in range(n):
         item = source[i]
-        texts.extend(item[k] for k in ("short_caption", "long_caption", "partial_caption", "caption") if k in item)
+        texts.extend(item[k] for k in ("short_caption", "long_caption", "partial_caption", "caption") if item.get(k))
     return texts
 
 

@@ -14,9 +14,9 @@ chunk, so a random read costs one record: grain's global shuffle reads in random
 (images are compressed already; brotli would cost CPU on every read for ~nothing).
 
 Training: grain reads records by global index (this host's slice, global shuffle, checkpointable iterator
-state; see pipeline.train_dataset), and `DecodeImage`, a grain map, decodes the bytes to RGB uint8 ahead of the
-random resized crop. A record whose image cannot be decoded is dropped (the map returns None, which grain
-filters out) and counted: `decode_failures()`.
+state), and the pipeline's decoding map (`pipeline.DecodeExample`) decodes the bytes to RGB uint8 ahead of the
+random resized crop; a record whose image cannot be decoded is dropped and counted there (docs/data.md, "Bad
+samples at training time").
 
 Paths go through `etils.epath`, and ArrayRecord's reader opens `gs://` paths itself; its writer writes local
 files only, so `ShardWriter` writes remote shards locally first and copies them (epath needs gcsfs for gs://).
@@ -24,36 +24,28 @@ files only, so `ShardWriter` writes remote shards locally first and copies them 
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import math
 import os
 import re
 import shutil
 import socket
 import tempfile
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import ml_collections
 import msgpack
-import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
-from PIL import Image
 
-log = logging.getLogger(__name__)
+from clip_jax.data.images import decode_image
 
 FORMAT_VERSION = 1
 SUFFIX = ".arrayrecord"
 WRITER_OPTIONS = "group_size:1,uncompressed"
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5,})-of-(?P<count>\d{5,})\.arrayrecord$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-# A training run whose first records all fail is pointed at the wrong data: stop instead of spinning forever.
-_ALL_FAILED_LIMIT = 200
 
 
 def shard_name(prefix: str, index: int, count: int) -> str:
@@ -97,94 +89,6 @@ def decode_record(data: bytes) -> dict[str, Any]:
 def record_metadata(record: dict[str, Any]) -> dict | None:
     text = record.get("metadata")
     return json.loads(text) if text else None
-
-
-# --- Images ---------------------------------------------------------------------------------------------------
-
-
-def to_rgb(img: Image.Image) -> np.ndarray:
-    """RGB uint8 of a loaded image of any mode; 16/32-bit integer images are scaled by their maximum (as
-    `images.load_image` does), since PIL's convert would clip them to 255."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of encoded image bytes. With `min_side`, a JPEG is decoded at the smallest of 1/1, 1/2,
-    1/4, 1/8 scale whose sides both stay >= min_side (libjpeg scales in the DCT: a 4000x3000 photo decodes ~5x
-    faster); other formats decode at full size. Raises what PIL raises for a bad file."""
-    with Image.open(io.BytesIO(data)) as img:
-        if min_side and img.format == "JPEG":
-            img.draft("RGB", (min_side, min_side))
-        img.load()
-        return to_rgb(img)
-
-
-def crop_min_side(image_size: int, augment: bool, crop_scale: Sequence[float]) -> int:
-    """The shorter side a decoded image needs so that the training crop is not upsampled: the smallest random
-    resized crop (area fraction crop_scale[0] at aspect ratio 3/4) has a side of sqrt(0.75 * scale) times the
-    image's."""
-    return math.ceil(image_size / math.sqrt(0.75 * crop_scale[0])) if augment else image_size
-
-
-class _Counts:
-    """Decode counts, shared by grain's reader threads."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.decoded = 0  # counted per DecodeImage only
-        self.failed = 0
-
-
-_COUNTS = _Counts()  # per process
-
-
-def decode_failures() -> int:
-    """Records dropped because their image could not be decoded, in this process, since it started. With
-    `data.workers > 0` the decoding (and the counting) happens in grain's worker processes, which log each
-    failure instead (the first 10, then every 100th)."""
-    return _COUNTS.failed
-
-
-class DecodeImage(grain.transforms.Map):
-    """Grain map: a record item's `image_bytes` -> `image` (RGB uint8), or None (dropped by grain) when the bytes
-    do not decode. A class, so grain's worker processes can pickle it."""
-
-    def __init__(self, min_side: int = 0):
-        self.min_side = min_side
-        self._seen = _Counts()  # this map's own counts: a data set none of whose first records decode is an error
-
-    def __getstate__(self) -> dict:
-        return {"min_side": self.min_side}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["min_side"])
-
-    def map(self, element: dict) -> dict | None:
-        data = element.get("image_bytes")
-        try:
-            if not data:
-                raise ValueError(element.get("error", "no image bytes"))
-            image = decode_image(data, self.min_side)
-        except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; one bad record is never fatal
-            with _COUNTS.lock:
-                _COUNTS.failed += 1
-                failed = _COUNTS.failed
-            with self._seen.lock:
-                self._seen.failed += 1
-                all_failed = self._seen.decoded == 0 and self._seen.failed >= _ALL_FAILED_LIMIT
-            if failed <= 10 or failed % 100 == 0:
-                log.warning("dropping record %s: undecodable image (%s: %s); %d dropped so far in process %d",
-                            element.get("key", "?"), type(e).__name__, e, failed, os.getpid())
-            if all_failed:
-                raise ValueError(f"the first {_ALL_FAILED_LIMIT} records read have no decodable image: is data.path "
-                                 "a set of shards written by `clip-jax data convert`?") from None
-            return None
-        with self._seen.lock:
-            self._seen.decoded += 1
-        return {k: v for k, v in element.items() if k not in ("image_bytes", "key", "error")} | {"image": image}
 
 
 # --- Shards ---------------------------------------------------------------------------------------------------
@@ -290,15 +194,16 @@ class ShardWriter:
 
 class RecordSource:
     """Random-access source (for `grain.MapDataset.source`) over shards: items {"image_bytes", "long_caption"
-    [, "short_caption"], "key"}, decoded by `self.decode` in the grain map. A record that does not parse comes back
-    without image bytes, so the map drops and counts it like an undecodable image."""
+    [, "short_caption"], "key"}, decoded in the pipeline's grain map. A record that does not parse comes back
+    without image bytes and with an `error`, so the map drops and counts it like an undecodable image."""
 
-    def __init__(self, paths: Sequence[str], min_side: int = 0):
+    encoded_images = True  # items hold encoded bytes for pipeline.DecodeExample
+
+    def __init__(self, paths: Sequence[str]):
         self.paths = list(paths)
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
         if len(self._source) == 0:
             raise ValueError(f"the shards {self.paths[:3]}{' ...' if len(self.paths) > 3 else ''} hold no records")
-        self.decode = DecodeImage(min_side)
 
     def __len__(self) -> int:
         return len(self._source)
@@ -321,8 +226,7 @@ def records_source(config: ml_collections.ConfigDict, split: str) -> RecordSourc
         raise ValueError(f"data.source 'records' has only a train split, not {split!r}")
     if not config.data.path:
         raise ValueError("data.source 'records' needs data.path: a shard directory, a glob or a list of shards")
-    d = config.data
-    return RecordSource(list_shards(d.path), crop_min_side(config.model.vision.image_size, d.augment, d.crop_scale))
+    return RecordSource(list_shards(config.data.path))
 
 
 def describe(spec: str, n: int = 3) -> dict[str, Any]:
@@ -333,7 +237,7 @@ def describe(spec: str, n: int = 3) -> dict[str, Any]:
     for i in range(min(n, len(source))):
         record = decode_record(source[i])
         try:
-            h, w = decode_image(record["image"]).shape[:2]
+            h, w = decode_image(record["image"])[0].shape[:2]
             size = f"{w}x{h}"
         except Exception as e:  # noqa: BLE001 - reported, not raised: this is an inspection tool
             size = f"undecodable ({type(e).__name__})"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from clip_jax.data.images import resize_center_crop
+from clip_jax.data.images import resize_center_crop, scale_to_uint8
 
 CAPTION_NAMES = ("caption", "captions", "text", "sentences", "description")
 
@@ -80,8 +80,8 @@ def to_rgb_array(image: np.ndarray) -> np.ndarray:
         image = image[..., None]
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
-    if image.dtype != np.uint8:  # e.g. 16-bit medical images: scale by the maximum, as images.load_image does
-        image = (image.astype(np.float64) / max(float(image.max()), 1.0) * 255).astype(np.uint8)
+    if image.dtype != np.uint8:  # e.g. 16-bit medical images
+        image = scale_to_uint8(image)
     return np.ascontiguousarray(image[..., :3])
 
 

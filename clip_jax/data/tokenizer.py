@@ -299,6 +299,12 @@ class ClipTokenizer:
 
     def __call__(self, texts: str | Sequence[str], context_length: int = 77) -> np.ndarray:
         """int32 [N, context_length]: [SOT] + ids + [EOT], cut to context_length keeping EOT last, 0-padded."""
+        return self.tokenize_with_lengths(texts, context_length)[0]
+
+    def tokenize_with_lengths(self, texts: str | Sequence[str], context_length: int = 77
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """(`self(texts, context_length)`, int64 [N] BPE ids per text before the cut): a text was truncated where
+        its length exceeds context_length - 2."""
         if isinstance(texts, str):
             texts = [texts]
         if context_length < 2:
@@ -312,7 +318,7 @@ class ClipTokenizer:
         keep = cols < context_length - 1  # open_clip cuts to L then overwrites the last with EOT: L-2 ids
         out[rows[keep], cols[keep]] = flat[keep]
         out[np.arange(n), np.minimum(lengths, context_length - 2) + 1] = self.eot_id
-        return out
+        return out, lengths
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """open_clip's decode: tokens joined, bytes UTF-8 decoded (errors replaced), '</w>' -> ' '.

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from clip_jax import losses
 from clip_jax.config import ConfigError, model_config, read_config, save_config
-from clip_jax.data.pipeline import make_tokenizer, short_text_length, train_iterator
+from clip_jax.data.pipeline import DataCounts, make_tokenizer, short_text_length, train_iterator
 from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.suite import evaluate, print_results
 from clip_jax.models.clip import CLIP
@@ -189,10 +189,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, config.log.progress_bar)
     preempted = PreemptionFlag()
     pending: list[dict] = []
+    data_counts = DataCounts()  # dropped and converted examples, truncated captions (host-side, from the batches)
     nonfinite_run = 0
     last_log_time, last_log_step = time.time(), start_step
     for step in range(start_step, config.total_steps):
-        batch = global_batch(next(data_iter), mesh)
+        batch = global_batch(data_counts.take(next(data_iter)), mesh)
         state, metrics = compiled(state, batch)
         pending.append(metrics)
         done = step + 1
@@ -216,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                         f"checkpoint is step {checkpointer.latest_step()}: lower optimizer.lr, raise warm-up or "
                         "check the data, then relaunch"
                     )
-            summary = _summarise(history)
+            summary = _summarise(history) | data_counts.metrics(done)
             elapsed = time.time() - last_log_time
             steps = done - last_log_step
             summary["samples_per_s"] = steps * config.batch_size / elapsed
