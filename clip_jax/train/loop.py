@@ -22,6 +22,7 @@ from clip_jax.config import ConfigError, model_config, read_config, save_config
 from clip_jax.data.pipeline import make_tokenizer, short_text_length, train_iterator
 from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.suite import evaluate, print_results
+from clip_jax.files import write_atomic
 from clip_jax.models.clip import CLIP
 from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, global_batch, make_mesh
 from clip_jax.train import flops as flops_lib
@@ -232,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     checkpointer.close()
     if jax.process_index() == 0:
         results = {"step": config.total_steps, **results}
-        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_atomic(workdir / "results.json", json.dumps(results, indent=2) + "\n")
         print_results(results)
         from clip_jax.plots import plot_training_curves
 

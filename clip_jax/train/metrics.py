@@ -21,12 +21,9 @@ import jax
 import numpy as np
 from etils import epath
 
+from clip_jax.files import is_remote, write_atomic
+
 log = logging.getLogger(__name__)
-
-
-def is_remote(path: epath.PathLike) -> bool:
-    """A URI (gs://, s3://, ...) rather than a local path."""
-    return "://" in os.fspath(path)
 
 
 def _summary_writer(logdir: epath.Path):
@@ -74,7 +71,7 @@ class MetricsWriter:
                 f.write(line)
         else:
             self._lines.append(line)
-            self.path.write_text("".join(self._lines))
+            write_atomic(self.path, "".join(self._lines))
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float):
