@@ -1,9 +1,12 @@
-"""Workdir files that a crash never leaves half-written. Paths go through etils.epath, so a workdir may be a bucket
-(`gs://...`); pathlib would turn gs://bucket/run into gs:/bucket/run."""
+"""Workdir files that a crash never leaves half-written, and the errors of a file system that takes no more writes.
+Paths go through etils.epath, so a workdir may be a bucket (`gs://...`); pathlib would turn gs://bucket/run into
+gs:/bucket/run."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 
 from etils import epath
 
@@ -36,3 +39,27 @@ def write_atomic(path: epath.PathLike, data: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# TensorStore, which writes the arrays (in C++), quotes the operating system's error in its message as
+# `...: No space left on device [os_error_code='28']`.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message is one line that says what to do."""
+
+
+def os_error(error: BaseException) -> str | None:
+    """`ENOSPC: No space left on device` for the operating system's error behind a failed write (an OSError in the
+    exception chain, or one that TensorStore quotes), or None when the failure is not the file system's."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = error.errno if isinstance(error, OSError) else None
+        if code is None and (match := _OS_ERROR_CODE.search(str(error))):
+            code = int(match.group(1))
+        if code:
+            return f"{errno.errorcode.get(code, code)}: {os.strerror(code)}"
+        error = error.__cause__ or error.__context__
+    return None

@@ -95,7 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     workdir = epath.Path(workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
 
     # --- Workdir and config -------------------------------------------------------------------------------------
-    checkpointer = Checkpointer(workdir, config.checkpoint)
+    checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
     prepare_workdir(config, workdir, warm_start)
