@@ -4,7 +4,9 @@ loses power, an OOM killer or a cluster scheduler would end it, with no chance t
     python tests/crash_worker.py [HOOK ...] -- CLIP_JAX_ARGV...
 
 Hooks (the library has none: they patch it from here before `clip_jax.cli.main` runs):
-  --kill-after-step K   SIGKILL right after train step K has been dispatched (while it runs)
+  --kill-after-step K   process 0 SIGKILLs itself right after train step K has been dispatched (while it runs), and
+                        with --hold-commit once every file of the held save is written; the other processes of a
+                        cluster are left to the launcher, which kills them when one dies, as a scheduler would
   --hold-commit S       the asynchronous save of step S never commits: its files are written, its folder is never
                         renamed, so the save stays in flight until the process dies
   --kill-in-commit S    SIGKILL when the save of step S is about to commit: every array file written, the folder
@@ -21,15 +23,19 @@ import os
 import resource
 import signal
 import sys
+import threading
 
 CUT_BYTES = 20
+held = threading.Event()  # set when the held save has reached its commit: every file of it written
 
 
 def kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_after_step(step: int) -> None:
+def kill_after_step(step: int, wait_for_held: bool) -> None:
+    import jax
+
     from clip_jax.train import step as step_lib
 
     real = step_lib.compile_train_step
@@ -44,7 +50,9 @@ def kill_after_step(step: int) -> None:
                 done = int(state.step)  # where this launch starts (read before the state is donated)
             out = compiled(state, batch)
             done += 1
-            if done == step:
+            if done == step and jax.process_index() == 0:
+                if wait_for_held:
+                    held.wait(timeout=120)
                 kill()
             return out
 
@@ -63,6 +71,7 @@ def patch_commit(step: int, hold: bool) -> None:
     async def on_commit_callback(tmp_dir, **kwargs):
         if tmp_dir.get_final().name == str(step):
             if hold:
+                held.set()
                 await asyncio.Event().wait()  # never set
             kill()
         return await real(tmp_dir, **kwargs)
@@ -79,6 +88,7 @@ def cut_write(name: str) -> None:
         if writing and name in os.path.basename(path):
             start = os.path.getsize(path) if "a" in mode and os.path.exists(path) else 0
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it: the write would only raise
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXFSZ dumps core: no core file in the checkout
             resource.setrlimit(resource.RLIMIT_FSIZE, (start + CUT_BYTES, resource.RLIM_INFINITY))
 
     sys.addaudithook(audit)
@@ -114,7 +124,7 @@ def main() -> None:
     parser.add_argument("--fill-disk-at-save", type=int)
     hooks = parser.parse_args(sys.argv[1:split])
     if hooks.kill_after_step is not None:
-        kill_after_step(hooks.kill_after_step)
+        kill_after_step(hooks.kill_after_step, wait_for_held=hooks.hold_commit is not None)
     if hooks.hold_commit is not None:
         patch_commit(hooks.hold_commit, hold=True)
     if hooks.kill_in_commit is not None:

@@ -7,7 +7,7 @@ of 8 devices (this one, tests/conftest.py).
 - SIGTERM to one process only: both agree on one step, save it and exit 0; resuming from that checkpoint ends
   bit-identical to the uninterrupted two-process run.
 - Both processes SIGKILLed in a train step while an asynchronous save is in flight, as a scheduler kills a job
-  (tests/crash_worker.py): the relaunch resumes from the previous checkpoint and ends bit-identical too.
+  (tests/crash_worker.py): the relaunch resumes from the checkpoint before and ends bit-identical too.
 - Without processes: the cluster detection, the per-host rows of the global batches (the same batches for any host
   count, also for a finite file source that repeats), metrics on a `gs://` workdir (an in-memory stand-in for the
   bucket), and the multi-host mode of the preemption flag.
@@ -194,10 +194,11 @@ def launched(tmp, tokenizer_file, encode_inputs, warm_start_checkpoint):
 
 @pytest.fixture(scope="module")
 def killed(tmp, tokenizer_file, launched):
-    """The uninterrupted run's command, both processes SIGKILLed in train step KILL_AFTER, while the asynchronous
-    save of the step before is in flight: held back from its commit, so the relaunch must resume from the
-    checkpoint before it (and metrics.jsonl holds records of steps it trains again). Started once the first launch
-    has ended, its programs compiled into the shared cache."""
+    """The uninterrupted run's command killed as a scheduler kills a job: process 0 SIGKILLs itself in train step
+    KILL_AFTER, the launch then SIGKILLs process 1. The asynchronous save of the step before is in flight, all its
+    files written but held back from its commit, so the relaunch must resume from the checkpoint before it (and
+    metrics.jsonl holds records of steps it trains again). Started once the first launch has ended, its programs
+    compiled into the shared cache."""
     launched.wait()
     launch = Launch(tmp, "killed", [str(CRASH_WORKER), "--hold-commit", str(KILL_AFTER - 1), "--kill-after-step",
                                     str(KILL_AFTER), "--", *train_argv(tmp / "killed", tokenizer_file)])
