@@ -37,16 +37,17 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TOTAL_STEPS = 300
-# The tests' tiny model; a checkpoint (asynchronous) every 10 steps and a log record every 10: a run of 20-40 s on a
-# 2-core CPU, a third of it start-up (imports, compilation from the cache, restore) and the final evaluation.
+# The tests' tiny model; a checkpoint (asynchronous) every 10 steps and a log record every 10. 300 steps in one
+# process take 30 s on a 2-core CPU, a third of it start-up (imports, compilation from the cache, restore) and the
+# final evaluation; two processes take several times longer (a cross-process all-reduce every step, barriers at
+# every save).
 RUN = [
     *(f"--config.model.{tower}.{k}={v}" for tower in ("vision", "text")
       for k, v in dict(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64).items()),
     "--config.model.vision.image_size=32", "--config.model.vision.patch_size=16",
     "--config.model.text.context_length=16", "--config.model.text.vocab_size=600", "--config.model.embed_dim=16",
-    "--config.data.tokenizer_vocab_size=600", "--config.batch_size=16", f"--config.total_steps={TOTAL_STEPS}",
-    "--config.optimizer.warmup_steps=20", "--config.checkpoint.every_steps=10", "--config.log.every_steps=10",
+    "--config.data.tokenizer_vocab_size=600", "--config.batch_size=16", "--config.optimizer.warmup_steps=20",
+    "--config.checkpoint.every_steps=10", "--config.log.every_steps=10",
     "--config.log.progress_bar=False", "--config.log.tensorboard=False", "--config.eval.num_examples=64",
     "--config.eval.batch_size=64",
 ]
@@ -57,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cycles", type=int, default=10)
     p.add_argument("--processes", type=int, default=1, choices=(1, 2))
+    p.add_argument("--steps", type=int, default=300, help="train steps of the run")
     p.add_argument("--max-kills", type=int, default=3, help="kills per cycle are drawn from 1..max-kills")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=600, help="seconds before a launch counts as hung")
@@ -75,9 +77,9 @@ class Launch:
     """`python -m clip_jax train --config configs/demo.py --workdir W ...` as `processes` processes (one JAX
     cluster on this machine when there are two), output appended to `log`."""
 
-    def __init__(self, workdir: pathlib.Path, processes: int, cache: pathlib.Path, log: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, steps: int, processes: int, cache: pathlib.Path, log: pathlib.Path):
         argv = [sys.executable, "-m", "clip_jax", "train", "--config", "configs/demo.py", "--workdir", str(workdir),
-                *RUN]
+                *RUN, f"--config.total_steps={steps}"]
         base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
         base.update({
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}", "JAX_PLATFORMS": "cpu",
@@ -132,23 +134,23 @@ def records(workdir: pathlib.Path) -> list[dict]:
     return out
 
 
-def what_it_was_doing(workdir: pathlib.Path, output: str) -> dict:
+def what_it_was_doing(workdir: pathlib.Path, steps: int, output: str) -> dict:
     """What a killed launch left: how far it got, by its output and its workdir."""
     folder, metrics = workdir / "checkpoints", workdir / "metrics.jsonl"
     names = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
     text = metrics.read_text() if metrics.exists() else ""
-    steps = [r["step"] for r in records(workdir) if r.get("split") == "train"]
+    logged = [r["step"] for r in records(workdir) if r.get("split") == "train"]
     if "compiled train step" not in output:
         phase = "starting (imports, config, data, restore, compilation)"
-    elif any(r.get("split") == "eval" and r["step"] == TOTAL_STEPS for r in records(workdir)):
+    elif any(r.get("split") == "eval" and r["step"] == steps for r in records(workdir)):
         phase = "writing results"
-    elif steps and steps[-1] == TOTAL_STEPS:
+    elif logged and logged[-1] == steps:
         phase = "final checkpoint and evaluation"
     else:
         phase = "training"
     return {
         "phase": phase,
-        "last_logged_step": steps[-1] if steps else None,
+        "last_logged_step": logged[-1] if logged else None,
         "checkpoints": sorted(int(n) for n in names if n.isdigit()),
         "saves_in_flight": [n for n in names if n.endswith(TMP_SUFFIX)],
         "cut_metrics_line": bool(text) and not text.endswith("\n"),
@@ -166,14 +168,14 @@ def train_state(workdir: pathlib.Path, step: int):
     return jax.device_get(restored["state"])
 
 
-def identical(workdir: pathlib.Path, reference: pathlib.Path) -> dict:
+def identical(workdir: pathlib.Path, reference: pathlib.Path, steps: int) -> dict:
     """Bitwise equality of the final train states and data positions; one metrics record per (step, split) as in
     the reference, with the same losses."""
-    want, got = train_state(reference, TOTAL_STEPS), train_state(workdir, TOTAL_STEPS)
+    want, got = train_state(reference, steps), train_state(workdir, steps)
     (want_leaves, want_def), (got_leaves, got_def) = jax.tree.flatten(want), jax.tree.flatten(got)
     state_equal = want_def == got_def and all(
         w.dtype == g.dtype and np.array_equal(w, g) for w, g in zip(want_leaves, got_leaves, strict=True))
-    data = lambda w: sorted(p.read_text() for p in (w / "checkpoints" / str(TOTAL_STEPS) / "data").glob("*.json"))
+    data = lambda w: sorted(p.read_text() for p in (w / "checkpoints" / str(steps) / "data").glob("*.json"))
     key = lambda r: (r["step"], r["split"], r.get("loss"))
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return {
@@ -191,13 +193,13 @@ def run_cycle(i: int, rng: np.random.Generator, args: argparse.Namespace, root: 
     while True:
         planned = float(rng.uniform(0, duration)) if len(launches) < kills else None
         mark = log.stat().st_size if log.exists() else 0
-        launch = Launch(workdir, args.processes, root / "jax_cache", log)
+        launch = Launch(workdir, args.steps, args.processes, root / "jax_cache", log)
         codes = launch.wait(planned if planned is not None else args.timeout)
         entry = {"kill_at_s": None if planned is None else round(planned, 2)}
         if codes is None:  # still running at the planned moment (or hung)
             codes = launch.kill()
             entry["killed"] = True
-            entry.update(what_it_was_doing(workdir, log.read_text()[mark:]))
+            entry.update(what_it_was_doing(workdir, args.steps, log.read_text()[mark:]))
         else:
             entry["killed"] = False
         entry["exit_codes"] = codes
@@ -210,7 +212,7 @@ def run_cycle(i: int, rng: np.random.Generator, args: argparse.Namespace, root: 
     finished = all(c == 0 for c in launches[-1]["exit_codes"])
     result = {"cycle": i, "kills": sum(e["killed"] for e in launches), "restarts": len(launches) - 1,
               "finished": finished, "launches": launches}
-    result.update(identical(workdir, reference) if finished else {"identical": False})
+    result.update(identical(workdir, reference, args.steps) if finished else {"identical": False})
     return result
 
 
@@ -221,12 +223,12 @@ def main() -> None:
     root = pathlib.Path(tempfile.mkdtemp(prefix="chaos_resume_"))
     try:
         reference = root / "reference"
-        launch = Launch(reference, args.processes, root / "jax_cache", root / "reference.log")
+        launch = Launch(reference, args.steps, args.processes, root / "jax_cache", root / "reference.log")
         if launch.wait(args.timeout) != [0] * args.processes:
             raise RuntimeError(f"the uninterrupted run failed; see {root / 'reference.log'}")
         # The first launch compiled into the empty cache; every later one reads it: time a second run.
         shutil.rmtree(reference)
-        launch = Launch(reference, args.processes, root / "jax_cache", root / "reference.log")
+        launch = Launch(reference, args.steps, args.processes, root / "jax_cache", root / "reference.log")
         if launch.wait(args.timeout) != [0] * args.processes:
             raise RuntimeError(f"the uninterrupted run failed; see {root / 'reference.log'}")
         duration = launch.seconds()
@@ -265,7 +267,7 @@ def main() -> None:
         },
         "jax": jax.__version__,
         "orbax_checkpoint": ocp.__version__,
-        "run": {"total_steps": TOTAL_STEPS, "checkpoint_every_steps": 10, "log_every_steps": 10,
+        "run": {"total_steps": args.steps, "checkpoint_every_steps": 10, "log_every_steps": 10,
                 "uninterrupted_seconds": round(duration, 2)},
         "summary": {
             "cycles": len(cycles),
