@@ -21,6 +21,7 @@ import os
 import sys
 
 from clip_jax.config import ConfigError
+from clip_jax.files import CheckpointWriteError
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -252,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _orbax_without_traceback(record: logging.LogRecord) -> bool:
+    """Orbax logs a failed background save with its traceback once per thread it passes through (five for a full
+    disk); the error then reaches the training loop, which states it in one line. Its log lines stay, without the
+    tracebacks (CLIP_JAX_DEBUG=1 keeps them)."""
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -267,10 +277,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = bool(os.environ.get("CLIP_JAX_DEBUG"))
+    if not debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_orbax_without_traceback)
     try:
         COMMANDS[args.command](args, overrides)
-    except (ConfigError, FileNotFoundError, FloatingPointError) as e:
-        if os.environ.get("CLIP_JAX_DEBUG"):
+    except (ConfigError, FileNotFoundError, FloatingPointError, CheckpointWriteError) as e:
+        if debug:
             raise
         print(f"clip-jax {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,9 @@ import pathlib
 from typing import Any
 
 import ml_collections
+from etils import epath
 
+from clip_jax.files import write_atomic
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.presets import model_preset
 from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS
@@ -270,13 +272,14 @@ class _nullcontext:
         return False
 
 
-def save_config(config: ml_collections.ConfigDict, path: str | pathlib.Path) -> None:
-    pathlib.Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list) + "\n")
+def save_config(config: ml_collections.ConfigDict, path: epath.PathLike) -> None:
+    """Writes config.json atomically: a relaunch (`train --workdir`) reads it back, and every launch rewrites it."""
+    write_atomic(path, json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list) + "\n")
 
 
-def read_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+def read_config(path: epath.PathLike) -> ml_collections.ConfigDict:
     """Reads a workdir's config.json back (tuples come back as lists; types otherwise as saved)."""
-    data = json.loads(pathlib.Path(path).read_text())
+    data = json.loads(epath.Path(path).read_text())
     config = ml_collections.ConfigDict(data)
     validate(config)
     return config

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import pathlib
+import io
 
+from etils import epath
+
+from clip_jax.files import write_atomic
 from clip_jax.train.metrics import read_metrics
 
 
-def plot_training_curves(metrics_path: pathlib.Path, out_path: pathlib.Path) -> None:
+def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike) -> None:
+    """Paths through etils.epath: the workdir may be a bucket."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,5 +37,7 @@ def plot_training_curves(metrics_path: pathlib.Path, out_path: pathlib.Path) -> 
     ax_acc.set_ylim(0, 1.02)
     ax_acc.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    png = io.BytesIO()  # matplotlib writes local files only
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_atomic(out_path, png.getvalue())

@@ -6,6 +6,8 @@ of 8 devices (this one, tests/conftest.py).
   evaluation; only process 0 writes the logs; each process checkpoints its own data position.
 - SIGTERM to one process only: both agree on one step, save it and exit 0; resuming from that checkpoint ends
   bit-identical to the uninterrupted two-process run.
+- Both processes SIGKILLed in a train step while an asynchronous save is in flight, as a scheduler kills a job
+  (tests/crash_worker.py): the relaunch resumes from the checkpoint before and ends bit-identical too.
 - Without processes: the cluster detection, the per-host rows of the global batches (the same batches for any host
   count, also for a finite file source that repeats), metrics on a `gs://` workdir (an in-memory stand-in for the
   bucket), and the multi-host mode of the preemption flag.
@@ -44,7 +46,8 @@ from .test_end_to_end import DEMO, TINY, checkpoint_steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
-STEPS, SIGTERM_AFTER = 6, 1
+CRASH_WORKER = REPO / "tests" / "crash_worker.py"
+STEPS, SIGTERM_AFTER, KILL_AFTER = 6, 1, 5
 # TINY with more steps, a log record per step and an evaluation whose last batch is padded (40 = 16 + 16 + 8).
 RUN = [*TINY, f"--config.total_steps={STEPS}", "--config.log.every_steps=1", "--config.eval.num_examples=40",
        "--config.eval.batch_size=16"]
@@ -69,9 +72,8 @@ class Launch:
             # The launches compile the same programs: a shared persistent cache compiles them once.
             "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-            # `python tests/multihost_worker.py` puts tests/ first on sys.path: without this it would import the
-            # installed clip_jax (another checkout, for an editable install) rather than this one.
-            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            # A script's own folder comes first on its path, not the checkout's: put this checkout there.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         })
         self.logs = [tmp / f"{name}.{i}.log" for i in range(2)]
         self.procs: list[subprocess.Popen] = []
@@ -191,13 +193,37 @@ def launched(tmp, tokenizer_file, encode_inputs, warm_start_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def relaunch(tmp, launched):
-    """The preempted run relaunched as after a preemption: the same command (`python -m clip_jax train`, its
-    workdir's own config), in new processes, started as soon as the first launch has ended."""
+def killed(tmp, tokenizer_file, launched):
+    """The uninterrupted run's command killed as a scheduler kills a job: process 0 SIGKILLs itself in train step
+    KILL_AFTER, the launch then SIGKILLs process 1. The asynchronous save of the step before is in flight, all its
+    files written but held back from its commit, so the relaunch must resume from the checkpoint before it (and
+    metrics.jsonl holds records of steps it trains again). Started once the first launch has ended, its programs
+    compiled into the shared cache."""
+    launched.wait()
+    launch = Launch(tmp, "killed", [str(CRASH_WORKER), "--hold-commit", str(KILL_AFTER - 1), "--kill-after-step",
+                                    str(KILL_AFTER), "--", *train_argv(tmp / "killed", tokenizer_file)])
+    yield launch
+    launch.close()
+
+
+@pytest.fixture(scope="module")
+def killed_left(tmp, killed):
+    """(exit codes, names in checkpoints/, steps of the metrics records) as the killed launch left them."""
+    codes = [code for code, _ in killed.wait()]
+    workdir = tmp / "killed"
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return codes, sorted(p.name for p in (workdir / "checkpoints").iterdir()), [json.loads(x)["step"] for x in lines]
+
+
+@pytest.fixture(scope="module")
+def relaunch(tmp, launched, killed_left):
+    """The preempted and the killed runs relaunched: the same command (`clip-jax train`, the workdir's own
+    config), in new processes, started as soon as the first launches have ended."""
     if any(code for code, _ in launched.wait()):
         yield None  # two_processes reports the failure
         return
-    launch = Launch(tmp, "resumed", ["-m", "clip_jax", "train", "--workdir", str(tmp / "preempted")])
+    runs = [["train", "--workdir", str(tmp / name)] for name in ("preempted", "killed")]
+    launch = Launch(tmp, "resumed", [str(WORKER), json.dumps(runs)])
     yield launch
     launch.close()
 
@@ -327,6 +353,27 @@ def test_resumed_run_equals_uninterrupted_run(two_processes, resumed):
     # The same losses at every step logged (the preempted step itself is checkpointed but was never logged).
     want_loss, got_loss = ({r["step"]: r["loss"] for r in train_records(w)} for w in (workdir, resumed))
     assert len(got_loss) == STEPS - 1 and got_loss == {k: want_loss[k] for k in got_loss}
+
+
+def test_killed_run_resumes_bit_identical(tmp, two_processes, killed_left, resumed):
+    codes, checkpoints, logged = killed_left
+    assert codes == [-signal.SIGKILL] * 2
+    # Step 2 committed, the save of step 4 not (its folder never renamed), records up to step 4 logged.
+    assert KILL_AFTER == 5 and checkpoints == ["2", "4.orbax-checkpoint-tmp"]
+    assert logged == list(range(1, KILL_AFTER))
+    workdir, killed = two_processes[0], tmp / "killed"
+    want, got = saved_state(workdir, STEPS), saved_state(killed, STEPS)
+    want_leaves, want_def = jax.tree.flatten_with_path(want)
+    got_leaves, got_def = jax.tree.flatten_with_path(got)
+    assert want_def == got_def
+    for (path, w), (_, g) in zip(want_leaves, got_leaves, strict=True):
+        np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
+    assert data_positions(killed, STEPS) == data_positions(workdir, STEPS)
+    assert json.loads((killed / "results.json").read_text()) == json.loads((workdir / "results.json").read_text())
+    # One record per step, the relaunch's where it trained the step again: the same losses.
+    want_loss, got_loss = ([(r["step"], r["loss"]) for r in train_records(w)] for w in (workdir, killed))
+    assert got_loss == want_loss
+    assert checkpoint_steps(killed) == checkpoint_steps(workdir)
 
 
 def test_batch_rows_and_global_batch_on_a_mesh_that_interleaves_the_processes(two_processes):

@@ -39,7 +39,10 @@ from collections.abc import Iterable, Sequence
 import ftfy
 import numpy as np
 import regex
+from etils import epath
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from clip_jax.files import write_atomic
 
 OPENAI_VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 OPENAI_VOCAB_NAME = "openai-bpe-16e6"
@@ -210,7 +213,7 @@ class ClipTokenizer:
             )
         return cls(vocab + [SOT_TOKEN, EOT_TOKEN], merges, name="trained")
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: epath.PathLike) -> None:
         """One JSON file: which vocabulary, the special ids, the tokens in id order and the merges."""
         state = {
             "format": _FORMAT, "version": 1, "name": self.name, "vocab_size": self.vocab_size,
@@ -218,11 +221,11 @@ class ClipTokenizer:
             "sot_token": SOT_TOKEN, "eot_token": EOT_TOKEN,
             "vocab": self._vocab, "merges": [f"{a} {b}" for a, b in self._merges],
         }  # fmt: skip
-        pathlib.Path(path).write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
+        write_atomic(path, json.dumps(state, ensure_ascii=False))  # a torn tokenizer.json would stop every relaunch
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ClipTokenizer:
-        path = pathlib.Path(path)
+    def load(cls, path: epath.PathLike) -> ClipTokenizer:
+        path = epath.Path(path)  # pathlib would turn gs://bucket/run into gs:/bucket/run
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path} (expected JSON written by ClipTokenizer.save)")
         try:

@@ -6,12 +6,17 @@ arrays are written); the manager keeps the last `max_to_keep` plus every `keep_p
 On several hosts every process calls save and restore at the same step: Orbax writes each process's array shards
 and commits once all are written, and grain's handler writes each process's data position as
 `data/process_<i>-of-<n>.json`, which only a run with the same number of processes reads back.
+
+A save is written to `<step>.orbax-checkpoint-tmp` and renamed to `<step>` once complete, so a process killed
+meanwhile leaves the previous checkpoints as they were. A save that fails (a full disk, a workdir that cannot be
+written) stops the run with CheckpointWriteError, one line that names the step, the operating system's error and
+the step a relaunch resumes from; the asynchronous save's error surfaces at the next save or wait.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 import grain
 import jax
@@ -19,30 +24,57 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from clip_jax.files import CheckpointWriteError, os_error
+
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, workdir: epath.PathLike, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: epath.PathLike, config: ml_collections.ConfigDict, *, owner: bool = False):
+        """`owner`: this process trains the workdir, so it removes the temporary folders that a killed save left
+        (a full-size copy of the state each, never read); a reader such as `clip-jax eval` leaves them alone, since
+        they may be the saves in progress of a training running beside it."""
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.max_to_keep,
             keep_period=config.keep_period or None,
             enable_async_checkpointing=config.async_save,
             create=True,
+            cleanup_tmp_directories=owner,
         )
         directory = epath.Path(workdir) / "checkpoints"  # pathlib would turn gs://bucket/run into gs:/bucket/run
         # Orbax wants an absolute path; a gs:// one is absolute already (`absolute()` would prefix the cwd to it).
         self.directory = directory if directory.is_absolute() else directory.absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self._in_flight: int | None = None  # the step of the asynchronous save not yet waited for
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any | None = None, *, force: bool = False) -> bool:
+        # Waited for here rather than inside the manager's save, so that a failure is reported as the previous step's.
+        self.wait()
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # orbax and tensorstore raise many types for a failed write
+            self._write_failed(step, e)
+        if saved:
+            self._in_flight = step
+        return saved
+
+    def _write_failed(self, step: int, error: Exception) -> NoReturn:
+        """Raises CheckpointWriteError for a failure of the file system; anything else as it is."""
+        reason = os_error(error)
+        if reason is None:
+            raise error
+        latest = self.manager.latest_step()  # the manager has dropped the failed step
+        then = f"resume from step {latest}" if latest is not None else "start again (no checkpoint was written)"
+        raise CheckpointWriteError(
+            f"could not write checkpoint {self.directory / str(step)}: {reason}; free space or fix permissions, "
+            f"then relaunch the same command to {then}"
+        ) from error
 
     def restore(self, abstract_state: Any, data_iterator: Any | None = None, step: int | None = None) -> Any:
         """Restores the state (into the shardings of `abstract_state`) and, in place, the data iterator.
@@ -98,9 +130,17 @@ class Checkpointer:
             raise ValueError(f"checkpoint {where} holds parameters of another model: {e}") from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the asynchronous save; its failure raises here."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # orbax and tensorstore raise many types for a failed write
+            if step is None:
+                raise
+            self._write_failed(step, e)
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()
 
 

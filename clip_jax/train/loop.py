@@ -22,6 +22,7 @@ from clip_jax.config import ConfigError, model_config, read_config, save_config
 from clip_jax.data.pipeline import DataCounts, make_tokenizer, short_text_length, train_iterator
 from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.suite import evaluate, print_results
+from clip_jax.files import write_atomic
 from clip_jax.models.clip import CLIP
 from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, global_batch, make_mesh
 from clip_jax.train import flops as flops_lib
@@ -103,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     workdir = epath.Path(workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
 
     # --- Workdir and config -------------------------------------------------------------------------------------
-    checkpointer = Checkpointer(workdir, config.checkpoint)
+    checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
     prepare_workdir(config, workdir, warm_start)
@@ -242,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     checkpointer.close()
     if jax.process_index() == 0:
         results = {"step": config.total_steps, **results}
-        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_atomic(workdir / "results.json", json.dumps(results, indent=2) + "\n")
         print_results(results)
         from clip_jax.plots import plot_training_curves
 

@@ -7,6 +7,10 @@ start): an object write is atomic, so a crash leaves the previous complete file,
 stays small (one record per log interval). A local file is appended to. TensorBoard events go through tensorboardX,
 which writes gs:// (with google-cloud-storage installed) and s3:// (with boto3) itself; on any other remote path,
 or without that client, a warning says so and the run goes on without TensorBoard.
+
+A relaunch resumes from its latest checkpoint, which may be older than the last record a killed launch wrote: the
+records it writes again are dropped from metrics.jsonl first, with a line that a crash cut short, so the file holds
+one record per step and split. TensorBoard is told to hide the events of those steps (tensorboardX's purge_step).
 """
 
 from __future__ import annotations
@@ -21,15 +25,12 @@ import jax
 import numpy as np
 from etils import epath
 
+from clip_jax.files import is_remote, write_atomic
+
 log = logging.getLogger(__name__)
 
 
-def is_remote(path: epath.PathLike) -> bool:
-    """A URI (gs://, s3://, ...) rather than a local path."""
-    return "://" in os.fspath(path)
-
-
-def _summary_writer(logdir: epath.Path):
+def _summary_writer(logdir: epath.Path, purge_step: int):
     """A tensorboardX SummaryWriter on `logdir`, or None (with a warning) where tensorboardX cannot write."""
     from tensorboardX import SummaryWriter, record_writer
 
@@ -41,7 +42,21 @@ def _summary_writer(logdir: epath.Path):
             log.warning("no TensorBoard events: tensorboardX cannot write to %s (gs:// needs google-cloud-storage, "
                         "s3:// needs boto3)", logdir)
             return None
-    return SummaryWriter(os.fspath(logdir))
+    return SummaryWriter(os.fspath(logdir), purge_step=purge_step)
+
+
+def _kept(line: str, start_step: int, total_steps: int) -> bool:
+    """Whether a line of an earlier launch stays when this launch resumes from checkpoint `start_step`: not a line
+    that a crash cut short, nor a record this launch writes again (every step after `start_step`, and the final
+    evaluation when it resumes from the last step)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    step = record.get("step", 0)
+    if record.get("split") == "eval" and step == start_step == total_steps:
+        return False
+    return step <= start_step
 
 
 class MetricsWriter:
@@ -55,10 +70,16 @@ class MetricsWriter:
         self._bar = None
         if not self.enabled:
             return
+        previous = self.path.read_text() if self.path.exists() else ""
+        kept = [line + "\n" for line in previous.splitlines() if _kept(line, start_step, total_steps)]
+        if "".join(kept) != previous:
+            write_atomic(self.path, "".join(kept))
         if is_remote(workdir):
-            self._lines = [line + "\n" for line in self.path.read_text().splitlines()] if self.path.exists() else []
+            self._lines = kept
         if tensorboard:
-            self._tb = _summary_writer(workdir / "tensorboard")
+            # The events of the steps after the checkpoint, from a killed launch, are hidden: this launch logs them
+            # again. (The final evaluation of a launch resumed from the last step is logged twice: harmless.)
+            self._tb = _summary_writer(workdir / "tensorboard", start_step + 1)
         if progress_bar:
             from tqdm import tqdm
 
@@ -74,7 +95,7 @@ class MetricsWriter:
                 f.write(line)
         else:
             self._lines.append(line)
-            self.path.write_text("".join(self._lines))
+            write_atomic(self.path, "".join(self._lines))
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float):

@@ -1,0 +1,65 @@
+"""Workdir files that a crash never leaves half-written, and the errors of a file system that takes no more writes.
+Paths go through etils.epath, so a workdir may be a bucket (`gs://...`); pathlib would turn gs://bucket/run into
+gs:/bucket/run."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+
+from etils import epath
+
+
+def is_remote(path: epath.PathLike) -> bool:
+    """A URI (gs://, s3://, ...) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def write_atomic(path: epath.PathLike, data: str | bytes) -> None:
+    """Writes `data` (text as UTF-8) to `path` whole or not at all: a process killed meanwhile, or a full disk,
+    leaves the previous content (or no file), never a torn one that the next launch fails to read.
+
+    A local file is written beside its destination under a temporary name, flushed to disk, then renamed over it
+    (a rename within one folder is atomic on POSIX file systems). An object store makes a new object visible only
+    once it has been uploaded whole, so there it is written directly: a rename would be a second, non-atomic copy.
+    """
+    path = epath.Path(path)
+    content = data.encode("utf-8") if isinstance(data, str) else data
+    if is_remote(path):
+        path.write_bytes(content)
+        return
+    tmp = path.parent / f".{path.name}.tmp"  # one name: the next write reuses what a killed one left
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())  # the data on disk before the name points at it: else a power cut may leave it empty
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# TensorStore, which writes the arrays (in C++), quotes the operating system's error in its message as
+# `...: No space left on device [os_error_code='28']`.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message is one line that says what to do."""
+
+
+def os_error(error: BaseException) -> str | None:
+    """`ENOSPC: No space left on device` for the operating system's error behind a failed write (an OSError in the
+    exception chain, or one that TensorStore quotes), or None when the failure is not the file system's."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = error.errno if isinstance(error, OSError) else None
+        if code is None and (match := _OS_ERROR_CODE.search(str(error))):
+            code = int(match.group(1))
+        if code:
+            return f"{errno.errorcode.get(code, code)}: {os.strerror(code)}"
+        error = error.__cause__ or error.__context__
+    return None
