@@ -1,6 +1,7 @@
 """Failure handling: non-finite updates are skipped and, when they persist, stop the run with a message; an
 unreadable newest checkpoint falls back to the previous one; SIGTERM saves a checkpoint and exits cleanly."""
 
+import json
 import logging
 import os
 import pathlib
@@ -16,7 +17,15 @@ from clip_jax import cli
 from clip_jax.train import loop
 from clip_jax.train.loop import PreemptionFlag, load_trained
 
-from .test_end_to_end import STEPS, checkpoint_steps, exit_message, train_args, trained  # noqa: F401
+from .test_end_to_end import (  # noqa: F401
+    HALF,
+    STEPS,
+    checkpoint_steps,
+    exit_message,
+    saved_state,
+    train_args,
+    trained,
+)
 from .test_train_step import run_steps
 
 
@@ -103,3 +112,42 @@ def test_preempted_run_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch, cap
     monkeypatch.setattr(loop.PreemptionFlag, "is_set", lambda self, step: False)
     cli.main(["train", "--workdir", str(workdir)])
     assert checkpoint_steps(workdir)[-1] == STEPS and (workdir / "results.json").exists()
+
+
+def rolled_back_to_half(source: pathlib.Path, workdir: pathlib.Path, processes: int, position: dict) -> None:
+    """The run `source` as it stood after its step-HALF checkpoint, with that checkpoint's data position rewritten as if
+    `processes` processes had written it (`position` in each file)."""
+    shutil.copytree(source, workdir)
+    for step in checkpoint_steps(workdir):
+        if step > HALF:
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+    (workdir / "results.json").unlink()
+    data = workdir / "checkpoints" / str(HALF) / "data"
+    for f in data.glob("process_*.json"):
+        f.unlink()
+    for i in range(processes):
+        (data / f"process_{i}-of-{processes}.json").write_text(json.dumps(position))
+
+
+def test_resume_with_another_process_count_continues_at_the_same_global_batch(trained, tmp_path, caplog):  # noqa: F811
+    """`shapes` keeps its data position as a count of global batches, which means the same on any number of hosts:
+    a checkpoint written by 2 processes resumes in this 1-process run and ends bit-identical to the uninterrupted
+    run."""
+    workdir = tmp_path / "run"
+    rolled_back_to_half(trained, workdir, 2, {"next_index": HALF})
+    with caplog.at_level(logging.WARNING):
+        cli.main(["train", "--workdir", str(workdir)])
+    assert any("another number of processes" in r.getMessage() for r in caplog.records)
+    final, reference = saved_state(workdir, STEPS), saved_state(trained, STEPS)
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_of_a_per_process_data_position_with_another_process_count_is_refused(trained, tmp_path, capsys):  # noqa: F811
+    # A position that is not a count of global batches (here: examples of one host's stream) has no meaning for
+    # another host layout.
+    workdir = tmp_path / "run"
+    rolled_back_to_half(trained, workdir, 2, {"next_index": 3 * HALF})
+    message = exit_message(["train", "--workdir", str(workdir)], capsys)
+    assert f"checkpoints/{HALF}" in message and "2 processes" in message and "this run has 1" in message
+    assert checkpoint_steps(workdir) == [HALF]

@@ -5,7 +5,11 @@ arrays are written); the manager keeps the last `max_to_keep` plus every `keep_p
 
 On several hosts every process calls save and restore at the same step: Orbax writes each process's array shards
 and commits once all are written, and grain's handler writes each process's data position as
-`data/process_<i>-of-<n>.json`, which only a run with the same number of processes reads back.
+`data/process_<i>-of-<n>.json`. A run with another number of processes (a pod slice of another size) resumes too
+when that position is a count of global batches, the same on every host (`GlobalBatchRows` gives every host count
+the same global batches): the in-memory pipelines, e.g. `shapes`. A position that counts this host's examples (a
+source that drops undecodable samples, or grain worker processes) belongs to one process layout: resuming it with
+another is refused with a message saying so.
 
 A save is written to `<step>.orbax-checkpoint-tmp` and renamed to `<step>` once complete, so a process killed
 meanwhile leaves the previous checkpoints as they were. A save that fails (a full disk, a workdir that cannot be
@@ -15,6 +19,7 @@ the step a relaunch resumes from; the asynchronous save's error surfaces at the 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, NoReturn
 
@@ -24,9 +29,15 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from clip_jax.config import ConfigError
 from clip_jax.files import CheckpointWriteError, os_error
 
 log = logging.getLogger(__name__)
+
+
+class DataPositionError(ConfigError):
+    """The checkpoint's data position cannot be resumed by this process layout (a launch mistake, reported as one
+    line like a configuration error)."""
 
 
 class Checkpointer:
@@ -87,8 +98,11 @@ class Checkpointer:
         failures = []
         for candidate in candidates:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
+            foreign = None  # (writers, batches read) when another number of processes wrote the data position
             if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                foreign = self._global_data_position(candidate)
+                if foreign is None:
+                    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
             except Exception as e:  # orbax/tensorstore raise many types for unreadable files
@@ -98,12 +112,51 @@ class Checkpointer:
                 log.warning("checkpoint %s is unreadable (%s: %s)", self.directory / str(candidate),
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 continue
+            if foreign is not None:
+                self._resume_data_position(data_iterator, *foreign, int(restored["state"].step), candidate)
             if failures:
                 log.warning("newest checkpoint(s) %s unreadable: resumed from the older step %d instead",
                             failures, candidate)
             log.info("restored checkpoint of step %d from %s", candidate, self.directory)
             return restored["state"]
         raise RuntimeError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
+
+    def _global_data_position(self, step: int) -> tuple[int, int] | None:
+        """None when checkpoint `step`'s data positions were written by as many processes as this run has; else
+        (the writers' process count, the position they wrote), when every process wrote the same single count, or
+        DataPositionError."""
+        files = list((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        writers = {int(f.name.rpartition("-of-")[2].removesuffix(".json")) for f in files}
+        if not files or writers == {jax.process_count()}:
+            return None
+        try:
+            positions = [json.loads(f.read_text()) for f in files]
+        except ValueError:  # a torn file: the restore below fails and falls back to an older checkpoint
+            return None
+        if len(writers) == 1 and all(p.keys() == {"next_index"} and p == positions[0] for p in positions):
+            return writers.pop(), int(positions[0]["next_index"])
+        raise self._foreign_layout(step, writers)
+
+    def _resume_data_position(self, data_iterator: Any, writers: int, batches_read: int, step: int, where: int
+                              ) -> None:
+        # A position that is a count of global batches equals the step (one batch a step); anything else counts
+        # something of the writer's own layout.
+        if batches_read != step:
+            raise self._foreign_layout(where, {writers})
+        try:
+            data_iterator.set_state({"next_index": batches_read})
+        except (KeyError, TypeError, ValueError) as e:  # this run's pipeline keeps another kind of position
+            raise self._foreign_layout(where, {writers}) from e
+        log.warning("checkpoint %d was written by another number of processes: this run's %d continue at global "
+                    "batch %d", where, jax.process_count(), batches_read)
+
+    def _foreign_layout(self, step: int, writers: set[int]) -> DataPositionError:
+        written = f"{sorted(writers)[0]} processes" if len(writers) == 1 else "another number of processes"
+        return DataPositionError(
+            f"checkpoint {self.directory / str(step)} holds the data positions of {written}, and this run has "
+            f"{jax.process_count()}: for this data pipeline (a source that drops samples, or data.workers > 0) a "
+            "position is per process; relaunch with the process count that wrote it"
+        )
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of a checkpoint (whatever optimizer state it holds), read straight into the shapes,
