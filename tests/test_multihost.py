@@ -357,7 +357,8 @@ def test_resumed_run_equals_uninterrupted_run(two_processes, resumed):
 
 def test_killed_run_resumes_bit_identical(tmp, two_processes, killed_left, resumed):
     codes, checkpoints, logged = killed_left
-    assert codes == [-signal.SIGKILL] * 2
+    # Process 1 dies of the SIGKILL the launch sends, or first by JAX's own hand once it sees process 0 gone.
+    assert codes[0] == -signal.SIGKILL and codes[1] in (-signal.SIGKILL, -signal.SIGABRT), codes
     # Step 2 committed, the save of step 4 not (its folder never renamed), records up to step 4 logged.
     assert KILL_AFTER == 5 and checkpoints == ["2", "4.orbax-checkpoint-tmp"]
     assert logged == list(range(1, KILL_AFTER))
