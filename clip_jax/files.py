@@ -13,7 +13,7 @@ from etils import epath
 
 def is_remote(path: epath.PathLike) -> bool:
     """A URI (gs://, s3://, ...) rather than a local path."""
-    return "://" in os.fspath(path)
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", os.fspath(path)) is not None
 
 
 def write_atomic(path: epath.PathLike, data: str | bytes) -> None:

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from etils import epath
 
-from clip_jax.data.records import is_remote
+from clip_jax.files import is_remote
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
 from clip_jax.data.images import decode_image
+from clip_jax.files import is_remote
 
 FORMAT_VERSION = 1
 SUFFIX = ".arrayrecord"
@@ -50,10 +51,6 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 def shard_name(prefix: str, index: int, count: int) -> str:
     return f"{prefix}-{index:05d}-of-{count:05d}{SUFFIX}"
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", os.fspath(path)) is not None
 
 
 # --- Records --------------------------------------------------------------------------------------------------
