@@ -266,6 +266,21 @@ def test_misspelt_config_key_exits_before_any_work(tmp_path, capsys, monkeypatch
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["--config.mesh.data=16"], "config.mesh: mesh {'data': 16, 'fsdp': 1, 'tensor': 1} needs 16 devices but 8 are"),
+    (["--config.mesh.data=3", "--config.mesh.tensor=-1"], "config.mesh: mesh {'data': 3, 'fsdp': 1, 'tensor': -1}: 8 "
+     "devices do not divide"),
+    (["--config.batch_size=12"], "batch_size 12 must be a multiple of 8"),
+])
+def test_a_mesh_or_batch_that_does_not_fit_the_devices_exits_before_writing(tmp_path, capsys, overrides, expected):
+    """This session has 8 devices (tests/conftest.py): a mesh over more, or over sizes that do not divide them, or a
+    batch that does not split over the mesh is one line, and the workdir is not created."""
+    workdir = tmp_path / "run"
+    message = exit_message(train_args(workdir, *overrides), capsys)
+    assert expected in message, message
+    assert not workdir.exists()
+
+
 def test_train_refuses_a_workdir_of_another_model(trained, capsys):
     before = {p: p.read_bytes() for p in (trained / "config.json", trained / "metrics.jsonl")}
     steps = checkpoint_steps(trained)

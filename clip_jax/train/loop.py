@@ -103,14 +103,11 @@ def create_state(config: ml_collections.ConfigDict, model: CLIP, mesh):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     workdir = epath.Path(workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
 
-    # --- Workdir and config -------------------------------------------------------------------------------------
-    checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
-    # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
-    warm_start = checkpointer.latest_step() == 0
-    prepare_workdir(config, workdir, warm_start)
-
-    # --- Mesh ---------------------------------------------------------------------------------------------------
-    mesh = make_mesh(config.mesh.to_dict())
+    # --- Mesh (checked before anything is written: a launch on the wrong machine leaves the workdir alone) -------
+    try:
+        mesh = make_mesh(config.mesh.to_dict())
+    except ValueError as e:  # sizes that do not fit the devices: a configuration mistake, said in one line
+        raise ConfigError(f"config.mesh: {e}") from None
     shards = batch_divisor(mesh) * config.accum_steps
     if config.batch_size % shards:
         raise ConfigError(
@@ -128,6 +125,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                 + (" or set loss.pca_scope='global'" if scope == "local" else "")
             )
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+
+    # --- Workdir and config -------------------------------------------------------------------------------------
+    checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
+    # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
+    warm_start = checkpointer.latest_step() == 0
+    prepare_workdir(config, workdir, warm_start)
 
     # --- Data ---------------------------------------------------------------------------------------------------
     tokenizer = make_tokenizer(config, workdir)
