@@ -39,6 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Warm starts (a workdir whose only checkpoint is step 0: converted or stretched) set logit_scale to
     # model.logit_scale_init instead of keeping the checkpoint's value (Long-CLIP restarts from ln 100).
     c.reset_logit_scale = False
+    # A new run that starts from the parameters of another workdir's latest checkpoint (same parameter names and
+    # shapes; the model's dtype, remat and the optimizer may differ). Its optimizer state, step and data position
+    # are not taken, and that workdir is only read. "" = from scratch.
+    c.init_from = ""
 
     # Mesh axis sizes; -1 = all remaining devices. The batch is split over data x fsdp.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -278,8 +282,20 @@ def save_config(config: ml_collections.ConfigDict, path: epath.PathLike) -> None
 
 
 def read_config(path: epath.PathLike) -> ml_collections.ConfigDict:
-    """Reads a workdir's config.json back (tuples come back as lists; types otherwise as saved)."""
+    """Reads a workdir's config.json back (tuples come back as lists; types otherwise as saved). Fields added to the
+    schema since the file was written take their defaults, so a workdir of an older version resumes."""
     data = json.loads(epath.Path(path).read_text())
+    _fill_defaults(data, default_config().to_dict())
     config = ml_collections.ConfigDict(data)
     validate(config)
     return config
+
+
+def _fill_defaults(data: dict, schema: dict) -> None:
+    """Adds, in place, the schema's fields that `data` lacks. The model is left as written: its fields depend on the
+    tower types, and a missing one is an error that `validate` names."""
+    for key, default in schema.items():
+        if key not in data:
+            data[key] = default
+        elif key != "model" and isinstance(default, dict) and isinstance(data[key], dict):
+            _fill_defaults(data[key], default)

@@ -278,3 +278,15 @@ def test_read_config_validates(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data, default=list))
     with pytest.raises(ConfigError, match="optimizer.learning_rate"):
         read_config(tmp_path / "config.json")
+
+
+def test_config_json_of_an_older_version_takes_the_defaults_of_newer_fields(tmp_path):
+    """A workdir written before a field existed resumes: the field takes its default; the rest stays as written."""
+    written = json.loads(json.dumps(default_config().to_dict(), default=list))
+    del written["init_from"], written["data"]["prefetch"]
+    written["total_steps"] = 7
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(written))
+    config = read_config(path)
+    assert config.init_from == "" and config.data.prefetch == default_config().data.prefetch
+    assert config.total_steps == 7

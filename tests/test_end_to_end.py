@@ -290,6 +290,7 @@ def test_train_refuses_a_workdir_of_another_model(trained, capsys):
     assert "different model" in message
     assert "model.vision.width: 32 -> 64" in message and "model.text.layers: 1 -> 2" in message
     assert message.count(" -> ") == 2  # only the fields that differ
+    assert f"--config.init_from={trained}" in message  # the way to start a new run from this one
     assert {p: p.read_bytes() for p in before} == before
     assert checkpoint_steps(trained) == steps
 
@@ -302,6 +303,25 @@ def test_train_refuses_another_context_length_and_names_the_fix(trained, capsys)
     assert f"context_length {CONTEXT}, the config asks for {2 * CONTEXT}" in message
     assert f"--config.model.text.context_length={CONTEXT}" in message and "clip-jax stretch" in message
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_init_from_starts_a_new_run_from_another_runs_parameters(trained, tmp_path):
+    """With lr 0 the new run keeps the parameters it starts from: they must be `trained`'s last ones, bit for bit,
+    while its step, optimizer state and data start afresh, and `trained` is left as it was."""
+    before = checkpoint_steps(trained)
+    workdir = tmp_path / "run"
+    cli.main(train_args(workdir, f"--config.init_from={trained}", "--config.optimizer.lr=0.0"))
+    new, source = saved_state(workdir, STEPS), saved_state(trained, STEPS)
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(source["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert checkpoint_steps(workdir)[0] == HALF  # a run of its own from step 0, not a resume of `trained`
+    assert checkpoint_steps(trained) == before
+
+
+def test_init_from_a_folder_without_checkpoints_is_one_line(tmp_path, capsys):
+    message = exit_message(train_args(tmp_path / "run", f"--config.init_from={tmp_path / 'nothing'}"), capsys)
+    assert "config.init_from" in message and "holds no checkpoint" in message
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_module_entry_point_help():

@@ -61,8 +61,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, warm
             )
         if diff:
             raise ConfigError(
-                f"workdir {workdir} holds a run with a different model ({', '.join(diff)}); "
-                "use a new --workdir"
+                f"workdir {workdir} holds a run with a different model ({', '.join(diff)}); use a new --workdir "
+                f"(add --config.init_from={workdir} to start from this run's parameters)"
             )
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
@@ -147,15 +147,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     )
 
     # --- Restore or initialise ----------------------------------------------------------------------------------
-    if warm_start:
+    # A warm start: this workdir's step-0 checkpoint, or, for a new run, another run's latest (config.init_from).
+    init_source = (checkpointer, 0) if warm_start else None
+    if init_source is None and checkpointer.latest_step() is None and config.init_from:
+        init_source = _init_from(config)
+    if init_source is not None:
         # Take the checkpoint's parameters and build the optimizer state of *this* config, whose frozen/decay rules
         # may differ from the ones it was written with.
-        params = checkpointer.restore_params(0, abstract_state.params)
+        source, step = init_source
+        params = source.restore_params(step, abstract_state.params)
         if config.reset_logit_scale:
             scale = jnp.asarray(config.model.logit_scale_init, jnp.float32)
             params = {**params, "logit_scale": jax.device_put(scale, shardings.params["logit_scale"])}
         state = init_fn(rng).replace(params=params)
-        log.info("warm start from the parameters of checkpoint 0")
+        log.info("warm start from the parameters of %s", source.directory / str(step))
     elif checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_state, data_iter)
         log.info("resuming from step %d", int(state.step))
@@ -290,6 +295,17 @@ class PreemptionFlag:
             self._service = False
             log.warning("no JAX preemption service (%s): SIGTERM will end the run without a checkpoint", e)
             return False
+
+
+def _init_from(config: ml_collections.ConfigDict) -> tuple[Checkpointer, int]:
+    """The checkpointer and latest step of the workdir `config.init_from` names (read only: it is another run's)."""
+    source = epath.Path(config.init_from)
+    # Checked first: a Checkpointer would create the folder it is pointed at.
+    steps = [p.name for p in (source / "checkpoints").glob("*") if p.name.isdigit()] if source.exists() else []
+    if not steps:
+        raise ConfigError(f"config.init_from: {source} holds no checkpoint (expected {source}/checkpoints/<step>)")
+    reader = Checkpointer(source, config.checkpoint)
+    return reader, reader.latest_step()
 
 
 def _loss_hparams(loss_config: ml_collections.ConfigDict) -> dict[str, Any]:
