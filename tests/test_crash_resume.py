@@ -272,6 +272,30 @@ def test_a_failed_asynchronous_save_stops_the_next_save(tmp_path, monkeypatch):
     checkpointer.close()
 
 
+def test_a_failed_save_keeps_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+    """Without root (the tmpfs test above skips), the same promise with the failure injected where Orbax commits:
+    the error names the failed step and the step to resume from, and that checkpoint restores whole."""
+    from orbax.checkpoint._src.path import atomicity
+
+    async def full_disk(tmp_dir, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    checkpointer = Checkpointer(tmp_path, default_config().checkpoint, owner=True)
+    first, second = {"w": jax.numpy.arange(8.0)}, {"w": jax.numpy.arange(8.0) + 1}
+    checkpointer.save(1, first)
+    checkpointer.wait()
+    monkeypatch.setattr(atomicity, "on_commit_callback", full_disk)
+    checkpointer.save(2, second)
+    with pytest.raises(CheckpointWriteError) as info:
+        checkpointer.wait()
+    assert "checkpoints/2: ENOSPC" in str(info.value) and str(info.value).endswith("to resume from step 1")
+    monkeypatch.undo()
+    assert checkpointer.latest_step() == 1
+    restored = checkpointer.restore({"w": jax.ShapeDtypeStruct((8,), jax.numpy.float32)})
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(first["w"]))
+    checkpointer.close()
+
+
 @pytest.mark.parametrize("error, reason", [
     (OSError(errno.EROFS, "Read-only file system"), "EROFS: Read-only file system"),
     (ValueError('PERMISSION_DENIED: Error writing local file "/w/checkpoints/4/d/0": Failed to open: Permission '
