@@ -37,6 +37,9 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from clip_jax.train.checkpoint import read_state  # noqa: E402
+
 # The tests' tiny model; a checkpoint (asynchronous) every 10 steps and a log record every 10. 300 steps in one
 # process take 30 s on a 2-core CPU, a third of it start-up (imports, compilation from the cache, restore) and the
 # final evaluation; two processes take several times longer (a cross-process all-reduce every step, barriers at
@@ -157,21 +160,10 @@ def what_it_was_doing(workdir: pathlib.Path, steps: int, output: str) -> dict:
     }
 
 
-def train_state(workdir: pathlib.Path, step: int):
-    """A checkpoint's whole train state as host arrays, whatever process layout wrote it."""
-    handlers = {"state": ocp.StandardCheckpointHandler()}
-    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data"), item_handlers=handlers) as m:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              m.item_metadata(step)["state"])
-        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return jax.device_get(restored["state"])
-
-
 def identical(workdir: pathlib.Path, reference: pathlib.Path, steps: int) -> dict:
     """Bitwise equality of the final train states and data positions; one metrics record per (step, split) as in
     the reference, with the same losses."""
-    want, got = train_state(reference, steps), train_state(workdir, steps)
+    want, got = read_state(reference, steps), read_state(workdir, steps)
     (want_leaves, want_def), (got_leaves, got_def) = jax.tree.flatten(want), jax.tree.flatten(got)
     state_equal = want_def == got_def and all(
         w.dtype == g.dtype and np.array_equal(w, g) for w, g in zip(want_leaves, got_leaves, strict=True))

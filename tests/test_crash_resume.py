@@ -38,7 +38,7 @@ from clip_jax.plots import plot_training_curves
 from clip_jax.train.checkpoint import Checkpointer
 from clip_jax.train.metrics import MetricsWriter, read_metrics
 
-from .test_end_to_end import DEMO, STEPS, TINY, saved_state
+from .test_end_to_end import DEMO, STEPS, TINY, assert_same_state, saved_state
 from .test_multihost import bucket  # noqa: F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -184,11 +184,7 @@ def test_resumed_run_equals_uninterrupted_run(chain, reference):
     workdir, _ = chain
     launched(chain, "end")
     want, got = saved_state(reference, STEPS), saved_state(workdir, STEPS)
-    want_leaves, want_def = jax.tree.flatten_with_path(want)
-    got_leaves, got_def = jax.tree.flatten_with_path(got)
-    assert want_def == got_def
-    for (path, w), (_, g) in zip(want_leaves, got_leaves, strict=True):
-        np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
+    assert_same_state(want, got)
     data = lambda w: sorted(p.read_text() for p in (w / "checkpoints" / str(STEPS) / "data").glob("*.json"))
     assert data(workdir) == data(reference)
     assert json.loads((workdir / "results.json").read_text()) == json.loads((reference / "results.json").read_text())

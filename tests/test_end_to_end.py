@@ -73,6 +73,15 @@ def saved_state(workdir, step):
     return jax.device_get(restored["state"])
 
 
+def assert_same_state(want, got) -> None:
+    """Two train states (host arrays) with the same structure and bitwise equal leaves; a difference names its path."""
+    want_leaves, want_def = jax.tree.flatten_with_path(want)
+    got_leaves, got_def = jax.tree.flatten_with_path(got)
+    assert want_def == got_def
+    for (path, w), (_, g) in zip(want_leaves, got_leaves, strict=True):
+        np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("e2e") / "run"
@@ -170,11 +179,7 @@ def test_train_writes_curves_tensorboard_and_checkpoints(trained):
 def test_resumed_run_equals_uninterrupted_run(trained, resumed):
     want, got = saved_state(trained, STEPS), saved_state(resumed, STEPS)
     assert int(got["step"]) == STEPS
-    want_leaves, want_def = jax.tree.flatten_with_path(want)
-    got_leaves, got_def = jax.tree.flatten_with_path(got)
-    assert want_def == got_def
-    for (path, w), (_, g) in zip(want_leaves, got_leaves, strict=True):
-        np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
+    assert_same_state(want, got)
     # The parameters did change after the resume point (the comparison above is not of two copies of step HALF).
     half = saved_state(trained, HALF)
     assert not np.array_equal(half["params"]["logit_scale"], got["params"]["logit_scale"])

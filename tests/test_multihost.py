@@ -24,7 +24,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import portpicker
 import pytest
 from etils import epath
@@ -40,9 +39,10 @@ from clip_jax.distributed import GlobalBatchRows, batch_rows, cluster
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train import checkpoint as checkpoint_lib
 from clip_jax.train import loop
+from clip_jax.train.checkpoint import read_state as saved_state
 from clip_jax.train.metrics import MetricsWriter, read_metrics
 
-from .test_end_to_end import DEMO, TINY, checkpoint_steps
+from .test_end_to_end import DEMO, TINY, assert_same_state, checkpoint_steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
@@ -241,17 +241,6 @@ def resumed(tmp, two_processes, relaunch):
     return tmp / "preempted"
 
 
-def saved_state(workdir: pathlib.Path, step: int):
-    """A checkpoint's whole train state as host arrays, whatever process layout wrote it."""
-    handlers = {"state": ocp.StandardCheckpointHandler()}  # for the metadata: the shapes and dtypes to restore
-    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data"), item_handlers=handlers) as m:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              m.item_metadata(step)["state"])
-        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return jax.device_get(restored["state"])
-
-
 def train_records(workdir):
     return [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
 
@@ -343,11 +332,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp, two_processes):
 def test_resumed_run_equals_uninterrupted_run(two_processes, resumed):
     workdir, _ = two_processes
     want, got = saved_state(workdir, STEPS), saved_state(resumed, STEPS)
-    want_leaves, want_def = jax.tree.flatten_with_path(want)
-    got_leaves, got_def = jax.tree.flatten_with_path(got)
-    assert want_def == got_def
-    for (path, w), (_, g) in zip(want_leaves, got_leaves, strict=True):
-        np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
+    assert_same_state(want, got)
     assert data_positions(resumed, STEPS) == data_positions(workdir, STEPS)
     assert json.loads((resumed / "results.json").read_text()) == json.loads((workdir / "results.json").read_text())
     # The same losses at every step logged (the preempted step itself is checkpointed but was never logged).
@@ -364,11 +349,7 @@ def test_killed_run_resumes_bit_identical(tmp, two_processes, killed_left, resum
     assert logged == list(range(1, KILL_AFTER))
     workdir, killed = two_processes[0], tmp / "killed"
     want, got = saved_state(workdir, STEPS), saved_state(killed, STEPS)
-    want_leaves, want_def = jax.tree.flatten_with_path(want)
-    got_leaves, got_def = jax.tree.flatten_with_path(got)
-    assert want_def == got_def
-    for (path, w), (_, g) in zip(want_leaves, got_leaves, strict=True):
-        np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
+    assert_same_state(want, got)
     assert data_positions(killed, STEPS) == data_positions(workdir, STEPS)
     assert json.loads((killed / "results.json").read_text()) == json.loads((workdir / "results.json").read_text())
     # One record per step, the relaunch's where it trained the step again: the same losses.

@@ -200,3 +200,16 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a tree of arrays: what restore needs to place arrays on the mesh."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def read_state(workdir: epath.PathLike, step: int) -> Any:
+    """A checkpoint's whole train state as host (numpy) arrays on this process, whatever process layout wrote it:
+    for inspecting and comparing runs, not for training."""
+    handlers = {"state": ocp.StandardCheckpointHandler()}  # for the metadata: the shapes and dtypes to restore
+    directory = epath.Path(workdir) / "checkpoints"
+    with ocp.CheckpointManager(directory, item_names=("state", "data"), item_handlers=handlers) as manager:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                              manager.item_metadata(step)["state"])
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return jax.device_get(restored["state"])
