@@ -11,7 +11,6 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -19,6 +18,7 @@ from clip_jax import cli
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.models.clip import CLIP
+from clip_jax.train.checkpoint import read_state as saved_state
 from clip_jax.train.loop import load_trained
 from clip_jax.train.metrics import read_metrics
 
@@ -61,16 +61,6 @@ def train_args(workdir, *extra):
 
 def checkpoint_steps(workdir):
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def saved_state(workdir, step):
-    """The whole train state (params, optimizer state, step, rng) of a checkpoint, as host arrays."""
-    manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data"))
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    finally:
-        manager.close()
-    return jax.device_get(restored["state"])
 
 
 def assert_same_state(want, got) -> None:
