@@ -2,26 +2,30 @@
 
   clip-jax train  --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
   clip-jax eval   --workdir DIR [--config.eval.key=value ...]
-  clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] --out DIR
+  clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] --out DIR [--max-image-bytes N]
   clip-jax convert SRC --to-workdir DIR [--vocab PATH] [--activation quick_gelu|gelu] [--heads-vision N]
                    [--heads-text N] [--scan-layers]
-  clip-jax export --workdir DIR --format {openai,hf,hf-text} --out PATH [--pt]
+  clip-jax export --workdir DIR --format {openai,hf,hf-text} --out PATH [--pt] [--force]
   clip-jax stretch --workdir DIR --out-workdir DIR [--keep K --ratio R | --method interpolate --length L]
   clip-jax data convert --format {webdataset,csv,tsv,jsonl,sharegpt4v,folder} INPUT... --out DIR [--image-root DIR]
                         [--workers N] [--shard-index I --num-shards N] [--shard-size N] [--min-size PX]
+                        [--max-image-bytes N]
   clip-jax data inspect PATH [-n N]
+
+Any command takes --debug (or CLIP_JAX_DEBUG=1): full tracebacks instead of the one-line errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
 import sys
 
 from clip_jax.config import ConfigError
-from clip_jax.files import CheckpointWriteError
+from clip_jax.files import CheckpointWriteError, is_remote, write_atomic
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -50,7 +54,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
     from etils import epath
 
-    from clip_jax.config import apply_overrides, validate
+    from clip_jax.config import apply_overrides, check_input_paths, validate
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.suite import evaluate, print_results
     from clip_jax.train.loop import load_trained
@@ -59,11 +63,16 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     config, model, params, tokenizer, mesh, step = load_trained(args.workdir)
     apply_overrides(config, overrides)  # eval.* only (main checks): e.g. --config.eval.long_text_set=DIR
     validate(config)
+    check_input_paths(config, training=False)
+    out = epath.Path(args.workdir) / f"eval_{step}.json"
+    primary = jax.process_index() == 0
+    if primary and not is_remote(out) and not os.access(out.parent, os.W_OK):  # found now, not after the evaluation
+        raise ConfigError(f"cannot write {out}: the workdir is not writable; make it writable, or copy the workdir "
+                          "and evaluate the copy")
     results = {"step": step, **evaluate(config, model, params, mesh, tokenizer)}  # every process has them all
-    if jax.process_index() == 0:
-        out = epath.Path(args.workdir) / f"eval_{step}.json"
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print_results(results)
+    if primary:
+        print_results(results)  # shown before the write, which may still fail (a full disk)
+        write_atomic(out, json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")
 
 
@@ -79,33 +88,41 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
 
     if not args.texts and not args.images:
         raise ConfigError("encode needs --texts FILE and/or --images DIR_OR_FILES")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = epath.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the .npy files")
+    texts = _read_lines(args.texts) if args.texts else None  # a bad file is found before the model is loaded
     maybe_initialize()
     config, model, params, tokenizer, mesh, _ = load_trained(args.workdir)
     encoder = Encoder(model, params, mesh, args.batch_size)
     # Every process embeds every input (the encoder's results are replicated); process 0 writes them.
     primary = jax.process_index() == 0
-    out = epath.Path(args.out)
 
     def save(name: str, array: np.ndarray) -> None:
-        with (out / name).open("wb") as f:  # through epath: --out may be a bucket
-            np.save(f, array)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        write_atomic(out / name, buffer.getvalue())  # through epath: --out may be a bucket
 
     if primary:
         out.mkdir(parents=True, exist_ok=True)
-    if args.texts:
-        texts = epath.Path(args.texts).read_text(encoding="utf-8").splitlines()
-        tokens = tokenizer(texts, config.model.text.context_length)
+    if texts is not None:
+        context = config.model.text.context_length
+        tokens, lengths = tokenizer.tokenize_with_lengths(texts, context)
         embeddings = encoder.texts(tokens)
         if primary:
             save("text_embeddings.npy", embeddings)
-            print(f"encoded {len(texts)} texts -> {out / 'text_embeddings.npy'}")
+            cut = int((lengths > context - 2).sum())
+            print(f"encoded {len(texts)} texts -> {out / 'text_embeddings.npy'}" + (
+                f" ({cut} cut to the model's {context} tokens)" if cut else ""))
     if args.images:
         files = list_images(args.images)
         size = config.model.vision.image_size
         images, kept, skipped = [], [], []
         for f in files:
             try:
-                images.append(load_image(f, size))
+                images.append(load_image(f, size, args.max_image_bytes))
                 kept.append(str(f))
             except ValueError as e:  # a corrupt file is reported and skipped, never fatal
                 skipped.append(str(f))
@@ -117,6 +134,23 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             (out / "image_files.txt").write_text("".join(f + "\n" for f in kept))
             print(f"encoded {len(kept)} images -> {out / 'image_embeddings.npy'}" + (
                 f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+
+
+def _read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file; one line naming the file and line where it is not UTF-8 or holds nothing."""
+    from etils import epath
+
+    data = epath.Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
+                          ) from None
+    lines = text.splitlines()
+    if not lines:
+        raise ConfigError(f"{path} holds no text (one text per line expected)")
+    return lines
 
 
 def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -138,15 +172,13 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
 def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.interop.workdir import export_workdir
 
-    for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt):
+    for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force):
         print(f"wrote {path}")
 
 
 def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.longclip import stretch_workdir
 
-    if args.method == "interpolate" and args.length is None:
-        raise ConfigError("stretch --method interpolate needs --length L")
     out = stretch_workdir(args.workdir, args.out_workdir, method=args.method, keep=args.keep, ratio=args.ratio,
                           length=args.length)
     print(f"stretched {args.workdir} -> {args.out_workdir}: {out['context_length']} text positions, keep_positions "
@@ -157,24 +189,30 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.data import convert, records
 
     if args.data_command == "inspect":
-        print(json.dumps(records.describe(args.path, args.n), indent=2, ensure_ascii=False))
+        try:
+            info = records.describe(args.path, args.n)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{e} (data inspect reads the shards that `clip-jax data convert --out DIR` writes: give "
+                              "DIR, a glob of .arrayrecord files or a comma-separated list of them)") from None
+        print(json.dumps(info, indent=2, ensure_ascii=False))
         return
 
     def progress(report: dict) -> None:
         if "error" in report:
             print(f"{report['shard']}: FAILED ({report['input']}): {report['error']}", file=sys.stderr, flush=True)
         elif report.get("resumed"):
-            print(f"{report['shard']}: converted before, skipped", flush=True)
+            print(f"{report['shard']}: converted before from the same input, skipped", flush=True)
         else:
             skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"
+            redone = f"; converted again: {report['redone']}" if report.get("redone") else ""
             print(f"{report['shard']}: {report['written']} of {report['samples']} samples written in "
-                  f"{report['seconds']} s (skipped: {skipped})", flush=True)
+                  f"{report['seconds']} s (skipped: {skipped}){redone}", flush=True)
 
     try:
         summary = convert.convert(
             args.format, args.inputs, args.out, image_root=args.image_root, workers=args.workers,
             shard_index=args.shard_index, num_shards=args.num_shards, shard_size=args.shard_size,
-            min_size=args.min_size, prefix=args.prefix,
+            min_size=args.min_size, max_image_bytes=args.max_image_bytes, prefix=args.prefix,
             fields=(args.image_field, args.caption_field, args.short_caption_field), progress=progress,
         )
     except ValueError as e:  # a bad argument or an input that cannot be read at all (bad samples never raise)
@@ -187,6 +225,26 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"clip-jax data convert: {len(summary['failed'])} shards failed; run the command again to retry them",
               file=sys.stderr)
         sys.exit(1)
+    if summary["this_run"]["written"] == 0:  # not a success, though no shard failed: say why
+        raise ConfigError(_nothing_written(summary["this_run"], args.out))
+
+
+def _nothing_written(run: dict, out: str) -> str:
+    """Why a `data convert` run wrote no sample: its inputs held none, or every one was skipped (the reasons)."""
+    if not run["samples"]:
+        return f"no sample written: the inputs of its {run['shards']} shards hold no samples"
+    reasons = ", ".join(f"{reason} {n}" for reason, n in run["skipped"].items())
+    first = next(iter(run["skipped"]))
+    return (f"no sample written: all {run['samples']} samples were skipped ({reasons}; e.g. "
+            f"{run['examples'][first]}); see {out}/reports/ for more examples, fix the inputs (or --image-root) and "
+            "run again")
+
+
+def _byte_count(text: str) -> int:
+    """argparse type of a positive number of bytes."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, not {text!r}")
+    return int(text)
 
 
 COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "convert": _convert, "export": _export,
@@ -194,7 +252,11 @@ COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "convert": _conve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clip-jax", description="Train, evaluate and use CLIP models in JAX.")
+    from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
+
+    parser = argparse.ArgumentParser(prog="clip-jax", description="Train, evaluate and use CLIP models in JAX.",
+                                     epilog="--debug (anywhere; or CLIP_JAX_DEBUG=1): full tracebacks instead of the "
+                                     "one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train (or resume) a model; overrides as --config.key=value")
     train.add_argument("--config", help="config file, e.g. configs/demo.py or configs/pretrain.py:B/16")
@@ -207,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--images", nargs="+", help="image files or directories")
     enc.add_argument("--out", required=True, help="output directory")
     enc.add_argument("--batch-size", type=int, default=256)
+    enc.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help="skip image files larger than this (default: %(default)s)")
     conv = sub.add_parser("convert", help="make a workdir from a PyTorch checkpoint (OpenAI, open_clip, Long-CLIP, HF)")
     conv.add_argument("src", help="state dict file (.safetensors/.pt/.bin) or open_clip / HF CLIPModel directory")
     conv.add_argument("--to-workdir", required=True)
@@ -221,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", required=True, choices=("openai", "hf", "hf-text"))
     exp.add_argument("--out", required=True, help="file (.safetensors/.pt) or directory")
     exp.add_argument("--pt", action="store_true", help="torch.save pickle instead of .safetensors (needs torch)")
+    exp.add_argument("--force", action="store_true", help="overwrite an existing --out: a file, or a folder's "
+                     "export files (others are kept); a clip_jax workdir is never written into")
     st = sub.add_parser("stretch", help="Long-CLIP: a new workdir with the text positions stretched (a warm start)")
     st.add_argument("--workdir", required=True, help="source workdir (its latest checkpoint)")
     st.add_argument("--out-workdir", required=True, help="new workdir to write")
@@ -243,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--num-shards", type=int, default=1, help="N machines converting slices of the same command")
     dc.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard (tables and folders)")
     dc.add_argument("--min-size", type=int, default=32, help="skip images whose shorter side is below this (px)")
+    dc.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
+                    help="skip image files larger than this (default: %(default)s)")
     dc.add_argument("--prefix", default="train", help="shard names: PREFIX-00000-of-00016.arrayrecord")
     dc.add_argument("--image-field", default="image", help="csv/tsv/jsonl: the image path column")
     dc.add_argument("--caption-field", default="caption", help="csv/tsv/jsonl: the caption column")
@@ -253,17 +321,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _orbax_without_traceback(record: logging.LogRecord) -> bool:
-    """Orbax logs a failed background save with its traceback once per thread it passes through (five for a full
-    disk); the error then reaches the training loop, which states it in one line. Its log lines stay, without the
-    tracebacks (CLIP_JAX_DEBUG=1 keeps them)."""
-    if f"{os.sep}orbax{os.sep}" in record.pathname:
-        record.exc_info, record.exc_text = None, None
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Libraries log a failure with its traceback, some once per thread it passes through (Orbax: five for a full
+    disk; TensorStore's asyncio tasks for a damaged checkpoint); our own code then states the failure in one line.
+    Their log lines stay, without the tracebacks (--debug keeps them)."""
+    if not record.name.startswith("clip_jax"):
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
     return True
+
+
+_quiet_seen: set[str] = set()
+
+
+def _quiet_unraisable(unraisable) -> None:
+    """TensorStore's threads report the errors of their callbacks as unraisable, a traceback each: after a damaged
+    checkpoint, "Event loop is closed" once per array (thousands of lines for a large model), which buried the one
+    warning that mattered. Each distinct message is shown once, in one line."""
+    error = unraisable.exc_value
+    text = f"{type(error).__name__}: {_one_line(error)}"
+    if text not in _quiet_seen:
+        _quiet_seen.add(text)
+        print(f"warning: in a background thread: {text} (further ones not shown; --debug shows them)",
+              file=sys.stderr)
+
+
+# Failures of the user's input or environment, whose message says what to do: one line, exit 2.
+_USER_ERRORS = (ConfigError, FloatingPointError, CheckpointWriteError)
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of an error, in one line. An OSError names the file it is about (FileNotFoundError's own message
+    is ours already; a raw one from the system is `[Errno 2] No such file or directory: 'x'`)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+        text = f"{where}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _report_unexpected(command: str, error: BaseException) -> None:
+    """An error we did not foresee: one line on the console and the traceback in a file, for a bug report."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="clip-jax-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"clip-jax {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exception(error, file=f)
+    print(f"clip-jax {command}: unexpected error: {type(error).__name__}: {_one_line(error)[:500]} (the traceback is "
+          f"in {path}; --debug prints it; please report it if the input looks right)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("CLIP_JAX_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--config.")]
@@ -277,17 +390,27 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    debug = bool(os.environ.get("CLIP_JAX_DEBUG"))
     if not debug:
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_orbax_without_traceback)
+            handler.addFilter(_without_traceback)
+        sys.unraisablehook = _quiet_unraisable
     try:
         COMMANDS[args.command](args, overrides)
-    except (ConfigError, FileNotFoundError, FloatingPointError, CheckpointWriteError) as e:
+    except KeyboardInterrupt:
         if debug:
             raise
-        print(f"clip-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"clip-jax {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (*_USER_ERRORS, OSError) as e:
+        if debug:
+            raise
+        print(f"clip-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if debug:
+            raise
+        _report_unexpected(args.command, e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

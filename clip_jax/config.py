@@ -12,12 +12,15 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import re
+import traceback
 from typing import Any
 
 import ml_collections
 from etils import epath
 
-from clip_jax.files import write_atomic
+from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
+from clip_jax.files import is_remote, write_atomic
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.presets import model_preset
 from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS
@@ -60,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.pca_scope = "local"  # PCA over each device's batch (the reference) or the "global" all-gathered one
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.lr = 5e-4
+    c.optimizer.lr = 5e-4  # >= 0 (0: the parameters stay as they are, e.g. to evaluate a warm start)
     c.optimizer.min_lr_ratio = 0.0  # cosine decays to lr * min_lr_ratio
     c.optimizer.warmup_steps = 100
     c.optimizer.b1 = 0.9
@@ -98,6 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.crop_scale = (0.8, 1.0)
     c.data.tokenizer = "train"  # "train": fit a BPE vocabulary on training captions; "openai": OpenAI's; or a path
     c.data.tokenizer_vocab_size = 1024  # for "train"
+    # Bytes read at most per image file; larger files, FIFOs and devices are dropped as bad samples (docs/data.md).
+    c.data.max_image_bytes = DEFAULT_MAX_IMAGE_BYTES
     c.data.workers = 0  # grain worker processes (0: in the main process)
     c.data.prefetch = 2  # batches prepared ahead in a background thread
 
@@ -113,7 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500
-    c.checkpoint.max_to_keep = 3
+    c.checkpoint.max_to_keep = 3  # >= 1: the newest checkpoints kept (0 is refused: Orbax would keep none)
     c.checkpoint.keep_period = 0  # also keep every K-th step forever (0: off)
     c.checkpoint.async_save = True
 
@@ -182,6 +187,52 @@ def _model_schema(model: ml_collections.ConfigDict) -> dict[str, Any]:
     return schema
 
 
+# Lower bounds of numeric fields. The every_steps are step moduli; max_to_keep 0 would make Orbax delete every
+# checkpoint, the earlier runs' too; a context of one token has no room for the start and end tokens.
+_MINIMUM = {
+    "total_steps": 1, "batch_size": 1, "accum_steps": 1, "log.every_steps": 1, "checkpoint.every_steps": 1,
+    "checkpoint.max_to_keep": 1, "checkpoint.keep_period": 0, "eval.every_steps": 0, "eval.batch_size": 1,
+    "eval.num_examples": 1, "optimizer.lr": 0, "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0,
+    "optimizer.min_lr_ratio": 0, "optimizer.max_consecutive_nonfinite": 1, "data.prefetch": 0,
+    "data.workers": 0, "data.skip": 0, "data.max_image_bytes": 1, "data.tokenizer_vocab_size": 1,
+    "model.text.context_length": 2, "model.embed_dim": 1,
+}
+
+
+_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_names(config: ml_collections.ConfigDict) -> None:
+    """Names that pick an implementation from a registry, checked before any work rather than where they are used."""
+    from clip_jax.data.pipeline import TRAIN_SOURCES  # here: the pipeline imports this module
+    from clip_jax.losses import LOSSES
+    from clip_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
+
+    choices = {
+        "data.source": TRAIN_SOURCES, "loss.name": LOSSES, "model.remat_policy": REMAT_POLICIES,
+        "model.vision.activation": ACTIVATIONS, "model.text.activation": ACTIVATIONS, "model.dtype": _COMPUTE_DTYPES,
+    }
+    for key, registry in choices.items():
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if value not in registry:
+            raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(sorted(registry))}")
+    for key in ("no_decay", "frozen"):
+        for pattern in config.optimizer[key]:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"optimizer.{key} rule {pattern!r} is not a regular expression ({e})") from None
+    if config.data.source == "shapes":
+        from clip_jax.data.pipeline import shapes_config
+
+        try:  # the renderer's own checks (sizes, object counts), before any image is drawn
+            shapes_config(config)
+        except ValueError as e:
+            raise ConfigError(f"data.source 'shapes': {e}") from None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError (one line naming the key) for unknown keys, wrong types and inconsistent values."""
     schema = default_config()
@@ -192,11 +243,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     missing = [f"model.{k}" for k in ("vision", "text") if k not in config.model]
     if missing:
         raise ConfigError(f"config is missing {', '.join(missing)}")
-    for key in ("total_steps", "batch_size", "accum_steps", "log.every_steps", "checkpoint.every_steps"):
-        group, _, leaf = key.rpartition(".")
-        value = (config[group] if group else config)[leaf]
-        if value < 1:  # the every_steps are step moduli
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    for key, low in _MINIMUM.items():
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if value < low:
+            raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
+    _check_names(config)
     if config.batch_size % config.accum_steps:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by accum_steps {config.accum_steps}")
     for tower, sizes in (("vision", ("patch_size", "image_size")), ("text", ("context_length", "vocab_size"))):
@@ -216,8 +269,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"loss.pca_scope must be 'local' or 'global', got {config.loss.pca_scope!r}")
     if config.loss.pca_components < 1 or config.data.short_context_length < 2:
         raise ConfigError("loss.pca_components must be >= 1 and data.short_context_length >= 2")
-    if not 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1:
-        raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {config.data.crop_scale}")
+    scale = config.data.crop_scale
+    if len(scale) != 2 or not all(isinstance(x, int | float) for x in scale) or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(scale)}")
+
+
+def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
+    """Files a run reads, looked for before any work (not in `validate`: a workdir whose data has moved must still
+    be evaluated, encoded and exported). A path that is a pattern or a list (records) is left to its source."""
+    paths = {"eval.long_text_set": config.eval.long_text_set}
+    if training:
+        if config.data.source != "shapes" and not config.data.path:
+            raise ConfigError(f"data.source {config.data.source!r} reads files: set --config.data.path (see the "
+                              "schema's comment in clip_jax/config.py)")
+        if config.data.source in ("captions", "sharegpt4v"):
+            paths["data.path"] = config.data.path
+        if config.data.tokenizer not in ("train", "openai"):
+            paths["data.tokenizer"] = config.data.tokenizer
+    for key, path in paths.items():
+        if path and not is_remote(path) and not pathlib.Path(path).exists():
+            raise ConfigError(f"{key}: {path} does not exist")
 
 
 def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
@@ -230,19 +301,38 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file {path} not found")
+        raise ConfigError(f"config file {path} not found" + (" (it is a folder)" if file.is_dir() else ""))
     module_spec = importlib.util.spec_from_file_location(f"clip_jax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    # A config file is the user's code: whatever it raises (a syntax error, a typo, an unknown preset in
+    # get_config's argument, ConfigDict's type check) is a mistake in that file, reported as one line naming it.
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:
+        raise ConfigError(f"config file {path} failed to load: {_code_error(e, file)}") from None
+    if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {path} defines no get_config()")
     try:
         config = module.get_config(arg) if arg else module.get_config()
-    except TypeError as e:  # ConfigDict is type-safe: `config.total_steps = "100"` in a file raises here
-        raise ConfigError(f"config file {path}: {e}") from None
+    except Exception as e:
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"config file {path}: {call} failed: {_code_error(e, file)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}, not the ConfigDict of "
+                          "default_config() (a missing `return config`?)")
     apply_overrides(config, overrides)
     validate(config)
     return config
+
+
+def _code_error(error: Exception, file: pathlib.Path) -> str:
+    """`ValueError: unknown preset 'B/99' (line 12)`: an exception raised by a config file, with the line of that
+    file it was raised from."""
+    line = next((f.lineno for f in reversed(traceback.extract_tb(error.__traceback__))
+                 if pathlib.Path(f.filename).resolve() == file.resolve()), None)
+    return f"{type(error).__name__}: {error}" + (f" (line {line})" if line else "")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
@@ -284,7 +374,13 @@ def save_config(config: ml_collections.ConfigDict, path: epath.PathLike) -> None
 def read_config(path: epath.PathLike) -> ml_collections.ConfigDict:
     """Reads a workdir's config.json back (tuples come back as lists; types otherwise as saved). Fields added to the
     schema since the file was written take their defaults, so a workdir of an older version resumes."""
-    data = json.loads(epath.Path(path).read_text())
+    try:
+        data = json.loads(epath.Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # ValueErrors both
+        raise ConfigError(f"{path} is damaged ({e}); restore it from a copy, or write the run's config again with "
+                          "`clip-jax train --config FILE` on that workdir") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a clip_jax config (a JSON object of fields expected)")
     _fill_defaults(data, default_config().to_dict())
     config = ml_collections.ConfigDict(data)
     validate(config)

@@ -25,6 +25,33 @@ def stretched_length(length: int, keep: int = 20, ratio: int = 4) -> int:
     return keep + ratio * (length - keep)
 
 
+def check_stretch(current: int, *, method: str = "keep", keep: int = 20, ratio: int = 4,
+                  length: int | None = None) -> int:
+    """The number of positions that stretching a table of `current` positions gives, or a ConfigError naming the
+    `clip-jax stretch` flag that cannot: "keep" needs 2 positions past the kept ones to interpolate between, and
+    "interpolate" (to `length`) must lengthen the table."""
+    from clip_jax.config import ConfigError  # not at the top: config imports the models, which import this module
+
+    if method == "keep":
+        if length is not None:
+            raise ConfigError(f"--length {length} is for --method interpolate; --method keep makes "
+                              "keep + ratio * (length - keep) positions (--keep, --ratio)")
+        if not 0 <= keep <= current - 2:
+            raise ConfigError(f"--keep {keep}: must be in [0, {current - 2}] for a table of {current} positions "
+                              "(at least 2 past the kept ones are stretched)")
+        if ratio < 1:
+            raise ConfigError(f"--ratio {ratio}: must be >= 1")
+        return stretched_length(current, keep, ratio)
+    if method == "interpolate":
+        if length is None:
+            raise ConfigError("--method interpolate needs the new length: pass --length L")
+        if length <= current:
+            raise ConfigError(f"--length {length}: must be more than the {current} positions the model has (a "
+                              "stretch lengthens the text context)")
+        return length
+    raise ConfigError(f"unknown stretch method {method!r}; choose 'keep' or 'interpolate'")
+
+
 def stretch_positions(table: np.ndarray, keep: int = 20, ratio: int = 4) -> np.ndarray:
     """[L, w] -> [keep + ratio * (L - keep), w]:
     Q[i] = P[i] for i < keep;
@@ -32,17 +59,13 @@ def stretch_positions(table: np.ndarray, keep: int = 20, ratio: int = 4) -> np.n
     Q[keep + ratio*(L - keep - 1) + k] = P[L-1] + k (P[L-1] - P[L-2]) / ratio  for k < ratio (extrapolation).
     """
     table = np.asarray(table)
-    length = table.shape[0]
-    if not 0 <= keep <= length - 2:
-        raise ValueError(f"keep must be in [0, {length - 2}] for a table of {length} positions, got {keep}")
-    if ratio < 1:
-        raise ValueError(f"ratio must be >= 1, got {ratio}")
+    length = check_stretch(table.shape[0], keep=keep, ratio=ratio)
     t = (np.arange(ratio) / ratio)[None, :, None]  # [1, ratio, 1]
     left, right = table[keep:-1], table[keep + 1 :]  # [L - keep - 1, w] each
     middle = ((1 - t) * left[:, None] + t * right[:, None]).reshape(-1, table.shape[1])
     tail = table[-1] + (np.arange(ratio)[:, None] / ratio) * (table[-1] - table[-2])
     out = np.concatenate([table[:keep], middle, tail]).astype(table.dtype)
-    assert out.shape[0] == stretched_length(length, keep, ratio)
+    assert out.shape[0] == length
     return out
 
 
@@ -78,14 +101,11 @@ def stretch_text_positions(params: dict[str, Any], text: dict[str, Any], *, meth
     if text.get("keep_positions", 0):
         table = np.asarray(merge_position_tables(table, np.asarray(old["positional_embedding_res"]),
                                                  text["keep_positions"]))
+    check_stretch(table.shape[0], method=method, keep=keep, ratio=ratio, length=length)
     if method == "keep":
         table = stretch_positions(table, keep, ratio)
-    elif method == "interpolate":
-        if length is None:
-            raise ValueError("method 'interpolate' needs the new length")
-        table, keep = interpolate_positions(table, length), 0
     else:
-        raise ValueError(f"unknown stretch method {method!r}; choose 'keep' or 'interpolate'")
+        table, keep = interpolate_positions(table, length), 0
     new = {k: v for k, v in old.items() if k != "positional_embedding_res"}
     new["positional_embedding"] = table
     if keep:
@@ -100,9 +120,13 @@ def stretch_workdir(src: str | pathlib.Path, out: str | pathlib.Path, *, method:
     and keep_positions, and the same tokenizer. Returns {"context_length", "keep_positions"}."""
     import ml_collections
 
-    from clip_jax.interop.workdir import write_workdir
+    from clip_jax.interop.workdir import check_new_workdir, write_workdir
     from clip_jax.train.loop import load_trained
 
+    # The arguments are checked against the source's config.json before its checkpoint is read.
+    check_stretch(_source_config(src).model.text.context_length, method=method, keep=keep, ratio=ratio,
+                  length=length)
+    check_new_workdir(out, "--out-workdir")
     config, _, params, tokenizer, _, step = load_trained(src)
     params = jax.tree.map(np.asarray, jax.device_get(params))
     params, text = stretch_text_positions(params, config.model.text.to_dict(), method=method, keep=keep,
@@ -112,3 +136,16 @@ def stretch_workdir(src: str | pathlib.Path, out: str | pathlib.Path, *, method:
     log.info("stretched %s (step %d) to %d text positions (keep %d) into %s", src, step, text["context_length"],
              text["keep_positions"], out)
     return {"context_length": text["context_length"], "keep_positions": text["keep_positions"]}
+
+
+def _source_config(src: str | pathlib.Path):
+    """The config of the workdir `clip-jax stretch --workdir` names, or a ConfigError naming the flag."""
+    from etils import epath
+
+    from clip_jax.config import ConfigError, read_config
+    from clip_jax.interop.workdir import is_workdir
+
+    if not is_workdir(src):  # e.g. an exported Hugging Face folder, whose config.json is not ours
+        raise ConfigError(f"--workdir {src} is not a clip_jax workdir (no config.json of one); train or convert "
+                          "into it first")
+    return read_config(epath.Path(src) / "config.json")

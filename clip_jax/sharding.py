@@ -61,9 +61,26 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     if math.prod(shape) != num_devices:
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices but "
-            f"{num_devices} are available; set config.mesh so the sizes multiply to {num_devices} (use -1 for one axis)"
+            f"{num_devices} are available; set config.mesh so the sizes multiply to {num_devices}, e.g. "
+            "--config.mesh.data=-1 --config.mesh.fsdp=1 --config.mesh.tensor=1 (-1: all remaining devices)"
         )
     return tuple(shape)
+
+
+# The mesh of a command that only reads a workdir (eval, encode, export, stretch) when the recorded one does not fit
+# its devices: parameters sharded over all of them (the least memory per device), the batch too.
+READER_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+def reader_mesh(recorded: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh a workdir was trained on when it fits these devices, else `READER_MESH`: a model trained on a pod
+    is evaluated, encoded and exported on a workstation. The checkpoint is read into the new shardings."""
+    devices = list(devices if devices is not None else jax.devices())
+    try:
+        mesh_shape(recorded, len(devices))
+    except ValueError:
+        return make_mesh(READER_MESH, devices)
+    return make_mesh(recorded, devices)
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

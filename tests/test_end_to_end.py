@@ -291,12 +291,14 @@ def test_train_refuses_a_workdir_of_another_model(trained, capsys):
 
 
 def test_train_refuses_another_context_length_and_names_the_fix(trained, capsys):
-    """A caption context that differs from the checkpoint's positional embedding: one line with both lengths and
-    the two ways out (keep the length, or `clip-jax stretch`), nothing written."""
+    """A caption context that differs from the checkpoint's positional embedding: one line with both lengths, every
+    other differing field, and the ways out (keep the run's model, or `clip-jax stretch`), nothing written."""
     before = {p: p.read_bytes() for p in (trained / "config.json", trained / "metrics.jsonl")}
-    message = exit_message(train_args(trained, f"--config.model.text.context_length={2 * CONTEXT}"), capsys)
-    assert f"context_length {CONTEXT}, the config asks for {2 * CONTEXT}" in message
-    assert f"--config.model.text.context_length={CONTEXT}" in message and "clip-jax stretch" in message
+    message = exit_message(train_args(trained, f"--config.model.text.context_length={2 * CONTEXT}",
+                                      "--config.model.vision.layers=2"), capsys)
+    assert f"model.text.context_length: {CONTEXT} -> {2 * CONTEXT}" in message
+    assert "model.vision.layers: 1 -> 2" in message  # named too, not only the context length
+    assert "drop those overrides" in message and "clip-jax stretch" in message
     assert {p: p.read_bytes() for p in before} == before
 
 

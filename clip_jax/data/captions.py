@@ -41,7 +41,7 @@ _SUFFIX_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 class Row:
     """One sample of a table or folder input, resolved to an image path."""
 
-    key: str  # the image path as written in the input, or "<file>:<row>" for a bad row
+    key: str  # the image path as written in the input, or "<file> line <n>" (ShareGPT4V: "#<entry>") for a bad row
     image: str
     caption: Any = None  # as read: bad bytes as lone surrogates; None (or a non-string) when absent
     short_caption: Any = None
@@ -93,30 +93,47 @@ def read_table(path: str, fmt: str, image_root: str | None = None, fields: Seque
         if not isinstance(entries, list):
             raise ValueError(f"{path}: a ShareGPT4V file is a JSON list, not a {type(entries).__name__}")
         return [_sharegpt4v_row(i, entry, root) for i, entry in enumerate(entries)]
-    if fmt == "jsonl":
-        objects: list[Any] = []
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    objects.append(json.loads(line))
-                except json.JSONDecodeError:
-                    objects.append(None)
-    else:
-        delimiter, quoting = ("\t", csv.QUOTE_NONE) if fmt == "tsv" else (",", csv.QUOTE_MINIMAL)
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-        missing = [f for f in (image_f, caption_f) if f not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} in the header {reader.fieldnames}")
-        objects = list(reader)
+    objects = _jsonl_objects(text) if fmt == "jsonl" else _table_objects(text, fmt, path, (image_f, caption_f))
     rows = []
-    for i, obj in enumerate(objects):
+    for line, obj in objects:
         if not isinstance(obj, dict) or not isinstance(obj.get(image_f), str) or not obj[image_f]:
-            rows.append(Row(key=f"{epath.Path(path).name}:{i}", image="", problem="bad_row"))
+            rows.append(Row(key=f"{epath.Path(path).name} line {line}", image="", problem="bad_row"))
             continue
-        meta = {k: v for k, v in obj.items() if k not in fields and k is not None and v not in ("", None)}
+        meta = {k: v for k, v in obj.items() if k not in fields and v not in ("", None)}
         short = obj.get(short_f) or None
         rows.append(Row(obj[image_f], _resolve(obj[image_f], root), obj.get(caption_f), short, meta or None))
     return rows
+
+
+def _jsonl_objects(text: str) -> list[tuple[int, Any]]:
+    """(1-based line number, object or None where the line is not JSON) per non-blank line. Lines end as the csv
+    module ends them (\\n, \\r\\n, \\r): str.splitlines would also split inside a JSON string holding U+2028 or
+    U+0085, which JSON allows unescaped, and number the file's lines wrongly."""
+    objects = []
+    for n, line in enumerate(io.StringIO(text, newline=""), 1):
+        if line.strip():
+            try:
+                objects.append((n, json.loads(line)))
+            except json.JSONDecodeError:
+                objects.append((n, None))
+    return objects
+
+
+def _table_objects(text: str, fmt: str, path: str, required: Sequence[str]) -> list[tuple[int, dict]]:
+    """(the line number its row starts on, {column: cell}) per row of a CSV/TSV text after its header row. Numbered
+    by the file's lines (csv.reader's line_num), so blank lines, the header and quoted cells spanning lines count."""
+    delimiter, quoting = ("\t", csv.QUOTE_NONE) if fmt == "tsv" else (",", csv.QUOTE_MINIMAL)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    header = next(reader, None)
+    missing = [f for f in required if f not in (header or ())]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} in the header {header}")
+    objects, end = [], reader.line_num
+    for cells in reader:
+        start, end = end + 1, reader.line_num  # a row starts on the line after the one the previous row ended on
+        if cells:  # not a blank line; a missing cell is a missing key, as csv.DictReader's None (extra cells: dropped)
+            objects.append((start, dict(zip(header, cells, strict=False))))
+    return objects
 
 
 def _sharegpt4v_row(i: int, entry: Any, root: str) -> Row:

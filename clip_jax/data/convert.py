@@ -7,10 +7,11 @@ or a `.txt` beside each). Tables and folders are cut into chunks of `shard_size`
 
 Shards are numbered over all inputs in order, so machines can convert disjoint slices (`shard_index` of
 `num_shards`) of the same command into one directory. A shard is written under a temporary name and renamed when
-complete, then its JSON report goes to `reports/`: a re-run skips shards whose report exists. Bad samples
-(undecodable or truncated images, missing files, missing/empty/non-UTF-8 captions, images below `min_size`) are
-skipped and counted by reason, never fatal. Captions are kept whole (whitespace collapsed): truncation to a
-context length happens at tokenization.
+complete, then its JSON report goes to `reports/`, with a fingerprint of its input (`fingerprint`): a re-run skips
+shards whose report exists with the same fingerprint and redoes the others. Bad samples (undecodable or truncated
+images, missing files, paths that are not regular files or exceed `max_image_bytes`, missing/empty/non-UTF-8
+captions, images below `min_size`) are skipped and counted by reason, never fatal. Captions are kept whole
+(whitespace collapsed): truncation to a context length happens at tokenization.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import multiprocessing
@@ -36,7 +38,15 @@ from PIL import Image
 
 from clip_jax.data import records
 from clip_jax.data.captions import FIELDS, TABLE_FORMATS, Row, caption_text, decode_text, read_table
-from clip_jax.data.images import IMAGE_SUFFIXES, to_rgb
+from clip_jax.data.images import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    IMAGE_SUFFIXES,
+    RefusedFile,
+    bad_image_reason,
+    read_image_file,
+    to_rgb,
+)
+from clip_jax.files import is_remote
 
 FORMATS = ("webdataset", *TABLE_FORMATS, "folder")
 KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -61,6 +71,7 @@ class Task:
     index: int
     source: str
     rows: list[Row] | None = None
+    fingerprint: dict | None = None  # of `source`, taken before its rows were read; a tar's is taken when converted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +80,7 @@ class Options:
     prefix: str
     count: int  # shards in the whole data set (the N of -of-N)
     min_size: int
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # files read for a row (images, caption sidecars): at most this
 
 
 # --- Images and captions --------------------------------------------------------------------------------------
@@ -88,12 +100,8 @@ def prepare_image(data: bytes, min_size: int) -> tuple[bytes, str | None]:
             rgb = to_rgb(img)
     except Skip:
         raise
-    except Image.DecompressionBombError as e:
-        raise Skip("too_large", str(e)) from None
-    except OSError as e:
-        raise Skip("truncated_image" if "truncated" in str(e).lower() else "undecodable_image", str(e)) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; a bad sample is never fatal
-        raise Skip("undecodable_image", f"{type(e).__name__}: {e}") from None
+        raise Skip(bad_image_reason(e), f"{type(e).__name__}: {e}") from None
     out = io.BytesIO()
     if fmt == "JPEG":  # a lossy original stays lossy; PNG of a photo would be 5-10x larger
         Image.fromarray(rgb).save(out, "JPEG", quality=95, subsampling=0)
@@ -218,21 +226,26 @@ def _tar_record(sample: tuple[str, dict[str, bytes]], opts: Options, stats: Shar
     return _record(key, image, caption, None, metadata, opts, stats)
 
 
+def _read_file(path: str, missing_reason: str, opts: Options) -> bytes:
+    """A row's file (its image, or its caption sidecar), regular files of at most `max_image_bytes` only (a FIFO
+    or a device would hang or never end); Skip otherwise."""
+    try:
+        return read_image_file(path, opts.max_image_bytes)
+    except RefusedFile as e:
+        raise Skip(e.reason, str(e)) from None
+    except FileNotFoundError:
+        raise Skip(missing_reason, path) from None
+    except OSError as e:  # no permission, an I/O error: this file, not the conversion
+        raise Skip("unreadable_file", f"{path}: {e}") from None
+
+
 def _row_record(row: Row, opts: Options, stats: ShardStats) -> bytes:
     if row.problem:
         raise Skip(row.problem)
     caption = row.caption
     if row.caption_file is not None:
-        try:
-            caption = epath.Path(row.caption_file).read_bytes()
-        except FileNotFoundError:
-            raise Skip("missing_caption", row.caption_file) from None
-    try:
-        image = epath.Path(row.image).read_bytes()
-    except FileNotFoundError:
-        raise Skip("missing_file", row.image) from None
-    except OSError as e:  # a directory, no permission, an I/O error: this file, not the conversion
-        raise Skip("unreadable_file", f"{row.image}: {e}") from None
+        caption = _read_file(row.caption_file, "missing_caption", opts)
+    image = _read_file(row.image, "missing_file", opts)
     return _record(row.key, image, caption, row.short_caption, row.metadata, opts, stats)
 
 
@@ -241,12 +254,46 @@ def report_path(opts: Options, index: int) -> epath.Path:
     return epath.Path(opts.out) / "reports" / f"{stem}.json"
 
 
+def _file_stamp(path: epath.PathLike) -> dict[str, Any]:
+    if is_remote(path):
+        st = epath.Path(path).stat()
+        return {"size": st.length, "mtime": st.mtime}
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # a dangling link in a folder input (its sample is skipped): the link's own stamp
+        st = os.lstat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def fingerprint(path: str, fmt: str) -> dict[str, Any]:
+    """What a shard was made from, kept in its report so that a re-run redoes a shard whose input changed: a file's
+    size and modification time (remote: as the store reports them); for a folder input, the number of files below
+    it and a hash of each one's relative path, size and time (images, captions.json, .txt sidecars: an image added,
+    removed or replaced changes it). Take it before reading the input: a change made meanwhile then shows next time."""
+    if fmt != "folder":
+        return _file_stamp(path)
+    folder = epath.Path(path)
+    digest, count = hashlib.sha256(), 0
+    for p in sorted(_walk(folder)):
+        digest.update(json.dumps([p.relative_to(folder).as_posix(), _file_stamp(p)]).encode() + b"\n")
+        count += 1
+    return {"files": count, "sha256": digest.hexdigest()}
+
+
 def convert_shard(task: Task, opts: Options) -> dict[str, Any]:
-    """Writes shard `task.index` and its report; returns the report (the existing one if the shard is done)."""
+    """Writes shard `task.index` and its report; returns the report: the existing one (with `resumed`) if the shard
+    was made from the same input, else the new one (with `redone`, why, when it replaced an older shard)."""
     name = records.shard_name(opts.prefix, task.index, opts.count)
     report_file = report_path(opts, task.index)
+    # a tar's stamp is taken here: in parallel, for this machine's shards only (one request each on a bucket)
+    stamp = task.fingerprint or fingerprint(task.source, "webdataset")
+    redone = None
     if report_file.exists():  # the report is written last: its presence means the shard is complete
-        return json.loads(report_file.read_text()) | {"resumed": True}
+        old = json.loads(report_file.read_text())
+        if old.get("input_fingerprint") == stamp:
+            return old | {"resumed": True}
+        redone = ("its input changed since it was converted" if "input_fingerprint" in old
+                  else "its report (from an older version) records no input fingerprint")
     start = time.time()
     stats = ShardStats()
     samples, make = (_tar_samples(task.source, stats), _tar_record) if task.rows is None else (task.rows, _row_record)
@@ -263,9 +310,10 @@ def convert_shard(task: Task, opts: Options) -> dict[str, Any]:
         "reencoded": dict(sorted(stats.reencoded.items())), "metadata_dropped": stats.metadata_dropped,
         "bytes": (epath.Path(opts.out) / name).stat().length, "seconds": round(time.time() - start, 2),
         "host": socket.gethostname(), "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "input_fingerprint": stamp,
     }
     _write_json(report_file, report)
-    return report
+    return report | ({"redone": redone} if redone else {})
 
 
 def _write_json(path: epath.Path, obj: Any) -> None:
@@ -291,7 +339,14 @@ def expand_inputs(inputs: Sequence[str], fmt: str) -> list[str]:
         elif fmt == "webdataset" and path.is_dir():
             out.extend(sorted(os.fspath(p) for p in path.glob("*.tar")))
         elif not path.exists():
-            raise FileNotFoundError(f"input {spec} does not exist")
+            raise FileNotFoundError(f"input {spec} does not exist: check the path (INPUT is a file, a folder or a "
+                                    "quoted glob)")
+        elif fmt == "folder" and not path.is_dir():
+            raise ValueError(f"input {spec} is not a folder: --format folder reads folders of images (a caption "
+                             "table is --format csv, tsv, jsonl or sharegpt4v)")
+        elif fmt != "folder" and path.is_dir():
+            raise ValueError(f"input {spec} is a folder: --format {fmt} reads files (a folder of images is "
+                             "--format folder)")
         else:
             out.append(spec)
     if not out:
@@ -309,9 +364,10 @@ def plan(fmt: str, inputs: Sequence[str], image_root: str | None = None, shard_s
         return [Task(i, p) for i, p in enumerate(paths)]
     tasks: list[Task] = []
     for p in paths:
+        stamp = fingerprint(p, fmt)  # before reading: a change made meanwhile shows in the next run
         rows = read_folder(p) if fmt == "folder" else read_table(p, fmt, image_root, fields)
         for start in range(0, len(rows), shard_size):
-            tasks.append(Task(len(tasks), p, rows[start : start + shard_size]))
+            tasks.append(Task(len(tasks), p, rows[start : start + shard_size], stamp))
     return tasks
 
 
@@ -339,28 +395,37 @@ def summarize(out: str, prefix: str, count: int, failed: Sequence[dict] = ()) ->
 
 def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None = None, workers: int = 1,
             shard_index: int = 0, num_shards: int = 1, shard_size: int = 10_000, min_size: int = 32,
-            prefix: str = "train", fields: Sequence[str] = FIELDS,
+            max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, prefix: str = "train", fields: Sequence[str] = FIELDS,
             progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Converts this machine's slice (shards i with i % num_shards == shard_index) and returns the summary over
-    every report in `out`. A shard that fails as a whole (a write error) is reported in `failed` after the
-    others finish; the next run retries it."""
+    every report in `out`, plus `this_run`: the totals of this slice's shards (done now or before). A shard that
+    fails as a whole (a write error) is reported in `failed` after the others finish; the next run retries it."""
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} must be in [0, num_shards {num_shards})")
-    if shard_size < 1 or workers < 1:
-        raise ValueError("shard_size and workers must be >= 1")
+    if shard_size < 1 or workers < 1 or max_image_bytes < 1:
+        raise ValueError("shard_size, workers and max_image_bytes must be >= 1")
+    if epath.Path(out).exists() and not epath.Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file: name a folder for the shards (a new one, or the one a previous "
+                         "run of this command wrote)")
     tasks = plan(fmt, inputs, image_root, shard_size, fields)
     if not tasks:
         raise ValueError(f"{', '.join(inputs)}: no samples to convert")
-    opts = Options(out, prefix, len(tasks), min_size)
-    epath.Path(out).mkdir(parents=True, exist_ok=True)
     mine = [t for t in tasks if t.index % num_shards == shard_index]
+    if not mine:
+        raise ValueError(f"--shard-index {shard_index} of --num-shards {num_shards} gets no shard: the inputs make "
+                         f"{len(tasks)} shards; use --num-shards {len(tasks)} or fewer")
+    opts = Options(out, prefix, len(tasks), min_size, max_image_bytes)
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
     failed: list[dict] = []
+    finished: list[dict] = []
 
     def done(task: Task, report: dict | None, error: BaseException | None) -> None:
         if error is not None:
             failed.append({"shard": records.shard_name(prefix, task.index, opts.count), "input": task.source,
                            "error": f"{type(error).__name__}: {error}"})
             report = failed[-1]
+        else:
+            finished.append(report)
         if progress:
             progress(report)
 
@@ -377,4 +442,17 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None
             for future in concurrent.futures.as_completed(futures):
                 error = future.exception()
                 done(futures[future], None if error else future.result(), error)
-    return summarize(out, prefix, opts.count, failed)
+    return summarize(out, prefix, opts.count, failed) | {"this_run": run_totals(finished)}
+
+
+def run_totals(reports: Sequence[dict]) -> dict[str, Any]:
+    """Samples, written and skipped counts (with the first example per reason) of the shards of one run."""
+    skipped: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for r in reports:
+        skipped.update(r["skipped"])
+        for reason, keys in r["examples"].items():
+            examples.setdefault(reason, keys[0])
+    return {"shards": len(reports), "samples": sum(r["samples"] for r in reports),
+            "written": sum(r["written"] for r in reports), "skipped": dict(skipped.most_common()),
+            "examples": examples}

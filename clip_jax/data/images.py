@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pathlib
+import stat
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from etils import epath
+from PIL import Image
+
+from clip_jax.files import is_remote
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The most bytes read for one image file (`data convert --max-image-bytes`, `encode --max-image-bytes`,
+# `data.max_image_bytes`): far above any real photo (a 50-megapixel JPEG is ~25 MB), low enough that a wrong path
+# (a video, a disk image) costs a skipped sample, not the host's memory.
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 # PIL modes of more than 8 bits per pixel: 16-bit (PNG, TIFF), 32-bit integer and float.
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -88,24 +97,98 @@ def random_resized_crop(
     return np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def load_image(path: str | pathlib.Path, size: int) -> np.ndarray:
+class RefusedFile(OSError):
+    """A file `read_image_file` does not read: not a regular file, or over the byte cap. `reason` is the skip
+    reason `data convert` reports."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # OSError pickles its args only: keep the reason across processes (grain workers)
+        return type(self), (self.reason, str(self))
+
+
+_SPECIAL_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(path: epath.PathLike, st: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _SPECIAL_KINDS if test(st.st_mode)), "a special file")
+        raise RefusedFile("not_a_regular_file", f"{path} is {kind}, not a regular file")
+    if st.st_size > max_bytes:
+        raise RefusedFile("file_too_large", _too_large(path, max_bytes, st.st_size))
+
+
+def _too_large(path: epath.PathLike, max_bytes: int, size: int | None = None) -> str:
+    size_text = f"{size} bytes" if size is not None else f"more than {max_bytes} bytes"
+    return (f"{path} has {size_text}, over the limit of {max_bytes} bytes for an image file (raise it with "
+            "--max-image-bytes or data.max_image_bytes)")
+
+
+def _open_nonblocking(path: epath.PathLike, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
+def read_image_file(path: epath.PathLike, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the image file at `path` (local, or remote through etils.epath): the one place image files are
+    read. Raises RefusedFile, without reading it, for a path that is not a regular file (a FIFO would block the
+    reader forever, a device such as /dev/zero never ends) or a file over `max_bytes`; other OSErrors
+    (FileNotFoundError, PermissionError) as the file system raises them."""
+    if is_remote(path):  # an object store holds only regular objects: only the size needs a bound
+        with epath.Path(path).open("rb") as f:
+            data = f.read(max_bytes + 1)
+    else:
+        # stat first, so that a device is never even opened (opening one may act: a tape rewinds); then check the
+        # opened file again, in case the path was replaced in between. O_NONBLOCK: opening a FIFO then does not
+        # wait for a writer, and it changes nothing for a regular file.
+        _check_regular(path, os.stat(path), max_bytes)
+        with open(path, "rb", opener=_open_nonblocking) as f:
+            _check_regular(path, os.fstat(f.fileno()), max_bytes)
+            data = f.read(max_bytes + 1)  # the file may have grown since the fstat
+    if len(data) > max_bytes:
+        raise RefusedFile("file_too_large", _too_large(path, max_bytes))
+    return data
+
+
+def bad_image_reason(error: Exception) -> str:
+    """The skip reason of an image PIL could not open or decode: `too_large` (beyond PIL's decompression-bomb
+    limit), `truncated_image` (an interrupted download) or `undecodable_image` (anything else: PIL raises many
+    types on corrupt data)."""
+    if isinstance(error, Image.DecompressionBombError):
+        return "too_large"
+    if isinstance(error, OSError) and "truncated" in str(error).lower():
+        return "truncated_image"
+    return "undecodable_image"
+
+
+def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
     """Decodes any PIL-readable file to RGB uint8 [size, size, 3] (grayscale, palette, RGBA, CMYK and 16-bit
-    images are converted). Raises ValueError naming the file if it cannot be decoded."""
+    images are converted). Raises ValueError naming the file if it cannot be read (missing, not a regular file,
+    over `max_bytes`: `read_image_file`) or decoded (a decompression bomb too)."""
     try:
-        with Image.open(path) as img:
+        data = read_image_file(path, max_bytes)
+    except RefusedFile as e:  # its message names the path and why
+        raise ValueError(str(e)) from None
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             return resize_center_crop(to_rgb(img), size)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; the caller skips the file
+        raise ValueError(f"cannot decode image {path} ({bad_image_reason(e)}): {type(e).__name__}: {e}") from None
 
 
 def list_images(paths: list[str]) -> list[pathlib.Path]:
-    """Files given directly, plus image files (by suffix, sorted) inside given directories."""
+    """Paths given directly, plus image files (by suffix, sorted) inside given directories. Whether each is a
+    readable image is `load_image`'s to say (a FIFO or device is then skipped like a corrupt file)."""
     found: list[pathlib.Path] = []
     for p in map(pathlib.Path, paths):
         if p.is_dir():
             found.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.is_file():
+        elif p.exists():
             found.append(p)
         else:
             raise FileNotFoundError(f"image path {p} does not exist")

@@ -26,10 +26,17 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from etils import epath
 
+from clip_jax.config import ConfigError
 from clip_jax.data import captions, records
-from clip_jax.data.images import crop_min_side, decode_image, random_resized_crop, resize_center_crop
+from clip_jax.data.images import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    crop_min_side,
+    decode_image,
+    random_resized_crop,
+    read_image_file,
+    resize_center_crop,
+)
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import GlobalBatchRows, barrier, batch_rows, sum_over_processes
@@ -94,19 +101,21 @@ class DecodeExample(grain.transforms.Map):
     uint8 of any file mode, a JPEG decoded at reduced scale down to `min_side` (`images.decode_image`).
 
     Returns None, which grain drops, for an item with an `error` (a record or row that does not parse), an empty
-    caption, a missing, unreadable, undecodable or truncated image, or one whose shorter side is below
+    caption, a missing, unreadable, undecodable or truncated image, a path that is not a regular file (a FIFO, a
+    device) or a file over `max_bytes` (`images.read_image_file`), or an image whose shorter side is below
     MIN_IMAGE_SIDE: the stream's positions count the drops (`DataCounts`), the log names them (the first 10, then
     every 100th, per process). Marks a kept example `converted` (a mode other than RGB: grayscale, palette, RGBA,
     CMYK, 16-bit) and `upscaled` (shorter side below `image_size`). A class, so worker processes can pickle it."""
 
-    def __init__(self, image_size: int, min_side: int):
+    def __init__(self, image_size: int, min_side: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.image_size = image_size
         self.min_side = min_side
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()  # grain's reader threads share the map
         self._decoded = self._dropped = 0  # this map's own: a data set none of whose first examples decode is an error
 
     def __getstate__(self) -> dict:
-        return {"image_size": self.image_size, "min_side": self.min_side}
+        return {"image_size": self.image_size, "min_side": self.min_side, "max_bytes": self.max_bytes}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -116,7 +125,7 @@ class DecodeExample(grain.transforms.Map):
         if not reason:
             data = element.get("image_bytes")
             try:
-                image, mode = decode_image(epath.Path(element["path"]).read_bytes() if data is None else data,
+                image, mode = decode_image(read_image_file(element["path"], self.max_bytes) if data is None else data,
                                            self.min_side)
             except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; a bad sample is never fatal
                 reason = f"{type(e).__name__}: {e}"
@@ -257,7 +266,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
     encoded = getattr(source, "encoded_images", False)
     if encoded:  # decoded in the grain map, at the resolution the crop needs
         size, d = config.model.vision.image_size, config.data
-        ds = ds.map(DecodeExample(size, crop_min_side(size, d.augment, d.crop_scale)))
+        ds = ds.map(DecodeExample(size, crop_min_side(size, d.augment, d.crop_scale), d.max_image_bytes))
     short_length = short_text_length(config)
     ds = ds.random_map(
         TrainExample(
@@ -334,7 +343,7 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
         tokenizer.save(path)
         barrier("tokenizer.json written")
     if tokenizer.vocab_size > config.model.text.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
             f"{config.model.text.vocab_size}; set --config.model.text.vocab_size={tokenizer.vocab_size}"
         )

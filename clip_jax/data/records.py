@@ -144,6 +144,20 @@ def _check_complete(paths: list[str], where: str) -> None:
             )
 
 
+def open_shards(paths: Sequence[str]) -> grain.sources.ArrayRecordDataSource:
+    """grain's random-access source over the shards `paths`. Raises ValueError naming the first file that is not
+    an ArrayRecord file (a file named by mistake, a shard cut short): ArrayRecord's own error does not say which."""
+    try:
+        return grain.sources.ArrayRecordDataSource(list(paths))
+    except RuntimeError:
+        for path in paths:
+            try:
+                grain.sources.ArrayRecordDataSource([path])
+            except RuntimeError as e:
+                raise ValueError(f"{path} is not an ArrayRecord shard ({e})") from None
+        raise
+
+
 class ShardWriter:
     """Writes one shard under a temporary name and renames it on a clean close, so an existing shard is always
     complete. A remote destination is written locally, then copied (ArrayRecord writes local files only)."""
@@ -198,7 +212,7 @@ class RecordSource:
 
     def __init__(self, paths: Sequence[str]):
         self.paths = list(paths)
-        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        self._source = open_shards(self.paths)
         if len(self._source) == 0:
             raise ValueError(f"the shards {self.paths[:3]}{' ...' if len(self.paths) > 3 else ''} hold no records")
 
@@ -229,7 +243,7 @@ def records_source(config: ml_collections.ConfigDict, split: str) -> RecordSourc
 def describe(spec: str, n: int = 3) -> dict[str, Any]:
     """Shard count, record count and the first `n` records (key, captions, image size) of `spec`."""
     paths = list_shards(spec)
-    source = grain.sources.ArrayRecordDataSource(paths)
+    source = open_shards(paths)
     samples = []
     for i in range(min(n, len(source))):
         record = decode_record(source[i])

@@ -42,6 +42,7 @@ import regex
 from etils import epath
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from clip_jax.config import ConfigError
 from clip_jax.files import write_atomic
 
 OPENAI_VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -237,7 +238,8 @@ class ClipTokenizer:
             if (tok.sot_id, tok.eot_id, tok.vocab_size) != recorded:
                 raise ValueError(f"recorded (sot_id, eot_id, vocab_size) {recorded} do not match the vocabulary")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: expected a {_FORMAT} v1 JSON file written by ClipTokenizer.save: {e}") from e
+            raise ConfigError(f"{path} is damaged or not ours: expected a {_FORMAT} v1 JSON file written by "
+                              f"ClipTokenizer.save ({e})") from e
         return tok
 
     # ---- encoding -----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pathlib
 
 import numpy as np
 
-from clip_jax.data.images import load_image
+from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, load_image
 from clip_jax.data.shapes import COLOURS, ShapesConfig, ShapesDataset, describe_scene
 from clip_jax.data.tokenizer import ClipTokenizer
 
@@ -32,9 +32,10 @@ LONG_CONTEXT = 248  # Long-CLIP's: hard pairs differ within it, so every model i
 LONG_SCENE_OBJECTS = (5, 9)  # objects per scene: 5 already give ~110-140 tokens, 9 at most ~230 (under 248)
 
 
-def load_long_text_set(path: str | pathlib.Path, image_size: int) -> tuple[np.ndarray, list[str], int]:
-    """(images uint8 [N, S, S, 3], captions, number of undecodable images skipped) of an Urban-1k-layout folder or
-    a JSON file {image file name: caption}."""
+def load_long_text_set(path: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+                       ) -> tuple[np.ndarray, list[str], int]:
+    """(images uint8 [N, S, S, 3], captions, number of images skipped: unreadable, undecodable, not regular files
+    or over `max_image_bytes`) of an Urban-1k-layout folder or a JSON file {image file name: caption}."""
     path = pathlib.Path(path)
     if path.is_dir():
         if not (path / "caption").is_dir():
@@ -48,7 +49,7 @@ def load_long_text_set(path: str | pathlib.Path, image_size: int) -> tuple[np.nd
     images, captions, skipped = [], [], 0
     for image_path, caption in pairs:
         try:
-            images.append(load_image(image_path, image_size))
+            images.append(load_image(image_path, image_size, max_image_bytes))
         except ValueError as e:  # a missing or corrupt image costs its pair, not the evaluation
             skipped += 1
             log.warning("skipping %s", e)

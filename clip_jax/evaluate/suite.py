@@ -38,7 +38,8 @@ def evaluate(config: ml_collections.ConfigDict, model, params, mesh, tokenizer: 
     encode_texts = lambda texts: encoder.texts(tokenizer(list(texts), context))
     results: dict[str, float] = {}
     if config.eval.long_text_set:
-        images, captions, skipped = load_long_text_set(config.eval.long_text_set, config.model.vision.image_size)
+        images, captions, skipped = load_long_text_set(config.eval.long_text_set, config.model.vision.image_size,
+                                                       config.data.max_image_bytes)
         recall = retrieval_recall(encoder.images(images), encode_texts(captions), texts=captions)
         results.update({f"long_set_{k}": float(v) for k, v in recall.items()})
         results["long_set_skipped"] = skipped

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from clip_jax.interop import ConversionError
-from clip_jax.interop.openai import ACTIVATIONS, TOWERS, layout
+from clip_jax.interop.openai import ACTIVATIONS, TOWERS, layout, split_heads
 from clip_jax.models.presets import model_preset
 
 HF_SOT, HF_EOT = "<|startoftext|>", "<|endoftext|>"
+HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")  # we write
 # HF configs written by older transformers omit fields equal to their defaults, so reading raw config.json
 # needs the defaults of `CLIPTextConfig` / `CLIPVisionConfig` / `CLIPConfig`.
 _TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
@@ -142,11 +143,10 @@ def model_from_hf_config(cfg: Mapping[str, Any], *, heads_vision: int | None = N
         raise ConversionError(f"vision_config.num_channels {vision['num_channels']} is not supported (RGB only)")
     model = model_preset("tiny")
     for ours, theirs, heads in (("vision", vision, heads_vision), ("text", text, heads_text)):
-        width, n_heads = theirs["hidden_size"], heads or theirs["num_attention_heads"]
-        if width % n_heads:
-            raise ConversionError(f"{ours} hidden_size {width} is not divisible by {n_heads} heads")
+        width = theirs["hidden_size"]
+        n_heads, head_dim = split_heads(width, heads, theirs["num_attention_heads"], ours)
         model[ours].update(
-            width=width, layers=theirs["num_hidden_layers"], heads=n_heads, head_dim=width // n_heads,
+            width=width, layers=theirs["num_hidden_layers"], heads=n_heads, head_dim=head_dim,
             mlp_dim=theirs["intermediate_size"],
             activation=activation or _activation(theirs["hidden_act"], f"{ours}_config"),
         )

@@ -161,6 +161,16 @@ def check_tensors(found: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
         raise ConversionError(f"{what} does not match the expected architecture: " + "; ".join(problems[:8]) + more)
 
 
+def check_finite(found: Mapping[str, np.ndarray], what: str) -> None:
+    """Refuses NaN / inf weights (a diverged or damaged checkpoint), naming the first tensors that hold them:
+    imported, they would only surface later, when `eval` or `train` fails on them."""
+    bad = [k for k, v in found.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ConversionError(f"{what} holds NaN or infinite values in {', '.join(map(repr, bad[:5]))}{more}; the "
+                              "checkpoint is damaged or its training diverged: convert another one")
+
+
 def check_representable(model: Mapping[str, Any]) -> None:
     """PyTorch's attention (open_clip, HF) has heads * head_dim == width; ours need not (ViT-bigG style)."""
     for name in ("vision", "text"):
@@ -284,11 +294,22 @@ def _num_layers(sd: Mapping[str, np.ndarray], prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _heads(width: int, heads: int | None, tower: str) -> tuple[int, int]:
-    heads = heads or max(width // 64, 1)  # OpenAI's convention: 64-wide heads
-    if width % heads:
-        raise ConversionError(f"{tower} width {width} is not divisible by {heads} heads; pass --heads-{tower} N")
-    return heads, width // heads
+def check_heads_flag(heads: int | None, tower: str) -> None:
+    """A --heads-vision / --heads-text value: None (not given) or a positive count."""
+    if heads is not None and heads < 1:
+        raise ConversionError(f"--heads-{tower} {heads}: a tower has at least 1 attention head; pass a positive "
+                              "number that divides its width, or leave the flag out")
+
+
+def split_heads(width: int, heads: int | None, default: int, tower: str) -> tuple[int, int]:
+    """(heads, head_dim) of a tower: the --heads-{tower} flag when given, else `default`."""
+    check_heads_flag(heads, tower)
+    n = heads or default
+    if width % n:
+        given = f"--heads-{tower} {n}: " if heads else ""
+        raise ConversionError(f"{given}the {tower} width {width} is not divisible by {n} heads; pass --heads-{tower} "
+                              "N with N dividing the width")
+    return n, width // n
 
 
 def infer_model(sd: Mapping[str, np.ndarray], *, heads_vision: int | None = None, heads_text: int | None = None,
@@ -306,8 +327,8 @@ def infer_model(sd: Mapping[str, np.ndarray], *, heads_vision: int | None = None
         raise ConversionError(f"visual.positional_embedding has {n} rows: not 1 + a square number of patches")
     vocab, tw = _require(sd, "token_embedding.weight").shape
     vl, tl = _num_layers(sd, "visual.transformer.resblocks"), _num_layers(sd, "transformer.resblocks")
-    vh, vd = _heads(vw, heads_vision, "vision")
-    th, td = _heads(tw, heads_text, "text")
+    vh, vd = split_heads(vw, heads_vision, max(vw // 64, 1), "vision")  # OpenAI's convention: 64-wide heads
+    th, td = split_heads(tw, heads_text, max(tw // 64, 1), "text")
     model = model_preset("tiny", activation=activation)
     model["vision"].update(
         width=int(vw), layers=vl, heads=vh, head_dim=vd, patch_size=int(patch), image_size=int(grid * patch),

@@ -52,10 +52,12 @@ def read_tensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path} is empty (0 bytes); download (or copy) it again")
     if is_safetensors(path):
         tensors = _read_safetensors(path)
     elif path.suffix == ".safetensors":
-        raise ConversionError(f"{path}: not a valid safetensors file (bad header)")
+        raise damaged(path, "its safetensors header is incomplete or not JSON")
     else:
         tensors = _read_torch(path)
     if not tensors:
@@ -65,17 +67,31 @@ def read_tensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def damaged(path: str | pathlib.Path, what: str) -> ConversionError:
+    """The error for a weights file that is not whole, which an interrupted download or copy leaves."""
+    return ConversionError(f"{path}: {what}: the file is damaged or was cut short; download (or copy) it again")
+
+
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out = {}
-    with safe_open(str(path), framework="numpy") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-            try:
-                out[key] = _widen(f.get_tensor(key))
-            except TypeError:  # a dtype numpy lacks (bfloat16)
-                out[key] = _read_raw(path, key)
+    try:  # safe_open checks the header and that the data it lists is all there
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                try:
+                    out[key] = _widen(f.get_tensor(key))
+                except TypeError:  # a dtype numpy lacks (bfloat16)
+                    out[key] = _read_raw(path, key)
+    except SafetensorError as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        raise damaged(path, f"unreadable safetensors ({_first_line(reason)})") from None
     return out
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    """A library's error message as one short line (torch's run to several sentences of advice)."""
+    return " ".join(text.split())[:limit]
 
 
 def _read_raw(path: pathlib.Path, key: str) -> np.ndarray:
@@ -105,7 +121,16 @@ def _is_torchscript(path: pathlib.Path) -> bool:
         return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
 
 
+def _is_cut_zip(path: pathlib.Path) -> bool:
+    """A zip archive (torch.save's format) without its end: the central directory, which a zip is read from, is
+    at the end of the file, so a cut-short download starts like a zip but does not open as one."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+
+
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+    if _is_cut_zip(path):
+        raise damaged(path, "an incomplete zip archive (torch.save's format)")
     if _is_torchscript(path):
         raise ConversionError(_TORCHSCRIPT_HELP.format(path=path))
     try:
@@ -127,8 +152,13 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
             f"PyTorch file at all ({reason[:200]}). Only plain tensor state dicts are read; if you trust the file, "
             "re-save its state_dict() as .safetensors and convert that"
         ) from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, ... for files that are not its format
-        raise ConversionError(f"{path}: not a readable PyTorch file: {type(e).__name__}: {str(e)[:300]}") from None
+    except EOFError:  # a pickle (torch's format before zip archives) that ends early
+        raise damaged(path, "the PyTorch pickle ends early") from None
+    except Exception as e:  # torch raises RuntimeError, KeyError, ... for files that are not its format
+        raise ConversionError(
+            f"{path}: torch.load cannot read it ({type(e).__name__}: {_first_line(str(e))}): it is not a PyTorch "
+            "checkpoint, or it is damaged or was cut short (download it again)"
+        ) from None
     return _tensors_of(_unwrap(obj), path, torch)
 
 

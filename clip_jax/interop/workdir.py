@@ -8,6 +8,10 @@ the source, and `eval` / `encode` / `export` read it like any trained run.
 
 Sources: a state-dict file (OpenAI / open_clip / Long-CLIP layout, or HF keys), an open_clip hub directory
 (`open_clip_config.json` + weights), or an HF `CLIPModel` directory (config.json + model.safetensors).
+
+Nothing is overwritten: convert and stretch write new (or empty) folders only, and remove what they wrote when they
+fail midway; export never writes into a workdir and replaces a previous export only with --force. Arguments and
+destinations are checked before a checkpoint is read.
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
+import shutil
 import tempfile
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from clip_jax.interop import ConversionError
 from clip_jax.interop import hf as hf_lib
 from clip_jax.interop import openai as oa
-from clip_jax.interop.safe_load import TORCH_SUFFIXES, read_tensors, write_tensors
+from clip_jax.interop.safe_load import TORCH_SUFFIXES, damaged, read_tensors, write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +55,42 @@ def load_source(src: str | pathlib.Path, *, heads_vision: int | None = None, hea
     """Reads any supported PyTorch checkpoint into our params. Architecture: the source's config when it has
     one, else tensor shapes; heads and activation flags, when given, win over both."""
     src = pathlib.Path(src)
+    oa.check_heads_flag(heads_vision, "vision")  # before reading a file of gigabytes
+    oa.check_heads_flag(heads_text, "text")
     flags = {"heads_vision": heads_vision, "heads_text": heads_text, "activation": activation}
     if src.is_dir():
+        if is_workdir(src):
+            raise ConversionError(f"{src} is a clip_jax workdir already: train, eval, encode or export it directly")
         if (src / "open_clip_config.json").is_file():
             weights = _first_file(src, _OPEN_CLIP_WEIGHTS)
-            from_config = oa.open_clip_overrides(json.loads((src / "open_clip_config.json").read_text()))
-            return _from_openai(read_tensors(weights), {**from_config, **_given(flags)}, "open_clip")
+            from_config = oa.open_clip_overrides(_read_json(src / "open_clip_config.json"))
+            return _from_openai(read_tensors(weights), {**from_config, **_given(flags)}, "open_clip", str(weights))
         if (src / "config.json").is_file():
             return _from_hf_dir(src, flags)
         raise ConversionError(f"{src}: a directory needs config.json (Hugging Face) or open_clip_config.json")
-    return load_source_state_dict(read_tensors(src), **flags)
+    return load_source_state_dict(read_tensors(src), **flags, where=str(src))
 
 
 def load_source_state_dict(sd: dict[str, np.ndarray], *, heads_vision: int | None = None,
-                           heads_text: int | None = None, activation: str | None = None) -> Imported:
-    """`load_source` of a state dict already in memory (OpenAI / open_clip / Long-CLIP layout, or HF keys)."""
+                           heads_text: int | None = None, activation: str | None = None,
+                           where: str = "the state dict") -> Imported:
+    """`load_source` of a state dict already in memory (OpenAI / open_clip / Long-CLIP layout, or HF keys);
+    `where` names it in errors (the file it was read from)."""
     if any(k.startswith(("text_model.", "vision_model.")) for k in sd):  # HF keys without their config.json
         sd = hf_lib.openai_from_hf(sd)
     flags = {"heads_vision": heads_vision, "heads_text": heads_text, "activation": activation}
-    return _from_openai(sd, flags, "openai")
+    return _from_openai(sd, flags, "openai", where)
 
 
 def _given(flags: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if v is not None}
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise damaged(path, f"not valid JSON ({e})") from None
 
 
 def _first_file(directory: pathlib.Path, names: tuple[str, ...]) -> pathlib.Path:
@@ -80,7 +100,8 @@ def _first_file(directory: pathlib.Path, names: tuple[str, ...]) -> pathlib.Path
     raise ConversionError(f"{directory}: no weights file (looked for {', '.join(names)})")
 
 
-def _from_openai(sd: dict[str, np.ndarray], flags: dict[str, Any], source: str) -> Imported:
+def _from_openai(sd: dict[str, np.ndarray], flags: dict[str, Any], source: str, where: str) -> Imported:
+    oa.check_finite(sd, where)
     source = "longclip" if "positional_embedding_res" in sd else source
     sd = oa.normalize_state_dict(sd)
     flags = {"activation": "quick_gelu", **_given(flags)}  # OpenAI's weights were trained with QuickGELU
@@ -89,19 +110,20 @@ def _from_openai(sd: dict[str, np.ndarray], flags: dict[str, Any], source: str) 
 
 
 def _from_hf_dir(src: pathlib.Path, flags: dict[str, Any]) -> Imported:
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = _read_json(src / "config.json")
     towers = oa.TOWERS
     if cfg.get("model_type") == "clip_text_model":  # a text encoder (e.g. diffusers' text_encoder/)
         cfg, towers = {"text_config": cfg, "projection_dim": cfg.get("projection_dim", 512)}, ("text",)
     model = hf_lib.model_from_hf_config(cfg, **flags)
     if (src / "model.safetensors.index.json").is_file():  # sharded (large models)
-        shards = sorted(set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        shards = sorted(set(_read_json(src / "model.safetensors.index.json")["weight_map"].values()))
         sd = {k: v for shard in shards for k, v in read_tensors(src / shard).items()}
         where = f"{src} (sharded)"
     else:
         weights = _first_file(src, _HF_WEIGHTS)
         sd, where = read_tensors(weights), str(weights)
     sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    oa.check_finite(sd, where)
     if towers == ("text",):
         sd.pop("logit_scale", None)
         if "text_projection.weight" not in sd:  # a plain CLIPTextModel has no projection
@@ -167,7 +189,7 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
     from clip_jax.config import default_config
     from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
 
-    workdir = pathlib.Path(workdir)
+    workdir = check_new_workdir(workdir, "--to-workdir")  # before reading a file of gigabytes
     imported = load_source(src, heads_vision=heads_vision, heads_text=heads_text, activation=activation)
     if imported.towers != oa.TOWERS:
         raise ConversionError(f"{src} holds only the {'/'.join(imported.towers)} tower; a workdir needs a full CLIP")
@@ -194,23 +216,37 @@ def write_workdir(config, params: dict[str, Any], tokenizer, workdir: str | path
     `Checkpointer`, which `train` takes as a warm start. The common end of `convert` and `stretch`."""
     import jax
 
-    from clip_jax.config import model_config, validate
+    from clip_jax.config import validate
+
+    validate(config)
+    workdir = check_new_workdir(workdir, "workdir")
+    existed = workdir.exists()
+    try:
+        _write_workdir_files(config, params, tokenizer, workdir)
+    except BaseException:
+        # A half-written workdir (config.json, no checkpoint) would be refused by the next attempt as "already a
+        # workdir": remove what this call wrote. The folder was new or empty (check_new_workdir), so that is all of it.
+        if jax.process_index() == 0:
+            _remove_contents(workdir, keep_folder=existed)
+        raise
+
+
+def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pathlib.Path) -> None:
+    import jax
+
+    from clip_jax.config import model_config
     from clip_jax.data.pipeline import train_iterator
     from clip_jax.models.clip import CLIP
-    from clip_jax.sharding import make_mesh
+    from clip_jax.sharding import reader_mesh
     from clip_jax.train import state as state_lib
     from clip_jax.train.checkpoint import Checkpointer
     from clip_jax.train.loop import create_state, prepare_workdir
 
-    workdir = pathlib.Path(workdir)
-    validate(config)
-    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
-        raise ConversionError(f"{workdir} is already a workdir; write into a new one")
     prepare_workdir(config, workdir)
     if jax.process_index() == 0:
         tokenizer.save(workdir / "tokenizer.json")
 
-    mesh = make_mesh(config.mesh.to_dict())
+    mesh = reader_mesh(config.mesh.to_dict())  # a stretch may read a run of another machine
     clip = CLIP(model_config(config))
     init_fn, shardings, tx = create_state(config, clip, mesh)
     _check_tree(params, jax.eval_shape(init_fn, jax.random.PRNGKey(0)).params)
@@ -223,6 +259,48 @@ def write_workdir(config, params: dict[str, Any], tokenizer, workdir: str | path
     checkpointer.save(0, state, train_iterator(config, tokenizer), force=True)
     checkpointer.wait()
     checkpointer.close()
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """A clip_jax workdir: a config.json of ours (not a Hugging Face export's: those have model_type) or Orbax
+    step folders under checkpoints/ (a run makes them before its config.json). Both are told by content: a user's
+    folder of downloaded `checkpoints/` or another tool's config.json is not a workdir."""
+    path = epath.Path(path)  # a run's workdir may be a bucket
+    if (path / "config.json").is_file():
+        try:
+            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None  # not ours, or a damaged one: its checkpoints/ still tell
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "model_type" not in data:
+            return True
+    steps = path / "checkpoints"
+    return steps.is_dir() and any(p.name.split(".")[0].isdigit() for p in steps.iterdir())
+
+
+def check_new_workdir(path: str | pathlib.Path, flag: str) -> pathlib.Path:
+    """The folder a new workdir goes to (new, or empty), or a ConversionError naming `flag`: a file, a workdir or a
+    folder holding anything would be overwritten or mixed in with."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"{flag} {path} is a file; pass a new folder for the workdir")
+    if is_workdir(path):
+        raise ConversionError(f"{flag} {path} is already a clip_jax workdir; write into a new folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConversionError(f"{flag} {path} is not empty; pass a new (or empty) folder for the workdir")
+    return path
+
+
+def _remove_contents(folder: pathlib.Path, *, keep_folder: bool) -> None:
+    if not folder.is_dir():
+        return
+    if not keep_folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _check_tree(params: dict, abstract: Any) -> None:
@@ -238,22 +316,71 @@ def _check_tree(params: dict, abstract: Any) -> None:
 
 # ---- export ------------------------------------------------------------------------------------------------------
 def export_workdir(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path, *, pt: bool = False,
-                   step: int | None = None) -> list[pathlib.Path]:
+                   force: bool = False, step: int | None = None) -> list[pathlib.Path]:
     """Writes a workdir's latest (or given) checkpoint as PyTorch files (see `export_params`)."""
     import jax
 
     from clip_jax.train.loop import load_trained
 
-    if fmt not in FORMATS:
-        raise ConversionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_export_out(out, fmt, pt=pt, force=force, source=workdir)  # before the checkpoint is read
     config, _, params, _, _, _ = load_trained(workdir, step)
     tokenizer = json.loads((pathlib.Path(workdir) / "tokenizer.json").read_text(encoding="utf-8"))
     params = jax.tree.map(np.asarray, jax.device_get(params))
-    return export_params(params, config.model.to_dict(), fmt, out, tokenizer=tokenizer, pt=pt)
+    return export_params(params, config.model.to_dict(), fmt, out, tokenizer=tokenizer, pt=pt, force=force)
+
+
+# Every file an export writes, in any format: --force removes them all, so that a re-export in another format or
+# weight format leaves no stale weights beside the new ones (transformers loads model.safetensors before
+# pytorch_model.bin, open_clip's local-dir its first weights name).
+_EXPORT_FILES = ("config.json", "open_clip_config.json", *_HF_WEIGHTS, *_OPEN_CLIP_WEIGHTS, *hf_lib.HF_TOKENIZER_FILES)
+_FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # an openai --out with one of these is a file, else a folder
+
+
+def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, force: bool = False,
+                     source: str | pathlib.Path | None = None) -> None:
+    """Refuses, in one line, an export --out that would destroy something or that cannot be written: a clip_jax
+    workdir, a folder inside one or the `source` workdir (even with --force: its config.json would be
+    overwritten), an existing file or non-empty folder (unless --force), and a file where the format writes a
+    folder or the reverse. Cheap: run before the checkpoint is read."""
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = pathlib.Path(out)
+    _refuse_workdir_out(out, source)
+    if fmt == "openai" and out.suffix in _FILE_SUFFIXES:
+        if pt and out.suffix == ".safetensors":
+            raise ConversionError(f"--pt writes a torch pickle; name it .pt or .bin, not {out.name}")
+        if out.is_dir():
+            raise ConversionError(f"--out {out} is a folder; a {out.suffix} name writes one file: name a file, or "
+                                  "drop the suffix to write an open_clip folder")
+        if out.exists() and not force:
+            raise ConversionError(f"--out {out} exists; pass --force to overwrite it")
+        return
+    if out.suffix in _FILE_SUFFIXES:
+        raise ConversionError(f"--out {out}: --format {fmt} writes a folder, not a {out.suffix} file; name a folder")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is a file; --format {fmt} writes a folder: name a new folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConversionError(f"--out {out} is not empty; pass --force to replace the export there (only the files "
+                              "an export writes are removed), or name a new folder")
+
+
+def _refuse_workdir_out(out: pathlib.Path, source: str | pathlib.Path | None) -> None:
+    source = pathlib.Path(source).resolve() if source is not None else None
+    for folder in (out.resolve(), *out.resolve().parents):
+        if folder == source or is_workdir(folder):
+            where = "is" if folder == out.resolve() else "lies inside"
+            raise ConversionError(f"--out {out} {where} the clip_jax workdir {folder}; an export there would "
+                                  "overwrite its files: name a folder outside it")
+
+
+def _clear_previous_export(out: pathlib.Path) -> None:
+    for name in _EXPORT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: str | pathlib.Path, *,
-                  tokenizer: dict[str, Any] | None = None, pt: bool = False) -> list[pathlib.Path]:
+                  tokenizer: dict[str, Any] | None = None, pt: bool = False, force: bool = False
+                  ) -> list[pathlib.Path]:
     """Writes params (stacked or not) of a model config dict; returns the paths written.
 
     openai: an OpenAI / open_clip state dict (with keep_positions > 0, Long-CLIP's: both position tables).
@@ -263,15 +390,15 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
       `CLIPTextModel` too, which ignores text_projection). Long-CLIP's two position tables become the one merged
       table the model uses. Both get HF tokenizer files when `tokenizer` (the JSON state of our ClipTokenizer, as
       in a workdir's tokenizer.json) is given.
+    An existing `out` is refused (`check_export_out`) unless `force`, which replaces a previous export there.
     """
-    if fmt not in FORMATS:
-        raise ConversionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_export_out(out, fmt, pt=pt, force=force)
     out = pathlib.Path(out)
+    if out.is_dir():
+        _clear_previous_export(out)  # (with force only: check_export_out refuses a non-empty folder without it)
     if fmt == "openai":
         sd = oa.state_dict_from_params(params, model)
-        if out.suffix in (".safetensors", *TORCH_SUFFIXES):
-            if pt and out.suffix == ".safetensors":
-                raise ConversionError(f"--pt writes a torch pickle; name it .pt or .bin, not {out.name}")
+        if out.suffix in _FILE_SUFFIXES:
             return [write_tensors(out, sd, torch_format=pt or out.suffix != ".safetensors")]
         out.mkdir(parents=True, exist_ok=True)
         (out / "open_clip_config.json").write_text(json.dumps(oa.open_clip_config(model), indent=2) + "\n")
@@ -293,5 +420,5 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
     if tokenizer:
         hf_lib.write_hf_tokenizer(out, tokenizer["vocab"], tokenizer["merges"], tokenizer["sot_token"],
                                   tokenizer["eot_token"], model["text"]["context_length"])
-        written += [out / "vocab.json", out / "merges.txt", out / "tokenizer_config.json"]
+        written += [out / name for name in hf_lib.HF_TOKENIZER_FILES]
     return written

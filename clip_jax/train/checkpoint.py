@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from clip_jax.config import ConfigError
+from clip_jax.distributed import barrier
 from clip_jax.files import CheckpointWriteError, os_error
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Checkpointer:
         # Orbax wants an absolute path; a gs:// one is absolute already (`absolute()` would prefix the cwd to it).
         self.directory = directory if directory.is_absolute() else directory.absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.owner = owner
         self._in_flight: int | None = None  # the step of the asynchronous save not yet waited for
 
     def latest_step(self) -> int | None:
@@ -110,16 +112,35 @@ class Checkpointer:
                     raise RuntimeError(f"checkpoint {self.directory / str(candidate)} is unreadable: {e}") from e
                 failures.append(candidate)
                 log.warning("checkpoint %s is unreadable (%s: %s)", self.directory / str(candidate),
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                            type(e).__name__, _brief(e))
                 continue
             if foreign is not None:
                 self._resume_data_position(data_iterator, *foreign, int(restored["state"].step), candidate)
             if failures:
                 log.warning("newest checkpoint(s) %s unreadable: resumed from the older step %d instead",
                             failures, candidate)
+                if self.owner:
+                    self._set_aside(failures)
             log.info("restored checkpoint of step %d from %s", candidate, self.directory)
             return restored["state"]
         raise RuntimeError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable checkpoints to `<workdir>/checkpoints_unreadable/` (renamed, never deleted: they may be
+        recoverable by hand). Left in place, the newest of them would still count as the latest step: the run would
+        not save its own final step, and the checkpoint rotation would delete the good older ones first."""
+        aside = self.directory.parent / "checkpoints_unreadable"
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                suffix = 1
+                while target.exists():  # a step number may come back unreadable again after a later crash
+                    target, suffix = aside / f"{step}.{suffix}", suffix + 1
+                (self.directory / str(step)).rename(target)
+                log.warning("moved the unreadable checkpoint %s to %s", self.directory / str(step), target)
+        barrier("unreadable checkpoints set aside")
+        self.manager.reload()
 
     def _global_data_position(self, step: int) -> tuple[int, int] | None:
         """None when checkpoint `step`'s data positions were written by as many processes as this run has; else
@@ -169,7 +190,9 @@ class Checkpointer:
         names = lambda tree: {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
         if names(saved) != names(abstract_params):
             differ = sorted(names(saved) ^ names(abstract_params))
-            raise ValueError(f"checkpoint {where} holds parameters of another model (they differ in {differ[:5]})")
+            raise ConfigError(f"checkpoint {where} holds parameters of another model (they differ in {differ[:5]}); "
+                              "start from a checkpoint of the same architecture, or set the model fields to its own "
+                              "(its config.json)")
         args = ocp.args.PyTreeRestore(
             item={"params": abstract_params},
             restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
@@ -180,7 +203,10 @@ class Checkpointer:
             with ocp.PyTreeCheckpointer() as reader:
                 return reader.restore(where / "state", args=args)["params"]
         except ValueError as e:  # e.g. a shape that differs
-            raise ValueError(f"checkpoint {where} holds parameters of another model: {e}") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"checkpoint {where} holds parameters of another model ({first}); start from a "
+                              "checkpoint of the same architecture, or set the model fields to its own (its "
+                              "config.json)") from None
 
     def wait(self) -> None:
         """Waits for the asynchronous save; its failure raises here."""
@@ -195,6 +221,13 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+
+def _brief(error: Exception) -> str:
+    """The gist of a TensorStore error: its first line, without the multi-kilobyte spec it quotes."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    text = text.split(" [tensorstore_spec")[0]
+    return text if len(text) <= 400 else text[:400] + "..."
 
 
 def abstract_like(tree: Any) -> Any:

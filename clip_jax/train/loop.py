@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -18,14 +20,15 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from clip_jax import losses
-from clip_jax.config import ConfigError, model_config, read_config, save_config
+from clip_jax.config import ConfigError, check_input_paths, model_config, read_config, save_config
 from clip_jax.data.pipeline import DataCounts, make_tokenizer, short_text_length, train_iterator
 from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.suite import evaluate, print_results
 from clip_jax.files import write_atomic
 from clip_jax.models.clip import CLIP
-from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, global_batch, make_mesh
+from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, global_batch, make_mesh, reader_mesh
 from clip_jax.train import flops as flops_lib
+from clip_jax.train import memory as memory_lib
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
 from clip_jax.train.checkpoint import Checkpointer
@@ -39,34 +42,41 @@ log = logging.getLogger(__name__)
 _WARM_START_FIELDS = ("model.dtype", "model.remat_policy", "model.logit_scale_init", "model.max_logit_scale")
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, warm_start: bool = False) -> None:
-    """Writes config.json; on an existing workdir, refuses a different model (resuming it would mix runs). A warm
-    start (the workdir's only checkpoint is step 0) may change the fields in `_WARM_START_FIELDS`."""
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, checkpoint_step: int | None = None
+                    ) -> None:
+    """Writes config.json. On a workdir with a checkpoint (its latest step `checkpoint_step`), refuses a different
+    model: resuming it would mix runs. A warm start (the only checkpoint is step 0: converted or stretched) may
+    change the fields in `_WARM_START_FIELDS`. Without a checkpoint, config.json is a failed launch's and is
+    replaced."""
+    check_workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
-    if path.exists():
+    if checkpoint_step is not None and path.exists():
         previous = read_config(path)
         old, new = previous.model.to_dict(), json.loads(json.dumps(config.model.to_dict(), default=list))
         diff = sorted(_diff_keys(old, new))
-        if warm_start:
+        if checkpoint_step == 0:
             diff = [d for d in diff if d.partition(":")[0] not in _WARM_START_FIELDS]
-        old_context, new_context = old["text"]["context_length"], new["text"]["context_length"]
-        if old_context != new_context:
-            # The positional embedding's length is fixed by the checkpoint: the one change with a tool of its own.
-            raise ConfigError(
-                f"workdir {workdir} holds a text tower with context_length {old_context}, the config asks for "
-                f"{new_context}; the checkpoint's positional embedding cannot take another length: set "
-                f"--config.model.text.context_length={old_context}, or lengthen it with `clip-jax stretch "
-                f"--workdir {workdir} --out-workdir NEW` and train in NEW"
-            )
         if diff:
+            old_context, new_context = old["text"]["context_length"], new["text"]["context_length"]
+            # The positional embedding's length is fixed by the checkpoint: the one change with a tool of its own.
+            stretch = (
+                f"; to lengthen the text context, `clip-jax stretch --workdir {workdir} --out-workdir NEW` and train "
+                "in NEW" if new_context > old_context else ""
+            )
             raise ConfigError(
-                f"workdir {workdir} holds a run with a different model ({', '.join(diff)}); use a new --workdir "
-                f"(add --config.init_from={workdir} to start from this run's parameters)"
+                f"workdir {workdir} holds a run with a different model ({', '.join(diff)}): resume it with its own "
+                f"model (drop those overrides), or use a new --workdir (add --config.init_from={workdir} to start "
+                f"from this run's parameters){stretch}"
             )
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
         save_config(config, path)
+
+
+def check_workdir_path(workdir: epath.Path) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file, not a folder; give a folder (new or a run's)")
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "model") -> list[str]:
@@ -104,6 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     workdir = epath.Path(workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
 
     # --- Mesh (checked before anything is written: a launch on the wrong machine leaves the workdir alone) -------
+    check_input_paths(config)
     try:
         mesh = make_mesh(config.mesh.to_dict())
     except ValueError as e:  # sizes that do not fit the devices: a configuration mistake, said in one line
@@ -124,13 +135,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                 "sees the fine features; lower loss.pca_components or raise batch_size"
                 + (" or set loss.pca_scope='global'" if scope == "local" else "")
             )
+    too_big = memory_lib.check_fits(config, model_config(config), batch_divisor(mesh),
+                                    mesh.shape["fsdp"] * mesh.shape["tensor"])
+    if too_big:
+        raise ConfigError(too_big)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
     # --- Workdir and config -------------------------------------------------------------------------------------
+    check_workdir_path(workdir)  # before the checkpointer makes a folder inside it
     checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
-    prepare_workdir(config, workdir, warm_start)
+    prepare_workdir(config, workdir, checkpointer.latest_step())
 
     # --- Data ---------------------------------------------------------------------------------------------------
     tokenizer = make_tokenizer(config, workdir)
@@ -211,7 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             checkpointer.save(done, state, data_iter, force=True)
             checkpointer.wait()
             writer.close()
-            print(f"preempted: saved the checkpoint of step {done}; relaunch the same command to resume", flush=True)
+            preempted.close()
+            print(f"{preempted.reason}: saved the checkpoint of step {done}; relaunch the same command to resume",
+                  flush=True)
             raise SystemExit(0)
         if done % config.log.every_steps == 0 or done == config.total_steps:
             history = jax.device_get(pending)
@@ -241,6 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             writer.write(done, evaluate(config, model, state.params, mesh, tokenizer), prefix="eval")
             last_log_time = time.time()  # evaluation time is not training throughput
 
+    preempted.close()
+
     # --- Final checkpoint, evaluation and results ---------------------------------------------------------------
     if checkpointer.latest_step() != config.total_steps:
         checkpointer.save(config.total_steps, state, data_iter, force=True)
@@ -260,29 +280,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
 
 class PreemptionFlag:
-    """Set after SIGTERM (cloud preemption, SLURM time limit, `launch/tpu.py stop`): the loop then saves a checkpoint
-    and exits cleanly, and the relaunch resumes from it.
+    """Set after SIGTERM (cloud preemption, SLURM time limit, `launch/tpu.py stop`) or a first Ctrl-C (SIGINT): the
+    loop then saves a checkpoint and exits cleanly, and the relaunch resumes from it. A second Ctrl-C stops the
+    process at once, without saving (the relaunch resumes from the latest checkpoint).
 
-    One process: a Python SIGTERM handler sets it. Several: the signal may reach the hosts at different steps, or
+    One process: Python signal handlers set it. Several: the signal may reach the hosts at different steps, or
     only some of them, and a host that saved alone would wait forever in the checkpoint's collectives. There the
     preemption service that `jax.distributed.initialize` starts catches SIGTERM itself and makes every host agree
     on one step (`reached_preemption_sync_point`, true at the same step everywhere); it talks through the
-    coordination service, so the steps are not held up by a collective of ours. No Python handler is installed
-    then: it would replace JAX's."""
+    coordination service, so the steps are not held up by a collective of ours. No Python SIGTERM handler is
+    installed then (it would replace JAX's), and a Ctrl-C is turned into a SIGTERM to this process."""
 
     def __init__(self):
         self._set = False
+        self._interrupted = False
         self._multihost = jax.process_count() > 1
         self._service = True
-        if self._multihost:
-            return
-        try:
-            signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not in the main thread (e.g. a library call from a worker): no handler
-            pass
+        self._previous: dict[int, Any] = {}
+        handlers = {signal.SIGINT: self._interrupt}
+        if not self._multihost:
+            handlers[signal.SIGTERM] = self._terminate
+        for signum, handler in handlers.items():
+            try:
+                self._previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not in the main thread (e.g. a library call from a worker): no handler
+                pass
 
-    def _handler(self, signum, frame):
+    def close(self) -> None:
+        """Puts back the handlers that were there before: after the steps, Ctrl-C interrupts as usual."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _terminate(self, signum, frame):
         self._set = True
+
+    def _interrupt(self, signum, frame):
+        if self._interrupted:
+            print("\ninterrupted again: stopping without saving; the same command resumes from the latest checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        self._interrupted = True
+        print("\ninterrupted: saving a checkpoint after this step, then stopping (Ctrl-C again: stop at once)",
+              file=sys.stderr, flush=True)
+        if self._multihost:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self._set = True
+
+    @property
+    def reason(self) -> str:
+        return "interrupted" if self._interrupted else "preempted"
 
     def is_set(self, step: int) -> bool:
         if not self._multihost:
@@ -358,7 +406,7 @@ def load_trained(workdir: epath.PathLike, step: int | None = None):
     checkpointer = Checkpointer(workdir, config.checkpoint)
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet (no {checkpointer.directory}/<step>)")
-    mesh = make_mesh(config.mesh.to_dict())
+    mesh = reader_mesh(config.mesh.to_dict())
     model = CLIP(model_config(config))
     init_fn, shardings, _ = create_state(config, model, mesh)
     abstract_state = jax.tree.map(

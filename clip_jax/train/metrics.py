@@ -45,14 +45,26 @@ def _summary_writer(logdir: epath.Path, purge_step: int):
     return SummaryWriter(os.fspath(logdir), purge_step=purge_step)
 
 
-def _kept(line: str, start_step: int, total_steps: int) -> bool:
-    """Whether a line of an earlier launch stays when this launch resumes from checkpoint `start_step`: not a line
-    that a crash cut short, nor a record this launch writes again (every step after `start_step`, and the final
-    evaluation when it resumes from the last step)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return False
+def _records(data: bytes) -> list[tuple[str, dict]]:
+    """(line, record) of each whole record in the bytes of a metrics.jsonl. Skipped: a line that a crash cut short,
+    and one that is not UTF-8 JSON (a damaged disk block, an edit by hand), which would otherwise stop every
+    relaunch."""
+    out = []
+    for raw in data.splitlines():
+        try:
+            line = raw.decode("utf-8")
+            record = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
+
+
+def _kept(record: dict, start_step: int, total_steps: int) -> bool:
+    """Whether a record of an earlier launch stays when this launch resumes from checkpoint `start_step`: not one
+    this launch writes again (every step after `start_step`, and the final evaluation when it resumes from the last
+    step)."""
     step = record.get("step", 0)
     if record.get("split") == "eval" and step == start_step == total_steps:
         return False
@@ -70,9 +82,9 @@ class MetricsWriter:
         self._bar = None
         if not self.enabled:
             return
-        previous = self.path.read_text() if self.path.exists() else ""
-        kept = [line + "\n" for line in previous.splitlines() if _kept(line, start_step, total_steps)]
-        if "".join(kept) != previous:
+        previous = self.path.read_bytes() if self.path.exists() else b""
+        kept = [line + "\n" for line, record in _records(previous) if _kept(record, start_step, total_steps)]
+        if "".join(kept).encode("utf-8") != previous:
             write_atomic(self.path, "".join(kept))
         if is_remote(workdir):
             self._lines = kept
@@ -117,11 +129,5 @@ class MetricsWriter:
 
 
 def read_metrics(path: epath.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
-    records = []
-    for line in epath.Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """The records of a metrics.jsonl; a line cut short by a crash, or damaged, is skipped."""
+    return [record for _, record in _records(epath.Path(path).read_bytes())]

@@ -1,0 +1,81 @@
+"""A lower bound on the memory one training step needs per device, checked before any work.
+
+XLA's memory analysis of the compiled step is exact, but compiling (and the data and tokenizer set-up before it)
+of a model that cannot fit takes minutes or hours at sizes such as a 32,000-pixel image. This bound counts only
+what no remat policy or sharding removes, so a run it refuses cannot fit; one it lets through may still not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.towers import TowerConfig
+
+GIB = 1024**3
+
+
+def _tower_parameters(t: TowerConfig) -> int:
+    """The weights of a tower's blocks (q/k/v/out projections and the MLP); embeddings and norms left out."""
+    return t.layers * (4 * t.width * t.heads * t.head_dim + 2 * t.width * t.mlp_dim)
+
+
+def _tower_activations(t: TowerConfig, tokens: int, bytes_per_value: int) -> int:
+    """The residual stream entering every block, which the backward pass needs under any remat policy."""
+    return t.layers * tokens * t.width * bytes_per_value
+
+
+def min_train_bytes_per_device(model: CLIPConfig, batch_size: int, batch_shards: int, param_shards: int,
+                               accum_steps: int = 1) -> dict[str, int]:
+    """Lower bounds, in bytes per device, of one train step: `params` (parameters, gradients and the two AdamW
+    moments, fp32, split over `param_shards`), `activations` (one micro-batch's residual streams of both towers)
+    and `images` (its uint8 input). `batch_shards` devices split the batch."""
+    v, t = model.vision, model.text
+    rows = -(-batch_size // (batch_shards * accum_steps))  # this device's rows of one micro-batch
+    bytes_per_value = 2 if model.dtype == "bfloat16" else 4
+    vision_tokens = (v.image_size // v.patch_size) ** 2 + 1
+    params = 4 * 4 * (_tower_parameters(v) + _tower_parameters(t)) // param_shards
+    activations = rows * (_tower_activations(v, vision_tokens, bytes_per_value)
+                          + _tower_activations(t, t.context_length, bytes_per_value))
+    images = rows * v.image_size**2 * 3
+    return {"params": params, "activations": activations, "images": images}
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of one local device: the accelerator's limit, or on the CPU the machine's RAM shared by the local
+    (possibly fake) devices. None where neither is known."""
+    device = jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except (NotImplementedError, RuntimeError):
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+        return ram // jax.local_device_count()
+    return None
+
+
+def check_fits(config: ml_collections.ConfigDict, model: CLIPConfig, batch_shards: int, param_shards: int
+               ) -> str | None:
+    """A one-line reason why the run cannot fit its devices, or None when the lower bound fits."""
+    available = device_memory_bytes()
+    if available is None:
+        return None
+    need = min_train_bytes_per_device(model, config.batch_size, batch_shards, param_shards, config.accum_steps)
+    total = sum(need.values())
+    if total <= available:
+        return None
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in need.items())
+    return (
+        f"this model and batch need at least {total / GIB:.1f} GiB per device ({parts} GiB) and a device has "
+        f"{available / GIB:.1f} GiB: lower batch_size, model.vision.image_size (now {model.vision.image_size}) or "
+        "the model's sizes, or raise accum_steps or mesh.fsdp"
+    )

@@ -1,0 +1,389 @@
+"""The command line on bad input and faults, as a new user meets them: every mistake is one line on stderr that
+names the cause, a non-zero exit, no traceback, and no change to the files of an existing workdir. Also what must
+not lose data: a workdir trained on one mesh is read on other machines, Ctrl-C saves, a corrupt newest checkpoint is
+set aside, `max_to_keep=0` is refused."""
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax import cli
+from clip_jax.train.checkpoint import read_state
+from clip_jax.train.memory import min_train_bytes_per_device
+from clip_jax.train.metrics import read_metrics
+from tests.test_end_to_end import REPO, STEPS, assert_same_state, checkpoint_steps, exit_message, train_args
+
+MESH = ["--config.mesh.data=4", "--config.mesh.fsdp=2"]  # explicit: it needs 8 devices
+
+
+def snapshot(folder: pathlib.Path) -> dict[str, str]:
+    """Every file under `folder` by its content hash: what "no change to the workdir" is checked against."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run trained on an explicit 4 x 2 mesh of the session's 8 fake devices."""
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    cli.main(train_args(workdir, *MESH))
+    return workdir
+
+
+@pytest.fixture
+def untouched(trained):
+    """Fails the test if it changed any file of the trained workdir."""
+    before = snapshot(trained)
+    yield trained
+    assert snapshot(trained) == before
+
+
+def run_cli(args, devices: int = 8, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO)}
+    env.pop("CLIP_JAX_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "clip_jax", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=timeout, **kwargs)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+# --- a workdir trained on one mesh, used on machines with other device counts ---------------------------------------
+
+READER_SCRIPT = """
+import json, sys
+from clip_jax import cli
+workdir, out = sys.argv[1:3]
+cli.main(["eval", "--workdir", workdir])
+cli.main(["encode", "--workdir", workdir, "--texts", out + "/texts.txt", "--images", out + "/images", "--out", out])
+cli.main(["export", "--workdir", workdir, "--format", "openai", "--out", out + "/model.safetensors"])
+"""
+
+
+def read_everywhere(workdir: pathlib.Path, out: pathlib.Path, devices: int) -> dict:
+    """eval, encode and export of `workdir` in a process with `devices` devices: their outputs."""
+    out.mkdir()
+    (out / "texts.txt").write_text("a red circle\na blue star on a grey background\n")
+    (out / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(out / "images" / f"{i}.png")
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", READER_SCRIPT, str(workdir), str(out)], capture_output=True,
+                            text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.numpy import load_file
+
+    return {
+        "eval": json.loads((workdir / f"eval_{STEPS}.json").read_text()),
+        "text": np.load(out / "text_embeddings.npy"),
+        "image": np.load(out / "image_embeddings.npy"),
+        "weights": load_file(out / "model.safetensors"),
+    }
+
+
+def test_a_workdir_of_an_8_device_mesh_is_evaluated_encoded_and_exported_on_1_and_2_devices(trained, tmp_path):
+    """The main conversion path: train on a pod, export on a workstation. The readers build a mesh for the devices
+    they have; their results match the 8-device ones."""
+    reference = read_everywhere(trained, tmp_path / "8", 8)
+    for devices in (1, 2):
+        got = read_everywhere(trained, tmp_path / str(devices), devices)
+        for key, value in reference["eval"].items():
+            assert got["eval"][key] == pytest.approx(value, abs=1e-6), (devices, key)
+        np.testing.assert_allclose(got["text"], reference["text"], atol=1e-5)
+        np.testing.assert_allclose(got["image"], reference["image"], atol=1e-5)
+        assert got["weights"].keys() == reference["weights"].keys()
+        for name, tensor in reference["weights"].items():
+            np.testing.assert_array_equal(got["weights"][name], tensor, err_msg=name)
+
+
+def test_train_on_fewer_devices_names_the_mesh_override(untouched):
+    message = one_line_error(run_cli(["train", "--workdir", str(untouched)], devices=1))
+    assert "needs 8 devices but 1 are available" in message
+    assert "--config.mesh.data=-1 --config.mesh.fsdp=1" in message
+
+
+# --- configuration mistakes: one line before any work --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--config.data.source=shapez"], "unknown data.source 'shapez'; choose one of captions, records, shapes"),
+    (["--config.loss.name=clipp"], "unknown loss.name 'clipp'; choose one of clip, longclip"),
+    (["--config.model.text.context_length=1"], "'model.text.context_length' must be >= 2, got 1"),
+    (["--config.eval.batch_size=0"], "'eval.batch_size' must be >= 1, got 0"),
+    (["--config.checkpoint.max_to_keep=-1"], "'checkpoint.max_to_keep' must be >= 1, got -1"),
+    (["--config.optimizer.lr=-0.001"], "'optimizer.lr' must be >= 0, got -0.001"),
+    (["--config.data.max_objects=12"], "max_objects must be <= 9"),
+    (["--config.model.vision.image_size=32000", "--config.model.vision.patch_size=16"],
+     "GiB per device (params"),
+    (["--config.model.embed_dim=0"], "'model.embed_dim' must be >= 1, got 0"),
+    (["--config.model.dtype=bf16"], "unknown model.dtype 'bf16'; choose one of bfloat16, float16, float32"),
+    (["--config.model.remat_policy=some"], "unknown model.remat_policy 'some'"),
+    (["--config.model.text.activation=relu"], "unknown model.text.activation 'relu'; choose one of gelu, quick_gelu"),
+    (["--config.optimizer.frozen=('visual/(',)"], "optimizer.frozen rule 'visual/(' is not a regular expression"),
+    (["--config.data.crop_scale=(0.5,)"], "data.crop_scale must be (min, max) with 0 < min <= max <= 1, got (0.5,)"),
+    (["--config.data.source=captions"], "data.source 'captions' reads files: set --config.data.path"),
+    (["--config.data.source=captions", "--config.data.path=/no/such/file.jsonl"],
+     "data.path: /no/such/file.jsonl does not exist"),
+    (["--config.eval.long_text_set=/no/such/folder"], "eval.long_text_set: /no/such/folder does not exist"),
+])
+def test_values_that_cannot_work_are_refused_before_the_workdir_is_made(tmp_path, capsys, overrides, expected):
+    workdir = tmp_path / "run"
+    message = exit_message(train_args(workdir, *overrides), capsys)
+    assert expected in message, message
+    assert not workdir.exists()
+
+
+def test_max_to_keep_0_is_refused_and_keeps_every_checkpoint(untouched, capsys):
+    """Orbax reads 0 as "keep none": it deleted every checkpoint of the run, the old ones too, and exited 0."""
+    message = exit_message(["train", "--workdir", str(untouched), "--config.checkpoint.max_to_keep=0",
+                            f"--config.total_steps={STEPS + 2}"], capsys)
+    assert "'checkpoint.max_to_keep' must be >= 1, got 0" in message
+
+
+CONFIG_FILES = {
+    "syntax.py": ("def get_config(:\n", "syntax.py, line 1: syntax error"),
+    "raises.py": ("def get_config():\n    return {}['nope']\n", "get_config() failed: KeyError: 'nope' (line 2)"),
+    "none.py": ("def get_config():\n    pass\n", "get_config() returned NoneType"),
+    "no_function.py": ("x = 1\n", "defines no get_config()"),
+    "import.py": ("import clip_jax_no_such_module\n", "failed to load: ModuleNotFoundError"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_FILES))
+def test_a_broken_config_file_is_one_line_naming_it(tmp_path, capsys, name):
+    text, expected = CONFIG_FILES[name]
+    (tmp_path / name).write_text(text)
+    message = exit_message(["train", "--config", str(tmp_path / name), "--workdir", str(tmp_path / "run")], capsys)
+    assert f"config file {tmp_path / name}" in message and expected in message, message
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_preset_is_one_line(tmp_path, capsys):
+    message = exit_message(["train", "--config", str(REPO / "configs" / "pretrain.py") + ":B/99", "--workdir",
+                            str(tmp_path / "run")], capsys)
+    assert "get_config('B/99') failed: ValueError: unknown model preset 'B/99'" in message
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+    file = tmp_path / "run"
+    file.write_text("my notes\n")
+    message = exit_message(train_args(file), capsys)
+    assert f"--workdir {file} is a file" in message
+    assert file.read_text() == "my notes\n"
+
+
+def test_init_from_another_model_is_one_line(untouched, tmp_path, capsys):
+    message = exit_message(train_args(tmp_path / "new", f"--config.init_from={untouched}",
+                                      "--config.model.vision.layers=2"), capsys)
+    assert "holds parameters of another model" in message and "resblocks_1" in message
+
+
+def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path, capsys):
+    """The first launch wrote config.json and failed before any checkpoint; its model is not a run to protect."""
+    workdir = tmp_path / "run"
+    exit_message(train_args(workdir, "--config.data.source=captions", f"--config.data.path={tmp_path}/none.jsonl"),
+                 capsys)
+    assert (workdir / "config.json").exists() and not list((workdir / "checkpoints").glob("[0-9]*"))
+    cli.main(train_args(workdir, "--config.model.vision.layers=2", "--config.total_steps=2"))
+    assert checkpoint_steps(workdir) == [2]
+
+
+# --- damaged workdir files ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("config.json", b'{"seed": 0, "model": '),
+    ("config.json", b"\xff\xfe not json"),
+    ("tokenizer.json", b'{"format": '),
+])
+def test_a_damaged_workdir_file_is_one_line_naming_it(trained, tmp_path, capsys, name, damage):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    (workdir / name).write_bytes(damage)
+    before = snapshot(workdir)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", "--workdir", str(workdir)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(workdir / name) in err.splitlines()[-1]
+    assert snapshot(workdir) == before
+
+
+def test_non_utf8_bytes_in_metrics_jsonl_do_not_block_resuming(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    with (workdir / "metrics.jsonl").open("ab") as f:
+        f.write(b'{"step": 1, "split": "train", "loss": \xff\xfe}\n')
+    cli.main(["train", "--workdir", str(workdir), f"--config.total_steps={STEPS + 2}"])
+    steps = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS + 2
+    assert b"\xff" not in (workdir / "metrics.jsonl").read_bytes()  # the damaged line was dropped
+
+
+# --- encode's inputs ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("batch", "--batch-size must be >= 1, got 0"),
+    ("latin1", "texts.txt, line 2: not UTF-8 text (byte 0xe9)"),
+    ("empty", "texts.txt holds no text"),
+    ("out_file", "is a file; give a folder"),
+    ("missing", "No such file or directory"),
+])
+def test_encode_bad_input_is_one_line(untouched, tmp_path, capsys, case, expected):
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes({"latin1": "a red circle\ncaf\u00e9 star\n".encode("latin-1"), "empty": b""}.get(
+        case, b"a red circle\n"))
+    out = tmp_path / "emb"
+    if case == "out_file":
+        out.write_text("x")
+    args = ["encode", "--workdir", str(untouched), "--texts", str(texts if case != "missing" else tmp_path / "no.txt"),
+            "--out", str(out)] + (["--batch-size", "0"] if case == "batch" else [])
+    message = exit_message(args, capsys)
+    assert expected in message, message
+
+
+def test_encode_counts_the_texts_it_cuts(untouched, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red circle\n" + "a big blue star next to a small green square " * 10 + "\n")
+    cli.main(["encode", "--workdir", str(untouched), "--texts", str(texts), "--out", str(tmp_path / "emb")])
+    out = capsys.readouterr().out
+    assert "encoded 2 texts" in out and "(1 cut to the model's 16 tokens)" in out
+
+
+# --- errors nobody foresaw, and Ctrl-C ------------------------------------------------------------------------------
+
+
+def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_file(monkeypatch, capsys):
+    def broken(args, overrides):
+        raise RuntimeError("something internal\nwith a second line")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", broken)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", "--workdir", "x"])
+    assert info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "unexpected error: RuntimeError: something internal with a second line" in err[0]
+    report = pathlib.Path(err[0].split("the traceback is in ")[1].split(";")[0])
+    assert "Traceback" in report.read_text() and "raise RuntimeError" in report.read_text()
+    report.unlink()
+    with pytest.raises(RuntimeError):  # --debug: the traceback itself
+        cli.main(["eval", "--workdir", "x", "--debug"])
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_step_it_reached(tmp_path):
+    workdir = tmp_path / "run"
+    args = train_args(workdir, "--config.total_steps=100000", "--config.checkpoint.every_steps=50000")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    process = subprocess.Popen([sys.executable, "-m", "clip_jax", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    output = []
+    for line in process.stdout:  # the steps run once the step is compiled
+        output.append(line)
+        if "compiled train step" in line:
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    output.append(process.communicate(timeout=120)[0])
+    text = "".join(output)
+    assert process.returncode == 0, text[-3000:]
+    assert "Traceback" not in text and "interrupted: saved the checkpoint of step" in text
+    step = int(text.split("saved the checkpoint of step ")[1].split(";")[0])
+    assert checkpoint_steps(workdir) == [step] and step > 0
+    assert int(read_state(workdir, step)["step"]) == step
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    script = (
+        "import os, signal, time\n"
+        "from clip_jax.train.loop import PreemptionFlag\n"
+        "flag = PreemptionFlag()\n"
+        "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.5)\n"
+        "assert flag.is_set(1)\n"
+        "os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+        "print('still running')\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 130 and "still running" not in result.stdout
+    assert "interrupted again: stopping without saving" in result.stderr
+
+
+# --- a corrupt newest checkpoint ------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_saves_its_final_step(trained, tmp_path):
+    """Before: the run fell back to the older checkpoint and retrained, but the unreadable step still counted as the
+    latest, so the final step was never saved, results.json claimed it, and every relaunch did it all again."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    newest = max(checkpoint_steps(workdir))
+    files = [p for p in (workdir / "checkpoints" / str(newest)).rglob("*") if p.is_file()]
+    damaged = {str(p.relative_to(workdir)): p.read_bytes()[:7] for p in files}  # every file cut short
+    for name, data in damaged.items():
+        (workdir / name).write_bytes(data)
+    (workdir / "results.json").unlink()
+    cli.main(["train", "--workdir", str(workdir)])
+    assert checkpoint_steps(workdir) == checkpoint_steps(trained)
+    assert_same_state(read_state(trained, newest), read_state(workdir, newest))  # retrained, identical, readable
+    aside = workdir / "checkpoints_unreadable" / str(newest)
+    for name, data in damaged.items():  # kept, renamed, not deleted
+        assert (aside / pathlib.Path(name).relative_to(f"checkpoints/{newest}")).read_bytes() == data
+    assert json.loads((workdir / "results.json").read_text())["step"] == newest
+    before = snapshot(workdir / "checkpoints")
+    cli.main(["train", "--workdir", str(workdir)])  # the relaunch has nothing left to do
+    assert snapshot(workdir / "checkpoints") == before
+
+
+def test_a_corrupt_checkpoint_is_one_warning_not_thousands_of_lines(trained, tmp_path):
+    """TensorStore's threads reported "Event loop is closed" with a traceback per array after a failed restore
+    (~17,000 lines for a real model), burying the warning."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    newest = max(checkpoint_steps(workdir))
+    for path in (workdir / "checkpoints" / str(newest)).rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[:7])
+    result = run_cli(["eval", "--workdir", str(workdir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count(f"checkpoint {workdir / 'checkpoints' / str(newest)} is unreadable") == 1
+    assert "tensorstore_spec" not in result.stderr  # the multi-kilobyte spec TensorStore quotes is cut
+    assert len(result.stderr.splitlines()) < 12, result.stderr
+    assert (workdir / "checkpoints" / str(newest)).exists()  # a reader never moves checkpoints
+
+
+# --- the memory bound -----------------------------------------------------------------------------------------------
+
+
+def test_the_memory_lower_bound_by_hand():
+    from clip_jax.config import default_config, model_config
+
+    config = default_config()
+    config.model.vision.update(width=8, layers=2, heads=2, head_dim=4, mlp_dim=16, image_size=32, patch_size=16)
+    config.model.text.update(width=4, layers=1, heads=1, head_dim=4, mlp_dim=8, context_length=6)
+    need = min_train_bytes_per_device(model_config(config), batch_size=16, batch_shards=4, param_shards=2)
+    vision_params = 2 * (4 * 8 * 8 + 2 * 8 * 16)  # q, k, v, out and the MLP, per layer
+    text_params = 1 * (4 * 4 * 4 + 2 * 4 * 8)
+    assert need["params"] == 16 * (vision_params + text_params) // 2  # fp32 params, grads, 2 moments; 2 shards
+    assert need["activations"] == 4 * 4 * (2 * 5 * 8 + 1 * 6 * 4)  # 4 rows, fp32, 4 patches + class token
+    assert need["images"] == 4 * 32 * 32 * 3

@@ -1,0 +1,325 @@
+"""Paths and inputs that are not what the data commands expect: a FIFO or a device where an image should be (never
+read: it would block or never end), image files over the byte cap, decompression bombs, inputs changed since they
+were converted, bad rows reported by the file's line, a conversion that writes nothing, and wrong paths given to
+`data inspect` / `data convert`: each a skipped sample or a one-line error, never a hang or a traceback."""
+
+import contextlib
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
+
+import grain
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax import cli
+from clip_jax.data import convert, records
+from clip_jax.data.images import RefusedFile, list_images, load_image, read_image_file
+from clip_jax.data.pipeline import DecodeExample
+
+CAP = 4000  # --max-image-bytes of these tests: above SMALL's size, below BIG's
+TIMEOUT = 120  # a command that reads a FIFO waits for a writer forever: fail instead
+
+
+def png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, "PNG")
+    return out.getvalue()
+
+
+SMALL = png(np.full((40, 48, 3), 90, np.uint8))  # ~100 bytes
+BIG = png(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))  # ~12 KB of noise
+
+
+def bomb_png() -> bytes:
+    """A PNG header claiming 20000 x 20000 pixels (beyond PIL's decompression-bomb limit) in 60 bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def bad_paths_folder(folder):
+    """good.png, and beside it a FIFO, a link to /dev/zero, a file over CAP and a decompression bomb, all named as
+    images."""
+    folder.mkdir()
+    (folder / "good.png").write_bytes(SMALL)
+    os.mkfifo(folder / "fifo.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "big.png").write_bytes(BIG)
+    (folder / "bomb.png").write_bytes(bomb_png())
+    return folder
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fails the test with TimeoutError if the block still runs after `seconds` (an open() of a FIFO blocks)."""
+    def fail(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# `python -m clip_jax` under a memory limit: a converter reading /dev/zero without limit then fails with MemoryError
+# instead of filling the machine (set in the child itself: a preexec_fn would fork this multithreaded process).
+CLI = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+       "sys.argv[0] = 'clip-jax'; runpy.run_module('clip_jax', run_name='__main__', alter_sys=True)")
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, *map(str, args)], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a failed command printed on stderr (asserting it failed, in one line, without a traceback)."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# --- Paths that are not image files ---------------------------------------------------------------------------
+
+
+def test_read_image_file_refuses_special_files_and_files_over_the_cap(tmp_path):
+    folder = bad_paths_folder(tmp_path / "images")
+    with deadline(30):
+        assert read_image_file(folder / "good.png", CAP) == SMALL
+        for name in ("fifo.png", "zero.png"):
+            with pytest.raises(RefusedFile, match="not a regular file") as info:
+                read_image_file(folder / name, CAP)
+            assert info.value.reason == "not_a_regular_file"
+        with pytest.raises(RefusedFile, match=f"{len(BIG)} bytes, over the limit of {CAP}") as info:
+            read_image_file(folder / "big.png", CAP)
+        assert info.value.reason == "file_too_large"
+        with pytest.raises(RefusedFile, match="a directory"):
+            read_image_file(folder, CAP)
+
+
+def test_encode_skips_special_files_big_files_and_bombs_with_a_warning(tmp_path, monkeypatch, capsys):
+    """`encode --images` over a folder holding a FIFO, a link to /dev/zero, a file over --max-image-bytes and a
+    decompression bomb (and /dev/zero named directly): each is a warning and a skipped file, the good image is
+    encoded. The model is a stand-in: what is tested is which files reach it."""
+    folder = bad_paths_folder(tmp_path / "images")
+    config = ml_collections.ConfigDict({"model": {"vision": {"image_size": 16}, "text": {"context_length": 8}}})
+    encoded = []
+
+    class Encoder:
+        def __init__(self, *args):
+            pass
+
+        def images(self, pixels):
+            encoded.append(pixels)
+            return np.ones((len(pixels), 4), np.float32)
+
+    monkeypatch.setattr("clip_jax.train.loop.load_trained", lambda workdir: (config, None, None, None, None, 0))
+    monkeypatch.setattr("clip_jax.evaluate.encoder.Encoder", Encoder)
+    out = tmp_path / "out"
+    with deadline(60):
+        cli.main(["encode", "--workdir", str(tmp_path / "run"), "--images", str(folder), "/dev/zero", "--out",
+                  str(out), "--max-image-bytes", str(CAP)])
+    captured = capsys.readouterr()
+    assert (out / "image_files.txt").read_text().splitlines() == [str(folder / "good.png")]
+    assert len(encoded) == 1 and encoded[0].shape == (1, 16, 16, 3)
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 5 and "Traceback" not in captured.err, captured.err
+    for name, why in [("fifo.png", "is a FIFO"), ("zero.png", "is a character device"), ("big.png", "over the limit"),
+                      ("bomb.png", "too_large"), ("/dev/zero", "is a character device")]:
+        assert any(name in w and why in w for w in warnings), (name, warnings)
+    assert "5 undecodable files skipped" in captured.out
+
+
+def test_load_image_reports_a_decompression_bomb_as_a_bad_file(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    with pytest.raises(ValueError, match="bomb.png.*too_large"):
+        load_image(tmp_path / "bomb.png", 16)
+    assert list_images([str(tmp_path / "bomb.png"), "/dev/zero"])[1].name == "zero"  # load_image says why, later
+
+
+def test_convert_skips_special_files_big_files_and_bombs(tmp_path):
+    folder = bad_paths_folder(tmp_path / "images")
+    names = ["good.png", "fifo.png", "zero.png", "big.png", "bomb.png"]
+    (folder / "captions.json").write_text(json.dumps({n: f"caption of {n}" for n in names}))
+    out = tmp_path / "out"
+    result = run_cli("data", "convert", "--format", "folder", folder, "--out", out, "--max-image-bytes", CAP)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    report = json.loads((out / "reports" / "train-00000-of-00001.json").read_text())
+    assert report["written"] == 1 and report["samples"] == 5
+    assert report["skipped"] == {"file_too_large": 1, "not_a_regular_file": 2, "too_large": 1}
+    assert any("fifo.png is a FIFO" in e for e in report["examples"]["not_a_regular_file"])
+
+
+def test_training_drops_special_files_and_files_over_the_cap(tmp_path):
+    folder = bad_paths_folder(tmp_path / "images")
+    decode = DecodeExample(16, 16, max_bytes=CAP)
+    with deadline(30):
+        kept = {name: decode.map({"path": str(folder / name), "long_caption": "c", "key": name})
+                for name in ("good.png", "fifo.png", "zero.png", "big.png", "bomb.png")}
+    assert [name for name, example in kept.items() if example is not None] == ["good.png"]
+    assert decode.__getstate__()["max_bytes"] == CAP  # grain's worker processes get the cap too
+
+
+def test_training_reads_the_cap_from_the_config(tmp_path, monkeypatch):
+    from clip_jax.config import default_config
+    from clip_jax.data import pipeline
+
+    caps = []
+
+    class Recording(DecodeExample):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caps.append(self.max_bytes)
+
+    monkeypatch.setattr(pipeline, "DecodeExample", Recording)
+    (tmp_path / "good.png").write_bytes(SMALL)
+    write_jsonl(tmp_path / "l.jsonl", ["c"])
+    config = default_config()
+    with config.unlocked():
+        config.data.source, config.data.path, config.data.max_image_bytes = "captions", str(tmp_path / "l.jsonl"), CAP
+    pipeline.train_dataset(config, tokenizer=None)  # built, not read
+    assert caps == [CAP]
+
+
+# --- Re-runs after an input changed ---------------------------------------------------------------------------
+
+
+def write_jsonl(path, captions):
+    path.write_text("".join(json.dumps({"image": "good.png", "caption": c}) + "\n" for c in captions))
+
+
+def captions_of(shard):
+    return [records.decode_record(r)["caption"] for r in grain.sources.ArrayRecordDataSource([str(shard)])]
+
+
+def test_a_rerun_redoes_the_shards_whose_input_changed(tmp_path, capsys):
+    (tmp_path / "good.png").write_bytes(SMALL)
+    table, out = tmp_path / "l.jsonl", tmp_path / "out"
+    write_jsonl(table, ["old one", "old two"])
+    argv = ["data", "convert", "--format", "jsonl", str(table), "--out", str(out)]
+    cli.main(argv)
+    capsys.readouterr()
+    write_jsonl(table, ["new one", "new two"])  # same size: the time tells
+    os.utime(table, ns=(table.stat().st_atime_ns, table.stat().st_mtime_ns + 10**9))
+    cli.main(argv)
+    assert "converted again: its input changed" in capsys.readouterr().out
+    assert captions_of(out / "train-00000-of-00001.arrayrecord") == ["new one", "new two"]
+    cli.main(argv)
+    assert "converted before from the same input, skipped" in capsys.readouterr().out
+
+    report_file = out / "reports" / "train-00000-of-00001.json"  # a report of an older version: no fingerprint
+    report_file.write_text(json.dumps({k: v for k, v in json.loads(report_file.read_text()).items()
+                                       if k != "input_fingerprint"}))
+    cli.main(argv)
+    assert "converted again: its report (from an older version) records no input fingerprint" in (
+        capsys.readouterr().out)
+
+
+def test_folder_and_tar_inputs_are_redone_when_they_change(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(SMALL)
+    (folder / "a.txt").write_text("caption a")
+    tar = tmp_path / "00000.tar"
+
+    def write_tar(caption: bytes):
+        with tarfile.open(tar, "w") as f:
+            for name, data in (("k.png", SMALL), ("k.txt", caption)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                f.addfile(info, io.BytesIO(data))
+
+    write_tar(b"first")
+
+    def run(fmt, source, out):
+        seen = []
+        convert.convert(fmt, [str(source)], str(tmp_path / out), min_size=1, progress=seen.append)
+        return seen[0]
+
+    assert not run("folder", folder, "f").get("resumed") and run("folder", folder, "f").get("resumed")
+    (folder / "b.png").write_bytes(SMALL)
+    (folder / "b.txt").write_text("caption b")
+    report = run("folder", folder, "f")
+    assert report["redone"] and report["written"] == 2
+    (folder / "a.txt").write_text("caption A")  # a sidecar caption rewritten: the folder changed
+    os.utime(folder / "a.txt", ns=(0, (folder / "a.txt").stat().st_mtime_ns + 10**9))
+    assert run("folder", folder, "f")["redone"]
+
+    assert not run("webdataset", tar, "t").get("resumed") and run("webdataset", tar, "t").get("resumed")
+    write_tar(b"second")
+    os.utime(tar, ns=(0, tar.stat().st_mtime_ns + 10**9))
+    assert run("webdataset", tar, "t")["redone"]
+    assert captions_of(tmp_path / "t" / "train-00000-of-00001.arrayrecord") == ["second"]
+
+
+# --- Bad rows by line -----------------------------------------------------------------------------------------
+
+
+def test_bad_rows_are_reported_by_the_files_line_number(tmp_path):
+    (tmp_path / "good.png").write_bytes(SMALL)
+    # line 1 header, 2 blank, 3-4 one row (a quoted caption over two lines), 5 no image, 6 blank, 7 good, 8 no image
+    (tmp_path / "l.csv").write_text('image,caption\n\ngood.png,"two\nlines"\n,no image\n\ngood.png,c\n,again\n')
+    # line 1 blank, 2 good (a caption holding U+2028, which JSON allows unescaped), 3 not JSON, 4 blank, 5 no image
+    (tmp_path / "l.jsonl").write_text('\n{"image": "good.png", "caption": "a\u2028b"}\nnot json\n\n{"caption": 1}\n')
+    for name, lines, written in (("l.csv", [5, 8], 2), ("l.jsonl", [3, 5], 1)):
+        fmt = name.split(".")[1]
+        summary = convert.convert(fmt, [str(tmp_path / name)], str(tmp_path / fmt), min_size=1)
+        report = json.loads((tmp_path / fmt / "reports" / "train-00000-of-00001.json").read_text())
+        assert report["examples"]["bad_row"] == [f"{name} line {n}" for n in lines]
+        assert summary["written"] == written
+
+
+# --- Commands that would do nothing, or cannot start ----------------------------------------------------------
+
+
+def test_a_conversion_that_writes_nothing_fails_and_says_why(tmp_path):
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": "c"}) + "\n"
+                                              for i in range(3)))
+    result = run_cli("data", "convert", "--format", "jsonl", tmp_path / "l.jsonl", "--out", tmp_path / "out")
+    line = error_line(result)
+    assert "no sample written" in line and "missing_file 3" in line and "0.png" in line
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("inspect_missing", "does not exist (data inspect reads the shards"),
+    ("inspect_empty_folder", "no .arrayrecord shards in"),
+    ("inspect_not_a_shard", "not_a_shard.arrayrecord is not an ArrayRecord shard"),
+    ("convert_missing_input", "missing.jsonl does not exist: check the path"),
+    ("convert_out_is_a_file", "is a file: name a folder for the shards"),
+    ("convert_folder_as_table", "is a folder: --format jsonl reads files"),
+])
+def test_wrong_paths_are_one_line_errors(tmp_path, case, expected):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not_a_shard.arrayrecord").write_bytes(SMALL)
+    (tmp_path / "good.png").write_bytes(SMALL)
+    write_jsonl(tmp_path / "l.jsonl", ["c"])
+    (tmp_path / "a_file").write_text("x")
+    convert_args = ["data", "convert", "--format", "jsonl"]
+    argv = {
+        "inspect_missing": ["data", "inspect", tmp_path / "missing"],
+        "inspect_empty_folder": ["data", "inspect", tmp_path / "empty"],
+        "inspect_not_a_shard": ["data", "inspect", tmp_path / "not_a_shard.arrayrecord"],
+        "convert_missing_input": [*convert_args, tmp_path / "missing.jsonl", "--out", tmp_path / "out"],
+        "convert_out_is_a_file": [*convert_args, tmp_path / "l.jsonl", "--out", tmp_path / "a_file"],
+        "convert_folder_as_table": [*convert_args, tmp_path / "empty", "--out", tmp_path / "out"],
+    }[case]
+    line = error_line(run_cli(*argv))
+    assert line.startswith("clip-jax data: error: ") and expected in line, line
+    if case.startswith("inspect"):
+        assert "clip-jax data convert --out DIR" in line  # what to give instead
