@@ -20,14 +20,11 @@ import ml_collections
 from etils import epath
 
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
+from clip_jax.errors import ConfigError  # noqa: F401 (re-exported: clip_jax.config.ConfigError)
 from clip_jax.files import is_remote, write_atomic
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.presets import model_preset
 from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS
-
-
-class ConfigError(ValueError):
-    """A problem with the configuration, stated in one line that names the key."""
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from clip_jax.config import ConfigError
+from clip_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def check_stretch(current: int, *, method: str = "keep", keep: int = 20, ratio: 
     """The number of positions that stretching a table of `current` positions gives, or a ConfigError naming the
     `clip-jax stretch` flag that cannot: "keep" needs 2 positions past the kept ones to interpolate between, and
     "interpolate" (to `length`) must lengthen the table."""
-    from clip_jax.config import ConfigError  # not at the top: config imports the models, which import this module
+    from clip_jax.errors import ConfigError
 
     if method == "keep":
         if length is not None:

@@ -27,7 +27,6 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from clip_jax.config import ConfigError
 from clip_jax.data import captions, records
 from clip_jax.data.images import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -40,6 +39,7 @@ from clip_jax.data.images import (
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import GlobalBatchRows, barrier, batch_rows, sum_over_processes
+from clip_jax.errors import ConfigError
 from clip_jax.longclip import first_sentence
 from clip_jax.losses import SHORT_TEXT_LOSSES
 

@@ -42,7 +42,7 @@ import regex
 from etils import epath
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from clip_jax.config import ConfigError
+from clip_jax.errors import ConfigError
 from clip_jax.files import write_atomic
 
 OPENAI_VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"

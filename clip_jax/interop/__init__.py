@@ -13,7 +13,7 @@ transposes and head reshapes live in one place (`openai.py`).
 
 from __future__ import annotations
 
-from clip_jax.config import ConfigError
+from clip_jax.errors import ConfigError
 
 
 class ConversionError(ConfigError):

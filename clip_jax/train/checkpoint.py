@@ -29,8 +29,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from clip_jax.config import ConfigError
 from clip_jax.distributed import barrier
+from clip_jax.errors import ConfigError
 from clip_jax.files import CheckpointWriteError, os_error
 
 log = logging.getLogger(__name__)
