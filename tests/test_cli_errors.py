@@ -199,8 +199,8 @@ def test_init_from_another_model_is_one_line(untouched, tmp_path, capsys):
 def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path, capsys):
     """The first launch wrote config.json and failed before any checkpoint; its model is not a run to protect."""
     workdir = tmp_path / "run"
-    exit_message(train_args(workdir, "--config.data.source=captions", f"--config.data.path={tmp_path}/none.jsonl"),
-                 capsys)
+    # A records path is a pattern or a list, checked by its source once the launch is under way.
+    exit_message(train_args(workdir, "--config.data.source=records", f"--config.data.path={tmp_path}/none"), capsys)
     assert (workdir / "config.json").exists() and not list((workdir / "checkpoints").glob("[0-9]*"))
     cli.main(train_args(workdir, "--config.model.vision.layers=2", "--config.total_steps=2"))
     assert checkpoint_steps(workdir) == [2]
