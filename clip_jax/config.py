@@ -20,6 +20,7 @@ import ml_collections
 from etils import epath
 
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
+from clip_jax.data.tokenizer import MIN_VOCAB_SIZE
 from clip_jax.errors import ConfigError  # noqa: F401 (re-exported: clip_jax.config.ConfigError)
 from clip_jax.files import is_remote, write_atomic
 from clip_jax.models.clip import CLIPConfig
@@ -191,7 +192,7 @@ _MINIMUM = {
     "checkpoint.max_to_keep": 1, "checkpoint.keep_period": 0, "eval.every_steps": 0, "eval.batch_size": 1,
     "eval.num_examples": 1, "optimizer.lr": 0, "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0,
     "optimizer.min_lr_ratio": 0, "optimizer.max_consecutive_nonfinite": 1, "data.prefetch": 0,
-    "data.workers": 0, "data.skip": 0, "data.max_image_bytes": 1, "data.tokenizer_vocab_size": 1,
+    "data.workers": 0, "data.skip": 0, "data.max_image_bytes": 1, "data.tokenizer_vocab_size": MIN_VOCAB_SIZE,
     "model.text.context_length": 2, "model.embed_dim": 1,
 }
 

@@ -169,6 +169,7 @@ def test_override_without_value():
         (["data.crop_scale=(0.9, 0.5)"], ("data.crop_scale",)),
         (["data.crop_scale=(0.0, 1.0)"], ("data.crop_scale",)),
         (["model.vision.type=resnet"], ("model.vision.type", "vit")),
+        (["data.tokenizer_vocab_size=513"], ("data.tokenizer_vocab_size", ">= 514")),
     ],
 )
 def test_inconsistent_values(overrides, words):

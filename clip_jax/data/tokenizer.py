@@ -53,6 +53,7 @@ _MAX_MERGES = 49152 - 256 - 2
 _OPENAI_MERGES_SHA256 = "f61f2adf497e6f5357c347aeb4646fabe82f341e946de5bdec5d2858e41bef4a"
 # open_clip's spelling (OpenAI's repo and HF use <|startoftext|>). It shows in decode(), and open_clip maps
 # these exact strings, when a caption contains them as a word, to the special ids; so do we.
+MIN_VOCAB_SIZE = 514  # 512 byte-level symbols (a byte and its end-of-word form) + SOT + EOT
 SOT_TOKEN = "<start_of_text>"
 EOT_TOKEN = "<end_of_text>"
 _WORD_RE = regex.compile(
@@ -113,7 +114,7 @@ class ClipTokenizer:
 
     def __init__(self, vocab: Sequence[str], merges: Sequence[tuple[str, str]], *, name: str) -> None:
         """`vocab` in id order, ending with SOT and EOT; `merges` in priority order. Prefer the classmethods."""
-        if len(vocab) < 514 or tuple(vocab[-2:]) != (SOT_TOKEN, EOT_TOKEN):
+        if len(vocab) < MIN_VOCAB_SIZE or tuple(vocab[-2:]) != (SOT_TOKEN, EOT_TOKEN):
             raise ValueError(f"vocab must hold the 512 byte symbols, ..., {SOT_TOKEN}, {EOT_TOKEN} (got {len(vocab)})")
         index = {tok: i for i, tok in enumerate(vocab)}  # a repeated string keeps its last id, as in open_clip
         for a, b in merges:
@@ -177,8 +178,8 @@ class ClipTokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> ClipTokenizer:
         """Learn CLIP-style merges on captions; ids laid out as OpenAI's, so SOT = V-2 and EOT = V-1."""
-        if vocab_size < 514:
-            raise ValueError(f"vocab_size must be >= 514 (512 byte symbols + SOT + EOT), got {vocab_size}")
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (512 byte symbols + SOT + EOT), got {vocab_size}")
         scratch = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
         # Each input "sequence" is one word: no split, only UTF-8 bytes -> byte symbols.
         scratch.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
