@@ -68,7 +68,9 @@ def main() -> None:
     parser.add_argument("--out", default="", help="result JSON (default benchmarks/results/demo_probe_<name>.json)")
     args = parser.parse_args()
 
-    config, model, params, tokenizer, mesh, step = load_trained(args.workdir)
+    trained = load_trained(args.workdir)
+    config, model, params, tokenizer, mesh, step = (trained.config, trained.model, trained.params, trained.tokenizer,
+                                                    trained.mesh, trained.step)
     encoder = Encoder(model, params, mesh, config.eval.batch_size)
     encode_texts = lambda texts: encoder.texts(tokenizer(list(texts), config.model.text.context_length))
     embed = lambda images: normalize(np.asarray(encoder.images(images)))

@@ -44,8 +44,8 @@ from clip_jax.data.pipeline import train_dataset  # noqa: E402
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
 from clip_jax.data.tokenizer import ClipTokenizer  # noqa: E402
 from clip_jax.models.clip import CLIPConfig  # noqa: E402
+from clip_jax.models.flops import PEAK_FLOPS, train_flops_per_sample  # noqa: E402
 from clip_jax.models.presets import model_preset  # noqa: E402
-from clip_jax.train.flops import PEAK_FLOPS, train_flops_per_sample  # noqa: E402
 
 IMAGE_SIZE, CONTEXT, BATCH, MFU = 224, 77, 256, 0.55
 

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from clip_jax import cli
-from clip_jax.evaluate.suite import evaluate
+from clip_jax.evaluate.suite import eval_defaults, evaluate
 from clip_jax.train.loop import load_trained
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "longclip_shapes.py")
@@ -64,12 +64,13 @@ def run(argv: list[str], timings: dict, name: str) -> None:
 def evaluate_workdir(workdir: pathlib.Path, seed: int, n: int, timings: dict) -> dict[str, float]:
     """The suite on the common evaluation data of `seed` (whatever data the model was trained on)."""
     t0 = time.time()
-    config, model, params, tokenizer, mesh, _ = load_trained(workdir)
+    trained = load_trained(workdir)
+    config = trained.config
     config.seed = seed
     config.data.min_objects, config.data.max_objects = 1, 2
-    config.eval.long_text = True
+    config.evals = {"shapes": eval_defaults("shapes"), "shapes_long_text": eval_defaults("shapes_long_text")}
     config.eval.num_examples = n
-    results = evaluate(config, model, params, mesh, tokenizer)
+    results = evaluate(config, trained.model, trained.params, trained.mesh, trained.tokenizer)
     timings[f"eval_{workdir.name}_seed{seed}"] = round(time.time() - t0, 1)
     print(f"{workdir.name} (seed {seed}): " + ", ".join(f"{k} {results[k]:.3f}" for k in METRICS), flush=True)
     return {k: results[k] for k in METRICS}
@@ -123,7 +124,8 @@ def main() -> None:
                 shutil.copytree(root / f"stretched_{'interpolate' if arm == 'interpolate' else 'keep'}", workdir)
                 # (the run's own final evaluation kept small: every model is evaluated below on common data)
                 run(["train", "--config", f"{CONFIG}:{arm}", "--workdir", str(workdir), f"--config.seed={seed}",
-                     "--config.eval.num_examples=50", "--config.eval.long_text=False", *steps(args.finetune_steps)],
+                     "--config.eval.num_examples=50", "--config.evals.shapes_long_text=None",
+                     *steps(args.finetune_steps)],
                     timings, f"{arm}_seed{seed}")
             runs[arm].append({"seed": seed, **evaluate_workdir(workdir, seed, args.eval_examples, timings)})
     summary = summarise(runs)

@@ -23,14 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import losses
-from clip_jax.config import default_config, model_config
-from clip_jax.models.clip import CLIP
+from clip_jax.config import default_config
+from clip_jax.methods import get_method
+from clip_jax.methods.base import abstract_batch
+from clip_jax.models import flops as flops_lib
 from clip_jax.models.presets import PRESETS, model_preset
 from clip_jax.sharding import batch_sharding, make_mesh
-from clip_jax.train import flops as flops_lib
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
+from clip_jax.train.checkpoint import abstract_like
 from clip_jax.train.loop import create_state
 
 
@@ -59,18 +60,17 @@ def time_clip_jax(args: argparse.Namespace) -> dict:
     config.model.scan_layers = args.scan
     config.mesh = dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")), strict=True))
     mesh = make_mesh(config.mesh.to_dict())
-    model = CLIP(model_config(config))
-    init_fn, shardings, tx = create_state(config, model, mesh)
+    method = get_method(config)
+    model = method.model()
+    init_fn, shardings, tx = create_state(config, method, model, mesh)
     state = init_fn(jax.random.PRNGKey(0))
     train_step = step_lib.make_train_step(
-        step_lib.clip_embed_fn(model), step_lib.clip_scalars_fn(model),
-        losses.shard_loss(losses.get_loss("clip"), mesh), tx,
-        state_lib.trainable_mask(state.params, ()), state_lib.learning_rate_schedule(config.optimizer, 1000),
-        args.accum,
+        method.step_fns(model), tx, state_lib.trainable_mask(state.params, ()),
+        state_lib.learning_rate_schedule(config.optimizer, 1000), mesh, args.accum,
     )
     v, t = config.model.vision, config.model.text
-    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    batch_spec = step_lib.abstract_batch(args.batch, v.image_size, t.context_length, mesh)
+    abstract_state = abstract_like(state)
+    batch_spec = abstract_batch(method.fields(), args.batch, batch_sharding(mesh))
     t0 = time.perf_counter()
     compiled = step_lib.compile_train_step(train_step, shardings, abstract_state, batch_spec, mesh)
     compile_s = time.perf_counter() - t0

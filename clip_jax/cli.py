@@ -1,7 +1,7 @@
 """`clip-jax` command line: a thin layer of flags over library calls.
 
   clip-jax train  --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
-  clip-jax eval   --workdir DIR [--config.eval.key=value ...]
+  clip-jax eval   --workdir DIR [--config.eval.key=value ...] [--config.evals.NAME=... ...]
   clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] --out DIR [--max-image-bytes N]
   clip-jax convert SRC --to-workdir DIR [--vocab PATH] [--activation quick_gelu|gelu] [--heads-vision N]
                    [--heads-text N] [--scan-layers]
@@ -60,8 +60,9 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.train.loop import load_trained
 
     maybe_initialize()
-    config, model, params, tokenizer, mesh, step = load_trained(args.workdir)
-    apply_overrides(config, overrides)  # eval.* only (main checks): e.g. --config.eval.long_text_set=DIR
+    trained = load_trained(args.workdir)
+    config, step = trained.config, trained.step
+    apply_overrides(config, overrides)  # eval.* and evals.* only (main checks): e.g. an evaluation to add
     validate(config)
     check_input_paths(config, training=False)
     out = epath.Path(args.workdir) / f"eval_{step}.json"
@@ -69,7 +70,8 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     if primary and not is_remote(out) and not os.access(out.parent, os.W_OK):  # found now, not after the evaluation
         raise ConfigError(f"cannot write {out}: the workdir is not writable; make it writable, or copy the workdir "
                           "and evaluate the copy")
-    results = {"step": step, **evaluate(config, model, params, mesh, tokenizer)}  # every process has them all
+    # every process has them all
+    results = {"step": step, **evaluate(config, trained.model, trained.params, trained.mesh, trained.tokenizer)}
     if primary:
         print_results(results)  # shown before the write, which may still fail (a full disk)
         write_atomic(out, json.dumps(results, indent=2) + "\n")
@@ -95,8 +97,9 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError(f"--out {out} is a file; give a folder for the .npy files")
     texts = _read_lines(args.texts) if args.texts else None  # a bad file is found before the model is loaded
     maybe_initialize()
-    config, model, params, tokenizer, mesh, _ = load_trained(args.workdir)
-    encoder = Encoder(model, params, mesh, args.batch_size)
+    trained = load_trained(args.workdir)
+    config, tokenizer = trained.config, trained.tokenizer
+    encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     # Every process embeds every input (the encoder's results are replicated); process 0 writes them.
     primary = jax.process_index() == 0
 
@@ -177,7 +180,7 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
-    from clip_jax.longclip import stretch_workdir
+    from clip_jax.interop.workdir import stretch_workdir
 
     out = stretch_workdir(args.workdir, args.out_workdir, method=args.method, keep=args.keep, ratio=args.ratio,
                           length=args.length)
@@ -384,9 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     if overrides and args.command != "train" and not (
-        args.command == "eval" and all(o.startswith("--config.eval.") for o in overrides)
+        args.command == "eval" and all(o.startswith(("--config.eval.", "--config.evals.")) for o in overrides)
     ):
-        parser.error("--config.key=value overrides apply to train (and --config.eval.* to eval) only")
+        parser.error("--config.key=value overrides apply to train (and --config.eval.*, --config.evals.* to eval) only")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

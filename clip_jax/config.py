@@ -13,6 +13,7 @@ import importlib.util
 import json
 import pathlib
 import re
+import sys
 import traceback
 from typing import Any
 
@@ -20,10 +21,14 @@ import ml_collections
 from etils import epath
 
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
+from clip_jax.data.pipeline import TRAIN_SOURCES, shapes_config
 from clip_jax.data.tokenizer import MIN_VOCAB_SIZE
 from clip_jax.errors import ConfigError  # noqa: F401 (re-exported: clip_jax.config.ConfigError)
+from clip_jax.evaluate.suite import EVALUATORS, eval_defaults, parse_entry
 from clip_jax.files import is_remote, write_atomic
+from clip_jax.methods import METHODS, get_method, method_class
 from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from clip_jax.models.presets import model_preset
 from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS
 
@@ -37,9 +42,6 @@ def default_config() -> ml_collections.ConfigDict:
     # Micro-batches per step. The loss still sees the whole batch of negatives: embeddings of all micro-batches
     # are computed first, then each micro-batch is backpropagated with its slice of the embedding gradients.
     c.accum_steps = 1
-    # Warm starts (a workdir whose only checkpoint is step 0: converted or stretched) set logit_scale to
-    # model.logit_scale_init instead of keeping the checkpoint's value (Long-CLIP restarts from ln 100).
-    c.reset_logit_scale = False
     # A new run that starts from the parameters of another workdir's latest checkpoint (same parameter names and
     # shapes; the model's dtype, remat and the optimizer may differ). Its optimizer state, step and data position
     # are not taken, and that workdir is only read. "" = from scratch.
@@ -50,15 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(model_preset("B/16"))
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.name = "clip"  # clip | siglip | siglip_ring | longclip (see clip_jax.losses.LOSSES)
-    c.loss.label_smoothing = 0.0  # clip and longclip (Long-CLIP: 0.1)
-    c.loss.multi_positive = False  # identical captions in a batch are positives of each other
-    # longclip: long_weight * CLIP(image, long text) + short_weight * CLIP(PCA-reduced image, short text)
-    c.loss.long_weight = 1.0
-    c.loss.short_weight = 1.0
-    c.loss.pca_components = 32  # principal components kept; must be below the batch the PCA runs over
-    c.loss.pca_scope = "local"  # PCA over each device's batch (the reference) or the "global" all-gathered one
+    # The method: `name` (clip | siglip | longclip: clip_jax.methods.METHODS) and its own fields, those of its
+    # Config dataclass (e.g. clip_jax/methods/clip.py::ClipConfig). `--config.method.name=X` switches to X's fields
+    # at their defaults, keeping the values set before that X also has; a config file uses `method_config`.
+    c.method = method_config("clip")
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 5e-4  # >= 0 (0: the parameters stay as they are, e.g. to evaluate a warm start)
@@ -83,10 +80,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.long_caption_prob = 0.0  # probability of training on the long caption instead of the short one
     c.data.partial_caption_prob = 0.0  # probability of a caption naming only the colour or only the shape (shapes)
     c.data.grayscale_shape_captions = False  # show the image in grayscale when its caption names only the shape
-    # Long-CLIP (a loss that reads `short_text`): the short caption is the data's own, else the long caption's first
-    # sentence, tokenized to this length (capped at the model's). The causal text tower gives the same features at
-    # any length that holds the whole caption, so 77 tokens cost a third of 248 for nothing lost.
-    c.data.short_context_length = 77
     # File sources (data.source "sharegpt4v": ShareGPT4V JSON; "captions": JSONL or CSV of image, caption
     # [, short_caption]); see clip_jax/data/captions.py. Image paths are relative to image_root (default: the
     # file's folder); undecodable images are skipped and counted. "records": ArrayRecord shards written by
@@ -104,15 +97,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.workers = 0  # grain worker processes (0: in the main process)
     c.data.prefetch = 2  # batches prepared ahead in a background thread
 
+    # Settings shared by the evaluations.
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 0  # 0: only at the end
+    c.eval.every_steps = 0  # period of the entries that set none; 0: only at the end
     c.eval.batch_size = 250
-    c.eval.num_examples = 1000  # per zero-shot split and for retrieval
-    # shapes: also long-text retrieval on captions over 77 tokens and the hard-pairs test (see evaluate/long_text.py)
-    c.eval.long_text = False
-    # Long-text retrieval on a folder in the Urban-1k layout (image/N.jpg, caption/N.txt) or a JSON file
-    # {image file name: caption}; "" = off
-    c.eval.long_text_set = ""
+    c.eval.num_examples = 1000  # examples per evaluation set, for the entries that set none
+    # The evaluations: name -> {type, ...that type's fields} (clip_jax/evaluate/suite.py: shapes, shapes_long_text,
+    # long_text_set, zero_shot_folder, zero_shot_tfds). Add one with --config.evals.NAME="{'type': ..., ...}",
+    # drop one with --config.evals.NAME=None.
+    c.evals = ml_collections.ConfigDict({"shapes": eval_defaults("shapes")})
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500
@@ -125,6 +118,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.log.tensorboard = True
     c.log.progress_bar = True
     return c
+
+
+def method_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
+    """`config.method` for the method `name`: its fields at their defaults, then `fields`."""
+    group = ml_collections.ConfigDict(method_class(name).defaults())
+    _check_against(group, fields, "method")
+    group.update(fields)
+    return group
+
+
+# Keys of earlier versions and where they went: a config.json holding them is migrated (`_migrate`), an override
+# naming them is answered with the new key.
+_MOVED = {"loss": "method", "reset_logit_scale": "method.reset_logit_scale",
+          "data.short_context_length": "method.short_context_length",
+          "eval.long_text": "evals.shapes_long_text=\"{'type': 'shapes_long_text'}\"",
+          "eval.long_text_set": "evals.long_set=\"{'type': 'long_text_set', 'path': ...}\""}
+# loss.name of earlier versions -> (method.name, fields)
+_OLD_LOSSES = {"clip": ("clip", {}), "siglip": ("siglip", {"ring": False}), "siglip_ring": ("siglip", {"ring": True}),
+               "longclip": ("longclip", {})}
 
 
 def _parse_value(text: str) -> Any:
@@ -202,12 +214,8 @@ _COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 def _check_names(config: ml_collections.ConfigDict) -> None:
     """Names that pick an implementation from a registry, checked before any work rather than where they are used."""
-    from clip_jax.data.pipeline import TRAIN_SOURCES  # here: the pipeline imports this module
-    from clip_jax.losses import LOSSES
-    from clip_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
-
     choices = {
-        "data.source": TRAIN_SOURCES, "loss.name": LOSSES, "model.remat_policy": REMAT_POLICIES,
+        "data.source": TRAIN_SOURCES, "model.remat_policy": REMAT_POLICIES,
         "model.vision.activation": ACTIVATIONS, "model.text.activation": ACTIVATIONS, "model.dtype": _COMPUTE_DTYPES,
     }
     for key, registry in choices.items():
@@ -223,8 +231,6 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
             except (re.error, TypeError) as e:
                 raise ConfigError(f"optimizer.{key} rule {pattern!r} is not a regular expression ({e})") from None
     if config.data.source == "shapes":
-        from clip_jax.data.pipeline import shapes_config
-
         try:  # the renderer's own checks (sizes, object counts), before any image is drawn
             shapes_config(config)
         except ValueError as e:
@@ -234,10 +240,13 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError (one line naming the key) for unknown keys, wrong types and inconsistent values."""
     schema = default_config()
-    del schema.model
-    top = {k: v for k, v in config.items() if k != "model"}
+    del schema.model, schema.method, schema.evals
+    top = {k: v for k, v in config.items() if k not in ("model", "method", "evals")}
     _check_against(schema, top, "")
     _check_against(_model_schema(config.model), config.model, "model")
+    if "method" not in config or "name" not in config.method:
+        raise ConfigError("config is missing method.name")
+    _check_against(method_class(config.method.name).defaults(), config.method, "method")
     missing = [f"model.{k}" for k in ("vision", "text") if k not in config.model]
     if missing:
         raise ConfigError(f"config is missing {', '.join(missing)}")
@@ -263,10 +272,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     v = config.model.vision
     if v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
-    if config.loss.pca_scope not in ("local", "global"):
-        raise ConfigError(f"loss.pca_scope must be 'local' or 'global', got {config.loss.pca_scope!r}")
-    if config.loss.pca_components < 1 or config.data.short_context_length < 2:
-        raise ConfigError("loss.pca_components must be >= 1 and data.short_context_length >= 2")
+    get_method(config)  # the method's own checks of its fields
+    for name, entry in config.evals.items():
+        if not isinstance(entry, ml_collections.ConfigDict | dict) or "type" not in entry:
+            raise ConfigError(f"config key 'evals.{name}' must be a dict with a 'type' (clip_jax/evaluate/suite.py)")
+        _check_against(eval_defaults(entry["type"]), entry, f"evals.{name}")
+        parse_entry(name, dict(entry))
     scale = config.data.crop_scale
     if len(scale) != 2 or not all(isinstance(x, int | float) for x in scale) or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(scale)}")
@@ -275,7 +286,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
     """Files a run reads, looked for before any work (not in `validate`: a workdir whose data has moved must still
     be evaluated, encoded and exported). A path that is a pattern or a list (records) is left to its source."""
-    paths = {"eval.long_text_set": config.eval.long_text_set}
+    paths = {f"evals.{name}.path": entry.path for name, entry in config.evals.items() if "path" in entry}
     if training:
         if config.data.source != "shapes" and not config.data.path:
             raise ConfigError(f"data.source {config.data.source!r} reads files: set --config.data.path (see the "
@@ -300,7 +311,14 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     file = pathlib.Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path} not found" + (" (it is a folder)" if file.is_dir() else ""))
-    module_spec = importlib.util.spec_from_file_location(f"clip_jax_config_{file.stem}", file)
+    name = f"clip_jax_config_{file.stem}"
+    if (file.parent / "__init__.py").is_file():
+        # A config in a package (configs/): it imports its siblings and shared snippets as `configs.<module>`.
+        root = str(file.parent.parent.resolve())
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        name = f"{file.parent.name}.{file.stem}"
+    module_spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(module_spec)
     # A config file is the user's code: whatever it raises (a syntax error, a typo, an unknown preset in
     # get_config's argument, ConfigDict's type check) is a mistake in that file, reported as one line naming it.
@@ -334,19 +352,35 @@ def _code_error(error: Exception, file: pathlib.Path) -> str:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
+    """Sets `--config.a.b=VALUE` items in order, except `method.name`, which goes first: it sets the fields the
+    other `method.*` items override."""
+    parsed = []
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.removeprefix("--").removeprefix("config.")
         if not sep:
             raise ConfigError(f"override {item!r} must look like --config.{key}=VALUE")
+        for old, new in _MOVED.items():
+            if key == old or (key.startswith(old + ".") and old == "loss"):
+                _moved_key(item, key, new + key[len(old):], text)
+        parsed.append((item, key, text))
+    for item, key, text in sorted(parsed, key=lambda p: p[1] != "method.name"):
+        if key == "method.name":
+            _switch_method(config, _parse_value(text), item)
+            continue
         *parents, leaf = key.split(".")
+        if parents == ["evals"]:
+            _set_eval_entry(config, leaf, _parse_value(text), item)
+            continue
         node = config
         for i, part in enumerate(parents):
             if part not in node:
                 raise ConfigError(f"unknown config key '{'.'.join(parents[: i + 1])}' in override {item!r}")
             node = node[part]
         if leaf not in node:
-            raise ConfigError(f"unknown config key '{key}' in override {item!r}")
+            owners = sorted(n for n, m in METHODS.items() if parents == ["method"] and leaf in m.defaults())
+            hint = f" (a field of method {' / '.join(owners)}: set --config.method.name first)" if owners else ""
+            raise ConfigError(f"unknown config key '{key}' in override {item!r}{hint}")
         value = _parse_value(text)
         if not _type_ok(node[leaf], value):
             raise ConfigError(
@@ -354,6 +388,48 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
             )
         with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
             node[leaf] = float(value) if isinstance(node[leaf], float) and not isinstance(value, bool) else value
+
+
+def _moved_key(item: str, key: str, new: str, text: str) -> None:
+    if key == "loss.name" and text in _OLD_LOSSES:
+        name, fields = _OLD_LOSSES[text]
+        new = " ".join([f"--config.method.name={name}", *(f"--config.method.{k}={v}" for k, v in fields.items())])
+        raise ConfigError(f"override {item!r}: losses are now methods; use {new} (docs/methods.md)")
+    if "=" in new:
+        raise ConfigError(f"override {item!r}: '{key}' is now an evaluation entry: --config.{new} (docs/methods.md)")
+    raise ConfigError(f"override {item!r}: '{key}' is now '{new}' (the method's fields: docs/methods.md)")
+
+
+def _set_eval_entry(config: ml_collections.ConfigDict, name: str, value: Any, item: str) -> None:
+    """`--config.evals.NAME={'type': ..., ...}` adds (or replaces) an entry, its other fields at their defaults;
+    `--config.evals.NAME=None` drops it."""
+    with config.evals.unlocked():
+        if value is None:
+            if name not in config.evals:
+                raise ConfigError(f"override {item!r}: no evaluation named {name!r}; the run has "
+                                  f"{', '.join(config.evals) or 'none'}")
+            del config.evals[name]
+            return
+        if not isinstance(value, dict) or "type" not in value:
+            raise ConfigError(f"override {item!r}: an evaluation is a dict with a 'type', e.g. "
+                              f"--config.evals.{name}=\"{{'type': 'zero_shot_folder', 'path': 'DIR'}}\"")
+        entry = eval_defaults(value["type"])
+        _check_against(entry, value, f"evals.{name}")
+        config.evals[name] = ml_collections.ConfigDict({**entry, **value})
+
+
+def _switch_method(config: ml_collections.ConfigDict, name: Any, item: str) -> None:
+    """config.method for the method `name`: its defaults, and the values set in the current group that differ from
+    the current method's defaults, for the fields both methods have."""
+    if not isinstance(name, str):
+        raise ConfigError(f"override {item!r}: 'method.name' must be str, got {type(name).__name__}")
+    old = config.method.to_dict()
+    old_defaults = method_class(old["name"]).defaults() if old.get("name") in METHODS else {}
+    group = method_class(name).defaults()
+    for key, value in old.items():
+        if key != "name" and key in group and value != old_defaults.get(key):
+            group[key] = value
+    config.method = ml_collections.ConfigDict(group)
 
 
 class _nullcontext:
@@ -379,17 +455,54 @@ def read_config(path: epath.PathLike) -> ml_collections.ConfigDict:
                           "`clip-jax train --config FILE` on that workdir") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} is not a clip_jax config (a JSON object of fields expected)")
+    _migrate(data)
     _fill_defaults(data, default_config().to_dict())
+    if isinstance(data.get("method"), dict) and data["method"].get("name") in METHODS:
+        data["method"] = {**method_class(data["method"]["name"]).defaults(), **data["method"]}
+    if isinstance(data.get("evals"), dict):
+        for name, entry in data["evals"].items():
+            if isinstance(entry, dict) and entry.get("type") in EVALUATORS:
+                data["evals"][name] = {**eval_defaults(entry["type"]), **entry}
     config = ml_collections.ConfigDict(data)
     validate(config)
     return config
 
 
+def _migrate(data: dict) -> None:
+    """A config.json of the versions before the method layer, in place: `loss.*`, `reset_logit_scale` and
+    `data.short_context_length` become the method's fields, `eval.long_text` and `eval.long_text_set` entries of
+    `evals`."""
+    old_eval = data.get("eval") if isinstance(data.get("eval"), dict) else {}
+    if "evals" not in data and ("long_text" in old_eval or "long_text_set" in old_eval):
+        evals = {"shapes": eval_defaults("shapes")}
+        if old_eval.pop("long_text", False):
+            evals["shapes_long_text"] = eval_defaults("shapes_long_text")
+        if path := old_eval.pop("long_text_set", ""):
+            evals["long_set"] = {**eval_defaults("long_text_set"), "path": path}
+        data["evals"] = evals
+    loss = data.pop("loss", None)
+    if not isinstance(loss, dict) or "method" in data:
+        return
+    name, fields = _OLD_LOSSES.get(loss.get("name"), (loss.get("name"), {}))
+    group = {"name": name, **fields}
+    known = method_class(name).defaults() if name in METHODS else {}
+    for key, value in loss.items():
+        if key in known and key != "name":
+            group[key] = value
+    short = data.get("data", {}).pop("short_context_length", None) if isinstance(data.get("data"), dict) else None
+    if short is not None and "short_context_length" in known:
+        group["short_context_length"] = short
+    reset = data.pop("reset_logit_scale", None)
+    if reset is not None:
+        group["reset_logit_scale"] = reset
+    data["method"] = group
+
+
 def _fill_defaults(data: dict, schema: dict) -> None:
-    """Adds, in place, the schema's fields that `data` lacks. The model is left as written: its fields depend on the
-    tower types, and a missing one is an error that `validate` names."""
+    """Adds, in place, the schema's fields that `data` lacks. The model and the method are left as written: their
+    fields depend on the tower types and the method's name, and `evals` on its entries (read_config fills them)."""
     for key, default in schema.items():
         if key not in data:
             data[key] = default
-        elif key != "model" and isinstance(default, dict) and isinstance(data[key], dict):
+        elif key not in ("model", "method", "evals") and isinstance(default, dict) and isinstance(data[key], dict):
             _fill_defaults(data[key], default)

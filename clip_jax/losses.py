@@ -3,9 +3,9 @@
 A loss is a function `loss_fn(outputs, *, axis_name, **hparams) -> (loss, metrics)`. `outputs` holds the
 local rows of per-example arrays (`image`, `text` embeddings, L2-normalised; `caption_key`, ...) and the replicated
 scalars (`logit_scale`, `logit_bias`). It returns the loss of the *global* batch, identical on every device, so
-that its gradient equals that of the single-device computation. New methods (SLIP, Long-CLIP, AudioCLIP) add a
-function here and a name in `LOSSES`; the trainer does not change. Long-CLIP's loss also reads the embeddings of a
-second text field, `short_text`.
+that its gradient equals that of the single-device computation. A method (clip_jax/methods/) binds its loss's
+hyperparameters; `shard_loss` runs it on global arrays. Long-CLIP's loss also reads the embeddings of a second
+text field, `short_text`.
 
 Each device scores its local rows against the all-gathered other side (open_clip's `--local-loss
 --gather-with-grad`): memory grows with B_local * B_global, not B_global^2. `all_gather`'s transpose is a
@@ -227,31 +227,20 @@ def longclip_loss(
     return loss, {**metrics, "loss_long": long_loss, "loss_short": short_loss}
 
 
-LOSSES: dict[str, LossFn] = {
-    "clip": clip_loss, "siglip": siglip_loss, "siglip_ring": siglip_ring_loss, "longclip": longclip_loss,
-}
-# Losses that read a `short_text` batch field (its embeddings, and `short_caption_key`): the pipeline then emits it.
-SHORT_TEXT_LOSSES = frozenset({"longclip"})
+def shard_loss(loss_fn: LossFn, mesh: Mesh) -> Callable[[dict[str, jax.Array], dict[str, jax.Array]],
+                                                         tuple[jax.Array, dict]]:
+    """`loss(per_example, shared)` on global arrays, from a local-shard `loss_fn(outputs, *, axis_name)`: the
+    per-example arrays split over the batch axes, the shared ones (temperatures, class embeddings) replicated."""
 
-
-def get_loss(name: str, **hparams) -> LossFn:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    return functools.partial(LOSSES[name], **hparams)
-
-
-def shard_loss(loss_fn: LossFn, mesh: Mesh) -> Callable[[dict[str, jax.Array]], tuple[jax.Array, dict]]:
-    """Runs a local-shard loss on global arrays: per-example arrays split over the batch axes, scalars replicated."""
-
-    def run(outputs: dict[str, jax.Array]):
-        specs = {k: PartitionSpec() if v.ndim == 0 else PartitionSpec(BATCH_AXES) for k, v in outputs.items()}
+    def run(per_example: dict[str, jax.Array], shared: dict[str, jax.Array]):
+        specs = ({k: PartitionSpec(BATCH_AXES) for k in per_example}, {k: PartitionSpec() for k in shared})
         fn = jax.shard_map(
-            functools.partial(loss_fn, axis_name=BATCH_AXES),
+            lambda p, s: loss_fn({**p, **s}, axis_name=BATCH_AXES),
             mesh=mesh,
-            in_specs=(specs,),
+            in_specs=specs,
             out_specs=PartitionSpec(),
             check_vma=True,
         )
-        return fn(outputs)
+        return fn(per_example, shared)
 
     return run

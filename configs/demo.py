@@ -12,25 +12,21 @@ smaller batch never learnt, green cross, is then partly right).
 """
 
 from clip_jax.config import default_config
-from clip_jax.models.presets import model_preset
+from configs.common import tiny_shapes
 
 
 def get_config():
     config = default_config()
     config.total_steps = 1500
     config.batch_size = 128
-    config.model = model_preset("tiny", vocab_size=1024, context_length=24)
-    config.model.vision.image_size = 96  # 6x6 patches of 16 px
-    config.data.tokenizer = "train"  # a BPE vocabulary fitted on the training captions (about 740 tokens used)
-    config.data.tokenizer_vocab_size = 1024
+    tiny_shapes(config, context_length=24)
     config.data.min_objects = 1
     config.data.max_objects = 3
-    config.data.augment = False  # every procedural example is new: crops only shrink the objects
     config.data.long_caption_prob = 0.4
     config.data.partial_caption_prob = 0.3
     config.data.grayscale_shape_captions = True
     # Short captions repeat within a batch ("a red circle."): treat identical captions as positives.
-    config.loss.multi_positive = True
+    config.method.multi_positive = True
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_steps = 200
     config.optimizer.weight_decay = 0.1

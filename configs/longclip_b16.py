@@ -14,7 +14,7 @@ The argument picks the preset (configs/longclip_l14.py is `:L/14`).
 
 import math
 
-from clip_jax.config import default_config
+from clip_jax.config import default_config, method_config
 from clip_jax.models.presets import model_preset
 
 SHAREGPT4V_PAIRS = 1_246_000  # "1246k" of the file name
@@ -30,7 +30,6 @@ def get_config(preset: str = "B/16"):
     config.model.remat_policy = "dots_no_batch"
     config.model.logit_scale_init = math.log(100)  # the reference resets logit_scale to ln 100 ...
     config.model.max_logit_scale = 0.0  # ... and does not clamp it
-    config.reset_logit_scale = True  # the stretched checkpoint holds the base model's temperature
     config.data.tokenizer = "openai"
     config.data.source = "sharegpt4v"
     config.data.skip = HELD_OUT
@@ -39,10 +38,13 @@ def get_config(preset: str = "B/16"):
     config.data.workers = 8  # JPEG decoding
     config.batch_size = BATCH
     config.total_steps = EPOCHS * (SHAREGPT4V_PAIRS - HELD_OUT) // BATCH  # 3647
-    config.loss.name = "longclip"
-    config.loss.label_smoothing = 0.1
-    config.loss.pca_components = 32
-    config.loss.pca_scope = "local"  # the reference: 128 rows per GPU; on fewer devices "global" is closer
+    config.method = method_config(
+        "longclip",
+        label_smoothing=0.1,
+        pca_components=32,
+        pca_scope="local",  # the reference: 128 rows per GPU; on fewer devices "global" is closer
+        reset_logit_scale=True,  # the stretched checkpoint holds the base model's temperature
+    )
     config.optimizer.lr = 1e-6
     config.optimizer.warmup_steps = 200
     config.optimizer.weight_decay = 1e-2

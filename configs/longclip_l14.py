@@ -6,13 +6,8 @@
       --config.data.image_root=...
 """
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("longclip_b16", pathlib.Path(__file__).with_name("longclip_b16.py"))
-_b16 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_b16)
+from configs import longclip_b16
 
 
 def get_config():
-    return _b16.get_config("L/14")
+    return longclip_b16.get_config("L/14")

@@ -14,8 +14,9 @@ The argument picks the phase (docs/longclip.md runs all of them, benchmarks/long
 
 import math
 
-from clip_jax.config import default_config
-from clip_jax.models.presets import model_preset
+from clip_jax.config import default_config, method_config
+from clip_jax.evaluate.suite import eval_defaults
+from configs.common import tiny_shapes
 
 PHASES = ("base", "longclip", "keep", "interpolate")
 
@@ -24,16 +25,12 @@ def get_config(phase: str = "longclip"):
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; choose one of {PHASES}")
     config = default_config()
-    # 96 px images in 16 px patches: 36 image tokens (64 px: 16) let the tiny model see small objects.
-    config.model = model_preset("tiny", vocab_size=1024, context_length=77)
-    config.model.vision.image_size = 96
-    config.data.tokenizer = "train"  # fitted on base captions; fine-tunes reuse the workdir's tokenizer.json
-    config.data.tokenizer_vocab_size = 1024
-    config.data.augment = False
-    config.loss.multi_positive = True  # short shapes captions repeat within a batch ("a red circle.")
+    # The base's BPE vocabulary is fitted on its captions; fine-tunes reuse the workdir's tokenizer.json.
+    tiny_shapes(config, context_length=77)
+    config.method.multi_positive = True  # short shapes captions repeat within a batch ("a red circle.")
     config.log.every_steps = 25
     config.log.progress_bar = False
-    config.eval.long_text = True
+    config.evals.shapes_long_text = eval_defaults("shapes_long_text")  # long captions and the hard-pairs test
     config.eval.num_examples = 500
     if phase == "base":  # configs/demo.py's first recipe (batch 64, 2,000 steps; the ablation's base), at 77 tokens
         config.total_steps = 2000
@@ -63,9 +60,9 @@ def get_config(phase: str = "longclip"):
     # Long-CLIP restarts the temperature at ln 100 and lets it go past CLIP's clamp of 100.
     config.model.logit_scale_init = math.log(100)
     config.model.max_logit_scale = 0.0
-    config.reset_logit_scale = True
+    config.method.reset_logit_scale = True
     if phase == "longclip":
-        config.loss.name = "longclip"
-        config.loss.label_smoothing = 0.1
-        config.loss.pca_components = 16  # a batch of 64: the reference keeps 32 of 128
+        # a batch of 64: the reference keeps 32 components of 128
+        config.method = method_config("longclip", label_smoothing=0.1, pca_components=16, multi_positive=True,
+                                      reset_logit_scale=True)
     return config

@@ -3,15 +3,15 @@
   python3 launch/expected_perf.py      # prints the markdown tables of docs/launch.md
 
 samples/s = devices x peak FLOP/s per device x MFU / training FLOPs per sample, with the FLOPs of
-clip_jax.train.flops.train_flops_per_sample (3x the forward matmuls, remat not counted) and the vendor peaks of
-clip_jax.train.flops.PEAK_FLOPS. Data loading, evaluation and checkpoint pauses are not included.
+clip_jax.models.flops.train_flops_per_sample (3x the forward matmuls, remat not counted) and the vendor peaks of
+clip_jax.models.flops.PEAK_FLOPS. Data loading, evaluation and checkpoint pauses are not included.
 """
 
 from __future__ import annotations
 
 from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.flops import PEAK_FLOPS, train_flops_per_sample
 from clip_jax.models.presets import model_preset
-from clip_jax.train.flops import PEAK_FLOPS, train_flops_per_sample
 
 MFUS = (0.40, 0.55)  # assumptions: a plausible range for a well-sharded ViT, not measurements of this code
 

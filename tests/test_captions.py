@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.config import default_config
+from clip_jax.config import default_config, method_config
 from clip_jax.data.captions import CaptionFileSource, Row, file_source, read_table
 from clip_jax.data.images import load_image
 from clip_jax.data.pipeline import STATS, DecodeExample, train_iterator
 from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.methods import get_method
 from clip_jax.models.presets import model_preset
 
 SIZE, CONTEXT, SHORT = 32, 24, 8
@@ -91,14 +92,17 @@ def longclip_config(source, path):
     config.data.path = str(path)
     config.data.augment = False
     config.data.long_caption_prob = 1.0
-    config.data.short_context_length = SHORT
-    config.loss.name = "longclip"
+    config.method = method_config("longclip", short_context_length=SHORT)
     return config
+
+
+def longclip_batches(config, tokenizer):
+    return train_iterator(config, tokenizer, captions=get_method(config).captions())
 
 
 def test_longclip_batches_from_sharegpt4v(folder):
     tokenizer = ClipTokenizer.train(LONG * 3, 600)
-    batch = next(train_iterator(longclip_config("sharegpt4v", sharegpt4v_file(folder)), tokenizer))
+    batch = next(longclip_batches(longclip_config("sharegpt4v", sharegpt4v_file(folder)), tokenizer))
     assert set(batch) == {"image", "text", "short_text", STATS}
     assert batch["text"].shape == (6, CONTEXT) and batch["short_text"].shape == (6, SHORT)
     record_of = {tuple(row): i for i, row in enumerate(tokenizer(LONG, CONTEXT))}
@@ -115,7 +119,7 @@ def test_own_short_captions_from_jsonl(folder):
             for i, (n, c) in enumerate(zip(("a.png", "b.jpg", "c.png"), LONG, strict=False))]
     (folder / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizer = ClipTokenizer.train(LONG * 3 + ["short 0 short 1 short 2"] * 3, 600)
-    batch = next(train_iterator(longclip_config("captions", folder / "c.jsonl"), tokenizer))
+    batch = next(longclip_batches(longclip_config("captions", folder / "c.jsonl"), tokenizer))
     shorts = {tuple(r): i for i, r in enumerate(tokenizer([r["short_caption"] for r in rows], SHORT))}
     for text, short in zip(batch["text"], batch["short_text"], strict=True):
         np.testing.assert_array_equal(text, tokenizer([LONG[shorts[tuple(short)]]], CONTEXT)[0])
@@ -125,4 +129,4 @@ def test_a_set_of_undecodable_images_is_an_error_not_a_hang(folder):
     (folder / "bad.jsonl").write_text(json.dumps({"image": "bad.jpg", "caption": LONG[0]}) + "\n")
     tokenizer = ClipTokenizer.train(LONG * 3, 600)
     with pytest.raises(ValueError, match="no decodable image or no caption: check data.path and data.image_root"):
-        next(train_iterator(longclip_config("captions", folder / "bad.jsonl"), tokenizer))
+        next(longclip_batches(longclip_config("captions", folder / "bad.jsonl"), tokenizer))

@@ -125,7 +125,7 @@ def test_train_on_fewer_devices_names_the_mesh_override(untouched):
 
 @pytest.mark.parametrize("overrides, expected", [
     (["--config.data.source=shapez"], "unknown data.source 'shapez'; choose one of captions, records, shapes"),
-    (["--config.loss.name=clipp"], "unknown loss.name 'clipp'; choose one of clip, longclip"),
+    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, longclip, siglip"),
     (["--config.model.text.context_length=1"], "'model.text.context_length' must be >= 2, got 1"),
     (["--config.eval.batch_size=0"], "'eval.batch_size' must be >= 1, got 0"),
     (["--config.checkpoint.max_to_keep=-1"], "'checkpoint.max_to_keep' must be >= 1, got -1"),
@@ -142,7 +142,8 @@ def test_train_on_fewer_devices_names_the_mesh_override(untouched):
     (["--config.data.source=captions"], "data.source 'captions' reads files: set --config.data.path"),
     (["--config.data.source=captions", "--config.data.path=/no/such/file.jsonl"],
      "data.path: /no/such/file.jsonl does not exist"),
-    (["--config.eval.long_text_set=/no/such/folder"], "eval.long_text_set: /no/such/folder does not exist"),
+    (["--config.evals.long_set={'type': 'long_text_set', 'path': '/no/such/folder'}"],
+     "evals.long_set.path: /no/such/folder does not exist"),
 ])
 def test_values_that_cannot_work_are_refused_before_the_workdir_is_made(tmp_path, capsys, overrides, expected):
     workdir = tmp_path / "run"

@@ -205,8 +205,10 @@ def config_specs():
     specs = []
     for path in sorted(CONFIGS.glob("*.py")):
         spec = str(path)
-        specs.append(spec)
         source = path.read_text()
+        if "def get_config" not in source:  # the package's __init__ and shared snippets
+            continue
+        specs.append(spec)
         # A file whose get_config takes a preset name (configs/pretrain.py:B/16): every preset.
         namespace = {"__file__": spec}  # as when imported (configs/longclip_l14.py builds on longclip_b16.py)
         exec(compile(source, spec, "exec"), namespace)

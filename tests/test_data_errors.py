@@ -24,6 +24,7 @@ from clip_jax import cli
 from clip_jax.data import convert, records
 from clip_jax.data.images import RefusedFile, list_images, load_image, read_image_file
 from clip_jax.data.pipeline import DecodeExample
+from clip_jax.train.loop import Trained
 
 CAP = 4000  # --max-image-bytes of these tests: above SMALL's size, below BIG's
 TIMEOUT = 120  # a command that reads a FIFO waits for a writer forever: fail instead
@@ -129,7 +130,8 @@ def test_encode_skips_special_files_big_files_and_bombs_with_a_warning(tmp_path,
             encoded.append(pixels)
             return np.ones((len(pixels), 4), np.float32)
 
-    monkeypatch.setattr("clip_jax.train.loop.load_trained", lambda workdir: (config, None, None, None, None, 0))
+    monkeypatch.setattr("clip_jax.train.loop.load_trained",
+                        lambda workdir: Trained(config, None, None, None, None, None, 0))
     monkeypatch.setattr("clip_jax.evaluate.encoder.Encoder", Encoder)
     out = tmp_path / "out"
     with deadline(60):

@@ -223,7 +223,8 @@ def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, t
     np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-5)
 
     # Row i is the embedding of input i: the model applied directly (one device, no batching or padding).
-    _, model, params, tokenizer, _, _ = load_trained(trained)
+    trained = load_trained(trained)
+    model, params, tokenizer = trained.model, trained.params, trained.tokenizer
     small = np.stack([np.asarray(Image.open(images / f"img{i}.png").resize((IMAGE, IMAGE), Image.BICUBIC))
                       for i in range(3)])
 

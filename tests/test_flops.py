@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig
 from clip_jax.models.presets import model_preset
-from clip_jax.train import flops
 
 # REFERENCE section 7: forward GFLOPs per sample at 224 px and 77 tokens: (image, text, total).
 PUBLISHED = {

@@ -329,8 +329,9 @@ def test_cli_convert_and_export(tmp_path):
     assert ClipTokenizer.load(work / "tokenizer.json").name == "openai-bpe-16e6"
 
     # what `train` does on this workdir: restore the full state (optimizer, data iterator) into its shardings
-    config, model, params, tokenizer, mesh, step = load_trained(work)
-    init_fn, shardings, _ = create_state(config, model, mesh)
+    trained = load_trained(work)
+    config, params, tokenizer, step = trained.config, trained.params, trained.tokenizer, trained.step
+    init_fn, shardings, _ = create_state(config, trained.method, trained.model, trained.mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(init_fn, jax.random.PRNGKey(0)), shardings)
     checkpointer = Checkpointer(work, config.checkpoint)
@@ -400,13 +401,12 @@ def test_converted_workdir_fine_tunes_with_its_own_frozen_rules(tmp_path):
     work = tmp_path / "work"
     main(["convert", str(tmp_path / "model.safetensors"), "--to-workdir", str(work), "--heads-vision", "2",
           "--heads-text", "2", "--activation", "gelu"])
-    *_, converted, _, _, _ = load_trained(work)
-    converted = jax.device_get(converted)
+    converted = jax.device_get(load_trained(work).params)
     main(["train", "--workdir", str(work), "--config.optimizer.frozen=('^visual/',)", "--config.total_steps=2",
           "--config.batch_size=16", "--config.optimizer.warmup_steps=1", "--config.log.progress_bar=False",
           "--config.eval.num_examples=16", "--config.eval.batch_size=16", "--config.log.every_steps=1"])
-    *_, tuned, _, _, step = load_trained(work)
-    tuned = jax.device_get(tuned)
+    trained = load_trained(work)
+    tuned, step = jax.device_get(trained.params), trained.step
     assert step == 2
     assert trees_equal(tuned["visual"], converted["visual"])
     assert not np.array_equal(tuned["text"]["text_projection"], converted["text"]["text_projection"])

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from clip_jax import cli
-from clip_jax.longclip import interpolate_positions, stretch_positions
 from clip_jax.models.clip import CLIP
+from clip_jax.models.positions import interpolate_positions, stretch_positions
 from clip_jax.train.loop import load_trained
 from clip_jax.train.metrics import read_metrics
 
@@ -31,7 +31,7 @@ TINY = [
 
 
 def params_of(workdir):
-    return jax.tree.map(np.asarray, jax.device_get(load_trained(workdir)[2]))
+    return jax.tree.map(np.asarray, jax.device_get(load_trained(workdir).params))
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def runs(tmp_path_factory):
     cli.main(["stretch", "--workdir", str(root / "base"), "--out-workdir", str(root / "keep")])
     stretched = params_of(root / "keep")  # before the fine-tune writes its own checkpoints there
     # 8 fake devices hold 2 rows each: PCA over the global batch of 16
-    cli.main(["train", "--config", CONFIG, "--workdir", str(root / "keep"), *TINY, "--config.loss.pca_components=4",
-              "--config.loss.pca_scope=global"])
+    cli.main(["train", "--config", CONFIG, "--workdir", str(root / "keep"), *TINY, "--config.method.pca_components=4",
+              "--config.method.pca_scope=global"])
     return root, stretched
 
 
@@ -60,7 +60,8 @@ def test_stretch_writes_a_warm_start_workdir(runs):
 
     cli.main(["stretch", "--workdir", str(root / "base"), "--out-workdir", str(root / "interp"), "--method",
               "interpolate", "--length", "100"])
-    config, _, params, *_ = load_trained(root / "interp")
+    trained = load_trained(root / "interp")
+    config, params = trained.config, trained.params
     assert (config.model.text.context_length, config.model.text.keep_positions) == (100, 0)
     assert "positional_embedding_res" not in params["text"]
     np.testing.assert_array_equal(np.asarray(params["text"]["positional_embedding"]),
@@ -74,7 +75,7 @@ def test_finetune_freezes_kept_positions_and_resets_the_temperature(runs):
     moved = np.abs(tuned["text"]["positional_embedding_res"] - stretched["text"]["positional_embedding_res"])
     assert moved[20:].max() > 0 and moved[:20].max() == 0  # rows < 20 of the second table get no gradient
     config = json.loads((root / "keep" / "config.json").read_text())
-    assert config["loss"]["name"] == "longclip" and config["model"]["max_logit_scale"] == 0
+    assert config["method"]["name"] == "longclip" and config["model"]["max_logit_scale"] == 0
     train = [r for r in read_metrics(root / "keep" / "metrics.jsonl") if r["split"] == "train"]
     # The base trained with a temperature starting at 1/0.07; the fine-tune starts at 100, unclamped.
     assert train[0]["logit_scale"] == pytest.approx(100.0, rel=1e-5)
@@ -88,7 +89,7 @@ def test_pca_wider_than_the_batch_is_refused_before_compiling(runs, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", CONFIG, "--workdir", str(root / "refused"), *TINY])  # 16 components, 2 rows
     err = capsys.readouterr().err
-    assert "loss.pca_components 16 must be below the local batch the PCA runs over minus one (2: batch_size 16" in err
+    assert "method.pca_components 16 must be below the local batch the PCA runs over minus one (2: batch_size 16" in err
     assert "compiled" not in capsys.readouterr().out
 
 
@@ -100,7 +101,8 @@ def test_hf_text_export_of_the_finetuned_model(runs):
     transformers = pytest.importorskip("transformers")
     root, _ = runs
     cli.main(["export", "--workdir", str(root / "keep"), "--format", "hf-text", "--out", str(root / "text")])
-    config, model, params, tokenizer, _, _ = load_trained(root / "keep")
+    trained = load_trained(root / "keep")
+    model, params, tokenizer = trained.model, trained.params, trained.tokenizer
     from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 
     captions = [ShapesDataset(ShapesConfig(image_size=32, min_objects=8, max_objects=8), "test")[i]["long_caption"]

@@ -99,3 +99,66 @@ def test_wrong_image_size_is_a_clear_error(reference):
     params, _ = reference
     with pytest.raises(ValueError, match="expects 32x32 images"):
         CLIP(base_config()).apply({"params": params}, jnp.zeros((1, 48, 48, 3), jnp.uint8), method=CLIP.encode_image)
+
+
+# --- token states and deep prompts (MaPLe) ---------------------------------------------------------------------------
+def test_towers_return_token_states_that_their_pooled_feature_is_made_of(reference):
+    params, want = reference
+    images, tokens = inputs()
+    model = CLIP(base_config())
+    vision = model.apply({"params": params}, images, method=CLIP.image_features)
+    text = model.apply({"params": params}, tokens, method=CLIP.text_features)
+    assert vision.tokens.shape == (3, (32 // 16) ** 2 + 1, 32) and text.tokens.shape == (3, 12, 32)
+    # the pooled features from the token states by hand: ln_post of the class token, ln_final at end-of-text
+    layer_norm = lambda p, x: nn.LayerNorm(epsilon=1e-5).apply({"params": p}, x)
+    v, t = params["visual"], params["text"]
+    pooled_image = layer_norm(v["ln_post"], vision.tokens[:, 0]) @ v["proj"]
+    pooled_text = layer_norm(t["ln_final"], text.tokens[jnp.arange(3), 7]) @ t["text_projection"]
+    np.testing.assert_allclose(vision.pooled, pooled_image, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(text.pooled, pooled_text, rtol=1e-5, atol=1e-6)
+    normalised = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(normalised(np.asarray(vision.pooled)), want["image"], rtol=1e-5, atol=1e-6)
+
+
+def deep_prompts(layers=2, count=2, width=32):
+    return jnp.asarray(np.random.default_rng(1).normal(size=(layers, count, width)).astype(np.float32))
+
+
+def test_deep_prompts_replace_the_prompt_tokens_before_each_later_block(reference):
+    """Text: the tokens at 1..M are replaced by layer l's prompts before block l (l >= 1); checked against the
+    blocks applied one by one with the replacement done by hand."""
+    from clip_jax.models.layers import ResidualBlock
+
+    params, _ = reference
+    _, tokens = inputs()
+    model = CLIP(base_config())
+    prompts = deep_prompts()
+    got = model.apply({"params": params}, tokens, layer_prompts=prompts, method=CLIP.text_features).tokens
+
+    t = params["text"]
+    x = jnp.take(t["token_embedding"]["embedding"], tokens, axis=0) + t["positional_embedding"][:12]
+    block = ResidualBlock(num_heads=2, head_dim=16, mlp_dim=64, activation="gelu", causal=True, num_layers=2)
+    x, _ = block.apply({"params": t["transformer"]["resblocks_0"]}, x)
+    x = x.at[:, 1:3].set(prompts[1])
+    x, _ = block.apply({"params": t["transformer"]["resblocks_1"]}, x)
+    np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-5)
+    # and they change the result, while prompts no block uses do not
+    plain = model.apply({"params": params}, tokens, method=CLIP.text_features).tokens
+    assert np.abs(np.asarray(got - plain)).max() > 1e-3
+    unused = model.apply({"params": params}, tokens, layer_prompts=prompts, prompt_layers=jnp.zeros(2, bool),
+                         method=CLIP.text_features).tokens
+    np.testing.assert_allclose(unused, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_deep_prompts_are_the_same_with_scanned_layers(reference):
+    params, _ = reference
+    images, tokens = inputs()
+    prompts = deep_prompts()
+    want = CLIP(base_config()).apply({"params": params}, images, layer_prompts=prompts,
+                                     method=CLIP.image_features)
+    got = CLIP(base_config(scan_layers=True)).apply({"params": stack_layers(params)}, images, layer_prompts=prompts,
+                                                     method=CLIP.image_features)
+    # vision prompts go after the patch tokens: 5 tokens + 2 prompts
+    assert got.tokens.shape == (3, 7, 32)
+    np.testing.assert_allclose(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.pooled, want.pooled, rtol=1e-5, atol=1e-5)

@@ -39,10 +39,10 @@ def test_nonfinite_loss_skips_the_update(monkeypatch):
     def poisoned_shard_loss(loss_fn, mesh):
         run = real(loss_fn, mesh)
 
-        def wrapped(outputs):
-            loss, metrics = run(outputs)
+        def wrapped(per_example, shared):
+            loss, metrics = run(per_example, shared)
             # caption_key of row 0 identifies the batch: poison batch 1 only (make_batch(1) in run_steps)
-            poison = outputs["caption_key"][0] == jnp.uint32(poisoned_key)
+            poison = per_example["caption_key"][0] == jnp.uint32(poisoned_key)
             return jnp.where(poison, jnp.nan, loss), metrics
 
         return wrapped
@@ -87,7 +87,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(trained, tm
     newest, previous = checkpoint_steps(workdir)[-1], checkpoint_steps(workdir)[-2]
     corrupt(workdir / "checkpoints" / str(newest))
     with caplog.at_level(logging.WARNING):
-        *_, step = load_trained(workdir)
+        step = load_trained(workdir).step
     assert step == previous
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert f"checkpoints/{newest}" in warnings and f"step {previous}" in warnings

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import losses
-from clip_jax.config import default_config
-from clip_jax.models.clip import CLIP, CLIPConfig
-from clip_jax.sharding import global_batch, make_mesh
+from clip_jax.config import default_config, method_config
+from clip_jax.methods import get_method
+from clip_jax.methods.base import abstract_batch
+from clip_jax.sharding import batch_sharding, global_batch, make_mesh
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
 
@@ -40,8 +40,11 @@ def run_steps(mesh_sizes, accum_steps=1, frozen=(), n_steps=2, devices=None):
     config.optimizer.frozen = frozen
     config.optimizer.warmup_steps = 1
     config.optimizer.lr = 1e-2
+    config.model = tiny_model_dict()
+    config.method = method_config("clip", multi_positive=True)
     mesh = make_mesh(mesh_sizes, devices)
-    model = CLIP(CLIPConfig.from_dict(tiny_model_dict()))
+    method = get_method(config)
+    model = method.model()
     batch = make_batch()
     boxed = jax.eval_shape(model.init, jax.random.key(0), batch["image"][:1], batch["text"][:1])["params"]
     params = nn.unbox(model.init(jax.random.key(0), batch["image"][:1], batch["text"][:1])["params"])
@@ -49,14 +52,13 @@ def run_steps(mesh_sizes, accum_steps=1, frozen=(), n_steps=2, devices=None):
     tx = state_lib.make_optimizer(config.optimizer, 10, params)
     shardings = step_lib.state_shardings(boxed, tx, mesh)
     state = jax.device_put(state_lib.init_state(params, tx, jax.random.key(1)), shardings)
-    loss_fn = losses.shard_loss(losses.get_loss("clip", multi_positive=True), mesh)
     train_step = step_lib.make_train_step(
-        step_lib.clip_embed_fn(model), step_lib.clip_scalars_fn(model), loss_fn, tx,
-        state_lib.trainable_mask(params, frozen), state_lib.learning_rate_schedule(config.optimizer, 10), accum_steps,
+        method.step_fns(model), tx, state_lib.trainable_mask(params, frozen),
+        state_lib.learning_rate_schedule(config.optimizer, 10), mesh, accum_steps,
     )
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     compiled = step_lib.compile_train_step(
-        train_step, shardings, abstract_state, step_lib.abstract_batch(BATCH, IMAGE, CONTEXT, mesh), mesh
+        train_step, shardings, abstract_state, abstract_batch(method.fields(), BATCH, batch_sharding(mesh)), mesh
     )
     metrics = []
     for i in range(n_steps):

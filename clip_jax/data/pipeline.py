@@ -4,10 +4,10 @@ train: source -> [decode: `DecodeExample`] -> random map (augment, pick caption)
 batch, each example numbered by its position in this host's stream -> batch -> tokenize -> prefetch. Shuffling and
 the random map are keyed by the global example index, so global batch k holds the same examples in the same order
 on any number of hosts.
-Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device) and `text` int32 [B, context_length]; for a
-loss that reads short captions (Long-CLIP) also `short_text` int32 [B, short_text_length(config)]; and `stats`, host-
-only int [B] fields: `example_index` (the position) and the `MARKS`, which `DataCounts.take` removes and counts
-before the batch goes to the device (the compiled step never sees them).
+Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device), the token fields the method's `Captions`
+names (int32 [B, length]: `text` for every method; Long-CLIP adds `short_text`), and `stats`, host-only int [B]
+fields: `example_index` (the position) and the `MARKS`, which `DataCounts.take` removes and counts before the batch
+goes to the device (the compiled step never sees them).
 Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access source whose items have `image`
 (uint8 HxWx3), or, for a source with `encoded_images = True`, `image_bytes` or a file `path` (decoded by
 `DecodeExample`), and the caption fields.
@@ -15,11 +15,13 @@ Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import grain
 import jax
@@ -40,8 +42,6 @@ from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import GlobalBatchRows, barrier, batch_rows, sum_over_processes
 from clip_jax.errors import ConfigError
-from clip_jax.longclip import first_sentence
-from clip_jax.losses import SHORT_TEXT_LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,24 @@ MARKS = (*_EXAMPLE_MARKS, "truncated_caption")
 MIN_IMAGE_SIDE = 8
 # A training run whose first examples all fail is pointed at the wrong data: stop instead of spinning forever.
 _ALL_FAILED_LIMIT = 200
+
+
+class TextField(NamedTuple):
+    """A token field of the batch: the caption string it tokenizes and its length in tokens."""
+
+    caption: str
+    context_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Captions:
+    """The captions a method trains on. `fields` maps each token field of the batch to its `TextField`; the caption
+    "caption" is the one `TrainExample` picks (long, partial or short, by the data.*_prob fields), and the field
+    "text" is the one whose truncation is counted. `add`, if set, maps a source example to more caption strings
+    (e.g. Long-CLIP's short caption); it runs in the grain map, so it must be picklable (a module-level class)."""
+
+    fields: Mapping[str, TextField]
+    add: Callable[[dict], dict[str, str]] | None = None
 
 
 def shapes_config(config: ml_collections.ConfigDict) -> ShapesConfig:
@@ -157,18 +175,19 @@ class TrainExample(grain.transforms.RandomMap):
     pickle it)."""
 
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
-                 short_caption: bool = False, partial_caption_prob: float = 0.0,
+                 add_captions: Callable[[dict], dict[str, str]] | None = None, partial_caption_prob: float = 0.0,
                  grayscale_shape_captions: bool = False):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
         self.long_caption_prob = long_caption_prob
-        self.short_caption = short_caption  # also emit the short caption (Long-CLIP)
+        self.add_captions = add_captions  # the method's own captions (`Captions.add`)
         self.partial_caption_prob = partial_caption_prob
         self.grayscale_shape_captions = grayscale_shape_captions
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        """The example's `image`, `caption`[, `short_caption`] and `stats` (its marks; 0 where the source sets none)."""
+        """The example's `image`, `caption`, the method's added captions and `stats` (its marks; 0 where the source
+        sets none)."""
         image = element["image"]
         if self.augment:
             image = random_resized_crop(image, self.image_size, rng, self.crop_scale)
@@ -189,8 +208,8 @@ class TrainExample(grain.transforms.RandomMap):
         else:
             caption = short
         out = {"image": image, "caption": caption, STATS: {m: element.get(m, 0) for m in _EXAMPLE_MARKS}}
-        if self.short_caption:
-            out["short_caption"] = short if short is not None else first_sentence(long)
+        if self.add_captions is not None:
+            out.update(self.add_captions(element))
         return out
 
 
@@ -204,17 +223,18 @@ class Tokenize(grain.transforms.Map):
     """Tokenizes a whole batch of captions at once (the tokenizer is batched, in Rust), marking the captions cut to
     the context (`truncated_caption`; cut as open_clip does, EOT last)."""
 
-    def __init__(self, tokenizer: ClipTokenizer, context_length: int, short_context_length: int | None = None):
+    def __init__(self, tokenizer: ClipTokenizer, fields: Mapping[str, TextField]):
         self.tokenizer = tokenizer
-        self.context_length = context_length
-        self.short_context_length = short_context_length
+        self.fields = dict(fields)
 
     def map(self, batch: dict) -> dict:
-        text, lengths = self.tokenizer.tokenize_with_lengths(list(batch["caption"]), self.context_length)
-        stats = batch[STATS] | {"truncated_caption": (lengths > self.context_length - 2).astype(np.int64)}
-        out = {"image": batch["image"], "text": text, STATS: stats}
-        if self.short_context_length is not None:
-            out["short_text"] = self.tokenizer(list(batch["short_caption"]), self.short_context_length)
+        out = {"image": batch["image"], STATS: batch[STATS]}
+        for name, (caption, length) in self.fields.items():
+            if name == "text":
+                out[name], lengths = self.tokenizer.tokenize_with_lengths(list(batch[caption]), length)
+                out[STATS] = out[STATS] | {"truncated_caption": (lengths > length - 2).astype(np.int64)}
+            else:
+                out[name] = self.tokenizer(list(batch[caption]), length)
         return out
 
 
@@ -247,18 +267,18 @@ class DataCounts:
         return {"data_dropped": int(totals[0])} | {f"data_{m}": int(t) for m, t in zip(MARKS, totals[1:], strict=True)}
 
 
-def short_text_length(config: ml_collections.ConfigDict) -> int | None:
-    """Token length of the batches' `short_text`, or None when the loss reads no short captions."""
-    if config.loss.name not in SHORT_TEXT_LOSSES:
-        return None
-    return min(config.data.short_context_length, config.model.text.context_length)
+def clip_captions(config: ml_collections.ConfigDict) -> Captions:
+    """CLIP's captions: `text`, the picked caption at the model's context length."""
+    return Captions({"text": TextField("caption", config.model.text.context_length)})
 
 
-def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None
-                  ) -> grain.IterDataset:
+def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
+                  captions: Captions | None = None) -> grain.IterDataset:
     """The training stream of this host: infinite (files repeat), deterministic given config.seed. `rows`: the rows
-    of each global batch this host loads (default: its contiguous block; see `distributed.batch_rows`)."""
+    of each global batch this host loads (default: its contiguous block; see `distributed.batch_rows`); `captions`:
+    the method's (default: CLIP's, `clip_captions`)."""
     rows = batch_rows(config.batch_size) if rows is None else rows
+    captions = clip_captions(config) if captions is None else captions
     source = get_source(config, "train")
     ds = grain.MapDataset.source(source)
     if config.data.source != "shapes":  # procedural samples are already i.i.d. by index; files need shuffling
@@ -267,11 +287,10 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
     if encoded:  # decoded in the grain map, at the resolution the crop needs
         size, d = config.model.vision.image_size, config.data
         ds = ds.map(DecodeExample(size, crop_min_side(size, d.augment, d.crop_scale), d.max_image_bytes))
-    short_length = short_text_length(config)
     ds = ds.random_map(
         TrainExample(
             config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob,
-            short_caption=short_length is not None, partial_caption_prob=config.data.partial_caption_prob,
+            add_captions=captions.add, partial_caption_prob=config.data.partial_caption_prob,
             grayscale_shape_captions=config.data.grayscale_shape_captions,
         ),
         seed=config.seed,
@@ -283,10 +302,10 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
         batch = len(rows)
         read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=config.data.prefetch * batch)
         iter_ds = ds.to_iter_dataset(read).batch(batch, drop_remainder=True)
-        iter_ds = iter_ds.map(Tokenize(tokenizer, config.model.text.context_length, short_length))
+        iter_ds = iter_ds.map(Tokenize(tokenizer, captions.fields))
     else:
         ds = ds.batch(len(rows), drop_remainder=True)
-        ds = ds.map(Tokenize(tokenizer, config.model.text.context_length, short_length))
+        ds = ds.map(Tokenize(tokenizer, captions.fields))
         # Batches are assembled by a few threads ahead of the step (numpy and PIL release the GIL); worker
         # processes for heavier decoding are opt-in.
         iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=config.data.prefetch))
@@ -298,9 +317,9 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
     return iter_ds
 
 
-def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None
-                   ) -> Iterator[dict]:
-    return iter(train_dataset(config, tokenizer, rows))
+def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
+                   captions: Captions | None = None) -> Iterator[dict]:
+    return iter(train_dataset(config, tokenizer, rows, captions))
 
 
 def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[str]:

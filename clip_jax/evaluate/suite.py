@@ -1,29 +1,76 @@
-"""The evaluation suite a run reports: zero-shot classification and image-text retrieval on the configured
-source. For `shapes`: zero-shot top-1 on held-out colour-shape pairs (never in training captions) and on seen
-pairs, both among all pairs, and retrieval R@1/5/10 on test images with their long (distinct) captions; with
-`eval.long_text`, also retrieval on captions over 77 tokens (`long_*`) and the hard-pairs test. For any source,
-`eval.long_text_set` adds long-text retrieval on a folder (`long_set_*`; see `long_text.py`)."""
+"""The evaluations a run reports, chosen by `config.evals`: a name -> {type, every_steps, ...} entry per
+evaluation, resolved through `EVALUATORS` (big_vision's pattern, with an explicit registry). Each evaluator type is a
+`Config` dataclass (its fields; `every_steps` None: `eval.every_steps`) and a function from the encoder and the
+entry to its results. `eval.batch_size` and `eval.num_examples` are shared by all.
+
+- `shapes`: zero-shot top-1/5 on held-out colour-shape pairs (never in training captions) and on seen pairs, both
+  among all pairs, and retrieval R@1/5/10 on test images with their long (distinct) captions. Keys
+  `zero_shot_top1`, `zero_shot_top1_seen`, ..., `i2t_r1`, `t2i_r1`, ... Only for a run trained on `shapes` (its
+  held-out pairs are defined by the training captions); other runs skip it.
+- `shapes_long_text`: retrieval on shapes captions over 77 tokens (`long_*`) and the hard-pairs test
+  (`hard_pairs_acc`, `hard_pairs_image_acc`); see long_text.py. Also only for `shapes` runs.
+- `long_text_set`: long-text retrieval on `path`, a folder in the Urban-1k layout or a JSON file (`long_set_*`).
+- `zero_shot_folder`: zero-shot top-1/5 on `path`, images in class folders (`<name>_top1`, `<name>_top5`,
+  `<name>_skipped`).
+- `zero_shot_tfds`: zero-shot top-1/5 on a TFDS classification set read through `tfds.data_source`
+  (`<name>_top1`, `<name>_top5`; the `[tfds]` extra).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import logging
+import typing
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
 
+from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.pipeline import get_source
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.errors import ConfigError
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.long_text import hard_pairs, hard_pairs_accuracy, load_long_text_set, shapes_long_captions
 from clip_jax.evaluate.retrieval import retrieval_recall
-from clip_jax.evaluate.zero_shot import class_embeddings, zero_shot_accuracy
+from clip_jax.evaluate.zero_shot import class_embeddings, evaluate_zero_shot, zero_shot_accuracy
+
+log = logging.getLogger(__name__)
+
+# CLIP's short prompt for zero-shot classification of natural images.
+PHOTO_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every evaluator receives: the run's config, the encoder (the model on the mesh) and the tokenizer."""
+
+    config: ml_collections.ConfigDict
+    encoder: Encoder
+    tokenizer: ClipTokenizer
+
+    def texts(self, texts) -> np.ndarray:
+        return self.encoder.texts(self.tokenizer(list(texts), self.config.model.text.context_length))
+
+    def num_examples(self, entry) -> int:
+        return entry.num_examples if entry.num_examples is not None else self.config.eval.num_examples
+
+
+# --- shapes ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShapesEval:
+    every_steps: int | None = None
+    num_examples: int | None = None  # None: eval.num_examples
 
 
 @functools.lru_cache(maxsize=8)
 def _shapes_eval_data(config_json: str, split: str, n: int, caption: str | None):
     """Eval examples are deterministic: render them once per process, not at every evaluation."""
-    config = ml_collections.ConfigDict(__import__("json").loads(config_json))
+    config = ml_collections.ConfigDict(json.loads(config_json))
     source = get_source(config, split)
     items = [source[i] for i in range(n)]
     images = np.stack([it["image"] for it in items])
@@ -32,39 +79,152 @@ def _shapes_eval_data(config_json: str, split: str, n: int, caption: str | None)
     return images, labels, captions
 
 
-def evaluate(config: ml_collections.ConfigDict, model, params, mesh, tokenizer: ClipTokenizer) -> dict[str, float]:
-    encoder = Encoder(model, params, mesh, config.eval.batch_size)
-    context = config.model.text.context_length
-    encode_texts = lambda texts: encoder.texts(tokenizer(list(texts), context))
-    results: dict[str, float] = {}
-    if config.eval.long_text_set:
-        images, captions, skipped = load_long_text_set(config.eval.long_text_set, config.model.vision.image_size,
-                                                       config.data.max_image_bytes)
-        recall = retrieval_recall(encoder.images(images), encode_texts(captions), texts=captions)
-        results.update({f"long_set_{k}": float(v) for k, v in recall.items()})
-        results["long_set_skipped"] = skipped
-    if config.data.source != "shapes":
-        return results  # no built-in evaluation for file sources
+def _trained_on_shapes(ctx: Context, name: str) -> bool:
+    if ctx.config.data.source == "shapes":
+        return True
+    log.info("evals.%s: skipped, the run is not trained on shapes", name)
+    return False
+
+
+def run_shapes(ctx: Context, name: str, entry: ShapesEval) -> dict[str, float]:
+    if not _trained_on_shapes(ctx, name):
+        return {}
+    config, n = ctx.config, ctx.num_examples(entry)
     key = config.to_json()
-    n = config.eval.num_examples
-    source = get_source(config, "test")
-    classes = class_embeddings(encode_texts, source.class_names(), ZERO_SHOT_TEMPLATES)
+    classes = class_embeddings(ctx.texts, get_source(config, "test").class_names(), ZERO_SHOT_TEMPLATES)
+    results = {}
     for split, suffix in (("test_held_out", ""), ("test_seen", "_seen")):
         images, labels, _ = _shapes_eval_data(key, split, n, None)
-        acc = zero_shot_accuracy(encoder.images(images), labels, classes)
+        acc = zero_shot_accuracy(ctx.encoder.images(images), labels, classes)
         results[f"zero_shot_top1{suffix}"] = float(acc["top1"])
         results[f"zero_shot_top5{suffix}"] = float(acc["top5"])
     images, _, captions = _shapes_eval_data(key, "test", n, "long_caption")
-    recall = retrieval_recall(encoder.images(images), encode_texts(captions), texts=captions)
+    recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), texts=captions)
     results.update({k: float(v) for k, v in recall.items()})
-    if config.eval.long_text:
-        size, seed = config.model.vision.image_size, config.seed
-        images, captions = shapes_long_captions(size, seed, n, tokenizer)
-        recall = retrieval_recall(encoder.images(images), encode_texts(captions), texts=captions)
-        results.update({f"long_{k}": float(v) for k, v in recall.items()})
-        images, captions = hard_pairs(size, seed, n // 2, tokenizer)
-        pairs = hard_pairs_accuracy(encoder.images(images), encode_texts(captions))
-        results["hard_pairs_acc"], results["hard_pairs_image_acc"] = pairs["pairs"], pairs["images"]
+    return results
+
+
+def run_shapes_long_text(ctx: Context, name: str, entry: ShapesEval) -> dict[str, float]:
+    if not _trained_on_shapes(ctx, name):
+        return {}
+    size, seed, n = ctx.config.model.vision.image_size, ctx.config.seed, ctx.num_examples(entry)
+    images, captions = shapes_long_captions(size, seed, n, ctx.tokenizer)
+    recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), texts=captions)
+    results = {f"long_{k}": float(v) for k, v in recall.items()}
+    images, captions = hard_pairs(size, seed, n // 2, ctx.tokenizer)
+    pairs = hard_pairs_accuracy(ctx.encoder.images(images), ctx.texts(captions))
+    results["hard_pairs_acc"], results["hard_pairs_image_acc"] = pairs["pairs"], pairs["images"]
+    return results
+
+
+# --- files -----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LongTextSetEval:
+    path: str = ""  # an Urban-1k-layout folder (image/N.jpg, caption/N.txt) or a JSON file {image file: caption}
+    every_steps: int | None = None
+
+
+def run_long_text_set(ctx: Context, name: str, entry: LongTextSetEval) -> dict[str, float]:
+    config = ctx.config
+    images, captions, skipped = load_long_text_set(entry.path, config.model.vision.image_size,
+                                                   config.data.max_image_bytes)
+    recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), texts=captions)
+    return {**{f"long_set_{k}": float(v) for k, v in recall.items()}, "long_set_skipped": skipped}
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotFolderEval:
+    path: str = ""  # root/<class>/<image>; class names are the folder names with "_" as spaces
+    templates: tuple = PHOTO_TEMPLATES  # prompts, "{}" standing for the class name; embeddings averaged
+    num_examples: int | None = None  # None: every image; else this many spread over the classes
+    every_steps: int | None = None
+
+
+def run_zero_shot_folder(ctx: Context, name: str, entry: ZeroShotFolderEval) -> dict[str, float]:
+    config = ctx.config
+    source = ImageFolderSource(entry.path, config.model.vision.image_size, config.data.max_image_bytes)
+    images, labels, skipped = source.arrays(entry.num_examples)
+    classes = class_embeddings(ctx.texts, source.class_names(), tuple(entry.templates))
+    acc = zero_shot_accuracy(ctx.encoder.images(images), labels, classes)
+    return {f"{name}_top1": float(acc["top1"]), f"{name}_top5": float(acc["top5"]), f"{name}_skipped": skipped}
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotTfdsEval:
+    dataset: str = ""  # a TFDS name, e.g. "cifar10"; prepared in data_dir (tfds build --file_format=array_record)
+    split: str = "test"
+    data_dir: str = ""  # "" = TFDS's default
+    templates: tuple = PHOTO_TEMPLATES
+    num_examples: int | None = None  # None: eval.num_examples
+    every_steps: int | None = None
+
+
+def run_zero_shot_tfds(ctx: Context, name: str, entry: ZeroShotTfdsEval) -> dict[str, float]:
+    from clip_jax.data.tfds_source import TfdsEvalSource  # the optional [tfds] extra
+
+    source = TfdsEvalSource(entry.dataset, entry.split, ctx.config.model.vision.image_size,
+                            data_dir=entry.data_dir or None)
+    acc = evaluate_zero_shot(ctx.encoder.images, ctx.texts, source, source.class_names(), tuple(entry.templates),
+                             n=ctx.num_examples(entry))
+    return {f"{name}_top1": float(acc["top1"]), f"{name}_top5": float(acc["top5"])}
+
+
+Evaluator = tuple[type, Callable[[Context, str, Any], dict[str, float]]]
+EVALUATORS: dict[str, Evaluator] = {
+    "shapes": (ShapesEval, run_shapes),
+    "shapes_long_text": (ShapesEval, run_shapes_long_text),
+    "long_text_set": (LongTextSetEval, run_long_text_set),
+    "zero_shot_folder": (ZeroShotFolderEval, run_zero_shot_folder),
+    "zero_shot_tfds": (ZeroShotTfdsEval, run_zero_shot_tfds),
+}
+# Fields an entry of this type must set (a path to read).
+_REQUIRED = {"long_text_set": "path", "zero_shot_folder": "path", "zero_shot_tfds": "dataset"}
+
+
+def eval_defaults(kind: str) -> dict[str, Any]:
+    """An entry of type `kind` with every field at its default."""
+    if kind not in EVALUATORS:
+        raise ConfigError(f"unknown evaluator type {kind!r}; choose one of {', '.join(sorted(EVALUATORS))}")
+    return {"type": kind, **dataclasses.asdict(EVALUATORS[kind][0]())}
+
+
+def parse_entry(name: str, entry: dict) -> Any:
+    """The entry's Config, or a ConfigError naming `evals.<name>`."""
+    fields = {k: v for k, v in entry.items() if k != "type"}
+    cls = EVALUATORS[entry["type"]][0]
+    for key, kind in typing.get_type_hints(cls).items():  # the fields whose default (None) says nothing of their type
+        value, allowed = fields.get(key), tuple(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+        accepted = allowed + ((list,) if tuple in allowed else ())  # config.json holds tuples as lists
+        wrong = not isinstance(value, accepted) or (isinstance(value, bool) and bool not in allowed)
+        if value is not None and wrong:
+            raise ConfigError(f"config key 'evals.{name}.{key}' must be {' or '.join(t.__name__ for t in allowed)}, "
+                              f"got {type(value).__name__} {value!r}")
+    if entry.get("type") in _REQUIRED and not fields.get(_REQUIRED[entry["type"]]):
+        raise ConfigError(f"evals.{name} ({entry['type']}) needs {_REQUIRED[entry['type']]}: set "
+                          f"--config.evals.{name}.{_REQUIRED[entry['type']]}=...")
+    return cls(**fields)
+
+
+def due(config: ml_collections.ConfigDict, step: int) -> list[str]:
+    """The entries that evaluate at training step `step` (every_steps divides it; 0 or None with eval.every_steps
+    0: never during training, only at the end)."""
+    names = []
+    for name, entry in config.evals.items():
+        every = entry.get("every_steps")
+        every = config.eval.every_steps if every is None else every
+        if every and step % every == 0:
+            names.append(name)
+    return names
+
+
+def evaluate(config: ml_collections.ConfigDict, model, params, mesh, tokenizer: ClipTokenizer,
+             names: list[str] | None = None) -> dict[str, float]:
+    """The results of the `config.evals` entries `names` (all by default), merged."""
+    ctx = Context(config, Encoder(model, params, mesh, config.eval.batch_size), tokenizer)
+    results: dict[str, float] = {}
+    for name, entry in config.evals.items():
+        if names is None or name in names:
+            results.update(EVALUATORS[entry.type][1](ctx, name, parse_entry(name, entry.to_dict())))
     return results
 
 

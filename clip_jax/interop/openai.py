@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from clip_jax.interop import ConversionError
-from clip_jax.longclip import merge_position_tables
+from clip_jax.models.positions import merge_position_tables
 from clip_jax.models.presets import model_preset
 
 # Long-CLIP: positions below this come from the frozen table (REFERENCE.md section 5). Their checkpoints do not

@@ -1,5 +1,6 @@
 """`clip-jax convert` (a PyTorch checkpoint -> a workdir) and `clip-jax export` (a workdir -> PyTorch files), and
-`write_workdir`, which `convert` and `clip-jax stretch` (clip_jax/longclip.py) write their workdirs with.
+`clip-jax stretch` (a workdir -> a workdir with longer text positions), and `write_workdir`, which `convert` and
+`stretch` write their workdirs with.
 
 A converted workdir is an ordinary one: config.json (`default_config()` with the model read from the source),
 tokenizer.json, and an Orbax checkpoint at step 0 holding a full TrainState (the source's params, a fresh
@@ -234,9 +235,8 @@ def write_workdir(config, params: dict[str, Any], tokenizer, workdir: str | path
 def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pathlib.Path) -> None:
     import jax
 
-    from clip_jax.config import model_config
     from clip_jax.data.pipeline import train_iterator
-    from clip_jax.models.clip import CLIP
+    from clip_jax.methods import get_method
     from clip_jax.sharding import reader_mesh
     from clip_jax.train import state as state_lib
     from clip_jax.train.checkpoint import Checkpointer
@@ -247,8 +247,8 @@ def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pat
         tokenizer.save(workdir / "tokenizer.json")
 
     mesh = reader_mesh(config.mesh.to_dict())  # a stretch may read a run of another machine
-    clip = CLIP(model_config(config))
-    init_fn, shardings, tx = create_state(config, clip, mesh)
+    method = get_method(config)
+    init_fn, shardings, tx = create_state(config, method, method.model(), mesh)
     _check_tree(params, jax.eval_shape(init_fn, jax.random.PRNGKey(0)).params)
     params = jax.device_put(params, shardings.params)
     state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as create_state's init would
@@ -256,7 +256,7 @@ def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pat
         state = jax.jit(lambda p, r: state_lib.init_state(p, tx, r), out_shardings=shardings)(params, state_rng)
     # With the data iterator's state too: `train` restores both items, so a checkpoint without it would not load.
     checkpointer = Checkpointer(workdir, config.checkpoint)
-    checkpointer.save(0, state, train_iterator(config, tokenizer), force=True)
+    checkpointer.save(0, state, train_iterator(config, tokenizer, captions=method.captions()), force=True)
     checkpointer.wait()
     checkpointer.close()
 
@@ -314,6 +314,44 @@ def _check_tree(params: dict, abstract: Any) -> None:
         raise ConversionError(f"the params do not match the model's parameters: {diff}")
 
 
+# ---- stretch -----------------------------------------------------------------------------------------------------
+def stretch_workdir(src: str | pathlib.Path, out: str | pathlib.Path, *, method: str = "keep", keep: int = 20,
+                    ratio: int = 4, length: int | None = None) -> dict[str, Any]:
+    """`clip-jax stretch`: a new workdir `out` whose step-0 checkpoint (a warm start for `train`) is the latest
+    checkpoint of `src` with its text positions stretched, config.json the source's with the new context length
+    and keep_positions, and the same tokenizer. Returns {"context_length", "keep_positions"}."""
+    import jax
+    import ml_collections
+
+    from clip_jax.models.positions import check_stretch, stretch_text_positions
+    from clip_jax.train.loop import load_trained
+
+    # The arguments are checked against the source's config.json before its checkpoint is read.
+    check_stretch(_source_config(src).model.text.context_length, method=method, keep=keep, ratio=ratio,
+                  length=length)
+    check_new_workdir(out, "--out-workdir")
+    trained = load_trained(src)
+    config, tokenizer, step = trained.config, trained.tokenizer, trained.step
+    params = jax.tree.map(np.asarray, jax.device_get(trained.params))
+    params, text = stretch_text_positions(params, config.model.text.to_dict(), method=method, keep=keep,
+                                          ratio=ratio, length=length)
+    config.model.text = ml_collections.ConfigDict(text)
+    write_workdir(config, params, tokenizer, out)
+    log.info("stretched %s (step %d) to %d text positions (keep %d) into %s", src, step, text["context_length"],
+             text["keep_positions"], out)
+    return {"context_length": text["context_length"], "keep_positions": text["keep_positions"]}
+
+
+def _source_config(src: str | pathlib.Path):
+    """The config of the workdir `clip-jax stretch --workdir` names, or a ConfigError naming the flag."""
+    from clip_jax.config import ConfigError, read_config
+
+    if not is_workdir(src):  # e.g. an exported Hugging Face folder, whose config.json is not ours
+        raise ConfigError(f"--workdir {src} is not a clip_jax workdir (no config.json of one); train or convert "
+                          "into it first")
+    return read_config(epath.Path(src) / "config.json")
+
+
 # ---- export ------------------------------------------------------------------------------------------------------
 def export_workdir(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path, *, pt: bool = False,
                    force: bool = False, step: int | None = None) -> list[pathlib.Path]:
@@ -323,7 +361,8 @@ def export_workdir(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Pat
     from clip_jax.train.loop import load_trained
 
     check_export_out(out, fmt, pt=pt, force=force, source=workdir)  # before the checkpoint is read
-    config, _, params, _, _, _ = load_trained(workdir, step)
+    trained = load_trained(workdir, step)
+    config, params = trained.config, trained.params
     tokenizer = json.loads((pathlib.Path(workdir) / "tokenizer.json").read_text(encoding="utf-8"))
     params = jax.tree.map(np.asarray, jax.device_get(params))
     return export_params(params, config.model.to_dict(), fmt, out, tokenizer=tokenizer, pt=pt, force=force)

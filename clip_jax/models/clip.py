@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS, TextConfig, VisionConfig
+from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS, TextConfig, TowerOutput, VisionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +63,25 @@ class CLIP(nn.Module):
         if cfg.logit_bias_init is not None:
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(cfg.logit_bias_init), (), jnp.float32)
 
-    def encode_image(self, images: jax.Array, normalize: bool = True) -> jax.Array:
-        """images: uint8 RGB [B, H, W, 3] (normalised here, on device: 4x less host-to-device traffic than
-        float), or float images already normalised with CLIP's mean and std."""
+    def image_features(self, images: jax.Array, *, layer_prompts: jax.Array | None = None,
+                       prompt_layers: jax.Array | None = None) -> TowerOutput:
+        """The image tower's pooled feature (unnormalised) and token states. images: uint8 RGB [B, H, W, 3]
+        (normalised here, on device: 4x less host-to-device traffic than float), or float images already
+        normalised with CLIP's mean and std. Deep prompts: see `VisionTransformer`."""
         if images.dtype == jnp.uint8:
             images = (images.astype(jnp.float32) / 255.0 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
-        features = self.visual(images)
+        return self.visual(images, layer_prompts, prompt_layers)
+
+    def text_features(self, tokens: jax.Array | None = None, *, token_embeddings: jax.Array | None = None,
+                      pool_index: jax.Array | None = None, layer_prompts: jax.Array | None = None,
+                      prompt_layers: jax.Array | None = None) -> TowerOutput:
+        """The text tower's pooled feature (unnormalised) and token states; see `TextTransformer`."""
+        return self.text(tokens, token_embeddings=token_embeddings, pool_index=pool_index,
+                         layer_prompts=layer_prompts, prompt_layers=prompt_layers)
+
+    def encode_image(self, images: jax.Array, normalize: bool = True, **prompts) -> jax.Array:
+        """The image embedding [B, embed_dim], L2-normalised unless `normalize` is False (`image_features`)."""
+        features = self.image_features(images, **prompts).pooled
         return l2_normalize(features) if normalize else features.astype(jnp.float32)
 
     def encode_text(
@@ -78,8 +91,11 @@ class CLIP(nn.Module):
         token_embeddings: jax.Array | None = None,
         pool_index: jax.Array | None = None,
         normalize: bool = True,
+        **prompts,
     ) -> jax.Array:
-        features = self.text(tokens, token_embeddings=token_embeddings, pool_index=pool_index)
+        """The text embedding [B, embed_dim], L2-normalised unless `normalize` is False (`text_features`)."""
+        features = self.text_features(tokens, token_embeddings=token_embeddings, pool_index=pool_index,
+                                      **prompts).pooled
         return l2_normalize(features) if normalize else features.astype(jnp.float32)
 
     def temperature(self) -> tuple[jax.Array, jax.Array]:

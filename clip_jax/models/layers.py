@@ -154,7 +154,9 @@ class Mlp(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). With `prompt` = (tokens [M, width], use []), the
+    tokens at positions [prompt_start, prompt_start + M) are first replaced by `tokens` where `use` is true (deep
+    prompting: each layer reads its own learned prompt tokens, MaPLe)."""
 
     num_heads: int
     head_dim: int
@@ -163,9 +165,16 @@ class ResidualBlock(nn.Module):
     causal: bool
     num_layers: int
     dtype: Dtype = jnp.float32
+    prompt_start: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, _unused=None):
+    def __call__(self, x: jax.Array, prompt: tuple[jax.Array, jax.Array] | None = None):
+        if prompt is not None:
+            tokens, use = prompt
+            start, count = self.prompt_start, tokens.shape[-2]
+            replaced = x.at[:, start : start + count].set(
+                jnp.broadcast_to(tokens, (x.shape[0], count, x.shape[-1])).astype(x.dtype))
+            x = jnp.where(use, replaced, x)
         x = constrain(x, ("batch", "length", "act_embed"))
         y = LayerNorm(self.dtype, name="ln_1")(x)
         x = x + Attention(self.num_heads, self.head_dim, self.causal, self.num_layers, self.dtype, name="attn")(y)
@@ -188,9 +197,14 @@ class Transformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
+    prompt_start: int = 1  # where deep prompts go: after the class token (vision) or the start token (text)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer_prompts: jax.Array | None = None,
+                 prompt_layers: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, width]. layer_prompts: [num_layers, M, width], the prompt tokens each block reads (the caller
+        puts layer 0's in x itself); prompt_layers: bool [num_layers], the blocks that replace their prompt tokens
+        (default: all but the first)."""
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
         block_cls = ResidualBlock
@@ -204,7 +218,16 @@ class Transformer(nn.Module):
             causal=self.causal,
             num_layers=self.num_layers,
             dtype=self.dtype,
+            prompt_start=self.prompt_start,
         )
+        prompts = None
+        if layer_prompts is not None:
+            if layer_prompts.shape[0] != self.num_layers:
+                raise ValueError(f"layer_prompts has {layer_prompts.shape[0]} layers; the transformer has "
+                                 f"{self.num_layers}")
+            if prompt_layers is None:
+                prompt_layers = jnp.arange(self.num_layers) > 0
+            prompts = (layer_prompts, jnp.asarray(prompt_layers, bool))
         if self.scan_layers:
             scanned = nn.scan(
                 block_cls,
@@ -213,8 +236,9 @@ class Transformer(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(**block_args, name="resblocks")(x, None)
+            x, _ = scanned(**block_args, name="resblocks")(x, prompts)
             return x
         for i in range(self.num_layers):
-            x, _ = block_cls(**block_args, name=f"resblocks_{i}")(x, None)
+            layer_prompt = None if prompts is None else jax.tree.map(lambda a, i=i: a[i], prompts)
+            x, _ = block_cls(**block_args, name=f"resblocks_{i}")(x, layer_prompt)
         return x

@@ -7,14 +7,14 @@ GroupViT, an audio tower) plug into the same `CLIP` module and trainer through t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.longclip import merge_position_tables
 from clip_jax.models.layers import Dtype, LayerNorm, Transformer, constrain, partitioned
+from clip_jax.models.positions import merge_position_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,14 @@ class TextConfig(TowerConfig):
     keep_positions: int = 0
 
 
+class TowerOutput(NamedTuple):
+    """What a tower computes: `pooled`, its projected feature [B, embed_dim] (unnormalised), and `tokens`, the last
+    block's token states [B, T, width] before the tower's final LayerNorm (dense and region methods read them)."""
+
+    pooled: jax.Array
+    tokens: jax.Array
+
+
 class VisionTransformer(nn.Module):
     """ViT image tower: patchify (conv without bias), class token, learned positions, ln_pre, blocks, ln_post on
     the class token, projection."""
@@ -61,8 +69,10 @@ class VisionTransformer(nn.Module):
     remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """images: float [B, H, W, 3], already normalised. Returns unnormalised features [B, embed_dim]."""
+    def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,
+                 prompt_layers: jax.Array | None = None) -> TowerOutput:
+        """images: float [B, H, W, 3], already normalised. `layer_prompts` [layers, M, width] (deep prompting,
+        MaPLe): layer 0's are appended after the patch tokens, later layers replace them (`Transformer`)."""
         cfg = self.config
         if images.shape[1:3] != (cfg.image_size, cfg.image_size):
             raise ValueError(
@@ -95,17 +105,22 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, cfg.width))
         x = jnp.concatenate([cls, x], axis=1) + positions.astype(self.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
+        prompt_start = x.shape[1]
+        if layer_prompts is not None:
+            first = jnp.broadcast_to(layer_prompts[0].astype(self.dtype), (batch, *layer_prompts.shape[1:]))
+            x = jnp.concatenate([x, first], axis=1)
         x = LayerNorm(self.dtype, name="ln_pre")(x)
         x = Transformer(
             cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=False,
-            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, name="transformer",
-        )(x)
+            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype,
+            prompt_start=prompt_start, name="transformer",
+        )(x, layer_prompts, prompt_layers)
         pooled = LayerNorm(self.dtype, name="ln_post")(x[:, 0])
         proj = self.param(
             "proj", partitioned(nn.initializers.normal(scale), ("embed", "proj")), (cfg.width, self.embed_dim),
             jnp.float32,
         )
-        return pooled @ proj.astype(self.dtype)
+        return TowerOutput(pooled @ proj.astype(self.dtype), x)
 
 
 class TextTransformer(nn.Module):
@@ -165,13 +180,17 @@ class TextTransformer(nn.Module):
         *,
         token_embeddings: jax.Array | None = None,
         pool_index: jax.Array | None = None,
-    ) -> jax.Array:
-        """Returns unnormalised features [B, embed_dim].
+        layer_prompts: jax.Array | None = None,
+        prompt_layers: jax.Array | None = None,
+    ) -> TowerOutput:
+        """The pooled feature and the token states (`TowerOutput`).
 
         tokens: int [B, T] (T <= context_length). Pooling is at argmax(tokens): the end-of-text token has the
         largest id, as in OpenAI's vocabulary (and in vocabularies trained by `ClipTokenizer.train`).
         token_embeddings: [B, T, width] in place of the embedding lookup; then `pool_index` [B] or `tokens`
         must say where to pool.
+        layer_prompts: [layers, M, width], deep prompts (MaPLe) at positions 1..M (after the start token): the
+        caller puts layer 0's in `token_embeddings`, later layers replace them (`Transformer`).
         """
         if token_embeddings is None:
             if tokens is None:
@@ -188,11 +207,11 @@ class TextTransformer(nn.Module):
                 "tokenize with truncation to the context length"
             )
         x = token_embeddings.astype(self.dtype) + self.positions()[:length].astype(self.dtype)
-        x = self.transformer(x)
-        x = self.ln_final(x)
+        tokens = self.transformer(x, layer_prompts, prompt_layers)
+        x = self.ln_final(tokens)
         # Pooling as a one-hot contraction rather than a gather: it partitions cleanly under any sharding.
         pooled = jnp.einsum("btd,bt->bd", x, jax.nn.one_hot(pool_index, length, dtype=x.dtype))
-        return pooled @ self.text_projection.astype(self.dtype)
+        return TowerOutput(pooled @ self.text_projection.astype(self.dtype), tokens)
 
 
 VISION_TOWERS: dict[str, tuple[type[VisionConfig], type[nn.Module]]] = {"vit": (VisionConfig, VisionTransformer)}

@@ -3,6 +3,7 @@ steps (metrics, checkpoints, evaluations), final evaluation and results."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,21 +14,22 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from clip_jax import losses
 from clip_jax.config import ConfigError, check_input_paths, model_config, read_config, save_config
-from clip_jax.data.pipeline import DataCounts, make_tokenizer, short_text_length, train_iterator
+from clip_jax.data.pipeline import DataCounts, make_tokenizer, train_iterator
+from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import barrier, batch_rows
+from clip_jax.evaluate.suite import due as evals_due
 from clip_jax.evaluate.suite import evaluate, print_results
 from clip_jax.files import write_atomic
-from clip_jax.models.clip import CLIP
+from clip_jax.methods import get_method
+from clip_jax.methods.base import Method, abstract_batch
+from clip_jax.models import flops as flops_lib
 from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, global_batch, make_mesh, reader_mesh
-from clip_jax.train import flops as flops_lib
 from clip_jax.train import memory as memory_lib
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
@@ -90,19 +92,17 @@ def _diff_keys(a: dict, b: dict, prefix: str = "model") -> list[str]:
     return out
 
 
-def create_state(config: ml_collections.ConfigDict, model: CLIP, mesh):
+def create_state(config: ml_collections.ConfigDict, method: Method, model: nn.Module, mesh):
     """(init function, shardings, optimizer): the state is initialised directly in its shardings, so no host
     ever holds the full unsharded parameters."""
-    v, t = config.model.vision, config.model.text
-    image = jnp.zeros((1, v.image_size, v.image_size, 3), jnp.uint8)
-    text = jnp.zeros((1, t.context_length), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), image, text)["params"]
+    inputs = method.init_inputs()
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)["params"]
     tx = state_lib.make_optimizer(config.optimizer, config.total_steps, nn.unbox(boxed))
     shardings = step_lib.state_shardings(boxed, tx, mesh)
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
-        params = nn.unbox(model.init(init_rng, image, text)["params"])
+        params = nn.unbox(model.init(init_rng, *inputs)["params"])
         return state_lib.init_state(params, tx, state_rng)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
@@ -125,16 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             f"batch_size {config.batch_size} must be a multiple of {shards} (batch shards {batch_divisor(mesh)} "
             f"x accum_steps {config.accum_steps})"
         )
-    if config.loss.name == "longclip":
-        scope, k = config.loss.pca_scope, config.loss.pca_components
-        pca_batch = config.batch_size // (batch_divisor(mesh) if scope == "local" else 1)
-        if pca_batch - 1 <= k:  # a centred batch of B rows has rank B - 1: k >= B - 1 components reconstruct it
-            raise ConfigError(
-                f"loss.pca_components {k} must be below the {scope} batch the PCA runs over minus one ({pca_batch}: "
-                f"batch_size {config.batch_size}, {batch_divisor(mesh)} batch shards), else the short-caption term "
-                "sees the fine features; lower loss.pca_components or raise batch_size"
-                + (" or set loss.pca_scope='global'" if scope == "local" else "")
-            )
+    method = get_method(config)
+    method.check(mesh)
     too_big = memory_lib.check_fits(config, model_config(config), batch_divisor(mesh),
                                     mesh.shape["fsdp"] * mesh.shape["tensor"])
     if too_big:
@@ -151,11 +143,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     # --- Data ---------------------------------------------------------------------------------------------------
     tokenizer = make_tokenizer(config, workdir)
     # This host's rows of every global batch: the ones its devices hold.
-    data_iter = train_iterator(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)))
+    data_iter = train_iterator(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)),
+                               method.captions())
 
     # --- Model and train state ----------------------------------------------------------------------------------
-    model = CLIP(model_config(config))
-    init_fn, shardings, tx = create_state(config, model, mesh)
+    model = method.model()
+    init_fn, shardings, tx = create_state(config, method, model, mesh)
     rng = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(init_fn, rng)
     abstract_state = jax.tree.map(
@@ -171,10 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         # Take the checkpoint's parameters and build the optimizer state of *this* config, whose frozen/decay rules
         # may differ from the ones it was written with.
         source, step = init_source
-        params = source.restore_params(step, abstract_state.params)
-        if config.reset_logit_scale:
-            scale = jnp.asarray(config.model.logit_scale_init, jnp.float32)
-            params = {**params, "logit_scale": jax.device_put(scale, shardings.params["logit_scale"])}
+        params = method.warm_start(source.restore_params(step, abstract_state.params))
         state = init_fn(rng).replace(params=params)
         log.info("warm start from the parameters of %s", source.directory / str(step))
     elif checkpointer.latest_step() is not None:
@@ -185,34 +175,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     start_step = int(jax.device_get(state.step))
 
     # --- Compile ------------------------------------------------------------------------------------------------
-    loss_fn = losses.shard_loss(
-        losses.get_loss(config.loss.name, **_loss_hparams(config.loss)), mesh
-    )
+    trainable = state_lib.trainable_mask(abstract_state.params, config.optimizer.frozen)
     train_step = step_lib.make_train_step(
-        step_lib.clip_embed_fn(model),
-        step_lib.clip_scalars_fn(model),
-        loss_fn,
+        method.step_fns(model),
         tx,
-        state_lib.trainable_mask(abstract_state.params, config.optimizer.frozen),
+        trainable,
         state_lib.learning_rate_schedule(config.optimizer, config.total_steps),
+        mesh,
         config.accum_steps,
     )
-    short_length = short_text_length(config)
-    batch_spec = step_lib.abstract_batch(
-        config.batch_size, config.model.vision.image_size, config.model.text.context_length, mesh, short_length
-    )
+    batch_spec = abstract_batch(method.fields(), config.batch_size, batch_sharding(mesh))
     t0 = time.time()
     compiled = step_lib.compile_train_step(train_step, shardings, abstract_state, batch_spec, mesh)
-    flops_per_sample = flops_lib.train_flops_per_sample(model.config)
-    if short_length is not None:  # Long-CLIP's second text pass, forward and backward
-        flops_per_sample += 3 * flops_lib.text_forward_flops(model.config, short_length)
-    flops_per_step = flops_per_sample * config.batch_size
+    flops_per_step = method.flops_per_example(trainable) * config.batch_size
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
+    # From here a Ctrl-C or SIGTERM saves at the end of a step; installed before the compile report, which is what
+    # a watching user (or test) takes as "training has started".
+    preempted = PreemptionFlag()
     _report_compiled(compiled, time.time() - t0, flops_per_step, peak, mesh.size)
 
     # --- Steps --------------------------------------------------------------------------------------------------
     writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, config.log.progress_bar)
-    preempted = PreemptionFlag()
     pending: list[dict] = []
     data_counts = DataCounts()  # dropped and converted examples, truncated captions (host-side, from the batches)
     nonfinite_run = 0
@@ -255,8 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             last_log_time, last_log_step = time.time(), done
         if done % config.checkpoint.every_steps == 0 and done != config.total_steps:
             checkpointer.save(done, state, data_iter)
-        if config.eval.every_steps and done % config.eval.every_steps == 0 and done != config.total_steps:
-            writer.write(done, evaluate(config, model, state.params, mesh, tokenizer), prefix="eval")
+        if (due := evals_due(config, done)) and done != config.total_steps:
+            writer.write(done, evaluate(config, model, state.params, mesh, tokenizer, due), prefix="eval")
             last_log_time = time.time()  # evaluation time is not training throughput
 
     preempted.close()
@@ -356,16 +339,6 @@ def _init_from(config: ml_collections.ConfigDict) -> tuple[Checkpointer, int]:
     return reader, reader.latest_step()
 
 
-def _loss_hparams(loss_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    hparams = {"multi_positive": loss_config.multi_positive}
-    if loss_config.name in ("clip", "longclip"):
-        hparams["label_smoothing"] = loss_config.label_smoothing
-    if loss_config.name == "longclip":
-        for key in ("long_weight", "short_weight", "pca_components", "pca_scope"):
-            hparams[key] = loss_config[key]
-    return hparams
-
-
 def _summarise(history: list[dict]) -> dict[str, float]:
     """Means over the logging window; counters (non-finite updates) summed."""
     out = {}
@@ -396,9 +369,21 @@ def _report_compiled(compiled, seconds: float, flops_per_step: float, peak: floa
         print(line, flush=True)
 
 
-def load_trained(workdir: epath.PathLike, step: int | None = None):
-    """(config, model, params, tokenizer, mesh, step) of a workdir's latest (or given) checkpoint, for eval,
-    encode and export."""
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A workdir's trained model, read back (`load_trained`)."""
+
+    config: ml_collections.ConfigDict
+    method: Method
+    model: nn.Module
+    params: Any  # on `mesh`
+    tokenizer: ClipTokenizer
+    mesh: jax.sharding.Mesh
+    step: int
+
+
+def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
+    """A workdir's latest (or given) checkpoint, for eval, encode, export and stretch."""
     workdir = epath.Path(workdir)
     if not (workdir / "config.json").exists():
         raise FileNotFoundError(f"{workdir} is not a clip_jax workdir (no config.json); train or convert into it first")
@@ -407,8 +392,9 @@ def load_trained(workdir: epath.PathLike, step: int | None = None):
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet (no {checkpointer.directory}/<step>)")
     mesh = reader_mesh(config.mesh.to_dict())
-    model = CLIP(model_config(config))
-    init_fn, shardings, _ = create_state(config, model, mesh)
+    method = get_method(config)
+    model = method.model()
+    init_fn, shardings, _ = create_state(config, method, model, mesh)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         jax.eval_shape(init_fn, jax.random.PRNGKey(0)),
@@ -417,4 +403,4 @@ def load_trained(workdir: epath.PathLike, step: int | None = None):
     state = checkpointer.restore(abstract_state, step=step)
     checkpointer.close()
     tokenizer = make_tokenizer(config, workdir)
-    return config, model, state.params, tokenizer, mesh, int(jax.device_get(state.step))
+    return Trained(config, method, model, state.params, tokenizer, mesh, int(jax.device_get(state.step)))

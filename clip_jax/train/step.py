@@ -1,12 +1,11 @@
 """The pure training step and its compilation with explicit shardings.
 
-`make_train_step` builds `train_step(state, batch) -> (state, metrics)` from four pluggable pieces:
-- `embed_fn(params, batch) -> {name: [B, ...]}`: per-example outputs of the towers (CLIP: `image`, `text`, and
-  `short_text` when the batch has it);
-- `scalars_fn(params) -> {name: scalar}`: parameters the loss uses directly (`logit_scale`, `logit_bias`);
-- `loss_fn(outputs) -> (loss, metrics)`: a global-array loss, usually `clip_jax.losses.shard_loss(...)`;
-- the optax transformation and the mask of trainable parameters.
-Methods change these pieces, never the step.
+`make_train_step` builds `train_step(state, batch) -> (state, metrics)` from a method's `StepFns`
+(clip_jax/methods/base.py: `embed`, `shared`, `loss`, `targets`, `log`), the optax transformation and the mask of
+trainable parameters. Methods change these pieces, never the step; it names no method and no output.
+
+The loss runs per shard (`jax.shard_map`): the per-example outputs (`embed`, `targets`) split over the batch axes,
+the `shared` ones replicated, as each method declares them.
 
 Gradient accumulation keeps the negatives of the whole batch (GradCache): pass 1 embeds every micro-batch without
 gradients, the loss and its gradient w.r.t. the embeddings are computed on the full batch, and pass 2
@@ -16,6 +15,7 @@ activation memory of one micro-batch (plus a second forward pass).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,37 +25,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from clip_jax.losses import caption_key
-from clip_jax.models.clip import CLIP
+from clip_jax import losses
+from clip_jax.methods.base import StepFns
 from clip_jax.sharding import BATCH_AXES, LOGICAL_RULES, batch_sharding, param_shardings, replicated
 from clip_jax.train.state import TrainState
 
 PyTree = Any
 Batch = dict[str, jax.Array]
-
-
-# Token fields of a batch that the text tower encodes, when present: `text` always, `short_text` for Long-CLIP.
-TEXT_FIELDS = ("text", "short_text")
-
-
-def clip_embed_fn(model: CLIP) -> Callable[[PyTree, Batch], dict[str, jax.Array]]:
-    def embed(params, batch):
-        variables = {"params": params}
-        out = {"image": model.apply(variables, batch["image"], method=CLIP.encode_image)}
-        for field in TEXT_FIELDS:
-            if field in batch:
-                out[field] = model.apply(variables, batch[field], method=CLIP.encode_text)
-        return out
-
-    return embed
-
-
-def clip_scalars_fn(model: CLIP) -> Callable[[PyTree], dict[str, jax.Array]]:
-    def scalars(params):
-        scale, bias = model.apply({"params": params}, method=CLIP.temperature)
-        return {"logit_scale": scale, "logit_bias": bias}
-
-    return scalars
 
 
 def _split_micro(x: jax.Array, accum: int) -> jax.Array:
@@ -73,60 +49,57 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 
 def make_train_step(
-    embed_fn: Callable[[PyTree, Batch], dict[str, jax.Array]],
-    scalars_fn: Callable[[PyTree], dict[str, jax.Array]],
-    loss_fn: Callable[[dict[str, jax.Array]], tuple[jax.Array, dict]],
+    fns: StepFns,
     tx: optax.GradientTransformation,
     trainable: PyTree,
     lr_schedule: optax.Schedule,
+    mesh: Mesh,
     accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    loss_fn = losses.shard_loss(fns.loss, mesh)
+
     def freeze(params):
         # Frozen parameters get no gradient at all, so XLA drops their backward computation.
         return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
-    def batch_extras(batch):
-        # `caption_key` of `text`, `short_caption_key` of `short_text`
-        return {f"{f.removesuffix('text')}caption_key": caption_key(batch[f]) for f in TEXT_FIELDS if f in batch}
-
-    def one_shot(params, batch):
+    def one_shot(params, batch, rng):
         def loss_of(p):
             p = freeze(p)
-            outputs = {**embed_fn(p, batch), **scalars_fn(p), **batch_extras(batch)}
-            return loss_fn(outputs)
+            return loss_fn({**fns.embed(p, batch, rng), **fns.targets(batch)}, fns.shared(p))
 
         return jax.value_and_grad(loss_of, has_aux=True)(params)
 
-    def accumulated(params, batch):
+    def accumulated(params, batch, rng):
         micro = jax.tree.map(lambda x: _split_micro(x, accum_steps), batch)
+        micro_rngs = jax.vmap(functools.partial(jax.random.fold_in, rng))(jnp.arange(accum_steps))
         frozen_params = jax.lax.stop_gradient(params)
         # Pass 1: embeddings of every micro-batch, no gradients kept.
-        embeds = jax.lax.map(lambda mb: embed_fn(frozen_params, mb), micro)
+        embeds = jax.lax.map(lambda x: fns.embed(frozen_params, *x), (micro, micro_rngs))
         embeds = jax.tree.map(_merge_micro, embeds)
 
-        # The loss on the whole batch, differentiated w.r.t. the embeddings and the scalar parameters.
+        # The loss on the whole batch, differentiated w.r.t. the embeddings and the shared outputs' parameters.
         def loss_of(p, e):
-            outputs = {**e, **scalars_fn(freeze(p)), **batch_extras(batch)}
-            return loss_fn(outputs)
+            return loss_fn({**e, **fns.targets(batch)}, fns.shared(freeze(p)))
 
         (loss, metrics), (grads, embed_grads) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
             params, embeds
         )
         embed_grads = jax.tree.map(lambda g: _split_micro(g, accum_steps), embed_grads)
 
-        # Pass 2: backpropagate each micro-batch with its slice of the embedding gradients.
+        # Pass 2: backpropagate each micro-batch with its slice of the embedding gradients (the same rng as pass 1,
+        # so a stochastic forward is recomputed as it was).
         def backward(acc, inputs):
-            mb, cotangent = inputs
-            _, vjp = jax.vjp(lambda p: embed_fn(freeze(p), mb), params)
+            mb, mb_rng, cotangent = inputs
+            _, vjp = jax.vjp(lambda p: fns.embed(freeze(p), mb, mb_rng), params)
             return jax.tree.map(jnp.add, acc, vjp(cotangent)[0]), None
 
-        grads, _ = jax.lax.scan(backward, grads, (micro, embed_grads))
+        grads, _ = jax.lax.scan(backward, grads, (micro, micro_rngs, embed_grads))
         return (loss, metrics), grads
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        rng, _ = jax.random.split(state.rng)
+        rng, step_rng = jax.random.split(state.rng)
         grad_fn = one_shot if accum_steps == 1 else accumulated
-        (loss, metrics), grads = grad_fn(state.params, batch)
+        (loss, metrics), grads = grad_fn(state.params, batch, step_rng)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -139,13 +112,12 @@ def make_train_step(
             opt_state=keep(opt_state, state.opt_state),
             rng=rng,
         )
-        scalars = scalars_fn(state.params)
         metrics = {
             **metrics,
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": lr_schedule(state.step),
-            "logit_scale": scalars["logit_scale"],
+            **fns.log(fns.shared(state.params)),
             "nonfinite": (~finite).astype(jnp.int32),
         }
         return new_state, metrics
@@ -190,16 +162,3 @@ def compile_train_step(
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         return jitted.lower(abstract_state, abstract_batch).compile()
-
-
-def abstract_batch(batch_size: int, image_size: int, context_length: int, mesh: Mesh,
-                   short_context_length: int | None = None) -> Batch:
-    """The batch the step is compiled for; with `short_context_length`, a `short_text` field too."""
-    sharding = batch_sharding(mesh)
-    batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8, sharding=sharding),
-        "text": jax.ShapeDtypeStruct((batch_size, context_length), jnp.int32, sharding=sharding),
-    }
-    if short_context_length is not None:
-        batch["short_text"] = jax.ShapeDtypeStruct((batch_size, short_context_length), jnp.int32, sharding=sharding)
-    return batch

@@ -7,6 +7,10 @@ Causal attention is counted in full, as is customary (the kernels mostly compute
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
+
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.towers import TowerConfig
 
@@ -37,8 +41,16 @@ def text_forward_flops(cfg: CLIPConfig, context_length: int | None = None) -> fl
 
 
 def train_flops_per_sample(cfg: CLIPConfig, context_length: int | None = None) -> float:
-    """Forward + backward (3x forward); recomputation from remat is not counted, as MFU convention has it."""
+    """Forward + backward (3x forward) of both towers; recomputation from remat is not counted, as MFU convention
+    has it."""
     return 3.0 * (image_forward_flops(cfg) + text_forward_flops(cfg, context_length))
+
+
+def pass_factor(trainable: Any) -> float:
+    """Forwards a training step costs a module, given its tree of trainable flags: 3 when it trains (the forward,
+    the backward to its inputs and to its weights), 1 when frozen. A frozen module that a trained one feeds (a
+    frozen text tower under learned prompts) costs 2: its caller says so."""
+    return 3.0 if any(bool(t) for t in jax.tree.leaves(trainable)) else 1.0
 
 
 # Peak dense bf16 FLOP/s per device, by `device_kind` prefix (vendor figures; H100/H200 SXM).

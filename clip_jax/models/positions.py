@@ -1,5 +1,6 @@
-"""Long-CLIP's positional-embedding stretching (arXiv 2403.15378), the plain interpolation baseline, the two
-position tables of a stretched model, and `clip-jax stretch`.
+"""Position tables of the text tower: Long-CLIP's knowledge-preserving stretching (arXiv 2403.15378), the plain
+interpolation baseline, and the two tables of a stretched model (`clip-jax stretch`, in interop/workdir.py, writes
+a stretched workdir with them).
 
 Knowledge-preserving stretching keeps the first `keep` positions (well trained on short captions) and spreads
 the rest `ratio` times further, interpolating linearly between neighbours and extrapolating past the last one:
@@ -10,15 +11,13 @@ the others `positional_embedding_res`, which trains.
 
 from __future__ import annotations
 
-import logging
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-log = logging.getLogger(__name__)
+from clip_jax.errors import ConfigError
 
 
 def stretched_length(length: int, keep: int = 20, ratio: int = 4) -> int:
@@ -30,8 +29,6 @@ def check_stretch(current: int, *, method: str = "keep", keep: int = 20, ratio: 
     """The number of positions that stretching a table of `current` positions gives, or a ConfigError naming the
     `clip-jax stretch` flag that cannot: "keep" needs 2 positions past the kept ones to interpolate between, and
     "interpolate" (to `length`) must lengthen the table."""
-    from clip_jax.errors import ConfigError
-
     if method == "keep":
         if length is not None:
             raise ConfigError(f"--length {length} is for --method interpolate; --method keep makes "
@@ -86,11 +83,6 @@ def merge_position_tables(kept: jax.Array, rest: jax.Array, keep: int) -> jax.Ar
     return jnp.where(jnp.arange(kept.shape[0])[:, None] < keep, kept, rest)
 
 
-def first_sentence(caption: str) -> str:
-    """Long-CLIP's short caption of a long one: the text before the first ". " (the reference's split)."""
-    return caption.split(". ")[0]
-
-
 def stretch_text_positions(params: dict[str, Any], text: dict[str, Any], *, method: str = "keep", keep: int = 20,
                            ratio: int = 4, length: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(params, text tower config) with the text positions stretched: method "keep" (`stretch_positions`; two
@@ -111,41 +103,3 @@ def stretch_text_positions(params: dict[str, Any], text: dict[str, Any], *, meth
     if keep:
         new["positional_embedding_res"] = table.copy()
     return {**params, "text": new}, {**text, "context_length": int(table.shape[0]), "keep_positions": keep}
-
-
-def stretch_workdir(src: str | pathlib.Path, out: str | pathlib.Path, *, method: str = "keep", keep: int = 20,
-                    ratio: int = 4, length: int | None = None) -> dict[str, Any]:
-    """`clip-jax stretch`: a new workdir `out` whose step-0 checkpoint (a warm start for `train`) is the latest
-    checkpoint of `src` with its text positions stretched, config.json the source's with the new context length
-    and keep_positions, and the same tokenizer. Returns {"context_length", "keep_positions"}."""
-    import ml_collections
-
-    from clip_jax.interop.workdir import check_new_workdir, write_workdir
-    from clip_jax.train.loop import load_trained
-
-    # The arguments are checked against the source's config.json before its checkpoint is read.
-    check_stretch(_source_config(src).model.text.context_length, method=method, keep=keep, ratio=ratio,
-                  length=length)
-    check_new_workdir(out, "--out-workdir")
-    config, _, params, tokenizer, _, step = load_trained(src)
-    params = jax.tree.map(np.asarray, jax.device_get(params))
-    params, text = stretch_text_positions(params, config.model.text.to_dict(), method=method, keep=keep,
-                                          ratio=ratio, length=length)
-    config.model.text = ml_collections.ConfigDict(text)
-    write_workdir(config, params, tokenizer, out)
-    log.info("stretched %s (step %d) to %d text positions (keep %d) into %s", src, step, text["context_length"],
-             text["keep_positions"], out)
-    return {"context_length": text["context_length"], "keep_positions": text["keep_positions"]}
-
-
-def _source_config(src: str | pathlib.Path):
-    """The config of the workdir `clip-jax stretch --workdir` names, or a ConfigError naming the flag."""
-    from etils import epath
-
-    from clip_jax.config import ConfigError, read_config
-    from clip_jax.interop.workdir import is_workdir
-
-    if not is_workdir(src):  # e.g. an exported Hugging Face folder, whose config.json is not ours
-        raise ConfigError(f"--workdir {src} is not a clip_jax workdir (no config.json of one); train or convert "
-                          "into it first")
-    return read_config(epath.Path(src) / "config.json")

@@ -1,0 +1,62 @@
+"""Images sorted into class folders (`root/<class>/<image>`, torchvision's ImageFolder layout) as a zero-shot
+classification set: the label is the class folder's index in sorted order, the class name its folder name with "_"
+as spaces. Images are found by suffix (`images.IMAGE_SUFFIXES`, in sub-folders too) and read like every other
+image (`images.load_image`: regular files only, size-capped)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pathlib
+
+import numpy as np
+
+from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_image
+
+log = logging.getLogger(__name__)
+
+
+class ImageFolderSource:
+    def __init__(self, root: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
+        root = pathlib.Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a folder of class folders (root/<class>/<image>)")
+        classes = sorted(d for d in root.iterdir() if d.is_dir())
+        if not classes:
+            raise ValueError(f"{root} holds no class folder (root/<class>/<image>)")
+        self.root, self.image_size, self.max_image_bytes = root, image_size, max_image_bytes
+        self._names = [d.name.replace("_", " ") for d in classes]
+        self.files = [(f, label) for label, d in enumerate(classes)
+                      for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not self.files:
+            raise ValueError(f"{root}: its class folders hold no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+
+    def class_names(self) -> list[str]:
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def arrays(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """(images uint8 [N, S, S, 3], labels int64 [N], images skipped) of all the files, or of n taken from the
+        classes in turn (each class's first file, then each one's second...), so that a subset covers the classes
+        evenly; an unreadable or undecodable file is skipped and counted, not fatal."""
+        files = self.files
+        if n and n < len(files):
+            by_class: dict[int, list] = {}
+            for f in files:
+                by_class.setdefault(f[1], []).append(f)
+            turns = itertools.zip_longest(*by_class.values())
+            files = [f for turn in turns for f in turn if f is not None][:n]
+        images, labels, skipped = [], [], 0
+        for path, label in files:
+            try:
+                images.append(load_image(path, self.image_size, self.max_image_bytes))
+            except ValueError as e:
+                skipped += 1
+                log.warning("skipping %s", e)
+                continue
+            labels.append(label)
+        if not images:
+            raise ValueError(f"{self.root}: no readable image")
+        return np.stack(images), np.asarray(labels, np.int64), skipped

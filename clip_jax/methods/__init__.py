@@ -1,0 +1,24 @@
+"""The methods of the CLIP family, by the name `config.method.name` gives (see base.py for what a method is, and
+docs/methods.md for how to add one)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from clip_jax.errors import ConfigError
+from clip_jax.methods.base import Method
+from clip_jax.methods.clip import ClipMethod, SiglipMethod
+from clip_jax.methods.longclip import LongClipMethod
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ClipMethod, SiglipMethod, LongClipMethod)}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method.name {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def get_method(config: ml_collections.ConfigDict) -> Method:
+    """The method `config.method` describes, with its hyperparameters."""
+    return method_class(config.method.name)(config)

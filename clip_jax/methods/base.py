@@ -1,0 +1,120 @@
+"""The method layer's contract: what a method of the CLIP family gives the generic trainer.
+
+A method is a subclass of `Method`, registered by name in `clip_jax.methods.METHODS` and chosen by
+`config.method.name`. It owns:
+- its hyperparameters: `Config`, a frozen dataclass whose fields are the rest of `config.method` (type-checked and
+  defaulted from it, like the towers' fields are from theirs);
+- its batch: `fields()` (the arrays the compiled step receives, per example), `captions()` (which caption strings
+  the input pipeline tokenizes into which fields, and a picklable map adding caption strings of its own);
+- its model, the inputs that initialise it, and its step pieces (`step_fns`, see `StepFns`);
+- its checks before compilation (`check`), its warm start (`warm_start`) and its FLOPs (`flops_per_example`).
+`train/loop.py`, `train/step.py`, `config.py` and `data/pipeline.py` name no method: they ask the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from clip_jax.data.pipeline import Captions
+
+PyTree = Any
+Outputs = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One array of the batch, per example: `shape` excludes the batch dimension."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+def _nothing(*_) -> Outputs:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """What one training step computes, in pieces the generic step composes (train/step.py):
+    - `embed(params, batch, rng)`: per-example differentiable outputs [B, ...]. GradCache accumulation embeds
+      micro-batches separately, so one example's outputs must not depend on the others'. `rng` is fresh every step
+      (micro-batch k of an accumulated step gets `fold_in(rng, k)`).
+    - `shared(params)`: batch-independent outputs (temperatures, class embeddings, caches), replicated to every
+      shard of the loss, whatever their rank.
+    - `loss(outputs, *, axis_name)`: the loss of the global batch, written for one device's shard (see
+      clip_jax/losses.py); `outputs` holds the local rows of `embed` and `targets` and the whole of `shared`.
+    - `targets(batch)`: per-example values without gradient the loss reads (labels, caption keys, boxes).
+    - `log(shared)`: scalars logged with the step's metrics (e.g. the temperature).
+    """
+
+    embed: Callable[[PyTree, dict[str, jax.Array], jax.Array], Outputs]
+    shared: Callable[[PyTree], Outputs]
+    loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+    targets: Callable[[dict[str, jax.Array]], Outputs] = _nothing
+    log: Callable[[Outputs], Outputs] = _nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class NoConfig:
+    """The hyperparameters of a method that has none."""
+
+
+class Method:
+    """A method of the CLIP family (module docstring). Instances are built from the whole run config."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.hparams = self.Config(**{k: v for k, v in config.method.items() if k != "name"})
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """`config.method` of this method with every field at its default."""
+        return {"name": cls.name, **dataclasses.asdict(cls.Config())}
+
+    # --- the batch --------------------------------------------------------------------------------------------
+    def fields(self) -> dict[str, Field]:
+        raise NotImplementedError
+
+    def captions(self) -> Captions:
+        raise NotImplementedError
+
+    # --- model and step ---------------------------------------------------------------------------------------
+    def model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def init_inputs(self) -> tuple[np.ndarray, ...]:
+        """Arguments of `model.init` after the rng: a batch of one."""
+        raise NotImplementedError
+
+    def step_fns(self, model: nn.Module) -> StepFns:
+        raise NotImplementedError
+
+    # --- around the step --------------------------------------------------------------------------------------
+    def check(self, mesh: Mesh) -> None:
+        """Raises ConfigError for a configuration that validates but cannot work on `mesh` (before compiling)."""
+
+    def warm_start(self, params: PyTree) -> PyTree:
+        """The parameters a warm start (a converted or stretched model, `init_from`) trains from."""
+        return params
+
+    def flops_per_example(self, trainable: Mapping[str, Any]) -> float:
+        """Model FLOPs of one training example (2 per multiply-add), given the tree of trainable flags."""
+        raise NotImplementedError
+
+
+def abstract_batch(fields: Mapping[str, Field], batch_size: int, sharding: Any = None
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The batch the step is compiled for: `batch_size` rows of every field."""
+    return {name: jax.ShapeDtypeStruct((batch_size, *f.shape), f.dtype, sharding=sharding)
+            for name, f in fields.items()}

@@ -1,0 +1,117 @@
+"""CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023): a two-tower model trained with a contrastive loss
+over the global batch (clip_jax/losses.py). The base of the image-text methods that keep CLIP's batch and towers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax import losses
+from clip_jax.data.pipeline import Captions, clip_captions
+from clip_jax.methods.base import Field, Method, StepFns
+from clip_jax.models import flops
+from clip_jax.models.clip import CLIP, CLIPConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+    label_smoothing: float = 0.0
+    multi_positive: bool = False  # identical captions in a batch are positives of each other
+    # A warm start (converted or stretched model, init_from) sets logit_scale to model.logit_scale_init instead of
+    # keeping the checkpoint's value (Long-CLIP restarts from ln 100).
+    reset_logit_scale: bool = False
+
+
+class ClipMethod(Method):
+    """Images and their captions; the symmetric InfoNCE loss with a learned temperature."""
+
+    name = "clip"
+    Config = ClipConfig
+
+    def model_config(self) -> CLIPConfig:
+        return CLIPConfig.from_dict(self.config.model.to_dict())
+
+    def fields(self) -> dict[str, Field]:
+        size = self.config.model.vision.image_size
+        return {"image": Field((size, size, 3), np.uint8),
+                **{name: Field((f.context_length,), np.int32) for name, f in self.captions().fields.items()}}
+
+    def captions(self) -> Captions:
+        return clip_captions(self.config)
+
+    def model(self) -> CLIP:
+        return CLIP(self.model_config())
+
+    def init_inputs(self) -> tuple[np.ndarray, ...]:
+        fields = self.fields()
+        return tuple(np.zeros((1, *fields[k].shape), fields[k].dtype) for k in ("image", "text"))
+
+    def loss_fn(self):
+        """The local-shard loss (clip_jax/losses.py), with this method's hyperparameters bound."""
+        h = self.hparams
+        return lambda outputs, *, axis_name: losses.clip_loss(
+            outputs, axis_name=axis_name, label_smoothing=h.label_smoothing, multi_positive=h.multi_positive)
+
+    def step_fns(self, model: CLIP) -> StepFns:
+        text_fields = tuple(self.captions().fields)
+
+        def embed(params, batch, rng):
+            del rng  # deterministic towers
+            variables = {"params": params}
+            out = {"image": model.apply(variables, batch["image"], method=CLIP.encode_image)}
+            for field in text_fields:
+                out[field] = model.apply(variables, batch[field], method=CLIP.encode_text)
+            return out
+
+        def targets(batch):
+            if not self.hparams.multi_positive:
+                return {}
+            # `caption_key` of `text`, `short_caption_key` of `short_text`: the rows with identical captions
+            return {f"{f.removesuffix('text')}caption_key": losses.caption_key(batch[f]) for f in text_fields}
+
+        def shared(params):
+            scale, bias = model.apply({"params": params}, method=CLIP.temperature)
+            return {"logit_scale": scale, "logit_bias": bias}
+
+        return StepFns(embed=embed, shared=shared, loss=self.loss_fn(), targets=targets,
+                       log=lambda s: {"logit_scale": s["logit_scale"]})
+
+    def warm_start(self, params):
+        if not self.hparams.reset_logit_scale:
+            return params
+        old = params["logit_scale"]
+        scale = jnp.asarray(self.config.model.logit_scale_init, jnp.float32)
+        return {**params, "logit_scale": jax.device_put(scale, getattr(old, "sharding", None))}
+
+    def flops_per_example(self, trainable: Mapping[str, Any]) -> float:
+        """A trained tower costs 3 forwards (forward, and backward to activations and to weights); a frozen one,
+        which nothing trainable feeds, one."""
+        cfg = self.model_config()
+        text = sum(flops.text_forward_flops(cfg, f.context_length) for f in self.captions().fields.values())
+        return (flops.pass_factor(trainable["visual"]) * flops.image_forward_flops(cfg)
+                + flops.pass_factor(trainable["text"]) * text)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipConfig:
+    ring: bool = False  # the ring variant: text shards pass round the devices instead of being all-gathered
+    multi_positive: bool = False
+    reset_logit_scale: bool = False
+
+
+class SiglipMethod(ClipMethod):
+    """CLIP's towers and batch with the pairwise sigmoid loss; the model should set `model.logit_bias_init` (the
+    paper's -10) to learn the bias, else it is 0."""
+
+    name = "siglip"
+    Config = SiglipConfig
+
+    def loss_fn(self):
+        loss = losses.siglip_ring_loss if self.hparams.ring else losses.siglip_loss
+        multi_positive = self.hparams.multi_positive
+        return lambda outputs, *, axis_name: loss(outputs, axis_name=axis_name, multi_positive=multi_positive)

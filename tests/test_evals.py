@@ -1,0 +1,148 @@
+"""The evaluations a config lists (`config.evals`, clip_jax/evaluate/suite.py): entries added, dropped and checked
+from the command line; old workdirs' eval fields migrated; the periods; the zero-shot evaluators on a folder of
+class folders and on a TFDS set, scored against hand-computed accuracies with an encoder whose embeddings are known."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax.config import ConfigError, load_config, read_config
+from clip_jax.data.folder_source import ImageFolderSource
+from clip_jax.evaluate import suite
+
+DEMO = "configs/demo.py"
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+# --- configuration ------------------------------------------------------------------------------------------------
+def test_entries_are_added_set_and_dropped_from_the_command_line(tmp_path):
+    config = load_config(DEMO, [
+        f"--config.evals.pets={{'type': 'zero_shot_folder', 'path': '{tmp_path}'}}",
+        "--config.evals.pets.num_examples=50",
+        "--config.evals.shapes=None",
+    ])
+    assert list(config.evals) == ["pets"]
+    assert config.evals.pets.to_dict() == {**suite.eval_defaults("zero_shot_folder"), "path": str(tmp_path),
+                                           "num_examples": 50}
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["--config.evals.x={'type': 'zero_shot_flder'}"], "unknown evaluator type 'zero_shot_flder'; choose one of"),
+    (["--config.evals.x={'path': '/tmp'}"], "an evaluation is a dict with a 'type'"),
+    (["--config.evals.x={'type': 'zero_shot_folder'}"], "evals.x (zero_shot_folder) needs path"),
+    (["--config.evals.x={'type': 'shapes', 'pth': 1}"], "unknown config key 'evals.x.pth'"),
+    (["--config.evals.nothing=None"], "no evaluation named 'nothing'"),
+    (["--config.evals.shapes.num_examples='10'"], "'evals.shapes.num_examples' must be"),
+    (["--config.eval.long_text=True"], "--config.evals.shapes_long_text="),
+    (["--config.evals.x={'type': 'long_text_set', 'path': '/no/such/set'}"], None),  # found at train/eval time
+])
+def test_entry_mistakes_are_one_line(overrides, words):
+    if words is None:
+        assert load_config(DEMO, overrides).evals.x.path == "/no/such/set"
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, overrides)
+    assert words in str(e.value)
+
+
+def test_a_config_json_with_the_old_eval_fields_reads_as_entries(tmp_path):
+    data = json.loads(json.dumps(load_config(DEMO).to_dict(), default=list))
+    del data["evals"]
+    data["eval"].update(long_text=True, long_text_set="/data/urban1k")
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    evals = read_config(tmp_path / "config.json").evals.to_dict()
+    assert evals == {"shapes": suite.eval_defaults("shapes"),
+                     "shapes_long_text": suite.eval_defaults("shapes_long_text"),
+                     "long_set": {**suite.eval_defaults("long_text_set"), "path": "/data/urban1k"}}
+    data["eval"].update(long_text=False, long_text_set="")  # the defaults: only the shapes suite
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert list(read_config(tmp_path / "config.json").evals) == ["shapes"]
+
+
+def test_each_entry_runs_at_its_own_period():
+    config = load_config(DEMO, ["--config.eval.every_steps=100",
+                                "--config.evals.long={'type': 'shapes_long_text', 'every_steps': 30}",
+                                "--config.evals.end={'type': 'shapes', 'every_steps': 0}"])
+    assert suite.due(config, 100) == ["shapes"]  # configs/demo.py's shapes entry takes eval.every_steps
+    assert sorted(suite.due(config, 300)) == ["long", "shapes"]
+    assert suite.due(config, 30) == ["long"]
+    assert suite.due(config, 7) == []
+
+
+# --- the zero-shot evaluators, with an encoder whose embeddings are known ---------------------------------------------
+class ColourEncoder:
+    """Embeds an image as the one-hot of its brightest channel (red, green, blue)."""
+
+    def images(self, images):
+        return np.eye(3, dtype=np.float32)[np.asarray(images, np.float32).mean(axis=(1, 2)).argmax(-1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownContext(suite.Context):
+    """A text is embedded as the one-hot of the colour it names (no tokenizer, no model)."""
+
+    def texts(self, texts):
+        return np.stack([np.eye(3, dtype=np.float32)[[c in t for c in COLOURS].index(True)] for t in texts])
+
+
+def context(config):
+    return KnownContext(config, ColourEncoder(), tokenizer=None)
+
+
+def write_folder(root, misfiled: int):
+    """Class folders red/green/blue with 4 images of their colour each, except `misfiled` blue images filed under
+    green, and one file that is not an image."""
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            colour = COLOURS["blue"] if name == "green" and i < misfiled else rgb
+            Image.new("RGB", (20, 20), colour).save(root / name / f"{i}.png")
+    (root / "red" / "broken.jpg").write_bytes(b"not a jpeg")
+
+
+def test_zero_shot_folder_scores_the_fraction_filed_right(tmp_path):
+    write_folder(tmp_path / "set", misfiled=3)
+    config = load_config(DEMO, [f"--config.evals.colours={{'type': 'zero_shot_folder', 'path': '{tmp_path / 'set'}', "
+                                "'templates': ('a {} thing.', 'the colour {}.')}"])
+    entry = suite.parse_entry("colours", config.evals.colours.to_dict())
+    got = suite.run_zero_shot_folder(context(config), "colours", entry)
+    # 12 readable images, 3 of them blue in the green folder: 9 right; any 3 classes are in the top 5
+    assert got == {"colours_top1": 9 / 12, "colours_top5": 1.0, "colours_skipped": 1}
+
+
+def test_an_image_folder_names_its_classes_and_spreads_a_subset_over_them(tmp_path):
+    write_folder(tmp_path, misfiled=0)
+    (tmp_path / "dark_red").mkdir()
+    Image.new("RGB", (8, 8), (100, 0, 0)).save(tmp_path / "dark_red" / "a.png")
+    source = ImageFolderSource(tmp_path, 16)
+    assert source.class_names() == ["blue", "dark red", "green", "red"] and len(source) == 14
+    images, labels, skipped = source.arrays(4)  # each class's first file
+    assert images.shape == (4, 16, 16, 3) and labels.tolist() == [0, 1, 2, 3] and skipped == 0
+    images, labels, skipped = source.arrays(9)  # then the second files of the classes that have one, ...
+    assert labels.tolist() == [0, 1, 2, 3, 0, 2, 3, 0, 2] and skipped == 0
+    with pytest.raises(ValueError, match="holds no class folder"):
+        ImageFolderSource(tmp_path / "red", 16)
+
+
+def test_zero_shot_tfds_reads_a_classification_set():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = load_config(DEMO, ["--config.evals.digits={'type': 'zero_shot_tfds', 'dataset': 'mnist'}",
+                                "--config.eval.num_examples=6"])
+    entry = suite.parse_entry("digits", config.evals.digits.to_dict())
+
+    @dataclasses.dataclass(frozen=True)
+    class DigitContext(suite.Context):
+        def texts(self, texts):  # "a photo of a 7." -> one-hot 7
+            return np.eye(10, dtype=np.float32)[[int(t.split()[-1].rstrip(".")) for t in texts]]
+
+    class ZeroEncoder:  # every image embeds like digit 0
+        def images(self, images):
+            return np.tile(np.eye(10, dtype=np.float32)[:1], (len(images), 1))
+
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        labels = [int(x["label"]) for x in tfds.data_source("mnist", split="test")]
+        got = suite.run_zero_shot_tfds(DigitContext(config, ZeroEncoder(), None), "digits", entry)
+    assert got["digits_top1"] == pytest.approx(labels.count(0) / 6)

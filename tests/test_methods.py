@@ -1,0 +1,187 @@
+"""Every registered method against the method contract (clip_jax/methods/base.py), on a tiny model and the shapes
+data: the pipeline's first batch matches the method's fields; steps on a 2x2x2 mesh with gradient accumulation
+equal one device in one shot; the train state round-trips through a checkpoint; the evaluation suite runs on the
+trained parameters. Also the method's part of the configuration, old workdirs' migration and FLOPs."""
+
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from clip_jax.config import ConfigError, default_config, load_config, method_config, read_config
+from clip_jax.data.pipeline import tokenizer_corpus, train_iterator
+from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.evaluate.suite import evaluate
+from clip_jax.methods import METHODS, get_method
+from clip_jax.methods.base import abstract_batch
+from clip_jax.models import flops
+from clip_jax.sharding import batch_sharding, global_batch, make_mesh
+from clip_jax.train import state as state_lib
+from clip_jax.train import step as step_lib
+from clip_jax.train.checkpoint import Checkpointer, abstract_like
+from clip_jax.train.loop import create_state
+
+from .test_train_step import assert_trees_close
+
+BATCH, IMAGE, CONTEXT, VOCAB = 16, 32, 24, 600
+# Per method: the fields that fit the tiny batch (Long-CLIP's PCA must keep fewer components than rows).
+SMALL = {"longclip": {"pca_components": 4, "pca_scope": "global", "short_context_length": 12}}
+
+
+def tiny_config(name: str):
+    config = default_config()
+    tower = dict(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64)
+    config.model.vision.update(tower, image_size=IMAGE, patch_size=16)
+    config.model.text.update(tower, context_length=CONTEXT, vocab_size=VOCAB)
+    config.model.embed_dim = 16
+    config.method = method_config(name, multi_positive=True, **SMALL.get(name, {}))
+    config.batch_size = BATCH
+    config.data.long_caption_prob = 0.5
+    config.optimizer.warmup_steps = 1
+    config.optimizer.lr = 1e-2
+    config.eval.num_examples = 16
+    config.eval.batch_size = 16
+    return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ClipTokenizer.train(tokenizer_corpus(tiny_config("clip"), 500), VOCAB)
+
+
+@pytest.fixture(scope="module", params=sorted(METHODS))
+def method_setup(request, tokenizer):
+    config = tiny_config(request.param)
+    method = get_method(config)
+    batches = train_iterator(config, tokenizer, captions=method.captions())
+    host_batches = [{k: v for k, v in next(batches).items() if k != "stats"} for _ in range(2)]
+    return config, method, host_batches
+
+
+def run(config, method, batches, mesh, accum_steps=1):
+    """Two steps from the same initial state; (state, metrics)."""
+    model = method.model()
+    init_fn, shardings, tx = create_state(config, method, model, mesh)
+    state = init_fn(jax.random.PRNGKey(0))
+    trainable = state_lib.trainable_mask(state.params, ())
+    train_step = step_lib.make_train_step(method.step_fns(model), tx, trainable,
+                                          state_lib.learning_rate_schedule(config.optimizer, 10), mesh, accum_steps)
+    compiled = step_lib.compile_train_step(train_step, shardings, abstract_like(state),
+                                           abstract_batch(method.fields(), BATCH, batch_sharding(mesh)), mesh)
+    metrics = []
+    for batch in batches:
+        state, m = compiled(state, global_batch(batch, mesh))
+        metrics.append(jax.device_get(m))
+    return state, metrics
+
+
+def test_the_first_batch_holds_the_methods_fields(method_setup):
+    _, method, batches = method_setup
+    want = {name: ((BATCH, *f.shape), np.dtype(f.dtype)) for name, f in method.fields().items()}
+    assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == want
+
+
+@pytest.fixture(scope="module")
+def runs(method_setup):
+    """Two steps on one device in one shot, and on a 2x2x2 mesh in two micro-batches: ((state, metrics), mesh).
+    (One comparison for both properties: each compile costs seconds, and tests/test_train_step.py checks sharding
+    and accumulation apart for CLIP.)"""
+    config, method, batches = method_setup
+    meshes = {"one": (make_mesh({"data": 1}, jax.devices()[:1]), 1),
+              "sharded": (make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), 2)}
+    return {name: (run(config, method, batches, mesh, accum), mesh) for name, (mesh, accum) in meshes.items()}
+
+
+def test_a_sharded_accumulated_step_equals_one_device_in_one_shot(runs):
+    (want, want_metrics), _ = runs["one"]
+    (got, got_metrics), _ = runs["sharded"]
+    for w, g in zip(want_metrics, got_metrics, strict=True):
+        np.testing.assert_allclose(g["loss"], w["loss"], rtol=1e-5)
+        np.testing.assert_allclose(g["grad_norm"], w["grad_norm"], rtol=1e-4)
+    # Adam divides by sqrt(v): rounding of near-zero gradients moves a parameter by up to ~1e-5 at lr 1e-2.
+    assert_trees_close(jax.device_get(got.params), jax.device_get(want.params), rtol=1e-4, atol=2e-5)
+    assert set(want_metrics[0]) >= {"loss", "grad_norm", "lr", "nonfinite"}
+
+
+def test_the_train_state_round_trips_through_a_checkpoint(method_setup, runs, tmp_path):
+    config, _, _ = method_setup
+    (state, _), _ = runs["sharded"]
+    checkpointer = Checkpointer(tmp_path, config.checkpoint, owner=True)
+    checkpointer.save(1, state, force=True)
+    checkpointer.wait()
+    restored = checkpointer.restore(abstract_like(state), step=1)
+    checkpointer.close()
+    assert_trees_close(jax.device_get(restored), jax.device_get(state), rtol=0, atol=0)
+
+
+def test_the_evaluation_suite_runs_on_the_methods_model(method_setup, runs, tokenizer):
+    config, method, _ = method_setup
+    (state, _), mesh = runs["sharded"]
+    results = evaluate(config, method.model(), state.params, mesh, tokenizer)
+    assert {"zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1"} <= set(results)
+    assert all(0.0 <= results[k] <= 1.0 for k in ("zero_shot_top1", "i2t_r1"))
+
+
+# --- FLOPs ----------------------------------------------------------------------------------------------------------
+def test_a_frozen_tower_counts_one_forward_and_a_trained_one_three():
+    config = tiny_config("longclip")
+    method = get_method(config)
+    model = method.model()
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *method.init_inputs())["params"])
+    cfg = method.model_config()
+    image, text = flops.image_forward_flops(cfg), flops.text_forward_flops(cfg)
+    short = flops.text_forward_flops(cfg, SMALL["longclip"]["short_context_length"])
+    all_trained = state_lib.trainable_mask(params, ())
+    assert method.flops_per_example(all_trained) == pytest.approx(3 * (image + text + short))
+    lit = state_lib.trainable_mask(params, (r"^visual/",))  # LiT: a frozen image tower
+    assert method.flops_per_example(lit) == pytest.approx(image + 3 * (text + short))
+    # freezing part of a tower (the kept positions) still trains it
+    kept = state_lib.trainable_mask(params, (r"^text/positional_embedding$",))
+    assert method.flops_per_example(kept) == pytest.approx(3 * (image + text + short))
+
+
+# --- the method's configuration -------------------------------------------------------------------------------------
+DEMO = "configs/demo.py"
+
+
+def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
+    config = load_config(DEMO, ["--config.method.pca_components=8", "--config.method.name=longclip"])
+    assert config.method.pca_components == 8  # given after the name on the command line, applied after it
+    assert config.method.multi_positive is True  # set by configs/demo.py for clip, kept
+    assert config.method.label_smoothing == 0.1  # clip's default was not changed: longclip's default
+    assert config.method.to_dict() == {**METHODS["longclip"].defaults(), "pca_components": 8, "multi_positive": True}
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, longclip, siglip"),
+    (["--config.method.pca_components=4"], "a field of method longclip: set --config.method.name first"),
+    (["--config.loss.name=siglip_ring"], "use --config.method.name=siglip --config.method.ring=True"),
+    (["--config.loss.label_smoothing=0.1"], "'loss.label_smoothing' is now 'method.label_smoothing'"),
+    (["--config.reset_logit_scale=True"], "'reset_logit_scale' is now 'method.reset_logit_scale'"),
+    (["--config.method.name=longclip", "--config.method.pca_scope=both"], "method.pca_scope must be 'local' or"),
+    (["--config.method.name=siglip", "--config.method.ring=1"], "'method.ring' must be bool"),
+])
+def test_method_mistakes_are_one_line(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, overrides)
+    assert words in str(e.value)
+
+
+def test_a_config_json_of_the_versions_before_methods_reads_as_its_method(tmp_path):
+    """The keys the method layer moved: loss.* (with siglip_ring), reset_logit_scale, data.short_context_length."""
+    new = load_config("configs/longclip_shapes.py").to_dict()
+    old = json.loads(json.dumps(new, default=list))
+    method = old.pop("method")
+    old["loss"] = {"name": "longclip", "label_smoothing": 0.1, "multi_positive": True, "long_weight": 1.0,
+                   "short_weight": 1.0, "pca_components": 16, "pca_scope": "local"}
+    old["reset_logit_scale"] = True
+    old["data"]["short_context_length"] = 50
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert read_config(tmp_path / "config.json").method.to_dict() == {**method, "short_context_length": 50}
+    old["loss"] = {"name": "siglip_ring", "label_smoothing": 0.0, "multi_positive": False, "long_weight": 1.0,
+                   "short_weight": 1.0, "pca_components": 32, "pca_scope": "local"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    got = read_config(tmp_path / "config.json").method.to_dict()
+    assert got == {"name": "siglip", "ring": True, "multi_positive": False, "reset_logit_scale": True}
