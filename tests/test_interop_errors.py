@@ -2,18 +2,21 @@
 traceback), stated before any work, and nothing that existed is changed: a workdir is never written into, a previous
 export is replaced only with --force, and a failed convert leaves no half-written workdir behind.
 
-The model is a tiny random OpenAI-layout state dict (numpy, no torch); the CLI runs in a subprocess, as a user runs it.
+The model is a tiny random OpenAI-layout state dict (numpy, no torch); the CLI runs in this process, its output
+captured as a user would see it.
 """
 
+import contextlib
 import hashlib
+import io
 import json
 import struct
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from clip_jax import cli
 from clip_jax.interop import openai as oa
 from clip_jax.interop.safe_load import write_tensors
 from clip_jax.models.presets import model_preset
@@ -34,8 +37,16 @@ def tiny_state_dict(image_size=32, seed=0):
 
 
 def clip_jax(*args):
-    return subprocess.run([sys.executable, "-m", "clip_jax", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    """`clip-jax ARGS` as a user runs it, in this process (a new Python per call would cost seconds each): the exit
+    status and everything it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def assert_error(result, command, *needles):
