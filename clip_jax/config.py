@@ -24,7 +24,7 @@ from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
 from clip_jax.data.pipeline import TRAIN_SOURCES, shapes_config
 from clip_jax.data.tokenizer import MIN_VOCAB_SIZE
 from clip_jax.errors import ConfigError  # noqa: F401 (re-exported: clip_jax.config.ConfigError)
-from clip_jax.evaluate.suite import EVALUATORS, eval_defaults, parse_entry
+from clip_jax.evaluate.suite import EVALUATORS, check_sources, eval_defaults, parse_entry
 from clip_jax.files import is_remote, write_atomic
 from clip_jax.methods import METHODS, get_method, method_class
 from clip_jax.models.clip import CLIPConfig
@@ -298,6 +298,7 @@ def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = Tru
     for key, path in paths.items():
         if path and not is_remote(path) and not pathlib.Path(path).exists():
             raise ConfigError(f"{key}: {path} does not exist")
+    check_sources(config)
 
 
 def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:

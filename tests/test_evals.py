@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.config import ConfigError, load_config, read_config
+from clip_jax.config import ConfigError, check_input_paths, load_config, read_config
 from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.evaluate import suite
 
@@ -146,3 +146,12 @@ def test_zero_shot_tfds_reads_a_classification_set():
         labels = [int(x["label"]) for x in tfds.data_source("mnist", split="test")]
         got = suite.run_zero_shot_tfds(DigitContext(config, ZeroEncoder(), None), "digits", entry)
     assert got["digits_top1"] == pytest.approx(labels.count(0) / 6)
+
+
+def test_a_tfds_set_that_cannot_be_read_stops_the_run_before_any_work():
+    pytest.importorskip("tensorflow_datasets")
+    config = load_config(DEMO, ["--config.evals.x={'type': 'zero_shot_tfds', 'dataset': 'no_such_dataset'}"])
+    with pytest.raises(ConfigError) as e:
+        check_input_paths(config, training=False)
+    assert str(e.value).startswith("evals.x: cannot read TFDS 'no_such_dataset' split 'test' (")
+    assert "\n" not in str(e.value)

@@ -159,11 +159,23 @@ class ZeroShotTfdsEval:
     every_steps: int | None = None
 
 
-def run_zero_shot_tfds(ctx: Context, name: str, entry: ZeroShotTfdsEval) -> dict[str, float]:
-    from clip_jax.data.tfds_source import TfdsEvalSource  # the optional [tfds] extra
+def open_tfds(name: str, entry: ZeroShotTfdsEval, image_size: int):
+    """The entry's TFDS source, or a ConfigError naming `evals.<name>` (a dataset not prepared, a wrong split)."""
+    try:
+        from clip_jax.data.tfds_source import TfdsEvalSource  # the optional [tfds] extra
 
-    source = TfdsEvalSource(entry.dataset, entry.split, ctx.config.model.vision.image_size,
-                            data_dir=entry.data_dir or None)
+        source = TfdsEvalSource(entry.dataset, entry.split, image_size, data_dir=entry.data_dir or None)
+        source.class_names()  # a captioned set, or WordNet ids, cannot be classified zero-shot
+    except Exception as e:  # TFDS raises its own types (DatasetNotFoundError, AssertionError, ValueError ...)
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        raise ConfigError(f"evals.{name}: cannot read TFDS {entry.dataset!r} split {entry.split!r} ({reason}); "
+                          "prepare it (tfds build --file_format=array_record) or set the entry's data_dir") from None
+    return source
+
+
+def run_zero_shot_tfds(ctx: Context, name: str, entry: ZeroShotTfdsEval) -> dict[str, float]:
+    source = open_tfds(name, entry, ctx.config.model.vision.image_size)
     acc = evaluate_zero_shot(ctx.encoder.images, ctx.texts, source, source.class_names(), tuple(entry.templates),
                              n=ctx.num_examples(entry))
     return {f"{name}_top1": float(acc["top1"]), f"{name}_top5": float(acc["top5"])}
@@ -203,6 +215,14 @@ def parse_entry(name: str, entry: dict) -> Any:
         raise ConfigError(f"evals.{name} ({entry['type']}) needs {_REQUIRED[entry['type']]}: set "
                           f"--config.evals.{name}.{_REQUIRED[entry['type']]}=...")
     return cls(**fields)
+
+
+def check_sources(config: ml_collections.ConfigDict) -> None:
+    """Opens the sources of the entries that read datasets by name (TFDS), so that a missing one stops the run
+    before training rather than at its end. Paths of files and folders are `config.check_input_paths`'s."""
+    for name, entry in config.evals.items():
+        if entry.type == "zero_shot_tfds":
+            open_tfds(name, parse_entry(name, entry.to_dict()), config.model.vision.image_size)
 
 
 def due(config: ml_collections.ConfigDict, step: int) -> list[str]:
