@@ -83,7 +83,7 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     import numpy as np
     from etils import epath
 
-    from clip_jax.data.images import list_images, load_image
+    from clip_jax.data.images import list_images, load_images
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
@@ -122,14 +122,10 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.images:
         files = list_images(args.images)
         size = config.model.vision.image_size
-        images, kept, skipped = [], [], []
-        for f in files:
-            try:
-                images.append(load_image(f, size, args.max_image_bytes))
-                kept.append(str(f))
-            except ValueError as e:  # a corrupt file is reported and skipped, never fatal
-                skipped.append(str(f))
-                print(f"warning: {e}", file=sys.stderr)
+        images, kept, skipped = load_images(files, size, args.max_image_bytes)  # a corrupt file is skipped
+        for message in skipped:
+            print(f"warning: {message}", file=sys.stderr)
+        kept = [str(files[i]) for i in kept]
         embeddings = encoder.images(np.stack(images)) if images else None
         if primary:
             if embeddings is not None:

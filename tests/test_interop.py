@@ -315,7 +315,7 @@ def test_cli_convert_and_export(tmp_path):
     from clip_jax.config import read_config
     from clip_jax.data.pipeline import train_iterator
     from clip_jax.train.checkpoint import Checkpointer
-    from clip_jax.train.loop import create_state, load_trained
+    from clip_jax.train.loop import abstract_train_state, create_state, load_trained
     from clip_jax.train.state import TrainState
 
     torch_model = small_open_clip(vocab_size=49408, text_width=32)
@@ -332,8 +332,7 @@ def test_cli_convert_and_export(tmp_path):
     trained = load_trained(work)
     config, params, tokenizer, step = trained.config, trained.params, trained.tokenizer, trained.step
     init_fn, shardings, _ = create_state(config, trained.method, trained.model, trained.mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            jax.eval_shape(init_fn, jax.random.PRNGKey(0)), shardings)
+    abstract = abstract_train_state(init_fn, shardings)
     checkpointer = Checkpointer(work, config.checkpoint)
     state = checkpointer.restore(abstract, train_iterator(config, tokenizer))
     checkpointer.close()

@@ -11,7 +11,7 @@ import pathlib
 
 import numpy as np
 
-from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_image
+from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_images
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,9 @@ class ImageFolderSource:
                 by_class.setdefault(f[1], []).append(f)
             turns = itertools.zip_longest(*by_class.values())
             files = [f for turn in turns for f in turn if f is not None][:n]
-        images, labels, skipped = [], [], 0
-        for path, label in files:
-            try:
-                images.append(load_image(path, self.image_size, self.max_image_bytes))
-            except ValueError as e:
-                skipped += 1
-                log.warning("skipping %s", e)
-                continue
-            labels.append(label)
+        images, kept, skipped = load_images([path for path, _ in files], self.image_size, self.max_image_bytes)
+        for message in skipped:
+            log.warning("skipping %s", message)
         if not images:
             raise ValueError(f"{self.root}: no readable image")
-        return np.stack(images), np.asarray(labels, np.int64), skipped
+        return np.stack(images), np.asarray([files[i][1] for i in kept], np.int64), len(skipped)

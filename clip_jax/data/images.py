@@ -181,6 +181,21 @@ def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX
         raise ValueError(f"cannot decode image {path} ({bad_image_reason(e)}): {type(e).__name__}: {e}") from None
 
 
+def load_images(paths: Sequence[str | pathlib.Path], size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+                ) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """`load_image` of each path, an unreadable or undecodable file skipped rather than fatal: (the images, the
+    indices of the paths they came from, the messages of the files skipped)."""
+    images, kept, skipped = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(load_image(path, size, max_bytes))
+        except ValueError as e:
+            skipped.append(str(e))
+            continue
+        kept.append(i)
+    return images, kept, skipped
+
+
 def list_images(paths: list[str]) -> list[pathlib.Path]:
     """Paths given directly, plus image files (by suffix, sorted) inside given directories. Whether each is a
     readable image is `load_image`'s to say (a FIFO or device is then skipped like a corrupt file)."""

@@ -21,7 +21,7 @@ import pathlib
 
 import numpy as np
 
-from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, load_image
+from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, load_images
 from clip_jax.data.shapes import COLOURS, ShapesConfig, ShapesDataset, describe_scene
 from clip_jax.data.tokenizer import ClipTokenizer
 
@@ -46,18 +46,13 @@ def load_long_text_set(path: str | pathlib.Path, image_size: int, max_image_byte
         pairs = [(path.parent / name, caption) for name, caption in json.loads(path.read_text("utf-8")).items()]
     else:
         raise FileNotFoundError(f"{path}: expected an Urban-1k-layout folder or a JSON file of image -> caption")
-    images, captions, skipped = [], [], 0
-    for image_path, caption in pairs:
-        try:
-            images.append(load_image(image_path, image_size, max_image_bytes))
-        except ValueError as e:  # a missing or corrupt image costs its pair, not the evaluation
-            skipped += 1
-            log.warning("skipping %s", e)
-            continue
-        captions.append(caption)
+    # a missing or corrupt image costs its pair, not the evaluation
+    images, kept, skipped = load_images([image for image, _ in pairs], image_size, max_image_bytes)
+    for message in skipped:
+        log.warning("skipping %s", message)
     if not images:
         raise ValueError(f"{path}: no readable image-caption pair")
-    return np.stack(images), captions, skipped
+    return np.stack(images), [pairs[i][1] for i in kept], len(skipped)
 
 
 def _token_count(tokenizer: ClipTokenizer, text: str) -> int:

@@ -110,6 +110,13 @@ def create_state(config: ml_collections.ConfigDict, method: Method, model: nn.Mo
     return init_fn, shardings, tx
 
 
+def abstract_train_state(init_fn, shardings):
+    """The state `init_fn` (of `create_state`) makes, as shapes and dtypes in its shardings: what a restore and the
+    compilation need, with nothing computed."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        jax.eval_shape(init_fn, jax.random.PRNGKey(0)), shardings)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     workdir = epath.Path(workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
 
@@ -150,10 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     model = method.model()
     init_fn, shardings, tx = create_state(config, method, model, mesh)
     rng = jax.random.PRNGKey(config.seed)
-    abstract_state = jax.eval_shape(init_fn, rng)
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
-    )
+    abstract_state = abstract_train_state(init_fn, shardings)
 
     # --- Restore or initialise ----------------------------------------------------------------------------------
     # A warm start: this workdir's step-0 checkpoint, or, for a new run, another run's latest (config.init_from).
@@ -395,12 +399,7 @@ def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
     method = get_method(config)
     model = method.model()
     init_fn, shardings, _ = create_state(config, method, model, mesh)
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(init_fn, jax.random.PRNGKey(0)),
-        shardings,
-    )
-    state = checkpointer.restore(abstract_state, step=step)
+    state = checkpointer.restore(abstract_train_state(init_fn, shardings), step=step)
     checkpointer.close()
     tokenizer = make_tokenizer(config, workdir)
     return Trained(config, method, model, state.params, tokenizer, mesh, int(jax.device_get(state.step)))
