@@ -71,7 +71,8 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError(f"cannot write {out}: the workdir is not writable; make it writable, or copy the workdir "
                           "and evaluate the copy")
     # every process has them all
-    results = {"step": step, **evaluate(config, trained.model, trained.params, trained.mesh, trained.tokenizer)}
+    results = {"step": step, **evaluate(config, trained.model, trained.params, trained.mesh, trained.tokenizer,
+                                         method=trained.method)}
     if primary:
         print_results(results)  # shown before the write, which may still fail (a full disk)
         write_atomic(out, json.dumps(results, indent=2) + "\n")

@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from clip_jax.data.classification import CLASS_SPLITS, FEW_SHOT_DATASETS
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
 from clip_jax.data.pipeline import TRAIN_SOURCES, shapes_config
 from clip_jax.data.tokenizer import MIN_VOCAB_SIZE
@@ -77,6 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.source = "shapes"  # shapes | sharegpt4v | captions | records (see data.path)
     c.data.min_objects = 1  # shapes: objects per image
     c.data.max_objects = 3
+    c.data.shapes_domain = "clean"  # shapes: rendering domain, a key of clip_jax.data.shapes.DOMAINS (clean | shifted)
     c.data.long_caption_prob = 0.0  # probability of training on the long caption instead of the short one
     c.data.partial_caption_prob = 0.0  # probability of a caption naming only the colour or only the shape (shapes)
     c.data.grayscale_shape_captions = False  # show the image in grayscale when its caption names only the shape
@@ -96,6 +98,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_image_bytes = DEFAULT_MAX_IMAGE_BYTES
     c.data.workers = 0  # grain worker processes (0: in the main process)
     c.data.prefetch = 2  # batches prepared ahead in a background thread
+
+    # Few-shot transfer (docs/few_shot.md, clip_jax/data/classification.py): the labelled set that the few-shot
+    # methods train on and the `few_shot` evaluation scores, its K-shot sample and its base/new split of the classes.
+    c.few_shot = ml_collections.ConfigDict()
+    c.few_shot.dataset = "shapes"  # shapes | folder | table (CSV/JSONL of image, label) | tfds
+    # The sets: folder and table, their paths; tfds, split names of few_shot.tfds_name; shapes, unused (its train,
+    # val and test splits). val is where hyperparameters and checkpoints are chosen: never the test set.
+    c.few_shot.train = ""
+    c.few_shot.val = ""
+    c.few_shot.test = ""
+    c.few_shot.names_file = ""  # one class a line, `label` or `label<TAB>prompt name`: the classes and their order
+    c.few_shot.tfds_name = ""
+    c.few_shot.tfds_data_dir = ""
+    c.few_shot.shots = 16  # training examples per class, drawn by few_shot.seed
+    c.few_shot.seed = 1
+    c.few_shot.classes = "base"  # the classes trained on: base (then tested on base and new) | all
+    c.few_shot.class_split = "reference"  # reference: the first half of the classes is base | balanced: a random half
+    c.few_shot.templates = ()  # zero-shot prompts ("{}": the class name); () = the dataset's (shapes: its six)
+    c.few_shot.eval_examples = 1000  # at most, per val or test set (shapes: rendered)
+    c.few_shot.shapes_pool = 4000  # shapes: the train scenes the shots are drawn from
+    c.few_shot.shapes_domain = "shifted"  # shapes: the rendering domain of every set (clip_jax/data/shapes.py)
 
     # Settings shared by the evaluations.
     c.eval = ml_collections.ConfigDict()
@@ -205,7 +228,8 @@ _MINIMUM = {
     "eval.num_examples": 1, "optimizer.lr": 0, "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0,
     "optimizer.min_lr_ratio": 0, "optimizer.max_consecutive_nonfinite": 1, "data.prefetch": 0,
     "data.workers": 0, "data.skip": 0, "data.max_image_bytes": 1, "data.tokenizer_vocab_size": MIN_VOCAB_SIZE,
-    "model.text.context_length": 2, "model.embed_dim": 1,
+    "model.text.context_length": 2, "model.embed_dim": 1, "few_shot.shots": 1, "few_shot.eval_examples": 1,
+    "few_shot.shapes_pool": 1,
 }
 
 
@@ -217,6 +241,8 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     choices = {
         "data.source": TRAIN_SOURCES, "model.remat_policy": REMAT_POLICIES,
         "model.vision.activation": ACTIVATIONS, "model.text.activation": ACTIVATIONS, "model.dtype": _COMPUTE_DTYPES,
+        "few_shot.dataset": FEW_SHOT_DATASETS, "few_shot.classes": ("base", "all"),
+        "few_shot.class_split": CLASS_SPLITS,
     }
     for key, registry in choices.items():
         value = config
@@ -313,12 +339,17 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     if not file.is_file():
         raise ConfigError(f"config file {path} not found" + (" (it is a folder)" if file.is_dir() else ""))
     name = f"clip_jax_config_{file.stem}"
-    if (file.parent / "__init__.py").is_file():
-        # A config in a package (configs/): it imports its siblings and shared snippets as `configs.<module>`.
-        root = str(file.parent.parent.resolve())
+    package = file.resolve().parent
+    parts = [file.stem]
+    while (package / "__init__.py").is_file():  # a config in a package (configs/, configs/coop/)
+        parts.insert(0, package.name)
+        package = package.parent
+    if len(parts) > 1:
+        # It imports its siblings and the shared snippets as `configs.<module>`.
+        root = str(package)
         if root not in sys.path:
             sys.path.insert(0, root)
-        name = f"{file.parent.name}.{file.stem}"
+        name = ".".join(parts)
     module_spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(module_spec)
     # A config file is the user's code: whatever it raises (a syntax error, a typo, an unknown preset in

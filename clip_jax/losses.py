@@ -227,6 +227,16 @@ def longclip_loss(
     return loss, {**metrics, "loss_long": long_loss, "loss_short": short_loss}
 
 
+def classification_loss(outputs: dict[str, jax.Array], *, axis_name) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy of per-example class scores `logits` [B, C] against the class index `label` [B], averaged over
+    the global batch (the few-shot methods); metric `train_acc`, the top-1 accuracy of the batch."""
+    logits, label = outputs["logits"].astype(jnp.float32), outputs["label"]
+    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, label[:, None], axis=-1)[:, 0]
+    n_global = jax.lax.psum(label.shape[0], axis_name)
+    hits = (jnp.argmax(logits, axis=-1) == label).sum()
+    return jax.lax.psum(ce.sum(), axis_name) / n_global, {"train_acc": jax.lax.psum(hits, axis_name) / n_global}
+
+
 def shard_loss(loss_fn: LossFn, mesh: Mesh) -> Callable[[dict[str, jax.Array], dict[str, jax.Array]],
                                                          tuple[jax.Array, dict]]:
     """`loss(per_example, shared)` on global arrays, from a local-shard `loss_fn(outputs, *, axis_name)`: the

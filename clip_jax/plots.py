@@ -23,12 +23,14 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("contrastive loss")
+    ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
     ax_loss.legend()
-    if train and "i2t_acc" in train[0]:
-        ax_acc.plot([r["step"] for r in train], [r["i2t_acc"] for r in train], label="train batch i2t acc", alpha=0.6)
-    for key in ("zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1"):
+    for key, label in (("i2t_acc", "train batch i2t acc"), ("train_acc", "train batch top-1")):
+        if train and key in train[0]:
+            ax_acc.plot([r["step"] for r in train], [r[key] for r in train], label=label, alpha=0.6)
+    few_shot = sorted({k for r in evals for k in r if k.endswith(("_base", "_new", "_hm", "_all"))})
+    for key in ("zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1", *few_shot):
         points = [(r["step"], r[key]) for r in evals if key in r]
         if points:
             ax_acc.plot(*zip(*points, strict=True), marker="o", label=key)

@@ -13,3 +13,23 @@ def tiny_shapes(config, context_length: int):
     config.data.tokenizer_vocab_size = 1024
     config.data.augment = False
     return config
+
+
+def few_shot_shapes(config, method: str, **fields):
+    """The shapes recipes of the few-shot methods (docs/few_shot.md): a frozen demo CLIP (`clip-jax train --config
+    configs/demo.py --workdir workdirs/demo` first), its towers and tokenizer read from there; 16 shots of the 20
+    base classes (the first half of the 40 colour-shape pairs seen in pretraining) in the calibrated `shifted`
+    rendering domain; scored on the base and the new classes by the `few_shot` evaluation."""
+    from clip_jax.config import method_config
+    from clip_jax.evaluate.suite import eval_defaults
+
+    tiny_shapes(config, context_length=24)
+    config.init_from = "workdirs/demo"
+    config.method = method_config(method, **fields)
+    config.optimizer.frozen = (r"^(visual|text|logit_scale|logit_bias)/?",)
+    config.optimizer.no_decay = ()
+    config.optimizer.warmup_steps = 0
+    config.evals = {"few_shot": eval_defaults("few_shot")}
+    config.checkpoint.every_steps = 1000
+    config.log.every_steps = 50
+    return config

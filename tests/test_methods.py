@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 
 from clip_jax.config import ConfigError, default_config, load_config, method_config, read_config
-from clip_jax.data.pipeline import tokenizer_corpus, train_iterator
+from clip_jax.data.pipeline import tokenizer_corpus
 from clip_jax.data.tokenizer import ClipTokenizer
-from clip_jax.evaluate.suite import evaluate
+from clip_jax.evaluate.encoder import Encoder
+from clip_jax.evaluate.suite import eval_defaults, evaluate
 from clip_jax.methods import METHODS, get_method
-from clip_jax.methods.base import abstract_batch
+from clip_jax.methods.base import Preparation, abstract_batch
+from clip_jax.methods.few_shot import FROZEN, FewShotMethod
 from clip_jax.models import flops
+from clip_jax.models.clip import CLIP
 from clip_jax.sharding import batch_sharding, global_batch, make_mesh
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
@@ -27,7 +30,7 @@ from .test_train_step import assert_trees_close
 
 BATCH, IMAGE, CONTEXT, VOCAB = 16, 32, 24, 600
 # Per method: the fields that fit the tiny batch (Long-CLIP's PCA must keep fewer components than rows).
-SMALL = {"longclip": {"pca_components": 4, "pca_scope": "global", "short_context_length": 12}}
+SMALL = {"longclip": {"pca_components": 4, "pca_scope": "global", "short_context_length": 12}, "coop": {"n_ctx": 4}}
 
 
 def tiny_config(name: str):
@@ -36,7 +39,8 @@ def tiny_config(name: str):
     config.model.vision.update(tower, image_size=IMAGE, patch_size=16)
     config.model.text.update(tower, context_length=CONTEXT, vocab_size=VOCAB)
     config.model.embed_dim = 16
-    config.method = method_config(name, multi_positive=True, **SMALL.get(name, {}))
+    positives = {"multi_positive": True} if "multi_positive" in METHODS[name].defaults() else {}
+    config.method = method_config(name, **positives, **SMALL.get(name, {}))
     config.batch_size = BATCH
     config.data.long_caption_prob = 0.5
     config.optimizer.warmup_steps = 1
@@ -51,11 +55,32 @@ def tokenizer():
     return ClipTokenizer.train(tokenizer_corpus(tiny_config("clip"), 500), VOCAB)
 
 
+def tiny_few_shot(config):
+    """A few-shot task the tiny batch fits: 2 shots of the 20 base shapes classes, drawn from 300 scenes."""
+    config.few_shot.update(shots=2, shapes_pool=300, eval_examples=48, shapes_domain="clean")
+    config.optimizer.frozen = FROZEN + (("^learner/",) if config.method.name == "tip_adapter" else ())
+    config.evals = {"few_shot": eval_defaults("few_shot")}
+    return config
+
+
+def prepared(config, tokenizer):
+    """The method after `prepare`, from a randomly initialised CLIP (what the loop gives it without a checkpoint)."""
+    method = get_method(config)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    clip = CLIP(method.model_config())
+    params = clip.init(jax.random.PRNGKey(0), *method.init_inputs())
+    encoder = Encoder(clip, params["params"], mesh, 64)
+    method.prepare(Preparation(None, tokenizer, True, encoder.images, encoder.texts))
+    return method
+
+
 @pytest.fixture(scope="module", params=sorted(METHODS))
 def method_setup(request, tokenizer):
     config = tiny_config(request.param)
-    method = get_method(config)
-    batches = train_iterator(config, tokenizer, captions=method.captions())
+    if isinstance(get_method(config), FewShotMethod):
+        config = tiny_few_shot(config)
+    method = prepared(config, tokenizer)
+    batches = method.train_data(config, tokenizer, list(range(BATCH)))
     host_batches = [{k: v for k, v in next(batches).items() if k != "stats"} for _ in range(2)]
     return config, method, host_batches
 
@@ -119,9 +144,13 @@ def test_the_train_state_round_trips_through_a_checkpoint(method_setup, runs, tm
 def test_the_evaluation_suite_runs_on_the_methods_model(method_setup, runs, tokenizer):
     config, method, _ = method_setup
     (state, _), mesh = runs["sharded"]
-    results = evaluate(config, method.model(), state.params, mesh, tokenizer)
-    assert {"zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1"} <= set(results)
-    assert all(0.0 <= results[k] <= 1.0 for k in ("zero_shot_top1", "i2t_r1"))
+    results = evaluate(config, method.model(), state.params, mesh, tokenizer, method=method)
+    if isinstance(method, FewShotMethod):
+        want = {"few_shot_base"} | (set() if method.name == "linear_probe" else {"few_shot_new", "few_shot_hm"})
+    else:
+        want = {"zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1"}
+    assert want <= set(results)
+    assert all(0.0 <= results[k] <= 1.0 for k in want)
 
 
 # --- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -155,7 +184,7 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, longclip, siglip"),
+    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, clip_adapter, coop, linear_probe, longclip, siglip, tip_adapter"),
     (["--config.method.pca_components=4"], "a field of method longclip: set --config.method.name first"),
     (["--config.loss.name=siglip_ring"], "use --config.method.name=siglip --config.method.ring=True"),
     (["--config.loss.label_smoothing=0.1"], "'loss.label_smoothing' is now 'method.label_smoothing'"),

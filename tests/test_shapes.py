@@ -1,5 +1,7 @@
 """Behavioural tests for the procedural ``shapes`` dataset."""
 
+import dataclasses
+import hashlib
 import itertools
 import re
 
@@ -12,6 +14,7 @@ from clip_jax.data.shapes import (
     COLOUR_RGB,
     COLOURS,
     DEFAULT_HELD_OUT,
+    DOMAINS,
     POSITIONS,
     SHAPES,
     SPLITS,
@@ -20,6 +23,7 @@ from clip_jax.data.shapes import (
     ShapeObject,
     ShapesConfig,
     ShapesDataset,
+    ShapesDomain,
 )
 
 # Approximation of the CLIP BPE pre-tokeniser, as used to size long captions.
@@ -284,3 +288,96 @@ def test_partial_caption_names_exactly_one_attribute_of_the_salient_object():
         assert not (words & (set(COLOURS) - {salient.colour})) and not (words & (set(SHAPES) - {salient.shape}))
         kinds.add(has_colour)
     assert kinds == {True, False}  # both kinds occur
+
+
+# sha256 of the images and captions below, computed before rendering domains existed: the clean domain must keep
+# rendering exactly what every earlier model was trained and evaluated on.
+CLEAN_CHECKSUM = "530fdaf6008399fe4c9cf35de7ba3d4dfe44764f33ab4ac0fd25e7734714af3d"
+
+
+def test_clean_domain_renders_exactly_as_before_domains():
+    digest = hashlib.sha256()
+    for split in ("train", "test", "test_seen", "test_held_out"):
+        for size in (64, 96):
+            ds = ShapesDataset(ShapesConfig(image_size=size, min_objects=1, max_objects=8), split)
+            for i in range(4):
+                ex = ds[i]
+                digest.update(ex["image"].tobytes())
+                digest.update((ex["short_caption"] + ex["long_caption"] + ex["partial_caption"]).encode())
+                assert ex["image"].tobytes() == shapes.render_scene(ds.scene(i), size).tobytes()
+    assert digest.hexdigest() == CLEAN_CHECKSUM
+    assert ShapesConfig().domain == "clean" and DOMAINS["clean"] == ShapesDomain()
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test_held_out"])
+def test_shifted_domain_changes_pixels_only(split):
+    config = ShapesConfig(image_size=96)
+    clean = ShapesDataset(config, split)
+    shifted = ShapesDataset(dataclasses.replace(config, domain="shifted"), split)
+    for i in range(6):
+        a, b = clean[i], shifted[i]
+        assert clean.scene(i) == shifted.scene(i)
+        assert {k: v for k, v in a.items() if k != "image"} == {k: v for k, v in b.items() if k != "image"}
+        assert a["image"].shape == b["image"].shape and b["image"].dtype == np.uint8
+        assert np.abs(a["image"].astype(int) - b["image"]).mean() > 5
+        # The same pixels whether the domain comes from the config or is passed explicitly.
+        assert clean.image(i, DOMAINS["shifted"]).tobytes() == b["image"].tobytes() == shifted.image(i).tobytes()
+
+
+def test_shifted_domain_is_deterministic():
+    a, b = (ShapesDataset(ShapesConfig(domain="shifted"), "train") for _ in range(2))
+    for i in (0, 7, 12345):
+        assert a[i]["image"].tobytes() == b[i]["image"].tobytes()
+    assert a[3]["image"].tobytes() != a[4]["image"].tobytes()
+    scene = a.scene(0)
+    assert a.render(scene, caption_seed=2)["image"].tobytes() == b.render(scene, caption_seed=2)["image"].tobytes()
+    with pytest.raises(ValueError):
+        shapes.render_scene(scene, 64, DOMAINS["shifted"])  # its noise needs a generator
+
+
+def test_val_split_is_new_seen_only_and_independent():
+    # Appended last: the earlier splits keep their seeds (SPLITS.index) and hence their streams.
+    assert SPLITS[:4] == ("train", "test", "test_seen", "test_held_out") and SPLITS[4] == "val"
+    val, test, train = (many_objects(s) for s in ("val", "test", "train"))
+    held = set(DEFAULT_HELD_OUT)
+    for i in range(100):
+        assert not {(o.colour, o.shape) for o in val.scene(i).objects} & held
+    for other in (test, train):
+        assert all(val[i]["image"].tobytes() != other[i]["image"].tobytes() for i in range(20))
+        assert [val[i]["long_caption"] for i in range(20)] != [other[i]["long_caption"] for i in range(20)]
+
+
+def test_bad_domain_raises_naming_the_choices():
+    with pytest.raises(ValueError, match="'clean', 'shifted'"):
+        ShapesConfig(domain="noisy")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"noise_std": -1.0}, {"render_scale": 0.0}, {"render_scale": 1.5}, {"contrast": 0.0}, {"contrast": 1.2},
+     {"backgrounds": ((230, 40, 40),)}, {"backgrounds": ((300, 0, 0),)}],
+)  # fmt: skip
+def test_bad_domain_parameters_raise(kwargs):
+    with pytest.raises(ValueError):
+        ShapesDomain(**kwargs)
+
+
+def test_colour_identity_survives_the_shifted_domain():
+    palette = np.array([COLOUR_RGB[c] for c in COLOURS], dtype=float)
+    for colour in COLOURS:
+        means = []
+        for k, (shape, background) in enumerate(itertools.product(SHAPES, shapes.BACKGROUNDS)):
+            scene = Scene(background, (ShapeObject(colour, shape, "large", cell=4, outline=k % 2 == 1),))
+            clean = shapes.render_scene(scene, 96)
+            # The object's interior in the clean render (eroded by 3 px: blur legitimately mixes the edge with
+            # the background), read in the shifted render.
+            mask = np.all(clean == COLOUR_RGB[colour], axis=-1)
+            for _ in range(3):
+                mask[1:-1, 1:-1] &= mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+            shifted = shapes.render_scene(scene, 96, DOMAINS["shifted"], np.random.default_rng(k))
+            means.append(shifted[mask].astype(float).mean(axis=0))
+        # Averaged over shapes, backgrounds and noise draws, the object still reads as its own palette colour.
+        mean = np.mean(means, axis=0)
+        assert COLOURS[int(np.linalg.norm(palette - mean, axis=1).argmin())] == colour, (colour, mean)
+        for m in means:  # and so does every single object
+            assert COLOURS[int(np.linalg.norm(palette - m, axis=1).argmin())] == colour, (colour, m)

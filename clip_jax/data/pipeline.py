@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
+from etils import epath
 
 from clip_jax.data import captions, records
 from clip_jax.data.images import (
@@ -81,6 +82,7 @@ def shapes_config(config: ml_collections.ConfigDict) -> ShapesConfig:
         min_objects=config.data.min_objects,
         max_objects=config.data.max_objects,
         seed=config.seed,
+        domain=config.data.shapes_domain,
     )
 
 
@@ -322,6 +324,22 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, 
     return iter(train_dataset(config, tokenizer, rows, captions))
 
 
+def _example_stats(element: dict) -> dict:
+    return element | {STATS: dict.fromkeys(MARKS, 0)}
+
+
+def array_iterator(arrays: Mapping[str, np.ndarray], batch_size: int, rows: Sequence[int], seed: int
+                   ) -> Iterator[dict]:
+    """Batches of in-memory examples (e.g. a few-shot sample's cached embeddings and labels): `arrays` hold N rows
+    each; every epoch is a new permutation fixed by `seed`; this host gets the rows `rows` of each global batch, with
+    the `stats` the loop counts (nothing is dropped or marked). Checkpointable like the caption pipeline."""
+    n = len(next(iter(arrays.values())))
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+    ds = ds.map(lambda i: _example_stats({k: v[i] for k, v in arrays.items()}))
+    ds = GlobalBatchRows(ds, rows, batch_size).map_with_index(_add_example_index).batch(len(rows), drop_remainder=True)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+
+
 def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[str]:
     """Training captions to fit a from-scratch BPE vocabulary on (both caption kinds, as training may use both)."""
     source = get_source(config, "train")
@@ -345,7 +363,11 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
         tokenizer = ClipTokenizer.load(path)
     else:
         choice = config.data.tokenizer
-        if choice == "train":
+        start = epath.Path(config.init_from) / "tokenizer.json" if config.init_from else None
+        if choice == "train" and start is not None and start.exists():
+            # A warm start from another run reads that run's token ids: a vocabulary fitted anew would scramble them.
+            tokenizer = ClipTokenizer.load(start)
+        elif choice == "train":
             tokenizer = ClipTokenizer.train(tokenizer_corpus(config), config.data.tokenizer_vocab_size)
         elif choice == "openai":
             vocab = ClipTokenizer.find_openai_vocab()

@@ -8,6 +8,11 @@ training so zero-shot generalisation to unseen attribute combinations can be mea
 
 Rendering uses numpy masks on coordinate grids (one small bounding box per object), so it is cheap enough to
 feed training from a couple of CPU cores without any files on disk.
+
+A rendering domain (``ShapesDomain``, registered in ``DOMAINS`` and chosen by ``ShapesConfig.domain``) changes
+only the pixels: pixel noise, low-resolution rendering, lower contrast, unseen background colours. The scene and
+captions at a given (seed, split, index) are the same in every domain, so a shifted domain is a downstream task
+for few-shot adaptation whose labels match the clean one's.
 """
 
 import dataclasses
@@ -44,8 +49,15 @@ BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
     "grey": (105, 105, 110), "beige": (175, 160, 130), "slate": (75, 95, 115), "brown": (110, 80, 60),
 }  # fmt: skip
 _BACKGROUND_RGB = np.array([BACKGROUND_RGB[b] for b in BACKGROUNDS], dtype=np.uint8)
+# Backgrounds never drawn in the clean domain: muted hues the training backgrounds lack (olive, mauve, teal, rose),
+# as mid-luminance and as far (L1 >= 120) from every object colour as BACKGROUND_RGB.
+UNSEEN_BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
+    "olive": (100, 110, 50), "mauve": (135, 85, 120), "teal grey": (50, 110, 100), "dusty rose": (160, 100, 95),
+}  # fmt: skip
 
-SPLITS: tuple[str, ...] = ("train", "test", "test_seen", "test_held_out")
+# New splits go at the end: each split's stream is seeded with its position here. "val" (salient objects from
+# the seen pairs, like "test") is an independent stream for choosing hyper-parameters without touching a test set.
+SPLITS: tuple[str, ...] = ("train", "test", "test_seen", "test_held_out", "val")
 # One pair per colour, no shape used more than twice: every colour keeps 5 seen shapes and every shape keeps
 # at least 6 seen colours, so each attribute on its own is well covered during training.
 DEFAULT_HELD_OUT: tuple[tuple[str, str], ...] = (
@@ -89,6 +101,54 @@ _SINGLE_COUNT = ("there is only one object in the picture", "the image contains 
 
 
 @dataclasses.dataclass(frozen=True)
+class ShapesDomain:
+    """How a scene's pixels are rendered. The default changes nothing (the ``clean`` domain). Every change keeps
+    colour and shape identity: no hue shift towards another palette colour, no change of which object is salient.
+    """
+
+    # Standard deviation of i.i.d. Gaussian noise added to every pixel channel, in 0-255 units.
+    noise_std: float = 0.0
+    # Render at this fraction of the image size, then upsample bilinearly to full size: blur and lost detail
+    # (textures and outlines wash out first, shapes last).
+    render_scale: float = 1.0
+    # Contrast towards the background: every pixel moves to background + contrast * (pixel - background), so an
+    # object's colour fades along the line to the (muted) background, never towards another object colour.
+    contrast: float = 1.0
+    # RGB background colours drawn from (uniformly, per image) instead of the scene's own; empty keeps the scene's.
+    # Captions still name the scene's background: the shift is in the pixels only.
+    backgrounds: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+            raise ValueError(f"noise_std must be finite and >= 0, got {self.noise_std}")
+        if not 0 < self.render_scale <= 1:
+            raise ValueError(f"render_scale must be in (0, 1], got {self.render_scale}")
+        if not 0 < self.contrast <= 1:
+            raise ValueError(f"contrast must be in (0, 1], got {self.contrast}")
+        for rgb in self.backgrounds:
+            if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+                raise ValueError(f"background {rgb!r} is not an RGB triple in 0-255")
+            # The margin the built-in palettes keep (L1 >= 120): a background near an object colour would make
+            # that object hard to see and, with reduced contrast, pull it towards the wrong colour name.
+            if np.abs(_COLOUR_RGB.astype(int) - np.array(rgb)).sum(axis=1).min() < 120:
+                raise ValueError(f"background {rgb!r} is too close to an object colour (L1 distance < 120)")
+
+    @property
+    def is_clean(self) -> bool:
+        return self == ShapesDomain()
+
+
+DOMAINS: dict[str, ShapesDomain] = {
+    "clean": ShapesDomain(),
+    # Calibrated with benchmarks/shapes_domain.py (results: benchmarks/results/shapes_domain.json) so that the
+    # demo model's zero-shot top-1 on seen pairs falls to about 0.55-0.75 while every salient object stays
+    # nameable by eye.
+    "shifted": ShapesDomain(noise_std=25.0, render_scale=0.5, contrast=0.7,
+                            backgrounds=tuple(UNSEEN_BACKGROUND_RGB.values())),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class ShapeObject:
     """One object of a scene. ``jitter`` is the offset from the cell centre as a fraction (-1..1, per axis)
     of the free room left in the cell, so the object always stays inside its cell at any image size."""
@@ -126,6 +186,7 @@ class ShapesConfig:
     max_objects: int = 3
     seed: int = 0
     held_out: tuple[tuple[str, str], ...] = DEFAULT_HELD_OUT  # (colour, shape) pairs
+    domain: str = "clean"  # a key of DOMAINS: how the pixels are rendered
 
     def __post_init__(self) -> None:
         # Fail at construction so a bad experiment config is reported before any data is generated.
@@ -137,6 +198,8 @@ class ShapesConfig:
             raise ValueError(f"max_objects must be <= {len(POSITIONS)} (one per grid cell), got {self.max_objects}")
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
+        if self.domain not in DOMAINS:
+            raise ValueError(f"unknown domain {self.domain!r}; expected one of {tuple(DOMAINS)}")
         for pair in self.held_out:
             if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in SHAPES:
                 raise ValueError(f"held_out pair {pair!r} is not (colour, shape) with colour in {COLOURS} "
@@ -244,14 +307,50 @@ def _draw_object(image: np.ndarray, obj: ShapeObject) -> None:
         region[mask & ~inner] = _OUTLINE_RGB
 
 
-def render_scene(scene: Scene, image_size: int = 64) -> np.ndarray:
-    """Draw a scene as a uint8 [image_size, image_size, 3] array."""
-    validate_scene(scene)
+def _draw_scene(scene: Scene, image_size: int, background: np.ndarray) -> np.ndarray:
     image = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    image[:] = _BACKGROUND_RGB[BACKGROUNDS.index(scene.background)]
+    image[:] = background
     for obj in scene.objects:
         _draw_object(image, obj)
     return image
+
+
+def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """[out, in] weights of 1-D bilinear resampling with pixel centres aligned (as jax.image.resize)."""
+    x = np.clip((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0, in_size - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, in_size - 1)
+    weights = np.zeros((out_size, in_size))
+    np.add.at(weights, (np.arange(out_size), lo), 1.0 - (x - lo))
+    np.add.at(weights, (np.arange(out_size), hi), x - lo)
+    return weights
+
+
+def render_scene(
+    scene: Scene, image_size: int = 64, domain: ShapesDomain = DOMAINS["clean"],
+    domain_rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Draw a scene as a uint8 [image_size, image_size, 3] array in a rendering domain. ``domain_rng`` draws
+    the domain's randomness (background choice, noise); a non-clean domain needs one."""
+    validate_scene(scene)
+    background = _BACKGROUND_RGB[BACKGROUNDS.index(scene.background)]
+    if domain.is_clean:
+        return _draw_scene(scene, image_size, background)
+    if domain_rng is None:
+        raise ValueError("a non-clean domain needs domain_rng for its noise and background choice")
+    if domain.backgrounds:
+        background = np.array(domain.backgrounds[int(domain_rng.integers(len(domain.backgrounds)))], np.uint8)
+    low = max(1, round(image_size * domain.render_scale))
+    image = _draw_scene(scene, low, background).astype(np.float64)
+    bg = background.astype(np.float64)
+    image = bg + domain.contrast * (image - bg)
+    if low != image_size:
+        resize = _bilinear_matrix(image_size, low)
+        # Channels first so both axes resize as batched matrix products (BLAS; einsum here is ~30x slower).
+        image = (resize @ image.transpose(2, 0, 1) @ resize.T).transpose(1, 2, 0)
+    if domain.noise_std:
+        image += domain_rng.normal(0.0, domain.noise_std, image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 def _a(word: str) -> str:
@@ -300,9 +399,13 @@ def partial_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return caption, ("colour", "shape")[kind]
 
 
-def render_example(scene: Scene, image_size: int, rng: np.random.Generator) -> dict:
-    """Image, captions and label for an explicit scene (e.g. hand-built hard pairs)."""
-    image = render_scene(scene, image_size)
+def render_example(
+    scene: Scene, image_size: int, rng: np.random.Generator, domain: ShapesDomain = DOMAINS["clean"],
+    domain_rng: np.random.Generator | None = None,
+) -> dict:
+    """Image, captions and label for an explicit scene (e.g. hand-built hard pairs). Captions are drawn from
+    ``rng``; the domain's pixel randomness from ``domain_rng``, so the captions do not depend on the domain."""
+    image = render_scene(scene, image_size, domain, domain_rng)
     short, long = describe_scene(scene, rng)
     label = np.int32(class_index(scene.salient.colour, scene.salient.shape))
     partial, kind = partial_caption(scene, rng)  # drawn last: the other captions do not depend on it
@@ -327,21 +430,31 @@ class ShapesDataset:
         if split == "test_held_out" and not len(self._held_out):
             raise ValueError("split 'test_held_out' needs a non-empty config.held_out")
         self._salient_pool = self._held_out if split == "test_held_out" else self._seen
+        self.domain = DOMAINS[config.domain]
 
     def __len__(self) -> int:
         return self.num_examples
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
-        return render_example(self._sample_scene(rng), self.config.image_size, rng)
+        return render_example(self._sample_scene(rng), self.config.image_size, rng, self.domain,
+                              self._domain_rng(index))
 
     def scene(self, index: int) -> Scene:
         """The scene description that ``self[index]`` renders."""
         return self._sample_scene(self._rng(index))
 
+    def image(self, index: int, domain: ShapesDomain | None = None) -> np.ndarray:
+        """``self[index]``'s image rendered in ``domain`` (default: this dataset's) with the same scene and pixel
+        randomness: compares candidate domains on identical examples without registering them in DOMAINS."""
+        domain = self.domain if domain is None else domain
+        return render_scene(self.scene(index), self.config.image_size, domain, self._domain_rng(index))
+
     def render(self, scene: Scene, caption_seed: int = 0) -> dict:
-        """Render an explicit scene at this dataset's image size; captions are drawn from ``caption_seed``."""
-        return render_example(scene, self.config.image_size, np.random.default_rng(caption_seed))
+        """Render an explicit scene at this dataset's image size and domain; captions (and the domain's pixel
+        randomness, from a separate stream) are drawn from ``caption_seed``."""
+        return render_example(scene, self.config.image_size, np.random.default_rng(caption_seed), self.domain,
+                              np.random.default_rng([caption_seed, 1]))
 
     def class_names(self) -> list[str]:
         return class_names()
@@ -352,14 +465,19 @@ class ShapesDataset:
     def seen_classes(self) -> list[int]:
         return [int(i) for i in self._seen]
 
-    def _rng(self, index: int) -> np.random.Generator:
+    def _rng(self, index: int, *stream: int) -> np.random.Generator:
         index = operator.index(index)
         if index < 0:
             index += self.num_examples
         if not 0 <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")
-        # Seeding with the split id gives every split its own independent stream for the same index.
-        return np.random.default_rng([self.config.seed, SPLITS.index(self.split), index])
+        # Seeding with the split id gives every split its own independent stream for the same index. A trailing
+        # stream id gives a separate generator per purpose (1: the domain's pixel randomness), so the scene and
+        # captions, drawn from the plain stream, are the same in every domain.
+        return np.random.default_rng([self.config.seed, SPLITS.index(self.split), index, *stream])
+
+    def _domain_rng(self, index: int) -> np.random.Generator:
+        return self._rng(index, 1)
 
     def _sample_scene(self, rng: np.random.Generator) -> Scene:
         cfg = self.config

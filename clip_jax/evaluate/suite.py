@@ -14,6 +14,7 @@ entry to its results. `eval.batch_size` and `eval.num_examples` are shared by al
   `<name>_skipped`).
 - `zero_shot_tfds`: zero-shot top-1/5 on a TFDS classification set read through `tfds.data_source`
   (`<name>_top1`, `<name>_top5`; the `[tfds]` extra).
+- `few_shot`: top-1 on the base and new classes of `config.few_shot` and their harmonic mean (`run_few_shot`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from clip_jax.data.classification import few_shot_task
 from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.pipeline import get_source
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
@@ -47,14 +49,26 @@ PHOTO_TEMPLATES = ("a photo of a {}.",)
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What every evaluator receives: the run's config, the encoder (the model on the mesh) and the tokenizer."""
+    """What every evaluator receives: the run's config, the encoder (the model on the mesh), the tokenizer, and the
+    method with the parameters, for its own predict functions."""
 
     config: ml_collections.ConfigDict
     encoder: Encoder
     tokenizer: ClipTokenizer
+    method: Any = None
+    params: Any = None
 
     def texts(self, texts) -> np.ndarray:
         return self.encoder.texts(self.tokenizer(list(texts), self.config.model.text.context_length))
+
+    def scores(self, features: np.ndarray, classes: list[int], task) -> np.ndarray:
+        """[N, C] class scores of image embeddings for the task's classes `classes`: the method's (`scores`), or
+        zero-shot CLIP's with the task's templates for a method without."""
+        method_scores = getattr(self.method, "scores", None)
+        if method_scores is not None:
+            return method_scores(self.params, features, classes)
+        names = [task.class_names[c] for c in classes]
+        return features @ class_embeddings(self.texts, names, task.templates).T
 
     def num_examples(self, entry) -> int:
         return entry.num_examples if entry.num_examples is not None else self.config.eval.num_examples
@@ -181,6 +195,51 @@ def run_zero_shot_tfds(ctx: Context, name: str, entry: ZeroShotTfdsEval) -> dict
     return {f"{name}_top1": float(acc["top1"]), f"{name}_top5": float(acc["top5"])}
 
 
+# --- few-shot transfer -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FewShotEval:
+    every_steps: int | None = None
+    shapes_domain: str = ""  # shapes: also score this rendering domain of the test split (`<name>_shifted_*`)
+
+
+@functools.lru_cache(maxsize=4)
+def _few_shot_test(config_json: str, shapes_domain: str):
+    """The task and its test images, read once per process."""
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    if shapes_domain:
+        config.few_shot.shapes_domain = shapes_domain
+    task = few_shot_task(config)
+    return task, task.test.read(range(len(task.test)))
+
+
+def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float]:
+    """Top-1 on the test images of the base classes and of the new ones, each among its own classes (the reference
+    protocol), and their harmonic mean: `<name>_base`, `<name>_new`, `<name>_hm` (with few_shot.classes "all":
+    `<name>_all`). The method's own scores (`scores(params, embeddings, classes)`), else zero-shot CLIP with the
+    task's templates; a method that cannot score the new classes (a linear probe) reports only base."""
+    domains = {"": ctx.config.few_shot.shapes_domain}
+    if entry.shapes_domain:
+        domains["_shifted"] = entry.shapes_domain
+    results = {}
+    for suffix, domain in domains.items():
+        task, images = _few_shot_test(ctx.config.to_json(), domain)
+        features = ctx.encoder.images(images)
+        groups = {"base": task.base, "new": task.new} if task.new else {"all": task.base}
+        for group, classes in groups.items():
+            rows = np.isin(task.test.labels, classes)
+            try:
+                scores = ctx.scores(features[rows], classes, task)
+            except ValueError as e:  # e.g. a linear probe asked for classes it has no weights for
+                log.info("evals.%s: no %s-class scores: %s", name, group, e)
+                continue
+            targets = np.searchsorted(classes, task.test.labels[rows])
+            results[f"{name}{suffix}_{group}"] = float(np.mean(np.argmax(scores, axis=1) == targets))
+        base, new = results.get(f"{name}{suffix}_base"), results.get(f"{name}{suffix}_new")
+        if base is not None and new is not None:
+            results[f"{name}{suffix}_hm"] = 2 * base * new / (base + new) if base + new else 0.0
+    return results
+
+
 Evaluator = tuple[type, Callable[[Context, str, Any], dict[str, float]]]
 EVALUATORS: dict[str, Evaluator] = {
     "shapes": (ShapesEval, run_shapes),
@@ -188,6 +247,7 @@ EVALUATORS: dict[str, Evaluator] = {
     "long_text_set": (LongTextSetEval, run_long_text_set),
     "zero_shot_folder": (ZeroShotFolderEval, run_zero_shot_folder),
     "zero_shot_tfds": (ZeroShotTfdsEval, run_zero_shot_tfds),
+    "few_shot": (FewShotEval, run_few_shot),
 }
 # Fields an entry of this type must set (a path to read).
 _REQUIRED = {"long_text_set": "path", "zero_shot_folder": "path", "zero_shot_tfds": "dataset"}
@@ -238,9 +298,10 @@ def due(config: ml_collections.ConfigDict, step: int) -> list[str]:
 
 
 def evaluate(config: ml_collections.ConfigDict, model, params, mesh, tokenizer: ClipTokenizer,
-             names: list[str] | None = None) -> dict[str, float]:
-    """The results of the `config.evals` entries `names` (all by default), merged."""
-    ctx = Context(config, Encoder(model, params, mesh, config.eval.batch_size), tokenizer)
+             names: list[str] | None = None, method: Any = None) -> dict[str, float]:
+    """The results of the `config.evals` entries `names` (all by default), merged. `method`: the run's, prepared
+    (its predict functions)."""
+    ctx = Context(config, Encoder(model, params, mesh, config.eval.batch_size), tokenizer, method, params)
     results: dict[str, float] = {}
     for name, entry in config.evals.items():
         if names is None or name in names:

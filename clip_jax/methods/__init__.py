@@ -8,9 +8,10 @@ import ml_collections
 from clip_jax.errors import ConfigError
 from clip_jax.methods.base import Method
 from clip_jax.methods.clip import ClipMethod, SiglipMethod
+from clip_jax.methods.few_shot import FEW_SHOT_METHODS
 from clip_jax.methods.longclip import LongClipMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ClipMethod, SiglipMethod, LongClipMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ClipMethod, SiglipMethod, LongClipMethod, *FEW_SHOT_METHODS)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -7,14 +7,17 @@ A method is a subclass of `Method`, registered by name in `clip_jax.methods.METH
 - its batch: `fields()` (the arrays the compiled step receives, per example), `captions()` (which caption strings
   the input pipeline tokenizes into which fields, and a picklable map adding caption strings of its own);
 - its model, the inputs that initialise it, and its step pieces (`step_fns`, see `StepFns`);
-- its checks before compilation (`check`), its warm start (`warm_start`) and its FLOPs (`flops_per_example`).
+- its training data (`train_data`: by default the caption pipeline over `captions()`), and what it computes once
+  before training from the data and the model it starts from (`prepare`, e.g. cached image embeddings);
+- its checks before compilation (`check`), its warm start (`base_params`, `warm_start`) and its FLOPs
+  (`flops_per_example`).
 `train/loop.py`, `train/step.py`, `config.py` and `data/pipeline.py` name no method: they ask the method.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -23,7 +26,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from clip_jax.data.pipeline import Captions
+from clip_jax.data.pipeline import Captions, train_iterator
+from clip_jax.data.tokenizer import ClipTokenizer
 
 PyTree = Any
 Outputs = dict[str, jax.Array]
@@ -60,6 +64,19 @@ class StepFns:
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
     targets: Callable[[dict[str, jax.Array]], Outputs] = _nothing
     log: Callable[[Outputs], Outputs] = _nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class Preparation:
+    """What the loop gives `Method.prepare`: the run's workdir (None outside a run), tokenizer, whether this process
+    writes shared files, and embedding functions (normalised, float32 [N, D]) of the model the run starts from:
+    images uint8 [N, H, W, 3] and token ids [N, T]. They load that model on their first call."""
+
+    workdir: Any
+    tokenizer: ClipTokenizer
+    is_primary: bool
+    encode_images: Callable[[np.ndarray], np.ndarray]
+    encode_texts: Callable[[np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +117,30 @@ class Method:
     def step_fns(self, model: nn.Module) -> StepFns:
         raise NotImplementedError
 
+    # --- data -----------------------------------------------------------------------------------------------
+    def prepare(self, prep: Preparation) -> None:
+        """Called once before `model()` and `train_data`: what the method computes from the data and the model it
+        starts from (nothing by default)."""
+
+    def train_data(self, config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int]
+                   ) -> Iterator[dict]:
+        """This host's rows `rows` of every global batch, with the host-only `stats` of data/pipeline.py, as a
+        checkpointable grain iterator."""
+        return train_iterator(config, tokenizer, rows, self.captions())
+
     # --- around the step --------------------------------------------------------------------------------------
     def check(self, mesh: Mesh) -> None:
         """Raises ConfigError for a configuration that validates but cannot work on `mesh` (before compiling)."""
 
-    def warm_start(self, params: PyTree) -> PyTree:
-        """The parameters a warm start (a converted or stretched model, `init_from`) trains from."""
+    def base_params(self, params: PyTree) -> PyTree:
+        """The part of the parameters a warm start (a converted or stretched model, `init_from`) reads from the
+        checkpoint: all of them by default."""
         return params
+
+    def warm_start(self, restored: PyTree, initial: PyTree) -> PyTree:
+        """The parameters a warm start trains from, given those read from the checkpoint (`base_params`) and the
+        freshly initialised ones."""
+        return restored
 
     def flops_per_example(self, trainable: Mapping[str, Any]) -> float:
         """Model FLOPs of one training example (2 per multiply-add), given the tree of trainable flags."""

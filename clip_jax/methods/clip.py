@@ -81,7 +81,7 @@ class ClipMethod(Method):
         return StepFns(embed=embed, shared=shared, loss=self.loss_fn(), targets=targets,
                        log=lambda s: {"logit_scale": s["logit_scale"]})
 
-    def warm_start(self, params):
+    def warm_start(self, params, initial):
         if not self.hparams.reset_logit_scale:
             return params
         old = params["logit_scale"]

@@ -4,6 +4,7 @@ steps (metrics, checkpoints, evaluations), final evaluation and results."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -20,14 +21,15 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from clip_jax.config import ConfigError, check_input_paths, model_config, read_config, save_config
-from clip_jax.data.pipeline import DataCounts, make_tokenizer, train_iterator
+from clip_jax.data.pipeline import DataCounts, make_tokenizer
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import barrier, batch_rows
+from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import due as evals_due
 from clip_jax.evaluate.suite import evaluate, print_results
 from clip_jax.files import write_atomic
 from clip_jax.methods import get_method
-from clip_jax.methods.base import Method, abstract_batch
+from clip_jax.methods.base import Method, Preparation, abstract_batch
 from clip_jax.models import flops as flops_lib
 from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, global_batch, make_mesh, reader_mesh
 from clip_jax.train import memory as memory_lib
@@ -110,6 +112,26 @@ def create_state(config: ml_collections.ConfigDict, method: Method, model: nn.Mo
     return init_fn, shardings, tx
 
 
+def _preparation(config, method: Method, mesh, workdir, tokenizer, start: tuple[Checkpointer, int | None],
+                 rng) -> Preparation:
+    """`Method.prepare`'s view of the run: embedding functions of the model the run starts from (a checkpoint:
+    the warm start's or the latest; else the initial parameters), loaded on first use."""
+
+    @functools.cache
+    def encoder() -> Encoder:
+        model = method.model()
+        init_fn, shardings, _ = create_state(config, method, model, mesh)
+        source, step = start
+        if step is None:
+            params = method.base_params(init_fn(rng).params)
+        else:
+            params = source.restore_params(step, method.base_params(abstract_train_state(init_fn, shardings).params))
+        return Encoder(model, params, mesh, config.eval.batch_size)
+
+    return Preparation(workdir, tokenizer, jax.process_index() == 0, lambda images: encoder().images(images),
+                       lambda tokens: encoder().texts(tokens))
+
+
 def abstract_train_state(init_fn, shardings):
     """The state `init_fn` (of `create_state`) makes, as shapes and dtypes in its shardings: what a restore and the
     compilation need, with nothing computed."""
@@ -147,31 +169,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     warm_start = checkpointer.latest_step() == 0
     prepare_workdir(config, workdir, checkpointer.latest_step())
 
-    # --- Data ---------------------------------------------------------------------------------------------------
-    tokenizer = make_tokenizer(config, workdir)
-    # This host's rows of every global batch: the ones its devices hold.
-    data_iter = train_iterator(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)),
-                               method.captions())
-
-    # --- Model and train state ----------------------------------------------------------------------------------
-    model = method.model()
-    init_fn, shardings, tx = create_state(config, method, model, mesh)
+    # --- The starting point -------------------------------------------------------------------------------------
     rng = jax.random.PRNGKey(config.seed)
-    abstract_state = abstract_train_state(init_fn, shardings)
-
-    # --- Restore or initialise ----------------------------------------------------------------------------------
     # A warm start: this workdir's step-0 checkpoint, or, for a new run, another run's latest (config.init_from).
     init_source = (checkpointer, 0) if warm_start else None
     if init_source is None and checkpointer.latest_step() is None and config.init_from:
         init_source = _init_from(config)
+    resume_step = checkpointer.latest_step() if init_source is None else None
+
+    # --- Data ---------------------------------------------------------------------------------------------------
+    tokenizer = make_tokenizer(config, workdir)
+    method.prepare(_preparation(config, method, mesh, workdir, tokenizer, init_source or (checkpointer, resume_step),
+                                rng))
+    # This host's rows of every global batch: the ones its devices hold.
+    data_iter = method.train_data(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)))
+
+    # --- Model and train state ----------------------------------------------------------------------------------
+    model = method.model()
+    init_fn, shardings, tx = create_state(config, method, model, mesh)
+    abstract_state = abstract_train_state(init_fn, shardings)
+
+    # --- Restore or initialise ----------------------------------------------------------------------------------
     if init_source is not None:
         # Take the checkpoint's parameters and build the optimizer state of *this* config, whose frozen/decay rules
         # may differ from the ones it was written with.
         source, step = init_source
-        params = method.warm_start(source.restore_params(step, abstract_state.params))
-        state = init_fn(rng).replace(params=params)
+        state = init_fn(rng)
+        restored = source.restore_params(step, method.base_params(abstract_state.params))
+        state = state.replace(params=method.warm_start(restored, state.params))
         log.info("warm start from the parameters of %s", source.directory / str(step))
-    elif checkpointer.latest_step() is not None:
+    elif resume_step is not None:
         state = checkpointer.restore(abstract_state, data_iter)
         log.info("resuming from step %d", int(state.step))
     else:
@@ -243,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         if done % config.checkpoint.every_steps == 0 and done != config.total_steps:
             checkpointer.save(done, state, data_iter)
         if (due := evals_due(config, done)) and done != config.total_steps:
-            writer.write(done, evaluate(config, model, state.params, mesh, tokenizer, due), prefix="eval")
+            writer.write(done, evaluate(config, model, state.params, mesh, tokenizer, due, method), prefix="eval")
             last_log_time = time.time()  # evaluation time is not training throughput
 
     preempted.close()
@@ -252,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if checkpointer.latest_step() != config.total_steps:
         checkpointer.save(config.total_steps, state, data_iter, force=True)
     checkpointer.wait()
-    results = evaluate(config, model, state.params, mesh, tokenizer)
+    results = evaluate(config, model, state.params, mesh, tokenizer, method=method)
     writer.write(config.total_steps, results, prefix="eval")
     writer.close()
     checkpointer.close()
@@ -397,9 +424,12 @@ def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet (no {checkpointer.directory}/<step>)")
     mesh = reader_mesh(config.mesh.to_dict())
     method = get_method(config)
+    tokenizer = make_tokenizer(config, workdir)
+    # The embeddings a method caches come from frozen towers: any readable checkpoint of the run gives them.
+    start = (checkpointer, checkpointer.latest_step() if step is None else step)
+    method.prepare(_preparation(config, method, mesh, workdir, tokenizer, start, jax.random.PRNGKey(config.seed)))
     model = method.model()
     init_fn, shardings, _ = create_state(config, method, model, mesh)
     state = checkpointer.restore(abstract_train_state(init_fn, shardings), step=step)
     checkpointer.close()
-    tokenizer = make_tokenizer(config, workdir)
     return Trained(config, method, model, state.params, tokenizer, mesh, int(jax.device_get(state.step)))

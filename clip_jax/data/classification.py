@@ -1,0 +1,221 @@
+"""Labelled image sets for few-shot transfer (docs/few_shot.md): where the images and labels come from, the K-shot
+sample of a training set, and the split of the classes into base and new.
+
+A set is a `LabelledSet`: class names (the prompt names, in label order), a label per example and a reader of the
+images of given examples, so that a K-shot sample reads only its K x C images. Kinds (`config.few_shot.dataset`):
+- `shapes`: the procedural scenes' salient colour-shape pair (48 classes), from the splits of `clip_jax.data.shapes`.
+- `folder`: `root/<class>/<image>` (torchvision's ImageFolder layout); the labels are the folder names.
+- `table`: a CSV or JSONL file with the columns `image` (a path, relative to the file's folder) and `label`.
+- `tfds`: a TFDS classification set through `tfds.data_source` (the `[tfds]` extra).
+A names file (one class a line, `label` or `label<TAB>prompt name`) fixes the classes of a folder or table and
+their order, and renames them; a table's labels must then all be in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from collections.abc import Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from clip_jax.data import shapes
+from clip_jax.data.captions import read_table, table_format
+from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_image
+from clip_jax.errors import ConfigError
+
+CLASS_SPLITS = ("reference", "balanced")
+FEW_SHOT_DATASETS = ("shapes", "folder", "table", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledSet:
+    """`labels[i]` is the class index (into `class_names`) of example i; `read(indices)` its images, uint8
+    [n, S, S, 3]. `name` says where it comes from, for messages."""
+
+    name: str
+    class_names: list[str]
+    labels: np.ndarray
+    read: Callable[[Sequence[int]], np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int]) -> LabelledSet:
+        indices = np.asarray(indices, np.int64)
+        return LabelledSet(self.name, self.class_names, self.labels[indices],
+                           lambda rows: self.read(indices[np.asarray(rows, np.int64)]))
+
+
+def read_names(path: str) -> dict[str, str]:
+    """A names file: label -> prompt name, in the file's order (lines `label` or `label<TAB>name`; blank lines and
+    lines starting with # are skipped)."""
+    names: dict[str, str] = {}
+    for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            label, _, name = line.partition("\t")
+            names[label.strip()] = (name or label.replace("_", " ")).strip()
+    if not names:
+        raise ValueError(f"names file {path} lists no class")
+    return names
+
+
+def _read_files(name: str, files: Sequence[pathlib.Path | str], image_size: int, max_bytes: int):
+    def read(indices: Sequence[int]) -> np.ndarray:
+        try:
+            return np.stack([load_image(files[i], image_size, max_bytes) for i in indices])
+        except ValueError as e:  # a few-shot sample is small and chosen: a bad image in it is the user's to fix
+            raise ValueError(f"{name}: {e}; replace or remove the file") from None
+
+    return read
+
+
+def folder_set(root: str, image_size: int, names_file: str = "", max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+               ) -> LabelledSet:
+    root_path = pathlib.Path(root)
+    if not root_path.is_dir():
+        raise ValueError(f"{root} is not a folder of class folders (root/<class>/<image>)")
+    folders = {d.name: d for d in sorted(root_path.iterdir()) if d.is_dir()}
+    if not folders:
+        raise ValueError(f"{root} holds no class folder (root/<class>/<image>)")
+    names = read_names(names_file) if names_file else {k: k.replace("_", " ") for k in folders}
+    missing = [k for k in names if k not in folders]
+    if missing:
+        raise ValueError(f"{root}: no folder for the classes {missing[:5]} of {names_file}")
+    files, labels = [], []
+    for label, key in enumerate(names):
+        found = sorted(f for f in folders[key].rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise ValueError(f"{root}: the class folder {key!r} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))});"
+                             " add images or remove the folder")
+        files += found
+        labels += [label] * len(found)
+    return LabelledSet(str(root), list(names.values()), np.asarray(labels, np.int64),
+                       _read_files(str(root), files, image_size, max_bytes))
+
+
+def table_set(path: str, image_size: int, names_file: str = "", max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+              ) -> LabelledSet:
+    fmt = table_format(path)
+    rows = read_table(path, fmt, fields=("image", "label", "short_caption"))
+    bad = [r.key for r in rows if r.problem or r.caption in (None, "")]
+    if bad:
+        raise ValueError(f"{path}: rows without an image or a label ({', '.join(bad[:3])}); every row needs both")
+    data_labels = [str(r.caption).strip() for r in rows]
+    names = read_names(names_file) if names_file else {k: k.replace("_", " ") for k in sorted(set(data_labels))}
+    missing = sorted(set(data_labels) - set(names))
+    if missing:
+        raise ValueError(f"{path}: the labels {missing[:5]} are not in the names file {names_file}; add them")
+    index = {k: i for i, k in enumerate(names)}
+    return LabelledSet(path, list(names.values()), np.asarray([index[k] for k in data_labels], np.int64),
+                       _read_files(path, [r.image for r in rows], image_size, max_bytes))
+
+
+def tfds_set(dataset: str, split: str, image_size: int, data_dir: str = "", names_file: str = "") -> LabelledSet:
+    from clip_jax.data.tfds_source import TfdsEvalSource  # the optional [tfds] extra
+
+    names = list(read_names(names_file).values()) if names_file else None
+    source = TfdsEvalSource(dataset, split, image_size, data_dir=data_dir or None, class_names=names)
+    labels = np.asarray([source.source[i][source.label_key] for i in range(len(source))], np.int64)
+    return LabelledSet(f"TFDS {dataset} {split}", source.class_names(), labels,
+                       lambda rows: np.stack([source[int(i)]["image"] for i in rows]))
+
+
+def shapes_set(split: str, size: int, image_size: int, seed: int = 0, domain: str = "clean") -> LabelledSet:
+    """The first `size` scenes of a shapes split, labelled by their salient pair. The labels come from the scene
+    descriptions, so only the images read are rendered."""
+    data = shapes.ShapesDataset(shapes.ShapesConfig(image_size=image_size, seed=seed, domain=domain), split)
+    labels = np.asarray([shapes.class_index(s.salient.colour, s.salient.shape)
+                         for s in map(data.scene, range(size))], np.int64)
+    return LabelledSet(f"shapes {split}", data.class_names(), labels,
+                       lambda rows: np.stack([data[int(i)]["image"] for i in rows]))
+
+
+def sample_shots(labels: np.ndarray, classes: Sequence[int], shots: int, seed: int, name: str = "the set"
+                 ) -> np.ndarray:
+    """Indices of `shots` examples of each class in `classes`, drawn without replacement by `seed` (the same seed
+    gives the same sample), in class order. Raises ValueError naming a class with fewer examples."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in classes:
+        pool = np.flatnonzero(labels == c)
+        if len(pool) < shots:
+            raise ValueError(f"{name}: class {c} has {len(pool)} examples, fewer than {shots} shots; lower "
+                             "few_shot.shots or add examples")
+        picked.append(np.sort(rng.choice(pool, shots, replace=False)))
+    return np.concatenate(picked) if picked else np.zeros(0, np.int64)
+
+
+def split_classes(class_names: Sequence[str], how: str = "reference", seed: int = 0,
+                  among: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """(base, new) class indices among `among` (default: all). "reference": CoCoOp's protocol, the first half of the
+    classes sorted by label (ceil(C/2)) is base; "balanced": a random half fixed by `seed`, so base and new classes
+    come from the same distribution (with "reference", shapes' new classes have colours never tuned on)."""
+    among = list(range(len(class_names))) if among is None else sorted(among)
+    cut = math.ceil(len(among) / 2)
+    if how == "reference":
+        return among[:cut], among[cut:]
+    if how == "balanced":
+        order = np.random.default_rng(seed).permutation(len(among))
+        return sorted(among[i] for i in order[:cut]), sorted(among[i] for i in order[cut:])
+    raise ValueError(f"unknown class split {how!r}; choose one of {', '.join(CLASS_SPLITS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotTask:
+    """The sets of one few-shot experiment (`config.few_shot`): `train`, the K-shot sample of the training classes;
+    `val` and `test`, held-out sets over every class (capped at few_shot.eval_examples); `base` and `new`, the class
+    indices of the split: training uses the base classes only (all of them, `new` empty, with few_shot.classes
+    "all"); `templates`, the zero-shot prompts."""
+
+    class_names: list[str]
+    train: LabelledSet
+    val: LabelledSet
+    test: LabelledSet
+    base: list[int]
+    new: list[int]
+    templates: tuple[str, ...]
+
+
+def _open(config: ml_collections.ConfigDict, which: str) -> LabelledSet:
+    f, size = config.few_shot, config.model.vision.image_size
+    if f.dataset == "shapes":
+        split = {"train": "train", "val": "val", "test": "test"}[which]
+        count = f.shapes_pool if which == "train" else f.eval_examples
+        return shapes_set(split, count, size, seed=config.seed, domain=f.shapes_domain)
+    location = f[which]
+    if not location:
+        what = "the split name" if f.dataset == "tfds" else "its path"
+        raise ValueError(f"few_shot.{which} is not set: give {what}")
+    if f.dataset == "tfds":
+        return tfds_set(f.tfds_name, location, size, f.tfds_data_dir, f.names_file)
+    if not pathlib.Path(location).exists():
+        raise ValueError(f"few_shot.{which}: {location} does not exist")
+    opener = folder_set if f.dataset == "folder" else table_set
+    return opener(location, size, f.names_file, config.data.max_image_bytes)
+
+
+def few_shot_task(config: ml_collections.ConfigDict) -> FewShotTask:
+    """The task `config.few_shot` describes, or a ConfigError naming what is wrong with it."""
+    f = config.few_shot
+    try:
+        full_train, val, test = (_open(config, which) for which in ("train", "val", "test"))
+        names = full_train.class_names
+        for other in (val, test):
+            if other.class_names != names:
+                raise ValueError(f"{other.name} has the classes {other.class_names[:3]}... but the training set "
+                                 f"{names[:3]}...: give every set the same classes (few_shot.names_file)")
+        among = None
+        if f.dataset == "shapes":  # the pairs held out of pretraining are never few-shot classes
+            among = shapes.ShapesDataset(shapes.ShapesConfig(), "train").seen_classes()
+        base, new = split_classes(names, f.class_split, f.seed, among)
+        if f.classes == "all":
+            base, new = sorted(base + new), []
+        shots = sample_shots(full_train.labels, base, f.shots, f.seed, full_train.name)
+        keep = lambda s: s.subset(np.flatnonzero(np.isin(s.labels, base + new))[: f.eval_examples])
+    except ValueError as e:
+        raise ConfigError(f"few_shot: {e}") from None
+    templates = tuple(f.templates) or (shapes.ZERO_SHOT_TEMPLATES if f.dataset == "shapes" else ("a photo of a {}.",))
+    return FewShotTask(names, full_train.subset(shots), keep(val), keep(test), base, new, templates)

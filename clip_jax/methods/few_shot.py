@@ -1,0 +1,414 @@
+"""Few-shot transfer on a frozen CLIP (docs/few_shot.md): CoOp, CLIP-Adapter, Tip-Adapter(-F) and the linear probe.
+
+Each trains a small `learner` beside CLIP's frozen towers (`FewShotCLIP`) on the K-shot sample of
+`config.few_shot` (clip_jax/data/classification.py) with cross-entropy over the training classes. The run starts
+from a CLIP workdir (`config.init_from`): its towers and temperature are read from there (`base_params`), the
+learner is initialised, partly from that CLIP (`init_learner`). The image tower is frozen and the examples are not
+augmented, so their image embeddings are computed once before training (`prepare`, kept in the workdir) and the
+batch holds them (`features`): a step costs what the learner costs. What differs between the methods is the
+learner, how the classes enter it (`class_inputs`, host arrays for a list of classes) and the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax.data.classification import FewShotTask, few_shot_task
+from clip_jax.data.pipeline import array_iterator
+from clip_jax.errors import ConfigError
+from clip_jax.files import write_atomic
+from clip_jax.losses import classification_loss
+from clip_jax.methods.base import Field, Method, Preparation, StepFns
+from clip_jax.models import flops
+from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize
+
+# The parameters a few-shot run reads from the CLIP it starts from, and keeps frozen.
+CLIP_PARAMS = ("visual", "text", "logit_scale", "logit_bias")
+FROZEN = (r"^(visual|text|logit_scale|logit_bias)/?",)
+
+
+class FewShotCLIP(CLIP):
+    """CLIP with the method's trainable part beside the towers: parameters `visual`, `text`, `logit_scale` as in CLIP,
+    and `learner/...`."""
+
+    learner: nn.Module | None = None
+
+    def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+        out = super().__call__(images, tokens)
+        self.learner(out["image"])  # every learner takes the image embeddings (and may ignore them): its init
+        return out
+
+
+def zero_shot_embeddings(encode_texts, tokenizer, context_length: int, names: Sequence[str],
+                         templates: Sequence[str]) -> np.ndarray:
+    """[C, D] prompt-ensemble class embeddings (each template's normalised, averaged, renormalised)."""
+    prompts = [t.format(n) for n in names for t in templates]
+    embeds = np.asarray(encode_texts(tokenizer(prompts, context_length)), np.float32)
+    embeds = embeds.reshape(len(names), len(templates), -1)
+    embeds /= np.linalg.norm(embeds, axis=-1, keepdims=True)
+    mean = embeds.mean(axis=1)
+    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotConfig:
+    pass
+
+
+class FewShotMethod(Method):
+    """The shared part of the few-shot methods (module docstring). Subclasses give `learner`, `class_inputs`,
+    `logits` and, if the learner starts from data, `init_learner`."""
+
+    Config = FewShotConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.prep: Preparation | None = None
+        self.train_arrays: dict[str, np.ndarray] = {}
+
+    @functools.cached_property
+    def task(self) -> FewShotTask:
+        return few_shot_task(self.config)
+
+    # --- the pieces a few-shot method gives ----------------------------------------------------------------------
+    def learner(self) -> nn.Module:
+        raise NotImplementedError
+
+    def class_inputs(self, classes: Sequence[int]) -> dict[str, np.ndarray]:
+        """Host arrays describing the classes `classes` (indices into the task's class names) to `logits`."""
+        raise NotImplementedError
+
+    def logits(self, model: FewShotCLIP, classes: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
+               ) -> jax.Array:
+        """[B, C] scores of the batch's examples (`features`: normalised image embeddings) for the classes; runs
+        inside `model.apply`, so it reaches `model.learner`, `model.encode_text`, `model.temperature`."""
+        raise NotImplementedError
+
+    def init_learner(self, learner: Any, clip: Mapping[str, Any]) -> Any:
+        """The learner's initial parameters, given its random ones and the CLIP parameters the run starts from."""
+        return learner
+
+    # --- the method contract -------------------------------------------------------------------------------------
+    def model_config(self) -> CLIPConfig:
+        return CLIPConfig.from_dict(self.config.model.to_dict())
+
+    def model(self) -> FewShotCLIP:
+        return FewShotCLIP(self.model_config(), self.learner())
+
+    def fields(self) -> dict[str, Field]:
+        return {"features": Field((self.config.model.embed_dim,), np.float32), "label": Field((), np.int32)}
+
+    def init_inputs(self) -> tuple[np.ndarray, ...]:
+        size = self.config.model.vision.image_size
+        return (np.zeros((1, size, size, 3), np.uint8), np.zeros((1, self.config.model.text.context_length), np.int32))
+
+    def check(self, mesh) -> None:
+        frozen = tuple(self.config.optimizer.frozen)
+        if not all(any(p == f for f in frozen) for p in FROZEN):
+            raise ConfigError(f"method {self.name} trains its learner on a frozen CLIP: set "
+                              f"--config.optimizer.frozen=\"{FROZEN}\" (the image embeddings are computed once)")
+
+    def prepare(self, prep: Preparation) -> None:
+        self.prep = prep
+        train = self.task.train
+        cache = prep.workdir / "few_shot_train.npz" if prep.workdir is not None else None
+        if cache is not None and cache.exists():
+            with cache.open("rb") as f:
+                stored = dict(np.load(f))
+            if not np.array_equal(stored["label"], train.labels):
+                raise ConfigError(f"{cache} holds the features of another K-shot sample (few_shot changed since this "
+                                  "run started): use a new --workdir")
+            self.train_arrays = stored
+            return
+        features = prep.encode_images(train.read(range(len(train))))
+        self.train_arrays = {"features": features.astype(np.float32), "label": train.labels.astype(np.int32)}
+        if cache is not None and prep.is_primary:
+            buffer = io.BytesIO()
+            np.savez(buffer, **self.train_arrays)
+            write_atomic(cache, buffer.getvalue())
+
+    def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
+        labels = self.train_arrays["label"]
+        # labels index the training classes in the order of task.base: the logits' columns
+        position = {c: i for i, c in enumerate(self.task.base)}
+        arrays = {**self.train_arrays, "label": np.asarray([position[int(c)] for c in labels], np.int32)}
+        return array_iterator(arrays, config.batch_size, rows, config.seed)
+
+    def base_params(self, params):
+        return {k: v for k, v in params.items() if k in CLIP_PARAMS}
+
+    def warm_start(self, restored, initial):
+        learner = self.init_learner(initial.get("learner", {}), restored)
+        return {**restored, **({"learner": learner} if "learner" in initial else {})}
+
+    def step_fns(self, model: FewShotCLIP) -> StepFns:
+        classes = jax.tree.map(jnp.asarray, self.class_inputs(self.task.base))
+
+        def embed(params, batch, rng):
+            del rng
+            logits = model.apply({"params": params}, classes, batch, method=self.logits)
+            return {"logits": logits}
+
+        return StepFns(embed=embed, shared=lambda params: {}, loss=classification_loss,
+                       targets=lambda batch: {"label": batch["label"]})
+
+    def scores(self, params, features: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+        """[N, C] scores of image embeddings for the task's classes `classes` (the evaluation's predict function)."""
+        inputs = jax.tree.map(jnp.asarray, self.class_inputs(classes))
+        model = self.model()
+        fn = jax.jit(lambda p, f: model.apply({"params": p}, inputs, {"features": f}, method=self.logits))
+        return np.concatenate([np.asarray(fn(params, features[i:i + 1024])) for i in range(0, len(features), 1024)])
+
+    def flops_per_example(self, trainable) -> float:
+        return 2.0 * self.config.model.embed_dim * len(self.task.base) * 3
+
+    def _zero_shot(self, classes: Sequence[int]) -> np.ndarray:
+        cfg = self.config
+        names = [self.task.class_names[c] for c in classes]
+        return zero_shot_embeddings(self.prep.encode_texts, self.prep.tokenizer, cfg.model.text.context_length,
+                                    names, self.task.templates)
+
+
+# --- CoOp ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CoOpConfig:
+    n_ctx: int = 16  # learned context tokens M (with ctx_init: the phrase's token count instead)
+    ctx_init: str = ""  # a phrase whose token embeddings start the context ("a photo of a"); "": N(0, 0.02)
+    class_position: str = "end"  # where the class name goes: end | middle | front
+    csc: bool = False  # class-specific contexts: one [M, width] per class (cannot score new classes)
+
+    def __post_init__(self):
+        if self.class_position not in ("end", "middle", "front"):
+            raise ConfigError(f"method.class_position must be end, middle or front, got {self.class_position!r}")
+        if self.n_ctx < 1:
+            raise ConfigError(f"method.n_ctx must be >= 1, got {self.n_ctx}")
+
+
+class PromptContext(nn.Module):
+    n_ctx: int
+    width: int
+    n_classes: int | None  # class-specific contexts, else one shared
+
+    @nn.compact
+    def __call__(self, features=None):
+        shape = (self.n_ctx, self.width) if self.n_classes is None else (self.n_classes, self.n_ctx, self.width)
+        return self.param("ctx", nn.initializers.normal(0.02), shape, jnp.float32)
+
+
+def prompt_layout(tokenizer, name: str, n_ctx: int, position: str, context_length: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [T], slots [T]) of one class's prompt: slot m >= 0 where context vector m goes, -1 where the token id's
+    embedding goes. [SOT] ctx... name "." [EOT] (end), [SOT] ctx[:M/2] name ctx[M/2:] "." [EOT] (middle), or
+    [SOT] name ctx... "." [EOT] (front, the reference's layout)."""
+    name_ids, dot = tokenizer.encode(name), tokenizer.encode(".")
+    ctx = list(range(n_ctx))
+    half = n_ctx // 2
+    parts = {"end": [ctx, name_ids], "middle": [ctx[:half], name_ids, ctx[half:]], "front": [name_ids, ctx]}[position]
+    ids, slots = [tokenizer.sot_id], [-1]
+    for part, is_ctx in zip(parts, [p is not name_ids for p in parts], strict=True):
+        ids += [0] * len(part) if is_ctx else part
+        slots += part if is_ctx else [-1] * len(part)
+    ids += [*dot, tokenizer.eot_id]
+    slots += [-1] * (len(dot) + 1)
+    if len(ids) > context_length:
+        raise ConfigError(f"the prompt of class {name!r} needs {len(ids)} tokens ({n_ctx} context + the name + '.' + "
+                          f"start and end) but the model's context length is {context_length}: lower method.n_ctx")
+    pad = context_length - len(ids)
+    return np.asarray(ids + [0] * pad, np.int32), np.asarray(slots + [-1] * pad, np.int32)
+
+
+class CoOpMethod(FewShotMethod):
+    """CoOp (Zhou et al., IJCV 2022): M learned context vectors in place of a prompt's words, through the frozen
+    text tower."""
+
+    name = "coop"
+    Config = CoOpConfig
+
+    def _n_ctx(self) -> int:
+        h = self.hparams
+        return len(self.prep.tokenizer.encode(h.ctx_init)) if h.ctx_init else h.n_ctx
+
+    def learner(self) -> nn.Module:
+        h = self.hparams
+        n_ctx = self._n_ctx()
+        classes = len(self.task.base) if h.csc else None
+        return PromptContext(n_ctx, self.config.model.text.width, classes)
+
+    def class_inputs(self, classes):
+        if self.hparams.csc and list(classes) != list(self.task.base):
+            raise ConfigError("method.csc: class-specific contexts score only the classes they were trained on")
+        layouts = [prompt_layout(self.prep.tokenizer, self.task.class_names[c], self._n_ctx(),
+                                 self.hparams.class_position, self.config.model.text.context_length) for c in classes]
+        return {"ids": np.stack([ids for ids, _ in layouts]), "slots": np.stack([s for _, s in layouts])}
+
+    def init_learner(self, learner, clip):
+        if not self.hparams.ctx_init:
+            return learner
+        ids = np.asarray(self.prep.tokenizer.encode(self.hparams.ctx_init))
+        phrase = jnp.asarray(clip["text"]["token_embedding"]["embedding"])[ids]
+        ctx = learner["ctx"]
+        return {"ctx": jnp.broadcast_to(phrase, ctx.shape).astype(ctx.dtype)}
+
+    def logits(self, model, classes, batch):
+        ctx = model.learner()
+        words = model.text.embed_tokens(classes["ids"])  # [C, T, W]
+        slots = classes["slots"]
+        if ctx.ndim == 2:
+            ctx = jnp.broadcast_to(ctx, (words.shape[0], *ctx.shape))
+        vectors = jnp.take_along_axis(ctx, jnp.maximum(slots, 0)[..., None], axis=1)  # [C, T, W]
+        prompts = jnp.where((slots >= 0)[..., None], vectors.astype(words.dtype), words)
+        text = model.encode_text(token_embeddings=prompts, pool_index=jnp.argmax(classes["ids"], axis=-1))
+        scale, _ = model.temperature()
+        return scale * batch["features"] @ text.T
+
+    def flops_per_example(self, trainable):
+        # The C class prompts go through the text tower forward and back (to the context) once per step.
+        cfg = self.model_config()
+        return 2.0 * len(self.task.base) * flops.text_forward_flops(cfg) / self.config.batch_size
+
+
+# --- CLIP-Adapter ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    alpha: float = 0.2  # residual ratio: the adapted feature's share (0: zero-shot CLIP)
+    reduction: int = 4  # bottleneck width = embed_dim / reduction
+
+
+class Adapter(nn.Module):
+    """CLIP-Adapter's bottleneck: two bias-free linear maps, each followed by ReLU (the released code)."""
+
+    dim: int
+    reduction: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(self.dim // self.reduction, use_bias=False, name="down")(x))
+        return nn.relu(nn.Dense(self.dim, use_bias=False, name="up")(x))
+
+
+class ClipAdapterMethod(FewShotMethod):
+    """CLIP-Adapter (Gao et al., IJCV 2023), its visual adapter: f' = alpha A(f) + (1 - alpha) f against the
+    zero-shot class embeddings."""
+
+    name = "clip_adapter"
+    Config = AdapterConfig
+
+    def learner(self):
+        return Adapter(self.config.model.embed_dim, self.hparams.reduction)
+
+    def class_inputs(self, classes):
+        return {"embeds": self._zero_shot(classes)}
+
+    def logits(self, model, classes, batch):
+        f, alpha = batch["features"], self.hparams.alpha
+        adapted = l2_normalize(alpha * model.learner(f) + (1 - alpha) * f)
+        scale, _ = model.temperature()
+        return scale * adapted @ classes["embeds"].T
+
+
+# --- Tip-Adapter -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TipConfig:
+    fine_tune: bool = False  # Tip-Adapter-F: the cache keys train; else nothing trains (Tip-Adapter)
+    # alpha (the cache's weight) and beta (its sharpness) are chosen on few_shot.val over these grids
+    alphas: tuple = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+    betas: tuple = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0)
+
+
+class TipCache(nn.Module):
+    """The cache of the K-shot examples: keys [N, D] (their normalised image embeddings, set by `init_learner`),
+    and the alpha and beta chosen on the validation set."""
+
+    n: int
+    dim: int
+
+    @nn.compact
+    def __call__(self, features=None):
+        keys = self.param("keys", nn.initializers.zeros, (self.n, self.dim), jnp.float32)
+        return keys, self.param("alpha", nn.initializers.ones, (), jnp.float32), self.param(
+            "beta", nn.initializers.ones, (), jnp.float32)
+
+
+def tip_logits(features, keys, values, class_embeds, scale, alpha, beta):
+    """Tip-Adapter's logits: scale f W^T + alpha exp(-beta (1 - f K^T)) L."""
+    affinity = jnp.exp(-beta * (1.0 - features @ keys.T))
+    return scale * features @ class_embeds.T + alpha * affinity @ values
+
+
+class TipAdapterMethod(FewShotMethod):
+    """Tip-Adapter (Zhang et al., ECCV 2022): zero-shot CLIP plus a kernel over a cache of the K-shot embeddings.
+    Training-free, or with the keys fine-tuned (Tip-Adapter-F, `method.fine_tune`)."""
+
+    name = "tip_adapter"
+    Config = TipConfig
+
+    def check(self, mesh):
+        super().check(mesh)
+        frozen = tuple(self.config.optimizer.frozen)
+        if not self.hparams.fine_tune and "^learner/" not in frozen:
+            raise ConfigError("method tip_adapter without fine_tune trains nothing: add '^learner/' to "
+                              "optimizer.frozen (or set method.fine_tune=True for Tip-Adapter-F)")
+
+    def learner(self):
+        return TipCache(len(self.task.train), self.config.model.embed_dim)
+
+    def class_inputs(self, classes):
+        labels = self.task.train.labels
+        values = (labels[:, None] == np.asarray(classes)[None, :]).astype(np.float32)  # new classes: empty columns
+        return {"embeds": self._zero_shot(classes), "values": values}
+
+    def logits(self, model, classes, batch):
+        keys, alpha, beta = model.learner()
+        scale, _ = model.temperature()
+        return tip_logits(batch["features"], keys, classes["values"], classes["embeds"], scale, alpha, beta)
+
+    def init_learner(self, learner, clip):
+        keys = jnp.asarray(self.train_arrays["features"])
+        alpha, beta = self.select_alpha_beta(keys, float(jnp.exp(clip["logit_scale"])))
+        return {"keys": keys, "alpha": jnp.float32(alpha), "beta": jnp.float32(beta)}
+
+    def select_alpha_beta(self, keys, scale: float) -> tuple[float, float]:
+        """The grid point of best top-1 on the validation set, among the training classes."""
+        val, classes = self.task.val, self.task.base
+        rows = np.flatnonzero(np.isin(val.labels, classes))
+        features = self.prep.encode_images(val.read(rows))
+        targets = np.searchsorted(classes, val.labels[rows])
+        inputs = self.class_inputs(classes)
+        best = (-1.0, 1.0, 1.0)
+        for alpha in self.hparams.alphas:
+            for beta in self.hparams.betas:
+                scores = tip_logits(features, keys, inputs["values"], inputs["embeds"], scale, alpha, beta)
+                accuracy = float(np.mean(np.argmax(np.asarray(scores), axis=1) == targets))
+                best = max(best, (accuracy, -alpha, -beta))  # ties: the smaller alpha, then beta
+        return -best[1], -best[2]
+
+
+# --- the linear probe ------------------------------------------------------------------------------------------------
+class LinearProbeMethod(FewShotMethod):
+    """The linear probe on frozen image embeddings (CoOp's baseline): logistic regression over the training classes,
+    trained with the run's optimizer (its weight decay is the regulariser). It has no scores for new classes."""
+
+    name = "linear_probe"
+
+    def learner(self):
+        return nn.Dense(len(self.task.base), kernel_init=nn.initializers.zeros)
+
+    def class_inputs(self, classes):
+        if list(classes) != list(self.task.base):
+            raise ValueError("a linear probe scores only its training classes")
+        return {}
+
+    def logits(self, model, classes, batch):
+        return model.learner(batch["features"])
+
+
+FEW_SHOT_METHODS = (CoOpMethod, ClipAdapterMethod, TipAdapterMethod, LinearProbeMethod)

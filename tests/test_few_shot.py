@@ -1,0 +1,220 @@
+"""Few-shot transfer (clip_jax/methods/few_shot.py, clip_jax/data/classification.py): the labelled sets and their
+mistakes, the K-shot sample and the class split, CoOp's prompts against token embeddings assembled by hand,
+Tip-Adapter's logits against the paper's formula in numpy, and a CoOp run from a CLIP workdir that resumes from its
+cached embeddings and evaluates from `clip-jax eval`."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax.config import ConfigError, default_config
+from clip_jax.data import classification
+from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.evaluate.suite import eval_defaults
+from clip_jax.methods.few_shot import FROZEN, FewShotCLIP, PromptContext, prompt_layout, tip_logits
+
+from .test_methods import VOCAB, prepared, tiny_config, tiny_few_shot
+
+
+def _write_image(path, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 20), colour).save(path)
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+def test_a_folder_set_labels_by_folder_and_reads_only_what_is_asked(tmp_path):
+    for i in range(3):
+        _write_image(tmp_path / "red_car" / f"{i}.png", (255, 0, 0))
+        _write_image(tmp_path / "blue_bus" / f"{i}.png", (0, 0, 255))
+    data = classification.folder_set(str(tmp_path), 16)
+    assert data.class_names == ["blue bus", "red car"]
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    images = data.read([0, 4])
+    assert images.shape == (2, 16, 16, 3) and images[0, 0, 0].tolist() == [0, 0, 255]
+    assert images[1, 0, 0].tolist() == [255, 0, 0]
+
+
+def test_a_table_set_takes_its_classes_and_their_order_from_the_names_file(tmp_path):
+    for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 255, 0))):
+        _write_image(tmp_path / name, colour)
+    (tmp_path / "set.jsonl").write_text('{"image": "a.png", "label": "n01"}\n{"image": "b.png", "label": "n02"}\n')
+    (tmp_path / "names.txt").write_text("n02\tgreen thing\nn01\tred thing\n")
+    data = classification.table_set(str(tmp_path / "set.jsonl"), 8, str(tmp_path / "names.txt"))
+    assert data.class_names == ["green thing", "red thing"]
+    assert data.labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("case, words", [
+    ("empty_class", "the class folder 'empty' holds no image"),
+    ("unknown_label", "the labels ['n03'] are not in the names file"),
+    ("too_few_shots", "has 2 examples, fewer than 3 shots"),
+])
+def test_bad_few_shot_data_is_one_line(tmp_path, case, words):
+    if case == "empty_class":
+        _write_image(tmp_path / "full" / "0.png", (1, 2, 3))
+        (tmp_path / "empty").mkdir()
+        call = lambda: classification.folder_set(str(tmp_path), 8)
+    elif case == "unknown_label":
+        (tmp_path / "set.csv").write_text("image,label\na.png,n01\nb.png,n03\n")
+        (tmp_path / "names.txt").write_text("n01\nn02\n")
+        call = lambda: classification.table_set(str(tmp_path / "set.csv"), 8, str(tmp_path / "names.txt"))
+    else:
+        call = lambda: classification.sample_shots(np.array([0, 0, 0, 1, 1]), [0, 1], 3, seed=0)
+    with pytest.raises(ValueError) as e:
+        call()
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_k_shot_sample_is_k_per_class_and_fixed_by_its_seed():
+    labels = np.random.default_rng(0).integers(0, 5, size=200)
+    picked = classification.sample_shots(labels, [1, 3, 4], 4, seed=7)
+    assert np.bincount(labels[picked], minlength=5).tolist() == [0, 4, 0, 4, 4]
+    assert np.array_equal(picked, classification.sample_shots(labels, [1, 3, 4], 4, seed=7))
+    assert not np.array_equal(picked, classification.sample_shots(labels, [1, 3, 4], 4, seed=8))
+
+
+def test_the_class_splits():
+    names = [str(i) for i in range(7)]
+    assert classification.split_classes(names, "reference") == ([0, 1, 2, 3], [4, 5, 6])
+    base, new = classification.split_classes(names, "balanced", seed=3)
+    assert sorted(base + new) == list(range(7)) and len(base) == 4
+    assert (base, new) == classification.split_classes(names, "balanced", seed=3)
+    # shapes: only the 40 pairs seen in pretraining, the first 20 by label are base (red, green, blue, yellow)
+    config = default_config()
+    config.few_shot.update(shapes_pool=200, eval_examples=20, shots=1, shapes_domain="clean")
+    config.model.vision.image_size = 32
+    task = classification.few_shot_task(config)
+    assert len(task.base) == len(task.new) == 20
+    assert {task.class_names[c].split()[0] for c in task.base} == {"red", "green", "blue", "yellow"}
+    assert set(task.train.labels) == set(task.base) and set(task.test.labels) <= set(task.base + task.new)
+
+
+# --- CoOp ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    from clip_jax.data.pipeline import tokenizer_corpus
+
+    return ClipTokenizer.train(tokenizer_corpus(tiny_config("clip"), 500), VOCAB)
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_coop_prompts_equal_token_embeddings_assembled_by_hand(tokenizer, position):
+    config = tiny_config("coop")
+    config.method.update(n_ctx=4, class_position=position)
+    method = prepared(tiny_few_shot(config), tokenizer)
+    model = method.model()
+    params = nn.unbox(model.init(jax.random.PRNGKey(1), *method.init_inputs())["params"])
+    classes = method.task.base[:3]
+    features = np.random.default_rng(2).normal(size=(5, config.model.embed_dim)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    got = method.scores(params, features, classes)
+
+    table = np.asarray(params["text"]["token_embedding"]["embedding"])
+    ctx = np.asarray(params["learner"]["ctx"])
+    texts = []
+    for c in classes:
+        name = tokenizer.encode(method.task.class_names[c])
+        words = lambda ids: [table[i] for i in ids]
+        parts = {"end": [list(ctx), words(name)], "middle": [list(ctx[:2]), words(name), list(ctx[2:])],
+                 "front": [words(name), list(ctx)]}[position]
+        rows = words([tokenizer.sot_id]) + sum(parts, []) + words([*tokenizer.encode("."), tokenizer.eot_id])
+        eot = len(rows) - 1
+        rows += words([0] * (config.model.text.context_length - len(rows)))
+        texts.append(model.apply({"params": params}, token_embeddings=jnp.asarray(np.stack(rows))[None],
+                                 pool_index=jnp.array([eot]),
+                                 method=FewShotCLIP.encode_text)[0])
+    scale = float(jnp.exp(params["logit_scale"]))
+    np.testing.assert_allclose(got, scale * features @ np.stack(texts).T, rtol=1e-5, atol=1e-5)
+
+
+def test_coop_starts_from_the_phrase_and_counts_its_context_in_tokens(tokenizer):
+    config = tiny_config("coop")
+    config.method.ctx_init = "a photo of the"
+    method = prepared(tiny_few_shot(config), tokenizer)
+    phrase = tokenizer.encode("a photo of the")
+    model = method.model()
+    initial = nn.unbox(model.init(jax.random.PRNGKey(0), *method.init_inputs())["params"])
+    assert initial["learner"]["ctx"].shape == (len(phrase), config.model.text.width)
+    clip = {k: v for k, v in initial.items() if k != "learner"}
+    started = method.warm_start(clip, initial)
+    table = np.asarray(initial["text"]["token_embedding"]["embedding"])
+    np.testing.assert_array_equal(started["learner"]["ctx"], table[phrase])
+
+
+def test_a_prompt_longer_than_the_context_is_one_line(tokenizer):
+    with pytest.raises(ConfigError, match="the model's context length is 24: lower method.n_ctx"):
+        prompt_layout(tokenizer, "red circle", 22, "end", 24)
+
+
+def test_class_specific_contexts_have_one_context_per_class():
+    ctx = PromptContext(3, 8, n_classes=5).init(jax.random.PRNGKey(0))["params"]["ctx"]
+    assert ctx.shape == (5, 3, 8) and 0.01 < float(jnp.std(ctx)) < 0.03  # N(0, 0.02)
+
+
+# --- Tip-Adapter ---------------------------------------------------------------------------------------------------
+def test_tip_adapter_logits_are_the_papers_formula():
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    f, keys, w = unit(rng.normal(size=(4, 8))), unit(rng.normal(size=(6, 8))), unit(rng.normal(size=(3, 8)))
+    values = np.eye(3)[[0, 0, 1, 1, 2, 2]]
+    want = np.zeros((4, 3))
+    for i in range(4):
+        for c in range(3):
+            cache = sum(np.exp(-5.0 * (1 - f[i] @ keys[n])) * values[n, c] for n in range(6))
+            want[i, c] = 50.0 * f[i] @ w[c] + 2.0 * cache
+    got = tip_logits(jnp.asarray(f), jnp.asarray(keys), jnp.asarray(values), jnp.asarray(w), 50.0, 2.0, 5.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_tip_adapter_scores_new_classes_zero_shot(tokenizer):
+    """The cache holds base examples only: on new classes its columns are empty and Tip-Adapter is zero-shot CLIP."""
+    method = prepared(tiny_few_shot(tiny_config("tip_adapter")), tokenizer)
+    inputs = method.class_inputs(method.task.new)
+    assert not inputs["values"].any()
+    base = method.class_inputs(method.task.base)["values"]
+    assert base.sum(axis=0).tolist() == [method.config.few_shot.shots] * len(method.task.base)
+
+
+def test_a_tip_adapter_that_trains_nothing_must_freeze_its_cache():
+    config = tiny_config("tip_adapter")
+    config.optimizer.frozen = FROZEN
+    with pytest.raises(ConfigError, match="add '\\^learner/' to optimizer.frozen"):
+        from clip_jax.methods import get_method
+
+        get_method(config).check(None)
+
+
+# --- a run ---------------------------------------------------------------------------------------------------------
+def test_coop_trains_from_a_clip_workdir_resumes_from_its_cache_and_evaluates(tmp_path, capsys):
+    from clip_jax.cli import main
+    from clip_jax.train.loop import train_and_evaluate
+
+    base = tiny_config("clip")
+    base.update(total_steps=2, seed=0)
+    base.evals = {}
+    base.checkpoint.async_save = False
+    base.log.progress_bar = base.log.tensorboard = False
+    base.data.tokenizer_vocab_size = VOCAB
+    train_and_evaluate(base, tmp_path / "base")
+
+    config = tiny_few_shot(tiny_config("coop"))
+    config.update(init_from=str(tmp_path / "base"), total_steps=4, batch_size=8)
+    config.checkpoint.update(async_save=False, every_steps=2)
+    config.log.update(progress_bar=False, tensorboard=False)
+    results = train_and_evaluate(config, tmp_path / "coop")
+    assert {"few_shot_base", "few_shot_new", "few_shot_hm"} <= set(results)
+    cache = tmp_path / "coop" / "few_shot_train.npz"
+    assert len(np.load(cache)["label"]) == 2 * 20
+    before = cache.stat().st_mtime_ns
+    config.total_steps = 6
+    again = train_and_evaluate(config, tmp_path / "coop")  # resumes at 4, reads the cache
+    assert cache.stat().st_mtime_ns == before and again["step"] == 6
+    main(["eval", "--workdir", str(tmp_path / "coop")])
+    evaluated = json.loads((tmp_path / "coop" / "eval_6.json").read_text())
+    assert evaluated["few_shot_base"] == pytest.approx(again["few_shot_base"])
+    assert eval_defaults("few_shot")["type"] == "few_shot"
