@@ -184,7 +184,8 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, clip_adapter, coop, linear_probe, longclip, siglip, tip_adapter"),
+    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, clip_adapter, coop, "
+                                       "linear_probe, longclip, siglip, tip_adapter"),
     (["--config.method.pca_components=4"], "a field of method longclip: set --config.method.name first"),
     (["--config.loss.name=siglip_ring"], "use --config.method.name=siglip --config.method.ring=True"),
     (["--config.loss.label_smoothing=0.1"], "'loss.label_smoothing' is now 'method.label_smoothing'"),

@@ -140,10 +140,10 @@ class ShapesDomain:
 
 DOMAINS: dict[str, ShapesDomain] = {
     "clean": ShapesDomain(),
-    # Calibrated with benchmarks/shapes_domain.py (results: benchmarks/results/shapes_domain.json) so that the
-    # demo model's zero-shot top-1 on seen pairs falls to about 0.55-0.75 while every salient object stays
-    # nameable by eye.
-    "shifted": ShapesDomain(noise_std=25.0, render_scale=0.5, contrast=0.7,
+    # Calibrated with benchmarks/shapes_domain.py (benchmarks/results/shapes_domain.json): the demo model's
+    # zero-shot top-1 falls from 1.00 to 0.67 on seen pairs (0.99 to 0.70 on held-out ones), while every salient
+    # object stays nameable by eye. No single change does it: alone, each costs the model at most 0.06.
+    "shifted": ShapesDomain(noise_std=30.0, render_scale=0.5, contrast=0.6,
                             backgrounds=tuple(UNSEEN_BACKGROUND_RGB.values())),
 }
 
