@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from clip_jax.data.classification import class_embeddings, normalize  # noqa: E402
 from clip_jax.data.pipeline import get_source  # noqa: E402
 from clip_jax.data.shapes import (  # noqa: E402
     BACKGROUNDS,
@@ -37,7 +38,6 @@ from clip_jax.data.shapes import (  # noqa: E402
     ShapesDataset,
 )  # fmt: skip
 from clip_jax.evaluate.encoder import Encoder  # noqa: E402
-from clip_jax.evaluate.zero_shot import class_embeddings, normalize  # noqa: E402
 from clip_jax.train.loop import load_trained  # noqa: E402
 
 SHAPE_TEMPLATES = ("a {}.", "a picture of a {}.", "the shape is a {}.")  # as the training's shape-only captions

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from clip_jax.data.classification import class_embeddings  # noqa: E402
 from clip_jax.data.shapes import (  # noqa: E402
     DOMAINS,
     ZERO_SHOT_TEMPLATES,
@@ -32,7 +33,7 @@ from clip_jax.data.shapes import (  # noqa: E402
     class_names,
 )
 from clip_jax.evaluate.encoder import Encoder  # noqa: E402
-from clip_jax.evaluate.zero_shot import class_embeddings, zero_shot_accuracy  # noqa: E402
+from clip_jax.evaluate.zero_shot import zero_shot_accuracy  # noqa: E402
 from clip_jax.train.loop import load_trained  # noqa: E402
 
 SHIFTED = DOMAINS["shifted"]

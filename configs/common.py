@@ -22,11 +22,12 @@ def few_shot_shapes(config, method: str, **fields):
     rendering domain; scored on the base and the new classes by the `few_shot` evaluation."""
     from clip_jax.config import method_config
     from clip_jax.evaluate.suite import eval_defaults
+    from clip_jax.methods.few_shot import FROZEN
 
     tiny_shapes(config, context_length=24)
     config.init_from = "workdirs/demo"
     config.method = method_config(method, **fields)
-    config.optimizer.frozen = (r"^(visual|text|logit_scale|logit_bias)/?",)
+    config.optimizer.frozen = FROZEN
     config.optimizer.no_decay = ()
     config.optimizer.warmup_steps = 0
     config.evals = {"few_shot": eval_defaults("few_shot")}

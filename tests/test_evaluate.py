@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 
+from clip_jax.data.classification import class_embeddings
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset, class_names
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.retrieval import expected_hits, retrieval_recall
-from clip_jax.evaluate.zero_shot import class_embeddings, evaluate_zero_shot, zero_shot_accuracy
+from clip_jax.evaluate.zero_shot import evaluate_zero_shot, zero_shot_accuracy
 from clip_jax.models.clip import CLIP, CLIPConfig
 from clip_jax.sharding import make_mesh, param_shardings
 

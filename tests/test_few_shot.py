@@ -15,7 +15,7 @@ from PIL import Image
 from clip_jax.config import ConfigError, default_config
 from clip_jax.data import classification
 from clip_jax.data.tokenizer import ClipTokenizer
-from clip_jax.evaluate.suite import eval_defaults
+from clip_jax.methods import get_method
 from clip_jax.methods.few_shot import FROZEN, FewShotCLIP, PromptContext, prompt_layout, tip_logits
 
 from .test_methods import VOCAB, prepared, tiny_config, tiny_few_shot
@@ -184,8 +184,6 @@ def test_a_tip_adapter_that_trains_nothing_must_freeze_its_cache():
     config = tiny_config("tip_adapter")
     config.optimizer.frozen = FROZEN
     with pytest.raises(ConfigError, match="add '\\^learner/' to optimizer.frozen"):
-        from clip_jax.methods import get_method
-
         get_method(config).check(None)
 
 
@@ -214,7 +212,9 @@ def test_coop_trains_from_a_clip_workdir_resumes_from_its_cache_and_evaluates(tm
     config.total_steps = 6
     again = train_and_evaluate(config, tmp_path / "coop")  # resumes at 4, reads the cache
     assert cache.stat().st_mtime_ns == before and again["step"] == 6
+    config.few_shot.shapes_domain = "shifted"  # other embeddings: refused before config.json is touched
+    with pytest.raises(ConfigError, match="holds a run with other few_shot settings .few_shot.shapes_domain"):
+        train_and_evaluate(config, tmp_path / "coop")
     main(["eval", "--workdir", str(tmp_path / "coop")])
     evaluated = json.loads((tmp_path / "coop" / "eval_6.json").read_text())
     assert evaluated["few_shot_base"] == pytest.approx(again["few_shot_base"])
-    assert eval_defaults("few_shot")["type"] == "few_shot"

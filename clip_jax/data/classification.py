@@ -133,6 +133,30 @@ def shapes_set(split: str, size: int, image_size: int, seed: int = 0, domain: st
                        lambda rows: np.stack([data[int(i)]["image"] for i in rows]))
 
 
+def normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def class_embeddings(
+    encode_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
+    """[C, D] prompt-ensemble embedding of each class: the mean of its normalised template embeddings,
+    renormalised. Templates contain "{}" where the class name goes."""
+    if not class_names or not templates:
+        raise ValueError("need at least one class name and one template")
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"template {template!r} has no '{{}}' for the class name")
+    # One encode call for all C x T prompts: the encoder batches them efficiently.
+    prompts = [template.format(name) for name in class_names for template in templates]
+    embeds = np.asarray(encode_texts(prompts), np.float32).reshape(len(class_names), len(templates), -1)
+    # Normalising each template embedding first makes the ensemble a mean of directions whatever the encoder
+    # returns, so no template outweighs the others by its norm.
+    return normalize(normalize(embeds).mean(axis=1))
+
+
 def sample_shots(labels: np.ndarray, classes: Sequence[int], shots: int, seed: int, name: str = "the set"
                  ) -> np.ndarray:
     """Indices of `shots` examples of each class in `classes`, drawn without replacement by `seed` (the same seed

@@ -147,7 +147,7 @@ class TfdsEvalSource:
 
 def classification_arrays(source: TfdsEvalSource, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, S, S, 3], labels int64 [N]) of the first n examples (all by default), for
-    `zero_shot.zero_shot_accuracy` against `class_embeddings(..., source.class_names(), templates)`."""
+    `zero_shot.zero_shot_accuracy` against `classification.class_embeddings(..., source.class_names(), templates)`."""
     items = [source[i] for i in range(min(n or len(source), len(source)))]
     return np.stack([it["image"] for it in items]), np.asarray([it["label"] for it in items], np.int64)
 

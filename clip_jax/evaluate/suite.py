@@ -30,7 +30,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from clip_jax.data.classification import few_shot_task
+from clip_jax.data.classification import class_embeddings, few_shot_task
 from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.pipeline import get_source
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
@@ -39,7 +39,7 @@ from clip_jax.errors import ConfigError
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.long_text import hard_pairs, hard_pairs_accuracy, load_long_text_set, shapes_long_captions
 from clip_jax.evaluate.retrieval import retrieval_recall
-from clip_jax.evaluate.zero_shot import class_embeddings, evaluate_zero_shot, zero_shot_accuracy
+from clip_jax.evaluate.zero_shot import evaluate_zero_shot, zero_shot_accuracy
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Zero-shot classification: class embeddings from prompt templates, top-k accuracy of images against them.
+"""Zero-shot classification: top-k accuracy of images against class embeddings (`classification.class_embeddings`,
+the prompt ensemble of each class name).
 
 The functions take embeddings or encoding callables, not a model: the caller composes tokenizer and encoder,
 e.g. `encode_texts = lambda texts: encoder.texts(tokenizer(texts, context_length))`.
@@ -14,29 +15,7 @@ from typing import Any
 
 import numpy as np
 
-
-def normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32)."""
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def class_embeddings(
-    encode_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str], templates: Sequence[str]
-) -> np.ndarray:
-    """[C, D] prompt-ensemble embedding of each class: the mean of its normalised template embeddings,
-    renormalised. Templates contain "{}" where the class name goes."""
-    if not class_names or not templates:
-        raise ValueError("need at least one class name and one template")
-    for template in templates:
-        if "{}" not in template:
-            raise ValueError(f"template {template!r} has no '{{}}' for the class name")
-    # One encode call for all C x T prompts: the encoder batches them efficiently.
-    prompts = [template.format(name) for name in class_names for template in templates]
-    embeds = np.asarray(encode_texts(prompts), np.float32).reshape(len(class_names), len(templates), -1)
-    # Normalising each template embedding first makes the ensemble a mean of directions whatever the encoder
-    # returns, so no template outweighs the others by its norm.
-    return normalize(normalize(embeds).mean(axis=1))
+from clip_jax.data.classification import class_embeddings
 
 
 def zero_shot_accuracy(

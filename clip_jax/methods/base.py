@@ -89,6 +89,9 @@ class Method:
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
+    # Config groups a resumed run must keep (train/loop.py::prepare_workdir): the model, and what the method built
+    # its cached state from.
+    fixed_groups: ClassVar[tuple[str, ...]] = ("model",)
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

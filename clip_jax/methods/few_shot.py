@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.data.classification import FewShotTask, few_shot_task
+from clip_jax.data.classification import FewShotTask, class_embeddings, few_shot_task
 from clip_jax.data.pipeline import array_iterator
 from clip_jax.errors import ConfigError
 from clip_jax.files import write_atomic
@@ -31,9 +32,9 @@ from clip_jax.methods.base import Field, Method, Preparation, StepFns
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize
 
-# The parameters a few-shot run reads from the CLIP it starts from, and keeps frozen.
+# The parameters a few-shot run reads from the CLIP it starts from, and keeps frozen (the optimizer.frozen rule).
 CLIP_PARAMS = ("visual", "text", "logit_scale", "logit_bias")
-FROZEN = (r"^(visual|text|logit_scale|logit_bias)/?",)
+FROZEN = (rf"^({'|'.join(CLIP_PARAMS)})/?",)
 
 
 class FewShotCLIP(CLIP):
@@ -48,32 +49,17 @@ class FewShotCLIP(CLIP):
         return out
 
 
-def zero_shot_embeddings(encode_texts, tokenizer, context_length: int, names: Sequence[str],
-                         templates: Sequence[str]) -> np.ndarray:
-    """[C, D] prompt-ensemble class embeddings (each template's normalised, averaged, renormalised)."""
-    prompts = [t.format(n) for n in names for t in templates]
-    embeds = np.asarray(encode_texts(tokenizer(prompts, context_length)), np.float32)
-    embeds = embeds.reshape(len(names), len(templates), -1)
-    embeds /= np.linalg.norm(embeds, axis=-1, keepdims=True)
-    mean = embeds.mean(axis=1)
-    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class FewShotConfig:
-    pass
-
-
 class FewShotMethod(Method):
     """The shared part of the few-shot methods (module docstring). Subclasses give `learner`, `class_inputs`,
     `logits` and, if the learner starts from data, `init_learner`."""
 
-    Config = FewShotConfig
+    fixed_groups = ("model", "few_shot")  # the K-shot embeddings are cached in the workdir
 
     def __init__(self, config):
         super().__init__(config)
         self.prep: Preparation | None = None
         self.train_arrays: dict[str, np.ndarray] = {}
+        self._class_embeddings: dict[tuple[int, ...], np.ndarray] = {}
 
     @functools.cached_property
     def task(self) -> FewShotTask:
@@ -120,35 +106,35 @@ class FewShotMethod(Method):
     def prepare(self, prep: Preparation) -> None:
         self.prep = prep
         train = self.task.train
+        # What the cached embeddings depend on. A resume with other settings is refused earlier (fixed_groups), but
+        # a launch that stopped before its first checkpoint leaves the cache and lets the next launch change them.
+        settings = json.dumps(self.config.few_shot.to_dict(), sort_keys=True, default=list)
         cache = prep.workdir / "few_shot_train.npz" if prep.workdir is not None else None
         if cache is not None and cache.exists():
             with cache.open("rb") as f:
                 stored = dict(np.load(f))
-            if not np.array_equal(stored["label"], train.labels):
-                raise ConfigError(f"{cache} holds the features of another K-shot sample (few_shot changed since this "
-                                  "run started): use a new --workdir")
+            if str(stored.pop("settings")) != settings:
+                raise ConfigError(f"{cache} holds the embeddings of other few_shot settings (they changed since this "
+                                  "run started): resume with the run's own settings, or use a new --workdir")
             self.train_arrays = stored
             return
         features = prep.encode_images(train.read(range(len(train))))
         self.train_arrays = {"features": features.astype(np.float32), "label": train.labels.astype(np.int32)}
         if cache is not None and prep.is_primary:
             buffer = io.BytesIO()
-            np.savez(buffer, **self.train_arrays)
+            np.savez(buffer, settings=np.array(settings), **self.train_arrays)
             write_atomic(cache, buffer.getvalue())
 
     def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
-        labels = self.train_arrays["label"]
-        # labels index the training classes in the order of task.base: the logits' columns
-        position = {c: i for i, c in enumerate(self.task.base)}
-        arrays = {**self.train_arrays, "label": np.asarray([position[int(c)] for c in labels], np.int32)}
-        return array_iterator(arrays, config.batch_size, rows, config.seed)
+        # The labels become column indices of the logits: the position of the class among the (sorted) base classes.
+        labels = np.searchsorted(self.task.base, self.train_arrays["label"]).astype(np.int32)
+        return array_iterator({**self.train_arrays, "label": labels}, config.batch_size, rows, config.seed)
 
     def base_params(self, params):
         return {k: v for k, v in params.items() if k in CLIP_PARAMS}
 
     def warm_start(self, restored, initial):
-        learner = self.init_learner(initial.get("learner", {}), restored)
-        return {**restored, **({"learner": learner} if "learner" in initial else {})}
+        return {**restored, "learner": self.init_learner(initial["learner"], restored)}
 
     def step_fns(self, model: FewShotCLIP) -> StepFns:
         classes = jax.tree.map(jnp.asarray, self.class_inputs(self.task.base))
@@ -161,21 +147,31 @@ class FewShotMethod(Method):
         return StepFns(embed=embed, shared=lambda params: {}, loss=classification_loss,
                        targets=lambda batch: {"label": batch["label"]})
 
+    @functools.cached_property
+    def _jit_logits(self):
+        """`logits` compiled once per shape of its inputs (the class count), the class arrays as arguments."""
+        model = self.model()
+        return jax.jit(lambda params, classes, features: model.apply({"params": params}, classes,
+                                                                    {"features": features}, method=self.logits))
+
     def scores(self, params, features: np.ndarray, classes: Sequence[int]) -> np.ndarray:
         """[N, C] scores of image embeddings for the task's classes `classes` (the evaluation's predict function)."""
-        inputs = jax.tree.map(jnp.asarray, self.class_inputs(classes))
-        model = self.model()
-        fn = jax.jit(lambda p, f: model.apply({"params": p}, inputs, {"features": f}, method=self.logits))
-        return np.concatenate([np.asarray(fn(params, features[i:i + 1024])) for i in range(0, len(features), 1024)])
+        return np.asarray(self._jit_logits(params, self.class_inputs(classes), features))
 
     def flops_per_example(self, trainable) -> float:
-        return 2.0 * self.config.model.embed_dim * len(self.task.base) * 3
+        # The scores of the C training classes, forward and back (3 passes of a [D] x [D, C] product); the
+        # learners' own layers (an adapter, a cache of K x C keys) are of the same order.
+        return 3 * 2.0 * self.config.model.embed_dim * len(self.task.base)
 
-    def _zero_shot(self, classes: Sequence[int]) -> np.ndarray:
-        cfg = self.config
-        names = [self.task.class_names[c] for c in classes]
-        return zero_shot_embeddings(self.prep.encode_texts, self.prep.tokenizer, cfg.model.text.context_length,
-                                    names, self.task.templates)
+    def _zero_shot(self, classes: tuple[int, ...]) -> np.ndarray:
+        """[C, D] prompt-ensemble embeddings of the task's classes `classes` by the frozen text tower, computed once
+        per class list (training and every evaluation ask for the same ones)."""
+        if classes not in self._class_embeddings:
+            length = self.config.model.text.context_length
+            encode = lambda prompts: self.prep.encode_texts(self.prep.tokenizer(prompts, length))
+            names = [self.task.class_names[c] for c in classes]
+            self._class_embeddings[classes] = class_embeddings(encode, names, self.task.templates)
+        return self._class_embeddings[classes]
 
 
 # --- CoOp ------------------------------------------------------------------------------------------------------------
@@ -306,7 +302,7 @@ class ClipAdapterMethod(FewShotMethod):
         return Adapter(self.config.model.embed_dim, self.hparams.reduction)
 
     def class_inputs(self, classes):
-        return {"embeds": self._zero_shot(classes)}
+        return {"embeds": self._zero_shot(tuple(classes))}
 
     def logits(self, model, classes, batch):
         f, alpha = batch["features"], self.hparams.alpha
@@ -364,7 +360,7 @@ class TipAdapterMethod(FewShotMethod):
     def class_inputs(self, classes):
         labels = self.task.train.labels
         values = (labels[:, None] == np.asarray(classes)[None, :]).astype(np.float32)  # new classes: empty columns
-        return {"embeds": self._zero_shot(classes), "values": values}
+        return {"embeds": self._zero_shot(tuple(classes)), "values": values}
 
     def logits(self, model, classes, batch):
         keys, alpha, beta = model.learner()

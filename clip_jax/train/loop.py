@@ -46,17 +46,24 @@ log = logging.getLogger(__name__)
 _WARM_START_FIELDS = ("model.dtype", "model.remat_policy", "model.logit_scale_init", "model.max_logit_scale")
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, checkpoint_step: int | None = None
-                    ) -> None:
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, checkpoint_step: int | None = None,
+                    fixed: tuple[str, ...] = ("model",)) -> None:
     """Writes config.json. On a workdir with a checkpoint (its latest step `checkpoint_step`), refuses a different
-    model: resuming it would mix runs. A warm start (the only checkpoint is step 0: converted or stretched) may
-    change the fields in `_WARM_START_FIELDS`. Without a checkpoint, config.json is a failed launch's and is
-    replaced."""
+    model, or other `fixed` groups (the method's `fixed_groups`, e.g. the data its cached embeddings came from):
+    resuming it would mix runs. A warm start (the only checkpoint is step 0: converted or stretched) may change the
+    fields in `_WARM_START_FIELDS`. Without a checkpoint, config.json is a failed launch's and is replaced."""
     check_workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
     if checkpoint_step is not None and path.exists():
         previous = read_config(path)
+        groups = [g for g in fixed if g != "model"]
+        changed = sorted(d for g in groups for d in _diff_keys(
+            previous[g].to_dict(), json.loads(json.dumps(config[g].to_dict(), default=list)), g))
+        if changed:
+            raise ConfigError(f"workdir {workdir} holds a run with other {' / '.join(groups)} settings "
+                              f"({', '.join(changed)}): resume it with its own (drop those overrides), or use a new "
+                              "--workdir")
         old, new = previous.model.to_dict(), json.loads(json.dumps(config.model.to_dict(), default=list))
         diff = sorted(_diff_keys(old, new))
         if checkpoint_step == 0:
@@ -167,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
-    prepare_workdir(config, workdir, checkpointer.latest_step())
+    prepare_workdir(config, workdir, checkpointer.latest_step(), method.fixed_groups)
 
     # --- The starting point -------------------------------------------------------------------------------------
     rng = jax.random.PRNGKey(config.seed)
