@@ -15,8 +15,10 @@ from PIL import Image
 from clip_jax.config import ConfigError, default_config
 from clip_jax.data import classification
 from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.interop.workdir import write_workdir
 from clip_jax.methods import get_method
 from clip_jax.methods.few_shot import FROZEN, FewShotCLIP, PromptContext, prompt_layout, tip_logits
+from clip_jax.models.clip import CLIP, CLIPConfig
 
 from .test_methods import VOCAB, prepared, tiny_config, tiny_few_shot
 
@@ -188,17 +190,15 @@ def test_a_tip_adapter_that_trains_nothing_must_freeze_its_cache():
 
 
 # --- a run ---------------------------------------------------------------------------------------------------------
-def test_coop_trains_from_a_clip_workdir_resumes_from_its_cache_and_evaluates(tmp_path, capsys):
+def test_coop_trains_from_a_clip_workdir_resumes_from_its_cache_and_evaluates(tmp_path, tokenizer):
     from clip_jax.cli import main
     from clip_jax.train.loop import train_and_evaluate
 
+    # The CLIP to start from: a randomly initialised one written as a workdir (what `clip-jax convert` writes).
     base = tiny_config("clip")
-    base.update(total_steps=2, seed=0)
-    base.evals = {}
-    base.checkpoint.async_save = False
-    base.log.progress_bar = base.log.tensorboard = False
-    base.data.tokenizer_vocab_size = VOCAB
-    train_and_evaluate(base, tmp_path / "base")
+    clip = CLIP(CLIPConfig.from_dict(base.model.to_dict()))
+    params = nn.unbox(clip.init(jax.random.PRNGKey(0), *get_method(base).init_inputs())["params"])
+    write_workdir(base, params, tokenizer, tmp_path / "base")
 
     config = tiny_few_shot(tiny_config("coop"))
     config.update(init_from=str(tmp_path / "base"), total_steps=4, batch_size=8)
