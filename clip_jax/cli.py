@@ -3,10 +3,12 @@
   clip-jax train  --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
   clip-jax eval   --workdir DIR [--config.eval.key=value ...] [--config.evals.NAME=... ...]
   clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] --out DIR [--max-image-bytes N]
+  clip-jax classify --workdir DIR --images DIR_OR_FILES ... --out preds.csv [--classes all|base|new] [--names FILE]
   clip-jax convert SRC --to-workdir DIR [--vocab PATH] [--activation quick_gelu|gelu] [--heads-vision N]
                    [--heads-text N] [--scan-layers]
   clip-jax export --workdir DIR --format {openai,hf,hf-text} --out PATH [--pt] [--force]
   clip-jax stretch --workdir DIR --out-workdir DIR [--keep K --ratio R | --method interpolate --length L]
+  clip-jax wise-ft --workdir DIR [--alphas 0,0.1,...,1] [--out FILE]
   clip-jax data convert --format {webdataset,csv,tsv,jsonl,sharegpt4v,folder} INPUT... --out DIR [--image-root DIR]
                         [--workers N] [--shard-index I --num-shards N] [--shard-size N] [--min-size PX]
                         [--max-image-bytes N]
@@ -136,6 +138,47 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
                 f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 
+def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
+    import csv
+
+    import jax
+    import numpy as np
+    from etils import epath
+    from scipy.special import softmax
+
+    from clip_jax.data.images import list_images, load_images
+    from clip_jax.distributed import maybe_initialize
+    from clip_jax.evaluate.classify import class_scores
+    from clip_jax.evaluate.encoder import Encoder
+    from clip_jax.train.loop import load_trained
+
+    out = epath.Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the path of the CSV file to write")
+    names = _read_lines(args.names) if args.names else None  # a bad file is found before the model is loaded
+    files = list_images(args.images)
+    maybe_initialize()
+    trained = load_trained(args.workdir)
+    images, kept, skipped = load_images(files, trained.config.model.vision.image_size, args.max_image_bytes)
+    for message in skipped:
+        print(f"warning: {message}", file=sys.stderr)
+    if not images:
+        raise ConfigError(f"no readable image among the {len(files)} files of --images")
+    encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
+    class_names, logits = class_scores(trained, encoder, np.stack(images), args.classes, names)
+    probabilities = softmax(logits, axis=-1)
+    best = np.argmax(logits, axis=-1)
+    if jax.process_index() == 0:
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["image", "label", "probability"])
+        for row, i in enumerate(kept):
+            writer.writerow([str(files[i]), class_names[best[row]], f"{probabilities[row, best[row]]:.4f}"])
+        write_atomic(out, text.getvalue())
+        print(f"classified {len(kept)} images among {len(class_names)} classes -> {out}" + (
+            f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+
+
 def _read_lines(path: str) -> list[str]:
     """The lines of a UTF-8 text file; one line naming the file and line where it is not UTF-8 or holds nothing."""
     from etils import epath
@@ -183,6 +226,21 @@ def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
                           length=args.length)
     print(f"stretched {args.workdir} -> {args.out_workdir}: {out['context_length']} text positions, keep_positions "
           f"{out['keep_positions']}; fine-tune with clip-jax train --workdir {args.out_workdir} [--config ...]")
+
+
+def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:
+    import jax
+
+    from clip_jax.distributed import maybe_initialize
+    from clip_jax.train.wise_ft import format_table, parse_alphas, run_sweep
+
+    alphas = parse_alphas(args.alphas)  # found before the model is loaded
+    maybe_initialize()
+    out = args.out or os.path.join(args.workdir, "wise_ft.json")
+    results = run_sweep(args.workdir, alphas, out)
+    if jax.process_index() == 0:
+        print(format_table(results))
+        print(f"wrote {out}")
 
 
 def _data(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -247,8 +305,8 @@ def _byte_count(text: str) -> int:
     return int(text)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "convert": _convert, "export": _export,
-            "stretch": _stretch, "data": _data}
+COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "classify": _classify, "convert": _convert,
+            "export": _export, "stretch": _stretch, "wise-ft": _wise_ft, "data": _data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", required=True, help="output directory")
     enc.add_argument("--batch-size", type=int, default=256)
     enc.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help="skip image files larger than this (default: %(default)s)")
+    cls = sub.add_parser("classify", help="predict classes of images: a few-shot run's classes, or zero-shot --names")
+    cls.add_argument("--workdir", required=True)
+    cls.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    cls.add_argument("--out", required=True, help="CSV file to write: image, label, probability")
+    cls.add_argument("--classes", choices=("all", "base", "new"), default="all",
+                     help="a few-shot run's classes to choose among: all (default), base (trained on) or new")
+    cls.add_argument("--names", help="class names file, one a line: zero-shot CLIP over these classes instead")
+    cls.add_argument("--batch-size", type=int, default=256)
+    cls.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")
     conv = sub.add_parser("convert", help="make a workdir from a PyTorch checkpoint (OpenAI, open_clip, Long-CLIP, HF)")
     conv.add_argument("src", help="state dict file (.safetensors/.pt/.bin) or open_clip / HF CLIPModel directory")
@@ -296,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "configs); the new length is keep + ratio * (length - keep)")
     st.add_argument("--ratio", type=int, default=4, help="keep: stretch factor of the other positions")
     st.add_argument("--length", type=int, help="interpolate: the new number of positions")
+    wf = sub.add_parser("wise-ft", help="WiSE-FT: evaluate a wise_ft run interpolated with its zero-shot start")
+    wf.add_argument("--workdir", required=True, help="a wise_ft run (its latest checkpoint is alpha 1)")
+    wf.add_argument("--alphas", default=",".join(f"{i / 10:g}" for i in range(11)),
+                    help="comma-separated weights of the fine-tuned model, in [0, 1] (default: %(default)s)")
+    wf.add_argument("--out", help="JSON file {alpha: {metric: value}} (default: WORKDIR/wise_ft.json)")
     data = sub.add_parser("data", help="image-caption data sets: convert to ArrayRecord shards, inspect shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dc = data_sub.add_parser("convert", help="WebDataset tars, CSV/TSV/JSONL, ShareGPT4V JSON or an image folder -> "

@@ -8,7 +8,9 @@ The batch is split over `data` x `fsdp`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -142,3 +144,17 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     """Global arrays on the mesh from this process's slice of the batch (each host feeds its own rows)."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+# --- regex rules over parameter paths (sharding, freezing, weight decay) ---------------------------------------------
+def param_paths(params: Any) -> Any:
+    """A tree like `params` whose leaves are '/'-joined key paths, e.g. 'visual/ln_pre/scale'."""
+
+    def path_str(path, _):
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    return jax.tree_util.tree_map_with_path(path_str, params)
+
+
+def match_any(patterns: Sequence[str], path: str) -> bool:
+    return any(re.search(p, path) for p in patterns)

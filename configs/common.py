@@ -34,3 +34,46 @@ def few_shot_shapes(config, method: str, **fields):
     config.checkpoint.every_steps = 1000
     config.log.every_steps = 50
     return config
+
+
+# TFDS sets of the CoOp/CoCoOp benchmark with a train, a validation and a test split: (those splits, classes).
+FEW_SHOT_TFDS = {
+    "oxford_flowers102": (("train", "validation", "test"), 102),
+    "dtd": (("train", "validation", "test"), 47),
+}
+
+
+def few_shot_b16(config, method: str, dataset: str, epochs: int, batch: int, **fields):
+    """The ViT-B/16 recipes of the few-shot methods (configs/<method>/b16.py): a converted OpenAI ViT-B/16 workdir
+    (`clip-jax convert ViT-B-16.safetensors --to-workdir runs/b16`), frozen, and CoCoOp's base-to-new protocol on a
+    TFDS set of `FEW_SHOT_TFDS` (16 shots of the first half of the classes; test on base and new). `epochs` over
+    the 16 x C_base shots at batch `batch`; the first epoch warms up (the references: one epoch at a constant 1e-5).
+    A folder set instead: --config.few_shot.dataset=folder --config.few_shot.train=... (val, test) and
+    --config.total_steps for its class count."""
+    import math
+
+    from clip_jax.config import method_config
+    from clip_jax.evaluate.suite import eval_defaults
+    from clip_jax.methods.few_shot import FROZEN
+
+    if dataset not in FEW_SHOT_TFDS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(FEW_SHOT_TFDS)}")
+    (train, val, test), classes = FEW_SHOT_TFDS[dataset]
+    config.model = model_preset("B/16")  # OpenAI sizes, QuickGELU, OpenAI's vocabulary
+    config.model.dtype = "bfloat16"  # bf16 compute on GPU/TPU (the references: fp16); fp32 parameters
+    config.data.tokenizer = "openai"
+    config.init_from = "runs/b16"
+    config.method = method_config(method, **fields)
+    config.few_shot.update(dataset="tfds", tfds_name=dataset, train=train, val=val, test=test, shots=16)
+    config.few_shot.update(classes="base", class_split="reference", eval_examples=1_000_000)
+    steps_per_epoch = math.ceil(config.few_shot.shots * math.ceil(classes / 2) / batch)
+    config.batch_size = batch
+    config.total_steps = epochs * steps_per_epoch
+    config.optimizer.frozen = FROZEN
+    config.optimizer.no_decay = ()
+    config.optimizer.warmup_steps = steps_per_epoch
+    config.evals = {"few_shot": eval_defaults("few_shot")}
+    config.eval.every_steps = 0  # at the end (the references evaluate the last checkpoint)
+    config.checkpoint.every_steps = max(1, config.total_steps // 4)
+    config.log.every_steps = 20
+    return config

@@ -14,12 +14,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json  # noqa: E402
 import pathlib  # noqa: E402
 
-from tests.test_method_parity import CASES, FIGURES, figures, trained_params  # noqa: E402
+from tests.test_method_parity import CASES, FIGURES, figures, train_cases, trained_params  # noqa: E402
 
 if __name__ == "__main__":
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
+        train_cases(pathlib.Path(tmp), sorted(CASES))
         for case in sorted(CASES):
-            out[case] = figures(trained_params(case, pathlib.Path(tmp) / case))
+            out[case] = figures(trained_params(pathlib.Path(tmp) / case))
     FIGURES.write_text(json.dumps(out) + "\n")
     print(f"wrote {FIGURES}")

@@ -1,7 +1,8 @@
 """Few-shot transfer (clip_jax/methods/few_shot.py, clip_jax/data/classification.py): the labelled sets and their
 mistakes, the K-shot sample and the class split, CoOp's prompts against token embeddings assembled by hand,
-Tip-Adapter's logits against the paper's formula in numpy, and a CoOp run from a CLIP workdir that resumes from its
-cached embeddings and evaluates from `clip-jax eval`."""
+Tip-Adapter's logits against the paper's formula in numpy, CLIP-Adapter's and the linear probe's scores by hand,
+`clip-jax classify` against the evaluation and against a zero-shot prompt ensemble by hand, and a CoOp run from a
+CLIP workdir that resumes from its cached embeddings and evaluates from `clip-jax eval`."""
 
 import json
 
@@ -114,7 +115,7 @@ def test_coop_prompts_equal_token_embeddings_assembled_by_hand(tokenizer, positi
     classes = method.task.base[:3]
     features = np.random.default_rng(2).normal(size=(5, config.model.embed_dim)).astype(np.float32)
     features /= np.linalg.norm(features, axis=-1, keepdims=True)
-    got = method.scores(params, features, classes)
+    got = method.scores(params, {"features": features}, classes)
 
     table = np.asarray(params["text"]["token_embedding"]["embedding"])
     ctx = np.asarray(params["learner"]["ctx"])
@@ -189,10 +190,38 @@ def test_a_tip_adapter_that_trains_nothing_must_freeze_its_cache():
         get_method(config).check(None)
 
 
+# --- CLIP-Adapter and the linear probe -----------------------------------------------------------------------------
+def test_clip_adapter_and_linear_probe_scores_by_hand(tokenizer):
+    """CLIP-Adapter: scale * normalise(alpha relu(relu(f A) B) + (1 - alpha) f) . w_c, w_c the prompt ensemble of the
+    class (its templates' normalised embeddings averaged, renormalised); the linear probe: f W + b."""
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    rng = np.random.default_rng(4)
+    for name in ("clip_adapter", "linear_probe"):
+        config = tiny_few_shot(tiny_config(name))
+        method = prepared(config, tokenizer)
+        params = nn.unbox(method.model().init(jax.random.PRNGKey(2), *method.init_inputs())["params"])
+        learner = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params["learner"])
+        params = {**params, "learner": learner}
+        f = unit(rng.normal(size=(5, config.model.embed_dim))).astype(np.float32)
+        classes = method.task.base[:4] if name == "clip_adapter" else method.task.base
+        got = method.scores(params, {"features": f}, classes)
+        if name == "linear_probe":
+            np.testing.assert_allclose(got, f @ learner["kernel"] + learner["bias"], rtol=1e-5, atol=1e-5)
+            continue
+        prompts = [t.format(method.task.class_names[c]) for c in classes for t in method.task.templates]
+        texts = unit(method.prep.encode_texts(tokenizer(prompts, config.model.text.context_length)))
+        w = unit(texts.reshape(len(classes), len(method.task.templates), -1).mean(axis=1))
+        relu = lambda x: np.maximum(x, 0)
+        alpha = config.method.alpha
+        adapted = unit(alpha * relu(relu(f @ learner["down"]["kernel"]) @ learner["up"]["kernel"]) + (1 - alpha) * f)
+        scale = min(np.exp(float(params["logit_scale"])), config.model.max_logit_scale)
+        np.testing.assert_allclose(got, scale * adapted @ w.T, rtol=1e-4, atol=1e-4)
+
+
 # --- a run ---------------------------------------------------------------------------------------------------------
 def test_coop_trains_from_a_clip_workdir_resumes_from_its_cache_and_evaluates(tmp_path, tokenizer):
     from clip_jax.cli import main
-    from clip_jax.train.loop import train_and_evaluate
+    from clip_jax.train.loop import load_trained, train_and_evaluate
 
     # The CLIP to start from: a randomly initialised one written as a workdir (what `clip-jax convert` writes).
     base = tiny_config("clip")
@@ -218,3 +247,62 @@ def test_coop_trains_from_a_clip_workdir_resumes_from_its_cache_and_evaluates(tm
     main(["eval", "--workdir", str(tmp_path / "coop")])
     evaluated = json.loads((tmp_path / "coop" / "eval_6.json").read_text())
     assert evaluated["few_shot_base"] == pytest.approx(again["few_shot_base"])
+    # Read back, the run embeds with the towers of its own checkpoint, which holds the learner too (the zero-shot
+    # class embeddings of CLIP-Adapter, Tip-Adapter and WiSE-FT come from there).
+    trained = load_trained(tmp_path / "coop")
+    tokens = tokenizer(["a red circle."], config.model.text.context_length)
+    want = clip.apply({"params": params}, jnp.asarray(tokens), method=CLIP.encode_text)
+    np.testing.assert_allclose(trained.method.prep.encode_texts(tokens), want, atol=1e-5)
+
+    # classify: the base-class test images as files; its predictions among the base classes score what eval did.
+    task = classification.few_shot_task(config)
+    rows = np.flatnonzero(np.isin(task.test.labels, task.base))
+    (tmp_path / "images").mkdir()
+    for row, image in zip(rows, task.test.read(rows), strict=True):
+        Image.fromarray(image).save(tmp_path / "images" / f"{row:03d}.png")  # lossless: the pixels eval scored
+    main(["classify", "--workdir", str(tmp_path / "coop"), "--images", str(tmp_path / "images"), "--classes", "base",
+          "--out", str(tmp_path / "preds.csv")])
+    predicted = {line.split(",")[0]: line.split(",")[1]
+                 for line in (tmp_path / "preds.csv").read_text().splitlines()[1:]}
+    hits = [predicted[str(tmp_path / "images" / f"{row:03d}.png")] == task.class_names[task.test.labels[row]]
+            for row in rows]
+    assert len(predicted) == len(rows) and np.mean(hits) == pytest.approx(evaluated["few_shot_base"])
+
+
+def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, capsys):
+    from clip_jax.cli import main
+
+    config = tiny_config("clip")
+    clip = CLIP(CLIPConfig.from_dict(config.model.to_dict()))
+    params = nn.unbox(clip.init(jax.random.PRNGKey(3), *get_method(config).init_inputs())["params"])
+    write_workdir(config, params, tokenizer, tmp_path / "clip")
+    size = config.model.vision.image_size
+    images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "images" / f"{i}.png")
+    names = ["red circle", "blue square", "green triangle"]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+
+    with pytest.raises(SystemExit) as exit_info:  # CLIP itself has no classes: it needs names
+        main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
+              "--out", str(tmp_path / "preds.csv")])
+    assert exit_info.value.code == 2 and "give --names FILE" in capsys.readouterr().err
+    main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
+          "--names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "preds.csv")])
+
+    # By hand: each class's "a photo of a {}." embedding, the images' embeddings, CLIP's clamped scale, a softmax.
+    variables = {"params": params}
+    unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
+    tokens = tokenizer([f"a photo of a {n}." for n in names], config.model.text.context_length)
+    text = unit(clip.apply(variables, jnp.asarray(tokens), method=CLIP.encode_text))
+    image = unit(clip.apply(variables, jnp.asarray(images), method=CLIP.encode_image))
+    logits = min(np.exp(float(params["logit_scale"])), config.model.max_logit_scale) * image @ text.T
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    lines = (tmp_path / "preds.csv").read_text().splitlines()
+    assert lines[0] == "image,label,probability"
+    for i, line in enumerate(lines[1:]):
+        path, label, probability = line.split(",")
+        assert path.endswith(f"{i}.png") and label == names[int(np.argmax(logits[i]))]
+        assert float(probability) == pytest.approx(probabilities[i].max(), abs=1e-4)

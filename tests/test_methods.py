@@ -18,6 +18,7 @@ from clip_jax.evaluate.suite import eval_defaults, evaluate
 from clip_jax.methods import METHODS, get_method
 from clip_jax.methods.base import Preparation, abstract_batch
 from clip_jax.methods.few_shot import FROZEN, FewShotMethod
+from clip_jax.methods.wise_ft import FROZEN as WISE_FT_FROZEN
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP
 from clip_jax.sharding import batch_sharding, global_batch, make_mesh
@@ -30,7 +31,8 @@ from .test_train_step import assert_trees_close
 
 BATCH, IMAGE, CONTEXT, VOCAB = 16, 32, 24, 600
 # Per method: the fields that fit the tiny batch (Long-CLIP's PCA must keep fewer components than rows).
-SMALL = {"longclip": {"pca_components": 4, "pca_scope": "global", "short_context_length": 12}, "coop": {"n_ctx": 4}}
+SMALL = {"longclip": {"pca_components": 4, "pca_scope": "global", "short_context_length": 12}, "coop": {"n_ctx": 4},
+         "maple": {"prompt_depth": 1}}  # the tiny towers have one block
 
 
 def tiny_config(name: str):
@@ -59,6 +61,8 @@ def tiny_few_shot(config):
     """A few-shot task the tiny batch fits: 2 shots of the 20 base shapes classes, drawn from 300 scenes."""
     config.few_shot.update(shots=2, shapes_pool=300, eval_examples=48, shapes_domain="clean")
     config.optimizer.frozen = FROZEN + (("^learner/",) if config.method.name == "tip_adapter" else ())
+    if config.method.name == "wise_ft":  # the image tower trains
+        config.optimizer.frozen = WISE_FT_FROZEN
     config.evals = {"few_shot": eval_defaults("few_shot")}
     return config
 
@@ -184,8 +188,8 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, clip_adapter, coop, "
-                                       "linear_probe, longclip, siglip, tip_adapter"),
+    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, clip_adapter, cocoop, coop, "
+                                       "linear_probe, longclip, maple, siglip, tip_adapter, wise_ft"),
     (["--config.method.pca_components=4"], "a field of method longclip: set --config.method.name first"),
     (["--config.loss.name=siglip_ring"], "use --config.method.name=siglip --config.method.ring=True"),
     (["--config.loss.label_smoothing=0.1"], "'loss.label_smoothing' is now 'method.label_smoothing'"),

@@ -69,10 +69,12 @@ def test_remat_policies_give_the_same_gradients(reference, policy):
         out = model.apply({"params": p}, images, tokens)
         return jnp.sum(out["image"] @ out["text"].T * out["logit_scale"])
 
-    want = jax.grad(lambda p: loss(CLIP(base_config()), p))(params)
-    got = jax.grad(lambda p: loss(CLIP(base_config(remat_policy=policy)), p))(params)
+    # Compiled: one program each instead of the op-by-op dispatch of every primitive of the backward pass.
+    want = jax.jit(jax.grad(lambda p: loss(CLIP(base_config()), p)))(params)
+    got = jax.jit(jax.grad(lambda p: loss(CLIP(base_config(remat_policy=policy)), p)))(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        # Recomputing fuses the program differently: float32 rounding, relative to the leaf's largest gradient.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
 def test_token_embeddings_path_equals_token_ids(reference):

@@ -35,7 +35,7 @@ from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.pipeline import get_source
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.data.tokenizer import ClipTokenizer
-from clip_jax.errors import ConfigError
+from clip_jax.errors import ConfigError, UnscorableClasses
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.long_text import hard_pairs, hard_pairs_accuracy, load_long_text_set, shapes_long_captions
 from clip_jax.evaluate.retrieval import retrieval_recall
@@ -61,14 +61,15 @@ class Context:
     def texts(self, texts) -> np.ndarray:
         return self.encoder.texts(self.tokenizer(list(texts), self.config.model.text.context_length))
 
-    def scores(self, features: np.ndarray, classes: list[int], task) -> np.ndarray:
-        """[N, C] class scores of image embeddings for the task's classes `classes`: the method's (`scores`), or
-        zero-shot CLIP's with the task's templates for a method without."""
+    def scores(self, examples: dict[str, np.ndarray], classes: list[int], task) -> np.ndarray:
+        """[N, C] class scores of examples (`features`: normalised image embeddings; `images`: uint8) for the task's
+        classes `classes`: the method's (`scores`), or zero-shot CLIP's with the task's templates for a method
+        without."""
         method_scores = getattr(self.method, "scores", None)
         if method_scores is not None:
-            return method_scores(self.params, features, classes)
+            return method_scores(self.params, examples, classes)
         names = [task.class_names[c] for c in classes]
-        return features @ class_embeddings(self.texts, names, task.templates).T
+        return examples["features"] @ class_embeddings(self.texts, names, task.templates).T
 
     def num_examples(self, entry) -> int:
         return entry.num_examples if entry.num_examples is not None else self.config.eval.num_examples
@@ -215,7 +216,7 @@ def _few_shot_test(config_json: str, shapes_domain: str):
 def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float]:
     """Top-1 on the test images of the base classes and of the new ones, each among its own classes (the reference
     protocol), and their harmonic mean: `<name>_base`, `<name>_new`, `<name>_hm` (with few_shot.classes "all":
-    `<name>_all`). The method's own scores (`scores(params, embeddings, classes)`), else zero-shot CLIP with the
+    `<name>_all`). The method's own scores (`scores(params, examples, classes)`), else zero-shot CLIP with the
     task's templates; a method that cannot score the new classes (a linear probe) reports only base."""
     domains = {"": ctx.config.few_shot.shapes_domain}
     if entry.shapes_domain:
@@ -228,8 +229,8 @@ def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float
         for group, classes in groups.items():
             rows = np.isin(task.test.labels, classes)
             try:
-                scores = ctx.scores(features[rows], classes, task)
-            except ValueError as e:  # e.g. a linear probe asked for classes it has no weights for
+                scores = ctx.scores({"features": features[rows], "images": images[rows]}, classes, task)
+            except UnscorableClasses as e:  # e.g. a linear probe asked for classes it has no weights for
                 log.info("evals.%s: no %s-class scores: %s", name, group, e)
                 continue
             targets = np.searchsorted(classes, task.test.labels[rows])

@@ -5,8 +5,9 @@ Each trains a small `learner` beside CLIP's frozen towers (`FewShotCLIP`) on the
 from a CLIP workdir (`config.init_from`): its towers and temperature are read from there (`base_params`), the
 learner is initialised, partly from that CLIP (`init_learner`). The image tower is frozen and the examples are not
 augmented, so their image embeddings are computed once before training (`prepare`, kept in the workdir) and the
-batch holds them (`features`): a step costs what the learner costs. What differs between the methods is the
-learner, how the classes enter it (`class_inputs`, host arrays for a list of classes) and the logits.
+batch holds them (`features`): a step costs what the learner costs. A learner that enters the image tower (MaPLe,
+prompt_learning.py) or trains it (WiSE-FT, wise_ft.py) gets the images instead (`inputs`). What differs between the
+methods is the learner, how the classes enter it (`class_inputs`, host arrays for a list of classes) and the logits.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import functools
 import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,7 @@ import numpy as np
 
 from clip_jax.data.classification import FewShotTask, class_embeddings, few_shot_task
 from clip_jax.data.pipeline import array_iterator
-from clip_jax.errors import ConfigError
+from clip_jax.errors import ConfigError, UnscorableClasses
 from clip_jax.files import write_atomic
 from clip_jax.losses import classification_loss
 from clip_jax.methods.base import Field, Method, Preparation, StepFns
@@ -54,6 +55,10 @@ class FewShotMethod(Method):
     `logits` and, if the learner starts from data, `init_learner`."""
 
     fixed_groups = ("model", "few_shot")  # the K-shot embeddings are cached in the workdir
+    # What the batch and `logits` get of an example: "features", its normalised image embedding by the frozen image
+    # tower (computed once), or "images", the uint8 image itself, for a learner that enters the image tower (MaPLe's
+    # vision prompts) or trains it (WiSE-FT).
+    inputs: ClassVar[str] = "features"
 
     def __init__(self, config):
         super().__init__(config)
@@ -75,8 +80,9 @@ class FewShotMethod(Method):
 
     def logits(self, model: FewShotCLIP, classes: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
                ) -> jax.Array:
-        """[B, C] scores of the batch's examples (`features`: normalised image embeddings) for the classes; runs
-        inside `model.apply`, so it reaches `model.learner`, `model.encode_text`, `model.temperature`."""
+        """[B, C] scores of the batch's examples (`features`: normalised image embeddings, or `images`: uint8, see
+        `inputs`) for the classes; runs inside `model.apply`, so it reaches `model.learner`, `model.encode_text`,
+        `model.encode_image`, `model.temperature`."""
         raise NotImplementedError
 
     def init_learner(self, learner: Any, clip: Mapping[str, Any]) -> Any:
@@ -91,6 +97,9 @@ class FewShotMethod(Method):
         return FewShotCLIP(self.model_config(), self.learner())
 
     def fields(self) -> dict[str, Field]:
+        if self.inputs == "images":
+            size = self.config.model.vision.image_size
+            return {"images": Field((size, size, 3), np.uint8), "label": Field((), np.int32)}
         return {"features": Field((self.config.model.embed_dim,), np.float32), "label": Field((), np.int32)}
 
     def init_inputs(self) -> tuple[np.ndarray, ...]:
@@ -106,6 +115,9 @@ class FewShotMethod(Method):
     def prepare(self, prep: Preparation) -> None:
         self.prep = prep
         train = self.task.train
+        if self.inputs == "images":  # K x C images: read (or rendered) again on every launch, as the data would be
+            self.train_arrays = {"images": train.read(range(len(train))), "label": train.labels.astype(np.int32)}
+            return
         # What the cached embeddings depend on. A resume with other settings is refused earlier (fixed_groups), but
         # a launch that stopped before its first checkpoint leaves the cache and lets the next launch change them.
         settings = json.dumps(self.config.few_shot.to_dict(), sort_keys=True, default=list)
@@ -149,14 +161,27 @@ class FewShotMethod(Method):
 
     @functools.cached_property
     def _jit_logits(self):
-        """`logits` compiled once per shape of its inputs (the class count), the class arrays as arguments."""
+        """`logits` compiled once per shape of its inputs (the class count, the chunk), the class arrays as
+        arguments."""
         model = self.model()
-        return jax.jit(lambda params, classes, features: model.apply({"params": params}, classes,
-                                                                    {"features": features}, method=self.logits))
+        return jax.jit(lambda params, classes, batch: model.apply({"params": params}, classes, batch,
+                                                                 method=self.logits))
 
-    def scores(self, params, features: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-        """[N, C] scores of image embeddings for the task's classes `classes` (the evaluation's predict function)."""
-        return np.asarray(self._jit_logits(params, self.class_inputs(classes), features))
+    def score_chunk(self, n_classes: int) -> int | None:
+        """How many examples `scores` computes at once (None: all): images in batches of eval.batch_size."""
+        return self.config.eval.batch_size if self.inputs == "images" else None
+
+    def scores(self, params, examples: Mapping[str, np.ndarray], classes: Sequence[int]) -> np.ndarray:
+        """[N, C] scores of examples for the task's classes `classes` (the evaluation's predict function).
+        `examples` holds `features` (normalised image embeddings [N, D]) and, for a method whose `inputs` are
+        images, `images` (uint8 [N, H, W, 3]); scored in chunks of `score_chunk` (the last one padded)."""
+        class_inputs = self.class_inputs(classes)
+        x = examples[self.inputs]
+        chunk = max(1, self.score_chunk(len(classes)) or len(x))
+        padded = np.concatenate([x, np.zeros((-len(x) % chunk, *x.shape[1:]), x.dtype)])
+        out = [np.asarray(self._jit_logits(params, class_inputs, {self.inputs: padded[i:i + chunk]}))
+               for i in range(0, len(padded), chunk)]
+        return np.concatenate(out)[:len(x)] if out else np.zeros((0, len(classes)), np.float32)
 
     def flops_per_example(self, trainable) -> float:
         # The scores of the C training classes, forward and back (3 passes of a [D] x [D, C] product); the
@@ -241,7 +266,7 @@ class CoOpMethod(FewShotMethod):
 
     def class_inputs(self, classes):
         if self.hparams.csc and list(classes) != list(self.task.base):
-            raise ConfigError("method.csc: class-specific contexts score only the classes they were trained on")
+            raise UnscorableClasses("method.csc: class-specific contexts score only the classes they were trained on")
         layouts = [prompt_layout(self.prep.tokenizer, self.task.class_names[c], self._n_ctx(),
                                  self.hparams.class_position, self.config.model.text.context_length) for c in classes]
         return {"ids": np.stack([ids for ids, _ in layouts]), "slots": np.stack([s for _, s in layouts])}
@@ -400,7 +425,7 @@ class LinearProbeMethod(FewShotMethod):
 
     def class_inputs(self, classes):
         if list(classes) != list(self.task.base):
-            raise ValueError("a linear probe scores only its training classes")
+            raise UnscorableClasses("a linear probe scores only its training classes")
         return {}
 
     def logits(self, model, classes, batch):

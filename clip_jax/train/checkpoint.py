@@ -180,17 +180,18 @@ class Checkpointer:
         )
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only the parameters of a checkpoint (whatever optimizer state it holds), read straight into the shapes,
-        dtypes and shardings of `abstract_params`: the checkpoint's own shardings name the devices of the run that
+        """The parameters `abstract_params` names, of a checkpoint (whatever optimizer state and other parameters it
+        holds: a few-shot run's towers are read from its checkpoint, which also holds its learner), read straight
+        into their shapes, dtypes and shardings: the checkpoint's own shardings name the devices of the run that
         wrote it (e.g. a one-device `convert`), which another process layout does not have."""
         where = self.directory / str(step)
         # A partial restore skips what the target lacks and does not complain about what the checkpoint lacks: the
         # parameter names are compared first.
         saved = ocp.PyTreeCheckpointHandler().metadata(where / "state").tree["params"]
         names = lambda tree: {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
-        if names(saved) != names(abstract_params):
-            differ = sorted(names(saved) ^ names(abstract_params))
-            raise ConfigError(f"checkpoint {where} holds parameters of another model (they differ in {differ[:5]}); "
+        if not names(abstract_params) <= names(saved):
+            differ = sorted(names(abstract_params) - names(saved))
+            raise ConfigError(f"checkpoint {where} holds parameters of another model (it lacks {differ[:5]}); "
                               "start from a checkpoint of the same architecture, or set the model fields to its own "
                               "(its config.json)")
         args = ocp.args.PyTreeRestore(

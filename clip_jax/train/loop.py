@@ -181,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     # A warm start: this workdir's step-0 checkpoint, or, for a new run, another run's latest (config.init_from).
     init_source = (checkpointer, 0) if warm_start else None
     if init_source is None and checkpointer.latest_step() is None and config.init_from:
-        init_source = _init_from(config)
+        init_source = init_from_checkpoint(config)
     resume_step = checkpointer.latest_step() if init_source is None else None
 
     # --- Data ---------------------------------------------------------------------------------------------------
@@ -366,7 +366,7 @@ class PreemptionFlag:
             return False
 
 
-def _init_from(config: ml_collections.ConfigDict) -> tuple[Checkpointer, int]:
+def init_from_checkpoint(config: ml_collections.ConfigDict) -> tuple[Checkpointer, int]:
     """The checkpointer and latest step of the workdir `config.init_from` names (read only: it is another run's)."""
     source = epath.Path(config.init_from)
     # Checked first: a Checkpointer would create the folder it is pointed at.

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from clip_jax.sharding import match_any, param_paths
+
 PyTree = Any
 
 
@@ -21,19 +23,6 @@ class TrainState:
     params: PyTree
     opt_state: PyTree
     rng: jax.Array  # for in-graph randomness of future methods (augmentations, masking); split every step
-
-
-def param_paths(params: PyTree) -> PyTree:
-    """A tree like `params` whose leaves are '/'-joined key paths, e.g. 'visual/ln_pre/scale'."""
-
-    def path_str(path, _):
-        return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-    return jax.tree_util.tree_map_with_path(path_str, params)
-
-
-def match_any(patterns: Sequence[str], path: str) -> bool:
-    return any(re.search(p, path) for p in patterns)
 
 
 def trainable_mask(params: PyTree, frozen: Sequence[str]) -> PyTree:

@@ -1,0 +1,52 @@
+"""Classes for new images from a trained workdir (`clip-jax classify`): a few-shot method's own scores over the
+classes of its task, or zero-shot CLIP's over class names the user gives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from clip_jax.data.classification import class_embeddings
+from clip_jax.errors import ConfigError, UnscorableClasses
+from clip_jax.evaluate.encoder import Encoder
+
+CLASS_GROUPS = ("all", "base", "new")
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str = "all",
+                 names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(class names, logits [N, C]) of uint8 images [N, H, W, 3].
+
+    `trained` is a workdir read back (train/loop.py::Trained: config, method, model, params, tokenizer). With
+    `names`, or for a method without scores of its own (CLIP itself), zero-shot CLIP: the prompt ensemble of
+    few_shot.templates (default "a photo of a {}.") times the model's temperature. Otherwise the method's scores over
+    the `group` classes of its few-shot task: all of them, the base ones it trained on, or the new ones."""
+    config, method = trained.config, trained.method
+    features = encoder.images(images)
+    if names is not None or getattr(method, "scores", None) is None:
+        if not names:
+            raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give --names "
+                              "FILE, one class name a line, for zero-shot classification")
+        length = config.model.text.context_length
+        templates = tuple(config.few_shot.templates) or DEFAULT_TEMPLATES
+        embeds = class_embeddings(lambda t: encoder.texts(trained.tokenizer(t, length)), list(names), templates)
+        scale, _ = trained.model.apply({"params": trained.params}, method="temperature")
+        return list(names), float(jax.device_get(scale)) * features @ embeds.T
+    if group not in CLASS_GROUPS:
+        raise ConfigError(f"--classes must be one of {', '.join(CLASS_GROUPS)}, got {group!r}")
+    task = method.task
+    classes = {"all": sorted(task.base + task.new), "base": task.base, "new": task.new}[group]
+    if not classes:
+        raise ConfigError(f"the run trained on all its classes (few_shot.classes 'all'): it has no {group!r} classes; "
+                          "use --classes all")
+    try:
+        scores = method.scores(trained.params, {"features": features, "images": images}, classes)
+    except UnscorableClasses as e:  # a linear probe or class-specific contexts: only the training classes
+        raise ConfigError(f"method {config.method.name} cannot score the {group} classes ({e}): use --classes base"
+                          ) from None
+    return [task.class_names[c] for c in classes], scores
+

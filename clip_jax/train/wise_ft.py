@@ -1,0 +1,113 @@
+"""`clip-jax wise-ft`: a WiSE-FT run (clip_jax/methods/wise_ft.py) read back, interpolated with the zero-shot model it
+started from for a list of alphas, each evaluated with the run's evaluations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from clip_jax.config import read_config
+from clip_jax.errors import ConfigError
+from clip_jax.evaluate.suite import evaluate
+from clip_jax.files import is_remote, write_atomic
+from clip_jax.methods.wise_ft import check_same_tree, interpolate
+from clip_jax.train import loop
+from clip_jax.train.checkpoint import Checkpointer
+
+DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
+
+
+def parse_alphas(text: str) -> list[float]:
+    """The alphas of a comma-separated list ("0,0.5,1"), each in [0, 1]; ConfigError otherwise."""
+    try:
+        alphas = [float(a) for a in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--alphas {text!r}: give comma-separated numbers in [0, 1], e.g. 0,0.25,0.5,1") from None
+    bad = [a for a in alphas if not (math.isfinite(a) and 0.0 <= a <= 1.0)]
+    if bad:
+        raise ConfigError(f"--alphas: {bad[0]:g} is outside [0, 1] (0: the zero-shot model, 1: the fine-tuned one)")
+    return alphas
+
+
+def zero_shot_params(trained, workdir) -> Any:
+    """theta_0 of a WiSE-FT run read back (`train.loop.Trained` of `workdir`): the parameters it started from,
+    rebuilt as the run built them (the CLIP of `config.init_from`, or of the workdir's step-0 warm start, and the
+    zero-shot head of `warm_start`), in the shardings of the run's parameters. ConfigError if that CLIP is gone or
+    has changed (its frozen text tower is no longer the run's)."""
+    config, method = trained.config, trained.method
+    if config.init_from:
+        source, step = loop.init_from_checkpoint(config)
+        where = f"config.init_from {config.init_from}"
+    else:  # a warm start from the workdir's own step 0 (a converted CLIP)
+        source, step, where = Checkpointer(workdir, config.checkpoint), 0, f"{workdir}/checkpoints/0"
+        if not (source.directory / "0").exists():
+            raise ConfigError(
+                f"{where} is gone and the run has no config.init_from: the zero-shot model it started "
+                "from cannot be rebuilt"
+            )
+    init_fn, shardings, _ = loop.create_state(config, method, trained.model, trained.mesh)
+    abstract = loop.abstract_train_state(init_fn, shardings)
+    restored = source.restore_params(step, method.base_params(abstract.params))
+    theta0 = method.warm_start(restored, trained.params)
+    check_same_tree(theta0, trained.params)
+    for key in ("text", "logit_scale", "logit_bias"):
+        if key in theta0 and not all(
+            np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(jax.device_get(theta0[key])),
+                jax.tree.leaves(jax.device_get(trained.params[key])),
+                strict=True,
+            )
+        ):
+            raise ConfigError(
+                f"{where} (step {step}) is not the CLIP this run started from (its {key} differs from the run's "
+                "frozen one): restore that checkpoint to rebuild the zero-shot model"
+            )
+    return jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), theta0, trained.params)
+
+
+def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None) -> dict[str, dict[str, float]]:
+    """`clip-jax wise-ft`: the run's evaluations (`config.evals`) of theta_alpha for each alpha, {alpha: {metric:
+    value}}, also written as JSON to `out` (default `<workdir>/wise_ft.json`)."""
+    workdir = epath.Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise ConfigError(f"{workdir} is not a clip_jax workdir (no config.json): give the workdir of a wise_ft run")
+    name = read_config(workdir / "config.json").method.name
+    if name != "wise_ft":
+        raise ConfigError(
+            f"{workdir} holds a {name} run: clip-jax wise-ft interpolates a fine-tuned wise_ft run (method.name="
+            "wise_ft, e.g. configs/wise_ft/shapes.py) with its zero-shot start"
+        )
+    out = epath.Path(out) if out else workdir / "wise_ft.json"
+    primary = jax.process_index() == 0
+    if primary and not is_remote(out) and not os.access(out.parent if out.parent.exists() else ".", os.W_OK):
+        raise ConfigError(f"cannot write {out}: its folder is not writable; give --out FILE elsewhere")
+    trained = loop.load_trained(workdir)
+    theta0 = zero_shot_params(trained, workdir)
+    results = {}
+    for alpha in alphas:
+        params = interpolate(theta0, trained.params, alpha)
+        results[str(float(alpha))] = evaluate(
+            trained.config, trained.model, params, trained.mesh, trained.tokenizer, method=trained.method
+        )
+    if primary:
+        write_atomic(out, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    """The sweep as a text table: a row per alpha, a column per metric."""
+    metrics = list(dict.fromkeys(k for row in results.values() for k in row))
+    width = max(len(m) for m in metrics) if metrics else 0
+    lines = ["alpha  " + "  ".join(m.rjust(width) for m in metrics)]
+    for alpha, row in results.items():
+        cells = [f"{row[m]:.4f}" if isinstance(row.get(m), float) else str(row.get(m, "-")) for m in metrics]
+        lines.append(f"{float(alpha):5.2f}  " + "  ".join(c.rjust(width) for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Recipes of one few-shot method: shapes.py (CPU, minutes) and b16.py (ViT-B/16, the reference recipe)."""

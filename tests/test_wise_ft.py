@@ -1,0 +1,199 @@
+"""WiSE-FT (clip_jax/methods/wise_ft.py): the head starts as the zero-shot classifier computed by hand and the
+method's first scores are zero-shot CLIP's; the frozen rules it needs; label smoothing against optax; the
+interpolation is exactly linear; and `clip-jax wise-ft` on a tiny run: every alpha in the JSON, alpha 1 = the run's
+own evaluation, alpha 0 = zero-shot CLIP, bad inputs in one line."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from clip_jax.config import ConfigError, save_config
+from clip_jax.data.pipeline import tokenizer_corpus
+from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.evaluate.encoder import Encoder
+from clip_jax.evaluate.suite import eval_defaults, evaluate
+from clip_jax.interop.workdir import write_workdir
+from clip_jax.losses import shard_loss
+from clip_jax.methods import get_method
+from clip_jax.methods.base import Preparation
+from clip_jax.methods.few_shot import FROZEN as FEW_SHOT_FROZEN
+from clip_jax.methods.wise_ft import interpolate, smoothed_classification_loss
+from clip_jax.models.clip import CLIP
+from clip_jax.sharding import make_mesh
+
+from .test_methods import CONTEXT, VOCAB, tiny_config, tiny_few_shot
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ClipTokenizer.train(tokenizer_corpus(tiny_config("clip"), 500), VOCAB)
+
+
+def one_device():
+    return make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def clip_params(config):
+    """A randomly initialised CLIP's parameters (the CLIP a run starts from)."""
+    clip = CLIP(get_method(config).model_config())
+    return nn.unbox(clip.init(jax.random.PRNGKey(0), *get_method(config).init_inputs())["params"])
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# --- the method ------------------------------------------------------------------------------------------------------
+def test_the_head_starts_as_zero_shot_clip(tokenizer):
+    config = tiny_few_shot(tiny_config("wise_ft"))
+    clip_config = get_method(config).model_config()
+    base = clip_params(config)
+    method = get_method(config)
+    encoder = Encoder(CLIP(clip_config), base, one_device(), 64)
+    method.prepare(Preparation(None, tokenizer, True, encoder.images, encoder.texts))
+    initial = nn.unbox(method.model().init(jax.random.PRNGKey(1), *method.init_inputs())["params"])
+    started = method.warm_start(base, initial)
+
+    # By hand: the class embeddings (each template's embedding normalised, averaged, renormalised) x exp(logit_scale).
+    clip, task = CLIP(clip_config), method.task
+
+    def class_embeddings(classes):
+        prompts = [t.format(task.class_names[c]) for c in classes for t in task.templates]
+        texts = clip.apply({"params": base}, jnp.asarray(tokenizer(prompts, CONTEXT)), method=CLIP.encode_text)
+        return unit(unit(np.asarray(texts)).reshape(len(classes), len(task.templates), -1).mean(axis=1))
+
+    scale = float(np.exp(base["logit_scale"]))
+    np.testing.assert_allclose(
+        started["learner"]["kernel"], class_embeddings(task.base).T * scale, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(started["learner"]["bias"], np.zeros(len(task.base)))
+    assert jax.tree.structure(started) == jax.tree.structure(initial)
+
+    # Its scores, through the head (base classes) or against the zero-shot embeddings (new): zero-shot CLIP's.
+    images = task.test.read(range(12))
+    features = np.asarray(clip.apply({"params": base}, jnp.asarray(images), method=CLIP.encode_image))
+    for classes in (task.base, task.new):
+        got = method.scores(started, {"images": images}, classes)
+        np.testing.assert_allclose(got, scale * features @ class_embeddings(classes).T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "frozen, words",
+    [
+        (FEW_SHOT_FROZEN, "freezes the image tower (visual/"),
+        ((), "trains the text tower or temperature (logit_scale)"),
+    ],
+)
+def test_a_wise_ft_run_must_train_the_image_tower_and_freeze_the_text_tower(frozen, words):
+    config = tiny_config("wise_ft")
+    config.optimizer.frozen = frozen
+    with pytest.raises(ConfigError) as e:
+        get_method(config).check(None)
+    message = str(e.value)
+    assert words in message and "--config.optimizer.frozen=\"('^(text|logit_scale|logit_bias)/?',)\"" in message
+    assert "\n" not in message
+
+
+def test_label_smoothing_is_optaxs_smoothed_cross_entropy():
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(6, 5)).astype(np.float32) * 3, np.array([0, 1, 4, 2, 2, 3], np.int32)
+    loss = lambda out, *, axis_name: smoothed_classification_loss(out, axis_name=axis_name, smoothing=0.1)
+    got, metrics = shard_loss(loss, one_device())({"logits": jnp.asarray(logits), "label": jnp.asarray(labels)}, {})
+    want = optax.softmax_cross_entropy(logits, optax.smooth_labels(np.eye(5)[labels], 0.1)).mean()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert float(metrics["train_acc"]) == pytest.approx(np.mean(logits.argmax(-1) == labels))
+
+
+# --- weight-space ensembling ------------------------------------------------------------------------------------------
+def test_the_interpolation_is_exactly_linear():
+    rng = np.random.default_rng(0)
+    tree = lambda: {
+        "visual": {
+            "kernel": rng.normal(size=(3, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32),
+        },
+        "learner": {"kernel": rng.normal(size=(4, 5)).astype(np.float32)},
+        "logit_scale": np.float32(rng.normal()),
+    }
+    x, y = tree(), tree()
+    for trees in ((x, y), jax.tree.map(jnp.asarray, (x, y))):  # host arrays, and device arrays as a run holds them
+        for alpha, want in ((0.0, x), (1.0, y)):
+            got = interpolate(*trees, alpha)
+            jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), w, strict=True), got, want)
+        got = interpolate(*trees, 0.3)
+        want = jax.tree.map(lambda a, b: 0.7 * a.astype(np.float64) + 0.3 * b.astype(np.float64), x, y)
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=1e-6), got, want)
+        assert all(np.asarray(g).dtype == np.float32 for g in jax.tree.leaves(got))
+
+    missing = {**y, "learner": {}}
+    with pytest.raises(ConfigError, match=r"1 parameters are in one only \(e.g. \['learner'\]\['kernel'\]\)"):
+        interpolate(x, missing, 0.5)
+    other = {**y, "learner": {"kernel": np.zeros((4, 6), np.float32)}}
+    with pytest.raises(
+        ConfigError,
+        match=r"differ at \['learner'\]\['kernel'\]: shape/dtype \(\(4, 5\), 'float32'\) "
+        r"vs \(\(4, 6\), 'float32'\)",
+    ):
+        interpolate(x, other, 0.5)
+
+
+# --- clip-jax wise-ft -----------------------------------------------------------------------------------------------
+def test_the_cli_evaluates_every_alpha_of_a_trained_run(tmp_path, tokenizer, capsys):
+    from clip_jax.cli import main
+    from clip_jax.train.loop import train_and_evaluate
+
+    base_config = tiny_config("clip")
+    base = clip_params(base_config)
+    write_workdir(base_config, base, tokenizer, tmp_path / "base")
+    config = tiny_few_shot(tiny_config("wise_ft"))
+    config.evals = {"few_shot": {**eval_defaults("few_shot"), "shapes_domain": "shifted"}}  # two domains
+    config.update(init_from=str(tmp_path / "base"), total_steps=2, batch_size=8)
+    config.checkpoint.update(async_save=False)
+    config.log.update(progress_bar=False, tensorboard=False)
+    results = train_and_evaluate(config, tmp_path / "ft")
+    capsys.readouterr()
+
+    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0,0.5,1"])
+    sweep = json.loads((tmp_path / "ft" / "wise_ft.json").read_text())
+    assert list(sweep) == ["0.0", "0.5", "1.0"]
+    keys = {f"few_shot{d}_{g}" for d in ("", "_shifted") for g in ("base", "new", "hm")}
+    assert all(set(metrics) == keys for metrics in sweep.values())
+    assert sweep["1.0"] == pytest.approx({k: results[k] for k in keys})  # the fine-tuned run's own evaluation
+    # alpha 0 is the CLIP the run started from, scored zero-shot by the evaluation (no method)
+    zero_shot = evaluate(config, CLIP(get_method(config).model_config()), base, one_device(), tokenizer)
+    assert sweep["0.0"] == pytest.approx(zero_shot)
+    out = capsys.readouterr().out
+    assert "few_shot_shifted_hm" in out.splitlines()[0] and f"wrote {tmp_path / 'ft' / 'wise_ft.json'}" in out
+
+    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0.25", "--out", str(tmp_path / "a.json")])
+    assert list(json.loads((tmp_path / "a.json").read_text())) == ["0.25"]
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("no_checkpoint", "has no checkpoint yet"),
+        ("not_wise_ft", "holds a clip run: clip-jax wise-ft interpolates a fine-tuned wise_ft run"),
+        ("alpha_outside", "--alphas: 1.5 is outside [0, 1]"),
+        ("alpha_unparsable", "--alphas '0,half': give comma-separated numbers in [0, 1]"),
+        ("no_workdir", "is not a clip_jax workdir (no config.json)"),
+    ],
+)
+def test_bad_wise_ft_inputs_are_one_line(tmp_path, capsys, case, words):
+    from clip_jax.cli import main
+
+    name = "clip" if case == "not_wise_ft" else "wise_ft"
+    config = tiny_few_shot(tiny_config(name)) if name == "wise_ft" else tiny_config(name)
+    if case != "no_workdir":
+        save_config(config, tmp_path / "config.json")
+    alphas = {"alpha_outside": "0,1.5", "alpha_unparsable": "0,half"}.get(case, "0,1")
+    with pytest.raises(SystemExit) as e:
+        main(["wise-ft", "--workdir", str(tmp_path), "--alphas", alphas])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and err.startswith("clip-jax wise-ft: error: ") and "\n" not in err
