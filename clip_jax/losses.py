@@ -227,11 +227,16 @@ def longclip_loss(
     return loss, {**metrics, "loss_long": long_loss, "loss_short": short_loss}
 
 
-def classification_loss(outputs: dict[str, jax.Array], *, axis_name) -> tuple[jax.Array, dict[str, jax.Array]]:
+def classification_loss(outputs: dict[str, jax.Array], *, axis_name, label_smoothing: float = 0.0
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cross-entropy of per-example class scores `logits` [B, C] against the class index `label` [B], averaged over
-    the global batch (the few-shot methods); metric `train_acc`, the top-1 accuracy of the batch."""
+    the global batch (the few-shot methods); with `label_smoothing` e, against (1 - e) one-hot + e / C. Metric
+    `train_acc`, the top-1 accuracy of the batch."""
     logits, label = outputs["logits"].astype(jnp.float32), outputs["label"]
-    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, label[:, None], axis=-1)[:, 0]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(log_probs, label[:, None], axis=-1)[:, 0]
+    if label_smoothing:
+        ce = (1.0 - label_smoothing) * ce - label_smoothing * log_probs.mean(axis=-1)
     n_global = jax.lax.psum(label.shape[0], axis_name)
     hits = (jnp.argmax(logits, axis=-1) == label).sum()
     return jax.lax.psum(ce.sum(), axis_name) / n_global, {"train_acc": jax.lax.psum(hits, axis_name) / n_global}

@@ -18,11 +18,11 @@ from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import eval_defaults, evaluate
 from clip_jax.interop.workdir import write_workdir
-from clip_jax.losses import shard_loss
+from clip_jax.losses import classification_loss, shard_loss
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Preparation
 from clip_jax.methods.few_shot import FROZEN as FEW_SHOT_FROZEN
-from clip_jax.methods.wise_ft import interpolate, smoothed_classification_loss
+from clip_jax.methods.wise_ft import interpolate
 from clip_jax.models.clip import CLIP
 from clip_jax.sharding import make_mesh
 
@@ -102,7 +102,7 @@ def test_a_wise_ft_run_must_train_the_image_tower_and_freeze_the_text_tower(froz
 def test_label_smoothing_is_optaxs_smoothed_cross_entropy():
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(6, 5)).astype(np.float32) * 3, np.array([0, 1, 4, 2, 2, 3], np.int32)
-    loss = lambda out, *, axis_name: smoothed_classification_loss(out, axis_name=axis_name, smoothing=0.1)
+    loss = lambda out, *, axis_name: classification_loss(out, axis_name=axis_name, label_smoothing=0.1)
     got, metrics = shard_loss(loss, one_device())({"logits": jnp.asarray(logits), "label": jnp.asarray(labels)}, {})
     want = optax.softmax_cross_entropy(logits, optax.smooth_labels(np.eye(5)[labels], 0.1)).mean()
     np.testing.assert_allclose(got, want, rtol=1e-6)

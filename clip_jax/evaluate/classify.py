@@ -26,8 +26,11 @@ def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str 
     few_shot.templates (default "a photo of a {}.") times the model's temperature. Otherwise the method's scores over
     the `group` classes of its few-shot task: all of them, the base ones it trained on, or the new ones."""
     config, method = trained.config, trained.method
-    features = encoder.images(images)
-    if names is not None or getattr(method, "scores", None) is None:
+    zero_shot = names is not None or getattr(method, "scores", None) is None
+    examples = {"images": images}
+    if zero_shot or method.inputs == "features":  # MaPLe and WiSE-FT score the images themselves
+        examples["features"] = encoder.images(images)
+    if zero_shot:
         if not names:
             raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give --names "
                               "FILE, one class name a line, for zero-shot classification")
@@ -35,7 +38,7 @@ def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str 
         templates = tuple(config.few_shot.templates) or DEFAULT_TEMPLATES
         embeds = class_embeddings(lambda t: encoder.texts(trained.tokenizer(t, length)), list(names), templates)
         scale, _ = trained.model.apply({"params": trained.params}, method="temperature")
-        return list(names), float(jax.device_get(scale)) * features @ embeds.T
+        return list(names), float(jax.device_get(scale)) * examples["features"] @ embeds.T
     if group not in CLASS_GROUPS:
         raise ConfigError(f"--classes must be one of {', '.join(CLASS_GROUPS)}, got {group!r}")
     task = method.task
@@ -44,9 +47,9 @@ def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str 
         raise ConfigError(f"the run trained on all its classes (few_shot.classes 'all'): it has no {group!r} classes; "
                           "use --classes all")
     try:
-        scores = method.scores(trained.params, {"features": features, "images": images}, classes)
+        scores = method.scores(trained.params, examples, classes)
     except UnscorableClasses as e:  # a linear probe or class-specific contexts: only the training classes
-        raise ConfigError(f"method {config.method.name} cannot score the {group} classes ({e}): use --classes base"
+        raise ConfigError(f"method {config.method.name} cannot score --classes {group} ({e}): use --classes base"
                           ) from None
     return [task.class_names[c] for c in classes], scores
 

@@ -224,12 +224,15 @@ def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float
     results = {}
     for suffix, domain in domains.items():
         task, images = _few_shot_test(ctx.config.to_json(), domain)
-        features = ctx.encoder.images(images)
+        # A method whose learner takes the images (MaPLe, WiSE-FT) scores them itself: no frozen-tower embeddings.
+        examples = {"images": images}
+        if getattr(ctx.method, "inputs", "features") == "features":
+            examples["features"] = ctx.encoder.images(images)
         groups = {"base": task.base, "new": task.new} if task.new else {"all": task.base}
         for group, classes in groups.items():
             rows = np.isin(task.test.labels, classes)
             try:
-                scores = ctx.scores({"features": features[rows], "images": images[rows]}, classes, task)
+                scores = ctx.scores({k: v[rows] for k, v in examples.items()}, classes, task)
             except UnscorableClasses as e:  # e.g. a linear probe asked for classes it has no weights for
                 log.info("evals.%s: no %s-class scores: %s", name, group, e)
                 continue

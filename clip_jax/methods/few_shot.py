@@ -200,6 +200,12 @@ class FewShotMethod(Method):
 
 
 # --- CoOp ------------------------------------------------------------------------------------------------------------
+def check_n_ctx(n_ctx: int) -> None:
+    """The learned context of the prompt learners (CoOp, CoCoOp, MaPLe) holds at least one vector."""
+    if n_ctx < 1:
+        raise ConfigError(f"method.n_ctx must be >= 1, got {n_ctx}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CoOpConfig:
     n_ctx: int = 16  # learned context tokens M (with ctx_init: the phrase's token count instead)
@@ -210,8 +216,7 @@ class CoOpConfig:
     def __post_init__(self):
         if self.class_position not in ("end", "middle", "front"):
             raise ConfigError(f"method.class_position must be end, middle or front, got {self.class_position!r}")
-        if self.n_ctx < 1:
-            raise ConfigError(f"method.n_ctx must be >= 1, got {self.n_ctx}")
+        check_n_ctx(self.n_ctx)
 
 
 class PromptContext(nn.Module):

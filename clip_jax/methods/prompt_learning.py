@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.errors import ConfigError
-from clip_jax.methods.few_shot import CoOpMethod, FewShotMethod, PromptContext, prompt_layout
+from clip_jax.methods.few_shot import CoOpMethod, FewShotMethod, PromptContext, check_n_ctx, prompt_layout
 from clip_jax.models import flops
 
 
@@ -31,11 +31,6 @@ def torch_linear_init(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
     uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
     return uniform, uniform
-
-
-def _check_n_ctx(n_ctx: int) -> None:
-    if n_ctx < 1:
-        raise ConfigError(f"method.n_ctx must be >= 1, got {n_ctx}")
 
 
 # --- CoCoOp ----------------------------------------------------------------------------------------------------------
@@ -49,7 +44,7 @@ class CoCoOpConfig:
     csc: ClassVar[bool] = False
 
     def __post_init__(self):
-        _check_n_ctx(self.n_ctx)
+        check_n_ctx(self.n_ctx)
         if self.meta_reduction < 1:
             raise ConfigError(f"method.meta_reduction must be >= 1, got {self.meta_reduction}")
 
@@ -131,7 +126,7 @@ class MapleConfig:
     prompt_depth: int = 9  # J: the blocks of each tower with prompts (the reference: 9 of ViT-B/16's 12)
 
     def __post_init__(self):
-        _check_n_ctx(self.n_ctx)
+        check_n_ctx(self.n_ctx)
         if self.prompt_depth < 1:
             raise ConfigError(
                 f"method.prompt_depth must be >= 1 (the prompted blocks of each tower), got {self.prompt_depth}"

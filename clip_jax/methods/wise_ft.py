@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.errors import ConfigError
+from clip_jax.losses import classification_loss
 from clip_jax.methods.base import StepFns
 from clip_jax.methods.few_shot import FewShotCLIP, FewShotMethod
 from clip_jax.models import flops
@@ -56,18 +57,6 @@ class ZeroShotHead(nn.Module):
         kernel = self.param("kernel", nn.initializers.zeros, (self.dim, self.n_classes), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.n_classes,), jnp.float32)
         return l2_normalize(features) @ kernel + bias
-
-
-def smoothed_classification_loss(outputs: dict[str, jax.Array], *, axis_name, smoothing: float = 0.0):
-    """Cross-entropy of `logits` [B, C] against `label` [B] with the target (1 - e) one-hot + e / C (label
-    smoothing e; 0: `losses.classification_loss`), averaged over the global batch; metric `train_acc`."""
-    logits, label = outputs["logits"].astype(jnp.float32), outputs["label"]
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, label[:, None], axis=-1)[:, 0]
-    ce = (1.0 - smoothing) * nll - smoothing * log_probs.mean(axis=-1) if smoothing else nll
-    n_global = jax.lax.psum(label.shape[0], axis_name)
-    hits = (jnp.argmax(logits, axis=-1) == label).sum()
-    return jax.lax.psum(ce.sum(), axis_name) / n_global, {"train_acc": jax.lax.psum(hits, axis_name) / n_global}
 
 
 class WiseFtMethod(FewShotMethod):
@@ -119,8 +108,8 @@ class WiseFtMethod(FewShotMethod):
     def step_fns(self, model: FewShotCLIP) -> StepFns:
         fns = super().step_fns(model)
         smoothing = self.hparams.label_smoothing
-        loss = lambda outputs, *, axis_name: smoothed_classification_loss(
-            outputs, axis_name=axis_name, smoothing=smoothing
+        loss = lambda outputs, *, axis_name: classification_loss(
+            outputs, axis_name=axis_name, label_smoothing=smoothing
         )
         return dataclasses.replace(fns, loss=loss)
 
