@@ -5,7 +5,7 @@
   clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] --out DIR [--max-image-bytes N]
   clip-jax classify --workdir DIR --images DIR_OR_FILES ... --out preds.csv [--classes all|base|new] [--names FILE]
   clip-jax convert SRC --to-workdir DIR [--vocab PATH] [--activation quick_gelu|gelu] [--heads-vision N]
-                   [--heads-text N] [--scan-layers]
+                   [--heads-text N] [--scan-layers] [--image-size N]
   clip-jax export --workdir DIR --format {openai,hf,hf-text} --out PATH [--pt] [--force]
   clip-jax stretch --workdir DIR --out-workdir DIR [--keep K --ratio R | --method interpolate --length L]
   clip-jax wise-ft --workdir DIR [--alphas 0,0.1,...,1] [--out FILE]
@@ -201,14 +201,17 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
 
     summary = convert_to_workdir(
         args.src, args.to_workdir, vocab=args.vocab, activation=args.activation, heads_vision=args.heads_vision,
-        heads_text=args.heads_text, scan_layers=args.scan_layers,
+        heads_text=args.heads_text, scan_layers=args.scan_layers, image_size=args.image_size,
     )
     v, t = summary["model"]["vision"], summary["model"]["text"]
+    if v["type"] == "resnet":
+        image = f"resnet {'-'.join(map(str, v['layers']))} blocks width {v['width']}/{v['heads']}h"
+    else:
+        image = f"{v['width']}w/{v['layers']}L/{v['heads']}h patch {v['patch_size']} {v['activation']}"
     print(
-        f"converted {args.src} ({summary['source']} layout) -> {args.to_workdir}: image {v['width']}w/{v['layers']}L/"
-        f"{v['heads']}h patch {v['patch_size']} at {v['image_size']}px, text {t['width']}w/{t['layers']}L/"
-        f"{t['heads']}h {t['context_length']} tokens, activation {v['activation']}/{t['activation']}, "
-        f"tokenizer {summary['tokenizer']}"
+        f"converted {args.src} ({summary['source']} layout) -> {args.to_workdir}: image {image} at "
+        f"{v['image_size']}px, text {t['width']}w/{t['layers']}L/{t['heads']}h {t['context_length']} tokens "
+        f"{t['activation']}, tokenizer {summary['tokenizer']}"
     )
 
 
@@ -348,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--heads-vision", type=int, help="attention heads; default: source config, else width // 64")
     conv.add_argument("--heads-text", type=int, help="attention heads; default: source config, else width // 64")
     conv.add_argument("--scan-layers", action="store_true", help="store blocks stacked (model.scan_layers=True)")
+    conv.add_argument("--image-size", type=int, help="another image resolution: the image position table (a ViT's, "
+                      "or a ResNet's attention pool's) is interpolated to its grid")
     exp = sub.add_parser("export", help="write a workdir's checkpoint as PyTorch files (open_clip or HF)")
     exp.add_argument("--workdir", required=True)
     exp.add_argument("--format", required=True, choices=("openai", "hf", "hf-text"))

@@ -28,10 +28,10 @@ from clip_jax.errors import ConfigError  # noqa: F401 (re-exported: clip_jax.con
 from clip_jax.evaluate.suite import EVALUATORS, check_sources, eval_defaults, parse_entry
 from clip_jax.files import is_remote, write_atomic
 from clip_jax.methods import METHODS, get_method, method_class
-from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.clip import TEXT_TOWERS, VISION_TOWERS, CLIPConfig
 from clip_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from clip_jax.models.presets import model_preset
-from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS
+from clip_jax.models.resnet import config_problem as resnet_config_problem
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -215,7 +215,9 @@ def _model_schema(model: ml_collections.ConfigDict) -> dict[str, Any]:
     reference = model_preset("tiny")
     schema = {k: v for k, v in reference.items() if k not in ("vision", "text")}
     for tower, registry, kind in (("vision", VISION_TOWERS, vision_type), ("text", TEXT_TOWERS, text_type)):
-        schema[tower] = {f.name: reference[tower].get(f.name) for f in dataclasses.fields(registry[kind][0])}
+        # A field's type comes from its dataclass default, else from the preset (the fields without a default).
+        schema[tower] = {f.name: reference[tower].get(f.name) if f.default is dataclasses.MISSING else f.default
+                         for f in dataclasses.fields(registry[kind][0])}
     schema["logit_bias_init"] = 0.0
     return schema
 
@@ -247,8 +249,8 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     for key, registry in choices.items():
         value = config
         for part in key.split("."):
-            value = value[part]
-        if value not in registry:
+            value = value.get(part)  # None where the key does not apply (a resnet has no activation)
+        if value is not None and value not in registry:
             raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(sorted(registry))}")
     for key in ("no_decay", "frozen"):
         for pattern in config.optimizer[key]:
@@ -285,7 +287,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_names(config)
     if config.batch_size % config.accum_steps:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by accum_steps {config.accum_steps}")
-    for tower, sizes in (("vision", ("patch_size", "image_size")), ("text", ("context_length", "vocab_size"))):
+    towers = [("text", ("context_length", "vocab_size"))]
+    if config.model.vision.type == "vit":
+        towers.append(("vision", ("patch_size", "image_size")))
+    elif problem := resnet_config_problem(config.model.vision.to_dict()):
+        raise ConfigError(problem)
+    for tower, sizes in towers:
         t = config.model[tower]
         for field in ("width", "layers", "heads", "head_dim", "mlp_dim", *sizes):
             if t[field] < 1:
@@ -296,7 +303,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"model.text.keep_positions must be in [0, context_length {t.context_length}), got {t.keep_positions}"
         )
     v = config.model.vision
-    if v.image_size % v.patch_size:
+    if v.type == "vit" and v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
     get_method(config)  # the method's own checks of its fields
     for name, entry in config.evals.items():

@@ -242,6 +242,33 @@ def classification_loss(outputs: dict[str, jax.Array], *, axis_name, label_smoot
     return jax.lax.psum(ce.sum(), axis_name) / n_global, {"train_acc": jax.lax.psum(hits, axis_name) / n_global}
 
 
+def nt_xent_loss(outputs: dict[str, jax.Array], *, axis_name, temperature: float = 0.1,
+                 views: tuple[str, str] = ("ssl_1", "ssl_2")) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SimCLR's NT-Xent over the global batch, for two L2-normalised views [B, D] of every example (SLIP's
+    self-supervised loss). A row of one view is scored at 1 / temperature against every row of the other view (its
+    positive: the same example) and every other row of its own view (itself left out); the cross-entropy is averaged
+    over both views and the global batch. Metric `ssl_acc`: how often the positive scores highest."""
+    first, second = outputs[views[0]], outputs[views[1]]
+    b_local = first.shape[0]
+    all_first = jax.lax.all_gather(first, axis_name, tiled=True)
+    all_second = jax.lax.all_gather(second, axis_name, tiled=True)
+    n_global = all_first.shape[0]
+    own = jax.nn.one_hot(jax.lax.axis_index(axis_name) * b_local + jnp.arange(b_local), n_global, dtype=bool)
+
+    def one_view(rows, same_view, other_view):
+        cross = rows @ other_view.T / temperature  # the positive sits at the row's own index
+        same = jnp.where(own, -jnp.inf, rows @ same_view.T / temperature)
+        log_probs = jax.nn.log_softmax(jnp.concatenate([cross, same], axis=-1), axis=-1)
+        ce = -jnp.sum(jnp.where(own, log_probs[:, :n_global], 0.0), axis=-1)
+        hits = jnp.argmax(log_probs, axis=-1) == jnp.argmax(own, axis=-1)
+        return ce.sum(), hits.sum()
+
+    ce_first, hits_first = one_view(first, all_first, all_second)
+    ce_second, hits_second = one_view(second, all_second, all_first)
+    loss = jax.lax.psum(ce_first + ce_second, axis_name) / (2 * n_global)
+    return loss, {"ssl_acc": jax.lax.psum(hits_first + hits_second, axis_name) / (2 * n_global)}
+
+
 def shard_loss(loss_fn: LossFn, mesh: Mesh) -> Callable[[dict[str, jax.Array], dict[str, jax.Array]],
                                                          tuple[jax.Array, dict]]:
     """`loss(per_example, shared)` on global arrays, from a local-shard `loss_fn(outputs, *, axis_name)`: the

@@ -38,6 +38,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qkv", None),
     ("positions", None),
     ("patch", None),
+    ("channels", "fsdp"),  # a convolution's output channels (ResNet towers)
+    ("channels_in", None),
     ("proj", None),
     ("norm", None),
     ("layers", None),

@@ -2,8 +2,9 @@
 
   clip-jax train --config configs/pretrain.py:B/16 --workdir gs://bucket/runs/b16 --config.mesh.fsdp=-1
 
-The argument is the model preset (tiny, B/32, B/16, L/14, L/14-336). The data source defaults to the procedural
-`shapes` set, rendered at the model's resolution; web-scale record sources plug in through `data.source`.
+The argument is the model preset (tiny, B/32, B/16, L/14, L/14-336, RN50, RN101, RN50x4, RN50x16, RN50x64). The
+data source defaults to the procedural `shapes` set, rendered at the model's resolution; web-scale record sources
+plug in through `data.source`.
 """
 
 from clip_jax.config import default_config
@@ -13,6 +14,10 @@ from clip_jax.models.presets import model_preset
 def get_config(preset: str = "B/16"):
     config = default_config()
     config.model = model_preset(preset)
+    if config.model.vision.type == "resnet":
+        # From scratch: GroupNorm, normalisation without batch statistics (models/resnet.py). Such a model does not
+        # export to open_clip's BatchNorm layout.
+        config.model.vision.norm = "group"
     config.model.dtype = "bfloat16"  # bf16 compute, fp32 parameters and optimizer state
     config.model.remat_policy = "dots_no_batch"  # keep projections, recompute attention: fits large batches
     config.model.scan_layers = True  # one compiled block per tower: fast compiles on pods

@@ -102,11 +102,11 @@ def fill_disk_at_save(step: int) -> None:
     def save(self, at: int, *args, **kwargs):
         if at == step:
             self.wait()
-            with open(self.directory / "filler", "wb") as f:
+            # Unbuffered: a buffered file would hold the bytes that did not fit and raise ENOSPC again at close.
+            with open(self.directory / "filler", "wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * (1 << 16))
-                        f.flush()
                 except OSError:  # ENOSPC: the file system is full
                     pass
         return real(self, at, *args, **kwargs)

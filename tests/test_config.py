@@ -170,7 +170,8 @@ def test_override_without_value():
         (["log.every_steps=0"], ("log.every_steps",)),
         (["data.crop_scale=(0.9, 0.5)"], ("data.crop_scale",)),
         (["data.crop_scale=(0.0, 1.0)"], ("data.crop_scale",)),
-        (["model.vision.type=resnet"], ("model.vision.type", "vit")),
+        (["model.vision.type=convnext"], ("model.vision.type", "resnet", "vit")),
+        (["model.vision.type=resnet"], ("unknown config key 'model.vision.", "keys here: heads, image_size, layers")),
         (["data.tokenizer_vocab_size=513"], ("data.tokenizer_vocab_size", ">= 514")),
     ],
 )

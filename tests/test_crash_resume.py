@@ -409,3 +409,25 @@ def test_tensorboard_hides_the_steps_a_relaunch_logs_again(tmp_path):
         data = data[16 + length:]
     starts = [(e.step, e.session_log.status) for e in records if e.HasField("session_log")]
     assert starts == [(3, event_pb2.SessionLog.START)]
+
+
+def test_the_progress_bar_counts_finished_steps_and_the_host_stays_two_steps_ahead(tmp_path):
+    waited = []
+
+    class StepOutputs:  # stands for a dispatched step's metrics: records when the host waits for it
+        def __init__(self, step):
+            self.step = step
+
+        def block_until_ready(self):
+            waited.append(self.step)
+            return self
+
+    writer = MetricsWriter(tmp_path, 10, 0, tensorboard=False, progress_bar=True)
+    for step in range(1, 6):
+        writer.dispatched(StepOutputs(step))
+    assert waited == [1, 2, 3] and writer._bar.n == 3  # steps 4 and 5 may still run
+    writer.synced()  # the loop fetched the metrics of every step so far
+    assert writer._bar.n == 5
+    writer.dispatched(StepOutputs(6))
+    writer.close()
+    assert waited == [1, 2, 3, 6] and writer._bar.n == 6

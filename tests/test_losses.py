@@ -218,3 +218,39 @@ def test_pca_gradient_is_finite_and_right_in_degenerate_batches(case):
     grad = jax.grad(lambda x: jnp.sum(w * jnp.tanh(losses.pca_reconstruct(x, k))))(jnp.asarray(x, jnp.float32))
     assert np.isfinite(np.asarray(grad)).all()
     np.testing.assert_allclose(np.asarray(grad), numeric, atol=2e-3)
+
+
+# --- NT-Xent (SLIP's self-supervised loss) ----------------------------------------------------------------------
+def reference_nt_xent(first, second, temperature):
+    """SimCLR's textbook form: the 2N views stacked, a 2N x 2N similarity matrix without its diagonal, the positive
+    of view i its other view i +- N."""
+    n = first.shape[0]
+    z = jnp.concatenate([first, second])
+    logits = z @ z.T / temperature - 1e9 * jnp.eye(2 * n)
+    positive = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), positive[:, None], axis=1).mean()
+
+
+@pytest.mark.parametrize("mesh_sizes", [(8, 1, 1), (2, 2, 2)], ids=["8x1x1", "2x2x2"])
+def test_sharded_nt_xent_equals_the_dense_reference(mesh_sizes):
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_sizes, strict=True)))
+    first, noise, *_ = make_inputs(seed=3)
+    second = first + 0.8 * noise  # views that resemble each other: some, not all, positives score highest
+    second /= np.linalg.norm(second, axis=1, keepdims=True)
+    loss_fn = losses.shard_loss(functools.partial(losses.nt_xent_loss, temperature=0.1), mesh)
+
+    def sharded(a, b):
+        return loss_fn({"ssl_1": a, "ssl_2": b}, {})
+
+    args = [jax.device_put(x, batch_sharding(mesh)) for x in (first, second)]
+    (got, metrics), got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1), has_aux=True))(*args)
+    want, want_grads = jax.value_and_grad(reference_nt_xent, argnums=(0, 1))(first, second, 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+    # ssl_acc by hand: the positive (the other view of the same example) has the highest similarity
+    z = np.concatenate([first, second])
+    sims = z @ z.T - 1e9 * np.eye(2 * GLOBAL_BATCH)
+    want_acc = np.mean(np.argmax(sims, 1) == np.r_[np.arange(GLOBAL_BATCH, 2 * GLOBAL_BATCH), np.arange(GLOBAL_BATCH)])
+    assert 0 < want_acc < 1
+    np.testing.assert_allclose(metrics["ssl_acc"], want_acc)

@@ -32,7 +32,8 @@ from .test_train_step import assert_trees_close
 BATCH, IMAGE, CONTEXT, VOCAB = 16, 32, 24, 600
 # Per method: the fields that fit the tiny batch (Long-CLIP's PCA must keep fewer components than rows).
 SMALL = {"longclip": {"pca_components": 4, "pca_scope": "global", "short_context_length": 12}, "coop": {"n_ctx": 4},
-         "maple": {"prompt_depth": 1}}  # the tiny towers have one block
+         "maple": {"prompt_depth": 1},  # the tiny towers have one block
+         "slip": {"ssl_hidden": 32, "ssl_dim": 8}}
 
 
 def tiny_config(name: str):
@@ -189,7 +190,7 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
 
 @pytest.mark.parametrize("overrides, words", [
     (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, clip_adapter, cocoop, coop, "
-                                       "linear_probe, longclip, maple, siglip, tip_adapter, wise_ft"),
+                                       "linear_probe, longclip, maple, siglip, slip, tip_adapter, wise_ft"),
     (["--config.method.pca_components=4"], "a field of method longclip: set --config.method.name first"),
     (["--config.loss.name=siglip_ring"], "use --config.method.name=siglip --config.method.ring=True"),
     (["--config.loss.label_smoothing=0.1"], "'loss.label_smoothing' is now 'method.label_smoothing'"),

@@ -5,7 +5,8 @@ batch, each example numbered by its position in this host's stream -> batch -> t
 the random map are keyed by the global example index, so global batch k holds the same examples in the same order
 on any number of hosts.
 Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device), the token fields the method's `Captions`
-names (int32 [B, length]: `text` for every method; Long-CLIP adds `short_text`), and `stats`, host-only int [B]
+names (int32 [B, length]: `text` for every method; Long-CLIP adds `short_text`), the image views a method adds
+(SLIP's `ssl_views`, uint8 [B, 2, H, W, 3]), and `stats`, host-only int [B]
 fields: `example_index` (the position) and the `MARKS`, which `DataCounts.take` removes and counts before the batch
 goes to the device (the compiled step never sees them).
 Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access source whose items have `image`
@@ -178,7 +179,8 @@ class TrainExample(grain.transforms.RandomMap):
 
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
                  add_captions: Callable[[dict], dict[str, str]] | None = None, partial_caption_prob: float = 0.0,
-                 grayscale_shape_captions: bool = False):
+                 grayscale_shape_captions: bool = False,
+                 add_views: Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]] | None = None):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
@@ -186,11 +188,12 @@ class TrainExample(grain.transforms.RandomMap):
         self.add_captions = add_captions  # the method's own captions (`Captions.add`)
         self.partial_caption_prob = partial_caption_prob
         self.grayscale_shape_captions = grayscale_shape_captions
+        self.add_views = add_views  # the method's own image views (SLIP's, data/augment.py)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        """The example's `image`, `caption`, the method's added captions and `stats` (its marks; 0 where the source
-        sets none)."""
-        image = element["image"]
+        """The example's `image`, `caption`, the method's added captions and views, and `stats` (its marks; 0 where
+        the source sets none). The views draw from the generator last: the rest is what CLIP's example would be."""
+        image = source = element["image"]
         if self.augment:
             image = random_resized_crop(image, self.image_size, rng, self.crop_scale)
         elif image.shape[:2] != (self.image_size, self.image_size):
@@ -212,6 +215,8 @@ class TrainExample(grain.transforms.RandomMap):
         out = {"image": image, "caption": caption, STATS: {m: element.get(m, 0) for m in _EXAMPLE_MARKS}}
         if self.add_captions is not None:
             out.update(self.add_captions(element))
+        if self.add_views is not None:
+            out.update(self.add_views(source, rng))
         return out
 
 
@@ -230,7 +235,8 @@ class Tokenize(grain.transforms.Map):
         self.fields = dict(fields)
 
     def map(self, batch: dict) -> dict:
-        out = {"image": batch["image"], STATS: batch[STATS]}
+        captions = {caption for caption, _ in self.fields.values()}
+        out = {k: v for k, v in batch.items() if k not in captions}  # images, a method's views, stats
         for name, (caption, length) in self.fields.items():
             if name == "text":
                 out[name], lengths = self.tokenizer.tokenize_with_lengths(list(batch[caption]), length)
@@ -275,10 +281,13 @@ def clip_captions(config: ml_collections.ConfigDict) -> Captions:
 
 
 def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
-                  captions: Captions | None = None) -> grain.IterDataset:
+                  captions: Captions | None = None,
+                  views: Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]] | None = None
+                  ) -> grain.IterDataset:
     """The training stream of this host: infinite (files repeat), deterministic given config.seed. `rows`: the rows
     of each global batch this host loads (default: its contiguous block; see `distributed.batch_rows`); `captions`:
-    the method's (default: CLIP's, `clip_captions`)."""
+    the method's (default: CLIP's, `clip_captions`); `views`: the method's extra image fields, made from the source
+    image with the example's generator (SLIP's, data/augment.py)."""
     rows = batch_rows(config.batch_size) if rows is None else rows
     captions = clip_captions(config) if captions is None else captions
     source = get_source(config, "train")
@@ -293,7 +302,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
         TrainExample(
             config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob,
             add_captions=captions.add, partial_caption_prob=config.data.partial_caption_prob,
-            grayscale_shape_captions=config.data.grayscale_shape_captions,
+            grayscale_shape_captions=config.data.grayscale_shape_captions, add_views=views,
         ),
         seed=config.seed,
     )
@@ -320,8 +329,10 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
 
 
 def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
-                   captions: Captions | None = None) -> Iterator[dict]:
-    return iter(train_dataset(config, tokenizer, rows, captions))
+                   captions: Captions | None = None,
+                   views: Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]] | None = None
+                   ) -> Iterator[dict]:
+    return iter(train_dataset(config, tokenizer, rows, captions, views))
 
 
 def _example_stats(element: dict) -> dict:

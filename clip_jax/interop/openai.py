@@ -21,6 +21,15 @@ from typing import Any
 import numpy as np
 
 from clip_jax.interop import ConversionError
+from clip_jax.interop.openai_resnet import (
+    check_exportable,
+    fold_batch_norms,
+    infer_resnet,
+    is_resnet,
+    open_clip_vision_config,
+    resnet_rows,
+    unfold_batch_norms,
+)
 from clip_jax.models.positions import merge_position_tables
 from clip_jax.models.presets import model_preset
 
@@ -69,7 +78,9 @@ def layout(model: Mapping[str, Any], towers: tuple[str, ...] = TOWERS) -> list[t
         rows.append(("logit_scale", "logit_scale", (), "same", None))
         if model.get("logit_bias_init") is not None:
             rows.append(("logit_bias", "logit_bias", (), "same", None))
-    if "visual" in towers:
+    if "visual" in towers and v.get("type") == "resnet":
+        rows += resnet_rows(v, e)
+    elif "visual" in towers:
         n = (v["image_size"] // v["patch_size"]) ** 2 + 1
         w = v["width"]
         rows += [
@@ -171,10 +182,14 @@ def check_finite(found: Mapping[str, np.ndarray], what: str) -> None:
                               "checkpoint is damaged or its training diverged: convert another one")
 
 
-def check_representable(model: Mapping[str, Any]) -> None:
-    """PyTorch's attention (open_clip, HF) has heads * head_dim == width; ours need not (ViT-bigG style)."""
-    for name in ("vision", "text"):
+def check_representable(model: Mapping[str, Any], towers: tuple[str, ...] = TOWERS) -> None:
+    """PyTorch's attention (open_clip, HF) has heads * head_dim == width; ours need not (ViT-bigG style). A ResNet
+    tower exports with BatchNorm only."""
+    for name in [n for n, tower in (("vision", "visual"), ("text", "text")) if tower in towers]:
         t = model[name]
+        if t.get("type") == "resnet":
+            check_exportable(t)
+            continue
         if t["heads"] * t["head_dim"] != t["width"]:
             raise ConversionError(
                 f"model.{name}: heads {t['heads']} x head_dim {t['head_dim']} != width {t['width']}; the PyTorch "
@@ -184,11 +199,9 @@ def check_representable(model: Mapping[str, Any]) -> None:
 
 # ---- state dict <-> params -----------------------------------------------------------------------------------------
 def normalize_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drops OpenAI's metadata entries."""
+    """Drops OpenAI's metadata entries; folds a ResNet image tower's BatchNorms (openai_resnet.py)."""
     sd = {k: v for k, v in sd.items() if k not in _METADATA_KEYS}
-    if any(k.startswith("visual.layer1.") for k in sd):
-        raise ConversionError("ModifiedResNet image towers (OpenAI RN50, RN101, ...) are not supported; only ViT")
-    return sd
+    return fold_batch_norms(sd) if is_resnet(sd) else sd
 
 
 def single_position_table(sd: Mapping[str, np.ndarray], model: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -220,10 +233,11 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], model: Mapping[str, Any
 def state_dict_from_params(params: Mapping[str, Any], model: Mapping[str, Any],
                            towers: tuple[str, ...] = TOWERS) -> dict[str, np.ndarray]:
     """The OpenAI / open_clip state dict (float32 numpy, contiguous) of our params (stacked or not)."""
-    check_representable(model)
+    check_representable(model, towers)
     params = unstack_layers(params)
     out = {}
-    for key, path, shape, kind, t in layout(model, towers):
+    rows = layout(model, towers)
+    for key, path, shape, kind, t in rows:
         node = params
         for p in path.split("/"):
             node = node[p]
@@ -231,7 +245,7 @@ def state_dict_from_params(params: Mapping[str, Any], model: Mapping[str, Any],
         if x.shape != shape:
             raise ConversionError(f"parameter {path} has shape {np.shape(node)}: {key} would be {x.shape}, not {shape}")
         out[key] = x
-    return out
+    return unfold_batch_norms(out, rows) if model["vision"].get("type") == "resnet" and "visual" in towers else out
 
 
 # ---- scanned (stacked) <-> unrolled blocks ---------------------------------------------------------------------
@@ -320,31 +334,38 @@ def infer_model(sd: Mapping[str, np.ndarray], *, heads_vision: int | None = None
     OpenAI's checkpoints use QuickGELU, open_clip's own models (names without `-quickgelu`) exact GELU."""
     if activation not in ACTIVATIONS:
         raise ConversionError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-    vw, _, patch, _ = _require(sd, "visual.conv1.weight").shape
-    n = _require(sd, "visual.positional_embedding").shape[0]
-    grid = math.isqrt(n - 1)
-    if grid * grid != n - 1:
-        raise ConversionError(f"visual.positional_embedding has {n} rows: not 1 + a square number of patches")
-    vocab, tw = _require(sd, "token_embedding.weight").shape
-    vl, tl = _num_layers(sd, "visual.transformer.resblocks"), _num_layers(sd, "transformer.resblocks")
-    vh, vd = split_heads(vw, heads_vision, max(vw // 64, 1), "vision")  # OpenAI's convention: 64-wide heads
-    th, td = split_heads(tw, heads_text, max(tw // 64, 1), "text")
     model = model_preset("tiny", activation=activation)
-    model["vision"].update(
-        width=int(vw), layers=vl, heads=vh, head_dim=vd, patch_size=int(patch), image_size=int(grid * patch),
-        mlp_dim=int(_require(sd, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0]),
-    )
+    if is_resnet(sd):
+        model["vision"], model["embed_dim"] = infer_resnet(sd, heads_vision)
+    else:
+        model["vision"].update(_infer_vit(sd, heads_vision))
+        model["embed_dim"] = int(_require(sd, "visual.proj").shape[1])
+    vocab, tw = _require(sd, "token_embedding.weight").shape
+    th, td = split_heads(tw, heads_text, max(tw // 64, 1), "text")
     model["text"].update(
-        width=int(tw), layers=tl, heads=th, head_dim=td, vocab_size=int(vocab),
+        width=int(tw), layers=_num_layers(sd, "transformer.resblocks"), heads=th, head_dim=td, vocab_size=int(vocab),
         context_length=int(_require(sd, "positional_embedding").shape[0]),
         mlp_dim=int(_require(sd, "transformer.resblocks.0.mlp.c_fc.weight").shape[0]),
     )
-    model["embed_dim"] = int(_require(sd, "visual.proj").shape[1])
     if "positional_embedding_res" in sd:
         model["text"]["keep_positions"] = LONGCLIP_KEEP
     if "logit_bias" in sd:
         model["logit_bias_init"] = float(np.asarray(sd["logit_bias"]))
     return model
+
+
+def _infer_vit(sd: Mapping[str, np.ndarray], heads: int | None) -> dict[str, Any]:
+    vw, _, patch, _ = _require(sd, "visual.conv1.weight").shape
+    n = _require(sd, "visual.positional_embedding").shape[0]
+    grid = math.isqrt(n - 1)
+    if grid * grid != n - 1:
+        raise ConversionError(f"visual.positional_embedding has {n} rows: not 1 + a square number of patches")
+    vh, vd = split_heads(vw, heads, max(vw // 64, 1), "vision")  # OpenAI's convention: 64-wide heads
+    return dict(
+        width=int(vw), layers=_num_layers(sd, "visual.transformer.resblocks"), heads=vh, head_dim=vd,
+        patch_size=int(patch), image_size=int(grid * patch),
+        mlp_dim=int(_require(sd, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0]),
+    )
 
 
 # open_clip config options that change the computation away from the OpenAI architecture, with their defaults.
@@ -369,8 +390,9 @@ def open_clip_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
             if value != default and not (value is None and default is False):
                 raise ConversionError(f"open_clip option {section}.{key}={cfg[key]!r} is not supported by clip_jax")
     vision, text = mc.get("vision_cfg", {}), mc.get("text_cfg", {})
+    resnet = isinstance(vision.get("layers"), list | tuple)  # open_clip's ModifiedResNet: 32 * width wide pool
     return {
-        "heads_vision": vision.get("width", 768) // vision.get("head_width", 64),
+        "heads_vision": vision.get("width", 768) * (32 if resnet else 1) // vision.get("head_width", 64),
         "heads_text": text.get("heads", 8),
         "activation": "quick_gelu" if mc.get("quick_gelu", False) else "gelu",
     }
@@ -384,13 +406,17 @@ def open_clip_config(model: Mapping[str, Any]) -> dict[str, Any]:
         ratio = tower["mlp_dim"] / tower["width"]
         return ratio if int(tower["width"] * ratio) == tower["mlp_dim"] else (tower["mlp_dim"] + 0.5) / tower["width"]
 
-    if v["activation"] != t["activation"]:
+    if v.get("activation", t["activation"]) != t["activation"]:
         raise ConversionError("open_clip has one activation for both towers; this model mixes them")
+    if v.get("type") == "resnet":
+        vision_cfg = open_clip_vision_config(v)
+    else:
+        vision_cfg = {"image_size": v["image_size"], "layers": v["layers"], "width": v["width"],
+                      "patch_size": v["patch_size"], "head_width": v["head_dim"], "mlp_ratio": mlp_ratio(v)}
     cfg = {
         "embed_dim": model["embed_dim"],
-        "quick_gelu": v["activation"] == "quick_gelu",
-        "vision_cfg": {"image_size": v["image_size"], "layers": v["layers"], "width": v["width"],
-                       "patch_size": v["patch_size"], "head_width": v["head_dim"], "mlp_ratio": mlp_ratio(v)},
+        "quick_gelu": t["activation"] == "quick_gelu",
+        "vision_cfg": vision_cfg,
         "text_cfg": {"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
                      "heads": t["heads"], "layers": t["layers"], "mlp_ratio": mlp_ratio(t)},
     }  # fmt: skip

@@ -33,6 +33,7 @@ from clip_jax.interop import ConversionError
 from clip_jax.interop import hf as hf_lib
 from clip_jax.interop import openai as oa
 from clip_jax.interop.safe_load import TORCH_SUFFIXES, damaged, read_tensors, write_tensors
+from clip_jax.models.positions import resize_image_positions
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,9 @@ def resolve_tokenizer(imported: Imported, vocab: str | pathlib.Path | None = Non
 # ---- convert -----------------------------------------------------------------------------------------------------
 def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, vocab: str | None = None,
                        activation: str | None = None, heads_vision: int | None = None, heads_text: int | None = None,
-                       scan_layers: bool = False) -> dict[str, Any]:
-    """Makes a workdir from a PyTorch checkpoint (see the module docstring). Returns a summary."""
+                       scan_layers: bool = False, image_size: int | None = None) -> dict[str, Any]:
+    """Makes a workdir from a PyTorch checkpoint (see the module docstring), at another image resolution when
+    `image_size` is given (the image position table interpolated). Returns a summary."""
     import ml_collections
 
     from clip_jax.config import default_config
@@ -195,7 +197,9 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
     if imported.towers != oa.TOWERS:
         raise ConversionError(f"{src} holds only the {'/'.join(imported.towers)} tower; a workdir needs a full CLIP")
     tokenizer = resolve_tokenizer(imported, vocab)
-    model = dict(imported.model, scan_layers=scan_layers)
+    model, params = dict(imported.model, scan_layers=scan_layers), imported.params
+    if image_size is not None and image_size != model["vision"]["image_size"]:
+        params, model["vision"] = resize_image_positions(params, model["vision"], image_size)
     if tokenizer.vocab_size > model["text"]["vocab_size"]:
         raise ConversionError(
             f"the tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} tokens but the model's token_embedding has "
@@ -206,7 +210,7 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
     config.data.tokenizer = (
         "openai" if tokenizer.name == OPENAI_VOCAB_NAME else str((workdir / "tokenizer.json").absolute())
     )
-    write_workdir(config, oa.stack_layers(imported.params) if scan_layers else imported.params, tokenizer, workdir)
+    write_workdir(config, oa.stack_layers(params) if scan_layers else params, tokenizer, workdir)
     log.info("converted %s (%s layout) into %s", src, imported.source, workdir)
     return {"source": imported.source, "workdir": str(workdir), "tokenizer": tokenizer.name, "model": model}
 
@@ -431,6 +435,9 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
       in a workdir's tokenizer.json) is given.
     An existing `out` is refused (`check_export_out`) unless `force`, which replaces a previous export there.
     """
+    if fmt == "hf" and model["vision"].get("type") == "resnet":
+        raise ConversionError("Hugging Face's CLIPModel has no ResNet image tower: export --format openai (open_clip "
+                              "loads it), or --format hf-text for the text tower alone")
     check_export_out(out, fmt, pt=pt, force=force)
     out = pathlib.Path(out)
     if out.is_dir():

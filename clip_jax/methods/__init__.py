@@ -11,10 +11,11 @@ from clip_jax.methods.clip import ClipMethod, SiglipMethod
 from clip_jax.methods.few_shot import FEW_SHOT_METHODS
 from clip_jax.methods.longclip import LongClipMethod
 from clip_jax.methods.prompt_learning import PROMPT_LEARNING_METHODS
+from clip_jax.methods.slip import SlipMethod
 from clip_jax.methods.wise_ft import WiseFtMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ClipMethod, SiglipMethod, LongClipMethod, *FEW_SHOT_METHODS,
-                                                   *PROMPT_LEARNING_METHODS, WiseFtMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ClipMethod, SiglipMethod, LongClipMethod, SlipMethod,
+                                                   *FEW_SHOT_METHODS, *PROMPT_LEARNING_METHODS, WiseFtMethod)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -184,6 +184,9 @@ class MapleMethod(FewShotMethod):
 
     def __init__(self, config):
         super().__init__(config)
+        if config.model.vision.type != "vit":
+            raise ConfigError(f"maple prompts the image tower's transformer blocks: it needs model.vision.type 'vit', "
+                              f"not {config.model.vision.type!r} (use coop or cocoop with a resnet)")
         text, vision = config.model.text.layers, config.model.vision.layers
         if self.hparams.prompt_depth > min(text, vision):
             raise ConfigError(

@@ -10,12 +10,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.towers import TEXT_TOWERS, VISION_TOWERS, TextConfig, TowerOutput, VisionConfig
+from clip_jax.models.layers import TowerOutput
+from clip_jax.models.resnet import ModifiedResNet, ResNetConfig
+from clip_jax.models.towers import TextConfig, TextTransformer, VisionConfig, VisionTransformer
+
+# Tower types by `model.vision.type` / `model.text.type`: (config dataclass, module).
+VISION_TOWERS: dict[str, tuple[type, type[nn.Module]]] = {
+    "vit": (VisionConfig, VisionTransformer),
+    "resnet": (ResNetConfig, ModifiedResNet),
+}
+TEXT_TOWERS: dict[str, tuple[type, type[nn.Module]]] = {"transformer": (TextConfig, TextTransformer)}
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-    vision: VisionConfig
+    vision: VisionConfig | ResNetConfig
     text: TextConfig
     embed_dim: int = 512
     dtype: str = "float32"  # compute dtype; parameters are always float32

@@ -1,7 +1,8 @@
 """Analytic model FLOPs (2 FLOPs per multiply-add), for MFU.
 
 Counted: every matmul of the towers (patch embedding, q/k/v/out projections, attention scores and values, MLP,
-final projections). Not counted: norms, softmax, elementwise ops, embedding lookups (they are not matmuls).
+final projections) and every convolution of a ResNet tower. Not counted: norms, softmax, elementwise ops, pooling,
+embedding lookups (they are not matmuls).
 Causal attention is counted in full, as is customary (the kernels mostly compute it in full anyway).
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 import jax
 
 from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.resnet import ResNetConfig, block_plan
 from clip_jax.models.towers import TowerConfig
 
 
@@ -27,8 +29,23 @@ def transformer_flops(cfg: TowerConfig, tokens: int) -> float:
     return float(cfg.layers * tokens * per_token)
 
 
+def resnet_forward_flops(v: ResNetConfig, embed_dim: int) -> float:
+    """Forward FLOPs of a ModifiedResNet: every convolution (2 x output pixels x kernel area x in x out channels)
+    and the attention pool's projections and its one query's scores and values."""
+    side, half = v.image_size // 2, v.width // 2
+    total = 2 * side**2 * 9 * (3 * half + half * half + half * v.width)  # the stem, at half resolution
+    for channels, planes, stride, size in block_plan(v):
+        out = size // stride
+        total += 2 * size**2 * (channels * planes + 9 * planes * planes)  # conv1, conv2 before the pool
+        total += 2 * out**2 * 4 * planes * (planes + (channels if stride > 1 or channels != 4 * planes else 0))
+    tokens, width = v.grid**2 + 1, v.feature_width
+    return total + 2 * width * width * (1 + 2 * tokens) + 2 * 2 * tokens * width + 2 * width * embed_dim
+
+
 def image_forward_flops(cfg: CLIPConfig) -> float:
     v = cfg.vision
+    if isinstance(v, ResNetConfig):
+        return resnet_forward_flops(v, cfg.embed_dim)
     patches = (v.image_size // v.patch_size) ** 2
     patch_embed = 2 * patches * (3 * v.patch_size**2) * v.width
     return patch_embed + transformer_flops(v, patches + 1) + 2 * v.width * cfg.embed_dim

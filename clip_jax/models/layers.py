@@ -5,8 +5,9 @@ to and from PyTorch is a rename plus a transpose. Every parameter and the main a
 names; `clip_jax.sharding.LOGICAL_RULES` maps them to mesh axes in one place.
 
 Logical parameter axes: `embed` (model width), `mlp`, `heads`, `kv` (head width), `qkv` (the 3 of a fused
-projection), `vocab`, `positions`, `patch` (conv kernel spatial/input dims), `proj` (joint embedding), `norm`,
-`layers` (the stacked axis of a scanned transformer).
+projection), `vocab`, `positions`, `patch` (conv kernel spatial/input dims), `channels` / `channels_in` (a ResNet
+convolution's output / input channels), `proj` (joint embedding), `norm`, `layers` (the stacked axis of a scanned
+transformer).
 Logical activation axes: `batch`, `length`, `act_embed`, `act_heads`, `act_kv`, `act_mlp`.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -35,6 +37,17 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
 }
+
+
+class TowerOutput(NamedTuple):
+    """What a tower computes: `pooled`, its projected feature [B, embed_dim] (unnormalised); `tokens`, the last
+    block's token states [B, T, width] before the tower's final LayerNorm, or a ResNet's final feature grid
+    [B, H * W, channels] (dense and region methods read them); `feature`, the pooled feature before the
+    projection [B, width] (SLIP's self-supervised head reads it)."""
+
+    pooled: jax.Array
+    tokens: jax.Array
+    feature: jax.Array
 
 
 def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:

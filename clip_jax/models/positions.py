@@ -1,4 +1,5 @@
-"""Position tables of the text tower: Long-CLIP's knowledge-preserving stretching (arXiv 2403.15378), the plain
+"""Position tables. Of the image towers: a change of resolution (`resize_image_positions`, `clip-jax convert
+--image-size`). Of the text tower: Long-CLIP's knowledge-preserving stretching (arXiv 2403.15378), the plain
 interpolation baseline, and the two tables of a stretched model (`clip-jax stretch`, in interop/workdir.py, writes
 a stretched workdir with them).
 
@@ -11,6 +12,7 @@ the others `positional_embedding_res`, which trains.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.errors import ConfigError
+from clip_jax.models.resnet import STRIDE
 
 
 def stretched_length(length: int, keep: int = 20, ratio: int = 4) -> int:
@@ -103,3 +106,35 @@ def stretch_text_positions(params: dict[str, Any], text: dict[str, Any], *, meth
     if keep:
         new["positional_embedding_res"] = table.copy()
     return {**params, "text": new}, {**text, "context_length": int(table.shape[0]), "keep_positions": keep}
+
+
+def resize_grid_positions(table: np.ndarray, grid: int, leading: int = 1) -> np.ndarray:
+    """A position table of `leading` special tokens (ViT's class token, a ResNet attention pool's mean token) then a
+    square grid, resized to a `grid` x `grid` grid by bilinear interpolation of the grid part (the special rows
+    kept)."""
+    table = np.asarray(table)
+    old = math.isqrt(table.shape[0] - leading)
+    if old * old != table.shape[0] - leading:
+        raise ValueError(f"a position table of {table.shape[0]} rows is not {leading} + a square grid")
+    spatial = table[leading:].reshape(old, old, -1)
+    resized = jax.image.resize(spatial, (grid, grid, spatial.shape[-1]), "bilinear", antialias=False)
+    return np.concatenate([table[:leading], np.asarray(resized, table.dtype).reshape(grid * grid, -1)])
+
+
+def resize_image_positions(params: dict[str, Any], vision: dict[str, Any], image_size: int
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params, image tower config) for another image resolution: the grid part of the position table (a ViT's, or
+    a ResNet's attention pool's) interpolated to the new grid. A ConfigError names a size the tower cannot take."""
+    stride = STRIDE if vision["type"] == "resnet" else vision["patch_size"]
+    what = "the resnet's total stride" if vision["type"] == "resnet" else "model.vision.patch_size"
+    if image_size < stride or image_size % stride:
+        raise ConfigError(f"--image-size {image_size}: must be a positive multiple of {stride} ({what})")
+    old = params["visual"]
+    if vision["type"] == "resnet":
+        pool = dict(old["attnpool"])
+        pool["positional_embedding"] = resize_grid_positions(pool["positional_embedding"], image_size // stride)
+        new = {**old, "attnpool": pool}
+    else:
+        new = {**old, "positional_embedding": resize_grid_positions(old["positional_embedding"],
+                                                                    image_size // stride)}
+    return {**params, "visual": new}, {**vision, "image_size": image_size}

@@ -13,20 +13,37 @@ _SIZES: dict[str, tuple[int, int, int, int, int, int, int, int, int]] = {
     "L/14": (1024, 24, 16, 14, 224, 768, 12, 12, 768),
     "L/14-336": (1024, 24, 16, 14, 336, 768, 12, 12, 768),
 }
-PRESETS = tuple(_SIZES)
+# name: (stage blocks, stem width, resolution | text width, heads | embed_dim); OpenAI's ModifiedResNet CLIPs, whose
+# text towers have 12 layers and 64-wide heads, as do their attention pools (32 * width / 64 heads).
+_RESNET_SIZES: dict[str, tuple[tuple[int, ...], int, int, int, int, int]] = {
+    "RN50": ((3, 4, 6, 3), 64, 224, 512, 8, 1024),
+    "RN101": ((3, 4, 23, 3), 64, 224, 512, 8, 512),
+    "RN50x4": ((4, 6, 10, 6), 80, 288, 640, 10, 640),
+    "RN50x16": ((6, 8, 18, 8), 96, 384, 768, 12, 768),
+    "RN50x64": ((3, 15, 36, 10), 128, 448, 1024, 16, 1024),
+}
+PRESETS = (*_SIZES, *_RESNET_SIZES)
 
 
 def model_preset(name: str, activation: str = "quick_gelu", vocab_size: int = 49408, context_length: int = 77
                  ) -> dict[str, Any]:
-    """The architecture of a named preset as a config dict (OpenAI sizes; 4x MLP; head width = width / heads)."""
-    if name not in _SIZES:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    iw, il, ih, patch, res, tw, tl, th, embed_dim = _SIZES[name]
-    return {
-        "vision": {
+    """The architecture of a named preset as a config dict (OpenAI sizes; ViTs with 4x MLP and head width =
+    width / heads; the RN presets have a ModifiedResNet image tower, models/resnet.py)."""
+    if name in _RESNET_SIZES:
+        blocks, iw, res, tw, th, embed_dim = _RESNET_SIZES[name]
+        vision = {"type": "resnet", "layers": blocks, "width": iw, "heads": 32 * iw // 64, "image_size": res,
+                  "norm": "frozen_bn"}
+        tl = 12
+    elif name in _SIZES:
+        iw, il, ih, patch, res, tw, tl, th, embed_dim = _SIZES[name]
+        vision = {
             "type": "vit", "width": iw, "layers": il, "heads": ih, "head_dim": iw // ih, "mlp_dim": 4 * iw,
             "activation": activation, "patch_size": patch, "image_size": res,
-        },
+        }
+    else:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return {
+        "vision": vision,
         "text": {
             "type": "transformer", "width": tw, "layers": tl, "heads": th, "head_dim": tw // th, "mlp_dim": 4 * tw,
             "activation": activation, "vocab_size": vocab_size, "context_length": context_length,

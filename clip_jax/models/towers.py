@@ -1,19 +1,20 @@
 """The image and text towers of CLIP (OpenAI architecture), plus their configs.
 
-Towers are registered by name (`VISION_TOWERS`, `TEXT_TOWERS`) so that other architectures (ModifiedResNet,
-GroupViT, an audio tower) plug into the same `CLIP` module and trainer through the config's `type` field.
+Towers are registered by name (`VISION_TOWERS`, `TEXT_TOWERS` in models/clip.py) so that other architectures
+(ModifiedResNet in models/resnet.py, GroupViT, an audio tower) plug into the same `CLIP` module and trainer through
+the config's `type` field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import Dtype, LayerNorm, Transformer, constrain, partitioned
+from clip_jax.models.layers import Dtype, LayerNorm, TowerOutput, Transformer, constrain, partitioned
 from clip_jax.models.positions import merge_position_tables
 
 
@@ -39,6 +40,11 @@ class VisionConfig(TowerConfig):
     patch_size: int = 32
     image_size: int = 224
 
+    @property
+    def feature_width(self) -> int:
+        """The width of the pooled feature before the projection (`TowerOutput.feature`)."""
+        return self.width
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig(TowerConfig):
@@ -48,14 +54,6 @@ class TextConfig(TowerConfig):
     # Long-CLIP: > 0 gives two position tables, `positional_embedding` for positions below this and
     # `positional_embedding_res` for the rest, so that a config can freeze the first (kept) positions alone.
     keep_positions: int = 0
-
-
-class TowerOutput(NamedTuple):
-    """What a tower computes: `pooled`, its projected feature [B, embed_dim] (unnormalised), and `tokens`, the last
-    block's token states [B, T, width] before the tower's final LayerNorm (dense and region methods read them)."""
-
-    pooled: jax.Array
-    tokens: jax.Array
 
 
 class VisionTransformer(nn.Module):
@@ -120,7 +118,7 @@ class VisionTransformer(nn.Module):
             "proj", partitioned(nn.initializers.normal(scale), ("embed", "proj")), (cfg.width, self.embed_dim),
             jnp.float32,
         )
-        return TowerOutput(pooled @ proj.astype(self.dtype), x)
+        return TowerOutput(pooled @ proj.astype(self.dtype), x, pooled)
 
 
 class TextTransformer(nn.Module):
@@ -211,8 +209,5 @@ class TextTransformer(nn.Module):
         x = self.ln_final(tokens)
         # Pooling as a one-hot contraction rather than a gather: it partitions cleanly under any sharding.
         pooled = jnp.einsum("btd,bt->bd", x, jax.nn.one_hot(pool_index, length, dtype=x.dtype))
-        return TowerOutput(pooled @ self.text_projection.astype(self.dtype), tokens)
+        return TowerOutput(pooled @ self.text_projection.astype(self.dtype), tokens, pooled)
 
-
-VISION_TOWERS: dict[str, tuple[type[VisionConfig], type[nn.Module]]] = {"vit": (VisionConfig, VisionTransformer)}
-TEXT_TOWERS: dict[str, tuple[type[TextConfig], type[nn.Module]]] = {"transformer": (TextConfig, TextTransformer)}

@@ -243,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         state, metrics = compiled(state, batch)
         pending.append(metrics)
         done = step + 1
-        writer.advance()
+        writer.dispatched(metrics)
         if preempted.is_set(done):
             checkpointer.save(done, state, data_iter, force=True)
             checkpointer.wait()
@@ -255,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         if done % config.log.every_steps == 0 or done == config.total_steps:
             history = jax.device_get(pending)
             pending = []
+            writer.synced()
             for i, h in enumerate(history):
                 nonfinite_run = nonfinite_run + 1 if h["nonfinite"] else 0
                 if nonfinite_run >= config.optimizer.max_consecutive_nonfinite:

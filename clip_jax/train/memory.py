@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.resnet import ResNetConfig, block_plan
 from clip_jax.models.towers import TowerConfig
 
 GIB = 1024**3
@@ -28,6 +29,17 @@ def _tower_activations(t: TowerConfig, tokens: int, bytes_per_value: int) -> int
     return t.layers * tokens * t.width * bytes_per_value
 
 
+def _resnet_parameters(v: ResNetConfig) -> int:
+    """The convolution kernels of a ResNet tower's blocks and its attention pool's q/k/v projections."""
+    return sum(c * p + 9 * p * p + 4 * p * p + (4 * p * c if j == 0 else 0)
+               for j, (c, p, _, _) in enumerate(block_plan(v))) + 3 * v.feature_width**2
+
+
+def _resnet_activations(v: ResNetConfig, bytes_per_value: int) -> int:
+    """The feature map entering every block, which the backward pass needs under any remat policy."""
+    return sum(side * side * c for c, _, _, side in block_plan(v)) * bytes_per_value
+
+
 def min_train_bytes_per_device(model: CLIPConfig, batch_size: int, batch_shards: int, param_shards: int,
                                accum_steps: int = 1) -> dict[str, int]:
     """Lower bounds, in bytes per device, of one train step: `params` (parameters, gradients and the two AdamW
@@ -36,10 +48,14 @@ def min_train_bytes_per_device(model: CLIPConfig, batch_size: int, batch_shards:
     v, t = model.vision, model.text
     rows = -(-batch_size // (batch_shards * accum_steps))  # this device's rows of one micro-batch
     bytes_per_value = 2 if model.dtype == "bfloat16" else 4
-    vision_tokens = (v.image_size // v.patch_size) ** 2 + 1
-    params = 4 * 4 * (_tower_parameters(v) + _tower_parameters(t)) // param_shards
-    activations = rows * (_tower_activations(v, vision_tokens, bytes_per_value)
-                          + _tower_activations(t, t.context_length, bytes_per_value))
+    if isinstance(v, ResNetConfig):
+        vision_params, vision_activations = _resnet_parameters(v), _resnet_activations(v, bytes_per_value)
+    else:
+        vision_tokens = (v.image_size // v.patch_size) ** 2 + 1
+        vision_params = _tower_parameters(v)
+        vision_activations = _tower_activations(v, vision_tokens, bytes_per_value)
+    params = 4 * 4 * (vision_params + _tower_parameters(t)) // param_shards
+    activations = rows * (vision_activations + _tower_activations(t, t.context_length, bytes_per_value))
     images = rows * v.image_size**2 * 3
     return {"params": params, "activations": activations, "images": images}
 

@@ -15,6 +15,7 @@ one record per step and split. TensorBoard is told to hide the events of those s
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -71,6 +72,10 @@ def _kept(record: dict, start_step: int, total_steps: int) -> bool:
     return step <= start_step
 
 
+# Steps the host may dispatch ahead of the last one known complete (`MetricsWriter.dispatched`).
+IN_FLIGHT = 2
+
+
 class MetricsWriter:
     def __init__(self, workdir: epath.PathLike, total_steps: int, start_step: int, tensorboard: bool = True,
                  progress_bar: bool = True):
@@ -80,6 +85,7 @@ class MetricsWriter:
         self._lines: list[str] | None = None  # on a remote workdir: the whole file, rewritten at each write
         self._tb = None
         self._bar = None
+        self._in_flight: collections.deque = collections.deque()
         if not self.enabled:
             return
         previous = self.path.read_bytes() if self.path.exists() else b""
@@ -117,11 +123,28 @@ class MetricsWriter:
             shown = {k: clean[k] for k in ("loss", "lr", "samples_per_s", "mfu") if k in clean}
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
 
-    def advance(self, steps: int = 1) -> None:
-        if self._bar is not None:
+    def dispatched(self, outputs: Any) -> None:
+        """Counts a dispatched step by its outputs. The host then waits for the step IN_FLIGHT back to finish (the
+        device still has a queued step, so it does not idle) and the bar advances by finished steps: without the
+        wait the host dispatches tens of steps ahead, and the bar's rate jumps between the dispatch rate and the
+        stall at every metrics fetch."""
+        self._in_flight.append(outputs)
+        while len(self._in_flight) > IN_FLIGHT:
+            jax.block_until_ready(self._in_flight.popleft())
+            self._advance(1)
+
+    def synced(self) -> None:
+        """Every dispatched step has finished (its metrics were fetched): the bar catches up."""
+        self._advance(len(self._in_flight))
+        self._in_flight.clear()
+
+    def _advance(self, steps: int) -> None:
+        if self._bar is not None and steps:
             self._bar.update(steps)
 
     def close(self) -> None:
+        jax.block_until_ready(list(self._in_flight))
+        self.synced()
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:

@@ -1,0 +1,89 @@
+"""SLIP (clip_jax/methods/slip.py): its augmented views (data/augment.py), its batch against CLIP's, and the export
+of a SLIP model without its head. (The method contract: tests/test_methods.py; NT-Xent: tests/test_losses.py.)"""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from clip_jax.config import ConfigError, default_config, method_config, validate
+from clip_jax.data.augment import _hsv_to_rgb, _rgb_to_hsv, colour_jitter, ssl_view
+from clip_jax.data.pipeline import tokenizer_corpus
+from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.interop import openai as oa
+from clip_jax.methods import get_method
+
+from .test_methods import VOCAB, tiny_config
+
+RED = np.array([200, 30, 30], np.uint8)
+
+
+def test_hsv_round_trip_and_a_hue_shift_by_hand():
+    x = np.random.default_rng(0).random((64, 3)).astype(np.float32)
+    np.testing.assert_allclose(_hsv_to_rgb(_rgb_to_hsv(x)), x, atol=1e-6)
+    hsv = _rgb_to_hsv(np.array([[1.0, 0.0, 0.0]]))
+    np.testing.assert_allclose(hsv, [[0.0, 1.0, 1.0]])
+    hsv[..., 0] += 1 / 3  # a third of the colour circle: red -> green
+    np.testing.assert_allclose(_hsv_to_rgb(hsv), [[0.0, 1.0, 0.0]], atol=1e-6)
+
+
+def test_jitter_keeps_a_gray_image_gray_with_saturation_and_hue():
+    gray = np.full((4, 4, 3), 0.5, np.float32)
+    out = colour_jitter(gray, np.random.default_rng(0), brightness=0, contrast=0, saturation=0.4, hue=0.1)
+    np.testing.assert_allclose(out, gray, atol=1e-6)
+
+
+def test_colour_views_keep_a_uniform_colour_and_simclr_views_change_it():
+    image = np.broadcast_to(RED, (48, 48, 3)).copy()
+    colour = [ssl_view(image, 32, np.random.default_rng(seed), "colour") for seed in range(20)]
+    simclr = [ssl_view(image, 32, np.random.default_rng(seed), "simclr") for seed in range(20)]
+    assert all(v.shape == (32, 32, 3) and (v == RED).all() for v in colour)
+    changed = sum(not (v == RED).all() for v in simclr)  # jitter (p 0.8) or grayscale (p 0.2) alter it
+    assert changed >= 15, changed
+
+
+def test_the_views_are_deterministic_per_generator():
+    image = np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    a = ssl_view(image, 32, np.random.default_rng(7), "simclr")
+    b = ssl_view(image, 32, np.random.default_rng(7), "simclr")
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    """The first batch of CLIP and of SLIP on the same config and seed."""
+    out = {}
+    for name in ("clip", "slip"):
+        config = tiny_config(name)
+        tokenizer = ClipTokenizer.train(tokenizer_corpus(config, 500), VOCAB)
+        method = get_method(config)
+        out[name] = next(method.train_data(config, tokenizer, list(range(config.batch_size))))
+    return out
+
+
+def test_slip_sees_clips_batch_plus_two_different_views(batches):
+    clip, slip = batches["clip"], batches["slip"]
+    np.testing.assert_array_equal(slip["image"], clip["image"])  # the views draw from the generator last
+    np.testing.assert_array_equal(slip["text"], clip["text"])
+    views = slip["ssl_views"]
+    assert views.shape == (16, 2, 32, 32, 3) and views.dtype == np.uint8
+    assert all(not np.array_equal(v[0], v[1]) for v in views)
+
+
+def test_an_unknown_augmentation_is_refused_in_one_line():
+    config = default_config()
+    config.method = method_config("slip", augmentation="autoaugment")
+    with pytest.raises(ConfigError, match="unknown method.augmentation 'autoaugment'; choose one of simclr, colour"):
+        validate(config)
+
+
+def test_the_export_of_a_slip_model_is_clips():
+    config = tiny_config("slip")
+    method = get_method(config)
+    params = nn.unbox(jax.eval_shape(method.model().init, jax.random.key(0), *method.init_inputs())["params"])
+    assert "ssl_head" in params
+    model = config.model.to_dict()
+    ours = oa.state_dict_from_params(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), dict(params)), model)
+    clip_params = {k: v for k, v in params.items() if k != "ssl_head"}
+    theirs = oa.state_dict_from_params(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), clip_params), model)
+    assert ours.keys() == theirs.keys() and not any("ssl" in k for k in ours)
