@@ -2,7 +2,8 @@
 
   clip-jax train  --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
   clip-jax eval   --workdir DIR [--config.eval.key=value ...] [--config.evals.NAME=... ...]
-  clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] --out DIR [--max-image-bytes N]
+  clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] [--audio DIR_OR_WAVS ...] --out DIR
+                  [--max-image-bytes N]
   clip-jax classify --workdir DIR --images DIR_OR_FILES ... --out preds.csv [--classes all|base|new] [--names FILE]
   clip-jax convert SRC --to-workdir DIR [--vocab PATH] [--activation quick_gelu|gelu] [--heads-vision N]
                    [--heads-text N] [--scan-layers] [--image-size N]
@@ -91,14 +92,16 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
-    if not args.texts and not args.images:
-        raise ConfigError("encode needs --texts FILE and/or --images DIR_OR_FILES")
+    if not args.texts and not args.images and not args.audio:
+        raise ConfigError("encode needs --texts FILE, --images DIR_OR_FILES and/or --audio DIR_OR_WAVS")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the .npy files")
     texts = _read_lines(args.texts) if args.texts else None  # a bad file is found before the model is loaded
+    if args.audio:
+        _check_audio_model(args.workdir)
     maybe_initialize()
     trained = load_trained(args.workdir)
     config, tokenizer = trained.config, trained.tokenizer
@@ -136,6 +139,55 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             (out / "image_files.txt").write_text("".join(f + "\n" for f in kept))
             print(f"encoded {len(kept)} images -> {out / 'image_embeddings.npy'}" + (
                 f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+    if args.audio:
+        _encode_audio(args.audio, trained, encoder, save if primary else None, out)
+
+
+def _check_audio_model(workdir: str) -> None:
+    from etils import epath
+
+    from clip_jax.config import read_config
+    from clip_jax.evaluate.audio import audio_config
+
+    path = epath.Path(workdir) / "config.json"
+    if path.exists() and audio_config(read_config(path)) is None:
+        raise ConfigError(f"--audio needs a model with an audio tower (an AudioCLIP run, configs/audioclip_shapes.py);"
+                          f" the model of {workdir} has none")
+
+
+def _encode_audio(paths: list[str], trained, encoder, save, out) -> None:
+    """`encode --audio`: WAV files (a folder: its *.wav, sorted) -> audio_embeddings.npy and audio_files.txt, in a
+    model with an audio tower; a file that does not decode is skipped with a warning."""
+    import numpy as np
+    from etils import epath
+
+    from clip_jax.data.audio import AudioError, read_wav
+    from clip_jax.evaluate.audio import audio_config
+
+    audio = audio_config(trained.config)
+    files = []
+    for path in map(epath.Path, paths):
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() == ".wav"))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise ConfigError(f"--audio: {path} does not exist")
+    sounds, kept = [], []
+    for file in files:
+        try:
+            sounds.append(read_wav(file, audio.sample_rate, audio.num_samples))
+            kept.append(str(file))
+        except AudioError as e:
+            print(f"warning: skipping {e}", file=sys.stderr)
+    embeddings = encoder.audio(np.stack(sounds)) if sounds else None
+    if save is not None:
+        if embeddings is not None:
+            save("audio_embeddings.npy", embeddings)
+        (out / "audio_files.txt").write_text("".join(f + "\n" for f in kept))
+        skipped = len(files) - len(kept)
+        print(f"encoded {len(kept)} sounds -> {out / 'audio_embeddings.npy'}" + (
+            f" ({skipped} undecodable files skipped)" if skipped else ""))
 
 
 def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -220,6 +272,10 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
 
     for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force):
         print(f"wrote {path}")
+    config_file = os.path.join(args.workdir, "config.json")
+    if os.path.exists(config_file) and "audio" in json.loads(open(config_file, encoding="utf-8").read())["model"]:
+        print("note: the export holds the image and text towers; the audio tower has no OpenAI or Hugging Face "
+              "layout and stays in the workdir (clip-jax encode --audio)", file=sys.stderr)
 
 
 def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -324,10 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True)
     ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     ev.add_argument("--workdir", required=True)
-    enc = sub.add_parser("encode", help="write normalised text / image embeddings as .npy")
+    enc = sub.add_parser("encode", help="write normalised text / image / audio embeddings as .npy")
     enc.add_argument("--workdir", required=True)
     enc.add_argument("--texts", help="text file, one text per line")
     enc.add_argument("--images", nargs="+", help="image files or directories")
+    enc.add_argument("--audio", nargs="+", help="WAV files or directories (a model with an audio tower)")
     enc.add_argument("--out", required=True, help="output directory")
     enc.add_argument("--batch-size", type=int, default=256)
     enc.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,

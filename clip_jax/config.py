@@ -28,7 +28,8 @@ from clip_jax.errors import ConfigError  # noqa: F401 (re-exported: clip_jax.con
 from clip_jax.evaluate.suite import EVALUATORS, check_sources, eval_defaults, parse_entry
 from clip_jax.files import is_remote, write_atomic
 from clip_jax.methods import METHODS, get_method, method_class
-from clip_jax.models.clip import TEXT_TOWERS, VISION_TOWERS, CLIPConfig
+from clip_jax.models.audio import config_problem as audio_config_problem
+from clip_jax.models.clip import REQUIRED_TOWERS, TOWERS, CLIPConfig
 from clip_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from clip_jax.models.presets import model_preset
 from clip_jax.models.resnet import config_problem as resnet_config_problem
@@ -126,7 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 250
     c.eval.num_examples = 1000  # examples per evaluation set, for the entries that set none
     # The evaluations: name -> {type, ...that type's fields} (clip_jax/evaluate/suite.py: shapes, shapes_long_text,
-    # long_text_set, zero_shot_folder, zero_shot_tfds). Add one with --config.evals.NAME="{'type': ..., ...}",
+    # long_text_set, zero_shot_folder, zero_shot_tfds, few_shot, shapes_audio, zero_shot_audio_folder). Add one with
+    # --config.evals.NAME="{'type': ..., ...}",
     # drop one with --config.evals.NAME=None.
     c.evals = ml_collections.ConfigDict({"shapes": eval_defaults("shapes")})
 
@@ -205,19 +207,20 @@ def _check_against(schema: Any, value: Any, path: str) -> None:
 
 
 def _model_schema(model: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The model's own schema: the dataclass fields of the chosen tower types."""
-    vision_type = model.get("vision", {}).get("type", "vit")
-    text_type = model.get("text", {}).get("type", "transformer")
-    if vision_type not in VISION_TOWERS:
-        raise ConfigError(f"unknown model.vision.type {vision_type!r}; choose one of {sorted(VISION_TOWERS)}")
-    if text_type not in TEXT_TOWERS:
-        raise ConfigError(f"unknown model.text.type {text_type!r}; choose one of {sorted(TEXT_TOWERS)}")
+    """The model's own schema: the dataclass fields of the chosen tower types (and of the optional towers set)."""
     reference = model_preset("tiny")
-    schema = {k: v for k, v in reference.items() if k not in ("vision", "text")}
-    for tower, registry, kind in (("vision", VISION_TOWERS, vision_type), ("text", TEXT_TOWERS, text_type)):
-        # A field's type comes from its dataclass default, else from the preset (the fields without a default).
-        schema[tower] = {f.name: reference[tower].get(f.name) if f.default is dataclasses.MISSING else f.default
-                         for f in dataclasses.fields(registry[kind][0])}
+    schema = {k: v for k, v in reference.items() if k not in TOWERS}
+    for modality, (registry, default) in TOWERS.items():
+        if modality not in model and modality not in REQUIRED_TOWERS:
+            continue
+        kind = (model.get(modality) or {}).get("type", default)
+        if kind not in registry:
+            raise ConfigError(f"unknown model.{modality}.type {kind!r}; choose one of {sorted(registry)}")
+        # A field's type comes from its dataclass default, else from the preset's vision tower (the fields without a
+        # default: width, layers, heads, ... are ints in every tower).
+        preset = reference.get(modality, reference["vision"])
+        schema[modality] = {f.name: preset.get(f.name) if f.default is dataclasses.MISSING else f.default
+                            for f in dataclasses.fields(registry[kind][0])}
     schema["logit_bias_init"] = 0.0
     return schema
 
@@ -242,14 +245,16 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     """Names that pick an implementation from a registry, checked before any work rather than where they are used."""
     choices = {
         "data.source": TRAIN_SOURCES, "model.remat_policy": REMAT_POLICIES,
-        "model.vision.activation": ACTIVATIONS, "model.text.activation": ACTIVATIONS, "model.dtype": _COMPUTE_DTYPES,
+        "model.vision.activation": ACTIVATIONS, "model.text.activation": ACTIVATIONS,
+        "model.audio.activation": ACTIVATIONS, "model.dtype": _COMPUTE_DTYPES,
         "few_shot.dataset": FEW_SHOT_DATASETS, "few_shot.classes": ("base", "all"),
         "few_shot.class_split": CLASS_SPLITS,
     }
     for key, registry in choices.items():
         value = config
         for part in key.split("."):
-            value = value.get(part)  # None where the key does not apply (a resnet has no activation)
+            value = value.get(part) if value is not None else None  # None where the key does not apply (a resnet
+            # has no activation, a model without audio no audio tower)
         if value is not None and value not in registry:
             raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(sorted(registry))}")
     for key in ("no_decay", "frozen"):
@@ -275,7 +280,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "method" not in config or "name" not in config.method:
         raise ConfigError("config is missing method.name")
     _check_against(method_class(config.method.name).defaults(), config.method, "method")
-    missing = [f"model.{k}" for k in ("vision", "text") if k not in config.model]
+    missing = [f"model.{k}" for k in REQUIRED_TOWERS if k not in config.model]
     if missing:
         raise ConfigError(f"config is missing {', '.join(missing)}")
     for key, low in _MINIMUM.items():
@@ -291,6 +296,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.vision.type == "vit":
         towers.append(("vision", ("patch_size", "image_size")))
     elif problem := resnet_config_problem(config.model.vision.to_dict()):
+        raise ConfigError(problem)
+    if "audio" in config.model and (problem := audio_config_problem(config.model.audio.to_dict())):
         raise ConfigError(problem)
     for tower, sizes in towers:
         t = config.model[tower]

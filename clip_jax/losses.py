@@ -269,6 +269,26 @@ def nt_xent_loss(outputs: dict[str, jax.Array], *, axis_name, temperature: float
     return loss, {"ssl_acc": jax.lax.psum(hits_first + hits_second, axis_name) / (2 * n_global)}
 
 
+def pairwise_clip_loss(outputs: dict[str, jax.Array], *, axis_name, pairs: tuple[tuple[str, str, str, bool], ...],
+                       label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """AudioCLIP's loss over modality pairs: `clip_loss` of each pair (a, b, scale key, multi_positive), averaged
+    over the pairs, i.e. the mean of the 2P directional cross-entropies, whatever the number of pairs P.
+
+    The reference divides the sum of the pairs' (two-direction, summed) losses by P!: equal to this mean for P = 3,
+    twice it for P = 1 or 2. The mean keeps the loss on CLIP's scale for any choice of pairs (docs/audioclip.md)."""
+    total, metrics = 0.0, {}
+    for a, b, scale, multi_positive in pairs:
+        pair = {"image": outputs[a], "text": outputs[b], "logit_scale": outputs[scale]}
+        if multi_positive:
+            pair["caption_key"] = outputs["caption_key"]
+        loss, pair_metrics = clip_loss(pair, axis_name=axis_name, label_smoothing=label_smoothing,
+                                       multi_positive=multi_positive)
+        total = total + loss
+        metrics[f"loss_{a}_{b}"] = loss
+        metrics[f"{a}2{b}_acc"] = pair_metrics["i2t_acc"]
+    return total / len(pairs), metrics
+
+
 def shard_loss(loss_fn: LossFn, mesh: Mesh) -> Callable[[dict[str, jax.Array], dict[str, jax.Array]],
                                                          tuple[jax.Array, dict]]:
     """`loss(per_example, shared)` on global arrays, from a local-shard `loss_fn(outputs, *, axis_name)`: the

@@ -20,7 +20,7 @@ from clip_jax.config import (
     save_config,
     validate,
 )
-from clip_jax.methods import method_class
+from clip_jax.methods import get_method, method_class
 from clip_jax.methods.few_shot import FewShotMethod
 from clip_jax.models.clip import CLIP
 from clip_jax.models.presets import PRESETS
@@ -227,13 +227,16 @@ def test_every_config_file_loads_and_builds(spec):
     validate(config)
     # The model it describes builds (shapes only: nothing is computed), and the optimizer's regex rules each
     # match a parameter of it.
-    model = CLIP(model_config(config))
-    v, t = config.model.vision, config.model.text
-    image = jnp.zeros((1, v.image_size, v.image_size, 3), jnp.uint8)
-    text = jnp.zeros((1, t.context_length), jnp.int32)
-    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), image, text)["params"])
+    t = config.model.text
     if issubclass(method_class(config.method.name), FewShotMethod):  # its learner's size depends on its data
+        v = config.model.vision
+        image = jnp.zeros((1, v.image_size, v.image_size, 3), jnp.uint8)
+        text = jnp.zeros((1, t.context_length), jnp.int32)
+        params = nn.unbox(jax.eval_shape(CLIP(model_config(config)).init, jax.random.key(0), image, text)["params"])
         params["learner"] = {"kernel": jax.ShapeDtypeStruct((1,), jnp.float32)}
+    else:  # the method's own model (AudioCLIP's third tower, SLIP's head, ...)
+        method = get_method(config)
+        params = nn.unbox(jax.eval_shape(method.model().init, jax.random.key(0), *method.init_inputs())["params"])
     make_optimizer(config.optimizer, config.total_steps, params)
     if config.data.tokenizer == "train":
         assert config.data.tokenizer_vocab_size <= t.vocab_size

@@ -2,6 +2,7 @@
 on meshes 8x1x1, 4x2x1 and 2x2x2 of fake CPU devices."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -254,3 +255,35 @@ def test_sharded_nt_xent_equals_the_dense_reference(mesh_sizes):
     want_acc = np.mean(np.argmax(sims, 1) == np.r_[np.arange(GLOBAL_BATCH, 2 * GLOBAL_BATCH), np.arange(GLOBAL_BATCH)])
     assert 0 < want_acc < 1
     np.testing.assert_allclose(metrics["ssl_acc"], want_acc)
+
+
+def _directional_ce(logits: np.ndarray) -> np.ndarray:
+    """Per-row cross-entropy of the diagonal, in numpy: log-sum-exp minus the positive's logit."""
+    top = logits.max(1, keepdims=True)
+    return (np.log(np.exp(logits - top).sum(1)) + top[:, 0]) - np.diag(logits)
+
+
+@pytest.mark.parametrize("pairs", [3, 2, 1], ids=["three_pairs", "two_pairs", "one_pair"])
+def test_sharded_pairwise_loss_equals_a_hand_written_sum(pairs):
+    """AudioCLIP's loss over P modality pairs: the 2P directional cross-entropies of the batch, summed by hand in
+    numpy and divided by 2P (the mean); the reference's normalisation, the sum of the pairs' two-direction sums over
+    P!, is this mean x 2P / P! (equal for P = 3)."""
+    mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    rng = np.random.default_rng(7)
+    emb = {m: rng.normal(size=(GLOBAL_BATCH, DIM)).astype(np.float32) for m in ("audio", "image", "text")}
+    emb = {m: v / np.linalg.norm(v, axis=1, keepdims=True) for m, v in emb.items()}
+    scales = {"s_at": np.float32(9.0), "s_ai": np.float32(4.0), "s_it": np.float32(14.0)}
+    table = (("audio", "text", "s_at", False), ("audio", "image", "s_ai", False), ("image", "text", "s_it", False))
+    chosen = table[:pairs]
+    loss_fn = losses.shard_loss(functools.partial(losses.pairwise_clip_loss, pairs=chosen), mesh)
+    placed = {m: jax.device_put(v, batch_sharding(mesh)) for m, v in emb.items()}
+    got, metrics = jax.jit(loss_fn)(placed, {k: jnp.asarray(v) for k, v in scales.items()})
+    total = 0.0
+    for a, b, scale, _ in chosen:
+        logits = scales[scale] * emb[a].astype(np.float64) @ emb[b].T.astype(np.float64)
+        total += _directional_ce(logits).sum() + _directional_ce(logits.T).sum()
+    want = total / (2 * pairs * GLOBAL_BATCH)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    reference = total / GLOBAL_BATCH / math.factorial(pairs)  # each pair's two mean CEs, summed, over P!
+    np.testing.assert_allclose(float(got) * 2 * pairs / math.factorial(pairs), reference, rtol=1e-5)
+    assert set(metrics) == {f"loss_{a}_{b}" for a, b, *_ in chosen} | {f"{a}2{b}_acc" for a, b, *_ in chosen}

@@ -34,6 +34,9 @@ BATCH, IMAGE, CONTEXT, VOCAB = 16, 32, 24, 600
 SMALL = {"longclip": {"pca_components": 4, "pca_scope": "global", "short_context_length": 12}, "coop": {"n_ctx": 4},
          "maple": {"prompt_depth": 1},  # the tiny towers have one block
          "slip": {"ssl_hidden": 32, "ssl_dim": 8}}
+# Per method: the towers it adds to the tiny model (AudioCLIP's audio tower: 15 frames x 32 mel bands, 12 patches).
+EXTRA_TOWERS = {"audioclip": {"audio": dict(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64, num_samples=2048,
+                                            n_mels=32, patch_time=5, patch_freq=8)}}
 
 
 def tiny_config(name: str):
@@ -42,6 +45,7 @@ def tiny_config(name: str):
     config.model.vision.update(tower, image_size=IMAGE, patch_size=16)
     config.model.text.update(tower, context_length=CONTEXT, vocab_size=VOCAB)
     config.model.embed_dim = 16
+    config.model.update(EXTRA_TOWERS.get(name, {}))
     positives = {"multi_positive": True} if "multi_positive" in METHODS[name].defaults() else {}
     config.method = method_config(name, **positives, **SMALL.get(name, {}))
     config.batch_size = BATCH
@@ -73,7 +77,7 @@ def prepared(config, tokenizer):
     method = get_method(config)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     clip = CLIP(method.model_config())
-    params = clip.init(jax.random.PRNGKey(0), *method.init_inputs())
+    params = clip.init(jax.random.PRNGKey(0), *method.init_inputs()[:2])  # images and texts
     encoder = Encoder(clip, params["params"], mesh, 64)
     method.prepare(Preparation(None, tokenizer, True, encoder.images, encoder.texts))
     return method
@@ -154,6 +158,10 @@ def test_the_evaluation_suite_runs_on_the_methods_model(method_setup, runs, toke
         want = {"few_shot_base"} | (set() if method.name == "linear_probe" else {"few_shot_new", "few_shot_hm"})
     else:
         want = {"zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1"}
+    if "audio" in config.model:
+        config.evals["shapes_audio"] = eval_defaults("shapes_audio")
+        results |= evaluate(config, method.model(), state.params, mesh, tokenizer, ["shapes_audio"], method)
+        want |= {"audio_zero_shot_top1", "audio_zero_shot_top1_seen", "a2i_r1", "i2a_r1"}
     assert want <= set(results)
     assert all(0.0 <= results[k] <= 1.0 for k in want)
 
@@ -189,8 +197,9 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of clip, clip_adapter, cocoop, coop, "
-                                       "linear_probe, longclip, maple, siglip, slip, tip_adapter, wise_ft"),
+    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of audioclip, clip, clip_adapter, "
+                                       "cocoop, coop, linear_probe, longclip, maple, siglip, slip, tip_adapter, "
+                                       "wise_ft"),
     (["--config.method.pca_components=4"], "a field of method longclip: set --config.method.name first"),
     (["--config.loss.name=siglip_ring"], "use --config.method.name=siglip --config.method.ring=True"),
     (["--config.loss.label_smoothing=0.1"], "'loss.label_smoothing' is now 'method.label_smoothing'"),

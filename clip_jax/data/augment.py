@@ -89,11 +89,12 @@ def ssl_view(image: np.ndarray, size: int, rng: np.random.Generator, kind: str) 
 
 @dataclasses.dataclass(frozen=True)
 class SslViews:
-    """The pipeline's hook (`TrainExample`'s `add_views`): `ssl_views` uint8 [2, size, size, 3] of an example's
+    """The pipeline's hook (`TrainExample`'s `add_fields`): `ssl_views` uint8 [2, size, size, 3] of an example's
     source image. A module-level dataclass, so grain's worker processes can pickle it."""
 
     image_size: int
     kind: str = "simclr"
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image = example["image"]
         return {"ssl_views": np.stack([ssl_view(image, self.image_size, rng, self.kind) for _ in range(2)])}

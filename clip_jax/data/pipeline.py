@@ -5,10 +5,10 @@ batch, each example numbered by its position in this host's stream -> batch -> t
 the random map are keyed by the global example index, so global batch k holds the same examples in the same order
 on any number of hosts.
 Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device), the token fields the method's `Captions`
-names (int32 [B, length]: `text` for every method; Long-CLIP adds `short_text`), the image views a method adds
-(SLIP's `ssl_views`, uint8 [B, 2, H, W, 3]), and `stats`, host-only int [B]
-fields: `example_index` (the position) and the `MARKS`, which `DataCounts.take` removes and counts before the batch
-goes to the device (the compiled step never sees them).
+names (int32 [B, length]: `text` for every method; Long-CLIP adds `short_text`), the fields a method adds
+(SLIP's image views `ssl_views`, uint8 [B, 2, H, W, 3]; AudioCLIP's `audio`, float32 [B, samples]), and `stats`,
+host-only int [B] fields: `example_index` (the position) and the `MARKS`, which `DataCounts.take` removes and
+counts before the batch goes to the device (the compiled step never sees them).
 Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access source whose items have `image`
 (uint8 HxWx3), or, for a source with `encoded_images = True`, `image_bytes` or a file `path` (decoded by
 `DecodeExample`), and the caption fields.
@@ -180,7 +180,7 @@ class TrainExample(grain.transforms.RandomMap):
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
                  add_captions: Callable[[dict], dict[str, str]] | None = None, partial_caption_prob: float = 0.0,
                  grayscale_shape_captions: bool = False,
-                 add_views: Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]] | None = None):
+                 add_fields: Callable[[dict, np.random.Generator], dict[str, np.ndarray]] | None = None):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
@@ -188,12 +188,13 @@ class TrainExample(grain.transforms.RandomMap):
         self.add_captions = add_captions  # the method's own captions (`Captions.add`)
         self.partial_caption_prob = partial_caption_prob
         self.grayscale_shape_captions = grayscale_shape_captions
-        self.add_views = add_views  # the method's own image views (SLIP's, data/augment.py)
+        self.add_fields = add_fields  # the method's own fields (SLIP's views, AudioCLIP's audio)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        """The example's `image`, `caption`, the method's added captions and views, and `stats` (its marks; 0 where
-        the source sets none). The views draw from the generator last: the rest is what CLIP's example would be."""
-        image = source = element["image"]
+        """The example's `image`, `caption`, the method's added captions and fields, and `stats` (its marks; 0 where
+        the source sets none). The method's fields are made from the source example (its image before the crop)
+        and draw from the generator last: the rest is what CLIP's example would be."""
+        image = element["image"]
         if self.augment:
             image = random_resized_crop(image, self.image_size, rng, self.crop_scale)
         elif image.shape[:2] != (self.image_size, self.image_size):
@@ -215,8 +216,8 @@ class TrainExample(grain.transforms.RandomMap):
         out = {"image": image, "caption": caption, STATS: {m: element.get(m, 0) for m in _EXAMPLE_MARKS}}
         if self.add_captions is not None:
             out.update(self.add_captions(element))
-        if self.add_views is not None:
-            out.update(self.add_views(source, rng))
+        if self.add_fields is not None:
+            out.update(self.add_fields(element, rng))
         return out
 
 
@@ -236,7 +237,7 @@ class Tokenize(grain.transforms.Map):
 
     def map(self, batch: dict) -> dict:
         captions = {caption for caption, _ in self.fields.values()}
-        out = {k: v for k, v in batch.items() if k not in captions}  # images, a method's views, stats
+        out = {k: v for k, v in batch.items() if k not in captions}  # images, a method's fields, stats
         for name, (caption, length) in self.fields.items():
             if name == "text":
                 out[name], lengths = self.tokenizer.tokenize_with_lengths(list(batch[caption]), length)
@@ -282,12 +283,12 @@ def clip_captions(config: ml_collections.ConfigDict) -> Captions:
 
 def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
                   captions: Captions | None = None,
-                  views: Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]] | None = None
+                  fields: Callable[[dict, np.random.Generator], dict[str, np.ndarray]] | None = None
                   ) -> grain.IterDataset:
     """The training stream of this host: infinite (files repeat), deterministic given config.seed. `rows`: the rows
     of each global batch this host loads (default: its contiguous block; see `distributed.batch_rows`); `captions`:
-    the method's (default: CLIP's, `clip_captions`); `views`: the method's extra image fields, made from the source
-    image with the example's generator (SLIP's, data/augment.py)."""
+    the method's (default: CLIP's, `clip_captions`); `fields`: the method's extra fields of an example, made from the
+    source example with the example's generator (`TrainExample`'s `add_fields`)."""
     rows = batch_rows(config.batch_size) if rows is None else rows
     captions = clip_captions(config) if captions is None else captions
     source = get_source(config, "train")
@@ -302,7 +303,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
         TrainExample(
             config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob,
             add_captions=captions.add, partial_caption_prob=config.data.partial_caption_prob,
-            grayscale_shape_captions=config.data.grayscale_shape_captions, add_views=views,
+            grayscale_shape_captions=config.data.grayscale_shape_captions, add_fields=fields,
         ),
         seed=config.seed,
     )
@@ -330,9 +331,9 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
 
 def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
                    captions: Captions | None = None,
-                   views: Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]] | None = None
+                   fields: Callable[[dict, np.random.Generator], dict[str, np.ndarray]] | None = None
                    ) -> Iterator[dict]:
-    return iter(train_dataset(config, tokenizer, rows, captions, views))
+    return iter(train_dataset(config, tokenizer, rows, captions, fields))
 
 
 def _example_stats(element: dict) -> dict:

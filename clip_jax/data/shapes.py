@@ -392,14 +392,15 @@ def render_example(
     scene: Scene, image_size: int, rng: np.random.Generator, domain: ShapesDomain = DOMAINS["clean"],
     domain_rng: np.random.Generator | None = None,
 ) -> dict:
-    """Image, captions and label for an explicit scene (e.g. hand-built hard pairs). Captions are drawn from
+    """Image, captions, label and the scene itself (what a method may render besides the image, e.g. AudioCLIP's
+    sound) for an explicit scene (e.g. hand-built hard pairs). Captions are drawn from
     ``rng``; the domain's pixel randomness from ``domain_rng``, so the captions do not depend on the domain."""
     image = render_scene(scene, image_size, domain, domain_rng)
     short, long = describe_scene(scene, rng)
     label = np.int32(class_index(scene.salient.colour, scene.salient.shape))
     partial, kind = partial_caption(scene, rng)  # drawn last: the other captions do not depend on it
     return {"image": image, "short_caption": short, "long_caption": long, "partial_caption": partial,
-            "partial_caption_kind": kind, "label": label}
+            "partial_caption_kind": kind, "label": label, "scene": scene}
 
 
 class ShapesDataset:

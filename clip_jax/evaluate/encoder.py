@@ -56,7 +56,7 @@ class Encoder:
         self.embed_dim = model.config.embed_dim
         # How often each function was traced (python side effect inside the jitted body): 1 after any number of
         # calls with the same input shape and dtype.
-        self.trace_counts = {"images": 0, "texts": 0}
+        self.trace_counts = {"images": 0, "texts": 0, "audio": 0}
         self.params, self._param_shardings = _place_params(params, mesh)
         self._build()
 
@@ -76,9 +76,14 @@ class Encoder:
         """float32 [N, D] embeddings of token ids [N, T] (T <= the model's context length)."""
         return self._run(self._text_fn, np.asarray(tokens, dtype=np.int32))
 
+    def audio(self, waveforms: np.ndarray) -> np.ndarray:
+        """float32 [N, D] embeddings of float waveforms [N, samples] (a model with an audio tower: AudioCLIP)."""
+        return self._run(self._audio_fn, np.asarray(waveforms, dtype=np.float32))
+
     def _build(self) -> None:
         self._image_fn = self._jit("images", CLIP.encode_image)
         self._text_fn = self._jit("texts", CLIP.encode_text)
+        self._audio_fn = self._jit("audio", CLIP.encode_audio)
 
     def _jit(self, name: str, method: Callable) -> Callable:
         model = self.model
@@ -116,8 +121,8 @@ class Encoder:
                 batch = inputs[start : start + size]
                 rows = len(batch)
                 if rows < size:
-                    # Zero rows are valid inputs for both towers (a black image; an all-padding text pooled at
-                    # position 0); they are computed and discarded.
+                    # Zero rows are valid inputs for every tower (a black image; an all-padding text pooled at
+                    # position 0; silence); they are computed and discarded.
                     batch = np.concatenate([batch, np.zeros((size - rows, *batch.shape[1:]), batch.dtype)])
                 pending.append((fn(self.params, self._put(batch)), rows))
                 if len(pending) > _IN_FLIGHT:

@@ -15,6 +15,7 @@ entry to its results. `eval.batch_size` and `eval.num_examples` are shared by al
 - `zero_shot_tfds`: zero-shot top-1/5 on a TFDS classification set read through `tfds.data_source`
   (`<name>_top1`, `<name>_top5`; the `[tfds]` extra).
 - `few_shot`: top-1 on the base and new classes of `config.few_shot` and their harmonic mean (`run_few_shot`).
+- `shapes_audio`, `zero_shot_audio_folder`: a model with an audio tower (AudioCLIP); see audio.py.
 """
 
 from __future__ import annotations
@@ -36,10 +37,16 @@ from clip_jax.data.pipeline import get_source
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.errors import ConfigError, UnscorableClasses
+from clip_jax.evaluate.audio import (
+    ShapesAudioEval,
+    ZeroShotAudioFolderEval,
+    run_shapes_audio,
+    run_zero_shot_audio_folder,
+)
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.long_text import hard_pairs, hard_pairs_accuracy, load_long_text_set, shapes_long_captions
 from clip_jax.evaluate.retrieval import retrieval_recall
-from clip_jax.evaluate.zero_shot import evaluate_zero_shot, zero_shot_accuracy
+from clip_jax.evaluate.zero_shot import evaluate_zero_shot, zero_shot_accuracy, zero_shot_by_split
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +114,11 @@ def run_shapes(ctx: Context, name: str, entry: ShapesEval) -> dict[str, float]:
     config, n = ctx.config, ctx.num_examples(entry)
     key = config.to_json()
     classes = class_embeddings(ctx.texts, get_source(config, "test").class_names(), ZERO_SHOT_TEMPLATES)
-    results = {}
+    splits = {}
     for split, suffix in (("test_held_out", ""), ("test_seen", "_seen")):
         images, labels, _ = _shapes_eval_data(key, split, n, None)
-        acc = zero_shot_accuracy(ctx.encoder.images(images), labels, classes)
-        results[f"zero_shot_top1{suffix}"] = float(acc["top1"])
-        results[f"zero_shot_top5{suffix}"] = float(acc["top5"])
+        splits[suffix] = ctx.encoder.images(images), labels
+    results = zero_shot_by_split(splits, classes, "zero_shot")
     images, _, captions = _shapes_eval_data(key, "test", n, "long_caption")
     recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), texts=captions)
     results.update({k: float(v) for k, v in recall.items()})
@@ -252,9 +258,12 @@ EVALUATORS: dict[str, Evaluator] = {
     "zero_shot_folder": (ZeroShotFolderEval, run_zero_shot_folder),
     "zero_shot_tfds": (ZeroShotTfdsEval, run_zero_shot_tfds),
     "few_shot": (FewShotEval, run_few_shot),
+    "shapes_audio": (ShapesAudioEval, run_shapes_audio),
+    "zero_shot_audio_folder": (ZeroShotAudioFolderEval, run_zero_shot_audio_folder),
 }
 # Fields an entry of this type must set (a path to read).
-_REQUIRED = {"long_text_set": "path", "zero_shot_folder": "path", "zero_shot_tfds": "dataset"}
+_REQUIRED = {"long_text_set": "path", "zero_shot_folder": "path", "zero_shot_tfds": "dataset",
+             "zero_shot_audio_folder": "path"}
 
 
 def eval_defaults(kind: str) -> dict[str, Any]:

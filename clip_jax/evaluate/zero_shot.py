@@ -10,7 +10,7 @@ have collapsed scores chance, not 100%.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,18 @@ def zero_shot_accuracy(
     }
     result["n"] = n
     return result
+
+
+def zero_shot_by_split(splits: Mapping[str, tuple[np.ndarray, np.ndarray]], class_embeds: np.ndarray,
+                       prefix: str) -> dict[str, float]:
+    """`{prefix}_top1{suffix}` and `{prefix}_top5{suffix}` of each split, given as suffix -> (normalised embeddings,
+    labels): e.g. the shapes evaluations' held-out ("") and seen ("_seen") pairs."""
+    results = {}
+    for suffix, (embeds, labels) in splits.items():
+        acc = zero_shot_accuracy(embeds, labels, class_embeds)
+        results[f"{prefix}_top1{suffix}"] = float(acc["top1"])
+        results[f"{prefix}_top5{suffix}"] = float(acc["top5"])
+    return results
 
 
 def evaluate_zero_shot(

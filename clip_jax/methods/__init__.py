@@ -6,6 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from clip_jax.errors import ConfigError
+from clip_jax.methods.audioclip import AudioClipMethod
 from clip_jax.methods.base import Method
 from clip_jax.methods.clip import ClipMethod, SiglipMethod
 from clip_jax.methods.few_shot import FEW_SHOT_METHODS
@@ -14,8 +15,9 @@ from clip_jax.methods.prompt_learning import PROMPT_LEARNING_METHODS
 from clip_jax.methods.slip import SlipMethod
 from clip_jax.methods.wise_ft import WiseFtMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ClipMethod, SiglipMethod, LongClipMethod, SlipMethod,
-                                                   *FEW_SHOT_METHODS, *PROMPT_LEARNING_METHODS, WiseFtMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    ClipMethod, SiglipMethod, LongClipMethod, SlipMethod, AudioClipMethod, *FEW_SHOT_METHODS, *PROMPT_LEARNING_METHODS,
+    WiseFtMethod)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -10,22 +10,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models.audio import AudioConfig, AudioTransformer
 from clip_jax.models.layers import TowerOutput
 from clip_jax.models.resnet import ModifiedResNet, ResNetConfig
 from clip_jax.models.towers import TextConfig, TextTransformer, VisionConfig, VisionTransformer
 
-# Tower types by `model.vision.type` / `model.text.type`: (config dataclass, module).
+# Tower types by `model.vision.type` / `model.text.type` / `model.audio.type`: (config dataclass, module).
 VISION_TOWERS: dict[str, tuple[type, type[nn.Module]]] = {
     "vit": (VisionConfig, VisionTransformer),
     "resnet": (ResNetConfig, ModifiedResNet),
 }
 TEXT_TOWERS: dict[str, tuple[type, type[nn.Module]]] = {"transformer": (TextConfig, TextTransformer)}
+AUDIO_TOWERS: dict[str, tuple[type, type[nn.Module]]] = {"spectrogram_vit": (AudioConfig, AudioTransformer)}
+# The towers by modality (the key of `config.model`), each modality's registry and its default type. vision and text
+# are always there; a model has the optional ones whose key its config sets (AudioCLIP's `model.audio`).
+TOWERS: dict[str, tuple[dict[str, tuple[type, type[nn.Module]]], str]] = {
+    "vision": (VISION_TOWERS, "vit"),
+    "text": (TEXT_TOWERS, "transformer"),
+    "audio": (AUDIO_TOWERS, "spectrogram_vit"),
+}
+REQUIRED_TOWERS = ("vision", "text")
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
     vision: VisionConfig | ResNetConfig
     text: TextConfig
+    audio: AudioConfig | None = None
     embed_dim: int = 512
     dtype: str = "float32"  # compute dtype; parameters are always float32
     scan_layers: bool = False
@@ -38,16 +49,12 @@ class CLIPConfig:
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
         """Builds the config from a plain dict (e.g. `config.model.to_dict()`)."""
         d = dict(d)
-        vision = dict(d.pop("vision"))
-        text = dict(d.pop("text"))
-        vision_cls = VISION_TOWERS[vision.get("type", "vit")][0]
-        text_cls = TEXT_TOWERS[text.get("type", "transformer")][0]
+        towers = {}
+        for modality, (registry, default) in TOWERS.items():
+            if (tower := d.pop(modality, None)) is not None:
+                towers[modality] = registry[tower.get("type", default)][0].from_dict(dict(tower))
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(
-            vision=vision_cls.from_dict(vision),
-            text=text_cls.from_dict(text),
-            **{k: v for k, v in d.items() if k in fields},
-        )
+        return cls(**towers, **{k: v for k, v in d.items() if k in fields})
 
 # OpenAI CLIP's RGB normalisation.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -68,6 +75,8 @@ class CLIP(nn.Module):
         common = dict(embed_dim=cfg.embed_dim, dtype=dtype, scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
         self.visual = VISION_TOWERS[cfg.vision.type][1](cfg.vision, **common)
         self.text = TEXT_TOWERS[cfg.text.type][1](cfg.text, **common)
+        if cfg.audio is not None:
+            self.audio = AUDIO_TOWERS[cfg.audio.type][1](cfg.audio, **common)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init), (), jnp.float32)
         if cfg.logit_bias_init is not None:
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(cfg.logit_bias_init), (), jnp.float32)
@@ -87,6 +96,18 @@ class CLIP(nn.Module):
         """The text tower's pooled feature (unnormalised) and token states; see `TextTransformer`."""
         return self.text(tokens, token_embeddings=token_embeddings, pool_index=pool_index,
                          layer_prompts=layer_prompts, prompt_layers=prompt_layers)
+
+    def audio_features(self, waveforms: jax.Array) -> TowerOutput:
+        """The audio tower's pooled feature (unnormalised) and token states; waveforms float [B, samples] in
+        [-1, 1] at the tower's sample rate. Only for a model with `config.audio`."""
+        if self.config.audio is None:
+            raise ValueError("this model has no audio tower (model.audio is not set)")
+        return self.audio(waveforms)
+
+    def encode_audio(self, waveforms: jax.Array, normalize: bool = True) -> jax.Array:
+        """The audio embedding [B, embed_dim], L2-normalised unless `normalize` is False (`audio_features`)."""
+        features = self.audio_features(waveforms).pooled
+        return l2_normalize(features) if normalize else features.astype(jnp.float32)
 
     def encode_image(self, images: jax.Array, normalize: bool = True, **prompts) -> jax.Array:
         """The image embedding [B, embed_dim], L2-normalised unless `normalize` is False (`image_features`)."""

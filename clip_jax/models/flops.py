@@ -51,6 +51,16 @@ def image_forward_flops(cfg: CLIPConfig) -> float:
     return patch_embed + transformer_flops(v, patches + 1) + 2 * v.width * cfg.embed_dim
 
 
+def audio_forward_flops(cfg: CLIPConfig) -> float:
+    """The audio tower (models/audio.py): the mel filterbank matmul, the patch embedding, the blocks over the patches
+    and the class token, and the projection. The FFT is not a matmul and is not counted."""
+    a = cfg.audio
+    times, freqs = a.grid
+    mel = 2 * a.frames * (a.n_fft // 2 + 1) * a.n_mels
+    patch_embed = 2 * times * freqs * a.patch_time * a.patch_freq * a.width
+    return mel + patch_embed + transformer_flops(a, times * freqs + 1) + 2 * a.width * cfg.embed_dim
+
+
 def text_forward_flops(cfg: CLIPConfig, context_length: int | None = None) -> float:
     t = cfg.text
     tokens = context_length or t.context_length

@@ -60,6 +60,21 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
+def class_token_and_positions(module: nn.Module, tokens: jax.Array, dtype: Dtype) -> jax.Array:
+    """[B, 1 + N, width]: a learned class token before the N patch tokens, plus learned positions; parameters
+    `class_embedding` and `positional_embedding` of `module` (called from its compact `__call__`), initialised
+    with CLIP's width^-0.5 scale. Shared by the ViT image tower and the spectrogram audio tower."""
+    batch, n, width = tokens.shape
+    init = partitioned(nn.initializers.normal(width**-0.5), ("embed",))
+    class_embedding = module.param("class_embedding", init, (width,), jnp.float32)
+    positions = module.param("positional_embedding",
+                             partitioned(nn.initializers.normal(width**-0.5), ("positions", "embed")),
+                             (n + 1, width), jnp.float32)
+    cls = jnp.broadcast_to(class_embedding.astype(dtype), (batch, 1, width))
+    x = jnp.concatenate([cls, tokens.astype(dtype)], axis=1) + positions.astype(dtype)
+    return constrain(x, ("batch", "length", "act_embed"))
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with eps 1e-5 (CLIP) that normalises in float32 whatever the compute dtype."""
 

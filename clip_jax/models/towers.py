@@ -14,7 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import Dtype, LayerNorm, TowerOutput, Transformer, constrain, partitioned
+from clip_jax.models.layers import (
+    Dtype,
+    LayerNorm,
+    TowerOutput,
+    Transformer,
+    class_token_and_positions,
+    partitioned,
+)
 from clip_jax.models.positions import merge_position_tables
 
 
@@ -89,20 +96,7 @@ class VisionTransformer(nn.Module):
             name="conv1",
         )(images.astype(self.dtype))
         batch = x.shape[0]
-        x = x.reshape(batch, -1, cfg.width)
-        class_embedding = self.param(
-            "class_embedding", partitioned(nn.initializers.normal(scale), ("embed",)), (cfg.width,), jnp.float32
-        )
-        num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
-        positions = self.param(
-            "positional_embedding",
-            partitioned(nn.initializers.normal(scale), ("positions", "embed")),
-            (num_positions, cfg.width),
-            jnp.float32,
-        )
-        cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, cfg.width))
-        x = jnp.concatenate([cls, x], axis=1) + positions.astype(self.dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = class_token_and_positions(self, x.reshape(batch, -1, cfg.width), self.dtype)
         prompt_start = x.shape[1]
         if layer_prompts is not None:
             first = jnp.broadcast_to(layer_prompts[0].astype(self.dtype), (batch, *layer_prompts.shape[1:]))

@@ -43,7 +43,7 @@ def _resnet_activations(v: ResNetConfig, bytes_per_value: int) -> int:
 def min_train_bytes_per_device(model: CLIPConfig, batch_size: int, batch_shards: int, param_shards: int,
                                accum_steps: int = 1) -> dict[str, int]:
     """Lower bounds, in bytes per device, of one train step: `params` (parameters, gradients and the two AdamW
-    moments, fp32, split over `param_shards`), `activations` (one micro-batch's residual streams of both towers)
+    moments, fp32, split over `param_shards`), `activations` (one micro-batch's residual streams of the towers)
     and `images` (its uint8 input). `batch_shards` devices split the batch."""
     v, t = model.vision, model.text
     rows = -(-batch_size // (batch_shards * accum_steps))  # this device's rows of one micro-batch
@@ -54,8 +54,13 @@ def min_train_bytes_per_device(model: CLIPConfig, batch_size: int, batch_shards:
         vision_tokens = (v.image_size // v.patch_size) ** 2 + 1
         vision_params = _tower_parameters(v)
         vision_activations = _tower_activations(v, vision_tokens, bytes_per_value)
-    params = 4 * 4 * (vision_params + _tower_parameters(t)) // param_shards
-    activations = rows * (vision_activations + _tower_activations(t, t.context_length, bytes_per_value))
+    params = vision_params + _tower_parameters(t)
+    activations = vision_activations + _tower_activations(t, t.context_length, bytes_per_value)
+    if (a := model.audio) is not None:  # AudioCLIP's tower: its patches and class token; float32 waveforms
+        params += _tower_parameters(a)
+        activations += _tower_activations(a, a.grid[0] * a.grid[1] + 1, bytes_per_value) + 4 * a.num_samples
+    params = 4 * 4 * params // param_shards
+    activations *= rows
     images = rows * v.image_size**2 * 3
     return {"params": params, "activations": activations, "images": images}
 
