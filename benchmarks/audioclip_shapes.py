@@ -34,9 +34,8 @@ from slip_shapes import ridge_accuracy, training_seconds  # noqa: E402
 
 from clip_jax.config import load_config  # noqa: E402
 from clip_jax.data.classification import class_embeddings  # noqa: E402
-from clip_jax.data.pipeline import get_source  # noqa: E402
 from clip_jax.data.shapes import SHAPES, ZERO_SHOT_TEMPLATES, class_names  # noqa: E402
-from clip_jax.evaluate.audio import audio_config, shapes_sound  # noqa: E402
+from clip_jax.evaluate.audio import audio_config, shapes_sounds  # noqa: E402
 from clip_jax.evaluate.encoder import Encoder  # noqa: E402
 from clip_jax.models.audio import log_mel_spectrogram  # noqa: E402
 from clip_jax.train.loop import load_trained  # noqa: E402
@@ -60,9 +59,7 @@ def train(arm: str, workdir: pathlib.Path, start: pathlib.Path, steps: int, seed
 
 def spectrum_features(config, split: str, n: int, snr_db) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation over time of each sound's log-mel bands [n, 2 x n_mels], and its class."""
-    source = get_source(config, split)
-    sounds = np.stack([shapes_sound(config, split, i, snr_db) for i in range(n)])
-    labels = np.array([source[i]["label"] for i in range(n)])
+    sounds, labels = shapes_sounds(config, split, n, snr_db)
     features = np.concatenate([np.asarray(log_mel_spectrogram(jnp.asarray(sounds[i:i + 500]), audio_config(config)))
                                for i in range(0, n, 500)])
     return np.concatenate([features.mean(1), features.std(1)], axis=1), labels
@@ -75,9 +72,7 @@ def held_out_attributes(workdir: pathlib.Path, n: int = 1000) -> dict[str, float
     config = trained.config
     encoder = Encoder(trained.model, trained.params, trained.mesh, 250)
     snr = tuple(config.evals.shapes_audio.snr_db)
-    sounds = np.stack([shapes_sound(config, "test_held_out", i, snr) for i in range(n)])
-    source = get_source(config, "test_held_out")
-    labels = np.array([source[i]["label"] for i in range(n)])
+    sounds, labels = shapes_sounds(config, "test_held_out", n, snr)
     texts = lambda t: encoder.texts(trained.tokenizer(t, config.model.text.context_length))  # noqa: E731
     predicted = np.argmax(encoder.audio(sounds) @ class_embeddings(texts, class_names(), ZERO_SHOT_TEMPLATES).T, 1)
     shapes = len(SHAPES)

@@ -268,12 +268,12 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace, overrides: list[str]) -> None:
+    from clip_jax.config import read_config
     from clip_jax.interop.workdir import export_workdir
 
     for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force):
         print(f"wrote {path}")
-    config_file = os.path.join(args.workdir, "config.json")
-    if os.path.exists(config_file) and "audio" in json.loads(open(config_file, encoding="utf-8").read())["model"]:
+    if "audio" in read_config(os.path.join(args.workdir, "config.json")).model:  # export read it: it exists
         print("note: the export holds the image and text towers; the audio tower has no OpenAI or Hugging Face "
               "layout and stays in the workdir (clip-jax encode --audio)", file=sys.stderr)
 

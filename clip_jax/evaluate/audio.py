@@ -23,7 +23,7 @@ import numpy as np
 from clip_jax.data.audio import AudioError, read_audio_table, read_wav, scene_waveform
 from clip_jax.data.classification import class_embeddings
 from clip_jax.data.pipeline import get_source
-from clip_jax.data.shapes import SPLITS, ZERO_SHOT_TEMPLATES
+from clip_jax.data.shapes import SPLITS, ZERO_SHOT_TEMPLATES, class_index
 from clip_jax.evaluate.retrieval import retrieval_recall
 from clip_jax.evaluate.zero_shot import zero_shot_accuracy, zero_shot_by_split
 from clip_jax.models.audio import AudioConfig
@@ -51,24 +51,26 @@ class ShapesAudioEval:
     snr_db: tuple = (0.0, 30.0)
 
 
-def shapes_sound(config: ml_collections.ConfigDict, split: str, index: int, snr_db: tuple[float, float]
-                 ) -> np.ndarray:
-    """The evaluation sound of example `index` of a shapes split: its scene with noise drawn from a generator fixed
-    by (seed, split, index), apart from the training sounds' generators."""
+def shapes_sounds(config: ml_collections.ConfigDict, split: str, n: int, snr_db: tuple[float, float]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation sounds of the first n examples of a shapes split [n, samples] and their class labels [n]: each
+    scene with noise drawn from a generator fixed by (seed, split, index), apart from the training sounds'."""
     a = audio_config(config)
-    scene = get_source(config, split).scene(index)
-    rng = np.random.default_rng([config.seed, SPLITS.index(split), index, 7])
-    return scene_waveform(scene, rng, a.sample_rate, a.num_samples / a.sample_rate, tuple(snr_db))
+    source = get_source(config, split)
+    sounds, labels = [], []
+    for index in range(n):
+        scene = source.scene(index)
+        rng = np.random.default_rng([config.seed, SPLITS.index(split), index, 7])
+        sounds.append(scene_waveform(scene, rng, a.sample_rate, a.num_samples / a.sample_rate, tuple(snr_db)))
+        labels.append(class_index(scene.salient.colour, scene.salient.shape))
+    return np.stack(sounds), np.asarray(labels)
 
 
 @functools.lru_cache(maxsize=8)
-def _shapes_audio_data(config_json: str, split: str, n: int, snr_db: tuple[float, float]):
-    """(sounds, images, labels) of the first n examples of a split, rendered once per process."""
-    config = ml_collections.ConfigDict(json.loads(config_json))
-    source = get_source(config, split)
-    items = [source[i] for i in range(n)]
-    sounds = np.stack([shapes_sound(config, split, i, snr_db) for i in range(n)])
-    return sounds, np.stack([it["image"] for it in items]), np.asarray([it["label"] for it in items])
+def _shapes_audio_data(config_json: str, split: str, n: int, snr_db: tuple[float, float]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """`shapes_sounds`, rendered once per process."""
+    return shapes_sounds(ml_collections.ConfigDict(json.loads(config_json)), split, n, snr_db)
 
 
 def run_shapes_audio(ctx, name: str, entry: ShapesAudioEval) -> dict[str, float]:
@@ -82,10 +84,12 @@ def run_shapes_audio(ctx, name: str, entry: ShapesAudioEval) -> dict[str, float]
     classes = class_embeddings(ctx.texts, get_source(config, "test").class_names(), ZERO_SHOT_TEMPLATES)
     splits = {}
     for split, suffix in (("test_held_out", ""), ("test_seen", "_seen")):
-        sounds, _, labels = _shapes_audio_data(key, split, n, snr)
+        sounds, labels = _shapes_audio_data(key, split, n, snr)
         splits[suffix] = ctx.encoder.audio(sounds), labels
     results = zero_shot_by_split(splits, classes, "audio_zero_shot")
-    sounds, images, _ = _shapes_audio_data(key, "test", n, snr)
+    sounds, _ = _shapes_audio_data(key, "test", n, snr)
+    source = get_source(config, "test")
+    images = np.stack([source[i]["image"] for i in range(n)])
     recall = retrieval_recall(ctx.encoder.audio(sounds), ctx.encoder.images(images))
     results.update({k.replace("i2t", "a2i").replace("t2i", "i2a"): float(v) for k, v in recall.items()})
     return results

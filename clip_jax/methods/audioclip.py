@@ -66,10 +66,8 @@ class AudioCLIP(CLIP):
 
     def audio_temperatures(self) -> dict[str, jax.Array]:
         """The audio pairs' multipliers of cosine similarities, clamped like CLIP's (`CLIP.temperature`)."""
-        limit = self.config.max_logit_scale
-        scales = {"logit_scale_audio_image": self.logit_scale_audio_image,
-                  "logit_scale_audio_text": self.logit_scale_audio_text}
-        return {k: jnp.minimum(jnp.exp(v), limit) if limit > 0 else jnp.exp(v) for k, v in scales.items()}
+        return {"logit_scale_audio_image": self.clamped_scale(self.logit_scale_audio_image),
+                "logit_scale_audio_text": self.clamped_scale(self.logit_scale_audio_text)}
 
     def __call__(self, images: jax.Array, tokens: jax.Array, waveforms: jax.Array) -> dict[str, jax.Array]:
         return {**super().__call__(images, tokens), "audio": self.encode_audio(waveforms), **self.audio_temperatures()}

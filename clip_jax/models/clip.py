@@ -66,6 +66,11 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
+def embedding(features: jax.Array, normalize: bool) -> jax.Array:
+    """A tower's pooled features as float32 embeddings, L2-normalised unless `normalize` is False."""
+    return l2_normalize(features) if normalize else features.astype(jnp.float32)
+
+
 class CLIP(nn.Module):
     config: CLIPConfig
 
@@ -107,12 +112,12 @@ class CLIP(nn.Module):
     def encode_audio(self, waveforms: jax.Array, normalize: bool = True) -> jax.Array:
         """The audio embedding [B, embed_dim], L2-normalised unless `normalize` is False (`audio_features`)."""
         features = self.audio_features(waveforms).pooled
-        return l2_normalize(features) if normalize else features.astype(jnp.float32)
+        return embedding(features, normalize)
 
     def encode_image(self, images: jax.Array, normalize: bool = True, **prompts) -> jax.Array:
         """The image embedding [B, embed_dim], L2-normalised unless `normalize` is False (`image_features`)."""
         features = self.image_features(images, **prompts).pooled
-        return l2_normalize(features) if normalize else features.astype(jnp.float32)
+        return embedding(features, normalize)
 
     def encode_text(
         self,
@@ -126,15 +131,17 @@ class CLIP(nn.Module):
         """The text embedding [B, embed_dim], L2-normalised unless `normalize` is False (`text_features`)."""
         features = self.text_features(tokens, token_embeddings=token_embeddings, pool_index=pool_index,
                                       **prompts).pooled
-        return l2_normalize(features) if normalize else features.astype(jnp.float32)
+        return embedding(features, normalize)
 
     def temperature(self) -> tuple[jax.Array, jax.Array]:
         """(scale, bias): the multiplier of cosine similarities, clamped as configured, and the bias (0 if none)."""
-        scale = jnp.exp(self.logit_scale)
-        if self.config.max_logit_scale > 0:
-            scale = jnp.minimum(scale, self.config.max_logit_scale)
         bias = self.logit_bias if self.config.logit_bias_init is not None else jnp.zeros((), jnp.float32)
-        return scale, bias
+        return self.clamped_scale(self.logit_scale), bias
+
+    def clamped_scale(self, log_scale: jax.Array) -> jax.Array:
+        """exp(log_scale), clamped to `max_logit_scale` when that is > 0: every temperature of the model."""
+        scale = jnp.exp(log_scale)
+        return jnp.minimum(scale, self.config.max_logit_scale) if self.config.max_logit_scale > 0 else scale
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
         scale, bias = self.temperature()
