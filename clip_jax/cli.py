@@ -231,6 +231,65 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
             f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 
+def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
+    import jax
+    import numpy as np
+    from etils import epath
+    from PIL import Image
+
+    from clip_jax.data.images import list_images, load_images
+    from clip_jax.data.segmentation import BACKGROUND, voc_palette
+    from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
+    from clip_jax.distributed import maybe_initialize
+    from clip_jax.evaluate.encoder import Encoder
+    from clip_jax.evaluate.segmentation import label_embeddings, overlay, predict_labels
+    from clip_jax.train.loop import load_trained
+
+    labels = [name.strip() for name in args.labels.split(",") if name.strip()]
+    if not labels or len(set(labels)) != len(labels) or BACKGROUND in labels:
+        raise ConfigError(f"--labels needs distinct comma-separated names other than {BACKGROUND!r} (it is label 0), "
+                          f"got {args.labels!r}")
+    if len(labels) > 254:
+        raise ConfigError(f"--labels: at most 254 names fit the mask PNGs, got {len(labels)}")
+    if not 0 < args.threshold < 1:
+        raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
+    out = epath.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the masks and overlays")
+    files = list_images(args.images)
+    maybe_initialize()
+    trained = load_trained(args.workdir)
+    config = trained.config
+    # LSeg trains with the background as a label; the others find it by threshold.
+    background = args.background or ("label" if config.method.name == "lseg" else "threshold")
+    images, kept, skipped = load_images(files, config.model.vision.image_size, args.max_image_bytes)
+    for message in skipped:
+        print(f"warning: {message}", file=sys.stderr)
+    if not images:
+        raise ConfigError(f"no readable image among the {len(files)} files of --images")
+    encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
+    texts = lambda t: encoder.texts(trained.tokenizer(t, config.model.text.context_length))  # noqa: E731
+    embeddings = label_embeddings(texts, labels, background, ZERO_SHOT_TEMPLATES)
+    images = np.stack(images)
+    masks = predict_labels(*encoder.segment(images, embeddings), args.threshold if background == "threshold" else None)
+    if jax.process_index() == 0:
+        palette = voc_palette().ravel().tolist()
+        for folder in ("masks", "overlays"):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        for row, i in enumerate(kept):
+            stem = files[i].stem
+            mask = Image.fromarray(masks[row].astype(np.uint8), mode="P")
+            mask.putpalette(palette)
+            for folder, picture in (("masks", mask), ("overlays", Image.fromarray(overlay(images[row], masks[row])))):
+                buffer = io.BytesIO()
+                picture.save(buffer, format="PNG")
+                write_atomic(out / folder / f"{stem}.png", buffer.getvalue())
+        write_atomic(out / "labels.txt", "".join(f"{n}\n" for n in [BACKGROUND, *labels]))
+        print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({background}) -> "
+              f"{out}/masks, {out}/overlays, {out}/labels.txt" + (
+                  f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+
+
 def _read_lines(path: str) -> list[str]:
     """The lines of a UTF-8 text file; one line naming the file and line where it is not UTF-8 or holds nothing."""
     from etils import epath
@@ -271,11 +330,19 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.config import read_config
     from clip_jax.interop.workdir import export_workdir
 
+    config_path = os.path.join(args.workdir, "config.json")
+    method = read_config(config_path).method.name if os.path.exists(config_path) else None
+    if method == "groupvit":
+        raise ConfigError(f"{args.workdir} is a GroupViT run: its image tower (grouping stages) has no OpenAI or "
+                          "Hugging Face layout; use the workdir itself (clip-jax segment, encode, eval)")
     for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force):
         print(f"wrote {path}")
-    if "audio" in read_config(os.path.join(args.workdir, "config.json")).model:  # export read it: it exists
+    if "audio" in read_config(config_path).model:  # export read it: it exists
         print("note: the export holds the image and text towers; the audio tower has no OpenAI or Hugging Face "
               "layout and stays in the workdir (clip-jax encode --audio)", file=sys.stderr)
+    if method == "lseg":
+        print("note: the export holds the image and text towers; LSeg's decoder has no OpenAI or Hugging Face layout "
+              "and stays in the workdir (clip-jax segment)", file=sys.stderr)
 
 
 def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -364,8 +431,8 @@ def _byte_count(text: str) -> int:
     return int(text)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "classify": _classify, "convert": _convert,
-            "export": _export, "stretch": _stretch, "wise-ft": _wise_ft, "data": _data}
+COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "classify": _classify, "segment": _segment,
+            "convert": _convert, "export": _export, "stretch": _stretch, "wise-ft": _wise_ft, "data": _data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,6 +465,20 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--names", help="class names file, one a line: zero-shot CLIP over these classes instead")
     cls.add_argument("--batch-size", type=int, default=256)
     cls.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help="skip image files larger than this (default: %(default)s)")
+    seg = sub.add_parser("segment", help="per-pixel labels of images, named in text (LSeg, GroupViT, any CLIP)")
+    seg.add_argument("--workdir", required=True)
+    seg.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    seg.add_argument("--labels", required=True, help='comma-separated label names, e.g. "red circle,blue star"')
+    seg.add_argument("--out", required=True, help="folder: masks/<image>.png (palette PNG, value = line of "
+                     "labels.txt, 0 the background), overlays/<image>.png, labels.txt")
+    seg.add_argument("--background", choices=("label", "threshold"),
+                     help="the background: a label of its own (LSeg's default) or pixels below --threshold (others)")
+    seg.add_argument("--threshold", type=float, default=0.5,
+                     help="background threshold on the best label's probability (default: %(default)s; choose it on "
+                     "a validation set: the shapes_segmentation evaluation prints the one it chose)")
+    seg.add_argument("--batch-size", type=int, default=64)
+    seg.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")
     conv = sub.add_parser("convert", help="make a workdir from a PyTorch checkpoint (OpenAI, open_clip, Long-CLIP, HF)")
     conv.add_argument("src", help="state dict file (.safetensors/.pt/.bin) or open_clip / HF CLIPModel directory")

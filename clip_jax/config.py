@@ -76,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.max_consecutive_nonfinite = 10
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "shapes"  # shapes | sharegpt4v | captions | records (see data.path)
+    c.data.source = "shapes"  # shapes | sharegpt4v | captions | records | segmentation_folder (see data.path)
     c.data.min_objects = 1  # shapes: objects per image
     c.data.max_objects = 3
     c.data.shapes_domain = "clean"  # shapes: rendering domain, a key of clip_jax.data.shapes.DOMAINS (clean | shifted)
@@ -87,7 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
     # [, short_caption]); see clip_jax/data/captions.py. Image paths are relative to image_root (default: the
     # file's folder); undecodable images are skipped and counted. "records": ArrayRecord shards written by
     # `clip-jax data convert` (a directory, which must hold every shard of its set, a glob, or a comma-separated
-    # list; gs:// works); see docs/data.md.
+    # list; gs:// works); see docs/data.md. "segmentation_folder": images and masks in the PASCAL VOC layout, its
+    # ImageSets/Segmentation/train.txt (LSeg; data/segmentation.py).
     c.data.path = ""
     c.data.image_root = ""
     c.data.skip = 0  # leave out the first N records (ShareGPT4V-1k: the first 1,000 are the test set)
@@ -331,7 +332,7 @@ def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = Tru
         if config.data.source != "shapes" and not config.data.path:
             raise ConfigError(f"data.source {config.data.source!r} reads files: set --config.data.path (see the "
                               "schema's comment in clip_jax/config.py)")
-        if config.data.source in ("captions", "sharegpt4v"):
+        if config.data.source in ("captions", "sharegpt4v", "segmentation_folder"):
             paths["data.path"] = config.data.path
         if config.data.tokenizer not in ("train", "openai"):
             paths["data.tokenizer"] = config.data.tokenizer

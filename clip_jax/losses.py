@@ -242,6 +242,56 @@ def classification_loss(outputs: dict[str, jax.Array], *, axis_name, label_smoot
     return jax.lax.psum(ce.sum(), axis_name) / n_global, {"train_acc": jax.lax.psum(hits, axis_name) / n_global}
 
 
+def multi_label_loss(outputs: dict[str, jax.Array], *, axis_name, multi_positive: bool = False
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """GroupViT's multi-label contrastive loss: each image `image` [b, D] against the K prompts of every example of
+    the global batch, `prompts` [b, K, D] (per-object phrases), at the temperature `multi_label_scale`.
+
+    Image to prompts: a softmax over all N*K prompts with target 1/K on the image's own K (soft cross-entropy); prompts
+    to images: each prompt's cross-entropy against its own image; the loss is the mean of the two directions' means.
+    multi_positive: prompts with identical tokens (`prompt_key` [b, K]) count as the same prompt, so an image's
+    targets include every copy of its prompts and a prompt's targets every image that has it (shapes repeats phrases
+    across a batch; without it, each repeat is a false negative)."""
+    image, prompts, scale = outputs["image"], outputs["prompts"], outputs["multi_label_scale"]
+    b_local, k = prompts.shape[:2]
+    all_image = jax.lax.all_gather(image, axis_name, tiled=True)
+    all_prompts = jax.lax.all_gather(prompts, axis_name, tiled=True).reshape(-1, prompts.shape[-1])
+    n_global = all_image.shape[0]
+    offset = jax.lax.axis_index(axis_name) * b_local
+    rows = offset + jnp.arange(b_local)
+    if multi_positive:
+        keys = outputs["prompt_key"]
+        all_keys = jax.lax.all_gather(keys, axis_name, tiled=True)  # [N, K]
+        image_pos = (keys[:, :, None] == all_keys.reshape(-1)[None, None, :]).any(axis=1)  # [b, N*K]
+        prompt_pos = (keys.reshape(-1)[:, None, None] == all_keys[None, :, :]).any(axis=-1)  # [b*K, N]
+    else:
+        image_pos = jnp.repeat(jax.nn.one_hot(rows, n_global, dtype=bool), k, axis=1)  # own prompts: n*K .. n*K+K-1
+        prompt_pos = jnp.repeat(jax.nn.one_hot(rows, n_global, dtype=bool), k, axis=0)
+    logits_i2p = scale * image @ all_prompts.T
+    logits_p2i = scale * prompts.reshape(-1, prompts.shape[-1]) @ all_image.T
+    ce_i2p = _soft_cross_entropy(logits_i2p, image_pos.astype(jnp.float32), 0.0)
+    ce_p2i = _soft_cross_entropy(logits_p2i, prompt_pos.astype(jnp.float32), 0.0)
+    loss = (jax.lax.psum(ce_i2p.sum(), axis_name) / n_global
+            + jax.lax.psum(ce_p2i.sum(), axis_name) / (n_global * k)) / 2
+    return loss, {}
+
+
+def pixel_cross_entropy(outputs: dict[str, jax.Array], *, axis_name, ignore: int = 255
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy of per-pixel label scores `pixel_logits` [B, H, W, L] against the label map `seg` [B, H, W],
+    averaged over the labelled pixels of the global batch (pixels labelled `ignore` count for nothing; a batch with
+    none gives 0). Metric `pixel_acc`, the top-1 accuracy over those pixels (the dense methods)."""
+    logits, seg = outputs["pixel_logits"].astype(jnp.float32), outputs["seg"].astype(jnp.int32)
+    valid = seg != ignore
+    target = jnp.where(valid, seg, 0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
+    count = jnp.maximum(jax.lax.psum(valid.sum(), axis_name), 1)
+    hits = ((jnp.argmax(logits, axis=-1) == target) & valid).sum()
+    loss = jax.lax.psum(jnp.where(valid, ce, 0.0).sum(), axis_name) / count
+    return loss, {"pixel_acc": jax.lax.psum(hits, axis_name) / count}
+
+
 def nt_xent_loss(outputs: dict[str, jax.Array], *, axis_name, temperature: float = 0.1,
                  views: tuple[str, str] = ("ssl_1", "ssl_2")) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SimCLR's NT-Xent over the global batch, for two L2-normalised views [B, D] of every example (SLIP's

@@ -26,18 +26,21 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
     ax_loss.legend()
-    for key, label in (("i2t_acc", "train batch i2t acc"), ("train_acc", "train batch top-1")):
+    for key, label in (("i2t_acc", "train batch i2t acc"), ("train_acc", "train batch top-1"),
+                       ("pixel_acc", "train batch pixel acc")):
         if train and key in train[0]:
             ax_acc.plot([r["step"] for r in train], [r[key] for r in train], label=label, alpha=0.6)
     few_shot = sorted({k for r in evals for k in r if k.endswith(("_base", "_new", "_hm", "_all"))})
-    for key in ("zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1", *few_shot):
+    for key in ("zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1", "seg_seen_miou", "seg_novel_miou",
+                *few_shot):
         points = [(r["step"], r[key]) for r in evals if key in r]
         if points:
             ax_acc.plot(*zip(*points, strict=True), marker="o", label=key)
     ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("accuracy / recall")
+    ax_acc.set_ylabel("accuracy / recall / mIoU")
     ax_acc.set_ylim(0, 1.02)
-    ax_acc.legend(loc="lower right")
+    if ax_acc.get_legend_handles_labels()[0]:  # a run with no accuracy metric logged leaves the panel empty
+        ax_acc.legend(loc="lower right")
     fig.tight_layout()
     png = io.BytesIO()  # matplotlib writes local files only
     fig.savefig(png, format="png", dpi=100)

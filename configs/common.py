@@ -77,3 +77,21 @@ def few_shot_b16(config, method: str, dataset: str, epochs: int, batch: int, **f
     config.checkpoint.every_steps = max(1, config.total_steps // 4)
     config.log.every_steps = 20
     return config
+
+
+def dense_shapes(config, background: str):
+    """The shapes recipes of the dense methods (docs/segmentation.md): the tiny model and the demo CLIP as the start
+    (`clip-jax train --config configs/demo.py --workdir workdirs/demo` first), cluttered scenes of 3 to 6 objects, and
+    the `seg` evaluation (evaluate/segmentation.py) with the method's background rule on 200 scenes per split, at the
+    end of training only."""
+    from clip_jax.evaluate.suite import eval_defaults
+
+    tiny_shapes(config, context_length=24)
+    config.init_from = "workdirs/demo"
+    config.data.min_objects = 3
+    config.data.max_objects = 6
+    config.log.every_steps = 25
+    config.eval.every_steps = 0
+    config.eval.num_examples = 200
+    config.evals = {"seg": {**eval_defaults("shapes_segmentation"), "background": background}}
+    return config

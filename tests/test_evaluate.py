@@ -242,7 +242,7 @@ def test_encoder_matches_unsharded_apply(model_and_reference, mesh_sizes, batch_
     # Full and padded batches share one compilation; a later, smaller call compiles nothing new either.
     np.testing.assert_allclose(encoder.images(images[:3]), want_images[:3], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(encoder.texts(tokens[:3]), want_texts[:3], rtol=1e-5, atol=1e-6)
-    assert encoder.trace_counts == {"images": 1, "texts": 1, "audio": 0}
+    assert encoder.trace_counts == {"images": 1, "texts": 1, "audio": 0, "segment": 0}
     assert encoder._image_fn._cache_size() == 1 and encoder._text_fn._cache_size() == 1
     assert encoder.images(images[:0]).shape == (0, 16)
 
@@ -269,4 +269,5 @@ def test_evaluate_zero_shot_with_encoder_on_shapes(model_and_reference):
         ["a photo of the {}."], n=10, candidate_classes=held_out,
     )
     assert got["n"] == 10 and 0.0 <= got["top1"] <= got["top5"] <= 1.0
-    assert encoder.trace_counts == {"images": 1, "texts": 1, "audio": 0}  # 48 prompts = 6 batches, one compilation
+    # 48 prompts = 6 batches, one compilation
+    assert encoder.trace_counts == {"images": 1, "texts": 1, "audio": 0, "segment": 0}

@@ -14,6 +14,7 @@ import pytest
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig
 from clip_jax.models.presets import model_preset
+from clip_jax.models.towers import TextConfig, VisionConfig
 
 # REFERENCE section 7: forward GFLOPs per sample at 224 px and 77 tokens: (image, text, total).
 PUBLISHED = {
@@ -110,3 +111,21 @@ def test_audio_forward_flops_match_xla_count():
                                      jax.random.key(0))["params"])
     counted = xla_flops(lambda p, s: model.apply({"params": p}, s, method=CLIP.encode_audio), params, sounds)
     assert 1.0 <= counted / (BATCH * flops.audio_forward_flops(cfg)) < 1.05
+
+
+def test_groupvit_forward_flops_match_xla_count():
+    """GroupViT's tower, grouping blocks included: XLA's count of the evaluation forward against the formula."""
+    from clip_jax.methods.groupvit import GroupViTCLIP, GroupViTConfig
+
+    cfg = CLIPConfig(vision=VisionConfig(width=64, layers=3, heads=2, head_dim=32, mlp_dim=256, image_size=64,
+                                         patch_size=8),
+                     text=TextConfig(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64, context_length=8,
+                                     vocab_size=100), embed_dim=32)
+    hparams = GroupViTConfig(stage_depths=(1, 1, 1), num_group_tokens=(16, 8, 0), num_output_groups=(16, 8))
+    model = GroupViTCLIP(cfg, hparams)
+    images = jax.ShapeDtypeStruct((BATCH, 64, 64, 3), jnp.float32)  # shapes only: nothing is computed
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.uint8),
+                            jnp.zeros((1, 8), jnp.int32))["params"]
+    counted = xla_flops(lambda p, i: model.apply({"params": p}, i, method=GroupViTCLIP.encode_image), params, images)
+    analytic = BATCH * flops.groupvit_forward_flops(cfg, (1, 1, 1), (16, 8, 0), (16, 8))
+    assert 1.0 <= counted / analytic < 1.05

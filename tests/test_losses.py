@@ -287,3 +287,70 @@ def test_sharded_pairwise_loss_equals_a_hand_written_sum(pairs):
     reference = total / GLOBAL_BATCH / math.factorial(pairs)  # each pair's two mean CEs, summed, over P!
     np.testing.assert_allclose(float(got) * 2 * pairs / math.factorial(pairs), reference, rtol=1e-5)
     assert set(metrics) == {f"loss_{a}_{b}" for a, b, *_ in chosen} | {f"{a}2{b}_acc" for a, b, *_ in chosen}
+
+
+# --- dense and multi-label losses (LSeg, GroupViT) -------------------------------------------------------------------
+def test_sharded_pixel_cross_entropy_equals_a_numpy_loop_over_labelled_pixels():
+    """LSeg's loss: the mean over the batch's labelled pixels (255 ignored) of -log softmax at the true label, from
+    loops in numpy, and its gradient by hand."""
+    mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(8, 5, 4, 6)).astype(np.float32)
+    seg = rng.integers(0, 6, size=(8, 5, 4)).astype(np.uint8)
+    seg[rng.random(seg.shape) < 0.3] = 255
+    seg[0] = 255  # an example with no labelled pixel counts for nothing
+    total, count, hits = 0.0, 0, 0
+    for b, y, x in np.ndindex(seg.shape):
+        if seg[b, y, x] != 255:
+            row = logits[b, y, x].astype(np.float64)
+            total += np.log(np.exp(row).sum()) - row[seg[b, y, x]]
+            count += 1
+            hits += int(np.argmax(row) == seg[b, y, x])
+    loss_fn = losses.shard_loss(losses.pixel_cross_entropy, mesh)
+    placed = {"pixel_logits": jax.device_put(logits, batch_sharding(mesh)),
+              "seg": jax.device_put(seg, batch_sharding(mesh))}
+    got, metrics = jax.jit(loss_fn)(placed, {})
+    np.testing.assert_allclose(got, total / count, rtol=1e-5)
+    np.testing.assert_allclose(metrics["pixel_acc"], hits / count, rtol=1e-6)
+    grad = jax.jit(jax.grad(lambda x: loss_fn({"pixel_logits": x, "seg": placed["seg"]}, {})[0]))(
+        placed["pixel_logits"])
+    # d(mean CE)/d(logits) by hand: (softmax - one-hot) / count on labelled pixels, 0 on ignored ones.
+    expected = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(np.where(seg == 255, 0, seg), 6)
+    expected = np.where((seg != 255)[..., None], expected, 0.0) / count
+    np.testing.assert_allclose(np.asarray(grad), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("multi_positive", [False, True], ids=["own_prompts", "identical_prompts"])
+def test_sharded_multi_label_loss_equals_a_numpy_loop(multi_positive):
+    """GroupViT's multi-label loss, written as loops in numpy: each image against all N*K prompts with target mass
+    split evenly over its positives (its own K, or every prompt identical to one of them), each prompt against the N
+    images (its own, or every image holding an identical prompt); the mean of the two directions' means."""
+    n, k, d = 16, 3, 8
+    mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    rng = np.random.default_rng(11)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    image = unit(rng.normal(size=(n, d))).astype(np.float32)
+    prompts = unit(rng.normal(size=(n, k, d))).astype(np.float32)
+    keys = rng.integers(0, 10, size=(n, k)).astype(np.uint32)  # phrases repeat across the batch
+    scale = np.float32(6.0)
+
+    def log_softmax(row):
+        row = row.astype(np.float64)
+        return row - np.log(np.exp(row - row.max()).sum()) - row.max()
+
+    flat_prompts, flat_keys = prompts.reshape(n * k, d), keys.reshape(n * k)
+    i2p = 0.0
+    for i in range(n):
+        positive = np.isin(flat_keys, keys[i]) if multi_positive else np.arange(n * k) // k == i
+        i2p += -(positive / positive.sum() * log_softmax(scale * flat_prompts @ image[i])).sum()
+    p2i = 0.0
+    for p in range(n * k):
+        positive = (keys == flat_keys[p]).any(axis=1) if multi_positive else np.arange(n) == p // k
+        p2i += -(positive / positive.sum() * log_softmax(scale * image @ flat_prompts[p])).sum()
+    want = (i2p / n + p2i / (n * k)) / 2
+
+    loss_fn = losses.shard_loss(functools.partial(losses.multi_label_loss, multi_positive=multi_positive), mesh)
+    placed = {"image": image, "prompts": prompts, "prompt_key": keys}
+    placed = {name: jax.device_put(v, batch_sharding(mesh)) for name, v in placed.items()}
+    got, _ = jax.jit(loss_fn)(placed, {"multi_label_scale": jnp.asarray(scale)})
+    np.testing.assert_allclose(got, want, rtol=1e-5)

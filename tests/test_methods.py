@@ -18,6 +18,7 @@ from clip_jax.evaluate.suite import eval_defaults, evaluate
 from clip_jax.methods import METHODS, get_method
 from clip_jax.methods.base import Preparation, abstract_batch
 from clip_jax.methods.few_shot import FROZEN, FewShotMethod
+from clip_jax.methods.lseg import FROZEN as LSEG_FROZEN
 from clip_jax.methods.wise_ft import FROZEN as WISE_FT_FROZEN
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP
@@ -33,10 +34,16 @@ BATCH, IMAGE, CONTEXT, VOCAB = 16, 32, 24, 600
 # Per method: the fields that fit the tiny batch (Long-CLIP's PCA must keep fewer components than rows).
 SMALL = {"longclip": {"pca_components": 4, "pca_scope": "global", "short_context_length": 12}, "coop": {"n_ctx": 4},
          "maple": {"prompt_depth": 1},  # the tiny towers have one block
-         "slip": {"ssl_hidden": 32, "ssl_dim": 8}}
+         "slip": {"ssl_hidden": 32, "ssl_dim": 8}, "lseg": {"decoder_width": 16},
+         "groupvit": {"stage_depths": (1, 0), "num_group_tokens": (4, 0), "num_output_groups": (2,)}}
 # Per method: the towers it adds to the tiny model (AudioCLIP's audio tower: 15 frames x 32 mel bands, 12 patches).
 EXTRA_TOWERS = {"audioclip": {"audio": dict(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64, num_samples=2048,
                                             n_mels=32, patch_time=5, patch_freq=8)}}
+
+
+# The methods whose dense predict functions the evaluation test runs, with their background rule (CLIP's is the
+# training-free baseline).
+DENSE = {"clip": "threshold", "lseg": "label", "groupvit": "threshold"}
 
 
 def tiny_config(name: str):
@@ -54,6 +61,9 @@ def tiny_config(name: str):
     config.optimizer.lr = 1e-2
     config.eval.num_examples = 16
     config.eval.batch_size = 16
+    if name == "lseg":  # the masks move with the image only without crops; the labels come from a frozen text tower
+        config.data.augment = False
+        config.optimizer.frozen = LSEG_FROZEN
     return config
 
 
@@ -162,6 +172,10 @@ def test_the_evaluation_suite_runs_on_the_methods_model(method_setup, runs, toke
         config.evals["shapes_audio"] = eval_defaults("shapes_audio")
         results |= evaluate(config, method.model(), state.params, mesh, tokenizer, ["shapes_audio"], method)
         want |= {"audio_zero_shot_top1", "audio_zero_shot_top1_seen", "a2i_r1", "i2a_r1"}
+    if method.name in DENSE:  # the method's dense predict function, through the segmentation evaluation
+        config.evals["seg"] = {**eval_defaults("shapes_segmentation"), "background": DENSE[method.name]}
+        results |= evaluate(config, method.model(), state.params, mesh, tokenizer, ["seg"], method)
+        want |= {"seg_seen_miou", "seg_novel_miou", "seg_novel_scenes_miou"}
     assert want <= set(results)
     assert all(0.0 <= results[k] <= 1.0 for k in want)
 
@@ -198,8 +212,8 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
 
 @pytest.mark.parametrize("overrides, words", [
     (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of audioclip, clip, clip_adapter, "
-                                       "cocoop, coop, linear_probe, longclip, maple, siglip, slip, tip_adapter, "
-                                       "wise_ft"),
+                                       "cocoop, coop, groupvit, linear_probe, longclip, lseg, maple, siglip, slip, "
+                                       "tip_adapter, wise_ft"),
     (["--config.method.pca_components=4"], "a field of method longclip: set --config.method.name first"),
     (["--config.loss.name=siglip_ring"], "use --config.method.name=siglip --config.method.ring=True"),
     (["--config.loss.label_smoothing=0.1"], "'loss.label_smoothing' is now 'method.label_smoothing'"),

@@ -60,14 +60,16 @@ def crop_min_side(image_size: int, augment: bool, crop_scale: Sequence[float]) -
     return math.ceil(image_size / math.sqrt(0.75 * crop_scale[0])) if augment else image_size
 
 
-def resize_center_crop(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
-    """CLIP's eval transform: resize the shorter side to `size` (bicubic), then crop the centre square."""
+def resize_center_crop(image: np.ndarray | Image.Image, size: int, resample: int = Image.BICUBIC) -> np.ndarray:
+    """CLIP's eval transform: resize the shorter side to `size` (bicubic), then crop the centre square. A label map
+    (uint8 [H, W] of class indices) takes `resample=Image.NEAREST`, which invents no label, and then gets exactly
+    the crop of its image of the same size."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(image)
     w, h = img.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
+        img = img.resize((nw, nh), resample)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)

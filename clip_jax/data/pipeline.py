@@ -40,6 +40,7 @@ from clip_jax.data.images import (
     read_image_file,
     resize_center_crop,
 )
+from clip_jax.data.segmentation import SegmentationFolder
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import GlobalBatchRows, barrier, batch_rows, sum_over_processes
@@ -103,11 +104,17 @@ def _file_source(fmt: str | None):
     return make
 
 
+def _segmentation_folder_source(config: ml_collections.ConfigDict, split: str):
+    """Images and masks in the VOC layout (data/segmentation.py), the split's list of ids: the dense methods'."""
+    return SegmentationFolder(config.data.path, split, config.model.vision.image_size, config.data.max_image_bytes)
+
+
 TRAIN_SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {
     "shapes": _shapes_source,
     "sharegpt4v": _file_source("sharegpt4v"),
     "captions": _file_source(None),  # JSONL, CSV or TSV
     "records": records.records_source,  # ArrayRecord shards written by `clip-jax data convert` (docs/data.md)
+    "segmentation_folder": _segmentation_folder_source,  # images and masks, no captions (LSeg)
 }
 
 
@@ -236,7 +243,8 @@ class Tokenize(grain.transforms.Map):
         self.fields = dict(fields)
 
     def map(self, batch: dict) -> dict:
-        captions = {caption for caption, _ in self.fields.values()}
+        # The picked caption is dropped even when no field tokenizes it (a method trained on masks alone).
+        captions = {"caption", *(caption for caption, _ in self.fields.values())}
         out = {k: v for k, v in batch.items() if k not in captions}  # images, a method's fields, stats
         for name, (caption, length) in self.fields.items():
             if name == "text":
@@ -244,6 +252,8 @@ class Tokenize(grain.transforms.Map):
                 out[STATS] = out[STATS] | {"truncated_caption": (lengths > length - 2).astype(np.int64)}
             else:
                 out[name] = self.tokenizer(list(batch[caption]), length)
+        if "text" not in self.fields:  # no caption is cut
+            out[STATS] = out[STATS] | {"truncated_caption": np.zeros(len(out[STATS]["converted"]), np.int64)}
         return out
 
 

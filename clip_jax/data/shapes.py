@@ -59,7 +59,9 @@ UNSEEN_BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
 
 # New splits go at the end: each split's stream is seeded with its position here. "val" (salient objects from
 # the seen pairs, like "test") is an independent stream for choosing hyper-parameters without touching a test set.
-SPLITS: tuple[str, ...] = ("train", "test", "test_seen", "test_held_out", "val")
+# "test_novel" puts a held-out pair as any object of the scene, salient or not, with the others from all pairs: the
+# dense and region methods' novel classes, which elsewhere appear only as the salient object of "test_held_out".
+SPLITS: tuple[str, ...] = ("train", "test", "test_seen", "test_held_out", "val", "test_novel")
 # One pair per colour, no shape used more than twice: every colour keeps 5 seen shapes and every shape keeps
 # at least 6 seen colours, so each attribute on its own is well covered during training.
 DEFAULT_HELD_OUT: tuple[tuple[str, str], ...] = (
@@ -282,17 +284,25 @@ def _texture_mask(texture: str, ix: np.ndarray, iy: np.ndarray, image_size: int)
     return ((ix // (3 * unit)) + (iy // (3 * unit))) % 2 == 1  # checkered
 
 
-def _draw_object(image: np.ndarray, obj: ShapeObject) -> None:
-    size = image.shape[0]
-    cx, cy, r = object_geometry(obj, size)
-    x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
-    y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
+def _object_pixels(obj: ShapeObject, image_size: int) -> tuple[slice, slice, np.ndarray, np.ndarray]:
+    """The object's bounding box (rows, columns) and its pixel centres (u right, v down) in object radii from the
+    object's centre: `_SHAPE_MASKS[obj.shape](u, v)` is the object's mask in that box."""
+    cx, cy, r = object_geometry(obj, image_size)
+    x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, image_size)
+    y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, image_size)
     # Pixel centres sit at +0.5; row/column vectors broadcast to the bounding box without a meshgrid.
     u = ((np.arange(x0, x1) + 0.5 - cx) / r)[None, :]
     v = ((np.arange(y0, y1) + 0.5 - cy) / r)[:, None]
+    return slice(y0, y1), slice(x0, x1), u, v
+
+
+def _draw_object(image: np.ndarray, obj: ShapeObject) -> None:
+    size = image.shape[0]
+    rows, cols, u, v = _object_pixels(obj, size)
+    cx, cy, r = object_geometry(obj, size)
     fn = _SHAPE_MASKS[obj.shape]
     mask = fn(u, v)
-    region = image[y0:y1, x0:x1]
+    region = image[rows, cols]
     colour = COLOURS.index(obj.colour)
     region[mask] = _COLOUR_RGB[colour]
     if obj.texture == "solid" and not obj.outline:
@@ -302,8 +312,8 @@ def _draw_object(image: np.ndarray, obj: ShapeObject) -> None:
     scale = r / (r - max(1.2, 0.13 * r))
     inner = fn(u * scale, v * scale)
     if obj.texture != "solid":
-        ix = np.arange(x0, x1)[None, :] - round(cx)
-        iy = np.arange(y0, y1)[:, None] - round(cy)
+        ix = np.arange(cols.start, cols.stop)[None, :] - round(cx)
+        iy = np.arange(rows.start, rows.stop)[:, None] - round(cy)
         region[inner & _texture_mask(obj.texture, ix, iy, size)] = _SHADE_RGB[colour]
     if obj.outline:
         region[mask & ~inner] = _OUTLINE_RGB
@@ -315,6 +325,21 @@ def _draw_scene(scene: Scene, image_size: int, background: np.ndarray) -> np.nda
     for obj in scene.objects:
         _draw_object(image, obj)
     return image
+
+
+def scene_masks(scene: Scene, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scene's per-pixel class map (0 background, else 1 + `class_index` of the object's colour-shape pair) and
+    instance map (0 background, else 1 + the object's index in `scene.objects`), uint8 [image_size, image_size]. An
+    object's pixels are those `render_scene` paints in the clean domain, outline included; objects never overlap."""
+    validate_scene(scene)
+    classes = np.zeros((image_size, image_size), np.uint8)
+    instances = np.zeros((image_size, image_size), np.uint8)
+    for i, obj in enumerate(scene.objects):
+        rows, cols, u, v = _object_pixels(obj, image_size)
+        mask = _SHAPE_MASKS[obj.shape](u, v)
+        classes[rows, cols][mask] = 1 + class_index(obj.colour, obj.shape)
+        instances[rows, cols][mask] = 1 + i
+    return classes, instances
 
 
 def render_scene(
@@ -417,8 +442,8 @@ class ShapesDataset:
         held = {class_index(c, s) for c, s in config.held_out}
         self._held_out = np.array(sorted(held), dtype=np.int64)
         self._seen = np.array([i for i in range(len(COLOURS) * len(SHAPES)) if i not in held], dtype=np.int64)
-        if split == "test_held_out" and not len(self._held_out):
-            raise ValueError("split 'test_held_out' needs a non-empty config.held_out")
+        if split in ("test_held_out", "test_novel") and not len(self._held_out):
+            raise ValueError(f"split {split!r} needs a non-empty config.held_out")
         self._salient_pool = self._held_out if split == "test_held_out" else self._seen
         self.domain = DOMAINS[config.domain]
 
@@ -439,6 +464,10 @@ class ShapesDataset:
         randomness: compares candidate domains on identical examples without registering them in DOMAINS."""
         domain = self.domain if domain is None else domain
         return render_scene(self.scene(index), self.config.image_size, domain, self._domain_rng(index))
+
+    def masks(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The class and instance maps of ``self[index]`` (``scene_masks``) at this dataset's image size."""
+        return scene_masks(self.scene(index), self.config.image_size)
 
     def render(self, scene: Scene, caption_seed: int = 0) -> dict:
         """Render an explicit scene at this dataset's image size and domain; captions (and the domain's pixel
@@ -473,10 +502,14 @@ class ShapesDataset:
         cfg = self.config
         n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
         cells = rng.permutation(len(POSITIONS))[:n]
-        # Non-salient objects always come from seen pairs: held-out pairs only ever appear as the salient
-        # object of the test_held_out split.
-        pairs = np.concatenate([self._salient_pool[rng.integers(len(self._salient_pool), size=1)],
-                                self._seen[rng.integers(len(self._seen), size=n - 1)]])
+        if self.split == "test_novel":
+            pairs = rng.integers(len(COLOURS) * len(SHAPES), size=n)
+            pairs[rng.integers(n)] = self._held_out[rng.integers(len(self._held_out))]
+        else:
+            # Non-salient objects always come from seen pairs: held-out pairs only ever appear as the salient
+            # object of the test_held_out split (and as any object of test_novel).
+            pairs = np.concatenate([self._salient_pool[rng.integers(len(self._salient_pool), size=1)],
+                                    self._seen[rng.integers(len(self._seen), size=n - 1)]])
         sizes = np.concatenate([[2], rng.integers(0, 2, size=n - 1)])  # only the salient one is large
         textures = rng.integers(len(TEXTURES), size=n)
         outlines = rng.random(n) < 0.5

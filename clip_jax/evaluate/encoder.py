@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -56,7 +57,7 @@ class Encoder:
         self.embed_dim = model.config.embed_dim
         # How often each function was traced (python side effect inside the jitted body): 1 after any number of
         # calls with the same input shape and dtype.
-        self.trace_counts = {"images": 0, "texts": 0, "audio": 0}
+        self.trace_counts = {"images": 0, "texts": 0, "audio": 0, "segment": 0}
         self.params, self._param_shardings = _place_params(params, mesh)
         self._build()
 
@@ -80,23 +81,42 @@ class Encoder:
         """float32 [N, D] embeddings of float waveforms [N, samples] (a model with an audio tower: AudioCLIP)."""
         return self._run(self._audio_fn, np.asarray(waveforms, dtype=np.float32))
 
+    def segment(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(label int32 [N, H, W], its probability float32 [N, H, W]) of each pixel of uint8 images [N, H, W, 3]
+        among L labels given as L2-normalised embeddings [L, D]: the model's `dense_logits` (the method's dense
+        predict function) upsampled bilinearly to the image size, softmax over the labels."""
+        labels = jax.device_put(np.asarray(labels, np.float32), replicated(self.mesh))
+        return self._run(self._segment_fn, np.asarray(images), labels)
+
     def _build(self) -> None:
         self._image_fn = self._jit("images", CLIP.encode_image)
         self._text_fn = self._jit("texts", CLIP.encode_text)
         self._audio_fn = self._jit("audio", CLIP.encode_audio)
 
-    def _jit(self, name: str, method: Callable) -> Callable:
+        def segment(params, batch, labels):
+            logits = self.model.apply({"params": params}, batch, labels, method=type(self.model).dense_logits)
+            logits = jax.image.resize(logits, (*batch.shape[:3], logits.shape[-1]), "bilinear")
+            probs = jax.nn.softmax(logits.astype(np.float32), axis=-1)
+            return jnp.argmax(probs, axis=-1).astype(jnp.int32), jnp.max(probs, axis=-1)
+
+        self._segment_fn = self._jit("segment", segment, replicated_args=1)
+
+    def _jit(self, name: str, method: Callable, replicated_args: int = 0) -> Callable:
+        """`method` of the model (or a function of (params, batch, *args)) compiled over batches on the mesh, with
+        `replicated_args` more arguments replicated to every device."""
         model = self.model
 
         # The params are an argument, not a closure: closed-over arrays would be embedded in the executable as
         # constants (a second copy of the weights) and fix them at compile time.
-        def encode(params, batch):
+        def encode(params, batch, *args):
             self.trace_counts[name] += 1
+            if replicated_args:
+                return method(params, batch, *args)
             return model.apply({"params": params}, batch, method=method)
 
         return jax.jit(
             encode,
-            in_shardings=(self._param_shardings, batch_sharding(self.mesh)),
+            in_shardings=(self._param_shardings, batch_sharding(self.mesh), *[replicated(self.mesh)] * replicated_args),
             # Replicated output: fully addressable on every process, so device_get works on any number of hosts.
             out_shardings=replicated(self.mesh),
         )
@@ -106,14 +126,16 @@ class Encoder:
         # works on one host and on many.
         return jax.make_array_from_callback(batch.shape, batch_sharding(self.mesh), lambda index: batch[index])
 
-    def _run(self, fn: Callable, inputs: np.ndarray) -> np.ndarray:
+    def _run(self, fn: Callable, inputs: np.ndarray, *args: jax.Array) -> Any:
+        """`fn(params, batch, *args)` over `inputs` in batches: float32 [N, D] embeddings, or for a function with
+        several outputs a tuple of arrays with N rows, each of its own dtype."""
         n, size = len(inputs), self.batch_size
-        results: list[np.ndarray] = []
-        pending: collections.deque[tuple[jax.Array, int]] = collections.deque()
+        results: list[Any] = []
+        pending: collections.deque[tuple[Any, int]] = collections.deque()
 
         def fetch():
             out, rows = pending.popleft()
-            results.append(np.asarray(jax.device_get(out), dtype=np.float32)[:rows])  # drop the padding rows
+            results.append(jax.tree.map(lambda a: np.asarray(a)[:rows], jax.device_get(out)))  # drop padding rows
 
         # The model's sharding constraints resolve logical axis names through these rules at trace time.
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
@@ -124,11 +146,13 @@ class Encoder:
                     # Zero rows are valid inputs for every tower (a black image; an all-padding text pooled at
                     # position 0; silence); they are computed and discarded.
                     batch = np.concatenate([batch, np.zeros((size - rows, *batch.shape[1:]), batch.dtype)])
-                pending.append((fn(self.params, self._put(batch)), rows))
+                pending.append((fn(self.params, self._put(batch), *args), rows))
                 if len(pending) > _IN_FLIGHT:
                     fetch()
             while pending:
                 fetch()
         if not results:
             return np.zeros((0, self.embed_dim), np.float32)
-        return np.concatenate(results)
+        if isinstance(results[0], tuple):
+            return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
+        return np.concatenate(results).astype(np.float32)

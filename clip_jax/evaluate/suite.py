@@ -16,6 +16,7 @@ entry to its results. `eval.batch_size` and `eval.num_examples` are shared by al
   (`<name>_top1`, `<name>_top5`; the `[tfds]` extra).
 - `few_shot`: top-1 on the base and new classes of `config.few_shot` and their harmonic mean (`run_few_shot`).
 - `shapes_audio`, `zero_shot_audio_folder`: a model with an audio tower (AudioCLIP); see audio.py.
+- `shapes_segmentation`, `segmentation_folder`: per-pixel labels named in text, mIoU; see segmentation.py.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ from clip_jax.evaluate.audio import (
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.long_text import hard_pairs, hard_pairs_accuracy, load_long_text_set, shapes_long_captions
 from clip_jax.evaluate.retrieval import retrieval_recall
+from clip_jax.evaluate.segmentation import (
+    SegmentationFolderEval,
+    ShapesSegmentationEval,
+    run_segmentation_folder,
+    run_shapes_segmentation,
+)
 from clip_jax.evaluate.zero_shot import evaluate_zero_shot, zero_shot_accuracy, zero_shot_by_split
 
 log = logging.getLogger(__name__)
@@ -260,10 +267,12 @@ EVALUATORS: dict[str, Evaluator] = {
     "few_shot": (FewShotEval, run_few_shot),
     "shapes_audio": (ShapesAudioEval, run_shapes_audio),
     "zero_shot_audio_folder": (ZeroShotAudioFolderEval, run_zero_shot_audio_folder),
+    "shapes_segmentation": (ShapesSegmentationEval, run_shapes_segmentation),
+    "segmentation_folder": (SegmentationFolderEval, run_segmentation_folder),
 }
 # Fields an entry of this type must set (a path to read).
 _REQUIRED = {"long_text_set": "path", "zero_shot_folder": "path", "zero_shot_tfds": "dataset",
-             "zero_shot_audio_folder": "path"}
+             "zero_shot_audio_folder": "path", "segmentation_folder": "path"}
 
 
 def eval_defaults(kind: str) -> dict[str, Any]:

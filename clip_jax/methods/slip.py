@@ -29,7 +29,7 @@ from clip_jax.methods.base import Field, StepFns
 from clip_jax.methods.clip import ClipConfig, ClipMethod
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, l2_normalize
-from clip_jax.models.layers import LayerNorm, partitioned
+from clip_jax.models.layers import LayerNorm, dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +49,6 @@ class SslHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        def dense(features: int, names: tuple[str | None, str | None], name: str) -> nn.Dense:
-            return nn.Dense(features, name=name, kernel_init=partitioned(nn.initializers.lecun_normal(), names),
-                            bias_init=partitioned(nn.initializers.zeros, (names[1],)))
-
         x = nn.relu(LayerNorm(name="ln_1")(dense(self.hidden, ("embed", "mlp"), "fc_1")(x)))
         x = nn.relu(LayerNorm(name="ln_2")(dense(self.hidden, ("mlp", None), "fc_2")(x)))
         return dense(self.out_dim, (None, "proj"), "fc_3")(x)

@@ -66,6 +66,14 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
+def normalize_images(images: jax.Array) -> jax.Array:
+    """uint8 RGB images as the towers take them, normalised on device with CLIP's mean and std (4x less
+    host-to-device traffic than float); float images are taken as already normalised."""
+    if images.dtype != jnp.uint8:
+        return images
+    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
 def embedding(features: jax.Array, normalize: bool) -> jax.Array:
     """A tower's pooled features as float32 embeddings, L2-normalised unless `normalize` is False."""
     return l2_normalize(features) if normalize else features.astype(jnp.float32)
@@ -78,7 +86,7 @@ class CLIP(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         common = dict(embed_dim=cfg.embed_dim, dtype=dtype, scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
-        self.visual = VISION_TOWERS[cfg.vision.type][1](cfg.vision, **common)
+        self.visual = self.vision_tower(common)
         self.text = TEXT_TOWERS[cfg.text.type][1](cfg.text, **common)
         if cfg.audio is not None:
             self.audio = AUDIO_TOWERS[cfg.audio.type][1](cfg.audio, **common)
@@ -86,13 +94,15 @@ class CLIP(nn.Module):
         if cfg.logit_bias_init is not None:
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(cfg.logit_bias_init), (), jnp.float32)
 
+    def vision_tower(self, common: dict[str, Any]) -> nn.Module:
+        """The image tower, from `config.vision`'s type; a method's model may build its own (GroupViT's)."""
+        return VISION_TOWERS[self.config.vision.type][1](self.config.vision, **common)
+
     def image_features(self, images: jax.Array, *, layer_prompts: jax.Array | None = None,
                        prompt_layers: jax.Array | None = None) -> TowerOutput:
-        """The image tower's pooled feature (unnormalised) and token states. images: uint8 RGB [B, H, W, 3]
-        (normalised here, on device: 4x less host-to-device traffic than float), or float images already
-        normalised with CLIP's mean and std. Deep prompts: see `VisionTransformer`."""
-        if images.dtype == jnp.uint8:
-            images = (images.astype(jnp.float32) / 255.0 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+        """The image tower's pooled feature (unnormalised) and token states. images: uint8 RGB [B, H, W, 3] or float
+        images already normalised (`normalize_images`). Deep prompts: see `VisionTransformer`."""
+        images = normalize_images(images)
         return self.visual(images, layer_prompts, prompt_layers)
 
     def text_features(self, tokens: jax.Array | None = None, *, token_embeddings: jax.Array | None = None,
@@ -118,6 +128,15 @@ class CLIP(nn.Module):
         """The image embedding [B, embed_dim], L2-normalised unless `normalize` is False (`image_features`)."""
         features = self.image_features(images, **prompts).pooled
         return embedding(features, normalize)
+
+    def dense_logits(self, images: jax.Array, labels: jax.Array) -> jax.Array:
+        """Per-location scores [B, h, w, L] of uint8 images against L2-normalised label embeddings [L, embed_dim]:
+        the image tower's dense features (`dense_features`, the training-free baseline of a plain CLIP),
+        normalised, times the learned temperature. The dense methods (LSeg, GroupViT) override it."""
+        images = normalize_images(images)
+        features = l2_normalize(self.visual.dense_features(images))
+        scale, _ = self.temperature()
+        return scale * features @ labels.astype(jnp.float32).T
 
     def encode_text(
         self,

@@ -8,6 +8,7 @@ Causal attention is counted in full, as is customary (the kernels mostly compute
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -49,6 +50,32 @@ def image_forward_flops(cfg: CLIPConfig) -> float:
     patches = (v.image_size // v.patch_size) ** 2
     patch_embed = 2 * patches * (3 * v.patch_size**2) * v.width
     return patch_embed + transformer_flops(v, patches + 1) + 2 * v.width * cfg.embed_dim
+
+
+def groupvit_forward_flops(cfg: CLIPConfig, stage_depths: tuple[int, ...], num_group_tokens: tuple[int, ...],
+                           num_output_groups: tuple[int, ...]) -> float:
+    """GroupViT's image tower (models/grouping.py): the patch embedding; each stage's blocks over its tokens and
+    group tokens; the group projector of a later stage (a token-mixing MLP, D -> D/2 along the groups); each grouping
+    block: its token-mixing MLP, the cross-attention block (group tokens to image tokens, then an MLP), the assignment
+    attention (q, k, v and output projections, the logits and the pooling), the channel MLP; the projection."""
+    v = cfg.vision
+    d, a, half = v.width, v.heads * v.head_dim, v.width // 2
+    patches = (v.image_size // v.patch_size) ** 2
+    total = 2 * patches * (3 * v.patch_size**2) * d + 2 * d * cfg.embed_dim
+    tokens, previous = patches, 0
+    for stage, depth in enumerate(stage_depths):
+        groups = num_group_tokens[stage]
+        total += transformer_flops(dataclasses.replace(v, layers=depth), tokens + groups)
+        if stage and groups:
+            total += 2 * d * (previous * half + half * groups)  # the group projector
+        if groups:
+            out = num_output_groups[stage]
+            total += 2 * d * (groups * half + half * out)  # token-mixing MLP
+            total += 2 * out * d * a + 2 * tokens * d * 2 * a + 2 * 2 * out * tokens * a + 2 * out * a * d
+            total += 2 * 2 * (2 * out * d * v.mlp_dim)  # the cross-attention block's MLP and the channel MLP
+            total += 2 * (2 * out + 2 * tokens) * d * d + 2 * 2 * out * tokens * d  # assignment attention
+            previous, tokens = groups, out
+    return float(total)
 
 
 def audio_forward_flops(cfg: CLIPConfig) -> float:

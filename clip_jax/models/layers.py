@@ -55,6 +55,13 @@ def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
 
+def dense(features: int, names: tuple[str | None, str | None], name: str, dtype: Dtype = jnp.float32) -> nn.Dense:
+    """A Dense layer of a head (SLIP's, LSeg's decoder): fan-in (LeCun normal) kernel with logical axis `names`
+    (input, output) and a zero bias along the output's."""
+    return nn.Dense(features, dtype=dtype, name=name, kernel_init=partitioned(nn.initializers.lecun_normal(), names),
+                    bias_init=partitioned(nn.initializers.zeros, (names[1],)))
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside a mesh + rules context (e.g. on one device)."""
     return nn.with_logical_constraint(x, names)
@@ -86,11 +93,16 @@ class LayerNorm(nn.Module):
         width = x.shape[-1]
         scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (width,), jnp.float32)
         bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (width,), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.astype(self.dtype)
+        return layer_norm(x, {"scale": scale, "bias": bias}, self.epsilon).astype(self.dtype)
+
+
+def layer_norm(x: jax.Array, params: dict[str, jax.Array], epsilon: float = 1e-5) -> jax.Array:
+    """`LayerNorm`'s computation with its parameters given (a tower reading its own LayerNorm outside the call that
+    made it), in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + epsilon) * params["scale"] + params["bias"]
 
 
 class InProj(nn.Module):

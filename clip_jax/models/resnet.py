@@ -101,7 +101,7 @@ def config_problem(v: dict[str, Any]) -> str | None:
     return None
 
 
-def _conv(features: int, size: int, name: str, dtype: Dtype, stride: int = 1) -> nn.Conv:
+def conv2d(features: int, size: int, name: str, dtype: Dtype, stride: int = 1) -> nn.Conv:
     # He-normal init (fan-in, ReLU gain): it keeps activations at unit scale through the ReLUs, which a network
     # without normalisation ("frozen_bn" from scratch) needs; under GroupNorm the scale does not matter.
     return nn.Conv(
@@ -148,13 +148,13 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out_channels = 4 * self.planes
-        y = nn.relu(Norm(self.norm, dtype=self.dtype, name="bn1")(_conv(self.planes, 1, "conv1", self.dtype)(x)))
-        y = nn.relu(Norm(self.norm, dtype=self.dtype, name="bn2")(_conv(self.planes, 3, "conv2", self.dtype)(y)))
+        y = nn.relu(Norm(self.norm, dtype=self.dtype, name="bn1")(conv2d(self.planes, 1, "conv1", self.dtype)(x)))
+        y = nn.relu(Norm(self.norm, dtype=self.dtype, name="bn2")(conv2d(self.planes, 3, "conv2", self.dtype)(y)))
         y = _avg_pool(y, self.stride)
-        y = _conv(out_channels, 1, "conv3", self.dtype)(y)
+        y = conv2d(out_channels, 1, "conv3", self.dtype)(y)
         y = Norm(self.norm, zero_init=True, dtype=self.dtype, name="bn3")(y)
         if self.stride > 1 or x.shape[-1] != out_channels:
-            x = _conv(out_channels, 1, "downsample_0", self.dtype)(_avg_pool(x, self.stride))
+            x = conv2d(out_channels, 1, "downsample_0", self.dtype)(_avg_pool(x, self.stride))
             x = Norm(self.norm, dtype=self.dtype, name="downsample_1")(x)
         return nn.relu(y + x)
 
@@ -213,7 +213,7 @@ class ModifiedResNet(nn.Module):
         x = images.astype(self.dtype)
         half = cfg.width // 2
         for i, (features, stride) in enumerate(((half, 2), (half, 1), (cfg.width, 1)), start=1):
-            x = _conv(features, 3, f"conv{i}", self.dtype, stride)(x)
+            x = conv2d(features, 3, f"conv{i}", self.dtype, stride)(x)
             x = nn.relu(Norm(cfg.norm, dtype=self.dtype, name=f"bn{i}")(x))
         x = _avg_pool(x, 2)
         policy = REMAT_POLICIES[self.remat_policy]
@@ -225,3 +225,19 @@ class ModifiedResNet(nn.Module):
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])
         pooled, feature = AttentionPool(cfg.heads, self.embed_dim, self.dtype, name="attnpool")(tokens)
         return TowerOutput(pooled, tokens, feature)
+
+    def token_grid(self, images: jax.Array) -> jax.Array:
+        """The final feature grid [B, grid, grid, channels] (before the attention pool): what dense heads read."""
+        tokens = self(images).tokens
+        return tokens.reshape(tokens.shape[0], self.config.grid, self.config.grid, tokens.shape[-1])
+
+    def dense_features(self, images: jax.Array) -> jax.Array:
+        """Per-position features in the joint embedding space, unnormalised [B, grid, grid, embed_dim]: each
+        position of the final grid through the attention pool's value and output projections, as if it attended
+        only to itself (MaskCLIP's reading of a plain CLIP ResNet, training-free)."""
+        grid = self.token_grid(images)
+        pool = self.variables["params"]["attnpool"]
+        x = grid + pool["positional_embedding"][1:].reshape(grid.shape[1:]).astype(self.dtype)  # row 0: the mean
+        for name in ("v_proj", "c_proj"):
+            x = x @ pool[name]["kernel"].astype(self.dtype) + pool[name]["bias"].astype(self.dtype)
+        return x

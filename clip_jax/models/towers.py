@@ -20,6 +20,7 @@ from clip_jax.models.layers import (
     TowerOutput,
     Transformer,
     class_token_and_positions,
+    layer_norm,
     partitioned,
 )
 from clip_jax.models.positions import merge_position_tables
@@ -113,6 +114,21 @@ class VisionTransformer(nn.Module):
             jnp.float32,
         )
         return TowerOutput(pooled @ proj.astype(self.dtype), x, pooled)
+
+    def token_grid(self, images: jax.Array) -> jax.Array:
+        """The last block's patch tokens as a grid [B, grid, grid, width] (before ln_post): what dense heads read."""
+        grid = self.config.image_size // self.config.patch_size
+        tokens = self(images).tokens[:, 1:]  # the class token first
+        return tokens.reshape(tokens.shape[0], grid, grid, tokens.shape[-1])
+
+    def dense_features(self, images: jax.Array) -> jax.Array:
+        """Per-patch features in the joint embedding space, unnormalised [B, grid, grid, embed_dim]: the patch
+        tokens through the class token's head (ln_post, then the projection). A plain CLIP was never trained to
+        align them with text; read this way they are the training-free dense baseline (MaskCLIP's idea, without
+        its last-layer value-path change)."""
+        grid = self.token_grid(images)
+        params = self.variables["params"]
+        return layer_norm(grid, params["ln_post"]).astype(self.dtype) @ params["proj"].astype(self.dtype)
 
 
 class TextTransformer(nn.Module):

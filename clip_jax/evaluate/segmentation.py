@@ -1,0 +1,250 @@
+"""Semantic segmentation with text-named labels (`config.evals` entries, registered in suite.py).
+
+Every model answers through its `dense_logits(images, labels)` (a method's dense predict function: the plain CLIP's
+training-free patch scores, LSeg's decoder, GroupViT's segments), upsampled to the image and soft-maxed over the
+labels by `Encoder.segment`. The background is either a label of its own (`background = "label"`: the prompt
+"background" among the class names, what LSeg trains with) or every pixel whose best class is less probable than a
+threshold (`background = "threshold"`: GroupViT's rule), the threshold chosen on the `val` split, never on a test
+split (the reference recipes choose on test: METHODS.md 9.4, 10.4).
+
+- `shapes_segmentation`: `shapes` scenes with their exact masks (data/shapes.py::scene_masks), the label set the
+  background and all 48 colour-shape pairs. Keys: `<name>_seen_miou` (test_seen scenes: background and seen pairs),
+  `<name>_novel_miou` (test_novel scenes: the held-out pairs, never named in training, as any object),
+  `<name>_novel_scenes_miou` (test_novel scenes, every class), `<name>_iou/<class>` for the background and each
+  held-out pair, and `<name>_threshold`.
+- `segmentation_folder`: a folder in the PASCAL VOC layout (data/segmentation.py; 255 = ignored), its class names
+  (line 0 the background), `<name>_miou` and `<name>_iou/<class>`; with `novel` class names, `<name>_seen_miou` and
+  `<name>_novel_miou` too.
+
+mIoU is the mean over classes of intersection / union of the pixel sets, from the confusion matrix summed over the
+whole split (not per image), over the classes that occur in the ground truth or the prediction (a class with an
+empty union has no IoU), as mmsegmentation and the VOC benchmark count it. `overlay_dir` writes each split's first
+`overlays` images with their predicted and true masks as PNGs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from clip_jax.data.classification import class_embeddings
+from clip_jax.data.pipeline import get_source
+from clip_jax.data.segmentation import BACKGROUND, IGNORE, SegmentationFolder
+from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
+from clip_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKGROUND_MODES = ("label", "threshold")
+# Candidate thresholds on the best class's probability, tried on `val`.
+THRESHOLDS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
+
+
+def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = IGNORE) -> np.ndarray:
+    """int64 [C, C] pixel counts, row = true class, column = predicted class; pixels labelled `ignore` are left
+    out. Labels must lie in [0, C) (or be `ignore`)."""
+    target, pred = np.asarray(target).ravel(), np.asarray(pred).ravel()
+    keep = target != ignore
+    target, pred = target[keep].astype(np.int64), pred[keep].astype(np.int64)
+    if target.size and (target.max() >= num_classes or pred.max() >= num_classes or min(target.min(), pred.min()) < 0):
+        raise ValueError(f"labels must lie in [0, {num_classes}) or be {ignore}")
+    return np.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def class_iou(confusion: np.ndarray) -> np.ndarray:
+    """float64 [C]: intersection / union per class; NaN for a class absent from both the truth and the
+    prediction."""
+    intersection = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - intersection
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
+
+
+def mean_iou(confusion: np.ndarray, classes: Sequence[int] | None = None) -> float:
+    """The mean IoU over `classes` (default: all) that have one; NaN if none has."""
+    iou = class_iou(confusion)
+    iou = iou if classes is None else iou[np.asarray(classes, np.int64)]
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+def predict_labels(label: np.ndarray, probability: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Class maps from `Encoder.segment`'s outputs. With a threshold the labels are the classes without the
+    background (class k is label k + 1 of the map) and a pixel whose best probability is below it is background
+    (0); without, label 0 is the background's own prompt."""
+    if threshold is None:
+        return label
+    return np.where(probability < threshold, 0, label + 1)
+
+
+def choose_threshold(label: np.ndarray, probability: np.ndarray, target: np.ndarray, num_classes: int,
+                     classes: Sequence[int] | None = None) -> float:
+    """The candidate of THRESHOLDS with the best mIoU (over `classes`) of the validation predictions."""
+    scores = [mean_iou(confusion_matrix(target, predict_labels(label, probability, t), num_classes), classes)
+              for t in THRESHOLDS]
+    return float(THRESHOLDS[int(np.nanargmax(scores))])
+
+
+def label_embeddings(texts, class_names: Sequence[str], background: str, templates: Sequence[str]) -> np.ndarray:
+    """[L, D] embeddings of the label set: the background prompt first when it is a label, then the classes (the
+    names of class map values 1..C)."""
+    names = ([BACKGROUND] if background == "label" else []) + list(class_names)
+    return class_embeddings(texts, names, templates)
+
+
+_PALETTE_SEED = 7
+
+
+@functools.lru_cache(maxsize=4)
+def palette(num_classes: int) -> np.ndarray:
+    """uint8 [C, 3] colours for class maps, class 0 (the background) black, the others fixed random hues."""
+    colours = np.random.default_rng(_PALETTE_SEED).integers(40, 256, size=(num_classes, 3)).astype(np.uint8)
+    colours[0] = 0
+    return colours
+
+
+def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """The image with each non-background pixel tinted by its class colour (`palette`); ignored pixels white."""
+    colours = palette(256)
+    tint = colours[classes]
+    out = image.astype(np.float32)
+    mask = (classes > 0)[..., None]
+    out = np.where(mask, (1 - alpha) * out + alpha * tint, out)
+    out[classes == IGNORE] = 255
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def write_overlays(out_dir: str | pathlib.Path, images: np.ndarray, preds: np.ndarray, targets: np.ndarray | None,
+                   prefix: str) -> list[pathlib.Path]:
+    """One PNG per image: the image, its predicted classes over it and, given targets, the true ones, side by
+    side."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        panels = [image, overlay(image, preds[i])] + ([overlay(image, targets[i])] if targets is not None else [])
+        path = out_dir / f"{prefix}_{i:03d}.png"
+        Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _check_background(name: str, background: str) -> None:
+    if background not in BACKGROUND_MODES:
+        raise ConfigError(f"evals.{name}.background must be one of {', '.join(BACKGROUND_MODES)}, got {background!r}")
+
+
+# --- shapes ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShapesSegmentationEval:
+    every_steps: int | None = None
+    num_examples: int | None = None  # scenes per split; None: eval.num_examples
+    background: str = "label"  # BACKGROUND_MODES: a prompt of its own, or a threshold chosen on val
+    templates: tuple = ZERO_SHOT_TEMPLATES
+    overlay_dir: str = ""  # "": no overlays
+    overlays: int = 8
+    # The scenes' object count, whatever the run trained on: cluttered scenes, where novel pairs are small objects too
+    min_objects: int = 3
+    max_objects: int = 6
+
+
+@functools.lru_cache(maxsize=8)
+def shapes_segmentation_data(config_json: str, split: str, n: int, objects: tuple[int, int]
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """The first n images of a shapes split with `objects` (min, max) objects each and their class maps
+    (0 background, 1 + class index), rendered once per process."""
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    config.data.min_objects, config.data.max_objects = objects
+    source = get_source(config, split)
+    images = np.stack([source[i]["image"] for i in range(n)])
+    masks = np.stack([source.masks(i)[0] for i in range(n)])
+    return images, masks
+
+
+def run_shapes_segmentation(ctx, name: str, entry: ShapesSegmentationEval) -> dict[str, float]:
+    config = ctx.config
+    if config.data.source != "shapes":
+        log.info("evals.%s: skipped, the run is not trained on shapes", name)
+        return {}
+    _check_background(name, entry.background)
+    n, key = ctx.num_examples(entry), config.to_json()
+    source = get_source(config, "test_novel")
+    names = source.class_names()
+    num_classes = len(names) + 1
+    seen = [0] + [c + 1 for c in source.seen_classes()]
+    novel = [c + 1 for c in source.held_out_classes()]
+    labels = label_embeddings(ctx.texts, names, entry.background, entry.templates)
+
+    def predict(split):
+        images, target = shapes_segmentation_data(key, split, n, (entry.min_objects, entry.max_objects))
+        return images, target, ctx.encoder.segment(images, labels)
+
+    threshold = None
+    if entry.background == "threshold":
+        _, target, (label, prob) = predict("val")
+        threshold = choose_threshold(label, prob, target, num_classes, seen)
+    results = {} if threshold is None else {f"{name}_threshold": threshold}
+    for split in ("test_seen", "test_novel"):
+        images, target, (label, prob) = predict(split)
+        pred = predict_labels(label, prob, threshold)
+        confusion = confusion_matrix(target, pred, num_classes)
+        if split == "test_seen":
+            results[f"{name}_seen_miou"] = mean_iou(confusion, seen)
+        else:
+            results[f"{name}_novel_miou"] = mean_iou(confusion, novel)
+            results[f"{name}_novel_scenes_miou"] = mean_iou(confusion)
+            iou = class_iou(confusion)
+            for c in [0, *novel]:
+                results[f"{name}_iou/{([BACKGROUND] + names)[c]}"] = float(iou[c])
+        if entry.overlay_dir:
+            k = min(entry.overlays, len(images))
+            write_overlays(entry.overlay_dir, images[:k], pred[:k], target[:k], f"{name}_{split}")
+    return results
+
+
+# --- a VOC-layout folder ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SegmentationFolderEval:
+    path: str = ""  # the folder: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt
+    split: str = "val"
+    novel: tuple = ()  # class names reported apart (`<name>_novel_miou`): those never labelled in training
+    background: str = "label"
+    threshold: float = 0.5  # background "threshold": choose it on a split other than the one evaluated
+    templates: tuple = ("a photo of a {}.",)
+    num_examples: int | None = None  # None: every image
+    every_steps: int | None = None
+    overlay_dir: str = ""
+    overlays: int = 8
+
+
+def run_segmentation_folder(ctx, name: str, entry: SegmentationFolderEval) -> dict[str, float]:
+    _check_background(name, entry.background)
+    source = SegmentationFolder(entry.path, entry.split, ctx.config.model.vision.image_size,
+                                ctx.config.data.max_image_bytes)
+    names = source.class_names()  # line 0: the background
+    unknown = [c for c in entry.novel if c not in names]
+    if unknown:
+        raise ConfigError(f"evals.{name}.novel names {unknown} that are not classes of {entry.path}")
+    images, target = source.arrays(entry.num_examples)
+    labels = label_embeddings(ctx.texts, names[1:], entry.background, entry.templates)
+    label, prob = ctx.encoder.segment(images, labels)
+    threshold = entry.threshold if entry.background == "threshold" else None
+    pred = predict_labels(label, prob, threshold)
+    confusion = confusion_matrix(target, pred, len(names))
+    results = {f"{name}_miou": mean_iou(confusion)}
+    if entry.novel:
+        novel = [names.index(c) for c in entry.novel]
+        results[f"{name}_seen_miou"] = mean_iou(confusion, [c for c in range(len(names)) if c not in novel])
+        results[f"{name}_novel_miou"] = mean_iou(confusion, novel)
+    results.update({f"{name}_iou/{n}": float(v) for n, v in zip(names, class_iou(confusion), strict=True)})
+    if entry.overlay_dir:
+        k = min(entry.overlays, len(images))
+        write_overlays(entry.overlay_dir, images[:k], pred[:k], target[:k], name)
+    return results

@@ -1,0 +1,368 @@
+"""Zero-shot segmentation: the metrics against hand-counted cases, the shapes masks against the rendered pixels, the
+dense predict functions of CLIP (the training-free baseline), LSeg and GroupViT against their definitions, and the
+`segment` command and the `segmentation_folder` evaluation end to end on files the tests write."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax.config import load_config
+from clip_jax.data.segmentation import SegmentationFolder, write_shapes_segmentation_set
+from clip_jax.data.shapes import (
+    BACKGROUND_RGB,
+    DEFAULT_HELD_OUT,
+    Scene,
+    ShapeObject,
+    ShapesConfig,
+    ShapesDataset,
+    class_index,
+    scene_masks,
+)
+from clip_jax.errors import ConfigError
+from clip_jax.evaluate.encoder import Encoder
+from clip_jax.evaluate.segmentation import (
+    THRESHOLDS,
+    choose_threshold,
+    class_iou,
+    confusion_matrix,
+    mean_iou,
+    predict_labels,
+)
+from clip_jax.methods import get_method
+from clip_jax.methods.groupvit import GroupViTCLIP, GroupViTConfig, ObjectPhrases
+from clip_jax.methods.lseg import LSegCLIP, PixelLabels
+from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize, normalize_images
+from clip_jax.models.layers import layer_norm
+from clip_jax.sharding import make_mesh
+
+from .test_methods import tiny_config
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------------
+def test_confusion_matrix_and_iou_match_a_hand_count():
+    target = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 2]])
+    # Counted by hand, the 255 pixel left out: row = truth, column = prediction.
+    want = np.array([[1, 1, 0],   # truth 0: one right, one called 1
+                     [0, 2, 1],   # truth 1: two right, one called 2
+                     [1, 0, 1]])  # truth 2: one right, one called 0
+    confusion = confusion_matrix(target, pred, 3)
+    np.testing.assert_array_equal(confusion, want)
+    # IoU = TP / (TP + FP + FN): class 0: 1 / (1 + 1 + 1); class 1: 2 / (2 + 1 + 1); class 2: 1 / (1 + 1 + 1).
+    np.testing.assert_allclose(class_iou(confusion), [1 / 3, 2 / 4, 1 / 3])
+    assert mean_iou(confusion) == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
+    assert mean_iou(confusion, [1]) == pytest.approx(0.5)
+
+
+def test_a_class_absent_from_truth_and_prediction_has_no_iou_and_does_not_count():
+    confusion = confusion_matrix(np.array([0, 0, 2]), np.array([0, 0, 2]), 4)
+    iou = class_iou(confusion)
+    assert iou[0] == iou[2] == 1.0 and np.isnan(iou[1]) and np.isnan(iou[3])
+    assert mean_iou(confusion) == 1.0
+    assert np.isnan(mean_iou(confusion, [1, 3]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        confusion_matrix(np.array([5]), np.array([0]), 4)
+
+
+def test_the_threshold_turns_unsure_pixels_into_background_and_is_chosen_on_given_data():
+    label = np.array([[0, 1, 1, 0]])  # class indices without the background: map values 1, 2
+    probability = np.array([[0.9, 0.3, 0.8, 0.45]])
+    np.testing.assert_array_equal(predict_labels(label, probability, 0.5), [[1, 0, 2, 0]])
+    np.testing.assert_array_equal(predict_labels(label, probability, None), label)  # the background is label 0
+    # The truth: pixels 1 and 3 are background; any threshold in (0.45, 0.8] is perfect, the first such candidate
+    # is chosen.
+    target = np.array([[1, 0, 2, 0]])
+    chosen = choose_threshold(label, probability, target, 3)
+    assert chosen == min(t for t in THRESHOLDS if 0.45 < t <= 0.8)
+
+
+# --- shapes masks ----------------------------------------------------------------------------------------------------
+def test_scene_masks_are_exactly_the_painted_pixels():
+    """Every pixel whose colour is not the background's belongs to an object of the class map, and no other; each
+    instance is one object's pixels, labelled with its pair."""
+    source = ShapesDataset(ShapesConfig(image_size=96, min_objects=3, max_objects=9), "train")
+    for i in range(20):
+        scene, image = source.scene(i), source[i]["image"]
+        classes, instances = source.masks(i)
+        painted = (image != np.array(BACKGROUND_RGB[scene.background])).any(axis=-1)
+        np.testing.assert_array_equal(classes > 0, painted)
+        np.testing.assert_array_equal(instances > 0, painted)
+        for k, obj in enumerate(scene.objects, start=1):
+            assert (instances == k).any()
+            assert set(np.unique(classes[instances == k])) == {1 + class_index(obj.colour, obj.shape)}
+
+
+def test_test_novel_puts_a_held_out_pair_in_every_scene_as_any_object_and_train_never():
+    config = ShapesConfig(image_size=64, min_objects=3, max_objects=6)
+    held = {class_index(c, s) for c, s in DEFAULT_HELD_OUT}
+    novel = ShapesDataset(config, "test_novel")
+    salient_novel = 0
+    for i in range(200):
+        pairs = [class_index(o.colour, o.shape) for o in novel.scene(i).objects]
+        assert held & set(pairs)
+        salient_novel += pairs[0] in held
+    assert 0.15 < salient_novel / 200 < 0.6  # as the salient object sometimes, as a small one mostly
+    train = ShapesDataset(config, "train")
+    assert not any(held & {class_index(o.colour, o.shape) for o in train.scene(i).objects} for i in range(200))
+
+
+# --- dense predict functions -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip():
+    cfg = CLIPConfig.from_dict(tiny_config("clip").model.to_dict())
+    model = CLIP(cfg)
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    params = model.init(jax.random.PRNGKey(1), images, np.zeros((2, 24), np.int32))["params"]
+    return model, nn.meta.unbox(params), images
+
+
+def test_the_training_free_dense_scores_are_patch_tokens_through_the_class_tokens_head(tiny_clip):
+    model, params, images = tiny_clip
+    labels = l2_normalize(jax.random.normal(jax.random.PRNGKey(2), (5, model.config.embed_dim)))
+    got = model.apply({"params": params}, images, labels, method=CLIP.dense_logits)
+    tokens = model.apply({"params": params}, images, method=CLIP.image_features).tokens[:, 1:]
+    v = params["visual"]
+    features = l2_normalize(layer_norm(tokens, v["ln_post"]) @ v["proj"])
+    want = np.exp(params["logit_scale"]) * features @ labels.T
+    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+    assert got.shape == (2, 2, 2, 5)  # 32 px / 16 px patches
+
+
+def test_encoder_segment_upsamples_the_scores_and_takes_the_most_probable_label(tiny_clip):
+    model, params, images = tiny_clip
+    labels = np.asarray(l2_normalize(jax.random.normal(jax.random.PRNGKey(3), (4, model.config.embed_dim))))
+    encoder = Encoder(model, params, make_mesh({"data": 2}, jax.devices()[:2]), 4)
+    label, probability = encoder.segment(images[:1], labels)  # a partial batch: padded, then dropped
+    logits = model.apply({"params": params}, images[:1], labels, method=CLIP.dense_logits)
+    probs = jax.nn.softmax(jax.image.resize(logits, (1, 32, 32, 4), "bilinear"), axis=-1)
+    np.testing.assert_array_equal(label, np.argmax(probs, -1))
+    np.testing.assert_allclose(probability, np.max(probs, -1), rtol=1e-5)
+
+
+def test_lseg_scores_are_its_decoders_pixels_against_the_labels_at_the_fixed_temperature():
+    cfg = CLIPConfig.from_dict(tiny_config("clip").model.to_dict())
+    model = LSegCLIP(cfg, decoder_width=8)
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, np.zeros((2, 24), np.int32))["params"])
+    labels = l2_normalize(jax.random.normal(jax.random.PRNGKey(4), (3, cfg.embed_dim)))
+    got = model.apply({"params": params}, images, labels, method=LSegCLIP.dense_logits)
+    assert got.shape == (2, 16, 16, 3)  # half the image size
+    pixels = model.apply({"params": params}, normalize_images(images),
+                         method=lambda m, x: l2_normalize(m.decoder(m.visual.token_grid(x))))
+    np.testing.assert_allclose(got, (1 / 0.07) * pixels @ labels.T, rtol=1e-5, atol=1e-5)
+    assert "lseg_logit_scale" not in params  # fixed, as the reference's (a plain tensor, never trained)
+
+
+def test_lseg_labels_the_seen_pairs_and_ignores_the_held_out_ones():
+    config = tiny_config("lseg")
+    method = get_method(config)
+    names = method.label_names()
+    assert names[0] == "background" and len(names) == 41 and "red star" not in names
+    hook = PixelLabels(64, method.lookup())
+    scene = Scene("grey", (ShapeObject("red", "star", "large", 0), ShapeObject("blue", "circle", "medium", 8)))
+    seg = hook({"scene": scene}, np.random.default_rng(0))["seg"]
+    classes, _ = scene_masks(scene, 64)
+    assert set(np.unique(seg[classes == 0])) == {0}
+    assert set(np.unique(seg[classes == 1 + class_index("red", "star")])) == {255}  # held out: no training label
+    assert set(np.unique(seg[classes == 1 + class_index("blue", "circle")])) == {names.index("blue circle")}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"data.source": "captions"}, "method lseg trains on masks: data.source 'shapes' or 'segmentation_folder'"),
+    ({"data.augment": True}, "needs data.augment False"),
+    ({"optimizer.frozen": ()}, "add '^text/' to optimizer.frozen"),
+])
+def test_lseg_refuses_a_config_it_cannot_train_in_one_line(change, words):
+    config = tiny_config("lseg")
+    for key, value in change.items():
+        group, field = key.split(".")
+        config[group][field] = value
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("^", r"\^")):
+        get_method(config)
+
+
+def test_groupvit_pixels_take_their_segments_class_probabilities_among_the_images_top_k():
+    cfg = CLIPConfig.from_dict(tiny_config("clip").model.to_dict())
+    hparams = GroupViTConfig(stage_depths=(1, 0), num_group_tokens=(4, 0), num_output_groups=(3,), top_k_classes=2)
+    model = GroupViTCLIP(cfg, hparams)
+    images = np.random.default_rng(5).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, np.zeros((2, 24), np.int32))["params"])
+    labels = l2_normalize(jax.random.normal(jax.random.PRNGKey(6), (5, cfg.embed_dim)))
+    probs = np.exp(np.asarray(model.apply({"params": params}, images, labels, method=GroupViTCLIP.dense_logits)))
+    assert probs.shape == (2, 32, 32, 5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    image, segments, _ = model.apply({"params": params}, images, method=GroupViTCLIP.segments)
+    for b in range(2):
+        top = set(np.argsort(-np.asarray(image[b] @ labels.T))[:2].tolist())
+        assert set(np.flatnonzero(probs[b].reshape(-1, 5).max(0) > 1e-20)) <= top  # the others: log(1e-30)
+        # every pixel's distribution is one of its segments'
+        scale = np.exp(params["logit_scale"])
+        logits = np.where(np.isin(np.arange(5), list(top)), scale * np.asarray(segments[b] @ labels.T), -np.inf)
+        segment_probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        distance = np.abs(probs[b].reshape(-1, 1, 5) - segment_probs[None]).max(-1).min(-1)
+        assert distance.max() < 1e-5
+
+
+def test_groupvit_phrases_name_the_scenes_objects_and_pad_with_the_caption():
+    scene = Scene("grey", (ShapeObject("red", "star", "large", 4), ShapeObject("blue", "circle", "small", 0)))
+    phrases = ObjectPhrases(3, ("a {}.", "the {}!"))({"scene": scene, "long_caption": "two shapes."})
+    assert phrases == {"prompt_0": "a red star.", "prompt_1": "a blue circle.", "prompt_2": "two shapes."}
+
+
+def test_groupvit_refuses_stages_that_do_not_fit_the_tower_in_one_line():
+    config = tiny_config("groupvit")
+    config.method.stage_depths = (2, 1)
+    with pytest.raises(ConfigError, match=r"method groupvit: stage_depths \(2, 1\) must be >= 0 and sum to"):
+        get_method(config)
+
+
+# --- end to end: a CLIP, LSeg and GroupViT from it, the segment command, the folder evaluation ---------------------
+def clip_jax(*args, cwd=None):
+    result = subprocess.run([sys.executable, "-m", "clip_jax", *map(str, args)], capture_output=True, text=True,
+                            cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def tiny_overrides(steps: int) -> list[str]:
+    return ["--config.model.vision.width=32", "--config.model.vision.layers=2", "--config.model.vision.heads=2",
+            "--config.model.vision.head_dim=16", "--config.model.vision.mlp_dim=64",
+            "--config.model.vision.image_size=32", "--config.model.text.width=32", "--config.model.text.layers=1",
+            "--config.model.text.heads=2", "--config.model.text.head_dim=16", "--config.model.text.mlp_dim=64",
+            "--config.model.embed_dim=16", "--config.data.tokenizer_vocab_size=600", f"--config.total_steps={steps}",
+            "--config.batch_size=8", "--config.eval.num_examples=8", "--config.eval.batch_size=8",
+            f"--config.checkpoint.every_steps={steps}", "--config.log.every_steps=1", "--config.data.workers=0"]
+
+
+@pytest.fixture(scope="module")
+def clip_workdir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("clip")
+    clip_jax("train", "--config", "configs/demo.py", "--workdir", workdir, *tiny_overrides(2))
+    return workdir
+
+
+def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(clip_workdir, tmp_path):
+    from clip_jax.train.loop import load_trained
+
+    lseg, groupvit = tmp_path / "lseg", tmp_path / "groupvit"
+    clip_jax("train", "--config", "configs/lseg_shapes.py", "--workdir", lseg, *tiny_overrides(2),
+             f"--config.init_from={clip_workdir}", "--config.method.decoder_width=8")
+    clip_jax("train", "--config", "configs/groupvit_shapes.py", "--workdir", groupvit, *tiny_overrides(2),
+             f"--config.init_from={clip_workdir}", "--config.method.stage_depths=(1, 1, 0)",
+             "--config.method.num_group_tokens=(4, 2, 0)", "--config.method.num_output_groups=(4, 2)",
+             "--config.evals.shapes=None")
+    for workdir in (lseg, groupvit):
+        results = json.loads((workdir / "results.json").read_text())
+        assert 0 <= results["seg_novel_miou"] <= 1 and 0 <= results["seg_seen_miou"] <= 1
+    clip = load_trained(clip_workdir).params
+    # LSeg: the text tower is the CLIP's, untouched (frozen); the decoder is new.
+    lseg_params = load_trained(lseg).params
+    for a, b in zip(jax.tree.leaves(clip["text"]), jax.tree.leaves(lseg_params["text"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # GroupViT's stage 1 starts from the CLIP's first block: after 2 steps at the warm-up's first learning rates it
+    # is still close to it, and far from a fresh initialisation.
+    start = np.asarray(clip["visual"]["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"])
+    got = np.asarray(load_trained(groupvit).params["visual"]["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"])
+    assert np.abs(got - start).max() < 0.1 * np.abs(start).max()
+
+    images = tmp_path / "images"
+    images.mkdir()
+    source = ShapesDataset(ShapesConfig(image_size=32, min_objects=3, max_objects=6), "test_novel")
+    for i in range(3):
+        Image.fromarray(source[i]["image"]).save(images / f"scene{i}.png")
+    (images / "broken.png").write_text("not an image")
+    out = tmp_path / "masks"
+    result = clip_jax("segment", "--workdir", lseg, "--images", images, "--labels", "red star, blue circle",
+                      "--out", out)
+    assert "segmented 3 images into 2 labels" in result.stdout and "1 undecodable" in result.stdout
+    assert (out / "labels.txt").read_text().splitlines() == ["background", "red star", "blue circle"]
+    mask = Image.open(out / "masks" / "scene0.png")
+    assert mask.mode == "P" and mask.size == (32, 32) and set(np.unique(np.asarray(mask))) <= {0, 1, 2}
+    assert Image.open(out / "overlays" / "scene0.png").size == (32, 32)
+
+    # export: LSeg's towers with a note on its decoder; a GroupViT tower has no PyTorch layout, refused in one line
+    result = clip_jax("export", "--workdir", lseg, "--format", "openai", "--out", tmp_path / "lseg.safetensors")
+    assert (tmp_path / "lseg.safetensors").exists() and "LSeg's decoder" in result.stderr
+    refused = subprocess.run([sys.executable, "-m", "clip_jax", "export", "--workdir", str(groupvit), "--format",
+                              "openai", "--out", str(tmp_path / "g.safetensors")], capture_output=True, text=True)
+    assert refused.returncode == 2 and not (tmp_path / "g.safetensors").exists()
+    assert refused.stderr.strip().splitlines()[-1].startswith("clip-jax export: error: ") and "GroupViT" in \
+        refused.stderr
+
+
+def test_lseg_trains_on_a_voc_folder_leaving_its_unseen_classes_out(clip_workdir, tmp_path):
+    """A folder written from shapes' train scenes; two of its classes unseen: their pixels are ignored in training
+    (label 255 in the batch) and they are not in the training label set."""
+    root = write_shapes_segmentation_set(tmp_path / "voc", 16, split="train", image_size=32)
+    unseen = ("red circle", "blue square")
+    workdir = tmp_path / "lseg"
+    overrides = [*tiny_overrides(2), f"--config.init_from={clip_workdir}", "--config.method.decoder_width=8",
+                 "--config.data.source=segmentation_folder", f"--config.data.path={root}",
+                 f"--config.method.unseen={unseen}", "--config.evals.seg=None"]
+    config = load_config("configs/lseg_shapes.py", overrides)
+    method = get_method(config)
+    assert not set(unseen) & set(method.label_names()) and len(method.label_names()) == 49 - 2
+    batch = next(method.train_data(config, None, list(range(8))))
+    source = SegmentationFolder(root, "train", 32)
+    masks = np.stack([source[i]["seg"] for i in range(len(source))])
+    lookup = np.asarray(method.lookup())
+    # every batch row is one of the folder's masks through the lookup, the unseen classes' pixels ignored
+    for seg in batch["seg"]:
+        assert any(np.array_equal(seg, lookup[m]) for m in masks)
+    names = source.class_names()
+    unseen_pixels = np.isin(masks, [names.index(c) for c in unseen])
+    assert unseen_pixels.any() and (lookup[masks][unseen_pixels] == 255).all()
+    clip_jax("train", "--config", "configs/lseg_shapes.py", "--workdir", workdir, *overrides)
+    with pytest.raises(ConfigError, match=r"method.unseen names \['pink circle'\]"):
+        bad = load_config("configs/lseg_shapes.py", [*overrides[:-2], "--config.method.unseen=('pink circle',)"])
+        get_method(bad).check(None)
+
+
+def test_the_folder_evaluation_scores_a_voc_layout_written_from_shapes(clip_workdir, tmp_path):
+    root = write_shapes_segmentation_set(tmp_path / "voc", 6, image_size=32)
+    novel = ",".join(f"'{c} {s}'" for c, s in DEFAULT_HELD_OUT)
+    overlays = tmp_path / "overlays"
+    clip_jax("eval", "--workdir", clip_workdir, f"--config.evals.voc={{'type': 'segmentation_folder', "
+             f"'path': '{root}', 'split': 'test_novel', 'novel': ({novel},), 'background': 'threshold', "
+             f"'overlay_dir': '{overlays}', 'overlays': 2}}")
+    results = json.loads(next(clip_workdir.glob("eval_*.json")).read_text())
+    assert {"voc_miou", "voc_seen_miou", "voc_novel_miou", "voc_iou/background"} <= set(results)
+    assert all(0 <= results[k] <= 1 or np.isnan(results[k]) for k in results if k.startswith("voc_"))
+    assert len(list(overlays.glob("*.png"))) == 2
+
+
+def test_segment_refuses_bad_labels_before_loading_a_model(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "clip_jax", "segment", "--workdir", str(tmp_path), "--images",
+                             str(tmp_path), "--labels", "cat,cat", "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("clip-jax segment: error: --labels needs distinct")
+
+
+
+def test_a_resnets_dense_features_are_its_attention_pool_at_each_position():
+    """MaskCLIP's reading of a ResNet: each position through the pool's value and output projections. With one grid
+    position and the mean token's position embedding equal to the position's, the pool attends over two identical
+    keys and values: its output is then exactly that position's dense feature."""
+    from clip_jax.models.resnet import ResNetConfig
+    from clip_jax.models.towers import TextConfig
+
+    cfg = CLIPConfig(vision=ResNetConfig(layers=(1, 1, 1, 1), width=8, heads=2, image_size=32),
+                     text=TextConfig(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64, context_length=8,
+                                     vocab_size=100), embed_dim=16)
+    model = CLIP(cfg)
+    images = np.random.default_rng(1).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, np.zeros((2, 8), np.int32))["params"])
+    table = params["visual"]["attnpool"]["positional_embedding"]
+    params["visual"]["attnpool"]["positional_embedding"] = table.at[0].set(table[1])
+    dense = model.apply({"params": params}, normalize_images(images),
+                        method=lambda m, x: m.visual.dense_features(x))
+    assert dense.shape == (2, 1, 1, 16)
+    pooled = model.apply({"params": params}, images, method=CLIP.image_features).pooled
+    np.testing.assert_allclose(np.asarray(dense)[:, 0, 0], pooled, rtol=1e-4, atol=1e-5)
