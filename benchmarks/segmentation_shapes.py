@@ -41,13 +41,12 @@ from clip_jax.data.pipeline import get_source
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.segmentation import (
-    choose_threshold,
+    ShapesSegmentationEval,
     class_iou,
     confusion_matrix,
-    label_embeddings,
     mean_iou,
     overlay,
-    predict_labels,
+    shapes_predictions,
     shapes_segmentation_data,
 )
 from clip_jax.evaluate.suite import eval_defaults, evaluate
@@ -167,19 +166,14 @@ def figure(panels: dict[str, tuple[np.ndarray, np.ndarray]], images: np.ndarray,
     canvas.save(path)
 
 
-def predictions(trained, background: str, images: np.ndarray, n: int) -> np.ndarray:
-    """Class maps of `images` by a trained workdir (the threshold chosen on n val scenes as the evaluation does)."""
+def predictions(trained, background: str, n: int) -> np.ndarray:
+    """A trained workdir's class maps of the first n test_novel scenes, as its evaluation makes them (the threshold
+    chosen on n val scenes)."""
     config = trained.config
     encoder = Encoder(trained.model, trained.params, trained.mesh, 100)
     texts = lambda t: encoder.texts(trained.tokenizer(t, config.model.text.context_length))  # noqa: E731
-    source = get_source(config, "test_novel")
-    labels = label_embeddings(texts, source.class_names(), background, ZERO_SHOT_TEMPLATES)
-    threshold = None
-    if background != "label":
-        val_images, val_target = shapes_segmentation_data(config.to_json(), "val", n, OBJECTS)
-        seen = [0] + [c + 1 for c in source.seen_classes()]
-        threshold = choose_threshold(*encoder.segment(val_images, labels), val_target, len(labels) + 1, seen)
-    return predict_labels(*encoder.segment(images, labels), threshold)
+    entry = ShapesSegmentationEval(background=background, min_objects=OBJECTS[0], max_objects=OBJECTS[1])
+    return shapes_predictions(texts, encoder, config, entry, n)[1]["test_novel"][2]
 
 
 def main() -> None:
@@ -243,11 +237,11 @@ def main() -> None:
         seed = args.seeds[0]
         clip_start = REPO / args.start_workdirs[0]
         images, target = shapes_segmentation_data(load_trained(clip_start).config.to_json(), "test_novel", 6, OBJECTS)
-        panels = {"dense CLIP": predictions(load_trained(clip_start), "threshold", images, args.num_examples)}
+        panels = {"dense CLIP": predictions(load_trained(clip_start), "threshold", args.num_examples)[:6]}
         for run, background in (("lseg", "label"), ("groupvit", "threshold"), ("groupvit_no_multi_label", "threshold")):
             if run in args.runs:
-                panels[run] = predictions(load_trained(out_dir / f"{run}_seed{seed}"), background, images,
-                                          args.num_examples)
+                panels[run] = predictions(load_trained(out_dir / f"{run}_seed{seed}"), background,
+                                          args.num_examples)[:6]
         figure(panels, images, target, FIGURE)
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

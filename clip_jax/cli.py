@@ -238,7 +238,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     from PIL import Image
 
     from clip_jax.data.images import list_images, load_images
-    from clip_jax.data.segmentation import BACKGROUND, voc_palette
+    from clip_jax.data.segmentation import BACKGROUND, mask_png
     from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.encoder import Encoder
@@ -273,17 +273,14 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     images = np.stack(images)
     masks = predict_labels(*encoder.segment(images, embeddings), args.threshold if background == "threshold" else None)
     if jax.process_index() == 0:
-        palette = voc_palette().ravel().tolist()
         for folder in ("masks", "overlays"):
             (out / folder).mkdir(parents=True, exist_ok=True)
         for row, i in enumerate(kept):
             stem = files[i].stem
-            mask = Image.fromarray(masks[row].astype(np.uint8), mode="P")
-            mask.putpalette(palette)
-            for folder, picture in (("masks", mask), ("overlays", Image.fromarray(overlay(images[row], masks[row])))):
-                buffer = io.BytesIO()
-                picture.save(buffer, format="PNG")
-                write_atomic(out / folder / f"{stem}.png", buffer.getvalue())
+            write_atomic(out / "masks" / f"{stem}.png", mask_png(masks[row]))
+            buffer = io.BytesIO()
+            Image.fromarray(overlay(images[row], masks[row])).save(buffer, format="PNG")
+            write_atomic(out / "overlays" / f"{stem}.png", buffer.getvalue())
         write_atomic(out / "labels.txt", "".join(f"{n}\n" for n in [BACKGROUND, *labels]))
         print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({background}) -> "
               f"{out}/masks, {out}/overlays, {out}/labels.txt" + (

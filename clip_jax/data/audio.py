@@ -53,7 +53,7 @@ from clip_jax.data.shapes import (
     class_index,
     validate_scene,
 )
-from clip_jax.errors import ConfigError
+from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote
 
 
@@ -199,10 +199,6 @@ _OTHER_FORMATS = ((b"ID3", "an MP3 file"), (b"\xff\xfb", "an MP3 file"), (b"\xff
 _CONVERT = "convert it to WAV (e.g. ffmpeg -i IN -ac 1 OUT.wav)"
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())
-
-
 def _read_bytes(path: epath.PathLike, max_bytes: int) -> bytes:
     try:
         # The project's one bounded reader: refuses a FIFO or device without blocking, and a file over the cap
@@ -263,7 +259,7 @@ def read_wav(path: epath.PathLike, sample_rate: int, num_samples: int, max_bytes
             warnings.simplefilter("ignore", wavfile.WavFileWarning)
             rate, samples = wavfile.read(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - scipy raises ValueError, EOFError, struct.error, ... on a damaged file
-        raise AudioError(f"cannot decode WAV file {path} ({_one_line(e)}): its header is truncated or corrupt, or it "
+        raise AudioError(f"cannot decode WAV file {path} ({one_line(e)}): its header is truncated or corrupt, or it "
                          f"uses an unsupported encoding; re-export it as PCM WAV") from None
     if samples.size == 0:
         raise AudioError(f"WAV file {path} holds no samples; re-export or remove it")

@@ -34,7 +34,7 @@ from clip_jax.data.images import (
     resize_center_crop,
 )
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset, class_names
-from clip_jax.errors import ConfigError
+from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote
 
 
@@ -75,7 +75,7 @@ def _decode_problem(error: BaseException) -> str:
     file of no image format, whose message would name only the in-memory buffer."""
     if isinstance(error, UnidentifiedImageError):
         return "undecodable_image: not in any image format PIL recognises"
-    return f"{bad_image_reason(error)}: " + " ".join(f"{type(error).__name__}: {error}".split())
+    return f"{bad_image_reason(error)}: {one_line(error)}"
 
 
 def _read_bytes(path: epath.PathLike, what: str, max_bytes: int) -> bytes:
@@ -252,6 +252,16 @@ def _check_writable(images: Sequence[np.ndarray], segs: Sequence[np.ndarray], id
             raise ValueError(f"{image_id}: mask labels {bad.tolist()} are beyond the {num_classes} classes")
 
 
+def mask_png(labels: np.ndarray) -> bytes:
+    """A label map (integer [H, W], values < 256) as a palette PNG in VOC's colours: the values are the palette
+    indices, so it reads back as the labels and views as a picture."""
+    mask = Image.fromarray(np.asarray(labels).astype(np.uint8)).convert("P")  # "L" to "P" keeps the values
+    mask.putpalette(voc_palette().tobytes())
+    buffer = io.BytesIO()
+    mask.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def write_segmentation_folder(out_dir: epath.PathLike, images: Sequence[np.ndarray], segs: Sequence[np.ndarray],
                               ids: Sequence[str], class_names: Sequence[str], split: str) -> epath.Path:
     """Writes images (uint8 [H, W, 3], sizes may differ) and their label maps (integer [H, W]) in the VOC layout
@@ -264,14 +274,10 @@ def write_segmentation_folder(out_dir: epath.PathLike, images: Sequence[np.ndarr
     out = epath.Path(out_dir)
     for folder in (_IMAGES, _MASKS, _SPLITS):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    palette = voc_palette().tobytes()
     for image, seg, image_id in zip(images, segs, ids, strict=True):
         with (out / _IMAGES / f"{image_id}.jpg").open("wb") as f:
             Image.fromarray(image).save(f, "JPEG", quality=100, subsampling=0)
-        mask = Image.fromarray(seg.astype(np.uint8)).convert("P")  # "L" to "P" keeps the values as the indices
-        mask.putpalette(palette)
-        with (out / _MASKS / f"{image_id}.png").open("wb") as f:
-            mask.save(f, "PNG")
+        (out / _MASKS / f"{image_id}.png").write_bytes(mask_png(seg))
     (out / _SPLITS / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     (out / _NAMES).write_text("".join(f"{name}\n" for name in class_names))
     return out

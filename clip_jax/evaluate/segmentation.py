@@ -37,7 +37,7 @@ from PIL import Image
 
 from clip_jax.data.classification import class_embeddings
 from clip_jax.data.pipeline import get_source
-from clip_jax.data.segmentation import BACKGROUND, IGNORE, SegmentationFolder
+from clip_jax.data.segmentation import BACKGROUND, IGNORE, SegmentationFolder, voc_palette
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.errors import ConfigError
 
@@ -99,21 +99,10 @@ def label_embeddings(texts, class_names: Sequence[str], background: str, templat
     return class_embeddings(texts, names, templates)
 
 
-_PALETTE_SEED = 7
-
-
-@functools.lru_cache(maxsize=4)
-def palette(num_classes: int) -> np.ndarray:
-    """uint8 [C, 3] colours for class maps, class 0 (the background) black, the others fixed random hues."""
-    colours = np.random.default_rng(_PALETTE_SEED).integers(40, 256, size=(num_classes, 3)).astype(np.uint8)
-    colours[0] = 0
-    return colours
-
-
 def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """The image with each non-background pixel tinted by its class colour (`palette`); ignored pixels white."""
-    colours = palette(256)
-    tint = colours[classes]
+    """The image with each non-background pixel tinted by its class colour (VOC's, as the mask PNGs); ignored pixels
+    white."""
+    tint = voc_palette()[classes]
     out = image.astype(np.float32)
     mask = (classes > 0)[..., None]
     out = np.where(mask, (1 - alpha) * out + alpha * tint, out)
@@ -168,32 +157,44 @@ def shapes_segmentation_data(config_json: str, split: str, n: int, objects: tupl
     return images, masks
 
 
+def shapes_predictions(texts, encoder, config: ml_collections.ConfigDict, entry: ShapesSegmentationEval, n: int
+                       ) -> tuple[float | None, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """(the background threshold chosen on n `val` scenes, or None with a background label; for test_seen and
+    test_novel, their first n images, true class maps and predicted ones) of the model behind `encoder`."""
+    source = get_source(config, "test_novel")
+    names = source.class_names()
+    seen = [0] + [c + 1 for c in source.seen_classes()]
+    labels = label_embeddings(texts, names, entry.background, entry.templates)
+
+    def predict(split):
+        images, target = shapes_segmentation_data(config.to_json(), split, n, (entry.min_objects, entry.max_objects))
+        return images, target, encoder.segment(images, labels)
+
+    threshold = None
+    if entry.background == "threshold":
+        _, target, (label, prob) = predict("val")
+        threshold = choose_threshold(label, prob, target, len(names) + 1, seen)
+    out = {}
+    for split in ("test_seen", "test_novel"):
+        images, target, (label, prob) = predict(split)
+        out[split] = images, target, predict_labels(label, prob, threshold)
+    return threshold, out
+
+
 def run_shapes_segmentation(ctx, name: str, entry: ShapesSegmentationEval) -> dict[str, float]:
     config = ctx.config
     if config.data.source != "shapes":
         log.info("evals.%s: skipped, the run is not trained on shapes", name)
         return {}
     _check_background(name, entry.background)
-    n, key = ctx.num_examples(entry), config.to_json()
     source = get_source(config, "test_novel")
     names = source.class_names()
     num_classes = len(names) + 1
     seen = [0] + [c + 1 for c in source.seen_classes()]
     novel = [c + 1 for c in source.held_out_classes()]
-    labels = label_embeddings(ctx.texts, names, entry.background, entry.templates)
-
-    def predict(split):
-        images, target = shapes_segmentation_data(key, split, n, (entry.min_objects, entry.max_objects))
-        return images, target, ctx.encoder.segment(images, labels)
-
-    threshold = None
-    if entry.background == "threshold":
-        _, target, (label, prob) = predict("val")
-        threshold = choose_threshold(label, prob, target, num_classes, seen)
+    threshold, predictions = shapes_predictions(ctx.texts, ctx.encoder, config, entry, ctx.num_examples(entry))
     results = {} if threshold is None else {f"{name}_threshold": threshold}
-    for split in ("test_seen", "test_novel"):
-        images, target, (label, prob) = predict(split)
-        pred = predict_labels(label, prob, threshold)
+    for split, (images, target, pred) in predictions.items():
         confusion = confusion_matrix(target, pred, num_classes)
         if split == "test_seen":
             results[f"{name}_seen_miou"] = mean_iou(confusion, seen)
