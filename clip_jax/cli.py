@@ -287,6 +287,69 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
                   f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 
+def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
+    import jax
+    import numpy as np
+    from etils import epath
+    from PIL import Image, ImageDraw
+
+    from clip_jax.data.coco import to_original_xywh
+    from clip_jax.data.images import list_images, load_images
+    from clip_jax.distributed import maybe_initialize
+    from clip_jax.evaluate.detection import detect
+    from clip_jax.evaluate.encoder import Encoder
+    from clip_jax.train.loop import load_trained
+
+    queries = [q.strip() for q in args.queries.split(".") if q.strip()]
+    if not queries or len(set(queries)) != len(queries):
+        raise ConfigError(f'--queries needs distinct names separated by ". ", e.g. "red circle. blue star", got '
+                          f"{args.queries!r}")
+    if not 0 <= args.min_score < 1:
+        raise ConfigError(f"--min-score must be in [0, 1), got {args.min_score}")
+    out = epath.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for detections.json and the drawn boxes")
+    files = list_images(args.images)
+    maybe_initialize()
+    trained = load_trained(args.workdir)
+    if not hasattr(trained.method, "detection_queries"):
+        raise ConfigError(f"{args.workdir} is a {trained.config.method.name} run, not a detector: train one with "
+                          "configs/vild_shapes.py or configs/glip_shapes.py (docs/detection.md)")
+    size = trained.config.model.vision.image_size
+    images, kept, skipped = load_images(files, size, args.max_image_bytes)
+    for message in skipped:
+        print(f"warning: {message}", file=sys.stderr)
+    if not images:
+        raise ConfigError(f"no readable image among the {len(files)} files of --images")
+    encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
+    texts = lambda t: encoder.texts(trained.tokenizer(t, trained.config.model.text.context_length))  # noqa: E731
+    found = detect(encoder, trained.method.detection_queries(texts, trained.tokenizer, queries), np.stack(images),
+                   max_detections=args.max_detections, min_score=args.min_score)
+    if jax.process_index() != 0:
+        return
+    (out / "boxes").mkdir(parents=True, exist_ok=True)
+    report, total = [], 0
+    for det, i in zip(found, kept, strict=True):
+        with Image.open(files[i]) as original:
+            picture = original.convert("RGB")
+        xywh = to_original_xywh(det.boxes, picture.width, picture.height, size)
+        draw = ImageDraw.Draw(picture)
+        boxes = []
+        for (x, y, w, h), score, c in zip(xywh, det.scores, det.classes, strict=True):
+            boxes.append({"label": queries[c], "score": round(float(score), 4),
+                          "box_xyxy": [round(float(v), 1) for v in (x, y, x + w, y + h)]})
+            draw.rectangle((x, y, x + w, y + h), outline=(255, 0, 0), width=max(1, picture.width // 200))
+            draw.text((x + 2, y + 1), f"{queries[c]} {score:.2f}", fill=(255, 0, 0))
+        total += len(boxes)
+        report.append({"image": str(files[i]), "width": picture.width, "height": picture.height, "detections": boxes})
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        write_atomic(out / "boxes" / f"{files[i].stem}.png", buffer.getvalue())
+    write_atomic(out / "detections.json", json.dumps(report, indent=1))
+    print(f"{total} boxes of {len(queries)} queries in {len(kept)} images -> {out}/detections.json, {out}/boxes" + (
+        f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+
+
 def _read_lines(path: str) -> list[str]:
     """The lines of a UTF-8 text file; one line naming the file and line where it is not UTF-8 or holds nothing."""
     from etils import epath
@@ -340,6 +403,9 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     if method == "lseg":
         print("note: the export holds the image and text towers; LSeg's decoder has no OpenAI or Hugging Face layout "
               "and stays in the workdir (clip-jax segment)", file=sys.stderr)
+    if method in ("vild", "glip"):
+        print(f"note: the export holds the image and text towers; the {method} detector's heads have no OpenAI or "
+              "Hugging Face layout and stay in the workdir (clip-jax detect)", file=sys.stderr)
 
 
 def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -429,7 +495,8 @@ def _byte_count(text: str) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "classify": _classify, "segment": _segment,
-            "convert": _convert, "export": _export, "stretch": _stretch, "wise-ft": _wise_ft, "data": _data}
+            "detect": _detect, "convert": _convert, "export": _export, "stretch": _stretch, "wise-ft": _wise_ft,
+            "data": _data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,6 +543,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "a validation set: the shapes_segmentation evaluation prints the one it chose)")
     seg.add_argument("--batch-size", type=int, default=64)
     seg.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help="skip image files larger than this (default: %(default)s)")
+    det = sub.add_parser("detect", help="boxes of objects named in text (a ViLD or GLIP run)")
+    det.add_argument("--workdir", required=True)
+    det.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    det.add_argument("--queries", required=True, help='names separated by ". ", e.g. "red circle. blue star"')
+    det.add_argument("--out", required=True, help="folder: detections.json (boxes in the images' pixels, x0 y0 x1 "
+                     "y1) and boxes/<image>.png (drawn)")
+    det.add_argument("--min-score", type=float, default=0.3, help="keep boxes scoring at least this "
+                     "(default: %(default)s)")
+    det.add_argument("--max-detections", type=int, default=100, help="per image (default: %(default)s)")
+    det.add_argument("--batch-size", type=int, default=64)
+    det.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")
     conv = sub.add_parser("convert", help="make a workdir from a PyTorch checkpoint (OpenAI, open_clip, Long-CLIP, HF)")
     conv.add_argument("src", help="state dict file (.safetensors/.pt/.bin) or open_clip / HF CLIPModel directory")

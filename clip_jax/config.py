@@ -327,8 +327,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
     """Files a run reads, looked for before any work (not in `validate`: a workdir whose data has moved must still
     be evaluated, encoded and exported). A path that is a pattern or a list (records) is left to its source."""
-    paths = {f"evals.{name}.path": entry.path for name, entry in config.evals.items() if "path" in entry}
+    paths = {f"evals.{name}.{key}": entry[key] for name, entry in config.evals.items()
+             for key in ("path", "annotations", "image_root") if key in entry}
     if training:
+        for key in ("annotations", "image_root"):  # a detection method's COCO training file
+            if config.method.get(key):
+                paths[f"method.{key}"] = config.method[key]
         if config.data.source != "shapes" and not config.data.path:
             raise ConfigError(f"data.source {config.data.source!r} reads files: set --config.data.path (see the "
                               "schema's comment in clip_jax/config.py)")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from clip_jax.models.boxes import giou_loss
 from clip_jax.sharding import BATCH_AXES
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -290,6 +291,43 @@ def pixel_cross_entropy(outputs: dict[str, jax.Array], *, axis_name, ignore: int
     hits = ((jnp.argmax(logits, axis=-1) == target) & valid).sum()
     loss = jax.lax.psum(jnp.where(valid, ce, 0.0).sum(), axis_name) / count
     return loss, {"pixel_acc": jax.lax.psum(hits, axis_name) / count}
+
+
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0
+                       ) -> jax.Array:
+    """RetinaNet's focal loss, elementwise: binary cross-entropy of `logits` against 0/1 `targets`, scaled by
+    (1 - p_t)^gamma (easy examples count less) and alpha on positives, 1 - alpha on negatives (alpha < 0: none)."""
+    logits, targets = logits.astype(jnp.float32), targets.astype(jnp.float32)
+    p = jax.nn.sigmoid(logits)
+    ce = -(targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits))
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def detection_loss(outputs: dict[str, jax.Array], *, axis_name, l1_weight: float = 5.0, giou_weight: float = 2.0,
+                   focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The one-stage part of the detection methods, per patch of the image grid: `patch_logits` [B, P, K] scored
+    with the focal loss against `patch_targets` [B, P, K] (0/1; entries where `patch_valid` [B, P, K] is False count
+    for nothing: a prompt's padding slots), and the boxes `patch_boxes` [B, P, 4] (normalised xyxy) of the patches
+    an object is assigned to (`target_boxes` [B, P, 4], `assigned` [B, P]) regressed with L1 (summed over the four
+    coordinates) + GIoU. Every term is summed over the global batch and divided by its number of assigned patches
+    (RetinaNet's and DETR's normaliser; at least 1). Metrics: `loss_focal`, `loss_l1`, `loss_giou`, `box_giou` (the
+    mean GIoU of the assigned patches' boxes with their targets)."""
+    assigned = outputs["assigned"].astype(jnp.float32)
+    count = jnp.maximum(jax.lax.psum(assigned.sum(), axis_name), 1.0)
+    focal = sigmoid_focal_loss(outputs["patch_logits"], outputs["patch_targets"], focal_alpha, focal_gamma)
+    focal = jnp.where(outputs["patch_valid"], focal, 0.0)
+    pred, target = outputs["patch_boxes"].astype(jnp.float32), outputs["target_boxes"].astype(jnp.float32)
+    l1 = jnp.abs(pred - target).sum(-1)
+    giou = giou_loss(pred, target)
+    total = {name: jax.lax.psum((value * (assigned if name != "focal" else 1.0)).sum(), axis_name) / count
+             for name, value in (("focal", focal), ("l1", l1), ("giou", giou))}
+    loss = total["focal"] + l1_weight * total["l1"] + giou_weight * total["giou"]
+    return loss, {"loss_focal": total["focal"], "loss_l1": total["l1"], "loss_giou": total["giou"],
+                  "box_giou": 1.0 - total["giou"]}
 
 
 def nt_xent_loss(outputs: dict[str, jax.Array], *, axis_name, temperature: float = 0.1,

@@ -95,3 +95,23 @@ def dense_shapes(config, background: str):
     config.eval.num_examples = 200
     config.evals = {"seg": {**eval_defaults("shapes_segmentation"), "background": background}}
     return config
+
+
+def detection_shapes(config, method: str, frozen: tuple[str, ...], **fields):
+    """The shapes recipes of the detection methods (docs/detection.md): `dense_shapes`' model, start and scenes, the
+    method with its frozen towers, and the `shapes_detection` evaluation at the end. 400 steps of 32 over 2,000
+    training scenes; learning rate and steps set a priori, not tuned on any split."""
+    from clip_jax.config import method_config
+    from clip_jax.evaluate.suite import eval_defaults
+
+    dense_shapes(config, background="label")
+    config.method = method_config(method, **fields)
+    config.evals = {"det": eval_defaults("shapes_detection")}
+    config.optimizer.frozen = frozen
+    config.total_steps = 400
+    config.batch_size = 32
+    config.optimizer.lr = 5e-4
+    config.optimizer.warmup_steps = 40
+    config.optimizer.weight_decay = 1e-4
+    config.checkpoint.every_steps = 200
+    return config

@@ -35,7 +35,9 @@ BATCH, IMAGE, CONTEXT, VOCAB = 16, 32, 24, 600
 SMALL = {"longclip": {"pca_components": 4, "pca_scope": "global", "short_context_length": 12}, "coop": {"n_ctx": 4},
          "maple": {"prompt_depth": 1},  # the tiny towers have one block
          "slip": {"ssl_hidden": 32, "ssl_dim": 8}, "lseg": {"decoder_width": 16},
-         "groupvit": {"stage_depths": (1, 0), "num_group_tokens": (4, 0), "num_output_groups": (2,)}}
+         "groupvit": {"stage_depths": (1, 0), "num_group_tokens": (4, 0), "num_output_groups": (2,)},
+         "vild": {"train_examples": 16, "regions": 4, "region_width": 16, "box_width": 16},
+         "glip": {"train_examples": 16, "box_width": 16, "prompt_classes": 2, "fusion_heads": 2}}
 # Per method: the towers it adds to the tiny model (AudioCLIP's audio tower: 15 frames x 32 mel bands, 12 patches).
 EXTRA_TOWERS = {"audioclip": {"audio": dict(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64, num_samples=2048,
                                             n_mels=32, patch_time=5, patch_freq=8)}}
@@ -61,8 +63,8 @@ def tiny_config(name: str):
     config.optimizer.lr = 1e-2
     config.eval.num_examples = 16
     config.eval.batch_size = 16
-    if name == "lseg":  # the masks move with the image only without crops; the labels come from a frozen text tower
-        config.data.augment = False
+    if name in ("lseg", "vild", "glip"):  # masks and boxes move with the image only without crops; the labels come
+        config.data.augment = False     # from a frozen text tower
         config.optimizer.frozen = LSEG_FROZEN
     return config
 
@@ -144,8 +146,10 @@ def test_a_sharded_accumulated_step_equals_one_device_in_one_shot(runs):
     for w, g in zip(want_metrics, got_metrics, strict=True):
         np.testing.assert_allclose(g["loss"], w["loss"], rtol=1e-5)
         np.testing.assert_allclose(g["grad_norm"], w["grad_norm"], rtol=1e-4)
-    # Adam divides by sqrt(v): rounding of near-zero gradients moves a parameter by up to ~1e-5 at lr 1e-2.
-    assert_trees_close(jax.device_get(got.params), jax.device_get(want.params), rtol=1e-4, atol=2e-5)
+    # Adam divides by sqrt(v): rounding of near-zero gradients moves a parameter by up to ~1e-5 at lr 1e-2 (~1e-4 in
+    # the detectors, whose focal losses leave many gradients near zero).
+    atol = 1e-4 if "box_head" in runs["one"][0][0].params else 2e-5
+    assert_trees_close(jax.device_get(got.params), jax.device_get(want.params), rtol=1e-4, atol=atol)
     assert set(want_metrics[0]) >= {"loss", "grad_norm", "lr", "nonfinite"}
 
 
@@ -176,6 +180,10 @@ def test_the_evaluation_suite_runs_on_the_methods_model(method_setup, runs, toke
         config.evals["seg"] = {**eval_defaults("shapes_segmentation"), "background": DENSE[method.name]}
         results |= evaluate(config, method.model(), state.params, mesh, tokenizer, ["seg"], method)
         want |= {"seg_seen_miou", "seg_novel_miou", "seg_novel_scenes_miou"}
+    if method.name in ("vild", "glip"):  # the detector's predict function, through the detection evaluation
+        config.evals["det"] = {**eval_defaults("shapes_detection"), "num_examples": 8}
+        results |= evaluate(config, method.model(), state.params, mesh, tokenizer, ["det"], method)
+        want |= {f"det{s}_ap{t}" for s in ("", "_base", "_novel") for t in ("", "50")}
     assert want <= set(results)
     assert all(0.0 <= results[k] <= 1.0 for k in want)
 
@@ -212,8 +220,8 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
 
 @pytest.mark.parametrize("overrides, words", [
     (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of audioclip, clip, clip_adapter, "
-                                       "cocoop, coop, groupvit, linear_probe, longclip, lseg, maple, siglip, slip, "
-                                       "tip_adapter, wise_ft"),
+                                       "cocoop, coop, glip, groupvit, linear_probe, longclip, lseg, maple, siglip, "
+                                       "slip, tip_adapter, vild, wise_ft"),
     (["--config.method.pca_components=4"], "a field of method longclip: set --config.method.name first"),
     (["--config.loss.name=siglip_ring"], "use --config.method.name=siglip --config.method.ring=True"),
     (["--config.loss.label_smoothing=0.1"], "'loss.label_smoothing' is now 'method.label_smoothing'"),

@@ -342,6 +342,19 @@ def scene_masks(scene: Scene, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return classes, instances
 
 
+def scene_boxes(scene: Scene, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tight boxes of the scene's objects, float32 [n, 4] pixel (x0, y0, x1, y1) with x1, y1 one past the last
+    painted column and row (the extent of `scene_masks`' instance), and their class indices int32 [n], in the scene's
+    order (the salient object is not necessarily first)."""
+    _, instances = scene_masks(scene, image_size)
+    boxes = np.zeros((len(scene.objects), 4), np.float32)
+    for i in range(len(scene.objects)):
+        rows, cols = np.nonzero(instances == i + 1)
+        boxes[i] = cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
+    classes = np.asarray([class_index(o.colour, o.shape) for o in scene.objects], np.int32)
+    return boxes, classes
+
+
 def render_scene(
     scene: Scene, image_size: int = 64, domain: ShapesDomain = DOMAINS["clean"],
     domain_rng: np.random.Generator | None = None,

@@ -88,7 +88,24 @@ class Encoder:
         labels = jax.device_put(np.asarray(labels, np.float32), replicated(self.mesh))
         return self._run(self._segment_fn, np.asarray(images), labels)
 
+    def predict(self, name: str, images: np.ndarray, *args: Any) -> Any:
+        """The model's method `name`(images, *args) over uint8 images [N, H, W, 3] in batches, `args` (arrays or
+        pytrees of them, e.g. a detector's queries) replicated to every device: a method's predict function (a
+        detector's `detect`), compiled once per name and shapes. Returns its outputs with N rows."""
+        if name not in self._predict_fns:
+            self.trace_counts.setdefault(name, 0)
+            method = getattr(type(self.model), name)
+
+            def fn(params, batch, *rest):
+                return self.model.apply({"params": params}, batch, *rest, method=method)
+
+            self._predict_fns[name] = self._jit(name, fn, replicated_args=len(args)) if args else self._jit(name,
+                                                                                                          method)
+        args = jax.device_put(jax.tree.map(np.asarray, args), replicated(self.mesh))
+        return self._run(self._predict_fns[name], np.asarray(images), *args)
+
     def _build(self) -> None:
+        self._predict_fns: dict[str, Callable] = {}
         self._image_fn = self._jit("images", CLIP.encode_image)
         self._text_fn = self._jit("texts", CLIP.encode_text)
         self._audio_fn = self._jit("audio", CLIP.encode_audio)

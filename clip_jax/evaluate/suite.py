@@ -17,6 +17,8 @@ entry to its results. `eval.batch_size` and `eval.num_examples` are shared by al
 - `few_shot`: top-1 on the base and new classes of `config.few_shot` and their harmonic mean (`run_few_shot`).
 - `shapes_audio`, `zero_shot_audio_folder`: a model with an audio tower (AudioCLIP); see audio.py.
 - `shapes_segmentation`, `segmentation_folder`: per-pixel labels named in text, mIoU; see segmentation.py.
+- `shapes_detection`, `coco_detection`: boxes of classes named in text, COCO box AP on base and novel classes; a
+  detection method's (ViLD, GLIP); see detection.py.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ from clip_jax.evaluate.audio import (
     ZeroShotAudioFolderEval,
     run_shapes_audio,
     run_zero_shot_audio_folder,
+)
+from clip_jax.evaluate.detection import (
+    CocoDetectionEval,
+    ShapesDetectionEval,
+    run_coco_detection,
+    run_shapes_detection,
 )
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.long_text import hard_pairs, hard_pairs_accuracy, load_long_text_set, shapes_long_captions
@@ -269,10 +277,12 @@ EVALUATORS: dict[str, Evaluator] = {
     "zero_shot_audio_folder": (ZeroShotAudioFolderEval, run_zero_shot_audio_folder),
     "shapes_segmentation": (ShapesSegmentationEval, run_shapes_segmentation),
     "segmentation_folder": (SegmentationFolderEval, run_segmentation_folder),
+    "shapes_detection": (ShapesDetectionEval, run_shapes_detection),
+    "coco_detection": (CocoDetectionEval, run_coco_detection),
 }
 # Fields an entry of this type must set (a path to read).
 _REQUIRED = {"long_text_set": "path", "zero_shot_folder": "path", "zero_shot_tfds": "dataset",
-             "zero_shot_audio_folder": "path", "segmentation_folder": "path"}
+             "zero_shot_audio_folder": "path", "segmentation_folder": "path", "coco_detection": "annotations"}
 
 
 def eval_defaults(kind: str) -> dict[str, Any]:

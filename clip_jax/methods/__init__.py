@@ -10,16 +10,18 @@ from clip_jax.methods.audioclip import AudioClipMethod
 from clip_jax.methods.base import Method
 from clip_jax.methods.clip import ClipMethod, SiglipMethod
 from clip_jax.methods.few_shot import FEW_SHOT_METHODS
+from clip_jax.methods.glip import GLIPMethod
 from clip_jax.methods.groupvit import GroupViTMethod
 from clip_jax.methods.longclip import LongClipMethod
 from clip_jax.methods.lseg import LSegMethod
 from clip_jax.methods.prompt_learning import PROMPT_LEARNING_METHODS
 from clip_jax.methods.slip import SlipMethod
+from clip_jax.methods.vild import ViLDMethod
 from clip_jax.methods.wise_ft import WiseFtMethod
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
     ClipMethod, SiglipMethod, LongClipMethod, SlipMethod, AudioClipMethod, *FEW_SHOT_METHODS, *PROMPT_LEARNING_METHODS,
-    WiseFtMethod, LSegMethod, GroupViTMethod)}
+    WiseFtMethod, LSegMethod, GroupViTMethod, ViLDMethod, GLIPMethod)}
 
 
 def method_class(name: str) -> type[Method]:

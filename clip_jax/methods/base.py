@@ -17,6 +17,7 @@ A method is a subclass of `Method`, registered by name in `clip_jax.methods.METH
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -28,6 +29,8 @@ from jax.sharding import Mesh
 
 from clip_jax.data.pipeline import Captions, train_iterator
 from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.errors import ConfigError
+from clip_jax.files import write_atomic
 
 PyTree = Any
 Outputs = dict[str, jax.Array]
@@ -155,3 +158,26 @@ def abstract_batch(fields: Mapping[str, Field], batch_size: int, sharding: Any =
     """The batch the step is compiled for: `batch_size` rows of every field."""
     return {name: jax.ShapeDtypeStruct((batch_size, *f.shape), f.dtype, sharding=sharding)
             for name, f in fields.items()}
+
+
+def cached_arrays(prep: Preparation, name: str, settings: str, make: Callable[[], dict[str, np.ndarray]],
+                  what: str) -> dict[str, np.ndarray]:
+    """Arrays a method computes once before training (`prepare`), cached in the workdir as `name` (.npz): read back
+    when the file exists, made and written (by the primary process) when not, made alone without a workdir.
+    `settings` (a JSON string of what the arrays depend on) is stored with them: a file made with other settings is
+    a ConfigError. A resume with other settings is refused earlier (`fixed_groups`), but a launch that stopped before
+    its first checkpoint leaves the cache and lets the next launch change them."""
+    cache = prep.workdir / name if prep.workdir is not None else None
+    if cache is not None and cache.exists():
+        with cache.open("rb") as f:
+            stored = dict(np.load(f))
+        if str(stored.pop("settings")) != settings:
+            raise ConfigError(f"{cache} holds {what} of other settings (they changed since this run started): resume "
+                              "with the run's own settings, or use a new --workdir")
+        return stored
+    arrays = make()
+    if cache is not None and prep.is_primary:
+        buffer = io.BytesIO()
+        np.savez(buffer, settings=np.array(settings), **arrays)
+        write_atomic(cache, buffer.getvalue())
+    return arrays

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -27,9 +26,8 @@ import numpy as np
 from clip_jax.data.classification import FewShotTask, class_embeddings, few_shot_task
 from clip_jax.data.pipeline import array_iterator
 from clip_jax.errors import ConfigError, UnscorableClasses
-from clip_jax.files import write_atomic
 from clip_jax.losses import classification_loss
-from clip_jax.methods.base import Field, Method, Preparation, StepFns
+from clip_jax.methods.base import Field, Method, Preparation, StepFns, cached_arrays
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize
 
@@ -118,24 +116,14 @@ class FewShotMethod(Method):
         if self.inputs == "images":  # K x C images: read (or rendered) again on every launch, as the data would be
             self.train_arrays = {"images": train.read(range(len(train))), "label": train.labels.astype(np.int32)}
             return
-        # What the cached embeddings depend on. A resume with other settings is refused earlier (fixed_groups), but
-        # a launch that stopped before its first checkpoint leaves the cache and lets the next launch change them.
         settings = json.dumps(self.config.few_shot.to_dict(), sort_keys=True, default=list)
-        cache = prep.workdir / "few_shot_train.npz" if prep.workdir is not None else None
-        if cache is not None and cache.exists():
-            with cache.open("rb") as f:
-                stored = dict(np.load(f))
-            if str(stored.pop("settings")) != settings:
-                raise ConfigError(f"{cache} holds the embeddings of other few_shot settings (they changed since this "
-                                  "run started): resume with the run's own settings, or use a new --workdir")
-            self.train_arrays = stored
-            return
-        features = prep.encode_images(train.read(range(len(train))))
-        self.train_arrays = {"features": features.astype(np.float32), "label": train.labels.astype(np.int32)}
-        if cache is not None and prep.is_primary:
-            buffer = io.BytesIO()
-            np.savez(buffer, settings=np.array(settings), **self.train_arrays)
-            write_atomic(cache, buffer.getvalue())
+
+        def embed() -> dict[str, np.ndarray]:
+            features = prep.encode_images(train.read(range(len(train))))
+            return {"features": features.astype(np.float32), "label": train.labels.astype(np.int32)}
+
+        self.train_arrays = cached_arrays(prep, "few_shot_train.npz", settings, embed,
+                                          "the K-shot embeddings of few_shot settings")
 
     def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
         # The labels become column indices of the logits: the position of the class among the (sorted) base classes.

@@ -135,7 +135,8 @@ def mix_tokens(module: FeedForward, tokens: jax.Array) -> jax.Array:
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of `queries` [B, G, D] to `keys` [B, N, D] (the same tokens give keys and values)."""
+    """Multi-head attention of `queries` [B, G, D] to `keys` [B, N, D] (the same tokens give keys and values);
+    `key_mask` [B, N], False for keys no query may attend to (padding tokens)."""
 
     num_heads: int
     head_dim: int
@@ -143,7 +144,7 @@ class CrossAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, queries: jax.Array, keys: jax.Array) -> jax.Array:
+    def __call__(self, queries: jax.Array, keys: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         width = queries.shape[-1]
         heads = (self.num_heads, self.head_dim)
         init = nn.initializers.normal(width**-0.5)
@@ -157,7 +158,8 @@ class CrossAttention(nn.Module):
         q = q + q_bias.astype(self.dtype)
         kv = jnp.einsum("bnd,dchk->cbnhk", keys.astype(self.dtype), kv_kernel.astype(self.dtype))
         kv = kv + kv_bias.astype(self.dtype)[:, None, None]
-        out = jax.nn.dot_product_attention(q, kv[0], kv[1])
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, heads, G, N] by broadcasting
+        out = jax.nn.dot_product_attention(q, kv[0], kv[1], mask=mask)
         out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
         return OutProj(width, width**-0.5 * (2 * self.num_layers) ** -0.5, self.dtype, name="out_proj")(out)
 

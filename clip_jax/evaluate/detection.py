@@ -1,0 +1,174 @@
+"""Open-vocabulary detection evaluation: box AP with pycocotools' COCOeval on base and novel classes apart.
+
+A detection method's predict function (`detect`, models/detection.py) gives every image N candidate boxes with a
+score per class; `top_detections` keeps, per image, the best (box, class) pairs after per-class non-maximum
+suppression (IoU 0.5, ViLD's), at most `max_detections` (COCO's 100). AP is COCOeval's on the ground truth of the
+evaluated images (data/detection.py::DetectionSet.ground_truth), restricted to the base or the novel categories
+(LVIS's AP_r is the second kind).
+
+Evaluations (chosen by `config.evals` entries, evaluate/suite.py):
+- `shapes_detection`: `test_novel` scenes of 3-6 objects (one held-out pair among seen ones in each); AP and AP50 on
+  the 40 seen pairs (base) and the 8 held-out pairs (novel).
+- `coco_detection`: a COCO instances file and its images; `novel` names the categories reported apart; optionally
+  the predictions written in COCO's results format in the original images' pixels (`results_file`).
+
+`clip_on_crops` is the training-free baseline of the ViLD paper: a CLIP classifies each proposal's crop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from clip_jax.data.coco import CocoDetection, coco_ap, detections_to_results, to_original_xywh, write_coco_results
+from clip_jax.data.detection import DetectionSet, coco_detection_set, region_crop_embeddings, shapes_detection_set
+from clip_jax.models.boxes import batched_nms
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Detections:
+    """One image's detections: boxes float32 [n, 4] (normalised xyxy), scores [n], classes int32 [n]."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+
+def top_detections(boxes: np.ndarray, scores: np.ndarray, max_detections: int = 100, nms_iou: float = 0.5,
+                   min_score: float = 1e-3, candidates: int = 1000) -> Detections:
+    """One image's detections from its candidates (boxes [N, 4], cut to the image; scores [N, C]): every (box, class)
+    pair scoring at least `min_score`, the best `candidates` of them, per-class NMS at `nms_iou`, the best
+    `max_detections` kept."""
+    boxes = np.clip(boxes, 0.0, 1.0)  # a box head may reach past the image's edge
+    rows, classes = np.nonzero(scores >= min_score)
+    values = scores[rows, classes]
+    order = np.argsort(-values, kind="stable")[:candidates]
+    rows, classes, values = rows[order], classes[order], values[order]
+    keep = batched_nms(boxes[rows], values, classes, nms_iou, max_detections)
+    return Detections(boxes[rows[keep]].astype(np.float32), values[keep].astype(np.float32),
+                      classes[keep].astype(np.int32))
+
+
+def detect(encoder, queries, images: np.ndarray, **kwargs) -> list[Detections]:
+    """The detections of every image (`top_detections` of the model's `detect` under `queries`)."""
+    boxes, scores = encoder.predict("detect", images, queries)
+    return [top_detections(b, s, **kwargs) for b, s in zip(boxes, scores, strict=True)]
+
+
+def results_in_model_pixels(detections: Sequence[Detections], size: int) -> list[dict]:
+    """COCO results of the detections of images 1..N (`DetectionSet.ground_truth`'s ids) in the model image's
+    pixels, category id = class index + 1."""
+    results = []
+    for i, det in enumerate(detections):
+        xywh = np.concatenate([det.boxes[:, :2], det.boxes[:, 2:] - det.boxes[:, :2]], axis=1) * size
+        results += detections_to_results(i + 1, xywh, det.scores, det.classes + 1)
+    return results
+
+
+def detection_ap(data: DetectionSet, detections: Sequence[Detections], subsets: dict[str, Sequence[int]],
+                 prefix: str) -> dict[str, float]:
+    """`{prefix}_{subset}_ap` and `_ap50` for each subset of class indices (COCOeval restricted to them), and
+    `{prefix}_ap`, `{prefix}_ap50` over all classes."""
+    truth = data.ground_truth()
+    results = results_in_model_pixels(detections, data.images.shape[1])
+    out = {}
+    for subset, classes in {"": None, **subsets}.items():
+        ap = coco_ap(truth, results, None if classes is None else [c + 1 for c in classes])
+        key = f"{prefix}_{subset}" if subset else prefix
+        out[f"{key}_ap"], out[f"{key}_ap50"] = ap["ap"], ap["ap50"]
+    return out
+
+
+def clip_on_crops(encode_images: Callable[[np.ndarray], np.ndarray], images: np.ndarray, boxes: np.ndarray,
+                  objectness: np.ndarray, classes: np.ndarray, scale: float, crop_scales=(1.0, 1.5)) -> np.ndarray:
+    """The R-CNN-style baseline: scores [N, R, C] of each proposal (boxes [N, R, 4] with objectness probabilities
+    [N, R]) as a CLIP's softmax over the classes (normalised embeddings [C, D], at the CLIP's temperature `scale`)
+    of the proposal's 1x and 1.5x crops, times the objectness: a CLIP has no background class."""
+    size = images.shape[1]
+    regions = region_crop_embeddings(encode_images, images, boxes, size, crop_scales)
+    logits = scale * regions @ classes.T
+    logits -= logits.max(-1, keepdims=True)
+    probs = np.exp(logits)
+    return probs / probs.sum(-1, keepdims=True) * objectness[..., None]
+
+
+# --- the evaluators ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShapesDetectionEval:
+    every_steps: int | None = None
+    num_examples: int | None = None  # scenes; None: eval.num_examples
+    min_objects: int = 3  # the scenes' object count, whatever the run trained on
+    max_objects: int = 6
+    max_detections: int = 100
+    nms_iou: float = 0.5
+
+
+def _method_queries(ctx, name: str):
+    if not hasattr(ctx.method, "detection_queries"):
+        log.info("evals.%s: skipped, method %s does not detect", name, ctx.config.method.name)
+        return None
+    return lambda names: ctx.method.detection_queries(ctx.texts, ctx.tokenizer, names)
+
+
+def run_shapes_detection(ctx, name: str, entry: ShapesDetectionEval) -> dict[str, float]:
+    queries = _method_queries(ctx, name)
+    if queries is None:
+        return {}
+    if ctx.config.data.source != "shapes":
+        log.info("evals.%s: skipped, the run is not trained on shapes", name)
+        return {}
+    data = shapes_detection_set(ctx.config, "test_novel", ctx.num_examples(entry), (entry.min_objects,
+                                                                                  entry.max_objects))
+    base = np.flatnonzero(ctx.method.base_mask(data.names))
+    novel = np.flatnonzero(ctx.method.base_mask(data.names) == 0)
+    detections = detect(ctx.encoder, queries(data.names), data.images, max_detections=entry.max_detections,
+                        nms_iou=entry.nms_iou)
+    return detection_ap(data, detections, {"base": base, "novel": novel}, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class CocoDetectionEval:
+    annotations: str = ""  # a COCO instances file
+    image_root: str = ""  # its images' folder
+    novel: tuple = ()  # category names reported apart (`<name>_novel_ap`): those left out of training
+    num_examples: int | None = None  # None: every image
+    every_steps: int | None = None
+    max_detections: int = 100
+    nms_iou: float = 0.5
+    results_file: str = ""  # write the predictions here (COCO results format, original pixels)
+
+
+def run_coco_detection(ctx, name: str, entry: CocoDetectionEval) -> dict[str, float]:
+    queries = _method_queries(ctx, name)
+    if queries is None:
+        return {}
+    size = ctx.config.model.vision.image_size
+    data = coco_detection_set(entry.annotations, entry.image_root, size, entry.num_examples)
+    unknown = set(entry.novel) - set(data.names)
+    if unknown:
+        raise ValueError(f"evals.{name}.novel names {sorted(unknown)}, not categories of {entry.annotations}")
+    novel = [data.names.index(n) for n in entry.novel]
+    subsets = {"novel": novel, "base": [c for c in range(len(data.names)) if c not in novel]} if novel else {}
+    detections = detect(ctx.encoder, queries(data.names), data.images, max_detections=entry.max_detections,
+                        nms_iou=entry.nms_iou)
+    if entry.results_file:
+        write_coco_results(entry.results_file, original_results(CocoDetection(entry.annotations, entry.image_root,
+                                                                              size), detections))
+    return detection_ap(data, detections, subsets, name)
+
+
+def original_results(source: CocoDetection, detections: Sequence[Detections]) -> list[dict]:
+    """COCO results of a file's first len(detections) images in their original pixels and category ids."""
+    images = {im["id"]: im for im in source.ground_truth["images"]}
+    results = []
+    for image_id, det in zip(source.image_ids, detections, strict=False):
+        im = images[image_id]
+        xywh = to_original_xywh(det.boxes, im["width"], im["height"], source.image_size)
+        results += detections_to_results(image_id, xywh, det.scores,
+                                         np.asarray(source.category_ids)[det.classes])
+    return results
