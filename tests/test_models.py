@@ -65,15 +65,30 @@ def test_remat_policies_give_the_same_gradients(reference, policy):
     params, _ = reference
     images, tokens = inputs()
 
-    def loss(model, p):
-        out = model.apply({"params": p}, images, tokens)
-        return jnp.sum(out["image"] @ out["text"].T * out["logit_scale"])
-
     # Compiled: one program each instead of the op-by-op dispatch of every primitive of the backward pass.
-    want = jax.jit(jax.grad(lambda p: loss(CLIP(base_config()), p)))(params)
-    got = jax.jit(jax.grad(lambda p: loss(CLIP(base_config(remat_policy=policy)), p)))(params)
+    want = jax.jit(jax.grad(lambda p: pair_loss(CLIP(base_config()), p, images, tokens)))(params)
+    got = jax.jit(jax.grad(lambda p: pair_loss(CLIP(base_config(remat_policy=policy)), p, images, tokens)))(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         # Recomputing fuses the program differently: float32 rounding, relative to the leaf's largest gradient.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+
+
+def pair_loss(model, params, images, tokens):
+    out = model.apply({"params": params}, images, tokens)
+    return jnp.sum(out["image"] @ out["text"].T * out["logit_scale"])
+
+
+def test_unrolled_blocks_pass_the_gradient_through_a_conditional_on_cpu(reference):
+    """layers.block_boundary: on XLA:CPU each unrolled block hands the residual gradient on through a conditional
+    (without it XLA fuses the gradient chain of all later blocks into each block: quadratic in depth). The count
+    checks that XLA has not simplified them away; the gradients equal those of the scanned stack, which has none."""
+    params, _ = reference
+    images, tokens = inputs()
+    grad = jax.jit(jax.grad(lambda p: pair_loss(CLIP(base_config()), p, images, tokens)))
+    assert grad.lower(params).compile().as_text().count(" conditional(") == 4  # 2 image + 2 text blocks
+    scanned = jax.jit(jax.grad(lambda p: pair_loss(CLIP(base_config(scan_layers=True)), p, images, tokens)))
+    want = stack_layers(grad(params))
+    for a, b in zip(jax.tree.leaves(scanned(stack_layers(params))), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
 
 

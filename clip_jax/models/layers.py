@@ -82,6 +82,38 @@ def class_token_and_positions(module: nn.Module, tokens: jax.Array, dtype: Dtype
     return constrain(x, ("batch", "length", "act_embed"))
 
 
+@jax.custom_vjp
+def block_boundary(x: jax.Array) -> jax.Array:
+    """Identity between two blocks of an unrolled stack whose backward pass, on XLA:CPU only, hands the gradient
+    on through a conditional, which XLA cannot fuse across (other platforms get the plain identity).
+
+    Why: the residual stream's gradient at block i sums the contributions of every later block. XLA:CPU fuses
+    that chain of adds into each block's consumers (the transposed copies feeding the weight gradients) instead of
+    materialising it once per block, so each block recomputes the chain of all the later ones: quadratic in depth.
+    B/32 fp32 at batch 32 took 12.3 s a step instead of 5.6 s on the 2-core development machine (2026-12-03;
+    benchmarks/train_step.py --profile shows it as `layout` time). A scanned stack materialises the carry anyway.
+    """
+    return x
+
+
+def _block_boundary_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _block_boundary_bwd(_, gradient: jax.Array) -> tuple[jax.Array]:
+    def through_conditional(g: jax.Array) -> jax.Array:
+        # The predicate depends on the data (false only for a NaN), so XLA cannot fold the conditional; the
+        # branches must differ or it merges them: `a + 0.0` is a real float op (it turns -0.0 into +0.0, so XLA
+        # keeps it), taken only when the gradient is already NaN.
+        first = g.ravel()[0]
+        return jax.lax.cond(first == first, lambda a: a, lambda a: a + 0.0, g)
+
+    return (jax.lax.platform_dependent(gradient, cpu=through_conditional, default=lambda g: g),)
+
+
+block_boundary.defvjp(_block_boundary_fwd, _block_boundary_bwd)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with eps 1e-5 (CLIP) that normalises in float32 whatever the compute dtype."""
 
@@ -122,9 +154,10 @@ class InProj(nn.Module):
             (width, *shape), jnp.float32,
         )
         bias = self.param("bias", partitioned(nn.initializers.zeros, ("qkv", "heads", "kv")), shape, jnp.float32)
-        qkv = jnp.einsum("btd,dchk->cbthk", x.astype(self.dtype), kernel.astype(self.dtype))
-        qkv = qkv + bias.astype(self.dtype)[:, None, None]
-        return qkv[0], qkv[1], qkv[2]
+        # [b, t, 3, h, k]: the plain [tokens, width] x [width, 3 * heads * head_dim] matmul's own layout, so
+        # neither it nor its two backward matmuls need a transposed copy.
+        qkv = jnp.einsum("btd,dchk->btchk", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
 class OutProj(nn.Module):
@@ -281,4 +314,5 @@ class Transformer(nn.Module):
         for i in range(self.num_layers):
             layer_prompt = None if prompts is None else jax.tree.map(lambda a, i=i: a[i], prompts)
             x, _ = block_cls(**block_args, name=f"resblocks_{i}")(x, layer_prompt)
+            x = block_boundary(x)
         return x
