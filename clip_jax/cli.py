@@ -12,7 +12,7 @@
   clip-jax wise-ft --workdir DIR [--alphas 0,0.1,...,1] [--out FILE]
   clip-jax data convert --format {webdataset,csv,tsv,jsonl,sharegpt4v,folder} INPUT... --out DIR [--image-root DIR]
                         [--workers N] [--shard-index I --num-shards N] [--shard-size N] [--min-size PX]
-                        [--max-image-bytes N]
+                        [--max-image-bytes N] [--runner BEAM_RUNNER [-- PIPELINE_OPTIONS...]]
   clip-jax data inspect PATH [-n N]
 
 Any command takes --debug (or CLIP_JAX_DEBUG=1): full tracebacks instead of the one-line errors.
@@ -445,25 +445,20 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> None:
         return
 
     def progress(report: dict) -> None:
-        if "error" in report:
-            print(f"{report['shard']}: FAILED ({report['input']}): {report['error']}", file=sys.stderr, flush=True)
-        elif report.get("resumed"):
-            print(f"{report['shard']}: converted before from the same input, skipped", flush=True)
-        else:
-            skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"
-            redone = f"; converted again: {report['redone']}" if report.get("redone") else ""
-            print(f"{report['shard']}: {report['written']} of {report['samples']} samples written in "
-                  f"{report['seconds']} s (skipped: {skipped}){redone}", flush=True)
+        print(convert.progress_line(report), file=sys.stderr if "error" in report else sys.stdout, flush=True)
 
-    try:
-        summary = convert.convert(
-            args.format, args.inputs, args.out, image_root=args.image_root, workers=args.workers,
-            shard_index=args.shard_index, num_shards=args.num_shards, shard_size=args.shard_size,
-            min_size=args.min_size, max_image_bytes=args.max_image_bytes, prefix=args.prefix,
-            fields=(args.image_field, args.caption_field, args.short_caption_field), progress=progress,
-        )
-    except ValueError as e:  # a bad argument or an input that cannot be read at all (bad samples never raise)
-        raise ConfigError(str(e)) from None
+    if args.runner:
+        summary = _convert_on_beam(args)
+    else:
+        try:
+            summary = convert.convert(
+                args.format, args.inputs, args.out, image_root=args.image_root, workers=args.workers,
+                shard_index=args.shard_index, num_shards=args.num_shards, shard_size=args.shard_size,
+                min_size=args.min_size, max_image_bytes=args.max_image_bytes, prefix=args.prefix,
+                fields=(args.image_field, args.caption_field, args.short_caption_field), progress=progress,
+            )
+        except ValueError as e:  # a bad argument or an input that cannot be read at all (bad samples never raise)
+            raise ConfigError(str(e)) from None
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     print(f"{args.out}: {summary['shards_done']} of {summary['shards']} shards done, {summary['written']} of "
           f"{summary['samples']} samples written (skipped: {skipped}); report: "
@@ -474,6 +469,42 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> None:
         sys.exit(1)
     if summary["this_run"]["written"] == 0:  # not a success, though no shard failed: say why
         raise ConfigError(_nothing_written(summary["this_run"], args.out))
+
+
+def _convert_on_beam(args: argparse.Namespace) -> dict:
+    """`data convert --runner R [-- PIPELINE_OPTIONS]`: the conversion as an Apache Beam pipeline; prints its
+    counters and returns the summary."""
+    local = [flag for flag, value, default in (("--workers", args.workers, 1), ("--shard-index", args.shard_index, 0),
+                                               ("--num-shards", args.num_shards, 1)) if value != default]
+    if local:
+        raise ConfigError(f"{', '.join(local)} do not combine with --runner: Beam spreads the shards over its own "
+                          "workers (size them with pipeline options after --, e.g. --max_num_workers=32 on Dataflow)")
+    from clip_jax.data import convert
+
+    try:
+        from clip_jax.data import beam_convert
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.partition(".")[0] != "apache_beam":
+            raise
+        raise ConfigError('--runner needs Apache Beam, which is not installed: install the [beam] extra '
+                          '(pip install -e ".[beam]")') from None
+    try:
+        summary = beam_convert.convert(
+            args.format, args.inputs, args.out, runner=args.runner, pipeline_options=args.pipeline_options,
+            image_root=args.image_root, shard_size=args.shard_size, min_size=args.min_size,
+            max_image_bytes=args.max_image_bytes, prefix=args.prefix,
+            fields=(args.image_field, args.caption_field, args.short_caption_field),
+        )
+    except (ValueError, beam_convert.PipelineNotDone) as e:
+        raise ConfigError(str(e)) from None
+    counters = summary["counters"]
+    work = ", ".join(f"{k} {v}" for k, v in counters.items() if not k.startswith(beam_convert.SKIPPED)) or "none"
+    bad = ", ".join(f"{k.removeprefix(beam_convert.SKIPPED)} {v}" for k, v in counters.items()
+                    if k.startswith(beam_convert.SKIPPED)) or "none"
+    print(f"Beam counters of this run: {work}; bad samples by reason: {bad}")
+    for failed in summary["failed"]:
+        print(convert.progress_line(failed), file=sys.stderr)
+    return summary
 
 
 def _nothing_written(run: dict, out: str) -> str:
@@ -607,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--image-field", default="image", help="csv/tsv/jsonl: the image path column")
     dc.add_argument("--caption-field", default="caption", help="csv/tsv/jsonl: the caption column")
     dc.add_argument("--short-caption-field", default="short_caption", help="csv/tsv/jsonl: optional short caption")
+    dc.add_argument("--runner", help="convert as an Apache Beam pipeline on this runner (DirectRunner, DataflowRunner, "
+                    "...; needs the [beam] extra); Beam pipeline options go after --, e.g. -- --project=P")
     di = data_sub.add_parser("inspect", help="shard and record counts and the first records of a shard set")
     di.add_argument("path", help="shard directory, glob or comma-separated list (as data.path)")
     di.add_argument("-n", type=int, default=3, help="records to show")
@@ -669,8 +702,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("CLIP_JAX_DEBUG"))
     argv = [a for a in argv if a != "--debug"]
+    # after `--`: Apache Beam's own flags, passed through as they are (data convert --runner)
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, pipeline_options = argv[:split], argv[split + 1:]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.pipeline_options = pipeline_options
     overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
@@ -679,8 +716,10 @@ def main(argv: list[str] | None = None) -> None:
         args.command == "eval" and all(o.startswith(("--config.eval.", "--config.evals.")) for o in overrides)
     ):
         parser.error("--config.key=value overrides apply to train (and --config.eval.*, --config.evals.* to eval) only")
+    if pipeline_options and not getattr(args, "runner", None):
+        parser.error("arguments after -- are Apache Beam pipeline options: only data convert --runner takes them")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
+    for noisy in ("absl", "orbax", "jax._src", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not debug:
         for handler in logging.getLogger().handlers:

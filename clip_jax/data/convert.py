@@ -6,12 +6,13 @@ metadata), `sharegpt4v` (JSON list; the caption is the first "gpt" turn) and `fo
 or a `.txt` beside each). Tables and folders are cut into chunks of `shard_size` samples, one shard each.
 
 Shards are numbered over all inputs in order, so machines can convert disjoint slices (`shard_index` of
-`num_shards`) of the same command into one directory. A shard is written under a temporary name and renamed when
-complete, then its JSON report goes to `reports/`, with a fingerprint of its input (`fingerprint`): a re-run skips
-shards whose report exists with the same fingerprint and redoes the others. Bad samples (undecodable or truncated
-images, missing files, paths that are not regular files or exceed `max_image_bytes`, missing/empty/non-UTF-8
-captions, images below `min_size`) are skipped and counted by reason, never fatal. Captions are kept whole
-(whitespace collapsed): truncation to a context length happens at tokenization.
+`num_shards`) of the same command into one directory, or an Apache Beam runner can spread them over its workers
+(beam_convert.py). A shard is written under a temporary name and renamed when complete, then its JSON report goes
+to `reports/`, with a fingerprint of its input (`fingerprint`): a re-run skips shards whose report exists with the
+same fingerprint and redoes the others. Bad samples (undecodable or truncated images, missing files, paths that are
+not regular files or exceed `max_image_bytes`, missing/empty/non-UTF-8 captions, images below `min_size`) are
+skipped and counted by reason, never fatal. Captions are kept whole (whitespace collapsed): truncation to a context
+length happens at tokenization.
 """
 
 from __future__ import annotations
@@ -371,10 +372,21 @@ def plan(fmt: str, inputs: Sequence[str], image_root: str | None = None, shard_s
     return tasks
 
 
+def read_reports(out: str, prefix: str, count: int) -> list[dict[str, Any]]:
+    """The reports present in `out` of the data set's `count` shards, in shard order."""
+    opts = Options(out, prefix, count, 0)
+    return [json.loads(p.read_text()) for p in (report_path(opts, i) for i in range(count)) if p.exists()]
+
+
+def failure(task: Task, opts: Options, error: BaseException) -> dict[str, str]:
+    """The summary's `failed` entry of a shard that failed as a whole."""
+    return {"shard": records.shard_name(opts.prefix, task.index, opts.count), "input": task.source,
+            "error": f"{type(error).__name__}: {error}"}
+
+
 def summarize(out: str, prefix: str, count: int, failed: Sequence[dict] = ()) -> dict[str, Any]:
     """Totals over all shard reports in `out` (from every machine), written to reports/<prefix>-summary.json."""
-    opts = Options(out, prefix, count, 0)
-    reports = [json.loads(p.read_text()) for p in (report_path(opts, i) for i in range(count)) if p.exists()]
+    reports = read_reports(out, prefix, count)
     skipped: Counter[str] = Counter()
     reencoded: Counter[str] = Counter()
     for r in reports:
@@ -393,6 +405,22 @@ def summarize(out: str, prefix: str, count: int, failed: Sequence[dict] = ()) ->
     return summary
 
 
+def prepare(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None = None, shard_size: int = 10_000,
+            min_size: int = 32, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, prefix: str = "train",
+            fields: Sequence[str] = FIELDS) -> tuple[list[Task], Options]:
+    """Checks the arguments and plans every shard of the data set: what a driver (`convert`, or the Beam pipeline of
+    beam_convert.py) starts from."""
+    if shard_size < 1 or max_image_bytes < 1:
+        raise ValueError("shard_size and max_image_bytes must be >= 1")
+    if epath.Path(out).exists() and not epath.Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file: name a folder for the shards (a new one, or the one a previous "
+                         "run of this command wrote)")
+    tasks = plan(fmt, inputs, image_root, shard_size, fields)
+    if not tasks:
+        raise ValueError(f"{', '.join(inputs)}: no samples to convert")
+    return tasks, Options(out, prefix, len(tasks), min_size, max_image_bytes)
+
+
 def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None = None, workers: int = 1,
             shard_index: int = 0, num_shards: int = 1, shard_size: int = 10_000, min_size: int = 32,
             max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, prefix: str = "train", fields: Sequence[str] = FIELDS,
@@ -402,27 +430,21 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None
     fails as a whole (a write error) is reported in `failed` after the others finish; the next run retries it."""
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} must be in [0, num_shards {num_shards})")
-    if shard_size < 1 or workers < 1 or max_image_bytes < 1:
-        raise ValueError("shard_size, workers and max_image_bytes must be >= 1")
-    if epath.Path(out).exists() and not epath.Path(out).is_dir():
-        raise ValueError(f"--out {out} is a file: name a folder for the shards (a new one, or the one a previous "
-                         "run of this command wrote)")
-    tasks = plan(fmt, inputs, image_root, shard_size, fields)
-    if not tasks:
-        raise ValueError(f"{', '.join(inputs)}: no samples to convert")
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
+    tasks, opts = prepare(fmt, inputs, out, image_root=image_root, shard_size=shard_size, min_size=min_size,
+                          max_image_bytes=max_image_bytes, prefix=prefix, fields=fields)
     mine = [t for t in tasks if t.index % num_shards == shard_index]
     if not mine:
         raise ValueError(f"--shard-index {shard_index} of --num-shards {num_shards} gets no shard: the inputs make "
                          f"{len(tasks)} shards; use --num-shards {len(tasks)} or fewer")
-    opts = Options(out, prefix, len(tasks), min_size, max_image_bytes)
     epath.Path(out).mkdir(parents=True, exist_ok=True)
     failed: list[dict] = []
     finished: list[dict] = []
 
     def done(task: Task, report: dict | None, error: BaseException | None) -> None:
         if error is not None:
-            failed.append({"shard": records.shard_name(prefix, task.index, opts.count), "input": task.source,
-                           "error": f"{type(error).__name__}: {error}"})
+            failed.append(failure(task, opts, error))
             report = failed[-1]
         else:
             finished.append(report)
@@ -443,6 +465,18 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None
                 error = future.exception()
                 done(futures[future], None if error else future.result(), error)
     return summarize(out, prefix, opts.count, failed) | {"this_run": run_totals(finished)}
+
+
+def progress_line(report: dict[str, Any]) -> str:
+    """One line on a shard just done: its counts, that it was resumed, or why it failed (a `failure` entry)."""
+    if "error" in report:
+        return f"{report['shard']}: FAILED ({report['input']}): {report['error']}"
+    if report.get("resumed"):
+        return f"{report['shard']}: converted before from the same input, skipped"
+    skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"
+    redone = f"; converted again: {report['redone']}" if report.get("redone") else ""
+    return (f"{report['shard']}: {report['written']} of {report['samples']} samples written in {report['seconds']} s "
+            f"(skipped: {skipped}){redone}")
 
 
 def run_totals(reports: Sequence[dict]) -> dict[str, Any]:
