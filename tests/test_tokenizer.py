@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import html
 import itertools
@@ -10,9 +11,11 @@ import os
 import pathlib
 import pickle
 import random
+import re
 import subprocess
 import sys
 import types
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 
 import ftfy
@@ -280,7 +283,7 @@ def test_chunk_cache_reset_pickle_and_threads(small_vocab):
         got = np.concatenate(list(pool.map(tok, batches)))
     assert (got == want).all()
     n_chunks = len({c for t in texts for c in clean_text(t).split()})
-    assert len(tok._row_of) <= 40 + max(len(clean_text(" ".join(b)).split()) for b in batches) < n_chunks
+    assert len(tok._store.row_of) <= 40 + max(len(clean_text(" ".join(b)).split()) for b in batches) < n_chunks
     # One text per call: every call appends new chunks to a non-empty cache.
     one_by_one = ClipTokenizer.from_openai_vocab(small_vocab[0])
     assert (np.concatenate([one_by_one(t) for t in texts]) == want).all()
@@ -397,3 +400,182 @@ def test_errors(tmp_path, small_vocab):
         ClipTokenizer.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="small_vocab.txt.gz.*expected"):
         ClipTokenizer.load(small_vocab[0])
+
+
+# ---- ftfy's answer without ftfy (clean_text's shortcut) -------------------------------------------------------
+def ref_fix(text: str) -> str:
+    """open_clip's basic_clean without its strip: what tokenizer._fix_text must return."""
+    return html.unescape(html.unescape(ftfy.fix_text(text)))
+
+
+# Texts on each boundary of the shortcut: every kind of character some ftfy step acts on, alone and next to text
+# the shortcut passes, and text it must pass through unchanged.
+BOUNDARY_TEXTS = [
+    "donâ€™t stop", "CafÃ© crème", "Ã  la carte", "voilÃ  le travail", "â€œquotedâ€\x9d", "sÃ³ isso", "Ã¼ber",
+    "it’s “quoted” ‘single’ „low‟ ‛x", "ﬁne ﬂower ﬃ ĳ Ǆ", "ＡＢ　ＣＤ ｶﾞ ｈｅｌｌｏ！", "x\x80y\x85z\x9fw \x91hi\x92",
+    "a\u00a0b NBSP\u00a0", "café vs cafe\u0301", "e\u0301", "\u0301start", "line\u2028sep\u2029para\x85next",
+    "a\r\nb\rc é", "\ud83d\ude00 pair", "lone \udc00 surrogate é", "\ufeffbom é", "\u206a\ufff9x é",
+    "\x1b[31mred\x1b[0m é", "\x00nul é\x7f", "&amp;", "&amp;amp; é", "&lt;b&gt;bold&lt;/b&gt;", "a < b &amp; c",
+    "x &amp; y\nz < w\nq &amp; r", "x &amp; y\n\nq &amp;amp; r é", "&#x2019;s &eacute; &hellip;",
+    "&#128; &#x92; &#0; &AMP; &notanentity; &amp &#x1F600; &#xD800;", "R&B & rock’n’roll", "&amp;#x2019;",
+    "😂 🐶 👍🏽 ❤️ 👨\u200d👩\u200d👧", "東京の夜景 北京 서울", "Москва Привет ВГРС вЂ", "Αθήνα ΣΑΣ ΟΔΟΣ. ΒΓΞΟ",
+    "Ünïcödé ÀÉÎÕÜ ½ ² ™ • € £ ©", "Â wrong", "aÃ b", "Ã", "√± ≈° ‚Ä", "×² à½ Œx", "│┌ ░▒ ═╗ö", "\uf8ff ¿¡",
+    "ÂÃÎÐ€ ‘Ä", "İstanbul ǅ ẞ ß", "tab\tand\x0bvt\x0cff é", "\x1c\x1d\x1e\x1f seps é", "ſ K Å µ", "\u3000ideo",
+    "", "\n", "é\n", "\né", "a\n<\n&amp;",
+]  # fmt: skip
+
+
+def test_clean_text_matches_ftfy_on_boundaries():
+    from clip_jax.data import tokenizer as tokenizer_module
+
+    shortcut = tokenizer_module._ftfy_shortcut()
+    if ftfy.__version__ in tokenizer_module._FTFY_VERSIONS:
+        assert shortcut is not None
+        # The shortcut answers where it should (calling ftfy's fix_encoding for mojibake), and gives up on the
+        # characters that start ftfy's rules over several characters.
+        assert shortcut.fix("it’s “quoted” ﬁne ＡＢ café\u00a0&amp;") == "it's \"quoted\" fine AB café\u00a0&"
+        assert shortcut.fix("donâ€™t") == "don't" and shortcut.is_bad("donâ€™t")
+        assert shortcut.fix("a\r\nb é") is None and shortcut.fix("\x1b[1mé") is None
+    texts = BOUNDARY_TEXTS + [t.upper() for t in BOUNDARY_TEXTS] + [f"A dog, {t}; the end" for t in BOUNDARY_TEXTS]
+    texts += [f"{a} {b}" for a, b in itertools.combinations(BOUNDARY_TEXTS[::3], 2)]
+    got = [tokenizer_module._fix_text(t) for t in texts]
+    want = [ref_fix(t) for t in texts]
+    bad = [(t, g, w) for t, g, w in zip(texts, got, want, strict=True) if g != w]
+    assert not bad, bad[:3]
+    assert [clean_text(t) for t in texts] == [ref_clean(t) for t in texts]
+
+
+def test_ftfy_shortcut_per_character():
+    """Each character some fixer changes (the shortcut's map) and each character of the mojibake test's set, in
+    a few contexts, against ftfy; and every other code point is left alone by every per-character fixer."""
+    from ftfy import fixes
+
+    from clip_jax.data import tokenizer as tokenizer_module
+
+    shortcut = tokenizer_module._ftfy_shortcut()
+    if shortcut is None:
+        pytest.skip(f"the shortcut is off for ftfy {ftfy.__version__}")
+    chars = [chr(c) for c in shortcut._map] + list(shortcut._bad_anchors)
+    texts = [f"{a}{c}{b}" for c in chars for a, b in (("", ""), ("x", "y"), ("Ã", " "), ("é", "€"), (" ", "\n"))]
+    bad = [t for t in texts if tokenizer_module._fix_text(t) != ref_fix(t)]
+    assert not bad, bad[:5]
+    # The argument's premise, exhaustively: a fixer changes no code point outside the shortcut's map and the
+    # multi-character starts (\r, ESC, surrogates). One call on one string of all of them per fixer.
+    skip = set(shortcut._map) | {0x0D, 0x1B} | set(range(0xD800, 0xE000))
+    others = "".join(chr(c) for c in range(0x110000) if c not in skip)
+    for name in tokenizer_module._FTFY_FIXERS:
+        assert getattr(fixes, name)(others) == others, name
+    assert tokenizer_module._FTFY_FIXERS in fix_and_explain_constants()
+
+
+def fix_and_explain_constants() -> list:
+    """The tuples in ftfy.fix_and_explain's code: its loop over the fixers, in order."""
+    return [c for c in ftfy.fix_and_explain.__code__.co_consts if isinstance(c, tuple)]
+
+
+def draw_texts(rng: random.Random, n: int, shortcut) -> list[str]:
+    """Short random strings mixing ASCII, characters the shortcut lets through, characters it watches and
+    pieces that make ftfy act (entities, mojibake, line breaks, combining marks)."""
+    watched = sorted(set(shortcut._map) | {ord(c) for c in shortcut._bad_anchors} | {0x0D, 0x1B, 0xD800, 0xDC00})
+    passed = [c for c in range(0xA0, 0x3000) if not shortcut.look.match(chr(c))]
+    pieces = ["&amp;", "&amp;amp;", "&lt;", "&#39;", "&#x2019;", "&eacute;", "&#128;", "&AMP;", "<", "Ã©", "â€™",
+              "Ã ", "Â ", "\r\n", "\n", "e\u0301", "ｶﾞ", "\x1b[1m", "\ud83d\ude00", "“", "’s"]  # fmt: skip
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(0, 10)):
+            r = rng.random()
+            if r < 0.35:
+                parts.append(chr(rng.randint(32, 126)))
+            elif r < 0.55:
+                parts.append(chr(rng.choice(passed)))
+            elif r < 0.8:
+                parts.append(chr(rng.choice(watched)))
+            else:
+                parts.append(rng.choice(pieces))
+        out.append("".join(parts))
+    return out
+
+
+def shortcut_errors(shortcut, texts: list[str]) -> list[str]:
+    """Texts where the shortcut disagrees with ftfy: its "unchanged" test says yes but ftfy changes the text,
+    its answer differs from ftfy's, or its is_bad differs from ftfy's."""
+    from ftfy import badness
+
+    errors = []
+    for text in texts:
+        fixed = ftfy.fix_text(text)
+        untouched = "\n" not in text and not shortcut.look.search(text) and unicodedata.is_normalized("NFC", text)
+        answer = shortcut.fix(text)
+        if (untouched and fixed != text) or (answer is not None and answer != fixed):
+            errors.append(text)
+        elif shortcut.is_bad(text) != badness.is_bad(text):
+            errors.append(text)
+    return errors
+
+
+def test_ftfy_shortcut_randomized():
+    from clip_jax.data import tokenizer as tokenizer_module
+
+    shortcut = tokenizer_module._ftfy_shortcut()
+    if shortcut is None:
+        pytest.skip(f"the shortcut is off for ftfy {ftfy.__version__}")
+    texts = draw_texts(random.Random(0), 25000, shortcut)
+    assert sum(shortcut.fix(t) is not None for t in texts) > len(texts) // 3  # the draws exercise the fast path
+    assert sum(shortcut.fix(t) is None for t in texts) > len(texts) // 50  # and its refusals
+    assert sum(shortcut.is_bad(t) for t in texts) > len(texts) // 50  # and ftfy's mojibake repair
+    assert not shortcut_errors(shortcut, texts)[:3]
+    # The same draws catch a shortcut that were wrong: one that overlooks the right single quote, or that tries
+    # too few starts for the mojibake test.
+    blind = copy.copy(shortcut)
+    blind.look = re.compile(f"(?!\u2019){shortcut.look.pattern}")
+    assert shortcut_errors(blind, texts)
+    hasty = copy.copy(shortcut)
+    hasty._bad_anchors = {c: offsets[:1] for c, offsets in shortcut._bad_anchors.items()}
+    assert shortcut_errors(hasty, texts)
+
+
+def test_lower_and_whitespace_commute():
+    """_encode_batch lower-cases a whole joined batch, then splits at whitespace: lower() must turn no character
+    into whitespace or whitespace into anything else, and its final-sigma rule must not see past whitespace."""
+    for c in map(chr, range(0x110000)):
+        low = c.lower()
+        if c.isspace():
+            assert low == c, hex(ord(c))
+        else:
+            assert not any(ch.isspace() for ch in low), hex(ord(c))
+    for w in (chr(c) for c in range(0x110000) if chr(c).isspace()):
+        assert ("AΣ" + w + "B").lower() == "aς" + w + "b" and ("A" + w + "ΣB").lower() == "a" + w + "σb", hex(ord(w))
+    # The separator between texts never comes out of cleaning.
+    assert ftfy.fix_text("\x00a\x00") == "a" and "\x00" not in html.unescape("&#0; &#x0; &#00; &#x00000;")
+
+
+def test_ascii_word_split_matches_regex():
+    from clip_jax.data.tokenizer import _ASCII_WORD_SPLIT, _WORD_SPLIT
+
+    chars = [chr(i) for i in range(128)]
+    pairs = "\n".join(a + b for a, b in itertools.product(chars, chars))
+    assert _ASCII_WORD_SPLIT.findall(pairs) == _WORD_SPLIT.findall(pairs)
+    rng = random.Random(3)
+    pool = chars + ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", SOT, EOT, SOT.upper(), "<start_of"]
+    text = "\n".join("".join(rng.choice(pool) for _ in range(rng.randint(1, 12))) for _ in range(5000))
+    assert _ASCII_WORD_SPLIT.findall(text) == _WORD_SPLIT.findall(text)
+
+
+def test_boundaries_cold_and_warm_match_open_clip():
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    open_clip = pytest.importorskip("open_clip")
+
+    path = ClipTokenizer.find_openai_vocab()
+    # Chunks that are also words of other chunks, both orders ("'s" alone and inside "it's"; "dog" and "dog,").
+    shared = ["it's 's dog dog, ,dog (dog) 東京 東京の", "'s it's , dog, dog 東京の 東京", "x'll 'll ll"]
+    texts = BOUNDARY_TEXTS + shared + [t.upper() for t in BOUNDARY_TEXTS] + generated_corpus(300, seed=21)
+    want = open_clip.tokenize(texts, context_length=77).numpy()
+    cold = ClipTokenizer.from_openai_vocab(path)
+    got_cold = cold(texts)
+    warm_rows = cold(texts)  # every chunk cached now
+    one_by_one = ClipTokenizer.from_openai_vocab(path)
+    got_one = np.concatenate([one_by_one([t]) for t in texts])
+    for got in (got_cold, warm_rows, got_one):
+        bad = [texts[i] for i in np.flatnonzero((got != want).any(axis=1))]
+        assert not bad, bad[:3]

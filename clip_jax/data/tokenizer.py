@@ -7,31 +7,47 @@ Rules reproduced (open_clip's `SimpleTokenizer` with its default `clean="lower"`
   * vocabulary: 256 byte symbols, the same with `</w>`, one token per merge, SOT, EOT (EOT = largest id);
   * rows: [SOT] + tokens + [EOT], cut to `context_length` keeping EOT last, zero padded.
 
-Speed. On captions, HF `encode_batch` spends ~4 us per word in per-word bookkeeping (offsets, alignments),
-its Oniguruma word-split regex is slow with IGNORECASE and disagrees with `regex` on a few code points (letters
-new in Unicode 17; U+0345, which `regex` with IGNORECASE drops), and open_clip spends ~15 us per caption in
-ftfy. So a batch goes:
-  1. clean each text in Python; plain ASCII skips ftfy, with identical output (`_ASCII_NEEDS_FTFY`);
-  2. cut the cleaned batch at spaces into chunks: no word match can span a space, so a chunk's ids do not
-     depend on its neighbours, and a dict caches chunk -> ids (open_clip caches per word, for the same reason);
-  3. a chunk not cached yet is split with open_clip's own `regex` pattern and each new word goes through HF's
-     Rust BPE model (`models.BPE.tokenize`, ~1.5 us a word, with `end_of_word_suffix="</w>"`);
-  4. numpy gathers the cached ids into [N, context_length], with no Python loop over tokens.
-Text that needs ftfy (non-ASCII, '&', control characters) still pays it, ~30-70 us a caption.
+Speed. open_clip spends a caption's time in ftfy (30-70 us on text that is not plain ASCII), in Python per word
+and in its Python BPE; HF's `encode_batch` would spend ~4 us a word on bookkeeping (offsets, alignments), and its
+Oniguruma word-split regex disagrees with `regex` on a few code points (letters new in Unicode 17; U+0345, which
+`regex` with IGNORECASE drops). So a batch goes:
+  1. cleaning: plain ASCII without '&' or control characters skips ftfy (`_ASCII_NEEDS_FTFY`); other text gets
+     ftfy.fix_text's output from `_FtfyShortcut` (the argument is in the comment above it): ~1 us where no ftfy
+     step can act, a few us where per-character fixers (curly quotes, ligatures, fullwidth forms, C1 controls...)
+     and HTML unescaping act, replayed with ftfy's own functions, ~30 us where ftfy's mojibake test holds and its
+     own fix_encoding runs; ftfy.fix_text itself only for text with CR, ESC or surrogates;
+  2. the cleaned batch is joined, lower-cased and split at whitespace once into chunks: no word match can span
+     whitespace, so a chunk's ids do not depend on its neighbours, and one dict maps chunks and words to ids;
+  3. new chunks: one of ASCII letters only is one word; the others are split with open_clip's pattern in one
+     findall per batch (the stdlib's `re` for ASCII, with the same matches there); all new words go through HF's
+     Rust BPE in one call (~2 us a word, `end_of_word_suffix="</w>"`), whose ids word_ids splits back;
+  4. numpy gathers the stored ids into [N, context_length], with no Python loop over tokens or texts.
+benchmarks/tokenizer.py (2 cores shared with other work, both tokenizers on the same batches in alternation;
+results/tokenizer_vm.json): warm caches 11x open_clip on generated mixed captions (10% non-ASCII, 3% '&'), 13x
+on ASCII ones, 15x on English prose, 12x on translated UI messages (17 languages); cold caches (a fresh
+tokenizer's first pass, every distinct word new) 8-9x on mixed, 9-12x on ASCII, ~8x on prose, ~6x on the
+translations. What cold adds is the Rust BPE of new words (~2-4 us a word, the more bytes the more) and the
+bookkeeping of new chunks (~1 us each); the dict lookups (~0.1 us a chunk once open_clip's work has evicted the
+CPU caches) and ftfy's mojibake repair (~1% of the mixed captions) are most of what is left when warm.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import html
 import importlib.util
 import itertools
 import json
+import operator
 import os
 import pathlib
 import re
+import re._constants as _sre  # re's own parser: exact character sets of ftfy's patterns
+import re._parser as _sre_parse
 import threading
+import unicodedata
 import warnings
 import zlib
 from collections.abc import Iterable, Sequence
@@ -65,6 +81,15 @@ _WORD_RE = regex.compile(
 # U+00-08, U+0B, U+0E-1F, U+7F, and turns \r into \n; html.unescape needs '&'. Without those characters the
 # only change is \r -> \n, which whitespace collapsing erases, so skipping ftfy gives identical output.
 _ASCII_NEEDS_FTFY = re.compile(r"[&\x00-\x08\x0b\x0e-\x1f\x7f]")
+# The same split with "\n" as a word of its own, to split many chunks joined by "\n" in one call.
+_WORD_SPLIT = regex.compile(r"\n|" + _WORD_RE.pattern, regex.IGNORECASE)
+# _WORD_SPLIT for ASCII text with the stdlib's faster engine: on ASCII, \p{L} is [a-z] (both cases under
+# IGNORECASE), \p{N} is [0-9] and \s is [ \t\n\r\f\v], so every alternative matches the same strings.
+_ASCII_WORD_SPLIT = re.compile(
+    f"\\n|{re.escape(SOT_TOKEN)}|{re.escape(EOT_TOKEN)}|" + r"""'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""",
+    re.IGNORECASE | re.ASCII,
+)
+_SEP = "\x00"  # between texts of a batch (see _encode_batch)
 _FORMAT = "clip_jax.ClipTokenizer"
 
 _PRINTABLE_BYTES = [
@@ -78,6 +103,275 @@ _BYTE_ORDER = _PRINTABLE_BYTES + [b for b in range(256) if b not in _PRINTABLE_B
 BYTE_SYMBOLS = [chr(b) for b in _PRINTABLE_BYTES] + [chr(256 + i) for i in range(256 - len(_PRINTABLE_BYTES))]
 _BYTE_OF_SYMBOL = dict(zip(BYTE_SYMBOLS, _BYTE_ORDER, strict=True))
 _SYMBOLS = dict(zip(_BYTE_ORDER, BYTE_SYMBOLS, strict=True))  # str.translate table for latin-1-decoded bytes
+_SYMBOLS_KEEP_SPACE = {**_SYMBOLS, 0x20: " "}
+
+
+# ---- ftfy's answer without running ftfy -------------------------------------------------------------------
+# open_clip runs ftfy.fix_text on every caption: 30-70 us on text that is not plain ASCII, a third of it in
+# ftfy's mojibake test (`ftfy.badness.is_bad`, one large regex tried at every position). What fix_text does, in
+# ftfy 6.3.1 (the version this was read from; any other version runs ftfy itself), with open_clip's defaults:
+#   (a) it cuts the text after each "\n" (and every `max_decode_length` characters) and fixes each segment alone;
+#       HTML unescaping is switched off for a segment holding "<" and stays off for every later segment;
+#   (b) a segment is fixed in rounds until a round changes nothing; a round is unescape_html (if on),
+#       fix_encoding, the eight fixers of `_FTFY_FIXERS` in that order, then NFC normalization;
+#   (c) fix_encoding returns its input unchanged unless `is_bad` holds for it (the first test it makes);
+#   (d) the eight fixers act on each character alone -- str.translate with ftfy's LIGATURES, WIDTH_MAP and
+#       CONTROL_CHARS tables, regex substitutions whose pattern is one character class (C1 controls, curly
+#       quotes), str.replace of \u2028, \u2029, \x85 and \r -- except three rules that read more than one
+#       character: "\r\n" -> "\n", surrogate pairs -> one character, ANSI escapes (which start with ESC).
+# So on a segment without \r, ESC and surrogates the eight fixers together are one per-character map: it is
+# computed once by running ftfy's own fixers on each character some fixer can change (those characters are
+# read from ftfy's tables and from its compiled patterns, parsed with re's own parser, so ranges are exact).
+# `_FtfyShortcut.fix` replays (a)-(c) with ftfy's own unescape_html, an exact but cheaper is_bad (below) that
+# decides whether to call ftfy's own fix_encoding (~25 us) at all, that map and unicodedata's NFC, and gives up
+# (None: the caller runs ftfy) where a segment holds \r, ESC or a surrogate, or still changes after a few rounds.
+#
+# is_bad(s) is `BADNESS_RE.search(s)`: some alternative of that alternation matches at some start. Each
+# alternative consumes, outside any group, at least one character class; taking for each the least common one
+# (so that ordinary accented text rarely meets any) gives a set R of characters and, per character, the offsets
+# from a match's start where an alternative consumes it (the widths its prefix can have). A match starting at s
+# thus puts a character c of R at some q = s + o with o among c's offsets; so trying BADNESS_RE.match(s, q - o)
+# for each character of R in s and each of its offsets finds a match if and only if search() does (match at a
+# position is the same attempt search makes there, "^" included), and text without R's characters -- most
+# text -- needs no attempt at all.
+_FTFY_VERSIONS = ("6.3.1",)
+_FTFY_FIXERS = (  # the order of ftfy.fix_and_explain's loop over its fixers
+    "fix_c1_controls",
+    "fix_latin_ligatures",
+    "fix_character_width",
+    "uncurl_quotes",
+    "fix_line_breaks",
+    "fix_surrogates",
+    "remove_terminal_escapes",
+    "remove_control_chars",
+)
+_LINE_BREAKS = "\r\u2028\u2029\x85"  # the characters fix_line_breaks replaces (str.replace calls in its body)
+_MULTI_CHAR = "\r\x1b"  # with the surrogates: the characters that start a rule reading more than one character
+# Flags under which a parsed literal, class or "^" would mean more than it is read as here.
+_SRE_FLAGS_REFUSED = re.IGNORECASE | re.LOCALE | re.MULTILINE
+
+
+class _Refused(ValueError):
+    """ftfy's patterns or tables are not of the shape the shortcut's argument needs: run ftfy instead."""
+
+
+def _class_chars(items: list) -> set[int] | None:
+    """Code points of a parsed character class; None for a negated class or one with a category (\\s, \\w)."""
+    out: set[int] = set()
+    for op, av in items:
+        if op == _sre.LITERAL:
+            out.add(av)
+        elif op == _sre.RANGE:
+            out.update(range(av[0], av[1] + 1))
+        else:
+            return None
+    return out
+
+
+def _commonness(chars: set[int]) -> tuple[int, int, int]:
+    """Sort key: ASCII and lower-case/other letters first (they fill ordinary text), then other letters, size."""
+    categories = [unicodedata.category(chr(c)) for c in chars]
+    common = sum(c < 128 or cat in ("Ll", "Lo") for c, cat in zip(chars, categories, strict=True))
+    return common, sum(cat.startswith("L") for cat in categories), len(chars)
+
+
+def _required_chars(items: list) -> set[int] | None:
+    """A set of characters one of which every match of the parsed sequence consumes; None if none is bounded."""
+    choices = []
+    for op, av in items:
+        if op == _sre.LITERAL:
+            choice = {av}
+        elif op == _sre.IN:
+            choice = _class_chars(av)
+        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            choice = _required_chars(av[2]) if av[0] >= 1 else None  # an optional item may be absent
+        elif op == _sre.SUBPATTERN:
+            if av[1] & _SRE_FLAGS_REFUSED:  # an inline (?i) would widen the literals
+                raise _Refused("inline flags")
+            choice = _required_chars(av[3])
+        elif op == _sre.ATOMIC_GROUP:
+            choice = _required_chars(av)
+        elif op == _sre.BRANCH:  # a match takes one alternative: the union of theirs
+            parts = [_required_chars(alternative) for alternative in av[1]]
+            choice = None if any(p is None for p in parts) else set().union(*parts)
+        else:  # zero-width items, and ANY / NOT_LITERAL / categories, which bound nothing: no candidate
+            choice = None
+        if choice:
+            choices.append(choice)
+    return min(choices, key=_commonness, default=None)
+
+
+def _match_anchors(items: list) -> dict[str, tuple[int, ...]]:
+    """For a pattern that is an alternation of sequences: character -> offsets from a match's start at which some
+    alternative must consume that character (per alternative, one of the character classes it consumes outside
+    any group: the least common one, at the offsets its prefix's possible widths allow)."""
+    alternatives = items[0][1][1] if len(items) == 1 and items[0][0] == _sre.BRANCH else [items]
+    anchors: dict[str, set[int]] = {}
+    for alternative in map(list, alternatives):
+        candidates = []
+        for k, (op, av) in enumerate(alternative):
+            chars = {av} if op == _sre.LITERAL else _class_chars(av) if op == _sre.IN else None
+            if chars:
+                lo, hi = _sre_parse.SubPattern(_sre_parse.State(), alternative[:k]).getwidth()
+                candidates.append((chars, range(lo, hi + 1)))
+        if not candidates:
+            raise _Refused("an alternative without a character class of its own")
+        chars, offsets = min(candidates, key=lambda candidate: _commonness(candidate[0]))
+        if len(offsets) > 8:  # a prefix of unbounded width
+            raise _Refused("an alternative whose classes can sit anywhere")
+        for c in chars:
+            anchors.setdefault(chr(c), set()).update(offsets)
+    return {c: tuple(sorted(offsets)) for c, offsets in anchors.items()}
+
+
+def _parse(pattern: re.Pattern) -> list:
+    if pattern.flags & _SRE_FLAGS_REFUSED or isinstance(pattern.pattern, bytes):
+        raise _Refused(f"flags of {pattern.pattern!r}")
+    return list(_sre_parse.parse(pattern.pattern, pattern.flags))
+
+
+def _one_char_class(pattern: re.Pattern) -> set[int]:
+    """The characters of a pattern that is exactly one character or one character class (matches one char)."""
+    items = _parse(pattern)
+    chars = None
+    if len(items) == 1 and items[0][0] == _sre.LITERAL:
+        chars = {items[0][1]}
+    elif len(items) == 1 and items[0][0] == _sre.IN:
+        chars = _class_chars(items[0][1])
+    if not chars:
+        raise _Refused(f"{pattern.pattern!r} is not one character class")
+    return chars
+
+
+def _char_class(chars: Iterable[int]) -> re.Pattern:
+    """A compiled [...] of exactly these code points (as ranges, so large sets stay small)."""
+    parts, run = [], []
+    for c in sorted(set(chars)):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            parts.append(f"\\U{run[0]:08x}-\\U{run[-1]:08x}")
+        run = [c]
+    if run:
+        parts.append(f"\\U{run[0]:08x}-\\U{run[-1]:08x}")
+    return re.compile(f"[{''.join(parts)}]")
+
+
+class _FtfyShortcut:
+    """ftfy.fix_text's output where it can be proved cheaply (see the comment above), else None."""
+
+    def __init__(self) -> None:
+        from ftfy import badness, chardata, fixes
+
+        if ftfy.__version__ not in _FTFY_VERSIONS:
+            raise _Refused(f"ftfy {ftfy.__version__}")
+        self._unescape_html, self._fix_encoding = fixes.unescape_html, ftfy.fix_encoding
+        if _required_chars(_parse(chardata.HTML_ENTITY_RE)) != {ord("&")}:  # so a text without '&' is left alone
+            raise _Refused("HTML_ENTITY_RE")
+        if _required_chars(_parse(fixes.ANSI_RE)) != {0x1B}:
+            raise _Refused("ANSI_RE")
+        surrogates = _one_char_class(fixes.SURROGATE_RE)
+        if surrogates != set(range(0xD800, 0xE000)):
+            raise _Refused("SURROGATE_RE")
+        multi_char = set(map(ord, _MULTI_CHAR)) | surrogates
+        changed = (
+            _one_char_class(chardata.C1_CONTROL_RE)
+            | {k for k, v in chardata.LIGATURES.items() if v != chr(k)}
+            | {k for k, v in chardata.WIDTH_MAP.items() if v != chr(k)}
+            | _one_char_class(chardata.SINGLE_QUOTE_RE)
+            | _one_char_class(chardata.DOUBLE_QUOTE_RE)
+            | set(map(ord, _LINE_BREAKS))
+            | set(chardata.CONTROL_CHARS)
+        ) - multi_char
+        fixers = [getattr(fixes, name) for name in _FTFY_FIXERS]
+        self._map: dict[int, str] = {}
+        for c in sorted(changed):
+            out = chr(c)
+            for fixer in fixers:
+                out = fixer(out)
+            if any(ord(o) in multi_char for o in out):  # the next fixer would read it with its neighbour
+                raise _Refused(f"{chr(c)!r} -> {out!r}")
+            self._map[c] = out
+        by_char = {chr(c): out for c, out in self._map.items()}
+        self._replace = lambda match: by_char[match.group()]
+        self._multi_char = _char_class(multi_char)
+        self._local = _char_class(changed | multi_char)
+        self._bad_re = badness.BADNESS_RE
+        self._bad_anchors = _match_anchors(_parse(self._bad_re))
+        bad_required = set(map(ord, self._bad_anchors))
+        self._bad_required = _char_class(bad_required)
+        # Text with none of these characters, NFC and on one line, is left unchanged by every step of (a)-(c).
+        self.look = _char_class(changed | multi_char | bad_required | {ord("&")})
+        self._max_segment = ftfy.TextFixerConfig().max_decode_length
+
+    def is_bad(self, text: str) -> bool:
+        """ftfy.badness.is_bad(text), trying a match only where one could start (see the comment above)."""
+        bad, anchors = self._bad_re, self._bad_anchors
+        for m in self._bad_required.finditer(text):
+            q = m.start()
+            for offset in anchors[m.group()]:
+                if offset <= q and bad.match(text, q - offset):
+                    return True
+        return False
+
+    def _fix_segment(self, text: str, unescape: bool) -> str | None:
+        for _ in range(4):  # ftfy's rounds, (b); more than this is rare enough to leave to ftfy
+            before = text
+            if unescape and "&" in text:
+                text = self._unescape_html(text)
+            if self.is_bad(text):  # (c): fix_encoding may act; ftfy's own, called as fix_and_explain calls it
+                text = self._fix_encoding(text)
+            if self._local.search(text):
+                if self._multi_char.search(text):
+                    return None
+                # = text.translate(self._map), which costs a dict lookup per character on non-ASCII text
+                text = self._local.sub(self._replace, text)
+            if not unicodedata.is_normalized("NFC", text):
+                text = unicodedata.normalize("NFC", text)
+            if text == before:
+                return text
+        return None
+
+    def fix(self, text: str) -> str | None:
+        """ftfy.fix_text(text), or None where that is not proved."""
+        if len(text) > self._max_segment:
+            return None
+        if "\n" not in text:
+            return self._fix_segment(text, "<" not in text)
+        lines = text.split("\n")
+        segments = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+        out, unescape = [], True
+        for segment in segments:
+            unescape = unescape and "<" not in segment  # (a): off from the first segment with "<" on
+            fixed = self._fix_segment(segment, unescape)
+            if fixed is None:
+                return None
+            out.append(fixed)
+        return "".join(out)
+
+
+@functools.cache
+def _ftfy_shortcut() -> _FtfyShortcut | None:
+    """Built on first use (tens of ms), not at import; None where ftfy's code is not the one argued about."""
+    try:
+        return _FtfyShortcut()
+    except (_Refused, ImportError, AttributeError) as e:
+        warnings.warn(f"ftfy shortcut off, every non-ASCII caption pays ftfy.fix_text: {e}", stacklevel=3)
+        return None
+
+
+def _fix_text(text: str) -> str:
+    """ftfy.fix_text(text) then html.unescape twice: open_clip's basic_clean without its strip."""
+    if not (text.isascii() and not _ASCII_NEEDS_FTFY.search(text)):
+        shortcut = _ftfy_shortcut()
+        if shortcut is None:
+            text = ftfy.fix_text(text)
+        elif "\n" in text or shortcut.look.search(text) or not unicodedata.is_normalized("NFC", text):
+            fixed = shortcut.fix(text)
+            text = ftfy.fix_text(text) if fixed is None else fixed
+        # else: ftfy leaves it unchanged
+    return html.unescape(html.unescape(text)) if "&" in text else text
 
 
 def clean_text(text: str) -> str:
@@ -85,7 +379,7 @@ def clean_text(text: str) -> str:
     if text.isascii() and not _ASCII_NEEDS_FTFY.search(text):
         return " ".join(text.split()).lower()
     # str.split() drops leading/trailing whitespace too, which covers both of open_clip's .strip() calls.
-    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+    return " ".join(_fix_text(text).split()).lower()
 
 
 def _base_vocab() -> list[str]:
@@ -107,6 +401,38 @@ def _read_text(path: pathlib.Path) -> str:
         raise ValueError(f"{path}: expected a UTF-8 BPE merges file (optionally gzip-compressed): {e}") from e
 
 
+class _IdStore:
+    """str -> a run of token ids: a dict to rows, and per row a start and length into one growing id array."""
+
+    def __init__(self) -> None:
+        self.row_of: dict[str, int] = {}
+        self.starts = np.zeros(1024, np.int64)
+        self.lengths = np.zeros(1024, np.int64)
+        self.ids = np.zeros(16384, np.int32)
+        self.n_ids = 0
+
+    def add(self, keys: list[str], lengths: np.ndarray, ids: np.ndarray) -> None:
+        """New keys (not stored yet), their id counts and all their ids concatenated, in the same order."""
+        n_rows, n_keys, n_new = len(self.row_of), len(keys), len(ids)
+        if n_rows + n_keys > len(self.starts):
+            grow = max(2 * len(self.starts), n_rows + n_keys)
+            self.starts, self.lengths = np.resize(self.starts, grow), np.resize(self.lengths, grow)
+        if self.n_ids + n_new > len(self.ids):
+            self.ids = np.resize(self.ids, max(2 * len(self.ids), self.n_ids + n_new))
+        self.lengths[n_rows : n_rows + n_keys] = lengths
+        self.starts[n_rows : n_rows + n_keys] = self.n_ids + np.cumsum(lengths) - lengths
+        self.ids[self.n_ids : self.n_ids + n_new] = ids
+        self.n_ids += n_new
+        self.row_of.update(zip(keys, range(n_rows, n_rows + n_keys), strict=True))
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the ids of these rows, concatenated; the running end of each row's ids in that array)."""
+        starts, lengths = self.starts[rows], self.lengths[rows]
+        ends = np.cumsum(lengths)
+        total = int(ends[-1]) if len(ends) else 0
+        return self.ids[np.repeat(starts - (ends - lengths), lengths) + np.arange(total)], ends
+
+
 class ClipTokenizer:
     """CLIP BPE tokenizer: `tok(texts, context_length)` -> int32 [N, context_length] ids, pad 0, EOT largest."""
 
@@ -125,7 +451,10 @@ class ClipTokenizer:
         self.sot_id, self.eot_id = self.vocab_size - 2, self.vocab_size - 1
         self._vocab = list(vocab)
         self._merges = [tuple(m) for m in merges]
-        self._bpe = models.BPE(vocab=index, merges=self._merges, end_of_word_suffix="</w>")
+        # No Rust-side word cache: our store already BPEs a word once, and filling a cache costs ~15% of a word.
+        self._bpe = models.BPE(vocab=index, merges=self._merges, end_of_word_suffix="</w>", cache_capacity=0)
+        self._hf = Tokenizer(self._bpe)  # only to BPE many words in one call (see _cache_chunks)
+        self._hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         self._lock = threading.Lock()  # the chunk cache is shared state
         self._reset_cache()
 
@@ -247,61 +576,101 @@ class ClipTokenizer:
     max_cached_chunks: int = 1 << 18  # ~50 MB; the cache restarts when full (frequent chunks come back at once)
 
     def _reset_cache(self) -> None:
-        self._row_of: dict[str, int] = {}  # chunk -> row of the tables below
-        self._starts = np.zeros(1024, np.int64)  # row -> offset into _ids
-        self._lengths = np.zeros(1024, np.int64)  # row -> number of ids
-        self._ids = np.zeros(16384, np.int32)
-        self._n_ids = 0
+        # One store for chunks and for the words they split into: a string's ids are the same either way (a
+        # word, split again on its own, is that one word: findall's first alternative to match at a word's start
+        # is the one that matched it, and it takes the whole word), so a word met inside "dog," serves a later
+        # chunk "dog", and the other way round. Row 0 is the separator between texts, row 1 the "\n" between
+        # chunks (see _cache_chunks), neither with ids; a chunk or word that is exactly a special's string is that
+        # id, as in open_clip.
+        self._store = _IdStore()
+        self._store.add(
+            [_SEP, "\n", SOT_TOKEN, EOT_TOKEN], np.array([0, 0, 1, 1]), np.array([self.sot_id, self.eot_id], np.int32)
+        )
 
     def _cache_chunks(self, chunks: list[str]) -> None:
-        """BPE-encode chunks (space-free pieces of cleaned text) and add their ids to the cache."""
-        words = [_WORD_RE.findall(c) for c in chunks]  # open_clip's own split, exact on any text
-        # A word that is exactly a special's string is that id, as in open_clip.
-        ids_of = {SOT_TOKEN: [self.sot_id], EOT_TOKEN: [self.eot_id]}
-        for word in dict.fromkeys(w for ws in words for w in ws if w not in ids_of):
-            # UTF-8 bytes -> byte symbols, then the Rust BPE (with '</w>' and its own word cache).
-            ids_of[word] = [t.id for t in self._bpe.tokenize(word.encode().decode("latin-1").translate(_SYMBOLS))]
-        chunk_ids = [[i for w in ws for i in ids_of[w]] for ws in words]
-        n_rows, n_new = len(self._row_of), sum(map(len, chunk_ids))
-        if n_rows + len(chunks) > len(self._starts):
-            grow = max(2 * len(self._starts), n_rows + len(chunks))
-            self._starts, self._lengths = np.resize(self._starts, grow), np.resize(self._lengths, grow)
-        if self._n_ids + n_new > len(self._ids):
-            self._ids = np.resize(self._ids, max(2 * len(self._ids), self._n_ids + n_new))
-        lengths = np.fromiter(map(len, chunk_ids), np.int64, count=len(chunks))
-        self._lengths[n_rows : n_rows + len(chunks)] = lengths
-        self._starts[n_rows : n_rows + len(chunks)] = self._n_ids + np.cumsum(lengths) - lengths
-        self._ids[self._n_ids : self._n_ids + n_new] = np.fromiter(
-            itertools.chain.from_iterable(chunk_ids), np.int32, count=n_new
-        )
-        self._n_ids += n_new
-        self._row_of.update(zip(chunks, range(n_rows, n_rows + len(chunks)), strict=True))
+        """BPE-encode new chunks (distinct space-free pieces of cleaned text, none stored) and store them."""
+        store = self._store
+        # A chunk of ASCII letters only is one word (`[\p{L}]+` takes it whole; no other alternative starts with
+        # a letter), which needs no split: most chunks of English text.
+        is_word = list(map(operator.and_, map(str.isascii, chunks), map(str.isalpha, chunks)))
+        others = list(itertools.compress(chunks, map(operator.not_, is_word)))
+        is_ascii = list(map(str.isascii, others))
+        groups = []
+        for group, splitter in (
+            (list(itertools.compress(others, is_ascii)), _ASCII_WORD_SPLIT),
+            (list(itertools.compress(others, map(operator.not_, is_ascii))), _WORD_SPLIT),
+        ):
+            if group:
+                # One findall over the group joined by "\n" instead of one per chunk: no word contains
+                # whitespace, so these are each chunk's words in turn, with "\n" between chunks.
+                groups.append((group, splitter.findall("\n".join(group))))
+        words_of_others = itertools.chain.from_iterable(words for _, words in groups)
+        new_words = itertools.filterfalse(store.row_of.__contains__, words_of_others)
+        new = list(dict.fromkeys(itertools.chain(itertools.compress(chunks, is_word), new_words)))
+        if new:
+            # All new words through the Rust BPE in one call: joined by spaces (a word's bytes never include
+            # 0x20, so only the joins are spaces), split back into words by WhitespaceSplit, '</w>' on each
+            # word's last symbol; word_ids tells which word each id came from.
+            symbols = " ".join(new).encode().decode("latin-1").translate(_SYMBOLS_KEEP_SPACE)
+            encoding = self._hf.encode(symbols, add_special_tokens=False)
+            counts = np.bincount(np.array(encoding.word_ids, np.int64), minlength=len(new))
+            store.add(new, counts, np.array(encoding.ids, np.int32))
+        for group, words in groups:
+            rows = np.fromiter(map(store.row_of.__getitem__, words), np.int64, count=len(words))
+            flat, ends = store.gather(rows)
+            chunk_ends = np.concatenate([ends[rows == 1], [len(flat)]])  # ids so far at each chunk's end
+            if len(chunk_ends) != len(group):
+                raise RuntimeError(f"internal: {len(group)} chunks split into {len(chunk_ends)}")
+            lengths = np.diff(chunk_ends, prepend=0)
+            keep = np.fromiter(map(operator.not_, map(store.row_of.__contains__, group)), bool, count=len(group))
+            if not keep.all():  # chunks just stored as words of other chunks ("'s" and "it's")
+                group, flat = list(itertools.compress(group, keep)), flat[np.repeat(keep, lengths)]
+                lengths = lengths[keep]
+            store.add(group, lengths, flat)
 
-    def _encode_cleaned(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """BPE ids of cleaned texts (no SOT/EOT) as (all ids concatenated, ids per text)."""
-        # Cleaned text has single spaces and no other whitespace, so " ".join + split(" ") recovers the chunks
-        # and a text holds count(" ") + 1 of them (0 if empty).
-        n_chunks = np.fromiter((t.count(" ") + 1 if t else 0 for t in texts), np.int64, count=len(texts))
-        joined = " ".join(t for t in texts if t)
-        chunks = joined.split(" ") if joined else []
+    def _encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """BPE ids of raw texts (no SOT/EOT), as (all ids concatenated, int64 ids per text)."""
+        if not texts:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        joined = "\n".join(texts)
+        if not joined.isascii() or _ASCII_NEEDS_FTFY.search(joined):  # else every text is ASCII needing no ftfy
+            # Find the texts that need cleaning without a Python call per text: non-ASCII ones, and those
+            # holding one of the ASCII characters ftfy acts on (found in the joined batch).
+            special = set(itertools.compress(range(len(texts)), map(operator.not_, map(str.isascii, texts))))
+            triggers = [m.start() for m in _ASCII_NEEDS_FTFY.finditer(joined)]
+            if triggers:  # which text each position falls in: where the texts start in `joined`
+                starts = np.cumsum(np.fromiter(map(len, texts), np.int64, count=len(texts)) + 1)
+                special.update(np.searchsorted(starts, triggers, side="right").tolist())
+            texts = list(texts)
+            for i in special:
+                texts[i] = _fix_text(texts[i])
+        # The cleaned batch's chunks in one pass: texts joined by " \0 ", lower-cased, split at whitespace.
+        # Splitting then joining with single spaces changes no chunk, so this gives each text's chunks of
+        # open_clip's " ".join(text.split()).lower(): lower() turns no character into whitespace or back, and
+        # its one context rule (final sigma) does not see past whitespace (tests/test_tokenizer.py checks both
+        # over all of Unicode). No cleaned text holds "\0" (ftfy deletes it and html.unescape never makes it),
+        # so the "\0" chunks are exactly the n - 1 separators (checked below).
+        chunks = f" {_SEP} ".join(texts).lower().split()
         with self._lock:
-            if len(self._row_of) > self.max_cached_chunks or self._n_ids > 64 * self.max_cached_chunks:
+            if len(self._store.row_of) > self.max_cached_chunks or self._store.n_ids > 64 * self.max_cached_chunks:
                 self._reset_cache()
-            try:
-                rows = np.fromiter(map(self._row_of.__getitem__, chunks), np.int64, count=len(chunks))
-            except KeyError:
-                self._cache_chunks([c for c in dict.fromkeys(chunks) if c not in self._row_of])
-                rows = np.fromiter(map(self._row_of.__getitem__, chunks), np.int64, count=len(chunks))
-            starts, lengths, ids = self._starts[rows], self._lengths[rows], self._ids
-        ends = np.cumsum(lengths)
-        flat = ids[np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)]
-        ends = np.concatenate([[0], ends])
-        chunk_ends = np.cumsum(n_chunks)
-        return flat, ends[chunk_ends] - ends[chunk_ends - n_chunks]
+            row_of = self._store.row_of
+            # -1: not cached yet (.get costs a hit ~7% more than [], and a miss no exception or Python call)
+            rows = np.array(list(map(row_of.get, chunks, itertools.repeat(-1))), np.int64)
+            new = np.flatnonzero(rows < 0).tolist()
+            if new:
+                missing = list(map(chunks.__getitem__, new))
+                self._cache_chunks(list(dict.fromkeys(missing)))
+                rows[new] = np.fromiter(map(row_of.__getitem__, missing), np.int64, count=len(new))
+            flat, ends = self._store.gather(rows)
+        separators = np.flatnonzero(rows == 0)
+        if len(separators) != len(texts) - 1:
+            raise RuntimeError(f"internal: {len(texts)} texts but {len(separators)} separators")
+        return flat, np.diff(ends[separators], prepend=0, append=len(flat))
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without SOT/EOT."""
-        return self._encode_cleaned([clean_text(text)])[0].tolist()
+        return self._encode_batch([text])[0].tolist()
 
     def __call__(self, texts: str | Sequence[str], context_length: int = 77) -> np.ndarray:
         """int32 [N, context_length]: [SOT] + ids + [EOT], cut to context_length keeping EOT last, 0-padded."""
@@ -311,11 +680,10 @@ class ClipTokenizer:
                               ) -> tuple[np.ndarray, np.ndarray]:
         """(`self(texts, context_length)`, int64 [N] BPE ids per text before the cut): a text was truncated where
         its length exceeds context_length - 2."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else list(texts)
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (room for SOT and EOT), got {context_length}")
-        flat, lengths = self._encode_cleaned([clean_text(t) for t in texts])
+        flat, lengths = self._encode_batch(texts)
         n = len(lengths)
         out = np.zeros((n, context_length), dtype=np.int32)
         out[:, 0] = self.sot_id
