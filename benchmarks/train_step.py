@@ -1,8 +1,9 @@
 """Train-step throughput: step time, samples/s, TFLOP/s, the fraction of the matmul peak measured in the same run,
-MFU against the vendor peak where known; optionally open_clip's same model and batch timed in the same run,
-interleaved step by step (a load from other jobs slows both alike), and an XLA per-op profile of one step.
+MFU against the vendor peak where known; optionally open_clip's same model and batch timed in the same run, in a
+process of its own, the two taking turns step by step (a load from other jobs slows both alike), and an XLA per-op
+profile of one step.
 
-  python benchmarks/train_step.py --preset B/32 --batch 32 --scan --open-clip --profile          # CPU
+  python benchmarks/train_step.py --preset B/32 --batch 32 --open-clip --profile                 # CPU
   python benchmarks/train_step.py --preset tiny --image-size 96 --context-length 24 --vocab-size 1024 \
       --batch 128 --open-clip --profile                                                         # the demo's shapes
   python benchmarks/train_step.py --preset B/16 --batch 512 --dtype bfloat16 --remat dots --scan   # on a GPU
@@ -16,6 +17,8 @@ import argparse
 import collections
 import datetime
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import pathlib
 import platform
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.config import default_config
+from clip_jax.host_memory import keep_freed_memory
 from clip_jax.methods import get_method
 from clip_jax.methods.base import abstract_batch
 from clip_jax.models import flops as flops_lib
@@ -58,6 +62,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--open-clip", action="store_true",
                    help="also time open_clip's same model (needs torch), interleaved with ours step by step")
     p.add_argument("--profile", action="store_true", help="XLA per-op profile of one step: time by kind, top ops")
+    p.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                   help="keep: both trainers' processes keep freed memory for the next step (what clip-jax sets on "
+                        "the CPU, clip_jax/host_memory.py); default: glibc's own settings (how open_clip runs)")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     return p.parse_args()
 
@@ -161,6 +168,37 @@ def build_open_clip(args: argparse.Namespace) -> tuple[Callable[[], None], dict]
     return step, {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def _serve_open_clip(args: argparse.Namespace, conn: multiprocessing.connection.Connection) -> None:
+    """The open_clip process: builds the model, then runs one step per request until told to stop."""
+    if args.malloc == "keep":
+        keep_freed_memory()  # torch's CPU allocator maps and faults in its big buffers afresh just the same
+    step, facts = build_open_clip(args)
+    conn.send(facts)
+    while conn.recv() == "step":
+        step()
+        conn.send(None)
+
+
+def open_clip_in_process(args: argparse.Namespace) -> tuple[Callable[[], None], dict, Callable[[], None]]:
+    """open_clip in a process of its own, stepped on request: (step, facts, stop). Each trainer runs alone in
+    practice, with its own heap, allocator settings and thread pools; the two still take turns step by step."""
+    ctx = multiprocessing.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    child = ctx.Process(target=_serve_open_clip, args=(args, child_conn), daemon=True)
+    child.start()
+    facts = conn.recv()
+
+    def step() -> None:
+        conn.send("step")
+        conn.recv()
+
+    def stop() -> None:
+        conn.send("stop")
+        child.join()
+
+    return step, facts, stop
+
+
 def interleaved_times(steps: dict[str, Callable[[], None]], count: int, warmup: int = 2) -> dict[str, list[float]]:
     """Seconds per step of each contender, taking turns step by step after `warmup` untimed steps each."""
     for step in steps.values():
@@ -256,12 +294,17 @@ def profile_step(step: Callable[[], None], hlo: str, top: int = 12) -> dict:
 
 def main() -> None:
     args = parse_args()
+    # as clip-jax does on the CPU (clip_jax/host_memory.py); before JAX starts
+    kept_freed_memory = args.malloc == "keep" and keep_freed_memory()
+    jnp.zeros(())  # initialise the backend before timing
     device = jax.devices()[0]
     steps, facts, hlo = {}, {}, ""
     steps["clip_jax"], facts["clip_jax"], hlo = build_clip_jax(args)
     if args.open_clip:
-        steps["open_clip"], facts["open_clip"] = build_open_clip(args)
+        steps["open_clip"], facts["open_clip"], stop_open_clip = open_clip_in_process(args)
     times = interleaved_times(steps, args.steps)
+    if args.open_clip:
+        stop_open_clip()
     peak = matmul_peak(args.dtype)
     result = {
         "benchmark": "train_step",
@@ -276,6 +319,7 @@ def main() -> None:
         },
         "jax": jax.__version__,
         "args": vars(args),
+        "kept_freed_memory": kept_freed_memory,
         "matmul": peak,
     }
     tflop = facts["clip_jax"]["model_tflops_per_step"]
@@ -307,5 +351,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    jnp.zeros(())  # initialise the backend before timing
     main()

@@ -29,6 +29,7 @@ import sys
 
 from clip_jax.config import ConfigError
 from clip_jax.files import CheckpointWriteError, is_remote, write_atomic
+from clip_jax.host_memory import keep_freed_memory
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -725,6 +726,7 @@ def main(argv: list[str] | None = None) -> None:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_without_traceback)
         sys.unraisablehook = _quiet_unraisable
+    keep_freed_memory()  # before any command starts JAX (host_memory.py says why)
     try:
         COMMANDS[args.command](args, overrides)
     except KeyboardInterrupt:
