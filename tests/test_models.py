@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clip_jax.models.clip import CLIP, CLIPConfig
-from clip_jax.models.layers import REMAT_POLICIES
+from clip_jax.models.layers import REMAT_POLICIES, PatchEmbedding
 
 from .test_train_step import tiny_model_dict
 
@@ -179,3 +179,16 @@ def test_deep_prompts_are_the_same_with_scanned_layers(reference):
     assert got.tokens.shape == (3, 7, 32)
     np.testing.assert_allclose(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.pooled, want.pooled, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [32, 35])  # 35: the pixels past the last whole patch are dropped, as by VALID
+def test_patch_embedding_is_the_strided_convolution(size):
+    images = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    embed = PatchEmbedding(width=16, patch_size=8)
+    params = nn.unbox(embed.init(jax.random.key(1), images)["params"])
+    assert params["kernel"].shape == (8, 8, 3, 16)  # nn.Conv's own layout: checkpoints load unchanged
+    conv = nn.Conv(16, (8, 8), strides=8, padding="VALID", use_bias=False)
+    want = conv.apply({"params": {"kernel": params["kernel"]}}, images)
+    got = embed.apply({"params": params}, images)
+    assert got.shape == want.shape == (2, 4, 4, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

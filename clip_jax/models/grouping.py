@@ -33,6 +33,7 @@ from clip_jax.models.layers import (
     LayerNorm,
     Mlp,
     OutProj,
+    PatchEmbedding,
     TowerOutput,
     Transformer,
     constrain,
@@ -351,11 +352,7 @@ class GroupVisionTransformer(nn.Module):
         if train and groupings and rng is None:
             raise ValueError("GroupVisionTransformer(train=True) needs an rng for the Gumbel noise")
         rngs = [stage_key(rng, s) if train else None for s in range(groupings)]
-        x = nn.Conv(
-            cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID", use_bias=False,
-            kernel_init=partitioned(nn.initializers.lecun_normal(), ("patch", "patch", "patch", "embed")),
-            dtype=self.dtype, name="conv1",
-        )(images.astype(self.dtype))
+        x = PatchEmbedding(cfg.width, cfg.patch_size, self.dtype, name="conv1")(images)
         batch = x.shape[0]
         x = x.reshape(batch, -1, cfg.width)
         positions = self.param("positional_embedding",

@@ -82,6 +82,28 @@ def class_token_and_positions(module: nn.Module, tokens: jax.Array, dtype: Dtype
     return constrain(x, ("batch", "length", "act_embed"))
 
 
+class PatchEmbedding(nn.Module):
+    """[B, H, W, C] -> [B, H/p, W/p, width]: a stride-p convolution without bias over p x p patches, as a matmul of
+    the reshaped patches with the same `kernel` [p, p, C, width] (the conv's own parameter, so checkpoints and
+    converters see `conv1/kernel` as before). XLA:CPU ran the convolution's forward and kernel gradient 1.5-2x
+    slower than this matmul of the same FLOPs (benchmarks/train_step.py --profile, 2026-12-04). Pixels past the
+    last whole patch are dropped, as by the VALID convolution."""
+
+    width: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        batch, height, width, channels = images.shape
+        kernel = self.param("kernel", partitioned(nn.initializers.lecun_normal(), ("patch", "patch", "patch", "embed")),
+                            (p, p, channels, self.width), jnp.float32)
+        rows, cols = height // p, width // p
+        patches = images[:, : rows * p, : cols * p].astype(self.dtype).reshape(batch, rows, p, cols, p, channels)
+        return jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
+
+
 @jax.custom_vjp
 def block_boundary(x: jax.Array) -> jax.Array:
     """Identity between two blocks of an unrolled stack whose backward pass, on XLA:CPU only, hands the gradient

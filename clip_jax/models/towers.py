@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from clip_jax.models.layers import (
     Dtype,
     LayerNorm,
+    PatchEmbedding,
     TowerOutput,
     Transformer,
     class_token_and_positions,
@@ -86,16 +87,7 @@ class VisionTransformer(nn.Module):
                 f"{images.shape[2]}; resize them or set model.vision.image_size"
             )
         scale = cfg.width**-0.5
-        x = nn.Conv(
-            cfg.width,
-            (cfg.patch_size, cfg.patch_size),
-            strides=cfg.patch_size,
-            padding="VALID",
-            use_bias=False,
-            kernel_init=partitioned(nn.initializers.lecun_normal(), ("patch", "patch", "patch", "embed")),
-            dtype=self.dtype,
-            name="conv1",
-        )(images.astype(self.dtype))
+        x = PatchEmbedding(cfg.width, cfg.patch_size, self.dtype, name="conv1")(images)
         batch = x.shape[0]
         x = class_token_and_positions(self, x.reshape(batch, -1, cfg.width), self.dtype)
         prompt_start = x.shape[1]
