@@ -60,7 +60,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--open-clip", action="store_true",
-                   help="also time open_clip's same model (needs torch), interleaved with ours step by step")
+                   help="also time open_clip's same model (needs torch) in a process of its own, taking turns "
+                        "with ours step by step")
     p.add_argument("--profile", action="store_true", help="XLA per-op profile of one step: time by kind, top ops")
     p.add_argument("--malloc", default="keep", choices=["keep", "default"],
                    help="keep: both trainers' processes keep freed memory for the next step (what clip-jax sets on "

@@ -181,13 +181,16 @@ def test_deep_prompts_are_the_same_with_scanned_layers(reference):
     np.testing.assert_allclose(got.pooled, want.pooled, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("size", [32, 35])  # 35: the pixels past the last whole patch are dropped, as by VALID
-def test_patch_embedding_is_the_strided_convolution(size):
-    images = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-    embed = PatchEmbedding(width=16, patch_size=8)
+# (32, 32): square patches (the image towers); 35: pixels past the last whole patch are dropped, as by VALID;
+# (4, 8) on one channel: the audio tower's time x frequency patches of a spectrogram
+@pytest.mark.parametrize(("size", "patch", "channels"), [((32, 32), 8, 3), ((35, 35), 8, 3), ((17, 35), (4, 8), 1)])
+def test_patch_embedding_is_the_strided_convolution(size, patch, channels):
+    images = jax.random.normal(jax.random.key(0), (2, *size, channels))
+    embed = PatchEmbedding(width=16, patch_size=patch)
     params = nn.unbox(embed.init(jax.random.key(1), images)["params"])
-    assert params["kernel"].shape == (8, 8, 3, 16)  # nn.Conv's own layout: checkpoints load unchanged
-    conv = nn.Conv(16, (8, 8), strides=8, padding="VALID", use_bias=False)
+    window = (patch, patch) if isinstance(patch, int) else patch
+    assert params["kernel"].shape == (*window, channels, 16)  # nn.Conv's own layout: checkpoints load unchanged
+    conv = nn.Conv(16, window, strides=window, padding="VALID", use_bias=False)
     want = conv.apply({"params": {"kernel": params["kernel"]}}, images)
     got = embed.apply({"params": params}, images)
     assert got.shape == want.shape == (2, 4, 4, 16)

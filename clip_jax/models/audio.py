@@ -25,7 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.models.layers import Dtype, LayerNorm, TowerOutput, Transformer, class_token_and_positions, partitioned
+from clip_jax.models.layers import (
+    Dtype,
+    LayerNorm,
+    PatchEmbedding,
+    TowerOutput,
+    Transformer,
+    class_token_and_positions,
+    partitioned,
+)
 from clip_jax.models.towers import TowerConfig
 
 
@@ -122,11 +130,7 @@ class AudioTransformer(nn.Module):
                              f"{waveform.shape[1:]}; pad or crop them (data/audio.py) or set model.audio.num_samples")
         times, freqs = cfg.grid
         features = log_mel_spectrogram(waveform, cfg)[:, :times * cfg.patch_time, :freqs * cfg.patch_freq]
-        x = nn.Conv(
-            cfg.width, (cfg.patch_time, cfg.patch_freq), strides=(cfg.patch_time, cfg.patch_freq), padding="VALID",
-            use_bias=False, kernel_init=partitioned(nn.initializers.lecun_normal(), ("patch", "patch", None, "embed")),
-            dtype=self.dtype, name="conv1",
-        )(features[..., None].astype(self.dtype))
+        x = PatchEmbedding(cfg.width, (cfg.patch_time, cfg.patch_freq), self.dtype, name="conv1")(features[..., None])
         x = class_token_and_positions(self, x.reshape(x.shape[0], times * freqs, cfg.width), self.dtype)
         x = LayerNorm(self.dtype, name="ln_pre")(x)
         x = Transformer(

@@ -83,24 +83,25 @@ def class_token_and_positions(module: nn.Module, tokens: jax.Array, dtype: Dtype
 
 
 class PatchEmbedding(nn.Module):
-    """[B, H, W, C] -> [B, H/p, W/p, width]: a stride-p convolution without bias over p x p patches, as a matmul of
-    the reshaped patches with the same `kernel` [p, p, C, width] (the conv's own parameter, so checkpoints and
-    converters see `conv1/kernel` as before). XLA:CPU ran the convolution's forward and kernel gradient 1.5-2x
-    slower than this matmul of the same FLOPs (benchmarks/train_step.py --profile, 2026-12-04). Pixels past the
-    last whole patch are dropped, as by the VALID convolution."""
+    """[B, H, W, C] -> [B, H/ph, W/pw, width]: a convolution without bias, strided by its own ph x pw size, written
+    as one matmul of the reshaped patches with the same `kernel` [ph, pw, C, width] (the conv's own parameter, so
+    checkpoints and converters see `conv1/kernel` as before). On XLA:CPU the convolution's forward and kernel
+    gradient took 1.5-1.9x the time of this matmul (jitted forward + kernel gradient of each at the demo's and
+    B/32's shapes, 2026-12-04). Pixels past the last whole patch are dropped, as by the VALID convolution. The ViT
+    and GroupViT image towers (square patches) and the spectrogram audio tower use it."""
 
     width: int
-    patch_size: int
+    patch_size: int | tuple[int, int]
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        p = self.patch_size
+        ph, pw = (self.patch_size, self.patch_size) if isinstance(self.patch_size, int) else self.patch_size
         batch, height, width, channels = images.shape
         kernel = self.param("kernel", partitioned(nn.initializers.lecun_normal(), ("patch", "patch", "patch", "embed")),
-                            (p, p, channels, self.width), jnp.float32)
-        rows, cols = height // p, width // p
-        patches = images[:, : rows * p, : cols * p].astype(self.dtype).reshape(batch, rows, p, cols, p, channels)
+                            (ph, pw, channels, self.width), jnp.float32)
+        rows, cols = height // ph, width // pw
+        patches = images[:, : rows * ph, : cols * pw].astype(self.dtype).reshape(batch, rows, ph, cols, pw, channels)
         return jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
 
 
