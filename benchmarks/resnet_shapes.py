@@ -1,9 +1,9 @@
 """A small ModifiedResNet image tower against the demo's tiny ViT on `shapes`, at matched wall-clock, on this
 machine (docs/resnet.md).
 
-    python benchmarks/resnet_shapes.py [--vit-workdir workdirs/demo] [--out-dir workdirs/resnet_shapes]
+    python benchmarks/resnet_shapes.py [--vit-workdir workdirs/demo_b128] [--out-dir workdirs/resnet_shapes]
 
-1. Pilot: 100 steps of each config (configs/demo.py, configs/resnet_shapes.py), one after the other, reading their
+1. Pilot: 100 steps of each config (configs/demo.py:b128, configs/resnet_shapes.py), one after the other, reading their
    training throughput (samples/s of the logged steps after the first, which holds the compilation).
 2. The ResNet trains for 1,500 x (its throughput / the ViT's) steps, rounded to 25: the demo's wall-clock.
 3. Runs: the ViT (the demo: seed 0 is --vit-workdir, trained there first if absent) and the ResNet with GroupNorm at
@@ -27,7 +27,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_STEPS = 1500
 PILOT_STEPS = 100
-CONFIGS = {"vit": "configs/demo.py", "resnet": "configs/resnet_shapes.py"}
+CONFIGS = {"vit": "configs/demo.py:b128", "resnet": "configs/resnet_shapes.py"}
 # (run name, config, seed)
 RUNS = (("vit", CONFIGS["vit"], 0), ("vit", CONFIGS["vit"], 1), ("resnet_group", CONFIGS["resnet"], 0),
         ("resnet_group", CONFIGS["resnet"], 1), ("resnet_frozen_bn", "configs/resnet_shapes.py:frozen_bn", 0))
@@ -63,7 +63,7 @@ def run_pilot(out_dir: pathlib.Path) -> tuple[dict[str, float], int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vit-workdir", default="workdirs/demo")
+    p.add_argument("--vit-workdir", default="workdirs/demo_b128")
     p.add_argument("--out-dir", default="workdirs/resnet_shapes")
     p.add_argument("--resnet-steps", type=int, help="the resnet's steps recorded in results/resnet_shapes.json by an "
                    "earlier pilot: skips the pilot (to add or rerun runs at the same step count)")

@@ -39,7 +39,7 @@ from clip_jax.train.loop import load_trained  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "slip_shapes.json"
-ARMS = {"clip": "configs/demo.py", "slip_simclr": "configs/slip_shapes.py",
+ARMS = {"clip": "configs/demo.py:b128", "slip_simclr": "configs/slip_shapes.py",
         "slip_colour": "configs/slip_shapes.py:colour"}
 LONG_STEPS = 1500
 KEYS = ("zero_shot_top1_seen", "zero_shot_top1", "i2t_r1", "t2i_r1")

@@ -83,6 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.long_caption_prob = 0.0  # probability of training on the long caption instead of the short one
     c.data.partial_caption_prob = 0.0  # probability of a caption naming only the colour or only the shape (shapes)
     c.data.grayscale_shape_captions = False  # show the image in grayscale when its caption names only the shape
+    # shapes: also keep shapes.VALIDATION_HELD_OUT out of training, and score the held-out zero-shot on those pairs
+    # (zero_shot_top1_val) instead of the test pairs: for choosing a recipe without looking at the test pairs.
+    c.data.shapes_validation_pairs = False
     # File sources (data.source "sharegpt4v": ShareGPT4V JSON; "captions": JSONL or CSV of image, caption
     # [, short_caption]); see clip_jax/data/captions.py. Image paths are relative to image_root (default: the
     # file's folder); undecodable images are skipped and counted. "records": ArrayRecord shards written by

@@ -24,7 +24,7 @@ TRAINING = ("partial", "full")
 def get_config(training: str = "partial"):
     if training not in TRAINING:
         raise ValueError(f"unknown training {training!r}; choose one of {TRAINING}")
-    config = demo_config()
+    config = demo_config("b128")  # the demo recipe its results were measured with
     config.init_from = "workdirs/demo"
     v = config.model.vision
     config.model.audio = dict(type="spectrogram_vit", width=v.width, layers=v.layers, heads=v.heads,

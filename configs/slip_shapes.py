@@ -17,7 +17,7 @@ from configs.demo import get_config as demo_config
 def get_config(augmentation: str = "simclr"):
     if augmentation not in SSL_AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {SSL_AUGMENTATIONS}")
-    config = demo_config()
+    config = demo_config("b128")  # the demo recipe its results were measured with
     # The demo's method fields (multi-positive captions) carry over to SLIP's CLIP loss.
     config.method = method_config("slip", multi_positive=config.method.multi_positive, ssl_hidden=512, ssl_dim=128,
                                   augmentation=augmentation)

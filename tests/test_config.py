@@ -201,6 +201,19 @@ def test_config_file_argument(tmp_path):
     assert (config.model.vision.width, config.model.vision.patch_size, config.model.text.width) == (1024, 14, 768)
 
 
+def test_demo_recipes():
+    # The committed demo (chosen on validation pairs, docs/demo.md) and the recipe before it, which the recipes
+    # measured on it (SLIP, AudioCLIP, the ResNet comparison) keep.
+    now, before = load_config(DEMO), load_config(f"{DEMO}:b128")
+    assert (now.batch_size, now.total_steps, now.optimizer.warmup_steps) == (256, 1200, 160)
+    assert (before.batch_size, before.total_steps, before.optimizer.warmup_steps) == (128, 1500, 200)
+    for part in ("model", "data", "method"):
+        assert now[part].to_dict() == before[part].to_dict(), part
+    for recipe in ("configs/slip_shapes.py", "configs/audioclip_shapes.py", "configs/resnet_shapes.py"):
+        assert load_config(str(CONFIGS.parent / recipe)).batch_size == 128
+    assert "unknown recipe" in config_error(f"{DEMO}:b64")
+
+
 # --- the files in configs/ ----------------------------------------------------------------------------------------
 
 

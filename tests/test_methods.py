@@ -186,6 +186,10 @@ def test_the_evaluation_suite_runs_on_the_methods_model(method_setup, runs, toke
         want |= {f"det{s}_ap{t}" for s in ("", "_base", "_novel") for t in ("", "50")}
     assert want <= set(results)
     assert all(0.0 <= results[k] <= 1.0 for k in want)
+    if method.name == "clip":  # a validation run is scored on the validation pairs, never on the test pairs
+        config.data.shapes_validation_pairs = True
+        results = evaluate(config, method.model(), state.params, mesh, tokenizer, ["shapes"], method)
+        assert {"zero_shot_top1_val", "zero_shot_top1_seen"} <= set(results) and "zero_shot_top1" not in results
 
 
 # --- FLOPs ----------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from clip_jax.data.shapes import (
     POSITIONS,
     SHAPES,
     SPLITS,
+    VALIDATION_HELD_OUT,
     ZERO_SHOT_TEMPLATES,
     Scene,
     ShapeObject,
@@ -61,7 +62,8 @@ def test_deterministic_by_index_and_seed():
 
 
 def test_splits_use_independent_streams():
-    images = {s: [many_objects(s)[i]["image"].tobytes() for i in range(20)] for s in SPLITS}
+    images = {s: [many_objects(s, validation_held_out=VALIDATION_HELD_OUT)[i]["image"].tobytes() for i in range(20)]
+              for s in SPLITS}
     for s, t in itertools.combinations(SPLITS, 2):
         assert sum(x == y for x, y in zip(images[s], images[t], strict=True)) == 0, (s, t)
 
@@ -262,6 +264,37 @@ def test_invalid_scene_raises(scene):
 def test_bad_config_raises(kwargs):
     with pytest.raises(ValueError):
         ShapesConfig(**kwargs)
+
+
+def test_validation_pairs_are_kept_out_of_training_and_are_the_salient_objects_of_val_held_out():
+    # The pairs themselves: the rule of their comment in shapes.py.
+    assert len(VALIDATION_HELD_OUT) == len(COLOURS) and [c for c, _ in VALIDATION_HELD_OUT] == list(COLOURS)
+    assert not set(VALIDATION_HELD_OUT) & set(DEFAULT_HELD_OUT)
+    for shape in SHAPES:
+        assert [s for _, s in VALIDATION_HELD_OUT].count(shape) <= 2
+        assert sum(s == shape for _, s in DEFAULT_HELD_OUT + VALIDATION_HELD_OUT) <= len(COLOURS) - 4
+
+    kwargs = {"validation_held_out": VALIDATION_HELD_OUT}
+    out_of_training = set(DEFAULT_HELD_OUT) | set(VALIDATION_HELD_OUT)
+    train, val = many_objects("train", **kwargs), many_objects("val_held_out", **kwargs)
+    for i in range(1000):
+        assert not {(o.colour, o.shape) for o in train.scene(i).objects} & out_of_training
+    salient = set()
+    for i in range(300):
+        scene = val.scene(i)
+        salient.add((scene.salient.colour, scene.salient.shape))
+        assert all((o.colour, o.shape) not in out_of_training for o in scene.objects if o is not scene.salient)
+        assert val.class_names()[int(val[i]["label"])] == f"{scene.salient.colour} {scene.salient.shape}"
+    assert salient == set(VALIDATION_HELD_OUT)
+    # The test split's salient objects stay the test pairs, and the test pairs stay what held_out_classes names.
+    plain, with_val = many_objects("test_held_out"), many_objects("test_held_out", **kwargs)
+    assert {(with_val.scene(i).salient.colour, with_val.scene(i).salient.shape) for i in range(200)} <= set(
+        DEFAULT_HELD_OUT)
+    assert plain.held_out_classes() == with_val.held_out_classes()
+    with pytest.raises(ValueError, match="both held_out and validation_held_out"):
+        ShapesConfig(validation_held_out=DEFAULT_HELD_OUT[:1])
+    with pytest.raises(ValueError, match="validation_held_out"):
+        ShapesDataset(ShapesConfig(), "val_held_out")
 
 
 def test_bad_split_and_empty_held_out_raise():

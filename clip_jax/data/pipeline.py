@@ -41,7 +41,7 @@ from clip_jax.data.images import (
     resize_center_crop,
 )
 from clip_jax.data.segmentation import SegmentationFolder
-from clip_jax.data.shapes import ShapesConfig, ShapesDataset
+from clip_jax.data.shapes import VALIDATION_HELD_OUT, ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import GlobalBatchRows, barrier, batch_rows, sum_over_processes
 from clip_jax.errors import ConfigError
@@ -85,7 +85,14 @@ def shapes_config(config: ml_collections.ConfigDict) -> ShapesConfig:
         max_objects=config.data.max_objects,
         seed=config.seed,
         domain=config.data.shapes_domain,
+        validation_held_out=VALIDATION_HELD_OUT if config.data.shapes_validation_pairs else (),
     )
+
+
+def shapes_held_out_split(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """The split that scores held-out pairs and its metric suffix: a validation run (data.shapes_validation_pairs)
+    is scored on its validation pairs ("_val") and never on the test pairs."""
+    return ("val_held_out", "_val") if config.data.shapes_validation_pairs else ("test_held_out", "")
 
 
 def _shapes_source(config: ml_collections.ConfigDict, split: str):

@@ -61,12 +61,21 @@ UNSEEN_BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
 # the seen pairs, like "test") is an independent stream for choosing hyper-parameters without touching a test set.
 # "test_novel" puts a held-out pair as any object of the scene, salient or not, with the others from all pairs: the
 # dense and region methods' novel classes, which elsewhere appear only as the salient object of "test_held_out".
-SPLITS: tuple[str, ...] = ("train", "test", "test_seen", "test_held_out", "val", "test_novel")
+# "val_held_out" is "test_held_out" for the validation pairs (ShapesConfig.validation_held_out).
+SPLITS: tuple[str, ...] = ("train", "test", "test_seen", "test_held_out", "val", "test_novel", "val_held_out")
 # One pair per colour, no shape used more than twice: every colour keeps 5 seen shapes and every shape keeps
 # at least 6 seen colours, so each attribute on its own is well covered during training.
 DEFAULT_HELD_OUT: tuple[tuple[str, str], ...] = (
     ("red", "star"), ("green", "cross"), ("blue", "triangle"), ("yellow", "diamond"),
     ("purple", "circle"), ("orange", "square"), ("white", "circle"), ("cyan", "star"),
+)  # fmt: skip
+# Pairs for choosing a recipe by held-out accuracy without the test pairs: a run that also holds these out of
+# training is scored on them ("val_held_out"). Drawn once with numpy's default_rng(0), one shape per colour in
+# COLOURS' order, redrawn until no pair is a test pair, no shape is used more than twice, and every shape keeps at
+# least 4 seen colours with the test pairs out too (the 4th draw).
+VALIDATION_HELD_OUT: tuple[tuple[str, str], ...] = (
+    ("red", "triangle"), ("green", "diamond"), ("blue", "star"), ("yellow", "circle"),
+    ("purple", "cross"), ("orange", "cross"), ("white", "diamond"), ("cyan", "square"),
 )  # fmt: skip
 # No template puts "a" directly before the class name, so "orange ..." classes read grammatically.
 ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
@@ -190,6 +199,7 @@ class ShapesConfig:
     max_objects: int = 3
     seed: int = 0
     held_out: tuple[tuple[str, str], ...] = DEFAULT_HELD_OUT  # (colour, shape) pairs
+    validation_held_out: tuple[tuple[str, str], ...] = ()  # further pairs kept out of training, scored apart
     domain: str = "clean"  # a key of DOMAINS: how the pixels are rendered
 
     def __post_init__(self) -> None:
@@ -204,11 +214,14 @@ class ShapesConfig:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
         if self.domain not in DOMAINS:
             raise ValueError(f"unknown domain {self.domain!r}; expected one of {tuple(DOMAINS)}")
-        for pair in self.held_out:
+        for pair in self.held_out + self.validation_held_out:
             if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in SHAPES:
                 raise ValueError(f"held_out pair {pair!r} is not (colour, shape) with colour in {COLOURS} "
                                  f"and shape in {SHAPES}")
-        if len({tuple(p) for p in self.held_out}) == len(COLOURS) * len(SHAPES):
+        if both := {tuple(p) for p in self.held_out} & {tuple(p) for p in self.validation_held_out}:
+            raise ValueError(f"pairs {sorted(both)} are in both held_out and validation_held_out; a pair is one or "
+                             "the other")
+        if len({tuple(p) for p in self.held_out + self.validation_held_out}) == len(COLOURS) * len(SHAPES):
             raise ValueError("held_out covers every colour-shape pair; nothing is left to train on")
 
 
@@ -453,11 +466,17 @@ class ShapesDataset:
         self.split = split
         self.num_examples = num_examples
         held = {class_index(c, s) for c, s in config.held_out}
+        validation = {class_index(c, s) for c, s in config.validation_held_out}
         self._held_out = np.array(sorted(held), dtype=np.int64)
-        self._seen = np.array([i for i in range(len(COLOURS) * len(SHAPES)) if i not in held], dtype=np.int64)
+        self._validation = np.array(sorted(validation), dtype=np.int64)
+        self._seen = np.array([i for i in range(len(COLOURS) * len(SHAPES)) if i not in held | validation],
+                              dtype=np.int64)
         if split in ("test_held_out", "test_novel") and not len(self._held_out):
             raise ValueError(f"split {split!r} needs a non-empty config.held_out")
-        self._salient_pool = self._held_out if split == "test_held_out" else self._seen
+        if split == "val_held_out" and not len(self._validation):
+            raise ValueError("split 'val_held_out' needs a non-empty config.validation_held_out")
+        pools = {"test_held_out": self._held_out, "val_held_out": self._validation}
+        self._salient_pool = pools.get(split, self._seen)
         self.domain = DOMAINS[config.domain]
 
     def __len__(self) -> int:
@@ -520,7 +539,7 @@ class ShapesDataset:
             pairs[rng.integers(n)] = self._held_out[rng.integers(len(self._held_out))]
         else:
             # Non-salient objects always come from seen pairs: held-out pairs only ever appear as the salient
-            # object of the test_held_out split (and as any object of test_novel).
+            # object of the test_held_out and val_held_out splits (and as any object of test_novel).
             pairs = np.concatenate([self._salient_pool[rng.integers(len(self._salient_pool), size=1)],
                                     self._seen[rng.integers(len(self._seen), size=n - 1)]])
         sizes = np.concatenate([[2], rng.integers(0, 2, size=n - 1)])  # only the salient one is large

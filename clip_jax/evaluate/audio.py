@@ -22,7 +22,7 @@ import numpy as np
 
 from clip_jax.data.audio import AudioError, read_audio_table, read_wav, scene_waveform
 from clip_jax.data.classification import class_embeddings
-from clip_jax.data.pipeline import get_source
+from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import SPLITS, ZERO_SHOT_TEMPLATES, class_index
 from clip_jax.evaluate.retrieval import retrieval_recall
 from clip_jax.evaluate.zero_shot import zero_shot_accuracy, zero_shot_by_split
@@ -83,7 +83,7 @@ def run_shapes_audio(ctx, name: str, entry: ShapesAudioEval) -> dict[str, float]
     key = config.to_json()
     classes = class_embeddings(ctx.texts, get_source(config, "test").class_names(), ZERO_SHOT_TEMPLATES)
     splits = {}
-    for split, suffix in (("test_held_out", ""), ("test_seen", "_seen")):
+    for split, suffix in (shapes_held_out_split(config), ("test_seen", "_seen")):
         sounds, labels = _shapes_audio_data(key, split, n, snr)
         splits[suffix] = ctx.encoder.audio(sounds), labels
     results = zero_shot_by_split(splits, classes, "audio_zero_shot")

@@ -36,7 +36,7 @@ import numpy as np
 
 from clip_jax.data.classification import class_embeddings, few_shot_task
 from clip_jax.data.folder_source import ImageFolderSource
-from clip_jax.data.pipeline import get_source
+from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.errors import ConfigError, UnscorableClasses
@@ -130,7 +130,7 @@ def run_shapes(ctx: Context, name: str, entry: ShapesEval) -> dict[str, float]:
     key = config.to_json()
     classes = class_embeddings(ctx.texts, get_source(config, "test").class_names(), ZERO_SHOT_TEMPLATES)
     splits = {}
-    for split, suffix in (("test_held_out", ""), ("test_seen", "_seen")):
+    for split, suffix in (shapes_held_out_split(config), ("test_seen", "_seen")):
         images, labels, _ = _shapes_eval_data(key, split, n, None)
         splits[suffix] = ctx.encoder.images(images), labels
     results = zero_shot_by_split(splits, classes, "zero_shot")
