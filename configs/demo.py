@@ -20,15 +20,15 @@ ResNet comparison, AudioCLIP) were measured with it and keep it.
 from clip_jax.config import default_config
 from configs.common import tiny_shapes
 
-RECIPES = ("", "b128")
+# recipe -> (batch, steps, warm-up steps, steps between evaluations and checkpoints)
+RECIPES = {"": (256, 1200, 160, 400), "b128": (128, 1500, 200, 500)}
 
 
 def get_config(recipe: str = ""):
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {tuple(RECIPES)}")
     config = default_config()
-    config.total_steps = 1200
-    config.batch_size = 256
+    config.batch_size, config.total_steps, config.optimizer.warmup_steps, every = RECIPES[recipe]
     tiny_shapes(config, context_length=24)
     config.data.min_objects = 1
     config.data.max_objects = 3
@@ -38,12 +38,7 @@ def get_config(recipe: str = ""):
     # Short captions repeat within a batch ("a red circle."): treat identical captions as positives.
     config.method.multi_positive = True
     config.optimizer.lr = 1e-3
-    config.optimizer.warmup_steps = 160
     config.optimizer.weight_decay = 0.1
-    config.checkpoint.every_steps = 400
-    config.eval.every_steps = 400
+    config.checkpoint.every_steps = config.eval.every_steps = every
     config.log.every_steps = 25
-    if recipe == "b128":
-        config.total_steps, config.batch_size, config.optimizer.warmup_steps = 1500, 128, 200
-        config.checkpoint.every_steps = config.eval.every_steps = 500
     return config

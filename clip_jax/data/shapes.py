@@ -218,10 +218,11 @@ class ShapesConfig:
             if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in SHAPES:
                 raise ValueError(f"held_out pair {pair!r} is not (colour, shape) with colour in {COLOURS} "
                                  f"and shape in {SHAPES}")
-        if both := {tuple(p) for p in self.held_out} & {tuple(p) for p in self.validation_held_out}:
+        test, validation = {tuple(p) for p in self.held_out}, {tuple(p) for p in self.validation_held_out}
+        if both := test & validation:
             raise ValueError(f"pairs {sorted(both)} are in both held_out and validation_held_out; a pair is one or "
                              "the other")
-        if len({tuple(p) for p in self.held_out + self.validation_held_out}) == len(COLOURS) * len(SHAPES):
+        if len(test | validation) == len(COLOURS) * len(SHAPES):
             raise ValueError("held_out covers every colour-shape pair; nothing is left to train on")
 
 
