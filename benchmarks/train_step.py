@@ -7,6 +7,10 @@ profile of one step.
   python benchmarks/train_step.py --preset tiny --image-size 96 --context-length 24 --vocab-size 1024 \
       --batch 128 --open-clip --profile                                                         # the demo's shapes
   python benchmarks/train_step.py --preset B/16 --batch 512 --dtype bfloat16 --remat dots --scan   # on a GPU
+  python benchmarks/train_step.py --config configs/longclip_l14.py --batch 256 --scan             # a recipe's step
+
+A recipe (`--config`) is timed with its own method, model, frozen parameters and optimizer; `--batch`, `--dtype`,
+`--remat` and `--scan` override it where given. benchmarks/gpu_suite.py runs the GPU measurements in one command.
 
 Results are printed and saved as JSON under benchmarks/results/.
 """
@@ -33,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.config import default_config
+from clip_jax.config import default_config, load_config
 from clip_jax.host_memory import keep_freed_memory
 from clip_jax.methods import get_method
-from clip_jax.methods.base import abstract_batch
+from clip_jax.methods.base import Field, abstract_batch
 from clip_jax.models import flops as flops_lib
 from clip_jax.models.presets import PRESETS, model_preset
 from clip_jax.sharding import batch_sharding, make_mesh
@@ -48,15 +52,20 @@ from clip_jax.train.loop import create_state
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="time this recipe's step (path/to/config.py[:arg]) instead of --preset's CLIP")
     p.add_argument("--preset", default="tiny", choices=PRESETS)
     p.add_argument("--image-size", type=int, help="override the preset's image size")
     p.add_argument("--context-length", type=int, help="override the preset's text context")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
-    p.add_argument("--batch", type=int, default=32, help="global batch")
+    p.add_argument("--batch", type=int, help="global batch (default: the recipe's, else 32)")
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--remat", default="none")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the recipe's, else "
+                   "float32)")
+    p.add_argument("--remat", help="remat policy (default: the recipe's, else none)")
     p.add_argument("--scan", action="store_true", help="scan over layers")
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
+                   help="implementation of jax.nn.dot_product_attention in the model (cudnn: cuDNN's fused "
+                        "attention, GPU only)")
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--open-clip", action="store_true",
@@ -67,7 +76,10 @@ def parse_args() -> argparse.Namespace:
                    help="keep: both trainers' processes keep freed memory for the next step (what clip-jax sets on "
                         "the CPU, clip_jax/host_memory.py); default: glibc's own settings (how open_clip runs)")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    return p.parse_args()
+    args = p.parse_args()
+    if args.config and (args.open_clip or args.image_size or args.context_length or args.vocab_size):
+        p.error("--config times a recipe as it is: --open-clip and the size overrides go with --preset")
+    return args
 
 
 def preset(args: argparse.Namespace) -> dict:
@@ -76,41 +88,65 @@ def preset(args: argparse.Namespace) -> dict:
                          **({"context_length": args.context_length} if args.context_length else {}))
     if args.image_size:
         model["vision"]["image_size"] = args.image_size
-    model.update(dtype=args.dtype, remat_policy=args.remat, scan_layers=args.scan)
+    model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=args.scan)
     return model
 
 
-def synthetic_batch(model: dict, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random uint8 images [B, H, W, 3] and tokens [B, T] ending in EOT (the largest id)."""
+def benchmark_config(args: argparse.Namespace):
+    """The timed run's config: the recipe of `--config` or CLIP with `--preset`'s model, the command line's
+    batch, dtype, remat and scan on top."""
+    if args.config:
+        config = load_config(args.config)
+        config.model.scan_layers = config.model.scan_layers or args.scan
+        config.model.dtype = args.dtype or config.model.dtype
+        config.model.remat_policy = args.remat or config.model.remat_policy
+    else:
+        config = default_config()
+        config.model = preset(args)
+    config.batch_size = args.batch or (config.batch_size if args.config else 32)
+    config.accum_steps = args.accum
+    config.mesh = dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")), strict=True))
+    return config
+
+
+def synthetic_batch(fields: dict[str, Field], batch: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """A random batch of the method's fields: uint8 arrays (images) uniform over 0-255, token rows [B, T] of
+    random ids ending in EOT (the largest id), float arrays (waveforms) uniform in [-1, 1]."""
     rng = np.random.default_rng(0)
-    size, text = model["vision"]["image_size"], model["text"]
-    tokens = rng.integers(1, text["vocab_size"] - 1, size=(batch, text["context_length"])).astype(np.int32)
-    tokens[:, -1] = text["vocab_size"] - 1
-    return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), tokens
+    arrays = {}
+    for name, field in fields.items():
+        shape = (batch, *field.shape)
+        if field.dtype == np.uint8:
+            arrays[name] = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif np.issubdtype(field.dtype, np.integer):
+            tokens = rng.integers(1, vocab_size - 1, size=shape).astype(field.dtype)
+            tokens[..., -1] = vocab_size - 1
+            arrays[name] = tokens
+        else:
+            arrays[name] = rng.uniform(-1, 1, shape).astype(field.dtype)
+    return arrays
 
 
 def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, str]:
     """(one train step, run to completion; facts of the compiled step; its optimised HLO text)."""
-    config = default_config()
-    config.batch_size = args.batch
-    config.accum_steps = args.accum
-    config.model = preset(args)
-    config.mesh = dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")), strict=True))
+    config = benchmark_config(args)
     mesh = make_mesh(config.mesh.to_dict())
     method = get_method(config)
+    method.check(mesh)
     model = method.model()
     init_fn, shardings, tx = create_state(config, method, model, mesh)
     state = init_fn(jax.random.PRNGKey(0))
+    trainable = state_lib.trainable_mask(state.params, config.optimizer.frozen)
     train_step = step_lib.make_train_step(
-        method.step_fns(model), tx, state_lib.trainable_mask(state.params, ()),
-        state_lib.learning_rate_schedule(config.optimizer, 1000), mesh, args.accum,
+        method.step_fns(model), tx, trainable,
+        state_lib.learning_rate_schedule(config.optimizer, config.total_steps), mesh, args.accum,
     )
-    batch_spec = abstract_batch(method.fields(), args.batch, batch_sharding(mesh))
+    batch_spec = abstract_batch(method.fields(), config.batch_size, batch_sharding(mesh))
     t0 = time.perf_counter()
     compiled = step_lib.compile_train_step(train_step, shardings, abstract_like(state), batch_spec, mesh)
     compile_s = time.perf_counter() - t0
-    images, tokens = synthetic_batch(config.model.to_dict(), args.batch)
-    batch = jax.device_put({"image": images, "text": tokens}, batch_sharding(mesh))
+    batch = jax.device_put(synthetic_batch(method.fields(), config.batch_size, config.model.text.vocab_size),
+                           batch_sharding(mesh))
 
     def step() -> None:
         nonlocal state
@@ -121,8 +157,12 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
     facts = {
         "compile_s": compile_s,
         "temp_memory_gib_per_device": getattr(mem, "temp_size_in_bytes", 0) / 1024**3 if mem else None,
-        "model_tflops_per_step": flops_lib.train_flops_per_sample(model.config) * args.batch / 1e12,
+        # the trainer's own count (its MFU in the logs): the method's towers, frozen ones at one forward
+        "model_tflops_per_step": method.flops_per_example(trainable) * config.batch_size / 1e12,
         "mesh": dict(mesh.shape),
+        "batch": config.batch_size,
+        "method": config.method.name,
+        "model": {k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers")},
     }
     return step, facts, compiled.as_text()
 
@@ -151,11 +191,13 @@ def build_open_clip(args: argparse.Namespace) -> tuple[Callable[[], None], dict]
         quick_gelu=True,
         output_dict=True,
     )
-    if args.dtype == "bfloat16":
+    if p["dtype"] == "bfloat16":
         model = model.to(torch.bfloat16)
     loss_fn = open_clip.loss.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images, tokens = synthetic_batch(p, args.batch)
+    batch = synthetic_batch({"image": Field((v["image_size"], v["image_size"], 3), np.uint8),
+                             "text": Field((t["context_length"],), np.int32)}, args.batch or 32, t["vocab_size"])
+    images, tokens = batch["image"], batch["text"]
     images = torch.from_numpy(images).permute(0, 3, 1, 2).to(next(model.parameters()).dtype) / 255
     tokens = torch.from_numpy(tokens).long()
 
@@ -214,12 +256,15 @@ def interleaved_times(steps: dict[str, Callable[[], None]], count: int, warmup: 
     return times
 
 
-def matmul_peak(dtype: str, sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 5) -> dict:
+def matmul_peak(dtype: str, repeats: int = 5) -> dict:
     """The best FLOP/s of one square matmul through JAX on the first device, per size: the machine's practical
-    matmul peak, measured in the same run as the step (on a shared CPU, a vendor peak means little)."""
+    matmul peak, measured in the same run as the step (on a shared CPU, a vendor peak means little). Random
+    operands: a GPU multiplies zeros or ones faster (less switching power, higher clocks)."""
+    # a GPU needs large products to run well past the launch overhead
+    sizes = (2048, 4096, 8192, 16384) if jax.devices()[0].platform == "gpu" else (1024, 2048, 4096)
     rates = {}
     for n in sizes:
-        a = jnp.ones((n, n), dtype)
+        a = jax.random.normal(jax.random.PRNGKey(n), (n, n), dtype)
         matmul = jax.jit(lambda x, y: x @ y)
         matmul(a, a).block_until_ready()
         best = float("inf")
@@ -260,6 +305,26 @@ def op_kinds(hlo: str) -> dict[str, str]:
     return kinds
 
 
+def op_events(data) -> list[tuple[str, float]]:
+    """(HLO instruction name, seconds) of every op event of a trace. A CPU runs the ops on the host's XLA threads
+    (lines named XLAEigen, with the executor's own spans among them: only names of the HLO count); a GPU's device
+    plane has kernels on stream lines, each naming its instruction in an `hlo_op` stat (several kernels can make
+    one op), or, once a trace is post-processed, a derived "XLA Ops" line, which is used alone when present."""
+    events = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):  # the host: a CPU's ops
+            events += [(event.name.lstrip("%"), event.duration_ns / 1e9) for line in plane.lines
+                       if "XLAEigen" in line.name for event in line.events]
+            continue
+        lines = [line for line in plane.lines if line.name == "XLA Ops"] or plane.lines
+        for line in lines:
+            for event in line.events:
+                op = event.name if line.name == "XLA Ops" else dict(event.stats).get("hlo_op")
+                if op:
+                    events.append((str(op).lstrip("%"), event.duration_ns / 1e9))
+    return events
+
+
 def profile_step(step: Callable[[], None], hlo: str, top: int = 12) -> dict:
     """Time by op kind and the costliest ops of one step, from a jax.profiler trace. Ops on the CPU run on the
     XLA thread pool, some concurrently, so the op times can sum to more than the step."""
@@ -274,29 +339,73 @@ def profile_step(step: Callable[[], None], hlo: str, top: int = 12) -> dict:
         jax.profiler.stop_trace()
         data = ProfileData.from_file(str(next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))))
     by_kind, by_op = collections.Counter(), collections.Counter()
-    for plane in data.planes:
-        on_device = plane.name.startswith("/device:")  # a GPU's ops; a CPU's run on the host's XLA threads
-        for line in plane.lines:
-            if (line.name != "XLA Ops") if on_device else ("XLAEigen" not in line.name):
-                continue
-            for event in line.events:
-                if event.name in kinds:
-                    kind, op_name = kinds[event.name]
-                    by_kind[kind] += event.duration_ns / 1e9
-                    by_op[(kind, op_name)] += event.duration_ns / 1e9
+    unknown = collections.Counter()  # op names the optimised HLO does not hold (another program's, say)
+    for name, seconds in op_events(data):
+        if name not in kinds:
+            unknown[name] += seconds
+            continue
+        kind, op_name = kinds[name]
+        by_kind[kind] += seconds
+        by_op[(kind, op_name)] += seconds
     total = sum(by_kind.values())
     return {
         "step_s": step_s,
         "op_seconds": total,
         "share_by_kind": {k: v / total for k, v in by_kind.most_common()} if total else {},
         "top_ops": [{"kind": k, "op_name": name, "seconds": v} for (k, name), v in by_op.most_common(top)],
+        "unmatched_op_seconds": sum(unknown.values()),
+        "top_unmatched_ops": unknown.most_common(5),
     }
+
+
+def even_length_attention(attention: Callable, implementation: str) -> Callable:
+    """`attention` (jax.nn.dot_product_attention) with `implementation`, for sequences of any length. JAX 0.11.2's
+    cuDNN training rule asks for even lengths whenever it sees a bias, and it sees one always (its placeholder for
+    none): ViT-B/16's 197 tokens and the text's 77 failed on an H200 ("Unsupported sequence length Q 197, KV 197").
+    An odd length gets one padded position, kept out of every softmax by the sequence-length mask, and the padded
+    query's output row is dropped."""
+
+    def call(query: jax.Array, key: jax.Array, value: jax.Array, bias=None, mask=None, **kwargs) -> jax.Array:
+        length, kv_length = query.shape[1], key.shape[1]
+        if bias is not None or mask is not None or not (length % 2 or kv_length % 2):
+            return attention(query, key, value, bias, mask, implementation=implementation, **kwargs)
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+        lengths = lambda n: jnp.full((query.shape[0],), n, jnp.int32)
+        out = attention(pad(query), pad(key), pad(value), query_seq_lengths=lengths(length),
+                        key_value_seq_lengths=lengths(kv_length), implementation=implementation, **kwargs)
+        return out[:, :length]
+
+    return call
+
+
+def use_attention(implementation: str) -> None:
+    """Has every `jax.nn.dot_product_attention` call of the model use `implementation` (JAX's default is XLA's,
+    also on a GPU); for comparing them, before anything is traced."""
+    if implementation != "xla":
+        jax.nn.dot_product_attention = even_length_attention(jax.nn.dot_product_attention, implementation)
+
+
+def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> str:
+    """The JSON file's name: what was timed, its dtype, batch and step options."""
+    if args.config:
+        path, _, arg = args.config.partition(":")
+        subject = pathlib.Path(path).stem + (f"-{arg}" if arg else "")
+    else:
+        subject = args.preset + "".join(f"_{k}{getattr(args, a)}" for k, a in
+                                        (("px", "image_size"), ("ctx", "context_length")) if getattr(args, a))
+    model = facts["model"]
+    options = "".join((f"_remat-{model['remat_policy']}" if model["remat_policy"] != "none" else "",
+                       "_scan" if model["scan_layers"] else "",
+                       f"_{args.attention}" if args.attention != "xla" else ""))
+    return (f"train_step_{subject.replace('/', '')}_{model['dtype']}_b{facts['batch']}{options}_{platform_name}"
+            ".json")
 
 
 def main() -> None:
     args = parse_args()
     # as clip-jax does on the CPU (clip_jax/host_memory.py); before JAX starts
     kept_freed_memory = args.malloc == "keep" and keep_freed_memory()
+    use_attention(args.attention)
     jnp.zeros(())  # initialise the backend before timing
     device = jax.devices()[0]
     steps, facts, hlo = {}, {}, ""
@@ -306,7 +415,8 @@ def main() -> None:
     times = interleaved_times(steps, args.steps)
     if args.open_clip:
         stop_open_clip()
-    peak = matmul_peak(args.dtype)
+    ours = facts["clip_jax"]
+    peak = matmul_peak(ours["model"]["dtype"])
     result = {
         "benchmark": "train_step",
         "date": datetime.date.today().isoformat(),
@@ -327,26 +437,27 @@ def main() -> None:
     vendor_peak = flops_lib.peak_flops_per_device(device.device_kind)
     for name, seconds in times.items():
         step_s = float(np.median(seconds))
-        result[name] = {"step_time_s": step_s, "step_times_s": seconds, "samples_per_s": args.batch / step_s,
+        result[name] = {"step_time_s": step_s, "step_times_s": seconds, "samples_per_s": ours["batch"] / step_s,
                         "tflops_per_s": tflop / step_s, **facts[name]}
     ours = result["clip_jax"]
     ours["fraction_of_matmul_peak"] = ours["tflops_per_s"] / (peak["peak_tflops_per_s"] * jax.device_count())
     ours["mfu"] = ours["tflops_per_s"] * 1e12 / (vendor_peak * jax.device_count()) if vendor_peak else None
     if args.open_clip:
         result["speedup_vs_open_clip"] = result["open_clip"]["step_time_s"] / ours["step_time_s"]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = result_name(args, ours, device.platform)
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")  # the timing stays if the profile stalls
     if args.profile:
-        result["profile"] = profile_step(steps["clip_jax"], hlo)
+        try:
+            result["profile"] = profile_step(steps["clip_jax"], hlo)
+        except Exception as e:  # a profiler that fails on some platform leaves the step's timing
+            result["profile"] = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(result, indent=2))
     print(f"clip_jax {ours['step_time_s']:.3f} s/step, {ours['tflops_per_s']:.3f} TFLOP/s = "
           f"{ours['fraction_of_matmul_peak']:.0%} of the {peak['peak_tflops_per_s']:.3f} TFLOP/s matmul peak"
           + (f"; open_clip {result['open_clip']['step_time_s']:.3f} s/step: {result['speedup_vs_open_clip']:.2f}x"
              if args.open_clip else ""))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shape = "".join(f"_{k}{getattr(args, a)}" for k, a in (("px", "image_size"), ("ctx", "context_length"))
-                    if getattr(args, a))
-    name = (f"train_step_{args.preset.replace('/', '')}{shape}_{args.dtype}_b{args.batch}"
-            f"{'_scan' if args.scan else ''}_{device.platform}.json")
     (out / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {out / name}")
 

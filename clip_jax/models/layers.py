@@ -202,8 +202,8 @@ class OutProj(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention computed by `jax.nn.dot_product_attention` (cuDNN flash attention on GPU for
-    bf16, XLA elsewhere)."""
+    """Multi-head self-attention computed by `jax.nn.dot_product_attention`, with JAX's default implementation
+    (XLA's, on a GPU as well; `benchmarks/train_step.py --attention cudnn` times cuDNN's fused attention)."""
 
     num_heads: int
     head_dim: int

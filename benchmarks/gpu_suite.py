@@ -1,0 +1,134 @@
+"""Issue 15's GPU measurements in one command: B/16 bf16 training MFU, XLA's attention against cuDNN's fused
+attention, remat policies and the largest batch that fits, the Long-CLIP L/14 fine-tune (248 tokens), and a
+per-op profile of each headline step.
+
+  python benchmarks/gpu_suite.py --budget 450 --out benchmarks/results
+
+Each configuration is one `benchmarks/train_step.py` run in a process of its own (a batch that does not fit fails
+alone), in order of priority, until the time budget is spent. The attention implementation that was faster on the
+headline step is used for the runs after it. Everything, failures included, goes into one JSON file,
+`gpu_suite_<device>.json`, rewritten after every run (a command stopped half-way still leaves what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).parent
+B16 = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
+LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py"), "--scan"]
+
+# (name, train_step.py arguments), in order of priority. "{attention}" is the faster of the first two runs.
+RUNS: list[tuple[str, list[str]]] = [
+    ("b16_b512_dots_xla", [*B16, "--batch", "512", "--remat", "dots", "--attention", "xla", "--profile"]),
+    ("b16_b512_dots_cudnn", [*B16, "--batch", "512", "--remat", "dots", "--attention", "cudnn", "--profile"]),
+    ("longclip_l14_b256", [*LONGCLIP_L14, "--batch", "256", "--attention", "{attention}", "--profile"]),
+    ("b16_b512_none", [*B16, "--batch", "512", "--remat", "none", "--attention", "{attention}"]),
+    ("b16_b1024_dots", [*B16, "--batch", "1024", "--remat", "dots", "--attention", "{attention}"]),
+    ("b16_b2048_dots_no_batch", [*B16, "--batch", "2048", "--remat", "dots_no_batch", "--attention", "{attention}"]),
+    ("b16_b4096_full", [*B16, "--batch", "4096", "--remat", "full", "--attention", "{attention}"]),
+    ("b16_b512_dots_unscanned", ["--preset", "B/16", "--dtype", "bfloat16", "--batch", "512", "--remat", "dots",
+                                 "--attention", "{attention}"]),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=450, help="seconds for all the runs together")
+    p.add_argument("--run-timeout", type=float, default=180, help="seconds for one run at most")
+    p.add_argument("--min-left", type=float, default=45, help="no run starts with fewer seconds of budget left")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--only", nargs="*", help="run only these names (default: all, in order)")
+    p.add_argument("--out", default=str(HERE / "results"))
+    return p.parse_args()
+
+
+def faster_attention(results: dict) -> str:
+    """cudnn if its headline step ran and was faster than XLA's, else xla."""
+    xla, cudnn = (results.get(f"b16_b512_dots_{impl}", {}).get("clip_jax", {}).get("step_time_s")
+                  for impl in ("xla", "cudnn"))
+    return "cudnn" if cudnn and (not xla or cudnn < xla) else "xla"
+
+
+def run_one(args: list[str], timeout: float, steps: int) -> dict:
+    """One train_step.py run; its JSON result, or how it failed (exit status and the end of its output)."""
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, str(HERE / "train_step.py"), *args, "--steps", str(steps),
+                                   "--out", out], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            files = list(pathlib.Path(out).glob("*.json"))
+            if files:  # timed, then stalled in the profile
+                return {**json.loads(files[0].read_text()), "wall_s": timeout, "result_file": files[0].name,
+                        "profile": {"error": f"timed out after {timeout:.0f} s"}}
+            tail = (e.stdout or b"")[-2000:]
+            return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t0,
+                    "output_tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
+        wall = time.perf_counter() - t0
+        files = list(pathlib.Path(out).glob("*.json"))
+        if proc.returncode or not files:
+            return {"error": f"exit status {proc.returncode}", "wall_s": wall,
+                    "output_tail": (proc.stdout + proc.stderr)[-3000:]}
+        return {**json.loads(files[0].read_text()), "wall_s": wall, "result_file": files[0].name}
+
+
+def summary_line(name: str, result: dict) -> str:
+    if "error" in result:
+        return f"{name}: FAILED ({result['error']}, {result['wall_s']:.0f} s)"
+    ours = result["clip_jax"]
+    mfu = f"{ours['mfu']:.1%} MFU" if ours.get("mfu") is not None else "no vendor peak"
+    return (f"{name}: {ours['step_time_s'] * 1e3:.1f} ms/step, {ours['samples_per_s']:.0f} samples/s, "
+            f"{ours['tflops_per_s']:.0f} TFLOP/s, {mfu}, {ours['fraction_of_matmul_peak']:.0%} of the measured "
+            f"matmul peak, temp {ours['temp_memory_gib_per_device']:.1f} GiB, compile {ours['compile_s']:.0f} s "
+            f"(wall {result['wall_s']:.0f} s)")
+
+
+def device_facts() -> dict:
+    """What the runs ran on, from a process of its own (this one never starts JAX's backend)."""
+    code = ("import jax, json; d = jax.devices()[0]; print(json.dumps({'device_kind': d.device_kind, "
+            "'platform': d.platform, 'count': jax.device_count(), 'jax': jax.__version__}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.perf_counter()
+    device = device_facts()
+    print("device:", device, flush=True)
+    kind = str(device.get("device_kind", "unknown")).replace(" ", "_")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_suite_{kind}.json"
+    suite = {"benchmark": "gpu_suite", "date": datetime.date.today().isoformat(), "device": device,
+             "budget_s": args.budget, "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}, "skipped": []}
+    for name, run_args in RUNS:
+        if args.only and name not in args.only:
+            continue
+        left = args.budget - (time.perf_counter() - start)
+        if left < args.min_left:
+            suite["skipped"].append(name)
+            print(f"{name}: skipped, {left:.0f} s of budget left", flush=True)
+            continue
+        run_args = [a.replace("{attention}", faster_attention(suite["runs"])) for a in run_args]
+        result = run_one(run_args, min(args.run_timeout, left), args.steps)
+        suite["runs"][name] = {"command_args": run_args, **result}
+        print(summary_line(name, result), flush=True)
+        path.write_text(json.dumps(suite, indent=2) + "\n")
+    suite["attention_chosen"] = faster_attention(suite["runs"])
+    suite["total_s"] = time.perf_counter() - start
+    path.write_text(json.dumps(suite, indent=2) + "\n")
+    print(f"saved {path} ({suite['total_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
