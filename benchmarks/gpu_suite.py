@@ -7,7 +7,8 @@ per-op profile of each headline step.
 Each configuration is one `benchmarks/train_step.py` run in a process of its own (a batch that does not fit fails
 alone), in order of priority, until the time budget is spent. The attention implementation that was faster on the
 headline step is used for the runs after it. Everything, failures included, goes into one JSON file,
-`gpu_suite_<device>.json`, rewritten after every run (a command stopped half-way still leaves what it measured).
+`gpu_suite_<device>.json`, rewritten after every run (a command stopped half-way still leaves what it measured),
+beside the two headline steps' traces (.xplane.pb) and optimised HLO (.hlo.txt.gz).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ HERE = pathlib.Path(__file__).parent
 B16 = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
 LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py"), "--scan"]
 
-# (name, train_step.py arguments), in order of priority. "{attention}" is the faster of the first two runs.
+# (name, train_step.py arguments), in order of priority. "{attention}" is the faster of the first two runs; "{out}"
+# the suite's output folder (the headline steps' traces and optimised HLO are kept there).
 RUNS: list[tuple[str, list[str]]] = [
-    ("b16_b512_dots_xla", [*B16, "--batch", "512", "--remat", "dots", "--attention", "xla", "--profile"]),
-    ("b16_b512_dots_cudnn", [*B16, "--batch", "512", "--remat", "dots", "--attention", "cudnn", "--profile"]),
+    ("b16_b512_dots_xla", [*B16, "--batch", "512", "--remat", "dots", "--attention", "xla", "--profile",
+                           "--keep-profile", "{out}"]),
+    ("b16_b512_dots_cudnn", [*B16, "--batch", "512", "--remat", "dots", "--attention", "cudnn", "--profile",
+                             "--keep-profile", "{out}"]),
     ("longclip_l14_b256", [*LONGCLIP_L14, "--batch", "256", "--attention", "{attention}", "--profile"]),
     ("b16_b512_none", [*B16, "--batch", "512", "--remat", "none", "--attention", "{attention}"]),
     ("b16_b1024_dots", [*B16, "--batch", "1024", "--remat", "dots", "--attention", "{attention}"]),
@@ -119,7 +123,8 @@ def main() -> None:
             suite["skipped"].append(name)
             print(f"{name}: skipped, {left:.0f} s of budget left", flush=True)
             continue
-        run_args = [a.replace("{attention}", faster_attention(suite["runs"])) for a in run_args]
+        run_args = [a.replace("{attention}", faster_attention(suite["runs"])).replace("{out}", str(out))
+                    for a in run_args]
         result = run_one(run_args, min(args.run_timeout, left), args.steps)
         suite["runs"][name] = {"command_args": run_args, **result}
         print(summary_line(name, result), flush=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import gzip
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -27,6 +28,7 @@ import os
 import pathlib
 import platform
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -72,6 +74,9 @@ def parse_args() -> argparse.Namespace:
                    help="also time open_clip's same model (needs torch) in a process of its own, taking turns "
                         "with ours step by step")
     p.add_argument("--profile", action="store_true", help="XLA per-op profile of one step: time by kind, top ops")
+    p.add_argument("--keep-profile", metavar="DIR",
+                   help="with --profile, also keep the step's trace (.xplane.pb, for TensorBoard or xprof) and its "
+                        "optimised HLO (.hlo.txt.gz) in DIR, named like the JSON")
     p.add_argument("--malloc", default="keep", choices=["keep", "default"],
                    help="keep: both trainers' processes keep freed memory for the next step (what clip-jax sets on "
                         "the CPU, clip_jax/host_memory.py); default: glibc's own settings (how open_clip runs)")
@@ -325,9 +330,10 @@ def op_events(data) -> list[tuple[str, float]]:
     return events
 
 
-def profile_step(step: Callable[[], None], hlo: str, top: int = 12) -> dict:
+def profile_step(step: Callable[[], None], hlo: str, top: int = 12, keep: pathlib.Path | None = None) -> dict:
     """Time by op kind and the costliest ops of one step, from a jax.profiler trace. Ops on the CPU run on the
-    XLA thread pool, some concurrently, so the op times can sum to more than the step."""
+    XLA thread pool, some concurrently, so the op times can sum to more than the step. `keep`: a path without
+    suffix for the trace (.xplane.pb) and the optimised HLO (.hlo.txt.gz)."""
     from jax.profiler import ProfileData
 
     kinds = op_kinds(hlo)
@@ -337,7 +343,12 @@ def profile_step(step: Callable[[], None], hlo: str, top: int = 12) -> dict:
         step()
         step_s = time.perf_counter() - t0
         jax.profiler.stop_trace()
-        data = ProfileData.from_file(str(next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))))
+        trace = next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(trace, keep.with_suffix(".xplane.pb"))
+            keep.with_suffix(".hlo.txt.gz").write_bytes(gzip.compress(hlo.encode()))
+        data = ProfileData.from_file(str(trace))
     by_kind, by_op = collections.Counter(), collections.Counter()
     unknown = collections.Counter()  # op names the optimised HLO does not hold (another program's, say)
     for name, seconds in op_events(data):
@@ -450,7 +461,8 @@ def main() -> None:
     (out / name).write_text(json.dumps(result, indent=2) + "\n")  # the timing stays if the profile stalls
     if args.profile:
         try:
-            result["profile"] = profile_step(steps["clip_jax"], hlo)
+            keep = pathlib.Path(args.keep_profile) / pathlib.Path(name).stem if args.keep_profile else None
+            result["profile"] = profile_step(steps["clip_jax"], hlo, keep=keep)
         except Exception as e:  # a profiler that fails on some platform leaves the step's timing
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(result, indent=2))
