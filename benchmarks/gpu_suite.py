@@ -7,7 +7,7 @@ per-op profile of each headline step.
 Each configuration is one `benchmarks/train_step.py` run in a process of its own (a batch that does not fit fails
 alone), in order of priority, until the time budget is spent. The attention implementation that was faster on the
 headline step is used for the runs after it. Everything, failures included, goes into one JSON file,
-`gpu_suite_<device>.json`, rewritten after every run (a command stopped half-way still leaves what it measured),
+`gpu_suite_<device>_<date>.json`, rewritten after every run (a command stopped half-way still leaves what it measured),
 beside the two headline steps' traces (.xplane.pb) and optimised HLO (.hlo.txt.gz).
 """
 
@@ -27,20 +27,23 @@ HERE = pathlib.Path(__file__).parent
 B16 = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
 LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py"), "--scan"]
 
-# (name, train_step.py arguments), in order of priority. "{attention}" is the faster of the first two runs; "{out}"
-# the suite's output folder (the headline steps' traces and optimised HLO are kept there).
-RUNS: list[tuple[str, list[str]]] = [
-    ("b16_b512_dots_xla", [*B16, "--batch", "512", "--remat", "dots", "--attention", "xla", "--profile",
-                           "--keep-profile", "{out}"]),
-    ("b16_b512_dots_cudnn", [*B16, "--batch", "512", "--remat", "dots", "--attention", "cudnn", "--profile",
-                             "--keep-profile", "{out}"]),
-    ("longclip_l14_b256", [*LONGCLIP_L14, "--batch", "256", "--attention", "{attention}", "--profile"]),
-    ("b16_b512_none", [*B16, "--batch", "512", "--remat", "none", "--attention", "{attention}"]),
-    ("b16_b1024_dots", [*B16, "--batch", "1024", "--remat", "dots", "--attention", "{attention}"]),
-    ("b16_b2048_dots_no_batch", [*B16, "--batch", "2048", "--remat", "dots_no_batch", "--attention", "{attention}"]),
-    ("b16_b4096_full", [*B16, "--batch", "4096", "--remat", "full", "--attention", "{attention}"]),
+# (name, train_step.py arguments, XLA flags added for the run), in order of priority: what the lease of 2026-12-04
+# left open first (the profile, cuDNN's attention, cuBLAS against Triton's matmuls), then the recipes and the batch
+# and remat sweep again. "{attention}" is the faster of the first two runs; "{out}" the suite's output folder (the
+# headline steps' traces and optimised HLO are kept there).
+HEADLINE = [*B16, "--batch", "512", "--remat", "dots"]
+RUNS: list[tuple[str, list[str], str]] = [
+    ("b16_b512_dots_xla", [*HEADLINE, "--attention", "xla", "--profile", "--keep-profile", "{out}"], ""),
+    ("b16_b512_dots_cudnn", [*HEADLINE, "--attention", "cudnn", "--profile", "--keep-profile", "{out}"], ""),
+    ("b16_b512_dots_cublas", [*HEADLINE, "--attention", "{attention}"], "--xla_gpu_enable_triton_gemm=false"),
+    ("longclip_l14_b256", [*LONGCLIP_L14, "--batch", "256", "--attention", "{attention}", "--profile"], ""),
+    ("b16_b8192_full", [*B16, "--batch", "8192", "--remat", "full", "--attention", "{attention}"], ""),
+    ("b16_b512_none", [*B16, "--batch", "512", "--remat", "none", "--attention", "{attention}"], ""),
+    ("b16_b2048_dots_no_batch", [*B16, "--batch", "2048", "--remat", "dots_no_batch", "--attention", "{attention}"],
+     ""),
+    ("b16_b4096_full", [*B16, "--batch", "4096", "--remat", "full", "--attention", "{attention}"], ""),
     ("b16_b512_dots_unscanned", ["--preset", "B/16", "--dtype", "bfloat16", "--batch", "512", "--remat", "dots",
-                                 "--attention", "{attention}"]),
+                                 "--attention", "{attention}"], ""),
 ]
 
 
@@ -62,13 +65,15 @@ def faster_attention(results: dict) -> str:
     return "cudnn" if cudnn and (not xla or cudnn < xla) else "xla"
 
 
-def run_one(args: list[str], timeout: float, steps: int) -> dict:
-    """One train_step.py run; its JSON result, or how it failed (exit status and the end of its output)."""
+def run_one(args: list[str], timeout: float, steps: int, xla_flags: str = "") -> dict:
+    """One train_step.py run, with `xla_flags` added to XLA_FLAGS; its JSON result, or how it failed (exit status
+    and the end of its output)."""
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, str(HERE / "train_step.py"), *args, "--steps", str(steps),
-                                   "--out", out], capture_output=True, text=True, timeout=timeout)
+                                   "--out", out], capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired as e:
             files = list(pathlib.Path(out).glob("*.json"))
             if files:  # timed, then stalled in the profile
@@ -112,10 +117,10 @@ def main() -> None:
     kind = str(device.get("device_kind", "unknown")).replace(" ", "_")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_suite_{kind}.json"
+    path = out / f"gpu_suite_{kind}_{datetime.date.today().isoformat()}.json"
     suite = {"benchmark": "gpu_suite", "date": datetime.date.today().isoformat(), "device": device,
              "budget_s": args.budget, "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}, "skipped": []}
-    for name, run_args in RUNS:
+    for name, run_args, xla_flags in RUNS:
         if args.only and name not in args.only:
             continue
         left = args.budget - (time.perf_counter() - start)
@@ -125,8 +130,8 @@ def main() -> None:
             continue
         run_args = [a.replace("{attention}", faster_attention(suite["runs"])).replace("{out}", str(out))
                     for a in run_args]
-        result = run_one(run_args, min(args.run_timeout, left), args.steps)
-        suite["runs"][name] = {"command_args": run_args, **result}
+        result = run_one(run_args, min(args.run_timeout, left), args.steps, xla_flags)
+        suite["runs"][name] = {"command_args": run_args, "added_xla_flags": xla_flags, **result}
         print(summary_line(name, result), flush=True)
         path.write_text(json.dumps(suite, indent=2) + "\n")
     suite["attention_chosen"] = faster_attention(suite["runs"])
