@@ -115,14 +115,17 @@ def benchmark_config(args: argparse.Namespace):
 
 
 def synthetic_batch(fields: dict[str, Field], batch: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """A random batch of the method's fields: uint8 arrays (images) uniform over 0-255, token rows [B, T] of
-    random ids ending in EOT (the largest id), float arrays (waveforms) uniform in [-1, 1]."""
+    """A random batch of the method's fields, for timing: uint8 arrays (images) uniform over 0-255, integer rows
+    [B, T] (tokens) of random ids ending in EOT (the largest id), integer scalars (labels) 0, float arrays
+    (waveforms) uniform in [-1, 1]."""
     rng = np.random.default_rng(0)
     arrays = {}
     for name, field in fields.items():
         shape = (batch, *field.shape)
         if field.dtype == np.uint8:
             arrays[name] = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif np.issubdtype(field.dtype, np.integer) and not field.shape:
+            arrays[name] = np.zeros(shape, field.dtype)
         elif np.issubdtype(field.dtype, np.integer):
             tokens = rng.integers(1, vocab_size - 1, size=shape).astype(field.dtype)
             tokens[..., -1] = vocab_size - 1

@@ -68,13 +68,13 @@ def test_synthetic_batch_follows_the_methods_fields(bench):
     from clip_jax.methods.base import Field
 
     fields = {"image": Field((4, 4, 3), np.uint8), "text": Field((6,), np.int32),
-              "short_text": Field((3,), np.int32), "audio": Field((10,), np.float32)}
+              "short_text": Field((3,), np.int32), "audio": Field((10,), np.float32), "label": Field((), np.int32)}
     batch = bench.synthetic_batch(fields, 5, vocab_size=50)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
         k: ((5, *f.shape), np.dtype(f.dtype)) for k, f in fields.items()}
     for name in ("text", "short_text"):
         assert (batch[name][:, -1] == 49).all() and (batch[name][:, :-1] < 49).all() and (batch[name] > 0).all()
-    assert np.abs(batch["audio"]).max() <= 1
+    assert np.abs(batch["audio"]).max() <= 1 and (batch["label"] == 0).all()
 
 
 def test_a_recipe_is_timed_as_it_is_with_the_command_lines_overrides(bench, monkeypatch):
