@@ -8,7 +8,7 @@ Each configuration is one `benchmarks/train_step.py` run in a process of its own
 alone), in order of priority, until the time budget is spent. The attention implementation that was faster on the
 headline step is used for the runs after it. Everything, failures included, goes into one JSON file,
 `gpu_suite_<device>_<date>.json`, rewritten after every run (a command stopped half-way still leaves what it measured),
-beside the two headline steps' traces (.xplane.pb) and optimised HLO (.hlo.txt.gz).
+beside the two headline steps' traces (.xplane.pb.gz) and optimised HLO (.hlo.txt.gz).
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ import os
 import pathlib
 import platform
 import re
-import shutil
 import socket
 import sys
 import tempfile
@@ -75,8 +74,8 @@ def parse_args() -> argparse.Namespace:
                         "with ours step by step")
     p.add_argument("--profile", action="store_true", help="XLA per-op profile of one step: time by kind, top ops")
     p.add_argument("--keep-profile", metavar="DIR",
-                   help="with --profile, also keep the step's trace (.xplane.pb, for TensorBoard or xprof) and its "
-                        "optimised HLO (.hlo.txt.gz) in DIR, named like the JSON")
+                   help="with --profile, also keep the step's trace (.xplane.pb.gz, for TensorBoard or xprof once "
+                        "unzipped) and its optimised HLO (.hlo.txt.gz) in DIR, named like the JSON")
     p.add_argument("--malloc", default="keep", choices=["keep", "default"],
                    help="keep: both trainers' processes keep freed memory for the next step (what clip-jax sets on "
                         "the CPU, clip_jax/host_memory.py); default: glibc's own settings (how open_clip runs)")
@@ -336,7 +335,7 @@ def op_events(data) -> list[tuple[str, float]]:
 def profile_step(step: Callable[[], None], hlo: str, top: int = 12, keep: pathlib.Path | None = None) -> dict:
     """Time by op kind and the costliest ops of one step, from a jax.profiler trace. Ops on the CPU run on the
     XLA thread pool, some concurrently, so the op times can sum to more than the step. `keep`: a path without
-    suffix for the trace (.xplane.pb) and the optimised HLO (.hlo.txt.gz)."""
+    suffix for the trace (.xplane.pb.gz: gunzip it for TensorBoard or xprof) and the optimised HLO (.hlo.txt.gz)."""
     from jax.profiler import ProfileData
 
     kinds = op_kinds(hlo)
@@ -349,7 +348,7 @@ def profile_step(step: Callable[[], None], hlo: str, top: int = 12, keep: pathli
         trace = next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
         if keep is not None:
             keep.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(trace, keep.with_suffix(".xplane.pb"))
+            keep.with_suffix(".xplane.pb.gz").write_bytes(gzip.compress(trace.read_bytes()))
             keep.with_suffix(".hlo.txt.gz").write_bytes(gzip.compress(hlo.encode()))
         data = ProfileData.from_file(str(trace))
     by_kind, by_op = collections.Counter(), collections.Counter()
