@@ -2,7 +2,9 @@
 attention, remat policies and the largest batch that fits, the Long-CLIP L/14 fine-tune (248 tokens), and a
 per-op profile of each headline step.
 
-  python benchmarks/gpu_suite.py --budget 450 --out benchmarks/results
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python benchmarks/gpu_suite.py --budget 450 --out benchmarks/results
+
+JAX takes 75% of a GPU's memory by default; the largest batches need more.
 
 Each configuration is one `benchmarks/train_step.py` run in a process of its own (a batch that does not fit fails
 alone), in order of priority, until the time budget is spent. The attention implementation that was faster on the
