@@ -43,6 +43,7 @@ from clip_jax.host_memory import keep_freed_memory
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Field, abstract_batch
 from clip_jax.models import flops as flops_lib
+from clip_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 from clip_jax.models.presets import PRESETS, model_preset
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train import state as state_lib
@@ -64,9 +65,9 @@ def parse_args() -> argparse.Namespace:
                    "float32)")
     p.add_argument("--remat", help="remat policy (default: the recipe's, else none)")
     p.add_argument("--scan", action="store_true", help="scan over layers")
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
-                   help="implementation of jax.nn.dot_product_attention in the model (cudnn: cuDNN's fused "
-                        "attention, GPU only)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS,
+                   help="the towers' self-attention, model.attention (default: the recipe's, else xla; cudnn: "
+                        "cuDNN's fused attention, GPU only)")
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--open-clip", action="store_true",
@@ -92,7 +93,8 @@ def preset(args: argparse.Namespace) -> dict:
                          **({"context_length": args.context_length} if args.context_length else {}))
     if args.image_size:
         model["vision"]["image_size"] = args.image_size
-    model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=args.scan)
+    model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=args.scan,
+                 attention=args.attention or "xla")
     return model
 
 
@@ -104,6 +106,7 @@ def benchmark_config(args: argparse.Namespace):
         config.model.scan_layers = config.model.scan_layers or args.scan
         config.model.dtype = args.dtype or config.model.dtype
         config.model.remat_policy = args.remat or config.model.remat_policy
+        config.model.attention = args.attention or config.model.attention
     else:
         config = default_config()
         config.model = preset(args)
@@ -169,7 +172,7 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
         "mesh": dict(mesh.shape),
         "batch": config.batch_size,
         "method": config.method.name,
-        "model": {k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers")},
+        "model": {k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers", "attention")},
     }
     return step, facts, compiled.as_text()
 
@@ -371,33 +374,6 @@ def profile_step(step: Callable[[], None], hlo: str, top: int = 12, keep: pathli
     }
 
 
-def even_length_attention(attention: Callable, implementation: str) -> Callable:
-    """`attention` (jax.nn.dot_product_attention) with `implementation`, for sequences of any length. JAX 0.11.2's
-    cuDNN training rule asks for even lengths whenever it sees a bias, and it sees one always (its placeholder for
-    none): ViT-B/16's 197 tokens and the text's 77 failed on an H200 ("Unsupported sequence length Q 197, KV 197").
-    An odd length gets one padded position, kept out of every softmax by the sequence-length mask, and the padded
-    query's output row is dropped."""
-
-    def call(query: jax.Array, key: jax.Array, value: jax.Array, bias=None, mask=None, **kwargs) -> jax.Array:
-        length, kv_length = query.shape[1], key.shape[1]
-        if bias is not None or mask is not None or not (length % 2 or kv_length % 2):
-            return attention(query, key, value, bias, mask, implementation=implementation, **kwargs)
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
-        lengths = lambda n: jnp.full((query.shape[0],), n, jnp.int32)
-        out = attention(pad(query), pad(key), pad(value), query_seq_lengths=lengths(length),
-                        key_value_seq_lengths=lengths(kv_length), implementation=implementation, **kwargs)
-        return out[:, :length]
-
-    return call
-
-
-def use_attention(implementation: str) -> None:
-    """Has every `jax.nn.dot_product_attention` call of the model use `implementation` (JAX's default is XLA's,
-    also on a GPU); for comparing them, before anything is traced."""
-    if implementation != "xla":
-        jax.nn.dot_product_attention = even_length_attention(jax.nn.dot_product_attention, implementation)
-
-
 def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> str:
     """The JSON file's name: what was timed, its dtype, batch and step options."""
     if args.config:
@@ -409,7 +385,7 @@ def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> st
     model = facts["model"]
     options = "".join((f"_remat-{model['remat_policy']}" if model["remat_policy"] != "none" else "",
                        "_scan" if model["scan_layers"] else "",
-                       f"_{args.attention}" if args.attention != "xla" else ""))
+                       f"_{model['attention']}" if model["attention"] != "xla" else ""))
     return (f"train_step_{subject.replace('/', '')}_{model['dtype']}_b{facts['batch']}{options}_{platform_name}"
             ".json")
 
@@ -418,7 +394,6 @@ def main() -> None:
     args = parse_args()
     # as clip-jax does on the CPU (clip_jax/host_memory.py); before JAX starts
     kept_freed_memory = args.malloc == "keep" and keep_freed_memory()
-    use_attention(args.attention)
     jnp.zeros(())  # initialise the backend before timing
     device = jax.devices()[0]
     steps, facts, hlo = {}, {}, ""

@@ -145,6 +145,8 @@ def test_train_on_fewer_devices_names_the_mesh_override(untouched):
      "data.path: /no/such/file.jsonl does not exist"),
     (["--config.evals.long_set={'type': 'long_text_set', 'path': '/no/such/folder'}"],
      "evals.long_set.path: /no/such/folder does not exist"),
+    (["--config.model.attention=cudnn", "--config.model.dtype=bfloat16"],
+     "model.attention 'cudnn' needs a GPU (this run's devices are cpu); use 'xla'"),
 ])
 def test_values_that_cannot_work_are_refused_before_the_workdir_is_made(tmp_path, capsys, overrides, expected):
     workdir = tmp_path / "run"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clip_jax.models.clip import CLIP, CLIPConfig
-from clip_jax.models.layers import REMAT_POLICIES, PatchEmbedding
+from clip_jax.models.layers import REMAT_POLICIES, PatchEmbedding, dot_product_attention, padded_to_even
 
 from .test_train_step import tiny_model_dict
 
@@ -195,3 +195,27 @@ def test_patch_embedding_is_the_strided_convolution(size, patch, channels):
     got = embed.apply({"params": params}, images)
     assert got.shape == want.shape == (2, 4, 4, 16)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal, lengths", [(False, (7, 7)), (True, (7, 7)), (False, (1, 7)), (True, (6, 6))])
+def test_attention_padded_to_even_lengths_is_plain_attention(causal, lengths):
+    # cuDNN's path (model.attention="cudnn") pads an odd sequence by one position that the length mask keeps out:
+    # outputs and gradients are those of the plain call. Run here with XLA's implementation, as no GPU is at hand;
+    # (1, 7) is a ResNet attention pool's single query, (6, 6) needs no padding.
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, lengths[0], 3, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, lengths[1], 3, 8)), jnp.float32) for _ in range(2))
+    plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    padded = lambda q, k, v: padded_to_even(q, k, v, is_causal=causal, implementation="xla")
+    assert padded(q, k, v).shape == q.shape
+    np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    for got, want in zip(jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v),
+                         jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_implementation_is_checked():
+    x = jnp.zeros((1, 3, 2, 8))
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'; choose one of xla, cudnn"):
+        dot_product_attention(x, x, x, implementation="flash")

@@ -121,6 +121,7 @@ class AudioTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, waveform: jax.Array) -> TowerOutput:
@@ -135,7 +136,8 @@ class AudioTransformer(nn.Module):
         x = LayerNorm(self.dtype, name="ln_pre")(x)
         x = Transformer(
             cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=False,
-            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, name="transformer",
+            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, attention=self.attention,
+            name="transformer",
         )(x)
         pooled = LayerNorm(self.dtype, name="ln_post")(x[:, 0])
         proj = self.param("proj", partitioned(nn.initializers.normal(cfg.width**-0.5), ("embed", "proj")),

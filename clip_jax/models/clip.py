@@ -41,6 +41,7 @@ class CLIPConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "xla"  # the towers' self-attention: layers.ATTENTION_IMPLEMENTATIONS ("cudnn": GPU, bf16)
     logit_scale_init: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0  # clamp of exp(logit_scale) as in CLIP; <= 0 disables it (Long-CLIP)
     logit_bias_init: float | None = None  # set (e.g. -10) to add SigLIP's learnable bias
@@ -85,7 +86,8 @@ class CLIP(nn.Module):
     def setup(self):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        common = dict(embed_dim=cfg.embed_dim, dtype=dtype, scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
+        common = dict(embed_dim=cfg.embed_dim, dtype=dtype, scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
+                      attention=cfg.attention)
         self.visual = self.vision_tower(common)
         self.text = TEXT_TOWERS[cfg.text.type][1](cfg.text, **common)
         if cfg.audio is not None:

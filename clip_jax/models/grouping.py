@@ -333,6 +333,7 @@ class GroupVisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
     hard: bool = True  # one-hot assignments in training (straight-through); False trains with soft Gumbel weights
     tau: float = 1.0
     eval_hard: bool = False  # see AssignAttention
@@ -380,7 +381,7 @@ class GroupVisionTransformer(nn.Module):
             x = Transformer(
                 depth, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=False,
                 scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype,
-                name="transformer" if stage == 0 else f"transformer_{stage}",
+                attention=self.attention, name="transformer" if stage == 0 else f"transformer_{stage}",
             )(x)
             if count:
                 x, groups = x[:, :-count], x[:, -count:]

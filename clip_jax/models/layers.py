@@ -31,6 +31,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections, not attention
 }
 
+# Implementations of the towers' self-attention (`model.attention`): XLA's (JAX's default on every backend) or
+# cuDNN's fused attention (GPU only, bf16/fp16; benchmarks/gpu_suite.py compares the two).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # OpenAI's checkpoints were trained with QuickGELU; open_clip's own models with exact GELU. The weights do not
     # record which, so it is an explicit config field.
@@ -201,22 +205,52 @@ class OutProj(nn.Module):
         return jnp.einsum("bthk,hkd->btd", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False,
+                          implementation: str = "xla") -> jax.Array:
+    """`jax.nn.dot_product_attention` of [B, T, heads, head_dim] inputs with `implementation`, one of
+    ATTENTION_IMPLEMENTATIONS. cuDNN's runs through `padded_to_even`: JAX 0.11's cuDNN rule refuses odd lengths in
+    training (a ViT's 197 tokens, the text's 77)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
+                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if implementation == "cudnn":
+        return padded_to_even(query, key, value, is_causal=is_causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal, implementation=implementation)
+
+
+def padded_to_even(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool,
+                   implementation: str) -> jax.Array:
+    """Attention over sequences of even length only, with the same result. JAX 0.11.2's cuDNN training rule asks for
+    even lengths whenever it sees a bias, and it always sees one (its placeholder for none): ViT-B/16 failed on an
+    H200 with "Unsupported sequence length Q 197, KV 197". An odd length gets one padded position, kept out of every
+    softmax by the sequence-length mask, and the padded query's output row is dropped."""
+    length, kv_length = query.shape[1], key.shape[1]
+    if not (length % 2 or kv_length % 2):
+        return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal, implementation=implementation)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+    lengths = lambda n: jnp.full((query.shape[0],), n, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value), is_causal=is_causal,
+                                       query_seq_lengths=lengths(length), key_value_seq_lengths=lengths(kv_length),
+                                       implementation=implementation)
+    return out[:, :length]
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention computed by `jax.nn.dot_product_attention`, with JAX's default implementation
-    (XLA's, on a GPU as well; `benchmarks/train_step.py --attention cudnn` times cuDNN's fused attention)."""
+    """Multi-head self-attention computed by `dot_product_attention` with `implementation`."""
 
     num_heads: int
     head_dim: int
     causal: bool
     num_layers: int  # only for the output projection's init scale
     dtype: Dtype = jnp.float32
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         q, k, v = InProj(self.num_heads, self.head_dim, self.dtype, name="in_proj")(x)
         q = constrain(q, ("batch", "length", "act_heads", "act_kv"))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        out = dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.implementation)
         out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
         return OutProj(width, width**-0.5 * (2 * self.num_layers) ** -0.5, self.dtype, name="out_proj")(out)
 
@@ -262,6 +296,7 @@ class ResidualBlock(nn.Module):
     num_layers: int
     dtype: Dtype = jnp.float32
     prompt_start: int = 1
+    attention: str = "xla"  # ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, prompt: tuple[jax.Array, jax.Array] | None = None):
@@ -273,7 +308,8 @@ class ResidualBlock(nn.Module):
             x = jnp.where(use, replaced, x)
         x = constrain(x, ("batch", "length", "act_embed"))
         y = LayerNorm(self.dtype, name="ln_1")(x)
-        x = x + Attention(self.num_heads, self.head_dim, self.causal, self.num_layers, self.dtype, name="attn")(y)
+        x = x + Attention(self.num_heads, self.head_dim, self.causal, self.num_layers, self.dtype, self.attention,
+                          name="attn")(y)
         y = LayerNorm(self.dtype, name="ln_2")(x)
         x = x + Mlp(self.mlp_dim, self.activation, self.num_layers, self.dtype, name="mlp")(y)
         # The (carry, output) signature lets the same block run under nn.scan.
@@ -294,6 +330,7 @@ class Transformer(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     prompt_start: int = 1  # where deep prompts go: after the class token (vision) or the start token (text)
+    attention: str = "xla"  # ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_prompts: jax.Array | None = None,
@@ -315,6 +352,7 @@ class Transformer(nn.Module):
             num_layers=self.num_layers,
             dtype=self.dtype,
             prompt_start=self.prompt_start,
+            attention=self.attention,
         )
         prompts = None
         if layer_prompts is not None:

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import REMAT_POLICIES, Dtype, TowerOutput, constrain, partitioned
+from clip_jax.models.layers import REMAT_POLICIES, Dtype, TowerOutput, constrain, dot_product_attention, partitioned
 
 NORMS = ("frozen_bn", "group")
 BATCH_NORM_EPS = 1e-5  # PyTorch's BatchNorm2d default, which the OpenAI checkpoints use
@@ -166,6 +166,7 @@ class AttentionPool(nn.Module):
     heads: int
     out_dim: int
     dtype: Dtype = jnp.float32
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -186,7 +187,8 @@ class AttentionPool(nn.Module):
         q = split(dense(width, "q_proj", ("embed", "heads"))(x[:, :1]))
         k = split(dense(width, "k_proj", ("embed", "heads"))(x))
         v = split(dense(width, "v_proj", ("embed", "heads"))(x))
-        out = jax.nn.dot_product_attention(q, k, v).reshape(batch, width)  # scaled by head_dim^-0.5
+        out = dot_product_attention(q, k, v, implementation=self.implementation)  # scaled by head_dim^-0.5
+        out = out.reshape(batch, width)
         return dense(self.out_dim, "c_proj", ("heads", "proj"))(out), out
 
 
@@ -196,6 +198,7 @@ class ModifiedResNet(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False  # a ResNet's stages differ in shape: nothing to scan; accepted for a uniform API
     remat_policy: str = "none"
+    attention: str = "xla"  # the attention pool's implementation (layers.ATTENTION_IMPLEMENTATIONS)
 
     @nn.compact
     def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,
@@ -223,7 +226,7 @@ class ModifiedResNet(nn.Module):
             x = block(planes, stride, cfg.norm, self.dtype, name=f"layer{stage}_{j}")(x)
             x = constrain(x, ("batch", None, None, "act_embed"))
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])
-        pooled, feature = AttentionPool(cfg.heads, self.embed_dim, self.dtype, name="attnpool")(tokens)
+        pooled, feature = AttentionPool(cfg.heads, self.embed_dim, self.dtype, self.attention, name="attnpool")(tokens)
         return TowerOutput(pooled, tokens, feature)
 
     def token_grid(self, images: jax.Array) -> jax.Array:

@@ -74,6 +74,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,
@@ -97,7 +98,7 @@ class VisionTransformer(nn.Module):
         x = LayerNorm(self.dtype, name="ln_pre")(x)
         x = Transformer(
             cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=False,
-            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype,
+            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, attention=self.attention,
             prompt_start=prompt_start, name="transformer",
         )(x, layer_prompts, prompt_layers)
         pooled = LayerNorm(self.dtype, name="ln_post")(x[:, 0])
@@ -135,6 +136,7 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
 
     def setup(self):
         cfg = self.config
@@ -153,7 +155,7 @@ class TextTransformer(nn.Module):
             self.positional_embedding_res = self.param("positional_embedding_res", *positions)
         self.transformer = Transformer(
             cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=True,
-            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype,
+            scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, attention=self.attention,
         )
         self.ln_final = LayerNorm(self.dtype)
         self.text_projection = self.param(

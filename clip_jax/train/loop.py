@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 # Model fields that say how the parameters are used, not what they are: a warm start may set them anew (e.g. bf16
 # compute, or Long-CLIP's unclamped temperature, on a converted or stretched model).
-_WARM_START_FIELDS = ("model.dtype", "model.remat_policy", "model.logit_scale_init", "model.max_logit_scale")
+_WARM_START_FIELDS = ("model.dtype", "model.remat_policy", "model.attention", "model.logit_scale_init",
+                      "model.max_logit_scale")
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, checkpoint_step: int | None = None,
@@ -161,6 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             f"batch_size {config.batch_size} must be a multiple of {shards} (batch shards {batch_divisor(mesh)} "
             f"x accum_steps {config.accum_steps})"
         )
+    if config.model.attention == "cudnn" and (platform := jax.devices()[0].platform) != "gpu":
+        raise ConfigError(f"model.attention 'cudnn' needs a GPU (this run's devices are {platform}); use 'xla'")
     method = get_method(config)
     method.check(mesh)
     too_big = memory_lib.check_fits(config, model_config(config), batch_divisor(mesh),
