@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.config import default_config, load_config
+from clip_jax.config import default_config, load_config, validate
 from clip_jax.host_memory import keep_freed_memory
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Field, abstract_batch
@@ -113,6 +113,7 @@ def benchmark_config(args: argparse.Namespace):
     config.batch_size = args.batch or (config.batch_size if args.config else 32)
     config.accum_steps = args.accum
     config.mesh = dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")), strict=True))
+    validate(config)  # the overrides too: e.g. cudnn attention on a float32 recipe is one line
     return config
 
 

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from clip_jax.errors import ConfigError
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 
@@ -60,11 +62,14 @@ def test_synthetic_batch_follows_the_methods_fields(bench):
 
 def test_a_recipe_is_timed_as_it_is_with_the_command_lines_overrides(bench, monkeypatch):
     monkeypatch.setattr("sys.argv", ["train_step.py", "--config", str(ROOT / "configs" / "longclip_shapes.py"),
-                                     "--batch", "32", "--scan", "--attention", "cudnn"])
+                                     "--batch", "32", "--scan", "--attention", "cudnn", "--dtype", "bfloat16"])
     config = bench.benchmark_config(bench.parse_args())
     assert (config.method.name, config.batch_size, config.model.scan_layers) == ("longclip", 32, True)
     assert config.model.attention == "cudnn"
-    assert config.model.dtype == "float32" and config.optimizer.frozen  # the recipe's own, not the defaults
+    assert config.model.dtype == "bfloat16" and config.optimizer.frozen == ("^text/positional_embedding$",)
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny", "--attention", "cudnn"])
+    with pytest.raises(ConfigError, match="model.attention 'cudnn' needs model.dtype bfloat16"):
+        bench.benchmark_config(bench.parse_args())
     monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny"])
     config = bench.benchmark_config(bench.parse_args())
     assert (config.method.name, config.batch_size, config.model.remat_policy) == ("clip", 32, "none")
