@@ -68,28 +68,25 @@ def faster_attention(results: dict) -> str:
 
 
 def run_one(args: list[str], timeout: float, steps: int, xla_flags: str = "") -> dict:
-    """One train_step.py run, with `xla_flags` added to XLA_FLAGS; its JSON result, or how it failed (exit status
-    and the end of its output)."""
+    """One train_step.py run, with `xla_flags` added to XLA_FLAGS: its JSON result, or how it failed (the reason and
+    the end of its output). The timing is written before the profile, so a run that failed or stalled after it
+    keeps its timing, with the failure as its profile's."""
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, str(HERE / "train_step.py"), *args, "--steps", str(steps),
                                    "--out", out], capture_output=True, text=True, timeout=timeout, env=env)
+            failure, output = f"exit status {proc.returncode}" if proc.returncode else None, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
-            files = list(pathlib.Path(out).glob("*.json"))
-            if files:  # timed, then stalled in the profile
-                return {**json.loads(files[0].read_text()), "wall_s": timeout, "result_file": files[0].name,
-                        "profile": {"error": f"timed out after {timeout:.0f} s"}}
-            tail = (e.stdout or b"")[-2000:]
-            return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t0,
-                    "output_tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
+            output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+            failure = f"timed out after {timeout:.0f} s"
         wall = time.perf_counter() - t0
         files = list(pathlib.Path(out).glob("*.json"))
-        if proc.returncode or not files:
-            return {"error": f"exit status {proc.returncode}", "wall_s": wall,
-                    "output_tail": (proc.stdout + proc.stderr)[-3000:]}
-        return {**json.loads(files[0].read_text()), "wall_s": wall, "result_file": files[0].name}
+        if not files:
+            return {"error": failure or "no result written", "wall_s": wall, "output_tail": output[-3000:]}
+        result = {**json.loads(files[0].read_text()), "wall_s": wall, "result_file": files[0].name}
+        return {**result, "profile": {"error": failure}} if failure else result
 
 
 def summary_line(name: str, result: dict) -> str:

@@ -51,6 +51,8 @@ from clip_jax.train import step as step_lib
 from clip_jax.train.checkpoint import abstract_like
 from clip_jax.train.loop import create_state
 
+DEFAULT_BATCH = 32  # a preset's global batch unless --batch says otherwise
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, help="override the preset's image size")
     p.add_argument("--context-length", type=int, help="override the preset's text context")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
-    p.add_argument("--batch", type=int, help="global batch (default: the recipe's, else 32)")
+    p.add_argument("--batch", type=int, help=f"global batch (default: the recipe's, else {DEFAULT_BATCH})")
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the recipe's, else "
                    "float32)")
@@ -110,7 +112,7 @@ def benchmark_config(args: argparse.Namespace):
     else:
         config = default_config()
         config.model = preset(args)
-    config.batch_size = args.batch or (config.batch_size if args.config else 32)
+    config.batch_size = args.batch or (config.batch_size if args.config else DEFAULT_BATCH)
     config.accum_steps = args.accum
     config.mesh = dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")), strict=True))
     validate(config)  # the overrides too: e.g. cudnn attention on a float32 recipe is one line
@@ -207,7 +209,8 @@ def build_open_clip(args: argparse.Namespace) -> tuple[Callable[[], None], dict]
     loss_fn = open_clip.loss.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = synthetic_batch({"image": Field((v["image_size"], v["image_size"], 3), np.uint8),
-                             "text": Field((t["context_length"],), np.int32)}, args.batch or 32, t["vocab_size"])
+                             "text": Field((t["context_length"],), np.int32)}, args.batch or DEFAULT_BATCH,
+                            t["vocab_size"])
     images, tokens = batch["image"], batch["text"]
     images = torch.from_numpy(images).permute(0, 3, 1, 2).to(next(model.parameters()).dtype) / 255
     tokens = torch.from_numpy(tokens).long()
@@ -317,20 +320,15 @@ def op_kinds(hlo: str) -> dict[str, str]:
 
 
 def op_events(data) -> list[tuple[str, float]]:
-    """(HLO instruction name, seconds) of every op event of a trace. A CPU runs the ops on the host's XLA threads
-    (lines named XLAEigen, with the executor's own spans among them: only names of the HLO count); a GPU's device
-    plane has kernels on stream lines, each naming its instruction in an `hlo_op` stat (several kernels can make
-    one op), or, once a trace is post-processed, a derived "XLA Ops" line, which is used alone when present."""
+    """(HLO instruction name, seconds) of every op event of a trace: the events that name their instruction in an
+    `hlo_op` stat (a CPU's ops on the host's threads, a GPU's kernels on its stream lines; several kernels can make
+    one op), or, on a plane of a post-processed trace, its derived "XLA Ops" line alone (the same ops again)."""
     events = []
     for plane in data.planes:
-        if not plane.name.startswith("/device:"):  # the host: a CPU's ops
-            events += [(event.name.lstrip("%"), event.duration_ns / 1e9) for line in plane.lines
-                       if "XLAEigen" in line.name for event in line.events]
-            continue
-        lines = [line for line in plane.lines if line.name == "XLA Ops"] or plane.lines
-        for line in lines:
+        derived = [line for line in plane.lines if line.name == "XLA Ops"]
+        for line in derived or plane.lines:
             for event in line.events:
-                op = event.name if line.name == "XLA Ops" else dict(event.stats).get("hlo_op")
+                op = event.name if derived else dict(event.stats).get("hlo_op")
                 if op:
                     events.append((str(op).lstrip("%"), event.duration_ns / 1e9))
     return events
@@ -404,8 +402,7 @@ def main() -> None:
     times = interleaved_times(steps, args.steps)
     if args.open_clip:
         stop_open_clip()
-    ours = facts["clip_jax"]
-    peak = matmul_peak(ours["model"]["dtype"])
+    peak = matmul_peak(facts["clip_jax"]["model"]["dtype"])
     result = {
         "benchmark": "train_step",
         "date": datetime.date.today().isoformat(),
@@ -424,9 +421,10 @@ def main() -> None:
     }
     tflop = facts["clip_jax"]["model_tflops_per_step"]
     vendor_peak = flops_lib.peak_flops_per_device(device.device_kind)
+    batch = facts["clip_jax"]["batch"]
     for name, seconds in times.items():
         step_s = float(np.median(seconds))
-        result[name] = {"step_time_s": step_s, "step_times_s": seconds, "samples_per_s": ours["batch"] / step_s,
+        result[name] = {"step_time_s": step_s, "step_times_s": seconds, "samples_per_s": batch / step_s,
                         "tflops_per_s": tflop / step_s, **facts[name]}
     ours = result["clip_jax"]
     ours["fraction_of_matmul_peak"] = ours["tflops_per_s"] / (peak["peak_tflops_per_s"] * jax.device_count())

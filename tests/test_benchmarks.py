@@ -25,8 +25,10 @@ def _event(name, seconds, **stats):
 
 
 def test_op_events_reads_cpu_threads_and_gpu_streams(bench):
+    # A CPU trace: ops on the host's XLA threads name their instruction; the executor's own spans do not.
     cpu = SimpleNamespace(name="/host:CPU", lines=[
-        SimpleNamespace(name="XLAEigen/1", events=[_event("fusion.1", 2.0)]),
+        SimpleNamespace(name="XLAEigen/1", events=[_event("fusion.1", 2.0, hlo_op="fusion.1"),
+                                                   _event("ThunkExecutor::Execute", 4.0)]),
         SimpleNamespace(name="python", events=[_event("not an op", 5.0)]),
     ])
     # A raw GPU trace: kernels on streams, each naming its HLO instruction; two kernels can make one op.
