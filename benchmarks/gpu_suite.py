@@ -7,10 +7,10 @@ per-op profile of each headline step.
 JAX takes 75% of a GPU's memory by default; the largest batches need more.
 
 Each configuration is one `benchmarks/train_step.py` run in a process of its own (a batch that does not fit fails
-alone), in order of priority, until the time budget is spent. The attention implementation that was faster on the
-headline step is used for the runs after it. Everything, failures included, goes into one JSON file,
-`gpu_suite_<device>_<date>.json`, rewritten after every run (a command stopped half-way still leaves what it measured),
-beside the two headline steps' traces (.xplane.pb.gz) and optimised HLO (.hlo.txt.gz).
+alone), in order of priority, until the time budget is spent. Everything, failures included, goes into one JSON file,
+`gpu_suite_<device>_<date>.json` (`_2`, `_3`... for the day's next ones), rewritten after every run (a command
+stopped half-way still leaves what it measured), beside the traces (.xplane.pb.gz) and optimised HLO (.hlo.txt.gz)
+of the runs that keep their profile: `train_step.py --read-profile` summarises one again.
 """
 
 from __future__ import annotations
@@ -29,23 +29,25 @@ HERE = pathlib.Path(__file__).parent
 B16 = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
 LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py"), "--scan"]
 
-# (name, train_step.py arguments, XLA flags added for the run), in order of priority: what the lease of 2026-12-04
-# left open first (the profile, cuDNN's attention, cuBLAS against Triton's matmuls), then the recipes and the batch
-# and remat sweep again. "{attention}" is the faster of the first two runs; "{out}" the suite's output folder (the
-# headline steps' traces and optimised HLO are kept there).
+# (name, train_step.py arguments, XLA flags added for the run), in order of priority: XLA's attention against
+# cuDNN's on the headline step, the Long-CLIP recipe, the unscanned step, cuDNN's LayerNorm (XLA's Triton
+# normalisation fusions ran at a fifth of the memory bandwidth on 2026-12-04), cuBLAS against Triton's matmuls, then
+# the batch and remat sweep. The runs that name no attention take model.attention's default, auto (cuDNN's on a GPU in
+# bf16). "{out}" is the suite's output folder, where the profiled headline steps' traces and optimised HLO are kept.
 HEADLINE = [*B16, "--batch", "512", "--remat", "dots"]
+KEEP_PROFILE = ["--profile", "--keep-profile", "{out}"]
 RUNS: list[tuple[str, list[str], str]] = [
-    ("b16_b512_dots_xla", [*HEADLINE, "--attention", "xla", "--profile", "--keep-profile", "{out}"], ""),
-    ("b16_b512_dots_cudnn", [*HEADLINE, "--attention", "cudnn", "--profile", "--keep-profile", "{out}"], ""),
-    ("b16_b512_dots_cublas", [*HEADLINE, "--attention", "{attention}"], "--xla_gpu_enable_triton_gemm=false"),
-    ("longclip_l14_b256", [*LONGCLIP_L14, "--batch", "256", "--attention", "{attention}", "--profile"], ""),
-    ("b16_b8192_full", [*B16, "--batch", "8192", "--remat", "full", "--attention", "{attention}"], ""),
-    ("b16_b512_none", [*B16, "--batch", "512", "--remat", "none", "--attention", "{attention}"], ""),
-    ("b16_b2048_dots_no_batch", [*B16, "--batch", "2048", "--remat", "dots_no_batch", "--attention", "{attention}"],
-     ""),
-    ("b16_b4096_full", [*B16, "--batch", "4096", "--remat", "full", "--attention", "{attention}"], ""),
+    ("b16_b512_dots_xla", [*HEADLINE, "--attention", "xla", *KEEP_PROFILE], ""),
+    ("b16_b512_dots_cudnn", [*HEADLINE, "--attention", "cudnn", *KEEP_PROFILE], ""),
+    ("longclip_l14_b256", [*LONGCLIP_L14, "--batch", "256", "--profile"], ""),
     ("b16_b512_dots_unscanned", ["--preset", "B/16", "--dtype", "bfloat16", "--batch", "512", "--remat", "dots",
-                                 "--attention", "{attention}"], ""),
+                                 *KEEP_PROFILE], ""),
+    ("b16_b512_dots_cudnn_layer_norm", HEADLINE, "--xla_gpu_enable_cudnn_layer_norm=true"),
+    ("b16_b512_dots_cublas", HEADLINE, "--xla_gpu_enable_triton_gemm=false"),
+    ("b16_b2048_dots_no_batch", [*B16, "--batch", "2048", "--remat", "dots_no_batch"], ""),
+    ("b16_b8192_full", [*B16, "--batch", "8192", "--remat", "full"], ""),
+    ("b16_b512_none", [*B16, "--batch", "512", "--remat", "none"], ""),
+    ("b16_b4096_full", [*B16, "--batch", "4096", "--remat", "full"], ""),
 ]
 
 
@@ -58,13 +60,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", nargs="*", help="run only these names (default: all, in order)")
     p.add_argument("--out", default=str(HERE / "results"))
     return p.parse_args()
-
-
-def faster_attention(results: dict) -> str:
-    """cudnn if its headline step ran and was faster than XLA's, else xla."""
-    xla, cudnn = (results.get(f"b16_b512_dots_{impl}", {}).get("clip_jax", {}).get("step_time_s")
-                  for impl in ("xla", "cudnn"))
-    return "cudnn" if cudnn and (not xla or cudnn < xla) else "xla"
 
 
 def run_one(args: list[str], timeout: float, steps: int, xla_flags: str = "") -> dict:
@@ -100,6 +95,23 @@ def summary_line(name: str, result: dict) -> str:
             f"(wall {result['wall_s']:.0f} s)")
 
 
+def profile_lines(result: dict, top: int = 10) -> list[str]:
+    """The profile of a run in a few lines (the GPU's busy time, the time by op kind, the costliest ops), so the
+    command's own output already says where the step's time went."""
+    profile = result.get("profile") or {}
+    if not profile.get("op_seconds"):
+        return [f"  profile: {profile.get('error') or 'no op events'}"] if profile else []
+    busy = profile.get("device_busy_s")
+    lines = [f"  profile: step {profile['step_s'] * 1e3:.1f} ms, ops {profile['op_seconds'] * 1e3:.1f} ms"
+             + (f", GPU busy {busy * 1e3:.1f} ms" if busy is not None else "")
+             + f", unmatched {profile['unmatched_op_seconds'] * 1e3:.1f} ms; events by plane "
+             f"{profile.get('op_events_by_plane')}",
+             "  by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in profile["share_by_kind"].items())]
+    lines += [f"  {op['seconds'] * 1e3:8.2f} ms {op['kind']:<11} {op['op_name'][:150]}"
+              for op in profile["top_ops"][:top]]
+    return lines
+
+
 def device_facts() -> dict:
     """What the runs ran on, from a process of its own (this one never starts JAX's backend)."""
     code = ("import jax, json; d = jax.devices()[0]; print(json.dumps({'device_kind': d.device_kind, "
@@ -116,7 +128,9 @@ def main() -> None:
     kind = str(device.get("device_kind", "unknown")).replace(" ", "_")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_suite_{kind}_{datetime.date.today().isoformat()}.json"
+    stem = f"gpu_suite_{kind}_{datetime.date.today().isoformat()}"
+    path = next(out / f"{stem}{suffix}.json" for suffix in ("", *(f"_{n}" for n in range(2, 1000)))
+                if not (out / f"{stem}{suffix}.json").exists())  # a second suite of the day keeps the first's
     suite = {"benchmark": "gpu_suite", "date": datetime.date.today().isoformat(), "device": device,
              "budget_s": args.budget, "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}, "skipped": []}
     for name, run_args, xla_flags in RUNS:
@@ -127,13 +141,11 @@ def main() -> None:
             suite["skipped"].append(name)
             print(f"{name}: skipped, {left:.0f} s of budget left", flush=True)
             continue
-        run_args = [a.replace("{attention}", faster_attention(suite["runs"])).replace("{out}", str(out))
-                    for a in run_args]
+        run_args = [a.replace("{out}", str(out)) for a in run_args]
         result = run_one(run_args, min(args.run_timeout, left), args.steps, xla_flags)
         suite["runs"][name] = {"command_args": run_args, "added_xla_flags": xla_flags, **result}
-        print(summary_line(name, result), flush=True)
+        print("\n".join([summary_line(name, result), *profile_lines(result)]), flush=True)
         path.write_text(json.dumps(suite, indent=2) + "\n")
-    suite["attention_chosen"] = faster_attention(suite["runs"])
     suite["total_s"] = time.perf_counter() - start
     path.write_text(json.dumps(suite, indent=2) + "\n")
     print(f"saved {path} ({suite['total_s']:.0f} s)")

@@ -43,7 +43,7 @@ from clip_jax.host_memory import keep_freed_memory
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Field, abstract_batch
 from clip_jax.models import flops as flops_lib
-from clip_jax.models.layers import ATTENTION_IMPLEMENTATIONS
+from clip_jax.models.layers import ATTENTION_IMPLEMENTATIONS, resolved_attention
 from clip_jax.models.presets import PRESETS, model_preset
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train import state as state_lib
@@ -68,8 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--remat", help="remat policy (default: the recipe's, else none)")
     p.add_argument("--scan", action="store_true", help="scan over layers")
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS,
-                   help="the towers' self-attention, model.attention (default: the recipe's, else xla; cudnn: "
-                        "cuDNN's fused attention, GPU only)")
+                   help="the towers' self-attention, model.attention (default: the recipe's, else auto: cuDNN's "
+                        "fused attention on a GPU in bfloat16, XLA's otherwise)")
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--open-clip", action="store_true",
@@ -79,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep-profile", metavar="DIR",
                    help="with --profile, also keep the step's trace (.xplane.pb.gz, for TensorBoard or xprof once "
                         "unzipped) and its optimised HLO (.hlo.txt.gz) in DIR, named like the JSON")
+    p.add_argument("--read-profile", metavar="STEM",
+                   help="print the profile summary of a kept trace (STEM: its path without .xplane.pb.gz) and exit")
     p.add_argument("--malloc", default="keep", choices=["keep", "default"],
                    help="keep: both trainers' processes keep freed memory for the next step (what clip-jax sets on "
                         "the CPU, clip_jax/host_memory.py); default: glibc's own settings (how open_clip runs)")
@@ -96,7 +98,7 @@ def preset(args: argparse.Namespace) -> dict:
     if args.image_size:
         model["vision"]["image_size"] = args.image_size
     model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=args.scan,
-                 attention=args.attention or "xla")
+                 attention=args.attention or "auto")
     return model
 
 
@@ -175,7 +177,8 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
         "mesh": dict(mesh.shape),
         "batch": config.batch_size,
         "method": config.method.name,
-        "model": {k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers", "attention")},
+        "model": {**{k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers")},
+                  "attention": resolved_attention(config.model.attention, config.model.dtype)},
     }
     return step, facts, compiled.as_text()
 
@@ -290,22 +293,35 @@ def matmul_peak(dtype: str, repeats: int = 5) -> dict:
     return {"tflops_per_s_by_size": rates, "peak_tflops_per_s": max(rates.values())}
 
 
-def op_kinds(hlo: str) -> dict[str, str]:
-    """Kind of each instruction of the optimised HLO that can show as an op in a profile: `matmul` (a dot,
-    convolution or library call inside), `layout` (only copies, transposes, bitcasts), `reduction`, `elementwise`;
-    with the JAX op name (`op_name` metadata) it came from."""
+LAYOUT_OPS = {"fusion", "copy", "transpose", "bitcast", "parameter", "reshape", "broadcast", "pad", "slice",
+              "concatenate", "dynamic-slice", "dynamic-update-slice", "tuple", "get-tuple-element"}
+# Library kernels that a GPU trace names by themselves (inside a CUDA graph, the `hlo_op` stat only names the graph):
+# the kind of each, by its name.
+LIBRARY_KERNELS = [("attention", re.compile(r"cudnn|sdpa|fmha|flash", re.I)),
+                   ("matmul", re.compile(r"nvjet|gemm|xmma|cutlass|cublas|wgmma", re.I)),
+                   ("layout", re.compile(r"memcpy|memset", re.I))]
+
+
+def op_kinds(hlo: str) -> dict[str, tuple[str, str]]:
+    """Kind of each instruction of the optimised HLO that can show as an op in a profile: `attention` (a fused
+    attention library call), `matmul` (a dot, convolution or other library call inside), `layout` (data movement
+    only: copies, transposes, pads, slices), `reduction`, `elementwise`; with the JAX op name (`op_name` metadata)
+    it came from."""
     computations = {m.group(1): m.group(2) for m in re.finditer(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S)}
     kinds = {}
-    for m in re.finditer(r"%([\w.\-]+) = \S+ (\w[\w-]*)\(([^\n]*)", hlo):
+    # An instruction's type is one shape, or a tuple of them (with spaces) for a multi-output fusion.
+    for m in re.finditer(r"%([\w.\-]+) = (?:\([^=]*?\)|\S+) (\w[\w-]*)\(([^\n]*)", hlo):
         name, opcode, rest = m.groups()
         body = rest
         called = re.search(r"calls=%([\w.\-]+)", rest)
         if called:
             body = computations.get(called.group(1), "")
-        ops = set(re.findall(r"= \S+ (\w[\w-]*)\(", body)) | {opcode}
-        if ops & {"dot", "convolution", "custom-call"}:
+        ops = set(re.findall(r"= (?:\([^=]*?\)|\S+) (\w[\w-]*)\(", body)) | {opcode}
+        if "custom-call" in ops and re.search(r'custom_call_target="[^"]*fmha', body):
+            kind = "attention"
+        elif ops & {"dot", "convolution", "custom-call"}:
             kind = "matmul"
-        elif ops <= {"fusion", "copy", "transpose", "bitcast", "parameter", "reshape", "broadcast"}:
+        elif ops <= LAYOUT_OPS:
             kind = "layout"
         elif "reduce" in ops:
             kind = "reduction"
@@ -319,10 +335,11 @@ def op_kinds(hlo: str) -> dict[str, str]:
     return kinds
 
 
-def op_events(data) -> list[tuple[str, float]]:
-    """(HLO instruction name, seconds) of every op event of a trace: the events that name their instruction in an
-    `hlo_op` stat (a CPU's ops on the host's threads, a GPU's kernels on its stream lines; several kernels can make
-    one op), or, on a plane of a post-processed trace, its derived "XLA Ops" line alone (the same ops again)."""
+def op_events(data) -> list[tuple[str, str, str, float, float]]:
+    """(plane name, HLO instruction name, kernel name, start and end in seconds) of every op event of a trace: the
+    events that name their instruction in an `hlo_op` stat (a CPU's ops on the host's threads, a GPU's kernels on
+    its stream lines; several kernels can make one op, and a kernel run inside a CUDA graph names the graph there),
+    or, on a plane of a post-processed trace, its derived "XLA Ops" line alone (the same ops again)."""
     events = []
     for plane in data.planes:
         derived = [line for line in plane.lines if line.name == "XLA Ops"]
@@ -330,17 +347,40 @@ def op_events(data) -> list[tuple[str, float]]:
             for event in line.events:
                 op = event.name if derived else dict(event.stats).get("hlo_op")
                 if op:
-                    events.append((str(op).lstrip("%"), event.duration_ns / 1e9))
+                    events.append((plane.name, str(op).lstrip("%"), event.name, event.start_ns / 1e9,
+                                   event.end_ns / 1e9))
     return events
 
 
-def profile_step(step: Callable[[], None], hlo: str, top: int = 12, keep: pathlib.Path | None = None) -> dict:
-    """Time by op kind and the costliest ops of one step, from a jax.profiler trace. Ops on the CPU run on the
-    XLA thread pool, some concurrently, so the op times can sum to more than the step. `keep`: a path without
-    suffix for the trace (.xplane.pb.gz: gunzip it for TensorBoard or xprof) and the optimised HLO (.hlo.txt.gz)."""
+def event_kind(op: str, kernel: str, kinds: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(kind, JAX op name) of one op event: its instruction's, found in `kinds` (`op_kinds`, with each name also
+    spelt as its kernel's: XLA names a fusion's kernel after the fusion, with '_' for '.' and '-') by the `hlo_op`
+    it names or else by its kernel's name; a library kernel's kind by its name; None for another program's event."""
+    for name in (op, kernel):
+        if name in kinds:
+            return kinds[name]
+    for kind, pattern in LIBRARY_KERNELS:
+        if pattern.search(kernel):
+            return kind, f"library kernel {kernel[:60]}"
+    return None
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time a device ran at least one op."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
+def profile_step(step: Callable[[], None], hlo: str, keep: pathlib.Path | None = None) -> dict:
+    """`trace_summary` of one step's jax.profiler trace, with the step's wall time. `keep`: a path without suffix
+    for the trace (.xplane.pb.gz: gunzip it for TensorBoard or xprof) and the optimised HLO (.hlo.txt.gz), which
+    `--read-profile` summarises again."""
     from jax.profiler import ProfileData
 
-    kinds = op_kinds(hlo)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         t0 = time.perf_counter()
@@ -352,20 +392,44 @@ def profile_step(step: Callable[[], None], hlo: str, top: int = 12, keep: pathli
             keep.parent.mkdir(parents=True, exist_ok=True)
             keep.with_suffix(".xplane.pb.gz").write_bytes(gzip.compress(trace.read_bytes()))
             keep.with_suffix(".hlo.txt.gz").write_bytes(gzip.compress(hlo.encode()))
-        data = ProfileData.from_file(str(trace))
+        return {"step_s": step_s, **trace_summary(ProfileData.from_file(str(trace)), hlo)}
+
+
+def read_kept_profile(stem: str) -> dict:
+    """`trace_summary` of a trace kept by `--keep-profile` (the path without its .xplane.pb.gz / .hlo.txt.gz)."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_serialized_xspace(gzip.decompress(pathlib.Path(f"{stem}.xplane.pb.gz").read_bytes()))
+    return trace_summary(data, gzip.decompress(pathlib.Path(f"{stem}.hlo.txt.gz").read_bytes()).decode())
+
+
+def trace_summary(data, hlo: str, top: int = 25) -> dict:
+    """Time by op kind and the costliest ops of a trace of the program whose optimised HLO is `hlo`. Where the trace
+    has a GPU's plane its kernels alone count (the host's events that name an op only launch it), and
+    `device_busy_s` against the step's time says how long the GPU sat idle. Ops on a CPU run on the XLA thread
+    pool, some concurrently, so the op times can sum to more than the step."""
+    kinds = op_kinds(hlo)
+    kinds.update({name.replace(".", "_").replace("-", "_"): kind for name, kind in kinds.items()})  # kernel names
+    events = op_events(data)
+    planes = collections.Counter(plane for plane, *_ in events)
+    gpu_planes = {plane for plane in planes if "GPU" in plane}
+    events = [e for e in events if e[0] in gpu_planes] if gpu_planes else events
     by_kind, by_op = collections.Counter(), collections.Counter()
     unknown = collections.Counter()  # op names the optimised HLO does not hold (another program's, say)
-    for name, seconds in op_events(data):
-        if name not in kinds:
-            unknown[name] += seconds
+    for _, name, kernel, start, end in events:
+        found = event_kind(name, kernel, kinds)
+        if found is None:
+            unknown[name] += end - start
             continue
-        kind, op_name = kinds[name]
-        by_kind[kind] += seconds
-        by_op[(kind, op_name)] += seconds
+        kind, op_name = found
+        by_kind[kind] += end - start
+        by_op[(kind, op_name)] += end - start
     total = sum(by_kind.values())
     return {
-        "step_s": step_s,
         "op_seconds": total,
+        "op_events_by_plane": dict(planes),
+        "device_busy_s": busy_seconds([(start, end) for *_, start, end in events]) if gpu_planes else None,
+        "seconds_by_kind": dict(by_kind.most_common()),
         "share_by_kind": {k: v / total for k, v in by_kind.most_common()} if total else {},
         "top_ops": [{"kind": k, "op_name": name, "seconds": v} for (k, name), v in by_op.most_common(top)],
         "unmatched_op_seconds": sum(unknown.values()),
@@ -391,6 +455,9 @@ def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> st
 
 def main() -> None:
     args = parse_args()
+    if args.read_profile:
+        print(json.dumps(read_kept_profile(args.read_profile), indent=2))
+        return
     # as clip-jax does on the CPU (clip_jax/host_memory.py); before JAX starts
     kept_freed_memory = args.malloc == "keep" and keep_freed_memory()
     jnp.zeros(())  # initialise the backend before timing

@@ -20,33 +20,75 @@ def bench():
     return module
 
 
-def _event(name, seconds, **stats):
-    return SimpleNamespace(name=name, duration_ns=seconds * 1e9, stats=list(stats.items()))
+def _event(name, start, end, **stats):
+    return SimpleNamespace(name=name, start_ns=start * 1e9, end_ns=end * 1e9, stats=list(stats.items()))
 
 
 def test_op_events_reads_cpu_threads_and_gpu_streams(bench):
     # A CPU trace: ops on the host's XLA threads name their instruction; the executor's own spans do not.
     cpu = SimpleNamespace(name="/host:CPU", lines=[
-        SimpleNamespace(name="XLAEigen/1", events=[_event("fusion.1", 2.0, hlo_op="fusion.1"),
-                                                   _event("ThunkExecutor::Execute", 4.0)]),
-        SimpleNamespace(name="python", events=[_event("not an op", 5.0)]),
+        SimpleNamespace(name="XLAEigen/1", events=[_event("fusion.1", 0.0, 2.0, hlo_op="fusion.1"),
+                                                   _event("ThunkExecutor::Execute", 0.0, 4.0)]),
+        SimpleNamespace(name="python", events=[_event("not an op", 0.0, 5.0)]),
     ])
     # A raw GPU trace: kernels on streams, each naming its HLO instruction; two kernels can make one op.
     gpu = SimpleNamespace(name="/device:GPU:0", lines=[
         SimpleNamespace(name="Stream #13(Compute)", events=[
-            _event("sm90_xmma_gemm", 1.0, hlo_op="%custom-call.3", hlo_module="jit_train_step"),
-            _event("splitK_reduce", 0.5, hlo_op="custom-call.3"),
-            _event("memcpy", 9.0),  # no instruction: not an op of the step
+            _event("sm90_xmma_gemm", 1.0, 2.0, hlo_op="%custom-call.3", hlo_module="jit_train_step"),
+            _event("splitK_reduce", 2.0, 2.5, hlo_op="custom-call.3"),
+            _event("memcpy", 0.0, 9.0),  # no instruction: not an op of the step
         ]),
     ])
     assert bench.op_events(SimpleNamespace(planes=[cpu, gpu])) == [
-        ("fusion.1", 2.0), ("custom-call.3", 1.0), ("custom-call.3", 0.5)]
+        ("/host:CPU", "fusion.1", "fusion.1", 0.0, 2.0),
+        ("/device:GPU:0", "custom-call.3", "sm90_xmma_gemm", 1.0, 2.0),
+        ("/device:GPU:0", "custom-call.3", "splitK_reduce", 2.0, 2.5)]
     # A post-processed trace's derived line is read alone (its ops are the streams' kernels over again).
     derived = SimpleNamespace(name="/device:GPU:0", lines=[
-        SimpleNamespace(name="XLA Ops", events=[_event("fusion.2", 3.0)]),
-        SimpleNamespace(name="Stream #13(Compute)", events=[_event("kernel", 3.0, hlo_op="fusion.2")]),
+        SimpleNamespace(name="XLA Ops", events=[_event("fusion.2", 1.0, 4.0)]),
+        SimpleNamespace(name="Stream #13(Compute)", events=[_event("kernel", 1.0, 4.0, hlo_op="fusion.2")]),
     ])
-    assert bench.op_events(SimpleNamespace(planes=[derived])) == [("fusion.2", 3.0)]
+    assert bench.op_events(SimpleNamespace(planes=[derived])) == [("/device:GPU:0", "fusion.2", "fusion.2", 1.0, 4.0)]
+
+
+# A piece of optimised GPU HLO: a multi-output fusion (a tuple type, with spaces), a cuBLAS and a cuDNN call.
+HLO = """
+%fused_add_reduce (p0: bf16[8,4]) -> (bf16[4], bf16[8,4]) {
+  %p0 = bf16[8,4]{1,0} parameter(0)
+  %r = bf16[4]{0} reduce(%p0, %c), dimensions={0}, to_apply=%add
+  ROOT %t = (bf16[4]{0}, bf16[8,4]{1,0}) tuple(%r, %p0), metadata={op_name="jit(step)/ln_2/add_any"}
+}
+
+ENTRY %main (x: bf16[8,4]) -> bf16[8,4] {
+  %input_add_reduce_fusion.1 = (bf16[4]{0}, bf16[8,4]{1,0}) fusion(%x), kind=kInput, calls=%fused_add_reduce
+  %custom-call.3 = (bf16[8,4]{1,0}, s8[64]{0}) custom-call(%x, %x), custom_call_target="__cublas$lt$matmul", \
+metadata={op_name="jit(step)/mlp/c_fc/dot_general"}
+  %custom-call.4 = (bf16[8,4]{1,0}, u8[0]{0}) custom-call(%x, %x, %x), custom_call_target="__cudnn$fmhaSoftmax", \
+metadata={op_name="jit(step)/attn/dot_product_attention"}
+}
+"""
+
+
+def test_ops_are_found_by_instruction_or_kernel_name(bench):
+    kinds = bench.op_kinds(HLO)
+    assert kinds["input_add_reduce_fusion.1"] == ("reduction", "jit(step)/ln_2/add_any")
+    assert kinds["custom-call.3"] == ("matmul", "jit(step)/mlp/c_fc/dot_general")
+    assert kinds["custom-call.4"] == ("attention", "jit(step)/attn/dot_product_attention")
+    kinds.update({name.replace(".", "_").replace("-", "_"): kind for name, kind in kinds.items()})
+    # Outside a CUDA graph the event names its instruction; inside one only the graph, and the kernel is named
+    # after its fusion; a library's kernels are known by their names.
+    assert bench.event_kind("custom-call.3", "sm90_xmma_gemm", kinds)[0] == "matmul"
+    assert bench.event_kind("command_buffer_7", "input_add_reduce_fusion_1", kinds)[0] == "reduction"
+    assert bench.event_kind("command_buffer_7", "nvjet_sm90_tst_128x160", kinds)[0] == "matmul"
+    assert bench.event_kind("command_buffer_7", "cudnn_generated_sdpa_flash_fprop", kinds)[0] == "attention"
+    assert bench.event_kind("command_buffer_7", "memcpy128", kinds)[0] == "layout"
+    assert bench.event_kind("fusion.99", "another_programs_kernel", kinds) is None
+
+
+def test_busy_seconds_counts_overlapping_ops_once(bench):
+    # Two streams overlap on [1, 2]; a gap [3, 5] is idle; an op inside another adds nothing.
+    assert bench.busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.2, 5.8)]) == pytest.approx(4.0)
+    assert bench.busy_seconds([]) == 0.0
 
 
 def test_synthetic_batch_follows_the_methods_fields(bench):
@@ -75,4 +117,16 @@ def test_a_recipe_is_timed_as_it_is_with_the_command_lines_overrides(bench, monk
     monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny"])
     config = bench.benchmark_config(bench.parse_args())
     assert (config.method.name, config.batch_size, config.model.remat_policy) == ("clip", 32, "none")
-    assert config.model.attention == "xla"
+    assert config.model.attention == "auto"
+
+
+def test_the_kept_h200_trace_is_read_whole(bench):
+    # The B/16 step profiled on an H200 (cuDNN attention, scanned towers, CUDA graphs): every kernel is matched to
+    # its HLO instruction or known as a library's (but for a few microseconds of small kernels of other programs),
+    # and the ops fill the GPU's busy time without gaps or overlaps.
+    summary = bench.read_kept_profile(
+        str(ROOT / "benchmarks/results/profiles/train_step_B16_bfloat16_b512_remat-dots_scan_cudnn_gpu"))
+    assert summary["unmatched_op_seconds"] < 1e-4 * summary["op_seconds"]
+    assert summary["device_busy_s"] == pytest.approx(summary["op_seconds"], rel=0.01)
+    assert set(summary["seconds_by_kind"]) == {"matmul", "attention", "reduction", "elementwise", "layout"}
+    assert sum(summary["share_by_kind"].values()) == pytest.approx(1.0)

@@ -173,7 +173,7 @@ def test_override_without_value():
         (["model.vision.type=convnext"], ("model.vision.type", "resnet", "vit")),
         (["model.vision.type=resnet"], ("unknown config key 'model.vision.", "keys here: heads, image_size, layers")),
         (["data.tokenizer_vocab_size=513"], ("data.tokenizer_vocab_size", ">= 514")),
-        (["model.attention=flash"], ("model.attention", "cudnn", "xla")),
+        (["model.attention=flash"], ("model.attention", "auto", "cudnn", "xla")),
         (["model.attention=cudnn"], ("model.attention 'cudnn' needs model.dtype bfloat16",)),
     ],
 )

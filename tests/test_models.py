@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from clip_jax.models.clip import CLIP, CLIPConfig
-from clip_jax.models.layers import REMAT_POLICIES, PatchEmbedding, dot_product_attention, padded_to_even
+from clip_jax.models.layers import (
+    REMAT_POLICIES,
+    PatchEmbedding,
+    dot_product_attention,
+    padded_to_even,
+    resolved_attention,
+)
 
 from .test_train_step import tiny_model_dict
 
@@ -217,5 +223,13 @@ def test_attention_padded_to_even_lengths_is_plain_attention(causal, lengths):
 
 def test_attention_implementation_is_checked():
     x = jnp.zeros((1, 3, 2, 8))
-    with pytest.raises(ValueError, match="unknown attention implementation 'flash'; choose one of xla, cudnn"):
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'; choose one of auto, xla, cudnn"):
         dot_product_attention(x, x, x, implementation="flash")
+
+
+def test_auto_attention_is_cudnns_on_a_gpu_in_half_precision_only(monkeypatch):
+    assert [resolved_attention("auto", d) for d in (jnp.bfloat16, jnp.float32)] == ["xla", "xla"]  # this CPU
+    assert resolved_attention("cudnn", jnp.bfloat16) == "cudnn" and resolved_attention("xla", jnp.bfloat16) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert [resolved_attention("auto", d) for d in (jnp.bfloat16, jnp.float16, jnp.float32)] == [
+        "cudnn", "cudnn", "xla"]

@@ -121,7 +121,7 @@ class AudioTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, waveform: jax.Array) -> TowerOutput:

@@ -41,7 +41,7 @@ class CLIPConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention: str = "xla"  # the towers' self-attention: layers.ATTENTION_IMPLEMENTATIONS ("cudnn": GPU, bf16)
+    attention: str = "auto"  # the towers' self-attention: layers.ATTENTION_IMPLEMENTATIONS
     logit_scale_init: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0  # clamp of exp(logit_scale) as in CLIP; <= 0 disables it (Long-CLIP)
     logit_bias_init: float | None = None  # set (e.g. -10) to add SigLIP's learnable bias

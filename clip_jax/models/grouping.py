@@ -333,7 +333,7 @@ class GroupVisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
     hard: bool = True  # one-hot assignments in training (straight-through); False trains with soft Gumbel weights
     tau: float = 1.0
     eval_hard: bool = False  # see AssignAttention

@@ -31,9 +31,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections, not attention
 }
 
-# Implementations of the towers' self-attention (`model.attention`): XLA's (JAX's default on every backend) or
-# cuDNN's fused attention (GPU only, bf16/fp16; benchmarks/gpu_suite.py compares the two).
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# Implementations of the towers' self-attention (`model.attention`): XLA's (JAX's default on every backend),
+# cuDNN's fused attention (GPU only, bf16/fp16), or "auto": cuDNN's where it runs, XLA's elsewhere. On an H200
+# cuDNN's made the B/16 bf16 training step 1.43x and Long-CLIP L/14's 1.39x faster (docs/benchmarks.md).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # OpenAI's checkpoints were trained with QuickGELU; open_clip's own models with exact GELU. The weights do not
@@ -205,14 +206,24 @@ class OutProj(nn.Module):
         return jnp.einsum("bthk,hkd->btd", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
-def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False,
-                          implementation: str = "xla") -> jax.Array:
-    """`jax.nn.dot_product_attention` of [B, T, heads, head_dim] inputs with `implementation`, one of
-    ATTENTION_IMPLEMENTATIONS. cuDNN's runs through `padded_to_even`: JAX 0.11's cuDNN rule refuses odd lengths in
-    training (a ViT's 197 tokens, the text's 77)."""
+def resolved_attention(implementation: str, dtype: jnp.dtype) -> str:
+    """The implementation that `implementation` (one of ATTENTION_IMPLEMENTATIONS) runs with `dtype` inputs: "auto"
+    is cuDNN's on a GPU in bfloat16 or float16 (it has no float32), XLA's otherwise."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if implementation != "auto":
+        return implementation
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "xla"
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False,
+                          implementation: str = "auto") -> jax.Array:
+    """`jax.nn.dot_product_attention` of [B, T, heads, head_dim] inputs with `implementation`, one of
+    ATTENTION_IMPLEMENTATIONS. cuDNN's runs through `padded_to_even`: JAX 0.11's cuDNN rule refuses odd lengths in
+    training (a ViT's 197 tokens, the text's 77)."""
+    implementation = resolved_attention(implementation, query.dtype)
     if implementation == "cudnn":
         return padded_to_even(query, key, value, is_causal=is_causal, implementation="cudnn")
     return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal, implementation=implementation)
@@ -243,7 +254,7 @@ class Attention(nn.Module):
     causal: bool
     num_layers: int  # only for the output projection's init scale
     dtype: Dtype = jnp.float32
-    implementation: str = "xla"
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -296,7 +307,7 @@ class ResidualBlock(nn.Module):
     num_layers: int
     dtype: Dtype = jnp.float32
     prompt_start: int = 1
-    attention: str = "xla"  # ATTENTION_IMPLEMENTATIONS
+    attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, prompt: tuple[jax.Array, jax.Array] | None = None):
@@ -330,7 +341,7 @@ class Transformer(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     prompt_start: int = 1  # where deep prompts go: after the class token (vision) or the start token (text)
-    attention: str = "xla"  # ATTENTION_IMPLEMENTATIONS
+    attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_prompts: jax.Array | None = None,

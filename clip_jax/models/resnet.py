@@ -166,7 +166,7 @@ class AttentionPool(nn.Module):
     heads: int
     out_dim: int
     dtype: Dtype = jnp.float32
-    implementation: str = "xla"
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -198,7 +198,7 @@ class ModifiedResNet(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False  # a ResNet's stages differ in shape: nothing to scan; accepted for a uniform API
     remat_policy: str = "none"
-    attention: str = "xla"  # the attention pool's implementation (layers.ATTENTION_IMPLEMENTATIONS)
+    attention: str = "auto"  # the attention pool's implementation (layers.ATTENTION_IMPLEMENTATIONS)
 
     @nn.compact
     def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,

@@ -74,7 +74,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,
@@ -136,7 +136,7 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
 
     def setup(self):
         cfg = self.config
