@@ -227,9 +227,19 @@ def test_attention_implementation_is_checked():
         dot_product_attention(x, x, x, implementation="flash")
 
 
-def test_auto_attention_is_cudnns_on_a_gpu_in_half_precision_only(monkeypatch):
-    assert [resolved_attention("auto", d) for d in (jnp.bfloat16, jnp.float32)] == ["xla", "xla"]  # this CPU
+def test_auto_attention_is_cudnns_only_where_its_flash_attention_runs(monkeypatch):
+    from types import SimpleNamespace
+
+    assert [resolved_attention("auto", d, 64) for d in (jnp.bfloat16, jnp.float32)] == ["xla", "xla"]  # this CPU
     assert resolved_attention("cudnn", jnp.bfloat16) == "cudnn" and resolved_attention("xla", jnp.bfloat16) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert [resolved_attention("auto", d) for d in (jnp.bfloat16, jnp.float16, jnp.float32)] == [
-        "cudnn", "cudnn", "xla"]
+
+    def on(capability, dtype, head_dim):
+        monkeypatch.setattr(jax, "devices", lambda: [SimpleNamespace(compute_capability=capability)])
+        return resolved_attention("auto", dtype, head_dim)
+
+    assert on("9.0", jnp.bfloat16, 64) == on("8.0", jnp.float16, 128) == on("9.0", jnp.bfloat16, 256) == "cudnn"
+    assert on("9.0", jnp.float32, 64) == "xla"  # cuDNN's has no float32
+    assert on("7.0", jnp.bfloat16, 64) == "xla"  # before Ampere
+    assert on("8.6", jnp.bfloat16, 256) == on("9.0", jnp.bfloat16, 76) == "xla"  # head dims it refuses
+    assert on("gfx90a", jnp.bfloat16, 64) == "xla"  # an AMD GPU

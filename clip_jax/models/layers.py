@@ -32,7 +32,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 # Implementations of the towers' self-attention (`model.attention`): XLA's (JAX's default on every backend),
-# cuDNN's fused attention (GPU only, bf16/fp16), or "auto": cuDNN's where it runs, XLA's elsewhere. On an H200
+# cuDNN's fused attention (NVIDIA GPUs only, bf16/fp16), or "auto": cuDNN's where it runs, XLA's elsewhere. On an H200
 # cuDNN's made the B/16 bf16 training step 1.43x and Long-CLIP L/14's 1.39x faster (docs/benchmarks.md).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
@@ -206,16 +206,33 @@ class OutProj(nn.Module):
         return jnp.einsum("bthk,hkd->btd", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
-def resolved_attention(implementation: str, dtype: jnp.dtype) -> str:
-    """The implementation that `implementation` (one of ATTENTION_IMPLEMENTATIONS) runs with `dtype` inputs: "auto"
-    is cuDNN's on a GPU in bfloat16 or float16 (it has no float32), XLA's otherwise."""
+def resolved_attention(implementation: str, dtype: jnp.dtype, head_dim: int | None = None) -> str:
+    """The implementation that `implementation` (one of ATTENTION_IMPLEMENTATIONS) runs with `dtype` inputs of
+    `head_dim` features a head: "auto" is cuDNN's where its flash attention runs (an NVIDIA GPU of compute
+    capability 8.0 or later, bfloat16 or float16, head_dim a multiple of 8 up to 128, 256 from 9.0), XLA's
+    otherwise, so that no model or GPU that XLA's attention runs on fails with "auto"."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if implementation != "auto":
         return implementation
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "xla"
+    capability = cuda_compute_capability()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if capability is None or capability < (8, 0) or not half:
+        return "xla"
+    max_head_dim = 256 if capability >= (9, 0) else 128
+    return "cudnn" if head_dim is None or (head_dim % 8 == 0 and head_dim <= max_head_dim) else "xla"
+
+
+def cuda_compute_capability() -> tuple[int, ...] | None:
+    """(major, minor) of the first device when JAX runs on NVIDIA GPUs; None on a CPU, a TPU or AMD's GPUs (whose
+    devices name an architecture such as gfx90a instead)."""
+    if jax.default_backend() != "gpu":
+        return None
+    try:
+        return tuple(int(part) for part in jax.devices()[0].compute_capability.split("."))
+    except (AttributeError, ValueError):
+        return None
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False,
@@ -223,7 +240,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     """`jax.nn.dot_product_attention` of [B, T, heads, head_dim] inputs with `implementation`, one of
     ATTENTION_IMPLEMENTATIONS. cuDNN's runs through `padded_to_even`: JAX 0.11's cuDNN rule refuses odd lengths in
     training (a ViT's 197 tokens, the text's 77)."""
-    implementation = resolved_attention(implementation, query.dtype)
+    implementation = resolved_attention(implementation, query.dtype, query.shape[-1])
     if implementation == "cudnn":
         return padded_to_even(query, key, value, is_causal=is_causal, implementation="cudnn")
     return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal, implementation=implementation)
