@@ -91,10 +91,13 @@ def summary_line(name: str, result: dict) -> str:
         return f"{name}: FAILED ({result['error']}, {result['wall_s']:.0f} s)"
     ours = result["clip_jax"]
     mfu = f"{ours['mfu']:.1%} MFU" if ours.get("mfu") is not None else "no vendor peak"
+    losses = ours.get("losses") or [float("nan")]
+    numerics = (f"{ours['nonfinite_steps']} NON-FINITE steps" if ours.get("nonfinite_steps")
+                else f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return (f"{name}: {ours['step_time_s'] * 1e3:.1f} ms/step, {ours['samples_per_s']:.0f} samples/s, "
             f"{ours['tflops_per_s']:.0f} TFLOP/s, {mfu}, {ours['fraction_of_matmul_peak']:.0%} of the measured "
             f"matmul peak, temp {ours['temp_memory_gib_per_device']:.1f} GiB, compile {ours['compile_s']:.0f} s "
-            f"(wall {result['wall_s']:.0f} s)")
+            f"(wall {result['wall_s']:.0f} s), {numerics}")
 
 
 def profile_lines(result: dict, top: int = 10) -> list[str]:

@@ -163,10 +163,14 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
     batch = jax.device_put(synthetic_batch(method.fields(), config.batch_size, config.model.text.vocab_size),
                            batch_sharding(mesh))
 
+    step_metrics = {"loss": [], "nonfinite": []}  # on the device until read, so reading costs no step time
+
     def step() -> None:
         nonlocal state
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
+        for key, values in step_metrics.items():
+            values.append(metrics[key])
 
     mem = compiled.memory_analysis()
     facts = {
@@ -179,6 +183,7 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
         "method": config.method.name,
         "model": {**{k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers")},
                   "attention": resolved_attention(config.model.attention, config.model.dtype)},
+        "step_metrics": step_metrics,
     }
     return step, facts, compiled.as_text()
 
@@ -494,6 +499,11 @@ def main() -> None:
         result[name] = {"step_time_s": step_s, "step_times_s": seconds, "samples_per_s": batch / step_s,
                         "tflops_per_s": tflop / step_s, **facts[name]}
     ours = result["clip_jax"]
+    # The numerics of the timed implementation: every step's loss on the same batch (a run with another attention
+    # or dtype should follow the same curve), and how many steps were skipped as not finite.
+    step_metrics = ours.pop("step_metrics")
+    ours["losses"] = [float(loss) for loss in step_metrics["loss"]]
+    ours["nonfinite_steps"] = int(sum(int(flag) for flag in step_metrics["nonfinite"]))
     ours["fraction_of_matmul_peak"] = ours["tflops_per_s"] / (peak["peak_tflops_per_s"] * jax.device_count())
     ours["mfu"] = ours["tflops_per_s"] * 1e12 / (vendor_peak * jax.device_count()) if vendor_peak else None
     if args.open_clip:
@@ -513,6 +523,8 @@ def main() -> None:
           f"{ours['fraction_of_matmul_peak']:.0%} of the {peak['peak_tflops_per_s']:.3f} TFLOP/s matmul peak"
           + (f"; open_clip {result['open_clip']['step_time_s']:.3f} s/step: {result['speedup_vs_open_clip']:.2f}x"
              if args.open_clip else ""))
+    if ours["nonfinite_steps"]:
+        print(f"warning: {ours['nonfinite_steps']} of {len(ours['losses'])} steps had a non-finite loss or gradient")
     (out / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {out / name}")
 
