@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clip_jax.models import layers
 from clip_jax.models.clip import CLIP, CLIPConfig
 from clip_jax.models.layers import (
     REMAT_POLICIES,
     PatchEmbedding,
+    Transformer,
     dot_product_attention,
     padded_to_even,
     resolved_attention,
@@ -243,3 +245,34 @@ def test_auto_attention_is_cudnns_only_where_its_flash_attention_runs(monkeypatc
     assert on("7.0", jnp.bfloat16, 64) == "xla"  # before Ampere
     assert on("8.6", jnp.bfloat16, 256) == on("9.0", jnp.bfloat16, 76) == "xla"  # head dims it refuses
     assert on("gfx90a", jnp.bfloat16, 64) == "xla"  # an AMD GPU
+
+
+@pytest.mark.parametrize("causal, scan", [(False, False), (True, True)])
+def test_cudnn_path_pads_an_odd_sequence_once_per_transformer(monkeypatch, causal, scan):
+    # On a GPU, "auto" runs cuDNN's attention, which takes even lengths only: the Transformer pads an odd sequence by
+    # one token once for its whole stack, and every layer masks it out. The cuDNN path runs here with XLA's
+    # implementation underneath: outputs and gradients are plain attention's, every attention call sees an even
+    # length, and the stack has one pad where the per-layer padding had three a layer.
+    make = lambda attention: Transformer(num_layers=3, num_heads=2, head_dim=8, mlp_dim=32, activation="quick_gelu",
+                                         causal=causal, scan_layers=scan, attention=attention)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 16)), jnp.float32)
+    params = make("xla").init(jax.random.PRNGKey(0), x)
+    want = make("xla").apply(params, x)
+    want_grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(make("xla").apply(p, x))), argnums=(0, 1))(params, x)
+
+    lengths_seen = []
+    xla_attention = jax.nn.dot_product_attention
+
+    def attention_as_xla(query, *args, implementation=None, **kwargs):
+        lengths_seen.append(query.shape[1])
+        return xla_attention(query, *args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(layers, "resolved_attention", lambda implementation, dtype, head_dim=None: implementation)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", attention_as_xla)
+    cudnn = lambda p, x: make("cudnn").apply(p, x)
+    np.testing.assert_allclose(cudnn(params, x), want, rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(cudnn(p, x))), argnums=(0, 1))(params, x)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert set(lengths_seen) == {8}
+    assert str(jax.make_jaxpr(cudnn)(params, x)).count(" pad[") == 1
