@@ -1,6 +1,6 @@
-"""Issue 15's GPU measurements in one command: B/16 bf16 training MFU, XLA's attention against cuDNN's fused
-attention, remat policies and the largest batch that fits, the Long-CLIP L/14 fine-tune (248 tokens), and a
-per-op profile of each headline step.
+"""Issue 15's GPU measurements in one command: cuDNN's attention against XLA's in numerics
+(`attention_parity.py`), then B/16 bf16 training MFU with each, remat policies and the largest batch that fits,
+the Long-CLIP L/14 fine-tune (248 tokens), and a per-op profile of each headline step.
 
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python benchmarks/gpu_suite.py --budget 450 --out benchmarks/results
 
@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--run-timeout", type=float, default=180, help="seconds for one run at most")
     p.add_argument("--min-left", type=float, default=45, help="no run starts with fewer seconds of budget left")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    p.add_argument("--only", nargs="*", help="run only these names (default: all, in order)")
+    p.add_argument("--only", nargs="*", help="run only these names, attention_parity among them (default: all, "
+                   "in order)")
     p.add_argument("--out", default=str(HERE / "results"))
     return p.parse_args()
 
@@ -100,6 +101,21 @@ def summary_line(name: str, result: dict) -> str:
             f"(wall {result['wall_s']:.0f} s), {numerics}")
 
 
+def attention_parity(timeout: float = 150) -> dict:
+    """`attention_parity.py`'s result (cuDNN's attention against XLA's, outputs and gradients), or how it failed."""
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            proc = subprocess.run([sys.executable, str(HERE / "attention_parity.py"), "--out", out],
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        files = list(pathlib.Path(out).glob("*.json"))
+        if not files:  # failed, or nothing to measure here (no NVIDIA GPU): its output says which
+            return {"error": f"exit status {proc.returncode}" if proc.returncode else "nothing measured",
+                    "output_tail": (proc.stdout + proc.stderr)[-3000:]}
+        return json.loads(files[0].read_text())
+
+
 def profile_lines(result: dict, top: int = 10) -> list[str]:
     """The profile of a run in a few lines (the GPU's busy time, the time by op kind, the costliest ops), so the
     command's own output already says where the step's time went."""
@@ -138,6 +154,12 @@ def main() -> None:
                 if not (out / f"{stem}{suffix}.json").exists())  # a second suite of the day keeps the first's
     suite = {"benchmark": "gpu_suite", "date": datetime.date.today().isoformat(), "device": device,
              "budget_s": args.budget, "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}, "skipped": []}
+    # First the numerics of cuDNN's attention through the towers' code (~1 min), then the timed runs.
+    if not args.only or "attention_parity" in args.only:
+        suite["attention_parity"] = attention_parity()
+        print("attention parity:", json.dumps(suite["attention_parity"].get("shapes", suite["attention_parity"])),
+              flush=True)
+        path.write_text(json.dumps(suite, indent=2) + "\n")
     for name, run_args, xla_flags in RUNS:
         if args.only and name not in args.only:
             continue
