@@ -2,7 +2,7 @@
 (`attention_parity.py`), then B/16 bf16 training MFU with each, remat policies and the largest batch that fits,
 the Long-CLIP L/14 fine-tune (248 tokens), and a per-op profile of each headline step.
 
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python benchmarks/gpu_suite.py --budget 450 --out benchmarks/results
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python benchmarks/gpu_suite.py --budget 500 --out benchmarks/results
 
 JAX takes 75% of a GPU's memory by default; the largest batches need more.
 
