@@ -46,7 +46,8 @@ def compare(tokens: int, causal: bool, batch: int = 8, layers: int = 2) -> dict:
         out = jax.jit(lambda p: model.apply(p, x))(params)
         return out, jax.jit(jax.grad(loss))(params)
 
-    want_out, want_grads = run(jnp.float32, "xla")
+    with jax.default_matmul_precision("highest"):  # a GPU's float32 matmuls are TF32 by default, not a reference
+        want_out, want_grads = run(jnp.float32, "xla")
     result = {}
     for attention in ("xla", "cudnn"):
         out, grads = run(jnp.bfloat16, attention)
