@@ -65,26 +65,41 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_one(args: list[str], timeout: float, steps: int, xla_flags: str = "") -> dict:
-    """One train_step.py run, with `xla_flags` added to XLA_FLAGS: its JSON result, or how it failed (the reason and
-    the end of its output). The timing is written before the profile, so a run that failed or stalled after it
-    keeps its timing, with the failure as its profile's."""
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
+def run_script(script: str, args: list[str], timeout: float,
+               env: dict | None = None) -> tuple[dict | None, str, str, float]:
+    """Runs benchmarks/`script` with `args` and `--out` a folder of its own: (the JSON result it wrote, with the
+    file's name, or None; how it failed, "" if it did not; the end of its output; wall seconds)."""
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, str(HERE / "train_step.py"), *args, "--steps", str(steps),
-                                   "--out", out], capture_output=True, text=True, timeout=timeout, env=env)
-            failure, output = f"exit status {proc.returncode}" if proc.returncode else None, proc.stdout + proc.stderr
+            proc = subprocess.run([sys.executable, str(HERE / script), *args, "--out", out], capture_output=True,
+                                  text=True, timeout=timeout, env=env)
+            failure, output = f"exit status {proc.returncode}" if proc.returncode else "", proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
             failure = f"timed out after {timeout:.0f} s"
         wall = time.perf_counter() - t0
         files = list(pathlib.Path(out).glob("*.json"))
-        if not files:
-            return {"error": failure or "no result written", "wall_s": wall, "output_tail": output[-3000:]}
-        result = {**json.loads(files[0].read_text()), "wall_s": wall, "result_file": files[0].name}
-        return {**result, "profile": {"error": failure}} if failure else result
+        result = {**json.loads(files[0].read_text()), "result_file": files[0].name} if files else None
+        return result, failure, output[-3000:], wall
+
+
+def run_one(args: list[str], timeout: float, steps: int, xla_flags: str = "") -> dict:
+    """One train_step.py run, with `xla_flags` added to XLA_FLAGS: its JSON result, or how it failed (the reason and
+    the end of its output). The timing is written before the profile, so a run that failed or stalled after it
+    keeps its timing, with the failure as its profile's."""
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
+    result, failure, output, wall = run_script("train_step.py", [*args, "--steps", str(steps)], timeout, env)
+    if result is None:
+        return {"error": failure or "no result written", "wall_s": wall, "output_tail": output}
+    return {**result, "wall_s": wall, **({"profile": {"error": failure}} if failure else {})}
+
+
+def attention_parity(timeout: float = 240) -> dict:
+    """`attention_parity.py`'s result (cuDNN's attention against XLA's, outputs and gradients), or how it failed;
+    off an NVIDIA GPU it measures nothing, and its output says so."""
+    result, failure, output, _ = run_script("attention_parity.py", [], timeout)
+    return result if result is not None else {"error": failure or "nothing measured", "output_tail": output}
 
 
 def summary_line(name: str, result: dict) -> str:
@@ -99,21 +114,6 @@ def summary_line(name: str, result: dict) -> str:
             f"{ours['tflops_per_s']:.0f} TFLOP/s, {mfu}, {ours['fraction_of_matmul_peak']:.0%} of the measured "
             f"matmul peak, temp {ours['temp_memory_gib_per_device']:.1f} GiB, compile {ours['compile_s']:.0f} s "
             f"(wall {result['wall_s']:.0f} s), {numerics}")
-
-
-def attention_parity(timeout: float = 240) -> dict:
-    """`attention_parity.py`'s result (cuDNN's attention against XLA's, outputs and gradients), or how it failed."""
-    with tempfile.TemporaryDirectory() as out:
-        try:
-            proc = subprocess.run([sys.executable, str(HERE / "attention_parity.py"), "--out", out],
-                                  capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s"}
-        files = list(pathlib.Path(out).glob("*.json"))
-        if not files:  # failed, or nothing to measure here (no NVIDIA GPU): its output says which
-            return {"error": f"exit status {proc.returncode}" if proc.returncode else "nothing measured",
-                    "output_tail": (proc.stdout + proc.stderr)[-3000:]}
-        return json.loads(files[0].read_text())
 
 
 def profile_lines(result: dict, top: int = 10) -> list[str]:
