@@ -130,3 +130,34 @@ def test_the_kept_h200_trace_is_read_whole(bench):
     assert summary["device_busy_s"] == pytest.approx(summary["op_seconds"], rel=0.01)
     assert set(summary["seconds_by_kind"]) == {"matmul", "attention", "reduction", "elementwise", "layout"}
     assert sum(summary["share_by_kind"].values()) == pytest.approx(1.0)
+
+
+def test_pipelined_time_dispatches_back_to_back_and_waits_once(bench, monkeypatch):
+    # A fake step that records whether it was asked to wait, and advances a clock: `count` steps are timed after
+    # one untimed step, and only the last timed one waits, as the trainer's queued steps do.
+    calls = []
+
+    class Clock:
+        now = 0.0
+
+        @staticmethod
+        def perf_counter():
+            return Clock.now
+
+    def step(wait=True):
+        calls.append(wait)
+        Clock.now += 0.5 if wait else 0.1  # a dispatch returns early; a wait includes the device's time
+
+    monkeypatch.setattr(bench, "time", Clock)
+    seconds = bench.pipelined_time(step, 4)
+    assert calls == [True, False, False, False, True]
+    assert seconds == pytest.approx((3 * 0.1 + 0.5) / 4)
+
+
+def test_result_name_says_cudnn_if_any_tower_runs_it(bench):
+    args = SimpleNamespace(config=None, preset="B/16", image_size=None, context_length=None)
+    facts = {"batch": 512, "model": {"dtype": "bfloat16", "remat_policy": "dots", "scan_layers": True,
+                                     "attention": {"vision": "cudnn", "text": "xla"}}}
+    assert bench.result_name(args, facts, "gpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_cudnn_gpu.json"
+    facts["model"]["attention"] = {"vision": "xla", "text": "xla"}
+    assert bench.result_name(args, facts, "cpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_cpu.json"
