@@ -14,17 +14,14 @@ GPU; elsewhere it says so and writes nothing.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gpu_check import run_gpu_check
 
-from clip_jax.models.layers import Transformer, cuda_compute_capability
+from clip_jax.models.layers import Transformer
 from clip_jax.models.resnet import AttentionPool
 
 BATCH = 8
@@ -88,27 +85,11 @@ def compare(make, shape: tuple[int, ...]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    args = p.parse_args()
     # Before the backend starts: no GEMM autotuning, which compared numerics do not need (on 2026-12-04's H200 the
     # autotuned compiles let two of the four shapes finish in four minutes).
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_autotune_level=0".strip()
-    if cuda_compute_capability() is None:
-        print("attention_parity: cuDNN's attention needs an NVIDIA GPU; this machine runs on "
-              f"{jax.default_backend()}: nothing measured")
-        return
-    device = jax.devices()[0]
-    result = {"benchmark": "attention_parity", "date": datetime.date.today().isoformat(),
-              "device_kind": device.device_kind, "jax": jax.__version__, "shapes": {}}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"attention_parity_{device.device_kind.replace(' ', '_')}_{result['date']}.json"
-    for name, (make, shape) in CASES.items():
-        result["shapes"][name] = {"input_shape": shape, **compare(make, shape)}
-        print(name, json.dumps(result["shapes"][name]), flush=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")  # a run stopped part-way keeps the shapes it measured
-    print(f"saved {path}")
+    run_gpu_check("attention_parity", __doc__, "cuDNN's attention needs an NVIDIA GPU", CASES,
+                  lambda case: {"input_shape": case[1], **compare(*case)})
 
 
 if __name__ == "__main__":

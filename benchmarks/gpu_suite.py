@@ -1,6 +1,7 @@
 """Issue 15's GPU measurements in one command: cuDNN's attention against XLA's in numerics
-(`attention_parity.py`), then B/16 bf16 training MFU with each, remat policies and the largest batch that fits,
-the Long-CLIP L/14 fine-tune (248 tokens), and a per-op profile of each headline step.
+(`attention_parity.py`), LayerNorm alone with XLA's fusions and the Pallas kernels (`layer_norm.py`), then B/16
+bf16 training MFU with each, remat policies and the largest batch that fits, the Long-CLIP L/14 fine-tune (248
+tokens), and a per-op profile of each headline step.
 
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python benchmarks/gpu_suite.py --budget 500 --out benchmarks/results
 
@@ -31,19 +32,23 @@ LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py")]
 
 # (name, train_step.py arguments, XLA flags added for the run), in order of priority: the headline step with
 # cuDNN's attention scanned and unscanned (profiled; their per-step and pipelined times differ by the host's launch
-# of the step's CUDA graphs), XLA's attention on the same batch (its loss curve beside cuDNN's), the Long-CLIP
-# recipe scanned and as it ships (unscanned: its compile took over 153 s on 2026-12-04), then cuBLAS against
-# Triton's matmuls and the batch and remat sweep. XLA's options against the step's non-matmul half (cuBLASLt, the
-# fusion autotuner, cuDNN's GEMM fusions and LayerNorm, no Triton multi-output fusions) were run on 2026-12-04 and
-# moved nothing (docs/benchmarks.md); the added-flags slot runs such options. The runs that name no attention take
-# model.attention's default, auto (cuDNN's on a GPU in bf16). "{out}" is the suite's output folder, where the
-# profiled headline steps' traces and optimised HLO are kept.
+# of the step's CUDA graphs), each also with the Pallas LayerNorm kernels (model.layer_norm), XLA's attention on
+# the same batch (its loss curve beside cuDNN's), the Long-CLIP recipe scanned and as it ships (unscanned: its
+# compile took over 153 s on 2026-12-04), then cuBLAS against Triton's matmuls and the batch and remat sweep.
+# XLA's options against the step's non-matmul half (cuBLASLt, the fusion autotuner, cuDNN's GEMM fusions and
+# LayerNorm, no Triton multi-output fusions) were run on 2026-12-04 and moved nothing (docs/benchmarks.md); the
+# added-flags slot runs such options. The runs that name no attention take model.attention's default, auto
+# (cuDNN's on a GPU in bf16). "{out}" is the suite's output folder, where the profiled headline steps' traces and
+# optimised HLO are kept.
 HEADLINE = [*B16, "--batch", "512", "--remat", "dots"]
 KEEP_PROFILE = ["--profile", "--keep-profile", "{out}"]
 RUNS: list[tuple[str, list[str], str]] = [
     ("b16_b512_dots_cudnn", [*HEADLINE, "--attention", "cudnn", *KEEP_PROFILE], ""),
+    ("b16_b512_dots_pallas_layer_norm", [*HEADLINE, "--layer-norm", "pallas", "--profile"], ""),
     ("b16_b512_dots_unscanned", ["--preset", "B/16", "--dtype", "bfloat16", "--batch", "512", "--remat", "dots",
                                  *KEEP_PROFILE], ""),
+    ("b16_b512_dots_unscanned_pallas_layer_norm", ["--preset", "B/16", "--dtype", "bfloat16", "--batch", "512",
+                                                   "--remat", "dots", "--layer-norm", "pallas"], ""),
     ("b16_b512_dots_xla", [*HEADLINE, "--attention", "xla"], ""),
     ("longclip_l14_b256", [*LONGCLIP_L14, "--scan", "--batch", "256", "--profile"], ""),
     ("longclip_l14_b256_unscanned", [*LONGCLIP_L14, "--batch", "256"], ""),  # the recipe as it ships
@@ -61,8 +66,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--run-timeout", type=float, default=240, help="seconds for one run at most")
     p.add_argument("--min-left", type=float, default=45, help="no run starts with fewer seconds of budget left")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    p.add_argument("--only", nargs="*", help="run only these names, attention_parity among them (default: all, "
-                   "in order)")
+    p.add_argument("--only", nargs="*", help="run only these names, the CHECKS' among them (default: all, in "
+                   "order)")
     p.add_argument("--out", default=str(HERE / "results"))
     return p.parse_args()
 
@@ -97,13 +102,18 @@ def run_one(args: list[str], timeout: float, steps: int, xla_flags: str = "") ->
     return {**result, "wall_s": wall, **({"profile": {"error": failure}} if failure else {})}
 
 
-def attention_parity(timeout: float = 240) -> dict:
-    """`attention_parity.py`'s result (cuDNN's attention against XLA's, outputs and gradients), or how it failed;
-    off an NVIDIA GPU it measures nothing, and its output says so."""
-    result, failure, output, _ = run_script("attention_parity.py", [], timeout)
+# Scripts run before the timed steps, each with its time limit: cuDNN's attention against XLA's in numerics, then
+# LayerNorm's forward and backward alone, XLA's fusions against the Pallas kernels (and the kernels' tilings).
+CHECKS = {"attention_parity": ("attention_parity.py", 200), "layer_norm": ("layer_norm.py", 150)}
+
+
+def check(script: str, timeout: float) -> dict:
+    """A check script's result, or how it failed (with what it saved before: the checks save as they go); off an
+    NVIDIA GPU they measure nothing, and their output says so."""
+    result, failure, output, _ = run_script(script, [], timeout)
     if result is None:
         return {"error": failure or "nothing measured", "output_tail": output}
-    return {**result, "error": failure} if failure else result  # the shapes measured before it failed
+    return {**result, "error": failure} if failure else result
 
 
 def summary_line(name: str, result: dict) -> str:
@@ -161,12 +171,11 @@ def main() -> None:
                 if not (out / f"{stem}{suffix}.json").exists())  # a second suite of the day keeps the first's
     suite = {"benchmark": "gpu_suite", "date": datetime.date.today().isoformat(), "device": device,
              "budget_s": args.budget, "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}, "skipped": []}
-    # First the numerics of cuDNN's attention through the towers' code (1-2 min), then the timed runs.
-    if not args.only or "attention_parity" in args.only:
-        suite["attention_parity"] = attention_parity()
-        print("attention parity:", json.dumps(suite["attention_parity"].get("shapes", suite["attention_parity"])),
-              flush=True)
-        path.write_text(json.dumps(suite, indent=2) + "\n")
+    for name, (script, timeout) in CHECKS.items():
+        if not args.only or name in args.only:
+            suite[name] = check(script, min(timeout, args.budget - (time.perf_counter() - start)))
+            print(f"{name}:", json.dumps(suite[name].get("shapes", suite[name])), flush=True)
+            path.write_text(json.dumps(suite, indent=2) + "\n")
     for name, run_args, xla_flags in RUNS:
         if args.only and name not in args.only:
             continue

@@ -43,7 +43,7 @@ from clip_jax.host_memory import keep_freed_memory
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Field, abstract_batch
 from clip_jax.models import flops as flops_lib
-from clip_jax.models.layers import ATTENTION_IMPLEMENTATIONS, resolved_attention
+from clip_jax.models.layers import ATTENTION_IMPLEMENTATIONS, LAYER_NORM_IMPLEMENTATIONS, resolved_attention
 from clip_jax.models.presets import PRESETS, model_preset
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train import state as state_lib
@@ -70,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS,
                    help="the towers' self-attention, model.attention (default: the recipe's, else auto: cuDNN's "
                         "fused attention on a GPU in bfloat16, XLA's otherwise)")
+    p.add_argument("--layer-norm", choices=LAYER_NORM_IMPLEMENTATIONS,
+                   help="model.layer_norm (default: the recipe's, else xla; pallas: Triton kernels, NVIDIA GPUs)")
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--open-clip", action="store_true",
@@ -98,7 +100,7 @@ def preset(args: argparse.Namespace) -> dict:
     if args.image_size:
         model["vision"]["image_size"] = args.image_size
     model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=args.scan,
-                 attention=args.attention or "auto")
+                 attention=args.attention or "auto", layer_norm=args.layer_norm or "xla")
     return model
 
 
@@ -111,6 +113,7 @@ def benchmark_config(args: argparse.Namespace):
         config.model.dtype = args.dtype or config.model.dtype
         config.model.remat_policy = args.remat or config.model.remat_policy
         config.model.attention = args.attention or config.model.attention
+        config.model.layer_norm = args.layer_norm or config.model.layer_norm
     else:
         config = default_config()
         config.model = preset(args)
@@ -183,7 +186,7 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
         "mesh": dict(mesh.shape),
         "batch": config.batch_size,
         "method": config.method.name,
-        "model": {**{k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers")},
+        "model": {**{k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers", "layer_norm")},
                   # per tower: cuDNN's refuses some head dims, and "auto" then takes XLA's
                   "attention": {tower: resolved_attention(config.model.attention, config.model.dtype,
                                                           config.model[tower].get("head_dim"))
@@ -471,7 +474,8 @@ def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> st
     model = facts["model"]
     not_xla = sorted(set(model["attention"].values()) - {"xla"})  # "_cudnn" if any tower runs cuDNN's
     options = "".join((f"_remat-{model['remat_policy']}" if model["remat_policy"] != "none" else "",
-                       "_scan" if model["scan_layers"] else "", "".join(f"_{name}" for name in not_xla)))
+                       "_scan" if model["scan_layers"] else "", "".join(f"_{name}" for name in not_xla),
+                       f"_ln-{model['layer_norm']}" if model.get("layer_norm", "xla") != "xla" else ""))
     return (f"train_step_{subject.replace('/', '')}_{model['dtype']}_b{facts['batch']}{options}_{platform_name}"
             ".json")
 

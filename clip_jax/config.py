@@ -30,7 +30,7 @@ from clip_jax.files import is_remote, write_atomic
 from clip_jax.methods import METHODS, get_method, method_class
 from clip_jax.models.audio import config_problem as audio_config_problem
 from clip_jax.models.clip import REQUIRED_TOWERS, TOWERS, CLIPConfig
-from clip_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from clip_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, LAYER_NORM_IMPLEMENTATIONS, REMAT_POLICIES
 from clip_jax.models.presets import model_preset
 from clip_jax.models.resnet import config_problem as resnet_config_problem
 
@@ -249,8 +249,9 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     """Names that pick an implementation from a registry, checked before any work rather than where they are used."""
     choices = {
         "data.source": TRAIN_SOURCES, "model.remat_policy": REMAT_POLICIES,
-        "model.attention": ATTENTION_IMPLEMENTATIONS, "model.vision.activation": ACTIVATIONS,
-        "model.text.activation": ACTIVATIONS, "model.audio.activation": ACTIVATIONS, "model.dtype": _COMPUTE_DTYPES,
+        "model.attention": ATTENTION_IMPLEMENTATIONS, "model.layer_norm": LAYER_NORM_IMPLEMENTATIONS,
+        "model.vision.activation": ACTIVATIONS, "model.text.activation": ACTIVATIONS,
+        "model.audio.activation": ACTIVATIONS, "model.dtype": _COMPUTE_DTYPES,
         "few_shot.dataset": FEW_SHOT_DATASETS, "few_shot.classes": ("base", "all"),
         "few_shot.class_split": CLASS_SPLITS,
     }

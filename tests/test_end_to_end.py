@@ -282,11 +282,12 @@ def test_train_refuses_a_workdir_of_another_model(trained, capsys):
     steps = checkpoint_steps(trained)
     message = exit_message(
         train_args(trained, "--config.model.vision.width=64", "--config.model.text.layers=2",
-                   "--config.model.attention=xla", "--config.model.remat_policy=full"), capsys
+                   "--config.model.attention=xla", "--config.model.remat_policy=full",
+                   "--config.model.layer_norm=pallas"), capsys
     )
     assert "different model" in message
     assert "model.vision.width: 32 -> 64" in message and "model.text.layers: 1 -> 2" in message
-    # only the fields that differ in what the model computes (any resume may choose its attention and remat)
+    # only the fields that differ in what the model computes (any resume may choose its attention, LayerNorm and remat)
     assert message.count(" -> ") == 2
     assert f"--config.init_from={trained}" in message  # the way to start a new run from this one
     assert {p: p.read_bytes() for p in before} == before

@@ -276,3 +276,73 @@ def test_cudnn_path_pads_an_odd_sequence_once_per_transformer(monkeypatch, causa
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     assert set(lengths_seen) == {8}
     assert str(jax.make_jaxpr(cudnn)(params, x)).count(" pad[") == 1
+
+
+@pytest.mark.parametrize("shape, dtype, out_dtype", [
+    ((3, 37, 96), jnp.float32, jnp.float32),  # 111 rows: the last programs' tiles run past the end
+    ((2, 13, 80), jnp.bfloat16, jnp.bfloat16),  # a width below its 128 lanes
+    ((4, 9, 48), jnp.float32, jnp.bfloat16),  # the residual stream in float32, the output in the compute dtype
+])
+def test_pallas_layer_norm_kernels_match_layer_norm_and_its_autodiff(shape, dtype, out_dtype):
+    # The Triton kernels (model.layer_norm="pallas") through Pallas's interpreter against layers.layer_norm in
+    # float32 and JAX's autodiff of it: output, and the input's, scale's and bias's gradients.
+    from clip_jax.models import layer_norm_kernel
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape) * 3 + 1, dtype)
+    scale, bias = (jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32) for _ in range(2))
+    dy = jnp.asarray(rng.normal(size=shape), out_dtype)
+    kernel = lambda x, s, b: layer_norm_kernel.layer_norm(x, s, b, 1e-5, out_dtype, rows=4, chunks=3, interpret=True)
+    reference = lambda x, s, b: layers.layer_norm(x, {"scale": s, "bias": b}).astype(out_dtype)
+    y, kernel_vjp = jax.vjp(kernel, x, scale, bias)
+    want, reference_vjp = jax.vjp(reference, x, scale, bias)
+    assert y.dtype == jnp.dtype(out_dtype)
+    # bf16 outputs may differ by one rounding step; float32 by float32 rounding of a different summation order
+    tolerance = 1e-2 if jnp.dtype(out_dtype) == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), rtol=tolerance, atol=tolerance)
+    for got, expected in zip(kernel_vjp(dy), reference_vjp(dy), strict=True):
+        got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+
+def test_pallas_layer_norm_in_a_scanned_rematerialised_transformer(monkeypatch):
+    # model.layer_norm="pallas" threads to every block's LayerNorms (under nn.scan and remat here) and gives XLA's
+    # outputs and gradients; off a GPU it is refused in one line unless the kernels are interpreted (the tests).
+    from clip_jax.errors import ConfigError
+    from clip_jax.models import layer_norm_kernel
+
+    make = lambda layer_norm: Transformer(num_layers=2, num_heads=2, head_dim=8, mlp_dim=32, activation="quick_gelu",
+                                          causal=True, scan_layers=True, remat_policy="dots", layer_norm=layer_norm)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 16)), jnp.float32)
+    params = make("xla").init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ConfigError, match="model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs"):
+        make("pallas").apply(params, x)
+    monkeypatch.setattr(layer_norm_kernel, "INTERPRET", True)
+    loss = lambda layer_norm: lambda p, x: jnp.sum(jnp.sin(make(layer_norm).apply(p, x)))
+    np.testing.assert_allclose(make("pallas").apply(params, x), make("xla").apply(params, x), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(loss("pallas"), argnums=(0, 1))(params, x)
+    want = jax.grad(loss("xla"), argnums=(0, 1))(params, x)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert "layer_norm_forward" in str(jax.make_jaxpr(loss("pallas"))(params, x))
+
+
+def test_pallas_layer_norm_lowers_to_triton_kernels_for_a_gpu():
+    # Without a GPU the kernels still lower for one (Pallas's Triton lowering runs in Python): one Triton call
+    # forward and one backward at B/16's image shape, rows tiled as the defaults say.
+    from clip_jax.models import layer_norm_kernel
+
+    def forward_and_backward(x, scale, bias, dy):
+        y, vjp = jax.vjp(lambda *a: layer_norm_kernel.layer_norm(*a, 1e-5, jnp.bfloat16), x, scale, bias)
+        return (y, *vjp(dy))
+
+    tokens = jax.ShapeDtypeStruct((512, 198, 768), jnp.bfloat16)
+    width = jax.ShapeDtypeStruct((768,), jnp.float32)
+    exported = jax.export.export(jax.jit(forward_and_backward), platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(tokens, width, width, tokens)
+    calls = [line for line in exported.mlir_module().splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert [('"layer_norm_forward"' in c, '"layer_norm_backward"' in c) for c in calls] == [(True, False),
+                                                                                          (False, True)]
+    rows = 512 * 198
+    assert f"grid_x = {rows // 4} : i32" in calls[0] and f"grid_x = {-(-rows // 128)} : i32" in calls[1]

@@ -122,6 +122,7 @@ class AudioTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
+    layer_norm: str = "xla"  # layers.LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, waveform: jax.Array) -> TowerOutput:
@@ -137,7 +138,7 @@ class AudioTransformer(nn.Module):
         x = Transformer(
             cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=False,
             scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, attention=self.attention,
-            name="transformer",
+            layer_norm=self.layer_norm, name="transformer",
         )(x)
         pooled = LayerNorm(self.dtype, name="ln_post")(x[:, 0])
         proj = self.param("proj", partitioned(nn.initializers.normal(cfg.width**-0.5), ("embed", "proj")),

@@ -334,6 +334,7 @@ class GroupVisionTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
+    layer_norm: str = "xla"  # layers.LAYER_NORM_IMPLEMENTATIONS
     hard: bool = True  # one-hot assignments in training (straight-through); False trains with soft Gumbel weights
     tau: float = 1.0
     eval_hard: bool = False  # see AssignAttention
@@ -381,7 +382,8 @@ class GroupVisionTransformer(nn.Module):
             x = Transformer(
                 depth, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=False,
                 scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype,
-                attention=self.attention, name="transformer" if stage == 0 else f"transformer_{stage}",
+                attention=self.attention, layer_norm=self.layer_norm,
+                name="transformer" if stage == 0 else f"transformer_{stage}",
             )(x)
             if count:
                 x, groups = x[:, :-count], x[:, -count:]

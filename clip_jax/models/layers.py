@@ -35,6 +35,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 # cuDNN's fused attention (NVIDIA GPUs only, bf16/fp16), or "auto": cuDNN's where it runs, XLA's elsewhere. On an H200
 # cuDNN's made the B/16 bf16 training step 1.43x and Long-CLIP L/14's 1.39x faster (docs/benchmarks.md).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# LayerNorm's implementations: XLA's fusions, or Pallas (Triton) kernels for NVIDIA GPUs (`layer_norm_kernel.py`), in
+# the transformer blocks and the towers' full-sequence norms. XLA's ran the B/16 step's LayerNorm backward at a fifth
+# of an H200's memory bandwidth (docs/benchmarks.md); "pallas" is the alternative to time, not yet the default.
+LAYER_NORM_IMPLEMENTATIONS = ("xla", "pallas")
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # OpenAI's checkpoints were trained with QuickGELU; open_clip's own models with exact GELU. The weights do not
@@ -147,12 +151,20 @@ class LayerNorm(nn.Module):
 
     dtype: Dtype = jnp.float32
     epsilon: float = 1e-5
+    implementation: str = "xla"  # LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (width,), jnp.float32)
         bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (width,), jnp.float32)
+        if self.implementation == "pallas":
+            from clip_jax.models import layer_norm_kernel  # Pallas loads only for the models that use it
+
+            return layer_norm_kernel.layer_norm_on_gpu(x, scale, bias, self.epsilon, self.dtype)
+        if self.implementation != "xla":
+            raise ValueError(f"unknown LayerNorm implementation {self.implementation!r}; choose one of "
+                             f"{', '.join(LAYER_NORM_IMPLEMENTATIONS)}")
         return layer_norm(x, {"scale": scale, "bias": bias}, self.epsilon).astype(self.dtype)
 
 
@@ -340,6 +352,7 @@ class ResidualBlock(nn.Module):
     prompt_start: int = 1
     attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
     valid_length: int | None = None  # tokens before the padding that `Transformer` added for cuDNN, if any
+    layer_norm: str = "xla"  # LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, prompt: tuple[jax.Array, jax.Array] | None = None):
@@ -350,10 +363,10 @@ class ResidualBlock(nn.Module):
                 jnp.broadcast_to(tokens, (x.shape[0], count, x.shape[-1])).astype(x.dtype))
             x = jnp.where(use, replaced, x)
         x = constrain(x, ("batch", "length", "act_embed"))
-        y = LayerNorm(self.dtype, name="ln_1")(x)
+        y = LayerNorm(self.dtype, implementation=self.layer_norm, name="ln_1")(x)
         x = x + Attention(self.num_heads, self.head_dim, self.causal, self.num_layers, self.dtype, self.attention,
                           self.valid_length, name="attn")(y)
-        y = LayerNorm(self.dtype, name="ln_2")(x)
+        y = LayerNorm(self.dtype, implementation=self.layer_norm, name="ln_2")(x)
         x = x + Mlp(self.mlp_dim, self.activation, self.num_layers, self.dtype, name="mlp")(y)
         # The (carry, output) signature lets the same block run under nn.scan.
         return x, None
@@ -374,6 +387,7 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     prompt_start: int = 1  # where deep prompts go: after the class token (vision) or the start token (text)
     attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
+    layer_norm: str = "xla"  # LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_prompts: jax.Array | None = None,
@@ -404,6 +418,7 @@ class Transformer(nn.Module):
             prompt_start=self.prompt_start,
             attention=self.attention,
             valid_length=length if padded else None,
+            layer_norm=self.layer_norm,
         )
         prompts = None
         if layer_prompts is not None:

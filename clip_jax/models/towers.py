@@ -75,6 +75,7 @@ class VisionTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
+    layer_norm: str = "xla"  # layers.LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,
@@ -95,11 +96,11 @@ class VisionTransformer(nn.Module):
         if layer_prompts is not None:
             first = jnp.broadcast_to(layer_prompts[0].astype(self.dtype), (batch, *layer_prompts.shape[1:]))
             x = jnp.concatenate([x, first], axis=1)
-        x = LayerNorm(self.dtype, name="ln_pre")(x)
+        x = LayerNorm(self.dtype, implementation=self.layer_norm, name="ln_pre")(x)
         x = Transformer(
             cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=False,
             scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, attention=self.attention,
-            prompt_start=prompt_start, name="transformer",
+            layer_norm=self.layer_norm, prompt_start=prompt_start, name="transformer",
         )(x, layer_prompts, prompt_layers)
         pooled = LayerNorm(self.dtype, name="ln_post")(x[:, 0])
         proj = self.param(
@@ -137,6 +138,7 @@ class TextTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
+    layer_norm: str = "xla"  # layers.LAYER_NORM_IMPLEMENTATIONS
 
     def setup(self):
         cfg = self.config
@@ -156,8 +158,9 @@ class TextTransformer(nn.Module):
         self.transformer = Transformer(
             cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=True,
             scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, attention=self.attention,
+            layer_norm=self.layer_norm,
         )
-        self.ln_final = LayerNorm(self.dtype)
+        self.ln_final = LayerNorm(self.dtype, implementation=self.layer_norm)
         self.text_projection = self.param(
             "text_projection",
             partitioned(nn.initializers.normal(cfg.width**-0.5), ("embed", "proj")),

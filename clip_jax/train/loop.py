@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 # Model fields that choose how the step is computed, not what it computes: any resume may change them (a run
 # started before `model.attention` became "auto", a remat policy for other devices' memory).
-_EXECUTION_FIELDS = ("model.attention", "model.remat_policy")
+_EXECUTION_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy")
 # Model fields that say how the parameters are used, not what they are: a warm start may set them anew (e.g. bf16
 # compute, or Long-CLIP's unclamped temperature, on a converted or stretched model).
 _WARM_START_FIELDS = (*_EXECUTION_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale")

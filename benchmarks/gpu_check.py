@@ -1,0 +1,37 @@
+"""The frame of a GPU check script (`attention_parity.py`, `layer_norm.py`): its command line, the refusal off an
+NVIDIA GPU, and a JSON file saved case by case, so that a check stopped by its time limit keeps what it measured."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from clip_jax.models.layers import cuda_compute_capability
+
+
+def run_gpu_check(name: str, doc: str, needs: str, cases: dict[str, Any], measure: Callable[[Any], dict]) -> None:
+    """Parses `--out`; off an NVIDIA GPU prints `needs` and measures nothing; else `measure(case)` for every case,
+    saved after each into `<name>_<device>_<date>.json`."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = p.parse_args()
+    if cuda_compute_capability() is None:
+        print(f"{name}: {needs}; this machine runs on {jax.default_backend()}: nothing measured")
+        return
+    device = jax.devices()[0]
+    result = {"benchmark": name, "date": datetime.date.today().isoformat(), "device_kind": device.device_kind,
+              "jax": jax.__version__, "shapes": {}}
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}_{device.device_kind.replace(' ', '_')}_{result['date']}.json"
+    for case_name, case in cases.items():
+        result["shapes"][case_name] = measure(case)
+        print(case_name, json.dumps(result["shapes"][case_name]), flush=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {path}")
