@@ -346,3 +346,26 @@ def test_pallas_layer_norm_lowers_to_triton_kernels_for_a_gpu():
                                                                                           (False, True)]
     rows = 512 * 198
     assert f"grid_x = {rows // 4} : i32" in calls[0] and f"grid_x = {-(-rows // 128)} : i32" in calls[1]
+
+
+def test_pallas_layer_norm_runs_per_device_on_a_mesh(monkeypatch):
+    # On the trainer's mesh (here data 2 x fsdp 2 x tensor 2 of the session's 8 devices) the kernels run per device
+    # on its rows through shard_map, and the jitted stack's outputs and gradients, the LayerNorm scales' summed over
+    # devices, are XLA's.
+    from clip_jax.models import layer_norm_kernel
+    from clip_jax.sharding import LOGICAL_RULES, make_mesh
+
+    monkeypatch.setattr(layer_norm_kernel, "INTERPRET", True)
+    make = lambda layer_norm: Transformer(num_layers=2, num_heads=2, head_dim=8, mlp_dim=32, activation="quick_gelu",
+                                          causal=False, layer_norm=layer_norm)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 5, 16)), jnp.float32)
+    params = make("xla").init(jax.random.PRNGKey(0), x)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    loss = lambda layer_norm: jax.jit(jax.value_and_grad(
+        lambda p, x: jnp.sum(jnp.sin(make(layer_norm).apply(p, x))), argnums=(0, 1)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        (value, grads), (want_value, want_grads) = loss("pallas")(params, x), loss("xla")(params, x)
+        assert "shard_map" in str(jax.make_jaxpr(loss("pallas"))(params, x))
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
 from clip_jax.errors import ConfigError
 from clip_jax.models.layers import cuda_compute_capability
+from clip_jax.sharding import logical_to_spec
 
 
 def _lanes(width: int) -> int:
@@ -141,8 +144,18 @@ layer_norm.defvjp(_forward, _backward)
 
 
 def layer_norm_on_gpu(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, out_dtype: jnp.dtype) -> jax.Array:
-    """`layer_norm` for `LayerNorm(implementation="pallas")`: refused in one line off an NVIDIA GPU."""
+    """`layer_norm` for `LayerNorm(implementation="pallas")` on x [batch, ..., width]: refused in one line off an
+    NVIDIA GPU. Inside a mesh of several devices (the trainer's), the kernels run per device on its rows through
+    `jax.shard_map`, the batch split as the logical rules split it and the width whole: XLA cannot partition a Triton
+    call, and would gather the whole batch onto every device for it. The scale's and bias's gradients are summed
+    over the devices by shard_map's transpose."""
     if not INTERPRET and cuda_compute_capability() is None:
         raise ConfigError(f"model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs; this machine runs on "
                           f"{jax.default_backend()}: use model.layer_norm 'xla'")
-    return layer_norm(x, scale, bias, eps, jnp.dtype(out_dtype), interpret=INTERPRET)
+    norm = functools.partial(layer_norm, eps=eps, out_dtype=jnp.dtype(out_dtype), interpret=INTERPRET)
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or mesh.size == 1 or not rules:
+        return norm(x, scale, bias)
+    rows = logical_to_spec(("batch", *[None] * (x.ndim - 1)), x.shape, mesh, rules)
+    return jax.shard_map(norm, mesh=mesh, in_specs=(rows, P(), P()), out_specs=rows, check_vma=False)(x, scale, bias)
