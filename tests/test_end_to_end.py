@@ -282,16 +282,32 @@ def test_train_refuses_a_workdir_of_another_model(trained, capsys):
     steps = checkpoint_steps(trained)
     message = exit_message(
         train_args(trained, "--config.model.vision.width=64", "--config.model.text.layers=2",
-                   "--config.model.attention=xla", "--config.model.remat_policy=full",
-                   "--config.model.layer_norm=pallas"), capsys
+                   "--config.model.attention=xla", "--config.model.remat_policy=full"), capsys
     )
     assert "different model" in message
     assert "model.vision.width: 32 -> 64" in message and "model.text.layers: 1 -> 2" in message
-    # only the fields that differ in what the model computes (any resume may choose its attention, LayerNorm and remat)
+    # only the fields that differ in what the model computes (any resume may choose its attention and remat)
     assert message.count(" -> ") == 2
     assert f"--config.init_from={trained}" in message  # the way to start a new run from this one
     assert {p: p.read_bytes() for p in before} == before
     assert checkpoint_steps(trained) == steps
+
+
+def test_a_resume_may_choose_how_the_step_is_computed(tmp_path):
+    # model.layer_norm (Pallas kernels run on GPUs only, so not through `train` here) is one of the execution
+    # fields any resume may change, as attention and remat are; the model's shape is not.
+    from clip_jax.config import default_config
+    from clip_jax.errors import ConfigError
+    from clip_jax.train.loop import prepare_workdir
+
+    workdir = tmp_path / "run"
+    prepare_workdir(default_config(), workdir)
+    config = default_config()
+    config.model.layer_norm, config.model.attention, config.model.remat_policy = "pallas", "xla", "full"
+    prepare_workdir(config, workdir, checkpoint_step=5)
+    config.model.vision.width = 64
+    with pytest.raises(ConfigError, match=r"different model \(model.vision.width: 768 -> 64\)"):
+        prepare_workdir(config, workdir, checkpoint_step=5)
 
 
 def test_train_refuses_another_context_length_and_names_the_fix(trained, capsys):

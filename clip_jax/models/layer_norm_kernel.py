@@ -1,15 +1,16 @@
 """LayerNorm forward and backward as Pallas (Triton) kernels for NVIDIA GPUs: `model.layer_norm = "pallas"`.
 
 Why: on an H200 (2026-12-04, docs/benchmarks.md) XLA ran the B/16 step's LayerNorm backward as Triton
-normalisation fusions with 255 registers a thread and 12.5% occupancy, at ~1 TB/s of the chip's 4.8, 38.5 ms of the
-215 ms step. These kernels read and write each tensor once: the forward reads x and writes y (in the compute dtype)
+normalisation fusions with 255 registers a thread and 12.5% occupancy, at ~1 TB/s of the chip's 4.8: 38.5 ms of a
+220 ms step. These kernels read and write each tensor once: the forward reads x and writes y (in the compute dtype)
 with each row's mean and 1/std; the backward reads x, dy and those statistics, writes dx, and sums the scale's and
 bias's gradients per program into [programs, width] partials that XLA adds up.
 
 Each program of the forward takes `rows` rows; each of the backward `rows * chunks`, `rows` at a time. Triton's
 tiles are powers of two, so a row of `width` features is read as `next_power_of_2(width)` lanes, the rest masked.
 Statistics and arithmetic are float32 whatever the input dtype, as `layers.layer_norm`'s. `interpret=True` runs the
-same kernels on any backend (the tests check them on the CPU against `layers.layer_norm` and its autodiff).
+same kernels on any backend: the tests check them on the CPU against `layers.layer_norm` and its autodiff, and
+lower them to Triton for CUDA. Not yet timed on a GPU (`benchmarks/layer_norm.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from clip_jax.errors import ConfigError
-from clip_jax.models.layers import cuda_compute_capability
 from clip_jax.sharding import logical_to_spec
 
 
@@ -149,7 +149,7 @@ def layer_norm_on_gpu(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: floa
     `jax.shard_map`, the batch split as the logical rules split it and the width whole: XLA cannot partition a Triton
     call, and would gather the whole batch onto every device for it. The scale's and bias's gradients are summed
     over the devices by shard_map's transpose."""
-    if not INTERPRET and cuda_compute_capability() is None:
+    if not INTERPRET and jax.default_backend() != "gpu":  # the trainer says so before it builds anything
         raise ConfigError(f"model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs; this machine runs on "
                           f"{jax.default_backend()}: use model.layer_norm 'xla'")
     norm = functools.partial(layer_norm, eps=eps, out_dtype=jnp.dtype(out_dtype), interpret=INTERPRET)

@@ -164,8 +164,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             f"batch_size {config.batch_size} must be a multiple of {shards} (batch shards {batch_divisor(mesh)} "
             f"x accum_steps {config.accum_steps})"
         )
-    if config.model.attention == "cudnn" and (platform := jax.devices()[0].platform) != "gpu":
+    platform = jax.devices()[0].platform
+    if config.model.attention == "cudnn" and platform != "gpu":
         raise ConfigError(f"model.attention 'cudnn' needs a GPU (this run's devices are {platform}); use 'xla'")
+    if config.model.layer_norm == "pallas" and platform != "gpu":
+        raise ConfigError(f"model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs (this run's devices are "
+                          f"{platform}); use 'xla'")
     method = get_method(config)
     method.check(mesh)
     too_big = memory_lib.check_fits(config, model_config(config), batch_divisor(mesh),
