@@ -77,11 +77,12 @@ def _backward_kernel(x_ref, scale_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dscal
         mean_g_x_hat = (scaled_dy * x_hat).sum(axis=1) / width
         dx = (scaled_dy - mean_g[:, None] - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]
         plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=ok)
-        dscale, dbias = sums
-        return dscale + (dy * x_hat).sum(axis=0), dbias + dy.sum(axis=0)
+        dscale, dbias = sums  # [rows, lanes] each: summed over rows once, after the loop, not in every chunk
+        return dscale + dy * x_hat, dbias + dy
 
-    zeros = jnp.zeros(_lanes(width), jnp.float32)
+    zeros = jnp.zeros((rows, _lanes(width)), jnp.float32)
     dscale, dbias = jax.lax.fori_loop(0, chunks, chunk, (zeros, zeros))
+    dscale, dbias = dscale.sum(axis=0), dbias.sum(axis=0)
     # [programs * width] partials, flat: a vector index alone, as the other loads and stores take
     plgpu.store(dscale_ref.at[program * width + lane], dscale, mask=lane_ok)
     plgpu.store(dbias_ref.at[program * width + lane], dbias, mask=lane_ok)
