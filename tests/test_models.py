@@ -329,8 +329,11 @@ def test_pallas_layer_norm_in_a_scanned_rematerialised_transformer(monkeypatch):
 
 
 def test_pallas_layer_norm_lowers_to_triton_kernels_for_a_gpu():
-    # Without a GPU the kernels still lower for one (Pallas's Triton lowering runs in Python): one Triton call
-    # forward and one backward at B/16's image shape, rows tiled as the defaults say.
+    # Without a GPU the kernels still lower for one (Pallas's Triton lowering runs in Python; JAX 0.11 asks which
+    # GPU, here the H200 they were written for): one Triton call forward and one backward at B/16's image shape, rows
+    # tiled as the defaults say.
+    from jax.sharding import AbstractDevice, AbstractMesh
+
     from clip_jax.models import layer_norm_kernel
 
     def forward_and_backward(x, scale, bias, dy):
@@ -339,8 +342,11 @@ def test_pallas_layer_norm_lowers_to_triton_kernels_for_a_gpu():
 
     tokens = jax.ShapeDtypeStruct((512, 198, 768), jnp.bfloat16)
     width = jax.ShapeDtypeStruct((768,), jnp.float32)
-    exported = jax.export.export(jax.jit(forward_and_backward), platforms=["cuda"], disabled_checks=[
-        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(tokens, width, width, tokens)
+    h200 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H200", num_cores=None,
+                                                                      platform="cuda"))
+    with jax.sharding.use_abstract_mesh(h200):
+        exported = jax.export.export(jax.jit(forward_and_backward), platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(tokens, width, width, tokens)
     calls = [line for line in exported.mlir_module().splitlines() if "__gpu$xla.gpu.triton" in line]
     assert [('"layer_norm_forward"' in c, '"layer_norm_backward"' in c) for c in calls] == [(True, False),
                                                                                           (False, True)]
