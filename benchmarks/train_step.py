@@ -475,7 +475,7 @@ def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> st
     not_xla = sorted(set(model["attention"].values()) - {"xla"})  # "_cudnn" if any tower runs cuDNN's
     options = "".join((f"_remat-{model['remat_policy']}" if model["remat_policy"] != "none" else "",
                        "_scan" if model["scan_layers"] else "", "".join(f"_{name}" for name in not_xla),
-                       f"_ln-{model['layer_norm']}" if model.get("layer_norm", "xla") != "xla" else ""))
+                       f"_ln-{model['layer_norm']}" if model["layer_norm"] != "xla" else ""))
     return (f"train_step_{subject.replace('/', '')}_{model['dtype']}_b{facts['batch']}{options}_{platform_name}"
             ".json")
 

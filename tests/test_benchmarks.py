@@ -154,10 +154,12 @@ def test_pipelined_time_dispatches_back_to_back_and_waits_once(bench, monkeypatc
     assert seconds == pytest.approx((3 * 0.1 + 0.5) / 4)
 
 
-def test_result_name_says_cudnn_if_any_tower_runs_it(bench):
+def test_result_name_says_what_ran(bench):
     args = SimpleNamespace(config=None, preset="B/16", image_size=None, context_length=None)
     facts = {"batch": 512, "model": {"dtype": "bfloat16", "remat_policy": "dots", "scan_layers": True,
-                                     "attention": {"vision": "cudnn", "text": "xla"}}}
+                                     "layer_norm": "xla", "attention": {"vision": "cudnn", "text": "xla"}}}
     assert bench.result_name(args, facts, "gpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_cudnn_gpu.json"
     facts["model"]["attention"] = {"vision": "xla", "text": "xla"}
     assert bench.result_name(args, facts, "cpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_cpu.json"
+    facts["model"]["layer_norm"] = "pallas"
+    assert bench.result_name(args, facts, "gpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_ln-pallas_gpu.json"
