@@ -4,7 +4,7 @@ Why: on an H200 (2026-12-04, docs/benchmarks.md) XLA ran the B/16 step's LayerNo
 normalisation fusions with 255 registers a thread and 12.5% occupancy, at ~1 TB/s of the chip's 4.8: 38.5 ms of a
 220 ms step. These kernels read and write each tensor once: the forward reads x and writes y (in the compute dtype)
 with each row's mean and 1/std; the backward reads x, dy and those statistics, writes dx, and sums the scale's and
-bias's gradients per program into [programs, width] partials that XLA adds up.
+bias's gradients per program into partials (flat, [programs * width]) that XLA adds up.
 
 Each program of the forward takes `rows` rows; each of the backward `rows * chunks`, `rows` at a time. Triton's
 tiles are powers of two, so a row of `width` features is read as `next_power_of_2(width)` lanes, the rest masked.
