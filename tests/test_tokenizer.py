@@ -63,6 +63,11 @@ class RefBPE:
         lines = gzip.open(path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
         return cls([tuple(line.split()) for line in lines if line.strip()])
 
+    @classmethod
+    def from_file_plain(cls, path) -> RefBPE:
+        lines = pathlib.Path(path).read_text(encoding="utf-8").split("\n")[1:]
+        return cls([tuple(line.split()) for line in lines if line.strip()])
+
     def bpe(self, word: str) -> list[str]:
         if word not in self.cache:
             parts = list(word[:-1]) + [word[-1] + "</w>"]
@@ -305,6 +310,28 @@ def test_real_openai_vocab_matches_reference():
     tok, ref = ClipTokenizer.from_openai_vocab(path), RefBPE.from_file(path)
     assert (tok.vocab_size, tok.sot_id, tok.eot_id, tok.name) == (49408, 49406, 49407, "openai-bpe-16e6")
     assert_same_as_reference(tok, ref, FIXED_CASES + generated_corpus(400, seed=7))
+
+
+def test_whole_words_are_read_from_the_vocabulary(tmp_path, monkeypatch):
+    """A word that is a token of its own skips BPE only where BPE would give that token back: here merge 1 takes
+    "ab" first, so "abc" is [ab, c</w>] although merge 3 built "abc</w>"."""
+    path = tmp_path / "unreachable.txt"
+    path.write_text("#version: 0.2 (test)\na b\nb c</w>\na bc</w>\n", encoding="utf-8")
+    tok, ref = ClipTokenizer.from_openai_vocab(path), RefBPE.from_file_plain(path)
+    assert "bc" in tok._whole_words and "abc" not in tok._whole_words and "a" in tok._whole_words
+    texts = ["abc", "bc", "abc, bc. abcabc", "x abc", "abc"]
+    for text in texts:
+        assert tok.encode(text) == ref.encode(text), text
+    assert tok.encode("abc") == [ref.ids["ab"], ref.ids["c</w>"]] and tok.encode("bc") == [ref.ids["bc</w>"]]
+    assert (tok(texts) == ref.rows(texts, 77)).all()
+
+    # OpenAI's merges skip that check (all 34,483 of its whole-word tokens come back whole): run it and see.
+    vocab = ClipTokenizer.find_openai_vocab()
+    if vocab is None:
+        pytest.skip("open_clip (which ships bpe_simple_vocab_16e6.txt.gz) is not installed")
+    trusted = ClipTokenizer.from_openai_vocab(vocab)._whole_words
+    monkeypatch.setattr("clip_jax.data.tokenizer._WHOLE_WORDS_CHECKED", frozenset())
+    assert ClipTokenizer.from_openai_vocab(vocab)._whole_words == trusted and len(trusted) > 34000
 
 
 def test_find_openai_vocab_does_not_import_open_clip():

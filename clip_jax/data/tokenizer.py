@@ -19,16 +19,18 @@ Oniguruma word-split regex disagrees with `regex` on a few code points (letters 
   2. the cleaned batch is joined, lower-cased and split at whitespace once into chunks: no word match can span
      whitespace, so a chunk's ids do not depend on its neighbours, and one dict maps chunks and words to ids;
   3. new chunks: one of ASCII letters only is one word; the others are split with open_clip's pattern in one
-     findall per batch (the stdlib's `re` for ASCII, with the same matches there); all new words go through HF's
-     Rust BPE in one call (~2 us a word, `end_of_word_suffix="</w>"`), whose ids word_ids splits back;
+     findall per batch (the stdlib's `re` for ASCII, with the same matches there); a new word that is itself a
+     token of the vocabulary (with '</w>') is that token, read from a table built with the vocabulary (where BPE
+     gives such a word back whole: all of OpenAI's 34,483); the other new words go through HF's Rust BPE in one
+     call (~2 us a word, `end_of_word_suffix="</w>"`), whose ids word_ids splits back;
   4. numpy gathers the stored ids into [N, context_length], with no Python loop over tokens or texts.
 benchmarks/tokenizer.py (2 cores shared with other work, both tokenizers on the same batches in alternation;
-results/tokenizer_vm.json): warm caches 11x open_clip on generated mixed captions (10% non-ASCII, 3% '&'), 13x
-on ASCII ones, 15x on English prose, 12x on translated UI messages (17 languages); cold caches (a fresh
-tokenizer's first pass, every distinct word new) 8-9x on mixed, 9-12x on ASCII, ~8x on prose, ~6x on the
-translations. What cold adds is the Rust BPE of new words (~2-4 us a word, the more bytes the more) and the
-bookkeeping of new chunks (~1 us each); the dict lookups (~0.1 us a chunk once open_clip's work has evicted the
-CPU caches) and ftfy's mojibake repair (~1% of the mixed captions) are most of what is left when warm.
+results/tokenizer_vm_2026-12-04_2.json): warm caches 13x open_clip on generated mixed captions (10% non-ASCII, 3%
+'&'), 16x on ASCII ones, 17x on English prose, 11x on translated UI messages (17 languages); cold caches (a fresh
+tokenizer's first pass, every distinct word new) 10x on mixed and on prose, 11x on ASCII, ~7x on the translations.
+What cold adds is the Rust BPE of new words that are not a token of their own (~2-4 us a word, the more bytes the
+more) and the bookkeeping of new chunks (~1 us each); the dict lookups (~0.1 us a chunk once open_clip's work has
+evicted the CPU caches) and ftfy's mojibake repair (~1% of the mixed captions) are most of what is left when warm.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ OPENAI_VOCAB_NAME = "openai-bpe-16e6"
 _MAX_MERGES = 49152 - 256 - 2
 # sha256 of those 48,894 lines joined by "\n", so OpenAI's vocabulary is recognised under any file name.
 _OPENAI_MERGES_SHA256 = "f61f2adf497e6f5357c347aeb4646fabe82f341e946de5bdec5d2858e41bef4a"
+# Merge lists (by that digest) under which BPE gives every word that is itself a token (with '</w>') back as that
+# one token, so such a word's id is read from the vocabulary (see `_whole_word_ids`): OpenAI's 34,483 such tokens
+# all are (tests/test_tokenizer.py recomputes it with HF's BPE). Any other list is checked at construction.
+_WHOLE_WORDS_CHECKED = frozenset({_OPENAI_MERGES_SHA256})
 # open_clip's spelling (OpenAI's repo and HF use <|startoftext|>). It shows in decode(), and open_clip maps
 # these exact strings, when a caption contains them as a word, to the special ids; so do we.
 MIN_VOCAB_SIZE = 514  # 512 byte-level symbols (a byte and its end-of-word form) + SOT + EOT
@@ -104,6 +110,7 @@ BYTE_SYMBOLS = [chr(b) for b in _PRINTABLE_BYTES] + [chr(256 + i) for i in range
 _BYTE_OF_SYMBOL = dict(zip(BYTE_SYMBOLS, _BYTE_ORDER, strict=True))
 _SYMBOLS = dict(zip(_BYTE_ORDER, BYTE_SYMBOLS, strict=True))  # str.translate table for latin-1-decoded bytes
 _SYMBOLS_KEEP_SPACE = {**_SYMBOLS, 0x20: " "}
+_BYTES_OF_SYMBOLS = {ord(symbol): byte for symbol, byte in _BYTE_OF_SYMBOL.items()}  # the other way, as latin-1
 
 
 # ---- ftfy's answer without running ftfy -------------------------------------------------------------------
@@ -123,7 +130,7 @@ _SYMBOLS_KEEP_SPACE = {**_SYMBOLS, 0x20: " "}
 # computed once by running ftfy's own fixers on each character some fixer can change (those characters are
 # read from ftfy's tables and from its compiled patterns, parsed with re's own parser, so ranges are exact).
 # `_FtfyShortcut.fix` replays (a)-(c) with ftfy's own unescape_html, an exact but cheaper is_bad (below) that
-# decides whether to call ftfy's own fix_encoding (~25 us) at all, that map and unicodedata's NFC, and gives up
+# decides whether to run fix_encoding's step (ftfy's own, ~25 us) at all, that map and unicodedata's NFC, and gives up
 # (None: the caller runs ftfy) where a segment holds \r, ESC or a surrogate, or still changes after a few rounds.
 #
 # is_bad(s) is `BADNESS_RE.search(s)`: some alternative of that alternation matches at some start. Each
@@ -266,7 +273,10 @@ class _FtfyShortcut:
 
         if ftfy.__version__ not in _FTFY_VERSIONS:
             raise _Refused(f"ftfy {ftfy.__version__}")
-        self._unescape_html, self._fix_encoding = fixes.unescape_html, ftfy.fix_encoding
+        self._unescape_html = fixes.unescape_html
+        # ftfy.fix_encoding's loop body and the config it runs with (see fix_encoding below)
+        self._encoding_step = ftfy._fix_encoding_one_step_and_explain
+        self._encoding_config = ftfy.TextFixerConfig(explain=False)
         if _required_chars(_parse(chardata.HTML_ENTITY_RE)) != {ord("&")}:  # so a text without '&' is left alone
             raise _Refused("HTML_ENTITY_RE")
         if _required_chars(_parse(fixes.ANSI_RE)) != {0x1B}:
@@ -315,13 +325,23 @@ class _FtfyShortcut:
                     return True
         return False
 
+    def fix_encoding(self, text: str) -> str:
+        """ftfy.fix_encoding(text), as fix_and_explain calls it. That repeats ftfy's one step until a step changes
+        nothing, and a step changes nothing where the text is ASCII or is_bad fails; asked here first, with the
+        cheaper is_bad, most text needs no step, and mojibake skips the last step's full is_bad search."""
+        while not text.isascii() and self.is_bad(text):
+            fixed = self._encoding_step(text, self._encoding_config).text
+            if fixed == text:
+                break
+            text = fixed
+        return text
+
     def _fix_segment(self, text: str, unescape: bool) -> str | None:
         for _ in range(4):  # ftfy's rounds, (b); more than this is rare enough to leave to ftfy
             before = text
             if unescape and "&" in text:
                 text = self._unescape_html(text)
-            if self.is_bad(text):  # (c): fix_encoding may act; ftfy's own, called as fix_and_explain calls it
-                text = self._fix_encoding(text)
+            text = self.fix_encoding(text)  # (c)
             if self._local.search(text):
                 if self._multi_char.search(text):
                     return None
@@ -380,6 +400,11 @@ def clean_text(text: str) -> str:
         return " ".join(text.split()).lower()
     # str.split() drops leading/trailing whitespace too, which covers both of open_clip's .strip() calls.
     return " ".join(_fix_text(text).split()).lower()
+
+
+def _merges_digest(lines: Iterable[str]) -> str:
+    """sha256 of the merges as the file has them: "A B" lines joined by newlines."""
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
 def _base_vocab() -> list[str]:
@@ -455,8 +480,29 @@ class ClipTokenizer:
         self._bpe = models.BPE(vocab=index, merges=self._merges, end_of_word_suffix="</w>", cache_capacity=0)
         self._hf = Tokenizer(self._bpe)  # only to BPE many words in one call (see _cache_chunks)
         self._hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        self._whole_words = self._find_whole_words(index)
         self._lock = threading.Lock()  # the chunk cache is shared state
         self._reset_cache()
+
+    def _find_whole_words(self, index: dict[str, int]) -> dict[str, int]:
+        """Word -> id, for the words that are a token with '</w>' and that BPE gives back as that one token: such a
+        word needs no BPE (two thirds of English prose's distinct words are one)."""
+        symbols = {token[:-4]: i for token, i in index.items() if token.endswith("</w>") and len(token) > 4}
+        if _merges_digest(f"{a} {b}" for a, b in self._merges) not in _WHOLE_WORDS_CHECKED and symbols:
+            # BPE can stop short of a token that its merges built (a higher-ranked merge takes a symbol first);
+            # keep the words it gives back whole, found with one BPE call over them all (~3 us a word).
+            keys = list(symbols)
+            encoding = self._hf.encode(" ".join(keys), add_special_tokens=False)
+            counts = np.bincount(np.array(encoding.word_ids, np.int64), minlength=len(keys))
+            first_ids = np.array(encoding.ids, np.int64)[np.cumsum(counts) - counts]
+            whole = (counts == 1) & (first_ids == np.fromiter(symbols.values(), np.int64, count=len(keys)))
+            symbols = {key: symbols[key] for key in itertools.compress(keys, whole)}
+        # Keyed by the word's text, as the store is: the symbols' bytes as UTF-8. No word holds a space (those
+        # tokens are left out, so that spaces can join the others), and a token that is not whole UTF-8 (part of
+        # a character) is no word of any text: its surrogate escapes keep it from matching one.
+        symbols = {key: i for key, i in symbols.items() if _SYMBOLS[0x20] not in key}
+        joined = " ".join(symbols).translate(_BYTES_OF_SYMBOLS).encode("latin-1").decode("utf-8", "surrogateescape")
+        return dict(zip(joined.split(" "), symbols.values(), strict=True))
 
     def __getstate__(self) -> dict:  # pickling (e.g. to data-loader workers) rebuilds rather than copy caches
         return {"vocab": self._vocab, "merges": self._merges, "name": self.name}
@@ -487,7 +533,7 @@ class ClipTokenizer:
             merges.append((parts[0], parts[1]))
             vocab.append(parts[0] + parts[1])
             known.add(vocab[-1])
-        digest = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+        digest = _merges_digest(lines)
         name = OPENAI_VOCAB_NAME if digest == _OPENAI_MERGES_SHA256 else f"bpe-{digest[:12]}"
         return cls(vocab + [SOT_TOKEN, EOT_TOKEN], merges, name=name)
 
@@ -608,9 +654,17 @@ class ClipTokenizer:
         new_words = itertools.filterfalse(store.row_of.__contains__, words_of_others)
         new = list(dict.fromkeys(itertools.chain(itertools.compress(chunks, is_word), new_words)))
         if new:
-            # All new words through the Rust BPE in one call: joined by spaces (a word's bytes never include
-            # 0x20, so only the joins are spaces), split back into words by WhitespaceSplit, '</w>' on each
-            # word's last symbol; word_ids tells which word each id came from.
+            # A new word that is a token of its own is that token (see _find_whole_words); the others go through
+            # the Rust BPE in one call: joined by spaces (a word's bytes never include 0x20, so only the joins are
+            # spaces), split back into words by WhitespaceSplit, '</w>' on each word's last symbol; word_ids tells
+            # which word each id came from.
+            is_whole = list(map(self._whole_words.__contains__, new))
+            if True in is_whole:
+                whole = list(itertools.compress(new, is_whole))
+                ids = np.fromiter(map(self._whole_words.__getitem__, whole), np.int32, count=len(whole))
+                store.add(whole, np.ones(len(whole), np.int64), ids)
+                new = list(itertools.compress(new, map(operator.not_, is_whole)))
+        if new:
             symbols = " ".join(new).encode().decode("latin-1").translate(_SYMBOLS_KEEP_SPACE)
             encoding = self._hf.encode(symbols, add_special_tokens=False)
             counts = np.bincount(np.array(encoding.word_ids, np.int64), minlength=len(new))
@@ -656,7 +710,7 @@ class ClipTokenizer:
                 self._reset_cache()
             row_of = self._store.row_of
             # -1: not cached yet (.get costs a hit ~7% more than [], and a miss no exception or Python call)
-            rows = np.array(list(map(row_of.get, chunks, itertools.repeat(-1))), np.int64)
+            rows = np.fromiter(map(row_of.get, chunks, itertools.repeat(-1)), np.int64, count=len(chunks))
             new = np.flatnonzero(rows < 0).tolist()
             if new:
                 missing = list(map(chunks.__getitem__, new))
