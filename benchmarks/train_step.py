@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.config import default_config, load_config, validate
-from clip_jax.host_memory import keep_freed_memory
+from clip_jax.host_memory import dispatch_depth, keep_freed_memory
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Field, abstract_batch
 from clip_jax.models import flops as flops_lib
@@ -168,14 +168,16 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
 
     step_metrics = {"loss": [], "nonfinite": []}  # on the device until read, so reading costs no step time
 
-    def step(wait: bool = True) -> None:
-        """One step; with `wait` False it returns once dispatched, as the trainer's steps do (see pipelined_time)."""
+    def step(wait: bool = True) -> dict:
+        """One step; with `wait` False it returns once dispatched, as the trainer's steps do (see pipelined_time).
+        Returns the step's metrics (on the device)."""
         nonlocal state
         state, metrics = compiled(state, batch)
         if wait:
             jax.block_until_ready(metrics)
         for key, values in step_metrics.items():
             values.append(metrics[key])
+        return metrics
 
     mem = compiled.memory_analysis()
     facts = {
@@ -286,16 +288,19 @@ def interleaved_times(steps: dict[str, Callable[[], None]], count: int, warmup: 
     return times
 
 
-def pipelined_time(step: Callable[..., None], count: int) -> float:
-    """Seconds per step of `count` steps dispatched back to back with one wait at the end, as the trainer runs them:
-    the host prepares and launches the next step while the device runs this one. `interleaved_times` waits for every
-    step, so its step time also holds the host's launch time (on 2026-12-04's H200, 20-30 ms of unscanned B/16's
-    230 ms step were the GPU idle before the step began)."""
+def pipelined_time(step: Callable[..., dict], count: int) -> float:
+    """Seconds per step of `count` steps run as the trainer runs them: the host dispatches the next steps while the
+    device runs this one, at most `dispatch_depth()` beyond the last finished (none on the CPU). `interleaved_times`
+    waits for every step, so its step time also holds the host's launch time (on 2026-12-04's H200, 20-30 ms of
+    unscanned B/16's 230 ms step were the GPU idle before the step began)."""
     step()
+    ahead, in_flight = dispatch_depth(), collections.deque()
     t0 = time.perf_counter()
-    for _ in range(count - 1):
-        step(wait=False)
-    step()
+    for _ in range(count):
+        in_flight.append(step(wait=False))
+        while len(in_flight) > ahead:
+            jax.block_until_ready(in_flight.popleft())
+    jax.block_until_ready(list(in_flight))
     return (time.perf_counter() - t0) / count
 
 

@@ -132,10 +132,11 @@ def test_the_kept_h200_trace_is_read_whole(bench):
     assert sum(summary["share_by_kind"].values()) == pytest.approx(1.0)
 
 
-def test_pipelined_time_dispatches_back_to_back_and_waits_once(bench, monkeypatch):
-    # A fake step that records whether it was asked to wait, and advances a clock: `count` steps are timed after
-    # one untimed step, and only the last timed one waits, as the trainer's queued steps do.
-    calls = []
+@pytest.mark.parametrize("depth", [2, 0])
+def test_pipelined_time_runs_ahead_as_the_trainer_does(bench, monkeypatch, depth):
+    # Fake steps on a fake clock: `count` steps timed after one untimed step, the host waiting for the step `depth`
+    # back (two on an accelerator, none on the CPU: host_memory.dispatch_depth), then for the rest at the end.
+    events = []
 
     class Clock:
         now = 0.0
@@ -144,14 +145,31 @@ def test_pipelined_time_dispatches_back_to_back_and_waits_once(bench, monkeypatc
         def perf_counter():
             return Clock.now
 
+    class Outputs:
+        def __init__(self, k):
+            self.k = k
+
+        def block_until_ready(self):
+            events.append(f"wait {self.k}")
+            Clock.now += 0.4  # the device's time
+            return self
+
     def step(wait=True):
-        calls.append(wait)
-        Clock.now += 0.5 if wait else 0.1  # a dispatch returns early; a wait includes the device's time
+        k = sum(e.startswith("step") for e in events)
+        events.append(f"step {k}" + (" waited" if wait else ""))
+        Clock.now += 0.1  # the host's launch
+        return Outputs(k)
 
     monkeypatch.setattr(bench, "time", Clock)
+    monkeypatch.setattr(bench, "dispatch_depth", lambda: depth)
     seconds = bench.pipelined_time(step, 4)
-    assert calls == [True, False, False, False, True]
-    assert seconds == pytest.approx((3 * 0.1 + 0.5) / 4)
+    if depth == 2:
+        assert events == ["step 0 waited", "step 1", "step 2", "step 3", "wait 1", "step 4", "wait 2", "wait 3",
+                          "wait 4"]
+    else:
+        assert events == ["step 0 waited", "step 1", "wait 1", "step 2", "wait 2", "step 3", "wait 3", "step 4",
+                          "wait 4"]
+    assert seconds == pytest.approx((4 * 0.1 + 4 * 0.4) / 4)  # the timed steps' launches and waits
 
 
 def test_result_name_says_what_ran(bench):

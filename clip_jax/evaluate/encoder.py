@@ -17,12 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from clip_jax.host_memory import dispatch_depth
 from clip_jax.models.clip import CLIP
 from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, replicated
-
-# Batches dispatched ahead of the one being fetched: keeps the device busy while the host copies results back,
-# without holding every result of a large evaluation set on the device at once.
-_IN_FLIGHT = 2
 
 
 def _place_params(params: Any, mesh: Mesh) -> tuple[Any, Any]:
@@ -149,6 +146,9 @@ class Encoder:
         n, size = len(inputs), self.batch_size
         results: list[Any] = []
         pending: collections.deque[tuple[Any, int]] = collections.deque()
+        # Batches dispatched beyond the one being fetched (`dispatch_depth`): on an accelerator the device stays busy
+        # while the host copies results back; a large evaluation set is never all on the device at once.
+        ahead = dispatch_depth()
 
         def fetch():
             out, rows = pending.popleft()
@@ -164,7 +164,7 @@ class Encoder:
                     # position 0; silence); they are computed and discarded.
                     batch = np.concatenate([batch, np.zeros((size - rows, *batch.shape[1:]), batch.dtype)])
                 pending.append((fn(self.params, self._put(batch), *args), rows))
-                if len(pending) > _IN_FLIGHT:
+                if len(pending) > ahead:
                     fetch()
             while pending:
                 fetch()

@@ -27,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from clip_jax.files import is_remote, write_atomic
+from clip_jax.host_memory import dispatch_depth
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,6 @@ def _kept(record: dict, start_step: int, total_steps: int) -> bool:
     return step <= start_step
 
 
-# Steps the host may dispatch ahead of the last one known complete (`MetricsWriter.dispatched`).
-IN_FLIGHT = 2
-
-
 class MetricsWriter:
     def __init__(self, workdir: epath.PathLike, total_steps: int, start_step: int, tensorboard: bool = True,
                  progress_bar: bool = True):
@@ -86,6 +83,7 @@ class MetricsWriter:
         self._tb = None
         self._bar = None
         self._in_flight: collections.deque = collections.deque()
+        self._ahead = dispatch_depth()
         if not self.enabled:
             return
         previous = self.path.read_bytes() if self.path.exists() else b""
@@ -124,12 +122,12 @@ class MetricsWriter:
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
 
     def dispatched(self, outputs: Any) -> None:
-        """Counts a dispatched step by its outputs. The host then waits for the step IN_FLIGHT back to finish (the
-        device still has a queued step, so it does not idle) and the bar advances by finished steps: without the
-        wait the host dispatches tens of steps ahead, and the bar's rate jumps between the dispatch rate and the
-        stall at every metrics fetch."""
+        """Counts a dispatched step by its outputs. The host then waits for the step `dispatch_depth()` back to
+        finish (on an accelerator the device still has a queued step, so it does not idle) and the bar advances by
+        finished steps: without the wait the host dispatches tens of steps ahead, and the bar's rate jumps between
+        the dispatch rate and the stall at every metrics fetch."""
         self._in_flight.append(outputs)
-        while len(self._in_flight) > IN_FLIGHT:
+        while len(self._in_flight) > self._ahead:
             jax.block_until_ready(self._in_flight.popleft())
             self._advance(1)
 
