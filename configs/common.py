@@ -15,6 +15,14 @@ def tiny_shapes(config, context_length: int):
     return config
 
 
+def small_resnet(norm: str = "group") -> dict:
+    """The shapes recipes' ModifiedResNet image tower, about the tiny ViT's size (1.4M parameters against 0.9M): one
+    bottleneck block per stage at stem width 16 (64 to 512 channels), 96 px images (a 3x3 grid under the attention
+    pool), 8 heads of 64. "group" (GroupNorm) trains from scratch; "frozen_bn" is OpenAI's BatchNorm as an affine
+    without statistics (models/resnet.py)."""
+    return {"type": "resnet", "layers": (1, 1, 1, 1), "width": 16, "heads": 8, "image_size": 96, "norm": norm}
+
+
 def few_shot_shapes(config, method: str, **fields):
     """The shapes recipes of the few-shot methods (docs/few_shot.md): a frozen demo CLIP (`clip-jax train --config
     configs/demo.py --workdir workdirs/demo` first), its towers and tokenizer read from there; 16 shots of the 20

@@ -4,12 +4,12 @@ docs/resnet.md (benchmarks/resnet_shapes.py), on a CPU.
   clip-jax train --config configs/resnet_shapes.py --workdir workdirs/resnet_shapes
   clip-jax train --config configs/resnet_shapes.py:frozen_bn --workdir workdirs/resnet_shapes_bn
 
-The tower: one bottleneck block per stage at stem width 16 (channels 64, 128, 256, 512 after the stages), 96 px
-images (a 3x3 grid under the attention pool), 8 heads of 64; about as many parameters as the tiny ViT
-(1.4M vs 0.8M). Trained from scratch, so GroupNorm ("group") by default: "frozen_bn" is OpenAI's BatchNorm as an
-affine without statistics (models/resnet.py), a network without normalisation from scratch.
+The tower: configs/common.py's small_resnet. Trained from scratch, so GroupNorm ("group") by default: "frozen_bn"
+is OpenAI's BatchNorm as an affine without statistics (models/resnet.py), a network without normalisation from
+scratch.
 """
 
+from configs.common import small_resnet
 from configs.demo import get_config as demo_config
 
 NORMS = {"group": "group", "frozen_bn": "frozen_bn"}
@@ -19,6 +19,5 @@ def get_config(norm: str = "group"):
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {sorted(NORMS)}")
     config = demo_config("b128")  # the demo recipe its results were measured with
-    config.model.vision = {"type": "resnet", "layers": (1, 1, 1, 1), "width": 16, "heads": 8, "image_size": 96,
-                           "norm": NORMS[norm]}
+    config.model.vision = small_resnet(NORMS[norm])
     return config

@@ -213,6 +213,15 @@ def test_demo_recipes():
         assert now[part].to_dict() == before[part].to_dict(), part
     for recipe in ("configs/slip_shapes.py", "configs/audioclip_shapes.py", "configs/resnet_shapes.py"):
         assert load_config(str(CONFIGS.parent / recipe)).batch_size == 128
+    # The ResNet recipe: the default one but for the image tower (the comparison's) and its steps.
+    resnet = load_config(f"{DEMO}:resnet")
+    assert (resnet.batch_size, resnet.total_steps, resnet.optimizer.warmup_steps) == (256, 400, 53)
+    comparison = load_config(str(CONFIGS / "resnet_shapes.py"))
+    assert resnet.model.vision.to_dict() == comparison.model.vision.to_dict() and resnet.model.vision.type == "resnet"
+    assert resnet.model.text.to_dict() == now.model.text.to_dict()
+    for part in ("data", "method"):
+        assert resnet[part].to_dict() == now[part].to_dict(), part
+    assert (resnet.optimizer.lr, resnet.optimizer.weight_decay) == (now.optimizer.lr, now.optimizer.weight_decay)
     assert "unknown recipe" in config_error(f"{DEMO}:b64")
 
 
