@@ -70,7 +70,7 @@ _MAX_MERGES = 49152 - 256 - 2
 # sha256 of those 48,894 lines joined by "\n", so OpenAI's vocabulary is recognised under any file name.
 _OPENAI_MERGES_SHA256 = "f61f2adf497e6f5357c347aeb4646fabe82f341e946de5bdec5d2858e41bef4a"
 # Merge lists (by that digest) under which BPE gives every word that is itself a token (with '</w>') back as that
-# one token, so such a word's id is read from the vocabulary (see `_whole_word_ids`): OpenAI's 34,483 such tokens
+# one token, so such a word's id is read from the vocabulary (see `_find_whole_words`): OpenAI's 34,483 such tokens
 # all are (tests/test_tokenizer.py recomputes it with HF's BPE). Any other list is checked at construction.
 _WHOLE_WORDS_CHECKED = frozenset({_OPENAI_MERGES_SHA256})
 # open_clip's spelling (OpenAI's repo and HF use <|startoftext|>). It shows in decode(), and open_clip maps
