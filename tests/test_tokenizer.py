@@ -439,6 +439,7 @@ def ref_fix(text: str) -> str:
 # the shortcut passes, and text it must pass through unchanged.
 BOUNDARY_TEXTS = [
     "donâ€™t stop", "CafÃ© crème", "Ã  la carte", "voilÃ  le travail", "â€œquotedâ€\x9d", "sÃ³ isso", "Ã¼ber",
+    "CafÃƒÂ© crÃƒÂ¨me", "donÃ¢â‚¬â„¢t stop",  # encoded twice: ftfy's repair takes two steps
     "it’s “quoted” ‘single’ „low‟ ‛x", "ﬁne ﬂower ﬃ ĳ Ǆ", "ＡＢ　ＣＤ ｶﾞ ｈｅｌｌｏ！", "x\x80y\x85z\x9fw \x91hi\x92",
     "a\u00a0b NBSP\u00a0", "café vs cafe\u0301", "e\u0301", "\u0301start", "line\u2028sep\u2029para\x85next",
     "a\r\nb\rc é", "\ud83d\ude00 pair", "lone \udc00 surrogate é", "\ufeffbom é", "\u206a\ufff9x é",
