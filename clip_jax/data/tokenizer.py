@@ -402,11 +402,6 @@ def clean_text(text: str) -> str:
     return " ".join(_fix_text(text).split()).lower()
 
 
-def _merges_digest(lines: Iterable[str]) -> str:
-    """sha256 of the merges as the file has them: "A B" lines joined by newlines."""
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
-
-
 def _base_vocab() -> list[str]:
     return BYTE_SYMBOLS + [s + "</w>" for s in BYTE_SYMBOLS]
 
@@ -463,15 +458,17 @@ class ClipTokenizer:
 
     pad_id: int = 0
 
-    def __init__(self, vocab: Sequence[str], merges: Sequence[tuple[str, str]], *, name: str) -> None:
-        """`vocab` in id order, ending with SOT and EOT; `merges` in priority order. Prefer the classmethods."""
+    def __init__(self, vocab: Sequence[str], merges: Sequence[tuple[str, str]], *, name: str | None = None) -> None:
+        """`vocab` in id order, ending with SOT and EOT; `merges` in priority order. Prefer the classmethods. Without
+        a `name`, the merges name it: OpenAI's by their digest, any other list as "bpe-<digest>"."""
         if len(vocab) < MIN_VOCAB_SIZE or tuple(vocab[-2:]) != (SOT_TOKEN, EOT_TOKEN):
             raise ValueError(f"vocab must hold the 512 byte symbols, ..., {SOT_TOKEN}, {EOT_TOKEN} (got {len(vocab)})")
         index = {tok: i for i, tok in enumerate(vocab)}  # a repeated string keeps its last id, as in open_clip
         for a, b in merges:
             if a not in index or b not in index or a + b not in index:
                 raise ValueError(f"merge {a!r} {b!r}: its parts and their concatenation must be in vocab")
-        self.name = name
+        digest = hashlib.sha256("\n".join(map(" ".join, merges)).encode("utf-8")).hexdigest()  # as the file's lines
+        self.name = name or (OPENAI_VOCAB_NAME if digest == _OPENAI_MERGES_SHA256 else f"bpe-{digest[:12]}")
         self.vocab_size = len(vocab)
         self.sot_id, self.eot_id = self.vocab_size - 2, self.vocab_size - 1
         self._vocab = list(vocab)
@@ -480,15 +477,15 @@ class ClipTokenizer:
         self._bpe = models.BPE(vocab=index, merges=self._merges, end_of_word_suffix="</w>", cache_capacity=0)
         self._hf = Tokenizer(self._bpe)  # only to BPE many words in one call (see _cache_chunks)
         self._hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        self._whole_words = self._find_whole_words(index)
+        self._whole_words = self._find_whole_words(index, digest)
         self._lock = threading.Lock()  # the chunk cache is shared state
         self._reset_cache()
 
-    def _find_whole_words(self, index: dict[str, int]) -> dict[str, int]:
+    def _find_whole_words(self, index: dict[str, int], merges_digest: str) -> dict[str, int]:
         """Word -> id, for the words that are a token with '</w>' and that BPE gives back as that one token: such a
         word needs no BPE (two thirds of English prose's distinct words are one)."""
         symbols = {token[:-4]: i for token, i in index.items() if token.endswith("</w>") and len(token) > 4}
-        if _merges_digest(f"{a} {b}" for a, b in self._merges) not in _WHOLE_WORDS_CHECKED and symbols:
+        if merges_digest not in _WHOLE_WORDS_CHECKED and symbols:
             # BPE can stop short of a token that its merges built (a higher-ranked merge takes a symbol first);
             # keep the words it gives back whole, found with one BPE call over them all (~3 us a word).
             keys = list(symbols)
@@ -533,9 +530,7 @@ class ClipTokenizer:
             merges.append((parts[0], parts[1]))
             vocab.append(parts[0] + parts[1])
             known.add(vocab[-1])
-        digest = _merges_digest(lines)
-        name = OPENAI_VOCAB_NAME if digest == _OPENAI_MERGES_SHA256 else f"bpe-{digest[:12]}"
-        return cls(vocab + [SOT_TOKEN, EOT_TOKEN], merges, name=name)
+        return cls(vocab + [SOT_TOKEN, EOT_TOKEN], merges)  # named by the merges' digest
 
     @classmethod
     def find_openai_vocab(cls) -> pathlib.Path | None:
