@@ -37,6 +37,8 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import cpu_facts  # noqa: E402
+
 from clip_jax.config import default_config  # noqa: E402
 from clip_jax.data import records  # noqa: E402
 from clip_jax.data.images import crop_min_side, decode_image, random_resized_crop  # noqa: E402
@@ -129,16 +131,6 @@ def grain_rate(shard_dir: pathlib.Path, tokenizer: ClipTokenizer, workers: int, 
     return {"workers": workers, "batches": batches, "samples_per_s": round(batches * BATCH / elapsed, 1)}
 
 
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="images to generate")
@@ -168,7 +160,7 @@ def main() -> None:
     report = {
         "benchmark": "input_pipeline",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"hostname": socket.gethostname(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "machine": {"hostname": socket.gethostname(), "cpu": cpu_facts(),
                     "python": platform.python_version(), "platform": platform.platform()},
         "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         "data": data,

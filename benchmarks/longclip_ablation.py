@@ -23,11 +23,11 @@ import json
 import os
 import pathlib
 import platform
-import re
 import shutil
 import time
 
 import numpy as np
+from machine import cpu_facts
 
 from clip_jax import cli
 from clip_jax.evaluate.suite import eval_defaults, evaluate
@@ -96,11 +96,6 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    match = re.search(r"model name\s*:\s*(.*)", pathlib.Path("/proc/cpuinfo").read_text())
-    return match.group(1).strip() if match else platform.processor()
-
-
 def main() -> None:
     args = parse_args()
     root = pathlib.Path(args.workdir)
@@ -132,7 +127,7 @@ def main() -> None:
     result = {
         "benchmark": "longclip_ablation",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_facts(), "platform": platform.platform(),
                     "load_average_before_after": [load_before, os.getloadavg()]},
         "args": vars(args),
         "metrics": METRICS,

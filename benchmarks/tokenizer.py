@@ -43,6 +43,8 @@ from collections.abc import Callable
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from machine import cpu_facts  # noqa: E402
+
 from clip_jax.data.tokenizer import ClipTokenizer, clean_text  # noqa: E402
 
 COMMON = (
@@ -187,14 +189,6 @@ def race(make: Callable[[], tuple], batches: list[list[str]], passes: int, warm:
     return result
 
 
-def cpu_model() -> str:
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-        return re.search(r"model name\s*:\s*(.*)", text).group(1).strip()
-    except (OSError, AttributeError):
-        return ""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20000, help="captions of the generated and real_intl corpora")
@@ -303,9 +297,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "hostname": socket.gethostname(),
-            "processor": platform.processor(),
-            "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
+            "cpu": cpu_facts(),
             "python": platform.python_version(),
             "platform": platform.platform(),
         },

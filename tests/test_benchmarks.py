@@ -181,3 +181,21 @@ def test_result_name_says_what_ran(bench):
     assert bench.result_name(args, facts, "cpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_cpu.json"
     facts["model"]["layer_norm"] = "pallas"
     assert bench.result_name(args, facts, "gpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_ln-pallas_gpu.json"
+
+
+def test_cpu_facts_tell_apart_cpus_of_one_model_name(bench):
+    # Two VMs that both call themselves "AMD EPYC": the family, model and SIMD extensions say which is which.
+    # `bench` puts benchmarks/ on the path, where machine.py lives.
+    from machine import cpu_facts
+
+    def cpuinfo(family, model, flags):
+        processor = (f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+                     f"model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu sse2 {flags}\n")
+        return "\n".join(processor.format(i) for i in range(2))
+
+    zen4 = cpu_facts(cpuinfo(25, 17, "avx2 fma avx512f avx512_bf16 avx512_vnni"))
+    older = cpu_facts(cpuinfo(23, 49, "avx2 fma"))
+    assert zen4 | {"cpu_count": None} == {"model_name": "AMD EPYC", "cpu_count": None, "family": 25, "model": 17,
+                                          "stepping": 1, "simd": ["avx2", "fma", "avx512f", "avx512_bf16",
+                                                                  "avx512_vnni"]}
+    assert (older["family"], older["model"], older["simd"]) == (23, 49, ["avx2", "fma"])
