@@ -162,14 +162,16 @@ def test_pipelined_time_runs_ahead_as_the_trainer_does(bench, monkeypatch, depth
 
     monkeypatch.setattr(bench, "time", Clock)
     monkeypatch.setattr(bench, "dispatch_depth", lambda: depth)
-    seconds = bench.pipelined_time(step, 4)
+    seconds = bench.pipelined_times(step, 4)
     if depth == 2:
         assert events == ["step 0 waited", "step 1", "step 2", "step 3", "wait 1", "step 4", "wait 2", "wait 3",
                           "wait 4"]
     else:
         assert events == ["step 0 waited", "step 1", "wait 1", "step 2", "wait 2", "step 3", "wait 3", "step 4",
                           "wait 4"]
-    assert seconds == pytest.approx((4 * 0.1 + 4 * 0.4) / 4)  # the timed steps' launches and waits
+    # Between completions: with two ahead, three launches before the first wait, then one launch per wait, then
+    # the waits alone; with none, a launch and a wait each.
+    assert seconds == pytest.approx([0.3 + 0.4, 0.1 + 0.4, 0.4, 0.4] if depth == 2 else [0.1 + 0.4] * 4)
 
 
 def test_result_name_says_what_ran(bench):
