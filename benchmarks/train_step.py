@@ -246,20 +246,41 @@ def build_open_clip(args: argparse.Namespace) -> tuple[Callable[[], None], dict]
     return step, {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def torch_matmul_peak(dtype: str, repeats: int = 5) -> dict:
+    """`matmul_peak`'s measurement through torch on the CPU, with the threads open_clip's step has: how fast the
+    library under open_clip multiplies matrices on this machine, which differs from JAX's by machine."""
+    import torch
+
+    rates = {}
+    for n in (1024, 2048, 4096):
+        generator = torch.Generator().manual_seed(n)
+        a = torch.randn(n, n, generator=generator).to(getattr(torch, dtype))
+        a @ a
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
+        rates[n] = 2 * n**3 / best / 1e12
+    return {"tflops_per_s_by_size": rates, "peak_tflops_per_s": max(rates.values())}
+
+
 def _serve_open_clip(args: argparse.Namespace, conn: multiprocessing.connection.Connection) -> None:
-    """The open_clip process: builds the model, then runs one step per request until told to stop."""
+    """The open_clip process: builds the model, then runs one step per "step" request and answers a "matmul"
+    request with torch's matmul peak, until told to stop."""
     if args.malloc == "keep":
         keep_freed_memory()  # torch's CPU allocator maps and faults in its big buffers afresh just the same
     step, facts = build_open_clip(args)
     conn.send(facts)
-    while conn.recv() == "step":
-        step()
-        conn.send(None)
+    while (request := conn.recv()) in ("step", "matmul"):
+        conn.send(step() if request == "step" else torch_matmul_peak(preset(args)["dtype"]))
 
 
-def open_clip_in_process(args: argparse.Namespace) -> tuple[Callable[[], None], dict, Callable[[], None]]:
-    """open_clip in a process of its own, stepped on request: (step, facts, stop). Each trainer runs alone in
-    practice, with its own heap, allocator settings and thread pools; the two still take turns step by step."""
+def open_clip_in_process(args: argparse.Namespace
+                         ) -> tuple[Callable[[], None], dict, Callable[[], dict], Callable[[], None]]:
+    """open_clip in a process of its own, stepped on request: (step, facts, matmul_peak, stop). Each trainer runs
+    alone in practice, with its own heap, allocator settings and thread pools; the two still take turns step by
+    step."""
     ctx = multiprocessing.get_context("spawn")
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=_serve_open_clip, args=(args, child_conn), daemon=True)
@@ -270,11 +291,15 @@ def open_clip_in_process(args: argparse.Namespace) -> tuple[Callable[[], None], 
         conn.send("step")
         conn.recv()
 
+    def matmul_peak() -> dict:
+        conn.send("matmul")
+        return conn.recv()
+
     def stop() -> None:
         conn.send("stop")
         child.join()
 
-    return step, facts, stop
+    return step, facts, matmul_peak, stop
 
 
 def interleaved_times(steps: dict[str, Callable[[], None]], count: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -503,11 +528,12 @@ def main() -> None:
     steps, facts, hlo = {}, {}, ""
     steps["clip_jax"], facts["clip_jax"], hlo = build_clip_jax(args)
     if args.open_clip:
-        steps["open_clip"], facts["open_clip"], stop_open_clip = open_clip_in_process(args)
+        steps["open_clip"], facts["open_clip"], torch_peak, stop_open_clip = open_clip_in_process(args)
     times = interleaved_times(steps, args.steps)
     pipelined = pipelined_times(steps["clip_jax"], args.steps)
     pipelined_s = float(np.median(pipelined))  # the median, as for the steps timed one by one
     if args.open_clip:
+        facts["open_clip"]["matmul"] = torch_peak()  # the peak of the library under open_clip, while JAX idles
         stop_open_clip()
     peak = matmul_peak(facts["clip_jax"]["model"]["dtype"])
     result = {
@@ -552,6 +578,8 @@ def main() -> None:
     if args.open_clip:
         result["speedup_vs_open_clip"] = result["open_clip"]["step_time_s"] / ours["step_time_s"]
         result["speedup_ceiling_vs_open_clip"] = result["open_clip"]["step_time_s"] / result["matmul_floor_s"]
+        theirs = result["open_clip"]
+        theirs["fraction_of_matmul_peak"] = theirs["tflops_per_s"] / theirs["matmul"]["peak_tflops_per_s"]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = result_name(args, ours, device.platform)
@@ -568,7 +596,9 @@ def main() -> None:
           f"{ours['fraction_of_matmul_peak']:.0%} of the {peak['peak_tflops_per_s']:.3f} TFLOP/s matmul peak"
           + (f"; open_clip {result['open_clip']['step_time_s']:.3f} s/step: {result['speedup_vs_open_clip']:.2f}x"
              f" (at most {result['speedup_ceiling_vs_open_clip']:.2f}x here: the step's FLOPs at the matmul peak "
-             f"take {result['matmul_floor_s']:.3f} s)" if args.open_clip else ""))
+             f"take {result['matmul_floor_s']:.3f} s); open_clip at "
+             f"{result['open_clip']['fraction_of_matmul_peak']:.0%} of torch's "
+             f"{result['open_clip']['matmul']['peak_tflops_per_s']:.3f} TFLOP/s matmul peak" if args.open_clip else ""))
     if ours["nonfinite_steps"]:
         print(f"warning: {ours['nonfinite_steps']} of {len(ours['losses'])} steps had a non-finite loss or gradient")
     (out / name).write_text(json.dumps(result, indent=2) + "\n")
