@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import pathlib
-import platform
 import shutil
 import signal
 import socket
@@ -38,6 +37,8 @@ import orbax.checkpoint as ocp  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import cpu_facts  # noqa: E402
+
 from clip_jax.train.checkpoint import read_state  # noqa: E402
 
 # The tests' tiny model; a checkpoint (asynchronous) every 10 steps and a log record every 10. 300 steps in one
@@ -252,8 +253,7 @@ def main() -> None:
         "command": " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
         "machine": {
             "host": socket.gethostname(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
+            "cpu": cpu_facts(),
             "processes": args.processes,
             "devices_per_process": 8 // args.processes,
         },
