@@ -567,7 +567,7 @@ def main() -> None:
     ours["fraction_of_matmul_peak"] = ours["tflops_per_s"] / (peak["peak_tflops_per_s"] * jax.device_count())
     # The step's model FLOPs at the matmul peak measured here: the time they take at the best rate this machine
     # showed, so open_clip's step over it bounds the speedup over open_clip that a trainer doing the same FLOPs
-    # can reach on this machine (the 2x goal of issue 15 is out of reach where this is below 2).
+    # can reach on this machine (issue 15's 2x is out of reach where that bound is below 2).
     result["matmul_floor_s"] = tflop / (peak["peak_tflops_per_s"] * jax.device_count())
     ours["mfu"] = ours["tflops_per_s"] * 1e12 / (vendor_peak * jax.device_count()) if vendor_peak else None
     ours["pipelined"] = {"step_time_s": pipelined_s, "step_times_s": pipelined,
