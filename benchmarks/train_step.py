@@ -251,18 +251,11 @@ def torch_matmul_peak(dtype: str, repeats: int = 5) -> dict:
     library under open_clip multiplies matrices on this machine, which differs from JAX's by machine."""
     import torch
 
-    rates = {}
-    for n in (1024, 2048, 4096):
-        generator = torch.Generator().manual_seed(n)
-        a = torch.randn(n, n, generator=generator).to(getattr(torch, dtype))
-        a @ a
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ a
-            best = min(best, time.perf_counter() - t0)
-        rates[n] = 2 * n**3 / best / 1e12
-    return {"tflops_per_s_by_size": rates, "peak_tflops_per_s": max(rates.values())}
+    def product(n: int) -> Callable[[], None]:
+        a = torch.randn(n, n, generator=torch.Generator().manual_seed(n)).to(getattr(torch, dtype))
+        return lambda: a @ a  # synchronous on the CPU
+
+    return peak_rates(product, (1024, 2048, 4096), repeats)
 
 
 def _serve_open_clip(args: argparse.Namespace, conn: multiprocessing.connection.Connection) -> None:
@@ -335,24 +328,35 @@ def pipelined_times(step: Callable[..., dict], count: int) -> list[float]:
     return [later - earlier for earlier, later in itertools.pairwise(done)]
 
 
+def peak_rates(product: Callable[[int], Callable[[], None]], sizes: tuple[int, ...], repeats: int) -> dict:
+    """TFLOP/s of the best of `repeats` timed calls of `product(n)()` (one n x n by n x n product, returning when
+    done) after an untimed one, per size, and the best over sizes."""
+    rates = {}
+    for n in sizes:
+        multiply = product(n)
+        multiply()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            multiply()
+            best = min(best, time.perf_counter() - t0)
+        rates[n] = 2 * n**3 / best / 1e12
+    return {"tflops_per_s_by_size": rates, "peak_tflops_per_s": max(rates.values())}
+
+
 def matmul_peak(dtype: str, repeats: int = 5) -> dict:
     """The best FLOP/s of one square matmul through JAX on the first device, per size: the machine's practical
     matmul peak, measured in the same run as the step (on a shared CPU, a vendor peak means little). Random
     operands: a GPU multiplies zeros or ones faster (less switching power, higher clocks)."""
+    matmul = jax.jit(lambda x, y: x @ y)
+
+    def product(n: int) -> Callable[[], None]:
+        a = jax.random.normal(jax.random.PRNGKey(n), (n, n), dtype)
+        return lambda: matmul(a, a).block_until_ready()
+
     # a GPU needs large products to run well past the launch overhead
     sizes = (2048, 4096, 8192, 16384) if jax.devices()[0].platform == "gpu" else (1024, 2048, 4096)
-    rates = {}
-    for n in sizes:
-        a = jax.random.normal(jax.random.PRNGKey(n), (n, n), dtype)
-        matmul = jax.jit(lambda x, y: x @ y)
-        matmul(a, a).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            matmul(a, a).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
-        rates[n] = 2 * n**3 / best / 1e12
-    return {"tflops_per_s_by_size": rates, "peak_tflops_per_s": max(rates.values())}
+    return peak_rates(product, sizes, repeats)
 
 
 LAYOUT_OPS = {"fusion", "copy", "transpose", "bitcast", "parameter", "reshape", "broadcast", "pad", "slice",
