@@ -16,6 +16,7 @@ for few-shot adaptation whose labels match the clean one's.
 """
 
 import dataclasses
+import functools
 import math
 import operator
 
@@ -333,9 +334,17 @@ def _draw_object(image: np.ndarray, obj: ShapeObject) -> None:
         region[mask & ~inner] = _OUTLINE_RGB
 
 
-def _draw_scene(scene: Scene, image_size: int, background: np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def _blank_image(image_size: int, rgb: tuple[int, int, int]) -> np.ndarray:
+    # Filling an image from a 3-vector broadcasts along its shortest axis, ~40 us at 96 px; copying this is ~1 us.
     image = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    image[:] = background
+    image[:] = rgb
+    image.flags.writeable = False
+    return image
+
+
+def _draw_scene(scene: Scene, image_size: int, background: np.ndarray) -> np.ndarray:
+    image = _blank_image(image_size, tuple(int(c) for c in background)).copy()
     for obj in scene.objects:
         _draw_object(image, obj)
     return image
@@ -485,8 +494,9 @@ class ShapesDataset:
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
-        return render_example(self._sample_scene(rng), self.config.image_size, rng, self.domain,
-                              self._domain_rng(index))
+        # The clean domain draws nothing from the domain's generator: not seeding one saves ~25 us an example.
+        domain_rng = None if self.domain.is_clean else self._domain_rng(index)
+        return render_example(self._sample_scene(rng), self.config.image_size, rng, self.domain, domain_rng)
 
     def scene(self, index: int) -> Scene:
         """The scene description that ``self[index]`` renders."""
