@@ -59,29 +59,36 @@ def load_caption_generator():
     return module.make_captions
 
 
-def make_shards(directory: pathlib.Path, n: int, shards: int, seed: int = 0) -> dict:
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """N photo-like JPEGs (quality 90) of 256-512 px per side, some landscape: `shapes` scenes rendered at that
+    size plus Gaussian noise (sigma 6), which brings file size and decode time to those of photos."""
     rng = np.random.default_rng(seed)
-    captions = load_caption_generator()(n, non_ascii=0.1, ampersand=0.03, seed=seed)
     renderers = {s: ShapesDataset(ShapesConfig(image_size=s, min_objects=2, max_objects=6, seed=seed), "train")
                  for s in (256, 320, 384, 448, 512)}
     # A few noise fields reused at random (drawing fresh noise per image would double the generation time)
     noise = [rng.normal(0, 6, (512, 512, 3)).round().astype(np.int16) for _ in range(8)]
-    sizes, nbytes = [], []
+    jpegs = []
+    for i in range(n):
+        side = int(rng.choice(list(renderers)))
+        h = side if rng.random() < 0.5 else int(side * rng.uniform(0.6, 1.0))  # some landscape images
+        image = renderers[side][i]["image"][:h].astype(np.int16) + noise[i % 8][:h, :side]
+        out = io.BytesIO()
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+        jpegs.append(out.getvalue())
+    return jpegs
+
+
+def make_shards(directory: pathlib.Path, n: int, shards: int, seed: int = 0) -> dict:
+    captions = load_caption_generator()(n, non_ascii=0.1, ampersand=0.03, seed=seed)
+    jpegs = make_jpegs(n, seed)
     per_shard = -(-n // shards)
     for s in range(shards):
         with records.ShardWriter(directory / records.shard_name("bench", s, shards)) as writer:
             for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
-                side = int(rng.choice(list(renderers)))
-                h = side if rng.random() < 0.5 else int(side * rng.uniform(0.6, 1.0))  # some landscape images
-                image = renderers[side][i]["image"][:h].astype(np.int16) + noise[i % 8][:h, :side]
-                image = np.clip(image, 0, 255).astype(np.uint8)
-                out = io.BytesIO()
-                Image.fromarray(image).save(out, "JPEG", quality=90)
-                writer.write(records.encode_record(out.getvalue(), captions[i], key=str(i)))
-                sizes.append(image.shape[:2])
-                nbytes.append(out.tell())
-    return {"images": n, "shards": shards, "mean_kb": round(float(np.mean(nbytes)) / 1024, 1),
-            "mean_pixels": int(np.mean([h * w for h, w in sizes])), "sides": "256-512 px, quality 90"}
+                writer.write(records.encode_record(jpegs[i], captions[i], key=str(i)))
+    pixels = [np.prod(Image.open(io.BytesIO(jpeg)).size) for jpeg in jpegs]
+    return {"images": n, "shards": shards, "mean_kb": round(float(np.mean([len(j) for j in jpegs])) / 1024, 1),
+            "mean_pixels": int(np.mean(pixels)), "sides": "256-512 px, quality 90"}
 
 
 def one_core(paths: list[str], tokenizer: ClipTokenizer, seconds: float) -> dict:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from clip_jax.config import default_config
 from clip_jax.data import pipeline, records
-from clip_jax.data.images import crop_min_side, decode_image
+from clip_jax.data.images import crop_min_side, decode_image, random_crop_box, random_resized_crop
 from clip_jax.data.pipeline import STATS, tokenizer_corpus, train_dataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.models.presets import model_preset
@@ -161,6 +161,24 @@ def test_decode_image_modes_and_jpeg_draft():
     assert decode_image(photo, min_side=200)[0].shape == (384, 512, 3)  # 1/4 would be 192 < 200
     assert crop_min_side(224, True, (0.8, 1.0)) == 290 and crop_min_side(224, False, (0.8, 1)) == 224
 
+
+
+def test_random_crop_box_stays_inside_with_the_asked_area_and_aspect():
+    rng = np.random.default_rng(0)
+    for height, width in ((300, 400), (512, 256), (97, 131)):
+        for _ in range(200):
+            left, top, cw, ch = random_crop_box(height, width, rng, (0.3, 0.9), (3 / 4, 4 / 3))
+            assert 0 <= left and left + cw <= width and 0 <= top and top + ch <= height
+            # rounding to whole pixels moves the area and aspect by at most a pixel a side
+            assert 0.3 * height * width - cw - ch - 1 <= cw * ch <= 0.9 * height * width + cw + ch + 1
+            assert 3 / 4 - 1 / min(cw, ch) <= cw / ch <= 4 / 3 + 1 / min(cw, ch)
+    # an aspect no box of that area fits: after ten tries, the central square
+    assert random_crop_box(100, 400, rng, (1.0, 1.0), (1.0, 1.0)) == (150, 0, 100, 100)
+    # the crop cuts that box out: a one-pixel-per-column gradient keeps the box's columns in order
+    image = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (64, 256, 3)).copy()
+    left, _, cw, _ = random_crop_box(64, 256, np.random.default_rng(5), (0.5, 0.5))
+    out = random_resized_crop(image, cw, np.random.default_rng(5), (0.5, 0.5))
+    np.testing.assert_array_equal(out[0, :, 0], np.arange(left, left + cw))
 
 # --- Training source ------------------------------------------------------------------------------------------
 

@@ -75,6 +75,24 @@ def resize_center_crop(image: np.ndarray | Image.Image, size: int, resample: int
     return np.asarray(img, dtype=np.uint8)
 
 
+def random_crop_box(
+    height: int, width: int, rng: np.random.Generator, scale: tuple[float, float] = (0.8, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(left, top, crop width, crop height) of a random area fraction in `scale` with aspect ratio in `ratio`
+    (log-uniform) of a height x width image: ten tries, then the central square."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= width and 0 < ch <= height:
+            top, left = rng.integers(0, height - ch + 1), rng.integers(0, width - cw + 1)
+            return int(left), int(top), cw, ch
+    side = min(height, width)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
 def random_resized_crop(
     image: np.ndarray,
     size: int,
@@ -83,18 +101,7 @@ def random_resized_crop(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> np.ndarray:
     """Crop a random area fraction in `scale` with aspect ratio in `ratio` (log-uniform), resize to size x size."""
-    h, w = image.shape[:2]
-    area = h * w
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            break
-    else:  # fall back to the central square
-        cw = ch = min(h, w)
-        top, left = (h - ch) // 2, (w - cw) // 2
+    left, top, cw, ch = random_crop_box(*image.shape[:2], rng, scale, ratio)
     crop = Image.fromarray(image[top : top + ch, left : left + cw])
     return np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 

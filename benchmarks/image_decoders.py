@@ -1,0 +1,135 @@
+"""Decode + random resized crop to 224 by other routes than the training pipeline's, against it: time per image
+and how far each one's pixels are from the pipeline's.
+
+    python benchmarks/image_decoders.py [--n 300] [--passes 5]
+    pip install simplejpeg pyvips pyvips-binary   # optional: the routes through them run only where installed
+
+On benchmarks/input_pipeline.py's generated JPEGs (256-512 px), each image's crop box drawn once
+(`images.random_crop_box`, the pipeline's own draw) and then cut by every route:
+- `pipeline`: `images.decode_image` (PIL, at reduced JPEG scale where the smallest crop allows) to an array, the
+  crop, PIL's bilinear resize: what training does;
+- `pil_box`: PIL throughout, the crop as the resize's `box` (no arrays in between);
+- `simplejpeg`: libjpeg-turbo's decode through simplejpeg, then `pil_box`'s resize;
+- `simplejpeg_scaled`: the same at the smallest of libjpeg-turbo's M/8 DCT scales that keeps the crop at 224 or more;
+- `pyvips`: libvips' decode, crop and linear resize.
+Time: CPU time of this process (libvips' threads included), best of `passes` passes, the routes taking turns.
+Prints and saves JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import io
+import json
+import pathlib
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from input_pipeline import IMAGE_SIZE, make_jpegs  # noqa: E402
+from machine import cpu_facts  # noqa: E402
+
+from clip_jax.data.images import crop_min_side, decode_image, random_crop_box  # noqa: E402
+
+Box = tuple[int, int, int, int]  # left, top, width, height in the full-size image
+MIN_SIDE = crop_min_side(IMAGE_SIZE, True, (0.8, 1.0))
+
+
+def pipeline(data: bytes, box: Box) -> np.ndarray:
+    left, top, cw, ch = box
+    image = decode_image(data, MIN_SIDE)[0]  # full size for these images: their sides are below 2 x MIN_SIDE
+    crop = Image.fromarray(image[top : top + ch, left : left + cw])
+    return np.asarray(crop.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+
+
+def resize_box(image: Image.Image, box: Box, scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    left, top, cw, ch = box
+    sx, sy = scale
+    return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR,
+                                   box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)))
+
+
+def pil_box(data: bytes, box: Box) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (MIN_SIDE, MIN_SIDE))
+        return resize_box(image.convert("RGB"), box)
+
+
+def simplejpeg_route(scaled: bool) -> Callable[[bytes, Box], np.ndarray]:
+    import simplejpeg
+
+    def route(data: bytes, box: Box) -> np.ndarray:
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        _, _, cw, ch = box
+        # the smallest scale at which the crop keeps IMAGE_SIZE pixels a side
+        need = {"min_height": int(np.ceil(IMAGE_SIZE * height / ch)),
+                "min_width": int(np.ceil(IMAGE_SIZE * width / cw))}
+        image = simplejpeg.decode_jpeg(data, colorspace="RGB", **(need if scaled else {}))
+        return resize_box(Image.fromarray(image), box, (image.shape[1] / width, image.shape[0] / height))
+
+    return route
+
+
+def pyvips_route(data: bytes, box: Box) -> np.ndarray:
+    import pyvips
+
+    left, top, cw, ch = box
+    image = pyvips.Image.new_from_buffer(data, "").crop(left, top, cw, ch)
+    image = image.resize(IMAGE_SIZE / cw, vscale=IMAGE_SIZE / ch, kernel="linear")
+    return np.ndarray(buffer=image.write_to_memory(), dtype=np.uint8, shape=(image.height, image.width, image.bands))
+
+
+def routes() -> dict[str, Callable[[bytes, Box], np.ndarray]]:
+    found = {"pipeline": pipeline, "pil_box": pil_box}
+    if importlib.util.find_spec("simplejpeg"):
+        found |= {"simplejpeg": simplejpeg_route(False), "simplejpeg_scaled": simplejpeg_route(True)}
+    if importlib.util.find_spec("pyvips"):
+        found["pyvips"] = pyvips_route
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=300, help="images")
+    parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--out", help="the JSON file (default: benchmarks/results/image_decoders_<host>.json)")
+    args = parser.parse_args()
+
+    jpegs = make_jpegs(args.n)
+    rng = np.random.default_rng(1)
+    boxes = [random_crop_box(*Image.open(io.BytesIO(j)).size[::-1], rng, (0.8, 1.0)) for j in jpegs]
+    reference = [pipeline(j, b) for j, b in zip(jpegs, boxes, strict=True)]
+    found = routes()
+    results = {}
+    for name, route in found.items():
+        diff = np.concatenate([np.abs(route(j, b).astype(np.int16) - r).ravel()
+                               for j, b, r in zip(jpegs, boxes, reference, strict=True)])
+        results[name] = {"mean_abs_difference": round(float(diff.mean()), 4), "max_difference": int(diff.max()),
+                         "fraction_off_by_more_than_2": round(float((diff > 2).mean()), 5), "ms_per_image": []}
+    for _ in range(args.passes):
+        for name, route in found.items():
+            cpu = time.process_time()
+            for j, b in zip(jpegs, boxes, strict=True):
+                route(j, b)
+            results[name]["ms_per_image"].append(round((time.process_time() - cpu) / args.n * 1e3, 3))
+    for r in results.values():
+        r["best_ms_per_image"] = min(r["ms_per_image"])
+
+    report = {"benchmark": "image_decoders", "date": datetime.date.today().isoformat(), "images": args.n,
+              "image_size": IMAGE_SIZE, "cpu": cpu_facts(), "routes": results}
+    print(json.dumps(results, indent=1))
+    out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"image_decoders_{socket.gethostname()}.json")
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
