@@ -6,9 +6,11 @@ and how far each one's pixels are from the pipeline's.
 
 On benchmarks/input_pipeline.py's generated JPEGs (256-512 px), each image's crop box drawn once
 (`images.random_crop_box`, the pipeline's own draw) and then cut by every route:
-- `pipeline`: `images.decode_image` (PIL, at reduced JPEG scale where the smallest crop allows) to an array, the
-  crop, PIL's bilinear resize: what training does;
-- `pil_box`: PIL throughout, the crop as the resize's `box` (no arrays in between);
+- `pipeline`: `images.open_image` (PIL, at reduced JPEG scale where the smallest crop allows), PIL's crop and
+  bilinear resize: what training does (`images.random_resized_crop` of a PIL image);
+- `arrays`: the same through a uint8 array between decode and crop (`images.decode_image`): what training did
+  before 2026-12-05, the same pixels;
+- `pil_box`: PIL throughout, the crop as the resize's `box` (whose filter then reads the pixels beside the box);
 - `simplejpeg`: libjpeg-turbo's decode through simplejpeg, then `pil_box`'s resize;
 - `simplejpeg_scaled`: the same at the smallest of libjpeg-turbo's M/8 DCT scales that keeps the crop at 224 or more;
 - `pyvips`: libvips' decode, crop and linear resize.
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from input_pipeline import IMAGE_SIZE, make_jpegs  # noqa: E402
 from machine import cpu_facts  # noqa: E402
 
-from clip_jax.data.images import crop_min_side, decode_image, random_crop_box  # noqa: E402
+from clip_jax.data.images import crop_min_side, decode_image, open_image, random_crop_box  # noqa: E402
 
 Box = tuple[int, int, int, int]  # left, top, width, height in the full-size image
 MIN_SIDE = crop_min_side(IMAGE_SIZE, True, (0.8, 1.0))
@@ -45,7 +47,13 @@ MIN_SIDE = crop_min_side(IMAGE_SIZE, True, (0.8, 1.0))
 
 def pipeline(data: bytes, box: Box) -> np.ndarray:
     left, top, cw, ch = box
-    image = decode_image(data, MIN_SIDE)[0]  # full size for these images: their sides are below 2 x MIN_SIDE
+    image = open_image(data, MIN_SIDE)[0]  # full size for these images: their sides are below 2 x MIN_SIDE
+    return np.asarray(image.crop((left, top, left + cw, top + ch)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+
+
+def arrays(data: bytes, box: Box) -> np.ndarray:
+    left, top, cw, ch = box
+    image = decode_image(data, MIN_SIDE)[0]
     crop = Image.fromarray(image[top : top + ch, left : left + cw])
     return np.asarray(crop.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
 
@@ -58,9 +66,7 @@ def resize_box(image: Image.Image, box: Box, scale: tuple[float, float] = (1.0, 
 
 
 def pil_box(data: bytes, box: Box) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (MIN_SIDE, MIN_SIDE))
-        return resize_box(image.convert("RGB"), box)
+    return resize_box(open_image(data, MIN_SIDE)[0], box)
 
 
 def simplejpeg_route(scaled: bool) -> Callable[[bytes, Box], np.ndarray]:
@@ -88,7 +94,7 @@ def pyvips_route(data: bytes, box: Box) -> np.ndarray:
 
 
 def routes() -> dict[str, Callable[[bytes, Box], np.ndarray]]:
-    found = {"pipeline": pipeline, "pil_box": pil_box}
+    found = {"pipeline": pipeline, "arrays": arrays, "pil_box": pil_box}
     if importlib.util.find_spec("simplejpeg"):
         found |= {"simplejpeg": simplejpeg_route(False), "simplejpeg_scaled": simplejpeg_route(True)}
     if importlib.util.find_spec("pyvips"):

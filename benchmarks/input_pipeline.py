@@ -41,7 +41,7 @@ from machine import cpu_facts  # noqa: E402
 
 from clip_jax.config import default_config  # noqa: E402
 from clip_jax.data import records  # noqa: E402
-from clip_jax.data.images import crop_min_side, decode_image, random_resized_crop  # noqa: E402
+from clip_jax.data.images import crop_min_side, open_image, random_resized_crop  # noqa: E402
 from clip_jax.data.pipeline import train_dataset  # noqa: E402
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
 from clip_jax.data.tokenizer import ClipTokenizer  # noqa: E402
@@ -104,7 +104,7 @@ def one_core(paths: list[str], tokenizer: ClipTokenizer, seconds: float) -> dict
             t0 = time.perf_counter()
             item = source[int(index)]
             t1 = time.perf_counter()
-            image = decode_image(item["image_bytes"], min_side)[0]
+            image = open_image(item["image_bytes"], min_side)[0]  # as pipeline.DecodeExample does
             t2 = time.perf_counter()
             random_resized_crop(image, IMAGE_SIZE, rng, (0.8, 1.0))
             t3 = time.perf_counter()

@@ -13,7 +13,13 @@ from PIL import Image
 
 from clip_jax.config import default_config
 from clip_jax.data import pipeline, records
-from clip_jax.data.images import crop_min_side, decode_image, random_crop_box, random_resized_crop
+from clip_jax.data.images import (
+    crop_min_side,
+    decode_image,
+    open_image,
+    random_crop_box,
+    random_resized_crop,
+)
 from clip_jax.data.pipeline import STATS, tokenizer_corpus, train_dataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.models.presets import model_preset
@@ -179,6 +185,21 @@ def test_random_crop_box_stays_inside_with_the_asked_area_and_aspect():
     left, _, cw, _ = random_crop_box(64, 256, np.random.default_rng(5), (0.5, 0.5))
     out = random_resized_crop(image, cw, np.random.default_rng(5), (0.5, 0.5))
     np.testing.assert_array_equal(out[0, :, 0], np.arange(left, left + cw))
+
+
+def test_crop_of_the_decoded_pil_image_is_the_crop_of_its_array():
+    """The pipeline crops the PIL image that `open_image` decodes (`DecodeExample`), skipping the copy to an array and
+    back: the same pixels as cropping `decode_image`'s array, for a JPEG at full and at reduced scale, and a PNG."""
+    rgb = np.random.default_rng(0).integers(0, 256, (700, 900, 3), np.uint8)
+    for data, min_side in ((encode(rgb, "JPEG"), 0), (encode(rgb, "JPEG"), 300), (encode(rgb, "PNG"), 0)):
+        image, mode = open_image(data, min_side)
+        array, array_mode = decode_image(data, min_side)
+        assert isinstance(image, Image.Image) and image.mode == "RGB" and mode == array_mode
+        np.testing.assert_array_equal(np.asarray(image), array)
+        for seed in range(5):
+            crops = [random_resized_crop(x, 224, np.random.default_rng(seed), (0.08, 1.0)) for x in (image, array)]
+            assert crops[0].shape == (224, 224, 3) and crops[0].dtype == np.uint8
+            np.testing.assert_array_equal(*crops)
 
 # --- Training source ------------------------------------------------------------------------------------------
 

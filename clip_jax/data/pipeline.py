@@ -30,12 +30,13 @@ import ml_collections
 import numpy as np
 from absl import flags
 from etils import epath
+from PIL import Image
 
 from clip_jax.data import captions, records
 from clip_jax.data.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     crop_min_side,
-    decode_image,
+    open_image,
     random_resized_crop,
     read_image_file,
     resize_center_crop,
@@ -132,8 +133,9 @@ def get_source(config: ml_collections.ConfigDict, split: str):
 
 
 class DecodeExample(grain.transforms.Map):
-    """Grain map of the sources with encoded images: an item's `image_bytes` (or the file at `path`) -> `image`, RGB
-    uint8 of any file mode, a JPEG decoded at reduced scale down to `min_side` (`images.decode_image`).
+    """Grain map of the sources with encoded images: an item's `image_bytes` (or the file at `path`) -> `image`, an
+    RGB PIL image of any file mode, a JPEG decoded at reduced scale down to `min_side` (`images.open_image`), which
+    `TrainExample` crops or resizes to a uint8 array without another copy.
 
     Returns None, which grain drops, for an item with an `error` (a record or row that does not parse), an empty
     caption, a missing, unreadable, undecodable or truncated image, a path that is not a regular file (a FIFO, a
@@ -160,12 +162,12 @@ class DecodeExample(grain.transforms.Map):
         if not reason:
             data = element.get("image_bytes")
             try:
-                image, mode = decode_image(read_image_file(element["path"], self.max_bytes) if data is None else data,
-                                           self.min_side)
+                image, mode = open_image(read_image_file(element["path"], self.max_bytes) if data is None else data,
+                                         self.min_side)
             except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; a bad sample is never fatal
                 reason = f"{type(e).__name__}: {e}"
             else:
-                h, w = image.shape[:2]
+                w, h = image.size
                 if min(h, w) < MIN_IMAGE_SIDE:
                     reason = f"{w}x{h} image, below {MIN_IMAGE_SIDE} px"
         if reason:
@@ -208,10 +210,10 @@ class TrainExample(grain.transforms.RandomMap):
         """The example's `image`, `caption`, the method's added captions and fields, and `stats` (its marks; 0 where
         the source sets none). The method's fields are made from the source example (its image before the crop)
         and draw from the generator last: the rest is what CLIP's example would be."""
-        image = element["image"]
+        image = element["image"]  # uint8 [H, W, 3], or an RGB PIL image from DecodeExample
         if self.augment:
             image = random_resized_crop(image, self.image_size, rng, self.crop_scale)
-        elif image.shape[:2] != (self.image_size, self.image_size):
+        elif isinstance(image, Image.Image) or image.shape[:2] != (self.image_size, self.image_size):
             image = resize_center_crop(image, self.image_size)
         long, short = element.get("long_caption"), element.get("short_caption", element.get("caption"))
         partial = element.get("partial_caption")
