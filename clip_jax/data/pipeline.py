@@ -204,7 +204,9 @@ class TrainExample(grain.transforms.RandomMap):
         self.add_captions = add_captions  # the method's own captions (`Captions.add`)
         self.partial_caption_prob = partial_caption_prob
         self.grayscale_shape_captions = grayscale_shape_captions
-        self.add_fields = add_fields  # the method's own fields (SLIP's views, AudioCLIP's audio)
+        # the method's own fields (SLIP's views, AudioCLIP's audio), from the source example, whose `image` is an
+        # RGB PIL image where DecodeExample decoded it (images.random_resized_crop takes either)
+        self.add_fields = add_fields
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         """The example's `image`, `caption`, the method's added captions and fields, and `stats` (its marks; 0 where
