@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from clip_jax.config import ConfigError, default_config, method_config, validate
 from clip_jax.data.augment import _hsv_to_rgb, _rgb_to_hsv, colour_jitter, ssl_view
@@ -47,6 +48,9 @@ def test_the_views_are_deterministic_per_generator():
     a = ssl_view(image, 32, np.random.default_rng(7), "simclr")
     b = ssl_view(image, 32, np.random.default_rng(7), "simclr")
     np.testing.assert_array_equal(a, b)
+    # a source of encoded images hands the hook the decoded PIL image (pipeline.DecodeExample): the same views
+    c = ssl_view(Image.fromarray(image), 32, np.random.default_rng(7), "simclr")
+    np.testing.assert_array_equal(a, c)
 
 
 @pytest.fixture(scope="module")
