@@ -204,7 +204,7 @@ def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return resize_center_crop(to_rgb(img), size)
+            return resize_center_crop(rgb_image(img), size)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; the caller skips the file
         raise ValueError(f"cannot decode image {path} ({bad_image_reason(e)}): {type(e).__name__}: {e}") from None
 
