@@ -168,7 +168,6 @@ def test_decode_image_modes_and_jpeg_draft():
     assert crop_min_side(224, True, (0.8, 1.0)) == 290 and crop_min_side(224, False, (0.8, 1)) == 224
 
 
-
 def test_random_crop_box_stays_inside_with_the_asked_area_and_aspect():
     rng = np.random.default_rng(0)
     for height, width in ((300, 400), (512, 256), (97, 131)):
@@ -200,6 +199,7 @@ def test_crop_of_the_decoded_pil_image_is_the_crop_of_its_array():
             crops = [random_resized_crop(x, 224, np.random.default_rng(seed), (0.08, 1.0)) for x in (image, array)]
             assert crops[0].shape == (224, 224, 3) and crops[0].dtype == np.uint8
             np.testing.assert_array_equal(*crops)
+
 
 # --- Training source ------------------------------------------------------------------------------------------
 
