@@ -75,6 +75,9 @@ def parse_args() -> argparse.Namespace:
                         "fused attention on a GPU in bfloat16, XLA's otherwise)")
     p.add_argument("--layer-norm", choices=LAYER_NORM_IMPLEMENTATIONS,
                    help="model.layer_norm (default: the recipe's, else xla; pallas: Triton kernels, NVIDIA GPUs)")
+    p.add_argument("--patch-dropout", type=float,
+                   help="fraction of patch tokens each training image drops (model.vision.patch_dropout; open_clip's "
+                        "patch_dropout with --open-clip); default: the recipe's, else 0")
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--open-clip", action="store_true",
@@ -102,6 +105,7 @@ def preset(args: argparse.Namespace) -> dict:
                          **({"context_length": args.context_length} if args.context_length else {}))
     if args.image_size:
         model["vision"]["image_size"] = args.image_size
+    model["vision"]["patch_dropout"] = args.patch_dropout or 0.0
     model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=args.scan,
                  attention=args.attention or "auto", layer_norm=args.layer_norm or "xla")
     return model
@@ -117,6 +121,8 @@ def benchmark_config(args: argparse.Namespace):
         config.model.remat_policy = args.remat or config.model.remat_policy
         config.model.attention = args.attention or config.model.attention
         config.model.layer_norm = args.layer_norm or config.model.layer_norm
+        if args.patch_dropout is not None:
+            config.model.vision.patch_dropout = args.patch_dropout
     else:
         config = default_config()
         config.model = preset(args)
@@ -195,7 +201,8 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
                   # per tower: cuDNN's refuses some head dims, and "auto" then takes XLA's
                   "attention": {tower: resolved_attention(config.model.attention, config.model.dtype,
                                                           config.model[tower].get("head_dim"))
-                                for tower in ("vision", "text") if tower in config.model}},
+                                for tower in ("vision", "text") if tower in config.model},
+                  "patch_dropout": config.model.vision.get("patch_dropout", 0.0)},
         "step_metrics": step_metrics,
     }
     return step, facts, compiled.as_text()
@@ -216,7 +223,7 @@ def build_open_clip(args: argparse.Namespace) -> tuple[Callable[[], None], dict]
         embed_dim=p["embed_dim"],
         vision_cfg=open_clip.model.CLIPVisionCfg(
             layers=v["layers"], width=v["width"], head_width=v["head_dim"], patch_size=v["patch_size"],
-            image_size=v["image_size"],
+            image_size=v["image_size"], patch_dropout=v["patch_dropout"],
         ),
         text_cfg=open_clip.model.CLIPTextCfg(
             context_length=t["context_length"], vocab_size=t["vocab_size"], width=t["width"], heads=t["heads"],
@@ -515,7 +522,8 @@ def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> st
     not_xla = sorted(set(model["attention"].values()) - {"xla"})  # "_cudnn" if any tower runs cuDNN's
     options = "".join((f"_remat-{model['remat_policy']}" if model["remat_policy"] != "none" else "",
                        "_scan" if model["scan_layers"] else "", "".join(f"_{name}" for name in not_xla),
-                       f"_ln-{model['layer_norm']}" if model["layer_norm"] != "xla" else ""))
+                       f"_ln-{model['layer_norm']}" if model["layer_norm"] != "xla" else "",
+                       f"_patchdrop{model['patch_dropout']:g}" if model.get("patch_dropout") else ""))
     return (f"train_step_{subject.replace('/', '')}_{model['dtype']}_b{facts['batch']}{options}_{platform_name}"
             ".json")
 

@@ -117,7 +117,10 @@ def test_a_recipe_is_timed_as_it_is_with_the_command_lines_overrides(bench, monk
     monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny"])
     config = bench.benchmark_config(bench.parse_args())
     assert (config.method.name, config.batch_size, config.model.remat_policy) == ("clip", 32, "none")
-    assert config.model.attention == "auto"
+    assert config.model.attention == "auto" and config.model.vision.patch_dropout == 0
+    for recipe in ("--preset", "tiny"), ("--config", str(ROOT / "configs" / "demo.py")):
+        monkeypatch.setattr("sys.argv", ["train_step.py", *recipe, "--patch-dropout", "0.5"])
+        assert bench.benchmark_config(bench.parse_args()).model.vision.patch_dropout == 0.5
 
 
 def test_the_kept_h200_trace_is_read_whole(bench):
@@ -183,6 +186,8 @@ def test_result_name_says_what_ran(bench):
     assert bench.result_name(args, facts, "cpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_cpu.json"
     facts["model"]["layer_norm"] = "pallas"
     assert bench.result_name(args, facts, "gpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_ln-pallas_gpu.json"
+    facts["model"].update(layer_norm="xla", patch_dropout=0.5)
+    assert bench.result_name(args, facts, "cpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_patchdrop0.5_cpu.json"
 
 
 def test_cpu_facts_tell_apart_cpus_of_one_model_name(bench):

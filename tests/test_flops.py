@@ -6,6 +6,8 @@ normalisation, the final L2 norm) and the one-hot pooling contraction of the tex
 out. With a width of 256 those are about 1% of the total, so XLA's count is slightly *above* the formula's.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,6 +80,18 @@ def test_forward_flops_match_xla_count(small_model):
     counted = xla_flops(lambda p, i, t: model.apply({"params": p}, i, t), params, images, tokens)
     analytic = BATCH * (flops.image_forward_flops(cfg) + flops.text_forward_flops(cfg))
     assert 1.0 <= counted / analytic < 1.03
+
+
+def test_patch_dropout_forward_flops_match_xla_count(small_model):
+    """Half the 16 patches kept: the blocks see 9 tokens, the patch embedding all 16."""
+    cfg, _, params, images, _ = small_model
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, patch_dropout=0.5))
+    model = CLIP(cfg)
+    counted = xla_flops(lambda p, i, k: model.apply({"params": p}, i, patch_dropout_rng=k, method=CLIP.encode_image),
+                        params, images, jax.random.key(0))
+    analytic = BATCH * flops.image_forward_flops(cfg, training=True)
+    assert 1.0 <= counted / analytic < 1.03
+    assert counted < 0.7 * BATCH * flops.image_forward_flops(cfg)  # against every patch: far fewer
 
 
 def test_train_flops_match_xla_count_of_a_gradient(small_model):

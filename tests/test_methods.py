@@ -48,10 +48,15 @@ EXTRA_TOWERS = {"audioclip": {"audio": dict(width=32, layers=1, heads=2, head_di
 DENSE = {"clip": "threshold", "lseg": "label", "groupvit": "threshold"}
 
 
+# Variants of a method run through the same contract: name -> (method, model.vision overrides).
+VARIANTS = {"clip+patch_dropout": ("clip", {"patch_dropout": 0.5})}  # 2 of the 4 patches kept, by each example's key
+
+
 def tiny_config(name: str):
+    name, vision = VARIANTS.get(name, (name, {}))
     config = default_config()
     tower = dict(width=32, layers=1, heads=2, head_dim=16, mlp_dim=64)
-    config.model.vision.update(tower, image_size=IMAGE, patch_size=16)
+    config.model.vision.update(tower, image_size=IMAGE, patch_size=16, **vision)
     config.model.text.update(tower, context_length=CONTEXT, vocab_size=VOCAB)
     config.model.embed_dim = 16
     config.model.update(EXTRA_TOWERS.get(name, {}))
@@ -95,7 +100,7 @@ def prepared(config, tokenizer):
     return method
 
 
-@pytest.fixture(scope="module", params=sorted(METHODS))
+@pytest.fixture(scope="module", params=[*sorted(METHODS), *VARIANTS])
 def method_setup(request, tokenizer):
     config = tiny_config(request.param)
     if isinstance(get_method(config), FewShotMethod):

@@ -126,6 +126,66 @@ def test_wrong_image_size_is_a_clear_error(reference):
         CLIP(base_config()).apply({"params": params}, jnp.zeros((1, 48, 48, 3), jnp.uint8), method=CLIP.encode_image)
 
 
+# --- patch dropout ---------------------------------------------------------------------------------------------------
+def test_keep_random_patches_keeps_the_class_token_and_distinct_patches_per_row():
+    tokens = jnp.asarray(np.random.default_rng(0).normal(size=(4, 1 + 16, 8)).astype(np.float32))
+    kept = np.asarray(layers.keep_random_patches(tokens, 5, jax.random.key(0)))
+    assert kept.shape == (4, 1 + 5, 8)
+    np.testing.assert_array_equal(kept[:, 0], tokens[:, 0])
+    chosen = []
+    for row in range(4):
+        # each kept token is one of the row's own patch tokens, none twice
+        index = [int(np.flatnonzero((np.asarray(tokens[row, 1:]) == t).all(-1))[0]) for t in kept[row, 1:]]
+        assert len(set(index)) == 5
+        chosen.append(frozenset(index))
+    assert len(set(chosen)) > 1  # rows draw their own subsets
+
+
+@pytest.fixture(scope="module")
+def dropout_model():
+    """A 4x4-patch tower with patch dropout 0.5 (8 of 16 patches kept), its parameters and one image."""
+    cfg = base_config()
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=64, patch_dropout=0.5))
+    model = CLIP(cfg)
+    image = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 64, 64, 3)).astype(np.uint8))
+    params = nn.unbox(model.init(jax.random.key(0), image, inputs()[1][:1])["params"])
+    return cfg, model, params, image
+
+
+def influential_patches(model, params, image, rng):
+    """The patches whose pixels change the image embedding (each inverted alone), for one image and one rng."""
+    grid = 4
+    variants = [image[0]]
+    for row in range(grid):
+        for col in range(grid):
+            patch = (slice(16 * row, 16 * row + 16), slice(16 * col, 16 * col + 16))
+            variants.append(image[0].at[patch].set(255 - image[0][patch]))
+    options = {} if rng is None else {"patch_dropout_rng": rng}
+    # one image at a time (vmap), so every variant gets the same draw of kept patches
+    embed = jax.jit(jax.vmap(lambda x: model.apply({"params": params}, x[None], method=CLIP.encode_image,
+                                                   **options)[0]))
+    out = np.asarray(embed(jnp.stack(variants)))
+    return frozenset(i for i in range(grid * grid) if np.abs(out[1 + i] - out[0]).max() > 1e-6)
+
+
+def test_patch_dropout_embeds_an_image_from_a_random_subset_of_its_patches(dropout_model):
+    cfg, model, params, image = dropout_model
+    assert cfg.vision.kept_patches == 8
+    first = influential_patches(model, params, image, jax.random.key(1))
+    second = influential_patches(model, params, image, jax.random.key(2))
+    assert len(first) == len(second) == 8 and first != second
+    # without an rng (evaluation, inference) every patch counts, and the result is the tower's without dropout
+    assert len(influential_patches(model, params, image, None)) == 16
+    plain = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, patch_dropout=0.0))
+    np.testing.assert_array_equal(model.apply({"params": params}, image, method=CLIP.encode_image),
+                                  CLIP(plain).apply({"params": params}, image, method=CLIP.encode_image))
+    # the same image twice in a batch: two draws
+    twice = model.apply({"params": params}, jnp.concatenate([image, image]), method=CLIP.image_features,
+                        patch_dropout_rng=jax.random.key(1))
+    assert twice.tokens.shape == (2, 1 + 8, cfg.vision.width)
+    assert np.abs(np.asarray(twice.pooled[0] - twice.pooled[1])).max() > 1e-4
+
+
 # --- token states and deep prompts (MaPLe) ---------------------------------------------------------------------------
 def test_towers_return_token_states_that_their_pooled_feature_is_made_of(reference):
     params, want = reference

@@ -55,10 +55,11 @@ def test_the_views_are_deterministic_per_generator():
 
 @pytest.fixture(scope="module")
 def batches():
-    """The first batch of CLIP and of SLIP on the same config and seed."""
+    """The first batch of CLIP and of SLIP on the same config and seed, and of SLIP under patch dropout."""
     out = {}
-    for name in ("clip", "slip"):
-        config = tiny_config(name)
+    for name in ("clip", "slip", "slip+patch_dropout"):
+        config = tiny_config(name.partition("+")[0])
+        config.model.vision.patch_dropout = 0.5 if "+" in name else 0.0
         tokenizer = ClipTokenizer.train(tokenizer_corpus(config, 500), VOCAB)
         method = get_method(config)
         out[name] = next(method.train_data(config, tokenizer, list(range(config.batch_size))))
@@ -72,6 +73,15 @@ def test_slip_sees_clips_batch_plus_two_different_views(batches):
     views = slip["ssl_views"]
     assert views.shape == (16, 2, 32, 32, 3) and views.dtype == np.uint8
     assert all(not np.array_equal(v[0], v[1]) for v in views)
+
+
+def test_patch_dropout_adds_each_examples_key_after_the_views(batches):
+    slip, dropped = batches["slip"], batches["slip+patch_dropout"]
+    for field in ("image", "text", "ssl_views"):  # the key draws from the generator after them
+        np.testing.assert_array_equal(dropped[field], slip[field])
+    keys = dropped["patch_key"]
+    assert keys.shape == (16, 2) and keys.dtype == np.uint32 and len({tuple(k) for k in keys}) == 16
+    assert "patch_key" not in slip
 
 
 def test_an_unknown_augmentation_is_refused_in_one_line():

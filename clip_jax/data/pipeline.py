@@ -6,7 +6,8 @@ the random map are keyed by the global example index, so global batch k holds th
 on any number of hosts.
 Elements of a batch: `image` uint8 [B, H, W, 3] (normalised on device), the token fields the method's `Captions`
 names (int32 [B, length]: `text` for every method; Long-CLIP adds `short_text`), the fields a method adds
-(SLIP's image views `ssl_views`, uint8 [B, 2, H, W, 3]; AudioCLIP's `audio`, float32 [B, samples]), and `stats`,
+(SLIP's image views `ssl_views`, uint8 [B, 2, H, W, 3]; AudioCLIP's `audio`, float32 [B, samples]; an example's
+own random key, uint32 [B, 2], under patch dropout and for GroupViT's Gumbel noise: `ExampleKey`), and `stats`,
 host-only int [B] fields: `example_index` (the position) and the `MARKS`, which `DataCounts.take` removes and
 counts before the batch goes to the device (the compiled step never sees them).
 Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access source whose items have `image`
@@ -59,6 +60,36 @@ MARKS = (*_EXAMPLE_MARKS, "truncated_caption")
 MIN_IMAGE_SIDE = 8
 # A training run whose first examples all fail is pointed at the wrong data: stop instead of spinning forever.
 _ALL_FAILED_LIMIT = 200
+
+
+# A method's hook that adds fields of its own to an example (`TrainExample`'s `add_fields`): made from the source
+# example with the example's generator.
+FieldHook = Callable[[dict, np.random.Generator], dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleKey:
+    """A field hook: `field`, uint32 [2], a random key of the example's own, drawn from its generator. Randomness of
+    the step drawn from it (patch dropout, GroupViT's Gumbel noise) depends on the example alone: a sharded or
+    accumulated step equals one device's, and a resumed run draws what the uninterrupted one would."""
+
+    field: str
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {self.field: rng.integers(0, 2**32, size=2, dtype=np.uint32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldHooks:
+    """Several field hooks as one, each called in turn with the example and its generator."""
+
+    hooks: tuple[FieldHook, ...]
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = {}
+        for hook in self.hooks:
+            out.update(hook(example, rng))
+        return out
 
 
 class TextField(NamedTuple):
@@ -196,7 +227,7 @@ class TrainExample(grain.transforms.RandomMap):
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
                  add_captions: Callable[[dict], dict[str, str]] | None = None, partial_caption_prob: float = 0.0,
                  grayscale_shape_captions: bool = False,
-                 add_fields: Callable[[dict, np.random.Generator], dict[str, np.ndarray]] | None = None):
+                 add_fields: FieldHook | None = None):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
@@ -304,7 +335,7 @@ def clip_captions(config: ml_collections.ConfigDict) -> Captions:
 
 def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
                   captions: Captions | None = None,
-                  fields: Callable[[dict, np.random.Generator], dict[str, np.ndarray]] | None = None
+                  fields: FieldHook | None = None
                   ) -> grain.IterDataset:
     """The training stream of this host: infinite (files repeat), deterministic given config.seed. `rows`: the rows
     of each global batch this host loads (default: its contiguous block; see `distributed.batch_rows`); `captions`:
@@ -352,7 +383,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
 
 def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
                    captions: Captions | None = None,
-                   fields: Callable[[dict, np.random.Generator], dict[str, np.ndarray]] | None = None
+                   fields: FieldHook | None = None
                    ) -> Iterator[dict]:
     return iter(train_dataset(config, tokenizer, rows, captions, fields))
 

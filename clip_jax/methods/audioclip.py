@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +28,7 @@ import numpy as np
 
 from clip_jax import losses
 from clip_jax.data.audio import scene_waveform
-from clip_jax.data.pipeline import train_iterator
+from clip_jax.data.pipeline import FieldHook
 from clip_jax.errors import ConfigError
 from clip_jax.methods.base import Field, StepFns
 from clip_jax.methods.clip import ClipConfig, ClipMethod
@@ -119,10 +119,9 @@ class AudioClipMethod(ClipMethod):
         fields = self.fields()
         return tuple(np.zeros((1, *fields[k].shape), fields[k].dtype) for k in ("image", "text", "audio"))
 
-    def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
+    def field_hooks(self) -> tuple[FieldHook, ...]:
         a = self.model_config().audio
-        return train_iterator(config, tokenizer, rows, self.captions(),
-                              SceneSound(a.sample_rate, a.num_samples, tuple(self.hparams.snr_db)))
+        return (SceneSound(a.sample_rate, a.num_samples, tuple(self.hparams.snr_db)), *super().field_hooks())
 
     def loss_fn(self):
         h = self.hparams

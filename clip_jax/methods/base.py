@@ -7,8 +7,9 @@ A method is a subclass of `Method`, registered by name in `clip_jax.methods.METH
 - its batch: `fields()` (the arrays the compiled step receives, per example), `captions()` (which caption strings
   the input pipeline tokenizes into which fields, and a picklable map adding caption strings of its own);
 - its model, the inputs that initialise it, and its step pieces (`step_fns`, see `StepFns`);
-- its training data (`train_data`: by default the caption pipeline over `captions()`), and what it computes once
-  before training from the data and the model it starts from (`prepare`, e.g. cached image embeddings);
+- its training data (`train_data`: by default the caption pipeline over `captions()`, with the fields its
+  `field_hooks` add), and what it computes once before training from the data and the model it starts from
+  (`prepare`, e.g. cached image embeddings);
 - its checks before compilation (`check`), its warm start (`base_params`, `warm_start`) and its FLOPs
   (`flops_per_example`).
 `train/loop.py`, `train/step.py`, `config.py` and `data/pipeline.py` name no method: they ask the method.
@@ -27,7 +28,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from clip_jax.data.pipeline import Captions, train_iterator
+from clip_jax.data.pipeline import Captions, FieldHook, FieldHooks, train_iterator
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.errors import ConfigError
 from clip_jax.files import write_atomic
@@ -95,6 +96,9 @@ class Method:
     # Config groups a resumed run must keep (train/loop.py::prepare_workdir): the model, and what the method built
     # its cached state from.
     fixed_groups: ClassVar[tuple[str, ...]] = ("model",)
+    # Whether the training step applies `model.vision.patch_dropout` (it passes each example's key to the image
+    # tower); a config that sets it for a method that does not is refused rather than silently trained without it.
+    drops_patches: ClassVar[bool] = False
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -131,8 +135,14 @@ class Method:
     def train_data(self, config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int]
                    ) -> Iterator[dict]:
         """This host's rows `rows` of every global batch, with the host-only `stats` of data/pipeline.py, as a
-        checkpointable grain iterator."""
-        return train_iterator(config, tokenizer, rows, self.captions())
+        checkpointable grain iterator: by default the caption pipeline over `captions()`, with `field_hooks()`."""
+        hooks = self.field_hooks()
+        return train_iterator(config, tokenizer, rows, self.captions(), FieldHooks(hooks) if hooks else None)
+
+    def field_hooks(self) -> tuple[FieldHook, ...]:
+        """The pipeline's hooks that add this method's own fields to an example (`TrainExample`'s `add_fields`), in
+        the order they draw from the example's generator: none by default."""
+        return ()
 
     # --- around the step --------------------------------------------------------------------------------------
     def check(self, mesh: Mesh) -> None:

@@ -12,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import losses
-from clip_jax.data.pipeline import Captions, clip_captions
+from clip_jax.data.pipeline import Captions, ExampleKey, FieldHook, clip_captions
 from clip_jax.methods.base import Field, Method, StepFns
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig
+
+# The batch field of each example's key for patch dropout (uint32 [2]).
+PATCH_KEY = "patch_key"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +35,25 @@ class ClipMethod(Method):
 
     name = "clip"
     Config = ClipConfig
+    drops_patches = True
 
     def model_config(self) -> CLIPConfig:
         return CLIPConfig.from_dict(self.config.model.to_dict())
 
+    @property
+    def patch_dropout(self) -> float:
+        """The fraction of patch tokens each training image drops (`model.vision.patch_dropout`; a ViT's field)."""
+        return self.config.model.vision.get("patch_dropout", 0.0)
+
     def fields(self) -> dict[str, Field]:
         size = self.config.model.vision.image_size
         return {"image": Field((size, size, 3), np.uint8),
-                **{name: Field((f.context_length,), np.int32) for name, f in self.captions().fields.items()}}
+                **{name: Field((f.context_length,), np.int32) for name, f in self.captions().fields.items()},
+                **({PATCH_KEY: Field((2,), np.uint32)} if self.patch_dropout else {})}
+
+    def field_hooks(self) -> tuple[FieldHook, ...]:
+        """Under patch dropout, each example's key for its draw of kept patches (`ExampleKey`)."""
+        return (ExampleKey(PATCH_KEY),) if self.patch_dropout else ()
 
     def captions(self) -> Captions:
         return clip_captions(self.config)
@@ -59,11 +73,13 @@ class ClipMethod(Method):
 
     def step_fns(self, model: CLIP) -> StepFns:
         text_fields = tuple(self.captions().fields)
+        drop = self.patch_dropout > 0
 
         def embed(params, batch, rng):
-            del rng  # deterministic towers
+            del rng  # random only under patch dropout, from each example's own key
             variables = {"params": params}
-            out = {"image": model.apply(variables, batch["image"], method=CLIP.encode_image)}
+            image_options = {"patch_dropout_rng": batch[PATCH_KEY]} if drop else {}
+            out = {"image": model.apply(variables, batch["image"], method=CLIP.encode_image, **image_options)}
             for field in text_fields:
                 out[field] = model.apply(variables, batch[field], method=CLIP.encode_text)
             return out
@@ -93,7 +109,7 @@ class ClipMethod(Method):
         which nothing trainable feeds, one."""
         cfg = self.model_config()
         text = sum(flops.text_forward_flops(cfg, f.context_length) for f in self.captions().fields.values())
-        return (flops.pass_factor(trainable["visual"]) * flops.image_forward_flops(cfg)
+        return (flops.pass_factor(trainable["visual"]) * flops.image_forward_flops(cfg, training=True)
                 + flops.pass_factor(trainable["text"]) * text)
 
 

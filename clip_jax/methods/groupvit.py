@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clip_jax import losses
-from clip_jax.data.pipeline import Captions, TextField, clip_captions, train_iterator
+from clip_jax.data.pipeline import Captions, ExampleKey, FieldHook, TextField, clip_captions
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.errors import ConfigError
 from clip_jax.methods.base import Field, StepFns
@@ -147,16 +147,6 @@ class ObjectPhrases:
         return out
 
 
-@dataclasses.dataclass(frozen=True)
-class NoiseKey:
-    """The pipeline's hook (`TrainExample`'s `add_fields`): `noise_key`, uint32 [2], a key of the example's own for
-    its Gumbel noise, drawn from the example's generator. The step's noise then depends on the example alone: a
-    sharded, accumulated step equals one device's, and a resumed run draws what the uninterrupted one would."""
-
-    def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {"noise_key": rng.integers(0, 2**32, size=2, dtype=np.uint32)}
-
-
 def _prompt_fields(k: int) -> tuple[str, ...]:
     return tuple(f"prompt_{i}" for i in range(k))
 
@@ -166,6 +156,7 @@ class GroupViTMethod(ClipMethod):
 
     name = "groupvit"
     Config = GroupViTConfig
+    drops_patches = False  # its grouping stages assign every patch to a segment
 
     def __init__(self, config):
         super().__init__(config)
@@ -195,8 +186,8 @@ class GroupViTMethod(ClipMethod):
     def fields(self) -> dict[str, Field]:
         return {**super().fields(), "noise_key": Field((2,), np.uint32)}
 
-    def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
-        return train_iterator(config, tokenizer, rows, self.captions(), NoiseKey())
+    def field_hooks(self) -> tuple[FieldHook, ...]:
+        return (ExampleKey("noise_key"),)  # not CLIP's: no patch dropout
 
     def model(self) -> GroupViTCLIP:
         return GroupViTCLIP(self.model_config(), self.hparams)
@@ -220,7 +211,7 @@ class GroupViTMethod(ClipMethod):
 
         def embed(params, batch, rng):
             variables = {"params": params}
-            del rng  # each example's noise comes from its own key (`NoiseKey`), whatever the batch's layout
+            del rng  # each example's noise comes from its own key (`ExampleKey`), whatever the batch's layout
             image = model.apply(variables, batch["image"], batch["noise_key"],
                                 method=GroupViTCLIP.train_image_embedding)
             out = {"image": image,

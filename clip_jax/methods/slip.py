@@ -14,7 +14,7 @@ BatchNorm train to chance). The head is dropped at export (it has no place in th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -23,7 +23,7 @@ import numpy as np
 
 from clip_jax import losses
 from clip_jax.data.augment import SSL_AUGMENTATIONS, SslViews
-from clip_jax.data.pipeline import train_iterator
+from clip_jax.data.pipeline import FieldHook
 from clip_jax.errors import ConfigError
 from clip_jax.methods.base import Field, StepFns
 from clip_jax.methods.clip import ClipConfig, ClipMethod
@@ -87,9 +87,8 @@ class SlipMethod(ClipMethod):
     def model(self) -> SlipCLIP:
         return SlipCLIP(self.model_config(), SslHead(self.hparams.ssl_hidden, self.hparams.ssl_dim))
 
-    def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
-        views = SslViews(config.model.vision.image_size, self.hparams.augmentation)
-        return train_iterator(config, tokenizer, rows, self.captions(), views)
+    def field_hooks(self) -> tuple[FieldHook, ...]:
+        return (SslViews(self.config.model.vision.image_size, self.hparams.augmentation), *super().field_hooks())
 
     def loss_fn(self):
         h, clip = self.hparams, super().loss_fn()

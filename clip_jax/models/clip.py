@@ -102,11 +102,15 @@ class CLIP(nn.Module):
         return VISION_TOWERS[self.config.vision.type][1](self.config.vision, **common)
 
     def image_features(self, images: jax.Array, *, layer_prompts: jax.Array | None = None,
-                       prompt_layers: jax.Array | None = None) -> TowerOutput:
+                       prompt_layers: jax.Array | None = None, patch_dropout_rng: jax.Array | None = None
+                       ) -> TowerOutput:
         """The image tower's pooled feature (unnormalised) and token states. images: uint8 RGB [B, H, W, 3] or float
-        images already normalised (`normalize_images`). Deep prompts: see `VisionTransformer`."""
+        images already normalised (`normalize_images`). Deep prompts and patch dropout (training: one key, or one
+        per image; a ViT tower's): see `VisionTransformer`."""
         images = normalize_images(images)
-        return self.visual(images, layer_prompts, prompt_layers)
+        if patch_dropout_rng is None:
+            return self.visual(images, layer_prompts, prompt_layers)
+        return self.visual(images, layer_prompts, prompt_layers, patch_dropout_rng=patch_dropout_rng)
 
     def text_features(self, tokens: jax.Array | None = None, *, token_embeddings: jax.Array | None = None,
                       pool_index: jax.Array | None = None, layer_prompts: jax.Array | None = None,
@@ -127,9 +131,10 @@ class CLIP(nn.Module):
         features = self.audio_features(waveforms).pooled
         return embedding(features, normalize)
 
-    def encode_image(self, images: jax.Array, normalize: bool = True, **prompts) -> jax.Array:
-        """The image embedding [B, embed_dim], L2-normalised unless `normalize` is False (`image_features`)."""
-        features = self.image_features(images, **prompts).pooled
+    def encode_image(self, images: jax.Array, normalize: bool = True, **options) -> jax.Array:
+        """The image embedding [B, embed_dim], L2-normalised unless `normalize` is False; `options`: deep prompts,
+        patch dropout (`image_features`)."""
+        features = self.image_features(images, **options).pooled
         return embedding(features, normalize)
 
     def dense_logits(self, images: jax.Array, labels: jax.Array) -> jax.Array:

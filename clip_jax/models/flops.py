@@ -43,13 +43,15 @@ def resnet_forward_flops(v: ResNetConfig, embed_dim: int) -> float:
     return total + 2 * width * width * (1 + 2 * tokens) + 2 * 2 * tokens * width + 2 * width * embed_dim
 
 
-def image_forward_flops(cfg: CLIPConfig) -> float:
+def image_forward_flops(cfg: CLIPConfig, training: bool = False) -> float:
+    """training: a ViT's blocks see the patch tokens that patch dropout keeps (`VisionConfig.kept_patches`); the
+    patch embedding still sees them all (tokens are dropped after it)."""
     v = cfg.vision
     if isinstance(v, ResNetConfig):
         return resnet_forward_flops(v, cfg.embed_dim)
-    patches = (v.image_size // v.patch_size) ** 2
-    patch_embed = 2 * patches * (3 * v.patch_size**2) * v.width
-    return patch_embed + transformer_flops(v, patches + 1) + 2 * v.width * cfg.embed_dim
+    patch_embed = 2 * v.num_patches * (3 * v.patch_size**2) * v.width
+    tokens = (v.kept_patches if training else v.num_patches) + 1
+    return patch_embed + transformer_flops(v, tokens) + 2 * v.width * cfg.embed_dim
 
 
 def groupvit_forward_flops(cfg: CLIPConfig, stage_depths: tuple[int, ...], num_group_tokens: tuple[int, ...],
@@ -60,7 +62,7 @@ def groupvit_forward_flops(cfg: CLIPConfig, stage_depths: tuple[int, ...], num_g
     attention (q, k, v and output projections, the logits and the pooling), the channel MLP; the projection."""
     v = cfg.vision
     d, a, half = v.width, v.heads * v.head_dim, v.width // 2
-    patches = (v.image_size // v.patch_size) ** 2
+    patches = v.num_patches
     total = 2 * patches * (3 * v.patch_size**2) * d + 2 * d * cfg.embed_dim
     tokens, previous = patches, 0
     for stage, depth in enumerate(stage_depths):
@@ -95,9 +97,9 @@ def text_forward_flops(cfg: CLIPConfig, context_length: int | None = None) -> fl
 
 
 def train_flops_per_sample(cfg: CLIPConfig, context_length: int | None = None) -> float:
-    """Forward + backward (3x forward) of both towers; recomputation from remat is not counted, as MFU convention
-    has it."""
-    return 3.0 * (image_forward_flops(cfg) + text_forward_flops(cfg, context_length))
+    """Forward + backward (3x forward) of both towers, the image tower's under patch dropout; recomputation from
+    remat is not counted, as MFU convention has it."""
+    return 3.0 * (image_forward_flops(cfg, training=True) + text_forward_flops(cfg, context_length))
 
 
 def pass_factor(trainable: Any) -> float:

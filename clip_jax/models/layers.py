@@ -91,6 +91,20 @@ def class_token_and_positions(module: nn.Module, tokens: jax.Array, dtype: Dtype
     return constrain(x, ("batch", "length", "act_embed"))
 
 
+def keep_random_patches(tokens: jax.Array, keep: int, rng: jax.Array) -> jax.Array:
+    """[B, 1 + N, width] -> [B, 1 + keep, width]: the class token, then `keep` of the N patch tokens drawn at random
+    without replacement, independently per row (patch dropout). The kept tokens carry their positions already.
+    `rng`: one key, or one per example ([B, 2] raw keys: a row's draw then depends on its key alone)."""
+    batch, patches = tokens.shape[0], tokens.shape[1] - 1
+    if rng.ndim == 2:
+        scores = jax.vmap(lambda key: jax.random.uniform(key, (patches,)))(rng)
+    else:
+        scores = jax.random.uniform(rng, (batch, patches))
+    _, kept = jax.lax.top_k(scores, keep)  # the highest of uniform scores: a uniform random subset per row
+    patch_tokens = jnp.take_along_axis(tokens[:, 1:], kept[..., None], axis=1)
+    return constrain(jnp.concatenate([tokens[:, :1], patch_tokens], axis=1), ("batch", "length", "act_embed"))
+
+
 class PatchEmbedding(nn.Module):
     """[B, H, W, C] -> [B, H/ph, W/pw, width]: a convolution without bias, strided by its own ph x pw size, written
     as one matmul of the reshaped patches with the same `kernel` [ph, pw, C, width] (the conv's own parameter, so

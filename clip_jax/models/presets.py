@@ -38,7 +38,7 @@ def model_preset(name: str, activation: str = "quick_gelu", vocab_size: int = 49
         iw, il, ih, patch, res, tw, tl, th, embed_dim = _SIZES[name]
         vision = {
             "type": "vit", "width": iw, "layers": il, "heads": ih, "head_dim": iw // ih, "mlp_dim": 4 * iw,
-            "activation": activation, "patch_size": patch, "image_size": res,
+            "activation": activation, "patch_size": patch, "image_size": res, "patch_dropout": 0.0,
         }
     else:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")

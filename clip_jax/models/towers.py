@@ -21,6 +21,7 @@ from clip_jax.models.layers import (
     TowerOutput,
     Transformer,
     class_token_and_positions,
+    keep_random_patches,
     layer_norm,
     partitioned,
 )
@@ -48,11 +49,25 @@ class VisionConfig(TowerConfig):
     type: str = "vit"
     patch_size: int = 32
     image_size: int = 224
+    # Patch dropout (FLIP, Li et al. 2023; open_clip's `patch_dropout`): the fraction of patch tokens a training
+    # step drops at random per image, after the positions are added; the class token always stays. Evaluation and
+    # inference see every patch. Fewer tokens make the step cheaper (the blocks' cost is linear to quadratic in
+    # them), at some cost in accuracy per example seen.
+    patch_dropout: float = 0.0
 
     @property
     def feature_width(self) -> int:
         """The width of the pooled feature before the projection (`TowerOutput.feature`)."""
         return self.width
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def kept_patches(self) -> int:
+        """Patch tokens a training step keeps under `patch_dropout` (at least one; rounded down, as open_clip)."""
+        return max(1, int(self.num_patches * (1 - self.patch_dropout)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +94,12 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,
-                 prompt_layers: jax.Array | None = None) -> TowerOutput:
+                 prompt_layers: jax.Array | None = None, *, patch_dropout_rng: jax.Array | None = None
+                 ) -> TowerOutput:
         """images: float [B, H, W, 3], already normalised. `layer_prompts` [layers, M, width] (deep prompting,
-        MaPLe): layer 0's are appended after the patch tokens, later layers replace them (`Transformer`)."""
+        MaPLe): layer 0's are appended after the patch tokens, later layers replace them (`Transformer`).
+        `patch_dropout_rng` (training; one key, or one per image [B, 2]): each image keeps a random
+        `config.kept_patches` of its patch tokens; without it, or with `config.patch_dropout` 0, every patch."""
         cfg = self.config
         if images.shape[1:3] != (cfg.image_size, cfg.image_size):
             raise ValueError(
@@ -92,6 +110,8 @@ class VisionTransformer(nn.Module):
         x = PatchEmbedding(cfg.width, cfg.patch_size, self.dtype, name="conv1")(images)
         batch = x.shape[0]
         x = class_token_and_positions(self, x.reshape(batch, -1, cfg.width), self.dtype)
+        if patch_dropout_rng is not None and cfg.patch_dropout > 0:
+            x = keep_random_patches(x, cfg.kept_patches, patch_dropout_rng)
         prompt_start = x.shape[1]
         if layer_prompts is not None:
             first = jnp.broadcast_to(layer_prompts[0].astype(self.dtype), (batch, *layer_prompts.shape[1:]))

@@ -41,19 +41,20 @@ from clip_jax.train.metrics import MetricsWriter
 log = logging.getLogger(__name__)
 
 
-# Model fields that choose how the step is computed, not what it computes: any resume may change them (a run
-# started before `model.attention` became "auto", a remat policy for other devices' memory).
-_EXECUTION_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy")
+# Model fields that leave the parameters' meaning as it is: any resume may change them (a run started before
+# `model.attention` became "auto", a remat policy for other devices' memory, patch dropout turned off for FLIP's
+# unmasked tuning at the end of a run; a run started before the field existed had none).
+_RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy", "model.vision.patch_dropout")
 # Model fields that say how the parameters are used, not what they are: a warm start may set them anew (e.g. bf16
 # compute, or Long-CLIP's unclamped temperature, on a converted or stretched model).
-_WARM_START_FIELDS = (*_EXECUTION_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale")
+_WARM_START_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale")
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, checkpoint_step: int | None = None,
                     fixed: tuple[str, ...] = ("model",)) -> None:
     """Writes config.json. On a workdir with a checkpoint (its latest step `checkpoint_step`), refuses a different
     model, or other `fixed` groups (the method's `fixed_groups`, e.g. the data its cached embeddings came from):
-    resuming it would mix runs. Any resume may change the fields in `_EXECUTION_FIELDS`; a warm start (the only
+    resuming it would mix runs. Any resume may change the fields in `_RESUME_FIELDS`; a warm start (the only
     checkpoint is step 0: converted or stretched) those in `_WARM_START_FIELDS`. Without a checkpoint, config.json
     is a failed launch's and is replaced."""
     check_workdir_path(workdir)
@@ -69,7 +70,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
                               f"({', '.join(changed)}): resume it with its own (drop those overrides), or use a new "
                               "--workdir")
         old, new = previous.model.to_dict(), json.loads(json.dumps(config.model.to_dict(), default=list))
-        free = _WARM_START_FIELDS if checkpoint_step == 0 else _EXECUTION_FIELDS
+        free = _WARM_START_FIELDS if checkpoint_step == 0 else _RESUME_FIELDS
         diff = [d for d in sorted(_diff_keys(old, new)) if d.partition(":")[0] not in free]
         if diff:
             old_context, new_context = old["text"]["context_length"], new["text"]["context_length"]

@@ -51,7 +51,7 @@ def min_train_bytes_per_device(model: CLIPConfig, batch_size: int, batch_shards:
     if isinstance(v, ResNetConfig):
         vision_params, vision_activations = _resnet_parameters(v), _resnet_activations(v, bytes_per_value)
     else:
-        vision_tokens = (v.image_size // v.patch_size) ** 2 + 1
+        vision_tokens = v.kept_patches + 1  # the blocks see the patches that patch dropout keeps
         vision_params = _tower_parameters(v)
         vision_activations = _tower_activations(v, vision_tokens, bytes_per_value)
     params = vision_params + _tower_parameters(t)
