@@ -175,12 +175,19 @@ def test_override_without_value():
         (["data.tokenizer_vocab_size=513"], ("data.tokenizer_vocab_size", ">= 514")),
         (["model.attention=flash"], ("model.attention", "auto", "cudnn", "xla")),
         (["model.attention=cudnn"], ("model.attention 'cudnn' needs model.dtype bfloat16",)),
+        (["model.vision.patch_dropout=1.0"], ("model.vision.patch_dropout must be in [0, 1)",)),
     ],
 )
 def test_inconsistent_values(overrides, words):
     message = config_error(DEMO, [f"--config.{o}" for o in overrides])
     for word in words:
         assert word in message
+
+
+def test_patch_dropout_is_refused_for_a_method_whose_step_would_ignore_it():
+    message = config_error(str(CONFIGS / "groupvit_shapes.py"), ["--config.model.vision.patch_dropout=0.5"])
+    assert "method 'groupvit' does not train with patch dropout" in message
+    assert load_config(DEMO, ["--config.model.vision.patch_dropout=0.5"]).model.vision.patch_dropout == 0.5
 
 
 def test_consistent_edge_values_pass():
@@ -209,6 +216,9 @@ def test_demo_recipes():
     now, before = load_config(DEMO), load_config(f"{DEMO}:b128")
     assert (now.batch_size, now.total_steps, now.optimizer.warmup_steps) == (256, 1200, 160)
     assert (before.batch_size, before.total_steps, before.optimizer.warmup_steps) == (128, 1500, 200)
+    # patch dropout in the default recipe only (the fourth validation round)
+    assert (now.model.vision.patch_dropout, before.model.vision.patch_dropout) == (0.5, 0.0)
+    before.model.vision.patch_dropout = 0.5
     for part in ("model", "data", "method"):
         assert now[part].to_dict() == before[part].to_dict(), part
     for recipe in ("configs/slip_shapes.py", "configs/audioclip_shapes.py", "configs/resnet_shapes.py"):
