@@ -139,6 +139,14 @@ def test_keep_random_patches_keeps_the_class_token_and_distinct_patches_per_row(
         assert len(set(index)) == 5
         chosen.append(frozenset(index))
     assert len(set(chosen)) > 1  # rows draw their own subsets
+    # one key per row (the pipeline's `patch_key`): a row's draw depends on its own key alone
+    same = np.stack([tokens[0]] * 3)
+    keys = np.array([[1, 2], [3, 4], [1, 2]], np.uint32)
+    kept = np.asarray(layers.keep_random_patches(same, 5, keys))
+    np.testing.assert_array_equal(kept[0], kept[2])
+    assert not np.array_equal(kept[0], kept[1])
+    alone = np.asarray(layers.keep_random_patches(same[:1], 5, keys[:1]))
+    np.testing.assert_array_equal(alone[0], kept[0])
 
 
 @pytest.fixture(scope="module")
