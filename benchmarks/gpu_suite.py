@@ -34,7 +34,9 @@ LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py")]
 # cuDNN's attention scanned and unscanned (profiled; their per-step and pipelined times differ by the host's launch
 # of the step's CUDA graphs), each also with the Pallas LayerNorm kernels (model.layer_norm), XLA's attention on
 # the same batch (its loss curve beside cuDNN's), the Long-CLIP recipe scanned and as it ships (unscanned: its
-# compile took over 153 s on 2026-12-04), then cuBLAS against Triton's matmuls and the batch and remat sweep.
+# compile took over 153 s on 2026-12-04), the headline step under FLIP's patch dropout (half the patch tokens: its
+# samples/s against the headline's; its MFU counts the kept tokens' FLOPs), then cuBLAS against Triton's matmuls and
+# the batch and remat sweep.
 # XLA's options against the step's non-matmul half (cuBLASLt, the fusion autotuner, cuDNN's GEMM fusions and
 # LayerNorm, no Triton multi-output fusions) were run on 2026-12-04 and moved nothing (docs/benchmarks.md); the
 # added-flags slot runs such options. The runs that name no attention take model.attention's default, auto
@@ -52,6 +54,7 @@ RUNS: list[tuple[str, list[str], str]] = [
     ("b16_b512_dots_xla", [*HEADLINE, "--attention", "xla"], ""),
     ("longclip_l14_b256", [*LONGCLIP_L14, "--scan", "--batch", "256", "--profile"], ""),
     ("longclip_l14_b256_unscanned", [*LONGCLIP_L14, "--batch", "256"], ""),  # the recipe as it ships
+    ("b16_b512_dots_patchdrop50", [*HEADLINE, "--patch-dropout", "0.5"], ""),
     ("b16_b512_dots_cublas", HEADLINE, "--xla_gpu_enable_triton_gemm=false"),
     ("b16_b2048_dots_no_batch", [*B16, "--batch", "2048", "--remat", "dots_no_batch"], ""),
     ("b16_b8192_full", [*B16, "--batch", "8192", "--remat", "full"], ""),
