@@ -29,7 +29,7 @@ fixed before its runs (2026-12-04, later):
   earlier recipe's wall-clock): this round's test figures are not blind.
 A fourth round against `batch256`, fixed before its runs (2026-12-05), with its own rule:
 - `patchdrop50`: configs/demo.py with `model.vision.patch_dropout=0.5` (FLIP's patch dropout: each training image
-  keeps 18 of its 36 patch tokens; evaluation sees all 36). Its step took 0.37 s against 0.57 s on VM B
+  keeps 18 of its 36 patch tokens; evaluation sees all 36). Its step took 0.37-0.41 s against 0.57-0.58 s on VM B
   (benchmarks/train_step.py), which would bring the demo within 10 minutes there. Rule: a speed change, so it is
   adopted unless its mean is more than 0.01 *below* the incumbent's (`margin` -0.01). It won by more than any
   candidate before (0.875 against 0.724, both seeds better) and is configs/demo.py's default since 2026-12-05.

@@ -320,11 +320,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     v = config.model.vision
     if v.type == "vit" and v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
-    if not 0 <= v.get("patch_dropout", 0.0) < 1:
+    patch_dropout = v.get("patch_dropout", 0.0)  # a ViT's field
+    if not 0 <= patch_dropout < 1:
         raise ConfigError(f"model.vision.patch_dropout must be in [0, 1) (the fraction of patches a training step "
-                          f"drops), got {v.patch_dropout}")
+                          f"drops), got {patch_dropout}")
     method = get_method(config)  # the method's own checks of its fields
-    if v.get("patch_dropout", 0.0) > 0 and not method.drops_patches:
+    if patch_dropout > 0 and not method.drops_patches:
         raise ConfigError(f"method {config.method.name!r} does not train with patch dropout; set "
                           "model.vision.patch_dropout to 0")
     for name, entry in config.evals.items():

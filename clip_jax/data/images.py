@@ -48,7 +48,7 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 def open_image(data: bytes, min_side: int = 0) -> tuple[Image.Image, str]:
     """`decode_image`, with the image as an RGB PIL image: what the training crop takes without a copy to an array
-    and back (decode and crop 1.41-1.46 against 1.54-1.57 ms for a 256-512 px JPEG on the 2-core VM, the same pixels;
+    and back (decode and crop 1.42-1.46 against 1.55-1.57 ms for a 256-512 px JPEG on the 2-core VM, the same pixels;
     benchmarks/image_decoders.py)."""
     with Image.open(io.BytesIO(data)) as img:
         mode = img.mode
