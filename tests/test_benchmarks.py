@@ -206,3 +206,25 @@ def test_cpu_facts_tell_apart_cpus_of_one_model_name(bench):
                                           "stepping": 1, "simd": ["avx2", "fma", "avx512f", "avx512_bf16",
                                                                   "avx512_vnni"]}
     assert (older["family"], older["model"], older["simd"]) == (23, 49, ["avx2", "fma"])
+
+
+def test_demo_validation_stops_a_challenger_only_once_it_cannot_win(bench, monkeypatch):
+    # benchmarks/demo_validation.py's futility stop; `bench` puts benchmarks/ on the path for its `machine` import.
+    spec = importlib.util.spec_from_file_location("demo_validation", ROOT / "benchmarks" / "demo_validation.py")
+    validation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validation)
+    monkeypatch.setattr(validation, "ROUNDS", (("old", ("new", "other"), 0.01),))
+    runs = {f"{name} seed {seed}": {"zero_shot_top1_val": top1}
+            for name, seed, top1 in [("old", 0, 0.8), ("old", 1, 0.9), ("new", 0, 0.6)]}
+    seeds = [0, 1]
+    assert validation.mean_top1("old", runs, seeds) == pytest.approx(0.85)
+    assert validation.mean_top1("new", runs, seeds) is None
+    # the bar is 0.86; 1.0 on its second seed would give `new` 0.8 at best: lost already
+    assert "0.800, short of old's 0.860" in validation.lost_already("new", runs, seeds)
+    assert validation.lost_already("other", runs, seeds) == ""  # no seed run yet: it may still win
+    runs["new seed 0"]["zero_shot_top1_val"] = 0.75  # (0.75 + 1.0) / 2 = 0.875 >= 0.86: may still win
+    assert validation.lost_already("new", runs, seeds) == ""
+    del runs["old seed 1"]  # no bar without the incumbent's mean
+    runs["new seed 0"]["zero_shot_top1_val"] = 0.1
+    assert validation.lost_already("new", runs, seeds) == ""
+    assert validation.lost_already("old", runs, seeds) == ""  # not a challenger in any round
