@@ -48,6 +48,8 @@ A seventh round against `patchdrop50`, fixed before its runs (2026-12-05, after 
   cost so much;
 - `wd02`: `optimizer.weight_decay=0.2` (0.1 before; configs/pretrain.py's 0.2): a stronger regulariser, as patch
   dropout, the largest gain so far, is one.
+  `partial20` lost after one seed (0.767); `wd02` won (0.949 and 0.876, mean 0.912 against 0.875) and is
+  configs/demo.py's default since.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
