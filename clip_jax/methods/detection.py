@@ -98,12 +98,9 @@ class DetectionMethod(Method):
         return DetectionSet(data.images, [b[k] for b, k in zip(data.boxes, keep, strict=True)],
                             [c[k] for c, k in zip(data.classes, keep, strict=True)], data.names)
 
-    def grid(self) -> int:
-        vision = self.config.model.vision
-        return vision.image_size // vision.patch_size
-
     def fields(self) -> dict[str, Field]:
-        size, p = self.config.model.vision.image_size, self.grid() ** 2
+        vision = self.model_config().vision
+        size, p = vision.image_size, vision.num_patches
         return {"image": Field((size, size, 3), np.uint8), "patch_boxes": Field((p, 4), np.float32),
                 "patch_classes": Field((p,), np.int32), **self.extra_fields()}
 
@@ -134,7 +131,8 @@ class DetectionMethod(Method):
 
             def make() -> dict[str, np.ndarray]:
                 data = self.train_set()
-                targets = [patch_targets(b, c, self.grid()) for b, c in zip(data.boxes, data.classes, strict=True)]
+                grid = self.model_config().vision.grid
+                targets = [patch_targets(b, c, grid) for b, c in zip(data.boxes, data.classes, strict=True)]
                 return {"image": data.images, "patch_boxes": np.stack([t[0] for t in targets]),
                         "patch_classes": np.stack([t[1] for t in targets]), **self.extra_arrays(self.prep, data)}
 

@@ -113,7 +113,7 @@ class GroupViTCLIP(CLIP):
             image_logits = image @ labels.T
             kth = jax.lax.top_k(image_logits, k)[0][:, -1:]
             logits = jnp.where((image_logits >= kth)[:, None, :], logits, -jnp.inf)
-        pixels = assignment_to_pixels(assignment, cfg.image_size // cfg.patch_size, cfg.image_size)  # [B, G, S, S]
+        pixels = assignment_to_pixels(assignment, cfg.grid, cfg.image_size)  # [B, G, S, S]
         owner = jax.nn.one_hot(jnp.argmax(pixels, axis=1), pixels.shape[1], dtype=jnp.float32)  # [B, S, S, G]
         probs = jnp.einsum("bhwg,bgl->bhwl", owner, jax.nn.softmax(logits, axis=-1))
         return jnp.log(jnp.maximum(probs, 1e-30))

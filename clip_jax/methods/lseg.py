@@ -247,7 +247,7 @@ class LSegMethod(Method):
     def flops_per_example(self, trainable: Mapping[str, Any]) -> float:
         """The image tower (one forward if frozen, else three) and the decoder's convolutions (trained: three)."""
         cfg, width = self.model_config(), self.hparams.decoder_width
-        grid, out = cfg.vision.image_size // cfg.vision.patch_size, cfg.vision.image_size // 2
+        grid, out = cfg.vision.grid, cfg.vision.image_size // 2
         feature_width = cfg.vision.width
         decoder = 2 * grid * grid * feature_width * width
         size = grid

@@ -94,10 +94,6 @@ class DetectorCLIP(CLIP):
 
     box_width: int = 128
 
-    def grid(self) -> int:
-        cfg = self.config.vision
-        return cfg.image_size // cfg.patch_size
-
     def grid_features(self, images: jax.Array) -> jax.Array:
         """The image tower's patch tokens as a grid, LayerNormed: [B, g, g, W]."""
         return self.det_norm(self.visual.token_grid(normalize_images(images)))
@@ -106,7 +102,7 @@ class DetectorCLIP(CLIP):
         super().setup()
         dtype = jnp.dtype(self.config.dtype)
         self.det_norm = LayerNorm(dtype)
-        self.box_head = BoxHead(self.box_width, self.grid(), dtype)
+        self.box_head = BoxHead(self.box_width, self.config.vision.grid, dtype)
 
 
 class ViLDCLIP(DetectorCLIP):

@@ -61,8 +61,13 @@ class VisionConfig(TowerConfig):
         return self.width
 
     @property
+    def grid(self) -> int:
+        """Patches along each side of the image (the token grid that dense heads read; ResNetConfig.grid too)."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid**2
 
     @property
     def kept_patches(self) -> int:
@@ -131,7 +136,7 @@ class VisionTransformer(nn.Module):
 
     def token_grid(self, images: jax.Array) -> jax.Array:
         """The last block's patch tokens as a grid [B, grid, grid, width] (before ln_post): what dense heads read."""
-        grid = self.config.image_size // self.config.patch_size
+        grid = self.config.grid
         tokens = self(images).tokens[:, 1:]  # the class token first
         return tokens.reshape(tokens.shape[0], grid, grid, tokens.shape[-1])
 
