@@ -150,16 +150,13 @@ def main() -> None:
     args = p.parse_args()
     out_dir = REPO / args.out_dir
 
-    previous_report = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    previous = previous_report.get("runs", {})
+    previous = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else {}
     runs = dict(previous)  # the runs of earlier rounds stay in the record
-    stopped = {}  # challenger -> why its remaining seeds were not trained
     for seed in args.seeds:  # seed-major: a stopped sweep leaves every candidate with the same seeds done
         for name in args.candidates:
             workdir = out_dir / f"{name}_seed{seed}"
             key = f"{name} seed {seed}"
             if key not in runs and (why := lost_already(name, runs, args.seeds)):
-                stopped[name] = why
                 print(f"{key}: not trained: {why}", flush=True)
                 continue
             if key in previous and not (workdir / "results.json").is_file():
@@ -195,7 +192,9 @@ def main() -> None:
         "machine": {"host": platform.node(), "cpu": cpu_facts()},  # this report's; each run records its own
         "protocol": "trained without the test and the validation pairs; scored on the validation pairs only",
         "seeds": args.seeds, "runs": runs, "mean_zero_shot_top1_val": means, "round_winners": winners,
-        "stopped_early": {**previous_report.get("stopped_early", {}), **stopped},
+        # the challengers whose remaining seeds were not trained, and why
+        "stopped_early": {name: why for name in CANDIDATES
+                          if name not in means and (why := lost_already(name, runs, args.seeds))},
         "rule": "per round, the best challenger's mean zero_shot_top1_val against the incumbent's plus the margin",
         "rounds": [{"incumbent": i, "challengers": list(c), "margin": m} for i, c, m in ROUNDS],
     }  # fmt: skip
