@@ -66,6 +66,7 @@ steps only): 415 samples/s at patch 12 with dropout 0.5 against 575 at patch 16,
   a quarter of each image seen per step instead of half;
 - `patch12pd50`: 12 px patches at patch dropout 0.5 (32 of 64 kept) for 860 steps (warm-up 115): the same wall-clock
   at the pilot's 1.39x slower step, half of each image seen.
+  Both lost after seed 0 (0.202 and 0.301; seen pairs 0.34 and 0.33: shape was not learnt within the run).
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
