@@ -67,6 +67,11 @@ steps only): 415 samples/s at patch 12 with dropout 0.5 against 575 at patch 16,
 - `patch12pd50`: 12 px patches at patch dropout 0.5 (32 of 64 kept) for 860 steps (warm-up 115): the same wall-clock
   at the pilot's 1.39x slower step, half of each image seen.
   Both lost after seed 0 (0.202 and 0.301; seen pairs 0.34 and 0.33: shape was not learnt within the run).
+An eleventh round against `wd02`, fixed before its runs (2026-12-05, after the tenth), the same rule:
+- `scale30`: the learned logit scale starts at 30 (`model.logit_scale_init=ln 30`, temperature 0.033) instead of
+  CLIP's 14.3 (0.07). In the `wd02` runs it only rose to 17.5-18.1 in 1,200 steps (Adam moves its logarithm by
+  about the learning rate a step), where CLIP's ends at its clamp of 100; a sharper softmax weighs the hard
+  negatives (the same colour with another shape) more.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -114,6 +119,7 @@ CANDIDATES = {  # name -> (config, overrides)
     "patch12pd50": ("configs/demo.py", (
         "--config.model.vision.patch_size=12", "--config.total_steps=860", "--config.optimizer.warmup_steps=115",
         "--config.eval.every_steps=430", "--config.checkpoint.every_steps=430")),
+    "scale30": ("configs/demo.py", ("--config.model.logit_scale_init=3.4011973816621555",)),  # ln 30
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -129,6 +135,7 @@ ROUNDS = (
     ("wd02", ("wd04",), 0.01),
     ("wd02", ("ls01",), 0.01),
     ("wd02", ("patch12", "patch12pd50"), 0.01),
+    ("wd02", ("scale30",), 0.01),
 )
 
 
