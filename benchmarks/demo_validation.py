@@ -72,6 +72,10 @@ An eleventh round against `wd02`, fixed before its runs (2026-12-05, after the t
   CLIP's 14.3 (0.07). In the `wd02` runs it only rose to 17.5-18.1 in 1,200 steps (Adam moves its logarithm by
   about the learning rate a step), where CLIP's ends at its clamp of 100; a sharper softmax weighs the hard
   negatives (the same colour with another shape) more.
+  It lost after seed 0 (0.811; the scale fell to 28 by the end).
+A twelfth round against `wd02`, fixed before its runs (2026-12-05, after the eleventh), the same rule:
+- `batch384`: batch 384 for 800 steps (warm-up 107), the same examples: the batch was the largest lever before
+  (128 -> 256), 512 for 600 steps too few steps (first round); this is the point between, under patch dropout.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -120,6 +124,8 @@ CANDIDATES = {  # name -> (config, overrides)
         "--config.model.vision.patch_size=12", "--config.total_steps=860", "--config.optimizer.warmup_steps=115",
         "--config.eval.every_steps=430", "--config.checkpoint.every_steps=430")),
     "scale30": ("configs/demo.py", ("--config.model.logit_scale_init=3.4011973816621555",)),  # ln 30
+    "batch384": ("configs/demo.py", (
+        "--config.batch_size=384", "--config.total_steps=800", "--config.optimizer.warmup_steps=107")),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -136,6 +142,7 @@ ROUNDS = (
     ("wd02", ("ls01",), 0.01),
     ("wd02", ("patch12", "patch12pd50"), 0.01),
     ("wd02", ("scale30",), 0.01),
+    ("wd02", ("batch384",), 0.01),
 )
 
 
