@@ -76,6 +76,7 @@ An eleventh round against `wd02`, fixed before its runs (2026-12-05, after the t
 A twelfth round against `wd02`, fixed before its runs (2026-12-05, after the eleventh), the same rule:
 - `batch384`: batch 384 for 800 steps (warm-up 107), the same examples: the batch was the largest lever before
   (128 -> 256), 512 for 600 steps too few steps (first round); this is the point between, under patch dropout.
+  It lost after seed 0 (0.676).
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
