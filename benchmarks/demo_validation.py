@@ -77,6 +77,9 @@ A twelfth round against `wd02`, fixed before its runs (2026-12-05, after the ele
 - `batch384`: batch 384 for 800 steps (warm-up 107), the same examples: the batch was the largest lever before
   (128 -> 256), 512 for 600 steps too few steps (first round); this is the point between, under patch dropout.
   It lost after seed 0 (0.676).
+A thirteenth round against `wd02`, fixed before its runs (2026-12-05, after the twelfth), the same rule:
+- `lr5e4`: learning rate 5e-4 (1e-3 in configs/demo.py): the second round found 2e-3 level with 1e-3; the lower
+  side was never tried, and weight decay (0.2, decoupled: the decay a step is lr x 0.2) falls with it.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -127,6 +130,7 @@ CANDIDATES = {  # name -> (config, overrides)
     "scale30": ("configs/demo.py", ("--config.model.logit_scale_init=3.4011973816621555",)),  # ln 30
     "batch384": ("configs/demo.py", (
         "--config.batch_size=384", "--config.total_steps=800", "--config.optimizer.warmup_steps=107")),
+    "lr5e4": ("configs/demo.py", ("--config.optimizer.lr=5e-4",)),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -144,6 +148,7 @@ ROUNDS = (
     ("wd02", ("patch12", "patch12pd50"), 0.01),
     ("wd02", ("scale30",), 0.01),
     ("wd02", ("batch384",), 0.01),
+    ("wd02", ("lr5e4",), 0.01),
 )
 
 
