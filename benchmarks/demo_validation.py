@@ -80,6 +80,7 @@ A twelfth round against `wd02`, fixed before its runs (2026-12-05, after the ele
 A thirteenth round against `wd02`, fixed before its runs (2026-12-05, after the twelfth), the same rule:
 - `lr5e4`: learning rate 5e-4 (1e-3 in configs/demo.py): the second round found 2e-3 level with 1e-3; the lower
   side was never tried, and weight decay (0.2, decoupled: the decay a step is lr x 0.2) falls with it.
+  It lost after seed 0 (0.691).
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
