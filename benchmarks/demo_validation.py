@@ -72,7 +72,7 @@ An eleventh round against `wd02`, fixed before its runs (2026-12-05, after the t
   CLIP's 14.3 (0.07). In the `wd02` runs it only rose to 17.5-18.1 in 1,200 steps (Adam moves its logarithm by
   about the learning rate a step), where CLIP's ends at its clamp of 100; a sharper softmax weighs the hard
   negatives (the same colour with another shape) more.
-  It lost after seed 0 (0.811; the scale fell to 28 by the end).
+  It lost after seed 0 (0.811; the scale fell to 27.6 and ended at 28.2).
 A twelfth round against `wd02`, fixed before its runs (2026-12-05, after the eleventh), the same rule:
 - `batch384`: batch 384 for 800 steps (warm-up 107), the same examples: the batch was the largest lever before
   (128 -> 256), 512 for 600 steps too few steps (first round); this is the point between, under patch dropout.
