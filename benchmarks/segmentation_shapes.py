@@ -137,8 +137,8 @@ def grouping_quality(trained, n: int, **method_fields) -> dict[str, float]:
     source = get_source(config, "test_novel")
     images = np.stack([source[i]["image"] for i in range(n)])
     _, _, assignment = model.apply({"params": trained.params}, images, method=GroupViTCLIP.segments)
-    v = config.model.vision
-    owner = np.asarray(assignment_to_pixels(assignment, v.image_size // v.patch_size, v.image_size)).argmax(1)
+    v = model.config.vision
+    owner = np.asarray(assignment_to_pixels(assignment, v.grid, v.image_size)).argmax(1)
     best, used = [], []
     for i in range(n):
         _, instances = source.masks(i)
