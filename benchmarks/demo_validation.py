@@ -81,6 +81,15 @@ A thirteenth round against `wd02`, fixed before its runs (2026-12-05, after the 
 - `lr5e4`: learning rate 5e-4 (1e-3 in configs/demo.py): the second round found 2e-3 level with 1e-3; the lower
   side was never tried, and weight decay (0.2, decoupled: the decay a step is lr x 0.2) falls with it.
   It lost after seed 0 (0.691).
+A fourteenth round against `wd02`, fixed before its runs (2026-12-05, a later session), the same rule:
+- `shapecolour50`: half of the shape-only captions keep their image in colour (`data.grayscale_shape_prob=0.5`; 1.0
+  in configs/demo.py). The probe of the demo's seed 0 (docs/demo.md) says what its held-out errors are: shown a
+  green cross in colour, the image tower reads the shape as a diamond (69 of 96 against "a cross."/"a diamond."
+  prompts), shown the same cross in grayscale it reads a cross (82 of 96). Grayscale shape-only captions teach
+  colour-free shape features for grayscale images only; in colour, every caption names the colour, so a colour-shape
+  pair can be recognised as a whole. A shape-only caption on a colour image asks for the shape across colours in
+  the colour images themselves. Half, not all: the earliest runs (docs/demo.md, What helped, rows 8-9) did better
+  with grayscale than without, each a single run of an older recipe.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -132,6 +141,7 @@ CANDIDATES = {  # name -> (config, overrides)
     "batch384": ("configs/demo.py", (
         "--config.batch_size=384", "--config.total_steps=800", "--config.optimizer.warmup_steps=107")),
     "lr5e4": ("configs/demo.py", ("--config.optimizer.lr=5e-4",)),
+    "shapecolour50": ("configs/demo.py", ("--config.data.grayscale_shape_prob=0.5",)),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -150,6 +160,7 @@ ROUNDS = (
     ("wd02", ("scale30",), 0.01),
     ("wd02", ("batch384",), 0.01),
     ("wd02", ("lr5e4",), 0.01),
+    ("wd02", ("shapecolour50",), 0.01),
 )
 
 

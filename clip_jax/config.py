@@ -82,7 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.shapes_domain = "clean"  # shapes: rendering domain, a key of clip_jax.data.shapes.DOMAINS (clean | shifted)
     c.data.long_caption_prob = 0.0  # probability of training on the long caption instead of the short one
     c.data.partial_caption_prob = 0.0  # probability of a caption naming only the colour or only the shape (shapes)
-    c.data.grayscale_shape_captions = False  # show the image in grayscale when its caption names only the shape
+    # probability of showing the image in grayscale when its caption names only the shape (shapes; 1.0: always)
+    c.data.grayscale_shape_prob = 0.0
     # shapes: also keep shapes.VALIDATION_HELD_OUT out of training, and score the held-out zero-shot on those pairs
     # (zero_shot_top1_val) instead of the test pairs: for choosing a recipe without looking at the test pairs.
     c.data.shapes_validation_pairs = False
@@ -162,7 +163,8 @@ def method_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
 _MOVED = {"loss": "method", "reset_logit_scale": "method.reset_logit_scale",
           "data.short_context_length": "method.short_context_length",
           "eval.long_text": "evals.shapes_long_text=\"{'type': 'shapes_long_text'}\"",
-          "eval.long_text_set": "evals.long_set=\"{'type': 'long_text_set', 'path': ...}\""}
+          "eval.long_text_set": "evals.long_set=\"{'type': 'long_text_set', 'path': ...}\"",
+          "data.grayscale_shape_captions": "data.grayscale_shape_prob"}
 # loss.name of earlier versions -> (method.name, fields)
 _OLD_LOSSES = {"clip": ("clip", {}), "siglip": ("siglip", {"ring": False}), "siglip_ring": ("siglip", {"ring": True}),
                "longclip": ("longclip", {})}
@@ -295,6 +297,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if value < low:
             raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
     _check_names(config)
+    probs = {k: config.data[k] for k in ("long_caption_prob", "partial_caption_prob", "grayscale_shape_prob")}
+    for key, p in probs.items():
+        if not 0 <= p <= 1:
+            raise ConfigError(f"data.{key} must be a probability in [0, 1], got {p}")
+    if probs["long_caption_prob"] + probs["partial_caption_prob"] > 1:
+        raise ConfigError(f"data.long_caption_prob + data.partial_caption_prob must be at most 1 (the rest are short "
+                          f"captions), got {probs['long_caption_prob']} + {probs['partial_caption_prob']}")
     if config.model.attention == "cudnn" and config.model.dtype == "float32":
         raise ConfigError("model.attention 'cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused attention has "
                           "no float32); set model.dtype or use model.attention 'xla'")
@@ -460,6 +469,8 @@ def _moved_key(item: str, key: str, new: str, text: str) -> None:
         name, fields = _OLD_LOSSES[text]
         new = " ".join([f"--config.method.name={name}", *(f"--config.method.{k}={v}" for k, v in fields.items())])
         raise ConfigError(f"override {item!r}: losses are now methods; use {new} (docs/methods.md)")
+    if key == "data.grayscale_shape_captions":
+        raise ConfigError(f"override {item!r}: '{key}' is now '{new}', a probability (True: 1.0, False: 0.0)")
     if "=" in new:
         raise ConfigError(f"override {item!r}: '{key}' is now an evaluation entry: --config.{new} (docs/methods.md)")
     raise ConfigError(f"override {item!r}: '{key}' is now '{new}' (the method's fields: docs/methods.md)")
@@ -536,7 +547,10 @@ def read_config(path: epath.PathLike) -> ml_collections.ConfigDict:
 def _migrate(data: dict) -> None:
     """A config.json of the versions before the method layer, in place: `loss.*`, `reset_logit_scale` and
     `data.short_context_length` become the method's fields, `eval.long_text` and `eval.long_text_set` entries of
-    `evals`."""
+    `evals`; `data.grayscale_shape_captions` (a bool) `data.grayscale_shape_prob`."""
+    data_group = data.get("data") if isinstance(data.get("data"), dict) else {}
+    if "grayscale_shape_captions" in data_group:
+        data_group["grayscale_shape_prob"] = 1.0 if data_group.pop("grayscale_shape_captions") else 0.0
     old_eval = data.get("eval") if isinstance(data.get("eval"), dict) else {}
     if "evals" not in data and ("long_text" in old_eval or "long_text_set" in old_eval):
         evals = {"shapes": eval_defaults("shapes")}

@@ -48,7 +48,7 @@ def get_config(recipe: str = ""):
     config.data.max_objects = 3
     config.data.long_caption_prob = 0.4
     config.data.partial_caption_prob = 0.3
-    config.data.grayscale_shape_captions = True
+    config.data.grayscale_shape_prob = 1.0
     if recipe == "":
         # FLIP's patch dropout: each training image keeps 18 of its 36 patch tokens (evaluation sees all 36). Chosen on
         # validation pairs (fourth round): held-out validation top-1 0.875 against 0.724, at a step 1.4-1.5x faster.

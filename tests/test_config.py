@@ -176,6 +176,10 @@ def test_override_without_value():
         (["model.attention=flash"], ("model.attention", "auto", "cudnn", "xla")),
         (["model.attention=cudnn"], ("model.attention 'cudnn' needs model.dtype bfloat16",)),
         (["model.vision.patch_dropout=1.0"], ("model.vision.patch_dropout must be in [0, 1)",)),
+        (["data.grayscale_shape_prob=1.5"], ("data.grayscale_shape_prob must be a probability in [0, 1], got 1.5",)),
+        (["data.long_caption_prob=-0.1"], ("data.long_caption_prob must be a probability",)),
+        (["data.long_caption_prob=0.8"], ("long_caption_prob + data.partial_caption_prob must be at most 1", "+ 0.3")),
+        (["data.grayscale_shape_captions=True"], ("is now 'data.grayscale_shape_prob', a probability (True: 1.0",)),
     ],
 )
 def test_inconsistent_values(overrides, words):
@@ -325,6 +329,18 @@ def test_read_config_validates(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data, default=list))
     with pytest.raises(ConfigError, match="optimizer.learning_rate"):
         read_config(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("switch, prob", [(True, 1.0), (False, 0.0)])
+def test_config_json_with_the_grayscale_switch_reads_as_its_probability(tmp_path, switch, prob):
+    """Workdirs written while `data.grayscale_shape_captions` was a switch (the demo's and every run started from
+    it) resume with the probability that draws the same examples."""
+    written = json.loads(json.dumps(load_config(DEMO).to_dict(), default=list))
+    del written["data"]["grayscale_shape_prob"]
+    written["data"]["grayscale_shape_captions"] = switch
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    config = read_config(tmp_path / "config.json")
+    assert config.data.grayscale_shape_prob == prob and "grayscale_shape_captions" not in config.data
 
 
 def test_config_json_of_an_older_version_takes_the_defaults_of_newer_fields(tmp_path):

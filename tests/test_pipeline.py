@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clip_jax.config import default_config
-from clip_jax.data.pipeline import MARKS, STATS, tokenizer_corpus, train_iterator
+from clip_jax.data.pipeline import MARKS, STATS, TrainExample, tokenizer_corpus, train_iterator
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.models.presets import model_preset
@@ -123,3 +123,33 @@ def test_worker_processes_give_the_same_batches(tokenizer):
     got = take(train_iterator(config, tokenizer), 2)
     for a, b in zip(got, want, strict=True):
         assert_batches_equal(a, b)
+
+
+def _is_gray(image: np.ndarray) -> bool:
+    return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
+
+
+@pytest.mark.parametrize("kind", ["shape", "colour"])
+def test_grayscale_shape_prob_greys_that_share_of_shape_only_captions(kind):
+    """`data.grayscale_shape_prob`: an image whose caption names only the shape is grayed with that probability
+    (a binomial bound over 400 draws); one whose caption names the colour never is. At 0 and 1 no extra number is
+    drawn, so the generator ends where the switch this replaced left it."""
+    red = np.zeros((IMAGE, IMAGE, 3), np.uint8)
+    red[..., 0] = 200
+    element = {"image": red, "short_caption": "a red cross.", "partial_caption": "a cross.",
+               "partial_caption_kind": kind}
+    grays, ends = {}, {}
+    for prob in (0.0, 0.5, 1.0):
+        example = TrainExample(IMAGE, augment=False, crop_scale=(1.0, 1.0), long_caption_prob=0.0,
+                               partial_caption_prob=1.0, grayscale_shape_prob=prob)
+        rng = np.random.default_rng(0)
+        outs = [example.random_map(dict(element), rng) for _ in range(400)]
+        assert all(out["caption"] == "a cross." for out in outs)
+        grays[prob] = sum(_is_gray(out["image"]) for out in outs)
+        ends[prob] = rng.random()
+    if kind == "colour":
+        assert grays == {0.0: 0, 0.5: 0, 1.0: 0}
+    else:
+        assert grays[0.0] == 0 and grays[1.0] == 400
+        assert 160 <= grays[0.5] <= 240  # mean 200, sd 10
+        assert ends[0.0] == ends[1.0] != ends[0.5]

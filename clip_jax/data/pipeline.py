@@ -226,7 +226,7 @@ class TrainExample(grain.transforms.RandomMap):
 
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
                  add_captions: Callable[[dict], dict[str, str]] | None = None, partial_caption_prob: float = 0.0,
-                 grayscale_shape_captions: bool = False,
+                 grayscale_shape_prob: float = 0.0,
                  add_fields: FieldHook | None = None):
         self.image_size = image_size
         self.augment = augment
@@ -234,7 +234,7 @@ class TrainExample(grain.transforms.RandomMap):
         self.long_caption_prob = long_caption_prob
         self.add_captions = add_captions  # the method's own captions (`Captions.add`)
         self.partial_caption_prob = partial_caption_prob
-        self.grayscale_shape_captions = grayscale_shape_captions
+        self.grayscale_shape_prob = grayscale_shape_prob
         # the method's own fields (SLIP's views, AudioCLIP's audio), from the source example, whose `image` is an
         # RGB PIL image where DecodeExample decoded it (images.random_resized_crop takes either)
         self.add_fields = add_fields
@@ -255,9 +255,11 @@ class TrainExample(grain.transforms.RandomMap):
             caption = long
         elif partial is not None and draw < self.long_caption_prob + self.partial_caption_prob:
             caption = partial
-            if self.grayscale_shape_captions and element.get("partial_caption_kind") == "shape":
-                # The caption names no colour, so the image need not show one: shape features must then work
-                # without colour, and transfer to colour-shape pairs never seen in training.
+            # The caption names no colour, so the image need not show one: shape features must then work without
+            # colour, and transfer to colour-shape pairs never seen in training. The draw is made only where it
+            # decides something, so that at 0 and 1 the example stream is what it was when this was a switch.
+            p = self.grayscale_shape_prob
+            if element.get("partial_caption_kind") == "shape" and p > 0 and (p == 1 or rng.random() < p):
                 gray = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
                 image = np.repeat(gray[..., None], 3, axis=-1).round().astype(np.uint8)
         else:
@@ -355,7 +357,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
         TrainExample(
             config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob,
             add_captions=captions.add, partial_caption_prob=config.data.partial_caption_prob,
-            grayscale_shape_captions=config.data.grayscale_shape_captions, add_fields=fields,
+            grayscale_shape_prob=config.data.grayscale_shape_prob, add_fields=fields,
         ),
         seed=config.seed,
     )
