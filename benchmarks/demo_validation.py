@@ -90,6 +90,7 @@ A fourteenth round against `wd02`, fixed before its runs (2026-12-05, a later se
   pair can be recognised as a whole. A shape-only caption on a colour image asks for the shape across colours in
   the colour images themselves. Half, not all: the earliest runs (docs/demo.md, What helped, rows 8-9) did better
   with grayscale than without, each a single run of an older recipe.
+  It lost after seed 0 (0.767).
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
