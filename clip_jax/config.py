@@ -545,9 +545,10 @@ def read_config(path: epath.PathLike) -> ml_collections.ConfigDict:
 
 
 def _migrate(data: dict) -> None:
-    """A config.json of the versions before the method layer, in place: `loss.*`, `reset_logit_scale` and
+    """A config.json of earlier versions, in place: from before the method layer, `loss.*`, `reset_logit_scale` and
     `data.short_context_length` become the method's fields, `eval.long_text` and `eval.long_text_set` entries of
-    `evals`; `data.grayscale_shape_captions` (a bool) `data.grayscale_shape_prob`."""
+    `evals`; `data.grayscale_shape_captions` (a switch until 2026-12-05) becomes `data.grayscale_shape_prob` 1.0
+    or 0.0."""
     data_group = data.get("data") if isinstance(data.get("data"), dict) else {}
     if "grayscale_shape_captions" in data_group:
         data_group["grayscale_shape_prob"] = 1.0 if data_group.pop("grayscale_shape_captions") else 0.0
