@@ -91,6 +91,13 @@ A fourteenth round against `wd02`, fixed before its runs (2026-12-05, a later se
   the colour images themselves. Half, not all: the earliest runs (docs/demo.md, What helped, rows 8-9) did better
   with grayscale than without, each a single run of an older recipe.
   It lost after seed 0 (0.767).
+A fifteenth round against `wd02`, fixed before its runs (2026-12-05, a later session), the same rule. Stochastic
+depth (Huang et al. 2016; `model.vision.stochastic_depth`, new in this round): a training image skips each residual
+branch of the image tower's last block with the given probability, of earlier blocks with linearly less (DeiT's and
+timm's rule; the tiny tower's 4 blocks drop with 0, 1/3, 2/3 and 1 times it). A regulariser of the image tower, the
+kind that won twice (patch dropout, weight decay), at no step cost:
+- `depth01`: 0.1, DeiT's and timm's value for their small ViTs;
+- `depth03`: 0.3, a stronger one, since the tiny tower has few blocks to drop.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -143,6 +150,8 @@ CANDIDATES = {  # name -> (config, overrides)
         "--config.batch_size=384", "--config.total_steps=800", "--config.optimizer.warmup_steps=107")),
     "lr5e4": ("configs/demo.py", ("--config.optimizer.lr=5e-4",)),
     "shapecolour50": ("configs/demo.py", ("--config.data.grayscale_shape_prob=0.5",)),
+    "depth01": ("configs/demo.py", ("--config.model.vision.stochastic_depth=0.1",)),
+    "depth03": ("configs/demo.py", ("--config.model.vision.stochastic_depth=0.3",)),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -162,6 +171,7 @@ ROUNDS = (
     ("wd02", ("batch384",), 0.01),
     ("wd02", ("lr5e4",), 0.01),
     ("wd02", ("shapecolour50",), 0.01),
+    ("wd02", ("depth01", "depth03"), 0.01),
 )
 
 

@@ -329,14 +329,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     v = config.model.vision
     if v.type == "vit" and v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
-    patch_dropout = v.get("patch_dropout", 0.0)  # a ViT's field
-    if not 0 <= patch_dropout < 1:
-        raise ConfigError(f"model.vision.patch_dropout must be in [0, 1) (the fraction of patches a training step "
-                          f"drops), got {patch_dropout}")
+    # A ViT's fields: the fraction of patches, and the last block's share of residual branches, a training image drops
+    drops = {field: v.get(field, 0.0) for field in ("patch_dropout", "stochastic_depth")}
+    for field, value in drops.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"model.vision.{field} must be in [0, 1) (the probability that a training image drops a "
+                              f"{'patch' if field == 'patch_dropout' else 'residual branch'}), got {value}")
     method = get_method(config)  # the method's own checks of its fields
-    if patch_dropout > 0 and not method.drops_patches:
-        raise ConfigError(f"method {config.method.name!r} does not train with patch dropout; set "
-                          "model.vision.patch_dropout to 0")
+    for field, value in drops.items():
+        if value > 0 and not method.image_dropout:
+            raise ConfigError(f"method {config.method.name!r} does not train with model.vision.{field}; set it to 0")
     for name, entry in config.evals.items():
         if not isinstance(entry, ml_collections.ConfigDict | dict) or "type" not in entry:
             raise ConfigError(f"config key 'evals.{name}' must be a dict with a 'type' (clip_jax/evaluate/suite.py)")

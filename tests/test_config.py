@@ -175,7 +175,8 @@ def test_override_without_value():
         (["data.tokenizer_vocab_size=513"], ("data.tokenizer_vocab_size", ">= 514")),
         (["model.attention=flash"], ("model.attention", "auto", "cudnn", "xla")),
         (["model.attention=cudnn"], ("model.attention 'cudnn' needs model.dtype bfloat16",)),
-        (["model.vision.patch_dropout=1.0"], ("model.vision.patch_dropout must be in [0, 1)",)),
+        (["model.vision.patch_dropout=1.0"], ("model.vision.patch_dropout must be in [0, 1)", "drops a patch")),
+        (["model.vision.stochastic_depth=-0.1"], ("stochastic_depth must be in [0, 1)", "residual branch")),
         (["data.grayscale_shape_prob=1.5"], ("data.grayscale_shape_prob must be a probability in [0, 1], got 1.5",)),
         (["data.long_caption_prob=-0.1"], ("data.long_caption_prob must be a probability",)),
         (["data.long_caption_prob=0.8"], ("long_caption_prob + data.partial_caption_prob must be at most 1", "+ 0.3")),
@@ -188,10 +189,11 @@ def test_inconsistent_values(overrides, words):
         assert word in message
 
 
-def test_patch_dropout_is_refused_for_a_method_whose_step_would_ignore_it():
-    message = config_error(str(CONFIGS / "groupvit_shapes.py"), ["--config.model.vision.patch_dropout=0.5"])
-    assert "method 'groupvit' does not train with patch dropout" in message
-    assert load_config(DEMO, ["--config.model.vision.patch_dropout=0.5"]).model.vision.patch_dropout == 0.5
+@pytest.mark.parametrize("field", ["patch_dropout", "stochastic_depth"])
+def test_image_dropout_is_refused_for_a_method_whose_step_would_ignore_it(field):
+    message = config_error(str(CONFIGS / "groupvit_shapes.py"), [f"--config.model.vision.{field}=0.5"])
+    assert f"method 'groupvit' does not train with model.vision.{field}; set it to 0" in message
+    assert load_config(DEMO, [f"--config.model.vision.{field}=0.5"]).model.vision[field] == 0.5
 
 
 def test_consistent_edge_values_pass():

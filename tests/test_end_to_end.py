@@ -295,7 +295,8 @@ def test_train_refuses_a_workdir_of_another_model(trained, capsys):
 
 def test_a_resume_may_choose_how_the_step_is_computed(tmp_path):
     # model.layer_norm (Pallas kernels run on GPUs only, so not through `train` here) is one of the execution
-    # fields any resume may change, as attention, remat and patch dropout are; the model's shape is not.
+    # fields any resume may change, as attention, remat, patch dropout and stochastic depth are; the model's shape is
+    # not.
     from clip_jax.config import default_config
     from clip_jax.errors import ConfigError
     from clip_jax.train.loop import prepare_workdir
@@ -304,7 +305,7 @@ def test_a_resume_may_choose_how_the_step_is_computed(tmp_path):
     prepare_workdir(default_config(), workdir)
     config = default_config()
     config.model.layer_norm, config.model.attention, config.model.remat_policy = "pallas", "xla", "full"
-    config.model.vision.patch_dropout = 0.5
+    config.model.vision.patch_dropout = config.model.vision.stochastic_depth = 0.5
     prepare_workdir(config, workdir, checkpoint_step=5)
     config.model.vision.width = 64
     with pytest.raises(ConfigError, match=r"different model \(model.vision.width: 768 -> 64\)"):

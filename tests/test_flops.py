@@ -87,7 +87,7 @@ def test_patch_dropout_forward_flops_match_xla_count(small_model):
     cfg, _, params, images, _ = small_model
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, patch_dropout=0.5))
     model = CLIP(cfg)
-    counted = xla_flops(lambda p, i, k: model.apply({"params": p}, i, patch_dropout_rng=k, method=CLIP.encode_image),
+    counted = xla_flops(lambda p, i, k: model.apply({"params": p}, i, dropout_rng=k, method=CLIP.encode_image),
                         params, images, jax.random.key(0))
     analytic = BATCH * flops.image_forward_flops(cfg, training=True)
     assert 1.0 <= counted / analytic < 1.03

@@ -49,7 +49,9 @@ DENSE = {"clip": "threshold", "lseg": "label", "groupvit": "threshold"}
 
 
 # Variants of a method run through the same contract: name -> (method, model.vision overrides).
-VARIANTS = {"clip+patch_dropout": ("clip", {"patch_dropout": 0.5})}  # 2 of the 4 patches kept, by each example's key
+VARIANTS = {"clip+patch_dropout": ("clip", {"patch_dropout": 0.5}),  # 2 of the 4 patches kept, by each example's key
+            # 2 blocks, so that one can drop (the first never does): each branch of the second with p = 0.5
+            "clip+stochastic_depth": ("clip", {"stochastic_depth": 0.5, "layers": 2})}
 
 
 def tiny_config(name: str):

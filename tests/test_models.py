@@ -139,7 +139,7 @@ def test_keep_random_patches_keeps_the_class_token_and_distinct_patches_per_row(
         assert len(set(index)) == 5
         chosen.append(frozenset(index))
     assert len(set(chosen)) > 1  # rows draw their own subsets
-    # one key per row (the pipeline's `patch_key`): a row's draw depends on its own key alone
+    # one key per row (the pipeline's `dropout_key`): a row's draw depends on its own key alone
     same = np.stack([tokens[0]] * 3)
     keys = np.array([[1, 2], [3, 4], [1, 2]], np.uint32)
     kept = np.asarray(layers.keep_random_patches(same, 5, keys))
@@ -168,7 +168,7 @@ def influential_patches(model, params, image, rng):
         for col in range(grid):
             patch = (slice(16 * row, 16 * row + 16), slice(16 * col, 16 * col + 16))
             variants.append(image[0].at[patch].set(255 - image[0][patch]))
-    options = {} if rng is None else {"patch_dropout_rng": rng}
+    options = {} if rng is None else {"dropout_rng": rng}
     # one image at a time (vmap), so every variant gets the same draw of kept patches
     embed = jax.jit(jax.vmap(lambda x: model.apply({"params": params}, x[None], method=CLIP.encode_image,
                                                    **options)[0]))
@@ -189,9 +189,60 @@ def test_patch_dropout_embeds_an_image_from_a_random_subset_of_its_patches(dropo
                                   CLIP(plain).apply({"params": params}, image, method=CLIP.encode_image))
     # the same image twice in a batch: two draws
     twice = model.apply({"params": params}, jnp.concatenate([image, image]), method=CLIP.image_features,
-                        patch_dropout_rng=jax.random.key(1))
+                        dropout_rng=jax.random.key(1))
     assert twice.tokens.shape == (2, 1 + 8, cfg.vision.width)
     assert np.abs(np.asarray(twice.pooled[0] - twice.pooled[1])).max() > 1e-4
+
+
+# --- stochastic depth -----------------------------------------------------------------------------------------------
+def test_stochastic_depth_scales_follow_the_linear_rule_and_each_rows_key():
+    rows, rate = 4000, 0.6
+    keys = np.random.default_rng(0).integers(0, 2**32, (rows, 2), dtype=np.uint32)
+    scales = np.asarray(layers.stochastic_depth_scales(jnp.asarray(keys), 4, rate, rows))
+    assert scales.shape == (4, 2, rows)
+    for layer, p in enumerate([0.0, 0.2, 0.4, 0.6]):  # rate * l / (L - 1)
+        kept = scales[layer] > 0
+        np.testing.assert_allclose(scales[layer][kept], 1 / (1 - p), rtol=1e-6)  # a kept branch, rescaled
+        bound = 5 * np.sqrt(p * (1 - p) / kept.size)  # five standard deviations of the dropped share
+        assert abs((~kept).mean() - p) <= bound, (layer, (~kept).mean())
+    assert (scales[0] == 1).all()  # the first block is never dropped
+    assert not (scales[3, 0] == scales[3, 1]).all()  # the two branches draw apart
+    # a row's draw depends on its own key alone (the same key twice; a row alone), and one key also serves a batch
+    same = np.asarray(layers.stochastic_depth_scales(jnp.asarray(keys[[0, 1, 0]]), 4, rate, 3))
+    np.testing.assert_array_equal(same[..., 0], same[..., 2])
+    np.testing.assert_array_equal(same[..., :2], scales[..., :2])
+    assert layers.stochastic_depth_scales(jax.random.key(0), 4, rate, 5).shape == (4, 2, 5)
+    assert (np.asarray(layers.stochastic_depth_scales(jnp.asarray(keys), 4, 0.0, rows)) == 1).all()
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_stochastic_depth_equals_the_plain_tower_with_each_images_dropped_branches_zeroed(scan):
+    """Each image's skipped branch adds nothing and its kept branch adds 1 / (1 - p) times its output. The branch
+    ends in a linear projection (attention's `out_proj`, the MLP's `c_proj`), so scaling that projection by the
+    image's factor in the plain tower must give the same embedding: an independent path to the same function."""
+    cfg = base_config(scan_layers=scan)  # 2 image blocks: the second drops each branch with p = 0.5
+    deep = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stochastic_depth=0.5))
+    images = inputs()[0]
+    plain_params = nn.unbox(CLIP(base_config()).init(jax.random.key(0), images, inputs()[1])["params"])
+    keys = jnp.asarray(np.arange(6, dtype=np.uint32).reshape(3, 2))
+    scales = np.asarray(layers.stochastic_depth_scales(keys, 2, 0.5, 3))
+    assert set(np.unique(scales[1])) == {0.0, 2.0}  # these keys drop some branches and keep others
+    params = stack_layers(plain_params) if scan else plain_params
+    got = CLIP(deep).apply({"params": params}, images, method=CLIP.encode_image, dropout_rng=keys)
+    for row in range(3):
+        blocks = dict(plain_params["visual"]["transformer"])
+        for layer in range(2):
+            block = blocks[f"resblocks_{layer}"]
+            scaled = {branch: jax.tree.map(lambda w, f=float(scales[layer, i, row]): w * f, block[branch][proj])
+                      for i, (branch, proj) in enumerate([("attn", "out_proj"), ("mlp", "c_proj")])}
+            blocks[f"resblocks_{layer}"] = {**block, **{b: {**block[b], proj: w} for (b, w), proj in
+                                                        zip(scaled.items(), ("out_proj", "c_proj"), strict=True)}}
+        manual = {**plain_params, "visual": {**plain_params["visual"], "transformer": blocks}}
+        want = CLIP(base_config()).apply({"params": manual}, images[row : row + 1], method=CLIP.encode_image)
+        np.testing.assert_allclose(got[row], want[0], rtol=1e-5, atol=1e-6)
+    # without a key (evaluation, inference) every branch runs unscaled: the plain tower
+    np.testing.assert_array_equal(CLIP(deep).apply({"params": params}, images, method=CLIP.encode_image),
+                                  CLIP(cfg).apply({"params": params}, images, method=CLIP.encode_image))
 
 
 # --- token states and deep prompts (MaPLe) ---------------------------------------------------------------------------

@@ -79,9 +79,9 @@ def test_patch_dropout_adds_each_examples_key_after_the_views(batches):
     slip, dropped = batches["slip"], batches["slip+patch_dropout"]
     for field in ("image", "text", "ssl_views"):  # the key draws from the generator after them
         np.testing.assert_array_equal(dropped[field], slip[field])
-    keys = dropped["patch_key"]
+    keys = dropped["dropout_key"]
     assert keys.shape == (16, 2) and keys.dtype == np.uint32 and len({tuple(k) for k in keys}) == 16
-    assert "patch_key" not in slip
+    assert "dropout_key" not in slip
 
 
 def test_an_unknown_augmentation_is_refused_in_one_line():

@@ -25,27 +25,29 @@ def tiny_model_dict():
     }
 
 
-def make_batch(seed=0, patch_keys=None):
-    """`patch_keys`: the seed of each example's key for patch dropout (the `patch_key` field), None for none."""
+def make_batch(seed=0, dropout_keys=None):
+    """`dropout_keys`: the seed of each example's key for patch dropout and stochastic depth (the `dropout_key`
+    field), None for none."""
     rng = np.random.default_rng(seed)
     text = rng.integers(1, VOCAB - 1, size=(BATCH, CONTEXT)).astype(np.int32)
     text[:, -3] = VOCAB - 1  # end-of-text (largest id)
     text[:, -2:] = 0
     text[4] = text[5]  # a repeated caption
     image = rng.integers(0, 256, size=(BATCH, IMAGE, IMAGE, 3)).astype(np.uint8)
-    if patch_keys is None:
+    if dropout_keys is None:
         return {"image": image, "text": text}
-    keys = np.random.default_rng([patch_keys, seed]).integers(0, 2**32, size=(BATCH, 2), dtype=np.uint32)
-    return {"image": image, "text": text, "patch_key": keys}
+    keys = np.random.default_rng([dropout_keys, seed]).integers(0, 2**32, size=(BATCH, 2), dtype=np.uint32)
+    return {"image": image, "text": text, "dropout_key": keys}
 
 
-def run_steps(mesh_sizes, accum_steps=1, frozen=(), n_steps=2, devices=None, patch_dropout=0.0, key_seed=0):
+def run_steps(mesh_sizes, accum_steps=1, frozen=(), n_steps=2, devices=None, vision=None, key_seed=0):
+    """`vision`: overrides of the tiny model's image tower (patch dropout, stochastic depth)."""
     config = default_config()
     config.optimizer.frozen = frozen
     config.optimizer.warmup_steps = 1
     config.optimizer.lr = 1e-2
     config.model = tiny_model_dict()
-    config.model.vision.patch_dropout = patch_dropout
+    config.model.vision.update(vision or {})
     config.method = method_config("clip", multi_positive=True)
     mesh = make_mesh(mesh_sizes, devices)
     method = get_method(config)
@@ -67,7 +69,7 @@ def run_steps(mesh_sizes, accum_steps=1, frozen=(), n_steps=2, devices=None, pat
     )
     metrics = []
     for i in range(n_steps):
-        b = make_batch(i, key_seed if patch_dropout else None)
+        b = make_batch(i, key_seed if "dropout_key" in method.fields() else None)
         gb = global_batch(b, mesh)
         state, m = compiled(state, gb)
         metrics.append(jax.device_get(m))
@@ -104,13 +106,16 @@ def test_gradient_accumulation_equals_one_shot(single_device_run):
     assert max(jax.tree.leaves(moved)) > 1e-3
 
 
-def test_the_step_drops_patches_by_each_examples_key(single_device_run):
-    """Each image keeps 2 of its 4 patches, drawn from its `patch_key`: the loss differs from the step's without
-    dropout on the same batch, and with other keys. (tests/test_methods.py checks that the draw is the same on any
-    mesh and accumulation.)"""
-    _, plain, _ = single_device_run
-    _, dropped, _ = run_steps({"data": 1}, devices=jax.devices()[:1], patch_dropout=0.5, n_steps=1)
-    _, other_keys, _ = run_steps({"data": 1}, devices=jax.devices()[:1], patch_dropout=0.5, n_steps=1, key_seed=1)
+@pytest.mark.parametrize("vision", [{"patch_dropout": 0.5}, {"stochastic_depth": 0.5, "layers": 2}],
+                         ids=["patch_dropout", "stochastic_depth"])
+def test_the_step_drops_image_parts_by_each_examples_key(vision):
+    """Each image keeps 2 of its 4 patches, or skips residual branches of the second block, drawn from its
+    `dropout_key`: the loss differs from the step's without them on the same batch, and with other keys.
+    (tests/test_methods.py checks that the draws are the same on any mesh and accumulation.)"""
+    one = dict(devices=jax.devices()[:1], n_steps=1)
+    _, plain, _ = run_steps({"data": 1}, vision={k: v for k, v in vision.items() if k == "layers"}, **one)
+    _, dropped, _ = run_steps({"data": 1}, vision=vision, **one)
+    _, other_keys, _ = run_steps({"data": 1}, vision=vision, key_seed=1, **one)
     assert abs(float(dropped[0]["loss"]) - float(plain[0]["loss"])) > 1e-3
     assert abs(float(dropped[0]["loss"]) - float(other_keys[0]["loss"])) > 1e-3
 

@@ -96,9 +96,10 @@ class Method:
     # Config groups a resumed run must keep (train/loop.py::prepare_workdir): the model, and what the method built
     # its cached state from.
     fixed_groups: ClassVar[tuple[str, ...]] = ("model",)
-    # Whether the training step applies `model.vision.patch_dropout` (it passes each example's key to the image
-    # tower); a config that sets it for a method that does not is refused rather than silently trained without it.
-    drops_patches: ClassVar[bool] = False
+    # Whether the training step applies the image tower's random drops, `model.vision.patch_dropout` and
+    # `model.vision.stochastic_depth` (it passes each example's key to the image tower); a config that sets either
+    # for a method that does not is refused rather than silently trained without it.
+    image_dropout: ClassVar[bool] = False
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

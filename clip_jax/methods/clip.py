@@ -17,8 +17,9 @@ from clip_jax.methods.base import Field, Method, StepFns
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig
 
-# The batch field of each example's key for patch dropout (uint32 [2]).
-PATCH_KEY = "patch_key"
+# The batch field of each example's key for the image tower's random drops: patch dropout, stochastic depth
+# (uint32 [2]).
+DROPOUT_KEY = "dropout_key"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,25 +36,27 @@ class ClipMethod(Method):
 
     name = "clip"
     Config = ClipConfig
-    drops_patches = True
+    image_dropout = True
 
     def model_config(self) -> CLIPConfig:
         return CLIPConfig.from_dict(self.config.model.to_dict())
 
     @property
-    def patch_dropout(self) -> float:
-        """The fraction of patch tokens each training image drops (`model.vision.patch_dropout`; a ViT's field)."""
-        return self.config.model.vision.get("patch_dropout", 0.0)
+    def drops_image_parts(self) -> bool:
+        """Whether training images drop patch tokens or residual branches at random (`model.vision.patch_dropout`,
+        `model.vision.stochastic_depth`; a ViT's fields): each example then carries a key of its own."""
+        vision = self.config.model.vision
+        return vision.get("patch_dropout", 0.0) > 0 or vision.get("stochastic_depth", 0.0) > 0
 
     def fields(self) -> dict[str, Field]:
         size = self.config.model.vision.image_size
         return {"image": Field((size, size, 3), np.uint8),
                 **{name: Field((f.context_length,), np.int32) for name, f in self.captions().fields.items()},
-                **({PATCH_KEY: Field((2,), np.uint32)} if self.patch_dropout else {})}
+                **({DROPOUT_KEY: Field((2,), np.uint32)} if self.drops_image_parts else {})}
 
     def field_hooks(self) -> tuple[FieldHook, ...]:
-        """Under patch dropout, each example's key for its draw of kept patches (`ExampleKey`)."""
-        return (ExampleKey(PATCH_KEY),) if self.patch_dropout else ()
+        """Under patch dropout or stochastic depth, each example's key for its draws (`ExampleKey`)."""
+        return (ExampleKey(DROPOUT_KEY),) if self.drops_image_parts else ()
 
     def captions(self) -> Captions:
         return clip_captions(self.config)
@@ -73,12 +76,12 @@ class ClipMethod(Method):
 
     def step_fns(self, model: CLIP) -> StepFns:
         text_fields = tuple(self.captions().fields)
-        drop = self.patch_dropout > 0
+        drop = self.drops_image_parts
 
         def embed(params, batch, rng):
-            del rng  # random only under patch dropout, from each example's own key
+            del rng  # random only under patch dropout or stochastic depth, from each example's own key
             variables = {"params": params}
-            image_options = {"patch_dropout_rng": batch[PATCH_KEY]} if drop else {}
+            image_options = {"dropout_rng": batch[DROPOUT_KEY]} if drop else {}
             out = {"image": model.apply(variables, batch["image"], method=CLIP.encode_image, **image_options)}
             for field in text_fields:
                 out[field] = model.apply(variables, batch[field], method=CLIP.encode_text)

@@ -156,7 +156,7 @@ class GroupViTMethod(ClipMethod):
 
     name = "groupvit"
     Config = GroupViTConfig
-    drops_patches = False  # its grouping stages assign every patch to a segment
+    image_dropout = False  # its grouping stages assign every patch to a segment; its tower has its own blocks
 
     def __init__(self, config):
         super().__init__(config)

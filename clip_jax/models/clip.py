@@ -102,15 +102,15 @@ class CLIP(nn.Module):
         return VISION_TOWERS[self.config.vision.type][1](self.config.vision, **common)
 
     def image_features(self, images: jax.Array, *, layer_prompts: jax.Array | None = None,
-                       prompt_layers: jax.Array | None = None, patch_dropout_rng: jax.Array | None = None
+                       prompt_layers: jax.Array | None = None, dropout_rng: jax.Array | None = None
                        ) -> TowerOutput:
         """The image tower's pooled feature (unnormalised) and token states. images: uint8 RGB [B, H, W, 3] or float
-        images already normalised (`normalize_images`). Deep prompts and patch dropout (training: one key, or one
-        per image; a ViT tower's): see `VisionTransformer`."""
+        images already normalised (`normalize_images`). Deep prompts, patch dropout and stochastic depth (training:
+        one key, or one per image; a ViT tower's): see `VisionTransformer`."""
         images = normalize_images(images)
-        if patch_dropout_rng is None:
+        if dropout_rng is None:
             return self.visual(images, layer_prompts, prompt_layers)
-        return self.visual(images, layer_prompts, prompt_layers, patch_dropout_rng=patch_dropout_rng)
+        return self.visual(images, layer_prompts, prompt_layers, dropout_rng=dropout_rng)
 
     def text_features(self, tokens: jax.Array | None = None, *, token_embeddings: jax.Array | None = None,
                       pool_index: jax.Array | None = None, layer_prompts: jax.Array | None = None,

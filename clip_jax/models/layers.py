@@ -105,6 +105,21 @@ def keep_random_patches(tokens: jax.Array, keep: int, rng: jax.Array) -> jax.Arr
     return constrain(jnp.concatenate([tokens[:, :1], patch_tokens], axis=1), ("batch", "length", "act_embed"))
 
 
+def stochastic_depth_scales(rng: jax.Array, num_layers: int, rate: float, batch: int) -> jax.Array:
+    """Stochastic depth (Huang et al. 2016; DeiT's and timm's `drop_path`): [num_layers, 2, B] factors for the
+    attention and MLP branches of each block, 0 where an example skips the branch, 1 / (1 - p) where it keeps it, so
+    the expected residual update is the full model's. Block l of L drops each branch with p = rate * l / (L - 1),
+    from 0 at the first block to `rate` at the last (their linear rule). `rng`: one key, or one per example ([B, 2]
+    raw keys, as `keep_random_patches`, which draws from the key itself: this draw folds in 1 to stay independent)."""
+    rates = rate * jnp.arange(num_layers, dtype=jnp.float32) / max(num_layers - 1, 1)
+    if rng.ndim == 2:
+        draws = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1), (num_layers, 2)))(rng)
+    else:
+        draws = jax.random.uniform(jax.random.fold_in(rng, 1), (batch, num_layers, 2))
+    kept = draws >= rates[:, None]  # a uniform draw below p drops the branch
+    return jnp.where(kept, 1 / (1 - rates[:, None]), 0.0).transpose(1, 2, 0)
+
+
 class PatchEmbedding(nn.Module):
     """[B, H, W, C] -> [B, H/ph, W/pw, width]: a convolution without bias, strided by its own ph x pw size, written
     as one matmul of the reshaped patches with the same `kernel` [ph, pw, C, width] (the conv's own parameter, so
@@ -369,7 +384,10 @@ class ResidualBlock(nn.Module):
     layer_norm: str = "xla"  # LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
-    def __call__(self, x: jax.Array, prompt: tuple[jax.Array, jax.Array] | None = None):
+    def __call__(self, x: jax.Array, prompt: tuple[jax.Array, jax.Array] | None = None,
+                 branch_scales: jax.Array | None = None):
+        """`branch_scales` [2, B] (stochastic depth, training): the attention and MLP branches' factor per example
+        (`stochastic_depth_scales`)."""
         if prompt is not None:
             tokens, use = prompt
             start, count = self.prompt_start, tokens.shape[-2]
@@ -377,11 +395,16 @@ class ResidualBlock(nn.Module):
                 jnp.broadcast_to(tokens, (x.shape[0], count, x.shape[-1])).astype(x.dtype))
             x = jnp.where(use, replaced, x)
         x = constrain(x, ("batch", "length", "act_embed"))
+        def scaled(branch: jax.Array, index: int) -> jax.Array:
+            if branch_scales is None:
+                return branch
+            return branch * branch_scales[index].astype(branch.dtype)[:, None, None]
+
         y = LayerNorm(self.dtype, implementation=self.layer_norm, name="ln_1")(x)
-        x = x + Attention(self.num_heads, self.head_dim, self.causal, self.num_layers, self.dtype, self.attention,
-                          self.valid_length, name="attn")(y)
+        x = x + scaled(Attention(self.num_heads, self.head_dim, self.causal, self.num_layers, self.dtype,
+                                 self.attention, self.valid_length, name="attn")(y), 0)
         y = LayerNorm(self.dtype, implementation=self.layer_norm, name="ln_2")(x)
-        x = x + Mlp(self.mlp_dim, self.activation, self.num_layers, self.dtype, name="mlp")(y)
+        x = x + scaled(Mlp(self.mlp_dim, self.activation, self.num_layers, self.dtype, name="mlp")(y), 1)
         # The (carry, output) signature lets the same block run under nn.scan.
         return x, None
 
@@ -405,10 +428,11 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_prompts: jax.Array | None = None,
-                 prompt_layers: jax.Array | None = None) -> jax.Array:
+                 prompt_layers: jax.Array | None = None, branch_scales: jax.Array | None = None) -> jax.Array:
         """x: [B, T, width]. layer_prompts: [num_layers, M, width], the prompt tokens each block reads (the caller
         puts layer 0's in x itself); prompt_layers: bool [num_layers], the blocks that replace their prompt tokens
-        (default: all but the first)."""
+        (default: all but the first). branch_scales: [num_layers, 2, B], stochastic depth's factors
+        (`stochastic_depth_scales`)."""
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
         block_cls = ResidualBlock
@@ -450,10 +474,11 @@ class Transformer(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(**block_args, name="resblocks")(x, prompts)
+            x, _ = scanned(**block_args, name="resblocks")(x, prompts, branch_scales)
         else:
             for i in range(self.num_layers):
                 layer_prompt = None if prompts is None else jax.tree.map(lambda a, i=i: a[i], prompts)
-                x, _ = block_cls(**block_args, name=f"resblocks_{i}")(x, layer_prompt)
+                layer_scales = None if branch_scales is None else branch_scales[i]
+                x, _ = block_cls(**block_args, name=f"resblocks_{i}")(x, layer_prompt, layer_scales)
                 x = block_boundary(x)
         return x[:, :length] if padded else x

@@ -39,6 +39,7 @@ def model_preset(name: str, activation: str = "quick_gelu", vocab_size: int = 49
         vision = {
             "type": "vit", "width": iw, "layers": il, "heads": ih, "head_dim": iw // ih, "mlp_dim": 4 * iw,
             "activation": activation, "patch_size": patch, "image_size": res, "patch_dropout": 0.0,
+            "stochastic_depth": 0.0,
         }
     else:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")

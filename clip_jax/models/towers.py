@@ -24,6 +24,7 @@ from clip_jax.models.layers import (
     keep_random_patches,
     layer_norm,
     partitioned,
+    stochastic_depth_scales,
 )
 from clip_jax.models.positions import merge_position_tables
 
@@ -54,6 +55,11 @@ class VisionConfig(TowerConfig):
     # inference see every patch. Fewer tokens make the step cheaper (the blocks' cost is linear to quadratic in
     # them), at some cost in accuracy per example seen.
     patch_dropout: float = 0.0
+    # Stochastic depth (Huang et al. 2016; DeiT's and timm's `drop_path_rate`): a training image skips each residual
+    # branch of the last block with this probability, of earlier blocks with linearly less, of the first never
+    # (`layers.stochastic_depth_scales`). Evaluation and inference run every block. It costs no time and saves none:
+    # the skipped branches are computed and multiplied by 0.
+    stochastic_depth: float = 0.0
 
     @property
     def feature_width(self) -> int:
@@ -99,12 +105,13 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,
-                 prompt_layers: jax.Array | None = None, *, patch_dropout_rng: jax.Array | None = None
+                 prompt_layers: jax.Array | None = None, *, dropout_rng: jax.Array | None = None
                  ) -> TowerOutput:
         """images: float [B, H, W, 3], already normalised. `layer_prompts` [layers, M, width] (deep prompting,
         MaPLe): layer 0's are appended after the patch tokens, later layers replace them (`Transformer`).
-        `patch_dropout_rng` (training; one key, or one per image [B, 2]): each image keeps a random
-        `config.kept_patches` of its patch tokens; without it, or with `config.patch_dropout` 0, every patch."""
+        `dropout_rng` (training; one key, or one per image [B, 2]): each image keeps a random
+        `config.kept_patches` of its patch tokens and skips random residual branches (`config.stochastic_depth`);
+        without it, or with both fields 0, every patch and every branch."""
         cfg = self.config
         if images.shape[1:3] != (cfg.image_size, cfg.image_size):
             raise ValueError(
@@ -115,18 +122,21 @@ class VisionTransformer(nn.Module):
         x = PatchEmbedding(cfg.width, cfg.patch_size, self.dtype, name="conv1")(images)
         batch = x.shape[0]
         x = class_token_and_positions(self, x.reshape(batch, -1, cfg.width), self.dtype)
-        if patch_dropout_rng is not None and cfg.patch_dropout > 0:
-            x = keep_random_patches(x, cfg.kept_patches, patch_dropout_rng)
+        if dropout_rng is not None and cfg.patch_dropout > 0:
+            x = keep_random_patches(x, cfg.kept_patches, dropout_rng)
         prompt_start = x.shape[1]
         if layer_prompts is not None:
             first = jnp.broadcast_to(layer_prompts[0].astype(self.dtype), (batch, *layer_prompts.shape[1:]))
             x = jnp.concatenate([x, first], axis=1)
         x = LayerNorm(self.dtype, implementation=self.layer_norm, name="ln_pre")(x)
+        branch_scales = None
+        if dropout_rng is not None and cfg.stochastic_depth > 0:
+            branch_scales = stochastic_depth_scales(dropout_rng, cfg.layers, cfg.stochastic_depth, batch)
         x = Transformer(
             cfg.layers, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.activation, causal=False,
             scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, attention=self.attention,
             layer_norm=self.layer_norm, prompt_start=prompt_start, name="transformer",
-        )(x, layer_prompts, prompt_layers)
+        )(x, layer_prompts, prompt_layers, branch_scales)
         pooled = LayerNorm(self.dtype, name="ln_post")(x[:, 0])
         proj = self.param(
             "proj", partitioned(nn.initializers.normal(scale), ("embed", "proj")), (cfg.width, self.embed_dim),

@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 # Model fields that leave the parameters' meaning as it is: any resume may change them (a run started before
 # `model.attention` became "auto", a remat policy for other devices' memory, patch dropout turned off for FLIP's
-# unmasked tuning at the end of a run; a run started before the field existed had none).
-_RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy", "model.vision.patch_dropout")
+# unmasked tuning at the end of a run, stochastic depth likewise; a run started before the field existed had none).
+_RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy", "model.vision.patch_dropout",
+                  "model.vision.stochastic_depth")
 # Model fields that say how the parameters are used, not what they are: a warm start may set them anew (e.g. bf16
 # compute, or Long-CLIP's unclamped temperature, on a converted or stretched model).
 _WARM_START_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale")
