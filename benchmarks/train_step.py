@@ -1,4 +1,4 @@
-"""Train-step throughput: step time, samples/s, TFLOP/s, the fraction of the matmul peak measured in the same run,
+r"""Train-step throughput: step time, samples/s, TFLOP/s, the fraction of the matmul peak measured in the same run,
 MFU against the vendor peak where known; optionally open_clip's same model and batch timed in the same run, in a
 process of its own, the two taking turns step by step (a load from other jobs slows both alike), and an XLA per-op
 profile of one step.

@@ -1,4 +1,4 @@
-"""Long-CLIP fine-tuning recipe (arXiv 2403.15378; the reference repo's train.md) for a converted OpenAI ViT-B/16:
+r"""Long-CLIP fine-tuning recipe (arXiv 2403.15378; the reference repo's train.md) for a converted OpenAI ViT-B/16:
 ShareGPT4V's 1.25M long captions, global batch 2048, AdamW lr 1e-6, wd 1e-2, betas (0.9, 0.999), eps 1e-8,
 6 epochs with 200 warm-up steps then cosine, 248 tokens with the first 20 positions frozen, primary component
 matching (32 components per device batch, label smoothing 0.1, 1:1), temperature reset to 100 and not clamped.

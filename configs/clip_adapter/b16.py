@@ -1,4 +1,4 @@
-"""CLIP-Adapter's recipe for ViT-B/16, base-to-new on a TFDS set:
+r"""CLIP-Adapter's recipe for ViT-B/16, base-to-new on a TFDS set:
 
   clip-jax convert ViT-B-16.safetensors --to-workdir runs/b16            # OpenAI weights (QuickGELU)
   clip-jax train --config configs/clip_adapter/b16.py --workdir runs/clip_adapter-flowers \

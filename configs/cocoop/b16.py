@@ -1,4 +1,4 @@
-"""CoCoOp's reference recipe for ViT-B/16 (vit_b16_c4_ep10_batch1_ctxv1), base-to-new on a TFDS set:
+r"""CoCoOp's reference recipe for ViT-B/16 (vit_b16_c4_ep10_batch1_ctxv1), base-to-new on a TFDS set:
 
   clip-jax convert ViT-B-16.safetensors --to-workdir runs/b16            # OpenAI weights (QuickGELU)
   clip-jax train --config configs/cocoop/b16.py --workdir runs/cocoop-flowers \

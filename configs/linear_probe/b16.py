@@ -1,4 +1,4 @@
-"""The linear probe (CoOp's baseline) for ViT-B/16 on a TFDS set:
+r"""The linear probe (CoOp's baseline) for ViT-B/16 on a TFDS set:
 
   clip-jax convert ViT-B-16.safetensors --to-workdir runs/b16            # OpenAI weights (QuickGELU)
   clip-jax train --config configs/linear_probe/b16.py --workdir runs/linear_probe-flowers \

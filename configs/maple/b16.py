@@ -1,4 +1,4 @@
-"""MaPLe's reference recipe for ViT-B/16 (vit_b16_c2_ep5_batch4_2ctx), base-to-new on a TFDS set:
+r"""MaPLe's reference recipe for ViT-B/16 (vit_b16_c2_ep5_batch4_2ctx), base-to-new on a TFDS set:
 
   clip-jax convert ViT-B-16.safetensors --to-workdir runs/b16            # OpenAI weights (QuickGELU)
   clip-jax train --config configs/maple/b16.py --workdir runs/maple-flowers \

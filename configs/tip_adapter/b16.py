@@ -1,4 +1,4 @@
-"""Tip-Adapter's recipe for ViT-B/16, base-to-new on a TFDS set: training-free, or `:<set>,f` for Tip-Adapter-F.
+r"""Tip-Adapter's recipe for ViT-B/16, base-to-new on a TFDS set: training-free, or `:<set>,f` for Tip-Adapter-F.
 
   clip-jax convert ViT-B-16.safetensors --to-workdir runs/b16            # OpenAI weights (QuickGELU)
   clip-jax train --config configs/tip_adapter/b16.py --workdir runs/tip-flowers \
