@@ -329,12 +329,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     v = config.model.vision
     if v.type == "vit" and v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
-    # A ViT's fields: the fraction of patches, and the last block's share of residual branches, a training image drops
-    drops = {field: v.get(field, 0.0) for field in ("patch_dropout", "stochastic_depth")}
+    # A ViT's fields, each image's random drops in training
+    meanings = {"patch_dropout": "the fraction of its patches a training image drops",
+                "stochastic_depth": "the probability that a training image skips a residual branch of the last block"}
+    drops = {field: v.get(field, 0.0) for field in meanings}
     for field, value in drops.items():
         if not 0 <= value < 1:
-            raise ConfigError(f"model.vision.{field} must be in [0, 1) (the probability that a training image drops a "
-                              f"{'patch' if field == 'patch_dropout' else 'residual branch'}), got {value}")
+            raise ConfigError(f"model.vision.{field} must be in [0, 1) ({meanings[field]}), got {value}")
     method = get_method(config)  # the method's own checks of its fields
     for field, value in drops.items():
         if value > 0 and not method.image_dropout:

@@ -175,7 +175,7 @@ def test_override_without_value():
         (["data.tokenizer_vocab_size=513"], ("data.tokenizer_vocab_size", ">= 514")),
         (["model.attention=flash"], ("model.attention", "auto", "cudnn", "xla")),
         (["model.attention=cudnn"], ("model.attention 'cudnn' needs model.dtype bfloat16",)),
-        (["model.vision.patch_dropout=1.0"], ("model.vision.patch_dropout must be in [0, 1)", "drops a patch")),
+        (["model.vision.patch_dropout=1.0"], ("model.vision.patch_dropout must be in [0, 1)", "patches a training")),
         (["model.vision.stochastic_depth=-0.1"], ("stochastic_depth must be in [0, 1)", "residual branch")),
         (["data.grayscale_shape_prob=1.5"], ("data.grayscale_shape_prob must be a probability in [0, 1], got 1.5",)),
         (["data.long_caption_prob=-0.1"], ("data.long_caption_prob must be a probability",)),
