@@ -33,6 +33,7 @@ from clip_jax.models.clip import REQUIRED_TOWERS, TOWERS, CLIPConfig
 from clip_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, LAYER_NORM_IMPLEMENTATIONS, REMAT_POLICIES
 from clip_jax.models.presets import model_preset
 from clip_jax.models.resnet import config_problem as resnet_config_problem
+from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -329,13 +330,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     v = config.model.vision
     if v.type == "vit" and v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
-    # A ViT's fields, each image's random drops in training
-    meanings = {"patch_dropout": "the fraction of its patches a training image drops",
-                "stochastic_depth": "the probability that a training image skips a residual branch of the last block"}
-    drops = {field: v.get(field, 0.0) for field in meanings}
+    drops = {field: v.get(field, 0.0) for field in IMAGE_DROPOUT_FIELDS}  # a ViT's fields
     for field, value in drops.items():
         if not 0 <= value < 1:
-            raise ConfigError(f"model.vision.{field} must be in [0, 1) ({meanings[field]}), got {value}")
+            raise ConfigError(f"model.vision.{field} must be in [0, 1) ({IMAGE_DROPOUT_FIELDS[field]}), got {value}")
     method = get_method(config)  # the method's own checks of its fields
     for field, value in drops.items():
         if value > 0 and not method.image_dropout:

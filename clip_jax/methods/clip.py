@@ -16,6 +16,7 @@ from clip_jax.data.pipeline import Captions, ExampleKey, FieldHook, clip_caption
 from clip_jax.methods.base import Field, Method, StepFns
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig
+from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS
 
 # The batch field of each example's key for the image tower's random drops: patch dropout, stochastic depth
 # (uint32 [2]).
@@ -45,8 +46,7 @@ class ClipMethod(Method):
     def drops_image_parts(self) -> bool:
         """Whether training images drop patch tokens or residual branches at random (`model.vision.patch_dropout`,
         `model.vision.stochastic_depth`; a ViT's fields): each example then carries a key of its own."""
-        vision = self.config.model.vision
-        return vision.get("patch_dropout", 0.0) > 0 or vision.get("stochastic_depth", 0.0) > 0
+        return any(self.config.model.vision.get(field, 0.0) > 0 for field in IMAGE_DROPOUT_FIELDS)
 
     def fields(self) -> dict[str, Field]:
         size = self.config.model.vision.image_size

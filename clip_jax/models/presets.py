@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS
+
 # name: (image width, layers, heads, patch, resolution | text width, layers, heads | embed_dim)
 _SIZES: dict[str, tuple[int, int, int, int, int, int, int, int, int]] = {
     "tiny": (128, 4, 2, 16, 64, 128, 2, 2, 128),
@@ -38,8 +40,8 @@ def model_preset(name: str, activation: str = "quick_gelu", vocab_size: int = 49
         iw, il, ih, patch, res, tw, tl, th, embed_dim = _SIZES[name]
         vision = {
             "type": "vit", "width": iw, "layers": il, "heads": ih, "head_dim": iw // ih, "mlp_dim": 4 * iw,
-            "activation": activation, "patch_size": patch, "image_size": res, "patch_dropout": 0.0,
-            "stochastic_depth": 0.0,
+            "activation": activation, "patch_size": patch, "image_size": res,
+            **dict.fromkeys(IMAGE_DROPOUT_FIELDS, 0.0),  # patch dropout and stochastic depth off
         }
     else:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")

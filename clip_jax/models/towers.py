@@ -45,6 +45,14 @@ class TowerConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+# VisionConfig's fields of a training image's random drops, with what each value means: the training step applies
+# them from each example's own key (`Method.image_dropout`); evaluation and inference never drop.
+IMAGE_DROPOUT_FIELDS = {
+    "patch_dropout": "the fraction of its patches a training image drops",
+    "stochastic_depth": "the probability that a training image skips a residual branch of the last block",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig(TowerConfig):
     type: str = "vit"

@@ -31,6 +31,7 @@ from clip_jax.files import write_atomic
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Method, Preparation, abstract_batch
 from clip_jax.models import flops as flops_lib
+from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS
 from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, global_batch, make_mesh, reader_mesh
 from clip_jax.train import memory as memory_lib
 from clip_jax.train import state as state_lib
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 # Model fields that leave the parameters' meaning as it is: any resume may change them (a run started before
 # `model.attention` became "auto", a remat policy for other devices' memory, patch dropout turned off for FLIP's
 # unmasked tuning at the end of a run, stochastic depth likewise; a run started before the field existed had none).
-_RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy", "model.vision.patch_dropout",
-                  "model.vision.stochastic_depth")
+_RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy",
+                  *(f"model.vision.{field}" for field in IMAGE_DROPOUT_FIELDS))
 # Model fields that say how the parameters are used, not what they are: a warm start may set them anew (e.g. bf16
 # compute, or Long-CLIP's unclamped temperature, on a converted or stretched model).
 _WARM_START_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale")
