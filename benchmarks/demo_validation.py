@@ -99,6 +99,15 @@ kind that won twice (patch dropout, weight decay), at no step cost:
 - `depth01`: 0.1, DeiT's and timm's value for their small ViTs;
 - `depth03`: 0.3, a stronger one, since the tiny tower has few blocks to drop.
   Both lost after seed 0 (0.708 and 0.605).
+A sixteenth round against `wd02`, fixed before its runs (2026-12-05, a later session), the same rule. Colour jitter
+within each colour name (`data.colour_jitter`, new in this round; docs/demo.md listed it as not yet tried): brightness,
+contrast and saturation of a training image (80% of them) scaled by factors drawn from [1 - s, 1 + s], no hue shift
+(a shift moves a colour towards a neighbour's name: red towards orange). The held-out errors are colour-specific
+shape features winning over colour-free ones; jitter makes a colour's pixels vary, so a feature that keys on one
+exact green is worth less:
+- `jitter02`: s = 0.2;
+- `jitter04`: s = 0.4, SimCLR's and SLIP's strength without the hue; it takes white down to a light gray (153) at
+  its darkest, a colour name stretched.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -153,6 +162,8 @@ CANDIDATES = {  # name -> (config, overrides)
     "shapecolour50": ("configs/demo.py", ("--config.data.grayscale_shape_prob=0.5",)),
     "depth01": ("configs/demo.py", ("--config.model.vision.stochastic_depth=0.1",)),
     "depth03": ("configs/demo.py", ("--config.model.vision.stochastic_depth=0.3",)),
+    "jitter02": ("configs/demo.py", ("--config.data.colour_jitter=(0.2, 0.2, 0.2, 0.0)",)),
+    "jitter04": ("configs/demo.py", ("--config.data.colour_jitter=(0.4, 0.4, 0.4, 0.0)",)),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -173,6 +184,7 @@ ROUNDS = (
     ("wd02", ("lr5e4",), 0.01),
     ("wd02", ("shapecolour50",), 0.01),
     ("wd02", ("depth01", "depth03"), 0.01),
+    ("wd02", ("jitter02", "jitter04"), 0.01),
 )
 
 

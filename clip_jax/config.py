@@ -99,6 +99,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.skip = 0  # leave out the first N records (ShareGPT4V-1k: the first 1,000 are the test set)
     c.data.augment = True  # random resized crop for training (eval: resize + centre crop)
     c.data.crop_scale = (0.8, 1.0)
+    # Colour jitter of training images, torchvision's ColorJitter (open_clip's aug_cfg color_jitter): brightness,
+    # contrast and saturation each scaled by a factor drawn from [1 - s, 1 + s], the hue shifted by up to h of the
+    # colour circle, in a random order; on an image with probability colour_jitter_prob. All 0: off.
+    c.data.colour_jitter = (0.0, 0.0, 0.0, 0.0)  # (brightness, contrast, saturation, hue)
+    c.data.colour_jitter_prob = 0.8  # SimCLR's
     c.data.tokenizer = "train"  # "train": fit a BPE vocabulary on training captions; "openai": OpenAI's; or a path
     c.data.tokenizer_vocab_size = 1024  # for "train"
     # Bytes read at most per image file; larger files, FIFOs and devices are dropped as bad samples (docs/data.md).
@@ -298,7 +303,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if value < low:
             raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
     _check_names(config)
-    probs = {k: config.data[k] for k in ("long_caption_prob", "partial_caption_prob", "grayscale_shape_prob")}
+    probs = {k: config.data[k] for k in ("long_caption_prob", "partial_caption_prob", "grayscale_shape_prob",
+                                         "colour_jitter_prob")}
     for key, p in probs.items():
         if not 0 <= p <= 1:
             raise ConfigError(f"data.{key} must be a probability in [0, 1], got {p}")
@@ -346,6 +352,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     scale = config.data.crop_scale
     if len(scale) != 2 or not all(isinstance(x, int | float) for x in scale) or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(scale)}")
+    jitter = config.data.colour_jitter
+    if (len(jitter) != 4 or not all(isinstance(x, int | float) for x in jitter) or not all(0 <= x <= 1 for x in jitter)
+            or jitter[3] > 0.5):
+        raise ConfigError("data.colour_jitter must be (brightness, contrast, saturation, hue) with each in [0, 1] and "
+                          f"hue at most 0.5 (half the colour circle), got {tuple(jitter)}")
 
 
 def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = True) -> None:

@@ -153,3 +153,88 @@ def test_grayscale_shape_prob_greys_that_share_of_shape_only_captions(kind):
         assert grays[0.0] == 0 and grays[1.0] == 400
         assert 160 <= grays[0.5] <= 240  # mean 200, sd 10
         assert ends[0.0] == ends[1.0] != ends[0.5]
+
+
+def _jitter_outputs(image: np.ndarray, jitter, prob: float, n: int) -> tuple[list[dict], list[float]]:
+    """`n` training examples of one image with `data.colour_jitter` and its probability, each with its own
+    generator as in the pipeline, and each generator's next number after its example (what a method's fields
+    would draw next)."""
+    example = TrainExample(IMAGE, augment=False, crop_scale=(1.0, 1.0), long_caption_prob=0.5,
+                           colour_jitter=jitter, colour_jitter_prob=prob)
+    element = {"image": image, "short_caption": "a red cross.", "long_caption": "a long one."}
+    outs, ends = [], []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        outs.append(example.random_map(dict(element), rng))
+        ends.append(rng.random())
+    return outs, ends
+
+
+def _mid_image(seed: int = 0) -> np.ndarray:
+    # Channels in 100-160: no factor in [0.5, 1.5] of brightness or saturation takes a pixel out of 0-255, so
+    # no clipping spoils the invariants below.
+    return np.random.default_rng(seed).integers(100, 161, (IMAGE, IMAGE, 3)).astype(np.uint8)
+
+
+def test_colour_jitter_off_leaves_images_and_the_stream_unchanged():
+    """All strengths 0, or probability 0: the image as it was and no number drawn, so every earlier recipe's
+    examples are unchanged."""
+    image = _mid_image()
+    plain, plain_end = _jitter_outputs(image, (0.0, 0.0, 0.0, 0.0), 0.8, 50)
+    for jitter, prob in (((0.4, 0.4, 0.4, 0.1), 0.0), ((0.0, 0.0, 0.0, 0.0), 1.0)):
+        outs, end = _jitter_outputs(image, jitter, prob, 50)
+        assert end == plain_end
+        for a, b in zip(outs, plain, strict=True):
+            assert a["caption"] == b["caption"]
+            np.testing.assert_array_equal(a["image"], image)
+            np.testing.assert_array_equal(b["image"], image)
+
+
+def test_colour_jitter_brightness_scales_an_image_by_one_factor_and_keeps_its_caption():
+    """Brightness alone multiplies every pixel of an image by one factor from [0.5, 1.5] (hand-checked: the
+    output is the rounded product, within 1 for the factor's estimate), a different factor per example; the
+    caption is drawn before the jitter, so it is the caption the example has without it."""
+    image = _mid_image()
+    outs, _ = _jitter_outputs(image, (0.5, 0.0, 0.0, 0.0), 1.0, 40)
+    plain, _ = _jitter_outputs(image, (0.0, 0.0, 0.0, 0.0), 1.0, 40)
+    factors = []
+    for out, without in zip(outs, plain, strict=True):
+        assert out["caption"] == without["caption"] and out["image"].dtype == np.uint8
+        factor = out["image"].astype(np.float64).sum() / image.astype(np.float64).sum()
+        assert 0.5 - 0.01 <= factor <= 1.5 + 0.01
+        np.testing.assert_allclose(out["image"], image * factor, atol=1.0)
+        factors.append(factor)
+    assert np.ptp(factors) > 0.5  # 40 uniform draws over a range of 1 spread wide
+
+
+def test_colour_jitter_saturation_keeps_each_pixels_luma():
+    """Saturation blends each pixel with its own gray (the luma), so the luma is unchanged while the colours move:
+    an invariant independent of how the factor is drawn."""
+    image = _mid_image(1)
+    luma = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    outs, _ = _jitter_outputs(image, (0.0, 0.0, 0.5, 0.0), 1.0, 20)
+    changed = 0
+    for out in outs:
+        np.testing.assert_allclose(out["image"].astype(np.float64) @ [0.299, 0.587, 0.114], luma, atol=1.0)
+        changed += int(np.abs(out["image"].astype(int) - image).max() > 2)
+    assert changed >= 15
+
+
+def test_colour_jitter_prob_jitters_that_share_of_images():
+    """`data.colour_jitter_prob`: a binomial bound over 400 examples (mean 200, sd 10)."""
+    image = _mid_image(2)
+    outs, _ = _jitter_outputs(image, (0.4, 0.4, 0.4, 0.0), 0.5, 400)
+    jittered = sum(not np.array_equal(out["image"], image) for out in outs)
+    assert 160 <= jittered <= 240
+
+
+def test_the_training_stream_applies_data_colour_jitter(tokenizer):
+    """Through train_iterator: the same examples and captions, other pixels."""
+    config = make_config()
+    plain = next(train_iterator(config, tokenizer))
+    config.data.colour_jitter = (0.4, 0.4, 0.4, 0.0)
+    config.data.colour_jitter_prob = 1.0
+    jittered = next(train_iterator(config, tokenizer))
+    np.testing.assert_array_equal(jittered["text"], plain["text"])
+    different = [not np.array_equal(a, b) for a, b in zip(jittered["image"], plain["image"], strict=True)]
+    assert sum(different) >= BATCH - 1

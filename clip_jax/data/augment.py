@@ -50,7 +50,9 @@ def grayscale(x: np.ndarray) -> np.ndarray:
 def colour_jitter(x: np.ndarray, rng: np.random.Generator, brightness: float = 0.4, contrast: float = 0.4,
                   saturation: float = 0.4, hue: float = 0.1) -> np.ndarray:
     """torchvision's ColorJitter on a float image in [0, 1]: the four adjustments in a random order, each by a
-    factor drawn from [1 - s, 1 + s] (hue: a shift drawn from [-hue, hue] of the colour circle)."""
+    factor drawn from [1 - s, 1 + s] (hue: a shift drawn from [-hue, hue] of the colour circle). An adjustment of
+    strength 0 is skipped and draws nothing (a hue of 0 saves the HSV round trip, ~2 ms at 96 px)."""
+    strengths = (brightness, contrast, saturation, hue)
 
     def adjust(op: int, x: np.ndarray) -> np.ndarray:
         if op == 0:
@@ -66,7 +68,8 @@ def colour_jitter(x: np.ndarray, rng: np.random.Generator, brightness: float = 0
         return _hsv_to_rgb(hsv)
 
     for op in rng.permutation(4):
-        x = np.clip(adjust(int(op), x), 0.0, 1.0)
+        if strengths[op] > 0:
+            x = np.clip(adjust(int(op), x), 0.0, 1.0)
     return x
 
 

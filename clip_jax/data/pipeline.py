@@ -34,6 +34,7 @@ from etils import epath
 from PIL import Image
 
 from clip_jax.data import captions, records
+from clip_jax.data.augment import colour_jitter, grayscale
 from clip_jax.data.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     crop_min_side,
@@ -226,8 +227,8 @@ class TrainExample(grain.transforms.RandomMap):
 
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
                  add_captions: Callable[[dict], dict[str, str]] | None = None, partial_caption_prob: float = 0.0,
-                 grayscale_shape_prob: float = 0.0,
-                 add_fields: FieldHook | None = None):
+                 grayscale_shape_prob: float = 0.0, colour_jitter: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+                 colour_jitter_prob: float = 0.0, add_fields: FieldHook | None = None):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
@@ -235,6 +236,9 @@ class TrainExample(grain.transforms.RandomMap):
         self.add_captions = add_captions  # the method's own captions (`Captions.add`)
         self.partial_caption_prob = partial_caption_prob
         self.grayscale_shape_prob = grayscale_shape_prob
+        # (brightness, contrast, saturation, hue) strengths of `augment.colour_jitter`, applied with that probability
+        self.colour_jitter = tuple(float(s) for s in colour_jitter)
+        self.colour_jitter_prob = colour_jitter_prob
         # the method's own fields (SLIP's views, AudioCLIP's audio), from the source example, whose `image` is an
         # RGB PIL image where DecodeExample decoded it (images.random_resized_crop takes either)
         self.add_fields = add_fields
@@ -260,10 +264,13 @@ class TrainExample(grain.transforms.RandomMap):
             # decides something, so that at 0 and 1 the example stream is what it was when this was a switch.
             p = self.grayscale_shape_prob
             if element.get("partial_caption_kind") == "shape" and p > 0 and (p == 1 or rng.random() < p):
-                gray = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-                image = np.repeat(gray[..., None], 3, axis=-1).round().astype(np.uint8)
+                image = grayscale(image.astype(np.float32)).round().astype(np.uint8)
         else:
             caption = short
+        # Drawn after the caption, and only when jitter is on: without it the example stream is what it was before.
+        if any(self.colour_jitter) and self.colour_jitter_prob > 0 and rng.random() < self.colour_jitter_prob:
+            jittered = colour_jitter(np.asarray(image, np.float32) / 255.0, rng, *self.colour_jitter)
+            image = np.clip(np.rint(jittered * 255.0), 0, 255).astype(np.uint8)
         out = {"image": image, "caption": caption, STATS: {m: element.get(m, 0) for m in _EXAMPLE_MARKS}}
         if self.add_captions is not None:
             out.update(self.add_captions(element))
@@ -357,7 +364,8 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
         TrainExample(
             config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob,
             add_captions=captions.add, partial_caption_prob=config.data.partial_caption_prob,
-            grayscale_shape_prob=config.data.grayscale_shape_prob, add_fields=fields,
+            grayscale_shape_prob=config.data.grayscale_shape_prob, colour_jitter=config.data.colour_jitter,
+            colour_jitter_prob=config.data.colour_jitter_prob, add_fields=fields,
         ),
         seed=config.seed,
     )
