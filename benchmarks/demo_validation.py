@@ -108,6 +108,7 @@ exact green is worth less:
 - `jitter02`: s = 0.2;
 - `jitter04`: s = 0.4, SimCLR's and SLIP's strength without the hue; it takes white down to a light gray (153) at
   its darkest, a colour name stretched.
+  `jitter04` lost after seed 0 (0.646); `jitter02` lost on its mean (0.862 and 0.918: 0.890 against 0.922).
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
