@@ -1,7 +1,7 @@
 """Input pipeline throughput per CPU core on our ArrayRecord shards: read + JPEG decode + random resized crop to
 224 + tokenize, and how many host cores one H100 training B/16 would need.
 
-    python benchmarks/input_pipeline.py [--n 2000] [--seconds 12]
+    python benchmarks/input_pipeline.py [--n 2000] [--seconds 12] [--colour-jitter 0.4 0.4 0.4 0.1]
 
 1. Generates N JPEG images (quality 90) of 256-512 px per side, random aspect: `shapes` scenes rendered at that
    size plus Gaussian noise (sigma 6), which brings file size and decode time to those of photos (~40-60 KB,
@@ -11,6 +11,8 @@
    wall-second and per CPU-second of the process: the latter is the per-core figure, robust to other jobs.
 3. "grain": the training pipeline itself (pipeline.train_dataset, data.source=records, batch 256) with
    data.workers = 1 and 2 processes, by wall clock (on a shared 2-core machine these include contention).
+`--colour-jitter B C S H` adds data.colour_jitter with those strengths (on 80% of the images, data.colour_jitter_prob's
+default) to both, after the crop as in the pipeline, and writes input_pipeline_<host>_jitter.json.
 Cores per H100 = H100 samples/s at 55% MFU of 989 TFLOP/s (train_flops_per_sample of B/16 at 224 px, 77 tokens)
 divided by one core's samples/s. Writes benchmarks/results/input_pipeline_<host>.json.
 """
@@ -41,6 +43,7 @@ from machine import cpu_facts  # noqa: E402
 
 from clip_jax.config import default_config  # noqa: E402
 from clip_jax.data import records  # noqa: E402
+from clip_jax.data.augment import jitter_image  # noqa: E402
 from clip_jax.data.images import crop_min_side, open_image, random_resized_crop  # noqa: E402
 from clip_jax.data.pipeline import train_dataset  # noqa: E402
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
@@ -91,13 +94,14 @@ def make_shards(directory: pathlib.Path, n: int, shards: int, seed: int = 0) -> 
             "mean_pixels": int(np.mean(pixels)), "sides": "256-512 px, quality 90"}
 
 
-def one_core(paths: list[str], tokenizer: ClipTokenizer, seconds: float) -> dict:
+def one_core(paths: list[str], tokenizer: ClipTokenizer, seconds: float, jitter: tuple[float, ...] | None) -> dict:
     """Per-example work in this process, no threads: what one core sustains."""
+    jitter_prob = default_config().data.colour_jitter_prob
     source = records.RecordSource(paths)
     min_side = crop_min_side(IMAGE_SIZE, True, (0.8, 1.0))
     rng = np.random.default_rng(0)
     order = rng.permutation(len(source))
-    done, captions, stages = 0, [], {"read": 0.0, "decode": 0.0, "crop": 0.0, "tokenize": 0.0}
+    done, captions, stages = 0, [], {"read": 0.0, "decode": 0.0, "crop": 0.0, "colour_jitter": 0.0, "tokenize": 0.0}
     wall, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - wall < seconds:
         for index in order:
@@ -106,14 +110,17 @@ def one_core(paths: list[str], tokenizer: ClipTokenizer, seconds: float) -> dict
             t1 = time.perf_counter()
             image = open_image(item["image_bytes"], min_side)[0]  # as pipeline.DecodeExample does
             t2 = time.perf_counter()
-            random_resized_crop(image, IMAGE_SIZE, rng, (0.8, 1.0))
+            crop = random_resized_crop(image, IMAGE_SIZE, rng, (0.8, 1.0))
             t3 = time.perf_counter()
+            if jitter is not None and rng.random() < jitter_prob:  # as pipeline.TrainExample does
+                jitter_image(crop, rng, jitter)
+            t4 = time.perf_counter()
             captions.append(item["long_caption"])
             if len(captions) == BATCH:
                 tokenizer(captions, CONTEXT)
                 captions = []
-            t4 = time.perf_counter()
-            for key, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            t5 = time.perf_counter()
+            for key, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
                 stages[key] += dt
             done += 1
             if done % BATCH == 0 and time.perf_counter() - wall >= seconds:
@@ -123,9 +130,12 @@ def one_core(paths: list[str], tokenizer: ClipTokenizer, seconds: float) -> dict
             "ms_per_sample": {k: round(v / done * 1e3, 3) for k, v in stages.items()}}
 
 
-def grain_rate(shard_dir: pathlib.Path, tokenizer: ClipTokenizer, workers: int, seconds: float) -> dict:
+def grain_rate(shard_dir: pathlib.Path, tokenizer: ClipTokenizer, workers: int, seconds: float,
+               jitter: tuple[float, ...] | None) -> dict:
     config = default_config()
     config.data.source, config.data.path, config.data.workers = "records", str(shard_dir), workers
+    if jitter is not None:
+        config.data.colour_jitter = jitter
     config.batch_size = BATCH
     iterator = iter(train_dataset(config, tokenizer))
     next(iterator)  # start-up (worker processes, first reads) is not throughput
@@ -143,6 +153,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="images to generate")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=12.0, help="per measurement")
+    parser.add_argument("--colour-jitter", type=float, nargs=4, metavar=("B", "C", "S", "H"),
+                        help="data.colour_jitter strengths: brightness, contrast, saturation, hue")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
@@ -159,8 +171,9 @@ def main() -> None:
             tokenizer = ClipTokenizer.train([records.decode_record(r)["caption"] for r in
                                              grain.sources.ArrayRecordDataSource(paths)], 8192)
         load_before = os.getloadavg()
-        core = one_core(paths, tokenizer, args.seconds)
-        pipelines = [grain_rate(shard_dir, tokenizer, w, args.seconds) for w in (1, 2)]
+        jitter = None if args.colour_jitter is None else tuple(args.colour_jitter)
+        core = one_core(paths, tokenizer, args.seconds, jitter)
+        pipelines = [grain_rate(shard_dir, tokenizer, w, args.seconds, jitter) for w in (1, 2)]
         load_after = os.getloadavg()
     flops = train_flops_per_sample(CLIPConfig.from_dict(model_preset("B/16")), CONTEXT)
     h100 = PEAK_FLOPS["NVIDIA H100"] * MFU / flops
@@ -181,7 +194,8 @@ def main() -> None:
         },
         "units": "samples/s; one_core: per wall-second and per CPU-second of one process without threads",
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"input_pipeline_{socket.gethostname()}.json"
+    suffix = "" if jitter is None else "_jitter"
+    out = args.out or ROOT / "benchmarks" / "results" / f"input_pipeline_{socket.gethostname()}{suffix}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("data", "one_core", "grain_pipeline", "h100_b16")}, indent=1))
     print(f"wrote {out}")

@@ -1,6 +1,8 @@
 """SLIP (clip_jax/methods/slip.py): its augmented views (data/augment.py), its batch against CLIP's, and the export
 of a SLIP model without its head. (The method contract: tests/test_methods.py; NT-Xent: tests/test_losses.py.)"""
 
+import colorsys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from PIL import Image
 
 from clip_jax.config import ConfigError, default_config, method_config, validate
-from clip_jax.data.augment import _hsv_to_rgb, _rgb_to_hsv, colour_jitter, ssl_view
+from clip_jax.data.augment import colour_jitter, shift_hue, ssl_view
 from clip_jax.data.pipeline import tokenizer_corpus
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.interop import openai as oa
@@ -19,13 +21,30 @@ from .test_methods import VOCAB, tiny_config
 RED = np.array([200, 30, 30], np.uint8)
 
 
-def test_hsv_round_trip_and_a_hue_shift_by_hand():
-    x = np.random.default_rng(0).random((64, 3)).astype(np.float32)
-    np.testing.assert_allclose(_hsv_to_rgb(_rgb_to_hsv(x)), x, atol=1e-6)
-    hsv = _rgb_to_hsv(np.array([[1.0, 0.0, 0.0]]))
-    np.testing.assert_allclose(hsv, [[0.0, 1.0, 1.0]])
-    hsv[..., 0] += 1 / 3  # a third of the colour circle: red -> green
-    np.testing.assert_allclose(_hsv_to_rgb(hsv), [[0.0, 1.0, 0.0]], atol=1e-6)
+def test_a_hue_shift_by_hand():
+    """Red moved by a sixth of the colour circle is yellow, by a third green, back by a third blue; orange (hue 1/12)
+    moved by a third is a green-cyan; a gray pixel stays as it is."""
+    pixels = np.array([[1.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.3, 0.3, 0.3]], np.float32)
+    np.testing.assert_allclose(shift_hue(pixels, 1 / 6), [[1, 1, 0], [0.5, 1, 0], [0.3, 0.3, 0.3]], atol=1e-6)
+    np.testing.assert_allclose(shift_hue(pixels, 1 / 3), [[0, 1, 0], [0, 1, 0.5], [0.3, 0.3, 0.3]], atol=1e-6)
+    np.testing.assert_allclose(shift_hue(pixels[:1], -1 / 3), [[0, 0, 1]], atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [0.37, -0.08, 0.5, -0.5, 1.3])
+def test_a_hue_shift_matches_the_standard_librarys_hsv_conversion(shift):
+    """Against colorsys (Python's own RGB <-> HSV), pixel by pixel, on an image with gray pixels in it; and the
+    shift keeps each pixel's max and min channel (its value and saturation) and is undone by the opposite shift."""
+    image = np.random.default_rng(0).random((12, 10, 3)).astype(np.float32)
+    image[0] = 0.4  # a gray row
+    image[1, :, 2] = image[1, :, 0]  # ties between channels
+    hsv = [colorsys.rgb_to_hsv(*p) for p in image.reshape(-1, 3).astype(np.float64)]
+    want = np.array([colorsys.hsv_to_rgb((h + shift) % 1.0, s, v) for h, s, v in hsv]).reshape(image.shape)
+    got = shift_hue(image, shift)
+    assert got.shape == image.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    np.testing.assert_allclose(got.max(-1), image.max(-1), atol=2e-6)
+    np.testing.assert_allclose(got.min(-1), image.min(-1), atol=2e-6)
+    np.testing.assert_allclose(shift_hue(got, -shift), image, atol=1e-5)
 
 
 def test_jitter_keeps_a_gray_image_gray_with_saturation_and_hue():

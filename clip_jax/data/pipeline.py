@@ -34,7 +34,7 @@ from etils import epath
 from PIL import Image
 
 from clip_jax.data import captions, records
-from clip_jax.data.augment import colour_jitter, grayscale
+from clip_jax.data.augment import grayscale, jitter_image
 from clip_jax.data.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     crop_min_side,
@@ -228,7 +228,7 @@ class TrainExample(grain.transforms.RandomMap):
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
                  add_captions: Callable[[dict], dict[str, str]] | None = None, partial_caption_prob: float = 0.0,
                  grayscale_shape_prob: float = 0.0, colour_jitter: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-                 colour_jitter_prob: float = 0.0, add_fields: FieldHook | None = None):
+                 colour_jitter_prob: float = 0.8, add_fields: FieldHook | None = None):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
@@ -236,7 +236,8 @@ class TrainExample(grain.transforms.RandomMap):
         self.add_captions = add_captions  # the method's own captions (`Captions.add`)
         self.partial_caption_prob = partial_caption_prob
         self.grayscale_shape_prob = grayscale_shape_prob
-        # (brightness, contrast, saturation, hue) strengths of `augment.colour_jitter`, applied with that probability
+        # (brightness, contrast, saturation, hue) strengths of `augment.colour_jitter` (all 0: off), applied to an
+        # image with that probability
         self.colour_jitter = tuple(float(s) for s in colour_jitter)
         self.colour_jitter_prob = colour_jitter_prob
         # the method's own fields (SLIP's views, AudioCLIP's audio), from the source example, whose `image` is an
@@ -269,8 +270,7 @@ class TrainExample(grain.transforms.RandomMap):
             caption = short
         # Drawn after the caption, and only when jitter is on: without it the example stream is what it was before.
         if any(self.colour_jitter) and self.colour_jitter_prob > 0 and rng.random() < self.colour_jitter_prob:
-            jittered = colour_jitter(np.asarray(image, np.float32) / 255.0, rng, *self.colour_jitter)
-            image = np.clip(np.rint(jittered * 255.0), 0, 255).astype(np.uint8)
+            image = jitter_image(image, rng, self.colour_jitter)
         out = {"image": image, "caption": caption, STATS: {m: element.get(m, 0) for m in _EXAMPLE_MARKS}}
         if self.add_captions is not None:
             out.update(self.add_captions(element))
