@@ -178,9 +178,11 @@ def _mid_image(seed: int = 0) -> np.ndarray:
 
 def test_colour_jitter_off_leaves_images_and_the_stream_unchanged():
     """All strengths 0, or probability 0: the image as it was and no number drawn, so every earlier recipe's
-    examples are unchanged."""
+    examples are unchanged. Without a crop or a partial caption an example draws one number, the caption's: each
+    generator then goes on with its second."""
     image = _mid_image()
     plain, plain_end = _jitter_outputs(image, (0.0, 0.0, 0.0, 0.0), 0.8, 50)
+    assert plain_end == [np.random.default_rng(i).random(2)[1] for i in range(50)]
     for jitter, prob in (((0.4, 0.4, 0.4, 0.1), 0.0), ((0.0, 0.0, 0.0, 0.0), 1.0)):
         outs, end = _jitter_outputs(image, jitter, prob, 50)
         assert end == plain_end
