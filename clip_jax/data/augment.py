@@ -7,6 +7,9 @@ Two sets (`SSL_AUGMENTATIONS`):
   probability 0.2, Gaussian blur (sigma 0.1-2 px) with probability 0.5. Its features learn to ignore colour.
 - "colour": colour-preserving, for tasks where colour is the label (shapes' colour-shape pairs): random resized
   crop of 50-100% (an object survives the crop), flip and blur; no jitter, no grayscale.
+
+The colour operations serve the training images too: `data.colour_jitter` (pipeline.TrainExample, `jitter_image`)
+and the grayscale of shape-only captions.
 """
 
 from __future__ import annotations
