@@ -109,6 +109,12 @@ exact green is worth less:
 - `jitter04`: s = 0.4, SimCLR's and SLIP's strength without the hue; it takes white down to a light gray (153) at
   its darkest, a colour name stretched.
   `jitter04` lost after seed 0 (0.646); `jitter02` lost on its mean (0.862 and 0.918: 0.890 against 0.922).
+A seventeenth round against `wd02`, fixed before its runs (2026-12-05, a later session), the same rule. The loss
+itself, never varied so far: SigLIP's pairwise sigmoid (Zhai et al. 2023), which the paper found ahead of the
+softmax loss most clearly at small batches (the demo's is 256), at no step cost:
+- `siglip`: `method.name=siglip` with the paper's initialisation (temperature 10, bias -10) and no clamp on the
+  temperature (the paper has none); multi-positive captions stay on (identical captions are positives of each
+  other, as for the incumbent).
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -165,6 +171,9 @@ CANDIDATES = {  # name -> (config, overrides)
     "depth03": ("configs/demo.py", ("--config.model.vision.stochastic_depth=0.3",)),
     "jitter02": ("configs/demo.py", ("--config.data.colour_jitter=(0.2, 0.2, 0.2, 0.0)",)),
     "jitter04": ("configs/demo.py", ("--config.data.colour_jitter=(0.4, 0.4, 0.4, 0.0)",)),
+    "siglip": ("configs/demo.py", (
+        "--config.method.name=siglip", "--config.model.logit_scale_init=2.302585092994046",  # ln 10
+        "--config.model.logit_bias_init=-10.0", "--config.model.max_logit_scale=0")),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -186,6 +195,7 @@ ROUNDS = (
     ("wd02", ("shapecolour50",), 0.01),
     ("wd02", ("depth01", "depth03"), 0.01),
     ("wd02", ("jitter02", "jitter04"), 0.01),
+    ("wd02", ("siglip",), 0.01),
 )
 
 
