@@ -199,6 +199,24 @@ def test_the_evaluation_suite_runs_on_the_methods_model(method_setup, runs, toke
         assert {"zero_shot_top1_val", "zero_shot_top1_seen"} <= set(results) and "zero_shot_top1" not in results
 
 
+@pytest.mark.parametrize("bias_init", [None, -10.0])
+def test_a_learnt_bias_is_logged_beside_the_temperature(bias_init):
+    """SigLIP's bias (`model.logit_bias_init`) is logged with each step, at its value; a model without one logs the
+    temperature alone."""
+    config = tiny_config("siglip")
+    if bias_init is not None:
+        config.model.logit_bias_init = bias_init
+    method = get_method(config)
+    model = method.model()
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), *method.init_inputs())["params"])
+    fns = method.step_fns(model)
+    logged = jax.device_get(fns.log(fns.shared(params)))
+    assert set(logged) == ({"logit_scale"} if bias_init is None else {"logit_scale", "logit_bias"})
+    np.testing.assert_allclose(logged["logit_scale"], 1 / 0.07, rtol=1e-6)  # exp of the default ln(1 / 0.07)
+    if bias_init is not None:
+        assert float(logged["logit_bias"]) == bias_init
+
+
 # --- FLOPs ----------------------------------------------------------------------------------------------------------
 def test_a_frozen_tower_counts_one_forward_and_a_trained_one_three():
     config = tiny_config("longclip")

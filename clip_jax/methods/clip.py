@@ -97,8 +97,11 @@ class ClipMethod(Method):
             scale, bias = model.apply({"params": params}, method=CLIP.temperature)
             return {"logit_scale": scale, "logit_bias": bias}
 
+        # The bias too where the model learns one (SigLIP's): the two scalars set how sharp and how skewed the pairs'
+        # logits can be, and a bias that never moves from its initial value shows here first.
+        logged = ("logit_scale", "logit_bias") if model.config.logit_bias_init is not None else ("logit_scale",)
         return StepFns(embed=embed, shared=shared, loss=self.loss_fn(), targets=targets,
-                       log=lambda s: {"logit_scale": s["logit_scale"]})
+                       log=lambda s: {key: s[key] for key in logged})
 
     def warm_start(self, params, initial):
         if not self.hparams.reset_logit_scale:
