@@ -120,6 +120,8 @@ softmax loss most clearly at small batches (the demo's is 256), at no step cost:
   positive pair.
 An eighteenth round against `wd02`, fixed before its runs (2026-12-05, after the seventeenth), the same rule:
 - `siglip_b55`: `siglip` with the paper's reasoning for the bias applied to the demo's batch: -ln 256 = -5.55.
+  It lost after seed 0 (0.723). The loss family stops there: a third initialisation would tune SigLIP to these
+  pairs.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
