@@ -128,7 +128,7 @@ class SiglipConfig:
 
 class SiglipMethod(ClipMethod):
     """CLIP's towers and batch with the pairwise sigmoid loss; the model should set `model.logit_bias_init` (the
-    paper's -10) to learn the bias, else it is 0."""
+    paper's -10, as configs/siglip.py does) to learn the bias, else it is 0."""
 
     name = "siglip"
     Config = SiglipConfig
