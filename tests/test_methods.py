@@ -4,6 +4,7 @@ equal one device in one shot; the train state round-trips through a checkpoint; 
 trained parameters. Also the method's part of the configuration, old workdirs' migration and FLOPs."""
 
 import json
+import logging
 
 import flax.linen as nn
 import jax
@@ -215,6 +216,17 @@ def test_a_learnt_bias_is_logged_beside_the_temperature(bias_init):
     np.testing.assert_allclose(logged["logit_scale"], 1 / 0.07, rtol=1e-6)  # exp of the default ln(1 / 0.07)
     if bias_init is not None:
         assert float(logged["logit_bias"]) == bias_init
+
+
+@pytest.mark.parametrize("bias_init", [None, -10.0])
+def test_siglip_without_a_bias_says_so_at_launch(bias_init, caplog):
+    config = tiny_config("siglip")
+    if bias_init is not None:
+        config.model.logit_bias_init = bias_init
+    with caplog.at_level(logging.WARNING, logger="clip_jax.methods.clip"):
+        get_method(config).check(make_mesh({"data": 1}, jax.devices()[:1]))
+    warned = [r.getMessage() for r in caplog.records if "logit_bias_init" in r.getMessage()]
+    assert len(warned) == (1 if bias_init is None else 0)
 
 
 # --- FLOPs ----------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ over the global batch (clip_jax/losses.py). The base of the image-text methods t
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,8 @@ from clip_jax.methods.base import Field, Method, StepFns
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig
 from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS
+
+log = logging.getLogger(__name__)
 
 # The batch field of each example's key for the image tower's random drops: patch dropout, stochastic depth
 # (uint32 [2]).
@@ -132,6 +135,13 @@ class SiglipMethod(ClipMethod):
 
     name = "siglip"
     Config = SiglipConfig
+
+    def check(self, mesh) -> None:
+        super().check(mesh)
+        # It trains without one, but not as the paper does: that a bias was left out should not go unnoticed.
+        if self.config.model.get("logit_bias_init") is None:
+            log.warning("method siglip without model.logit_bias_init: the sigmoid loss learns no bias (the paper "
+                        "starts it at -10, about -ln of its batch; configs/siglip.py sets it)")
 
     def loss_fn(self):
         loss = losses.siglip_ring_loss if self.hparams.ring else losses.siglip_loss
