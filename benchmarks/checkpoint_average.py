@@ -25,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from machine import cpu_facts  # noqa: E402
 
 from clip_jax.evaluate.suite import evaluate  # noqa: E402
+from clip_jax.train.checkpoint import Checkpointer, abstract_like  # noqa: E402
 from clip_jax.train.loop import load_trained  # noqa: E402
 
 
@@ -36,21 +37,24 @@ def uniform_average(trees: list) -> object:
 def probe(workdir: str, steps: list[int] | None) -> dict:
     if steps is None:
         steps = sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
-    trained = {step: load_trained(workdir, step) for step in steps}
-    last = trained[steps[-1]]
+    last = load_trained(workdir, steps[-1])  # the model, tokenizer and method once; the other steps' parameters alone
+    checkpointer = Checkpointer(workdir, last.config.checkpoint)
+    params = {step: last.params if step == steps[-1] else checkpointer.restore_params(step, abstract_like(last.params))
+              for step in steps}
+    checkpointer.close()
 
-    def scores(params) -> dict[str, float]:
-        results = evaluate(last.config, last.model, params, last.mesh, last.tokenizer, method=last.method)
+    def scores(tree) -> dict[str, float]:
+        results = evaluate(last.config, last.model, tree, last.mesh, last.tokenizer, method=last.method)
         return {k: round(float(v), 4) for k, v in results.items()}
 
     out = {"steps": steps, "single": {}, "tail_average": {}}
     for step in steps:
-        out["single"][str(step)] = scores(trained[step].params)
+        out["single"][str(step)] = scores(params[step])
         print(workdir, "step", step, out["single"][str(step)], flush=True)
     for k in range(2, len(steps) + 1):
         tail = steps[-k:]
         name = f"{tail[0]}-{tail[-1]} ({k} checkpoints)"
-        out["tail_average"][name] = scores(uniform_average([trained[s].params for s in tail]))
+        out["tail_average"][name] = scores(uniform_average([params[s] for s in tail]))
         print(workdir, "average of steps", name, out["tail_average"][name], flush=True)
     return out
 

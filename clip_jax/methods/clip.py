@@ -139,7 +139,7 @@ class SiglipMethod(ClipMethod):
     def check(self, mesh) -> None:
         super().check(mesh)
         # It trains without one, but not as the paper does: that a bias was left out should not go unnoticed.
-        if self.config.model.get("logit_bias_init") is None:
+        if self.model_config().logit_bias_init is None:
             log.warning("method siglip without model.logit_bias_init: the sigmoid loss learns no bias (the paper "
                         "starts it at -10, about -ln of its batch; configs/siglip.py sets it)")
 
