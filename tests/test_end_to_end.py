@@ -1,6 +1,7 @@
 """End to end through the `clip-jax` command line, in-process, on a tiny model: a training run and everything it
 writes; a run interrupted after its mid-run checkpoint and relaunched ends bit-identical to an uninterrupted one;
-`eval` and `encode` on the trained workdir; configuration mistakes stop the command with a one-line message."""
+`eval` and `encode` on the trained workdir, and the same from Python (`clip_jax.load`); configuration mistakes stop
+the command with a one-line message."""
 
 import json
 import math
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import clip_jax
 from clip_jax import cli
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.errors import ConfigError
 from clip_jax.models.clip import CLIP
 from clip_jax.train.checkpoint import read_state as saved_state
 from clip_jax.train.loop import load_trained
@@ -236,6 +239,58 @@ def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, t
     want_text, want_image = embed(jax.device_get(params), tokenizer(texts, CONTEXT), small)
     np.testing.assert_allclose(text_emb, want_text, atol=1e-5)
     np.testing.assert_allclose(image_emb, want_image, atol=1e-5)
+
+
+# --- from Python ----------------------------------------------------------------------------------------------------
+
+
+def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_path):
+    model = clip_jax.load(trained)
+    source = ShapesDataset(ShapesConfig(image_size=48), "test")  # not the model's 32 px: the API resizes
+    pixels = [source[i]["image"] for i in range(3)]
+    Image.fromarray(pixels[0]).save(tmp_path / "a.png")
+    Image.fromarray(pixels[1]).convert("L").save(tmp_path / "b.png")  # grayscale: read as RGB
+
+    # A file, a PIL image of another mode and an array give the same rows as the model applied by hand.
+    got = model.encode_images([tmp_path / "a.png", Image.open(tmp_path / "b.png"), pixels[2]])
+    by_hand = [pixels[0], np.asarray(Image.open(tmp_path / "b.png").convert("RGB")), pixels[2]]
+    small = np.stack([np.asarray(Image.fromarray(p).resize((IMAGE, IMAGE), Image.BICUBIC)) for p in by_hand])
+    params = jax.device_get(model.trained.params)
+    apply = model.trained.model.apply
+    want = apply({"params": params}, small, method=CLIP.encode_image)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(model.encode_images(np.stack(pixels)), model.encode_images(pixels), atol=1e-6)
+
+    texts = ["a red circle.", "a blue square."]
+    want_text = apply({"params": params}, model.trained.tokenizer(texts, CONTEXT), method=CLIP.encode_text)
+    np.testing.assert_allclose(model.encode_texts(texts), want_text, atol=1e-5)
+
+    # Zero-shot: the softmax of the temperature times the cosine similarities to "a photo of a {}." (the run sets
+    # no templates of its own), computed here from the embeddings above and the logit scale parameter.
+    names, probs = model.classify(pixels, ["red circle", "blue square"])
+    prompts = model.encode_texts(["a photo of a red circle.", "a photo of a blue square."])
+    scale = min(np.exp(params["logit_scale"]), model.trained.config.model.max_logit_scale)
+    logits = scale * model.encode_images(pixels) @ prompts.T
+    want_probs = np.exp(logits - logits.max(1, keepdims=True))
+    assert names == ["red circle", "blue square"]
+    np.testing.assert_allclose(probs, want_probs / want_probs.sum(1, keepdims=True), atol=1e-5)
+
+
+def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a clip_jax workdir"):
+        clip_jax.load(tmp_path)
+    model = clip_jax.load(trained)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    with pytest.raises(ValueError, match="broken.png"):  # an error, not a skip: row i of a result is input i
+        model.encode_images([tmp_path / "broken.png"])
+    with pytest.raises(ValueError, match=r"image 0: expected uint8 RGB \[H, W, 3\], got float32"):
+        model.encode_images([np.zeros((8, 8, 3), np.float32)])
+    with pytest.raises(TypeError, match="list of texts"):
+        model.encode_texts("a red circle.")
+    with pytest.raises(TypeError, match="list of images"):
+        model.encode_images(str(tmp_path / "broken.png"))
+    with pytest.raises(ConfigError, match="no classes of its own"):
+        model.classify([np.zeros((8, 8, 3), np.uint8)])
 
 
 # --- mistakes -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""A workdir's model from Python: load it once, then embed images and texts, or classify images zero-shot.
+
+    import clip_jax
+
+    model = clip_jax.load("workdirs/demo")               # the latest checkpoint; step=N for another
+    image_emb = model.encode_images(["a.png", pil_image, uint8_array])   # float32 [3, D], unit rows
+    text_emb = model.encode_texts(["a red circle.", "a blue star."])      # float32 [2, D], unit rows
+    names, probs = model.classify(["a.png"], ["red circle", "blue star"])  # probs [1, 2], rows sum to 1
+
+A workdir is a `clip-jax train` run or one that `clip-jax convert` wrote from an OpenAI, open_clip or Hugging Face
+checkpoint. These are the functions behind `clip-jax encode` and `clip-jax classify`, with one difference: an image
+that cannot be read is an error naming it (row i of a result is input i), where the commands skip it with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from clip_jax.host_memory import keep_freed_memory
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+class Model:
+    """A trained model read back from its workdir, with its tokenizer (`load`). `trained` holds the rest: its
+    config, method, Flax module, parameters on their mesh, and step."""
+
+    def __init__(self, trained: Any, batch_size: int = 256) -> None:
+        from clip_jax.evaluate.encoder import Encoder
+
+        self.trained = trained
+        self.encoder = Encoder(trained.model, trained.params, trained.mesh, batch_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.trained.config.model.vision.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.trained.config.model.text.context_length
+
+    def images(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] at the model's image size S, by CLIP's evaluation transform (shorter side resized to
+        S, bicubic, then the centre square): from image files, PIL images of any mode, uint8 RGB arrays [H, W, 3],
+        or one uint8 array [N, H, W, 3]."""
+        from clip_jax.data.images import load_image, resize_center_crop, rgb_image
+
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        if isinstance(images, str | os.PathLike | Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
+            raise TypeError("give a list of images (or a uint8 array [N, H, W, 3]), not one image")
+        out = []
+        for i, image in enumerate(images):
+            if isinstance(image, str | os.PathLike):
+                out.append(load_image(image, self.image_size))  # a ValueError naming the file if unreadable
+            elif isinstance(image, Image.Image):
+                out.append(resize_center_crop(rgb_image(image), self.image_size))
+            else:
+                array = np.asarray(image)
+                if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+                    raise ValueError(f"image {i}: expected uint8 RGB [H, W, 3], got {array.dtype} {list(array.shape)}")
+                out.append(resize_center_crop(array, self.image_size))
+        if not out:
+            raise ValueError("no images given")
+        return np.stack(out)
+
+    def encode_images(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
+        """float32 [N, D] L2-normalised embeddings of N images (any of `images`' kinds)."""
+        return self.encoder.images(self.images(images))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 [N, D] L2-normalised embeddings of N texts; a text longer than the model's context is cut to it."""
+        if isinstance(texts, str):
+            raise TypeError("give a list of texts, not one string")
+        if not texts:
+            raise ValueError("no texts given")
+        return self.encoder.texts(self.trained.tokenizer(list(texts), self.context_length))
+
+    def classify(self, images: Sequence[ImageInput] | np.ndarray, class_names: Sequence[str] | None = None,
+                 classes: str = "all") -> tuple[list[str], np.ndarray]:
+        """(class names, probabilities float32 [N, C]) of N images. With `class_names`, zero-shot CLIP over them:
+        each name in the run's prompt templates (`few_shot.templates`; "a photo of a {}." if it has none), the
+        templates' embeddings averaged, softmax of the model's temperature times the cosine similarities. Without,
+        a few-shot method's own classes (`classes`: "all", "base" or "new"), as `clip-jax classify`."""
+        from scipy.special import softmax
+
+        from clip_jax.evaluate.classify import class_scores
+
+        names, logits = class_scores(self.trained, self.encoder, self.images(images), classes,
+                                     None if class_names is None else list(class_names))
+        return names, softmax(np.asarray(logits, dtype=np.float32), axis=-1)
+
+
+def load(workdir: str | os.PathLike, step: int | None = None, batch_size: int = 256) -> Model:
+    """The model of `workdir` at its latest checkpoint (or `step`), on every local device; `batch_size` examples
+    per device call. FileNotFoundError if `workdir` is not a workdir or has no checkpoint."""
+    keep_freed_memory()  # on the CPU, before JAX starts (it does nothing after): host_memory.py says why
+    from clip_jax.train.loop import load_trained
+
+    return Model(load_trained(workdir, step), batch_size)
