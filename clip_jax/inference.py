@@ -44,7 +44,7 @@ class Model:
     def context_length(self) -> int:
         return self.trained.config.model.text.context_length
 
-    def images(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
+    def preprocess(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] at the model's image size S, by CLIP's evaluation transform (shorter side resized to
         S, bicubic, then the centre square): from image files, PIL images of any mode, uint8 RGB arrays [H, W, 3],
         or one uint8 array [N, H, W, 3]."""
@@ -71,7 +71,7 @@ class Model:
 
     def encode_images(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
         """float32 [N, D] L2-normalised embeddings of N images (any of `images`' kinds)."""
-        return self.encoder.images(self.images(images))
+        return self.encoder.images(self.preprocess(images))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [N, D] L2-normalised embeddings of N texts; a text longer than the model's context is cut to it."""
@@ -91,7 +91,7 @@ class Model:
 
         from clip_jax.evaluate.classify import class_scores
 
-        names, logits = class_scores(self.trained, self.encoder, self.images(images), classes,
+        names, logits = class_scores(self.trained, self.encoder, self.preprocess(images), classes,
                                      None if class_names is None else list(class_names))
         return names, softmax(np.asarray(logits, dtype=np.float32), axis=-1)
 
