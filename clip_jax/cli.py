@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import sys
 
 from clip_jax.config import ConfigError
@@ -37,7 +38,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.config import load_config, read_config
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.train.loop import train_and_evaluate
+    from clip_jax.train.loop import checkpoint_steps, train_and_evaluate
 
     maybe_initialize()
     workdir = epath.Path(args.workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
@@ -49,6 +50,11 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
 
         apply_overrides(config, overrides)
         validate(config)
+        if config.data.source == "shapes" and checkpoint_steps(workdir) == [0]:
+            # A converted (or stretched) model's config.json has the schema's data settings, not the user's.
+            print(f"warning: {workdir} holds a converted or stretched model, and its first run trains on the "
+                  "procedural shapes data (data.source's default); for your data, set --config.data.source and "
+                  "--config.data.path (docs/data.md)", file=sys.stderr)
     else:
         raise ConfigError("train needs --config (or a --workdir that already holds config.json)")
     train_and_evaluate(config, workdir)
@@ -83,6 +89,17 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"wrote {out}")
 
 
+def _refuse_out_in_workdir(out) -> None:
+    """A command's --out goes outside every run's workdir: its files would mix with the run's (docs/your_data.md)."""
+    from clip_jax.files import enclosing_workdir
+
+    folder = enclosing_workdir(out)
+    if folder is not None:
+        where = "is" if folder == pathlib.Path(out).resolve() else "lies inside"
+        raise ConfigError(f"--out {out} {where} the clip_jax workdir {folder}; commands write outside a run's folder: "
+                          "name another --out")
+
+
 def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
     import numpy as np
@@ -100,6 +117,7 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the .npy files")
+    _refuse_out_in_workdir(out)
     texts = _read_lines(args.texts) if args.texts else None  # a bad file is found before the model is loaded
     if args.audio:
         _check_audio_model(args.workdir)
@@ -208,6 +226,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     out = epath.Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the path of the CSV file to write")
+    _refuse_out_in_workdir(out)
     names = _read_lines(args.names) if args.names else None  # a bad file is found before the model is loaded
     files = list_images(args.images)
     maybe_initialize()
@@ -227,6 +246,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
         writer.writerow(["image", "label", "probability"])
         for row, i in enumerate(kept):
             writer.writerow([str(files[i]), class_names[best[row]], f"{probabilities[row, best[row]]:.4f}"])
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, text.getvalue())
         print(f"classified {len(kept)} images among {len(class_names)} classes -> {out}" + (
             f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
@@ -257,6 +277,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the masks and overlays")
+    _refuse_out_in_workdir(out)
     files = list_images(args.images)
     maybe_initialize()
     trained = load_trained(args.workdir)
@@ -310,6 +331,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for detections.json and the drawn boxes")
+    _refuse_out_in_workdir(out)
     files = list_images(args.images)
     maybe_initialize()
     trained = load_trained(args.workdir)
@@ -389,6 +411,7 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.config import read_config
+    from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
     from clip_jax.interop.workdir import export_workdir
 
     config_path = os.path.join(args.workdir, "config.json")
@@ -396,8 +419,15 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     if method == "groupvit":
         raise ConfigError(f"{args.workdir} is a GroupViT run: its image tower (grouping stages) has no OpenAI or "
                           "Hugging Face layout; use the workdir itself (clip-jax segment, encode, eval)")
-    for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force):
+    written = export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force)
+    for path in written:
         print(f"wrote {path}")
+    vocabulary = pathlib.Path(args.workdir) / "tokenizer.json"  # export read it: it exists
+    own = json.loads(vocabulary.read_text(encoding="utf-8"))["name"] != OPENAI_VOCAB_NAME
+    if args.format == "openai" and len(written) == 1 and own:
+        print(f"note: {written[0].name} holds the weights only, and this run has a vocabulary of its own "
+              f"({vocabulary}): export to a folder to have it beside them (open_clip's local-dir tokenizer reads "
+              "it), or give it to `clip-jax convert --vocab`", file=sys.stderr)
     if "audio" in read_config(config_path).model:  # export read it: it exists
         print("note: the export holds the image and text towers; the audio tower has no OpenAI or Hugging Face "
               "layout and stays in the workdir (clip-jax encode --audio)", file=sys.stderr)
@@ -435,6 +465,7 @@ def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def _data(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.data import convert, records
+    from clip_jax.data.captions import MissingColumns
 
     if args.data_command == "inspect":
         try:
@@ -458,6 +489,8 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> None:
                 min_size=args.min_size, max_image_bytes=args.max_image_bytes, prefix=args.prefix,
                 fields=(args.image_field, args.caption_field, args.short_caption_field), progress=progress,
             )
+        except MissingColumns as e:
+            raise ConfigError(f"{e}; name them with --image-field and --caption-field") from None
         except ValueError as e:  # a bad argument or an input that cannot be read at all (bad samples never raise)
             raise ConfigError(str(e)) from None
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
@@ -534,14 +567,20 @@ COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "classify": _clas
 def build_parser() -> argparse.ArgumentParser:
     from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
 
+    debug = "--debug (anywhere; or CLIP_JAX_DEBUG=1): full tracebacks instead of the one-line errors"
     parser = argparse.ArgumentParser(prog="clip-jax", description="Train, evaluate and use CLIP models in JAX.",
-                                     epilog="--debug (anywhere; or CLIP_JAX_DEBUG=1): full tracebacks instead of the "
-                                     "one-line errors")
+                                     epilog=debug)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train (or resume) a model; overrides as --config.key=value")
+    train = sub.add_parser(
+        "train", help="train (or resume) a model; overrides as --config.key=value",
+        epilog="Any config field is set on the command line as --config.key=value (one argument, with '='), e.g. "
+        "--config.batch_size=256 --config.model.vision.layers=6; clip_jax/config.py's default_config() is the "
+        f"commented schema. Without --config, the workdir's own config.json (a resume). {debug}")
     train.add_argument("--config", help="config file, e.g. configs/demo.py or configs/pretrain.py:B/16")
-    train.add_argument("--workdir", required=True)
-    ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
+    train.add_argument("--workdir", required=True, help="a new or empty folder, or a run's to resume it")
+    ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir",
+                        epilog=f"--config.eval.*=value and --config.evals.*=value override the run's evaluation "
+                        f"settings and entries. {debug}")
     ev.add_argument("--workdir", required=True)
     enc = sub.add_parser("encode", help="write normalised text / image / audio embeddings as .npy")
     enc.add_argument("--workdir", required=True)
@@ -711,6 +750,9 @@ def main(argv: list[str] | None = None) -> None:
     args.pipeline_options = pipeline_options
     overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
+    spaced = next((o for o in overrides if "=" not in o), None)
+    if spaced:  # `--config.key value`: argparse leaves the value as an unknown argument
+        parser.error(f"{spaced}: give its value after '=', as one argument: {spaced}=VALUE")
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     if overrides and args.command != "train" and not (
@@ -733,6 +775,14 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         print(f"clip-jax {args.command}: interrupted", file=sys.stderr)
+        if "jax" in sys.modules:
+            # Not sys.exit: a Ctrl-C can land while XLA compiles (a jit's first call) in its own thread pool, and the
+            # interpreter's teardown then frees the JAX client under that compilation: a segfault (exit 139) after
+            # this line. What a command writes is written whole or already closed, so nothing is lost by skipping it.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         sys.exit(130)
     except (*_USER_ERRORS, OSError) as e:
         if debug:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import json
 import pathlib
@@ -96,6 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
     # ImageSets/Segmentation/train.txt (LSeg; data/segmentation.py).
     c.data.path = ""
     c.data.image_root = ""
+    # captions (csv, tsv, jsonl): the columns of the image path and the caption (open_clip's CSVs: filepath, title);
+    # a short_caption column is read when there is one
+    c.data.image_field = "image"
+    c.data.caption_field = "caption"
     c.data.skip = 0  # leave out the first N records (ShareGPT4V-1k: the first 1,000 are the test set)
     c.data.augment = True  # random resized crop for training (eval: resize + centre crop)
     c.data.crop_scale = (0.8, 1.0)
@@ -199,6 +204,15 @@ def _type_ok(default: Any, value: Any) -> bool:
 _NULLABLE = ("model.logit_bias_init",)
 
 
+# The top-level groups that `validate` checks against schemas of their own (the towers', the method's, each entry's).
+_SEPARATELY_CHECKED = ("model", "method", "evals")
+
+
+def _did_you_mean(key: str, valid) -> str:
+    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _check_against(schema: Any, value: Any, path: str) -> None:
     if isinstance(schema, ml_collections.ConfigDict) or isinstance(schema, dict):
         if not isinstance(value, ml_collections.ConfigDict | dict):
@@ -206,9 +220,9 @@ def _check_against(schema: Any, value: Any, path: str) -> None:
         for key in value:
             sub = f"{path}.{key}" if path else key
             if key not in schema:
-                close = [k for k in schema if k.lower()[:3] == str(key).lower()[:3]]
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"unknown config key '{sub}'{hint}; valid keys here: {', '.join(sorted(schema))}")
+                valid = sorted({*schema, *_SEPARATELY_CHECKED}) if not path else sorted(schema)
+                raise ConfigError(f"unknown config key '{sub}'{_did_you_mean(key, valid)}; valid keys here: "
+                                  f"{', '.join(valid)}")
             _check_against(schema[key], value[key], sub)
     elif value is None and schema is not None and path not in _NULLABLE:
         raise ConfigError(f"config key '{path}' must be {type(schema).__name__}, got None")
@@ -287,7 +301,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError (one line naming the key) for unknown keys, wrong types and inconsistent values."""
     schema = default_config()
     del schema.model, schema.method, schema.evals
-    top = {k: v for k, v in config.items() if k not in ("model", "method", "evals")}
+    top = {k: v for k, v in config.items() if k not in _SEPARATELY_CHECKED}
     _check_against(schema, top, "")
     _check_against(_model_schema(config.model), config.model, "model")
     if "method" not in config or "name" not in config.method:
@@ -405,6 +419,9 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
             sys.path.insert(0, root)
         name = ".".join(parts)
     module_spec = importlib.util.spec_from_file_location(name, file)
+    if module_spec is None:  # Python loads only .py files as modules
+        raise ConfigError(f"config file {path} is not a Python file: --config takes a .py file defining get_config() "
+                          "(configs/demo.py is one)")
     module = importlib.util.module_from_spec(module_spec)
     # A config file is the user's code: whatever it raises (a syntax error, a typo, an unknown preset in
     # get_config's argument, ConfigDict's type check) is a mistake in that file, reported as one line naming it.
@@ -461,11 +478,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
         node = config
         for i, part in enumerate(parents):
             if part not in node:
-                raise ConfigError(f"unknown config key '{'.'.join(parents[: i + 1])}' in override {item!r}")
+                raise ConfigError(f"unknown config key '{'.'.join(parents[: i + 1])}' in override "
+                                  f"{item!r}{_did_you_mean(part, node)}")
             node = node[part]
         if leaf not in node:
             owners = sorted(n for n, m in METHODS.items() if parents == ["method"] and leaf in m.defaults())
-            hint = f" (a field of method {' / '.join(owners)}: set --config.method.name first)" if owners else ""
+            hint = (f" (a field of method {' / '.join(owners)}: set --config.method.name first)" if owners
+                    else _did_you_mean(leaf, node))
             raise ConfigError(f"unknown config key '{key}' in override {item!r}{hint}")
         value = _parse_value(text)
         if not _type_ok(node[leaf], value):

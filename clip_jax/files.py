@@ -5,7 +5,9 @@ gs:/bucket/run."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import pathlib
 import re
 
 from etils import epath
@@ -48,6 +50,32 @@ _OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the message is one line that says what to do."""
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """A clip_jax workdir: a config.json of ours (not a Hugging Face export's: those have model_type) or Orbax
+    step folders under checkpoints/ (a run makes them before its config.json). Both are told by content: a user's
+    folder of downloaded `checkpoints/` or another tool's config.json is not a workdir."""
+    path = epath.Path(path)  # a run's workdir may be a bucket
+    if (path / "config.json").is_file():
+        try:
+            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None  # not ours, or a damaged one: its checkpoints/ still tell
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "model_type" not in data:
+            return True
+    steps = path / "checkpoints"
+    return steps.is_dir() and any(p.name.split(".")[0].isdigit() for p in steps.iterdir())
+
+
+def enclosing_workdir(path: str | os.PathLike, source: str | os.PathLike | None = None) -> pathlib.Path | None:
+    """The clip_jax workdir (or the `source` folder) that the local `path` is or lies inside, or None: where a
+    command's output would mix with a run's files."""
+    if is_remote(path):
+        return None
+    source = pathlib.Path(source).resolve() if source is not None else None
+    resolved = pathlib.Path(path).resolve()
+    return next((folder for folder in (resolved, *resolved.parents) if folder == source or is_workdir(folder)), None)
 
 
 def os_error(error: BaseException) -> str | None:

@@ -46,13 +46,13 @@ class Model:
 
     def preprocess(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] at the model's image size S, by CLIP's evaluation transform (shorter side resized to
-        S, bicubic, then the centre square): from image files, PIL images of any mode, uint8 RGB arrays [H, W, 3],
-        or one uint8 array [N, H, W, 3]."""
+        S, bicubic, then the centre square): from image files, PIL images of any mode, uint8 arrays (RGB [H, W, 3],
+        grayscale [H, W] or RGBA [H, W, 4]), or one uint8 array [N, H, W, 3]."""
         from clip_jax.data.images import load_image, resize_center_crop, rgb_image
 
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
-        if isinstance(images, str | os.PathLike | Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
+        if isinstance(images, str | os.PathLike | Image.Image) or (isinstance(images, np.ndarray) and images.ndim < 4):
             raise TypeError("give a list of images (or a uint8 array [N, H, W, 3]), not one image")
         out = []
         for i, image in enumerate(images):
@@ -62,9 +62,10 @@ class Model:
                 out.append(resize_center_crop(rgb_image(image), self.image_size))
             else:
                 array = np.asarray(image)
-                if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-                    raise ValueError(f"image {i}: expected uint8 RGB [H, W, 3], got {array.dtype} {list(array.shape)}")
-                out.append(resize_center_crop(array, self.image_size))
+                if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+                    raise ValueError(f"image {i}: expected uint8 [H, W, 3] (RGB), [H, W] or [H, W, 4], got "
+                                     f"{array.dtype} {list(array.shape)}")
+                out.append(resize_center_crop(rgb_image(Image.fromarray(array)), self.image_size))
         if not out:
             raise ValueError("no images given")
         return np.stack(out)

@@ -180,9 +180,10 @@ def test_encode_audio_with_a_model_without_audio_is_one_line(runs, tmp_path, cap
     config = json.loads((runs[1] / "config.json").read_text())
     del config["model"]["audio"]
     config["method"] = {"name": "clip", "label_smoothing": 0.0, "multi_positive": True, "reset_logit_scale": False}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit):
-        cli.main(["encode", "--workdir", str(tmp_path), "--audio", str(tmp_path), "--out", str(tmp_path / "o")])
+        cli.main(["encode", "--workdir", str(tmp_path / "run"), "--audio", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert "--audio needs a model with an audio tower" in err and len(err.strip().splitlines()) == 1
 

@@ -11,7 +11,7 @@ from PIL import Image
 from clip_jax.config import default_config, method_config
 from clip_jax.data.captions import CaptionFileSource, Row, file_source, read_table
 from clip_jax.data.images import load_image
-from clip_jax.data.pipeline import STATS, DecodeExample, train_iterator
+from clip_jax.data.pipeline import STATS, DecodeExample, get_source, train_iterator
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.methods import get_method
 from clip_jax.models.presets import model_preset
@@ -69,6 +69,13 @@ def test_read_jsonl_and_csv(folder):
     (folder / "bad.csv").write_text("picture,caption\na.png,\n")
     with pytest.raises(ValueError, match="no column 'image'"):
         file_source(str(folder / "bad.csv"), None, "", 0)
+    # open_clip's CSV columns, named in the config: the same rows as the default names give.
+    (folder / "oc.csv").write_text(csv_text.replace("image,caption,short_caption", "filepath,title,short_caption"))
+    config = default_config()
+    config.data.source, config.data.path = "captions", str(folder / "oc.csv")
+    config.data.image_field, config.data.caption_field = "filepath", "title"
+    source = get_source(config, "train")
+    assert [source[0], source[1]] == want
 
 
 def test_undecodable_image_is_dropped(folder):

@@ -215,6 +215,7 @@ def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, t
               "--out", str(out), "--batch-size", "8"])
     captured = capsys.readouterr()
     assert "broken.png" in captured.err and "warning" in captured.err
+    assert "not in any image format PIL recognises" in captured.err and "BytesIO" not in captured.err
     assert "1 undecodable" in captured.out
 
     text_emb = np.load(out / "text_embeddings.npy")
@@ -260,6 +261,8 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     want = apply({"params": params}, small, method=CLIP.encode_image)
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(model.encode_images(np.stack(pixels)), model.encode_images(pixels), atol=1e-6)
+    gray = np.asarray(Image.open(tmp_path / "b.png"))  # [H, W]: a grayscale array is the grayscale image
+    np.testing.assert_allclose(model.encode_images([gray]), got[1:2], atol=1e-6)
 
     texts = ["a red circle.", "a blue square."]
     want_text = apply({"params": params}, model.trained.tokenizer(texts, CONTEXT), method=CLIP.encode_text)
@@ -279,11 +282,13 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
 def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a clip_jax workdir"):
         clip_jax.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint of step 3; its steps: {HALF}, {STEPS}"):
+        clip_jax.load(trained, step=3)
     model = clip_jax.load(trained)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     with pytest.raises(ValueError, match="broken.png"):  # an error, not a skip: row i of a result is input i
         model.encode_images([tmp_path / "broken.png"])
-    with pytest.raises(ValueError, match=r"image 0: expected uint8 RGB \[H, W, 3\], got float32"):
+    with pytest.raises(ValueError, match=r"image 0: expected uint8 .*, got float32 \[8, 8, 3\]"):
         model.encode_images([np.zeros((8, 8, 3), np.float32)])
     with pytest.raises(TypeError, match="list of texts"):
         model.encode_texts("a red circle.")

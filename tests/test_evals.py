@@ -75,6 +75,17 @@ def test_each_entry_runs_at_its_own_period():
     assert suite.due(config, 7) == []
 
 
+def test_a_shapes_entry_on_a_run_of_other_data_is_skipped_and_said_once(caplog):
+    config = load_config(DEMO, ["--config.data.source=captions", "--config.data.path=unused.csv"])
+    ctx = suite.Context(config, None, None)
+    entry = suite.parse_entry("shapes", config.evals.shapes.to_dict())
+    with caplog.at_level("WARNING", logger="clip_jax.evaluate"):
+        assert suite.run_shapes(ctx, "shapes_other_data", entry) == {}
+        assert suite.run_shapes(ctx, "shapes_other_data", entry) == {}  # every evaluation step: said only once
+    said = [r.message for r in caplog.records if "evals.shapes_other_data: skipped" in r.message]
+    assert len(said) == 1 and "not trained on shapes" in said[0]
+
+
 # --- the zero-shot evaluators, with an encoder whose embeddings are known ---------------------------------------------
 class ColourEncoder:
     """Embeds an image as the one-hot of its brightest channel (red, green, blue)."""

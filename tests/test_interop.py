@@ -225,6 +225,35 @@ def test_export_openai_strict_load_and_round_trip(tmp_path, small_import):
         assert trees_equal(back.params, imported.params) and back.model == imported.model
 
 
+def test_export_openai_folder_carries_the_runs_own_vocabulary(tmp_path):
+    """A run trained with its own BPE vocabulary (data.tokenizer "train"): the export folder holds it, so that
+    open_clip's local-dir tokenizer gives clip_jax's ids (but for the padding: EOT there, 0 here, which the
+    end-of-text pooling never reads) and the same text embeddings; `convert` reads the vocabulary back."""
+    words = "red green blue circle square star cross the a of in on big small photo picture next to".split()
+    rng = np.random.default_rng(0)
+    tokenizer = ClipTokenizer.train([" ".join(rng.choice(words, 8)) for _ in range(400)], 600)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    torch_model = small_open_clip(vocab_size=tokenizer.vocab_size)
+    imported = wd.load_source_state_dict(state_dict(torch_model), heads_vision=2, heads_text=2, activation="gelu")
+    wd.export_params(imported.params, imported.model, "openai", tmp_path / "oc",
+                     tokenizer=json.loads((tmp_path / "tokenizer.json").read_text()))
+    captions = ["a red circle.", "A Photo of a BIG blue star next to a small cross!", "<start_of_text> red",
+                "café naïve ΟΔΟΣ οδος", "unseen words like zebra", "red " * 30]
+    want = tokenizer(captions, 16)
+    got = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")(captions).numpy()
+    eot = tokenizer.eot_id
+    for mine, theirs in zip(want, got, strict=True):
+        end = list(mine).index(eot) + 1
+        assert list(theirs[:end]) == list(mine[:end]) and set(theirs[end:]) <= {eot}
+    model = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    with torch.no_grad():
+        theirs = model.encode_text(torch.from_numpy(got), normalize=True).numpy()
+    images = np.zeros((len(captions), 32, 32, 3), np.float32)
+    assert_close("text of the exported vocabulary", theirs, ours(imported.model, imported.params, images, want)[1])
+    back = wd.resolve_tokenizer(wd.load_source(tmp_path / "oc"))
+    assert (back(captions, 16) == want).all()
+
+
 def test_export_openai_from_scanned_params(tmp_path, small_import):
     _, imported = small_import
     path = wd.export_params(oa.stack_layers(imported.params), imported.model, "openai", tmp_path / "s.safetensors")[0]
@@ -390,7 +419,7 @@ def test_pt_needs_matching_suffix(tmp_path, small_import):
     assert not pathlib.Path(tmp_path / "x.safetensors").exists()
 
 
-def test_converted_workdir_fine_tunes_with_its_own_frozen_rules(tmp_path):
+def test_converted_workdir_fine_tunes_with_its_own_frozen_rules(tmp_path, capsys):
     """A converted workdir is a warm start: `train` takes its parameters and builds the optimizer of the run's
     config, here one that freezes the image tower (LiT-style), which the converted optimizer state did not."""
     from clip_jax.train.loop import load_trained
@@ -404,6 +433,9 @@ def test_converted_workdir_fine_tunes_with_its_own_frozen_rules(tmp_path):
     main(["train", "--workdir", str(work), "--config.optimizer.frozen=('^visual/',)", "--config.total_steps=2",
           "--config.batch_size=16", "--config.optimizer.warmup_steps=1", "--config.log.progress_bar=False",
           "--config.eval.num_examples=16", "--config.eval.batch_size=16", "--config.log.every_steps=1"])
+    # No data settings given: the converted config's default, shapes, is trained on, and the user is told.
+    assert "holds a converted or stretched model, and its first run trains on the procedural shapes data" in (
+        capsys.readouterr().err)
     trained = load_trained(work)
     tuned, step = jax.device_get(trained.params), trained.step
     assert step == 2

@@ -157,6 +157,14 @@ def test_convert_refuses_bad_heads(tmp_path, workdir, flag, value):
     assert not (tmp_path / "w").exists()
 
 
+def test_convert_refuses_a_vocab_that_is_not_a_tokenizer(tmp_path, workdir):
+    (tmp_path / "captions.csv").write_text("image,caption\na.png,a red circle.\n")
+    result = clip_jax("convert", workdir.parent / "tiny.safetensors", "--to-workdir", tmp_path / "w", "--vocab",
+                      tmp_path / "captions.csv")
+    assert_error(result, "convert", f"--vocab {tmp_path / 'captions.csv'} is not a tokenizer")
+    assert not (tmp_path / "w").exists()
+
+
 def _unreadable_source(tmp_path, workdir, name):
     """(path, what the error says) of a source that cannot be read, written under tmp_path."""
     good = (workdir.parent / "tiny.safetensors").read_bytes()

@@ -105,6 +105,10 @@ def read_table(path: str, fmt: str, image_root: str | None = None, fields: Seque
     return rows
 
 
+class MissingColumns(ValueError):
+    """A table without the image or caption column: its reader says which option names them."""
+
+
 def _jsonl_objects(text: str) -> list[tuple[int, Any]]:
     """(1-based line number, object or None where the line is not JSON) per non-blank line. Lines end as the csv
     module ends them (\\n, \\r\\n, \\r): str.splitlines would also split inside a JSON string holding U+2028 or
@@ -125,9 +129,11 @@ def _table_objects(text: str, fmt: str, path: str, required: Sequence[str]) -> l
     delimiter, quoting = ("\t", csv.QUOTE_NONE) if fmt == "tsv" else (",", csv.QUOTE_MINIMAL)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     header = next(reader, None)
-    missing = [f for f in required if f not in (header or ())]
+    if header is None:
+        raise ValueError(f"{path} is empty: a header row naming the columns comes first")
+    missing = [f for f in required if f not in header]
     if missing:
-        raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} in the header {header}")
+        raise MissingColumns(f"{path}: no column {', '.join(map(repr, missing))} in the header {header}")
     objects, end = [], reader.line_num
     for cells in reader:
         start, end = end + 1, reader.line_num  # a row starts on the line after the one the previous row ended on
@@ -148,7 +154,10 @@ def table_format(path: str) -> str:
     """The format of a `data.source = "captions"` file, by its suffix."""
     fmt = _SUFFIX_FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
-        raise ValueError(f"{path}: caption files are {', '.join(_SUFFIX_FORMATS)}")
+        folder = " is a folder" if epath.Path(path).is_dir() else ""
+        raise ValueError(f"{path}{folder}: data.source 'captions' reads one table of image paths and captions "
+                         f"({', '.join(_SUFFIX_FORMATS)}); a folder of images and captions trains as records: "
+                         "`clip-jax data convert --format folder` (docs/data.md)")
     return fmt
 
 
@@ -200,9 +209,11 @@ class CaptionFileSource:
         return item
 
 
-def file_source(path: str, fmt: str | None, image_root: str, skip: int) -> CaptionFileSource:
+def file_source(path: str, fmt: str | None, image_root: str, skip: int,
+                fields: tuple[str, str] = FIELDS[:2]) -> CaptionFileSource:
     """A source over the rows of the table at `path` (format `fmt`, or by its suffix: `table_format`), less the
-    first `skip`; images under `image_root` (default: the file's folder)."""
+    first `skip`; images under `image_root` (default: the file's folder); `fields`: the image and caption columns."""
     if not path:
         raise ValueError("data.path must name the caption file")
-    return CaptionFileSource(read_table(path, fmt or table_format(path), image_root or None)[skip:], path)
+    rows = read_table(path, fmt or table_format(path), image_root or None, (*fields, FIELDS[2]))
+    return CaptionFileSource(rows[skip:], path)

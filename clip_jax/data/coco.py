@@ -29,12 +29,13 @@ from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from clip_jax.data.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     RefusedFile,
     bad_image_reason,
+    decode_error_text,
     decode_image,
     read_image_file,
     resize_center_crop,
@@ -213,8 +214,7 @@ class CocoDetection:
         try:
             image = decode_image(data)[0]
         except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data
-            problem = ("undecodable_image: not in any image format PIL recognises"
-                       if isinstance(e, UnidentifiedImageError) else f"{bad_image_reason(e)}: {one_line(e)}")
+            problem = f"{bad_image_reason(e)}: {decode_error_text(e)}"
             raise DetectionError(f"cannot decode image {path} ({problem}); re-export it or remove it from "
                                  f"{self.annotation_file}") from None
         height, width = image.shape[:2]

@@ -44,6 +44,7 @@ from clip_jax.data.images import (
     IMAGE_SUFFIXES,
     RefusedFile,
     bad_image_reason,
+    decode_error_text,
     read_image_file,
     to_rgb,
 )
@@ -102,7 +103,7 @@ def prepare_image(data: bytes, min_size: int) -> tuple[bytes, str | None]:
     except Skip:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; a bad sample is never fatal
-        raise Skip(bad_image_reason(e), f"{type(e).__name__}: {e}") from None
+        raise Skip(bad_image_reason(e), decode_error_text(e)) from None
     out = io.BytesIO()
     if fmt == "JPEG":  # a lossy original stays lossy; PNG of a photo would be 5-10x larger
         Image.fromarray(rgb).save(out, "JPEG", quality=95, subsampling=0)

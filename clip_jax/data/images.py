@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from clip_jax.files import is_remote
 
@@ -191,6 +191,14 @@ def bad_image_reason(error: Exception) -> str:
     return "undecodable_image"
 
 
+def decode_error_text(error: Exception) -> str:
+    """What went wrong in decoding, in one line for a person: PIL's own text for a file of no known format names
+    the in-memory buffer it read (`<_io.BytesIO object at 0x7f...>`), not the file."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not in any image format PIL recognises"
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
     """Decodes any PIL-readable file to RGB uint8 [size, size, 3] (grayscale, palette, RGBA, CMYK and 16-bit
     images are converted). Raises ValueError naming the file if it cannot be read (missing, not a regular file,
@@ -206,7 +214,7 @@ def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX
             img.load()
             return resize_center_crop(rgb_image(img), size)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; the caller skips the file
-        raise ValueError(f"cannot decode image {path} ({bad_image_reason(e)}): {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot decode image {path} ({bad_image_reason(e)}): {decode_error_text(e)}") from None
 
 
 def load_images(paths: Sequence[str | pathlib.Path], size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES

@@ -38,6 +38,7 @@ from clip_jax.data.augment import grayscale, jitter_image
 from clip_jax.data.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     crop_min_side,
+    decode_error_text,
     open_image,
     random_resized_crop,
     read_image_file,
@@ -47,7 +48,7 @@ from clip_jax.data.segmentation import SegmentationFolder
 from clip_jax.data.shapes import VALIDATION_HELD_OUT, ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import GlobalBatchRows, barrier, batch_rows, sum_over_processes
-from clip_jax.errors import ConfigError
+from clip_jax.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def _file_source(fmt: str | None):
         if split != "train":
             raise ValueError(f"data.source {config.data.source!r} has only a train split, not {split!r}")
         d = config.data
-        return captions.file_source(d.path, fmt, d.image_root, d.skip)
+        return captions.file_source(d.path, fmt, d.image_root, d.skip, (d.image_field, d.caption_field))
 
     return make
 
@@ -162,6 +163,25 @@ def get_source(config: ml_collections.ConfigDict, split: str):
     if config.data.source not in TRAIN_SOURCES:
         raise ValueError(f"unknown data.source {config.data.source!r}; choose one of {sorted(TRAIN_SOURCES)}")
     return TRAIN_SOURCES[config.data.source](config, split)
+
+
+def check_train_source(config: ml_collections.ConfigDict) -> None:
+    """Opens the training files of a run before anything of it is written, so that a caption table without its
+    columns or rows, a folder or other file named as one, or a file that is not a shard is one ConfigError naming
+    data.path, and the workdir is left as it was. Records: the shards are listed and the first opened (a set may
+    be thousands of remote files; the run opens them all)."""
+    source = config.data.source
+    if source not in ("captions", "sharegpt4v", "records"):
+        return
+    try:
+        if source == "records":
+            records.open_shards(records.list_shards(config.data.path)[:1])
+        else:
+            get_source(config, "train")
+    except captions.MissingColumns as e:
+        raise ConfigError(f"data.path: {e}; name them with data.image_field and data.caption_field") from None
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e}") from None
 
 
 class DecodeExample(grain.transforms.Map):
@@ -197,7 +217,7 @@ class DecodeExample(grain.transforms.Map):
                 image, mode = open_image(read_image_file(element["path"], self.max_bytes) if data is None else data,
                                          self.min_side)
             except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; a bad sample is never fatal
-                reason = f"{type(e).__name__}: {e}"
+                reason = decode_error_text(e)
             else:
                 w, h = image.size
                 if min(h, w) < MIN_IMAGE_SIDE:
@@ -217,8 +237,8 @@ class DecodeExample(grain.transforms.Map):
         if dropped <= 10 or dropped % 100 == 0:
             log.warning("dropping example %s: %s (%d dropped so far in process %d)", key, reason, dropped, os.getpid())
         if all_failed:
-            raise ValueError(f"the first {dropped} examples read have no decodable image or no caption: check "
-                             "data.path and data.image_root")
+            raise ConfigError(f"the first {dropped} examples read have no decodable image or no caption: check "
+                              "data.path and data.image_root")
 
 
 class TrainExample(grain.transforms.RandomMap):
@@ -424,10 +444,28 @@ def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[s
     return texts
 
 
-def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> ClipTokenizer:
-    """The workdir's tokenizer (`tokenizer.json`); created on the first run from `config.data.tokenizer`."""
+def tokenizer_from_file(path: str) -> ClipTokenizer:
+    """`data.tokenizer` naming a file: a clip_jax tokenizer.json, or a BPE merges file (OpenAI's
+    bpe_simple_vocab_16e6.txt.gz or one like it). Anything else is a ConfigError naming it."""
+    try:
+        return ClipTokenizer.load(path) if str(path).endswith(".json") else ClipTokenizer.from_openai_vocab(path)
+    except (ValueError, KeyError, UnicodeDecodeError, OSError, EOFError) as e:  # json, gzip and BPE errors
+        raise ConfigError(f"data.tokenizer: {path} is not a tokenizer ({one_line(e)}); give a tokenizer.json of a "
+                          "clip_jax workdir, a BPE merges file, 'openai' or 'train'") from None
+
+
+def check_tokenizer_file(config: ml_collections.ConfigDict) -> None:
+    """Reads a tokenizer file that `data.tokenizer` names before the run writes anything (`tokenizer_from_file`)."""
+    if config.data.tokenizer not in ("train", "openai"):
+        tokenizer_from_file(config.data.tokenizer)
+
+
+def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, new_run: bool = False) -> ClipTokenizer:
+    """The workdir's tokenizer (`tokenizer.json`); created on the first run from `config.data.tokenizer`. A
+    `new_run` (no checkpoint yet) creates it again: a file there is a failed launch's, whose settings the user may
+    have corrected since."""
     path = workdir / "tokenizer.json"
-    exists = path.exists()
+    exists = path.exists() and not new_run
     # Process 0 creates the file and the others then read it: every host uses the same vocabulary, and no host
     # looks for the file while it is being written.
     barrier("tokenizer.json looked up")
@@ -451,10 +489,8 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
                     "(pip install open-clip-torch) or set data.tokenizer to the file's path"
                 )
             tokenizer = ClipTokenizer.from_openai_vocab(vocab)
-        elif choice.endswith(".json"):
-            tokenizer = ClipTokenizer.load(choice)
         else:
-            tokenizer = ClipTokenizer.from_openai_vocab(choice)
+            tokenizer = tokenizer_from_file(choice)
         tokenizer.save(path)
         barrier("tokenizer.json written")
     if tokenizer.vocab_size > config.model.text.vocab_size:

@@ -154,7 +154,8 @@ def open_shards(paths: Sequence[str]) -> grain.sources.ArrayRecordDataSource:
             try:
                 grain.sources.ArrayRecordDataSource([path])
             except RuntimeError as e:
-                raise ValueError(f"{path} is not an ArrayRecord shard ({e})") from None
+                raise ValueError(f"{path} is not an ArrayRecord shard ({e}); `clip-jax data convert` writes them "
+                                 "(a caption table trains as data.source=captions)") from None
         raise
 
 

@@ -42,6 +42,7 @@ import html
 import importlib.util
 import itertools
 import json
+import logging
 import operator
 import os
 import pathlib
@@ -62,6 +63,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from clip_jax.errors import ConfigError
 from clip_jax.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 OPENAI_VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 OPENAI_VOCAB_NAME = "openai-bpe-16e6"
@@ -578,11 +581,10 @@ class ClipTokenizer:
                 vocab.append(a + b)
                 known.add(a + b)
         if len(vocab) < vocab_size - 2:
-            warnings.warn(
-                f"corpus supports only {len(vocab) + 2} tokens at min_frequency={min_frequency}; "
-                f"requested {vocab_size}",
-                stacklevel=2,
-            )
+            # A log line, not a Python warning: on the console it is one line without this file's source line.
+            log.warning("the training captions give %d BPE tokens at min_frequency=%d, of the %d requested: the other "
+                        "ids stay unused (data.tokenizer_vocab_size and model.text.vocab_size %d would fit them)",
+                        len(vocab) + 2, min_frequency, vocab_size, len(vocab) + 2)
         return cls(vocab + [SOT_TOKEN, EOT_TOKEN], merges, name="trained")
 
     def save(self, path: epath.PathLike) -> None:

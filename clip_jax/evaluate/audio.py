@@ -24,6 +24,7 @@ from clip_jax.data.audio import AudioError, read_audio_table, read_wav, scene_wa
 from clip_jax.data.classification import class_embeddings
 from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import SPLITS, ZERO_SHOT_TEMPLATES, class_index
+from clip_jax.evaluate import trained_on_shapes
 from clip_jax.evaluate.retrieval import retrieval_recall
 from clip_jax.evaluate.zero_shot import zero_shot_accuracy, zero_shot_by_split
 from clip_jax.models.audio import AudioConfig
@@ -76,8 +77,7 @@ def _shapes_audio_data(config_json: str, split: str, n: int, snr_db: tuple[float
 def run_shapes_audio(ctx, name: str, entry: ShapesAudioEval) -> dict[str, float]:
     if not _has_audio(ctx, name):
         return {}
-    if ctx.config.data.source != "shapes":
-        log.info("evals.%s: skipped, the run is not trained on shapes", name)
+    if not trained_on_shapes(ctx.config, name):
         return {}
     config, n, snr = ctx.config, ctx.num_examples(entry), tuple(entry.snr_db)
     key = config.to_json()

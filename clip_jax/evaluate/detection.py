@@ -25,6 +25,7 @@ import numpy as np
 
 from clip_jax.data.coco import CocoDetection, coco_ap, detections_to_results, to_original_xywh, write_coco_results
 from clip_jax.data.detection import DetectionSet, coco_detection_set, region_crop_embeddings, shapes_detection_set
+from clip_jax.evaluate import trained_on_shapes
 from clip_jax.models.boxes import batched_nms
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,7 @@ def run_shapes_detection(ctx, name: str, entry: ShapesDetectionEval) -> dict[str
     queries = _method_queries(ctx, name)
     if queries is None:
         return {}
-    if ctx.config.data.source != "shapes":
-        log.info("evals.%s: skipped, the run is not trained on shapes", name)
+    if not trained_on_shapes(ctx.config, name):
         return {}
     data = shapes_detection_set(ctx.config, "test_novel", ctx.num_examples(entry), (entry.min_objects,
                                                                                   entry.max_objects))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import pathlib
 from collections.abc import Sequence
 
@@ -40,8 +39,7 @@ from clip_jax.data.pipeline import get_source
 from clip_jax.data.segmentation import BACKGROUND, IGNORE, SegmentationFolder, voc_palette
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from clip_jax.evaluate import trained_on_shapes
 
 BACKGROUND_MODES = ("label", "threshold")
 # Candidate thresholds on the best class's probability, tried on `val`.
@@ -183,8 +181,7 @@ def shapes_predictions(texts, encoder, config: ml_collections.ConfigDict, entry:
 
 def run_shapes_segmentation(ctx, name: str, entry: ShapesSegmentationEval) -> dict[str, float]:
     config = ctx.config
-    if config.data.source != "shapes":
-        log.info("evals.%s: skipped, the run is not trained on shapes", name)
+    if not trained_on_shapes(config, name):
         return {}
     _check_background(name, entry.background)
     source = get_source(config, "test_novel")

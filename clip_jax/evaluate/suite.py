@@ -40,6 +40,7 @@ from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.errors import ConfigError, UnscorableClasses
+from clip_jax.evaluate import trained_on_shapes
 from clip_jax.evaluate.audio import (
     ShapesAudioEval,
     ZeroShotAudioFolderEval,
@@ -116,15 +117,8 @@ def _shapes_eval_data(config_json: str, split: str, n: int, caption: str | None)
     return images, labels, captions
 
 
-def _trained_on_shapes(ctx: Context, name: str) -> bool:
-    if ctx.config.data.source == "shapes":
-        return True
-    log.info("evals.%s: skipped, the run is not trained on shapes", name)
-    return False
-
-
 def run_shapes(ctx: Context, name: str, entry: ShapesEval) -> dict[str, float]:
-    if not _trained_on_shapes(ctx, name):
+    if not trained_on_shapes(ctx.config, name):
         return {}
     config, n = ctx.config, ctx.num_examples(entry)
     key = config.to_json()
@@ -141,7 +135,7 @@ def run_shapes(ctx: Context, name: str, entry: ShapesEval) -> dict[str, float]:
 
 
 def run_shapes_long_text(ctx: Context, name: str, entry: ShapesEval) -> dict[str, float]:
-    if not _trained_on_shapes(ctx, name):
+    if not trained_on_shapes(ctx.config, name):
         return {}
     size, seed, n = ctx.config.model.vision.image_size, ctx.config.seed, ctx.num_examples(entry)
     images, captions = shapes_long_captions(size, seed, n, ctx.tokenizer)

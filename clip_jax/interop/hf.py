@@ -177,18 +177,21 @@ def hf_config(model: Mapping[str, Any], *, sot_id: int, eot_id: int, text_only: 
 
 # ---- tokenizer files ---------------------------------------------------------------------------------------------
 def write_hf_tokenizer(directory: str | pathlib.Path, vocab: list[str], merges: list[str], sot: str, eot: str,
-                       context_length: int) -> None:
+                       context_length: int, *, hf_names: bool = True) -> None:
     """vocab.json + merges.txt (what HF's CLIPTokenizer reads) from a BPE vocabulary in id order, SOT and EOT
-    renamed to HF's spelling; the tokenizer pads with EOT and its model_max_length is the context length."""
+    renamed to HF's spelling (`hf_names`; else kept, as open_clip's tokenizer spells them: a caption holding the
+    literal text of one then tokenizes as in clip_jax); the tokenizer pads with EOT and its model_max_length is the
+    context length."""
     directory = pathlib.Path(directory)
-    names = [HF_SOT if tok == sot else HF_EOT if tok == eot else tok for tok in vocab]
+    start, end = (HF_SOT, HF_EOT) if hf_names else (sot, eot)
+    names = [start if tok == sot else end if tok == eot else tok for tok in vocab]
     if len(set(names)) != len(names):
         raise ConversionError("the vocabulary repeats a token string; vocab.json cannot represent it")
     (directory / "vocab.json").write_text(
         json.dumps({tok: i for i, tok in enumerate(names)}, ensure_ascii=False), encoding="utf-8"
     )
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
-    specials = {"bos_token": HF_SOT, "eos_token": HF_EOT, "unk_token": HF_EOT, "pad_token": HF_EOT}
+    specials = {"bos_token": start, "eos_token": end, "unk_token": end, "pad_token": end}
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, "do_lower_case": True,
               "errors": "replace", "add_prefix_space": False, "clean_up_tokenization_spaces": False, **specials}

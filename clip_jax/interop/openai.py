@@ -398,8 +398,11 @@ def open_clip_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def open_clip_config(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The `open_clip_config.json` of a model, so that `open_clip.create_model("local-dir:DIR")` rebuilds it."""
+def open_clip_config(model: Mapping[str, Any], tokenizer_files: bool = False) -> dict[str, Any]:
+    """The `open_clip_config.json` of a model, so that `open_clip.create_model("local-dir:DIR")` rebuilds it.
+    `tokenizer_files`: the folder holds Hugging Face tokenizer files of the model's own vocabulary, which
+    `open_clip.get_tokenizer("local-dir:DIR")` then reads (an HFTokenizer of the folder), lower-casing in Python as
+    clip_jax's tokenizer does (HF's own lower-casing spells a word-final Greek sigma differently)."""
     v, t = model["vision"], model["text"]
 
     def mlp_ratio(tower):  # open_clip builds int(width * mlp_ratio): pick a ratio that gives mlp_dim back
@@ -420,6 +423,8 @@ def open_clip_config(model: Mapping[str, Any]) -> dict[str, Any]:
         "text_cfg": {"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
                      "heads": t["heads"], "layers": t["layers"], "mlp_ratio": mlp_ratio(t)},
     }  # fmt: skip
+    if tokenizer_files:
+        cfg["text_cfg"] |= {"hf_tokenizer_name": ".", "tokenizer_kwargs": {"clean": "lower"}}
     if model.get("logit_bias_init") is not None:
         cfg["init_logit_bias"] = model["logit_bias_init"]
     return {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 import shutil
 import tempfile
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from clip_jax.errors import one_line
+from clip_jax.files import enclosing_workdir, is_workdir
 from clip_jax.interop import ConversionError
 from clip_jax.interop import hf as hf_lib
 from clip_jax.interop import openai as oa
@@ -66,7 +67,10 @@ def load_source(src: str | pathlib.Path, *, heads_vision: int | None = None, hea
         if (src / "open_clip_config.json").is_file():
             weights = _first_file(src, _OPEN_CLIP_WEIGHTS)
             from_config = oa.open_clip_overrides(_read_json(src / "open_clip_config.json"))
-            return _from_openai(read_tensors(weights), {**from_config, **_given(flags)}, "open_clip", str(weights))
+            imported = _from_openai(read_tensors(weights), {**from_config, **_given(flags)}, "open_clip", str(weights))
+            if (src / "vocab.json").is_file():  # an export of a model with its own vocabulary (export_params)
+                imported = dataclasses.replace(imported, tokenizer_dir=src)
+            return imported
         if (src / "config.json").is_file():
             return _from_hf_dir(src, flags)
         raise ConversionError(f"{src}: a directory needs config.json (Hugging Face) or open_clip_config.json")
@@ -153,9 +157,9 @@ def _tokenizer_from_hf(directory: pathlib.Path):
         path.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
         tokenizer = ClipTokenizer.from_openai_vocab(path)
     state = _tokenizer_state(tokenizer)
-    ours = [hf_lib.HF_SOT if t == state["sot_token"] else hf_lib.HF_EOT if t == state["eot_token"] else t
-            for t in state["vocab"]]
-    if ours != vocab:
+    hf_spelling = [hf_lib.HF_SOT if t == state["sot_token"] else hf_lib.HF_EOT if t == state["eot_token"] else t
+                   for t in state["vocab"]]
+    if vocab not in (hf_spelling, state["vocab"]):  # an HF folder's, or an open_clip export's (our spelling)
         raise ConversionError(
             f"{directory}: the tokenizer's vocabulary is not laid out as CLIP BPE (byte symbols, merges, SOT, EOT); "
             "pass --vocab with the model's BPE merges file"
@@ -169,7 +173,15 @@ def resolve_tokenizer(imported: Imported, vocab: str | pathlib.Path | None = Non
 
     if vocab is not None:
         path = pathlib.Path(vocab)
-        return ClipTokenizer.load(path) if path.suffix == ".json" else ClipTokenizer.from_openai_vocab(path)
+        if not path.is_file():
+            raise ConversionError(f"--vocab {vocab} " + ("is a folder" if path.is_dir() else "does not exist") +
+                                  ": give a tokenizer.json of a clip_jax workdir or a BPE merges file")
+        try:
+            return ClipTokenizer.load(path) if path.suffix == ".json" else ClipTokenizer.from_openai_vocab(path)
+        except (ValueError, KeyError, UnicodeDecodeError, OSError, EOFError) as e:  # json, gzip and BPE errors
+            raise ConversionError(f"--vocab {vocab} is not a tokenizer: {one_line(e)} (give a tokenizer.json of a "
+                                  "clip_jax workdir, or a BPE merges file such as bpe_simple_vocab_16e6.txt.gz)"
+                                  ) from None
     if imported.tokenizer_dir is not None:
         return _tokenizer_from_hf(imported.tokenizer_dir)
     path = ClipTokenizer.find_openai_vocab()
@@ -263,22 +275,6 @@ def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pat
     checkpointer.save(0, state, train_iterator(config, tokenizer, captions=method.captions()), force=True)
     checkpointer.wait()
     checkpointer.close()
-
-
-def is_workdir(path: str | os.PathLike) -> bool:
-    """A clip_jax workdir: a config.json of ours (not a Hugging Face export's: those have model_type) or Orbax
-    step folders under checkpoints/ (a run makes them before its config.json). Both are told by content: a user's
-    folder of downloaded `checkpoints/` or another tool's config.json is not a workdir."""
-    path = epath.Path(path)  # a run's workdir may be a bucket
-    if (path / "config.json").is_file():
-        try:
-            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            data = None  # not ours, or a damaged one: its checkpoints/ still tell
-        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "model_type" not in data:
-            return True
-    steps = path / "checkpoints"
-    return steps.is_dir() and any(p.name.split(".")[0].isdigit() for p in steps.iterdir())
 
 
 def check_new_workdir(path: str | pathlib.Path, flag: str) -> pathlib.Path:
@@ -408,12 +404,11 @@ def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, for
 
 
 def _refuse_workdir_out(out: pathlib.Path, source: str | pathlib.Path | None) -> None:
-    source = pathlib.Path(source).resolve() if source is not None else None
-    for folder in (out.resolve(), *out.resolve().parents):
-        if folder == source or is_workdir(folder):
-            where = "is" if folder == out.resolve() else "lies inside"
-            raise ConversionError(f"--out {out} {where} the clip_jax workdir {folder}; an export there would "
-                                  "overwrite its files: name a folder outside it")
+    folder = enclosing_workdir(out, source)
+    if folder is not None:
+        where = "is" if folder == out.resolve() else "lies inside"
+        raise ConversionError(f"--out {out} {where} the clip_jax workdir {folder}; an export there would overwrite "
+                              "its files: name a folder outside it")
 
 
 def _clear_previous_export(out: pathlib.Path) -> None:
@@ -447,11 +442,22 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
         if out.suffix in _FILE_SUFFIXES:
             return [write_tensors(out, sd, torch_format=pt or out.suffix != ".safetensors")]
         out.mkdir(parents=True, exist_ok=True)
-        (out / "open_clip_config.json").write_text(json.dumps(oa.open_clip_config(model), indent=2) + "\n")
+        # A vocabulary of the run's own (data.tokenizer "train") goes with the weights, as files open_clip's
+        # get_tokenizer("local-dir:DIR") reads; OpenAI's is open_clip's default tokenizer already.
+        from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
+
+        own_vocab = tokenizer is not None and tokenizer.get("name") != OPENAI_VOCAB_NAME
+        config_json = oa.open_clip_config(model, tokenizer_files=own_vocab)
+        (out / "open_clip_config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         name = "open_clip_pytorch_model.bin" if pt else "open_clip_model.safetensors"
         # open_clip's CLIP has one position table: the folder is for open_clip.create_model, so merge Long-CLIP's.
         sd = oa.single_position_table(sd, model)
-        return [out / "open_clip_config.json", write_tensors(out / name, sd, torch_format=pt)]
+        written = [out / "open_clip_config.json", write_tensors(out / name, sd, torch_format=pt)]
+        if own_vocab:
+            hf_lib.write_hf_tokenizer(out, tokenizer["vocab"], tokenizer["merges"], tokenizer["sot_token"],
+                                      tokenizer["eot_token"], model["text"]["context_length"], hf_names=False)
+            written += [out / name for name in hf_lib.HF_TOKENIZER_FILES]
+        return written
 
     towers = ("text",) if fmt == "hf-text" else oa.TOWERS
     sd = hf_lib.hf_from_openai(oa.single_position_table(oa.state_dict_from_params(params, model, towers), model))

@@ -21,13 +21,13 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from clip_jax.config import ConfigError, check_input_paths, model_config, read_config, save_config
-from clip_jax.data.pipeline import DataCounts, make_tokenizer
+from clip_jax.data.pipeline import DataCounts, check_tokenizer_file, check_train_source, make_tokenizer
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import due as evals_due
 from clip_jax.evaluate.suite import evaluate, print_results
-from clip_jax.files import write_atomic
+from clip_jax.files import is_workdir, write_atomic
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Method, Preparation, abstract_batch
 from clip_jax.models import flops as flops_lib
@@ -71,6 +71,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
             raise ConfigError(f"workdir {workdir} holds a run with other {' / '.join(groups)} settings "
                               f"({', '.join(changed)}): resume it with its own (drop those overrides), or use a new "
                               "--workdir")
+        _tell_schedule_change(previous, config, checkpoint_step)
         old, new = previous.model.to_dict(), json.loads(json.dumps(config.model.to_dict(), default=list))
         free = _WARM_START_FIELDS if checkpoint_step == 0 else _RESUME_FIELDS
         diff = [d for d in sorted(_diff_keys(old, new)) if d.partition(":")[0] not in free]
@@ -91,9 +92,50 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
         save_config(config, path)
 
 
+def _tell_schedule_change(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int) -> None:
+    """A resume may change the schedule (train longer, lower the rate), and the schedule is a function of the step:
+    the learning rate jumps to the new one's at the resumed step. Said in one line, since it may be a mistake."""
+    if step == 0:  # a warm start (converted or stretched) starts its own schedule
+        return
+    old = {"total_steps": previous.total_steps, **{f"optimizer.{k}": v for k, v in previous.optimizer.items()}}
+    new = {"total_steps": config.total_steps, **{f"optimizer.{k}": v for k, v in config.optimizer.items()}}
+    changed = [f"{k} {json.dumps(old[k], default=list)} -> {json.dumps(new.get(k), default=list)}"
+               for k in old if json.dumps(old[k], default=list) != json.dumps(new.get(k), default=list)]
+    if changed:
+        log.warning("resuming at step %d with a new schedule (%s): the learning rate follows the new one from this "
+                    "step on", step, ", ".join(changed))
+
+
 def check_workdir_path(workdir: epath.Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file, not a folder; give a folder (new or a run's)")
+
+
+def check_run_folder(workdir: epath.Path) -> None:
+    """A run is trained in a new or empty folder, or in a run's (`files.is_workdir`): not among other files, which a
+    run's files would mix with or overwrite (a folder of images named by mistake, another tool's config.json). A
+    failed first launch may have left `checkpoints/` empty."""
+    if workdir.is_dir() and not is_workdir(workdir):
+        other = sorted(p.name for p in workdir.iterdir() if p.name != "checkpoints")
+        if other:
+            shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+            raise ConfigError(f"--workdir {workdir} holds files that are not a clip_jax run's ({shown}); give a new "
+                              "or empty folder")
+
+
+def checkpoint_steps(workdir: epath.Path) -> list[int]:
+    """The steps of the checkpoints in `workdir`, read without creating anything (a Checkpointer makes its folder)."""
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit()) if folder.exists() else []
+
+
+def init_from_steps(config: ml_collections.ConfigDict) -> list[int]:
+    """The checkpoint steps of the workdir `config.init_from` names; a ConfigError if it holds none."""
+    steps = checkpoint_steps(epath.Path(config.init_from))
+    if not steps:
+        raise ConfigError(f"config.init_from: {config.init_from} holds no checkpoint (expected "
+                          f"{config.init_from}/checkpoints/<step>)")
+    return steps
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "model") -> list[str]:
@@ -157,6 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
     # --- Mesh (checked before anything is written: a launch on the wrong machine leaves the workdir alone) -------
     check_input_paths(config)
+    check_train_source(config)
+    check_tokenizer_file(config)
     try:
         mesh = make_mesh(config.mesh.to_dict())
     except ValueError as e:  # sizes that do not fit the devices: a configuration mistake, said in one line
@@ -183,6 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
     # --- Workdir and config -------------------------------------------------------------------------------------
     check_workdir_path(workdir)  # before the checkpointer makes a folder inside it
+    check_run_folder(workdir)
+    if config.init_from and not checkpoint_steps(workdir):  # a new run from another's parameters: are they there?
+        init_from_steps(config)
     checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
@@ -197,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     resume_step = checkpointer.latest_step() if init_source is None else None
 
     # --- Data ---------------------------------------------------------------------------------------------------
-    tokenizer = make_tokenizer(config, workdir)
+    tokenizer = make_tokenizer(config, workdir, new_run=checkpointer.latest_step() is None)
     method.prepare(_preparation(config, method, mesh, workdir, tokenizer, init_source or (checkpointer, resume_step),
                                 rng))
     # This host's rows of every global batch: the ones its devices hold.
@@ -381,12 +428,8 @@ class PreemptionFlag:
 
 def init_from_checkpoint(config: ml_collections.ConfigDict) -> tuple[Checkpointer, int]:
     """The checkpointer and latest step of the workdir `config.init_from` names (read only: it is another run's)."""
-    source = epath.Path(config.init_from)
-    # Checked first: a Checkpointer would create the folder it is pointed at.
-    steps = [p.name for p in (source / "checkpoints").glob("*") if p.name.isdigit()] if source.exists() else []
-    if not steps:
-        raise ConfigError(f"config.init_from: {source} holds no checkpoint (expected {source}/checkpoints/<step>)")
-    reader = Checkpointer(source, config.checkpoint)
+    init_from_steps(config)  # checked first: a Checkpointer would create the folder it is pointed at
+    reader = Checkpointer(epath.Path(config.init_from), config.checkpoint)
     return reader, reader.latest_step()
 
 
@@ -442,6 +485,9 @@ def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
     checkpointer = Checkpointer(workdir, config.checkpoint)
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet (no {checkpointer.directory}/<step>)")
+    if step is not None and step not in checkpoint_steps(workdir):
+        raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; its steps: "
+                                f"{', '.join(map(str, checkpoint_steps(workdir)))}")
     mesh = reader_mesh(config.mesh.to_dict())
     method = get_method(config)
     tokenizer = make_tokenizer(config, workdir)
