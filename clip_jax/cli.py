@@ -410,6 +410,8 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace, overrides: list[str]) -> None:
+    from etils import epath
+
     from clip_jax.config import read_config
     from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
     from clip_jax.interop.workdir import export_workdir
@@ -422,7 +424,7 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     written = export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force)
     for path in written:
         print(f"wrote {path}")
-    vocabulary = pathlib.Path(args.workdir) / "tokenizer.json"  # export read it: it exists
+    vocabulary = epath.Path(args.workdir) / "tokenizer.json"  # export read it: it exists
     own = json.loads(vocabulary.read_text(encoding="utf-8"))["name"] != OPENAI_VOCAB_NAME
     if args.format == "openai" and len(written) == 1 and own:
         print(f"note: {written[0].name} holds the weights only, and this run has a vocabulary of its own "

@@ -129,13 +129,11 @@ def checkpoint_steps(workdir: epath.Path) -> list[int]:
     return sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit()) if folder.exists() else []
 
 
-def init_from_steps(config: ml_collections.ConfigDict) -> list[int]:
-    """The checkpoint steps of the workdir `config.init_from` names; a ConfigError if it holds none."""
-    steps = checkpoint_steps(epath.Path(config.init_from))
-    if not steps:
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+    """A ConfigError if the workdir `config.init_from` names holds no checkpoint."""
+    if not checkpoint_steps(epath.Path(config.init_from)):
         raise ConfigError(f"config.init_from: {config.init_from} holds no checkpoint (expected "
                           f"{config.init_from}/checkpoints/<step>)")
-    return steps
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "model") -> list[str]:
@@ -229,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     check_workdir_path(workdir)  # before the checkpointer makes a folder inside it
     check_run_folder(workdir)
     if config.init_from and not checkpoint_steps(workdir):  # a new run from another's parameters: are they there?
-        init_from_steps(config)
+        check_init_from(config)
     checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
@@ -428,7 +426,7 @@ class PreemptionFlag:
 
 def init_from_checkpoint(config: ml_collections.ConfigDict) -> tuple[Checkpointer, int]:
     """The checkpointer and latest step of the workdir `config.init_from` names (read only: it is another run's)."""
-    init_from_steps(config)  # checked first: a Checkpointer would create the folder it is pointed at
+    check_init_from(config)  # checked first: a Checkpointer would create the folder it is pointed at
     reader = Checkpointer(epath.Path(config.init_from), config.checkpoint)
     return reader, reader.latest_step()
 
