@@ -223,6 +223,9 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
+    if args.names and args.classes != "all":
+        raise ConfigError(f"--classes {args.classes} picks among a few-shot run's own classes; with --names the "
+                          "classes are the file's: drop one of the two")
     out = epath.Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the path of the CSV file to write")
@@ -252,6 +255,24 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
             f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 
+def _output_names(files: list) -> list[str]:
+    """A PNG name per input image: its stem, or where stems repeat (a.png beside a.jpg, or in two folders) the stem
+    and the image's position among the inputs, so that no output overwrites another."""
+    import collections
+
+    counts = collections.Counter(f.stem for f in files)
+    return [f"{f.stem}-{i}.png" if counts[f.stem] > 1 else f"{f.stem}.png" for i, f in enumerate(files)]
+
+
+def _refuse_previous_output(out, parts: tuple[str, ...], command: str) -> None:
+    """An --out holding an earlier run's outputs: new files beside stale ones (of other images or labels) would be
+    read as one result."""
+    earlier = [part for part in parts if (out / part).exists()]
+    if earlier:
+        raise ConfigError(f"--out {out} holds an earlier {command}'s output ({', '.join(earlier)}): name a new folder, "
+                          "or remove it first")
+
+
 def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
     import numpy as np
@@ -272,18 +293,23 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
                           f"got {args.labels!r}")
     if len(labels) > 254:
         raise ConfigError(f"--labels: at most 254 names fit the mask PNGs, got {len(labels)}")
-    if not 0 < args.threshold < 1:
+    if args.threshold is not None and not 0 < args.threshold < 1:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the masks and overlays")
     _refuse_out_in_workdir(out)
+    _refuse_previous_output(out, ("masks", "overlays", "labels.txt", "images.txt"), "segment")
     files = list_images(args.images)
     maybe_initialize()
     trained = load_trained(args.workdir)
     config = trained.config
     # LSeg trains with the background as a label; the others find it by threshold.
     background = args.background or ("label" if config.method.name == "lseg" else "threshold")
+    if background == "label" and args.threshold is not None:
+        raise ConfigError("--threshold applies to a background found by threshold, and this run's is a label of its "
+                          "own (LSeg's): add --background threshold to use it")
+    threshold = 0.5 if args.threshold is None else args.threshold
     images, kept, skipped = load_images(files, config.model.vision.image_size, args.max_image_bytes)
     for message in skipped:
         print(f"warning: {message}", file=sys.stderr)
@@ -293,19 +319,20 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     texts = lambda t: encoder.texts(trained.tokenizer(t, config.model.text.context_length))  # noqa: E731
     embeddings = label_embeddings(texts, labels, background, ZERO_SHOT_TEMPLATES)
     images = np.stack(images)
-    masks = predict_labels(*encoder.segment(images, embeddings), args.threshold if background == "threshold" else None)
+    masks = predict_labels(*encoder.segment(images, embeddings), threshold if background == "threshold" else None)
     if jax.process_index() == 0:
         for folder in ("masks", "overlays"):
             (out / folder).mkdir(parents=True, exist_ok=True)
+        names = _output_names(files)
         for row, i in enumerate(kept):
-            stem = files[i].stem
-            write_atomic(out / "masks" / f"{stem}.png", mask_png(masks[row]))
+            write_atomic(out / "masks" / names[i], mask_png(masks[row]))
             buffer = io.BytesIO()
             Image.fromarray(overlay(images[row], masks[row])).save(buffer, format="PNG")
-            write_atomic(out / "overlays" / f"{stem}.png", buffer.getvalue())
+            write_atomic(out / "overlays" / names[i], buffer.getvalue())
         write_atomic(out / "labels.txt", "".join(f"{n}\n" for n in [BACKGROUND, *labels]))
+        write_atomic(out / "images.txt", "".join(f"{names[i]}\t{files[i]}\n" for i in kept))
         print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({background}) -> "
-              f"{out}/masks, {out}/overlays, {out}/labels.txt" + (
+              f"{out}/masks, {out}/overlays, {out}/labels.txt, {out}/images.txt" + (
                   f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 
@@ -323,6 +350,9 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.train.loop import load_trained
 
     queries = [q.strip() for q in args.queries.split(".") if q.strip()]
+    if any("," in q for q in queries):  # segment's --labels take commas; a detector's prompt takes ". "
+        print(f'note: --queries separates names with ". ": {", ".join(map(repr, queries))} '
+              f"{'is one query' if len(queries) == 1 else 'are the queries'}", file=sys.stderr)
     if not queries or len(set(queries)) != len(queries):
         raise ConfigError(f'--queries needs distinct names separated by ". ", e.g. "red circle. blue star", got '
                           f"{args.queries!r}")
@@ -332,6 +362,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for detections.json and the drawn boxes")
     _refuse_out_in_workdir(out)
+    _refuse_previous_output(out, ("boxes", "detections.json"), "detect")
     files = list_images(args.images)
     maybe_initialize()
     trained = load_trained(args.workdir)
@@ -351,7 +382,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     if jax.process_index() != 0:
         return
     (out / "boxes").mkdir(parents=True, exist_ok=True)
-    report, total = [], 0
+    report, total, names = [], 0, _output_names(files)
     for det, i in zip(found, kept, strict=True):
         with Image.open(files[i]) as original:
             picture = original.convert("RGB")
@@ -364,10 +395,11 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
             draw.rectangle((x, y, x + w, y + h), outline=(255, 0, 0), width=max(1, picture.width // 200))
             draw.text((x + 2, y + 1), f"{queries[c]} {score:.2f}", fill=(255, 0, 0))
         total += len(boxes)
-        report.append({"image": str(files[i]), "width": picture.width, "height": picture.height, "detections": boxes})
+        report.append({"image": str(files[i]), "drawn": f"boxes/{names[i]}", "width": picture.width,
+                       "height": picture.height, "detections": boxes})
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
-        write_atomic(out / "boxes" / f"{files[i].stem}.png", buffer.getvalue())
+        write_atomic(out / "boxes" / names[i], buffer.getvalue())
     write_atomic(out / "detections.json", json.dumps(report, indent=1))
     print(f"{total} boxes of {len(queries)} queries in {len(kept)} images -> {out}/detections.json, {out}/boxes" + (
         f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
@@ -611,9 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "labels.txt, 0 the background), overlays/<image>.png, labels.txt")
     seg.add_argument("--background", choices=("label", "threshold"),
                      help="the background: a label of its own (LSeg's default) or pixels below --threshold (others)")
-    seg.add_argument("--threshold", type=float, default=0.5,
-                     help="background threshold on the best label's probability (default: %(default)s; choose it on "
-                     "a validation set: the shapes_segmentation evaluation prints the one it chose)")
+    seg.add_argument("--threshold", type=float,
+                     help="with --background threshold: the threshold on the best label's probability (default: 0.5; "
+                     "choose it on a validation set: the shapes_segmentation evaluation prints the one it chose)")
     seg.add_argument("--batch-size", type=int, default=64)
     seg.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")

@@ -32,6 +32,8 @@ def write_atomic(path: epath.PathLike, data: str | bytes) -> None:
         path.write_bytes(content)
         return
     tmp = path.parent / f".{path.name}.tmp"  # one name: the next write reuses what a killed one left
+    if not path.parent.is_dir():  # else the error would name the temporary file
+        raise FileNotFoundError(errno.ENOENT, f"no such folder to write {path.name} into", os.fspath(path.parent))
     try:
         with open(tmp, "wb") as f:
             f.write(content)

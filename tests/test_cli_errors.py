@@ -330,6 +330,22 @@ def test_encode_counts_the_texts_it_cuts(untouched, tmp_path, capsys):
     assert "encoded 2 texts" in out and "(1 cut to the model's 16 tokens)" in out
 
 
+def test_segment_and_detect_name_outputs_apart_and_refuse_an_earlier_output(tmp_path, capsys):
+    """Two images of one stem (a.png beside a.jpg, or in two folders) got one output file between them, and outputs
+    of an earlier command stayed beside the new ones: both silently."""
+    files = [pathlib.Path(p) for p in ("a/x.png", "b/x.png", "a/y.jpg", "b/x.jpg")]
+    assert cli._output_names(files) == ["x-0.png", "x-1.png", "y.png", "x-3.png"]
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    message = exit_message(["segment", "--workdir", str(tmp_path), "--images", str(tmp_path), "--labels", "red",
+                            "--out", str(out)], capsys)
+    assert f"--out {out} holds an earlier segment's output (masks)" in message, message
+    (out / "detections.json").write_text("[]")
+    message = exit_message(["detect", "--workdir", str(tmp_path), "--images", str(tmp_path), "--queries", "red",
+                            "--out", str(out)], capsys)
+    assert f"--out {out} holds an earlier detect's output (detections.json)" in message, message
+
+
 # --- errors nobody foresaw, and Ctrl-C ------------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from clip_jax.data import convert, records
 from clip_jax.data.images import RefusedFile, list_images, load_image, read_image_file
 from clip_jax.data.pipeline import DecodeExample
 from clip_jax.train.loop import Trained
+from tests.test_end_to_end import exit_message
 
 CAP = 4000  # --max-image-bytes of these tests: above SMALL's size, below BIG's
 TIMEOUT = 120  # a command that reads a FIFO waits for a writer forever: fail instead
@@ -231,6 +232,24 @@ def test_a_rerun_redoes_the_shards_whose_input_changed(tmp_path, capsys):
     cli.main(argv)
     assert "converted again: its report (from an older version) records no input fingerprint" in (
         capsys.readouterr().out)
+
+
+def test_another_data_set_into_the_same_out_is_refused(tmp_path, capsys):
+    """Converted into a folder holding another set, the new shards replaced some of the old ones and sat beside the
+    rest (other shard counts), all of which training reads."""
+    (tmp_path / "good.png").write_bytes(SMALL)
+    first, second, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out"
+    write_jsonl(first, ["one", "two"])
+    write_jsonl(second, ["three", "four", "five"])
+    cli.main(["data", "convert", "--format", "jsonl", str(first), "--out", str(out)])
+    before = sorted(p.name for p in out.iterdir())
+    message = exit_message(["data", "convert", "--format", "jsonl", str(second), "--out", str(out)], capsys)
+    assert f"its shard 0 was converted from {first}, and these inputs make it from {second}" in message
+    message = exit_message(["data", "convert", "--format", "jsonl", str(first), str(second), "--shard-size", "2",
+                            "--out", str(out)], capsys)
+    assert f"--out {out} holds a set of 1 'train' shards, and these inputs make 3" in message
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert captions_of(out / "train-00000-of-00001.arrayrecord") == ["one", "two"]
 
 
 def test_folder_and_tar_inputs_are_redone_when_they_change(tmp_path):

@@ -55,7 +55,7 @@ def test_a_table_set_takes_its_classes_and_their_order_from_the_names_file(tmp_p
 @pytest.mark.parametrize("case, words", [
     ("empty_class", "the class folder 'empty' holds no image"),
     ("unknown_label", "the labels ['n03'] are not in the names file"),
-    ("too_few_shots", "has 2 examples, fewer than 3 shots"),
+    ("too_few_shots", "class 'blue star' has 2 examples, fewer than 3 shots"),
 ])
 def test_bad_few_shot_data_is_one_line(tmp_path, case, words):
     if case == "empty_class":
@@ -67,7 +67,8 @@ def test_bad_few_shot_data_is_one_line(tmp_path, case, words):
         (tmp_path / "names.txt").write_text("n01\nn02\n")
         call = lambda: classification.table_set(str(tmp_path / "set.csv"), 8, str(tmp_path / "names.txt"))
     else:
-        call = lambda: classification.sample_shots(np.array([0, 0, 0, 1, 1]), [0, 1], 3, seed=0)
+        call = lambda: classification.sample_shots(np.array([0, 0, 0, 1, 1]), [0, 1], 3, seed=0,
+                                                   class_names=["red circle", "blue star"])
     with pytest.raises(ValueError) as e:
         call()
     assert words in str(e.value) and "\n" not in str(e.value)

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from clip_jax import cli
+from clip_jax.errors import ConfigError
 from clip_jax.interop import openai as oa
+from clip_jax.interop import workdir as wd
 from clip_jax.interop.safe_load import write_tensors
 from clip_jax.models.presets import model_preset
 
@@ -261,10 +263,24 @@ def test_stretch_refuses_bad_arguments(tmp_path, unchanged, flags, needle):
     assert not (tmp_path / "long").exists()
 
 
+def test_stretch_refuses_a_run_that_trains_on_no_captions(tmp_path, unchanged):
+    """A few-shot run (CoOp's) has no caption pipeline to put in the stretched workdir: one line, not a
+    NotImplementedError from deep inside."""
+    config = json.loads((unchanged / "config.json").read_text())
+    config["method"] = {"name": "coop"}
+    coop = tmp_path / "coop"
+    coop.mkdir()
+    (coop / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="is a coop run, which trains on no captions"):
+        wd.stretch_workdir(coop, tmp_path / "long", keep=4)
+    assert not (tmp_path / "long").exists()
+
+
 def test_stretch_refuses_a_used_out_workdir_and_a_source_that_is_not_a_workdir(tmp_path, unchanged):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
-    for out, what in ((unchanged, "workdir"), (a_file, "is a file")):
+    for out, what in ((unchanged, "workdir"), (a_file, "is a file"), (unchanged / "long", "lies inside the clip_jax "
+                                                                         "workdir")):
         result = clip_jax("stretch", "--workdir", unchanged, "--out-workdir", out, "--keep", "4")
         assert_error(result, "stretch", f"--out-workdir {out}", what)
     assert a_file.read_text() == "mine"

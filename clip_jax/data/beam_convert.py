@@ -158,6 +158,7 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, runner: str, pipeline_
         raise ValueError("give the runner as --runner, not as a pipeline option")
     tasks, opts = local.prepare(fmt, inputs, out, image_root=image_root, shard_size=shard_size, min_size=min_size,
                                 max_image_bytes=max_image_bytes, prefix=prefix, fields=fields)
+    local.check_same_set(tasks[0], opts)
     pipeline = beam.Pipeline(options=PipelineOptions(flags=list(pipeline_options), runner=runner))
     epath.Path(out).mkdir(parents=True, exist_ok=True)
     # in `out`, which every worker can read (a local folder for the DirectRunner, a bucket for a cluster)

@@ -157,16 +157,18 @@ def class_embeddings(
     return normalize(normalize(embeds).mean(axis=1))
 
 
-def sample_shots(labels: np.ndarray, classes: Sequence[int], shots: int, seed: int, name: str = "the set"
-                 ) -> np.ndarray:
+def sample_shots(labels: np.ndarray, classes: Sequence[int], shots: int, seed: int, name: str = "the set",
+                 class_names: Sequence[str] | None = None) -> np.ndarray:
     """Indices of `shots` examples of each class in `classes`, drawn without replacement by `seed` (the same seed
-    gives the same sample), in class order. Raises ValueError naming a class with fewer examples."""
+    gives the same sample), in class order. Raises ValueError naming a class (by `class_names`, else its index)
+    with fewer examples."""
     rng = np.random.default_rng(seed)
     picked = []
     for c in classes:
         pool = np.flatnonzero(labels == c)
         if len(pool) < shots:
-            raise ValueError(f"{name}: class {c} has {len(pool)} examples, fewer than {shots} shots; lower "
+            named = f"class {class_names[c]!r}" if class_names is not None else f"class {c}"
+            raise ValueError(f"{name}: {named} has {len(pool)} examples, fewer than {shots} shots; lower "
                              "few_shot.shots or add examples")
         picked.append(np.sort(rng.choice(pool, shots, replace=False)))
     return np.concatenate(picked) if picked else np.zeros(0, np.int64)
@@ -237,7 +239,7 @@ def few_shot_task(config: ml_collections.ConfigDict) -> FewShotTask:
         base, new = split_classes(names, f.class_split, f.seed, among)
         if f.classes == "all":
             base, new = sorted(base + new), []
-        shots = sample_shots(full_train.labels, base, f.shots, f.seed, full_train.name)
+        shots = sample_shots(full_train.labels, base, f.shots, f.seed, full_train.name, names)
         keep = lambda s: s.subset(np.flatnonzero(np.isin(s.labels, base + new))[: f.eval_examples])
     except ValueError as e:
         raise ConfigError(f"few_shot: {e}") from None

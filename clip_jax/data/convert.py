@@ -422,6 +422,27 @@ def prepare(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None
     return tasks, Options(out, prefix, len(tasks), min_size, max_image_bytes)
 
 
+def check_same_set(task: Task, opts: Options) -> None:
+    """Refuses an `out` that holds another data set under this prefix: shards of another count (other inputs, or
+    another --shard-size), or a first shard converted from another input. The new shards would replace some of the
+    old ones and sit beside the rest, and training reads every shard there. (A re-run of the same command redoes
+    only the shards whose input changed.)"""
+    folder = epath.Path(opts.out)
+    if not folder.is_dir():
+        return
+    counts = sorted({int(m["count"]) for p in folder.iterdir()
+                     if (m := records.SHARD_RE.match(p.name)) and m["prefix"] == opts.prefix})
+    other = next((n for n in counts if n != opts.count), None)
+    if other is not None:
+        raise ValueError(f"--out {opts.out} holds a set of {other} '{opts.prefix}' shards, and these inputs make "
+                         f"{opts.count}: convert into a new folder (or name this set with another --prefix)")
+    report = report_path(opts, task.index)
+    source = json.loads(report.read_text()).get("input") if report.exists() else None
+    if source is not None and os.path.normpath(source) != os.path.normpath(task.source):
+        raise ValueError(f"--out {opts.out}: its shard {task.index} was converted from {source}, and these inputs make "
+                         f"it from {task.source}: convert into a new folder (or name this set with another --prefix)")
+
+
 def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None = None, workers: int = 1,
             shard_index: int = 0, num_shards: int = 1, shard_size: int = 10_000, min_size: int = 32,
             max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, prefix: str = "train", fields: Sequence[str] = FIELDS,
@@ -439,6 +460,7 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None
     if not mine:
         raise ValueError(f"--shard-index {shard_index} of --num-shards {num_shards} gets no shard: the inputs make "
                          f"{len(tasks)} shards; use --num-shards {len(tasks)} or fewer")
+    check_same_set(mine[0], opts)
     epath.Path(out).mkdir(parents=True, exist_ok=True)
     failed: list[dict] = []
     finished: list[dict] = []

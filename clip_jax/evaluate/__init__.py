@@ -8,13 +8,19 @@ log = logging.getLogger(__name__)
 _told_skipped: set[str] = set()
 
 
-def trained_on_shapes(config: ml_collections.ConfigDict, name: str) -> bool:
-    """Whether the run trains on `shapes`, which the shapes evaluations score against. A run on other data (a user's
-    run from configs/demo.py) is told once per entry that it is skipped: else its results table is empty unsaid."""
-    if config.data.source == "shapes":
-        return True
+def tell_skipped(name: str, reason: str) -> None:
+    """Says once per entry (not at every evaluation) that `evals.<name>` is skipped, and why: else its figures are
+    missing from the results unsaid."""
     if name not in _told_skipped:
         _told_skipped.add(name)
-        log.warning("evals.%s: skipped, the run is not trained on shapes (drop the entry, or add an evaluation of "
-                    "your own data: docs/methods.md, Evaluations)", name)
+        log.warning("evals.%s: skipped, %s", name, reason)
+
+
+def trained_on_shapes(config: ml_collections.ConfigDict, name: str) -> bool:
+    """Whether the run trains on `shapes`, which the shapes evaluations score against; a run on other data (a user's
+    run from configs/demo.py) is told that the entry is skipped."""
+    if config.data.source == "shapes":
+        return True
+    tell_skipped(name, "the run is not trained on shapes (drop the entry, or add an evaluation of your own data: "
+                 "docs/methods.md, Evaluations)")
     return False

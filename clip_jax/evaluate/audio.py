@@ -24,7 +24,7 @@ from clip_jax.data.audio import AudioError, read_audio_table, read_wav, scene_wa
 from clip_jax.data.classification import class_embeddings
 from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import SPLITS, ZERO_SHOT_TEMPLATES, class_index
-from clip_jax.evaluate import trained_on_shapes
+from clip_jax.evaluate import tell_skipped, trained_on_shapes
 from clip_jax.evaluate.retrieval import retrieval_recall
 from clip_jax.evaluate.zero_shot import zero_shot_accuracy, zero_shot_by_split
 from clip_jax.models.audio import AudioConfig
@@ -41,7 +41,7 @@ def audio_config(config: ml_collections.ConfigDict) -> AudioConfig:
 def _has_audio(ctx, name: str) -> bool:
     if "audio" in ctx.config.model:
         return True
-    log.info("evals.%s: skipped, the model has no audio tower", name)
+    tell_skipped(name, "the model has no audio tower (AudioCLIP's: docs/audioclip.md)")
     return False
 
 

@@ -18,17 +18,14 @@ Evaluations (chosen by `config.evals` entries, evaluate/suite.py):
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from clip_jax.data.coco import CocoDetection, coco_ap, detections_to_results, to_original_xywh, write_coco_results
 from clip_jax.data.detection import DetectionSet, coco_detection_set, region_crop_embeddings, shapes_detection_set
-from clip_jax.evaluate import trained_on_shapes
+from clip_jax.evaluate import tell_skipped, trained_on_shapes
 from clip_jax.models.boxes import batched_nms
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -111,7 +108,7 @@ class ShapesDetectionEval:
 
 def _method_queries(ctx, name: str):
     if not hasattr(ctx.method, "detection_queries"):
-        log.info("evals.%s: skipped, method %s does not detect", name, ctx.config.method.name)
+        tell_skipped(name, f"method {ctx.config.method.name} does not detect (ViLD's and GLIP's do)")
         return None
     return lambda names: ctx.method.detection_queries(ctx.texts, ctx.tokenizer, names)
 

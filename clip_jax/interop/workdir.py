@@ -278,13 +278,16 @@ def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pat
 
 
 def check_new_workdir(path: str | pathlib.Path, flag: str) -> pathlib.Path:
-    """The folder a new workdir goes to (new, or empty), or a ConversionError naming `flag`: a file, a workdir or a
-    folder holding anything would be overwritten or mixed in with."""
+    """The folder a new workdir goes to (new, or empty), or a ConversionError naming `flag`: a file, a workdir, a
+    folder inside one or a folder holding anything would be overwritten or mixed in with."""
     path = pathlib.Path(path)
     if path.exists() and not path.is_dir():
         raise ConversionError(f"{flag} {path} is a file; pass a new folder for the workdir")
     if is_workdir(path):
         raise ConversionError(f"{flag} {path} is already a clip_jax workdir; write into a new folder")
+    inside = enclosing_workdir(path)
+    if inside is not None:
+        raise ConversionError(f"{flag} {path} lies inside the clip_jax workdir {inside}; use a folder outside it")
     if path.is_dir() and any(path.iterdir()):
         raise ConversionError(f"{flag} {path} is not empty; pass a new (or empty) folder for the workdir")
     return path
@@ -323,12 +326,20 @@ def stretch_workdir(src: str | pathlib.Path, out: str | pathlib.Path, *, method:
     import jax
     import ml_collections
 
+    from clip_jax.config import ConfigError
+    from clip_jax.methods import get_method
     from clip_jax.models.positions import check_stretch, stretch_text_positions
     from clip_jax.train.loop import load_trained
 
     # The arguments are checked against the source's config.json before its checkpoint is read.
-    check_stretch(_source_config(src).model.text.context_length, method=method, keep=keep, ratio=ratio,
-                  length=length)
+    source = _source_config(src)
+    try:
+        get_method(source).captions()  # the step-0 checkpoint holds a caption pipeline's position
+    except NotImplementedError:
+        raise ConfigError(f"--workdir {src} is a {source.method.name} run, which trains on no captions: stretch the "
+                          "CLIP it started from (its config.init_from), then train the method from the stretched "
+                          "one") from None
+    check_stretch(source.model.text.context_length, method=method, keep=keep, ratio=ratio, length=length)
     check_new_workdir(out, "--out-workdir")
     trained = load_trained(src)
     config, tokenizer, step = trained.config, trained.tokenizer, trained.step

@@ -27,7 +27,7 @@ from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import due as evals_due
 from clip_jax.evaluate.suite import evaluate, print_results
-from clip_jax.files import is_workdir, write_atomic
+from clip_jax.files import is_remote, is_workdir, write_atomic
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Method, Preparation, abstract_batch
 from clip_jax.models import flops as flops_lib
@@ -132,7 +132,9 @@ def checkpoint_steps(workdir: epath.Path) -> list[int]:
 def check_init_from(config: ml_collections.ConfigDict) -> None:
     """A ConfigError if the workdir `config.init_from` names holds no checkpoint."""
     if not checkpoint_steps(epath.Path(config.init_from)):
-        raise ConfigError(f"config.init_from: {config.init_from} holds no checkpoint (expected "
+        relative = not (is_remote(config.init_from) or os.path.isabs(config.init_from))
+        where = f" (a path relative to the current folder, {os.getcwd()})" if relative else ""
+        raise ConfigError(f"config.init_from: {config.init_from}{where} holds no checkpoint (expected "
                           f"{config.init_from}/checkpoints/<step>)")
 
 
