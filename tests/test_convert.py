@@ -107,6 +107,10 @@ def test_truncated_tar_keeps_the_samples_before(tmp_path):
     assert summary["written"] == 2 and summary["skipped"] == {"truncated_tar": 1}
     assert [r["caption"] for r in read_shards([tmp_path / "out" / "train-00000-of-00001.arrayrecord"])] == [
         "caption 0", "caption 1"]
+    # A file that is no tar at all (a table given as --format webdataset) is not called a cut tar.
+    (tmp_path / "table.tar").write_text('{"image": "a.jpg", "caption": "a red circle"}\n' * 20)
+    summary = convert.convert("webdataset", [str(tmp_path / "table.tar")], str(tmp_path / "out2"))
+    assert summary["written"] == 0 and summary["skipped"] == {"unreadable_tar": 1}
 
 
 def write_images(root, names):
