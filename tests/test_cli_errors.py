@@ -198,7 +198,7 @@ def test_init_from_a_folder_without_checkpoints_leaves_no_workdir(tmp_path, caps
 def test_train_refuses_a_folder_of_other_files_and_leaves_it_as_it_was(tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
-    for name in ("a.png", "b.png", "config.json", "notes.txt", "z.png"):  # another tool's config.json is not ours
+    for name in ("a.png", ".DS_Store", "b.png", "config.json", "notes.txt", "z.png"):  # another tool's config.json
         (folder / name).write_text("{}" if name == "config.json" else name)
     before = snapshot(folder)
     message = exit_message(train_args(folder), capsys)

@@ -114,9 +114,9 @@ def check_workdir_path(workdir: epath.Path) -> None:
 def check_run_folder(workdir: epath.Path) -> None:
     """A run is trained in a new or empty folder, or in a run's (`files.is_workdir`): not among other files, which a
     run's files would mix with or overwrite (a folder of images named by mistake, another tool's config.json). A
-    failed first launch may have left `checkpoints/` empty."""
+    failed first launch may have left `checkpoints/` empty; hidden files (a file manager's .DS_Store) do not count."""
     if workdir.is_dir() and not is_workdir(workdir):
-        other = sorted(p.name for p in workdir.iterdir() if p.name != "checkpoints")
+        other = sorted(p.name for p in workdir.iterdir() if p.name != "checkpoints" and not p.name.startswith("."))
         if other:
             shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
             raise ConfigError(f"--workdir {workdir} holds files that are not a clip_jax run's ({shown}); give a new "
