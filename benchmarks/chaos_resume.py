@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import cpu_facts  # noqa: E402
+from result_files import new_result_path  # noqa: E402
 
 from clip_jax.train.checkpoint import read_state  # noqa: E402
 
@@ -276,9 +277,10 @@ def main() -> None:
     print(json.dumps(result["summary"], indent=2))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "chaos_resume.json" if args.processes == 1 else f"chaos_resume_{args.processes}proc.json"
-    (out / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out / name}")
+    path = new_result_path(out / ("chaos_resume.json" if args.processes == 1 else
+                                  f"chaos_resume_{args.processes}proc.json"))
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).parent
+sys.path.insert(0, str(HERE.resolve()))  # result_files.py beside it
+from result_files import new_result_path  # noqa: E402
+
 B16 = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
 LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py")]
 
@@ -167,12 +170,13 @@ def main() -> None:
     start = time.perf_counter()
     device = device_facts()
     print("device:", device, flush=True)
+    if device.get("platform") != "gpu":  # B/16 at batch 512 on a CPU only spends the budget failing
+        sys.exit(f"gpu_suite: needs an NVIDIA GPU (JAX's platform here is {device.get('platform')}): nothing measured")
     kind = str(device.get("device_kind", "unknown")).replace(" ", "_")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu_suite_{kind}_{datetime.date.today().isoformat()}"
-    path = next(out / f"{stem}{suffix}.json" for suffix in ("", *(f"_{n}" for n in range(2, 1000)))
-                if not (out / f"{stem}{suffix}.json").exists())  # a second suite of the day keeps the first's
+    path = new_result_path(out / f"{stem}.json")  # a second suite of the day keeps the first's
     suite = {"benchmark": "gpu_suite", "date": datetime.date.today().isoformat(), "device": device,
              "budget_s": args.budget, "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}, "skipped": []}
     for name, (script, timeout) in CHECKS.items():

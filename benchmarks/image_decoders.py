@@ -36,6 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from input_pipeline import IMAGE_SIZE, make_jpegs  # noqa: E402
 from machine import cpu_facts  # noqa: E402
+from result_files import new_result_path  # noqa: E402
 
 from clip_jax.data.images import (  # noqa: E402
     crop_min_side,
@@ -141,7 +142,7 @@ def main() -> None:
     report = {"benchmark": "image_decoders", "date": datetime.date.today().isoformat(), "images": args.n,
               "image_size": IMAGE_SIZE, "cpu": cpu_facts(), "routes": results}
     print(json.dumps(results, indent=1))
-    out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"image_decoders_{socket.gethostname()}.json")
+    out = new_result_path(args.out or ROOT / "benchmarks" / "results" / f"image_decoders_{socket.gethostname()}.json")
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"saved {out}")
 

@@ -40,6 +40,7 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import cpu_facts  # noqa: E402
+from result_files import new_result_path  # noqa: E402
 
 from clip_jax.config import default_config  # noqa: E402
 from clip_jax.data import records  # noqa: E402
@@ -195,7 +196,8 @@ def main() -> None:
         "units": "samples/s; one_core: per wall-second and per CPU-second of one process without threads",
     }
     suffix = "" if jitter is None else "_jitter"
-    out = args.out or ROOT / "benchmarks" / "results" / f"input_pipeline_{socket.gethostname()}{suffix}.json"
+    out = new_result_path(args.out or ROOT / "benchmarks" / "results" /
+                          f"input_pipeline_{socket.gethostname()}{suffix}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("data", "one_core", "grain_pipeline", "h100_b16")}, indent=1))
     print(f"wrote {out}")

@@ -44,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from machine import cpu_facts  # noqa: E402
+from result_files import new_result_path  # noqa: E402
 
 from clip_jax.data.tokenizer import ClipTokenizer, clean_text  # noqa: E402
 
@@ -314,6 +315,7 @@ def main() -> None:
         "construction_ms_median": construction_ms,
         "results": results,
     }
+    out = new_result_path(out)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out}")
 

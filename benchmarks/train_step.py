@@ -53,6 +53,7 @@ from clip_jax.train.loop import create_state
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # machine.py beside it, also when a test loads it
 from machine import cpu_facts  # noqa: E402
+from result_files import new_result_path  # noqa: E402
 
 DEFAULT_BATCH = 32  # a preset's global batch unless --batch says otherwise
 
@@ -92,7 +93,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--malloc", default="keep", choices=["keep", "default"],
                    help="keep: both trainers' processes keep freed memory for the next step (what clip-jax sets on "
                         "the CPU, clip_jax/host_memory.py); default: glibc's own settings (how open_clip runs)")
-    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"),
+                   help="folder of the JSON (named after the run; an earlier run's is never replaced: _2, _3...)")
     args = p.parse_args()
     if args.config and (args.open_clip or args.image_size or args.context_length or args.vocab_size):
         p.error("--config times a recipe as it is: --open-clip and the size overrides go with --preset")
@@ -594,8 +596,9 @@ def main() -> None:
         theirs["fraction_of_matmul_peak"] = theirs["tflops_per_s"] / theirs["matmul"]["peak_tflops_per_s"]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = result_name(args, ours, device.platform)
-    (out / name).write_text(json.dumps(result, indent=2) + "\n")  # the timing stays if the profile stalls
+    path = new_result_path(out / result_name(args, ours, device.platform))
+    name = path.name
+    path.write_text(json.dumps(result, indent=2) + "\n")  # the timing stays if the profile stalls
     if args.profile:
         try:
             keep = pathlib.Path(args.keep_profile) / pathlib.Path(name).stem if args.keep_profile else None
@@ -613,8 +616,8 @@ def main() -> None:
              f"{result['open_clip']['matmul']['peak_tflops_per_s']:.3f} TFLOP/s matmul peak" if args.open_clip else ""))
     if ours["nonfinite_steps"]:
         print(f"warning: {ours['nonfinite_steps']} of {len(ours['losses'])} steps had a non-finite loss or gradient")
-    (out / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out / name}")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

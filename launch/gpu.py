@@ -72,7 +72,11 @@ def submit(args: argparse.Namespace) -> int:
         print(text, end="")
         return 0
     pathlib.Path(script).write_text(text)
-    return subprocess.run(command).returncode  # an argument list: no shell
+    try:
+        return subprocess.run(command).returncode  # an argument list: no shell
+    except FileNotFoundError:
+        sys.exit(f"launch/gpu.py submit: error: sbatch not found: the job script is {script}; submit it from a SLURM "
+                 "login node")
 
 
 def local(args: argparse.Namespace) -> int:

@@ -258,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     for command in COMMANDS[args.command](args):
         print(shlex.join(command), flush=True)
         if not args.dry_run:
-            result = subprocess.run(command)  # an argument list: no shell on this side
+            try:
+                result = subprocess.run(command)  # an argument list: no shell on this side
+            except FileNotFoundError:
+                sys.exit(f"launch/tpu.py {args.command}: error: {command[0]} not found: install the Google Cloud SDK "
+                         "(gcloud) on this machine, or print the commands with --dry-run")
             if result.returncode:
                 return result.returncode
     return 0

@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -228,3 +229,16 @@ def test_demo_validation_stops_a_challenger_only_once_it_cannot_win(bench, monke
     runs["new seed 0"]["zero_shot_top1_val"] = 0.1
     assert validation.lost_already("new", runs, seeds) == ""
     assert validation.lost_already("old", runs, seeds) == ""  # not a challenger in any round
+
+
+def test_a_result_never_replaces_an_earlier_one(tmp_path):
+    """The figures the docs cite are files under benchmarks/results: a repeated command wrote over them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from result_files import new_result_path
+
+    path = tmp_path / "train_step_tiny_cpu.json"
+    assert new_result_path(path) == path
+    path.write_text("{}")
+    assert new_result_path(path) == tmp_path / "train_step_tiny_cpu_2.json"
+    (tmp_path / "train_step_tiny_cpu_2.json").write_text("{}")
+    assert new_result_path(path) == tmp_path / "train_step_tiny_cpu_3.json"

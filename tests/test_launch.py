@@ -329,6 +329,20 @@ def test_submit_writes_the_script_and_runs_sbatch(monkeypatch, capsys, tmp_path)
     assert "#SBATCH --cpus-per-task=32\n" in text
 
 
+def test_a_missing_sbatch_or_gcloud_is_one_line(monkeypatch, tmp_path):
+    def missing(command, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", command[0])
+
+    monkeypatch.setattr(gpu.subprocess, "run", missing)
+    script = tmp_path / "job.sbatch"
+    with pytest.raises(SystemExit, match=f"sbatch not found: the job script is {script}; submit it from a SLURM"):
+        gpu.main([*SUBMIT, f"--script={script}"])
+    assert script.exists()  # kept: the job script to carry to a login node
+    monkeypatch.setattr(tpu.subprocess, "run", missing)
+    with pytest.raises(SystemExit, match="launch/tpu.py delete: error: gcloud not found"):
+        tpu.main(["delete", "clip-v4", f"--zone={ZONE}", "--yes"])
+
+
 def test_local_command(capsys):
     assert dry_run(gpu, capsys, "local", "--gpus=0,1,2,3", "--config=configs/pretrain.py:B/16",
                    "--workdir=runs/b16", "--config.batch_size=4096") == [
