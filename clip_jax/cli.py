@@ -25,11 +25,10 @@ import io
 import json
 import logging
 import os
-import pathlib
 import sys
 
 from clip_jax.config import ConfigError
-from clip_jax.files import CheckpointWriteError, is_remote, write_atomic
+from clip_jax.files import CheckpointWriteError, is_remote, refuse_inside_workdir, write_atomic
 from clip_jax.host_memory import keep_freed_memory
 
 
@@ -89,17 +88,6 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"wrote {out}")
 
 
-def _refuse_out_in_workdir(out) -> None:
-    """A command's --out goes outside every run's workdir: its files would mix with the run's (docs/your_data.md)."""
-    from clip_jax.files import enclosing_workdir
-
-    folder = enclosing_workdir(out)
-    if folder is not None:
-        where = "is" if folder == pathlib.Path(out).resolve() else "lies inside"
-        raise ConfigError(f"--out {out} {where} the clip_jax workdir {folder}; commands write outside a run's folder: "
-                          "name another --out")
-
-
 def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
     import numpy as np
@@ -117,7 +105,7 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the .npy files")
-    _refuse_out_in_workdir(out)
+    refuse_inside_workdir(out, "--out")  # its files would mix with the run's (docs/your_data.md)
     texts = _read_lines(args.texts) if args.texts else None  # a bad file is found before the model is loaded
     if args.audio:
         _check_audio_model(args.workdir)
@@ -229,7 +217,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     out = epath.Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the path of the CSV file to write")
-    _refuse_out_in_workdir(out)
+    refuse_inside_workdir(out, "--out")
     names = _read_lines(args.names) if args.names else None  # a bad file is found before the model is loaded
     files = list_images(args.images)
     maybe_initialize()
@@ -298,7 +286,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the masks and overlays")
-    _refuse_out_in_workdir(out)
+    refuse_inside_workdir(out, "--out")
     _refuse_previous_output(out, ("masks", "overlays", "labels.txt", "images.txt"), "segment")
     files = list_images(args.images)
     maybe_initialize()
@@ -361,7 +349,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for detections.json and the drawn boxes")
-    _refuse_out_in_workdir(out)
+    refuse_inside_workdir(out, "--out")
     _refuse_previous_output(out, ("boxes", "detections.json"), "detect")
     files = list_images(args.images)
     maybe_initialize()
@@ -442,10 +430,7 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace, overrides: list[str]) -> None:
-    from etils import epath
-
     from clip_jax.config import read_config
-    from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
     from clip_jax.interop.workdir import export_workdir
 
     config_path = os.path.join(args.workdir, "config.json")
@@ -453,15 +438,8 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     if method == "groupvit":
         raise ConfigError(f"{args.workdir} is a GroupViT run: its image tower (grouping stages) has no OpenAI or "
                           "Hugging Face layout; use the workdir itself (clip-jax segment, encode, eval)")
-    written = export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force)
-    for path in written:
+    for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force):
         print(f"wrote {path}")
-    vocabulary = epath.Path(args.workdir) / "tokenizer.json"  # export read it: it exists
-    own = json.loads(vocabulary.read_text(encoding="utf-8"))["name"] != OPENAI_VOCAB_NAME
-    if args.format == "openai" and len(written) == 1 and own:
-        print(f"note: {written[0].name} holds the weights only, and this run has a vocabulary of its own "
-              f"({vocabulary}): export to a folder to have it beside them (open_clip's local-dir tokenizer reads "
-              "it), or give it to `clip-jax convert --vocab`", file=sys.stderr)
     if "audio" in read_config(config_path).model:  # export read it: it exists
         print("note: the export holds the image and text towers; the audio tower has no OpenAI or Hugging Face "
               "layout and stays in the workdir (clip-jax encode --audio)", file=sys.stderr)

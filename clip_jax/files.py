@@ -12,6 +12,8 @@ import re
 
 from etils import epath
 
+from clip_jax.errors import ConfigError
+
 
 def is_remote(path: epath.PathLike) -> bool:
     """A URI (gs://, s3://, ...) rather than a local path."""
@@ -70,14 +72,18 @@ def is_workdir(path: str | os.PathLike) -> bool:
     return steps.is_dir() and any(p.name.split(".")[0].isdigit() for p in steps.iterdir())
 
 
-def enclosing_workdir(path: str | os.PathLike, source: str | os.PathLike | None = None) -> pathlib.Path | None:
-    """The clip_jax workdir (or the `source` folder) that the local `path` is or lies inside, or None: where a
-    command's output would mix with a run's files."""
+def refuse_inside_workdir(path: str | os.PathLike, flag: str, source: str | os.PathLike | None = None) -> None:
+    """A ConfigError naming `flag` if the local `path` is, or lies inside, a clip_jax workdir (or the `source`
+    folder, a workdir being read): a command's output or a new workdir there would mix with the run's files or
+    overwrite them."""
     if is_remote(path):
-        return None
+        return
     source = pathlib.Path(source).resolve() if source is not None else None
     resolved = pathlib.Path(path).resolve()
-    return next((folder for folder in (resolved, *resolved.parents) if folder == source or is_workdir(folder)), None)
+    for folder in (resolved, *resolved.parents):
+        if folder == source or is_workdir(folder):
+            where = "is" if folder == resolved else "lies inside"
+            raise ConfigError(f"{flag} {path} {where} the clip_jax workdir {folder}; name a folder outside it")
 
 
 def os_error(error: BaseException) -> str | None:

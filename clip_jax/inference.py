@@ -58,14 +58,14 @@ class Model:
         for i, image in enumerate(images):
             if isinstance(image, str | os.PathLike):
                 out.append(load_image(image, self.image_size))  # a ValueError naming the file if unreadable
-            elif isinstance(image, Image.Image):
-                out.append(resize_center_crop(rgb_image(image), self.image_size))
-            else:
+                continue
+            if not isinstance(image, Image.Image):
                 array = np.asarray(image)
                 if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
                     raise ValueError(f"image {i}: expected uint8 [H, W, 3] (RGB), [H, W] or [H, W, 4], got "
                                      f"{array.dtype} {list(array.shape)}")
-                out.append(resize_center_crop(rgb_image(Image.fromarray(array)), self.image_size))
+                image = Image.fromarray(array)
+            out.append(resize_center_crop(rgb_image(image), self.image_size))
         if not out:
             raise ValueError("no images given")
         return np.stack(out)

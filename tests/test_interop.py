@@ -225,7 +225,7 @@ def test_export_openai_strict_load_and_round_trip(tmp_path, small_import):
         assert trees_equal(back.params, imported.params) and back.model == imported.model
 
 
-def test_export_openai_folder_carries_the_runs_own_vocabulary(tmp_path):
+def test_export_openai_folder_carries_the_runs_own_vocabulary(tmp_path, caplog):
     """A run trained with its own BPE vocabulary (data.tokenizer "train"): the export folder holds it, so that
     open_clip's local-dir tokenizer gives clip_jax's ids (but for the padding: EOT there, 0 here, which the
     end-of-text pooling never reads) and the same text embeddings; `convert` reads the vocabulary back."""
@@ -252,6 +252,11 @@ def test_export_openai_folder_carries_the_runs_own_vocabulary(tmp_path):
     assert_close("text of the exported vocabulary", theirs, ours(imported.model, imported.params, images, want)[1])
     back = wd.resolve_tokenizer(wd.load_source(tmp_path / "oc"))
     assert (back(captions, 16) == want).all()
+    # One file has no room for the vocabulary: the export says where it is.
+    with caplog.at_level("WARNING", logger="clip_jax.interop.workdir"):
+        wd.export_params(imported.params, imported.model, "openai", tmp_path / "oc.safetensors",
+                         tokenizer=json.loads((tmp_path / "tokenizer.json").read_text()))
+    assert "oc.safetensors holds the weights only, and this run has a vocabulary of its own" in caplog.text
 
 
 def test_export_openai_from_scanned_params(tmp_path, small_import):

@@ -179,7 +179,8 @@ def _tar_samples(path: str, stats: ShardStats) -> Iterator[tuple[str, dict[str, 
                     files[ext.lower()] = tar.extractfile(member).read()
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             stats.samples += 1  # the partial sample: samples == written + skipped holds
-            # Before any file of it was read, it is not a tar at all (a table given as --format webdataset).
+            # Before any file of it was read: not a tar at all (a table given as --format webdataset, say), or one
+            # cut before its first file.
             reason = "truncated_tar" if key is not None else "unreadable_tar"
             stats.skip(reason, key or path, f"{type(e).__name__}: {e}")
             return

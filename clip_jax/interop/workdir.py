@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from clip_jax.errors import one_line
-from clip_jax.files import enclosing_workdir, is_workdir
+from clip_jax.files import is_workdir, refuse_inside_workdir
 from clip_jax.interop import ConversionError
 from clip_jax.interop import hf as hf_lib
 from clip_jax.interop import openai as oa
@@ -285,9 +285,7 @@ def check_new_workdir(path: str | pathlib.Path, flag: str) -> pathlib.Path:
         raise ConversionError(f"{flag} {path} is a file; pass a new folder for the workdir")
     if is_workdir(path):
         raise ConversionError(f"{flag} {path} is already a clip_jax workdir; write into a new folder")
-    inside = enclosing_workdir(path)
-    if inside is not None:
-        raise ConversionError(f"{flag} {path} lies inside the clip_jax workdir {inside}; use a folder outside it")
+    refuse_inside_workdir(path, flag)
     if path.is_dir() and any(path.iterdir()):
         raise ConversionError(f"{flag} {path} is not empty; pass a new (or empty) folder for the workdir")
     return path
@@ -395,7 +393,7 @@ def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, for
     if fmt not in FORMATS:
         raise ConversionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = pathlib.Path(out)
-    _refuse_workdir_out(out, source)
+    refuse_inside_workdir(out, "--out", source)  # even with --force: its config.json would be overwritten
     if fmt == "openai" and out.suffix in _FILE_SUFFIXES:
         if pt and out.suffix == ".safetensors":
             raise ConversionError(f"--pt writes a torch pickle; name it .pt or .bin, not {out.name}")
@@ -412,14 +410,6 @@ def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, for
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConversionError(f"--out {out} is not empty; pass --force to replace the export there (only the files "
                               "an export writes are removed), or name a new folder")
-
-
-def _refuse_workdir_out(out: pathlib.Path, source: str | pathlib.Path | None) -> None:
-    folder = enclosing_workdir(out, source)
-    if folder is not None:
-        where = "is" if folder == out.resolve() else "lies inside"
-        raise ConversionError(f"--out {out} {where} the clip_jax workdir {folder}; an export there would overwrite "
-                              "its files: name a folder outside it")
 
 
 def _clear_previous_export(out: pathlib.Path) -> None:
@@ -449,15 +439,19 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
     if out.is_dir():
         _clear_previous_export(out)  # (with force only: check_export_out refuses a non-empty folder without it)
     if fmt == "openai":
-        sd = oa.state_dict_from_params(params, model)
-        if out.suffix in _FILE_SUFFIXES:
-            return [write_tensors(out, sd, torch_format=pt or out.suffix != ".safetensors")]
-        out.mkdir(parents=True, exist_ok=True)
-        # A vocabulary of the run's own (data.tokenizer "train") goes with the weights, as files open_clip's
-        # get_tokenizer("local-dir:DIR") reads; OpenAI's is open_clip's default tokenizer already.
         from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
 
+        # A vocabulary of the run's own (data.tokenizer "train") goes with the weights, as files open_clip's
+        # get_tokenizer("local-dir:DIR") reads; OpenAI's is open_clip's default tokenizer already.
         own_vocab = tokenizer is not None and tokenizer.get("name") != OPENAI_VOCAB_NAME
+        sd = oa.state_dict_from_params(params, model)
+        if out.suffix in _FILE_SUFFIXES:
+            if own_vocab:
+                log.warning("%s holds the weights only, and this run has a vocabulary of its own (its workdir's "
+                            "tokenizer.json): export to a folder to have it beside them (open_clip's local-dir "
+                            "tokenizer reads it), or give it to `clip-jax convert --vocab`", out.name)
+            return [write_tensors(out, sd, torch_format=pt or out.suffix != ".safetensors")]
+        out.mkdir(parents=True, exist_ok=True)
         config_json = oa.open_clip_config(model, tokenizer_files=own_vocab)
         (out / "open_clip_config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         name = "open_clip_pytorch_model.bin" if pt else "open_clip_model.safetensors"
