@@ -207,7 +207,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.data.images import list_images, load_images
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.classify import class_scores
+    from clip_jax.evaluate.classify import class_scores, requested_classes
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
@@ -222,6 +222,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     files = list_images(args.images)
     maybe_initialize()
     trained = load_trained(args.workdir)
+    requested_classes(trained, args.classes, names)  # a request it cannot serve is refused before images are read
     images, kept, skipped = load_images(files, trained.config.model.vision.image_size, args.max_image_bytes)
     for message in skipped:
         print(f"warning: {message}", file=sys.stderr)

@@ -20,6 +20,18 @@ def is_remote(path: epath.PathLike) -> bool:
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", os.fspath(path)) is not None
 
 
+def file_stamp(path: epath.PathLike) -> dict[str, int | float]:
+    """Size and modification time of a file: what tells that it changed (a bucket's object: to the second)."""
+    if is_remote(path):
+        st = epath.Path(path).stat()
+        return {"size": st.length, "mtime": st.mtime}
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # a dangling link (in a folder of images, say): the link's own stamp
+        st = os.lstat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def write_atomic(path: epath.PathLike, data: str | bytes) -> None:
     """Writes `data` (text as UTF-8) to `path` whole or not at all: a process killed meanwhile, or a full disk,
     leaves the previous content (or no file), never a torn one that the next launch fails to read.

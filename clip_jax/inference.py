@@ -90,10 +90,13 @@ class Model:
         a few-shot method's own classes (`classes`: "all", "base" or "new"), as `clip-jax classify`."""
         from scipy.special import softmax
 
-        from clip_jax.evaluate.classify import class_scores
+        from clip_jax.evaluate.classify import class_scores, requested_classes
 
-        names, logits = class_scores(self.trained, self.encoder, self.preprocess(images), classes,
-                                     None if class_names is None else list(class_names))
+        if isinstance(class_names, str):
+            raise TypeError("give a list of class names, not one string")
+        class_names = None if class_names is None else list(class_names)
+        requested_classes(self.trained, classes, class_names)  # refused before the images are read
+        names, logits = class_scores(self.trained, self.encoder, self.preprocess(images), classes, class_names)
         return names, softmax(np.asarray(logits, dtype=np.float32), axis=-1)
 
 

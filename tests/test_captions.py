@@ -137,3 +137,23 @@ def test_a_set_of_undecodable_images_is_an_error_not_a_hang(folder):
     tokenizer = ClipTokenizer.train(LONG * 3, 600)
     with pytest.raises(ValueError, match="no decodable image or no caption: check data.path and data.image_root"):
         next(longclip_batches(longclip_config("captions", folder / "bad.jsonl"), tokenizer))
+
+
+def test_a_table_is_read_once_per_version_of_the_file(folder, monkeypatch):
+    # The launch's check, the tokenizer corpus and the stream each ask for the source; a big table takes a while.
+    from clip_jax.data import captions
+    from clip_jax.data.pipeline import check_train_source
+
+    captions._cached_source.cache_clear()
+    reads = []
+    monkeypatch.setattr(captions, "read_table", lambda *a: reads.append(a[0]) or read_table(*a))
+    table = folder / "t.csv"
+    table.write_text("image,caption\na.png,a red square\n")
+    config = default_config()
+    config.data.source, config.data.path = "captions", str(table)
+    check_train_source(config)
+    first = get_source(config, "train")
+    assert get_source(config, "train") is first and len(reads) == 1
+    table.write_text("image,caption\na.png,a red square\nc.png,a blue disc\n")  # edited between two runs
+    assert [get_source(config, "train")[i]["long_caption"] for i in range(2)] == ["a red square", "a blue disc"]
+    assert len(reads) == 2

@@ -294,8 +294,12 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
         model.encode_texts("a red circle.")
     with pytest.raises(TypeError, match="list of images"):
         model.encode_images(str(tmp_path / "broken.png"))
-    with pytest.raises(ConfigError, match="no classes of its own"):
-        model.classify([np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(ConfigError, match="no classes of its own"):  # refused before the broken image is read
+        model.classify([tmp_path / "broken.png"])
+    with pytest.raises(ConfigError, match="no class names given"):
+        model.classify([np.zeros((8, 8, 3), np.uint8)], [])
+    with pytest.raises(TypeError, match="list of class names"):
+        model.classify([np.zeros((8, 8, 3), np.uint8)], "red circle")
 
 
 # --- mistakes -----------------------------------------------------------------------------------------------------

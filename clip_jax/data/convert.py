@@ -48,7 +48,7 @@ from clip_jax.data.images import (
     read_image_file,
     to_rgb,
 )
-from clip_jax.files import is_remote
+from clip_jax.files import file_stamp
 
 FORMATS = ("webdataset", *TABLE_FORMATS, "folder")
 KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -259,28 +259,17 @@ def report_path(opts: Options, index: int) -> epath.Path:
     return epath.Path(opts.out) / "reports" / f"{stem}.json"
 
 
-def _file_stamp(path: epath.PathLike) -> dict[str, Any]:
-    if is_remote(path):
-        st = epath.Path(path).stat()
-        return {"size": st.length, "mtime": st.mtime}
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:  # a dangling link in a folder input (its sample is skipped): the link's own stamp
-        st = os.lstat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def fingerprint(path: str, fmt: str) -> dict[str, Any]:
     """What a shard was made from, kept in its report so that a re-run redoes a shard whose input changed: a file's
     size and modification time (remote: as the store reports them); for a folder input, the number of files below
     it and a hash of each one's relative path, size and time (images, captions.json, .txt sidecars: an image added,
     removed or replaced changes it). Take it before reading the input: a change made meanwhile then shows next time."""
     if fmt != "folder":
-        return _file_stamp(path)
+        return file_stamp(path)
     folder = epath.Path(path)
     digest, count = hashlib.sha256(), 0
     for p in sorted(_walk(folder)):
-        digest.update(json.dumps([p.relative_to(folder).as_posix(), _file_stamp(p)]).encode() + b"\n")
+        digest.update(json.dumps([p.relative_to(folder).as_posix(), file_stamp(p)]).encode() + b"\n")
         count += 1
     return {"files": count, "sha256": digest.hexdigest()}
 

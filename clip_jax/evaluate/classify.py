@@ -17,6 +17,28 @@ CLASS_GROUPS = ("all", "base", "new")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
+def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | None = None) -> list[int] | None:
+    """The few-shot classes that `class_scores` will score (None: zero-shot over `names`). Refuses, before any image
+    is read, a request it cannot serve: no names for a method without classes of its own, an unknown `group`, a
+    group the run has no classes in."""
+    config, method = trained.config, trained.method
+    if names is not None and not names:
+        raise ConfigError("no class names given: give at least one")
+    if names is not None:
+        return None
+    if getattr(method, "scores", None) is None:
+        raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give --names "
+                          "FILE, one class name a line, for zero-shot classification")
+    if group not in CLASS_GROUPS:
+        raise ConfigError(f"--classes must be one of {', '.join(CLASS_GROUPS)}, got {group!r}")
+    task = method.task
+    classes = {"all": sorted(task.base + task.new), "base": task.base, "new": task.new}[group]
+    if not classes:
+        raise ConfigError(f"the run trained on all its classes (few_shot.classes 'all'): it has no {group!r} classes; "
+                          "use --classes all")
+    return classes
+
+
 def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str = "all",
                  names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
     """(class names, logits [N, C]) of uint8 images [N, H, W, 3].
@@ -26,30 +48,19 @@ def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str 
     few_shot.templates (default "a photo of a {}.") times the model's temperature. Otherwise the method's scores over
     the `group` classes of its few-shot task: all of them, the base ones it trained on, or the new ones."""
     config, method = trained.config, trained.method
-    zero_shot = names is not None or getattr(method, "scores", None) is None
+    classes = requested_classes(trained, group, names)
     examples = {"images": images}
-    if zero_shot or method.inputs == "features":  # MaPLe and WiSE-FT score the images themselves
+    if classes is None or method.inputs == "features":  # MaPLe and WiSE-FT score the images themselves
         examples["features"] = encoder.images(images)
-    if zero_shot:
-        if not names:
-            raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give --names "
-                              "FILE, one class name a line, for zero-shot classification")
+    if classes is None:
         length = config.model.text.context_length
         templates = tuple(config.few_shot.templates) or DEFAULT_TEMPLATES
         embeds = class_embeddings(lambda t: encoder.texts(trained.tokenizer(t, length)), list(names), templates)
         scale, _ = trained.model.apply({"params": trained.params}, method="temperature")
         return list(names), float(jax.device_get(scale)) * examples["features"] @ embeds.T
-    if group not in CLASS_GROUPS:
-        raise ConfigError(f"--classes must be one of {', '.join(CLASS_GROUPS)}, got {group!r}")
-    task = method.task
-    classes = {"all": sorted(task.base + task.new), "base": task.base, "new": task.new}[group]
-    if not classes:
-        raise ConfigError(f"the run trained on all its classes (few_shot.classes 'all'): it has no {group!r} classes; "
-                          "use --classes all")
     try:
         scores = method.scores(trained.params, examples, classes)
     except UnscorableClasses as e:  # a linear probe or class-specific contexts: only the training classes
         raise ConfigError(f"method {config.method.name} cannot score --classes {group} ({e}): use --classes base"
                           ) from None
-    return [task.class_names[c] for c in classes], scores
-
+    return [method.task.class_names[c] for c in classes], scores
