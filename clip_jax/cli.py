@@ -88,6 +88,10 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"wrote {out}")
 
 
+ENCODE_OUTPUTS = ("text_embeddings.npy", "image_embeddings.npy", "image_files.txt", "audio_embeddings.npy",
+                  "audio_files.txt")
+
+
 def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
     import numpy as np
@@ -106,12 +110,20 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the .npy files")
     refuse_inside_workdir(out, "--out")  # its files would mix with the run's (docs/your_data.md)
+    _refuse_previous_output(out, ENCODE_OUTPUTS, "encode")  # new embeddings beside another model's would mix
     texts = _read_lines(args.texts) if args.texts else None  # a bad file is found before the model is loaded
+    files = list_images(args.images) if args.images else None
     if args.audio:
         _check_audio_model(args.workdir)
     maybe_initialize()
     trained = load_trained(args.workdir)
     config, tokenizer = trained.config, trained.tokenizer
+    if files is not None:  # read before anything is written: no readable image is an error, not an empty output
+        images, kept, skipped = load_images(files, config.model.vision.image_size, args.max_image_bytes)
+        for message in skipped:
+            print(f"warning: {message}", file=sys.stderr)
+        if not images:
+            raise ConfigError(f"no readable image among the {len(files)} files of --images")
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     # Every process embeds every input (the encoder's results are replicated); process 0 writes them.
     primary = jax.process_index() == 0
@@ -132,18 +144,12 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             cut = int((lengths > context - 2).sum())
             print(f"encoded {len(texts)} texts -> {out / 'text_embeddings.npy'}" + (
                 f" ({cut} cut to the model's {context} tokens)" if cut else ""))
-    if args.images:
-        files = list_images(args.images)
-        size = config.model.vision.image_size
-        images, kept, skipped = load_images(files, size, args.max_image_bytes)  # a corrupt file is skipped
-        for message in skipped:
-            print(f"warning: {message}", file=sys.stderr)
+    if files is not None:
         kept = [str(files[i]) for i in kept]
-        embeddings = encoder.images(np.stack(images)) if images else None
+        embeddings = encoder.images(np.stack(images))
         if primary:
-            if embeddings is not None:
-                save("image_embeddings.npy", embeddings)
-            (out / "image_files.txt").write_text("".join(f + "\n" for f in kept))
+            save("image_embeddings.npy", embeddings)
+            write_atomic(out / "image_files.txt", "".join(f + "\n" for f in kept))
             print(f"encoded {len(kept)} images -> {out / 'image_embeddings.npy'}" + (
                 f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
     if args.audio:
@@ -220,6 +226,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     refuse_inside_workdir(out, "--out")
     names = _read_lines(args.names) if args.names else None  # a bad file is found before the model is loaded
     files = list_images(args.images)
+    _refuse_overwriting(out, [*files, *([args.names] if args.names else [])], CLASSIFY_HEADER)
     maybe_initialize()
     trained = load_trained(args.workdir)
     requested_classes(trained, args.classes, names)  # a request it cannot serve is refused before images are read
@@ -235,13 +242,32 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     if jax.process_index() == 0:
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(["image", "label", "probability"])
+        writer.writerow(CLASSIFY_HEADER)
         for row, i in enumerate(kept):
             writer.writerow([str(files[i]), class_names[best[row]], f"{probabilities[row, best[row]]:.4f}"])
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, text.getvalue())
         print(f"classified {len(kept)} images among {len(class_names)} classes -> {out}" + (
             f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+
+
+CLASSIFY_HEADER = ("image", "label", "probability")
+
+
+def _refuse_overwriting(out, inputs: list, header: tuple[str, ...]) -> None:
+    """An --out that is one of the command's own inputs, or an existing file other than an earlier output of the
+    command (a CSV that begins with `header`): writing it would destroy what the user made."""
+    import os
+
+    if not out.exists():
+        return
+    if not is_remote(out) and any(os.path.samefile(out, p) for p in inputs if os.path.exists(p)):
+        raise ConfigError(f"--out {out} is one of the command's inputs: name a new file for the results")
+    with out.open("rb") as f:
+        first = f.readline().decode("utf-8", "replace").strip()
+    if first != ",".join(header):
+            raise ConfigError(f"--out {out} exists and is not an earlier output of this command: name a new file, "
+                              "or remove it first")
 
 
 def _output_names(files: list) -> list[str]:

@@ -308,6 +308,9 @@ def test_non_utf8_bytes_in_metrics_jsonl_do_not_block_resuming(trained, tmp_path
     ("out_file", "is a file; give a folder"),
     ("missing", "No such file or directory"),
     ("out_in_workdir", "lies inside the clip_jax workdir"),
+    # another model's embeddings would sit beside the new ones, read as one result
+    ("earlier_output", "holds an earlier encode's output (image_embeddings.npy)"),
+    ("no_readable_image", "no readable image among the 1 files of --images"),
 ])
 def test_encode_bad_input_is_one_line(untouched, tmp_path, capsys, case, expected):
     texts = tmp_path / "texts.txt"
@@ -316,10 +319,39 @@ def test_encode_bad_input_is_one_line(untouched, tmp_path, capsys, case, expecte
     out = untouched / "emb" if case == "out_in_workdir" else tmp_path / "emb"
     if case == "out_file":
         out.write_text("x")
+    if case == "earlier_output":
+        out.mkdir()
+        (out / "image_embeddings.npy").write_bytes(b"made by another model")
     args = ["encode", "--workdir", str(untouched), "--texts", str(texts if case != "missing" else tmp_path / "no.txt"),
             "--out", str(out)] + (["--batch-size", "0"] if case == "batch" else [])
-    message = exit_message(args, capsys)
-    assert expected in message, message
+    if case == "no_readable_image":
+        (tmp_path / "broken.png").write_bytes(b"not an image")
+        args += ["--images", str(tmp_path / "broken.png")]
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "warning" not in line]
+    assert info.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+    if case == "earlier_output":
+        assert (out / "image_embeddings.npy").read_bytes() == b"made by another model"
+    elif case != "out_file":
+        assert not out.exists() or not any(out.iterdir())  # nothing written: not the texts' embeddings either
+
+
+@pytest.mark.parametrize("case", ["names", "image", "other_file"])
+def test_classify_never_writes_over_an_input_or_a_file_it_did_not_make(untouched, tmp_path, capsys, case):
+    names = tmp_path / "names.txt"
+    names.write_text("red circle\nblue square\n")
+    (tmp_path / "images").mkdir()
+    image = tmp_path / "images" / "a.png"
+    Image.new("RGB", (40, 40), "red").save(image)
+    out = {"names": names, "image": image, "other_file": tmp_path / "notes.csv"}[case]
+    if case == "other_file":
+        out.write_text("my,own,notes\n")
+    before = out.read_bytes()
+    message = exit_message(["classify", "--workdir", str(untouched), "--images", str(tmp_path / "images"),
+                            "--names", str(names), "--out", str(out)], capsys)
+    expected = "is one of the command's inputs" if case != "other_file" else "is not an earlier output of this command"
+    assert expected in message and out.read_bytes() == before, message
 
 
 def test_encode_counts_the_texts_it_cuts(untouched, tmp_path, capsys):
