@@ -151,7 +151,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500
     c.checkpoint.max_to_keep = 3  # >= 1: the newest checkpoints kept (0 is refused: Orbax would keep none)
-    c.checkpoint.keep_period = 0  # also keep every K-th step forever (0: off)
+    c.checkpoint.keep_period = 0  # also keep every K-th step forever (0: off); step 0, a warm start, is always kept
     c.checkpoint.async_save = True
 
     c.log = ml_collections.ConfigDict()

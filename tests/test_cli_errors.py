@@ -284,7 +284,7 @@ def test_a_damaged_workdir_file_is_one_line_naming_it(trained, tmp_path, capsys,
     assert snapshot(workdir) == before
 
 
-def test_non_utf8_bytes_in_metrics_jsonl_do_not_block_resuming(trained, tmp_path, caplog):
+def test_non_utf8_bytes_in_metrics_jsonl_do_not_block_resuming(trained, tmp_path, caplog, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
     with (workdir / "metrics.jsonl").open("ab") as f:
@@ -294,8 +294,31 @@ def test_non_utf8_bytes_in_metrics_jsonl_do_not_block_resuming(trained, tmp_path
     steps = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS + 2
     assert b"\xff" not in (workdir / "metrics.jsonl").read_bytes()  # the damaged line was dropped
-    # The longer run changes the schedule from the resumed step on: said, since it may be a mistake.
-    assert f"resuming at step {STEPS} with a new schedule (total_steps {STEPS} -> {STEPS + 2})" in caplog.text
+    # The longer run changes the schedule from the resumed step on: said, since it may be a mistake, and the
+    # settings it had until then are kept.
+    assert (f"resuming at step {STEPS} with changed settings (total_steps {STEPS} -> {STEPS + 2}): the learning rate "
+            f"follows the new schedule from this step on; the settings until now are kept in "
+            f"config_until_step_{STEPS}.json") in caplog.text
+    assert json.loads((workdir / f"config_until_step_{STEPS}.json").read_text()) == json.loads(
+        (trained / "config.json").read_text())
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == STEPS + 2
+    assert f"resuming {workdir} from step {STEPS} of {STEPS + 2}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config_file, init_from, warned", [
+    ("longclip_shapes.py", "", True),  # a new workdir: nothing stretched into it
+    ("coop/shapes.py", "", True),
+    ("coop/shapes.py", "workdirs/demo", False),
+    ("demo.py", "", False),  # pretraining starts from random weights by design
+])
+def test_a_fine_tune_without_a_pretrained_model_is_said(tmp_path, caplog, monkeypatch, config_file, init_from, warned):
+    monkeypatch.setattr("clip_jax.train.loop._train", lambda *args: {})
+    monkeypatch.setattr("clip_jax.train.loop.check_init_from", lambda config: None)
+    with caplog.at_level("WARNING", logger="clip_jax.train.loop"):
+        cli.main(["train", "--config", str(REPO / "configs" / config_file), "--workdir", str(tmp_path / "run"),
+                  f"--config.init_from={init_from}"]
+                 + (["--config.method.pca_scope=global"] if "longclip" in config_file else []))  # 8 test devices
+    assert ("fine-tunes a pretrained CLIP" in caplog.text) == warned, caplog.text
 
 
 # --- encode's inputs ------------------------------------------------------------------------------------------------

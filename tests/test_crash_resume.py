@@ -436,3 +436,16 @@ def test_the_progress_bar_counts_finished_steps_and_the_host_stays_ahead_on_acce
     writer.dispatched(StepOutputs(6))
     writer.close()
     assert waited == [*finished, 6] and writer._bar.n == 6
+
+
+@pytest.mark.parametrize("keep_period, kept", [(0, [0, 5]), (2, [0, 2, 4, 5])])
+def test_the_rotation_keeps_a_warm_starts_step_0(tmp_path, keep_period, kept):
+    """Step 0 is a converted or stretched model (WiSE-FT needs it later): max_to_keep 1 removed it at the next save."""
+    config = default_config().checkpoint
+    config.max_to_keep, config.keep_period = 1, keep_period
+    checkpointer = Checkpointer(tmp_path, config, owner=True)
+    for step in range(6):
+        checkpointer.save(step, {"w": jax.numpy.arange(4.0) + step})
+        checkpointer.wait()
+    checkpointer.close()
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == kept

@@ -100,6 +100,9 @@ class Method:
     # `model.vision.stochastic_depth` (it passes each example's key to the image tower); a config that sets either
     # for a method that does not is refused rather than silently trained without it.
     image_dropout: ClassVar[bool] = False
+    # Whether the method adapts a pretrained CLIP (a converted or stretched model at the workdir's step 0, or
+    # `config.init_from`): a new run without one trains from random weights, which the launch warns about.
+    fine_tunes: ClassVar[bool] = False
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

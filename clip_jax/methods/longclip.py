@@ -52,6 +52,7 @@ class LongClipConfig:
 class LongClipMethod(ClipMethod):
     """CLIP's batch plus `short_text`, the short caption's tokens, embedded by the same text tower."""
 
+    fine_tunes = True
     name = "longclip"
     Config = LongClipConfig
 

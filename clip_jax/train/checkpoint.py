@@ -1,7 +1,8 @@
 """Orbax checkpointing of the train state together with the grain iterator state.
 
 Layout: `<workdir>/checkpoints/<step>/{state,data}`. Saves are asynchronous (the step loop goes on while the
-arrays are written); the manager keeps the last `max_to_keep` plus every `keep_period`-th step.
+arrays are written); the manager keeps the last `max_to_keep`, every `keep_period`-th step, and step 0 (a warm
+start's converted or stretched model).
 
 On several hosts every process calls save and restore at the same step: Orbax writes each process's array shards
 and commits once all are written, and grain's handler writes each process's data position as
@@ -28,6 +29,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint import checkpoint_managers as policies
 
 from clip_jax.distributed import barrier
 from clip_jax.errors import ConfigError
@@ -46,9 +48,14 @@ class Checkpointer:
         """`owner`: this process trains the workdir, so it removes the temporary folders that a killed save left
         (a full-size copy of the state each, never read); a reader such as `clip-jax eval` leaves them alone, since
         they may be the saves in progress of a training running beside it."""
+        keep = [policies.LatestN(config.max_to_keep),
+                # Step 0 is a warm start's model (converted or stretched): the user's input, not a product of the
+                # training, and what WiSE-FT interpolates toward; the rotation never removes it.
+                policies.CustomSteps([0])]
+        if config.keep_period:
+            keep.append(policies.EveryNSteps(config.keep_period))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.max_to_keep,
-            keep_period=config.keep_period or None,
+            preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=config.async_save,
             create=True,
             cleanup_tmp_directories=owner,

@@ -38,6 +38,7 @@ from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
 from clip_jax.train.checkpoint import Checkpointer
 from clip_jax.train.metrics import MetricsWriter
+from clip_jax.train.run_lock import LOCK_NAME, hold_workdir
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
             raise ConfigError(f"workdir {workdir} holds a run with other {' / '.join(groups)} settings "
                               f"({', '.join(changed)}): resume it with its own (drop those overrides), or use a new "
                               "--workdir")
-        _tell_schedule_change(previous, config, checkpoint_step)
         old, new = previous.model.to_dict(), json.loads(json.dumps(config.model.to_dict(), default=list))
         free = _WARM_START_FIELDS if checkpoint_step == 0 else _RESUME_FIELDS
         diff = [d for d in sorted(_diff_keys(old, new)) if d.partition(":")[0] not in free]
@@ -87,23 +87,32 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
                 f"model (drop those overrides), or use a new --workdir (add --config.init_from={workdir} to start "
                 f"from this run's parameters){stretch}"
             )
+        _tell_resume_changes(previous, config, checkpoint_step, path)
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
         save_config(config, path)
 
 
-def _tell_schedule_change(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int) -> None:
-    """A resume may change the schedule (train longer, lower the rate), and the schedule is a function of the step:
-    the learning rate jumps to the new one's at the resumed step. Said in one line, since it may be a mistake."""
-    if step == 0:  # a warm start (converted or stretched) starts its own schedule
+def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int,
+                         path: epath.Path) -> None:
+    """A resume may change settings (train longer, lower the rate, another batch size, seed or data; of the model,
+    those `_RESUME_FIELDS` allows): said in one line, since it may be a mistake, and the settings the run had until
+    now are kept beside config.json (`config_until_step_<step>.json`), which then holds the new ones. The schedule is
+    a function of the step: the learning rate jumps to the new one's at the resumed step."""
+    if step == 0:  # a warm start (converted or stretched) starts its own run: its config.json holds the defaults
         return
-    old = {"total_steps": previous.total_steps, **{f"optimizer.{k}": v for k, v in previous.optimizer.items()}}
-    new = {"total_steps": config.total_steps, **{f"optimizer.{k}": v for k, v in config.optimizer.items()}}
-    changed = [f"{k} {json.dumps(old[k], default=list)} -> {json.dumps(new.get(k), default=list)}"
-               for k in old if json.dumps(old[k], default=list) != json.dumps(new.get(k), default=list)]
-    if changed:
-        log.warning("resuming at step %d with a new schedule (%s): the learning rate follows the new one from this "
-                    "step on", step, ", ".join(changed))
+    old = json.loads(json.dumps(previous.to_dict(), default=list))
+    new = json.loads(json.dumps(config.to_dict(), default=list))
+    changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in _diff_keys(old, new, "config")]
+    if not changed:
+        return
+    kept = path.parent / f"config_until_step_{step}.json"
+    if jax.process_index() == 0 and not kept.exists():  # a relaunch that fails again keeps the first record
+        save_config(previous, kept)
+    schedule = any(c.startswith(("total_steps ", "optimizer.")) for c in changed)
+    log.warning("resuming at step %d with changed settings (%s)%s; the settings until now are kept in %s", step,
+                ", ".join(changed), ": the learning rate follows the new schedule from this step on" if schedule
+                else "", kept.name)
 
 
 def check_workdir_path(workdir: epath.Path) -> None:
@@ -116,7 +125,8 @@ def check_run_folder(workdir: epath.Path) -> None:
     run's files would mix with or overwrite (a folder of images named by mistake, another tool's config.json). A
     failed first launch may have left `checkpoints/` empty; hidden files (a file manager's .DS_Store) do not count."""
     if workdir.is_dir() and not is_workdir(workdir):
-        other = sorted(p.name for p in workdir.iterdir() if p.name != "checkpoints" and not p.name.startswith("."))
+        other = sorted(p.name for p in workdir.iterdir()
+                       if p.name not in ("checkpoints", LOCK_NAME) and not p.name.startswith("."))
         if other:
             shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
             raise ConfigError(f"--workdir {workdir} holds files that are not a clip_jax run's ({shown}); give a new "
@@ -230,6 +240,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     check_run_folder(workdir)
     if config.init_from and not checkpoint_steps(workdir):  # a new run from another's parameters: are they there?
         check_init_from(config)
+    if method.fine_tunes and not config.init_from and not checkpoint_steps(workdir):
+        log.warning("method %s fine-tunes a pretrained CLIP, and %s holds none: this new run starts from random "
+                    "weights. To fine-tune, stop it and convert or stretch a model into the workdir first (clip-jax "
+                    "convert SRC --to-workdir DIR; for Long-CLIP, clip-jax stretch --workdir BASE --out-workdir DIR), "
+                    "or give --config.init_from=A_WORKDIR", config.method.name, workdir)
+    with hold_workdir(workdir):  # one training at a time: a second would write over this one's checkpoints
+        return _train(config, workdir, mesh, method)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method: Method) -> dict[str, Any]:
+    """The run itself, in a workdir this process holds (train_and_evaluate has checked the config and the mesh)."""
     checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
@@ -266,7 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         log.info("warm start from the parameters of %s", source.directory / str(step))
     elif resume_step is not None:
         state = checkpointer.restore(abstract_state, data_iter)
-        log.info("resuming from step %d", int(state.step))
+        if jax.process_index() == 0:  # a relaunch says what it does: a finished run only evaluates again
+            done = int(state.step) >= config.total_steps
+            print(f"resuming {workdir} from step {int(state.step)} of {config.total_steps}" +
+                  (": the run is complete; evaluating its final checkpoint again" if done else ""), flush=True)
     else:
         state = init_fn(rng)
     start_step = int(jax.device_get(state.step))

@@ -1,0 +1,98 @@
+"""One training per workdir (clip_jax/train/run_lock.py): a second launch while a run is alive is refused; a lock
+left by a run that is gone (killed) is taken over."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from etils import epath
+
+from clip_jax import cli
+from clip_jax.errors import ConfigError
+from clip_jax.train import run_lock
+from tests.test_end_to_end import exit_message, train_args
+
+
+def write_lock(path, **fields):
+    path.write_text(json.dumps({"host": socket.gethostname(), "started": "2026-12-05 10:00:00", "beats": 0} | fields))
+
+
+@pytest.fixture()
+def live_pid():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_live_process_on_this_host_holds_the_workdir_and_a_dead_one_does_not(tmp_path, live_pid):
+    lock = tmp_path / run_lock.LOCK_NAME
+    assert run_lock.find_live_holder(epath.Path(lock)) is None  # no lock
+    write_lock(lock, pid=live_pid)
+    assert f"process {live_pid} on {socket.gethostname()}" in run_lock.find_live_holder(epath.Path(lock))
+    write_lock(lock, pid=dead_pid())  # a SIGKILL or an OOM kill left it behind
+    assert run_lock.find_live_holder(epath.Path(lock)) is None
+
+
+def test_another_hosts_lock_counts_while_its_heartbeat_advances(tmp_path):
+    lock = tmp_path / run_lock.LOCK_NAME
+    write_lock(lock, host="node-7", pid=1)
+    # No heartbeat within the window: that machine is gone (a preempted job requeued elsewhere takes over).
+    assert run_lock.find_live_holder(epath.Path(lock), stale_s=0.3, poll_s=0.05) is None
+
+    def beat():
+        time.sleep(0.1)
+        write_lock(lock, host="node-7", pid=1, beats=1)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    refusal = run_lock.find_live_holder(epath.Path(lock), stale_s=5, poll_s=0.05)
+    thread.join()
+    assert "process 1 on node-7" in refusal and "heartbeat advanced" in refusal
+
+
+def test_the_holder_beats_and_lets_go_and_a_second_holder_is_refused(tmp_path):
+    workdir = epath.Path(tmp_path / "run")
+    lock = workdir / run_lock.LOCK_NAME
+    with run_lock.hold_workdir(workdir, heartbeat_s=0.05):
+        first = json.loads(lock.read_text())
+        assert first["pid"] == os.getpid()
+        time.sleep(0.3)
+        assert json.loads(lock.read_text())["beats"] > first["beats"]
+        # Another process of this host would be refused; this one (pid equal) counts as the holder itself.
+        write_lock(lock, pid=os.getppid(), token="theirs")
+        with pytest.raises(ConfigError, match=f"process {os.getppid()} on .* is training this workdir"):
+            run_lock.hold_workdir(workdir).__enter__()
+    assert lock.exists()  # taken over by another launch meanwhile: not ours to remove
+    write_lock(lock, pid=dead_pid())
+    with run_lock.hold_workdir(workdir):
+        pass
+    assert not lock.exists()
+
+
+def test_train_is_refused_while_another_training_holds_the_workdir(tmp_path, capsys, live_pid):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_lock(workdir / run_lock.LOCK_NAME, pid=live_pid)
+    message = exit_message(train_args(workdir), capsys)
+    assert f"--workdir {workdir}: process {live_pid} on" in message and "stop that one first" in message, message
+    assert sorted(p.name for p in workdir.iterdir()) == [run_lock.LOCK_NAME]  # nothing written
+
+
+def test_a_training_leaves_no_lock_behind(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_lock(workdir / run_lock.LOCK_NAME, pid=dead_pid())  # a killed run's
+    cli.main(train_args(workdir))
+    assert (workdir / "results.json").exists() and not (workdir / run_lock.LOCK_NAME).exists()
