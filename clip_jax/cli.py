@@ -28,6 +28,7 @@ import os
 import sys
 
 from clip_jax.config import ConfigError
+from clip_jax.errors import BackgroundErrorsOnce
 from clip_jax.files import CheckpointWriteError, is_remote, refuse_inside_workdir, write_atomic
 from clip_jax.host_memory import keep_freed_memory
 
@@ -734,21 +735,6 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-_quiet_seen: set[str] = set()
-
-
-def _quiet_unraisable(unraisable) -> None:
-    """TensorStore's threads report the errors of their callbacks as unraisable, a traceback each: after a damaged
-    checkpoint, "Event loop is closed" once per array (thousands of lines for a large model), which buried the one
-    warning that mattered. Each distinct message is shown once, in one line."""
-    error = unraisable.exc_value
-    text = f"{type(error).__name__}: {_one_line(error)}"
-    if text not in _quiet_seen:
-        _quiet_seen.add(text)
-        print(f"warning: in a background thread: {text} (further ones not shown; --debug shows them)",
-              file=sys.stderr)
-
-
 # Failures of the user's input or environment, whose message says what to do: one line, exit 2.
 _USER_ERRORS = (ConfigError, FloatingPointError, CheckpointWriteError)
 
@@ -806,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
     if not debug:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_without_traceback)
-        sys.unraisablehook = _quiet_unraisable
+        sys.unraisablehook = BackgroundErrorsOnce("; --debug shows them")
     keep_freed_memory()  # before any command starts JAX (host_memory.py says why)
     try:
         COMMANDS[args.command](args, overrides)

@@ -1,6 +1,8 @@
 """The error a user can act on: its own module, importing nothing, so that any module may raise it without
 importing the configuration (which imports the models and the data registries)."""
 
+import sys
+
 
 class ConfigError(ValueError):
     """A problem with the configuration or an input, stated in one line that names the key or file."""
@@ -14,3 +16,23 @@ def one_line(error: BaseException) -> str:
 class UnscorableClasses(ValueError):
     """A method asked to score classes it has no scores for (the new classes of a linear probe or of class-specific
     prompt contexts): the evaluation and `clip-jax classify` report what it can score instead."""
+
+
+class BackgroundErrorsOnce:
+    """A `sys.unraisablehook` that shows each kind of background-thread error once, in one line. TensorStore's threads
+    report the failed reads of a damaged checkpoint as unraisable, a traceback per array and per callback ("Event
+    loop is closed"): 16,769 lines for the demo's 15 MB model read through `clip_jax.load`, burying the one warning
+    that matters. A kind is the error's type and its message up to the first colon (the rest names the array)."""
+
+    def __init__(self, hint: str = ""):
+        self.hint = hint  # how to see them all (the CLI's --debug)
+        self.seen: set[str] = set()
+
+    def __call__(self, unraisable) -> None:
+        text = one_line(unraisable.exc_value)
+        kind = ":".join(text.split(":")[:2])
+        if kind not in self.seen:
+            self.seen.add(kind)
+            text = text.split(" See full TensorStore details")[0]
+            print(f"warning: in a background thread: {text[:300]} (further ones not shown{self.hint})",
+                  file=sys.stderr)

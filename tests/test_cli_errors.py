@@ -509,21 +509,30 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_saves_its_final_st
     assert snapshot(workdir / "checkpoints") == before
 
 
-def test_a_corrupt_checkpoint_is_one_warning_not_thousands_of_lines(trained, tmp_path):
+@pytest.mark.parametrize("damage, reader", [("every_file", "eval"), ("array_data", "eval"),
+                                           ("array_data", "python_api")])
+def test_a_corrupt_checkpoint_is_one_warning_not_thousands_of_lines(trained, tmp_path, damage, reader):
     """TensorStore's threads reported "Event loop is closed" with a traceback per array after a failed restore
-    (~17,000 lines for a real model), burying the warning."""
+    (~17,000 lines for a real model), burying the warning; array files cut short (metadata whole) added a line per
+    array, and through `clip_jax.load` (no CLI hooks) 16,769 lines for the demo model."""
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
     newest = max(checkpoint_steps(workdir))
     for path in (workdir / "checkpoints" / str(newest)).rglob("*"):
-        if path.is_file():
+        if path.is_file() and (damage == "every_file" or path.parent.name == "d"):  # ocdbt.process_0/d/: the arrays
             path.write_bytes(path.read_bytes()[:7])
-    result = run_cli(["eval", "--workdir", str(workdir)])
+    if reader == "eval":
+        result = run_cli(["eval", "--workdir", str(workdir)])
+    else:
+        code = f"import clip_jax; print('step', clip_jax.load({str(workdir)!r}).trained.step)"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+        assert f"step {checkpoint_steps(workdir)[-2]}" in result.stdout  # the older checkpoint's parameters
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.count(f"checkpoint {workdir / 'checkpoints' / str(newest)} is unreadable") == 1
-    assert "tensorstore_spec" not in result.stderr  # the multi-kilobyte spec TensorStore quotes is cut
-    assert len(result.stderr.splitlines()) < 12, result.stderr
+    assert "tensorstore_spec" not in result.stderr and "TensorStore details" not in result.stderr
+    assert len(result.stderr.splitlines()) < 8, result.stderr
     assert (workdir / "checkpoints" / str(newest)).exists()  # a reader never moves checkpoints
 
 

@@ -74,6 +74,9 @@ def test_finetune_freezes_kept_positions_and_resets_the_temperature(runs):
     np.testing.assert_array_equal(tuned["text"]["positional_embedding"], stretched["text"]["positional_embedding"])
     moved = np.abs(tuned["text"]["positional_embedding_res"] - stretched["text"]["positional_embedding_res"])
     assert moved[20:].max() > 0 and moved[:20].max() == 0  # rows < 20 of the second table get no gradient
+    # The stretched model stays readable as step 0, though its optimizer state is the converter's (other frozen rules).
+    start = jax.tree.map(np.asarray, jax.device_get(load_trained(root / "keep", step=0).params))
+    jax.tree.map(np.testing.assert_array_equal, start, stretched)
     config = json.loads((root / "keep" / "config.json").read_text())
     assert config["method"]["name"] == "longclip" and config["model"]["max_logit_scale"] == 0
     train = [r for r in read_metrics(root / "keep" / "metrics.jsonl") if r["split"] == "train"]

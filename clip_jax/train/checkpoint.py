@@ -20,8 +20,12 @@ the step a relaunch resumes from; the asynchronous save's error surfaces at the 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import grain
@@ -32,7 +36,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from clip_jax.distributed import barrier
-from clip_jax.errors import ConfigError
+from clip_jax.errors import BackgroundErrorsOnce, ConfigError
 from clip_jax.files import CheckpointWriteError, os_error
 
 log = logging.getLogger(__name__)
@@ -101,35 +105,55 @@ class Checkpointer:
 
         Without an explicit `step`, a newest checkpoint that cannot be read (corrupt or truncated files) is skipped
         with a warning naming it, and the next older one is used: a crash while writing never costs the run."""
-        candidates = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
-        if not candidates:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        failures = []
-        for candidate in candidates:
+
+        def read(candidate: int) -> Any:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             foreign = None  # (writers, batches read) when another number of processes wrote the data position
             if data_iterator is not None:
                 foreign = self._global_data_position(candidate)
                 if foreign is None:
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
-            except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-                if step is not None:
-                    raise RuntimeError(f"checkpoint {self.directory / str(candidate)} is unreadable: {e}") from e
-                failures.append(candidate)
-                log.warning("checkpoint %s is unreadable (%s: %s)", self.directory / str(candidate),
-                            type(e).__name__, _brief(e))
-                continue
+            restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
             if foreign is not None:
                 self._resume_data_position(data_iterator, *foreign, int(restored["state"].step), candidate)
-            if failures:
-                log.warning("newest checkpoint(s) %s unreadable: resumed from the older step %d instead",
-                            failures, candidate)
-                if self.owner:
-                    self._set_aside(failures)
-            log.info("restored checkpoint of step %d from %s", candidate, self.directory)
             return restored["state"]
+
+        return self._newest_readable(step, read)[1]
+
+    def restore_newest_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
+        """(step, parameters) of the newest readable checkpoint (or of `step`), without the optimizer state: what a
+        reader needs, in a third of the memory. Any checkpoint of the run reads, a warm start's step 0 too (its
+        optimizer state is the converter's, shaped by other frozen rules)."""
+        return self._newest_readable(step, lambda candidate: self.restore_params(candidate, abstract_params))
+
+    def _newest_readable(self, step: int | None, read: Callable[[int], Any]) -> tuple[int, Any]:
+        """`read` of `step`, or of the newest checkpoint it can read: an unreadable one is named and skipped (and set
+        aside, by the run that owns the workdir). A ConfigError (another model) is not a damaged file: raised."""
+        candidates = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        if not candidates:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        failures = []
+        with quiet_background_errors():
+            for candidate in candidates:
+                try:
+                    value = read(candidate)
+                except ConfigError:
+                    raise
+                except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+                    if step is not None:
+                        raise RuntimeError(f"checkpoint {self.directory / str(candidate)} is unreadable: {_brief(e)}"
+                                           ) from e
+                    failures.append(candidate)
+                    log.warning("checkpoint %s is unreadable (%s: %s)", self.directory / str(candidate),
+                                type(e).__name__, _brief(e))
+                    continue
+                if failures:
+                    log.warning("newest checkpoint(s) %s unreadable: %s the older step %d instead", failures,
+                                "resumed from" if self.owner else "read", candidate)
+                    if self.owner:
+                        self._set_aside(failures)
+                log.info("restored checkpoint of step %d from %s", candidate, self.directory)
+                return candidate, value
         raise RuntimeError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
 
     def _set_aside(self, steps: list[int]) -> None:
@@ -231,10 +255,32 @@ class Checkpointer:
         self.manager.close()
 
 
+@contextlib.contextmanager
+def quiet_background_errors() -> Iterator[None]:
+    """While checkpoints are read: each kind of TensorStore's background-thread errors (a damaged checkpoint's failed
+    reads) once, in one line (`errors.BackgroundErrorsOnce`), unless a hook is installed already (the CLI's, or the
+    user's own); asyncio's "Task exception was never retrieved", logged for each of those reads, not at all (the
+    restore names the checkpoint). The reads' coroutines are collected before the scope ends: that is when they
+    report."""
+    unretrieved = lambda record: not record.getMessage().startswith("Task exception was never retrieved")  # noqa: E731
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(unretrieved)
+    own_hook = sys.unraisablehook is sys.__unraisablehook__
+    if own_hook:
+        sys.unraisablehook = BackgroundErrorsOnce()
+    try:
+        yield
+    finally:
+        gc.collect()
+        asyncio_log.removeFilter(unretrieved)
+        if own_hook:
+            sys.unraisablehook = sys.__unraisablehook__
+
+
 def _brief(error: Exception) -> str:
     """The gist of a TensorStore error: its first line, without the multi-kilobyte spec it quotes."""
     text = str(error).splitlines()[0] if str(error) else ""
-    text = text.split(" [tensorstore_spec")[0]
+    text = text.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
     return text if len(text) <= 400 else text[:400] + "..."
 
 

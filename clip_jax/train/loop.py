@@ -520,6 +520,6 @@ def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
     method.prepare(_preparation(config, method, mesh, workdir, tokenizer, start, jax.random.PRNGKey(config.seed)))
     model = method.model()
     init_fn, shardings, _ = create_state(config, method, model, mesh)
-    state = checkpointer.restore(abstract_train_state(init_fn, shardings), step=step)
+    step, params = checkpointer.restore_newest_params(abstract_train_state(init_fn, shardings).params, step)
     checkpointer.close()
-    return Trained(config, method, model, state.params, tokenizer, mesh, int(jax.device_get(state.step)))
+    return Trained(config, method, model, params, tokenizer, mesh, step)
