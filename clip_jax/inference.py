@@ -64,6 +64,8 @@ class Model:
                 if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
                     raise ValueError(f"image {i}: expected uint8 [H, W, 3] (RGB), [H, W] or [H, W, 4], got "
                                      f"{array.dtype} {list(array.shape)}")
+                if 0 in array.shape:
+                    raise ValueError(f"image {i}: an empty array {list(array.shape)}")
                 image = Image.fromarray(array)
             out.append(resize_center_crop(rgb_image(image), self.image_size))
         if not out:
@@ -78,8 +80,13 @@ class Model:
         """float32 [N, D] L2-normalised embeddings of N texts; a text longer than the model's context is cut to it."""
         if isinstance(texts, str):
             raise TypeError("give a list of texts, not one string")
+        texts = list(texts)  # a numpy array of strings too
         if not texts:
             raise ValueError("no texts given")
+        wrong = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if wrong is not None:
+            raise TypeError(f"text {wrong}: expected a str, got {type(texts[wrong]).__name__}")
+        texts = [str(t) for t in texts]  # numpy's str_ to str
         return self.encoder.texts(self.trained.tokenizer(list(texts), self.context_length))
 
     def classify(self, images: Sequence[ImageInput] | np.ndarray, class_names: Sequence[str] | None = None,
@@ -103,7 +110,9 @@ class Model:
 def load(workdir: str | os.PathLike, step: int | None = None, batch_size: int = 256) -> Model:
     """The model of `workdir` at its latest checkpoint (or `step`), on every local device; `batch_size` examples
     per device call. FileNotFoundError if `workdir` is not a workdir or has no checkpoint."""
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int | np.integer)):
+        raise TypeError(f"step must be an int (a checkpoint's step), got {type(step).__name__} {step!r}")
     keep_freed_memory()  # on the CPU, before JAX starts (it does nothing after): host_memory.py says why
     from clip_jax.train.loop import load_trained
 
-    return Model(load_trained(workdir, step), batch_size)
+    return Model(load_trained(workdir, None if step is None else int(step)), batch_size)

@@ -292,6 +292,14 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
         model.encode_images([np.zeros((8, 8, 3), np.float32)])
     with pytest.raises(TypeError, match="list of texts"):
         model.encode_texts("a red circle.")
+    with pytest.raises(TypeError, match="text 1: expected a str, got int"):
+        model.encode_texts(["a red circle.", 2])
+    texts = ["a red circle.", "a blue square."]
+    np.testing.assert_array_equal(model.encode_texts(np.array(texts)), model.encode_texts(texts))
+    with pytest.raises(ValueError, match=r"image 0: an empty array \[0, 0, 3\]"):
+        model.encode_images([np.zeros((0, 0, 3), np.uint8)])
+    with pytest.raises(TypeError, match="step must be an int .* got str '4'"):
+        clip_jax.load(trained, step="4")
     with pytest.raises(TypeError, match="list of images"):
         model.encode_images(str(tmp_path / "broken.png"))
     with pytest.raises(ConfigError, match="no classes of its own"):  # refused before the broken image is read
@@ -384,7 +392,11 @@ def test_train_refuses_another_context_length_and_names_the_fix(trained, capsys)
                                       "--config.model.vision.layers=2"), capsys)
     assert f"model.text.context_length: {CONTEXT} -> {2 * CONTEXT}" in message
     assert "model.vision.layers: 1 -> 2" in message  # named too, not only the context length
-    assert "drop those overrides" in message and "clip-jax stretch" in message
+    assert "clip-jax stretch" in message
+    # the run's own values, as flags to give (a config file that sets other ones needs them, e.g. a Long-CLIP config
+    # on a workdir stretched to another length)
+    assert f"train it with its own model (--config.model.text.context_length={CONTEXT} " \
+           "--config.model.vision.layers=1)" in message
     assert {p: p.read_bytes() for p in before} == before
 
 

@@ -290,7 +290,7 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
         main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
               str(tmp_path / "broken.png"), "--out", str(tmp_path / "preds.csv")])
     err = capsys.readouterr().err.strip()  # that error alone, before any image is read (no warning on broken.png)
-    assert exit_info.value.code == 2 and "give --names FILE" in err and len(err.splitlines()) == 1, err
+    assert exit_info.value.code == 2 and "--names FILE" in err and len(err.splitlines()) == 1, err
     main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
           "--names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "preds.csv")])
 

@@ -141,6 +141,18 @@ def test_export_out_of_the_wrong_kind_is_refused_before_reading_the_checkpoint(t
     assert list(a_folder.iterdir()) == []
 
 
+def test_a_pickle_export_without_torch_is_refused_first_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    missing = tmp_path / "no-such-workdir"  # refused before the workdir is read (and before any vocabulary note)
+    for out, flags in ((tmp_path / "w.pt", []), (tmp_path / "folder", ["--pt"])):
+        result = clip_jax("export", "--workdir", missing, "--format", "openai", "--out", out, *flags)
+        assert_error(result, "export", "needs torch, which is not installed", "[torch] extra")
+        assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 # ---- convert -----------------------------------------------------------------------------------------------------
 def test_convert_refuses_non_finite_weights(tmp_path):
     sd = tiny_state_dict()

@@ -27,8 +27,8 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
     if names is not None:
         return None
     if getattr(method, "scores", None) is None:
-        raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give --names "
-                          "FILE, one class name a line, for zero-shot classification")
+        raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give class names "
+                          "for zero-shot classification (--names FILE, one a line; in Python, class_names)")
     if group not in CLASS_GROUPS:
         raise ConfigError(f"--classes must be one of {', '.join(CLASS_GROUPS)}, got {group!r}")
     task = method.task

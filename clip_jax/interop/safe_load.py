@@ -36,6 +36,12 @@ _TORCHSCRIPT_HELP = (
 )
 
 
+
+def torch_missing(what: str) -> str:
+    """What to do without torch, which only the conversion of pickles needs: the extra that pins the tested version."""
+    return (f"{what} needs torch, which is not installed: add clip_jax's [torch] extra (python3 -m pip install -e "
+            "'.[torch]' in its folder)")
+
 def is_safetensors(path: pathlib.Path) -> bool:
     """By content, not by name: an 8-byte little-endian header length, then a JSON object."""
     with open(path, "rb") as f:
@@ -137,8 +143,7 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise ConversionError(
-            f"{path} is a PyTorch pickle: reading it needs torch (pip install torch), or convert it to "
-            ".safetensors elsewhere"
+            f"{path} is a PyTorch pickle: {torch_missing('reading it')}, or convert it to .safetensors elsewhere"
         ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -190,7 +195,7 @@ def write_tensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray], *
         try:
             import torch
         except ImportError:
-            raise ConversionError("writing a .pt state dict needs torch (pip install torch); drop --pt") from None
+            raise ConversionError(f"{torch_missing('writing a .pt state dict')}; or drop --pt") from None
         torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, path)
     else:
         from safetensors.numpy import save_file

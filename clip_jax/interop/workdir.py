@@ -18,6 +18,7 @@ destinations are checked before a checkpoint is read.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import pathlib
@@ -33,7 +34,7 @@ from clip_jax.files import is_workdir, refuse_inside_workdir
 from clip_jax.interop import ConversionError
 from clip_jax.interop import hf as hf_lib
 from clip_jax.interop import openai as oa
-from clip_jax.interop.safe_load import TORCH_SUFFIXES, damaged, read_tensors, write_tensors
+from clip_jax.interop.safe_load import TORCH_SUFFIXES, damaged, read_tensors, torch_missing, write_tensors
 from clip_jax.models.positions import resize_image_positions
 
 log = logging.getLogger(__name__)
@@ -394,6 +395,8 @@ def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, for
         raise ConversionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = pathlib.Path(out)
     refuse_inside_workdir(out, "--out", source)  # even with --force: its config.json would be overwritten
+    if (pt or out.suffix in (".pt", ".bin")) and importlib.util.find_spec("torch") is None:
+        raise ConversionError(f"{torch_missing('writing a .pt state dict')}; or write .safetensors (drop --pt)")
     if fmt == "openai" and out.suffix in _FILE_SUFFIXES:
         if pt and out.suffix == ".safetensors":
             raise ConversionError(f"--pt writes a torch pickle; name it .pt or .bin, not {out.name}")

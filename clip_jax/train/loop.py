@@ -82,15 +82,28 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
                 f"; to lengthen the text context, `clip-jax stretch --workdir {workdir} --out-workdir NEW` and train "
                 "in NEW" if new_context > old_context else ""
             )
+            fields = [d.partition(":")[0] for d in diff]  # model.text.context_length, ...
+            own = " ".join(f"--config.{f}={_flag_value(_field(old, f.removeprefix('model.')))}" for f in fields)
             raise ConfigError(
-                f"workdir {workdir} holds a run with a different model ({', '.join(diff)}): resume it with its own "
-                f"model (drop those overrides), or use a new --workdir (add --config.init_from={workdir} to start "
-                f"from this run's parameters){stretch}"
+                f"workdir {workdir} holds a run with a different model ({', '.join(diff)}): train it with its own "
+                f"model ({own}), or use a new --workdir (--config.init_from={workdir} starts one from this run's "
+                f"parameters where their shapes allow){stretch}"
             )
         _tell_resume_changes(previous, config, checkpoint_step, path)
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
         save_config(config, path)
+
+
+def _field(tree: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
+def _flag_value(value: Any) -> str:
+    """A config value as a --config.key=VALUE override gives it: strings bare, the rest as Python literals."""
+    return value if isinstance(value, str) else repr(tuple(value) if isinstance(value, list) else value)
 
 
 def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int,
