@@ -425,3 +425,19 @@ def test_module_entry_point_help():
     assert result.returncode == 0, result.stderr
     for command in ("train", "eval", "encode"):
         assert command in result.stdout
+
+
+def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_path, capsys, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    capsys.readouterr()
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled a step for a run with no step left")
+
+    monkeypatch.setattr("clip_jax.train.step.compile_train_step", no_compile)
+    cli.main(train_args(workdir))
+    out = capsys.readouterr().out
+    assert f"resuming {workdir} from step {STEPS} of {STEPS}: the run is complete; evaluating its final checkpoint" \
+           " again" in out
+    assert json.loads((workdir / "results.json").read_text()) == json.loads((trained / "results.json").read_text())

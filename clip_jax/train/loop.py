@@ -320,13 +320,16 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     )
     batch_spec = abstract_batch(method.fields(), config.batch_size, batch_sharding(mesh))
     t0 = time.time()
-    compiled = step_lib.compile_train_step(train_step, shardings, abstract_state, batch_spec, mesh)
+    # A finished run relaunched only evaluates again: no step to compile (minutes for a large model on a pod).
+    compiled = (step_lib.compile_train_step(train_step, shardings, abstract_state, batch_spec, mesh)
+                if start_step < config.total_steps else None)
     flops_per_step = method.flops_per_example(trainable) * config.batch_size
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     # From here a Ctrl-C or SIGTERM saves at the end of a step; installed before the compile report, which is what
     # a watching user (or test) takes as "training has started".
     preempted = PreemptionFlag()
-    _report_compiled(compiled, time.time() - t0, flops_per_step, peak, mesh.size)
+    if compiled is not None:
+        _report_compiled(compiled, time.time() - t0, flops_per_step, peak, mesh.size)
 
     # --- Steps --------------------------------------------------------------------------------------------------
     writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, config.log.progress_bar)
