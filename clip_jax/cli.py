@@ -25,7 +25,9 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 from clip_jax.config import ConfigError
 from clip_jax.errors import BackgroundErrorsOnce
@@ -75,7 +77,11 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     apply_overrides(config, overrides)  # eval.* and evals.* only (main checks): e.g. an evaluation to add
     validate(config)
     check_input_paths(config, training=False)
-    out = epath.Path(args.workdir) / f"eval_{step}.json"
+    if not config.evals:
+        raise ConfigError("nothing to evaluate: config.evals is empty (the run's entries, less those set to None "
+                          "here); add one, e.g. \"--config.evals.shapes={'type': 'shapes'}\" (docs/methods.md)")
+    settings = json.loads(json.dumps({"eval": config.eval.to_dict(), "evals": config.evals.to_dict()}, default=list))
+    out = _eval_path(epath.Path(args.workdir), step, settings)
     primary = jax.process_index() == 0
     if primary and not is_remote(out) and not os.access(out.parent, os.W_OK):  # found now, not after the evaluation
         raise ConfigError(f"cannot write {out}: the workdir is not writable; make it writable, or copy the workdir "
@@ -85,8 +91,24 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
                                          method=trained.method)}
     if primary:
         print_results(results)  # shown before the write, which may still fail (a full disk)
-        write_atomic(out, json.dumps(results, indent=2) + "\n")
+        write_atomic(out, json.dumps({**results, "settings": settings}, indent=2) + "\n")
         print(f"wrote {out}")
+
+
+def _eval_path(workdir, step: int, settings: dict):
+    """eval_<step>.json, unless it holds results of other settings (another eval.num_examples, other evals: it
+    records them): then eval_<step>_<n>.json, the first free n, so no result is replaced by one of another kind."""
+    out, n = workdir / f"eval_{step}.json", 1
+    while out.exists():
+        try:
+            earlier = json.loads(out.read_text()).get("settings")
+        except (ValueError, AttributeError):
+            earlier = None
+        if earlier == settings:
+            return out
+        n += 1
+        out = workdir / f"eval_{step}_{n}.json"
+    return out
 
 
 ENCODE_OUTPUTS = ("text_embeddings.npy", "image_embeddings.npy", "image_files.txt", "audio_embeddings.npy",
@@ -225,7 +247,8 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the path of the CSV file to write")
     refuse_inside_workdir(out, "--out")
-    names = _read_lines(args.names) if args.names else None  # a bad file is found before the model is loaded
+    # a bad file is found before the model is loaded; blank lines (a trailing one, a gap) name no class
+    names = [n.strip() for n in _read_lines(args.names) if n.strip()] if args.names else None
     files = list_images(args.images)
     _refuse_overwriting(out, [*files, *([args.names] if args.names else [])], CLASSIFY_HEADER)
     maybe_initialize()
@@ -735,6 +758,27 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
+def _install_sigint(command: str):
+    """Ctrl-C raises KeyboardInterrupt as usual, and with JAX loaded also ends the process 3 s later if it is still
+    running: a KeyboardInterrupt that lands inside XLA's garbage-collection callback is swallowed (Python reports it
+    as unraisable) and a training went on to its end. The training loop takes SIGINT over while it steps (it saves
+    first). Returns the handler it replaced, or None off the main thread (no handler can be installed there)."""
+
+    def interrupt(signum, frame):
+        if "jax" in sys.modules:
+            def stop() -> None:
+                print(f"clip-jax {command}: interrupted", file=sys.stderr, flush=True)
+                os._exit(130)
+
+            threading.Timer(3.0, stop).start()
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGINT, interrupt)
+    except ValueError:
+        return None
+
+
 # Failures of the user's input or environment, whose message says what to do: one line, exit 2.
 _USER_ERRORS = (ConfigError, FloatingPointError, CheckpointWriteError)
 
@@ -794,6 +838,7 @@ def main(argv: list[str] | None = None) -> None:
             handler.addFilter(_without_traceback)
         sys.unraisablehook = BackgroundErrorsOnce("; --debug shows them")
     keep_freed_memory()  # before any command starts JAX (host_memory.py says why)
+    previous_sigint = _install_sigint(args.command)
     try:
         COMMANDS[args.command](args, overrides)
     except KeyboardInterrupt:
@@ -819,6 +864,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _report_unexpected(args.command, e)
         sys.exit(1)
+    finally:
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
 
 
 if __name__ == "__main__":

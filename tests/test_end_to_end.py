@@ -193,6 +193,7 @@ def test_eval_reproduces_results_json(trained, capsys):
     out = capsys.readouterr().out
     results = json.loads((trained / "results.json").read_text())
     evaluated = json.loads((trained / f"eval_{STEPS}.json").read_text())
+    assert evaluated.pop("settings")["evals"].keys() == {"shapes"}  # what produced them, with them
     assert evaluated.keys() == results.keys()
     for key, value in results.items():
         assert evaluated[key] == pytest.approx(value, abs=1e-6), key
@@ -306,6 +307,10 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
         model.classify([tmp_path / "broken.png"])
     with pytest.raises(ConfigError, match="no class names given"):
         model.classify([np.zeros((8, 8, 3), np.uint8)], [])
+    with pytest.raises(ConfigError, match="class name 'red circle' is given twice"):
+        model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", "blue square", "red circle"])
+    with pytest.raises(ConfigError, match="class name 1 is 2: class names are non-empty texts"):
+        model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", 2])
     with pytest.raises(TypeError, match="list of class names"):
         model.classify([np.zeros((8, 8, 3), np.uint8)], "red circle")
 
@@ -384,6 +389,26 @@ def test_a_resume_may_choose_how_the_step_is_computed(tmp_path):
         prepare_workdir(config, workdir, checkpoint_step=5)
 
 
+def test_changed_settings_are_told_against_what_trained(tmp_path, caplog):
+    """A launch that changed the lr and died before its first step left its config.json; the next launch was told of
+    a change from that lr, which never trained."""
+    from clip_jax.config import default_config, read_config
+    from clip_jax.train.loop import prepare_workdir
+
+    workdir = tmp_path / "run"
+    prepare_workdir(default_config(), workdir)
+    trained_lr = default_config().optimizer.lr
+    failed = default_config()
+    failed.optimizer.lr = trained_lr / 2
+    with caplog.at_level("WARNING", logger="clip_jax.train.loop"):
+        prepare_workdir(failed, workdir, checkpoint_step=5)  # killed during compilation
+        assert f"optimizer.lr {trained_lr} -> {trained_lr / 2}" in caplog.text
+        caplog.clear()
+        prepare_workdir(default_config(), workdir, checkpoint_step=5)  # back to the trained settings
+        assert "changed settings" not in caplog.text
+    assert read_config(workdir / "config_until_step_5.json").optimizer.lr == trained_lr
+
+
 def test_train_refuses_another_context_length_and_names_the_fix(trained, capsys):
     """A caption context that differs from the checkpoint's positional embedding: one line with both lengths, every
     other differing field, and the ways out (keep the run's model, or `clip-jax stretch`), nothing written."""
@@ -425,6 +450,25 @@ def test_module_entry_point_help():
     assert result.returncode == 0, result.stderr
     for command in ("train", "eval", "encode"):
         assert command in result.stdout
+
+
+def test_eval_of_other_settings_keeps_the_earlier_result(trained, tmp_path, capsys):
+    """A smaller protocol replaced the run's 1,000-example eval_<step>.json without a word; no evaluation at all
+    wrote a file holding only the step."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    first = workdir / f"eval_{STEPS}.json"
+    cli.main(["eval", "--workdir", str(workdir)])
+    kept = first.read_bytes()
+    cli.main(["eval", "--workdir", str(workdir), "--config.eval.num_examples=20"])
+    assert first.read_bytes() == kept
+    other = json.loads((workdir / f"eval_{STEPS}_2.json").read_text())
+    assert other["settings"]["eval"]["num_examples"] == 20
+    cli.main(["eval", "--workdir", str(workdir)])  # the same settings again: the same file, rewritten
+    assert sorted(p.name for p in workdir.glob("eval_*.json")) == [f"eval_{STEPS}.json", f"eval_{STEPS}_2.json"]
+    capsys.readouterr()
+    message = exit_message(["eval", "--workdir", str(workdir), "--config.evals.shapes=None"], capsys)
+    assert "nothing to evaluate: config.evals is empty" in message
 
 
 def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_path, capsys, monkeypatch):

@@ -283,7 +283,7 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / "images" / f"{i}.png")
     names = ["red circle", "blue square", "green triangle"]
-    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "names.txt").write_text("\n\n".join(names) + "\n \n")  # blank lines name no class
 
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(SystemExit) as exit_info:  # CLIP itself has no classes: it needs names

@@ -45,6 +45,14 @@ def test_a_live_process_on_this_host_holds_the_workdir_and_a_dead_one_does_not(t
     assert run_lock.find_live_holder(epath.Path(lock)) is None
 
 
+@pytest.mark.parametrize("fields", [{}, {"pid": 0}, {"pid": -1}, {"pid": "abc"}, {"pid": None}, {"pid": True}])
+def test_a_lock_that_names_no_process_holds_nothing(tmp_path, fields):
+    # os.kill(-1, 0) (no pid: -1 by default) signals every process one may, and "succeeds": a refusal naming pid None
+    lock = tmp_path / run_lock.LOCK_NAME
+    lock.write_text(json.dumps({"host": socket.gethostname(), **fields}))
+    assert run_lock.find_live_holder(epath.Path(lock)) is None
+
+
 def test_another_hosts_lock_counts_while_its_heartbeat_advances(tmp_path):
     lock = tmp_path / run_lock.LOCK_NAME
     write_lock(lock, host="node-7", pid=1)

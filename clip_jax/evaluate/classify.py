@@ -22,9 +22,8 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
     is read, a request it cannot serve: no names for a method without classes of its own, an unknown `group`, a
     group the run has no classes in."""
     config, method = trained.config, trained.method
-    if names is not None and not names:
-        raise ConfigError("no class names given: give at least one")
     if names is not None:
+        _check_names(names)
         return None
     if getattr(method, "scores", None) is None:
         raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give class names "
@@ -37,6 +36,22 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
         raise ConfigError(f"the run trained on all its classes (few_shot.classes 'all'): it has no {group!r} classes; "
                           "use --classes all")
     return classes
+
+
+def _check_names(names: Sequence[str]) -> None:
+    """Class names are non-empty texts, each once (a blank line's "" became a class that won images; a name given
+    twice split its probability in half)."""
+    if not names:
+        raise ConfigError("no class names given: give at least one")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"class name {i} is {name!r}: class names are non-empty texts")
+    seen = set()
+    for name in names:
+        if name.strip() in seen:
+            raise ConfigError(f"class name {name.strip()!r} is given twice: each class once (its probability would "
+                              "be split between the copies)")
+        seen.add(name.strip())
 
 
 def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str = "all",

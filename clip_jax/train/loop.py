@@ -63,6 +63,10 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
     check_workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
+    if checkpoint_step and config.total_steps < checkpoint_step:  # it would save step 60's state as "step 50"
+        raise ConfigError(f"total_steps {config.total_steps} is below the step this run has reached "
+                          f"({checkpoint_step}): give --config.total_steps={checkpoint_step} or more (a run does not "
+                          "go back; its earlier checkpoints are under checkpoints/)")
     if checkpoint_step is not None and path.exists():
         previous = read_config(path)
         groups = [g for g in fixed if g != "model"]
@@ -114,13 +118,16 @@ def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collect
     a function of the step: the learning rate jumps to the new one's at the resumed step."""
     if step == 0:  # a warm start (converted or stretched) starts its own run: its config.json holds the defaults
         return
-    old = json.loads(json.dumps(previous.to_dict(), default=list))
+    kept = path.parent / f"config_until_step_{step}.json"
+    # A launch that changed config.json and died before its first step left its settings there, not the trained
+    # ones: the record kept at this step is what trained until it.
+    trained = read_config(kept) if kept.exists() else previous
+    old = json.loads(json.dumps(trained.to_dict(), default=list))
     new = json.loads(json.dumps(config.to_dict(), default=list))
     changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in _diff_keys(old, new, "config")]
     if not changed:
         return
-    kept = path.parent / f"config_until_step_{step}.json"
-    if jax.process_index() == 0 and not kept.exists():  # a relaunch that fails again keeps the first record
+    if jax.process_index() == 0 and not kept.exists():
         save_config(previous, kept)
     schedule = any(c.startswith(("total_steps ", "optimizer.")) for c in changed)
     log.warning("resuming at step %d with changed settings (%s)%s; the settings until now are kept in %s", step,
@@ -253,11 +260,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     check_run_folder(workdir)
     if config.init_from and not checkpoint_steps(workdir):  # a new run from another's parameters: are they there?
         check_init_from(config)
-    if method.fine_tunes and not config.init_from and not checkpoint_steps(workdir):
-        log.warning("method %s fine-tunes a pretrained CLIP, and %s holds none: this new run starts from random "
-                    "weights. To fine-tune, stop it and convert or stretch a model into the workdir first (clip-jax "
-                    "convert SRC --to-workdir DIR; for Long-CLIP, clip-jax stretch --workdir BASE --out-workdir DIR), "
-                    "or give --config.init_from=A_WORKDIR", config.method.name, workdir)
+    pretrained_use = (f"method {config.method.name} fine-tunes" if method.fine_tunes else
+                      "optimizer.frozen keeps parameters of" if config.optimizer.frozen else
+                      "model.text.keep_positions keeps the positions of" if config.model.text.keep_positions else None)
+    if pretrained_use and not config.init_from and not checkpoint_steps(workdir):
+        log.warning("%s a pretrained CLIP, and %s holds none: this new run starts from random weights. To start from "
+                    "one, stop it and convert or stretch a model into the workdir first (clip-jax convert SRC "
+                    "--to-workdir DIR; for Long-CLIP, clip-jax stretch --workdir BASE --out-workdir DIR), or give "
+                    "--config.init_from=A_WORKDIR", pretrained_use, workdir)
     with hold_workdir(workdir):  # one training at a time: a second would write over this one's checkpoints
         return _train(config, workdir, mesh, method)
 

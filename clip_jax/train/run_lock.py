@@ -67,10 +67,13 @@ def _holder_text(holder: dict) -> str:
 def find_live_holder(path: epath.Path, stale_s: float = STALE_S, poll_s: float = POLL_S) -> str | None:
     """None if nothing holds the lock at `path` (no file, or its holder is gone); else why the workdir is taken."""
     holder = _read(path)
-    if holder is None:
+    pid = (holder or {}).get("pid")
+    if holder is None or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        if holder is not None:  # hand-edited, or another tool's: it names no process, so nothing holds the workdir
+            log.warning("%s names no process (%r); ignoring it", path, holder)
         return None
     if holder.get("host") == socket.gethostname():
-        if holder.get("pid") == os.getpid() or not _alive(int(holder.get("pid", -1))):
+        if pid == os.getpid() or not _alive(pid):
             return None
         return f"{_holder_text(holder)} is training this workdir"
     log.warning("%s: held by %s; watching its heartbeat for %.0f s to tell whether that run is alive", path,

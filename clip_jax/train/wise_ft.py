@@ -16,7 +16,7 @@ from etils import epath
 from clip_jax.config import read_config
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate.suite import evaluate
-from clip_jax.files import is_remote, write_atomic
+from clip_jax.files import is_remote, refuse_inside_workdir, write_atomic
 from clip_jax.methods.wise_ft import check_same_tree, interpolate
 from clip_jax.train import loop
 from clip_jax.train.checkpoint import Checkpointer
@@ -86,6 +86,7 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None) -> di
             "wise_ft, e.g. configs/wise_ft/shapes.py) with its zero-shot start"
         )
     out = epath.Path(out) if out else workdir / "wise_ft.json"
+    _check_out(out, workdir)
     primary = jax.process_index() == 0
     if primary and not is_remote(out) and not os.access(out.parent if out.parent.exists() else ".", os.W_OK):
         raise ConfigError(f"cannot write {out}: its folder is not writable; give --out FILE elsewhere")
@@ -100,6 +101,25 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None) -> di
     if primary:
         write_atomic(out, json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _check_out(out: epath.Path, workdir: epath.Path) -> None:
+    """Before any evaluation: `out` replaces nothing but an earlier sweep ({alpha: {metric: value}}), and lies in no
+    workdir but as the run's own wise_ft.json (a workdir's config.json written over broke the run)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the path of the JSON file to write")
+    if out != workdir / "wise_ft.json":
+        refuse_inside_workdir(out, "--out")
+    if not out.exists():
+        return
+    try:
+        earlier = json.loads(out.read_text())
+        sweep = isinstance(earlier, dict) and all(isinstance(v, dict) and float(k) >= 0 for k, v in earlier.items())
+    except (ValueError, UnicodeDecodeError):
+        sweep = False
+    if not sweep:
+        raise ConfigError(f"--out {out} exists and is not an earlier wise-ft sweep: name a new file, or remove it "
+                          "first")
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
