@@ -531,6 +531,8 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.data.captions import MissingColumns
 
     if args.data_command == "inspect":
+        if args.n < 0:
+            raise ConfigError(f"-n must be >= 0 (records to show), got {args.n}")
         try:
             info = records.describe(args.path, args.n)
         except (FileNotFoundError, ValueError) as e:
@@ -559,7 +561,7 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     print(f"{args.out}: {summary['shards_done']} of {summary['shards']} shards done, {summary['written']} of "
           f"{summary['samples']} samples written (skipped: {skipped}); report: "
-          f"{args.out}/reports/{args.prefix}-summary.json")
+          f"{args.out.rstrip('/')}/reports/{args.prefix}-summary.json")
     if summary["failed"]:
         print(f"clip-jax data convert: {len(summary['failed'])} shards failed; run the command again to retry them",
               file=sys.stderr)
@@ -809,7 +811,7 @@ def _report_unexpected(command: str, error: BaseException) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or bool(os.environ.get("CLIP_JAX_DEBUG"))
+    debug = "--debug" in argv or os.environ.get("CLIP_JAX_DEBUG", "").lower() not in ("", "0", "false", "no")
     argv = [a for a in argv if a != "--debug"]
     # after `--`: Apache Beam's own flags, passed through as they are (data convert --runner)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -838,9 +840,11 @@ def main(argv: list[str] | None = None) -> None:
             handler.addFilter(_without_traceback)
         sys.unraisablehook = BackgroundErrorsOnce("; --debug shows them")
     keep_freed_memory()  # before any command starts JAX (host_memory.py says why)
+    if getattr(args, "data_command", None):  # errors name the subcommand: clip-jax data inspect: error: ...
+        args.command = f"{args.command} {args.data_command}"
     previous_sigint = _install_sigint(args.command)
     try:
-        COMMANDS[args.command](args, overrides)
+        COMMANDS[args.command.split()[0]](args, overrides)
     except KeyboardInterrupt:
         if debug:
             raise

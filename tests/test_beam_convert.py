@@ -149,11 +149,12 @@ def test_cli_runner(tmp_path, capsys):
 
     for extra, message in [
         (["--runner", RUNNER, "--workers", "2", "--num-shards", "2"],
-         "clip-jax data: error: --workers, --num-shards do not combine with --runner: Beam spreads the shards"),
+         "clip-jax data convert: error: --workers, --num-shards do not combine with --runner: Beam spreads the shards"),
         (["--runner", RUNNER, "--", "--runner=DataflowRunner"],
-         "clip-jax data: error: give the runner as --runner, not as a pipeline option"),
+         "clip-jax data convert: error: give the runner as --runner, not as a pipeline option"),
         (["--", "--project=p"], "arguments after -- are Apache Beam pipeline options: only data convert --runner"),
-        (["--runner", "NoSuchRunner"], "clip-jax data: error: Unexpected pipeline runner: NoSuchRunner. Valid values"),
+        (["--runner", "NoSuchRunner"],
+         "clip-jax data convert: error: Unexpected pipeline runner: NoSuchRunner. Valid values"),
     ]:
         with pytest.raises(SystemExit) as exc:
             cli.main([*command, *extra])
@@ -169,5 +170,5 @@ def test_without_beam_runner_says_what_to_install(tmp_path, capsys, monkeypatch)
         cli.main(["data", "convert", "--format", fmt, *inputs, "--out", str(tmp_path / "out"), "--runner", "X"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.strip().splitlines() == [
-        'clip-jax data: error: --runner needs Apache Beam, which is not installed: install the [beam] extra '
+        'clip-jax data convert: error: --runner needs Apache Beam, which is not installed: install the [beam] extra '
         '(pip install -e ".[beam]")']

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from clip_jax import cli
+from clip_jax.errors import ConfigError
 from clip_jax.train.checkpoint import read_state
 from clip_jax.train.memory import min_train_bytes_per_device
 from clip_jax.train.metrics import read_metrics
@@ -69,6 +70,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 READER_SCRIPT = """
 import json, sys
 from clip_jax import cli
+from clip_jax.errors import ConfigError
 workdir, out = sys.argv[1:3]
 cli.main(["eval", "--workdir", workdir])
 cli.main(["encode", "--workdir", workdir, "--texts", out + "/texts.txt", "--images", out + "/images", "--out", out])
@@ -586,3 +588,18 @@ def test_the_memory_lower_bound_by_hand():
     assert need["params"] == 16 * (vision_params + text_params) // 2  # fp32 params, grads, 2 moments; 2 shards
     assert need["activations"] == 4 * 4 * (2 * 5 * 8 + 1 * 6 * 4)  # 4 rows, fp32, 4 patches + class token
     assert need["images"] == 4 * 32 * 32 * 3
+
+
+@pytest.mark.parametrize("value, debug", [("0", False), ("false", False), ("", False), ("1", True)])
+def test_clip_jax_debug_0_means_off(monkeypatch, capsys, value, debug):
+    monkeypatch.setenv("CLIP_JAX_DEBUG", value)
+    if debug:  # the traceback: the error itself, not the exit
+        with pytest.raises(ConfigError, match="train needs --config"):
+            cli.main(["train", "--workdir", "nowhere"])
+    else:
+        assert "train needs --config" in exit_message(["train", "--workdir", "nowhere"], capsys)
+
+
+def test_data_inspect_refuses_a_negative_count_naming_the_subcommand(tmp_path, capsys):
+    message = exit_message(["data", "inspect", str(tmp_path), "-n", "-1"], capsys)
+    assert message == "clip-jax data inspect: error: -n must be >= 0 (records to show), got -1"

@@ -341,6 +341,6 @@ def test_wrong_paths_are_one_line_errors(tmp_path, case, expected):
         "convert_folder_as_table": [*convert_args, tmp_path / "empty", "--out", tmp_path / "out"],
     }[case]
     line = error_line(run_cli(*argv))
-    assert line.startswith("clip-jax data: error: ") and expected in line, line
+    assert line.startswith(f"clip-jax data {argv[1]}: error: ") and expected in line, line
     if case.startswith("inspect"):
         assert "clip-jax data convert --out DIR" in line  # what to give instead

@@ -62,15 +62,22 @@ def test_nonfinite_loss_skips_the_update(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_persistent_nonfinite_updates_stop_the_run_with_a_message(tmp_path, capsys):
+@pytest.mark.parametrize("every_steps, said", [
+    (2, "The latest checkpoint is step 2"),
+    (1000, "There is no checkpoint yet (the relaunch starts over)"),  # not "the latest checkpoint is step None"
+])
+def test_persistent_nonfinite_updates_stop_the_run_with_a_message(tmp_path, capsys, every_steps, said):
     # An absurd learning rate makes the parameters overflow after the first real update; every later step is
     # non-finite and skipped, and the second in a row stops the run.
     message = exit_message(
         train_args(tmp_path / "run", "--config.optimizer.lr=1e30", "--config.optimizer.max_consecutive_nonfinite=2",
-                   "--config.log.every_steps=1", "--config.optimizer.warmup_steps=1"),
+                   "--config.log.every_steps=1", "--config.optimizer.warmup_steps=1",
+                   f"--config.checkpoint.every_steps={every_steps}"),
         capsys,
     )
-    assert "NaN/inf for 2 steps in a row" in message and "lower optimizer.lr" in message
+    assert "NaN/inf for 2 steps in a row" in message and "lower optimizer.lr" in message and said in message
+    # The checkpoint it names is whole: its asynchronous save was left a temporary folder by the exit before.
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == (["2"] if every_steps == 2 else [])
 
 
 def corrupt(checkpoint_dir: pathlib.Path) -> None:

@@ -49,8 +49,9 @@ def zero_shot_params(trained, workdir) -> Any:
         source, step, where = Checkpointer(workdir, config.checkpoint), 0, f"{workdir}/checkpoints/0"
         if not (source.directory / "0").exists():
             raise ConfigError(
-                f"{where} is gone and the run has no config.init_from: the zero-shot model it started "
-                "from cannot be rebuilt"
+                f"{workdir} has no step-0 checkpoint (a converted CLIP) and no config.init_from: the run started from "
+                "random weights or its start was removed, so there is no zero-shot model to interpolate toward; "
+                "train a wise_ft run from a CLIP (configs/wise_ft/shapes.py)"
             )
     init_fn, shardings, _ = loop.create_state(config, method, trained.model, trained.mesh)
     abstract = loop.abstract_train_state(init_fn, shardings)
