@@ -29,9 +29,10 @@ import signal
 import sys
 import threading
 
+from clip_jax import errors
 from clip_jax.config import ConfigError
 from clip_jax.errors import BackgroundErrorsOnce
-from clip_jax.files import CheckpointWriteError, is_remote, refuse_inside_workdir, write_atomic
+from clip_jax.files import CheckpointWriteError, is_remote, refuse_inside_workdir, refuse_replacing, write_atomic
 from clip_jax.host_memory import keep_freed_memory
 
 
@@ -250,7 +251,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     # a bad file is found before the model is loaded; blank lines (a trailing one, a gap) name no class
     names = [n.strip() for n in _read_lines(args.names) if n.strip()] if args.names else None
     files = list_images(args.images)
-    _refuse_overwriting(out, [*files, *([args.names] if args.names else [])], CLASSIFY_HEADER)
+    refuse_replacing(out, _earlier_classify_csv, [*files, *([args.names] if args.names else [])])
     maybe_initialize()
     trained = load_trained(args.workdir)
     requested_classes(trained, args.classes, names)  # a request it cannot serve is refused before images are read
@@ -278,20 +279,9 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
 CLASSIFY_HEADER = ("image", "label", "probability")
 
 
-def _refuse_overwriting(out, inputs: list, header: tuple[str, ...]) -> None:
-    """An --out that is one of the command's own inputs, or an existing file other than an earlier output of the
-    command (a CSV that begins with `header`): writing it would destroy what the user made."""
-    import os
-
-    if not out.exists():
-        return
-    if not is_remote(out) and any(os.path.samefile(out, p) for p in inputs if os.path.exists(p)):
-        raise ConfigError(f"--out {out} is one of the command's inputs: name a new file for the results")
-    with out.open("rb") as f:
-        first = f.readline().decode("utf-8", "replace").strip()
-    if first != ",".join(header):
-            raise ConfigError(f"--out {out} exists and is not an earlier output of this command: name a new file, "
-                              "or remove it first")
+def _earlier_classify_csv(path) -> bool:
+    with path.open("rb") as f:
+        return f.readline().decode("utf-8", "replace").strip() == ",".join(CLASSIFY_HEADER)
 
 
 def _output_names(files: list) -> list[str]:
@@ -760,11 +750,14 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
+_exit_timers: list[threading.Timer] = []  # the pending exits of _install_sigint: cancelled once main handles Ctrl-C
+
+
 def _install_sigint(command: str):
-    """Ctrl-C raises KeyboardInterrupt as usual, and with JAX loaded also ends the process 3 s later if it is still
-    running: a KeyboardInterrupt that lands inside XLA's garbage-collection callback is swallowed (Python reports it
-    as unraisable) and a training went on to its end. The training loop takes SIGINT over while it steps (it saves
-    first). Returns the handler it replaced, or None off the main thread (no handler can be installed there)."""
+    """Ctrl-C raises KeyboardInterrupt as usual, and with JAX loaded also ends the process 10 s later if main has
+    not handled it by then: a KeyboardInterrupt that lands inside XLA's garbage-collection callback is swallowed
+    (Python reports it as unraisable) and a training went on to its end. The training loop takes SIGINT over while it
+    steps (it saves first). Returns the handler it replaced, or None off the main thread (none can be installed)."""
 
     def interrupt(signum, frame):
         if "jax" in sys.modules:
@@ -772,7 +765,10 @@ def _install_sigint(command: str):
                 print(f"clip-jax {command}: interrupted", file=sys.stderr, flush=True)
                 os._exit(130)
 
-            threading.Timer(3.0, stop).start()
+            timer = threading.Timer(10.0, stop)
+            timer.daemon = True
+            _exit_timers.append(timer)
+            timer.start()
         raise KeyboardInterrupt
 
     try:
@@ -835,6 +831,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    errors.SHOW_BACKGROUND_ERRORS = debug
     if not debug:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_without_traceback)
@@ -846,6 +843,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         COMMANDS[args.command.split()[0]](args, overrides)
     except KeyboardInterrupt:
+        for timer in _exit_timers:  # handled: the clean-up on the way here (a lock released on a bucket) may be slow
+            timer.cancel()
         if debug:
             raise
         print(f"clip-jax {args.command}: interrupted", file=sys.stderr)

@@ -3,6 +3,9 @@ importing the configuration (which imports the models and the data registries)."
 
 import sys
 
+# Set by `--debug`: every background error in full, as Python reports it (quiet_background_errors stands aside).
+SHOW_BACKGROUND_ERRORS = False
+
 
 class ConfigError(ValueError):
     """A problem with the configuration or an input, stated in one line that names the key or file."""

@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import re
+from collections.abc import Callable, Sequence
 
 from etils import epath
 
@@ -96,6 +97,27 @@ def refuse_inside_workdir(path: str | os.PathLike, flag: str, source: str | os.P
         if folder == source or is_workdir(folder):
             where = "is" if folder == resolved else "lies inside"
             raise ConfigError(f"{flag} {path} {where} the clip_jax workdir {folder}; name a folder outside it")
+
+
+def refuse_replacing(out: epath.PathLike, earlier_output: Callable[[epath.Path], bool],
+                     inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """A command's single-file --out, checked before any work: not a folder, not one of the command's `inputs`, and
+    if it exists, an earlier output of the command (`earlier_output` tells by content): anything else is what the
+    user made, and writing it would destroy it."""
+    out = epath.Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the path of the file to write")
+    if not out.exists():
+        return
+    if not is_remote(out) and any(os.path.samefile(out, p) for p in inputs if os.path.exists(p)):
+        raise ConfigError(f"--out {out} is one of the command's inputs: name a new file for the results")
+    try:
+        ours = earlier_output(out)
+    except (OSError, ValueError):  # unreadable, or not text: not ours
+        ours = False
+    if not ours:
+        raise ConfigError(f"--out {out} exists and is not an earlier output of this command: name a new file, or "
+                          "remove it first")
 
 
 def os_error(error: BaseException) -> str | None:

@@ -605,3 +605,18 @@ def test_clip_jax_debug_0_means_off(monkeypatch, capsys, value, debug):
 def test_data_inspect_refuses_a_negative_count_naming_the_subcommand(tmp_path, capsys):
     message = exit_message(["data", "inspect", str(tmp_path), "-n", "-1"], capsys)
     assert message == "clip-jax data inspect: error: -n must be >= 0 (records to show), got -1"
+
+
+def test_debug_shows_every_background_error_of_a_checkpoint_read(monkeypatch):
+    # --debug says it shows them: the once-per-kind hook of checkpoint reads stands aside
+    from clip_jax import errors
+    from clip_jax.train.checkpoint import quiet_background_errors
+
+    monkeypatch.setattr(errors, "SHOW_BACKGROUND_ERRORS", True)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    with quiet_background_errors():
+        assert sys.unraisablehook is sys.__unraisablehook__
+    monkeypatch.setattr(errors, "SHOW_BACKGROUND_ERRORS", False)
+    with quiet_background_errors():
+        assert isinstance(sys.unraisablehook, errors.BackgroundErrorsOnce)
+    assert sys.unraisablehook is sys.__unraisablehook__

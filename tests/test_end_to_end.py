@@ -397,6 +397,12 @@ def test_changed_settings_are_told_against_what_trained(tmp_path, caplog):
 
     workdir = tmp_path / "run"
     prepare_workdir(default_config(), workdir)
+    relaunch = default_config()  # another machine's mesh, more logging, an evaluation added: nothing trains otherwise
+    relaunch.mesh.data, relaunch.log.every_steps, relaunch.eval.num_examples = 2, 7, 64
+    with caplog.at_level("WARNING", logger="clip_jax.train.loop"):
+        prepare_workdir(relaunch, workdir, checkpoint_step=5)
+    assert "changed settings" not in caplog.text and not (workdir / "config_until_step_5.json").exists()
+    prepare_workdir(default_config(), workdir, checkpoint_step=5)
     trained_lr = default_config().optimizer.lr
     failed = default_config()
     failed.optimizer.lr = trained_lr / 2

@@ -19,7 +19,7 @@ from tests.test_end_to_end import exit_message, train_args
 
 
 def write_lock(path, **fields):
-    path.write_text(json.dumps({"host": socket.gethostname(), "started": "2026-12-05 10:00:00", "beats": 0} | fields))
+    path.write_text(json.dumps({**run_lock._machine(), "started": "2026-12-05 10:00:00", "beats": 0} | fields))
 
 
 @pytest.fixture()
@@ -70,23 +70,61 @@ def test_another_hosts_lock_counts_while_its_heartbeat_advances(tmp_path):
     assert "process 1 on node-7" in refusal and "heartbeat advanced" in refusal
 
 
-def test_the_holder_beats_and_lets_go_and_a_second_holder_is_refused(tmp_path):
+def test_the_holder_beats_lets_go_and_learns_when_it_was_taken_over(tmp_path):
     workdir = epath.Path(tmp_path / "run")
     lock = workdir / run_lock.LOCK_NAME
-    with run_lock.hold_workdir(workdir, heartbeat_s=0.05):
+    with run_lock.hold_workdir(workdir, heartbeat_s=0.05, poll_s=0.01) as holding:
         first = json.loads(lock.read_text())
-        assert first["pid"] == os.getpid()
+        assert first["pid"] == os.getpid() and first["workdir"] == os.path.realpath(workdir)
         time.sleep(0.3)
-        assert json.loads(lock.read_text())["beats"] > first["beats"]
-        # Another process of this host would be refused; this one (pid equal) counts as the holder itself.
+        assert json.loads(lock.read_text())["beats"] > first["beats"] and holding.lost is None
+        # A launch that judged this run gone took over: the next beat sees it, stops beating and says so.
         write_lock(lock, pid=os.getppid(), token="theirs")
+        time.sleep(0.3)
+        assert "took" in holding.lost and json.loads(lock.read_text())["token"] == "theirs"
         with pytest.raises(ConfigError, match=f"process {os.getppid()} on .* is training this workdir"):
-            run_lock.hold_workdir(workdir).__enter__()
-    assert lock.exists()  # taken over by another launch meanwhile: not ours to remove
+            run_lock.hold_workdir(workdir).__enter__()  # and another process of this machine is refused
+    assert lock.exists()  # taken over: not ours to remove
     write_lock(lock, pid=dead_pid())
-    with run_lock.hold_workdir(workdir):
+    with run_lock.hold_workdir(workdir, poll_s=0.01):
         pass
     assert not lock.exists()
+
+
+def test_a_lock_copied_with_its_workdir_holds_the_copy_not(tmp_path, live_pid):
+    # `cp -r run run2` while run trains: run2's copy names run, whose training does not touch run2
+    lock = tmp_path / run_lock.LOCK_NAME
+    write_lock(lock, pid=live_pid, workdir=str(tmp_path / "elsewhere"))
+    assert run_lock.find_live_holder(epath.Path(lock)) is None
+    write_lock(lock, pid=live_pid, workdir=os.path.realpath(tmp_path))
+    assert run_lock.find_live_holder(epath.Path(lock)) is not None
+
+
+def test_another_pid_namespace_is_watched_not_trusted(tmp_path):
+    # A container sharing the host name: its pid 1 is not this namespace's pid 1. Its lock is judged by heartbeat.
+    lock = tmp_path / run_lock.LOCK_NAME
+    write_lock(lock, pid=os.getpid(), pid_namespace="4026531836-elsewhere")
+    assert run_lock.find_live_holder(epath.Path(lock), stale_s=0.2, poll_s=0.05) is None  # silent: gone
+
+
+def test_two_launches_at_the_same_moment_one_holds(tmp_path):
+    script = (
+        "import sys, time\n"
+        "from etils import epath\n"
+        "from clip_jax.errors import ConfigError\n"
+        "from clip_jax.train import run_lock\n"
+        "try:\n"
+        "    with run_lock.hold_workdir(epath.Path(sys.argv[1]), poll_s=2.0):\n"
+        "        print('HELD', flush=True)\n"
+        "        time.sleep(3)\n"
+        "except ConfigError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    launches = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                                 text=True, env=env) for _ in range(2)]
+    outs = sorted(p.communicate(timeout=120)[0] for p in launches)
+    assert [o.split()[0] for o in outs] == ["HELD", "REFUSED"], outs
 
 
 def test_train_is_refused_while_another_training_holds_the_workdir(tmp_path, capsys, live_pid):

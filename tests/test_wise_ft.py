@@ -174,12 +174,15 @@ def test_the_cli_evaluates_every_alpha_of_a_trained_run(tmp_path, tokenizer, cap
     assert list(json.loads((tmp_path / "a.json").read_text())) == ["0.25"]
     main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0.75", "--out", str(tmp_path / "a.json")])
     assert list(json.loads((tmp_path / "a.json").read_text())) == ["0.75"]  # an earlier sweep is replaced
+    own = (tmp_path / "ft" / "wise_ft.json").resolve()  # the run's own sweep file, however it is spelt
+    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0.5", "--out", str(own)])
+    assert list(json.loads(own.read_text())) == ["0.5"]
 
     # Nothing else is: the run's config.json written over broke it for train, eval and clip_jax.load.
     (tmp_path / "notes.txt").write_text("mine")
     capsys.readouterr()
     for out, words in ((tmp_path / "ft" / "config.json", "lies inside the clip_jax workdir"),
-                       (tmp_path / "notes.txt", "is not an earlier wise-ft sweep"), (tmp_path, "is a folder")):
+                       (tmp_path / "notes.txt", "is not an earlier output of this command"), (tmp_path, "is a folder")):
         before = out.read_bytes() if out.is_file() else None
         with pytest.raises(SystemExit) as e:
             main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0.5", "--out", str(out)])

@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from clip_jax import errors
 from clip_jax.distributed import barrier
 from clip_jax.errors import BackgroundErrorsOnce, ConfigError
 from clip_jax.files import CheckpointWriteError, os_error
@@ -262,6 +263,9 @@ def quiet_background_errors() -> Iterator[None]:
     user's own); asyncio's "Task exception was never retrieved", logged for each of those reads, not at all (the
     restore names the checkpoint). The reads' coroutines are collected before the scope ends: that is when they
     report."""
+    if errors.SHOW_BACKGROUND_ERRORS:
+        yield
+        return
     unretrieved = lambda record: not record.getMessage().startswith("Task exception was never retrieved")  # noqa: E731
     asyncio_log = logging.getLogger("asyncio")
     asyncio_log.addFilter(unretrieved)

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -39,7 +40,7 @@ from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
 from clip_jax.train.checkpoint import Checkpointer
 from clip_jax.train.metrics import MetricsWriter
-from clip_jax.train.run_lock import LOCK_NAME, hold_workdir
+from clip_jax.train.run_lock import LOCK_NAME, Holding, hold_workdir
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
                 "in NEW" if new_context > old_context else ""
             )
             fields = [d.partition(":")[0] for d in diff]  # model.text.context_length, ...
-            own = " ".join(f"--config.{f}={_flag_value(_field(old, f.removeprefix('model.')))}" for f in fields)
+            own = " ".join(shlex.quote(f"--config.{f}={_flag_value(_field(old, f.removeprefix('model.')))}")
+                           for f in fields)
             raise ConfigError(
                 f"workdir {workdir} holds a run with a different model ({', '.join(diff)}): train it with its own "
                 f"model ({own}), or use a new --workdir (--config.init_from={workdir} starts one from this run's "
@@ -101,8 +103,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
 
 
 def _field(tree: dict, dotted: str) -> Any:
+    """The value at a dotted path of a nested dict; None where the path is missing (a field only the new config has)."""
     for key in dotted.split("."):
-        tree = tree[key]
+        tree = tree.get(key) if isinstance(tree, dict) else None
     return tree
 
 
@@ -123,12 +126,15 @@ def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collect
     # A launch that changed config.json and died before its first step left its settings there, not the trained
     # ones: the record kept at this step is what trained until it.
     trained = read_config(kept) if kept.exists() else previous
-    old = json.loads(json.dumps(trained.to_dict(), default=list))
-    new = json.loads(json.dumps(config.to_dict(), default=list))
+    # What a relaunch may change without changing what trains (another machine's mesh, logging, evaluations,
+    # checkpoint cadence) is not told.
+    untold = ("mesh", "log", "eval", "evals", "checkpoint")
+    old, new = ({k: v for k, v in json.loads(json.dumps(c.to_dict(), default=list)).items() if k not in untold}
+                for c in (trained, config))
     changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in _diff_keys(old, new, "config")]
-    if not changed:
+    if not changed or jax.process_index() != 0:
         return
-    if jax.process_index() == 0 and not kept.exists():
+    if not kept.exists():
         save_config(previous, kept)
     schedule = any(c.startswith(("total_steps ", "optimizer.")) for c in changed)
     log.warning("resuming at step %d with changed settings (%s)%s; the settings until now are kept in %s", step,
@@ -261,20 +267,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     check_run_folder(workdir)
     if config.init_from and not checkpoint_steps(workdir):  # a new run from another's parameters: are they there?
         check_init_from(config)
+    frozen = [f for f in config.optimizer.frozen if "logit_" not in f]  # a fixed temperature trains from scratch
     pretrained_use = (f"method {config.method.name} fine-tunes" if method.fine_tunes else
-                      "optimizer.frozen keeps parameters of" if config.optimizer.frozen else
+                      "optimizer.frozen keeps parameters of" if frozen else
                       "model.text.keep_positions keeps the positions of" if config.model.text.keep_positions else None)
     if pretrained_use and not config.init_from and not checkpoint_steps(workdir):
         log.warning("%s a pretrained CLIP, and %s holds none: this new run starts from random weights. To start from "
-                    "one, stop it and convert or stretch a model into the workdir first (clip-jax convert SRC "
-                    "--to-workdir DIR; for Long-CLIP, clip-jax stretch --workdir BASE --out-workdir DIR), or give "
+                    "one, stop it, convert or stretch a model into a new folder (clip-jax convert SRC --to-workdir "
+                    "NEW; for Long-CLIP, clip-jax stretch --workdir BASE --out-workdir NEW) and train in NEW, or give "
                     "--config.init_from=A_WORKDIR", pretrained_use, workdir)
-    with hold_workdir(workdir):  # one training at a time: a second would write over this one's checkpoints
-        return _train(config, workdir, mesh, method)
+    with hold_workdir(workdir) as holding:  # one training at a time: a second would write over its checkpoints
+        return _train(config, workdir, mesh, method, holding)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method: Method) -> dict[str, Any]:
-    """The run itself, in a workdir this process holds (train_and_evaluate has checked the config and the mesh)."""
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method: Method, holding: Holding
+           ) -> dict[str, Any]:
+    """The run itself, in a workdir this process holds (train_and_evaluate has checked the config and the mesh);
+    it stops if another launch takes the workdir over (`holding.lost`)."""
     checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
@@ -350,6 +359,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     last_log_time, last_log_step = time.time(), start_step
     try:
         for step in range(start_step, config.total_steps):
+            if holding.lost and jax.process_count() == 1:  # (several hosts would have to agree: there it is logged)
+                raise ConfigError(holding.lost)
             batch = global_batch(data_counts.take(next(data_iter)), mesh)
             state, metrics = compiled(state, batch)
             pending.append(metrics)

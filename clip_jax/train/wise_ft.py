@@ -16,7 +16,7 @@ from etils import epath
 from clip_jax.config import read_config
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate.suite import evaluate
-from clip_jax.files import is_remote, refuse_inside_workdir, write_atomic
+from clip_jax.files import is_remote, refuse_inside_workdir, refuse_replacing, write_atomic
 from clip_jax.methods.wise_ft import check_same_tree, interpolate
 from clip_jax.train import loop
 from clip_jax.train.checkpoint import Checkpointer
@@ -107,20 +107,16 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None) -> di
 def _check_out(out: epath.Path, workdir: epath.Path) -> None:
     """Before any evaluation: `out` replaces nothing but an earlier sweep ({alpha: {metric: value}}), and lies in no
     workdir but as the run's own wise_ft.json (a workdir's config.json written over broke the run)."""
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the path of the JSON file to write")
-    if out != workdir / "wise_ft.json":
+    same = (os.fspath(out) == os.fspath(workdir / "wise_ft.json") if is_remote(out) else
+            os.path.realpath(out) == os.path.realpath(workdir / "wise_ft.json"))
+    if not same:  # the run's own sweep file may be named any way (relative, absolute)
         refuse_inside_workdir(out, "--out")
-    if not out.exists():
-        return
-    try:
-        earlier = json.loads(out.read_text())
-        sweep = isinstance(earlier, dict) and all(isinstance(v, dict) and float(k) >= 0 for k, v in earlier.items())
-    except (ValueError, UnicodeDecodeError):
-        sweep = False
-    if not sweep:
-        raise ConfigError(f"--out {out} exists and is not an earlier wise-ft sweep: name a new file, or remove it "
-                          "first")
+    refuse_replacing(out, _earlier_sweep)
+
+
+def _earlier_sweep(path: epath.Path) -> bool:
+    sweep = json.loads(path.read_text())
+    return isinstance(sweep, dict) and all(isinstance(v, dict) and float(k) >= 0 for k, v in sweep.items())
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
