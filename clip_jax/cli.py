@@ -245,8 +245,6 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError(f"--classes {args.classes} picks among a few-shot run's own classes; with --names the "
                           "classes are the file's: drop one of the two")
     out = epath.Path(args.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the path of the CSV file to write")
     refuse_inside_workdir(out, "--out")
     # a bad file is found before the model is loaded; blank lines (a trailing one, a gap) name no class
     names = [n.strip() for n in _read_lines(args.names) if n.strip()] if args.names else None
@@ -837,17 +835,17 @@ def main(argv: list[str] | None = None) -> None:
             handler.addFilter(_without_traceback)
         sys.unraisablehook = BackgroundErrorsOnce("; --debug shows them")
     keep_freed_memory()  # before any command starts JAX (host_memory.py says why)
-    if getattr(args, "data_command", None):  # errors name the subcommand: clip-jax data inspect: error: ...
-        args.command = f"{args.command} {args.data_command}"
-    previous_sigint = _install_sigint(args.command)
+    # what messages call the command: with its subcommand (clip-jax data inspect: error: ...)
+    label = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    previous_sigint = _install_sigint(label)
     try:
-        COMMANDS[args.command.split()[0]](args, overrides)
+        COMMANDS[args.command](args, overrides)
     except KeyboardInterrupt:
         for timer in _exit_timers:  # handled: the clean-up on the way here (a lock released on a bucket) may be slow
             timer.cancel()
         if debug:
             raise
-        print(f"clip-jax {args.command}: interrupted", file=sys.stderr)
+        print(f"clip-jax {label}: interrupted", file=sys.stderr)
         if "jax" in sys.modules:
             # Not sys.exit: a Ctrl-C can land while XLA compiles (a jit's first call) in its own thread pool, and the
             # interpreter's teardown then frees the JAX client under that compilation: a segfault (exit 139) after
@@ -860,12 +858,12 @@ def main(argv: list[str] | None = None) -> None:
     except (*_USER_ERRORS, OSError) as e:
         if debug:
             raise
-        print(f"clip-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"clip-jax {label}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
         if debug:
             raise
-        _report_unexpected(args.command, e)
+        _report_unexpected(label, e)
         sys.exit(1)
     finally:
         if previous_sigint is not None:

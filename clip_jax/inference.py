@@ -87,7 +87,7 @@ class Model:
         if wrong is not None:
             raise TypeError(f"text {wrong}: expected a str, got {type(texts[wrong]).__name__}")
         texts = [str(t) for t in texts]  # numpy's str_ to str
-        return self.encoder.texts(self.trained.tokenizer(list(texts), self.context_length))
+        return self.encoder.texts(self.trained.tokenizer(texts, self.context_length))
 
     def classify(self, images: Sequence[ImageInput] | np.ndarray, class_names: Sequence[str] | None = None,
                  classes: str = "all") -> tuple[list[str], np.ndarray]:

@@ -221,17 +221,13 @@ def file_source(path: str, fmt: str | None, image_root: str, skip: int,
     try:
         stamp = tuple(file_stamp(path).items())
     except OSError:
-        stamp = None  # read_table says what is wrong with the path
-    if stamp is None:
-        return _read_source(path, fmt, image_root, skip, tuple(fields), None)
+        stamp = None  # read_table then says what is wrong with the path (a failure is not cached)
     return _cached_source(path, fmt, image_root, skip, tuple(fields), stamp)
 
 
-def _read_source(path: str, fmt: str | None, image_root: str, skip: int, fields: tuple[str, str],
-                 stamp: tuple | None) -> CaptionFileSource:
+@functools.lru_cache(maxsize=1)  # the last table only: a run reads one
+def _cached_source(path: str, fmt: str | None, image_root: str, skip: int, fields: tuple[str, str],
+                   stamp: tuple | None) -> CaptionFileSource:
     del stamp  # a key of the cache only: another version of the file is another entry
     rows = read_table(path, fmt or table_format(path), image_root or None, (*fields, FIELDS[2]))
     return CaptionFileSource(rows[skip:], path)
-
-
-_cached_source = functools.lru_cache(maxsize=1)(_read_source)  # the last table only: a run reads one

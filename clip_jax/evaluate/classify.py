@@ -43,11 +43,10 @@ def _check_names(names: Sequence[str]) -> None:
     twice split its probability in half)."""
     if not names:
         raise ConfigError("no class names given: give at least one")
+    seen = set()
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"class name {i} is {name!r}: class names are non-empty texts")
-    seen = set()
-    for name in names:
         if name.strip() in seen:
             raise ConfigError(f"class name {name.strip()!r} is given twice: each class once (its probability would "
                               "be split between the copies)")

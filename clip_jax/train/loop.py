@@ -265,13 +265,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     # --- Workdir and config -------------------------------------------------------------------------------------
     check_workdir_path(workdir)  # before the checkpointer makes a folder inside it
     check_run_folder(workdir)
-    if config.init_from and not checkpoint_steps(workdir):  # a new run from another's parameters: are they there?
+    new_run = not checkpoint_steps(workdir)
+    if config.init_from and new_run:  # a new run from another's parameters: are they there?
         check_init_from(config)
     frozen = [f for f in config.optimizer.frozen if "logit_" not in f]  # a fixed temperature trains from scratch
     pretrained_use = (f"method {config.method.name} fine-tunes" if method.fine_tunes else
                       "optimizer.frozen keeps parameters of" if frozen else
                       "model.text.keep_positions keeps the positions of" if config.model.text.keep_positions else None)
-    if pretrained_use and not config.init_from and not checkpoint_steps(workdir):
+    if pretrained_use and not config.init_from and new_run:
         log.warning("%s a pretrained CLIP, and %s holds none: this new run starts from random weights. To start from "
                     "one, stop it, convert or stretch a model into a new folder (clip-jax convert SRC --to-workdir "
                     "NEW; for Long-CLIP, clip-jax stretch --workdir BASE --out-workdir NEW) and train in NEW, or give "
@@ -406,7 +407,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             if (due := evals_due(config, done)) and done != config.total_steps:
                 writer.write(done, evaluate(config, model, state.params, mesh, tokenizer, due, method), prefix="eval")
                 last_log_time = time.time()  # evaluation time is not training throughput
-
     except BaseException:
         # An error mid-run (NaN updates, a data error): the save in flight is finished before the process ends, else
         # the interpreter's shutdown leaves it a temporary folder and the message's "latest checkpoint" is not there.

@@ -105,7 +105,8 @@ def find_live_holder(path: epath.Path, stale_s: float = STALE_S, poll_s: float =
         if holder is not None:  # hand-edited, or another tool's: it names no process, so nothing holds the workdir
             log.warning("%s names no process (%r); ignoring it", path, holder)
         return None
-    if holder.get("workdir", _workdir_key(path.parent)) != _workdir_key(path.parent):
+    here = _workdir_key(path.parent)
+    if holder.get("workdir", here) != here:
         return None  # copied along with a workdir: the run it names trains the original
     if {k: holder.get(k) for k in _machine()} == _machine():
         if pid == os.getpid() or not _alive(pid):
