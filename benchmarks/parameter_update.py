@@ -114,8 +114,8 @@ def main() -> None:
 
     config = default_config()
     config.model = model_preset(args.preset)
-    params, grads = random_like(parameter_shapes(config), seed=0), random_like(parameter_shapes(config), seed=1)
-    grads = jax.tree.map(lambda g: g * 1e-3, grads)
+    shapes = parameter_shapes(config)
+    params, grads = random_like(shapes, seed=0), jax.tree.map(lambda g: g * 1e-3, random_like(shapes, seed=1))
     count = sum(leaf.size for leaf in jax.tree.leaves(params))
     print(f"{args.preset}: {count / 1e6:.1f}M parameters, gradient norm {float(optax.tree.norm(grads)):.2f} "
           f"(clipped to {config.optimizer.grad_clip_norm})")
