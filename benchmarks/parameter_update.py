@@ -60,13 +60,15 @@ def scalar_clip(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def adamw(config, params, clip) -> optax.GradientTransformation:
-    """`state_lib.make_optimizer`'s AdamW with `clip` in place of its clipping (no frozen parameters here)."""
+def optimizers(config, params) -> dict[str, optax.GradientTransformation]:
+    """The trainer's optimizer (`state_lib.make_optimizer`: optax's clip, then AdamW), and the same AdamW after a
+    clip by one scalar factor instead."""
     opt = config.optimizer
-    decay_mask = jax.tree.map(lambda p: not state_lib.match_any(opt.no_decay, p), state_lib.param_paths(params))
-    return optax.chain(clip(opt.grad_clip_norm),
-                       optax.adamw(state_lib.learning_rate_schedule(opt, config.total_steps), b1=opt.b1, b2=opt.b2,
-                                   eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask))
+    unclipped = opt.copy_and_resolve_references()
+    unclipped.grad_clip_norm = 0.0  # make_optimizer then clips nothing
+    return {"optax_clip": state_lib.make_optimizer(opt, config.total_steps, params),
+            "scalar_clip": optax.chain(scalar_clip(opt.grad_clip_norm),
+                                       state_lib.make_optimizer(unclipped, config.total_steps, params))}
 
 
 def parameter_shapes(config) -> dict:
@@ -121,8 +123,7 @@ def main() -> None:
           f"(clipped to {config.optimizer.grad_clip_norm})")
 
     variants = {}
-    for clip_name, clip in (("optax_clip", optax.clip_by_global_norm), ("scalar_clip", scalar_clip)):
-        tx = adamw(config, params, clip)
+    for clip_name, tx in optimizers(config, params).items():
         for guard in ("where", "cond", "unguarded"):
             variants[f"{guard}+{clip_name}"] = (guarded(tx, guard), tx)
     copy = jax.jit(lambda x: x * 1.0001, donate_argnums=0)

@@ -99,6 +99,11 @@ def refuse_inside_workdir(path: str | os.PathLike, flag: str, source: str | os.P
             raise ConfigError(f"{flag} {path} {where} the clip_jax workdir {folder}; name a folder outside it")
 
 
+def canonical_path(path: str | os.PathLike) -> str:
+    """One spelling per file, to compare paths: a bucket's as given, a local one absolute with links resolved."""
+    return os.fspath(path) if is_remote(path) else os.path.realpath(path)
+
+
 def refuse_replacing(out: epath.PathLike, earlier_output: Callable[[epath.Path], bool],
                      inputs: Sequence[str | os.PathLike] = ()) -> None:
     """A command's single-file --out, checked before any work: not a folder, not one of the command's `inputs`, and

@@ -36,7 +36,6 @@ _TORCHSCRIPT_HELP = (
 )
 
 
-
 def torch_missing(what: str) -> str:
     """What to do without torch, which only the conversion of pickles needs: the extra that pins the tested version."""
     return (f"{what} needs torch, which is not installed: add clip_jax's [torch] extra (python3 -m pip install -e "

@@ -40,7 +40,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from clip_jax.errors import ConfigError
-from clip_jax.files import is_remote
+from clip_jax.files import canonical_path, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,6 @@ def _holder_text(holder: dict) -> str:
     return f"process {holder.get('pid')} on {holder.get('host')} (training since {holder.get('started')})"
 
 
-def _workdir_key(workdir: epath.Path) -> str:
-    return os.fspath(workdir) if is_remote(workdir) else os.path.realpath(workdir)
-
-
 def find_live_holder(path: epath.Path, stale_s: float = STALE_S, poll_s: float = POLL_S) -> str | None:
     """None if nothing holds the lock at `path` (no file, or its holder is gone); else why the workdir is taken."""
     holder = _read(path)
@@ -105,7 +101,7 @@ def find_live_holder(path: epath.Path, stale_s: float = STALE_S, poll_s: float =
         if holder is not None:  # hand-edited, or another tool's: it names no process, so nothing holds the workdir
             log.warning("%s names no process (%r); ignoring it", path, holder)
         return None
-    here = _workdir_key(path.parent)
+    here = canonical_path(path.parent)
     if holder.get("workdir", here) != here:
         return None  # copied along with a workdir: the run it names trains the original
     if {k: holder.get(k) for k in _machine()} == _machine():
@@ -146,7 +142,7 @@ def hold_workdir(workdir: epath.Path, heartbeat_s: float = HEARTBEAT_S, stale_s:
     primary = jax.process_index() == 0
     holding = Holding()
     token = uuid.uuid4().hex
-    record = {**_machine(), "pid": os.getpid(), "workdir": _workdir_key(workdir), "token": token,
+    record = {**_machine(), "pid": os.getpid(), "workdir": canonical_path(workdir), "token": token,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "beats": 0}
     refusal = None
     if primary:

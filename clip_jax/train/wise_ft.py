@@ -16,7 +16,7 @@ from etils import epath
 from clip_jax.config import read_config
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate.suite import evaluate
-from clip_jax.files import is_remote, refuse_inside_workdir, refuse_replacing, write_atomic
+from clip_jax.files import canonical_path, is_remote, refuse_inside_workdir, refuse_replacing, write_atomic
 from clip_jax.methods.wise_ft import check_same_tree, interpolate
 from clip_jax.train import loop
 from clip_jax.train.checkpoint import Checkpointer
@@ -107,9 +107,7 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None) -> di
 def _check_out(out: epath.Path, workdir: epath.Path) -> None:
     """Before any evaluation: `out` replaces nothing but an earlier sweep ({alpha: {metric: value}}), and lies in no
     workdir but as the run's own wise_ft.json (a workdir's config.json written over broke the run)."""
-    same = (os.fspath(out) == os.fspath(workdir / "wise_ft.json") if is_remote(out) else
-            os.path.realpath(out) == os.path.realpath(workdir / "wise_ft.json"))
-    if not same:  # the run's own sweep file may be named any way (relative, absolute)
+    if canonical_path(out) != canonical_path(workdir / "wise_ft.json"):  # the run's own, however spelt
         refuse_inside_workdir(out, "--out")
     refuse_replacing(out, _earlier_sweep)
 
