@@ -27,7 +27,7 @@ from clip_jax.data.pipeline import TRAIN_SOURCES, shapes_config
 from clip_jax.data.tokenizer import MIN_VOCAB_SIZE
 from clip_jax.errors import ConfigError  # noqa: F401 (re-exported: clip_jax.config.ConfigError)
 from clip_jax.evaluate.suite import EVALUATORS, check_sources, eval_defaults, parse_entry
-from clip_jax.files import is_remote, write_atomic
+from clip_jax.files import absolute_path, is_remote, write_atomic
 from clip_jax.methods import METHODS, get_method, method_class
 from clip_jax.models.audio import config_problem as audio_config_problem
 from clip_jax.models.clip import REQUIRED_TOWERS, TOWERS, CLIPConfig
@@ -371,6 +371,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
             or jitter[3] > 0.5):
         raise ConfigError("data.colour_jitter must be (brightness, contrast, saturation, hue) with each in [0, 1] and "
                           f"hue at most 0.5 (half the colour circle), got {tuple(jitter)}")
+
+
+# The keys of an evaluation entry that name a local file or folder: what it reads, and where it writes (overlays, COCO
+# results).
+_EVAL_PATH_KEYS = ("path", "annotations", "image_root", "audio_root", "data_dir", "overlay_dir", "results_file")
+
+
+def absolute_paths(config: ml_collections.ConfigDict) -> None:
+    """Makes the relative paths of `config` absolute against the current folder, in place, so that config.json names
+    the same files whichever folder a later command runs from (eval, wise-ft, classify, a relaunch). Keywords
+    (data.tokenizer "train" or "openai"), tfds split names and URIs stay; data.path's comma-separated shard list is
+    resolved item by item."""
+    fields = [(config, "init_from"), (config.data, "image_root"), (config.few_shot, "names_file"),
+              (config.few_shot, "tfds_data_dir")]
+    if config.data.tokenizer not in ("train", "openai"):
+        fields.append((config.data, "tokenizer"))
+    if config.few_shot.dataset in ("folder", "table"):  # for tfds they are split names
+        fields += [(config.few_shot, key) for key in ("train", "val", "test")]
+    fields += [(config.method, key) for key in ("annotations", "image_root") if key in config.method]
+    fields += [(entry, key) for entry in config.evals.values() for key in _EVAL_PATH_KEYS if key in entry]
+    for group, key in fields:
+        if isinstance(group[key], str):
+            group[key] = absolute_path(group[key])
+    if isinstance(config.data.path, str) and config.data.path:
+        items = config.data.path.split(",") if config.data.source == "records" else [config.data.path]
+        config.data.path = ",".join(absolute_path(item.strip()) for item in items)
 
 
 def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = True) -> None:

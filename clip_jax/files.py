@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from etils import epath
 
@@ -102,6 +103,26 @@ def refuse_inside_workdir(path: str | os.PathLike, flag: str, source: str | os.P
 def canonical_path(path: str | os.PathLike) -> str:
     """One spelling per file, to compare paths: a bucket's as given, a local one absolute with links resolved."""
     return os.fspath(path) if is_remote(path) else os.path.realpath(path)
+
+
+def absolute_path(path: str) -> str:
+    """A local path made absolute against the current folder (links kept as given); a URI and "" as they are."""
+    return path if not path or is_remote(path) else os.path.abspath(path)
+
+
+def same_setting(old: Any, new: Any) -> bool:
+    """Whether two config values (JSON trees) are one setting. A relative path, as config.json held it before
+    `config.absolute_paths`, is its absolute form against the current folder (the folder that version resolved it
+    from), item by item in a comma-separated list."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(same_setting(old[k], new[k]) for k in old)
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(map(same_setting, old, new))
+    if isinstance(old, str) and isinstance(new, str) and old != new:
+        olds, news = old.split(","), new.split(",")
+        return len(olds) == len(news) and all(absolute_path(o.strip()) == n.strip()
+                                              for o, n in zip(olds, news, strict=True))
+    return old == new
 
 
 def refuse_replacing(out: epath.PathLike, earlier_output: Callable[[epath.Path], bool],

@@ -319,6 +319,7 @@ def test_non_utf8_bytes_in_metrics_jsonl_do_not_block_resuming(trained, tmp_path
 @pytest.mark.parametrize("config_file, init_from, warned", [
     ("longclip_shapes.py", "", True),  # a new workdir: nothing stretched into it
     ("longclip_shapes.py:keep", "", True),  # plain CLIP loss, but the kept positions are frozen
+    ("longclip_shapes.py:interpolate", "", True),  # nothing frozen or kept, but the temperature restarts
     ("audioclip_shapes.py", "", True),  # frozen towers
     ("coop/shapes.py", "", True),
     ("coop/shapes.py", "workdirs/demo", False),

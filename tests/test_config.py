@@ -12,14 +12,18 @@ import pytest
 
 from clip_jax.config import (
     ConfigError,
+    absolute_paths,
     apply_overrides,
     default_config,
     load_config,
+    method_config,
     model_config,
     read_config,
     save_config,
     validate,
 )
+from clip_jax.evaluate.suite import eval_defaults
+from clip_jax.files import same_setting
 from clip_jax.methods import get_method, method_class
 from clip_jax.methods.few_shot import FewShotMethod
 from clip_jax.models.clip import CLIP
@@ -360,3 +364,49 @@ def test_config_json_of_an_older_version_takes_the_defaults_of_newer_fields(tmp_
     config = read_config(path)
     assert config.init_from == "" and config.data.prefetch == default_config().data.prefetch
     assert config.total_steps == 7
+
+
+def test_relative_paths_are_made_absolute_and_nothing_else(tmp_path, monkeypatch):
+    """What config.json stores, so that eval, wise-ft or a relaunch from another folder read the same files: every
+    relative path against the launch folder; keywords, split names, URIs and absolute paths as given."""
+    here = tmp_path.resolve()  # os.getcwd() resolves links
+    monkeypatch.chdir(here)
+    config = default_config()
+    config.init_from = "runs/clip"
+    config.data.update(source="records", path="shards/a, gs://bucket/b,/data/c", image_root="", tokenizer="openai")
+    config.few_shot.update(dataset="table", train="k.csv", val="", test="../test.csv", names_file="names.txt")
+    config.method = method_config("vild", annotations="coco/train.json", image_root="coco/images")
+    config.evals.folder = {**eval_defaults("zero_shot_folder"), "path": "val"}
+    config.evals.tfds = {**eval_defaults("zero_shot_tfds"), "dataset": "imagenet2012", "data_dir": "tfds"}
+    absolute_paths(config)
+    assert config.init_from == f"{here}/runs/clip"
+    assert config.data.path == f"{here}/shards/a,gs://bucket/b,/data/c"
+    assert (config.data.image_root, config.data.tokenizer) == ("", "openai")
+    assert (config.few_shot.train, config.few_shot.val, config.few_shot.test, config.few_shot.names_file) == (
+        f"{here}/k.csv", "", f"{here.parent}/test.csv", f"{here}/names.txt")
+    assert (config.method.annotations, config.method.image_root) == (f"{here}/coco/train.json", f"{here}/coco/images")
+    assert config.evals.folder.path == f"{here}/val"
+    assert (config.evals.tfds.dataset, config.evals.tfds.split, config.evals.tfds.data_dir) == (
+        "imagenet2012", eval_defaults("zero_shot_tfds")["split"], f"{here}/tfds")
+
+    config = default_config()  # a file source's one path may hold a comma; tfds few-shot sets are split names
+    config.data.update(source="captions", path="pairs,2024.csv", tokenizer="tok.json")
+    config.few_shot.update(dataset="tfds", tfds_name="oxford_flowers102", train="train", test="test")
+    absolute_paths(config)
+    assert (config.data.path, config.data.tokenizer) == (f"{here}/pairs,2024.csv", f"{here}/tok.json")
+    assert (config.few_shot.train, config.few_shot.test, config.few_shot.tfds_name) == (
+        "train", "test", "oxford_flowers102")
+
+
+def test_a_relative_path_of_an_earlier_config_json_is_the_same_setting_as_its_absolute_form(tmp_path, monkeypatch):
+    here = tmp_path.resolve()
+    monkeypatch.chdir(here)
+    assert same_setting("k.csv", f"{here}/k.csv")
+    assert same_setting({"few_shot": {"train": "k.csv", "shots": 16}}, {"few_shot": {"train": f"{here}/k.csv",
+                                                                                     "shots": 16}})
+    assert same_setting(["a, b"], [f"{here}/a,{here}/b"])  # a shard list, item by item
+    assert not same_setting("k.csv", "/elsewhere/k.csv")  # another file
+    assert not same_setting(f"{here}/k.csv", "k.csv")  # only an older relative form is read as absolute
+    assert not same_setting("a,b", f"{here}/a")
+    assert not same_setting("cat", "dog") and not same_setting({"a": 1}, {"a": 1, "b": 2})
+    assert not same_setting({"shots": 16}, {"shots": 8}) and same_setting(1, 1.0)

@@ -5,6 +5,7 @@ the command with a one-line message."""
 
 import json
 import math
+import os
 import pathlib
 import shutil
 import subprocess
@@ -389,6 +390,47 @@ def test_a_resume_may_choose_how_the_step_is_computed(tmp_path):
         prepare_workdir(config, workdir, checkpoint_step=5)
 
 
+def test_a_run_whose_config_json_holds_relative_paths_resumes_from_the_same_folder(tmp_path, monkeypatch, caplog):
+    """config.json held paths as given before launches made them absolute (`config.absolute_paths`): a relaunch
+    from the folder they were relative to is the same run, its cached arrays too; one naming other files is not."""
+    from types import SimpleNamespace
+
+    from clip_jax.config import absolute_paths, default_config
+    from clip_jax.methods.base import cached_arrays
+    from clip_jax.train.loop import prepare_workdir
+
+    monkeypatch.chdir(tmp_path)
+    earlier = default_config()
+    earlier.few_shot.update(dataset="table", train="k.csv", test="test.csv")
+    workdir = tmp_path / "run"
+    prepare_workdir(earlier, workdir)  # written as an earlier version wrote it: relative
+    prep = SimpleNamespace(workdir=workdir, is_primary=True)
+    settings = json.dumps(earlier.few_shot.to_dict(), sort_keys=True, default=list)
+    cached_arrays(prep, "cache.npz", settings, lambda: {"x": np.arange(3)}, "test arrays")
+
+    relaunch = default_config()
+    relaunch.few_shot.update(dataset="table", train="k.csv", test="test.csv")
+    absolute_paths(relaunch)
+    assert relaunch.few_shot.train == os.path.join(os.getcwd(), "k.csv")
+    with caplog.at_level("WARNING", logger="clip_jax.train.loop"):
+        prepare_workdir(relaunch, workdir, checkpoint_step=5, fixed=("model", "few_shot"))
+    assert "changed settings" not in caplog.text
+    settings = json.dumps(relaunch.few_shot.to_dict(), sort_keys=True, default=list)
+
+    def made_again():
+        pytest.fail("the cache was made again")
+
+    np.testing.assert_array_equal(cached_arrays(prep, "cache.npz", settings, made_again, "test arrays")["x"],
+                                  np.arange(3))
+
+    relaunch.few_shot.train = "/elsewhere/k.csv"
+    with pytest.raises(ConfigError, match="other few_shot settings .few_shot.train: .*k.csv' -> '/elsewhere/k.csv'"):
+        prepare_workdir(relaunch, workdir, checkpoint_step=5, fixed=("model", "few_shot"))
+    settings = json.dumps(relaunch.few_shot.to_dict(), sort_keys=True, default=list)
+    with pytest.raises(ConfigError, match="holds test arrays of other settings"):
+        cached_arrays(prep, "cache.npz", settings, made_again, "test arrays")
+
+
 def test_changed_settings_are_told_against_what_trained(tmp_path, caplog):
     """A launch that changed the lr and died before its first step left its config.json; the next launch was told of
     a change from that lr, which never trained."""
@@ -433,10 +475,12 @@ def test_train_refuses_another_context_length_and_names_the_fix(trained, capsys)
 
 def test_init_from_starts_a_new_run_from_another_runs_parameters(trained, tmp_path):
     """With lr 0 the new run keeps the parameters it starts from: they must be `trained`'s last ones, bit for bit,
-    while its step, optimizer state and data start afresh, and `trained` is left as it was."""
+    while its step, optimizer state and data start afresh, and `trained` is left as it was. Given relative, the
+    path is stored absolute: wise-ft or eval run from another folder read the same run."""
     before = checkpoint_steps(trained)
     workdir = tmp_path / "run"
-    cli.main(train_args(workdir, f"--config.init_from={trained}", "--config.optimizer.lr=0.0"))
+    cli.main(train_args(workdir, f"--config.init_from={os.path.relpath(trained)}", "--config.optimizer.lr=0.0"))
+    assert json.loads((workdir / "config.json").read_text())["init_from"] == str(trained)
     new, source = saved_state(workdir, STEPS), saved_state(trained, STEPS)
     for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(source["params"]), strict=True):
         np.testing.assert_array_equal(a, b)

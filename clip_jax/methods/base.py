@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ from jax.sharding import Mesh
 from clip_jax.data.pipeline import Captions, FieldHook, FieldHooks, train_iterator
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.errors import ConfigError
-from clip_jax.files import write_atomic
+from clip_jax.files import same_setting, write_atomic
 
 PyTree = Any
 Outputs = dict[str, jax.Array]
@@ -178,14 +179,14 @@ def cached_arrays(prep: Preparation, name: str, settings: str, make: Callable[[]
                   what: str) -> dict[str, np.ndarray]:
     """Arrays a method computes once before training (`prepare`), cached in the workdir as `name` (.npz): read back
     when the file exists, made and written (by the primary process) when not, made alone without a workdir.
-    `settings` (a JSON string of what the arrays depend on) is stored with them: a file made with other settings is
-    a ConfigError. A resume with other settings is refused earlier (`fixed_groups`), but a launch that stopped before
-    its first checkpoint leaves the cache and lets the next launch change them."""
+    `settings` (a JSON string of what the arrays depend on) is stored with them: a file made with other settings
+    (`files.same_setting`) is a ConfigError. A resume with other settings is refused earlier (`fixed_groups`), but a
+    launch that stopped before its first checkpoint leaves the cache and lets the next launch change them."""
     cache = prep.workdir / name if prep.workdir is not None else None
     if cache is not None and cache.exists():
         with cache.open("rb") as f:
             stored = dict(np.load(f))
-        if str(stored.pop("settings")) != settings:
+        if not same_setting(json.loads(str(stored.pop("settings"))), json.loads(settings)):
             raise ConfigError(f"{cache} holds {what} of other settings (they changed since this run started): resume "
                               "with the run's own settings, or use a new --workdir")
         return stored

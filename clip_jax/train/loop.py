@@ -22,14 +22,14 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from clip_jax.config import ConfigError, check_input_paths, model_config, read_config, save_config
+from clip_jax.config import ConfigError, absolute_paths, check_input_paths, model_config, read_config, save_config
 from clip_jax.data.pipeline import DataCounts, check_tokenizer_file, check_train_source, make_tokenizer
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import due as evals_due
 from clip_jax.evaluate.suite import evaluate, print_results
-from clip_jax.files import is_remote, is_workdir, write_atomic
+from clip_jax.files import is_remote, is_workdir, same_setting, write_atomic
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Method, Preparation, abstract_batch
 from clip_jax.models import flops as flops_lib
@@ -181,7 +181,7 @@ def _diff_keys(a: dict, b: dict, prefix: str = "model") -> list[str]:
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += _diff_keys(va, vb, f"{prefix}.{k}")
-        elif va != vb:
+        elif not same_setting(va, vb):
             out.append(f"{prefix}.{k}: {va!r} -> {vb!r}")
     return out
 
@@ -235,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     workdir = epath.Path(workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
 
     # --- Mesh (checked before anything is written: a launch on the wrong machine leaves the workdir alone) -------
+    absolute_paths(config)  # config.json then reads the same files from any folder
     check_input_paths(config)
     check_train_source(config)
     check_tokenizer_file(config)
@@ -271,7 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     frozen = [f for f in config.optimizer.frozen if "logit_" not in f]  # a fixed temperature trains from scratch
     pretrained_use = (f"method {config.method.name} fine-tunes" if method.fine_tunes else
                       "optimizer.frozen keeps parameters of" if frozen else
-                      "model.text.keep_positions keeps the positions of" if config.model.text.keep_positions else None)
+                      "model.text.keep_positions keeps the positions of" if config.model.text.keep_positions else
+                      # only a warm start reads it: a run from random weights has no temperature to restart
+                      "method.reset_logit_scale restarts the temperature of" if config.method.get("reset_logit_scale")
+                      else None)
     if pretrained_use and not config.init_from and new_run:
         log.warning("%s a pretrained CLIP, and %s holds none: this new run starts from random weights. To start from "
                     "one, stop it, convert or stretch a model into a new folder (clip-jax convert SRC --to-workdir "
