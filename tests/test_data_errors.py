@@ -234,6 +234,46 @@ def test_a_rerun_redoes_the_shards_whose_input_changed(tmp_path, capsys):
         capsys.readouterr().out)
 
 
+def test_a_rerun_with_other_options_redoes_the_shard_and_the_same_one_from_another_folder_resumes(tmp_path,
+                                                                                                  monkeypatch):
+    """The fix an all-skipped conversion suggests (another --image-root) takes effect on the re-run; the same inputs
+    spelt from another folder are the same conversion, and a report of a version that kept no recipe resumes."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "good.png").write_bytes(SMALL)
+    write_jsonl(tmp_path / "l.jsonl", ["one", "two"])
+    out = tmp_path / "out"
+
+    def run(table, root, out, **options):
+        seen = []
+        convert.convert("jsonl", [str(table)], str(out), image_root=str(root), progress=seen.append, **options)
+        return seen[0]
+
+    assert run(tmp_path / "l.jsonl", tmp_path, out)["written"] == 0  # missing_file: the images are in imgs/
+    redone = run(tmp_path / "l.jsonl", tmp_path / "imgs", out)
+    assert redone["written"] == 2 and redone["redone"] == (
+        "other options make it (--image-root, the columns, --min-size or --max-image-bytes)")
+    monkeypatch.chdir(tmp_path / "imgs")
+    assert run("../l.jsonl", ".", "../out").get("resumed")
+    assert run("../l.jsonl", ".", "../out", min_size=64)["redone"].startswith("other options")
+    report_file = out / "reports" / "train-00000-of-00001.json"
+    report = json.loads(report_file.read_text())
+    assert report["input"] == str(tmp_path / "l.jsonl")
+    report_file.write_text(json.dumps({k: v for k, v in report.items() if k != "recipe"}))
+    assert run(tmp_path / "l.jsonl", tmp_path / "imgs", out).get("resumed")  # min_size back at its default
+
+
+def test_a_folder_converted_into_a_folder_inside_it_resumes(tmp_path):
+    """The shards and reports written inside the input folder are not the input: a re-run skips the shard."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(SMALL)
+    (folder / "a.txt").write_text("caption a")
+    seen = []
+    for _ in range(2):
+        convert.convert("folder", [str(folder)], str(folder / "records"), min_size=1, progress=seen.append)
+    assert [bool(r.get("resumed")) for r in seen] == [False, True] and seen[1]["written"] == 1
+
+
 def test_another_data_set_into_the_same_out_is_refused(tmp_path, capsys):
     """Converted into a folder holding another set, the new shards replaced some of the old ones and sat beside the
     rest (other shard counts), all of which training reads."""
@@ -304,6 +344,22 @@ def test_bad_rows_are_reported_by_the_files_line_number(tmp_path):
         report = json.loads((tmp_path / fmt / "reports" / "train-00000-of-00001.json").read_text())
         assert report["examples"]["bad_row"] == [f"{name} line {n}" for n in lines]
         assert summary["written"] == written
+
+
+def test_a_quote_never_closed_is_reported_and_a_long_or_quoted_caption_is_kept(tmp_path):
+    """A stray opening quote made the lenient CSV reader take every later row into one caption, silently; a caption
+    over 128 KiB (the csv module's default cell limit) stopped the conversion. Neither is a reason to lose a row
+    whose quoting is only unusual: an inch mark inside a cell, a quoted cell with text after it."""
+    (tmp_path / "good.png").write_bytes(SMALL)
+    long = "a very long caption " * 8000  # 160,000 characters
+    (tmp_path / "l.csv").write_text(f'image,caption\ngood.png,a 12" ruler\ngood.png,"quoted" tail\ngood.png,{long}\n'
+                                    'good.png,"open quote, never closed\ngood.png,swallowed\ngood.png,too\n')
+    summary = convert.convert("csv", [str(tmp_path / "l.csv")], str(tmp_path / "out"), min_size=1)
+    assert summary["written"] == 3 and summary["skipped"] == {"unclosed_quote": 1}
+    report = json.loads((tmp_path / "out" / "reports" / "train-00000-of-00001.json").read_text())
+    assert report["examples"]["unclosed_quote"] == ["l.csv line 5"]
+    assert captions_of(tmp_path / "out" / "train-00000-of-00001.arrayrecord") == [
+        'a 12" ruler', "quoted tail", long.strip()]
 
 
 # --- Commands that would do nothing, or cannot start ----------------------------------------------------------

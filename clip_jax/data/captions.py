@@ -12,7 +12,8 @@ absolute, or remote (gs://).
 Files are read as UTF-8 with undecodable bytes kept (surrogateescape), so a stray Latin-1 byte never stops the
 reading; `caption_text` finds them. Training replaces them with U+FFFD and counts them (`data_bad_utf8`); the
 converter skips such samples. A row without an image path (a JSONL line that is not JSON, an empty cell) comes back
-with `problem="bad_row"`: training drops it in the stream (counted in `data_dropped`), the converter counts it.
+with `problem="bad_row"`, a CSV row whose quote is never closed (it holds the rest of the file) with
+`problem="unclosed_quote"`: training drops them in the stream (counted in `data_dropped`), the converter counts them.
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ def read_table(path: str, fmt: str, image_root: str | None = None, fields: Seque
     objects = _jsonl_objects(text) if fmt == "jsonl" else _table_objects(text, fmt, path, (image_f, caption_f))
     rows = []
     for line, obj in objects:
+        if obj is UNCLOSED_QUOTE:
+            rows.append(Row(key=f"{epath.Path(path).name} line {line}", image="", problem="unclosed_quote"))
+            continue
         if not isinstance(obj, dict) or not isinstance(obj.get(image_f), str) or not obj[image_f]:
             rows.append(Row(key=f"{epath.Path(path).name} line {line}", image="", problem="bad_row"))
             continue
@@ -104,6 +108,10 @@ def read_table(path: str, fmt: str, image_root: str | None = None, fields: Seque
         short = obj.get(short_f) or None
         rows.append(Row(obj[image_f], _resolve(obj[image_f], root), obj.get(caption_f), short, meta or None))
     return rows
+
+
+# A CSV row whose quoted cell is never closed (`_table_objects`): it holds the rest of the file, so its rows too.
+UNCLOSED_QUOTE = object()
 
 
 class MissingColumns(ValueError):
@@ -128,6 +136,7 @@ def _table_objects(text: str, fmt: str, path: str, required: Sequence[str]) -> l
     """(the line number its row starts on, {column: cell}) per row of a CSV/TSV text after its header row. Numbered
     by the file's lines (csv.reader's line_num), so blank lines, the header and quoted cells spanning lines count."""
     delimiter, quoting = ("\t", csv.QUOTE_NONE) if fmt == "tsv" else (",", csv.QUOTE_MINIMAL)
+    csv.field_size_limit(2**31 - 1)  # not the default 128 KiB: a long caption is a caption (a C long on every OS)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     header = next(reader, None)
     if header is None:
@@ -140,7 +149,21 @@ def _table_objects(text: str, fmt: str, path: str, required: Sequence[str]) -> l
         start, end = end + 1, reader.line_num  # a row starts on the line after the one the previous row ended on
         if cells:  # not a blank line; a missing cell is a missing key, as csv.DictReader's None (extra cells: dropped)
             objects.append((start, dict(zip(header, cells, strict=False))))
+    if quoting != csv.QUOTE_NONE and objects and end > objects[-1][0] and _unclosed(text, objects[-1][0], end):
+        objects[-1] = (objects[-1][0], UNCLOSED_QUOTE)
     return objects
+
+
+def _unclosed(text: str, first: int, last: int) -> bool:
+    """Whether the CSV row on lines first..last (1-based) ends inside a quoted cell: a quote opened and never closed,
+    which the lenient reader runs on to the end of the file, taking in the rows after it. The strict reader says so
+    (and nothing else with these words: a stray quote inside a cell is another error)."""
+    lines = io.StringIO(text, newline="").readlines()[first - 1 : last]
+    try:
+        list(csv.reader(lines, strict=True))
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def _sharegpt4v_row(i: int, entry: Any, root: str) -> Row:

@@ -48,7 +48,7 @@ from clip_jax.data.images import (
     read_image_file,
     to_rgb,
 )
-from clip_jax.files import file_stamp
+from clip_jax.files import absolute_path, canonical_path, file_stamp
 
 FORMATS = ("webdataset", *TABLE_FORMATS, "folder")
 KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -136,6 +136,12 @@ def _walk(folder: epath.Path) -> Iterator[epath.Path]:
             yield from _walk(p)
         else:
             yield p
+
+
+def _read_by_folder(folder: epath.Path, path: epath.Path) -> bool:
+    """Whether `read_folder` reads `path`: an image, a caption sidecar or the top captions.json (not, say, the shards
+    and reports of an --out inside the folder)."""
+    return path.suffix.lower() in (*IMAGE_SUFFIXES, ".txt") or path == folder / "captions.json"
 
 
 def read_folder(path: str) -> list[Row]:
@@ -261,17 +267,32 @@ def report_path(opts: Options, index: int) -> epath.Path:
 
 def fingerprint(path: str, fmt: str) -> dict[str, Any]:
     """What a shard was made from, kept in its report so that a re-run redoes a shard whose input changed: a file's
-    size and modification time (remote: as the store reports them); for a folder input, the number of files below
-    it and a hash of each one's relative path, size and time (images, captions.json, .txt sidecars: an image added,
-    removed or replaced changes it). Take it before reading the input: a change made meanwhile then shows next time."""
+    size and modification time (remote: as the store reports them); for a folder input, the number of files it
+    reads below it (images, captions.json, .txt sidecars) and a hash of each one's relative path, size and time (an
+    image added, removed or replaced changes it; other files, such as an --out inside it, do not). Take it before
+    reading the input: a change made meanwhile then shows next time."""
     if fmt != "folder":
         return file_stamp(path)
     folder = epath.Path(path)
     digest, count = hashlib.sha256(), 0
-    for p in sorted(_walk(folder)):
+    for p in sorted(p for p in _walk(folder) if _read_by_folder(folder, p)):
         digest.update(json.dumps([p.relative_to(folder).as_posix(), file_stamp(p)]).encode() + b"\n")
         count += 1
     return {"files": count, "sha256": digest.hexdigest()}
+
+
+def recipe(task: Task, opts: Options) -> dict[str, Any]:
+    """What else a shard is made from, kept in its report beside the input's fingerprint: the image checks' options
+    and, for a table or folder, a hash of its rows (their image paths, so --image-root, and the columns read)."""
+    out: dict[str, Any] = {"min_size": opts.min_size, "max_image_bytes": opts.max_image_bytes}
+    if task.rows is not None:
+        digest = hashlib.sha256()
+        for row in task.rows:  # paths absolute: a re-run from another folder makes the same rows
+            row = dataclasses.replace(row, image=absolute_path(row.image),
+                                      caption_file=row.caption_file and absolute_path(row.caption_file))
+            digest.update(json.dumps(dataclasses.astuple(row), default=str).encode() + b"\n")
+        out["rows_sha256"] = digest.hexdigest()
+    return out
 
 
 def convert_shard(task: Task, opts: Options) -> dict[str, Any]:
@@ -281,13 +302,16 @@ def convert_shard(task: Task, opts: Options) -> dict[str, Any]:
     report_file = report_path(opts, task.index)
     # a tar's stamp is taken here: in parallel, for this machine's shards only (one request each on a bucket)
     stamp = task.fingerprint or fingerprint(task.source, "webdataset")
+    made_with = recipe(task, opts)
     redone = None
     if report_file.exists():  # the report is written last: its presence means the shard is complete
         old = json.loads(report_file.read_text())
-        if old.get("input_fingerprint") == stamp:
+        # A report of a version before recipes were kept resumes on the input's fingerprint alone, as it did then.
+        if old.get("input_fingerprint") == stamp and old.get("recipe", made_with) == made_with:
             return old | {"resumed": True}
-        redone = ("its input changed since it was converted" if "input_fingerprint" in old
-                  else "its report (from an older version) records no input fingerprint")
+        redone = ("its report (from an older version) records no input fingerprint" if "input_fingerprint" not in old
+                  else "its input changed since it was converted" if old["input_fingerprint"] != stamp
+                  else "other options make it (--image-root, the columns, --min-size or --max-image-bytes)")
     start = time.time()
     stats = ShardStats()
     samples, make = (_tar_samples(task.source, stats), _tar_record) if task.rows is None else (task.rows, _row_record)
@@ -299,12 +323,12 @@ def convert_shard(task: Task, opts: Options) -> dict[str, Any]:
             except Skip as s:
                 stats.skip(s.reason, sample.key if isinstance(sample, Row) else sample[0], s.detail)
     report = {
-        "shard": name, "input": task.source, "samples": stats.samples, "written": writer.count,
+        "shard": name, "input": absolute_path(task.source), "samples": stats.samples, "written": writer.count,
         "skipped": dict(sorted(stats.skipped.items())), "examples": stats.examples,
         "reencoded": dict(sorted(stats.reencoded.items())), "metadata_dropped": stats.metadata_dropped,
         "bytes": (epath.Path(opts.out) / name).stat().length, "seconds": round(time.time() - start, 2),
         "host": socket.gethostname(), "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "input_fingerprint": stamp,
+        "input_fingerprint": stamp, "recipe": made_with,
     }
     _write_json(report_file, report)
     return report | ({"redone": redone} if redone else {})
@@ -430,7 +454,7 @@ def check_same_set(task: Task, opts: Options) -> None:
                          f"{opts.count}: convert into a new folder (or name this set with another --prefix)")
     report = report_path(opts, task.index)
     source = json.loads(report.read_text()).get("input") if report.exists() else None
-    if source is not None and os.path.normpath(source) != os.path.normpath(task.source):
+    if source is not None and canonical_path(source) != canonical_path(task.source):
         raise ValueError(f"--out {opts.out}: its shard {task.index} was converted from {source}, and these inputs make "
                          f"it from {task.source}: convert into a new folder (or name this set with another --prefix)")
 
