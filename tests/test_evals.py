@@ -4,6 +4,7 @@ class folders and on a TFDS set, scored against hand-computed accuracies with an
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -125,6 +126,24 @@ def test_zero_shot_folder_scores_the_fraction_filed_right(tmp_path):
     got = suite.run_zero_shot_folder(context(config), "colours", entry)
     # 12 readable images, 3 of them blue in the green folder: 9 right; any 3 classes are in the top 5
     assert got == {"colours_top1": 9 / 12, "colours_top5": 1.0, "colours_skipped": 1}
+
+
+def test_a_folder_of_fewer_than_two_classes_is_refused_before_training(tmp_path, caplog):
+    """One class folder scored 100% whatever the model (images at the top, in no class folder, were passed over
+    without a word): refused when the config is checked, as a missing folder is."""
+    write_folder(tmp_path / "set", misfiled=0)
+    for name in ("green", "blue"):
+        shutil.rmtree(tmp_path / "set" / name)
+    Image.new("RGB", (8, 8)).save(tmp_path / "set" / "loose.png")
+    config = load_config(DEMO, [f"--config.evals.one={{'type': 'zero_shot_folder', 'path': '{tmp_path / 'set'}'}}"])
+    with pytest.raises(ConfigError, match=r"evals.one.path: .*set holds one class folder, red/; its 1 images at the "
+                                          r"top are in no class folder: zero-shot classification needs two or more"):
+        check_input_paths(config)
+    (tmp_path / "set" / "blue").mkdir()
+    Image.new("RGB", (8, 8), COLOURS["blue"]).save(tmp_path / "set" / "blue" / "0.png")
+    with caplog.at_level("WARNING"):
+        check_input_paths(config)
+    assert "1 images at the top are in no class folder and are not scored" in caplog.text
 
 
 def test_an_image_folder_names_its_classes_and_spreads_a_subset_over_them(tmp_path):

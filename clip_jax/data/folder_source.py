@@ -22,8 +22,15 @@ class ImageFolderSource:
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder of class folders (root/<class>/<image>)")
         classes = sorted(d for d in root.iterdir() if d.is_dir())
-        if not classes:
-            raise ValueError(f"{root} holds no class folder (root/<class>/<image>)")
+        loose = sum(f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir() if f.is_file())
+        in_no_class = f"; its {loose} images at the top are in no class folder" if loose else ""
+        if len(classes) < 2:  # one class: every image is "right", whatever the model
+            held = f"one class folder, {classes[0].name}/" if classes else "no class folder"
+            raise ValueError(f"{root} holds {held}{in_no_class}: zero-shot classification needs two or more "
+                             "(root/<class>/<image>)")
+        if loose:
+            log.warning("%s: %d images at the top are in no class folder and are not scored (root/<class>/<image>)",
+                        root, loose)
         self.root, self.image_size, self.max_image_bytes = root, image_size, max_image_bytes
         self._names = [d.name.replace("_", " ") for d in classes]
         self.files = [(f, label) for label, d in enumerate(classes)

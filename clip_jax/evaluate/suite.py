@@ -304,11 +304,17 @@ def parse_entry(name: str, entry: dict) -> Any:
 
 
 def check_sources(config: ml_collections.ConfigDict) -> None:
-    """Opens the sources of the entries that read datasets by name (TFDS), so that a missing one stops the run
-    before training rather than at its end. Paths of files and folders are `config.check_input_paths`'s."""
+    """Opens the sources of the entries that read datasets by name (TFDS) or class folders, so that a missing one, or
+    a folder that is not a set of classes, stops the run before training rather than at its end. That the paths of
+    files and folders exist is `config.check_input_paths`'s."""
     for name, entry in config.evals.items():
         if entry.type == "zero_shot_tfds":
             open_tfds(name, parse_entry(name, entry.to_dict()), config.model.vision.image_size)
+        elif entry.type == "zero_shot_folder" and entry.path:
+            try:
+                ImageFolderSource(entry.path, config.model.vision.image_size)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"evals.{name}.path: {e}") from None
 
 
 def due(config: ml_collections.ConfigDict, step: int) -> list[str]:
