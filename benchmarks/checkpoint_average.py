@@ -38,7 +38,7 @@ def probe(workdir: str, steps: list[int] | None) -> dict:
     if steps is None:
         steps = sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
     last = load_trained(workdir, steps[-1])  # the model, tokenizer and method once; the other steps' parameters alone
-    checkpointer = Checkpointer(workdir, last.config.checkpoint)
+    checkpointer = Checkpointer(workdir, last.config.checkpoint, reader=True)
     params = {step: last.params if step == steps[-1] else checkpointer.restore_params(step, abstract_like(last.params))
               for step in steps}
     checkpointer.close()

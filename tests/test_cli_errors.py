@@ -193,6 +193,22 @@ def test_training_files_that_cannot_be_read_are_refused_before_the_workdir_is_ma
     assert not workdir.exists()
 
 
+def test_a_shard_set_without_records_is_refused_before_the_workdir_is_made(tmp_path, capsys):
+    """A conversion that skipped every sample left valid, empty shards: training on them was an unexpected error
+    after the workdir was made. Only the first shard is opened at launch unless it is empty."""
+    from clip_jax.data import records
+
+    (tmp_path / "shards").mkdir()
+    for i in range(2):
+        with records.ShardWriter(tmp_path / "shards" / records.shard_name("train", i, 2)):
+            pass
+    workdir = tmp_path / "run"
+    message = exit_message(train_args(workdir, "--config.data.source=records",
+                                      f"--config.data.path={tmp_path / 'shards'}"), capsys)
+    assert f"data.path: the shards ['{tmp_path}/shards/train-00000-of-00002.arrayrecord', " in message
+    assert "hold no records: their conversion skipped every sample" in message and not workdir.exists()
+
+
 def test_init_from_a_folder_without_checkpoints_leaves_no_workdir(tmp_path, capsys):
     workdir = tmp_path / "run"
     message = exit_message(train_args(workdir, f"--config.init_from={tmp_path / 'nothing'}"), capsys)

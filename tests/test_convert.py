@@ -179,13 +179,15 @@ def test_sharegpt4v(tmp_path):
 
 def test_folder_layouts(tmp_path):
     write_images(tmp_path / "f1", ["a.jpg", "sub/b.png", "c.webp"])
-    (tmp_path / "f1" / "captions.json").write_text(json.dumps(
-        {"a.jpg": "caption a", "sub/b.png": {"caption": "long b", "short_caption": "b"}}))
+    (tmp_path / "f1" / "captions.json").write_text(json.dumps(  # A.JPG: a caption of no image, not silently lost
+        {"a.jpg": "caption a", "sub/b.png": {"caption": "long b", "short_caption": "b"}, "A.JPG": "miscased"}))
     write_images(tmp_path / "f2", ["p.jpg", "q.jpg"])
     (tmp_path / "f2" / "p.txt").write_text("sidecar p\n")
     summary = convert.convert("folder", [str(tmp_path / "f1"), str(tmp_path / "f2")], str(tmp_path / "out"),
                               shard_size=2)
-    assert summary["shards"] == 3 and summary["skipped"] == {"missing_caption": 2}
+    assert summary["shards"] == 3 and summary["skipped"] == {"missing_caption": 2, "missing_file": 1}
+    report = json.loads((tmp_path / "out" / "reports" / "train-00001-of-00003.json").read_text())
+    assert report["examples"]["missing_file"][0].startswith("A.JPG")
     recs = read_shards(sorted((tmp_path / "out").glob("*.arrayrecord")))
     assert [(r["key"], r["caption"], r.get("short_caption")) for r in recs] == [
         ("a.jpg", "caption a", None), ("sub/b.png", "long b", "b"), ("p.jpg", "sidecar p", None)]

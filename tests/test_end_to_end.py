@@ -284,6 +284,10 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
 def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a clip_jax workdir"):
         clip_jax.load(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["CLIPModel"]}')  # another tool's folder
+    with pytest.raises(FileNotFoundError, match=r"not a clip_jax workdir \(its config.json is not a clip_jax run's\)"):
+        clip_jax.load(tmp_path)
+    (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=f"no checkpoint of step 3; its steps: {HALF}, {STEPS}"):
         clip_jax.load(trained, step=3)
     model = clip_jax.load(trained)

@@ -214,3 +214,4 @@ def test_bad_wise_ft_inputs_are_one_line(tmp_path, capsys, case, words):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert words in err and err.startswith("clip-jax wise-ft: error: ") and "\n" not in err
+    assert not (tmp_path / "checkpoints").exists()  # a reader makes no folder in the workdir

@@ -161,6 +161,9 @@ def read_folder(path: str) -> list[Row]:
             rows.append(Row(rel, os.fspath(p), entry.get("caption"), entry.get("short_caption") or None))
         else:
             rows.append(Row(rel, os.fspath(p), entry))  # None: counted as missing_caption
+    if captions is not None:  # captions of no image found (a misspelt or miscased name): counted as missing_file
+        found = {row.key for row in rows}
+        rows += [Row(key, os.fspath(folder / key)) for key in sorted(captions) if key not in found]
     return rows
 
 

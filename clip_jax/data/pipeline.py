@@ -169,13 +169,15 @@ def check_train_source(config: ml_collections.ConfigDict) -> None:
     """Opens the training files of a run before anything of it is written, so that a caption table without its
     columns or rows, a folder or other file named as one, or a file that is not a shard is one ConfigError naming
     data.path, and the workdir is left as it was. Records: the shards are listed and the first opened (a set may
-    be thousands of remote files; the run opens them all)."""
+    be thousands of remote files; the run opens them all), all of them if that one is empty."""
     source = config.data.source
     if source not in ("captions", "sharegpt4v", "records"):
         return
     try:
         if source == "records":
-            records.open_shards(records.list_shards(config.data.path)[:1])
+            paths = records.list_shards(config.data.path)
+            if len(records.open_shards(paths[:1])) == 0:  # an empty first shard: is the whole set empty?
+                records.RecordSource(paths)
         else:
             get_source(config, "train")
     except captions.MissingColumns as e:

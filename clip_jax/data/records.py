@@ -215,7 +215,8 @@ class RecordSource:
         self.paths = list(paths)
         self._source = open_shards(self.paths)
         if len(self._source) == 0:
-            raise ValueError(f"the shards {self.paths[:3]}{' ...' if len(self.paths) > 3 else ''} hold no records")
+            raise ValueError(f"the shards {self.paths[:3]}{' ...' if len(self.paths) > 3 else ''} hold no records: "
+                             "their conversion skipped every sample (its reports/ say why); convert again")
 
     def __len__(self) -> int:
         return len(self._source)

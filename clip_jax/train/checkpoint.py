@@ -49,10 +49,12 @@ class DataPositionError(ConfigError):
 
 
 class Checkpointer:
-    def __init__(self, workdir: epath.PathLike, config: ml_collections.ConfigDict, *, owner: bool = False):
+    def __init__(self, workdir: epath.PathLike, config: ml_collections.ConfigDict, *, owner: bool = False,
+                 reader: bool = False):
         """`owner`: this process trains the workdir, so it removes the temporary folders that a killed save left
         (a full-size copy of the state each, never read); a reader such as `clip-jax eval` leaves them alone, since
-        they may be the saves in progress of a training running beside it."""
+        they may be the saves in progress of a training running beside it. `reader`: it only restores, so it does
+        not make the checkpoints folder either (a workdir without one is left as it was)."""
         keep = [policies.LatestN(config.max_to_keep),
                 # Step 0 is a warm start's model (converted or stretched): the user's input, not a product of the
                 # training, and what WiSE-FT interpolates toward; the rotation never removes it.
@@ -62,7 +64,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=config.async_save,
-            create=True,
+            create=not reader,
             cleanup_tmp_directories=owner,
         )
         directory = epath.Path(workdir) / "checkpoints"  # pathlib would turn gs://bucket/run into gs:/bucket/run

@@ -505,8 +505,8 @@ class PreemptionFlag:
 
 def init_from_checkpoint(config: ml_collections.ConfigDict) -> tuple[Checkpointer, int]:
     """The checkpointer and latest step of the workdir `config.init_from` names (read only: it is another run's)."""
-    check_init_from(config)  # checked first: a Checkpointer would create the folder it is pointed at
-    reader = Checkpointer(epath.Path(config.init_from), config.checkpoint)
+    check_init_from(config)  # a missing folder is one line naming the flag
+    reader = Checkpointer(epath.Path(config.init_from), config.checkpoint, reader=True)
     return reader, reader.latest_step()
 
 
@@ -556,10 +556,11 @@ class Trained:
 def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
     """A workdir's latest (or given) checkpoint, for eval, encode, export and stretch."""
     workdir = epath.Path(workdir)
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"{workdir} is not a clip_jax workdir (no config.json); train or convert into it first")
+    if not is_workdir(workdir):  # e.g. a Hugging Face export, or another tool's folder
+        why = "its config.json is not a clip_jax run's" if (workdir / "config.json").exists() else "no config.json"
+        raise FileNotFoundError(f"{workdir} is not a clip_jax workdir ({why}); train or convert into it first")
     config = read_config(workdir / "config.json")
-    checkpointer = Checkpointer(workdir, config.checkpoint)
+    checkpointer = Checkpointer(workdir, config.checkpoint, reader=True)
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet (no {checkpointer.directory}/<step>)")
     if step is not None and step not in checkpoint_steps(workdir):

@@ -46,7 +46,7 @@ def zero_shot_params(trained, workdir) -> Any:
         source, step = loop.init_from_checkpoint(config)
         where = f"config.init_from {config.init_from}"
     else:  # a warm start from the workdir's own step 0 (a converted CLIP)
-        source, step, where = Checkpointer(workdir, config.checkpoint), 0, f"{workdir}/checkpoints/0"
+        source, step, where = Checkpointer(workdir, config.checkpoint, reader=True), 0, f"{workdir}/checkpoints/0"
         if not (source.directory / "0").exists():
             raise ConfigError(
                 f"{workdir} has no step-0 checkpoint (a converted CLIP) and no config.init_from: the run started from "
