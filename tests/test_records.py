@@ -229,6 +229,17 @@ def test_epoch_is_a_global_shuffle_of_the_decodable_records(shards, tokenizer):
         p for p in range(positions[-1] + 1) if shuffled[p] in BAD_INDICES]
 
 
+def test_a_batch_larger_than_the_data_set_is_said(shards, tokenizer, caplog):
+    """Each batch would hold some pairs twice, the contrastive loss taking each copy as the other's negative."""
+    config = make_config(shards)
+    with caplog.at_level("WARNING", logger="clip_jax.data.pipeline"):
+        train_dataset(config, tokenizer)
+        assert "fewer than batch_size" not in caplog.text
+        config.batch_size = N_GOOD + 4
+        train_dataset(config, tokenizer)
+    assert f"data.path holds {N_GOOD + 2} examples, fewer than batch_size {N_GOOD + 4}" in caplog.text
+
+
 def test_same_seed_same_stream_and_resume_from_state(shards, tokenizer):
     def stream(seed, n):
         it = iter(train_dataset(make_config(shards, seed), tokenizer))

@@ -375,6 +375,10 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
     rows = batch_rows(config.batch_size) if rows is None else rows
     captions = clip_captions(config) if captions is None else captions
     source = get_source(config, "train")
+    if config.data.source != "shapes" and len(source) < config.batch_size:
+        log.warning("data.path holds %d examples, fewer than batch_size %d: every batch repeats pairs, which the "
+                    "contrastive loss takes as negatives of each other; use a smaller batch or more data",
+                    len(source), config.batch_size)
     ds = grain.MapDataset.source(source)
     if config.data.source != "shapes":  # procedural samples are already i.i.d. by index; files need shuffling
         ds = ds.shuffle(seed=config.seed).repeat()
