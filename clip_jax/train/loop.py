@@ -556,8 +556,9 @@ class Trained:
 def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
     """A workdir's latest (or given) checkpoint, for eval, encode, export and stretch."""
     workdir = epath.Path(workdir)
-    if not is_workdir(workdir):  # e.g. a Hugging Face export, or another tool's folder
-        why = "its config.json is not a clip_jax run's" if (workdir / "config.json").exists() else "no config.json"
+    has_config = (workdir / "config.json").exists()
+    if not has_config or not is_workdir(workdir):  # e.g. a Hugging Face export, or another tool's folder
+        why = "its config.json is not a clip_jax run's" if has_config else "no config.json"
         raise FileNotFoundError(f"{workdir} is not a clip_jax workdir ({why}); train or convert into it first")
     config = read_config(workdir / "config.json")
     checkpointer = Checkpointer(workdir, config.checkpoint, reader=True)
