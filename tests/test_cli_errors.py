@@ -279,6 +279,20 @@ def test_init_from_another_model_is_one_line(untouched, tmp_path, capsys):
     assert "holds parameters of another model" in message and "resblocks_1" in message
 
 
+def test_a_resume_whose_parameters_would_change_shape_is_refused_and_leaves_the_run_as_it_was(trained, tmp_path,
+                                                                                                capsys):
+    """Another method on a CLIP run (its own heads): the checkpoint cannot hold this config's parameters. That was
+    "no readable checkpoint" after config.json had been rewritten with the refused settings, which eval and every
+    relaunch then read; now one line, and the workdir as it was."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    before = snapshot(workdir)
+    message = exit_message(["train", "--workdir", str(workdir), "--config.method.name=slip"], capsys)
+    assert f"checkpoint {workdir}/checkpoints/{STEPS} holds parameters of another model (it lacks [\"['ssl_head']" in (
+        message) and "use that run's settings (its config.json)" in message, message
+    assert snapshot(workdir) == before
+
+
 def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path, capsys):
     """The first launch wrote config.json and failed before any checkpoint; its model is not a run to protect."""
     workdir = tmp_path / "run"

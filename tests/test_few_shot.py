@@ -242,9 +242,15 @@ def test_coop_trains_from_a_clip_workdir_resumes_from_its_cache_and_evaluates(tm
     config.total_steps = 6
     again = train_and_evaluate(config, tmp_path / "coop")  # resumes at 4, reads the cache
     assert cache.stat().st_mtime_ns == before and again["step"] == 6
-    config.few_shot.shapes_domain = "shifted"  # other embeddings: refused before config.json is touched
-    with pytest.raises(ConfigError, match="holds a run with other few_shot settings .few_shot.shapes_domain"):
+    # Other embeddings: refused before config.json is touched.
+    domain, config.few_shot.shapes_domain = config.few_shot.shapes_domain, "shifted"
+    with pytest.raises(ConfigError, match="holds a run with other few_shot / method settings .few_shot.shapes_domain"):
         train_and_evaluate(config, tmp_path / "coop")
+    config.few_shot.shapes_domain = domain
+    config.method.n_ctx += 1  # another learner: the trained one's context would not load (a method setting)
+    with pytest.raises(ConfigError, match=r"other few_shot / method settings \(method.n_ctx: \d+ -> \d+\)"):
+        train_and_evaluate(config, tmp_path / "coop")
+    config.method.n_ctx -= 1
     main(["eval", "--workdir", str(tmp_path / "coop")])
     evaluated = json.loads((tmp_path / "coop" / "eval_6.json").read_text())
     assert evaluated["few_shot_base"] == pytest.approx(again["few_shot_base"])

@@ -53,7 +53,9 @@ class FewShotMethod(Method):
     `logits` and, if the learner starts from data, `init_learner`."""
 
     fine_tunes = True
-    fixed_groups = ("model", "few_shot")  # the K-shot embeddings are cached in the workdir
+    # The K-shot embeddings are cached in the workdir; the method's fields define its learner (context length,
+    # adapter ratio, cache grids), which a resume cannot change under a trained one.
+    fixed_groups = ("model", "few_shot", "method")
     # What the batch and `logits` get of an example: "features", its normalised image embedding by the frozen image
     # tower (computed once), or "images", the uint8 image itself, for a learner that enters the image tower (MaPLe's
     # vision prompts) or trains it (WiSE-FT).

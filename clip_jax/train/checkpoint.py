@@ -110,6 +110,8 @@ class Checkpointer:
         with a warning naming it, and the next older one is used: a crash while writing never costs the run."""
 
         def read(candidate: int) -> Any:
+            # Parameters of other shapes are another run's settings, not a damaged file: refused, never set aside.
+            self._check_params(candidate, abstract_state.params, partial=False)
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             foreign = None  # (writers, batches read) when another number of processes wrote the data position
             if data_iterator is not None:
@@ -220,14 +222,8 @@ class Checkpointer:
         wrote it (e.g. a one-device `convert`), which another process layout does not have."""
         where = self.directory / str(step)
         # A partial restore skips what the target lacks and does not complain about what the checkpoint lacks: the
-        # parameter names are compared first.
-        saved = ocp.PyTreeCheckpointHandler().metadata(where / "state").tree["params"]
-        names = lambda tree: {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
-        if not names(abstract_params) <= names(saved):
-            differ = sorted(names(abstract_params) - names(saved))
-            raise ConfigError(f"checkpoint {where} holds parameters of another model (it lacks {differ[:5]}); "
-                              "start from a checkpoint of the same architecture, or set the model fields to its own "
-                              "(its config.json)")
+        # parameters are compared first.
+        self._check_params(step, abstract_params, partial=True)
         args = ocp.args.PyTreeRestore(
             item={"params": abstract_params},
             restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
@@ -242,6 +238,24 @@ class Checkpointer:
             raise ConfigError(f"checkpoint {where} holds parameters of another model ({first}); start from a "
                               "checkpoint of the same architecture, or set the model fields to its own (its "
                               "config.json)") from None
+
+    def _check_params(self, step: int, abstract_params: Any, *, partial: bool) -> None:
+        """A ConfigError unless checkpoint `step` holds every parameter of `abstract_params` in its shape (`partial`:
+        and maybe others, as a few-shot run's checkpoint holds its learner beside the CLIP a warm start reads)."""
+        where = self.directory / str(step)
+        shapes = lambda tree: {jax.tree_util.keystr(path): tuple(leaf.shape)
+                               for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+        saved = shapes(ocp.PyTreeCheckpointHandler().metadata(where / "state").tree["params"])
+        wanted = shapes(abstract_params)
+        lacks = sorted(wanted.keys() - saved.keys())
+        extra = [] if partial else sorted(saved.keys() - wanted.keys())
+        other = [f"{k} {saved[k]} where this config has {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
+                 if saved[k] != wanted[k]]
+        if lacks or extra or other:
+            differ = (f"it lacks {lacks[:5]}" if lacks else f"it also holds {extra[:5]}" if extra else other[0])
+            raise ConfigError(f"checkpoint {where} holds parameters of another model ({differ}): this config's model "
+                              "or method differs from the run's that wrote it; use that run's settings (its "
+                              "config.json), or a checkpoint of this config's architecture")
 
     def wait(self) -> None:
         """Waits for the asynchronous save; its failure raises here."""

@@ -292,6 +292,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
+    # The run's config.json, put back if its checkpoint refuses this launch's settings (other parameter shapes)
+    # after prepare_workdir has written them: else eval and the next relaunch would read settings it never had.
+    config_file, kept = workdir / "config.json", workdir / f"config_until_step_{checkpointer.latest_step()}.json"
+    run_config = config_file.read_bytes() if checkpointer.latest_step() and config_file.exists() else None
+    kept_before = kept.exists()
     prepare_workdir(config, workdir, checkpointer.latest_step(), method.fixed_groups)
 
     # --- The starting point -------------------------------------------------------------------------------------
@@ -324,7 +329,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         state = state.replace(params=method.warm_start(restored, state.params))
         log.info("warm start from the parameters of %s", source.directory / str(step))
     elif resume_step is not None:
-        state = checkpointer.restore(abstract_state, data_iter)
+        try:
+            state = checkpointer.restore(abstract_state, data_iter)
+        except ConfigError:
+            if run_config is not None and jax.process_index() == 0:
+                write_atomic(config_file, run_config)
+                if not kept_before:  # what prepare_workdir kept of the settings until now: config.json again
+                    kept.unlink(missing_ok=True)
+            raise
         if jax.process_index() == 0:  # a relaunch says what it does: a finished run only evaluates again
             done = int(state.step) >= config.total_steps
             print(f"resuming {workdir} from step {int(state.step)} of {config.total_steps}" +
