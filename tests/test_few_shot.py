@@ -5,6 +5,7 @@ Tip-Adapter's logits against the paper's formula in numpy, CLIP-Adapter's and th
 CLIP workdir that resumes from its cached embeddings and evaluates from `clip-jax eval`."""
 
 import json
+import shutil
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,7 @@ from PIL import Image
 from clip_jax.config import ConfigError, default_config
 from clip_jax.data import classification
 from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.evaluate import suite
 from clip_jax.interop.workdir import write_workdir
 from clip_jax.methods import get_method
 from clip_jax.methods.few_shot import FROZEN, FewShotCLIP, PromptContext, prompt_layout, tip_logits
@@ -56,6 +58,8 @@ def test_a_table_set_takes_its_classes_and_their_order_from_the_names_file(tmp_p
     ("empty_class", "the class folder 'empty' holds no image"),
     ("unknown_label", "the labels ['n03'] are not in the names file"),
     ("too_few_shots", "class 'blue star' has 2 examples, fewer than 3 shots"),
+    ("one_name_twice", "the classes 'red circle' and 'red_circle' are both named 'red circle'"),
+    ("label_twice", "line 3: the label 'n01' is listed again; list each class once"),
 ])
 def test_bad_few_shot_data_is_one_line(tmp_path, case, words):
     if case == "empty_class":
@@ -66,12 +70,61 @@ def test_bad_few_shot_data_is_one_line(tmp_path, case, words):
         (tmp_path / "set.csv").write_text("image,label\na.png,n01\nb.png,n03\n")
         (tmp_path / "names.txt").write_text("n01\nn02\n")
         call = lambda: classification.table_set(str(tmp_path / "set.csv"), 8, str(tmp_path / "names.txt"))
+    elif case == "one_name_twice":
+        for key in ("red_circle", "red circle"):
+            _write_image(tmp_path / key / "0.png", (255, 0, 0))
+        call = lambda: classification.folder_set(str(tmp_path), 8)
+    elif case == "label_twice":
+        (tmp_path / "names.txt").write_text("n01\tred thing\nn02\nn01\tcrimson thing\n")
+        call = lambda: classification.read_names(str(tmp_path / "names.txt"))
     else:
         call = lambda: classification.sample_shots(np.array([0, 0, 0, 1, 1]), [0, 1], 3, seed=0,
                                                    class_names=["red circle", "blue star"])
     with pytest.raises(ValueError) as e:
         call()
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def _folder_task(root, **few_shot):
+    """A config of a folder task at `root`: 4 colour classes, 2 training and 3 val and test images each."""
+    colours = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0), "yellow": (255, 255, 0)}
+    for split, count in (("train", 2), ("val", 3), ("test", 3)):
+        for name, colour in colours.items():
+            for i in range(count):
+                _write_image(root / split / name / f"{i}.png", colour)
+    config = default_config()
+    config.few_shot.update(dataset="folder", train=str(root / "train"), val=str(root / "val"),
+                           test=str(root / "test"), shots=1, **few_shot)
+    config.model.vision.image_size = 16
+    return config
+
+
+def test_a_bad_image_stops_the_k_shot_sample_before_training_and_is_skipped_in_the_test_set(tmp_path):
+    """A truncated test image was an unexpected error at the end of the run, once training was spent; one in the
+    K-shot sample was an unexpected error too, rather than one line naming it."""
+    config = _folder_task(tmp_path)
+    good = (tmp_path / "test" / "red" / "1.png").read_bytes()
+    (tmp_path / "test" / "red" / "1.png").write_bytes(good[: len(good) // 2])
+    task, images = suite._few_shot_test(config.to_json(), "")
+    assert task.test.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3] and len(images) == 11
+    for i in range(2):  # a base class's images: one of them is in the K-shot sample
+        (tmp_path / "train" / "blue" / f"{i}.png").write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match=r"train: cannot decode image .*blue/\d.png .*; replace or remove the file"):
+        task.train.read(range(len(task.train)))
+
+
+def test_a_folder_task_spreads_its_evaluation_subset_over_the_classes_and_names_a_missing_class(tmp_path):
+    """few_shot.eval_examples below a set's size took its first rows, and a folder set is listed class by class:
+    the last classes went unscored (a new-class accuracy of NaN, or of one class). A val set without a class was
+    refused naming the first three classes of each set, the same three."""
+    config = _folder_task(tmp_path, eval_examples=8)
+    task = classification.few_shot_task(config)
+    assert (task.base, task.new) == ([0, 1], [2, 3])  # the reference split: the first half of the classes is base
+    assert task.test.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # two of each class, in the set's order
+    assert task.val.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    shutil.rmtree(tmp_path / "val" / "yellow")
+    with pytest.raises(ConfigError, match=r"val's classes differ from the training set's \(it lacks \['yellow'\]\)"):
+        classification.few_shot_task(config)
 
 
 def test_the_k_shot_sample_is_k_per_class_and_fixed_by_its_seed():

@@ -23,6 +23,7 @@ import numpy as np
 
 from clip_jax.data import shapes
 from clip_jax.data.captions import read_table, table_format
+from clip_jax.data.folder_source import classes_in_turn
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_image
 from clip_jax.errors import ConfigError
 
@@ -53,13 +54,28 @@ def read_names(path: str) -> dict[str, str]:
     """A names file: label -> prompt name, in the file's order (lines `label` or `label<TAB>name`; blank lines and
     lines starting with # are skipped)."""
     names: dict[str, str] = {}
-    for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip() and not line.startswith("#"):
             label, _, name = line.partition("\t")
+            if label.strip() in names:  # the later line would rename the class silently
+                raise ValueError(f"names file {path}, line {number}: the label {label.strip()!r} is listed again; "
+                                 "list each class once")
             names[label.strip()] = (name or label.replace("_", " ")).strip()
     if not names:
         raise ValueError(f"names file {path} lists no class")
     return names
+
+
+def _distinct(where: str, names: dict[str, str]) -> list[str]:
+    """The class names of labels -> names, or a ValueError if two labels share a name: their prompts would be one,
+    and the model could not tell the classes apart (folders `red_circle` and `red circle`, say)."""
+    seen: dict[str, str] = {}
+    for label, name in names.items():
+        if name in seen:
+            raise ValueError(f"{where}: the classes {seen[name]!r} and {label!r} are both named {name!r}; give them "
+                             "distinct names (few_shot.names_file: label<TAB>name)")
+        seen[name] = label
+    return list(names.values())
 
 
 def _read_files(name: str, files: Sequence[pathlib.Path | str], image_size: int, max_bytes: int):
@@ -67,7 +83,7 @@ def _read_files(name: str, files: Sequence[pathlib.Path | str], image_size: int,
         try:
             return np.stack([load_image(files[i], image_size, max_bytes) for i in indices])
         except ValueError as e:  # a few-shot sample is small and chosen: a bad image in it is the user's to fix
-            raise ValueError(f"{name}: {e}; replace or remove the file") from None
+            raise ConfigError(f"{name}: {e}; replace or remove the file") from None
 
     return read
 
@@ -92,7 +108,7 @@ def folder_set(root: str, image_size: int, names_file: str = "", max_bytes: int 
                              " add images or remove the folder")
         files += found
         labels += [label] * len(found)
-    return LabelledSet(str(root), list(names.values()), np.asarray(labels, np.int64),
+    return LabelledSet(str(root), _distinct(str(root), names), np.asarray(labels, np.int64),
                        _read_files(str(root), files, image_size, max_bytes))
 
 
@@ -109,7 +125,7 @@ def table_set(path: str, image_size: int, names_file: str = "", max_bytes: int =
     if missing:
         raise ValueError(f"{path}: the labels {missing[:5]} are not in the names file {names_file}; add them")
     index = {k: i for i, k in enumerate(names)}
-    return LabelledSet(path, list(names.values()), np.asarray([index[k] for k in data_labels], np.int64),
+    return LabelledSet(path, _distinct(path, names), np.asarray([index[k] for k in data_labels], np.int64),
                        _read_files(path, [r.image for r in rows], image_size, max_bytes))
 
 
@@ -231,8 +247,10 @@ def few_shot_task(config: ml_collections.ConfigDict) -> FewShotTask:
         names = full_train.class_names
         for other in (val, test):
             if other.class_names != names:
-                raise ValueError(f"{other.name} has the classes {other.class_names[:3]}... but the training set "
-                                 f"{names[:3]}...: give every set the same classes (few_shot.names_file)")
+                lacks, extra = sorted(set(names) - set(other.class_names)), sorted(set(other.class_names) - set(names))
+                detail = "; ".join([f"it lacks {lacks[:5]}"] * bool(lacks) + [f"it also has {extra[:5]}"] * bool(extra))
+                raise ValueError(f"{other.name}'s classes differ from the training set's ({detail or 'another order'})"
+                                 ": give every set the same classes (few_shot.names_file)")
         among = None
         if f.dataset == "shapes":  # the pairs held out of pretraining are never few-shot classes
             among = shapes.ShapesDataset(shapes.ShapesConfig(), "train").seen_classes()
@@ -240,7 +258,13 @@ def few_shot_task(config: ml_collections.ConfigDict) -> FewShotTask:
         if f.classes == "all":
             base, new = sorted(base + new), []
         shots = sample_shots(full_train.labels, base, f.shots, f.seed, full_train.name, names)
-        keep = lambda s: s.subset(np.flatnonzero(np.isin(s.labels, base + new))[: f.eval_examples])
+
+        def keep(labelled: LabelledSet) -> LabelledSet:
+            """At most eval_examples of the task's classes, spread over them (a set listed class by class would
+            keep only its first classes), in the set's order."""
+            rows = np.flatnonzero(np.isin(labelled.labels, base + new))
+            return labelled.subset(np.sort(rows[classes_in_turn(labelled.labels[rows], f.eval_examples)]))
+
     except ValueError as e:
         raise ConfigError(f"few_shot: {e}") from None
     templates = tuple(f.templates) or (shapes.ZERO_SHOT_TEMPLATES if f.dataset == "shapes" else ("a photo of a {}.",))

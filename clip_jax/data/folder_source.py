@@ -16,6 +16,16 @@ from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_i
 log = logging.getLogger(__name__)
 
 
+def classes_in_turn(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of `n` examples taken from the classes in turn (each class's first example, in order, then each one's
+    second...): a subset of a set listed class by class that covers the classes evenly, the same every time."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels.tolist()):
+        by_class.setdefault(label, []).append(i)
+    turns = itertools.zip_longest(*by_class.values())
+    return np.asarray([i for turn in turns for i in turn if i is not None][:n], np.int64)
+
+
 class ImageFolderSource:
     def __init__(self, root: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         root = pathlib.Path(root)
@@ -50,11 +60,7 @@ class ImageFolderSource:
         evenly; an unreadable or undecodable file is skipped and counted, not fatal."""
         files = self.files
         if n and n < len(files):
-            by_class: dict[int, list] = {}
-            for f in files:
-                by_class.setdefault(f[1], []).append(f)
-            turns = itertools.zip_longest(*by_class.values())
-            files = [f for turn in turns for f in turn if f is not None][:n]
+            files = [files[i] for i in classes_in_turn(np.asarray([label for _, label in files]), n)]
         images, kept, skipped = load_images([path for path, _ in files], self.image_size, self.max_image_bytes)
         for message in skipped:
             log.warning("skipping %s", message)

@@ -225,7 +225,20 @@ def _few_shot_test(config_json: str, shapes_domain: str):
     if shapes_domain:
         config.few_shot.shapes_domain = shapes_domain
     task = few_shot_task(config)
-    return task, task.test.read(range(len(task.test)))
+    try:
+        return task, task.test.read(range(len(task.test)))
+    except ValueError:  # an unreadable test image: skipped, as the other evaluations do, not the end of the run
+        pass
+    kept, images = [], []
+    for i in range(len(task.test)):
+        try:
+            images.append(task.test.read([i])[0])
+            kept.append(i)
+        except ValueError as e:
+            log.warning("skipping %s", e)
+    if not kept:
+        raise ConfigError(f"few_shot.test: no readable image in {task.test.name}")
+    return dataclasses.replace(task, test=task.test.subset(kept)), np.stack(images)
 
 
 def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float]:
@@ -246,6 +259,9 @@ def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float
         groups = {"base": task.base, "new": task.new} if task.new else {"all": task.base}
         for group, classes in groups.items():
             rows = np.isin(task.test.labels, classes)
+            if not rows.any():  # no test image of these classes (few_shot.eval_examples below their count)
+                log.info("evals.%s: no test image of the %s classes", name, group)
+                continue
             try:
                 scores = ctx.scores({k: v[rows] for k, v in examples.items()}, classes, task)
             except UnscorableClasses as e:  # e.g. a linear probe asked for classes it has no weights for
