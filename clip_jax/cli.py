@@ -248,6 +248,10 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     refuse_inside_workdir(out, "--out")
     # a bad file is found before the model is loaded; blank lines (a trailing one, a gap) name no class
     names = [n.strip() for n in _read_lines(args.names) if n.strip()] if args.names else None
+    tabbed = next((n for n in names or () if "\t" in n), None)
+    if tabbed is not None:  # a few-shot names file's `label<TAB>name`: the tab would be part of the prompt
+        raise ConfigError(f"--names {args.names}: the line {tabbed!r} holds a tab; give one class name a line (the "
+                          "name the prompts say and the output shows)")
     files = list_images(args.images)
     refuse_replacing(out, _earlier_classify_csv, [*files, *([args.names] if args.names else [])])
     maybe_initialize()

@@ -422,6 +422,17 @@ def test_classify_never_writes_over_an_input_or_a_file_it_did_not_make(untouched
     assert expected in message and out.read_bytes() == before, message
 
 
+def test_classify_refuses_a_few_shot_names_file_whose_tabs_would_be_prompts(untouched, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("n01\tred circle\nn02\tblue square\n")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "images" / "a.png")
+    message = exit_message(["classify", "--workdir", str(untouched), "--images", str(tmp_path / "images"),
+                            "--names", str(names), "--out", str(tmp_path / "p.csv")], capsys)
+    assert "the line 'n01\\tred circle' holds a tab; give one class name a line" in message, message
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_encode_counts_the_texts_it_cuts(untouched, tmp_path, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_text("a red circle\n" + "a big blue star next to a small green square " * 10 + "\n")

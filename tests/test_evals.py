@@ -146,6 +146,23 @@ def test_a_folder_of_fewer_than_two_classes_is_refused_before_training(tmp_path,
     assert "1 images at the top are in no class folder and are not scored" in caplog.text
 
 
+def test_few_shot_on_a_folder_set_scores_base_and_new_classes_skipping_a_bad_test_image(tmp_path, caplog):
+    """Zero-shot CLIP (no method) on a folder task of blue, green (base) and red (new): each group among its own
+    classes. The test set's broken file is skipped, not the end of the run; the shapes-only shifted domain of a
+    WiSE-FT entry is not scored on a set that has none (it repeated the figures under other names)."""
+    for split in ("train", "val", "test"):
+        write_folder(tmp_path / split, misfiled=1 if split == "test" else 0)
+    config = load_config(DEMO, ["--config.evals.fs={'type': 'few_shot', 'shapes_domain': 'shifted'}",
+                                "--config.few_shot.dataset=folder", "--config.few_shot.shots=1",
+                                *(f"--config.few_shot.{s}={tmp_path / s}" for s in ("train", "val", "test"))])
+    entry = suite.parse_entry("fs", config.evals.fs.to_dict())
+    with caplog.at_level("WARNING"):
+        got = suite.run_few_shot(context(config), "fs", entry)
+    # base: 8 images, the blue one filed under green wrong; new: the 4 readable red ones, among red alone
+    assert got == pytest.approx({"fs_base": 7 / 8, "fs_new": 1.0, "fs_hm": 2 * 7 / 8 / (7 / 8 + 1)})
+    assert "broken.jpg" in caplog.text
+
+
 def test_an_image_folder_names_its_classes_and_spreads_a_subset_over_them(tmp_path):
     write_folder(tmp_path, misfiled=0)
     (tmp_path / "dark_red").mkdir()

@@ -44,6 +44,17 @@ def test_a_folder_set_labels_by_folder_and_reads_only_what_is_asked(tmp_path):
     assert images[1, 0, 0].tolist() == [255, 0, 0]
 
 
+def test_a_names_file_picks_folders_and_says_which_it_leaves_out(tmp_path, caplog):
+    for i in range(2):
+        _write_image(tmp_path / "set" / "red_car" / f"{i}.png", (255, 0, 0))
+        _write_image(tmp_path / "set" / "blue_bus" / f"{i}.png", (0, 0, 255))
+    (tmp_path / "names.txt").write_text("red_car\tred car\n")
+    with caplog.at_level("WARNING", logger="clip_jax.data.classification"):
+        data = classification.folder_set(str(tmp_path / "set"), 8, str(tmp_path / "names.txt"))
+    assert data.class_names == ["red car"] and data.labels.tolist() == [0, 0]
+    assert "the folders ['blue_bus'] are not in the names file" in caplog.text
+
+
 def test_a_table_set_takes_its_classes_and_their_order_from_the_names_file(tmp_path):
     for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 255, 0))):
         _write_image(tmp_path / name, colour)
@@ -228,13 +239,18 @@ def test_tip_adapter_logits_are_the_papers_formula():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_tip_adapter_scores_new_classes_zero_shot(tokenizer):
-    """The cache holds base examples only: on new classes its columns are empty and Tip-Adapter is zero-shot CLIP."""
+def test_tip_adapter_scores_new_classes_zero_shot(tokenizer, caplog):
+    """The cache holds base examples only: on new classes its columns are empty and Tip-Adapter is zero-shot CLIP.
+    The alpha and beta it chooses on the validation set are said."""
     method = prepared(tiny_few_shot(tiny_config("tip_adapter")), tokenizer)
     inputs = method.class_inputs(method.task.new)
     assert not inputs["values"].any()
     base = method.class_inputs(method.task.base)["values"]
     assert base.sum(axis=0).tolist() == [method.config.few_shot.shots] * len(method.task.base)
+    with caplog.at_level("INFO", logger="clip_jax.methods.few_shot"):
+        alpha, beta = method.select_alpha_beta(jnp.asarray(method.train_arrays["features"]), 50.0)
+    assert alpha in method.hparams.alphas and beta in method.hparams.betas
+    assert f"tip_adapter: alpha {alpha:g} and beta {beta:g} chosen on few_shot.val (top-1 " in caplog.text
 
 
 def test_a_tip_adapter_that_trains_nothing_must_freeze_its_cache():

@@ -14,6 +14,7 @@ their order, and renames them; a table's labels must then all be in it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pathlib
 from collections.abc import Callable, Sequence
@@ -29,6 +30,8 @@ from clip_jax.errors import ConfigError
 
 CLASS_SPLITS = ("reference", "balanced")
 FEW_SHOT_DATASETS = ("shapes", "folder", "table", "tfds")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +103,10 @@ def folder_set(root: str, image_size: int, names_file: str = "", max_bytes: int 
     missing = [k for k in names if k not in folders]
     if missing:
         raise ValueError(f"{root}: no folder for the classes {missing[:5]} of {names_file}")
+    unlisted = [k for k in folders if k not in names]
+    if unlisted:  # a names file may pick classes; a forgotten line should not pass unseen
+        log.warning("%s: the folders %s are not in the names file %s: their images are left out", root,
+                    unlisted[:5], names_file)
     files, labels = [], []
     for label, key in enumerate(names):
         found = sorted(f for f in folders[key].rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)

@@ -247,7 +247,7 @@ def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float
     `<name>_all`). The method's own scores (`scores(params, examples, classes)`), else zero-shot CLIP with the
     task's templates; a method that cannot score the new classes (a linear probe) reports only base."""
     domains = {"": ctx.config.few_shot.shapes_domain}
-    if entry.shapes_domain:
+    if entry.shapes_domain and ctx.config.few_shot.dataset == "shapes":  # another set has no rendering domains
         domains["_shifted"] = entry.shapes_domain
     results = {}
     for suffix, domain in domains.items():
