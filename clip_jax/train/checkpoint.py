@@ -111,7 +111,8 @@ class Checkpointer:
 
         def read(candidate: int) -> Any:
             # Parameters of other shapes are another run's settings, not a damaged file: refused, never set aside.
-            self._check_params(candidate, abstract_state.params, partial=False)
+            if hasattr(abstract_state, "params"):  # a train state (a bare tree restores as it is)
+                self._check_params(candidate, abstract_state.params, partial=False)
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             foreign = None  # (writers, batches read) when another number of processes wrote the data position
             if data_iterator is not None:
@@ -249,8 +250,8 @@ class Checkpointer:
         wanted = shapes(abstract_params)
         lacks = sorted(wanted.keys() - saved.keys())
         extra = [] if partial else sorted(saved.keys() - wanted.keys())
-        other = [f"{k} {saved[k]} where this config has {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
-                 if saved[k] != wanted[k]]
+        other = [f"{k} of shape {saved[k]} where this config has {wanted[k]}"
+                 for k in sorted(wanted.keys() & saved.keys()) if saved[k] != wanted[k]]
         if lacks or extra or other:
             differ = (f"it lacks {lacks[:5]}" if lacks else f"it also holds {extra[:5]}" if extra else other[0])
             raise ConfigError(f"checkpoint {where} holds parameters of another model ({differ}): this config's model "
