@@ -124,6 +124,22 @@ def test_a_bad_image_stops_the_k_shot_sample_before_training_and_is_skipped_in_t
         task.train.read(range(len(task.train)))
 
 
+def test_a_run_refuses_sets_whose_classes_changed_since_it_was_trained(tmp_path, tokenizer):
+    """A class folder added after training: the same few_shot settings, another task. Evaluated, the base classes
+    were other ones than the learner was trained on, without a word."""
+    config = tiny_few_shot(tiny_config("clip_adapter"))
+    folder = _folder_task(tmp_path / "data")
+    config.few_shot.update({k: folder.few_shot[k] for k in ("dataset", "train", "val", "test", "shots")})
+    (tmp_path / "run").mkdir()
+    prepared(config, tokenizer, tmp_path / "run")  # the K-shot embeddings cached, with the classes
+    prepared(config, tokenizer, tmp_path / "run")  # read back: the same classes
+    for split in ("train", "val", "test"):
+        _write_image(tmp_path / "data" / split / "black" / "0.png", (0, 0, 0))
+    with pytest.raises(ConfigError, match=r"was trained on other classes than few_shot's sets now hold \(with "
+                                          r"\['black'\] too\): restore the sets"):
+        prepared(config, tokenizer, tmp_path / "run")
+
+
 def test_a_folder_task_spreads_its_evaluation_subset_over_the_classes_and_names_a_missing_class(tmp_path):
     """few_shot.eval_examples below a set's size took its first rows, and a folder set is listed class by class:
     the last classes went unscored (a new-class accuracy of NaN, or of one class). A val set without a class was

@@ -92,14 +92,15 @@ def tiny_few_shot(config):
     return config
 
 
-def prepared(config, tokenizer):
-    """The method after `prepare`, from a randomly initialised CLIP (what the loop gives it without a checkpoint)."""
+def prepared(config, tokenizer, workdir=None):
+    """The method after `prepare`, from a randomly initialised CLIP (what the loop gives it without a checkpoint);
+    its cached arrays in `workdir` if one is given."""
     method = get_method(config)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     clip = CLIP(method.model_config())
     params = clip.init(jax.random.PRNGKey(0), *method.init_inputs()[:2])  # images and texts
     encoder = Encoder(clip, params["params"], mesh, 64)
-    method.prepare(Preparation(None, tokenizer, True, encoder.images, encoder.texts))
+    method.prepare(Preparation(workdir, tokenizer, True, encoder.images, encoder.texts))
     return method
 
 

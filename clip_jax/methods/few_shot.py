@@ -126,10 +126,22 @@ class FewShotMethod(Method):
 
         def embed() -> dict[str, np.ndarray]:
             features = prep.encode_images(train.read(range(len(train))))
-            return {"features": features.astype(np.float32), "label": train.labels.astype(np.int32)}
+            return {"features": features.astype(np.float32), "label": train.labels.astype(np.int32),
+                    "class_names": np.asarray(self.task.class_names, dtype=str)}
 
-        self.train_arrays = cached_arrays(prep, "few_shot_train.npz", settings, embed,
-                                          "the K-shot embeddings of few_shot settings")
+        arrays = cached_arrays(prep, "few_shot_train.npz", settings, embed,
+                               "the K-shot embeddings of few_shot settings")
+        trained_on = arrays.pop("class_names", None)  # (a cache of an earlier version has no class names)
+        if trained_on is not None and trained_on.tolist() != self.task.class_names:
+            # The same settings, other files: a class folder added or removed, a names file edited. The labels of
+            # the run's learner would name other classes.
+            now = self.task.class_names
+            lacks, extra = sorted(set(trained_on.tolist()) - set(now)), sorted(set(now) - set(trained_on.tolist()))
+            change = "; ".join([f"without {lacks[:5]}"] * bool(lacks) + [f"with {extra[:5]} too"] * bool(extra))
+            raise ConfigError(f"{prep.workdir} was trained on other classes than few_shot's sets now hold "
+                              f"({change or 'in another order'}): restore the sets (folders, names file) it was "
+                              "trained on, or train a new run")
+        self.train_arrays = arrays
 
     def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
         # The labels become column indices of the logits: the position of the class among the (sorted) base classes.
