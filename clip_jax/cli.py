@@ -32,7 +32,14 @@ import threading
 from clip_jax import errors
 from clip_jax.config import ConfigError
 from clip_jax.errors import BackgroundErrorsOnce
-from clip_jax.files import CheckpointWriteError, is_remote, refuse_inside_workdir, refuse_replacing, write_atomic
+from clip_jax.files import (
+    CheckpointWriteError,
+    is_remote,
+    refuse_inside_workdir,
+    refuse_replacing,
+    same_setting,
+    write_atomic,
+)
 from clip_jax.host_memory import keep_freed_memory
 
 
@@ -105,7 +112,7 @@ def _eval_path(workdir, step: int, settings: dict):
             earlier = json.loads(out.read_text()).get("settings")
         except (ValueError, AttributeError):
             earlier = None
-        if earlier == settings:
+        if earlier is not None and same_setting(earlier, settings):  # (an earlier version's relative paths too)
             return out
         n += 1
         out = workdir / f"eval_{step}_{n}.json"

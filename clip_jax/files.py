@@ -119,6 +119,8 @@ def same_setting(old: Any, new: Any) -> bool:
     if isinstance(old, list) and isinstance(new, list):
         return len(old) == len(new) and all(map(same_setting, old, new))
     if isinstance(old, str) and isinstance(new, str) and old != new:
+        if absolute_path(old) == new:  # one path (a comma may be part of its name)
+            return True
         olds, news = old.split(","), new.split(",")
         return len(olds) == len(news) and all(absolute_path(o.strip()) == n.strip()
                                               for o, n in zip(olds, news, strict=True))

@@ -405,6 +405,7 @@ def test_a_relative_path_of_an_earlier_config_json_is_the_same_setting_as_its_ab
     assert same_setting({"few_shot": {"train": "k.csv", "shots": 16}}, {"few_shot": {"train": f"{here}/k.csv",
                                                                                      "shots": 16}})
     assert same_setting(["a, b"], [f"{here}/a,{here}/b"])  # a shard list, item by item
+    assert same_setting("sets/train,v2.csv", f"{here}/sets/train,v2.csv")  # one path with a comma in its name
     assert not same_setting("k.csv", "/elsewhere/k.csv")  # another file
     assert not same_setting(f"{here}/k.csv", "k.csv")  # only an older relative form is read as absolute
     assert not same_setting("a,b", f"{here}/a")

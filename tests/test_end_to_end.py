@@ -426,6 +426,9 @@ def test_a_run_whose_config_json_holds_relative_paths_resumes_from_the_same_fold
 
     np.testing.assert_array_equal(cached_arrays(prep, "cache.npz", settings, made_again, "test arrays")["x"],
                                   np.arange(3))
+    monkeypatch.chdir(workdir)  # the cache now holds the absolute form: read from any folder
+    np.testing.assert_array_equal(cached_arrays(prep, "cache.npz", settings, made_again, "test arrays")["x"],
+                                  np.arange(3))
 
     relaunch.few_shot.train = "/elsewhere/k.csv"
     with pytest.raises(ConfigError, match="other few_shot settings .few_shot.train: .*k.csv' -> '/elsewhere/k.csv'"):

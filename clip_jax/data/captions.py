@@ -38,6 +38,9 @@ TABLE_FORMATS = ("csv", "tsv", "jsonl", "sharegpt4v")
 FIELDS = ("image", "caption", "short_caption")  # the default names of the image, caption and short caption fields
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
+# Cells up to 2 GiB, not the default 128 KiB: a long caption is a caption (2**31 - 1 fits a C long on every OS).
+csv.field_size_limit(2**31 - 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -136,7 +139,6 @@ def _table_objects(text: str, fmt: str, path: str, required: Sequence[str]) -> l
     """(the line number its row starts on, {column: cell}) per row of a CSV/TSV text after its header row. Numbered
     by the file's lines (csv.reader's line_num), so blank lines, the header and quoted cells spanning lines count."""
     delimiter, quoting = ("\t", csv.QUOTE_NONE) if fmt == "tsv" else (",", csv.QUOTE_MINIMAL)
-    csv.field_size_limit(2**31 - 1)  # not the default 128 KiB: a long caption is a caption (a C long on every OS)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     header = next(reader, None)
     if header is None:

@@ -69,6 +69,14 @@ def read_names(path: str) -> dict[str, str]:
     return names
 
 
+def class_change(expected: Sequence[str], found: Sequence[str]) -> str:
+    """How the class list `found` differs from `expected`, for a message: "without [...]; with [...] too", or "in
+    another order"."""
+    lacks, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    words = [f"without {lacks[:5]}"] * bool(lacks) + [f"with {extra[:5]} too"] * bool(extra)
+    return "; ".join(words) or "in another order"
+
+
 def _distinct(where: str, names: dict[str, str]) -> list[str]:
     """The class names of labels -> names, or a ValueError if two labels share a name: their prompts would be one,
     and the model could not tell the classes apart (folders `red_circle` and `red circle`, say)."""
@@ -254,10 +262,9 @@ def few_shot_task(config: ml_collections.ConfigDict) -> FewShotTask:
         names = full_train.class_names
         for other in (val, test):
             if other.class_names != names:
-                lacks, extra = sorted(set(names) - set(other.class_names)), sorted(set(other.class_names) - set(names))
-                detail = "; ".join([f"it lacks {lacks[:5]}"] * bool(lacks) + [f"it also has {extra[:5]}"] * bool(extra))
-                raise ValueError(f"{other.name}'s classes differ from the training set's ({detail or 'another order'})"
-                                 ": give every set the same classes (few_shot.names_file)")
+                raise ValueError(f"{other.name}'s classes differ from the training set's "
+                                 f"({class_change(names, other.class_names)}): give every set the same classes "
+                                 "(few_shot.names_file)")
         among = None
         if f.dataset == "shapes":  # the pairs held out of pretraining are never few-shot classes
             among = shapes.ShapesDataset(shapes.ShapesConfig(), "train").seen_classes()

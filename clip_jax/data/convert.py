@@ -163,7 +163,7 @@ def read_folder(path: str) -> list[Row]:
             rows.append(Row(rel, os.fspath(p), entry))  # None: counted as missing_caption
     if captions is not None:  # captions of no image found (a misspelt or miscased name): counted as missing_file
         found = {row.key for row in rows}
-        rows += [Row(key, os.fspath(folder / key)) for key in sorted(captions) if key not in found]
+        rows += [Row(key, "", problem="missing_file") for key in sorted(captions) if key not in found]
     return rows
 
 

@@ -186,13 +186,20 @@ def cached_arrays(prep: Preparation, name: str, settings: str, make: Callable[[]
     if cache is not None and cache.exists():
         with cache.open("rb") as f:
             stored = dict(np.load(f))
-        if not same_setting(json.loads(str(stored.pop("settings"))), json.loads(settings)):
+        written = str(stored.pop("settings"))
+        if not same_setting(json.loads(written), json.loads(settings)):
             raise ConfigError(f"{cache} holds {what} of other settings (they changed since this run started): resume "
                               "with the run's own settings, or use a new --workdir")
+        if written != settings and prep.is_primary:  # an earlier version's relative paths: kept absolute from now on
+            _write_npz(cache, settings, stored)
         return stored
     arrays = make()
     if cache is not None and prep.is_primary:
-        buffer = io.BytesIO()
-        np.savez(buffer, settings=np.array(settings), **arrays)
-        write_atomic(cache, buffer.getvalue())
+        _write_npz(cache, settings, arrays)
     return arrays
+
+
+def _write_npz(path: Any, settings: str, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, settings=np.array(settings), **arrays)
+    write_atomic(path, buffer.getvalue())

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.data.classification import FewShotTask, class_embeddings, few_shot_task
+from clip_jax.data.classification import FewShotTask, class_change, class_embeddings, few_shot_task
 from clip_jax.data.pipeline import array_iterator
 from clip_jax.errors import ConfigError, UnscorableClasses
 from clip_jax.losses import classification_loss
@@ -56,9 +56,7 @@ class FewShotMethod(Method):
     `logits` and, if the learner starts from data, `init_learner`."""
 
     fine_tunes = True
-    # The K-shot embeddings are cached in the workdir; the method's fields define its learner (context length,
-    # adapter ratio, cache grids), which a resume cannot change under a trained one.
-    fixed_groups = ("model", "few_shot", "method")
+    fixed_groups = ("model", "few_shot")  # the K-shot embeddings are cached in the workdir
     # What the batch and `logits` get of an example: "features", its normalised image embedding by the frozen image
     # tower (computed once), or "images", the uint8 image itself, for a learner that enters the image tower (MaPLe's
     # vision prompts) or trains it (WiSE-FT).
@@ -135,12 +133,9 @@ class FewShotMethod(Method):
         if trained_on is not None and trained_on.tolist() != self.task.class_names:
             # The same settings, other files: a class folder added or removed, a names file edited. The labels of
             # the run's learner would name other classes.
-            now = self.task.class_names
-            lacks, extra = sorted(set(trained_on.tolist()) - set(now)), sorted(set(now) - set(trained_on.tolist()))
-            change = "; ".join([f"without {lacks[:5]}"] * bool(lacks) + [f"with {extra[:5]} too"] * bool(extra))
             raise ConfigError(f"{prep.workdir} was trained on other classes than few_shot's sets now hold "
-                              f"({change or 'in another order'}): restore the sets (folders, names file) it was "
-                              "trained on, or train a new run")
+                              f"({class_change(trained_on.tolist(), self.task.class_names)}): restore the sets "
+                              "(folders, names file) it was trained on, or train a new run")
         self.train_arrays = arrays
 
     def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
