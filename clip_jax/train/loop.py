@@ -114,6 +114,11 @@ def _flag_value(value: Any) -> str:
     return value if isinstance(value, str) else repr(tuple(value) if isinstance(value, list) else value)
 
 
+def settings_until(workdir: epath.Path, step: int | None) -> epath.Path:
+    """Where a resume with changed settings keeps the ones the run trained with until `step`."""
+    return workdir / f"config_until_step_{step}.json"
+
+
 def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int,
                          path: epath.Path) -> None:
     """A resume may change settings (train longer, lower the rate, another batch size, seed or data; of the model,
@@ -122,7 +127,7 @@ def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collect
     a function of the step: the learning rate jumps to the new one's at the resumed step."""
     if step == 0:  # a warm start (converted or stretched) starts its own run: its config.json holds the defaults
         return
-    kept = path.parent / f"config_until_step_{step}.json"
+    kept = settings_until(path.parent, step)
     # A launch that changed config.json and died before its first step left its settings there, not the trained
     # ones: the record kept at this step is what trained until it.
     trained = read_config(kept) if kept.exists() else previous
@@ -294,7 +299,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     warm_start = checkpointer.latest_step() == 0
     # The run's config.json, put back if its checkpoint refuses this launch's settings (other parameter shapes)
     # after prepare_workdir has written them: else eval and the next relaunch would read settings it never had.
-    config_file, kept = workdir / "config.json", workdir / f"config_until_step_{checkpointer.latest_step()}.json"
+    config_file, kept = workdir / "config.json", settings_until(workdir, checkpointer.latest_step())
     run_config = config_file.read_bytes() if checkpointer.latest_step() and config_file.exists() else None
     kept_before = kept.exists()
     prepare_workdir(config, workdir, checkpointer.latest_step(), method.fixed_groups)
