@@ -12,7 +12,7 @@ from clip_jax.data.classification import class_embeddings
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset, class_names
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.retrieval import expected_hits, retrieval_recall
-from clip_jax.evaluate.zero_shot import evaluate_zero_shot, zero_shot_accuracy
+from clip_jax.evaluate.zero_shot import accuracy_entries, evaluate_zero_shot, zero_shot_accuracy
 from clip_jax.models.clip import CLIP, CLIPConfig
 from clip_jax.sharding import make_mesh, param_shardings
 
@@ -139,6 +139,13 @@ def test_zero_shot_candidate_classes():
     assert got == {"top1": 0.5, "top5": 1.0, "n": 2}  # 5 > 2 candidates: always a hit
     with pytest.raises(ValueError, match="candidate"):
         zero_shot_accuracy(images, np.array([1, 0]), CLASS_EMBEDS, candidate_classes=[1, 2])
+
+
+def test_top5_is_reported_only_over_5_classes():
+    # With 5 classes or fewer every true class is in the top 5: a 1.0 that says nothing of the model.
+    acc = {"top1": 0.25, "top5": 1.0, "n": 4}
+    assert accuracy_entries("pets", acc, 5) == {"pets_top1": 0.25}
+    assert accuracy_entries("pets", acc, 6, "_seen") == {"pets_top1_seen": 0.25, "pets_top5_seen": 1.0}
 
 
 def test_zero_shot_collapsed_scores_chance():

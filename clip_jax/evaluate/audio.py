@@ -26,7 +26,7 @@ from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import SPLITS, ZERO_SHOT_TEMPLATES, class_index
 from clip_jax.evaluate import tell_skipped, trained_on_shapes
 from clip_jax.evaluate.retrieval import retrieval_recall
-from clip_jax.evaluate.zero_shot import zero_shot_accuracy, zero_shot_by_split
+from clip_jax.evaluate.zero_shot import accuracy_entries, zero_shot_accuracy, zero_shot_by_split
 from clip_jax.models.audio import AudioConfig
 from clip_jax.models.clip import CLIPConfig
 
@@ -126,5 +126,5 @@ def run_zero_shot_audio_folder(ctx, name: str, entry: ZeroShotAudioFolderEval) -
         classes = class_embeddings(ctx.texts, [table.class_names[i] for i in named], tuple(entry.templates))
         labels = np.asarray([index[label] for label in labels])
         acc = zero_shot_accuracy(ctx.encoder.audio(np.stack(sounds)), labels, classes)
-        results |= {f"{name}_top1": float(acc["top1"]), f"{name}_top5": float(acc["top5"])}
+        results |= accuracy_entries(name, acc, len(classes))
     return results

@@ -10,10 +10,10 @@ entry to its results. `eval.batch_size` and `eval.num_examples` are shared by al
 - `shapes_long_text`: retrieval on shapes captions over 77 tokens (`long_*`) and the hard-pairs test
   (`hard_pairs_acc`, `hard_pairs_image_acc`); see long_text.py. Also only for `shapes` runs.
 - `long_text_set`: long-text retrieval on `path`, a folder in the Urban-1k layout or a JSON file (`long_set_*`).
-- `zero_shot_folder`: zero-shot top-1/5 on `path`, images in class folders (`<name>_top1`, `<name>_top5`,
-  `<name>_skipped`).
+- `zero_shot_folder`: zero-shot top-1/5 on `path`, images in class folders (`<name>_top1`, `<name>_skipped`, and
+  `<name>_top5` where there are over 5 classes).
 - `zero_shot_tfds`: zero-shot top-1/5 on a TFDS classification set read through `tfds.data_source`
-  (`<name>_top1`, `<name>_top5`; the `[tfds]` extra).
+  (`<name>_top1`, `<name>_top5` over 5 classes; the `[tfds]` extra).
 - `few_shot`: top-1 on the base and new classes of `config.few_shot` and their harmonic mean (`run_few_shot`).
 - `shapes_audio`, `zero_shot_audio_folder`: a model with an audio tower (AudioCLIP); see audio.py.
 - `shapes_segmentation`, `segmentation_folder`: per-pixel labels named in text, mIoU; see segmentation.py.
@@ -62,7 +62,7 @@ from clip_jax.evaluate.segmentation import (
     run_segmentation_folder,
     run_shapes_segmentation,
 )
-from clip_jax.evaluate.zero_shot import evaluate_zero_shot, zero_shot_accuracy, zero_shot_by_split
+from clip_jax.evaluate.zero_shot import accuracy_entries, evaluate_zero_shot, zero_shot_accuracy, zero_shot_by_split
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def run_zero_shot_folder(ctx: Context, name: str, entry: ZeroShotFolderEval) -> 
     images, labels, skipped = source.arrays(entry.num_examples)
     classes = class_embeddings(ctx.texts, source.class_names(), tuple(entry.templates))
     acc = zero_shot_accuracy(ctx.encoder.images(images), labels, classes)
-    return {f"{name}_top1": float(acc["top1"]), f"{name}_top5": float(acc["top5"]), f"{name}_skipped": skipped}
+    return accuracy_entries(name, acc, len(classes)) | {f"{name}_skipped": skipped}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +208,7 @@ def run_zero_shot_tfds(ctx: Context, name: str, entry: ZeroShotTfdsEval) -> dict
     source = open_tfds(name, entry, ctx.config.model.vision.image_size)
     acc = evaluate_zero_shot(ctx.encoder.images, ctx.texts, source, source.class_names(), tuple(entry.templates),
                              n=ctx.num_examples(entry))
-    return {f"{name}_top1": float(acc["top1"]), f"{name}_top5": float(acc["top5"])}
+    return accuracy_entries(name, acc, len(source.class_names()))
 
 
 # --- few-shot transfer -----------------------------------------------------------------------------------------------

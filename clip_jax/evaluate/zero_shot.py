@@ -73,15 +73,23 @@ def zero_shot_accuracy(
     return result
 
 
+def accuracy_entries(prefix: str, acc: Mapping[str, float], n_classes: int, suffix: str = "") -> dict[str, float]:
+    """`{prefix}_top1{suffix}`, and `{prefix}_top5{suffix}` where there are more than 5 classes: with 5 or fewer,
+    top-5 is 1.0 whatever the model, a figure that would only mislead."""
+    entries = {f"{prefix}_top1{suffix}": float(acc["top1"])}
+    if n_classes > 5:
+        entries[f"{prefix}_top5{suffix}"] = float(acc["top5"])
+    return entries
+
+
 def zero_shot_by_split(splits: Mapping[str, tuple[np.ndarray, np.ndarray]], class_embeds: np.ndarray,
                        prefix: str) -> dict[str, float]:
-    """`{prefix}_top1{suffix}` and `{prefix}_top5{suffix}` of each split, given as suffix -> (normalised embeddings,
-    labels): e.g. the shapes evaluations' held-out ("") and seen ("_seen") pairs."""
+    """`accuracy_entries` of each split, given as suffix -> (normalised embeddings, labels): e.g. the shapes
+    evaluations' held-out ("") and seen ("_seen") pairs."""
     results = {}
     for suffix, (embeds, labels) in splits.items():
         acc = zero_shot_accuracy(embeds, labels, class_embeds)
-        results[f"{prefix}_top1{suffix}"] = float(acc["top1"])
-        results[f"{prefix}_top5{suffix}"] = float(acc["top5"])
+        results |= accuracy_entries(prefix, acc, len(class_embeds), suffix)
     return results
 
 
