@@ -226,6 +226,16 @@ def test_parallel_workers_write_the_same_shards(tmp_path):
         assert read_shards([tmp_path / "one" / name]) == read_shards([tmp_path / "two" / name])
 
 
+def test_inspect_cuts_long_captions(tmp_path, capsys):
+    write_images(tmp_path, ["0.png"])
+    caption = "x" * 2000
+    (tmp_path / "l.jsonl").write_text(json.dumps({"image": "0.png", "caption": caption}) + "\n")
+    convert.convert("jsonl", [str(tmp_path / "l.jsonl")], str(tmp_path / "out"))
+    cli.main(["data", "inspect", str(tmp_path / "out")])
+    shown = json.loads(capsys.readouterr().out)["samples"][0]["caption"]
+    assert shown == caption[:500] + "... (2,000 characters in all)"
+
+
 def test_cli_convert_inspect_and_train_on_the_result(tmp_path, capsys):
     write_images(tmp_path, [f"{i}.png" for i in range(8)])
     (tmp_path / "l.csv").write_text("file,text\n" + "".join(f"{i}.png,caption {i}\n" for i in range(8)))

@@ -242,8 +242,18 @@ def records_source(config: ml_collections.ConfigDict, split: str) -> RecordSourc
     return RecordSource(list_shards(config.data.path))
 
 
+SHOWN_CAPTION_CHARS = 500  # what `data inspect` prints of a caption: a web caption can run to megabytes
+
+
+def _shown(caption: str | None) -> str | None:
+    if caption is None or len(caption) <= SHOWN_CAPTION_CHARS:
+        return caption
+    return f"{caption[:SHOWN_CAPTION_CHARS]}... ({len(caption):,} characters in all)"
+
+
 def describe(spec: str, n: int = 3) -> dict[str, Any]:
-    """Shard count, record count and the first `n` records (key, captions, image size) of `spec`."""
+    """Shard count, record count and the first `n` records (key, captions cut to SHOWN_CAPTION_CHARS, image size)
+    of `spec`."""
     paths = list_shards(spec)
     source = open_shards(paths)
     samples = []
@@ -254,7 +264,7 @@ def describe(spec: str, n: int = 3) -> dict[str, Any]:
             size = f"{w}x{h}"
         except Exception as e:  # noqa: BLE001 - reported, not raised: this is an inspection tool
             size = f"undecodable ({type(e).__name__})"
-        samples.append({"key": record.get("key"), "caption": record["caption"],
-                        "short_caption": record.get("short_caption"), "image": size,
+        samples.append({"key": record.get("key"), "caption": _shown(record["caption"]),
+                        "short_caption": _shown(record.get("short_caption")), "image": size,
                         "metadata": record_metadata(record)})
     return {"shards": len(paths), "records": len(source), "first": paths[0], "samples": samples}
