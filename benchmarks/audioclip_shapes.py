@@ -3,7 +3,7 @@
     python benchmarks/audioclip_shapes.py [--steps 600] [--seeds 0 1] [--out-dir workdirs/audioclip_shapes]
         [--start-workdirs workdirs/demo workdirs/resnet_shapes/vit_seed1]
 
-Per seed, from that seed's demo CLIP (configs/demo.py, 1,500 steps; `--start-workdirs`, one per seed): "partial"
+Per seed, from that seed's demo CLIP (configs/demo.py:b128, 1,500 steps; `--start-workdirs`, one per seed): "partial"
 (configs/audioclip_shapes.py:partial: image and text towers frozen, the audio-text and audio-image pairs) and "full"
 (all three towers, all three pairs), `--steps` steps each at the demo's batch of 128. A run whose workdir holds
 results.json is read, not retrained.

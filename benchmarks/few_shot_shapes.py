@@ -5,7 +5,7 @@
 
 Each run is the method's shapes recipe (configs/<method>/shapes.py) with `few_shot.shots` and `few_shot.seed` set
 and its steps scaled to the sample (below), trained in this process from `workdirs/demo` (trained first with
-configs/demo.py when missing). A run's workdir is kept under workdirs/few_shot_shapes/ and a finished one is read
+configs/demo.py:b128, the demo recipe the figures were measured from, when missing). A run's workdir is kept under workdirs/few_shot_shapes/ and a finished one is read
 back, not retrained, so an interrupted experiment continues where it stopped. Prints the table and the reference
 claims, each held or not held, and saves benchmarks/results/few_shot_shapes.json: method -> shots -> base, new and
 hm as mean and std over the seeds (and each run's value), WiSE-FT's curve over its mixing alphas, the claims; and
@@ -231,7 +231,7 @@ def main() -> None:
     if not (ROOT / "workdirs/demo/config.json").exists():
         from clip_jax.train.loop import train_and_evaluate
 
-        train_and_evaluate(load_config(str(ROOT / "configs/demo.py"), []), ROOT / "workdirs/demo")
+        train_and_evaluate(load_config(str(ROOT / "configs/demo.py") + ":b128", []), ROOT / "workdirs/demo")
 
     out = pathlib.Path(args.out)
     saved = json.loads(out.read_text()) if out.exists() else {}
