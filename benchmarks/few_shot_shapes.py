@@ -3,13 +3,14 @@
 
     python3 benchmarks/few_shot_shapes.py [--methods coop,cocoop,...] [--shots 1,2,4,8,16] [--seeds 1,2,3]
 
-Each run is the method's shapes recipe (configs/<method>/shapes.py) with `few_shot.shots` and `few_shot.seed` set
-and its steps scaled to the sample (below), trained in this process from `workdirs/demo` (trained first with
-configs/demo.py:b128, the demo recipe the figures were measured from, when missing). A run's workdir is kept under workdirs/few_shot_shapes/ and a finished one is read
-back, not retrained, so an interrupted experiment continues where it stopped. Prints the table and the reference
-claims, each held or not held, and saves benchmarks/results/few_shot_shapes.json: method -> shots -> base, new and
-hm as mean and std over the seeds (and each run's value), WiSE-FT's curve over its mixing alphas, the claims; and
-the plot of accuracy against shots beside it (few_shot_shapes.png).
+Each run is the method's shapes recipe (configs/<method>/shapes.py) with `few_shot.shots` and `few_shot.seed` set and
+its steps scaled to the sample (below), trained in this process from `workdirs/demo` (trained first with
+configs/demo.py:b128, the demo recipe the figures were measured from, when missing). A run's workdir is kept under
+workdirs/few_shot_shapes/ and a finished one is read back, not retrained, so an interrupted experiment continues where
+it stopped. Prints the table and the reference claims, each held or not held, and saves
+benchmarks/results/few_shot_shapes.json: method -> shots -> base, new and hm as mean and std over the seeds (and each
+run's value), WiSE-FT's curve over its mixing alphas, the claims; and the plot of accuracy against shots beside it
+(few_shot_shapes.png).
 """
 
 from __future__ import annotations
