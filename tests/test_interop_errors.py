@@ -114,6 +114,25 @@ def test_export_into_a_previous_export_needs_force(tmp_path, unchanged):
     assert (out / "notes.txt").read_text() == "mine"  # not a file an export writes: kept
 
 
+def test_force_never_replaces_model_files_that_no_export_wrote(tmp_path, unchanged):
+    out = tmp_path / "hub"  # e.g. the open_clip folder that was converted, and a note beside it
+    out.mkdir()
+    for name in ("open_clip_config.json", "open_clip_model.safetensors", "notes.md"):
+        (out / name).write_text(name)
+    before = snapshot(out)
+    assert_error(clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", out, "--force"), "export",
+                 str(out), "open_clip_config.json, open_clip_model.safetensors", "no clip_jax export wrote")
+    assert snapshot(out) == before
+    (out / "open_clip_config.json").unlink()
+    (out / "open_clip_model.safetensors").unlink()  # a folder of other files only: the export goes beside them
+    result = clip_jax("export", "--workdir", unchanged, "--format", "openai", "--out", out, "--force")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "notes.md").read_text() == "notes.md"
+    record = json.loads((out / "clip_jax_export.json").read_text())
+    assert record["format"] == "openai" and sorted(record["files"]) == ["open_clip_config.json",
+                                                                        "open_clip_model.safetensors"]
+
+
 def test_export_over_an_existing_file_needs_force(tmp_path, unchanged):
     out = tmp_path / "model.safetensors"
     out.write_bytes(b"previous")

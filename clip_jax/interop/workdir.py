@@ -11,8 +11,9 @@ Sources: a state-dict file (OpenAI / open_clip / Long-CLIP layout, or HF keys), 
 (`open_clip_config.json` + weights), or an HF `CLIPModel` directory (config.json + model.safetensors).
 
 Nothing is overwritten: convert and stretch write new (or empty) folders only, and remove what they wrote when they
-fail midway; export never writes into a workdir and replaces a previous export only with --force. Arguments and
-destinations are checked before a checkpoint is read.
+fail midway; export never writes into a workdir and replaces a previous export only with --force (the files its
+EXPORT_RECORD names; a folder of model files that no export wrote is refused). Arguments and destinations are checked
+before a checkpoint is read.
 """
 
 from __future__ import annotations
@@ -382,6 +383,9 @@ def export_workdir(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Pat
 # weight format leaves no stale weights beside the new ones (transformers loads model.safetensors before
 # pytorch_model.bin, open_clip's local-dir its first weights name).
 _EXPORT_FILES = ("config.json", "open_clip_config.json", *_HF_WEIGHTS, *_OPEN_CLIP_WEIGHTS, *hf_lib.HF_TOKENIZER_FILES)
+# A folder export lists the files it wrote here, last: --force replaces only what an export wrote, never a folder of
+# weights from elsewhere (the checkpoint that was converted, say) whose files merely have the same names.
+EXPORT_RECORD = "clip_jax_export.json"
 _FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # an openai --out with one of these is a file, else a folder
 
 
@@ -410,14 +414,36 @@ def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, for
         raise ConversionError(f"--out {out}: --format {fmt} writes a folder, not a {out.suffix} file; name a folder")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} is a file; --format {fmt} writes a folder: name a new folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConversionError(f"--out {out} is not empty; pass --force to replace the export there (only the files "
-                              "an export writes are removed), or name a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ConversionError(f"--out {out} is not empty; pass --force to replace the clip_jax export there (only "
+                                  "the files it wrote are removed), or name a new folder")
+        foreign = [name for name in _EXPORT_FILES if (out / name).exists()]
+        if foreign and not (out / EXPORT_RECORD).is_file():
+            raise ConversionError(f"--out {out} holds {', '.join(foreign)}, which no clip_jax export wrote (it has no "
+                                  f"{EXPORT_RECORD}); --force replaces only an earlier clip_jax export: name a new "
+                                  "folder, or remove those files yourself")
 
 
 def _clear_previous_export(out: pathlib.Path) -> None:
-    for name in _EXPORT_FILES:
-        (out / name).unlink(missing_ok=True)
+    """Removes the files an earlier export recorded having written (check_export_out refused any other folder)."""
+    record = out / EXPORT_RECORD
+    if not record.is_file():
+        return
+    try:
+        written = json.loads(record.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{record} is not readable ({e}); remove the earlier export in {out} yourself, or name a "
+                              "new folder") from None
+    for name in written:
+        if name in _EXPORT_FILES:  # a record edited by hand names nothing else
+            (out / name).unlink(missing_ok=True)
+    record.unlink()
+
+
+def _record_export(out: pathlib.Path, fmt: str, written: list[pathlib.Path]) -> list[pathlib.Path]:
+    (out / EXPORT_RECORD).write_text(json.dumps({"format": fmt, "files": [p.name for p in written]}, indent=2) + "\n")
+    return [*written, out / EXPORT_RECORD]
 
 
 def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: str | pathlib.Path, *,
@@ -432,7 +458,8 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
       `CLIPTextModel` too, which ignores text_projection). Long-CLIP's two position tables become the one merged
       table the model uses. Both get HF tokenizer files when `tokenizer` (the JSON state of our ClipTokenizer, as
       in a workdir's tokenizer.json) is given.
-    An existing `out` is refused (`check_export_out`) unless `force`, which replaces a previous export there.
+    An existing `out` is refused (`check_export_out`) unless `force`, which replaces a previous export there. A folder
+    export ends with EXPORT_RECORD, the names of the files it wrote: what a later --force removes.
     """
     if fmt == "hf" and model["vision"].get("type") == "resnet":
         raise ConversionError("Hugging Face's CLIPModel has no ResNet image tower: export --format openai (open_clip "
@@ -465,7 +492,7 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
             hf_lib.write_hf_tokenizer(out, tokenizer["vocab"], tokenizer["merges"], tokenizer["sot_token"],
                                       tokenizer["eot_token"], model["text"]["context_length"], hf_names=False)
             written += [out / name for name in hf_lib.HF_TOKENIZER_FILES]
-        return written
+        return _record_export(out, fmt, written)
 
     towers = ("text",) if fmt == "hf-text" else oa.TOWERS
     sd = hf_lib.hf_from_openai(oa.single_position_table(oa.state_dict_from_params(params, model, towers), model))
@@ -481,4 +508,4 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
         hf_lib.write_hf_tokenizer(out, tokenizer["vocab"], tokenizer["merges"], tokenizer["sot_token"],
                                   tokenizer["eot_token"], model["text"]["context_length"])
         written += [out / name for name in hf_lib.HF_TOKENIZER_FILES]
-    return written
+    return _record_export(out, fmt, written)
