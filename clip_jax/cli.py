@@ -708,8 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="file (.safetensors/.pt) or directory")
     exp.add_argument("--pt", action="store_true", help="torch.save pickle instead of .safetensors (needs torch)")
     exp.add_argument("--force", action="store_true", help="overwrite an existing --out: a file, or the files an "
-                     "earlier export wrote in a folder (its clip_jax_export.json lists them; others are kept); a clip_jax "
-                     "workdir is never written into")
+                     "earlier export wrote in a folder (its clip_jax_export.json lists them; others are kept); a "
+                     "clip_jax workdir is never written into")
     st = sub.add_parser("stretch", help="Long-CLIP: a new workdir with the text positions stretched (a warm start)")
     st.add_argument("--workdir", required=True, help="source workdir (its latest checkpoint)")
     st.add_argument("--out-workdir", required=True, help="new workdir to write")
