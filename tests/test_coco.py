@@ -50,16 +50,16 @@ def test_reads_images_and_transforms_boxes(dataset: CocoDetection):
     first = dataset[0]
     assert first["image"].shape == (SIZE, SIZE, 3) and first["image"].dtype == np.uint8
     np.testing.assert_array_equal(first["image"][SIZE // 2, SIZE // 2], (200, 20, 20))
-    # 40x30: the height 30 goes to 32, the width to round(40 * 32 / 30) = round(42.67) = 43, so x scales by 43/40
-    # and y by 32/30; the crop starts at x (43 - 32) // 2 = 5. Box (10, 5, 30, 20) then spans x 10 * 1.075 - 5 =
-    # 5.75 to 30 * 1.075 - 5 = 27.25 and y 5 * 32/30 = 5.33 to 20 * 32/30 = 21.33. Box (0, 0, 4, 10) ends at
-    # x 4 * 1.075 - 5 < 0: dropped. The crowd region is not a box.
-    assert geometry(40, 30, SIZE) == (43 / 40, 32 / 30, 5, 0)
-    np.testing.assert_allclose(first["boxes"], [[5.75 / 32, (5 * 32 / 30) / 32, 27.25 / 32, (20 * 32 / 30) / 32]],
+    # 40x30: the height 30 goes to 32, the width to int(40 * 32 / 30) = int(42.67) = 42 (torchvision truncates), so
+    # x scales by 42/40 and y by 32/30; the crop starts at x (42 - 32) / 2 = 5. Box (10, 5, 30, 20) then spans
+    # x 10 * 1.05 - 5 = 5.5 to 30 * 1.05 - 5 = 26.5 and y 5 * 32/30 = 5.33 to 20 * 32/30 = 21.33. Box (0, 0, 4, 10)
+    # ends at x 4 * 1.05 - 5 < 0: dropped. The crowd region is not a box.
+    assert geometry(40, 30, SIZE) == (42 / 40, 32 / 30, 5, 0)
+    np.testing.assert_allclose(first["boxes"], [[5.5 / 32, (5 * 32 / 30) / 32, 26.5 / 32, (20 * 32 / 30) / 32]],
                                rtol=1e-6)
     np.testing.assert_array_equal(first["classes"], [0])
     assert first["boxes"].dtype == np.float32 and first["classes"].dtype == np.int32 and first["image_id"] == 1
-    # 30x50: y scales by round(53.33) / 50 = 53/50 from top (53 - 32) // 2 = 10. Box (5, 20, 25, 40): x 5 * 32/30
+    # 30x50: y scales by int(53.33) / 50 = 53/50 from top round((53 - 32) / 2) = round(10.5) = 10 (half to even). Box (5, 20, 25, 40): x 5 * 32/30
     # to 25 * 32/30, y 20 * 1.06 - 10 = 11.2 to 40 * 1.06 - 10 = 32.4, clipped to 32. Box (0, 0, 10, 10) ends at
     # y 10 * 1.06 - 10 = 0.6: under a pixel high, dropped.
     second = dataset[1]

@@ -99,6 +99,24 @@ def trees_equal(a, b):
     )
 
 
+@pytest.mark.parametrize("size", [224, 32])
+def test_eval_transform_is_open_clips(size):
+    """`resize_center_crop` gives the very pixels of open_clip's (and OpenAI's) eval transform, torchvision's
+    Resize(size, bicubic) then CenterCrop(size), on images whose resized longer side is not a whole number."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from clip_jax.data.images import resize_center_crop
+
+    theirs = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                                 transforms.CenterCrop(size)])
+    rng = np.random.default_rng(0)
+    for width, height in [(640, 480), (640, 427), (375, 500), (500, 333), (31, 97), (size + 1, size), (size, size)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        np.testing.assert_array_equal(resize_center_crop(image, size), np.asarray(theirs(image)),
+                                      err_msg=f"{width}x{height}")
+
+
 # ---- import: open_clip -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_small_open_clip_parity(tmp_path, quick_gelu):

@@ -35,6 +35,7 @@ from clip_jax.data.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     RefusedFile,
     bad_image_reason,
+    center_crop_geometry,
     decode_error_text,
     decode_image,
     read_image_file,
@@ -57,15 +58,14 @@ def geometry(width: int, height: int, image_size: int) -> tuple[float, float, in
     """(scale_x, scale_y, left, top) of `resize_center_crop` of a width x height image to image_size: a pixel
     coordinate (x, y) of the original lands at (x * scale_x - left, y * scale_y - top) in the crop.
 
-    The sizes and offsets are computed as images.py does (shorter side to image_size, `round`, `max(size, ...)`,
-    integer offsets). The scales are those of the resized image, new size / old size per axis, rather than the one
-    image_size / shorter side that sets the new size: the longer side's size is rounded, and PIL's resize stretches
-    each axis by its own ratio, so a single scale would misplace boxes by up to half a pixel."""
+    The sizes and offsets are images.py's (`center_crop_geometry`). The scales are those of the resized image, new
+    size / old size per axis, rather than the one image_size / shorter side that sets the new size: the longer side's
+    size is truncated to whole pixels, and PIL's resize stretches each axis by its own ratio, so a single scale would
+    misplace boxes by up to a pixel."""
     if (width, height) == (image_size, image_size):
         return 1.0, 1.0, 0, 0
-    scale = image_size / min(width, height)
-    new_width, new_height = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-    return new_width / width, new_height / height, (new_width - image_size) // 2, (new_height - image_size) // 2
+    new_width, new_height, left, top = center_crop_geometry(width, height, image_size)
+    return new_width / width, new_height / height, left, top
 
 
 def _to_crop(boxes_xywh: np.ndarray, width: int, height: int, image_size: int) -> np.ndarray:

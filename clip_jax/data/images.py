@@ -74,17 +74,27 @@ def crop_min_side(image_size: int, augment: bool, crop_scale: Sequence[float]) -
     return math.ceil(image_size / math.sqrt(0.75 * crop_scale[0])) if augment else image_size
 
 
+def center_crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(new width, new height, left, top) of CLIP's eval transform of a width x height image: the size the shorter
+    side is resized to `size`, and the offset of the centre crop. Exactly torchvision's `Resize(size)` then
+    `CenterCrop(size)`, which OpenAI's CLIP and open_clip preprocess with: the longer side truncated
+    (int(size * long / short)), the offset rounded half to even; a rounded longer side differs by a pixel on most
+    non-square images, and the embeddings by 1e-3."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    new_width, new_height = (size, new_long) if width <= height else (new_long, size)
+    return new_width, new_height, int(round((new_width - size) / 2.0)), int(round((new_height - size) / 2.0))
+
+
 def resize_center_crop(image: np.ndarray | Image.Image, size: int, resample: int = Image.BICUBIC) -> np.ndarray:
-    """CLIP's eval transform: resize the shorter side to `size` (bicubic), then crop the centre square. A label map
-    (uint8 [H, W] of class indices) takes `resample=Image.NEAREST`, which invents no label, and then gets exactly
-    the crop of its image of the same size."""
+    """CLIP's eval transform: resize the shorter side to `size` (bicubic), then crop the centre square
+    (`center_crop_geometry`). A label map (uint8 [H, W] of class indices) takes `resample=Image.NEAREST`, which
+    invents no label, and then gets exactly the crop of its image of the same size."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), resample)
-        left, top = (nw - size) // 2, (nh - size) // 2
+    if img.size != (size, size):
+        nw, nh, left, top = center_crop_geometry(*img.size, size)
+        if (nw, nh) != img.size:
+            img = img.resize((nw, nh), resample)
         img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)
 
