@@ -59,7 +59,8 @@ def test_reads_images_and_transforms_boxes(dataset: CocoDetection):
                                rtol=1e-6)
     np.testing.assert_array_equal(first["classes"], [0])
     assert first["boxes"].dtype == np.float32 and first["classes"].dtype == np.int32 and first["image_id"] == 1
-    # 30x50: y scales by int(53.33) / 50 = 53/50 from top round((53 - 32) / 2) = round(10.5) = 10 (half to even). Box (5, 20, 25, 40): x 5 * 32/30
+    # 30x50: y scales by int(53.33) / 50 = 53/50 from top round((53 - 32) / 2) = round(10.5) = 10 (half to even).
+    # Box (5, 20, 25, 40): x 5 * 32/30
     # to 25 * 32/30, y 20 * 1.06 - 10 = 11.2 to 40 * 1.06 - 10 = 32.4, clipped to 32. Box (0, 0, 10, 10) ends at
     # y 10 * 1.06 - 10 = 0.6: under a pixel high, dropped.
     second = dataset[1]
