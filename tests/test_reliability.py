@@ -16,6 +16,7 @@ import pytest
 from clip_jax import cli
 from clip_jax.train import loop
 from clip_jax.train.loop import PreemptionFlag, load_trained
+from clip_jax.train.metrics import read_metrics
 
 from .test_end_to_end import (  # noqa: F401
     HALF,
@@ -120,6 +121,10 @@ def test_preempted_run_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch, cap
     monkeypatch.setattr(loop.PreemptionFlag, "is_set", lambda self, step: False)
     cli.main(["train", "--workdir", str(workdir)])
     assert checkpoint_steps(workdir)[-1] == STEPS and (workdir / "results.json").exists()
+    # Logged every 2 steps: step 3's record is written at the preemption, else the relaunch (resuming after it)
+    # would leave it out of metrics.jsonl.
+    logged = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
+    assert logged == [2, 3, 4]
 
 
 def rolled_back_to_half(source: pathlib.Path, workdir: pathlib.Path, processes: int, position: dict) -> None:

@@ -379,6 +379,37 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     data_counts = DataCounts()  # dropped and converted examples, truncated captions (host-side, from the batches)
     nonfinite_run = 0
     last_log_time, last_log_step = time.time(), start_step
+
+    def log_pending(done: int) -> None:
+        """Writes the record of the steps in `pending`, ending at step `done`."""
+        nonlocal pending, nonfinite_run, last_log_time, last_log_step
+        history = jax.device_get(pending)
+        pending = []
+        writer.synced()
+        for i, h in enumerate(history):
+            nonfinite_run = nonfinite_run + 1 if h["nonfinite"] else 0
+            if nonfinite_run >= config.optimizer.max_consecutive_nonfinite:
+                bad_step = done - len(history) + i + 1
+                writer.close()  # the progress bar's line ends before the error's
+                checkpointer.wait()  # the latest save is complete before the message names it
+                latest = checkpointer.latest_step()
+                restart = (f"The latest checkpoint is step {latest}" if latest is not None else
+                           "There is no checkpoint yet (the relaunch starts over)")
+                raise FloatingPointError(
+                    f"loss or gradients were NaN/inf for {nonfinite_run} steps in a row (steps "
+                    f"{bad_step - nonfinite_run + 1}-{bad_step}); those updates were skipped. {restart}: "
+                    "lower optimizer.lr, raise warm-up or check the data, then relaunch"
+                )
+        summary = _summarise(history) | data_counts.metrics(done)
+        elapsed = time.time() - last_log_time
+        steps = done - last_log_step
+        summary["samples_per_s"] = steps * config.batch_size / elapsed
+        summary["tflops_per_s_per_device"] = steps * flops_per_step / elapsed / mesh.size / 1e12
+        if peak:
+            summary["mfu"] = steps * flops_per_step / elapsed / (peak * mesh.size)
+        writer.write(done, summary)
+        last_log_time, last_log_step = time.time(), done
+
     try:
         for step in range(start_step, config.total_steps):
             if holding.lost and jax.process_count() == 1:  # (several hosts would have to agree: there it is logged)
@@ -389,6 +420,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             done = step + 1
             writer.dispatched(metrics)
             if preempted.is_set(done):
+                log_pending(done)  # the steps since the last log: the relaunch resumes after them
                 checkpointer.save(done, state, data_iter, force=True)
                 checkpointer.wait()
                 writer.close()
@@ -397,32 +429,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                       flush=True)
                 raise SystemExit(0)
             if done % config.log.every_steps == 0 or done == config.total_steps:
-                history = jax.device_get(pending)
-                pending = []
-                writer.synced()
-                for i, h in enumerate(history):
-                    nonfinite_run = nonfinite_run + 1 if h["nonfinite"] else 0
-                    if nonfinite_run >= config.optimizer.max_consecutive_nonfinite:
-                        bad_step = done - len(history) + i + 1
-                        writer.close()  # the progress bar's line ends before the error's
-                        checkpointer.wait()  # the latest save is complete before the message names it
-                        latest = checkpointer.latest_step()
-                        restart = (f"The latest checkpoint is step {latest}" if latest is not None else
-                                   "There is no checkpoint yet (the relaunch starts over)")
-                        raise FloatingPointError(
-                            f"loss or gradients were NaN/inf for {nonfinite_run} steps in a row (steps "
-                            f"{bad_step - nonfinite_run + 1}-{bad_step}); those updates were skipped. {restart}: "
-                            "lower optimizer.lr, raise warm-up or check the data, then relaunch"
-                        )
-                summary = _summarise(history) | data_counts.metrics(done)
-                elapsed = time.time() - last_log_time
-                steps = done - last_log_step
-                summary["samples_per_s"] = steps * config.batch_size / elapsed
-                summary["tflops_per_s_per_device"] = steps * flops_per_step / elapsed / mesh.size / 1e12
-                if peak:
-                    summary["mfu"] = steps * flops_per_step / elapsed / (peak * mesh.size)
-                writer.write(done, summary)
-                last_log_time, last_log_step = time.time(), done
+                log_pending(done)
             if done % config.checkpoint.every_steps == 0 and done != config.total_steps:
                 checkpointer.save(done, state, data_iter)
             if (due := evals_due(config, done)) and done != config.total_steps:
