@@ -118,6 +118,27 @@ def write_folder(root, misfiled: int):
     (root / "red" / "broken.jpg").write_bytes(b"not a jpeg")
 
 
+def test_two_long_text_sets_keep_their_own_results(tmp_path):
+    # "one": a red and a blue image, both captioned red (in other words)
+    sets = {"three": [("red", "red"), ("green", "green"), ("blue", "blue")], "one": [("red", "red"), ("blue", "red")]}
+    for name, pairs in sets.items():
+        (tmp_path / name).mkdir()
+        captions = {}
+        for i, (colour, said) in enumerate(pairs):
+            Image.new("RGB", (20, 20), COLOURS[colour]).save(tmp_path / name / f"{i}.png")
+            captions[f"{i}.png"] = f"a long caption, number {i}, about a {said} square"
+        (tmp_path / name / "pairs.json").write_text(json.dumps(captions))
+    entries = [f"--config.evals.{n}={{'type': 'long_text_set', 'path': '{tmp_path / n / 'pairs.json'}'}}" for n in sets]
+    config = load_config(DEMO, entries)
+    got = {}
+    for name in ("three", "one"):
+        got |= suite.run_long_text_set(context(config), name, suite.parse_entry(name, config.evals[name].to_dict()))
+    # "three": every caption names its image's colour alone: all found. "one": both captions embed as red, so each
+    # image's two captions tie and its own is first half of the time (ties count evenly).
+    assert got["three_i2t_r1"] == 1.0 and got["three_t2i_r1"] == 1.0 and got["three_skipped"] == 0
+    assert got["one_i2t_r1"] == 0.5 and got["one_skipped"] == 0
+
+
 def test_zero_shot_folder_scores_the_fraction_filed_right(tmp_path):
     write_folder(tmp_path / "set", misfiled=3)
     config = load_config(DEMO, [f"--config.evals.colours={{'type': 'zero_shot_folder', 'path': '{tmp_path / 'set'}', "

@@ -9,7 +9,7 @@ entry to its results. `eval.batch_size` and `eval.num_examples` are shared by al
   held-out pairs are defined by the training captions); other runs skip it.
 - `shapes_long_text`: retrieval on shapes captions over 77 tokens (`long_*`) and the hard-pairs test
   (`hard_pairs_acc`, `hard_pairs_image_acc`); see long_text.py. Also only for `shapes` runs.
-- `long_text_set`: long-text retrieval on `path`, a folder in the Urban-1k layout or a JSON file (`long_set_*`).
+- `long_text_set`: long-text retrieval on `path`, a folder in the Urban-1k layout or a JSON file (`<name>_i2t_r1`, ...).
 - `zero_shot_folder`: zero-shot top-1/5 on `path`, images in class folders (`<name>_top1`, `<name>_skipped`, and
   `<name>_top5` where there are over 5 classes).
 - `zero_shot_tfds`: zero-shot top-1/5 on a TFDS classification set read through `tfds.data_source`
@@ -159,7 +159,8 @@ def run_long_text_set(ctx: Context, name: str, entry: LongTextSetEval) -> dict[s
     images, captions, skipped = load_long_text_set(entry.path, config.model.vision.image_size,
                                                    config.data.max_image_bytes)
     recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), texts=captions)
-    return {**{f"long_set_{k}": float(v) for k, v in recall.items()}, "long_set_skipped": skipped}
+    # Keys named by the entry, as every evaluator of a path does: two sets in one config keep both results.
+    return {**{f"{name}_{k}": float(v) for k, v in recall.items()}, f"{name}_skipped": skipped}
 
 
 @dataclasses.dataclass(frozen=True)
