@@ -507,7 +507,9 @@ def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
     out = stretch_workdir(args.workdir, args.out_workdir, method=args.method, keep=args.keep, ratio=args.ratio,
                           length=args.length)
     print(f"stretched {args.workdir} -> {args.out_workdir}: {out['context_length']} text positions, keep_positions "
-          f"{out['keep_positions']}; fine-tune with clip-jax train --workdir {args.out_workdir} [--config ...]")
+          f"{out['keep_positions']}; fine-tune it with the Long-CLIP recipe: clip-jax train --config "
+          f"configs/longclip_b16.py (or longclip_l14.py) --workdir {args.out_workdir} --config.data.path=... "
+          "(its config.json holds the model only: without --config a run trains plain CLIP on the default data)")
 
 
 def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -87,6 +87,21 @@ def test_finetune_freezes_kept_positions_and_resets_the_temperature(runs):
     assert {"long_t2i_r1", "long_i2t_r1", "hard_pairs_acc", "hard_pairs_image_acc"} <= set(results)
 
 
+def test_a_run_that_would_train_the_kept_positions_is_warned():
+    from clip_jax.config import load_config
+    from clip_jax.train.loop import kept_positions_warning
+    from clip_jax.train.state import trainable_mask
+
+    params = {"text": {"positional_embedding": 0, "positional_embedding_res": 0}, "visual": {"proj": 0}}
+    recipe = load_config(CONFIG)  # Long-CLIP's: the kept table frozen
+    assert kept_positions_warning(recipe, trainable_mask(params, recipe.optimizer.frozen)) is None
+    bare = load_config(CONFIG, ["--config.optimizer.frozen=()"])  # what a stretched workdir's config.json holds
+    said = kept_positions_warning(bare, trainable_mask(params, bare.optimizer.frozen))
+    assert "keep_positions is 20" in said and "'^text/positional_embedding$'" in said
+    plain = load_config(CONFIG, ["--config.optimizer.frozen=()", "--config.model.text.keep_positions=0"])
+    assert kept_positions_warning(plain, trainable_mask({"text": {"positional_embedding": 0}}, ())) is None
+
+
 def test_pca_wider_than_the_batch_is_refused_before_compiling(runs, capsys):
     root, _ = runs
     with pytest.raises(SystemExit):

@@ -290,6 +290,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         return _train(config, workdir, mesh, method, holding)
 
 
+def kept_positions_warning(config: ml_collections.ConfigDict, trainable: dict) -> str | None:
+    """What to tell a run whose model keeps text positions (Long-CLIP's `keep_positions`) that its frozen rules let
+    train: a stretched workdir's own config.json freezes nothing, so `clip-jax train --workdir OUT` alone would train
+    the positions Long-CLIP keeps (with CLIP's loss, on the default data)."""
+    keep = config.model.text.get("keep_positions", 0)
+    if not keep or not trainable["text"]["positional_embedding"]:
+        return None
+    return (f"model.text.keep_positions is {keep}, but optimizer.frozen does not freeze text/positional_embedding: the "
+            "kept positions will train. A Long-CLIP fine-tune freezes them: use its recipe (--config "
+            "configs/longclip_b16.py or longclip_l14.py), or add '^text/positional_embedding$' to optimizer.frozen")
+
+
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method: Method, holding: Holding
            ) -> dict[str, Any]:
     """The run itself, in a workdir this process holds (train_and_evaluate has checked the config and the mesh);
@@ -352,6 +364,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
 
     # --- Compile ------------------------------------------------------------------------------------------------
     trainable = state_lib.trainable_mask(abstract_state.params, config.optimizer.frozen)
+    if kept_positions_train := kept_positions_warning(config, trainable):
+        log.warning(kept_positions_train)
     train_step = step_lib.make_train_step(
         method.step_fns(model),
         tx,
