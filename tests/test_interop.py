@@ -414,6 +414,21 @@ def test_cli_convert_and_export(tmp_path):
     reloaded = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
     assert_parity("CLI export hf", hf_outputs(reloaded, images, hf_ids.astype(np.int64)),
                   ours(config.model.to_dict(), jax.device_get(params), images, hf_ids))
+    # CLIPProcessor loads (its image processor's settings exported) and preprocesses as clip_jax does: a 60x45 image
+    # (the 45 side to 32, the 60 to int(42.67) = 42, cropped from x 5), normalised by OpenAI's statistics.
+    from PIL import Image
+
+    from clip_jax.data.images import resize_center_crop
+    from clip_jax.models.clip import CLIP_MEAN, CLIP_STD
+
+    processor = transformers.CLIPProcessor.from_pretrained(tmp_path / "hf")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8))
+    theirs = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    mine = (resize_center_crop(image, 32) / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    # transformers' resampling rounds a few pixels the other way: at most one grey level apart (on random pixels a
+    # crop or size one pixel off would be far apart everywhere)
+    np.testing.assert_allclose(theirs, mine, atol=1.01 / 255 / min(CLIP_STD))
+    assert np.mean(np.abs(theirs - mine) > 1e-5) < 0.02
     # the exported HF directory's tokenizer files come back as OpenAI's vocabulary
     back = wd.load_source(tmp_path / "hf")
     assert wd.resolve_tokenizer(back).name == "openai-bpe-16e6"

@@ -156,6 +156,22 @@ def model_from_hf_config(cfg: Mapping[str, Any], *, heads_vision: int | None = N
     return model
 
 
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
+    """preprocessor_config.json of a `CLIPImageProcessor` (what `CLIPProcessor.from_pretrained` needs beside the
+    tokenizer): clip_jax's eval transform, the shorter side resized bicubic to the model's size, the centre crop,
+    OpenAI's RGB normalisation."""
+    from clip_jax.models.clip import CLIP_MEAN, CLIP_STD
+
+    return {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
+            "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
+            "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+
+
 def hf_config(model: Mapping[str, Any], *, sot_id: int, eot_id: int, text_only: bool = False) -> dict[str, Any]:
     """config.json of a `CLIPModel` (or, text_only, a `CLIPTextModelWithProjection`)."""
     v, t = model["vision"], model["text"]

@@ -382,7 +382,8 @@ def export_workdir(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Pat
 # Every file an export writes, in any format: --force removes them all, so that a re-export in another format or
 # weight format leaves no stale weights beside the new ones (transformers loads model.safetensors before
 # pytorch_model.bin, open_clip's local-dir its first weights name).
-_EXPORT_FILES = ("config.json", "open_clip_config.json", *_HF_WEIGHTS, *_OPEN_CLIP_WEIGHTS, *hf_lib.HF_TOKENIZER_FILES)
+_EXPORT_FILES = ("config.json", "open_clip_config.json", *_HF_WEIGHTS, *_OPEN_CLIP_WEIGHTS, *hf_lib.HF_TOKENIZER_FILES,
+                 hf_lib.PREPROCESSOR_CONFIG)
 # A folder export lists the files it wrote here, last: --force replaces only what an export wrote, never a folder of
 # weights from elsewhere (the checkpoint that was converted, say) whose files merely have the same names.
 EXPORT_RECORD = "clip_jax_export.json"
@@ -504,6 +505,10 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
     weights = write_tensors(out / ("pytorch_model.bin" if pt else "model.safetensors"), sd, torch_format=pt,
                             metadata=None if pt else {"format": "pt"})
     written = [out / "config.json", weights]
+    if fmt == "hf":  # the image processor's settings, so that CLIPProcessor.from_pretrained(out) loads
+        (out / hf_lib.PREPROCESSOR_CONFIG).write_text(
+            json.dumps(hf_lib.hf_preprocessor_config(model["vision"]["image_size"]), indent=2) + "\n")
+        written.append(out / hf_lib.PREPROCESSOR_CONFIG)
     if tokenizer:
         hf_lib.write_hf_tokenizer(out, tokenizer["vocab"], tokenizer["merges"], tokenizer["sot_token"],
                                   tokenizer["eot_token"], model["text"]["context_length"])
