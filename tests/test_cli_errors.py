@@ -19,6 +19,7 @@ from PIL import Image
 
 from clip_jax import cli
 from clip_jax.errors import ConfigError
+from clip_jax.train import loop
 from clip_jax.train.checkpoint import read_state
 from clip_jax.train.memory import min_train_bytes_per_device
 from clip_jax.train.metrics import read_metrics
@@ -293,13 +294,24 @@ def test_a_resume_whose_parameters_would_change_shape_is_refused_and_leaves_the_
     assert snapshot(workdir) == before
 
 
-def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path, capsys):
+def test_a_vocabulary_larger_than_the_models_is_refused_before_the_workdir_is_made(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    message = exit_message(train_args(workdir, "--config.data.tokenizer=openai"), capsys)
+    assert "the tokenizer has 49408 tokens but model.text.vocab_size is 600; set " in message, message
+    assert not workdir.exists()
+
+
+def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path, capsys, monkeypatch):
     """The first launch wrote config.json and failed before any checkpoint; its model is not a run to protect."""
     workdir = tmp_path / "run"
-    # OpenAI's vocabulary is larger than the tiny model's: found once the tokenizer is made, after config.json.
-    message = exit_message(train_args(workdir, "--config.data.tokenizer=openai"), capsys)
-    assert "the tokenizer has 49408 tokens but model.text.vocab_size is" in message, message
+
+    def fails(*args, **kwargs):  # a mistake found once the workdir is made (a tokenizer that cannot be trained)
+        raise ConfigError("the first launch's mistake")
+
+    monkeypatch.setattr(loop, "make_tokenizer", fails)
+    assert "the first launch's mistake" in exit_message(train_args(workdir), capsys)
     assert (workdir / "config.json").exists() and not list((workdir / "checkpoints").glob("[0-9]*"))
+    monkeypatch.undo()
     cli.main(train_args(workdir, "--config.model.vision.layers=2", "--config.total_steps=2"))
     assert checkpoint_steps(workdir) == [2]
 

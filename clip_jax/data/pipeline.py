@@ -460,10 +460,37 @@ def tokenizer_from_file(path: str) -> ClipTokenizer:
                           "clip_jax workdir, a BPE merges file, 'openai' or 'train'") from None
 
 
-def check_tokenizer_file(config: ml_collections.ConfigDict) -> None:
-    """Reads a tokenizer file that `data.tokenizer` names before the run writes anything (`tokenizer_from_file`)."""
-    if config.data.tokenizer not in ("train", "openai"):
-        tokenizer_from_file(config.data.tokenizer)
+def check_tokenizer_file(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
+    """Reads a tokenizer file that `data.tokenizer` names before the run writes anything (`tokenizer_from_file`).
+    A `new_run` (the workdir holds no checkpoint: it will make tokenizer.json from this setting) also gets OpenAI's
+    vocabulary found and a vocabulary larger than the model's refused now, not after the workdir is made."""
+    choice = config.data.tokenizer
+    if choice == "train":  # its size is data.tokenizer_vocab_size, or a warm start's
+        return
+    if choice != "openai":
+        tokenizer = tokenizer_from_file(choice)
+    elif new_run:
+        tokenizer = _openai_tokenizer()
+    else:
+        return
+    if new_run:
+        _check_vocab_fits(tokenizer, config)
+
+
+def _openai_tokenizer() -> ClipTokenizer:
+    vocab = ClipTokenizer.find_openai_vocab()
+    if vocab is None:
+        raise FileNotFoundError("data.tokenizer='openai' needs bpe_simple_vocab_16e6.txt.gz: install open-clip-torch "
+                                "(pip install open-clip-torch) or set data.tokenizer to the file's path")
+    return ClipTokenizer.from_openai_vocab(vocab)
+
+
+def _check_vocab_fits(tokenizer: ClipTokenizer, config: ml_collections.ConfigDict) -> None:
+    if tokenizer.vocab_size > config.model.text.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
+            f"{config.model.text.vocab_size}; set --config.model.text.vocab_size={tokenizer.vocab_size}"
+        )
 
 
 def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, new_run: bool = False) -> ClipTokenizer:
@@ -488,20 +515,10 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, new
         elif choice == "train":
             tokenizer = ClipTokenizer.train(tokenizer_corpus(config), config.data.tokenizer_vocab_size)
         elif choice == "openai":
-            vocab = ClipTokenizer.find_openai_vocab()
-            if vocab is None:
-                raise FileNotFoundError(
-                    "data.tokenizer='openai' needs bpe_simple_vocab_16e6.txt.gz: install open-clip-torch "
-                    "(pip install open-clip-torch) or set data.tokenizer to the file's path"
-                )
-            tokenizer = ClipTokenizer.from_openai_vocab(vocab)
+            tokenizer = _openai_tokenizer()
         else:
             tokenizer = tokenizer_from_file(choice)
         tokenizer.save(path)
         barrier("tokenizer.json written")
-    if tokenizer.vocab_size > config.model.text.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
-            f"{config.model.text.vocab_size}; set --config.model.text.vocab_size={tokenizer.vocab_size}"
-        )
+    _check_vocab_fits(tokenizer, config)
     return tokenizer

@@ -243,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     absolute_paths(config)  # config.json then reads the same files from any folder
     check_input_paths(config)
     check_train_source(config)
-    check_tokenizer_file(config)
+    check_tokenizer_file(config, new_run=not checkpoint_steps(workdir))
     try:
         mesh = make_mesh(config.mesh.to_dict())
     except ValueError as e:  # sizes that do not fit the devices: a configuration mistake, said in one line
