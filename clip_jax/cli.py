@@ -84,7 +84,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     config, step = trained.config, trained.step
     apply_overrides(config, overrides)  # eval.* and evals.* only (main checks): e.g. an evaluation to add
     validate(config)
-    check_input_paths(config, training=False)
+    check_input_paths(config, training=False, workdir=args.workdir)
     if not config.evals:
         raise ConfigError("nothing to evaluate: config.evals is empty (the run's entries, less those set to None "
                           "here); add one, e.g. \"--config.evals.shapes={'type': 'shapes'}\" (docs/methods.md)")

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import os
 import pathlib
 import re
 import sys
@@ -399,9 +400,11 @@ def absolute_paths(config: ml_collections.ConfigDict) -> None:
         config.data.path = ",".join(absolute_path(item.strip()) for item in items)
 
 
-def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
+def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = True,
+                      workdir: str | os.PathLike | None = None) -> None:
     """Files a run reads, looked for before any work (not in `validate`: a workdir whose data has moved must still
-    be evaluated, encoded and exported). A path that is a pattern or a list (records) is left to its source."""
+    be evaluated, encoded and exported). A path that is a pattern or a list (records) is left to its source. The
+    evaluations' outputs are checked with them (`check_sources`), `workdir` the run's."""
     paths = {f"evals.{name}.{key}": entry[key] for name, entry in config.evals.items()
              for key in ("path", "annotations", "image_root") if key in entry}
     if training:
@@ -418,7 +421,7 @@ def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = Tru
     for key, path in paths.items():
         if path and not is_remote(path) and not pathlib.Path(path).exists():
             raise ConfigError(f"{key}: {path} does not exist")
-    check_sources(config)
+    check_sources(config, workdir)
 
 
 def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:

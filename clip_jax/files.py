@@ -128,23 +128,24 @@ def same_setting(old: Any, new: Any) -> bool:
 
 
 def refuse_replacing(out: epath.PathLike, earlier_output: Callable[[epath.Path], bool],
-                     inputs: Sequence[str | os.PathLike] = ()) -> None:
-    """A command's single-file --out, checked before any work: not a folder, not one of the command's `inputs`, and
-    if it exists, an earlier output of the command (`earlier_output` tells by content): anything else is what the
-    user made, and writing it would destroy it."""
+                     inputs: Sequence[str | os.PathLike] = (), flag: str = "--out", by: str = "command") -> None:
+    """A command's single-file --out (or an evaluation's output file: `flag` names the key, `by` the writer),
+    checked before any work: not a folder, not one of the command's `inputs`, and if it exists, an earlier output of
+    the command (`earlier_output` tells by content): anything else is what the user made, and writing it would
+    destroy it."""
     out = epath.Path(out)
     if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the path of the file to write")
+        raise ConfigError(f"{flag} {out} is a folder; give the path of the file to write")
     if not out.exists():
         return
     if not is_remote(out) and any(os.path.samefile(out, p) for p in inputs if os.path.exists(p)):
-        raise ConfigError(f"--out {out} is one of the command's inputs: name a new file for the results")
+        raise ConfigError(f"{flag} {out} is one of the {by}'s inputs: name a new file for the results")
     try:
         ours = earlier_output(out)
     except (OSError, ValueError):  # unreadable, or not text: not ours
         ours = False
     if not ours:
-        raise ConfigError(f"--out {out} exists and is not an earlier output of this command: name a new file, or "
+        raise ConfigError(f"{flag} {out} exists and is not an earlier output of this {by}: name a new file, or "
                           "remove it first")
 
 

@@ -129,6 +129,10 @@ BAD_JSON = {
     "3-number bbox": (edit("annotations", lambda a: a[0].update(bbox=[1, 2, 3])), "4 numbers"),
     "zero width": (edit("annotations", lambda a: a[0].update(bbox=[1, 2, 0, 3])), "width or height <= 0"),
     "duplicate image": (edit("images", lambda i: i[1].update(id=1)), "image id 1 twice"),
+    "duplicate name": (edit("categories", lambda c: c[1].update(name="cat")), "1 and 2 both 'cat'"),
+    # image 1 is 40x30: a box right of it, one above it; a box only reaching past an edge is clipped, not refused
+    "box right of its image": (edit("annotations", lambda a: a[0].update(bbox=[40, 5, 10, 10])), "wholly outside"),
+    "box above its image": (edit("annotations", lambda a: a[0].update(bbox=[5, -12, 10, 12])), "wholly outside"),
 }
 
 
@@ -163,3 +167,50 @@ def test_bad_files_are_one_line(tmp_path: pathlib.Path):
     with pytest.raises(DetectionError, match="does not exist") as error:
         CocoDetection(path, image_root, SIZE)
     assert "\n" not in str(error.value) and str(image) in str(error.value)
+
+
+def test_a_results_file_is_written_only_over_an_earlier_results_list(tmp_path: pathlib.Path):
+    """The `coco_detection` evaluation's results_file is rewritten at every evaluation of a run: an earlier results
+    list stays writable, anything else (the annotation file it scores, a workdir's config.json, a user's file) is
+    refused in one line, when the config is checked and again before writing."""
+    import types
+
+    from clip_jax.config import check_input_paths, load_config
+    from clip_jax.errors import ConfigError
+    from clip_jax.evaluate.detection import CocoDetectionEval, check_coco_detection, run_coco_detection
+
+    path, image_root = write_set(tmp_path)
+
+    def entry(out, **more) -> CocoDetectionEval:
+        return CocoDetectionEval(annotations=str(path), image_root=str(image_root), results_file=str(out), **more)
+
+    earlier = tmp_path / "earlier.json"
+    write_coco_results(earlier, detections_to_results(1, np.array([[1.0, 2.0, 3.0, 4.0]]), np.array([0.5]),
+                                                      np.array([2])))
+    (tmp_path / "empty.json").write_text("[]")  # an evaluation that detected nothing
+    for out in (tmp_path / "new.json", earlier, tmp_path / "empty.json"):
+        check_coco_detection("coco", entry(out))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"model": {}}))
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    refused = {path: "is one of the evaluation's inputs", tmp_path / "notes.json": "is not an earlier output",
+               workdir / "config.json": "lies inside the clip_jax workdir", workdir / "r.json": "lies inside",
+               tmp_path / "fresh" / "r.json": "lies inside the clip_jax workdir"}  # the run's own, at a first launch
+    for out, expected in refused.items():
+        with pytest.raises(ConfigError, match=expected) as error:
+            check_coco_detection("coco", entry(out), workdir=tmp_path / "fresh")
+        assert "\n" not in str(error.value) and str(error.value).startswith("evals.coco.results_file ")
+    assert json.loads((workdir / "config.json").read_text()) == {"model": {}} and "images" in json.loads(
+        path.read_text())
+    with pytest.raises(ConfigError, match=r"evals.coco.novel names \['cow'\], which are not categories"):
+        check_coco_detection("coco", entry(tmp_path / "new.json", novel=("cow", "cat")))
+    # when the config is checked (before training), and at the evaluation itself
+    config = load_config("configs/vild_shapes.py", [f"--config.evals.coco={{'type': 'coco_detection', "
+                                                    f"'annotations': '{path}', 'results_file': '{path}'}}"])
+    with pytest.raises(ConfigError, match="is one of the evaluation's inputs"):
+        check_input_paths(config, training=False)
+    method = types.SimpleNamespace(detection_queries=None, config=config)
+    ctx = types.SimpleNamespace(config=config, method=method)
+    with pytest.raises(ConfigError, match="lies inside the clip_jax workdir"):
+        run_coco_detection(ctx, "coco", entry(workdir / "config.json"))

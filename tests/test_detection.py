@@ -614,3 +614,84 @@ def test_a_sub_pixel_box_at_the_edge_still_crops_one_pixel_inside_the_image():
 def test_a_phrase_holding_the_separator_is_refused(tokenizer):
     with pytest.raises(ValueError, match="hold no '.'"):
         grounding_prompt(tokenizer, ["red star.", "blue circle"], 40)
+
+
+# --- a COCO training file: what the method refuses, and its cache ----------------------------------------------------
+def coco_training_file(root) -> tuple:
+    """Three 32 px images of two boxes each, categories "cat" and "dog": (annotation file, image root)."""
+    from clip_jax.data.coco import write_detection_folder
+
+    images = [np.full((32, 32, 3), 60 * (i + 1), np.uint8) for i in range(3)]
+    boxes = [np.array([[2, 2, 14, 14], [16, 16, 30, 30]], np.float32)] * 3
+    path = write_detection_folder(root, "train", images, boxes, [np.array([0, 1])] * 3, ["cat", "dog"])
+    return path, root / "images" / "train"
+
+
+def coco_vild(path, image_root, *more):
+    return get_method(load_config("configs/vild_shapes.py", [*VILD, f"--config.method.annotations={path}",
+                                                             f"--config.method.image_root={image_root}", *more]))
+
+
+def test_an_edited_annotation_file_is_refused_rather_than_its_cached_arrays_trained_on(tmp_path):
+    """The cache `detection_train.npz` is named by settings that hold the annotation file's path only: after an edit
+    in place (a category renamed, boxes moved) a relaunch would train on the old boxes under the new names."""
+    import json
+
+    path, image_root = coco_training_file(tmp_path / "coco")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    prep = Preparation(workdir, None, True, colour_encoder(), None)
+
+    def arrays():
+        method = coco_vild(path, image_root)
+        method.prep = prep  # the arrays alone: the class embeddings of `prepare` are not read here
+        return method.arrays
+
+    first = arrays()
+    assert (workdir / "detection_train.npz").exists() and "class_names" not in first and len(first["image"]) == 3
+    np.testing.assert_array_equal(arrays()["patch_boxes"], first["patch_boxes"])  # unchanged: the cache is read
+    data = json.loads(path.read_text())
+    data["annotations"][0]["bbox"] = [4, 4, 8, 8]  # boxes moved, the names the same
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="as it was before an edit: restore the file") as error:
+        arrays()
+    assert "\n" not in str(error.value)
+    data["categories"][0]["name"] = "kitten"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"before an edit \(categories without \['cat'\]; with \['kitten'\] too\)"):
+        arrays()
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "is not JSON"),
+    ('{"images": [], "annotations": [], "categ', "is not JSON"),  # truncated
+    ('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}]}', "has no annotations: a detector"),
+])
+def test_a_training_file_that_is_not_json_or_has_no_box_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "instances.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=expected) as error:
+        coco_vild(path, tmp_path).check(None)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_training_file_whose_boxes_are_all_novel_is_refused(tmp_path):
+    path, image_root = coco_training_file(tmp_path / "coco")
+    coco_vild(path, image_root, "--config.method.novel=('dog',)").check(None)
+    with pytest.raises(ConfigError, match="no annotations other than crowd regions and method.novel"):
+        coco_vild(path, image_root, "--config.method.novel=('cat', 'dog')").check(None)
+
+
+def test_shapes_detection_is_skipped_with_a_warning_for_a_detector_trained_on_a_coco_file(tmp_path, caplog):
+    """data.source keeps its default "shapes" when method.annotations is set: the config's default shapes_detection
+    entry must not score shapes classes the detector never saw."""
+    import types
+
+    from clip_jax.evaluate.detection import ShapesDetectionEval, run_shapes_detection
+
+    path, image_root = coco_training_file(tmp_path / "coco")
+    method = coco_vild(path, image_root)
+    ctx = types.SimpleNamespace(config=method.config, method=method, encoder=None, texts=None, tokenizer=None)
+    with caplog.at_level("WARNING"):
+        assert run_shapes_detection(ctx, "det_on_coco", ShapesDetectionEval()) == {}
+    assert "evals.det_on_coco: skipped, the detector is trained on method.annotations" in caplog.text

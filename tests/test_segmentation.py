@@ -433,3 +433,26 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
     refused = subprocess.run([sys.executable, "-m", "clip_jax", "detect", "--workdir", str(workdir), "--images",
                               str(scenes), "--queries", " . ", "--out", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("clip-jax detect: error: ")
+
+
+def test_an_overlay_dir_in_a_workdir_is_refused_when_the_config_is_checked(tmp_path):
+    """Overlays written into a workdir would mix with the run's files (a prefix could name one of them)."""
+    from clip_jax.config import check_input_paths
+    from clip_jax.evaluate.segmentation import check_overlay_dir
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"model": {}}))
+    for entry in ({"type": "shapes_segmentation"}, {"type": "segmentation_folder", "path": str(tmp_path)}):
+        config = load_config("configs/demo.py", [f"--config.evals.seg={ {**entry, 'overlay_dir': str(tmp_path)}!r}"])
+        check_input_paths(config, training=False)  # a folder of the user's: fine
+        config = load_config("configs/demo.py", [f"--config.evals.seg={ {**entry, 'overlay_dir': str(workdir)}!r}"])
+        with pytest.raises(ConfigError, match=f"evals.seg.overlay_dir {workdir} is the clip_jax workdir"):
+            check_input_paths(config, training=False)
+        # the run's own workdir at a first launch, before it holds a config.json
+        fresh = tmp_path / "fresh"
+        config = load_config("configs/demo.py", [f"--config.evals.seg={ {**entry, 'overlay_dir': str(fresh / 'o')}!r}"])
+        with pytest.raises(ConfigError, match="lies inside the clip_jax workdir"):
+            check_input_paths(config, training=False, workdir=fresh)
+    with pytest.raises(ConfigError, match="lies inside the clip_jax workdir"):  # what the evaluations call to write
+        check_overlay_dir("seg", str(workdir / "overlays"))

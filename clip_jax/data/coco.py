@@ -92,7 +92,10 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _read_json(path: epath.Path) -> dict:
+def read_annotation_json(path: epath.PathLike) -> dict:
+    """The instances JSON of `path` as a dict holding the three lists, or a DetectionError of one line (missing,
+    unreadable, not JSON, truncated, not an object, a list missing)."""
+    path = epath.Path(path)
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -129,14 +132,21 @@ def _check_entries(data: dict, path: epath.Path) -> None:
             raise DetectionError(f"annotation file {path}: image {image['id']!r} has size {image['width']!r} x "
                                  f"{image['height']!r}; width and height must be positive integers (pixels)")
         image_ids.add(image["id"])
+    sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
     category_ids: set = set()
+    category_names: dict = {}
     for category in data["categories"]:
         if not isinstance(category, dict) or "id" not in category or "name" not in category:
             raise DetectionError(f"annotation file {path}: category entry {category!r:.80} needs an id and a name")
         if category["id"] in category_ids:
             raise DetectionError(f"annotation file {path} lists category id {category['id']!r} twice; give each "
                                  "category a unique id")
+        if category["name"] in category_names:  # a class is named in text: two ids of one name are one query
+            raise DetectionError(f"annotation file {path} names categories {category_names[category['name']]!r} and "
+                                 f"{category['id']!r} both {category['name']!r}; give each category a unique name "
+                                 "(or merge them)")
         category_ids.add(category["id"])
+        category_names[category["name"]] = category["id"]
     for annotation in data["annotations"]:
         if not isinstance(annotation, dict) or not all(k in annotation for k in ("image_id", "category_id", "bbox")):
             raise DetectionError(f"annotation file {path}: annotation {annotation!r:.80} needs an image_id, a "
@@ -155,6 +165,20 @@ def _check_entries(data: dict, path: epath.Path) -> None:
         if bbox[2] <= 0 or bbox[3] <= 0:
             raise DetectionError(f"annotation file {path}: {name} has bbox {bbox!r} of width or height <= 0; fix "
                                  "or remove it")
+        width, height = sizes[annotation["image_id"]]
+        # A box that only reaches past the edge is clipped when read; one wholly outside marks nothing in the image
+        # (a wrong image id, or boxes of another image size): refused like the other impossible boxes.
+        if bbox[0] >= width or bbox[1] >= height or bbox[0] + bbox[2] <= 0 or bbox[1] + bbox[3] <= 0:
+            raise DetectionError(f"annotation file {path}: {name} has bbox {bbox!r}, wholly outside its "
+                                 f"{width}x{height} image {annotation['image_id']!r}; fix or remove it")
+
+
+def read_checked_annotations(path: epath.PathLike) -> dict:
+    """The instances JSON of `path` with every entry checked (`read_annotation_json`, then each image, category and
+    annotation): what a reader of the categories alone needs, without the images."""
+    data = read_annotation_json(path)
+    _check_entries(data, epath.Path(path))
+    return data
 
 
 class CocoDetection:
@@ -172,8 +196,7 @@ class CocoDetection:
         self.annotation_file, self.image_root = epath.Path(annotation_file), epath.Path(image_root)
         self.image_size = image_size
         self.max_image_bytes = DEFAULT_MAX_IMAGE_BYTES if max_image_bytes is None else max_image_bytes
-        self.ground_truth = _read_json(self.annotation_file)
-        _check_entries(self.ground_truth, self.annotation_file)
+        self.ground_truth = read_checked_annotations(self.annotation_file)
         categories = sorted(self.ground_truth["categories"], key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in categories]
         self.category_names = [c["name"] for c in categories]

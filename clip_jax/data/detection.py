@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from clip_jax.data.coco import CocoDetection
+from clip_jax.data.coco import CocoDetection, read_checked_annotations
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset, class_names, scene_boxes
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.errors import ConfigError
@@ -89,8 +88,8 @@ def coco_detection_set(annotations: str, image_root: str, image_size: int, n: in
 
 def category_names(annotations: str) -> list[str]:
     """A COCO file's category names in the order of their ids (data/coco.py's class indices)."""
-    with open(annotations) as f:
-        categories = json.load(f)["categories"]
+    # Read as the COCO reader does: a file that is not JSON, or is truncated, is a one-line error, not a traceback.
+    categories = read_checked_annotations(annotations)["categories"]
     return [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
 
 

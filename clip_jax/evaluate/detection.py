@@ -18,13 +18,24 @@ Evaluations (chosen by `config.evals` entries, evaluate/suite.py):
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 from clip_jax.data.coco import CocoDetection, coco_ap, detections_to_results, to_original_xywh, write_coco_results
-from clip_jax.data.detection import DetectionSet, coco_detection_set, region_crop_embeddings, shapes_detection_set
+from clip_jax.data.detection import (
+    DetectionSet,
+    category_names,
+    coco_detection_set,
+    region_crop_embeddings,
+    shapes_detection_set,
+)
+from clip_jax.errors import ConfigError
 from clip_jax.evaluate import tell_skipped, trained_on_shapes
+from clip_jax.files import refuse_inside_workdir, refuse_replacing
 from clip_jax.models.boxes import batched_nms
 
 
@@ -117,6 +128,11 @@ def run_shapes_detection(ctx, name: str, entry: ShapesDetectionEval) -> dict[str
     queries = _method_queries(ctx, name)
     if queries is None:
         return {}
+    annotations = ctx.config.method.get("annotations")
+    if annotations:  # data.source keeps its default "shapes" then: the method's own data decides
+        tell_skipped(name, f"the detector is trained on method.annotations {annotations}, not on shapes scenes, whose "
+                     "classes it never saw (drop the entry; a coco_detection entry scores your own data)")
+        return {}
     if not trained_on_shapes(ctx.config, name):
         return {}
     data = shapes_detection_set(ctx.config, "test_novel", ctx.num_examples(entry), (entry.min_objects,
@@ -140,15 +156,40 @@ class CocoDetectionEval:
     results_file: str = ""  # write the predictions here (COCO results format, original pixels)
 
 
+_RESULT_KEYS = {"image_id", "category_id", "bbox", "score"}
+
+
+def _earlier_results(path: epath.Path) -> bool:
+    """Whether `path` holds a COCO results list (as `write_coco_results` writes): an earlier evaluation's, which
+    every evaluation of a run (every_steps) writes anew."""
+    data = json.loads(path.read_text())
+    return isinstance(data, list) and all(isinstance(r, dict) and _RESULT_KEYS <= r.keys() for r in data)
+
+
+def check_coco_detection(name: str, entry: CocoDetectionEval, workdir: str | os.PathLike | None = None) -> None:
+    """A ConfigError for an entry that would fail or destroy a file: `novel` names that are not categories of the
+    annotation file; a `results_file` inside a clip_jax workdir (or the run's `workdir`, not yet one at a first
+    launch), equal to the annotation file, or an existing file other than an earlier results list (the run's
+    config.json, the user's own files would be overwritten)."""
+    if entry.novel:
+        names = category_names(entry.annotations)
+        unknown = sorted(set(entry.novel) - set(names))
+        if unknown:
+            raise ConfigError(f"evals.{name}.novel names {unknown}, which are not categories of {entry.annotations}; "
+                              f"name some of its {len(names)} categories (e.g. {names[:3]})")
+    if entry.results_file:
+        flag = f"evals.{name}.results_file"
+        refuse_inside_workdir(entry.results_file, flag, workdir)
+        refuse_replacing(entry.results_file, _earlier_results, [entry.annotations], flag=flag, by="evaluation")
+
+
 def run_coco_detection(ctx, name: str, entry: CocoDetectionEval) -> dict[str, float]:
     queries = _method_queries(ctx, name)
     if queries is None:
         return {}
+    check_coco_detection(name, entry)  # again: the file may have been edited, or a workdir made there, since
     size = ctx.config.model.vision.image_size
     data = coco_detection_set(entry.annotations, entry.image_root, size, entry.num_examples)
-    unknown = set(entry.novel) - set(data.names)
-    if unknown:
-        raise ValueError(f"evals.{name}.novel names {sorted(unknown)}, not categories of {entry.annotations}")
     novel = [data.names.index(n) for n in entry.novel]
     subsets = {"novel": novel, "base": [c for c in range(len(data.names)) if c not in novel]} if novel else {}
     detections = detect(ctx.encoder, queries(data.names), data.images, max_detections=entry.max_detections,

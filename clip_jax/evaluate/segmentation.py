@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 from collections.abc import Sequence
 
@@ -40,6 +41,7 @@ from clip_jax.data.segmentation import BACKGROUND, IGNORE, SegmentationFolder, v
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate import trained_on_shapes
+from clip_jax.files import refuse_inside_workdir
 
 BACKGROUND_MODES = ("label", "threshold")
 # Candidate thresholds on the best class's probability, tried on `val`.
@@ -106,6 +108,13 @@ def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.55) -> np.n
     out = np.where(mask, (1 - alpha) * out + alpha * tint, out)
     out[classes == IGNORE] = 255
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def check_overlay_dir(name: str, overlay_dir: str, workdir: str | os.PathLike | None = None) -> None:
+    """A ConfigError if `evals.<name>.overlay_dir` is, or lies in, a clip_jax workdir (or the run's `workdir`, not
+    yet one at a first launch): its PNGs would mix with the run's files, and a name there could be overwritten.
+    Checked with the config and again before writing (a workdir may have been made there meanwhile)."""
+    refuse_inside_workdir(overlay_dir, f"evals.{name}.overlay_dir", workdir)
 
 
 def write_overlays(out_dir: str | pathlib.Path, images: np.ndarray, preds: np.ndarray, targets: np.ndarray | None,
@@ -202,6 +211,7 @@ def run_shapes_segmentation(ctx, name: str, entry: ShapesSegmentationEval) -> di
             for c in [0, *novel]:
                 results[f"{name}_iou/{([BACKGROUND] + names)[c]}"] = float(iou[c])
         if entry.overlay_dir:
+            check_overlay_dir(name, entry.overlay_dir)
             k = min(entry.overlays, len(images))
             write_overlays(entry.overlay_dir, images[:k], pred[:k], target[:k], f"{name}_{split}")
     return results
@@ -243,6 +253,7 @@ def run_segmentation_folder(ctx, name: str, entry: SegmentationFolderEval) -> di
         results[f"{name}_novel_miou"] = mean_iou(confusion, novel)
     results.update({f"{name}_iou/{n}": float(v) for n, v in zip(names, class_iou(confusion), strict=True)})
     if entry.overlay_dir:
+        check_overlay_dir(name, entry.overlay_dir)
         k = min(entry.overlays, len(images))
         write_overlays(entry.overlay_dir, images[:k], pred[:k], target[:k], name)
     return results

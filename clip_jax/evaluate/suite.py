@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,7 @@ from clip_jax.evaluate.audio import (
 from clip_jax.evaluate.detection import (
     CocoDetectionEval,
     ShapesDetectionEval,
+    check_coco_detection,
     run_coco_detection,
     run_shapes_detection,
 )
@@ -59,6 +61,7 @@ from clip_jax.evaluate.retrieval import retrieval_recall
 from clip_jax.evaluate.segmentation import (
     SegmentationFolderEval,
     ShapesSegmentationEval,
+    check_overlay_dir,
     run_segmentation_folder,
     run_shapes_segmentation,
 )
@@ -316,11 +319,17 @@ def parse_entry(name: str, entry: dict) -> Any:
     return cls(**fields)
 
 
-def check_sources(config: ml_collections.ConfigDict) -> None:
+def check_sources(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> None:
     """Opens the sources of the entries that read datasets by name (TFDS) or class folders, so that a missing one, or
-    a folder that is not a set of classes, stops the run before training rather than at its end. That the paths of
-    files and folders exist is `config.check_input_paths`'s."""
+    a folder that is not a set of classes, stops the run before training rather than at its end; and refuses the
+    outputs an entry would write over files it must not (a `coco_detection` results_file, an `overlay_dir` in a
+    clip_jax workdir: the run's own `workdir`, a new one, counts). That the paths of files and folders exist is
+    `config.check_input_paths`'s."""
     for name, entry in config.evals.items():
+        if entry.type == "coco_detection" and entry.get("annotations"):
+            check_coco_detection(name, parse_entry(name, entry.to_dict()), workdir)
+        if entry.get("overlay_dir"):
+            check_overlay_dir(name, entry.overlay_dir, workdir)
         if entry.type == "zero_shot_tfds":
             open_tfds(name, parse_entry(name, entry.to_dict()), config.model.vision.image_size)
         elif entry.type == "zero_shot_folder" and entry.path:

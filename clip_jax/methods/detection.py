@@ -13,12 +13,16 @@ methods'. Every example carries its image, and each patch of the grid its assign
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from clip_jax.data.classification import class_change
+from clip_jax.data.coco import read_checked_annotations
 from clip_jax.data.detection import (
     DetectionSet,
     category_names,
@@ -129,16 +133,39 @@ class DetectionMethod(Method):
             settings = json.dumps({"method": method, "data": self.config.data.to_dict(), "seed": self.config.seed,
                                    "image_size": self.config.model.vision.image_size}, sort_keys=True, default=list)
 
+            source = self._source()  # read before the file is: an edit made meanwhile then shows next launch
+
             def make() -> dict[str, np.ndarray]:
                 data = self.train_set()
                 grid = self.model_config().vision.grid
                 targets = [patch_targets(b, c, grid) for b, c in zip(data.boxes, data.classes, strict=True)]
                 return {"image": data.images, "patch_boxes": np.stack([t[0] for t in targets]),
-                        "patch_classes": np.stack([t[1] for t in targets]), **self.extra_arrays(self.prep, data)}
+                        "patch_classes": np.stack([t[1] for t in targets]), **self.extra_arrays(self.prep, data),
+                        **source}
 
-            self._arrays = cached_arrays(self.prep, CACHE, settings, make,
-                                         f"the training arrays of {self.name} settings")
+            arrays = cached_arrays(self.prep, CACHE, settings, make, f"the training arrays of {self.name} settings")
+            stored = {key: arrays.pop(key, None) for key in source}
+            # The settings name the annotation file by its path: an edit of the file in place (a category renamed,
+            # boxes moved) leaves them equal, and the cache would train on the old boxes under the new names. A cache
+            # of an earlier version holds no fingerprint and is read as before.
+            if stored["annotation_sha256"] is not None:
+                old_names, new_names = stored["class_names"].tolist(), source["class_names"].tolist()
+                if str(stored["annotation_sha256"]) != str(source["annotation_sha256"]) or old_names != new_names:
+                    what = "" if old_names == new_names else f" (categories {class_change(old_names, new_names)})"
+                    raise ConfigError(f"{self.prep.workdir / CACHE} holds the training arrays of method.annotations "
+                                      f"{self.hparams.annotations} as it was before an edit{what}: restore the file, "
+                                      "or train a new run in a new --workdir (with no checkpoint yet: remove "
+                                      f"{CACHE} to remake it)")
+            self._arrays = arrays
         return self._arrays
+
+    def _source(self) -> dict[str, np.ndarray]:
+        """What the training arrays are made from beyond the settings, stored with them: the classes, and the
+        annotation file's content hash ("" for shapes scenes, which the settings define)."""
+        digest = ""
+        if self.hparams.annotations:
+            digest = hashlib.sha256(epath.Path(self.hparams.annotations).read_bytes()).hexdigest()
+        return {"class_names": np.asarray(self.names(), dtype=str), "annotation_sha256": np.array(digest)}
 
     def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
         return array_iterator(self.arrays, config.batch_size, rows, config.seed)
@@ -166,6 +193,18 @@ class DetectionMethod(Method):
         if unknown:
             raise ConfigError(f"method.novel names {sorted(unknown)}, which are not categories of "
                               f"{self.hparams.annotations}")
+        if self.hparams.annotations:
+            self._check_has_boxes()
+
+    def _check_has_boxes(self) -> None:
+        """A COCO file with no box to learn from (none at all, or only crowd regions or novel categories) would
+        train the heads on background alone, and say nothing: refused before any work."""
+        data = read_checked_annotations(self.hparams.annotations)
+        novel_ids = {c["id"] for c in data["categories"] if c["name"] in set(self.hparams.novel)}
+        if not any(not a.get("iscrowd", 0) and a["category_id"] not in novel_ids for a in data["annotations"]):
+            held = " other than crowd regions and method.novel's categories" if data["annotations"] else ""
+            raise ConfigError(f"method.annotations {self.hparams.annotations} has no annotations{held}: a detector "
+                              "trains on boxes; give a COCO file that has some")
 
     def base_params(self, params):
         return {k: v for k, v in params.items() if k in CLIP_PARAMS}

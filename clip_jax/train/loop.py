@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
     # --- Mesh (checked before anything is written: a launch on the wrong machine leaves the workdir alone) -------
     absolute_paths(config)  # config.json then reads the same files from any folder
-    check_input_paths(config)
+    check_input_paths(config, workdir=workdir)
     check_train_source(config)
     check_tokenizer_file(config, new_run=not checkpoint_steps(workdir))
     try:
