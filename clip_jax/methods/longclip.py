@@ -77,5 +77,6 @@ class LongClipMethod(ClipMethod):
                 f"method.pca_components {h.pca_components} must be below the {h.pca_scope} batch the PCA runs over "
                 f"minus one ({pca_batch}: batch_size {batch_size}, {shards} batch shards), else the short-caption "
                 "term sees the fine features; lower method.pca_components or raise batch_size"
-                + (" or set method.pca_scope='global'" if h.pca_scope == "local" else "")
+                # global runs over the whole batch: a remedy only where the batch is split
+                + (" or set method.pca_scope='global'" if h.pca_scope == "local" and shards > 1 else "")
             )
