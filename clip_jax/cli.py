@@ -717,9 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out-workdir", required=True, help="new workdir to write")
     st.add_argument("--method", choices=("keep", "interpolate"), default="keep",
                     help="keep: Long-CLIP's knowledge-preserving stretching (default); interpolate: the plain baseline")
-    st.add_argument("--keep", type=int, default=20, help="keep: positions kept as they are (and frozen by Long-CLIP "
-                    "configs); the new length is keep + ratio * (length - keep)")
-    st.add_argument("--ratio", type=int, default=4, help="keep: stretch factor of the other positions")
+    st.add_argument("--keep", type=int, help="keep: positions kept as they are (and frozen by Long-CLIP configs), "
+                    "default 20; the new length is keep + ratio * (length - keep)")
+    st.add_argument("--ratio", type=int, help="keep: stretch factor of the other positions, default 4")
     st.add_argument("--length", type=int, help="interpolate: the new number of positions")
     wf = sub.add_parser("wise-ft", help="WiSE-FT: evaluate a wise_ft run interpolated with its zero-shot start")
     wf.add_argument("--workdir", required=True, help="a wise_ft run (its latest checkpoint is alpha 1)")

@@ -284,6 +284,8 @@ def test_a_failed_convert_leaves_no_workdir(tmp_path, workdir, monkeypatch):
     (["--keep", "-1"], "--keep -1"),
     (["--keep", str(CONTEXT - 1)], f"--keep {CONTEXT - 1}"),  # at least 2 positions past the kept ones
     (["--keep", "4", "--ratio", "0"], "--ratio 0"),
+    (["--keep", "4", "--ratio", "1"], "--ratio 1: must be >= 2"),  # 1: a "stretched" workdir of the same length
+    (["--method", "interpolate", "--length", "40", "--keep", "20"], "--keep and --ratio are for --method keep"),
     (["--method", "interpolate", "--length", str(CONTEXT)], f"--length {CONTEXT}"),
     (["--method", "interpolate", "--length", "1"], "--length 1"),
     (["--keep", "4", "--length", "40"], "--length"),  # a --length that --method keep would ignore

@@ -318,11 +318,14 @@ def _check_tree(params: dict, abstract: Any) -> None:
 
 
 # ---- stretch -----------------------------------------------------------------------------------------------------
-def stretch_workdir(src: str | pathlib.Path, out: str | pathlib.Path, *, method: str = "keep", keep: int = 20,
-                    ratio: int = 4, length: int | None = None) -> dict[str, Any]:
+def stretch_workdir(src: str | pathlib.Path, out: str | pathlib.Path, *, method: str = "keep", keep: int | None = None,
+                    ratio: int | None = None, length: int | None = None) -> dict[str, Any]:
     """`clip-jax stretch`: a new workdir `out` whose step-0 checkpoint (a warm start for `train`) is the latest
     checkpoint of `src` with its text positions stretched, config.json the source's with the new context length
-    and keep_positions, and the same tokenizer. Returns {"context_length", "keep_positions"}."""
+    and keep_positions, and the same tokenizer. Returns {"context_length", "keep_positions"}. `keep` and `ratio`
+    (method "keep"; Long-CLIP's 20 and 4 when None) are refused with method "interpolate"."""
+    if method == "keep":
+        keep, ratio = 20 if keep is None else keep, 4 if ratio is None else ratio
     import jax
     import ml_collections
 

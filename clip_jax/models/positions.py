@@ -27,7 +27,7 @@ def stretched_length(length: int, keep: int = 20, ratio: int = 4) -> int:
     return keep + ratio * (length - keep)
 
 
-def check_stretch(current: int, *, method: str = "keep", keep: int = 20, ratio: int = 4,
+def check_stretch(current: int, *, method: str = "keep", keep: int | None = 20, ratio: int | None = 4,
                   length: int | None = None) -> int:
     """The number of positions that stretching a table of `current` positions gives, or a ConfigError naming the
     `clip-jax stretch` flag that cannot: "keep" needs 2 positions past the kept ones to interpolate between, and
@@ -39,10 +39,13 @@ def check_stretch(current: int, *, method: str = "keep", keep: int = 20, ratio: 
         if not 0 <= keep <= current - 2:
             raise ConfigError(f"--keep {keep}: must be in [0, {current - 2}] for a table of {current} positions "
                               "(at least 2 past the kept ones are stretched)")
-        if ratio < 1:
-            raise ConfigError(f"--ratio {ratio}: must be >= 1")
+        if ratio < 2:
+            raise ConfigError(f"--ratio {ratio}: must be >= 2 (1 leaves the positions as they are)")
         return stretched_length(current, keep, ratio)
     if method == "interpolate":
+        if keep is not None or ratio is not None:  # the CLI passes None where they were not given
+            raise ConfigError("--keep and --ratio are for --method keep; --method interpolate resamples every "
+                              "position to --length")
         if length is None:
             raise ConfigError("--method interpolate needs the new length: pass --length L")
         if length <= current:
@@ -96,6 +99,8 @@ def stretch_text_positions(params: dict[str, Any], text: dict[str, Any], *, meth
     if text.get("keep_positions", 0):
         table = np.asarray(merge_position_tables(table, np.asarray(old["positional_embedding_res"]),
                                                  text["keep_positions"]))
+    if method == "interpolate":
+        keep = ratio = None
     check_stretch(table.shape[0], method=method, keep=keep, ratio=ratio, length=length)
     if method == "keep":
         table = stretch_positions(table, keep, ratio)
