@@ -31,7 +31,7 @@ import threading
 
 from clip_jax import errors
 from clip_jax.config import ConfigError
-from clip_jax.errors import BackgroundErrorsOnce
+from clip_jax.errors import BackgroundErrorsOnce, quoted
 from clip_jax.files import (
     CheckpointWriteError,
     is_remote,
@@ -294,12 +294,97 @@ def _earlier_classify_csv(path) -> bool:
 
 
 def _output_names(files: list) -> list[str]:
-    """A PNG name per input image: its stem, or where stems repeat (a.png beside a.jpg, or in two folders) the stem
-    and the image's position among the inputs, so that no output overwrites another."""
+    """A PNG name per input image, no two alike, even to a disk that ignores case (a Mac's: A.png is a.png there):
+    its stem where no other input has that stem; else its whole name, a.jpg.png beside a.png.png, numbered where that
+    too is taken (x.png-2.png for x.png in a second folder). The stems' names are reserved before any other is
+    chosen: a number added to one image's stem once gave another image's (a-1.png for a.jpg, beside a-1.png's own),
+    and one mask overwrote the other."""
     import collections
 
-    counts = collections.Counter(f.stem for f in files)
-    return [f"{f.stem}-{i}.png" if counts[f.stem] > 1 else f"{f.stem}.png" for i, f in enumerate(files)]
+    stems = collections.Counter(f.stem.casefold() for f in files)
+    names = [f"{f.stem}.png" if stems[f.stem.casefold()] == 1 else "" for f in files]
+    taken = {name.casefold() for name in names if name}
+    for i, f in enumerate(files):
+        if not names[i]:
+            name, n = f"{f.name}.png", 1
+            while name.casefold() in taken:
+                n += 1
+                name = f"{f.name}-{n}.png"
+            taken.add(name.casefold())
+            names[i] = name
+    return names
+
+
+def _refuse_out_in_images(out, images: list[str]) -> None:
+    """An --out that is, or lies inside, a folder of --images: the folder is read with its subfolders, so the next
+    run over it would take this one's masks, overlays or drawn boxes for inputs."""
+    import pathlib
+
+    if is_remote(out):
+        return
+    resolved = pathlib.Path(out).resolve()
+    for folder in images:
+        root = pathlib.Path(folder).resolve()
+        if root.is_dir() and (resolved == root or root in resolved.parents):
+            where = "is" if resolved == root else "lies inside"
+            raise ConfigError(f"--out {out} {where} the --images folder {folder}, whose images (subfolders too) the "
+                              "next run would read with these outputs among them: name a folder outside it")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:  # else the encoder's ValueError, reported as an unexpected error
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+
+
+def _split_queries(text: str) -> list[str]:
+    """--queries as its help says: names separated by ". " (any white space after the '.'), a final '.' dropped. A
+    '.' inside a name (3.5 inch) is part of it: splitting on every '.' made "3.5 inch circle" two queries."""
+    import re
+
+    text = text.strip()
+    text = text[:-1] if text.endswith(".") else text
+    return [q.strip() for q in re.split(r"\.\s+", text) if q.strip()]
+
+
+def _refuse_same_tokens(flag: str, names: list[str], tokenizer, context_length: int, templates: tuple) -> None:
+    """Two names whose prompts are the same token ids to the run's tokenizer (it lower-cases, and the text tower
+    reads context_length - 2 tokens) get one embedding: a mask's second label was never chosen, a detector drew each
+    box twice. Refused, naming the two."""
+    prompts = [template.format(name) for name in names for template in templates]
+    rows = tokenizer(prompts, context_length).reshape(len(names), -1)
+    first: dict[bytes, int] = {}
+    for i, row in enumerate(rows):
+        j = first.setdefault(row.tobytes(), i)
+        if j != i:
+            raise ConfigError(f"{flag}: {quoted(names[j])} and {quoted(names[i])} are one text to this model (its "
+                              f"tokenizer lower-cases, and its text tower reads {context_length - 2} tokens): they "
+                              "would get one embedding; keep one, or make them differ early on")
+
+
+def _segment_templates(method, given: list[str] | None) -> tuple[tuple[str, ...], str]:
+    """(the label prompts of `segment`, where they come from): --templates; else the run's own, as its training and
+    evaluations used them (LSeg's and ViLD's method.templates, GroupViT's method.prompt_templates); else the shapes
+    prompts. Using the shapes prompts always gave masks other than the run's segmentation_folder evaluation."""
+    from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
+
+    if given:
+        return tuple(given), "--templates"
+    for key in ("templates", "prompt_templates"):
+        if method.get(key):
+            return tuple(method.get(key)), f"the run's method.{key}"
+    return tuple(ZERO_SHOT_TEMPLATES), "the shapes prompts"
+
+
+def _check_templates(templates: list[str]) -> None:
+    for template in templates:
+        try:
+            # "{}" is where the label goes (class_embeddings formats it so); "{0}" or a "{}" of a doubled brace is not
+            fits = "{}" in template and template.format("x") != template.format("y")
+        except (IndexError, KeyError, ValueError):
+            fits = False
+        if not fits:
+            raise ConfigError(f"--templates {quoted(template)}: a template needs one {{}} where the label goes "
+                              "(a literal brace doubled, {{ or }}), e.g. \"a photo of a {}.\"")
 
 
 def _refuse_previous_output(out, parts: tuple[str, ...], command: str) -> None:
@@ -319,7 +404,6 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.data.images import list_images, load_images
     from clip_jax.data.segmentation import BACKGROUND, mask_png
-    from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.evaluate.segmentation import label_embeddings, overlay, predict_labels
@@ -333,10 +417,14 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError(f"--labels: at most 254 names fit the mask PNGs, got {len(labels)}")
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
+    _check_batch_size(args.batch_size)
+    if args.templates:
+        _check_templates(args.templates)
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the masks and overlays")
     refuse_inside_workdir(out, "--out")
+    _refuse_out_in_images(out, args.images)
     _refuse_previous_output(out, ("masks", "overlays", "labels.txt", "images.txt"), "segment")
     files = list_images(args.images)
     maybe_initialize()
@@ -348,14 +436,19 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError("--threshold applies to a background found by threshold, and this run's is a label of its "
                           "own (LSeg's): add --background threshold to use it")
     threshold = 0.5 if args.threshold is None else args.threshold
+    templates, prompts = _segment_templates(config.method, args.templates)
+    context = config.model.text.context_length
+    # with the background when it is a label: "Background" would be the same text as it
+    _refuse_same_tokens("--labels", [BACKGROUND, *labels] if background == "label" else labels, trained.tokenizer,
+                        context, templates)
     images, kept, skipped = load_images(files, config.model.vision.image_size, args.max_image_bytes)
     for message in skipped:
         print(f"warning: {message}", file=sys.stderr)
     if not images:
         raise ConfigError(f"no readable image among the {len(files)} files of --images")
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
-    texts = lambda t: encoder.texts(trained.tokenizer(t, config.model.text.context_length))  # noqa: E731
-    embeddings = label_embeddings(texts, labels, background, ZERO_SHOT_TEMPLATES)
+    texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
+    embeddings = label_embeddings(texts, labels, background, templates)
     images = np.stack(images)
     masks = predict_labels(*encoder.segment(images, embeddings), threshold if background == "threshold" else None)
     if jax.process_index() == 0:
@@ -369,7 +462,8 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
             write_atomic(out / "overlays" / names[i], buffer.getvalue())
         write_atomic(out / "labels.txt", "".join(f"{n}\n" for n in [BACKGROUND, *labels]))
         write_atomic(out / "images.txt", "".join(f"{names[i]}\t{files[i]}\n" for i in kept))
-        print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({background}) -> "
+        print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({background}), with "
+              f"{prompts} ({len(templates)}) -> "
               f"{out}/masks, {out}/overlays, {out}/labels.txt, {out}/images.txt" + (
                   f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
@@ -387,7 +481,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
-    queries = [q.strip() for q in args.queries.split(".") if q.strip()]
+    queries = _split_queries(args.queries)
     if any("," in q for q in queries):  # segment's --labels take commas; a detector's prompt takes ". "
         print(f'note: --queries separates names with ". ": {", ".join(map(repr, queries))} '
               f"{'is one query' if len(queries) == 1 else 'are the queries'}", file=sys.stderr)
@@ -396,10 +490,14 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
                           f"{args.queries!r}")
     if not 0 <= args.min_score < 1:
         raise ConfigError(f"--min-score must be in [0, 1), got {args.min_score}")
+    if args.max_detections < 1:  # 0 kept no box, silently
+        raise ConfigError(f"--max-detections must be >= 1, got {args.max_detections}")
+    _check_batch_size(args.batch_size)
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for detections.json and the drawn boxes")
     refuse_inside_workdir(out, "--out")
+    _refuse_out_in_images(out, args.images)
     _refuse_previous_output(out, ("boxes", "detections.json"), "detect")
     files = list_images(args.images)
     maybe_initialize()
@@ -407,6 +505,10 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     if not hasattr(trained.method, "detection_queries"):
         raise ConfigError(f"{args.workdir} is a {trained.config.method.name} run, not a detector: train one with "
                           "configs/vild_shapes.py or configs/glip_shapes.py (docs/detection.md)")
+    context = trained.config.model.text.context_length
+    # the prompts the detector builds: ViLD's templates around each name, GLIP's names as they are (one prompt)
+    _refuse_same_tokens("--queries", queries, trained.tokenizer, context,
+                        tuple(trained.config.method.get("templates") or ("{}",)))
     size = trained.config.model.vision.image_size
     images, kept, skipped = load_images(files, size, args.max_image_bytes)
     for message in skipped:
@@ -414,7 +516,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     if not images:
         raise ConfigError(f"no readable image among the {len(files)} files of --images")
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
-    texts = lambda t: encoder.texts(trained.tokenizer(t, trained.config.model.text.context_length))  # noqa: E731
+    texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
     found = detect(encoder, trained.method.detection_queries(texts, trained.tokenizer, queries), np.stack(images),
                    max_detections=args.max_detections, min_score=args.min_score)
     if jax.process_index() != 0:
@@ -671,8 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--workdir", required=True)
     seg.add_argument("--images", nargs="+", required=True, help="image files or directories")
     seg.add_argument("--labels", required=True, help='comma-separated label names, e.g. "red circle,blue star"')
-    seg.add_argument("--out", required=True, help="folder: masks/<image>.png (palette PNG, value = line of "
-                     "labels.txt, 0 the background), overlays/<image>.png, labels.txt")
+    seg.add_argument("--out", required=True, help="a folder outside --images: masks/<image>.png (palette PNG, value = "
+                     "line of labels.txt, 0 the background), overlays/<image>.png, labels.txt, images.txt (each "
+                     "output name, a tab, its input file); <image> is the input's stem, or its whole name (a.jpg.png) "
+                     "where two inputs share a stem")
+    seg.add_argument("--templates", nargs="+", metavar="TEMPLATE",
+                     help='the labels\' prompts, "{}" the label, one an argument, e.g. "a photo of a {}." "a {}." '
+                     "(their embeddings averaged; default: the run's own, LSeg's method.templates or GroupViT's "
+                     "method.prompt_templates, else the six shapes prompts)")
     seg.add_argument("--background", choices=("label", "threshold"),
                      help="the background: a label of its own (LSeg's default) or pixels below --threshold (others)")
     seg.add_argument("--threshold", type=float,
@@ -684,12 +792,15 @@ def build_parser() -> argparse.ArgumentParser:
     det = sub.add_parser("detect", help="boxes of objects named in text (a ViLD or GLIP run)")
     det.add_argument("--workdir", required=True)
     det.add_argument("--images", nargs="+", required=True, help="image files or directories")
-    det.add_argument("--queries", required=True, help='names separated by ". ", e.g. "red circle. blue star"')
-    det.add_argument("--out", required=True, help="folder: detections.json (boxes in the images' pixels, x0 y0 x1 "
-                     "y1) and boxes/<image>.png (drawn)")
+    det.add_argument("--queries", required=True, help='names separated by ". ", e.g. "red circle. blue star" (a "." '
+                     "followed by no space is part of a name: 3.5 inch); ViLD puts each in the run's method.templates, "
+                     "GLIP joins them into its prompt, as each trained")
+    det.add_argument("--out", required=True, help="a folder outside --images: detections.json (per image: its file, "
+                     "its drawn file, boxes in its pixels, x0 y0 x1 y1) and boxes/<image>.png (drawn; named as "
+                     "segment's masks)")
     det.add_argument("--min-score", type=float, default=0.3, help="keep boxes scoring at least this "
                      "(default: %(default)s)")
-    det.add_argument("--max-detections", type=int, default=100, help="per image (default: %(default)s)")
+    det.add_argument("--max-detections", type=int, default=100, help="per image, >= 1 (default: %(default)s)")
     det.add_argument("--batch-size", type=int, default=64)
     det.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")

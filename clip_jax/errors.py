@@ -11,6 +11,14 @@ class ConfigError(ValueError):
     """A problem with the configuration or an input, stated in one line that names the key or file."""
 
 
+def quoted(text: str, limit: int = 60) -> str:
+    """`text` quoted for a message, cut to `limit` characters with its length said: a name of a thousand words
+    (a label, a query, a class name) would otherwise fill the one line that says what is wrong with it."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def one_line(error: BaseException) -> str:
     """An error's type and message on one line (a decoder's multi-line message inside a ConfigError)."""
     return " ".join(f"{type(error).__name__}: {error}".split())

@@ -457,16 +457,60 @@ def test_segment_and_detect_name_outputs_apart_and_refuse_an_earlier_output(tmp_
     """Two images of one stem (a.png beside a.jpg, or in two folders) got one output file between them, and outputs
     of an earlier command stayed beside the new ones: both silently."""
     files = [pathlib.Path(p) for p in ("a/x.png", "b/x.png", "a/y.jpg", "b/x.jpg")]
-    assert cli._output_names(files) == ["x-0.png", "x-1.png", "y.png", "x-3.png"]
+    assert cli._output_names(files) == ["x.png.png", "x.png-2.png", "y.png", "x.jpg.png"]
     out = tmp_path / "out"
     (out / "masks").mkdir(parents=True)
-    message = exit_message(["segment", "--workdir", str(tmp_path), "--images", str(tmp_path), "--labels", "red",
-                            "--out", str(out)], capsys)
+    message = exit_message(["segment", "--workdir", str(tmp_path), "--images", str(tmp_path / "in"), "--labels",
+                            "red", "--out", str(out)], capsys)
     assert f"--out {out} holds an earlier segment's output (masks)" in message, message
     (out / "detections.json").write_text("[]")
-    message = exit_message(["detect", "--workdir", str(tmp_path), "--images", str(tmp_path), "--queries", "red",
-                            "--out", str(out)], capsys)
+    message = exit_message(["detect", "--workdir", str(tmp_path), "--images", str(tmp_path / "in"), "--queries",
+                            "red", "--out", str(out)], capsys)
     assert f"--out {out} holds an earlier detect's output (detections.json)" in message, message
+
+
+@pytest.mark.parametrize("names", [("coll/a-1.png", "coll/a.jpg", "coll/a.png"),
+                                   ("a.png", "A.jpg", "a.jpg.png", "b/a.png", "a.png.png")])
+def test_output_names_never_repeat_not_even_another_inputs_stem_or_in_another_case(names):
+    """a-1.png's mask was overwritten by a.jpg's, numbered a-1.png too (and detections.json pointed both at one
+    drawn file); on a disk that ignores case, A.png is a.png."""
+    outputs = cli._output_names([pathlib.Path(n) for n in names])
+    assert len({o.casefold() for o in outputs}) == len(names), outputs
+    assert all(o.endswith(".png") for o in outputs)
+    if names[0] == "coll/a-1.png":
+        assert outputs == ["a-1.png", "a.jpg.png", "a.png.png"]
+
+
+@pytest.mark.parametrize("command", ["segment", "detect"])
+def test_segment_and_detect_refuse_an_out_in_the_images_folder_and_bad_counts(command, tmp_path, capsys):
+    """An --out in the --images folder (which is read with its subfolders) fed the outputs to the next run as
+    images; --max-detections 0 gave no box; --batch-size 0 was an unexpected error's ValueError."""
+    images = tmp_path / "images"
+    images.mkdir()
+    names = ["--labels", "red"] if command == "segment" else ["--queries", "red"]
+    base = [command, "--workdir", str(tmp_path / "run"), "--images", str(images / "x.png"), str(images), *names]
+    for out in (images, images / "masks"):
+        where = "is" if out == images else "lies inside"
+        message = exit_message([*base, "--out", str(out)], capsys)
+        assert f"--out {out} {where} the --images folder {images}, " in message, message
+    message = exit_message([*base, "--out", str(tmp_path / "o"), "--batch-size", "0"], capsys)
+    assert message.endswith("error: --batch-size must be >= 1, got 0"), message
+    if command == "detect":
+        for n in ("0", "-3"):
+            message = exit_message([*base, "--out", str(tmp_path / "o"), "--max-detections", n], capsys)
+            assert message.endswith(f"error: --max-detections must be >= 1, got {n}"), message
+    else:
+        message = exit_message([*base, "--out", str(tmp_path / "o"), "--templates", "a photo of a {}.", "a photo"],
+                               capsys)
+        assert "error: --templates 'a photo': a template needs one {} where the label goes" in message, message
+
+
+def test_detect_splits_queries_on_a_dot_and_space_as_its_help_says():
+    """Split on every '.', "Dr. Smith's red square. 3.5 inch blue circle" was 4 queries, "3" and "5 inch ..." two."""
+    assert cli._split_queries("Dr. Smith's red square. 3.5 inch blue circle") == [
+        "Dr", "Smith's red square", "3.5 inch blue circle"]
+    assert cli._split_queries(" red star.  blue circle.\n") == ["red star", "blue circle"]
+    assert cli._split_queries("a.b") == ["a.b"]
 
 
 # --- errors nobody foresaw, and Ctrl-C ------------------------------------------------------------------------------

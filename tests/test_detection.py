@@ -695,3 +695,16 @@ def test_shapes_detection_is_skipped_with_a_warning_for_a_detector_trained_on_a_
     with caplog.at_level("WARNING"):
         assert run_shapes_detection(ctx, "det_on_coco", ShapesDetectionEval()) == {}
     assert "evals.det_on_coco: skipped, the detector is trained on method.annotations" in caplog.text
+
+
+def test_a_name_glip_cannot_read_is_refused_in_one_short_line(tokenizer):
+    """A name over the context was refused with grounding_prompt's message inside, quoting the name twice: 1,500
+    characters and more for one long query. A '.' inside a name (3.5 inch) was reported as a name too long."""
+    long_name = "red star " * 200
+    with pytest.raises(ConfigError) as info:
+        prompt_chunks(tokenizer, ["blue circle", long_name], CONTEXT)
+    message = str(info.value)
+    assert len(message) < 200 and "\n" not in message and message.count("red star") <= 8, message
+    assert f"({len(long_name)} characters) alone has" in message and f"reads {CONTEXT - 2}: shorten it" in message
+    with pytest.raises(ConfigError, match=r"the name '3.5 inch blue circle' is empty or holds '\.'"):
+        prompt_chunks(tokenizer, ["3.5 inch blue circle"], CONTEXT)

@@ -251,12 +251,22 @@ def clip_workdir(tmp_path_factory):
     return workdir
 
 
-def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(clip_workdir, tmp_path):
+LSEG_TEMPLATES = ("a photo of a {}.",)  # not the default (the shapes prompts): `segment` must use the run's own
+
+
+@pytest.fixture(scope="module")
+def lseg_workdir(clip_workdir, tmp_path_factory):
+    lseg = tmp_path_factory.mktemp("lseg") / "run"
+    clip_jax("train", "--config", "configs/lseg_shapes.py", "--workdir", lseg, *tiny_overrides(2),
+             f"--config.init_from={clip_workdir}", "--config.method.decoder_width=8",
+             f"--config.method.templates={LSEG_TEMPLATES!r}")
+    return lseg
+
+
+def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(clip_workdir, lseg_workdir, tmp_path):
     from clip_jax.train.loop import load_trained
 
-    lseg = tmp_path / "lseg"
-    clip_jax("train", "--config", "configs/lseg_shapes.py", "--workdir", lseg, *tiny_overrides(2),
-             f"--config.init_from={clip_workdir}", "--config.method.decoder_width=8")
+    lseg = lseg_workdir
     results = json.loads((lseg / "results.json").read_text())
     assert 0 <= results["seg_novel_miou"] <= 1 and 0 <= results["seg_seen_miou"] <= 1
     clip = load_trained(clip_workdir).params
@@ -358,6 +368,57 @@ def test_segment_refuses_bad_labels_before_loading_a_model(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("clip-jax segment: error: --labels needs distinct")
 
+def test_segment_prompts_the_labels_as_the_run_did_unless_told_and_names_every_output_apart(lseg_workdir, tmp_path,
+                                                                                              monkeypatch, capsys):
+    """segment always used the shapes prompts: a run trained and evaluated with others (configs/lseg_voc.py's "a
+    photo of a {}.") got masks other than its evaluation's. And a-1.png's mask was overwritten by a.jpg's, both
+    named a-1.png."""
+    from clip_jax import cli
+    from clip_jax.evaluate import segmentation
+
+    used, real = [], segmentation.label_embeddings
+
+    def spy(texts, names, background, templates):
+        used.append(tuple(templates))
+        return real(texts, names, background, templates)
+
+    monkeypatch.setattr(segmentation, "label_embeddings", spy)
+    images = tmp_path / "coll"
+    images.mkdir()
+    source = ShapesDataset(ShapesConfig(image_size=32, min_objects=3, max_objects=6), "test_novel")
+    for i, name in enumerate(("a-1.png", "a.jpg", "a.png")):
+        Image.fromarray(source[i]["image"]).save(images / name)
+    base = ["segment", "--workdir", str(lseg_workdir), "--images", str(images), "--labels", "red star,blue circle"]
+    cli.main([*base, "--out", str(tmp_path / "run")])
+    cli.main([*base, "--out", str(tmp_path / "given"), "--templates", "{}", "a {} shape"])
+    assert used == [LSEG_TEMPLATES, ("{}", "a {} shape")]
+    printed = capsys.readouterr().out
+    assert "with the run's method.templates (1)" in printed and "with --templates (2)" in printed, printed
+    out = tmp_path / "run"
+    pairs = [line.split("\t") for line in (out / "images.txt").read_text().splitlines()]
+    assert [(name, pathlib.Path(f).name) for name, f in pairs] == [
+        ("a-1.png", "a-1.png"), ("a.jpg.png", "a.jpg"), ("a.png.png", "a.png")]
+    for name, _ in pairs:
+        assert (out / "masks" / name).is_file() and (out / "overlays" / name).is_file()
+
+
+def test_segment_refuses_labels_that_are_one_text_to_the_model(clip_workdir, tmp_path, capsys):
+    """The tokenizer lower-cases and the text tower reads its context: "Red square,red square", or two labels that
+    differ only past the context, got one embedding, and the second label was never chosen."""
+    from tests.test_end_to_end import exit_message
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(ShapesDataset(ShapesConfig(image_size=32), "test_novel")[0]["image"]).save(images / "s.png")
+    long = "red square " * 30
+    for labels, first, second in (("Red square,red square,blue star", "'Red square'", "'red square'"),
+                                  (f"{long}a,{long}b", repr(long[:60]), repr(long[:60]))):
+        message = exit_message(["segment", "--workdir", str(clip_workdir), "--images", str(images), "--labels",
+                                labels, "--out", str(tmp_path / "o")], capsys)
+        assert message.startswith(f"clip-jax segment: error: --labels: {first}") and f" and {second}" in message
+        assert "are one text to this model (its tokenizer lower-cases, and its text tower reads 22 tokens)" in message
+        assert len(message) < 400, message
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_resnets_dense_features_are_its_attention_pool_at_each_position():
@@ -456,3 +517,12 @@ def test_an_overlay_dir_in_a_workdir_is_refused_when_the_config_is_checked(tmp_p
             check_input_paths(config, training=False, workdir=fresh)
     with pytest.raises(ConfigError, match="lies inside the clip_jax workdir"):  # what the evaluations call to write
         check_overlay_dir("seg", str(workdir / "overlays"))
+
+
+    # one text to the model (the tokenizer lower-cases): every box was drawn twice, once per spelling
+    refused = subprocess.run([sys.executable, "-m", "clip_jax", "detect", "--workdir", str(workdir), "--images",
+                              str(scenes), "--queries", "Red square. red square", "--out", str(tmp_path / "twice")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        "clip-jax detect: error: --queries: 'Red square' and 'red square' are one text to this model"), refused.stderr
+    assert not (tmp_path / "twice").exists()

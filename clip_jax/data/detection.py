@@ -19,7 +19,7 @@ from PIL import Image
 from clip_jax.data.coco import CocoDetection, read_checked_annotations
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset, class_names, scene_boxes
 from clip_jax.data.tokenizer import ClipTokenizer
-from clip_jax.errors import ConfigError
+from clip_jax.errors import ConfigError, quoted
 from clip_jax.models.boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
 
 
@@ -204,8 +204,15 @@ def prompt_chunks(tokenizer: ClipTokenizer, names: Sequence[str], context_length
                 pass
         try:
             grounding_prompt(tokenizer, [name], context_length)
-        except ValueError as e:
-            raise ConfigError(f"the class name {name!r} alone does not fit the text tower's context: {e}") from None
+        except ValueError:
+            # One short line: grounding_prompt's message quotes the whole prompt, and with it the name, whole (a
+            # name of a thousand characters made a message of 2,000 saying it twice).
+            if "." in name or not name.strip():
+                raise ConfigError(f"the name {quoted(name)} is empty or holds '.', which separates the phrases of "
+                                  "the detector's prompt: write it without one") from None
+            count = len(tokenizer.encode(name + "."))
+            raise ConfigError(f"the name {quoted(name)} alone has {count} tokens with its '.', and the text tower "
+                              f"reads {context_length - 2}: shorten it") from None
         chunks.append([c])
     k = max(len(chunk) for chunk in chunks) if chunks else 0
     tokens = np.zeros((len(chunks), context_length), np.int32)
