@@ -494,6 +494,13 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
     refused = subprocess.run([sys.executable, "-m", "clip_jax", "detect", "--workdir", str(workdir), "--images",
                               str(scenes), "--queries", " . ", "--out", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("clip-jax detect: error: ")
+    # one text to the model (the tokenizer lower-cases): every box was drawn twice, once per spelling
+    refused = subprocess.run([sys.executable, "-m", "clip_jax", "detect", "--workdir", str(workdir), "--images",
+                              str(scenes), "--queries", "Red square. red square", "--out", str(tmp_path / "twice")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        "clip-jax detect: error: --queries: 'Red square' and 'red square' are one text to this model"), refused.stderr
+    assert not (tmp_path / "twice").exists()
 
 
 def test_an_overlay_dir_in_a_workdir_is_refused_when_the_config_is_checked(tmp_path):
@@ -517,12 +524,3 @@ def test_an_overlay_dir_in_a_workdir_is_refused_when_the_config_is_checked(tmp_p
             check_input_paths(config, training=False, workdir=fresh)
     with pytest.raises(ConfigError, match="lies inside the clip_jax workdir"):  # what the evaluations call to write
         check_overlay_dir("seg", str(workdir / "overlays"))
-
-
-    # one text to the model (the tokenizer lower-cases): every box was drawn twice, once per spelling
-    refused = subprocess.run([sys.executable, "-m", "clip_jax", "detect", "--workdir", str(workdir), "--images",
-                              str(scenes), "--queries", "Red square. red square", "--out", str(tmp_path / "twice")],
-                             capture_output=True, text=True)
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
-        "clip-jax detect: error: --queries: 'Red square' and 'red square' are one text to this model"), refused.stderr
-    assert not (tmp_path / "twice").exists()
