@@ -135,8 +135,7 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
 
     if not args.texts and not args.images and not args.audio:
         raise ConfigError("encode needs --texts FILE, --images DIR_OR_FILES and/or --audio DIR_OR_WAVS")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_batch_size(args.batch_size)
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the .npy files")
@@ -251,6 +250,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.names and args.classes != "all":
         raise ConfigError(f"--classes {args.classes} picks among a few-shot run's own classes; with --names the "
                           "classes are the file's: drop one of the two")
+    _check_batch_size(args.batch_size)
     out = epath.Path(args.out)
     refuse_inside_workdir(out, "--out")
     # a bad file is found before the model is loaded; blank lines (a trailing one, a gap) name no class

@@ -445,6 +445,13 @@ def test_classify_refuses_a_few_shot_names_file_whose_tabs_would_be_prompts(unto
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_classify_refuses_a_batch_size_below_one(untouched, tmp_path, capsys):
+    (tmp_path / "names.txt").write_text("red circle\nblue square\n")
+    message = exit_message(["classify", "--workdir", str(untouched), "--images", str(tmp_path), "--names",
+                            str(tmp_path / "names.txt"), "--out", str(tmp_path / "p.csv"), "--batch-size", "0"], capsys)
+    assert message.endswith("error: --batch-size must be >= 1, got 0"), message  # was an unexpected ValueError
+
+
 def test_encode_counts_the_texts_it_cuts(untouched, tmp_path, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_text("a red circle\n" + "a big blue star next to a small green square " * 10 + "\n")
