@@ -183,6 +183,23 @@ def test_convert_refuses_non_finite_weights(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_an_open_clip_config_of_another_model_is_refused_and_a_contradicting_flag_told(tmp_path, unchanged, caplog):
+    hub = tmp_path / "hub"
+    assert clip_jax("export", "--workdir", unchanged, "--format", "openai", "--out", hub).returncode == 0
+    config_file = hub / "open_clip_config.json"
+    config = json.loads(config_file.read_text())
+    heads = config["model_cfg"]["vision_cfg"]["width"] // config["model_cfg"]["vision_cfg"]["head_width"]
+    other = 2 if heads == 1 else 1
+    with caplog.at_level("WARNING"):  # a flag that contradicts the folder's own config: read as the flag says, told
+        assert clip_jax("convert", hub, "--to-workdir", tmp_path / "flagged", "--heads-vision", other).returncode == 0
+    assert f"--heads-vision {other} overrides {config_file}, which says {heads}" in caplog.text
+    config["model_cfg"]["vision_cfg"]["width"] *= 2  # another model's config: the heads would be read wrong
+    config_file.write_text(json.dumps(config))
+    assert_error(clip_jax("convert", hub, "--to-workdir", tmp_path / "w"), "convert",
+                 f"says vision_cfg.width {config['model_cfg']['vision_cfg']['width']} but its weights have")
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("flag,value", [("--heads-text", "0"), ("--heads-vision", "-2"), ("--heads-vision", "3")])
 def test_convert_refuses_bad_heads(tmp_path, workdir, flag, value):
     result = clip_jax("convert", workdir.parent / "tiny.safetensors", "--to-workdir", tmp_path / "w", flag, value)

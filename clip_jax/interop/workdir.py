@@ -68,8 +68,11 @@ def load_source(src: str | pathlib.Path, *, heads_vision: int | None = None, hea
             raise ConversionError(f"{src} is a clip_jax workdir already: train, eval, encode or export it directly")
         if (src / "open_clip_config.json").is_file():
             weights = _first_file(src, _OPEN_CLIP_WEIGHTS)
-            from_config = oa.open_clip_overrides(_read_json(src / "open_clip_config.json"))
+            config_json = _read_json(src / "open_clip_config.json")
+            from_config = oa.open_clip_overrides(config_json)
+            _warn_overridden(from_config, flags, src / "open_clip_config.json")
             imported = _from_openai(read_tensors(weights), {**from_config, **_given(flags)}, "open_clip", str(weights))
+            _check_open_clip_sizes(config_json, imported.model, src / "open_clip_config.json")
             if (src / "vocab.json").is_file():  # an export of a model with its own vocabulary (export_params)
                 imported = dataclasses.replace(imported, tokenizer_dir=src)
             return imported
@@ -92,6 +95,36 @@ def load_source_state_dict(sd: dict[str, np.ndarray], *, heads_vision: int | Non
 
 def _given(flags: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if v is not None}
+
+
+def _warn_overridden(stated: dict[str, Any], flags: dict[str, Any], where: pathlib.Path) -> None:
+    """Says where a --heads-* or --activation flag contradicts the source's own config: the flag wins (it may mend a
+    wrong config), but a flag copied from another model's command silently makes other embeddings."""
+    for key, value in _given(flags).items():
+        if stated.get(key, value) != value:
+            log.warning("--%s %s overrides %s, which says %s: the weights are read as the flag says (leave it out to "
+                        "read them as their config says)", key.replace("_", "-"), value, where, stated[key])
+
+
+def _check_open_clip_sizes(config_json: dict[str, Any], model: dict[str, Any], where: pathlib.Path) -> None:
+    """Refuses an open_clip_config.json whose sizes are not its weights': the heads come from its widths, so a config
+    of another model would read the weights with the wrong heads (open_clip itself refuses such a folder)."""
+    mc = config_json.get("model_cfg", config_json)
+    stated = [("embed_dim", mc.get("embed_dim"), model["embed_dim"])]
+    text = mc.get("text_cfg", {})
+    stated += [(f"text_cfg.{key}", text.get(key), model["text"][ours])
+               for key, ours in (("width", "width"), ("layers", "layers"), ("context_length", "context_length"),
+                                 ("vocab_size", "vocab_size"))]
+    vision = mc.get("vision_cfg", {})
+    if model["vision"].get("type") != "resnet":  # a ResNet's layers are a list of blocks per stage, its width per 32
+        stated += [(f"vision_cfg.{key}", vision.get(key), model["vision"][key])
+                   for key in ("width", "layers", "patch_size", "image_size")]
+    for key, said, found in stated:
+        if isinstance(said, list | tuple) and len(set(said)) == 1:  # open_clip also writes a size as [224, 224]
+            said = said[0]
+        if said is not None and said != found:
+            raise ConversionError(f"{where} says {key} {said!r} but its weights have {found!r}: the config is not "
+                                  "this model's; put the model's own config beside its weights")
 
 
 def _read_json(path: pathlib.Path) -> Any:
@@ -122,6 +155,9 @@ def _from_hf_dir(src: pathlib.Path, flags: dict[str, Any]) -> Imported:
     towers = oa.TOWERS
     if cfg.get("model_type") == "clip_text_model":  # a text encoder (e.g. diffusers' text_encoder/)
         cfg, towers = {"text_config": cfg, "projection_dim": cfg.get("projection_dim", 512)}, ("text",)
+    stated = hf_lib.model_from_hf_config(cfg)
+    _warn_overridden({"heads_vision": stated["vision"]["heads"], "heads_text": stated["text"]["heads"],
+                      "activation": stated["text"]["activation"]}, flags, src / "config.json")
     model = hf_lib.model_from_hf_config(cfg, **flags)
     if (src / "model.safetensors.index.json").is_file():  # sharded (large models)
         shards = sorted(set(_read_json(src / "model.safetensors.index.json")["weight_map"].values()))
