@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import json
+import pathlib
 import struct
 import subprocess
 
@@ -142,6 +143,16 @@ def test_export_over_an_existing_file_needs_force(tmp_path, unchanged):
     result = clip_jax("export", "--workdir", unchanged, "--format", "openai", "--out", out, "--force")
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.read_bytes() != b"previous"
+
+
+def test_export_to_a_place_that_takes_no_file_is_one_line(tmp_path, unchanged):
+    (tmp_path / "afile").write_text("mine")
+    assert_error(clip_jax("export", "--workdir", unchanged, "--format", "openai", "--out",
+                          tmp_path / "afile" / "x.safetensors"), "export", f"{tmp_path / 'afile'} is a file")
+    assert (tmp_path / "afile").read_text() == "mine"
+    if pathlib.Path("/proc/self").is_dir():  # a folder that takes no file, even from root: was SafetensorError, exit 1
+        assert_error(clip_jax("export", "--workdir", unchanged, "--format", "openai", "--out",
+                              "/proc/x.safetensors"), "export", "cannot write /proc/x.safetensors")
 
 
 def test_export_out_of_the_wrong_kind_is_refused_before_reading_the_checkpoint(tmp_path):

@@ -14,6 +14,7 @@ Every reader returns a flat `{key: np.ndarray}`; floating tensors come back as f
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import pickle
 import struct
@@ -195,9 +196,18 @@ def write_tensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray], *
             import torch
         except ImportError:
             raise ConversionError(f"{torch_missing('writing a .pt state dict')}; or drop --pt") from None
-        torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, path)
-    else:
-        from safetensors.numpy import save_file
+    # Written beside its place and renamed: a failure (a full disk, a path that takes no file) leaves no torn
+    # weights under the name a loader reads, and says in one line where and why.
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if torch_format:
+            torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, partial)
+        else:
+            from safetensors.numpy import save_file
 
-        save_file(arrays, str(path), metadata=metadata)
+            save_file(arrays, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for an OS error
+        partial.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {' '.join(str(e).split())}") from None
     return path

@@ -439,6 +439,10 @@ def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, for
         raise ConversionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = pathlib.Path(out)
     refuse_inside_workdir(out, "--out", source)  # even with --force: its config.json would be overwritten
+    blocking = next((p for p in out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConversionError(f"--out {out}: {blocking} is a file, so nothing can be written under it; name a path in "
+                              "a folder")
     if (pt or out.suffix in (".pt", ".bin")) and importlib.util.find_spec("torch") is None:
         raise ConversionError(f"{torch_missing('writing a .pt state dict')}; or write .safetensors (drop --pt)")
     if fmt == "openai" and out.suffix in _FILE_SUFFIXES:
