@@ -91,10 +91,15 @@ def test_voc_classes():
 # ------------------------------------------------------------------------------------------------------- reading
 
 
-def test_hand_made_folder_reads_back(two_images):
+def test_hand_made_folder_reads_back(two_images, caplog):
     root, source = two_images
-    folder = SegmentationFolder(root, "val", 30)
+    with caplog.at_level("WARNING"):
+        folder = SegmentationFolder(root, "val", 30)
+        SegmentationFolder(root, "val", 30)
     assert len(folder) == 2 and folder.class_names() == list(VOC_CLASSES)  # no class_names.txt
+    # said once: a folder of other classes would silently train under VOC's names
+    told = [r.getMessage() for r in caplog.records if "has no class_names.txt" in r.getMessage()]
+    assert len(told) == 1 and "read as PASCAL VOC's classes (background, aeroplane, bicycle, bird, ...)" in told[0]
     a, b = folder[0], folder[1]
     assert (a["id"], b["id"]) == ("a", "b")
     assert a["image"].shape == (30, 30, 3) and a["seg"].shape == (30, 30) and a["seg"].dtype == np.uint8

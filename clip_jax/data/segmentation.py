@@ -16,6 +16,7 @@ scenes and their class maps, so that the real-data path can be run (in tests, in
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ from clip_jax.data.images import (
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset, class_names
 from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote
+
+log = logging.getLogger(__name__)
 
 
 class SegmentationError(ConfigError):
@@ -145,10 +148,18 @@ def _read_ids(path: epath.Path) -> list[str]:
     return ids
 
 
+_VOC_NAMES_TOLD: set[str] = set()  # the folders already told they are read with VOC's names (once a process)
+
+
 def _read_class_names(path: epath.Path) -> list[str]:
     """Names by label from `path` if it exists, else VOC's. Trailing blank lines are dropped; a blank line before
     a name is refused, since it would shift every later label."""
     if not path.exists():
+        if str(path) not in _VOC_NAMES_TOLD:  # a folder of other classes would silently train under VOC's names
+            _VOC_NAMES_TOLD.add(str(path))
+            log.warning("%s has no %s: its labels 0-%d are read as PASCAL VOC's classes (background, %s, ...); if "
+                        "they are others, write their names there, one a line, the first the background",
+                        path.parent, _NAMES, len(VOC_CLASSES) - 1, ", ".join(VOC_CLASSES[1:4]))
         return list(VOC_CLASSES)
     try:
         lines = [line.strip() for line in decode_text(path.read_bytes()).splitlines()]
