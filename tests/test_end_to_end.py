@@ -477,6 +477,11 @@ def test_train_refuses_another_context_length_and_names_the_fix(trained, capsys)
     # on a workdir stretched to another length)
     assert f"train it with its own model (--config.model.text.context_length={CONTEXT} " \
            "--config.model.vision.layers=1)" in message
+    assert "init_from" not in message  # it takes the parameters as they are: no route to other shapes
+    assert {p: p.read_bytes() for p in before} == before
+    # a change that keeps the shapes (the compute dtype): a new run may start from these parameters
+    message = exit_message(train_args(trained, "--config.model.dtype=bfloat16"), capsys)
+    assert f"or use a new --workdir (--config.init_from={trained} starts one from this run's parameters)" in message
     assert {p: p.read_bytes() for p in before} == before
 
 

@@ -91,10 +91,12 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
             fields = [d.partition(":")[0] for d in diff]  # model.text.context_length, ...
             own = " ".join(shlex.quote(f"--config.{f}={_flag_value(_field(old, f.removeprefix('model.')))}")
                            for f in fields)
+            # init_from takes the parameters as they are: a route only where the changed fields keep their shapes
+            reuse = (f" (--config.init_from={workdir} starts one from this run's parameters)"
+                     if all(f in _WARM_START_FIELDS for f in fields) else "")
             raise ConfigError(
                 f"workdir {workdir} holds a run with a different model ({', '.join(diff)}): train it with its own "
-                f"model ({own}), or use a new --workdir (--config.init_from={workdir} starts one from this run's "
-                f"parameters where their shapes allow){stretch}"
+                f"model ({own}), or use a new --workdir{reuse}{stretch}"
             )
         _tell_resume_changes(previous, config, checkpoint_step, path)
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
