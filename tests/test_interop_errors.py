@@ -237,7 +237,9 @@ def _unreadable_source(tmp_path, workdir, name):
         "missing-data.safetensors": (struct.pack("<Q", len(header)) + header + b"\0" * 8, "cut short"),
         "empty.safetensors": (b"", "is empty"),
         "empty.pt": (b"", "is empty"),
-        "text.pt": (b"hello, not a checkpoint", "not a PyTorch checkpoint"),
+        "text.pt": (b"hello, not a checkpoint", "not a PyTorch checkpoint (it starts like text)"),
+        # was "refusing to load ...: it needs arbitrary Python unpickling ... (Unsupported operand 137)"
+        "image.pt": (b"\x89PNG\r\n\x1a\n" + bytes(64), "not a PyTorch checkpoint (it starts like a PNG image)"),
     }
     src = tmp_path / name
     if name in files:
@@ -259,7 +261,7 @@ def _unreadable_source(tmp_path, workdir, name):
     return src, "not found"
 
 
-SOURCES = ["cut.safetensors", "bad-json.safetensors", "cut-header.safetensors", "missing-data.safetensors",
+SOURCES = ["image.pt", "cut.safetensors", "bad-json.safetensors", "cut-header.safetensors", "missing-data.safetensors",
            "empty.safetensors", "empty.pt", "text.pt", "cut.pt", "empty-folder", "bad-config", "missing"]
 
 

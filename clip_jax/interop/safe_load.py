@@ -134,7 +134,27 @@ def _is_cut_zip(path: pathlib.Path) -> bool:
         return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
+_OTHER_FORMATS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8", "a JPEG image"), (b"GIF8", "a GIF image"),
+                  (b"\x1f\x8b", "a gzip file"), (b"<", "HTML or XML"), (b"{", "JSON"))
+
+
+def _not_torch(path: pathlib.Path) -> str | None:
+    """What the file looks like when it cannot be a torch.save file, which is a zip archive (PK) or, before torch
+    1.6, a pickle of protocol 2 or more (0x80): torch.load's own message then speaks of unpickling, misleadingly."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith((b"PK", b"\x80")):
+        return None
+    kind = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), None)
+    if kind is None:
+        kind = "text" if head.isascii() and head.decode("ascii").isprintable() else f"bytes {head[:4].hex(' ')}"
+    return kind
+
+
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+    if (kind := _not_torch(path)) is not None:
+        raise ConversionError(f"{path} is not a PyTorch checkpoint (it starts like {kind}); give a state dict "
+                              "(.safetensors, .pt, .bin) or an open_clip or Hugging Face model folder")
     if _is_cut_zip(path):
         raise damaged(path, "an incomplete zip archive (torch.save's format)")
     if _is_torchscript(path):
