@@ -100,6 +100,28 @@ def refuse_inside_workdir(path: str | os.PathLike, flag: str, source: str | os.P
             raise ConfigError(f"{flag} {path} {where} the clip_jax workdir {folder}; name a folder outside it")
 
 
+RUN_FOLDERS = ("checkpoints", "checkpoints_unreadable", "tensorboard")  # what a run keeps in folders of its workdir
+
+
+def refuse_run_files(path: str | os.PathLike, flag: str, workdir: str | os.PathLike | None = None, *,
+                     is_file: bool) -> None:
+    """An evaluation's output (`flag`: a file, or a folder of PNGs) may go in a folder of its own inside a clip_jax
+    workdir (W/overlays, W/coco/results.json), never where the run keeps its files: the workdir itself, a file at its
+    top level (config.json, results.json, ...), or its checkpoints/ and tensorboard/. `workdir` is the run's, which a
+    first launch has not made yet."""
+    if is_remote(path):
+        return
+    resolved = pathlib.Path(path).resolve()
+    own = pathlib.Path(workdir).resolve() if workdir is not None else None
+    for folder in (resolved, *resolved.parents):
+        if folder == own or is_workdir(folder):
+            inside = resolved.relative_to(folder).parts
+            if len(inside) < (2 if is_file else 1) or inside[0] in RUN_FOLDERS:
+                raise ConfigError(f"{flag} {path} is where the clip_jax run in {folder} keeps its own files; name a "
+                                  f"folder of its own inside the run (e.g. {folder / 'evaluations'}) or outside it")
+            return
+
+
 def canonical_path(path: str | os.PathLike) -> str:
     """One spelling per file, to compare paths: a bucket's as given, a local one absolute with links resolved."""
     return os.fspath(path) if is_remote(path) else os.path.realpath(path)

@@ -194,13 +194,16 @@ def test_a_results_file_is_written_only_over_an_earlier_results_list(tmp_path: p
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps({"model": {}}))
     (tmp_path / "notes.json").write_text('{"mine": 1}')
+    own_files = "is where the clip_jax run in"
     refused = {path: "is one of the evaluation's inputs", tmp_path / "notes.json": "is not an earlier output",
-               workdir / "config.json": "lies inside the clip_jax workdir", workdir / "r.json": "lies inside",
-               tmp_path / "fresh" / "r.json": "lies inside the clip_jax workdir"}  # the run's own, at a first launch
+               workdir / "config.json": own_files, workdir / "r.json": own_files,  # beside the run's files
+               workdir / "checkpoints" / "r.json": own_files,
+               tmp_path / "fresh" / "r.json": own_files}  # the run's own, at a first launch
     for out, expected in refused.items():
         with pytest.raises(ConfigError, match=expected) as error:
             check_coco_detection("coco", entry(out), workdir=tmp_path / "fresh")
         assert "\n" not in str(error.value) and str(error.value).startswith("evals.coco.results_file ")
+    check_coco_detection("coco", entry(workdir / "coco" / "r.json"))  # a folder of its own inside the run: fine
     assert json.loads((workdir / "config.json").read_text()) == {"model": {}} and "images" in json.loads(
         path.read_text())
     with pytest.raises(ConfigError, match=r"evals.coco.novel names \['cow'\], which are not categories"):
@@ -212,5 +215,5 @@ def test_a_results_file_is_written_only_over_an_earlier_results_list(tmp_path: p
         check_input_paths(config, training=False)
     method = types.SimpleNamespace(detection_queries=None, config=config)
     ctx = types.SimpleNamespace(config=config, method=method)
-    with pytest.raises(ConfigError, match="lies inside the clip_jax workdir"):
+    with pytest.raises(ConfigError, match=own_files):
         run_coco_detection(ctx, "coco", entry(workdir / "config.json"))

@@ -503,8 +503,9 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
     assert not (tmp_path / "twice").exists()
 
 
-def test_an_overlay_dir_in_a_workdir_is_refused_when_the_config_is_checked(tmp_path):
-    """Overlays written into a workdir would mix with the run's files (a prefix could name one of them)."""
+def test_an_overlay_dir_where_a_run_keeps_its_files_is_refused_when_the_config_is_checked(tmp_path):
+    """Overlays written into a workdir's own places would mix with the run's files (a prefix could name one of
+    them); a folder of their own inside the run (W/overlays) is fine."""
     from clip_jax.config import check_input_paths
     from clip_jax.evaluate.segmentation import check_overlay_dir
 
@@ -515,12 +516,16 @@ def test_an_overlay_dir_in_a_workdir_is_refused_when_the_config_is_checked(tmp_p
         config = load_config("configs/demo.py", [f"--config.evals.seg={ {**entry, 'overlay_dir': str(tmp_path)}!r}"])
         check_input_paths(config, training=False)  # a folder of the user's: fine
         config = load_config("configs/demo.py", [f"--config.evals.seg={ {**entry, 'overlay_dir': str(workdir)}!r}"])
-        with pytest.raises(ConfigError, match=f"evals.seg.overlay_dir {workdir} is the clip_jax workdir"):
+        with pytest.raises(ConfigError, match=f"evals.seg.overlay_dir {workdir} is where the clip_jax run in"):
             check_input_paths(config, training=False)
         # the run's own workdir at a first launch, before it holds a config.json
         fresh = tmp_path / "fresh"
-        config = load_config("configs/demo.py", [f"--config.evals.seg={ {**entry, 'overlay_dir': str(fresh / 'o')}!r}"])
-        with pytest.raises(ConfigError, match="lies inside the clip_jax workdir"):
+        inside = {**entry, 'overlay_dir': str(fresh / 'checkpoints' / 'o')}
+        config = load_config("configs/demo.py", [f"--config.evals.seg={inside!r}"])
+        with pytest.raises(ConfigError, match="keeps its own files; name a folder of its own inside the run"):
             check_input_paths(config, training=False, workdir=fresh)
-    with pytest.raises(ConfigError, match="lies inside the clip_jax workdir"):  # what the evaluations call to write
-        check_overlay_dir("seg", str(workdir / "overlays"))
+        config = load_config("configs/demo.py", [f"--config.evals.seg={ {**entry, 'overlay_dir': str(fresh / 'o')}!r}"])
+        check_input_paths(config, training=False, workdir=fresh)  # a folder of its own in the run: fine
+    check_overlay_dir("seg", str(workdir / "overlays"))  # what the evaluations call to write
+    with pytest.raises(ConfigError, match="keeps its own files"):
+        check_overlay_dir("seg", str(workdir / "tensorboard"))

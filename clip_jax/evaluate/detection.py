@@ -35,7 +35,7 @@ from clip_jax.data.detection import (
 )
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate import tell_skipped, trained_on_shapes
-from clip_jax.files import refuse_inside_workdir, refuse_replacing
+from clip_jax.files import refuse_replacing, refuse_run_files
 from clip_jax.models.boxes import batched_nms
 
 
@@ -168,8 +168,9 @@ def _earlier_results(path: epath.Path) -> bool:
 
 def check_coco_detection(name: str, entry: CocoDetectionEval, workdir: str | os.PathLike | None = None) -> None:
     """A ConfigError for an entry that would fail or destroy a file: `novel` names that are not categories of the
-    annotation file; a `results_file` inside a clip_jax workdir (or the run's `workdir`, not yet one at a first
-    launch), equal to the annotation file, or an existing file other than an earlier results list (the run's
+    annotation file; a `results_file` where a clip_jax run keeps its files (`files.refuse_run_files`: its top level,
+    checkpoints/ ...; the run's `workdir` counts before a first launch makes it; a folder of its own inside the run
+    is fine), equal to the annotation file, or an existing file other than an earlier results list (the run's
     config.json, the user's own files would be overwritten)."""
     if entry.novel:
         names = category_names(entry.annotations)
@@ -179,7 +180,7 @@ def check_coco_detection(name: str, entry: CocoDetectionEval, workdir: str | os.
                               f"name some of its {len(names)} categories (e.g. {names[:3]})")
     if entry.results_file:
         flag = f"evals.{name}.results_file"
-        refuse_inside_workdir(entry.results_file, flag, workdir)
+        refuse_run_files(entry.results_file, flag, workdir, is_file=True)
         refuse_replacing(entry.results_file, _earlier_results, [entry.annotations], flag=flag, by="evaluation")
 
 

@@ -41,7 +41,7 @@ from clip_jax.data.segmentation import BACKGROUND, IGNORE, SegmentationFolder, v
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate import trained_on_shapes
-from clip_jax.files import refuse_inside_workdir
+from clip_jax.files import refuse_run_files
 
 BACKGROUND_MODES = ("label", "threshold")
 # Candidate thresholds on the best class's probability, tried on `val`.
@@ -111,10 +111,11 @@ def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.55) -> np.n
 
 
 def check_overlay_dir(name: str, overlay_dir: str, workdir: str | os.PathLike | None = None) -> None:
-    """A ConfigError if `evals.<name>.overlay_dir` is, or lies in, a clip_jax workdir (or the run's `workdir`, not
-    yet one at a first launch): its PNGs would mix with the run's files, and a name there could be overwritten.
-    Checked with the config and again before writing (a workdir may have been made there meanwhile)."""
-    refuse_inside_workdir(overlay_dir, f"evals.{name}.overlay_dir", workdir)
+    """A ConfigError if `evals.<name>.overlay_dir` is where a clip_jax run keeps its files (`files.refuse_run_files`:
+    the workdir itself, its checkpoints/ ...; the run's `workdir` counts before a first launch makes it): its PNGs
+    would mix with the run's files. A folder of its own inside the run (W/overlays) is fine. Checked with the config
+    and again before writing (a workdir may have been made there meanwhile)."""
+    refuse_run_files(overlay_dir, f"evals.{name}.overlay_dir", workdir, is_file=False)
 
 
 def write_overlays(out_dir: str | pathlib.Path, images: np.ndarray, preds: np.ndarray, targets: np.ndarray | None,
