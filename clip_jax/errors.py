@@ -11,12 +11,18 @@ class ConfigError(ValueError):
     """A problem with the configuration or an input, stated in one line that names the key or file."""
 
 
-def quoted(text: str, limit: int = 60) -> str:
-    """`text` quoted for a message, cut to `limit` characters with its length said: a name of a thousand words
-    (a label, a query, a class name) would otherwise fill the one line that says what is wrong with it."""
+def shortened(text: str, limit: int, quote: bool = False) -> str:
+    """`text` cut to `limit` characters with its length said (quoted with `quote`): a name of a thousand words, a
+    caption of megabytes, would otherwise fill the line or the screen that shows it."""
+    shown = repr if quote else str
     if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+        return shown(text)
+    return f"{shown(text[:limit])}... ({len(text):,} characters in all)"
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """`text` quoted and `shortened` for the one line of a message (a label, a query, a class name)."""
+    return shortened(text, limit, quote=True)
 
 
 def one_line(error: BaseException) -> str:

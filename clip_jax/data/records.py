@@ -40,6 +40,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
 from clip_jax.data.images import decode_image
+from clip_jax.errors import shortened
 from clip_jax.files import is_remote
 
 FORMAT_VERSION = 1
@@ -246,9 +247,7 @@ SHOWN_CAPTION_CHARS = 500  # what `data inspect` prints of a caption: a web capt
 
 
 def _shown(caption: str | None) -> str | None:
-    if caption is None or len(caption) <= SHOWN_CAPTION_CHARS:
-        return caption
-    return f"{caption[:SHOWN_CAPTION_CHARS]}... ({len(caption):,} characters in all)"
+    return None if caption is None else shortened(caption, SHOWN_CAPTION_CHARS)
 
 
 def describe(spec: str, n: int = 3) -> dict[str, Any]:
