@@ -415,7 +415,8 @@ def test_cli_convert_and_export(tmp_path):
     assert_parity("CLI export hf", hf_outputs(reloaded, images, hf_ids.astype(np.int64)),
                   ours(config.model.to_dict(), jax.device_get(params), images, hf_ids))
     # CLIPProcessor loads (its image processor's settings exported) and preprocesses as clip_jax does: a 60x45 image
-    # (the 45 side to 32, the 60 to int(42.67) = 42, cropped from x 5), normalised by OpenAI's statistics.
+    # (the 45 side to 32, the 60 to int(42.67) = 42, cropped from x 5; an even margin, where transformers' truncated
+    # offset and torchvision's rounded one agree), normalised by OpenAI's statistics.
     from PIL import Image
 
     from clip_jax.data.images import resize_center_crop

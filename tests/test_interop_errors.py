@@ -122,7 +122,7 @@ def test_force_never_replaces_model_files_that_no_export_wrote(tmp_path, unchang
         (out / name).write_text(name)
     before = snapshot(out)
     assert_error(clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", out, "--force"), "export",
-                 str(out), "open_clip_config.json, open_clip_model.safetensors", "no clip_jax export wrote")
+                 str(out), "open_clip_config.json, open_clip_model.safetensors", "no clip_jax export recorded writing")
     assert snapshot(out) == before
     (out / "open_clip_config.json").unlink()
     (out / "open_clip_model.safetensors").unlink()  # a folder of other files only: the export goes beside them
@@ -132,6 +132,28 @@ def test_force_never_replaces_model_files_that_no_export_wrote(tmp_path, unchang
     record = json.loads((out / "clip_jax_export.json").read_text())
     assert record["format"] == "openai" and sorted(record["files"]) == ["open_clip_config.json",
                                                                         "open_clip_model.safetensors"]
+    (out / "config.json").write_text("a user's, beside the recorded export")  # not in the record: kept, so refused
+    assert_error(clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", out, "--force"), "export",
+                 "holds config.json, which no clip_jax export recorded writing")
+    (out / "config.json").unlink()
+    assert clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", out, "--force").returncode == 0
+    assert not (out / "open_clip_model.safetensors").exists() and (out / "model.safetensors").is_file()
+
+
+def test_an_export_that_failed_midway_is_replaced_by_force(tmp_path, unchanged, monkeypatch):
+    out = tmp_path / "hf"
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(wd, "write_tensors", disk_full)  # config.json written, the weights not
+    assert_error(clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", out), "export",
+                 "No space left on device")
+    assert (out / "config.json").is_file() and (out / "clip_jax_export.json").is_file()  # recorded before writing
+    monkeypatch.undo()
+    result = clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", out, "--force")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
 
 
 def test_export_over_an_existing_file_needs_force(tmp_path, unchanged):

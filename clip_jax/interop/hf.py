@@ -162,7 +162,8 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
     """preprocessor_config.json of a `CLIPImageProcessor` (what `CLIPProcessor.from_pretrained` needs beside the
     tokenizer): clip_jax's eval transform, the shorter side resized bicubic to the model's size, the centre crop,
-    OpenAI's RGB normalisation."""
+    OpenAI's RGB normalisation. transformers truncates the crop's offset where torchvision (and clip_jax) round it
+    half to even: where the margin is odd, its crop is one pixel off ours."""
     from clip_jax.models.clip import CLIP_MEAN, CLIP_STD
 
     return {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",

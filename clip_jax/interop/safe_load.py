@@ -227,7 +227,9 @@ def write_tensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray], *
 
             save_file(arrays, str(partial), metadata=metadata)
         os.replace(partial, path)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for an OS error
+    except BaseException as e:  # a Ctrl-C too leaves no partial file
         partial.unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {' '.join(str(e).split())}") from None
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # safetensors' own error for an OS one
+            raise OSError(f"cannot write {path}: {' '.join(str(e).split())}") from None
+        raise
     return path

@@ -155,10 +155,14 @@ def _from_hf_dir(src: pathlib.Path, flags: dict[str, Any]) -> Imported:
     towers = oa.TOWERS
     if cfg.get("model_type") == "clip_text_model":  # a text encoder (e.g. diffusers' text_encoder/)
         cfg, towers = {"text_config": cfg, "projection_dim": cfg.get("projection_dim", 512)}, ("text",)
-    stated = hf_lib.model_from_hf_config(cfg)
-    _warn_overridden({"heads_vision": stated["vision"]["heads"], "heads_text": stated["text"]["heads"],
-                      "activation": stated["text"]["activation"]}, flags, src / "config.json")
     model = hf_lib.model_from_hf_config(cfg, **flags)
+    try:  # what the file says, for the warning; a flag may be there to mend a value the file cannot be read with
+        stated = hf_lib.model_from_hf_config(cfg)
+    except ConversionError:
+        stated = None
+    if stated is not None:
+        _warn_overridden({"heads_vision": stated["vision"]["heads"], "heads_text": stated["text"]["heads"],
+                          "activation": stated["text"]["activation"]}, flags, src / "config.json")
     if (src / "model.safetensors.index.json").is_file():  # sharded (large models)
         shards = sorted(set(_read_json(src / "model.safetensors.index.json")["weight_map"].values()))
         sd = {k: v for shard in shards for k, v in read_tensors(src / shard).items()}
@@ -459,34 +463,49 @@ def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, for
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} is a file; --format {fmt} writes a folder: name a new folder")
     if out.is_dir() and any(out.iterdir()):
+        recorded = _recorded_files(out)
         if not force:
-            raise ConversionError(f"--out {out} is not empty; pass --force to replace the clip_jax export there (only "
-                                  "the files it wrote are removed), or name a new folder")
-        foreign = [name for name in _EXPORT_FILES if (out / name).exists()]
-        if foreign and not (out / EXPORT_RECORD).is_file():
-            raise ConversionError(f"--out {out} holds {', '.join(foreign)}, which no clip_jax export wrote (it has no "
-                                  f"{EXPORT_RECORD}); --force replaces only an earlier clip_jax export: name a new "
-                                  "folder, or remove those files yourself")
+            earlier = "the clip_jax export there (only the files it wrote are removed)" if recorded is not None else (
+                "it (the files there are kept)")
+            raise ConversionError(f"--out {out} is not empty; pass --force to export into {earlier}, or name a new "
+                                  "folder")
+        foreign = [name for name in _EXPORT_FILES if (out / name).exists() and name not in (recorded or ())]
+        if foreign:
+            raise ConversionError(f"--out {out} holds {', '.join(foreign)}, which no clip_jax export recorded writing "
+                                  f"(in {EXPORT_RECORD}; exports of versions before 2026-12-06 kept none); --force "
+                                  "replaces only a recorded export: name a new folder, or remove those files yourself")
 
 
-def _clear_previous_export(out: pathlib.Path) -> None:
-    """Removes the files an earlier export recorded having written (check_export_out refused any other folder)."""
+def _recorded_files(out: pathlib.Path) -> list[str] | None:
+    """The file names an earlier export in `out` recorded writing, or None where it holds no record."""
     record = out / EXPORT_RECORD
     if not record.is_file():
-        return
+        return None
     try:
-        written = json.loads(record.read_text())["files"]
+        files = json.loads(record.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{record} is not readable ({e}); remove the earlier export in {out} yourself, or name a "
                               "new folder") from None
-    for name in written:
-        if name in _EXPORT_FILES:  # a record edited by hand names nothing else
-            (out / name).unlink(missing_ok=True)
-    record.unlink()
+    return [name for name in files if name in _EXPORT_FILES]  # a record edited by hand names nothing else
+
+
+def _start_export(out: pathlib.Path, fmt: str) -> None:
+    """Removes the files an earlier export recorded writing (check_export_out refused any other export file there),
+    and records, before any is written, every name this export may write: an export that fails midway leaves its
+    files recorded, so that a later --force replaces them."""
+    for name in _recorded_files(out) or ():
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_record(out, fmt, list(_EXPORT_FILES))
+
+
+def _write_record(out: pathlib.Path, fmt: str, names: list[str]) -> None:
+    (out / EXPORT_RECORD).write_text(json.dumps({"format": fmt, "files": names}, indent=2) + "\n")
 
 
 def _record_export(out: pathlib.Path, fmt: str, written: list[pathlib.Path]) -> list[pathlib.Path]:
-    (out / EXPORT_RECORD).write_text(json.dumps({"format": fmt, "files": [p.name for p in written]}, indent=2) + "\n")
+    """The record of the files the export wrote, in place of the names it might have written."""
+    _write_record(out, fmt, [p.name for p in written])
     return [*written, out / EXPORT_RECORD]
 
 
@@ -510,8 +529,8 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
                               "loads it), or --format hf-text for the text tower alone")
     check_export_out(out, fmt, pt=pt, force=force)
     out = pathlib.Path(out)
-    if out.is_dir():
-        _clear_previous_export(out)  # (with force only: check_export_out refuses a non-empty folder without it)
+    if not (fmt == "openai" and out.suffix in _FILE_SUFFIXES):  # a folder export
+        _start_export(out, fmt)  # (into a non-empty folder with force only: check_export_out refuses it without)
     if fmt == "openai":
         from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
 
