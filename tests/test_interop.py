@@ -216,6 +216,17 @@ def test_hf_parity(tmp_path):
     assert_parity("HF CLIPModel", hf_outputs(hf_model, images, ids), ours(m, imported.params, images, ids))
 
 
+def test_a_flag_mends_an_hf_config_that_cannot_be_read(tmp_path):
+    small_hf().save_pretrained(tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text_config"]["num_attention_heads"] = 3  # does not divide the width 64
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="pass --heads-text"):
+        wd.load_source(tmp_path / "hf")
+    assert wd.load_source(tmp_path / "hf", heads_text=4).model["text"]["heads"] == 4  # the flag mends it
+
+
 # ---- export ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_import():
