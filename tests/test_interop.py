@@ -306,6 +306,22 @@ def test_export_hf_round_trip(tmp_path, small_import):
     assert trees_equal(back.params, imported.params) and back.model == imported.model
 
 
+def test_a_refused_hf_export_leaves_nothing(tmp_path, small_import):
+    """A SigLIP model's logit_bias has no place in a CLIPModel: refused, naming the formats that take the model,
+    and no folder or record is left to block the retry (a record of files never written did)."""
+    _, imported = small_import
+    params = {**imported.params, "logit_bias": np.float32(-10.0)}
+    model = {**imported.model, "logit_bias_init": -10.0}
+    with pytest.raises(ConversionError, match="logit_bias.*export --format openai"):
+        wd.export_params(params, model, "hf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    with pytest.raises(ConversionError, match="logit_bias"):
+        wd.export_params(params, model, "hf", tmp_path / "mine", force=True)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.md"]
+
+
 def test_export_hf_text_248_positions(tmp_path):
     torch_model = small_open_clip(context_length=248)
     imported = wd.load_source_state_dict(state_dict(torch_model), heads_vision=2, heads_text=2, activation="gelu")

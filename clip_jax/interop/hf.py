@@ -79,7 +79,8 @@ def hf_from_openai(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
                     out[base + _rename(rest, _BLOCK)] = x
                 break
         else:
-            raise ConversionError(f"{key!r} has no counterpart in Hugging Face's CLIPModel (e.g. a SigLIP logit_bias)")
+            raise ConversionError(f"{key!r} has no counterpart in Hugging Face's CLIPModel (e.g. a SigLIP logit_bias): "
+                                  "export --format openai (open_clip keeps it), or --format hf-text for the text tower")
     return out
 
 

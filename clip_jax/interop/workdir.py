@@ -529,8 +529,22 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
                               "loads it), or --format hf-text for the text tower alone")
     check_export_out(out, fmt, pt=pt, force=force)
     out = pathlib.Path(out)
-    if not (fmt == "openai" and out.suffix in _FILE_SUFFIXES):  # a folder export
+    folder, existed = not (fmt == "openai" and out.suffix in _FILE_SUFFIXES), out.exists()
+    if folder:
         _start_export(out, fmt)  # (into a non-empty folder with force only: check_export_out refuses it without)
+    try:
+        return _write_export(params, model, fmt, out, tokenizer, pt)
+    except BaseException:
+        if folder and not any((out / name).exists() for name in _EXPORT_FILES):  # refused before writing a file:
+            (out / EXPORT_RECORD).unlink(missing_ok=True)  # no record of an export that is not there
+            if not existed and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _write_export(params: dict[str, Any], model: dict[str, Any], fmt: str, out: pathlib.Path,
+                  tokenizer: dict[str, Any] | None, pt: bool) -> list[pathlib.Path]:
+    """`export_params`'s files, into `out` that it checked (and, for a folder, recorded)."""
     if fmt == "openai":
         from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
 
