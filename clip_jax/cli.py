@@ -154,6 +154,8 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             print(f"warning: {message}", file=sys.stderr)
         if not images:
             raise ConfigError(f"no readable image among the {len(files)} files of --images")
+    if args.audio:  # read before anything is written too
+        sounds, sound_files, sounds_skipped = _read_sounds(args.audio, config)
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     # Every process embeds every input (the encoder's results are replicated); process 0 writes them.
     primary = jax.process_index() == 0
@@ -183,7 +185,12 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             print(f"encoded {len(kept)} images -> {out / 'image_embeddings.npy'}" + (
                 f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
     if args.audio:
-        _encode_audio(args.audio, trained, encoder, save if primary else None, out)
+        embeddings = encoder.audio(np.stack(sounds))
+        if primary:
+            save("audio_embeddings.npy", embeddings)
+            write_atomic(out / "audio_files.txt", "".join(f + "\n" for f in sound_files))
+            print(f"encoded {len(sound_files)} sounds -> {out / 'audio_embeddings.npy'}" + (
+                f" ({sounds_skipped} undecodable files skipped)" if sounds_skipped else ""))
 
 
 def _check_audio_model(workdir: str) -> None:
@@ -198,16 +205,16 @@ def _check_audio_model(workdir: str) -> None:
                           f" the model of {workdir} has none")
 
 
-def _encode_audio(paths: list[str], trained, encoder, save, out) -> None:
-    """`encode --audio`: WAV files (a folder: its *.wav, sorted) -> audio_embeddings.npy and audio_files.txt, in a
-    model with an audio tower; a file that does not decode is skipped with a warning."""
-    import numpy as np
+def _read_sounds(paths: list[str], config) -> tuple[list, list[str], int]:
+    """`encode --audio`'s inputs: (the sounds, their files, the number skipped) of WAV files (a folder: its *.wav,
+    sorted) for a model with an audio tower; a file that does not decode is skipped with a warning, and none
+    readable is an error (it printed "encoded 0 sounds" and wrote no embeddings)."""
     from etils import epath
 
     from clip_jax.data.audio import AudioError, read_wav
     from clip_jax.evaluate.audio import audio_config
 
-    audio = audio_config(trained.config)
+    audio = audio_config(config)
     files = []
     for path in map(epath.Path, paths):
         if path.is_dir():
@@ -223,14 +230,9 @@ def _encode_audio(paths: list[str], trained, encoder, save, out) -> None:
             kept.append(str(file))
         except AudioError as e:
             print(f"warning: skipping {e}", file=sys.stderr)
-    embeddings = encoder.audio(np.stack(sounds)) if sounds else None
-    if save is not None:
-        if embeddings is not None:
-            save("audio_embeddings.npy", embeddings)
-        (out / "audio_files.txt").write_text("".join(f + "\n" for f in kept))
-        skipped = len(files) - len(kept)
-        print(f"encoded {len(kept)} sounds -> {out / 'audio_embeddings.npy'}" + (
-            f" ({skipped} undecodable files skipped)" if skipped else ""))
+    if not sounds:
+        raise ConfigError(f"no readable sound among the {len(files)} .wav files of --audio")
+    return sounds, kept, len(files) - len(kept)
 
 
 def _classify(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -164,6 +164,20 @@ def test_encode_audio_equals_the_model_and_skips_bad_files(runs, tmp_path, capsy
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+def test_encode_audio_without_a_readable_sound_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
+    """It printed "encoded 0 sounds -> .../audio_embeddings.npy", wrote no such file, and left an audio_files.txt
+    that refused the retry."""
+    _, partial = runs
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.wav").write_text("not a WAV file\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["encode", "--workdir", str(partial), "--audio", str(tmp_path / "clips"), "--out", str(out)])
+    assert info.value.code == 2
+    assert "no readable sound among the 1 .wav files of --audio" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_the_labelled_folder_evaluation_counts_and_skips(runs, tmp_path, capsys):
     _, partial = runs
     csv = write_shapes_audio_set(tmp_path / "set", 10, seconds=SAMPLES / 8000)
