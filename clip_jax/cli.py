@@ -594,15 +594,16 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
                           "Hugging Face layout; use the workdir itself (clip-jax segment, encode, eval)")
     for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force):
         print(f"wrote {path}")
+    # What the workdir holds beyond the exported towers, and what uses it there.
+    beyond = {"lseg": ("LSeg's decoder has", "clip-jax segment"), "slip": ("SLIP's self-supervised head has", "only "
+              "training uses it"), **dict.fromkeys(("vild", "glip"), (f"the {method} detector's heads have",
+                                                                     "clip-jax detect"))}.get(method)
     if "audio" in read_config(config_path).model:  # export read it: it exists
-        print("note: the export holds the image and text towers; the audio tower has no OpenAI or Hugging Face "
-              "layout and stays in the workdir (clip-jax encode --audio)", file=sys.stderr)
-    if method == "lseg":
-        print("note: the export holds the image and text towers; LSeg's decoder has no OpenAI or Hugging Face layout "
-              "and stays in the workdir (clip-jax segment)", file=sys.stderr)
-    if method in ("vild", "glip"):
-        print(f"note: the export holds the image and text towers; the {method} detector's heads have no OpenAI or "
-              "Hugging Face layout and stay in the workdir (clip-jax detect)", file=sys.stderr)
+        beyond = ("the audio tower has", "clip-jax encode --audio")
+    if beyond:
+        held = "the text tower" if args.format == "hf-text" else "the image and text towers"
+        print(f"note: the export holds {held}; {beyond[0]} no OpenAI or Hugging Face layout and stays in the workdir "
+              f"({beyond[1]})", file=sys.stderr)
 
 
 def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:

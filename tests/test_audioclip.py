@@ -178,6 +178,14 @@ def test_encode_audio_without_a_readable_sound_is_one_line_and_writes_nothing(ru
     assert not out.exists()
 
 
+def test_an_export_says_which_towers_it_holds_and_what_stays(runs, tmp_path, capsys):
+    _, partial = runs
+    for fmt, held in (("openai", "the image and text towers"), ("hf-text", "the text tower")):
+        cli.main(["export", "--workdir", str(partial), "--format", fmt, "--out", str(tmp_path / fmt)])
+        note = capsys.readouterr().err
+        assert f"note: the export holds {held}; the audio tower has no OpenAI or Hugging Face layout" in note, note
+
+
 def test_the_labelled_folder_evaluation_counts_and_skips(runs, tmp_path, capsys):
     _, partial = runs
     csv = write_shapes_audio_set(tmp_path / "set", 10, seconds=SAMPLES / 8000)
