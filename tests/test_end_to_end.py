@@ -504,6 +504,7 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(trained, tmp_pa
 def test_init_from_a_folder_without_checkpoints_is_one_line(tmp_path, capsys):
     message = exit_message(train_args(tmp_path / "run", f"--config.init_from={tmp_path / 'nothing'}"), capsys)
     assert "config.init_from" in message and "holds no checkpoint" in message
+    assert "clip-jax train --config configs/demo.py --workdir workdirs/demo" in message  # what to do
     assert not (tmp_path / "nothing").exists()
 
 

@@ -179,7 +179,9 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         relative = not (is_remote(config.init_from) or os.path.isabs(config.init_from))
         where = f" (a path relative to the current folder, {os.getcwd()})" if relative else ""
         raise ConfigError(f"config.init_from: {config.init_from}{where} holds no checkpoint (expected "
-                          f"{config.init_from}/checkpoints/<step>)")
+                          f"{config.init_from}/checkpoints/<step>): train or convert the model to start from into it "
+                          "first (the shapes recipes start from the demo's: clip-jax train --config configs/demo.py "
+                          "--workdir workdirs/demo), or point --config.init_from at a workdir that has one")
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "model") -> list[str]:
