@@ -360,6 +360,13 @@ def test_table_without_target_or_fold(tmp_path):
         read_audio_table(tmp_path / "set" / "labels.csv", folds=(1,))
 
 
+def test_an_audio_folder_beside_the_csv_is_found(tmp_path):
+    rows = [("a.wav", "rooster"), ("b.wav", "dog")]
+    write_table(tmp_path / "esc" / "labels.csv", ("filename", "category"), rows, files_in=tmp_path / "esc" / "audio")
+    table = read_audio_table(tmp_path / "esc" / "labels.csv")  # the layout users read "its sibling audio/" as
+    assert table.paths == [str(tmp_path / "esc" / "audio" / "a.wav"), str(tmp_path / "esc" / "audio" / "b.wav")]
+
+
 def test_explicit_audio_root_and_target_gaps(tmp_path):
     rows = [("a.wav", "5", "cat"), ("b.wav", "2", "dog")]
     write_table(tmp_path / "t.csv", ("filename", "target", "category"), rows, files_in=tmp_path / "clips")

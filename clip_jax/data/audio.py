@@ -399,8 +399,12 @@ def read_audio_table(csv_path: epath.PathLike, audio_root: str = "", folds: tupl
 
 
 def _default_audio_root(csv_path: epath.Path) -> epath.Path:
-    sibling = csv_path.parent.parent / "audio"
-    return sibling if sibling.is_dir() else csv_path.parent
+    """Where the files of a table without audio_root are: ESC-50's layout (meta/esc50.csv beside audio/), else an
+    `audio/` folder beside the CSV, else the CSV's own folder."""
+    for root in (csv_path.parent.parent / "audio", csv_path.parent / "audio"):
+        if root.is_dir():
+            return root
+    return csv_path.parent
 
 
 def write_shapes_audio_set(out_dir: epath.PathLike, num_examples: int, split: str = "test_held_out", seed: int = 0,

@@ -98,7 +98,7 @@ def run_shapes_audio(ctx, name: str, entry: ShapesAudioEval) -> dict[str, float]
 @dataclasses.dataclass(frozen=True)
 class ZeroShotAudioFolderEval:
     path: str = ""  # the CSV (columns filename, category[, target, fold]); files in audio_root
-    audio_root: str = ""  # "" : the CSV's sibling folder `audio` (ESC-50), else its own folder
+    audio_root: str = ""  # "": ESC-50's `audio/` beside the CSV's folder, else `audio/` beside the CSV, else its folder
     folds: tuple = ()  # keep these folds only (ESC-50: 1-5); () = every row
     templates: tuple = ("{}",)  # the reference's prompt: the class name alone
     every_steps: int | None = None
