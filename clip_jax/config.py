@@ -514,6 +514,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
             owners = sorted(n for n, m in METHODS.items() if parents == ["method"] and leaf in m.defaults())
             hint = (f" (a field of method {' / '.join(owners)}: set --config.method.name first)" if owners
                     else _did_you_mean(leaf, node))
+            if not hint and len(node) <= 30:  # nothing close: the keys there, as an evals entry's error lists them
+                hint = f"; valid keys here: {', '.join(sorted(node))}"
             raise ConfigError(f"unknown config key '{key}' in override {item!r}{hint}")
         value = _parse_value(text)
         if not _type_ok(node[leaf], value):

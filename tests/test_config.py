@@ -84,6 +84,11 @@ def test_unknown_key_set_in_a_config_file(tmp_path, line, key):
     assert f"unknown config key '{key}'" in message
 
 
+def test_an_override_of_an_unknown_key_with_nothing_close_lists_the_valid_keys():
+    message = config_error("configs/siglip.py", ["--config.method.variant=ring"])
+    assert message.endswith("; valid keys here: multi_positive, name, reset_logit_scale, ring"), message
+
+
 def test_unknown_key_in_a_file_lists_the_valid_keys(tmp_path):
     message = config_error(write_config_file(tmp_path, ["c.optimizer.warmup_step = 10"]))
     assert "did you mean 'warmup_steps'?" in message
