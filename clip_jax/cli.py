@@ -176,21 +176,19 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             cut = int((lengths > context - 2).sum())
             print(f"encoded {len(texts)} texts -> {out / 'text_embeddings.npy'}" + (
                 f" ({cut} cut to the model's {context} tokens)" if cut else ""))
+    def save_with_files(kind: str, what: str, embeddings: np.ndarray, inputs: list[str], skipped: int) -> None:
+        """<kind>_embeddings.npy and <kind>_files.txt, the files they embed in order (process 0)."""
+        if primary:
+            save(f"{kind}_embeddings.npy", embeddings)
+            write_atomic(out / f"{kind}_files.txt", "".join(f + "\n" for f in inputs))
+            print(f"encoded {len(inputs)} {what} -> {out / f'{kind}_embeddings.npy'}" + (
+                f" ({skipped} undecodable files skipped)" if skipped else ""))
+
     if files is not None:
-        kept = [str(files[i]) for i in kept]
-        embeddings = encoder.images(np.stack(images))
-        if primary:
-            save("image_embeddings.npy", embeddings)
-            write_atomic(out / "image_files.txt", "".join(f + "\n" for f in kept))
-            print(f"encoded {len(kept)} images -> {out / 'image_embeddings.npy'}" + (
-                f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+        save_with_files("image", "images", encoder.images(np.stack(images)), [str(files[i]) for i in kept],
+                        len(skipped))
     if args.audio:
-        embeddings = encoder.audio(np.stack(sounds))
-        if primary:
-            save("audio_embeddings.npy", embeddings)
-            write_atomic(out / "audio_files.txt", "".join(f + "\n" for f in sound_files))
-            print(f"encoded {len(sound_files)} sounds -> {out / 'audio_embeddings.npy'}" + (
-                f" ({sounds_skipped} undecodable files skipped)" if sounds_skipped else ""))
+        save_with_files("audio", "sounds", encoder.audio(np.stack(sounds)), sound_files, sounds_skipped)
 
 
 def _check_audio_model(workdir: str) -> None:
