@@ -97,6 +97,9 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     # every process has them all
     results = {"step": step, **evaluate(config, trained.model, trained.params, trained.mesh, trained.tokenizer,
                                          method=trained.method)}
+    if len(results) == 1:  # an eval file of a step alone would read as a result
+        raise ConfigError(f"nothing evaluated: every entry of config.evals ({', '.join(config.evals)}) was skipped, "
+                          "for the reasons above; nothing written")
     if primary:
         print_results(results)  # shown before the write, which may still fail (a full disk)
         write_atomic(out, json.dumps({**results, "settings": settings}, indent=2) + "\n")

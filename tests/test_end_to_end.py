@@ -533,6 +533,11 @@ def test_eval_of_other_settings_keeps_the_earlier_result(trained, tmp_path, caps
     capsys.readouterr()
     message = exit_message(["eval", "--workdir", str(workdir), "--config.evals.shapes=None"], capsys)
     assert "nothing to evaluate: config.evals is empty" in message
+    # Every entry skipped (no audio tower here): an error, not an eval file of the step alone.
+    message = exit_message(["eval", "--workdir", str(workdir), "--config.evals.shapes=None",
+                            "--config.evals.sounds={'type': 'shapes_audio'}"], capsys)
+    assert "nothing evaluated: every entry of config.evals (sounds) was skipped" in message
+    assert sorted(p.name for p in workdir.glob("eval_*.json")) == [f"eval_{STEPS}.json", f"eval_{STEPS}_2.json"]
 
 
 def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_path, capsys, monkeypatch):

@@ -87,6 +87,14 @@ def test_a_shapes_entry_on_a_run_of_other_data_is_skipped_and_said_once(caplog):
     assert len(said) == 1 and "not trained on shapes" in said[0]
 
 
+def test_results_of_skipped_entries_alone_say_so(capsys):
+    suite.print_results({"step": 40})
+    assert capsys.readouterr().out.strip() == ("no evaluation results at step 40: every config.evals entry was skipped "
+                                               "(the warnings above say why)")
+    suite.print_results({"step": 40, "shapes_top1": 0.5})
+    assert "shapes_top1" in capsys.readouterr().out
+
+
 # --- the zero-shot evaluators, with an encoder whose embeddings are known ---------------------------------------------
 class ColourEncoder:
     """Embeds an image as the one-hot of its brightest channel (red, green, blue)."""

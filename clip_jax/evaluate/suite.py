@@ -366,6 +366,10 @@ def evaluate(config: ml_collections.ConfigDict, model, params, mesh, tokenizer: 
 def print_results(results: dict[str, float]) -> None:
     if not results:
         return
+    if set(results) == {"step"}:
+        print(f"no evaluation results at step {results['step']}: every config.evals entry was skipped (the warnings "
+              "above say why)", flush=True)
+        return
     width = max(len(k) for k in results)
     print("\n" + "results".center(width + 12, "-"))
     for k, v in results.items():
