@@ -439,6 +439,32 @@ def test_a_run_whose_config_json_holds_relative_paths_resumes_from_the_same_fold
         cached_arrays(prep, "cache.npz", settings, made_again, "test arrays")
 
 
+def test_cached_arrays_store_their_source_and_refuse_a_changed_one(tmp_path):
+    """What the arrays were made from beyond the settings (class names, a file's hash) is stored with them: read back
+    unchanged it is not returned; changed, the method's message; a cache of an earlier version without it is read."""
+    from types import SimpleNamespace
+
+    from clip_jax.methods.base import cached_arrays
+
+    prep = SimpleNamespace(workdir=tmp_path, is_primary=True)
+
+    def load(name, names, make=lambda: {"x": np.arange(3)}):
+        return cached_arrays(prep, name, "{}", make, "test arrays", {"names": np.asarray(names)},
+                             lambda stored: f"made from {stored['names'].tolist()}")
+
+    def made_again():
+        pytest.fail("the cache was made again")
+
+    assert list(load("cache.npz", ["a", "b"])) == ["x"]
+    assert np.load(tmp_path / "cache.npz")["names"].tolist() == ["a", "b"]
+    np.testing.assert_array_equal(load("cache.npz", ["a", "b"], made_again)["x"], np.arange(3))
+    with pytest.raises(ConfigError, match=r"^made from \['a', 'b'\]$"):
+        load("cache.npz", ["a"], made_again)
+    np.savez(tmp_path / "earlier.npz", settings=np.array("{}"), x=np.arange(2))
+    assert np.load(tmp_path / "earlier.npz").files == ["settings", "x"]
+    np.testing.assert_array_equal(load("earlier.npz", ["c"], made_again)["x"], np.arange(2))
+
+
 def test_changed_settings_are_told_against_what_trained(tmp_path, caplog):
     """A launch that changed the lr and died before its first step left its config.json; the next launch was told of
     a change from that lr, which never trained."""

@@ -176,12 +176,19 @@ def abstract_batch(fields: Mapping[str, Field], batch_size: int, sharding: Any =
 
 
 def cached_arrays(prep: Preparation, name: str, settings: str, make: Callable[[], dict[str, np.ndarray]],
-                  what: str) -> dict[str, np.ndarray]:
+                  what: str, source: dict[str, np.ndarray] | None = None,
+                  source_changed: Callable[[dict[str, np.ndarray]], str] | None = None) -> dict[str, np.ndarray]:
     """Arrays a method computes once before training (`prepare`), cached in the workdir as `name` (.npz): read back
     when the file exists, made and written (by the primary process) when not, made alone without a workdir.
     `settings` (a JSON string of what the arrays depend on) is stored with them: a file made with other settings
     (`files.same_setting`) is a ConfigError. A resume with other settings is refused earlier (`fixed_groups`), but a
-    launch that stopped before its first checkpoint leaves the cache and lets the next launch change them."""
+    launch that stopped before its first checkpoint leaves the cache and lets the next launch change them.
+
+    `source`: what the arrays are made from beyond the settings, which name files by their paths (the class names
+    a folder holds, an annotation file's hash), stored with them too; a file whose stored source differs is a
+    ConfigError whose message is `source_changed(stored source)`. A file of an earlier version, without it, is read
+    as before."""
+    source = source or {}
     cache = prep.workdir / name if prep.workdir is not None else None
     if cache is not None and cache.exists():
         with cache.open("rb") as f:
@@ -190,12 +197,16 @@ def cached_arrays(prep: Preparation, name: str, settings: str, make: Callable[[]
         if not same_setting(json.loads(written), json.loads(settings)):
             raise ConfigError(f"{cache} holds {what} of other settings (they changed since this run started): resume "
                               "with the run's own settings, or use a new --workdir")
+        made_from = {key: stored.pop(key) for key in source if key in stored}
+        if len(made_from) == len(source) and any(not np.array_equal(made_from[k], v) for k, v in source.items()):
+            raise ConfigError(source_changed(made_from) if source_changed else f"{cache} holds {what} made from other "
+                              "files than the run's now")
         if written != settings and prep.is_primary:  # an earlier version's relative paths: kept absolute from now on
-            _write_npz(cache, settings, stored)
+            _write_npz(cache, settings, {**stored, **made_from})
         return stored
     arrays = make()
     if cache is not None and prep.is_primary:
-        _write_npz(cache, settings, arrays)
+        _write_npz(cache, settings, {**arrays, **source})
     return arrays
 
 

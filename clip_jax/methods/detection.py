@@ -140,22 +140,20 @@ class DetectionMethod(Method):
                 grid = self.model_config().vision.grid
                 targets = [patch_targets(b, c, grid) for b, c in zip(data.boxes, data.classes, strict=True)]
                 return {"image": data.images, "patch_boxes": np.stack([t[0] for t in targets]),
-                        "patch_classes": np.stack([t[1] for t in targets]), **self.extra_arrays(self.prep, data),
-                        **source}
+                        "patch_classes": np.stack([t[1] for t in targets]), **self.extra_arrays(self.prep, data)}
 
-            arrays = cached_arrays(self.prep, CACHE, settings, make, f"the training arrays of {self.name} settings")
-            stored = {key: arrays.pop(key, None) for key in source}
-            # The settings name the annotation file by its path: an edit of the file in place (a category renamed,
-            # boxes moved) leaves them equal, and the cache would train on the old boxes under the new names. A cache
-            # of an earlier version holds no fingerprint and is read as before.
-            if stored["annotation_sha256"] is not None:
+            def source_changed(stored: dict[str, np.ndarray]) -> str:
+                # The settings name the annotation file by its path: an edit of the file in place (a category
+                # renamed, boxes moved) leaves them equal, and the cache would train on the old boxes under the new
+                # names.
                 old_names, new_names = stored["class_names"].tolist(), source["class_names"].tolist()
-                if str(stored["annotation_sha256"]) != str(source["annotation_sha256"]) or old_names != new_names:
-                    what = "" if old_names == new_names else f" (categories {class_change(old_names, new_names)})"
-                    raise ConfigError(f"{self.prep.workdir / CACHE} holds the training arrays of method.annotations "
-                                      f"{self.hparams.annotations} as it was before an edit{what}: restore the file, "
-                                      "or train a new run in a new --workdir (with no checkpoint yet: remove "
-                                      f"{CACHE} to remake it)")
+                what = "" if old_names == new_names else f" (categories {class_change(old_names, new_names)})"
+                return (f"{self.prep.workdir / CACHE} holds the training arrays of method.annotations "
+                        f"{self.hparams.annotations} as it was before an edit{what}: restore the file, or train a new "
+                        f"run in a new --workdir (with no checkpoint yet: remove {CACHE} to remake it)")
+
+            arrays = cached_arrays(self.prep, CACHE, settings, make, f"the training arrays of {self.name} settings",
+                                   source, source_changed)
             self._arrays = arrays
         return self._arrays
 

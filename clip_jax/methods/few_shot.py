@@ -124,18 +124,18 @@ class FewShotMethod(Method):
 
         def embed() -> dict[str, np.ndarray]:
             features = prep.encode_images(train.read(range(len(train))))
-            return {"features": features.astype(np.float32), "label": train.labels.astype(np.int32),
-                    "class_names": np.asarray(self.task.class_names, dtype=str)}
+            return {"features": features.astype(np.float32), "label": train.labels.astype(np.int32)}
 
-        arrays = cached_arrays(prep, "few_shot_train.npz", settings, embed,
-                               "the K-shot embeddings of few_shot settings")
-        trained_on = arrays.pop("class_names", None)  # (a cache of an earlier version has no class names)
-        if trained_on is not None and trained_on.tolist() != self.task.class_names:
+        def classes_changed(stored: dict[str, np.ndarray]) -> str:
             # The same settings, other files: a class folder added or removed, a names file edited. The labels of
             # the run's learner would name other classes.
-            raise ConfigError(f"{prep.workdir} was trained on other classes than few_shot's sets now hold "
-                              f"({class_change(trained_on.tolist(), self.task.class_names)}): restore the sets "
-                              "(folders, names file) it was trained on, or train a new run")
+            return (f"{prep.workdir} was trained on other classes than few_shot's sets now hold "
+                    f"({class_change(stored['class_names'].tolist(), self.task.class_names)}): restore the sets "
+                    "(folders, names file) it was trained on, or train a new run")
+
+        classes = {"class_names": np.asarray(self.task.class_names, dtype=str)}
+        arrays = cached_arrays(prep, "few_shot_train.npz", settings, embed,
+                               "the K-shot embeddings of few_shot settings", classes, classes_changed)
         self.train_arrays = arrays
 
     def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
