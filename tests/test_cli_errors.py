@@ -301,6 +301,26 @@ def test_a_vocabulary_larger_than_the_models_is_refused_before_the_workdir_is_ma
     assert not workdir.exists()
 
 
+def test_a_new_run_reads_openais_vocabulary_once(tmp_path, capsys, monkeypatch):
+    """The check before the workdir is made reads the tokenizer; the run then takes that one (it built it twice)."""
+    from clip_jax.data.tokenizer import ClipTokenizer
+
+    built, made = [], []
+    real_build, real_make = ClipTokenizer.from_openai_vocab, loop.make_tokenizer
+    monkeypatch.setattr(ClipTokenizer, "from_openai_vocab", lambda path: built.append(path) or real_build(path))
+
+    def make_then_stop(*args, **kwargs):  # the run up to its tokenizer: nothing compiled
+        made.append(real_make(*args, **kwargs))
+        raise ConfigError("stopped after the tokenizer")
+
+    monkeypatch.setattr(loop, "make_tokenizer", make_then_stop)
+    message = exit_message(train_args(tmp_path / "run", "--config.data.tokenizer=openai",
+                                      "--config.model.text.vocab_size=49408"), capsys)
+    assert "stopped after the tokenizer" in message
+    assert len(built) == 1 and made[0].vocab_size == 49408
+    assert ClipTokenizer.load(tmp_path / "run" / "tokenizer.json").vocab_size == 49408
+
+
 def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path, capsys, monkeypatch):
     """The first launch wrote config.json and failed before any checkpoint; its model is not a run to protect."""
     workdir = tmp_path / "run"

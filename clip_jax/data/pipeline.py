@@ -461,21 +461,23 @@ def tokenizer_from_file(path: str) -> ClipTokenizer:
                           "clip_jax workdir, a BPE merges file, 'openai' or 'train'") from None
 
 
-def check_tokenizer_file(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
+def check_tokenizer_file(config: ml_collections.ConfigDict, new_run: bool = False) -> ClipTokenizer | None:
     """Reads a tokenizer file that `data.tokenizer` names before the run writes anything (`tokenizer_from_file`).
     A `new_run` (the workdir holds no checkpoint: it will make tokenizer.json from this setting) also gets OpenAI's
-    vocabulary found and a vocabulary larger than the model's refused now, not after the workdir is made."""
+    vocabulary found and a vocabulary larger than the model's refused now, not after the workdir is made. Returns
+    the tokenizer it read, for `make_tokenizer` (None where it read none)."""
     choice = config.data.tokenizer
     if choice == "train":  # its size is data.tokenizer_vocab_size, or a warm start's
-        return
+        return None
     if choice != "openai":
         tokenizer = tokenizer_from_file(choice)
     elif new_run:
         tokenizer = _openai_tokenizer()
     else:
-        return
+        return None
     if new_run:
         _check_vocab_fits(tokenizer, config)
+    return tokenizer
 
 
 def _openai_tokenizer() -> ClipTokenizer:
@@ -494,10 +496,11 @@ def _check_vocab_fits(tokenizer: ClipTokenizer, config: ml_collections.ConfigDic
         )
 
 
-def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, new_run: bool = False) -> ClipTokenizer:
-    """The workdir's tokenizer (`tokenizer.json`); created on the first run from `config.data.tokenizer`. A
-    `new_run` (no checkpoint yet) creates it again: a file there is a failed launch's, whose settings the user may
-    have corrected since."""
+def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, new_run: bool = False,
+                   checked: ClipTokenizer | None = None) -> ClipTokenizer:
+    """The workdir's tokenizer (`tokenizer.json`); created on the first run from `config.data.tokenizer`, or taken
+    as `checked`, what `check_tokenizer_file` read of that setting. A `new_run` (no checkpoint yet) creates it again:
+    a file there is a failed launch's, whose settings the user may have corrected since."""
     path = workdir / "tokenizer.json"
     exists = path.exists() and not new_run
     # Process 0 creates the file and the others then read it: every host uses the same vocabulary, and no host
@@ -515,6 +518,8 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, new
             tokenizer = ClipTokenizer.load(start)
         elif choice == "train":
             tokenizer = ClipTokenizer.train(tokenizer_corpus(config), config.data.tokenizer_vocab_size)
+        elif checked is not None:
+            tokenizer = checked
         elif choice == "openai":
             tokenizer = _openai_tokenizer()
         else:

@@ -247,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     absolute_paths(config)  # config.json then reads the same files from any folder
     check_input_paths(config, workdir=workdir)
     check_train_source(config)
-    check_tokenizer_file(config, new_run=not checkpoint_steps(workdir))
+    checked_tokenizer = check_tokenizer_file(config, new_run=not checkpoint_steps(workdir))
     try:
         mesh = make_mesh(config.mesh.to_dict())
     except ValueError as e:  # sizes that do not fit the devices: a configuration mistake, said in one line
@@ -291,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                     "NEW; for Long-CLIP, clip-jax stretch --workdir BASE --out-workdir NEW) and train in NEW, or give "
                     "--config.init_from=A_WORKDIR", pretrained_use, workdir)
     with hold_workdir(workdir) as holding:  # one training at a time: a second would write over its checkpoints
-        return _train(config, workdir, mesh, method, holding)
+        return _train(config, workdir, mesh, method, holding, checked_tokenizer)
 
 
 def kept_positions_warning(config: ml_collections.ConfigDict, trainable: dict) -> str | None:
@@ -306,10 +306,11 @@ def kept_positions_warning(config: ml_collections.ConfigDict, trainable: dict) -
             "configs/longclip_b16.py or longclip_l14.py), or add '^text/positional_embedding$' to optimizer.frozen")
 
 
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method: Method, holding: Holding
-           ) -> dict[str, Any]:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method: Method, holding: Holding,
+           checked_tokenizer: ClipTokenizer | None = None) -> dict[str, Any]:
     """The run itself, in a workdir this process holds (train_and_evaluate has checked the config and the mesh);
-    it stops if another launch takes the workdir over (`holding.lost`)."""
+    it stops if another launch takes the workdir over (`holding.lost`). `checked_tokenizer`: what
+    `check_tokenizer_file` read, not read again."""
     checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
@@ -329,7 +330,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     resume_step = checkpointer.latest_step() if init_source is None else None
 
     # --- Data ---------------------------------------------------------------------------------------------------
-    tokenizer = make_tokenizer(config, workdir, new_run=checkpointer.latest_step() is None)
+    tokenizer = make_tokenizer(config, workdir, new_run=checkpointer.latest_step() is None,
+                               checked=checked_tokenizer)
     method.prepare(_preparation(config, method, mesh, workdir, tokenizer, init_source or (checkpointer, resume_step),
                                 rng))
     # This host's rows of every global batch: the ones its devices hold.
