@@ -169,6 +169,27 @@ def test_bad_files_are_one_line(tmp_path: pathlib.Path):
     assert "\n" not in str(error.value) and str(image) in str(error.value)
 
 
+def test_an_unchanged_file_is_parsed_once(tmp_path: pathlib.Path, monkeypatch):
+    """A launch reads one COCO file for its categories, boxes and evaluation: parsed and checked once, again after
+    an edit."""
+    import os
+
+    from clip_jax.data import coco
+
+    path, image_root = write_set(tmp_path)
+    parsed, read = [], coco.read_annotation_json
+    monkeypatch.setattr(coco, "read_annotation_json", lambda p: parsed.append(p) or read(p))
+    first = CocoDetection(path, image_root, SIZE)
+    assert CocoDetection(path, image_root, SIZE).category_names == first.category_names == NAMES
+    assert len(parsed) == 1
+    data = json.loads(path.read_text())
+    data["categories"][0]["name"] = "CAT"  # the same size
+    path.write_text(json.dumps(data))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # whatever the file system's clock resolution
+    assert CocoDetection(path, image_root, SIZE).category_names[0] == "CAT" and len(parsed) == 2
+
+
 def test_a_results_file_is_written_only_over_an_earlier_results_list(tmp_path: pathlib.Path):
     """The `coco_detection` evaluation's results_file is rewritten at every evaluation of a run: an earlier results
     list stays writable, anything else (the annotation file it scores, a workdir's config.json, a user's file) is

@@ -173,11 +173,28 @@ def _check_entries(data: dict, path: epath.Path) -> None:
                                  f"{width}x{height} image {annotation['image_id']!r}; fix or remove it")
 
 
+# The last file read_checked_annotations parsed, by (path, modification time, size): a launch reads one COCO file
+# for its categories, its boxes and its evaluation, and an LVIS-sized JSON takes seconds to parse and check.
+_last_checked: tuple[tuple, dict] | None = None
+
+
 def read_checked_annotations(path: epath.PathLike) -> dict:
     """The instances JSON of `path` with every entry checked (`read_annotation_json`, then each image, category and
-    annotation): what a reader of the categories alone needs, without the images."""
+    annotation): what a reader of the categories alone needs, without the images. A local file read last time, and
+    not changed since, is not parsed again: the dict is shared, so callers must not change it (COCOeval gets a
+    copy, `_ground_truth_for_eval`)."""
+    global _last_checked
+    key = None
+    if not is_remote(os.fspath(path)):
+        with contextlib.suppress(OSError):  # a missing file: read_annotation_json's message
+            stat = os.stat(path)
+            key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    if key is not None and _last_checked is not None and _last_checked[0] == key:
+        return _last_checked[1]
     data = read_annotation_json(path)
     _check_entries(data, epath.Path(path))
+    if key is not None:
+        _last_checked = (key, data)
     return data
 
 
