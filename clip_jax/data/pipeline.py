@@ -333,8 +333,8 @@ class Tokenize(grain.transforms.Map):
 class DataCounts:
     """The loop's data metrics, from the `stats` of the batches this host consumed: `data_dropped`, the examples
     dropped since step 0 (positions no batch held: across resumes too, since the positions are absolute; with W
-    worker processes a batch holds every W-th position of its worker's share, so the count is exact only at steps
-    that are multiples of W and runs ahead between them: docs/data.md), and `data_<mark>` for each of MARKS, the
+    worker processes a batch holds every W-th position, from its worker's share, so the count runs ahead between steps
+    that are multiples of W and is close, not exact, at them: docs/data.md), and `data_<mark>` for each of MARKS, the
     marked examples since the last log. Each process counts its own rows; `metrics` sums over processes."""
 
     def __init__(self):
