@@ -332,8 +332,11 @@ def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path,
     assert "the first launch's mistake" in exit_message(train_args(workdir), capsys)
     assert (workdir / "config.json").exists() and not list((workdir / "checkpoints").glob("[0-9]*"))
     monkeypatch.undo()
+    closed = []  # (and the run's data iterator is closed at its end: grain's workers leaked shared memory)
+    monkeypatch.setattr(loop, "close_iterator", lambda it: closed.append(it) or it.close())
     cli.main(train_args(workdir, "--config.model.vision.layers=2", "--config.total_steps=2"))
     assert checkpoint_steps(workdir) == [2]
+    assert len(closed) == 1
 
 
 # --- damaged workdir files ------------------------------------------------------------------------------------------

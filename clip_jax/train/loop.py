@@ -460,6 +460,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         # the interpreter's shutdown leaves it a temporary folder and the message's "latest checkpoint" is not there.
         with contextlib.suppress(Exception):
             checkpointer.wait()
+        batch = None
+        close_iterator(data_iter)
         raise
     preempted.close()
 
@@ -467,6 +469,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     if checkpointer.latest_step() != config.total_steps:
         checkpointer.save(config.total_steps, state, data_iter, force=True)
     checkpointer.wait()
+    batch = None  # grain's shared memory behind the last batch is freed before its workers stop (else: a leak warning)
+    close_iterator(data_iter)
     results = evaluate(config, model, state.params, mesh, tokenizer, method=method)
     writer.write(config.total_steps, results, prefix="eval")
     writer.close()
@@ -479,6 +483,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
 
         plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
     return results
+
+
+def close_iterator(data_iter: Any) -> None:
+    """Stops a data iterator's threads and worker processes (grain's `close`; a generator's too): grain's workers
+    left to the interpreter's exit leak their batches' shared memory, which Python then warns of."""
+    with contextlib.suppress(Exception):
+        if callable(getattr(data_iter, "close", None)):
+            data_iter.close()
 
 
 class PreemptionFlag:
