@@ -113,6 +113,44 @@ def test_truncated_tar_keeps_the_samples_before(tmp_path):
     assert summary["written"] == 0 and summary["skipped"] == {"unreadable_tar": 1}
 
 
+def test_a_read_error_of_the_storage_leaves_the_shard_unfinished(tmp_path, monkeypatch):
+    """EIO (a failing disk, a bucket's reset connection) mid-tar is not a cut tar: counted as one, the shard was marked
+    complete with the samples before it, and a re-run kept it."""
+    import errno
+
+    from etils import epath
+
+    make_tar(tmp_path / "a.tar", [(f"{i:03d}.{ext}", GOOD_JPEG if ext == "jpg" else f"caption {i}".encode())
+                                  for i in range(4) for ext in ("jpg", "txt")])
+    local_path = type(epath.Path(tmp_path))  # epath.Path() gives a subclass per backend
+    real_open = local_path.open
+
+    class Failing(io.RawIOBase):
+        def __init__(self, f):
+            self.f = f
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            if self.f.tell() > 3000:  # after the first sample
+                raise OSError(errno.EIO, "Input/output error")
+            return self.f.readinto(memoryview(buffer)[:512])
+
+    def flaky_open(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        return io.BufferedReader(Failing(f)) if self.name == "a.tar" else f
+
+    monkeypatch.setattr(local_path, "open", flaky_open)
+    summary = convert.convert("webdataset", [str(tmp_path / "a.tar")], str(tmp_path / "out"))
+    assert summary["shards_done"] == 0 and len(summary["failed"]) == 1
+    assert "cannot read" in summary["failed"][0]["error"] and "re-run the command" in summary["failed"][0]["error"]
+    assert not list((tmp_path / "out").glob("*.arrayrecord"))
+    monkeypatch.undo()
+    summary = convert.convert("webdataset", [str(tmp_path / "a.tar")], str(tmp_path / "out"))
+    assert summary["shards_done"] == 1 and summary["written"] == 4 and not summary["failed"]
+
+
 def write_images(root, names):
     for name in names:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
