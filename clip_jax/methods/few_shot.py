@@ -117,9 +117,6 @@ class FewShotMethod(Method):
     def prepare(self, prep: Preparation) -> None:
         self.prep = prep
         train = self.task.train
-        if self.inputs == "images":  # K x C images: read (or rendered) again on every launch, as the data would be
-            self.train_arrays = {"images": train.read(range(len(train))), "label": train.labels.astype(np.int32)}
-            return
         settings = json.dumps(self.config.few_shot.to_dict(), sort_keys=True, default=list)
 
         def embed() -> dict[str, np.ndarray]:
@@ -134,11 +131,19 @@ class FewShotMethod(Method):
                     "(folders, names file) it was trained on, or train a new run")
 
         classes = {"class_names": np.asarray(self.task.class_names, dtype=str)}
-        arrays = cached_arrays(prep, "few_shot_train.npz", settings, embed,
-                               "the K-shot embeddings of few_shot settings", classes, classes_changed)
-        self.train_arrays = arrays
+        if self.inputs == "images":
+            # The K x C images are read (or rendered) by train_data, on every launch, as data would be; `eval` and
+            # `classify` read none. The classes are recorded all the same.
+            cached_arrays(prep, "few_shot_classes.npz", settings, dict, "the classes of few_shot settings", classes,
+                          classes_changed)
+            return
+        self.train_arrays = cached_arrays(prep, "few_shot_train.npz", settings, embed,
+                                          "the K-shot embeddings of few_shot settings", classes, classes_changed)
 
     def train_data(self, config, tokenizer, rows) -> Iterator[dict]:
+        if self.inputs == "images" and not self.train_arrays:
+            train = self.task.train
+            self.train_arrays = {"images": train.read(range(len(train))), "label": train.labels.astype(np.int32)}
         # The labels become column indices of the logits: the position of the class among the (sorted) base classes.
         labels = np.searchsorted(self.task.base, self.train_arrays["label"]).astype(np.int32)
         return array_iterator({**self.train_arrays, "label": labels}, config.batch_size, rows, config.seed)
