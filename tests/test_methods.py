@@ -92,15 +92,16 @@ def tiny_few_shot(config):
     return config
 
 
-def prepared(config, tokenizer, workdir=None):
+def prepared(config, tokenizer, workdir=None, writes=True):
     """The method after `prepare`, from a randomly initialised CLIP (what the loop gives it without a checkpoint);
-    its cached arrays in `workdir` if one is given."""
+    its cached arrays in `workdir` if one is given (written there by a training's launch, not by a reader's:
+    `writes`)."""
     method = get_method(config)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     clip = CLIP(method.model_config())
     params = clip.init(jax.random.PRNGKey(0), *method.init_inputs()[:2])  # images and texts
     encoder = Encoder(clip, params["params"], mesh, 64)
-    method.prepare(Preparation(workdir, tokenizer, True, encoder.images, encoder.texts))
+    method.prepare(Preparation(workdir, tokenizer, writes, encoder.images, encoder.texts))
     return method
 
 

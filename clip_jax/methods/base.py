@@ -74,12 +74,14 @@ class StepFns:
 @dataclasses.dataclass(frozen=True)
 class Preparation:
     """What the loop gives `Method.prepare`: the run's workdir (None outside a run), tokenizer, whether this process
-    writes shared files, and embedding functions (normalised, float32 [N, D]) of the model the run starts from:
-    images uint8 [N, H, W, 3] and token ids [N, T]. They load that model on their first call."""
+    writes the workdir's caches (`cached_arrays`: a training's primary process; never a reader such as `eval` or
+    `classify`, which changes nothing in a workdir), and embedding functions (normalised, float32 [N, D]) of the
+    model the run starts from: images uint8 [N, H, W, 3] and token ids [N, T]. They load that model on their first
+    call."""
 
     workdir: Any
     tokenizer: ClipTokenizer
-    is_primary: bool
+    writes_caches: bool
     encode_images: Callable[[np.ndarray], np.ndarray]
     encode_texts: Callable[[np.ndarray], np.ndarray]
 
@@ -201,11 +203,11 @@ def cached_arrays(prep: Preparation, name: str, settings: str, make: Callable[[]
         if len(made_from) == len(source) and any(not np.array_equal(made_from[k], v) for k, v in source.items()):
             raise ConfigError(source_changed(made_from) if source_changed else f"{cache} holds {what} made from other "
                               "files than the run's now")
-        if written != settings and prep.is_primary:  # an earlier version's relative paths: kept absolute from now on
+        if written != settings and prep.writes_caches:  # an earlier version's relative paths: kept absolute from now on
             _write_npz(cache, settings, {**stored, **made_from})
         return stored
     arrays = make()
-    if cache is not None and prep.is_primary:
+    if cache is not None and prep.writes_caches:
         _write_npz(cache, settings, {**arrays, **source})
     return arrays
 

@@ -214,9 +214,10 @@ def create_state(config: ml_collections.ConfigDict, method: Method, model: nn.Mo
 
 
 def _preparation(config, method: Method, mesh, workdir, tokenizer, start: tuple[Checkpointer, int | None],
-                 rng) -> Preparation:
+                 rng, training: bool) -> Preparation:
     """`Method.prepare`'s view of the run: embedding functions of the model the run starts from (a checkpoint:
-    the warm start's or the latest; else the initial parameters), loaded on first use."""
+    the warm start's or the latest; else the initial parameters), loaded on first use. Only a `training` run writes
+    the method's caches into the workdir."""
 
     @functools.cache
     def encoder() -> Encoder:
@@ -229,8 +230,8 @@ def _preparation(config, method: Method, mesh, workdir, tokenizer, start: tuple[
             params = source.restore_params(step, method.base_params(abstract_train_state(init_fn, shardings).params))
         return Encoder(model, params, mesh, config.eval.batch_size)
 
-    return Preparation(workdir, tokenizer, jax.process_index() == 0, lambda images: encoder().images(images),
-                       lambda tokens: encoder().texts(tokens))
+    return Preparation(workdir, tokenizer, training and jax.process_index() == 0,
+                       lambda images: encoder().images(images), lambda tokens: encoder().texts(tokens))
 
 
 def abstract_train_state(init_fn, shardings):
@@ -333,7 +334,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     tokenizer = make_tokenizer(config, workdir, new_run=checkpointer.latest_step() is None,
                                checked=checked_tokenizer)
     method.prepare(_preparation(config, method, mesh, workdir, tokenizer, init_source or (checkpointer, resume_step),
-                                rng))
+                                rng, training=True))
     # This host's rows of every global batch: the ones its devices hold.
     data_iter = method.train_data(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)))
 
@@ -628,7 +629,8 @@ def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
     tokenizer = make_tokenizer(config, workdir)
     # The embeddings a method caches come from frozen towers: any readable checkpoint of the run gives them.
     start = (checkpointer, checkpointer.latest_step() if step is None else step)
-    method.prepare(_preparation(config, method, mesh, workdir, tokenizer, start, jax.random.PRNGKey(config.seed)))
+    method.prepare(_preparation(config, method, mesh, workdir, tokenizer, start, jax.random.PRNGKey(config.seed),
+                                training=False))  # a reader: it writes nothing into the workdir
     model = method.model()
     init_fn, shardings, _ = create_state(config, method, model, mesh)
     step, params = checkpointer.restore_newest_params(abstract_train_state(init_fn, shardings).params, step)
