@@ -246,7 +246,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.data.images import list_images, load_images
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.classify import class_scores, requested_classes
+    from clip_jax.evaluate.classify import DEFAULT_TEMPLATES, class_scores, requested_classes
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
@@ -267,6 +267,9 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     maybe_initialize()
     trained = load_trained(args.workdir)
     requested_classes(trained, args.classes, names)  # a request it cannot serve is refused before images are read
+    if names:
+        _refuse_same_tokens("--names", names, trained.tokenizer, trained.config.model.text.context_length,
+                            tuple(trained.config.few_shot.templates) or DEFAULT_TEMPLATES)
     images, kept, skipped = load_images(files, trained.config.model.vision.image_size, args.max_image_bytes)
     for message in skipped:
         print(f"warning: {message}", file=sys.stderr)

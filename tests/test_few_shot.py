@@ -70,6 +70,8 @@ def test_a_table_set_takes_its_classes_and_their_order_from_the_names_file(tmp_p
     ("unknown_label", "the labels ['n03'] are not in the names file"),
     ("too_few_shots", "class 'blue star' has 2 examples, fewer than 3 shots"),
     ("one_name_twice", "the classes 'red circle' and 'red_circle' are both named 'red circle'"),
+    ("one_name_two_cases", "the classes 'Red Circle' and 'red circle' are named 'Red Circle' and 'red circle', one "
+                           "text to CLIP (its tokenizer lower-cases)"),
     ("label_twice", "line 3: the label 'n01' is listed again; list each class once"),
 ])
 def test_bad_few_shot_data_is_one_line(tmp_path, case, words):
@@ -81,8 +83,8 @@ def test_bad_few_shot_data_is_one_line(tmp_path, case, words):
         (tmp_path / "set.csv").write_text("image,label\na.png,n01\nb.png,n03\n")
         (tmp_path / "names.txt").write_text("n01\nn02\n")
         call = lambda: classification.table_set(str(tmp_path / "set.csv"), 8, str(tmp_path / "names.txt"))
-    elif case == "one_name_twice":
-        for key in ("red_circle", "red circle"):
+    elif case in ("one_name_twice", "one_name_two_cases"):
+        for key in ("red_circle", "red circle") if case == "one_name_twice" else ("Red Circle", "red circle"):
             _write_image(tmp_path / key / "0.png", (255, 0, 0))
         call = lambda: classification.folder_set(str(tmp_path), 8)
     elif case == "label_twice":
@@ -416,3 +418,11 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
         path, label, probability = line.split(",")
         assert path.endswith(f"{i}.png") and label == names[int(np.argmax(logits[i]))]
         assert float(probability) == pytest.approx(probabilities[i].max(), abs=1e-4)
+    # Two names of one text to the tokenizer (it lower-cases) would split one class's probability between them.
+    (tmp_path / "names.txt").write_text("red circle\nblue square\nRed  Circle\n")
+    with pytest.raises(SystemExit):
+        main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
+              "--names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "preds2.csv")])
+    err = capsys.readouterr().err
+    assert "--names: 'red circle' and 'Red Circle' are one text to this model" in err and not (
+        tmp_path / "preds2.csv").exists()

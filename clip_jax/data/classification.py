@@ -79,13 +79,17 @@ def class_change(expected: Sequence[str], found: Sequence[str]) -> str:
 
 def _distinct(where: str, names: dict[str, str]) -> list[str]:
     """The class names of labels -> names, or a ValueError if two labels share a name: their prompts would be one,
-    and the model could not tell the classes apart (folders `red_circle` and `red circle`, say)."""
-    seen: dict[str, str] = {}
+    and the model could not tell the classes apart (folders `red_circle` and `red circle`, say). Names are compared
+    as CLIP's tokenizers read them: case and runs of white space aside (`Red Circle` and `red circle`)."""
+    seen: dict[str, tuple[str, str]] = {}
     for label, name in names.items():
-        if name in seen:
-            raise ValueError(f"{where}: the classes {seen[name]!r} and {label!r} are both named {name!r}; give them "
-                             "distinct names (few_shot.names_file: label<TAB>name)")
-        seen[name] = label
+        key = " ".join(name.casefold().split())
+        if key in seen:
+            other, other_name = seen[key]
+            same = f"both named {name!r}" if other_name == name else f"named {other_name!r} and {name!r}, one text"
+            raise ValueError(f"{where}: the classes {other!r} and {label!r} are {same} to CLIP (its tokenizer "
+                             "lower-cases); give them distinct names (few_shot.names_file: label<TAB>name)")
+        seen[key] = (label, name)
     return list(names.values())
 
 
