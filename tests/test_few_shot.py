@@ -65,6 +65,13 @@ def test_a_table_set_takes_its_classes_and_their_order_from_the_names_file(tmp_p
     assert data.labels.tolist() == [1, 0]
 
 
+def test_hidden_folders_are_no_classes(tmp_path):
+    _write_image(tmp_path / "red" / "0.png", (255, 0, 0))
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # Jupyter's; was "the class folder holds no image"
+    _write_image(tmp_path / ".git" / "0.png", (1, 2, 3))
+    assert classification.folder_set(str(tmp_path), 8).class_names == ["red"]
+
+
 @pytest.mark.parametrize("case, words", [
     ("empty_class", "the class folder 'empty' holds no image"),
     ("unknown_label", "the labels ['n03'] are not in the names file"),
@@ -248,6 +255,23 @@ def test_coop_starts_from_the_phrase_and_counts_its_context_in_tokens(tokenizer)
 def test_a_prompt_longer_than_the_context_is_one_line(tokenizer):
     with pytest.raises(ConfigError, match="the model's context length is 24: lower method.n_ctx"):
         prompt_layout(tokenizer, "red circle", 22, "end", 24)
+
+
+@pytest.mark.parametrize("name", ["coop", "maple"])
+def test_a_new_class_whose_prompt_cannot_fit_is_refused_before_training(tmp_path, tokenizer, name):
+    """The new classes' prompts were laid out at the first evaluation, after the training: its steps were lost, and
+    a relaunch with a smaller n_ctx could not load the trained context."""
+    config = tiny_few_shot(tiny_config(name))
+    folder = _folder_task(tmp_path / "data")
+    long_name = "zz " + " ".join(["purple"] * 16)  # sorted last: a new class
+    for split in ("train", "val", "test"):
+        for i in range(2):
+            _write_image(tmp_path / "data" / split / long_name / f"{i}.png", (128, 0, 128))
+    config.few_shot.update({k: folder.few_shot[k] for k in ("dataset", "train", "val", "test", "shots")})
+    method = get_method(config)
+    assert method.task.class_names.index(long_name) in method.task.new
+    with pytest.raises(ConfigError, match=f"the prompt of class '{long_name}' needs"):
+        prepared(config, tokenizer)
 
 
 def test_class_specific_contexts_have_one_context_per_class():

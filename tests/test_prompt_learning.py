@@ -212,7 +212,6 @@ def test_maple_prompts_that_do_not_fit_are_one_line(tokenizer, case):
             f"method.ctx_init 'a photo of a' has {phrase} tokens, fewer than method.n_ctx {phrase + 1}",
         ),
     }[case]
-    method = prepared(maple_config(1, **fields), tokenizer)
-    with pytest.raises(ConfigError) as e:
-        method.class_inputs(method.task.base)
+    with pytest.raises(ConfigError) as e:  # when the run is prepared, before any step
+        prepared(maple_config(1, **fields), tokenizer)
     assert words in str(e.value) and "\n" not in str(e.value)

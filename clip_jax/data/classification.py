@@ -108,7 +108,8 @@ def folder_set(root: str, image_size: int, names_file: str = "", max_bytes: int 
     root_path = pathlib.Path(root)
     if not root_path.is_dir():
         raise ValueError(f"{root} is not a folder of class folders (root/<class>/<image>)")
-    folders = {d.name: d for d in sorted(root_path.iterdir()) if d.is_dir()}
+    # Hidden folders (.ipynb_checkpoints, .git) are no classes.
+    folders = {d.name: d for d in sorted(root_path.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     if not folders:
         raise ValueError(f"{root} holds no class folder (root/<class>/<image>)")
     names = read_names(names_file) if names_file else {k: k.replace("_", " ") for k in folders}

@@ -91,6 +91,11 @@ class FewShotMethod(Method):
         """The learner's initial parameters, given its random ones and the CLIP parameters the run starts from."""
         return learner
 
+    def check_prompts(self) -> None:
+        """A ConfigError, before any work, for a class the run will score that its prompts cannot hold (a learned
+        prompt's class name that does not fit the context: found at the end of training, the run's steps were
+        lost). Nothing to check for methods whose prompts are the templates' (CLIP's own truncation)."""
+
     # --- the method contract -------------------------------------------------------------------------------------
     def model_config(self) -> CLIPConfig:
         return CLIPConfig.from_dict(self.config.model.to_dict())
@@ -116,6 +121,7 @@ class FewShotMethod(Method):
 
     def prepare(self, prep: Preparation) -> None:
         self.prep = prep
+        self.check_prompts()
         train = self.task.train
         settings = json.dumps(self.config.few_shot.to_dict(), sort_keys=True, default=list)
 
@@ -236,11 +242,12 @@ class PromptContext(nn.Module):
         return self.param("ctx", nn.initializers.normal(0.02), shape, jnp.float32)
 
 
-def prompt_layout(tokenizer, name: str, n_ctx: int, position: str, context_length: int
+def prompt_layout(tokenizer, name: str, n_ctx: int, position: str, context_length: int, class_name: str = ""
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(ids [T], slots [T]) of one class's prompt: slot m >= 0 where context vector m goes, -1 where the token id's
     embedding goes. [SOT] ctx... name "." [EOT] (end), [SOT] ctx[:M/2] name ctx[M/2:] "." [EOT] (middle), or
-    [SOT] name ctx... "." [EOT] (front, the reference's layout)."""
+    [SOT] name ctx... "." [EOT] (front, the reference's layout). `class_name`: the class the error names, where
+    `name` holds fixed words before it (MaPLe's)."""
     name_ids, dot = tokenizer.encode(name), tokenizer.encode(".")
     ctx = list(range(n_ctx))
     half = n_ctx // 2
@@ -252,8 +259,9 @@ def prompt_layout(tokenizer, name: str, n_ctx: int, position: str, context_lengt
     ids += [*dot, tokenizer.eot_id]
     slots += [-1] * (len(dot) + 1)
     if len(ids) > context_length:
-        raise ConfigError(f"the prompt of class {name!r} needs {len(ids)} tokens ({n_ctx} context + the name + '.' + "
-                          f"start and end) but the model's context length is {context_length}: lower method.n_ctx")
+        raise ConfigError(f"the prompt of class {class_name or name!r} needs {len(ids)} tokens ({n_ctx} context + "
+                          f"the name + '.' + start and end) but the model's context length is {context_length}: lower "
+                          "method.n_ctx")
     pad = context_length - len(ids)
     return np.asarray(ids + [0] * pad, np.int32), np.asarray(slots + [-1] * pad, np.int32)
 
@@ -274,6 +282,9 @@ class CoOpMethod(FewShotMethod):
         n_ctx = self._n_ctx()
         classes = len(self.task.base) if h.csc else None
         return PromptContext(n_ctx, self.config.model.text.width, classes)
+
+    def check_prompts(self) -> None:
+        self.class_inputs(self.task.base if self.hparams.csc else [*self.task.base, *self.task.new])
 
     def class_inputs(self, classes):
         if self.hparams.csc and list(classes) != list(self.task.base):

@@ -211,6 +211,9 @@ class MapleMethod(FewShotMethod):
         model = self.config.model
         return MultimodalPrompts(self.hparams.n_ctx, self.hparams.prompt_depth, model.text.width, model.vision.width)
 
+    def check_prompts(self) -> None:
+        self.class_inputs([*self.task.base, *self.task.new])
+
     def class_inputs(self, classes):
         _, words = self._phrase()
         layouts = [
@@ -220,6 +223,7 @@ class MapleMethod(FewShotMethod):
                 self.hparams.n_ctx,
                 "end",
                 self.config.model.text.context_length,
+                self.task.class_names[c],
             )
             for c in classes
         ]
