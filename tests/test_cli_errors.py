@@ -294,6 +294,20 @@ def test_a_resume_whose_parameters_would_change_shape_is_refused_and_leaves_the_
     assert snapshot(workdir) == before
 
 
+def test_a_resume_with_another_data_pipeline_is_refused_and_its_checkpoints_kept(trained, tmp_path, capsys):
+    """data.workers changed: the checkpoints' data positions are of the thread pipeline, the worker processes keep
+    another kind. Each checkpoint was called unreadable (a candidate to set aside for an older one), and the launch
+    ended in "no readable checkpoint"."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    before = snapshot(workdir)
+    message = exit_message(["train", "--workdir", str(workdir), "--config.data.workers=1",
+                            f"--config.total_steps={STEPS + 2}"], capsys)
+    assert f"checkpoint {workdir}/checkpoints/{STEPS} holds the data position of another data pipeline" in message
+    assert "relaunch with the data settings the run was trained with" in message
+    assert snapshot(workdir) == before and not (workdir / "checkpoints_unreadable").exists()
+
+
 def test_a_vocabulary_larger_than_the_models_is_refused_before_the_workdir_is_made(tmp_path, capsys):
     workdir = tmp_path / "run"
     message = exit_message(train_args(workdir, "--config.data.tokenizer=openai"), capsys)

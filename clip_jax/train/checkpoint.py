@@ -118,6 +118,7 @@ class Checkpointer:
             if data_iterator is not None:
                 foreign = self._global_data_position(candidate)
                 if foreign is None:
+                    self._check_data_pipeline(candidate, data_iterator)
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
             if foreign is not None:
@@ -178,6 +179,22 @@ class Checkpointer:
                 log.warning("moved the unreadable checkpoint %s to %s", self.directory / str(step), target)
         barrier("unreadable checkpoints set aside")
         self.manager.reload()
+
+    def _check_data_pipeline(self, step: int, data_iterator: Any) -> None:
+        """A DataPositionError when checkpoint `step`'s data position is of another kind than this run's iterator
+        keeps: another pipeline wrote it (data.workers changed: worker processes keep a position per worker). Not a
+        damaged file: it must not be skipped for an older checkpoint, nor set aside."""
+        path = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):  # missing or torn: the restore fails and falls back to an older checkpoint
+            return
+        current = data_iterator.get_state()
+        if isinstance(saved, dict) and isinstance(current, dict) and saved.keys() != current.keys():
+            raise DataPositionError(
+                f"checkpoint {self.directory / str(step)} holds the data position of another data pipeline than this "
+                "launch's (data.workers changed since, or the data source): relaunch with the data settings the run "
+                "was trained with (its config.json before this launch: the warning above names the changes)")
 
     def _global_data_position(self, step: int) -> tuple[int, int] | None:
         """None when checkpoint `step`'s data positions were written by as many processes as this run has; else
