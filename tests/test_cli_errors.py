@@ -400,17 +400,25 @@ def test_non_utf8_bytes_in_metrics_jsonl_do_not_block_resuming(trained, tmp_path
     ("longclip_shapes.py:keep", "", True),  # plain CLIP loss, but the kept positions are frozen
     ("longclip_shapes.py:interpolate", "", True),  # nothing frozen or kept, but the temperature restarts
     ("audioclip_shapes.py", "", True),  # frozen towers
-    ("coop/shapes.py", "", True),
+    ("coop/shapes.py", "", "refused"),  # a few-shot learner on random frozen towers learns nothing of use
+    ("wise_ft/shapes.py", "", "refused"),
     ("coop/shapes.py", "workdirs/demo", False),
     ("demo.py", "", False),  # pretraining starts from random weights by design
 ])
-def test_a_fine_tune_without_a_pretrained_model_is_said(tmp_path, caplog, monkeypatch, config_file, init_from, warned):
+def test_a_fine_tune_without_a_pretrained_model_is_said(tmp_path, caplog, capsys, monkeypatch, config_file,
+                                                        init_from, warned):
     monkeypatch.setattr("clip_jax.train.loop._train", lambda *args: {})
     monkeypatch.setattr("clip_jax.train.loop.check_init_from", lambda config: None)
+    argv = (["train", "--config", str(REPO / "configs" / config_file), "--workdir", str(tmp_path / "run"),
+             f"--config.init_from={init_from}"]
+            + (["--config.method.pca_scope=global"] if config_file == "longclip_shapes.py" else []))  # 8 devices
+    if warned == "refused":
+        message = exit_message(argv, capsys)
+        assert "learns on a pretrained CLIP" in message and "--config.init_from=A_WORKDIR" in message, message
+        assert not (tmp_path / "run").exists()
+        return
     with caplog.at_level("WARNING", logger="clip_jax.train.loop"):
-        cli.main(["train", "--config", str(REPO / "configs" / config_file), "--workdir", str(tmp_path / "run"),
-                  f"--config.init_from={init_from}"]
-                 + (["--config.method.pca_scope=global"] if config_file == "longclip_shapes.py" else []))  # 8 devices
+        cli.main(argv)
     said = "a pretrained CLIP, and" in caplog.text and "starts from random weights" in caplog.text
     assert said == warned, caplog.text
 

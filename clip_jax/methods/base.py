@@ -106,6 +106,9 @@ class Method:
     # Whether the method adapts a pretrained CLIP (a converted or stretched model at the workdir's step 0, or
     # `config.init_from`): a new run without one trains from random weights, which the launch warns about.
     fine_tunes: ClassVar[bool] = False
+    # Whether it needs that pretrained CLIP: a new run without one is refused, not warned (a few-shot learner on
+    # random towers learns nothing of use).
+    needs_pretrained: ClassVar[bool] = False
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

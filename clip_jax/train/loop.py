@@ -286,6 +286,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                       # only a warm start reads it: a run from random weights has no temperature to restart
                       "method.reset_logit_scale restarts the temperature of" if config.method.get("reset_logit_scale")
                       else None)
+    if method.needs_pretrained and not config.init_from and new_run:
+        raise ConfigError(f"method {config.method.name} learns on a pretrained CLIP, and {workdir} holds none: "
+                          "give --config.init_from=A_WORKDIR (a CLIP trained or converted here: clip-jax convert SRC "
+                          "--to-workdir NEW)")
     if pretrained_use and not config.init_from and new_run:
         log.warning("%s a pretrained CLIP, and %s holds none: this new run starts from random weights. To start from "
                     "one, stop it, convert or stretch a model into a new folder (clip-jax convert SRC --to-workdir "
