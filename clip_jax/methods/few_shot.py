@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -31,8 +30,6 @@ from clip_jax.losses import classification_loss
 from clip_jax.methods.base import Field, Method, Preparation, StepFns, cached_arrays
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize
-
-log = logging.getLogger(__name__)
 
 # The parameters a few-shot run reads from the CLIP it starts from, and keeps frozen (the optimizer.frozen rule).
 CLIP_PARAMS = ("visual", "text", "logit_scale", "logit_bias")
@@ -432,8 +429,10 @@ class TipAdapterMethod(FewShotMethod):
                 scores = tip_logits(features, keys, inputs["values"], inputs["embeds"], scale, alpha, beta)
                 accuracy = float(np.mean(np.argmax(np.asarray(scores), axis=1) == targets))
                 best = max(best, (accuracy, -alpha, -beta))  # ties: the smaller alpha, then beta
-        log.info("tip_adapter: alpha %g and beta %g chosen on few_shot.val (top-1 %.4f on %d images)", -best[1],
-                 -best[2], best[0], len(rows))
+        if jax.process_index() == 0:  # shown, as the compiled step's figures are: the run's choice, not a detail
+            print(f"tip_adapter: alpha {-best[1]:g} and beta {-best[2]:g} chosen on few_shot.val (top-1 "
+                  f"{best[0]:.4f} on {len(rows)} images; kept in the checkpoint as learner/alpha and learner/beta)",
+                  flush=True)
         return -best[1], -best[2]
 
 
