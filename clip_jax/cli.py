@@ -9,7 +9,7 @@
                    [--heads-text N] [--scan-layers] [--image-size N]
   clip-jax export --workdir DIR --format {openai,hf,hf-text} --out PATH [--pt] [--force]
   clip-jax stretch --workdir DIR --out-workdir DIR [--keep K --ratio R | --method interpolate --length L]
-  clip-jax wise-ft --workdir DIR [--alphas 0,0.1,...,1] [--out FILE]
+  clip-jax wise-ft --workdir DIR [--alphas 0,0.1,...,1] [--out FILE] [--split test|val]
   clip-jax data convert --format {webdataset,csv,tsv,jsonl,sharegpt4v,folder} INPUT... --out DIR [--image-root DIR]
                         [--workers N] [--shard-index I --num-shards N] [--shard-size N] [--min-size PX]
                         [--max-image-bytes N] [--runner BEAM_RUNNER [-- PIPELINE_OPTIONS...]]
@@ -630,7 +630,7 @@ def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:
     alphas = parse_alphas(args.alphas)  # found before the model is loaded
     maybe_initialize()
     out = args.out or os.path.join(args.workdir, "wise_ft.json")
-    results = run_sweep(args.workdir, alphas, out)
+    results = run_sweep(args.workdir, alphas, out, args.split)
     if jax.process_index() == 0:
         print(format_table(results))
         print(f"wrote {out}")
@@ -844,6 +844,8 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument("--alphas", default=",".join(f"{i / 10:g}" for i in range(11)),
                     help="comma-separated weights of the fine-tuned model, in [0, 1] (default: %(default)s)")
     wf.add_argument("--out", help="JSON file {alpha: {metric: value}} (default: WORKDIR/wise_ft.json)")
+    wf.add_argument("--split", choices=("test", "val"), default="test",
+                    help="the few-shot set scored: val to choose alpha, test to report it (default: %(default)s)")
     data = sub.add_parser("data", help="image-caption data sets: convert to ArrayRecord shards, inspect shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dc = data_sub.add_parser("convert", help="WebDataset tars, CSV/TSV/JSONL, ShareGPT4V JSON or an image folder -> "

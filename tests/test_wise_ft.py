@@ -145,7 +145,7 @@ def test_the_interpolation_is_exactly_linear():
 # --- clip-jax wise-ft -----------------------------------------------------------------------------------------------
 def test_the_cli_evaluates_every_alpha_of_a_trained_run(tmp_path, tokenizer, capsys):
     from clip_jax.cli import main
-    from clip_jax.train.loop import train_and_evaluate
+    from clip_jax.train.loop import load_trained, train_and_evaluate
 
     base_config = tiny_config("clip")
     base = clip_params(base_config)
@@ -177,6 +177,16 @@ def test_the_cli_evaluates_every_alpha_of_a_trained_run(tmp_path, tokenizer, cap
     own = (tmp_path / "ft" / "wise_ft.json").resolve()  # the run's own sweep file, however it is spelt
     main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0.5", "--out", str(own)])
     assert list(json.loads(own.read_text())) == ["0.5"]
+
+    # alpha is chosen on the val set (docs/few_shot.md): the few-shot entries score few_shot.val there.
+    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "1", "--split", "val", "--out",
+          str(tmp_path / "val.json")])
+    on_val = json.loads((tmp_path / "val.json").read_text())["1.0"]
+    assert set(on_val) == {k.replace("few_shot", "few_shot_val") for k in keys}
+    ft = load_trained(tmp_path / "ft")  # alpha 1 is the run itself, evaluated with the entry's split set to val
+    ft.config.evals.few_shot.split = "val"
+    assert on_val == pytest.approx(evaluate(ft.config, ft.model, ft.params, ft.mesh, ft.tokenizer, method=ft.method))
+    assert on_val != pytest.approx({k.replace("few_shot", "few_shot_val"): v for k, v in sweep["1.0"].items()})
 
     # Nothing else is: the run's config.json written over broke it for train, eval and clip_jax.load.
     (tmp_path / "notes.txt").write_text("mine")

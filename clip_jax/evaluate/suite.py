@@ -220,25 +220,29 @@ def run_zero_shot_tfds(ctx: Context, name: str, entry: ZeroShotTfdsEval) -> dict
 class FewShotEval:
     every_steps: int | None = None
     shapes_domain: str = ""  # shapes: also score this rendering domain of the test split (`<name>_shifted_*`)
+    # "val": score few_shot.val instead of few_shot.test (`<name>_val_*`), where hyperparameters are chosen (WiSE-FT's
+    # alpha: clip-jax wise-ft --split val)
+    split: str = "test"
 
 
 @functools.lru_cache(maxsize=4)
-def _few_shot_test(config_json: str, shapes_domain: str):
-    """The task and its test images, read once per process."""
+def _few_shot_test(config_json: str, shapes_domain: str, split: str = "test"):
+    """The task, with the set `split` (test or val) as its `test`, and that set's images, read once per process."""
     config = ml_collections.ConfigDict(json.loads(config_json))
     if shapes_domain:
         config.few_shot.shapes_domain = shapes_domain
     task = few_shot_task(config)
+    scored = task.val if split == "val" else task.test
     kept, images = [], []
-    for i in range(len(task.test)):  # one by one: an unreadable image is skipped, as the other evaluations do
+    for i in range(len(scored)):  # one by one: an unreadable image is skipped, as the other evaluations do
         try:
-            images.append(task.test.read([i])[0])
+            images.append(scored.read([i])[0])
             kept.append(i)
         except ValueError as e:
             log.warning("skipping %s", e)
     if not kept:
-        raise ConfigError(f"few_shot.test: no readable image in {task.test.name}")
-    return dataclasses.replace(task, test=task.test.subset(kept)), np.stack(images)
+        raise ConfigError(f"few_shot.{split}: no readable image in {scored.name}")
+    return dataclasses.replace(task, test=scored.subset(kept)), np.stack(images)
 
 
 def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float]:
@@ -246,12 +250,15 @@ def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float
     protocol), and their harmonic mean: `<name>_base`, `<name>_new`, `<name>_hm` (with few_shot.classes "all":
     `<name>_all`). The method's own scores (`scores(params, examples, classes)`), else zero-shot CLIP with the
     task's templates; a method that cannot score the new classes (a linear probe) reports only base."""
+    if entry.split not in ("test", "val"):
+        raise ConfigError(f"evals.{name}.split is {entry.split!r}: choose 'test' or 'val'")
+    name = f"{name}_val" if entry.split == "val" else name
     domains = {"": ctx.config.few_shot.shapes_domain}
     if entry.shapes_domain and ctx.config.few_shot.dataset == "shapes":  # another set has no rendering domains
         domains["_shifted"] = entry.shapes_domain
     results = {}
     for suffix, domain in domains.items():
-        task, images = _few_shot_test(ctx.config.to_json(), domain)
+        task, images = _few_shot_test(ctx.config.to_json(), domain, entry.split)
         # A method whose learner takes the images (MaPLe, WiSE-FT) scores them itself: no frozen-tower embeddings.
         examples = {"images": images}
         if getattr(ctx.method, "inputs", "features") == "features":

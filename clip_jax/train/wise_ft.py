@@ -74,9 +74,11 @@ def zero_shot_params(trained, workdir) -> Any:
     return jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), theta0, trained.params)
 
 
-def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None) -> dict[str, dict[str, float]]:
+def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split: str = "test"
+              ) -> dict[str, dict[str, float]]:
     """`clip-jax wise-ft`: the run's evaluations (`config.evals`) of theta_alpha for each alpha, {alpha: {metric:
-    value}}, also written as JSON to `out` (default `<workdir>/wise_ft.json`)."""
+    value}}, also written as JSON to `out` (default `<workdir>/wise_ft.json`). `split` "val": its few-shot entries
+    score few_shot.val (`<name>_val_*`), where alpha is chosen."""
     workdir = epath.Path(workdir)
     if not (workdir / "config.json").exists():
         raise ConfigError(f"{workdir} is not a clip_jax workdir (no config.json): give the workdir of a wise_ft run")
@@ -92,6 +94,9 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None) -> di
     if primary and not is_remote(out) and not os.access(out.parent if out.parent.exists() else ".", os.W_OK):
         raise ConfigError(f"cannot write {out}: its folder is not writable; give --out FILE elsewhere")
     trained = loop.load_trained(workdir)
+    for entry in trained.config.evals.values():
+        if entry.type == "few_shot":
+            entry.split = split
     theta0 = zero_shot_params(trained, workdir)
     results = {}
     for alpha in alphas:
