@@ -291,6 +291,7 @@ def test_a_resume_whose_parameters_would_change_shape_is_refused_and_leaves_the_
     message = exit_message(["train", "--workdir", str(workdir), "--config.method.name=slip"], capsys)
     assert f"checkpoint {workdir}/checkpoints/{STEPS} holds parameters of another model (it lacks [\"['ssl_head']" in (
         message) and "use that run's settings (its config.json)" in message, message
+    assert f"give a new --workdir and --config.init_from={workdir}" in message
     assert snapshot(workdir) == before
 
 

@@ -271,9 +271,12 @@ class Checkpointer:
                  for k in sorted(wanted.keys() & saved.keys()) if saved[k] != wanted[k]]
         if lacks or extra or other:
             differ = (f"it lacks {lacks[:5]}" if lacks else f"it also holds {extra[:5]}" if extra else other[0])
+            # A resume (not partial) of another method: the run's weights can still start a new run of it.
+            start = ("" if partial else f"; to train this config from the run's weights, give a new --workdir and "
+                     f"--config.init_from={self.directory.parent}")
             raise ConfigError(f"checkpoint {where} holds parameters of another model ({differ}): this config's model "
                               "or method differs from the run's that wrote it; use that run's settings (its "
-                              "config.json), or a checkpoint of this config's architecture")
+                              f"config.json), or a checkpoint of this config's architecture{start}")
 
     def wait(self) -> None:
         """Waits for the asynchronous save; its failure raises here."""
