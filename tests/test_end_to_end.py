@@ -409,7 +409,7 @@ def test_a_run_whose_config_json_holds_relative_paths_resumes_from_the_same_fold
     earlier.few_shot.update(dataset="table", train="k.csv", test="test.csv")
     workdir = tmp_path / "run"
     prepare_workdir(earlier, workdir)  # written as an earlier version wrote it: relative
-    prep = SimpleNamespace(workdir=workdir, writes_caches=True)
+    prep = SimpleNamespace(workdir=workdir, is_primary=True, training=True)
     settings = json.dumps(earlier.few_shot.to_dict(), sort_keys=True, default=list)
     cached_arrays(prep, "cache.npz", settings, lambda: {"x": np.arange(3)}, "test arrays")
 
@@ -446,7 +446,7 @@ def test_cached_arrays_store_their_source_and_refuse_a_changed_one(tmp_path):
 
     from clip_jax.methods.base import cached_arrays
 
-    prep = SimpleNamespace(workdir=tmp_path, writes_caches=True)
+    prep = SimpleNamespace(workdir=tmp_path, is_primary=True, training=True)
 
     def load(name, names, make=lambda: {"x": np.arange(3)}):
         return cached_arrays(prep, name, "{}", make, "test arrays", {"names": np.asarray(names)},

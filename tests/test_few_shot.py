@@ -144,8 +144,11 @@ def test_a_run_refuses_sets_whose_classes_changed_since_it_was_trained(tmp_path,
     folder = _folder_task(tmp_path / "data")
     config.few_shot.update({k: folder.few_shot[k] for k in ("dataset", "train", "val", "test", "shots")})
     (tmp_path / "run").mkdir()
-    prepared(config, tokenizer, tmp_path / "run", writes=False)  # a reader (eval, classify) writes nothing
+    prepared(config, tokenizer, tmp_path / "run", training=False)  # a reader (eval, classify) writes nothing
     assert not list((tmp_path / "run").iterdir())
+    if record == "few_shot_classes.npz":  # a resume of a run without a record does not guess it from the folders
+        prepared(config, tokenizer, tmp_path / "run", resumed=True)
+        assert not list((tmp_path / "run").iterdir())
     method = prepared(config, tokenizer, tmp_path / "run")  # the classes recorded (with the K-shot embeddings)
     assert np.load(tmp_path / "run" / record)["class_names"].tolist() == ["blue", "green", "red", "yellow"]
     if method.inputs == "images":
@@ -272,6 +275,7 @@ def test_a_new_class_whose_prompt_cannot_fit_is_refused_before_training(tmp_path
     assert method.task.class_names.index(long_name) in method.task.new
     with pytest.raises(ConfigError, match=f"the prompt of class '{long_name}' needs"):
         prepared(config, tokenizer)
+    prepared(config, tokenizer, training=False)  # a reader of such a run (trained before the check) still loads it
 
 
 def test_class_specific_contexts_have_one_context_per_class():

@@ -92,16 +92,15 @@ def tiny_few_shot(config):
     return config
 
 
-def prepared(config, tokenizer, workdir=None, writes=True):
+def prepared(config, tokenizer, workdir=None, training=True, resumed=False):
     """The method after `prepare`, from a randomly initialised CLIP (what the loop gives it without a checkpoint);
-    its cached arrays in `workdir` if one is given (written there by a training's launch, not by a reader's:
-    `writes`)."""
+    its cached arrays in `workdir` if one is given (written there by a `training` launch, not by a reader's)."""
     method = get_method(config)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     clip = CLIP(method.model_config())
     params = clip.init(jax.random.PRNGKey(0), *method.init_inputs()[:2])  # images and texts
     encoder = Encoder(clip, params["params"], mesh, 64)
-    method.prepare(Preparation(workdir, tokenizer, writes, encoder.images, encoder.texts))
+    method.prepare(Preparation(workdir, tokenizer, True, encoder.images, encoder.texts, training, resumed))
     return method
 
 

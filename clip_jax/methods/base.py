@@ -74,16 +74,18 @@ class StepFns:
 @dataclasses.dataclass(frozen=True)
 class Preparation:
     """What the loop gives `Method.prepare`: the run's workdir (None outside a run), tokenizer, whether this process
-    writes the workdir's caches (`cached_arrays`: a training's primary process; never a reader such as `eval` or
-    `classify`, which changes nothing in a workdir), and embedding functions (normalised, float32 [N, D]) of the
-    model the run starts from: images uint8 [N, H, W, 3] and token ids [N, T]. They load that model on their first
-    call."""
+    writes shared files, embedding functions (normalised, float32 [N, D]) of the model the run starts from (images
+    uint8 [N, H, W, 3] and token ids [N, T]; they load that model on their first call), and what the launch is: a
+    `training` one (a reader such as `eval` or `classify` writes no cache and refuses nothing it could still read),
+    `resumed` from a checkpoint of its own."""
 
     workdir: Any
     tokenizer: ClipTokenizer
-    writes_caches: bool
+    is_primary: bool
     encode_images: Callable[[np.ndarray], np.ndarray]
     encode_texts: Callable[[np.ndarray], np.ndarray]
+    training: bool = True
+    resumed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +186,8 @@ def cached_arrays(prep: Preparation, name: str, settings: str, make: Callable[[]
                   what: str, source: dict[str, np.ndarray] | None = None,
                   source_changed: Callable[[dict[str, np.ndarray]], str] | None = None) -> dict[str, np.ndarray]:
     """Arrays a method computes once before training (`prepare`), cached in the workdir as `name` (.npz): read back
-    when the file exists, made and written (by the primary process) when not, made alone without a workdir.
+    when the file exists, made and written (by a training's primary process) when not, made alone without a workdir
+    or by a reader.
     `settings` (a JSON string of what the arrays depend on) is stored with them: a file made with other settings
     (`files.same_setting`) is a ConfigError. A resume with other settings is refused earlier (`fixed_groups`), but a
     launch that stopped before its first checkpoint leaves the cache and lets the next launch change them.
@@ -194,6 +197,7 @@ def cached_arrays(prep: Preparation, name: str, settings: str, make: Callable[[]
     ConfigError whose message is `source_changed(stored source)`. A file of an earlier version, without it, is read
     as before."""
     source = source or {}
+    writes = prep.is_primary and prep.training  # a reader (eval, classify) writes nothing into the workdir
     cache = prep.workdir / name if prep.workdir is not None else None
     if cache is not None and cache.exists():
         with cache.open("rb") as f:
@@ -206,11 +210,11 @@ def cached_arrays(prep: Preparation, name: str, settings: str, make: Callable[[]
         if len(made_from) == len(source) and any(not np.array_equal(made_from[k], v) for k, v in source.items()):
             raise ConfigError(source_changed(made_from) if source_changed else f"{cache} holds {what} made from other "
                               "files than the run's now")
-        if written != settings and prep.writes_caches:  # an earlier version's relative paths: kept absolute from now on
+        if written != settings and writes:  # an earlier version's relative paths: kept absolute from now on
             _write_npz(cache, settings, {**stored, **made_from})
         return stored
     arrays = make()
-    if cache is not None and prep.writes_caches:
+    if cache is not None and writes:
         _write_npz(cache, settings, {**arrays, **source})
     return arrays
 

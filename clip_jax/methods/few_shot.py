@@ -118,7 +118,8 @@ class FewShotMethod(Method):
 
     def prepare(self, prep: Preparation) -> None:
         self.prep = prep
-        self.check_prompts()
+        if prep.training:  # a reader of a run trained before this check may still classify its base classes
+            self.check_prompts()
         train = self.task.train
         settings = json.dumps(self.config.few_shot.to_dict(), sort_keys=True, default=list)
 
@@ -136,7 +137,10 @@ class FewShotMethod(Method):
         classes = {"class_names": np.asarray(self.task.class_names, dtype=str)}
         if self.inputs == "images":
             # The K x C images are read (or rendered) by train_data, on every launch, as data would be; `eval` and
-            # `classify` read none. The classes are recorded all the same.
+            # `classify` read none. The classes are recorded all the same, when the run starts: a resumed run
+            # without a record (trained by an earlier version) would record the folders as they are now.
+            if prep.resumed and prep.workdir is not None and not (prep.workdir / "few_shot_classes.npz").exists():
+                return
             cached_arrays(prep, "few_shot_classes.npz", settings, dict, "the classes of few_shot settings", classes,
                           classes_changed)
             return

@@ -214,10 +214,9 @@ def create_state(config: ml_collections.ConfigDict, method: Method, model: nn.Mo
 
 
 def _preparation(config, method: Method, mesh, workdir, tokenizer, start: tuple[Checkpointer, int | None],
-                 rng, training: bool) -> Preparation:
+                 rng, training: bool, resumed: bool = False) -> Preparation:
     """`Method.prepare`'s view of the run: embedding functions of the model the run starts from (a checkpoint:
-    the warm start's or the latest; else the initial parameters), loaded on first use. Only a `training` run writes
-    the method's caches into the workdir."""
+    the warm start's or the latest; else the initial parameters), loaded on first use."""
 
     @functools.cache
     def encoder() -> Encoder:
@@ -230,8 +229,8 @@ def _preparation(config, method: Method, mesh, workdir, tokenizer, start: tuple[
             params = source.restore_params(step, method.base_params(abstract_train_state(init_fn, shardings).params))
         return Encoder(model, params, mesh, config.eval.batch_size)
 
-    return Preparation(workdir, tokenizer, training and jax.process_index() == 0,
-                       lambda images: encoder().images(images), lambda tokens: encoder().texts(tokens))
+    return Preparation(workdir, tokenizer, jax.process_index() == 0, lambda images: encoder().images(images),
+                       lambda tokens: encoder().texts(tokens), training, resumed)
 
 
 def abstract_train_state(init_fn, shardings):
@@ -338,7 +337,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     tokenizer = make_tokenizer(config, workdir, new_run=checkpointer.latest_step() is None,
                                checked=checked_tokenizer)
     method.prepare(_preparation(config, method, mesh, workdir, tokenizer, init_source or (checkpointer, resume_step),
-                                rng, training=True))
+                                rng, training=True, resumed=resume_step is not None))
     # This host's rows of every global batch: the ones its devices hold.
     data_iter = method.train_data(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)))
 
