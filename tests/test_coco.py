@@ -169,25 +169,28 @@ def test_bad_files_are_one_line(tmp_path: pathlib.Path):
     assert "\n" not in str(error.value) and str(image) in str(error.value)
 
 
-def test_an_unchanged_file_is_parsed_once(tmp_path: pathlib.Path, monkeypatch):
-    """A launch reads one COCO file for its categories, boxes and evaluation: parsed and checked once, again after
-    an edit."""
+def test_the_categories_and_boxes_of_an_unchanged_file_are_read_once(tmp_path: pathlib.Path, monkeypatch):
+    """A launch asks a COCO file's categories and whether it has boxes several times: parsed and checked once, again
+    after an edit; the parsed file itself is not kept (an LVIS-sized one is gigabytes)."""
     import os
 
     from clip_jax.data import coco
+    from clip_jax.data.detection import category_names
 
     path, image_root = write_set(tmp_path)
     parsed, read = [], coco.read_annotation_json
     monkeypatch.setattr(coco, "read_annotation_json", lambda p: parsed.append(p) or read(p))
-    first = CocoDetection(path, image_root, SIZE)
-    assert CocoDetection(path, image_root, SIZE).category_names == first.category_names == NAMES
-    assert len(parsed) == 1
+    assert category_names(str(path)) == category_names(str(path)) == NAMES
+    summary = coco.annotation_summary(path)
+    assert summary.boxed_category_ids == {1, 2, 3} and summary.annotations == 7 and len(parsed) == 1
+    CocoDetection(path, image_root, SIZE)  # the boxes: parsed whole
+    assert len(parsed) == 2 and category_names(str(path)) == NAMES and len(parsed) == 2
     data = json.loads(path.read_text())
     data["categories"][0]["name"] = "CAT"  # the same size
     path.write_text(json.dumps(data))
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # whatever the file system's clock resolution
-    assert CocoDetection(path, image_root, SIZE).category_names[0] == "CAT" and len(parsed) == 2
+    assert category_names(str(path))[0] == "CAT" and len(parsed) == 3
 
 
 def test_a_results_file_is_written_only_over_an_earlier_results_list(tmp_path: pathlib.Path):

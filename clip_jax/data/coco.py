@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -173,29 +174,55 @@ def _check_entries(data: dict, path: epath.Path) -> None:
                                  f"{width}x{height} image {annotation['image_id']!r}; fix or remove it")
 
 
-# The last file read_checked_annotations parsed, by (path, modification time, size): a launch reads one COCO file
-# for its categories, its boxes and its evaluation, and an LVIS-sized JSON takes seconds to parse and check.
-_last_checked: tuple[tuple, dict] | None = None
-
-
 def read_checked_annotations(path: epath.PathLike) -> dict:
     """The instances JSON of `path` with every entry checked (`read_annotation_json`, then each image, category and
-    annotation): what a reader of the categories alone needs, without the images. A local file read last time, and
-    not changed since, is not parsed again: the dict is shared, so callers must not change it (COCOeval gets a
-    copy, `_ground_truth_for_eval`)."""
-    global _last_checked
-    key = None
-    if not is_remote(os.fspath(path)):
-        with contextlib.suppress(OSError):  # a missing file: read_annotation_json's message
-            stat = os.stat(path)
-            key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
-    if key is not None and _last_checked is not None and _last_checked[0] == key:
-        return _last_checked[1]
+    annotation)."""
     data = read_annotation_json(path)
     _check_entries(data, epath.Path(path))
-    if key is not None:
-        _last_checked = (key, data)
+    if (key := _file_key(path)) is not None:
+        _summaries[key] = _summary(data)
     return data
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationSummary:
+    """What a launch asks of a COCO file beside its boxes: the categories (dicts with id and name, as in the file),
+    the ids of those with a box that is not a crowd region, and the number of annotations."""
+
+    categories: tuple[dict, ...]
+    boxed_category_ids: frozenset
+    annotations: int
+
+
+# Summaries of the checked local files, by (path, modification time, size): a launch asks a file's categories and
+# whether it has boxes several times, and an LVIS-sized JSON takes seconds to parse and gigabytes to hold, so the
+# parsed file itself is not kept.
+_summaries: dict[tuple, AnnotationSummary] = {}
+
+
+def _file_key(path: epath.PathLike) -> tuple | None:
+    if is_remote(os.fspath(path)):
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:  # missing: read_annotation_json's message
+        return None
+    return os.path.realpath(path), stat.st_mtime_ns, stat.st_size
+
+
+def _summary(data: dict) -> AnnotationSummary:
+    return AnnotationSummary(tuple({"id": c["id"], "name": c["name"]} for c in data["categories"]),
+                             frozenset(a["category_id"] for a in data["annotations"] if not a.get("iscrowd", 0)),
+                             len(data["annotations"]))
+
+
+def annotation_summary(path: epath.PathLike) -> AnnotationSummary:
+    """The summary of the checked file `path` (`read_checked_annotations`), parsed once per launch while the local
+    file is unchanged."""
+    key = _file_key(path)
+    if key is not None and key in _summaries:
+        return _summaries[key]
+    return _summary(read_checked_annotations(path))
 
 
 class CocoDetection:

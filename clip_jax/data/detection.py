@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from clip_jax.data.coco import CocoDetection, read_checked_annotations
+from clip_jax.data.coco import CocoDetection, annotation_summary
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset, class_names, scene_boxes
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.errors import ConfigError, quoted
@@ -89,7 +89,7 @@ def coco_detection_set(annotations: str, image_root: str, image_size: int, n: in
 def category_names(annotations: str) -> list[str]:
     """A COCO file's category names in the order of their ids (data/coco.py's class indices)."""
     # Read as the COCO reader does: a file that is not JSON, or is truncated, is a one-line error, not a traceback.
-    categories = read_checked_annotations(annotations)["categories"]
+    categories = annotation_summary(annotations).categories
     return [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
 
 

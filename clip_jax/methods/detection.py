@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 
 from clip_jax.data.classification import class_change
-from clip_jax.data.coco import read_checked_annotations
+from clip_jax.data.coco import annotation_summary
 from clip_jax.data.detection import (
     DetectionSet,
     category_names,
@@ -197,10 +197,10 @@ class DetectionMethod(Method):
     def _check_has_boxes(self) -> None:
         """A COCO file with no box to learn from (none at all, or only crowd regions or novel categories) would
         train the heads on background alone, and say nothing: refused before any work."""
-        data = read_checked_annotations(self.hparams.annotations)
-        novel_ids = {c["id"] for c in data["categories"] if c["name"] in set(self.hparams.novel)}
-        if not any(not a.get("iscrowd", 0) and a["category_id"] not in novel_ids for a in data["annotations"]):
-            held = " other than crowd regions and method.novel's categories" if data["annotations"] else ""
+        summary = annotation_summary(self.hparams.annotations)
+        novel_ids = {c["id"] for c in summary.categories if c["name"] in set(self.hparams.novel)}
+        if not summary.boxed_category_ids - novel_ids:
+            held = " other than crowd regions and method.novel's categories" if summary.annotations else ""
             raise ConfigError(f"method.annotations {self.hparams.annotations} has no annotations{held}: a detector "
                               "trains on boxes; give a COCO file that has some")
 
