@@ -273,8 +273,11 @@ def test_a_new_class_whose_prompt_cannot_fit_is_refused_before_training(tmp_path
     config.few_shot.update({k: folder.few_shot[k] for k in ("dataset", "train", "val", "test", "shots")})
     method = get_method(config)
     assert method.task.class_names.index(long_name) in method.task.new
-    with pytest.raises(ConfigError, match=f"the prompt of class '{long_name}' needs"):
+    with pytest.raises(ConfigError, match=f"the prompt of class '{long_name}' needs") as error:
         prepared(config, tokenizer)
+    # With ctx_init the phrase sets the prompt's length, not n_ctx.
+    fix = "shorten method.ctx_init" if config.method.ctx_init else "lower method.n_ctx"
+    assert str(error.value).endswith(fix) or f": {fix}" in str(error.value), (config.method.ctx_init, error.value)
     prepared(config, tokenizer, training=False)  # a reader of such a run (trained before the check) still loads it
 
 

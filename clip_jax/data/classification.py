@@ -83,12 +83,13 @@ def _distinct(where: str, names: dict[str, str]) -> list[str]:
     as CLIP's tokenizers read them: case and runs of white space aside (`Red Circle` and `red circle`)."""
     seen: dict[str, tuple[str, str]] = {}
     for label, name in names.items():
-        key = " ".join(name.casefold().split())
+        key = " ".join(name.lower().split())  # as the tokenizer reads it (tokenizer.py: lower-cased, spaces merged)
         if key in seen:
             other, other_name = seen[key]
-            same = f"both named {name!r}" if other_name == name else f"named {other_name!r} and {name!r}, one text"
-            raise ValueError(f"{where}: the classes {other!r} and {label!r} are {same} to CLIP (its tokenizer "
-                             "lower-cases); give them distinct names (few_shot.names_file: label<TAB>name)")
+            same = (f"both named {name!r}" if other_name == name else
+                    f"named {other_name!r} and {name!r}, one text to CLIP (its tokenizer lower-cases)")
+            raise ValueError(f"{where}: the classes {other!r} and {label!r} are {same}; give them distinct names "
+                             "(few_shot.names_file: label<TAB>name)")
         seen[key] = (label, name)
     return list(names.values())
 

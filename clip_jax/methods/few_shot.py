@@ -243,12 +243,12 @@ class PromptContext(nn.Module):
         return self.param("ctx", nn.initializers.normal(0.02), shape, jnp.float32)
 
 
-def prompt_layout(tokenizer, name: str, n_ctx: int, position: str, context_length: int, class_name: str = ""
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def prompt_layout(tokenizer, name: str, n_ctx: int, position: str, context_length: int, class_name: str = "",
+                  fix: str = "lower method.n_ctx") -> tuple[np.ndarray, np.ndarray]:
     """(ids [T], slots [T]) of one class's prompt: slot m >= 0 where context vector m goes, -1 where the token id's
     embedding goes. [SOT] ctx... name "." [EOT] (end), [SOT] ctx[:M/2] name ctx[M/2:] "." [EOT] (middle), or
-    [SOT] name ctx... "." [EOT] (front, the reference's layout). `class_name`: the class the error names, where
-    `name` holds fixed words before it (MaPLe's)."""
+    [SOT] name ctx... "." [EOT] (front, the reference's layout). A prompt longer than the context is a ConfigError
+    naming `class_name` (where `name` holds fixed words before it, MaPLe's) and what to do, `fix`."""
     name_ids, dot = tokenizer.encode(name), tokenizer.encode(".")
     ctx = list(range(n_ctx))
     half = n_ctx // 2
@@ -260,9 +260,8 @@ def prompt_layout(tokenizer, name: str, n_ctx: int, position: str, context_lengt
     ids += [*dot, tokenizer.eot_id]
     slots += [-1] * (len(dot) + 1)
     if len(ids) > context_length:
-        raise ConfigError(f"the prompt of class {class_name or name!r} needs {len(ids)} tokens ({n_ctx} context + "
-                          f"the name + '.' + start and end) but the model's context length is {context_length}: lower "
-                          "method.n_ctx")
+        raise ConfigError(f"the prompt of class {class_name or name!r} needs {len(ids)} tokens (with its {n_ctx} "
+                          f"learned context tokens) but the model's context length is {context_length}: {fix}")
     pad = context_length - len(ids)
     return np.asarray(ids + [0] * pad, np.int32), np.asarray(slots + [-1] * pad, np.int32)
 
@@ -290,8 +289,11 @@ class CoOpMethod(FewShotMethod):
     def class_inputs(self, classes):
         if self.hparams.csc and list(classes) != list(self.task.base):
             raise UnscorableClasses("method.csc: class-specific contexts score only the classes they were trained on")
+        # With ctx_init the context is as long as that phrase: n_ctx does not set it.
+        fix = "shorten method.ctx_init or the class name" if self.hparams.ctx_init else "lower method.n_ctx"
         layouts = [prompt_layout(self.prep.tokenizer, self.task.class_names[c], self._n_ctx(),
-                                 self.hparams.class_position, self.config.model.text.context_length) for c in classes]
+                                 self.hparams.class_position, self.config.model.text.context_length, fix=fix)
+                   for c in classes]
         return {"ids": np.stack([ids for ids, _ in layouts]), "slots": np.stack([s for _, s in layouts])}
 
     def init_learner(self, learner, clip):

@@ -224,6 +224,9 @@ class MapleMethod(FewShotMethod):
                 "end",
                 self.config.model.text.context_length,
                 self.task.class_names[c],
+                # The phrase's tokens past n_ctx are fixed words: a smaller n_ctx leaves the prompt as long.
+                "shorten method.ctx_init (or set it to \"\") or the class name" if self.hparams.ctx_init else
+                "lower method.n_ctx",
             )
             for c in classes
         ]
