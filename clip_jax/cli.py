@@ -625,11 +625,11 @@ def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
 
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.train.wise_ft import format_table, parse_alphas, run_sweep
+    from clip_jax.train.wise_ft import format_table, parse_alphas, run_sweep, sweep_name
 
     alphas = parse_alphas(args.alphas)  # found before the model is loaded
     maybe_initialize()
-    out = args.out or os.path.join(args.workdir, "wise_ft.json")
+    out = args.out or os.path.join(args.workdir, sweep_name(args.split))
     results = run_sweep(args.workdir, alphas, out, args.split)
     if jax.process_index() == 0:
         print(format_table(results))
@@ -843,7 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument("--workdir", required=True, help="a wise_ft run (its latest checkpoint is alpha 1)")
     wf.add_argument("--alphas", default=",".join(f"{i / 10:g}" for i in range(11)),
                     help="comma-separated weights of the fine-tuned model, in [0, 1] (default: %(default)s)")
-    wf.add_argument("--out", help="JSON file {alpha: {metric: value}} (default: WORKDIR/wise_ft.json)")
+    wf.add_argument("--out", help="JSON file {alpha: {metric: value}} (default: WORKDIR/wise_ft.json, with --split val "
+                    "WORKDIR/wise_ft_val.json)")
     wf.add_argument("--split", choices=("test", "val"), default="test",
                     help="the few-shot set scored: val to choose alpha, test to report it (default: %(default)s)")
     data = sub.add_parser("data", help="image-caption data sets: convert to ArrayRecord shards, inspect shards")

@@ -37,6 +37,8 @@ def test_entries_are_added_set_and_dropped_from_the_command_line(tmp_path):
     (["--config.evals.x={'type': 'shapes', 'pth': 1}"], "unknown config key 'evals.x.pth'"),
     (["--config.evals.nothing=None"], "no evaluation named 'nothing'"),
     (["--config.evals.shapes.num_examples='10'"], "'evals.shapes.num_examples' must be"),
+    (["--config.evals.fs={'type': 'few_shot', 'split': 'tset'}"],  # found before the training, not after it
+     "config key 'evals.fs.split' is 'tset': choose one of 'test', 'val'"),
     (["--config.eval.long_text=True"], "--config.evals.shapes_long_text="),
 ])
 def test_entry_mistakes_are_one_line(overrides, words):
@@ -89,8 +91,8 @@ def test_a_shapes_entry_on_a_run_of_other_data_is_skipped_and_said_once(caplog):
 
 def test_results_of_skipped_entries_alone_say_so(capsys):
     suite.print_results({"step": 40})
-    assert capsys.readouterr().out.strip() == ("no evaluation results at step 40: every config.evals entry was skipped "
-                                               "(the warnings above say why)")
+    assert capsys.readouterr().out.strip() == ("no evaluation results at step 40 (config.evals is empty, or every "
+                                               "entry was skipped: the warnings above say why)")
     suite.print_results({"step": 40, "shapes_top1": 0.5})
     assert "shapes_top1" in capsys.readouterr().out
 

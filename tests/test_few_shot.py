@@ -125,7 +125,7 @@ def test_a_bad_image_stops_the_k_shot_sample_before_training_and_is_skipped_in_t
     config = _folder_task(tmp_path)
     good = (tmp_path / "test" / "red" / "1.png").read_bytes()
     (tmp_path / "test" / "red" / "1.png").write_bytes(good[: len(good) // 2])
-    task, images = suite._few_shot_test(config.to_json(), "")
+    task, images = suite._few_shot_scored(config.to_json(), "")
     assert task.test.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3] and len(images) == 11
     for i in range(2):  # a base class's images: one of them is in the K-shot sample
         (tmp_path / "train" / "blue" / f"{i}.png").write_bytes(b"not an image")

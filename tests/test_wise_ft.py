@@ -179,14 +179,22 @@ def test_the_cli_evaluates_every_alpha_of_a_trained_run(tmp_path, tokenizer, cap
     assert list(json.loads(own.read_text())) == ["0.5"]
 
     # alpha is chosen on the val set (docs/few_shot.md): the few-shot entries score few_shot.val there.
-    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "1", "--split", "val", "--out",
-          str(tmp_path / "val.json")])
-    on_val = json.loads((tmp_path / "val.json").read_text())["1.0"]
+    test_sweep = own.read_bytes()
+    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "1", "--split", "val"])
+    on_val = json.loads((tmp_path / "ft" / "wise_ft_val.json").read_text())["1.0"]  # beside the test sweep
+    assert own.read_bytes() == test_sweep
     assert set(on_val) == {k.replace("few_shot", "few_shot_val") for k in keys}
     ft = load_trained(tmp_path / "ft")  # alpha 1 is the run itself, evaluated with the entry's split set to val
     ft.config.evals.few_shot.split = "val"
     assert on_val == pytest.approx(evaluate(ft.config, ft.model, ft.params, ft.mesh, ft.tokenizer, method=ft.method))
     assert on_val != pytest.approx({k.replace("few_shot", "few_shot_val"): v for k, v in sweep["1.0"].items()})
+    saved = json.loads((tmp_path / "ft" / "config.json").read_text())
+    (tmp_path / "ft" / "config.json").write_text(json.dumps({**saved, "evals": {}}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # no few_shot entry: --split val would score the test sets of the others
+        main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "1", "--split", "val", "--out",
+              str(tmp_path / "none.json")])
+    assert "--split val chooses the set of the run's few_shot evaluations" in capsys.readouterr().err
 
     # Nothing else is: the run's config.json written over broke it for train, eval and clip_jax.load.
     (tmp_path / "notes.txt").write_text("mine")

@@ -226,7 +226,7 @@ class FewShotEval:
 
 
 @functools.lru_cache(maxsize=4)
-def _few_shot_test(config_json: str, shapes_domain: str, split: str = "test"):
+def _few_shot_scored(config_json: str, shapes_domain: str, split: str = "test"):
     """The task, with the set `split` (test or val) as its `test`, and that set's images, read once per process."""
     config = ml_collections.ConfigDict(json.loads(config_json))
     if shapes_domain:
@@ -250,15 +250,13 @@ def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float
     protocol), and their harmonic mean: `<name>_base`, `<name>_new`, `<name>_hm` (with few_shot.classes "all":
     `<name>_all`). The method's own scores (`scores(params, examples, classes)`), else zero-shot CLIP with the
     task's templates; a method that cannot score the new classes (a linear probe) reports only base."""
-    if entry.split not in ("test", "val"):
-        raise ConfigError(f"evals.{name}.split is {entry.split!r}: choose 'test' or 'val'")
     name = f"{name}_val" if entry.split == "val" else name
     domains = {"": ctx.config.few_shot.shapes_domain}
     if entry.shapes_domain and ctx.config.few_shot.dataset == "shapes":  # another set has no rendering domains
         domains["_shifted"] = entry.shapes_domain
     results = {}
     for suffix, domain in domains.items():
-        task, images = _few_shot_test(ctx.config.to_json(), domain, entry.split)
+        task, images = _few_shot_scored(ctx.config.to_json(), domain, entry.split)
         # A method whose learner takes the images (MaPLe, WiSE-FT) scores them itself: no frozen-tower embeddings.
         examples = {"images": images}
         if getattr(ctx.method, "inputs", "features") == "features":
@@ -297,7 +295,8 @@ EVALUATORS: dict[str, Evaluator] = {
     "shapes_detection": (ShapesDetectionEval, run_shapes_detection),
     "coco_detection": (CocoDetectionEval, run_coco_detection),
 }
-# Fields an entry of this type must set (a path to read).
+# Fields an entry of this type must set (a path to read), and fields with a few allowed values.
+_CHOICES = {("few_shot", "split"): ("test", "val")}
 _REQUIRED = {"long_text_set": "path", "zero_shot_folder": "path", "zero_shot_tfds": "dataset",
              "zero_shot_audio_folder": "path", "segmentation_folder": "path", "coco_detection": "annotations"}
 
@@ -320,6 +319,10 @@ def parse_entry(name: str, entry: dict) -> Any:
         if value is not None and wrong:
             raise ConfigError(f"config key 'evals.{name}.{key}' must be {' or '.join(t.__name__ for t in allowed)}, "
                               f"got {type(value).__name__} {value!r}")
+    for (kind, key), allowed in _CHOICES.items():
+        if entry.get("type") == kind and key in fields and fields[key] not in allowed:
+            raise ConfigError(f"config key 'evals.{name}.{key}' is {fields[key]!r}: choose one of "
+                              f"{', '.join(map(repr, allowed))}")
     if entry.get("type") in _REQUIRED and not fields.get(_REQUIRED[entry["type"]]):
         raise ConfigError(f"evals.{name} ({entry['type']}) needs {_REQUIRED[entry['type']]}: set "
                           f"--config.evals.{name}.{_REQUIRED[entry['type']]}=...")
@@ -374,8 +377,8 @@ def print_results(results: dict[str, float]) -> None:
     if not results:
         return
     if set(results) == {"step"}:
-        print(f"no evaluation results at step {results['step']}: every config.evals entry was skipped (the warnings "
-              "above say why)", flush=True)
+        print(f"no evaluation results at step {results['step']} (config.evals is empty, or every entry was skipped: "
+              "the warnings above say why)", flush=True)
         return
     width = max(len(k) for k in results)
     print("\n" + "results".center(width + 12, "-"))

@@ -88,15 +88,18 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split
             f"{workdir} holds a {name} run: clip-jax wise-ft interpolates a fine-tuned wise_ft run (method.name="
             "wise_ft, e.g. configs/wise_ft/shapes.py) with its zero-shot start"
         )
-    out = epath.Path(out) if out else workdir / "wise_ft.json"
+    out = epath.Path(out) if out else workdir / sweep_name(split)
     _check_out(out, workdir)
     primary = jax.process_index() == 0
     if primary and not is_remote(out) and not os.access(out.parent if out.parent.exists() else ".", os.W_OK):
         raise ConfigError(f"cannot write {out}: its folder is not writable; give --out FILE elsewhere")
     trained = loop.load_trained(workdir)
-    for entry in trained.config.evals.values():
-        if entry.type == "few_shot":
-            entry.split = split
+    few_shot = [entry for entry in trained.config.evals.values() if entry.type == "few_shot"]
+    if split != "test" and not few_shot:
+        raise ConfigError(f"--split {split} chooses the set of the run's few_shot evaluations, and "
+                          f"{workdir}/config.json has none (evals: {', '.join(trained.config.evals) or 'none'})")
+    for entry in few_shot:
+        entry.split = split
     theta0 = zero_shot_params(trained, workdir)
     results = {}
     for alpha in alphas:
@@ -109,10 +112,17 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split
     return results
 
 
+def sweep_name(split: str) -> str:
+    """The file of a sweep in the run's workdir: wise_ft.json (test), wise_ft_val.json (val)."""
+    return "wise_ft.json" if split == "test" else f"wise_ft_{split}.json"
+
+
 def _check_out(out: epath.Path, workdir: epath.Path) -> None:
     """Before any evaluation: `out` replaces nothing but an earlier sweep ({alpha: {metric: value}}), and lies in no
-    workdir but as the run's own wise_ft.json (a workdir's config.json written over broke the run)."""
-    if canonical_path(out) != canonical_path(workdir / "wise_ft.json"):  # the run's own, however spelt
+    workdir but as the run's own wise_ft.json or wise_ft_val.json (a workdir's config.json written over broke the
+    run)."""
+    own = {canonical_path(workdir / sweep_name(split)) for split in ("test", "val")}
+    if canonical_path(out) not in own:  # the run's own, however spelt
         refuse_inside_workdir(out, "--out")
     refuse_replacing(out, _earlier_sweep)
 
