@@ -198,6 +198,7 @@ def test_an_image_folder_names_its_classes_and_spreads_a_subset_over_them(tmp_pa
     write_folder(tmp_path, misfiled=0)
     (tmp_path / "dark_red").mkdir()
     Image.new("RGB", (8, 8), (100, 0, 0)).save(tmp_path / "dark_red" / "a.png")
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # hidden: no class, as in a few-shot set
     source = ImageFolderSource(tmp_path, 16)
     assert source.class_names() == ["blue", "dark red", "green", "red"] and len(source) == 14
     images, labels, skipped = source.arrays(4)  # each class's first file

@@ -24,7 +24,7 @@ import numpy as np
 
 from clip_jax.data import shapes
 from clip_jax.data.captions import read_table, table_format
-from clip_jax.data.folder_source import classes_in_turn
+from clip_jax.data.folder_source import class_folders, classes_in_turn
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_image
 from clip_jax.errors import ConfigError
 
@@ -109,8 +109,7 @@ def folder_set(root: str, image_size: int, names_file: str = "", max_bytes: int 
     root_path = pathlib.Path(root)
     if not root_path.is_dir():
         raise ValueError(f"{root} is not a folder of class folders (root/<class>/<image>)")
-    # Hidden folders (.ipynb_checkpoints, .git) are no classes.
-    folders = {d.name: d for d in sorted(root_path.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    folders = {d.name: d for d in class_folders(root_path)}
     if not folders:
         raise ValueError(f"{root} holds no class folder (root/<class>/<image>)")
     names = read_names(names_file) if names_file else {k: k.replace("_", " ") for k in folders}

@@ -26,12 +26,17 @@ def classes_in_turn(labels: np.ndarray, n: int) -> np.ndarray:
     return np.asarray([i for turn in turns for i in turn if i is not None][:n], np.int64)
 
 
+def class_folders(root: pathlib.Path) -> list[pathlib.Path]:
+    """The class folders of `root`, sorted: its sub-folders but hidden ones (.ipynb_checkpoints, .git)."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 class ImageFolderSource:
     def __init__(self, root: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         root = pathlib.Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder of class folders (root/<class>/<image>)")
-        classes = sorted(d for d in root.iterdir() if d.is_dir())
+        classes = class_folders(root)
         loose = sum(f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir() if f.is_file())
         in_no_class = f"; its {loose} images at the top are in no class folder" if loose else ""
         if len(classes) < 2:  # one class: every image is "right", whatever the model
