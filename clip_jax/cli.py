@@ -246,7 +246,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.data.images import list_images, load_images
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.classify import DEFAULT_TEMPLATES, class_scores, requested_classes
+    from clip_jax.evaluate.classify import class_scores, requested_classes
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
@@ -266,10 +266,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     refuse_replacing(out, _earlier_classify_csv, [*files, *([args.names] if args.names else [])])
     maybe_initialize()
     trained = load_trained(args.workdir)
-    requested_classes(trained, args.classes, names)  # a request it cannot serve is refused before images are read
-    if names:
-        _refuse_same_tokens("--names", names, trained.tokenizer, trained.config.model.text.context_length,
-                            tuple(trained.config.few_shot.templates) or DEFAULT_TEMPLATES)
+    requested_classes(trained, args.classes, names, "--names")  # refused before the images are read
     images, kept, skipped = load_images(files, trained.config.model.vision.image_size, args.max_image_bytes)
     for message in skipped:
         print(f"warning: {message}", file=sys.stderr)
@@ -352,21 +349,6 @@ def _split_queries(text: str) -> list[str]:
     return [q.strip() for q in re.split(r"\.\s+", text) if q.strip()]
 
 
-def _refuse_same_tokens(flag: str, names: list[str], tokenizer, context_length: int, templates: tuple) -> None:
-    """Two names whose prompts are the same token ids to the run's tokenizer (it lower-cases, and the text tower
-    reads context_length - 2 tokens) get one embedding: a mask's second label was never chosen, a detector drew each
-    box twice. Refused, naming the two."""
-    prompts = [template.format(name) for name in names for template in templates]
-    rows = tokenizer(prompts, context_length).reshape(len(names), -1)
-    first: dict[bytes, int] = {}
-    for i, row in enumerate(rows):
-        j = first.setdefault(row.tobytes(), i)
-        if j != i:
-            raise ConfigError(f"{flag}: {quoted(names[j])} and {quoted(names[i])} are one text to this model (its "
-                              f"tokenizer lower-cases, and its text tower reads {context_length - 2} tokens): they "
-                              "would get one embedding; keep one, or make them differ early on")
-
-
 def _segment_templates(method, given: list[str] | None) -> tuple[tuple[str, ...], str]:
     """(the label prompts of `segment`, where they come from): --templates; else the run's own, as its training and
     evaluations used them (LSeg's and ViLD's method.templates, GroupViT's method.prompt_templates); else the shapes
@@ -411,6 +393,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.data.images import list_images, load_images
     from clip_jax.data.segmentation import BACKGROUND, mask_png
     from clip_jax.distributed import maybe_initialize
+    from clip_jax.evaluate.classify import refuse_same_tokens
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.evaluate.segmentation import label_embeddings, overlay, predict_labels
     from clip_jax.train.loop import load_trained
@@ -445,7 +428,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     templates, prompts = _segment_templates(config.method, args.templates)
     context = config.model.text.context_length
     # with the background when it is a label: "Background" would be the same text as it
-    _refuse_same_tokens("--labels", [BACKGROUND, *labels] if background == "label" else labels, trained.tokenizer,
+    refuse_same_tokens("--labels", [BACKGROUND, *labels] if background == "label" else labels, trained.tokenizer,
                         context, templates)
     images, kept, skipped = load_images(files, config.model.vision.image_size, args.max_image_bytes)
     for message in skipped:
@@ -483,6 +466,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.data.coco import to_original_xywh
     from clip_jax.data.images import list_images, load_images
     from clip_jax.distributed import maybe_initialize
+    from clip_jax.evaluate.classify import refuse_same_tokens
     from clip_jax.evaluate.detection import detect
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
@@ -513,7 +497,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
                           "configs/vild_shapes.py or configs/glip_shapes.py (docs/detection.md)")
     context = trained.config.model.text.context_length
     # the prompts the detector builds: ViLD's templates around each name, GLIP's names as they are (one prompt)
-    _refuse_same_tokens("--queries", queries, trained.tokenizer, context,
+    refuse_same_tokens("--queries", queries, trained.tokenizer, context,
                         tuple(trained.config.method.get("templates") or ("{}",)))
     size = trained.config.model.vision.image_size
     images, kept, skipped = load_images(files, size, args.max_image_bytes)

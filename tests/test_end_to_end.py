@@ -314,6 +314,8 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
         model.classify([np.zeros((8, 8, 3), np.uint8)], [])
     with pytest.raises(ConfigError, match="class name 'red circle' is given twice"):
         model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", "blue square", "red circle"])
+    with pytest.raises(ConfigError, match="class names: 'red circle' and 'Red Circle' are one text to this model"):
+        model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", "Red Circle"])  # the CLI's refusal too
     with pytest.raises(ConfigError, match="class name 1 is 2: class names are non-empty texts"):
         model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", 2])
     with pytest.raises(TypeError, match="list of class names"):

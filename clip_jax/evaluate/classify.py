@@ -10,20 +10,45 @@ import jax
 import numpy as np
 
 from clip_jax.data.classification import class_embeddings
-from clip_jax.errors import ConfigError, UnscorableClasses
+from clip_jax.errors import ConfigError, UnscorableClasses, quoted
 from clip_jax.evaluate.encoder import Encoder
 
 CLASS_GROUPS = ("all", "base", "new")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | None = None) -> list[int] | None:
+def zero_shot_templates(config: Any) -> tuple[str, ...]:
+    """The prompts of zero-shot classification by class names: the run's few_shot.templates, or DEFAULT_TEMPLATES."""
+    return tuple(config.few_shot.templates) or DEFAULT_TEMPLATES
+
+
+def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_length: int,
+                       templates: Sequence[str]) -> None:
+    """Two names whose prompts are the same token ids to the run's tokenizer (it lower-cases, and the text tower
+    reads context_length - 2 tokens) get one embedding: a class's probability was split between them, a mask's
+    second label was never chosen, a detector drew each box twice. Refused, naming the two (`what`: the flag or
+    argument that gave them)."""
+    prompts = [template.format(name) for name in names for template in templates]
+    rows = tokenizer(prompts, context_length).reshape(len(names), -1)
+    first: dict[bytes, int] = {}
+    for i, row in enumerate(rows):
+        j = first.setdefault(row.tobytes(), i)
+        if j != i:
+            raise ConfigError(f"{what}: {quoted(names[j])} and {quoted(names[i])} are one text to this model (its "
+                              f"tokenizer lower-cases, and its text tower reads {context_length - 2} tokens): they "
+                              "would get one embedding; keep one, or make them differ early on")
+
+
+def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | None = None,
+                      what: str = "class names") -> list[int] | None:
     """The few-shot classes that `class_scores` will score (None: zero-shot over `names`). Refuses, before any image
-    is read, a request it cannot serve: no names for a method without classes of its own, an unknown `group`, a
-    group the run has no classes in."""
+    is read, a request it cannot serve: names that are not distinct texts to the model (`what` gave them), no names
+    for a method without classes of its own, an unknown `group`, a group the run has no classes in."""
     config, method = trained.config, trained.method
     if names is not None:
         _check_names(names)
+        refuse_same_tokens(what, names, trained.tokenizer, config.model.text.context_length,
+                           zero_shot_templates(config))
         return None
     if getattr(method, "scores", None) is None:
         raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give class names "
@@ -68,8 +93,8 @@ def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str 
         examples["features"] = encoder.images(images)
     if classes is None:
         length = config.model.text.context_length
-        templates = tuple(config.few_shot.templates) or DEFAULT_TEMPLATES
-        embeds = class_embeddings(lambda t: encoder.texts(trained.tokenizer(t, length)), list(names), templates)
+        embeds = class_embeddings(lambda t: encoder.texts(trained.tokenizer(t, length)), list(names),
+                                  zero_shot_templates(config))
         scale, _ = trained.model.apply({"params": trained.params}, method="temperature")
         return list(names), float(jax.device_get(scale)) * examples["features"] @ embeds.T
     try:
