@@ -9,8 +9,9 @@ Every host runs the same command. `maybe_initialize` starts `jax.distributed` on
   (multislice), or a Cloud TPU VM (what launch/tpu.py creates), whose slice is described by its metadata server
   rather than the environment: `jax.distributed.initialize()` reads it, and on a one-host VM makes a harmless
   one-process cluster;
-- SLURM: an `srun` step with several tasks (`SLURM_NTASKS` > 1 and `SLURM_PROCID`): `jax.distributed.initialize()`
-  detects the rest;
+- SLURM: an `srun` step with several tasks (`SLURM_STEP_NUM_TASKS` > 1, which srun sets, and `SLURM_PROCID`):
+  `jax.distributed.initialize()` detects the rest. Not the batch script itself, which has `SLURM_PROCID` 0 and the
+  job's `SLURM_NTASKS` but is no task of a step: it would wait forever for tasks that never start;
 - anything else is one process and never initialises.
 """
 
@@ -59,7 +60,15 @@ def cluster(env: Mapping[str, str]) -> str | None:
         if len(given) < len(EXPLICIT_VARS):
             missing = [v for v in EXPLICIT_VARS if v not in given]
             raise ConfigError(f"{', '.join(given)} set without {', '.join(missing)}: set all three or none")
-        return "explicit" if _int(env, "JAX_NUM_PROCESSES") > 1 else None
+        count, index = _int(env, "JAX_NUM_PROCESSES"), _int(env, "JAX_PROCESS_ID")
+        host, _, port = env["JAX_COORDINATOR_ADDRESS"].rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']!r} must be host:port (process "
+                              "0's address and a free port, the same on every process)")
+        if not 0 <= index < count:
+            raise ConfigError(f"JAX_PROCESS_ID={index} is not one of the JAX_NUM_PROCESSES={count} processes (0 to "
+                              f"{count - 1})")
+        return "explicit" if count > 1 else None
     workers = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
     slices = _int(env, "MEGASCALE_NUM_SLICES") if env.get("MEGASCALE_NUM_SLICES") else 1
     if slices > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
@@ -68,7 +77,8 @@ def cluster(env: Mapping[str, str]) -> str | None:
         return "tpu" if _hosts(workers) > 1 else None
     if _tpu_chips():
         return "tpu"
-    if env.get("SLURM_PROCID") is not None and env.get("SLURM_NTASKS") and _int(env, "SLURM_NTASKS") > 1:
+    steps = env.get("SLURM_STEP_NUM_TASKS")  # an srun step's; the batch script has only the job's SLURM_NTASKS
+    if env.get("SLURM_PROCID") is not None and steps and _int(env, "SLURM_STEP_NUM_TASKS") > 1:
         return "slurm"
     return None
 

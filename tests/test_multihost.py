@@ -399,8 +399,10 @@ def no_tpu(monkeypatch):
     ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1,t1v-2,t1v-3", "TPU_WORKER_ID": "1"}, "tpu"),
     ({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}, None),
     ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1", "MEGASCALE_NUM_SLICES": "2"}, "tpu"),
-    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3", "SLURM_JOB_ID": "42"}, "slurm"),
-    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_ID": "42"}, None),
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3", "SLURM_JOB_ID": "42"}, "slurm"),
+    ({"SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_ID": "42"}, None),
+    # The batch script of a 4-node job: the job's task count and PROCID 0, but no step (it waited forever).
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_ID": "42"}, None),
     ({"SLURM_JOB_ID": "42"}, None),  # an allocation, outside of srun
     # The batch script sets the rendezvous itself: it wins over SLURM's own variables.
     ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "JAX_COORDINATOR_ADDRESS": "n1:2", "JAX_NUM_PROCESSES": "2",
@@ -422,13 +424,17 @@ def test_incomplete_rendezvous_is_a_config_error(no_tpu):
         cluster({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
     with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='four' must be an integer"):
         cluster({"JAX_COORDINATOR_ADDRESS": "a:1", "JAX_NUM_PROCESSES": "four", "JAX_PROCESS_ID": "0"})
+    with pytest.raises(ConfigError, match="JAX_COORDINATOR_ADDRESS='127.0.0.1' must be host:port"):  # an IndexError
+        cluster({"JAX_COORDINATOR_ADDRESS": "127.0.0.1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
+    with pytest.raises(ConfigError, match="JAX_PROCESS_ID=2 is not one of the JAX_NUM_PROCESSES=2 processes"):
+        cluster({"JAX_COORDINATOR_ADDRESS": "a:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
 
 
 @pytest.mark.parametrize("env, call", [
     ({}, None),
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"},
      {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}),
-    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}, {}),  # jax.distributed detects the rest itself
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3"}, {}),  # jax detects the rest itself
 ])
 def test_maybe_initialize_calls_jax_distributed_only_on_a_cluster(env, call, monkeypatch, no_tpu):
     for name in [*os.environ]:
