@@ -979,6 +979,17 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"clip-jax {label}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except ImportError as e:
+        if debug:
+            raise
+        missing = getattr(e, "name", None) or ("gcsfs" if "gcsfs" in str(e) else None)
+        if missing != "gcsfs":
+            _report_unexpected(label, e)
+            sys.exit(1)
+        # etils' gs:// file system: an environment without the [gcs] extra
+        print(f"clip-jax {label}: error: gs:// paths need gcsfs: pip install 'clip_jax[gcs]' (or gcsfs)",
+              file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         if debug:
             raise

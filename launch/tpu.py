@@ -107,11 +107,12 @@ def install(args: argparse.Namespace) -> list[list[str]]:
         commands.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{args.name}:{TARBALL_REMOTE}",
                          *_where(args), "--worker=all"])
         fetch = f"rm -rf {SRC} && mkdir -p {SRC} && tar -xzf ~/{TARBALL_REMOTE} -C {SRC}"
-    # One resolver run for the repo and jax[tpu], so libtpu matches the jax that clip_jax's pins select.
+    # One resolver run for the repo and jax[tpu], so libtpu matches the jax that clip_jax's pins select; [gcs]: the
+    # workdirs of a pod are gs:// buckets.
     setup = (
         f"python3 -m pip install --user --upgrade uv"
         f" && {UV} venv --allow-existing --python {shlex.quote(args.python_version)} {VENV}"
-        f' && {UV} pip install --python {VENV}/bin/python -e {SRC} "jax[tpu]"'
+        f' && {UV} pip install --python {VENV}/bin/python -e {SRC}"[gcs]" "jax[tpu]"'
     )
     commands.append(ssh(args, f"{fetch} && {setup}"))
     return commands

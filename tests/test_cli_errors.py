@@ -309,6 +309,16 @@ def test_a_resume_with_another_data_pipeline_is_refused_and_its_checkpoints_kept
     assert snapshot(workdir) == before and not (workdir / "checkpoints_unreadable").exists()
 
 
+def test_a_bucket_without_gcsfs_is_one_line(capsys):
+    """etils reads gs:// through gcsfs, which only the [gcs] extra installs: an ImportError, reported as unexpected."""
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    message = exit_message(["eval", "--workdir", "gs://no-such-bucket/run"], capsys)
+    assert message == "clip-jax eval: error: gs:// paths need gcsfs: pip install 'clip_jax[gcs]' (or gcsfs)"
+
+
 def test_a_vocabulary_larger_than_the_models_is_refused_before_the_workdir_is_made(tmp_path, capsys):
     workdir = tmp_path / "run"
     message = exit_message(train_args(workdir, "--config.data.tokenizer=openai"), capsys)

@@ -85,8 +85,8 @@ def test_default_runtime_versions(accelerator, version):
 
 
 SETUP = ("python3 -m pip install --user --upgrade uv && ~/.local/bin/uv venv --allow-existing --python 3.11 "
-         "~/clip_jax_venv && ~/.local/bin/uv pip install --python ~/clip_jax_venv/bin/python -e ~/clip_jax "
-         '"jax[tpu]"')
+         "~/clip_jax_venv && ~/.local/bin/uv pip install --python ~/clip_jax_venv/bin/python -e ~/clip_jax"
+         '"[gcs]" "jax[tpu]"')  # [gcs]: gcsfs, which etils needs for the pod's gs:// workdirs
 
 
 def test_install_from_git(capsys):
