@@ -2,16 +2,25 @@
 
   python3 launch/expected_perf.py      # prints the markdown tables of docs/launch.md
 
-samples/s = devices x peak FLOP/s per device x MFU / training FLOPs per sample, with the FLOPs of
-clip_jax.models.flops.train_flops_per_sample (3x the forward matmuls, remat not counted) and the vendor peaks of
+samples/s = devices x peak FLOP/s per device x MFU / training FLOPs per sample, with the FLOPs the trainer itself
+counts for the recipe (its method's `flops_per_example`: 3x the forward matmuls of what trains, 1x of what is
+frozen, every caption field's text pass; remat not counted; what the logged `mfu` divides by) and the vendor peaks of
 clip_jax.models.flops.PEAK_FLOPS. Data loading, evaluation and checkpoint pauses are not included.
 """
 
 from __future__ import annotations
 
-from clip_jax.models.clip import CLIPConfig
-from clip_jax.models.flops import PEAK_FLOPS, train_flops_per_sample
-from clip_jax.models.presets import model_preset
+import pathlib
+
+import flax.linen as nn
+import jax
+
+from clip_jax.config import load_config
+from clip_jax.methods import get_method
+from clip_jax.models.flops import PEAK_FLOPS
+from clip_jax.train.state import trainable_mask
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 MFUS = (0.40, 0.55)  # assumptions: a plausible range for a well-sharded ViT, not measurements of this code
 
@@ -28,22 +37,32 @@ GPUS = [
     ("2 nodes x 8 H100", "NVIDIA H100", 16, 2),
 ]
 
-# (title, preset, text context length, global batch, samples to report the duration of, what those samples are)
+# (title, recipe, global batch, samples to report the duration of, what those samples are)
 EXAMPLES = [
-    ("B/16 pretraining (`configs/pretrain.py:B/16`)", "B/16", 77, 32768, 32768 * 100_000,
+    ("B/16 pretraining (`configs/pretrain.py:B/16`)", "configs/pretrain.py:B/16", 32768, 32768 * 100_000,
      "the config's 100k steps x 32768 (3.3B samples)", TPUS + GPUS[:1]),
-    ("Long-CLIP L/14 fine-tuning (L/14, 248 text tokens, 224 px)", "L/14", 248, 1024, 1_000_000,
-     "1M image-text pairs", GPUS + TPUS[1:2]),
+    ("Long-CLIP L/14 fine-tuning (`configs/longclip_l14.py`: L/14, 248-token long and 77-token short captions, 224 px)",
+     "configs/longclip_l14.py", 1024, 1_000_000, "1M image-text pairs", GPUS + TPUS[1:2]),
 ]
+
+
+def flops_per_sample(recipe: str) -> float:
+    """The training FLOPs of one example of a recipe (`path.py[:arg]`, from the repository), as the trainer counts
+    them: its method's count, given the parameters that its `optimizer.frozen` leaves trainable."""
+    path, _, arg = recipe.partition(":")
+    config = load_config(str(REPO / path) + (f":{arg}" if arg else ""))
+    method = get_method(config)
+    model = method.model()
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *method.init_inputs())["params"])
+    return method.flops_per_example(trainable_mask(params, config.optimizer.frozen))
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def table(preset: str, context_length: int, batch: int, samples: int, topologies) -> list[str]:
-    cfg = CLIPConfig.from_dict(model_preset(preset, context_length=context_length))
-    per_sample = train_flops_per_sample(cfg)
+def table(recipe: str, batch: int, samples: int, topologies) -> list[str]:
+    per_sample = flops_per_sample(recipe)
     lo, hi = (f"{m:.0%}" for m in MFUS)
     lines = [
         f"Training FLOPs per sample: {per_sample / 1e9:.1f} GFLOP; global batch {batch}.",
@@ -65,9 +84,9 @@ def table(preset: str, context_length: int, batch: int, samples: int, topologies
 
 def markdown() -> str:
     out = []
-    for title, preset, context_length, batch, samples, what, topologies in EXAMPLES:
+    for title, recipe, batch, samples, what, topologies in EXAMPLES:
         out += [f"**{title}**, time for {what}:", ""]
-        out += table(preset, context_length, batch, samples, topologies)
+        out += table(recipe, batch, samples, topologies)
         out.append("")
     return "\n".join(out)
 

@@ -452,6 +452,20 @@ def test_batch_script_checkpoints_on_signals(slurm, sig, trainer_status, requeue
 # --- docs/launch.md -------------------------------------------------------------------------------------------------
 
 
+def test_long_clip_counts_both_of_its_text_passes():
+    """Long-CLIP trains on a 248-token long caption and a 77-token short one: the table counted the long one alone,
+    6% fewer FLOPs than the trainer's logged MFU divides by."""
+    from clip_jax.models.clip import CLIPConfig
+    from clip_jax.models.flops import text_forward_flops, train_flops_per_sample
+    from clip_jax.models.presets import model_preset
+
+    cfg = CLIPConfig.from_dict(model_preset("L/14", context_length=248))
+    by_hand = train_flops_per_sample(cfg) + 3 * text_forward_flops(cfg, 77)
+    assert expected_perf.flops_per_sample("configs/longclip_l14.py") == pytest.approx(by_hand, rel=1e-9)
+    assert expected_perf.flops_per_sample("configs/pretrain.py:B/16") == pytest.approx(
+        train_flops_per_sample(CLIPConfig.from_dict(model_preset("B/16"))), rel=1e-9)
+
+
 def test_docs_tables_are_the_computed_ones():
     """The expected-performance tables in the docs are exactly what launch/expected_perf.py computes."""
     assert expected_perf.markdown() in (ROOT / "docs" / "launch.md").read_text()
@@ -459,5 +473,6 @@ def test_docs_tables_are_the_computed_ones():
 
 def test_expected_throughput_arithmetic():
     # B/16: 3 x 41.09 GFLOP per sample; v4-32 = 16 chips x 275 TFLOP/s; at 40% MFU about 14.3k samples/s.
-    row = [ln for ln in expected_perf.table("B/16", 77, 32768, 1, expected_perf.TPUS) if ln.startswith("| v4-32")]
+    row = [ln for ln in expected_perf.table("configs/pretrain.py:B/16", 32768, 1, expected_perf.TPUS)
+           if ln.startswith("| v4-32")]
     assert row[0].startswith("| v4-32 | 16 (4) | 4.40 | 14,279 / 19,633 |")
