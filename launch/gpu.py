@@ -16,6 +16,7 @@ SLURM, no jax.distributed); --gpus restricts it through CUDA_VISIBLE_DEVICES.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import re
 import shlex
@@ -84,7 +85,15 @@ def local(args: argparse.Namespace) -> int:
     if args.gpus:
         command = ["env", f"CUDA_VISIBLE_DEVICES={args.gpus}", *command]
     print(shlex.join(command), flush=True)
-    return 0 if args.dry_run else subprocess.run(command).returncode
+    if args.dry_run:
+        return 0
+    # The trainer takes this process's place: a SIGTERM or Ctrl-C for the launcher (docker stop, systemd, a
+    # scheduler) reaches the trainer, which saves a checkpoint; a child would have been left running, then killed.
+    try:
+        os.execvp(command[0], command)
+    except FileNotFoundError:
+        sys.exit(f"launch/gpu.py local: error: {command[0]} not found; give --python, the interpreter with clip_jax")
+    return 1  # (execvp does not return)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -350,6 +351,20 @@ def test_local_command(capsys):
         "--workdir=runs/b16 --config.batch_size=4096"]
     assert dry_run(gpu, capsys, "local", "--workdir=/shared/runs/longclip-l14", "--python=/venv/bin/python") == [
         "/venv/bin/python -m clip_jax train --workdir=/shared/runs/longclip-l14"]
+
+
+def test_local_becomes_the_trainer(tmp_path):
+    """The trainer replaces the launcher process (exec): a SIGTERM for the launcher reaches it and it saves a
+    checkpoint. As a child it was left training, reparented, and killed later without one."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$$ $CUDA_VISIBLE_DEVICES $*"\n')
+    fake.chmod(0o755)
+    launcher = subprocess.Popen([sys.executable, str(ROOT / "launch" / "gpu.py"), "local", "--gpus=0,1",
+                                 f"--python={fake}", "--workdir=runs/x"], stdout=subprocess.PIPE, text=True)
+    out, _ = launcher.communicate(timeout=60)
+    pid, devices, *argv = out.splitlines()[-1].split()
+    assert int(pid) == launcher.pid and devices == "0,1"
+    assert argv == ["-m", "clip_jax", "train", "--workdir=runs/x"]
 
 
 def test_batch_scripts_pass_bash_n(capsys, tmp_path):
