@@ -319,6 +319,19 @@ def test_a_bucket_without_gcsfs_is_one_line(capsys):
     assert message == "clip-jax eval: error: gs:// paths need gcsfs: pip install 'clip_jax[gcs]' (or gcsfs)"
 
 
+def test_a_data_position_of_another_worker_count_is_another_pipeline():
+    """grain's worker pool keeps a list entry per worker: data.workers 1 -> 2 keeps the keys, not the lists."""
+    from clip_jax.train.checkpoint import _layout
+
+    pool = {"next_index_in_cycle": 0, "iterators_in_use_indices": [0], "iterators_in_use_states": [{"next_index": 2}],
+            "exhausted": [0], "future_states": {}}
+    two = {**pool, "iterators_in_use_indices": [0, 1], "iterators_in_use_states": [{"next_index": 2}] * 2,
+           "exhausted": [0, 0]}
+    later = {**pool, "next_index_in_cycle": 0, "iterators_in_use_states": [{"next_index": 9}]}
+    assert _layout(pool) != _layout(two) and _layout(pool) != _layout({"next_index": 2})
+    assert _layout(pool) == _layout(later)  # the same pipeline further on
+
+
 def test_a_vocabulary_larger_than_the_models_is_refused_before_the_workdir_is_made(tmp_path, capsys):
     workdir = tmp_path / "run"
     message = exit_message(train_args(workdir, "--config.data.tokenizer=openai"), capsys)
@@ -358,7 +371,8 @@ def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path,
     assert (workdir / "config.json").exists() and not list((workdir / "checkpoints").glob("[0-9]*"))
     monkeypatch.undo()
     closed = []  # (and the run's data iterator is closed at its end: grain's workers leaked shared memory)
-    monkeypatch.setattr(loop, "close_iterator", lambda it: closed.append(it) or it.close())
+    real_close = loop.close_iterator
+    monkeypatch.setattr(loop, "close_iterator", lambda it: closed.append(it) or real_close(it))
     cli.main(train_args(workdir, "--config.model.vision.layers=2", "--config.total_steps=2"))
     assert checkpoint_steps(workdir) == [2]
     assert len(closed) == 1

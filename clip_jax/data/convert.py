@@ -190,8 +190,8 @@ def _tar_samples(path: str, stats: ShardStats) -> Iterator[tuple[str, dict[str, 
             if isinstance(e, OSError) and e.errno is not None:
                 # The storage failed (EIO, a connection reset), not the tar's bytes: the shard fails, without a
                 # report, so a re-run converts it again. Counted as a cut tar, it would be marked complete.
-                raise OSError(e.errno, f"cannot read {path}: {e.strerror or e}; the shard is left unfinished, "
-                                       "re-run the command to convert it") from None
+                raise OSError(f"cannot read {path}: {e.strerror or e}; the shard is left unfinished, re-run the "
+                              "command to convert it") from None
             stats.samples += 1  # the partial sample: samples == written + skipped holds
             # Before any file of it was read: not a tar at all (a table given as --format webdataset, say), or one
             # cut before its first file.

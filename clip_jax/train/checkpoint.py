@@ -10,7 +10,8 @@ and commits once all are written, and grain's handler writes each process's data
 when that position is a count of global batches, the same on every host (`GlobalBatchRows` gives every host count
 the same global batches): the in-memory pipelines, e.g. `shapes`. A position that counts this host's examples (a
 source that drops undecodable samples, or grain worker processes) belongs to one process layout: resuming it with
-another is refused with a message saying so.
+another is refused with a message saying so. So is a position of another pipeline (data.workers changed: worker
+processes keep one per worker), rather than taken for a damaged checkpoint.
 
 A save is written to `<step>.orbax-checkpoint-tmp` and renamed to `<step>` once complete, so a process killed
 meanwhile leaves the previous checkpoints as they were. A save that fails (a full disk, a workdir that cannot be
@@ -46,6 +47,12 @@ log = logging.getLogger(__name__)
 class DataPositionError(ConfigError):
     """The checkpoint's data position cannot be resumed by this process layout (a launch mistake, reported as one
     line like a configuration error)."""
+
+
+def _layout(state: dict) -> dict[str, int | None]:
+    """What of a data iterator's state depends on the pipeline, not on its position: its keys, and the length of each
+    list (one entry per worker process in grain's worker pools)."""
+    return {key: len(value) if isinstance(value, list) else None for key, value in state.items()}
 
 
 class Checkpointer:
@@ -190,7 +197,7 @@ class Checkpointer:
         except (OSError, ValueError):  # missing or torn: the restore fails and falls back to an older checkpoint
             return
         current = data_iterator.get_state()
-        if isinstance(saved, dict) and isinstance(current, dict) and saved.keys() != current.keys():
+        if isinstance(saved, dict) and isinstance(current, dict) and _layout(saved) != _layout(current):
             raise DataPositionError(
                 f"checkpoint {self.directory / str(step)} holds the data position of another data pipeline than this "
                 "launch's (data.workers changed since, or the data source): relaunch with the data settings the run "
