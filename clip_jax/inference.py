@@ -47,7 +47,9 @@ class Model:
     def preprocess(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] at the model's image size S, by CLIP's evaluation transform (shorter side resized to
         S, bicubic, then the centre square): from image files, PIL images of any mode, uint8 arrays (RGB [H, W, 3],
-        grayscale [H, W] or RGBA [H, W, 4]), or one uint8 array [N, H, W, 3]."""
+        grayscale [H, W] or RGBA [H, W, 4]), or one uint8 array [N, H, W, 3]. An image is made RGB first, then
+        resized (open_clip resizes first and converts after: the same pixels for RGB, grayscale and CMYK images; for
+        RGBA and palette images, whose alpha or palette the resize blends, not)."""
         from clip_jax.data.images import load_image, resize_center_crop, rgb_image
 
         if isinstance(images, np.ndarray) and images.ndim == 4:
