@@ -44,6 +44,22 @@ class Model:
     def context_length(self) -> int:
         return self.trained.config.model.text.context_length
 
+    @property
+    def logit_scale(self) -> float:
+        """The temperature that `classify` multiplies the cosine similarities by (exp of the learned log-scale,
+        clamped at model.max_logit_scale as in training): open_clip's `logit_scale.exp()`."""
+        import jax
+
+        scale, _ = self.trained.model.apply({"params": self.trained.params}, method="temperature")
+        return float(jax.device_get(scale))
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 [N, context_length] token ids of N texts as `encode_texts` reads them (cut to the context, EOT
+        last)."""
+        if isinstance(texts, str):
+            raise TypeError("give a list of texts, not one string")
+        return self.trained.tokenizer([str(t) for t in texts], self.context_length)
+
     def preprocess(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] at the model's image size S, by CLIP's evaluation transform (shorter side resized to
         S, bicubic, then the centre square): from image files, PIL images of any mode, uint8 arrays (RGB [H, W, 3],
@@ -88,8 +104,7 @@ class Model:
         wrong = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if wrong is not None:
             raise TypeError(f"text {wrong}: expected a str, got {type(texts[wrong]).__name__}")
-        texts = [str(t) for t in texts]  # numpy's str_ to str
-        return self.encoder.texts(self.trained.tokenizer(texts, self.context_length))
+        return self.encoder.texts(self.tokenize(texts))
 
     def classify(self, images: Sequence[ImageInput] | np.ndarray, class_names: Sequence[str] | None = None,
                  classes: str = "all") -> tuple[list[str], np.ndarray]:

@@ -275,6 +275,9 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     names, probs = model.classify(pixels, ["red circle", "blue square"])
     prompts = model.encode_texts(["a photo of a red circle.", "a photo of a blue square."])
     scale = min(np.exp(params["logit_scale"]), model.trained.config.model.max_logit_scale)
+    assert model.logit_scale == pytest.approx(float(scale), rel=1e-6)
+    assert (model.tokenize(texts) == model.trained.tokenizer(texts, CONTEXT)).all()
+    assert "load" in dir(clip_jax) and "Model" in dir(clip_jax)
     logits = scale * model.encode_images(pixels) @ prompts.T
     want_probs = np.exp(logits - logits.max(1, keepdims=True))
     assert names == ["red circle", "blue square"]
