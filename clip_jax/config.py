@@ -475,6 +475,19 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     return config
 
 
+def recipe_error(spec: str, overrides: list[str] | tuple[str, ...], base: pathlib.Path) -> str | None:
+    """What `load_config` would refuse in a recipe `path.py[:arg]` (a relative path taken from `base`) and its
+    overrides, or None: for a launcher to check them before a job waits in a queue or starts on every host."""
+    path, _, arg = spec.partition(":")
+    if not pathlib.Path(path).is_absolute():
+        spec = str(base / path) + (f":{arg}" if arg else "")
+    try:
+        load_config(spec, overrides)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def _code_error(error: Exception, file: pathlib.Path) -> str:
     """`ValueError: unknown preset 'B/99' (line 12)`: an exception raised by a config file, with the line of that
     file it was raised from."""

@@ -296,6 +296,19 @@ SUBMIT = ("submit", "--nodes=2", "--gpus-per-node=8", "--config=configs/pretrain
           "--config.data.crop_scale=(0.5, 1.0)")
 
 
+def test_a_recipe_mistake_is_found_before_the_job_is_submitted(monkeypatch):
+    """The trainer reads the recipe only once the job has waited in the queue (SLURM) or started on every worker
+    (TPU): the launchers read it first, as it will be read."""
+    monkeypatch.chdir(ROOT)  # where the SLURM job starts: --config is relative to it
+    with pytest.raises(SystemExit, match=r"launch/gpu.py submit: error: unknown config key 'batchsize' .*\(did you"):
+        gpu.main([*SUBMIT, "--config.batchsize=3", "--dry-run"])
+    with pytest.raises(SystemExit, match="launch/tpu.py run: error: unknown config key 'batchsize'"):
+        tpu.main([*RUN, "--config.batchsize=3", "--dry-run"])
+    monkeypatch.chdir("/")  # submitted from elsewhere: the job would not find the recipe either
+    with pytest.raises(SystemExit, match="launch/gpu.py submit: error: config file /configs/pretrain.py not found"):
+        gpu.main([*SUBMIT, "--dry-run"])
+
+
 def test_submit_dry_run_prints_the_sbatch_command_and_the_script(capsys):
     lines = dry_run(gpu, capsys, *SUBMIT, "--partition=gpu", "--account=proj", "--time=4:00:00", "--grace-seconds=300")
     assert lines[0] == "sbatch clip_jax-longclip.sbatch"
