@@ -30,6 +30,7 @@ import sys
 import tempfile
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+START_CHECK_SECONDS = 3  # `run` checks that the trainer is still alive this long after its start
 SRC = "~/clip_jax"  # remote paths stay unquoted in remote commands so that the remote shell expands `~`
 VENV = "~/clip_jax_venv"
 LOGS = "~/clip_jax_logs"
@@ -154,11 +155,16 @@ def run(args: argparse.Namespace) -> list[list[str]]:
     # nohup + redirected stdin/stdout/stderr: the trainer outlives the SSH session. The log is appended to, so a
     # relaunch after a preemption keeps the history. `cd` and the guard run in the foreground (`a && b & c` would
     # background the whole list and $! would not be the trainer's pid).
+    # A trainer that cannot start (no venv, a broken install) ends within seconds: `run` then fails with the log's
+    # tail, rather than exit 0 with the error only in the log.
     remote = "; ".join([
         f"mkdir -p {LOGS} && cd {SRC} || exit 1",
         f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo "{run_name} is already running" >&2;'
         " exit 1; fi",
         " ".join([*env, "nohup", trainer, f">> {log} 2>&1 < /dev/null & echo $! > {pid}"]),
+        f"sleep {START_CHECK_SECONDS}",
+        f'if ! kill -0 "$(cat {pid})" 2>/dev/null; then echo "{run_name} stopped at once; the end of {log}:" >&2;'
+        f" tail -n 20 {log} >&2; exit 1; fi",
     ])
     return [ssh(args, remote)]
 

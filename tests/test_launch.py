@@ -130,7 +130,10 @@ def test_run_starts_the_trainer_on_every_worker_with_a_kept_log(capsys):
         'then echo "b16 is already running" >&2; exit 1; fi; '
         "XLA_FLAGS='--xla_dump_to=/tmp/x y' nohup ~/clip_jax_venv/bin/python -m clip_jax train "
         "--config=configs/pretrain.py:B/16 --workdir=gs://bucket/runs/b16 --config.batch_size=4096 "
-        ">> ~/clip_jax_logs/b16.log 2>&1 < /dev/null & echo $! > ~/clip_jax_logs/b16.pid"
+        ">> ~/clip_jax_logs/b16.log 2>&1 < /dev/null & echo $! > ~/clip_jax_logs/b16.pid; "
+        f"sleep {tpu.START_CHECK_SECONDS}; "
+        'if ! kill -0 "$(cat ~/clip_jax_logs/b16.pid)" 2>/dev/null; then echo "b16 stopped at once; the end of '
+        '~/clip_jax_logs/b16.log:" >&2; tail -n 20 ~/clip_jax_logs/b16.log >&2; exit 1; fi'
     )
 
 
@@ -259,6 +262,11 @@ def test_run_status_stop_on_a_fake_worker(capsys, tmp_path):
     finally:
         for p in {pid, int(pid_file.read_text())}:
             subprocess.run(["kill", "-9", str(p)], capture_output=True)
+    # A trainer that cannot start: `run` fails and shows why (it exited 0, the error only in the log).
+    python.unlink()
+    failed = remote(*RUN, "--run-name=broken")
+    assert failed.returncode == 1 and "broken stopped at once; the end of" in failed.stderr, failed.stderr
+    assert "clip_jax_venv/bin/python" in failed.stderr  # nohup's own message, from the log
 
 
 @pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud is not installed")
