@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     # Trainer overrides pass through untouched, as in `clip-jax train`; anything else is a typo.
     args.overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
+    if spaced := next((a for a in args.overrides if "=" not in a), None):
+        parser.error(f"{spaced} needs its value after '=': {spaced}=VALUE")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     check_recipe("launch/gpu.py", args, pathlib.Path.cwd())  # the job starts in this directory

@@ -266,6 +266,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     # Trainer overrides pass through untouched (as in `clip-jax train`); anything else is a typo.
     args.overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
+    if spaced := next((a for a in args.overrides if "=" not in a), None):
+        parser.error(f"{spaced} needs its value after '=': {spaced}=VALUE")
     if unknown or (args.overrides and args.command != "run"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or args.overrides)}")
     if args.command == "install" and args.ref and not args.git:

@@ -304,7 +304,7 @@ SUBMIT = ("submit", "--nodes=2", "--gpus-per-node=8", "--config=configs/pretrain
           "--config.data.crop_scale=(0.5, 1.0)")
 
 
-def test_a_recipe_mistake_is_found_before_the_job_is_submitted(monkeypatch):
+def test_a_recipe_mistake_is_found_before_the_job_is_submitted(monkeypatch, capsys):
     """The trainer reads the recipe only once the job has waited in the queue (SLURM) or started on every worker
     (TPU): the launchers read it first, as it will be read."""
     monkeypatch.chdir(ROOT)  # where the SLURM job starts: --config is relative to it
@@ -312,6 +312,11 @@ def test_a_recipe_mistake_is_found_before_the_job_is_submitted(monkeypatch):
         gpu.main([*SUBMIT, "--config.batchsize=3", "--dry-run"])
     with pytest.raises(SystemExit, match="launch/tpu.py run: error: unknown config key 'batchsize'"):
         tpu.main([*RUN, "--config.batchsize=3", "--dry-run"])
+    for module, argv in ((gpu, SUBMIT), (tpu, RUN)):  # "unrecognized arguments: 4096" said nothing of the key
+        with pytest.raises(SystemExit):
+            module.main([*argv, "--config.batch_size", "4096", "--dry-run"])
+    said = "--config.batch_size needs its value after '=': --config.batch_size=VALUE"
+    assert capsys.readouterr().err.count(said) == 2
     monkeypatch.chdir("/")  # submitted from elsewhere: the job would not find the recipe either
     with pytest.raises(SystemExit, match="launch/gpu.py submit: error: config file /configs/pretrain.py not found"):
         gpu.main([*SUBMIT, "--dry-run"])
