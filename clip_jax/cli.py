@@ -987,7 +987,7 @@ def main(argv: list[str] | None = None) -> None:
             _report_unexpected(label, e)
             sys.exit(1)
         # etils' gs:// file system: an environment without the [gcs] extra
-        print(f"clip-jax {label}: error: gs:// paths need gcsfs: pip install 'clip_jax[gcs]' (or gcsfs)",
+        print(f"clip-jax {label}: error: gs:// paths need gcsfs: pip install gcsfs (the [gcs] extra of clip_jax)",
               file=sys.stderr)
         sys.exit(2)
     except Exception as e:

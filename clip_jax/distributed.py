@@ -61,8 +61,10 @@ def cluster(env: Mapping[str, str]) -> str | None:
             missing = [v for v in EXPLICIT_VARS if v not in given]
             raise ConfigError(f"{', '.join(given)} set without {', '.join(missing)}: set all three or none")
         count, index = _int(env, "JAX_NUM_PROCESSES"), _int(env, "JAX_PROCESS_ID")
+        if count < 1:
+            raise ConfigError(f"JAX_NUM_PROCESSES={count}: give the number of processes, 1 or more")
         host, _, port = env["JAX_COORDINATOR_ADDRESS"].rpartition(":")
-        if not host or not port.isdigit():
+        if count > 1 and (not host or not port.isdigit()):
             raise ConfigError(f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']!r} must be host:port (process "
                               "0's address and a free port, the same on every process)")
         if not 0 <= index < count:

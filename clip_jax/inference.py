@@ -58,14 +58,20 @@ class Model:
         last)."""
         if isinstance(texts, str):
             raise TypeError("give a list of texts, not one string")
-        return self.trained.tokenizer([str(t) for t in texts], self.context_length)
+        texts = list(texts)  # a numpy array of strings too
+        if not texts:
+            raise ValueError("no texts given")
+        wrong = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if wrong is not None:
+            raise TypeError(f"text {wrong}: expected a str, got {type(texts[wrong]).__name__}")
+        return self.trained.tokenizer([str(t) for t in texts], self.context_length)  # numpy's str_ to str
 
     def preprocess(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] at the model's image size S, by CLIP's evaluation transform (shorter side resized to
         S, bicubic, then the centre square): from image files, PIL images of any mode, uint8 arrays (RGB [H, W, 3],
         grayscale [H, W] or RGBA [H, W, 4]), or one uint8 array [N, H, W, 3]. An image is made RGB first, then
-        resized (open_clip resizes first and converts after: the same pixels for RGB, grayscale and CMYK images; for
-        RGBA and palette images, whose alpha or palette the resize blends, not)."""
+        resized (open_clip resizes first and converts after: the same pixels for RGB and grayscale images, other
+        ones for RGBA, palette and CMYK images, whose conversion does not commute with the resize)."""
         from clip_jax.data.images import load_image, resize_center_crop, rgb_image
 
         if isinstance(images, np.ndarray) and images.ndim == 4:
@@ -96,14 +102,6 @@ class Model:
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [N, D] L2-normalised embeddings of N texts; a text longer than the model's context is cut to it."""
-        if isinstance(texts, str):
-            raise TypeError("give a list of texts, not one string")
-        texts = list(texts)  # a numpy array of strings too
-        if not texts:
-            raise ValueError("no texts given")
-        wrong = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if wrong is not None:
-            raise TypeError(f"text {wrong}: expected a str, got {type(texts[wrong]).__name__}")
         return self.encoder.texts(self.tokenize(texts))
 
     def classify(self, images: Sequence[ImageInput] | np.ndarray, class_names: Sequence[str] | None = None,

@@ -41,8 +41,8 @@ GPUS = [
 EXAMPLES = [
     ("B/16 pretraining (`configs/pretrain.py:B/16`)", "configs/pretrain.py:B/16", 32768, 32768 * 100_000,
      "the config's 100k steps x 32768 (3.3B samples)", TPUS + GPUS[:1]),
-    ("Long-CLIP L/14 fine-tuning (`configs/longclip_l14.py`: L/14, 248-token long and 77-token short captions, 224 px)",
-     "configs/longclip_l14.py", 1024, 1_000_000, "1M image-text pairs", GPUS + TPUS[1:2]),
+    ("Long-CLIP L/14 fine-tuning (`configs/longclip_l14.py`, 248 + 77 text tokens)", "configs/longclip_l14.py",
+     1024, 1_000_000, "1M image-text pairs", GPUS + TPUS[1:2]),
 ]
 
 

@@ -104,10 +104,14 @@ def local(args: argparse.Namespace) -> int:
         return 0
     # The trainer takes this process's place: a SIGTERM or Ctrl-C for the launcher (docker stop, systemd, a
     # scheduler) reaches the trainer, which saves a checkpoint; a child would have been left running, then killed.
+    if args.gpus:  # as `env` would set it, without `env` between: a bad --python is then this launcher's message
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
+        command = command[2:]
     try:
         os.execvp(command[0], command)
-    except FileNotFoundError:
-        sys.exit(f"launch/gpu.py local: error: {command[0]} not found; give --python, the interpreter with clip_jax")
+    except OSError as e:
+        sys.exit(f"launch/gpu.py local: error: cannot run {command[0]} ({e.strerror}); give --python, the "
+                 "interpreter with clip_jax installed")
     return 1  # (execvp does not return)
 
 

@@ -310,13 +310,14 @@ def test_a_resume_with_another_data_pipeline_is_refused_and_its_checkpoints_kept
 
 
 def test_a_bucket_without_gcsfs_is_one_line(capsys):
-    """etils reads gs:// through gcsfs, which only the [gcs] extra installs: an ImportError, reported as unexpected."""
+    """etils reads gs:// through gcsfs, which only the [gcs] extra installs: its ImportError was reported as an
+    unexpected error."""
     import importlib.util
 
     if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed here")
     message = exit_message(["eval", "--workdir", "gs://no-such-bucket/run"], capsys)
-    assert message == "clip-jax eval: error: gs:// paths need gcsfs: pip install 'clip_jax[gcs]' (or gcsfs)"
+    assert message == "clip-jax eval: error: gs:// paths need gcsfs: pip install gcsfs (the [gcs] extra of clip_jax)"
 
 
 def test_a_data_position_of_another_worker_count_is_another_pipeline():

@@ -260,11 +260,12 @@ def test_a_prompt_longer_than_the_context_is_one_line(tokenizer):
         prompt_layout(tokenizer, "red circle", 22, "end", 24)
 
 
-@pytest.mark.parametrize("name", ["coop", "maple"])
-def test_a_new_class_whose_prompt_cannot_fit_is_refused_before_training(tmp_path, tokenizer, name):
+@pytest.mark.parametrize("name, ctx_init", [("coop", ""), ("coop", "a photo of a"), ("maple", "a photo of a")])
+def test_a_new_class_whose_prompt_cannot_fit_is_refused_before_training(tmp_path, tokenizer, name, ctx_init):
     """The new classes' prompts were laid out at the first evaluation, after the training: its steps were lost, and
     a relaunch with a smaller n_ctx could not load the trained context."""
     config = tiny_few_shot(tiny_config(name))
+    config.method.ctx_init = ctx_init
     folder = _folder_task(tmp_path / "data")
     long_name = "zz " + " ".join(["purple"] * 16)  # sorted last: a new class
     for split in ("train", "val", "test"):

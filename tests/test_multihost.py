@@ -428,6 +428,10 @@ def test_incomplete_rendezvous_is_a_config_error(no_tpu):
         cluster({"JAX_COORDINATOR_ADDRESS": "127.0.0.1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
     with pytest.raises(ConfigError, match="JAX_PROCESS_ID=2 is not one of the JAX_NUM_PROCESSES=2 processes"):
         cluster({"JAX_COORDINATOR_ADDRESS": "a:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES=0: give the number of processes, 1 or more"):
+        cluster({"JAX_COORDINATOR_ADDRESS": "a:1", "JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"})
+    # One process uses no coordinator: its address is not checked.
+    assert cluster({"JAX_COORDINATOR_ADDRESS": "localhost", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}) is None
 
 
 @pytest.mark.parametrize("env, call", [

@@ -180,6 +180,9 @@ def test_the_cli_evaluates_every_alpha_of_a_trained_run(tmp_path, tokenizer, cap
 
     # alpha is chosen on the val set (docs/few_shot.md): the few-shot entries score few_shot.val there.
     test_sweep = own.read_bytes()
+    with pytest.raises(SystemExit):  # test numbers into the val sweep's file: refused, as any file in the workdir
+        main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "1", "--out",
+              str(tmp_path / "ft" / "wise_ft_val.json")])
     main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "1", "--split", "val"])
     on_val = json.loads((tmp_path / "ft" / "wise_ft_val.json").read_text())["1.0"]  # beside the test sweep
     assert own.read_bytes() == test_sweep

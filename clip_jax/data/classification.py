@@ -26,6 +26,7 @@ from clip_jax.data import shapes
 from clip_jax.data.captions import read_table, table_format
 from clip_jax.data.folder_source import class_folders, classes_in_turn
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_image
+from clip_jax.data.tokenizer import clean_text
 from clip_jax.errors import ConfigError
 
 CLASS_SPLITS = ("reference", "balanced")
@@ -83,7 +84,7 @@ def _distinct(where: str, names: dict[str, str]) -> list[str]:
     as CLIP's tokenizers read them: case and runs of white space aside (`Red Circle` and `red circle`)."""
     seen: dict[str, tuple[str, str]] = {}
     for label, name in names.items():
-        key = " ".join(name.lower().split())  # as the tokenizer reads it (tokenizer.py: lower-cased, spaces merged)
+        key = clean_text(name)  # as the tokenizer reads it: ftfy, HTML entities, white space, lower case
         if key in seen:
             other, other_name = seen[key]
             same = (f"both named {name!r}" if other_name == name else

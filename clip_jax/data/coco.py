@@ -177,9 +177,10 @@ def _check_entries(data: dict, path: epath.Path) -> None:
 def read_checked_annotations(path: epath.PathLike) -> dict:
     """The instances JSON of `path` with every entry checked (`read_annotation_json`, then each image, category and
     annotation)."""
+    key = _file_key(path)  # before the read: an edit meanwhile gives the next read another key
     data = read_annotation_json(path)
     _check_entries(data, epath.Path(path))
-    if (key := _file_key(path)) is not None:
+    if key is not None:
         _summaries[key] = _summary(data)
     return data
 

@@ -76,9 +76,11 @@ def shapes_detection_set(config: ml_collections.ConfigDict, split: str, n: int, 
     return _shapes_set(shapes, split, n)
 
 
-def coco_detection_set(annotations: str, image_root: str, image_size: int, n: int | None = None) -> DetectionSet:
-    """The first n images (all by default) of a COCO instances file, resized and centre-cropped to image_size."""
-    source = CocoDetection(annotations, image_root, image_size)
+def coco_detection_set(annotations: str, image_root: str, image_size: int, n: int | None = None,
+                       source: CocoDetection | None = None) -> DetectionSet:
+    """The first n images (all by default) of a COCO instances file, resized and centre-cropped to image_size;
+    from `source`, that file already read, when given."""
+    source = source or CocoDetection(annotations, image_root, image_size)
     count = len(source) if n is None else min(n, len(source))
     items = [source[i] for i in range(count)]
     return DetectionSet(np.stack([it["image"] for it in items]) if items else np.zeros((0, image_size, image_size, 3),

@@ -190,14 +190,14 @@ def run_coco_detection(ctx, name: str, entry: CocoDetectionEval) -> dict[str, fl
         return {}
     check_coco_detection(name, entry)  # again: the file may have been edited, or a workdir made there, since
     size = ctx.config.model.vision.image_size
-    data = coco_detection_set(entry.annotations, entry.image_root, size, entry.num_examples)
+    source = CocoDetection(entry.annotations, entry.image_root, size)  # read once: an LVIS file takes seconds
+    data = coco_detection_set(entry.annotations, entry.image_root, size, entry.num_examples, source)
     novel = [data.names.index(n) for n in entry.novel]
     subsets = {"novel": novel, "base": [c for c in range(len(data.names)) if c not in novel]} if novel else {}
     detections = detect(ctx.encoder, queries(data.names), data.images, max_detections=entry.max_detections,
                         nms_iou=entry.nms_iou)
     if entry.results_file:
-        write_coco_results(entry.results_file, original_results(CocoDetection(entry.annotations, entry.image_root,
-                                                                              size), detections))
+        write_coco_results(entry.results_file, original_results(source, detections))
     return detection_ap(data, detections, subsets, name)
 
 

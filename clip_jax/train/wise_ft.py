@@ -77,8 +77,8 @@ def zero_shot_params(trained, workdir) -> Any:
 def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split: str = "test"
               ) -> dict[str, dict[str, float]]:
     """`clip-jax wise-ft`: the run's evaluations (`config.evals`) of theta_alpha for each alpha, {alpha: {metric:
-    value}}, also written as JSON to `out` (default `<workdir>/wise_ft.json`). `split` "val": its few-shot entries
-    score few_shot.val (`<name>_val_*`), where alpha is chosen."""
+    value}}, also written as JSON to `out` (default `<workdir>/wise_ft.json`, or `wise_ft_val.json` for `split`
+    "val": its few-shot entries then score few_shot.val, `<name>_val_*`, where alpha is chosen)."""
     workdir = epath.Path(workdir)
     if not (workdir / "config.json").exists():
         raise ConfigError(f"{workdir} is not a clip_jax workdir (no config.json): give the workdir of a wise_ft run")
@@ -89,7 +89,7 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split
             "wise_ft, e.g. configs/wise_ft/shapes.py) with its zero-shot start"
         )
     out = epath.Path(out) if out else workdir / sweep_name(split)
-    _check_out(out, workdir)
+    _check_out(out, workdir, split)
     primary = jax.process_index() == 0
     if primary and not is_remote(out) and not os.access(out.parent if out.parent.exists() else ".", os.W_OK):
         raise ConfigError(f"cannot write {out}: its folder is not writable; give --out FILE elsewhere")
@@ -117,12 +117,11 @@ def sweep_name(split: str) -> str:
     return "wise_ft.json" if split == "test" else f"wise_ft_{split}.json"
 
 
-def _check_out(out: epath.Path, workdir: epath.Path) -> None:
+def _check_out(out: epath.Path, workdir: epath.Path, split: str) -> None:
     """Before any evaluation: `out` replaces nothing but an earlier sweep ({alpha: {metric: value}}), and lies in no
-    workdir but as the run's own wise_ft.json or wise_ft_val.json (a workdir's config.json written over broke the
-    run)."""
-    own = {canonical_path(workdir / sweep_name(split)) for split in ("test", "val")}
-    if canonical_path(out) not in own:  # the run's own, however spelt
+    workdir but as the run's own sweep of this split (`sweep_name`: a workdir's config.json written over broke the
+    run; a test sweep written over the val one mixed them)."""
+    if canonical_path(out) != canonical_path(workdir / sweep_name(split)):  # the run's own, however spelt
         refuse_inside_workdir(out, "--out")
     refuse_replacing(out, _earlier_sweep)
 
