@@ -475,17 +475,19 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     return config
 
 
-def recipe_error(spec: str, overrides: list[str] | tuple[str, ...], base: pathlib.Path) -> str | None:
-    """What `load_config` would refuse in a recipe `path.py[:arg]` (a relative path taken from `base`) and its
-    overrides, or None: for a launcher to check them before a job waits in a queue or starts on every host."""
+def check_recipe(label: str, spec: str | None, overrides: list[str] | tuple[str, ...], base: pathlib.Path) -> None:
+    """For a launcher: exits with `label: error: ...` where `load_config` would refuse a recipe `path.py[:arg]` (a
+    relative path taken from `base`, where the job starts) and its overrides, so that a typo is found before the
+    job waits in a queue or starts on every host. No recipe (a resume reads the workdir's config.json): nothing."""
+    if not spec:
+        return
     path, _, arg = spec.partition(":")
     if not pathlib.Path(path).is_absolute():
         spec = str(base / path) + (f":{arg}" if arg else "")
     try:
         load_config(spec, overrides)
     except ConfigError as e:
-        return str(e)
-    return None
+        sys.exit(f"{label}: error: {e}")
 
 
 def _code_error(error: Exception, file: pathlib.Path) -> str:

@@ -30,21 +30,6 @@ def train_args(args: argparse.Namespace) -> list[str]:
     return ([f"--config={args.config}"] if args.config else []) + [f"--workdir={args.workdir}", *args.overrides]
 
 
-def check_recipe(prog: str, args: argparse.Namespace, base: pathlib.Path) -> None:
-    """The recipe and its overrides read as the trainer will (`--config` relative to `base`, where it starts): a
-    typo is found here, not after the job's wait in a queue. Skipped without --config (a resume reads the workdir's
-    config.json there) or where clip_jax cannot be imported."""
-    if not args.config:
-        return
-    try:
-        from clip_jax.config import recipe_error
-    except ImportError:
-        return
-    error = recipe_error(args.config, args.overrides, base)
-    if error:
-        sys.exit(f"{prog} {args.command}: error: {error}")
-
-
 def job_name_of(args: argparse.Namespace) -> str:
     return args.job_name or "clip_jax-" + (args.workdir.rstrip("/").rpartition("/")[2] or "run")
 
@@ -154,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{spaced} needs its value after '=': {spaced}=VALUE")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    check_recipe("launch/gpu.py", args, pathlib.Path.cwd())  # the job starts in this directory
+    try:
+        from clip_jax.config import check_recipe
+    except ImportError:  # no clip_jax beside the launcher: the job's own start checks the recipe
+        pass
+    else:
+        check_recipe(f"launch/gpu.py {args.command}", args.config, args.overrides, pathlib.Path.cwd())  # the job's cwd
     return submit(args) if args.command == "submit" else local(args)
 
 

@@ -58,21 +58,6 @@ def default_runtime_version(accelerator_type: str) -> str:
     return RUNTIME_VERSIONS[generation]
 
 
-def check_recipe(prog: str, args: argparse.Namespace, base: pathlib.Path) -> None:
-    """The recipe and its overrides read as the trainer will (`--config` relative to `base`, where it starts): a
-    typo is found here, not after the job's wait in a queue. Skipped without --config (a resume reads the workdir's
-    config.json there) or where clip_jax cannot be imported."""
-    if not args.config:
-        return
-    try:
-        from clip_jax.config import recipe_error
-    except ImportError:
-        return
-    error = recipe_error(args.config, args.overrides, base)
-    if error:
-        sys.exit(f"{prog} {args.command}: error: {error}")
-
-
 def run_name_of(args: argparse.Namespace) -> str:
     name = args.run_name or args.workdir.rstrip("/").rpartition("/")[2]
     if not _SAFE_NAME.match(name):
@@ -275,7 +260,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if getattr(args, "run_name", None):
         run_name_of(args)
     if args.command == "run":
-        check_recipe("launch/tpu.py", args, REPO_ROOT)  # the workers start in their copy of this checkout
+        try:
+            from clip_jax.config import check_recipe
+        except ImportError:  # no clip_jax beside the launcher: the workers' own start checks the recipe
+            pass
+        else:  # the workers start in their copy of this checkout
+            check_recipe(f"launch/tpu.py {args.command}", args.config, args.overrides, REPO_ROOT)
     return args
 
 
