@@ -31,7 +31,30 @@ def train_args(args: argparse.Namespace) -> list[str]:
 
 
 def job_name_of(args: argparse.Namespace) -> str:
-    return args.job_name or "clip_jax-" + (args.workdir.rstrip("/").rpartition("/")[2] or "run")
+    # An #SBATCH line splits at white space, as a shell would: a workdir "my run" named the job "my".
+    return args.job_name or "clip_jax-" + re.sub(r"\s+", "_", args.workdir.rstrip("/").rpartition("/")[2] or "run")
+
+
+def slurm_seconds(limit: str) -> int | None:
+    """Seconds of a SLURM time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS), None for another form
+    (sbatch judges it)."""
+    days, _, rest = limit.partition("-") if "-" in limit else ("0", "", limit)
+    parts = rest.split(":")
+    if not days.isdigit() or len(parts) > 3 or not all(part.isdigit() for part in parts):
+        return None
+    values = list(map(int, parts))
+    if "-" in limit or len(values) == 3:  # the hours come first
+        hours, minutes, seconds = (values + [0, 0])[:3]
+    else:  # MM or MM:SS
+        hours, minutes, seconds = 0, values[0], (values[1:] or [0])[0]
+    return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _replace(text: str, pattern: str, new: str) -> str:
@@ -113,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("submit", "submit a multi-node SLURM job (one task per node, all its GPUs per task)")
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True)
-    p.add_argument("--cpus-per-task", type=int, default=16, help="cores per node for the data loader")
+    p.add_argument("--nodes", type=positive, required=True)
+    p.add_argument("--gpus-per-node", type=positive, required=True)
+    p.add_argument("--cpus-per-task", type=positive, default=16, help="cores per node for the data loader")
     p.add_argument("--time", default="24:00:00", help="time limit per job run; the job requeues itself after it")
-    p.add_argument("--grace-seconds", type=int, default=120,
+    p.add_argument("--grace-seconds", type=positive, default=120,
                    help="checkpoint this long before the time limit (a step plus a checkpoint save must fit)")
     p.add_argument("--job-name", help="default: clip_jax-<workdir's last component>")
     p.add_argument("--partition")
@@ -139,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{spaced} needs its value after '=': {spaced}=VALUE")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "submit":
+        limit = slurm_seconds(args.time)
+        if limit is not None and args.grace_seconds >= limit:  # USR1 would come before the first step
+            parser.error(f"--grace-seconds {args.grace_seconds} is not below the --time limit {args.time} "
+                         f"({limit} s): the checkpoint signal comes that long before the limit")
+        if args.job_name and re.search(r"\s", args.job_name):
+            parser.error(f"--job-name {args.job_name!r} has white space, which an #SBATCH line splits at")
     try:
         from clip_jax.config import check_recipe
     except ImportError:  # no clip_jax beside the launcher: the job's own start checks the recipe

@@ -322,6 +322,28 @@ def test_a_recipe_mistake_is_found_before_the_job_is_submitted(monkeypatch, caps
         gpu.main([*SUBMIT, "--dry-run"])
 
 
+@pytest.mark.parametrize("limit, seconds", [("90", 5400), ("90:30", 5430), ("1:00:00", 3600), ("2-0", 172800),
+                                            ("2-12:30", 217800), ("1-00:00:10", 86410), ("infinite", None)])
+def test_slurm_time_limits(limit, seconds):
+    assert gpu.slurm_seconds(limit) == seconds
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nodes=0"], "argument --nodes: invalid positive value: '0'"),
+    (["--time=1:00", "--grace-seconds=7200"], "--grace-seconds 7200 is not below the --time limit 1:00 (60 s)"),
+    (["--job-name=my run"], "--job-name 'my run' has white space"),
+])
+def test_submit_refuses_resources_slurm_would_misread(capsys, argv, words):
+    with pytest.raises(SystemExit):
+        gpu.main([*SUBMIT, *argv, "--dry-run"])
+    assert words in capsys.readouterr().err
+
+
+def test_a_workdir_with_a_space_names_a_job_without_one(capsys):
+    lines = dry_run(gpu, capsys, *SUBMIT[:-3], "--workdir=/shared/my run", "--config.model.text.context_length=248")
+    assert "#SBATCH --job-name=clip_jax-my_run" in lines
+
+
 def test_submit_dry_run_prints_the_sbatch_command_and_the_script(capsys):
     lines = dry_run(gpu, capsys, *SUBMIT, "--partition=gpu", "--account=proj", "--time=4:00:00", "--grace-seconds=300")
     assert lines[0] == "sbatch clip_jax-longclip.sbatch"
