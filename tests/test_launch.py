@@ -329,7 +329,7 @@ def test_slurm_time_limits(limit, seconds):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--nodes=0"], "argument --nodes: invalid positive value: '0'"),
+    (["--nodes=0"], "argument --nodes: must be 1 or more, got 0"),
     (["--time=1:00", "--grace-seconds=7200"], "--grace-seconds 7200 is not below the --time limit 1:00 (60 s)"),
     (["--job-name=my run"], "--job-name 'my run' has white space"),
 ])
