@@ -169,12 +169,13 @@ def main(argv: list[str] | None = None) -> int:
                          f"({limit} s): the checkpoint signal comes that long before the limit")
         if args.job_name and re.search(r"\s", args.job_name):
             parser.error(f"--job-name {args.job_name!r} has white space, which an #SBATCH line splits at")
-    try:
-        from clip_jax.config import check_recipe
-    except ImportError:  # no clip_jax beside the launcher: the job's own start checks the recipe
-        pass
-    else:
-        check_recipe(f"launch/gpu.py {args.command}", args.config, args.overrides, pathlib.Path.cwd())  # the job's cwd
+    if args.config:  # (without one the job resumes from the workdir's config.json: nothing to read here)
+        try:
+            from clip_jax.config import check_recipe
+        except ImportError:  # no clip_jax beside the launcher: the job's own start checks the recipe
+            pass
+        else:  # the job starts in this directory
+            check_recipe(f"launch/gpu.py {args.command}", args.config, args.overrides, pathlib.Path.cwd())
     return submit(args) if args.command == "submit" else local(args)
 
 

@@ -259,7 +259,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--ref goes with --git")
     if getattr(args, "run_name", None):
         run_name_of(args)
-    if args.command == "run":
+    if args.command == "run" and args.config:  # (without one the workers resume from the workdir's config.json)
         try:
             from clip_jax.config import check_recipe
         except ImportError:  # no clip_jax beside the launcher: the workers' own start checks the recipe
