@@ -85,9 +85,11 @@ class Model:
                 continue
             if not isinstance(image, Image.Image):
                 array = np.asarray(image)
+                if array.ndim == 3 and array.shape[-1] == 1:  # [H, W, 1]: grayscale, as [H, W] is
+                    array = array[..., 0]
                 if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
                     raise ValueError(f"image {i}: expected uint8 [H, W, 3] (RGB), [H, W] or [H, W, 4], got "
-                                     f"{array.dtype} {list(array.shape)}")
+                                     f"{array.dtype} {list(array.shape)}{_array_hint(array)}")
                 if 0 in array.shape:
                     raise ValueError(f"image {i}: an empty array {list(array.shape)}")
                 image = Image.fromarray(array)
@@ -120,6 +122,17 @@ class Model:
         requested_classes(self.trained, classes, class_names)  # refused before the images are read
         names, logits = class_scores(self.trained, self.encoder, self.preprocess(images), classes, class_names)
         return names, softmax(np.asarray(logits, dtype=np.float32), axis=-1)
+
+
+def _array_hint(array: np.ndarray) -> str:
+    """How to make an array the image `preprocess` takes, where the usual mistakes show."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (3, 4):
+        return " (channels first, as torch keeps them: give array.transpose(1, 2, 0))"
+    if np.issubdtype(array.dtype, np.floating):
+        return " (a float image in [0, 1]: give (array * 255).round().astype(np.uint8))"
+    if np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize > 1:
+        return " (more than 8 bits: scale it to 0-255 and give .astype(np.uint8), or give a PIL image)"
+    return ""
 
 
 def load(workdir: str | os.PathLike, step: int | None = None, batch_size: int = 256) -> Model:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -311,6 +312,14 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
         clip_jax.load(trained, step="4")
     with pytest.raises(TypeError, match="list of images"):
         model.encode_images(str(tmp_path / "broken.png"))
+    # The usual mistakes of an array, each with its fix; [H, W, 1] is grayscale, as [H, W] is.
+    gray = np.full((8, 8), 200, np.uint8)
+    np.testing.assert_array_equal(model.encode_images([gray[..., None]]), model.encode_images([gray]))
+    for array, hint in ((np.ones((8, 8, 3), np.float32), "(array * 255).round().astype(np.uint8)"),
+                        (np.zeros((3, 8, 8), np.uint8), "array.transpose(1, 2, 0)"),
+                        (np.zeros((8, 8, 3), np.uint16), "scale it to 0-255")):
+        with pytest.raises(ValueError, match=r"image 0: expected uint8 .*" + re.escape(hint)):
+            model.encode_images([array])
     with pytest.raises(ConfigError, match="no classes of its own"):  # refused before the broken image is read
         model.classify([tmp_path / "broken.png"])
     with pytest.raises(ConfigError, match="no class names given"):
