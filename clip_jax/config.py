@@ -478,9 +478,11 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
 def check_recipe(label: str, spec: str | None, overrides: list[str] | tuple[str, ...], base: pathlib.Path) -> None:
     """For a launcher: exits with `label: error: ...` where `load_config` would refuse a recipe `path.py[:arg]` (a
     relative path taken from `base`, where the job starts) and its overrides, so that a typo is found before the
-    job waits in a queue or starts on every host. No recipe (a resume reads the workdir's config.json): nothing."""
+    job waits in a queue or starts on every host. No recipe (a resume reads the workdir's config.json): nothing.
+    Of `overrides`, the `--config.` ones are read (a launcher passes the trainer's `--debug` along with them)."""
     if not spec:
         return
+    overrides = [o for o in overrides if o.startswith("--config.")]
     path, _, arg = spec.partition(":")
     if not pathlib.Path(path).is_absolute():
         spec = str(base / path) + (f":{arg}" if arg else "")

@@ -156,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     # Trainer overrides pass through untouched, as in `clip-jax train`; anything else is a typo.
-    args.overrides = [a for a in rest if a.startswith("--config.")]
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if spaced := next((a for a in args.overrides if "=" not in a), None):
+    # (and --debug, the trainer's full tracebacks)
+    args.overrides = [a for a in rest if a.startswith("--config.") or a == "--debug"]
+    unknown = [a for a in rest if a not in args.overrides]
+    if spaced := next((a for a in args.overrides if a.startswith("--config.") and "=" not in a), None):
         parser.error(f"{spaced} needs its value after '=': {spaced}=VALUE")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

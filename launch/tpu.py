@@ -128,6 +128,10 @@ def train_command(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[list[str]]:
     run_name = run_name_of(args)
+    if not args.workdir.startswith("gs://"):  # (a one-host VM may keep it on its disk, while the VM lasts)
+        print(f"warning: --workdir {args.workdir} is no gs:// bucket: each TPU VM writes its own copy, which a deleted "
+              "or preempted VM takes with it, and the hosts of a pod do not see each other's files; give "
+              "gs://BUCKET/...", file=sys.stderr)
     log, pid = f"{LOGS}/{run_name}.log", f"{LOGS}/{run_name}.pid"
     env = []
     for item in args.env:
@@ -249,9 +253,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # Trainer overrides pass through untouched (as in `clip-jax train`); anything else is a typo.
-    args.overrides = [a for a in rest if a.startswith("--config.")]
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if spaced := next((a for a in args.overrides if "=" not in a), None):
+    # (and --debug, the trainer's full tracebacks)
+    args.overrides = [a for a in rest if a.startswith("--config.") or a == "--debug"]
+    unknown = [a for a in rest if a not in args.overrides]
+    if spaced := next((a for a in args.overrides if a.startswith("--config.") and "=" not in a), None):
         parser.error(f"{spaced} needs its value after '=': {spaced}=VALUE")
     if unknown or (args.overrides and args.command != "run"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or args.overrides)}")

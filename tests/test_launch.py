@@ -137,6 +137,16 @@ def test_run_starts_the_trainer_on_every_worker_with_a_kept_log(capsys):
     )
 
 
+def test_run_passes_debug_on_and_warns_of_a_workdir_off_the_bucket(capsys):
+    assert tpu.main([*RUN, "--debug", "--dry-run"]) == 0  # --debug: the trainer's full tracebacks
+    out, err = capsys.readouterr()
+    assert remote_command(out.strip()).split(" >> ")[0].endswith("--config.batch_size=4096 --debug") and not err
+    assert tpu.main(["run", "clip-v4", f"--zone={ZONE}", "--workdir=runs/b16", "--dry-run"]) == 0
+    assert "warning: --workdir runs/b16 is no gs:// bucket" in capsys.readouterr().err
+    assert dry_run(gpu, capsys, "local", "--workdir=runs/b16", "--debug") == [
+        "python3 -m clip_jax train --workdir=runs/b16 --debug"]
+
+
 def test_run_resumes_from_the_workdir_config_and_takes_a_run_name(capsys):
     (line,) = dry_run(tpu, capsys, "run", "clip-v4", f"--zone={ZONE}", "--workdir=gs://b/runs/x", "--run-name=x2")
     assert "nohup ~/clip_jax_venv/bin/python -m clip_jax train --workdir=gs://b/runs/x >> ~/clip_jax_logs/x2.log" in (
