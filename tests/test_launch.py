@@ -231,8 +231,9 @@ def _wait_for(predicate, what, timeout=10.0):
         time.sleep(0.02)
 
 
-def test_run_status_stop_on_a_fake_worker(capsys, tmp_path):
+def test_run_status_stop_on_a_fake_worker(capsys, tmp_path, monkeypatch):
     """The snippets that `run`, `status`, `tail` and `stop` send to the workers, run by bash in a fake home."""
+    monkeypatch.setattr(tpu, "START_CHECK_SECONDS", 0.5)  # the fake trainer fails (or runs) at once
     home = tmp_path / "home"
     (home / "clip_jax").mkdir(parents=True)
     python = home / "clip_jax_venv" / "bin" / "python"
