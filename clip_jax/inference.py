@@ -46,12 +46,10 @@ class Model:
 
     @property
     def logit_scale(self) -> float:
-        """The temperature that `classify` multiplies the cosine similarities by (exp of the learned log-scale,
-        clamped at model.max_logit_scale as in training): open_clip's `logit_scale.exp()`."""
-        import jax
+        """The temperature that `classify` multiplies the cosine similarities by (`classify.temperature`)."""
+        from clip_jax.evaluate.classify import temperature
 
-        scale, _ = self.trained.model.apply({"params": self.trained.params}, method="temperature")
-        return float(jax.device_get(scale))
+        return temperature(self.trained)
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """int32 [N, context_length] token ids of N texts as `encode_texts` reads them (cut to the context, EOT

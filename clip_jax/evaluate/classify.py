@@ -17,6 +17,13 @@ CLASS_GROUPS = ("all", "base", "new")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
+def temperature(trained: Any) -> float:
+    """The scale zero-shot logits are the cosine similarities times: exp of the learned log-scale, clamped at
+    model.max_logit_scale as in training (open_clip's `logit_scale.exp()`)."""
+    scale, _ = trained.model.apply({"params": trained.params}, method="temperature")
+    return float(jax.device_get(scale))
+
+
 def zero_shot_templates(config: Any) -> tuple[str, ...]:
     """The prompts of zero-shot classification by class names: the run's few_shot.templates, or DEFAULT_TEMPLATES."""
     return tuple(config.few_shot.templates) or DEFAULT_TEMPLATES
@@ -95,8 +102,7 @@ def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str 
         length = config.model.text.context_length
         embeds = class_embeddings(lambda t: encoder.texts(trained.tokenizer(t, length)), list(names),
                                   zero_shot_templates(config))
-        scale, _ = trained.model.apply({"params": trained.params}, method="temperature")
-        return list(names), float(jax.device_get(scale)) * examples["features"] @ embeds.T
+        return list(names), temperature(trained) * examples["features"] @ embeds.T
     try:
         scores = method.scores(trained.params, examples, classes)
     except UnscorableClasses as e:  # a linear probe or class-specific contexts: only the training classes
