@@ -266,14 +266,14 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     refuse_replacing(out, _earlier_classify_csv, [*files, *([args.names] if args.names else [])])
     maybe_initialize()
     trained = load_trained(args.workdir)
-    requested_classes(trained, args.classes, names, "--names")  # refused before the images are read
+    request = requested_classes(trained, args.classes, names, "--names")  # refused before the images are read
     images, kept, skipped = load_images(files, trained.config.model.vision.image_size, args.max_image_bytes)
     for message in skipped:
         print(f"warning: {message}", file=sys.stderr)
     if not images:
         raise ConfigError(f"no readable image among the {len(files)} files of --images")
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
-    class_names, logits = class_scores(trained, encoder, np.stack(images), args.classes, names)
+    class_names, logits = request.names, class_scores(trained, encoder, np.stack(images), request)
     probabilities = softmax(logits, axis=-1)
     best = np.argmax(logits, axis=-1)
     if jax.process_index() == 0:

@@ -35,6 +35,9 @@ class Model:
 
         self.trained = trained
         self.encoder = Encoder(trained.model, trained.params, trained.mesh, batch_size)
+        # The last zero-shot class names' embeddings: a loop of classify calls over one class list (1,000 classes x
+        # 80 templates are 80,000 prompts) encodes them once.
+        self._class_embeds: tuple[tuple[str, ...], np.ndarray] | None = None
 
     @property
     def image_size(self) -> int:
@@ -112,14 +115,20 @@ class Model:
         a few-shot method's own classes (`classes`: "all", "base" or "new"), as `clip-jax classify`."""
         from scipy.special import softmax
 
-        from clip_jax.evaluate.classify import class_scores, requested_classes
+        from clip_jax.evaluate.classify import class_scores, requested_classes, zero_shot_embeddings
 
         if isinstance(class_names, str):
             raise TypeError("give a list of class names, not one string")
         class_names = None if class_names is None else list(class_names)
-        requested_classes(self.trained, classes, class_names)  # refused before the images are read
-        names, logits = class_scores(self.trained, self.encoder, self.preprocess(images), classes, class_names)
-        return names, softmax(np.asarray(logits, dtype=np.float32), axis=-1)
+        request = requested_classes(self.trained, classes, class_names)  # refused before the images are read
+        pixels = self.preprocess(images)
+        embeds = None
+        if request.few_shot is None:
+            if self._class_embeds is None or self._class_embeds[0] != request.names:
+                self._class_embeds = request.names, zero_shot_embeddings(self.trained, self.encoder, request)
+            embeds = self._class_embeds[1]
+        logits = class_scores(self.trained, self.encoder, pixels, request, embeds)
+        return list(request.names), softmax(np.asarray(logits, dtype=np.float32), axis=-1)
 
 
 def _array_hint(array: np.ndarray) -> str:

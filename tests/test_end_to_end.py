@@ -284,6 +284,15 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     assert names == ["red circle", "blue square"]
     np.testing.assert_allclose(probs, want_probs / want_probs.sum(1, keepdims=True), atol=1e-5)
 
+    # The class names' embeddings are kept for the next call with the same names, and only for those names.
+    encoded = []
+    encode_texts = model.encoder.texts
+    model.encoder.texts = lambda tokens: encoded.append(len(tokens)) or encode_texts(tokens)
+    assert model.classify(pixels, ["red circle", "blue square"])[1] == pytest.approx(probs) and encoded == []
+    swapped_names, swapped = model.classify(pixels, ["blue square", "red circle"])
+    assert swapped_names == ["blue square", "red circle"] and encoded == [2]
+    np.testing.assert_allclose(swapped, probs[:, ::-1], atol=1e-6)
+
 
 def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a clip_jax workdir"):

@@ -188,7 +188,13 @@ def class_embeddings(
             raise ValueError(f"template {template!r} has no '{{}}' for the class name")
     # One encode call for all C x T prompts: the encoder batches them efficiently.
     prompts = [template.format(name) for name in class_names for template in templates]
-    embeds = np.asarray(encode_texts(prompts), np.float32).reshape(len(class_names), len(templates), -1)
+    return prompt_ensemble(encode_texts(prompts), len(class_names))
+
+
+def prompt_ensemble(prompt_embeds: np.ndarray, num_classes: int) -> np.ndarray:
+    """[C, D] class embeddings of the [C x T, D] embeddings of C classes' prompts, class-major: the mean of each
+    class's normalised prompt embeddings, renormalised."""
+    embeds = np.asarray(prompt_embeds, np.float32).reshape(num_classes, -1, prompt_embeds.shape[-1])
     # Normalising each template embedding first makes the ensemble a mean of directions whatever the encoder
     # returns, so no template outweighs the others by its norm.
     return normalize(normalize(embeds).mean(axis=1))

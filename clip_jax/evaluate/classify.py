@@ -4,12 +4,13 @@ classes of its task, or zero-shot CLIP's over class names the user gives."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 
-from clip_jax.data.classification import class_embeddings
+from clip_jax.data.classification import prompt_ensemble
 from clip_jax.errors import ConfigError, UnscorableClasses, quoted
 from clip_jax.evaluate.encoder import Encoder
 
@@ -30,33 +31,47 @@ def zero_shot_templates(config: Any) -> tuple[str, ...]:
 
 
 def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_length: int,
-                       templates: Sequence[str]) -> None:
-    """Two names whose prompts are the same token ids to the run's tokenizer (it lower-cases, and the text tower
+                       templates: Sequence[str]) -> np.ndarray:
+    """The token ids [len(names) x len(templates), context_length] of every name in every template, name-major.
+    Two names whose prompts are the same token ids to the run's tokenizer (it lower-cases, and the text tower
     reads context_length - 2 tokens) get one embedding: a class's probability was split between them, a mask's
     second label was never chosen, a detector drew each box twice. Refused, naming the two (`what`: the flag or
     argument that gave them)."""
     prompts = [template.format(name) for name in names for template in templates]
-    rows = tokenizer(prompts, context_length).reshape(len(names), -1)
+    tokens = tokenizer(prompts, context_length)
     first: dict[bytes, int] = {}
-    for i, row in enumerate(rows):
+    for i, row in enumerate(tokens.reshape(len(names), -1)):
         j = first.setdefault(row.tobytes(), i)
         if j != i:
             raise ConfigError(f"{what}: {quoted(names[j])} and {quoted(names[i])} are one text to this model (its "
                               f"tokenizer lower-cases, and its text tower reads {context_length - 2} tokens): they "
                               "would get one embedding; keep one, or make them differ early on")
+    return tokens
+
+
+@dataclass(frozen=True)
+class ClassRequest:
+    """The classes `class_scores` scores, checked: zero-shot over `names` (`tokens`: their prompts' token ids,
+    name-major, one row per template) or a few-shot method's own classes (`few_shot`: their indices, the run's
+    `group` of them: all, base or new)."""
+
+    names: tuple[str, ...]
+    group: str = "all"
+    few_shot: tuple[int, ...] | None = None
+    tokens: np.ndarray | None = None
 
 
 def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | None = None,
-                      what: str = "class names") -> list[int] | None:
-    """The few-shot classes that `class_scores` will score (None: zero-shot over `names`). Refuses, before any image
-    is read, a request it cannot serve: names that are not distinct texts to the model (`what` gave them), no names
-    for a method without classes of its own, an unknown `group`, a group the run has no classes in."""
+                      what: str = "class names") -> ClassRequest:
+    """The classes that `class_scores` will score. Refuses, before any image is read, a request it cannot serve:
+    names that are not distinct texts to the model (`what` gave them), no names for a method without classes of its
+    own, an unknown `group`, a group the run has no classes in."""
     config, method = trained.config, trained.method
     if names is not None:
         _check_names(names)
-        refuse_same_tokens(what, names, trained.tokenizer, config.model.text.context_length,
-                           zero_shot_templates(config))
-        return None
+        tokens = refuse_same_tokens(what, names, trained.tokenizer, config.model.text.context_length,
+                                    zero_shot_templates(config))
+        return ClassRequest(tuple(names), tokens=tokens)
     if getattr(method, "scores", None) is None:
         raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give class names "
                           "for zero-shot classification (--names FILE, one a line; in Python, class_names)")
@@ -67,7 +82,7 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
     if not classes:
         raise ConfigError(f"the run trained on all its classes (few_shot.classes 'all'): it has no {group!r} classes; "
                           "use --classes all")
-    return classes
+    return ClassRequest(tuple(task.class_names[c] for c in classes), group, few_shot=tuple(classes))
 
 
 def _check_names(names: Sequence[str]) -> None:
@@ -85,27 +100,30 @@ def _check_names(names: Sequence[str]) -> None:
         seen.add(name.strip())
 
 
-def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, group: str = "all",
-                 names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """(class names, logits [N, C]) of uint8 images [N, H, W, 3].
+def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, request: ClassRequest,
+                 class_embeds: np.ndarray | None = None) -> np.ndarray:
+    """Logits [N, C] of uint8 images [N, H, W, 3] over the classes of `request` (`requested_classes`).
 
-    `trained` is a workdir read back (train/loop.py::Trained: config, method, model, params, tokenizer). With
-    `names`, or for a method without scores of its own (CLIP itself), zero-shot CLIP: the prompt ensemble of
-    few_shot.templates (default "a photo of a {}.") times the model's temperature. Otherwise the method's scores over
-    the `group` classes of its few-shot task: all of them, the base ones it trained on, or the new ones."""
+    `trained` is a workdir read back (train/loop.py::Trained: config, method, model, params, tokenizer). Zero-shot
+    CLIP for a request of names: the prompt ensemble of few_shot.templates (default "a photo of a {}.";
+    `zero_shot_embeddings`, or `class_embeds` computed by it before) times the model's temperature. Otherwise the
+    method's scores over its few-shot classes."""
     config, method = trained.config, trained.method
-    classes = requested_classes(trained, group, names)
     examples = {"images": images}
-    if classes is None or method.inputs == "features":  # MaPLe and WiSE-FT score the images themselves
+    if request.few_shot is None or method.inputs == "features":  # MaPLe and WiSE-FT score the images themselves
         examples["features"] = encoder.images(images)
-    if classes is None:
-        length = config.model.text.context_length
-        embeds = class_embeddings(lambda t: encoder.texts(trained.tokenizer(t, length)), list(names),
-                                  zero_shot_templates(config))
-        return list(names), temperature(trained) * examples["features"] @ embeds.T
+    if request.few_shot is None:
+        if class_embeds is None:
+            class_embeds = zero_shot_embeddings(trained, encoder, request)
+        return temperature(trained) * examples["features"] @ class_embeds.T
     try:
-        scores = method.scores(trained.params, examples, classes)
+        return method.scores(trained.params, examples, list(request.few_shot))
     except UnscorableClasses as e:  # a linear probe or class-specific contexts: only the training classes
-        raise ConfigError(f"method {config.method.name} cannot score --classes {group} ({e}): use --classes base"
+        raise ConfigError(f"method {config.method.name} cannot score --classes {request.group} ({e}): use --classes "
+                          "base"
                           ) from None
-    return [method.task.class_names[c] for c in classes], scores
+
+
+def zero_shot_embeddings(trained: Any, encoder: Encoder, request: ClassRequest) -> np.ndarray:
+    """[C, D] prompt-ensemble embeddings of a zero-shot request's class names, from its token ids."""
+    return prompt_ensemble(encoder.texts(request.tokens), len(request.names))
