@@ -23,6 +23,8 @@ import shlex
 import subprocess
 import sys
 
+from trainer_args import check_recipe, trainer_overrides
+
 TEMPLATE = pathlib.Path(__file__).resolve().parent / "slurm" / "train.sbatch"
 
 
@@ -155,14 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    # Trainer overrides pass through untouched, as in `clip-jax train`; anything else is a typo.
-    # (and --debug, the trainer's full tracebacks)
-    args.overrides = [a for a in rest if a.startswith("--config.") or a == "--debug"]
-    unknown = [a for a in rest if a not in args.overrides]
-    if spaced := next((a for a in args.overrides if a.startswith("--config.") and "=" not in a), None):
-        parser.error(f"{spaced} needs its value after '=': {spaced}=VALUE")
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = trainer_overrides(parser, rest)
     if args.command == "submit":
         limit = slurm_seconds(args.time)
         if limit is not None and args.grace_seconds >= limit:  # USR1 would come before the first step
@@ -171,12 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.job_name and re.search(r"\s", args.job_name):
             parser.error(f"--job-name {args.job_name!r} has white space, which an #SBATCH line splits at")
     if args.config:  # (without one the job resumes from the workdir's config.json: nothing to read here)
-        try:
-            from clip_jax.config import check_recipe
-        except ImportError:  # no clip_jax beside the launcher: the job's own start checks the recipe
-            pass
-        else:  # the job starts in this directory
-            check_recipe(f"launch/gpu.py {args.command}", args.config, args.overrides, pathlib.Path.cwd())
+        # the job starts in this directory
+        check_recipe(f"launch/gpu.py {args.command}", args.config, args.overrides, pathlib.Path.cwd())
     return submit(args) if args.command == "submit" else local(args)
 
 

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 
+from trainer_args import check_recipe, trainer_overrides
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 START_CHECK_SECONDS = 3  # `run` checks that the trainer is still alive this long after its start
 SRC = "~/clip_jax"  # remote paths stay unquoted in remote commands so that the remote shell expands `~`
@@ -252,25 +254,14 @@ COMMANDS = {"create": create, "install": install, "run": run, "tail": tail, "sta
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    # Trainer overrides pass through untouched (as in `clip-jax train`); anything else is a typo.
-    # (and --debug, the trainer's full tracebacks)
-    args.overrides = [a for a in rest if a.startswith("--config.") or a == "--debug"]
-    unknown = [a for a in rest if a not in args.overrides]
-    if spaced := next((a for a in args.overrides if a.startswith("--config.") and "=" not in a), None):
-        parser.error(f"{spaced} needs its value after '=': {spaced}=VALUE")
-    if unknown or (args.overrides and args.command != "run"):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or args.overrides)}")
+    args.overrides = trainer_overrides(parser, rest, accepted=args.command == "run")
     if args.command == "install" and args.ref and not args.git:
         parser.error("--ref goes with --git")
     if getattr(args, "run_name", None):
         run_name_of(args)
     if args.command == "run" and args.config:  # (without one the workers resume from the workdir's config.json)
-        try:
-            from clip_jax.config import check_recipe
-        except ImportError:  # no clip_jax beside the launcher: the workers' own start checks the recipe
-            pass
-        else:  # the workers start in their copy of this checkout
-            check_recipe(f"launch/tpu.py {args.command}", args.config, args.overrides, REPO_ROOT)
+        # the workers start in their copy of this checkout
+        check_recipe(f"launch/tpu.py {args.command}", args.config, args.overrides, REPO_ROOT)
     return args
 
 
