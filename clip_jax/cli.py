@@ -9,7 +9,7 @@
                    [--heads-text N] [--scan-layers] [--image-size N]
   clip-jax export --workdir DIR --format {openai,hf,hf-text} --out PATH [--pt] [--force]
   clip-jax stretch --workdir DIR --out-workdir DIR [--keep K --ratio R | --method interpolate --length L]
-  clip-jax wise-ft --workdir DIR [--alphas 0,0.1,...,1] [--out FILE] [--split test|val]
+  clip-jax wise-ft --workdir DIR [--alphas 0,0.1,...,1] [--out FILE] [--split test|val] [--save-workdir NEW]
   clip-jax data convert --format {webdataset,csv,tsv,jsonl,sharegpt4v,folder} INPUT... --out DIR [--image-root DIR]
                         [--workers N] [--shard-index I --num-shards N] [--shard-size N] [--min-size PX]
                         [--max-image-bytes N] [--runner BEAM_RUNNER [-- PIPELINE_OPTIONS...]]
@@ -48,6 +48,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.config import load_config, read_config
     from clip_jax.distributed import maybe_initialize
+    from clip_jax.methods import get_method
     from clip_jax.train.loop import checkpoint_steps, train_and_evaluate
 
     maybe_initialize()
@@ -60,7 +61,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
 
         apply_overrides(config, overrides)
         validate(config)
-        if config.data.source == "shapes" and checkpoint_steps(workdir) == [0]:
+        if config.data.source == "shapes" and checkpoint_steps(workdir) == [0] and get_method(config).reads_data:
             # A converted (or stretched) model's config.json has the schema's data settings, not the user's.
             print(f"warning: {workdir} holds a converted or stretched model, and its first run trains on the "
                   "procedural shapes data (data.source's default); for your data, set --config.data.source and "
@@ -613,11 +614,17 @@ def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:
 
     alphas = parse_alphas(args.alphas)  # found before the model is loaded
     maybe_initialize()
-    out = args.out or os.path.join(args.workdir, sweep_name(args.split))
-    results = run_sweep(args.workdir, alphas, out, args.split)
+    out = args.out
+    if out is None and args.save_workdir is None:
+        out = os.path.join(args.workdir, sweep_name(args.split))
+    results = run_sweep(args.workdir, alphas, out, args.split, args.save_workdir)
     if jax.process_index() == 0:
         print(format_table(results))
-        print(f"wrote {out}")
+        if out is not None:
+            print(f"wrote {out}")
+        if args.save_workdir is not None:
+            print(f"saved alpha {alphas[0]:g} -> {args.save_workdir} (a workdir: clip-jax classify / eval / export "
+                  f"--workdir {args.save_workdir})")
 
 
 def _data(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -831,6 +838,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "WORKDIR/wise_ft_val.json)")
     wf.add_argument("--split", choices=("test", "val"), default="test",
                     help="the few-shot set scored: val to choose alpha, test to report it (default: %(default)s)")
+    wf.add_argument("--save-workdir", metavar="DIR",
+                    help="save the model of the one alpha given as a new workdir DIR (then no sweep file is written "
+                    "unless --out is given)")
     data = sub.add_parser("data", help="image-caption data sets: convert to ArrayRecord shards, inspect shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dc = data_sub.add_parser("convert", help="WebDataset tars, CSV/TSV/JSONL, ShareGPT4V JSON or an image folder -> "

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from clip_jax.config import ConfigError, save_config
 from clip_jax.data.pipeline import tokenizer_corpus
@@ -143,10 +144,13 @@ def test_the_interpolation_is_exactly_linear():
 
 
 # --- clip-jax wise-ft -----------------------------------------------------------------------------------------------
-def test_the_cli_evaluates_every_alpha_of_a_trained_run(tmp_path, tokenizer, capsys):
-    from clip_jax.cli import main
-    from clip_jax.train.loop import load_trained, train_and_evaluate
+@pytest.fixture(scope="module")
+def wise_ft_run(tmp_path_factory, tokenizer):
+    """(folder, config, results, base params): a 2-step wise_ft run in folder/ft from the random CLIP in folder/base.
+    Tests may add sweep files to it, and leave its config and checkpoints as they found them."""
+    from clip_jax.train.loop import train_and_evaluate
 
+    tmp_path = tmp_path_factory.mktemp("wise_ft")
     base_config = tiny_config("clip")
     base = clip_params(base_config)
     write_workdir(base_config, base, tokenizer, tmp_path / "base")
@@ -156,10 +160,19 @@ def test_the_cli_evaluates_every_alpha_of_a_trained_run(tmp_path, tokenizer, cap
     config.checkpoint.update(async_save=False)
     config.log.update(progress_bar=False, tensorboard=False)
     results = train_and_evaluate(config, tmp_path / "ft")
+    return tmp_path, config, results, base
+
+
+def test_the_cli_evaluates_every_alpha_of_a_trained_run(wise_ft_run, tmp_path, tokenizer, capsys):
+    from clip_jax.cli import main
+    from clip_jax.train.loop import load_trained
+
+    run, config, results, base = wise_ft_run
+    ft = run / "ft"
     capsys.readouterr()
 
-    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0,0.5,1"])
-    sweep = json.loads((tmp_path / "ft" / "wise_ft.json").read_text())
+    main(["wise-ft", "--workdir", str(ft), "--alphas", "0,0.5,1"])
+    sweep = json.loads((ft / "wise_ft.json").read_text())
     assert list(sweep) == ["0.0", "0.5", "1.0"]
     keys = {f"few_shot{d}_{g}" for d in ("", "_shifted") for g in ("base", "new", "hm")}
     assert all(set(metrics) == keys for metrics in sweep.values())
@@ -168,48 +181,110 @@ def test_the_cli_evaluates_every_alpha_of_a_trained_run(tmp_path, tokenizer, cap
     zero_shot = evaluate(config, CLIP(get_method(config).model_config()), base, one_device(), tokenizer)
     assert sweep["0.0"] == pytest.approx(zero_shot)
     out = capsys.readouterr().out
-    assert "few_shot_shifted_hm" in out.splitlines()[0] and f"wrote {tmp_path / 'ft' / 'wise_ft.json'}" in out
+    assert "few_shot_shifted_hm" in out.splitlines()[0] and f"wrote {ft / 'wise_ft.json'}" in out
 
-    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0.25", "--out", str(tmp_path / "a.json")])
+    main(["wise-ft", "--workdir", str(ft), "--alphas", "0.25", "--out", str(tmp_path / "a.json")])
     assert list(json.loads((tmp_path / "a.json").read_text())) == ["0.25"]
-    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0.75", "--out", str(tmp_path / "a.json")])
+    main(["wise-ft", "--workdir", str(ft), "--alphas", "0.75", "--out", str(tmp_path / "a.json")])
     assert list(json.loads((tmp_path / "a.json").read_text())) == ["0.75"]  # an earlier sweep is replaced
-    own = (tmp_path / "ft" / "wise_ft.json").resolve()  # the run's own sweep file, however it is spelt
-    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0.5", "--out", str(own)])
+    own = (ft / "wise_ft.json").resolve()  # the run's own sweep file, however it is spelt
+    main(["wise-ft", "--workdir", str(ft), "--alphas", "0.5", "--out", str(own)])
     assert list(json.loads(own.read_text())) == ["0.5"]
 
     # alpha is chosen on the val set (docs/few_shot.md): the few-shot entries score few_shot.val there.
     test_sweep = own.read_bytes()
     with pytest.raises(SystemExit):  # test numbers into the val sweep's file: refused, as any file in the workdir
-        main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "1", "--out",
-              str(tmp_path / "ft" / "wise_ft_val.json")])
-    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "1", "--split", "val"])
-    on_val = json.loads((tmp_path / "ft" / "wise_ft_val.json").read_text())["1.0"]  # beside the test sweep
+        main(["wise-ft", "--workdir", str(ft), "--alphas", "1", "--out",
+              str(ft / "wise_ft_val.json")])
+    main(["wise-ft", "--workdir", str(ft), "--alphas", "1", "--split", "val"])
+    on_val = json.loads((ft / "wise_ft_val.json").read_text())["1.0"]  # beside the test sweep
     assert own.read_bytes() == test_sweep
     assert set(on_val) == {k.replace("few_shot", "few_shot_val") for k in keys}
-    ft = load_trained(tmp_path / "ft")  # alpha 1 is the run itself, evaluated with the entry's split set to val
-    ft.config.evals.few_shot.split = "val"
-    assert on_val == pytest.approx(evaluate(ft.config, ft.model, ft.params, ft.mesh, ft.tokenizer, method=ft.method))
+    trained = load_trained(ft)  # alpha 1 is the run itself, evaluated with the entry's split set to val
+    trained.config.evals.few_shot.split = "val"
+    assert on_val == pytest.approx(evaluate(trained.config, trained.model, trained.params, trained.mesh,
+                                            trained.tokenizer, method=trained.method))
     assert on_val != pytest.approx({k.replace("few_shot", "few_shot_val"): v for k, v in sweep["1.0"].items()})
-    saved = json.loads((tmp_path / "ft" / "config.json").read_text())
-    (tmp_path / "ft" / "config.json").write_text(json.dumps({**saved, "evals": {}}))
+    saved = (ft / "config.json").read_text()
+    (ft / "config.json").write_text(json.dumps({**json.loads(saved), "evals": {}}))
     capsys.readouterr()
     with pytest.raises(SystemExit):  # no few_shot entry: --split val would score the test sets of the others
-        main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "1", "--split", "val", "--out",
+        main(["wise-ft", "--workdir", str(ft), "--alphas", "1", "--split", "val", "--out",
               str(tmp_path / "none.json")])
     assert "--split val chooses the set of the run's few_shot evaluations" in capsys.readouterr().err
+    (ft / "config.json").write_text(saved)
 
     # Nothing else is: the run's config.json written over broke it for train, eval and clip_jax.load.
     (tmp_path / "notes.txt").write_text("mine")
     capsys.readouterr()
-    for out, words in ((tmp_path / "ft" / "config.json", "lies inside the clip_jax workdir"),
+    for out, words in ((ft / "config.json", "lies inside the clip_jax workdir"),
                        (tmp_path / "notes.txt", "is not an earlier output of this command"), (tmp_path, "is a folder")):
         before = out.read_bytes() if out.is_file() else None
         with pytest.raises(SystemExit) as e:
-            main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0.5", "--out", str(out)])
+            main(["wise-ft", "--workdir", str(ft), "--alphas", "0.5", "--out", str(out)])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and words in err and "\n" not in err, err
         assert before is None or out.read_bytes() == before
+
+
+def test_one_alpha_is_saved_as_a_workdir_that_eval_and_classify_read(wise_ft_run, tmp_path, capsys):
+    from clip_jax.cli import main
+    from clip_jax.train.loop import load_trained
+
+    run, config, results, base = wise_ft_run
+    ft, saved = run / "ft", tmp_path / "alpha"
+    sweeps = {p.name: p.read_bytes() for p in ft.glob("wise_ft*.json")}
+    main(["wise-ft", "--workdir", str(ft), "--alphas", "0.25", "--save-workdir", str(saved),
+          "--out", str(tmp_path / "sweep.json")])
+    assert f"saved alpha 0.25 -> {saved}" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in ft.glob("wise_ft*.json")} == sweeps  # the run's sweeps untouched
+
+    # Its parameters, by hand: the towers 3/4 the CLIP the run started from and 1/4 the fine-tuned run's (the text
+    # tower, frozen, is the start's); the head 3/4 the zero-shot head (the step-0 head of a fresh start) and 1/4 the
+    # trained one.
+    tuned, mixed = load_trained(ft), load_trained(saved)
+    assert mixed.step == 0 and mixed.config.to_dict() == tuned.config.to_dict()
+    tuned_params, mixed_params = jax.device_get(tuned.params), jax.device_get(mixed.params)
+    for key in ("visual", "text", "logit_scale"):
+        jax.tree.map(lambda m, b, t: np.testing.assert_allclose(m, 0.75 * b + 0.25 * t, rtol=1e-6, atol=1e-7),
+                     mixed_params[key], base[key], tuned_params[key])
+    jax.tree.map(np.testing.assert_array_equal, mixed_params["text"], base["text"])
+    # the zero-shot head of `base` (test_the_head_starts_as_zero_shot_clip checks it by hand)
+    zero_shot_head = jax.device_get(tuned.method.init_learner(tuned_params["learner"], base))
+    jax.tree.map(lambda m, z, t: np.testing.assert_allclose(m, 0.75 * z + 0.25 * t, rtol=1e-5, atol=1e-6),
+                 mixed_params["learner"], zero_shot_head, tuned_params["learner"])
+    assert not np.allclose(zero_shot_head["kernel"], tuned_params["learner"]["kernel"])  # training moved the head
+    source = json.loads((saved / "wise_ft_alpha.json").read_text())
+    assert source == {"alpha": 0.25, "fine_tuned": str(ft), "step": 2, "zero_shot": str(run / "base")}
+    assert (saved / "few_shot_classes.npz").read_bytes() == (ft / "few_shot_classes.npz").read_bytes()
+
+    # `eval` of the saved workdir gives the sweep's figures for that alpha, and `classify` reads it.
+    main(["eval", "--workdir", str(saved)])
+    evaluated = json.loads((saved / "eval_0.json").read_text())
+    assert {k: evaluated[k] for k in results if k.startswith("few_shot")} == pytest.approx(
+        json.loads((tmp_path / "sweep.json").read_text())["0.25"])
+    (tmp_path / "images").mkdir()
+    image = np.zeros((config.model.vision.image_size,) * 2 + (3,), np.uint8)
+    Image.fromarray(image).save(tmp_path / "images" / "black.png")
+    main(["classify", "--workdir", str(saved), "--images", str(tmp_path / "images"), "--classes", "base",
+          "--out", str(tmp_path / "preds.csv")])
+    label = (tmp_path / "preds.csv").read_text().splitlines()[1].split(",")[1]
+    assert label in {mixed.method.task.class_names[c] for c in mixed.method.task.base}
+
+    # Refused in one line before anything is read or written: more than one alpha, a folder in use, a bucket.
+    capsys.readouterr()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    for alphas, folder, words in (("0.25,0.5", tmp_path / "new", "--save-workdir saves one model: give one alpha"),
+                                  ("0.5", tmp_path / "used", "is not empty"),
+                                  ("0.5", saved, "is already a clip_jax workdir"),
+                                  ("0.5", "gs://bucket/alpha", "the model is saved to a local folder")):
+        with pytest.raises(SystemExit) as e:
+            main(["wise-ft", "--workdir", str(ft), "--alphas", alphas, "--save-workdir", str(folder)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and words in err and "\n" not in err, err
+    assert not (tmp_path / "new").exists() and (tmp_path / "used" / "notes.txt").read_text() == "mine"
+    assert {p.name: p.read_bytes() for p in ft.glob("wise_ft*.json")} == sweeps
 
 
 @pytest.mark.parametrize(

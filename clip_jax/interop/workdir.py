@@ -269,10 +269,12 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
     return {"source": imported.source, "workdir": str(workdir), "tokenizer": tokenizer.name, "model": model}
 
 
-def write_workdir(config, params: dict[str, Any], tokenizer, workdir: str | pathlib.Path) -> None:
+def write_workdir(config, params: dict[str, Any], tokenizer, workdir: str | pathlib.Path, method: Any = None
+                  ) -> None:
     """A new workdir (config.json, tokenizer.json) whose step-0 checkpoint holds `params` (host arrays, in the
     model's tree): a full TrainState (fresh optimizer state, the data iterator) written by the trainer's own
-    `Checkpointer`, which `train` takes as a warm start. The common end of `convert` and `stretch`."""
+    `Checkpointer`, which `train` takes as a warm start. The common end of `convert`, `stretch` and `wise-ft
+    --save-workdir`; the last gives its prepared `method` (a few-shot method's data is its task's K-shot set)."""
     import jax
 
     from clip_jax.config import validate
@@ -281,7 +283,7 @@ def write_workdir(config, params: dict[str, Any], tokenizer, workdir: str | path
     workdir = check_new_workdir(workdir, "workdir")
     existed = workdir.exists()
     try:
-        _write_workdir_files(config, params, tokenizer, workdir)
+        _write_workdir_files(config, params, tokenizer, workdir, method)
     except BaseException:
         # A half-written workdir (config.json, no checkpoint) would be refused by the next attempt as "already a
         # workdir": remove what this call wrote. The folder was new or empty (check_new_workdir), so that is all of it.
@@ -290,12 +292,13 @@ def write_workdir(config, params: dict[str, Any], tokenizer, workdir: str | path
         raise
 
 
-def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pathlib.Path) -> None:
+def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pathlib.Path, method: Any) -> None:
     import jax
 
     from clip_jax.data.pipeline import train_iterator
+    from clip_jax.distributed import batch_rows
     from clip_jax.methods import get_method
-    from clip_jax.sharding import reader_mesh
+    from clip_jax.sharding import batch_sharding, reader_mesh
     from clip_jax.train import state as state_lib
     from clip_jax.train.checkpoint import Checkpointer
     from clip_jax.train.loop import create_state, prepare_workdir
@@ -305,7 +308,11 @@ def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pat
         tokenizer.save(workdir / "tokenizer.json")
 
     mesh = reader_mesh(config.mesh.to_dict())  # a stretch may read a run of another machine
-    method = get_method(config)
+    if method is None:
+        method = get_method(config)
+        data_iterator = train_iterator(config, tokenizer, captions=method.captions())
+    else:  # as the trainer makes it: this host's rows of every batch
+        data_iterator = method.train_data(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)))
     init_fn, shardings, tx = create_state(config, method, method.model(), mesh)
     _check_tree(params, jax.eval_shape(init_fn, jax.random.PRNGKey(0)).params)
     params = jax.device_put(params, shardings.params)
@@ -314,7 +321,7 @@ def _write_workdir_files(config, params: dict[str, Any], tokenizer, workdir: pat
         state = jax.jit(lambda p, r: state_lib.init_state(p, tx, r), out_shardings=shardings)(params, state_rng)
     # With the data iterator's state too: `train` restores both items, so a checkpoint without it would not load.
     checkpointer = Checkpointer(workdir, config.checkpoint)
-    checkpointer.save(0, state, train_iterator(config, tokenizer, captions=method.captions()), force=True)
+    checkpointer.save(0, state, data_iterator, force=True)
     checkpointer.wait()
     checkpointer.close()
 

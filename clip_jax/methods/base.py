@@ -111,6 +111,8 @@ class Method:
     # Whether it needs that pretrained CLIP: a new run without one is refused, not warned (a few-shot learner on
     # random towers learns nothing of use).
     needs_pretrained: ClassVar[bool] = False
+    # Whether training reads `config.data` (the few-shot methods read their own `few_shot` sets instead).
+    reads_data: ClassVar[bool] = True
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

@@ -53,6 +53,7 @@ class FewShotMethod(Method):
     `logits` and, if the learner starts from data, `init_learner`."""
 
     fine_tunes = needs_pretrained = True
+    reads_data = False  # the K-shot sets of `few_shot`
     fixed_groups = ("model", "few_shot")  # the K-shot embeddings are cached in the workdir
     # What the batch and `logits` get of an example: "features", its normalised image embedding by the frozen image
     # tower (computed once), or "images", the uint8 image itself, for a learner that enters the image tower (MaPLe's

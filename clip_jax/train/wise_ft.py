@@ -1,11 +1,13 @@
 """`clip-jax wise-ft`: a WiSE-FT run (clip_jax/methods/wise_ft.py) read back, interpolated with the zero-shot model it
-started from for a list of alphas, each evaluated with the run's evaluations."""
+started from for a list of alphas, each evaluated with the run's evaluations; one of them may be saved as a new
+workdir, the model `classify`, `eval` and `export` read."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +19,7 @@ from clip_jax.config import read_config
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate.suite import evaluate
 from clip_jax.files import canonical_path, is_remote, refuse_inside_workdir, refuse_replacing, write_atomic
+from clip_jax.interop.workdir import check_new_workdir, write_workdir
 from clip_jax.methods.wise_ft import check_same_tree, interpolate
 from clip_jax.train import loop
 from clip_jax.train.checkpoint import Checkpointer
@@ -74,12 +77,17 @@ def zero_shot_params(trained, workdir) -> Any:
     return jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), theta0, trained.params)
 
 
-def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split: str = "test"
-              ) -> dict[str, dict[str, float]]:
+def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split: str = "test",
+              save_workdir=None) -> dict[str, dict[str, float]]:
     """`clip-jax wise-ft`: the run's evaluations (`config.evals`) of theta_alpha for each alpha, {alpha: {metric:
     value}}, also written as JSON to `out` (default `<workdir>/wise_ft.json`, or `wise_ft_val.json` for `split`
-    "val": its few-shot entries then score few_shot.val, `<name>_val_*`, where alpha is chosen)."""
+    "val": its few-shot entries then score few_shot.val, `<name>_val_*`, where alpha is chosen).
+
+    With `save_workdir` (one alpha only), theta_alpha is also saved there as a new workdir (`save_interpolated`),
+    and the sweep is written only where `out` says (the run's own sweep file would be replaced by one alpha)."""
     workdir = epath.Path(workdir)
+    if save_workdir is not None:
+        _check_save(save_workdir, alphas)
     if not (workdir / "config.json").exists():
         raise ConfigError(f"{workdir} is not a clip_jax workdir (no config.json): give the workdir of a wise_ft run")
     name = read_config(workdir / "config.json").method.name
@@ -88,11 +96,14 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split
             f"{workdir} holds a {name} run: clip-jax wise-ft interpolates a fine-tuned wise_ft run (method.name="
             "wise_ft, e.g. configs/wise_ft/shapes.py) with its zero-shot start"
         )
-    out = epath.Path(out) if out else workdir / sweep_name(split)
-    _check_out(out, workdir, split)
+    if out is None and save_workdir is None:
+        out = workdir / sweep_name(split)
+    out = epath.Path(out) if out is not None else None
     primary = jax.process_index() == 0
-    if primary and not is_remote(out) and not os.access(out.parent if out.parent.exists() else ".", os.W_OK):
-        raise ConfigError(f"cannot write {out}: its folder is not writable; give --out FILE elsewhere")
+    if out is not None:
+        _check_out(out, workdir, split)
+        if primary and not is_remote(out) and not os.access(out.parent if out.parent.exists() else ".", os.W_OK):
+            raise ConfigError(f"cannot write {out}: its folder is not writable; give --out FILE elsewhere")
     trained = loop.load_trained(workdir)
     few_shot = [entry for entry in trained.config.evals.values() if entry.type == "few_shot"]
     if split != "test" and not few_shot:
@@ -107,9 +118,38 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split
         results[str(float(alpha))] = evaluate(
             trained.config, trained.model, params, trained.mesh, trained.tokenizer, method=trained.method
         )
-    if primary:
+    if primary and out is not None:
         write_atomic(out, json.dumps(results, indent=2) + "\n")
+    if save_workdir is not None:
+        save_interpolated(trained, workdir, alphas[0], params, save_workdir)
     return results
+
+
+def _check_save(save_workdir, alphas: Sequence[float]) -> None:
+    """Before anything is read: one alpha to save, and a new local folder to save it in."""
+    if len(alphas) != 1:
+        raise ConfigError(f"--save-workdir saves one model: give one alpha (e.g. --alphas 0.5), not {len(alphas)}; "
+                          "choose it from a sweep on the val split (--split val)")
+    if is_remote(str(save_workdir)):
+        raise ConfigError(f"--save-workdir {save_workdir}: the model is saved to a local folder; save it locally and "
+                          "copy the folder to the bucket (gcloud storage cp -r)")
+    check_new_workdir(save_workdir, "--save-workdir")
+
+
+def save_interpolated(trained, workdir: epath.Path, alpha: float, params: Any, save_workdir) -> None:
+    """theta_alpha (`params`, on the run's mesh) as a new workdir: the run's config and tokenizer, a step-0
+    checkpoint of the interpolated parameters (`interop.workdir.write_workdir`, as `convert` writes one), the run's
+    record of its classes (`few_shot_classes.npz`, so the saved model names the classes it was trained on) and
+    `wise_ft_alpha.json` (where it came from: the run, its step, alpha)."""
+    save_workdir = pathlib.Path(save_workdir)
+    write_workdir(trained.config, params, trained.tokenizer, save_workdir, trained.method)
+    if jax.process_index() == 0:
+        classes = workdir / "few_shot_classes.npz"
+        if classes.exists():
+            write_atomic(save_workdir / classes.name, classes.read_bytes())
+        source = {"alpha": float(alpha), "fine_tuned": str(workdir), "step": trained.step,
+                  "zero_shot": trained.config.init_from or f"{workdir}/checkpoints/0"}
+        write_atomic(save_workdir / "wise_ft_alpha.json", json.dumps(source, indent=2) + "\n")
 
 
 def sweep_name(split: str) -> str:
