@@ -28,6 +28,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from clip_jax import errors
 from clip_jax.config import ConfigError
@@ -132,7 +134,7 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     import numpy as np
     from etils import epath
 
-    from clip_jax.data.images import list_images, load_images
+    from clip_jax.data.images import list_images
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
@@ -152,15 +154,12 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     maybe_initialize()
     trained = load_trained(args.workdir)
     config, tokenizer = trained.config, trained.tokenizer
-    if files is not None:  # read before anything is written: no readable image is an error, not an empty output
-        images, kept, skipped = load_images(files, config.model.vision.image_size, args.max_image_bytes)
-        for message in skipped:
-            print(f"warning: {message}", file=sys.stderr)
-        if not images:
-            raise ConfigError(f"no readable image among the {len(files)} files of --images")
-    if args.audio:  # read before anything is written too
+    if args.audio:  # read before anything is written
         sounds, sound_files, sounds_skipped = _read_sounds(args.audio, config)
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
+    if files is not None:  # embedded before anything is written: no readable image is an error, not an empty output
+        image_embeddings, kept, skipped = _per_image_chunk(encoder.images, files, config.model.vision.image_size,
+                                                           args.max_image_bytes, encoder.batch_size)
     # Every process embeds every input (the encoder's results are replicated); process 0 writes them.
     primary = jax.process_index() == 0
 
@@ -189,10 +188,32 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
                 f" ({skipped} undecodable files skipped)" if skipped else ""))
 
     if files is not None:
-        save_with_files("image", "images", encoder.images(np.stack(images)), [str(files[i]) for i in kept],
-                        len(skipped))
+        save_with_files("image", "images", image_embeddings, [str(files[i]) for i in kept], skipped)
     if args.audio:
         save_with_files("audio", "sounds", encoder.audio(np.stack(sounds)), sound_files, sounds_skipped)
+
+
+def _per_image_chunk(fn: Callable[[Any], Any], files: list, size: int, max_bytes: int, batch_size: int
+                     ) -> tuple[Any, list[int], int]:
+    """`fn`'s rows ([n, ...] of uint8 images [n, size, size, 3]) of every readable file, a chunk of images at a time
+    (data/images.py::image_chunks: a folder of any size fits in memory): (the rows, the indices of the files they
+    came from, the number of files skipped, each with a warning as it is found). No readable file: ConfigError."""
+    import numpy as np
+
+    from clip_jax.data.images import IMAGE_CHUNK, image_chunks
+
+    rows, kept, skipped = [], [], 0
+    chunk_size = batch_size * max(1, IMAGE_CHUNK // batch_size)  # whole batches for the device calls
+    for images, indices, messages in image_chunks(files, size, max_bytes, chunk_size):
+        for message in messages:
+            print(f"warning: {message}", file=sys.stderr)
+        skipped += len(messages)
+        if images is not None:
+            rows.append(np.asarray(fn(images)))
+            kept.extend(indices)
+    if not kept:
+        raise ConfigError(f"no readable image among the {len(files)} files of --images")
+    return np.concatenate(rows), kept, skipped
 
 
 def _check_audio_model(workdir: str) -> None:
@@ -245,9 +266,9 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     from etils import epath
     from scipy.special import softmax
 
-    from clip_jax.data.images import list_images, load_images
+    from clip_jax.data.images import list_images
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.classify import class_scores, requested_classes
+    from clip_jax.evaluate.classify import class_scores, requested_classes, zero_shot_embeddings
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
@@ -268,13 +289,12 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     maybe_initialize()
     trained = load_trained(args.workdir)
     request = requested_classes(trained, args.classes, names, "--names")  # refused before the images are read
-    images, kept, skipped = load_images(files, trained.config.model.vision.image_size, args.max_image_bytes)
-    for message in skipped:
-        print(f"warning: {message}", file=sys.stderr)
-    if not images:
-        raise ConfigError(f"no readable image among the {len(files)} files of --images")
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
-    class_names, logits = request.names, class_scores(trained, encoder, np.stack(images), request)
+    embeds = zero_shot_embeddings(trained, encoder, request) if request.few_shot is None else None
+    logits, kept, skipped = _per_image_chunk(lambda images: class_scores(trained, encoder, images, request, embeds),
+                                             files, trained.config.model.vision.image_size, args.max_image_bytes,
+                                             encoder.batch_size)
+    class_names = request.names
     probabilities = softmax(logits, axis=-1)
     best = np.argmax(logits, axis=-1)
     if jax.process_index() == 0:
@@ -286,7 +306,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, text.getvalue())
         print(f"classified {len(kept)} images among {len(class_names)} classes -> {out}" + (
-            f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+            f" ({skipped} undecodable files skipped)" if skipped else ""))
 
 
 CLASSIFY_HEADER = ("image", "label", "probability")

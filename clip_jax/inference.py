@@ -15,7 +15,8 @@ that cannot be read is an error naming it (row i of a result is input i), where 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -73,35 +74,50 @@ class Model:
         grayscale [H, W] or RGBA [H, W, 4]), or one uint8 array [N, H, W, 3]. An image is made RGB first, then
         resized (open_clip resizes first and converts after: the same pixels for RGB and grayscale images, other
         ones for RGBA, palette and CMYK images, whose conversion does not commute with the resize)."""
-        from clip_jax.data.images import load_image, resize_center_crop, rgb_image
+        return np.concatenate(list(self._preprocessed(images)))
+
+    def _preprocessed(self, images: Sequence[ImageInput] | np.ndarray) -> Iterator[np.ndarray]:
+        """`preprocess` of IMAGE_CHUNK images at a time, each chunk decoded on a thread per core: what the encode
+        and classify calls hold at once, whatever the number of images."""
+        from clip_jax.data.images import IMAGE_CHUNK, decode_threads
 
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
         if isinstance(images, str | os.PathLike | Image.Image) or (isinstance(images, np.ndarray) and images.ndim < 4):
             raise TypeError("give a list of images (or a uint8 array [N, H, W, 3]), not one image")
-        out = []
-        for i, image in enumerate(images):
-            if isinstance(image, str | os.PathLike):
-                out.append(load_image(image, self.image_size))  # a ValueError naming the file if unreadable
-                continue
-            if not isinstance(image, Image.Image):
-                array = np.asarray(image)
-                if array.ndim == 3 and array.shape[-1] == 1:  # [H, W, 1]: grayscale, as [H, W] is
-                    array = array[..., 0]
-                if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-                    raise ValueError(f"image {i}: expected uint8 [H, W, 3] (RGB), [H, W] or [H, W, 4], got "
-                                     f"{array.dtype} {list(array.shape)}{_array_hint(array)}")
-                if 0 in array.shape:
-                    raise ValueError(f"image {i}: an empty array {list(array.shape)}")
-                image = Image.fromarray(array)
-            out.append(resize_center_crop(rgb_image(image), self.image_size))
-        if not out:
+        images = list(images)
+        if not images:
             raise ValueError("no images given")
-        return np.stack(out)
+        with ThreadPoolExecutor(decode_threads()) as pool:
+            for start in range(0, len(images), IMAGE_CHUNK):
+                chunk = images[start:start + IMAGE_CHUNK]
+                for image in chunk:  # a PIL image opened lazily is read here: one object may be given twice
+                    if isinstance(image, Image.Image):
+                        image.load()
+                pixels = pool.map(lambda item: self._pixels(*item), enumerate(chunk, start))
+                yield np.stack(list(pixels))  # the first error, in input order
+
+    def _pixels(self, i: int, image: ImageInput) -> np.ndarray:
+        """uint8 [S, S, 3] of input `i`; ValueError naming it (its file, or its index) if it cannot be one."""
+        from clip_jax.data.images import load_image, resize_center_crop, rgb_image
+
+        if isinstance(image, str | os.PathLike):
+            return load_image(image, self.image_size)  # a ValueError naming the file if unreadable
+        if not isinstance(image, Image.Image):
+            array = np.asarray(image)
+            if array.ndim == 3 and array.shape[-1] == 1:  # [H, W, 1]: grayscale, as [H, W] is
+                array = array[..., 0]
+            if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+                raise ValueError(f"image {i}: expected uint8 [H, W, 3] (RGB), [H, W] or [H, W, 4], got "
+                                 f"{array.dtype} {list(array.shape)}{_array_hint(array)}")
+            if 0 in array.shape:
+                raise ValueError(f"image {i}: an empty array {list(array.shape)}")
+            image = Image.fromarray(array)
+        return resize_center_crop(rgb_image(image), self.image_size)
 
     def encode_images(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
         """float32 [N, D] L2-normalised embeddings of N images (any of `images`' kinds)."""
-        return self.encoder.images(self.preprocess(images))
+        return np.concatenate([self.encoder.images(pixels) for pixels in self._preprocessed(images)])
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [N, D] L2-normalised embeddings of N texts; a text longer than the model's context is cut to it."""
@@ -121,14 +137,14 @@ class Model:
             raise TypeError("give a list of class names, not one string")
         class_names = None if class_names is None else list(class_names)
         request = requested_classes(self.trained, classes, class_names)  # refused before the images are read
-        pixels = self.preprocess(images)
         embeds = None
         if request.few_shot is None:
             if self._class_embeds is None or self._class_embeds[0] != request.names:
                 self._class_embeds = request.names, zero_shot_embeddings(self.trained, self.encoder, request)
             embeds = self._class_embeds[1]
-        logits = class_scores(self.trained, self.encoder, pixels, request, embeds)
-        return list(request.names), softmax(np.asarray(logits, dtype=np.float32), axis=-1)
+        logits = np.concatenate([np.asarray(class_scores(self.trained, self.encoder, pixels, request, embeds))
+                                 for pixels in self._preprocessed(images)])
+        return list(request.names), softmax(logits.astype(np.float32), axis=-1)
 
 
 def _array_hint(array: np.ndarray) -> str:

@@ -124,6 +124,8 @@ def test_encode_skips_special_files_big_files_and_bombs_with_a_warning(tmp_path,
     encoded = []
 
     class Encoder:
+        batch_size = 256
+
         def __init__(self, *args):
             pass
 

@@ -203,7 +203,7 @@ def test_eval_reproduces_results_json(trained, capsys):
         assert f"{key}" in out and f"{results[key]:.4f}" in out
 
 
-def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, tmp_path, capsys):
+def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, tmp_path, capsys, monkeypatch):
     texts = ["a red circle.", "a picture of a blue square.", "there is a green star in the image.", "x"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     images = tmp_path / "images"
@@ -230,8 +230,8 @@ def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, t
     np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-5)
 
     # Row i is the embedding of input i: the model applied directly (one device, no batching or padding).
-    trained = load_trained(trained)
-    model, params, tokenizer = trained.model, trained.params, trained.tokenizer
+    run = load_trained(trained)
+    model, params, tokenizer = run.model, run.params, run.tokenizer
     small = np.stack([np.asarray(Image.open(images / f"img{i}.png").resize((IMAGE, IMAGE), Image.BICUBIC))
                       for i in range(3)])
 
@@ -243,6 +243,14 @@ def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, t
     want_text, want_image = embed(jax.device_get(params), tokenizer(texts, CONTEXT), small)
     np.testing.assert_allclose(text_emb, want_text, atol=1e-5)
     np.testing.assert_allclose(image_emb, want_image, atol=1e-5)
+
+    # Read and embedded two images at a time (any folder fits in memory): the same rows of the same files.
+    monkeypatch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+    cli.main(["encode", "--workdir", str(trained), "--images", str(images), "--out", str(tmp_path / "chunked"),
+              "--batch-size", "1"])
+    assert "1 undecodable" in capsys.readouterr().out
+    assert (tmp_path / "chunked" / "image_files.txt").read_text() == (out / "image_files.txt").read_text()
+    np.testing.assert_allclose(np.load(tmp_path / "chunked" / "image_embeddings.npy"), image_emb, atol=1e-6)
 
 
 # --- from Python ----------------------------------------------------------------------------------------------------
@@ -264,6 +272,10 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     want = apply({"params": params}, small, method=CLIP.encode_image)
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(model.encode_images(np.stack(pixels)), model.encode_images(pixels), atol=1e-6)
+    with pytest.MonkeyPatch.context() as patch:  # two images at a time: the same rows
+        patch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+        np.testing.assert_allclose(model.encode_images(pixels), model.encode_images(np.stack(pixels)), atol=1e-6)
+        chunked_names, chunked_probs = model.classify(pixels, ["red circle", "blue square"])
     gray = np.asarray(Image.open(tmp_path / "b.png"))  # [H, W]: a grayscale array is the grayscale image
     np.testing.assert_allclose(model.encode_images([gray]), got[1:2], atol=1e-6)
 
@@ -281,8 +293,9 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     assert "load" in dir(clip_jax) and "Model" in dir(clip_jax)
     logits = scale * model.encode_images(pixels) @ prompts.T
     want_probs = np.exp(logits - logits.max(1, keepdims=True))
-    assert names == ["red circle", "blue square"]
+    assert names == ["red circle", "blue square"] == chunked_names
     np.testing.assert_allclose(probs, want_probs / want_probs.sum(1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(chunked_probs, probs, atol=1e-6)
 
     # The class names' embeddings are kept for the next call with the same names, and only for those names.
     encoded = []
@@ -309,6 +322,10 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
         model.encode_images([tmp_path / "broken.png"])
     with pytest.raises(ValueError, match=r"image 0: expected uint8 .*, got float32 \[8, 8, 3\]"):
         model.encode_images([np.zeros((8, 8, 3), np.float32)])
+    with pytest.MonkeyPatch.context() as patch:  # read two at a time, an image is still named by its place
+        patch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+        with pytest.raises(ValueError, match=r"image 2: expected uint8 .*, got float32 \[8, 8, 3\]"):
+            model.encode_images([np.zeros((8, 8, 3), np.uint8)] * 2 + [np.zeros((8, 8, 3), np.float32)])
     with pytest.raises(TypeError, match="list of texts"):
         model.encode_texts("a red circle.")
     with pytest.raises(TypeError, match="text 1: expected a str, got int"):

@@ -412,7 +412,7 @@ def test_coop_trains_from_a_clip_workdir_resumes_from_its_cache_and_evaluates(tm
     assert len(predicted) == len(rows) and np.mean(hits) == pytest.approx(evaluated["few_shot_base"])
 
 
-def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, capsys):
+def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, capsys, monkeypatch):
     from clip_jax.cli import main
 
     config = tiny_config("clip")
@@ -451,6 +451,10 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
         path, label, probability = line.split(",")
         assert path.endswith(f"{i}.png") and label == names[int(np.argmax(logits[i]))]
         assert float(probability) == pytest.approx(probabilities[i].max(), abs=1e-4)
+    monkeypatch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)  # read and scored two images at a time: the same
+    main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
+          "--names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "chunked.csv"), "--batch-size", "1"])
+    assert (tmp_path / "chunked.csv").read_text() == (tmp_path / "preds.csv").read_text()
     # Two names of one text to the tokenizer (it lower-cases) would split one class's probability between them.
     (tmp_path / "names.txt").write_text("red circle\nblue square\nRed  Circle\n")
     with pytest.raises(SystemExit):
