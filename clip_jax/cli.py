@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from clip_jax import errors
@@ -158,8 +158,8 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
         sounds, sound_files, sounds_skipped = _read_sounds(args.audio, config)
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     if files is not None:  # embedded before anything is written: no readable image is an error, not an empty output
-        image_embeddings, kept, skipped = _per_image_chunk(encoder.images, files, config.model.vision.image_size,
-                                                           args.max_image_bytes, encoder.batch_size)
+        image_embeddings, kept, skipped = _per_image(encoder.images, files, config.model.vision.image_size,
+                                                     args.max_image_bytes, encoder.batch_size)
     # Every process embeds every input (the encoder's results are replicated); process 0 writes them.
     primary = jax.process_index() == 0
 
@@ -185,34 +185,45 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             save(f"{kind}_embeddings.npy", embeddings)
             write_atomic(out / f"{kind}_files.txt", "".join(f + "\n" for f in inputs))
             print(f"encoded {len(inputs)} {what} -> {out / f'{kind}_embeddings.npy'}" + (
-                f" ({skipped} undecodable files skipped)" if skipped else ""))
+                f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
     if files is not None:
-        save_with_files("image", "images", image_embeddings, [str(files[i]) for i in kept], skipped)
+        save_with_files("image", "images", image_embeddings, [str(files[i]) for i in kept], len(skipped))
     if args.audio:
         save_with_files("audio", "sounds", encoder.audio(np.stack(sounds)), sound_files, sounds_skipped)
 
 
-def _per_image_chunk(fn: Callable[[Any], Any], files: list, size: int, max_bytes: int, batch_size: int
-                     ) -> tuple[Any, list[int], int]:
-    """`fn`'s rows ([n, ...] of uint8 images [n, size, size, 3]) of every readable file, a chunk of images at a time
-    (data/images.py::image_chunks: a folder of any size fits in memory): (the rows, the indices of the files they
-    came from, the number of files skipped, each with a warning as it is found). No readable file: ConfigError."""
-    import numpy as np
-
+def _image_chunks(files: list, size: int, max_bytes: int, batch_size: int, skipped: list[str]
+                  ) -> Iterator[tuple[Any, list[int]]]:
+    """(uint8 images [n, size, size, 3], the indices of their files) of every readable file of `files`, a chunk of
+    whole batches at a time (data/images.py::image_chunks, about IMAGE_CHUNK images: a folder of any size fits in
+    memory). A file that cannot be read is warned of as it is found and its message added to `skipped`; none
+    readable is a ConfigError once all are tried."""
     from clip_jax.data.images import IMAGE_CHUNK, image_chunks
 
-    rows, kept, skipped = [], [], 0
-    chunk_size = batch_size * max(1, IMAGE_CHUNK // batch_size)  # whole batches for the device calls
-    for images, indices, messages in image_chunks(files, size, max_bytes, chunk_size):
+    found = False
+    for images, indices, messages in image_chunks(files, size, max_bytes,
+                                                  batch_size * max(1, IMAGE_CHUNK // batch_size)):
         for message in messages:
             print(f"warning: {message}", file=sys.stderr)
-        skipped += len(messages)
+        skipped.extend(messages)
         if images is not None:
-            rows.append(np.asarray(fn(images)))
-            kept.extend(indices)
-    if not kept:
+            found = True
+            yield images, indices
+    if not found:
         raise ConfigError(f"no readable image among the {len(files)} files of --images")
+
+
+def _per_image(fn: Callable[[Any], Any], files: list, size: int, max_bytes: int, batch_size: int
+               ) -> tuple[Any, list[int], list[str]]:
+    """`fn`'s rows ([n, ...] of uint8 images [n, size, size, 3]) of every readable file, read as `_image_chunks`
+    does: (the rows, the indices of the files they came from, the messages of the files skipped)."""
+    import numpy as np
+
+    rows, kept, skipped = [], [], []
+    for images, indices in _image_chunks(files, size, max_bytes, batch_size, skipped):
+        rows.append(np.asarray(fn(images)))
+        kept.extend(indices)
     return np.concatenate(rows), kept, skipped
 
 
@@ -291,9 +302,9 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     request = requested_classes(trained, args.classes, names, "--names")  # refused before the images are read
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     embeds = zero_shot_embeddings(trained, encoder, request) if request.few_shot is None else None
-    logits, kept, skipped = _per_image_chunk(lambda images: class_scores(trained, encoder, images, request, embeds),
-                                             files, trained.config.model.vision.image_size, args.max_image_bytes,
-                                             encoder.batch_size)
+    logits, kept, skipped = _per_image(lambda images: class_scores(trained, encoder, images, request, embeds),
+                                       files, trained.config.model.vision.image_size, args.max_image_bytes,
+                                       encoder.batch_size)
     class_names = request.names
     probabilities = softmax(logits, axis=-1)
     best = np.argmax(logits, axis=-1)
@@ -306,7 +317,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, text.getvalue())
         print(f"classified {len(kept)} images among {len(class_names)} classes -> {out}" + (
-            f" ({skipped} undecodable files skipped)" if skipped else ""))
+            f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 
 CLASSIFY_HEADER = ("image", "label", "probability")
@@ -407,11 +418,10 @@ def _refuse_previous_output(out, parts: tuple[str, ...], command: str) -> None:
 
 def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
-    import numpy as np
     from etils import epath
     from PIL import Image
 
-    from clip_jax.data.images import list_images, load_images
+    from clip_jax.data.images import list_images
     from clip_jax.data.segmentation import BACKGROUND, mask_png
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.classify import refuse_same_tokens
@@ -451,25 +461,24 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     # with the background when it is a label: "Background" would be the same text as it
     refuse_same_tokens("--labels", [BACKGROUND, *labels] if background == "label" else labels, trained.tokenizer,
                         context, templates)
-    images, kept, skipped = load_images(files, config.model.vision.image_size, args.max_image_bytes)
-    for message in skipped:
-        print(f"warning: {message}", file=sys.stderr)
-    if not images:
-        raise ConfigError(f"no readable image among the {len(files)} files of --images")
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
     embeddings = label_embeddings(texts, labels, background, templates)
-    images = np.stack(images)
-    masks = predict_labels(*encoder.segment(images, embeddings), threshold if background == "threshold" else None)
-    if jax.process_index() == 0:
+    primary, names, kept, skipped = jax.process_index() == 0, _output_names(files), [], []
+    for images, indices in _image_chunks(files, config.model.vision.image_size, args.max_image_bytes,
+                                         encoder.batch_size, skipped):
+        masks = predict_labels(*encoder.segment(images, embeddings), threshold if background == "threshold" else None)
+        kept.extend(indices)
+        if not primary:
+            continue
         for folder in ("masks", "overlays"):
             (out / folder).mkdir(parents=True, exist_ok=True)
-        names = _output_names(files)
-        for row, i in enumerate(kept):
-            write_atomic(out / "masks" / names[i], mask_png(masks[row]))
+        for image, mask, i in zip(images, masks, indices, strict=True):
+            write_atomic(out / "masks" / names[i], mask_png(mask))
             buffer = io.BytesIO()
-            Image.fromarray(overlay(images[row], masks[row])).save(buffer, format="PNG")
+            Image.fromarray(overlay(image, mask)).save(buffer, format="PNG")
             write_atomic(out / "overlays" / names[i], buffer.getvalue())
+    if primary:
         write_atomic(out / "labels.txt", "".join(f"{n}\n" for n in [BACKGROUND, *labels]))
         write_atomic(out / "images.txt", "".join(f"{names[i]}\t{files[i]}\n" for i in kept))
         print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({background}), with "
@@ -480,12 +489,11 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
-    import numpy as np
     from etils import epath
     from PIL import Image, ImageDraw
 
     from clip_jax.data.coco import to_original_xywh
-    from clip_jax.data.images import list_images, load_images
+    from clip_jax.data.images import list_images
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.classify import refuse_same_tokens
     from clip_jax.evaluate.detection import detect
@@ -521,15 +529,13 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     refuse_same_tokens("--queries", queries, trained.tokenizer, context,
                         tuple(trained.config.method.get("templates") or ("{}",)))
     size = trained.config.model.vision.image_size
-    images, kept, skipped = load_images(files, size, args.max_image_bytes)
-    for message in skipped:
-        print(f"warning: {message}", file=sys.stderr)
-    if not images:
-        raise ConfigError(f"no readable image among the {len(files)} files of --images")
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
-    found = detect(encoder, trained.method.detection_queries(texts, trained.tokenizer, queries), np.stack(images),
-                   max_detections=args.max_detections, min_score=args.min_score)
+    prepared = trained.method.detection_queries(texts, trained.tokenizer, queries)
+    found, kept, skipped = [], [], []
+    for images, indices in _image_chunks(files, size, args.max_image_bytes, encoder.batch_size, skipped):
+        found.extend(detect(encoder, prepared, images, max_detections=args.max_detections, min_score=args.min_score))
+        kept.extend(indices)
     if jax.process_index() != 0:
         return
     (out / "boxes").mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clip_jax.cli import main
 from clip_jax.config import load_config
 from clip_jax.data.segmentation import SegmentationFolder, write_shapes_segmentation_set
 from clip_jax.data.shapes import (
@@ -305,6 +306,12 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
     mask = Image.open(out / "masks" / "scene0.png")
     assert mask.mode == "P" and mask.size == (32, 32) and set(np.unique(np.asarray(mask))) <= {0, 1, 2}
     assert Image.open(out / "overlays" / "scene0.png").size == (32, 32)
+    # Read and segmented two images at a time (any folder fits in memory): the same files.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+        main(["segment", "--workdir", str(lseg), "--images", str(images), "--labels", "red star, blue circle",
+              "--out", str(tmp_path / "chunked"), "--batch-size", "1"])
+    assert folder_bytes(tmp_path / "chunked") == folder_bytes(out)
 
     # export: LSeg's towers with a note on its decoder; a GroupViT tower has no PyTorch layout, refused in one line
     result = clip_jax("export", "--workdir", lseg, "--format", "openai", "--out", tmp_path / "lseg.safetensors")
@@ -491,6 +498,11 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
             x0, y0, x1, y1 = d["box_xyxy"]
             assert -0.1 <= x0 <= x1 <= 40.1 and -0.1 <= y0 <= y1 <= 40.1
     assert Image.open(out / "boxes" / "scene0.png").size == (40, 40)
+    with pytest.MonkeyPatch.context() as patch:  # two images at a time: the same files
+        patch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+        main(["detect", "--workdir", str(workdir), "--images", str(scenes), "--queries", "red star. blue circle",
+              "--out", str(tmp_path / "chunked"), "--min-score", "0", "--batch-size", "1"])
+    assert folder_bytes(tmp_path / "chunked") == folder_bytes(out)
     refused = subprocess.run([sys.executable, "-m", "clip_jax", "detect", "--workdir", str(workdir), "--images",
                               str(scenes), "--queries", " . ", "--out", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("clip-jax detect: error: ")
@@ -501,6 +513,10 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
         "clip-jax detect: error: --queries: 'Red square' and 'red square' are one text to this model"), refused.stderr
     assert not (tmp_path / "twice").exists()
+
+
+def folder_bytes(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def test_an_overlay_dir_where_a_run_keeps_its_files_is_refused_when_the_config_is_checked(tmp_path):
