@@ -83,7 +83,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.train.loop import load_trained
 
     maybe_initialize()
-    trained = load_trained(args.workdir)
+    trained = load_trained(args.workdir, args.step)
     config, step = trained.config, trained.step
     apply_overrides(config, overrides)  # eval.* and evals.* only (main checks): e.g. an evaluation to add
     validate(config)
@@ -152,7 +152,7 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.audio:
         _check_audio_model(args.workdir)
     maybe_initialize()
-    trained = load_trained(args.workdir)
+    trained = load_trained(args.workdir, args.step)
     config, tokenizer = trained.config, trained.tokenizer
     if args.audio:  # read before anything is written
         sounds, sound_files, sounds_skipped = _read_sounds(args.audio, config)
@@ -185,7 +185,7 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
             save(f"{kind}_embeddings.npy", embeddings)
             write_atomic(out / f"{kind}_files.txt", "".join(f + "\n" for f in inputs))
             print(f"encoded {len(inputs)} {what} -> {out / f'{kind}_embeddings.npy'}" + (
-                f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
+                f" ({skipped} undecodable files skipped)" if skipped else ""))
 
     if files is not None:
         save_with_files("image", "images", image_embeddings, [str(files[i]) for i in kept], len(skipped))
@@ -298,7 +298,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     files = list_images(args.images)
     refuse_replacing(out, _earlier_classify_csv, [*files, *([args.names] if args.names else [])])
     maybe_initialize()
-    trained = load_trained(args.workdir)
+    trained = load_trained(args.workdir, args.step)
     request = requested_classes(trained, args.classes, names, "--names")  # refused before the images are read
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     embeds = zero_shot_embeddings(trained, encoder, request) if request.few_shot is None else None
@@ -448,7 +448,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     _refuse_previous_output(out, ("masks", "overlays", "labels.txt", "images.txt"), "segment")
     files = list_images(args.images)
     maybe_initialize()
-    trained = load_trained(args.workdir)
+    trained = load_trained(args.workdir, args.step)
     config = trained.config
     # LSeg trains with the background as a label; the others find it by threshold.
     background = args.background or ("label" if config.method.name == "lseg" else "threshold")
@@ -520,7 +520,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     _refuse_previous_output(out, ("boxes", "detections.json"), "detect")
     files = list_images(args.images)
     maybe_initialize()
-    trained = load_trained(args.workdir)
+    trained = load_trained(args.workdir, args.step)
     if not hasattr(trained.method, "detection_queries"):
         raise ConfigError(f"{args.workdir} is a {trained.config.method.name} run, not a detector: train one with "
                           "configs/vild_shapes.py or configs/glip_shapes.py (docs/detection.md)")
@@ -607,7 +607,8 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     if method == "groupvit":
         raise ConfigError(f"{args.workdir} is a GroupViT run: its image tower (grouping stages) has no OpenAI or "
                           "Hugging Face layout; use the workdir itself (clip-jax segment, encode, eval)")
-    for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force):
+    for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force,
+                               step=args.step):
         print(f"wrote {path}")
     # What the workdir holds beyond the exported towers, and what uses it there.
     beyond = {"lseg": ("LSeg's decoder has", "clip-jax segment"), "slip": ("SLIP's self-supervised head has", "only "
@@ -867,6 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument("--save-workdir", metavar="DIR",
                     help="save the model of the one alpha given as a new workdir DIR (then no sweep file is written "
                     "unless --out is given)")
+    for command in ("eval", "encode", "classify", "segment", "detect", "export"):  # the readers of one checkpoint
+        sub.choices[command].add_argument("--step", type=int, help="the checkpoint of this step (default: the "
+                                          "latest; a workdir's steps are its checkpoints/ folders)")
     data = sub.add_parser("data", help="image-caption data sets: convert to ArrayRecord shards, inspect shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dc = data_sub.add_parser("convert", help="WebDataset tars, CSV/TSV/JSONL, ShareGPT4V JSON or an image folder -> "

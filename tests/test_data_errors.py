@@ -134,7 +134,7 @@ def test_encode_skips_special_files_big_files_and_bombs_with_a_warning(tmp_path,
             return np.ones((len(pixels), 4), np.float32)
 
     monkeypatch.setattr("clip_jax.train.loop.load_trained",
-                        lambda workdir: Trained(config, None, None, None, None, None, 0))
+                        lambda workdir, step=None: Trained(config, None, None, None, None, None, 0))
     monkeypatch.setattr("clip_jax.evaluate.encoder.Encoder", Encoder)
     out = tmp_path / "out"
     with deadline(60):

@@ -81,6 +81,34 @@ def test_persistent_nonfinite_updates_stop_the_run_with_a_message(tmp_path, caps
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == (["2"] if every_steps == 2 else [])
 
 
+def test_a_diverged_run_saves_no_checkpoint_of_a_skipped_update_and_logs_the_window_that_stopped_it(tmp_path, capsys):
+    # As above: step 2's update overflows the parameters, and every later step is non-finite. Checkpoints are due at
+    # every step, the streak is seen only at the log steps (every 3): the checkpoints of steps 3-5 would hold the
+    # diverged parameters and rotate the good ones out.
+    message = exit_message(
+        train_args(tmp_path / "run", "--config.optimizer.lr=1e30", "--config.optimizer.max_consecutive_nonfinite=3",
+                   "--config.log.every_steps=3", "--config.optimizer.warmup_steps=1",
+                   "--config.checkpoint.every_steps=1", "--config.checkpoint.max_to_keep=2",
+                   "--config.eval.every_steps=0", "--config.total_steps=8"),
+        capsys,
+    )
+    assert "NaN/inf for 3 steps in a row (steps 3-5)" in message and "The latest checkpoint is step 2" in message
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1", "2"]
+    train = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["split"] == "train"]
+    assert [m["step"] for m in train] == [3, 6]  # the window that stopped the run is logged too
+    # a window's means are over its applied updates: steps 1-2 (not NaN for step 3's skipped one); none at 4-6
+    assert train[0]["nonfinite"] == 1 and np.isfinite(train[0]["loss"])
+    assert train[1]["nonfinite"] == 3 and np.isnan(train[1]["loss"])
+    # Step 2's parameters are finite but overflow every forward: an evaluation says so in one line (exit 2).
+    message = exit_message(["eval", "--workdir", str(tmp_path / "run")], capsys)
+    assert "the model gives NaN/inf" in message and "its parameters have diverged" in message
+    # An earlier checkpoint is evaluated by its step; a step without one is named with the steps there are.
+    assert "has no checkpoint of step 3; its steps: 1, 2" in exit_message(
+        ["eval", "--workdir", str(tmp_path / "run"), "--step", "3"], capsys)
+    cli.main(["eval", "--workdir", str(tmp_path / "run"), "--step", "1"])
+    assert json.loads((tmp_path / "run" / "eval_1.json").read_text())["step"] == 1
+
+
 def corrupt(checkpoint_dir: pathlib.Path) -> None:
     """Overwrite every array data file of a checkpoint with garbage of the same size (a torn write)."""
     files = [p for p in checkpoint_dir.rglob("*") if p.is_file() and "state" in p.parts and p.stat().st_size > 0]

@@ -36,6 +36,16 @@ def _place_params(params: Any, mesh: Mesh) -> tuple[Any, Any]:
     return jax.device_put(params, shardings), shardings
 
 
+def _finite(embeddings: np.ndarray, what: str) -> np.ndarray:
+    """`embeddings`, or a FloatingPointError (a one-line error of the commands) where one is NaN or inf: the model's
+    parameters have diverged, and every figure computed from them would be meaningless."""
+    if not np.isfinite(embeddings).all():
+        raise FloatingPointError(
+            f"the model gives NaN/inf {what} embeddings: its parameters have diverged (a learning rate too high, or a "
+            "warm-up too short); use an earlier checkpoint (docs/your_data.md: when a run diverges)")
+    return embeddings
+
+
 class Encoder:
     """Embeds images and tokenized texts with `model` on `mesh`, `batch_size` examples per device call.
 
@@ -68,15 +78,15 @@ class Encoder:
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """float32 [N, D] embeddings of uint8 RGB images [N, H, W, 3] (or float images already normalised)."""
-        return self._run(self._image_fn, np.asarray(images))
+        return _finite(self._run(self._image_fn, np.asarray(images)), "image")
 
     def texts(self, tokens: np.ndarray) -> np.ndarray:
         """float32 [N, D] embeddings of token ids [N, T] (T <= the model's context length)."""
-        return self._run(self._text_fn, np.asarray(tokens, dtype=np.int32))
+        return _finite(self._run(self._text_fn, np.asarray(tokens, dtype=np.int32)), "text")
 
     def audio(self, waveforms: np.ndarray) -> np.ndarray:
         """float32 [N, D] embeddings of float waveforms [N, samples] (a model with an audio tower: AudioCLIP)."""
-        return self._run(self._audio_fn, np.asarray(waveforms, dtype=np.float32))
+        return _finite(self._run(self._audio_fn, np.asarray(waveforms, dtype=np.float32)), "audio")
 
     def segment(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(label int32 [N, H, W], its probability float32 [N, H, W]) of each pixel of uint8 images [N, H, W, 3]

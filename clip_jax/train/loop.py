@@ -410,20 +410,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         history = jax.device_get(pending)
         pending = []
         writer.synced()
+        streak_end = None  # the step at which the non-finite updates reached the limit
         for i, h in enumerate(history):
             nonfinite_run = nonfinite_run + 1 if h["nonfinite"] else 0
-            if nonfinite_run >= config.optimizer.max_consecutive_nonfinite:
-                bad_step = done - len(history) + i + 1
-                writer.close()  # the progress bar's line ends before the error's
-                checkpointer.wait()  # the latest save is complete before the message names it
-                latest = checkpointer.latest_step()
-                restart = (f"The latest checkpoint is step {latest}" if latest is not None else
-                           "There is no checkpoint yet (the relaunch starts over)")
-                raise FloatingPointError(
-                    f"loss or gradients were NaN/inf for {nonfinite_run} steps in a row (steps "
-                    f"{bad_step - nonfinite_run + 1}-{bad_step}); those updates were skipped. {restart}: "
-                    "lower optimizer.lr, raise warm-up or check the data, then relaunch"
-                )
+            if nonfinite_run >= config.optimizer.max_consecutive_nonfinite and streak_end is None:
+                streak_end, streak = done - len(history) + i + 1, nonfinite_run
         summary = _summarise(history) | data_counts.metrics(done)
         elapsed = time.time() - last_log_time
         steps = done - last_log_step
@@ -431,8 +422,25 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         summary["tflops_per_s_per_device"] = steps * flops_per_step / elapsed / mesh.size / 1e12
         if peak:
             summary["mfu"] = steps * flops_per_step / elapsed / (peak * mesh.size)
-        writer.write(done, summary)
+        writer.write(done, summary)  # also a window that ends the run: its record shows what went wrong
         last_log_time, last_log_step = time.time(), done
+        if streak_end is not None:
+            writer.close()  # the progress bar's line ends before the error's
+            checkpointer.wait()  # the latest save is complete before the message names it
+            latest = checkpointer.latest_step()
+            restart = (f"The latest checkpoint is step {latest}, saved before the first of them" if latest is not None
+                       else "There is no checkpoint yet (the relaunch starts over)")
+            raise FloatingPointError(
+                f"loss or gradients were NaN/inf for {streak} steps in a row (steps {streak_end - streak + 1}-"
+                f"{streak_end}); those updates were skipped. {restart}: lower optimizer.lr, raise warm-up or check "
+                "the data, then relaunch (docs/your_data.md: when a run diverges)"
+            )
+
+    def update_skipped() -> bool:
+        """Whether the latest step's update was skipped (non-finite loss or gradients): its parameters are those of a
+        run that may have diverged (finite but huge, every forward NaN), so no periodic checkpoint is saved then; the
+        checkpoints before the streak are what a relaunch resumes from."""
+        return bool(jax.device_get(pending[-1]["nonfinite"])) if pending else nonfinite_run > 0
 
     try:
         for step in range(start_step, config.total_steps):
@@ -455,7 +463,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             if done % config.log.every_steps == 0 or done == config.total_steps:
                 log_pending(done)
             if done % config.checkpoint.every_steps == 0 and done != config.total_steps:
-                checkpointer.save(done, state, data_iter)
+                if update_skipped():
+                    log.warning("step %d's update was NaN/inf and skipped: its checkpoint is not saved (the latest "
+                                "stays step %s)", done, checkpointer.latest_step())
+                else:
+                    checkpointer.save(done, state, data_iter)
             if (due := evals_due(config, done)) and done != config.total_steps:
                 writer.write(done, evaluate(config, model, state.params, mesh, tokenizer, due, method), prefix="eval")
                 last_log_time = time.time()  # evaluation time is not training throughput
@@ -571,11 +583,17 @@ def init_from_checkpoint(config: ml_collections.ConfigDict) -> tuple[Checkpointe
 
 
 def _summarise(history: list[dict]) -> dict[str, float]:
-    """Means over the logging window; counters (non-finite updates) summed."""
+    """Means over the logging window of the steps whose update was applied (a skipped step's NaN loss would make the
+    window's mean NaN, and one bad batch look like a divergence; a window of skipped steps only is NaN); counters
+    (non-finite updates) summed."""
+    applied = np.asarray([not h["nonfinite"] for h in history])
     out = {}
     for key in history[0]:
         values = np.asarray([h[key] for h in history], dtype=np.float64)
-        out[key] = float(values.sum() if key == "nonfinite" else values.mean())
+        if key == "nonfinite":
+            out[key] = float(values.sum())
+        else:
+            out[key] = float(values[applied].mean()) if applied.any() else float("nan")
     return out
 
 

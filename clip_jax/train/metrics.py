@@ -118,8 +118,10 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
             self._tb.flush()
         if self._bar is not None and prefix == "train":
-            shown = {k: clean[k] for k in ("loss", "lr", "samples_per_s", "mfu") if k in clean}
-            self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            shown = {k: f"{clean[k]:.3g}" for k in ("loss", "lr", "samples_per_s", "mfu") if k in clean}
+            if clean.get("nonfinite"):  # updates skipped in the window (the loss is the mean of the others)
+                shown["skipped"] = f"{clean['nonfinite']:g}"
+            self._bar.set_postfix(shown, refresh=False)
 
     def dispatched(self, outputs: Any) -> None:
         """Counts a dispatched step by its outputs. The host then waits for the step `dispatch_depth()` back to
