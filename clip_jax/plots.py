@@ -16,6 +16,7 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("split") == "train"]
@@ -25,6 +26,8 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
+    for formatter in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
+        formatter(FormatStrFormatter("%g"))  # 2, 3, 4 rather than 2 x 10^0
     ax_loss.legend()
     for key, label in (("i2t_acc", "train batch i2t acc"), ("train_acc", "train batch top-1"),
                        ("pixel_acc", "train batch pixel acc")):
@@ -37,10 +40,12 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
         if points:
             ax_acc.plot(*zip(*points, strict=True), marker="o", label=key)
     ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("accuracy / recall / mIoU")
+    ax_acc.set_ylabel("score (evaluations: dots)")
     ax_acc.set_ylim(0, 1.02)
     if ax_acc.get_legend_handles_labels()[0]:  # a run with no accuracy metric logged leaves the panel empty
-        ax_acc.legend(loc="lower right")
+        ax_acc.legend(loc="best", fontsize="small")  # where it covers the fewest points
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 2.25 of a short run
     fig.tight_layout()
     png = io.BytesIO()  # matplotlib writes local files only
     fig.savefig(png, format="png", dpi=100)

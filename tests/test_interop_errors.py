@@ -141,19 +141,27 @@ def test_force_never_replaces_model_files_that_no_export_wrote(tmp_path, unchang
 
 
 def test_an_export_that_failed_midway_is_replaced_by_force(tmp_path, unchanged, monkeypatch):
-    out = tmp_path / "hf"
+    new, given = tmp_path / "hf", tmp_path / "given"
+    given.mkdir()  # a folder the user made: what the failed export wrote there stays, recorded
 
     def disk_full(path, *args, **kwargs):
         raise OSError(f"cannot write {path}: No space left on device")
 
     monkeypatch.setattr(wd, "write_tensors", disk_full)  # config.json written, the weights not
-    assert_error(clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", out), "export",
-                 "No space left on device")
-    assert (out / "config.json").is_file() and (out / "clip_jax_export.json").is_file()  # recorded before writing
+    for out in (new, given):
+        assert_error(clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", out), "export",
+                     "No space left on device")
+    assert not new.exists()  # a folder the export made goes with what it wrote: the retry needs no --force
+    assert (given / "config.json").is_file() and (given / "clip_jax_export.json").is_file()  # recorded before writing
     monkeypatch.undo()
-    result = clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", out, "--force")
+    result = clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", new)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "model.safetensors").is_file()
+    result = clip_jax("export", "--workdir", unchanged, "--format", "hf", "--out", given, "--force")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the weights are readable as any file the user writes (safetensors makes them owner-only)
+    (tmp_path / "plain.txt").write_text("x")
+    for out in (new, given):
+        assert (out / "model.safetensors").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
 
 
 def test_export_over_an_existing_file_needs_force(tmp_path, unchanged):

@@ -205,6 +205,17 @@ def _tensors_of(obj: Any, path: pathlib.Path, torch) -> dict[str, np.ndarray]:
     return out
 
 
+def _umask() -> int:
+    """The process's file-creation mask: from /proc on Linux, else read by setting it (and back at once)."""
+    try:
+        status = pathlib.Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def write_tensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray], *, torch_format: bool = False,
                   metadata: dict[str, str] | None = None) -> pathlib.Path:
     """Writes `.safetensors` (default, no torch needed) or, with torch_format, a `torch.save` state dict."""
@@ -226,6 +237,7 @@ def write_tensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray], *
             from safetensors.numpy import save_file
 
             save_file(arrays, str(partial), metadata=metadata)
+        os.chmod(partial, 0o666 & ~_umask())  # safetensors creates its files owner-only; a weight file is shared
         os.replace(partial, path)
     except BaseException as e:  # a Ctrl-C too leaves no partial file
         partial.unlink(missing_ok=True)

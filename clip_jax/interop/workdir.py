@@ -542,10 +542,13 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
     try:
         return _write_export(params, model, fmt, out, tokenizer, pt)
     except BaseException:
-        if folder and not any((out / name).exists() for name in _EXPORT_FILES):  # refused before writing a file:
-            (out / EXPORT_RECORD).unlink(missing_ok=True)  # no record of an export that is not there
-            if not existed and not any(out.iterdir()):
+        if folder and not existed:  # a folder this export made: what it wrote goes, so that a retry needs no --force
+            for name in (*_EXPORT_FILES, EXPORT_RECORD):
+                (out / name).unlink(missing_ok=True)
+            if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
+        elif folder and not any((out / name).exists() for name in _EXPORT_FILES):  # refused before writing a file:
+            (out / EXPORT_RECORD).unlink(missing_ok=True)  # no record of an export that is not there
         raise
 
 

@@ -498,6 +498,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         from clip_jax.plots import plot_training_curves
 
         plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        print(f"wrote {workdir / 'results.json'} and {workdir / 'curves.png'} (metrics.jsonl, tensorboard/ and "
+              "checkpoints/ beside them)", flush=True)
     return results
 
 
