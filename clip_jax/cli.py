@@ -741,8 +741,8 @@ def _nothing_written(run: dict, out: str) -> str:
     reasons = ", ".join(f"{reason} {n}" for reason, n in run["skipped"].items())
     first = next(iter(run["skipped"]))
     return (f"no sample written: all {run['samples']} samples were skipped ({reasons}; e.g. "
-            f"{run['examples'][first]}); see {out}/reports/ for more examples, fix the inputs (or --image-root) and "
-            "run again")
+            f"{run['examples'][first]}); see {out.rstrip('/')}/reports/ for more examples, fix the inputs (or "
+            "--image-root) and run again")
 
 
 def _byte_count(text: str) -> int:

@@ -174,6 +174,11 @@ def test_csv_chunks_into_shards(tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").glob("*.arrayrecord"))
     assert names == [f"train-0000{i}-of-00003.arrayrecord" for i in range(3)]
     assert summary["skipped"] == {"bad_row": 1, "empty_caption": 1, "missing_file": 1, "non_utf8_caption": 1}
+    first = json.loads((tmp_path / "out" / "reports" / "train-00000-of-00003.json").read_text())
+    assert first["examples"]["missing_file"] == [f"missing.jpg: {tmp_path / 'imgs' / 'missing.jpg'}"]
+    stats = convert.ShardStats()  # a path that is the key as written is said once
+    stats.skip("missing_file", "img/x.png", "img/x.png")
+    assert stats.examples == {"missing_file": ["img/x.png"]}
     recs = read_shards(sorted((tmp_path / "out").glob("*.arrayrecord")))
     assert [r["key"] for r in recs] == ["a.jpg", "d.jpg", "e.jpg"]
     assert recs[0]["caption"] == "long, quoted caption. second sentence" and recs[0]["short_caption"] == "short a"

@@ -4,6 +4,7 @@ writes; a run interrupted after its mid-run checkpoint and relaunched ends bit-i
 the command with a one-line message."""
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -414,6 +415,14 @@ def test_train_refuses_a_workdir_of_another_model(trained, capsys):
     assert "init_from" not in message
     assert {p: p.read_bytes() for p in before} == before
     assert checkpoint_steps(trained) == steps
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        cli.main(train_args(tmp_path / "run", "--config.total_steps=2", "--config.optimizer.warmup_steps=5",
+                            "--config.evals.shapes=None"))
+    assert "optimizer.warmup_steps 5 is not below total_steps 2: the learning rate rises for the whole run" in (
+        caplog.text)
 
 
 def test_a_resume_may_choose_how_the_step_is_computed(tmp_path):

@@ -216,7 +216,7 @@ class ShardStats:
     def skip(self, reason: str, key: str, detail: str = "") -> None:
         self.skipped[reason] += 1
         if len(examples := self.examples.setdefault(reason, [])) < EXAMPLES_PER_REASON:
-            examples.append(f"{key}: {detail}" if detail else key)
+            examples.append(f"{key}: {detail}" if detail and detail != key else key)
 
 
 def _record(key: str, image: bytes, caption: Any, short: Any, metadata: Any, opts: Options,

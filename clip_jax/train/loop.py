@@ -376,6 +376,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     trainable = state_lib.trainable_mask(abstract_state.params, config.optimizer.frozen)
     if kept_positions_train := kept_positions_warning(config, trainable):
         log.warning(kept_positions_train)
+    if config.optimizer.warmup_steps >= config.total_steps > 1:  # the schedule caps the warm-up at total_steps - 1
+        log.warning("optimizer.warmup_steps %d is not below total_steps %d: the learning rate rises for the whole "
+                    "run and never decays; lower warmup_steps", config.optimizer.warmup_steps, config.total_steps)
     train_step = step_lib.make_train_step(
         method.step_fns(model),
         tx,
