@@ -4,7 +4,8 @@
   clip-jax eval   --workdir DIR [--config.eval.key=value ...] [--config.evals.NAME=... ...]
   clip-jax encode --workdir DIR [--texts FILE] [--images DIR_OR_FILES ...] [--audio DIR_OR_WAVS ...] --out DIR
                   [--max-image-bytes N]
-  clip-jax classify --workdir DIR --images DIR_OR_FILES ... --out preds.csv [--classes all|base|new] [--names FILE]
+  clip-jax classify --workdir DIR --images DIR_OR_FILES ... --out preds.csv [--classes all|base|new]
+                    [--names FILE [--templates T ...]]
   clip-jax convert SRC --to-workdir DIR [--vocab PATH] [--activation quick_gelu|gelu] [--heads-vision N]
                    [--heads-text N] [--scan-layers] [--image-size N]
   clip-jax export --workdir DIR --format {openai,hf,hf-text} --out PATH [--pt] [--force]
@@ -279,13 +280,24 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.data.images import list_images
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.classify import class_scores, requested_classes, zero_shot_embeddings
+    from clip_jax.evaluate.classify import (
+        check_templates,
+        class_scores,
+        requested_classes,
+        zero_shot_embeddings,
+        zero_shot_templates,
+    )
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
     if args.names and args.classes != "all":
         raise ConfigError(f"--classes {args.classes} picks among a few-shot run's own classes; with --names the "
                           "classes are the file's: drop one of the two")
+    if args.templates:
+        if not args.names:
+            raise ConfigError("--templates prompt the class names of --names FILE (zero-shot); a few-shot run's own "
+                              "classes are scored by its method: give --names, or drop --templates")
+        check_templates(args.templates)
     _check_batch_size(args.batch_size)
     out = epath.Path(args.out)
     refuse_inside_workdir(out, "--out")
@@ -299,7 +311,8 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     refuse_replacing(out, _earlier_classify_csv, [*files, *([args.names] if args.names else [])])
     maybe_initialize()
     trained = load_trained(args.workdir, args.step)
-    request = requested_classes(trained, args.classes, names, "--names")  # refused before the images are read
+    # refused before the images are read
+    request = requested_classes(trained, args.classes, names, "--names", args.templates)
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     embeds = zero_shot_embeddings(trained, encoder, request) if request.few_shot is None else None
     logits, kept, skipped = _per_image(lambda images: class_scores(trained, encoder, images, request, embeds),
@@ -316,7 +329,13 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
             writer.writerow([str(files[i]), class_names[best[row]], f"{probabilities[row, best[row]]:.4f}"])
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, text.getvalue())
-        print(f"classified {len(kept)} images among {len(class_names)} classes -> {out}" + (
+        prompts = ""
+        if names is not None:
+            templates = args.templates or zero_shot_templates(trained.config)
+            where = ("--templates" if args.templates else "the run's few_shot.templates"
+                     if trained.config.few_shot.templates else "the default")
+            prompts = f" prompted by {where} ({', '.join(map(quoted, templates[:2]))}{', ...' * (len(templates) > 2)})"
+        print(f"classified {len(kept)} images among {len(class_names)} classes{prompts} -> {out}" + (
             f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 
@@ -395,18 +414,6 @@ def _segment_templates(method, given: list[str] | None) -> tuple[tuple[str, ...]
     return tuple(ZERO_SHOT_TEMPLATES), "the shapes prompts"
 
 
-def _check_templates(templates: list[str]) -> None:
-    for template in templates:
-        try:
-            # "{}" is where the label goes (class_embeddings formats it so); "{0}" or a "{}" of a doubled brace is not
-            fits = "{}" in template and template.format("x") != template.format("y")
-        except (IndexError, KeyError, ValueError):
-            fits = False
-        if not fits:
-            raise ConfigError(f"--templates {quoted(template)}: a template needs one {{}} where the label goes "
-                              "(a literal brace doubled, {{ or }}), e.g. \"a photo of a {}.\"")
-
-
 def _refuse_previous_output(out, parts: tuple[str, ...], command: str) -> None:
     """An --out holding an earlier run's outputs: new files beside stale ones (of other images or labels) would be
     read as one result."""
@@ -424,7 +431,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.data.images import list_images
     from clip_jax.data.segmentation import BACKGROUND, mask_png
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.classify import refuse_same_tokens
+    from clip_jax.evaluate.classify import check_templates, refuse_same_tokens
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.evaluate.segmentation import label_embeddings, overlay, predict_labels
     from clip_jax.train.loop import load_trained
@@ -439,7 +446,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
     _check_batch_size(args.batch_size)
     if args.templates:
-        _check_templates(args.templates)
+        check_templates(args.templates)
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the masks and overlays")
@@ -791,6 +798,10 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--classes", choices=("all", "base", "new"), default="all",
                      help="a few-shot run's classes to choose among: all (default), base (trained on) or new")
     cls.add_argument("--names", help="class names file, one a line: zero-shot CLIP over these classes instead")
+    cls.add_argument("--templates", nargs="+", metavar="TEMPLATE",
+                     help="with --names: the prompts of the names, \"{}\" the name, one an argument, e.g. "
+                     "\"a photo of a {}.\" \"a {}.\" (their embeddings averaged; default: the run's "
+                     "few_shot.templates, else \"a photo of a {}.\")")
     cls.add_argument("--batch-size", type=int, default=256)
     cls.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")

@@ -38,7 +38,7 @@ class Model:
         self.encoder = Encoder(trained.model, trained.params, trained.mesh, batch_size)
         # The last zero-shot class names' embeddings: a loop of classify calls over one class list (1,000 classes x
         # 80 templates are 80,000 prompts) encodes them once.
-        self._class_embeds: tuple[tuple[str, ...], np.ndarray] | None = None
+        self._class_embeds: tuple[tuple, np.ndarray] | None = None  # ((names, templates), embeddings)
 
     @property
     def image_size(self) -> int:
@@ -124,9 +124,9 @@ class Model:
         return self.encoder.texts(self.tokenize(texts))
 
     def classify(self, images: Sequence[ImageInput] | np.ndarray, class_names: Sequence[str] | None = None,
-                 classes: str = "all") -> tuple[list[str], np.ndarray]:
+                 classes: str = "all", templates: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
         """(class names, probabilities float32 [N, C]) of N images. With `class_names`, zero-shot CLIP over them:
-        each name in the run's prompt templates (`few_shot.templates`; "a photo of a {}." if it has none), the
+        each name in `templates` (default: the run's `few_shot.templates`; "a photo of a {}." if it has none), the
         templates' embeddings averaged, softmax of the model's temperature times the cosine similarities. Without,
         a few-shot method's own classes (`classes`: "all", "base" or "new"), as `clip-jax classify`."""
         from scipy.special import softmax
@@ -136,11 +136,16 @@ class Model:
         if isinstance(class_names, str):
             raise TypeError("give a list of class names, not one string")
         class_names = None if class_names is None else list(class_names)
-        request = requested_classes(self.trained, classes, class_names)  # refused before the images are read
+        if isinstance(templates, str):
+            raise TypeError("give a list of templates, not one string")
+        templates = None if templates is None else tuple(templates)
+        # refused before the images are read
+        request = requested_classes(self.trained, classes, class_names, templates=templates)
         embeds = None
         if request.few_shot is None:
-            if self._class_embeds is None or self._class_embeds[0] != request.names:
-                self._class_embeds = request.names, zero_shot_embeddings(self.trained, self.encoder, request)
+            if self._class_embeds is None or self._class_embeds[0] != (request.names, templates):
+                self._class_embeds = (request.names, templates), zero_shot_embeddings(self.trained, self.encoder,
+                                                                                     request)
             embeds = self._class_embeds[1]
         logits = np.concatenate([np.asarray(class_scores(self.trained, self.encoder, pixels, request, embeds))
                                  for pixels in self._preprocessed(images)])

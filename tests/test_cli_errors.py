@@ -580,7 +580,7 @@ def test_segment_and_detect_refuse_an_out_in_the_images_folder_and_bad_counts(co
     else:
         message = exit_message([*base, "--out", str(tmp_path / "o"), "--templates", "a photo of a {}.", "a photo"],
                                capsys)
-        assert "error: --templates 'a photo': a template needs one {} where the label goes" in message, message
+        assert "error: --templates 'a photo': a template needs one {} where the name goes" in message, message
 
 
 def test_detect_splits_queries_on_a_dot_and_space_as_its_help_says():

@@ -306,6 +306,14 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     swapped_names, swapped = model.classify(pixels, ["blue square", "red circle"])
     assert swapped_names == ["blue square", "red circle"] and encoded == [2]
     np.testing.assert_allclose(swapped, probs[:, ::-1], atol=1e-6)
+    # Templates of one's own: the default spelt out gives the same; another prompt, other embeddings.
+    same = model.classify(pixels, ["red circle", "blue square"], templates=["a photo of a {}."])[1]
+    np.testing.assert_allclose(same, probs, atol=1e-6)
+    other = model.encode_texts(["a red circle.", "a blue square."])
+    logits = scale * model.encode_images(pixels) @ other.T
+    want_other = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(model.classify(pixels, ["red circle", "blue square"], templates=["a {}."])[1],
+                               want_other / want_other.sum(1, keepdims=True), atol=1e-5)
 
 
 def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):

@@ -451,6 +451,29 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
         path, label, probability = line.split(",")
         assert path.endswith(f"{i}.png") and label == names[int(np.argmax(logits[i]))]
         assert float(probability) == pytest.approx(probabilities[i].max(), abs=1e-4)
+    assert "prompted by the default ('a photo of a {}.')" in capsys.readouterr().out
+
+    # --templates: each name's prompts embedded, each embedding normalised, averaged and normalised again.
+    templates = ["a {}.", "a drawing of the {} shape."]
+    main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
+          "--names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "templated.csv"), "--templates", *templates])
+    assert "prompted by --templates ('a {}.', 'a drawing of the {} shape.')" in capsys.readouterr().out
+    tokens = tokenizer([t.format(n) for n in names for t in templates], config.model.text.context_length)
+    per_prompt = unit(clip.apply(variables, jnp.asarray(tokens), method=CLIP.encode_text)).reshape(3, 2, -1)
+    ensemble = unit(per_prompt.mean(axis=1))
+    templated = min(np.exp(float(params["logit_scale"])), config.model.max_logit_scale) * image @ ensemble.T
+    for i, line in enumerate((tmp_path / "templated.csv").read_text().splitlines()[1:]):
+        assert line.split(",")[1] == names[int(np.argmax(templated[i]))]
+        top = np.exp(templated[i] - templated[i].max())
+        assert float(line.split(",")[2]) == pytest.approx(top.max() / top.sum(), abs=1e-4)
+    for flags, words in ((["--templates", "a photo"], "--templates 'a photo': a template needs one {}"),
+                         (["--templates", "a {}."], "--templates prompt the class names of --names FILE")):
+        names_flag = ["--names", str(tmp_path / "names.txt")] if "a photo" in flags else []
+        with pytest.raises(SystemExit):
+            main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"), *names_flag,
+                  "--out", str(tmp_path / "bad.csv"), *flags])
+        assert words in capsys.readouterr().err
+
     monkeypatch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)  # read and scored two images at a time: the same
     main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
           "--names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "chunked.csv"), "--batch-size", "1"])

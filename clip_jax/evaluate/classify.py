@@ -30,6 +30,19 @@ def zero_shot_templates(config: Any) -> tuple[str, ...]:
     return tuple(config.few_shot.templates) or DEFAULT_TEMPLATES
 
 
+def check_templates(templates: Sequence[str], what: str = "--templates") -> None:
+    """Each template holds one "{}" where the name goes (`class_embeddings` formats it so), or ConfigError naming it:
+    "{0}", or a "{}" of a doubled brace, is not one."""
+    for template in templates:
+        try:
+            fits = "{}" in template and template.format("x") != template.format("y")
+        except (IndexError, KeyError, ValueError):
+            fits = False
+        if not fits:
+            raise ConfigError(f"{what} {quoted(template)}: a template needs one {{}} where the name goes (a literal "
+                              "brace doubled, {{ or }}), e.g. \"a photo of a {}.\"")
+
+
 def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_length: int,
                        templates: Sequence[str]) -> np.ndarray:
     """The token ids [len(names) x len(templates), context_length] of every name in every template, name-major.
@@ -62,16 +75,22 @@ class ClassRequest:
 
 
 def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | None = None,
-                      what: str = "class names") -> ClassRequest:
+                      what: str = "class names", templates: Sequence[str] | None = None) -> ClassRequest:
     """The classes that `class_scores` will score. Refuses, before any image is read, a request it cannot serve:
     names that are not distinct texts to the model (`what` gave them), no names for a method without classes of its
-    own, an unknown `group`, a group the run has no classes in."""
+    own, an unknown `group`, a group the run has no classes in. Names are prompted in `templates` (default
+    `zero_shot_templates`), which a few-shot method's own classes do not take."""
     config, method = trained.config, trained.method
     if names is not None:
         _check_names(names)
+        if templates:
+            check_templates(templates, "templates")
         tokens = refuse_same_tokens(what, names, trained.tokenizer, config.model.text.context_length,
-                                    zero_shot_templates(config))
+                                    templates or zero_shot_templates(config))
         return ClassRequest(tuple(names), tokens=tokens)
+    if templates:
+        raise ConfigError("templates prompt the class names given for zero-shot classification (--names FILE); a "
+                          "few-shot run's own classes are scored by its method")
     if getattr(method, "scores", None) is None:
         raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give class names "
                           "for zero-shot classification (--names FILE, one a line; in Python, class_names)")
