@@ -281,15 +281,19 @@ def test_inspect_cuts_long_captions(tmp_path, capsys):
 
 def test_cli_convert_inspect_and_train_on_the_result(tmp_path, capsys):
     write_images(tmp_path, [f"{i}.png" for i in range(8)])
-    (tmp_path / "l.csv").write_text("file,text\n" + "".join(f"{i}.png,caption {i}\n" for i in range(8)))
+    (tmp_path / "l.csv").write_text("file,text\n" + "".join(f"{i}.png,caption {i}\n" for i in range(8)) +
+                                    "gone.png,a caption of no image\n")
     cli.main(["data", "convert", "--format", "csv", str(tmp_path / "l.csv"), "--out", str(tmp_path / "out"),
               "--image-field", "file", "--caption-field", "text", "--shard-size", "3", "--prefix", "web"])
     printed = capsys.readouterr().out
-    assert "web-00002-of-00003.arrayrecord: 2 of 2 samples written" in printed
-    assert "3 of 3 shards done, 8 of 8 samples written (skipped: none)" in printed
+    assert "web-00002-of-00003.arrayrecord: 2 of 3 samples written" in printed
+    assert "3 of 3 shards done, 8 of 9 samples written (skipped: missing_file 1)" in printed
     cli.main(["data", "inspect", str(tmp_path / "out"), "-n", "2"])
     info = json.loads(capsys.readouterr().out)
     assert info["shards"] == 3 and info["records"] == 8 and info["samples"][1]["caption"] == "caption 1"
+    # what the conversion read and skipped, and where its examples are
+    assert info["converted"] == {"samples": 9, "written": 8, "skipped": {"missing_file": 1},
+                                 "report": str(tmp_path / "out" / "reports" / "web-summary.json")}
     assert info["samples"][0]["image"] == "48x40"
     with pytest.raises(SystemExit) as exc:
         cli.main(["data", "convert", "--format", "csv", str(tmp_path / "l.csv"), "--out", str(tmp_path / "x")])

@@ -266,4 +266,21 @@ def describe(spec: str, n: int = 3) -> dict[str, Any]:
         samples.append({"key": record.get("key"), "caption": _shown(record["caption"]),
                         "short_caption": _shown(record.get("short_caption")), "image": size,
                         "metadata": record_metadata(record)})
-    return {"shards": len(paths), "records": len(source), "first": paths[0], "samples": samples}
+    out = {"shards": len(paths), "records": len(source), "first": paths[0], "samples": samples}
+    if (converted := _conversion_summary(paths[0])) is not None:
+        out["converted"] = converted
+    return out
+
+
+def _conversion_summary(first_shard: str) -> dict[str, Any] | None:
+    """What `clip-jax data convert` read into the shards beside `first_shard` (its reports/<prefix>-summary.json:
+    samples read, written, skipped by reason), with the file to read for examples; None without a readable one."""
+    shard = epath.Path(first_shard)
+    prefix = shard.name.removesuffix(SUFFIX).rsplit("-", 3)[0]
+    path = shard.parent / "reports" / f"{prefix}-summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        return {"samples": summary["samples"], "written": summary["written"], "skipped": summary["skipped"],
+                "report": str(path)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
