@@ -632,6 +632,7 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_it_reached(tmp_path):
     step = int(text.split("saved the checkpoint of step ")[1].split(";")[0])
     assert checkpoint_steps(workdir) == [step] and step > 0
     assert int(read_state(workdir, step)["step"]) == step
+    assert (workdir / "curves.png").is_file()  # the curves so far
 
 
 def run_python(script: str) -> subprocess.CompletedProcess:

@@ -99,6 +99,7 @@ def test_a_diverged_run_saves_no_checkpoint_of_a_skipped_update_and_logs_the_win
     # a window's means are over its applied updates: steps 1-2 (not NaN for step 3's skipped one); none at 4-6
     assert train[0]["nonfinite"] == 1 and np.isfinite(train[0]["loss"])
     assert train[1]["nonfinite"] == 3 and np.isnan(train[1]["loss"])
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"  # drawn where the run stopped
     # Step 2's parameters are finite but overflow every forward: an evaluation says so in one line (exit 2).
     message = exit_message(["eval", "--workdir", str(tmp_path / "run")], capsys)
     assert "the model gives NaN/inf" in message and "its parameters have diverged" in message

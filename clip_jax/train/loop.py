@@ -460,6 +460,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                 checkpointer.wait()
                 writer.close()
                 preempted.close()
+                draw_curves(workdir)
                 print(f"{preempted.reason}: saved the checkpoint of step {done}; relaunch the same command to resume",
                       flush=True)
                 raise SystemExit(0)
@@ -474,13 +475,16 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             if (due := evals_due(config, done)) and done != config.total_steps:
                 writer.write(done, evaluate(config, model, state.params, mesh, tokenizer, due, method), prefix="eval")
                 last_log_time = time.time()  # evaluation time is not training throughput
-    except BaseException:
+    except BaseException as error:
         # An error mid-run (NaN updates, a data error): the save in flight is finished before the process ends, else
         # the interpreter's shutdown leaves it a temporary folder and the message's "latest checkpoint" is not there.
         with contextlib.suppress(Exception):
             checkpointer.wait()
         batch = None
         close_iterator(data_iter)
+        if not isinstance(error, KeyboardInterrupt):  # (a second Ctrl-C stops at once)
+            with contextlib.suppress(Exception):  # the curves so far, to see what went wrong (a NaN loss: a gap)
+                draw_curves(workdir)
         raise
     preempted.close()
 
@@ -498,12 +502,18 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         results = {"step": config.total_steps, **results}
         write_atomic(workdir / "results.json", json.dumps(results, indent=2) + "\n")
         print_results(results)
-        from clip_jax.plots import plot_training_curves
-
-        plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        draw_curves(workdir)
         print(f"wrote {workdir / 'results.json'} and {workdir / 'curves.png'} (metrics.jsonl, tensorboard/ and "
               "checkpoints/ beside them)", flush=True)
     return results
+
+
+def draw_curves(workdir: epath.Path) -> None:
+    """curves.png of the run's metrics.jsonl (process 0): at the end of a run, and where it stops early."""
+    if jax.process_index() == 0 and (workdir / "metrics.jsonl").exists():
+        from clip_jax.plots import plot_training_curves
+
+        plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
 
 
 def close_iterator(data_iter: Any) -> None:
