@@ -973,6 +973,29 @@ def _report_unexpected(command: str, error: BaseException) -> None:
           f"in {path}; --debug prints it; please report it if the input looks right)", file=sys.stderr)
 
 
+def _misspelt_option(parser: argparse.ArgumentParser, argv: list[str]
+                     ) -> tuple[argparse.ArgumentParser, str] | None:
+    """(the (sub)command's parser, "unrecognised argument --workdr: did you mean --workdir?") for an option close to
+    one of the command's, or None. argparse alone says "the following arguments are required: --workdir", which
+    hides the typo."""
+    import difflib
+
+    command = parser
+    for word in argv:  # the (sub)command the options belong to: clip-jax data convert ...
+        choices = next((a.choices for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if not choices or word not in choices:
+            break
+        command = choices[word]
+    known = [option for action in command._actions for option in action.option_strings if option.startswith("--")]
+    for word in argv:
+        name = word.split("=", 1)[0]
+        if not name.startswith("--") or name.startswith("--config.") or any(k.startswith(name) for k in known):
+            continue  # (argparse takes a unique prefix of an option)
+        if close := difflib.get_close_matches(name, known, n=1, cutoff=0.75):
+            return command, f"unrecognised argument {name}: did you mean {close[0]}?"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CLIP_JAX_DEBUG", "").lower() not in ("", "0", "false", "no")
@@ -981,6 +1004,9 @@ def main(argv: list[str] | None = None) -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     argv, pipeline_options = argv[:split], argv[split + 1:]
     parser = build_parser()
+    if misspelt := _misspelt_option(parser, argv):  # before argparse's "required: --workdir" for a `--workdr`
+        command, message = misspelt
+        command.error(message)
     args, rest = parser.parse_known_args(argv)
     args.pipeline_options = pipeline_options
     overrides = [a for a in rest if a.startswith("--config.")]

@@ -797,3 +797,15 @@ def test_debug_shows_every_background_error_of_a_checkpoint_read(monkeypatch):
     with quiet_background_errors():
         assert isinstance(sys.unraisablehook, errors.BackgroundErrorsOnce)
     assert sys.unraisablehook is sys.__unraisablehook__
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["eval", "--workdr", "w"], "clip-jax eval: error: unrecognised argument --workdr: did you mean --workdir?"),
+    (["data", "convert", "--fromat=csv", "a.csv", "--out", "o"],
+     "clip-jax data convert: error: unrecognised argument --fromat: did you mean --format?"),
+    (["classify", "--workdir", "w", "--images", "i", "--out", "o.csv", "--templtes", "a {}."],
+     "did you mean --templates?"),
+])
+def test_a_misspelt_option_is_named_with_the_one_meant(argv, said, capsys, tmp_path):
+    # argparse alone said "the following arguments are required: --workdir" for the first
+    assert said in exit_message(argv, capsys)
