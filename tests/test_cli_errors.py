@@ -806,6 +806,9 @@ def test_debug_shows_every_background_error_of_a_checkpoint_read(monkeypatch):
     (["classify", "--workdir", "w", "--images", "i", "--out", "o.csv", "--templtes", "a {}."],
      "did you mean --templates?"),
 ])
-def test_a_misspelt_option_is_named_with_the_one_meant(argv, said, capsys, tmp_path):
+def test_a_misspelt_option_is_named_with_the_one_meant(argv, said, capsys):
     # argparse alone said "the following arguments are required: --workdir" for the first
-    assert said in exit_message(argv, capsys)
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[0].startswith("usage: ") and said in err[-1] and len(err) == 2, err
