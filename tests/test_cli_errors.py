@@ -811,4 +811,4 @@ def test_a_misspelt_option_is_named_with_the_one_meant(argv, said, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and err[0].startswith("usage: ") and said in err[-1] and len(err) == 2, err
+    assert info.value.code == 2 and err[0].startswith("usage: ") and said in err[-1], err  # (usage may wrap)
