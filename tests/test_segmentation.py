@@ -324,7 +324,27 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
                               "openai", "--out", str(tmp_path / "g.safetensors")], capture_output=True, text=True)
     assert refused.returncode == 2 and not (tmp_path / "g.safetensors").exists()
     assert refused.stderr.strip().splitlines()[-1].startswith("clip-jax export: error: ") and "GroupViT" in \
-        refused.stderr
+        refused.stderr and "--format hf-text" in refused.stderr
+    # Its text tower alone exports: transformers' CLIPTextModelWithProjection gives the run's text embeddings.
+    import types
+
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import torch
+    import transformers
+
+    from clip_jax.interop.workdir import write_workdir
+
+    tokenizer = load_trained(clip_workdir).tokenizer
+    write_workdir(config, started, tokenizer, tmp_path / "groupvit_run", method)
+    result = clip_jax("export", "--workdir", tmp_path / "groupvit_run", "--format", "hf-text", "--out",
+                      tmp_path / "groupvit_text")
+    assert "GroupViT's image tower has no OpenAI or Hugging Face layout" in result.stderr
+    tokens = tokenizer(["a red star.", "a blue circle on a green square."], config.model.text.context_length)
+    ours = method.model().apply({"params": started}, tokens, method=type(method.model()).encode_text)
+    hf = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "groupvit_text").eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.from_numpy(np.asarray(tokens, np.int64))).text_embeds.numpy()
+    np.testing.assert_allclose(theirs / np.linalg.norm(theirs, axis=-1, keepdims=True), ours, atol=3e-6)
 
 
 def test_lseg_trains_on_a_voc_folder_leaving_its_unseen_classes_out(clip_workdir, tmp_path):
