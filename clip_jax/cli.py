@@ -1027,6 +1027,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # a NaN loss is told by the run itself (skipped=N, its record's nonfinite); not once per TensorBoard scalar
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     errors.SHOW_BACKGROUND_ERRORS = debug
     if not debug:
         for handler in logging.getLogger().handlers:

@@ -812,3 +812,16 @@ def test_a_misspelt_option_is_named_with_the_one_meant(argv, said, capsys):
         cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and err[0].startswith("usage: ") and said in err[-1], err  # (usage may wrap)
+
+
+def test_log_lines_during_training_stand_on_lines_of_their_own_above_the_progress_bar(tmp_path):
+    # A run that diverges at step 3 warns at every later checkpoint step, with the bar on.
+    result = run_cli(train_args(tmp_path / "run", "--config.log.progress_bar=True", "--config.optimizer.lr=1e30",
+                                "--config.optimizer.warmup_steps=1", "--config.checkpoint.every_steps=1",
+                                "--config.optimizer.max_consecutive_nonfinite=3", "--config.total_steps=8",
+                                "--config.log.every_steps=4"), devices=1)
+    lines = result.stderr.replace("\r", "\n").splitlines()
+    warned = [line for line in lines if "update was NaN/inf and skipped" in line]
+    assert result.returncode == 2 and warned, result.stderr[-3000:]
+    assert all(line.startswith(("WARNING", "20")) for line in warned), warned  # not after the bar's text
+    assert "skipped=" in result.stderr and "NaN or Inf found in input tensor" not in result.stderr

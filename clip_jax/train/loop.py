@@ -482,6 +482,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             checkpointer.wait()
         batch = None
         close_iterator(data_iter)
+        writer.close_bar()
         if not isinstance(error, KeyboardInterrupt):  # (a second Ctrl-C stops at once)
             with contextlib.suppress(Exception):  # the curves so far, to see what went wrong (a NaN loss: a gap)
                 draw_curves(workdir)
@@ -599,14 +600,17 @@ def init_from_checkpoint(config: ml_collections.ConfigDict) -> tuple[Checkpointe
 
 def _summarise(history: list[dict]) -> dict[str, float]:
     """Means over the logging window of the steps whose update was applied (a skipped step's NaN loss would make the
-    window's mean NaN, and one bad batch look like a divergence; a window of skipped steps only is NaN); counters
-    (non-finite updates) summed."""
+    window's mean NaN, and one bad batch look like a divergence; a window of skipped steps only is NaN), but the
+    learning rate's over every step (the schedule, which a skipped update does not change); counters (non-finite
+    updates) summed."""
     applied = np.asarray([not h["nonfinite"] for h in history])
     out = {}
     for key in history[0]:
         values = np.asarray([h[key] for h in history], dtype=np.float64)
         if key == "nonfinite":
             out[key] = float(values.sum())
+        elif key == "lr":
+            out[key] = float(values.mean())
         else:
             out[key] = float(values[applied].mean()) if applied.any() else float("nan")
     return out

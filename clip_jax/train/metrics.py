@@ -98,8 +98,13 @@ class MetricsWriter:
             self._tb = _summary_writer(workdir / "tensorboard", start_step + 1)
         if progress_bar:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            # Log lines (a skipped evaluation, a checkpoint not saved) on lines of their own, above the bar, rather
+            # than run into it; the console handler's format and filters are kept.
+            self._logging_to_bar = logging_redirect_tqdm()
+            self._logging_to_bar.__enter__()
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
@@ -133,6 +138,13 @@ class MetricsWriter:
             jax.block_until_ready(self._in_flight.popleft())
             self._advance(1)
 
+    def close_bar(self) -> None:
+        """Ends the progress bar's line and gives log lines back to the console (also where the run fails)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._logging_to_bar.__exit__(None, None, None)
+            self._bar = None
+
     def synced(self) -> None:
         """Every dispatched step has finished (its metrics were fetched): the bar catches up."""
         self._advance(len(self._in_flight))
@@ -145,8 +157,7 @@ class MetricsWriter:
     def close(self) -> None:
         jax.block_until_ready(list(self._in_flight))
         self.synced()
-        if self._bar is not None:
-            self._bar.close()
+        self.close_bar()
         if self._tb is not None:
             self._tb.close()
 
