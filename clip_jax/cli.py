@@ -1019,7 +1019,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     if overrides and args.command != "train" and not (
-        args.command == "eval" and all(o.startswith(("--config.eval.", "--config.evals.")) for o in overrides)
+        args.command == "eval"
+        and all(o.startswith(("--config.eval.", "--config.evals.", "--config.evals=")) for o in overrides)
     ):
         parser.error("--config.key=value overrides apply to train (and --config.eval.*, --config.evals.* to eval) only")
     if pipeline_options and not getattr(args, "runner", None):

@@ -521,6 +521,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
         if parents == ["evals"]:
             _set_eval_entry(config, leaf, _parse_value(text), item)
             continue
+        if key == "evals":  # the whole table: {} for no evaluation, or {NAME: entry, ...}
+            table = _parse_value(text)
+            if not isinstance(table, dict):
+                raise ConfigError(f"override {item!r}: 'evals' is a table of evaluations: give {{}} (none) or "
+                                  "\"{'NAME': {'type': ...}, ...}\", or set one: --config.evals.NAME=...")
+            with config.evals.unlocked():
+                for name in list(config.evals):
+                    del config.evals[name]
+            for name, entry in table.items():
+                _set_eval_entry(config, name, entry, item)
+            continue
         node = config
         for i, part in enumerate(parents):
             if part not in node:

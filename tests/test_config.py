@@ -4,6 +4,7 @@ in configs/ loads, validates and builds its model and optimizer; config.json rou
 import inspect
 import json
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -156,6 +157,17 @@ def test_override_values_are_python_literals():
     assert tuple(config.optimizer.frozen) == ("^visual/",)
     config = load_config(DEMO, ["--config.model.logit_bias_init=None"])  # and off again
     assert config.model.logit_bias_init is None
+
+
+def test_the_evaluations_table_is_replaced_whole_by_one_override():
+    assert dict(load_config(DEMO, ["--config.evals={}"]).evals) == {}  # no evaluation
+    config = load_config(DEMO, ["--config.evals={'small': {'type': 'shapes', 'num_examples': 100}}"])
+    assert list(config.evals) == ["small"] and config.evals.small.num_examples == 100
+    assert config.evals.small.every_steps is None  # the entry's other fields at their defaults, as for evals.NAME
+    for text, words in (("3", "'evals' is a table of evaluations: give {} (none)"),
+                        ("{'x': {'path': 'd'}}", "an evaluation is a dict with a 'type'")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config(DEMO, [f"--config.evals={text}"])
 
 
 def test_override_without_value():
