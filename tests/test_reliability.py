@@ -83,11 +83,11 @@ def test_persistent_nonfinite_updates_stop_the_run_with_a_message(tmp_path, caps
 
 def test_a_diverged_run_saves_no_checkpoint_of_a_skipped_update_and_logs_the_window_that_stopped_it(tmp_path, capsys):
     # As above: step 2's update overflows the parameters, and every later step is non-finite. Checkpoints are due at
-    # every step, the streak is seen only at the log steps (every 3): the checkpoints of steps 3-5 would hold the
-    # diverged parameters and rotate the good ones out.
+    # every step (so is a record, then): the checkpoints of steps 3-5 would hold the diverged parameters and rotate
+    # the good ones out.
     message = exit_message(
         train_args(tmp_path / "run", "--config.optimizer.lr=1e30", "--config.optimizer.max_consecutive_nonfinite=3",
-                   "--config.log.every_steps=3", "--config.optimizer.warmup_steps=1",
+                   "--config.log.every_steps=4", "--config.optimizer.warmup_steps=1",
                    "--config.checkpoint.every_steps=1", "--config.checkpoint.max_to_keep=2",
                    "--config.eval.every_steps=0", "--config.total_steps=8"),
         capsys,
@@ -95,10 +95,8 @@ def test_a_diverged_run_saves_no_checkpoint_of_a_skipped_update_and_logs_the_win
     assert "NaN/inf for 3 steps in a row (steps 3-5)" in message and "The latest checkpoint is step 2" in message
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1", "2"]
     train = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["split"] == "train"]
-    assert [m["step"] for m in train] == [3, 6]  # the window that stopped the run is logged too
-    # a window's means are over its applied updates: steps 1-2 (not NaN for step 3's skipped one); none at 4-6
-    assert train[0]["nonfinite"] == 1 and np.isfinite(train[0]["loss"])
-    assert train[1]["nonfinite"] == 3 and np.isnan(train[1]["loss"])
+    assert [m["step"] for m in train] == [1, 2, 3, 4, 5]  # the window that stopped the run is logged too
+    assert [m["nonfinite"] for m in train] == [0, 0, 1, 1, 1] and np.isnan(train[-1]["loss"])
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"  # drawn where the run stopped
     # Step 2's parameters are finite but overflow every forward: an evaluation says so in one line (exit 2).
     message = exit_message(["eval", "--workdir", str(tmp_path / "run")], capsys)
@@ -108,6 +106,31 @@ def test_a_diverged_run_saves_no_checkpoint_of_a_skipped_update_and_logs_the_win
         ["eval", "--workdir", str(tmp_path / "run"), "--step", "3"], capsys)
     cli.main(["eval", "--workdir", str(tmp_path / "run"), "--step", "1"])
     assert json.loads((tmp_path / "run" / "eval_1.json").read_text())["step"] == 1
+
+
+def test_a_window_averages_its_applied_updates_and_counts_the_skipped_ones():
+    # One bad batch in a window no longer makes its loss NaN; the learning rate is the schedule's, every step's.
+    history = [{"loss": 2.0, "lr": 1.0, "nonfinite": 0}, {"loss": np.nan, "lr": 3.0, "nonfinite": 1},
+               {"loss": 4.0, "lr": 5.0, "nonfinite": 0}]
+    assert loop._summarise(history) == {"loss": 3.0, "lr": 3.0, "nonfinite": 1.0}
+    skipped = loop._summarise(history[1:2])
+    assert np.isnan(skipped["loss"]) and skipped["lr"] == 3.0 and skipped["nonfinite"] == 1.0
+
+
+def test_a_checkpoint_step_ends_a_record_so_a_relaunch_from_it_loses_no_steps_metrics(tmp_path):
+    # Records every 3 steps, checkpoints every 2: a relaunch from checkpoint 4 drops the record of step 6, which also
+    # held step 5; the record ending at 4 keeps steps 3-4.
+    args = train_args(tmp_path / "run", "--config.total_steps=6", "--config.log.every_steps=3",
+                      "--config.checkpoint.every_steps=2", "--config.evals.shapes=None")
+    cli.main(args)
+    whole = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["split"] == "train"]
+    assert [m["step"] for m in whole] == [2, 3, 4, 6]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "6")  # as if killed after step 6's record, before its save
+    cli.main(args)
+    again = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["split"] == "train"]
+    assert [m["step"] for m in again] == [2, 3, 4, 6]
+    for a, b in zip(whole, again, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["lr"] == b["lr"]
 
 
 def corrupt(checkpoint_dir: pathlib.Path) -> None:

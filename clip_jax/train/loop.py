@@ -439,12 +439,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                 "the data, then relaunch (docs/your_data.md: when a run diverges)"
             )
 
-    def update_skipped() -> bool:
-        """Whether the latest step's update was skipped (non-finite loss or gradients): its parameters are those of a
-        run that may have diverged (finite but huge, every forward NaN), so no periodic checkpoint is saved then; the
-        checkpoints before the streak are what a relaunch resumes from."""
-        return bool(jax.device_get(pending[-1]["nonfinite"])) if pending else nonfinite_run > 0
-
     try:
         for step in range(start_step, config.total_steps):
             if holding.lost and jax.process_count() == 1:  # (several hosts would have to agree: there it is logged)
@@ -467,7 +461,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             if done % config.log.every_steps == 0 or done == config.total_steps:
                 log_pending(done)
             if done % config.checkpoint.every_steps == 0 and done != config.total_steps:
-                if update_skipped():
+                if pending:  # a record ends here too: a relaunch from this checkpoint (it drops the records after
+                    log_pending(done)  # it) then loses no step's metrics, and the latest update's fate is known
+                # A skipped update (non-finite loss or gradients): the parameters may have diverged (finite but huge,
+                # every forward NaN); the checkpoints before the streak are what a relaunch should resume from.
+                if nonfinite_run > 0:
                     log.warning("step %d's update was NaN/inf and skipped: its checkpoint is not saved (the latest "
                                 "stays step %s)", done, checkpointer.latest_step())
                 else:

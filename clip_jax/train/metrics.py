@@ -82,6 +82,7 @@ class MetricsWriter:
         self._lines: list[str] | None = None  # on a remote workdir: the whole file, rewritten at each write
         self._tb = None
         self._bar = None
+        self._logging_to_bar = None
         self._in_flight: collections.deque = collections.deque()
         self._ahead = dispatch_depth()
         if not self.enabled:
@@ -141,9 +142,10 @@ class MetricsWriter:
     def close_bar(self) -> None:
         """Ends the progress bar's line and gives log lines back to the console (also where the run fails)."""
         if self._bar is not None:
-            self._bar.close()
+            self._bar.close()  # (again: harmless)
+        if self._logging_to_bar is not None:
             self._logging_to_bar.__exit__(None, None, None)
-            self._bar = None
+            self._logging_to_bar = None
 
     def synced(self) -> None:
         """Every dispatched step has finished (its metrics were fetched): the bar catches up."""
