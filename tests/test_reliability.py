@@ -15,6 +15,7 @@ import pytest
 
 from clip_jax import cli
 from clip_jax.train import loop
+from clip_jax.train.checkpoint import read_state
 from clip_jax.train.loop import PreemptionFlag, load_trained
 from clip_jax.train.metrics import read_metrics
 
@@ -83,27 +84,31 @@ def test_persistent_nonfinite_updates_stop_the_run_with_a_message(tmp_path, caps
 
 def test_a_diverged_run_saves_no_checkpoint_of_a_skipped_update_and_logs_the_window_that_stopped_it(tmp_path, capsys):
     # As above: step 2's update overflows the parameters, and every later step is non-finite. Checkpoints are due at
-    # every step (so is a record, then): the checkpoints of steps 3-5 would hold the diverged parameters and rotate
-    # the good ones out.
+    # every step (so is a record, then): from the second skipped update in a row on, they would hold copies of the
+    # diverged parameters and rotate the earlier ones out (3 kept).
     message = exit_message(
         train_args(tmp_path / "run", "--config.optimizer.lr=1e30", "--config.optimizer.max_consecutive_nonfinite=3",
                    "--config.log.every_steps=4", "--config.optimizer.warmup_steps=1",
-                   "--config.checkpoint.every_steps=1", "--config.checkpoint.max_to_keep=2",
+                   "--config.checkpoint.every_steps=1", "--config.checkpoint.max_to_keep=3",
                    "--config.eval.every_steps=0", "--config.total_steps=8"),
         capsys,
     )
-    assert "NaN/inf for 3 steps in a row (steps 3-5)" in message and "The latest checkpoint is step 2" in message
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1", "2"]
+    assert "NaN/inf for 3 steps in a row (steps 3-5)" in message
+    assert "The latest checkpoint is step 3, whose parameters may be the diverged ones" in message
+    assert "clip-jax eval --step 3" in message
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1", "2", "3"]
+    # step 3's update was skipped: its checkpoint holds step 2's parameters
+    assert_same_state(read_state(tmp_path / "run", 2)["params"], read_state(tmp_path / "run", 3)["params"])
     train = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["split"] == "train"]
     assert [m["step"] for m in train] == [1, 2, 3, 4, 5]  # the window that stopped the run is logged too
     assert [m["nonfinite"] for m in train] == [0, 0, 1, 1, 1] and np.isnan(train[-1]["loss"])
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"  # drawn where the run stopped
-    # Step 2's parameters are finite but overflow every forward: an evaluation says so in one line (exit 2).
+    # Those parameters are finite but overflow every forward: an evaluation says so in one line (exit 2).
     message = exit_message(["eval", "--workdir", str(tmp_path / "run")], capsys)
     assert "the model gives NaN/inf" in message and "its parameters have diverged" in message
     # An earlier checkpoint is evaluated by its step; a step without one is named with the steps there are.
-    assert "has no checkpoint of step 3; its steps: 1, 2" in exit_message(
-        ["eval", "--workdir", str(tmp_path / "run"), "--step", "3"], capsys)
+    assert "has no checkpoint of step 4; its steps: 1, 2, 3" in exit_message(
+        ["eval", "--workdir", str(tmp_path / "run"), "--step", "4"], capsys)
     cli.main(["eval", "--workdir", str(tmp_path / "run"), "--step", "1"])
     assert json.loads((tmp_path / "run" / "eval_1.json").read_text())["step"] == 1
 

@@ -430,13 +430,16 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         if streak_end is not None:
             writer.close()  # the progress bar's line ends before the error's
             checkpointer.wait()  # the latest save is complete before the message names it
-            latest = checkpointer.latest_step()
-            restart = (f"The latest checkpoint is step {latest}, saved before the first of them" if latest is not None
-                       else "There is no checkpoint yet (the relaunch starts over)")
+            latest, first = checkpointer.latest_step(), streak_end - streak + 1
+            if latest is None:
+                restart = "There is no checkpoint yet (the relaunch starts over): lower optimizer.lr"
+            else:  # its parameters are those of the last update applied: perhaps the one that diverged
+                restart = (f"The latest checkpoint is step {latest}, whose parameters may be the diverged ones: check "
+                           f"it with clip-jax eval --step {latest}, set it aside if it gives NaN (docs/your_data.md: "
+                           "when a run diverges), then lower optimizer.lr")
             raise FloatingPointError(
-                f"loss or gradients were NaN/inf for {streak} steps in a row (steps {streak_end - streak + 1}-"
-                f"{streak_end}); those updates were skipped. {restart}: lower optimizer.lr, raise warm-up or check "
-                "the data, then relaunch (docs/your_data.md: when a run diverges)"
+                f"loss or gradients were NaN/inf for {streak} steps in a row (steps {first}-{streak_end}); those "
+                f"updates were skipped. {restart}, raise warm-up or check the data, and relaunch"
             )
 
     try:
@@ -454,7 +457,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                 checkpointer.wait()
                 writer.close()
                 preempted.close()
-                draw_curves(workdir)
                 print(f"{preempted.reason}: saved the checkpoint of step {done}; relaunch the same command to resume",
                       flush=True)
                 raise SystemExit(0)
@@ -463,11 +465,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             if done % config.checkpoint.every_steps == 0 and done != config.total_steps:
                 if pending:  # a record ends here too: a relaunch from this checkpoint (it drops the records after
                     log_pending(done)  # it) then loses no step's metrics, and the latest update's fate is known
-                # A skipped update (non-finite loss or gradients): the parameters may have diverged (finite but huge,
-                # every forward NaN); the checkpoints before the streak are what a relaunch should resume from.
-                if nonfinite_run > 0:
-                    log.warning("step %d's update was NaN/inf and skipped: its checkpoint is not saved (the latest "
-                                "stays step %s)", done, checkpointer.latest_step())
+                # Updates skipped in a row (non-finite loss or gradients): the parameters, those of the last update
+                # applied, may have diverged (finite but huge, every forward NaN). Saving copies of them would rotate
+                # the earlier checkpoints out, which a relaunch may need. (One bad batch alone saves as usual.)
+                if nonfinite_run >= 2:
+                    log.warning("steps %d-%d's updates were NaN/inf and skipped: no checkpoint is saved while they "
+                                "are (the latest stays step %s)", done - nonfinite_run + 1, done,
+                                checkpointer.latest_step())
                 else:
                     checkpointer.save(done, state, data_iter)
             if (due := evals_due(config, done)) and done != config.total_steps:
