@@ -821,7 +821,7 @@ def test_log_lines_during_training_stand_on_lines_of_their_own_above_the_progres
                                 "--config.optimizer.max_consecutive_nonfinite=3", "--config.total_steps=8",
                                 "--config.log.every_steps=4"), devices=1)
     lines = result.stderr.replace("\r", "\n").splitlines()
-    warned = [line for line in lines if "update was NaN/inf and skipped" in line]
+    warned = [line for line in lines if "updates were NaN/inf and skipped" in line]
     assert result.returncode == 2 and warned, result.stderr[-3000:]
     assert all(line.startswith(("WARNING", "20")) for line in warned), warned  # not after the bar's text
     assert "skipped=" in result.stderr and "NaN or Inf found in input tensor" not in result.stderr
