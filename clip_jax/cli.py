@@ -200,11 +200,10 @@ def _image_chunks(files: list, size: int, max_bytes: int, batch_size: int, skipp
     whole batches at a time (data/images.py::image_chunks, about IMAGE_CHUNK images: a folder of any size fits in
     memory). A file that cannot be read is warned of as it is found and its message added to `skipped`; none
     readable is a ConfigError once all are tried."""
-    from clip_jax.data.images import IMAGE_CHUNK, image_chunks
+    from clip_jax.data.images import image_chunk_size, image_chunks
 
     found = False
-    for images, indices, messages in image_chunks(files, size, max_bytes,
-                                                  batch_size * max(1, IMAGE_CHUNK // batch_size)):
+    for images, indices, messages in image_chunks(files, size, max_bytes, image_chunk_size(batch_size)):
         for message in messages:
             print(f"warning: {message}", file=sys.stderr)
         skipped.extend(messages)
@@ -285,7 +284,6 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
         class_scores,
         requested_classes,
         zero_shot_embeddings,
-        zero_shot_templates,
     )
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
@@ -331,7 +329,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
         write_atomic(out, text.getvalue())
         prompts = ""
         if names is not None:
-            templates = args.templates or zero_shot_templates(trained.config)
+            templates = request.templates
             where = ("--templates" if args.templates else "the run's few_shot.templates"
                      if trained.config.few_shot.templates else "the default")
             prompts = f" prompted by {where} ({', '.join(map(quoted, templates[:2]))}{', ...' * (len(templates) > 2)})"

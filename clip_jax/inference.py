@@ -79,7 +79,7 @@ class Model:
     def _preprocessed(self, images: Sequence[ImageInput] | np.ndarray) -> Iterator[np.ndarray]:
         """`preprocess` of IMAGE_CHUNK images at a time, each chunk decoded on a thread per core: what the encode
         and classify calls hold at once, whatever the number of images."""
-        from clip_jax.data.images import IMAGE_CHUNK, decode_threads
+        from clip_jax.data.images import decode_threads, image_chunk_size
 
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
@@ -88,9 +88,10 @@ class Model:
         images = list(images)
         if not images:
             raise ValueError("no images given")
+        chunk_size = image_chunk_size(self.encoder.batch_size)
         with ThreadPoolExecutor(decode_threads()) as pool:
-            for start in range(0, len(images), IMAGE_CHUNK):
-                chunk = images[start:start + IMAGE_CHUNK]
+            for start in range(0, len(images), chunk_size):
+                chunk = images[start:start + chunk_size]
                 for image in chunk:  # a PIL image opened lazily is read here: one object may be given twice
                     if isinstance(image, Image.Image):
                         image.load()
@@ -138,14 +139,13 @@ class Model:
         class_names = None if class_names is None else list(class_names)
         if isinstance(templates, str):
             raise TypeError("give a list of templates, not one string")
-        templates = None if templates is None else tuple(templates)
         # refused before the images are read
         request = requested_classes(self.trained, classes, class_names, templates=templates)
         embeds = None
         if request.few_shot is None:
-            if self._class_embeds is None or self._class_embeds[0] != (request.names, templates):
-                self._class_embeds = (request.names, templates), zero_shot_embeddings(self.trained, self.encoder,
-                                                                                     request)
+            key = (request.names, request.templates)
+            if self._class_embeds is None or self._class_embeds[0] != key:
+                self._class_embeds = key, zero_shot_embeddings(self.trained, self.encoder, request)
             embeds = self._class_embeds[1]
         logits = np.concatenate([np.asarray(class_scores(self.trained, self.encoder, pixels, request, embeds))
                                  for pixels in self._preprocessed(images)])

@@ -246,7 +246,7 @@ def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, t
     np.testing.assert_allclose(image_emb, want_image, atol=1e-5)
 
     # Read and embedded two images at a time (any folder fits in memory): the same rows of the same files.
-    monkeypatch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+    monkeypatch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
     cli.main(["encode", "--workdir", str(trained), "--images", str(images), "--out", str(tmp_path / "chunked"),
               "--batch-size", "1"])
     assert "1 undecodable" in capsys.readouterr().out
@@ -274,7 +274,7 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(model.encode_images(np.stack(pixels)), model.encode_images(pixels), atol=1e-6)
     with pytest.MonkeyPatch.context() as patch:  # two images at a time: the same rows
-        patch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+        patch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
         np.testing.assert_allclose(model.encode_images(pixels), model.encode_images(np.stack(pixels)), atol=1e-6)
         chunked_names, chunked_probs = model.classify(pixels, ["red circle", "blue square"])
     gray = np.asarray(Image.open(tmp_path / "b.png"))  # [H, W]: a grayscale array is the grayscale image
@@ -314,6 +314,8 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     want_other = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(model.classify(pixels, ["red circle", "blue square"], templates=["a {}."])[1],
                                want_other / want_other.sum(1, keepdims=True), atol=1e-5)
+    with pytest.raises(ValueError, match="templates: give at least one"):  # not the run's own, silently
+        model.classify(pixels, ["red circle", "blue square"], templates=[])
 
 
 def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
@@ -332,7 +334,7 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
     with pytest.raises(ValueError, match=r"image 0: expected uint8 .*, got float32 \[8, 8, 3\]"):
         model.encode_images([np.zeros((8, 8, 3), np.float32)])
     with pytest.MonkeyPatch.context() as patch:  # read two at a time, an image is still named by its place
-        patch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+        patch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
         with pytest.raises(ValueError, match=r"image 2: expected uint8 .*, got float32 \[8, 8, 3\]"):
             model.encode_images([np.zeros((8, 8, 3), np.uint8)] * 2 + [np.zeros((8, 8, 3), np.float32)])
     with pytest.raises(TypeError, match="list of texts"):

@@ -474,7 +474,8 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
                   "--out", str(tmp_path / "bad.csv"), *flags])
         assert words in capsys.readouterr().err
 
-    monkeypatch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)  # read and scored two images at a time: the same
+    # read and scored two images at a time: the same
+    monkeypatch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
     main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
           "--names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "chunked.csv"), "--batch-size", "1"])
     assert (tmp_path / "chunked.csv").read_text() == (tmp_path / "preds.csv").read_text()

@@ -308,7 +308,7 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
     assert Image.open(out / "overlays" / "scene0.png").size == (32, 32)
     # Read and segmented two images at a time (any folder fits in memory): the same files.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+        patch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
         main(["segment", "--workdir", str(lseg), "--images", str(images), "--labels", "red star, blue circle",
               "--out", str(tmp_path / "chunked"), "--batch-size", "1"])
     assert folder_bytes(tmp_path / "chunked") == folder_bytes(out)
@@ -519,7 +519,7 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
             assert -0.1 <= x0 <= x1 <= 40.1 and -0.1 <= y0 <= y1 <= 40.1
     assert Image.open(out / "boxes" / "scene0.png").size == (40, 40)
     with pytest.MonkeyPatch.context() as patch:  # two images at a time: the same files
-        patch.setattr("clip_jax.data.images.IMAGE_CHUNK", 2)
+        patch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
         main(["detect", "--workdir", str(workdir), "--images", str(scenes), "--queries", "red star. blue circle",
               "--out", str(tmp_path / "chunked"), "--min-score", "0", "--batch-size", "1"])
     assert folder_bytes(tmp_path / "chunked") == folder_bytes(out)

@@ -264,8 +264,16 @@ def _try_load(path: str | pathlib.Path, size: int, max_bytes: int) -> tuple[np.n
 
 
 def decode_threads() -> int:
-    """Threads that decode in parallel: PIL releases the GIL while it decodes and resizes, so one per usable core."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Threads that decode in parallel: PIL releases the GIL while it decodes and resizes, so one per usable core, at
+    most 16 (each holds a file of up to max_image_bytes and its full-size decode: a 240-core host would hold GBs)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 16)
+
+
+def image_chunk_size(batch_size: int) -> int:
+    """Images read at a time by a caller that embeds them `batch_size` at a time: about IMAGE_CHUNK, in whole
+    batches (a chunk's last batch is not padded)."""
+    return batch_size * max(1, IMAGE_CHUNK // batch_size)
 
 
 def list_images(paths: list[str]) -> list[pathlib.Path]:

@@ -62,7 +62,7 @@ def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_
     return tokens
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (an array field: compared by identity)
 class ClassRequest:
     """The classes `class_scores` scores, checked: zero-shot over `names` (`tokens`: their prompts' token ids,
     name-major, one row per template) or a few-shot method's own classes (`few_shot`: their indices, the run's
@@ -72,6 +72,7 @@ class ClassRequest:
     group: str = "all"
     few_shot: tuple[int, ...] | None = None
     tokens: np.ndarray | None = None
+    templates: tuple[str, ...] = ()  # the names' prompts
 
 
 def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | None = None,
@@ -83,11 +84,13 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
     config, method = trained.config, trained.method
     if names is not None:
         _check_names(names)
-        if templates:
+        if templates is not None:
+            if not templates:
+                raise ConfigError("templates: give at least one (or None for the run's own)")
             check_templates(templates, "templates")
-        tokens = refuse_same_tokens(what, names, trained.tokenizer, config.model.text.context_length,
-                                    templates or zero_shot_templates(config))
-        return ClassRequest(tuple(names), tokens=tokens)
+        templates = tuple(templates or zero_shot_templates(config))
+        tokens = refuse_same_tokens(what, names, trained.tokenizer, config.model.text.context_length, templates)
+        return ClassRequest(tuple(names), tokens=tokens, templates=templates)
     if templates:
         raise ConfigError("templates prompt the class names given for zero-shot classification (--names FILE); a "
                           "few-shot run's own classes are scored by its method")
