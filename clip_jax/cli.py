@@ -22,6 +22,7 @@ Any command takes --debug (or CLIP_JAX_DEBUG=1): full tracebacks instead of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -470,19 +471,34 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
     embeddings = label_embeddings(texts, labels, background, templates)
     primary, names, kept, skipped = jax.process_index() == 0, _output_names(files), [], []
-    for images, indices in _image_chunks(files, config.model.vision.image_size, args.max_image_bytes,
-                                         encoder.batch_size, skipped):
-        masks = predict_labels(*encoder.segment(images, embeddings), threshold if background == "threshold" else None)
-        kept.extend(indices)
-        if not primary:
-            continue
-        for folder in ("masks", "overlays"):
-            (out / folder).mkdir(parents=True, exist_ok=True)
-        for image, mask, i in zip(images, masks, indices, strict=True):
-            write_atomic(out / "masks" / names[i], mask_png(mask))
-            buffer = io.BytesIO()
-            Image.fromarray(overlay(image, mask)).save(buffer, format="PNG")
-            write_atomic(out / "overlays" / names[i], buffer.getvalue())
+    written: list = []  # this run's files: removed if it stops midway (a half output would block the rerun)
+    try:
+        for images, indices in _image_chunks(files, config.model.vision.image_size, args.max_image_bytes,
+                                             encoder.batch_size, skipped):
+            masks = predict_labels(*encoder.segment(images, embeddings),
+                                   threshold if background == "threshold" else None)
+            kept.extend(indices)
+            if not primary:
+                continue
+            for folder in ("masks", "overlays"):
+                if not (out / folder).exists():
+                    (out / folder).mkdir(parents=True)
+                    written.append(out / folder)
+            for image, mask, i in zip(images, masks, indices, strict=True):
+                write_atomic(out / "masks" / names[i], mask_png(mask))
+                written.append(out / "masks" / names[i])
+                buffer = io.BytesIO()
+                Image.fromarray(overlay(image, mask)).save(buffer, format="PNG")
+                write_atomic(out / "overlays" / names[i], buffer.getvalue())
+                written.append(out / "overlays" / names[i])
+    except BaseException:
+        for path in reversed(written):  # files, then the folders this run made (empty by then)
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    path.rmdir()
+                else:
+                    path.unlink()
+        raise
     if primary:
         write_atomic(out / "labels.txt", "".join(f"{n}\n" for n in [BACKGROUND, *labels]))
         write_atomic(out / "images.txt", "".join(f"{names[i]}\t{files[i]}\n" for i in kept))

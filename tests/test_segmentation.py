@@ -312,6 +312,24 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
         main(["segment", "--workdir", str(lseg), "--images", str(images), "--labels", "red star, blue circle",
               "--out", str(tmp_path / "chunked"), "--batch-size", "1"])
     assert folder_bytes(tmp_path / "chunked") == folder_bytes(out)
+    # A run stopped midway (here its second chunk fails) leaves nothing behind: the rerun is not refused.
+    from clip_jax.evaluate.encoder import Encoder as RealEncoder
+
+    calls = []
+
+    def segment_once(self, *args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise FloatingPointError("the model gives NaN/inf image embeddings")
+        return RealEncoder.segment(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
+        patch.setattr(RealEncoder, "segment", segment_once)
+        with pytest.raises(SystemExit):
+            main(["segment", "--workdir", str(lseg), "--images", str(images), "--labels", "red star, blue circle",
+                  "--out", str(tmp_path / "stopped")])
+    assert len(calls) == 2 and not (tmp_path / "stopped").exists() or not any((tmp_path / "stopped").iterdir())
 
     # export: LSeg's towers with a note on its decoder; a GroupViT tower has no PyTorch layout, refused in one line
     result = clip_jax("export", "--workdir", lseg, "--format", "openai", "--out", tmp_path / "lseg.safetensors")
