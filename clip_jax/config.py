@@ -540,7 +540,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
             node = node[part]
         if leaf not in node:
             owners = sorted(n for n, m in METHODS.items() if parents == ["method"] and leaf in m.defaults())
-            hint = (f" (a field of method {' / '.join(owners)}: set --config.method.name first)" if owners
+            hint = (f" (a field of method {' / '.join(owners)}: also set --config.method.name="
+                    f"{owners[0] if len(owners) == 1 else '...'})" if owners
                     else _did_you_mean(leaf, node))
             if not hint and len(node) <= 30:  # nothing close: the keys there, as an evals entry's error lists them
                 hint = f"; valid keys here: {', '.join(sorted(node))}"

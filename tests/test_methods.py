@@ -261,10 +261,8 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["--config.method.name=clipp"], "unknown method.name 'clipp'; choose one of audioclip, clip, clip_adapter, "
-                                       "cocoop, coop, glip, groupvit, linear_probe, longclip, lseg, maple, siglip, "
-                                       "slip, tip_adapter, vild, wise_ft"),
-    (["--config.method.pca_components=4"], "a field of method longclip: set --config.method.name first"),
+    (["--config.method.name=clipp"], f"unknown method.name 'clipp'; choose one of {', '.join(sorted(METHODS))}"),
+    (["--config.method.pca_components=4"], "a field of method longclip: also set --config.method.name=longclip"),
     (["--config.loss.name=siglip_ring"], "use --config.method.name=siglip --config.method.ring=True"),
     (["--config.loss.label_smoothing=0.1"], "'loss.label_smoothing' is now 'method.label_smoothing'"),
     (["--config.reset_logit_scale=True"], "'reset_logit_scale' is now 'method.reset_logit_scale'"),

@@ -19,9 +19,11 @@ from clip_jax.methods.slip import SlipMethod
 from clip_jax.methods.vild import ViLDMethod
 from clip_jax.methods.wise_ft import WiseFtMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    ClipMethod, SiglipMethod, LongClipMethod, SlipMethod, AudioClipMethod, *FEW_SHOT_METHODS, *PROMPT_LEARNING_METHODS,
-    WiseFtMethod, LSegMethod, GroupViTMethod, ViLDMethod, GLIPMethod)}
+_REGISTERED = (ClipMethod, SiglipMethod, LongClipMethod, SlipMethod, AudioClipMethod, *FEW_SHOT_METHODS,
+               *PROMPT_LEARNING_METHODS, WiseFtMethod, LSegMethod, GroupViTMethod, ViLDMethod, GLIPMethod)
+METHODS: dict[str, type[Method]] = {m.name: m for m in _REGISTERED}
+if len(METHODS) != len(_REGISTERED):  # a subclass that forgets its own `name` inherits its parent's and replaces it
+    raise RuntimeError(f"two registered methods share a name: {sorted(m.name for m in _REGISTERED)}")
 
 
 def method_class(name: str) -> type[Method]:
