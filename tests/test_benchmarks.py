@@ -242,3 +242,55 @@ def test_a_result_never_replaces_an_earlier_one(tmp_path):
     assert new_result_path(path) == tmp_path / "train_step_tiny_cpu_2.json"
     (tmp_path / "train_step_tiny_cpu_2.json").write_text("{}")
     assert new_result_path(path) == tmp_path / "train_step_tiny_cpu_3.json"
+
+
+# Stand-ins for open_clip's process (module level: a spawned process imports them by name).
+def _open_clip_fails_at_once(args, conn):
+    conn.send(("failed", "ModuleNotFoundError: No module named 'open_clip'"))
+    sys.exit(1)
+
+
+def _open_clip_dies_without_a_word(args, conn):
+    import os
+
+    os._exit(3)  # as the OOM killer leaves it: no answer, no traceback
+
+
+@pytest.mark.parametrize("serve, message", [
+    (_open_clip_fails_at_once, r"\(exit code 1\): ModuleNotFoundError: No module named 'open_clip'"),
+    (_open_clip_dies_without_a_word, r"\(exit code 3\): it died without a word"),
+])
+def test_open_clip_process_that_fails_ends_the_run_in_one_line(bench, monkeypatch, serve, message):
+    # It waited forever for the answer of a process that had died.
+    monkeypatch.setattr(bench, "CHILD_POLL_S", 0.1)
+    with pytest.raises(SystemExit, match="open_clip's step failed in its process " + message):
+        bench.open_clip_in_process(SimpleNamespace(), serve=serve)
+
+
+@pytest.mark.parametrize("option", ["--steps", "--accum", "--batch"])
+def test_counts_below_one_are_refused(bench, monkeypatch, capsys, option):
+    monkeypatch.setattr("sys.argv", ["train_step.py", option, "0"])  # --steps 0 wrote a NaN median into the JSON
+    with pytest.raises(SystemExit):
+        bench.parse_args()
+    assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_unsteady_step_times_are_flagged(bench, capsys):
+    steady, unsteady = bench.spread([0.30, 0.31, 0.29]), bench.spread([0.1, 4.0, 0.2])
+    assert steady == {"min_s": 0.29, "median_s": 0.30, "max_s": 0.31, "max_over_min": pytest.approx(0.31 / 0.29)}
+    assert bench.spread_warning({"clip_jax": steady, "open_clip": steady}) == ""
+    warning = bench.spread_warning({"clip_jax": steady, "open_clip": unsteady})
+    assert "open_clip's from 0.100 to 4.000 s (40.0x)" in warning and "clip_jax" not in warning
+    assert "rerun on a quiet machine" in warning
+
+
+def test_interleaved_steps_alternate_which_goes_first(bench):
+    calls = []
+    bench.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warmup=0)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_read_profile_of_a_missing_trace_is_one_line(bench, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--read-profile", "/nonexistent/trace"])
+    with pytest.raises(SystemExit, match="--read-profile /nonexistent/trace: no kept trace there"):
+        bench.main()
