@@ -294,3 +294,42 @@ def test_read_profile_of_a_missing_trace_is_one_line(bench, monkeypatch):
     monkeypatch.setattr("sys.argv", ["train_step.py", "--read-profile", "/nonexistent/trace"])
     with pytest.raises(SystemExit, match="--read-profile /nonexistent/trace: no kept trace there"):
         bench.main()
+
+
+def test_out_is_checked_before_anything_is_measured(tmp_path):
+    """Every script's --out, through benchmarks/result_files.py: a file path, or an existing folder meaning the
+    default name inside it (tokenizer.py given a folder `outdir` wrote a file `outdir_2`); one line where it cannot
+    be written."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from result_files import checked_out_file, checked_out_folder, new_result_stem
+
+    default = ROOT / "benchmarks" / "results" / "tokenizer_host.json"
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    assert checked_out_file(folder, default) == folder / "tokenizer_host.json"
+    (folder / "tokenizer_host.json").write_text("{}")
+    assert checked_out_file(str(folder), default) == folder / "tokenizer_host_2.json"
+    assert checked_out_file(tmp_path / "new" / "run.json", default) == tmp_path / "new" / "run.json"
+    assert (tmp_path / "new").is_dir()  # made at start-up
+    assert checked_out_file(f"{tmp_path}/made/", default) == tmp_path / "made" / "tokenizer_host.json"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match=f"--out {a_file}: a file is there, and this needs a folder"):
+        checked_out_file(a_file / "run.json", default)
+    with pytest.raises(SystemExit, match=f"--out {a_file}: a file is there, and this needs a folder"):
+        checked_out_folder(a_file)
+    assert checked_out_folder(tmp_path / "x" / "y") == tmp_path / "x" / "y"
+    # a set of files saved together (a kept profile's trace and HLO) takes a stem none of them has
+    (folder / "step.xplane.pb.gz").write_text("")
+    assert new_result_stem(folder, "step", (".xplane.pb.gz", ".hlo.txt.gz")) == "step_2"
+    assert new_result_stem(folder, "other", (".xplane.pb.gz", ".hlo.txt.gz")) == "other"
+
+
+def test_environment_facts_name_the_code_that_ran():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import environment_facts, source_facts
+
+    facts = environment_facts()
+    assert {"host", "cpu", "load_average", "time_utc", "python", "git"} <= set(facts)
+    git = source_facts()
+    assert git["commit"] is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
