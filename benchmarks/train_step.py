@@ -686,6 +686,8 @@ def main() -> None:
             # a name no earlier trace there has: a suite's runs keep their traces in one folder
             keep = keep_dir / new_result_stem(keep_dir, pathlib.Path(name).stem, PROFILE_SUFFIXES) if keep_dir else None
             result["profile"] = profile_step(steps["clip_jax"], hlo, keep=keep)
+            if keep is not None:
+                result["profile"]["kept_as"] = str(keep)  # the stem --read-profile takes
         except Exception as e:  # a profiler that fails on some platform leaves the step's timing
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(result, indent=2))

@@ -333,3 +333,26 @@ def test_environment_facts_name_the_code_that_ran():
     assert {"host", "cpu", "load_average", "time_utc", "python", "git"} <= set(facts)
     git = source_facts()
     assert git["commit"] is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_refuses_unknown_only_names(suite, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["gpu_suite.py", "--only", "layer_norm", "b16_b512_dots_cudnnn"])
+    with pytest.raises(SystemExit):  # a misspelt name silently ran nothing
+        suite.parse_args()
+    err = capsys.readouterr().err
+    assert "--only: unknown b16_b512_dots_cudnnn; known: layer_norm, attention_parity, b16_b512_dots_cudnn" in err
+
+
+def test_gpu_suite_summary_of_a_run_without_memory_analysis(suite):
+    ours = {"step_time_s": 0.2, "samples_per_s": 2560.0, "tflops_per_s": 300.0, "mfu": 0.3, "pipelined": {},
+            "fraction_of_matmul_peak": 0.5, "temp_memory_gib_per_device": None, "compile_s": 30.0, "losses": [2.0]}
+    line = suite.summary_line("run", {"clip_jax": ours, "wall_s": 60.0})
+    assert "temp -," in line and "30.0% MFU" in line
