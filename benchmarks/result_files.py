@@ -50,12 +50,13 @@ def checked_out_folder(out: str | os.PathLike, option: str = "--out") -> pathlib
     return _writable_folder(pathlib.Path(out), option)
 
 
-def checked_out_file(out: str | os.PathLike | None, default: str | os.PathLike, option: str = "--out"
-                     ) -> pathlib.Path:
+def checked_out_file(out: str | os.PathLike | None, default: str | os.PathLike, option: str = "--out",
+                     replace: bool = False) -> pathlib.Path:
     """The file a script saves its result in, checked at start-up: `out` itself, or `default`'s name inside `out`
     where `out` is an existing folder (or ends in a slash), or `default` where `out` is not given; its folder made
-    if missing and checked writable; a free name (`new_result_path`) where a file is there already. Exits with one
-    line naming `option` where the path cannot be written."""
+    if missing and checked writable; a free name (`new_result_path`) where a file is there already, unless
+    `replace` (a result regenerated in place on purpose, or read back and extended). Exits with one line naming
+    `option` where the path cannot be written."""
     default = pathlib.Path(default)
     if out is None or str(out) == "":
         path = default
@@ -64,4 +65,6 @@ def checked_out_file(out: str | os.PathLike | None, default: str | os.PathLike, 
     else:
         path = pathlib.Path(out)
     _writable_folder(path.parent, option)
-    return new_result_path(path)
+    if replace and path.exists() and not os.access(path, os.W_OK):
+        sys.exit(f"{option} {path}: cannot write over it (permission denied)")
+    return path if replace else new_result_path(path)
