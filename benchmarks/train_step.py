@@ -365,8 +365,8 @@ def interleaved_times(steps: dict[str, Callable[[], None]], count: int, warmup: 
 
 
 # A step time's max / min beyond this: other jobs' load (or the machine's clocks) moved during the run, and a ratio
-# of two medians may say more about that than about the two trainers (2026-12-05: 6.78x and 10.97x where open_clip's
-# steps varied 40x).
+# of two medians may say more about that than about the two trainers (a review saw ratios of 6.78x and 10.97x where
+# open_clip's steps varied 40x under other jobs' load).
 SPREAD_WARNING = 2.0
 
 
