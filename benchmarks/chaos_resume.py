@@ -37,8 +37,8 @@ import orbax.checkpoint as ocp  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from machine import cpu_facts  # noqa: E402
-from result_files import new_result_path  # noqa: E402
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_folder, new_result_path  # noqa: E402
 
 from clip_jax.train.checkpoint import read_state  # noqa: E402
 
@@ -69,7 +69,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=600, help="seconds before a launch counts as hung")
     p.add_argument("--keep", action="store_true", help="keep the workdirs and logs (printed)")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    return p.parse_args()
+    args = p.parse_args()
+    for option in ("cycles", "steps", "max_kills", "timeout"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    checked_out_folder(args.out)  # before the cycles' minutes, not after them
+    return args
 
 
 def free_port() -> int:
@@ -253,8 +258,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
         "machine": {
-            "host": socket.gethostname(),
-            "cpu": cpu_facts(),
+            **environment_facts(),
             "processes": args.processes,
             "devices_per_process": 8 // args.processes,
         },
@@ -275,9 +279,7 @@ def main() -> None:
         "cycles": cycles,
     }
     print(json.dumps(result["summary"], indent=2))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = new_result_path(out / ("chaos_resume.json" if args.processes == 1 else
+    path = new_result_path(pathlib.Path(args.out) / ("chaos_resume.json" if args.processes == 1 else
                                   f"chaos_resume_{args.processes}proc.json"))
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {path}")

@@ -2,7 +2,7 @@
 before any such option is built (docs/demo.md).
 
     python benchmarks/checkpoint_average.py --workdir W [--workdir W2 ...] [--steps 1000 1050 1100 1150 1200]
-        [--out benchmarks/results/checkpoint_average.json]
+        [--out benchmarks/results/checkpoint_average.json]   # (_2, _3... where a file is there already)
 
 For each workdir: the run's evaluations (its config's `evals`) of every checkpoint in `--steps` (default: every
 checkpoint the workdir holds), then of the uniform average of the last k of them for k = 2, 3, ... (the last step's
@@ -21,8 +21,9 @@ import sys
 
 import jax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from machine import cpu_facts  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # machine.py, result_files.py beside it
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_file  # noqa: E402
 
 from clip_jax.evaluate.suite import evaluate  # noqa: E402
 from clip_jax.train.checkpoint import Checkpointer, abstract_like  # noqa: E402
@@ -63,19 +64,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", action="append", required=True, help="a finished run (repeat for several)")
     p.add_argument("--steps", type=int, nargs="+", help="the checkpoints, oldest first (default: all of them)")
-    p.add_argument("--out", default="benchmarks/results/checkpoint_average.json")
+    p.add_argument("--out", help="the JSON file, or a folder for the default name (default: "
+                   "benchmarks/results/checkpoint_average.json; an earlier run's is never replaced: _2, _3...)")
     args = p.parse_args()
     if args.steps and args.steps != sorted(args.steps):
         p.error("--steps must be given oldest first")
+    for workdir in args.workdir:  # before any evaluation, not after the first workdir's
+        if not (pathlib.Path(workdir) / "checkpoints").is_dir():
+            p.error(f"--workdir {workdir}: no run there (no checkpoints folder)")
+    out = checked_out_file(args.out, pathlib.Path(__file__).parent / "results" / "checkpoint_average.json")
     result = {
         "benchmark": "checkpoint_average",
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu_facts(),
+        "machine": environment_facts(),
         "runs": {w: probe(w, args.steps) for w in args.workdir},
     }
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("saved", args.out)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("saved", out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import datetime
 import json
 import pathlib
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,8 @@ import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from machine import cpu_facts  # noqa: E402
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_file  # noqa: E402
 
 from clip_jax.config import load_config  # noqa: E402
 from clip_jax.data import pipeline  # noqa: E402
@@ -34,8 +34,13 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.py")
     parser.add_argument("--batches", type=int, default=8, help="batches per timed round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", help="the JSON file (default: benchmarks/results/demo_pipeline_<host>.json)")
+    parser.add_argument("--out", help="the JSON file, or a folder for the default name (default: "
+                        "benchmarks/results/demo_pipeline_<host>.json; never over an earlier one: _2, _3...)")
     args = parser.parse_args()
+    for option, value in (("--batches", args.batches), ("--rounds", args.rounds)):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+    out = checked_out_file(args.out, ROOT / "benchmarks" / "results" / f"demo_pipeline_{socket.gethostname()}.json")
 
     config = load_config(args.config)
     config.data.workers, config.data.prefetch = 0, 0
@@ -51,16 +56,13 @@ def main() -> None:
             next(batches)
         per_batch_ms.append((time.process_time() - cpu) / args.batches * 1e3)
 
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     result = {
         "config": args.config, "batch_size": config.batch_size, "image_size": config.model.vision.image_size,
         "cpu_ms_per_batch": round(min(per_batch_ms), 1), "rounds_cpu_ms_per_batch": [round(t, 1) for t in per_batch_ms],
         "cpu_us_per_example": round(min(per_batch_ms) / config.batch_size * 1e3, 1),
-        "commit": commit.stdout.strip(), "date": datetime.date.today().isoformat(), "cpu": cpu_facts(),
+        "date": datetime.date.today().isoformat(), "machine": environment_facts(),
     }
     print(json.dumps(result, indent=1))
-    out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"demo_pipeline_{socket.gethostname()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"saved {out}")
 

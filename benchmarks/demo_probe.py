@@ -23,6 +23,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # result_files.py beside it
+from result_files import checked_out_file  # noqa: E402
+
 from clip_jax.data.classification import class_embeddings, normalize  # noqa: E402
 from clip_jax.data.pipeline import get_source  # noqa: E402
 from clip_jax.data.shapes import (  # noqa: E402
@@ -65,8 +68,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--n", type=int, default=96, help="single-object scenes per held-out pair")
-    parser.add_argument("--out", default="", help="result JSON (default benchmarks/results/demo_probe_<name>.json)")
+    parser.add_argument("--out", default="", help="result JSON, or a folder for the default name (default "
+                        "benchmarks/results/demo_probe_<name>.json; never over an earlier one: _2, _3...)")
     args = parser.parse_args()
+    if args.n < 1:
+        parser.error(f"--n must be at least 1, got {args.n}")
+    if not (pathlib.Path(args.workdir) / "config.json").is_file():
+        parser.error(f"--workdir {args.workdir}: no trained run there (no config.json)")
+    out = checked_out_file(args.out, pathlib.Path(__file__).parent / "results" /
+                           f"demo_probe_{pathlib.Path(args.workdir).name}.json")
 
     trained = load_trained(args.workdir)
     config, model, params, tokenizer, mesh, step = (trained.config, trained.model, trained.params, trained.tokenizer,
@@ -117,8 +127,6 @@ def main() -> None:
         read = colour_vs_gray[name]
         print(f"{name:16s} {row['correct']:>4d}/{row['total']:<4d}  {row['wrong_as']} | {read['colour']} -> "
               f"{read['grayscale']}")
-    out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" /
-                       f"demo_probe_{pathlib.Path(args.workdir).name}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {out}")
 

@@ -7,6 +7,7 @@ import argparse
 import datetime
 import json
 import pathlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,22 +15,25 @@ import jax
 
 from clip_jax.models.layers import cuda_compute_capability
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # result_files.py beside it
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_folder, new_result_path  # noqa: E402
+
 
 def run_gpu_check(name: str, doc: str, needs: str, cases: dict[str, Any], measure: Callable[[Any], dict]) -> None:
     """Parses `--out`; off an NVIDIA GPU prints `needs` and measures nothing; else `measure(case)` for every case,
-    saved after each into `<name>_<device>_<date>.json`."""
+    saved after each into `<name>_<device>_<date>.json` (`_2`, `_3`... where the day's earlier run saved one)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = p.parse_args()
+    out = checked_out_folder(args.out)
     if cuda_compute_capability() is None:
         print(f"{name}: {needs}; this machine runs on {jax.default_backend()}: nothing measured")
         return
     device = jax.devices()[0]
     result = {"benchmark": name, "date": datetime.date.today().isoformat(), "device_kind": device.device_kind,
-              "jax": jax.__version__, "shapes": {}}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}_{device.device_kind.replace(' ', '_')}_{result['date']}.json"
+              "jax": jax.__version__, "machine": environment_facts(), "shapes": {}}
+    path = new_result_path(out / f"{name}_{device.device_kind.replace(' ', '_')}_{result['date']}.json")
     for case_name, case in cases.items():
         result["shapes"][case_name] = measure(case)
         print(case_name, json.dumps(result["shapes"][case_name]), flush=True)

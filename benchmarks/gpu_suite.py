@@ -11,7 +11,8 @@ Each configuration is one `benchmarks/train_step.py` run in a process of its own
 alone), in order of priority, until the time budget is spent. Everything, failures included, goes into one JSON file,
 `gpu_suite_<device>_<date>.json` (`_2`, `_3`... for the day's next ones), rewritten after every run (a command
 stopped half-way still leaves what it measured), beside the traces (.xplane.pb.gz) and optimised HLO (.hlo.txt.gz)
-of the runs that keep their profile: `train_step.py --read-profile` summarises one again.
+of the runs that keep their profile (named like the run's JSON, `_2`... where an earlier suite's are there; each run
+records its trace's path as `profile.kept_as`): `train_step.py --read-profile` summarises one again.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).parent
-sys.path.insert(0, str(HERE.resolve()))  # result_files.py beside it
-from result_files import new_result_path  # noqa: E402
+sys.path.insert(0, str(HERE.resolve()))  # machine.py, result_files.py beside it
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_folder, new_result_path  # noqa: E402
 
 B16 = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
 LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py")]
@@ -75,7 +77,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", nargs="*", help="run only these names, the CHECKS' among them (default: all, in "
                    "order)")
     p.add_argument("--out", default=str(HERE / "results"))
-    return p.parse_args()
+    args = p.parse_args()
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    known = [*CHECKS, *(name for name, _, _ in RUNS)]
+    unknown = [name for name in args.only or [] if name not in known]
+    if unknown:  # a misspelt name ran nothing of it, silently
+        p.error(f"--only: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    return args
 
 
 def run_script(script: str, args: list[str], timeout: float,
@@ -134,9 +143,11 @@ def summary_line(name: str, result: dict) -> str:
     piped = ours.get("pipelined") or {}
     piped = (f" (pipelined {piped['step_time_s'] * 1e3:.1f} ms, {piped['mfu']:.1%})" if piped.get("mfu") is not None
              else "")
+    temp = ours.get("temp_memory_gib_per_device")  # None where XLA gives no memory analysis
+    temp = f"{temp:.1f} GiB" if temp is not None else "-"
     return (f"{name}: {ours['step_time_s'] * 1e3:.1f} ms/step, {ours['samples_per_s']:.0f} samples/s, "
             f"{ours['tflops_per_s']:.0f} TFLOP/s, {mfu}{piped}, {ours['fraction_of_matmul_peak']:.0%} of the measured "
-            f"matmul peak, temp {ours['temp_memory_gib_per_device']:.1f} GiB, compile {ours['compile_s']:.0f} s "
+            f"matmul peak, temp {temp}, compile {ours['compile_s']:.0f} s "
             f"(wall {result['wall_s']:.0f} s), {numerics}")
 
 
@@ -167,17 +178,17 @@ def device_facts() -> dict:
 
 def main() -> None:
     args = parse_args()
+    out = checked_out_folder(args.out)
     start = time.perf_counter()
     device = device_facts()
     print("device:", device, flush=True)
     if device.get("platform") != "gpu":  # B/16 at batch 512 on a CPU only spends the budget failing
         sys.exit(f"gpu_suite: needs an NVIDIA GPU (JAX's platform here is {device.get('platform')}): nothing measured")
     kind = str(device.get("device_kind", "unknown")).replace(" ", "_")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu_suite_{kind}_{datetime.date.today().isoformat()}"
     path = new_result_path(out / f"{stem}.json")  # a second suite of the day keeps the first's
     suite = {"benchmark": "gpu_suite", "date": datetime.date.today().isoformat(), "device": device,
+             "machine": environment_facts(),
              "budget_s": args.budget, "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}, "skipped": []}
     for name, (script, timeout) in CHECKS.items():
         if not args.only or name in args.only:
@@ -195,8 +206,8 @@ def main() -> None:
         run_args = [a.replace("{out}", str(out)) for a in run_args]
         result = run_one(run_args, min(args.run_timeout, left), args.steps, xla_flags)
         suite["runs"][name] = {"command_args": run_args, "added_xla_flags": xla_flags, **result}
+        path.write_text(json.dumps(suite, indent=2) + "\n")  # saved before a summary that might fail to format
         print("\n".join([summary_line(name, result), *profile_lines(result)]), flush=True)
-        path.write_text(json.dumps(suite, indent=2) + "\n")
     suite["total_s"] = time.perf_counter() - start
     path.write_text(json.dumps(suite, indent=2) + "\n")
     print(f"saved {path} ({suite['total_s']:.0f} s)")

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import importlib.util
 import json
+import os
 import pathlib
 import socket
 import sys
@@ -35,8 +37,8 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from input_pipeline import IMAGE_SIZE, make_jpegs  # noqa: E402
-from machine import cpu_facts  # noqa: E402
-from result_files import new_result_path  # noqa: E402
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_file  # noqa: E402
 
 from clip_jax.data.images import (  # noqa: E402
     crop_min_side,
@@ -114,13 +116,29 @@ def routes() -> dict[str, Callable[[bytes, int], np.ndarray]]:
     return found
 
 
+OPTIONAL_DECODERS = ("simplejpeg", "pyvips")  # routes timed only where installed
+
+
+def version(package: str) -> str | None:
+    """The installed version of `package`, None where it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=300, help="images")
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--out", help="the JSON file (default: benchmarks/results/image_decoders_<host>.json)")
     args = parser.parse_args()
+    for option, value in (("--n", args.n), ("--passes", args.passes)):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+    out = checked_out_file(args.out, ROOT / "benchmarks" / "results" / f"image_decoders_{socket.gethostname()}.json")
 
+    load_before = os.getloadavg()
     jpegs = make_jpegs(args.n)
     reference = [pipeline(j, i) for i, j in enumerate(jpegs)]
     found = routes()
@@ -139,10 +157,16 @@ def main() -> None:
     for r in results.values():
         r["best_ms_per_image"] = min(r["ms_per_image"])
 
+    # the optional decoders absent here: their routes are missing from `routes`, not slower
+    absent = [name for name in OPTIONAL_DECODERS if importlib.util.find_spec(name) is None]
     report = {"benchmark": "image_decoders", "date": datetime.date.today().isoformat(), "images": args.n,
-              "image_size": IMAGE_SIZE, "cpu": cpu_facts(), "routes": results}
+              "passes": args.passes, "image_size": IMAGE_SIZE, "machine": environment_facts(),
+              "load_average_before_after": [load_before, os.getloadavg()],
+              "versions": {name: version(name) for name in ("numpy", "pillow", *OPTIONAL_DECODERS)},
+              "absent_optional_decoders": absent, "routes": results}
     print(json.dumps(results, indent=1))
-    out = new_result_path(args.out or ROOT / "benchmarks" / "results" / f"image_decoders_{socket.gethostname()}.json")
+    if absent:
+        print(f"not timed: {', '.join(absent)} (not installed)")
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"saved {out}")
 

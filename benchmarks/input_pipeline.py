@@ -26,7 +26,6 @@ import io
 import json
 import os
 import pathlib
-import platform
 import socket
 import sys
 import tempfile
@@ -39,8 +38,8 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from machine import cpu_facts  # noqa: E402
-from result_files import new_result_path  # noqa: E402
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_file  # noqa: E402
 
 from clip_jax.config import default_config  # noqa: E402
 from clip_jax.data import records  # noqa: E402
@@ -156,8 +155,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0, help="per measurement")
     parser.add_argument("--colour-jitter", type=float, nargs=4, metavar=("B", "C", "S", "H"),
                         help="data.colour_jitter strengths: brightness, contrast, saturation, hue")
-    parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--out", type=pathlib.Path, help="the JSON file, or a folder for the default name "
+                        "(default: benchmarks/results/input_pipeline_<host>[_jitter].json; never over an earlier one)")
     args = parser.parse_args()
+    suffix = "" if args.colour_jitter is None else "_jitter"
+    out = checked_out_file(args.out, ROOT / "benchmarks" / "results" /
+                           f"input_pipeline_{socket.gethostname()}{suffix}.json")
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     vocab = ClipTokenizer.find_openai_vocab()
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,8 +184,7 @@ def main() -> None:
     report = {
         "benchmark": "input_pipeline",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"hostname": socket.gethostname(), "cpu": cpu_facts(),
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"hostname": socket.gethostname(), **environment_facts()},
         "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         "data": data,
         "tokenizer": tokenizer.name,
@@ -195,9 +197,6 @@ def main() -> None:
         },
         "units": "samples/s; one_core: per wall-second and per CPU-second of one process without threads",
     }
-    suffix = "" if jitter is None else "_jitter"
-    out = new_result_path(args.out or ROOT / "benchmarks" / "results" /
-                          f"input_pipeline_{socket.gethostname()}{suffix}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("data", "one_core", "grain_pipeline", "h100_b16")}, indent=1))
     print(f"wrote {out}")

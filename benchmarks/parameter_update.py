@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import pathlib
 import sys
 import time
@@ -45,8 +44,8 @@ from clip_jax.models.presets import PRESETS, model_preset  # noqa: E402
 from clip_jax.train import state as state_lib  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from machine import cpu_facts  # noqa: E402
-from result_files import new_result_path  # noqa: E402
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_folder, new_result_path  # noqa: E402
 
 
 def scalar_clip(max_norm: float) -> optax.GradientTransformation:
@@ -113,6 +112,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=4, help="timed calls per variant and round")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
+    out = checked_out_folder(args.out)
 
     config = default_config()
     config.model = model_preset(args.preset)
@@ -153,8 +153,7 @@ def main() -> None:
     copy_s = float(np.median(seconds.pop("copy")))
     result = {
         "benchmark": "parameter_update", "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": cpu_facts(), "device_kind": jax.devices()[0].device_kind,
-                    "load_average": os.getloadavg()},
+        "machine": {**environment_facts(), "device_kind": jax.devices()[0].device_kind},
         "jax": jax.__version__, "optax": optax.__version__, "args": vars(args), "parameters": count,
         "copy_ms": copy_s * 1e3, "copy_gb_per_s": 2 * 4 * count / copy_s / 1e9,
         "least_traffic_ms": 4 * copy_s * 1e3,
@@ -167,8 +166,6 @@ def main() -> None:
         print(f"{name:24s} {facts['ms']:7.1f} ms   max difference from the trainer's {difference:.1e}")
     print(f"{'copy of the parameters':24s} {copy_s * 1e3:7.1f} ms ({result['copy_gb_per_s']:.0f} GB/s); "
           f"the least traffic would take {4 * copy_s * 1e3:.0f} ms")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = new_result_path(out / f"parameter_update_{args.preset.replace('/', '')}_{jax.devices()[0].platform}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {path}")

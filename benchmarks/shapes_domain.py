@@ -22,6 +22,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # result_files.py beside it
+from result_files import checked_out_file  # noqa: E402
+
 from clip_jax.data.classification import class_embeddings  # noqa: E402
 from clip_jax.data.shapes import (  # noqa: E402
     DOMAINS,
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--registered-only", action="store_true", help="only the domains in DOMAINS")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "shapes_domain.json"))
     args = parser.parse_args()
+    # the committed result, regenerated in place on purpose; checked before the renders and evaluations
+    out = checked_out_file(args.out, pathlib.Path(__file__).parent / "results" / "shapes_domain.json", replace=True)
 
     trained = load_trained(args.workdir)
     encoder = Encoder(trained.model, trained.params, trained.mesh, 250)
@@ -102,7 +107,6 @@ def main() -> None:
         results[name] = row
         print(f"{name:45s} {row['top1_seen']:9.3f} {row['top1_held_out']:13.3f} {row['render_ms_per_image']:9.2f}")
 
-    out = pathlib.Path(args.out)
     out.write_text(json.dumps({
         "benchmark": "shapes_domain", "date": datetime.date.today().isoformat(), "machine": "2-core CPU VM",
         "workdir": str(args.workdir), "step": trained.step, "image_size": config.image_size,

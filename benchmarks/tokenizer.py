@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import pathlib
-import platform
 import random
 import re
 import socket
@@ -43,8 +42,8 @@ from collections.abc import Callable
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from machine import cpu_facts  # noqa: E402
-from result_files import new_result_path  # noqa: E402
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_file  # noqa: E402
 
 from clip_jax.data.tokenizer import ClipTokenizer, clean_text  # noqa: E402
 
@@ -190,6 +189,9 @@ def race(make: Callable[[], tuple], batches: list[list[str]], passes: int, warm:
     return result
 
 
+CORPORA = ("mixed", "ascii", "real", "real_intl")  # the module docstring describes each
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20000, help="captions of the generated and real_intl corpora")
@@ -199,13 +201,25 @@ def main() -> None:
     parser.add_argument("--warm-passes", type=int, default=5)
     parser.add_argument("--non-ascii", type=float, default=0.1, help="mixed: share of captions with non-ASCII text")
     parser.add_argument("--ampersand", type=float, default=0.03, help="mixed: share of captions with '&'")
-    parser.add_argument("--corpora", default="mixed,ascii,real,real_intl", help="comma-separated, of those four")
-    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--corpora", default=",".join(CORPORA), help="comma-separated, of those four")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="the JSON file, or a folder for the default name (default: "
+                             "benchmarks/results/tokenizer_<host>.json; an earlier run's is never replaced: _2, ...)")
     args = parser.parse_args()
+    for option in ("n", "context_length", "batch_size", "cold_passes", "warm_passes"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    corpus_names = args.corpora.split(",")
+    unknown = [name for name in corpus_names if name not in CORPORA]
+    if unknown:
+        parser.error(f"--corpora: unknown {', '.join(map(repr, unknown))}; known: {', '.join(CORPORA)}")
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname().split(".")[0]) or "host"
+    out = checked_out_file(args.out, pathlib.Path(__file__).parent / "results" / f"tokenizer_{host}.json")
 
     vocab = ClipTokenizer.find_openai_vocab()
     if vocab is None:
-        sys.exit("open_clip is not installed: it ships bpe_simple_vocab_16e6.txt.gz, and it is what we compare with")
+        sys.exit("open_clip is not installed (pip install open_clip_torch): it ships bpe_simple_vocab_16e6.txt.gz, "
+                 "and it is what we compare with")
     # torchvision's C++ ops are broken on some installs; open_clip does not need them for tokenizing.
     sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     import open_clip
@@ -222,7 +236,7 @@ def main() -> None:
         "real": real_english,
         "real_intl": lambda: real_intl(args.n // 2),
     }
-    corpora = {name: makers[name]() for name in args.corpora.split(",")}
+    corpora = {name: makers[name]() for name in corpus_names}
     if "real_intl" in corpora and not corpora["real_intl"]:
         print("real_intl: no gettext catalogs under /usr/share/locale here, skipped")
         del corpora["real_intl"]
@@ -250,6 +264,7 @@ def main() -> None:
         f"{'paired median (min-max)':>24}"
     )
     table = [header, "-" * len(header)]
+    print("\n".join(table), flush=True)  # the rows follow corpus by corpus, as they are measured
     for name, captions in corpora.items():
         cleaned = [clean_text(c) for c in captions]
         row = {
@@ -287,21 +302,12 @@ def main() -> None:
                     f"{row['ratio_paired_median'][f'{kind}_{clock}']:>11.1f}x ({paired[0]:.1f}-{paired[-1]:.1f})"
                 )
         print("\n".join(table[-4:]), flush=True)
-    print("\n" + "\n".join(table))
 
-    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname().split(".")[0]) or "host"
-    out = args.out or pathlib.Path(__file__).parent / "results" / f"tokenizer_{host}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "tokenizer",
         "command": "python benchmarks/tokenizer.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "hostname": socket.gethostname(),
-            "cpu": cpu_facts(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": {"hostname": socket.gethostname(), **environment_facts()},
         "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         "vocabulary": ClipTokenizer.from_openai_vocab(vocab).name,
         "open_clip_version": getattr(open_clip, "__version__", None),
@@ -315,7 +321,6 @@ def main() -> None:
         "construction_ms_median": construction_ms,
         "results": results,
     }
-    out = new_result_path(out)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out}")
 

@@ -21,14 +21,14 @@ import argparse
 import collections
 import datetime
 import gzip
+import importlib.metadata
+import importlib.util
 import itertools
 import json
 import multiprocessing
 import multiprocessing.connection
-import os
 import pathlib
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -52,8 +52,8 @@ from clip_jax.train.checkpoint import abstract_like
 from clip_jax.train.loop import create_state
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # machine.py beside it, also when a test loads it
-from machine import cpu_facts  # noqa: E402
-from result_files import new_result_path  # noqa: E402
+from machine import environment_facts  # noqa: E402
+from result_files import checked_out_folder, new_result_path, new_result_stem  # noqa: E402
 
 DEFAULT_BATCH = 32  # a preset's global batch unless --batch says otherwise
 
@@ -96,6 +96,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"),
                    help="folder of the JSON (named after the run; an earlier run's is never replaced: _2, _3...)")
     args = p.parse_args()
+    for option, value in (("--steps", args.steps), ("--accum", args.accum), ("--batch", args.batch)):
+        if value is not None and value < 1:  # 0 timed steps gave a NaN median in the JSON
+            p.error(f"{option} must be at least 1, got {value}")
     if args.config and (args.open_clip or args.image_size or args.context_length or args.vocab_size):
         p.error("--config times a recipe as it is: --open-clip and the size overrides go with --preset")
     return args
@@ -174,6 +177,7 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
     t0 = time.perf_counter()
     compiled = step_lib.compile_train_step(train_step, shardings, abstract_like(state), batch_spec, mesh)
     compile_s = time.perf_counter() - t0
+    print(f"compiled clip_jax's step in {compile_s:.1f} s", flush=True)  # a large model's compile takes minutes
     batch = jax.device_put(synthetic_batch(method.fields(), config.batch_size, config.model.text.vocab_size),
                            batch_sharding(mesh))
 
@@ -267,55 +271,121 @@ def torch_matmul_peak(dtype: str, repeats: int = 5) -> dict:
     return peak_rates(product, (1024, 2048, 4096), repeats)
 
 
+OPEN_CLIP_MISSING = "open_clip is not installed (pip install open_clip_torch): it is what --open-clip compares with"
+# How long the parent waits between checks that open_clip's process still runs (a step can take minutes: no limit
+# on the wait itself, only on noticing a process that died).
+CHILD_POLL_S = 1.0
+
+
 def _serve_open_clip(args: argparse.Namespace, conn: multiprocessing.connection.Connection) -> None:
     """The open_clip process: builds the model, then runs one step per "step" request and answers a "matmul"
-    request with torch's matmul peak, until told to stop."""
-    if args.malloc == "keep":
-        keep_freed_memory()  # torch's CPU allocator maps and faults in its big buffers afresh just the same
-    step, facts = build_open_clip(args)
-    conn.send(facts)
-    while (request := conn.recv()) in ("step", "matmul"):
-        conn.send(step() if request == "step" else torch_matmul_peak(preset(args)["dtype"]))
+    request with torch's matmul peak, until told to stop. Every answer is ("ok", value); a failure is answered
+    ("failed", its last line) before the process exits, so that the parent can name it."""
+    try:
+        if args.malloc == "keep":
+            keep_freed_memory()  # torch's CPU allocator maps and faults in its big buffers afresh just the same
+        step, facts = build_open_clip(args)
+        conn.send(("ok", facts))
+        while (request := conn.recv()) in ("step", "matmul"):
+            conn.send(("ok", step() if request == "step" else torch_matmul_peak(preset(args)["dtype"])))
+    except Exception as e:
+        missing = isinstance(e, ModuleNotFoundError) and e.name in ("open_clip", "torch")
+        conn.send(("failed", OPEN_CLIP_MISSING if missing else f"{type(e).__name__}: {e}".strip().splitlines()[-1]))
+        sys.exit(1)  # the parent prints the one line; a traceback here would bury it
 
 
-def open_clip_in_process(args: argparse.Namespace
+def open_clip_in_process(args: argparse.Namespace, serve: Callable = _serve_open_clip
                          ) -> tuple[Callable[[], None], dict, Callable[[], dict], Callable[[], None]]:
     """open_clip in a process of its own, stepped on request: (step, facts, matmul_peak, stop). Each trainer runs
     alone in practice, with its own heap, allocator settings and thread pools; the two still take turns step by
-    step."""
+    step. `serve` runs in that process (`_serve_open_clip`; a test's stand-in). Where the process fails or dies (an
+    import error, the OOM killer), this one exits with one line saying so instead of waiting for its answer."""
     ctx = multiprocessing.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=_serve_open_clip, args=(args, child_conn), daemon=True)
+    child = ctx.Process(target=serve, args=(args, child_conn), daemon=True)
     child.start()
-    facts = conn.recv()
+    child_conn.close()  # the child's end lives on in the child alone: its death then ends the pipe (EOFError)
+
+    def answer() -> object:
+        """The child's next answer; exits naming the child's failure where it fails or dies instead."""
+        while not conn.poll(CHILD_POLL_S):
+            if not child.is_alive():
+                break
+        failure = "it died without a word"
+        try:
+            if conn.poll(0):
+                status, value = conn.recv()
+                if status == "ok":
+                    return value
+                failure = value
+        except (EOFError, OSError):
+            pass
+        child.join(10)
+        sys.exit(f"open_clip's step failed in its process (exit code {child.exitcode}): {failure}")
+
+    def ask(request: str) -> object:
+        try:
+            conn.send(request)
+        except OSError:  # the child is gone (a broken pipe): answer() names how it ended
+            pass
+        return answer()
 
     def step() -> None:
-        conn.send("step")
-        conn.recv()
+        ask("step")
 
     def matmul_peak() -> dict:
-        conn.send("matmul")
-        return conn.recv()
+        return ask("matmul")
 
     def stop() -> None:
         conn.send("stop")
         child.join()
 
+    facts = answer()
     return step, facts, matmul_peak, stop
 
 
 def interleaved_times(steps: dict[str, Callable[[], None]], count: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per step of each contender, taking turns step by step after `warmup` untimed steps each."""
+    """Seconds per step of each contender, taking turns step by step after `warmup` untimed steps each; which one
+    goes first alternates from one round to the next (as tokenizer.py's batches do), so neither always runs right
+    after the other's cache-cold or thread-busy moment. Prints a short line per round: a large model's run would
+    otherwise say nothing for minutes."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times = {name: [] for name in steps}
-    for _ in range(count):
-        for name, step in steps.items():
+    order = list(steps.items())
+    for round_ in range(count):
+        for name, step in order if round_ % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
+        print(f"step {round_ + 1}/{count}: " + ", ".join(f"{name} {seconds[-1]:.3f} s"
+                                                         for name, seconds in times.items()), flush=True)
     return times
+
+
+# A step time's max / min beyond this: other jobs' load (or the machine's clocks) moved during the run, and a ratio
+# of two medians may say more about that than about the two trainers (a review saw ratios of 6.78x and 10.97x where
+# open_clip's steps varied 40x under other jobs' load).
+SPREAD_WARNING = 2.0
+
+
+def spread(seconds: list[float]) -> dict:
+    """min, median and max of a run's step times and max / min: how steady the machine was while they ran."""
+    low, high = min(seconds), max(seconds)
+    return {"min_s": low, "median_s": float(np.median(seconds)), "max_s": high,
+            "max_over_min": high / low if low > 0 else float("inf")}
+
+
+def spread_warning(spreads: dict[str, dict]) -> str:
+    """A warning line where any side's step times spread beyond SPREAD_WARNING; "" where all were steady."""
+    unsteady = [f"{name}'s from {s['min_s']:.3f} to {s['max_s']:.3f} s ({s['max_over_min']:.1f}x)"
+                for name, s in spreads.items() if s["max_over_min"] > SPREAD_WARNING]
+    if not unsteady:
+        return ""
+    return (f"warning: step times varied by more than {SPREAD_WARNING:g}x ({'; '.join(unsteady)}): the machine's "
+            "load changed during the run, and the figures (a speedup above all) are unreliable; rerun on a quiet "
+            "machine")
 
 
 def pipelined_times(step: Callable[..., dict], count: int) -> list[float]:
@@ -450,6 +520,9 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
+PROFILE_SUFFIXES = (".xplane.pb.gz", ".hlo.txt.gz")  # a kept profile's trace and optimised HLO
+
+
 def profile_step(step: Callable[[], None], hlo: str, keep: pathlib.Path | None = None) -> dict:
     """`trace_summary` of one step's jax.profiler trace, with the step's wall time. `keep`: a path without suffix
     for the trace (.xplane.pb.gz: gunzip it for TensorBoard or xprof) and the optimised HLO (.hlo.txt.gz), which
@@ -465,8 +538,9 @@ def profile_step(step: Callable[[], None], hlo: str, keep: pathlib.Path | None =
         trace = next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
         if keep is not None:
             keep.parent.mkdir(parents=True, exist_ok=True)
-            keep.with_suffix(".xplane.pb.gz").write_bytes(gzip.compress(trace.read_bytes()))
-            keep.with_suffix(".hlo.txt.gz").write_bytes(gzip.compress(hlo.encode()))
+            trace_suffix, hlo_suffix = PROFILE_SUFFIXES
+            keep.with_name(keep.name + trace_suffix).write_bytes(gzip.compress(trace.read_bytes()))
+            keep.with_name(keep.name + hlo_suffix).write_bytes(gzip.compress(hlo.encode()))
         return {"step_s": step_s, **trace_summary(ProfileData.from_file(str(trace)), hlo)}
 
 
@@ -533,8 +607,18 @@ def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> st
 def main() -> None:
     args = parse_args()
     if args.read_profile:
+        missing = [f"{args.read_profile}{suffix}" for suffix in (".xplane.pb.gz", ".hlo.txt.gz")
+                   if not pathlib.Path(f"{args.read_profile}{suffix}").is_file()]
+        if missing:
+            sys.exit(f"--read-profile {args.read_profile}: no kept trace there ({' and '.join(missing)} missing; "
+                     "STEM is the path without .xplane.pb.gz)")
         print(json.dumps(read_kept_profile(args.read_profile), indent=2))
         return
+    if args.open_clip and importlib.util.find_spec("open_clip") is None:
+        sys.exit(OPEN_CLIP_MISSING)
+    # before minutes of measuring, not after them
+    out = checked_out_folder(args.out)
+    keep_dir = checked_out_folder(args.keep_profile, "--keep-profile") if args.profile and args.keep_profile else None
     # as clip-jax does on the CPU (clip_jax/host_memory.py); before JAX starts
     kept_freed_memory = args.malloc == "keep" and keep_freed_memory()
     jnp.zeros(())  # initialise the backend before timing
@@ -544,6 +628,8 @@ def main() -> None:
     if args.open_clip:
         steps["open_clip"], facts["open_clip"], torch_peak, stop_open_clip = open_clip_in_process(args)
     times = interleaved_times(steps, args.steps)
+    spreads = {name: spread(seconds) for name, seconds in times.items()}
+    warning = spread_warning(spreads)
     pipelined = pipelined_times(steps["clip_jax"], args.steps)
     pipelined_s = float(np.median(pipelined))  # the median, as for the steps timed one by one
     if args.open_clip:
@@ -553,14 +639,10 @@ def main() -> None:
     result = {
         "benchmark": "train_step",
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "host": socket.gethostname(),
-            "cpu": cpu_facts(),
-            "device_kind": device.device_kind,
-            "num_devices": jax.device_count(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": {**environment_facts(), "device_kind": device.device_kind, "num_devices": jax.device_count()},
         "jax": jax.__version__,
+        "flax": importlib.metadata.version("flax"),
+        "optax": importlib.metadata.version("optax"),
         "args": vars(args),
         "kept_freed_memory": kept_freed_memory,
         "matmul": peak,
@@ -571,7 +653,9 @@ def main() -> None:
     for name, seconds in times.items():
         step_s = float(np.median(seconds))
         result[name] = {"step_time_s": step_s, "step_times_s": seconds, "samples_per_s": batch / step_s,
-                        "tflops_per_s": tflop / step_s, **facts[name]}
+                        "tflops_per_s": tflop / step_s, "step_spread": spreads[name], **facts[name]}
+    if warning:
+        result["warning"] = warning
     ours = result["clip_jax"]
     # The numerics of the timed implementation: every step's loss on the same batch (a run with another attention
     # or dtype should follow the same curve), and how many steps were skipped as not finite.
@@ -594,15 +678,16 @@ def main() -> None:
         result["speedup_ceiling_vs_open_clip"] = result["open_clip"]["step_time_s"] / result["matmul_floor_s"]
         theirs = result["open_clip"]
         theirs["fraction_of_matmul_peak"] = theirs["tflops_per_s"] / theirs["matmul"]["peak_tflops_per_s"]
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = new_result_path(out / result_name(args, ours, device.platform))
     name = path.name
     path.write_text(json.dumps(result, indent=2) + "\n")  # the timing stays if the profile stalls
     if args.profile:
         try:
-            keep = pathlib.Path(args.keep_profile) / pathlib.Path(name).stem if args.keep_profile else None
+            # a name no earlier trace there has: a suite's runs keep their traces in one folder
+            keep = keep_dir / new_result_stem(keep_dir, pathlib.Path(name).stem, PROFILE_SUFFIXES) if keep_dir else None
             result["profile"] = profile_step(steps["clip_jax"], hlo, keep=keep)
+            if keep is not None:
+                result["profile"]["kept_as"] = str(keep)  # the stem --read-profile takes
         except Exception as e:  # a profiler that fails on some platform leaves the step's timing
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(result, indent=2))
@@ -614,6 +699,8 @@ def main() -> None:
              f"take {result['matmul_floor_s']:.3f} s); open_clip at "
              f"{result['open_clip']['fraction_of_matmul_peak']:.0%} of torch's "
              f"{result['open_clip']['matmul']['peak_tflops_per_s']:.3f} TFLOP/s matmul peak" if args.open_clip else ""))
+    if warning:
+        print(warning)
     if ours["nonfinite_steps"]:
         print(f"warning: {ours['nonfinite_steps']} of {len(ours['losses'])} steps had a non-finite loss or gradient")
     path.write_text(json.dumps(result, indent=2) + "\n")

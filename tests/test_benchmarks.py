@@ -242,3 +242,117 @@ def test_a_result_never_replaces_an_earlier_one(tmp_path):
     assert new_result_path(path) == tmp_path / "train_step_tiny_cpu_2.json"
     (tmp_path / "train_step_tiny_cpu_2.json").write_text("{}")
     assert new_result_path(path) == tmp_path / "train_step_tiny_cpu_3.json"
+
+
+# Stand-ins for open_clip's process (module level: a spawned process imports them by name).
+def _open_clip_fails_at_once(args, conn):
+    conn.send(("failed", "ModuleNotFoundError: No module named 'open_clip'"))
+    sys.exit(1)
+
+
+def _open_clip_dies_without_a_word(args, conn):
+    import os
+
+    os._exit(3)  # as the OOM killer leaves it: no answer, no traceback
+
+
+@pytest.mark.parametrize("serve, message", [
+    (_open_clip_fails_at_once, r"\(exit code 1\): ModuleNotFoundError: No module named 'open_clip'"),
+    (_open_clip_dies_without_a_word, r"\(exit code 3\): it died without a word"),
+])
+def test_open_clip_process_that_fails_ends_the_run_in_one_line(bench, monkeypatch, serve, message):
+    # It waited forever for the answer of a process that had died.
+    monkeypatch.setattr(bench, "CHILD_POLL_S", 0.1)
+    with pytest.raises(SystemExit, match="open_clip's step failed in its process " + message):
+        bench.open_clip_in_process(SimpleNamespace(), serve=serve)
+
+
+@pytest.mark.parametrize("option", ["--steps", "--accum", "--batch"])
+def test_counts_below_one_are_refused(bench, monkeypatch, capsys, option):
+    monkeypatch.setattr("sys.argv", ["train_step.py", option, "0"])  # --steps 0 wrote a NaN median into the JSON
+    with pytest.raises(SystemExit):
+        bench.parse_args()
+    assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_unsteady_step_times_are_flagged(bench, capsys):
+    steady, unsteady = bench.spread([0.30, 0.31, 0.29]), bench.spread([0.1, 4.0, 0.2])
+    assert steady == {"min_s": 0.29, "median_s": 0.30, "max_s": 0.31, "max_over_min": pytest.approx(0.31 / 0.29)}
+    assert bench.spread_warning({"clip_jax": steady, "open_clip": steady}) == ""
+    warning = bench.spread_warning({"clip_jax": steady, "open_clip": unsteady})
+    assert "open_clip's from 0.100 to 4.000 s (40.0x)" in warning and "clip_jax" not in warning
+    assert "rerun on a quiet machine" in warning
+
+
+def test_interleaved_steps_alternate_which_goes_first(bench):
+    calls = []
+    bench.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warmup=0)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_read_profile_of_a_missing_trace_is_one_line(bench, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--read-profile", "/nonexistent/trace"])
+    with pytest.raises(SystemExit, match="--read-profile /nonexistent/trace: no kept trace there"):
+        bench.main()
+
+
+def test_out_is_checked_before_anything_is_measured(tmp_path):
+    """Every script's --out, through benchmarks/result_files.py: a file path, or an existing folder meaning the
+    default name inside it (tokenizer.py given a folder `outdir` wrote a file `outdir_2`); one line where it cannot
+    be written."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from result_files import checked_out_file, checked_out_folder, new_result_stem
+
+    default = ROOT / "benchmarks" / "results" / "tokenizer_host.json"
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    assert checked_out_file(folder, default) == folder / "tokenizer_host.json"
+    (folder / "tokenizer_host.json").write_text("{}")
+    assert checked_out_file(str(folder), default) == folder / "tokenizer_host_2.json"
+    assert checked_out_file(tmp_path / "new" / "run.json", default) == tmp_path / "new" / "run.json"
+    assert (tmp_path / "new").is_dir()  # made at start-up
+    assert checked_out_file(f"{tmp_path}/made/", default) == tmp_path / "made" / "tokenizer_host.json"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match=f"--out {a_file}: a file is there, and this needs a folder"):
+        checked_out_file(a_file / "run.json", default)
+    with pytest.raises(SystemExit, match=f"--out {a_file}: a file is there, and this needs a folder"):
+        checked_out_folder(a_file)
+    assert checked_out_folder(tmp_path / "x" / "y") == tmp_path / "x" / "y"
+    # a set of files saved together (a kept profile's trace and HLO) takes a stem none of them has
+    (folder / "step.xplane.pb.gz").write_text("")
+    assert new_result_stem(folder, "step", (".xplane.pb.gz", ".hlo.txt.gz")) == "step_2"
+    assert new_result_stem(folder, "other", (".xplane.pb.gz", ".hlo.txt.gz")) == "other"
+
+
+def test_environment_facts_name_the_code_that_ran():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import environment_facts, source_facts
+
+    facts = environment_facts()
+    assert {"host", "cpu", "load_average", "time_utc", "python", "git"} <= set(facts)
+    git = source_facts()
+    assert git["commit"] is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_refuses_unknown_only_names(suite, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["gpu_suite.py", "--only", "layer_norm", "b16_b512_dots_cudnnn"])
+    with pytest.raises(SystemExit):  # a misspelt name silently ran nothing
+        suite.parse_args()
+    err = capsys.readouterr().err
+    assert "--only: unknown b16_b512_dots_cudnnn; known: layer_norm, attention_parity, b16_b512_dots_cudnn" in err
+
+
+def test_gpu_suite_summary_of_a_run_without_memory_analysis(suite):
+    ours = {"step_time_s": 0.2, "samples_per_s": 2560.0, "tflops_per_s": 300.0, "mfu": 0.3, "pipelined": {},
+            "fraction_of_matmul_peak": 0.5, "temp_memory_gib_per_device": None, "compile_s": 30.0, "losses": [2.0]}
+    line = suite.summary_line("run", {"clip_jax": ours, "wall_s": 60.0})
+    assert "temp -," in line and "30.0% MFU" in line
