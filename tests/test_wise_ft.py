@@ -243,7 +243,9 @@ def test_one_alpha_is_saved_as_a_workdir_that_eval_and_classify_read(wise_ft_run
     # tower, frozen, is the start's); the head 3/4 the zero-shot head (the step-0 head of a fresh start) and 1/4 the
     # trained one.
     tuned, mixed = load_trained(ft), load_trained(saved)
-    assert mixed.step == 0 and mixed.config.to_dict() == tuned.config.to_dict()
+    # its step 0 is its start (a sweep on it, or a new fine-tune from it): no init_from to take precedence
+    assert mixed.step == 0 and mixed.config.init_from == ""
+    assert mixed.config.to_dict() == {**tuned.config.to_dict(), "init_from": ""}
     tuned_params, mixed_params = jax.device_get(tuned.params), jax.device_get(mixed.params)
     for key in ("visual", "text", "logit_scale"):
         jax.tree.map(lambda m, b, t: np.testing.assert_allclose(m, 0.75 * b + 0.25 * t, rtol=1e-6, atol=1e-7),
@@ -263,6 +265,9 @@ def test_one_alpha_is_saved_as_a_workdir_that_eval_and_classify_read(wise_ft_run
     evaluated = json.loads((saved / "eval_0.json").read_text())
     assert {k: evaluated[k] for k in results if k.startswith("few_shot")} == pytest.approx(
         json.loads((tmp_path / "sweep.json").read_text())["0.25"])
+    main(["wise-ft", "--workdir", str(saved), "--alphas", "0", "--out", str(tmp_path / "from_saved.json")])
+    assert json.loads((tmp_path / "from_saved.json").read_text())["0.0"] == pytest.approx(
+        json.loads((tmp_path / "sweep.json").read_text())["0.25"])  # its alpha 0 is theta_0.25, not the base CLIP
     (tmp_path / "images").mkdir()
     image = np.zeros((config.model.vision.image_size,) * 2 + (3,), np.uint8)
     Image.fromarray(image).save(tmp_path / "images" / "black.png")

@@ -133,6 +133,9 @@ def _check_save(save_workdir, alphas: Sequence[float]) -> None:
     if is_remote(str(save_workdir)):
         raise ConfigError(f"--save-workdir {save_workdir}: the model is saved to a local folder; save it locally and "
                           "copy the folder to the bucket (gcloud storage cp -r)")
+    if jax.process_count() > 1:  # a local folder per host would each hold a part of the checkpoint
+        raise ConfigError("--save-workdir runs on one process: run clip-jax wise-ft on one host (it reads a run of "
+                          "any mesh) to save the model")
     check_new_workdir(save_workdir, "--save-workdir")
 
 
@@ -142,7 +145,11 @@ def save_interpolated(trained, workdir: epath.Path, alpha: float, params: Any, s
     record of its classes (`few_shot_classes.npz`, so the saved model names the classes it was trained on) and
     `wise_ft_alpha.json` (where it came from: the run, its step, alpha)."""
     save_workdir = pathlib.Path(save_workdir)
-    write_workdir(trained.config, params, trained.tokenizer, save_workdir, trained.method)
+    # Its step 0 is the model: `train` on it warm-starts from theta_alpha, and a sweep on it interpolates toward it.
+    # init_from, the CLIP the run started from, would make the sweep interpolate toward that instead.
+    config = trained.config.copy_and_resolve_references()
+    config.init_from = ""
+    write_workdir(config, params, trained.tokenizer, save_workdir, trained.method)
     if jax.process_index() == 0:
         classes = workdir / "few_shot_classes.npz"
         if classes.exists():
