@@ -159,10 +159,18 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.audio:  # read before anything is written
         sounds, sound_files, sounds_skipped = _read_sounds(args.audio, config)
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
-    if files is not None:  # embedded before anything is written: no readable image is an error, not an empty output
+    # Everything is embedded before anything is written (no readable image is an error, not an empty output; a
+    # model giving NaN stops with no file written): every process embeds every input (the encoder's results are
+    # replicated), process 0 writes them.
+    if files is not None:
         image_embeddings, kept, skipped = _per_image(encoder.images, files, config.model.vision.image_size,
                                                      args.max_image_bytes, encoder.batch_size)
-    # Every process embeds every input (the encoder's results are replicated); process 0 writes them.
+    if args.audio:
+        audio_embeddings = encoder.audio(np.stack(sounds))
+    if texts is not None:
+        context = config.model.text.context_length
+        tokens, lengths = tokenizer.tokenize_with_lengths(texts, context)
+        text_embeddings = encoder.texts(tokens)
     primary = jax.process_index() == 0
 
     def save(name: str, array: np.ndarray) -> None:
@@ -173,11 +181,8 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     if primary:
         out.mkdir(parents=True, exist_ok=True)
     if texts is not None:
-        context = config.model.text.context_length
-        tokens, lengths = tokenizer.tokenize_with_lengths(texts, context)
-        embeddings = encoder.texts(tokens)
         if primary:
-            save("text_embeddings.npy", embeddings)
+            save("text_embeddings.npy", text_embeddings)
             cut = int((lengths > context - 2).sum())
             print(f"encoded {len(texts)} texts -> {out / 'text_embeddings.npy'}" + (
                 f" ({cut} cut to the model's {context} tokens)" if cut else ""))
@@ -192,7 +197,7 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     if files is not None:
         save_with_files("image", "images", image_embeddings, [str(files[i]) for i in kept], len(skipped))
     if args.audio:
-        save_with_files("audio", "sounds", encoder.audio(np.stack(sounds)), sound_files, sounds_skipped)
+        save_with_files("audio", "sounds", audio_embeddings, sound_files, sounds_skipped)
 
 
 def _image_chunks(files: list, size: int, max_bytes: int, batch_size: int, skipped: list[str]
@@ -660,13 +665,11 @@ def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
 
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.train.wise_ft import format_table, parse_alphas, run_sweep, sweep_name
+    from clip_jax.train.wise_ft import format_table, parse_alphas, run_sweep, sweep_out
 
     alphas = parse_alphas(args.alphas)  # found before the model is loaded
     maybe_initialize()
-    out = args.out
-    if out is None and args.save_workdir is None:
-        out = os.path.join(args.workdir, sweep_name(args.split))
+    out = sweep_out(args.workdir, args.out, args.split, args.save_workdir)
     results = run_sweep(args.workdir, alphas, out, args.split, args.save_workdir)
     if jax.process_index() == 0:
         print(format_table(results))

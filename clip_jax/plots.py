@@ -16,7 +16,7 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullFormatter
 
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("split") == "train"]
@@ -26,8 +26,12 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
-    for formatter in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
-        formatter(FormatStrFormatter("%g"))  # 2, 3, 4 rather than 2 x 10^0
+    # Plain numbers (2, 3, 4 rather than 2 x 10^0). Minor ticks are labelled only within one decade, where they are
+    # the only labels; over several decades their labels would overlap, and the decades' own suffice.
+    ax_loss.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    losses = [r["loss"] for r in train if r["loss"] > 0]
+    within_a_decade = bool(losses) and max(losses) < 10 * min(losses)
+    ax_loss.yaxis.set_minor_formatter(FormatStrFormatter("%g") if within_a_decade else NullFormatter())
     ax_loss.legend()
     for key, label in (("i2t_acc", "train batch i2t acc"), ("train_acc", "train batch top-1"),
                        ("pixel_acc", "train batch pixel acc")):

@@ -292,7 +292,8 @@ def test_cli_convert_inspect_and_train_on_the_result(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["shards"] == 3 and info["records"] == 8 and info["samples"][1]["caption"] == "caption 1"
     # what the conversion read and skipped, and where its examples are
-    assert info["converted"] == {"samples": 9, "written": 8, "skipped": {"missing_file": 1},
+    assert info["converted"] == {"shards": 3, "shards_done": 3, "missing": [], "failed": [], "samples": 9,
+                                 "written": 8, "skipped": {"missing_file": 1},
                                  "report": str(tmp_path / "out" / "reports" / "web-summary.json")}
     assert info["samples"][0]["image"] == "48x40"
     with pytest.raises(SystemExit) as exc:

@@ -274,13 +274,15 @@ def describe(spec: str, n: int = 3) -> dict[str, Any]:
 
 def _conversion_summary(first_shard: str) -> dict[str, Any] | None:
     """What `clip-jax data convert` read into the shards beside `first_shard` (its reports/<prefix>-summary.json:
-    samples read, written, skipped by reason), with the file to read for examples; None without a readable one."""
+    shards done of all, missing and failed ones, samples read, written, skipped by reason), with the file to read for
+    examples; None without a readable one."""
     shard = epath.Path(first_shard)
-    prefix = shard.name.removesuffix(SUFFIX).rsplit("-", 3)[0]
-    path = shard.parent / "reports" / f"{prefix}-summary.json"
+    if not (match := SHARD_RE.match(shard.name)):
+        return None
+    path = shard.parent / "reports" / f"{match['prefix']}-summary.json"
     try:
         summary = json.loads(path.read_text())
-        return {"samples": summary["samples"], "written": summary["written"], "skipped": summary["skipped"],
-                "report": str(path)}
+        return {key: summary[key] for key in ("shards", "shards_done", "missing", "failed", "samples", "written",
+                                               "skipped")} | {"report": str(path)}
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -96,9 +96,7 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split
             f"{workdir} holds a {name} run: clip-jax wise-ft interpolates a fine-tuned wise_ft run (method.name="
             "wise_ft, e.g. configs/wise_ft/shapes.py) with its zero-shot start"
         )
-    if out is None and save_workdir is None:
-        out = workdir / sweep_name(split)
-    out = epath.Path(out) if out is not None else None
+    out = sweep_out(workdir, out, split, save_workdir)
     primary = jax.process_index() == 0
     if out is not None:
         _check_out(out, workdir, split)
@@ -157,6 +155,14 @@ def save_interpolated(trained, workdir: epath.Path, alpha: float, params: Any, s
         source = {"alpha": float(alpha), "fine_tuned": str(workdir), "step": trained.step,
                   "zero_shot": trained.config.init_from or f"{workdir}/checkpoints/0"}
         write_atomic(save_workdir / "wise_ft_alpha.json", json.dumps(source, indent=2) + "\n")
+
+
+def sweep_out(workdir, out=None, split: str = "test", save_workdir=None) -> epath.Path | None:
+    """Where a sweep is written: `out`, else the run's own sweep file (`sweep_name`), but nowhere by default when it
+    saves a model (`save_workdir`: one alpha would replace the run's sweep)."""
+    if out is None and save_workdir is None:
+        out = epath.Path(workdir) / sweep_name(split)
+    return epath.Path(out) if out is not None else None
 
 
 def sweep_name(split: str) -> str:
