@@ -433,6 +433,8 @@ def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path, caplog):
                             "--config.evals.shapes=None"))
     assert "optimizer.warmup_steps 5 is not below total_steps 2: the learning rate rises for the whole run" in (
         caplog.text)
+    # no evaluation: no eval record of a step alone
+    assert [r["split"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == ["train"]
 
 
 def test_a_resume_may_choose_how_the_step_is_computed(tmp_path):
@@ -571,13 +573,15 @@ def test_train_refuses_another_context_length_and_names_the_fix(trained, capsys)
     assert {p: p.read_bytes() for p in before} == before
 
 
-def test_init_from_starts_a_new_run_from_another_runs_parameters(trained, tmp_path):
+def test_init_from_starts_a_new_run_from_another_runs_parameters(trained, tmp_path, capsys):
     """With lr 0 the new run keeps the parameters it starts from: they must be `trained`'s last ones, bit for bit,
     while its step, optimizer state and data start afresh, and `trained` is left as it was. Given relative, the
     path is stored absolute: wise-ft or eval run from another folder read the same run."""
     before = checkpoint_steps(trained)
     workdir = tmp_path / "run"
     cli.main(train_args(workdir, f"--config.init_from={os.path.relpath(trained)}", "--config.optimizer.lr=0.0"))
+    assert f"warm start: {workdir} starts from the parameters of {trained / 'checkpoints' / str(STEPS)}" in (
+        capsys.readouterr().out)
     assert json.loads((workdir / "config.json").read_text())["init_from"] == str(trained)
     new, source = saved_state(workdir, STEPS), saved_state(trained, STEPS)
     for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(source["params"]), strict=True):

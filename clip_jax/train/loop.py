@@ -354,7 +354,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         state = init_fn(rng)
         restored = source.restore_params(step, method.base_params(abstract_state.params))
         state = state.replace(params=method.warm_start(restored, state.params))
-        log.info("warm start from the parameters of %s", source.directory / str(step))
+        if jax.process_index() == 0:  # as a resume is told: the run starts from another model's parameters
+            print(f"warm start: {workdir} starts from the parameters of {source.directory / str(step)}", flush=True)
     elif resume_step is not None:
         try:
             state = checkpointer.restore(abstract_state, data_iter)
@@ -475,7 +476,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                 else:
                     checkpointer.save(done, state, data_iter)
             if (due := evals_due(config, done)) and done != config.total_steps:
-                writer.write(done, evaluate(config, model, state.params, mesh, tokenizer, due, method), prefix="eval")
+                if evaluated := evaluate(config, model, state.params, mesh, tokenizer, due, method):
+                    writer.write(done, evaluated, prefix="eval")
                 last_log_time = time.time()  # evaluation time is not training throughput
     except BaseException as error:
         # An error mid-run (NaN updates, a data error): the save in flight is finished before the process ends, else
@@ -498,7 +500,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     batch = None  # grain's shared memory behind the last batch is freed before its workers stop (else: a leak warning)
     close_iterator(data_iter)
     results = evaluate(config, model, state.params, mesh, tokenizer, method=method)
-    writer.write(config.total_steps, results, prefix="eval")
+    if results:  # (every entry skipped, or none: no record of a step alone)
+        writer.write(config.total_steps, results, prefix="eval")
     writer.close()
     checkpointer.close()
     if jax.process_index() == 0:
