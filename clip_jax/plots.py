@@ -23,13 +23,17 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
     evals = [r for r in records if r.get("split") == "eval"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    # a method's loss terms (SLIP's loss_clip and loss_ssl, Long-CLIP's loss_long and loss_short, ...)
+    for key in sorted({k for r in train for k in r if k.startswith("loss_")}):
+        points = [(r["step"], r[key]) for r in train if key in r]
+        ax_loss.plot(*zip(*points, strict=True), label=key, alpha=0.7, linewidth=1)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
     # Plain numbers (2, 3, 4 rather than 2 x 10^0). Minor ticks are labelled only within one decade, where they are
     # the only labels; over several decades their labels would overlap, and the decades' own suffice.
     ax_loss.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    losses = [r["loss"] for r in train if r["loss"] > 0]
+    losses = [v for r in train for k, v in r.items() if (k == "loss" or k.startswith("loss_")) and v > 0]
     within_a_decade = bool(losses) and max(losses) < 10 * min(losses)
     ax_loss.yaxis.set_minor_formatter(FormatStrFormatter("%g") if within_a_decade else NullFormatter())
     ax_loss.legend()
