@@ -81,7 +81,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.config import apply_overrides, check_input_paths, validate
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.suite import evaluate, print_results
+    from clip_jax.evaluate.suite import evaluate, evaluation_settings, print_results
     from clip_jax.train.loop import load_trained
 
     maybe_initialize()
@@ -93,7 +93,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     if not config.evals:
         raise ConfigError("nothing to evaluate: config.evals is empty (the run's entries, less those set to None "
                           "here); add one, e.g. \"--config.evals.shapes={'type': 'shapes'}\" (docs/methods.md)")
-    settings = json.loads(json.dumps({"eval": config.eval.to_dict(), "evals": config.evals.to_dict()}, default=list))
+    settings = evaluation_settings(config)
     out = _eval_path(epath.Path(args.workdir), step, settings)
     primary = jax.process_index() == 0
     if primary and not is_remote(out) and not os.access(out.parent, os.W_OK):  # found now, not after the evaluation

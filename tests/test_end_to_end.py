@@ -643,3 +643,9 @@ def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_pat
     assert f"resuming {workdir} from step {STEPS} of {STEPS}: the run is complete; evaluating its final checkpoint" \
            " again" in out
     assert json.loads((workdir / "results.json").read_text()) == json.loads((trained / "results.json").read_text())
+    # With other evaluation settings its results.json would hold figures of another kind: refused, nothing written.
+    before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    message = exit_message(train_args(workdir, "--config.eval.num_examples=32"), capsys)
+    assert f"{workdir} is complete (step {STEPS}), and its results.json holds the figures of its own evaluation " \
+           "settings" in message and "clip-jax eval --workdir" in message
+    assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before

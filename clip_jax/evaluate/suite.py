@@ -373,6 +373,12 @@ def evaluate(config: ml_collections.ConfigDict, model, params, mesh, tokenizer: 
     return results
 
 
+def evaluation_settings(config: Any) -> dict[str, Any]:
+    """The settings an evaluation's figures depend on, as JSON: `eval` and `evals` (recorded in eval_<step>.json,
+    compared before results of other settings would replace them)."""
+    return json.loads(json.dumps({"eval": config.eval.to_dict(), "evals": config.evals.to_dict()}, default=list))
+
+
 def print_results(results: dict[str, float]) -> None:
     if not results:
         return

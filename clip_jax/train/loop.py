@@ -28,7 +28,7 @@ from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import due as evals_due
-from clip_jax.evaluate.suite import evaluate, print_results
+from clip_jax.evaluate.suite import evaluate, evaluation_settings, print_results
 from clip_jax.files import is_remote, is_workdir, same_setting, write_atomic
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Method, Preparation, abstract_batch
@@ -323,6 +323,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     config_file, kept = workdir / "config.json", settings_until(workdir, checkpointer.latest_step())
     run_config = config_file.read_bytes() if checkpointer.latest_step() and config_file.exists() else None
     kept_before = kept.exists()
+    _refuse_other_evaluations_of_a_finished_run(config, workdir, checkpointer.latest_step())
     prepare_workdir(config, workdir, checkpointer.latest_step(), method.fixed_groups)
 
     # --- The starting point -------------------------------------------------------------------------------------
@@ -512,6 +513,22 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         print(f"wrote {workdir / 'results.json'} and {workdir / 'curves.png'} (metrics.jsonl, tensorboard/ and "
               "checkpoints/ beside them)", flush=True)
     return results
+
+
+def _refuse_other_evaluations_of_a_finished_run(config: ml_collections.ConfigDict, workdir: epath.Path,
+                                               latest: int | None) -> None:
+    """A finished run relaunched evaluates its final checkpoint again and writes results.json: with the run's own
+    evaluation settings, the same figures. With others (more examples, other entries), its results.json would be
+    replaced by figures of another kind, unsaid: refused before anything is written, pointing to `clip-jax eval`,
+    which keeps each kind in a file of its own."""
+    if latest is None or latest < config.total_steps or not (workdir / "results.json").exists():
+        return
+    previous = evaluation_settings(read_config(workdir / "config.json"))
+    if not same_setting(previous, evaluation_settings(config)):
+        raise ConfigError(f"{workdir} is complete (step {latest}), and its results.json holds the figures of its own "
+                          "evaluation settings, which these differ from: evaluate it with other settings through "
+                          f"clip-jax eval --workdir {workdir} --config.eval.*=... --config.evals.*=... (into "
+                          f"eval_{latest}.json), or raise --config.total_steps to train on")
 
 
 def draw_curves(workdir: epath.Path) -> None:
