@@ -649,3 +649,5 @@ def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_pat
     assert f"{workdir} is complete (step {STEPS}), and its results.json holds the figures of its own evaluation " \
            "settings" in message and "clip-jax eval --workdir" in message
     assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
+    cli.main(train_args(workdir, "--config.eval.every_steps=3", "--config.eval.batch_size=32"))  # the same figures
+    assert json.loads((workdir / "results.json").read_text()) == json.loads((trained / "results.json").read_text())

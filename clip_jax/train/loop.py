@@ -523,8 +523,13 @@ def _refuse_other_evaluations_of_a_finished_run(config: ml_collections.ConfigDic
     which keeps each kind in a file of its own."""
     if latest is None or latest < config.total_steps or not (workdir / "results.json").exists():
         return
+    def figures_of(settings: dict) -> dict:  # when and in what batches it evaluates do not change its figures
+        return {"eval": {k: v for k, v in settings["eval"].items() if k not in ("every_steps", "batch_size")},
+                "evals": {name: {k: v for k, v in entry.items() if k != "every_steps"}
+                          for name, entry in settings["evals"].items()}}
+
     previous = evaluation_settings(read_config(workdir / "config.json"))
-    if not same_setting(previous, evaluation_settings(config)):
+    if not same_setting(figures_of(previous), figures_of(evaluation_settings(config))):
         raise ConfigError(f"{workdir} is complete (step {latest}), and its results.json holds the figures of its own "
                           "evaluation settings, which these differ from: evaluate it with other settings through "
                           f"clip-jax eval --workdir {workdir} --config.eval.*=... --config.evals.*=... (into "
