@@ -52,13 +52,15 @@ def source_facts(repo: pathlib.Path = REPO) -> dict:
     """The git commit the run's code came from and whether the working tree differed from it (`dirty`: a figure
     from uncommitted code cannot be reproduced from the commit alone); both None outside a git checkout."""
     def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
+        try:  # --no-optional-locks: a benchmark never blocks a commit being made meanwhile
+            done = subprocess.run(["git", "--no-optional-locks", *args], cwd=repo, capture_output=True, text=True,
+                                  timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
+    top = git("rev-parse", "--show-toplevel")  # this project's checkout, not a repository it was copied into
+    commit = git("rev-parse", "HEAD") if top and pathlib.Path(top).resolve() == pathlib.Path(repo).resolve() else None
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 

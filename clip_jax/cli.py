@@ -476,7 +476,9 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
     embeddings = label_embeddings(texts, labels, background, templates)
     primary, names, kept, skipped = jax.process_index() == 0, _output_names(files), [], []
-    written: list = []  # this run's files: removed if it stops midway (a half output would block the rerun)
+    # This run's files and folders (--out too, if it made it): removed if it stops midway, as a half output would
+    # block the rerun.
+    written: list = [] if out.exists() else [out]
     try:
         for images, indices in _image_chunks(files, config.model.vision.image_size, args.max_image_bytes,
                                              encoder.batch_size, skipped):
@@ -496,6 +498,10 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
                 Image.fromarray(overlay(image, mask)).save(buffer, format="PNG")
                 write_atomic(out / "overlays" / names[i], buffer.getvalue())
                 written.append(out / "overlays" / names[i])
+        if primary:
+            written += [out / "labels.txt", out / "images.txt"]
+            write_atomic(out / "labels.txt", "".join(f"{n}\n" for n in [BACKGROUND, *labels]))
+            write_atomic(out / "images.txt", "".join(f"{names[i]}\t{files[i]}\n" for i in kept))
     except BaseException:
         for path in reversed(written):  # files, then the folders this run made (empty by then)
             with contextlib.suppress(OSError):
@@ -505,8 +511,6 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
                     path.unlink()
         raise
     if primary:
-        write_atomic(out / "labels.txt", "".join(f"{n}\n" for n in [BACKGROUND, *labels]))
-        write_atomic(out / "images.txt", "".join(f"{names[i]}\t{files[i]}\n" for i in kept))
         print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({background}), with "
               f"{prompts} ({len(templates)}) -> "
               f"{out}/masks, {out}/overlays, {out}/labels.txt, {out}/images.txt" + (

@@ -77,8 +77,9 @@ class Model:
         return np.concatenate(list(self._preprocessed(images)))
 
     def _preprocessed(self, images: Sequence[ImageInput] | np.ndarray) -> Iterator[np.ndarray]:
-        """`preprocess` of IMAGE_CHUNK images at a time, each chunk decoded on a thread per core: what the encode
-        and classify calls hold at once, whatever the number of images."""
+        """`preprocess` of a chunk of images at a time (`image_chunk_size`: about IMAGE_CHUNK, whole batches), each
+        decoded on a thread per core: what the encode and classify calls hold at once, whatever the number of
+        images."""
         from clip_jax.data.images import decode_threads, image_chunk_size
 
         if isinstance(images, np.ndarray) and images.ndim == 4:

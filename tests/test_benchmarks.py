@@ -2,6 +2,8 @@
 
 import importlib.util
 import pathlib
+import shutil
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -325,14 +327,17 @@ def test_out_is_checked_before_anything_is_measured(tmp_path):
     assert new_result_stem(folder, "other", (".xplane.pb.gz", ".hlo.txt.gz")) == "other"
 
 
-def test_environment_facts_name_the_code_that_ran():
+def test_environment_facts_name_the_code_that_ran(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import environment_facts, source_facts
 
     facts = environment_facts()
     assert {"host", "cpu", "load_average", "time_utc", "python", "git"} <= set(facts)
-    git = source_facts()
-    assert git["commit"] is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
+    assert source_facts(tmp_path) == {"commit": None, "dirty": None}  # no checkout: said, not guessed
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        git = source_facts()
+        assert git["commit"] == head and isinstance(git["dirty"], bool)
 
 
 @pytest.fixture(scope="module")

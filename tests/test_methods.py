@@ -252,6 +252,18 @@ def test_a_frozen_tower_counts_one_forward_and_a_trained_one_three():
 DEMO = "configs/demo.py"
 
 
+def test_a_method_that_forgets_its_name_is_refused_at_registration():
+    from clip_jax.methods import registry
+    from clip_jax.methods.clip import ClipMethod
+
+    class Forgot(ClipMethod):  # no `name` of its own: it would replace CLIP itself in METHODS
+        pass
+
+    with pytest.raises(RuntimeError, match="registered methods share the name clip: give each its own `name`"):
+        registry((ClipMethod, Forgot))
+    assert registry(tuple(METHODS.values())) == METHODS
+
+
 def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
     config = load_config(DEMO, ["--config.method.pca_components=8", "--config.method.name=longclip"])
     assert config.method.pca_components == 8  # given after the name on the command line, applied after it

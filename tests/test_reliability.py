@@ -113,6 +113,22 @@ def test_a_diverged_run_saves_no_checkpoint_of_a_skipped_update_and_logs_the_win
     assert json.loads((tmp_path / "run" / "eval_1.json").read_text())["step"] == 1
 
 
+def test_a_run_that_ends_in_skipped_updates_saves_no_final_checkpoint_of_them(tmp_path, capsys):
+    # The streak (steps 3-6) is below the limit when the run ends: its final checkpoint would hold the diverged
+    # parameters, count the run as complete and rotate an earlier checkpoint out.
+    message = exit_message(
+        train_args(tmp_path / "run", "--config.optimizer.lr=1e30", "--config.optimizer.max_consecutive_nonfinite=10",
+                   "--config.log.every_steps=3", "--config.optimizer.warmup_steps=1",
+                   "--config.checkpoint.every_steps=2", "--config.checkpoint.max_to_keep=2",
+                   "--config.eval.every_steps=0", "--config.total_steps=6"),
+        capsys,
+    )
+    assert "the run's last 4 updates (steps 3-6) were NaN/inf and skipped, so its final checkpoint is not saved " \
+           "(the latest is step 2)" in message
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+    assert (tmp_path / "run" / "curves.png").is_file() and not (tmp_path / "run" / "results.json").exists()
+
+
 def test_a_window_averages_its_applied_updates_and_counts_the_skipped_ones():
     # One bad batch in a window no longer makes its loss NaN; the learning rate is the schedule's, every step's.
     history = [{"loss": 2.0, "lr": 1.0, "nonfinite": 0}, {"loss": np.nan, "lr": 3.0, "nonfinite": 1},
@@ -219,3 +235,30 @@ def test_resume_of_a_per_process_data_position_with_another_process_count_is_ref
     message = exit_message(["train", "--workdir", str(workdir)], capsys)
     assert f"checkpoints/{HALF}" in message and "2 processes" in message and "this run has 1" in message
     assert checkpoint_steps(workdir) == [HALF]
+
+
+def test_log_lines_go_above_the_bar_with_the_console_handlers_filters_and_come_back_as_they_were(capsys):
+    import logging
+    import sys
+
+    from clip_jax.train.metrics import _LogLinesAboveBar
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(lambda record: "secret" not in record.getMessage())  # as the CLI's traceback filter
+    console.setFormatter(logging.Formatter("LOG %(message)s"))
+    saved = root.handlers[:]
+    root.handlers = [*saved, console]
+    try:
+        outer = _LogLinesAboveBar()
+        inner = _LogLinesAboveBar()  # a second bar in the same process (a relaunch in one Python session)
+        assert console not in root.handlers
+        logging.getLogger("clip_jax.test").warning("shown above the bar")
+        logging.getLogger("clip_jax.test").warning("a secret")
+        outer.restore()
+        inner.restore()
+        assert root.handlers == [*saved, console]  # whatever order they end in
+    finally:
+        root.handlers = saved
+    err = capsys.readouterr().err
+    assert "LOG shown above the bar" in err and "secret" not in err

@@ -19,11 +19,20 @@ from clip_jax.methods.slip import SlipMethod
 from clip_jax.methods.vild import ViLDMethod
 from clip_jax.methods.wise_ft import WiseFtMethod
 
-_REGISTERED = (ClipMethod, SiglipMethod, LongClipMethod, SlipMethod, AudioClipMethod, *FEW_SHOT_METHODS,
-               *PROMPT_LEARNING_METHODS, WiseFtMethod, LSegMethod, GroupViTMethod, ViLDMethod, GLIPMethod)
-METHODS: dict[str, type[Method]] = {m.name: m for m in _REGISTERED}
-if len(METHODS) != len(_REGISTERED):  # a subclass that forgets its own `name` inherits its parent's and replaces it
-    raise RuntimeError(f"two registered methods share a name: {sorted(m.name for m in _REGISTERED)}")
+
+def registry(methods: tuple[type[Method], ...]) -> dict[str, type[Method]]:
+    """{name: class} of `methods`; RuntimeError where two share a name (a subclass that forgets its own `name`
+    inherits its parent's, and would replace it without a word)."""
+    table = {m.name: m for m in methods}
+    if len(table) != len(methods):
+        shared = sorted({m.name for m in methods if sum(n.name == m.name for n in methods) > 1})
+        raise RuntimeError(f"registered methods share the name {', '.join(shared)}: give each its own `name`")
+    return table
+
+
+METHODS: dict[str, type[Method]] = registry((
+    ClipMethod, SiglipMethod, LongClipMethod, SlipMethod, AudioClipMethod, *FEW_SHOT_METHODS, *PROMPT_LEARNING_METHODS,
+    WiseFtMethod, LSegMethod, GroupViTMethod, ViLDMethod, GLIPMethod))
 
 
 def method_class(name: str) -> type[Method]:

@@ -435,6 +435,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             latest, first = checkpointer.latest_step(), streak_end - streak + 1
             if latest is None:
                 restart = "There is no checkpoint yet (the relaunch starts over): lower optimizer.lr"
+            elif latest == 0:  # a warm start's model: the run diverged from it, and needs it to start again
+                restart = "The latest checkpoint is step 0, the model the run started from: lower optimizer.lr"
             else:  # its parameters are those of the last update applied: perhaps the one that diverged
                 restart = (f"The latest checkpoint is step {latest}, whose parameters may be the diverged ones: check "
                            f"it with clip-jax eval --step {latest}, set it aside if it gives NaN (docs/your_data.md: "
@@ -480,6 +482,22 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                 if evaluated := evaluate(config, model, state.params, mesh, tokenizer, due, method):
                     writer.write(done, evaluated, prefix="eval")
                 last_log_time = time.time()  # evaluation time is not training throughput
+        preempted.close()
+
+        # --- Final checkpoint and evaluation ----------------------------------------------------------------------
+        if nonfinite_run >= 2:  # its last updates skipped: the final checkpoint would hold diverged parameters
+            raise FloatingPointError(
+                f"the run's last {nonfinite_run} updates (steps {config.total_steps - nonfinite_run + 1}-"
+                f"{config.total_steps}) were NaN/inf and skipped, so its final checkpoint is not saved (the latest is "
+                f"step {checkpointer.latest_step()}): lower optimizer.lr, raise warm-up or check the data, and "
+                "relaunch (docs/your_data.md: when a run diverges)")
+        if checkpointer.latest_step() != config.total_steps:
+            checkpointer.save(config.total_steps, state, data_iter, force=True)
+        checkpointer.wait()
+        # grain's shared memory behind the last batch is freed before its workers stop (else: a leak warning)
+        batch = None
+        close_iterator(data_iter)
+        results = evaluate(config, model, state.params, mesh, tokenizer, method=method)
     except BaseException as error:
         # An error mid-run (NaN updates, a data error): the save in flight is finished before the process ends, else
         # the interpreter's shutdown leaves it a temporary folder and the message's "latest checkpoint" is not there.
@@ -492,15 +510,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             with contextlib.suppress(Exception):  # the curves so far, to see what went wrong (a NaN loss: a gap)
                 draw_curves(workdir)
         raise
-    preempted.close()
 
-    # --- Final checkpoint, evaluation and results ---------------------------------------------------------------
-    if checkpointer.latest_step() != config.total_steps:
-        checkpointer.save(config.total_steps, state, data_iter, force=True)
-    checkpointer.wait()
-    batch = None  # grain's shared memory behind the last batch is freed before its workers stop (else: a leak warning)
-    close_iterator(data_iter)
-    results = evaluate(config, model, state.params, mesh, tokenizer, method=method)
+    # --- Results ----------------------------------------------------------------------------------------------
     if results:  # (every entry skipped, or none: no record of a step alone)
         writer.write(config.total_steps, results, prefix="eval")
     writer.close()

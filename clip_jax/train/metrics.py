@@ -19,6 +19,7 @@ import collections
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -73,6 +74,44 @@ def _kept(record: dict, start_step: int, total_steps: int) -> bool:
     return step <= start_step
 
 
+class _BarAwareHandler(logging.StreamHandler):
+    """A console handler that writes through tqdm.write: its line goes above the progress bar, not into it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own rule: a failing handler reports, never raises
+            self.handleError(record)
+
+
+class _LogLinesAboveBar:
+    """While a progress bar shows: the root logger's console handlers replaced by `_BarAwareHandler`s with their
+    stream, level, format and filters (the CLI's traceback filter); `restore` puts back exactly those it replaced,
+    whatever else changed meanwhile."""
+
+    def __init__(self) -> None:
+        root = logging.getLogger()
+        self._swapped: list[tuple[logging.Handler, logging.Handler]] = []
+        for i, handler in enumerate(root.handlers):
+            if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr):
+                above = _BarAwareHandler(handler.stream)
+                above.setLevel(handler.level)
+                above.setFormatter(handler.formatter)
+                for log_filter in handler.filters:
+                    above.addFilter(log_filter)
+                root.handlers[i] = above
+                self._swapped.append((above, handler))
+
+    def restore(self) -> None:
+        root = logging.getLogger()
+        for above, handler in self._swapped:
+            if above in root.handlers:
+                root.handlers[root.handlers.index(above)] = handler
+        self._swapped = []
+
+
 class MetricsWriter:
     def __init__(self, workdir: epath.PathLike, total_steps: int, start_step: int, tensorboard: bool = True,
                  progress_bar: bool = True):
@@ -99,13 +138,9 @@ class MetricsWriter:
             self._tb = _summary_writer(workdir / "tensorboard", start_step + 1)
         if progress_bar:
             from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-            # Log lines (a skipped evaluation, a checkpoint not saved) on lines of their own, above the bar, rather
-            # than run into it; the console handler's format and filters are kept.
-            self._logging_to_bar = logging_redirect_tqdm()
-            self._logging_to_bar.__enter__()
+            self._logging_to_bar = _LogLinesAboveBar()
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
@@ -144,7 +179,7 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.close()  # (again: harmless)
         if self._logging_to_bar is not None:
-            self._logging_to_bar.__exit__(None, None, None)
+            self._logging_to_bar.restore()
             self._logging_to_bar = None
 
     def synced(self) -> None:
