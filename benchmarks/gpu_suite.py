@@ -207,7 +207,10 @@ def main() -> None:
         result = run_one(run_args, min(args.run_timeout, left), args.steps, xla_flags)
         suite["runs"][name] = {"command_args": run_args, "added_xla_flags": xla_flags, **result}
         path.write_text(json.dumps(suite, indent=2) + "\n")  # saved before a summary that might fail to format
-        print("\n".join([summary_line(name, result), *profile_lines(result)]), flush=True)
+        try:  # a summary that cannot be formatted costs its line, not the runs still to come
+            print("\n".join([summary_line(name, result), *profile_lines(result)]), flush=True)
+        except (KeyError, TypeError, ValueError) as e:
+            print(f"{name}: saved; its summary could not be formatted ({type(e).__name__}: {e})", flush=True)
     suite["total_s"] = time.perf_counter() - start
     path.write_text(json.dumps(suite, indent=2) + "\n")
     print(f"saved {path} ({suite['total_s']:.0f} s)")

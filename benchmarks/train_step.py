@@ -548,8 +548,9 @@ def read_kept_profile(stem: str) -> dict:
     """`trace_summary` of a trace kept by `--keep-profile` (the path without its .xplane.pb.gz / .hlo.txt.gz)."""
     from jax.profiler import ProfileData
 
-    data = ProfileData.from_serialized_xspace(gzip.decompress(pathlib.Path(f"{stem}.xplane.pb.gz").read_bytes()))
-    return trace_summary(data, gzip.decompress(pathlib.Path(f"{stem}.hlo.txt.gz").read_bytes()).decode())
+    trace_suffix, hlo_suffix = PROFILE_SUFFIXES
+    data = ProfileData.from_serialized_xspace(gzip.decompress(pathlib.Path(f"{stem}{trace_suffix}").read_bytes()))
+    return trace_summary(data, gzip.decompress(pathlib.Path(f"{stem}{hlo_suffix}").read_bytes()).decode())
 
 
 def trace_summary(data, hlo: str, top: int = 25) -> dict:
@@ -607,7 +608,7 @@ def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> st
 def main() -> None:
     args = parse_args()
     if args.read_profile:
-        missing = [f"{args.read_profile}{suffix}" for suffix in (".xplane.pb.gz", ".hlo.txt.gz")
+        missing = [f"{args.read_profile}{suffix}" for suffix in PROFILE_SUFFIXES
                    if not pathlib.Path(f"{args.read_profile}{suffix}").is_file()]
         if missing:
             sys.exit(f"--read-profile {args.read_profile}: no kept trace there ({' and '.join(missing)} missing; "

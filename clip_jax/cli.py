@@ -1043,7 +1043,8 @@ def main(argv: list[str] | None = None) -> None:
         args.command == "eval"
         and all(o.startswith(("--config.eval.", "--config.evals.", "--config.evals=")) for o in overrides)
     ):
-        parser.error("--config.key=value overrides apply to train (and --config.eval.*, --config.evals.* to eval) only")
+        parser.error("--config.key=value overrides apply to train (and --config.eval.*, --config.evals.* and "
+                     "--config.evals= to eval) only")
     if pipeline_options and not getattr(args, "runner", None):
         parser.error("arguments after -- are Apache Beam pipeline options: only data convert --runner takes them")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
