@@ -171,33 +171,53 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
         context = config.model.text.context_length
         tokens, lengths = tokenizer.tokenize_with_lengths(texts, context)
         text_embeddings = encoder.texts(tokens)
-    primary = jax.process_index() == 0
+    if jax.process_index() != 0:
+        return
+    outputs: dict[str, bytes] = {}  # file name -> content, all written or none
+    said = []
 
-    def save(name: str, array: np.ndarray) -> None:
+    def npy(array: np.ndarray) -> bytes:
         buffer = io.BytesIO()
         np.save(buffer, array)
-        write_atomic(out / name, buffer.getvalue())  # through epath: --out may be a bucket
+        return buffer.getvalue()
 
-    if primary:
-        out.mkdir(parents=True, exist_ok=True)
     if texts is not None:
-        if primary:
-            save("text_embeddings.npy", text_embeddings)
-            cut = int((lengths > context - 2).sum())
-            print(f"encoded {len(texts)} texts -> {out / 'text_embeddings.npy'}" + (
-                f" ({cut} cut to the model's {context} tokens)" if cut else ""))
-    def save_with_files(kind: str, what: str, embeddings: np.ndarray, inputs: list[str], skipped: int) -> None:
-        """<kind>_embeddings.npy and <kind>_files.txt, the files they embed in order (process 0)."""
-        if primary:
-            save(f"{kind}_embeddings.npy", embeddings)
-            write_atomic(out / f"{kind}_files.txt", "".join(f + "\n" for f in inputs))
-            print(f"encoded {len(inputs)} {what} -> {out / f'{kind}_embeddings.npy'}" + (
-                f" ({skipped} undecodable files skipped)" if skipped else ""))
-
+        outputs["text_embeddings.npy"] = npy(text_embeddings)
+        cut = int((lengths > context - 2).sum())
+        said.append(f"encoded {len(texts)} texts -> {out / 'text_embeddings.npy'}" + (
+            f" ({cut} cut to the model's {context} tokens)" if cut else ""))
+    with_files = []  # (kind, what, embeddings, the files embedded in order, files skipped)
     if files is not None:
-        save_with_files("image", "images", image_embeddings, [str(files[i]) for i in kept], len(skipped))
+        with_files.append(("image", "images", image_embeddings, [str(files[i]) for i in kept], len(skipped)))
     if args.audio:
-        save_with_files("audio", "sounds", audio_embeddings, sound_files, sounds_skipped)
+        with_files.append(("audio", "sounds", audio_embeddings, sound_files, sounds_skipped))
+    for kind, what, embeddings, inputs, n_skipped in with_files:
+        outputs[f"{kind}_embeddings.npy"] = npy(embeddings)
+        outputs[f"{kind}_files.txt"] = "".join(f + "\n" for f in inputs).encode("utf-8")
+        said.append(f"encoded {len(inputs)} {what} -> {out / f'{kind}_embeddings.npy'}" + (
+            f" ({n_skipped} undecodable files skipped)" if n_skipped else ""))
+    # Written whole or not at all (through epath: --out may be a bucket): a failure midway (a full disk) removes the
+    # files of this run, and --out if it made it, so that the rerun is not refused as another encode's output.
+    written: list = [] if out.exists() else [out]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in outputs.items():
+            write_atomic(out / name, content)
+            written.append(out / name)
+    except BaseException:
+        _remove_written(written)
+        raise
+    print("\n".join(said))
+
+
+def _remove_written(written: list) -> None:
+    """What a command wrote before it failed, newest first: its files, then the folders it made (empty by then)."""
+    for path in reversed(written):
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
 
 
 def _image_chunks(files: list, size: int, max_bytes: int, batch_size: int, skipped: list[str]
@@ -503,12 +523,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
             write_atomic(out / "labels.txt", "".join(f"{n}\n" for n in [BACKGROUND, *labels]))
             write_atomic(out / "images.txt", "".join(f"{names[i]}\t{files[i]}\n" for i in kept))
     except BaseException:
-        for path in reversed(written):  # files, then the folders this run made (empty by then)
-            with contextlib.suppress(OSError):
-                if path.is_dir():
-                    path.rmdir()
-                else:
-                    path.unlink()
+        _remove_written(written)
         raise
     if primary:
         print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({background}), with "

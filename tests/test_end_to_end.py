@@ -253,6 +253,21 @@ def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, t
     assert (tmp_path / "chunked" / "image_files.txt").read_text() == (out / "image_files.txt").read_text()
     np.testing.assert_allclose(np.load(tmp_path / "chunked" / "image_embeddings.npy"), image_emb, atol=1e-6)
 
+    # A write that fails midway (a full disk at the second file) leaves nothing: the rerun is not refused.
+    real_write, writes = cli.write_atomic, []
+
+    def full_at_the_second(path, data):
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(cli, "write_atomic", full_at_the_second)
+    with pytest.raises(SystemExit):
+        cli.main(["encode", "--workdir", str(trained), "--texts", str(tmp_path / "texts.txt"), "--images", str(images),
+                  "--out", str(tmp_path / "full")])
+    assert len(writes) == 2 and not (tmp_path / "full").exists()
+
 
 # --- from Python ----------------------------------------------------------------------------------------------------
 
