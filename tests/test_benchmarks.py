@@ -15,12 +15,17 @@ from clip_jax.errors import ConfigError
 ROOT = pathlib.Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", ROOT / "benchmarks" / "train_step.py")
+def load_script(name: str, module_name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("train_step", "train_step_benchmark")
 
 
 def _event(name, start, end, **stats):
@@ -342,10 +347,7 @@ def test_environment_facts_name_the_code_that_ran(tmp_path):
 
 @pytest.fixture(scope="module")
 def suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_suite", "gpu_suite")
 
 
 def test_gpu_suite_refuses_unknown_only_names(suite, monkeypatch, capsys):

@@ -82,17 +82,20 @@ def test_persistent_nonfinite_updates_stop_the_run_with_a_message(tmp_path, caps
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == (["2"] if every_steps == 2 else [])
 
 
+def diverging_run(tmp_path, capsys, *overrides: str) -> str:
+    """The one-line error of a run in tmp_path/run whose step 2 overflows its parameters (lr 1e30 after a 1-step
+    warm-up): every later step is non-finite."""
+    return exit_message(train_args(tmp_path / "run", "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=1",
+                                   "--config.eval.every_steps=0", *overrides), capsys)
+
+
 def test_a_diverged_run_saves_no_checkpoint_of_a_skipped_update_and_logs_the_window_that_stopped_it(tmp_path, capsys):
     # As above: step 2's update overflows the parameters, and every later step is non-finite. Checkpoints are due at
     # every step (so is a record, then): from the second skipped update in a row on, they would hold copies of the
     # diverged parameters and rotate the earlier ones out (3 kept).
-    message = exit_message(
-        train_args(tmp_path / "run", "--config.optimizer.lr=1e30", "--config.optimizer.max_consecutive_nonfinite=3",
-                   "--config.log.every_steps=4", "--config.optimizer.warmup_steps=1",
-                   "--config.checkpoint.every_steps=1", "--config.checkpoint.max_to_keep=3",
-                   "--config.eval.every_steps=0", "--config.total_steps=8"),
-        capsys,
-    )
+    message = diverging_run(tmp_path, capsys, "--config.optimizer.max_consecutive_nonfinite=3",
+                            "--config.log.every_steps=4", "--config.checkpoint.every_steps=1",
+                            "--config.checkpoint.max_to_keep=3", "--config.total_steps=8")
     assert "NaN/inf for 3 steps in a row (steps 3-5)" in message
     assert "The latest checkpoint is step 3, whose parameters may be the diverged ones" in message
     assert "clip-jax eval --step 3" in message
@@ -116,13 +119,9 @@ def test_a_diverged_run_saves_no_checkpoint_of_a_skipped_update_and_logs_the_win
 def test_a_run_that_ends_in_skipped_updates_saves_no_final_checkpoint_of_them(tmp_path, capsys):
     # The streak (steps 3-6) is below the limit when the run ends: its final checkpoint would hold the diverged
     # parameters, count the run as complete and rotate an earlier checkpoint out.
-    message = exit_message(
-        train_args(tmp_path / "run", "--config.optimizer.lr=1e30", "--config.optimizer.max_consecutive_nonfinite=10",
-                   "--config.log.every_steps=3", "--config.optimizer.warmup_steps=1",
-                   "--config.checkpoint.every_steps=2", "--config.checkpoint.max_to_keep=2",
-                   "--config.eval.every_steps=0", "--config.total_steps=6"),
-        capsys,
-    )
+    message = diverging_run(tmp_path, capsys, "--config.optimizer.max_consecutive_nonfinite=10",
+                            "--config.log.every_steps=3", "--config.checkpoint.every_steps=2",
+                            "--config.checkpoint.max_to_keep=2", "--config.total_steps=6")
     assert "the run's last 4 updates (steps 3-6) were NaN/inf and skipped, so its final checkpoint is not saved " \
            "(the latest is step 2)" in message
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
