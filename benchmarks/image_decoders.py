@@ -158,7 +158,7 @@ def main() -> None:
         r["best_ms_per_image"] = min(r["ms_per_image"])
 
     # the optional decoders absent here: their routes are missing from `routes`, not slower
-    absent = [name for name in OPTIONAL_DECODERS if importlib.util.find_spec(name) is None]
+    absent = [name for name in OPTIONAL_DECODERS if name not in found]
     report = {"benchmark": "image_decoders", "date": datetime.date.today().isoformat(), "images": args.n,
               "passes": args.passes, "image_size": IMAGE_SIZE, "machine": environment_facts(),
               "load_average_before_after": [load_before, os.getloadavg()],

@@ -50,13 +50,13 @@ def checked_out_folder(out: str | os.PathLike, option: str = "--out") -> pathlib
     return _writable_folder(pathlib.Path(out), option)
 
 
-def checked_out_file(out: str | os.PathLike | None, default: str | os.PathLike, option: str = "--out",
-                     replace: bool = False) -> pathlib.Path:
+def checked_out_file(out: str | os.PathLike | None, default: str | os.PathLike, replace: bool = False
+                     ) -> pathlib.Path:
     """The file a script saves its result in, checked at start-up: `out` itself, or `default`'s name inside `out`
     where `out` is an existing folder (or ends in a slash), or `default` where `out` is not given; its folder made
     if missing and checked writable; a free name (`new_result_path`) where a file is there already, unless
     `replace` (a result regenerated in place on purpose, or read back and extended). Exits with one line naming
-    `option` where the path cannot be written."""
+    --out where the path cannot be written."""
     default = pathlib.Path(default)
     if out is None or str(out) == "":
         path = default
@@ -64,7 +64,7 @@ def checked_out_file(out: str | os.PathLike | None, default: str | os.PathLike, 
         path = pathlib.Path(out) / default.name
     else:
         path = pathlib.Path(out)
-    _writable_folder(path.parent, option)
+    _writable_folder(path.parent, "--out")
     if replace and path.exists() and not os.access(path, os.W_OK):
-        sys.exit(f"{option} {path}: cannot write over it (permission denied)")
+        sys.exit(f"--out {path}: cannot write over it (permission denied)")
     return path if replace else new_result_path(path)

@@ -365,8 +365,7 @@ def interleaved_times(steps: dict[str, Callable[[], None]], count: int, warmup: 
 
 
 # A step time's max / min beyond this: other jobs' load (or the machine's clocks) moved during the run, and a ratio
-# of two medians may say more about that than about the two trainers (a review saw ratios of 6.78x and 10.97x where
-# open_clip's steps varied 40x under other jobs' load).
+# of two medians may say more about that than about the two trainers.
 SPREAD_WARNING = 2.0
 
 
@@ -536,8 +535,7 @@ def profile_step(step: Callable[[], None], hlo: str, keep: pathlib.Path | None =
         step_s = time.perf_counter() - t0
         jax.profiler.stop_trace()
         trace = next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
-        if keep is not None:
-            keep.parent.mkdir(parents=True, exist_ok=True)
+        if keep is not None:  # (its folder made and checked at start-up: checked_out_folder)
             trace_suffix, hlo_suffix = PROFILE_SUFFIXES
             keep.with_name(keep.name + trace_suffix).write_bytes(gzip.compress(trace.read_bytes()))
             keep.with_name(keep.name + hlo_suffix).write_bytes(gzip.compress(hlo.encode()))

@@ -127,9 +127,9 @@ def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, request: Cl
     """Logits [N, C] of uint8 images [N, H, W, 3] over the classes of `request` (`requested_classes`).
 
     `trained` is a workdir read back (train/loop.py::Trained: config, method, model, params, tokenizer). Zero-shot
-    CLIP for a request of names: the prompt ensemble of few_shot.templates (default "a photo of a {}.";
-    `zero_shot_embeddings`, or `class_embeds` computed by it before) times the model's temperature. Otherwise the
-    method's scores over its few-shot classes."""
+    CLIP for a request of names: the prompt ensemble of the request's templates (`zero_shot_embeddings`, or
+    `class_embeds` computed by it before) times the model's temperature. Otherwise the method's scores over its
+    few-shot classes."""
     config, method = trained.config, trained.method
     examples = {"images": images}
     if request.few_shot is None or method.inputs == "features":  # MaPLe and WiSE-FT score the images themselves

@@ -432,19 +432,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         if streak_end is not None:
             writer.close()  # the progress bar's line ends before the error's
             checkpointer.wait()  # the latest save is complete before the message names it
-            latest, first = checkpointer.latest_step(), streak_end - streak + 1
-            if latest is None:
-                restart = "There is no checkpoint yet (the relaunch starts over): lower optimizer.lr"
-            elif latest == 0:  # a warm start's model: the run diverged from it, and needs it to start again
-                restart = "The latest checkpoint is step 0, the model the run started from: lower optimizer.lr"
-            else:  # its parameters are those of the last update applied: perhaps the one that diverged
-                restart = (f"The latest checkpoint is step {latest}, whose parameters may be the diverged ones: check "
-                           f"it with clip-jax eval --step {latest}, set it aside if it gives NaN (docs/your_data.md: "
-                           "when a run diverges), then lower optimizer.lr")
             raise FloatingPointError(
-                f"loss or gradients were NaN/inf for {streak} steps in a row (steps {first}-{streak_end}); those "
-                f"updates were skipped. {restart}, raise warm-up or check the data, and relaunch"
-            )
+                f"loss or gradients were NaN/inf for {streak} steps in a row (steps {streak_end - streak + 1}-"
+                f"{streak_end}); those updates were skipped. {_restart_advice(checkpointer.latest_step())}")
 
     try:
         for step in range(start_step, config.total_steps):
@@ -472,7 +462,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                 # Updates skipped in a row (non-finite loss or gradients): the parameters, those of the last update
                 # applied, may have diverged (finite but huge, every forward NaN). Saving copies of them would rotate
                 # the earlier checkpoints out, which a relaunch may need. (One bad batch alone saves as usual.)
-                if nonfinite_run >= 2:
+                if nonfinite_run >= DIVERGING_STREAK:
                     log.warning("steps %d-%d's updates were NaN/inf and skipped: no checkpoint is saved while they "
                                 "are (the latest stays step %s)", done - nonfinite_run + 1, done,
                                 checkpointer.latest_step())
@@ -485,7 +475,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         preempted.close()
 
         # --- Final checkpoint and evaluation ----------------------------------------------------------------------
-        if nonfinite_run >= 2:  # its last updates skipped: the final checkpoint would hold diverged parameters
+        if nonfinite_run >= DIVERGING_STREAK:  # the final checkpoint would hold diverged parameters
             raise FloatingPointError(
                 f"the run's last {nonfinite_run} updates (steps {config.total_steps - nonfinite_run + 1}-"
                 f"{config.total_steps}) were NaN/inf and skipped, so its final checkpoint is not saved (the latest is "
@@ -534,6 +524,7 @@ def _refuse_other_evaluations_of_a_finished_run(config: ml_collections.ConfigDic
     which keeps each kind in a file of its own."""
     if latest is None or latest < config.total_steps or not (workdir / "results.json").exists():
         return
+
     def figures_of(settings: dict) -> dict:  # when and in what batches it evaluates do not change its figures
         return {"eval": {k: v for k, v in settings["eval"].items() if k not in ("every_steps", "batch_size")},
                 "evals": {name: {k: v for k, v in entry.items() if k != "every_steps"}
@@ -545,6 +536,24 @@ def _refuse_other_evaluations_of_a_finished_run(config: ml_collections.ConfigDic
                           "evaluation settings, which these differ from: evaluate it with other settings through "
                           f"clip-jax eval --workdir {workdir} --config.eval.*=... --config.evals.*=... (into "
                           f"eval_{latest}.json), or raise --config.total_steps to train on")
+
+
+# Skipped updates in a row from which a run is taken to be diverging: its parameters (the last applied update's) may
+# be finite but huge, every forward NaN; no checkpoint of them is saved. One bad batch alone is not.
+DIVERGING_STREAK = 2
+
+
+def _restart_advice(latest: int | None) -> str:
+    """What to do after a run stopped on skipped updates, whose `latest` checkpoint may hold diverged parameters."""
+    if latest is None:
+        where = "There is no checkpoint yet (the relaunch starts over)"
+    elif latest == 0:  # a warm start's model: the run diverged from it, and needs it to start again
+        where = "The latest checkpoint is step 0, the model the run started from"
+    else:  # its parameters are those of the last update applied: perhaps the one that diverged
+        where = (f"The latest checkpoint is step {latest}, whose parameters may be the diverged ones: check it with "
+                 f"clip-jax eval --step {latest}, set it aside if it gives NaN (docs/your_data.md: when a run "
+                 "diverges)")
+    return f"{where}. Then lower optimizer.lr, raise warm-up or check the data, and relaunch"
 
 
 def draw_curves(workdir: epath.Path) -> None:
