@@ -363,3 +363,16 @@ def test_gpu_suite_summary_of_a_run_without_memory_analysis(suite):
             "fraction_of_matmul_peak": 0.5, "temp_memory_gib_per_device": None, "compile_s": 30.0, "losses": [2.0]}
     line = suite.summary_line("run", {"clip_jax": ours, "wall_s": 60.0})
     assert "temp -," in line and "30.0% MFU" in line
+
+
+def test_gpu_suite_skips_pallas_runs_only_when_every_kernel_variant_failed(suite):
+    failed, worked = {"error": "CompilationError: ..."}, {"ms": 1.0}
+    assert suite.pallas_kernels_failed({"shapes": {"b16_image": {"xla": worked, "pallas_rows4_chunks32": failed},
+                                                   "b16_text": {"xla": worked, "pallas_rows1_chunks128": failed}}})
+    # one tiling that works at one shape is enough to time the steps with the kernels
+    assert not suite.pallas_kernels_failed({"shapes": {"b16_image": {"pallas_rows4_chunks32": failed,
+                                                                     "pallas_rows1_chunks128": worked}}})
+    # a check that failed before measuring a shape, or did not run, decides nothing
+    assert not suite.pallas_kernels_failed({"error": "timed out after 120 s", "output_tail": ""})
+    assert not suite.pallas_kernels_failed(None)
+    assert all(suite.PALLAS_LAYER_NORM[-1] in args for name, args, _ in suite.RUNS if "pallas" in name)
