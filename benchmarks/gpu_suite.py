@@ -32,44 +32,35 @@ sys.path.insert(0, str(HERE.resolve()))  # machine.py, result_files.py beside it
 from machine import environment_facts  # noqa: E402
 from result_files import checked_out_folder, new_result_path  # noqa: E402
 
-B16 = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
+B16_SCANNED = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
 LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py")]
 
-# (name, train_step.py arguments, XLA flags added for the run), in order of priority: the headline step with
-# cuDNN's attention scanned and unscanned (profiled; their per-step and pipelined times differ by the host's launch
-# of the step's CUDA graphs), each also with the Pallas LayerNorm kernels (model.layer_norm), the Long-CLIP recipe
-# scanned, the headline step under FLIP's patch dropout (half the patch tokens: its samples/s against the
-# headline's; its MFU counts the kept tokens' FLOPs), XLA's attention on the same batch (measured on an H200 on
-# 2026-12-04, so behind what no lease has measured yet), the Long-CLIP recipe as it ships (unscanned: its compile
-# took over 153 s on 2026-12-04), then cuBLAS against Triton's matmuls and the batch and remat sweep.
+# (name, train_step.py arguments, XLA flags added for the run), in order of priority: the headline step as the
+# recipes run it (unrolled layers; on a Hopper GPU cuDNN's attention and the Pallas LayerNorm kernels, the defaults)
+# profiled, then with XLA's LayerNorm (1.21x slower on an H100 on 2026-12-06, untimed on other GPUs), the Long-CLIP
+# recipe as it ships (unscanned: it did not compile in 153 s on an H200 nor in 110 s on an H100, so it has the
+# run's full time) and scanned, the headline step scanned (profiled: the scan's copies), under FLIP's patch dropout
+# (half the patch tokens: its samples/s against the headline's; its MFU counts the kept tokens' FLOPs) and with XLA's
+# attention, then cuBLAS against Triton's matmuls and the batch and remat sweep (scanned: one layer to compile).
 # XLA's options against the step's non-matmul half (cuBLASLt, the fusion autotuner, cuDNN's GEMM fusions and
 # LayerNorm, no Triton multi-output fusions) were run on 2026-12-04 and moved nothing (docs/benchmarks.md); the
-# added-flags slot runs such options. The runs that name no attention take model.attention's default, auto
-# (cuDNN's on a GPU in bf16). "{out}" is the suite's output folder, where the profiled headline steps' traces and
-# optimised HLO are kept.
-HEADLINE = [*B16, "--batch", "512", "--remat", "dots"]
-UNSCANNED_HEADLINE = ["--preset", "B/16", "--dtype", "bfloat16", "--batch", "512", "--remat", "dots"]
+# added-flags slot runs such options. "{out}" is the suite's output folder, where the profiled headline steps'
+# traces and optimised HLO are kept.
+HEADLINE = ["--preset", "B/16", "--dtype", "bfloat16", "--batch", "512", "--remat", "dots"]
 KEEP_PROFILE = ["--profile", "--keep-profile", "{out}"]
-PALLAS_LAYER_NORM = ["--layer-norm", "pallas"]
 RUNS: list[tuple[str, list[str], str]] = [
-    ("b16_b512_dots_cudnn", [*HEADLINE, "--attention", "cudnn", *KEEP_PROFILE], ""),
-    ("b16_b512_dots_pallas_layer_norm", [*HEADLINE, *PALLAS_LAYER_NORM, "--profile"], ""),
-    ("b16_b512_dots_unscanned", [*UNSCANNED_HEADLINE, *KEEP_PROFILE], ""),
-    ("b16_b512_dots_unscanned_pallas_layer_norm", [*UNSCANNED_HEADLINE, *PALLAS_LAYER_NORM, *KEEP_PROFILE], ""),
-    ("longclip_l14_b256", [*LONGCLIP_L14, "--scan", "--batch", "256", "--profile"], ""),
-    ("longclip_l14_b256_pallas_layer_norm", [*LONGCLIP_L14, "--scan", "--batch", "256", *PALLAS_LAYER_NORM,
-                                             "--profile"], ""),
-    ("b16_b512_dots_unscanned_pallas_layer_norm_patchdrop50", [*UNSCANNED_HEADLINE, *PALLAS_LAYER_NORM,
-                                                               "--patch-dropout", "0.5"], ""),
-    ("longclip_l14_b256_unscanned_pallas_layer_norm", [*LONGCLIP_L14, "--batch", "256", *PALLAS_LAYER_NORM], ""),
+    ("b16_b512_dots", [*HEADLINE, *KEEP_PROFILE], ""),
+    ("b16_b512_dots_xla_layer_norm", [*HEADLINE, "--layer-norm", "xla"], ""),
+    ("longclip_l14_b256", [*LONGCLIP_L14, "--batch", "256"], ""),  # the recipe as it ships
+    ("longclip_l14_b256_scan", [*LONGCLIP_L14, "--scan", "--batch", "256", "--profile"], ""),
+    ("b16_b512_dots_scan", [*HEADLINE, "--scan", *KEEP_PROFILE], ""),
     ("b16_b512_dots_patchdrop50", [*HEADLINE, "--patch-dropout", "0.5"], ""),
-    ("b16_b512_dots_xla", [*HEADLINE, "--attention", "xla"], ""),
-    ("longclip_l14_b256_unscanned", [*LONGCLIP_L14, "--batch", "256"], ""),  # the recipe as it ships
+    ("b16_b512_dots_xla_attention", [*HEADLINE, "--attention", "xla"], ""),
     ("b16_b512_dots_cublas", HEADLINE, "--xla_gpu_enable_triton_gemm=false"),
-    ("b16_b2048_dots_no_batch", [*B16, "--batch", "2048", "--remat", "dots_no_batch"], ""),
-    ("b16_b8192_full", [*B16, "--batch", "8192", "--remat", "full"], ""),
-    ("b16_b512_none", [*B16, "--batch", "512", "--remat", "none"], ""),
-    ("b16_b4096_full", [*B16, "--batch", "4096", "--remat", "full"], ""),
+    ("b16_b2048_dots_no_batch", [*B16_SCANNED, "--batch", "2048", "--remat", "dots_no_batch"], ""),
+    ("b16_b8192_full", [*B16_SCANNED, "--batch", "8192", "--remat", "full"], ""),
+    ("b16_b512_none", [*B16_SCANNED, "--batch", "512", "--remat", "none"], ""),
+    ("b16_b4096_full", [*B16_SCANNED, "--batch", "4096", "--remat", "full"], ""),
 ]
 
 
@@ -135,15 +126,6 @@ def check(script: str, timeout: float) -> dict:
     if result is None:
         return {"error": failure or "nothing measured", "output_tail": output}
     return {**result, "error": failure} if failure else result
-
-
-def pallas_kernels_failed(layer_norm_check: dict | None) -> bool:
-    """Whether the LayerNorm check ran and no Pallas variant of it worked at any shape: the step runs with the
-    kernels would then fail too, each after its own compile, so the suite skips them. A check that did not run or
-    measured nothing (its script failed before a shape) decides nothing."""
-    shapes = (layer_norm_check or {}).get("shapes") or {}
-    variants = [result for shape in shapes.values() for name, result in shape.items() if name.startswith("pallas_")]
-    return bool(variants) and all("error" in result for result in variants)
 
 
 def summary_line(name: str, result: dict) -> str:
@@ -216,10 +198,6 @@ def main() -> None:
         if left < args.min_left:
             suite["skipped"].append(name)
             print(f"{name}: skipped, {left:.0f} s of budget left", flush=True)
-            continue
-        if PALLAS_LAYER_NORM[-1] in run_args and pallas_kernels_failed(suite.get("layer_norm")):
-            suite["skipped"].append(name)
-            print(f"{name}: skipped, every Pallas LayerNorm variant failed in the layer_norm check", flush=True)
             continue
         run_args = [a.replace("{out}", str(out)) for a in run_args]
         result = run_one(run_args, min(args.run_timeout, left), args.steps, xla_flags)

@@ -43,7 +43,12 @@ from clip_jax.host_memory import dispatch_depth, keep_freed_memory
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Field, abstract_batch
 from clip_jax.models import flops as flops_lib
-from clip_jax.models.layers import ATTENTION_IMPLEMENTATIONS, LAYER_NORM_IMPLEMENTATIONS, resolved_attention
+from clip_jax.models.layers import (
+    ATTENTION_IMPLEMENTATIONS,
+    LAYER_NORM_IMPLEMENTATIONS,
+    resolved_attention,
+    resolved_layer_norm,
+)
 from clip_jax.models.presets import PRESETS, model_preset
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train import state as state_lib
@@ -75,7 +80,8 @@ def parse_args() -> argparse.Namespace:
                    help="the towers' self-attention, model.attention (default: the recipe's, else auto: cuDNN's "
                         "fused attention on a GPU in bfloat16, XLA's otherwise)")
     p.add_argument("--layer-norm", choices=LAYER_NORM_IMPLEMENTATIONS,
-                   help="model.layer_norm (default: the recipe's, else xla; pallas: Triton kernels, NVIDIA GPUs)")
+                   help="model.layer_norm (default: the recipe's, else auto: the Pallas (Triton) kernels on a Hopper "
+                        "GPU, XLA's otherwise)")
     p.add_argument("--patch-dropout", type=float,
                    help="fraction of patch tokens each training image drops (model.vision.patch_dropout; open_clip's "
                         "patch_dropout with --open-clip); default: the recipe's, else 0")
@@ -112,7 +118,7 @@ def preset(args: argparse.Namespace) -> dict:
         model["vision"]["image_size"] = args.image_size
     model["vision"]["patch_dropout"] = args.patch_dropout or 0.0
     model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=args.scan,
-                 attention=args.attention or "auto", layer_norm=args.layer_norm or "xla")
+                 attention=args.attention or "auto", layer_norm=args.layer_norm or "auto")
     return model
 
 
@@ -203,7 +209,8 @@ def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, 
         "mesh": dict(mesh.shape),
         "batch": config.batch_size,
         "method": config.method.name,
-        "model": {**{k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers", "layer_norm")},
+        "model": {**{k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers")},
+                  "layer_norm": resolved_layer_norm(config.model.layer_norm),  # "auto" as it ran here
                   # per tower: cuDNN's refuses some head dims, and "auto" then takes XLA's
                   "attention": {tower: resolved_attention(config.model.attention, config.model.dtype,
                                                           config.model[tower].get("head_dim"))
@@ -443,7 +450,10 @@ LAYOUT_OPS = {"fusion", "copy", "transpose", "bitcast", "parameter", "reshape", 
 # the kind of each, by its name.
 LIBRARY_KERNELS = [("attention", re.compile(r"cudnn|sdpa|fmha|flash", re.I)),
                    ("matmul", re.compile(r"nvjet|gemm|xmma|cutlass|cublas|wgmma", re.I)),
-                   ("layout", re.compile(r"memcpy|memset", re.I))]
+                   ("layout", re.compile(r"memcpy|memset", re.I)),
+                   # this project's Pallas kernels, named after their pallas_call (layer_norm_kernel.py): inside a
+                   # CUDA graph their events name only the graph, so they were unmatched time on 2026-12-06
+                   ("reduction", re.compile(r"^layer_norm_(forward|backward)"))]
 
 
 def op_kinds(hlo: str) -> dict[str, tuple[str, str]]:
@@ -499,13 +509,14 @@ def op_events(data) -> list[tuple[str, str, str, float, float]]:
 def event_kind(op: str, kernel: str, kinds: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
     """(kind, JAX op name) of one op event: its instruction's, found in `kinds` (`op_kinds`, with each name also
     spelt as its kernel's: XLA names a fusion's kernel after the fusion, with '_' for '.' and '-') by the `hlo_op`
-    it names or else by its kernel's name; a library kernel's kind by its name; None for another program's event."""
+    it names or else by its kernel's name; a library's or Pallas kernel's kind by its name; None for another
+    program's event."""
     for name in (op, kernel):
         if name in kinds:
             return kinds[name]
     for kind, pattern in LIBRARY_KERNELS:
         if pattern.search(kernel):
-            return kind, f"library kernel {kernel[:60]}"
+            return kind, f"kernel {kernel[:60]}"
     return None
 
 

@@ -154,7 +154,7 @@ def test_train_on_fewer_devices_names_the_mesh_override(untouched):
      "model.attention 'cudnn' needs a GPU (this run's devices are cpu); use 'xla'"),
     (["--config.model.layer_norm=pallas"],
      "model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs (this run's devices are cpu); use 'xla'"),
-    (["--config.model.layer_norm=triton"], "unknown model.layer_norm 'triton'; choose one of pallas, xla"),
+    (["--config.model.layer_norm=triton"], "unknown model.layer_norm 'triton'; choose one of auto, pallas, xla"),
 ])
 def test_values_that_cannot_work_are_refused_before_the_workdir_is_made(tmp_path, capsys, overrides, expected):
     workdir = tmp_path / "run"

@@ -13,11 +13,13 @@ from clip_jax.models import layers
 from clip_jax.models.clip import CLIP, CLIPConfig
 from clip_jax.models.layers import (
     REMAT_POLICIES,
+    LayerNorm,
     PatchEmbedding,
     Transformer,
     dot_product_attention,
     padded_to_even,
     resolved_attention,
+    resolved_layer_norm,
 )
 
 from .test_train_step import tiny_model_dict
@@ -423,6 +425,35 @@ def test_pallas_layer_norm_kernels_match_layer_norm_and_its_autodiff(shape, dtyp
         got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
         assert got.dtype == expected.dtype and got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+
+def test_auto_layer_norm_is_the_pallas_kernels_only_on_hopper_gpus(monkeypatch):
+    from types import SimpleNamespace
+
+    from clip_jax.models import layer_norm_kernel
+
+    assert resolved_layer_norm("auto") == "xla"  # this CPU
+    assert resolved_layer_norm("pallas") == "pallas" and resolved_layer_norm("xla") == "xla"
+    with pytest.raises(ValueError, match="unknown LayerNorm implementation 'triton'; choose one of auto, xla, pallas"):
+        resolved_layer_norm("triton")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def on(capability):
+        monkeypatch.setattr(jax, "devices", lambda: [SimpleNamespace(compute_capability=capability)])
+        return resolved_layer_norm("auto")
+
+    assert on("9.0") == "pallas"  # Hopper: the H100, where the kernels were timed, and the H200
+    assert on("8.0") == on("10.0") == on("12.0") == "xla"  # untimed: Ampere, Blackwell
+    # a LayerNorm left at "auto" runs the kernels there (interpreted here), with XLA's output
+    on("9.0")
+    monkeypatch.setattr(layer_norm_kernel, "INTERPRET", True)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 12)), jnp.float32)
+    params = LayerNorm().init(jax.random.PRNGKey(0), x)
+    assert "layer_norm_forward" in str(jax.make_jaxpr(LayerNorm().apply)(params, x))
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert "layer_norm_forward" not in str(jax.make_jaxpr(LayerNorm().apply)(params, x))
+    np.testing.assert_allclose(LayerNorm(implementation="pallas").apply(params, x), LayerNorm().apply(params, x),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_pallas_layer_norm_in_a_scanned_rematerialised_transformer(monkeypatch):

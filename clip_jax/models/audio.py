@@ -122,7 +122,7 @@ class AudioTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
-    layer_norm: str = "xla"  # layers.LAYER_NORM_IMPLEMENTATIONS
+    layer_norm: str = "auto"  # layers.LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, waveform: jax.Array) -> TowerOutput:

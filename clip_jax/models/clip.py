@@ -42,7 +42,7 @@ class CLIPConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "auto"  # the towers' self-attention: layers.ATTENTION_IMPLEMENTATIONS
-    layer_norm: str = "xla"  # the transformer towers' LayerNorms: layers.LAYER_NORM_IMPLEMENTATIONS
+    layer_norm: str = "auto"  # the transformer towers' LayerNorms: layers.LAYER_NORM_IMPLEMENTATIONS
     logit_scale_init: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0  # clamp of exp(logit_scale) as in CLIP; <= 0 disables it (Long-CLIP)
     logit_bias_init: float | None = None  # set (e.g. -10) to add SigLIP's learnable bias

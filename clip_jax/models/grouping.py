@@ -334,7 +334,7 @@ class GroupVisionTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
-    layer_norm: str = "xla"  # layers.LAYER_NORM_IMPLEMENTATIONS
+    layer_norm: str = "auto"  # layers.LAYER_NORM_IMPLEMENTATIONS
     hard: bool = True  # one-hot assignments in training (straight-through); False trains with soft Gumbel weights
     tau: float = 1.0
     eval_hard: bool = False  # see AssignAttention

@@ -35,10 +35,11 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 # cuDNN's fused attention (NVIDIA GPUs only, bf16/fp16), or "auto": cuDNN's where it runs, XLA's elsewhere. On an H200
 # cuDNN's made the B/16 bf16 training step 1.43x and Long-CLIP L/14's 1.39x faster (docs/benchmarks.md).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-# LayerNorm's implementations: XLA's fusions, or Pallas (Triton) kernels for NVIDIA GPUs (`layer_norm_kernel.py`), in
-# the transformer blocks and the towers' full-sequence norms. XLA's ran the B/16 step's LayerNorm backward at a fifth
-# of an H200's memory bandwidth (docs/benchmarks.md); "pallas" is the alternative to time, not yet the default.
-LAYER_NORM_IMPLEMENTATIONS = ("xla", "pallas")
+# LayerNorm's implementations in the transformer blocks and the towers' full-sequence norms: XLA's fusions, Pallas
+# (Triton) kernels for NVIDIA GPUs (`layer_norm_kernel.py`), or "auto": the kernels on the GPUs they were timed on,
+# XLA's elsewhere. On an H100 the kernels ran B/16's LayerNorm forward and backward 2.1x faster than XLA's fusions and
+# made the B/16 bf16 training step 1.21x and Long-CLIP L/14's 1.08x faster (docs/benchmarks.md, 2026-12-06).
+LAYER_NORM_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # OpenAI's checkpoints were trained with QuickGELU; open_clip's own models with exact GELU. The weights do not
@@ -180,20 +181,17 @@ class LayerNorm(nn.Module):
 
     dtype: Dtype = jnp.float32
     epsilon: float = 1e-5
-    implementation: str = "xla"  # LAYER_NORM_IMPLEMENTATIONS
+    implementation: str = "auto"  # LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (width,), jnp.float32)
         bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (width,), jnp.float32)
-        if self.implementation == "pallas":
+        if resolved_layer_norm(self.implementation) == "pallas":
             from clip_jax.models import layer_norm_kernel  # Pallas loads only for the models that use it
 
             return layer_norm_kernel.layer_norm_on_gpu(x, scale, bias, self.epsilon, self.dtype)
-        if self.implementation != "xla":
-            raise ValueError(f"unknown LayerNorm implementation {self.implementation!r}; choose one of "
-                             f"{', '.join(LAYER_NORM_IMPLEMENTATIONS)}")
         return layer_norm(x, {"scale": scale, "bias": bias}, self.epsilon).astype(self.dtype)
 
 
@@ -263,6 +261,19 @@ def resolved_attention(implementation: str, dtype: jnp.dtype, head_dim: int | No
         return "xla"
     max_head_dim = 256 if capability >= (9, 0) else 128
     return "cudnn" if head_dim is None or (head_dim % 8 == 0 and head_dim <= max_head_dim) else "xla"
+
+
+def resolved_layer_norm(implementation: str) -> str:
+    """The implementation that `implementation` (one of LAYER_NORM_IMPLEMENTATIONS) runs: "auto" is the Pallas
+    kernels on NVIDIA GPUs of compute capability 9.x (Hopper: the H100, where they were timed, and the H200), XLA's
+    elsewhere. "pallas" runs them on any NVIDIA GPU that Triton compiles for; untimed before Hopper and after it."""
+    if implementation not in LAYER_NORM_IMPLEMENTATIONS:
+        raise ValueError(f"unknown LayerNorm implementation {implementation!r}; choose one of "
+                         f"{', '.join(LAYER_NORM_IMPLEMENTATIONS)}")
+    if implementation != "auto":
+        return implementation
+    capability = cuda_compute_capability()
+    return "pallas" if capability is not None and capability[0] == 9 else "xla"
 
 
 def cuda_compute_capability() -> tuple[int, ...] | None:
@@ -381,7 +392,7 @@ class ResidualBlock(nn.Module):
     prompt_start: int = 1
     attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
     valid_length: int | None = None  # tokens before the padding that `Transformer` added for cuDNN, if any
-    layer_norm: str = "xla"  # LAYER_NORM_IMPLEMENTATIONS
+    layer_norm: str = "auto"  # LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, prompt: tuple[jax.Array, jax.Array] | None = None,
@@ -424,7 +435,7 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     prompt_start: int = 1  # where deep prompts go: after the class token (vision) or the start token (text)
     attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
-    layer_norm: str = "xla"  # LAYER_NORM_IMPLEMENTATIONS
+    layer_norm: str = "auto"  # LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_prompts: jax.Array | None = None,

@@ -57,7 +57,7 @@ def model_preset(name: str, activation: str = "quick_gelu", vocab_size: int = 49
         "scan_layers": False,
         "remat_policy": "none",
         "attention": "auto",
-        "layer_norm": "xla",
+        "layer_norm": "auto",
         "logit_scale_init": 2.659260036932778,  # ln(1 / 0.07)
         "max_logit_scale": 100.0,
         "logit_bias_init": None,

@@ -199,7 +199,7 @@ class ModifiedResNet(nn.Module):
     scan_layers: bool = False  # a ResNet's stages differ in shape: nothing to scan; accepted for a uniform API
     remat_policy: str = "none"
     attention: str = "auto"  # the attention pool's implementation (layers.ATTENTION_IMPLEMENTATIONS)
-    layer_norm: str = "xla"  # taken with the other towers' common fields; a ModifiedResNet has no LayerNorm
+    layer_norm: str = "auto"  # taken with the other towers' common fields; a ModifiedResNet has no LayerNorm
 
     @nn.compact
     def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,

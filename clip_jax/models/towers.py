@@ -109,7 +109,7 @@ class VisionTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
-    layer_norm: str = "xla"  # layers.LAYER_NORM_IMPLEMENTATIONS
+    layer_norm: str = "auto"  # layers.LAYER_NORM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images: jax.Array, layer_prompts: jax.Array | None = None,
@@ -181,7 +181,7 @@ class TextTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
-    layer_norm: str = "xla"  # layers.LAYER_NORM_IMPLEMENTATIONS
+    layer_norm: str = "auto"  # layers.LAYER_NORM_IMPLEMENTATIONS
 
     def setup(self):
         cfg = self.config
