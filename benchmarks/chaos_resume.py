@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import environment_facts  # noqa: E402
-from result_files import checked_out_folder, new_result_path  # noqa: E402
+from result_files import checked_out_folder, count, new_result_path  # noqa: E402
 
 from clip_jax.train.checkpoint import read_state  # noqa: E402
 
@@ -61,18 +61,15 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cycles", type=int, default=10)
+    p.add_argument("--cycles", type=count, default=10)
     p.add_argument("--processes", type=int, default=1, choices=(1, 2))
-    p.add_argument("--steps", type=int, default=300, help="train steps of the run")
-    p.add_argument("--max-kills", type=int, default=3, help="kills per cycle are drawn from 1..max-kills")
+    p.add_argument("--steps", type=count, default=300, help="train steps of the run")
+    p.add_argument("--max-kills", type=count, default=3, help="kills per cycle are drawn from 1..max-kills")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=int, default=600, help="seconds before a launch counts as hung")
+    p.add_argument("--timeout", type=count, default=600, help="seconds before a launch counts as hung")
     p.add_argument("--keep", action="store_true", help="keep the workdirs and logs (printed)")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = p.parse_args()
-    for option in ("cycles", "steps", "max_kills", "timeout"):
-        if getattr(args, option) < 1:
-            p.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     checked_out_folder(args.out)  # before the cycles' minutes, not after them
     return args
 

@@ -23,7 +23,7 @@ import warnings
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import environment_facts  # noqa: E402
-from result_files import checked_out_file  # noqa: E402
+from result_files import checked_out_file, count  # noqa: E402
 
 from clip_jax.config import load_config  # noqa: E402
 from clip_jax.data import pipeline  # noqa: E402
@@ -32,14 +32,11 @@ from clip_jax.data import pipeline  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.py")
-    parser.add_argument("--batches", type=int, default=8, help="batches per timed round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=count, default=8, help="batches per timed round")
+    parser.add_argument("--rounds", type=count, default=5)
     parser.add_argument("--out", help="the JSON file, or a folder for the default name (default: "
                         "benchmarks/results/demo_pipeline_<host>.json; never over an earlier one: _2, _3...)")
     args = parser.parse_args()
-    for option, value in (("--batches", args.batches), ("--rounds", args.rounds)):
-        if value < 1:
-            parser.error(f"{option} must be at least 1, got {value}")
     out = checked_out_file(args.out, ROOT / "benchmarks" / "results" / f"demo_pipeline_{socket.gethostname()}.json")
 
     config = load_config(args.config)

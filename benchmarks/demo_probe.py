@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # result_files.py beside it
-from result_files import checked_out_file  # noqa: E402
+from result_files import checked_out_file, count  # noqa: E402
 
 from clip_jax.data.classification import class_embeddings, normalize  # noqa: E402
 from clip_jax.data.pipeline import get_source  # noqa: E402
@@ -67,12 +67,10 @@ def single_object_scenes(colour: str, shape: str, n: int, rng: np.random.Generat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--n", type=int, default=96, help="single-object scenes per held-out pair")
+    parser.add_argument("--n", type=count, default=96, help="single-object scenes per held-out pair")
     parser.add_argument("--out", default="", help="result JSON, or a folder for the default name (default "
                         "benchmarks/results/demo_probe_<name>.json; never over an earlier one: _2, _3...)")
     args = parser.parse_args()
-    if args.n < 1:
-        parser.error(f"--n must be at least 1, got {args.n}")
     if not (pathlib.Path(args.workdir) / "config.json").is_file():
         parser.error(f"--workdir {args.workdir}: no trained run there (no config.json)")
     out = checked_out_file(args.out, pathlib.Path(__file__).parent / "results" /

@@ -216,7 +216,8 @@ def main() -> None:
     parser.add_argument("--shots", default="1,2,4,8,16")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--runs", default=str(ROOT / "workdirs/few_shot_shapes"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/few_shot_shapes.json"))
+    parser.add_argument("--out", help="the JSON file, or a folder for the default name (default: "
+                        "benchmarks/results/few_shot_shapes.json, regenerated in place)")
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = set(methods) - {"zero_shot", *RECIPES}

@@ -30,7 +30,7 @@ import time
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE.resolve()))  # machine.py, result_files.py beside it
 from machine import environment_facts  # noqa: E402
-from result_files import checked_out_folder, new_result_path  # noqa: E402
+from result_files import checked_out_folder, count, new_result_path  # noqa: E402
 
 B16_SCANNED = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
 LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py")]
@@ -69,13 +69,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=450, help="seconds for all the runs together")
     p.add_argument("--run-timeout", type=float, default=240, help="seconds for one run at most")
     p.add_argument("--min-left", type=float, default=45, help="no run starts with fewer seconds of budget left")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--steps", type=count, default=10, help="timed steps per run")
     p.add_argument("--only", nargs="*", help="run only these names, the CHECKS' among them (default: all, in "
                    "order)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
-    if args.steps < 1:
-        p.error(f"--steps must be at least 1, got {args.steps}")
     known = [*CHECKS, *(name for name, _, _ in RUNS)]
     unknown = [name for name in args.only or [] if name not in known]
     if unknown:  # a misspelt name ran nothing of it, silently

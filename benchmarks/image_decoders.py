@@ -38,7 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from input_pipeline import IMAGE_SIZE, make_jpegs  # noqa: E402
 from machine import environment_facts  # noqa: E402
-from result_files import checked_out_file  # noqa: E402
+from result_files import checked_out_file, count  # noqa: E402
 
 from clip_jax.data.images import (  # noqa: E402
     crop_min_side,
@@ -129,13 +129,10 @@ def version(package: str) -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=300, help="images")
-    parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--n", type=count, default=300, help="images")
+    parser.add_argument("--passes", type=count, default=5)
     parser.add_argument("--out", help="the JSON file (default: benchmarks/results/image_decoders_<host>.json)")
     args = parser.parse_args()
-    for option, value in (("--n", args.n), ("--passes", args.passes)):
-        if value < 1:
-            parser.error(f"{option} must be at least 1, got {value}")
     out = checked_out_file(args.out, ROOT / "benchmarks" / "results" / f"image_decoders_{socket.gethostname()}.json")
 
     load_before = os.getloadavg()

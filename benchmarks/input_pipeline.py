@@ -184,7 +184,7 @@ def main() -> None:
     report = {
         "benchmark": "input_pipeline",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"hostname": socket.gethostname(), **environment_facts()},
+        "machine": environment_facts(),
         "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         "data": data,
         "tokenizer": tokenizer.name,

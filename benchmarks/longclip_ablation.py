@@ -50,7 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--base-steps", type=int, help="override the base's total_steps")
     p.add_argument("--finetune-steps", type=int, help="override the fine-tunes' total_steps")
     p.add_argument("--eval-examples", type=int, default=500)
-    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "longclip_ablation_shapes.json"))
+    p.add_argument("--out", help="the JSON file, or a folder for the default name (default: "
+                   "benchmarks/results/longclip_ablation_shapes.json, regenerated in place)")
     return p.parse_args()
 
 

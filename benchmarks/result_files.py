@@ -1,4 +1,4 @@
-"""Where a benchmark run saves its results, checked before it measures anything.
+"""Where a benchmark run saves its results, and its counts, checked before it measures anything.
 
 A run saves its JSON under a name no earlier run's file has (the figures the docs cite are those files), and its
 `--out` is checked at start-up: a path that cannot be written fails in one line before minutes of measuring, not
@@ -8,6 +8,7 @@ after. Every script's `--out` means the same: a script that writes one file take
 
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import sys
@@ -68,3 +69,12 @@ def checked_out_file(out: str | os.PathLike | None, default: str | os.PathLike, 
     if replace and path.exists() and not os.access(path, os.W_OK):
         sys.exit(f"--out {path}: cannot write over it (permission denied)")
     return path if replace else new_result_path(path)
+
+
+def count(text: str) -> int:
+    """An argparse type for a count of steps, passes, examples...: 1 or more (0 timed steps gave a NaN median in a
+    result JSON), refused by the parser in one line naming the option."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="workdirs/demo")
     parser.add_argument("--n", type=int, default=1000, help="images per split")
     parser.add_argument("--registered-only", action="store_true", help="only the domains in DOMAINS")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "shapes_domain.json"))
+    parser.add_argument("--out", help="the JSON file, or a folder for the default name (default: "
+                        "benchmarks/results/shapes_domain.json, regenerated in place)")
     args = parser.parse_args()
     # the committed result, regenerated in place on purpose; checked before the renders and evaluations
     out = checked_out_file(args.out, pathlib.Path(__file__).parent / "results" / "shapes_domain.json", replace=True)

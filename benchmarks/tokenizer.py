@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from machine import environment_facts  # noqa: E402
-from result_files import checked_out_file  # noqa: E402
+from result_files import checked_out_file, count  # noqa: E402
 
 from clip_jax.data.tokenizer import ClipTokenizer, clean_text  # noqa: E402
 
@@ -194,11 +194,11 @@ CORPORA = ("mixed", "ascii", "real", "real_intl")  # the module docstring descri
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=20000, help="captions of the generated and real_intl corpora")
-    parser.add_argument("--context-length", type=int, default=77)
-    parser.add_argument("--batch-size", type=int, default=1024, help="captions per tokenizer call")
-    parser.add_argument("--cold-passes", type=int, default=5, help="cold passes (fresh tokenizers each)")
-    parser.add_argument("--warm-passes", type=int, default=5)
+    parser.add_argument("--n", type=count, default=20000, help="captions of the generated and real_intl corpora")
+    parser.add_argument("--context-length", type=count, default=77)
+    parser.add_argument("--batch-size", type=count, default=1024, help="captions per tokenizer call")
+    parser.add_argument("--cold-passes", type=count, default=5, help="cold passes (fresh tokenizers each)")
+    parser.add_argument("--warm-passes", type=count, default=5)
     parser.add_argument("--non-ascii", type=float, default=0.1, help="mixed: share of captions with non-ASCII text")
     parser.add_argument("--ampersand", type=float, default=0.03, help="mixed: share of captions with '&'")
     parser.add_argument("--corpora", default=",".join(CORPORA), help="comma-separated, of those four")
@@ -206,9 +206,6 @@ def main() -> None:
                         help="the JSON file, or a folder for the default name (default: "
                              "benchmarks/results/tokenizer_<host>.json; an earlier run's is never replaced: _2, ...)")
     args = parser.parse_args()
-    for option in ("n", "context_length", "batch_size", "cold_passes", "warm_passes"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     corpus_names = args.corpora.split(",")
     unknown = [name for name in corpus_names if name not in CORPORA]
     if unknown:
@@ -307,7 +304,7 @@ def main() -> None:
         "benchmark": "tokenizer",
         "command": "python benchmarks/tokenizer.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"hostname": socket.gethostname(), **environment_facts()},
+        "machine": environment_facts(),
         "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         "vocabulary": ClipTokenizer.from_openai_vocab(vocab).name,
         "open_clip_version": getattr(open_clip, "__version__", None),

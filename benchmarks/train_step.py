@@ -58,7 +58,7 @@ from clip_jax.train.loop import create_state
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # machine.py beside it, also when a test loads it
 from machine import environment_facts  # noqa: E402
-from result_files import checked_out_folder, new_result_path, new_result_stem  # noqa: E402
+from result_files import checked_out_folder, count, new_result_path, new_result_stem  # noqa: E402
 
 DEFAULT_BATCH = 32  # a preset's global batch unless --batch says otherwise
 
@@ -70,7 +70,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, help="override the preset's image size")
     p.add_argument("--context-length", type=int, help="override the preset's text context")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
-    p.add_argument("--batch", type=int, help=f"global batch (default: the recipe's, else {DEFAULT_BATCH})")
+    p.add_argument("--batch", type=count, help=f"global batch (default: the recipe's, else {DEFAULT_BATCH})")
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the recipe's, else "
                    "float32)")
@@ -85,8 +85,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--patch-dropout", type=float,
                    help="fraction of patch tokens each training image drops (model.vision.patch_dropout; open_clip's "
                         "patch_dropout with --open-clip); default: the recipe's, else 0")
-    p.add_argument("--accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--accum", type=count, default=1)
+    p.add_argument("--steps", type=count, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--open-clip", action="store_true",
                    help="also time open_clip's same model (needs torch) in a process of its own, taking turns "
                         "with ours step by step")
@@ -102,9 +102,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"),
                    help="folder of the JSON (named after the run; an earlier run's is never replaced: _2, _3...)")
     args = p.parse_args()
-    for option, value in (("--steps", args.steps), ("--accum", args.accum), ("--batch", args.batch)):
-        if value is not None and value < 1:  # 0 timed steps gave a NaN median in the JSON
-            p.error(f"{option} must be at least 1, got {value}")
     if args.config and (args.open_clip or args.image_size or args.context_length or args.vocab_size):
         p.error("--config times a recipe as it is: --open-clip and the size overrides go with --preset")
     return args

@@ -282,7 +282,18 @@ def test_counts_below_one_are_refused(bench, monkeypatch, capsys, option):
     monkeypatch.setattr("sys.argv", ["train_step.py", option, "0"])  # --steps 0 wrote a NaN median into the JSON
     with pytest.raises(SystemExit):
         bench.parse_args()
-    assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, option", [("chaos_resume", "--max-kills"), ("gpu_suite", "--steps"),
+                                            ("tokenizer", "--cold-passes"), ("image_decoders", "--passes")])
+def test_every_scripts_counts_are_checked_alike(monkeypatch, capsys, script, option):
+    # one argparse type (result_files.count) where each script had a loop of its own
+    module = load_script(script, f"{script}_counts")
+    monkeypatch.setattr("sys.argv", [f"{script}.py", option, "-2"])
+    with pytest.raises(SystemExit):
+        (module.parse_args if hasattr(module, "parse_args") else module.main)()
+    assert f"argument {option}: must be at least 1, got -2" in capsys.readouterr().err
 
 
 def test_unsteady_step_times_are_flagged(bench, capsys):
