@@ -250,10 +250,7 @@ def resolved_attention(implementation: str, dtype: jnp.dtype, head_dim: int | No
     `head_dim` features a head: "auto" is cuDNN's where its flash attention runs (an NVIDIA GPU of compute
     capability 8.0 or later, bfloat16 or float16, head_dim a multiple of 8 up to 128, 256 from 9.0), XLA's
     otherwise, so that no model or GPU that XLA's attention runs on fails with "auto"."""
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
-                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    if implementation != "auto":
+    if _chosen(implementation, ATTENTION_IMPLEMENTATIONS, "attention"):
         return implementation
     capability = cuda_compute_capability()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -267,13 +264,19 @@ def resolved_layer_norm(implementation: str) -> str:
     """The implementation that `implementation` (one of LAYER_NORM_IMPLEMENTATIONS) runs: "auto" is the Pallas
     kernels on NVIDIA GPUs of compute capability 9.x (Hopper: the H100, where they were timed, and the H200), XLA's
     elsewhere. "pallas" runs them on any NVIDIA GPU that Triton compiles for; untimed before Hopper and after it."""
-    if implementation not in LAYER_NORM_IMPLEMENTATIONS:
-        raise ValueError(f"unknown LayerNorm implementation {implementation!r}; choose one of "
-                         f"{', '.join(LAYER_NORM_IMPLEMENTATIONS)}")
-    if implementation != "auto":
+    if _chosen(implementation, LAYER_NORM_IMPLEMENTATIONS, "LayerNorm"):
         return implementation
     capability = cuda_compute_capability()
     return "pallas" if capability is not None and capability[0] == 9 else "xla"
+
+
+def _chosen(implementation: str, implementations: tuple[str, ...], what: str) -> bool:
+    """Whether `implementation`, one of `implementations`, names one itself rather than "auto"; ValueError if it
+    is none of them."""
+    if implementation not in implementations:
+        raise ValueError(f"unknown {what} implementation {implementation!r}; choose one of "
+                         f"{', '.join(implementations)}")
+    return implementation != "auto"
 
 
 def cuda_compute_capability() -> tuple[int, ...] | None:
