@@ -32,7 +32,8 @@ sys.path.insert(0, str(HERE.resolve()))  # machine.py, result_files.py beside it
 from machine import environment_facts  # noqa: E402
 from result_files import checked_out_folder, count, new_result_path  # noqa: E402
 
-B16_SCANNED = ["--preset", "B/16", "--dtype", "bfloat16", "--scan"]
+B16 = ["--preset", "B/16", "--dtype", "bfloat16"]
+B16_SCANNED = [*B16, "--scan"]
 LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py")]
 
 # (name, train_step.py arguments, XLA flags added for the run), in order of priority: the headline step as the
@@ -41,12 +42,14 @@ LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py")]
 # recipe as it ships (unscanned: it did not compile in 153 s on an H200 nor in 110 s on an H100, so it has the
 # run's full time) and scanned, the headline step scanned (profiled: the scan's copies), under FLIP's patch dropout
 # (half the patch tokens: its samples/s against the headline's; its MFU counts the kept tokens' FLOPs) and with XLA's
-# attention, then cuBLAS against Triton's matmuls and the batch and remat sweep (scanned: one layer to compile).
+# attention, without remat (the recomputed LayerNorms and GELUs cost passes over memory) at batch 256 (scanned at
+# 512 it needed 80 GiB of temporaries), at batch 1,024, then cuBLAS against Triton's matmuls and the batch and remat
+# sweep (scanned: one layer to compile).
 # XLA's options against the step's non-matmul half (cuBLASLt, the fusion autotuner, cuDNN's GEMM fusions and
 # LayerNorm, no Triton multi-output fusions) were run on 2026-12-04 and moved nothing (docs/benchmarks.md); the
 # added-flags slot runs such options. "{out}" is the suite's output folder, where the profiled headline steps'
 # traces and optimised HLO are kept.
-HEADLINE = ["--preset", "B/16", "--dtype", "bfloat16", "--batch", "512", "--remat", "dots"]
+HEADLINE = [*B16, "--batch", "512", "--remat", "dots"]
 KEEP_PROFILE = ["--profile", "--keep-profile", "{out}"]
 RUNS: list[tuple[str, list[str], str]] = [
     ("b16_b512_dots", [*HEADLINE, *KEEP_PROFILE], ""),
@@ -56,6 +59,8 @@ RUNS: list[tuple[str, list[str], str]] = [
     ("b16_b512_dots_scan", [*HEADLINE, "--scan", *KEEP_PROFILE], ""),
     ("b16_b512_dots_patchdrop50", [*HEADLINE, "--patch-dropout", "0.5"], ""),
     ("b16_b512_dots_xla_attention", [*HEADLINE, "--attention", "xla"], ""),
+    ("b16_b256_none", [*B16, "--batch", "256", "--remat", "none"], ""),
+    ("b16_b1024_dots", [*B16, "--batch", "1024", "--remat", "dots"], ""),
     ("b16_b512_dots_cublas", HEADLINE, "--xla_gpu_enable_triton_gemm=false"),
     ("b16_b2048_dots_no_batch", [*B16_SCANNED, "--batch", "2048", "--remat", "dots_no_batch"], ""),
     ("b16_b8192_full", [*B16_SCANNED, "--batch", "8192", "--remat", "full"], ""),
