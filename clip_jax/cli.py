@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -670,14 +671,44 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
+    from clip_jax.config import read_config
     from clip_jax.interop.workdir import stretch_workdir
 
     out = stretch_workdir(args.workdir, args.out_workdir, method=args.method, keep=args.keep, ratio=args.ratio,
                           length=args.length)
-    print(f"stretched {args.workdir} -> {args.out_workdir}: {out['context_length']} text positions, keep_positions "
-          f"{out['keep_positions']}; fine-tune it with the Long-CLIP recipe: clip-jax train --config "
-          f"configs/longclip_b16.py (or longclip_l14.py) --workdir {args.out_workdir} --config.data.path=... "
-          "(its config.json holds the model only: without --config a run trains plain CLIP on the default data)")
+    # from how many: a second stretch of a stretched model (248 -> 932) is otherwise easy to miss
+    print(f"stretched {args.workdir} -> {args.out_workdir}: {out['source_context_length']} -> "
+          f"{out['context_length']} text positions, keep_positions {out['keep_positions']}")
+    model = read_config(os.path.join(args.out_workdir, "config.json")).model
+    print(f"fine-tune it with {longclip_recipe(model.to_dict(), args.out_workdir)}. Its config.json is "
+          f"{args.workdir}'s with the new text context: without --config a run fine-tunes with {args.workdir}'s "
+          "settings (its loss, data and frozen rules)")
+
+
+# The Long-CLIP recipes' models (configs/longclip_*.py): the image tower's (width, layers, patch) and the text
+# context they set (keep 20; 248 = 20 + 4 x (77 - 20)).
+LONGCLIP_RECIPES = {(768, 12, 16): "configs/longclip_b16.py", (1024, 24, 14): "configs/longclip_l14.py"}
+LONGCLIP_CONTEXT, LONGCLIP_KEEP = 248, 20
+
+
+def longclip_recipe(model: dict, workdir: str) -> str:
+    """The `clip-jax train` command that fine-tunes a stretched `model` (its config dict) in `workdir`: the recipe
+    of its size, with the overrides its stretch needs (another length, or an interpolated table: no kept
+    positions, so nothing frozen); a model of no recipe's size (a `shapes` one) gets configs/longclip_shapes.py."""
+    text, vision = model["text"], model["vision"]
+    interpolated = text.get("keep_positions", 0) == 0
+    recipe = LONGCLIP_RECIPES.get((vision.get("width"), vision.get("layers"), vision.get("patch_size")))
+    flags = []
+    if recipe is None:  # the shapes recipe: its interpolate phase is the plain baseline, nothing frozen
+        recipe = "configs/longclip_shapes.py" + (":interpolate" if interpolated else "")
+    elif interpolated:
+        flags += ["--config.model.text.keep_positions=0", shlex.quote("--config.optimizer.frozen=()")]
+    if not interpolated and text["keep_positions"] != LONGCLIP_KEEP:
+        flags.append(f"--config.model.text.keep_positions={text['keep_positions']}")
+    if text["context_length"] != LONGCLIP_CONTEXT:
+        flags.append(f"--config.model.text.context_length={text['context_length']}")
+    return " ".join(["clip-jax train --config", recipe, "--workdir", shlex.quote(str(workdir)), *flags,
+                     "--config.data.path=..."])
 
 
 def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:

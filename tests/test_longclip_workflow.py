@@ -6,6 +6,7 @@ transformers loads offline and which reproduces clip_jax's text features."""
 import json
 import math
 import pathlib
+import shlex
 import sys
 import types
 
@@ -46,7 +47,7 @@ def runs(tmp_path_factory):
     return root, stretched
 
 
-def test_stretch_writes_a_warm_start_workdir(runs):
+def test_stretch_writes_a_warm_start_workdir(runs, capsys):
     root, stretched = runs
     base = params_of(root / "base")
     table = stretch_positions(base["text"]["positional_embedding"], keep=20, ratio=4)
@@ -58,8 +59,13 @@ def test_stretch_writes_a_warm_start_workdir(runs):
     assert changed == {"['text']['positional_embedding']", "['text']['positional_embedding_res']"}
     assert (root / "keep" / "tokenizer.json").read_bytes() == (root / "base" / "tokenizer.json").read_bytes()
 
+    capsys.readouterr()
     cli.main(["stretch", "--workdir", str(root / "base"), "--out-workdir", str(root / "interp"), "--method",
               "interpolate", "--length", "100"])
+    said = capsys.readouterr().out  # from how many positions, and the recipe that fits this model and stretch
+    assert f"-> {root / 'interp'}: 77 -> 100 text positions, keep_positions 0" in said
+    assert (f"clip-jax train --config configs/longclip_shapes.py:interpolate --workdir {root / 'interp'} "
+            "--config.model.text.context_length=100") in said
     trained = load_trained(root / "interp")
     config, params = trained.config, trained.params
     assert (config.model.text.context_length, config.model.text.keep_positions) == (100, 0)
@@ -89,17 +95,17 @@ def test_finetune_freezes_kept_positions_and_resets_the_temperature(runs):
 
 def test_a_run_that_would_train_the_kept_positions_is_warned():
     from clip_jax.config import load_config
-    from clip_jax.train.loop import kept_positions_warning
+    from clip_jax.train.loop import positions_warning
     from clip_jax.train.state import trainable_mask
 
     params = {"text": {"positional_embedding": 0, "positional_embedding_res": 0}, "visual": {"proj": 0}}
     recipe = load_config(CONFIG)  # Long-CLIP's: the kept table frozen
-    assert kept_positions_warning(recipe, trainable_mask(params, recipe.optimizer.frozen)) is None
+    assert positions_warning(recipe, trainable_mask(params, recipe.optimizer.frozen)) is None
     bare = load_config(CONFIG, ["--config.optimizer.frozen=()"])  # what a stretched workdir's config.json holds
-    said = kept_positions_warning(bare, trainable_mask(params, bare.optimizer.frozen))
+    said = positions_warning(bare, trainable_mask(params, bare.optimizer.frozen))
     assert "keep_positions is 20" in said and "'^text/positional_embedding$'" in said
     plain = load_config(CONFIG, ["--config.optimizer.frozen=()", "--config.model.text.keep_positions=0"])
-    assert kept_positions_warning(plain, trainable_mask({"text": {"positional_embedding": 0}}, ())) is None
+    assert positions_warning(plain, trainable_mask({"text": {"positional_embedding": 0}}, ())) is None
 
 
 def test_pca_wider_than_the_batch_is_refused_before_compiling(runs, capsys):
@@ -155,3 +161,67 @@ def test_hf_text_export_of_the_finetuned_model(runs):
         plain = transformers.CLIPTextModel.from_pretrained(root / "text", local_files_only=True).eval()
         pooled = plain(torch.from_numpy(hf_ids["input_ids"].astype(np.int64))).pooler_output
         np.testing.assert_allclose((pooled @ with_proj.text_projection.weight.T).numpy(), expected, atol=1e-5)
+
+
+def test_the_recipe_on_an_interpolated_stretch_is_told_to_let_the_table_train(tmp_path):
+    # An interpolated stretch keeps no positions; the keep recipe refuses it naming keep_positions=0, and its rule
+    # freezing text/positional_embedding would then freeze every position, the stretched ones too, silently.
+    from clip_jax.config import load_config
+    from clip_jax.errors import ConfigError
+    from clip_jax.train.loop import positions_warning, prepare_workdir
+    from clip_jax.train.state import trainable_mask
+
+    stretched = load_config(f"{CONFIG}:interpolate", TINY)  # what `stretch --method interpolate` leaves: keep 0
+    prepare_workdir(stretched, tmp_path)
+    recipe = load_config(CONFIG, TINY)  # keep 20, the kept table frozen
+    with pytest.raises(ConfigError) as refused:
+        prepare_workdir(recipe, tmp_path, checkpoint_step=0)
+    assert "--config.model.text.keep_positions=0 '--config.optimizer.frozen=()'" in str(refused.value)
+    told = load_config(CONFIG, [*TINY, "--config.model.text.keep_positions=0"])  # half of what the refusal says
+    params = {"text": {"positional_embedding": 0}, "visual": {"proj": 0}}
+    said = positions_warning(told, trainable_mask(params, told.optimizer.frozen))
+    assert "none of them will train" in said and said.endswith("'--config.optimizer.frozen=()'")
+    followed = load_config(CONFIG, [*TINY, "--config.model.text.keep_positions=0", "--config.optimizer.frozen=()"])
+    assert positions_warning(followed, trainable_mask(params, followed.optimizer.frozen)) is None
+    prepare_workdir(followed, tmp_path, checkpoint_step=0)  # and the workdir takes it
+
+
+def test_stretch_and_its_refusals_name_the_command_that_gives_the_length_asked():
+    from clip_jax.models.positions import check_stretch
+    from clip_jax.train.loop import _stretch_flags
+
+    # each suggestion, run through stretch's own arithmetic, gives the length asked
+    for current, wanted, keep, flags in [(77, 248, 20, ""), (248, 476, 20, " --ratio 2"), (77, 134, 20, " --ratio 2"),
+                                         (248, 476, 10, ""), (77, 300, 0, " --method interpolate --length 300"),
+                                         (77, 77 + 2 * 67, 10, " --keep 10 --ratio 3")]:
+        assert _stretch_flags(current, wanted, keep) == flags
+        if flags and "interpolate" not in flags:
+            ratio = int(flags.split("--ratio ")[1])
+            assert check_stretch(current, keep=keep, ratio=ratio) == wanted
+
+
+def test_the_recipe_stretch_names_fits_the_model(tmp_path):
+    from clip_jax.cli import LONGCLIP_CONTEXT, LONGCLIP_KEEP, LONGCLIP_RECIPES, longclip_recipe
+    from clip_jax.config import load_config
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for size, recipe in LONGCLIP_RECIPES.items():  # the table agrees with the recipes themselves
+        model = load_config(str(root / recipe)).model
+        assert (model.vision.width, model.vision.layers, model.vision.patch_size) == size
+        assert (model.text.context_length, model.text.keep_positions) == (LONGCLIP_CONTEXT, LONGCLIP_KEEP)
+        told = longclip_recipe(model.to_dict(), "out")
+        assert told == f"clip-jax train --config {recipe} --workdir out --config.data.path=..."
+        model.text.update(keep_positions=0, context_length=300)  # an interpolated stretch to 300
+        told = longclip_recipe(model.to_dict(), "out")
+        assert ("--config.model.text.keep_positions=0 '--config.optimizer.frozen=()' "
+                "--config.model.text.context_length=300") in told
+        # and what it says is what the recipe needs: the workdir's model, nothing frozen
+        flags = told.split(" --workdir out ")[1].split(" --config.data.path")[0]
+        followed = load_config(str(root / recipe), shlex.split(flags))
+        assert followed.optimizer.frozen == () and followed.model.text.to_dict() == model.text.to_dict()
+    shapes = load_config(f"{CONFIG}:base").model.to_dict()
+    shapes["text"].update(context_length=248, keep_positions=20)
+    assert longclip_recipe(shapes, "o") == "clip-jax train --config configs/longclip_shapes.py --workdir o " \
+                                           "--config.data.path=..."
+    shapes["text"].update(keep_positions=0)
+    assert ":interpolate --workdir o" in longclip_recipe(shapes, "o")

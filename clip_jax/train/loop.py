@@ -34,7 +34,15 @@ from clip_jax.methods import get_method
 from clip_jax.methods.base import Method, Preparation, abstract_batch
 from clip_jax.models import flops as flops_lib
 from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS
-from clip_jax.sharding import LOGICAL_RULES, batch_divisor, batch_sharding, global_batch, make_mesh, reader_mesh
+from clip_jax.sharding import (
+    LOGICAL_RULES,
+    batch_divisor,
+    batch_sharding,
+    global_batch,
+    make_mesh,
+    match_any,
+    reader_mesh,
+)
 from clip_jax.train import memory as memory_lib
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
@@ -85,8 +93,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
             old_context, new_context = old["text"]["context_length"], new["text"]["context_length"]
             # The positional embedding's length is fixed by the checkpoint: the one change with a tool of its own.
             stretch = (
-                f"; to lengthen the text context, `clip-jax stretch --workdir {workdir} --out-workdir NEW` and train "
-                "in NEW" if new_context > old_context else ""
+                f"; to lengthen the text context, `clip-jax stretch --workdir {workdir} --out-workdir NEW"
+                f"{_stretch_flags(old_context, new_context, new['text'].get('keep_positions', 0))}` and train in NEW"
+                if new_context > old_context else ""
             )
             fields = [d.partition(":")[0] for d in diff]  # model.text.context_length, ...
             own = " ".join(shlex.quote(f"--config.{f}={_flag_value(_field(old, f.removeprefix('model.')))}")
@@ -94,14 +103,29 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
             # init_from takes the parameters as they are: a route only where the changed fields keep their shapes
             reuse = (f" (--config.init_from={workdir} starts one from this run's parameters)"
                      if all(f in _WARM_START_FIELDS for f in fields) else "")
+            # keep_positions 0 (an interpolated stretch) trains its one table: a keep recipe's rule would freeze it
+            unfreeze = (" " + _without_position_rules(config)
+                        if old["text"].get("keep_positions", 0) == 0 != new["text"].get("keep_positions", 0)
+                        and _freezes_positions(config) else "")
             raise ConfigError(
                 f"workdir {workdir} holds a run with a different model ({', '.join(diff)}): train it with its own "
-                f"model ({own}), or use a new --workdir{reuse}{stretch}"
+                f"model ({own}{unfreeze}), or use a new --workdir{reuse}{stretch}"
             )
         _tell_resume_changes(previous, config, checkpoint_step, path)
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
         save_config(config, path)
+
+
+def _stretch_flags(current: int, wanted: int, keep: int) -> str:
+    """The `clip-jax stretch` flags that turn `current` text positions into `wanted` with `keep` kept (its method
+    "keep" makes keep + ratio x (current - keep); none kept is plain interpolation), or "" where no ratio does."""
+    if keep == 0:
+        return f" --method interpolate --length {wanted}"
+    ratio, rest = divmod(wanted - keep, current - keep) if current > keep else (0, 1)
+    if rest or ratio < 2:
+        return ""
+    return "".join((f" --keep {keep}" if keep != 20 else "", f" --ratio {ratio}" if ratio != 4 else ""))
 
 
 def _field(tree: dict, dotted: str) -> Any:
@@ -298,16 +322,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         return _train(config, workdir, mesh, method, holding, checked_tokenizer)
 
 
-def kept_positions_warning(config: ml_collections.ConfigDict, trainable: dict) -> str | None:
-    """What to tell a run whose model keeps text positions (Long-CLIP's `keep_positions`) that its frozen rules let
-    train: a stretched workdir's own config.json freezes nothing, so `clip-jax train --workdir OUT` alone would train
-    the positions Long-CLIP keeps (with CLIP's loss, on the default data)."""
+def positions_warning(config: ml_collections.ConfigDict, trainable: dict) -> str | None:
+    """What to tell a Long-CLIP run whose frozen rules do not fit its text positions:
+    - a model that keeps positions (`keep_positions`) whose rules let the kept table train: a stretched workdir's
+      own config.json freezes nothing, so `clip-jax train --workdir OUT` alone would train them;
+    - Long-CLIP's loss on a model that keeps none (an interpolated stretch) with its one table frozen, as the keep
+      recipes' rule freezes it after `--config.model.text.keep_positions=0`: no position, new or old, would train."""
     keep = config.model.text.get("keep_positions", 0)
-    if not keep or not trainable["text"]["positional_embedding"]:
-        return None
-    return (f"model.text.keep_positions is {keep}, but optimizer.frozen does not freeze text/positional_embedding: the "
-            "kept positions will train. A Long-CLIP fine-tune freezes them: use its recipe (--config "
-            "configs/longclip_b16.py or longclip_l14.py), or add '^text/positional_embedding$' to optimizer.frozen")
+    table_trains = trainable["text"]["positional_embedding"]
+    if keep and table_trains:
+        return (f"model.text.keep_positions is {keep}, but optimizer.frozen does not freeze text/positional_embedding: "
+                "the kept positions will train. A Long-CLIP fine-tune freezes them: use its recipe (--config "
+                "configs/longclip_b16.py or longclip_l14.py), or add '^text/positional_embedding$' to optimizer.frozen")
+    if not keep and not table_trains and config.method.name == "longclip":
+        return (f"optimizer.frozen freezes text/positional_embedding, this model's whole position table "
+                f"({config.model.text.context_length} positions, none kept): none of them will train, the "
+                f"stretched ones included. An interpolated stretch trains the whole table: "
+                f"{_without_position_rules(config)}")
+    return None
+
+
+def _freezes_positions(config: ml_collections.ConfigDict) -> bool:
+    return match_any(config.optimizer.frozen, "text/positional_embedding")
+
+
+def _without_position_rules(config: ml_collections.ConfigDict) -> str:
+    """The override that drops optimizer.frozen's rules matching text/positional_embedding, keeping the others."""
+    rules = tuple(r for r in config.optimizer.frozen if not match_any((r,), "text/positional_embedding"))
+    return shlex.quote(f"--config.optimizer.frozen={rules!r}")
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method: Method, holding: Holding,
@@ -376,8 +418,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
 
     # --- Compile ------------------------------------------------------------------------------------------------
     trainable = state_lib.trainable_mask(abstract_state.params, config.optimizer.frozen)
-    if kept_positions_train := kept_positions_warning(config, trainable):
-        log.warning(kept_positions_train)
+    if positions_unfit := positions_warning(config, trainable):
+        log.warning(positions_unfit)
     if config.optimizer.warmup_steps >= config.total_steps > 1:  # the schedule caps the warm-up at total_steps - 1
         log.warning("optimizer.warmup_steps %d is not below total_steps %d: the learning rate rises for the whole "
                     "run and never decays; lower warmup_steps", config.optimizer.warmup_steps, config.total_steps)
