@@ -671,7 +671,6 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
-    from clip_jax.config import read_config
     from clip_jax.interop.workdir import stretch_workdir
 
     out = stretch_workdir(args.workdir, args.out_workdir, method=args.method, keep=args.keep, ratio=args.ratio,
@@ -679,8 +678,7 @@ def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
     # from how many: a second stretch of a stretched model (248 -> 932) is otherwise easy to miss
     print(f"stretched {args.workdir} -> {args.out_workdir}: {out['source_context_length']} -> "
           f"{out['context_length']} text positions, keep_positions {out['keep_positions']}")
-    model = read_config(os.path.join(args.out_workdir, "config.json")).model
-    print(f"fine-tune it with {longclip_recipe(model.to_dict(), args.out_workdir)}. Its config.json is "
+    print(f"fine-tune it with {longclip_recipe(out['model'], args.out_workdir)}. Its config.json is "
           f"{args.workdir}'s with the new text context: without --config a run fine-tunes with {args.workdir}'s "
           "settings (its loss, data and frozen rules)")
 

@@ -369,9 +369,9 @@ def stretch_workdir(src: str | pathlib.Path, out: str | pathlib.Path, *, method:
                     ratio: int | None = None, length: int | None = None) -> dict[str, Any]:
     """`clip-jax stretch`: a new workdir `out` whose step-0 checkpoint (a warm start for `train`) is the latest
     checkpoint of `src` with its text positions stretched, config.json the source's with the new context length
-    and keep_positions, and the same tokenizer. Returns the new {"context_length", "keep_positions"} and the
-    source's ("source_context_length", "source_keep_positions"). `keep` and `ratio` (method "keep"; Long-CLIP's 20
-    and 4 when None) are refused with method "interpolate"."""
+    and keep_positions, and the same tokenizer. Returns the new {"context_length", "keep_positions", "model"} (the
+    model's whole config) and the source's "source_context_length". `keep` and `ratio` (method "keep"; Long-CLIP's
+    20 and 4 when None) are refused with method "interpolate"."""
     if method == "keep":
         keep, ratio = 20 if keep is None else keep, 4 if ratio is None else ratio
     import jax
@@ -402,8 +402,7 @@ def stretch_workdir(src: str | pathlib.Path, out: str | pathlib.Path, *, method:
     log.info("stretched %s (step %d) to %d text positions (keep %d) into %s", src, step, text["context_length"],
              text["keep_positions"], out)
     return {"context_length": text["context_length"], "keep_positions": text["keep_positions"],
-            "source_context_length": source.model.text.context_length,
-            "source_keep_positions": source.model.text.get("keep_positions", 0)}
+            "source_context_length": source.model.text.context_length, "model": config.model.to_dict()}
 
 
 def _source_config(src: str | pathlib.Path):
