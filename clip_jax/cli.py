@@ -1063,6 +1063,18 @@ def _misspelt_option(parser: argparse.ArgumentParser, argv: list[str]
     return None
 
 
+def _split_override(argv: list[str], first_unknown: str) -> str:
+    """A hint for unrecognised words that are the rest of a `--config.X={...}` (or [...], (...)) value the shell cut
+    at its spaces, having dropped its quotes: an override before them opens a bracket it does not close. Else ""."""
+    for word in argv[:argv.index(first_unknown)]:
+        name, equals, value = word.partition("=")
+        if name.startswith("--config.") and equals and any(
+                value.count(opening) > value.count(closing) for opening, closing in ("{}", "[]", "()")):
+            return (f" (they look like the rest of {name}'s value, split by the shell at its spaces: quote the whole "
+                    f"override in single quotes, with double quotes inside, e.g. '{name}={{\"type\": \"...\"}}')")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CLIP_JAX_DEBUG", "").lower() not in ("", "0", "false", "no")
@@ -1082,7 +1094,7 @@ def main(argv: list[str] | None = None) -> None:
     if spaced:  # `--config.key value`: argparse leaves the value as an unknown argument
         parser.error(f"{spaced}: give its value after '=', as one argument: {spaced}=VALUE")
     if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}{_split_override(argv, unknown[0])}")
     if overrides and args.command != "train" and not (
         args.command == "eval"
         and all(o.startswith(("--config.eval.", "--config.evals.", "--config.evals=")) for o in overrides)

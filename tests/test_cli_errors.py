@@ -280,6 +280,55 @@ def test_init_from_another_model_is_one_line(untouched, tmp_path, capsys):
     assert "holds parameters of another model" in message and "resblocks_1" in message
 
 
+def test_a_misspelt_frozen_rule_is_one_line_with_the_path_meant_and_leaves_no_workdir(tmp_path, capsys):
+    """It was "unexpected error: ValueError: ... paths look like 'logit_scale'" (exit 1, a traceback file), and the
+    launch left config.json and tokenizer.json in the new folder."""
+    workdir = tmp_path / "run"
+    message = exit_message(train_args(workdir, "--config.optimizer.frozen=('^text/positional_embeding$',)"), capsys)
+    assert message.startswith("clip-jax train: error: optimizer.frozen rule '^text/positional_embeding$' matches no "
+                              "parameter (did you mean '^text/positional_embedding$'?)"), message
+    assert not workdir.exists()
+
+
+def test_a_long_clip_run_from_an_unstretched_model_says_to_stretch_it_and_leaves_nothing_in_the_way(
+        untouched, tmp_path, capsys):
+    """A Long-CLIP model (text.keep_positions) warm-started from a plain CLIP: its checkpoint lacks the stretched
+    positions. The message names the stretch, and the refused launch's folder is gone: the stretch it advises
+    writes there (it refused "already a clip_jax workdir")."""
+    new = tmp_path / "long"
+    message = exit_message(train_args(new, f"--config.init_from={untouched}", "--config.model.text.keep_positions=4",
+                                      "--config.model.text.context_length=28"), capsys)
+    assert f"checkpoint {untouched}/checkpoints/{STEPS} holds parameters of another model (it lacks [\"['text']" \
+           "['positional_embedding_res']\"])" in message, message
+    assert message.endswith(f"; a Long-CLIP model starts from a stretched workdir: clip-jax stretch --workdir "
+                            f"{untouched} --out-workdir NEW, then train in NEW"), message
+    assert not new.exists()
+    cli.main(["stretch", "--workdir", str(untouched), "--out-workdir", str(new), "--keep", "4", "--ratio", "2"])
+    assert checkpoint_steps(new) == [0]
+
+
+@pytest.mark.parametrize("split", [
+    ["--config.evals.urban1k={type:", "long_text,", "long_text_set:", "u1k,", "path:", "u1k}"],
+    ["--config.optimizer.frozen=(^text/positional_embedding$,", "^visual/)"],
+    ["--config.evals.shapes.templates=[a", "photo.]"],
+])
+def test_an_override_the_shell_split_at_its_spaces_says_to_quote_it(split, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--workdir", "w", *split])
+    err = capsys.readouterr().err.strip().splitlines()
+    name = split[0].partition("=")[0]
+    assert info.value.code == 2 and err[-1] == (
+        f"clip-jax: error: unrecognised arguments: {' '.join(split[1:])} (they look like the rest of {name}'s value, "
+        "split by the shell at its spaces: quote the whole override in single quotes, with double quotes inside, "
+        f"e.g. '{name}={{\"type\": \"...\"}}')"), err
+
+
+def test_an_unrecognised_argument_after_a_whole_override_has_no_quoting_hint(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--workdir", "w", "--config.evals.urban1k={'type': 'long_text'}", "extra"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "clip-jax: error: unrecognised arguments: extra"
+
+
 def test_a_resume_whose_parameters_would_change_shape_is_refused_and_leaves_the_run_as_it_was(trained, tmp_path,
                                                                                                 capsys):
     """Another method on a CLIP run (its own heads): the checkpoint cannot hold this config's parameters. That was
@@ -360,16 +409,25 @@ def test_a_new_run_reads_openais_vocabulary_once(tmp_path, capsys, monkeypatch):
     assert ClipTokenizer.load(tmp_path / "run" / "tokenizer.json").vocab_size == 49408
 
 
-def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path, capsys, monkeypatch):
-    """The first launch wrote config.json and failed before any checkpoint; its model is not a run to protect."""
+@pytest.mark.parametrize("existed", [False, True], ids=["new_folder", "existing_folder"])
+def test_after_a_failed_first_launch_the_corrected_command_is_accepted(tmp_path, capsys, monkeypatch, existed):
+    """The first launch wrote config.json and failed before any checkpoint; its model is not a run to protect. A
+    folder the launch made is removed (`stretch --out-workdir` would call it a workdir already); one the user had
+    made is left as it is, with the launch's config.json."""
     workdir = tmp_path / "run"
+    if existed:
+        workdir.mkdir()
 
     def fails(*args, **kwargs):  # a mistake found once the workdir is made (a tokenizer that cannot be trained)
+        assert (workdir / "config.json").exists()  # (the removal below undoes something)
         raise ConfigError("the first launch's mistake")
 
     monkeypatch.setattr(loop, "make_tokenizer", fails)
     assert "the first launch's mistake" in exit_message(train_args(workdir), capsys)
-    assert (workdir / "config.json").exists() and not list((workdir / "checkpoints").glob("[0-9]*"))
+    if existed:
+        assert (workdir / "config.json").exists() and not list((workdir / "checkpoints").glob("[0-9]*"))
+    else:
+        assert not workdir.exists()
     monkeypatch.undo()
     closed = []  # (and the run's data iterator is closed at its end: grain's workers leaked shared memory)
     real_close = loop.close_iterator

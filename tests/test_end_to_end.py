@@ -653,6 +653,13 @@ def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_pat
         raise AssertionError("compiled a step for a run with no step left")
 
     monkeypatch.setattr("clip_jax.train.step.compile_train_step", no_compile)
+    # A Ctrl-C during the final evaluation: the final checkpoint is saved, results.json not written. Its relaunch
+    # evaluated it "again".
+    (workdir / "results.json").unlink()
+    cli.main(train_args(workdir))
+    out = capsys.readouterr().out
+    assert f"resuming {workdir} from step {STEPS} of {STEPS}: the run is complete; evaluating its final checkpoint " \
+           "(not evaluated yet: no results.json of this step)" in out and "again" not in out, out
     cli.main(train_args(workdir))
     out = capsys.readouterr().out
     assert f"resuming {workdir} from step {STEPS} of {STEPS}: the run is complete; evaluating its final checkpoint" \

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clip_jax.config import default_config, method_config
+from clip_jax.errors import ConfigError
 from clip_jax.methods import get_method
 from clip_jax.methods.base import abstract_batch
 from clip_jax.sharding import batch_sharding, global_batch, make_mesh
@@ -130,6 +131,23 @@ def test_frozen_parameters_do_not_change_and_have_no_optimizer_state():
     assert sizes < 2 * n_text + 100
 
 
-def test_frozen_rule_that_matches_nothing_is_an_error():
-    with pytest.raises(ValueError, match="matches no parameter"):
+def test_frozen_rule_that_matches_nothing_is_an_error_naming_the_group_meant():
+    with pytest.raises(ConfigError, match=r"rule '\^vision/' matches no parameter \(did you mean '\^visual/'\?\)"):
         run_steps({"data": 8}, frozen=(r"^vision/",), n_steps=1)
+
+
+@pytest.mark.parametrize("rule, said", [
+    (r"^text/positional_embeding$", r" (did you mean '^text/positional_embedding$'?);"),  # anchors kept
+    ("ln_fnal", " (did you mean 'ln_final'?);"),  # a name anywhere in a path
+    ("^txt/positional_embeding$", " (did you mean '^text/positional_embedding$'?);"),
+    (r"^txt/.*embeding", " (the closest paths: 'text/positional_embedding', 'text/positional_embedding_res');"),
+    ("zzzz", " matches no parameter; fix it"),  # nothing close: no guess (it was the first path, 'logit_scale')
+    ("(", "is not a valid regex"),
+])
+def test_a_rule_that_matches_nothing_names_the_closest_parameter_paths(rule, said):
+    params = {"logit_scale": 0, "text": {"positional_embedding": 0, "positional_embedding_res": 0,
+                                         "ln_final": {"scale": 0}}, "visual": {"ln_pre": {"scale": 0}}}
+    with pytest.raises(ConfigError) as info:
+        state_lib.check_patterns(params, [rule], "optimizer.frozen")
+    assert str(info.value).startswith(f"optimizer.frozen rule {rule!r} ") and said in str(info.value), info.value
+    assert "--config.optimizer.frozen" in str(info.value)

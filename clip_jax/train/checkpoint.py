@@ -281,6 +281,11 @@ class Checkpointer:
             # A resume (not partial) of another method: the run's weights can still start a new run of it.
             start = ("" if partial else f"; to train this config from the run's weights, give a new --workdir and "
                      f"--config.init_from={self.directory.parent}")
+            # Long-CLIP's kept positions (model.text.keep_positions) are a parameter a plain CLIP lacks: the run
+            # starts from a stretched copy of it, which has them, not from the CLIP itself.
+            if any(k.endswith("['positional_embedding_res']") for k in lacks):
+                start += (f"; a Long-CLIP model starts from a stretched workdir: clip-jax stretch --workdir "
+                          f"{self.directory.parent} --out-workdir NEW, then train in NEW")
             raise ConfigError(f"checkpoint {where} holds parameters of another model ({differ}): this config's model "
                               "or method differs from the run's that wrote it; use that run's settings (its "
                               f"config.json), or a checkpoint of this config's architecture{start}")

@@ -266,6 +266,7 @@ def abstract_train_state(init_fn, shardings):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     workdir = epath.Path(workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
+    created = not workdir.exists()  # a launch that fails early removes a workdir it made (`_remove_failed_launch`)
 
     # --- Mesh (checked before anything is written: a launch on the wrong machine leaves the workdir alone) -------
     absolute_paths(config)  # config.json then reads the same files from any folder
@@ -318,8 +319,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                     "one, stop it, convert or stretch a model into a new folder (clip-jax convert SRC --to-workdir "
                     "NEW; for Long-CLIP, clip-jax stretch --workdir BASE --out-workdir NEW) and train in NEW, or give "
                     "--config.init_from=A_WORKDIR", pretrained_use, workdir)
-    with hold_workdir(workdir) as holding:  # one training at a time: a second would write over its checkpoints
-        return _train(config, workdir, mesh, method, holding, checked_tokenizer)
+    held: Holding | None = None
+    try:
+        with hold_workdir(workdir) as holding:  # one training at a time: a second would write over its checkpoints
+            held = holding
+            return _train(config, workdir, mesh, method, holding, checked_tokenizer)
+    except BaseException:
+        if created and held is not None and held.lost is None:  # (not a workdir another launch has taken over)
+            _remove_failed_launch(workdir)
+        raise
+
+
+def _remove_failed_launch(workdir: epath.Path) -> None:
+    """Removes the workdir a failed first launch made (config.json, tokenizer.json, an empty checkpoints/) while it
+    holds nothing to keep: no checkpoint and no metrics. Left there, the folder is "already a clip_jax workdir" to
+    `clip-jax stretch --out-workdir` and `convert --to-workdir`, which the failure may have told the user to run.
+    Process 0 alone writes a workdir's files, so it alone removes them."""
+    if jax.process_index() != 0 or checkpoint_steps(workdir) or (workdir / "metrics.jsonl").exists():
+        return
+    with contextlib.suppress(Exception):  # the launch's own error is the one to tell
+        workdir.rmtree()
 
 
 def positions_warning(config: ml_collections.ConfigDict, trainable: dict) -> str | None:
@@ -408,10 +427,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                 if not kept_before:  # what prepare_workdir kept of the settings until now: config.json again
                     kept.unlink(missing_ok=True)
             raise
-        if jax.process_index() == 0:  # a relaunch says what it does: a finished run only evaluates again
+        if jax.process_index() == 0:  # a relaunch says what it does: a finished run only evaluates
             done = int(state.step) >= config.total_steps
+            # "again" only if its evaluation finished: a Ctrl-C during it leaves no results.json of this step
+            evaluation = ("evaluating its final checkpoint again" if _evaluated(workdir, config.total_steps) else
+                          "evaluating its final checkpoint (not evaluated yet: no results.json of this step)")
             print(f"resuming {workdir} from step {int(state.step)} of {config.total_steps}" +
-                  (": the run is complete; evaluating its final checkpoint again" if done else ""), flush=True)
+                  (f": the run is complete; {evaluation}" if done else ""), flush=True)
     else:
         state = init_fn(rng)
     start_step = int(jax.device_get(state.step))
@@ -556,6 +578,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         print(f"wrote {workdir / 'results.json'} and {workdir / 'curves.png'} (metrics.jsonl, tensorboard/ and "
               "checkpoints/ beside them)", flush=True)
     return results
+
+
+def _evaluated(workdir: epath.Path, step: int) -> bool:
+    """Whether the workdir's results.json holds the evaluation of `step` (a run trained on since has an older one)."""
+    try:
+        return json.loads((workdir / "results.json").read_text()).get("step") == step
+    except (OSError, ValueError, AttributeError):  # none, or a damaged one: not evaluated
+        return False
 
 
 def _refuse_other_evaluations_of_a_finished_run(config: ml_collections.ConfigDict, workdir: epath.Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from clip_jax.errors import ConfigError
 from clip_jax.sharding import match_any, param_paths
 
 PyTree = Any
@@ -37,9 +39,35 @@ def check_patterns(params: PyTree, patterns: Sequence[str], what: str) -> None:
         try:
             regex = re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"{what} rule {pattern!r} is not a valid regex: {e}") from None
+            raise ConfigError(f"{what} rule {pattern!r} is not a valid regex: {e}; fix it in --config.{what}") from None
         if not any(regex.search(p) for p in paths):
-            raise ValueError(f"{what} rule {pattern!r} matches no parameter; paths look like {paths[0]!r}")
+            example = next((p for p in paths if "/" in p), paths[0])  # a nested one shows the '/'-joined form
+            raise ConfigError(f"{what} rule {pattern!r} matches no parameter{_closest_paths(pattern, paths)}; fix it "
+                              f"in --config.{what} (regexes searched in '/'-joined paths, e.g. {example!r})")
+
+
+def _closest_paths(pattern: str, paths: Sequence[str]) -> str:
+    """" (did you mean '^text/positional_embedding$'?)" for a misspelt rule, or the nearest paths for a regex: an
+    arbitrary parameter path says nothing of the typo. (config's did-you-mean compares whole keys; a rule names part
+    of a path, between anchors that are kept around the corrected part.)"""
+    start, core, end = re.fullmatch(r"(\^?)(.*?)(\$?)", pattern, re.DOTALL).groups()
+    if re.escape(core) != core:  # a regex beyond anchors: compared with whole paths, and not rewritten
+        close = difflib.get_close_matches(core.replace("\\", ""), paths, n=3, cutoff=0.5)
+        return f" (the closest paths: {', '.join(map(repr, close))})" if close else ""
+    # A literal: compared with the parts of paths it could name, as many '/'-separated names long, from the first
+    # name if anchored by '^', to the last if by '$', a folder if it ends with '/' ('^vision/' -> '^visual/').
+    names = core.split("/")
+    folder = len(names) > 1 and names[-1] == ""
+    n = len(names) - folder
+    parts = set()
+    for path in paths:
+        segments = path.split("/")
+        for i in range(len(segments) - n + 1):
+            if (start and i) or (end and i + n != len(segments)) or (folder and i + n == len(segments)):
+                continue
+            parts.add("/".join(segments[i:i + n]) + "/" * folder)
+    close = difflib.get_close_matches(core, sorted(parts), n=1, cutoff=0.5)
+    return f" (did you mean {start + close[0] + end!r}?)" if close else ""
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
