@@ -402,6 +402,7 @@ def test_a_new_run_reads_openais_vocabulary_once(tmp_path, capsys, monkeypatch):
         raise ConfigError("stopped after the tokenizer")
 
     monkeypatch.setattr(loop, "make_tokenizer", make_then_stop)
+    (tmp_path / "run").mkdir()  # a folder the launch did not make: kept after the stop, tokenizer.json in it
     message = exit_message(train_args(tmp_path / "run", "--config.data.tokenizer=openai",
                                       "--config.model.text.vocab_size=49408"), capsys)
     assert "stopped after the tokenizer" in message
