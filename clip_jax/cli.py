@@ -1066,12 +1066,15 @@ def _misspelt_option(parser: argparse.ArgumentParser, argv: list[str]
 def _split_override(argv: list[str], first_unknown: str) -> str:
     """A hint for unrecognised words that are the rest of a `--config.X={...}` (or [...], (...)) value the shell cut
     at its spaces, having dropped its quotes: an override before them opens a bracket it does not close. Else ""."""
+    # an example of each kind of value, its strings in double quotes (single quotes cannot nest)
+    examples = {"{": '{"key": "..."}', "[": '["...", "..."]', "(": '("...", "...")'}
     for word in argv[:argv.index(first_unknown)]:
         name, equals, value = word.partition("=")
-        if name.startswith("--config.") and equals and any(
-                value.count(opening) > value.count(closing) for opening, closing in ("{}", "[]", "()")):
+        unclosed = [o for o, c in ("{}", "[]", "()") if value.count(o) > value.count(c)]
+        if name.startswith("--config.") and equals and unclosed:
+            opening = min(unclosed, key=value.index)  # the outermost bracket the value opens
             return (f" (they look like the rest of {name}'s value, split by the shell at its spaces: quote the whole "
-                    f"override in single quotes, with double quotes inside, e.g. '{name}={{\"type\": \"...\"}}')")
+                    f"override in single quotes, with double quotes inside, e.g. '{name}={examples[opening]}')")
     return ""
 
 

@@ -307,12 +307,13 @@ def test_a_long_clip_run_from_an_unstretched_model_says_to_stretch_it_and_leaves
     assert checkpoint_steps(new) == [0]
 
 
-@pytest.mark.parametrize("split", [
-    ["--config.evals.urban1k={type:", "long_text,", "long_text_set:", "u1k,", "path:", "u1k}"],
-    ["--config.optimizer.frozen=(^text/positional_embedding$,", "^visual/)"],
-    ["--config.evals.shapes.templates=[a", "photo.]"],
+@pytest.mark.parametrize("split, example", [
+    (["--config.evals.urban1k={type:", "long_text,", "long_text_set:", "u1k,", "path:", "u1k}"], '{"key": "..."}'),
+    (["--config.optimizer.frozen=(^text/positional_embedding$,", "^visual/)"], '("...", "...")'),
+    (["--config.evals.shapes.templates=[a", "photo.]"], '["...", "..."]'),
+    (["--config.evals={fs:", "{type:", "few_shot}}"], '{"key": "..."}'),
 ])
-def test_an_override_the_shell_split_at_its_spaces_says_to_quote_it(split, capsys):
+def test_an_override_the_shell_split_at_its_spaces_says_to_quote_it(split, example, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--workdir", "w", *split])
     err = capsys.readouterr().err.strip().splitlines()
@@ -320,7 +321,7 @@ def test_an_override_the_shell_split_at_its_spaces_says_to_quote_it(split, capsy
     assert info.value.code == 2 and err[-1] == (
         f"clip-jax: error: unrecognised arguments: {' '.join(split[1:])} (they look like the rest of {name}'s value, "
         "split by the shell at its spaces: quote the whole override in single quotes, with double quotes inside, "
-        f"e.g. '{name}={{\"type\": \"...\"}}')"), err
+        f"e.g. '{name}={example}')"), err
 
 
 def test_an_unrecognised_argument_after_a_whole_override_has_no_quoting_hint(capsys):
