@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.config import default_config, load_config, validate
+from clip_jax.errors import ConfigError
 from clip_jax.host_memory import dispatch_depth, keep_freed_memory
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Field, abstract_batch
@@ -54,7 +55,7 @@ from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
 from clip_jax.train.checkpoint import abstract_like
-from clip_jax.train.loop import create_state
+from clip_jax.train.loop import check_gpu_implementations, create_state
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # machine.py beside it, also when a test loads it
 from machine import environment_facts  # noqa: E402
@@ -624,6 +625,10 @@ def main() -> None:
     if args.open_clip and importlib.util.find_spec("open_clip") is None:
         sys.exit(OPEN_CLIP_MISSING)
     # before minutes of measuring, not after them
+    try:  # the recipe with the command line's overrides, in one line as clip-jax says it (cudnn off a GPU, say)
+        check_gpu_implementations(benchmark_config(args), jax.devices()[0].platform)
+    except ConfigError as e:
+        sys.exit(f"train_step: {e}")
     out = checked_out_folder(args.out)
     keep_dir = checked_out_folder(args.keep_profile, "--keep-profile") if args.profile and args.keep_profile else None
     # as clip-jax does on the CPU (clip_jax/host_memory.py); before JAX starts

@@ -378,3 +378,15 @@ def test_gpu_suite_summary_of_a_run_without_memory_analysis(suite):
     line = suite.summary_line("run", {"clip_jax": ours, "wall_s": 60.0})
     assert "temp -," in line and "30.0% MFU" in line
 
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--layer-norm", "pallas"], "model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs (this run's devices"),
+    (["--attention", "cudnn"], "model.attention 'cudnn' needs model.dtype bfloat16 or float16"),
+])
+def test_a_config_that_cannot_run_here_is_one_line_before_measuring(bench, monkeypatch, tmp_path, options, said):
+    # --layer-norm pallas on a CPU was a traceback from inside the traced step
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny", "--out", str(tmp_path / "out"), *options])
+    with pytest.raises(SystemExit) as info:
+        bench.main()
+    assert str(info.value.code).startswith(f"train_step: {said}") and not (tmp_path / "out").exists()

@@ -283,12 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             f"batch_size {config.batch_size} must be a multiple of {shards} (batch shards {batch_divisor(mesh)} "
             f"x accum_steps {config.accum_steps})"
         )
-    platform = jax.devices()[0].platform
-    if config.model.attention == "cudnn" and platform != "gpu":
-        raise ConfigError(f"model.attention 'cudnn' needs a GPU (this run's devices are {platform}); use 'xla'")
-    if config.model.layer_norm == "pallas" and platform != "gpu":
-        raise ConfigError(f"model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs (this run's devices are "
-                          f"{platform}); use 'xla'")
+    check_gpu_implementations(config, jax.devices()[0].platform)
     method = get_method(config)
     method.check(mesh)
     too_big = memory_lib.check_fits(config, model_config(config), batch_divisor(mesh),
@@ -328,6 +323,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         if created and held is not None and held.lost is None:  # (not a workdir another launch has taken over)
             _remove_failed_launch(workdir)
         raise
+
+
+def check_gpu_implementations(config: ml_collections.ConfigDict, platform: str) -> None:
+    """The implementations a config names that run on GPUs only, refused on `platform`'s devices in one line."""
+    if config.model.attention == "cudnn" and platform != "gpu":
+        raise ConfigError(f"model.attention 'cudnn' needs a GPU (this run's devices are {platform}); use 'xla'")
+    if config.model.layer_norm == "pallas" and platform != "gpu":
+        raise ConfigError(f"model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs (this run's devices are "
+                          f"{platform}); use 'xla'")
 
 
 def _remove_failed_launch(workdir: epath.Path) -> None:
