@@ -2,11 +2,11 @@
 
 Why: on an H200 (2026-12-04, docs/benchmarks.md) XLA ran the B/16 step's LayerNorm backward as Triton normalisation
 fusions with 255 registers a thread and 12.5% occupancy, at ~1 TB/s of the chip's 4.8: 38.5 ms of a 220 ms step. On
-an H100 (2026-12-06) these kernels ran B/16's LayerNorms 2.1x faster, at 2.4-2.7 TB/s of its 3.35, and the training
-step 1.21x faster; `model.layer_norm="auto"` runs them on Hopper GPUs. These kernels read and write each tensor
-once: the forward reads x and writes y (in the compute dtype) with each row's mean and 1/std; the backward reads x,
-dy and those statistics, writes dx, and sums the scale's and bias's gradients per program into partials (flat,
-[programs * width]) that XLA adds up.
+an H100 (2026-12-06) these kernels ran B/16's LayerNorms 1.9-2.1x faster (in the training step at 2.2-2.9 TB/s of
+its 3.35), and the step 1.21x faster; `model.layer_norm="auto"` runs them on Hopper GPUs. These kernels read and
+write each tensor once: the forward reads x and writes y (in the compute dtype) with each row's mean and 1/std; the
+backward reads x, dy and those statistics, writes dx, and sums the scale's and bias's gradients per program into
+partials (flat, [programs * width]) that XLA adds up.
 
 Each program of the forward takes `rows` rows; each of the backward `rows * chunks`, `rows` at a time. Triton's
 tiles are powers of two, so a row of `width` features is read as `next_power_of_2(width)` lanes, the rest masked.

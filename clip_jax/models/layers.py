@@ -36,9 +36,9 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 # cuDNN's made the B/16 bf16 training step 1.43x and Long-CLIP L/14's 1.39x faster (docs/benchmarks.md).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # LayerNorm's implementations in the transformer blocks and the towers' full-sequence norms: XLA's fusions, Pallas
-# (Triton) kernels for NVIDIA GPUs (`layer_norm_kernel.py`), or "auto": the kernels on the GPUs they were timed on,
-# XLA's elsewhere. On an H100 the kernels ran B/16's LayerNorm forward and backward 2.1x faster than XLA's fusions and
-# made the B/16 bf16 training step 1.21x and Long-CLIP L/14's 1.08x faster (docs/benchmarks.md, 2026-12-06).
+# (Triton) kernels for NVIDIA GPUs (`layer_norm_kernel.py`), or "auto": the kernels on Hopper GPUs (timed on an H100),
+# XLA's elsewhere. On an H100 the kernels ran B/16's LayerNorm forward and backward 1.9-2.1x faster than XLA's fusions
+# and made the B/16 bf16 training step 1.21x and Long-CLIP L/14's 1.08x faster (docs/benchmarks.md, 2026-12-06).
 LAYER_NORM_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
