@@ -1078,6 +1078,19 @@ def _split_override(argv: list[str], first_unknown: str) -> str:
     return ""
 
 
+def _log_info_to_stderr() -> None:
+    """The commands' INFO lines (a run's mesh and devices, a restored checkpoint) on stderr in one format. Importing
+    orbax has absl call logging.basicConfig at WARNING already, which made a basicConfig here a no-op and those lines
+    were lost: its stderr handler takes the format instead. (Other handlers, e.g. pytest's, are left as they are.)"""
+    root, form = logging.getLogger(), logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+            handler.setFormatter(form)
+    root.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CLIP_JAX_DEBUG", "").lower() not in ("", "0", "false", "no")
@@ -1106,7 +1119,7 @@ def main(argv: list[str] | None = None) -> None:
                      "--config.evals= to eval) only")
     if pipeline_options and not getattr(args, "runner", None):
         parser.error("arguments after -- are Apache Beam pipeline options: only data convert --runner takes them")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_info_to_stderr()
     for noisy in ("absl", "orbax", "jax._src", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # a NaN loss is told by the run itself (skipped=N, its record's nonfinite); not once per TensorBoard scalar

@@ -885,3 +885,13 @@ def test_log_lines_during_training_stand_on_lines_of_their_own_above_the_progres
     assert result.returncode == 2 and warned, result.stderr[-3000:]
     assert all(line.startswith("WARNING") or line[:4].isdigit() and line[4] == "-" for line in warned), warned
     assert "skipped=" in result.stderr and "NaN or Inf found in input tensor" not in result.stderr
+
+
+def test_the_commands_info_lines_reach_stderr_though_orbax_configured_logging_first():
+    # importing orbax (through absl) calls logging.basicConfig at WARNING; the commands' own then did nothing, and
+    # a run's "mesh ... over N devices" line, its restored checkpoint... were never shown
+    code = ("import logging, clip_jax.cli as cli; cli._log_info_to_stderr(); "
+            "logging.getLogger('clip_jax.train.loop').info('mesh over 8 devices')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr.strip().endswith("INFO clip_jax.train.loop: mesh over 8 devices")
+    assert result.stderr.count("mesh over 8 devices") == 1, result.stderr  # one handler: not printed twice
