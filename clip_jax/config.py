@@ -547,6 +547,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
                 hint = f"; valid keys here: {', '.join(sorted(node))}"
             raise ConfigError(f"unknown config key '{key}' in override {item!r}{hint}")
         value = _parse_value(text)
+        if isinstance(node[leaf], ml_collections.ConfigDict) and isinstance(value, dict):  # a group, whole
+            fields = " ".join(f"--config.{key}.{k}={v!r}" for k, v in value.items())
+            raise ConfigError(f"override {item!r}: '{key}' is a group of settings, set one by one: {fields}")
         if not _type_ok(node[leaf], value):
             raise ConfigError(
                 f"override {item!r}: '{key}' must be {type(node[leaf]).__name__}, got {type(value).__name__}"

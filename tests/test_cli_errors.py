@@ -895,3 +895,11 @@ def test_the_commands_info_lines_reach_stderr_though_orbax_configured_logging_fi
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr.strip().endswith("INFO clip_jax.train.loop: mesh over 8 devices")
     assert result.stderr.count("mesh over 8 devices") == 1, result.stderr  # one handler: not printed twice
+
+
+def test_a_group_given_whole_is_refused_with_its_fields_one_by_one(tmp_path, capsys):
+    # it said "'mesh' must be ConfigDict, got dict"
+    message = exit_message(train_args(tmp_path / "run", "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}"), capsys)
+    assert message.endswith("'mesh' is a group of settings, set one by one: --config.mesh.data=2 "
+                            "--config.mesh.fsdp=2 --config.mesh.tensor=2"), message
+    assert not (tmp_path / "run").exists()
