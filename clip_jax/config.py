@@ -328,7 +328,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f"captions), got {probs['long_caption_prob']} + {probs['partial_caption_prob']}")
     if config.model.attention == "cudnn" and config.model.dtype == "float32":
         raise ConfigError("model.attention 'cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused attention has "
-                          "no float32); set model.dtype or use model.attention 'xla'")
+                          "no float32), and an NVIDIA GPU; set model.dtype or use model.attention 'xla'")
     if config.batch_size % config.accum_steps:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by accum_steps {config.accum_steps}")
     towers = [("text", ("context_length", "vocab_size"))]
