@@ -60,7 +60,9 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
         raise ValueError(f"mesh {sizes}: sizes must be positive or -1")
     if fills:
         if num_devices % known:
-            raise ValueError(f"mesh {sizes}: {num_devices} devices do not divide by the fixed axes' product {known}")
+            raise ValueError(f"mesh {sizes}: {num_devices} devices do not divide by the fixed axes' product {known}; "
+                             f"set the fixed sizes so they multiply to a divisor of {num_devices}, e.g. "
+                             "--config.mesh.fsdp=1 --config.mesh.tensor=1 with --config.mesh.data=-1")
         shape[fills[0]] = num_devices // known
     if math.prod(shape) != num_devices:
         raise ValueError(

@@ -413,7 +413,7 @@ def test_misspelt_config_key_exits_before_any_work(tmp_path, capsys, monkeypatch
 @pytest.mark.parametrize("overrides, expected", [
     (["--config.mesh.data=16"], "config.mesh: mesh {'data': 16, 'fsdp': 1, 'tensor': 1} needs 16 devices but 8 are"),
     (["--config.mesh.data=3", "--config.mesh.tensor=-1"], "config.mesh: mesh {'data': 3, 'fsdp': 1, 'tensor': -1}: 8 "
-     "devices do not divide"),
+     "devices do not divide by the fixed axes' product 3; set the fixed sizes so they multiply to a divisor of 8"),
     (["--config.batch_size=12"], "batch_size 12 must be a multiple of 8"),
 ])
 def test_a_mesh_or_batch_that_does_not_fit_the_devices_exits_before_writing(tmp_path, capsys, overrides, expected):
@@ -673,3 +673,17 @@ def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_pat
     assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
     cli.main(train_args(workdir, "--config.eval.every_steps=3", "--config.eval.batch_size=32"))  # the same figures
     assert json.loads((workdir / "results.json").read_text()) == json.loads((trained / "results.json").read_text())
+
+
+def test_a_tensor_axis_that_does_not_divide_the_heads_is_told():
+    # sharding drops such an axis for the dimension (logical_to_spec): the heads stayed whole on every device, unsaid
+    from clip_jax.config import default_config
+    from clip_jax.train.loop import unsplit_by_tensor
+
+    config = default_config()
+    config.model.vision.update(heads=2, mlp_dim=64)
+    config.model.text.update(heads=8, mlp_dim=36)
+    assert unsplit_by_tensor(config, 1) is None and unsplit_by_tensor(config, 2) is None
+    said = unsplit_by_tensor(config, 8)
+    assert said.startswith("mesh.tensor 8 does not divide the vision tower's 2 heads, the text tower's 36 MLP width:")
+    assert "8 heads" not in said and "64 MLP width" not in said

@@ -291,6 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if too_big:
         raise ConfigError(too_big)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+    if unsplit := unsplit_by_tensor(config, mesh.shape["tensor"]):
+        log.warning(unsplit)
 
     # --- Workdir and config -------------------------------------------------------------------------------------
     check_workdir_path(workdir)  # before the checkpointer makes a folder inside it
@@ -323,6 +325,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         if created and held is not None and held.lost is None:  # (not a workdir another launch has taken over)
             _remove_failed_launch(workdir)
         raise
+
+
+def unsplit_by_tensor(config: ml_collections.ConfigDict, tensor: int) -> str | None:
+    """What to tell a run whose mesh's tensor axis does not divide a tower's heads or MLP width: sharding drops the
+    axis for such a dimension (`sharding.logical_to_spec`), so those weights and activations stay whole on every
+    device of the axis, without a word."""
+    if tensor == 1:
+        return None
+    towers = {name: config.model[name] for name in ("vision", "text", "audio") if name in config.model}
+    whole = [f"the {name} tower's {n} {what}" for name, tower in towers.items()
+             for what, n in (("heads", tower.get("heads")), ("MLP width", tower.get("mlp_dim"))) if n and n % tensor]
+    if not whole:
+        return None
+    return (f"mesh.tensor {tensor} does not divide {', '.join(whole)}: those stay whole on each of its {tensor} "
+            "devices (the axis is dropped for them, no memory saved); choose a tensor size that divides them")
 
 
 def check_gpu_implementations(config: ml_collections.ConfigDict, platform: str) -> None:
