@@ -163,9 +163,9 @@ def synthetic_batch(fields: dict[str, Field], batch: int, vocab_size: int) -> di
     return arrays
 
 
-def build_clip_jax(args: argparse.Namespace) -> tuple[Callable[[], None], dict, str]:
-    """(one train step, run to completion; facts of the compiled step; its optimised HLO text)."""
-    config = benchmark_config(args)
+def build_clip_jax(args: argparse.Namespace, config) -> tuple[Callable[[], None], dict, str]:
+    """(one train step of `config` (`benchmark_config`), run to completion; facts of the compiled step; its optimised
+    HLO text)."""
     mesh = make_mesh(config.mesh.to_dict())
     method = get_method(config)
     method.check(mesh)
@@ -624,19 +624,20 @@ def main() -> None:
         return
     if args.open_clip and importlib.util.find_spec("open_clip") is None:
         sys.exit(OPEN_CLIP_MISSING)
+    # as clip-jax does on the CPU (clip_jax/host_memory.py); before JAX starts
+    kept_freed_memory = args.malloc == "keep" and keep_freed_memory()
     # before minutes of measuring, not after them
     try:  # the recipe with the command line's overrides, in one line as clip-jax says it (cudnn off a GPU, say)
-        check_gpu_implementations(benchmark_config(args), jax.devices()[0].platform)
+        config = benchmark_config(args)
+        check_gpu_implementations(config, jax.devices()[0].platform)
     except ConfigError as e:
         sys.exit(f"train_step: {e}")
     out = checked_out_folder(args.out)
     keep_dir = checked_out_folder(args.keep_profile, "--keep-profile") if args.profile and args.keep_profile else None
-    # as clip-jax does on the CPU (clip_jax/host_memory.py); before JAX starts
-    kept_freed_memory = args.malloc == "keep" and keep_freed_memory()
     jnp.zeros(())  # initialise the backend before timing
     device = jax.devices()[0]
     steps, facts, hlo = {}, {}, ""
-    steps["clip_jax"], facts["clip_jax"], hlo = build_clip_jax(args)
+    steps["clip_jax"], facts["clip_jax"], hlo = build_clip_jax(args, config)
     if args.open_clip:
         steps["open_clip"], facts["open_clip"], torch_peak, stop_open_clip = open_clip_in_process(args)
     times = interleaved_times(steps, args.steps)
