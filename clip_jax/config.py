@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import re
@@ -36,6 +37,7 @@ from clip_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, LAYER
 from clip_jax.models.presets import model_preset
 from clip_jax.models.resnet import config_problem as resnet_config_problem
 from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS
+from clip_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -475,11 +477,31 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     return config
 
 
-def check_recipe(label: str, spec: str | None, overrides: list[str] | tuple[str, ...], base: pathlib.Path) -> None:
-    """For a launcher: exits with `label: error: ...` where `load_config` would refuse a recipe `path.py[:arg]` (a
-    relative path taken from `base`, where the job starts) and its overrides, so that a typo is found before the
-    job waits in a queue or starts on every host. No recipe (a resume reads the workdir's config.json): nothing.
-    Of `overrides`, the `--config.` ones are read (a launcher passes the trainer's `--debug` along with them)."""
+def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """The mesh's axis sizes over `num_devices` devices. Refuses (ConfigError) a `config.mesh` that does not fit
+    them, and a batch_size that the batch's shards (data x fsdp, times accum_steps) do not divide: the trainer's
+    first check, and a launcher's before the job waits in a queue."""
+    try:
+        sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh.to_dict(), num_devices), strict=True))
+    except ValueError as e:  # sizes that do not fit the devices: a configuration mistake, said in one line
+        raise ConfigError(f"config.mesh: {e}") from None
+    batch_shards = math.prod(sizes[axis] for axis in BATCH_AXES)
+    if config.batch_size % (batch_shards * config.accum_steps):
+        raise ConfigError(
+            f"batch_size {config.batch_size} must be a multiple of {batch_shards * config.accum_steps} (batch shards "
+            f"{batch_shards} x accum_steps {config.accum_steps}, on {num_devices} devices)"
+        )
+    return sizes
+
+
+def check_recipe(label: str, spec: str | None, overrides: list[str] | tuple[str, ...], base: pathlib.Path,
+                 num_devices: int | None = None) -> None:
+    """For a launcher: exits (status 2, as the trainer and argparse) with `label: error: ...` where `load_config`
+    would refuse a recipe `path.py[:arg]` (a relative path taken from `base`, where the job starts) and its
+    overrides, or, given the job's `num_devices`, where its mesh or batch would not fit them (`check_devices`), so
+    that a mistake is found before the job waits in a queue or starts on every host. No recipe (a resume reads the
+    workdir's config.json): nothing. Of `overrides`, the `--config.` ones are read (a launcher passes the trainer's
+    `--debug` along with them)."""
     if not spec:
         return
     overrides = [o for o in overrides if o.startswith("--config.")]
@@ -487,9 +509,12 @@ def check_recipe(label: str, spec: str | None, overrides: list[str] | tuple[str,
     if not pathlib.Path(path).is_absolute():
         spec = str(base / path) + (f":{arg}" if arg else "")
     try:
-        load_config(spec, overrides)
+        config = load_config(spec, overrides)
+        if num_devices is not None:
+            check_devices(config, num_devices)
     except ConfigError as e:
-        sys.exit(f"{label}: error: {e}")
+        print(f"{label}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _code_error(error: Exception, file: pathlib.Path) -> str:

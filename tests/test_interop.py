@@ -487,7 +487,8 @@ def test_pt_needs_matching_suffix(tmp_path, small_import):
 
 def test_converted_workdir_fine_tunes_with_its_own_frozen_rules(tmp_path, capsys):
     """A converted workdir is a warm start: `train` takes its parameters and builds the optimizer of the run's
-    config, here one that freezes the image tower (LiT-style), which the converted optimizer state did not."""
+    config, here one that freezes the image tower (LiT-style), which the converted optimizer state did not, and
+    with its blocks scanned (stacked), where the conversion unrolled them."""
     from clip_jax.train.loop import load_trained
 
     torch_model = small_open_clip(vocab_size=49408, text_width=32)
@@ -497,6 +498,7 @@ def test_converted_workdir_fine_tunes_with_its_own_frozen_rules(tmp_path, capsys
           "--heads-text", "2", "--activation", "gelu"])
     converted = jax.device_get(load_trained(work).params)
     main(["train", "--workdir", str(work), "--config.optimizer.frozen=('^visual/',)", "--config.total_steps=2",
+          "--config.model.scan_layers=True",
           "--config.batch_size=16", "--config.optimizer.warmup_steps=1", "--config.log.progress_bar=False",
           "--config.eval.num_examples=16", "--config.eval.batch_size=16", "--config.log.every_steps=1"])
     # No data settings given: the converted config's default, shapes, is trained on, and the user is told.
@@ -504,6 +506,38 @@ def test_converted_workdir_fine_tunes_with_its_own_frozen_rules(tmp_path, capsys
         capsys.readouterr().err)
     trained = load_trained(work)
     tuned, step = jax.device_get(trained.params), trained.step
-    assert step == 2
-    assert trees_equal(tuned["visual"], converted["visual"])
+    assert step == 2 and "resblocks_0" in converted["visual"]["transformer"]
+    assert trees_equal(tuned["visual"], oa.stack_layers(converted)["visual"])  # (interop's own stacking)
     assert not np.array_equal(tuned["text"]["text_projection"], converted["text"]["text_projection"])
+
+
+@pytest.mark.parametrize("scanned_source", [False, True])
+def test_a_warm_start_reads_blocks_stored_in_the_other_layout_into_its_shardings(tmp_path, scanned_source):
+    """model.scan_layers is the layout of the blocks, not what they are: a warm start reads a checkpoint of the
+    other layout (`Checkpointer.restore_params`), stacking or unrolling its blocks straight into the run's
+    shardings (here split over 4 of the 8 devices)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from clip_jax.config import read_config
+    from clip_jax.sharding import make_mesh
+    from clip_jax.train.checkpoint import Checkpointer
+    from clip_jax.train.loop import load_trained
+
+    write_tensors(tmp_path / "model.safetensors", state_dict(small_open_clip(vocab_size=49408, text_width=32)))
+    work = tmp_path / "work"
+    main(["convert", str(tmp_path / "model.safetensors"), "--to-workdir", str(work), "--heads-vision", "2",
+          "--heads-text", "2", "--activation", "gelu", *(["--scan-layers"] if scanned_source else [])])
+    stored = jax.device_get(load_trained(work).params)
+    wanted = oa.unstack_layers(stored) if scanned_source else oa.stack_layers(stored)
+    assert jax.tree.structure(wanted) != jax.tree.structure(stored)
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    # the last axis over fsdp where it divides, as a sharded run's would be
+    spec = lambda shape: PartitionSpec(*(None,) * (len(shape) - 1), "fsdp") if shape and shape[-1] % 4 == 0 else (
+        PartitionSpec())
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(
+        mesh, spec(a.shape))), wanted)
+    reader = Checkpointer(work, read_config(work / "config.json").checkpoint, reader=True)
+    restored = reader.restore_params(0, abstract)
+    assert trees_equal(jax.device_get(restored), wanted)
+    assert jax.tree.leaves(jax.tree.map(lambda r, a: r.sharding == a.sharding, restored, abstract)) == (
+        [True] * len(jax.tree.leaves(wanted)))

@@ -5,6 +5,7 @@ computed performance tables of docs/launch.md."""
 import importlib.util
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import signal
@@ -320,18 +321,40 @@ def test_a_recipe_mistake_is_found_before_the_job_is_submitted(monkeypatch, caps
     """The trainer reads the recipe only once the job has waited in the queue (SLURM) or started on every worker
     (TPU): the launchers read it first, as it will be read."""
     monkeypatch.chdir(ROOT)  # where the SLURM job starts: --config is relative to it
-    with pytest.raises(SystemExit, match=r"launch/gpu.py submit: error: unknown config key 'batchsize' .*\(did you"):
-        gpu.main([*SUBMIT, "--config.batchsize=3", "--dry-run"])
-    with pytest.raises(SystemExit, match="launch/tpu.py run: error: unknown config key 'batchsize'"):
-        tpu.main([*RUN, "--config.batchsize=3", "--dry-run"])
+    for module, argv, said in (
+            (gpu, SUBMIT, r"launch/gpu.py submit: error: unknown config key 'batchsize' .*\(did you"),
+            (tpu, RUN, "launch/tpu.py run: error: unknown config key 'batchsize'")):
+        with pytest.raises(SystemExit, match="^2$"):  # the trainer's status for a configuration mistake
+            module.main([*argv, "--config.batchsize=3", "--dry-run"])
+        assert re.search(said, capsys.readouterr().err)
     for module, argv in ((gpu, SUBMIT), (tpu, RUN)):  # "unrecognized arguments: 4096" said nothing of the key
         with pytest.raises(SystemExit):
             module.main([*argv, "--config.batch_size", "4096", "--dry-run"])
     said = "--config.batch_size needs its value after '=': --config.batch_size=VALUE"
     assert capsys.readouterr().err.count(said) == 2
     monkeypatch.chdir("/")  # submitted from elsewhere: the job would not find the recipe either
-    with pytest.raises(SystemExit, match="launch/gpu.py submit: error: config file /configs/pretrain.py not found"):
+    with pytest.raises(SystemExit, match="^2$"):
         gpu.main([*SUBMIT, "--dry-run"])
+    assert "launch/gpu.py submit: error: config file /configs/pretrain.py not found" in capsys.readouterr().err
+
+
+def test_a_mesh_or_batch_that_does_not_fit_the_gpus_is_refused_before_the_job_is_submitted(monkeypatch, capsys):
+    """The GPUs asked for are known before the job waits in the queue: a mesh or batch the trainer would refuse on
+    them is refused here, with the trainer's words and its status (2)."""
+    monkeypatch.chdir(ROOT)
+    three_nodes = [SUBMIT[0], "--nodes=3", *SUBMIT[2:]]  # 24 GPUs; the recipe's batch, 32,768, is 2^15
+    for argv, words in [
+        (three_nodes, "batch_size 32768 must be a multiple of 24 (batch shards 24 x accum_steps 1, on 24 devices)"),
+        ([*SUBMIT, "--config.mesh.tensor=3"], "config.mesh: mesh {'data': 1, 'fsdp': -1, 'tensor': 3}: 16 devices "
+                                              "do not divide by the fixed axes' product 3"),
+        (["local", "--gpus=0,1,2", *SUBMIT[3:]], "must be a multiple of 3 (batch shards 3 x accum_steps 1, on 3"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            gpu.main([*argv, "--dry-run"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"launch/gpu.py {argv[0]}: error: ") and words in err and err.count("\n") == 1, err
+    assert dry_run(gpu, capsys, *three_nodes, "--config.batch_size=24576")[0].startswith("sbatch ")  # 1,024 per GPU
 
 
 @pytest.mark.parametrize("limit, seconds", [("90", 5400), ("90:30", 5430), ("1:00:00", 3600), ("2-0", 172800),
@@ -382,11 +405,11 @@ def test_submit_writes_the_script_and_runs_sbatch(monkeypatch, capsys, tmp_path)
     calls = []
     monkeypatch.setattr(gpu.subprocess, "run", lambda c, **k: calls.append(c) or subprocess.CompletedProcess(c, 0))
     script = tmp_path / "job.sbatch"
-    assert gpu.main([*SUBMIT, f"--script={script}", "--nodes=3", "--job-name=lc", "--cpus-per-task=32"]) == 0
+    assert gpu.main([*SUBMIT, f"--script={script}", "--nodes=4", "--job-name=lc", "--cpus-per-task=32"]) == 0
     assert calls == [["sbatch", str(script)]]
     assert capsys.readouterr().out == f"sbatch {script}\n"
     text = script.read_text()
-    assert "#SBATCH --nodes=3\n" in text and "#SBATCH --job-name=lc\n" in text
+    assert "#SBATCH --nodes=4\n" in text and "#SBATCH --job-name=lc\n" in text
     assert "#SBATCH --cpus-per-task=32\n" in text
 
 

@@ -14,8 +14,9 @@ Logical activation axes: `batch`, `length`, `act_embed`, `act_heads`, `act_kv`, 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import NamedTuple
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -496,3 +497,26 @@ class Transformer(nn.Module):
                 x, _ = block_cls(**block_args, name=f"resblocks_{i}")(x, layer_prompt, layer_scales)
                 x = block_boundary(x)
         return x[:, :length] if padded else x
+
+
+def relayout_blocks(tree: Any, like: Any, stack: Callable[[list], Any], take: Callable[[Any, int], Any]) -> Any:
+    """`tree` (nested dicts: parameters, or their shapes) with each Transformer's blocks in `like`'s layout where
+    the two differ: stacked, one `resblocks` with a leading layer axis (scan_layers=True), or unrolled,
+    `resblocks_0`, `resblocks_1`, ... `stack(leaves)` joins a leaf's blocks, `take(leaf, i)` reads block i of a
+    stacked leaf. What `like` lacks is kept as it is."""
+    if not isinstance(tree, Mapping) or not isinstance(like, Mapping):
+        return tree
+    blocks = [key for key in tree if _BLOCK.fullmatch(key)]
+    out = {key: relayout_blocks(value, like.get(key), stack, take) for key, value in tree.items() if key not in blocks}
+    if "resblocks" in like and "resblocks_0" in tree:
+        unrolled = [tree[f"resblocks_{i}"] for i in range(len(blocks))]
+        out["resblocks"] = jax.tree.map(lambda *leaves: stack(list(leaves)), *unrolled)
+    elif "resblocks_0" in like and "resblocks" in tree:
+        for i in range(sum(1 for key in like if _BLOCK.fullmatch(key))):
+            out[f"resblocks_{i}"] = jax.tree.map(lambda leaf, i=i: take(leaf, i), tree["resblocks"])
+    else:
+        out.update({key: relayout_blocks(tree[key], like.get(key), stack, take) for key in blocks})
+    return out
+
+
+_BLOCK = re.compile(r"resblocks(_\d+)?")  # a Transformer's blocks, stacked or one of the unrolled

@@ -31,15 +31,18 @@ from typing import Any, NoReturn
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as policies
 
 from clip_jax import errors
 from clip_jax.distributed import barrier
 from clip_jax.errors import BackgroundErrorsOnce, ConfigError
 from clip_jax.files import CheckpointWriteError, os_error
+from clip_jax.models.layers import relayout_blocks
 
 log = logging.getLogger(__name__)
 
@@ -246,23 +249,38 @@ class Checkpointer:
         into their shapes, dtypes and shardings: the checkpoint's own shardings name the devices of the run that
         wrote it (e.g. a one-device `convert`), which another process layout does not have."""
         where = self.directory / str(step)
+        # Blocks stacked in the checkpoint and unrolled here (model.scan_layers differs), or the other way round:
+        # read in the checkpoint's layout, then put in this run's.
+        stored = relayout_blocks(abstract_params, self._saved_params(step), _stacked_shape, _block_shape)
+        relayout = jax.tree.structure(stored) != jax.tree.structure(abstract_params)
         # A partial restore skips what the target lacks and does not complain about what the checkpoint lacks: the
         # parameters are compared first.
-        self._check_params(step, abstract_params, partial=True)
+        self._check_params(step, stored, partial=True)
         args = ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+            item={"params": stored},
+            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(stored)},
             partial_restore=True,
         )
         # A reader of its own: the manager's "state" item is bound to the StandardSave/StandardRestore handler.
         try:
             with ocp.PyTreeCheckpointer() as reader:
-                return reader.restore(where / "state", args=args)["params"]
+                params = reader.restore(where / "state", args=args)["params"]
+            if relayout:
+                log.info("checkpoint %d holds its Transformer blocks in the other layout (model.scan_layers): "
+                         "laid out as this run's model has them", step)
+                put_in_place = lambda tree: relayout_blocks(tree, abstract_params, jnp.stack, lambda leaf, i: leaf[i])
+                params = jax.jit(put_in_place, out_shardings=jax.tree.map(lambda leaf: leaf.sharding,
+                                                                          abstract_params))(params)
+            return params
         except ValueError as e:  # e.g. a shape that differs
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"checkpoint {where} holds parameters of another model ({first}); start from a "
                               "checkpoint of the same architecture, or set the model fields to its own (its "
                               "config.json)") from None
+
+    def _saved_params(self, step: int) -> Any:
+        """The metadata (shapes, dtypes) of checkpoint `step`'s parameters, as nested dicts."""
+        return ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state").tree["params"]
 
     def _check_params(self, step: int, abstract_params: Any, *, partial: bool) -> None:
         """A ConfigError unless checkpoint `step` holds every parameter of `abstract_params` in its shape (`partial`:
@@ -270,7 +288,7 @@ class Checkpointer:
         where = self.directory / str(step)
         shapes = lambda tree: {jax.tree_util.keystr(path): tuple(leaf.shape)
                                for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-        saved = shapes(ocp.PyTreeCheckpointHandler().metadata(where / "state").tree["params"])
+        saved = shapes(self._saved_params(step))
         wanted = shapes(abstract_params)
         lacks = sorted(wanted.keys() - saved.keys())
         extra = [] if partial else sorted(saved.keys() - wanted.keys())
@@ -353,3 +371,20 @@ def read_state(workdir: epath.PathLike, step: int) -> Any:
                               manager.item_metadata(step)["state"])
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return jax.device_get(restored["state"])
+
+
+def _padded_spec(leaf: jax.ShapeDtypeStruct) -> tuple:
+    return tuple(leaf.sharding.spec) + (None,) * (len(leaf.shape) - len(leaf.sharding.spec))
+
+
+def _stacked_shape(blocks: list[jax.ShapeDtypeStruct]) -> jax.ShapeDtypeStruct:
+    """A leaf of unrolled blocks as one stacked leaf, each block's sharding kept, the layer axis whole."""
+    first = blocks[0]
+    sharding = NamedSharding(first.sharding.mesh, PartitionSpec(None, *_padded_spec(first)))
+    return jax.ShapeDtypeStruct((len(blocks), *first.shape), first.dtype, sharding=sharding)
+
+
+def _block_shape(stacked: jax.ShapeDtypeStruct, index: int) -> jax.ShapeDtypeStruct:
+    """One block's leaf of a stacked leaf, in the stacked one's sharding less the layer axis."""
+    sharding = NamedSharding(stacked.sharding.mesh, PartitionSpec(*_padded_spec(stacked)[1:]))
+    return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=sharding)

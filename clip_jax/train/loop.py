@@ -22,7 +22,15 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from clip_jax.config import ConfigError, absolute_paths, check_input_paths, model_config, read_config, save_config
+from clip_jax.config import (
+    ConfigError,
+    absolute_paths,
+    check_devices,
+    check_input_paths,
+    model_config,
+    read_config,
+    save_config,
+)
 from clip_jax.data.pipeline import DataCounts, check_tokenizer_file, check_train_source, make_tokenizer
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import barrier, batch_rows
@@ -58,9 +66,12 @@ log = logging.getLogger(__name__)
 # unmasked tuning at the end of a run, stochastic depth likewise; a run started before the field existed had none).
 _RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy",
                   *(f"model.vision.{field}" for field in IMAGE_DROPOUT_FIELDS))
-# Model fields that say how the parameters are used, not what they are: a warm start may set them anew (e.g. bf16
-# compute, or Long-CLIP's unclamped temperature, on a converted or stretched model).
-_WARM_START_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale")
+# Model fields that say how the parameters are used or laid out, not what they are: a warm start may set them anew
+# (e.g. bf16 compute, Long-CLIP's unclamped temperature, or the blocks scanned, on a converted or stretched model:
+# `Checkpointer.restore_params` stacks or unrolls them). A resume may not change the layout: its optimizer state
+# is laid out as the parameters were.
+_WARM_START_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale",
+                      "model.scan_layers")
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, checkpoint_step: int | None = None,
@@ -273,16 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     check_input_paths(config, workdir=workdir)
     check_train_source(config)
     checked_tokenizer = check_tokenizer_file(config, new_run=not checkpoint_steps(workdir))
-    try:
-        mesh = make_mesh(config.mesh.to_dict())
-    except ValueError as e:  # sizes that do not fit the devices: a configuration mistake, said in one line
-        raise ConfigError(f"config.mesh: {e}") from None
-    shards = batch_divisor(mesh) * config.accum_steps
-    if config.batch_size % shards:
-        raise ConfigError(
-            f"batch_size {config.batch_size} must be a multiple of {shards} (batch shards {batch_divisor(mesh)} "
-            f"x accum_steps {config.accum_steps})"
-        )
+    mesh = make_mesh(check_devices(config, jax.device_count()))
     check_gpu_implementations(config, jax.devices()[0].platform)
     method = get_method(config)
     method.check(mesh)
@@ -321,9 +323,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         with hold_workdir(workdir) as holding:  # one training at a time: a second would write over its checkpoints
             held = holding
             return _train(config, workdir, mesh, method, holding, checked_tokenizer)
-    except BaseException:
+    except BaseException as error:
         if created and held is not None and held.lost is None:  # (not a workdir another launch has taken over)
-            _remove_failed_launch(workdir)
+            _remove_failed_launch(workdir, interrupted=isinstance(error, KeyboardInterrupt))
         raise
 
 
@@ -351,12 +353,17 @@ def check_gpu_implementations(config: ml_collections.ConfigDict, platform: str) 
                           f"{platform}); use 'xla'")
 
 
-def _remove_failed_launch(workdir: epath.Path) -> None:
+def _remove_failed_launch(workdir: epath.Path, interrupted: bool = False) -> None:
     """Removes the workdir a failed first launch made (config.json, tokenizer.json, an empty checkpoints/) while it
     holds nothing to keep: no checkpoint and no metrics. Left there, the folder is "already a clip_jax workdir" to
     `clip-jax stretch --out-workdir` and `convert --to-workdir`, which the failure may have told the user to run.
+    After a Ctrl-C (`interrupted`: no failure, the same command will be run again) a method's cached arrays (.npz,
+    e.g. a few-shot set's features, minutes to make) are kept with the folder. After an error they go with it: the
+    corrected command may change the settings they were made with, which a cache left there would refuse.
     Process 0 alone writes a workdir's files, so it alone removes them."""
     if jax.process_index() != 0 or checkpoint_steps(workdir) or (workdir / "metrics.jsonl").exists():
+        return
+    if interrupted and any(workdir.glob("*.npz")):
         return
     with contextlib.suppress(Exception):  # the launch's own error is the one to tell
         workdir.rmtree()
@@ -538,7 +545,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                 preempted.close()
                 print(f"{preempted.reason}: saved the checkpoint of step {done}; relaunch the same command to resume",
                       flush=True)
-                raise SystemExit(0)
+                # A Ctrl-C exits as an interrupted command does (130), so `train && eval` stops there; a SIGTERM, a
+                # scheduler's stop that the SLURM script requeues on, exits 0.
+                raise SystemExit(130 if preempted.interrupted else 0)
             if done % config.log.every_steps == 0 or done == config.total_steps:
                 log_pending(done)
             if done % config.checkpoint.every_steps == 0 and done != config.total_steps:
@@ -713,6 +722,10 @@ class PreemptionFlag:
             os.kill(os.getpid(), signal.SIGTERM)
         else:
             self._set = True
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted
 
     @property
     def reason(self) -> str:
