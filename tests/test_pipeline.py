@@ -3,6 +3,10 @@ the source's own examples, numbered by their stream positions, captions cut to t
 iterator's state resumes the stream exactly."""
 
 import json
+import multiprocessing
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -114,15 +118,28 @@ def test_get_state_set_state_resumes_exactly(tokenizer, k):
         assert_batches_equal(want, got)
 
 
-def test_worker_processes_give_the_same_batches(tokenizer):
+def test_worker_processes_give_the_same_batches_and_outlive_the_stop_signals(tokenizer):
     """data.workers > 0 decodes in grain worker processes (which read absl flags: the pipeline must mark them
-    parsed); the stream is the same as in-process."""
+    parsed); the stream is the same as in-process. SIGTERM and SIGINT, which a scheduler or a terminal sends the
+    whole process group, leave the workers serving: the trainer answers them with a checkpoint, which needs the
+    batches (a worker they killed made the next batch an error)."""
     config = make_config()
-    want = take(train_iterator(config, tokenizer), 2)
+    want = take(train_iterator(config, tokenizer), 4)
     config.data.workers = 1
-    got = take(train_iterator(config, tokenizer), 2)
+    before = set(multiprocessing.active_children())
+    iterator = train_iterator(config, tokenizer)
+    got = take(iterator, 2)
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(1)
+    got += take(iterator, 2)
+    assert all(worker.is_alive() for worker in workers)
     for a, b in zip(got, want, strict=True):
         assert_batches_equal(a, b)
+    iterator.close()
 
 
 def _is_gray(image: np.ndarray) -> bool:

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
@@ -414,8 +415,20 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
         # grain's worker processes read absl flags; our CLI uses argparse, so mark them parsed (defaults).
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers),
+                                      worker_init_fn=leave_stop_signals_to_the_trainer)
     return iter_ds
+
+
+def leave_stop_signals_to_the_trainer(worker_index: int, worker_count: int) -> None:
+    """Run in each grain worker process. SIGTERM and SIGINT often reach every process of the trainer's group (SLURM's
+    scancel and time limit, a terminal's Ctrl-C, `kill -TERM -PGID`); a worker they killed made the trainer's next
+    batch an error, so the run crashed where it should have saved a checkpoint. The trainer answers them (a save
+    after its step) and stops the workers itself when it closes the iterator (grain: an event, then SIGKILL). Not
+    covered: a signal in the seconds a worker is starting (the run's first batch), before this runs; grain starts
+    the workers from threads of its own, so they cannot be started with the signals blocked."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
