@@ -512,7 +512,7 @@ def relayout_blocks(tree: Any, like: Any, stack: Callable[[list], Any], take: Ca
         unrolled = [tree[f"resblocks_{i}"] for i in range(len(blocks))]
         out["resblocks"] = jax.tree.map(lambda *leaves: stack(list(leaves)), *unrolled)
     elif "resblocks_0" in like and "resblocks" in tree:
-        for i in range(sum(1 for key in like if _BLOCK.fullmatch(key))):
+        for i in range(jax.tree.leaves(tree["resblocks"])[0].shape[0]):  # (a count unlike `like`'s is then told)
             out[f"resblocks_{i}"] = jax.tree.map(lambda leaf, i=i: take(leaf, i), tree["resblocks"])
     else:
         out.update({key: relayout_blocks(tree[key], like.get(key), stack, take) for key in blocks})
