@@ -5,7 +5,10 @@ iterator's state resumes the stream exactly."""
 import json
 import multiprocessing
 import os
+import pathlib
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -140,6 +143,42 @@ def test_worker_processes_give_the_same_batches_and_outlive_the_stop_signals(tok
     for a, b in zip(got, want, strict=True):
         assert_batches_equal(a, b)
     iterator.close()
+
+
+def test_a_worker_exits_when_the_trainer_ends_without_closing_its_data():
+    """A trainer that ends at once (a second Ctrl-C, or one while compiling: os._exit) does not close its data
+    iterator; its workers, which ignore SIGTERM and SIGINT, must not live on as orphans (they hold the dataset's
+    memory and a CPU each)."""
+    script = (
+        "import multiprocessing, os\n"
+        "from clip_jax.data.pipeline import tokenizer_corpus, train_iterator\n"
+        "from clip_jax.data.tokenizer import ClipTokenizer\n"
+        "from test_pipeline import VOCAB, make_config\n"
+        "if __name__ == '__main__':\n"
+        "    config = make_config()\n"
+        "    config.data.workers = 1\n"
+        "    iterator = train_iterator(config, ClipTokenizer.train(tokenizer_corpus(config, n=200), VOCAB))\n"
+        "    next(iterator)\n"
+        "    print(*[p.pid for p in multiprocessing.active_children()], flush=True)\n"
+        "    os._exit(130)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).parents[1]), str(pathlib.Path(__file__).parent)])}
+    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert ended.returncode == 130, ended.stderr[-2000:]
+    workers = [int(pid) for pid in ended.stdout.split()]
+    assert workers
+
+    def running(pid: int) -> bool:  # (an exited orphan that init has not reaped yet is a zombie: gone)
+        try:
+            return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 20
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(map(running, workers))
 
 
 def _is_gray(image: np.ndarray) -> bool:

@@ -23,6 +23,7 @@ import os
 import pathlib
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -426,9 +427,19 @@ def leave_stop_signals_to_the_trainer(worker_index: int, worker_count: int) -> N
     batch an error, so the run crashed where it should have saved a checkpoint. The trainer answers them (a save
     after its step) and stops the workers itself when it closes the iterator (grain: an event, then SIGKILL). Not
     covered: a signal in the seconds a worker is starting (the run's first batch), before this runs; grain starts
-    the workers from threads of its own, so they cannot be started with the signals blocked."""
+    the workers from threads of its own, so they cannot be started with the signals blocked.
+    A trainer that ends without closing the iterator (a Ctrl-C while compiling, a second Ctrl-C: `os._exit`) leaves
+    the worker an orphan that the signals no longer stop: it exits once its parent is gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trainer = os.getppid()
+
+    def exit_with_the_trainer() -> None:
+        while os.getppid() == trainer:  # an orphan is handed to init (or a subreaper): another parent
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_the_trainer, name="exit-with-the-trainer", daemon=True).start()
 
 
 def train_iterator(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, rows: Sequence[int] | None = None,
