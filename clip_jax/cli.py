@@ -51,28 +51,22 @@ from clip_jax.host_memory import keep_freed_memory
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
     from etils import epath
 
-    from clip_jax.config import load_config, read_config
+    from clip_jax.config import train_config
     from clip_jax.distributed import maybe_initialize
     from clip_jax.methods import get_method
     from clip_jax.train.loop import checkpoint_steps, train_and_evaluate
 
     maybe_initialize()
     workdir = epath.Path(args.workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
-    if args.config:
-        config = load_config(args.config, overrides)
-    elif (workdir / "config.json").exists():  # resume a run with the config it was started with
-        config = read_config(workdir / "config.json")
-        from clip_jax.config import apply_overrides, validate
-
-        apply_overrides(config, overrides)
-        validate(config)
-        if config.data.source == "shapes" and checkpoint_steps(workdir) == [0] and get_method(config).reads_data:
-            # A converted (or stretched) model's config.json has the schema's data settings, not the user's.
-            print(f"warning: {workdir} holds a converted or stretched model, and its first run trains on the "
-                  "procedural shapes data (data.source's default); for your data, set --config.data.source and "
-                  "--config.data.path (docs/data.md)", file=sys.stderr)
-    else:
+    config = train_config(args.config, overrides, workdir)  # without --config: the run's config.json (a resume)
+    if config is None:
         raise ConfigError("train needs --config (or a --workdir that already holds config.json)")
+    if (not args.config and config.data.source == "shapes" and checkpoint_steps(workdir) == [0]
+            and get_method(config).reads_data):
+        # A converted (or stretched) model's config.json has the schema's data settings, not the user's.
+        print(f"warning: {workdir} holds a converted or stretched model, and its first run trains on the "
+              "procedural shapes data (data.source's default); for your data, set --config.data.source and "
+              "--config.data.path (docs/data.md)", file=sys.stderr)
     train_and_evaluate(config, workdir)
 
 

@@ -494,23 +494,43 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> dict[s
     return sizes
 
 
+def train_config(spec: str | None, overrides: list[str] | tuple[str, ...], workdir: epath.PathLike
+                 ) -> ml_collections.ConfigDict | None:
+    """The settings `clip-jax train` runs with: the recipe `spec` (`path.py[:arg]`) with the overrides, or without
+    one the workdir's config.json (a resume, or the first run of a converted model) with them; None where neither
+    is there."""
+    if spec:
+        return load_config(spec, overrides)
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        return None
+    config = read_config(path)
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
 def check_recipe(label: str, spec: str | None, overrides: list[str] | tuple[str, ...], base: pathlib.Path,
-                 num_devices: int | None = None) -> None:
-    """For a launcher: exits (status 2, as the trainer and argparse) with `label: error: ...` where `load_config`
-    would refuse a recipe `path.py[:arg]` (a relative path taken from `base`, where the job starts) and its
-    overrides, or, given the job's `num_devices`, where its mesh or batch would not fit them (`check_devices`), so
-    that a mistake is found before the job waits in a queue or starts on every host. No recipe (a resume reads the
-    workdir's config.json): nothing. Of `overrides`, the `--config.` ones are read (a launcher passes the trainer's
+                 num_devices: int | None = None, workdir: str | None = None) -> None:
+    """For a launcher: exits (status 2, as the trainer and argparse) with `label: error: ...` where the trainer
+    would refuse the settings (`train_config`: a recipe `path.py[:arg]`, a relative path taken from `base`, where
+    the job starts, or without one the config.json of `workdir` where this machine sees it) and its overrides, or,
+    given the job's `num_devices`, where its mesh or batch would not fit them (`check_devices`), so that a mistake
+    is found before the job waits in a queue or starts on every host. Neither there: nothing (the job may see a
+    workdir this machine does not). Of `overrides`, the `--config.` ones are read (a launcher passes the trainer's
     `--debug` along with them)."""
-    if not spec:
-        return
     overrides = [o for o in overrides if o.startswith("--config.")]
-    path, _, arg = spec.partition(":")
-    if not pathlib.Path(path).is_absolute():
-        spec = str(base / path) + (f":{arg}" if arg else "")
+    if spec:
+        path, _, arg = spec.partition(":")
+        if not pathlib.Path(path).is_absolute():
+            spec = str(base / path) + (f":{arg}" if arg else "")
+    elif not workdir or is_remote(workdir):
+        return
+    elif not pathlib.Path(workdir).is_absolute():
+        workdir = str(base / workdir)
     try:
-        config = load_config(spec, overrides)
-        if num_devices is not None:
+        config = train_config(spec, overrides, workdir or "")
+        if config is not None and num_devices is not None:
             check_devices(config, num_devices)
     except ConfigError as e:
         print(f"{label}: error: {e}", file=sys.stderr)

@@ -165,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"({limit} s): the checkpoint signal comes that long before the limit")
         if args.job_name and re.search(r"\s", args.job_name):
             parser.error(f"--job-name {args.job_name!r} has white space, which an #SBATCH line splits at")
-    if args.config:  # (without one the job resumes from the workdir's config.json: nothing to read here)
-        # The job starts in this directory, on the GPUs asked for (`local` without --gpus: all it sees, unknown here).
-        gpus = (args.nodes * args.gpus_per_node if args.command == "submit" else
-                len(args.gpus.split(",")) if args.gpus else None)
-        check_recipe(f"launch/gpu.py {args.command}", args.config, args.overrides, pathlib.Path.cwd(), gpus)
+    # The job starts in this directory, on the GPUs asked for (`local` without --gpus: all it sees, unknown here);
+    # without --config it resumes from the workdir's config.json, read here where this machine sees it.
+    gpus = (args.nodes * args.gpus_per_node if args.command == "submit" else
+            len(args.gpus.split(",")) if args.gpus else None)
+    check_recipe(f"launch/gpu.py {args.command}", args.config, args.overrides, pathlib.Path.cwd(), gpus, args.workdir)
     return submit(args) if args.command == "submit" else local(args)
 
 

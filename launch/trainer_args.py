@@ -21,14 +21,14 @@ def trainer_overrides(parser: argparse.ArgumentParser, rest: list[str], *, accep
     return overrides
 
 
-def check_recipe(command: str, config: str, overrides: list[str], root: pathlib.Path,
-                 num_devices: int | None = None) -> None:
-    """The recipe read as the job will read it from `root`, and its mesh and batch checked against the job's
-    `num_devices` where known (clip_jax.config.check_recipe: a bad file, override, mesh or batch exits here, not
-    minutes later on every host); skipped where clip_jax is not installed beside the launcher, as the job's own
-    start checks it then."""
+def check_recipe(command: str, config: str | None, overrides: list[str], root: pathlib.Path,
+                 num_devices: int | None = None, workdir: str | None = None) -> None:
+    """The recipe, or without one the config.json of `workdir` where this machine sees it, read as the job will read
+    it from `root`, and its mesh and batch checked against the job's `num_devices` where known
+    (clip_jax.config.check_recipe: a bad file, override, mesh or batch exits here, not minutes later on every host);
+    skipped where clip_jax is not installed beside the launcher, as the job's own start checks it then."""
     try:
         from clip_jax.config import check_recipe as check
     except ImportError:
         return
-    check(command, config, overrides, root, num_devices)
+    check(command, config, overrides, root, num_devices, workdir)

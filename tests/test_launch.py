@@ -357,6 +357,28 @@ def test_a_mesh_or_batch_that_does_not_fit_the_gpus_is_refused_before_the_job_is
     assert dry_run(gpu, capsys, *three_nodes, "--config.batch_size=24576")[0].startswith("sbatch ")  # 1,024 per GPU
 
 
+def test_a_resume_is_checked_against_the_workdirs_own_settings(tmp_path, capsys):
+    """Without --config the job resumes from the workdir's config.json (a converted model's first run too): where
+    this machine sees it, the overrides and the batch are checked against it before the queue."""
+    from clip_jax.config import default_config, save_config
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    save_config(default_config(), workdir / "config.json")
+    for argv, words in [
+        (["local", "--gpus=0,1,2", f"--workdir={workdir}", "--config.batch_size=16"],
+         "batch_size 16 must be a multiple of 3 (batch shards 3 x accum_steps 1, on 3 devices)"),
+        (["submit", "--nodes=1", "--gpus-per-node=8", f"--workdir={workdir}", "--config.optimizr.lr=1"],
+         "unknown config key 'optimizr' in override '--config.optimizr.lr=1' (did you mean 'optimizer'?)"),
+    ]:
+        with pytest.raises(SystemExit, match="^2$"):
+            gpu.main([*argv, "--dry-run"])
+        assert words in capsys.readouterr().err
+    assert dry_run(gpu, capsys, "local", "--gpus=0,1,2,3", f"--workdir={workdir}", "--config.batch_size=16")
+    # a workdir this machine does not see (the cluster's file system): the job's own start checks it
+    assert dry_run(gpu, capsys, "local", "--gpus=0,1,2", f"--workdir={tmp_path / 'elsewhere'}")
+
+
 @pytest.mark.parametrize("limit, seconds", [("90", 5400), ("90:30", 5430), ("1:00:00", 3600), ("2-0", 172800),
                                             ("2-12:30", 217800), ("1-00:00:10", 86410), ("infinite", None)])
 def test_slurm_time_limits(limit, seconds):
