@@ -227,6 +227,29 @@ def test_a_flag_mends_an_hf_config_that_cannot_be_read(tmp_path):
     assert wd.load_source(tmp_path / "hf", heads_text=4).model["text"]["heads"] == 4  # the flag mends it
 
 
+def test_a_bare_weights_file_of_an_open_clip_width_with_wider_heads_is_warned_of(monkeypatch, caplog):
+    """Heads are not in the weights: a bare file converts with width // 64 of them. At the image widths of open_clip
+    models whose heads are wider (ViT-H-14, -g-14, -bigG-14: 16 heads) that is likely the wrong model, converted
+    without error; the conversion says so, and says nothing once --heads-vision is given. (The small model stands
+    in for one: its width, 64, mapped to a stand-in entry with its true 2 heads.)"""
+    configs = pathlib.Path(open_clip.__file__).parent / "model_configs"  # the table, against open_clip's own
+    for width, (name, heads) in wd._OPEN_CLIP_WIDE_HEADS.items():
+        vision = json.loads((configs / f"{name}.json").read_text())["vision_cfg"]
+        assert (vision["width"], vision["width"] // vision["head_width"]) == (width, heads)
+    monkeypatch.setitem(wd._OPEN_CLIP_WIDE_HEADS, 64, ("ViT-stand-in", 2))
+    sd = state_dict(small_open_clip())
+    with caplog.at_level("WARNING"):
+        assumed = wd.load_source_state_dict(sd, heads_text=2, activation="gelu", where="model.bin")
+    assert assumed.model["vision"]["heads"] == 1
+    assert "model.bin holds no config, so its image tower's heads are assumed to be 1 (width // 64" in caplog.text
+    said = "open_clip's ViT-stand-in, 64 wide too, has 2: if that is this model, convert again with --heads-vision 2"
+    assert said in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        wd.load_source_state_dict(sd, heads_vision=2, heads_text=2, activation="gelu")
+    assert "heads are assumed" not in caplog.text
+
+
 # ---- export ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_import():

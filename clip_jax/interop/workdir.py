@@ -90,7 +90,20 @@ def load_source_state_dict(sd: dict[str, np.ndarray], *, heads_vision: int | Non
     if any(k.startswith(("text_model.", "vision_model.")) for k in sd):  # HF keys without their config.json
         sd = hf_lib.openai_from_hf(sd)
     flags = {"heads_vision": heads_vision, "heads_text": heads_text, "activation": activation}
-    return _from_openai(sd, flags, "openai", where)
+    imported = _from_openai(sd, flags, "openai", where)
+    vision = imported.model["vision"]
+    wider = _OPEN_CLIP_WIDE_HEADS.get(vision["width"])
+    if heads_vision is None and vision.get("type") != "resnet" and wider and wider[1] != vision["heads"]:
+        log.warning("%s holds no config, so its image tower's heads are assumed to be %d (width // 64, as OpenAI's); "
+                    "open_clip's %s, %d wide too, has %d: if that is this model, convert again with --heads-vision %d "
+                    "(wrong heads convert without error into another model)", where, vision["heads"], wider[0],
+                    vision["width"], wider[1], wider[1])
+    return imported
+
+
+# Image tower widths whose open_clip models have heads wider than OpenAI's 64 (their configs' head_width): a bare
+# weights file of one converts with width // 64 heads unless told. (width: (model, heads))
+_OPEN_CLIP_WIDE_HEADS = {1280: ("ViT-H-14", 16), 1408: ("ViT-g-14", 16), 1664: ("ViT-bigG-14", 16)}
 
 
 def _given(flags: dict[str, Any]) -> dict[str, Any]:
