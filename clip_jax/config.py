@@ -378,7 +378,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 # The keys of an evaluation entry that name a local file or folder: what it reads, and where it writes (overlays, COCO
 # results).
-_EVAL_PATH_KEYS = ("path", "annotations", "image_root", "audio_root", "data_dir", "overlay_dir", "results_file")
+_EVAL_PATH_KEYS = ("path", "names_file", "annotations", "image_root", "audio_root", "data_dir", "overlay_dir",
+                   "results_file")
 
 
 def absolute_paths(config: ml_collections.ConfigDict) -> None:
@@ -408,7 +409,7 @@ def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = Tru
     be evaluated, encoded and exported). A path that is a pattern or a list (records) is left to its source. The
     evaluations' outputs are checked with them (`check_sources`), `workdir` the run's."""
     paths = {f"evals.{name}.{key}": entry[key] for name, entry in config.evals.items()
-             for key in ("path", "annotations", "image_root") if key in entry}
+             for key in ("path", "names_file", "annotations", "image_root") if key in entry}
     if training:
         for key in ("annotations", "image_root"):  # a detection method's COCO training file
             if config.method.get(key):

@@ -159,6 +159,33 @@ def test_zero_shot_folder_scores_the_fraction_filed_right(tmp_path):
     assert got == {"colours_top1": 9 / 12, "colours_skipped": 1}
 
 
+def test_zero_shot_folder_of_wordnet_ids_prompts_with_its_names_file(tmp_path, caplog):
+    """ImageNet's layout names its class folders by WordNet id: a names_file gives their class names (the same
+    figures as folders named by colour, above); one that leaves a folder out is refused before training, and ids
+    left as the prompts' class names are warned of."""
+    write_folder(tmp_path / "named", misfiled=3)
+    ids = {"red": "n00000001", "green": "n00000002", "blue": "n00000003"}
+    (tmp_path / "set").mkdir()
+    for colour, wordnet_id in ids.items():
+        (tmp_path / "named" / colour).rename(tmp_path / "set" / wordnet_id)
+    names = tmp_path / "names.txt"
+    names.write_text("# WordNet id, class name\n" + "".join(f"{i}\t{c}\n" for c, i in ids.items()))
+    entry = f"{{'type': 'zero_shot_folder', 'path': '{tmp_path / 'set'}', 'templates': ('a {{}} thing.',)"
+    config = load_config(DEMO, [f"--config.evals.ids={entry}, 'names_file': '{names}'}}"])
+    check_input_paths(config)
+    got = suite.run_zero_shot_folder(context(config), "ids", suite.parse_entry("ids", config.evals.ids.to_dict()))
+    assert got == {"ids_top1": 9 / 12, "ids_skipped": 1}
+    names.write_text("n00000001\tred\nn00000002\tgreen\n")
+    with pytest.raises(ConfigError, match=r"evals.ids.names_file: .*names.txt names no class for the folders "
+                                          r"\['n00000003'\]; give each class folder one line"):
+        check_input_paths(config)
+    config = load_config(DEMO, [f"--config.evals.ids={entry}}}"])
+    with caplog.at_level("WARNING"), pytest.raises(ValueError):  # (the stand-in text encoder knows colours only)
+        suite.run_zero_shot_folder(context(config), "ids", suite.parse_entry("ids", config.evals.ids.to_dict()))
+    assert ("the class folders of " in caplog.text and "are WordNet ids (n00000001, ...), and the prompts say them as "
+            "they are ('a n00000001 thing.'): give the entry a names_file" in caplog.text)
+
+
 def test_a_folder_of_fewer_than_two_classes_is_refused_before_training(tmp_path, caplog):
     """One class folder scored 100% whatever the model (images at the top, in no class folder, were passed over
     without a word): refused when the config is checked, as a missing folder is."""

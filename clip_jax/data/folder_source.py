@@ -47,7 +47,8 @@ class ImageFolderSource:
             log.warning("%s: %d images at the top are in no class folder and are not scored (root/<class>/<image>)",
                         root, loose)
         self.root, self.image_size, self.max_image_bytes = root, image_size, max_image_bytes
-        self._names = [d.name.replace("_", " ") for d in classes]
+        self._folders = [d.name for d in classes]
+        self._names = [folder.replace("_", " ") for folder in self._folders]
         self.files = [(f, label) for label, d in enumerate(classes)
                       for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not self.files:
@@ -55,6 +56,10 @@ class ImageFolderSource:
 
     def class_names(self) -> list[str]:
         return list(self._names)
+
+    def folder_names(self) -> list[str]:
+        """The class folders' names, in the labels' order."""
+        return list(self._folders)
 
     def __len__(self) -> int:
         return len(self.files)

@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import os
+import re
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from clip_jax.data.classification import class_embeddings, few_shot_task
+from clip_jax.data.classification import class_embeddings, few_shot_task, read_names
 from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
@@ -68,6 +69,8 @@ from clip_jax.evaluate.segmentation import (
 from clip_jax.evaluate.zero_shot import accuracy_entries, evaluate_zero_shot, zero_shot_accuracy, zero_shot_by_split
 
 log = logging.getLogger(__name__)
+
+_WORDNET_ID = re.compile(r"n\d{8}")  # ImageNet's class folders: n01440764, ...
 
 # CLIP's short prompt for zero-shot classification of natural images.
 PHOTO_TEMPLATES = ("a photo of a {}.",)
@@ -168,17 +171,44 @@ def run_long_text_set(ctx: Context, name: str, entry: LongTextSetEval) -> dict[s
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotFolderEval:
-    path: str = ""  # root/<class>/<image>; class names are the folder names with "_" as spaces
+    path: str = ""  # root/<class>/<image>; class names are the folder names with "_" as spaces, or names_file's
+    # Lines `folder<TAB>class name` (e.g. ImageNet's WordNet-id folders: `n01440764<TAB>tench`), one per class folder
+    # (blank lines and lines starting with # skipped), as few_shot.names_file; "": the folder names.
+    names_file: str = ""
     templates: tuple = PHOTO_TEMPLATES  # prompts, "{}" standing for the class name; embeddings averaged
     num_examples: int | None = None  # None: every image; else this many spread over the classes
     every_steps: int | None = None
 
 
+def folder_class_names(name: str, entry: ZeroShotFolderEval, source: ImageFolderSource) -> list[str]:
+    """The class names a zero_shot_folder entry prompts with, in its folders' order: its names_file's, which must
+    name every class folder and no other (a ConfigError otherwise), or the folder names."""
+    folders = source.folder_names()
+    if not entry.names_file:
+        return source.class_names()
+    try:
+        names = read_names(entry.names_file)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"evals.{name}.names_file: {e}") from None
+    unnamed, stray = [f for f in folders if f not in names], [k for k in names if k not in folders]
+    if unnamed or stray:
+        problem = (f"names no class for the folders {unnamed[:5]}" if unnamed else
+                   f"names classes {stray[:5]} that have no folder in {entry.path}")
+        raise ConfigError(f"evals.{name}.names_file: {entry.names_file} {problem}; give each class folder one line "
+                          "`folder<TAB>class name`, and no other")
+    return [names[folder] for folder in folders]
+
+
 def run_zero_shot_folder(ctx: Context, name: str, entry: ZeroShotFolderEval) -> dict[str, float]:
     config = ctx.config
     source = ImageFolderSource(entry.path, config.model.vision.image_size, config.data.max_image_bytes)
+    class_names = folder_class_names(name, entry, source)
+    if not entry.names_file and all(_WORDNET_ID.fullmatch(f) for f in source.folder_names()):
+        log.warning("evals.%s: the class folders of %s are WordNet ids (%s, ...), and the prompts say them as they are "
+                    "('%s'): give the entry a names_file (lines `folder<TAB>class name`)", name, entry.path,
+                    source.folder_names()[0], entry.templates[0].format(class_names[0]))
     images, labels, skipped = source.arrays(entry.num_examples)
-    classes = class_embeddings(ctx.texts, source.class_names(), tuple(entry.templates))
+    classes = class_embeddings(ctx.texts, class_names, tuple(entry.templates))
     acc = zero_shot_accuracy(ctx.encoder.images(images), labels, classes)
     return accuracy_entries(name, acc, len(classes)) | {f"{name}_skipped": skipped}
 
@@ -344,9 +374,10 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str | os.PathLike 
             open_tfds(name, parse_entry(name, entry.to_dict()), config.model.vision.image_size)
         elif entry.type == "zero_shot_folder" and entry.path:
             try:
-                ImageFolderSource(entry.path, config.model.vision.image_size)
+                source = ImageFolderSource(entry.path, config.model.vision.image_size)
             except (ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"evals.{name}.path: {e}") from None
+            folder_class_names(name, parse_entry(name, entry.to_dict()), source)
 
 
 def due(config: ml_collections.ConfigDict, step: int) -> list[str]:
