@@ -261,3 +261,11 @@ def test_log_lines_go_above_the_bar_with_the_console_handlers_filters_and_come_b
         root.handlers = saved
     err = capsys.readouterr().err
     assert "LOG shown above the bar" in err and "secret" not in err
+
+
+def test_the_compile_report_gives_a_small_steps_flops_in_gflop(capsys):
+    """A tiny model's step (a few GFLOP) printed "0.000 TFLOP"; B/32's 1.42 TFLOP reads as before."""
+    loop._report_compiled(None, 1.0, 2.5e9, None, 1)  # (no compiled step: no memory line)
+    loop._report_compiled(None, 1.0, 1.42e12, None, 1)
+    out = capsys.readouterr().out
+    assert "model FLOPs per step 2.5 GFLOP\n" in out and "model FLOPs per step 1.420 TFLOP\n" in out

@@ -772,7 +772,9 @@ def _summarise(history: list[dict]) -> dict[str, float]:
 def _report_compiled(compiled, seconds: float, flops_per_step: float, peak: float | None, n_devices: int) -> None:
     """Prints the compiled step's per-device memory and the analytic FLOPs before step 0 (MaxText habit): an OOM
     or a badly sharded model shows here, not an hour into the run."""
-    lines = [f"compiled train step in {seconds:.1f}s; model FLOPs per step {flops_per_step / 1e12:.3f} TFLOP"]
+    # (a tiny model's step, a few GFLOP, printed "0.000 TFLOP")
+    flops = f"{flops_per_step / 1e12:.3f} TFLOP" if flops_per_step >= 1e11 else f"{flops_per_step / 1e9:.3g} GFLOP"
+    lines = [f"compiled train step in {seconds:.1f}s; model FLOPs per step {flops}"]
     try:
         mem = compiled.memory_analysis()
         if mem is not None:
