@@ -183,9 +183,9 @@ class ZeroShotFolderEval:
 def folder_class_names(name: str, entry: ZeroShotFolderEval, source: ImageFolderSource) -> list[str]:
     """The class names a zero_shot_folder entry prompts with, in its folders' order: its names_file's, which must
     name every class folder and no other (a ConfigError otherwise), or the folder names."""
-    folders = source.folder_names()
     if not entry.names_file:
         return source.class_names()
+    folders = source.folder_names()
     try:
         names = read_names(entry.names_file)
     except (OSError, ValueError) as e:
@@ -202,11 +202,11 @@ def folder_class_names(name: str, entry: ZeroShotFolderEval, source: ImageFolder
 def run_zero_shot_folder(ctx: Context, name: str, entry: ZeroShotFolderEval) -> dict[str, float]:
     config = ctx.config
     source = ImageFolderSource(entry.path, config.model.vision.image_size, config.data.max_image_bytes)
-    class_names = folder_class_names(name, entry, source)
-    if not entry.names_file and all(_WORDNET_ID.fullmatch(f) for f in source.folder_names()):
+    class_names, folders = folder_class_names(name, entry, source), source.folder_names()
+    if not entry.names_file and all(_WORDNET_ID.fullmatch(f) for f in folders):
         log.warning("evals.%s: the class folders of %s are WordNet ids (%s, ...), and the prompts say them as they are "
                     "('%s'): give the entry a names_file (lines `folder<TAB>class name`)", name, entry.path,
-                    source.folder_names()[0], entry.templates[0].format(class_names[0]))
+                    folders[0], entry.templates[0].format(class_names[0]))
     images, labels, skipped = source.arrays(entry.num_examples)
     classes = class_embeddings(ctx.texts, class_names, tuple(entry.templates))
     acc = zero_shot_accuracy(ctx.encoder.images(images), labels, classes)

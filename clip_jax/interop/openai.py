@@ -30,6 +30,7 @@ from clip_jax.interop.openai_resnet import (
     resnet_rows,
     unfold_batch_norms,
 )
+from clip_jax.models.layers import relayout_blocks
 from clip_jax.models.positions import merge_position_tables
 from clip_jax.models.presets import model_preset
 
@@ -249,47 +250,19 @@ def state_dict_from_params(params: Mapping[str, Any], model: Mapping[str, Any],
 
 
 # ---- scanned (stacked) <-> unrolled blocks ---------------------------------------------------------------------
-def _map_tree(fn, tree):
-    return {k: _map_tree(fn, v) for k, v in tree.items()} if isinstance(tree, Mapping) else fn(tree)
+# Layouts of the image and text towers' blocks, for `layers.relayout_blocks`, which converts between them.
+_STACKED = {tower: {"transformer": {"resblocks": {}}} for tower in ("visual", "text")}
+_UNROLLED = {tower: {"transformer": {"resblocks_0": {}}} for tower in ("visual", "text")}
 
 
 def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     """`transformer/resblocks/...` with a leading layer axis (scan_layers=True) -> `resblocks_{i}/...`."""
-    out = _map_tree(lambda x: x, params)  # a fresh dict tree; leaves shared
-    for tower in ("visual", "text"):
-        tr = out.get(tower, {}).get("transformer", {})
-        if "resblocks" in tr:
-            stacked = tr.pop("resblocks")
-            n = len(next(iter(_leaves(stacked))))
-            for i in range(n):
-                tr[f"resblocks_{i}"] = _map_tree(lambda x, i=i: np.asarray(x)[i], stacked)
-    return out
+    return relayout_blocks(params, _UNROLLED, np.stack, lambda leaf, i: np.asarray(leaf)[i])
 
 
 def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     """`resblocks_{i}/...` -> `resblocks/...` with a leading layer axis, for models with scan_layers=True."""
-    out = _map_tree(lambda x: x, params)
-    for tower in ("visual", "text"):
-        tr = out.get(tower, {}).get("transformer", {})
-        names = sorted((k for k in tr if re.fullmatch(r"resblocks_\d+", k)), key=lambda k: int(k.split("_")[1]))
-        if names:
-            blocks = [tr.pop(k) for k in names]
-            tr["resblocks"] = _map_tree_n(lambda *xs: np.stack(xs), blocks)
-    return out
-
-
-def _map_tree_n(fn, trees: list):
-    if isinstance(trees[0], Mapping):
-        return {k: _map_tree_n(fn, [t[k] for t in trees]) for k in trees[0]}
-    return fn(*trees)
-
-
-def _leaves(tree):
-    if isinstance(tree, Mapping):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
+    return relayout_blocks(params, _STACKED, np.stack, lambda leaf, i: np.asarray(leaf)[i])
 
 
 # ---- architecture ------------------------------------------------------------------------------------------------

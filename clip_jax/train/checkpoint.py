@@ -251,11 +251,12 @@ class Checkpointer:
         where = self.directory / str(step)
         # Blocks stacked in the checkpoint and unrolled here (model.scan_layers differs), or the other way round:
         # read in the checkpoint's layout, then put in this run's.
-        stored = relayout_blocks(abstract_params, self._saved_params(step), _stacked_shape, _block_shape)
+        saved = self._saved_params(step)
+        stored = relayout_blocks(abstract_params, saved, _stacked_shape, _block_shape)
         relayout = jax.tree.structure(stored) != jax.tree.structure(abstract_params)
         # A partial restore skips what the target lacks and does not complain about what the checkpoint lacks: the
         # parameters are compared first.
-        self._check_params(step, stored, partial=True)
+        self._check_params(step, stored, partial=True, saved=saved)
         args = ocp.args.PyTreeRestore(
             item={"params": stored},
             restore_args={"params": ocp.checkpoint_utils.construct_restore_args(stored)},
@@ -282,13 +283,13 @@ class Checkpointer:
         """The metadata (shapes, dtypes) of checkpoint `step`'s parameters, as nested dicts."""
         return ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state").tree["params"]
 
-    def _check_params(self, step: int, abstract_params: Any, *, partial: bool) -> None:
+    def _check_params(self, step: int, abstract_params: Any, *, partial: bool, saved: Any = None) -> None:
         """A ConfigError unless checkpoint `step` holds every parameter of `abstract_params` in its shape (`partial`:
         and maybe others, as a few-shot run's checkpoint holds its learner beside the CLIP a warm start reads)."""
         where = self.directory / str(step)
         shapes = lambda tree: {jax.tree_util.keystr(path): tuple(leaf.shape)
                                for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-        saved = shapes(self._saved_params(step))
+        saved = shapes(self._saved_params(step) if saved is None else saved)  # (`saved`: that metadata, read already)
         wanted = shapes(abstract_params)
         lacks = sorted(wanted.keys() - saved.keys())
         extra = [] if partial else sorted(saved.keys() - wanted.keys())
