@@ -2,7 +2,10 @@
 the models, losses and data never import a method; methods never import the trainer or the evaluation."""
 
 import ast
+import importlib.util
 import pathlib
+import subprocess
+import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "clip_jax"
 
@@ -73,3 +76,16 @@ def test_layers_import_downwards_only():
              if (under(m, *low) and under(t, "clip_jax.methods"))
              or (under(m, "clip_jax.methods") and under(t, "clip_jax.train", "clip_jax.evaluate"))]
     assert wrong == []
+
+
+def test_a_training_process_starts_without_torch_or_scipy_signal(tmp_path):
+    """Every `clip-jax` command pays for what its start imports: torch (which tensorboardX imports where it is
+    installed, as in this suite's environment) costs 2-3 s and scipy.signal about 1 s on a 2-core machine, and a
+    training run needs neither unless it reads audio that needs resampling or augments images for SLIP."""
+    code = ("import sys; import clip_jax.cli, clip_jax.train.loop; from etils import epath; "
+            "from clip_jax.train.metrics import _summary_writer; "
+            f"_summary_writer(epath.Path({str(tmp_path)!r}), 0).close(); "
+            "print(sorted(m for m in ('torch', 'scipy.signal', 'scipy.ndimage') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    assert importlib.util.find_spec("torch") is not None  # else the test would pass without hiding it

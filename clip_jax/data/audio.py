@@ -37,7 +37,6 @@ import warnings
 import numpy as np
 import scipy.special
 from etils import epath
-from scipy import signal
 from scipy.io import wavfile
 
 from clip_jax.data.captions import decode_text
@@ -274,6 +273,8 @@ def read_wav(path: epath.PathLike, sample_rate: int, num_samples: int, max_bytes
         # Resample only the input that the first num_samples outputs depend on: output j needs input around
         # j * down / up, within the filter's half-length of 10 * max(up, down) taps at the upsampled rate.
         needed = math.ceil(num_samples * down / up) + math.ceil(10 * max(up, down) / up) + 1
+        from scipy import signal  # here, not at the top: importing it takes ~1 s of every command's start
+
         audio = np.clip(signal.resample_poly(audio[:needed], up, down), -1, 1)  # filter ringing may overshoot
     out = np.zeros(num_samples, np.float32)
     kept = min(num_samples, len(audio))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy import ndimage
 
 from clip_jax.data.images import random_resized_crop
 
@@ -92,6 +91,8 @@ def ssl_view(image: np.ndarray, size: int, rng: np.random.Generator, kind: str) 
         if rng.random() < 0.2:
             x = grayscale(x)
     if rng.random() < 0.5:
+        from scipy import ndimage  # here, not at the top: importing it slows every command's start
+
         sigma = rng.uniform(0.1, 2.0)
         x = ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode="reflect")
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)

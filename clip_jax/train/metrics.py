@@ -35,7 +35,16 @@ log = logging.getLogger(__name__)
 
 def _summary_writer(logdir: epath.Path, purge_step: int):
     """A tensorboardX SummaryWriter on `logdir`, or None (with a warning) where tensorboardX cannot write."""
-    from tensorboardX import SummaryWriter, record_writer
+    # tensorboardX imports torch where it is installed, for torch tensors this module never passes: 2-3 s of every
+    # run's start on a 2-core machine. A None in sys.modules makes that import fail, as if torch were absent.
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter, record_writer
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
 
     if is_remote(logdir):
         # tensorboardX writes gs:// with google-cloud-storage installed and s3:// with boto3; any other URI it would
