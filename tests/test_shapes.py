@@ -414,3 +414,13 @@ def test_colour_identity_survives_the_shifted_domain():
         assert COLOURS[int(np.linalg.norm(palette - mean, axis=1).argmin())] == colour, (colour, mean)
         for m in means:  # and so does every single object
             assert COLOURS[int(np.linalg.norm(palette - m, axis=1).argmin())] == colour, (colour, m)
+
+
+@pytest.mark.parametrize("domain", ["clean", "shifted"])
+def test_captions_without_the_image_are_the_items_captions(domain):
+    """`captions` (a tokenizer's corpus) draws the captions that `__getitem__` draws with the image."""
+    source = ShapesDataset(ShapesConfig(domain=domain), "train")
+    for i in range(20):
+        item = source[i]
+        assert source.captions(i) == {k: item[k] for k in ("short_caption", "long_caption", "partial_caption",
+                                                            "partial_caption_kind")}

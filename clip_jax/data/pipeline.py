@@ -468,9 +468,10 @@ def array_iterator(arrays: Mapping[str, np.ndarray], batch_size: int, rows: Sequ
 def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[str]:
     """Training captions to fit a from-scratch BPE vocabulary on (both caption kinds, as training may use both)."""
     source = get_source(config, "train")
+    read = getattr(source, "captions", source.__getitem__)  # shapes draws its captions without the images
     texts = []
     for i in range(n):
-        item = source[i]
+        item = read(i)
         texts.extend(item[k] for k in ("short_caption", "long_caption", "partial_caption", "caption") if item.get(k))
     return texts
 

@@ -457,11 +457,15 @@ def render_example(
     sound) for an explicit scene (e.g. hand-built hard pairs). Captions are drawn from
     ``rng``; the domain's pixel randomness from ``domain_rng``, so the captions do not depend on the domain."""
     image = render_scene(scene, image_size, domain, domain_rng)
-    short, long = describe_scene(scene, rng)
     label = np.int32(class_index(scene.salient.colour, scene.salient.shape))
+    return {"image": image, **scene_captions(scene, rng), "label": label, "scene": scene}
+
+
+def scene_captions(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
+    """A scene's captions (`render_example`'s), drawn from `rng` alone: the image takes nothing from it."""
+    short, long = describe_scene(scene, rng)
     partial, kind = partial_caption(scene, rng)  # drawn last: the other captions do not depend on it
-    return {"image": image, "short_caption": short, "long_caption": long, "partial_caption": partial,
-            "partial_caption_kind": kind, "label": label, "scene": scene}
+    return {"short_caption": short, "long_caption": long, "partial_caption": partial, "partial_caption_kind": kind}
 
 
 class ShapesDataset:
@@ -491,6 +495,11 @@ class ShapesDataset:
 
     def __len__(self) -> int:
         return self.num_examples
+
+    def captions(self, index: int) -> dict[str, str]:
+        """Item `index`'s captions without its image: a tokenizer's corpus reads thousands (0.3 ms an item less)."""
+        rng = self._rng(index)
+        return scene_captions(self._sample_scene(rng), rng)
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
