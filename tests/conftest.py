@@ -26,10 +26,17 @@ def _known_to_jaxlib(flag: str) -> bool:
 # about twice as fast without LLVM's optimisation passes (the HLO passes, fusion included, are unchanged), and a
 # method's train step compiled in 40-65% less time with the loop emitters than with the newer fusion emitters: the
 # suite took 992 s instead of 1,224 s (VM D, 2026-12-06).
-_XLA_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
+FAST_COMPILE = ["--xla_backend_optimization_level=0"]
 if _known_to_jaxlib("xla_cpu_use_fusion_emitters"):
-    _XLA_FLAGS.append("--xla_cpu_use_fusion_emitters=false")
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_XLA_FLAGS]).strip()
+    FAST_COMPILE.append("--xla_cpu_use_fusion_emitters=false")
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS of a process that a test starts with `devices` fake CPU devices, compiling as this one does."""
+    return " ".join([f"--xla_force_host_platform_device_count={devices}", *FAST_COMPILE])
+
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags(8)]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # inherited by the subprocesses tests start
     _cache = tempfile.mkdtemp(prefix="clip_jax_test_xla_cache_")

@@ -23,6 +23,7 @@ from clip_jax.train import loop
 from clip_jax.train.checkpoint import read_state
 from clip_jax.train.memory import min_train_bytes_per_device
 from clip_jax.train.metrics import read_metrics
+from tests.conftest import xla_flags
 from tests.test_end_to_end import REPO, STEPS, assert_same_state, checkpoint_steps, exit_message, train_args
 
 MESH = ["--config.mesh.data=4", "--config.mesh.fsdp=2"]  # explicit: it needs 8 devices
@@ -51,7 +52,7 @@ def untouched(trained):
 
 
 def run_cli(args, devices: int = 8, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO)}
     env.pop("CLIP_JAX_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "clip_jax", *args], capture_output=True, text=True, env=env,
@@ -87,7 +88,7 @@ def read_everywhere(workdir: pathlib.Path, out: pathlib.Path, devices: int) -> d
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(out / "images" / f"{i}.png")
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", READER_SCRIPT, str(workdir), str(out)], capture_output=True,
                             text=True, env=env, cwd=REPO, timeout=600)
@@ -694,7 +695,7 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_it_reached(tmp_path):
     workdir = tmp_path / "run"
     args = train_args(workdir, "--config.total_steps=100000", "--config.checkpoint.every_steps=50000")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": xla_flags(1)}
     process = subprocess.Popen([sys.executable, "-m", "clip_jax", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     output = []

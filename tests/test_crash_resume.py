@@ -38,6 +38,7 @@ from clip_jax.plots import plot_training_curves
 from clip_jax.train.checkpoint import Checkpointer
 from clip_jax.train.metrics import MetricsWriter, read_metrics
 
+from .conftest import xla_flags
 from .test_end_to_end import DEMO, STEPS, TINY, assert_same_state, saved_state
 from .test_multihost import bucket  # noqa: F401
 
@@ -58,11 +59,11 @@ def tmp(tmp_path_factory):
 def env(tmp):
     """The environment of every launch: this process's devices and matmul precision, a shared compilation cache
     (every launch compiles the same programs) and this checkout first on the path (a script's own folder is).
-    The launches are compared with each other only, so LLVM's optimisations are skipped: a third of the time to
-    compile, which is most of the time of a launch."""
+    The launches are compared with each other only, so they compile as the test session does (tests/conftest.py):
+    compiling is most of the time of a launch."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     return {
-        **base, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+        **base, "XLA_FLAGS": xla_flags(8),
         "JAX_PLATFORMS": "cpu",
         "JAX_DEFAULT_MATMUL_PRECISION": "float32", "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",

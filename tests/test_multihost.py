@@ -42,6 +42,7 @@ from clip_jax.train import loop
 from clip_jax.train.checkpoint import read_state as saved_state
 from clip_jax.train.metrics import MetricsWriter, read_metrics
 
+from .conftest import xla_flags
 from .test_end_to_end import DEMO, TINY, assert_same_state, checkpoint_steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -66,8 +67,8 @@ class Launch:
         port = portpicker.pick_unused_port()
         base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
         base.update({
-            # LLVM's optimisations skipped, as for this process (tests/conftest.py): most of a launch is compiling.
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+            # Compiled as this process compiles (tests/conftest.py): most of a launch is compiling.
+            "XLA_FLAGS": xla_flags(4),
             "JAX_PLATFORMS": "cpu",
             "JAX_DEFAULT_MATMUL_PRECISION": "float32",  # as tests/conftest.py sets for this process
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
