@@ -1,5 +1,6 @@
 """The package's import rules, read from the source (every import, function-local ones included): no import cycle;
-the models, losses and data never import a method; methods never import the trainer or the evaluation."""
+the models, losses and data never import a method; methods never import the trainer or the evaluation. And what a
+training process imports at its start, in a process of its own."""
 
 import ast
 import importlib.util

@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 # Orbax saves an array that several devices hold in slices, one per replica (replica-parallel saving), each cut by
 # a jax operation dispatched from the thread that saves: ~1 ms a slice, 1.4 s of each save of a tiny test model's 154
 # arrays on 8 devices, before the step loop goes on. Slices below 1 MiB gain less from parallel copies than that;
-# such arrays are copied whole by one replica. (Orbax has the setting as an argument of its array handler only.)
+# such arrays are copied whole by one replica. Orbax takes the threshold only as an argument of its array handler,
+# whose other arguments (its metadata store) are its own, so it is set on the registered handler; a version of orbax
+# without that attribute keeps its default.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 _array_handler = ocp.type_handlers.get_type_handler(jax.Array)
 if getattr(_array_handler, "_min_slice_bytes_for_replica_parallel", 0) is None:  # orbax's default: every array
