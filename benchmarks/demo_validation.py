@@ -122,6 +122,14 @@ An eighteenth round against `wd02`, fixed before its runs (2026-12-05, after the
 - `siglip_b55`: `siglip` with the paper's reasoning for the bias applied to the demo's batch: -ln 256 = -5.55.
   It lost after seed 0 (0.723). The loss family stops there: a third initialisation would tune SigLIP to these
   pairs.
+A nineteenth round against `wd02`, fixed before its runs (2026-12-06), the same rule. The grayscale shape-only
+captions (docs/demo.md, What helped, row 9) were the largest single gain on held-out pairs: with the colour gone from
+the image, shape features must work without it. Their counterpart for colour-only captions was never tried: those
+still show the whole image, so a colour can be recognised as part of a colour-shape whole. The probe's diagnosis is
+that colour-specific shape features win on the green cross, read as the seen green diamond:
+- `colourshuffle`: an image whose caption names only the colour has its pixels shuffled
+  (`data.shuffled_colour_prob=1.0`, new in this round): the same colours in the same amounts, and no shape, so
+  colour features must work without the shape. At no step cost (a permutation of 9,216 pixels in 15% of examples).
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -183,6 +191,7 @@ CANDIDATES = {  # name -> (config, overrides)
     "jitter04": ("configs/demo.py", ("--config.data.colour_jitter=(0.4, 0.4, 0.4, 0.0)",)),
     "siglip": ("configs/demo.py", (*SIGLIP, "--config.model.logit_bias_init=-10.0")),
     "siglip_b55": ("configs/demo.py", (*SIGLIP, "--config.model.logit_bias_init=-5.545177444479562")),  # -ln 256
+    "colourshuffle": ("configs/demo.py", ("--config.data.shuffled_colour_prob=1.0",)),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -206,6 +215,7 @@ ROUNDS = (
     ("wd02", ("jitter02", "jitter04"), 0.01),
     ("wd02", ("siglip",), 0.01),
     ("wd02", ("siglip_b55",), 0.01),
+    ("wd02", ("colourshuffle",), 0.01),
 )
 
 

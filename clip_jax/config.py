@@ -89,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.partial_caption_prob = 0.0  # probability of a caption naming only the colour or only the shape (shapes)
     # probability of showing the image in grayscale when its caption names only the shape (shapes; 1.0: always)
     c.data.grayscale_shape_prob = 0.0
+    # probability of showing the image's pixels in a random order (its colours, no shape) when its caption names only
+    # the colour (shapes): the colour-side counterpart of grayscale_shape_prob
+    c.data.shuffled_colour_prob = 0.0
     # shapes: also keep shapes.VALIDATION_HELD_OUT out of training, and score the held-out zero-shot on those pairs
     # (zero_shot_top1_val) instead of the test pairs: for choosing a recipe without looking at the test pairs.
     c.data.shapes_validation_pairs = False
@@ -321,7 +324,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
     _check_names(config)
     probs = {k: config.data[k] for k in ("long_caption_prob", "partial_caption_prob", "grayscale_shape_prob",
-                                         "colour_jitter_prob")}
+                                         "shuffled_colour_prob", "colour_jitter_prob")}
     for key, p in probs.items():
         if not 0 <= p <= 1:
             raise ConfigError(f"data.{key} must be a probability in [0, 1], got {p}")

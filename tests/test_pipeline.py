@@ -185,30 +185,47 @@ def _is_gray(image: np.ndarray) -> bool:
     return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
 
 
+def _is_shuffled(image: np.ndarray, original: np.ndarray) -> bool:
+    """The same pixels (as a multiset) in another order."""
+    same_pixels = np.array_equal(np.sort(image.reshape(-1, 3).view("V3"), axis=0),
+                                 np.sort(original.reshape(-1, 3).view("V3"), axis=0))
+    return same_pixels and not np.array_equal(image, original)
+
+
 @pytest.mark.parametrize("kind", ["shape", "colour"])
-def test_grayscale_shape_prob_greys_that_share_of_shape_only_captions(kind):
-    """`data.grayscale_shape_prob`: an image whose caption names only the shape is grayed with that probability
-    (a binomial bound over 400 draws); one whose caption names the colour never is. At 0 and 1 no extra number is
-    drawn, so the generator ends where the switch this replaced left it."""
-    red = np.zeros((IMAGE, IMAGE, 3), np.uint8)
-    red[..., 0] = 200
-    element = {"image": red, "short_caption": "a red cross.", "partial_caption": "a cross.",
+def test_partial_caption_images_lose_what_the_caption_does_not_name(kind):
+    """`data.grayscale_shape_prob`: an image whose caption names only the shape is grayed with that probability;
+    `data.shuffled_colour_prob`: one whose caption names only the colour has its pixels shuffled with that
+    probability (binomial bounds over 400 draws). Neither touches the other kind's images."""
+    cross = np.zeros((IMAGE, IMAGE, 3), np.uint8)
+    cross[IMAGE // 2 - 2:IMAGE // 2 + 2, :, 0] = 200  # a red cross on black: a shape that shuffling destroys
+    cross[:, IMAGE // 2 - 2:IMAGE // 2 + 2, 0] = 200
+    partial = {"shape": "a cross.", "colour": "a red shape."}[kind]
+    element = {"image": cross, "short_caption": "a red cross.", "partial_caption": partial,
                "partial_caption_kind": kind}
-    grays, ends = {}, {}
-    for prob in (0.0, 0.5, 1.0):
-        example = TrainExample(IMAGE, augment=False, crop_scale=(1.0, 1.0), long_caption_prob=0.0,
-                               partial_caption_prob=1.0, grayscale_shape_prob=prob)
-        rng = np.random.default_rng(0)
-        outs = [example.random_map(dict(element), rng) for _ in range(400)]
-        assert all(out["caption"] == "a cross." for out in outs)
-        grays[prob] = sum(_is_gray(out["image"]) for out in outs)
-        ends[prob] = rng.random()
-    if kind == "colour":
-        assert grays == {0.0: 0, 0.5: 0, 1.0: 0}
-    else:
-        assert grays[0.0] == 0 and grays[1.0] == 400
-        assert 160 <= grays[0.5] <= 240  # mean 200, sd 10
-        assert ends[0.0] == ends[1.0] != ends[0.5]
+    changed, ends = {}, {}
+    for knob in ("grayscale_shape_prob", "shuffled_colour_prob"):
+        for prob in (0.0, 0.5, 1.0):
+            example = TrainExample(IMAGE, augment=False, crop_scale=(1.0, 1.0), long_caption_prob=0.0,
+                                   partial_caption_prob=1.0, **{knob: prob})
+            rng = np.random.default_rng(0)
+            outs = [example.random_map(dict(element), rng) for _ in range(400)]
+            assert all(out["caption"] == partial for out in outs)
+            changed[knob, prob] = sum(_is_gray(out["image"]) if knob == "grayscale_shape_prob"
+                                      else _is_shuffled(out["image"], cross) for out in outs)
+            unchanged = sum(np.array_equal(out["image"], cross) for out in outs)
+            assert changed[knob, prob] + unchanged == 400, (knob, prob)  # nothing but the one change
+            ends[knob, prob] = rng.random()
+    acting = {"shape": "grayscale_shape_prob", "colour": "shuffled_colour_prob"}[kind]
+    for knob in ("grayscale_shape_prob", "shuffled_colour_prob"):
+        if knob != acting:
+            assert [changed[knob, prob] for prob in (0.0, 0.5, 1.0)] == [0, 0, 0]
+    assert changed[acting, 0.0] == 0 and changed[acting, 1.0] == 400
+    assert 160 <= changed[acting, 0.5] <= 240  # mean 200, sd 10
+    # At 0 the new knob leaves the example stream as it was; graying draws nothing at 1 (shuffling draws the order)
+    assert ends["shuffled_colour_prob", 0.0] == ends["grayscale_shape_prob", 0.0]
+    if kind == "shape":
+        assert ends[acting, 0.0] == ends[acting, 1.0] != ends[acting, 0.5]
 
 
 def _jitter_outputs(image: np.ndarray, jitter, prob: float, n: int) -> tuple[list[dict], list[float]]:

@@ -48,6 +48,12 @@ def grayscale(x: np.ndarray) -> np.ndarray:
     return np.repeat((x @ _GRAY)[..., None], 3, axis=-1)
 
 
+def shuffle_pixels(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image's pixels in a random order: the same colours in the same amounts, and no shape left."""
+    height, width, channels = image.shape
+    return image.reshape(height * width, channels)[rng.permutation(height * width)].reshape(image.shape)
+
+
 def colour_jitter(x: np.ndarray, rng: np.random.Generator, brightness: float = 0.4, contrast: float = 0.4,
                   saturation: float = 0.4, hue: float = 0.1) -> np.ndarray:
     """torchvision's ColorJitter on a float image in [0, 1]: the four adjustments in a random order, each by a

@@ -36,7 +36,7 @@ from etils import epath
 from PIL import Image
 
 from clip_jax.data import captions, records
-from clip_jax.data.augment import grayscale, jitter_image
+from clip_jax.data.augment import grayscale, jitter_image, shuffle_pixels
 from clip_jax.data.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     crop_min_side,
@@ -252,7 +252,8 @@ class TrainExample(grain.transforms.RandomMap):
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
                  add_captions: Callable[[dict], dict[str, str]] | None = None, partial_caption_prob: float = 0.0,
                  grayscale_shape_prob: float = 0.0, colour_jitter: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-                 colour_jitter_prob: float = 0.8, add_fields: FieldHook | None = None):
+                 colour_jitter_prob: float = 0.8, add_fields: FieldHook | None = None,
+                 shuffled_colour_prob: float = 0.0):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
@@ -260,6 +261,7 @@ class TrainExample(grain.transforms.RandomMap):
         self.add_captions = add_captions  # the method's own captions (`Captions.add`)
         self.partial_caption_prob = partial_caption_prob
         self.grayscale_shape_prob = grayscale_shape_prob
+        self.shuffled_colour_prob = shuffled_colour_prob
         # (brightness, contrast, saturation, hue) strengths of `augment.colour_jitter` (all 0: off), applied to an
         # image with that probability
         self.colour_jitter = tuple(float(s) for s in colour_jitter)
@@ -287,9 +289,12 @@ class TrainExample(grain.transforms.RandomMap):
             # The caption names no colour, so the image need not show one: shape features must then work without
             # colour, and transfer to colour-shape pairs never seen in training. The draw is made only where it
             # decides something, so that at 0 and 1 the example stream is what it was when this was a switch.
-            p = self.grayscale_shape_prob
-            if element.get("partial_caption_kind") == "shape" and p > 0 and (p == 1 or rng.random() < p):
-                image = grayscale(image.astype(np.float32)).round().astype(np.uint8)
+            kind = element.get("partial_caption_kind")
+            p = self.grayscale_shape_prob if kind == "shape" else self.shuffled_colour_prob
+            if kind in ("shape", "colour") and p > 0 and (p == 1 or rng.random() < p):
+                # The other way round for a colour-only caption: colour features must then work without the shape.
+                image = (grayscale(image.astype(np.float32)).round().astype(np.uint8) if kind == "shape"
+                         else shuffle_pixels(np.asarray(image), rng))
         else:
             caption = short
         # Drawn after the caption, and only when jitter is on: without it the example stream is what it was before.
@@ -395,6 +400,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
             add_captions=captions.add, partial_caption_prob=config.data.partial_caption_prob,
             grayscale_shape_prob=config.data.grayscale_shape_prob, colour_jitter=config.data.colour_jitter,
             colour_jitter_prob=config.data.colour_jitter_prob, add_fields=fields,
+            shuffled_colour_prob=config.data.shuffled_colour_prob,
         ),
         seed=config.seed,
     )
