@@ -131,6 +131,13 @@ that colour-specific shape features win on the green cross, read as the seen gre
   (`data.shuffled_colour_prob=1.0`, new in this round): the same colours in the same amounts, and no shape, so
   colour features must work without the shape. At no step cost (a permutation of 9,216 pixels in 15% of examples).
   It lost after seed 0 (0.797).
+A twentieth round against `wd02`, fixed before its runs (2026-12-06, after the nineteenth), the same rule. The
+image's feature has always been the class token's, which attends to the patches and can build colour-shape
+conjunctions; the diagnosis is that such conjunctions win over colour-free shape features on the green cross. The
+mean of the patch tokens (`model.vision.pool=mean`, new in this round: big_vision's "gap", open_clip's avg pool)
+sums what each patch holds, and big_vision's plain ViT baselines found it better than the class token for small
+ViTs. The same parameters, at no step cost:
+- `meanpool`: `model.vision.pool=mean`.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -193,6 +200,7 @@ CANDIDATES = {  # name -> (config, overrides)
     "siglip": ("configs/demo.py", (*SIGLIP, "--config.model.logit_bias_init=-10.0")),
     "siglip_b55": ("configs/demo.py", (*SIGLIP, "--config.model.logit_bias_init=-5.545177444479562")),  # -ln 256
     "colourshuffle": ("configs/demo.py", ("--config.data.shuffled_colour_prob=1.0",)),
+    "meanpool": ("configs/demo.py", ("--config.model.vision.pool=mean",)),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -217,6 +225,7 @@ ROUNDS = (
     ("wd02", ("siglip",), 0.01),
     ("wd02", ("siglip_b55",), 0.01),
     ("wd02", ("colourshuffle",), 0.01),
+    ("wd02", ("meanpool",), 0.01),
 )
 
 

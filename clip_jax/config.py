@@ -36,7 +36,7 @@ from clip_jax.models.clip import REQUIRED_TOWERS, TOWERS, CLIPConfig
 from clip_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, LAYER_NORM_IMPLEMENTATIONS, REMAT_POLICIES
 from clip_jax.models.presets import model_preset
 from clip_jax.models.resnet import config_problem as resnet_config_problem
-from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS
+from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS, VISION_POOLS
 from clip_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
 
 
@@ -278,7 +278,7 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     choices = {
         "data.source": TRAIN_SOURCES, "model.remat_policy": REMAT_POLICIES,
         "model.attention": ATTENTION_IMPLEMENTATIONS, "model.layer_norm": LAYER_NORM_IMPLEMENTATIONS,
-        "model.vision.activation": ACTIVATIONS, "model.text.activation": ACTIVATIONS,
+        "model.vision.activation": ACTIVATIONS, "model.vision.pool": VISION_POOLS, "model.text.activation": ACTIVATIONS,
         "model.audio.activation": ACTIVATIONS, "model.dtype": _COMPUTE_DTYPES,
         "few_shot.dataset": FEW_SHOT_DATASETS, "few_shot.classes": ("base", "all"),
         "few_shot.class_split": CLASS_SPLITS,
@@ -691,7 +691,11 @@ def _migrate(data: dict) -> None:
     """A config.json of earlier versions, in place: from before the method layer, `loss.*`, `reset_logit_scale` and
     `data.short_context_length` become the method's fields, `eval.long_text` and `eval.long_text_set` entries of
     `evals`; `data.grayscale_shape_captions` (a switch until 2026-12-05) becomes `data.grayscale_shape_prob` 1.0
-    or 0.0."""
+    or 0.0; a ViT without `model.vision.pool` (2026-12-06) pooled its class token, "token"."""
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    vision = model.get("vision")
+    if isinstance(vision, dict) and vision.get("type") == "vit":
+        vision.setdefault("pool", "token")
     data_group = data.get("data") if isinstance(data.get("data"), dict) else {}
     if "grayscale_shape_captions" in data_group:
         data_group["grayscale_shape_prob"] = 1.0 if data_group.pop("grayscale_shape_captions") else 0.0

@@ -203,6 +203,7 @@ def test_override_without_value():
         (["model.attention=cudnn"], ("model.attention 'cudnn' needs model.dtype bfloat16",)),
         (["model.vision.patch_dropout=1.0"], ("model.vision.patch_dropout must be in [0, 1)", "patches a training")),
         (["model.vision.stochastic_depth=-0.1"], ("stochastic_depth must be in [0, 1)", "residual branch")),
+        (["model.vision.pool=max"], ("unknown model.vision.pool 'max'; choose one of mean, token",)),
         (["data.grayscale_shape_prob=1.5"], ("data.grayscale_shape_prob must be a probability in [0, 1], got 1.5",)),
         (["data.long_caption_prob=-0.1"], ("data.long_caption_prob must be a probability",)),
         (["data.long_caption_prob=0.8"], ("long_caption_prob + data.partial_caption_prob must be at most 1", "+ 0.3")),
@@ -369,6 +370,18 @@ def test_config_json_with_the_grayscale_switch_reads_as_its_probability(tmp_path
     (tmp_path / "config.json").write_text(json.dumps(written))
     config = read_config(tmp_path / "config.json")
     assert config.data.grayscale_shape_prob == prob and "grayscale_shape_captions" not in config.data
+
+
+def test_config_json_of_a_vit_without_its_pool_reads_as_the_class_token(tmp_path):
+    """Every ViT pooled its class token before `model.vision.pool`: such a workdir reads back as "token", so a
+    resume with today's configs sees no change of model; a ResNet has no pool."""
+    written = json.loads(json.dumps(load_config(DEMO).to_dict(), default=list))
+    del written["model"]["vision"]["pool"]
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    assert read_config(tmp_path / "config.json").model.vision.pool == "token"
+    resnet = json.loads(json.dumps(load_config(f"{DEMO}:resnet").to_dict(), default=list))
+    (tmp_path / "config.json").write_text(json.dumps(resnet))
+    assert "pool" not in read_config(tmp_path / "config.json").model.vision
 
 
 def test_config_json_of_an_older_version_takes_the_defaults_of_newer_fields(tmp_path):

@@ -345,6 +345,17 @@ def test_a_refused_hf_export_leaves_nothing(tmp_path, small_import):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.md"]
 
 
+@pytest.mark.parametrize("fmt", ["openai", "hf"])
+def test_a_mean_pooled_vit_is_refused_by_every_export(tmp_path, small_import, fmt):
+    """`model.vision.pool` "mean": the PyTorch layouts hold no pooling of their own, so their readers would pool the
+    class token, silently another function: refused, nothing written."""
+    _, imported = small_import
+    model = {**imported.model, "vision": {**imported.model["vision"], "pool": "mean"}}
+    with pytest.raises(ConversionError, match="model.vision.pool is 'mean'.*pool the class token"):
+        wd.export_params(imported.params, model, fmt, tmp_path / fmt)
+    assert not (tmp_path / fmt).exists()
+
+
 def test_export_hf_text_248_positions(tmp_path):
     torch_model = small_open_clip(context_length=248)
     imported = wd.load_source_state_dict(state_dict(torch_model), heads_vision=2, heads_text=2, activation="gelu")

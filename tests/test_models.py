@@ -247,6 +247,41 @@ def test_stochastic_depth_equals_the_plain_tower_with_each_images_dropped_branch
                                   CLIP(cfg).apply({"params": params}, images, method=CLIP.encode_image))
 
 
+def _layer_norm(x: np.ndarray, params: dict) -> np.ndarray:
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-5) * np.asarray(params["scale"]) + np.asarray(params["bias"])
+
+
+def test_a_mean_pooled_vit_projects_the_mean_of_its_patch_tokens_through_ln_post():
+    """`model.vision.pool` "mean" (big_vision's gap, open_clip's avg pool): the same parameters as the class-token
+    tower, and the feature is ln_post of each patch token (not the class token), averaged, projected; computed here
+    in numpy from the token states the tower returns. Under patch dropout the mean is over the kept patches."""
+    cfg = base_config()
+    mean_cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pool="mean", patch_dropout=0.5))
+    images, tokens = inputs()
+    params = nn.unbox(CLIP(cfg).init(jax.random.key(0), images, tokens)["params"])
+    assert jax.tree.structure(nn.unbox(CLIP(mean_cfg).init(jax.random.key(0), images, tokens)["params"])) == \
+        jax.tree.structure(params)
+    visual = params["visual"]
+    for dropout_rng in (None, jnp.asarray(np.arange(6, dtype=np.uint32).reshape(3, 2))):
+        out = CLIP(mean_cfg).apply({"params": params}, images, method=CLIP.image_features, dropout_rng=dropout_rng)
+        states = np.asarray(out.tokens, np.float64)
+        assert states.shape[1] == 1 + (2 if dropout_rng is not None else 4)  # class token + patches (kept)
+        want = _layer_norm(states[:, 1:], visual["ln_post"]).mean(axis=1) @ np.asarray(visual["proj"])
+        np.testing.assert_allclose(np.asarray(CLIP(mean_cfg).apply(
+            {"params": params}, images, method=CLIP.encode_image, normalize=False, dropout_rng=dropout_rng)),
+            want, rtol=1e-5, atol=1e-5)
+        if dropout_rng is None:
+            every_patch = states, want
+    # the default pools the class token of the same token states
+    plain = CLIP(cfg).apply({"params": params}, images, method=CLIP.image_features)
+    np.testing.assert_allclose(np.asarray(plain.tokens), every_patch[0], rtol=1e-6, atol=1e-6)
+    class_token = _layer_norm(every_patch[0][:, 0], visual["ln_post"]) @ np.asarray(visual["proj"])
+    np.testing.assert_allclose(np.asarray(CLIP(cfg).apply({"params": params}, images, method=CLIP.encode_image,
+                                                          normalize=False)), class_token, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(class_token, every_patch[1], atol=1e-3)
+
+
 # --- token states and deep prompts (MaPLe) ---------------------------------------------------------------------------
 def test_towers_return_token_states_that_their_pooled_feature_is_made_of(reference):
     params, want = reference

@@ -185,12 +185,18 @@ def check_finite(found: Mapping[str, np.ndarray], what: str) -> None:
 
 def check_representable(model: Mapping[str, Any], towers: tuple[str, ...] = TOWERS) -> None:
     """PyTorch's attention (open_clip, HF) has heads * head_dim == width; ours need not (ViT-bigG style). A ResNet
-    tower exports with BatchNorm only."""
+    tower exports with BatchNorm only, a ViT pooled by its class token only."""
     for name in [n for n, tower in (("vision", "visual"), ("text", "text")) if tower in towers]:
         t = model[name]
         if t.get("type") == "resnet":
             check_exportable(t)
             continue
+        if t.get("pool", "token") != "token":  # the files name no pooling: a reader would take the class token's
+            raise ConversionError(
+                f"model.{name}.pool is {t['pool']!r}: the PyTorch layouts that clip_jax writes (OpenAI, open_clip, HF) "
+                "pool the class token, so this model's image features would be read wrong there; export a model "
+                "trained with pool 'token'"
+            )
         if t["heads"] * t["head_dim"] != t["width"]:
             raise ConversionError(
                 f"model.{name}: heads {t['heads']} x head_dim {t['head_dim']} != width {t['width']}; the PyTorch "

@@ -42,6 +42,7 @@ def model_preset(name: str, activation: str = "quick_gelu", vocab_size: int = 49
             "type": "vit", "width": iw, "layers": il, "heads": ih, "head_dim": iw // ih, "mlp_dim": 4 * iw,
             "activation": activation, "patch_size": patch, "image_size": res,
             **dict.fromkeys(IMAGE_DROPOUT_FIELDS, 0.0),  # patch dropout and stochastic depth off
+            "pool": "token",  # the class token, as OpenAI's CLIP
         }
     else:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -45,6 +45,11 @@ class TowerConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+# How a ViT pools its tokens into the image's feature: "token", the class token (OpenAI's CLIP, and what the PyTorch
+# layouts hold); "mean", the mean of the patch tokens (big_vision's "gap", open_clip's pool_type "avg"), each through
+# ln_post first, as both of those do.
+VISION_POOLS = ("token", "mean")
+
 # VisionConfig's fields of a training image's random drops, with what each value means: the training step applies
 # them from each example's own key (`Method.image_dropout`); evaluation and inference never drop.
 IMAGE_DROPOUT_FIELDS = {
@@ -68,6 +73,7 @@ class VisionConfig(TowerConfig):
     # (`layers.stochastic_depth_scales`). Evaluation and inference run every block. It costs no time and saves none:
     # the skipped branches are computed and multiplied by 0.
     stochastic_depth: float = 0.0
+    pool: str = "token"  # VISION_POOLS
 
     @property
     def feature_width(self) -> int:
@@ -101,7 +107,7 @@ class TextConfig(TowerConfig):
 
 class VisionTransformer(nn.Module):
     """ViT image tower: patchify (conv without bias), class token, learned positions, ln_pre, blocks, ln_post on
-    the class token, projection."""
+    the class token (or on the patch tokens, then their mean: `config.pool`), projection."""
 
     config: VisionConfig
     embed_dim: int
@@ -145,7 +151,9 @@ class VisionTransformer(nn.Module):
             scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype, attention=self.attention,
             layer_norm=self.layer_norm, prompt_start=prompt_start, name="transformer",
         )(x, layer_prompts, prompt_layers, branch_scales)
-        pooled = LayerNorm(self.dtype, name="ln_post")(x[:, 0])
+        ln_post = LayerNorm(self.dtype, name="ln_post")
+        # the patch tokens are those between the class token and any prompts (fewer under patch dropout)
+        pooled = ln_post(x[:, 1:prompt_start]).mean(axis=1) if cfg.pool == "mean" else ln_post(x[:, 0])
         proj = self.param(
             "proj", partitioned(nn.initializers.normal(scale), ("embed", "proj")), (cfg.width, self.embed_dim),
             jnp.float32,

@@ -67,11 +67,12 @@ log = logging.getLogger(__name__)
 _RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy",
                   *(f"model.vision.{field}" for field in IMAGE_DROPOUT_FIELDS))
 # Model fields that say how the parameters are used or laid out, not what they are: a warm start may set them anew
-# (e.g. bf16 compute, Long-CLIP's unclamped temperature, or the blocks scanned, on a converted or stretched model:
+# (e.g. bf16 compute, Long-CLIP's unclamped temperature, the patch tokens' mean as the image's feature, or the blocks
+# scanned, on a converted or stretched model:
 # `Checkpointer.restore_params` stacks or unrolls them). A resume may not change the layout: its optimizer state
 # is laid out as the parameters were.
 _WARM_START_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale",
-                      "model.scan_layers")
+                      "model.scan_layers", "model.vision.pool")
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, checkpoint_step: int | None = None,
