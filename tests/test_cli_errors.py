@@ -529,6 +529,33 @@ def test_a_fine_tune_without_a_pretrained_model_is_said(tmp_path, caplog, capsys
     assert said == warned, caplog.text
 
 
+def test_init_from_a_run_of_other_model_settings_is_said(tmp_path, caplog):
+    """A run started from another's parameters (`init_from`) whose model computes something else with the same
+    shapes (the image's pooling, the activation) restores without an error: said in one warning naming each field.
+    The compute dtype, a field only the new model has (a method's own tower) and the same settings say nothing."""
+    from clip_jax.config import load_config, save_config
+
+    demo = str(REPO / "configs" / "demo.py")
+    source = tmp_path / "source"
+    source.mkdir()
+    save_config(load_config(demo, ["--config.model.vision.pool=mean"]), source / "config.json")
+    cases = {
+        (): ["model.vision.pool 'mean' -> 'token'"],
+        ("--config.model.vision.activation=gelu",): ["model.vision.pool 'mean' -> 'token'",
+                                                      "model.vision.activation 'quick_gelu' -> 'gelu'"],
+        ("--config.model.vision.pool=mean", "--config.model.dtype=bfloat16"): [],
+    }
+    for overrides, said in cases.items():
+        caplog.clear()
+        config = load_config(demo, [f"--config.init_from={source}", *overrides])
+        config.model.extra_tower = {"width": 8}  # a method's own tower: only this model has it
+        with caplog.at_level("WARNING", logger="clip_jax.train.loop"):
+            loop._tell_init_from_changes(config)
+        assert all(field in caplog.text for field in said), (overrides, caplog.text)
+        assert ("was trained with other model settings" in caplog.text) == bool(said), (overrides, caplog.text)
+        assert "extra_tower" not in caplog.text and "dtype" not in caplog.text
+
+
 # --- encode's inputs ------------------------------------------------------------------------------------------------
 
 

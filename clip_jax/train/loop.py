@@ -749,7 +749,33 @@ def init_from_checkpoint(config: ml_collections.ConfigDict) -> tuple[Checkpointe
     """The checkpointer and latest step of the workdir `config.init_from` names (read only: it is another run's)."""
     check_init_from(config)  # a missing folder is one line naming the flag
     reader = Checkpointer(epath.Path(config.init_from), config.checkpoint, reader=True)
+    _tell_init_from_changes(config)
     return reader, reader.latest_step()
+
+
+_UNSAID_INIT_FROM_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.scan_layers", "model.logit_scale_init")
+
+
+def _tell_init_from_changes(config: ml_collections.ConfigDict) -> None:
+    """Model settings that change what the parameters of `config.init_from` compute without changing their shapes
+    (the image's pooling, the activation, the temperature's clamp): a checkpoint restores into another setting
+    without an error, so the difference is said in one line. Not said: fields only one side has (a method's own
+    tower), those any resume may change (`_RESUME_FIELDS`), and the compute dtype, the layers' layout and the
+    temperature's starting value, which a restore makes no difference to."""
+    source = epath.Path(config.init_from) / "config.json"
+    if jax.process_index() != 0 or not source.exists():
+        return
+    try:
+        old = read_config(source).model.to_dict()
+    except ConfigError:  # another version's or a damaged file: the restore still checks every shape
+        return
+    new = json.loads(json.dumps(config.model.to_dict(), default=list))
+    changed = [d.replace(": ", " ", 1) for d in _diff_keys(old, new)
+               if d.partition(":")[0] not in _UNSAID_INIT_FROM_FIELDS and ": None -> " not in d
+               and not d.endswith("-> None")]
+    if changed:
+        log.warning("config.init_from %s was trained with other model settings (%s): its parameters are read into "
+                    "this model as they are", config.init_from, ", ".join(changed))
 
 
 def _summarise(history: list[dict]) -> dict[str, float]:
