@@ -68,9 +68,8 @@ _RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy",
                   *(f"model.vision.{field}" for field in IMAGE_DROPOUT_FIELDS))
 # Model fields that say how the parameters are used or laid out, not what they are: a warm start may set them anew
 # (e.g. bf16 compute, Long-CLIP's unclamped temperature, the patch tokens' mean as the image's feature, or the blocks
-# scanned, on a converted or stretched model:
-# `Checkpointer.restore_params` stacks or unrolls them). A resume may not change the layout: its optimizer state
-# is laid out as the parameters were.
+# scanned, on a converted or stretched model: `Checkpointer.restore_params` stacks or unrolls them). A resume may not
+# change the layout: its optimizer state is laid out as the parameters were.
 _WARM_START_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale",
                       "model.scan_layers", "model.vision.pool")
 
@@ -767,8 +766,8 @@ def _tell_init_from_changes(config: ml_collections.ConfigDict) -> None:
         return
     try:
         old = read_config(source).model.to_dict()
-    except ConfigError:  # another version's or a damaged file: the restore still checks every shape
-        return
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError):
+        return  # damaged, or not a clip_jax config: the restore still checks every shape
     new = json.loads(json.dumps(config.model.to_dict(), default=list))
     changed = [d.replace(": ", " ", 1) for d in _diff_keys(old, new)
                if d.partition(":")[0] not in _UNSAID_INIT_FROM_FIELDS and ": None -> " not in d
