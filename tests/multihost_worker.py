@@ -33,7 +33,8 @@ def send_sigterm_after(step: int) -> None:
         elif done > step:
             # JAX's notifier thread reports the SIGTERM to the coordination service, which then sets the step both
             # processes stop at. On a loaded machine (the suite's other workers) that took longer than the tiny run's
-            # few remaining steps, and the run ended before it: the later steps are slowed down to leave it time.
+            # few remaining steps, and the run ended before it: the later steps are slowed down to leave it time
+            # (1.25 s in all; a machine slower still could end the run first again).
             time.sleep(0.25)
         return real(self, done)
 

@@ -530,9 +530,10 @@ def test_a_fine_tune_without_a_pretrained_model_is_said(tmp_path, caplog, capsys
 
 
 def test_init_from_a_run_of_other_model_settings_is_said(tmp_path, caplog):
-    """A run started from another's parameters (`init_from`) whose model computes something else with the same
-    shapes (the image's pooling, the activation) restores without an error: said in one warning naming each field.
-    The compute dtype, a field only the new model has (a method's own tower) and the same settings say nothing."""
+    """A run started from another's parameters (`init_from`, or a warm start's step 0) whose model computes something
+    else with the same shapes (the image's pooling, the activation) restores without an error: said in one warning
+    naming each field. The compute dtype, a change of shapes (which the restore refuses with its own message), a
+    field only the new model has (a method's own tower) and the same settings say nothing."""
     from clip_jax.config import load_config, save_config
 
     demo = str(REPO / "configs" / "demo.py")
@@ -544,6 +545,7 @@ def test_init_from_a_run_of_other_model_settings_is_said(tmp_path, caplog):
         ("--config.model.vision.activation=gelu",): ["model.vision.pool 'mean' -> 'token'",
                                                       "model.vision.activation 'quick_gelu' -> 'gelu'"],
         ("--config.model.vision.pool=mean", "--config.model.dtype=bfloat16"): [],
+        ("--config.model.vision.pool=mean", "--config.model.embed_dim=64"): [],  # shapes: the restore says it
     }
     for overrides, said in cases.items():
         caplog.clear()
@@ -554,6 +556,12 @@ def test_init_from_a_run_of_other_model_settings_is_said(tmp_path, caplog):
         assert all(field in caplog.text for field in said), (overrides, caplog.text)
         assert ("was trained with other model settings" in caplog.text) == bool(said), (overrides, caplog.text)
         assert "extra_tower" not in caplog.text and "dtype" not in caplog.text
+    # A warm start (a converted model's step 0 in the workdir) is told the same
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clip_jax.train.loop"):
+        loop.prepare_workdir(load_config(demo), source, checkpoint_step=0)
+    assert "step-0 checkpoint was trained with other model settings (model.vision.pool 'mean' -> 'token')" in \
+        caplog.text, caplog.text
 
 
 # --- encode's inputs ------------------------------------------------------------------------------------------------

@@ -347,11 +347,11 @@ def test_a_refused_hf_export_leaves_nothing(tmp_path, small_import):
 
 @pytest.mark.parametrize("fmt", ["openai", "hf"])
 def test_a_mean_pooled_vit_is_refused_by_every_export(tmp_path, small_import, fmt):
-    """`model.vision.pool` "mean": the PyTorch layouts hold no pooling of their own, so their readers would pool the
-    class token, silently another function: refused, nothing written."""
+    """`model.vision.pool` "mean": the files clip_jax exports are read with the class token as the image's feature,
+    silently another function: refused, nothing written."""
     _, imported = small_import
     model = {**imported.model, "vision": {**imported.model["vision"], "pool": "mean"}}
-    with pytest.raises(ConversionError, match="model.vision.pool is 'mean'.*pool the class token"):
+    with pytest.raises(ConversionError, match="model.vision.pool is 'mean'.*class token as the image's feature"):
         wd.export_params(imported.params, model, fmt, tmp_path / fmt)
     assert not (tmp_path / fmt).exists()
 

@@ -280,6 +280,8 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
     (["--config.reset_logit_scale=True"], "'reset_logit_scale' is now 'method.reset_logit_scale'"),
     (["--config.method.name=longclip", "--config.method.pca_scope=both"], "method.pca_scope must be 'local' or"),
     (["--config.method.name=siglip", "--config.method.ring=1"], "'method.ring' must be bool"),
+    (["--config.method.name=groupvit", "--config.model.vision.pool=mean"],
+     "method groupvit pools its own segment tokens, so model.vision.pool 'mean' would do nothing"),
 ])
 def test_method_mistakes_are_one_line(overrides, words):
     with pytest.raises(ConfigError) as e:

@@ -255,7 +255,8 @@ def _layer_norm(x: np.ndarray, params: dict) -> np.ndarray:
 def test_a_mean_pooled_vit_projects_the_mean_of_its_patch_tokens_through_ln_post():
     """`model.vision.pool` "mean" (big_vision's gap, open_clip's avg pool): the same parameters as the class-token
     tower, and the feature is ln_post of each patch token (not the class token), averaged, projected; computed here
-    in numpy from the token states the tower returns. Under patch dropout the mean is over the kept patches."""
+    in numpy from the token states the tower returns. Under patch dropout the mean is over the kept patches; MaPLe's
+    deep prompts, appended after the patches, are not in it."""
     cfg = base_config()
     mean_cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pool="mean", patch_dropout=0.5))
     images, tokens = inputs()
@@ -263,15 +264,19 @@ def test_a_mean_pooled_vit_projects_the_mean_of_its_patch_tokens_through_ln_post
     assert jax.tree.structure(nn.unbox(CLIP(mean_cfg).init(jax.random.key(0), images, tokens)["params"])) == \
         jax.tree.structure(params)
     visual = params["visual"]
-    for dropout_rng in (None, jnp.asarray(np.arange(6, dtype=np.uint32).reshape(3, 2))):
-        out = CLIP(mean_cfg).apply({"params": params}, images, method=CLIP.image_features, dropout_rng=dropout_rng)
+    keys = jnp.asarray(np.arange(6, dtype=np.uint32).reshape(3, 2))
+    for dropout_rng, prompts in [(None, None), (keys, None), (None, deep_prompts()), (keys, deep_prompts())]:
+        options = {"dropout_rng": dropout_rng, "layer_prompts": prompts}
+        out = CLIP(mean_cfg).apply({"params": params}, images, method=CLIP.image_features, **options)
         states = np.asarray(out.tokens, np.float64)
-        assert states.shape[1] == 1 + (2 if dropout_rng is not None else 4)  # class token + patches (kept)
-        want = _layer_norm(states[:, 1:], visual["ln_post"]).mean(axis=1) @ np.asarray(visual["proj"])
+        patches = 2 if dropout_rng is not None else 4  # kept under patch dropout
+        # class token, patches, then MaPLe's prompts, which the mean leaves out
+        assert states.shape[1] == 1 + patches + (0 if prompts is None else 2)
+        want = _layer_norm(states[:, 1:1 + patches], visual["ln_post"]).mean(axis=1) @ np.asarray(visual["proj"])
         np.testing.assert_allclose(np.asarray(CLIP(mean_cfg).apply(
-            {"params": params}, images, method=CLIP.encode_image, normalize=False, dropout_rng=dropout_rng)),
+            {"params": params}, images, method=CLIP.encode_image, normalize=False, **options)),
             want, rtol=1e-5, atol=1e-5)
-        if dropout_rng is None:
+        if dropout_rng is None and prompts is None:
             every_patch = states, want
     # the default pools the class token of the same token states
     plain = CLIP(cfg).apply({"params": params}, images, method=CLIP.image_features)

@@ -251,9 +251,9 @@ class TrainExample(grain.transforms.RandomMap):
 
     def __init__(self, image_size: int, augment: bool, crop_scale: tuple[float, float], long_caption_prob: float,
                  add_captions: Callable[[dict], dict[str, str]] | None = None, partial_caption_prob: float = 0.0,
-                 grayscale_shape_prob: float = 0.0, colour_jitter: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-                 colour_jitter_prob: float = 0.8, add_fields: FieldHook | None = None,
-                 shuffled_colour_prob: float = 0.0):
+                 grayscale_shape_prob: float = 0.0, shuffled_colour_prob: float = 0.0,
+                 colour_jitter: Sequence[float] = (0.0, 0.0, 0.0, 0.0), colour_jitter_prob: float = 0.8,
+                 add_fields: FieldHook | None = None):
         self.image_size = image_size
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
@@ -286,15 +286,16 @@ class TrainExample(grain.transforms.RandomMap):
             caption = long
         elif partial is not None and draw < self.long_caption_prob + self.partial_caption_prob:
             caption = partial
-            # The caption names no colour, so the image need not show one: shape features must then work without
-            # colour, and transfer to colour-shape pairs never seen in training. The draw is made only where it
-            # decides something, so that at 0 and 1 the example stream is what it was when this was a switch.
+            # The image need not show what the caption does not name, so the features of what it names must work
+            # without it, and transfer to colour-shape pairs never seen in training. The draw is made only where it
+            # decides something, so that at 0 and 1 the example stream is what it was when graying was a switch.
             kind = element.get("partial_caption_kind")
             p = self.grayscale_shape_prob if kind == "shape" else self.shuffled_colour_prob
             if kind in ("shape", "colour") and p > 0 and (p == 1 or rng.random() < p):
-                # The other way round for a colour-only caption: colour features must then work without the shape.
-                image = (grayscale(image.astype(np.float32)).round().astype(np.uint8) if kind == "shape"
-                         else shuffle_pixels(np.asarray(image), rng))
+                if kind == "shape":  # no colour: shape features without it
+                    image = grayscale(image.astype(np.float32)).round().astype(np.uint8)
+                else:  # no shape (the pixels in a random order): colour features without it
+                    image = shuffle_pixels(np.asarray(image), rng)
         else:
             caption = short
         # Drawn after the caption, and only when jitter is on: without it the example stream is what it was before.

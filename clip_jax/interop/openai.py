@@ -191,11 +191,12 @@ def check_representable(model: Mapping[str, Any], towers: tuple[str, ...] = TOWE
         if t.get("type") == "resnet":
             check_exportable(t)
             continue
-        if t.get("pool", "token") != "token":  # the files name no pooling: a reader would take the class token's
+        # OpenAI's layout and HF's CLIPModel have no other pooling; open_clip's avg pool is this one, not written yet
+        if t.get("pool", "token") != "token":
             raise ConversionError(
-                f"model.{name}.pool is {t['pool']!r}: the PyTorch layouts that clip_jax writes (OpenAI, open_clip, HF) "
-                "pool the class token, so this model's image features would be read wrong there; export a model "
-                "trained with pool 'token'"
+                f"model.{name}.pool is {t['pool']!r}: the files clip_jax exports (OpenAI state dicts, open_clip "
+                "folders, HF) are read with the class token as the image's feature, so this model would compute "
+                "another function there; export a model trained with pool 'token'"
             )
         if t["heads"] * t["head_dim"] != t["width"]:
             raise ConversionError(

@@ -164,6 +164,9 @@ class GroupViTMethod(ClipMethod):
         if v.get("type", "vit") != "vit":
             raise ConfigError("method groupvit builds its own image tower from model.vision's ViT fields (width, "
                               f"layers, heads, patch_size); set model.vision.type 'vit', not {v.type!r}")
+        if v.get("pool", "token") != "token":  # its image feature is the mean of its last segment tokens
+            raise ConfigError(f"method groupvit pools its own segment tokens, so model.vision.pool {v.pool!r} would "
+                              "do nothing; leave it 'token'")
         try:
             check_stages(v.layers, tuple(h.stage_depths), tuple(h.num_group_tokens), tuple(h.num_output_groups))
         except ValueError as e:

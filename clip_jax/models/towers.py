@@ -168,7 +168,7 @@ class VisionTransformer(nn.Module):
 
     def dense_features(self, images: jax.Array) -> jax.Array:
         """Per-patch features in the joint embedding space, unnormalised [B, grid, grid, embed_dim]: the patch
-        tokens through the class token's head (ln_post, then the projection). A plain CLIP was never trained to
+        tokens through the pooled feature's head (ln_post, then the projection). A plain CLIP was never trained to
         align them with text; read this way they are the training-free dense baseline (MaskCLIP's idea, without
         its last-layer value-path change)."""
         grid = self.token_grid(images)

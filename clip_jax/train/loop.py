@@ -122,6 +122,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
                 f"workdir {workdir} holds a run with a different model ({', '.join(diff)}): train it with its own "
                 f"model ({own}{unfreeze}), or use a new --workdir{reuse}{stretch}"
             )
+        if checkpoint_step == 0 and jax.process_index() == 0:  # a warm start's parameters, trained with `old`'s
+            _tell_meaning_changes(old, config.model, f"the model of {workdir}'s step-0 checkpoint")
         _tell_resume_changes(previous, config, checkpoint_step, path)
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
@@ -752,29 +754,32 @@ def init_from_checkpoint(config: ml_collections.ConfigDict) -> tuple[Checkpointe
     return reader, reader.latest_step()
 
 
-_UNSAID_INIT_FROM_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.scan_layers", "model.logit_scale_init")
-
-
 def _tell_init_from_changes(config: ml_collections.ConfigDict) -> None:
-    """Model settings that change what the parameters of `config.init_from` compute without changing their shapes
-    (the image's pooling, the activation, the temperature's clamp): a checkpoint restores into another setting
-    without an error, so the difference is said in one line. Not said: fields only one side has (a method's own
-    tower), those any resume may change (`_RESUME_FIELDS`), and the compute dtype, the layers' layout and the
-    temperature's starting value, which a restore makes no difference to."""
+    """`_tell_meaning_changes` of the run `config.init_from` names, where its config.json is a clip_jax one (the
+    restore checks every shape either way)."""
     source = epath.Path(config.init_from) / "config.json"
     if jax.process_index() != 0 or not source.exists():
         return
     try:
         old = read_config(source).model.to_dict()
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError):
-        return  # damaged, or not a clip_jax config: the restore still checks every shape
-    new = json.loads(json.dumps(config.model.to_dict(), default=list))
+        return  # damaged, or not a clip_jax config
+    _tell_meaning_changes(old, config.model, f"config.init_from {config.init_from}")
+
+
+def _tell_meaning_changes(old: dict, model: ml_collections.ConfigDict, source: str) -> None:
+    """Settings that change what a model's parameters compute without changing their shapes: a tower's pooling or
+    activation. A warm start restores parameters into other such settings without an error, so a difference from
+    those `source` was trained with is said in one line (a change of shapes fails the restore with its own message).
+    A tower only one side has (a method's own) is not compared, nor the temperature's clamp, which Long-CLIP's
+    recipes lift on purpose."""
+    new = json.loads(json.dumps(model.to_dict(), default=list))
     changed = [d.replace(": ", " ", 1) for d in _diff_keys(old, new)
-               if d.partition(":")[0] not in _UNSAID_INIT_FROM_FIELDS and ": None -> " not in d
-               and not d.endswith("-> None")]
+               if d.partition(":")[0].rpartition(".")[2] in ("pool", "activation")
+               and ": None -> " not in d and not d.endswith("-> None")]
     if changed:
-        log.warning("config.init_from %s was trained with other model settings (%s): its parameters are read into "
-                    "this model as they are", config.init_from, ", ".join(changed))
+        log.warning("%s was trained with other model settings (%s): its parameters are read into this model as "
+                    "they are", source, ", ".join(changed))
 
 
 def _summarise(history: list[dict]) -> dict[str, float]:
