@@ -51,9 +51,17 @@ def untouched(trained):
     assert snapshot(trained) == before
 
 
+def child_env(devices: int | None = None) -> dict[str, str]:
+    """The environment of a process a test starts: on the CPU, importing this checkout; with `devices` fake devices,
+    compiling as this process does (else this process's XLA_FLAGS)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    if devices is not None:
+        env["XLA_FLAGS"] = xla_flags(devices)
+    return env
+
+
 def run_cli(args, devices: int = 8, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(REPO)}
+    env = child_env(devices)
     env.pop("CLIP_JAX_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "clip_jax", *args], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=timeout, **kwargs)
@@ -88,8 +96,7 @@ def read_everywhere(workdir: pathlib.Path, out: pathlib.Path, devices: int) -> d
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(out / "images" / f"{i}.png")
-    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(REPO)}
+    env = child_env(devices)
     result = subprocess.run([sys.executable, "-c", READER_SCRIPT, str(workdir), str(out)], capture_output=True,
                             text=True, env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -729,8 +736,7 @@ def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_file(monkeypatc
 def test_ctrl_c_saves_a_checkpoint_at_the_step_it_reached(tmp_path):
     workdir = tmp_path / "run"
     args = train_args(workdir, "--config.total_steps=100000", "--config.checkpoint.every_steps=50000")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": xla_flags(1)}
+    env = child_env(1)
     process = subprocess.Popen([sys.executable, "-m", "clip_jax", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     output = []
@@ -752,7 +758,7 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_it_reached(tmp_path):
 
 def run_python(script: str) -> subprocess.CompletedProcess:
     """`script` in a Python process of its own, on the CPU, importing this checkout."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env = child_env()
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -857,7 +863,7 @@ def test_a_corrupt_checkpoint_is_one_warning_not_thousands_of_lines(trained, tmp
     else:
         code = f"import clip_jax; print('step', clip_jax.load({str(workdir)!r}).trained.step)"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
-                                env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+                                env=child_env())
         assert f"step {checkpoint_steps(workdir)[-2]}" in result.stdout  # the older checkpoint's parameters
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

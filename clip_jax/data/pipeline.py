@@ -399,9 +399,9 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, r
         TrainExample(
             config.model.vision.image_size, config.data.augment, config.data.crop_scale, config.data.long_caption_prob,
             add_captions=captions.add, partial_caption_prob=config.data.partial_caption_prob,
-            grayscale_shape_prob=config.data.grayscale_shape_prob, colour_jitter=config.data.colour_jitter,
+            grayscale_shape_prob=config.data.grayscale_shape_prob,
+            shuffled_colour_prob=config.data.shuffled_colour_prob, colour_jitter=config.data.colour_jitter,
             colour_jitter_prob=config.data.colour_jitter_prob, add_fields=fields,
-            shuffled_colour_prob=config.data.shuffled_colour_prob,
         ),
         seed=config.seed,
     )

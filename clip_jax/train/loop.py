@@ -773,10 +773,11 @@ def _tell_meaning_changes(old: dict, model: ml_collections.ConfigDict, source: s
     those `source` was trained with is said in one line (a change of shapes fails the restore with its own message).
     A tower only one side has (a method's own) is not compared, nor the temperature's clamp, which Long-CLIP's
     recipes lift on purpose."""
-    new = json.loads(json.dumps(model.to_dict(), default=list))
-    changed = [d.replace(": ", " ", 1) for d in _diff_keys(old, new)
-               if d.partition(":")[0].rpartition(".")[2] in ("pool", "activation")
-               and ": None -> " not in d and not d.endswith("-> None")]
+    new = model.to_dict()
+    changed = [f"model.{tower}.{field} {old[tower][field]!r} -> {new[tower][field]!r}"
+               for tower in sorted(set(old) & set(new)) if isinstance(old[tower], dict) and isinstance(new[tower], dict)
+               for field in ("pool", "activation")
+               if field in old[tower] and field in new[tower] and old[tower][field] != new[tower][field]]
     if changed:
         log.warning("%s was trained with other model settings (%s): its parameters are read into this model as "
                     "they are", source, ", ".join(changed))
