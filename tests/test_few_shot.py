@@ -4,6 +4,7 @@ Tip-Adapter's logits against the paper's formula in numpy, CLIP-Adapter's and th
 `clip-jax classify` against the evaluation and against a zero-shot prompt ensemble by hand, and a CoOp run from a
 CLIP workdir that resumes from its cached embeddings and evaluates from `clip-jax eval`."""
 
+import functools
 import json
 import shutil
 
@@ -417,7 +418,7 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
 
     config = tiny_config("clip")
     clip = CLIP(CLIPConfig.from_dict(config.model.to_dict()))
-    params = nn.unbox(clip.init(jax.random.PRNGKey(3), *get_method(config).init_inputs())["params"])
+    params = nn.unbox(jax.jit(clip.init)(jax.random.PRNGKey(3), *get_method(config).init_inputs())["params"])
     write_workdir(config, params, tokenizer, tmp_path / "clip")
     size = config.model.vision.image_size
     images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
@@ -440,8 +441,8 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
     variables = {"params": params}
     unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
     tokens = tokenizer([f"a photo of a {n}." for n in names], config.model.text.context_length)
-    text = unit(clip.apply(variables, jnp.asarray(tokens), method=CLIP.encode_text))
-    image = unit(clip.apply(variables, jnp.asarray(images), method=CLIP.encode_image))
+    text = unit(jax.jit(functools.partial(clip.apply, method=CLIP.encode_text))(variables, jnp.asarray(tokens)))
+    image = unit(jax.jit(functools.partial(clip.apply, method=CLIP.encode_image))(variables, jnp.asarray(images)))
     logits = min(np.exp(float(params["logit_scale"])), config.model.max_logit_scale) * image @ text.T
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)

@@ -71,16 +71,16 @@ def test_two_tables_read_kept_positions_from_the_first_and_train_only_the_rest()
 
     tower = _tiny_text(12, keep_positions=4)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 49, size=(3, 12)))
-    params = nn.unbox(tower.init(jax.random.key(0), tokens)["params"])
+    params = nn.unbox(jax.jit(tower.init)(jax.random.key(0), tokens)["params"])  # compiled: one program each
     params = {**params, "positional_embedding_res": params["positional_embedding"] + 1.0}
     # The same tower with one table that holds rows 0-3 of the first and rows 4-11 of the second.
     single = _tiny_text(12, keep_positions=0)
     merged = {k: v for k, v in params.items() if k != "positional_embedding_res"}
     merged["positional_embedding"] = np.concatenate([params["positional_embedding"][:4],
                                                      params["positional_embedding_res"][4:]])
-    np.testing.assert_allclose(tower.apply({"params": params}, tokens).pooled,
-                               single.apply({"params": merged}, tokens).pooled, atol=1e-6)
-    grads = jax.grad(lambda p: tower.apply({"params": p}, tokens).pooled.sum())(params)
+    np.testing.assert_allclose(jax.jit(tower.apply)({"params": params}, tokens).pooled,
+                               jax.jit(single.apply)({"params": merged}, tokens).pooled, atol=1e-6)
+    grads = jax.jit(jax.grad(lambda p: tower.apply({"params": p}, tokens).pooled.sum()))(params)
     kept, rest = np.abs(grads["positional_embedding"]), np.abs(grads["positional_embedding_res"])
     assert kept[4:].max() == 0 < kept[:4].max() and rest[:4].max() == 0 < rest[4:].max()
 

@@ -115,11 +115,14 @@ def method_setup(request, tokenizer):
     return config, method, host_batches
 
 
-def run(config, method, batches, mesh, accum_steps=1):
-    """Two steps from the same initial state; (state, metrics)."""
+def run(config, method, batches, mesh, accum_steps=1, initial=None):
+    """Two steps from `initial` (a state on the host), placed in the mesh's shardings, or else from the state
+    `create_state` initialises there: (state, metrics, the initial state on the host)."""
     model = method.model()
     init_fn, shardings, tx = create_state(config, method, model, mesh)
-    state = init_fn(jax.random.PRNGKey(0))
+    if initial is None:
+        initial = jax.device_get(init_fn(jax.random.PRNGKey(0)))  # a host copy: the step donates its input
+    state = jax.device_put(initial, shardings)
     trainable = state_lib.trainable_mask(state.params, ())
     train_step = step_lib.make_train_step(method.step_fns(model), tx, trainable,
                                           state_lib.learning_rate_schedule(config.optimizer, 10), mesh, accum_steps)
@@ -129,7 +132,7 @@ def run(config, method, batches, mesh, accum_steps=1):
     for batch in batches:
         state, m = compiled(state, global_batch(batch, mesh))
         metrics.append(jax.device_get(m))
-    return state, metrics
+    return state, metrics, initial
 
 
 def test_the_first_batch_holds_the_methods_fields(method_setup):
@@ -140,13 +143,15 @@ def test_the_first_batch_holds_the_methods_fields(method_setup):
 
 @pytest.fixture(scope="module")
 def runs(method_setup):
-    """Two steps on one device in one shot, and on a 2x2x2 mesh in two micro-batches: ((state, metrics), mesh).
-    (One comparison for both properties: each compile costs seconds, and tests/test_train_step.py checks sharding
-    and accumulation apart for CLIP.)"""
+    """Two steps on one device in one shot, and on a 2x2x2 mesh in two micro-batches, from the same initial state:
+    ((state, metrics), mesh). (One comparison for both properties: each compile costs seconds, and
+    tests/test_train_step.py checks sharding and accumulation apart for CLIP, and that a state initialised in its
+    shardings is the one initialised on one device.)"""
     config, method, batches = method_setup
-    meshes = {"one": (make_mesh({"data": 1}, jax.devices()[:1]), 1),
-              "sharded": (make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), 2)}
-    return {name: (run(config, method, batches, mesh, accum), mesh) for name, (mesh, accum) in meshes.items()}
+    one, sharded = make_mesh({"data": 1}, jax.devices()[:1]), make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    *want, initial = run(config, method, batches, one)
+    *got, _ = run(config, method, batches, sharded, accum_steps=2, initial=initial)
+    return {"one": (tuple(want), one), "sharded": (tuple(got), sharded)}
 
 
 def test_a_sharded_accumulated_step_equals_one_device_in_one_shot(runs):
@@ -160,6 +165,18 @@ def test_a_sharded_accumulated_step_equals_one_device_in_one_shot(runs):
     atol = 1e-4 if "box_head" in runs["one"][0][0].params else 2e-5
     assert_trees_close(jax.device_get(got.params), jax.device_get(want.params), rtol=1e-4, atol=atol)
     assert set(want_metrics[0]) >= {"loss", "grad_norm", "lr", "nonfinite"}
+
+
+def test_a_state_initialised_in_its_shardings_is_the_one_initialised_on_one_device():
+    # `runs` starts both of its runs from one copy of the initial state; here a method with parameters of its own
+    # (SLIP's head) is initialised by create_state on each mesh.
+    config = tiny_config("slip")
+    method = get_method(config)
+    states = []
+    for mesh in (make_mesh({"data": 1}, jax.devices()[:1]), make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        init_fn, _, _ = create_state(config, method, method.model(), mesh)
+        states.append(jax.device_get(init_fn(jax.random.PRNGKey(0))))
+    assert_trees_close(states[1], states[0], rtol=0, atol=0)
 
 
 def test_the_train_state_round_trips_through_a_checkpoint(method_setup, runs, tmp_path):

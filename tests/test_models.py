@@ -58,14 +58,15 @@ def stack_layers(params):
 def reference():
     model = CLIP(base_config())
     images, tokens = inputs()
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), images, tokens)["params"])
-    return params, model.apply({"params": params}, images, tokens)
+    # Compiled here and below: one program each instead of the op-by-op dispatch of every primitive.
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), images, tokens)["params"])
+    return params, jax.jit(model.apply)({"params": params}, images, tokens)
 
 
 def test_scanned_layers_equal_unrolled(reference):
     params, want = reference
     images, tokens = inputs()
-    got = CLIP(base_config(scan_layers=True)).apply({"params": stack_layers(params)}, images, tokens)
+    got = jax.jit(CLIP(base_config(scan_layers=True)).apply)({"params": stack_layers(params)}, images, tokens)
     for k in ("image", "text"):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
 
@@ -417,9 +418,9 @@ def test_cudnn_path_pads_an_odd_sequence_once_per_transformer(monkeypatch, causa
     make = lambda attention: Transformer(num_layers=3, num_heads=2, head_dim=8, mlp_dim=32, activation="quick_gelu",
                                          causal=causal, scan_layers=scan, attention=attention)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 16)), jnp.float32)
-    params = make("xla").init(jax.random.PRNGKey(0), x)
-    want = make("xla").apply(params, x)
-    want_grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(make("xla").apply(p, x))), argnums=(0, 1))(params, x)
+    params = jax.jit(make("xla").init)(jax.random.PRNGKey(0), x)
+    want = jax.jit(make("xla").apply)(params, x)
+    want_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(make("xla").apply(p, x))), argnums=(0, 1)))(params, x)
 
     lengths_seen = []
     xla_attention = jax.nn.dot_product_attention
@@ -431,8 +432,8 @@ def test_cudnn_path_pads_an_odd_sequence_once_per_transformer(monkeypatch, causa
     monkeypatch.setattr(layers, "resolved_attention", lambda implementation, dtype, head_dim=None: implementation)
     monkeypatch.setattr(jax.nn, "dot_product_attention", attention_as_xla)
     cudnn = lambda p, x: make("cudnn").apply(p, x)
-    np.testing.assert_allclose(cudnn(params, x), want, rtol=1e-5, atol=1e-6)
-    grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(cudnn(p, x))), argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(jax.jit(cudnn)(params, x), want, rtol=1e-5, atol=1e-6)
+    grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(cudnn(p, x))), argnums=(0, 1)))(params, x)
     for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     assert set(lengths_seen) == {8}

@@ -123,15 +123,21 @@ def tiny_clip():
     cfg = CLIPConfig.from_dict(tiny_config("clip").model.to_dict())
     model = CLIP(cfg)
     images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    params = model.init(jax.random.PRNGKey(1), images, np.zeros((2, 24), np.int32))["params"]
+    # Compiled here and in the tests below: one program each instead of the op-by-op dispatch of every primitive.
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), images, np.zeros((2, 24), np.int32))["params"]
     return model, nn.meta.unbox(params), images
+
+
+def compiled(model: nn.Module, method):
+    """`model.apply(variables, *inputs, method=method)`, compiled."""
+    return jax.jit(lambda variables, *inputs: model.apply(variables, *inputs, method=method))
 
 
 def test_the_training_free_dense_scores_are_patch_tokens_through_the_class_tokens_head(tiny_clip):
     model, params, images = tiny_clip
     labels = l2_normalize(jax.random.normal(jax.random.PRNGKey(2), (5, model.config.embed_dim)))
-    got = model.apply({"params": params}, images, labels, method=CLIP.dense_logits)
-    tokens = model.apply({"params": params}, images, method=CLIP.image_features).tokens[:, 1:]
+    got = compiled(model, CLIP.dense_logits)({"params": params}, images, labels)
+    tokens = compiled(model, CLIP.image_features)({"params": params}, images).tokens[:, 1:]
     v = params["visual"]
     features = l2_normalize(layer_norm(tokens, v["ln_post"]) @ v["proj"])
     want = np.exp(params["logit_scale"]) * features @ labels.T
@@ -144,7 +150,7 @@ def test_encoder_segment_upsamples_the_scores_and_takes_the_most_probable_label(
     labels = np.asarray(l2_normalize(jax.random.normal(jax.random.PRNGKey(3), (4, model.config.embed_dim))))
     encoder = Encoder(model, params, make_mesh({"data": 2}, jax.devices()[:2]), 4)
     label, probability = encoder.segment(images[:1], labels)  # a partial batch: padded, then dropped
-    logits = model.apply({"params": params}, images[:1], labels, method=CLIP.dense_logits)
+    logits = compiled(model, CLIP.dense_logits)({"params": params}, images[:1], labels)
     probs = jax.nn.softmax(jax.image.resize(logits, (1, 32, 32, 4), "bilinear"), axis=-1)
     np.testing.assert_array_equal(label, np.argmax(probs, -1))
     np.testing.assert_allclose(probability, np.max(probs, -1), rtol=1e-5)
@@ -197,12 +203,12 @@ def test_groupvit_pixels_take_their_segments_class_probabilities_among_the_image
     hparams = GroupViTConfig(stage_depths=(1, 0), num_group_tokens=(4, 0), num_output_groups=(3,), top_k_classes=2)
     model = GroupViTCLIP(cfg, hparams)
     images = np.random.default_rng(5).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, np.zeros((2, 24), np.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), images, np.zeros((2, 24), np.int32))["params"])
     labels = l2_normalize(jax.random.normal(jax.random.PRNGKey(6), (5, cfg.embed_dim)))
-    probs = np.exp(np.asarray(model.apply({"params": params}, images, labels, method=GroupViTCLIP.dense_logits)))
+    probs = np.exp(np.asarray(compiled(model, GroupViTCLIP.dense_logits)({"params": params}, images, labels)))
     assert probs.shape == (2, 32, 32, 5)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
-    image, segments, _ = model.apply({"params": params}, images, method=GroupViTCLIP.segments)
+    image, segments, _ = compiled(model, GroupViTCLIP.segments)({"params": params}, images)
     for b in range(2):
         top = set(np.argsort(-np.asarray(image[b] @ labels.T))[:2].tolist())
         assert set(np.flatnonzero(probs[b].reshape(-1, 5).max(0) > 1e-20)) <= top  # the others: log(1e-30)
@@ -478,13 +484,12 @@ def test_a_resnets_dense_features_are_its_attention_pool_at_each_position():
                                      vocab_size=100), embed_dim=16)
     model = CLIP(cfg)
     images = np.random.default_rng(1).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, np.zeros((2, 8), np.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), images, np.zeros((2, 8), np.int32))["params"])
     table = params["visual"]["attnpool"]["positional_embedding"]
     params["visual"]["attnpool"]["positional_embedding"] = table.at[0].set(table[1])
-    dense = model.apply({"params": params}, normalize_images(images),
-                        method=lambda m, x: m.visual.dense_features(x))
+    dense = compiled(model, lambda m, x: m.visual.dense_features(x))({"params": params}, normalize_images(images))
     assert dense.shape == (2, 1, 1, 16)
-    pooled = model.apply({"params": params}, images, method=CLIP.image_features).pooled
+    pooled = compiled(model, CLIP.image_features)({"params": params}, images).pooled
     np.testing.assert_allclose(np.asarray(dense)[:, 0, 0], pooled, rtol=1e-4, atol=1e-5)
 
 
