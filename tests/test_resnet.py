@@ -211,8 +211,8 @@ def test_a_resnet_clip_step_on_a_2x2x2_mesh_equals_one_device():
     tokenizer = ClipTokenizer.train(tokenizer_corpus(config, 500), VOCAB)
     batches = method.train_data(config, tokenizer, list(range(config.batch_size)))
     batches = [{k: v for k, v in next(batches).items() if k != "stats"} for _ in range(2)]
-    want, want_metrics = run(config, method, batches, make_mesh({"data": 1}, jax.devices()[:1]))
-    got, got_metrics = run(config, method, batches, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    want, want_metrics, initial = run(config, method, batches, make_mesh({"data": 1}, jax.devices()[:1]))
+    got, got_metrics, _ = run(config, method, batches, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), initial=initial)
     for w, g in zip(want_metrics, got_metrics, strict=True):
         np.testing.assert_allclose(g["loss"], w["loss"], rtol=1e-5)
         np.testing.assert_allclose(g["grad_norm"], w["grad_norm"], rtol=1e-4)

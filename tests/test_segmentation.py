@@ -288,7 +288,7 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
                                                         "--config.method.num_group_tokens=(4, 2, 0)",
                                                         "--config.method.num_output_groups=(4, 2)"])
     method = get_method(config)
-    initial = nn.meta.unbox(method.model().init(jax.random.PRNGKey(0), *method.init_inputs())["params"])
+    initial = nn.meta.unbox(jax.jit(method.model().init)(jax.random.PRNGKey(0), *method.init_inputs())["params"])
     started = method.warm_start({k: clip[k] for k in ("text", "logit_scale", "visual")}, initial)
     block = ("transformer", "resblocks_0", "mlp", "c_fc", "kernel")
     want, got = clip["visual"], started["visual"]
@@ -364,7 +364,7 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
                       tmp_path / "groupvit_text")
     assert "GroupViT's image tower has no OpenAI or Hugging Face layout" in result.stderr
     tokens = tokenizer(["a red star.", "a blue circle on a green square."], config.model.text.context_length)
-    ours = method.model().apply({"params": started}, tokens, method=type(method.model()).encode_text)
+    ours = compiled(method.model(), type(method.model()).encode_text)({"params": started}, tokens)
     hf = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "groupvit_text").eval()
     with torch.no_grad():
         theirs = hf(input_ids=torch.from_numpy(np.asarray(tokens, np.int64))).text_embeds.numpy()

@@ -57,7 +57,7 @@ def test_the_head_starts_as_zero_shot_clip(tokenizer):
     method = get_method(config)
     encoder = Encoder(CLIP(clip_config), base, one_device(), 64)
     method.prepare(Preparation(None, tokenizer, True, encoder.images, encoder.texts))
-    initial = nn.unbox(method.model().init(jax.random.PRNGKey(1), *method.init_inputs())["params"])
+    initial = nn.unbox(jax.jit(method.model().init)(jax.random.PRNGKey(1), *method.init_inputs())["params"])
     started = method.warm_start(base, initial)
 
     # By hand: the class embeddings (each template's embedding normalised, averaged, renormalised) x exp(logit_scale).
@@ -65,7 +65,8 @@ def test_the_head_starts_as_zero_shot_clip(tokenizer):
 
     def class_embeddings(classes):
         prompts = [t.format(task.class_names[c]) for c in classes for t in task.templates]
-        texts = clip.apply({"params": base}, jnp.asarray(tokenizer(prompts, CONTEXT)), method=CLIP.encode_text)
+        encode = jax.jit(lambda params, tokens: clip.apply({"params": params}, tokens, method=CLIP.encode_text))
+        texts = encode(base, jnp.asarray(tokenizer(prompts, CONTEXT)))
         return unit(unit(np.asarray(texts)).reshape(len(classes), len(task.templates), -1).mean(axis=1))
 
     scale = float(np.exp(base["logit_scale"]))
