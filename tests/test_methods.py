@@ -145,8 +145,8 @@ def test_the_first_batch_holds_the_methods_fields(method_setup):
 def runs(method_setup):
     """Two steps on one device in one shot, and on a 2x2x2 mesh in two micro-batches, from the same initial state:
     ((state, metrics), mesh). (One comparison for both properties: each compile costs seconds, and
-    tests/test_train_step.py checks sharding and accumulation apart for CLIP, and that a state initialised in its
-    shardings is the one initialised on one device.)"""
+    tests/test_train_step.py checks sharding and accumulation apart for CLIP. That create_state initialises that
+    same state in the mesh's shardings is checked once, below.)"""
     config, method, batches = method_setup
     one, sharded = make_mesh({"data": 1}, jax.devices()[:1]), make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     *want, initial = run(config, method, batches, one)
