@@ -4,7 +4,6 @@ Tip-Adapter's logits against the paper's formula in numpy, CLIP-Adapter's and th
 `clip-jax classify` against the evaluation and against a zero-shot prompt ensemble by hand, and a CoOp run from a
 CLIP workdir that resumes from its cached embeddings and evaluates from `clip-jax eval`."""
 
-import functools
 import json
 import shutil
 
@@ -24,7 +23,7 @@ from clip_jax.methods import get_method
 from clip_jax.methods.few_shot import FROZEN, FewShotCLIP, PromptContext, prompt_layout, tip_logits
 from clip_jax.models.clip import CLIP, CLIPConfig
 
-from .test_methods import VOCAB, prepared, tiny_config, tiny_few_shot
+from .test_methods import VOCAB, compiled, prepared, tiny_config, tiny_few_shot
 
 
 def _write_image(path, colour):
@@ -441,8 +440,8 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
     variables = {"params": params}
     unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
     tokens = tokenizer([f"a photo of a {n}." for n in names], config.model.text.context_length)
-    text = unit(jax.jit(functools.partial(clip.apply, method=CLIP.encode_text))(variables, jnp.asarray(tokens)))
-    image = unit(jax.jit(functools.partial(clip.apply, method=CLIP.encode_image))(variables, jnp.asarray(images)))
+    text = unit(compiled(clip, CLIP.encode_text)(variables, jnp.asarray(tokens)))
+    image = unit(compiled(clip, CLIP.encode_image)(variables, jnp.asarray(images)))
     logits = min(np.exp(float(params["logit_scale"])), config.model.max_logit_scale) * image @ text.T
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)

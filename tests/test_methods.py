@@ -77,6 +77,12 @@ def tiny_config(name: str):
     return config
 
 
+def compiled(model: nn.Module, method):
+    """`model.apply(variables, *inputs, method=method)`, compiled: one program instead of the op-by-op dispatch of
+    every primitive (the tests that call a model's methods directly)."""
+    return jax.jit(lambda variables, *inputs: model.apply(variables, *inputs, method=method))
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return ClipTokenizer.train(tokenizer_corpus(tiny_config("clip"), 500), VOCAB)

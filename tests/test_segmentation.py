@@ -46,7 +46,7 @@ from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize, normalize_image
 from clip_jax.models.layers import layer_norm
 from clip_jax.sharding import make_mesh
 
-from .test_methods import tiny_config
+from .test_methods import compiled, tiny_config
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------------
@@ -126,11 +126,6 @@ def tiny_clip():
     # Compiled here and in the tests below: one program each instead of the op-by-op dispatch of every primitive.
     params = jax.jit(model.init)(jax.random.PRNGKey(1), images, np.zeros((2, 24), np.int32))["params"]
     return model, nn.meta.unbox(params), images
-
-
-def compiled(model: nn.Module, method):
-    """`model.apply(variables, *inputs, method=method)`, compiled."""
-    return jax.jit(lambda variables, *inputs: model.apply(variables, *inputs, method=method))
 
 
 def test_the_training_free_dense_scores_are_patch_tokens_through_the_class_tokens_head(tiny_clip):

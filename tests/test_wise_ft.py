@@ -27,7 +27,7 @@ from clip_jax.methods.wise_ft import interpolate
 from clip_jax.models.clip import CLIP
 from clip_jax.sharding import make_mesh
 
-from .test_methods import CONTEXT, VOCAB, tiny_config, tiny_few_shot
+from .test_methods import CONTEXT, VOCAB, compiled, tiny_config, tiny_few_shot
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,7 @@ def test_the_head_starts_as_zero_shot_clip(tokenizer):
 
     def class_embeddings(classes):
         prompts = [t.format(task.class_names[c]) for c in classes for t in task.templates]
-        encode = jax.jit(lambda params, tokens: clip.apply({"params": params}, tokens, method=CLIP.encode_text))
-        texts = encode(base, jnp.asarray(tokenizer(prompts, CONTEXT)))
+        texts = compiled(clip, CLIP.encode_text)({"params": base}, jnp.asarray(tokenizer(prompts, CONTEXT)))
         return unit(unit(np.asarray(texts)).reshape(len(classes), len(task.templates), -1).mean(axis=1))
 
     scale = float(np.exp(base["logit_scale"]))
