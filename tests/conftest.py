@@ -4,11 +4,14 @@ tiny models, and a compile done once is then read back instead of redone. The ca
 removed at its end, so no run reads another's."""
 
 import atexit
+import contextlib
 import importlib.util
+import io
 import mmap
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 
 
@@ -47,3 +50,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # inherited by the subprocess
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
+
+
+def clip_jax(*args) -> subprocess.CompletedProcess:
+    """`clip-jax ARGS` as a user runs it, in this process (a new Python per call costs seconds of imports, and
+    compiles again what this process has compiled): the exit status and everything it printed. Tests that need a
+    process of their own (another device count, signals, the interpreter's exit) start one."""
+    from clip_jax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

@@ -6,23 +6,21 @@ The model is a tiny random OpenAI-layout state dict (numpy, no torch); the CLI r
 captured as a user would see it.
 """
 
-import contextlib
 import hashlib
-import io
 import json
 import pathlib
 import struct
-import subprocess
 
 import numpy as np
 import pytest
 
-from clip_jax import cli
 from clip_jax.errors import ConfigError
 from clip_jax.interop import openai as oa
 from clip_jax.interop import workdir as wd
 from clip_jax.interop.safe_load import write_tensors
 from clip_jax.models.presets import model_preset
+
+from .conftest import clip_jax
 
 CONTEXT = 16  # text positions of the tiny model (stretch bounds below follow from it)
 
@@ -37,19 +35,6 @@ def tiny_state_dict(image_size=32, seed=0):
     model["embed_dim"] = 16
     rng = np.random.default_rng(seed)
     return {key: (0.02 * rng.standard_normal(shape)).astype(np.float32) for key, _, shape, _, _ in oa.layout(model)}
-
-
-def clip_jax(*args):
-    """`clip-jax ARGS` as a user runs it, in this process (a new Python per call would cost seconds each): the exit
-    status and everything it printed."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def assert_error(result, command, *needles):

@@ -46,6 +46,7 @@ from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize, normalize_image
 from clip_jax.models.layers import layer_norm
 from clip_jax.sharding import make_mesh
 
+from .conftest import clip_jax
 from .test_methods import compiled, tiny_config
 
 
@@ -229,9 +230,9 @@ def test_groupvit_refuses_stages_that_do_not_fit_the_tower_in_one_line():
 
 
 # --- end to end: a CLIP, LSeg and GroupViT from it, the segment command, the folder evaluation ---------------------
-def clip_jax(*args, cwd=None):
-    result = subprocess.run([sys.executable, "-m", "clip_jax", *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd)
+def succeeds(*args) -> subprocess.CompletedProcess:
+    """`clip-jax ARGS`, in this process, which must succeed: what it printed."""
+    result = clip_jax(*args)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
@@ -249,7 +250,7 @@ def tiny_overrides(steps: int) -> list[str]:
 @pytest.fixture(scope="module")
 def clip_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("clip")
-    clip_jax("train", "--config", "configs/demo.py", "--workdir", workdir, *tiny_overrides(2))
+    succeeds("train", "--config", "configs/demo.py", "--workdir", workdir, *tiny_overrides(2))
     return workdir
 
 
@@ -259,7 +260,7 @@ LSEG_TEMPLATES = ("a photo of a {}.",)  # not the default (the shapes prompts): 
 @pytest.fixture(scope="module")
 def lseg_workdir(clip_workdir, tmp_path_factory):
     lseg = tmp_path_factory.mktemp("lseg") / "run"
-    clip_jax("train", "--config", "configs/lseg_shapes.py", "--workdir", lseg, *tiny_overrides(2),
+    succeeds("train", "--config", "configs/lseg_shapes.py", "--workdir", lseg, *tiny_overrides(2),
              f"--config.init_from={clip_workdir}", "--config.method.decoder_width=8",
              f"--config.method.templates={LSEG_TEMPLATES!r}")
     return lseg
@@ -300,7 +301,7 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
         Image.fromarray(source[i]["image"]).save(images / f"scene{i}.png")
     (images / "broken.png").write_text("not an image")
     out = tmp_path / "masks"
-    result = clip_jax("segment", "--workdir", lseg, "--images", images, "--labels", "red star, blue circle",
+    result = succeeds("segment", "--workdir", lseg, "--images", images, "--labels", "red star, blue circle",
                       "--out", out)
     assert "segmented 3 images into 2 labels" in result.stdout and "1 undecodable" in result.stdout
     assert (out / "labels.txt").read_text().splitlines() == ["background", "red star", "blue circle"]
@@ -333,14 +334,13 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
     assert len(calls) == 2 and not (tmp_path / "stopped").exists()
 
     # export: LSeg's towers with a note on its decoder; a GroupViT tower has no PyTorch layout, refused in one line
-    result = clip_jax("export", "--workdir", lseg, "--format", "openai", "--out", tmp_path / "lseg.safetensors")
+    result = succeeds("export", "--workdir", lseg, "--format", "openai", "--out", tmp_path / "lseg.safetensors")
     assert (tmp_path / "lseg.safetensors").exists() and "LSeg's decoder" in result.stderr
     # A GroupViT run is refused from its config.json alone, before any checkpoint is read.
     groupvit = tmp_path / "groupvit"
     groupvit.mkdir()
     (groupvit / "config.json").write_text(config.to_json())
-    refused = subprocess.run([sys.executable, "-m", "clip_jax", "export", "--workdir", str(groupvit), "--format",
-                              "openai", "--out", str(tmp_path / "g.safetensors")], capture_output=True, text=True)
+    refused = clip_jax("export", "--workdir", groupvit, "--format", "openai", "--out", tmp_path / "g.safetensors")
     assert refused.returncode == 2 and not (tmp_path / "g.safetensors").exists()
     assert refused.stderr.strip().splitlines()[-1].startswith("clip-jax export: error: ") and "GroupViT" in \
         refused.stderr and "--format hf-text" in refused.stderr
@@ -355,7 +355,7 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
 
     tokenizer = load_trained(clip_workdir).tokenizer
     write_workdir(config, started, tokenizer, tmp_path / "groupvit_run", method)
-    result = clip_jax("export", "--workdir", tmp_path / "groupvit_run", "--format", "hf-text", "--out",
+    result = succeeds("export", "--workdir", tmp_path / "groupvit_run", "--format", "hf-text", "--out",
                       tmp_path / "groupvit_text")
     assert "GroupViT's image tower has no OpenAI or Hugging Face layout" in result.stderr
     tokens = tokenizer(["a red star.", "a blue circle on a green square."], config.model.text.context_length)
@@ -388,7 +388,7 @@ def test_lseg_trains_on_a_voc_folder_leaving_its_unseen_classes_out(clip_workdir
     names = source.class_names()
     unseen_pixels = np.isin(masks, [names.index(c) for c in unseen])
     assert unseen_pixels.any() and (lookup[masks][unseen_pixels] == 255).all()
-    clip_jax("train", "--config", "configs/lseg_shapes.py", "--workdir", workdir, *overrides)
+    succeeds("train", "--config", "configs/lseg_shapes.py", "--workdir", workdir, *overrides)
     with pytest.raises(ConfigError, match=r"method.unseen names \['pink circle'\]"):
         bad = load_config("configs/lseg_shapes.py", [*overrides[:-2], "--config.method.unseen=('pink circle',)"])
         get_method(bad).check(None)
@@ -398,7 +398,7 @@ def test_the_folder_evaluation_scores_a_voc_layout_written_from_shapes(clip_work
     root = write_shapes_segmentation_set(tmp_path / "voc", 6, image_size=32)
     novel = ",".join(f"'{c} {s}'" for c, s in DEFAULT_HELD_OUT)
     overlays = tmp_path / "overlays"
-    clip_jax("eval", "--workdir", clip_workdir, f"--config.evals.voc={{'type': 'segmentation_folder', "
+    succeeds("eval", "--workdir", clip_workdir, f"--config.evals.voc={{'type': 'segmentation_folder', "
              f"'path': '{root}', 'split': 'test_novel', 'novel': ({novel},), 'background': 'threshold', "
              f"'overlay_dir': '{overlays}', 'overlays': 2}}")
     results = json.loads(next(clip_workdir.glob("eval_*.json")).read_text())
@@ -408,9 +408,8 @@ def test_the_folder_evaluation_scores_a_voc_layout_written_from_shapes(clip_work
 
 
 def test_segment_refuses_bad_labels_before_loading_a_model(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "clip_jax", "segment", "--workdir", str(tmp_path), "--images",
-                             str(tmp_path), "--labels", "cat,cat", "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True)
+    result = clip_jax("segment", "--workdir", tmp_path, "--images", tmp_path, "--labels", "cat,cat", "--out",
+                      tmp_path / "o")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("clip-jax segment: error: --labels needs distinct")
 
@@ -512,7 +511,7 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
     novel_index = [names.index(n) for n in novel]
     assert sum(len(c) for c in train.classes) > 0 and not np.isin(np.concatenate(train.classes), novel_index).any()
     workdir = tmp_path / "vild"
-    clip_jax("train", "--config", "configs/vild_shapes.py", "--workdir", workdir, *overrides)
+    succeeds("train", "--config", "configs/vild_shapes.py", "--workdir", workdir, *overrides)
     results = json.loads((workdir / "results.json").read_text())
     assert all(0 <= results[f"coco{s}_ap50"] <= 1 for s in ("", "_base", "_novel"))
     written = json.loads((tmp_path / "results.json").read_text())
@@ -525,7 +524,7 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
         Image.fromarray(images[i]).save(scenes / f"scene{i}.png")
     (scenes / "broken.png").write_text("not an image")
     out = tmp_path / "boxes"
-    result = clip_jax("detect", "--workdir", workdir, "--images", scenes, "--queries", "red star. blue circle",
+    result = succeeds("detect", "--workdir", workdir, "--images", scenes, "--queries", "red star. blue circle",
                       "--out", out, "--min-score", "0")
     assert "in 2 images" in result.stdout and "1 undecodable" in result.stdout
     report = json.loads((out / "detections.json").read_text())
@@ -541,13 +540,11 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
         main(["detect", "--workdir", str(workdir), "--images", str(scenes), "--queries", "red star. blue circle",
               "--out", str(tmp_path / "chunked"), "--min-score", "0", "--batch-size", "1"])
     assert folder_bytes(tmp_path / "chunked") == folder_bytes(out)
-    refused = subprocess.run([sys.executable, "-m", "clip_jax", "detect", "--workdir", str(workdir), "--images",
-                              str(scenes), "--queries", " . ", "--out", str(out)], capture_output=True, text=True)
+    refused = clip_jax("detect", "--workdir", workdir, "--images", scenes, "--queries", " . ", "--out", out)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("clip-jax detect: error: ")
     # one text to the model (the tokenizer lower-cases): every box was drawn twice, once per spelling
-    refused = subprocess.run([sys.executable, "-m", "clip_jax", "detect", "--workdir", str(workdir), "--images",
-                              str(scenes), "--queries", "Red square. red square", "--out", str(tmp_path / "twice")],
-                             capture_output=True, text=True)
+    refused = clip_jax("detect", "--workdir", workdir, "--images", scenes, "--queries", "Red square. red square",
+                       "--out", tmp_path / "twice")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
         "clip-jax detect: error: --queries: 'Red square' and 'red square' are one text to this model"), refused.stderr
     assert not (tmp_path / "twice").exists()
