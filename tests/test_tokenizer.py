@@ -382,6 +382,9 @@ def test_train_save_load(tmp_path, caplog):
         # Round trip up to cleaning: decode gives the words of the cleaned text, each followed by a space.
         assert tok.decode(tok.encode(text)).split(" ")[:-1] == REF_PATTERN.findall(clean_text(text)), text
     assert len(tok.encode("a photo of the dog")) < len("a photo of the dog")  # it learnt merges
+    # Every merge joins symbols of one word: no learnt token holds a space (the 512 byte symbols do).
+    space = ref_byte_map()[ord(" ")]
+    assert not [t for t in tok._vocab[512:-2] if space in t]
     # Same layout as OpenAI's, so the reference BPE with the trained merges agrees.
     ref = RefBPE(tok._merges) if len(set(tok._vocab)) == len(tok._vocab) == 514 + len(tok._merges) else None
     if ref is not None:

@@ -35,9 +35,7 @@ import pathlib
 import warnings
 
 import numpy as np
-import scipy.special
 from etils import epath
-from scipy.io import wavfile
 
 from clip_jax.data.captions import decode_text
 from clip_jax.data.images import RefusedFile, read_image_file
@@ -127,6 +125,8 @@ def _tone(timbre: str, f0: float, t: np.ndarray, sample_rate: int, rng: np.rando
         # Bessel functions are slow (they were 90% of the time): the index decays smoothly (0.4% per ms), so they
         # are evaluated once a millisecond and interpolated, which changes the samples by less than 1e-5.
         coarse = np.unique(np.append(np.arange(0, len(t), max(1, sample_rate // 1000)), len(t) - 1))
+        import scipy.special  # here, as scipy.io and scipy.signal below: see read_wav
+
         weights = scipy.special.jv(ks[:, None], index[coarse])
         return sum(np.interp(t, t[coarse], w) * p for w, p in zip(weights, partials, strict=True))
     count = max(1, int(nyquist_guard / f0))
@@ -252,6 +252,10 @@ def read_wav(path: epath.PathLike, sample_rate: int, num_samples: int, max_bytes
         kind = next((name for magic, name in _OTHER_FORMATS if data.startswith(magic)), None)
         what = kind or f"not a WAV file (it starts with {data[:12]!r}, not a RIFF/WAVE header)"
         raise AudioError(f"audio file {path} is {what}; {_CONVERT}")
+    # scipy's modules are imported where used, not at the top: they were ~0.4 s (scipy.signal ~1 s) of the start of
+    # every command, including the many that read no audio.
+    from scipy.io import wavfile
+
     try:
         with warnings.catch_warnings():
             # A data chunk shorter than its header says is read as far as it goes, without scipy's warning per file.
@@ -273,7 +277,7 @@ def read_wav(path: epath.PathLike, sample_rate: int, num_samples: int, max_bytes
         # Resample only the input that the first num_samples outputs depend on: output j needs input around
         # j * down / up, within the filter's half-length of 10 * max(up, down) taps at the upsampled rate.
         needed = math.ceil(num_samples * down / up) + math.ceil(10 * max(up, down) / up) + 1
-        from scipy import signal  # here, not at the top: importing it takes ~1 s of every command's start
+        from scipy import signal
 
         audio = np.clip(signal.resample_poly(audio[:needed], up, down), -1, 1)  # filter ringing may overshoot
     out = np.zeros(num_samples, np.float32)
@@ -289,6 +293,8 @@ def write_wav(path: epath.PathLike, waveform: np.ndarray, sample_rate: int) -> N
     if waveform.ndim != 1:
         raise ValueError(f"write_wav writes mono: expected a 1-D waveform, got shape {waveform.shape}")
     pcm = np.clip(np.round(np.clip(waveform, -1, 1) * 32768), -32768, 32767).astype(np.int16)
+    from scipy.io import wavfile  # see read_wav
+
     buffer = io.BytesIO()
     wavfile.write(buffer, sample_rate, pcm)
     epath.Path(path).write_bytes(buffer.getvalue())
