@@ -135,10 +135,10 @@ def test_hard_evaluation_pools_and_returns_the_one_hot_of_the_soft_assignment(bl
     """eval_hard (the paper's inference): no noise, the one-hot of the soft assignment's argmax over groups, used for
     the pooling and returned for segmentation alike."""
     block, params, x, groups = block_setup
-    soft = np.asarray(block.apply({"params": params}, x, groups, train=False)[1])
+    soft = np.asarray(jax.jit(functools.partial(block.apply, train=False))({"params": params}, x, groups)[1])
     hard_block = block.clone(eval_hard=True)
     apply = functools.partial(hard_block.apply, train=False, capture_intermediates=True, mutable=["intermediates"])
-    (_, hard), state = apply({"params": params}, x, groups)
+    (_, hard), state = jax.jit(apply)({"params": params}, x, groups)
     hard = np.asarray(hard)
     assert_one_hot_over_groups(hard)
     np.testing.assert_array_equal(np.argmax(hard, axis=-2), np.argmax(soft, axis=-2))

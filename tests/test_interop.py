@@ -31,6 +31,8 @@ from clip_jax.interop import workdir as wd  # noqa: E402
 from clip_jax.interop.safe_load import read_tensors, write_tensors  # noqa: E402
 from clip_jax.models.clip import CLIP, CLIPConfig  # noqa: E402
 
+from .test_methods import compiled  # noqa: E402
+
 TOL = 1e-5
 
 
@@ -65,7 +67,7 @@ def ours(model_dict, params, images, ids):
     model = CLIP(CLIPConfig.from_dict(model_dict))
     if model_dict.get("scan_layers") and "resblocks_0" in params["visual"]["transformer"]:
         params = oa.stack_layers(params)
-    out = model.apply({"params": params}, images, ids)
+    out = jax.jit(model.apply)({"params": params}, images, ids)  # compiled: one program, not op by op
     image, text = np.asarray(out["image"]), np.asarray(out["text"])
     return image, text, float(out["logit_scale"]) * image @ text.T
 
@@ -184,7 +186,8 @@ def test_longclip_two_tables_import_export(tmp_path):
     assert hf_text.model["text"]["keep_positions"] == 0
     np.testing.assert_array_equal(hf_text.params["text"]["positional_embedding"], merged)
     model = CLIP(CLIPConfig.from_dict(imported.model))
-    expected = np.asarray(model.apply({"params": imported.params}, ids, normalize=False, method=CLIP.encode_text))
+    unnormalised = compiled(model, lambda m, t: m.encode_text(t, normalize=False))
+    expected = np.asarray(unnormalised({"params": imported.params}, ids))
     with torch.no_grad():
         reloaded = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "text").eval()
         assert_close("Long-CLIP hf-text", reloaded(torch.from_numpy(ids)).text_embeds, expected)
@@ -362,7 +365,8 @@ def test_export_hf_text_248_positions(tmp_path):
     wd.export_params(imported.params, imported.model, "hf-text", tmp_path / "text")
     _, ids = inputs(32, 248, 100)
     model = CLIP(CLIPConfig.from_dict(imported.model))
-    expected = np.asarray(model.apply({"params": imported.params}, ids, normalize=False, method=CLIP.encode_text))
+    unnormalised = compiled(model, lambda m, t: m.encode_text(t, normalize=False))
+    expected = np.asarray(unnormalised({"params": imported.params}, ids))
     with torch.no_grad():
         with_proj = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "text").eval()
         assert with_proj.config.max_position_embeddings == 248

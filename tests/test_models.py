@@ -22,6 +22,7 @@ from clip_jax.models.layers import (
     resolved_layer_norm,
 )
 
+from .test_methods import compiled
 from .test_train_step import tiny_model_dict
 
 
@@ -107,16 +108,16 @@ def test_token_embeddings_path_equals_token_ids(reference):
     params, want = reference
     model = CLIP(base_config())
     _, tokens = inputs()
-    embeds = model.apply({"params": params}, tokens, method=lambda m, t: m.text.embed_tokens(t))
-    got = model.apply({"params": params}, token_embeddings=embeds, pool_index=jnp.argmax(tokens, -1),
-                      method=CLIP.encode_text)
+    embeds = compiled(model, lambda m, t: m.text.embed_tokens(t))({"params": params}, tokens)
+    by_embeddings = lambda m, e, i: m.encode_text(token_embeddings=e, pool_index=i)
+    got = compiled(model, by_embeddings)({"params": params}, embeds, jnp.argmax(tokens, -1))
     np.testing.assert_allclose(got, want["text"], rtol=1e-6, atol=1e-6)
 
 
 def test_bfloat16_compute_is_close_to_float32(reference):
     params, want = reference
     images, tokens = inputs()
-    got = CLIP(base_config(dtype="bfloat16")).apply({"params": params}, images, tokens)
+    got = jax.jit(CLIP(base_config(dtype="bfloat16")).apply)({"params": params}, images, tokens)
     for k in ("image", "text"):
         assert got[k].dtype == jnp.float32  # embeddings are normalised in float32
         cosine = np.sum(np.asarray(got[k]) * np.asarray(want[k]), axis=-1)
@@ -159,7 +160,7 @@ def dropout_model():
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=64, patch_dropout=0.5))
     model = CLIP(cfg)
     image = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 64, 64, 3)).astype(np.uint8))
-    params = nn.unbox(model.init(jax.random.key(0), image, inputs()[1][:1])["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), image, inputs()[1][:1])["params"])
     return cfg, model, params, image
 
 
@@ -188,11 +189,11 @@ def test_patch_dropout_embeds_an_image_from_a_random_subset_of_its_patches(dropo
     # without an rng (evaluation, inference) every patch counts, and the result is the tower's without dropout
     assert len(influential_patches(model, params, image, None)) == 16
     plain = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, patch_dropout=0.0))
-    np.testing.assert_array_equal(model.apply({"params": params}, image, method=CLIP.encode_image),
-                                  CLIP(plain).apply({"params": params}, image, method=CLIP.encode_image))
+    np.testing.assert_array_equal(compiled(model, CLIP.encode_image)({"params": params}, image),
+                                  compiled(CLIP(plain), CLIP.encode_image)({"params": params}, image))
     # the same image twice in a batch: two draws
-    twice = model.apply({"params": params}, jnp.concatenate([image, image]), method=CLIP.image_features,
-                        dropout_rng=jax.random.key(1))
+    dropped = lambda m, x, rng: m.image_features(x, dropout_rng=rng)
+    twice = compiled(model, dropped)({"params": params}, jnp.concatenate([image, image]), jax.random.key(1))
     assert twice.tokens.shape == (2, 1 + 8, cfg.vision.width)
     assert np.abs(np.asarray(twice.pooled[0] - twice.pooled[1])).max() > 1e-4
 
@@ -261,30 +262,33 @@ def test_a_mean_pooled_vit_projects_the_mean_of_its_patch_tokens_through_ln_post
     cfg = base_config()
     mean_cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pool="mean", patch_dropout=0.5))
     images, tokens = inputs()
-    params = nn.unbox(CLIP(cfg).init(jax.random.key(0), images, tokens)["params"])
-    assert jax.tree.structure(nn.unbox(CLIP(mean_cfg).init(jax.random.key(0), images, tokens)["params"])) == \
-        jax.tree.structure(params)
+    params = nn.unbox(jax.jit(CLIP(cfg).init)(jax.random.key(0), images, tokens)["params"])
+    # the parameters' structure, traced only (shapes, no values)
+    assert jax.tree.structure(nn.unbox(jax.eval_shape(CLIP(mean_cfg).init, jax.random.key(0), images, tokens)[
+        "params"])) == jax.tree.structure(params)
     visual = params["visual"]
     keys = jnp.asarray(np.arange(6, dtype=np.uint32).reshape(3, 2))
+    # the token states and the unnormalised embedding, in one program per combination of options (which travel as
+    # one argument: a dict whose None entries are empty pytrees)
+    both = compiled(CLIP(mean_cfg), lambda m, x, options: (m.image_features(x, **options),
+                                                             m.encode_image(x, normalize=False, **options)))
     for dropout_rng, prompts in [(None, None), (keys, None), (None, deep_prompts()), (keys, deep_prompts())]:
         options = {"dropout_rng": dropout_rng, "layer_prompts": prompts}
-        out = CLIP(mean_cfg).apply({"params": params}, images, method=CLIP.image_features, **options)
+        out, pooled = both({"params": params}, images, options)
         states = np.asarray(out.tokens, np.float64)
         patches = 2 if dropout_rng is not None else 4  # kept under patch dropout
         # class token, patches, then MaPLe's prompts, which the mean leaves out
         assert states.shape[1] == 1 + patches + (0 if prompts is None else 2)
         want = _layer_norm(states[:, 1:1 + patches], visual["ln_post"]).mean(axis=1) @ np.asarray(visual["proj"])
-        np.testing.assert_allclose(np.asarray(CLIP(mean_cfg).apply(
-            {"params": params}, images, method=CLIP.encode_image, normalize=False, **options)),
-            want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(pooled), want, rtol=1e-5, atol=1e-5)
         if dropout_rng is None and prompts is None:
             every_patch = states, want
     # the default pools the class token of the same token states
-    plain = CLIP(cfg).apply({"params": params}, images, method=CLIP.image_features)
+    plain, class_pooled = compiled(CLIP(cfg), lambda m, x: (m.image_features(x), m.encode_image(x, normalize=False)))(
+        {"params": params}, images)
     np.testing.assert_allclose(np.asarray(plain.tokens), every_patch[0], rtol=1e-6, atol=1e-6)
     class_token = _layer_norm(every_patch[0][:, 0], visual["ln_post"]) @ np.asarray(visual["proj"])
-    np.testing.assert_allclose(np.asarray(CLIP(cfg).apply({"params": params}, images, method=CLIP.encode_image,
-                                                          normalize=False)), class_token, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(class_pooled), class_token, rtol=1e-5, atol=1e-5)
     assert not np.allclose(class_token, every_patch[1], atol=1e-3)
 
 
@@ -377,11 +381,13 @@ def test_attention_padded_to_even_lengths_is_plain_attention(causal, lengths):
     k, v = (jnp.asarray(rng.normal(size=(2, lengths[1], 3, 8)), jnp.float32) for _ in range(2))
     plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     padded = lambda q, k, v: padded_to_even(q, k, v, is_causal=causal, implementation="xla")
-    assert padded(q, k, v).shape == q.shape
-    np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+    # compiled: one program each instead of the op-by-op dispatch of every primitive
+    out = jax.jit(padded)(q, k, v)
+    assert out.shape == q.shape
+    np.testing.assert_allclose(out, jax.jit(plain)(q, k, v), rtol=1e-5, atol=1e-6)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
-    for got, want in zip(jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v),
-                         jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v), strict=True):
+    for got, want in zip(jax.jit(jax.grad(loss(padded), argnums=(0, 1, 2)))(q, k, v),
+                         jax.jit(jax.grad(loss(plain), argnums=(0, 1, 2)))(q, k, v), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -18,7 +18,7 @@ from clip_jax.methods.prompt_learning import MultimodalPrompts
 from clip_jax.models.clip import CLIP_MEAN, CLIP_STD
 from clip_jax.models.layers import ResidualBlock
 
-from .test_methods import VOCAB, prepared, tiny_config, tiny_few_shot
+from .test_methods import VOCAB, compiled, prepared, tiny_config, tiny_few_shot
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +79,8 @@ def test_cocoop_prompts_are_coops_context_shifted_by_the_meta_net(tokenizer):
             )
             rows.append(r)
             eots.append(eot)
-    text = method.model().apply(
-        {"params": params},
-        token_embeddings=jnp.asarray(np.stack(rows)),
-        pool_index=jnp.asarray(eots),
-        method=FewShotCLIP.encode_text,
-    )
+    text = compiled(method.model(), lambda m, e, i: FewShotCLIP.encode_text(m, token_embeddings=e, pool_index=i))(
+        {"params": params}, jnp.asarray(np.stack(rows)), jnp.asarray(eots))
     text = np.asarray(text).reshape(len(f), len(classes), -1)
     scale = float(np.exp(params["logit_scale"]))
     np.testing.assert_allclose(got, scale * np.einsum("bd,bcd->bc", f, text), rtol=1e-5, atol=1e-5)

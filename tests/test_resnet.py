@@ -33,7 +33,7 @@ from clip_jax.models.clip import CLIP, CLIPConfig  # noqa: E402
 from clip_jax.models.positions import resize_grid_positions, resize_image_positions  # noqa: E402
 from clip_jax.sharding import make_mesh  # noqa: E402
 
-from .test_methods import VOCAB, run, tiny_config  # noqa: E402
+from .test_methods import VOCAB, compiled, run, tiny_config  # noqa: E402
 from .test_train_step import assert_trees_close  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def their_image_embeddings(model, x):
 
 def our_image_embeddings(model_dict, params, x):
     model = CLIP(CLIPConfig.from_dict(model_dict))
-    return np.asarray(model.apply({"params": params}, x, normalize=False, method=CLIP.encode_image))
+    return np.asarray(compiled(model, lambda m, x: m.encode_image(x, normalize=False))({"params": params}, x))
 
 
 def max_diff(a, b):
@@ -148,8 +148,8 @@ def test_small_resnet_converts_both_ways(tmp_path):
     model = CLIP(CLIPConfig.from_dict(imported.model))
     with torch.no_grad():
         their_text = torch_model.encode_text(torch.from_numpy(ids)).numpy()
-    text_diff = max_diff(their_text, model.apply({"params": imported.params}, ids, normalize=False,
-                                                 method=CLIP.encode_text))
+    text_diff = max_diff(their_text, compiled(model, lambda m, t: m.encode_text(t, normalize=False))(
+        {"params": imported.params}, ids))
     print(f"small resnet: image {diff:.2e}, text {text_diff:.2e}")
     assert diff <= TOL and text_diff <= TOL
 

@@ -156,12 +156,13 @@ def test_lseg_scores_are_its_decoders_pixels_against_the_labels_at_the_fixed_tem
     cfg = CLIPConfig.from_dict(tiny_config("clip").model.to_dict())
     model = LSegCLIP(cfg, decoder_width=8)
     images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, np.zeros((2, 24), np.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), images, np.zeros((2, 24), np.int32))["params"])
     labels = l2_normalize(jax.random.normal(jax.random.PRNGKey(4), (3, cfg.embed_dim)))
-    got = model.apply({"params": params}, images, labels, method=LSegCLIP.dense_logits)
+    # the scores and the decoder's pixels, compiled as one program
+    both = lambda m, x, labels: (m.dense_logits(x, labels),
+                                 l2_normalize(m.decoder(m.visual.token_grid(normalize_images(x)))))
+    got, pixels = compiled(model, both)({"params": params}, images, labels)
     assert got.shape == (2, 16, 16, 3)  # half the image size
-    pixels = model.apply({"params": params}, normalize_images(images),
-                         method=lambda m, x: l2_normalize(m.decoder(m.visual.token_grid(x))))
     np.testing.assert_allclose(got, (1 / 0.07) * pixels @ labels.T, rtol=1e-5, atol=1e-5)
     assert "lseg_logit_scale" not in params  # fixed, as the reference's (a plain tensor, never trained)
 
