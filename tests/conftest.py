@@ -53,9 +53,10 @@ jax.config.update("jax_default_matmul_precision", "float32")
 
 
 def clip_jax(*args) -> subprocess.CompletedProcess:
-    """`clip-jax ARGS` as a user runs it, in this process (a new Python per call costs seconds of imports, and
-    compiles again what this process has compiled): the exit status and everything it printed. Tests that need a
-    process of their own (another device count, signals, the interpreter's exit) start one."""
+    """`clip-jax ARGS` as a user runs it, in this process (a new Python per call costs seconds of imports, and traces
+    again and reads back from the compilation cache the programs this process holds): the exit status and everything
+    it printed. Tests that need a process of their own (another device count, signals, the interpreter's exit) start
+    one."""
     from clip_jax import cli
 
     out, err = io.StringIO(), io.StringIO()

@@ -122,11 +122,11 @@ def _tone(timbre: str, f0: float, t: np.ndarray, sample_rate: int, rng: np.rando
         ks = ks[np.abs(freqs) < nyquist_guard]
         freqs = f0 * (1 + _FM_RATIO * ks)
         partials = np.sin(2 * np.pi * freqs[:, None] * t + phase + ks[:, None] * mod_phase)
+        import scipy.special  # here, as scipy.io and scipy.signal below: see read_wav
+
         # Bessel functions are slow (they were 90% of the time): the index decays smoothly (0.4% per ms), so they
         # are evaluated once a millisecond and interpolated, which changes the samples by less than 1e-5.
         coarse = np.unique(np.append(np.arange(0, len(t), max(1, sample_rate // 1000)), len(t) - 1))
-        import scipy.special  # here, as scipy.io and scipy.signal below: see read_wav
-
         weights = scipy.special.jv(ks[:, None], index[coarse])
         return sum(np.interp(t, t[coarse], w) * p for w, p in zip(weights, partials, strict=True))
     count = max(1, int(nyquist_guard / f0))
@@ -252,8 +252,8 @@ def read_wav(path: epath.PathLike, sample_rate: int, num_samples: int, max_bytes
         kind = next((name for magic, name in _OTHER_FORMATS if data.startswith(magic)), None)
         what = kind or f"not a WAV file (it starts with {data[:12]!r}, not a RIFF/WAVE header)"
         raise AudioError(f"audio file {path} is {what}; {_CONVERT}")
-    # scipy's modules are imported where used, not at the top: they were ~0.4 s (scipy.signal ~1 s) of the start of
-    # every command, including the many that read no audio.
+    # scipy's modules are imported where used, not at the top: they were ~0.4 s of CPU (scipy.signal ~1 s) of the
+    # start of every command, including the many that read no audio.
     from scipy.io import wavfile
 
     try:
