@@ -132,11 +132,11 @@ def run(config, method, batches, mesh, accum_steps=1, initial=None):
     trainable = state_lib.trainable_mask(state.params, ())
     train_step = step_lib.make_train_step(method.step_fns(model), tx, trainable,
                                           state_lib.learning_rate_schedule(config.optimizer, 10), mesh, accum_steps)
-    compiled = step_lib.compile_train_step(train_step, shardings, abstract_like(state),
-                                           abstract_batch(method.fields(), BATCH, batch_sharding(mesh)), mesh)
+    step = step_lib.compile_train_step(train_step, shardings, abstract_like(state),
+                                       abstract_batch(method.fields(), BATCH, batch_sharding(mesh)), mesh)
     metrics = []
     for batch in batches:
-        state, m = compiled(state, global_batch(batch, mesh))
+        state, m = step(state, global_batch(batch, mesh))
         metrics.append(jax.device_get(m))
     return state, metrics, initial
 
