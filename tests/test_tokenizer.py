@@ -207,19 +207,21 @@ def train_small_merges(texts: list[str], n_merges: int) -> list[tuple[str, str]]
         best = max(candidates, key=lambda p: (pairs[p], p))
         merges.append(best)
         made.add(best[0] + best[1])
-        new_counts: dict[tuple[str, ...], int] = {}
-        for word, c in counts.items():
-            merged, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            new_counts[tuple(merged)] = new_counts.get(tuple(merged), 0) + c
-        counts = new_counts
+        counts = {tuple(merge_pair(word, best)): c for word, c in counts.items()}  # a word stays one word
     return merges
+
+
+def merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> list[str]:
+    """`word` with each occurrence of `pair`, left to right, made one symbol."""
+    out, i = [], 0
+    while i < len(word):
+        if word[i:i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -398,6 +400,47 @@ def test_train_save_load(tmp_path, caplog):
     assert "of the 5000 requested" in caplog.text
     with pytest.raises(ValueError, match="514"):
         ClipTokenizer.train(corpus, vocab_size=100)
+
+
+def greedy_merges_lowest_ids_first(words: list[str], min_frequency: int = 2) -> list[tuple[str, str]]:
+    """Plain greedy BPE with ClipTokenizer.train's rules: the most frequent pair of adjacent symbols in a word, at least
+    min_frequency times; among pairs of equal count the one of lower token ids (first symbol, then second), ids laid out
+    as the vocabulary: the byte symbols, the same with '</w>', then each new token in the order it was made."""
+    byte_map = ref_byte_map()
+    symbols = [byte_map[b] for b in sorted(byte_map, key=lambda b: (byte_map[b] != chr(b), ord(byte_map[b])))]
+    ids = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    counts: dict[tuple[str, ...], int] = {}
+    for word in words:
+        syms = [byte_map[b] for b in word.encode("utf-8")]
+        key = (*syms[:-1], syms[-1] + "</w>")
+        counts[key] = counts.get(key, 0) + 1
+    merges = []
+    while True:
+        pairs: dict[tuple[str, str], int] = {}
+        for word, c in counts.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] = pairs.get(pair, 0) + c
+        best = max(pairs, key=lambda p: (pairs[p], -ids[p[0]], -ids[p[1]]), default=None)
+        if best is None or pairs[best] < min_frequency:
+            return merges
+        merges.append(best)
+        ids.setdefault(best[0] + best[1], len(ids))
+        counts = {tuple(merge_pair(word, best)): c for word, c in counts.items()}
+
+
+def test_training_is_greedy_and_breaks_ties_by_token_id():
+    """Many pairs of equal count (words of distinct letters, some of two bytes): the merges, in order, are plain greedy
+    BPE's with ties to the lower ids, run after run. HF's trainer numbered the word-final symbols in a hash map's order,
+    so such ties, and the merges, changed between runs."""
+    rng = random.Random(5)
+    letters = list("abcdefgé")
+    words = ["".join(rng.sample(letters, rng.randint(2, 5))) for _ in range(120)]
+    corpus = [" ".join(words[i:i + 6]) for i in range(0, len(words), 6)] * 2  # every word at least twice
+    expected = greedy_merges_lowest_ids_first([w for text in corpus for w in text.split()])
+    assert len(expected) > 100
+    for _ in range(3):  # each training hashes afresh
+        assert ClipTokenizer.train(corpus, vocab_size=5000)._merges == expected
+    assert ClipTokenizer.train(corpus, vocab_size=514 + 40)._merges == expected[:40]  # cut by the vocabulary
 
 
 def test_openai_vocab_save_load(tmp_path, small_vocab):

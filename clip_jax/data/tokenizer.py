@@ -114,6 +114,13 @@ _BYTE_OF_SYMBOL = dict(zip(BYTE_SYMBOLS, _BYTE_ORDER, strict=True))
 _SYMBOLS = dict(zip(_BYTE_ORDER, BYTE_SYMBOLS, strict=True))  # str.translate table for latin-1-decoded bytes
 _SYMBOLS_KEEP_SPACE = {**_SYMBOLS, 0x20: " "}
 _BYTES_OF_SYMBOLS = {ord(symbol): byte for symbol, byte in _BYTE_OF_SYMBOL.items()}  # the other way, as latin-1
+# BPE training spells base-vocabulary token i (a byte symbol, or one with '</w>' from 256 on) as the private-use
+# character U+E000 + i: the trainer numbers its alphabet by code point, so its ids are ours, and it breaks ties
+# between merges of equal count by those ids. With '</w>' as its own suffix it numbered the word-final symbols in the
+# order it met them in a hash map, so ties, and the merges, changed from one run to the next.
+_TRAIN_BASE = 0xE000
+_TRAIN_CHARS = {b: chr(_TRAIN_BASE + i) for i, b in enumerate(_BYTE_ORDER)} | {0x20: " "}  # latin-1-decoded bytes
+_FINAL = 256  # base-vocabulary offset of the word-final symbols
 
 
 # ---- ftfy's answer without running ftfy -------------------------------------------------------------------
@@ -409,6 +416,13 @@ def _base_vocab() -> list[str]:
     return BYTE_SYMBOLS + [s + "</w>" for s in BYTE_SYMBOLS]
 
 
+def _training_words(text: str) -> str:
+    """A caption's words for BPE training, space-separated, each in training characters with its last one final."""
+    words = [w for w in _WORD_RE.findall(clean_text(text)) if w not in (SOT_TOKEN, EOT_TOKEN)]
+    chars = " ".join(words).encode("utf-8").decode("latin-1").translate(_TRAIN_CHARS)
+    return " ".join(w[:-1] + chr(ord(w[-1]) + _FINAL) for w in chars.split(" ") if w)
+
+
 def _read_text(path: pathlib.Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(
@@ -553,31 +567,29 @@ class ClipTokenizer:
         """Learn CLIP-style merges on captions; ids laid out as OpenAI's, so SOT = V-2 and EOT = V-1."""
         if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (512 byte symbols + SOT + EOT), got {vocab_size}")
-        scratch = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-        # Each input is one caption's words joined by spaces: split there, then UTF-8 bytes -> byte symbols. A word
-        # holds no whitespace and clean_text leaves none but single spaces, so these are the words themselves; one
-        # string per caption instead of one per word took 0.43 s of CPU instead of 0.70 s on the demo's captions.
-        scratch.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        # HF's own vocabulary counts only the byte symbols it saw with '</w>'; ask for more than needed and
+        scratch = Tokenizer(models.BPE())
+        scratch.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        base = _base_vocab()
+        # HF's vocabulary is the alphabet (the 512 base tokens) and a token per merge; ask for more than needed and
         # take the first merges, which is the same as stopping training earlier.
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size + 512,
             min_frequency=min_frequency,
             show_progress=False,
-            initial_alphabet=BYTE_SYMBOLS,
-            end_of_word_suffix="</w>",
+            initial_alphabet=[chr(_TRAIN_BASE + i) for i in range(len(base))],
         )
-        # Words split here with open_clip's regex, so training sees exactly the words encoding will.
-        words = (" ".join(w for w in _WORD_RE.findall(clean_text(t)) if w not in (SOT_TOKEN, EOT_TOKEN)) for t in texts)
-        scratch.train_from_iterator(words, trainer=trainer)
-        vocab = _base_vocab()
+        # One string per caption: its words, split with open_clip's regex as encoding splits them, in training
+        # characters, joined by spaces (a word holds none). One string per word cost 60% more CPU on the demo's
+        # captions, in the crossings to HF's library.
+        scratch.train_from_iterator((_training_words(t) for t in texts), trainer=trainer)
+        spelled = {_TRAIN_BASE + i: token for i, token in enumerate(base)}
+        vocab = list(base)
         known = set(vocab)
         merges = []
         for merge in json.loads(scratch.to_str())["model"]["merges"]:
             if len(vocab) == vocab_size - 2:
                 break
-            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            a, b = (part.translate(spelled) for part in (merge.split(" ") if isinstance(merge, str) else merge))
             merges.append((a, b))
             # Two merges can build the same string ("a bc", "ab c"): keep both merges, one token.
             if a + b not in known:
