@@ -1,7 +1,8 @@
 """Test session setup: 8 fake CPU devices (must be set before jax is imported), float32 matmuls, and one XLA
 compilation cache for the session: many tests (and the training processes some of them start) compile the same
 tiny models, and a compile done once is then read back instead of redone. The cache is a new folder per session,
-removed at its end, so no run reads another's."""
+removed at its end, so no run reads another's. Likewise a test process fits the BPE vocabulary of a shapes run once
+per setting, not once per run."""
 
 import atexit
 import contextlib
@@ -13,6 +14,8 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+
+import pytest
 
 
 def _known_to_jaxlib(flag: str) -> bool:
@@ -67,3 +70,26 @@ def clip_jax(*args) -> subprocess.CompletedProcess:
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shapes_vocabularies_fitted_once():
+    """A fresh run of `data.tokenizer="train"` fits its vocabulary on 3,000 shapes scenes' captions: 1-1.5 s of CPU,
+    about 50 times a suite, many of them repeats of a setting in the same process. Fitting is deterministic (the
+    same merges every time: tests/test_tokenizer.py), so a test process keeps each setting's tokenizer; runs of
+    other sources, whose captions are files a test writes, fit theirs."""
+    from clip_jax.data import pipeline
+
+    fit, fitted = pipeline.train_tokenizer, {}
+
+    def train_tokenizer(config):
+        if config.data.source != "shapes":
+            return fit(config)
+        key = (repr(pipeline.shapes_config(config)), config.data.tokenizer_vocab_size)
+        if key not in fitted:
+            fitted[key] = fit(config)
+        return fitted[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "train_tokenizer", train_tokenizer)
+        yield

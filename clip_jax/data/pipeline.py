@@ -483,6 +483,11 @@ def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[s
     return texts
 
 
+def train_tokenizer(config: ml_collections.ConfigDict) -> ClipTokenizer:
+    """`data.tokenizer="train"`: a BPE vocabulary of data.tokenizer_vocab_size fitted on the training captions."""
+    return ClipTokenizer.train(tokenizer_corpus(config), config.data.tokenizer_vocab_size)
+
+
 def tokenizer_from_file(path: str) -> ClipTokenizer:
     """`data.tokenizer` naming a file: a clip_jax tokenizer.json, or a BPE merges file (OpenAI's
     bpe_simple_vocab_16e6.txt.gz or one like it). Anything else is a ConfigError naming it."""
@@ -549,7 +554,7 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, new
             # A warm start from another run reads that run's token ids: a vocabulary fitted anew would scramble them.
             tokenizer = ClipTokenizer.load(start)
         elif choice == "train":
-            tokenizer = ClipTokenizer.train(tokenizer_corpus(config), config.data.tokenizer_vocab_size)
+            tokenizer = train_tokenizer(config)
         elif checked is not None:
             tokenizer = checked
         elif choice == "openai":
