@@ -348,15 +348,43 @@ def test_a_refused_hf_export_leaves_nothing(tmp_path, small_import):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.md"]
 
 
-@pytest.mark.parametrize("fmt", ["openai", "hf"])
-def test_a_mean_pooled_vit_is_refused_by_every_export(tmp_path, small_import, fmt):
-    """`model.vision.pool` "mean": the files clip_jax exports are read with the class token as the image's feature,
-    silently another function: refused, nothing written."""
+def test_a_mean_pooled_vit_goes_to_open_clip_as_its_avg_pool_and_back(tmp_path, small_import):
+    """`model.vision.pool` "mean" is open_clip's pool_type "avg" (ln_post, then the mean of the patch tokens): the
+    folder export says so in its open_clip_config.json, open_clip computes our embeddings from it, and convert reads
+    it back as the same model."""
     _, imported = small_import
     model = {**imported.model, "vision": {**imported.model["vision"], "pool": "mean"}}
-    with pytest.raises(ConversionError, match="model.vision.pool is 'mean'.*class token as the image's feature"):
-        wd.export_params(imported.params, model, fmt, tmp_path / fmt)
-    assert not (tmp_path / fmt).exists()
+    images, ids = inputs(32, 16, 100)
+    expected = ours(model, imported.params, images, ids)
+    assert np.abs(expected[0] - ours(imported.model, imported.params, images, ids)[0]).max() > 1e-2  # not the token's
+    wd.export_params(imported.params, model, "openai", tmp_path / "oc")
+    assert json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"][
+        "pool_type"] == "avg"
+    reloaded = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    assert_parity("export mean-pooled", open_clip_outputs(reloaded, images, ids), expected)
+    back = wd.load_source(tmp_path / "oc")
+    assert back.model == model and trees_equal(back.params, imported.params)
+
+
+@pytest.mark.parametrize(("fmt", "out", "where"), [("openai", "m.safetensors", "m.safetensors .a state dict"),
+                                                   ("hf", "hf", "Hugging Face's CLIPModel")])
+def test_a_mean_pooled_vit_is_refused_where_the_file_cannot_say_so(tmp_path, small_import, fmt, out, where):
+    """A bare state dict and HF's CLIPModel are read with the class token as the image's feature: a mean-pooled model
+    would be silently another function there. Refused, naming the export that keeps it; nothing written."""
+    _, imported = small_import
+    model = {**imported.model, "vision": {**imported.model["vision"], "pool": "mean"}}
+    with pytest.raises(ConversionError, match=f"model.vision.pool is 'mean': {where}.*export --format openai to a "
+                                              "folder"):
+        wd.export_params(imported.params, model, fmt, tmp_path / out)
+    assert not (tmp_path / out).exists()
+
+
+def test_an_open_clip_pooling_we_do_not_compute_is_refused():
+    for vision, named in (({"pool_type": "none"}, "pool_type='none'"),  # the tokens, unpooled
+                          ({"pool_type": "avg", "final_ln_after_pool": True},  # the mean, then ln_post
+                           "pool_type='avg' with final_ln_after_pool")):
+        with pytest.raises(ConversionError, match=f"vision_cfg.{named} is not supported by clip_jax"):
+            oa.open_clip_overrides({"model_cfg": {"vision_cfg": vision}})
 
 
 def test_export_hf_text_248_positions(tmp_path):

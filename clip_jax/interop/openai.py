@@ -185,24 +185,29 @@ def check_finite(found: Mapping[str, np.ndarray], what: str) -> None:
 
 def check_representable(model: Mapping[str, Any], towers: tuple[str, ...] = TOWERS) -> None:
     """PyTorch's attention (open_clip, HF) has heads * head_dim == width; ours need not (ViT-bigG style). A ResNet
-    tower exports with BatchNorm only, a ViT pooled by its class token only."""
+    tower exports with BatchNorm only."""
     for name in [n for n, tower in (("vision", "visual"), ("text", "text")) if tower in towers]:
         t = model[name]
         if t.get("type") == "resnet":
             check_exportable(t)
             continue
-        # OpenAI's layout and HF's CLIPModel have no other pooling; open_clip's avg pool is this one, not written yet
-        if t.get("pool", "token") != "token":
-            raise ConversionError(
-                f"model.{name}.pool is {t['pool']!r}: the files clip_jax exports (OpenAI state dicts, open_clip "
-                "folders, HF) are read with the class token as the image's feature, so this model would compute "
-                "another function there; export a model trained with pool 'token'"
-            )
         if t["heads"] * t["head_dim"] != t["width"]:
             raise ConversionError(
                 f"model.{name}: heads {t['heads']} x head_dim {t['head_dim']} != width {t['width']}; the PyTorch "
                 "layouts (OpenAI, open_clip, HF) cannot hold this attention"
             )
+
+
+def check_class_token_pooled(model: Mapping[str, Any], where: str) -> None:
+    """`where` (a bare state dict, HF's CLIPModel) is read with the class token as the image's feature: a mean-pooled
+    ViT would compute another function there. Only an open_clip folder says how its image tower pools."""
+    pool = model["vision"].get("pool", "token")
+    if pool != "token":
+        raise ConversionError(
+            f"model.vision.pool is {pool!r}: {where} is read with the class token as the image's feature, so this "
+            "model would compute another function there; export --format openai to a folder (its "
+            "open_clip_config.json says pool_type 'avg', as open_clip reads it)"
+        )
 
 
 # ---- state dict <-> params -----------------------------------------------------------------------------------------
@@ -307,7 +312,7 @@ def split_heads(width: int, heads: int | None, default: int, tower: str) -> tupl
 
 
 def infer_model(sd: Mapping[str, np.ndarray], *, heads_vision: int | None = None, heads_text: int | None = None,
-                activation: str = "quick_gelu") -> dict[str, Any]:
+                activation: str = "quick_gelu", pool: str = "token") -> dict[str, Any]:
     """A model config dict (as `model_preset` returns) read off the shapes of an OpenAI-layout state dict.
 
     Heads are not in the shapes: `width // 64` unless given. The activation is not in the weights either:
@@ -318,7 +323,7 @@ def infer_model(sd: Mapping[str, np.ndarray], *, heads_vision: int | None = None
     if is_resnet(sd):
         model["vision"], model["embed_dim"] = infer_resnet(sd, heads_vision)
     else:
-        model["vision"].update(_infer_vit(sd, heads_vision))
+        model["vision"].update(_infer_vit(sd, heads_vision), pool=pool)  # not in the weights: an open_clip config
         model["embed_dim"] = int(_require(sd, "visual.proj").shape[1])
     vocab, tw = _require(sd, "token_embedding.weight").shape
     th, td = split_heads(tw, heads_text, max(tw // 64, 1), "text")
@@ -350,12 +355,15 @@ def _infer_vit(sd: Mapping[str, np.ndarray], heads: int | None) -> dict[str, Any
 
 # open_clip config options that change the computation away from the OpenAI architecture, with their defaults.
 _OPEN_CLIP_UNSUPPORTED = {
-    "vision_cfg": {"attentional_pool": False, "no_ln_pre": False, "pool_type": "tok", "pos_embed_type": "learnable",
+    "vision_cfg": {"attentional_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable",
                    "timm_model_name": None, "ls_init_value": None, "act_kwargs": None, "norm_kwargs": None},
     "text_cfg": {"embed_cls": False, "no_causal_mask": False, "pool_type": "argmax", "proj_bias": False,
                  "proj_type": "linear", "hf_model_name": None, "ls_init_value": None, "act_kwargs": None,
                  "norm_kwargs": None},
 }
+# open_clip's ViT pooling -> ours (towers.VISION_POOLS): both apply ln_post to the tokens first (open_clip's default
+# final_ln_after_pool False); "avg" is the mean of the patch tokens, without the class token.
+OPEN_CLIP_POOLS = {"tok": "token", "avg": "mean"}
 _CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 
 
@@ -371,10 +379,16 @@ def open_clip_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
                 raise ConversionError(f"open_clip option {section}.{key}={cfg[key]!r} is not supported by clip_jax")
     vision, text = mc.get("vision_cfg", {}), mc.get("text_cfg", {})
     resnet = isinstance(vision.get("layers"), list | tuple)  # open_clip's ModifiedResNet: 32 * width wide pool
+    pool_type = vision.get("pool_type", "tok")
+    if pool_type not in OPEN_CLIP_POOLS or (pool_type != "tok" and vision.get("final_ln_after_pool", False)):
+        raise ConversionError(f"open_clip option vision_cfg.pool_type={pool_type!r}"
+                              f"{' with final_ln_after_pool' if pool_type in OPEN_CLIP_POOLS else ''} is not "
+                              "supported by clip_jax (it pools as pool_type 'tok' or 'avg' does, ln_post first)")
     return {
         "heads_vision": vision.get("width", 768) * (32 if resnet else 1) // vision.get("head_width", 64),
         "heads_text": text.get("heads", 8),
         "activation": "quick_gelu" if mc.get("quick_gelu", False) else "gelu",
+        "pool": OPEN_CLIP_POOLS[pool_type],
     }
 
 
@@ -396,6 +410,8 @@ def open_clip_config(model: Mapping[str, Any], tokenizer_files: bool = False) ->
     else:
         vision_cfg = {"image_size": v["image_size"], "layers": v["layers"], "width": v["width"],
                       "patch_size": v["patch_size"], "head_width": v["head_dim"], "mlp_ratio": mlp_ratio(v)}
+        if v.get("pool", "token") != "token":
+            vision_cfg["pool_type"] = {ours: theirs for theirs, ours in OPEN_CLIP_POOLS.items()}[v["pool"]]
     cfg = {
         "embed_dim": model["embed_dim"],
         "quick_gelu": t["activation"] == "quick_gelu",

@@ -578,6 +578,7 @@ def _write_export(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
         own_vocab = tokenizer is not None and tokenizer.get("name") != OPENAI_VOCAB_NAME
         sd = oa.state_dict_from_params(params, model)
         if out.suffix in _FILE_SUFFIXES:
+            oa.check_class_token_pooled(model, f"{out.name} (a state dict without a config)")
             if own_vocab:
                 log.warning("%s holds the weights only, and this run has a vocabulary of its own (its workdir's "
                             "tokenizer.json): export to a folder to have it beside them (open_clip's local-dir "
@@ -597,6 +598,8 @@ def _write_export(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
         return _record_export(out, fmt, written)
 
     towers = ("text",) if fmt == "hf-text" else oa.TOWERS
+    if "visual" in towers:
+        oa.check_class_token_pooled(model, "Hugging Face's CLIPModel")
     sd = hf_lib.hf_from_openai(oa.single_position_table(oa.state_dict_from_params(params, model, towers), model))
     vocab_size = tokenizer["vocab_size"] if tokenizer else model["text"]["vocab_size"]
     config_json = hf_lib.hf_config(model, sot_id=vocab_size - 2, eot_id=vocab_size - 1, text_only=fmt == "hf-text")
