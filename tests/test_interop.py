@@ -366,7 +366,7 @@ def test_a_mean_pooled_vit_goes_to_open_clip_as_its_avg_pool_and_back(tmp_path, 
     assert back.model == model and trees_equal(back.params, imported.params)
 
 
-@pytest.mark.parametrize(("fmt", "out", "where"), [("openai", "m.safetensors", "m.safetensors .a state dict"),
+@pytest.mark.parametrize(("fmt", "out", "where"), [("openai", "m.safetensors", r"m\.safetensors \(a state dict"),
                                                    ("hf", "hf", "Hugging Face's CLIPModel")])
 def test_a_mean_pooled_vit_is_refused_where_the_file_cannot_say_so(tmp_path, small_import, fmt, out, where):
     """A bare state dict and HF's CLIPModel are read with the class token as the image's feature: a mean-pooled model

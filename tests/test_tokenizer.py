@@ -207,7 +207,7 @@ def train_small_merges(texts: list[str], n_merges: int) -> list[tuple[str, str]]
         best = max(candidates, key=lambda p: (pairs[p], p))
         merges.append(best)
         made.add(best[0] + best[1])
-        counts = {tuple(merge_pair(word, best)): c for word, c in counts.items()}  # a word stays one word
+        counts = {tuple(merge_pair(word, best)): c for word, c in counts.items()}  # distinct words stay distinct
     return merges
 
 

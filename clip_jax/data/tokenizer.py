@@ -564,7 +564,9 @@ class ClipTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> ClipTokenizer:
-        """Learn CLIP-style merges on captions; ids laid out as OpenAI's, so SOT = V-2 and EOT = V-1."""
+        """Learn CLIP-style merges on captions; ids laid out as OpenAI's, so SOT = V-2 and EOT = V-1. Greedy: the
+        most frequent pair of adjacent symbols within a word first, ties to the lower token ids, so the same captions
+        give the same merges in every run."""
         if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (512 byte symbols + SOT + EOT), got {vocab_size}")
         scratch = Tokenizer(models.BPE())
