@@ -390,3 +390,28 @@ def test_a_config_that_cannot_run_here_is_one_line_before_measuring(bench, monke
     with pytest.raises(SystemExit) as info:
         bench.main()
     assert str(info.value.code).startswith(f"train_step: {said}") and not (tmp_path / "out").exists()
+
+
+def test_suite_cpu_records_each_tests_cpu_and_that_of_the_processes_it_started(tmp_path):
+    """benchmarks/suite_cpu.py runs pytest with itself as a plugin: a test that makes a child process busy for a
+    while shows that CPU as its children's, a test that does nothing shows next to none, and the files' sums are
+    their tests'."""
+    suite_cpu = load_script("suite_cpu", "suite_cpu_script")
+    (tmp_path / "test_two.py").write_text(
+        "import subprocess, sys\n\n"
+        "def test_idle():\n    pass\n\n"
+        "def test_busy_child():\n"
+        "    subprocess.run([sys.executable, '-c', 'sum(i * i for i in range(3_000_000))'], check=True)\n")
+    # Its own root and no ini file: none of this project's options (xdist) or conftest.
+    _, exit_code, _, cpu, records = suite_cpu.run_pytest(
+        ["-q", "-p", "no:xdist", "--rootdir", str(tmp_path), "-c", "/dev/null", str(tmp_path / "test_two.py")])
+    assert exit_code == 0
+    by_name = {r["test"].split("::")[-1]: r for r in records}
+    assert set(by_name) == {"test_idle", "test_busy_child"}
+    assert by_name["test_busy_child"]["children_cpu_s"] > 0.1 > by_name["test_idle"]["children_cpu_s"]
+    assert cpu["user_s"] + cpu["system_s"] >= by_name["test_busy_child"]["children_cpu_s"]
+    [row] = suite_cpu.per_file(records)
+    own = sum(r["cpu_s"] for r in records)
+    children = sum(r["children_cpu_s"] for r in records)
+    assert row["tests"] == 2 and row["file"].endswith("test_two.py")
+    assert abs(row["total_cpu_s"] - (own + children)) <= 0.1 and abs(row["children_cpu_s"] - children) <= 0.05
