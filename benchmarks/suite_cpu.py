@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECORDS_ENV = "CLIP_JAX_SUITE_CPU_DIR"  # where the plugin in each pytest worker writes its records
 
@@ -34,30 +36,19 @@ def _cpu() -> tuple[float, float]:
 
 
 # ---- the plugin, in each pytest process (a worker, or the main one without xdist) -----------------------------------
-def _records_file():
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    return open(pathlib.Path(os.environ[RECORDS_ENV]) / f"{worker}.jsonl", "a")
-
-
-try:
-    import pytest
-except ImportError:  # the script's own side needs no pytest
-    pytest = None
-
-if pytest is not None:
-
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_protocol(item, nextitem):
-        if RECORDS_ENV not in os.environ:
-            yield
-            return
-        own, children, wall = *_cpu(), time.monotonic()
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if RECORDS_ENV not in os.environ:
         yield
-        own_after, children_after = _cpu()
-        record = {"test": item.nodeid, "cpu_s": own_after - own, "children_cpu_s": children_after - children,
-                  "wall_s": time.monotonic() - wall}
-        with _records_file() as f:
-            f.write(json.dumps(record) + "\n")
+        return
+    own, children, wall = *_cpu(), time.monotonic()
+    yield
+    own_after, children_after = _cpu()
+    record = {"test": item.nodeid, "cpu_s": own_after - own, "children_cpu_s": children_after - children,
+              "wall_s": time.monotonic() - wall}
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(pathlib.Path(os.environ[RECORDS_ENV]) / f"{worker}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 # ---- the script -----------------------------------------------------------------------------------------------------

@@ -188,19 +188,11 @@ def generated_corpus(n: int = 1200, seed: int = 0) -> list[str]:
 def train_small_merges(texts: list[str], n_merges: int) -> list[tuple[str, str]]:
     """Plain greedy BPE training: merge the most frequent adjacent pair, n_merges times."""
     byte_map = ref_byte_map()
-    counts: dict[tuple[str, ...], int] = {}
-    for text in texts:
-        for piece in REF_PATTERN.findall(ref_clean(text)):
-            syms = [byte_map[b] for b in piece.encode("utf-8")]
-            word = (*syms[:-1], syms[-1] + "</w>")
-            counts[word] = counts.get(word, 0) + 1
+    counts = symbol_words([piece for text in texts for piece in REF_PATTERN.findall(ref_clean(text))])
     merges: list[tuple[str, str]] = []
     made = {s for w in counts for s in w} | set(byte_map.values()) | {s + "</w>" for s in byte_map.values()}
     while len(merges) < n_merges:
-        pairs: dict[tuple[str, str], int] = {}
-        for word, c in counts.items():
-            for pair in zip(word, word[1:], strict=False):
-                pairs[pair] = pairs.get(pair, 0) + c
+        pairs = pair_counts(counts)
         candidates = [p for p in pairs if p[0] + p[1] not in made]  # unique tokens: one id per merge
         if not candidates:
             break
@@ -209,6 +201,26 @@ def train_small_merges(texts: list[str], n_merges: int) -> list[tuple[str, str]]
         made.add(best[0] + best[1])
         counts = {tuple(merge_pair(word, best)): c for word, c in counts.items()}  # distinct words stay distinct
     return merges
+
+
+def symbol_words(words: list[str]) -> dict[tuple[str, ...], int]:
+    """How often each word occurs, as its byte symbols, the last one with '</w>'."""
+    byte_map = ref_byte_map()
+    counts: dict[tuple[str, ...], int] = {}
+    for word in words:
+        syms = [byte_map[b] for b in word.encode("utf-8")]
+        key = (*syms[:-1], syms[-1] + "</w>")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def pair_counts(counts: dict[tuple[str, ...], int]) -> dict[tuple[str, str], int]:
+    """How often each pair of adjacent symbols occurs within the words."""
+    pairs: dict[tuple[str, str], int] = {}
+    for word, c in counts.items():
+        for pair in zip(word, word[1:], strict=False):
+            pairs[pair] = pairs.get(pair, 0) + c
+    return pairs
 
 
 def merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> list[str]:
@@ -409,17 +421,10 @@ def greedy_merges_lowest_ids_first(words: list[str], min_frequency: int = 2) -> 
     byte_map = ref_byte_map()
     symbols = [byte_map[b] for b in sorted(byte_map, key=lambda b: (byte_map[b] != chr(b), ord(byte_map[b])))]
     ids = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    counts: dict[tuple[str, ...], int] = {}
-    for word in words:
-        syms = [byte_map[b] for b in word.encode("utf-8")]
-        key = (*syms[:-1], syms[-1] + "</w>")
-        counts[key] = counts.get(key, 0) + 1
+    counts = symbol_words(words)
     merges = []
     while True:
-        pairs: dict[tuple[str, str], int] = {}
-        for word, c in counts.items():
-            for pair in zip(word, word[1:], strict=False):
-                pairs[pair] = pairs.get(pair, 0) + c
+        pairs = pair_counts(counts)
         best = max(pairs, key=lambda p: (pairs[p], -ids[p[0]], -ids[p[1]]), default=None)
         if best is None or pairs[best] < min_frequency:
             return merges

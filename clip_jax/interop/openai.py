@@ -364,6 +364,7 @@ _OPEN_CLIP_UNSUPPORTED = {
 # open_clip's ViT pooling -> ours (towers.VISION_POOLS): both apply ln_post to the tokens first (open_clip's default
 # final_ln_after_pool False); "avg" is the mean of the patch tokens, without the class token.
 OPEN_CLIP_POOLS = {"tok": "token", "avg": "mean"}
+_POOL_TYPES = {ours: theirs for theirs, ours in OPEN_CLIP_POOLS.items()}
 _CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 
 
@@ -411,7 +412,7 @@ def open_clip_config(model: Mapping[str, Any], tokenizer_files: bool = False) ->
         vision_cfg = {"image_size": v["image_size"], "layers": v["layers"], "width": v["width"],
                       "patch_size": v["patch_size"], "head_width": v["head_dim"], "mlp_ratio": mlp_ratio(v)}
         if v.get("pool", "token") != "token":
-            vision_cfg["pool_type"] = {ours: theirs for theirs, ours in OPEN_CLIP_POOLS.items()}[v["pool"]]
+            vision_cfg["pool_type"] = _POOL_TYPES[v["pool"]]
     cfg = {
         "embed_dim": model["embed_dim"],
         "quick_gelu": t["activation"] == "quick_gelu",
