@@ -8,6 +8,8 @@ profile of one step.
       --batch 128 --open-clip --profile                                                         # the demo's shapes
   python benchmarks/train_step.py --preset B/16 --batch 512 --dtype bfloat16 --remat dots --scan   # on a GPU
   python benchmarks/train_step.py --config configs/longclip_l14.py --batch 256 --scan             # a recipe's step
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_step.py --preset B/16 --scan \
+      --batch 256 --mesh 2,4,1 --compile-only              # memory and collectives per device on a mesh, untimed
 
 A recipe (`--config`) is timed with its own method, model, frozen parameters and optimizer; `--batch`, `--dtype`,
 `--remat` and `--scan` override it where given. benchmarks/gpu_suite.py runs the GPU measurements in one command.
@@ -25,6 +27,7 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import pathlib
@@ -91,6 +94,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--open-clip", action="store_true",
                    help="also time open_clip's same model (needs torch) in a process of its own, taking turns "
                         "with ours step by step")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the step and report what XLA says of it (temp memory per device, the collectives' "
+                        "traffic per device, compile time) without timing it: e.g. a pod's mesh on fake CPU devices "
+                        "(XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--profile", action="store_true", help="XLA per-op profile of one step: time by kind, top ops")
     p.add_argument("--keep-profile", metavar="DIR",
                    help="with --profile, also keep the step's trace (.xplane.pb.gz, for TensorBoard or xprof once "
@@ -105,6 +112,10 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.config and (args.open_clip or args.image_size or args.context_length or args.vocab_size):
         p.error("--config times a recipe as it is: --open-clip and the size overrides go with --preset")
+    if args.compile_only and (args.open_clip or args.profile):
+        p.error("--compile-only times nothing: --open-clip and --profile go without it")
+    if args.open_clip and args.preset.startswith("RN"):
+        p.error(f"--open-clip builds open_clip's ViT CLIPs only; time --preset {args.preset} without it")
     return args
 
 
@@ -114,7 +125,8 @@ def preset(args: argparse.Namespace) -> dict:
                          **({"context_length": args.context_length} if args.context_length else {}))
     if args.image_size:
         model["vision"]["image_size"] = args.image_size
-    model["vision"]["patch_dropout"] = args.patch_dropout or 0.0
+    if args.patch_dropout is not None:  # a ViT's setting: a ResNet tower has none
+        model["vision"]["patch_dropout"] = args.patch_dropout
     model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=args.scan,
                  attention=args.attention or "auto", layer_norm=args.layer_norm or "auto")
     return model
@@ -216,7 +228,9 @@ def build_clip_jax(args: argparse.Namespace, config) -> tuple[Callable[[], None]
                   "patch_dropout": config.model.vision.get("patch_dropout", 0.0)},
         "step_metrics": step_metrics,
     }
-    return step, facts, compiled.as_text()
+    hlo = compiled.as_text()
+    facts["collectives_per_device"] = collective_traffic(hlo)
+    return step, facts, hlo
 
 
 def build_open_clip(args: argparse.Namespace) -> tuple[Callable[[], None], dict]:
@@ -234,7 +248,7 @@ def build_open_clip(args: argparse.Namespace) -> tuple[Callable[[], None], dict]
         embed_dim=p["embed_dim"],
         vision_cfg=open_clip.model.CLIPVisionCfg(
             layers=v["layers"], width=v["width"], head_width=v["head_dim"], patch_size=v["patch_size"],
-            image_size=v["image_size"], patch_dropout=v["patch_dropout"],
+            image_size=v["image_size"], patch_dropout=v.get("patch_dropout", 0.0),
         ),
         text_cfg=open_clip.model.CLIPTextCfg(
             context_length=t["context_length"], vocab_size=t["vocab_size"], width=t["width"], heads=t["heads"],
@@ -461,14 +475,15 @@ def op_kinds(hlo: str) -> dict[str, tuple[str, str]]:
     it came from."""
     computations = {m.group(1): m.group(2) for m in re.finditer(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S)}
     kinds = {}
-    # An instruction's type is one shape, or a tuple of them (with spaces) for a multi-output fusion.
-    for m in re.finditer(r"%([\w.\-]+) = (?:\([^=]*?\)|\S+) (\w[\w-]*)\(([^\n]*)", hlo):
+    # An instruction's type is one shape, or a tuple of them (with spaces) for a multi-output fusion, whose long
+    # ones hold comments with "=" in them (/*index=5*/).
+    for m in re.finditer(r"%([\w.\-]+) = (?:.*?) (\w[\w-]*)\(([^\n]*)", hlo):
         name, opcode, rest = m.groups()
         body = rest
         called = re.search(r"calls=%([\w.\-]+)", rest)
         if called:
             body = computations.get(called.group(1), "")
-        ops = set(re.findall(r"= (?:\([^=]*?\)|\S+) (\w[\w-]*)\(", body)) | {opcode}
+        ops = set(re.findall(r"= (?:.*?) (\w[\w-]*)\(", body)) | {opcode}
         if "custom-call" in ops and re.search(r'custom_call_target="[^"]*fmha', body):
             kind = "attention"
         elif ops & {"dot", "convolution", "custom-call"}:
@@ -485,6 +500,65 @@ def op_kinds(hlo: str) -> dict[str, tuple[str, str]]:
             r'op_name="([^"]+)"', body)
         kinds[name] = (kind, re.sub(r"resblocks_\d+", "resblocks_N", op_name.group(1)) if op_name else "")
     return kinds
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def runs_per_step(hlo: str) -> dict[str, int]:
+    """How many times each computation of the optimised HLO runs per execution of its entry: a while loop's body
+    (scanned layers, say) as many times as the loop's known trip count, computations it calls as often as it runs.
+    A loop whose count XLA does not know counts once."""
+    computations = dict(re.findall(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+    entry = re.search(r"^ENTRY %([\w.\-]+)", hlo, re.M)
+    runs: dict[str, int] = {}
+
+    def visit(name: str, times: int) -> None:
+        if name not in computations:
+            return
+        runs[name] = runs.get(name, 0) + times
+        for line in computations[name].splitlines():
+            loop = re.search(r"body=%([\w.\-]+)", line)
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            for called in re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
+                visit(called, times * (int(trips.group(1)) if trips and loop and called == loop.group(1) else 1))
+
+    if entry:
+        visit(entry.group(1), 1)
+    return runs
+
+
+def collective_traffic(hlo: str) -> dict[str, dict]:
+    """What the optimised HLO's collectives produce on each device per step, by kind: how many run, the MiB of
+    their results and the largest one's. A collective inside a loop counts once per trip (`runs_per_step`), an
+    asynchronous one once, at its `-done`, whose result is what arrives. (Sharding regressions show here: a
+    resharding that XLA can do only by replicating an array is an all-gather of the whole of it.)"""
+    runs = runs_per_step(hlo)
+    traffic = {}
+    for computation, body in re.findall(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M):
+        # (a long tuple's type has comments with "=" in it: /*index=5*/)
+        for m in re.finditer(rf"= (.*?) ({'|'.join(COLLECTIVES)})(-start|-done)?\(", body):
+            shapes, opcode, phase = m.groups()
+            if phase == "-start":
+                continue
+            size = 0
+            for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shapes):
+                bits = re.search(r"\d+$", dtype)
+                size += (int(bits.group()) / 8 if bits else 1) * math.prod(int(d) for d in dims.split(",") if d)
+            times = runs.get(computation, 1)
+            kind = traffic.setdefault(opcode, {"ops": 0, "mib": 0.0, "largest_mib": 0.0})
+            kind["ops"] += times
+            kind["mib"] += times * size / 2**20
+            kind["largest_mib"] = max(kind["largest_mib"], size / 2**20)
+    return {opcode: {**kind, "mib": round(kind["mib"], 3), "largest_mib": round(kind["largest_mib"], 3)}
+            for opcode, kind in traffic.items()}
+
+
+def print_collectives(facts: dict) -> None:
+    if facts["collectives_per_device"]:
+        print("collectives per device: " + "; ".join(
+            f"{opcode} {kind['ops']} ops, {kind['mib']:.2f} MiB (largest {kind['largest_mib']:.2f})"
+            for opcode, kind in facts["collectives_per_device"].items()))
 
 
 def op_events(data) -> list[tuple[str, str, str, float, float]]:
@@ -608,8 +682,10 @@ def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> st
                        "_scan" if model["scan_layers"] else "", "".join(f"_{name}" for name in not_xla),
                        f"_ln-{model['layer_norm']}" if model["layer_norm"] != "xla" else "",
                        f"_patchdrop{model['patch_dropout']:g}" if model.get("patch_dropout") else ""))
-    return (f"train_step_{subject.replace('/', '')}_{model['dtype']}_b{facts['batch']}{options}_{platform_name}"
-            ".json")
+    mesh = "" if args.mesh == "-1,1,1" else f"_mesh{args.mesh.replace(',', '-')}"
+    kind = "_compiled" if args.compile_only else ""
+    return (f"train_step_{subject.replace('/', '')}_{model['dtype']}_b{facts['batch']}{options}{mesh}{kind}_"
+            f"{platform_name}.json")
 
 
 def main() -> None:
@@ -638,6 +714,23 @@ def main() -> None:
     device = jax.devices()[0]
     steps, facts, hlo = {}, {}, ""
     steps["clip_jax"], facts["clip_jax"], hlo = build_clip_jax(args, config)
+    header = {
+        "benchmark": "train_step",
+        "date": datetime.date.today().isoformat(),
+        "machine": {**environment_facts(), "device_kind": device.device_kind, "num_devices": jax.device_count()},
+        "jax": jax.__version__,
+        "flax": importlib.metadata.version("flax"),
+        "optax": importlib.metadata.version("optax"),
+        "args": vars(args),
+    }
+    if args.compile_only:
+        ours = {k: v for k, v in facts["clip_jax"].items() if k != "step_metrics"}
+        path = new_result_path(out / result_name(args, ours, device.platform))
+        path.write_text(json.dumps({**header, "clip_jax": ours}, indent=2) + "\n")
+        print(json.dumps(ours, indent=2))
+        print_collectives(ours)
+        print(f"saved {path}")
+        return
     if args.open_clip:
         steps["open_clip"], facts["open_clip"], torch_peak, stop_open_clip = open_clip_in_process(args)
     times = interleaved_times(steps, args.steps)
@@ -650,13 +743,7 @@ def main() -> None:
         stop_open_clip()
     peak = matmul_peak(facts["clip_jax"]["model"]["dtype"])
     result = {
-        "benchmark": "train_step",
-        "date": datetime.date.today().isoformat(),
-        "machine": {**environment_facts(), "device_kind": device.device_kind, "num_devices": jax.device_count()},
-        "jax": jax.__version__,
-        "flax": importlib.metadata.version("flax"),
-        "optax": importlib.metadata.version("optax"),
-        "args": vars(args),
+        **header,
         "kept_freed_memory": kept_freed_memory,
         "matmul": peak,
     }
@@ -712,6 +799,7 @@ def main() -> None:
              f"take {result['matmul_floor_s']:.3f} s); open_clip at "
              f"{result['open_clip']['fraction_of_matmul_peak']:.0%} of torch's "
              f"{result['open_clip']['matmul']['peak_tflops_per_s']:.3f} TFLOP/s matmul peak" if args.open_clip else ""))
+    print_collectives(ours)
     if warning:
         print(warning)
     if ours["nonfinite_steps"]:

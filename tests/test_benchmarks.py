@@ -1,16 +1,19 @@
 """The train-step benchmark's own pieces (benchmarks/train_step.py): what it times and how it reads a profile."""
 
 import importlib.util
+import json
 import pathlib
 import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 
 from clip_jax.errors import ConfigError
+from clip_jax.methods import get_method
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -132,6 +135,76 @@ def test_a_recipe_is_timed_as_it_is_with_the_command_lines_overrides(bench, monk
         assert bench.benchmark_config(bench.parse_args()).model.vision.patch_dropout == 0.5
 
 
+def test_a_resnet_preset_is_timed_without_a_vits_settings(bench, monkeypatch, capsys):
+    # --preset RN50 failed: the preset's tower was given patch_dropout, which a ResNet tower does not have
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "RN50", "--batch", "8"])
+    config = bench.benchmark_config(bench.parse_args())
+    assert config.model.vision.type == "resnet" and "patch_dropout" not in config.model.vision
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "RN50", "--open-clip"])
+    with pytest.raises(SystemExit):
+        bench.parse_args()
+    assert "--open-clip builds open_clip's ViT CLIPs only" in capsys.readouterr().err
+
+
+def test_collective_traffic_counts_each_collectives_result_once_per_run(bench):
+    hlo = """HloModule jit_train_step
+
+%layer (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %all-gather.7 = f32[64]{0} all-gather(f32[8]{0} %x), dimensions={0}
+  %inner = (s32[]) while((s32[]) %t), condition=%more.2, body=%micro, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %t.2 = (s32[], f32[8]) tuple(%i, %x)
+}
+
+%micro (p: (s32[])) -> (s32[]) {
+  %all-reduce.8 = f32[4]{0} all-reduce(f32[4]{0} %y), to_apply=%sum
+  ROOT %t.3 = (s32[]) tuple(%i)
+}
+
+ENTRY %main.1 (p0: f32[4,77,64]) -> f32[16,77,64] {
+  %all-gather.1 = f32[16,77,64]{2,1,0} all-gather(f32[4,77,64]{2,1,0} %p0), dimensions={0}
+  %all-reduce.2 = (f32[256]{0}, bf16[8,8]{1,0}, f32[], f32[], f32[], /*index=5*/f32[2]{0}) all-reduce(%a, %b, %c)
+  %all-gather-start.3 = (bf16[1024]{0}, bf16[4096]{0}) all-gather-start(bf16[1024]{0} %p1), dimensions={0}
+  %all-gather-done.3 = bf16[4096]{0} all-gather-done((bf16[1024]{0}, bf16[4096]{0}) %all-gather-start.3)
+  %reduce-scatter.4 = pred[2048]{0} reduce-scatter(pred[8192]{0} %m), dimensions={0}, to_apply=%or
+  %loop = (s32[], f32[8]{0}) while(%init), condition=%more, body=%layer, backend_config={"known_trip_count":{"n":"12"}}
+  ROOT %fusion.5 = f32[16,77,64]{2,1,0} fusion(f32[16,77,64]{2,1,0} %all-gather.1), kind=kLoop, calls=%gather_like
+}
+"""
+    assert bench.runs_per_step(hlo) == {"main.1": 1, "layer": 12, "micro": 36}
+    mib, tuple_bytes = 2**20, 256 * 4 + 8 * 8 * 2 + 3 * 4 + 2 * 4
+    assert bench.collective_traffic(hlo) == {
+        # the entry's two (one asynchronous: its result counted at -done) and the loop body's, 12 times
+        "all-gather": {"ops": 14, "mib": round((16 * 77 * 64 * 4 + 4096 * 2 + 12 * 64 * 4) / mib, 3),
+                       "largest_mib": round(16 * 77 * 64 * 4 / mib, 3)},
+        # a long tuple's type holds comments with "=" in them; the inner loop runs 3 times per layer
+        "all-reduce": {"ops": 37, "mib": round((tuple_bytes + 36 * 4 * 4) / mib, 3),
+                       "largest_mib": round(tuple_bytes / mib, 3)},
+        "reduce-scatter": {"ops": 1, "mib": round(2048 / mib, 3), "largest_mib": round(2048 / mib, 3)},
+    }
+
+
+def test_compile_only_reports_the_collectives_of_a_data_parallel_step(bench, monkeypatch, tmp_path):
+    """On a mesh of data parallelism alone (this process's 8 fake devices) a step's collectives are known by hand:
+    the loss gathers both towers' features (batch x embed_dim each), and the gradients are summed over the devices,
+    every parameter once, in float32."""
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny", "--vocab-size", "64", "--image-size", "32",
+                                     "--context-length", "8", "--batch", "16", "--mesh", "8,1,1", "--compile-only",
+                                     "--out", str(tmp_path)])
+    bench.main()
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == "train_step_tiny_px32_ctx8_float32_b16_mesh8-1-1_compiled_cpu.json"
+    ours = json.loads(path.read_text())["clip_jax"]
+    assert "step_time_s" not in ours and ours["temp_memory_gib_per_device"] > 0
+    config = bench.benchmark_config(bench.parse_args())
+    method = get_method(config)
+    params = jax.eval_shape(lambda: method.model().init(jax.random.key(0), *method.init_inputs()[:2]))
+    mib = 2**20
+    traffic = ours["collectives_per_device"]
+    assert traffic["all-gather"]["mib"] == pytest.approx(2 * 16 * config.model.embed_dim * 4 / mib, abs=1e-3)
+    assert traffic["all-reduce"]["mib"] == pytest.approx(sum(x.size for x in jax.tree.leaves(params)) * 4 / mib,
+                                                         abs=1e-3)
+
+
 @pytest.mark.parametrize("profile", ["train_step_B16_bfloat16_b512_remat-dots_scan_cudnn_gpu",  # H200, 2026-12-04
                                      "train_step_B16_bfloat16_b512_remat-dots_cudnn_ln-pallas_gpu_H100_2026-12-06"])
 def test_the_kept_gpu_traces_are_read_whole(bench, profile):
@@ -189,7 +262,8 @@ def test_pipelined_time_runs_ahead_as_the_trainer_does(bench, monkeypatch, depth
 
 
 def test_result_name_says_what_ran(bench):
-    args = SimpleNamespace(config=None, preset="B/16", image_size=None, context_length=None)
+    args = SimpleNamespace(config=None, preset="B/16", image_size=None, context_length=None, mesh="-1,1,1",
+                           compile_only=False)
     facts = {"batch": 512, "model": {"dtype": "bfloat16", "remat_policy": "dots", "scan_layers": True,
                                      "layer_norm": "xla", "attention": {"vision": "cudnn", "text": "xla"}}}
     assert bench.result_name(args, facts, "gpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_cudnn_gpu.json"
@@ -199,6 +273,9 @@ def test_result_name_says_what_ran(bench):
     assert bench.result_name(args, facts, "gpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_ln-pallas_gpu.json"
     facts["model"].update(layer_norm="xla", patch_dropout=0.5)
     assert bench.result_name(args, facts, "cpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_patchdrop0.5_cpu.json"
+    args.mesh, args.compile_only = "2,4,1", True
+    assert bench.result_name(args, facts, "cpu") == (
+        "train_step_B16_bfloat16_b512_remat-dots_scan_patchdrop0.5_mesh2-4-1_compiled_cpu.json")
 
 
 def test_cpu_facts_tell_apart_cpus_of_one_model_name(bench):
