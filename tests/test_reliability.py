@@ -11,11 +11,12 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from clip_jax import cli
 from clip_jax.train import loop
-from clip_jax.train.checkpoint import read_state
+from clip_jax.train.checkpoint import MIN_REPLICA_SLICE_BYTES, read_state
 from clip_jax.train.loop import PreemptionFlag, load_trained
 from clip_jax.train.metrics import read_metrics
 
@@ -172,6 +173,13 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(trained, tm
     assert step == previous
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert f"checkpoints/{newest}" in warnings and f"step {previous}" in warnings
+
+
+def test_orbax_saves_small_replicated_arrays_from_one_replica():
+    # clip_jax.train.checkpoint sets the threshold on a private attribute of orbax's array handler (a save of a tiny
+    # model on 8 devices spent 1.4 s cutting slices); an orbax that renamed it would keep its default unsaid.
+    assert ocp.type_handlers.get_type_handler(jax.Array)._min_slice_bytes_for_replica_parallel == (
+        MIN_REPLICA_SLICE_BYTES)
 
 
 def test_sigterm_sets_the_preemption_flag_without_killing_the_process():
