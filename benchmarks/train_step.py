@@ -468,12 +468,17 @@ LIBRARY_KERNELS = [("attention", re.compile(r"cudnn|sdpa|fmha|flash", re.I)),
                    ("reduction", re.compile(r"^layer_norm_(forward|backward)"))]
 
 
+def hlo_computations(hlo: str) -> dict[str, str]:
+    """The computations of an HLO module's text, the entry's included: name -> its instructions."""
+    return dict(re.findall(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+
+
 def op_kinds(hlo: str) -> dict[str, tuple[str, str]]:
     """Kind of each instruction of the optimised HLO that can show as an op in a profile: `attention` (a fused
     attention library call), `matmul` (a dot, convolution or other library call inside), `layout` (data movement
     only: copies, transposes, pads, slices), `reduction`, `elementwise`; with the JAX op name (`op_name` metadata)
     it came from."""
-    computations = {m.group(1): m.group(2) for m in re.finditer(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S)}
+    computations = hlo_computations(hlo)
     kinds = {}
     # An instruction's type is one shape, or a tuple of them (with spaces) for a multi-output fusion, whose long
     # ones hold comments with "=" in them (/*index=5*/).
@@ -509,7 +514,7 @@ def runs_per_step(hlo: str) -> dict[str, int]:
     """How many times each computation of the optimised HLO runs per execution of its entry: a while loop's body
     (scanned layers, say) as many times as the loop's known trip count, computations it calls as often as it runs.
     A loop whose count XLA does not know counts once."""
-    computations = dict(re.findall(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+    computations = hlo_computations(hlo)
     entry = re.search(r"^ENTRY %([\w.\-]+)", hlo, re.M)
     runs: dict[str, int] = {}
 
@@ -535,7 +540,7 @@ def collective_traffic(hlo: str) -> dict[str, dict]:
     resharding that XLA can do only by replicating an array is an all-gather of the whole of it.)"""
     runs = runs_per_step(hlo)
     traffic = {}
-    for computation, body in re.findall(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M):
+    for computation, body in hlo_computations(hlo).items():
         # (a long tuple's type has comments with "=" in it: /*index=5*/)
         for m in re.finditer(rf"= (.*?) ({'|'.join(COLLECTIVES)})(-start|-done)?\(", body):
             shapes, opcode, phase = m.groups()
