@@ -27,7 +27,6 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
-import math
 import multiprocessing
 import multiprocessing.connection
 import pathlib
@@ -41,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clip_jax import hlo as hlo_lib
 from clip_jax.config import default_config, load_config, validate
 from clip_jax.errors import ConfigError
 from clip_jax.host_memory import dispatch_depth, keep_freed_memory
@@ -229,7 +229,7 @@ def build_clip_jax(args: argparse.Namespace, config) -> tuple[Callable[[], None]
         "step_metrics": step_metrics,
     }
     hlo = compiled.as_text()
-    facts["collectives_per_device"] = collective_traffic(hlo)
+    facts["collectives_per_device"] = hlo_lib.collective_traffic(hlo)
     return step, facts, hlo
 
 
@@ -468,17 +468,12 @@ LIBRARY_KERNELS = [("attention", re.compile(r"cudnn|sdpa|fmha|flash", re.I)),
                    ("reduction", re.compile(r"^layer_norm_(forward|backward)"))]
 
 
-def hlo_computations(hlo: str) -> dict[str, str]:
-    """The computations of an HLO module's text, the entry's included: name -> its instructions."""
-    return dict(re.findall(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
-
-
 def op_kinds(hlo: str) -> dict[str, tuple[str, str]]:
     """Kind of each instruction of the optimised HLO that can show as an op in a profile: `attention` (a fused
     attention library call), `matmul` (a dot, convolution or other library call inside), `layout` (data movement
     only: copies, transposes, pads, slices), `reduction`, `elementwise`; with the JAX op name (`op_name` metadata)
     it came from."""
-    computations = hlo_computations(hlo)
+    computations = hlo_lib.computations(hlo)
     kinds = {}
     # An instruction's type is one shape, or a tuple of them (with spaces) for a multi-output fusion, whose long
     # ones hold comments with "=" in them (/*index=5*/).
@@ -507,63 +502,9 @@ def op_kinds(hlo: str) -> dict[str, tuple[str, str]]:
     return kinds
 
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def runs_per_step(hlo: str) -> dict[str, int]:
-    """How many times each computation of the optimised HLO runs per execution of its entry: a while loop's body
-    (scanned layers, say) as many times as the loop's known trip count, computations it calls as often as it runs.
-    A loop whose count XLA does not know counts once."""
-    computations = hlo_computations(hlo)
-    entry = re.search(r"^ENTRY %([\w.\-]+)", hlo, re.M)
-    runs: dict[str, int] = {}
-
-    def visit(name: str, times: int) -> None:
-        if name not in computations:
-            return
-        runs[name] = runs.get(name, 0) + times
-        for line in computations[name].splitlines():
-            loop = re.search(r"body=%([\w.\-]+)", line)
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            for called in re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
-                visit(called, times * (int(trips.group(1)) if trips and loop and called == loop.group(1) else 1))
-
-    if entry:
-        visit(entry.group(1), 1)
-    return runs
-
-
-def collective_traffic(hlo: str) -> dict[str, dict]:
-    """What the optimised HLO's collectives produce on each device per step, by kind: how many run, the MiB of
-    their results and the largest one's. A collective inside a loop counts once per trip (`runs_per_step`), an
-    asynchronous one once, at its `-done`, whose result is what arrives. (Sharding regressions show here: a
-    resharding that XLA can do only by replicating an array is an all-gather of the whole of it.)"""
-    runs = runs_per_step(hlo)
-    traffic = {}
-    for computation, body in hlo_computations(hlo).items():
-        # (a long tuple's type has comments with "=" in it: /*index=5*/)
-        for m in re.finditer(rf"= (.*?) ({'|'.join(COLLECTIVES)})(-start|-done)?\(", body):
-            shapes, opcode, phase = m.groups()
-            if phase == "-start":
-                continue
-            size = 0
-            for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shapes):
-                bits = re.search(r"\d+$", dtype)
-                size += (int(bits.group()) / 8 if bits else 1) * math.prod(int(d) for d in dims.split(",") if d)
-            times = runs.get(computation, 1)
-            kind = traffic.setdefault(opcode, {"ops": 0, "mib": 0.0, "largest_mib": 0.0})
-            kind["ops"] += times
-            kind["mib"] += times * size / 2**20
-            kind["largest_mib"] = max(kind["largest_mib"], size / 2**20)
-    return {opcode: {**kind, "mib": round(kind["mib"], 3), "largest_mib": round(kind["largest_mib"], 3)}
-            for opcode, kind in traffic.items()}
-
-
 def print_collectives(facts: dict) -> None:
     if facts["collectives_per_device"]:
-        print("collectives per device: " + "; ".join(
-            f"{opcode} {kind['ops']} ops, {kind['mib']:.2f} MiB (largest {kind['largest_mib']:.2f})"
-            for opcode, kind in facts["collectives_per_device"].items()))
+        print(f"collectives per device per step: {hlo_lib.describe_traffic(facts['collectives_per_device'])}")
 
 
 def op_events(data) -> list[tuple[str, str, str, float, float]]:

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from clip_jax import cli
+from clip_jax.sharding import batch_sharding, make_mesh, replicated
 from clip_jax.train import loop
 from clip_jax.train.checkpoint import MIN_REPLICA_SLICE_BYTES, read_state
 from clip_jax.train.loop import PreemptionFlag, load_trained
@@ -278,3 +279,12 @@ def test_the_compile_report_gives_a_small_steps_flops_in_gflop(capsys):
     loop._report_compiled(None, 1.0, 1.42e12, None, 1)
     out = capsys.readouterr().out
     assert "model FLOPs per step 2.5 GFLOP\n" in out and "model FLOPs per step 1.420 TFLOP\n" in out
+
+
+def test_the_compile_report_gives_the_collectives_of_a_step_on_several_devices(capsys):
+    # a sum over a batch split across the 8 devices: one all-reduce of each device's 65,536 float32 partial sums
+    mesh = make_mesh({"data": 8})
+    x = jax.ShapeDtypeStruct((16, 65536), jnp.float32, sharding=batch_sharding(mesh))
+    compiled = jax.jit(lambda a: a.sum(axis=0), out_shardings=replicated(mesh)).lower(x).compile()
+    loop._report_compiled(compiled, 1.0, 2.5e9, None, 8)
+    assert "per-device collectives per step: all-reduce 1 ops, 0.25 MiB (largest 0.25)\n" in capsys.readouterr().out

@@ -38,6 +38,7 @@ from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import due as evals_due
 from clip_jax.evaluate.suite import evaluate, evaluation_settings, print_results
 from clip_jax.files import is_remote, is_workdir, same_setting, write_atomic
+from clip_jax.hlo import collective_traffic, describe_traffic
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Method, Preparation, abstract_batch
 from clip_jax.models import flops as flops_lib
@@ -802,8 +803,9 @@ def _summarise(history: list[dict]) -> dict[str, float]:
 
 
 def _report_compiled(compiled, seconds: float, flops_per_step: float, peak: float | None, n_devices: int) -> None:
-    """Prints the compiled step's per-device memory and the analytic FLOPs before step 0 (MaxText habit): an OOM
-    or a badly sharded model shows here, not an hour into the run."""
+    """Prints the compiled step's per-device memory, the collectives' traffic per device on a mesh of several and the
+    analytic FLOPs before step 0 (MaxText habit): an OOM or a badly sharded model shows here, not an hour into the
+    run."""
     # (a tiny model's step, a few GFLOP, printed "0.000 TFLOP")
     flops = f"{flops_per_step / 1e12:.3f} TFLOP" if flops_per_step >= 1e11 else f"{flops_per_step / 1e9:.3g} GFLOP"
     lines = [f"compiled train step in {seconds:.1f}s; model FLOPs per step {flops}"]
@@ -818,6 +820,10 @@ def _report_compiled(compiled, seconds: float, flops_per_step: float, peak: floa
             )
     except (NotImplementedError, AttributeError):  # not every backend reports it
         pass
+    if compiled is not None and n_devices > 1:
+        traffic = collective_traffic(compiled.as_text())
+        if traffic:
+            lines.append(f"per-device collectives per step: {describe_traffic(traffic)}")
     if peak:
         lines.append(f"peak {peak / 1e12:.0f} TFLOP/s per device x {n_devices}: MFU is logged every log step")
     for line in lines:
