@@ -57,8 +57,7 @@ from clip_jax.models.presets import PRESETS, model_preset
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
-from clip_jax.train.checkpoint import abstract_like
-from clip_jax.train.loop import check_gpu_implementations, create_state
+from clip_jax.train.loop import abstract_train_state, check_gpu_implementations, create_state
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # machine.py beside it, also when a test loads it
 from machine import environment_facts  # noqa: E402
@@ -183,19 +182,24 @@ def build_clip_jax(args: argparse.Namespace, config) -> tuple[Callable[[], None]
     method.check(mesh)
     model = method.model()
     init_fn, shardings, tx = create_state(config, method, model, mesh)
-    state = init_fn(jax.random.PRNGKey(0))
-    trainable = state_lib.trainable_mask(state.params, config.optimizer.frozen)
+    abstract_state = abstract_train_state(init_fn, shardings)
+    trainable = state_lib.trainable_mask(abstract_state.params, config.optimizer.frozen)
     train_step = step_lib.make_train_step(
         method.step_fns(model), tx, trainable,
         state_lib.learning_rate_schedule(config.optimizer, config.total_steps), mesh, args.accum,
     )
     batch_spec = abstract_batch(method.fields(), config.batch_size, batch_sharding(mesh))
     t0 = time.perf_counter()
-    compiled = step_lib.compile_train_step(train_step, shardings, abstract_like(state), batch_spec, mesh)
+    compiled = step_lib.compile_train_step(train_step, shardings, abstract_state, batch_spec, mesh)
     compile_s = time.perf_counter() - t0
     print(f"compiled clip_jax's step in {compile_s:.1f} s", flush=True)  # a large model's compile takes minutes
-    batch = jax.device_put(synthetic_batch(method.fields(), config.batch_size, config.model.text.vocab_size),
-                           batch_sharding(mesh))
+    # The state and a batch exist only for a timed run: --compile-only of a pod's model on fake CPU devices holds
+    # neither in this machine's memory.
+    state = batch = None
+    if not args.compile_only:
+        state = init_fn(jax.random.PRNGKey(0))
+        batch = jax.device_put(synthetic_batch(method.fields(), config.batch_size, config.model.text.vocab_size),
+                               batch_sharding(mesh))
 
     step_metrics = {"loss": [], "nonfinite": []}  # on the device until read, so reading costs no step time
 

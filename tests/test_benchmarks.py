@@ -153,6 +153,17 @@ def test_compile_only_reports_the_collectives_of_a_data_parallel_step(bench, mon
     monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny", "--vocab-size", "64", "--image-size", "32",
                                      "--context-length", "8", "--batch", "16", "--mesh", "8,1,1", "--compile-only",
                                      "--out", str(tmp_path)])
+    create_state = bench.create_state
+
+    def shapes_only(*args):  # the state is traced for its shapes, never made (a pod's model would not fit here)
+        init_fn, shardings, tx = create_state(*args)
+
+        def init(key):
+            assert isinstance(key, jax.core.Tracer), "--compile-only initialised the train state"
+            return init_fn(key)
+        return init, shardings, tx
+
+    monkeypatch.setattr(bench, "create_state", shapes_only)
     bench.main()
     (path,) = tmp_path.glob("*.json")
     assert path.name == "train_step_tiny_px32_ctx8_float32_b16_mesh8-1-1_compiled_cpu.json"
