@@ -11,8 +11,10 @@ profile of one step.
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_step.py --preset B/16 --scan \
       --batch 256 --mesh 2,4,1 --compile-only              # memory and collectives per device on a mesh, untimed
 
-A recipe (`--config`) is timed with its own method, model, frozen parameters and optimizer; `--batch`, `--dtype`,
-`--remat` and `--scan` override it where given. benchmarks/gpu_suite.py runs the GPU measurements in one command.
+A recipe (`--config`) is timed with its own method, model, frozen parameters and optimizer, the arrays its method
+prepares, and a batch of its data where that is generated (`shapes`; else random, as for a preset); `--batch`,
+`--dtype`, `--remat` and `--scan` override it where given. benchmarks/gpu_suite.py runs the GPU measurements in one
+command.
 
 Results are printed and saved as JSON under benchmarks/results/.
 """
@@ -42,6 +44,7 @@ import numpy as np
 
 from clip_jax import hlo as hlo_lib
 from clip_jax.config import default_config, load_config, validate
+from clip_jax.data.pipeline import make_tokenizer
 from clip_jax.errors import ConfigError
 from clip_jax.host_memory import dispatch_depth, keep_freed_memory
 from clip_jax.methods import get_method
@@ -57,7 +60,7 @@ from clip_jax.models.presets import PRESETS, model_preset
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
-from clip_jax.train.loop import abstract_train_state, check_gpu_implementations, create_state
+from clip_jax.train.loop import abstract_train_state, check_gpu_implementations, create_state, preparation
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # machine.py beside it, also when a test loads it
 from machine import environment_facts  # noqa: E402
@@ -154,16 +157,16 @@ def benchmark_config(args: argparse.Namespace):
 
 
 def synthetic_batch(fields: dict[str, Field], batch: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """A random batch of the method's fields, for timing: uint8 arrays (images) uniform over 0-255, integer rows
-    [B, T] (tokens) of random ids ending in EOT (the largest id), integer scalars (labels) 0, float arrays
-    (waveforms) uniform in [-1, 1]."""
+    """A random batch of the method's fields, for timing: uint8 [H, W, 3] arrays (images) uniform over 0-255, integer
+    rows [B, T] (tokens) of random ids ending in EOT (the largest id), integer scalars (labels) and other uint8 arrays
+    (label maps: LSeg's classes per pixel) 0, float arrays (waveforms) uniform in [-1, 1]."""
     rng = np.random.default_rng(0)
     arrays = {}
     for name, field in fields.items():
         shape = (batch, *field.shape)
-        if field.dtype == np.uint8:
+        if field.dtype == np.uint8 and len(field.shape) == 3:
             arrays[name] = rng.integers(0, 256, shape, dtype=np.uint8)
-        elif np.issubdtype(field.dtype, np.integer) and not field.shape:
+        elif field.dtype == np.uint8 or (np.issubdtype(field.dtype, np.integer) and not field.shape):
             arrays[name] = np.zeros(shape, field.dtype)
         elif np.issubdtype(field.dtype, np.integer):
             tokens = rng.integers(1, vocab_size - 1, size=shape).astype(field.dtype)
@@ -181,6 +184,21 @@ def build_clip_jax(args: argparse.Namespace, config) -> tuple[Callable[[], None]
     method = get_method(config)
     method.check(mesh)
     model = method.model()
+    host_batch = None
+    if args.config:
+        # A recipe's method may make arrays from the model before training (LSeg's and the detectors' label
+        # embeddings, the few-shot methods' features): made here from the initial parameters, in a scratch workdir
+        # (their values do not change the step's time; CLIP's preparation is none and builds nothing). A timed step
+        # of a recipe on generated data (`shapes`) runs on a batch of it: label maps and boxes that random arrays are
+        # not (a detector's loss on random boxes is not finite, and every step would skip its update).
+        with tempfile.TemporaryDirectory() as scratch:
+            tokenizer = make_tokenizer(config, pathlib.Path(scratch), new_run=True)
+            method.prepare(preparation(config, method, mesh, pathlib.Path(scratch), tokenizer, (None, None),
+                                       jax.random.PRNGKey(0), training=True))
+            if not args.compile_only and config.data.source == "shapes":
+                config.data.workers = 0
+                host_batch = {k: v for k, v in next(method.train_data(config, tokenizer, range(config.batch_size)))
+                              .items() if k != "stats"}
     init_fn, shardings, tx = create_state(config, method, model, mesh)
     abstract_state = abstract_train_state(init_fn, shardings)
     trainable = state_lib.trainable_mask(abstract_state.params, config.optimizer.frozen)
@@ -198,8 +216,9 @@ def build_clip_jax(args: argparse.Namespace, config) -> tuple[Callable[[], None]
     state = batch = None
     if not args.compile_only:
         state = init_fn(jax.random.PRNGKey(0))
-        batch = jax.device_put(synthetic_batch(method.fields(), config.batch_size, config.model.text.vocab_size),
-                               batch_sharding(mesh))
+        if host_batch is None:
+            host_batch = synthetic_batch(method.fields(), config.batch_size, config.model.text.vocab_size)
+        batch = jax.device_put(host_batch, batch_sharding(mesh))
 
     step_metrics = {"loss": [], "nonfinite": []}  # on the device until read, so reading costs no step time
 

@@ -179,6 +179,19 @@ def test_compile_only_reports_the_collectives_of_a_data_parallel_step(bench, mon
                                                          abs=1e-3)
 
 
+def test_a_recipe_that_prepares_arrays_is_timed_on_its_own_data(bench, monkeypatch, tmp_path):
+    # LSeg's step needs the label embeddings its `prepare` makes (the script stopped with a RuntimeError there), and
+    # its label maps are not random bytes (a detector's loss on random boxes is not finite): a batch of its own data
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--config", str(ROOT / "configs" / "lseg_shapes.py"),
+                                     "--batch", "8", "--steps", "1", "--out", str(tmp_path)])
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype: {"peak_tflops_per_s": 1.0})  # (not what this checks)
+    monkeypatch.setattr(bench, "synthetic_batch", None)  # a recipe on generated data is timed on that data
+    bench.main()
+    (path,) = tmp_path.glob("*.json")
+    ours = json.loads(path.read_text())["clip_jax"]
+    assert ours["method"] == "lseg" and ours["nonfinite_steps"] == 0 and np.isfinite(ours["losses"]).all()
+
+
 @pytest.mark.parametrize("profile", ["train_step_B16_bfloat16_b512_remat-dots_scan_cudnn_gpu",  # H200, 2026-12-04
                                      "train_step_B16_bfloat16_b512_remat-dots_cudnn_ln-pallas_gpu_H100_2026-12-06"])
 def test_the_kept_gpu_traces_are_read_whole(bench, profile):

@@ -251,7 +251,7 @@ def create_state(config: ml_collections.ConfigDict, method: Method, model: nn.Mo
     return init_fn, shardings, tx
 
 
-def _preparation(config, method: Method, mesh, workdir, tokenizer, start: tuple[Checkpointer, int | None],
+def preparation(config, method: Method, mesh, workdir, tokenizer, start: tuple[Checkpointer, int | None],
                  rng, training: bool, resumed: bool = False) -> Preparation:
     """`Method.prepare`'s view of the run: embedding functions of the model the run starts from (a checkpoint:
     the warm start's or the latest; else the initial parameters), loaded on first use."""
@@ -429,7 +429,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     # --- Data ---------------------------------------------------------------------------------------------------
     tokenizer = make_tokenizer(config, workdir, new_run=checkpointer.latest_step() is None,
                                checked=checked_tokenizer)
-    method.prepare(_preparation(config, method, mesh, workdir, tokenizer, init_source or (checkpointer, resume_step),
+    method.prepare(preparation(config, method, mesh, workdir, tokenizer, init_source or (checkpointer, resume_step),
                                 rng, training=True, resumed=resume_step is not None))
     # This host's rows of every global batch: the ones its devices hold.
     data_iter = method.train_data(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)))
@@ -865,7 +865,7 @@ def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
     tokenizer = make_tokenizer(config, workdir)
     # The embeddings a method caches come from frozen towers: any readable checkpoint of the run gives them.
     start = (checkpointer, checkpointer.latest_step() if step is None else step)
-    method.prepare(_preparation(config, method, mesh, workdir, tokenizer, start, jax.random.PRNGKey(config.seed),
+    method.prepare(preparation(config, method, mesh, workdir, tokenizer, start, jax.random.PRNGKey(config.seed),
                                 training=False))  # a reader: it writes nothing into the workdir
     model = method.model()
     init_fn, shardings, _ = create_state(config, method, model, mesh)
