@@ -527,7 +527,7 @@ def op_kinds(hlo: str) -> dict[str, tuple[str, str]]:
 
 def print_collectives(facts: dict) -> None:
     if facts["collectives_per_device"]:
-        print(f"collectives per device per step: {hlo_lib.describe_traffic(facts['collectives_per_device'])}")
+        print(f"per-device collectives per step: {hlo_lib.describe_traffic(facts['collectives_per_device'])}")
 
 
 def op_events(data) -> list[tuple[str, str, str, float, float]]:

@@ -65,7 +65,8 @@ def collective_traffic(hlo: str) -> dict[str, dict]:
     """What the collectives produce on each device per step, by kind: how many run, the MiB of their results and
     the largest one's. A collective inside a loop counts once per trip (`runs_per_step`), an asynchronous one once,
     at its `-done`, whose result is what arrives."""
-    if not any(f" {opcode}" in hlo for opcode in COLLECTIVES):
+    markers = tuple(f" {opcode}" for opcode in COLLECTIVES)  # what a line must hold to be worth the regex
+    if not any(marker in hlo for marker in markers):
         return {}
     bodies = computations(hlo)
     runs = _runs(bodies, _entry(hlo))
@@ -74,7 +75,7 @@ def collective_traffic(hlo: str) -> dict[str, dict]:
     traffic = {}
     for computation, body in bodies.items():
         for line in body.splitlines():
-            m = instruction.search(line) if any(f" {opcode}" in line for opcode in COLLECTIVES) else None
+            m = instruction.search(line) if any(marker in line for marker in markers) else None
             if m is None or m.group(3) == "-start":
                 continue
             size = 0

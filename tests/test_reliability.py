@@ -176,7 +176,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(trained, tm
     assert f"checkpoints/{newest}" in warnings and f"step {previous}" in warnings
 
 
-def test_orbax_saves_small_replicated_arrays_from_one_replica():
+def test_orbax_takes_the_checkpoints_replica_slice_threshold():
     # clip_jax.train.checkpoint sets the threshold on a private attribute of orbax's array handler (a save of a tiny
     # model on 8 devices spent 1.4 s cutting slices); an orbax that renamed it would keep its default unsaid.
     assert ocp.type_handlers.get_type_handler(jax.Array)._min_slice_bytes_for_replica_parallel == (
