@@ -139,6 +139,16 @@ sums what each patch holds, and big_vision's plain ViT baselines found it better
 ViTs. The same parameters, at no step cost:
 - `meanpool`: `model.vision.pool=mean`.
   It lost on its mean (0.929 and 0.861: 0.895 against 0.912).
+A twenty-first round against `wd02`, fixed before its runs (2026-12-07), the same rule. The probe's errors are
+binding errors (the held-out green cross read as the seen green diamond), and no round had given the loss a
+negative that differs from an image's caption in its binding alone: NegCLIP's hard negatives (method `negclip`,
+new in this round), each example's caption with the salient object's colour or shape swapped for another training
+pair's (`data.negative_captions`), added to every image's candidates. Their text pass costs steps: each challenger
+trains for the incumbent's wall-clock at the rate a pilot of 100 steps measured before the round
+(results/demo_negclip_pilot_2026-12-07.json: 0.732 and 0.847 of the recipe's samples/s on VM D):
+- `negclip`: the paper's loss (the negatives' gradient trains the text tower too), 879 steps, warm-up 117.
+- `negclip_image`: the negatives' text pass without gradient (`method.negative_text_grad=False`): only the image
+  tower learns from them, where the probe places the errors, at a forward's cost; 1,017 steps, warm-up 136.
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
@@ -165,6 +175,7 @@ WD01 = "--config.optimizer.weight_decay=0.1"
 # SigLIP's loss with the paper's temperature (10) and no clamp; the rounds differ in the bias alone
 SIGLIP = ("--config.method.name=siglip", "--config.model.logit_scale_init=2.302585092994046",  # ln 10
           "--config.model.max_logit_scale=0")
+NEGCLIP = ("--config.method.name=negclip", "--config.data.negative_captions=True")
 CANDIDATES = {  # name -> (config, overrides)
     "demo": ("configs/demo.py:b128", ()),
     "batch256": ("configs/demo.py:b128", (
@@ -202,6 +213,11 @@ CANDIDATES = {  # name -> (config, overrides)
     "siglip_b55": ("configs/demo.py", (*SIGLIP, "--config.model.logit_bias_init=-5.545177444479562")),  # -ln 256
     "colourshuffle": ("configs/demo.py", ("--config.data.shuffled_colour_prob=1.0",)),
     "meanpool": ("configs/demo.py", ("--config.model.vision.pool=mean",)),
+    "negclip": ("configs/demo.py", (*NEGCLIP, "--config.total_steps=879", "--config.optimizer.warmup_steps=117",
+                                    "--config.eval.every_steps=293", "--config.checkpoint.every_steps=293")),
+    "negclip_image": ("configs/demo.py", (*NEGCLIP, "--config.method.negative_text_grad=False",
+                                          "--config.total_steps=1017", "--config.optimizer.warmup_steps=136",
+                                          "--config.eval.every_steps=339", "--config.checkpoint.every_steps=339")),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change
@@ -227,6 +243,7 @@ ROUNDS = (
     ("wd02", ("siglip_b55",), 0.01),
     ("wd02", ("colourshuffle",), 0.01),
     ("wd02", ("meanpool",), 0.01),
+    ("wd02", ("negclip", "negclip_image"), 0.01),
 )
 
 

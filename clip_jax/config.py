@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
     # shapes: also keep shapes.VALIDATION_HELD_OUT out of training, and score the held-out zero-shot on those pairs
     # (zero_shot_top1_val) instead of the test pairs: for choosing a recipe without looking at the test pairs.
     c.data.shapes_validation_pairs = False
+    # shapes: each example also carries, for each of its captions, one that does not match it (the salient object's
+    # colour or shape swapped for another training pair's): the hard negatives of method negclip
+    c.data.negative_captions = False
     # File sources (data.source "sharegpt4v": ShareGPT4V JSON; "captions": JSONL or CSV of image, caption
     # [, short_caption]); see clip_jax/data/captions.py. Image paths are relative to image_root (default: the
     # file's folder); undecodable images are skipped and counted. "records": ArrayRecord shards written by

@@ -46,10 +46,14 @@ def _positives(outputs: dict[str, jax.Array], offset: jax.Array, n_global: int, 
     return jax.nn.one_hot(offset + jnp.arange(b_local), n_global, dtype=jnp.float32)
 
 
-def _soft_cross_entropy(logits: jax.Array, positives: jax.Array, label_smoothing: float) -> jax.Array:
+def _soft_cross_entropy(logits: jax.Array, positives: jax.Array, label_smoothing: float,
+                        valid: jax.Array | None = None) -> jax.Array:
+    """Cross-entropy against the positives' uniform distribution; `valid` (bool, as `logits`): the columns that are
+    candidates at all (the others take no smoothing mass; their logits must be masked already)."""
     targets = positives / positives.sum(-1, keepdims=True)
     if label_smoothing:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+        spread = 1.0 / logits.shape[-1] if valid is None else valid / valid.sum(-1, keepdims=True)
+        targets = targets * (1.0 - label_smoothing) + label_smoothing * spread
     return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
@@ -61,11 +65,16 @@ def clip_loss(
     multi_positive: bool = False,
     image_key: str = "image",
     text_key: str = "text",
+    negative_key: str | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric InfoNCE: (CE(s I T^T) + CE(s T I^T)) / 2 averaged over the global batch.
 
     multi_positive: captions that are identical (same `caption_key`) count as positives of each other, with the
     target mass split between them; without it a repeated caption is a false negative.
+    negative_key: the embeddings of captions that match no image (NegCLIP's hard negatives, one per example), added
+    to every image's candidates in the image-to-text term, as NegCLIP adds them to the batch's texts; one that is
+    identical to an image's own caption (`negative_caption_key` equal to its `caption_key`) is no negative of it,
+    and is left out of its candidates. The text-to-image term is CLIP's.
     """
     image, text = outputs[image_key], outputs[text_key]
     scale = outputs["logit_scale"]
@@ -78,12 +87,30 @@ def clip_loss(
     positives = _positives(outputs, offset, n_global, keys)
     logits_i2t = scale * image @ all_text.T
     logits_t2i = scale * text @ all_image.T
-    ce = _soft_cross_entropy(logits_i2t, positives, label_smoothing) + _soft_cross_entropy(
-        logits_t2i, positives, label_smoothing
+    valid = None
+    if negative_key is not None:
+        all_negative = jax.lax.all_gather(outputs[negative_key], axis_name, tiled=True)
+        negative_keys = jax.lax.all_gather(outputs["negative_caption_key"], axis_name, tiled=True)
+        distinct = outputs["caption_key"][:, None] != negative_keys[None, :]
+        # A large finite value, not -inf: the targets' zeros times -inf would be NaN in the cross-entropy.
+        negative_logits = jnp.where(distinct, scale * image @ all_negative.T, -1e9)
+        logits_i2t = jnp.concatenate([logits_i2t, negative_logits], axis=-1)
+        positives = jnp.concatenate([positives, jnp.zeros_like(negative_logits)], axis=-1)
+        valid = jnp.concatenate([jnp.ones_like(distinct), distinct], axis=-1)
+    ce = _soft_cross_entropy(logits_i2t, positives, label_smoothing, valid) + _soft_cross_entropy(
+        logits_t2i, positives[:, :n_global], label_smoothing
     )
     loss = jax.lax.psum(ce.sum(), axis_name) / (2 * n_global)
     hit = jnp.take_along_axis(positives, jnp.argmax(logits_i2t, -1)[:, None], axis=-1)
     metrics = {"i2t_acc": jax.lax.psum(hit.sum(), axis_name) / n_global}
+    if negative_key is not None:
+        # NegCLIP's (and ARO's) test: of the images whose own negative differs from their caption, the share that
+        # score their caption above it
+        own = offset + jnp.arange(b_local)
+        differs = jnp.take_along_axis(distinct, own[:, None], axis=-1)[:, 0]
+        beats = jnp.sum(image * text, -1) > jnp.sum(image * outputs[negative_key], -1)
+        counts = jax.lax.psum(jnp.stack([jnp.sum(beats & differs), jnp.sum(differs)]), axis_name)
+        metrics["hard_negative_acc"] = counts[0] / jnp.maximum(counts[1], 1)
     return loss, metrics
 
 

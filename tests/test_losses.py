@@ -102,6 +102,61 @@ def test_multi_positive_differs_from_one_hot_when_captions_repeat():
     assert abs(float(reference_clip(image, text, scale)) - float(reference_clip(image, text, scale, keys))) > 1e-3
 
 
+def reference_hard_negatives(image, text, negative, scale, keys, negative_keys, multi_positive, label_smoothing):
+    """NegCLIP's loss row by row: image i's candidates are every text and every negative whose key is not its
+    caption's; the text-to-image half is CLIP's."""
+    n = image.shape[0]
+    same = (keys[:, None] == keys[None, :]) if multi_positive else np.eye(n, dtype=bool)
+    total = 0.0
+    for i in range(n):
+        kept = np.array([j for j in range(n) if negative_keys[j] != keys[i]], int)
+        image_to_text = scale * jnp.concatenate([text @ image[i], negative[kept] @ image[i]])
+        target = np.concatenate([same[i] / same[i].sum(), np.zeros(len(kept))])
+        total -= ((target * (1 - label_smoothing) + label_smoothing / len(target))
+                  * jax.nn.log_softmax(image_to_text)).sum()
+        text_to_image = scale * image @ text[i]
+        total -= ((same[i] / same[i].sum() * (1 - label_smoothing) + label_smoothing / n)
+                  * jax.nn.log_softmax(text_to_image)).sum()
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("mesh_sizes", [(8, 1, 1), (2, 2, 2)], ids=["8x1x1", "2x2x2"])
+@pytest.mark.parametrize("multi_positive,label_smoothing", [(False, 0.0), (True, 0.1)])
+def test_sharded_hard_negatives_equal_a_row_by_row_reference(mesh_sizes, multi_positive, label_smoothing):
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_sizes, strict=True)))
+    image, text, scale, _, keys = make_inputs()
+    rng = np.random.default_rng(1)
+    negative = rng.normal(size=text.shape).astype(np.float32)
+    negative /= np.linalg.norm(negative, axis=1, keepdims=True)
+    negative_keys = rng.integers(0, 12, size=GLOBAL_BATCH).astype(np.uint32)  # some equal to captions' keys 0..5
+    negative_keys[0] = keys[0]  # at least one negative identical to its own image's caption
+    assert (negative_keys[:, None] == keys[None, :]).any(1).sum() >= 3
+    loss_fn = losses.shard_loss(functools.partial(
+        losses.clip_loss, multi_positive=multi_positive, label_smoothing=label_smoothing,
+        negative_key="negative_text"), mesh)
+    rows = batch_sharding(mesh)
+    fixed = {"caption_key": jax.device_put(keys, rows), "negative_caption_key": jax.device_put(negative_keys, rows)}
+
+    def sharded(image, text, negative, scale):
+        per_example = {"image": image, "text": text, "negative_text": negative, **fixed}
+        return loss_fn(per_example, {"logit_scale": scale})
+
+    args = (*(jax.device_put(a, rows) for a in (image, text, negative)), jax.device_put(scale, replicated(mesh)))
+    (got, metrics), got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+    want, want_grads = jax.value_and_grad(
+        lambda i, t, n, s: reference_hard_negatives(i, t, n, s, keys, negative_keys, multi_positive, label_smoothing),
+        argnums=(0, 1, 2, 3))(image, text, negative, scale)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for g, w, name in zip(got_grads, want_grads, ("image", "text", "negative", "scale"), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6, err_msg=name)
+    # The negatives change the loss (else the test above would pass without them)
+    assert abs(float(want) - float(reference_clip(image, text, scale, keys if multi_positive else None,
+                                                   label_smoothing))) > 1e-3
+    differs = negative_keys != keys
+    beats = (image * text).sum(1) > (image * negative).sum(1)
+    assert float(metrics["hard_negative_acc"]) == pytest.approx((beats & differs).sum() / differs.sum())
+
+
 def test_caption_key_identifies_equal_rows():
     tokens = jnp.array([[1, 5, 9, 0], [1, 5, 9, 0], [1, 9, 5, 0], [1, 5, 9, 2]], jnp.int32)
     k = np.asarray(losses.caption_key(tokens))

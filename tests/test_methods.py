@@ -71,6 +71,8 @@ def tiny_config(name: str):
     config.optimizer.lr = 1e-2
     config.eval.num_examples = 16
     config.eval.batch_size = 16
+    if name == "negclip":  # its hard negatives come from the shapes source
+        config.data.negative_captions = True
     if name in ("lseg", "vild", "glip"):  # masks and boxes move with the image only without crops; the labels come
         config.data.augment = False     # from a frozen text tower
         config.optimizer.frozen = LSEG_FROZEN
@@ -305,6 +307,7 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
     (["--config.method.name=siglip", "--config.method.ring=1"], "'method.ring' must be bool"),
     (["--config.method.name=groupvit", "--config.model.vision.pool=mean"],
      "method groupvit pools its own segment tokens, so model.vision.pool 'mean' would do nothing"),
+    (["--config.method.name=negclip"], "method negclip trains on the shapes source's negative captions: set"),
 ])
 def test_method_mistakes_are_one_line(overrides, words):
     with pytest.raises(ConfigError) as e:

@@ -15,7 +15,16 @@ import numpy as np
 import pytest
 
 from clip_jax.config import default_config
-from clip_jax.data.pipeline import MARKS, STATS, TrainExample, tokenizer_corpus, train_iterator
+from clip_jax.data.pipeline import (
+    MARKS,
+    NEGATIVE_CAPTION,
+    STATS,
+    Captions,
+    TextField,
+    TrainExample,
+    tokenizer_corpus,
+    train_iterator,
+)
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.models.presets import model_preset
@@ -224,6 +233,34 @@ def test_partial_caption_images_lose_what_the_caption_does_not_name(kind):
     assert 160 <= changed[acting, 0.5] <= 240  # mean 200, sd 10
     if kind == "shape":  # graying draws nothing at 0 and 1, so the stream is the switch's it replaced (shuffling draws)
         assert ends[acting, 0.0] == ends[acting, 1.0] != ends[acting, 0.5]
+
+
+def test_the_negative_is_the_picked_captions_and_only_a_method_that_asks_gets_it(tokenizer):
+    """data.negative_captions: the example carries the negative of the caption it trains on, the batch its tokens
+    where the method's captions name them (method negclip's), and otherwise nothing changes."""
+    example = TrainExample(IMAGE, augment=False, crop_scale=(1.0, 1.0), long_caption_prob=0.3,
+                           partial_caption_prob=0.3)
+    element = {"image": np.zeros((IMAGE, IMAGE, 3), np.uint8), "partial_caption_kind": "colour",
+               **{f"{k}_caption": f"{k}." for k in ("short", "long", "partial")},
+               **{f"{k}_caption_negative": f"not {k}." for k in ("short", "long", "partial")}}
+    rng = np.random.default_rng(0)
+    outs = [example.random_map(dict(element), rng) for _ in range(200)]
+    assert all(out[NEGATIVE_CAPTION] == "not " + out["caption"] for out in outs)
+    assert {out["caption"] for out in outs} == {"short.", "long.", "partial."}
+    assert NEGATIVE_CAPTION not in example.random_map({"image": element["image"], "caption": "a."}, rng)
+
+    config = make_config(long_caption_prob=0.4)
+    config.data.partial_caption_prob = 0.3
+    plain = next(train_iterator(config, tokenizer))
+    config.data.negative_captions = True
+    dropped = next(train_iterator(config, tokenizer))
+    assert_batches_equal(dropped, plain)  # a method that does not ask for them: the batch it had
+    fields = {"text": TextField("caption", CONTEXT), "negative_text": TextField(NEGATIVE_CAPTION, CONTEXT)}
+    asked = next(train_iterator(config, tokenizer, captions=Captions(fields)))
+    np.testing.assert_array_equal(asked["text"], plain["text"])
+    assert asked["negative_text"].shape == plain["text"].shape
+    # a word swapped: other tokens in every row but one at most (a long caption cut before its swapped word)
+    assert (asked["negative_text"] != asked["text"]).any(1).sum() >= BATCH - 1
 
 
 def _jitter_outputs(image: np.ndarray, jitter, prob: float, n: int) -> tuple[list[dict], list[float]]:

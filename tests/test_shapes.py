@@ -323,6 +323,40 @@ def test_partial_caption_names_exactly_one_attribute_of_the_salient_object():
     assert kinds == {True, False}  # both kinds occur
 
 
+def test_negative_captions_swap_one_attribute_of_the_salient_object_for_a_training_pair():
+    """`negative_captions` (method negclip's hard negatives): each caption's negative is the same sentence with the
+    salient object's colour or shape (the partial caption: the attribute it names) swapped, its article following;
+    the swapped pair is a training pair; and the rest of the example is what it is without negatives."""
+    kwargs = {"validation_held_out": VALIDATION_HELD_OUT, "max_objects": 4}
+    out_of_training = set(DEFAULT_HELD_OUT) | set(VALIDATION_HELD_OUT)
+    with_negatives = ShapesDataset(ShapesConfig(negative_captions=True, **kwargs), "train")
+    plain = ShapesDataset(ShapesConfig(**kwargs), "train")
+    swapped = {"colour": 0, "shape": 0}
+    for i in range(300):
+        item, before, salient = with_negatives[i], plain[i], plain.scene(i).salient
+        assert np.array_equal(item.pop("image"), before.pop("image"))
+        negatives = {k: item.pop(f"{k}_negative") for k in ("short_caption", "long_caption", "partial_caption")}
+        assert item == before
+        for key, negative in negatives.items():
+            words, negative_words = item[key].split(), negative.split()
+            assert len(words) == len(negative_words), (item[key], negative)
+            articles = {("a", "an"), ("an", "a")}
+            changes = {(a, b) for a, b in zip(words, negative_words, strict=True) if a != b} - articles
+            assert len(changes) == 1, (item[key], negative)
+            (old, new), = changes
+            attribute = "colour" if old.rstrip(".;,") in COLOURS else "shape"
+            assert old.rstrip(".;,") == getattr(salient, attribute), (item[key], negative)
+            assert new.rstrip(".;,") in (COLOURS if attribute == "colour" else SHAPES)
+            if key == "partial_caption":
+                assert attribute == item["partial_caption_kind"]
+            else:
+                pair = {"colour": salient.colour, "shape": salient.shape, attribute: new.rstrip(".;,")}
+                assert (pair["colour"], pair["shape"]) not in out_of_training, negative
+            if key == "short_caption":
+                swapped[attribute] += 1
+    assert min(swapped.values()) > 100  # half and half: mean 150 each, sd 8.7
+
+
 # sha256 of the images and captions below, computed before rendering domains existed: the clean domain must keep
 # rendering exactly what every earlier model was trained and evaluated on.
 CLEAN_CHECKSUM = "530fdaf6008399fe4c9cf35de7ba3d4dfe44764f33ab4ac0fd25e7734714af3d"

@@ -55,6 +55,9 @@ from clip_jax.errors import ConfigError, one_line
 log = logging.getLogger(__name__)
 
 STATS = "stats"  # a batch's host-only fields (module docstring)
+# The caption that does not match an example, where its source has one for the picked caption (the shapes source's
+# `<caption>_negative`, data.negative_captions): method negclip's hard negative.
+NEGATIVE_CAPTION = "negative_caption"
 # Per-example 0/1 marks: what was done to an example's image and caption, set before batching ...
 _EXAMPLE_MARKS = ("converted", "upscaled", "bad_utf8")
 # ... and at tokenization. The loop logs each as `data_<mark>`, summed over the log window (docs/data.md).
@@ -122,6 +125,7 @@ def shapes_config(config: ml_collections.ConfigDict) -> ShapesConfig:
         seed=config.seed,
         domain=config.data.shapes_domain,
         validation_held_out=VALIDATION_HELD_OUT if config.data.shapes_validation_pairs else (),
+        negative_captions=config.data.negative_captions,
     )
 
 
@@ -279,13 +283,14 @@ class TrainExample(grain.transforms.RandomMap):
             image = random_resized_crop(image, self.image_size, rng, self.crop_scale)
         elif isinstance(image, Image.Image) or image.shape[:2] != (self.image_size, self.image_size):
             image = resize_center_crop(image, self.image_size)
-        long, short = element.get("long_caption"), element.get("short_caption", element.get("caption"))
+        short_key = "short_caption" if "short_caption" in element else "caption"
+        long, short = element.get("long_caption"), element.get(short_key)
         partial = element.get("partial_caption")
         draw = rng.random()
         if long is not None and (draw < self.long_caption_prob or short is None):
-            caption = long
+            caption, picked = long, "long_caption"
         elif partial is not None and draw < self.long_caption_prob + self.partial_caption_prob:
-            caption = partial
+            caption, picked = partial, "partial_caption"
             # The image need not show what the caption does not name, so the features of what it names must work
             # without it, and transfer to colour-shape pairs never seen in training. The draw is made only where it
             # decides something, so that at 0 and 1 the example stream is what it was when graying was a switch.
@@ -297,11 +302,13 @@ class TrainExample(grain.transforms.RandomMap):
                 else:  # no shape (the pixels in a random order): colour features without it
                     image = shuffle_pixels(np.asarray(image), rng)
         else:
-            caption = short
+            caption, picked = short, short_key
         # Drawn after the caption, and only when jitter is on: without it the example stream is what it was before.
         if any(self.colour_jitter) and self.colour_jitter_prob > 0 and rng.random() < self.colour_jitter_prob:
             image = jitter_image(image, rng, self.colour_jitter)
         out = {"image": image, "caption": caption, STATS: {m: element.get(m, 0) for m in _EXAMPLE_MARKS}}
+        if (negative := element.get(f"{picked}_negative")) is not None:  # the source's (data.negative_captions)
+            out[NEGATIVE_CAPTION] = negative
         if self.add_captions is not None:
             out.update(self.add_captions(element))
         if self.add_fields is not None:
@@ -325,7 +332,7 @@ class Tokenize(grain.transforms.Map):
 
     def map(self, batch: dict) -> dict:
         # The picked caption is dropped even when no field tokenizes it (a method trained on masks alone).
-        captions = {"caption", *(caption for caption, _ in self.fields.values())}
+        captions = {"caption", NEGATIVE_CAPTION, *(caption for caption, _ in self.fields.values())}
         out = {k: v for k, v in batch.items() if k not in captions}  # images, a method's fields, stats
         for name, (caption, length) in self.fields.items():
             if name == "text":

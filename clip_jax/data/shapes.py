@@ -202,6 +202,9 @@ class ShapesConfig:
     held_out: tuple[tuple[str, str], ...] = DEFAULT_HELD_OUT  # (colour, shape) pairs
     validation_held_out: tuple[tuple[str, str], ...] = ()  # further pairs kept out of training, scored apart
     domain: str = "clean"  # a key of DOMAINS: how the pixels are rendered
+    # Each example also carries captions that do not match it (`negative_captions`), from a generator of its own:
+    # the rest of the example is what it is without them.
+    negative_captions: bool = False
 
     def __post_init__(self) -> None:
         # Fail at construction so a bad experiment config is reported before any data is generated.
@@ -449,6 +452,36 @@ def partial_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return caption, ("colour", "shape")[kind]
 
 
+def negative_captions(scene: Scene, caption_state: dict, rng: np.random.Generator,
+                      allowed: frozenset[tuple[str, str]]) -> dict[str, str]:
+    """Captions that do not match `scene` (NegCLIP's hard negatives, Yuksekgonul et al. 2023), keyed by the caption
+    each stands against: `short_caption_negative`, `long_caption_negative`, `partial_caption_negative`. Each is
+    that caption with the salient object's colour or its shape swapped (the partial caption: the attribute it
+    names), phrased from `caption_state`, the state of the generator the true captions were drawn from
+    (`scene_captions`), so that only the swapped word and its article differ. The swap, drawn from `rng`, keeps the
+    salient object's pair in `allowed` (the training pairs): a negative never names a held-out pair either."""
+    salient = scene.salient
+    colours = [c for c in COLOURS if c != salient.colour and (c, salient.shape) in allowed]
+    shapes = [s for s in SHAPES if s != salient.shape and (salient.colour, s) in allowed]
+    if not colours or not shapes:
+        raise ValueError(f"{salient.colour} {salient.shape}: no other colour or no other shape makes a training "
+                         "pair with it, so it has no hard negative")
+    new_colour, new_shape, swap_shape = _pick(rng, tuple(colours)), _pick(rng, tuple(shapes)), rng.random() < 0.5
+
+    def captions_with(**swap: str) -> dict[str, str]:
+        swapped = dataclasses.replace(salient, **swap)
+        objects = tuple(swapped if o is salient else o for o in scene.objects)
+        generator = np.random.Generator(np.random.PCG64())
+        generator.bit_generator.state = caption_state
+        return scene_captions(dataclasses.replace(scene, objects=objects), generator)
+
+    by_colour, by_shape = captions_with(colour=new_colour), captions_with(shape=new_shape)
+    full = by_shape if swap_shape else by_colour
+    partial = by_shape if by_colour["partial_caption_kind"] == "shape" else by_colour
+    return {"short_caption_negative": full["short_caption"], "long_caption_negative": full["long_caption"],
+            "partial_caption_negative": partial["partial_caption"]}
+
+
 def render_example(
     scene: Scene, image_size: int, rng: np.random.Generator, domain: ShapesDomain = DOMAINS["clean"],
     domain_rng: np.random.Generator | None = None,
@@ -489,6 +522,7 @@ class ShapesDataset:
             raise ValueError(f"split {split!r} needs a non-empty config.held_out")
         if split == "val_held_out" and not len(self._validation):
             raise ValueError("split 'val_held_out' needs a non-empty config.validation_held_out")
+        self._seen_pairs = frozenset((COLOURS[i // len(SHAPES)], SHAPES[i % len(SHAPES)]) for i in self._seen)
         pools = {"test_held_out": self._held_out, "val_held_out": self._validation}
         self._salient_pool = pools.get(split, self._seen)
         self.domain = DOMAINS[config.domain]
@@ -505,7 +539,12 @@ class ShapesDataset:
         rng = self._rng(index)
         # The clean domain draws nothing from the domain's generator: not seeding one saves ~25 us an example.
         domain_rng = None if self.domain.is_clean else self._domain_rng(index)
-        return render_example(self._sample_scene(rng), self.config.image_size, rng, self.domain, domain_rng)
+        scene = self._sample_scene(rng)
+        caption_state = rng.bit_generator.state  # the image draws nothing from `rng`: this is the captions' state
+        example = render_example(scene, self.config.image_size, rng, self.domain, domain_rng)
+        if self.config.negative_captions:
+            example.update(negative_captions(scene, caption_state, self._rng(index, 2), self._seen_pairs))
+        return example
 
     def scene(self, index: int) -> Scene:
         """The scene description that ``self[index]`` renders."""
@@ -543,8 +582,8 @@ class ShapesDataset:
         if not 0 <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")
         # Seeding with the split id gives every split its own independent stream for the same index. A trailing
-        # stream id gives a separate generator per purpose (1: the domain's pixel randomness), so the scene and
-        # captions, drawn from the plain stream, are the same in every domain.
+        # stream id gives a separate generator per purpose (1: the domain's pixel randomness, 2: the negative
+        # captions' swaps), so the scene and captions, drawn from the plain stream, are the same in every domain.
         return np.random.default_rng([self.config.seed, SPLITS.index(self.split), index, *stream])
 
     def _domain_rng(self, index: int) -> np.random.Generator:

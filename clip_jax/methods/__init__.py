@@ -14,6 +14,7 @@ from clip_jax.methods.glip import GLIPMethod
 from clip_jax.methods.groupvit import GroupViTMethod
 from clip_jax.methods.longclip import LongClipMethod
 from clip_jax.methods.lseg import LSegMethod
+from clip_jax.methods.negclip import NegClipMethod
 from clip_jax.methods.prompt_learning import PROMPT_LEARNING_METHODS
 from clip_jax.methods.slip import SlipMethod
 from clip_jax.methods.vild import ViLDMethod
@@ -31,8 +32,8 @@ def registry(methods: tuple[type[Method], ...]) -> dict[str, type[Method]]:
 
 
 METHODS: dict[str, type[Method]] = registry((
-    ClipMethod, SiglipMethod, LongClipMethod, SlipMethod, AudioClipMethod, *FEW_SHOT_METHODS, *PROMPT_LEARNING_METHODS,
-    WiseFtMethod, LSegMethod, GroupViTMethod, ViLDMethod, GLIPMethod))
+    ClipMethod, SiglipMethod, NegClipMethod, LongClipMethod, SlipMethod, AudioClipMethod, *FEW_SHOT_METHODS,
+    *PROMPT_LEARNING_METHODS, WiseFtMethod, LSegMethod, GroupViTMethod, ViLDMethod, GLIPMethod))
 
 
 def method_class(name: str) -> type[Method]:

@@ -1,0 +1,85 @@
+"""NegCLIP (Yuksekgonul et al., ICLR 2023, "When and why vision-language models behave like bags-of-words"): CLIP
+with a hard negative caption per example, its own caption with the words that bind attributes to objects changed.
+
+The paper fine-tunes CLIP on COCO with captions whose words are swapped, and adds the negatives to the batch's texts:
+every image is scored against every negative in the image-to-text term (losses.clip_loss, `negative_key`). Here the
+negatives come from the shapes source (`data.negative_captions`): the caption with the salient object's colour or
+shape swapped for another training pair's (data/shapes.py, `negative_captions`), so they name the binding the
+zero-shot test of held-out pairs asks for. A step costs a second text-tower pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from clip_jax import losses
+from clip_jax.data.pipeline import NEGATIVE_CAPTION, Captions, TextField
+from clip_jax.errors import ConfigError
+from clip_jax.methods.base import StepFns
+from clip_jax.methods.clip import ClipConfig, ClipMethod
+from clip_jax.models import flops
+from clip_jax.models.clip import CLIP
+
+NEGATIVE_TEXT = "negative_text"  # the batch field of the negative captions' tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class NegClipConfig(ClipConfig):
+    # Whether the negatives' gradient trains the text tower (the paper's). False: only the image tower learns from
+    # them (to score its caption above them), and their text pass costs a forward instead of three.
+    negative_text_grad: bool = True
+
+
+class NegClipMethod(ClipMethod):
+    """CLIP's batch plus each example's hard negative caption, an extra candidate of every image."""
+
+    name = "negclip"
+    Config = NegClipConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.data.source != "shapes" or not config.data.negative_captions:
+            raise ConfigError("method negclip trains on the shapes source's negative captions: set data.source "
+                              f"'shapes' and data.negative_captions True (got {config.data.source!r}, "
+                              f"{config.data.negative_captions})")
+
+    def captions(self) -> Captions:
+        context = self.config.model.text.context_length
+        return Captions({**super().captions().fields, NEGATIVE_TEXT: TextField(NEGATIVE_CAPTION, context)})
+
+    def loss_fn(self):
+        h = self.hparams
+        return lambda outputs, *, axis_name: losses.clip_loss(
+            outputs, axis_name=axis_name, label_smoothing=h.label_smoothing, multi_positive=h.multi_positive,
+            negative_key=NEGATIVE_TEXT)
+
+    def step_fns(self, model: CLIP) -> StepFns:
+        fns = super().step_fns(model)
+
+        def targets(batch):
+            # The keys mark a negative identical to an image's caption (a long caption cut before the swapped word)
+            return {"caption_key": losses.caption_key(batch["text"]),
+                    "negative_caption_key": losses.caption_key(batch[NEGATIVE_TEXT])}
+
+        if self.hparams.negative_text_grad:
+            return dataclasses.replace(fns, targets=targets)
+
+        def embed(params, batch, rng):
+            # CLIP's embed encodes the negatives too; that result is replaced, and the compiler drops its pass
+            frozen = {"params": jax.lax.stop_gradient(params)}
+            negatives = model.apply(frozen, batch[NEGATIVE_TEXT], method=CLIP.encode_text)
+            return {**fns.embed(params, batch, rng), NEGATIVE_TEXT: negatives}
+
+        return dataclasses.replace(fns, embed=embed, targets=targets)
+
+    def flops_per_example(self, trainable: Mapping[str, Any]) -> float:
+        """CLIP's count with the negatives as a caption field; without their gradient, their pass is one forward."""
+        total = super().flops_per_example(trainable)
+        if self.hparams.negative_text_grad:
+            return total
+        negatives = flops.text_forward_flops(self.model_config(), self.config.model.text.context_length)
+        return total - (flops.pass_factor(trainable["text"]) - 1) * negatives
