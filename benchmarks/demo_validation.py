@@ -149,6 +149,7 @@ trains for the incumbent's wall-clock at the rate a pilot of 100 steps measured 
 - `negclip`: the paper's loss (the negatives' gradient trains the text tower too), 879 steps, warm-up 117.
 - `negclip_image`: the negatives' text pass without gradient (`method.negative_text_grad=False`): only the image
   tower learns from them, where the probe places the errors, at a forward's cost; 1,017 steps, warm-up 136.
+  Both lost after seed 0 (0.557 and 0.690).
 A challenger is not trained on its remaining seeds once even 1.0 on each would leave its mean short of the bar
 (`lost_already`; the JSON's `stopped_early`).
 A run whose workdir holds results.json is read, not retrained. Prints a table and saves
