@@ -25,7 +25,7 @@ from etils import epath
 
 from clip_jax.data.classification import CLASS_SPLITS, FEW_SHOT_DATASETS
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
-from clip_jax.data.pipeline import TRAIN_SOURCES, shapes_config
+from clip_jax.data.pipeline import NEGATIVE_CAPTION, TRAIN_SOURCES, shapes_config
 from clip_jax.data.tokenizer import MIN_VOCAB_SIZE
 from clip_jax.errors import ConfigError  # noqa: F401 (re-exported: clip_jax.config.ConfigError)
 from clip_jax.evaluate.suite import EVALUATORS, check_sources, eval_defaults, parse_entry
@@ -367,6 +367,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field, value in drops.items():
         if value > 0 and not method.image_dropout:
             raise ConfigError(f"method {config.method.name!r} does not train with model.vision.{field}; set it to 0")
+    if config.data.negative_captions and not (
+            method.reads_data and NEGATIVE_CAPTION in {f.caption for f in method.captions().fields.values()}):
+        raise ConfigError(f"method {config.method.name!r} does not train on data.negative_captions (method negclip "
+                          "does); set it to False")
     for name, entry in config.evals.items():
         if not isinstance(entry, ml_collections.ConfigDict | dict) or "type" not in entry:
             raise ConfigError(f"config key 'evals.{name}' must be a dict with a 'type' (clip_jax/evaluate/suite.py)")
