@@ -141,9 +141,9 @@ ViTs. The same parameters, at no step cost:
   It lost on its mean (0.929 and 0.861: 0.895 against 0.912).
 A twenty-first round against `wd02`, fixed before its runs (2026-12-07), the same rule. The probe's errors are
 binding errors (the held-out green cross read as the seen green diamond), and no round had given the loss a
-negative that differs from an image's caption in its binding alone: NegCLIP's hard negatives (method `negclip`,
-new in this round), each example's caption with the salient object's colour or shape swapped for another training
-pair's (`data.negative_captions`), added to every image's candidates. Their text pass costs steps: each challenger
+negative that differs from an image's caption in its binding alone: NegCLIP's loss (method `negclip`, new in this
+round) with each example's caption, its salient object's colour or shape replaced by another training pair's
+(`data.negative_captions`), added to every image's candidates. Their text pass costs steps: each challenger
 trains for the incumbent's wall-clock at the rate a pilot of 100 steps measured before the round
 (results/demo_negclip_pilot_2026-12-07.json: 0.732 and 0.847 of the recipe's samples/s on VM D):
 - `negclip`: the paper's loss (the negatives' gradient trains the text tower too), 879 steps, warm-up 117.

@@ -96,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
     # (zero_shot_top1_val) instead of the test pairs: for choosing a recipe without looking at the test pairs.
     c.data.shapes_validation_pairs = False
     # shapes: each example also carries, for each of its captions, one that does not match it (the salient object's
-    # colour or shape swapped for another training pair's): the hard negatives of method negclip
+    # colour or shape replaced by another training pair's): the hard negatives of method negclip
     c.data.negative_captions = False
     # File sources (data.source "sharegpt4v": ShareGPT4V JSON; "captions": JSONL or CSV of image, caption
     # [, short_caption]); see clip_jax/data/captions.py. Image paths are relative to image_root (default: the
@@ -152,7 +152,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 250
     c.eval.num_examples = 1000  # examples per evaluation set, for the entries that set none
     # The evaluations: name -> {type, ...that type's fields} (clip_jax/evaluate/suite.py: shapes, shapes_long_text,
-    # long_text_set, zero_shot_folder, zero_shot_tfds, few_shot, shapes_audio, zero_shot_audio_folder). Add one with
+    # shapes_binding, long_text_set, zero_shot_folder, zero_shot_tfds, few_shot, shapes_audio, zero_shot_audio_folder,
+    # shapes_segmentation, segmentation_folder, shapes_detection, coco_detection). Add one with
     # --config.evals.NAME="{'type': ..., ...}",
     # drop one with --config.evals.NAME=None.
     c.evals = ml_collections.ConfigDict({"shapes": eval_defaults("shapes")})

@@ -104,8 +104,8 @@ def clip_loss(
     hit = jnp.take_along_axis(positives, jnp.argmax(logits_i2t, -1)[:, None], axis=-1)
     metrics = {"i2t_acc": jax.lax.psum(hit.sum(), axis_name) / n_global}
     if negative_key is not None:
-        # NegCLIP's (and ARO's) test: of the images whose own negative differs from their caption, the share that
-        # score their caption above it
+        # Of the images whose own negative differs from their caption, the share that score their caption above it:
+        # whether the negatives are being learnt
         own = offset + jnp.arange(b_local)
         differs = jnp.take_along_axis(distinct, own[:, None], axis=-1)[:, 0]
         beats = jnp.sum(image * text, -1) > jnp.sum(image * outputs[negative_key], -1)

@@ -1,9 +1,9 @@
-"""NegCLIP on `shapes`: the demo (configs/demo.py) with a hard negative caption per example, on a CPU.
+"""NegCLIP's loss on `shapes`: the demo (configs/demo.py) with a hard negative caption per example, on a CPU.
 
   clip-jax train --config configs/negclip_shapes.py --workdir workdirs/negclip_shapes         # the paper's loss
   clip-jax train --config configs/negclip_shapes.py:image --workdir workdirs/negclip_image    # image side only
 
-Each example's negative is its caption with the salient object's colour or shape swapped for another training
+Each example's negative is its caption with the salient object's colour or shape replaced by another training
 pair's (`data.negative_captions`). The argument picks whether the negatives' gradient trains the text tower (""),
 as in the paper, or only the image tower ("image", `method.negative_text_grad=False`). Each trains for the demo's
 wall-clock at the rate measured before docs/demo.md's twenty-first round: 879 and 1,017 steps against the demo's

@@ -117,6 +117,62 @@ def context(config):
     return KnownContext(config, ColourEncoder(), tokenizer=None)
 
 
+@pytest.mark.parametrize("encoder", ["words", "salient_colour", "pairs"])
+def test_the_binding_tests_score_what_the_embeddings_hold(encoder):
+    """`shapes_binding` with embeddings that are known: "words", a bag of the colour and shape words of the text
+    and of the image's salient object; "salient_colour", the same without the image's shape; "pairs", a bag of the
+    colour-shape pairs a text names and the image holds (all its objects). A replaced word the image holds always
+    loses, one it does not hold ties (a failure); a swap of colours between two objects ties for bags of words and
+    loses for pairs, unless the image holds the swapped pair too (another of its objects)."""
+    from clip_jax.data.pipeline import get_source, shapes_held_out_split
+    from clip_jax.data.shapes import COLOURS as PALETTE
+    from clip_jax.data.shapes import SHAPES
+
+    config = load_config(DEMO, ["--config.eval.num_examples=40", "--config.data.shapes_validation_pairs=True"])
+    words, pairs = [*PALETTE, *SHAPES], [f"{c} {s}" for c in PALETTE for s in SHAPES]
+    held_out = shapes_held_out_split(config)[0]
+    image_tokens = {}  # image bytes -> what the image encoder holds of it
+    for split, n in ((held_out, 40), ("test_seen", 800)):  # the swap test reads up to 20 x 40 scenes
+        source = get_source(config, split)
+        for i in range(n):
+            scene = source.scene(i)
+            salient = scene.salient
+            held = {"words": {salient.colour, salient.shape}, "salient_colour": {salient.colour},
+                    "pairs": {f"{o.colour} {o.shape}" for o in scene.objects}}[encoder]
+            image_tokens[source[i]["image"].tobytes()] = held
+
+    def bag(tokens):
+        vocabulary = pairs if encoder == "pairs" else words
+        vector = np.array([t in tokens for t in vocabulary], np.float32) + 1e-3  # never all zeros
+        return vector / np.linalg.norm(vector)
+
+    def text_tokens(text):
+        text = text.rstrip(".").replace(" an ", " a ").removeprefix("an ").removeprefix("a ")
+        if encoder != "pairs":
+            return set(text.split())
+        return {" ".join(part.split()[-2:]) for part in text.split(" and a ")}
+
+    class KnownImages:
+        def images(self, images):
+            return np.stack([bag(image_tokens[image.tobytes()]) for image in images])
+
+    @dataclasses.dataclass(frozen=True)
+    class KnownTexts(suite.Context):
+        def texts(self, texts):
+            return np.stack([bag(text_tokens(t)) for t in texts])
+
+    entry = suite.parse_entry("binding", suite.eval_defaults("shapes_binding"))
+    got = suite.run_shapes_binding(KnownTexts(config, KnownImages(), None), "binding", entry)
+    assert set(got) == {f"binding_{a}_acc{s}" for a in ("colour", "shape") for s in ("_val", "_seen")} | {
+        "binding_swap_acc"}
+    if encoder == "pairs":
+        assert got["binding_swap_acc"] >= 0.9  # 1.0 but where a third object is one of the swapped pairs
+    else:
+        shape = 1.0 if encoder == "words" else 0.0
+        assert got == {"binding_colour_acc_val": 1.0, "binding_shape_acc_val": shape, "binding_colour_acc_seen": 1.0,
+                       "binding_shape_acc_seen": shape, "binding_swap_acc": 0.0}
+
+
 def write_folder(root, misfiled: int):
     """Class folders red/green/blue with 4 images of their colour each, except `misfiled` blue images filed under
     green, and one file that is not an image."""

@@ -259,7 +259,7 @@ def test_the_negative_is_the_picked_captions_and_only_a_method_that_asks_gets_it
     asked = next(train_iterator(config, tokenizer, captions=Captions(fields)))
     np.testing.assert_array_equal(asked["text"], plain["text"])
     assert asked["negative_text"].shape == plain["text"].shape
-    # a word swapped: other tokens in every row but one at most (a long caption cut before its swapped word)
+    # a word replaced: other tokens in every row but one at most (a long caption cut before the replaced word)
     assert (asked["negative_text"] != asked["text"]).any(1).sum() >= BATCH - 1
 
 

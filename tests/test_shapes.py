@@ -323,15 +323,15 @@ def test_partial_caption_names_exactly_one_attribute_of_the_salient_object():
     assert kinds == {True, False}  # both kinds occur
 
 
-def test_negative_captions_swap_one_attribute_of_the_salient_object_for_a_training_pair():
+def test_negative_captions_replace_one_attribute_of_the_salient_object_by_a_training_pairs():
     """`negative_captions` (method negclip's hard negatives): each caption's negative is the same sentence with the
-    salient object's colour or shape (the partial caption: the attribute it names) swapped, its article following;
-    the swapped pair is a training pair; and the rest of the example is what it is without negatives."""
+    salient object's colour or shape (the partial caption: the attribute it names) replaced, its article following;
+    the new pair is a training pair; and the rest of the example is what it is without negatives."""
     kwargs = {"validation_held_out": VALIDATION_HELD_OUT, "max_objects": 4}
     out_of_training = set(DEFAULT_HELD_OUT) | set(VALIDATION_HELD_OUT)
     with_negatives = ShapesDataset(ShapesConfig(negative_captions=True, **kwargs), "train")
     plain = ShapesDataset(ShapesConfig(**kwargs), "train")
-    swapped = {"colour": 0, "shape": 0}
+    replaced = {"colour": 0, "shape": 0}
     for i in range(300):
         item, before, salient = with_negatives[i], plain[i], plain.scene(i).salient
         assert np.array_equal(item.pop("image"), before.pop("image"))
@@ -353,8 +353,8 @@ def test_negative_captions_swap_one_attribute_of_the_salient_object_for_a_traini
                 pair = {"colour": salient.colour, "shape": salient.shape, attribute: new.rstrip(".;,")}
                 assert (pair["colour"], pair["shape"]) not in out_of_training, negative
             if key == "short_caption":
-                swapped[attribute] += 1
-    assert min(swapped.values()) > 100  # half and half: mean 150 each, sd 8.7
+                replaced[attribute] += 1
+    assert min(replaced.values()) > 100  # half and half: mean 150 each, sd 8.7
 
 
 # sha256 of the images and captions below, computed before rendering domains existed: the clean domain must keep

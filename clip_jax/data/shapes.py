@@ -406,7 +406,8 @@ def render_scene(
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _a(word: str) -> str:
+def with_article(word: str) -> str:
+    """"a circle", "an orange"."""
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
@@ -417,8 +418,8 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
 def _describe_object(obj: ShapeObject, rng: np.random.Generator) -> str:
     pos = _POSITION_PHRASES[obj.cell] + _pick(rng, (" of the image", " of the picture"))
     return _pick(rng, _OBJECT_TEMPLATES).format(
-        a_size=_a(obj.size), size=obj.size, tex=obj.texture, a_tex=_a(obj.texture),
-        tex_noun=_TEXTURE_NOUNS[obj.texture], col=obj.colour, a_col=_a(obj.colour), shp=obj.shape, pos=pos,
+        a_size=with_article(obj.size), size=obj.size, tex=obj.texture, a_tex=with_article(obj.texture),
+        tex_noun=_TEXTURE_NOUNS[obj.texture], col=obj.colour, a_col=with_article(obj.colour), shp=obj.shape, pos=pos,
         outl=_pick(rng, _OUTLINE_CLAUSES[obj.outline]), outl_noun=_pick(rng, _OUTLINE_NOUNS[obj.outline]),
     )  # fmt: skip
 
@@ -427,11 +428,11 @@ def describe_scene(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     """Return (short_caption, long_caption) for a scene, with phrasing drawn from ``rng``."""
     salient = scene.salient
     name = f"{salient.colour} {salient.shape}"
-    short = _pick(rng, _SHORT_TEMPLATES).format(obj=name, a_obj=_a(name))
+    short = _pick(rng, _SHORT_TEMPLATES).format(obj=name, a_obj=with_article(name))
     n = len(scene.objects)
     count = _pick(rng, _SINGLE_COUNT) if n == 1 else _pick(rng, _COUNT_TEMPLATES).format(n=_NUMBER_WORDS[n])
     rest = [_describe_object(o, rng) for o in scene.objects if o is not salient]
-    rest.append(_pick(rng, _BACKGROUND_TEMPLATES).format(bg=scene.background, a_bg=_a(scene.background)))
+    rest.append(_pick(rng, _BACKGROUND_TEMPLATES).format(bg=scene.background, a_bg=with_article(scene.background)))
     rest.append(count)
     # The salient object always leads: Long-CLIP-style training uses the first sentence as a short caption.
     sentences = [_describe_object(salient, rng)] + [rest[i] for i in rng.permutation(len(rest))]
@@ -448,35 +449,41 @@ def partial_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     recognition of unseen pairs relies on."""
     salient = scene.salient
     kind = int(rng.integers(2))
-    caption = _pick(rng, _PARTIAL_TEMPLATES[kind]).format(col=salient.colour, a_shp=_a(salient.shape))
+    caption = _pick(rng, _PARTIAL_TEMPLATES[kind]).format(col=salient.colour, a_shp=with_article(salient.shape))
     return caption, ("colour", "shape")[kind]
 
 
 def negative_captions(scene: Scene, caption_state: dict, rng: np.random.Generator,
-                      allowed: frozenset[tuple[str, str]]) -> dict[str, str]:
-    """Captions that do not match `scene` (NegCLIP's hard negatives, Yuksekgonul et al. 2023), keyed by the caption
-    each stands against: `short_caption_negative`, `long_caption_negative`, `partial_caption_negative`. Each is
-    that caption with the salient object's colour or its shape swapped (the partial caption: the attribute it
-    names), phrased from `caption_state`, the state of the generator the true captions were drawn from
-    (`scene_captions`), so that only the swapped word and its article differ. The swap, drawn from `rng`, keeps the
-    salient object's pair in `allowed` (the training pairs): a negative never names a held-out pair either."""
+                      allowed: frozenset[tuple[str, str]], attribute: str | None = None) -> dict[str, str]:
+    """Captions that do not match `scene` (method negclip's hard negatives), keyed by the caption each stands against:
+    `short_caption_negative`, `long_caption_negative`, `partial_caption_negative`. Each is that caption with the
+    salient object's colour or its shape replaced (the partial caption: the attribute it names), phrased from
+    `caption_state`, the state of the generator the true captions were drawn from (`scene_captions`), so that only
+    the replaced word and its article differ. The replacement, drawn from `rng`, keeps the
+    salient object's pair in `allowed` (the training pairs): a negative never names a held-out pair either. Which
+    attribute the full captions replace is drawn too, unless `attribute` ("colour" or "shape") says (the draws are
+    the same either way)."""
     salient = scene.salient
     colours = [c for c in COLOURS if c != salient.colour and (c, salient.shape) in allowed]
     shapes = [s for s in SHAPES if s != salient.shape and (salient.colour, s) in allowed]
     if not colours or not shapes:
         raise ValueError(f"{salient.colour} {salient.shape}: no other colour or no other shape makes a training "
                          "pair with it, so it has no hard negative")
-    new_colour, new_shape, swap_shape = _pick(rng, tuple(colours)), _pick(rng, tuple(shapes)), rng.random() < 0.5
+    new_colour, new_shape, replace_shape = _pick(rng, tuple(colours)), _pick(rng, tuple(shapes)), rng.random() < 0.5
+    if attribute is not None:
+        if attribute not in ("colour", "shape"):
+            raise ValueError(f"attribute must be 'colour' or 'shape', got {attribute!r}")
+        replace_shape = attribute == "shape"
 
-    def captions_with(**swap: str) -> dict[str, str]:
-        swapped = dataclasses.replace(salient, **swap)
-        objects = tuple(swapped if o is salient else o for o in scene.objects)
+    def captions_with(**replacement: str) -> dict[str, str]:
+        changed = dataclasses.replace(salient, **replacement)
+        objects = tuple(changed if o is salient else o for o in scene.objects)
         generator = np.random.Generator(np.random.PCG64())
         generator.bit_generator.state = caption_state
         return scene_captions(dataclasses.replace(scene, objects=objects), generator)
 
     by_colour, by_shape = captions_with(colour=new_colour), captions_with(shape=new_shape)
-    full = by_shape if swap_shape else by_colour
+    full = by_shape if replace_shape else by_colour
     partial = by_shape if by_colour["partial_caption_kind"] == "shape" else by_colour
     return {"short_caption_negative": full["short_caption"], "long_caption_negative": full["long_caption"],
             "partial_caption_negative": partial["partial_caption"]}
@@ -546,6 +553,13 @@ class ShapesDataset:
             example.update(negative_captions(scene, caption_state, self._rng(index, 2), self._seen_pairs))
         return example
 
+    def negatives(self, index: int, attribute: str | None = None) -> dict[str, str]:
+        """Item `index`'s negative captions (`negative_captions`, the ones `data.negative_captions` adds to it), or
+        with the full captions' replacement of `attribute` ("colour" or "shape") instead of the drawn one."""
+        rng = self._rng(index)
+        scene = self._sample_scene(rng)
+        return negative_captions(scene, rng.bit_generator.state, self._rng(index, 2), self._seen_pairs, attribute)
+
     def scene(self, index: int) -> Scene:
         """The scene description that ``self[index]`` renders."""
         return self._sample_scene(self._rng(index))
@@ -583,7 +597,7 @@ class ShapesDataset:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")
         # Seeding with the split id gives every split its own independent stream for the same index. A trailing
         # stream id gives a separate generator per purpose (1: the domain's pixel randomness, 2: the negative
-        # captions' swaps), so the scene and captions, drawn from the plain stream, are the same in every domain.
+        # captions' replacements), so the scene and captions, drawn from the plain stream, are the same in every domain.
         return np.random.default_rng([self.config.seed, SPLITS.index(self.split), index, *stream])
 
     def _domain_rng(self, index: int) -> np.random.Generator:

@@ -9,6 +9,12 @@ entry to its results. `eval.batch_size` and `eval.num_examples` are shared by al
   held-out pairs are defined by the training captions); other runs skip it.
 - `shapes_long_text`: retrieval on shapes captions over 77 tokens (`long_*`) and the hard-pairs test
   (`hard_pairs_acc`, `hard_pairs_image_acc`); see long_text.py. Also only for `shapes` runs.
+- `shapes_binding`: how often a test image's short caption scores above the same caption with its salient object's
+  colour (`binding_colour_acc`) or shape (`binding_shape_acc`) replaced by another training pair's (method negclip's
+  negatives; SugarCrepe's replace kind), on held-out pairs and on seen ones (`_seen`); and, on seen pairs' scenes of
+  two objects of other colours and shapes, "a red circle and a blue star." above "a blue circle and a red star."
+  (`binding_swap_acc`: ARO's VG-Attribution test, Yuksekgonul et al. 2023, on shapes; a bag of words ties, which
+  counts as a failure). Also only for `shapes` runs.
 - `long_text_set`: long-text retrieval on `path`, a folder in the Urban-1k layout or a JSON file (`<name>_i2t_r1`, ...).
 - `zero_shot_folder`: zero-shot top-1/5 on `path`, images in class folders (`<name>_top1`, `<name>_skipped`, and
   `<name>_top5` where there are over 5 classes).
@@ -39,7 +45,7 @@ import numpy as np
 from clip_jax.data.classification import class_embeddings, few_shot_task, read_names
 from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.pipeline import get_source, shapes_held_out_split
-from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
+from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES, with_article
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.errors import ConfigError, UnscorableClasses
 from clip_jax.evaluate import trained_on_shapes
@@ -150,6 +156,62 @@ def run_shapes_long_text(ctx: Context, name: str, entry: ShapesEval) -> dict[str
     images, captions = hard_pairs(size, seed, n // 2, ctx.tokenizer)
     pairs = hard_pairs_accuracy(ctx.encoder.images(images), ctx.texts(captions))
     results["hard_pairs_acc"], results["hard_pairs_image_acc"] = pairs["pairs"], pairs["images"]
+    return results
+
+
+@functools.lru_cache(maxsize=4)
+def _replaced_captions(config_json: str, split: str, n: int) -> tuple[list[str], dict[str, list[str]]]:
+    """The first `n` items' short captions of `split` and, per attribute, the same with it replaced."""
+    source = get_source(ml_collections.ConfigDict(json.loads(config_json)), split)
+    captions = [source.captions(i)["short_caption"] for i in range(n)]
+    replaced = {a: [source.negatives(i, a)["short_caption_negative"] for i in range(n)] for a in ("colour", "shape")}
+    return captions, replaced
+
+
+def _two_objects(colour: str, shape: str, other_colour: str, other_shape: str) -> str:
+    return f"{with_article(f'{colour} {shape}')} and {with_article(f'{other_colour} {other_shape}')}."
+
+
+@functools.lru_cache(maxsize=4)
+def _swapped_pairs(config_json: str, n: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """Up to `n` images of seen pairs' test scenes whose salient object and another differ in colour and in shape,
+    with "a {c1} {s1} and a {c2} {s2}." and the same with the two colours swapped (ARO's VG-Attribution pairs: the
+    same words, bound the other way)."""
+    source = get_source(ml_collections.ConfigDict(json.loads(config_json)), "test_seen")
+    images, captions, swapped = [], [], []
+    for i in range(20 * n):
+        scene = source.scene(i)
+        first = scene.salient
+        other = next((o for o in scene.objects if o.colour != first.colour and o.shape != first.shape), None)
+        if other is None:
+            continue
+        images.append(source[i]["image"])
+        captions.append(_two_objects(first.colour, first.shape, other.colour, other.shape))
+        swapped.append(_two_objects(other.colour, first.shape, first.colour, other.shape))
+        if len(images) == n:
+            break
+    return np.stack(images), captions, swapped
+
+
+def _beats(image_embeds: np.ndarray, own: np.ndarray, other: np.ndarray) -> float:
+    """The share of images whose own text scores above the other (a tie is a failure)."""
+    return float(np.mean(np.sum(image_embeds * own, -1) > np.sum(image_embeds * other, -1)))
+
+
+def run_shapes_binding(ctx: Context, name: str, entry: ShapesEval) -> dict[str, float]:
+    if not trained_on_shapes(ctx.config, name):
+        return {}
+    config, n = ctx.config, ctx.num_examples(entry)
+    key, results = config.to_json(), {}
+    for split, suffix in (shapes_held_out_split(config), ("test_seen", "_seen")):
+        images, _, _ = _shapes_eval_data(key, split, n, None)
+        image_embeds = ctx.encoder.images(images)
+        captions, replaced = _replaced_captions(key, split, n)
+        own = ctx.texts(captions)
+        for attribute, texts in replaced.items():
+            results[f"binding_{attribute}_acc{suffix}"] = _beats(image_embeds, own, ctx.texts(texts))
+    images, captions, swapped = _swapped_pairs(key, n)
+    results["binding_swap_acc"] = _beats(ctx.encoder.images(images), ctx.texts(captions), ctx.texts(swapped))
     return results
 
 
@@ -314,6 +376,7 @@ Evaluator = tuple[type, Callable[[Context, str, Any], dict[str, float]]]
 EVALUATORS: dict[str, Evaluator] = {
     "shapes": (ShapesEval, run_shapes),
     "shapes_long_text": (ShapesEval, run_shapes_long_text),
+    "shapes_binding": (ShapesEval, run_shapes_binding),
     "long_text_set": (LongTextSetEval, run_long_text_set),
     "zero_shot_folder": (ZeroShotFolderEval, run_zero_shot_folder),
     "zero_shot_tfds": (ZeroShotTfdsEval, run_zero_shot_tfds),

@@ -1,11 +1,13 @@
-"""NegCLIP (Yuksekgonul et al., ICLR 2023, "When and why vision-language models behave like bags-of-words"): CLIP
-with a hard negative caption per example, its own caption with the words that bind attributes to objects changed.
+"""NegCLIP's loss (Yuksekgonul et al., ICLR 2023, "When and why vision-language models behave like
+bags-of-words"): CLIP with a hard negative caption per example, added to the batch's texts, so that every image is
+scored against every negative in the image-to-text term (losses.clip_loss, `negative_key`).
 
-The paper fine-tunes CLIP on COCO with captions whose words are swapped, and adds the negatives to the batch's texts:
-every image is scored against every negative in the image-to-text term (losses.clip_loss, `negative_key`). Here the
-negatives come from the shapes source (`data.negative_captions`): the caption with the salient object's colour or
-shape swapped for another training pair's (data/shapes.py, `negative_captions`), so they name the binding the
-zero-shot test of held-out pairs asks for. A step costs a second text-tower pass.
+The paper's negatives swap words within a caption (two nouns, two adjectives: the same words bound otherwise) and it
+fine-tunes a pretrained CLIP on COCO with them. Here the negatives come from the shapes source
+(`data.negative_captions`, data/shapes.py's `negative_captions`): each caption with its salient object's colour or
+shape replaced by another training pair's (SugarCrepe's "replace" kind; a short caption names one object and has
+nothing to swap). A step costs a second text-tower pass. docs/demo.md (the twenty-first round) has what it did on
+shapes, and the `shapes_binding` evaluation both kinds of test.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class NegClipMethod(ClipMethod):
         fns = super().step_fns(model)
 
         def targets(batch):
-            # The keys mark a negative identical to an image's caption (a long caption cut before the swapped word)
+            # The keys mark a negative identical to an image's caption (a long caption cut before the replaced word)
             return {"caption_key": losses.caption_key(batch["text"]),
                     "negative_caption_key": losses.caption_key(batch[NEGATIVE_TEXT])}
 
