@@ -173,6 +173,25 @@ def test_the_binding_tests_score_what_the_embeddings_hold(encoder):
                        "binding_shape_acc_seen": shape, "binding_swap_acc": 0.0}
 
 
+def test_the_binding_tests_of_single_object_scenes_leave_out_the_swap(caplog):
+    class Flat:
+        def images(self, images):
+            return np.ones((len(images), 4), np.float32)
+
+    @dataclasses.dataclass(frozen=True)
+    class FlatTexts(suite.Context):
+        def texts(self, texts):
+            return np.ones((len(texts), 4), np.float32)
+
+    config = load_config(DEMO, ["--config.eval.num_examples=8", "--config.data.max_objects=1"])
+    entry = suite.parse_entry("binding", suite.eval_defaults("shapes_binding"))
+    with caplog.at_level("INFO"):
+        got = suite.run_shapes_binding(FlatTexts(config, Flat(), None), "binding", entry)
+    assert set(got) == {f"binding_{a}_acc{s}" for a in ("colour", "shape") for s in ("", "_seen")}
+    assert set(got.values()) == {0.0}  # every pair ties
+    assert "no binding_swap_acc: no test scene has two objects" in caplog.text
+
+
 def write_folder(root, misfiled: int):
     """Class folders red/green/blue with 4 images of their colour each, except `misfiled` blue images filed under
     green, and one file that is not an image."""

@@ -459,10 +459,9 @@ def negative_captions(scene: Scene, caption_state: dict, rng: np.random.Generato
     `short_caption_negative`, `long_caption_negative`, `partial_caption_negative`. Each is that caption with the
     salient object's colour or its shape replaced (the partial caption: the attribute it names), phrased from
     `caption_state`, the state of the generator the true captions were drawn from (`scene_captions`), so that only
-    the replaced word and its article differ. The replacement, drawn from `rng`, keeps the
-    salient object's pair in `allowed` (the training pairs): a negative never names a held-out pair either. Which
-    attribute the full captions replace is drawn too, unless `attribute` ("colour" or "shape") says (the draws are
-    the same either way)."""
+    the replaced word and its article differ. The replacement, drawn from `rng`, keeps the salient object's pair in
+    `allowed` (the training pairs): a negative never names a held-out pair either. Which attribute the full captions
+    replace is drawn too, unless `attribute` ("colour" or "shape") says (the draws are the same either way)."""
     salient = scene.salient
     colours = [c for c in COLOURS if c != salient.colour and (c, salient.shape) in allowed]
     shapes = [s for s in SHAPES if s != salient.shape and (salient.colour, s) in allowed]

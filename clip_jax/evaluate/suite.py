@@ -190,7 +190,7 @@ def _swapped_pairs(config_json: str, n: int) -> tuple[np.ndarray, list[str], lis
         swapped.append(_two_objects(other.colour, first.shape, first.colour, other.shape))
         if len(images) == n:
             break
-    return np.stack(images), captions, swapped
+    return np.asarray(images, np.uint8), captions, swapped
 
 
 def _beats(image_embeds: np.ndarray, own: np.ndarray, other: np.ndarray) -> float:
@@ -211,6 +211,9 @@ def run_shapes_binding(ctx: Context, name: str, entry: ShapesEval) -> dict[str, 
         for attribute, texts in replaced.items():
             results[f"binding_{attribute}_acc{suffix}"] = _beats(image_embeds, own, ctx.texts(texts))
     images, captions, swapped = _swapped_pairs(key, n)
+    if not captions:  # e.g. data.max_objects = 1
+        log.info("evals.%s: no binding_swap_acc: no test scene has two objects of other colours and shapes", name)
+        return results
     results["binding_swap_acc"] = _beats(ctx.encoder.images(images), ctx.texts(captions), ctx.texts(swapped))
     return results
 
