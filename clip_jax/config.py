@@ -95,9 +95,12 @@ def default_config() -> ml_collections.ConfigDict:
     # shapes: also keep shapes.VALIDATION_HELD_OUT out of training, and score the held-out zero-shot on those pairs
     # (zero_shot_top1_val) instead of the test pairs: for choosing a recipe without looking at the test pairs.
     c.data.shapes_validation_pairs = False
-    # shapes: each example also carries, for each of its captions, one that does not match it (the salient object's
-    # colour or shape replaced by another training pair's): the hard negatives of method negclip
+    # Each example also carries a caption that does not match it: the hard negatives of method negclip. shapes: for
+    # each of its captions (the salient object's colour or shape replaced by another training pair's); caption files
+    # (data.source "captions"): each row's negative_caption_field column (e.g. neg_caption), against its caption (a
+    # short_caption column is then not read); a row without one is dropped and counted.
     c.data.negative_captions = False
+    c.data.negative_caption_field = "negative_caption"
     # File sources (data.source "sharegpt4v": ShareGPT4V JSON; "captions": JSONL or CSV of image, caption
     # [, short_caption]); see clip_jax/data/captions.py. Image paths are relative to image_root (default: the
     # file's folder); undecodable images are skipped and counted. "records": ArrayRecord shards written by

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.config import default_config, method_config
+from clip_jax.config import ConfigError, default_config, method_config
 from clip_jax.data.captions import CaptionFileSource, Row, file_source, read_table
 from clip_jax.data.images import load_image
-from clip_jax.data.pipeline import STATS, DecodeExample, get_source, train_iterator
+from clip_jax.data.pipeline import STATS, DecodeExample, check_train_source, get_source, train_iterator
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.methods import get_method
 from clip_jax.models.presets import model_preset
@@ -130,6 +130,41 @@ def test_own_short_captions_from_jsonl(folder):
     shorts = {tuple(r): i for i, r in enumerate(tokenizer([r["short_caption"] for r in rows], SHORT))}
     for text, short in zip(batch["text"], batch["short_text"], strict=True):
         np.testing.assert_array_equal(text, tokenizer([LONG[shorts[tuple(short)]]], CONTEXT)[0])
+
+
+def test_negative_captions_from_a_caption_file(folder, caplog):
+    """data.negative_captions with a caption file (method negclip): each row's negative column stands against its
+    caption; a row without one is dropped; a short caption is not trained on; a file without the column is one
+    line at launch."""
+    names = ("a.png", "b.jpg", "c.png")
+    rows = [{"image": n, "caption": c, "short_caption": f"short {i}", "neg_caption": f"negative {i} {c}"}
+            for i, (n, c) in enumerate(zip(names, LONG, strict=False))]
+    rows[1].pop("neg_caption")  # b.jpg has no negative: dropped
+    (folder / "n.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = default_config()
+    config.model = model_preset("tiny", vocab_size=600, context_length=CONTEXT)
+    config.model.vision.image_size = SIZE
+    config.batch_size = 4
+    config.data.update(source="captions", path=str(folder / "n.jsonl"), augment=False, negative_captions=True,
+                       negative_caption_field="neg_caption")
+    config.method = method_config("negclip")
+    tokenizer = ClipTokenizer.train(LONG * 3 + [f"negative {i} short {i}" for i in range(3)] * 3, 600)
+    with caplog.at_level("WARNING"):
+        batch = next(train_iterator(config, tokenizer, captions=get_method(config).captions()))
+    assert "3 rows have a short caption, which is not trained on with negative captions" in caplog.text
+    assert batch["negative_text"].shape == batch["text"].shape == (4, CONTEXT)
+    kept = {0: tokenizer([rows[0]["neg_caption"]], CONTEXT)[0], 2: tokenizer([rows[2]["neg_caption"]], CONTEXT)[0]}
+    for text, negative in zip(batch["text"], batch["negative_text"], strict=True):
+        i = next(i for i in kept if np.array_equal(text, tokenizer([LONG[i]], CONTEXT)[0]))  # the caption, not short
+        np.testing.assert_array_equal(negative, kept[i])
+    assert batch[STATS]["example_index"].max() >= 4  # the row without a negative was dropped, so others repeat
+
+    (folder / "plain.jsonl").write_text("".join(json.dumps({"image": n, "caption": c}) + "\n"
+                                                for n, c in zip(names, LONG, strict=False)))
+    config.data.path = str(folder / "plain.jsonl")
+    with pytest.raises(ConfigError, match="no row has a 'neg_caption' column or key for its negative caption; name "
+                                          "it with data.negative_caption_field"):
+        check_train_source(config)
 
 
 def test_a_set_of_undecodable_images_is_an_error_not_a_hang(folder):

@@ -194,6 +194,7 @@ class _Entry(NamedTuple):  # one row, as training reads it (a tuple: millions of
     short_caption: str
     bad_utf8: bool
     problem: str | None
+    negative: str = ""  # the caption that does not match the row (`negative_field`)
 
 
 class CaptionFileSource:
@@ -205,14 +206,26 @@ class CaptionFileSource:
 
     encoded_images = True  # items name image files for pipeline.DecodeExample
 
-    def __init__(self, rows: Sequence[Row], name: str = "caption file"):
+    def __init__(self, rows: Sequence[Row], name: str = "caption file", negative_field: str | None = None):
         if not rows:
             raise ValueError(f"{name}: no records to train on")
+        if negative_field and not any((row.metadata or {}).get(negative_field) for row in rows):
+            raise ValueError(f"{name}: no row has a {negative_field!r} column or key for its negative caption; name "
+                             "it with data.negative_caption_field")
         self._entries = []
         for row in rows:
             caption, bad_long = caption_text(row.caption)
             short, bad_short = caption_text(row.short_caption)
-            self._entries.append(_Entry(row.key, row.image, caption, short, bad_long or bad_short, row.problem))
+            negative, bad_negative, problem = "", False, row.problem
+            if negative_field:
+                # The negative stands against the row's caption: the short one, which has none, is not trained on.
+                negative, bad_negative = caption_text((row.metadata or {}).get(negative_field))
+                short, problem = "", problem or (None if negative else f"no {negative_field}")
+            self._entries.append(_Entry(row.key, row.image, caption, short, bad_long or bad_short or bad_negative,
+                                        problem, negative))
+        if negative_field and (shorts := sum(bool(row.short_caption) for row in rows)):
+            log.warning("%s: %d rows have a short caption, which is not trained on with negative captions (a negative "
+                        "stands against a row's caption)", name, shorts)
         bad_utf8 = sum(e.bad_utf8 for e in self._entries)
         unusable = sum(bool(e.problem or not e.caption) for e in self._entries)
         if bad_utf8:
@@ -230,13 +243,15 @@ class CaptionFileSource:
         item = {"path": entry.path, "long_caption": entry.caption, "bad_utf8": int(entry.bad_utf8), "key": entry.key}
         if entry.short_caption:
             item["short_caption"] = entry.short_caption
+        if entry.negative:
+            item["long_caption_negative"] = entry.negative
         if entry.problem:
             item["error"] = entry.problem
         return item
 
 
 def file_source(path: str, fmt: str | None, image_root: str, skip: int,
-                fields: tuple[str, str] = FIELDS[:2]) -> CaptionFileSource:
+                fields: tuple[str, str] = FIELDS[:2], negative_field: str | None = None) -> CaptionFileSource:
     """A source over the rows of the table at `path` (format `fmt`, or by its suffix: `table_format`), less the
     first `skip`; images under `image_root` (default: the file's folder); `fields`: the image and caption columns.
     The table is read once per version of the file: the launch's check, the tokenizer corpus and the training
@@ -247,12 +262,12 @@ def file_source(path: str, fmt: str | None, image_root: str, skip: int,
         stamp = tuple(file_stamp(path).items())
     except OSError:
         stamp = None  # read_table then says what is wrong with the path (a failure is not cached)
-    return _cached_source(path, fmt, image_root, skip, tuple(fields), stamp)
+    return _cached_source(path, fmt, image_root, skip, tuple(fields), negative_field, stamp)
 
 
 @functools.lru_cache(maxsize=1)  # the last table only: a run reads one
 def _cached_source(path: str, fmt: str | None, image_root: str, skip: int, fields: tuple[str, str],
-                   stamp: tuple | None) -> CaptionFileSource:
+                   negative_field: str | None, stamp: tuple | None) -> CaptionFileSource:
     del stamp  # a key of the cache only: another version of the file is another entry
     rows = read_table(path, fmt or table_format(path), image_root or None, (*fields, FIELDS[2]))
-    return CaptionFileSource(rows[skip:], path)
+    return CaptionFileSource(rows[skip:], path, negative_field)

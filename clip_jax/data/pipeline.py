@@ -146,7 +146,8 @@ def _file_source(fmt: str | None):
         if split != "train":
             raise ValueError(f"data.source {config.data.source!r} has only a train split, not {split!r}")
         d = config.data
-        return captions.file_source(d.path, fmt, d.image_root, d.skip, (d.image_field, d.caption_field))
+        negative = d.negative_caption_field if d.negative_captions else None
+        return captions.file_source(d.path, fmt, d.image_root, d.skip, (d.image_field, d.caption_field), negative)
 
     return make
 
