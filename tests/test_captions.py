@@ -152,6 +152,7 @@ def test_negative_captions_from_a_caption_file(folder, caplog):
     with caplog.at_level("WARNING"):
         batch = next(train_iterator(config, tokenizer, captions=get_method(config).captions()))
     assert "3 rows have a short caption, which is not trained on with negative captions" in caplog.text
+    assert "1 of 3 rows have no image path or no caption or no neg_caption; training drops them" in caplog.text
     assert batch["negative_text"].shape == batch["text"].shape == (4, CONTEXT)
     kept = {0: tokenizer([rows[0]["neg_caption"]], CONTEXT)[0], 2: tokenizer([rows[2]["neg_caption"]], CONTEXT)[0]}
     for text, negative in zip(batch["text"], batch["negative_text"], strict=True):

@@ -232,8 +232,8 @@ class CaptionFileSource:
             log.warning("%s: %d of %d rows have captions with bytes that are not UTF-8; they are replaced by U+FFFD "
                         "(training counts them in data_bad_utf8)", name, bad_utf8, len(rows))
         if unusable:
-            log.warning("%s: %d of %d rows have no image path or no caption; training drops them (data_dropped)",
-                        name, unusable, len(rows))
+            log.warning("%s: %d of %d rows have no image path or no caption%s; training drops them (data_dropped)",
+                        name, unusable, len(rows), f" or no {negative_field}" if negative_field else "")
 
     def __len__(self) -> int:
         return len(self._entries)
