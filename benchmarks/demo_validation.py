@@ -176,7 +176,6 @@ WD01 = "--config.optimizer.weight_decay=0.1"
 # SigLIP's loss with the paper's temperature (10) and no clamp; the rounds differ in the bias alone
 SIGLIP = ("--config.method.name=siglip", "--config.model.logit_scale_init=2.302585092994046",  # ln 10
           "--config.model.max_logit_scale=0")
-NEGCLIP = ("--config.method.name=negclip", "--config.data.negative_captions=True")
 CANDIDATES = {  # name -> (config, overrides)
     "demo": ("configs/demo.py:b128", ()),
     "batch256": ("configs/demo.py:b128", (
@@ -214,11 +213,9 @@ CANDIDATES = {  # name -> (config, overrides)
     "siglip_b55": ("configs/demo.py", (*SIGLIP, "--config.model.logit_bias_init=-5.545177444479562")),  # -ln 256
     "colourshuffle": ("configs/demo.py", ("--config.data.shuffled_colour_prob=1.0",)),
     "meanpool": ("configs/demo.py", ("--config.model.vision.pool=mean",)),
-    "negclip": ("configs/demo.py", (*NEGCLIP, "--config.total_steps=879", "--config.optimizer.warmup_steps=117",
-                                    "--config.eval.every_steps=293", "--config.checkpoint.every_steps=293")),
-    "negclip_image": ("configs/demo.py", (*NEGCLIP, "--config.method.negative_text_grad=False",
-                                          "--config.total_steps=1017", "--config.optimizer.warmup_steps=136",
-                                          "--config.eval.every_steps=339", "--config.checkpoint.every_steps=339")),
+    # (run as configs/demo.py with the recipes' fields as overrides: the same configs, compared in full)
+    "negclip": ("configs/negclip_shapes.py", ()),
+    "negclip_image": ("configs/negclip_shapes.py:image", ()),
 }
 # Rounds in order: (the recipe in configs/demo.py when the round was decided, its challengers, margin). The best
 # challenger replaces the incumbent when its mean is at least the incumbent's plus the margin: +0.01 for a change

@@ -87,13 +87,19 @@ def clip_loss(
     positives = _positives(outputs, offset, n_global, keys)
     logits_i2t = scale * image @ all_text.T
     logits_t2i = scale * text @ all_image.T
-    valid = None
+    valid, metrics = None, {}
     if negative_key is not None:
         all_negative = jax.lax.all_gather(outputs[negative_key], axis_name, tiled=True)
         negative_keys = jax.lax.all_gather(outputs["negative_caption_key"], axis_name, tiled=True)
         distinct = outputs["caption_key"][:, None] != negative_keys[None, :]
         # A large finite value, not -inf: the targets' zeros times -inf would be NaN in the cross-entropy.
         negative_logits = jnp.where(distinct, scale * image @ all_negative.T, -1e9)
+        # Of the images whose own negative differs from their caption, the share that score their caption above it:
+        # whether the negatives are being learnt
+        rows, own = jnp.arange(b_local), offset + jnp.arange(b_local)
+        differs, beats = distinct[rows, own], logits_i2t[rows, own] > negative_logits[rows, own]
+        counts = jax.lax.psum(jnp.stack([jnp.sum(beats & differs), jnp.sum(differs)]), axis_name)
+        metrics["hard_negative_acc"] = counts[0] / jnp.maximum(counts[1], 1)
         logits_i2t = jnp.concatenate([logits_i2t, negative_logits], axis=-1)
         positives = jnp.concatenate([positives, jnp.zeros_like(negative_logits)], axis=-1)
         valid = jnp.concatenate([jnp.ones_like(distinct), distinct], axis=-1)
@@ -102,15 +108,7 @@ def clip_loss(
     )
     loss = jax.lax.psum(ce.sum(), axis_name) / (2 * n_global)
     hit = jnp.take_along_axis(positives, jnp.argmax(logits_i2t, -1)[:, None], axis=-1)
-    metrics = {"i2t_acc": jax.lax.psum(hit.sum(), axis_name) / n_global}
-    if negative_key is not None:
-        # Of the images whose own negative differs from their caption, the share that score their caption above it:
-        # whether the negatives are being learnt
-        own = offset + jnp.arange(b_local)
-        differs = jnp.take_along_axis(distinct, own[:, None], axis=-1)[:, 0]
-        beats = jnp.sum(image * text, -1) > jnp.sum(image * outputs[negative_key], -1)
-        counts = jax.lax.psum(jnp.stack([jnp.sum(beats & differs), jnp.sum(differs)]), axis_name)
-        metrics["hard_negative_acc"] = counts[0] / jnp.maximum(counts[1], 1)
+    metrics["i2t_acc"] = jax.lax.psum(hit.sum(), axis_name) / n_global
     return loss, metrics
 
 

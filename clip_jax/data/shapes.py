@@ -453,26 +453,18 @@ def partial_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return caption, ("colour", "shape")[kind]
 
 
-def negative_captions(scene: Scene, caption_state: dict, rng: np.random.Generator,
-                      allowed: frozenset[tuple[str, str]], attribute: str | None = None) -> dict[str, str]:
-    """Captions that do not match `scene` (method negclip's hard negatives), keyed by the caption each stands against:
-    `short_caption_negative`, `long_caption_negative`, `partial_caption_negative`. Each is that caption with the
-    salient object's colour or its shape replaced (the partial caption: the attribute it names), phrased from
-    `caption_state`, the state of the generator the true captions were drawn from (`scene_captions`), so that only
-    the replaced word and its article differ. The replacement, drawn from `rng`, keeps the salient object's pair in
-    `allowed` (the training pairs): a negative never names a held-out pair either. Which attribute the full captions
-    replace is drawn too, unless `attribute` ("colour" or "shape") says (the draws are the same either way)."""
+def replaced_captions(scene: Scene, caption_state: dict, rng: np.random.Generator,
+                      allowed: frozenset[tuple[str, str]]) -> dict[str, dict[str, str]]:
+    """`scene_captions` of `scene` with its salient object's colour replaced ("colour") and, apart, with its shape
+    replaced ("shape"), each by another that keeps the object's pair in `allowed` (the training pairs: never a
+    held-out pair), drawn from `rng`. Phrased from `caption_state`, the state of the generator the true captions were
+    drawn from, so that only the replaced word and its article differ."""
     salient = scene.salient
     colours = [c for c in COLOURS if c != salient.colour and (c, salient.shape) in allowed]
     shapes = [s for s in SHAPES if s != salient.shape and (salient.colour, s) in allowed]
     if not colours or not shapes:
         raise ValueError(f"{salient.colour} {salient.shape}: no other colour or no other shape makes a training "
                          "pair with it, so it has no hard negative")
-    new_colour, new_shape, replace_shape = _pick(rng, tuple(colours)), _pick(rng, tuple(shapes)), rng.random() < 0.5
-    if attribute is not None:
-        if attribute not in ("colour", "shape"):
-            raise ValueError(f"attribute must be 'colour' or 'shape', got {attribute!r}")
-        replace_shape = attribute == "shape"
 
     def captions_with(**replacement: str) -> dict[str, str]:
         changed = dataclasses.replace(salient, **replacement)
@@ -481,9 +473,19 @@ def negative_captions(scene: Scene, caption_state: dict, rng: np.random.Generato
         generator.bit_generator.state = caption_state
         return scene_captions(dataclasses.replace(scene, objects=objects), generator)
 
-    by_colour, by_shape = captions_with(colour=new_colour), captions_with(shape=new_shape)
-    full = by_shape if replace_shape else by_colour
-    partial = by_shape if by_colour["partial_caption_kind"] == "shape" else by_colour
+    return {"colour": captions_with(colour=_pick(rng, tuple(colours))),
+            "shape": captions_with(shape=_pick(rng, tuple(shapes)))}
+
+
+def negative_captions(scene: Scene, caption_state: dict, rng: np.random.Generator,
+                      allowed: frozenset[tuple[str, str]]) -> dict[str, str]:
+    """Captions that do not match `scene` (method negclip's hard negatives), keyed by the caption each stands against:
+    `short_caption_negative`, `long_caption_negative`, `partial_caption_negative`. Each is that caption with the
+    salient object's colour or its shape replaced (`replaced_captions`; which one drawn from `rng`, the partial
+    caption's: the attribute it names)."""
+    replaced = replaced_captions(scene, caption_state, rng, allowed)
+    full = replaced["shape" if rng.random() < 0.5 else "colour"]
+    partial = replaced[replaced["colour"]["partial_caption_kind"]]
     return {"short_caption_negative": full["short_caption"], "long_caption_negative": full["long_caption"],
             "partial_caption_negative": partial["partial_caption"]}
 
@@ -546,18 +548,20 @@ class ShapesDataset:
         # The clean domain draws nothing from the domain's generator: not seeding one saves ~25 us an example.
         domain_rng = None if self.domain.is_clean else self._domain_rng(index)
         scene = self._sample_scene(rng)
-        caption_state = rng.bit_generator.state  # the image draws nothing from `rng`: this is the captions' state
+        negatives = self.config.negative_captions
+        # the image draws nothing from `rng`: this is the captions' state (read only where negatives need it)
+        caption_state = rng.bit_generator.state if negatives else None
         example = render_example(scene, self.config.image_size, rng, self.domain, domain_rng)
-        if self.config.negative_captions:
+        if negatives:
             example.update(negative_captions(scene, caption_state, self._rng(index, 2), self._seen_pairs))
         return example
 
-    def negatives(self, index: int, attribute: str | None = None) -> dict[str, str]:
-        """Item `index`'s negative captions (`negative_captions`, the ones `data.negative_captions` adds to it), or
-        with the full captions' replacement of `attribute` ("colour" or "shape") instead of the drawn one."""
+    def replaced_captions(self, index: int) -> dict[str, dict[str, str]]:
+        """Item `index`'s captions with its salient object's colour, and apart its shape, replaced: the two its
+        negative captions (`data.negative_captions`) are drawn from."""
         rng = self._rng(index)
         scene = self._sample_scene(rng)
-        return negative_captions(scene, rng.bit_generator.state, self._rng(index, 2), self._seen_pairs, attribute)
+        return replaced_captions(scene, rng.bit_generator.state, self._rng(index, 2), self._seen_pairs)
 
     def scene(self, index: int) -> Scene:
         """The scene description that ``self[index]`` renders."""

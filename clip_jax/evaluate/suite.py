@@ -164,8 +164,8 @@ def _replaced_captions(config_json: str, split: str, n: int) -> tuple[list[str],
     """The first `n` items' short captions of `split` and, per attribute, the same with it replaced."""
     source = get_source(ml_collections.ConfigDict(json.loads(config_json)), split)
     captions = [source.captions(i)["short_caption"] for i in range(n)]
-    replaced = {a: [source.negatives(i, a)["short_caption_negative"] for i in range(n)] for a in ("colour", "shape")}
-    return captions, replaced
+    items = [source.replaced_captions(i) for i in range(n)]
+    return captions, {a: [item[a]["short_caption"] for item in items] for a in ("colour", "shape")}
 
 
 def _two_objects(colour: str, shape: str, other_colour: str, other_shape: str) -> str:

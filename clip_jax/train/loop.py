@@ -252,7 +252,7 @@ def create_state(config: ml_collections.ConfigDict, method: Method, model: nn.Mo
 
 
 def preparation(config, method: Method, mesh, workdir, tokenizer, start: tuple[Checkpointer, int | None],
-                 rng, training: bool, resumed: bool = False) -> Preparation:
+                rng, training: bool, resumed: bool = False) -> Preparation:
     """`Method.prepare`'s view of the run: embedding functions of the model the run starts from (a checkpoint:
     the warm start's or the latest; else the initial parameters), loaded on first use."""
 
@@ -430,7 +430,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     tokenizer = make_tokenizer(config, workdir, new_run=checkpointer.latest_step() is None,
                                checked=checked_tokenizer)
     method.prepare(preparation(config, method, mesh, workdir, tokenizer, init_source or (checkpointer, resume_step),
-                                rng, training=True, resumed=resume_step is not None))
+                               rng, training=True, resumed=resume_step is not None))
     # This host's rows of every global batch: the ones its devices hold.
     data_iter = method.train_data(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)))
 
