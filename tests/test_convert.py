@@ -192,7 +192,7 @@ def test_tsv_and_jsonl(tmp_path):
     write_images(tmp_path, ["x.png", "y.png"])
     (tmp_path / "t.tsv").write_text('image\tcaption\nx.png\ta "quoted" caption\ny.png\tsecond\n', encoding="utf-8")
     (tmp_path / "t.jsonl").write_text(
-        '{"image": "x.png", "caption": "j1", "short_caption": "s1", "id": 7}\n{broken json\n\n'
+        '{"image": "x.png", "caption": "j1", "short_caption": "s1", "id": 7, "note": "caf\\udce9"}\n{broken json\n\n'
         '{"image": "y.png", "caption": "\\udc80 lone surrogate"}\n{"image": "y.png", "caption": "j2"}\n')
     convert.convert("tsv", [str(tmp_path / "t.tsv")], str(tmp_path / "tsv"))
     assert [r["caption"] for r in read_shards((tmp_path / "tsv").glob("*.arrayrecord"))] == ['a "quoted" caption',
@@ -201,7 +201,8 @@ def test_tsv_and_jsonl(tmp_path):
     assert summary["skipped"] == {"bad_row": 1, "non_utf8_caption": 1}
     recs = read_shards((tmp_path / "jsonl").glob("*.arrayrecord"))
     assert [(r["caption"], r.get("short_caption")) for r in recs] == [("j1", "s1"), ("j2", None)]
-    assert records.record_metadata(recs[0]) == {"id": 7}
+    # metadata holding what is not UTF-8 (a JSON escape here; a table's stray byte alike) is kept as it was
+    assert records.record_metadata(recs[0]) == {"id": 7, "note": "caf\udce9"}
 
 
 def test_sharegpt4v(tmp_path):
@@ -312,6 +313,54 @@ def test_cli_convert_inspect_and_train_on_the_result(tmp_path, capsys):
     batch = next(iter(train_dataset(config, tokenizer)))
     size = config.model.vision.image_size
     assert batch["image"].shape == (4, size, size, 3) and batch["text"].shape == (4, 8)
+
+
+def test_a_tables_negative_captions_train_negclip_from_its_records(tmp_path, caplog):
+    """A table's negative caption column is kept in its records' metadata, where data.source 'records' reads it for
+    method negclip: each example's negative is its row's, a record without one is dropped, a short caption is not
+    trained on; shards without the key are one line at launch."""
+    from clip_jax.config import ConfigError, default_config, method_config
+    from clip_jax.data.pipeline import STATS, check_train_source, train_iterator
+    from clip_jax.methods import get_method
+    from clip_jax.models.presets import model_preset
+
+    names = [f"{'x' * (i + 1)}.png" for i in range(5)]  # names of distinct lengths: images of distinct pixel values
+    write_images(tmp_path, names)
+    rows = [{"image": n, "caption": f"caption {i}", "short_caption": f"short {i}", "neg_caption": f"swapped  {i}"}
+            for i, n in enumerate(names)]
+    del rows[2]["neg_caption"]  # dropped in training
+    rows[4]["neg_caption"] = "swapped \udc80 4"  # not UTF-8: kept with U+FFFD, and marked
+    (tmp_path / "n.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    convert.convert("jsonl", [str(tmp_path / "n.jsonl")], str(tmp_path / "out"))
+
+    config = default_config()
+    config.model = model_preset("tiny", vocab_size=600, context_length=8)
+    config.batch_size = 8
+    config.data.update(source="records", path=str(tmp_path / "out"), augment=False, negative_captions=True,
+                       negative_caption_field="neg_caption")
+    config.method = method_config("negclip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny corpus cannot fill the vocabulary
+        tokenizer = ClipTokenizer.train([f"caption {i} short {i} swapped {i}" for i in range(4)] * 3, 600)
+    with caplog.at_level("WARNING"):
+        check_train_source(config)
+        batch = next(train_iterator(config, tokenizer, captions=get_method(config).captions()))
+    assert "5 of the first 5 records have a short caption, which is not trained on with negative" in caplog.text
+    assert "no neg_caption in its metadata" in caplog.text  # the row without one, dropped in the stream
+    captions = {tuple(tokenizer([f"caption {i}"], 8)[0]): i for i in range(5)}
+    negatives = [tokenizer([f"swapped {i}" if i != 4 else "swapped \ufffd 4"], 8)[0] for i in range(5)]
+    seen = []
+    for text, negative in zip(batch["text"], batch["negative_text"], strict=True):
+        i = captions[tuple(text)]  # the caption, never the short one
+        np.testing.assert_array_equal(negative, negatives[i])  # whitespace collapsed
+        seen.append(i)
+    assert set(seen) == {0, 1, 3, 4}
+    np.testing.assert_array_equal(batch[STATS]["bad_utf8"], [i == 4 for i in seen])
+
+    config.data.negative_caption_field = "negative_caption"
+    with pytest.raises(ConfigError, match="none of the first 5 records has 'negative_caption' in its metadata for "
+                                          "its negative caption .*; name the key with data.negative_caption_field"):
+        check_train_source(config)
 
 
 def test_cli_formats_match_the_converter():

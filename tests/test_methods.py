@@ -307,7 +307,7 @@ def test_switching_the_method_keeps_what_was_set_and_takes_the_new_defaults():
     (["--config.method.name=siglip", "--config.method.ring=1"], "'method.ring' must be bool"),
     (["--config.method.name=groupvit", "--config.model.vision.pool=mean"],
      "method groupvit pools its own segment tokens, so model.vision.pool 'mean' would do nothing"),
-    (["--config.method.name=negclip"], "method negclip trains on negative captions, the shapes source's or a caption"),
+    (["--config.method.name=negclip"], "method negclip trains on negative captions, the shapes source's, a caption"),
     (["--config.data.negative_captions=True"], "method 'clip' does not train on data.negative_captions"),
 ])
 def test_method_mistakes_are_one_line(overrides, words):

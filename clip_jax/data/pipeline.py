@@ -146,8 +146,8 @@ def _file_source(fmt: str | None):
         if split != "train":
             raise ValueError(f"data.source {config.data.source!r} has only a train split, not {split!r}")
         d = config.data
-        negative = d.negative_caption_field if d.negative_captions else None
-        return captions.file_source(d.path, fmt, d.image_root, d.skip, (d.image_field, d.caption_field), negative)
+        return captions.file_source(d.path, fmt, d.image_root, d.skip, (d.image_field, d.caption_field),
+                                    records.negative_caption_field(config))
 
     return make
 
@@ -176,15 +176,21 @@ def check_train_source(config: ml_collections.ConfigDict) -> None:
     """Opens the training files of a run before anything of it is written, so that a caption table without its
     columns or rows, a folder or other file named as one, or a file that is not a shard is one ConfigError naming
     data.path, and the workdir is left as it was. Records: the shards are listed and the first opened (a set may
-    be thousands of remote files; the run opens them all), all of them if that one is empty."""
+    be thousands of remote files; the run opens them all), all of them if that one is empty; with negative captions,
+    the first records are read for them."""
     source = config.data.source
     if source not in ("captions", "sharegpt4v", "records"):
         return
     try:
         if source == "records":
             paths = records.list_shards(config.data.path)
-            if len(records.open_shards(paths[:1])) == 0:  # an empty first shard: is the whole set empty?
-                records.RecordSource(paths)
+            negative, first_empty = records.negative_caption_field(config), len(records.open_shards(paths[:1])) == 0
+            if first_empty or negative:  # is the whole set empty; do the first records hold negatives
+                source = records.RecordSource(paths if first_empty else paths[:1], negative)
+                if source.probed_short_captions:
+                    log.warning("%d of the first %d records have a short caption, which is not trained on with "
+                                "negative captions (the negative stands against the caption)",
+                                source.probed_short_captions, source.probed_records)
         else:
             get_source(config, "train")
     except captions.MissingColumns as e:

@@ -39,6 +39,7 @@ import msgpack
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
+from clip_jax.data.captions import caption_text
 from clip_jax.data.images import decode_image
 from clip_jax.errors import shortened
 from clip_jax.files import is_remote
@@ -66,10 +67,22 @@ def encode_record(image: bytes, caption: str, *, short_caption: str | None = Non
     if metadata is not None:
         text = metadata if isinstance(metadata, str) else json.dumps(metadata, ensure_ascii=False,
                                                                      separators=(",", ":"))
+        if not text.isascii() and not _encodable(text):
+            # Bytes that are not UTF-8 in a table's other columns (kept as lone surrogates) or a lone surrogate a
+            # JSON file escapes: JSON's escapes keep them as they were, where msgpack cannot pack them at all.
+            text = json.dumps(json.loads(text), separators=(",", ":"))
         record["metadata"] = text
     if key is not None:
         record["key"] = key
     return msgpack.packb(record, use_bin_type=True)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
@@ -205,19 +218,32 @@ class ShardWriter:
 # --- Training source ------------------------------------------------------------------------------------------
 
 
+NEGATIVE_PROBE = 100  # records read at launch to find the negative captions (data.negative_caption_field)
+
+
 class RecordSource:
     """Random-access source (for `grain.MapDataset.source`) over shards: items {"image_bytes", "long_caption"
     [, "short_caption"], "key"}, decoded in the pipeline's grain map. A record that does not parse comes back
-    without image bytes and with an `error`, so the map drops and counts it like an undecodable image."""
+    without image bytes and with an `error`, so the map drops and counts it like an undecodable image.
+
+    `negative_field` (data.negative_caption_field, method negclip): each item also carries the negative of its
+    caption, `long_caption_negative`, read from that key of the record's metadata (where `clip-jax data convert`
+    keeps a table's other columns and a tar's .json); a record without one comes back with an `error` (dropped and
+    counted), and its short caption is not read (the negative stands against the caption). A set none of whose
+    first NEGATIVE_PROBE records has one is a ValueError naming the key."""
 
     encoded_images = True  # items hold encoded bytes for pipeline.DecodeExample
 
-    def __init__(self, paths: Sequence[str]):
+    def __init__(self, paths: Sequence[str], negative_field: str | None = None):
         self.paths = list(paths)
+        self.negative_field = negative_field
+        self.probed_records = self.probed_short_captions = 0
         self._source = open_shards(self.paths)
         if len(self._source) == 0:
             raise ValueError(f"the shards {self.paths[:3]}{' ...' if len(self.paths) > 3 else ''} hold no records: "
                              "their conversion skipped every sample (its reports/ say why); convert again")
+        if negative_field:
+            self._probe_negatives()
 
     def __len__(self) -> int:
         return len(self._source)
@@ -229,9 +255,39 @@ class RecordSource:
         except ValueError as e:
             return {"image_bytes": None, "long_caption": "", "key": f"#{index}", "error": str(e)}
         item = {"image_bytes": record["image"], "long_caption": record["caption"], "key": record.get("key", "")}
-        if record.get("short_caption"):
+        if self.negative_field:
+            negative, bad_utf8 = self._negative(record)
+            if not negative:
+                return item | {"image_bytes": None, "error": f"no {self.negative_field} in its metadata"}
+            item |= {"long_caption_negative": negative, "bad_utf8": int(bad_utf8)}
+        elif record.get("short_caption"):
             item["short_caption"] = record["short_caption"]
         return item
+
+    def _negative(self, record: dict[str, Any]) -> tuple[str, bool]:
+        """(the record's negative caption, "" if none; whether it held bytes that are not UTF-8, now U+FFFD), its
+        whitespace collapsed as the converter does a caption's."""
+        try:
+            metadata = record_metadata(record)
+        except ValueError:  # metadata that is not JSON has no negative
+            return "", False
+        return caption_text(metadata.get(self.negative_field)) if isinstance(metadata, dict) else ("", False)
+
+    def _probe_negatives(self) -> None:
+        """Reads the first NEGATIVE_PROBE records: ValueError if none has a negative; `probed_short_captions` counts
+        those of them with a short caption (which training does not read), for the launch check to say."""
+        probed = []
+        for index in range(min(len(self), NEGATIVE_PROBE)):
+            try:
+                probed.append(decode_record(self._source[index]))
+            except ValueError:
+                continue
+        if not any(self._negative(record)[0] for record in probed):
+            raise ValueError(f"none of the first {min(len(self), NEGATIVE_PROBE)} records has {self.negative_field!r} "
+                             "in its metadata for its negative caption (`clip-jax data convert` keeps a table's other "
+                             "columns there); name the key with data.negative_caption_field")
+        self.probed_records = len(probed)
+        self.probed_short_captions = sum(bool(record.get("short_caption")) for record in probed)
 
 
 def records_source(config: ml_collections.ConfigDict, split: str) -> RecordSource:
@@ -240,7 +296,12 @@ def records_source(config: ml_collections.ConfigDict, split: str) -> RecordSourc
         raise ValueError(f"data.source 'records' has only a train split, not {split!r}")
     if not config.data.path:
         raise ValueError("data.source 'records' needs data.path: a shard directory, a glob or a list of shards")
-    return RecordSource(list_shards(config.data.path))
+    return RecordSource(list_shards(config.data.path), negative_caption_field(config))
+
+
+def negative_caption_field(config: ml_collections.ConfigDict) -> str | None:
+    """The key or column that holds each example's negative caption, None without data.negative_captions."""
+    return config.data.negative_caption_field if config.data.negative_captions else None
 
 
 SHOWN_CAPTION_CHARS = 500  # what `data inspect` prints of a caption: a web caption can run to megabytes

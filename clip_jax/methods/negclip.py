@@ -4,7 +4,8 @@ scored against every negative in the image-to-text term (losses.clip_loss, `nega
 
 The paper's negatives swap words within a caption (two nouns, two adjectives: the same words bound otherwise) and it
 fine-tunes a pretrained CLIP on COCO with them. Here the negatives come from a caption file's column
-(`data.negative_captions` with `data.source` "captions": `data.negative_caption_field`, e.g. swapped captions) or from
+(`data.negative_captions` with `data.source` "captions": `data.negative_caption_field`, e.g. swapped captions), the
+same key of ArrayRecord records' metadata (`data.source` "records": a table converted with that column), or from
 the shapes source (data/shapes.py's `negative_captions`): each caption with its salient object's colour or shape
 replaced by another training pair's (SugarCrepe's "replace" kind; a short caption names one object and has nothing
 to swap). A step costs a second text-tower pass. docs/demo.md (the twenty-first round) has what it did on
@@ -45,12 +46,14 @@ class NegClipMethod(ClipMethod):
 
     def __init__(self, config):
         super().__init__(config)
-        if config.data.source not in ("shapes", "captions") or not config.data.negative_captions:
-            raise ConfigError("method negclip trains on negative captions, the shapes source's or a caption file's: "
-                              "set data.source 'shapes' or 'captions' and data.negative_captions True (got "
-                              f"{config.data.source!r}, {config.data.negative_captions})")
-        if config.data.source == "captions" and not config.data.negative_caption_field:
-            raise ConfigError("data.negative_caption_field must name the caption file's column of negative captions")
+        if config.data.source not in ("shapes", "captions", "records") or not config.data.negative_captions:
+            raise ConfigError("method negclip trains on negative captions, the shapes source's, a caption file's or "
+                              "ArrayRecord shards': set data.source 'shapes', 'captions' or 'records' and "
+                              f"data.negative_captions True (got {config.data.source!r}, "
+                              f"{config.data.negative_captions})")
+        if config.data.source != "shapes" and not config.data.negative_caption_field:
+            raise ConfigError("data.negative_caption_field must name the column (records: the metadata key) of the "
+                              "negative captions")
 
     def captions(self) -> Captions:
         context = self.config.model.text.context_length
