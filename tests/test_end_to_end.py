@@ -687,3 +687,84 @@ def test_a_tensor_axis_that_does_not_divide_the_heads_is_told():
     said = unsplit_by_tensor(config, 8)
     assert said.startswith("mesh.tensor 8 does not divide the vision tower's 2 heads, the text tower's 36 MLP width:")
     assert "8 heads" not in said and "64 MLP width" not in said
+
+
+def _abstract_state(workdir, scan_layers, frozen=()):
+    """The abstract train state (shapes, dtypes, shardings) of the run in `workdir`, its blocks stacked or not, with
+    `frozen` rules, on a mesh that splits the parameters over 4 of the 8 devices."""
+    from clip_jax.config import read_config
+    from clip_jax.methods import get_method
+    from clip_jax.sharding import reader_mesh
+    from clip_jax.train.loop import abstract_train_state, create_state
+
+    config = read_config(workdir / "config.json")
+    config.model.scan_layers, config.optimizer.frozen = scan_layers, list(frozen)
+    config.mesh.update(data=2, fsdp=4)
+    method = get_method(config)
+    init_fn, shardings, _ = create_state(config, method, method.model(), reader_mesh(config.mesh.to_dict()))
+    return config, abstract_train_state(init_fn, shardings)
+
+
+def parameter_trees(tree, like):
+    """The trees of `tree` (a train state) shaped as the parameters `like`: the parameters, the optimizer's moments."""
+    is_parameter_tree = lambda sub: isinstance(sub, dict) and set(sub) == set(like)
+    return [sub for sub in jax.tree.leaves(tree, is_leaf=is_parameter_tree) if is_parameter_tree(sub)]
+
+
+def test_a_resume_may_stack_or_unroll_the_blocks(tmp_path, caplog):
+    """model.scan_layers is the blocks' layout: a resume may change it (a run moved between TPUs and GPUs). The
+    parameters and the optimizer state are stacked or unrolled on restore (the same numbers, in the run's
+    shardings), and training goes on as it would have in the old layout."""
+    from clip_jax.models.layers import relayout_parameter_trees
+    from clip_jax.train.checkpoint import Checkpointer
+
+    two_blocks = ["--config.model.vision.layers=2", "--config.model.text.layers=2"]
+    unrolled, stacked = tmp_path / "unrolled", tmp_path / "stacked"
+    cli.main(train_args(unrolled, *two_blocks))
+    shutil.copytree(unrolled, stacked)
+    shutil.rmtree(stacked / "checkpoints" / str(STEPS))
+    (stacked / "results.json").unlink()
+    with caplog.at_level("WARNING"):
+        cli.main(train_args(stacked, *two_blocks, "--config.model.scan_layers=True"))
+    assert f"checkpoint {HALF} holds its Transformer blocks unrolled: the parameters and the optimizer state" in (
+        caplog.text)
+    assert checkpoint_steps(stacked) == [HALF, STEPS]
+
+    take = lambda leaf, i: leaf[i]
+    like_unrolled = saved_state(unrolled, HALF)["params"]
+    like_stacked = saved_state(stacked, STEPS)["params"]
+    assert "resblocks" in like_stacked["visual"]["transformer"]
+    assert "resblocks_1" in like_unrolled["text"]["transformer"]
+    # The steps after the resume in the stacked layout, against the uninterrupted run's in the unrolled one
+    want = saved_state(unrolled, STEPS)
+    got = relayout_parameter_trees(saved_state(stacked, STEPS), like_unrolled, np.stack, take)
+    want_leaves, want_def = jax.tree.flatten_with_path(want)
+    got_leaves, got_def = jax.tree.flatten_with_path(got)
+    assert want_def == got_def
+    for (path, w), (_, g) in zip(want_leaves, got_leaves, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert not np.array_equal(want["params"]["logit_scale"], saved_state(unrolled, HALF)["params"]["logit_scale"])
+
+    # The restore itself, both ways, moves numbers without changing them, into the run's shardings
+    for workdir, step, scan, saved_like in ((unrolled, HALF, True, like_stacked),
+                                            (stacked, STEPS, False, like_unrolled)):
+        config, abstract = _abstract_state(workdir, scan_layers=scan)
+        checkpointer = Checkpointer(workdir, config.checkpoint, reader=True)
+        state = checkpointer.restore(abstract, step=step)
+        checkpointer.close()
+        want = relayout_parameter_trees(saved_state(workdir, step), saved_like, np.stack, take)
+        assert int(state.step) == step
+        assert_same_state(want["params"], jax.device_get(state.params))
+        moments = [parameter_trees(tree, saved_like) for tree in (want["opt_state"], jax.device_get(state.opt_state))]
+        assert len(moments[0]) == len(moments[1]) == 2  # Adam's mu and nu
+        for w, g in zip(*moments, strict=True):
+            assert_same_state(w, g)
+        assert all(jax.tree.leaves(jax.tree.map(lambda r, a: r.sharding == a.sharding, state, abstract)))
+        assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
+
+    # Blocks that the frozen rules split (some trained, some frozen) cannot be read from stacked ones
+    config, abstract = _abstract_state(stacked, scan_layers=False, frozen=["visual/transformer/resblocks_0/"])
+    with pytest.raises(ConfigError, match="holds its Transformer blocks stacked, and this run's frozen rules freeze "
+                                          "some blocks and train others .*: resume with "
+                                          "--config.model.scan_layers=True"):
+        Checkpointer(stacked, config.checkpoint, reader=True).restore(abstract, step=STEPS)

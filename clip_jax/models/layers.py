@@ -519,4 +519,21 @@ def relayout_blocks(tree: Any, like: Any, stack: Callable[[list], Any], take: Ca
     return out
 
 
+def relayout_parameter_trees(tree: Any, like: Mapping, stack: Callable[[list], Any],
+                             take: Callable[[Any, int], Any]) -> Any:
+    """`relayout_blocks` of every parameter tree within `tree`: a train state's parameters and the optimizer's
+    trees of them (Adam's moments, with optax's placeholders for frozen parameters), told apart by `like`'s top-level
+    keys. Raises ValueError where blocks cannot be stacked: frozen in some and trained in others."""
+    keys = set(like)
+    is_parameter_tree = lambda sub: isinstance(sub, Mapping) and set(sub) == keys
+    return jax.tree.map(lambda sub: relayout_blocks(sub, like, stack, take) if is_parameter_tree(sub) else sub, tree,
+                        is_leaf=is_parameter_tree)
+
+
+def has_stacked_blocks(tree: Any) -> bool:
+    """Whether the parameter tree holds its Transformer blocks stacked (model.scan_layers)."""
+    return isinstance(tree, Mapping) and any(key == "resblocks" or has_stacked_blocks(value)
+                                             for key, value in tree.items())
+
+
 _BLOCK = re.compile(r"resblocks(_\d+)?")  # a Transformer's blocks, stacked or one of the unrolled

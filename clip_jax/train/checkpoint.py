@@ -43,7 +43,7 @@ from clip_jax import errors
 from clip_jax.distributed import barrier
 from clip_jax.errors import BackgroundErrorsOnce, ConfigError
 from clip_jax.files import CheckpointWriteError, os_error
-from clip_jax.models.layers import relayout_blocks
+from clip_jax.models.layers import has_stacked_blocks, relayout_blocks, relayout_parameter_trees
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +133,58 @@ class Checkpointer:
         with a warning naming it, and the next older one is used: a crash while writing never costs the run."""
 
         def read(candidate: int) -> Any:
-            # Parameters of other shapes are another run's settings, not a damaged file: refused, never set aside.
+            target, relaid = abstract_state, False
             if hasattr(abstract_state, "params"):  # a train state (a bare tree restores as it is)
-                self._check_params(candidate, abstract_state.params, partial=False)
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
+                saved = self._saved_params(candidate)
+                target = self._in_saved_layout(candidate, abstract_state, saved)
+                relaid = target is not abstract_state
+                # Parameters of other shapes are another run's settings, not a damaged file: refused, never set aside.
+                self._check_params(candidate, target.params, partial=False, saved=saved)
+            items = {"state": ocp.args.StandardRestore(target)}
             foreign = None  # (writers, batches read) when another number of processes wrote the data position
             if data_iterator is not None:
                 foreign = self._global_data_position(candidate)
                 if foreign is None:
                     self._check_data_pipeline(candidate, data_iterator)
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+            try:
+                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+            except Exception as e:  # orbax/tensorstore raise many types
+                if not relaid:
+                    raise
+                # Not set aside as unreadable: in its own layout it may read (the optimizer state of parameters
+                # that other frozen rules froze in that layout, say).
+                raise ConfigError(f"checkpoint {self.directory / str(candidate)} could not be read in the other "
+                                  f"layout of its blocks ({_brief(e)}); resume with "
+                                  f"--config.model.scan_layers={has_stacked_blocks(target.params)}, the layout it "
+                                  "was written in") from e
             if foreign is not None:
                 self._resume_data_position(data_iterator, *foreign, int(restored["state"].step), candidate)
-            return restored["state"]
+            if not relaid:
+                return restored["state"]
+            log.warning("checkpoint %d holds its Transformer blocks %s: the parameters and the optimizer state are "
+                        "laid out as this run's model.scan_layers has them", candidate,
+                        "stacked" if has_stacked_blocks(target.params) else "unrolled")
+            put_in_place = lambda state: relayout_parameter_trees(state, abstract_state.params, jnp.stack,
+                                                                  lambda leaf, i: leaf[i])
+            shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
+            return jax.jit(put_in_place, out_shardings=shardings)(restored["state"])
 
         return self._newest_readable(step, read)[1]
+
+    def _in_saved_layout(self, step: int, abstract_state: Any, saved: Any) -> Any:
+        """`abstract_state` with its parameters' Transformer blocks, and the optimizer state's trees of them, laid
+        out as checkpoint `step` (its parameters' metadata `saved`) holds them: stacked or unrolled, as the
+        model.scan_layers of the run that wrote it had them. The state itself where that is its own layout."""
+        stored = relayout_blocks(abstract_state.params, saved, _stacked_shape, _block_shape)
+        if jax.tree.structure(stored) == jax.tree.structure(abstract_state.params):
+            return abstract_state
+        try:
+            return relayout_parameter_trees(abstract_state, saved, _stacked_shape, _block_shape)
+        except ValueError as e:  # blocks of one Transformer of which the frozen rules train some and freeze others
+            raise ConfigError(f"checkpoint {self.directory / str(step)} holds its Transformer blocks stacked, and "
+                              f"this run's frozen rules freeze some blocks and train others ({_brief(e)}): resume "
+                              "with --config.model.scan_layers=True, the layout it was written in") from None
 
     def restore_newest_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
         """(step, parameters) of the newest readable checkpoint (or of `step`), without the optimizer state: what a

@@ -64,15 +64,16 @@ log = logging.getLogger(__name__)
 
 # Model fields that leave the parameters' meaning as it is: any resume may change them (a run started before
 # `model.attention` became "auto", a remat policy for other devices' memory, patch dropout turned off for FLIP's
-# unmasked tuning at the end of a run, stochastic depth likewise; a run started before the field existed had none).
-_RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy",
+# unmasked tuning at the end of a run, stochastic depth likewise; a run started before the field existed had none;
+# the blocks scanned or not, e.g. a run moved from TPUs to GPUs: `Checkpointer.restore` stacks or unrolls the
+# parameters and the optimizer state alike).
+_RESUME_FIELDS = ("model.attention", "model.layer_norm", "model.remat_policy", "model.scan_layers",
                   *(f"model.vision.{field}" for field in IMAGE_DROPOUT_FIELDS))
-# Model fields that say how the parameters are used or laid out, not what they are: a warm start may set them anew
-# (e.g. bf16 compute, Long-CLIP's unclamped temperature, the patch tokens' mean as the image's feature, or the blocks
-# scanned, on a converted or stretched model: `Checkpointer.restore_params` stacks or unrolls them). A resume may not
-# change the layout: its optimizer state is laid out as the parameters were.
+# Model fields that say how the parameters are used, not what they are: a warm start may set them anew (e.g. bf16
+# compute, Long-CLIP's unclamped temperature, the patch tokens' mean as the image's feature, on a converted or
+# stretched model).
 _WARM_START_FIELDS = (*_RESUME_FIELDS, "model.dtype", "model.logit_scale_init", "model.max_logit_scale",
-                      "model.scan_layers", "model.vision.pool")
+                      "model.vision.pool")
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, checkpoint_step: int | None = None,
