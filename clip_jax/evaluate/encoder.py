@@ -68,14 +68,6 @@ class Encoder:
         self.params, self._param_shardings = _place_params(params, mesh)
         self._build()
 
-    def set_params(self, params: Any) -> None:
-        """Swaps in new parameters (e.g. after more training). Same shardings: the compiled functions are
-        reused."""
-        self.params, shardings = _place_params(params, self.mesh)
-        if shardings != self._param_shardings:
-            self._param_shardings = shardings
-            self._build()
-
     def images(self, images: np.ndarray) -> np.ndarray:
         """float32 [N, D] embeddings of uint8 RGB images [N, H, W, 3] (or float images already normalised)."""
         return _finite(self._run(self._image_fn, np.asarray(images)), "image")
