@@ -186,11 +186,11 @@ def check_train_source(config: ml_collections.ConfigDict) -> None:
             paths = records.list_shards(config.data.path)
             negative, first_empty = records.negative_caption_field(config), len(records.open_shards(paths[:1])) == 0
             if first_empty or negative:  # is the whole set empty; do the first records hold negatives
-                source = records.RecordSource(paths if first_empty else paths[:1], negative)
-                if source.probed_short_captions:
+                shards = records.RecordSource(paths if first_empty else paths[:1], negative)
+                if shards.probed_short_captions:
                     log.warning("%d of the first %d records have a short caption, which is not trained on with "
                                 "negative captions (the negative stands against the caption)",
-                                source.probed_short_captions, source.probed_records)
+                                shards.probed_short_captions, shards.probed_records)
         else:
             get_source(config, "train")
     except captions.MissingColumns as e:
