@@ -97,9 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.shapes_validation_pairs = False
     # Each example also carries a caption that does not match it: the hard negatives of method negclip. shapes: for
     # each of its captions (the salient object's colour or shape replaced by another training pair's); caption files
-    # (data.source "captions"): each row's negative_caption_field column (e.g. neg_caption), against its caption (a
-    # short_caption column is then not read); records: that key of each record's metadata (where the converter keeps
-    # a table's other columns). An example without one is dropped and counted.
+    # (data.source "captions"): each row's negative_caption_field column (e.g. neg_caption; one, or a list to draw
+    # one from per example, as NegCLIP's TSV has), against its caption (a short_caption column is then not read);
+    # records: that key of each record's metadata (where the converter keeps a table's other columns). An example
+    # without one is dropped and counted.
     c.data.negative_captions = False
     c.data.negative_caption_field = "negative_caption"
     # File sources (data.source "sharegpt4v": ShareGPT4V JSON; "captions": JSONL or CSV of image, caption

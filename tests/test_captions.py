@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from clip_jax.config import ConfigError, default_config, method_config
-from clip_jax.data.captions import CaptionFileSource, Row, file_source, read_table
+from clip_jax.data.captions import CaptionFileSource, Row, file_source, negative_captions, read_table
 from clip_jax.data.images import load_image
 from clip_jax.data.pipeline import STATS, DecodeExample, check_train_source, get_source, train_iterator
 from clip_jax.data.tokenizer import ClipTokenizer
@@ -166,6 +166,38 @@ def test_negative_captions_from_a_caption_file(folder, caplog):
     with pytest.raises(ConfigError, match="no row has a 'neg_caption' column or key for its negative caption; name "
                                           "it with data.negative_caption_field"):
         check_train_source(config)
+
+
+def test_negative_caption_lists_as_negclips_own_tsv_has_them(folder):
+    """NegCLIP's COCO TSV (columns filepath, title, neg_caption, neg_image) holds each row's negatives as a Python
+    list literal: every example trains on one of its row's, drawn per example; a JSON list or a plain caption
+    reads too, and a caption that only starts with '[' stays one caption."""
+    names = ("a.png", "b.jpg", "c.png")
+    negatives = [["the wall leans on a red bicycle", "a red wall leans on a bicycle"],
+                 ["one boat on two lakes"],
+                 ["[not a list] a kitchen"]]
+    cells = [repr(negatives[0]), repr(negatives[1]), negatives[2][0]]  # repr: the literal NegCLIP's TSV holds
+    (folder / "neg.tsv").write_text("filepath\ttitle\tneg_caption\tneg_image\n" + "".join(
+        f"{n}\t{' '.join(c.split())}\t{cell}\t[1, 2]\n" for n, c, cell in zip(names, LONG, cells, strict=False)))
+    assert negative_captions(cells[0]) == (tuple(negatives[0]), False)
+    assert negative_captions(["a  b", "", "caf\udce9"]) == (("a b", "caf\ufffd"), True)  # a JSONL list; a bad byte
+    assert negative_captions(cells[2]) == ((cells[2],), False)
+    config = default_config()
+    config.model = model_preset("tiny", vocab_size=600, context_length=CONTEXT)
+    config.model.vision.image_size = SIZE
+    config.batch_size = 48
+    config.data.update(source="captions", path=str(folder / "neg.tsv"), augment=False, negative_captions=True,
+                       image_field="filepath", caption_field="title", negative_caption_field="neg_caption")
+    config.method = method_config("negclip")
+    tokenizer = ClipTokenizer.train(LONG * 3 + [n for row in negatives for n in row] * 3, 600)
+    batch = next(train_iterator(config, tokenizer, captions=get_method(config).captions()))
+    rows = {tuple(tokenizer([" ".join(c.split())], CONTEXT)[0]): i for i, c in enumerate(LONG[:3])}
+    drawn = {i: set() for i in range(3)}
+    for text, negative in zip(batch["text"], batch["negative_text"], strict=True):
+        i = rows[tuple(text)]
+        options = {tuple(tokenizer([n], CONTEXT)[0]): n for n in negatives[i]}
+        drawn[i].add(options[tuple(negative)])  # one of its own row's
+    assert drawn == {i: set(row) for i, row in enumerate(negatives)}  # both of the first row's are drawn
 
 
 def test_a_set_of_undecodable_images_is_an_error_not_a_hang(folder):

@@ -18,6 +18,7 @@ with `problem="bad_row"`, a CSV row whose quote is never closed (it holds the re
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import functools
@@ -78,6 +79,29 @@ def caption_text(raw: Any) -> tuple[str, bool]:
             data = raw.encode("utf-8", "surrogatepass")
         raw, replaced = data.decode("utf-8", "replace"), True
     return " ".join(raw.split()), replaced
+
+
+def negative_captions(raw: Any) -> tuple[tuple[str, ...], bool]:
+    """(a row's negative captions, whether any held bytes that are not UTF-8, now U+FFFD): one caption, or several
+    as a list: a JSON list (JSONL), or a Python or JSON list literal in a CSV/TSV cell, the form of NegCLIP's own COCO
+    TSV (its `neg_caption` column). Each is cleaned as `caption_text` cleans a caption; empty ones are dropped."""
+    bad = False
+    if isinstance(raw, str | bytes):
+        raw, bad = caption_text(raw)
+        if raw.startswith("[") and raw.endswith("]"):
+            try:
+                parsed = ast.literal_eval(raw)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                parsed = None  # a caption that only looks like a list
+            if isinstance(parsed, list):
+                raw = parsed
+    negatives = []
+    for item in raw if isinstance(raw, list | tuple) else [raw]:
+        text, replaced = caption_text(item)
+        bad |= replaced
+        if text:
+            negatives.append(text)
+    return tuple(negatives), bad
 
 
 def _resolve(image: str, root: str) -> str:
@@ -194,7 +218,7 @@ class _Entry(NamedTuple):  # one row, as training reads it (a tuple: millions of
     short_caption: str
     bad_utf8: bool
     problem: str | None
-    negative: str = ""  # the caption that does not match the row (`negative_field`)
+    negative: tuple[str, ...] = ()  # the captions that do not match the row (`negative_field`): one, or a list
 
 
 class CaptionFileSource:
@@ -216,10 +240,10 @@ class CaptionFileSource:
         for row in rows:
             caption, bad_long = caption_text(row.caption)
             short, bad_short = caption_text(row.short_caption)
-            negative, bad_negative, problem = "", False, row.problem
+            negative, bad_negative, problem = (), False, row.problem
             if negative_field:
                 # The negative stands against the row's caption: the short one, which has none, is not trained on.
-                negative, bad_negative = caption_text((row.metadata or {}).get(negative_field))
+                negative, bad_negative = negative_captions((row.metadata or {}).get(negative_field))
                 short, problem = "", problem or (None if negative else f"no {negative_field}")
             self._entries.append(_Entry(row.key, row.image, caption, short, bad_long or bad_short or bad_negative,
                                         problem, negative))

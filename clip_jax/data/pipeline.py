@@ -315,6 +315,8 @@ class TrainExample(grain.transforms.RandomMap):
             image = jitter_image(image, rng, self.colour_jitter)
         out = {"image": image, "caption": caption, STATS: {m: element.get(m, 0) for m in _EXAMPLE_MARKS}}
         if (negative := element.get(f"{picked}_negative")) is not None:  # the source's (data.negative_captions)
+            if isinstance(negative, tuple | list):  # a caption file's or record's: one, drawn where there is a choice
+                negative = negative[int(rng.integers(len(negative)))] if len(negative) > 1 else negative[0]
             out[NEGATIVE_CAPTION] = negative
         if self.add_captions is not None:
             out.update(self.add_captions(element))

@@ -39,7 +39,7 @@ import msgpack
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from clip_jax.data.captions import caption_text
+from clip_jax.data.captions import negative_captions
 from clip_jax.data.images import decode_image
 from clip_jax.errors import shortened
 from clip_jax.files import is_remote
@@ -226,11 +226,11 @@ class RecordSource:
     [, "short_caption"], "key"}, decoded in the pipeline's grain map. A record that does not parse comes back
     without image bytes and with an `error`, so the map drops and counts it like an undecodable image.
 
-    `negative_field` (data.negative_caption_field, method negclip): each item also carries the negative of its
-    caption, `long_caption_negative`, read from that key of the record's metadata (where `clip-jax data convert`
-    keeps a table's other columns and a tar's .json); a record without one comes back with an `error` (dropped and
-    counted), and its short caption is not read (the negative stands against the caption). A set none of whose
-    first NEGATIVE_PROBE records has one is a ValueError naming the key."""
+    `negative_field` (data.negative_caption_field, method negclip): each item also carries the negatives of its
+    caption, `long_caption_negative` (one, or a list to draw from), read from that key of the record's metadata
+    (where `clip-jax data convert` keeps a table's other columns and a tar's .json); a record without one comes back
+    with an `error` (dropped and counted), and its short caption is not read (the negative stands against the
+    caption). A set none of whose first NEGATIVE_PROBE records has one is a ValueError naming the key."""
 
     encoded_images = True  # items hold encoded bytes for pipeline.DecodeExample
 
@@ -264,14 +264,14 @@ class RecordSource:
             item["short_caption"] = record["short_caption"]
         return item
 
-    def _negative(self, record: dict[str, Any]) -> tuple[str, bool]:
-        """(the record's negative caption, "" if none; whether it held bytes that are not UTF-8, now U+FFFD), its
-        whitespace collapsed as the converter does a caption's."""
+    def _negative(self, record: dict[str, Any]) -> tuple[tuple[str, ...], bool]:
+        """(the record's negative captions, one or a list, none if it has none; whether they held bytes that are
+        not UTF-8, now U+FFFD), as `captions.negative_captions` reads a caption file's."""
         try:
             metadata = record_metadata(record)
         except ValueError:  # metadata that is not JSON has no negative
-            return "", False
-        return caption_text(metadata.get(self.negative_field)) if isinstance(metadata, dict) else ("", False)
+            return (), False
+        return negative_captions(metadata.get(self.negative_field)) if isinstance(metadata, dict) else ((), False)
 
     def _probe_negatives(self) -> None:
         """Reads the first NEGATIVE_PROBE records: ValueError if none has a negative; `probed_short_captions` counts

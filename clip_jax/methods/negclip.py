@@ -4,7 +4,8 @@ scored against every negative in the image-to-text term (losses.clip_loss, `nega
 
 The paper's negatives swap words within a caption (two nouns, two adjectives: the same words bound otherwise) and it
 fine-tunes a pretrained CLIP on COCO with them. Here the negatives come from a caption file's column
-(`data.negative_captions` with `data.source` "captions": `data.negative_caption_field`, e.g. swapped captions), the
+(`data.negative_captions` with `data.source` "captions": `data.negative_caption_field`, e.g. swapped captions; one
+or a list per row, of which each example draws one, as the paper's own COCO TSV has them), the
 same key of ArrayRecord records' metadata (`data.source` "records": a table converted with that column), or from
 the shapes source (data/shapes.py's `negative_captions`): each caption with its salient object's colour or shape
 replaced by another training pair's (SugarCrepe's "replace" kind; a short caption names one object and has nothing
