@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # clip_jax from this checkout; machine.py, result_files.py
 from machine import environment_facts  # noqa: E402
 from result_files import checked_out_file, count  # noqa: E402
 

@@ -351,7 +351,7 @@ def test_counts_below_one_are_refused(bench, monkeypatch, capsys, option):
 
 @pytest.mark.parametrize("script, option", [("chaos_resume", "--max-kills"), ("gpu_suite", "--steps"),
                                             ("tokenizer", "--cold-passes"), ("image_decoders", "--passes"),
-                                            ("binding_shapes", "--num-examples")])
+                                            ("binding_shapes", "--num-examples"), ("demo_loop", "--rounds")])
 def test_every_scripts_counts_are_checked_alike(monkeypatch, capsys, script, option):
     # one argparse type (result_files.count) where each script had a loop of its own
     module = load_script(script, f"{script}_counts")
