@@ -87,14 +87,16 @@ def negative_captions(raw: Any) -> tuple[tuple[str, ...], bool]:
     TSV (its `neg_caption` column). Each is cleaned as `caption_text` cleans a caption; empty ones are dropped."""
     bad = False
     if isinstance(raw, str | bytes):
-        raw, bad = caption_text(raw)
-        if raw.startswith("[") and raw.endswith("]"):
+        text, bad = caption_text(raw)
+        parsed = None
+        if text.startswith("[") and text.endswith("]"):
             try:
-                parsed = ast.literal_eval(raw)
+                parsed = ast.literal_eval(text)
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                parsed = None  # a caption that only looks like a list
-            if isinstance(parsed, list):
-                raw = parsed
+                pass  # a caption that only looks like a list
+        if not isinstance(parsed, list):
+            return ((text,) if text else ()), bad
+        raw = parsed
     negatives = []
     for item in raw if isinstance(raw, list | tuple) else [raw]:
         text, replaced = caption_text(item)
@@ -102,6 +104,12 @@ def negative_captions(raw: Any) -> tuple[tuple[str, ...], bool]:
         if text:
             negatives.append(text)
     return tuple(negatives), bad
+
+
+def negative_caption_field(data: Any) -> str | None:
+    """The column (records: the metadata key) holding each example's negative captions, None without
+    `data.negative_captions`; `data` is the config's `data` group."""
+    return data.negative_caption_field if data.negative_captions else None
 
 
 def _resolve(image: str, root: str) -> str:

@@ -147,7 +147,7 @@ def _file_source(fmt: str | None):
             raise ValueError(f"data.source {config.data.source!r} has only a train split, not {split!r}")
         d = config.data
         return captions.file_source(d.path, fmt, d.image_root, d.skip, (d.image_field, d.caption_field),
-                                    records.negative_caption_field(config))
+                                    captions.negative_caption_field(d))
 
     return make
 
@@ -184,13 +184,14 @@ def check_train_source(config: ml_collections.ConfigDict) -> None:
     try:
         if source == "records":
             paths = records.list_shards(config.data.path)
-            negative, first_empty = records.negative_caption_field(config), len(records.open_shards(paths[:1])) == 0
+            negative = captions.negative_caption_field(config.data)
+            first_empty = len(records.open_shards(paths[:1])) == 0
             if first_empty or negative:  # is the whole set empty; do the first records hold negatives
                 shards = records.RecordSource(paths if first_empty else paths[:1], negative)
-                if shards.probed_short_captions:
+                read, shorts = shards.probe_negatives() if negative else (0, 0)
+                if shorts:
                     log.warning("%d of the first %d records have a short caption, which is not trained on with "
-                                "negative captions (the negative stands against the caption)",
-                                shards.probed_short_captions, shards.probed_records)
+                                "negative captions (the negative stands against the caption)", shorts, read)
         else:
             get_source(config, "train")
     except captions.MissingColumns as e:

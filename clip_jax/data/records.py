@@ -39,7 +39,7 @@ import msgpack
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from clip_jax.data.captions import negative_captions
+from clip_jax.data.captions import negative_caption_field, negative_captions
 from clip_jax.data.images import decode_image
 from clip_jax.errors import shortened
 from clip_jax.files import is_remote
@@ -230,20 +230,17 @@ class RecordSource:
     caption, `long_caption_negative` (one, or a list to draw from), read from that key of the record's metadata
     (where `clip-jax data convert` keeps a table's other columns and a tar's .json); a record without one comes back
     with an `error` (dropped and counted), and its short caption is not read (the negative stands against the
-    caption). A set none of whose first NEGATIVE_PROBE records has one is a ValueError naming the key."""
+    caption). `probe_negatives` is the launch check that the first records have them."""
 
     encoded_images = True  # items hold encoded bytes for pipeline.DecodeExample
 
     def __init__(self, paths: Sequence[str], negative_field: str | None = None):
         self.paths = list(paths)
         self.negative_field = negative_field
-        self.probed_records = self.probed_short_captions = 0
         self._source = open_shards(self.paths)
         if len(self._source) == 0:
             raise ValueError(f"the shards {self.paths[:3]}{' ...' if len(self.paths) > 3 else ''} hold no records: "
                              "their conversion skipped every sample (its reports/ say why); convert again")
-        if negative_field:
-            self._probe_negatives()
 
     def __len__(self) -> int:
         return len(self._source)
@@ -273,9 +270,9 @@ class RecordSource:
             return (), False
         return negative_captions(metadata.get(self.negative_field)) if isinstance(metadata, dict) else ((), False)
 
-    def _probe_negatives(self) -> None:
-        """Reads the first NEGATIVE_PROBE records: ValueError if none has a negative; `probed_short_captions` counts
-        those of them with a short caption (which training does not read), for the launch check to say."""
+    def probe_negatives(self) -> tuple[int, int]:
+        """The launch check of `negative_field`: reads the first NEGATIVE_PROBE records; ValueError if none has a
+        negative, else (the records read, how many of them have a short caption, which training does not read)."""
         probed = []
         for index in range(min(len(self), NEGATIVE_PROBE)):
             try:
@@ -286,8 +283,7 @@ class RecordSource:
             raise ValueError(f"none of the first {min(len(self), NEGATIVE_PROBE)} records has {self.negative_field!r} "
                              "in its metadata for its negative caption (`clip-jax data convert` keeps a table's other "
                              "columns there); name the key with data.negative_caption_field")
-        self.probed_records = len(probed)
-        self.probed_short_captions = sum(bool(record.get("short_caption")) for record in probed)
+        return len(probed), sum(bool(record.get("short_caption")) for record in probed)
 
 
 def records_source(config: ml_collections.ConfigDict, split: str) -> RecordSource:
@@ -296,12 +292,7 @@ def records_source(config: ml_collections.ConfigDict, split: str) -> RecordSourc
         raise ValueError(f"data.source 'records' has only a train split, not {split!r}")
     if not config.data.path:
         raise ValueError("data.source 'records' needs data.path: a shard directory, a glob or a list of shards")
-    return RecordSource(list_shards(config.data.path), negative_caption_field(config))
-
-
-def negative_caption_field(config: ml_collections.ConfigDict) -> str | None:
-    """The key or column that holds each example's negative caption, None without data.negative_captions."""
-    return config.data.negative_caption_field if config.data.negative_captions else None
+    return RecordSource(list_shards(config.data.path), negative_caption_field(config.data))
 
 
 SHOWN_CAPTION_CHARS = 500  # what `data inspect` prints of a caption: a web caption can run to megabytes

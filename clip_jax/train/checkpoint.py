@@ -176,15 +176,14 @@ class Checkpointer:
         """`abstract_state` with its parameters' Transformer blocks, and the optimizer state's trees of them, laid
         out as checkpoint `step` (its parameters' metadata `saved`) holds them: stacked or unrolled, as the
         model.scan_layers of the run that wrote it had them. The state itself where that is its own layout."""
-        stored = relayout_blocks(abstract_state.params, saved, _stacked_shape, _block_shape)
-        if jax.tree.structure(stored) == jax.tree.structure(abstract_state.params):
-            return abstract_state
         try:
-            return relayout_parameter_trees(abstract_state, saved, _stacked_shape, _block_shape)
+            stored = relayout_parameter_trees(abstract_state, saved, _stacked_shape, _block_shape)
         except ValueError as e:  # blocks of one Transformer of which the frozen rules train some and freeze others
             raise ConfigError(f"checkpoint {self.directory / str(step)} holds its Transformer blocks stacked, and "
                               f"this run's frozen rules freeze some blocks and train others ({_brief(e)}): resume "
                               "with --config.model.scan_layers=True, the layout it was written in") from None
+        same = jax.tree.structure(stored.params) == jax.tree.structure(abstract_state.params)
+        return abstract_state if same else stored
 
     def restore_newest_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
         """(step, parameters) of the newest readable checkpoint (or of `step`), without the optimizer state: what a
