@@ -603,12 +603,13 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 text file; one line naming the file and line where it is not UTF-8 or holds nothing."""
+    """The lines of a UTF-8 text file (a byte-order mark, as Windows editors write, dropped); one line naming the file
+    and line where it is not UTF-8 or holds nothing."""
     from etils import epath
 
     data = epath.Path(path).read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"

@@ -435,11 +435,15 @@ def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = Tru
                               "schema's comment in clip_jax/config.py)")
         if config.data.source in ("captions", "sharegpt4v", "segmentation_folder"):
             paths["data.path"] = config.data.path
+        if config.data.source in ("captions", "sharegpt4v"):  # the images' folder: a wrong one drops every row
+            paths["data.image_root"] = config.data.image_root
         if config.data.tokenizer not in ("train", "openai"):
             paths["data.tokenizer"] = config.data.tokenizer
     for key, path in paths.items():
         if path and not is_remote(path) and not pathlib.Path(path).exists():
             raise ConfigError(f"{key}: {path} does not exist")
+        if key.endswith("image_root") and path and not is_remote(path) and not pathlib.Path(path).is_dir():
+            raise ConfigError(f"{key}: {path} is not a folder (the folder that the image paths are relative to)")
     check_sources(config, workdir)
 
 

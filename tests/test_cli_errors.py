@@ -171,6 +171,19 @@ def test_values_that_cannot_work_are_refused_before_the_workdir_is_made(tmp_path
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("root, expected", [("missing", "does not exist"), ("a_file", "is not a folder")])
+def test_an_image_root_that_is_no_folder_is_refused_before_the_workdir_is_made(tmp_path, capsys, root, expected):
+    """It was found only after the tokenizer and the compile, when the first 200 rows had all been dropped."""
+    (tmp_path / "t.csv").write_text("image,caption\nimg.png,a red circle.\n")
+    (tmp_path / "a_file").write_text("x")
+    workdir = tmp_path / "run"
+    message = exit_message(train_args(workdir, "--config.data.source=captions",
+                                      f"--config.data.path={tmp_path / 't.csv'}",
+                                      f"--config.data.image_root={tmp_path / root}"), capsys)
+    assert f"data.image_root: {tmp_path / root} {expected}" in message, message
+    assert not workdir.exists()
+
+
 # Training files that cannot be read as what the config says: (data.source, or "tokenizer" for data.tokenizer, the
 # file's name, its content or None for a folder, the message).
 TRAINING_FILES = {

@@ -107,6 +107,20 @@ def test_truncated_tar_keeps_the_samples_before(tmp_path):
     assert summary["written"] == 2 and summary["skipped"] == {"truncated_tar": 1}
     assert [r["caption"] for r in read_shards([tmp_path / "out" / "train-00000-of-00001.arrayrecord"])] == [
         "caption 0", "caption 1"]
+    # Cut between two members, at a header or inside one: tarfile reads such a file as ended, without an error. Sample
+    # 001, read whole but maybe not all of its files, is the one counted; before the fix no cut was counted at all.
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        header = tar.getmember("002.jpg").offset
+    for name, end in (("at_header", header), ("in_header", header + 100)):
+        (tmp_path / f"{name}.tar").write_bytes(data[:end])
+        summary = convert.convert("webdataset", [str(tmp_path / f"{name}.tar")], str(tmp_path / name))
+        assert summary["written"] == 1 and summary["skipped"] == {"truncated_tar": 1}, name
+        report = json.loads((tmp_path / name / "reports" / "train-00000-of-00001.json").read_text())
+        assert report["examples"]["truncated_tar"] == ["001: ReadError: the tar ends without its end-of-archive "
+                                                       "blocks"], name
+    # The whole tar, end blocks and all, has nothing cut.
+    summary = convert.convert("webdataset", [str(tmp_path / "full.tar")], str(tmp_path / "whole"))
+    assert summary["written"] == 4 and summary["skipped"] == {}
     # A file that is no tar at all (a table given as --format webdataset) is not called a cut tar.
     (tmp_path / "table.tar").write_text('{"image": "a.jpg", "caption": "a red circle"}\n' * 20)
     summary = convert.convert("webdataset", [str(tmp_path / "table.tar")], str(tmp_path / "out2"))

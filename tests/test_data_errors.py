@@ -364,6 +364,23 @@ def test_a_quote_never_closed_is_reported_and_a_long_or_quoted_caption_is_kept(t
         'a 12" ruler', "quoted tail", long.strip()]
 
 
+def test_a_row_with_more_cells_than_the_header_is_counted_not_cut(tmp_path):
+    """An unquoted comma in a CSV caption (a tab in a TSV one) gave the row a cell more than the header: the reader
+    kept the caption up to the comma and dropped the rest, silently. Empty extra cells (a trailing delimiter) are no
+    reason to lose a row."""
+    (tmp_path / "good.png").write_bytes(SMALL)
+    (tmp_path / "l.csv").write_text('image,caption\ngood.png,a red circle, small, on grey\ngood.png,"quoted, kept"\n'
+                                    "good.png,trailing comma,\n")
+    (tmp_path / "l.tsv").write_text("image\tcaption\ngood.png\ta tab\tinside\ngood.png\tkept\n")
+    for name, kept in (("l.csv", ["quoted, kept", "trailing comma"]), ("l.tsv", ["kept"])):
+        fmt = name.split(".")[1]
+        summary = convert.convert(fmt, [str(tmp_path / name)], str(tmp_path / fmt), min_size=1)
+        assert summary["skipped"] == {"extra_cells": 1}, name
+        report = json.loads((tmp_path / fmt / "reports" / "train-00000-of-00001.json").read_text())
+        assert report["examples"]["extra_cells"] == [f"{name} line 2"]
+        assert captions_of(tmp_path / fmt / "train-00000-of-00001.arrayrecord") == kept
+
+
 # --- Commands that would do nothing, or cannot start ----------------------------------------------------------
 
 
@@ -382,6 +399,7 @@ def test_a_conversion_that_writes_nothing_fails_and_says_why(tmp_path):
     ("convert_missing_input", "missing.jsonl does not exist: check the path"),
     ("convert_out_is_a_file", "is a file: name a folder for the shards"),
     ("convert_folder_as_table", "is a folder: --format jsonl reads files"),
+    ("convert_column_twice", "the header names column 'caption' more than once"),
 ])
 def test_wrong_paths_are_one_line_errors(tmp_path, case, expected):
     (tmp_path / "empty").mkdir()
@@ -397,7 +415,9 @@ def test_wrong_paths_are_one_line_errors(tmp_path, case, expected):
         "convert_missing_input": [*convert_args, tmp_path / "missing.jsonl", "--out", tmp_path / "out"],
         "convert_out_is_a_file": [*convert_args, tmp_path / "l.jsonl", "--out", tmp_path / "a_file"],
         "convert_folder_as_table": [*convert_args, tmp_path / "empty", "--out", tmp_path / "out"],
+        "convert_column_twice": ["data", "convert", "--format", "csv", tmp_path / "twice.csv", "--out", tmp_path / "o"],
     }[case]
+    (tmp_path / "twice.csv").write_text("image,caption,caption\ngood.png,the caption,another\n")
     line = error_line(run_cli(*argv))
     assert line.startswith(f"clip-jax data {argv[1]}: error: ") and expected in line, line
     if case.startswith("inspect"):

@@ -277,6 +277,11 @@ def test_a_folder_of_fewer_than_two_classes_is_refused_before_training(tmp_path,
     with caplog.at_level("WARNING"):
         check_input_paths(config)
     assert "1 images at the top are in no class folder and are not scored" in caplog.text
+    assert "hold no image" not in caplog.text
+    (tmp_path / "set" / "purple").mkdir()  # an empty class folder: a class to choose from that no image belongs to
+    with caplog.at_level("WARNING"):
+        check_input_paths(config)
+    assert "set: the class folders ['purple'] hold no image: they stay classes to choose from" in caplog.text
 
 
 def test_few_shot_on_a_folder_set_scores_base_and_new_classes_skipping_a_bad_test_image(tmp_path, caplog):

@@ -105,6 +105,17 @@ def test_bad_few_shot_data_is_one_line(tmp_path, case, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
+    """Windows editors may start a UTF-8 file with a byte-order mark: it was read into the first label (the names file's
+    'red circle' then matched no folder 'red circle') and into classify's and encode's first text."""
+    from clip_jax import cli
+
+    path = tmp_path / "names.txt"
+    path.write_bytes("\ufeffred circle\tcrimson disc\r\nblue star\r\n".encode())
+    assert classification.read_names(str(path)) == {"red circle": "crimson disc", "blue star": "blue star"}
+    assert cli._read_lines(str(path)) == ["red circle\tcrimson disc", "blue star"]
+
+
 def _folder_task(root, **few_shot):
     """A config of a folder task at `root`: 4 colour classes, 2 training and 3 val and test images each."""
     colours = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0), "yellow": (255, 255, 0)}

@@ -13,7 +13,9 @@ Files are read as UTF-8 with undecodable bytes kept (surrogateescape), so a stra
 reading; `caption_text` finds them. Training replaces them with U+FFFD and counts them (`data_bad_utf8`); the
 converter skips such samples. A row without an image path (a JSONL line that is not JSON, an empty cell) comes back
 with `problem="bad_row"`, a CSV row whose quote is never closed (it holds the rest of the file) with
-`problem="unclosed_quote"`: training drops them in the stream (counted in `data_dropped`), the converter counts them.
+`problem="unclosed_quote"`, a CSV/TSV row with more cells than the header (an unquoted comma in a caption) with
+`problem="extra_cells"`: training drops them in the stream (counted in `data_dropped`), the converter counts them. A
+header naming a column twice is refused (a ValueError), as it would lose one of the two cells of every row.
 """
 
 from __future__ import annotations
@@ -133,8 +135,9 @@ def read_table(path: str, fmt: str, image_root: str | None = None, fields: Seque
     objects = _jsonl_objects(text) if fmt == "jsonl" else _table_objects(text, fmt, path, (image_f, caption_f))
     rows = []
     for line, obj in objects:
-        if obj is UNCLOSED_QUOTE:
-            rows.append(Row(key=f"{epath.Path(path).name} line {line}", image="", problem="unclosed_quote"))
+        if obj is UNCLOSED_QUOTE or obj is EXTRA_CELLS:
+            problem = "unclosed_quote" if obj is UNCLOSED_QUOTE else "extra_cells"
+            rows.append(Row(key=f"{epath.Path(path).name} line {line}", image="", problem=problem))
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get(image_f), str) or not obj[image_f]:
             rows.append(Row(key=f"{epath.Path(path).name} line {line}", image="", problem="bad_row"))
@@ -147,6 +150,9 @@ def read_table(path: str, fmt: str, image_root: str | None = None, fields: Seque
 
 # A CSV row whose quoted cell is never closed (`_table_objects`): it holds the rest of the file, so its rows too.
 UNCLOSED_QUOTE = object()
+# A CSV/TSV row with more cells than the header, some not empty: a caption with an unquoted comma, most often, which
+# would be read cut at the comma (its rest dropped, or taken for the short caption).
+EXTRA_CELLS = object()
 
 
 class MissingColumns(ValueError):
@@ -178,10 +184,15 @@ def _table_objects(text: str, fmt: str, path: str, required: Sequence[str]) -> l
     missing = [f for f in required if f not in header]
     if missing:
         raise MissingColumns(f"{path}: no column {', '.join(map(repr, missing))} in the header {header}")
+    if twice := sorted({name for name in header if name and header.count(name) > 1}):  # (unnamed: no column)
+        raise ValueError(f"{path}: the header names column {', '.join(map(repr, twice))} more than once; each "
+                         "row's cell under one of them would be lost: rename the others")
     objects, end = [], reader.line_num
     for cells in reader:
         start, end = end + 1, reader.line_num  # a row starts on the line after the one the previous row ended on
-        if cells:  # not a blank line; a missing cell is a missing key, as csv.DictReader's None (extra cells: dropped)
+        if any(cells[len(header) :]):  # (empty extra cells, a trailing delimiter: dropped)
+            objects.append((start, EXTRA_CELLS))  # which of its cells is the caption's is anyone's guess
+        elif cells:  # not a blank line; a missing cell is a missing key, as csv.DictReader's None
             objects.append((start, dict(zip(header, cells, strict=False))))
     if quoting != csv.QUOTE_NONE and objects and end > objects[-1][0] and _unclosed(text, objects[-1][0], end):
         objects[-1] = (objects[-1][0], UNCLOSED_QUOTE)

@@ -56,9 +56,9 @@ class LabelledSet:
 
 def read_names(path: str) -> dict[str, str]:
     """A names file: label -> prompt name, in the file's order (lines `label` or `label<TAB>name`; blank lines and
-    lines starting with # are skipped)."""
+    lines starting with # are skipped; a byte-order mark, as Windows editors write, is not part of the first label)."""
     names: dict[str, str] = {}
-    for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
         if line.strip() and not line.startswith("#"):
             label, _, name = line.partition("\t")
             if label.strip() in names:  # the later line would rename the class silently

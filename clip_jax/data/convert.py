@@ -167,14 +167,28 @@ def read_folder(path: str) -> list[Row]:
     return rows
 
 
+class _EndMarkedTarInfo(tarfile.TarInfo):
+    """Tells a tar that ends where its end-of-archive blocks should be from one that has them: tarfile reads a file
+    cut between two members (at a header, or inside one) as ended, with no error. It marks the TarFile `cut_short`."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):  # no bytes, or part of a header block
+            tar.cut_short = True
+            raise
+
+
 def _tar_samples(path: str, stats: ShardStats) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of a WebDataset tar, streamed in order. The key is the member's path
-    up to the first dot of its base name (WebDataset's rule). A tar cut short (an interrupted download) ends the
-    shard early: the partial sample is counted as `truncated_tar`, the samples before it are kept."""
+    up to the first dot of its base name (WebDataset's rule). A tar cut short (an interrupted download), inside a
+    member or between two, ends the shard early: the sample being read is counted as `truncated_tar` (cut between
+    its files, it may lack some), the samples before it are kept."""
     key, files = None, {}
     with epath.Path(path).open("rb") as f:
         try:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
+            with tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndMarkedTarInfo) as tar:
                 for member in tar:
                     base = posixpath.basename(member.name)
                     if not member.isfile() or base.startswith(".") or "." not in base:
@@ -186,6 +200,8 @@ def _tar_samples(path: str, stats: ShardStats) -> Iterator[tuple[str, dict[str, 
                             yield key, files
                         key, files = member_key, {}
                     files[ext.lower()] = tar.extractfile(member).read()
+                if getattr(tar, "cut_short", False):
+                    raise tarfile.ReadError("the tar ends without its end-of-archive blocks")
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             if isinstance(e, OSError) and e.errno is not None:
                 # The storage failed (EIO, a connection reset), not the tar's bytes: the shard fails, without a

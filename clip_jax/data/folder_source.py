@@ -53,6 +53,9 @@ class ImageFolderSource:
                       for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not self.files:
             raise ValueError(f"{root}: its class folders hold no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if empty := sorted(set(self._folders) - {self._folders[label] for _, label in self.files}):
+            log.warning("%s: the class folders %s hold no image: they stay classes to choose from, which no image "
+                        "belongs to (remove them to leave them out)", root, empty[:5])
 
     def class_names(self) -> list[str]:
         return list(self._names)

@@ -40,7 +40,7 @@ def load_long_text_set(path: str | pathlib.Path, image_size: int, max_image_byte
     if path.is_dir():
         if not (path / "caption").is_dir():
             raise FileNotFoundError(f"{path} is not in the Urban-1k layout (image/<name>.jpg, caption/<name>.txt)")
-        pairs = [(path / "image" / f"{f.stem}.jpg", f.read_text(encoding="utf-8").splitlines()[0])
+        pairs = [(path / "image" / f"{f.stem}.jpg", f.read_text(encoding="utf-8-sig").splitlines()[0])
                  for f in sorted((path / "caption").glob("*.txt"))]
     elif path.suffix == ".json":
         pairs = [(path.parent / name, caption) for name, caption in json.loads(path.read_text("utf-8")).items()]
