@@ -620,12 +620,23 @@ def _read_lines(path: str) -> list[str]:
     return lines
 
 
+def _three_numbers(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B (e.g. 0.5,0.5,0.5), got {text!r}")
+    return values
+
+
 def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.interop.workdir import convert_to_workdir
 
     summary = convert_to_workdir(
         args.src, args.to_workdir, vocab=args.vocab, activation=args.activation, heads_vision=args.heads_vision,
         heads_text=args.heads_text, scan_layers=args.scan_layers, image_size=args.image_size,
+        image_mean=args.image_mean, image_std=args.image_std,
     )
     v, t = summary["model"]["vision"], summary["model"]["text"]
     if v["type"] == "resnet":
@@ -913,6 +924,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--scan-layers", action="store_true", help="store blocks stacked (model.scan_layers=True)")
     conv.add_argument("--image-size", type=int, help="another image resolution: the image position table (a ViT's, "
                       "or a ResNet's attention pool's) is interpolated to its grid")
+    for which in ("mean", "std"):
+        conv.add_argument(f"--image-{which}", type=_three_numbers, metavar="R,G,B",
+                          help=f"the RGB {which} the model's images were normalised with (pixels in [0, 1]); default: "
+                          "source config (open_clip's preprocess_cfg, HF's preprocessor_config.json), else OpenAI's")
     exp = sub.add_parser("export", help="write a workdir's checkpoint as PyTorch files (open_clip or HF)")
     exp.add_argument("--workdir", required=True)
     exp.add_argument("--format", required=True, choices=("openai", "hf", "hf-text"))

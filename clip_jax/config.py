@@ -32,7 +32,7 @@ from clip_jax.evaluate.suite import EVALUATORS, check_sources, eval_defaults, pa
 from clip_jax.files import absolute_path, is_remote, write_atomic
 from clip_jax.methods import METHODS, get_method, method_class
 from clip_jax.models.audio import config_problem as audio_config_problem
-from clip_jax.models.clip import REQUIRED_TOWERS, TOWERS, CLIPConfig
+from clip_jax.models.clip import CLIP_MEAN, CLIP_STD, REQUIRED_TOWERS, TOWERS, CLIPConfig
 from clip_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, LAYER_NORM_IMPLEMENTATIONS, REMAT_POLICIES
 from clip_jax.models.presets import model_preset
 from clip_jax.models.resnet import config_problem as resnet_config_problem
@@ -382,6 +382,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key 'evals.{name}' must be a dict with a 'type' (clip_jax/evaluate/suite.py)")
         _check_against(eval_defaults(entry["type"]), entry, f"evals.{name}")
         parse_entry(name, dict(entry))
+    for key in ("image_mean", "image_std"):
+        rgb = config.model.get(key, ())
+        if (len(rgb) != 3 or not all(isinstance(x, int | float) for x in rgb)
+                or (key == "image_std" and not all(x > 0 for x in rgb))):
+            raise ConfigError(f"model.{key} must be three numbers (red, green, blue, of pixels in [0, 1])"
+                              f"{', each above 0' if key == 'image_std' else ''}, got {tuple(rgb)}")
     scale = config.data.crop_scale
     if len(scale) != 2 or not all(isinstance(x, int | float) for x in scale) or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(scale)}")
@@ -708,8 +714,12 @@ def _migrate(data: dict) -> None:
     """A config.json of earlier versions, in place: from before the method layer, `loss.*`, `reset_logit_scale` and
     `data.short_context_length` become the method's fields, `eval.long_text` and `eval.long_text_set` entries of
     `evals`; `data.grayscale_shape_captions` (a switch until 2026-12-05) becomes `data.grayscale_shape_prob` 1.0
-    or 0.0; a ViT without `model.vision.pool` (2026-12-06) pooled its class token, "token"."""
+    or 0.0; a ViT without `model.vision.pool` (2026-12-06) pooled its class token, "token"; a model without
+    `model.image_mean` / `image_std` (2026-12-07) normalised its images with OpenAI's."""
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    if model:
+        model.setdefault("image_mean", list(CLIP_MEAN))
+        model.setdefault("image_std", list(CLIP_STD))
     vision = model.get("vision")
     if isinstance(vision, dict) and vision.get("type") == "vit":
         vision.setdefault("pool", "token")

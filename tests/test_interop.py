@@ -29,7 +29,7 @@ from clip_jax.interop import ConversionError  # noqa: E402
 from clip_jax.interop import openai as oa  # noqa: E402
 from clip_jax.interop import workdir as wd  # noqa: E402
 from clip_jax.interop.safe_load import read_tensors, write_tensors  # noqa: E402
-from clip_jax.models.clip import CLIP, CLIPConfig  # noqa: E402
+from clip_jax.models.clip import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig  # noqa: E402
 
 from .test_methods import compiled  # noqa: E402
 
@@ -379,6 +379,66 @@ def test_a_mean_pooled_vit_is_refused_where_the_file_cannot_say_so(tmp_path, sma
     assert not (tmp_path / out).exists()
 
 
+def test_a_models_own_image_normalisation_goes_to_open_clip_and_hf_and_back(tmp_path, small_import, caplog):
+    """open_clip's ViT-L-14 laion2b_s32b_b82k (HF: laion/CLIP-ViT-L-14-laion2B-s32B-b82K) normalises its images with
+    mean and std 0.5, as its open_clip_config.json (preprocess_cfg) and preprocessor_config.json say. convert read
+    neither: the converted model normalised with OpenAI's, silently another function of the pixels. Compared here on
+    the same uint8 pixels, each library preprocessing them its own way from the files written."""
+    from PIL import Image
+
+    _, imported = small_import
+    half = (0.5, 0.5, 0.5)
+    model = {**imported.model, "image_mean": half, "image_std": half}
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    _, ids = inputs(32, 16, 100)
+    mine = ours(model, imported.params, pixels, ids)
+    assert np.abs(mine[0] - ours(imported.model, imported.params, pixels, ids)[0]).max() > 1e-2  # not OpenAI's
+    wd.export_params(imported.params, model, "openai", tmp_path / "oc")
+    assert json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())["preprocess_cfg"] == {
+        "mean": [0.5] * 3, "std": [0.5] * 3}
+    reloaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
+    images = torch.stack([preprocess(Image.fromarray(p)) for p in pixels])  # 32 px already: only normalised
+    with torch.no_grad():
+        assert_close("open_clip image, own normalisation", reloaded.eval().encode_image(images, normalize=True),
+                     mine[0])
+    back = wd.load_source(tmp_path / "oc")
+    assert (back.model["image_mean"], back.model["image_std"]) == (half, half)
+
+    wd.export_params(imported.params, model, "hf", tmp_path / "hf")
+    processor = transformers.CLIPImageProcessor.from_pretrained(tmp_path / "hf")
+    values = processor(images=[Image.fromarray(p) for p in pixels], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        theirs = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()(
+            input_ids=torch.from_numpy(ids), pixel_values=values).image_embeds
+    assert_close("HF image, own normalisation", theirs, mine[0])
+    back = wd.load_source(tmp_path / "hf")
+    assert (back.model["image_mean"], back.model["image_std"]) == (half, half)
+
+    # A bare weights file cannot say it: written, with a warning naming what open_clip must be told.
+    with caplog.at_level("WARNING"):
+        wd.export_params(imported.params, model, "openai", tmp_path / "m.safetensors")
+    assert "normalises its images with mean [0.5, 0.5, 0.5] and std [0.5, 0.5, 0.5], not OpenAI's" in caplog.text
+    # A bad preprocess_cfg is one line naming the file.
+    config = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())
+    config["preprocess_cfg"]["std"] = [0.5, 0.0, 0.5]
+    (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=r"open_clip_config.json: preprocess_cfg: its std \[0.5, 0.0, 0.5\] is "
+                                              "not three numbers"):
+        wd.load_source(tmp_path / "oc")
+
+
+def test_a_bare_file_keeps_one_activation_for_both_towers(tmp_path, small_import):
+    """open_clip and convert rebuild a weights file with one activation for both towers: a model mixing them (an HF
+    model may) was written there silently, and read back as another function."""
+    _, imported = small_import
+    model = {**imported.model, "vision": {**imported.model["vision"], "activation": "quick_gelu"}}
+    for out in ("m.safetensors", "oc"):
+        with pytest.raises(ConversionError, match="the image tower's activation is quick_gelu and the text tower's "
+                                                  "gelu: .* export --format hf"):
+            wd.export_params(imported.params, model, "openai", tmp_path / out)
+        assert not (tmp_path / out).exists()
+
+
 def test_an_open_clip_pooling_we_do_not_compute_is_refused():
     for vision, named in (({"pool_type": "none"}, "pool_type='none'"),  # the tokens, unpooled
                           ({"pool_type": "avg", "final_ln_after_pool": True},  # the mean, then ln_post
@@ -433,6 +493,16 @@ def test_refuses_torchscript(tmp_path):
         read_tensors(tmp_path / "ViT-B-32.pt")
 
 
+def test_the_weights_of_an_open_clip_torchscript_convert_despite_its_causal_mask(small_import):
+    """The recipe that the TorchScript refusal gives (`state_dict()` of the loaded program) keeps an open_clip model's
+    causal mask buffer, -inf above the diagonal: convert called the weights damaged ("NaN or infinite")."""
+    torch_model, imported = small_import
+    extracted = {**state_dict(torch_model), "attn_mask": torch_model.attn_mask.numpy()}
+    assert np.isinf(extracted["attn_mask"]).any()
+    again = wd.load_source_state_dict(extracted, heads_vision=2, heads_text=2, activation="gelu")
+    assert again.model == imported.model and trees_equal(again.params, imported.params)
+
+
 def test_shape_and_key_messages(tmp_path, small_import):
     torch_model, _ = small_import
     sd = state_dict(torch_model)
@@ -472,6 +542,11 @@ def test_cli_convert_and_export(tmp_path):
     config = read_config(work / "config.json")
     assert config.data.tokenizer == "openai" and config.model.text.activation == "gelu" and config.model.scan_layers
     assert ClipTokenizer.load(work / "tokenizer.json").name == "openai-bpe-16e6"
+    assert tuple(config.model.image_mean) == CLIP_MEAN  # a bare file says none: OpenAI's, unless told
+    main(["convert", str(tmp_path / "epoch_2.pt"), "--to-workdir", str(tmp_path / "half"), "--heads-vision", "2",
+          "--heads-text", "2", "--activation", "gelu", "--image-mean", "0.5,0.5,0.5", "--image-std", ".5,.5,.5"])
+    half = read_config(tmp_path / "half" / "config.json").model
+    assert tuple(half.image_mean) == tuple(half.image_std) == (0.5, 0.5, 0.5)
 
     # what `train` does on this workdir: restore the full state (optimizer, data iterator) into its shardings
     trained = load_trained(work)
@@ -513,7 +588,6 @@ def test_cli_convert_and_export(tmp_path):
     from PIL import Image
 
     from clip_jax.data.images import resize_center_crop
-    from clip_jax.models.clip import CLIP_MEAN, CLIP_STD
 
     processor = transformers.CLIPProcessor.from_pretrained(tmp_path / "hf")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8))
@@ -535,6 +609,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "clip-jax convert: error:" in err and "junk.safetensors" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_the_weights_file_of_a_folder_is_sent_to_the_folder(tmp_path, small_import):
+    """An HF folder's model.safetensors given alone was read as a bare state dict, with width // 64 heads where its
+    config.json says others (and OpenAI's image normalisation where its preprocessor_config.json says another):
+    another model, silently. The folder converts right, so the file alone is refused naming it."""
+    _, imported = small_import
+    wd.export_params(imported.params, imported.model, "hf", tmp_path / "hf")
+    wd.export_params(imported.params, imported.model, "openai", tmp_path / "oc")
+    for weights in (tmp_path / "hf" / "model.safetensors", tmp_path / "oc" / "open_clip_model.safetensors"):
+        with pytest.raises(ConversionError, match=f"is the weights file of the folder .* convert the folder "
+                                                  f"{weights.parent}, whose config gives"):
+            wd.load_source(weights)
+        assert wd.load_source(weights.parent).model == imported.model
 
 
 def test_missing_vocab_message(monkeypatch, small_import):

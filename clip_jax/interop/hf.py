@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,18 +160,16 @@ def model_from_hf_config(cfg: Mapping[str, Any], *, heads_vision: int | None = N
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
-def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
+def hf_preprocessor_config(image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
     """preprocessor_config.json of a `CLIPImageProcessor` (what `CLIPProcessor.from_pretrained` needs beside the
     tokenizer): clip_jax's eval transform, the shorter side resized bicubic to the model's size, the centre crop,
-    OpenAI's RGB normalisation. transformers truncates the crop's offset where torchvision (and clip_jax) round it
+    the model's RGB normalisation. transformers truncates the crop's offset where torchvision (and clip_jax) round it
     half to even: where the margin is odd, its crop is one pixel off ours."""
-    from clip_jax.models.clip import CLIP_MEAN, CLIP_STD
-
     return {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
             "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
             "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+            "image_mean": list(mean), "image_std": list(std)}
 
 
 def hf_config(model: Mapping[str, Any], *, sot_id: int, eot_id: int, text_only: bool = False) -> dict[str, Any]:

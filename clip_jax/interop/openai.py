@@ -30,6 +30,7 @@ from clip_jax.interop.openai_resnet import (
     resnet_rows,
     unfold_batch_norms,
 )
+from clip_jax.models.clip import CLIP_MEAN, CLIP_STD
 from clip_jax.models.layers import relayout_blocks
 from clip_jax.models.positions import merge_position_tables
 from clip_jax.models.presets import model_preset
@@ -37,8 +38,9 @@ from clip_jax.models.presets import model_preset
 # Long-CLIP: positions below this come from the frozen table (REFERENCE.md section 5). Their checkpoints do not
 # record it; every released one uses 20.
 LONGCLIP_KEEP = 20
-# Entries of the raw OpenAI (TorchScript) state dicts that are metadata, not weights.
-_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Entries of the raw OpenAI (TorchScript) state dicts that are metadata, not weights; `attn_mask`, the text tower's
+# causal mask (-inf above the diagonal), is a buffer that an open_clip model's TorchScript export keeps among them.
+_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 # (torch suffix, our suffix, transform) of one residual block.
@@ -208,6 +210,22 @@ def check_class_token_pooled(model: Mapping[str, Any], where: str) -> None:
             "model would compute another function there; export --format openai to a folder (its "
             "open_clip_config.json says pool_type 'avg', as open_clip reads it)"
         )
+
+
+def check_one_activation(model: Mapping[str, Any], where: str) -> None:
+    """open_clip (and `convert --activation`) build both towers with one activation: `where`, without a config of its
+    own, would be rebuilt with the text tower's in the image tower too."""
+    vision, text = model["vision"].get("activation", model["text"]["activation"]), model["text"]["activation"]
+    if vision != text:
+        raise ConversionError(f"the image tower's activation is {vision} and the text tower's {text}: {where} is "
+                              "rebuilt with one activation for both (open_clip's, convert's --activation), so this "
+                              "model would compute another function there; export --format hf (its config.json holds "
+                              "each tower's)")
+
+
+def normalisation(model: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """The image mean and std a model config dict normalises with (OpenAI's where it says none), as lists."""
+    return (list(model.get("image_mean", CLIP_MEAN)), list(model.get("image_std", CLIP_STD)))
 
 
 # ---- state dict <-> params -----------------------------------------------------------------------------------------
@@ -404,8 +422,7 @@ def open_clip_config(model: Mapping[str, Any], tokenizer_files: bool = False) ->
         ratio = tower["mlp_dim"] / tower["width"]
         return ratio if int(tower["width"] * ratio) == tower["mlp_dim"] else (tower["mlp_dim"] + 0.5) / tower["width"]
 
-    if v.get("activation", t["activation"]) != t["activation"]:
-        raise ConversionError("open_clip has one activation for both towers; this model mixes them")
+    check_one_activation(model, "open_clip's model config")
     if v.get("type") == "resnet":
         vision_cfg = open_clip_vision_config(v)
     else:
@@ -424,5 +441,5 @@ def open_clip_config(model: Mapping[str, Any], tokenizer_files: bool = False) ->
         cfg["text_cfg"] |= {"hf_tokenizer_name": ".", "tokenizer_kwargs": {"clean": "lower"}}
     if model.get("logit_bias_init") is not None:
         cfg["init_logit_bias"] = model["logit_bias_init"]
-    return {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                                                 "std": [0.26862954, 0.26130258, 0.27577711]}}
+    mean, std = normalisation(model)
+    return {"model_cfg": cfg, "preprocess_cfg": {"mean": mean, "std": std}}

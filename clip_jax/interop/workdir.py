@@ -73,12 +73,21 @@ def load_source(src: str | pathlib.Path, *, heads_vision: int | None = None, hea
             _warn_overridden(from_config, flags, src / "open_clip_config.json")
             imported = _from_openai(read_tensors(weights), {**from_config, **_given(flags)}, "open_clip", str(weights))
             _check_open_clip_sizes(config_json, imported.model, src / "open_clip_config.json")
+            preprocess = config_json.get("preprocess_cfg", {})
+            _set_normalisation(imported.model, preprocess.get("mean"), preprocess.get("std"),
+                               f"{src / 'open_clip_config.json'}: preprocess_cfg")
             if (src / "vocab.json").is_file():  # an export of a model with its own vocabulary (export_params)
                 imported = dataclasses.replace(imported, tokenizer_dir=src)
             return imported
         if (src / "config.json").is_file():
             return _from_hf_dir(src, flags)
         raise ConversionError(f"{src}: a directory needs config.json (Hugging Face) or open_clip_config.json")
+    folder_config = {**dict.fromkeys(_OPEN_CLIP_WEIGHTS, "open_clip_config.json"),
+                     **dict.fromkeys(_HF_WEIGHTS, "config.json")}.get(src.name)
+    if folder_config and (src.parent / folder_config).is_file():
+        raise ConversionError(f"{src} is the weights file of the folder beside its {folder_config}: convert the folder "
+                              f"{src.parent}, whose config gives what the file lacks (heads, activations, the image "
+                              "normalisation)")
     return load_source_state_dict(read_tensors(src), **flags, where=str(src))
 
 
@@ -104,6 +113,21 @@ def load_source_state_dict(sd: dict[str, np.ndarray], *, heads_vision: int | Non
 # Image tower widths whose open_clip models have heads wider than OpenAI's 64 (their configs' head_width): a bare
 # weights file of one converts with width // 64 heads unless told. (width: (model, heads))
 _OPEN_CLIP_WIDE_HEADS = {1280: ("ViT-H-14", 16), 1408: ("ViT-g-14", 16), 1664: ("ViT-bigG-14", 16)}
+
+
+def _set_normalisation(model: dict[str, Any], mean: Any, std: Any, where: str) -> None:
+    """The image normalisation a source's preprocessing config gives (open_clip's preprocess_cfg, HF's
+    preprocessor_config.json), into `model`; where it gives none, OpenAI's (the model's default) stays. The model was
+    trained on images normalised so: another normalisation feeds its first layer other numbers (open_clip's ViT-L-14
+    laion2b_s32b_b82k has mean and std 0.5)."""
+    for key, rgb in (("image_mean", mean), ("image_std", std)):
+        if rgb is None:
+            continue
+        if (not isinstance(rgb, list | tuple) or len(rgb) != 3 or not all(isinstance(x, int | float) for x in rgb)
+                or (key == "image_std" and not all(x > 0 for x in rgb))):
+            raise ConversionError(f"{where}: its {key.split('_')[1]} {rgb!r} is not three numbers (red, green, blue)"
+                                  f"{', each above 0' if key == 'image_std' else ''}")
+        model[key] = tuple(float(x) for x in rgb)
 
 
 def _given(flags: dict[str, Any]) -> dict[str, Any]:
@@ -155,9 +179,9 @@ def _first_file(directory: pathlib.Path, names: tuple[str, ...]) -> pathlib.Path
 
 
 def _from_openai(sd: dict[str, np.ndarray], flags: dict[str, Any], source: str, where: str) -> Imported:
-    oa.check_finite(sd, where)
     source = "longclip" if "positional_embedding_res" in sd else source
-    sd = oa.normalize_state_dict(sd)
+    sd = oa.normalize_state_dict(sd)  # metadata and buffers out first: a causal mask holds -inf by design
+    oa.check_finite(sd, where)
     flags = {"activation": "quick_gelu", **_given(flags)}  # OpenAI's weights were trained with QuickGELU
     model = oa.infer_model(sd, **flags)
     return Imported(model, oa.params_from_state_dict(sd, model), oa.TOWERS, source)
@@ -191,6 +215,9 @@ def _from_hf_dir(src: pathlib.Path, flags: dict[str, Any]) -> Imported:
             raise ConversionError(f"{where}: a text encoder without text_projection cannot be imported")
     oa.check_tensors(sd, hf_lib.expected_hf_shapes(model, towers), where)
     params = oa.params_from_state_dict(hf_lib.openai_from_hf(sd), model, towers)
+    if (processor := src / hf_lib.PREPROCESSOR_CONFIG).is_file():
+        settings = _read_json(processor)
+        _set_normalisation(model, settings.get("image_mean"), settings.get("image_std"), str(processor))
     has_tokenizer = hf_lib.read_hf_tokenizer(src) is not None
     return Imported(model, params, towers, "hf", src if has_tokenizer else None)
 
@@ -251,9 +278,12 @@ def resolve_tokenizer(imported: Imported, vocab: str | pathlib.Path | None = Non
 # ---- convert -----------------------------------------------------------------------------------------------------
 def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, vocab: str | None = None,
                        activation: str | None = None, heads_vision: int | None = None, heads_text: int | None = None,
-                       scan_layers: bool = False, image_size: int | None = None) -> dict[str, Any]:
+                       scan_layers: bool = False, image_size: int | None = None,
+                       image_mean: tuple[float, ...] | None = None, image_std: tuple[float, ...] | None = None
+                       ) -> dict[str, Any]:
     """Makes a workdir from a PyTorch checkpoint (see the module docstring), at another image resolution when
-    `image_size` is given (the image position table interpolated). Returns a summary."""
+    `image_size` is given (the image position table interpolated), normalising images with `image_mean` and
+    `image_std` where given (else as the source's config says, else OpenAI's). Returns a summary."""
     import ml_collections
 
     from clip_jax.config import default_config
@@ -265,6 +295,11 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
         raise ConversionError(f"{src} holds only the {'/'.join(imported.towers)} tower; a workdir needs a full CLIP")
     tokenizer = resolve_tokenizer(imported, vocab)
     model, params = dict(imported.model, scan_layers=scan_layers), imported.params
+    stated = oa.normalisation(model)
+    _set_normalisation(model, image_mean, image_std, "--image-mean / --image-std")
+    if stated != oa.normalisation({}) and oa.normalisation(model) != stated:
+        log.warning("--image-mean / --image-std override %s's normalisation (mean %s, std %s): the images are "
+                    "normalised as the flags say", src, *stated)
     if image_size is not None and image_size != model["vision"]["image_size"]:
         params, model["vision"] = resize_image_positions(params, model["vision"], image_size)
     if tokenizer.vocab_size > model["text"]["vocab_size"]:
@@ -579,6 +614,12 @@ def _write_export(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
         sd = oa.state_dict_from_params(params, model)
         if out.suffix in _FILE_SUFFIXES:
             oa.check_class_token_pooled(model, f"{out.name} (a state dict without a config)")
+            oa.check_one_activation(model, f"{out.name} (a state dict without a config)")
+            if oa.normalisation(model) != oa.normalisation({}):
+                log.warning("%s holds the weights only, and this model normalises its images with mean %s and std %s, "
+                            "not OpenAI's, which open_clip's transforms assume for a weights file: give open_clip "
+                            "image_mean and image_std, or export to a folder (its open_clip_config.json says them)",
+                            out.name, *oa.normalisation(model))
             if own_vocab:
                 log.warning("%s holds the weights only, and this run has a vocabulary of its own (its workdir's "
                             "tokenizer.json): export to a folder to have it beside them (open_clip's local-dir "
@@ -611,7 +652,8 @@ def _write_export(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
     written = [out / "config.json", weights]
     if fmt == "hf":  # the image processor's settings, so that CLIPProcessor.from_pretrained(out) loads
         (out / hf_lib.PREPROCESSOR_CONFIG).write_text(
-            json.dumps(hf_lib.hf_preprocessor_config(model["vision"]["image_size"]), indent=2) + "\n")
+            json.dumps(hf_lib.hf_preprocessor_config(model["vision"]["image_size"], *oa.normalisation(model)),
+                       indent=2) + "\n")
         written.append(out / hf_lib.PREPROCESSOR_CONFIG)
     if tokenizer:
         hf_lib.write_hf_tokenizer(out, tokenizer["vocab"], tokenizer["merges"], tokenizer["sot_token"],

@@ -39,7 +39,7 @@ from clip_jax.errors import ConfigError
 from clip_jax.methods.base import Field, StepFns
 from clip_jax.methods.clip import ClipConfig, ClipMethod
 from clip_jax.models import flops
-from clip_jax.models.clip import CLIP, l2_normalize, normalize_images
+from clip_jax.models.clip import CLIP, l2_normalize
 from clip_jax.models.grouping import (
     GroupVisionTransformer,
     assignment_to_pixels,
@@ -87,17 +87,17 @@ class GroupViTCLIP(CLIP):
         """The evaluation forward: soft assignments, no noise."""
         if any(v is not None for v in prompts.values()):
             raise ValueError("a GroupViT image tower takes no deep prompts")
-        return self.visual(normalize_images(images), train=False)[0]
+        return self.visual(self.normalize(images), train=False)[0]
 
     def train_image_embedding(self, images: jax.Array, rng: jax.Array) -> jax.Array:
         """The training forward (Gumbel noise from `rng`, one key per example [B, 2]; hard assignments):
         L2-normalised [B, D]."""
-        return l2_normalize(self.visual(normalize_images(images), train=True, rng=rng)[0].pooled)
+        return l2_normalize(self.visual(self.normalize(images), train=True, rng=rng)[0].pooled)
 
     def segments(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(image embedding [B, D], segment embeddings [B, G, D], both L2-normalised, and the patch-to-segment
         assignment [B, G, N]) of the evaluation forward."""
-        out, assignments = self.visual(normalize_images(images), train=False)
+        out, assignments = self.visual(self.normalize(images), train=False)
         proj = self.visual.variables["params"]["proj"]
         return (l2_normalize(out.pooled), l2_normalize(out.tokens @ proj.astype(out.tokens.dtype)),
                 segment_assignment(assignments))

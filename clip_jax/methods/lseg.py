@@ -40,7 +40,7 @@ from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES, class_names, scene_masks
 from clip_jax.errors import ConfigError
 from clip_jax.methods.base import Field, Method, Preparation, StepFns
 from clip_jax.models import flops
-from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize, normalize_images
+from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize
 from clip_jax.models.layers import LayerNorm, dense
 from clip_jax.models.resnet import Norm, conv2d
 
@@ -110,7 +110,7 @@ class LSegCLIP(CLIP):
 
     def dense_logits(self, images: jax.Array, labels: jax.Array) -> jax.Array:
         """Scores [B, S/2, S/2, L] of each half-resolution pixel against L2-normalised label embeddings [L, D]."""
-        pixels = l2_normalize(self.decoder(self.visual.token_grid(normalize_images(images))))
+        pixels = l2_normalize(self.decoder(self.visual.token_grid(self.normalize(images))))
         return self.pixel_scale() * pixels @ labels.astype(jnp.float32).T
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:

@@ -46,11 +46,18 @@ class CLIPConfig:
     logit_scale_init: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0  # clamp of exp(logit_scale) as in CLIP; <= 0 disables it (Long-CLIP)
     logit_bias_init: float | None = None  # set (e.g. -10) to add SigLIP's learnable bias
+    # The RGB mean and standard deviation (of pixels in [0, 1]) the image tower's input is normalised with: OpenAI's,
+    # unless the model was trained with others (open_clip's preprocess_cfg, HF's image_mean / image_std).
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
         """Builds the config from a plain dict (e.g. `config.model.to_dict()`)."""
         d = dict(d)
+        for key in ("image_mean", "image_std"):
+            if key in d:
+                d[key] = tuple(float(v) for v in d[key])  # config.json holds a list
         towers = {}
         for modality, (registry, default) in TOWERS.items():
             if (tower := d.pop(modality, None)) is not None:
@@ -58,9 +65,9 @@ class CLIPConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**towers, **{k: v for k, v in d.items() if k in fields})
 
-# OpenAI CLIP's RGB normalisation.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# OpenAI CLIP's RGB normalisation, every model's unless its config says otherwise.
+CLIP_MEAN = CLIPConfig.image_mean
+CLIP_STD = CLIPConfig.image_std
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -68,12 +75,14 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 RGB images as the towers take them, normalised on device with CLIP's mean and std (4x less
-    host-to-device traffic than float); float images are taken as already normalised."""
+def normalize_images(images: jax.Array, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+                     ) -> jax.Array:
+    """uint8 RGB images as the towers take them, normalised on device with the RGB `mean` and `std` (of [0, 1]
+    pixels; a model's own: `CLIP.normalize`) (4x less host-to-device traffic than float); float images are taken as
+    already normalised."""
     if images.dtype != jnp.uint8:
         return images
-    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def embedding(features: jax.Array, normalize: bool) -> jax.Array:
@@ -97,6 +106,10 @@ class CLIP(nn.Module):
         if cfg.logit_bias_init is not None:
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(cfg.logit_bias_init), (), jnp.float32)
 
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """`normalize_images` with this model's own mean and std."""
+        return normalize_images(images, self.config.image_mean, self.config.image_std)
+
     def vision_tower(self, common: dict[str, Any]) -> nn.Module:
         """The image tower, from `config.vision`'s type; a method's model may build its own (GroupViT's)."""
         return VISION_TOWERS[self.config.vision.type][1](self.config.vision, **common)
@@ -107,7 +120,7 @@ class CLIP(nn.Module):
         """The image tower's pooled feature (unnormalised) and token states. images: uint8 RGB [B, H, W, 3] or float
         images already normalised (`normalize_images`). Deep prompts, patch dropout and stochastic depth (training:
         one key, or one per image; a ViT tower's): see `VisionTransformer`."""
-        images = normalize_images(images)
+        images = self.normalize(images)
         if dropout_rng is None:
             return self.visual(images, layer_prompts, prompt_layers)
         return self.visual(images, layer_prompts, prompt_layers, dropout_rng=dropout_rng)
@@ -141,7 +154,7 @@ class CLIP(nn.Module):
         """Per-location scores [B, h, w, L] of uint8 images against L2-normalised label embeddings [L, embed_dim]:
         the image tower's dense features (`dense_features`, the training-free baseline of a plain CLIP),
         normalised, times the learned temperature. The dense methods (LSeg, GroupViT) override it."""
-        images = normalize_images(images)
+        images = self.normalize(images)
         features = l2_normalize(self.visual.dense_features(images))
         scale, _ = self.temperature()
         return scale * features @ labels.astype(jnp.float32).T

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models.boxes import cxcywh_to_xyxy, decode_boxes, patch_anchors, roi_align
-from clip_jax.models.clip import CLIP, l2_normalize, normalize_images
+from clip_jax.models.clip import CLIP, l2_normalize
 from clip_jax.models.grouping import CrossAttention
 from clip_jax.models.layers import LayerNorm, dense, layer_norm, partitioned
 
@@ -96,7 +96,7 @@ class DetectorCLIP(CLIP):
 
     def grid_features(self, images: jax.Array) -> jax.Array:
         """The image tower's patch tokens as a grid, LayerNormed: [B, g, g, W]."""
-        return self.det_norm(self.visual.token_grid(normalize_images(images)))
+        return self.det_norm(self.visual.token_grid(self.normalize(images)))
 
     def setup(self):
         super().setup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from clip_jax.models.clip import CLIP_MEAN, CLIP_STD
 from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS
 
 # name: (image width, layers, heads, patch, resolution | text width, layers, heads | embed_dim)
@@ -62,4 +63,6 @@ def model_preset(name: str, activation: str = "quick_gelu", vocab_size: int = 49
         "logit_scale_init": 2.659260036932778,  # ln(1 / 0.07)
         "max_logit_scale": 100.0,
         "logit_bias_init": None,
+        "image_mean": CLIP_MEAN,  # OpenAI's RGB normalisation of the image tower's input
+        "image_std": CLIP_STD,
     }
