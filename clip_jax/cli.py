@@ -327,7 +327,8 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError(f"--names {args.names}: the line {tabbed!r} holds a tab; give one class name a line (the "
                           "name the prompts say and the output shows)")
     files = list_images(args.images)
-    refuse_replacing(out, _earlier_classify_csv, [*files, *([args.names] if args.names else [])])
+    # (args.out as given: a trailing '/', a folder meant, is gone from the Path)
+    refuse_replacing(args.out, _earlier_classify_csv, [*files, *([args.names] if args.names else [])])
     maybe_initialize()
     trained = load_trained(args.workdir, args.step)
     # refused before the images are read
@@ -702,17 +703,16 @@ def longclip_recipe(model: dict, workdir: str) -> str:
     text, vision = model["text"], model["vision"]
     interpolated = text.get("keep_positions", 0) == 0
     recipe = LONGCLIP_RECIPES.get((vision.get("width"), vision.get("layers"), vision.get("patch_size")))
-    flags = []
+    flags, data = [], ["--config.data.path=..."]  # your captions
     if recipe is None:  # the shapes recipe: its interpolate phase is the plain baseline, nothing frozen
-        recipe = "configs/longclip_shapes.py" + (":interpolate" if interpolated else "")
+        recipe, data = "configs/longclip_shapes.py" + (":interpolate" if interpolated else ""), []  # shapes' own
     elif interpolated:
         flags += ["--config.model.text.keep_positions=0", shlex.quote("--config.optimizer.frozen=()")]
     if not interpolated and text["keep_positions"] != LONGCLIP_KEEP:
         flags.append(f"--config.model.text.keep_positions={text['keep_positions']}")
     if text["context_length"] != LONGCLIP_CONTEXT:
         flags.append(f"--config.model.text.context_length={text['context_length']}")
-    return " ".join(["clip-jax train --config", recipe, "--workdir", shlex.quote(str(workdir)), *flags,
-                     "--config.data.path=..."])
+    return " ".join(["clip-jax train --config", recipe, "--workdir", shlex.quote(str(workdir)), *flags, *data])
 
 
 def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:

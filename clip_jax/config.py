@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import logging
 import math
 import os
 import pathlib
@@ -38,6 +39,8 @@ from clip_jax.models.presets import model_preset
 from clip_jax.models.resnet import config_problem as resnet_config_problem
 from clip_jax.models.towers import IMAGE_DROPOUT_FIELDS, VISION_POOLS
 from clip_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
+
+log = logging.getLogger(__name__)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -439,6 +442,9 @@ def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = Tru
         if config.data.source != "shapes" and not config.data.path:
             raise ConfigError(f"data.source {config.data.source!r} reads files: set --config.data.path (see the "
                               "schema's comment in clip_jax/config.py)")
+        if config.data.source == "shapes" and config.data.path and get_method(config).reads_data:
+            log.warning("data.path %s is not read: data.source is 'shapes', which generates its examples; to train on "
+                        "the file, set --config.data.source (captions, records, ...)", config.data.path)
         if config.data.source in ("captions", "sharegpt4v", "segmentation_folder"):
             paths["data.path"] = config.data.path
         if config.data.source in ("captions", "sharegpt4v"):  # the images' folder: a wrong one drops every row

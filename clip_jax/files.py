@@ -97,7 +97,7 @@ def refuse_inside_workdir(path: str | os.PathLike, flag: str, source: str | os.P
     for folder in (resolved, *resolved.parents):
         if folder == source or is_workdir(folder):
             where = "is" if folder == resolved else "lies inside"
-            raise ConfigError(f"{flag} {path} {where} the clip_jax workdir {folder}; name a folder outside it")
+            raise ConfigError(f"{flag} {path} {where} the clip_jax workdir {folder}; give a path outside it")
 
 
 RUN_FOLDERS = ("checkpoints", "checkpoints_unreadable", "tensorboard")  # what a run keeps in folders of its workdir
@@ -155,6 +155,8 @@ def refuse_replacing(out: epath.PathLike, earlier_output: Callable[[epath.Path],
     checked before any work: not a folder, not one of the command's `inputs`, and if it exists, an earlier output of
     the command (`earlier_output` tells by content): anything else is what the user made, and writing it would
     destroy it."""
+    if str(out).endswith(("/", os.sep)):  # a folder meant: epath (and open) would make it a file of that name
+        raise ConfigError(f"{flag} {out} ends in a '/', as a folder's name: give the path of the file to write")
     out = epath.Path(out)
     if out.is_dir():
         raise ConfigError(f"{flag} {out} is a folder; give the path of the file to write")

@@ -640,6 +640,21 @@ def test_classify_never_writes_over_an_input_or_a_file_it_did_not_make(untouched
     assert expected in message and out.read_bytes() == before, message
 
 
+def test_an_out_file_named_as_a_folder_is_refused(untouched, tmp_path, capsys):
+    """`--out results/` (a folder meant) was written as a file named results."""
+    names = tmp_path / "names.txt"
+    names.write_text("red circle\nblue square\n")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "images" / "a.png")
+    message = exit_message(["classify", "--workdir", str(untouched), "--images", str(tmp_path / "images"),
+                            "--names", str(names), "--out", f"{tmp_path / 'results'}/"], capsys)
+    assert "ends in a '/', as a folder's name: give the path of the file to write" in message, message
+    assert not (tmp_path / "results").exists()
+    message = exit_message(["wise-ft", "--workdir", str(untouched), "--alphas", "0.5", "--out",
+                            f"{tmp_path / 'sweep'}/"], capsys)
+    assert "--out" in message and "ends in a '/'" in message and not (tmp_path / "sweep").exists(), message
+
+
 def test_classify_refuses_a_few_shot_names_file_whose_tabs_would_be_prompts(untouched, tmp_path, capsys):
     names = tmp_path / "names.txt"
     names.write_text("n01\tred circle\nn02\tblue square\n")

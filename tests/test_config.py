@@ -441,3 +441,19 @@ def test_a_relative_path_of_an_earlier_config_json_is_the_same_setting_as_its_ab
     assert not same_setting("a,b", f"{here}/a")
     assert not same_setting("cat", "dog") and not same_setting({"a": 1}, {"a": 1, "b": 2})
     assert not same_setting({"shots": 16}, {"shots": 8}) and same_setting(1, 1.0)
+
+
+def test_a_data_path_that_the_shapes_source_does_not_read_is_told(tmp_path, caplog):
+    """A caption table given without data.source trained on shapes, without a word that the file was never read
+    (stretch's printed recipe for a shapes run even held a placeholder --config.data.path)."""
+    from clip_jax.config import check_input_paths
+
+    (tmp_path / "caps.csv").write_text("image,caption\na.png,a red circle.\n")
+    config = load_config(DEMO, [f"--config.data.path={tmp_path / 'caps.csv'}"])
+    with caplog.at_level("WARNING"):
+        check_input_paths(config)
+    assert f"data.path {tmp_path / 'caps.csv'} is not read: data.source is 'shapes'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_input_paths(load_config(DEMO))
+    assert "is not read" not in caplog.text

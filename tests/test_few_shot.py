@@ -65,11 +65,14 @@ def test_a_table_set_takes_its_classes_and_their_order_from_the_names_file(tmp_p
     assert data.labels.tolist() == [1, 0]
 
 
-def test_hidden_folders_are_no_classes(tmp_path):
+def test_hidden_folders_are_no_classes_and_loose_images_are_told(tmp_path, caplog):
     _write_image(tmp_path / "red" / "0.png", (255, 0, 0))
     (tmp_path / ".ipynb_checkpoints").mkdir()  # Jupyter's; was "the class folder holds no image"
     _write_image(tmp_path / ".git" / "0.png", (1, 2, 3))
-    assert classification.folder_set(str(tmp_path), 8).class_names == ["red"]
+    _write_image(tmp_path / "stray.png", (1, 2, 3))  # in no class: left out, as before, but no longer in silence
+    with caplog.at_level("WARNING"):
+        assert classification.folder_set(str(tmp_path), 8).class_names == ["red"]
+    assert "1 images at the top are in no class folder and are left out" in caplog.text
 
 
 @pytest.mark.parametrize("case, words", [
@@ -144,6 +147,33 @@ def test_a_bad_image_stops_the_k_shot_sample_before_training_and_is_skipped_in_t
         task.train.read(range(len(task.train)))
 
 
+def test_a_task_of_one_class_is_refused_and_a_group_of_one_is_told(tmp_path, caplog):
+    """One class trained with a loss of 0 and scored 1.0; three split into two base classes and one new one, whose
+    top-1 is 1.0 whatever the model: both passed without a word."""
+    from clip_jax.data.classification import few_shot_task
+
+    config = _folder_task(tmp_path)
+    for colour in ("green", "red", "yellow"):  # blue left alone, in every set
+        for split in ("train", "val", "test"):
+            shutil.rmtree(tmp_path / split / colour)
+    with pytest.raises(ConfigError, match=r"few_shot: .*train holds one class, 'blue': a few-shot task needs two or "
+                                          "more"):
+        few_shot_task(config)
+    for split in ("train", "val", "test"):
+        for colour, rgb in (("green", (0, 255, 0)), ("red", (255, 0, 0))):
+            _write_image(tmp_path / split / colour / "0.png", rgb)
+    with caplog.at_level("WARNING"):
+        task = few_shot_task(config)
+    assert (len(task.base), len(task.new)) == (2, 1)
+    assert "the 3 classes split into 2 base and 1 new: a group of one class scores top-1 1.0" in caplog.text
+    assert "(few_shot_new)" in caplog.text
+    caplog.clear()
+    config.few_shot.classes = "all"
+    with caplog.at_level("WARNING"):
+        few_shot_task(config)
+    assert "a group of one class" not in caplog.text
+
+
 @pytest.mark.parametrize("name, record", [("clip_adapter", "few_shot_train.npz"), ("maple", "few_shot_classes.npz"),
                                           ("wise_ft", "few_shot_classes.npz")])
 def test_a_run_refuses_sets_whose_classes_changed_since_it_was_trained(tmp_path, tokenizer, name, record):
@@ -168,7 +198,19 @@ def test_a_run_refuses_sets_whose_classes_changed_since_it_was_trained(tmp_path,
         size = config.model.vision.image_size
         assert batch["images"].shape == (2, size, size, 3)
         assert len(method.train_arrays["images"]) == len(method.task.train)
-    prepared(config, tokenizer, tmp_path / "run")  # read back: the same classes
+    trained = prepared(config, tokenizer, tmp_path / "run")  # read back: the same classes
+    # The sets moved (the workdir copied to another machine to classify): a reader takes the recorded classes, split
+    # as in training; a training launch, and whatever reads the sets' images (an evaluation), still needs them.
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    reader = prepared(config, tokenizer, tmp_path / "run", training=False)
+    assert reader.task.class_names == trained.task.class_names and len(reader.task.test) == 0
+    assert (reader.task.base, reader.task.new) == (trained.task.base, trained.task.new)
+    with pytest.raises(ConfigError, match=r"few_shot.train: .*data/train does not exist \(a trained few-shot run "
+                                          "reads its sets where it trained on them"):
+        reader.task.test.read([0])
+    with pytest.raises(ConfigError, match=r"data/train does not exist"):
+        prepared(config, tokenizer, tmp_path / "run")
+    shutil.move(tmp_path / "moved", tmp_path / "data")
     for split in ("train", "val", "test"):
         _write_image(tmp_path / "data" / split / "black" / "0.png", (0, 0, 0))
     with pytest.raises(ConfigError, match=r"was trained on other classes than few_shot's sets now hold \(with "

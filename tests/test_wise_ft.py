@@ -292,6 +292,26 @@ def test_one_alpha_is_saved_as_a_workdir_that_eval_and_classify_read(wise_ft_run
     assert {p.name: p.read_bytes() for p in ft.glob("wise_ft*.json")} == sweeps
 
 
+def test_a_sweep_whose_start_has_moved_says_to_put_it_back(wise_ft_run, tmp_path, capsys):
+    """The advice was train's, "point --config.init_from at a workdir that has one": a flag wise-ft refuses."""
+    import shutil
+
+    from clip_jax.cli import main
+
+    run, *_ = wise_ft_run
+    moved = tmp_path / "ft"
+    shutil.copytree(run / "ft", moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["init_from"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as e:
+        main(["wise-ft", "--workdir", str(moved), "--alphas", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err, err
+    assert f"config.init_from: {tmp_path / 'gone'}, the CLIP this run started from, holds no checkpoint now" in err
+    assert "put that workdir back at this path" in err and "--config" not in err
+
+
 @pytest.mark.parametrize(
     "case, words",
     [

@@ -113,6 +113,9 @@ def folder_set(root: str, image_size: int, names_file: str = "", max_bytes: int 
     folders = {d.name: d for d in class_folders(root_path)}
     if not folders:
         raise ValueError(f"{root} holds no class folder (root/<class>/<image>)")
+    if loose := sum(f.suffix.lower() in IMAGE_SUFFIXES for f in root_path.iterdir() if f.is_file()):
+        log.warning("%s: %d images at the top are in no class folder and are left out (root/<class>/<image>)", root,
+                    loose)
     names = read_names(names_file) if names_file else {k: k.replace("_", " ") for k in folders}
     missing = [k for k in names if k not in folders]
     if missing:
@@ -260,8 +263,9 @@ def _open(config: ml_collections.ConfigDict, which: str) -> LabelledSet:
         raise ValueError(f"few_shot.{which} is not set: give {what}")
     if f.dataset == "tfds":
         return tfds_set(f.tfds_name, location, size, f.tfds_data_dir, f.names_file)
-    if not pathlib.Path(location).exists():
-        raise ValueError(f"few_shot.{which}: {location} does not exist")
+    if not pathlib.Path(location).exists():  # a typo, or a set moved since its run trained
+        raise ValueError(f"few_shot.{which}: {location} does not exist (a trained few-shot run reads its sets where "
+                         "it trained on them: put a moved set back there)")
     opener = folder_set if f.dataset == "folder" else table_set
     return opener(location, size, f.names_file, config.data.max_image_bytes)
 
@@ -277,12 +281,13 @@ def few_shot_task(config: ml_collections.ConfigDict) -> FewShotTask:
                 raise ValueError(f"{other.name}'s classes differ from the training set's "
                                  f"({class_change(names, other.class_names)}): give every set the same classes "
                                  "(few_shot.names_file)")
-        among = None
-        if f.dataset == "shapes":  # the pairs held out of pretraining are never few-shot classes
-            among = shapes.ShapesDataset(shapes.ShapesConfig(), "train").seen_classes()
-        base, new = split_classes(names, f.class_split, f.seed, among)
-        if f.classes == "all":
-            base, new = sorted(base + new), []
+        if len(names) < 2:  # every prediction right, the loss 0: nothing to learn or to score
+            raise ValueError(f"{full_train.name} holds one class, {names[0]!r}: a few-shot task needs two or more")
+        base, new = _task_groups(config, names)
+        if f.classes != "all" and (lone := [g for g, members in (("base", base), ("new", new)) if len(members) == 1]):
+            log.warning("few_shot: the %d classes split into %d base and %d new: a group of one class scores top-1 "
+                        "1.0 whatever the model (%s); give four classes or more, or few_shot.classes 'all'",
+                        len(names), len(base), len(new), ", ".join(f"few_shot_{g}" for g in lone))
         shots = sample_shots(full_train.labels, base, f.shots, f.seed, full_train.name, names)
 
         def keep(labelled: LabelledSet) -> LabelledSet:
@@ -293,5 +298,33 @@ def few_shot_task(config: ml_collections.ConfigDict) -> FewShotTask:
 
     except ValueError as e:
         raise ConfigError(f"few_shot: {e}") from None
-    templates = tuple(f.templates) or (shapes.ZERO_SHOT_TEMPLATES if f.dataset == "shapes" else ("a photo of a {}.",))
-    return FewShotTask(names, full_train.subset(shots), keep(val), keep(test), base, new, templates)
+    return FewShotTask(names, full_train.subset(shots), keep(val), keep(test), base, new, _templates(config))
+
+
+def _task_groups(config: ml_collections.ConfigDict, names: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(base, new) class indices of a task of the classes `names`: few_shot's split, or all of them as base."""
+    f = config.few_shot
+    among = None
+    if f.dataset == "shapes":  # the pairs held out of pretraining are never few-shot classes
+        among = shapes.ShapesDataset(shapes.ShapesConfig(), "train").seen_classes()
+    base, new = split_classes(names, f.class_split, f.seed, among)
+    return (sorted(base + new), []) if f.classes == "all" else (base, new)
+
+
+def _templates(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    f = config.few_shot
+    return tuple(f.templates) or (shapes.ZERO_SHOT_TEMPLATES if f.dataset == "shapes" else ("a photo of a {}.",))
+
+
+def recorded_task(config: ml_collections.ConfigDict, names: Sequence[str], why: str) -> FewShotTask:
+    """The task of a trained run whose sets are not where it read them (a workdir copied to another machine to
+    classify): its classes `names` as the run recorded them, split as then; its sets hold no image, and reading one
+    is a ConfigError saying `why` (an evaluation scores the sets: it needs them back)."""
+
+    def unreadable(rows: Sequence[int]) -> np.ndarray:
+        raise ConfigError(f"few_shot: {why}")
+
+    names = [str(n) for n in names]
+    empty = LabelledSet("few_shot (not found)", names, np.zeros(0, np.int64), unreadable)
+    base, new = _task_groups(config, names)
+    return FewShotTask(names, empty, empty, empty, base, new, _templates(config))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -23,13 +24,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.data.classification import FewShotTask, class_change, class_embeddings, few_shot_task
+from clip_jax.data.classification import (
+    FewShotTask,
+    class_change,
+    class_embeddings,
+    few_shot_task,
+    recorded_task,
+)
 from clip_jax.data.pipeline import array_iterator
 from clip_jax.errors import ConfigError, UnscorableClasses
 from clip_jax.losses import classification_loss
 from clip_jax.methods.base import Field, Method, Preparation, StepFns, cached_arrays
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize
+
+log = logging.getLogger(__name__)
 
 # The parameters a few-shot run reads from the CLIP it starts from, and keeps frozen (the optimizer.frozen rule).
 CLIP_PARAMS = ("visual", "text", "logit_scale", "logit_bias")
@@ -68,7 +77,29 @@ class FewShotMethod(Method):
 
     @functools.cached_property
     def task(self) -> FewShotTask:
-        return few_shot_task(self.config)
+        try:
+            return few_shot_task(self.config)
+        except ConfigError as e:
+            recorded, problem = self._recorded_classes(), str(e)
+            if recorded is None:
+                raise
+        # A reader (classify) of a trained run whose sets have moved: the classes it recorded are all it needs.
+        log.warning("%s; its classes are read from the run's record instead, which is all that classifying needs "
+                    "(an evaluation needs the sets)", problem)
+        return recorded_task(self.config, recorded, problem.removeprefix("few_shot: "))
+
+    def _recorded_classes(self) -> list[str] | None:
+        """The class names a trained run recorded (`prepare`), for a reader; None for a training launch, which
+        reads the sets, or a run without a record (trained by an earlier version)."""
+        prep = self.prep
+        if prep is None or prep.training or prep.workdir is None:
+            return None
+        for name in ("few_shot_train.npz", "few_shot_classes.npz"):
+            if (record := prep.workdir / name).exists():
+                with record.open("rb") as f:
+                    stored = np.load(f)
+                    return stored["class_names"].tolist() if "class_names" in stored else None
+        return None
 
     # --- the pieces a few-shot method gives ----------------------------------------------------------------------
     def learner(self) -> nn.Module:

@@ -46,6 +46,9 @@ def zero_shot_params(trained, workdir) -> Any:
     has changed (its frozen text tower is no longer the run's)."""
     config, method = trained.config, trained.method
     if config.init_from:
+        if not loop.checkpoint_steps(epath.Path(config.init_from)):  # (train's own advice names a flag of train's)
+            raise ConfigError(f"config.init_from: {config.init_from}, the CLIP this run started from, holds no "
+                              "checkpoint now, and wise-ft interpolates toward it: put that workdir back at this path")
         source, step = loop.init_from_checkpoint(config)
         where = f"config.init_from {config.init_from}"
     else:  # a warm start from the workdir's own step 0 (a converted CLIP)
@@ -162,6 +165,8 @@ def sweep_out(workdir, out=None, split: str = "test", save_workdir=None) -> epat
     saves a model (`save_workdir`: one alpha would replace the run's sweep)."""
     if out is None and save_workdir is None:
         out = epath.Path(workdir) / sweep_name(split)
+    if isinstance(out, str) and out.endswith(("/", os.sep)):  # a folder meant: the Path would make it a file
+        raise ConfigError(f"--out {out} ends in a '/', as a folder's name: give the path of the file to write")
     return epath.Path(out) if out is not None else None
 
 
