@@ -540,3 +540,28 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
     err = capsys.readouterr().err
     assert "--names: 'red circle' and 'Red Circle' are one text to this model" in err and not (
         tmp_path / "preds2.csv").exists()
+
+
+def test_a_group_a_method_cannot_score_is_refused_before_any_image_is_read():
+    """classify on a linear probe with the default --classes all decoded every image of --images first, then said
+    that the probe scores its training classes only."""
+    import types
+
+    from clip_jax.errors import UnscorableClasses
+    from clip_jax.evaluate.classify import requested_classes
+
+    class Probe:
+        scores = True  # a few-shot method: it scores classes of its own
+        task = types.SimpleNamespace(base=[0, 1], new=[2], class_names=["red", "green", "blue"])
+
+        def class_inputs(self, classes):
+            if list(classes) != self.task.base:
+                raise UnscorableClasses("a linear probe scores only its training classes")
+            return {}
+
+    trained = types.SimpleNamespace(config=tiny_config("linear_probe"), method=Probe())
+    assert requested_classes(trained, "base").names == ("red", "green")
+    for group in ("all", "new"):
+        with pytest.raises(ConfigError, match=f"method linear_probe cannot score --classes {group} \\(a linear probe "
+                                              "scores only its training classes\\): use --classes base"):
+            requested_classes(trained, group)

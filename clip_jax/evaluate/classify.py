@@ -104,6 +104,10 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
     if not classes:
         raise ConfigError(f"the run trained on all its classes (few_shot.classes 'all'): it has no {group!r} classes; "
                           "use --classes all")
+    try:
+        method.class_inputs(classes)  # (a linear probe's new classes: said before any image is read)
+    except UnscorableClasses as e:
+        raise _unscorable(config, group, e) from None
     return ClassRequest(tuple(task.class_names[c] for c in classes), group, few_shot=tuple(classes))
 
 
@@ -141,9 +145,11 @@ def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, request: Cl
     try:
         return method.scores(trained.params, examples, list(request.few_shot))
     except UnscorableClasses as e:  # a linear probe or class-specific contexts: only the training classes
-        raise ConfigError(f"method {config.method.name} cannot score --classes {request.group} ({e}): use --classes "
-                          "base"
-                          ) from None
+        raise _unscorable(config, request.group, e) from None
+
+
+def _unscorable(config: Any, group: str, error: UnscorableClasses) -> ConfigError:
+    return ConfigError(f"method {config.method.name} cannot score --classes {group} ({error}): use --classes base")
 
 
 def zero_shot_embeddings(trained: Any, encoder: Encoder, request: ClassRequest) -> np.ndarray:
