@@ -640,14 +640,19 @@ def test_classify_never_writes_over_an_input_or_a_file_it_did_not_make(untouched
     assert expected in message and out.read_bytes() == before, message
 
 
+def classify_inputs(folder, names: str = "red circle\nblue square\n"):
+    """(names file, images folder) for classify: the names given, one red image."""
+    (folder / "names.txt").write_text(names)
+    (folder / "images").mkdir()
+    Image.new("RGB", (40, 40), "red").save(folder / "images" / "a.png")
+    return folder / "names.txt", folder / "images"
+
+
 def test_an_out_file_named_as_a_folder_is_refused(untouched, tmp_path, capsys):
     """`--out results/` (a folder meant) was written as a file named results."""
-    names = tmp_path / "names.txt"
-    names.write_text("red circle\nblue square\n")
-    (tmp_path / "images").mkdir()
-    Image.new("RGB", (40, 40), "red").save(tmp_path / "images" / "a.png")
-    message = exit_message(["classify", "--workdir", str(untouched), "--images", str(tmp_path / "images"),
-                            "--names", str(names), "--out", f"{tmp_path / 'results'}/"], capsys)
+    names, images = classify_inputs(tmp_path)
+    message = exit_message(["classify", "--workdir", str(untouched), "--images", str(images), "--names", str(names),
+                            "--out", f"{tmp_path / 'results'}/"], capsys)
     assert "ends in a '/', as a folder's name: give the path of the file to write" in message, message
     assert not (tmp_path / "results").exists()
     message = exit_message(["wise-ft", "--workdir", str(untouched), "--alphas", "0.5", "--out",
@@ -656,12 +661,9 @@ def test_an_out_file_named_as_a_folder_is_refused(untouched, tmp_path, capsys):
 
 
 def test_classify_refuses_a_few_shot_names_file_whose_tabs_would_be_prompts(untouched, tmp_path, capsys):
-    names = tmp_path / "names.txt"
-    names.write_text("n01\tred circle\nn02\tblue square\n")
-    (tmp_path / "images").mkdir()
-    Image.new("RGB", (40, 40), "red").save(tmp_path / "images" / "a.png")
-    message = exit_message(["classify", "--workdir", str(untouched), "--images", str(tmp_path / "images"),
-                            "--names", str(names), "--out", str(tmp_path / "p.csv")], capsys)
+    names, images = classify_inputs(tmp_path, "n01\tred circle\nn02\tblue square\n")
+    message = exit_message(["classify", "--workdir", str(untouched), "--images", str(images), "--names", str(names),
+                            "--out", str(tmp_path / "p.csv")], capsys)
     assert "the line 'n01\\tred circle' holds a tab; give one class name a line" in message, message
     assert not (tmp_path / "p.csv").exists()
 
