@@ -425,12 +425,12 @@ def _segment_templates(method, given: list[str] | None) -> tuple[tuple[str, ...]
     evaluations used them (LSeg's and ViLD's method.templates, GroupViT's method.prompt_templates); else the shapes
     prompts. Using the shapes prompts always gave masks other than the run's segmentation_folder evaluation."""
     from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
+    from clip_jax.evaluate.segmentation import run_templates
 
     if given:
         return tuple(given), "--templates"
-    for key in ("templates", "prompt_templates"):
-        if method.get(key):
-            return tuple(method.get(key)), f"the run's method.{key}"
+    if own := run_templates(method):
+        return own, f"the run's method.{'templates' if method.get('templates') else 'prompt_templates'}"
     return tuple(ZERO_SHOT_TEMPLATES), "the shapes prompts"
 
 
