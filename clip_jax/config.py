@@ -376,6 +376,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field, value in drops.items():
         if value > 0 and not method.image_dropout:
             raise ConfigError(f"method {config.method.name!r} does not train with model.vision.{field}; set it to 0")
+    if config.data.source == "segmentation_folder" and method.reads_data and method.captions().fields:
+        raise ConfigError(f"data.source 'segmentation_folder' holds images and masks, no captions, and method "
+                          f"{config.method.name!r} trains on captions; train it on captions (data.source captions or "
+                          "records), or train method lseg on the masks")
     if config.data.negative_captions and not (
             method.reads_data and NEGATIVE_CAPTION in {f.caption for f in method.captions().fields.values()}):
         raise ConfigError(f"method {config.method.name!r} does not train on data.negative_captions (method negclip "

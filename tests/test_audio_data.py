@@ -403,9 +403,14 @@ def test_table_errors_are_one_line(tmp_path):
     assert "no rows" in audio_error(table("empty.csv", ESC_HEADER, []))
     assert "no column" in audio_error(table("nothing.csv", (), []))
     contradiction = [("a.wav", 0, "dog"), ("b.wav", 0, "cat")]
-    assert "one target" in audio_error(table("two_names.csv", ("filename", "target", "category"), contradiction))
-    contradiction = [("a.wav", 0, "dog"), ("b.wav", 1, "dog")]
-    assert "one target" in audio_error(table("two_targets.csv", ("filename", "target", "category"), contradiction))
+    assert "category 'cat' with target 0 contradicts an earlier row (target 0 is category 'dog'); give each category " \
+           "one target" in audio_error(table("two_names.csv", ("filename", "target", "category"), contradiction))
+    contradiction = [("a.wav", 0, "dog"), ("b.wav", 1, "dog")]  # its message named "category None"
+    assert "category 'dog' with target 1 contradicts an earlier row (category 'dog' has target 0)" in audio_error(
+        table("two_targets.csv", ("filename", "target", "category"), contradiction))
+    # one category: every sound right whatever the model (it scored top-1 1.0)
+    assert "names one category, 'dog': zero-shot classification needs two or more" in audio_error(
+        table("one_class.csv", ("filename", "category"), [("a.wav", "dog"), ("b.wav", "dog")]))
     assert "not an integer" in audio_error(table("bad_target.csv", ("filename", "target", "category"),
                                                  [("a.wav", "x", "dog")]))
     assert "no filename" in audio_error(table("blank.csv", ("filename", "category"), [("", "dog")]))

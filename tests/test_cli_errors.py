@@ -154,6 +154,9 @@ def test_train_on_fewer_devices_names_the_mesh_override(untouched):
     (["--config.optimizer.frozen=('visual/(',)"], "optimizer.frozen rule 'visual/(' is not a regular expression"),
     (["--config.data.crop_scale=(0.5,)"], "data.crop_scale must be (min, max) with 0 < min <= max <= 1, got (0.5,)"),
     (["--config.data.source=captions"], "data.source 'captions' reads files: set --config.data.path"),
+    # the folder's rows have no captions: the tokenizer's corpus failed on them (an IndexError, after the compile)
+    (["--config.data.source=segmentation_folder", "--config.data.path=/no/such/folder"],
+     "data.source 'segmentation_folder' holds images and masks, no captions, and method 'clip' trains on captions"),
     (["--config.data.source=captions", "--config.data.path=/no/such/file.jsonl"],
      "data.path: /no/such/file.jsonl does not exist"),
     (["--config.evals.long_set={'type': 'long_text_set', 'path': '/no/such/folder'}"],

@@ -130,6 +130,9 @@ BAD_JSON = {
     "zero width": (edit("annotations", lambda a: a[0].update(bbox=[1, 2, 0, 3])), "width or height <= 0"),
     "duplicate image": (edit("images", lambda i: i[1].update(id=1)), "image id 1 twice"),
     "duplicate name": (edit("categories", lambda c: c[1].update(name="cat")), "1 and 2 both 'cat'"),
+    "one text to CLIP": (edit("categories", lambda c: c[1].update(name="Cat")), "1 and 2 'cat' and 'Cat', one text to "
+                                                                                "CLIP"),
+    "blank name": (edit("categories", lambda c: c[1].update(name=" ")), "category 2 has the name ' '; give each"),
     # image 1 is 40x30: a box right of it, one above it; a box only reaching past an edge is clipped, not refused
     "box right of its image": (edit("annotations", lambda a: a[0].update(bbox=[40, 5, 10, 10])), "wholly outside"),
     "box above its image": (edit("annotations", lambda a: a[0].update(bbox=[5, -12, 10, 12])), "wholly outside"),

@@ -709,3 +709,17 @@ def test_a_name_glip_cannot_read_is_refused_in_one_short_line(tokenizer):
     assert f"reads {CONTEXT - 2}: shorten it" in message
     with pytest.raises(ConfigError, match=r"the name '3.5 inch blue circle' is empty or holds '\.'"):
         prompt_chunks(tokenizer, ["3.5 inch blue circle"], CONTEXT)
+
+
+def test_glip_training_names_a_category_that_no_prompt_can_hold(tokenizer):
+    """A category named with a '.' (or with no name, or too long alone) was refused with "lower
+    method.prompt_classes", which cannot make one name fit."""
+    import types
+
+    method = get_method(load_config("configs/glip_shapes.py"))
+    data = DetectionSet(np.zeros((1, 8, 8, 3), np.uint8), [np.zeros((1, 4), np.float32)], [np.zeros(1, np.int32)],
+                        ["st. square", "blue circle"])
+    with pytest.raises(ConfigError, match=r"method glip: the category 'st. square' cannot be a phrase of a prompt "
+                                          r"\(phrases must be non-empty and hold no '\.'.*\); rename it in the "
+                                          "annotations"):
+        method.extra_arrays(types.SimpleNamespace(tokenizer=tokenizer), data)

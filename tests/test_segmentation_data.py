@@ -202,6 +202,10 @@ BREAKAGES = {
                          root / "ImageSets" / "Segmentation" / "val.txt", "lists no id"),
     "blank class name": (lambda root: (root / "class_names.txt").write_text("background\n\ncat\n") and
                          root / "class_names.txt", "line 2 is blank"),
+    # one prompt for two labels: the second was never predicted (its IoU 0), without a word
+    "one text to CLIP": (lambda root: (root / "class_names.txt").write_text("background\nRed Square\nred  square\n")
+                         and root / "class_names.txt", "lines 2 and 3: 'Red Square' and 'red  square' are one text to "
+                                                       "CLIP"),
 }
 
 

@@ -331,10 +331,12 @@ def _classes(rows: list[tuple[int, dict]], has_target: bool, csv_path: epath.Pat
         category, target = row["category"], _int_cell(row, "target", csv_path, line)
         if target < 0:
             raise AudioError(f"{csv_path}, line {line}: target {target} is negative; class indices start at 0")
-        if classes.setdefault(category, target) != target or by_target.setdefault(target, category) != category:
+        earlier_target, earlier_category = classes.setdefault(category, target), by_target.setdefault(target, category)
+        if earlier_target != target or earlier_category != category:
+            clash = (f"category {category!r} has target {earlier_target}" if earlier_target != target else
+                     f"target {target} is category {earlier_category!r}")
             raise AudioError(f"{csv_path}, line {line}: category {category!r} with target {target} contradicts an "
-                             f"earlier row (category {by_target.get(target)!r} has target {target}, category "
-                             f"{category!r} has target {classes[category]}); give each category one target")
+                             f"earlier row ({clash}); give each category one target")
     return classes
 
 
@@ -383,6 +385,9 @@ def read_audio_table(csv_path: epath.PathLike, audio_root: str = "", folds: tupl
     if not rows:
         raise AudioError(f"audio table {csv_path} has no rows; it lists no audio file")
     classes = _classes(rows, "target" in header, csv_path)
+    if len(classes) < 2:  # every sound "right", whatever the model
+        raise AudioError(f"audio table {csv_path} names one category, {next(iter(classes))!r}: zero-shot "
+                         "classification needs two or more")
     names = [""] * (max(classes.values()) + 1)
     for category, index in classes.items():
         names[index] = category.replace("_", " ")

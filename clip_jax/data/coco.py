@@ -42,6 +42,7 @@ from clip_jax.data.images import (
     read_image_file,
     resize_center_crop,
 )
+from clip_jax.data.tokenizer import clean_text
 from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote, write_atomic
 
@@ -142,12 +143,18 @@ def _check_entries(data: dict, path: epath.Path) -> None:
         if category["id"] in category_ids:
             raise DetectionError(f"annotation file {path} lists category id {category['id']!r} twice; give each "
                                  "category a unique id")
-        if category["name"] in category_names:  # a class is named in text: two ids of one name are one query
-            raise DetectionError(f"annotation file {path} names categories {category_names[category['name']]!r} and "
-                                 f"{category['id']!r} both {category['name']!r}; give each category a unique name "
-                                 "(or merge them)")
+        name = category["name"]
+        if not isinstance(name, str) or not clean_text(name):  # a class is named in text: no text, no query
+            raise DetectionError(f"annotation file {path}: category {category['id']!r} has the name {name!r}; give "
+                                 "each category a name")
+        if (key := clean_text(name)) in category_names:  # two ids of one text (as the tokenizer reads it): one query
+            other_id, other = category_names[key]
+            same = f"both {name!r}" if other == name else f"{other!r} and {name!r}, one text to CLIP (its tokenizer " \
+                                                          "lower-cases)"
+            raise DetectionError(f"annotation file {path} names categories {other_id!r} and {category['id']!r} "
+                                 f"{same}; give each category a unique name (or merge them)")
         category_ids.add(category["id"])
-        category_names[category["name"]] = category["id"]
+        category_names[key] = (category["id"], name)
     for annotation in data["annotations"]:
         if not isinstance(annotation, dict) or not all(k in annotation for k in ("image_id", "category_id", "bbox")):
             raise DetectionError(f"annotation file {path}: annotation {annotation!r:.80} needs an image_id, a "

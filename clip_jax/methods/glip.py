@@ -67,6 +67,12 @@ class GLIPMethod(DetectionMethod):
         prompts = np.zeros((len(data), length), np.int32)
         ends = np.zeros((len(data), k), np.int32)
         phrase_classes = np.full((len(data), k), -1, np.int32)
+        for name in names:  # a name that no prompt can hold: fewer classes a prompt would not help
+            try:
+                grounding_prompt(prep.tokenizer, [name], length)
+            except ValueError as e:
+                raise ConfigError(f"method glip: the category {name!r} cannot be a phrase of a prompt ({e}); rename it "
+                                  "in the annotations") from None
         for i, present in enumerate(data.classes):
             rng = np.random.default_rng([self.config.seed, i])
             present = list(dict.fromkeys(int(c) for c in present))[:k]  # a scene names a class once
