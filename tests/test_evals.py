@@ -40,6 +40,9 @@ def test_entries_are_added_set_and_dropped_from_the_command_line(tmp_path):
     (["--config.evals.fs={'type': 'few_shot', 'split': 'tset'}"],  # found before the training, not after it
      "config key 'evals.fs.split' is 'tset': choose one of 'test', 'val'"),
     (["--config.eval.long_text=True"], "--config.evals.shapes_long_text="),
+    # a probability: above 1 every pixel was background, scored as a result (segment refuses it too)
+    (["--config.evals.s={'type': 'segmentation_folder', 'path': '/tmp', 'threshold': 1.5}"],
+     "config key 'evals.s.threshold' must be in [0, 1], got 1.5"),
 ])
 def test_entry_mistakes_are_one_line(overrides, words):
     with pytest.raises(ConfigError) as e:

@@ -187,6 +187,13 @@ def _text_as_jpg(root: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def _png_instead(root: pathlib.Path) -> pathlib.Path:
+    jpeg = root / "JPEGImages" / "b.jpg"
+    Image.open(jpeg).save(jpeg.with_suffix(".png"))
+    jpeg.unlink()
+    return jpeg
+
+
 BREAKAGES = {
     "missing split file": (lambda root: root / "ImageSets" / "Segmentation" / "nosuch.txt", "does not exist"),
     "missing image": (lambda root: _remove(root / "JPEGImages" / "b.jpg"), "does not exist"),
@@ -203,6 +210,8 @@ BREAKAGES = {
     "blank class name": (lambda root: (root / "class_names.txt").write_text("background\n\ncat\n") and
                          root / "class_names.txt", "line 2 is blank"),
     # one prompt for two labels: the second was never predicted (its IoU 0), without a word
+    # a folder of PNG images: the layout's JPEGImages/<id>.jpg is missing, and the message says what is there
+    "image saved as PNG": (lambda root: _png_instead(root), "has b.png: the layout names it b.jpg"),
     "one text to CLIP": (lambda root: (root / "class_names.txt").write_text("background\nRed Square\nred  square\n")
                          and root / "class_names.txt", "lines 2 and 3: 'Red Square' and 'red  square' are one text to "
                                                        "CLIP"),

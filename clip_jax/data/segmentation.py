@@ -208,9 +208,12 @@ class SegmentationFolder:
         for what, paths in (("image", map(self.image_path, self.ids)), ("mask", map(self.mask_path, self.ids))):
             absent = [p for p in paths if not os.path.isfile(p)]
             if absent:
+                others = sorted(q.name for q in absent[0].parent.glob(f"{absent[0].stem}.*"))  # images saved as PNG
+                named = f"; {absent[0].parent} has {', '.join(others[:3])}: the layout names it {absent[0].name}" \
+                    if others else ""
                 raise SegmentationError(f"{what} {absent[0]} does not exist (missing: {len(absent)} of the "
-                                        f"{len(self.ids)} {what}s of split {self.split!r}); add them or remove their "
-                                        f"ids from {self.root / _SPLITS / f'{self.split}.txt'}")
+                                        f"{len(self.ids)} {what}s of split {self.split!r}){named}; add them or remove "
+                                        f"their ids from {self.root / _SPLITS / f'{self.split}.txt'}")
 
     def image_path(self, image_id: str) -> epath.Path:
         return self.root / _IMAGES / f"{image_id}.jpg"

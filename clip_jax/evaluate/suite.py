@@ -393,6 +393,8 @@ EVALUATORS: dict[str, Evaluator] = {
 }
 # Fields an entry of this type must set (a path to read), and fields with a few allowed values.
 _CHOICES = {("few_shot", "split"): ("test", "val")}
+# Numbers with a range: a background threshold is a probability (above 1, every pixel is background).
+_RANGES = {("segmentation_folder", "threshold"): (0.0, 1.0)}
 _REQUIRED = {"long_text_set": "path", "zero_shot_folder": "path", "zero_shot_tfds": "dataset",
              "zero_shot_audio_folder": "path", "segmentation_folder": "path", "coco_detection": "annotations"}
 
@@ -419,6 +421,9 @@ def parse_entry(name: str, entry: dict) -> Any:
         if entry.get("type") == kind and key in fields and fields[key] not in allowed:
             raise ConfigError(f"config key 'evals.{name}.{key}' is {fields[key]!r}: choose one of "
                               f"{', '.join(map(repr, allowed))}")
+    for (kind, key), (low, high) in _RANGES.items():
+        if entry.get("type") == kind and key in fields and not low <= fields[key] <= high:
+            raise ConfigError(f"config key 'evals.{name}.{key}' must be in [{low:g}, {high:g}], got {fields[key]!r}")
     if entry.get("type") in _REQUIRED and not fields.get(_REQUIRED[entry["type"]]):
         raise ConfigError(f"evals.{name} ({entry['type']}) needs {_REQUIRED[entry['type']]}: set "
                           f"--config.evals.{name}.{_REQUIRED[entry['type']]}=...")
