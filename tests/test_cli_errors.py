@@ -187,6 +187,16 @@ def test_an_image_root_that_is_no_folder_is_refused_before_the_workdir_is_made(t
     assert not workdir.exists()
 
 
+def test_a_data_skip_that_leaves_out_every_row_says_so(tmp_path, capsys):
+    """The Long-CLIP recipes skip ShareGPT4V's 1,000 test rows (data.skip): on a table of the user's that left
+    "no records to train on", without naming data.skip."""
+    (tmp_path / "t.csv").write_text("image,caption\na.png,a red circle.\nb.png,a blue star.\n")
+    message = exit_message(train_args(tmp_path / "run", "--config.data.source=captions",
+                                      f"--config.data.path={tmp_path / 't.csv'}", "--config.data.skip=2"), capsys)
+    assert "t.csv: data.skip 2 leaves out all of its 2 rows" in message and "--config.data.skip=0" in message, message
+    assert not (tmp_path / "run").exists()
+
+
 # Training files that cannot be read as what the config says: (data.source, or "tokenizer" for data.tokenizer, the
 # file's name, its content or None for a folder, the message).
 TRAINING_FILES = {

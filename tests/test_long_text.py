@@ -45,6 +45,41 @@ def test_urban1k_layout_and_json(tmp_path):
         load_long_text_set(tmp_path / "image", SIZE)
 
 
+@pytest.mark.parametrize("case, content, words", [
+    ("empty caption", None, "its first line, the caption, is empty"),
+    ("truncated JSON", '{"a.jpg": "one', "is not a JSON file"),
+    ("ShareGPT4V list", '[{"image": "a.jpg", "conversations": []}]', "holds a JSON list, not an object"),
+    ("caption not a text", '{"a.jpg": 5}', "the caption of 'a.jpg' is 5, not a text"),
+    ("names from elsewhere", '{"data/a.jpg": "one"}', "no readable image-caption pair (the images are looked for in"),
+])
+def test_a_long_text_set_that_cannot_be_read_is_one_line_before_training(tmp_path, case, content, words):
+    """Each was an "unexpected error" (IndexError, AttributeError, JSONDecodeError, TypeError), and the entry was
+    read only when it evaluated: a training run lost its final evaluation after its last step."""
+    from clip_jax.config import check_input_paths, load_config
+    from clip_jax.errors import ConfigError
+
+    Image.new("RGB", (60, 40)).save(tmp_path / "a.jpg")
+    if content is None:  # an Urban-1k folder whose caption file is empty
+        path = tmp_path / "urban"
+        (path / "image").mkdir(parents=True)
+        (path / "caption").mkdir()
+        (path / "caption" / "a.txt").write_text("\n")
+    else:
+        path = tmp_path / "set.json"
+        path.write_text(content)
+    config = load_config("configs/demo.py", [f"--config.evals.long={{'type': 'long_text_set', 'path': '{path}'}}"])
+    if case == "names from elsewhere":  # the pairs read; the images only when it evaluates
+        check_input_paths(config)
+        with pytest.raises(ValueError) as error:
+            load_long_text_set(path, SIZE)
+        assert words in str(error.value) and f"{tmp_path}, the JSON file's folder" in str(error.value)
+        return
+    with pytest.raises(ConfigError) as error:
+        check_input_paths(config)
+    assert str(error.value).startswith("evals.long.path: ") and words in str(error.value), error.value
+    assert "\n" not in str(error.value)
+
+
 def test_shapes_long_captions_exceed_77_tokens(tokenizer):
     images, captions = shapes_long_captions(SIZE, 0, 20, tokenizer)
     assert len(captions) == len(images) >= 18 and images.shape[1:] == (SIZE, SIZE, 3)

@@ -313,4 +313,7 @@ def _cached_source(path: str, fmt: str | None, image_root: str, skip: int, field
                    negative_field: str | None, stamp: tuple | None) -> CaptionFileSource:
     del stamp  # a key of the cache only: another version of the file is another entry
     rows = read_table(path, fmt or table_format(path), image_root or None, (*fields, FIELDS[2]))
+    if rows and skip >= len(rows):
+        raise ValueError(f"{path}: data.skip {skip} leaves out all of its {len(rows)} rows (the Long-CLIP recipes skip "
+                         "ShareGPT4V's 1k test rows so); set --config.data.skip=0 to train on every row")
     return CaptionFileSource(rows[skip:], path, negative_field)

@@ -194,6 +194,10 @@ def check_train_source(config: ml_collections.ConfigDict) -> None:
                                 "negative captions (the negative stands against the caption)", shorts, read)
         else:
             get_source(config, "train")
+            if config.data.skip:  # the Long-CLIP recipes' 1,000 (ShareGPT4V-1k) apply to a table of the user's too
+                log.warning("data.skip %d: the first %d rows of %s are left out of training (set "
+                            "--config.data.skip=0 to train on every row)", config.data.skip, config.data.skip,
+                            config.data.path)
     except captions.MissingColumns as e:
         raise ConfigError(f"data.path: {e}; name them with data.image_field and data.caption_field") from None
     except ValueError as e:

@@ -32,26 +32,52 @@ LONG_CONTEXT = 248  # Long-CLIP's: hard pairs differ within it, so every model i
 LONG_SCENE_OBJECTS = (5, 9)  # objects per scene: 5 already give ~110-140 tokens, 9 at most ~230 (under 248)
 
 
-def load_long_text_set(path: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-                       ) -> tuple[np.ndarray, list[str], int]:
-    """(images uint8 [N, S, S, 3], captions, number of images skipped: unreadable, undecodable, not regular files
-    or over `max_image_bytes`) of an Urban-1k-layout folder or a JSON file {image file name: caption}."""
+def long_text_pairs(path: str | pathlib.Path) -> list[tuple[pathlib.Path, str]]:
+    """(image path, caption) of each pair of an Urban-1k-layout folder or a JSON file {image file name: caption}
+    (names relative to its folder), read without any image; a ValueError, one line naming the file, for one that
+    cannot be read as such."""
     path = pathlib.Path(path)
     if path.is_dir():
         if not (path / "caption").is_dir():
             raise FileNotFoundError(f"{path} is not in the Urban-1k layout (image/<name>.jpg, caption/<name>.txt)")
-        pairs = [(path / "image" / f"{f.stem}.jpg", f.read_text(encoding="utf-8-sig").splitlines()[0])
-                 for f in sorted((path / "caption").glob("*.txt"))]
-    elif path.suffix == ".json":
-        pairs = [(path.parent / name, caption) for name, caption in json.loads(path.read_text("utf-8")).items()]
-    else:
+        pairs = []
+        for f in sorted((path / "caption").glob("*.txt")):
+            try:
+                lines = f.read_text(encoding="utf-8-sig").splitlines()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{f}: not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8") from None
+            if not lines or not lines[0].strip():
+                raise ValueError(f"{f}: its first line, the caption, is empty; write the caption there")
+            pairs.append((path / "image" / f"{f.stem}.jpg", lines[0]))
+        return pairs
+    if path.suffix != ".json":
         raise FileNotFoundError(f"{path}: expected an Urban-1k-layout folder or a JSON file of image -> caption")
+    try:
+        data = json.loads(path.read_text("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON file ({e}); give a JSON object {{image file name: caption}}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object {{image file name: caption}} (a "
+                         "ShareGPT4V list trains with data.source 'sharegpt4v'; its evaluation is a JSON object)")
+    if bad := next((name for name, caption in data.items() if not isinstance(caption, str) or not caption.strip()),
+                   None):
+        raise ValueError(f"{path}: the caption of {bad!r} is {data[bad]!r}, not a text; give each image one caption")
+    return [(path.parent / name, caption) for name, caption in data.items()]
+
+
+def load_long_text_set(path: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+                       ) -> tuple[np.ndarray, list[str], int]:
+    """(images uint8 [N, S, S, 3], captions, number of images skipped: unreadable, undecodable, not regular files
+    or over `max_image_bytes`) of `long_text_pairs(path)`."""
+    pairs = long_text_pairs(path)
     # a missing or corrupt image costs its pair, not the evaluation
     images, kept, skipped = load_images([image for image, _ in pairs], image_size, max_image_bytes)
     for message in skipped:
         log.warning("skipping %s", message)
     if not images:
-        raise ValueError(f"{path}: no readable image-caption pair")
+        where = pathlib.Path(path)
+        where = where if where.is_dir() else f"{where.parent}, the JSON file's folder,"
+        raise ValueError(f"{path}: no readable image-caption pair (the images are looked for in {where} by name)")
     return np.stack(images), [pairs[i][1] for i in kept], len(skipped)
 
 

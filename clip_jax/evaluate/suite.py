@@ -63,7 +63,13 @@ from clip_jax.evaluate.detection import (
     run_shapes_detection,
 )
 from clip_jax.evaluate.encoder import Encoder
-from clip_jax.evaluate.long_text import hard_pairs, hard_pairs_accuracy, load_long_text_set, shapes_long_captions
+from clip_jax.evaluate.long_text import (
+    hard_pairs,
+    hard_pairs_accuracy,
+    load_long_text_set,
+    long_text_pairs,
+    shapes_long_captions,
+)
 from clip_jax.evaluate.retrieval import retrieval_recall
 from clip_jax.evaluate.segmentation import (
     SegmentationFolderEval,
@@ -227,8 +233,11 @@ class LongTextSetEval:
 
 def run_long_text_set(ctx: Context, name: str, entry: LongTextSetEval) -> dict[str, float]:
     config = ctx.config
-    images, captions, skipped = load_long_text_set(entry.path, config.model.vision.image_size,
-                                                   config.data.max_image_bytes)
+    try:
+        images, captions, skipped = load_long_text_set(entry.path, config.model.vision.image_size,
+                                                       config.data.max_image_bytes)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"evals.{name}.path: {e}") from None
     recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), texts=captions)
     # Keys named by the entry, as every evaluator of a path does: two sets in one config keep both results.
     return {**{f"{name}_{k}": float(v) for k, v in recall.items()}, f"{name}_skipped": skipped}
@@ -443,6 +452,11 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str | os.PathLike 
             check_overlay_dir(name, entry.overlay_dir, workdir)
         if entry.type == "zero_shot_tfds":
             open_tfds(name, parse_entry(name, entry.to_dict()), config.model.vision.image_size)
+        elif entry.type == "long_text_set" and entry.path:  # its pairs, read before training (not its images)
+            try:
+                long_text_pairs(entry.path)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"evals.{name}.path: {e}") from None
         elif entry.type == "zero_shot_folder" and entry.path:
             try:
                 source = ImageFolderSource(entry.path, config.model.vision.image_size)
