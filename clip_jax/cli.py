@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import shlex
 import signal
 import sys
@@ -678,6 +679,7 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
+    from clip_jax.config import read_config
     from clip_jax.interop.workdir import stretch_workdir
 
     out = stretch_workdir(args.workdir, args.out_workdir, method=args.method, keep=args.keep, ratio=args.ratio,
@@ -685,7 +687,8 @@ def _stretch(args: argparse.Namespace, overrides: list[str]) -> None:
     # from how many: a second stretch of a stretched model (248 -> 932) is otherwise easy to miss
     print(f"stretched {args.workdir} -> {args.out_workdir}: {out['source_context_length']} -> "
           f"{out['context_length']} text positions, keep_positions {out['keep_positions']}")
-    print(f"fine-tune it with {longclip_recipe(out['model'], args.out_workdir)}. Its config.json is "
+    data = read_config(os.path.join(args.workdir, "config.json")).data.to_dict()
+    print(f"fine-tune it with {longclip_recipe(out['model'], args.out_workdir, data)}. Its config.json is "
           f"{args.workdir}'s with the new text context: without --config a run fine-tunes with {args.workdir}'s "
           "settings (its loss, data and frozen rules)")
 
@@ -696,23 +699,36 @@ LONGCLIP_RECIPES = {(768, 12, 16): "configs/longclip_b16.py", (1024, 24, 14): "c
 LONGCLIP_CONTEXT, LONGCLIP_KEEP = 248, 20
 
 
-def longclip_recipe(model: dict, workdir: str) -> str:
+def longclip_recipe(model: dict, workdir: str, data: dict | None = None) -> str:
     """The `clip-jax train` command that fine-tunes a stretched `model` (its config dict) in `workdir`: the recipe
     of its size, with the overrides its stretch needs (another length, or an interpolated table: no kept
-    positions, so nothing frozen); a model of no recipe's size (a `shapes` one) gets configs/longclip_shapes.py."""
+    positions, so nothing frozen); a model of no recipe's size (a `shapes` one) gets configs/longclip_shapes.py.
+    `data`: the `data` group of the run it was stretched from, whose files (a caption table, records) the command
+    names (the recipes' own data is ShareGPT4V, or shapes); else a placeholder for the user's captions."""
     text, vision = model["text"], model["vision"]
     interpolated = text.get("keep_positions", 0) == 0
     recipe = LONGCLIP_RECIPES.get((vision.get("width"), vision.get("layers"), vision.get("patch_size")))
-    flags, data = [], ["--config.data.path=..."]  # your captions
+    flags, files = [], ["--config.data.path=..."]  # your captions
+    if data and data.get("source", "shapes") != "shapes" and data.get("path"):  # the stretched run's own files
+        files = [f"--config.data.source={data['source']}", shlex.quote(f"--config.data.path={data['path']}")]
+        files += [shlex.quote(f"--config.data.image_root={data['image_root']}")] * bool(data.get("image_root"))
+        files += ["--config.data.skip=0"] * (recipe is not None)  # the recipes' ShareGPT4V test rows
+    elif recipe is None:
+        files = []  # shapes' own
     if recipe is None:  # the shapes recipe: its interpolate phase is the plain baseline, nothing frozen
-        recipe, data = "configs/longclip_shapes.py" + (":interpolate" if interpolated else ""), []  # shapes' own
+        recipe = "configs/longclip_shapes.py" + (":interpolate" if interpolated else "")
     elif interpolated:
         flags += ["--config.model.text.keep_positions=0", shlex.quote("--config.optimizer.frozen=()")]
     if not interpolated and text["keep_positions"] != LONGCLIP_KEEP:
         flags.append(f"--config.model.text.keep_positions={text['keep_positions']}")
     if text["context_length"] != LONGCLIP_CONTEXT:
         flags.append(f"--config.model.text.context_length={text['context_length']}")
-    return " ".join(["clip-jax train --config", recipe, "--workdir", shlex.quote(str(workdir)), *flags, *data])
+    recipe_file, _, variant = recipe.partition(":")
+    if (shipped := pathlib.Path(__file__).resolve().parents[1] / recipe_file).is_file() and \
+            pathlib.Path(recipe_file).resolve() != shipped:  # run from another folder: a path that resolves
+        recipe = str(shipped) + (f":{variant}" if variant else "")
+    return " ".join(["clip-jax train --config", shlex.quote(recipe), "--workdir", shlex.quote(str(workdir)), *flags,
+                     *files])
 
 
 def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -200,7 +200,7 @@ def test_stretch_and_its_refusals_name_the_command_that_gives_the_length_asked()
             assert check_stretch(current, keep=keep, ratio=ratio) == wanted
 
 
-def test_the_recipe_stretch_names_fits_the_model(tmp_path):
+def test_the_recipe_stretch_names_fits_the_model(tmp_path, monkeypatch):
     from clip_jax.cli import LONGCLIP_CONTEXT, LONGCLIP_KEEP, LONGCLIP_RECIPES, longclip_recipe
     from clip_jax.config import load_config
 
@@ -224,3 +224,17 @@ def test_the_recipe_stretch_names_fits_the_model(tmp_path):
     assert longclip_recipe(shapes, "o") == "clip-jax train --config configs/longclip_shapes.py --workdir o"
     shapes["text"].update(keep_positions=0)
     assert ":interpolate --workdir o" in longclip_recipe(shapes, "o")
+    # A model stretched from a run on a table of the user's: the command names that table (it trained on shapes, or
+    # on ShareGPT4V's path placeholder, with the recipes' data.skip of its first 1,000 rows)
+    table = {"source": "captions", "path": "/d/my table.csv", "image_root": "/d/images"}
+    told = longclip_recipe(shapes, "o", table)
+    assert told.endswith("--config.data.source=captions '--config.data.path=/d/my table.csv' "
+                         "--config.data.image_root=/d/images"), told
+    followed = load_config(str(root / "configs/longclip_shapes.py:interpolate"), shlex.split(told)[6:])
+    assert (followed.data.source, followed.data.path, followed.data.image_root) == (
+        "captions", "/d/my table.csv", "/d/images")
+    b16 = load_config(str(root / LONGCLIP_RECIPES[(768, 12, 16)])).model.to_dict()
+    assert longclip_recipe(b16, "o", table).endswith("--config.data.skip=0")
+    # from another folder, a recipe path that resolves
+    monkeypatch.chdir(tmp_path)
+    assert f"--config {root / 'configs' / 'longclip_shapes.py'}:interpolate --workdir o" in longclip_recipe(shapes, "o")
