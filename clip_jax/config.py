@@ -126,7 +126,10 @@ def default_config() -> ml_collections.ConfigDict:
     # colour circle, in a random order; on an image with probability colour_jitter_prob. All 0: off.
     c.data.colour_jitter = (0.0, 0.0, 0.0, 0.0)  # (brightness, contrast, saturation, hue)
     c.data.colour_jitter_prob = 0.8  # SimCLR's
-    c.data.tokenizer = "train"  # "train": fit a BPE vocabulary on training captions; "openai": OpenAI's; or a path
+    # "train": fit a BPE vocabulary on the captions of 3,000 training examples (spread over a caption table; the
+    # first ones of records); "openai": OpenAI's; or a path (a tokenizer.json, a BPE merges file). A resume keeps its
+    # workdir's tokenizer.json.
+    c.data.tokenizer = "train"
     c.data.tokenizer_vocab_size = 1024  # for "train"
     # Bytes read at most per image file; larger files, FIFOs and devices are dropped as bad samples (docs/data.md).
     c.data.max_image_bytes = DEFAULT_MAX_IMAGE_BYTES

@@ -225,3 +225,17 @@ def test_a_table_is_read_once_per_version_of_the_file(folder, monkeypatch):
     table.write_text("image,caption\na.png,a red square\nc.png,a blue disc\n")  # edited between two runs
     assert [get_source(config, "train")[i]["long_caption"] for i in range(2)] == ["a red square", "a blue disc"]
     assert len(reads) == 2
+
+
+def test_a_trained_tokenizer_reads_captions_from_across_a_table(tmp_path):
+    """It read the first 3,000 rows alone: a table sorted by language gave a vocabulary of its first language, the
+    others' captions then byte by byte (24 tokens against 9)."""
+    from clip_jax.config import load_config
+    from clip_jax.data.pipeline import tokenizer_corpus
+
+    rows = "".join(f"img{i}.png,caption {i}\n" for i in range(10))
+    (tmp_path / "t.csv").write_text("image,caption\n" + rows)
+    config = load_config("configs/demo.py", ["--config.data.source=captions",
+                                             f"--config.data.path={tmp_path / 't.csv'}"])
+    assert tokenizer_corpus(config, n=4) == ["caption 0", "caption 3", "caption 6", "caption 9"]  # first to last
+    assert tokenizer_corpus(config, n=12)[-2:] == ["caption 0", "caption 1"]  # a small table: every row, and again

@@ -768,3 +768,24 @@ def test_a_resume_may_stack_or_unroll_the_blocks(tmp_path, caplog):
                                           "some blocks and train others .*: resume with "
                                           "--config.model.scan_layers=True"):
         Checkpointer(stacked, config.checkpoint, reader=True).restore(abstract, step=STEPS)
+
+
+def test_a_resume_refuses_another_tokenizer(tmp_path):
+    """The workdir's tokenizer.json stays a run's (its model's token ids come from it): another data.tokenizer, or
+    vocabulary size of a trained one, was written to config.json as if applied."""
+    from clip_jax.config import ConfigError, default_config, read_config
+    from clip_jax.train.loop import prepare_workdir
+
+    workdir = tmp_path / "run"
+    config = default_config()
+    config.data.tokenizer, config.data.tokenizer_vocab_size = "train", 514
+    prepare_workdir(config, workdir)
+    for key, value in (("tokenizer", "openai"), ("tokenizer_vocab_size", 2048)):
+        changed = default_config()
+        changed.data.update(tokenizer="train", tokenizer_vocab_size=514)
+        changed.data[key] = value
+        with pytest.raises(ConfigError, match=f"was made with data.{key} {config.data[key]!r}, which its model's "
+                                              f"token ids come from: a resume keeps it \\(drop --config.data.{key}\\)"):
+            prepare_workdir(changed, workdir, checkpoint_step=5)
+        assert read_config(workdir / "config.json").data[key] == config.data[key]  # as it was
+    prepare_workdir(config, workdir, checkpoint_step=5)  # its own tokenizer: resumes

@@ -494,11 +494,17 @@ def array_iterator(arrays: Mapping[str, np.ndarray], batch_size: int, rows: Sequ
 
 
 def tokenizer_corpus(config: ml_collections.ConfigDict, n: int = 3000) -> list[str]:
-    """Training captions to fit a from-scratch BPE vocabulary on (both caption kinds, as training may use both)."""
+    """Training captions to fit a from-scratch BPE vocabulary on (both caption kinds, as training may use both): of
+    `n` examples, spread over a caption table (read whole already: a table sorted by language or topic gave a
+    vocabulary of its first rows alone), the first ones of records (each read costs a request on a bucket) and of
+    shapes."""
     source = get_source(config, "train")
     read = getattr(source, "captions", source.__getitem__)  # shapes draws its captions without the images
+    indices: Sequence[int] = range(n)
+    if config.data.source in ("captions", "sharegpt4v") and len(source) > n:
+        indices = np.linspace(0, len(source) - 1, n).round().astype(int).tolist()
     texts = []
-    for i in range(n):
+    for i in indices:
         item = read(i)
         texts.extend(item[k] for k in ("short_caption", "long_caption", "partial_caption", "caption") if item.get(k))
     return texts

@@ -99,6 +99,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
             raise ConfigError(f"workdir {workdir} holds a run with other {' / '.join(groups)} settings "
                               f"({', '.join(changed)}): resume it with its own (drop those overrides), or use a new "
                               "--workdir")
+        _refuse_tokenizer_change(previous.data, config.data, workdir)
         old, new = previous.model.to_dict(), json.loads(json.dumps(config.model.to_dict(), default=list))
         free = _WARM_START_FIELDS if checkpoint_step == 0 else _RESUME_FIELDS
         diff = [d for d in sorted(_diff_keys(old, new)) if d.partition(":")[0] not in free]
@@ -130,6 +131,18 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
         save_config(config, path)
+
+
+def _refuse_tokenizer_change(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict, workdir: epath.Path
+                             ) -> None:
+    """A resume reads the workdir's tokenizer.json, whose ids the model was trained on: another `data.tokenizer` (or
+    vocabulary size of a trained one) was written to config.json and never applied."""
+    keys = ["tokenizer"] + ["tokenizer_vocab_size"] * (old.get("tokenizer") == new.get("tokenizer") == "train")
+    if changed := [k for k in keys if not same_setting(old.get(k), new.get(k))]:
+        raise ConfigError(f"workdir {workdir} holds a run whose tokenizer.json was made with "
+                          f"{', '.join(f'data.{k} {old.get(k)!r}' for k in changed)}, which its model's token ids "
+                          f"come from: a resume keeps it (drop {', '.join(f'--config.data.{k}' for k in changed)}), "
+                          "or train a new run in a new --workdir")
 
 
 def _stretch_flags(current: int, wanted: int, keep: int) -> str:
