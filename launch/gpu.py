@@ -52,6 +52,14 @@ def slurm_seconds(limit: str) -> int | None:
     return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
+def gpu_indices(text: str) -> str:
+    """--gpus as CUDA_VISIBLE_DEVICES takes it: comma-separated indices (or GPU UUIDs), no spaces."""
+    items = text.split(",")
+    if not all(re.fullmatch(r"\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-fA-F-/]+", item) for item in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices without spaces (0,1), got {text!r}")
+    return text
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--script", help="where to write the batch script (default: JOB_NAME.sbatch)")
 
     p = add("local", "run on this machine's GPUs as one process (no SLURM)")
-    p.add_argument("--gpus", help="comma-separated GPU indices (default: all)")
+    p.add_argument("--gpus", type=gpu_indices, help="comma-separated GPU indices (default: all)")
     return parser
 
 

@@ -107,6 +107,11 @@ def install(args: argparse.Namespace) -> list[list[str]]:
         tarball = args.tarball or str(pathlib.Path(tempfile.gettempdir()) / TARBALL_REMOTE)
         if not args.tarball or not pathlib.Path(args.tarball).exists():
             commands.append(["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"])
+            status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"], capture_output=True,
+                                    text=True, check=False).stdout.splitlines()
+            if status:  # a config of one's own, not committed, passes `run`'s local check and is not on the workers
+                print(f"warning: the tarball holds HEAD only; not in it: {', '.join(line[3:] for line in status[:5])}"
+                      f"{', ...' if len(status) > 5 else ''} (commit what the run needs)", file=sys.stderr)
         commands.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{args.name}:{TARBALL_REMOTE}",
                          *_where(args), "--worker=all"])
         fetch = f"rm -rf {SRC} && mkdir -p {SRC} && tar -xzf ~/{TARBALL_REMOTE} -C {SRC}"

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -102,7 +103,7 @@ def test_install_from_git(capsys):
     ])]
 
 
-def test_install_from_a_tarball(capsys, tmp_path):
+def test_install_from_a_tarball(capsys, tmp_path, monkeypatch):
     tarball = tmp_path / "src.tar.gz"
     copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(tarball), "clip-v4:clip_jax_src.tar.gz",
             f"--zone={ZONE}", "--worker=all"]
@@ -120,6 +121,13 @@ def test_install_from_a_tarball(capsys, tmp_path):
     assert dry_run(tpu, capsys, "install", "clip-v4", f"--zone={ZONE}", f"--tarball={tarball}") == [
         shlex.join(copy), extract,
     ]
+    # A config of one's own, not committed, passed run's local check and was not on the workers: said
+    tarball.unlink()
+    monkeypatch.setattr(tpu.subprocess, "run", lambda *args, **kwargs: types.SimpleNamespace(
+        stdout="?? configs/mine.py\n M clip_jax/cli.py\n"))
+    assert tpu.main(["install", "clip-v4", f"--zone={ZONE}", f"--tarball={tarball}", "--dry-run"]) == 0
+    assert "warning: the tarball holds HEAD only; not in it: configs/mine.py, clip_jax/cli.py (commit what the run " \
+           "needs)" in capsys.readouterr().err
 
 
 def test_run_starts_the_trainer_on_every_worker_with_a_kept_log(capsys):
@@ -355,6 +363,14 @@ def test_a_mesh_or_batch_that_does_not_fit_the_gpus_is_refused_before_the_job_is
         err = capsys.readouterr().err
         assert err.startswith(f"launch/gpu.py {argv[0]}: error: ") and words in err and err.count("\n") == 1, err
     assert dry_run(gpu, capsys, *three_nodes, "--config.batch_size=24576")[0].startswith("sbatch ")  # 1,024 per GPU
+
+
+@pytest.mark.parametrize("gpus", ["a", "0, 1", "0,,1"])
+def test_gpus_that_cuda_cannot_read_are_refused(gpus, capsys):
+    """They became CUDA_VISIBLE_DEVICES as given, where CUDA reads the indices up to the first bad one."""
+    with pytest.raises(SystemExit, match="^2$"):
+        gpu.main(["local", f"--gpus={gpus}", "--workdir=runs/b16", "--dry-run"])
+    assert f"expected comma-separated GPU indices without spaces (0,1), got {gpus!r}" in capsys.readouterr().err
 
 
 def test_a_resume_is_checked_against_the_workdirs_own_settings(tmp_path, capsys):
