@@ -519,8 +519,9 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
 
 def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """The mesh's axis sizes over `num_devices` devices. Refuses (ConfigError) a `config.mesh` that does not fit
-    them, and a batch_size that the batch's shards (data x fsdp, times accum_steps) do not divide: the trainer's
-    first check, and a launcher's before the job waits in a queue."""
+    them, a batch_size that the batch's shards (data x fsdp, times accum_steps) do not divide, and a part of it too
+    small for the method (`Method.check_batch_shards`): the trainer's first check, and a launcher's before the job
+    waits in a queue."""
     try:
         sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh.to_dict(), num_devices), strict=True))
     except ValueError as e:  # sizes that do not fit the devices: a configuration mistake, said in one line
@@ -531,6 +532,7 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> dict[s
             f"batch_size {config.batch_size} must be a multiple of {batch_shards * config.accum_steps} (batch shards "
             f"{batch_shards} x accum_steps {config.accum_steps}, on {num_devices} devices)"
         )
+    get_method(config).check_batch_shards(batch_shards)
     return sizes
 
 

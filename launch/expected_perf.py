@@ -15,7 +15,8 @@ import pathlib
 import flax.linen as nn
 import jax
 
-from clip_jax.config import load_config
+from clip_jax.config import check_devices, load_config
+from clip_jax.errors import ConfigError
 from clip_jax.methods import get_method
 from clip_jax.models.flops import PEAK_FLOPS
 from clip_jax.train.state import trainable_mask
@@ -61,6 +62,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+def refusal(recipe: str, batch: int, devices: int) -> str | None:
+    """Why the trainer (and the launchers, before the queue) would refuse the recipe at `batch` on `devices`."""
+    path, _, arg = recipe.partition(":")
+    config = load_config(str(REPO / path) + (f":{arg}" if arg else ""), [f"--config.batch_size={batch}"])
+    try:
+        check_devices(config, devices)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def table(recipe: str, batch: int, samples: int, topologies) -> list[str]:
     per_sample = flops_per_sample(recipe)
     lo, hi = (f"{m:.0%}" for m in MFUS)
@@ -79,6 +91,9 @@ def table(recipe: str, batch: int, samples: int, topologies) -> list[str]:
             f"| {batch / rates[0]:.2f} s / {batch / rates[1]:.2f} s "
             f"| {_duration(samples / rates[0])} / {_duration(samples / rates[1])} |"
         )
+    for label, _, devices, _ in topologies:  # a row the recipe does not run as it is: what to change
+        if problem := refusal(recipe, batch, devices):
+            lines += ["", f"On {label}, the recipe at batch {batch} is refused as it is: {problem}."]
     return lines
 
 

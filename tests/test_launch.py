@@ -356,6 +356,10 @@ def test_a_mesh_or_batch_that_does_not_fit_the_gpus_is_refused_before_the_job_is
         ([*SUBMIT, "--config.mesh.tensor=3"], "config.mesh: mesh {'data': 1, 'fsdp': -1, 'tensor': 3}: 16 devices "
                                               "do not divide by the fixed axes' product 3"),
         (["local", "--gpus=0,1,2", *SUBMIT[3:]], "must be a multiple of 3 (batch shards 3 x accum_steps 1, on 3"),
+        # Long-CLIP's PCA per device: 1,024 over 32 GPUs leaves 32 rows, one too few for 32 components
+        (["submit", "--nodes=4", "--gpus-per-node=8", "--config=configs/longclip_l14.py", "--workdir=/shared/l14",
+          "--config.batch_size=1024"], "method.pca_components 32 must be below the local batch the PCA runs over "
+                                       "minus one (32: batch_size 1024, 32 batch shards)"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             gpu.main([*argv, "--dry-run"])

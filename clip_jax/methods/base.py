@@ -162,6 +162,10 @@ class Method:
     def check(self, mesh: Mesh) -> None:
         """Raises ConfigError for a configuration that validates but cannot work on `mesh` (before compiling)."""
 
+    def check_batch_shards(self, shards: int) -> None:
+        """Raises ConfigError where the batch, split into `shards` (the mesh's data x fsdp), is too small a part for
+        the method (Long-CLIP's per-device PCA): the trainer's check, and a launcher's before its job is queued."""
+
     def base_params(self, params: PyTree) -> PyTree:
         """The part of the parameters a warm start (a converted or stretched model, `init_from`) reads from the
         checkpoint: all of them by default."""

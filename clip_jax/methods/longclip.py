@@ -69,8 +69,10 @@ class LongClipMethod(ClipMethod):
         return lambda outputs, *, axis_name: losses.longclip_loss(outputs, axis_name=axis_name, **hparams)
 
     def check(self, mesh) -> None:
+        self.check_batch_shards(batch_divisor(mesh))
+
+    def check_batch_shards(self, shards: int) -> None:
         h, batch_size = self.hparams, self.config.batch_size
-        shards = batch_divisor(mesh)
         pca_batch = batch_size // (shards if h.pca_scope == "local" else 1)
         if pca_batch - 1 <= h.pca_components:  # a centred batch of B rows has rank B - 1: B - 1 components rebuild it
             raise ConfigError(
