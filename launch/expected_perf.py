@@ -11,6 +11,7 @@ clip_jax.models.flops.PEAK_FLOPS. Data loading, evaluation and checkpoint pauses
 from __future__ import annotations
 
 import pathlib
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -93,7 +94,8 @@ def table(recipe: str, batch: int, samples: int, topologies) -> list[str]:
         )
     for label, _, devices, _ in topologies:  # a row the recipe does not run as it is: what to change
         if problem := refusal(recipe, batch, devices):
-            lines += ["", f"On {label}, the recipe at batch {batch} is refused as it is: {problem}."]
+            lines += ["", *textwrap.wrap(f"On {label}, the recipe at batch {batch} is refused as it is: {problem}.",
+                                         120, break_on_hyphens=False)]
     return lines
 
 
