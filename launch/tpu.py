@@ -28,6 +28,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from typing import NoReturn
 
 from trainer_args import check_recipe, trainer_overrides
 
@@ -56,14 +57,21 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def default_runtime_version(accelerator_type: str) -> str:
     generation = accelerator_type.rpartition("-")[0]
     if generation not in RUNTIME_VERSIONS:
-        raise SystemExit(f"no default runtime version for {accelerator_type!r}: pass --version")
+        usage_error(f"no default runtime version for {accelerator_type!r}: pass --version")
     return RUNTIME_VERSIONS[generation]
+
+
+def usage_error(message: str) -> NoReturn:
+    """A mistake in the command line: one line and status 2, as argparse's own (a gcloud failure keeps its status)."""
+    print(f"launch/tpu.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def run_name_of(args: argparse.Namespace) -> str:
     name = args.run_name or args.workdir.rstrip("/").rpartition("/")[2]
     if not _SAFE_NAME.match(name):
-        raise SystemExit(f"run name {name!r} must be letters, digits, '.', '_' or '-' (pass --run-name)")
+        given = "--run-name" if args.run_name else "the run name (the workdir's last part; pass --run-name)"
+        usage_error(f"{given} {name!r} must be letters, digits, '.', '_' or '-'")
     return name
 
 
@@ -84,7 +92,7 @@ def create(args: argparse.Namespace) -> list[list[str]]:
     tier = ["--spot"] if args.spot else ["--reserved"] if args.reserved else []
     if args.best_effort:
         if not args.queued:
-            raise SystemExit("--best-effort is a queued-resource tier: add --queued")
+            usage_error("--best-effort is a queued-resource tier: add --queued")
         tier = ["--best-effort"]
     if not args.queued:
         return [["gcloud", "compute", "tpus", "tpu-vm", "create", args.name, *_where(args),
@@ -144,7 +152,7 @@ def run(args: argparse.Namespace) -> list[list[str]]:
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not _ENV_KEY.match(key):
-            raise SystemExit(f"--env takes KEY=VALUE, got {item!r}")
+            usage_error(f"--env takes KEY=VALUE, got {item!r}")
         env.append(f"{key}={shlex.quote(value)}")  # only the value is quoted: `'K=v' cmd` is no assignment
     argv = train_command(args)
     trainer = " ".join([argv[0], *map(shlex.quote, argv[1:])])  # argv[0] keeps its `~` unquoted

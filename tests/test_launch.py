@@ -72,8 +72,9 @@ def test_create_best_effort_uses_the_alpha_track(capsys):
         f"gcloud alpha compute tpus queued-resources create clip-v5e --zone={ZONE} --accelerator-type=v5litepod-16 "
         "--runtime-version=my-version --node-id=clip-v5e --best-effort"
     ]
-    with pytest.raises(SystemExit, match="--queued"):  # not a tier of direct creation
+    with pytest.raises(SystemExit, match="^2$"):  # not a tier of direct creation: a usage error, status 2
         tpu.main(["create", "clip-v5e", f"--zone={ZONE}", "--accelerator-type=v5litepod-16", "--best-effort"])
+    assert "launch/tpu.py: error: --best-effort is a queued-resource tier: add --queued" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one tier at a time
         tpu.main(["create", "x", f"--zone={ZONE}", "--accelerator-type=v4-8", "--spot", "--reserved"])
 
@@ -82,10 +83,11 @@ def test_create_best_effort_uses_the_alpha_track(capsys):
     ("v4-32", "tpu-ubuntu2204-base"), ("v5p-64", "v2-alpha-tpuv5"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
     ("v6e-8", "v2-alpha-tpuv6e"),
 ])
-def test_default_runtime_versions(accelerator, version):
+def test_default_runtime_versions(accelerator, version, capsys):
     assert tpu.default_runtime_version(accelerator) == version
-    with pytest.raises(SystemExit, match="--version"):
+    with pytest.raises(SystemExit, match="^2$"):
         tpu.default_runtime_version("v9x-8")
+    assert "no default runtime version for 'v9x-8': pass --version" in capsys.readouterr().err
 
 
 SETUP = ("python3 -m pip install --user --upgrade uv && ~/.local/bin/uv venv --allow-existing --python 3.11 "
@@ -192,8 +194,11 @@ def test_bad_arguments_are_refused(capsys):
     ):
         with pytest.raises(SystemExit) as e:
             tpu.main([*argv, "--dry-run"])
-        assert e.value.code != 0
+        assert e.value.code == 2, argv  # a usage error, as argparse's (they exited 1, a failure's status)
     capsys.readouterr()
+    with pytest.raises(SystemExit, match="^2$"):  # it said "(pass --run-name)" to one who had
+        tpu.main(["tail", "clip-v4", f"--zone={ZONE}", "--run-name=my run", "--dry-run"])
+    assert "launch/tpu.py: error: --run-name 'my run' must be letters" in capsys.readouterr().err
 
 
 def test_commands_run_without_a_shell(monkeypatch, capsys):
