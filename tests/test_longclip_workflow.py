@@ -122,10 +122,9 @@ def test_pca_refusal_on_one_batch_shard_does_not_suggest_the_global_scope():
     from clip_jax.errors import ConfigError
     from clip_jax.methods import get_method
 
-    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     config = load_config(CONFIG, [*TINY, "--config.method.pca_components=16"])  # batch 16 on one shard: 15 at most
     with pytest.raises(ConfigError, match="lower method.pca_components or raise batch_size") as refused:
-        get_method(config).check(one_device)
+        get_method(config).check_batch_shards(1)
     assert "pca_scope" not in str(refused.value)  # global is the same single batch here: no remedy
 
 

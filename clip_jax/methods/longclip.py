@@ -11,7 +11,6 @@ from clip_jax import losses
 from clip_jax.data.pipeline import Captions, TextField
 from clip_jax.errors import ConfigError
 from clip_jax.methods.clip import ClipMethod
-from clip_jax.sharding import batch_divisor
 
 
 def first_sentence(caption: str) -> str:
@@ -68,10 +67,7 @@ class LongClipMethod(ClipMethod):
                        short_weight=h.short_weight, pca_components=h.pca_components, pca_scope=h.pca_scope)
         return lambda outputs, *, axis_name: losses.longclip_loss(outputs, axis_name=axis_name, **hparams)
 
-    def check(self, mesh) -> None:
-        self.check_batch_shards(batch_divisor(mesh))
-
-    def check_batch_shards(self, shards: int) -> None:
+    def check_batch_shards(self, shards: int) -> None:  # (check_devices calls it, in the trainer and the launchers)
         h, batch_size = self.hparams, self.config.batch_size
         pca_batch = batch_size // (shards if h.pca_scope == "local" else 1)
         if pca_batch - 1 <= h.pca_components:  # a centred batch of B rows has rank B - 1: B - 1 components rebuild it
