@@ -262,9 +262,10 @@ def _check_audio_model(workdir: str) -> None:
 
 
 def _read_sounds(paths: list[str], config) -> tuple[list, list[str], int]:
-    """`encode --audio`'s inputs: (the sounds, their files, the number skipped) of WAV files (a folder: its *.wav,
-    sorted) for a model with an audio tower; a file that does not decode is skipped with a warning, and none
-    readable is an error (it printed "encoded 0 sounds" and wrote no embeddings)."""
+    """`encode --audio`'s inputs: (the sounds, their files, the number skipped) of WAV files (a folder: its *.wav and
+    *.wave, sorted; its other files are named in a warning) for a model with an audio tower; a file that does not
+    decode is skipped with a warning, and none readable is an error (it printed "encoded 0 sounds" and wrote no
+    embeddings)."""
     from etils import epath
 
     from clip_jax.data.audio import AudioError, read_wav
@@ -274,7 +275,11 @@ def _read_sounds(paths: list[str], config) -> tuple[list, list[str], int]:
     files = []
     for path in map(epath.Path, paths):
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() == ".wav"))
+            found = sorted(p for p in path.iterdir() if p.is_file())
+            files.extend(p for p in found if p.suffix.lower() in (".wav", ".wave"))
+            if other := sorted({p.suffix.lower() for p in found if p.suffix.lower() not in (".wav", ".wave", "")}):
+                print(f"warning: --audio {path}: its {', '.join(other)} files are not read (WAV only; convert them, "
+                      "e.g. with ffmpeg)", file=sys.stderr)
         elif path.exists():
             files.append(path)
         else:
@@ -287,7 +292,7 @@ def _read_sounds(paths: list[str], config) -> tuple[list, list[str], int]:
         except AudioError as e:
             print(f"warning: skipping {e}", file=sys.stderr)
     if not sounds:
-        raise ConfigError(f"no readable sound among the {len(files)} .wav files of --audio")
+        raise ConfigError(f"no readable sound among the {len(files)} WAV files of --audio")
     return sounds, kept, len(files) - len(kept)
 
 
@@ -412,13 +417,12 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def _split_queries(text: str) -> list[str]:
-    """--queries as its help says: names separated by ". " (any white space after the '.'), a final '.' dropped. A
+    """--queries as its help says: names separated by ". " (any white space after the '.'), final '.'s dropped. A
     '.' inside a name (3.5 inch) is part of it: splitting on every '.' made "3.5 inch circle" two queries."""
     import re
 
-    text = text.strip()
-    text = text[:-1] if text.endswith(".") else text
-    return [q.strip() for q in re.split(r"\.\s+", text) if q.strip()]
+    text = text.strip().rstrip(".")
+    return [q.strip() for q in re.split(r"\.+\s+", text) if q.strip()]  # ("a.. b": a doubled '.' is one separator)
 
 
 def _segment_templates(method, given: list[str] | None) -> tuple[tuple[str, ...], str]:

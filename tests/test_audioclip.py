@@ -170,11 +170,15 @@ def test_encode_audio_without_a_readable_sound_is_one_line_and_writes_nothing(ru
     _, partial = runs
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "a.wav").write_text("not a WAV file\n")
+    (tmp_path / "clips" / "b.mp3").write_bytes(b"ID3")  # not read, as before, but now named: it was left out silently
+    (tmp_path / "clips" / "c.WAVE").write_text("not a WAV file either\n")  # a WAV's other suffix: read (and skipped)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
         cli.main(["encode", "--workdir", str(partial), "--audio", str(tmp_path / "clips"), "--out", str(out)])
     assert info.value.code == 2
-    assert "no readable sound among the 1 .wav files of --audio" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no readable sound among the 2 WAV files of --audio" in err
+    assert f"warning: --audio {tmp_path / 'clips'}: its .mp3 files are not read (WAV only" in err
     assert not out.exists()
 
 

@@ -754,6 +754,7 @@ def test_detect_splits_queries_on_a_dot_and_space_as_its_help_says():
         "Dr", "Smith's red square", "3.5 inch blue circle"]
     assert cli._split_queries(" red star.  blue circle.\n") == ["red star", "blue circle"]
     assert cli._split_queries("a.b") == ["a.b"]
+    assert cli._split_queries("red circle.. blue square..") == ["red circle", "blue square"]  # was 'red circle.'
 
 
 # --- errors nobody foresaw, and Ctrl-C ------------------------------------------------------------------------------
