@@ -33,7 +33,7 @@ from clip_jax.evaluate.suite import EVALUATORS, check_sources, eval_defaults, pa
 from clip_jax.files import absolute_path, is_remote, write_atomic
 from clip_jax.methods import METHODS, get_method, method_class
 from clip_jax.models.audio import config_problem as audio_config_problem
-from clip_jax.models.clip import CLIP_MEAN, CLIP_STD, REQUIRED_TOWERS, TOWERS, CLIPConfig
+from clip_jax.models.clip import CLIP_MEAN, CLIP_STD, REQUIRED_TOWERS, TOWERS, CLIPConfig, normalisation_problem
 from clip_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, LAYER_NORM_IMPLEMENTATIONS, REMAT_POLICIES
 from clip_jax.models.presets import model_preset
 from clip_jax.models.resnet import config_problem as resnet_config_problem
@@ -393,11 +393,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check_against(eval_defaults(entry["type"]), entry, f"evals.{name}")
         parse_entry(name, dict(entry))
     for key in ("image_mean", "image_std"):
-        rgb = config.model.get(key, ())
-        if (len(rgb) != 3 or not all(isinstance(x, int | float) for x in rgb)
-                or (key == "image_std" and not all(x > 0 for x in rgb))):
-            raise ConfigError(f"model.{key} must be three numbers (red, green, blue, of pixels in [0, 1])"
-                              f"{', each above 0' if key == 'image_std' else ''}, got {tuple(rgb)}")
+        if problem := normalisation_problem(key, config.model.get(key)):
+            raise ConfigError(f"model.{key} {config.model.get(key)!r} {problem}, of pixels in [0, 1]")
     scale = config.data.crop_scale
     if len(scale) != 2 or not all(isinstance(x, int | float) for x in scale) or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(scale)}")

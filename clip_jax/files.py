@@ -149,14 +149,20 @@ def same_setting(old: Any, new: Any) -> bool:
     return old == new
 
 
+def refuse_folder_name(out: epath.PathLike, flag: str = "--out") -> None:
+    """A file output named as a folder (`results/`): epath (and open) would make it a file of that name. Checked on
+    the path as given, before a Path drops the '/'."""
+    if str(out).endswith(("/", os.sep)):
+        raise ConfigError(f"{flag} {out} ends in a '/', as a folder's name: give the path of the file to write")
+
+
 def refuse_replacing(out: epath.PathLike, earlier_output: Callable[[epath.Path], bool],
                      inputs: Sequence[str | os.PathLike] = (), flag: str = "--out", by: str = "command") -> None:
     """A command's single-file --out (or an evaluation's output file: `flag` names the key, `by` the writer),
     checked before any work: not a folder, not one of the command's `inputs`, and if it exists, an earlier output of
     the command (`earlier_output` tells by content): anything else is what the user made, and writing it would
     destroy it."""
-    if str(out).endswith(("/", os.sep)):  # a folder meant: epath (and open) would make it a file of that name
-        raise ConfigError(f"{flag} {out} ends in a '/', as a folder's name: give the path of the file to write")
+    refuse_folder_name(out, flag)
     out = epath.Path(out)
     if out.is_dir():
         raise ConfigError(f"{flag} {out} is a folder; give the path of the file to write")

@@ -154,6 +154,8 @@ def test_train_on_fewer_devices_names_the_mesh_override(untouched):
     (["--config.optimizer.frozen=('visual/(',)"], "optimizer.frozen rule 'visual/(' is not a regular expression"),
     (["--config.data.crop_scale=(0.5,)"], "data.crop_scale must be (min, max) with 0 < min <= max <= 1, got (0.5,)"),
     (["--config.data.source=captions"], "data.source 'captions' reads files: set --config.data.path"),
+    (["--config.model.image_std=(0.5,0,0.5)"], "model.image_std (0.5, 0, 0.5) is not three numbers (red, green, "
+                                               "blue, each above 0)"),
     # the folder's rows have no captions: the tokenizer's corpus failed on them (an IndexError, after the compile)
     (["--config.data.source=segmentation_folder", "--config.data.path=/no/such/folder"],
      "data.source 'segmentation_folder' holds images and masks, no captions, and method 'clip' trains on captions"),

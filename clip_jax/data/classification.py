@@ -24,9 +24,9 @@ import numpy as np
 
 from clip_jax.data import shapes
 from clip_jax.data.captions import read_table, table_format
-from clip_jax.data.folder_source import class_folders, classes_in_turn
+from clip_jax.data.folder_source import class_folders, classes_in_turn, loose_images
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_image
-from clip_jax.data.tokenizer import clean_text
+from clip_jax.data.tokenizer import same_text
 from clip_jax.errors import ConfigError
 
 CLASS_SPLITS = ("reference", "balanced")
@@ -82,17 +82,14 @@ def _distinct(where: str, names: dict[str, str]) -> list[str]:
     """The class names of labels -> names, or a ValueError if two labels share a name: their prompts would be one,
     and the model could not tell the classes apart (folders `red_circle` and `red circle`, say). Names are compared
     as CLIP's tokenizers read them: case and runs of white space aside (`Red Circle` and `red circle`)."""
-    seen: dict[str, tuple[str, str]] = {}
-    for label, name in names.items():
-        key = clean_text(name)  # as the tokenizer reads it: ftfy, HTML entities, white space, lower case
-        if key in seen:
-            other, other_name = seen[key]
-            same = (f"both named {name!r}" if other_name == name else
-                    f"named {other_name!r} and {name!r}, one text to CLIP (its tokenizer lower-cases)")
-            raise ValueError(f"{where}: the classes {other!r} and {label!r} are {same}; give them distinct names "
-                             "(few_shot.names_file: label<TAB>name)")
-        seen[key] = (label, name)
-    return list(names.values())
+    labels, texts = list(names), list(names.values())
+    if pair := same_text(texts):
+        (other, label), (other_name, name) = ([labels[i] for i in pair], [texts[i] for i in pair])
+        same = (f"both named {name!r}" if other_name == name else
+                f"named {other_name!r} and {name!r}, one text to CLIP (its tokenizer lower-cases)")
+        raise ValueError(f"{where}: the classes {other!r} and {label!r} are {same}; give them distinct names "
+                         "(few_shot.names_file: label<TAB>name)")
+    return texts
 
 
 def _read_files(name: str, files: Sequence[pathlib.Path | str], image_size: int, max_bytes: int):
@@ -113,7 +110,7 @@ def folder_set(root: str, image_size: int, names_file: str = "", max_bytes: int 
     folders = {d.name: d for d in class_folders(root_path)}
     if not folders:
         raise ValueError(f"{root} holds no class folder (root/<class>/<image>)")
-    if loose := sum(f.suffix.lower() in IMAGE_SUFFIXES for f in root_path.iterdir() if f.is_file()):
+    if loose := loose_images(root_path):
         log.warning("%s: %d images at the top are in no class folder and are left out (root/<class>/<image>)", root,
                     loose)
     names = read_names(names_file) if names_file else {k: k.replace("_", " ") for k in folders}

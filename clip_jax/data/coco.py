@@ -42,7 +42,7 @@ from clip_jax.data.images import (
     read_image_file,
     resize_center_crop,
 )
-from clip_jax.data.tokenizer import clean_text
+from clip_jax.data.tokenizer import clean_text, same_text
 from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote, write_atomic
 
@@ -136,7 +136,6 @@ def _check_entries(data: dict, path: epath.Path) -> None:
         image_ids.add(image["id"])
     sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
     category_ids: set = set()
-    category_names: dict = {}
     for category in data["categories"]:
         if not isinstance(category, dict) or "id" not in category or "name" not in category:
             raise DetectionError(f"annotation file {path}: category entry {category!r:.80} needs an id and a name")
@@ -147,14 +146,13 @@ def _check_entries(data: dict, path: epath.Path) -> None:
         if not isinstance(name, str) or not clean_text(name):  # a class is named in text: no text, no query
             raise DetectionError(f"annotation file {path}: category {category['id']!r} has the name {name!r}; give "
                                  "each category a name")
-        if (key := clean_text(name)) in category_names:  # two ids of one text (as the tokenizer reads it): one query
-            other_id, other = category_names[key]
-            same = f"both {name!r}" if other == name else f"{other!r} and {name!r}, one text to CLIP (its tokenizer " \
-                                                          "lower-cases)"
-            raise DetectionError(f"annotation file {path} names categories {other_id!r} and {category['id']!r} "
-                                 f"{same}; give each category a unique name (or merge them)")
         category_ids.add(category["id"])
-        category_names[key] = (category["id"], name)
+    if pair := same_text([c["name"] for c in data["categories"]]):  # two ids of one text: one query
+        first, second = (data["categories"][i] for i in pair)
+        same = (f"both {second['name']!r}" if first["name"] == second["name"] else
+                f"{first['name']!r} and {second['name']!r}, one text to CLIP (its tokenizer lower-cases)")
+        raise DetectionError(f"annotation file {path} names categories {first['id']!r} and {second['id']!r} {same}; "
+                             "give each category a unique name (or merge them)")
     for annotation in data["annotations"]:
         if not isinstance(annotation, dict) or not all(k in annotation for k in ("image_id", "category_id", "bbox")):
             raise DetectionError(f"annotation file {path}: annotation {annotation!r:.80} needs an image_id, a "

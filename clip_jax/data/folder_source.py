@@ -31,13 +31,18 @@ def class_folders(root: pathlib.Path) -> list[pathlib.Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def loose_images(root: pathlib.Path) -> int:
+    """How many image files lie at the top of `root`, in no class folder: left out of a class-folder set."""
+    return sum(f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir() if f.is_file())
+
+
 class ImageFolderSource:
     def __init__(self, root: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         root = pathlib.Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder of class folders (root/<class>/<image>)")
         classes = class_folders(root)
-        loose = sum(f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir() if f.is_file())
+        loose = loose_images(root)
         in_no_class = f"; its {loose} images at the top are in no class folder" if loose else ""
         if len(classes) < 2:  # one class: every image is "right", whatever the model
             held = f"one class folder, {classes[0].name}/" if classes else "no class folder"

@@ -35,7 +35,7 @@ from clip_jax.data.images import (
     resize_center_crop,
 )
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset, class_names
-from clip_jax.data.tokenizer import clean_text
+from clip_jax.data.tokenizer import same_text
 from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote
 
@@ -174,11 +174,10 @@ def _read_class_names(path: epath.Path) -> list[str]:
     if not 2 <= len(lines) <= IGNORE:
         raise SegmentationError(f"{path} names {len(lines)} classes; give the background (line 1) and 1 to "
                                 f"{IGNORE - 1} classes (label {IGNORE} is void)")
-    seen: dict[str, int] = {}
-    for number, name in enumerate(lines, 1):  # two labels of one prompt: the second could never be predicted
-        if (earlier := seen.setdefault(clean_text(name), number)) != number:
-            raise SegmentationError(f"{path}, lines {earlier} and {number}: {lines[earlier - 1]!r} and {name!r} are "
-                                    "one text to CLIP (its tokenizer lower-cases); give each class a name of its own")
+    if pair := same_text(lines):  # two labels of one prompt: the second could never be predicted
+        earlier, later = pair
+        raise SegmentationError(f"{path}, lines {earlier + 1} and {later + 1}: {lines[earlier]!r} and {lines[later]!r} "
+                                "are one text to CLIP (its tokenizer lower-cases); give each class a name of its own")
     return lines
 
 

@@ -412,6 +412,17 @@ def clean_text(text: str) -> str:
     return " ".join(_fix_text(text).split()).lower()
 
 
+def same_text(names: Sequence[str]) -> tuple[int, int] | None:
+    """(earlier, later) indices of the first two of `names` that CLIP's tokenizer reads as one text (`clean_text`:
+    case, white space, HTML entities aside), None if every one differs: two classes of one prompt, the later never
+    predicted."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if (earlier := seen.setdefault(clean_text(name), i)) != i:
+            return earlier, i
+    return None
+
+
 def _base_vocab() -> list[str]:
     return BYTE_SYMBOLS + [s + "</w>" for s in BYTE_SYMBOLS]
 

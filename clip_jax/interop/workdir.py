@@ -36,6 +36,7 @@ from clip_jax.interop import ConversionError
 from clip_jax.interop import hf as hf_lib
 from clip_jax.interop import openai as oa
 from clip_jax.interop.safe_load import TORCH_SUFFIXES, damaged, read_tensors, torch_missing, write_tensors
+from clip_jax.models.clip import normalisation_problem
 from clip_jax.models.positions import resize_image_positions
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,8 @@ def _set_normalisation(model: dict[str, Any], mean: Any, std: Any, where: str) -
     for key, rgb in (("image_mean", mean), ("image_std", std)):
         if rgb is None:
             continue
-        if (not isinstance(rgb, list | tuple) or len(rgb) != 3 or not all(isinstance(x, int | float) for x in rgb)
-                or (key == "image_std" and not all(x > 0 for x in rgb))):
-            raise ConversionError(f"{where}: its {key.split('_')[1]} {rgb!r} is not three numbers (red, green, blue)"
-                                  f"{', each above 0' if key == 'image_std' else ''}")
+        if problem := normalisation_problem(key, rgb):
+            raise ConversionError(f"{where}: its {key.split('_')[1]} {rgb!r} {problem}")
         model[key] = tuple(float(x) for x in rgb)
 
 

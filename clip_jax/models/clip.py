@@ -70,6 +70,16 @@ CLIP_MEAN = CLIPConfig.image_mean
 CLIP_STD = CLIPConfig.image_std
 
 
+def normalisation_problem(key: str, rgb: Any) -> str | None:
+    """Why `rgb` cannot be a model's `image_mean` or `image_std` (`key`), None if it can: three numbers (of pixels in
+    [0, 1]), a std's each above 0."""
+    std = key == "image_std"
+    if (not isinstance(rgb, list | tuple) or len(rgb) != 3 or not all(isinstance(x, int | float) for x in rgb)
+            or (std and not all(x > 0 for x in rgb))):
+        return "is not three numbers (red, green, blue" + (", each above 0)" if std else ")")
+    return None
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))

@@ -18,7 +18,14 @@ from etils import epath
 from clip_jax.config import read_config
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate.suite import evaluate
-from clip_jax.files import canonical_path, is_remote, refuse_inside_workdir, refuse_replacing, write_atomic
+from clip_jax.files import (
+    canonical_path,
+    is_remote,
+    refuse_folder_name,
+    refuse_inside_workdir,
+    refuse_replacing,
+    write_atomic,
+)
 from clip_jax.interop.workdir import check_new_workdir, write_workdir
 from clip_jax.methods.wise_ft import check_same_tree, interpolate
 from clip_jax.train import loop
@@ -165,8 +172,8 @@ def sweep_out(workdir, out=None, split: str = "test", save_workdir=None) -> epat
     saves a model (`save_workdir`: one alpha would replace the run's sweep)."""
     if out is None and save_workdir is None:
         out = epath.Path(workdir) / sweep_name(split)
-    if isinstance(out, str) and out.endswith(("/", os.sep)):  # a folder meant: the Path would make it a file
-        raise ConfigError(f"--out {out} ends in a '/', as a folder's name: give the path of the file to write")
+    if out is not None:
+        refuse_folder_name(out)
     return epath.Path(out) if out is not None else None
 
 
