@@ -43,6 +43,7 @@ from clip_jax.files import (
     is_remote,
     refuse_inside_workdir,
     refuse_replacing,
+    results_json,
     same_setting,
     write_atomic,
 )
@@ -103,7 +104,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
                           "for the reasons above; nothing written")
     if primary:
         print_results(results)  # shown before the write, which may still fail (a full disk)
-        write_atomic(out, json.dumps({**results, "settings": settings}, indent=2) + "\n")
+        write_atomic(out, results_json({**results, "settings": settings}))
         print(f"wrote {out}")
 
 

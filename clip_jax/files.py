@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pathlib
 import re
@@ -68,6 +69,22 @@ _OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the message is one line that says what to do."""
+
+
+def results_json(results: Any) -> str:
+    """A results file's text: JSON that strict parsers read (jq, JavaScript, Go), with a figure that has no value
+    (NaN: the IoU of a class absent from every image, a top-1 over no images) written as null, not Python's bare NaN."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [strict(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return json.dumps(strict(results), indent=2, allow_nan=False) + "\n"
 
 
 def is_workdir(path: str | os.PathLike) -> bool:

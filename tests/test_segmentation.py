@@ -402,9 +402,12 @@ def test_the_folder_evaluation_scores_a_voc_layout_written_from_shapes(clip_work
     succeeds("eval", "--workdir", clip_workdir, f"--config.evals.voc={{'type': 'segmentation_folder', "
              f"'path': '{root}', 'split': 'test_novel', 'novel': ({novel},), 'background': 'threshold', "
              f"'overlay_dir': '{overlays}', 'overlays': 2}}")
-    results = json.loads(next(clip_workdir.glob("eval_*.json")).read_text())
+    text = next(clip_workdir.glob("eval_*.json")).read_text()
+    results = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the results: not strict JSON"))
     assert {"voc_miou", "voc_seen_miou", "voc_novel_miou", "voc_iou/background"} <= set(results)
-    assert all(0 <= results[k] <= 1 or np.isnan(results[k]) for k in results if k.startswith("voc_"))
+    ious = [results[k] for k in results if k.startswith("voc_")]
+    # 6 images leave most of the 49 classes out: their IoU has no value, written as null
+    assert None in ious and all(0 <= v <= 1 for v in ious if v is not None)
     assert len(list(overlays.glob("*.png"))) == 2
 
 

@@ -37,7 +37,7 @@ from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import due as evals_due
 from clip_jax.evaluate.suite import evaluate, evaluation_settings, print_results
-from clip_jax.files import is_remote, is_workdir, same_setting, write_atomic
+from clip_jax.files import is_remote, is_workdir, results_json, same_setting, write_atomic
 from clip_jax.hlo import collective_traffic, describe_traffic
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Method, Preparation, abstract_batch
@@ -619,7 +619,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     checkpointer.close()
     if jax.process_index() == 0:
         results = {"step": config.total_steps, **results}
-        write_atomic(workdir / "results.json", json.dumps(results, indent=2) + "\n")
+        write_atomic(workdir / "results.json", results_json(results))
         print_results(results)
         draw_curves(workdir)
         print(f"wrote {workdir / 'results.json'} and {workdir / 'curves.png'} (metrics.jsonl, tensorboard/ and "

@@ -24,6 +24,7 @@ from clip_jax.files import (
     refuse_folder_name,
     refuse_inside_workdir,
     refuse_replacing,
+    results_json,
     write_atomic,
 )
 from clip_jax.interop.workdir import check_new_workdir, write_workdir
@@ -127,7 +128,7 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split
             trained.config, trained.model, params, trained.mesh, trained.tokenizer, method=trained.method
         )
     if primary and out is not None:
-        write_atomic(out, json.dumps(results, indent=2) + "\n")
+        write_atomic(out, results_json(results))
     if save_workdir is not None:
         save_interpolated(trained, workdir, alphas[0], params, save_workdir)
     return results
