@@ -789,3 +789,60 @@ def test_a_resume_refuses_another_tokenizer(tmp_path):
             prepare_workdir(changed, workdir, checkpoint_step=5)
         assert read_config(workdir / "config.json").data[key] == config.data[key]  # as it was
     prepare_workdir(config, workdir, checkpoint_step=5)  # its own tokenizer: resumes
+
+
+def _caption_table(folder: pathlib.Path, rows: int) -> pathlib.Path:
+    folder.mkdir(exist_ok=True)
+    for i in range(rows):
+        Image.new("RGB", (40, 40), (20 * i % 256, 255 - 20 * i % 256, 90)).save(folder / f"{i}.png")
+    table = folder / "t.csv"
+    table.write_text("image,caption\n" + "".join(f"{i}.png,picture number {i}\n" for i in range(rows)))
+    return table
+
+
+def test_a_resume_on_a_table_that_changed_is_told(tmp_path, caplog):
+    """The stream goes on from the checkpoint's position in the table as it is now: rows appended since the last
+    launch moved every later position, silently."""
+    table = _caption_table(tmp_path / "data", 12)
+    workdir, data = tmp_path / "run", ["--config.data.source=captions", f"--config.data.path={table}"]
+    cli.main(train_args(workdir, *data, f"--config.total_steps={HALF}"))
+    table.write_text(table.read_text() + "0.png,picture number 0 again\n")
+    with caplog.at_level(logging.WARNING, logger="clip_jax.train.loop"):
+        cli.main(train_args(workdir, *data))
+    assert (f"data.path {table} changed since the run's last launch (12 rows then, 13 now): training goes on from "
+            f"the checkpoint's data position (global batch {HALF})") in caplog.text, caplog.text
+    assert json.loads((workdir / "train_data.json").read_text())["rows"] == 13
+
+
+def test_what_tells_a_changed_table_or_shard_set(tmp_path, caplog):
+    """A table written again with the same rows, or another data.path (told with the settings), is not a change;
+    other rows of the same count, or shards added to a set, are."""
+    from clip_jax.config import default_config
+    from clip_jax.train.loop import tell_data_changes
+
+    table = _caption_table(tmp_path / "data", 3)
+    config = default_config()
+    config.data.update(source="captions", path=str(table))
+
+    def told(resume_step=2) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clip_jax.train.loop"):
+            tell_data_changes(tmp_path, config, resume_step)
+        return caplog.text
+
+    assert not told(None)  # a new run records it
+    table.write_text(table.read_text())  # the same rows, a newer file
+    assert not told()
+    table.write_text(table.read_text().replace("number 2", "number two"))
+    assert "(3 rows then and now, not all the same)" in told()
+    assert not told()  # told once: the record is of this launch
+    config.data.path = str(_caption_table(tmp_path / "other", 5))
+    assert not told()  # the config's data.path changed: the resume's settings line says so
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        (shards / f"s-{i:05d}-of-00003.arrayrecord").write_bytes(b"")
+    config.data.update(source="records", path=str(shards / "*.arrayrecord"))
+    assert not told()
+    (shards / "s-00002-of-00003.arrayrecord").write_bytes(b"")
+    assert "(2 shards then, 3 now)" in told()

@@ -24,6 +24,7 @@ import ast
 import csv
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -280,6 +281,14 @@ class CaptionFileSource:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def digest(self) -> str:
+        """SHA-256 of the rows as training reads them (image as written, captions, negatives): what a checkpoint's
+        data position indexes. A copy of the table, or one written again with the same rows, has the same digest."""
+        digest = hashlib.sha256()
+        for e in self._entries:
+            digest.update(repr((e.key, e.caption, e.short_caption, e.negative)).encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
 
     def __getitem__(self, index: int) -> dict:
         entry = self._entries[index % len(self._entries)]

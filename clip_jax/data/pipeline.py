@@ -18,6 +18,7 @@ Sources are registered by name in `TRAIN_SOURCES`; each returns a random-access 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import pathlib
@@ -170,6 +171,21 @@ def get_source(config: ml_collections.ConfigDict, split: str):
     if config.data.source not in TRAIN_SOURCES:
         raise ValueError(f"unknown data.source {config.data.source!r}; choose one of {sorted(TRAIN_SOURCES)}")
     return TRAIN_SOURCES[config.data.source](config, split)
+
+
+def train_data_identity(config: ml_collections.ConfigDict) -> dict | None:
+    """What a checkpoint's data position counts in, for a training source of the user's files: a caption table's
+    rows (their count and `CaptionFileSource.digest`; the table is read once per version of the file, so after the
+    pipeline has read it this costs the digest alone) or a records set's shards (count and names: shards are written
+    once). None for the sources that are functions of the config (shapes) or whose files a method checks itself."""
+    source = config.data.source
+    if source == "records":
+        names = [os.path.basename(p) for p in records.list_shards(config.data.path)]
+        return {"shards": len(names), "digest": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+    if source in ("captions", "sharegpt4v"):
+        table = get_source(config, "train")
+        return {"rows": len(table), "digest": table.digest()}
+    return None
 
 
 def check_train_source(config: ml_collections.ConfigDict) -> None:

@@ -31,7 +31,13 @@ from clip_jax.config import (
     read_config,
     save_config,
 )
-from clip_jax.data.pipeline import DataCounts, check_tokenizer_file, check_train_source, make_tokenizer
+from clip_jax.data.pipeline import (
+    DataCounts,
+    check_tokenizer_file,
+    check_train_source,
+    make_tokenizer,
+    train_data_identity,
+)
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import barrier, batch_rows
 from clip_jax.evaluate.encoder import Encoder
@@ -199,6 +205,36 @@ def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collect
     log.warning("resuming at step %d with changed settings (%s)%s; the settings until now are kept in %s", step,
                 ", ".join(changed), ": the learning rate follows the new schedule from this step on" if schedule
                 else "", kept.name)
+
+
+TRAIN_DATA_RECORD = "train_data.json"
+
+
+def tell_data_changes(workdir: epath.Path, config: ml_collections.ConfigDict, resume_step: int | None) -> None:
+    """A resume reads on from its checkpoint's data position: in a caption table that changed since the run's last
+    launch (rows added, removed or edited, under the same data.path) that position indexes other rows, and the
+    examples from there on are not the ones the run would have read. Said in one line (it may be meant: more data);
+    each launch records the training data it read in `train_data.json` (process 0). A changed data.path is told with
+    the other settings (`_tell_resume_changes`)."""
+    if jax.process_index() != 0 or (identity := train_data_identity(config)) is None:
+        return
+    record = {"source": config.data.source, "path": config.data.path, **identity}
+    path = workdir / TRAIN_DATA_RECORD
+    try:
+        before = json.loads(path.read_text()) if resume_step and path.exists() else None
+    except (OSError, ValueError):  # torn or unreadable: nothing to compare with, and it is written again below
+        before = None
+    if (isinstance(before, dict) and (before.get("source"), before.get("path")) == (record["source"], record["path"])
+            and before != record):
+        unit = "rows" if "rows" in record else "shards"
+        counts = (f"{before.get(unit)} {unit} then, {record[unit]} now" if before.get(unit) != record[unit] else
+                  f"{record[unit]} {unit} then and now, not all the same")
+        log.warning("data.path %s changed since the run's last launch (%s): training goes on from the checkpoint's "
+                    "data position (global batch %d) in the data as it is now, so the examples from here on are not "
+                    "the ones the run would have read; if the change was not meant, put the data back as it was and "
+                    "relaunch", config.data.path, counts, resume_step)
+    if before != record:
+        write_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def check_workdir_path(workdir: epath.Path) -> None:
@@ -447,6 +483,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                                rng, training=True, resumed=resume_step is not None))
     # This host's rows of every global batch: the ones its devices hold.
     data_iter = method.train_data(config, tokenizer, batch_rows(config.batch_size, batch_sharding(mesh)))
+    tell_data_changes(workdir, config, resume_step)
 
     # --- Model and train state ----------------------------------------------------------------------------------
     model = method.model()
