@@ -34,8 +34,9 @@ def send_sigterm_after(step: int) -> None:
             # JAX's notifier thread reports the SIGTERM to the coordination service, which then sets the step both
             # processes stop at. On a loaded machine (the suite's other workers) that took longer than the tiny run's
             # few remaining steps, and the run ended before it: the later steps are slowed down to leave it time
-            # (1.25 s in all; a machine slower still could end the run first again).
-            time.sleep(0.25)
+            # (4 s in all, where 1 s had been enough on a quiet machine; a machine slower still could end the run
+            # first again: nothing in-process says when the service has the notice).
+            time.sleep(1.0)
         return real(self, done)
 
     loop.PreemptionFlag.is_set = is_set
