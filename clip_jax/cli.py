@@ -791,6 +791,11 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"{args.out}: {summary['shards_done']} of {summary['shards']} shards done, {summary['written']} of "
           f"{summary['samples']} samples written (skipped: {skipped}); report: "
           f"{args.out.rstrip('/')}/reports/{args.prefix}-summary.json")
+    if summary.get("stale_count"):
+        stale = ", ".join(summary["stale"][:3]) + (" ..." if summary["stale_count"] > 3 else "")
+        print(f"clip-jax data convert: {summary['stale_count']} shards of {args.out} ({stale}) were converted from "
+              "another version of their input, or with other options, than this command's: run the command again "
+              "for their slices (their --shard-index) before training on the set", file=sys.stderr)
     if summary["failed"]:
         print(f"clip-jax data convert: {len(summary['failed'])} shards failed; run the command again to retry them",
               file=sys.stderr)
@@ -805,8 +810,9 @@ def _convert_on_beam(args: argparse.Namespace) -> dict:
     local = [flag for flag, value, default in (("--workers", args.workers, 1), ("--shard-index", args.shard_index, 0),
                                                ("--num-shards", args.num_shards, 1)) if value != default]
     if local:
-        raise ConfigError(f"{', '.join(local)} do not combine with --runner: Beam spreads the shards over its own "
-                          "workers (size them with pipeline options after --, e.g. --max_num_workers=32 on Dataflow)")
+        raise ConfigError(f"{', '.join(local)} {'does' if len(local) == 1 else 'do'} not combine with --runner: Beam "
+                          "spreads the shards over its own workers (size them with pipeline options after --, e.g. "
+                          "--max_num_workers=32 on Dataflow)")
     from clip_jax.data import convert
 
     try:
@@ -841,8 +847,11 @@ def _nothing_written(run: dict, out: str) -> str:
         return f"no sample written: the inputs of its {run['shards']} shards hold no samples"
     reasons = ", ".join(f"{reason} {n}" for reason, n in run["skipped"].items())
     first = next(iter(run["skipped"]))
+    # every row without an image path or a caption: a JSONL's keys (a CSV's header is checked) under other names
+    names = ("; do the rows name their image and caption as --image-field and --caption-field say?"
+             if set(run["skipped"]) <= {"bad_row", "missing_caption"} else "")
     return (f"no sample written: all {run['samples']} samples were skipped ({reasons}; e.g. "
-            f"{run['examples'][first]}); see {out.rstrip('/')}/reports/ for more examples, fix the inputs (or "
+            f"{run['examples'][first]}){names}; see {out.rstrip('/')}/reports/ for more examples, fix the inputs (or "
             "--image-root) and run again")
 
 
@@ -998,7 +1007,8 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--prefix", default="train", help="shard names: PREFIX-00000-of-00016.arrayrecord")
     dc.add_argument("--image-field", default="image", help="csv/tsv/jsonl: the image path column")
     dc.add_argument("--caption-field", default="caption", help="csv/tsv/jsonl: the caption column")
-    dc.add_argument("--short-caption-field", default="short_caption", help="csv/tsv/jsonl: optional short caption")
+    dc.add_argument("--short-caption-field", help="csv/tsv/jsonl: the short caption column (default: short_caption, "
+                    "where there is one)")
     dc.add_argument("--runner", help="convert as an Apache Beam pipeline on this runner (DirectRunner, DataflowRunner, "
                     "...; needs the [beam] extra); Beam pipeline options go after --, e.g. -- --project=P")
     di = data_sub.add_parser("inspect", help="shard and record counts and the first records of a shard set")

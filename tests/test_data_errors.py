@@ -7,11 +7,13 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import time
 import zlib
 
 import grain
@@ -422,3 +424,151 @@ def test_wrong_paths_are_one_line_errors(tmp_path, case, expected):
     assert line.startswith(f"clip-jax data {argv[1]}: error: ") and expected in line, line
     if case.startswith("inspect"):
         assert "clip-jax data convert --out DIR" in line  # what to give instead
+
+
+def test_an_input_named_twice_is_refused(tmp_path, capsys):
+    """A folder and a tar of it, or a path and a glob: every sample was written twice, silently."""
+    (tmp_path / "good.png").write_bytes(SMALL)
+    write_jsonl(tmp_path / "a.jsonl", ["one"])
+    out = tmp_path / "out"
+    message = exit_message(["data", "convert", "--format", "jsonl", str(tmp_path / "a.jsonl"),
+                            str(tmp_path / "*.jsonl"), "--out", str(out)], capsys)
+    assert f"input {tmp_path / 'a.jsonl'} is named twice ({tmp_path / 'a.jsonl'} is the same file" in message, message
+    assert not out.exists()
+
+
+def test_a_set_whose_other_shards_came_from_elsewhere_is_refused(tmp_path, capsys):
+    """Only the first shard of this machine's slice was compared with its report: a second machine's slice of other
+    inputs was converted beside the first one's; and shards without reports (copied in) were written over."""
+    (tmp_path / "good.png").write_bytes(SMALL)
+    first, second, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out"
+    write_jsonl(first, ["one", "two", "three", "four"])
+    (tmp_path / "other.png").write_bytes(SMALL)
+    second.write_text("".join(json.dumps({"image": "other.png", "caption": c}) + "\n"
+                              for c in ("five", "six", "seven", "eight")))
+    convert.convert("jsonl", [str(first)], str(out), shard_size=2, shard_index=0, num_shards=2)
+    message = exit_message(["data", "convert", "--format", "jsonl", str(second), "--shard-size", "2", "--out",
+                            str(out), "--shard-index", "1", "--num-shards", "2"], capsys)
+    assert f"its shard 0 was converted from {first}, and these inputs make it from {second}" in message, message
+    assert not (out / "train-00001-of-00002.arrayrecord").exists()
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    (copied / "train-00000-of-00002.arrayrecord").write_bytes((out / "train-00000-of-00002.arrayrecord").read_bytes())
+    message = exit_message(["data", "convert", "--format", "jsonl", str(second), "--shard-size", "2", "--out",
+                            str(copied)], capsys)
+    assert (f"--out {copied} holds train-00000-of-00002.arrayrecord without its report "
+            "(reports/train-00000-of-00002.json), whose records are not of these inputs' rows") in message, message
+    assert captions_of(copied / "train-00000-of-00002.arrayrecord") == ["one", "two"]
+
+
+def test_a_slice_converted_from_an_older_input_is_not_done(tmp_path, capsys):
+    """After an edit of the table, one machine's re-run redid its slice and said "2 of 2 shards done" over the other
+    slice's shards of the old table: a set holding rows of both versions."""
+    (tmp_path / "good.png").write_bytes(SMALL)
+    table, out = tmp_path / "a.jsonl", tmp_path / "out"
+    write_jsonl(table, ["one", "two", "three", "four"])
+    convert.convert("jsonl", [str(table)], str(out), shard_size=2)
+    write_jsonl(table, ["one", "three", "four", "five"])
+    capsys.readouterr()
+    cli.main(["data", "convert", "--format", "jsonl", str(table), "--shard-size", "2", "--out", str(out),
+              "--shard-index", "1", "--num-shards", "2"])
+    captured = capsys.readouterr()
+    assert f"{out}: 1 of 2 shards done" in captured.out, captured.out
+    assert (f"1 shards of {out} (train-00000-of-00002.arrayrecord) were converted from another version of their "
+            "input") in captured.err, captured.err
+    summary = json.loads((out / "reports" / "train-summary.json").read_text())
+    assert summary["stale"] == ["train-00000-of-00002.arrayrecord"] and summary["shards_done"] == 1
+    cli.main(["data", "convert", "--format", "jsonl", str(table), "--shard-size", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert f"{out}: 2 of 2 shards done" in captured.out and "another version" not in captured.err
+    assert captions_of(out / "train-00000-of-00002.arrayrecord") == ["one", "three"]
+
+
+def test_a_short_caption_field_that_no_row_has_is_refused(tmp_path, capsys):
+    """A misspelt --short-caption-field was ignored: the records had no short captions, and the column went to the
+    metadata."""
+    (tmp_path / "good.png").write_bytes(SMALL)
+    (tmp_path / "t.csv").write_text("image,caption,summary\ngood.png,a long caption,short\n")
+    out = tmp_path / "out"
+    message = exit_message(["data", "convert", "--format", "csv", str(tmp_path / "t.csv"), "--short-caption-field",
+                            "sumary", "--out", str(out)], capsys)
+    assert "t.csv: no row has a short caption under 'sumary' (--short-caption-field)" in message, message
+    assert not out.exists()
+    cli.main(["data", "convert", "--format", "csv", str(tmp_path / "t.csv"), "--short-caption-field", "summary",
+              "--out", str(out)])
+    record = records.decode_record(grain.sources.ArrayRecordDataSource([str(next(out.glob("*.arrayrecord")))])[0])
+    assert record["short_caption"] == "short"
+
+
+def test_leftovers_of_a_killed_conversion_on_this_host_are_removed(tmp_path):
+    """A conversion killed at once leaves its temporary shard (NAME.tmp-HOST-PID); the next run on the host removes
+    those of processes that no longer run, and leaves another host's, which may be writing them."""
+    import socket
+
+    (tmp_path / "good.png").write_bytes(SMALL)
+    write_jsonl(tmp_path / "a.jsonl", ["one"])
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f"train-00000-of-00001.arrayrecord.tmp-{socket.gethostname()}-{int(dead.stdout)}"
+    others = [out / "train-00000-of-00001.arrayrecord.tmp-another-host-1",
+              out / f"other-00000-of-00001.arrayrecord.tmp-{socket.gethostname()}-{os.getpid()}"]  # running
+    for path in (stale, *others):
+        path.write_bytes(b"partial")
+    with pytest.raises(FileNotFoundError, match=r"no \.arrayrecord shards in .*: 3 unfinished \(\.tmp-\): is a "):
+        records.list_shards(str(out))
+    convert.convert("jsonl", [str(tmp_path / "a.jsonl")], str(out))
+    assert not stale.exists() and all(p.exists() for p in others)
+
+
+def test_an_interrupted_conversion_stops_its_workers(tmp_path):
+    """After a Ctrl-C or SIGTERM with --workers 2, the workers went on converting, then waited forever: the
+    command said "interrupted" and left them running."""
+    slow = png(np.random.default_rng(1).integers(0, 256, (1500, 1500, 3), np.uint8))  # ~0.1 s to check each
+    (tmp_path / "slow.png").write_bytes(slow)
+    (tmp_path / "t.csv").write_text("image,caption\n" + "".join(f"slow.png,caption {i}\n" for i in range(400)))
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", CLI, "data", "convert", "--format", "csv",
+                                str(tmp_path / "t.csv"), "--out", str(out), "--shard-size", "2", "--workers", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = pathlib.Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    with deadline(TIMEOUT):
+        while len(list(out.glob("reports/train-*-of-*.json"))) < 2:  # the workers are converting
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.2)
+        workers = [int(pid) for pid in children.read_text().split()]
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate()
+        while any(pathlib.Path(f"/proc/{pid}").exists() for pid in workers):  # the deadline says if they stay
+            time.sleep(0.2)
+    assert process.returncode == 130 and stderr.strip().endswith("clip-jax data convert: interrupted"), stderr
+    assert len(workers) >= 2  # (the spawned workers and multiprocessing's resource tracker)
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert len(list(out.glob("*.arrayrecord"))) == len(list(out.glob("reports/train-*-of-*.json")))
+
+
+def test_a_record_whose_caption_is_white_space_is_dropped(caplog):
+    """Shards of another writer than `data convert` (which cleans captions) may hold one: it was trained on."""
+    decode = DecodeExample(16, 16)
+    assert decode.map({"long_caption": " \n\t", "image_bytes": SMALL, "key": "k1"}) is None
+    assert "dropping example k1: empty caption" in caplog.text
+    assert decode.map({"long_caption": " a caption ", "image_bytes": SMALL, "key": "k2"}) is not None
+
+
+def test_a_tars_metadata_with_bytes_that_are_not_utf8_and_a_key_written_twice(tmp_path):
+    """A .json with one byte that is not UTF-8 lost all its keys, and its caption counted as missing_caption; a
+    key's files written twice in a row kept the second pair only, with no count."""
+    from tests.test_convert import make_tar
+
+    make_tar(tmp_path / "00000.tar", [
+        ("a.png", SMALL), ("a.txt", b"a caption"), ("a.json", b'{"url": "http://x/caf\xe9", "w": 64}'),
+        ("b.png", SMALL), ("b.json", b'{"caption": "caf\xe9 from the json"}'),
+        ("c.png", SMALL), ("c.txt", b"first c"), ("c.png", SMALL), ("c.txt", b"second c"),
+    ])
+    out = tmp_path / "out"
+    summary = convert.convert("webdataset", [str(tmp_path / "00000.tar")], str(out), min_size=1)
+    assert summary["skipped"] == {"non_utf8_caption": 1} and summary["metadata_dropped"] == 0
+    recs = [records.decode_record(r) for r in grain.sources.ArrayRecordDataSource(
+        [str(out / "train-00000-of-00001.arrayrecord")])]
+    assert [(r["key"], r["caption"]) for r in recs] == [("a", "a caption"), ("c", "first c"), ("c", "second c")]
+    assert records.record_metadata(recs[0]) == {"url": "http://x/caf\udce9", "w": 64}  # the byte as an escape

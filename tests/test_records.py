@@ -145,6 +145,14 @@ def test_list_shards(tmp_path):
     assert len(records.list_shards(str(tmp_path))) == 4
     with pytest.raises(FileNotFoundError):
         records.list_shards(f"{tmp_path}/b-*")
+    # a second set beside it (`data convert --prefix`): the folder mixed both sets
+    with records.ShardWriter(tmp_path / records.shard_name("b", 0, 1)) as w:
+        w.write(b"x")
+    with pytest.raises(FileNotFoundError, match=r"holds more than one set of shards \(4 'a' shards of 4, 1 'b' shards "
+                                                r"of 1\), and a folder stands for one: name a set with a glob, e.g. "
+                                                rf"{tmp_path}/a-\*\.arrayrecord"):
+        records.list_shards(str(tmp_path))
+    assert len(records.list_shards(f"{tmp_path}/a-*.arrayrecord")) == 4
     with pytest.raises(FileNotFoundError):
         records.list_shards(str(tmp_path / "nowhere"))
 

@@ -33,7 +33,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 from etils import epath
 
 from clip_jax.data import convert as local
-from clip_jax.data.captions import FIELDS, Row
+from clip_jax.data.captions import Row
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
 
 NAMESPACE = "clip_jax.data.convert"
@@ -150,7 +150,7 @@ def read_counters(result: PipelineResult) -> dict[str, int]:
 def convert(fmt: str, inputs: Sequence[str], out: str, *, runner: str, pipeline_options: Sequence[str] = (),
             image_root: str | None = None, shard_size: int = 10_000, min_size: int = 32,
             max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, prefix: str = "train",
-            fields: Sequence[str] = FIELDS) -> dict[str, Any]:
+            fields: Sequence[str | None] = local.TABLE_FIELDS) -> dict[str, Any]:
     """Converts every shard on Beam's `runner` (`pipeline_options`: Beam's flags, e.g. ["--project=p"]) and waits for
     the job. Returns what `convert.convert` returns, with `this_run` over all shards (Beam takes them all), plus
     `counters`: this module's Beam counters."""
@@ -158,7 +158,7 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, runner: str, pipeline_
         raise ValueError("give the runner as --runner, not as a pipeline option")
     tasks, opts = local.prepare(fmt, inputs, out, image_root=image_root, shard_size=shard_size, min_size=min_size,
                                 max_image_bytes=max_image_bytes, prefix=prefix, fields=fields)
-    local.check_same_set(tasks[0], opts)
+    local.check_same_set(tasks, opts)
     pipeline = beam.Pipeline(options=PipelineOptions(flags=list(pipeline_options), runner=runner))
     epath.Path(out).mkdir(parents=True, exist_ok=True)
     # in `out`, which every worker can read (a local folder for the DirectRunner, a bucket for a cluster)

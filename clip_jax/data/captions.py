@@ -184,6 +184,11 @@ def _table_objects(text: str, fmt: str, path: str, required: Sequence[str]) -> l
         raise ValueError(f"{path} is empty: a header row naming the columns comes first")
     missing = [f for f in required if f not in header]
     if missing:
+        other, kind = ("\t", "TSV") if fmt == "csv" else (",", "CSV")
+        if len(header) == 1 and other in header[0]:  # cells split by the other format's delimiter
+            raise ValueError(f"{path}: its header {header} is one cell holding {other!r}: a {kind} file read as "
+                             f"{fmt.upper()}? (training takes a table's format from its suffix, data convert from "
+                             "--format)")
         raise MissingColumns(f"{path}: no column {', '.join(map(repr, missing))} in the header {header}")
     if twice := sorted({name for name in header if name and header.count(name) > 1}):  # (unnamed: no column)
         raise ValueError(f"{path}: the header names column {', '.join(map(repr, twice))} more than once; each "

@@ -18,6 +18,7 @@ length happens at tokenization.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -26,13 +27,15 @@ import json
 import multiprocessing
 import os
 import posixpath
+import re
+import signal
 import socket
 import tarfile
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from etils import epath
 from PIL import Image
@@ -54,8 +57,12 @@ FORMATS = ("webdataset", *TABLE_FORMATS, "folder")
 KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
 # 8-bit modes that every reader turns into RGB the same way; others (CMYK, 16-bit, float, LAB) are re-encoded.
 KEEP_MODES = ("RGB", "L", "RGBA", "LA", "P", "PA", "1")
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# the image member of a sample: WebDataset's usual ones first, then the other kinds a folder input reads
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", *(s.removeprefix(".") for s in IMAGE_SUFFIXES))
 EXAMPLES_PER_REASON = 5
+# a table's image, caption and short caption fields: no short caption field named (None) reads FIELDS' where there is
+# one, and no input need have it (`plan`)
+TABLE_FIELDS = (FIELDS[0], FIELDS[1], None)
 
 
 class Skip(Exception):  # noqa: N818 - a control-flow signal carrying the skip reason, not an error
@@ -182,7 +189,8 @@ class _EndMarkedTarInfo(tarfile.TarInfo):
 
 def _tar_samples(path: str, stats: ShardStats) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of a WebDataset tar, streamed in order. The key is the member's path
-    up to the first dot of its base name (WebDataset's rule). A tar cut short (an interrupted download), inside a
+    up to the first dot of its base name (WebDataset's rule); a key's files repeated right after them are another
+    sample of that key. A tar cut short (an interrupted download), inside a
     member or between two, ends the shard early: the sample being read is counted as `truncated_tar` (cut between
     its files, it may lack some), the samples before it are kept."""
     key, files = None, {}
@@ -195,7 +203,9 @@ def _tar_samples(path: str, stats: ShardStats) -> Iterator[tuple[str, dict[str, 
                         continue
                     stem, ext = base.split(".", 1)
                     member_key = posixpath.join(posixpath.dirname(member.name), stem)
-                    if member_key != key:
+                    # a file of a kind the sample has already (a.jpg a.txt a.jpg a.txt: a key written twice) starts
+                    # the next sample: each pair is kept, where the second replaced the first
+                    if member_key != key or ext.lower() in files:
                         if key is not None:
                             yield key, files
                         key, files = member_key, {}
@@ -252,8 +262,10 @@ def _tar_record(sample: tuple[str, dict[str, bytes]], opts: Options, stats: Shar
     metadata = None
     if "json" in files:
         try:
-            metadata = json.loads(files["json"])
-        except (ValueError, UnicodeDecodeError):
+            # bytes that are not UTF-8 kept as lone surrogates, as a table's are: its other keys stay, and a caption
+            # there is counted as non_utf8_caption
+            metadata = json.loads(decode_text(files["json"]))
+        except ValueError:
             stats.metadata_dropped += 1  # metadata is optional: drop it, keep the sample
     caption = files.get("txt")
     if caption is None and isinstance(metadata, dict):
@@ -379,7 +391,11 @@ def expand_inputs(inputs: Sequence[str], fmt: str) -> list[str]:
                 raise FileNotFoundError(f"no input matches {spec}")
             out.extend(matched)
         elif fmt == "webdataset" and path.is_dir():
-            out.extend(sorted(os.fspath(p) for p in path.glob("*.tar")))
+            tars = sorted(os.fspath(p) for p in path.glob("*.tar"))
+            if not tars:
+                raise FileNotFoundError(f"input {spec} is a folder without .tar files: --format webdataset reads tars "
+                                        "(a folder of images and captions is --format folder)")
+            out.extend(tars)
         elif not path.exists():
             raise FileNotFoundError(f"input {spec} does not exist: check the path (INPUT is a file, a folder or a "
                                     "quoted glob)")
@@ -393,14 +409,26 @@ def expand_inputs(inputs: Sequence[str], fmt: str) -> list[str]:
             out.append(spec)
     if not out:
         raise FileNotFoundError(f"no inputs in {list(inputs)}")
+    seen: dict[str, str] = {}
+    for path in out:  # a folder and a file of it, or a path and a glob: its samples would be written twice
+        if (first := seen.get(canonical_path(path))) is not None:
+            raise ValueError(f"input {path} is named twice ({first} is the same file or folder): each input is "
+                             "converted once; name it once")
+        seen[canonical_path(path)] = path
     return out
 
 
 def plan(fmt: str, inputs: Sequence[str], image_root: str | None = None, shard_size: int = 10_000,
-         fields: Sequence[str] = FIELDS) -> list[Task]:
-    """Every output shard of the data set, numbered over the inputs in order (the same on every machine)."""
+         fields: Sequence[str | None] = TABLE_FIELDS) -> list[Task]:
+    """Every output shard of the data set, numbered over the inputs in order (the same on every machine). `fields`:
+    the image, caption and short caption fields of a table; a short caption field of None is FIELDS' default, which
+    an input may lack, where one that is named must be in some row of each input (a misspelt name was ignored)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    short_named = fields[2]
+    if short_named is not None and fmt not in ("csv", "tsv", "jsonl"):
+        raise ValueError(f"--short-caption-field is for csv, tsv and jsonl tables; --format {fmt} has no short caption")
+    fields = (fields[0], fields[1], short_named or FIELDS[2])
     paths = expand_inputs(inputs, fmt)
     if fmt == "webdataset":
         return [Task(i, p) for i, p in enumerate(paths)]
@@ -408,9 +436,16 @@ def plan(fmt: str, inputs: Sequence[str], image_root: str | None = None, shard_s
     for p in paths:
         stamp = fingerprint(p, fmt)  # before reading: a change made meanwhile shows in the next run
         rows = read_folder(p) if fmt == "folder" else read_table(p, fmt, image_root, fields)
+        if short_named is not None and rows and not any(row.short_caption for row in rows):
+            raise ValueError(f"{p}: no row has a short caption under {short_named!r} (--short-caption-field): check "
+                             "the name, or leave the option out")
         for start in range(0, len(rows), shard_size):
             tasks.append(Task(len(tasks), p, rows[start : start + shard_size], stamp))
     return tasks
+
+
+def _shard_index(name: str) -> int:
+    return int(records.SHARD_RE.match(name)["index"])
 
 
 def read_reports(out: str, prefix: str, count: int) -> list[dict[str, Any]]:
@@ -422,12 +457,27 @@ def read_reports(out: str, prefix: str, count: int) -> list[dict[str, Any]]:
 def failure(task: Task, opts: Options, error: BaseException) -> dict[str, str]:
     """The summary's `failed` entry of a shard that failed as a whole."""
     return {"shard": records.shard_name(opts.prefix, task.index, opts.count), "input": task.source,
-            "error": f"{type(error).__name__}: {error}"}
+            "error": failure_text(error)}
 
 
-def summarize(out: str, prefix: str, count: int, failed: Sequence[dict] = ()) -> dict[str, Any]:
-    """Totals over all shard reports in `out` (from every machine), written to reports/<prefix>-summary.json."""
+def is_stale(report: dict[str, Any], task: Task, opts: Options) -> bool:
+    """Whether a shard was made from another version of its input, or with other options, than this command makes
+    it from: another machine's slice converted before the input changed. Known for tables and folders, whose
+    fingerprint the plan takes; a tar's is taken only where it is converted."""
+    if task.fingerprint is None:
+        return False
+    made_with = recipe(task, opts)
+    return report.get("input_fingerprint") != task.fingerprint or report.get("recipe", made_with) != made_with
+
+
+def summarize(out: str, prefix: str, count: int, failed: Sequence[dict] = (),
+              tasks: Sequence[Task] | None = None, opts: Options | None = None) -> dict[str, Any]:
+    """Totals over all shard reports in `out` (from every machine), written to reports/<prefix>-summary.json. With
+    the command's `tasks` and `opts`, a shard made from another version of its input (`is_stale`) is not done: it is
+    listed under `stale`, and its slice must be converted again."""
     reports = read_reports(out, prefix, count)
+    stale = [r["shard"] for r in reports
+             if tasks is not None and opts is not None and is_stale(r, tasks[_shard_index(r["shard"])], opts)]
     skipped: Counter[str] = Counter()
     reencoded: Counter[str] = Counter()
     for r in reports:
@@ -437,9 +487,11 @@ def summarize(out: str, prefix: str, count: int, failed: Sequence[dict] = ()) ->
     missing = [records.shard_name(prefix, i, count) for i in range(count)]
     missing = [m for m in missing if m not in done]
     summary = {
-        "shards": count, "shards_done": len(reports), "missing": missing[:20], "failed": list(failed),
+        "shards": count, "shards_done": len(reports) - len(stale), "missing": missing[:20], "failed": list(failed),
+        "stale": stale[:20], "stale_count": len(stale),
         "samples": sum(r["samples"] for r in reports), "written": sum(r["written"] for r in reports),
         "skipped": dict(sorted(skipped.items())), "reencoded": dict(sorted(reencoded.items())),
+        "metadata_dropped": sum(r.get("metadata_dropped", 0) for r in reports),
         "bytes": sum(r["bytes"] for r in reports),
     }
     _write_json(epath.Path(out) / "reports" / f"{prefix}-summary.json", summary)
@@ -448,11 +500,15 @@ def summarize(out: str, prefix: str, count: int, failed: Sequence[dict] = ()) ->
 
 def prepare(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None = None, shard_size: int = 10_000,
             min_size: int = 32, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, prefix: str = "train",
-            fields: Sequence[str] = FIELDS) -> tuple[list[Task], Options]:
+            fields: Sequence[str | None] = TABLE_FIELDS) -> tuple[list[Task], Options]:
     """Checks the arguments and plans every shard of the data set: what a driver (`convert`, or the Beam pipeline of
     beam_convert.py) starts from."""
-    if shard_size < 1 or max_image_bytes < 1:
-        raise ValueError("shard_size and max_image_bytes must be >= 1")
+    for flag, value in (("--shard-size", shard_size), ("--max-image-bytes", max_image_bytes)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not prefix or "/" in prefix or prefix != prefix.strip():
+        raise ValueError(f"--prefix {prefix!r} begins each shard's file name: a name without '/' or surrounding "
+                         "spaces (a folder is --out)")
     if epath.Path(out).exists() and not epath.Path(out).is_dir():
         raise ValueError(f"--out {out} is a file: name a folder for the shards (a new one, or the one a previous "
                          "run of this command wrote)")
@@ -462,46 +518,76 @@ def prepare(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None
     return tasks, Options(out, prefix, len(tasks), min_size, max_image_bytes)
 
 
-def check_same_set(task: Task, opts: Options) -> None:
-    """Refuses an `out` that holds another data set under this prefix: shards of another count (other inputs, or
-    another --shard-size), or a first shard converted from another input. The new shards would replace some of the
-    old ones and sit beside the rest, and training reads every shard there. (A re-run of the same command redoes
-    only the shards whose input changed.)"""
+def check_same_set(tasks: Sequence[Task], opts: Options, mine: Sequence[Task] | None = None) -> None:
+    """Refuses an `out` that holds another data set under this prefix, before anything is written: shards of another
+    count (other inputs, or another --shard-size), a shard whose report names another input than this command makes
+    it from (any machine's slice: the set is one), or, among the shards this run writes (`mine`, default all), one
+    without a report (copied there, not converted here; or one whose conversion stopped between the two files). The
+    new shards would replace some of the old ones and sit beside the rest, and training reads every shard there. (A
+    re-run of the same command redoes only the shards whose input changed.)"""
     folder = epath.Path(opts.out)
     if not folder.is_dir():
         return
-    counts = sorted({int(m["count"]) for p in folder.iterdir()
-                     if (m := records.SHARD_RE.match(p.name)) and m["prefix"] == opts.prefix})
+    shards = {p.name for p in folder.iterdir()}
+    counts = sorted({int(m["count"]) for name in shards
+                     if (m := records.SHARD_RE.match(name)) and m["prefix"] == opts.prefix})
     other = next((n for n in counts if n != opts.count), None)
     if other is not None:
         raise ValueError(f"--out {opts.out} holds a set of {other} '{opts.prefix}' shards, and these inputs make "
                          f"{opts.count}: convert into a new folder (or name this set with another --prefix)")
-    report = report_path(opts, task.index)
-    source = json.loads(report.read_text()).get("input") if report.exists() else None
-    if source is not None and canonical_path(source) != canonical_path(task.source):
-        raise ValueError(f"--out {opts.out}: its shard {task.index} was converted from {source}, and these inputs make "
-                         f"it from {task.source}: convert into a new folder (or name this set with another --prefix)")
+    reports_dir = folder / "reports"
+    reported = {p.name for p in reports_dir.iterdir()} if reports_dir.is_dir() else set()
+    for task in tasks:
+        report = report_path(opts, task.index)
+        source = json.loads(report.read_text()).get("input") if report.name in reported else None
+        if source is not None and canonical_path(source) != canonical_path(task.source):
+            raise ValueError(f"--out {opts.out}: its shard {task.index} was converted from {source}, and these inputs "
+                             f"make it from {task.source}: convert into a new folder (or name this set with another "
+                             "--prefix)")
+    for task in tasks if mine is None else mine:
+        name, report = records.shard_name(opts.prefix, task.index, opts.count), report_path(opts, task.index).name
+        if name in shards and report not in reported and _of_other_rows(folder / name, task):
+            raise ValueError(f"--out {opts.out} holds {name} without its report (reports/{report}), whose records "
+                             "are not of these inputs' rows: shards copied there from another set? Convert into a "
+                             f"new folder, or remove {name} to convert it here")
+
+
+def _of_other_rows(shard: epath.Path, task: Task) -> bool:
+    """Whether a shard without a report holds another set's records: its first record's key is none of the task's
+    rows'. Else it is this command's, from a run that stopped between the shard and its report, and it is redone. (A
+    tar's samples are known only by reading it: such a shard is redone.)"""
+    if task.rows is None:
+        return False
+    try:
+        source = records.open_shards([os.fspath(shard)])
+        key = records.decode_record(source[0]).get("key") if len(source) else None
+    except Exception:  # noqa: BLE001 - unreadable (cut short): this command's, interrupted; redone
+        return False
+    return key is not None and key not in {row.key for row in task.rows}
 
 
 def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None = None, workers: int = 1,
             shard_index: int = 0, num_shards: int = 1, shard_size: int = 10_000, min_size: int = 32,
-            max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, prefix: str = "train", fields: Sequence[str] = FIELDS,
+            max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, prefix: str = "train",
+            fields: Sequence[str | None] = TABLE_FIELDS,
             progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Converts this machine's slice (shards i with i % num_shards == shard_index) and returns the summary over
     every report in `out`, plus `this_run`: the totals of this slice's shards (done now or before). A shard that
     fails as a whole (a write error) is reported in `failed` after the others finish; the next run retries it."""
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index {shard_index} must be in [0, num_shards {num_shards})")
+        raise ValueError(f"--shard-index {shard_index} must be in [0, --num-shards {num_shards}): shard indices "
+                         "count from 0")
     if workers < 1:
-        raise ValueError("workers must be >= 1")
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     tasks, opts = prepare(fmt, inputs, out, image_root=image_root, shard_size=shard_size, min_size=min_size,
                           max_image_bytes=max_image_bytes, prefix=prefix, fields=fields)
     mine = [t for t in tasks if t.index % num_shards == shard_index]
     if not mine:
         raise ValueError(f"--shard-index {shard_index} of --num-shards {num_shards} gets no shard: the inputs make "
                          f"{len(tasks)} shards; use --num-shards {len(tasks)} or fewer")
-    check_same_set(mine[0], opts)
+    check_same_set(tasks, opts, mine)
     epath.Path(out).mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     failed: list[dict] = []
     finished: list[dict] = []
 
@@ -514,20 +600,117 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None
         if progress:
             progress(report)
 
-    if workers == 1:
-        for task in mine:
-            try:
-                done(task, convert_shard(task, opts), None)
-            except Exception as e:  # noqa: BLE001 - reported with the summary; the other shards still convert
-                done(task, None, e)
-    else:
-        # spawn: the parent may have imported jax (via the CLI), whose threads do not survive fork
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(convert_shard, t, opts): t for t in mine}
+    with _sigterm_interrupts():
+        if workers == 1:
+            for task in mine:
+                done(*_convert_task((task, opts)))
+        else:
+            _convert_in_workers(mine, opts, workers, done)
+    return summarize(out, prefix, opts.count, failed, tasks, opts) | {"this_run": run_totals(finished)}
+
+
+class ShardFailed(Exception):
+    """A shard's failure as a whole, carried back from a worker process as its text (the exception itself may not
+    pickle)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def failure_text(error: BaseException) -> str:
+    return str(error) if isinstance(error, ShardFailed) else f"{type(error).__name__}: {error}"
+
+
+def _convert_task(job: tuple[Task, Options]) -> tuple[Task, dict | None, BaseException | None]:
+    task, opts = job
+    try:
+        return task, convert_shard(task, opts), None
+    except Exception as e:  # noqa: BLE001 - reported with the summary; the other shards still convert
+        return task, None, ShardFailed(failure_text(e))
+
+
+def _convert_in_workers(tasks: Sequence[Task], opts: Options, workers: int,
+                        done: Callable[[Task, dict | None, BaseException | None], None]) -> None:
+    """Converts `tasks` in `workers` processes. A Ctrl-C or SIGTERM here stops them before it ends this process: a
+    worker's shard in progress is aborted (its temporary file removed). Left running, they went on converting after
+    the command had said "interrupted", then waited forever for a parent that had gone. (A worker that dies, killed
+    for memory say, fails the shards in flight: BrokenProcessPool, which a multiprocessing.Pool would wait out.)"""
+    # spawn: the parent may have imported jax (via the CLI), whose threads do not survive fork
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_signals) as pool:
+        try:
+            futures = {pool.submit(_convert_task_in_worker, (task, opts)): task for task in tasks}
             for future in concurrent.futures.as_completed(futures):
-                error = future.exception()
-                done(futures[future], None if error else future.result(), error)
-    return summarize(out, prefix, opts.count, failed) | {"this_run": run_totals(finished)}
+                error = future.exception()  # (a worker that died: BrokenProcessPool)
+                if error is None:
+                    done(*future.result())
+                else:
+                    done(futures[future], None, error)
+        except BaseException:
+            # the executor has no public way to stop its workers before Python 3.14 (terminate_workers)
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()  # SIGTERM: `_worker_signals` makes the worker abort its shard
+            pool.shutdown(wait=True, cancel_futures=True)  # (joined: else its semaphores are reported leaked)
+            raise
+
+
+def _convert_task_in_worker(job: tuple[Task, Options]) -> tuple[Task, dict | None, BaseException | None]:
+    try:
+        return _convert_task(job)
+    except SystemExit as stop:  # the parent stops this worker (`_worker_signals`); its shard is aborted by now
+        os._exit(stop.code)  # the executor's worker loop would catch a SystemExit and go on to the next shard
+
+
+def _worker_signals() -> None:
+    # A terminal's Ctrl-C reaches every process of its group: the parent alone decides, and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum, frame) -> NoReturn:
+    # Once: the executor sends another SIGTERM to the workers left when one has ended, which would cut the unwinding.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)  # unwinds the shard being written: ShardWriter removes its temporary file
+
+
+def _raise_interrupt(signum, frame) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a `timeout`, a machine shutting down) interrupts the conversion as a Ctrl-C does, so that the shard
+    being written is aborted and the workers are stopped, where its default action ended the process at once."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread (a library call from a worker thread): no handler
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def remove_stale_temporaries(out: str) -> None:
+    """Removes the temporary files (`NAME.tmp-HOST-PID`: a shard or report being written) that a conversion on this
+    host left when it was killed at once (SIGKILL, a power cut): those of a process id that runs no process here.
+    Another host's are left alone: it may be writing them now."""
+    marker = re.compile(rf"\.tmp-{re.escape(socket.gethostname())}-(\d+)$")
+    for folder in (epath.Path(out), epath.Path(out) / "reports"):
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if (m := marker.search(path.name)) and not _running(int(m[1])):
+                path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def progress_line(report: dict[str, Any]) -> str:
@@ -537,9 +720,11 @@ def progress_line(report: dict[str, Any]) -> str:
     if report.get("resumed"):
         return f"{report['shard']}: converted before from the same input, skipped"
     skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"
+    dropped = report.get("metadata_dropped", 0)
+    metadata = f"; {dropped} kept without their .json metadata, which is not JSON" if dropped else ""
     redone = f"; converted again: {report['redone']}" if report.get("redone") else ""
     return (f"{report['shard']}: {report['written']} of {report['samples']} samples written in {report['seconds']} s "
-            f"(skipped: {skipped}){redone}")
+            f"(skipped: {skipped}){metadata}{redone}")
 
 
 def run_totals(reports: Sequence[dict]) -> dict[str, Any]:

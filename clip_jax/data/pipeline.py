@@ -246,7 +246,8 @@ class DecodeExample(grain.transforms.Map):
         self.__init__(**state)
 
     def map(self, element: dict) -> dict | None:
-        reason = element.get("error") or ("" if element.get("long_caption") else "empty caption")
+        # (a record of another writer than `data convert`, which cleans captions, may hold one of white space only)
+        reason = element.get("error") or ("" if (element.get("long_caption") or "").strip() else "empty caption")
         if not reason:
             data = element.get("image_bytes")
             try:

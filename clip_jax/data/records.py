@@ -127,9 +127,13 @@ def list_shards(spec: str) -> list[str]:
         else:
             path = epath.Path(part)
             if path.is_dir():
-                matched = sorted(os.fspath(p) for p in path.iterdir() if p.name.endswith(SUFFIX))
+                names = [p.name for p in path.iterdir()]
+                matched = sorted(os.fspath(path / n) for n in names if n.endswith(SUFFIX))
                 if not matched:
-                    raise FileNotFoundError(f"no {SUFFIX} shards in {part}")
+                    unfinished = sum(f"{SUFFIX}.tmp-" in n for n in names)
+                    raise FileNotFoundError(f"no {SUFFIX} shards in {part}" + (
+                        f": {unfinished} unfinished (.tmp-): is a `clip-jax data convert` into it still running? Run "
+                        "it (again) to finish them" if unfinished else ""))
                 _check_complete(matched, part)
             elif path.exists():
                 matched = [os.fspath(path)]
@@ -148,6 +152,11 @@ def _check_complete(paths: list[str], where: str) -> None:
         m = SHARD_RE.match(epath.Path(p).name)
         if m:
             sets.setdefault((m["prefix"], int(m["count"])), set()).add(int(m["index"]))
+    if len(sets) > 1:  # a `data convert --prefix` beside another set, or another conversion's shards copied in
+        kinds = ", ".join(f"{len(have)} '{prefix}' shards of {count}" for (prefix, count), have in sorted(sets.items()))
+        first = sorted(sets)[0][0]
+        raise FileNotFoundError(f"{where} holds more than one set of shards ({kinds}), and a folder stands for one: "
+                                f"name a set with a glob, e.g. {where.rstrip('/')}/{first}-*{SUFFIX}")
     for (prefix, count), have in sorted(sets.items()):
         missing = sorted(set(range(count)) - have)
         if missing:
@@ -200,10 +209,12 @@ class ShardWriter:
         shutil.rmtree(self._local_dir, ignore_errors=True)
 
     def abort(self) -> None:
-        self._writer.close()
-        self._tmp.unlink(missing_ok=True)
-        if self._local_dir:
-            shutil.rmtree(self._local_dir, ignore_errors=True)
+        try:
+            self._writer.close()
+        finally:  # (a writer that fails to close still leaves no temporary file)
+            self._tmp.unlink(missing_ok=True)
+            if self._local_dir:
+                shutil.rmtree(self._local_dir, ignore_errors=True)
 
     def __enter__(self) -> ShardWriter:
         return self
