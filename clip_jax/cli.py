@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from clip_jax import errors
 from clip_jax.config import ConfigError
@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.config import train_config
     from clip_jax.distributed import maybe_initialize
     from clip_jax.methods import get_method
-    from clip_jax.train.loop import checkpoint_steps, train_and_evaluate
+    from clip_jax.train.loop import Terminated, checkpoint_steps, train_and_evaluate
 
     maybe_initialize()
     workdir = epath.Path(args.workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
@@ -69,7 +69,11 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"warning: {workdir} holds a converted or stretched model, and its first run trains on the "
               "procedural shapes data (data.source's default); for your data, set --config.data.source and "
               "--config.data.path (docs/data.md)", file=sys.stderr)
-    train_and_evaluate(config, workdir)
+    try:
+        train_and_evaluate(config, workdir)
+    except Terminated as stop:  # a preemption's status: 0, which the SLURM script requeues on
+        print(f"clip-jax train: {stop}", file=sys.stderr, flush=True)
+        _exit_at_once(0)
 
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -1026,6 +1030,17 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
+def _exit_at_once(status: int) -> NoReturn:
+    """Ends the process without the interpreter's teardown. Not sys.exit: a stop (Ctrl-C, SIGTERM) can land while XLA
+    compiles (a jit's first call) in its own thread pool, and the teardown then frees the JAX client under that
+    compilation: a segfault (exit 139) after the last line. What a command writes is written whole or already closed,
+    so nothing is lost by skipping it."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 _exit_timers: list[threading.Timer] = []  # the pending exits of _install_sigint: cancelled once main handles Ctrl-C
 
 
@@ -1183,13 +1198,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"clip-jax {label}: interrupted", file=sys.stderr)
         if "jax" in sys.modules:
-            # Not sys.exit: a Ctrl-C can land while XLA compiles (a jit's first call) in its own thread pool, and the
-            # interpreter's teardown then frees the JAX client under that compilation: a segfault (exit 139) after
-            # this line. What a command writes is written whole or already closed, so nothing is lost by skipping it.
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
+            _exit_at_once(130)
         sys.exit(130)
     except (*_USER_ERRORS, OSError) as e:
         if debug:

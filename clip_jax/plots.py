@@ -39,8 +39,9 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
     ax_loss.legend()
     for key, label in (("i2t_acc", "train batch i2t acc"), ("train_acc", "train batch top-1"),
                        ("pixel_acc", "train batch pixel acc")):
-        if train and key in train[0]:
-            ax_acc.plot([r["step"] for r in train], [r[key] for r in train], label=label, alpha=0.6)
+        points = [(r["step"], r[key]) for r in train if key in r]  # (a record may lack one: another method's)
+        if points:
+            ax_acc.plot(*zip(*points, strict=True), label=label, alpha=0.6)
     few_shot = sorted({k for r in evals for k in r if k.endswith(("_base", "_new", "_hm", "_all"))})
     for key in ("zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1", "seg_seen_miou", "seg_novel_miou",
                 *few_shot):

@@ -370,14 +370,14 @@ def test_a_resume_whose_parameters_would_change_shape_is_refused_and_leaves_the_
                                                                                                 capsys):
     """Another method on a CLIP run (its own heads): the checkpoint cannot hold this config's parameters. That was
     "no readable checkpoint" after config.json had been rewritten with the refused settings, which eval and every
-    relaunch then read; now one line, and the workdir as it was."""
+    relaunch then read; then the checkpoint's refusal of the parameters; now a resume keeps its method, said before
+    anything is read, and the workdir is as it was."""
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
     before = snapshot(workdir)
     message = exit_message(["train", "--workdir", str(workdir), "--config.method.name=slip"], capsys)
-    assert f"checkpoint {workdir}/checkpoints/{STEPS} holds parameters of another model (it lacks [\"['ssl_head']" in (
-        message) and "use that run's settings (its config.json)" in message, message
-    assert f"give a new --workdir and --config.init_from={workdir}" in message
+    assert f"workdir {workdir} holds a run of method 'clip' (step {STEPS}), and a resume keeps its method" in message
+    assert f"name a new --workdir (--config.init_from={workdir} starts it from this run's parameters)" in message
     assert snapshot(workdir) == before
 
 

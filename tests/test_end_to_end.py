@@ -846,3 +846,98 @@ def test_what_tells_a_changed_table_or_shard_set(tmp_path, caplog):
     assert not told()
     (shards / "s-00002-of-00003.arrayrecord").write_bytes(b"")
     assert "(2 shards then, 3 now)" in told()
+
+
+def _run_at(workdir: pathlib.Path, config, steps) -> None:
+    """A workdir as a run with `config` leaves it: config.json, and checkpoint folders of `steps` (empty: what
+    prepare_workdir reads of them is their steps)."""
+    from clip_jax.train.loop import prepare_workdir
+
+    prepare_workdir(config, workdir)
+    for step in steps:
+        (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+
+
+def test_a_resume_that_starts_another_run_is_refused(tmp_path):
+    """Another method was accepted (its loss and records then mixed with the run's, and a later launch failed on
+    them), and an init_from was written to config.json and never read."""
+    from clip_jax.config import default_config
+    from clip_jax.train.loop import prepare_workdir
+
+    workdir = tmp_path / "run"
+    _run_at(workdir, default_config(), [2, 4])
+    other = default_config()
+    other.method.name = "siglip"
+    with pytest.raises(ConfigError, match=f"workdir {workdir} holds a run of method 'clip' \\(step 4\\), and a "
+                                          "resume keeps its method: drop --config.method.name=siglip"):
+        prepare_workdir(other, workdir, checkpoint_step=4)
+    started = default_config()
+    started.init_from = str(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=f"init_from {tmp_path / 'elsewhere'} starts a new run only"):
+        prepare_workdir(started, workdir, checkpoint_step=4)
+    prepare_workdir(default_config(), workdir, checkpoint_step=4)  # its own settings: resumes
+
+
+def test_a_relaunch_that_would_delete_the_checkpoints_kept_forever_is_refused(tmp_path):
+    """A relaunch that left out --config.checkpoint.keep_period let the rotation delete the steps it had kept."""
+    from clip_jax.config import default_config
+    from clip_jax.train.loop import prepare_workdir
+
+    workdir, kept = tmp_path / "run", default_config()
+    kept.checkpoint.update(keep_period=20, max_to_keep=2)
+    kept.total_steps = 100
+    _run_at(workdir, kept, [20, 40, 50, 60])
+    relaunch = default_config()
+    relaunch.checkpoint.max_to_keep, relaunch.total_steps = 2, 100
+    with pytest.raises(ConfigError, match=r"checkpoints 20, 40, 60 are kept by the run's checkpoint.keep_period 20, "
+                                          r"and "
+                                          r"this launch's keep_period 0 would let the rotation \(max_to_keep 2\) "
+                                          r"delete them: relaunch with --config.checkpoint.keep_period=20"):
+        prepare_workdir(relaunch, workdir, checkpoint_step=60)
+    relaunch.checkpoint.keep_period = 10  # keeps them too
+    prepare_workdir(relaunch, workdir, checkpoint_step=60)
+
+
+def test_a_complete_run_relaunched_keeps_the_settings_that_trained(tmp_path, caplog):
+    """Relaunched with other training settings, it evaluated and wrote them to config.json, though no step had them."""
+    from clip_jax.config import default_config, read_config
+    from clip_jax.train.loop import prepare_workdir
+
+    workdir, config = tmp_path / "run", default_config()
+    config.total_steps = 60
+    _run_at(workdir, config, [30, 60])
+    relaunch = default_config()
+    relaunch.total_steps, relaunch.batch_size = 60, config.batch_size // 2
+    with caplog.at_level(logging.WARNING, logger="clip_jax.train.loop"):
+        prepare_workdir(relaunch, workdir, checkpoint_step=60)
+    assert f"run is complete (step 60): this launch's other settings (batch_size {config.batch_size} -> " in (
+        caplog.text.replace(str(workdir) + " is", "run is"))
+    assert read_config(workdir / "config.json").batch_size == config.batch_size
+    assert not (workdir / "config_until_step_60.json").exists()
+
+
+def test_a_trained_run_without_its_tokenizer_is_refused_and_readers_write_nothing(tmp_path):
+    """A missing tokenizer.json was fitted again (by eval too, into the workdir), from captions that may have changed
+    since: other token ids than the model learnt, silently."""
+    from clip_jax.config import default_config
+    from clip_jax.data.pipeline import make_tokenizer
+
+    config = default_config()
+    with pytest.raises(ConfigError, match=f"{tmp_path} has checkpoints and no tokenizer.json: its model's token ids "
+                                          "come from the vocabulary that run fitted"):
+        make_tokenizer(config, tmp_path, reader=True)
+    config.data.tokenizer = "openai"  # a function of the setting: made again, and a reader writes nothing
+    assert make_tokenizer(config, tmp_path, reader=True).vocab_size == 49408
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
+def test_a_workdir_that_cannot_be_written_is_refused_at_launch(tmp_path, monkeypatch):
+    """A read-only checkpoints/ hung 5 minutes in Orbax's save, then named no cause."""
+    from clip_jax.train.loop import check_writable
+
+    (tmp_path / "checkpoints").mkdir()
+    check_writable(tmp_path)
+    read_only = str(tmp_path / "checkpoints")
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != read_only)  # (root may write anything)
+    with pytest.raises(ConfigError, match=f"{read_only} is not writable"):
+        check_writable(tmp_path)

@@ -291,3 +291,65 @@ def test_the_compile_report_gives_the_collectives_of_a_step_on_several_devices(c
     # a step wrapped in a function (as tests/crash_worker.py wraps it to kill a run inside a step) has no HLO to read
     loop._report_compiled(lambda state, batch: (state, {}), 1.0, 2.5e9, None, 8)
     assert "collectives" not in capsys.readouterr().out
+
+
+def test_init_from_a_run_whose_newest_checkpoint_is_damaged_starts_from_an_older_one(trained, tmp_path,  # noqa: F811
+                                                                                    capsys, caplog):
+    """It ended in an unexpected error with a TensorStore dump, where a resume and eval read the older step."""
+    source = tmp_path / "source"
+    shutil.copytree(trained, source)
+    previous, newest = checkpoint_steps(source)[-2:]
+    corrupt(source / "checkpoints" / str(newest))
+    cli.main(train_args(tmp_path / "new", f"--config.init_from={source}", "--config.total_steps=1",
+                        "--config.evals.shapes=None"))
+    out, err = capsys.readouterr()
+    assert f"starts from the parameters of {source / 'checkpoints' / str(previous)}" in out
+    assert f"checkpoints/{newest} is unreadable" in err + caplog.text
+    assert checkpoint_steps(source) == [*checkpoint_steps(trained)]  # another run's: nothing set aside
+
+
+def test_a_workdir_of_no_readable_checkpoint_says_what_is_left(trained, tmp_path, capsys):  # noqa: F811
+    """"unexpected error: RuntimeError ... please report it", where eval could still read the parameters."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    for step in checkpoint_steps(workdir):
+        corrupt(workdir / "checkpoints" / str(step))
+    message = exit_message(train_args(workdir, f"--config.total_steps={STEPS + 2}"), capsys)
+    assert f"no readable checkpoint in {workdir / 'checkpoints'}" in message and "--config.init_from=" in message
+
+
+def test_a_resume_that_fails_before_saving_leaves_config_json_as_it_was(trained, tmp_path, monkeypatch):  # noqa: F811
+    """A launch with new settings that crashed in its preparation (a method's value it could not take) left them in
+    config.json: every later resume, eval and classify read them and crashed again."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    before = (workdir / "config.json").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise ZeroDivisionError("a method's preparation failed")
+
+    monkeypatch.setattr(loop, "make_tokenizer", crash)  # called after prepare_workdir has written config.json
+    with pytest.raises(SystemExit):
+        cli.main(train_args(workdir, f"--config.total_steps={STEPS + 2}", "--config.optimizer.lr=5e-4"))
+    assert (workdir / "config.json").read_bytes() == before
+    assert not list(workdir.glob("config_until_step_*.json"))
+
+
+def test_sigterm_outside_the_steps_stops_the_launch_with_status_0(monkeypatch, capsys):
+    """While compiling or evaluating at the end, SIGTERM's default action ended a one-process run with 143 and no
+    word, which the SLURM script does not requeue on."""
+    with pytest.raises(loop.Terminated), loop._sigterm_between_steps():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the launch
+
+    def terminated(config, workdir):
+        raise loop.Terminated("stopped by SIGTERM outside the steps")
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", terminated)
+    monkeypatch.setattr(cli, "_exit_at_once", exit_now)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--config", "configs/demo.py", "--workdir", "/tmp/never-written"])
+    assert info.value.code == 0 and "clip-jax train: stopped by SIGTERM" in capsys.readouterr().err

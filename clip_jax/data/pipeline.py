@@ -577,13 +577,26 @@ def _check_vocab_fits(tokenizer: ClipTokenizer, config: ml_collections.ConfigDic
         )
 
 
+def _tokenizer_of(config: ml_collections.ConfigDict) -> ClipTokenizer:
+    """A tokenizer that is a function of `data.tokenizer` alone: the OpenAI BPE, or a file's."""
+    return _openai_tokenizer() if config.data.tokenizer == "openai" else tokenizer_from_file(config.data.tokenizer)
+
+
 def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, new_run: bool = False,
-                   checked: ClipTokenizer | None = None) -> ClipTokenizer:
+                   checked: ClipTokenizer | None = None, reader: bool = False) -> ClipTokenizer:
     """The workdir's tokenizer (`tokenizer.json`); created on the first run from `config.data.tokenizer`, or taken
     as `checked`, what `check_tokenizer_file` read of that setting. A `new_run` (no checkpoint yet) creates it again:
-    a file there is a failed launch's, whose settings the user may have corrected since."""
+    a file there is a failed launch's, whose settings the user may have corrected since. A trained run without it
+    is refused when its vocabulary was fitted to its captions (another fit need not give the ids its model learnt);
+    one of the OpenAI BPE or a file is made again, and a `reader` (eval, encode, ...) writes nothing."""
     path = workdir / "tokenizer.json"
     exists = path.exists() and not new_run
+    if not exists and not new_run and config.data.tokenizer == "train":
+        raise ConfigError(f"{workdir} has checkpoints and no tokenizer.json: its model's token ids come from the "
+                          "vocabulary that run fitted to its captions, which another fit need not reproduce; put "
+                          "its tokenizer.json back (from a copy of the workdir)")
+    if not exists and reader:
+        return checked if checked is not None else _tokenizer_of(config)
     # Process 0 creates the file and the others then read it: every host uses the same vocabulary, and no host
     # looks for the file while it is being written.
     barrier("tokenizer.json looked up")
@@ -599,12 +612,8 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, new
             tokenizer = ClipTokenizer.load(start)
         elif choice == "train":
             tokenizer = train_tokenizer(config)
-        elif checked is not None:
-            tokenizer = checked
-        elif choice == "openai":
-            tokenizer = _openai_tokenizer()
         else:
-            tokenizer = tokenizer_from_file(choice)
+            tokenizer = checked if checked is not None else _tokenizer_of(config)
         tokenizer.save(path)
         barrier("tokenizer.json written")
     _check_vocab_fits(tokenizer, config)

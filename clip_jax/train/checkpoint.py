@@ -220,7 +220,12 @@ class Checkpointer:
                         self._set_aside(failures)
                 log.info("restored checkpoint of step %d from %s", candidate, self.directory)
                 return candidate, value
-        raise RuntimeError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
+        advice = (f"clip-jax eval --workdir {self.directory.parent} tries their parameters alone (what "
+                  f"--config.init_from={self.directory.parent} starts a new run from); or move {self.directory} aside "
+                  "to train this workdir from the start" if self.owner else
+                  "restore them from a copy of the workdir")
+        raise ConfigError(f"no readable checkpoint in {self.directory} (tried steps {failures}; the warnings above say "
+                          f"why): {advice}")
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unreadable checkpoints to `<workdir>/checkpoints_unreadable/` (renamed, never deleted: they may be

@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -133,10 +134,59 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
             )
         if checkpoint_step == 0 and jax.process_index() == 0:  # a warm start's parameters, trained with `old`'s
             _tell_meaning_changes(old, config.model, f"the model of {workdir}'s step-0 checkpoint")
+        if checkpoint_step:
+            _refuse_a_new_start(previous, config, workdir, checkpoint_step)
+        if checkpoint_step == config.total_steps:  # complete: this launch evaluates, and trains nothing
+            _tell_untrained_changes(previous, config, checkpoint_step, workdir)
+            barrier("config.json checked")
+            return  # config.json keeps the settings that trained
+        _refuse_losing_kept_checkpoints(previous.checkpoint, config.checkpoint, checkpoint_steps(workdir))
         _tell_resume_changes(previous, config, checkpoint_step, path)
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
         save_config(config, path)
+
+
+def _refuse_a_new_start(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                        workdir: epath.Path, step: int) -> None:
+    """A resume of a trained run (`step` > 0) with another method, or another init_from: the method's loss and
+    parameters would change mid-run (a later launch then failed on its records), and an init_from is read by a new
+    run only, so the resume went on without it, silently. Both start a new run: in a new workdir."""
+    route = f"name a new --workdir (--config.init_from={workdir} starts it from this run's parameters)"
+    if previous.method.name != config.method.name:
+        raise ConfigError(f"workdir {workdir} holds a run of method {previous.method.name!r} (step {step}), and a "
+                          f"resume keeps its method: drop --config.method.name={config.method.name} (or use that "
+                          f"run's recipe) to resume it; to train method {config.method.name!r} from it, {route}")
+    if config.init_from and not same_setting(previous.get("init_from", ""), config.init_from):
+        raise ConfigError(f"workdir {workdir} holds a run at step {step}, which a launch resumes: init_from "
+                          f"{config.init_from} starts a new run only, and would not be read; drop "
+                          "--config.init_from to resume it, or name a new --workdir to start from "
+                          f"{config.init_from}")
+
+
+def _refuse_losing_kept_checkpoints(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict,
+                                    steps: list[int]) -> None:
+    """The checkpoints the run's keep_period keeps forever, which this launch's would let the rotation delete (a
+    relaunch that left the override out deleted them as its first new checkpoints were saved)."""
+    old_period, new_period = old.get("keep_period", 0), new.get("keep_period", 0)
+    lost = [s for s in steps if s and old_period and s % old_period == 0 and not (new_period and s % new_period == 0)]
+    if lost:
+        raise ConfigError(f"checkpoints {', '.join(map(str, lost))} are kept by the run's checkpoint.keep_period "
+                          f"{old_period}, and this launch's keep_period {new_period} would let the rotation "
+                          f"(max_to_keep {new.max_to_keep}) delete them: relaunch with "
+                          f"--config.checkpoint.keep_period={old_period}, or move them out of checkpoints/ first if "
+                          "they may go")
+
+
+def _tell_untrained_changes(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int,
+                            workdir: epath.Path) -> None:
+    """A complete run relaunched evaluates its final checkpoint: other settings of training train nothing, and
+    config.json keeps the ones that trained (it was written over with settings no step had)."""
+    changed = _training_changes(previous, config)
+    if changed and jax.process_index() == 0:
+        log.warning("%s is complete (step %d): this launch's other settings (%s) train nothing, and its config.json "
+                    "keeps the run's; raise --config.total_steps to train on with them", workdir, step,
+                    ", ".join(changed))
 
 
 def _refuse_tokenizer_change(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict, workdir: epath.Path
@@ -179,6 +229,15 @@ def settings_until(workdir: epath.Path, step: int | None) -> epath.Path:
     return workdir / f"config_until_step_{step}.json"
 
 
+def _training_changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+    """The settings that differ ("optimizer.lr 0.001 -> 0.0005"), but for those a relaunch may change without
+    changing what trains (another machine's mesh, logging, evaluations, checkpoint cadence)."""
+    untold = ("mesh", "log", "eval", "evals", "checkpoint")
+    a, b = ({k: v for k, v in json.loads(json.dumps(c.to_dict(), default=list)).items() if k not in untold}
+            for c in (old, new))
+    return [d.removeprefix("config.").replace(": ", " ", 1) for d in _diff_keys(a, b, "config")]
+
+
 def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int,
                          path: epath.Path) -> None:
     """A resume may change settings (train longer, lower the rate, another batch size, seed or data; of the model,
@@ -191,12 +250,7 @@ def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collect
     # A launch that changed config.json and died before its first step left its settings there, not the trained
     # ones: the record kept at this step is what trained until it.
     trained = read_config(kept) if kept.exists() else previous
-    # What a relaunch may change without changing what trains (another machine's mesh, logging, evaluations,
-    # checkpoint cadence) is not told.
-    untold = ("mesh", "log", "eval", "evals", "checkpoint")
-    old, new = ({k: v for k, v in json.loads(json.dumps(c.to_dict(), default=list)).items() if k not in untold}
-                for c in (trained, config))
-    changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in _diff_keys(old, new, "config")]
+    changed = _training_changes(trained, config)
     if not changed or jax.process_index() != 0:
         return
     if not kept.exists():
@@ -253,6 +307,17 @@ def check_run_folder(workdir: epath.Path) -> None:
             shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
             raise ConfigError(f"--workdir {workdir} holds files that are not a clip_jax run's ({shown}); give a new "
                               "or empty folder")
+
+
+def check_writable(workdir: epath.Path) -> None:
+    """A local workdir (or its checkpoints/) that cannot be written: a training writes its lock, config.json and
+    checkpoints there. Found at launch: a save into a read-only checkpoints/ hung in Orbax's barrier for 5 minutes
+    and ended in a timeout that named no cause, and a read-only workdir's error named a temporary file."""
+    for folder in (workdir, workdir / "checkpoints"):
+        if not is_remote(folder) and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{folder} is not writable (a read-only file system, or another user's): a training "
+                              "writes its lock, config.json and checkpoints in the workdir; make it writable, or copy "
+                              "the run to a writable folder and train the copy")
 
 
 def checkpoint_steps(workdir: epath.Path) -> list[int]:
@@ -314,11 +379,21 @@ def preparation(config, method: Method, mesh, workdir, tokenizer, start: tuple[C
         if step is None:
             params = method.base_params(init_fn(rng).params)
         else:
-            params = source.restore_params(step, method.base_params(abstract_train_state(init_fn, shardings).params))
+            _, params = restore_start_params(source, step,
+                                             method.base_params(abstract_train_state(init_fn, shardings).params))
         return Encoder(model, params, mesh, config.eval.batch_size)
 
     return Preparation(workdir, tokenizer, jax.process_index() == 0, lambda images: encoder().images(images),
                        lambda tokens: encoder().texts(tokens), training, resumed)
+
+
+def restore_start_params(source: Checkpointer, step: int, abstract_params: Any) -> tuple[int, Any]:
+    """(step, parameters) of checkpoint `step` of `source`, the run a launch starts from; where `step` is its latest,
+    of its newest readable one: a damaged latest is named and an older step read, as a resume does (an init_from of a
+    run whose latest checkpoint was cut short failed with an unexpected error)."""
+    if step == source.latest_step():
+        return source.restore_newest_params(abstract_params)
+    return step, source.restore_params(step, abstract_params)
 
 
 def abstract_train_state(init_fn, shardings):
@@ -328,7 +403,39 @@ def abstract_train_state(init_fn, shardings):
                         jax.eval_shape(init_fn, jax.random.PRNGKey(0)), shardings)
 
 
+class Terminated(BaseException):  # noqa: N818 - a stop like KeyboardInterrupt, not an error
+    """SIGTERM outside the steps (compiling, evaluating at the end) of a one-process run. Within them the loop's own
+    handler (`PreemptionFlag`) saves and stops; here nothing new is left to save, and the launch stops as a preempted
+    one does: with status 0, which the SLURM script requeues on, where the signal's default action ended it with 143
+    and no word."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
+    """Trains (or resumes) the run `config` describes in `workdir`, then evaluates it; returns the results."""
+    with _sigterm_between_steps():
+        return _launch(config, workdir)
+
+
+@contextlib.contextmanager
+def _sigterm_between_steps() -> Iterator[None]:
+    """Turns SIGTERM into `Terminated` for the launch, on one process (on several, JAX's preemption service handles
+    it, and a Python handler would replace its own)."""
+    def terminate(signum, frame):
+        raise Terminated("stopped by SIGTERM outside the steps, with nothing new to save: the same command resumes "
+                         "from the latest checkpoint (a finished run evaluates it again)")
+
+    previous = None
+    if jax.process_count() == 1:
+        with contextlib.suppress(ValueError):  # not the main thread (a library call from a worker): none installed
+            previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _launch(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     workdir = epath.Path(workdir)  # pathlib would turn gs://bucket/run into gs:/bucket/run
     created = not workdir.exists()  # a launch that fails early removes a workdir it made (`_remove_failed_launch`)
 
@@ -352,6 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     # --- Workdir and config -------------------------------------------------------------------------------------
     check_workdir_path(workdir)  # before the checkpointer makes a folder inside it
     check_run_folder(workdir)
+    check_writable(workdir)
     new_run = not checkpoint_steps(workdir)
     if config.init_from and new_run:  # a new run from another's parameters: are they there?
         check_init_from(config)
@@ -372,14 +480,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                     "NEW; for Long-CLIP, clip-jax stretch --workdir BASE --out-workdir NEW) and train in NEW, or give "
                     "--config.init_from=A_WORKDIR", pretrained_use, workdir)
     held: Holding | None = None
+    start: LaunchStart | None = None
     try:
         with hold_workdir(workdir) as holding:  # one training at a time: a second would write over its checkpoints
             held = holding
+            start = LaunchStart.of(workdir)
             return _train(config, workdir, mesh, method, holding, checked_tokenizer)
     except BaseException as error:
-        if created and held is not None and held.lost is None:  # (not a workdir another launch has taken over)
-            _remove_failed_launch(workdir, interrupted=isinstance(error, KeyboardInterrupt))
+        if held is not None and held.lost is None:  # (not a workdir another launch has taken over)
+            if created:
+                _remove_failed_launch(workdir, interrupted=isinstance(error, KeyboardInterrupt | Terminated))
+            elif start is not None:
+                start.put_back_if_nothing_saved(workdir)
         raise
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchStart:
+    """A workdir's run files as a launch found them: its latest checkpoint, its config.json (None: none) and whether
+    the settings of that step were kept apart (`settings_until`)."""
+
+    latest: int | None
+    config: bytes | None
+    kept: bool
+
+    @classmethod
+    def of(cls, workdir: epath.Path) -> LaunchStart:
+        latest = max(checkpoint_steps(workdir), default=None)
+        config = workdir / "config.json"
+        return cls(latest, config.read_bytes() if config.exists() else None,
+                   latest is not None and settings_until(workdir, latest).exists())
+
+    def put_back_if_nothing_saved(self, workdir: epath.Path) -> None:
+        """After a launch that failed (or was interrupted) without saving a checkpoint: the config.json it wrote
+        (`prepare_workdir`) holds settings that never trained. Left there, a crash of those settings in preparation
+        (a value a method cannot take) failed every later resume, eval and classify; it is put back as it was, and a
+        record of the settings until the latest step that this launch made is removed."""
+        if self.latest is None or jax.process_index() != 0 or any(s > self.latest for s in checkpoint_steps(workdir)):
+            return
+        config = workdir / "config.json"
+        if self.config is None:
+            config.unlink(missing_ok=True)
+        elif not config.exists() or config.read_bytes() != self.config:
+            write_atomic(config, self.config)
+        if not self.kept:
+            settings_until(workdir, self.latest).unlink(missing_ok=True)
 
 
 def unsplit_by_tensor(config: ml_collections.ConfigDict, tensor: int) -> str | None:
@@ -460,11 +605,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     checkpointer = Checkpointer(workdir, config.checkpoint, owner=True)
     # A step-0 checkpoint is a warm start (a converted or stretched model): its parameters only (see below).
     warm_start = checkpointer.latest_step() == 0
-    # The run's config.json, put back if its checkpoint refuses this launch's settings (other parameter shapes)
-    # after prepare_workdir has written them: else eval and the next relaunch would read settings it never had.
-    config_file, kept = workdir / "config.json", settings_until(workdir, checkpointer.latest_step())
-    run_config = config_file.read_bytes() if checkpointer.latest_step() and config_file.exists() else None
-    kept_before = kept.exists()
     _refuse_other_evaluations_of_a_finished_run(config, workdir, checkpointer.latest_step())
     prepare_workdir(config, workdir, checkpointer.latest_step(), method.fixed_groups)
 
@@ -496,19 +636,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         # may differ from the ones it was written with.
         source, step = init_source
         state = init_fn(rng)
-        restored = source.restore_params(step, method.base_params(abstract_state.params))
+        step, restored = restore_start_params(source, step, method.base_params(abstract_state.params))
         state = state.replace(params=method.warm_start(restored, state.params))
         if jax.process_index() == 0:  # as a resume is told: the run starts from another model's parameters
             print(f"warm start: {workdir} starts from the parameters of {source.directory / str(step)}", flush=True)
     elif resume_step is not None:
-        try:
-            state = checkpointer.restore(abstract_state, data_iter)
-        except ConfigError:
-            if run_config is not None and jax.process_index() == 0:
-                write_atomic(config_file, run_config)
-                if not kept_before:  # what prepare_workdir kept of the settings until now: config.json again
-                    kept.unlink(missing_ok=True)
-            raise
+        state = checkpointer.restore(abstract_state, data_iter)
         if jax.process_index() == 0:  # a relaunch says what it does: a finished run only evaluates
             done = int(state.step) >= config.total_steps
             # "again" only if its evaluation finished: a Ctrl-C during it leaves no results.json of this step
@@ -913,7 +1046,7 @@ def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
                                 f"{', '.join(map(str, checkpoint_steps(workdir)))}")
     mesh = reader_mesh(config.mesh.to_dict())
     method = get_method(config)
-    tokenizer = make_tokenizer(config, workdir)
+    tokenizer = make_tokenizer(config, workdir, reader=True)
     # The embeddings a method caches come from frozen towers: any readable checkpoint of the run gives them.
     start = (checkpointer, checkpointer.latest_step() if step is None else step)
     method.prepare(preparation(config, method, mesh, workdir, tokenizer, start, jax.random.PRNGKey(config.seed),
