@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -501,6 +502,8 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
         raise ConfigError(f"config file {path} failed to load: {_code_error(e, file)}") from None
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {path} defines no get_config()")
+    if arg and not _takes_an_argument(module.get_config):
+        raise ConfigError(f"config file {path} has no variants ({':' + arg!r} given)")
     try:
         config = module.get_config(arg) if arg else module.get_config()
     except Exception as e:
@@ -574,6 +577,17 @@ def check_recipe(label: str, spec: str | None, overrides: list[str] | tuple[str,
     except ConfigError as e:
         print(f"{label}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _takes_an_argument(get_config) -> bool:
+    """Whether a config file's get_config takes the argument of `path.py:arg` (its variants)."""
+    try:
+        inspect.signature(get_config).bind("arg")
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): let the call say
+        return True
+    return True
 
 
 def _code_error(error: Exception, file: pathlib.Path) -> str:
@@ -705,8 +719,9 @@ def read_config(path: epath.PathLike) -> ml_collections.ConfigDict:
     try:
         data = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:  # ValueErrors both
-        raise ConfigError(f"{path} is damaged ({e}); restore it from a copy, or write the run's config again with "
-                          "`clip-jax train --config FILE` on that workdir") from None
+        raise ConfigError(f"{path} is damaged ({e}); restore it from a copy, or move it aside (mv {path} "
+                          f"{path}.damaged) and relaunch `clip-jax train` with the run's --config FILE and overrides, "
+                          "which its checkpoint's shapes are checked against") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} is not a clip_jax config (a JSON object of fields expected)")
     _migrate(data)

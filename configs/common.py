@@ -51,13 +51,37 @@ FEW_SHOT_TFDS = {
 }
 
 
-def few_shot_b16(config, method: str, dataset: str, epochs: int, batch: int, **fields):
+ALL_CLASSES = "all"  # the option of a few-shot recipe's argument that trains on every class (`few_shot_arg`)
+
+
+def few_shot_arg(arg: str, variants: dict[str, str] | None = None) -> tuple[str, str, str]:
+    """(first part, variant, few_shot.classes) of a few-shot recipe's argument `<first>[,<variant>][,all]`: the set
+    (or shot count) first, then at most one of `variants` (name: what it is) and `all`, which trains on every class
+    instead of the base half (`few_shot.classes`). The steps are counted from it: an override of few_shot.classes
+    after the recipe keeps the base half's steps."""
+    first, *options = arg.split(",")
+    variants = variants or {}
+    choices = ", ".join([*(f"{k!r} ({v})" for k, v in variants.items()), f"{ALL_CLASSES!r} (train on every class)"])
+    variant, classes = "", "base"
+    for option in options:
+        if option == ALL_CLASSES and classes == "base":
+            classes = ALL_CLASSES
+        elif option in variants and not variant:
+            variant = option
+        else:
+            what = "repeated option" if option == ALL_CLASSES or option in variants else "unknown option"
+            raise ValueError(f"{what} {option!r} in {arg!r}: after the first part come, each at most once, {choices}")
+    return first, variant, classes
+
+
+def few_shot_b16(config, method: str, dataset: str, epochs: int, batch: int, classes: str = "base", **fields):
     """The ViT-B/16 recipes of the few-shot methods (configs/<method>/b16.py): a converted OpenAI ViT-B/16 workdir
     (`clip-jax convert ViT-B-16.safetensors --to-workdir runs/b16`), frozen, and CoCoOp's base-to-new protocol on a
-    TFDS set of `FEW_SHOT_TFDS` (16 shots of the first half of the classes; test on base and new). `epochs` over
-    the 16 x C_base shots at batch `batch`; the first epoch warms up (the references: one epoch at a constant 1e-5).
-    A folder set instead: --config.few_shot.dataset=folder --config.few_shot.train=... (val, test) and
-    --config.total_steps for its class count."""
+    TFDS set of `FEW_SHOT_TFDS` (16 shots of the first half of the classes; test on base and new), or with `classes`
+    "all" (the recipes' `:<set>,all`) 16 shots of every class. `epochs` over the 16 x C shots at batch `batch`; the
+    first epoch warms up (the references: one epoch at a constant 1e-5). A folder set instead:
+    --config.few_shot.dataset=folder --config.few_shot.train=... (val, test) and --config.total_steps for its class
+    count."""
     import math
 
     from clip_jax.config import method_config
@@ -66,15 +90,16 @@ def few_shot_b16(config, method: str, dataset: str, epochs: int, batch: int, **f
 
     if dataset not in FEW_SHOT_TFDS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(FEW_SHOT_TFDS)}")
-    (train, val, test), classes = FEW_SHOT_TFDS[dataset]
+    (train, val, test), n_classes = FEW_SHOT_TFDS[dataset]
     config.model = model_preset("B/16")  # OpenAI sizes, QuickGELU, OpenAI's vocabulary
     config.model.dtype = "bfloat16"  # bf16 compute on GPU/TPU (the references: fp16); fp32 parameters
     config.data.tokenizer = "openai"
     config.init_from = "runs/b16"
     config.method = method_config(method, **fields)
     config.few_shot.update(dataset="tfds", tfds_name=dataset, train=train, val=val, test=test, shots=16)
-    config.few_shot.update(classes="base", class_split="reference", eval_examples=1_000_000)
-    steps_per_epoch = math.ceil(config.few_shot.shots * math.ceil(classes / 2) / batch)
+    config.few_shot.update(classes=classes, class_split="reference", eval_examples=1_000_000)
+    trained = n_classes if classes == ALL_CLASSES else math.ceil(n_classes / 2)
+    steps_per_epoch = math.ceil(config.few_shot.shots * trained / batch)
     config.batch_size = batch
     config.total_steps = epochs * steps_per_epoch
     config.optimizer.frozen = FROZEN

@@ -16,6 +16,7 @@ import torch
 from clip_jax import cli
 from clip_jax.config import ConfigError, load_config
 from clip_jax.data.audio import read_wav, write_shapes_audio_set, write_wav
+from clip_jax.methods import get_method
 from clip_jax.models.audio import (
     AudioConfig,
     config_problem,
@@ -96,6 +97,23 @@ def test_audioclip_config_mistakes_are_one_line(config, overrides, words):
     with pytest.raises(ConfigError) as e:
         load_config(str(REPO / "configs" / config), overrides)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("training, pairs, refused", [
+    ("partial", ("image_text",), True),  # the image and text towers are frozen, the audio tower is in no pair
+    ("partial", ("audio_text",), False),
+    ("full", ("image_text",), False),
+])
+def test_pairs_that_reach_no_tower_that_trains_are_refused(training, pairs, refused):
+    config = load_config(f"{CONFIG}:{training}", [f"--config.method.pairs={pairs!r}"])
+    if not refused:
+        get_method(config).check(None)
+        return
+    with pytest.raises(ConfigError) as e:
+        get_method(config).check(None)
+    message = str(e.value)
+    assert message.startswith("method.pairs ('image_text',) trains no tower: optimizer.frozen freezes the image and "
+                              "text towers") and "audio_text" in message and "\n" not in message
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------

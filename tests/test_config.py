@@ -243,6 +243,15 @@ def test_config_file_argument(tmp_path):
     assert (config.model.vision.width, config.model.vision.patch_size, config.model.text.width) == (1024, 14, 768)
 
 
+def test_a_variant_of_a_recipe_without_variants_or_of_the_wrong_kind_is_one_line():
+    """`path.py:arg` where get_config takes no argument says so (not Python's TypeError); the WiSE-FT recipe's
+    argument is a shot count, and a set's name there says what it takes."""
+    coop = str(CONFIGS / "coop" / "shapes.py")
+    assert config_error(f"{coop}:foo") == f"config file {coop} has no variants (':foo' given)"
+    message = config_error(str(CONFIGS / "wise_ft" / "b16.py") + ":dtd")
+    assert "the argument is the shot count per class" in message and "'dtd'" in message and "\n" not in message
+
+
 def test_demo_recipes():
     # The committed demo (chosen on validation pairs, docs/demo.md) and the recipe before it, which the recipes
     # measured on it (SLIP, AudioCLIP, the ResNet comparison) keep.

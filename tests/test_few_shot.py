@@ -5,6 +5,7 @@ Tip-Adapter's logits against the paper's formula in numpy, CLIP-Adapter's and th
 CLIP workdir that resumes from its cached embeddings and evaluates from `clip-jax eval`."""
 
 import json
+import pathlib
 import shutil
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.config import ConfigError, default_config
+from clip_jax.config import ConfigError, apply_overrides, default_config, load_config, validate
 from clip_jax.data import classification
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.evaluate import suite
@@ -24,6 +25,8 @@ from clip_jax.methods.few_shot import FROZEN, FewShotCLIP, PromptContext, prompt
 from clip_jax.models.clip import CLIP, CLIPConfig
 
 from .test_methods import VOCAB, compiled, prepared, tiny_config, tiny_few_shot
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def _write_image(path, colour):
@@ -377,7 +380,38 @@ def test_a_tip_adapter_that_trains_nothing_must_freeze_its_cache():
         get_method(config).check(None)
 
 
+def test_a_tip_adapter_f_whose_frozen_rules_freeze_the_cache_is_refused():
+    """fine_tune=True over the training-free recipe (its frozen rules hold '^learner/') would train nothing while
+    config.json said Tip-Adapter-F: refused in one line naming the rule and the recipe variant that fine-tunes."""
+    recipe = str(CONFIGS / "tip_adapter" / "shapes.py")
+    config = load_config(recipe, ["--config.method.fine_tune=True"])
+    with pytest.raises(ConfigError) as e:
+        get_method(config).check(None)
+    message = str(e.value)
+    assert "method tip_adapter with fine_tune trains nothing: optimizer.frozen rule '^learner/' freezes the cache " \
+        "keys (learner/keys)" in message
+    assert "configs/tip_adapter/shapes.py:f" in message and "\n" not in message
+    get_method(load_config(f"{recipe}:f")).check(None)  # the recipe's own Tip-Adapter-F trains its keys
+
+
 # --- CLIP-Adapter and the linear probe -----------------------------------------------------------------------------
+@pytest.mark.parametrize("override, words", [
+    ("method.reduction=0", "method.reduction must be between 1 and model.embed_dim (16), got 0"),
+    ("method.reduction=17", "method.reduction must be between 1 and model.embed_dim (16), got 17"),
+    ("method.alpha=1.5", "method.alpha must be in [0, 1] (the residual ratio"),
+    ("method.alpha=-0.2", "method.alpha must be in [0, 1] (the residual ratio"),
+])
+def test_clip_adapter_settings_it_cannot_train_are_one_line(tmp_path, override, words):
+    """A bottleneck of no width (reduction 0: a ZeroDivisionError; above embed_dim: 0 units) or a residual ratio
+    outside [0, 1] is refused when the config is read, before the run prepares anything."""
+    config = tiny_config("clip_adapter")
+    apply_overrides(config, [f"--config.{override}"])
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert load_config(str(CONFIGS / "clip_adapter" / "shapes.py"), ["--config.method.reduction=1"])  # the edge
+
+
 def test_clip_adapter_and_linear_probe_scores_by_hand(tokenizer):
     """CLIP-Adapter: scale * normalise(alpha relu(relu(f A) B) + (1 - alpha) f) . w_c, w_c the prompt ensemble of the
     class (its templates' normalised embeddings averaged, renormalised); the linear probe: f W + b."""
@@ -565,3 +599,31 @@ def test_a_group_a_method_cannot_score_is_refused_before_any_image_is_read():
         with pytest.raises(ConfigError, match=f"method linear_probe cannot score --classes {group} \\(a linear probe "
                                               "scores only its training classes\\): use --classes base"):
             requested_classes(trained, group)
+
+
+# --- the ViT-B/16 recipes ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe, arg, epochs, batch", [
+    ("coop", "oxford_flowers102", 200, 32), ("coop", "dtd,ctxv1", 200, 32), ("cocoop", "dtd", 10, 1),
+    ("maple", "oxford_flowers102", 5, 4), ("clip_adapter", "dtd", 200, 32),
+    ("linear_probe", "oxford_flowers102", 100, 32),
+    ("tip_adapter", "oxford_flowers102,f", 20, 256),
+])
+def test_a_b16_recipe_on_all_classes_counts_its_epochs_over_all_of_them(recipe, arg, epochs, batch):
+    """`:<set>,all` trains on every class for the recipe's epochs (an override of few_shot.classes after the recipe
+    would keep the steps of the base half: half the epochs)."""
+    spec = str(CONFIGS / recipe / "b16.py")
+    classes = {"oxford_flowers102": 102, "dtd": 47}[arg.split(",")[0]]
+    base, every = load_config(f"{spec}:{arg}"), load_config(f"{spec}:{arg},all")
+    assert (base.few_shot.classes, every.few_shot.classes) == ("base", "all")
+    per_epoch = lambda n: -(-16 * n // batch)
+    assert base.total_steps == epochs * per_epoch(-(-classes // 2))
+    assert every.total_steps == epochs * per_epoch(classes)
+    assert every.optimizer.warmup_steps == per_epoch(classes)  # one epoch
+    for part in ("model", "method"):
+        assert base[part].to_dict() == every[part].to_dict()
+
+
+def test_a_b16_recipe_refuses_an_unknown_option_in_one_line():
+    with pytest.raises(ConfigError, match=r"unknown option 'al' .*'all' \(train on every class\)") as e:
+        load_config(str(CONFIGS / "coop" / "b16.py") + ":dtd,al")
+    assert "\n" not in str(e.value)

@@ -110,6 +110,23 @@ def test_an_unknown_augmentation_is_refused_in_one_line():
         validate(config)
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("ssl_dim", 0, "method.ssl_dim must be >= 1 (the head's output width), got 0"),
+    ("ssl_hidden", 0, "method.ssl_hidden must be >= 1 (the head's hidden width), got 0"),
+    ("ssl_temperature", 0.0, "method.ssl_temperature must be > 0 (NT-Xent divides the similarities by it), got 0.0"),
+    ("ssl_temperature", -0.1, "method.ssl_temperature must be > 0 (NT-Xent divides the similarities by it), got -0.1"),
+    ("ssl_scale", -1.0, "method.ssl_scale must be >= 0 (the weight of NT-Xent beside CLIP's loss), got -1.0"),
+])
+def test_a_head_or_loss_setting_that_cannot_train_is_refused_in_one_line(field, value, words):
+    """A head of no width crashed at init; a temperature of 0 trained NaN steps; a negative weight maximised the
+    self-supervised loss: each is refused when the config is read."""
+    config = default_config()
+    config.method = method_config("slip", **{field: value})
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
 def test_the_export_of_a_slip_model_is_clips():
     config = tiny_config("slip")
     method = get_method(config)

@@ -4,6 +4,7 @@ interpolation is exactly linear; and `clip-jax wise-ft` on a tiny run: every alp
 own evaluation, alpha 0 = zero-shot CLIP, bad inputs in one line."""
 
 import json
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -13,7 +14,7 @@ import optax
 import pytest
 from PIL import Image
 
-from clip_jax.config import ConfigError, save_config
+from clip_jax.config import ConfigError, load_config, save_config
 from clip_jax.data.pipeline import tokenizer_corpus
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.evaluate.encoder import Encoder
@@ -336,3 +337,15 @@ def test_bad_wise_ft_inputs_are_one_line(tmp_path, capsys, case, words):
     err = capsys.readouterr().err.strip()
     assert words in err and err.startswith("clip-jax wise-ft: error: ") and "\n" not in err
     assert not (tmp_path / "checkpoints").exists()  # a reader makes no folder in the workdir
+
+
+@pytest.mark.parametrize("arg, steps, warmup, classes", [
+    ("16", 156, 15, "base"), ("128", 1250, 125, "base"), ("128,all", 2500, 250, "all"), ("16,all", 312, 31, "all"),
+])
+def test_the_b16_recipe_counts_its_epochs_over_the_shots_and_classes_of_its_argument(arg, steps, warmup, classes):
+    """10 epochs of K x C images at batch 512, warm-up min(500, a tenth): `:128,all` is the docstring's 2,500 steps
+    with 250 of warm-up (an override of few_shot.classes after the recipe would keep the base half's 1,250)."""
+    recipe = pathlib.Path(__file__).resolve().parents[1] / "configs" / "wise_ft" / "b16.py"
+    config = load_config(f"{recipe}:{arg}")
+    assert (config.total_steps, config.optimizer.warmup_steps, config.few_shot.classes) == (steps, warmup, classes)
+    assert config.few_shot.shots == int(arg.split(",")[0])

@@ -34,6 +34,7 @@ from clip_jax.methods.base import Field, StepFns
 from clip_jax.methods.clip import ClipConfig, ClipMethod
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP
+from clip_jax.sharding import match_any, param_paths
 
 # The modality pairs a loss can score: (first, second, its temperature, whether identical captions are positives
 # of each other under `multi_positive`: only pairs with text have captions to compare).
@@ -43,6 +44,8 @@ PAIRS: dict[str, tuple[str, str, str, bool]] = {
     "image_text": ("image", "text", "logit_scale", True),
 }
 AUDIO_SCALES = ("logit_scale_audio_image", "logit_scale_audio_text")
+# The parameters of each modality's tower (a pair trains if a tower of it does).
+TOWERS = {"audio": "audio", "image": "visual", "text": "text"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,25 @@ class AudioClipMethod(ClipMethod):
             raise ConfigError(f"method.pairs {tuple(h.pairs)} must be distinct names among {', '.join(PAIRS)}")
         if not len(h.snr_db) == 2 or h.snr_db[0] > h.snr_db[1]:
             raise ConfigError(f"method.snr_db must be (low, high) with low <= high, got {tuple(h.snr_db)}")
+
+    def check(self, mesh) -> None:
+        super().check(mesh)
+        # A loss whose pairs reach only frozen towers has no gradient for any of them: steps that train no tower
+        # (Partial's frozen image and text towers with pairs=('image_text',)).
+        frozen, pairs = tuple(self.config.optimizer.frozen), tuple(self.hparams.pairs)
+        boxed = jax.eval_shape(self.model().init, jax.random.PRNGKey(0), *self.init_inputs())["params"]
+        paths = jax.tree.leaves(param_paths(nn.unbox(boxed)))
+        trains = {m: any(p.startswith(f"{TOWERS[m]}/") and not match_any(frozen, p) for p in paths) for m in TOWERS}
+        used = {m for p in pairs for m in PAIRS[p][:2]}
+        if not any(trains[m] for m in used):
+            idle = [m for m in TOWERS if trains[m] and m not in used]
+            fix = [p for p in PAIRS if any(trains[m] for m in PAIRS[p][:2])]
+            raise ConfigError(
+                f"method.pairs {pairs} trains no tower: optimizer.frozen freezes the {' and '.join(sorted(used))} "
+                f"towers" + (f" and the {' and '.join(idle)} tower that trains is in no pair" if idle else "")
+                + (f": add a pair with a tower that trains ({', '.join(fix)}; configs/audioclip_shapes.py:partial "
+                   "scores audio_text and audio_image)" if fix else ": unfreeze a tower of one of them")
+            )
 
     def fields(self) -> dict[str, Field]:
         return {**super().fields(), "audio": Field((self.model_config().audio.num_samples,), np.float32)}

@@ -37,6 +37,7 @@ from clip_jax.losses import classification_loss
 from clip_jax.methods.base import Field, Method, Preparation, StepFns, cached_arrays
 from clip_jax.models import flops
 from clip_jax.models.clip import CLIP, CLIPConfig, l2_normalize
+from clip_jax.sharding import match_any
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +358,13 @@ class CoOpMethod(FewShotMethod):
 # --- CLIP-Adapter ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    alpha: float = 0.2  # residual ratio: the adapted feature's share (0: zero-shot CLIP)
-    reduction: int = 4  # bottleneck width = embed_dim / reduction
+    alpha: float = 0.2  # residual ratio in [0, 1]: the adapted feature's share (0: zero-shot CLIP)
+    reduction: int = 4  # bottleneck width = embed_dim // reduction (1 to embed_dim)
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"method.alpha must be in [0, 1] (the residual ratio: the adapted feature's share, 0 "
+                              f"is zero-shot CLIP), got {self.alpha}")
 
 
 class Adapter(nn.Module):
@@ -379,6 +385,13 @@ class ClipAdapterMethod(FewShotMethod):
 
     name = "clip_adapter"
     Config = AdapterConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        dim, reduction = config.model.embed_dim, self.hparams.reduction
+        if not 1 <= reduction <= dim:  # 0: no bottleneck at all; above embed_dim: one of no width
+            raise ConfigError(f"method.reduction must be between 1 and model.embed_dim ({dim}), got {reduction}: the "
+                              f"adapter's bottleneck is embed_dim // reduction wide (the reference's 4: {dim // 4})")
 
     def learner(self):
         return Adapter(self.config.model.embed_dim, self.hparams.reduction)
@@ -435,6 +448,14 @@ class TipAdapterMethod(FewShotMethod):
         if not self.hparams.fine_tune and "^learner/" not in frozen:
             raise ConfigError("method tip_adapter without fine_tune trains nothing: add '^learner/' to "
                               "optimizer.frozen (or set method.fine_tune=True for Tip-Adapter-F)")
+        rule = next((f for f in frozen if match_any((f,), "learner/keys")), None)
+        if self.hparams.fine_tune and rule is not None:  # the training-free recipe with fine_tune=True
+            kept = tuple(f for f in frozen if not match_any((f,), "learner/keys"))
+            raise ConfigError(f"method tip_adapter with fine_tune trains nothing: optimizer.frozen rule {rule!r} "
+                              "freezes the cache keys (learner/keys); use the recipe's Tip-Adapter-F variant, with "
+                              "its optimizer settings (configs/tip_adapter/shapes.py:f, configs/tip_adapter/b16.py:"
+                              f"<set>,f), or set --config.optimizer.frozen=\"{kept}\" (or method.fine_tune=False "
+                              "for the training-free Tip-Adapter)")
 
     def learner(self):
         return TipCache(len(self.task.train), self.config.model.embed_dim)

@@ -40,6 +40,19 @@ class SlipConfig(ClipConfig):
     ssl_dim: int = 256
     augmentation: str = "simclr"  # "simclr" (the reference's) or "colour" (colour-preserving): data/augment.py
 
+    def __post_init__(self):
+        # A head of no width fails at init, a temperature <= 0 makes NaN or inverted steps, a negative weight
+        # maximises NT-Xent: one line each, when the config is read.
+        for field, what in (("ssl_hidden", "the head's hidden width"), ("ssl_dim", "the head's output width")):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"method.{field} must be >= 1 ({what}), got {getattr(self, field)}")
+        if not self.ssl_temperature > 0:
+            raise ConfigError(f"method.ssl_temperature must be > 0 (NT-Xent divides the similarities by it), got "
+                              f"{self.ssl_temperature}: the paper's is 0.1")
+        if not self.ssl_scale >= 0:
+            raise ConfigError(f"method.ssl_scale must be >= 0 (the weight of NT-Xent beside CLIP's loss), got "
+                              f"{self.ssl_scale}: the paper's is 1.0")
+
 
 class SslHead(nn.Module):
     """Linear - LayerNorm - ReLU - Linear - LayerNorm - ReLU - Linear (the reference's 3-layer MLP)."""

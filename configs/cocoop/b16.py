@@ -12,15 +12,19 @@ compute, AdamW (the trainer's optimizer) at the learning rate chosen on shapes (
 warm-up epoch, no augmentation (the image embeddings are computed once). A step runs the C_base class prompts of its
 image through the text tower; `eval.batch_size` bounds the text sequences of an evaluation chunk
 (eval.batch_size // C images).
-The argument picks the set (configs/common.py::FEW_SHOT_TFDS).
+The argument picks the set (configs/common.py::FEW_SHOT_TFDS); `:<set>,all` trains on every class for the same
+epochs (`--config.few_shot.classes=all` alone would keep the base half's steps, counted before the overrides).
 """
 
 from clip_jax.config import default_config
-from configs.common import few_shot_b16
+from configs.common import few_shot_arg, few_shot_b16
 
 
-def get_config(dataset: str = "oxford_flowers102"):
-    config = few_shot_b16(default_config(), "cocoop", dataset, epochs=10, batch=1, ctx_init="a photo of a")
+def get_config(arg: str = "oxford_flowers102"):
+    dataset, _, classes = few_shot_arg(arg)
+    config = few_shot_b16(
+        default_config(), "cocoop", dataset, epochs=10, batch=1, classes=classes, ctx_init="a photo of a"
+    )
     config.optimizer.lr = 5e-3
     config.optimizer.weight_decay = 5e-4
     return config

@@ -11,16 +11,19 @@ words), J = 9 prompted blocks of 12 in each tower, coupling maps 512 -> 768; ran
 same shots, batch, epochs, prompts and depth, bf16 compute, AdamW (the trainer's optimizer) at the learning rate
 chosen on shapes (not tuned at B/16), a linear warm-up epoch, no augmentation. Every step runs the image tower
 (its prompts change the image embeddings) and the C_base class prompts through the text tower.
-The argument picks the set (configs/common.py::FEW_SHOT_TFDS).
+The argument picks the set (configs/common.py::FEW_SHOT_TFDS); `:<set>,all` trains on every class for the same
+epochs (`--config.few_shot.classes=all` alone would keep the base half's steps, counted before the overrides).
 """
 
 from clip_jax.config import default_config
-from configs.common import few_shot_b16
+from configs.common import few_shot_arg, few_shot_b16
 
 
-def get_config(dataset: str = "oxford_flowers102"):
+def get_config(arg: str = "oxford_flowers102"):
+    dataset, _, classes = few_shot_arg(arg)
     config = few_shot_b16(
-        default_config(), "maple", dataset, epochs=5, batch=4, n_ctx=2, ctx_init="a photo of a", prompt_depth=9
+        default_config(), "maple", dataset, epochs=5, batch=4, classes=classes, n_ctx=2, ctx_init="a photo of a",
+        prompt_depth=9,
     )
     config.optimizer.lr = 3.5e-3
     config.optimizer.weight_decay = 5e-4
