@@ -601,11 +601,15 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None
             progress(report)
 
     with _sigterm_interrupts():
-        if workers == 1:
-            for task in mine:
-                done(*_convert_task((task, opts)))
-        else:
-            _convert_in_workers(mine, opts, workers, done)
+        try:
+            if workers == 1:
+                for task in mine:
+                    done(*_convert_task((task, opts)))
+            else:
+                _convert_in_workers(mine, opts, workers, done)
+        except BaseException:  # a Ctrl-C or SIGTERM: what this process was writing goes
+            remove_temporaries(out, os.getpid())
+            raise
     return summarize(out, prefix, opts.count, failed, tasks, opts) | {"this_run": run_totals(finished)}
 
 
@@ -657,7 +661,8 @@ def _convert_in_workers(tasks: Sequence[Task], opts: Options, workers: int,
 def _convert_task_in_worker(job: tuple[Task, Options]) -> tuple[Task, dict | None, BaseException | None]:
     try:
         return _convert_task(job)
-    except SystemExit as stop:  # the parent stops this worker (`_worker_signals`); its shard is aborted by now
+    except SystemExit as stop:  # the parent stops this worker (`_worker_signals`)
+        remove_temporaries(job[1].out, os.getpid())  # (its shard is aborted by now, unless the signal came between)
         os._exit(stop.code)  # the executor's worker loop would catch a SystemExit and go on to the next shard
 
 
@@ -696,10 +701,15 @@ def remove_stale_temporaries(out: str) -> None:
     """Removes the temporary files (`NAME.tmp-HOST-PID`: a shard or report being written) that a conversion on this
     host left when it was killed at once (SIGKILL, a power cut): those of a process id that runs no process here.
     Another host's are left alone: it may be writing them now."""
+    remove_temporaries(out, None)
+
+
+def remove_temporaries(out: str, pid: int | None) -> None:
+    """Removes this host's temporary files in `out` of process `pid`, or (None) of every process id not running."""
     marker = re.compile(rf"\.tmp-{re.escape(socket.gethostname())}-(\d+)$")
     for folder in (epath.Path(out), epath.Path(out) / "reports"):
         for path in folder.iterdir() if folder.is_dir() else ():
-            if (m := marker.search(path.name)) and not _running(int(m[1])):
+            if (m := marker.search(path.name)) and (int(m[1]) == pid if pid is not None else not _running(int(m[1]))):
                 path.unlink(missing_ok=True)
 
 

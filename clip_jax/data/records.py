@@ -24,6 +24,7 @@ files only, so `ShardWriter` writes remote shards locally first and copies them 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -210,8 +211,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         try:
-            self._writer.close()
-        finally:  # (a writer that fails to close still leaves no temporary file)
+            with contextlib.suppress(Exception):  # (closed already, or failing: the error that aborts it is told)
+                self._writer.close()
+        finally:  # no temporary file left, whatever happened
             self._tmp.unlink(missing_ok=True)
             if self._local_dir:
                 shutil.rmtree(self._local_dir, ignore_errors=True)
@@ -220,10 +222,14 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # a write error, or a stop that lands while it closes: no temporary file left
+            self.abort()
+            raise
 
 
 # --- Training source ------------------------------------------------------------------------------------------
