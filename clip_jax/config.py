@@ -468,6 +468,10 @@ def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
     return CLIPConfig.from_dict(config.model.to_dict())
 
 
+# The checkout this package runs from (an editable install): its configs/ are the recipes.
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """Loads `path/to/config.py[:arg]`, applies `a.b=value` overrides (Python literals; bare words are strings),
     and validates. Errors are ConfigError with one line naming the problem."""
@@ -487,6 +491,10 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
         if root not in sys.path:
             sys.path.insert(0, root)
         name = ".".join(parts)
+    elif (PROJECT_ROOT / "configs" / "__init__.py").is_file() and str(PROJECT_ROOT) not in sys.path:
+        # A config file of the user's, anywhere, may import the project's recipes (`from configs.coop import
+        # shapes`), as the recipes' variants import a default: last on the path, after the user's own packages.
+        sys.path.append(str(PROJECT_ROOT))
     module_spec = importlib.util.spec_from_file_location(name, file)
     if module_spec is None:  # Python loads only .py files as modules
         raise ConfigError(f"config file {path} is not a Python file: --config takes a .py file defining get_config() "

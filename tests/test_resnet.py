@@ -251,3 +251,30 @@ def test_another_resolution_interpolates_the_pool_positions():
     assert embeddings.shape == (2, 32) and np.isfinite(embeddings).all()
     with pytest.raises(ConfigError, match="--image-size 100: must be a positive multiple of 32"):
         resize_image_positions(params, vision, 100)
+
+
+def test_a_config_file_of_ones_own_gives_a_recipe_the_other_tower(tmp_path):
+    """A few-shot recipe names a ViT and overrides cannot switch the tower type: a file of the user's, outside the
+    checkout, could not import the recipes (no `configs` on its path). And an init_from of the other tower's type
+    failed on the first parameter it lacked (the ViT's class_embedding)."""
+    import subprocess
+
+    from clip_jax.config import default_config, save_config
+    from clip_jax.train.loop import _tell_init_from_changes
+
+    own = tmp_path / "my_coop_resnet.py"
+    own.write_text("from configs.common import small_resnet\nfrom configs.coop import shapes\n\n\ndef get_config():\n"
+                   "    config = shapes.get_config()\n    config.model.vision = small_resnet('group')\n"
+                   "    return config\n")
+    read = ("import sys; from clip_jax.config import load_config; "
+            f"print(load_config({str(own)!r}).model.vision.type, 'configs' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", read], cwd=tmp_path, capture_output=True, text=True,
+                            env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert result.stdout.split() == ["resnet", "True"], result.stderr
+    vit_run = tmp_path / "vit_run"
+    vit_run.mkdir()
+    save_config(default_config(), vit_run / "config.json")
+    config = load_config(str(own), [f"--config.init_from={vit_run}"])
+    with pytest.raises(ConfigError, match=f"config.init_from {vit_run} holds a CLIP with a vit image tower, and this "
+                                          "config's is a resnet: give the recipe that tower in a config file"):
+        _tell_init_from_changes(config)

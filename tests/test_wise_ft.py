@@ -313,6 +313,34 @@ def test_a_sweep_whose_start_has_moved_says_to_put_it_back(wise_ft_run, tmp_path
     assert "put that workdir back at this path" in err and "--config" not in err
 
 
+def test_a_start_that_trained_on_since_is_found_among_its_checkpoints(wise_ft_run, tmp_path, tokenizer, capsys):
+    """The CLIP of init_from trained on after the run had started from it: wise-ft refused ("not the CLIP this run
+    started from") though the step it started from was still there."""
+    import shutil
+
+    from clip_jax.cli import main
+
+    run, config, _, base = wise_ft_run
+    shutil.copytree(run / "ft", tmp_path / "ft")
+    shutil.copytree(run / "base", tmp_path / "base")
+    later = jax.tree.map(lambda x: x + 0.5, base)  # its training since: other parameters, a later step
+    write_workdir(tiny_config("clip"), later, tokenizer, tmp_path / "later")
+    shutil.copytree(tmp_path / "later" / "checkpoints" / "0", tmp_path / "base" / "checkpoints" / "7")
+    moved = json.loads((tmp_path / "ft" / "config.json").read_text())
+    moved["init_from"] = str(tmp_path / "base")
+    (tmp_path / "ft" / "config.json").write_text(json.dumps(moved))
+    capsys.readouterr()
+    main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0"])
+    sweep = json.loads((tmp_path / "ft" / "wise_ft.json").read_text())
+    zero_shot = evaluate(config, CLIP(get_method(config).model_config()), base, one_device(), tokenizer)
+    assert sweep["0.0"] == pytest.approx(zero_shot)  # alpha 0: the step it started from, not the latest
+    shutil.rmtree(tmp_path / "base" / "checkpoints" / "0")  # the start itself gone: refused, naming the steps tried
+    with pytest.raises(SystemExit):
+        main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0"])
+    assert f"config.init_from {tmp_path / 'base'} (step 7) holds not the CLIP this run started from" in (
+        capsys.readouterr().err)
+
+
 @pytest.mark.parametrize(
     "case, words",
     [

@@ -943,13 +943,21 @@ def _tell_init_from_changes(config: ml_collections.ConfigDict) -> None:
     """`_tell_meaning_changes` of the run `config.init_from` names, where its config.json is a clip_jax one (the
     restore checks every shape either way)."""
     source = epath.Path(config.init_from) / "config.json"
-    if jax.process_index() != 0 or not source.exists():
+    if not source.exists():
         return
     try:
         old = read_config(source).model.to_dict()
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError):
         return  # damaged, or not a clip_jax config
-    _tell_meaning_changes(old, config.model, f"config.init_from {config.init_from}")
+    # Another kind of image tower: its parameters would be named as missing one by one (the ViT's class_embedding).
+    theirs, ours = old.get("vision", {}).get("type", "vit"), config.model.vision.get("type", "vit")
+    if theirs != ours:
+        raise ConfigError(f"config.init_from {config.init_from} holds a CLIP with a {theirs} image tower, and this "
+                          f"config's is a {ours}: give the recipe that tower in a config file of your own "
+                          f"(docs/resnet.md, \"A recipe on the other tower\"), or start from a CLIP with a {ours} "
+                          "tower")
+    if jax.process_index() == 0:
+        _tell_meaning_changes(old, config.model, f"config.init_from {config.init_from}")
 
 
 def _tell_meaning_changes(old: dict, model: ml_collections.ConfigDict, source: str) -> None:

@@ -5,6 +5,7 @@ workdir, the model `classify`, `eval` and `export` read."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -31,6 +32,8 @@ from clip_jax.interop.workdir import check_new_workdir, write_workdir
 from clip_jax.methods.wise_ft import check_same_tree, interpolate
 from clip_jax.train import loop
 from clip_jax.train.checkpoint import Checkpointer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 
@@ -69,23 +72,26 @@ def zero_shot_params(trained, workdir) -> Any:
             )
     init_fn, shardings, _ = loop.create_state(config, method, trained.model, trained.mesh)
     abstract = loop.abstract_train_state(init_fn, shardings)
-    restored = source.restore_params(step, method.base_params(abstract.params))
-    theta0 = method.warm_start(restored, trained.params)
-    check_same_tree(theta0, trained.params)
-    for key in ("text", "logit_scale", "logit_bias"):
-        if key in theta0 and not all(
-            np.array_equal(a, b)
-            for a, b in zip(
-                jax.tree.leaves(jax.device_get(theta0[key])),
-                jax.tree.leaves(jax.device_get(trained.params[key])),
-                strict=True,
-            )
-        ):
-            raise ConfigError(
-                f"{where} (step {step}) is not the CLIP this run started from (its {key} differs from the run's "
-                "frozen one): restore that checkpoint to rebuild the zero-shot model"
-            )
-    return jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), theta0, trained.params)
+    # The run started from init_from's latest checkpoint of then: that run may have trained on since, so its other
+    # steps are looked at too, newest first, for the one whose frozen parts are the run's.
+    steps = [step] if not config.init_from else sorted(loop.checkpoint_steps(source.directory.parent), reverse=True)
+    differs = ""
+    for candidate in steps:
+        theta0 = method.warm_start(source.restore_params(candidate, method.base_params(abstract.params)),
+                                   trained.params)
+        check_same_tree(theta0, trained.params)
+        differs = next((key for key in ("text", "logit_scale", "logit_bias") if key in theta0 and not all(
+            np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(theta0[key])),
+                                                 jax.tree.leaves(jax.device_get(trained.params[key])), strict=True))),
+            "")
+        if not differs:
+            if candidate != step:
+                log.warning("the zero-shot model is %s's step %d, the one this run started from (its latest, %d, "
+                            "is of training since)", where, candidate, step)
+            return jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), theta0, trained.params)
+    tried = f"step {step}" if len(steps) == 1 else f"steps {', '.join(map(str, steps))}"
+    raise ConfigError(f"{where} ({tried}) holds not the CLIP this run started from (its {differs} differs from the "
+                      "run's frozen one): restore that checkpoint to rebuild the zero-shot model")
 
 
 def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split: str = "test",
