@@ -309,6 +309,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     from etils import epath
     from scipy.special import softmax
 
+    from clip_jax.data.classification import DEFAULT_TEMPLATES
     from clip_jax.data.images import list_images
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.classify import (
@@ -364,7 +365,8 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
         if names is not None:
             templates = request.templates
             where = ("--templates" if args.templates else "the run's few_shot.templates"
-                     if trained.config.few_shot.templates else "the default")
+                     if trained.config.few_shot.templates else "the shapes prompts of its evaluations"
+                     if templates != DEFAULT_TEMPLATES else "the default")
             prompts = f" prompted by {where} ({', '.join(map(quoted, templates[:2]))}{', ...' * (len(templates) > 2)})"
         print(f"classified {len(kept)} images among {len(class_names)} classes{prompts} -> {out}" + (
             f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
@@ -908,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--templates", nargs="+", metavar="TEMPLATE",
                      help="with --names: the prompts of the names, \"{}\" the name, one an argument, e.g. "
                      "\"a photo of a {}.\" \"a {}.\" (their embeddings averaged; default: the run's "
-                     "few_shot.templates, else \"a photo of a {}.\")")
+                     "few_shot.templates, else the shapes prompts for a run on shapes, else \"a photo of a {}.\")")
     cls.add_argument("--batch-size", type=int, default=256)
     cls.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")

@@ -538,7 +538,9 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> dict[s
     if config.batch_size % (batch_shards * config.accum_steps):
         raise ConfigError(
             f"batch_size {config.batch_size} must be a multiple of {batch_shards * config.accum_steps} (batch shards "
-            f"{batch_shards} x accum_steps {config.accum_steps}, on {num_devices} devices)"
+            f"{batch_shards} x accum_steps {config.accum_steps}, on {num_devices} devices): give such a batch_size, "
+            "fewer batch shards (--config.mesh.data, --config.mesh.fsdp), or fewer devices (a recipe of batch 1 "
+            "runs on one: CUDA_VISIBLE_DEVICES=0)"
         )
     get_method(config).check_batch_shards(batch_shards)
     return sizes

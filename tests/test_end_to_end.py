@@ -299,10 +299,15 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     want_text = apply({"params": params}, model.trained.tokenizer(texts, CONTEXT), method=CLIP.encode_text)
     np.testing.assert_allclose(model.encode_texts(texts), want_text, atol=1e-5)
 
-    # Zero-shot: the softmax of the temperature times the cosine similarities to "a photo of a {}." (the run sets
-    # no templates of its own), computed here from the embeddings above and the logit scale parameter.
+    # Zero-shot: the softmax of the temperature times the cosine similarities to the prompt ensemble of the shapes
+    # prompts (a run on shapes, without templates of its own: those of its evaluations), computed here from the
+    # embeddings above (each prompt's normalised, averaged, normalised again) and the logit scale parameter.
+    from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
+
     names, probs = model.classify(pixels, ["red circle", "blue square"])
-    prompts = model.encode_texts(["a photo of a red circle.", "a photo of a blue square."])
+    per_template = np.stack([model.encode_texts([t.format("red circle"), t.format("blue square")])
+                             for t in ZERO_SHOT_TEMPLATES]).mean(0)
+    prompts = per_template / np.linalg.norm(per_template, axis=-1, keepdims=True)
     scale = min(np.exp(params["logit_scale"]), model.trained.config.model.max_logit_scale)
     assert model.logit_scale == pytest.approx(float(scale), rel=1e-6)
     assert (model.tokenize(texts) == model.trained.tokenizer(texts, CONTEXT)).all()
@@ -319,10 +324,10 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
     model.encoder.texts = lambda tokens: encoded.append(len(tokens)) or encode_texts(tokens)
     assert model.classify(pixels, ["red circle", "blue square"])[1] == pytest.approx(probs) and encoded == []
     swapped_names, swapped = model.classify(pixels, ["blue square", "red circle"])
-    assert swapped_names == ["blue square", "red circle"] and encoded == [2]
+    assert swapped_names == ["blue square", "red circle"] and encoded == [2 * len(ZERO_SHOT_TEMPLATES)]
     np.testing.assert_allclose(swapped, probs[:, ::-1], atol=1e-6)
     # Templates of one's own: the default spelt out gives the same; another prompt, other embeddings.
-    same = model.classify(pixels, ["red circle", "blue square"], templates=["a photo of a {}."])[1]
+    same = model.classify(pixels, ["red circle", "blue square"], templates=list(ZERO_SHOT_TEMPLATES))[1]
     np.testing.assert_allclose(same, probs, atol=1e-6)
     other = model.encode_texts(["a red circle.", "a blue square."])
     logits = scale * model.encode_images(pixels) @ other.T

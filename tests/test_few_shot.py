@@ -523,11 +523,15 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
     main(["classify", "--workdir", str(tmp_path / "clip"), "--images", str(tmp_path / "images"),
           "--names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "preds.csv")])
 
-    # By hand: each class's "a photo of a {}." embedding, the images' embeddings, CLIP's clamped scale, a softmax.
+    # By hand: each class's prompt ensemble of the shapes prompts (a run on shapes: its evaluations' prompts), the
+    # images' embeddings, CLIP's clamped scale, a softmax.
+    from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
+
     variables = {"params": params}
     unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
-    tokens = tokenizer([f"a photo of a {n}." for n in names], config.model.text.context_length)
-    text = unit(compiled(clip, CLIP.encode_text)(variables, jnp.asarray(tokens)))
+    tokens = tokenizer([t.format(n) for n in names for t in ZERO_SHOT_TEMPLATES], config.model.text.context_length)
+    text = unit(unit(compiled(clip, CLIP.encode_text)(variables, jnp.asarray(tokens))).reshape(
+        len(names), len(ZERO_SHOT_TEMPLATES), -1).mean(axis=1))
     image = unit(compiled(clip, CLIP.encode_image)(variables, jnp.asarray(images)))
     logits = min(np.exp(float(params["logit_scale"])), config.model.max_logit_scale) * image @ text.T
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
@@ -538,7 +542,7 @@ def test_zero_shot_classify_is_the_prompt_ensemble_by_hand(tmp_path, tokenizer, 
         path, label, probability = line.split(",")
         assert path.endswith(f"{i}.png") and label == names[int(np.argmax(logits[i]))]
         assert float(probability) == pytest.approx(probabilities[i].max(), abs=1e-4)
-    assert "prompted by the default ('a photo of a {}.')" in capsys.readouterr().out
+    assert f"prompted by the shapes prompts of its evaluations ('{ZERO_SHOT_TEMPLATES[0]}'" in capsys.readouterr().out
 
     # --templates: each name's prompts embedded, each embedding normalised, averaged and normalised again.
     templates = ["a {}.", "a drawing of the {} shape."]

@@ -295,7 +295,7 @@ def few_shot_task(config: ml_collections.ConfigDict) -> FewShotTask:
 
     except ValueError as e:
         raise ConfigError(f"few_shot: {e}") from None
-    return FewShotTask(names, full_train.subset(shots), keep(val), keep(test), base, new, _templates(config))
+    return FewShotTask(names, full_train.subset(shots), keep(val), keep(test), base, new, name_templates(config))
 
 
 def _task_groups(config: ml_collections.ConfigDict, names: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -308,9 +308,15 @@ def _task_groups(config: ml_collections.ConfigDict, names: Sequence[str]) -> tup
     return (sorted(base + new), []) if f.classes == "all" else (base, new)
 
 
-def _templates(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    f = config.few_shot
-    return tuple(f.templates) or (shapes.ZERO_SHOT_TEMPLATES if f.dataset == "shapes" else ("a photo of a {}.",))
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def name_templates(config: ml_collections.ConfigDict, reads_data: bool = False) -> tuple[str, ...]:
+    """The prompts of a run's class names: its few_shot.templates; else, where its classes are shapes pairs (a
+    few-shot set's, or, for a method that `reads_data`, its training data's), the shapes prompts its evaluations use;
+    else CLIP's "a photo of a {}."."""
+    on_shapes = (config.data.source if reads_data else config.few_shot.dataset) == "shapes"
+    return tuple(config.few_shot.templates) or (shapes.ZERO_SHOT_TEMPLATES if on_shapes else DEFAULT_TEMPLATES)
 
 
 def recorded_task(config: ml_collections.ConfigDict, names: Sequence[str], why: str) -> FewShotTask:
@@ -324,4 +330,4 @@ def recorded_task(config: ml_collections.ConfigDict, names: Sequence[str], why: 
     names = [str(n) for n in names]
     empty = LabelledSet("few_shot (not found)", names, np.zeros(0, np.int64), unreadable)
     base, new = _task_groups(config, names)
-    return FewShotTask(names, empty, empty, empty, base, new, _templates(config))
+    return FewShotTask(names, empty, empty, empty, base, new, name_templates(config))

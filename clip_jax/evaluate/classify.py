@@ -10,12 +10,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from clip_jax.data.classification import prompt_ensemble
+from clip_jax.data.classification import name_templates, prompt_ensemble
 from clip_jax.errors import ConfigError, UnscorableClasses, quoted
 from clip_jax.evaluate.encoder import Encoder
 
 CLASS_GROUPS = ("all", "base", "new")
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def temperature(trained: Any) -> float:
@@ -24,10 +23,6 @@ def temperature(trained: Any) -> float:
     scale, _ = trained.model.apply({"params": trained.params}, method="temperature")
     return float(jax.device_get(scale))
 
-
-def zero_shot_templates(config: Any) -> tuple[str, ...]:
-    """The prompts of zero-shot classification by class names: the run's few_shot.templates, or DEFAULT_TEMPLATES."""
-    return tuple(config.few_shot.templates) or DEFAULT_TEMPLATES
 
 
 def check_templates(templates: Sequence[str], what: str = "--templates") -> None:
@@ -80,7 +75,7 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
     """The classes that `class_scores` will score. Refuses, before any image is read, a request it cannot serve:
     names that are not distinct texts to the model (`what` gave them), no names for a method without classes of its
     own, an unknown `group`, a group the run has no classes in. Names are prompted in `templates` (default
-    `zero_shot_templates`), which a few-shot method's own classes do not take."""
+    `name_templates`: a shapes run's its evaluations' prompts), which a few-shot method's own classes do not take."""
     config, method = trained.config, trained.method
     if names is not None:
         _check_names(names)
@@ -88,7 +83,7 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
             if not templates:
                 raise ConfigError("templates: give at least one (or None for the run's own)")
             check_templates(templates, "templates")
-        templates = tuple(templates or zero_shot_templates(config))
+        templates = tuple(templates or name_templates(config, method.reads_data))
         tokens = refuse_same_tokens(what, names, trained.tokenizer, config.model.text.context_length, templates)
         return ClassRequest(tuple(names), tokens=tokens, templates=templates)
     if templates:
