@@ -168,6 +168,9 @@ def test_train_on_fewer_devices_names_the_mesh_override(untouched):
     (["--config.model.layer_norm=pallas"],
      "model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs (this run's devices are cpu); use 'xla'"),
     (["--config.model.layer_norm=triton"], "unknown model.layer_norm 'triton'; choose one of auto, pallas, xla"),
+    # the ViT's fields were left beside the new type: "unknown config key 'model.vision.activation'", never typed
+    (["--config.model.vision.type=resnet"], "a tower's type is not switched by an override (a vit's fields are not "
+                                            "a resnet's): give the recipe that tower in a config file of your own"),
 ])
 def test_values_that_cannot_work_are_refused_before_the_workdir_is_made(tmp_path, capsys, overrides, expected):
     workdir = tmp_path / "run"
