@@ -353,3 +353,21 @@ def test_sigterm_outside_the_steps_stops_the_launch_with_status_0(monkeypatch, c
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--config", "configs/demo.py", "--workdir", "/tmp/never-written"])
     assert info.value.code == 0 and "clip-jax train: stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_a_stop_during_the_final_evaluation_says_what_the_relaunch_does(tmp_path, monkeypatch, capsys):
+    """It said "interrupted" alone, and drew no curves."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted)
+    monkeypatch.setattr(cli, "_exit_at_once", exit_now)
+    with pytest.raises(SystemExit) as info:
+        cli.main(train_args(tmp_path / "run", "--config.total_steps=2"))
+    assert info.value.code == 130
+    assert ("stopped during the final evaluation: checkpoint 2 is saved, and the same command evaluates it"
+            in capsys.readouterr().err)
+    assert (tmp_path / "run" / "curves.png").exists() and checkpoint_steps(tmp_path / "run")[-1] == 2

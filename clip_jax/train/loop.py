@@ -715,6 +715,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                 f"loss or gradients were NaN/inf for {streak} steps in a row (steps {streak_end - streak + 1}-"
                 f"{streak_end}); those updates were skipped. {_restart_advice(checkpointer.latest_step())}")
 
+    evaluating = False  # the final evaluation: a stop there is told what the relaunch does
     try:
         for step in range(start_step, config.total_steps):
             if holding.lost and jax.process_count() == 1:  # (several hosts would have to agree: there it is logged)
@@ -768,6 +769,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         # grain's shared memory behind the last batch is freed before its workers stop (else: a leak warning)
         batch = None
         close_iterator(data_iter)
+        evaluating = True
         results = evaluate(config, model, state.params, mesh, tokenizer, method=method)
     except BaseException as error:
         # An error mid-run (NaN updates, a data error): the save in flight is finished before the process ends, else
@@ -777,9 +779,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         batch = None
         close_iterator(data_iter)
         writer.close_bar()
-        if not isinstance(error, KeyboardInterrupt):  # (a second Ctrl-C stops at once)
+        if not isinstance(error, KeyboardInterrupt) or evaluating:  # (a second Ctrl-C stops at once)
             with contextlib.suppress(Exception):  # the curves so far, to see what went wrong (a NaN loss: a gap)
                 draw_curves(workdir)
+        if evaluating and isinstance(error, KeyboardInterrupt | Terminated) and jax.process_index() == 0:
+            print(f"stopped during the final evaluation: checkpoint {config.total_steps} is saved, and the same "
+                  "command evaluates it and writes results.json", file=sys.stderr, flush=True)
         raise
 
     # --- Results ----------------------------------------------------------------------------------------------
