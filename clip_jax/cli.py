@@ -80,7 +80,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
     from etils import epath
 
-    from clip_jax.config import apply_overrides, check_input_paths, validate
+    from clip_jax.config import absolute_paths, apply_overrides, check_input_paths, validate
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.suite import evaluate, evaluation_settings, print_results
     from clip_jax.train.loop import load_trained
@@ -89,6 +89,9 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     trained = load_trained(args.workdir, args.step)
     config, step = trained.config, trained.step
     apply_overrides(config, overrides)  # eval.* and evals.* only (main checks): e.g. an evaluation to add
+    # As train stores them: the eval file's settings name the files read, so that the same relative path from another
+    # folder (other files) is other settings, written beside, not over, the first one's figures.
+    absolute_paths(config)
     validate(config)
     check_input_paths(config, training=False, workdir=args.workdir)
     if not config.evals:

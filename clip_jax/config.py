@@ -30,6 +30,7 @@ from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
 from clip_jax.data.pipeline import NEGATIVE_CAPTION, TRAIN_SOURCES, shapes_config
 from clip_jax.data.tokenizer import MIN_VOCAB_SIZE
 from clip_jax.errors import ConfigError  # noqa: F401 (re-exported: clip_jax.config.ConfigError)
+from clip_jax.evaluate.classify import check_templates
 from clip_jax.evaluate.suite import EVALUATORS, check_sources, eval_defaults, parse_entry
 from clip_jax.files import absolute_path, is_remote, write_atomic
 from clip_jax.methods import METHODS, get_method, method_class
@@ -393,6 +394,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key 'evals.{name}' must be a dict with a 'type' (clip_jax/evaluate/suite.py)")
         _check_against(eval_defaults(entry["type"]), entry, f"evals.{name}")
         parse_entry(name, dict(entry))
+        _check_eval_entry(name, entry, eval_defaults(entry["type"]))
     for key in ("image_mean", "image_std"):
         if problem := normalisation_problem(key, config.model.get(key)):
             raise ConfigError(f"model.{key} {config.model.get(key)!r} {problem}, of pixels in [0, 1]")
@@ -523,6 +525,19 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     apply_overrides(config, overrides)
     validate(config)
     return config
+
+
+def _check_eval_entry(name: str, entry: Any, defaults: dict) -> None:
+    """What an evaluation cannot take, found when the config is read: it failed in the evaluation, after a training
+    (a template without "{}": an unexpected error, no results.json, and config.json kept it); a negative count
+    evaluated the examples but the last ones."""
+    templates = entry.get("templates")
+    if templates is not None:
+        if not templates and defaults.get("templates"):  # (an entry whose default is () prompts as the run does)
+            raise ConfigError(f"evals.{name}.templates is empty: give at least one, e.g. ('a photo of a {{}}.',)")
+        check_templates(templates, f"evals.{name}.templates")
+    if (n := entry.get("num_examples")) is not None and n < 0:
+        raise ConfigError(f"evals.{name}.num_examples {n} is negative: give a count, or None for every example")
 
 
 def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

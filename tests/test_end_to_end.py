@@ -379,8 +379,9 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
             model.encode_images([array])
     with pytest.raises(ConfigError, match="no classes of its own"):  # refused before the broken image is read
         model.classify([tmp_path / "broken.png"])
-    with pytest.raises(ConfigError, match="no class names given"):
-        model.classify([np.zeros((8, 8, 3), np.uint8)], [])
+    for names in ([], ["red circle"]):  # one class won every image with probability 1
+        with pytest.raises(ConfigError, match=f"{len(names)} class names given: zero-shot classification chooses"):
+            model.classify([np.zeros((8, 8, 3), np.uint8)], names)
     with pytest.raises(ConfigError, match="class name 'red circle' is given twice"):
         model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", "blue square", "red circle"])
     with pytest.raises(ConfigError, match="class names: 'red circle' and 'Red Circle' are one text to this model"):

@@ -347,3 +347,30 @@ def test_a_tfds_set_that_cannot_be_read_stops_the_run_before_any_work():
         check_input_paths(config, training=False)
     assert str(e.value).startswith("evals.x: cannot read TFDS 'no_such_dataset' split 'test' (")
     assert "\n" not in str(e.value)
+
+
+def test_what_an_evaluation_cannot_take_is_refused_before_training(tmp_path):
+    """A template without "{}" failed after the training (an unexpected error, no results.json, and config.json kept
+    it); a negative count evaluated all but the last images; two class folders of one text to CLIP were scored at
+    chance between them; a folder of no decodable image was an unexpected error; a JSON naming an image twice kept
+    its last caption alone."""
+    write_folder(tmp_path / "set", misfiled=0)
+    entry = f"'type': 'zero_shot_folder', 'path': '{tmp_path / 'set'}'"
+    for extra, words in ((", 'templates': ('a photo',)", "evals.z.templates 'a photo': a template needs one {}"),
+                         (", 'templates': ()", "evals.z.templates is empty: give at least one"),
+                         (", 'num_examples': -3", "evals.z.num_examples -3 is negative")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(DEMO, [f"--config.evals.z={{{entry}{extra}}}"])
+    config = load_config(DEMO, [f"--config.evals.z={{{entry}}}"])
+    (tmp_path / "set" / "green").rename(tmp_path / "set" / "Red")  # "red" and "Red": one text to CLIP
+    with pytest.raises(ConfigError, match="evals.z: the class folders 'Red' and 'red' are named 'Red' and 'red', one "
+                                          "text to CLIP"):
+        check_input_paths(config)
+    (tmp_path / "set" / "Red").rename(tmp_path / "set" / "green")
+    for image in (tmp_path / "set").rglob("*.png"):
+        image.write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match=r"evals.z.path: .*set: no readable image"):
+        suite.run_zero_shot_folder(context(config), "z", suite.parse_entry("z", config.evals.z.to_dict()))
+    (tmp_path / "pairs.json").write_text('{"a.png": "a red circle.", "a.png": "a blue square."}')
+    with pytest.raises(ValueError, match="pairs.json names image 'a.png' twice"):
+        suite.long_text_pairs(tmp_path / "pairs.json")

@@ -32,6 +32,20 @@ LONG_CONTEXT = 248  # Long-CLIP's: hard pairs differ within it, so every model i
 LONG_SCENE_OBJECTS = (5, 9)  # objects per scene: 5 already give ~110-140 tokens, 9 at most ~230 (under 248)
 
 
+class _Twice(Exception):  # noqa: N818 - the key a JSON object repeats
+    pass
+
+
+def _once_each(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's dict, or _Twice for a key it holds twice (json keeps the last silently)."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Twice(key)
+        seen[key] = value
+    return seen
+
+
 def long_text_pairs(path: str | pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     """(image path, caption) of each pair of an Urban-1k-layout folder or a JSON file {image file name: caption}
     (names relative to its folder), read without any image; a ValueError, one line naming the file, for one that
@@ -53,9 +67,12 @@ def long_text_pairs(path: str | pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     if path.suffix != ".json":
         raise FileNotFoundError(f"{path}: expected an Urban-1k-layout folder or a JSON file of image -> caption")
     try:
-        data = json.loads(path.read_text("utf-8-sig"))
+        data = json.loads(path.read_text("utf-8-sig"), object_pairs_hook=_once_each)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a JSON file ({e}); give a JSON object {{image file name: caption}}") from None
+    except _Twice as e:
+        raise ValueError(f"{path} names image {e.args[0]!r} twice: a JSON object keeps the last of its captions only; "
+                         "give each image one caption") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object {{image file name: caption}} (a "
                          "ShareGPT4V list trains with data.source 'sharegpt4v'; its evaluation is a JSON object)")

@@ -46,7 +46,7 @@ from clip_jax.data.classification import class_embeddings, few_shot_task, read_n
 from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES, with_article
-from clip_jax.data.tokenizer import ClipTokenizer
+from clip_jax.data.tokenizer import ClipTokenizer, same_text
 from clip_jax.errors import ConfigError, UnscorableClasses
 from clip_jax.evaluate import trained_on_shapes
 from clip_jax.evaluate.audio import (
@@ -256,10 +256,21 @@ class ZeroShotFolderEval:
 
 def folder_class_names(name: str, entry: ZeroShotFolderEval, source: ImageFolderSource) -> list[str]:
     """The class names a zero_shot_folder entry prompts with, in its folders' order: its names_file's, which must
-    name every class folder and no other (a ConfigError otherwise), or the folder names."""
-    if not entry.names_file:
-        return source.class_names()
+    name every class folder and no other (a ConfigError otherwise), or the folder names. Two names that are one text
+    to CLIP are refused: their classes were scored at chance between them, silently."""
     folders = source.folder_names()
+    names = _named_classes(name, entry, folders) if entry.names_file else source.class_names()
+    if pair := same_text(names):
+        (a, b), (first, second) = ([folders[i] for i in pair], [names[i] for i in pair])
+        same = f"both named {first!r}" if first == second else f"named {first!r} and {second!r}, one text to CLIP"
+        raise ConfigError(f"evals.{name}: the class folders {a!r} and {b!r} are {same} (its tokenizer lower-cases): "
+                          "the model could not tell them apart; give them distinct names (names_file: "
+                          "folder<TAB>class name)")
+    return names
+
+
+def _named_classes(name: str, entry: ZeroShotFolderEval, folders: list[str]) -> list[str]:
+    """The names_file's class names, in the folders' order: it names every class folder and no other."""
     try:
         names = read_names(entry.names_file)
     except (OSError, ValueError) as e:
@@ -281,7 +292,10 @@ def run_zero_shot_folder(ctx: Context, name: str, entry: ZeroShotFolderEval) -> 
         log.warning("evals.%s: the class folders of %s are WordNet ids (%s, ...), and the prompts say them as they are "
                     "('%s'): give the entry a names_file (lines `folder<TAB>class name`)", name, entry.path,
                     folders[0], entry.templates[0].format(class_names[0]))
-    images, labels, skipped = source.arrays(entry.num_examples)
+    try:
+        images, labels, skipped = source.arrays(entry.num_examples)
+    except ValueError as e:  # no image there decodes
+        raise ConfigError(f"evals.{name}.path: {e} (the warnings above name each file skipped)") from None
     classes = class_embeddings(ctx.texts, class_names, tuple(entry.templates))
     acc = zero_shot_accuracy(ctx.encoder.images(images), labels, classes)
     return accuracy_entries(name, acc, len(classes)) | {f"{name}_skipped": skipped}
