@@ -650,6 +650,26 @@ def test_eval_of_other_settings_keeps_the_earlier_result(trained, tmp_path, caps
     assert sorted(p.name for p in workdir.glob("eval_*.json")) == [f"eval_{STEPS}.json", f"eval_{STEPS}_2.json"]
 
 
+def test_eval_of_the_same_relative_path_from_another_folder_keeps_the_earlier_result(trained, tmp_path,
+                                                                                      monkeypatch):
+    """The entry's path was recorded as typed: from another folder, other images under the same relative path were
+    the same settings, and their figures were written over the first ones."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    for folder, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / folder / "set").mkdir(parents=True)
+        for i, c in enumerate((colour, (0, 255, 0))):
+            Image.new("RGB", (32, 32), c).save(tmp_path / folder / "set" / f"{i}.png")
+        (tmp_path / folder / "set" / "pairs.json").write_text('{"0.png": "a red square.", "1.png": "a green one."}')
+    entry = "--config.evals.mine={'type': 'long_text_set', 'path': 'set/pairs.json'}"
+    for folder in ("a", "b"):
+        monkeypatch.chdir(tmp_path / folder)
+        cli.main(["eval", "--workdir", str(workdir), "--config.evals.shapes=None", entry])
+    settings = [json.loads(p.read_text())["settings"]["evals"] for p in workdir.glob(f"eval_{STEPS}*.json")]
+    recorded = sorted(entries["mine"]["path"] for entries in settings if "mine" in entries)
+    assert recorded == [str(tmp_path / "a" / "set" / "pairs.json"), str(tmp_path / "b" / "set" / "pairs.json")]
+
+
 def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
