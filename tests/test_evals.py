@@ -227,6 +227,30 @@ def test_two_long_text_sets_keep_their_own_results(tmp_path):
     assert got["one_i2t_r1"] == 0.5 and got["one_skipped"] == 0
 
 
+class WordTokens:
+    """A tokenizer of one token a word."""
+
+    def encode(self, text: str) -> list[str]:
+        return text.split()
+
+
+def test_a_long_text_set_says_how_many_captions_the_context_cuts(tmp_path, caplog):
+    """A set of "long" captions scored on their first 24 tokens without a word (captions that differ after the cut
+    tie: retrieval at chance)."""
+    (tmp_path / "set").mkdir()
+    captions = {}
+    for i, words in enumerate((10, 22, 23, 40)):  # 22 words + start and end: 24 tokens, the demo's context
+        Image.new("RGB", (20, 20), COLOURS["red"]).save(tmp_path / "set" / f"{i}.png")
+        captions[f"{i}.png"] = " ".join(["red"] * words)
+    (tmp_path / "set" / "pairs.json").write_text(json.dumps(captions))
+    path = tmp_path / "set" / "pairs.json"
+    config = load_config(DEMO, [f"--config.evals.long={{'type': 'long_text_set', 'path': '{path}'}}"])
+    with caplog.at_level("WARNING"):
+        suite.run_long_text_set(KnownContext(config, ColourEncoder(), tokenizer=WordTokens()), "long",
+                                suite.parse_entry("long", config.evals.long.to_dict()))
+    assert "evals.long: 2 of the 4 captions are longer than the model's 24 tokens" in caplog.text
+
+
 def test_zero_shot_folder_scores_the_fraction_filed_right(tmp_path):
     write_folder(tmp_path / "set", misfiled=3)
     config = load_config(DEMO, [f"--config.evals.colours={{'type': 'zero_shot_folder', 'path': '{tmp_path / 'set'}', "

@@ -238,6 +238,11 @@ def run_long_text_set(ctx: Context, name: str, entry: LongTextSetEval) -> dict[s
                                                        config.data.max_image_bytes)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"evals.{name}.path: {e}") from None
+    context = config.model.text.context_length
+    if ctx.tokenizer is not None and (cut := sum(len(ctx.tokenizer.encode(c)) + 2 > context for c in captions)):
+        log.warning("evals.%s: %d of the %d captions are longer than the model's %d tokens and are scored on their "
+                    "first %d (a model stretched to longer text reads more: clip-jax stretch)", name, cut,
+                    len(captions), context, context)
     recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), texts=captions)
     # Keys named by the entry, as every evaluator of a path does: two sets in one config keep both results.
     return {**{f"{name}_{k}": float(v) for k, v in recall.items()}, f"{name}_skipped": skipped}
