@@ -644,8 +644,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
         if parents == ["evals"]:
             _set_eval_entry(config, leaf, _parse_value(text), item)
             continue
-        if len(parents) == 2 and parents[0] == "model" and leaf == "type" and parents[1] in config.model and (
-                _parse_value(text) != config.model[parents[1]].get("type")):  # (its fields were left, then refused)
+        if (len(parents) == 2 and parents[0] == "model" and leaf == "type" and parents[1] in config.model
+                and parents[1] in TOWERS and _parse_value(text) in TOWERS[parents[1]][0]
+                and _parse_value(text) != config.model[parents[1]].get("type")):  # (fields left, then refused)
             raise ConfigError(f"override {item!r}: a tower's type is not switched by an override (a "
                               f"{config.model[parents[1]].get('type')}'s fields are not a {_parse_value(text)}'s): "
                               "give the recipe that tower in a config file of your own (docs/resnet.md, \"A recipe "
