@@ -13,8 +13,10 @@ profile of one step.
 
 A recipe (`--config`) is timed with its own method, model, frozen parameters and optimizer, the arrays its method
 prepares, and a batch of its data where that is generated (`shapes`; else random, as for a preset); `--batch`,
-`--dtype`, `--remat` and `--scan` override it where given. benchmarks/gpu_suite.py runs the GPU measurements in one
-command.
+`--dtype`, `--remat`, `--scan`/`--no-scan`, `--mesh` and `--accum` override it where given (its own mesh and
+accumulation otherwise). The mesh and batch are checked as the trainer checks them. `--compile-only` reports the
+compiled step's memory per device as the trainer prints it at launch (arguments: the state and the batch; outputs;
+temporaries; aliased). benchmarks/gpu_suite.py runs the GPU measurements in one command.
 
 Results are printed and saved as JSON under benchmarks/results/.
 """
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import hlo as hlo_lib
-from clip_jax.config import default_config, load_config, validate
+from clip_jax.config import check_devices, default_config, load_config, validate
 from clip_jax.data.pipeline import make_tokenizer
 from clip_jax.errors import ConfigError
 from clip_jax.host_memory import dispatch_depth, keep_freed_memory
@@ -60,7 +62,13 @@ from clip_jax.models.presets import PRESETS, model_preset
 from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
-from clip_jax.train.loop import abstract_train_state, check_gpu_implementations, create_state, preparation
+from clip_jax.train.loop import (
+    abstract_train_state,
+    check_gpu_implementations,
+    create_state,
+    preparation,
+    unsplit_by_tensor,
+)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # machine.py beside it, also when a test loads it
 from machine import environment_facts  # noqa: E402
@@ -77,11 +85,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--context-length", type=int, help="override the preset's text context")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
     p.add_argument("--batch", type=count, help=f"global batch (default: the recipe's, else {DEFAULT_BATCH})")
-    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes")
+    p.add_argument("--mesh", type=mesh_sizes, help="data,fsdp,tensor sizes, -1 for the rest (default: the recipe's, "
+                   "else -1,1,1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the recipe's, else "
                    "float32)")
     p.add_argument("--remat", help="remat policy (default: the recipe's, else none)")
-    p.add_argument("--scan", action="store_true", help="scan over layers")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction,
+                   help="scan over layers (default: the recipe's, else not)")
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS,
                    help="the towers' self-attention, model.attention (default: the recipe's, else auto: cuDNN's "
                         "fused attention on a GPU in bfloat16, XLA's otherwise)")
@@ -91,7 +101,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--patch-dropout", type=float,
                    help="fraction of patch tokens each training image drops (model.vision.patch_dropout; open_clip's "
                         "patch_dropout with --open-clip); default: the recipe's, else 0")
-    p.add_argument("--accum", type=count, default=1)
+    p.add_argument("--accum", type=count, help="gradient accumulation steps (default: the recipe's, else 1)")
     p.add_argument("--steps", type=count, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--open-clip", action="store_true",
                    help="also time open_clip's same model (needs torch) in a process of its own, taking turns "
@@ -129,7 +139,7 @@ def preset(args: argparse.Namespace) -> dict:
         model["vision"]["image_size"] = args.image_size
     if args.patch_dropout is not None:  # a ViT's setting: a ResNet tower has none
         model["vision"]["patch_dropout"] = args.patch_dropout
-    model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=args.scan,
+    model.update(dtype=args.dtype or "float32", remat_policy=args.remat or "none", scan_layers=bool(args.scan),
                  attention=args.attention or "auto", layer_norm=args.layer_norm or "auto")
     return model
 
@@ -139,7 +149,7 @@ def benchmark_config(args: argparse.Namespace):
     batch, dtype, remat and scan on top."""
     if args.config:
         config = load_config(args.config)
-        config.model.scan_layers = config.model.scan_layers or args.scan
+        config.model.scan_layers = config.model.scan_layers if args.scan is None else args.scan
         config.model.dtype = args.dtype or config.model.dtype
         config.model.remat_policy = args.remat or config.model.remat_policy
         config.model.attention = args.attention or config.model.attention
@@ -149,11 +159,28 @@ def benchmark_config(args: argparse.Namespace):
     else:
         config = default_config()
         config.model = preset(args)
+    # A recipe keeps its own mesh and accumulation unless the command line gives them (they were replaced by pure
+    # data parallelism without a word: a compile-only plan of an FSDP recipe measured another sharding).
     config.batch_size = args.batch or (config.batch_size if args.config else DEFAULT_BATCH)
-    config.accum_steps = args.accum
-    config.mesh = dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")), strict=True))
+    config.accum_steps = args.accum or (config.accum_steps if args.config else 1)
+    if args.mesh or not args.config:
+        config.mesh = dict(zip(("data", "fsdp", "tensor"), args.mesh or (-1, 1, 1), strict=True))
     validate(config)  # the overrides too: e.g. cudnn attention on a float32 recipe is one line
+    sizes = check_devices(config, jax.device_count())  # as the trainer: a mesh that does not fit, a batch it does not
+    if unsplit := unsplit_by_tensor(config, sizes["tensor"]):  # divide; and its warning of heads left whole
+        print(f"warning: {unsplit}", file=sys.stderr)
     return config
+
+
+def mesh_sizes(text: str) -> tuple[int, int, int]:
+    """argparse type of --mesh: three integers, data,fsdp,tensor."""
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise argparse.ArgumentTypeError(f"expected data,fsdp,tensor: three integers (-1 for the rest), not {text!r}")
+    return sizes
 
 
 def synthetic_batch(fields: dict[str, Field], batch: int, vocab_size: int) -> dict[str, np.ndarray]:
@@ -204,7 +231,7 @@ def build_clip_jax(args: argparse.Namespace, config) -> tuple[Callable[[], None]
     trainable = state_lib.trainable_mask(abstract_state.params, config.optimizer.frozen)
     train_step = step_lib.make_train_step(
         method.step_fns(model), tx, trainable,
-        state_lib.learning_rate_schedule(config.optimizer, config.total_steps), mesh, args.accum,
+        state_lib.learning_rate_schedule(config.optimizer, config.total_steps), mesh, config.accum_steps,
     )
     batch_spec = abstract_batch(method.fields(), config.batch_size, batch_sharding(mesh))
     t0 = time.perf_counter()
@@ -234,13 +261,18 @@ def build_clip_jax(args: argparse.Namespace, config) -> tuple[Callable[[], None]
         return metrics
 
     mem = compiled.memory_analysis()
+    # (the trainer prints the same four at launch: the parameters and optimizer state are the arguments, which
+    # replication on a data-only mesh multiplies)
+    memory = {f"{kind}_memory_gib_per_device": getattr(mem, f"{kind}_size_in_bytes", 0) / 1024**3 if mem else None
+              for kind in ("argument", "output", "temp", "alias")}
     facts = {
         "compile_s": compile_s,
-        "temp_memory_gib_per_device": getattr(mem, "temp_size_in_bytes", 0) / 1024**3 if mem else None,
+        **memory,
         # the trainer's own count (its MFU in the logs): the method's towers, frozen ones at one forward
         "model_tflops_per_step": method.flops_per_example(trainable) * config.batch_size / 1e12,
         "mesh": dict(mesh.shape),
         "batch": config.batch_size,
+        "accum_steps": config.accum_steps,
         "method": config.method.name,
         "model": {**{k: config.model[k] for k in ("dtype", "remat_policy", "scan_layers")},
                   "layer_norm": resolved_layer_norm(config.model.layer_norm),  # "auto" as it ran here
@@ -651,7 +683,9 @@ def result_name(args: argparse.Namespace, facts: dict, platform_name: str) -> st
                        "_scan" if model["scan_layers"] else "", "".join(f"_{name}" for name in not_xla),
                        f"_ln-{model['layer_norm']}" if model["layer_norm"] != "xla" else "",
                        f"_patchdrop{model['patch_dropout']:g}" if model.get("patch_dropout") else ""))
-    mesh = "" if args.mesh == "-1,1,1" else f"_mesh{args.mesh.replace(',', '-')}"
+    sizes = tuple(facts["mesh"].values())  # named unless the default: data parallelism over every device
+    mesh = "" if args.mesh in (None, (-1, 1, 1)) and sizes[1:] == (1, 1) else f"_mesh{'-'.join(map(str, sizes))}"
+    mesh += f"_accum{facts['accum_steps']}" if facts["accum_steps"] > 1 else ""
     kind = "_compiled" if args.compile_only else ""
     return (f"train_step_{subject.replace('/', '')}_{model['dtype']}_b{facts['batch']}{options}{mesh}{kind}_"
             f"{platform_name}.json")

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from clip_jax.config import load_config
 from clip_jax.errors import ConfigError
 from clip_jax.methods import get_method
 
@@ -117,10 +118,11 @@ def test_synthetic_batch_follows_the_methods_fields(bench):
 
 
 def test_a_recipe_is_timed_as_it_is_with_the_command_lines_overrides(bench, monkeypatch):
+    # (the batch a PCA of 16 components needs per shard of 8 fake devices, as the trainer checks)
     monkeypatch.setattr("sys.argv", ["train_step.py", "--config", str(ROOT / "configs" / "longclip_shapes.py"),
-                                     "--batch", "32", "--scan", "--attention", "cudnn", "--dtype", "bfloat16"])
+                                     "--batch", "256", "--scan", "--attention", "cudnn", "--dtype", "bfloat16"])
     config = bench.benchmark_config(bench.parse_args())
-    assert (config.method.name, config.batch_size, config.model.scan_layers) == ("longclip", 32, True)
+    assert (config.method.name, config.batch_size, config.model.scan_layers) == ("longclip", 256, True)
     assert config.model.attention == "cudnn"
     assert config.model.dtype == "bfloat16" and config.optimizer.frozen == ("^text/positional_embedding$",)
     monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny", "--attention", "cudnn"])
@@ -133,6 +135,30 @@ def test_a_recipe_is_timed_as_it_is_with_the_command_lines_overrides(bench, monk
     for recipe in ("--preset", "tiny"), ("--config", str(ROOT / "configs" / "demo.py")):
         monkeypatch.setattr("sys.argv", ["train_step.py", *recipe, "--patch-dropout", "0.5"])
         assert bench.benchmark_config(bench.parse_args()).model.vision.patch_dropout == 0.5
+
+
+def test_a_recipe_keeps_its_mesh_and_accumulation_and_a_mesh_it_cannot_use_is_one_line(bench, monkeypatch, capsys):
+    """--mesh and --accum defaulted to pure data parallelism and 1, replacing a recipe's own FSDP mesh without a word
+    (a compile-only plan measured another sharding); a mesh the devices or the batch do not fit compiled, or failed
+    in a traceback, where the trainer refuses it in one line."""
+    pretrain = str(ROOT / "configs" / "pretrain.py") + ":tiny"
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--config", pretrain, "--batch", "64"])
+    config = bench.benchmark_config(bench.parse_args())
+    assert config.mesh.to_dict() == load_config(pretrain).mesh.to_dict() and config.accum_steps == 1
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--config", pretrain, "--batch", "64", "--mesh", "2,4,1",
+                                     "--accum", "2", "--no-scan"])
+    config = bench.benchmark_config(bench.parse_args())
+    assert (config.mesh.to_dict(), config.accum_steps, config.model.scan_layers) == (
+        {"data": 2, "fsdp": 4, "tensor": 1}, 2, False)
+    for argv, words in ((["--batch", "12", "--mesh", "8,1,1"], "batch_size 12 must be a multiple of 8"),
+                        (["--mesh", "3,-1,1"], "config.mesh:")):
+        monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny", *argv])
+        with pytest.raises(ConfigError, match=words):
+            bench.benchmark_config(bench.parse_args())
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--preset", "tiny", "--mesh", "2,4"])
+    with pytest.raises(SystemExit):
+        bench.parse_args()
+    assert "expected data,fsdp,tensor: three integers (-1 for the rest), not '2,4'" in capsys.readouterr().err
 
 
 def test_a_resnet_preset_is_timed_without_a_vits_settings(bench, monkeypatch, capsys):
@@ -169,6 +195,7 @@ def test_compile_only_reports_the_collectives_of_a_data_parallel_step(bench, mon
     assert path.name == "train_step_tiny_px32_ctx8_float32_b16_mesh8-1-1_compiled_cpu.json"
     ours = json.loads(path.read_text())["clip_jax"]
     assert "step_time_s" not in ours and ours["temp_memory_gib_per_device"] > 0
+    assert ours["argument_memory_gib_per_device"] > 0  # the state and the batch: the trainer's four figures
     config = bench.benchmark_config(bench.parse_args())
     method = get_method(config)
     params = jax.eval_shape(lambda: method.model().init(jax.random.key(0), *method.init_inputs()[:2]))
@@ -249,10 +276,11 @@ def test_pipelined_time_runs_ahead_as_the_trainer_does(bench, monkeypatch, depth
 
 
 def test_result_name_says_what_ran(bench):
-    args = SimpleNamespace(config=None, preset="B/16", image_size=None, context_length=None, mesh="-1,1,1",
+    args = SimpleNamespace(config=None, preset="B/16", image_size=None, context_length=None, mesh=None,
                            compile_only=False)
-    facts = {"batch": 512, "model": {"dtype": "bfloat16", "remat_policy": "dots", "scan_layers": True,
-                                     "layer_norm": "xla", "attention": {"vision": "cudnn", "text": "xla"}}}
+    facts = {"batch": 512, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "accum_steps": 1,
+             "model": {"dtype": "bfloat16", "remat_policy": "dots", "scan_layers": True, "layer_norm": "xla",
+                       "attention": {"vision": "cudnn", "text": "xla"}}}
     assert bench.result_name(args, facts, "gpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_cudnn_gpu.json"
     facts["model"]["attention"] = {"vision": "xla", "text": "xla"}
     assert bench.result_name(args, facts, "cpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_cpu.json"
@@ -260,9 +288,12 @@ def test_result_name_says_what_ran(bench):
     assert bench.result_name(args, facts, "gpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_ln-pallas_gpu.json"
     facts["model"].update(layer_norm="xla", patch_dropout=0.5)
     assert bench.result_name(args, facts, "cpu") == "train_step_B16_bfloat16_b512_remat-dots_scan_patchdrop0.5_cpu.json"
-    args.mesh, args.compile_only = "2,4,1", True
+    args.mesh, args.compile_only = (2, 4, 1), True
+    facts.update(mesh={"data": 2, "fsdp": 4, "tensor": 1}, accum_steps=4)
     assert bench.result_name(args, facts, "cpu") == (
-        "train_step_B16_bfloat16_b512_remat-dots_scan_patchdrop0.5_mesh2-4-1_compiled_cpu.json")
+        "train_step_B16_bfloat16_b512_remat-dots_scan_patchdrop0.5_mesh2-4-1_accum4_compiled_cpu.json")
+    args.mesh, facts["mesh"] = None, {"data": 1, "fsdp": 8, "tensor": 1}  # a recipe's own mesh is named too
+    assert "_mesh1-8-1_accum4_compiled" in bench.result_name(args, facts, "cpu")
 
 
 def test_cpu_facts_tell_apart_cpus_of_one_model_name(bench):

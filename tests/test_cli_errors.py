@@ -168,6 +168,8 @@ def test_train_on_fewer_devices_names_the_mesh_override(untouched):
     (["--config.model.layer_norm=pallas"],
      "model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs (this run's devices are cpu); use 'xla'"),
     (["--config.model.layer_norm=triton"], "unknown model.layer_norm 'triton'; choose one of auto, pallas, xla"),
+    # (an "unexpected error" of XLA's, "please report it")
+    (["--config.model.dtype=float16"], "model.dtype 'float16' has no matrix products on XLA:CPU"),
     # the ViT's fields were left beside the new type: "unknown config key 'model.vision.activation'", never typed
     (["--config.model.vision.type=resnet"], "a tower's type is not switched by an override (a vit's fields are not "
                                             "a resnet's): give the recipe that tower in a config file of your own"),

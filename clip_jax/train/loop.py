@@ -549,6 +549,9 @@ def check_gpu_implementations(config: ml_collections.ConfigDict, platform: str) 
     if config.model.layer_norm == "pallas" and platform != "gpu":
         raise ConfigError(f"model.layer_norm 'pallas' runs Triton kernels on NVIDIA GPUs (this run's devices are "
                           f"{platform}); use 'xla'")
+    if config.model.dtype == "float16" and platform == "cpu":  # (XLA:CPU's dot has no F16 x F16 -> F32)
+        raise ConfigError("model.dtype 'float16' has no matrix products on XLA:CPU (this run's devices are cpu); use "
+                          "'float32' (or 'bfloat16')")
 
 
 def _remove_failed_launch(workdir: epath.Path, interrupted: bool = False) -> None:
