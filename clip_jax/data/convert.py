@@ -522,9 +522,10 @@ def check_same_set(tasks: Sequence[Task], opts: Options, mine: Sequence[Task] | 
     """Refuses an `out` that holds another data set under this prefix, before anything is written: shards of another
     count (other inputs, or another --shard-size), a shard whose report names another input than this command makes
     it from (any machine's slice: the set is one), or, among the shards this run writes (`mine`, default all), one
-    without a report (copied there, not converted here; or one whose conversion stopped between the two files). The
-    new shards would replace some of the old ones and sit beside the rest, and training reads every shard there. (A
-    re-run of the same command redoes only the shards whose input changed.)"""
+    without a report whose records are of other rows (copied there: `_of_other_rows`; one of this command's whose
+    conversion stopped between the shard and its report is redone). The new shards would replace some of the old
+    ones and sit beside the rest, and training reads every shard there. (A re-run of the same command redoes only the
+    shards whose input changed.)"""
     folder = epath.Path(opts.out)
     if not folder.is_dir():
         return
