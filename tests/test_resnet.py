@@ -176,8 +176,12 @@ def test_a_group_norm_resnet_the_hf_format_and_a_damaged_batch_norm_are_refused(
     group = dict(imported.model, vision=dict(imported.model["vision"], norm="group"))
     with pytest.raises(ConversionError, match="norm 'group' has no OpenAI / open_clip layout"):
         wd.export_params(imported.params, group, "openai", tmp_path / "g.safetensors")
-    with pytest.raises(ConversionError, match="Hugging Face's CLIPModel has no ResNet image tower"):
+    with pytest.raises(ConversionError, match="Hugging Face's CLIPModel has no ResNet image tower: export --format "
+                                              "openai"):
         wd.export_params(imported.params, imported.model, "hf", tmp_path / "hf")
+    # a GroupNorm tower: --format openai was suggested, and then refused too
+    with pytest.raises(ConversionError, match="no ResNet image tower: nor does any PyTorch format hold a GroupNorm"):
+        wd.export_params(imported.params, group, "hf", tmp_path / "hf")
     damaged = state_dict(small_resnet_clip())
     del damaged["visual.layer2.0.bn2.running_var"]
     with pytest.raises(ConversionError, match="BatchNorm 'visual.layer2.0.bn2' has running_mean but no "

@@ -212,7 +212,8 @@ def sample_shots(labels: np.ndarray, classes: Sequence[int], shots: int, seed: i
         if len(pool) < shots:
             named = f"class {class_names[c]!r}" if class_names is not None else f"class {c}"
             raise ValueError(f"{name}: {named} has {len(pool)} examples, fewer than {shots} shots; lower "
-                             "few_shot.shots or add examples")
+                             "few_shot.shots or add examples (on shapes: raise few_shot.shapes_pool, the scenes the "
+                             "shots are drawn from)")
         picked.append(np.sort(rng.choice(pool, shots, replace=False)))
     return np.concatenate(picked) if picked else np.zeros(0, np.int64)
 

@@ -581,8 +581,11 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
     export ends with EXPORT_RECORD, the names of the files it wrote: what a later --force removes.
     """
     if fmt == "hf" and model["vision"].get("type") == "resnet":
-        raise ConversionError("Hugging Face's CLIPModel has no ResNet image tower: export --format openai (open_clip "
-                              "loads it), or --format hf-text for the text tower alone")
+        # (a GroupNorm tower has no --format openai either: it was suggested, then refused)
+        openai = ("export --format openai (open_clip loads it), or " if model["vision"].get("norm") == "frozen_bn"
+                  else "nor does any PyTorch format hold a GroupNorm ResNet (OpenAI's use BatchNorm): ")
+        raise ConversionError(f"Hugging Face's CLIPModel has no ResNet image tower: {openai}--format hf-text for the "
+                              "text tower alone")
     check_export_out(out, fmt, pt=pt, force=force)
     out = pathlib.Path(out)
     folder, existed = not (fmt == "openai" and out.suffix in _FILE_SUFFIXES), out.exists()
