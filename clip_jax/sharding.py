@@ -53,22 +53,26 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
     shape = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
     fills = [i for i, s in enumerate(shape) if s == -1]
-    if len(fills) > 1:
-        raise ValueError(f"mesh {sizes}: at most one axis may be -1")
+    if len(fills) > 1:  # (the last keeps the rest: an FSDP recipe's fsdp, say)
+        raise ValueError(f"mesh {sizes}: at most one axis may be -1; give the others a size, e.g. "
+                         + " ".join(f"--config.mesh.{MESH_AXES[i]}=1" for i in fills[:-1]))
     known = math.prod(s for s in shape if s != -1)
     if any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"mesh {sizes}: sizes must be positive or -1")
     if fills:
-        if num_devices % known:
+        if num_devices % known:  # (the example keeps the axis that takes the rest, as the run chose it)
+            fixed = " ".join(f"--config.mesh.{a}=1" for i, a in enumerate(MESH_AXES) if i != fills[0])
             raise ValueError(f"mesh {sizes}: {num_devices} devices do not divide by the fixed axes' product {known}; "
-                             f"set the fixed sizes so they multiply to a divisor of {num_devices}, e.g. "
-                             "--config.mesh.fsdp=1 --config.mesh.tensor=1 with --config.mesh.data=-1")
+                             f"set the fixed sizes so they multiply to a divisor of {num_devices}, e.g. {fixed} with "
+                             f"--config.mesh.{MESH_AXES[fills[0]]}=-1")
         shape[fills[0]] = num_devices // known
     if math.prod(shape) != num_devices:
+        # The example lets the largest axis take the devices the others leave: a mesh of FSDP stays one.
+        largest = MESH_AXES[max(range(len(shape)), key=lambda i: shape[i])]
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices but "
             f"{num_devices} are available; set config.mesh so the sizes multiply to {num_devices}, e.g. "
-            "--config.mesh.data=-1 --config.mesh.fsdp=1 --config.mesh.tensor=1 (-1: all remaining devices)"
+            f"--config.mesh.{largest}=-1 (-1: all the devices the other axes leave)"
         )
     return tuple(shape)
 

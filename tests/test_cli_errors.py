@@ -130,7 +130,7 @@ def test_a_workdir_of_an_8_device_mesh_is_evaluated_encoded_and_exported_on_1_an
 def test_train_on_fewer_devices_names_the_mesh_override(untouched):
     message = one_line_error(run_cli(["train", "--workdir", str(untouched)], devices=1))
     assert "needs 8 devices but 1 are available" in message
-    assert "--config.mesh.data=-1 --config.mesh.fsdp=1" in message
+    assert "e.g. --config.mesh.data=-1 (-1: all the devices the other axes leave)" in message
 
 
 # --- configuration mistakes: one line before any work --------------------------------------------------------------

@@ -421,6 +421,11 @@ def test_misspelt_config_key_exits_before_any_work(tmp_path, capsys, monkeypatch
     (["--config.mesh.data=3", "--config.mesh.tensor=-1"], "config.mesh: mesh {'data': 3, 'fsdp': 1, 'tensor': -1}: 8 "
      "devices do not divide by the fixed axes' product 3; set the fixed sizes so they multiply to a divisor of 8"),
     (["--config.batch_size=12"], "batch_size 12 must be a multiple of 8"),
+    # the examples keep the run's kind of parallelism (they offered data parallelism to an FSDP mesh)
+    (["--config.mesh.data=1", "--config.mesh.fsdp=4"], "needs 4 devices but 8 are available; set config.mesh so the "
+     "sizes multiply to 8, e.g. --config.mesh.fsdp=-1"),
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one axis may be -1; give the others a size, e.g. "
+     "--config.mesh.data=1"),
 ])
 def test_a_mesh_or_batch_that_does_not_fit_the_devices_exits_before_writing(tmp_path, capsys, overrides, expected):
     """This session has 8 devices (tests/conftest.py): a mesh over more, or over sizes that do not divide them, or a
