@@ -75,7 +75,8 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
     """The classes that `class_scores` will score. Refuses, before any image is read, a request it cannot serve:
     names that are not distinct texts to the model (`what` gave them), no names for a method without classes of its
     own, an unknown `group`, a group the run has no classes in. Names are prompted in `templates` (default
-    `name_templates`: a shapes run's its evaluations' prompts), which a few-shot method's own classes do not take."""
+    `name_templates`: on a shapes run, the prompts of its evaluations), which a few-shot method's own classes do not
+    take."""
     config, method = trained.config, trained.method
     if names is not None:
         _check_names(names)
