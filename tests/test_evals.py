@@ -398,3 +398,13 @@ def test_what_an_evaluation_cannot_take_is_refused_before_training(tmp_path):
     (tmp_path / "pairs.json").write_text('{"a.png": "a red circle.", "a.png": "a blue square."}')
     with pytest.raises(ValueError, match="pairs.json names image 'a.png' twice"):
         suite.long_text_pairs(tmp_path / "pairs.json")
+
+
+def test_a_folders_warning_is_said_once_though_the_folder_is_opened_twice(tmp_path, caplog):
+    """The launch's check and the evaluation both open the folder: its warning was printed twice."""
+    write_folder(tmp_path / "set", misfiled=0)
+    (tmp_path / "set" / "purple").mkdir()
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            ImageFolderSource(tmp_path / "set", 16)
+    assert caplog.text.count("the class folders ['purple'] hold no image") == 1

@@ -36,6 +36,17 @@ def loose_images(root: pathlib.Path) -> int:
     return sum(f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir() if f.is_file())
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str, *args) -> None:
+    """A folder's warning, once per process: the launch's check and the evaluation both open the folder (it was
+    printed twice)."""
+    if (text := message % args) not in _WARNED:
+        _WARNED.add(text)
+        log.warning(text)
+
+
 class ImageFolderSource:
     def __init__(self, root: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         root = pathlib.Path(root)
@@ -49,8 +60,8 @@ class ImageFolderSource:
             raise ValueError(f"{root} holds {held}{in_no_class}: zero-shot classification needs two or more "
                              "(root/<class>/<image>)")
         if loose:
-            log.warning("%s: %d images at the top are in no class folder and are not scored (root/<class>/<image>)",
-                        root, loose)
+            _warn_once("%s: %d images at the top are in no class folder and are not scored (root/<class>/<image>)",
+                       root, loose)
         self.root, self.image_size, self.max_image_bytes = root, image_size, max_image_bytes
         self._folders = [d.name for d in classes]
         self._names = [folder.replace("_", " ") for folder in self._folders]
@@ -59,8 +70,8 @@ class ImageFolderSource:
         if not self.files:
             raise ValueError(f"{root}: its class folders hold no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
         if empty := sorted(set(self._folders) - {self._folders[label] for _, label in self.files}):
-            log.warning("%s: the class folders %s hold no image: they stay classes to choose from, which no image "
-                        "belongs to (remove them to leave them out)", root, empty[:5])
+            _warn_once("%s: the class folders %s hold no image: they stay classes to choose from, which no image "
+                       "belongs to (remove them to leave them out)", root, empty[:5])
 
     def class_names(self) -> list[str]:
         return list(self._names)
