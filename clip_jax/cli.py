@@ -897,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encode", help="write normalised text / image / audio embeddings as .npy")
     enc.add_argument("--workdir", required=True)
     enc.add_argument("--texts", help="text file, one text per line (a blank line is an empty text: row i of "
-                     "texts.npy stays line i)")
+                     "text_embeddings.npy stays line i)")
     enc.add_argument("--images", nargs="+", help="image files or directories")
     enc.add_argument("--audio", nargs="+", help="WAV files or directories (a model with an audio tower)")
     enc.add_argument("--out", required=True, help="output directory")
