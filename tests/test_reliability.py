@@ -371,3 +371,19 @@ def test_a_stop_during_the_final_evaluation_says_what_the_relaunch_does(tmp_path
     assert ("stopped during the final evaluation: checkpoint 2 is saved, and the same command evaluates it"
             in capsys.readouterr().err)
     assert (tmp_path / "run" / "curves.png").exists() and checkpoint_steps(tmp_path / "run")[-1] == 2
+
+
+def test_a_resume_that_falls_back_keeps_the_settings_until_the_step_it_resumed(trained, tmp_path,  # noqa: F811
+                                                                              caplog):
+    """The changed-settings warning kept the run's settings "until step N", N the unreadable latest: the resume fell
+    back to an older step, and the record named the wrong one."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    previous, newest = checkpoint_steps(workdir)[-2:]
+    corrupt(workdir / "checkpoints" / str(newest))
+    with caplog.at_level(logging.WARNING, logger="clip_jax.train.loop"):
+        cli.main(train_args(workdir, f"--config.total_steps={STEPS + 2}", "--config.optimizer.lr=5e-4",
+                            "--config.evals.shapes=None"))
+    assert (workdir / f"config_until_step_{previous}.json").exists()
+    assert not (workdir / f"config_until_step_{newest}.json").exists()
+    assert f"the settings until step {previous} are kept in config_until_step_{previous}.json" in caplog.text

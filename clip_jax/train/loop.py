@@ -224,6 +224,16 @@ def _flag_value(value: Any) -> str:
     return value if isinstance(value, str) else repr(tuple(value) if isinstance(value, list) else value)
 
 
+def _move_kept_settings(workdir: epath.Path, latest: int, restored: int) -> None:
+    """After a resume fell back from an unreadable latest checkpoint to `restored`: the settings kept apart by the
+    resume's warning are those until `restored`, not until `latest` (the warning named that step)."""
+    kept, until = settings_until(workdir, latest), settings_until(workdir, restored)
+    if kept.exists() and not until.exists():
+        kept.rename(until)
+        log.warning("the settings until step %d are kept in %s (the resume fell back from step %d)", restored,
+                    until.name, latest)
+
+
 def settings_until(workdir: epath.Path, step: int | None) -> epath.Path:
     """Where a resume with changed settings keeps the ones the run trained with until `step`."""
     return workdir / f"config_until_step_{step}.json"
@@ -645,6 +655,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             print(f"warm start: {workdir} starts from the parameters of {source.directory / str(step)}", flush=True)
     elif resume_step is not None:
         state = checkpointer.restore(abstract_state, data_iter)
+        if (restored := int(state.step)) < resume_step and jax.process_index() == 0:
+            _move_kept_settings(workdir, resume_step, restored)
         if jax.process_index() == 0:  # a relaunch says what it does: a finished run only evaluates
             done = int(state.step) >= config.total_steps
             # "again" only if its evaluation finished: a Ctrl-C during it leaves no results.json of this step
