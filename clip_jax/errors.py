@@ -1,7 +1,10 @@
 """The error a user can act on: its own module, importing nothing, so that any module may raise it without
 importing the configuration (which imports the models and the data registries)."""
 
+import contextlib
+import signal
 import sys
+from collections.abc import Callable, Iterator
 
 # Set by `--debug`: every background error in full, as Python reports it (quiet_background_errors stands aside).
 SHOW_BACKGROUND_ERRORS = False
@@ -53,3 +56,22 @@ class BackgroundErrorsOnce:
             text = text.split(" See full TensorStore details")[0]
             print(f"warning: in a background thread: {text[:300]} (further ones not shown{self.hint})",
                   file=sys.stderr)
+
+
+@contextlib.contextmanager
+def sigterm_raises(stop: Callable[[], BaseException]) -> Iterator[None]:
+    """Within the block, SIGTERM (a `timeout`, a scheduler, a machine shutting down) raises `stop()` in the main
+    thread, so the block unwinds as after a Ctrl-C (files being written aborted, workers stopped, a line said), where
+    the signal's default action ended the process at once. Off the main thread no handler can be set: none is."""
+    def raise_stop(signum, frame):
+        raise stop()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_stop)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

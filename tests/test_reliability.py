@@ -338,8 +338,12 @@ def test_a_resume_that_fails_before_saving_leaves_config_json_as_it_was(trained,
 def test_sigterm_outside_the_steps_stops_the_launch_with_status_0(monkeypatch, capsys):
     """While compiling or evaluating at the end, SIGTERM's default action ended a one-process run with 143 and no
     word, which the SLURM script does not requeue on."""
-    with pytest.raises(loop.Terminated), loop._sigterm_between_steps():
+    def launch(config, workdir):  # the launch, as SIGTERM reaches it outside the steps
         os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop, "_launch", launch)
+    with pytest.raises(loop.Terminated, match="stopped by SIGTERM outside the steps"):
+        loop.train_and_evaluate(None, "/tmp/never-written")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the launch
 
     def terminated(config, workdir):

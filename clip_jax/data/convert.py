@@ -18,7 +18,6 @@ length happens at tokenization.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -51,6 +50,7 @@ from clip_jax.data.images import (
     read_image_file,
     to_rgb,
 )
+from clip_jax.errors import sigterm_raises
 from clip_jax.files import absolute_path, canonical_path, file_stamp
 
 FORMATS = ("webdataset", *TABLE_FORMATS, "folder")
@@ -601,7 +601,7 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, image_root: str | None
         if progress:
             progress(report)
 
-    with _sigterm_interrupts():
+    with sigterm_raises(KeyboardInterrupt):  # interrupts the conversion as a Ctrl-C does
         try:
             if workers == 1:
                 for task in mine:
@@ -677,25 +677,6 @@ def _raise_exit(signum, frame) -> NoReturn:
     # Once: the executor sends another SIGTERM to the workers left when one has ended, which would cut the unwinding.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)  # unwinds the shard being written: ShardWriter removes its temporary file
-
-
-def _raise_interrupt(signum, frame) -> NoReturn:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (a `timeout`, a machine shutting down) interrupts the conversion as a Ctrl-C does, so that the shard
-    being written is aborted and the workers are stopped, where its default action ended the process at once."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread (a library call from a worker thread): no handler
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def remove_stale_temporaries(out: str) -> None:

@@ -13,7 +13,6 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +40,7 @@ from clip_jax.data.pipeline import (
 )
 from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import barrier, batch_rows
+from clip_jax.errors import sigterm_raises
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import due as evals_due
 from clip_jax.evaluate.suite import evaluate, evaluation_settings, print_results
@@ -422,27 +422,12 @@ class Terminated(BaseException):  # noqa: N818 - a stop like KeyboardInterrupt, 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Trains (or resumes) the run `config` describes in `workdir`, then evaluates it; returns the results."""
-    with _sigterm_between_steps():
+    # One process: SIGTERM outside the steps stops the launch (the steps' own handler saves first). On several, JAX's
+    # preemption service handles it, and a Python handler would replace its own.
+    stop = functools.partial(Terminated, "stopped by SIGTERM outside the steps, with nothing new to save: the same "
+                             "command resumes from the latest checkpoint (a finished run evaluates it again)")
+    with sigterm_raises(stop) if jax.process_count() == 1 else contextlib.nullcontext():
         return _launch(config, workdir)
-
-
-@contextlib.contextmanager
-def _sigterm_between_steps() -> Iterator[None]:
-    """Turns SIGTERM into `Terminated` for the launch, on one process (on several, JAX's preemption service handles
-    it, and a Python handler would replace its own)."""
-    def terminate(signum, frame):
-        raise Terminated("stopped by SIGTERM outside the steps, with nothing new to save: the same command resumes "
-                         "from the latest checkpoint (a finished run evaluates it again)")
-
-    previous = None
-    if jax.process_count() == 1:
-        with contextlib.suppress(ValueError):  # not the main thread (a library call from a worker): none installed
-            previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _launch(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
