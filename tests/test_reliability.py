@@ -318,9 +318,11 @@ def test_a_workdir_of_no_readable_checkpoint_says_what_is_left(trained, tmp_path
     assert f"no readable checkpoint in {workdir / 'checkpoints'}" in message and "--config.init_from=" in message
 
 
-def test_a_resume_that_fails_before_saving_leaves_config_json_as_it_was(trained, tmp_path, monkeypatch):  # noqa: F811
+def test_a_resume_that_fails_before_saving_leaves_config_json_as_it_was(trained, tmp_path, monkeypatch,  # noqa: F811
+                                                                         caplog):
     """A launch with new settings that crashed in its preparation (a method's value it could not take) left them in
-    config.json: every later resume, eval and classify read them and crashed again."""
+    config.json: every later resume, eval and classify read them and crashed again. Its warning had named the record
+    of the settings until then, which is removed again: said."""
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
     before = (workdir / "config.json").read_bytes()
@@ -333,6 +335,9 @@ def test_a_resume_that_fails_before_saving_leaves_config_json_as_it_was(trained,
         cli.main(train_args(workdir, f"--config.total_steps={STEPS + 2}", "--config.optimizer.lr=5e-4"))
     assert (workdir / "config.json").read_bytes() == before
     assert not list(workdir.glob("config_until_step_*.json"))
+    assert f"kept in config_until_step_{STEPS}.json" in caplog.text
+    assert (f"this launch saved no checkpoint: {workdir}'s config.json holds the run's settings again (those until "
+            f"step {STEPS}), and config_until_step_{STEPS}.json is removed") in caplog.text
 
 
 def test_sigterm_outside_the_steps_stops_the_launch_with_status_0(monkeypatch, capsys):

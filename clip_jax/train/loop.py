@@ -513,13 +513,20 @@ class LaunchStart:
         record of the settings until the latest step that this launch made is removed."""
         if self.latest is None or jax.process_index() != 0 or any(s > self.latest for s in checkpoint_steps(workdir)):
             return
-        config = workdir / "config.json"
+        config, kept = workdir / "config.json", settings_until(workdir, self.latest)
+        changed = config.exists() if self.config is None else (
+            not config.exists() or config.read_bytes() != self.config)
         if self.config is None:
             config.unlink(missing_ok=True)
-        elif not config.exists() or config.read_bytes() != self.config:
+        elif changed:
             write_atomic(config, self.config)
-        if not self.kept:
-            settings_until(workdir, self.latest).unlink(missing_ok=True)
+        made_kept = not self.kept and kept.exists()
+        if made_kept:
+            kept.unlink()
+        if changed or made_kept:  # the resume's warning named a record of the settings that is gone again
+            log.warning("this launch saved no checkpoint: %s's config.json holds the run's settings again (those "
+                        "until step %d)%s", workdir, self.latest,
+                        f", and {kept.name} is removed" if made_kept else "")
 
 
 def unsplit_by_tensor(config: ml_collections.ConfigDict, tensor: int) -> str | None:
