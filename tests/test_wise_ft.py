@@ -4,6 +4,7 @@ interpolation is exactly linear; and `clip-jax wise-ft` on a tiny run: every alp
 own evaluation, alpha 0 = zero-shot CLIP, bad inputs in one line."""
 
 import json
+import os
 import pathlib
 
 import flax.linen as nn
@@ -235,7 +236,8 @@ def test_one_alpha_is_saved_as_a_workdir_that_eval_and_classify_read(wise_ft_run
     run, config, results, base = wise_ft_run
     ft, saved = run / "ft", tmp_path / "alpha"
     sweeps = {p.name: p.read_bytes() for p in ft.glob("wise_ft*.json")}
-    main(["wise-ft", "--workdir", str(ft), "--alphas", "0.25", "--save-workdir", str(saved),
+    # a relative --workdir: wise_ft_alpha.json names the run by its absolute path, which reads from any folder
+    main(["wise-ft", "--workdir", os.path.relpath(ft), "--alphas", "0.25", "--save-workdir", str(saved),
           "--out", str(tmp_path / "sweep.json")])
     assert f"saved alpha 0.25 -> {saved}" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in ft.glob("wise_ft*.json")} == sweeps  # the run's sweeps untouched

@@ -20,6 +20,7 @@ from clip_jax.config import read_config
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate.suite import evaluate
 from clip_jax.files import (
+    absolute_path,
     canonical_path,
     is_remote,
     refuse_folder_name,
@@ -169,8 +170,9 @@ def save_interpolated(trained, workdir: epath.Path, alpha: float, params: Any, s
         classes = workdir / "few_shot_classes.npz"
         if classes.exists():
             write_atomic(save_workdir / classes.name, classes.read_bytes())
-        source = {"alpha": float(alpha), "fine_tuned": str(workdir), "step": trained.step,
-                  "zero_shot": trained.config.init_from or f"{workdir}/checkpoints/0"}
+        run = absolute_path(str(workdir))  # the record names the run from any folder
+        source = {"alpha": float(alpha), "fine_tuned": run, "step": trained.step,
+                  "zero_shot": trained.config.init_from or f"{run}/checkpoints/0"}
         write_atomic(save_workdir / "wise_ft_alpha.json", json.dumps(source, indent=2) + "\n")
 
 
