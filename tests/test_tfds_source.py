@@ -82,3 +82,14 @@ def test_captioned_set():
     assert images.shape == (3, SIZE, SIZE, 3)
     with pytest.raises(ValueError, match="no class names"):
         source.class_names()
+
+
+def test_a_misspelt_or_unprepared_dataset_is_named(tmp_path):
+    """TFDS's own errors named neither mistake: a misspelt name listed every builder, and a dataset never prepared
+    in data_dir said that "FileFormat.TFRECORD is not supported"."""
+    with pytest.raises(ValueError, match=r"^TFDS has no dataset named 'mnistt' \(tfds.list_builders"):
+        TfdsEvalSource("mnistt", "test", SIZE, data_dir=str(tmp_path))
+    with pytest.raises(ValueError) as error:
+        TfdsEvalSource("mnist", "test", SIZE, data_dir=str(tmp_path))
+    assert str(error.value).startswith(f"TFDS mnist is not prepared in {tmp_path}/mnist/")
+    assert f"tfds build mnist --file_format=array_record --data_dir {tmp_path}" in str(error.value)

@@ -85,6 +85,23 @@ def to_rgb_array(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
+def _data_source(tfds, name: str, split: str, data_dir: str | None, download: bool):
+    """`tfds.data_source`, whose errors for the two common mistakes name neither: a misspelt name lists every
+    builder TFDS has, and a dataset never prepared in data_dir says that the TFRECORD format is not supported."""
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    except tfds.core.DatasetNotFoundError:
+        raise ValueError(f"TFDS has no dataset named {name!r} (tfds.list_builders() lists the names)") from None
+    except Exception:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not download and not builder.is_prepared():
+            raise ValueError(f"TFDS {name} is not prepared in {builder.data_dir}: prepare it there "
+                             f"(tfds build {name.split('/')[0]} --file_format=array_record"
+                             f"{f' --data_dir {data_dir}' if data_dir else ''}), or give the data_dir that holds "
+                             "it") from None
+        raise
+
+
 class TfdsEvalSource:
     """Random-access eval source over one split of a TFDS dataset (see the module docstring for the items).
 
@@ -100,7 +117,7 @@ class TfdsEvalSource:
                  class_names: Sequence[str] | None = None, download: bool = False):
         tfds = _tfds()
         self.name, self.split, self.image_size = name, split, image_size
-        self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        self.source = _data_source(tfds, name, split, data_dir, download)
         features = self.source.dataset_info.features
         self.image_key = image_key or _find_image(features)
         self.label_key = label_key or (None if caption_key else _find_label(features))

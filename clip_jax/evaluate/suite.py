@@ -323,9 +323,11 @@ def open_tfds(name: str, entry: ZeroShotTfdsEval, image_size: int):
 
         source = TfdsEvalSource(entry.dataset, entry.split, image_size, data_dir=entry.data_dir or None)
         source.class_names()  # a captioned set, or WordNet ids, cannot be classified zero-shot
-    except Exception as e:  # TFDS raises its own types (DatasetNotFoundError, AssertionError, ValueError ...)
+    except Exception as e:  # TFDS raises its own types (AssertionError, NotImplementedError, ValueError ...)
         reason = " ".join(str(e).split())
         reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        if isinstance(e, ValueError):  # the source's own (a name, a set not prepared, its classes) or a split's
+            raise ConfigError(f"evals.{name}: {reason}") from None
         raise ConfigError(f"evals.{name}: cannot read TFDS {entry.dataset!r} split {entry.split!r} ({reason}); "
                           "prepare it (tfds build --file_format=array_record) or set the entry's data_dir") from None
     return source
