@@ -226,6 +226,13 @@ def test_two_long_text_sets_keep_their_own_results(tmp_path):
     assert got["three_i2t_r1"] == 1.0 and got["three_t2i_r1"] == 1.0 and got["three_skipped"] == 0
     assert got["one_i2t_r1"] == 0.5 and got["one_skipped"] == 0
 
+    # a caption table whose red image has two captions: one image of two captions, not two images that tie
+    (tmp_path / "table.csv").write_text("image,caption\nthree/0.png,a red square\nthree/2.png,a blue square\n"
+                                        "three/0.png,a red square again\n")
+    config = load_config(DEMO, [f"--config.evals.table={{'type': 'long_text_set', 'path': '{tmp_path}/table.csv'}}"])
+    got = suite.run_long_text_set(context(config), "table", suite.parse_entry("table", config.evals.table.to_dict()))
+    assert got["table_i2t_r1"] == got["table_t2i_r1"] == 1.0 and got["table_skipped"] == 0
+
 
 class WordTokens:
     """A tokenizer of one token a word."""

@@ -33,16 +33,37 @@ def test_urban1k_layout_and_json(tmp_path):
     (tmp_path / "caption" / "3.txt").write_text("caption without an image\n")
     (tmp_path / "image" / "4.jpg").write_bytes(b"corrupt")
     (tmp_path / "caption" / "4.txt").write_text("caption of a corrupt image\n")
-    images, captions, skipped = load_long_text_set(tmp_path, SIZE)
+    images, captions, image_of_text, skipped = load_long_text_set(tmp_path, SIZE)
     assert captions == ["caption 1. a long one.", "caption 2. a long one."] and skipped == 2
+    assert image_of_text.tolist() == [0, 1]
     np.testing.assert_array_equal(images, np.stack([load_image(tmp_path / "image" / f"{i}.jpg", SIZE) for i in (1, 2)]))
 
     (tmp_path / "set.json").write_text(json.dumps({"image/2.jpg": "two", "image/1.jpg": "one", "image/4.jpg": "x"}))
-    images, captions, skipped = load_long_text_set(tmp_path / "set.json", SIZE)
-    assert captions == ["two", "one"] and skipped == 1
+    images, captions, image_of_text, skipped = load_long_text_set(tmp_path / "set.json", SIZE)
+    assert captions == ["two", "one"] and image_of_text.tolist() == [0, 1] and skipped == 1
     np.testing.assert_array_equal(images[0], load_image(tmp_path / "image" / "2.jpg", SIZE))
     with pytest.raises(FileNotFoundError, match="Urban-1k layout"):
         load_long_text_set(tmp_path / "image", SIZE)
+
+
+def test_a_caption_table_with_several_captions_of_an_image(tmp_path):
+    """A caption table (as training reads one) evaluates retrieval: rows may share an image (COCO's five captions),
+    which is read once; a corrupt image costs its captions only."""
+    from clip_jax.evaluate.retrieval import retrieval_recall
+
+    for name, colour in (("a.jpg", (200, 0, 0)), ("b.jpg", (0, 200, 0))):
+        Image.new("RGB", (60, 40), colour).save(tmp_path / name)
+    (tmp_path / "c.jpg").write_bytes(b"corrupt")
+    (tmp_path / "set.csv").write_text('image,caption\na.jpg,a red one\nb.jpg,"a green one,\n  square"\n'
+                                      "c.jpg,lost\na.jpg,red again\n")
+    images, captions, image_of_text, skipped = load_long_text_set(tmp_path / "set.csv", SIZE)
+    assert captions == ["a red one", "a green one, square", "red again"] and skipped == 1
+    assert image_of_text.tolist() == [0, 1, 0] and len(images) == 2
+    np.testing.assert_array_equal(images[1], load_image(tmp_path / "b.jpg", SIZE))
+    # R@1 with embeddings that put "red again" nearest b.jpg: an image's row of captions is one image, not two
+    image_embeds, text_embeds = np.eye(2, dtype=np.float32), np.asarray([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
+    recall = retrieval_recall(image_embeds, text_embeds, image_of_text, texts=captions)
+    assert recall["t2i_r1"] == pytest.approx(2 / 3) and recall["i2t_r1"] == 1.0
 
 
 @pytest.mark.parametrize("case, content, words", [
@@ -51,6 +72,10 @@ def test_urban1k_layout_and_json(tmp_path):
     ("ShareGPT4V list", '[{"image": "a.jpg", "conversations": []}]', "holds a JSON list, not an object"),
     ("caption not a text", '{"a.jpg": 5}', "the caption of 'a.jpg' is 5, not a text"),
     ("names from elsewhere", '{"data/a.jpg": "one"}', "no readable image-caption pair (the images are looked for in"),
+    ("table row without a caption", "image,caption\na.jpg,one\na.jpg,\n",
+     "set.csv: row 2 (image a.jpg) has no caption; give each row"),
+    ("table without a caption column", "image,text\na.jpg,one\n", "no column 'caption' in the header"),
+    ("table of no row", "image,caption\n", "holds no row"),
 ])
 def test_a_long_text_set_that_cannot_be_read_is_one_line_before_training(tmp_path, case, content, words):
     """Each was an "unexpected error" (IndexError, AttributeError, JSONDecodeError, TypeError), and the entry was
@@ -65,14 +90,14 @@ def test_a_long_text_set_that_cannot_be_read_is_one_line_before_training(tmp_pat
         (path / "caption").mkdir()
         (path / "caption" / "a.txt").write_text("\n")
     else:
-        path = tmp_path / "set.json"
+        path = tmp_path / ("set.csv" if case.startswith("table") else "set.json")
         path.write_text(content)
     config = load_config("configs/demo.py", [f"--config.evals.long={{'type': 'long_text_set', 'path': '{path}'}}"])
     if case == "names from elsewhere":  # the pairs read; the images only when it evaluates
         check_input_paths(config)
         with pytest.raises(ValueError) as error:
             load_long_text_set(path, SIZE)
-        assert words in str(error.value) and f"{tmp_path}, the JSON file's folder" in str(error.value)
+        assert words in str(error.value) and f"{tmp_path}, the file's folder" in str(error.value)
         return
     with pytest.raises(ConfigError) as error:
         check_input_paths(config)

@@ -1,9 +1,10 @@
 """Long-text evaluation (Long-CLIP): retrieval with captions longer than CLIP's 77 tokens, and the hard-pairs test.
 
-- `load_long_text_set`: images with one long caption each, from a folder in the Urban-1k layout (Long-CLIP's
-  benchmark: `image/<name>.jpg` and `caption/<name>.txt`, the caption on the file's first line) or from a JSON
-  file {image file name: caption} (names relative to the JSON file's folder). Undecodable images are skipped and
-  counted.
+- `load_long_text_set`: images and their captions, from a folder in the Urban-1k layout (Long-CLIP's benchmark:
+  `image/<name>.jpg` and `caption/<name>.txt`, the caption on the file's first line), a JSON file {image file name:
+  caption}, or a caption table as training reads one (.csv, .tsv or .jsonl with `image` and `caption` columns; rows
+  may share an image, as COCO's five captions do). Image names are relative to the file's folder. Undecodable
+  images are skipped and counted.
 - `shapes_long_captions`: `shapes` test scenes of 5-9 objects whose long caption is longer than 77 tokens.
 - `hard_pairs`: `shapes` scenes paired with a twin that differs in one object only, described after token 77 (and
   within token 248) of the long caption: a model that reads 77 tokens sees the same text for both and scores 0 on
@@ -21,6 +22,7 @@ import pathlib
 
 import numpy as np
 
+from clip_jax.data.captions import caption_text, read_table, table_format
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, load_images
 from clip_jax.data.shapes import COLOURS, ShapesConfig, ShapesDataset, describe_scene
 from clip_jax.data.tokenizer import ClipTokenizer
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CLIP_CONTEXT = 77  # what "long" is measured against: CLIP's context length
 LONG_CONTEXT = 248  # Long-CLIP's: hard pairs differ within it, so every model is scored on the same pairs
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")  # caption tables (`captions.table_format`)
 LONG_SCENE_OBJECTS = (5, 9)  # objects per scene: 5 already give ~110-140 tokens, 9 at most ~230 (under 248)
 
 
@@ -64,8 +67,11 @@ def long_text_pairs(path: str | pathlib.Path) -> list[tuple[pathlib.Path, str]]:
                 raise ValueError(f"{f}: its first line, the caption, is empty; write the caption there")
             pairs.append((path / "image" / f"{f.stem}.jpg", lines[0]))
         return pairs
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return _table_pairs(path)
     if path.suffix != ".json":
-        raise FileNotFoundError(f"{path}: expected an Urban-1k-layout folder or a JSON file of image -> caption")
+        raise FileNotFoundError(f"{path}: expected an Urban-1k-layout folder, a JSON file of image -> caption or a "
+                                f"caption table ({', '.join(TABLE_SUFFIXES)})")
     try:
         data = json.loads(path.read_text("utf-8-sig"), object_pairs_hook=_once_each)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -82,20 +88,46 @@ def long_text_pairs(path: str | pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     return [(path.parent / name, caption) for name, caption in data.items()]
 
 
+def _table_pairs(path: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
+    """(image path, caption) of each row of a caption table, read as training reads one (`captions.read_table`);
+    a row without an image or a caption is refused, naming it: an evaluation scores every row it is given."""
+    try:
+        rows = read_table(str(path), table_format(str(path)))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8") from None
+    pairs = []
+    for number, row in enumerate(rows, 1):
+        caption, _ = caption_text(row.caption)
+        if row.problem or not caption:
+            what = f"({row.key}: {row.problem})" if row.problem else f"(image {row.key}) has no caption"
+            raise ValueError(f"{path}: row {number} {what}; give each row an image and a caption")
+        pairs.append((pathlib.Path(row.image), caption))
+    if not pairs:
+        raise ValueError(f"{path} holds no row; give one row per image-caption pair (columns image, caption)")
+    return pairs
+
+
 def load_long_text_set(path: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-                       ) -> tuple[np.ndarray, list[str], int]:
-    """(images uint8 [N, S, S, 3], captions, number of images skipped: unreadable, undecodable, not regular files
-    or over `max_image_bytes`) of `long_text_pairs(path)`."""
+                       ) -> tuple[np.ndarray, list[str], np.ndarray, int]:
+    """(images uint8 [N, S, S, 3], captions [M], the image index of each caption int64 [M], number of images skipped:
+    unreadable, undecodable, not regular files or over `max_image_bytes`) of `long_text_pairs(path)`; an image named
+    by several pairs is read once."""
     pairs = long_text_pairs(path)
-    # a missing or corrupt image costs its pair, not the evaluation
-    images, kept, skipped = load_images([image for image, _ in pairs], image_size, max_image_bytes)
+    index: dict[pathlib.Path, int] = {}
+    for image, _ in pairs:
+        index.setdefault(image, len(index))
+    # a missing or corrupt image costs its captions, not the evaluation
+    images, kept, skipped = load_images(list(index), image_size, max_image_bytes)
     for message in skipped:
         log.warning("skipping %s", message)
     if not images:
         where = pathlib.Path(path)
-        where = where if where.is_dir() else f"{where.parent}, the JSON file's folder,"
+        where = where if where.is_dir() else f"{where.parent}, the file's folder,"
         raise ValueError(f"{path}: no readable image-caption pair (the images are looked for in {where} by name)")
-    return np.stack(images), [pairs[i][1] for i in kept], len(skipped)
+    position = {image_index: i for i, image_index in enumerate(kept)}  # of the images read
+    captions = [(caption, position[index[image]]) for image, caption in pairs if index[image] in position]
+    return (np.stack(images), [c for c, _ in captions], np.asarray([i for _, i in captions], np.int64),
+            len(skipped))
 
 
 def _token_count(tokenizer: ClipTokenizer, text: str) -> int:

@@ -15,7 +15,8 @@ entry to its results. `eval.batch_size` and `eval.num_examples` are shared by al
   two objects of other colours and shapes, "a red circle and a blue star." above "a blue circle and a red star."
   (`binding_swap_acc`: ARO's VG-Attribution test, Yuksekgonul et al. 2023, on shapes; a bag of words ties, which
   counts as a failure). Also only for `shapes` runs.
-- `long_text_set`: long-text retrieval on `path`, a folder in the Urban-1k layout or a JSON file (`<name>_i2t_r1`, ...).
+- `long_text_set`: retrieval on `path`, a folder in the Urban-1k layout, a JSON file or a caption table
+  (`<name>_i2t_r1`, ...).
 - `zero_shot_folder`: zero-shot top-1/5 on `path`, images in class folders (`<name>_top1`, `<name>_skipped`, and
   `<name>_top5` where there are over 5 classes).
 - `zero_shot_tfds`: zero-shot top-1/5 on a TFDS classification set read through `tfds.data_source`
@@ -227,15 +228,17 @@ def run_shapes_binding(ctx: Context, name: str, entry: ShapesEval) -> dict[str, 
 # --- files -----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LongTextSetEval:
-    path: str = ""  # an Urban-1k-layout folder (image/N.jpg, caption/N.txt) or a JSON file {image file: caption}
+    # an Urban-1k-layout folder (image/N.jpg, caption/N.txt), a JSON file {image file: caption} or a caption table
+    # (.csv/.tsv/.jsonl, columns image and caption; several rows may name one image)
+    path: str = ""
     every_steps: int | None = None
 
 
 def run_long_text_set(ctx: Context, name: str, entry: LongTextSetEval) -> dict[str, float]:
     config = ctx.config
     try:
-        images, captions, skipped = load_long_text_set(entry.path, config.model.vision.image_size,
-                                                       config.data.max_image_bytes)
+        images, captions, image_of_text, skipped = load_long_text_set(entry.path, config.model.vision.image_size,
+                                                                      config.data.max_image_bytes)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"evals.{name}.path: {e}") from None
     context = config.model.text.context_length
@@ -243,7 +246,7 @@ def run_long_text_set(ctx: Context, name: str, entry: LongTextSetEval) -> dict[s
         log.warning("evals.%s: %d of the %d captions are longer than the model's %d tokens and are scored on their "
                     "first %d (a model stretched to longer text reads more: clip-jax stretch)", name, cut,
                     len(captions), context, context)
-    recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), texts=captions)
+    recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), image_of_text, texts=captions)
     # Keys named by the entry, as every evaluator of a path does: two sets in one config keep both results.
     return {**{f"{name}_{k}": float(v) for k, v in recall.items()}, f"{name}_skipped": skipped}
 
