@@ -102,6 +102,21 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def tensor_across_processes(devices: np.ndarray, axis_names: Sequence[str]) -> str | None:
+    """What to tell a mesh (its device array and axis names) whose `tensor` groups span processes (hosts): tensor
+    parallelism all-reduces activations in every layer, across the network between hosts instead of the links within
+    one (NVLink, a TPU host's ICI), far slower; None where each group stays in one process."""
+    tensor = devices.shape[list(axis_names).index("tensor")]
+    groups = np.moveaxis(devices, list(axis_names).index("tensor"), -1).reshape(-1, tensor)
+    spans = max(len({d.process_index for d in group}) for group in groups)
+    if spans == 1:
+        return None
+    local = sum(d.process_index == devices.flat[0].process_index for d in devices.flat)
+    return (f"mesh.tensor {tensor} spans {spans} processes (hosts of {local} devices): its all-reduces in every "
+            "layer cross the network between hosts; keep mesh.tensor within one host's devices and give the rest to "
+            "mesh.fsdp or mesh.data")
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES
                     ) -> PartitionSpec:
     """PartitionSpec of an array from its logical axis names. A mesh axis that does not divide the dimension is

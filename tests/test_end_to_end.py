@@ -720,6 +720,25 @@ def test_a_tensor_axis_that_does_not_divide_the_heads_is_told():
     assert "8 heads" not in said and "64 MLP width" not in said
 
 
+def test_a_tensor_axis_across_hosts_is_told():
+    """A launcher's mesh with mesh.tensor over more GPUs than a node has (launch/gpu.py takes any mesh) ran its
+    per-layer all-reduces over the network between nodes, without a word."""
+    import types
+
+    from clip_jax.sharding import MESH_AXES, tensor_across_processes
+
+    # two hosts of 4 devices, numbered host by host as jax.devices() lists them; the mesh's last axis is `tensor`
+    devices = np.asarray([types.SimpleNamespace(process_index=i // 4) for i in range(8)], dtype=object)
+    assert MESH_AXES[-1] == "tensor"
+    assert tensor_across_processes(devices.reshape(2, 1, 4), MESH_AXES) is None
+    assert tensor_across_processes(devices.reshape(1, 4, 2), MESH_AXES) is None
+    said = tensor_across_processes(devices.reshape(1, 1, 8), MESH_AXES)
+    assert said.startswith("mesh.tensor 8 spans 2 processes (hosts of 4 devices): its all-reduces in every layer")
+    # the tensor groups are the mesh's, whatever its axes' order
+    assert tensor_across_processes(devices.reshape(8, 1, 1), ("tensor", "fsdp", "data"))
+    assert tensor_across_processes(devices.reshape(2, 1, 4), ("tensor", "fsdp", "data"))  # 0 and 4 together
+
+
 def _abstract_state(workdir, scan_layers, frozen=()):
     """The abstract train state (shapes, dtypes, shardings) of the run in `workdir`, its blocks stacked or not, with
     `frozen` rules, on a mesh that splits the parameters over 4 of the 8 devices."""

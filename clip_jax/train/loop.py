@@ -58,6 +58,7 @@ from clip_jax.sharding import (
     make_mesh,
     match_any,
     reader_mesh,
+    tensor_across_processes,
 )
 from clip_jax.train import memory as memory_lib
 from clip_jax.train import state as state_lib
@@ -450,6 +451,8 @@ def _launch(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
     if unsplit := unsplit_by_tensor(config, mesh.shape["tensor"]):
         log.warning(unsplit)
+    if (across := tensor_across_processes(mesh.devices, mesh.axis_names)) and jax.process_index() == 0:
+        log.warning(across)
 
     # --- Workdir and config -------------------------------------------------------------------------------------
     check_workdir_path(workdir)  # before the checkpointer makes a folder inside it
