@@ -480,7 +480,11 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file {path} not found" + (" (it is a folder)" if file.is_dir() else ""))
+        recipe = PROJECT_ROOT / path
+        # the recipes' paths in the docs are relative to the project, which a command from another folder misses
+        hint = (f"; the project's recipe is {recipe}" if not file.is_absolute() and recipe.is_file()
+                and not file.is_dir() else "")
+        raise ConfigError(f"config file {path} not found" + (" (it is a folder)" if file.is_dir() else "") + hint)
     name = f"clip_jax_config_{file.stem}"
     package = file.resolve().parent
     parts = [file.stem]

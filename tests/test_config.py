@@ -229,8 +229,14 @@ def test_consistent_edge_values_pass():
     assert (config.batch_size, config.accum_steps, config.model.vision.image_size) == (96, 4, 48)
 
 
-def test_missing_or_broken_config_file(tmp_path):
+def test_missing_or_broken_config_file(tmp_path, monkeypatch):
     assert "not found" in config_error(str(tmp_path / "nope.py"))
+    # a recipe's path as the docs give it, from another folder: the message names the project's file
+    monkeypatch.chdir(tmp_path)
+    from clip_jax.config import PROJECT_ROOT
+
+    assert config_error("configs/demo.py:b128") == (
+        f"config file configs/demo.py not found; the project's recipe is {PROJECT_ROOT / 'configs/demo.py'}")
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")
     assert "get_config" in config_error(str(empty))
