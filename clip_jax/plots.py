@@ -10,6 +10,11 @@ from clip_jax.files import write_atomic
 from clip_jax.train.metrics import read_metrics
 
 
+def _dot_if_one(points: list) -> dict:
+    """A line of one point draws nothing (a run shorter than log.every_steps logs one train record): a dot then."""
+    return {"marker": "o"} if len(points) == 1 else {}
+
+
 def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike) -> None:
     """Paths through etils.epath: the workdir may be a bucket."""
     import matplotlib
@@ -22,11 +27,11 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
     train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "eval"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", **_dot_if_one(train))
     # a method's loss terms (SLIP's loss_clip and loss_ssl, Long-CLIP's loss_long and loss_short, ...)
     for key in sorted({k for r in train for k in r if k.startswith("loss_")}):
         points = [(r["step"], r[key]) for r in train if key in r]
-        ax_loss.plot(*zip(*points, strict=True), label=key, alpha=0.7, linewidth=1)
+        ax_loss.plot(*zip(*points, strict=True), label=key, alpha=0.7, linewidth=1, **_dot_if_one(points))
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
@@ -41,7 +46,7 @@ def plot_training_curves(metrics_path: epath.PathLike, out_path: epath.PathLike)
                        ("pixel_acc", "train batch pixel acc")):
         points = [(r["step"], r[key]) for r in train if key in r]  # (a record may lack one: another method's)
         if points:
-            ax_acc.plot(*zip(*points, strict=True), label=label, alpha=0.6)
+            ax_acc.plot(*zip(*points, strict=True), label=label, alpha=0.6, **_dot_if_one(points))
     few_shot = sorted({k for r in evals for k in r if k.endswith(("_base", "_new", "_hm", "_all"))})
     for key in ("zero_shot_top1", "zero_shot_top1_seen", "i2t_r1", "t2i_r1", "seg_seen_miou", "seg_novel_miou",
                 *few_shot):
