@@ -85,18 +85,20 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.evaluate.suite import evaluate, evaluation_settings, print_results
     from clip_jax.train.loop import load_trained
 
+    def adjust(config) -> None:  # before the checkpoint is read: a mistake here is found without waiting for it
+        apply_overrides(config, overrides)  # eval.* and evals.* only (main checks): e.g. an evaluation to add
+        # As train stores them: the eval file's settings name the files read, so that the same relative path from
+        # another folder (other files) is other settings, written beside, not over, the first one's figures.
+        absolute_paths(config)
+        validate(config)
+        check_input_paths(config, training=False, workdir=args.workdir)
+        if not config.evals:
+            raise ConfigError("nothing to evaluate: config.evals is empty (the run's entries, less those set to None "
+                              "here); add one, e.g. \"--config.evals.shapes={'type': 'shapes'}\" (docs/methods.md)")
+
     maybe_initialize()
-    trained = load_trained(args.workdir, args.step)
+    trained = load_trained(args.workdir, args.step, adjust)
     config, step = trained.config, trained.step
-    apply_overrides(config, overrides)  # eval.* and evals.* only (main checks): e.g. an evaluation to add
-    # As train stores them: the eval file's settings name the files read, so that the same relative path from another
-    # folder (other files) is other settings, written beside, not over, the first one's figures.
-    absolute_paths(config)
-    validate(config)
-    check_input_paths(config, training=False, workdir=args.workdir)
-    if not config.evals:
-        raise ConfigError("nothing to evaluate: config.evals is empty (the run's entries, less those set to None "
-                          "here); add one, e.g. \"--config.evals.shapes={'type': 'shapes'}\" (docs/methods.md)")
     settings = evaluation_settings(config)
     out = _eval_path(epath.Path(args.workdir), step, settings)
     primary = jax.process_index() == 0

@@ -520,6 +520,17 @@ def test_a_damaged_workdir_file_is_one_line_naming_it(trained, tmp_path, capsys,
     assert snapshot(workdir) == before
 
 
+def test_eval_refuses_a_bad_evaluation_before_reading_the_checkpoint(trained, capsys, monkeypatch):
+    """A path that does not exist was found after the checkpoint's restore (minutes, for a large model)."""
+    def restore(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the evaluation's settings were checked")
+
+    monkeypatch.setattr(loop.Checkpointer, "restore_newest_params", restore)
+    message = exit_message(["eval", "--workdir", str(trained),
+                            "--config.evals.pets={'type': 'zero_shot_folder', 'path': '/no/such/pets'}"], capsys)
+    assert message == "clip-jax eval: error: evals.pets.path: /no/such/pets does not exist", message
+
+
 def test_non_utf8_bytes_in_metrics_jsonl_do_not_block_resuming(trained, tmp_path, caplog, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)

@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -1053,14 +1054,19 @@ class Trained:
     step: int
 
 
-def load_trained(workdir: epath.PathLike, step: int | None = None) -> Trained:
-    """A workdir's latest (or given) checkpoint, for eval, encode, export and stretch."""
+def load_trained(workdir: epath.PathLike, step: int | None = None,
+                 adjust: Callable[[ml_collections.ConfigDict], None] | None = None) -> Trained:
+    """A workdir's latest (or given) checkpoint, for eval, encode, export and stretch. `adjust`: called on the run's
+    config before anything is read from its checkpoints (eval's overrides, checked there: a mistake in them is one
+    line before a restore that takes minutes for a large model, not after it)."""
     workdir = epath.Path(workdir)
     has_config = (workdir / "config.json").exists()
     if not has_config or not is_workdir(workdir):  # e.g. a Hugging Face export, or another tool's folder
         why = "its config.json is not a clip_jax run's" if has_config else "no config.json"
         raise FileNotFoundError(f"{workdir} is not a clip_jax workdir ({why}); train or convert into it first")
     config = read_config(workdir / "config.json")
+    if adjust is not None:
+        adjust(config)
     checkpointer = Checkpointer(workdir, config.checkpoint, reader=True)
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet (no {checkpointer.directory}/<step>)")
