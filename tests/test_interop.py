@@ -427,6 +427,29 @@ def test_a_models_own_image_normalisation_goes_to_open_clip_and_hf_and_back(tmp_
         wd.load_source(tmp_path / "oc")
 
 
+def test_a_bare_file_export_names_the_convert_flags_it_needs_back(tmp_path, small_import, caplog):
+    """A weights file holds neither heads nor activation: the small model (2 heads of 32, GELU) came back from
+    `convert` of its export as 1 head and QuickGELU, another model, without a word. A name in capitals
+    (M.SAFETENSORS) is a file too: it was written as a folder of that name."""
+    _, imported = small_import
+    with caplog.at_level("WARNING"):
+        (path,) = wd.export_params(imported.params, imported.model, "openai", tmp_path / "M.SAFETENSORS")
+    assert path.is_file() and path == tmp_path / "M.SAFETENSORS"
+    said = ("M.SAFETENSORS holds the weights only, and this model's 2 vision heads and 2 text heads and activation "
+            "gelu are not what a weights file is read with (heads of 64 wide, QuickGELU): `clip-jax convert "
+            "M.SAFETENSORS --heads-vision 2 --heads-text 2 --activation gelu` reads it back as this model")
+    assert said in caplog.text
+    assert wd.load_source(path).model != imported.model  # without the flags: another model
+    back = wd.load_source(path, heads_vision=2, heads_text=2, activation="gelu")
+    assert back.model == imported.model and trees_equal(back.params, imported.params)
+    # OpenAI's own conventions: nothing to say
+    caplog.clear()
+    default = wd.load_source(path)
+    with caplog.at_level("WARNING"):
+        wd.export_params(default.params, default.model, "openai", tmp_path / "d.safetensors")
+    assert "holds the weights only" not in caplog.text
+
+
 def test_a_bare_file_keeps_one_activation_for_both_towers(tmp_path, small_import):
     """open_clip and convert rebuild a weights file with one activation for both towers: a model mixing them (an HF
     model may) was written there silently, and read back as another function."""

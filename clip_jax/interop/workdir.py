@@ -503,10 +503,10 @@ def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, for
     if blocking is not None and not blocking.is_dir():
         raise ConversionError(f"--out {out}: {blocking} is a file, so nothing can be written under it; name a path in "
                               "a folder")
-    if (pt or out.suffix in (".pt", ".bin")) and importlib.util.find_spec("torch") is None:
+    if (pt or out.suffix.lower() in (".pt", ".bin")) and importlib.util.find_spec("torch") is None:
         raise ConversionError(f"{torch_missing('writing a .pt state dict')}; or write .safetensors (drop --pt)")
-    if fmt == "openai" and out.suffix in _FILE_SUFFIXES:
-        if pt and out.suffix == ".safetensors":
+    if fmt == "openai" and out.suffix.lower() in _FILE_SUFFIXES:
+        if pt and out.suffix.lower() == ".safetensors":
             raise ConversionError(f"--pt writes a torch pickle; name it .pt or .bin, not {out.name}")
         if out.is_dir():
             raise ConversionError(f"--out {out} is a folder; a {out.suffix} name writes one file: name a file, or "
@@ -514,7 +514,7 @@ def check_export_out(out: str | pathlib.Path, fmt: str, *, pt: bool = False, for
         if out.exists() and not force:
             raise ConversionError(f"--out {out} exists; pass --force to overwrite it")
         return
-    if out.suffix in _FILE_SUFFIXES:
+    if out.suffix.lower() in _FILE_SUFFIXES:
         raise ConversionError(f"--out {out}: --format {fmt} writes a folder, not a {out.suffix} file; name a folder")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} is a file; --format {fmt} writes a folder: name a new folder")
@@ -588,7 +588,7 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
                               "text tower alone")
     check_export_out(out, fmt, pt=pt, force=force)
     out = pathlib.Path(out)
-    folder, existed = not (fmt == "openai" and out.suffix in _FILE_SUFFIXES), out.exists()
+    folder, existed = not (fmt == "openai" and out.suffix.lower() in _FILE_SUFFIXES), out.exists()
     if folder:
         _start_export(out, fmt)  # (into a non-empty folder with force only: check_export_out refuses it without)
     try:
@@ -604,6 +604,17 @@ def export_params(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
         raise
 
 
+def _flags_a_weights_file_needs(model: dict[str, Any], sd: dict[str, np.ndarray]) -> dict[str, str]:
+    """{`convert` flag: what it restores} for what a weights file of `model` (its state dict `sd`) cannot say and
+    `convert` would read otherwise (heads of 64 wide, QuickGELU): read back without them, it is another model."""
+    read = oa.infer_model(oa.normalize_state_dict(dict(sd)))
+    flags = {f"--heads-{tower} {model[tower]['heads']}": f"{model[tower]['heads']} {tower} heads"
+             for tower in ("vision", "text") if read[tower]["heads"] != model[tower]["heads"]}
+    if (activation := model["text"]["activation"]) != read["text"]["activation"]:
+        flags[f"--activation {activation}"] = f"activation {activation}"
+    return flags
+
+
 def _write_export(params: dict[str, Any], model: dict[str, Any], fmt: str, out: pathlib.Path,
                   tokenizer: dict[str, Any] | None, pt: bool) -> list[pathlib.Path]:
     """`export_params`'s files, into `out` that it checked (and, for a folder, recorded)."""
@@ -614,9 +625,14 @@ def _write_export(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
         # get_tokenizer("local-dir:DIR") reads; OpenAI's is open_clip's default tokenizer already.
         own_vocab = tokenizer is not None and tokenizer.get("name") != OPENAI_VOCAB_NAME
         sd = oa.state_dict_from_params(params, model)
-        if out.suffix in _FILE_SUFFIXES:
+        if out.suffix.lower() in _FILE_SUFFIXES:
             oa.check_class_token_pooled(model, f"{out.name} (a state dict without a config)")
             oa.check_one_activation(model, f"{out.name} (a state dict without a config)")
+            if flags := _flags_a_weights_file_needs(model, sd):
+                log.warning("%s holds the weights only, and this model's %s are not what a weights file is read with "
+                            "(heads of 64 wide, QuickGELU): `clip-jax convert %s %s` reads it back as this model, "
+                            "open_clip needs a model config of them, or export to a folder (its open_clip_config.json "
+                            "says them)", out.name, " and ".join(flags.values()), out.name, " ".join(flags))
             if oa.normalisation(model) != oa.normalisation({}):
                 log.warning("%s holds the weights only, and this model normalises its images with mean %s and std %s, "
                             "not OpenAI's, which open_clip's transforms assume for a weights file: give open_clip "
@@ -626,7 +642,7 @@ def _write_export(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
                 log.warning("%s holds the weights only, and this run has a vocabulary of its own (its workdir's "
                             "tokenizer.json): export to a folder to have it beside them (open_clip's local-dir "
                             "tokenizer reads it), or give it to `clip-jax convert --vocab`", out.name)
-            return [write_tensors(out, sd, torch_format=pt or out.suffix != ".safetensors")]
+            return [write_tensors(out, sd, torch_format=pt or out.suffix.lower() != ".safetensors")]
         out.mkdir(parents=True, exist_ok=True)
         config_json = oa.open_clip_config(model, tokenizer_files=own_vocab)
         (out / "open_clip_config.json").write_text(json.dumps(config_json, indent=2) + "\n")
