@@ -26,6 +26,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 from clip_jax.cli import main  # noqa: E402
 from clip_jax.data.tokenizer import ClipTokenizer  # noqa: E402
 from clip_jax.interop import ConversionError  # noqa: E402
+from clip_jax.interop import hf as hf_lib  # noqa: E402
 from clip_jax.interop import openai as oa  # noqa: E402
 from clip_jax.interop import workdir as wd  # noqa: E402
 from clip_jax.interop.safe_load import read_tensors, write_tensors  # noqa: E402
@@ -448,6 +449,55 @@ def test_a_bare_file_export_names_the_convert_flags_it_needs_back(tmp_path, smal
     with caplog.at_level("WARNING"):
         wd.export_params(default.params, default.model, "openai", tmp_path / "d.safetensors")
     assert "holds the weights only" not in caplog.text
+
+
+def test_how_a_source_prepares_its_images_is_read_or_told(tmp_path, small_import, caplog):
+    """transformers 5 saves a CLIPProcessor's image settings in processor_config.json, under "image_processor": its
+    mean and std were not read (OpenAI's taken instead, silently). A source that resizes otherwise than clip_jax
+    (open_clip's "squash", an HF resize larger than its crop) converted without a word."""
+    half = [0.5, 0.5, 0.5]
+    small_hf().save_pretrained(tmp_path / "hf5")
+    settings = {**hf_lib.hf_preprocessor_config(32, half, half), "size": {"shortest_edge": 36}}
+    (tmp_path / "hf5" / "processor_config.json").write_text(json.dumps(
+        {"image_processor": settings, "processor_class": "CLIPProcessor"}))
+    with caplog.at_level("WARNING"):
+        model = wd.load_source(tmp_path / "hf5").model
+    assert (model["image_mean"], model["image_std"]) == (tuple(half), tuple(half))
+    assert (f"{tmp_path / 'hf5' / 'processor_config.json'}: the source prepares images with size "
+            "{'shortest_edge': 36}, where clip_jax resizes the shorter side to 32 (bicubic) and centre-crops 32") in (
+        caplog.text)
+
+    _, imported = small_import  # an export of clip_jax's own: prepared as clip_jax prepares them, nothing said
+    caplog.clear()
+    wd.export_params(imported.params, imported.model, "openai", tmp_path / "oc")
+    wd.export_params(imported.params, imported.model, "hf", tmp_path / "hf")
+    with caplog.at_level("WARNING"):
+        wd.load_source(tmp_path / "oc")
+        wd.load_source(tmp_path / "hf")
+    assert "prepares images" not in caplog.text
+    config = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())
+    config["preprocess_cfg"]["resize_mode"] = "squash"  # open_clip's DFN5B ViT-H-14 entry, for one
+    (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        wd.load_source(tmp_path / "oc")
+    assert "open_clip_config.json: preprocess_cfg: the source prepares images with resize_mode 'squash'," in (
+        caplog.text)
+
+
+def test_a_temperature_above_clips_clamp_is_kept(small_import):
+    """exp(logit_scale) = 148 (an HF fine-tune need not clamp it) became 100 in the converted model: other
+    probabilities than the source's, and an export wrote 148 again."""
+    torch_model, _ = small_import
+    sd = state_dict(torch_model)
+    sd["logit_scale"] = np.asarray(5.0, np.float32)
+    imported = wd.load_source_state_dict(sd, heads_vision=2, heads_text=2, activation="gelu")
+    assert imported.model["max_logit_scale"] == 148.42  # exp(5) = 148.413..., rounded up
+    scale, _ = CLIP(CLIPConfig.from_dict(imported.model)).apply({"params": imported.params},
+                                                                 method=CLIP.temperature)
+    np.testing.assert_allclose(float(scale), np.exp(5.0), rtol=1e-6)
+    sd["logit_scale"] = np.asarray(np.log(50.0), np.float32)  # within the clamp: CLIP's bound stays
+    assert wd.load_source_state_dict(sd, heads_vision=2, heads_text=2, activation="gelu").model[
+        "max_logit_scale"] == 100.0
 
 
 def test_a_bare_file_keeps_one_activation_for_both_towers(tmp_path, small_import):

@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import pathlib
 import shutil
 import tempfile
@@ -77,6 +78,11 @@ def load_source(src: str | pathlib.Path, *, heads_vision: int | None = None, hea
             preprocess = config_json.get("preprocess_cfg", {})
             _set_normalisation(imported.model, preprocess.get("mean"), preprocess.get("std"),
                                f"{src / 'open_clip_config.json'}: preprocess_cfg")
+            other = [f"{key} {preprocess[key]!r}" for key, ours in (("resize_mode", "shortest"),
+                                                                   ("interpolation", "bicubic"))
+                     if preprocess.get(key, ours) != ours]
+            _warn_other_image_preparation(other, f"{src / 'open_clip_config.json'}: preprocess_cfg",
+                                          imported.model["vision"]["image_size"])
             if (src / "vocab.json").is_file():  # an export of a model with its own vocabulary (export_params)
                 imported = dataclasses.replace(imported, tokenizer_dir=src)
             return imported
@@ -183,7 +189,57 @@ def _from_openai(sd: dict[str, np.ndarray], flags: dict[str, Any], source: str, 
     oa.check_finite(sd, where)
     flags = {"activation": "quick_gelu", **_given(flags)}  # OpenAI's weights were trained with QuickGELU
     model = oa.infer_model(sd, **flags)
-    return Imported(model, oa.params_from_state_dict(sd, model), oa.TOWERS, source)
+    params = oa.params_from_state_dict(sd, model)
+    _keep_the_temperature(model, params)
+    return Imported(model, params, oa.TOWERS, source)
+
+
+def _keep_the_temperature(model: dict[str, Any], params: dict[str, Any]) -> None:
+    """A source's temperature above the model's clamp (CLIP's 100) is kept: open_clip and transformers apply
+    exp(logit_scale) as it is (an HF fine-tune may pass 100), where the clamp would give other probabilities. The clamp
+    is raised to it, so that fine-tuning the converted model keeps a bound."""
+    if "logit_scale" in params and (bound := model.get("max_logit_scale", 0)) > 0:
+        scale = float(np.exp(np.float64(np.asarray(params["logit_scale"]))))
+        if scale > bound:
+            model["max_logit_scale"] = math.ceil(scale * 100) / 100  # above float32's rounding of exp
+
+
+def _hf_image_processor(src: pathlib.Path) -> tuple[dict[str, Any], pathlib.Path] | None:
+    """(the image processor's settings, their file) of an HF folder: preprocessor_config.json, or transformers 5's
+    processor_config.json, which nests them under "image_processor" (a saved CLIPProcessor)."""
+    if (path := src / hf_lib.PREPROCESSOR_CONFIG).is_file():
+        return _read_json(path), path
+    if (path := src / "processor_config.json").is_file():
+        settings = _read_json(path).get("image_processor")
+        return (settings, path) if isinstance(settings, dict) else None
+    return None
+
+
+def _hf_preparation_differences(settings: dict[str, Any], image_size: int) -> list[str]:
+    """How an HF image processor's settings prepare images otherwise than clip_jax: the shorter side resized to the
+    image size, bicubic (PIL's resample 3), and a centre crop of that size."""
+    size, crop = settings.get("size") or {}, settings.get("crop_size") or {}
+    size = {"shortest_edge": size} if isinstance(size, int) else size
+    crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+    differences = [f"{key} {settings[key]!r}" for key in ("do_resize", "do_center_crop") if settings.get(key) is False]
+    if size.get("shortest_edge", image_size) != image_size or set(size) - {"shortest_edge"}:
+        differences.append(f"size {size!r}")
+    if {crop.get("height", image_size), crop.get("width", image_size)} != {image_size}:
+        differences.append(f"crop_size {crop!r}")
+    if settings.get("resample", 3) != 3:
+        differences.append(f"resample {settings['resample']!r}")
+    return differences
+
+
+def _warn_other_image_preparation(differences: list[str], where: Any, image_size: int) -> None:
+    """Said where a source prepares its images otherwise than clip_jax does (the shorter side to the image size,
+    bicubic, centre crop): the converted model sees other pixels of an image of another size (open_clip's "squash"
+    resize, a resize larger than the crop), and its embeddings differ from the source's there."""
+    if differences:
+        log.warning("%s: the source prepares images with %s, where clip_jax resizes the shorter side to %d (bicubic) "
+                    "and centre-crops %d: the converted model's embeddings of images of another size differ from "
+                    "the source's; give it images prepared the source's way to compare", where,
+                    ", ".join(differences), image_size, image_size)
 
 
 def _from_hf_dir(src: pathlib.Path, flags: dict[str, Any]) -> Imported:
@@ -214,9 +270,12 @@ def _from_hf_dir(src: pathlib.Path, flags: dict[str, Any]) -> Imported:
             raise ConversionError(f"{where}: a text encoder without text_projection cannot be imported")
     oa.check_tensors(sd, hf_lib.expected_hf_shapes(model, towers), where)
     params = oa.params_from_state_dict(hf_lib.openai_from_hf(sd), model, towers)
-    if (processor := src / hf_lib.PREPROCESSOR_CONFIG).is_file():
-        settings = _read_json(processor)
+    if found := _hf_image_processor(src):
+        settings, processor = found
         _set_normalisation(model, settings.get("image_mean"), settings.get("image_std"), str(processor))
+        _warn_other_image_preparation(_hf_preparation_differences(settings, model["vision"]["image_size"]),
+                                      processor, model["vision"]["image_size"])
+    _keep_the_temperature(model, params)
     has_tokenizer = hf_lib.read_hf_tokenizer(src) is not None
     return Imported(model, params, towers, "hf", src if has_tokenizer else None)
 
