@@ -129,7 +129,8 @@ class Model:
                  classes: str = "all", templates: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
         """(class names, probabilities float32 [N, C]) of N images. With `class_names`, zero-shot CLIP over them:
         each name in `templates` (default: `data.classification.name_templates`: the run's `few_shot.templates`,
-        else the shapes prompts for a run on shapes, else "a photo of a {}."), the templates' embeddings averaged,
+        which a converted model's sets to "a photo of a {}.", else the shapes prompts for a run on shapes, else
+        "a photo of a {}."), the templates' embeddings averaged,
         softmax of the model's temperature times the cosine similarities. Without, a few-shot method's own classes
         (`classes`: "all", "base" or "new"), as `clip-jax classify`."""
         from scipy.special import softmax

@@ -616,6 +616,10 @@ def test_cli_convert_and_export(tmp_path):
     assert config.data.tokenizer == "openai" and config.model.text.activation == "gelu" and config.model.scan_layers
     assert ClipTokenizer.load(work / "tokenizer.json").name == "openai-bpe-16e6"
     assert tuple(config.model.image_mean) == CLIP_MEAN  # a bare file says none: OpenAI's, unless told
+    # class names are prompted as CLIP's, not with the shapes prompts of the defaults' data (a drawing of one {}.)
+    from clip_jax.data.classification import name_templates
+
+    assert name_templates(config, reads_data=True) == name_templates(config) == ("a photo of a {}.",)
     main(["convert", str(tmp_path / "epoch_2.pt"), "--to-workdir", str(tmp_path / "half"), "--heads-vision", "2",
           "--heads-text", "2", "--activation", "gelu", "--image-mean", "0.5,0.5,0.5", "--image-std", ".5,.5,.5"])
     half = read_config(tmp_path / "half" / "config.json").model

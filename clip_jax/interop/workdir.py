@@ -345,6 +345,7 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
     import ml_collections
 
     from clip_jax.config import default_config
+    from clip_jax.data.classification import DEFAULT_TEMPLATES
     from clip_jax.data.tokenizer import OPENAI_VOCAB_NAME
 
     workdir = check_new_workdir(workdir, "--to-workdir")  # before reading a file of gigabytes
@@ -367,6 +368,9 @@ def convert_to_workdir(src: str | pathlib.Path, workdir: str | pathlib.Path, *, 
         )
     config = default_config()
     config.model = ml_collections.ConfigDict(model)
+    # Class names are prompted as CLIP's are: the defaults' data and few-shot set are the shapes, whose prompts
+    # (`classification.name_templates`) a converted model never learnt (classify prompted it "a drawing of one {}.").
+    config.few_shot.templates = DEFAULT_TEMPLATES
     config.data.tokenizer = (
         "openai" if tokenizer.name == OPENAI_VOCAB_NAME else str((workdir / "tokenizer.json").absolute())
     )
