@@ -320,15 +320,15 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.evaluate.classify import (
         check_templates,
         class_scores,
+        refuse_group_with_names,
         requested_classes,
         zero_shot_embeddings,
     )
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
-    if args.names and args.classes != "all":
-        raise ConfigError(f"--classes {args.classes} picks among a few-shot run's own classes; with --names the "
-                          "classes are the file's: drop one of the two")
+    if args.names:  # before the checkpoint is read
+        refuse_group_with_names(args.classes, "--classes", "--names")
     if args.templates:
         if not args.names:
             raise ConfigError("--templates prompt the class names of --names FILE (zero-shot); a few-shot run's own "

@@ -106,6 +106,11 @@ class Model:
         if isinstance(image, str | os.PathLike):
             return load_image(image, self.image_size)  # a ValueError naming the file if unreadable
         if not isinstance(image, Image.Image):
+            if image is None or isinstance(image, bytes | dict):  # as an array: "object []"
+                raise TypeError(f"image {i}: expected a file path, a PIL image or a uint8 array, got "
+                                f"{type(image).__name__}" + (" (the file's bytes: give its path, or "
+                                                              "PIL.Image.open(io.BytesIO(data)))"
+                                                              if isinstance(image, bytes) else ""))
             array = np.asarray(image)
             if array.ndim == 3 and array.shape[-1] == 1:  # [H, W, 1]: grayscale, as [H, W] is
                 array = array[..., 0]

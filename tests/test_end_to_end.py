@@ -390,6 +390,13 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
         model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", 2])
     with pytest.raises(TypeError, match="list of class names"):
         model.classify([np.zeros((8, 8, 3), np.uint8)], "red circle")
+    # a group of a few-shot run's own classes beside names given was ignored
+    with pytest.raises(ConfigError, match="classes base picks among a few-shot run's own classes; with class names"):
+        model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", "blue square"], classes="base")
+    for wrong, said in ((None, "got NoneType"), (b"\x89PNG", "got bytes (the file's bytes: give its path")):
+        with pytest.raises(TypeError, match=re.escape(f"image 1: expected a file path, a PIL image or a uint8 array, "
+                                                      f"{said}")):
+            model.encode_images([np.zeros((8, 8, 3), np.uint8), wrong])
 
 
 # --- mistakes -----------------------------------------------------------------------------------------------------

@@ -70,6 +70,14 @@ class ClassRequest:
     templates: tuple[str, ...] = ()  # the names' prompts
 
 
+def refuse_group_with_names(group: str, flag: str, names: str) -> None:
+    """A group of a few-shot run's own classes ("base", "new") asked for beside class names, which are scored
+    instead: the group would be ignored (`flag`, `names`: how the caller's user gives them)."""
+    if group != "all":
+        raise ConfigError(f"{flag} {group} picks among a few-shot run's own classes; with {names} the classes are "
+                          "those: drop one of the two")
+
+
 def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | None = None,
                       what: str = "class names", templates: Sequence[str] | None = None) -> ClassRequest:
     """The classes that `class_scores` will score. Refuses, before any image is read, a request it cannot serve:
@@ -79,6 +87,7 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
     take."""
     config, method = trained.config, trained.method
     if names is not None:
+        refuse_group_with_names(group, "classes", "class names")
         _check_names(names)
         if templates is not None:
             if not templates:
