@@ -878,6 +878,10 @@ COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "classify": _clas
             "data": _data}
 
 
+# --workdir of the commands that read a run's checkpoint
+READ_WORKDIR_HELP = "a run's folder, trained or converted (its latest checkpoint, or --step's)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
 
@@ -895,9 +899,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir",
                         epilog=f"--config.eval.*=value and --config.evals.*=value override the run's evaluation "
                         f"settings and entries. {debug}")
-    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--workdir", required=True, help=READ_WORKDIR_HELP)
     enc = sub.add_parser("encode", help="write normalised text / image / audio embeddings as .npy")
-    enc.add_argument("--workdir", required=True)
+    enc.add_argument("--workdir", required=True, help=READ_WORKDIR_HELP)
     enc.add_argument("--texts", help="text file, one text per line (a blank line is an empty text: row i of "
                      "text_embeddings.npy stays line i)")
     enc.add_argument("--images", nargs="+", help="image files or directories")
@@ -907,7 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")
     cls = sub.add_parser("classify", help="predict classes of images: a few-shot run's classes, or zero-shot --names")
-    cls.add_argument("--workdir", required=True)
+    cls.add_argument("--workdir", required=True, help=READ_WORKDIR_HELP)
     cls.add_argument("--images", nargs="+", required=True, help="image files or directories")
     cls.add_argument("--out", required=True, help="CSV file to write: image, label, probability")
     cls.add_argument("--classes", choices=("all", "base", "new"), default="all",
@@ -921,7 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")
     seg = sub.add_parser("segment", help="per-pixel labels of images, named in text (LSeg, GroupViT, any CLIP)")
-    seg.add_argument("--workdir", required=True)
+    seg.add_argument("--workdir", required=True, help=READ_WORKDIR_HELP)
     seg.add_argument("--images", nargs="+", required=True, help="image files or directories")
     seg.add_argument("--labels", required=True, help='comma-separated label names, e.g. "red circle,blue star"')
     seg.add_argument("--out", required=True, help="a folder outside --images: masks/<image>.png (palette PNG, value = "
@@ -941,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--max-image-bytes", type=_byte_count, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="skip image files larger than this (default: %(default)s)")
     det = sub.add_parser("detect", help="boxes of objects named in text (a ViLD or GLIP run)")
-    det.add_argument("--workdir", required=True)
+    det.add_argument("--workdir", required=True, help=READ_WORKDIR_HELP)
     det.add_argument("--images", nargs="+", required=True, help="image files or directories")
     det.add_argument("--queries", required=True, help='names separated by ". ", e.g. "red circle. blue star" (a "." '
                      "followed by no space is part of a name: 3.5 inch); ViLD puts each in the run's method.templates, "
@@ -957,7 +961,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip image files larger than this (default: %(default)s)")
     conv = sub.add_parser("convert", help="make a workdir from a PyTorch checkpoint (OpenAI, open_clip, Long-CLIP, HF)")
     conv.add_argument("src", help="state dict file (.safetensors/.pt/.bin) or open_clip / HF CLIPModel directory")
-    conv.add_argument("--to-workdir", required=True)
+    conv.add_argument("--to-workdir", required=True,
+                      help="the new workdir to write (a new or empty folder): train, eval, encode or export it")
     conv.add_argument("--vocab", help="BPE merges file (bpe_simple_vocab_16e6.txt.gz) or a tokenizer.json of ours")
     conv.add_argument("--activation", choices=("quick_gelu", "gelu"),
                       help="MLP activation (not stored in weights); default: source config, else quick_gelu")
@@ -971,7 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"the RGB {which} the model's images were normalised with (pixels in [0, 1]); default: "
                           "source config (open_clip's preprocess_cfg, HF's preprocessor_config.json), else OpenAI's")
     exp = sub.add_parser("export", help="write a workdir's checkpoint as PyTorch files (open_clip or HF)")
-    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--workdir", required=True, help=READ_WORKDIR_HELP)
     exp.add_argument("--format", required=True, choices=("openai", "hf", "hf-text"))
     exp.add_argument("--out", required=True, help="file (.safetensors/.pt) or directory")
     exp.add_argument("--pt", action="store_true", help="torch.save pickle instead of .safetensors (needs torch)")
