@@ -1096,6 +1096,19 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+# What the collectives of a multi-process run raise when a peer is gone (gloo on CPUs, NCCL on GPUs, the
+# coordination service everywhere): its connection closed, or a rendezvous timed out waiting for it.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "DEADLINE_EXCEEDED", "Gloo context",
+              "NCCL", "coordination service", "Barrier timed out")
+
+
+def _another_process_stopped(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process of a multi-process run stopped."""
+    jax = sys.modules.get("jax")
+    return (jax is not None and isinstance(error, jax.errors.JaxRuntimeError) and jax.process_count() > 1
+            and any(marker in str(error) for marker in _PEER_GONE))
+
+
 def _report_unexpected(command: str, error: BaseException) -> None:
     """An error we did not foresee: one line on the console and the traceback in a file, for a bug report."""
     import tempfile
@@ -1232,6 +1245,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if debug:
             raise
+        if _another_process_stopped(e):
+            # not a bug of this process's: and JAX's shutdown would wait for the gone process, then abort in C++
+            print(f"clip-jax {label}: error: a collective with the run's other processes failed "
+                  f"({_one_line(e)[:200]}): another process of this run most likely stopped (its log says why: an "
+                  "error, a crash, a kill); stop every process and launch them all again with one command (a "
+                  "training resumes from its latest checkpoint)", file=sys.stderr)
+            _exit_at_once(1)
         _report_unexpected(label, e)
         sys.exit(1)
     finally:

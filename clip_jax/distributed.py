@@ -17,9 +17,11 @@ Every host runs the same command. `maybe_initialize` starts `jax.distributed` on
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -27,6 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from clip_jax.errors import ConfigError
+from clip_jax.files import diff_settings
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,15 @@ def maybe_initialize() -> str | None:
     kind = cluster(os.environ)
     if kind is None or jax.distributed.is_initialized():
         return None
+    # Said first: jax.distributed waits (5 minutes) for every process to join, silent until it aborts, and a
+    # process given the wrong id or address waits so too.
+    if kind == "explicit":
+        log.info("joining a run of %s processes as process %s (coordinator %s); JAX waits up to 5 minutes for all "
+                 "of them", os.environ["JAX_NUM_PROCESSES"], os.environ["JAX_PROCESS_ID"],
+                 os.environ["JAX_COORDINATOR_ADDRESS"])
+    else:
+        log.info("joining the %s cluster's processes (jax.distributed.initialize); JAX waits up to 5 minutes for all "
+                 "of them", kind)
     if kind == "explicit":
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
@@ -108,6 +120,34 @@ def barrier(name: str) -> None:
     """Every process waits here until all have arrived (nothing to wait for on one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def gather_texts(text: str) -> list[str]:
+    """Every process's `text`, in process order; every process calls it at the same point."""
+    data = np.frombuffer(text.encode("utf-8"), np.uint8)
+    length = int(np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).max())
+    padded = np.zeros(length, np.uint8)
+    padded[:len(data)] = data
+    return [bytes(row).rstrip(b"\0").decode("utf-8")
+            for row in np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, length)]
+
+
+def refuse_different_launches(command: str, settings: Mapping[str, Any]) -> None:
+    """Every process of a run runs one command: a process launched with another learning rate (or seed, or data)
+    trained its gradients into the same parameters without a word, and one with another model or step count ended in
+    gloo's "collective mismatch" abort. The settings (JSON trees) of all processes are compared, and a difference is
+    one ConfigError, the same on every process, naming the processes and settings."""
+    if jax.process_count() == 1:
+        return
+    texts = gather_texts(json.dumps(settings, sort_keys=True, default=str))
+    if all(text == texts[0] for text in texts):
+        return
+    first = json.loads(texts[0])
+    differ = [(i, diff_settings(first, json.loads(text), "")) for i, text in enumerate(texts) if text != texts[0]]
+    shown = "; ".join(f"process {i}: {', '.join(d.removeprefix('.') for d in keys[:3])}"
+                      + (f" and {len(keys) - 3} more" if len(keys) > 3 else "") for i, keys in differ[:3])
+    raise ConfigError(f"the processes of this {command} were launched with other settings than process 0's "
+                      f"({shown}): launch every process with the same command")
 
 
 def sum_over_processes(values: np.ndarray) -> np.ndarray:

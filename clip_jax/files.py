@@ -166,6 +166,18 @@ def same_setting(old: Any, new: Any) -> bool:
     return old == new
 
 
+def diff_settings(a: dict, b: dict, prefix: str = "model") -> list[str]:
+    """The settings of two config trees that differ (`same_setting`), as "model.text.width: 512 -> 768", sorted."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_settings(va, vb, f"{prefix}.{k}")
+        elif not same_setting(va, vb):
+            out.append(f"{prefix}.{k}: {va!r} -> {vb!r}")
+    return out
+
+
 def refuse_folder_name(out: epath.PathLike, flag: str = "--out") -> None:
     """A file output named as a folder (`results/`): epath (and open) would make it a file of that name. Checked on
     the path as given, before a Path drops the '/'."""

@@ -4,8 +4,9 @@
 
 RUNS is a JSON list of commands run in order in this process: `["rows"]` checks batch_rows and global_batch on a
 mesh whose devices alternate between the processes; `["params", WORKDIR]` checks that the parameters of WORKDIR's
-step-0 checkpoint (written by one process: a warm start) restore onto this cluster's mesh; anything else is a
-`clip-jax` command line. With
+step-0 checkpoint (written by one process: a warm start) restore onto this cluster's mesh; `["differing", ...]` runs
+the `clip-jax` command line after it with another learning rate on process 1, which every process must refuse (exit
+status 2); anything else is a `clip-jax` command line. With
 SIGTERM_AFTER_STEP=K in the environment, the last command is preempted: this process sends itself SIGTERM after
 its step K (a preemption that reaches one host, at a known step), so its exit status is that command's.
 
@@ -97,6 +98,15 @@ if __name__ == "__main__":
         if argv[0] == "params":
             check_restore_params(argv[1])
             continue
+        if argv[0] == "differing":
+            other = ["--config.optimizer.lr=0.005"] if os.environ["JAX_PROCESS_ID"] == "1" else []
+            try:
+                cli.main(argv[1:] + other)
+            except SystemExit as e:
+                assert e.code == 2, e.code
+                print("differing settings refused", flush=True)
+                continue
+            raise AssertionError("a launch with other settings on process 1 was not refused")
         if i == len(runs) - 1 and "SIGTERM_AFTER_STEP" in os.environ:
             send_sigterm_after(int(os.environ["SIGTERM_AFTER_STEP"]))
         cli.main(argv)

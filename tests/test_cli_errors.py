@@ -795,6 +795,33 @@ def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_file(monkeypatc
         cli.main(["eval", "--workdir", "x", "--debug"])
 
 
+def test_a_collective_failed_by_a_gone_process_says_so(monkeypatch, capsys):
+    """On several processes, a peer that died made this one's next collective fail: "unexpected error ... please
+    report it", then JAX's shutdown waited for the gone peer ~70 s and aborted in C++."""
+    import jax
+
+    def gone(args, overrides):
+        raise jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: [..] Connection closed by peer [127.0.0.1]")
+
+    exits = []
+    monkeypatch.setitem(cli.COMMANDS, "eval", gone)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(cli, "_exit_at_once", lambda status: exits.append(status) or sys.exit(status))
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--workdir", "x"])
+    err = capsys.readouterr().err.strip()
+    assert exits == [1] and "\n" not in err and "unexpected" not in err
+    assert err.startswith("clip-jax eval: error: a collective with the run's other processes failed (UNKNOWN: Gloo "
+                          "AllGather failed: [..] Connection closed by peer [127.0.0.1]): another process of this run "
+                          "most likely stopped")
+    monkeypatch.setattr(jax, "process_count", lambda: 1)  # one process: no peer to blame, a bug to report
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--workdir", "x"])
+    err = capsys.readouterr().err
+    assert "unexpected error: JaxRuntimeError" in err
+    pathlib.Path(err.split("the traceback is in ")[1].split(";")[0]).unlink()
+
+
 def test_ctrl_c_saves_a_checkpoint_at_the_step_it_reached(tmp_path):
     workdir = tmp_path / "run"
     args = train_args(workdir, "--config.total_steps=100000", "--config.checkpoint.every_steps=50000")

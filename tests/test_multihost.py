@@ -184,10 +184,11 @@ def warm_start_checkpoint(tmp):
 
 @pytest.fixture(scope="module")
 def launched(tmp, tokenizer_file, encode_inputs, warm_start_checkpoint):
-    """One launch of 2 processes x 4 devices (one start-up and compilation for all of it): the rows check, the
-    warm-start check, the uninterrupted run, `encode` with its checkpoint, and the run again with SIGTERM sent to
-    process 1 only, after its step SIGTERM_AFTER."""
-    runs = [["rows"], ["params", str(warm_start_checkpoint)], train_argv(tmp / "two", tokenizer_file),
+    """One launch of 2 processes x 4 devices (one start-up and compilation for all of it): a launch with other
+    settings on process 1 (refused), the rows check, the warm-start check, the uninterrupted run, `encode` with its
+    checkpoint, and the run again with SIGTERM sent to process 1 only, after its step SIGTERM_AFTER."""
+    runs = [["differing", *train_argv(tmp / "differing", tokenizer_file)], ["rows"],
+            ["params", str(warm_start_checkpoint)], train_argv(tmp / "two", tokenizer_file),
             encode_argv(tmp / "two", encode_inputs, tmp / "enc2"), train_argv(tmp / "preempted", tokenizer_file)]
     env = [{}, {"SIGTERM_AFTER_STEP": str(SIGTERM_AFTER)}]
     launch = Launch(tmp, "launch", [str(WORKER), json.dumps(runs)], env=env)
@@ -299,6 +300,17 @@ def test_two_processes_encode_like_one(tmp, two_processes, encode_inputs):
         assert got.shape == (rows, 16)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
     assert (tmp / "enc2" / "image_files.txt").read_text() == (tmp / "enc1" / "image_files.txt").read_text()
+
+
+def test_processes_launched_with_other_settings_are_refused(tmp, two_processes):
+    """Process 1 with another learning rate trained its gradients into the same parameters, without a word (and one
+    with another model ended in gloo's collective-mismatch abort): refused on every process, before any file."""
+    _, results = two_processes
+    for _, out in results:
+        assert ("the processes of this training were launched with other settings than process 0's (process 1: "
+                "config.optimizer.lr: 0.001 -> 0.005): launch every process with the same command") in out, out[-2000:]
+        assert "differing settings refused" in out
+    assert not (tmp / "differing").exists()
 
 
 def test_only_process_zero_writes_logs_and_results(two_processes):

@@ -40,12 +40,12 @@ from clip_jax.data.pipeline import (
     train_data_identity,
 )
 from clip_jax.data.tokenizer import ClipTokenizer
-from clip_jax.distributed import barrier, batch_rows
+from clip_jax.distributed import barrier, batch_rows, refuse_different_launches
 from clip_jax.errors import sigterm_raises
 from clip_jax.evaluate.encoder import Encoder
 from clip_jax.evaluate.suite import due as evals_due
 from clip_jax.evaluate.suite import evaluate, evaluation_settings, print_results
-from clip_jax.files import is_remote, is_workdir, results_json, same_setting, write_atomic
+from clip_jax.files import absolute_path, diff_settings, is_remote, is_workdir, results_json, same_setting, write_atomic
 from clip_jax.hlo import collective_traffic, describe_traffic
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Method, Preparation, abstract_batch
@@ -102,7 +102,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
     if checkpoint_step is not None and path.exists():
         previous = read_config(path)
         groups = [g for g in fixed if g != "model"]
-        changed = sorted(d for g in groups for d in _diff_keys(
+        changed = sorted(d for g in groups for d in diff_settings(
             previous[g].to_dict(), json.loads(json.dumps(config[g].to_dict(), default=list)), g))
         if changed:
             raise ConfigError(f"workdir {workdir} holds a run with other {' / '.join(groups)} settings "
@@ -111,7 +111,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
         _refuse_tokenizer_change(previous.data, config.data, workdir)
         old, new = previous.model.to_dict(), json.loads(json.dumps(config.model.to_dict(), default=list))
         free = _WARM_START_FIELDS if checkpoint_step == 0 else _RESUME_FIELDS
-        diff = [d for d in sorted(_diff_keys(old, new)) if d.partition(":")[0] not in free]
+        diff = [d for d in sorted(diff_settings(old, new)) if d.partition(":")[0] not in free]
         if diff:
             old_context, new_context = old["text"]["context_length"], new["text"]["context_length"]
             # The positional embedding's length is fixed by the checkpoint: the one change with a tool of its own.
@@ -247,7 +247,7 @@ def _training_changes(old: ml_collections.ConfigDict, new: ml_collections.Config
     untold = ("mesh", "log", "eval", "evals", "checkpoint")
     a, b = ({k: v for k, v in json.loads(json.dumps(c.to_dict(), default=list)).items() if k not in untold}
             for c in (old, new))
-    return [d.removeprefix("config.").replace(": ", " ", 1) for d in _diff_keys(a, b, "config")]
+    return [d.removeprefix("config.").replace(": ", " ", 1) for d in diff_settings(a, b, "config")]
 
 
 def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int,
@@ -349,17 +349,6 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
                           "--workdir workdirs/demo), or point --config.init_from at a workdir that has one")
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "model") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff_keys(va, vb, f"{prefix}.{k}")
-        elif not same_setting(va, vb):
-            out.append(f"{prefix}.{k}: {va!r} -> {vb!r}")
-    return out
-
-
 def create_state(config: ml_collections.ConfigDict, method: Method, model: nn.Module, mesh):
     """(init function, shardings, optimizer): the state is initialised directly in its shardings, so no host
     ever holds the full unsharded parameters."""
@@ -438,6 +427,7 @@ def _launch(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
 
     # --- Mesh (checked before anything is written: a launch on the wrong machine leaves the workdir alone) -------
     absolute_paths(config)  # config.json then reads the same files from any folder
+    refuse_different_launches("training", {"config": config.to_dict(), "workdir": absolute_path(str(workdir))})
     check_input_paths(config, workdir=workdir)
     check_train_source(config)
     checked_tokenizer = check_tokenizer_file(config, new_run=not checkpoint_steps(workdir))
