@@ -142,3 +142,34 @@ def test_a_training_leaves_no_lock_behind(tmp_path):
     write_lock(workdir / run_lock.LOCK_NAME, pid=dead_pid())  # a killed run's
     cli.main(train_args(workdir))
     assert (workdir / "results.json").exists() and not (workdir / run_lock.LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_workdir_that_is_a_folder_per_host_is_refused(tmp_path, monkeypatch, shared):
+    """Process 1 of two, whose --workdir is (or is not) the folder process 0 wrote its lock record into: a local
+    folder per host failed later with "tokenizer file not found", or at the first checkpoint save in a 5-minute hang.
+    The collectives are stood in for: process 0's token broadcast, and each process's answer gathered."""
+    import jax
+    import numpy as np
+
+    workdir = epath.Path(tmp_path / "run")
+    workdir.mkdir()
+    token = "ab" * 16
+    if shared:  # process 0's record, as it wrote it
+        write_lock(workdir / run_lock.LOCK_NAME, pid=1, token=token)
+    answers = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(run_lock.multihost_utils, "broadcast_one_to_all",
+                        lambda x: np.frombuffer(bytes.fromhex(token), np.uint8))
+    monkeypatch.setattr(run_lock.multihost_utils, "process_allgather",
+                        lambda x: answers.append(int(x)) or np.asarray([1, int(x)]))
+    if shared:
+        run_lock._refuse_a_folder_per_host(workdir, workdir / run_lock.LOCK_NAME, "cd" * 16, 0.2, 0.05)
+        assert answers == [1]
+        return
+    with pytest.raises(ConfigError) as error:
+        run_lock._refuse_a_folder_per_host(workdir, workdir / run_lock.LOCK_NAME, "cd" * 16, 0.2, 0.05)
+    assert answers == [0]
+    assert str(error.value).startswith(f"--workdir {workdir} is not one folder that every process reaches: process 1 "
+                                       "did not see the record process 0 wrote there (running.json) within 0 s")

@@ -134,6 +134,32 @@ def _refuse(workdir: epath.Path, path: epath.Path, reason: str) -> ConfigError:
                        f"checkpoints and metrics: stop that one first (if it is gone and this persists, remove {path})")
 
 
+def _refuse_a_folder_per_host(workdir: epath.Path, path: epath.Path, token: str, wait_s: float, poll_s: float
+                              ) -> None:
+    """Every process must reach process 0's workdir (a shared file system, a bucket): a local folder of one path on
+    each host failed later with another host's "tokenizer file not found", or at the first checkpoint save, after
+    its steps, in a 5-minute hang. Each process looks for the lock record process 0 has just written (waiting a while:
+    a network file system may show a new file late); a ConfigError on every process if one does not see it."""
+    token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(
+        np.frombuffer(bytes.fromhex(token), np.uint8)), np.uint8)).hex()
+    seen = jax.process_index() == 0
+    deadline = time.monotonic() + wait_s
+    while not seen:
+        seen = (_read(path) or {}).get("token") == token
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(poll_s)
+    blind = [i for i, s in enumerate(np.asarray(multihost_utils.process_allgather(np.int32(seen))).ravel()) if not s]
+    if blind:
+        if jax.process_index() == 0:
+            path.unlink(missing_ok=True)  # not held: nothing trains
+        raise ConfigError(f"--workdir {workdir} is not one folder that every process reaches: process "
+                          f"{', '.join(map(str, blind))} did not see the record process 0 wrote there ({LOCK_NAME}) "
+                          f"within {wait_s:.0f} s, as a folder local to each host would not; give a folder every host "
+                          "reaches (a shared file system, a gs:// bucket): the run's files and every process's "
+                          "checkpoint shards meet there")
+
+
 @contextlib.contextmanager
 def hold_workdir(workdir: epath.Path, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
                  poll_s: float = POLL_S) -> Iterator[Holding]:
@@ -160,6 +186,8 @@ def hold_workdir(workdir: epath.Path, heartbeat_s: float = HEARTBEAT_S, stale_s:
             refusal = "process 0 found another training in this workdir (its log names it)"
     if refusal:
         raise _refuse(workdir, path, refusal)
+    if jax.process_count() > 1:
+        _refuse_a_folder_per_host(workdir, path, token, stale_s, poll_s)
     if not primary:
         yield holding
         return
