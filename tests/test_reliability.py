@@ -396,3 +396,18 @@ def test_a_resume_that_falls_back_keeps_the_settings_until_the_step_it_resumed(t
     assert (workdir / f"config_until_step_{previous}.json").exists()
     assert not (workdir / f"config_until_step_{newest}.json").exists()
     assert f"the settings until step {previous} are kept in config_until_step_{previous}.json" in caplog.text
+
+
+def test_a_data_position_of_another_process_count_names_a_way_on(tmp_path):
+    """"holds the data positions of 1 processes": and a run whose old process count is gone had no way on."""
+    from clip_jax.config import default_config
+    from clip_jax.train.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(tmp_path / "run", default_config().checkpoint)
+    try:
+        message = str(checkpointer._foreign_layout(6, {1}))
+    finally:
+        checkpointer.close()
+    assert f"{tmp_path / 'run' / 'checkpoints' / '6'} holds the data positions of 1 process, and this run has 1" in (
+        message)
+    assert f"start a new run from its parameters in a new --workdir (--config.init_from={tmp_path / 'run'};" in message

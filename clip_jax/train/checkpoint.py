@@ -290,11 +290,14 @@ class Checkpointer:
                     "batch %d", where, jax.process_count(), batches_read)
 
     def _foreign_layout(self, step: int, writers: set[int]) -> DataPositionError:
-        written = f"{sorted(writers)[0]} processes" if len(writers) == 1 else "another number of processes"
+        count = sorted(writers)[0]
+        written = (f"{count} process{'es' * (count != 1)}" if len(writers) == 1 else "another number of processes")
         return DataPositionError(
             f"checkpoint {self.directory / str(step)} holds the data positions of {written}, and this run has "
             f"{jax.process_count()}: for this data pipeline (a source that drops samples, or data.workers > 0) a "
-            "position is per process; relaunch with the process count that wrote it"
+            "position is per process; relaunch with the process count that wrote it, or start a new run from its "
+            f"parameters in a new --workdir (--config.init_from={self.directory.parent}; the data is read from its "
+            "start)"
         )
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:

@@ -679,7 +679,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     # From here a Ctrl-C or SIGTERM saves at the end of a step; installed before the compile report, which is what
     # a watching user (or test) takes as "training has started".
     preempted = PreemptionFlag()
-    if compiled is not None:
+    if compiled is not None and jax.process_index() == 0:  # (every process's is the same program)
         _report_compiled(compiled, time.time() - t0, flops_per_step, peak, mesh.size)
 
     # --- Steps --------------------------------------------------------------------------------------------------
