@@ -909,7 +909,8 @@ class PreemptionFlag:
                   file=sys.stderr, flush=True)
             os._exit(130)
         self._interrupted = True
-        print("\ninterrupted: saving a checkpoint after this step, then stopping (Ctrl-C again: stop at once)",
+        when = "at a step every process agrees on (a few steps on)" if self._multihost else "after this step"
+        print(f"\ninterrupted: saving a checkpoint {when}, then stopping (Ctrl-C again: stop at once)",
               file=sys.stderr, flush=True)
         if self._multihost:
             os.kill(os.getpid(), signal.SIGTERM)
