@@ -232,10 +232,24 @@ def _image_chunks(files: list, size: int, max_bytes: int, batch_size: int, skipp
     whole batches at a time (data/images.py::image_chunks, about IMAGE_CHUNK images: a folder of any size fits in
     memory). A file that cannot be read is warned of as it is found and its message added to `skipped`; none
     readable is a ConfigError once all are tried."""
-    from clip_jax.data.images import image_chunk_size, image_chunks
+    import numpy as np
 
-    found = False
-    for images, indices, messages in image_chunks(files, size, max_bytes, image_chunk_size(batch_size)):
+    from clip_jax.data.images import image_chunk_size, image_chunks
+    from clip_jax.distributed import kept_by_all, refuse_different_inputs
+
+    refuse_different_inputs("image files", [str(f) for f in files])
+    found, chunk = False, image_chunk_size(batch_size)
+    for start, (images, indices, messages) in zip(range(0, len(files), chunk),
+                                                   image_chunks(files, size, max_bytes, chunk), strict=True):
+        # On several processes, only the files every process read: the hosts then embed the same batches.
+        read = np.zeros(min(chunk, len(files) - start), bool)
+        read[np.asarray(indices, int) - start] = True
+        if not (everywhere := kept_by_all(read))[read].all():
+            rows = everywhere[np.asarray(indices, int) - start]
+            messages += [f"{files[i]}: skipped, as another process could not read it" for i, keep
+                         in zip(indices, rows, strict=True) if not keep]
+            images, indices = (images[rows] if rows.any() else None), [i for i, k in zip(indices, rows, strict=True)
+                                                                      if k]
         for message in messages:
             print(f"warning: {message}", file=sys.stderr)
         skipped.extend(messages)

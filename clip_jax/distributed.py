@@ -150,6 +150,28 @@ def refuse_different_launches(command: str, settings: Mapping[str, Any]) -> None
                       f"({shown}): launch every process with the same command")
 
 
+def refuse_different_inputs(what: str, names: Sequence[str]) -> None:
+    """Every process of a multi-process command reads the same inputs, in order (their embeddings are computed
+    together): a host that lists other files (a folder synced late) would run other batches than the rest and hang
+    in their collectives. A ConfigError on every process where one lists others."""
+    if jax.process_count() == 1:
+        return
+    texts = gather_texts("\n".join(names))
+    if any(text != texts[0] for text in texts):
+        counts = ", ".join(f"process {i}: {len(text.splitlines())}" for i, text in enumerate(texts))
+        raise ConfigError(f"the processes of this command list other {what} ({counts}): every host must see the same "
+                          "files (a folder every host reaches, the same on each)")
+
+
+def kept_by_all(kept: np.ndarray) -> np.ndarray:
+    """`kept` (bool, one per input of a chunk: whether this process could read it) and-ed over the processes: an
+    input one host cannot read (a file damaged in its copy) is left out on every host, which then run the same
+    batches; on one process, `kept` itself."""
+    if jax.process_count() == 1:
+        return kept
+    return np.asarray(multihost_utils.process_allgather(np.asarray(kept, bool))).reshape(-1, len(kept)).all(axis=0)
+
+
 def sum_over_processes(values: np.ndarray) -> np.ndarray:
     """`values` (a small vector) summed elementwise over all processes; every process calls it at the same point."""
     return np.asarray(multihost_utils.process_allgather(np.asarray(values))).sum(axis=0)

@@ -822,6 +822,29 @@ def test_a_collective_failed_by_a_gone_process_says_so(monkeypatch, capsys):
     pathlib.Path(err.split("the traceback is in ")[1].split(";")[0]).unlink()
 
 
+def test_an_image_another_process_cannot_read_is_left_out_everywhere(tmp_path, monkeypatch, capsys):
+    """encode (classify, segment, detect) on two processes, one of which could not read an image that the other
+    read: the hosts ran different batches and hung in their collectives. The other process's answer is stood in
+    for (`distributed.kept_by_all`: it could not read file 1)."""
+    from clip_jax import distributed
+    from clip_jax.data.images import load_image
+
+    files = []
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (20, 20), colour).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    files.append(tmp_path / "3.png")
+    monkeypatch.setattr(distributed, "kept_by_all", lambda kept: kept & (np.arange(len(kept)) != 1))
+    skipped = []
+    chunks = list(cli._image_chunks(files, 16, 1 << 20, 2, skipped))
+    assert [indices for _, indices in chunks] == [[0, 2]]
+    np.testing.assert_array_equal(np.concatenate([images for images, _ in chunks]),
+                                  np.stack([load_image(files[i], 16) for i in (0, 2)]))
+    assert len(skipped) == 2 and f"{files[1]}: skipped, as another process could not read it" in skipped
+    assert any(str(files[3]) in message for message in skipped)
+
+
 def test_ctrl_c_saves_a_checkpoint_at_the_step_it_reached(tmp_path):
     workdir = tmp_path / "run"
     args = train_args(workdir, "--config.total_steps=100000", "--config.checkpoint.every_steps=50000")
