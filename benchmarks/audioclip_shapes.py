@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from machine import environment_facts  # noqa: E402
 from slip_shapes import ridge_accuracy, training_seconds  # noqa: E402
 
 from clip_jax.config import load_config  # noqa: E402
@@ -37,6 +37,7 @@ from clip_jax.data.classification import class_embeddings  # noqa: E402
 from clip_jax.data.shapes import SHAPES, ZERO_SHOT_TEMPLATES, class_names  # noqa: E402
 from clip_jax.evaluate.audio import audio_config, shapes_sounds  # noqa: E402
 from clip_jax.evaluate.encoder import Encoder  # noqa: E402
+from clip_jax.files import results_json
 from clip_jax.models.audio import log_mel_spectrogram  # noqa: E402
 from clip_jax.train.loop import load_trained  # noqa: E402
 
@@ -121,12 +122,12 @@ def main() -> None:
     for arm, row in summary.items():
         print(f"{arm:<16}" + "".join(f"{row[k]:>28.3f}" if k in row else f"{'':>28}" for k in columns))
     print(f"chance: {1 / len(class_names()):.3f}")
-    RESULTS.write_text(json.dumps({
+    RESULTS.write_text(results_json({
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), CPU",
+        "machine": environment_facts(),
         "steps": args.steps, "seeds": args.seeds, "chance": 1 / len(class_names()),
         "mean_over_seeds": summary, "runs": runs,
-    }, indent=1) + "\n")
+    }))
     print(f"saved {RESULTS}")
 
 

@@ -25,6 +25,7 @@ from machine import environment_facts  # noqa: E402
 from result_files import checked_out_file, count  # noqa: E402
 
 from clip_jax.evaluate.suite import eval_defaults, evaluate  # noqa: E402
+from clip_jax.files import results_json
 from clip_jax.train.loop import load_trained  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main() -> None:
         print(workdir, runs[workdir], flush=True)
     result = {"benchmark": "binding_shapes", "date": datetime.date.today().isoformat(),
               "machine": environment_facts(), "num_examples": args.num_examples, "runs": runs}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(results_json(result))
     print("saved", out)
 
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from machine import environment_facts  # noqa: E402
 from result_files import checked_out_folder, count, new_result_path  # noqa: E402
 
+from clip_jax.files import results_json  # noqa: E402
 from clip_jax.train.checkpoint import read_state  # noqa: E402
 
 # The tests' tiny model; a checkpoint (asynchronous) every 10 steps and a log record every 10. 300 steps in one
@@ -278,7 +279,7 @@ def main() -> None:
     print(json.dumps(result["summary"], indent=2))
     path = new_result_path(pathlib.Path(args.out) / ("chaos_resume.json" if args.processes == 1 else
                                   f"chaos_resume_{args.processes}proc.json"))
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(results_json(result))
     print(f"saved {path}")
 
 

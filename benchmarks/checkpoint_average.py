@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
 import sys
 
@@ -26,6 +25,7 @@ from machine import environment_facts  # noqa: E402
 from result_files import checked_out_file  # noqa: E402
 
 from clip_jax.evaluate.suite import evaluate  # noqa: E402
+from clip_jax.files import results_json
 from clip_jax.train.checkpoint import Checkpointer, abstract_like  # noqa: E402
 from clip_jax.train.loop import load_trained  # noqa: E402
 
@@ -79,7 +79,7 @@ def main() -> None:
         "machine": environment_facts(),
         "runs": {w: probe(w, args.steps) for w in args.workdir},
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(results_json(result))
     print("saved", out)
 
 

@@ -27,6 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # clip_jax from this check
 from machine import environment_facts  # noqa: E402
 from result_files import checked_out_file, count  # noqa: E402
 
+from clip_jax.files import results_json  # noqa: E402
+
 VARIANTS = ("pipeline", "cached")
 CACHED_ITEMS = 512
 
@@ -61,7 +63,7 @@ def seconds_per_step(workdir: pathlib.Path) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.py")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.py"))
     parser.add_argument("--steps", type=count, default=150)
     parser.add_argument("--rounds", type=count, default=2)
     parser.add_argument("--out", help="the JSON file, or a folder for the default name (default: "
@@ -91,7 +93,7 @@ def main() -> None:
         "runs_s_per_step": runs, "date": datetime.date.today().isoformat(), "machine": environment_facts(),
     }
     print(json.dumps(result, indent=1))
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(results_json(result))
     print(f"saved {out}")
 
 

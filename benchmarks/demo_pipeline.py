@@ -27,11 +27,12 @@ from result_files import checked_out_file, count  # noqa: E402
 
 from clip_jax.config import load_config  # noqa: E402
 from clip_jax.data import pipeline  # noqa: E402
+from clip_jax.files import results_json  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.py")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.py"))
     parser.add_argument("--batches", type=count, default=8, help="batches per timed round")
     parser.add_argument("--rounds", type=count, default=5)
     parser.add_argument("--out", help="the JSON file, or a folder for the default name (default: "
@@ -43,7 +44,7 @@ def main() -> None:
     config.data.workers, config.data.prefetch = 0, 0
     with tempfile.TemporaryDirectory() as workdir, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the demo's BPE warns that its corpus supports fewer tokens than asked
-        tokenizer = pipeline.make_tokenizer(config, pathlib.Path(workdir))
+        tokenizer = pipeline.make_tokenizer(config, pathlib.Path(workdir), new_run=True)
     batches = iter(pipeline.train_dataset(config, tokenizer))
     next(batches)
     per_batch_ms = []
@@ -60,7 +61,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "machine": environment_facts(),
     }
     print(json.dumps(result, indent=1))
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(results_json(result))
     print(f"saved {out}")
 
 

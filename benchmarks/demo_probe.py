@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import json
 import pathlib
 import sys
 
@@ -24,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # result_files.py beside it
+from machine import environment_facts  # noqa: E402
 from result_files import checked_out_file, count  # noqa: E402
 
 from clip_jax.data.classification import class_embeddings, normalize  # noqa: E402
@@ -41,6 +41,7 @@ from clip_jax.data.shapes import (  # noqa: E402
     ShapesDataset,
 )  # fmt: skip
 from clip_jax.evaluate.encoder import Encoder  # noqa: E402
+from clip_jax.files import results_json
 from clip_jax.train.loop import load_trained  # noqa: E402
 
 SHAPE_TEMPLATES = ("a {}.", "a picture of a {}.", "the shape is a {}.")  # as the training's shape-only captions
@@ -115,6 +116,7 @@ def main() -> None:
 
     result = {
         "workdir": str(args.workdir), "step": step, "date": datetime.date.today().isoformat(),
+        "machine": environment_facts(),
         "held_out_per_class": per_class, "shape_only_top1": shape_only, "colour_only_top1": colour_only,
         "single_objects_shape_prompts": colour_vs_gray, "n_single": args.n,
     }  # fmt: skip
@@ -125,7 +127,7 @@ def main() -> None:
         read = colour_vs_gray[name]
         print(f"{name:16s} {row['correct']:>4d}/{row['total']:<4d}  {row['wrong_as']} | {read['colour']} -> "
               f"{read['grayscale']}")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(results_json(result))
     print(f"saved {out}")
 
 

@@ -169,6 +169,8 @@ import time
 
 from machine import cpu_facts
 
+from clip_jax.files import results_json  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "demo_validation.json"
 KEYS = ("zero_shot_top1_val", "zero_shot_top1_seen", "i2t_r1", "t2i_r1")
@@ -337,7 +339,7 @@ def main() -> None:
         print(f"{key:22} {r['steps']:>6} {r['batch_size']:>6} {wall} " + " ".join(f"{r[k]:>19.3f}" for k in KEYS))
     print("mean zero_shot_top1_val: " + ", ".join(f"{n} {m:.3f}" for n, m in means.items()))
     print("round winners: " + ", ".join(winners))
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    RESULTS.write_text(results_json(report))
     print(f"saved {RESULTS}")
 
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,10 +36,12 @@ from clip_jax.data.detection import DetectionSet, shapes_detection_set
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
 from clip_jax.evaluate.detection import Detections, clip_on_crops, detect, detection_ap, top_detections
 from clip_jax.evaluate.encoder import Encoder
+from clip_jax.files import results_json
 from clip_jax.models.boxes import nms
 from clip_jax.train.loop import load_trained
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from machine import environment_facts  # noqa: E402
 from slip_shapes import training_seconds  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -201,13 +201,13 @@ def main() -> None:
         if seed == args.seeds[0]:
             draw_figure(figure, FIGURE, figure["truth"].names)
         print(json.dumps({"seed": seed, **results}, indent=1), flush=True)
-    record = {"machine": f"{platform.node()} ({os.cpu_count()} cores, shared), {platform.processor() or 'cpu'}",
+    record = {"machine": environment_facts(),
               "date": datetime.date.today().isoformat(), "seeds": args.seeds, "start_workdirs": args.start_workdirs,
               "num_examples": args.num_examples, "objects": OBJECTS,
               "seconds_per_image": {k: {"mean": float(np.mean(v)), "per_seed": v} for k, v in seconds.items()},
               "training_seconds": train_seconds, "results": summarise(per_seed)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    RESULTS.write_text(results_json(record))
     for method, subsets in record["results"].items():
         print(f"{method:16s} base AP50 {subsets['base']['ap50']['mean']:.3f}  novel AP50 "
               f"{subsets['novel']['ap50']['mean']:.3f}  novel AP {subsets['novel']['ap']['mean']:.3f}  "

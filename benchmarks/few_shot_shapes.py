@@ -20,7 +20,6 @@ import datetime
 import json
 import math
 import pathlib
-import platform
 import sys
 import time
 
@@ -29,9 +28,11 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # result_files.py
+from machine import environment_facts  # noqa: E402
 from result_files import checked_out_file  # noqa: E402
 
 from clip_jax.config import load_config  # noqa: E402
+from clip_jax.files import results_json  # noqa: E402
 
 # method -> its recipe. "zero_shot" is the demo CLIP scored by the same few_shot evaluation.
 RECIPES = {
@@ -84,7 +85,7 @@ def train_run(method: str, shots: int, seed: int, root: pathlib.Path) -> dict:
         start = time.perf_counter()
         results = train_and_evaluate(config, workdir)
         results["wall_s"] = time.perf_counter() - start
-        done.write_text(json.dumps(results, indent=2) + "\n")
+        done.write_text(results_json(results))
     run = {g: results[f"few_shot_{g}"] for g in GROUPS if f"few_shot_{g}" in results}
     run["wall_s"] = results.get("wall_s")
     if method == "wise_ft":
@@ -269,12 +270,12 @@ def main() -> None:
         "wise_ft_alphas": curves,
         "claims": judged,
         "wall_s": walls,
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), {jax.devices()[0].platform}",
+        "machine": environment_facts(),
         "date": datetime.date.today().isoformat(),
         "sweep_wall_s": time.perf_counter() - start,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(results_json(result))
     plot(table, shots, out.with_suffix(".png"))
     for c in judged:
         margins = ", ".join(f"{r['shots']}: {r['margin']:+.3f}" for r in c["comparisons"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+from clip_jax.files import results_json
 from clip_jax.models.layers import cuda_compute_capability
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # result_files.py beside it
@@ -37,5 +38,5 @@ def run_gpu_check(name: str, doc: str, needs: str, cases: dict[str, Any], measur
     for case_name, case in cases.items():
         result["shapes"][case_name] = measure(case)
         print(case_name, json.dumps(result["shapes"][case_name]), flush=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path.write_text(results_json(result))
     print(f"saved {path}")

@@ -32,6 +32,8 @@ sys.path.insert(0, str(HERE.resolve()))  # machine.py, result_files.py beside it
 from machine import environment_facts  # noqa: E402
 from result_files import checked_out_folder, count, new_result_path  # noqa: E402
 
+from clip_jax.files import results_json  # noqa: E402
+
 B16 = ["--preset", "B/16", "--dtype", "bfloat16"]
 B16_SCANNED = [*B16, "--scan"]
 LONGCLIP_L14 = ["--config", str(HERE.parent / "configs" / "longclip_l14.py")]
@@ -193,7 +195,7 @@ def main() -> None:
         if not args.only or name in args.only:
             suite[name] = check(script, min(timeout, args.budget - (time.perf_counter() - start)))
             print(f"{name}:", json.dumps(suite[name].get("shapes", suite[name])), flush=True)
-            path.write_text(json.dumps(suite, indent=2) + "\n")
+            path.write_text(results_json(suite))
     for name, run_args, xla_flags in RUNS:
         if args.only and name not in args.only:
             continue
@@ -205,13 +207,13 @@ def main() -> None:
         run_args = [a.replace("{out}", str(out)) for a in run_args]
         result = run_one(run_args, min(args.run_timeout, left), args.steps, xla_flags)
         suite["runs"][name] = {"command_args": run_args, "added_xla_flags": xla_flags, **result}
-        path.write_text(json.dumps(suite, indent=2) + "\n")  # saved before a summary that might fail to format
+        path.write_text(results_json(suite))  # saved before a summary that might fail to format
         try:  # a summary that cannot be formatted costs its line, not the runs still to come
             print("\n".join([summary_line(name, result), *profile_lines(result)]), flush=True)
         except (KeyError, TypeError, ValueError) as e:
             print(f"{name}: saved; its summary could not be formatted ({type(e).__name__}: {e})", flush=True)
     suite["total_s"] = time.perf_counter() - start
-    path.write_text(json.dumps(suite, indent=2) + "\n")
+    path.write_text(results_json(suite))
     print(f"saved {path} ({suite['total_s']:.0f} s)")
 
 

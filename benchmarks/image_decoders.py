@@ -47,6 +47,7 @@ from clip_jax.data.images import (  # noqa: E402
     random_crop_box,
     random_resized_crop,
 )
+from clip_jax.files import results_json  # noqa: E402
 
 MIN_SIDE = crop_min_side(IMAGE_SIZE, True, (0.8, 1.0))
 SCALE = (0.8, 1.0)  # input_pipeline.py's crop scale
@@ -164,7 +165,7 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     if absent:
         print(f"not timed: {', '.join(absent)} (not installed)")
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(results_json(report))
     print(f"saved {out}")
 
 

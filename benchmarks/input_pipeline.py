@@ -39,7 +39,7 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import environment_facts  # noqa: E402
-from result_files import checked_out_file  # noqa: E402
+from result_files import checked_out_file, count, positive  # noqa: E402
 
 from clip_jax.config import default_config  # noqa: E402
 from clip_jax.data import records  # noqa: E402
@@ -48,6 +48,7 @@ from clip_jax.data.images import crop_min_side, open_image, random_resized_crop 
 from clip_jax.data.pipeline import train_dataset  # noqa: E402
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
 from clip_jax.data.tokenizer import ClipTokenizer  # noqa: E402
+from clip_jax.files import results_json  # noqa: E402
 from clip_jax.models.clip import CLIPConfig  # noqa: E402
 from clip_jax.models.flops import PEAK_FLOPS, train_flops_per_sample  # noqa: E402
 from clip_jax.models.presets import model_preset  # noqa: E402
@@ -150,12 +151,12 @@ def grain_rate(shard_dir: pathlib.Path, tokenizer: ClipTokenizer, workers: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=2000, help="images to generate")
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=12.0, help="per measurement")
+    parser.add_argument("--n", type=count, default=2000, help="images to generate")
+    parser.add_argument("--shards", type=count, default=4)
+    parser.add_argument("--seconds", type=positive, default=12.0, help="per measurement")
     parser.add_argument("--colour-jitter", type=float, nargs=4, metavar=("B", "C", "S", "H"),
                         help="data.colour_jitter strengths: brightness, contrast, saturation, hue")
-    parser.add_argument("--out", type=pathlib.Path, help="the JSON file, or a folder for the default name "
+    parser.add_argument("--out", help="the JSON file, or a folder for the default name "
                         "(default: benchmarks/results/input_pipeline_<host>[_jitter].json; never over an earlier one)")
     args = parser.parse_args()
     suffix = "" if args.colour_jitter is None else "_jitter"
@@ -197,7 +198,7 @@ def main() -> None:
         },
         "units": "samples/s; one_core: per wall-second and per CPU-second of one process without threads",
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(results_json(report))
     print(json.dumps({k: report[k] for k in ("data", "one_core", "grain_pipeline", "h100_b16")}, indent=1))
     print(f"wrote {out}")
 

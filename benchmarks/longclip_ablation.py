@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import shutil
@@ -31,6 +30,7 @@ from result_files import checked_out_file
 
 from clip_jax import cli
 from clip_jax.evaluate.suite import eval_defaults, evaluate
+from clip_jax.files import results_json
 from clip_jax.train.loop import load_trained
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "longclip_shapes.py")
@@ -99,10 +99,10 @@ def table(summary: dict) -> str:
 
 def main() -> None:
     args = parse_args()
-    # the committed result is regenerated in place on purpose (docs/longclip.md cites it); checked before hours of
-    # training
+    # the committed result is regenerated in place on purpose (docs/longclip.md cites it), a file named by --out
+    # kept; checked before hours of training
     out = checked_out_file(args.out, pathlib.Path(__file__).parent / "results" / "longclip_ablation_shapes.json",
-                           replace=True)
+                           replace=args.out is None)
     root = pathlib.Path(args.workdir)
     timings: dict[str, float] = {}
     load_before = os.getloadavg()
@@ -140,7 +140,7 @@ def main() -> None:
         "runs": runs,
         "table": table(summary),
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(results_json(result))
     print(result["table"])
     print(f"wrote {out}")
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import pathlib
 import sys
 import time
 
+from clip_jax.files import results_json
 from clip_jax.host_memory import keep_freed_memory
 
 keep_freed_memory()  # the trainer's allocator settings on the CPU (docs/benchmarks.md, item 2), before JAX starts
@@ -45,7 +45,7 @@ from clip_jax.train import state as state_lib  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from machine import environment_facts  # noqa: E402
-from result_files import checked_out_folder, new_result_path  # noqa: E402
+from result_files import checked_out_folder, count, new_result_path  # noqa: E402
 
 
 def scalar_clip(max_norm: float) -> optax.GradientTransformation:
@@ -108,8 +108,8 @@ def guarded(tx, guard: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="B/32", choices=sorted(PRESETS))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--calls", type=int, default=4, help="timed calls per variant and round")
+    parser.add_argument("--rounds", type=count, default=3)
+    parser.add_argument("--calls", type=count, default=4, help="timed calls per variant and round")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
     out = checked_out_folder(args.out)
@@ -118,8 +118,8 @@ def main() -> None:
     config.model = model_preset(args.preset)
     shapes = parameter_shapes(config)
     params, grads = random_like(shapes, seed=0), jax.tree.map(lambda g: g * 1e-3, random_like(shapes, seed=1))
-    count = sum(leaf.size for leaf in jax.tree.leaves(params))
-    print(f"{args.preset}: {count / 1e6:.1f}M parameters, gradient norm {float(optax.tree.norm(grads)):.2f} "
+    n_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    print(f"{args.preset}: {n_params / 1e6:.1f}M parameters, gradient norm {float(optax.tree.norm(grads)):.2f} "
           f"(clipped to {config.optimizer.grad_clip_norm})")
 
     variants = {}
@@ -127,7 +127,7 @@ def main() -> None:
         for guard in ("where", "cond", "unguarded"):
             variants[f"{guard}+{clip_name}"] = (guarded(tx, guard), tx)
     copy = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-    flat = jnp.ones((count,), jnp.float32)
+    flat = jnp.ones((n_params,), jnp.float32)
 
     seconds, differences, trainers = collections.defaultdict(list), {}, None
     for round_ in range(args.rounds):
@@ -154,8 +154,8 @@ def main() -> None:
     result = {
         "benchmark": "parameter_update", "date": time.strftime("%Y-%m-%d"),
         "machine": {**environment_facts(), "device_kind": jax.devices()[0].device_kind},
-        "jax": jax.__version__, "optax": optax.__version__, "args": vars(args), "parameters": count,
-        "copy_ms": copy_s * 1e3, "copy_gb_per_s": 2 * 4 * count / copy_s / 1e9,
+        "jax": jax.__version__, "optax": optax.__version__, "args": vars(args), "parameters": n_params,
+        "copy_ms": copy_s * 1e3, "copy_gb_per_s": 2 * 4 * n_params / copy_s / 1e9,
         "least_traffic_ms": 4 * copy_s * 1e3,
         "variants": {name: {"ms": float(np.median(times)) * 1e3, "calls_ms": [t * 1e3 for t in times],
                             "max_difference_from_trainer": differences[name]}
@@ -167,7 +167,7 @@ def main() -> None:
     print(f"{'copy of the parameters':24s} {copy_s * 1e3:7.1f} ms ({result['copy_gb_per_s']:.0f} GB/s); "
           f"the least traffic would take {4 * copy_s * 1e3:.0f} ms")
     path = new_result_path(out / f"parameter_update_{args.preset.replace('/', '')}_{jax.devices()[0].platform}.json")
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(results_json(result))
     print(f"saved {path}")
 
 

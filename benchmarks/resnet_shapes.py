@@ -19,10 +19,13 @@ import argparse
 import datetime
 import json
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
+
+from machine import environment_facts  # noqa: E402
+
+from clip_jax.files import results_json  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_STEPS = 1500
@@ -91,7 +94,7 @@ def main() -> None:
             "vision": run_config["model"]["vision"], **{k: results[k] for k in KEYS}}
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), CPU",
+        "machine": environment_facts(),
         "pilot_samples_per_s": pilot,
         "resnet_steps": resnet_steps,
         "matched": f"wall-clock: the resnet's {resnet_steps} steps take as long as the vit's {DEMO_STEPS} at the "
@@ -101,7 +104,7 @@ def main() -> None:
     print(f"{'':24} {'steps':>6} " + " ".join(f"{k:>20}" for k in KEYS))
     for name, r in runs.items():
         print(f"{name:24} {r['steps']:>6} " + " ".join(f"{r[k]:>20.3f}" for k in KEYS))
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    RESULTS.write_text(results_json(report))
     print(f"saved {RESULTS}")
 
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -50,10 +48,12 @@ from clip_jax.evaluate.segmentation import (
     shapes_segmentation_data,
 )
 from clip_jax.evaluate.suite import eval_defaults, evaluate
+from clip_jax.files import results_json
 from clip_jax.methods import get_method
 from clip_jax.train.loop import load_trained
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from machine import environment_facts  # noqa: E402
 from slip_shapes import training_seconds  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def main() -> None:
         figure(panels, images, target, FIGURE)
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    run = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+    run = {"machine": environment_facts(),
            "date": datetime.date.today().isoformat(), "seeds": args.seeds, "start_workdirs": args.start_workdirs,
            "num_examples": args.num_examples, "objects": OBJECTS, "training_seconds": seconds}
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": {}}
@@ -256,7 +256,7 @@ def main() -> None:
     else:  # a partial invocation (the budget check): its runs merged into the saved table, under their own record
         saved["results"].update({k: v for k, v in table.items() if k.startswith(tuple(args.runs))})
         saved.setdefault("extra_invocations", []).append({**run, "runs": args.runs})
-    RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+    RESULTS.write_text(results_json(saved))
     print(f"wrote {RESULTS} and {FIGURE}")
 
 

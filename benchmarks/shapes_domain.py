@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import pathlib
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # result_files.py beside it
+from machine import environment_facts  # noqa: E402
 from result_files import checked_out_file  # noqa: E402
 
 from clip_jax.data.classification import class_embeddings  # noqa: E402
@@ -37,6 +37,7 @@ from clip_jax.data.shapes import (  # noqa: E402
 )
 from clip_jax.evaluate.encoder import Encoder  # noqa: E402
 from clip_jax.evaluate.zero_shot import zero_shot_accuracy  # noqa: E402
+from clip_jax.files import results_json
 from clip_jax.train.loop import load_trained  # noqa: E402
 
 SHIFTED = DOMAINS["shifted"]
@@ -72,10 +73,15 @@ def main() -> None:
     parser.add_argument("--out", help="the JSON file, or a folder for the default name (default: "
                         "benchmarks/results/shapes_domain.json, regenerated in place)")
     args = parser.parse_args()
-    # the committed result, regenerated in place on purpose; checked before the renders and evaluations
-    out = checked_out_file(args.out, pathlib.Path(__file__).parent / "results" / "shapes_domain.json", replace=True)
+    # the committed result, regenerated in place on purpose (a file named by --out kept); checked before the renders
+    # and evaluations
+    out = checked_out_file(args.out, pathlib.Path(__file__).parent / "results" / "shapes_domain.json",
+                           replace=args.out is None)
 
-    trained = load_trained(args.workdir)
+    try:
+        trained = load_trained(args.workdir)
+    except FileNotFoundError as e:  # (the demo's workdir, its default, is not there on a fresh checkout)
+        sys.exit(f"--workdir: {e}")
     encoder = Encoder(trained.model, trained.params, trained.mesh, 250)
     context = trained.config.model.text.context_length
     class_embeds = class_embeddings(lambda texts: encoder.texts(trained.tokenizer(texts, context)), class_names(),
@@ -108,11 +114,11 @@ def main() -> None:
         results[name] = row
         print(f"{name:45s} {row['top1_seen']:9.3f} {row['top1_held_out']:13.3f} {row['render_ms_per_image']:9.2f}")
 
-    out.write_text(json.dumps({
-        "benchmark": "shapes_domain", "date": datetime.date.today().isoformat(), "machine": "2-core CPU VM",
+    out.write_text(results_json({
+        "benchmark": "shapes_domain", "date": datetime.date.today().isoformat(), "machine": environment_facts(),
         "workdir": str(args.workdir), "step": trained.step, "image_size": config.image_size,
         "objects": [config.min_objects, config.max_objects], "seed": config.seed, "domains": results,
-    }, indent=2) + "\n")  # fmt: skip
+    }))  # fmt: skip
     print(f"saved {out}")
 
 

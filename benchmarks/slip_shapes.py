@@ -25,16 +25,18 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import platform
 import subprocess
 import sys
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from machine import environment_facts  # noqa: E402
+
 from clip_jax.data.pipeline import shapes_config  # noqa: E402
 from clip_jax.data.shapes import COLOURS, SHAPES, ShapesDataset  # noqa: E402
 from clip_jax.evaluate.encoder import Encoder  # noqa: E402
+from clip_jax.files import results_json
 from clip_jax.train.loop import load_trained  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -124,13 +126,13 @@ def main() -> None:
     print(f"{'mean over seeds':16} " + " ".join(f"{c:>19}" for c in columns))
     for arm, row in means.items():
         print(f"{arm:16} " + " ".join(f"{row[c]:>19.3f}" for c in columns))
-    RESULTS.write_text(json.dumps({
+    RESULTS.write_text(results_json({
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), CPU",
+        "machine": environment_facts(),
         "probe": {"train_images": PROBE_TRAIN, "test_images": PROBE_TEST, "ridge": RIDGE,
                   "features": "normalised image embeddings"},
         "means": means, "runs": runs,
-    }, indent=2) + "\n")
+    }))
     print(f"saved {RESULTS}")
 
 

@@ -25,6 +25,8 @@ import time
 
 import pytest
 
+from clip_jax.files import results_json  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECORDS_ENV = "CLIP_JAX_SUITE_CPU_DIR"  # where the plugin in each pytest worker writes its records
 
@@ -112,7 +114,7 @@ def main() -> None:
     for row in files[:args.top]:
         print(f"{row['total_cpu_s']:8.1f} {row['cpu_s']:7.1f} {row['children_cpu_s']:8.1f} {row['wall_s']:7.1f} "
               f"{row['tests']:5d}  {row['file']}")
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(results_json(result))
     print(f"saved {out}")
     sys.exit(exit_code)
 

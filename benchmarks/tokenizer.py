@@ -27,7 +27,6 @@ import datetime
 import functools
 import gc
 import itertools
-import json
 import os
 import pathlib
 import random
@@ -43,9 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from machine import environment_facts  # noqa: E402
-from result_files import checked_out_file, count  # noqa: E402
+from result_files import checked_out_file, count, fraction  # noqa: E402
 
 from clip_jax.data.tokenizer import ClipTokenizer, clean_text  # noqa: E402
+from clip_jax.files import results_json
 
 COMMON = (
     "a an the of in on with and at to for by from is are two three white black red blue green small large old young "
@@ -199,10 +199,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=count, default=1024, help="captions per tokenizer call")
     parser.add_argument("--cold-passes", type=count, default=5, help="cold passes (fresh tokenizers each)")
     parser.add_argument("--warm-passes", type=count, default=5)
-    parser.add_argument("--non-ascii", type=float, default=0.1, help="mixed: share of captions with non-ASCII text")
+    parser.add_argument("--non-ascii", type=fraction, default=0.1, help="mixed: share of captions with non-ASCII text")
     parser.add_argument("--ampersand", type=float, default=0.03, help="mixed: share of captions with '&'")
     parser.add_argument("--corpora", default=",".join(CORPORA), help="comma-separated, of those four")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
+    parser.add_argument("--out", default=None,
                         help="the JSON file, or a folder for the default name (default: "
                              "benchmarks/results/tokenizer_<host>.json; an earlier run's is never replaced: _2, ...)")
     args = parser.parse_args()
@@ -318,7 +318,7 @@ def main() -> None:
         "construction_ms_median": construction_ms,
         "results": results,
     }
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    out.write_text(results_json(report))
     print(f"wrote {out}")
 
 

@@ -48,6 +48,7 @@ from clip_jax import hlo as hlo_lib
 from clip_jax.config import check_devices, default_config, load_config, validate
 from clip_jax.data.pipeline import make_tokenizer
 from clip_jax.errors import ConfigError
+from clip_jax.files import results_json
 from clip_jax.host_memory import dispatch_depth, keep_freed_memory
 from clip_jax.methods import get_method
 from clip_jax.methods.base import Field, abstract_batch
@@ -81,9 +82,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="time this recipe's step (path/to/config.py[:arg]) instead of --preset's CLIP")
     p.add_argument("--preset", default="tiny", choices=PRESETS)
-    p.add_argument("--image-size", type=int, help="override the preset's image size")
-    p.add_argument("--context-length", type=int, help="override the preset's text context")
-    p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
+    p.add_argument("--image-size", type=count, help="override the preset's image size")
+    p.add_argument("--context-length", type=count, help="override the preset's text context")
+    p.add_argument("--vocab-size", type=count, help="override the preset's vocabulary size")
     p.add_argument("--batch", type=count, help=f"global batch (default: the recipe's, else {DEFAULT_BATCH})")
     p.add_argument("--mesh", type=mesh_sizes, help="data,fsdp,tensor sizes, -1 for the rest (default: the recipe's, "
                    "else -1,1,1)")
@@ -729,7 +730,7 @@ def main() -> None:
     if args.compile_only:
         ours = {k: v for k, v in facts["clip_jax"].items() if k != "step_metrics"}
         path = new_result_path(out / result_name(args, ours, device.platform))
-        path.write_text(json.dumps({**header, "clip_jax": ours}, indent=2) + "\n")
+        path.write_text(results_json({**header, "clip_jax": ours}))
         print(json.dumps(ours, indent=2))
         print_collectives(ours)
         print(f"saved {path}")
@@ -783,7 +784,7 @@ def main() -> None:
         theirs["fraction_of_matmul_peak"] = theirs["tflops_per_s"] / theirs["matmul"]["peak_tflops_per_s"]
     path = new_result_path(out / result_name(args, ours, device.platform))
     name = path.name
-    path.write_text(json.dumps(result, indent=2) + "\n")  # the timing stays if the profile stalls
+    path.write_text(results_json(result))  # the timing stays if the profile stalls
     if args.profile:
         try:
             # a name no earlier trace there has: a suite's runs keep their traces in one folder
@@ -807,7 +808,7 @@ def main() -> None:
         print(warning)
     if ours["nonfinite_steps"]:
         print(f"warning: {ours['nonfinite_steps']} of {len(ours['losses'])} steps had a non-finite loss or gradient")
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(results_json(result))
     print(f"saved {path}")
 
 

@@ -511,3 +511,18 @@ def test_suite_cpu_records_each_tests_cpu_and_that_of_the_processes_it_started(t
     children = sum(r["children_cpu_s"] for r in records)
     assert row["tests"] == 2 and row["file"].endswith("test_two.py")
     assert abs(row["total_cpu_s"] - (own + children)) <= 0.1 and abs(row["children_cpu_s"] - children) <= 0.05
+
+
+def test_demo_pipeline_runs_from_any_folder_and_saves_strict_json(tmp_path):
+    """The documented command failed at the tokenizer ("has checkpoints and no tokenizer.json" of an empty folder)
+    once make_tokenizer stopped fitting one for a run it took as trained, and its --config default was a path
+    relative to the checkout. Run from another folder, one batch."""
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_pipeline.py"), "--batches", "1",
+                           "--rounds", "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (saved,) = out.glob("demo_pipeline_*.json")
+    result = json.loads(saved.read_text(), parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
+    assert result["batch_size"] == 256
