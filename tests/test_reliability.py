@@ -336,8 +336,34 @@ def test_a_resume_that_fails_before_saving_leaves_config_json_as_it_was(trained,
     assert (workdir / "config.json").read_bytes() == before
     assert not list(workdir.glob("config_until_step_*.json"))
     assert f"kept in config_until_step_{STEPS}.json" in caplog.text
-    assert (f"this launch saved no checkpoint: {workdir}'s config.json holds the run's settings again (those until "
-            f"step {STEPS}), and config_until_step_{STEPS}.json is removed") in caplog.text
+    assert (f"this launch saved no checkpoint: {workdir}'s config.json holds the settings that trained until step "
+            f"{STEPS} again, and config_until_step_{STEPS}.json is removed") in caplog.text
+
+
+def test_config_json_is_put_back_to_the_settings_that_trained_after_a_killed_launch(trained, tmp_path,  # noqa: F811
+                                                                                      monkeypatch):
+    """A launch with lr 0.02 killed before its first save (nothing put back: config.json then says 0.02, and the
+    record of the trained settings is kept apart), then a launch with the trained settings that failed before its
+    first save too: it put back the bytes it found, 0.02, which no step trained with, and said they were the run's."""
+    from clip_jax.config import read_config, save_config
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    trained_lr = read_config(workdir / "config.json").optimizer.lr
+    # what the killed launch left: the trained settings kept apart, its own in config.json
+    shutil.copy(workdir / "config.json", workdir / f"config_until_step_{STEPS}.json")
+    killed = read_config(workdir / "config.json")
+    killed.optimizer.lr = 0.02
+    save_config(killed, workdir / "config.json")
+
+    def crash(*args, **kwargs):
+        raise ZeroDivisionError("a failure before the first save")
+
+    monkeypatch.setattr(loop, "make_tokenizer", crash)
+    with pytest.raises(SystemExit):
+        cli.main(train_args(workdir, f"--config.total_steps={STEPS + 2}", f"--config.optimizer.lr={trained_lr}"))
+    assert read_config(workdir / "config.json").optimizer.lr == trained_lr
+    assert not list(workdir.glob("config_until_step_*.json"))
 
 
 def test_sigterm_outside_the_steps_stops_the_launch_with_status_0(monkeypatch, capsys):

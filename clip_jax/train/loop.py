@@ -486,41 +486,37 @@ def _launch(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
 
 @dataclasses.dataclass(frozen=True)
 class LaunchStart:
-    """A workdir's run files as a launch found them: its latest checkpoint, its config.json (None: none) and whether
-    the settings of that step were kept apart (`settings_until`)."""
+    """A workdir's run files as a launch found them: its latest checkpoint and its config.json (None: none)."""
 
     latest: int | None
     config: bytes | None
-    kept: bool
 
     @classmethod
     def of(cls, workdir: epath.Path) -> LaunchStart:
-        latest = max(checkpoint_steps(workdir), default=None)
         config = workdir / "config.json"
-        return cls(latest, config.read_bytes() if config.exists() else None,
-                   latest is not None and settings_until(workdir, latest).exists())
+        return cls(max(checkpoint_steps(workdir), default=None), config.read_bytes() if config.exists() else None)
 
     def put_back_if_nothing_saved(self, workdir: epath.Path) -> None:
         """After a launch that failed (or was interrupted) without saving a checkpoint: the config.json it wrote
         (`prepare_workdir`) holds settings that never trained. Left there, a crash of those settings in preparation
-        (a value a method cannot take) failed every later resume, eval and classify; it is put back as it was, and a
-        record of the settings until the latest step that this launch made is removed."""
+        (a value a method cannot take) failed every later resume, eval and classify. It holds the settings that
+        trained until the latest step again: the record of them (`settings_until`), which a launch with changed
+        settings made (this one, or an earlier one that saved nothing either and was killed before it could put
+        config.json back), else config.json as this launch found it; the record is then removed."""
         if self.latest is None or jax.process_index() != 0 or any(s > self.latest for s in checkpoint_steps(workdir)):
             return
         config, kept = workdir / "config.json", settings_until(workdir, self.latest)
-        changed = config.exists() if self.config is None else (
-            not config.exists() or config.read_bytes() != self.config)
-        if self.config is None:
+        trained = kept.read_bytes() if kept.exists() else self.config
+        changed = config.exists() if trained is None else not config.exists() or config.read_bytes() != trained
+        if trained is None:
             config.unlink(missing_ok=True)
         elif changed:
-            write_atomic(config, self.config)
-        made_kept = not self.kept and kept.exists()
-        if made_kept:
-            kept.unlink()
-        if changed or made_kept:  # the resume's warning named a record of the settings that is gone again
-            log.warning("this launch saved no checkpoint: %s's config.json holds the run's settings again (those "
-                        "until step %d)%s", workdir, self.latest,
-                        f", and {kept.name} is removed" if made_kept else "")
+            write_atomic(config, trained)
+        removed = kept.exists()
+        kept.unlink(missing_ok=True)
+        if changed or removed:  # (a resume's warning named the record)
+            log.warning("this launch saved no checkpoint: %s's config.json holds the settings that trained until step "
+                        "%d again%s", workdir, self.latest, f", and {kept.name} is removed" if removed else "")
 
 
 def unsplit_by_tensor(config: ml_collections.ConfigDict, tensor: int) -> str | None:
