@@ -8,6 +8,7 @@ only what differs. Every key a file or an override sets must exist here: a typo 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -526,9 +527,30 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}, not the ConfigDict of "
                           "default_config() (a missing `return config`?)")
+    _complete_groups(config, default_config())
     apply_overrides(config, overrides)
     validate(config)
     return config
+
+
+def _complete_groups(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict,
+                     where: str = "") -> None:
+    """Adds, in place, the default fields a config file's group lacks: a group written whole (`config.log =
+    {"every_steps": 2}`, as configs/pretrain.py writes its mesh) had only the fields given, and the trainer's first
+    read of another failed deep in a run ("unexpected error: KeyError 'max_to_keep'"). The mesh axes not given are 1
+    beside a -1 (that axis takes every device), else their defaults. The model, the method and the evaluations are
+    left as written: their fields depend on a tower type, a method or an entry (`validate` checks them)."""
+    for key, default in defaults.items():
+        given = config.get(key)
+        if where == "" and key in ("model", "method", "evals"):
+            continue
+        if key not in config:
+            if where:  # (a top-level field left out is validate's to name)
+                config[key] = copy.deepcopy(default)
+        elif isinstance(default, ml_collections.ConfigDict) and isinstance(given, ml_collections.ConfigDict):
+            if key == "mesh" and not where and -1 in given.values():
+                default = ml_collections.ConfigDict({axis: 1 for axis in default})
+            _complete_groups(given, default, f"{where}{key}.")
 
 
 def _check_eval_entry(name: str, entry: Any, defaults: dict) -> None:

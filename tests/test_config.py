@@ -242,6 +242,21 @@ def test_missing_or_broken_config_file(tmp_path, monkeypatch):
     assert "get_config" in config_error(str(empty))
 
 
+def test_a_group_written_whole_in_a_config_file_keeps_the_fields_it_leaves_out(tmp_path):
+    """`c.log = {"every_steps": 2}` (configs/pretrain.py writes its mesh so) had no other log field: the run failed
+    after compiling ("unexpected error: AttributeError 'tensorboard'"), and `--config.mesh.data=1` on a mesh written
+    {"fsdp": -1} was "unknown config key 'mesh.data'"."""
+    path = write_config_file(tmp_path, ['c.log = {"every_steps": 2}', 'c.mesh = {"fsdp": -1}',
+                                        'c.checkpoint = {"every_steps": 4}'])
+    config = load_config(path, ["--config.mesh.tensor=2"])
+    defaults = default_config()
+    assert config.log.every_steps == 2 and config.log.tensorboard == defaults.log.tensorboard
+    assert config.checkpoint.to_dict() == {**defaults.checkpoint.to_dict(), "every_steps": 4}
+    assert config.mesh.to_dict() == {"data": 1, "fsdp": -1, "tensor": 2}  # the -1 takes the devices left
+    config = load_config(write_config_file(tmp_path, ['c.mesh = {"fsdp": 2}'], "m.py"))
+    assert config.mesh.to_dict() == {**defaults.mesh.to_dict(), "fsdp": 2}
+
+
 def test_config_file_argument(tmp_path):
     path = write_config_file(tmp_path, ["c.model = model_preset(arg or 'tiny')"])
     assert load_config(path).model.vision.width == 128
