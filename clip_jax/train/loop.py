@@ -670,6 +670,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     # A finished run relaunched only evaluates again: no step to compile (minutes for a large model on a pod).
     compiled = (step_lib.compile_train_step(train_step, shardings, abstract_state, batch_spec, mesh)
                 if start_step < config.total_steps else None)
+    if compiled is not None and (too_big := memory_lib.check_compiled_fits(compiled, memory_lib.device_memory_bytes())):
+        raise ConfigError(too_big)
     flops_per_step = method.flops_per_example(trainable) * config.batch_size
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     # From here a Ctrl-C or SIGTERM saves at the end of a step; installed before the compile report, which is what

@@ -2,12 +2,14 @@
 
 XLA's memory analysis of the compiled step is exact, but compiling (and the data and tokenizer set-up before it)
 of a model that cannot fit takes minutes or hours at sizes such as a 32,000-pixel image. This bound counts only
-what no remat policy or sharding removes, so a run it refuses cannot fit; one it lets through may still not.
+what no remat policy or sharding removes, so a run it refuses cannot fit; one it lets through may still not, which
+`check_compiled_fits` finds from the compiled step, before its first run.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -100,3 +102,24 @@ def check_fits(config: ml_collections.ConfigDict, model: CLIPConfig, batch_shard
         f"{available / GIB:.1f} GiB: lower batch_size, model.vision.image_size (now {model.vision.image_size}) or "
         "the model's sizes, or raise accum_steps or mesh.fsdp"
     )
+
+
+def check_compiled_fits(compiled: Any, available: int | None) -> str | None:
+    """A one-line reason why the compiled step cannot run on a device of `available` bytes (XLA's own memory analysis
+    of it: arguments and outputs, less the donated state they share, and temporaries), or None. `check_fits`'s lower
+    bound lets through what only the compiled program shows (a batch whose activations outgrow the device): the run
+    then failed at its first step with RESOURCE_EXHAUSTED, an "unexpected error"."""
+    try:
+        mem = compiled.memory_analysis()
+    except (NotImplementedError, AttributeError):  # not every backend reports it
+        return None
+    if mem is None or available is None:
+        return None
+    need = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+    if need <= available:
+        return None
+    temporaries = mem.temp_size_in_bytes / GIB
+    return (f"the compiled train step needs {need / GIB:.1f} GiB per device (temporaries {temporaries:.1f} GiB: "
+            f"activations and gradients) and a device has {available / GIB:.1f} GiB: lower batch_size or "
+            "model.vision.image_size, raise accum_steps or mesh.fsdp, or save activations less (model.remat_policy)")
