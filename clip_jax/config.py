@@ -498,9 +498,10 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
         if root not in sys.path:
             sys.path.insert(0, root)
         name = ".".join(parts)
-    elif (PROJECT_ROOT / "configs" / "__init__.py").is_file() and str(PROJECT_ROOT) not in sys.path:
-        # A config file of the user's, anywhere, may import the project's recipes (`from configs.coop import
-        # shapes`), as the recipes' variants import a default: last on the path, after the user's own packages.
+    if (PROJECT_ROOT / "configs" / "__init__.py").is_file() and str(PROJECT_ROOT) not in sys.path:
+        # A config file of the user's, anywhere (in a package of theirs too), may import the project's recipes
+        # (`from configs.coop import shapes`), as the recipes' variants import a default: last on the path, after
+        # the user's own packages.
         sys.path.append(str(PROJECT_ROOT))
     module_spec = importlib.util.spec_from_file_location(name, file)
     if module_spec is None:  # Python loads only .py files as modules

@@ -275,6 +275,15 @@ def test_a_config_file_of_ones_own_gives_a_recipe_the_other_tower(tmp_path):
     result = subprocess.run([sys.executable, "-c", read], cwd=tmp_path, capture_output=True, text=True,
                             env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
     assert result.stdout.split() == ["resnet", "True"], result.stderr
+    # the same file in a package of the user's (its own folder then first on the path): "No module named 'configs'"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "__init__.py").write_text("")
+    in_package = tmp_path / "mine" / own.name
+    in_package.write_text(own.read_text())
+    result = subprocess.run([sys.executable, "-c", read.replace(str(own), str(in_package))], cwd=tmp_path,
+                            capture_output=True, text=True,
+                            env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert result.stdout.split() == ["resnet", "True"], result.stderr
     vit_run = tmp_path / "vit_run"
     vit_run.mkdir()
     save_config(default_config(), vit_run / "config.json")
