@@ -249,11 +249,11 @@ def _check_against(schema: Any, value: Any, path: str) -> None:
                                   f"{', '.join(valid)}")
             _check_against(schema[key], value[key], sub)
     elif value is None and schema is not None and path not in _NULLABLE:
-        raise ConfigError(f"config key '{path}' must be {type(schema).__name__}, got None")
+        raise ConfigError(f"config key '{path}' must be {type(schema).__name__}, got None"
+                          f"{_how_to_write(path, schema, value)}")
     elif not _type_ok(schema, value):
-        raise ConfigError(
-            f"config key '{path}' must be {type(schema).__name__}, got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"config key '{path}' must be {type(schema).__name__}, got {type(value).__name__} "
+                          f"{value!r}{_how_to_write(path, schema, value)}")
 
 
 def _model_schema(model: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -708,11 +708,22 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
             fields = " ".join(f"--config.{key}.{k}={v!r}" for k, v in value.items())
             raise ConfigError(f"override {item!r}: '{key}' is a group of settings, set one by one: {fields}")
         if not _type_ok(node[leaf], value):
-            raise ConfigError(
-                f"override {item!r}: '{key}' must be {type(node[leaf]).__name__}, got {type(value).__name__}"
-            )
+            raise ConfigError(f"override {item!r}: '{key}' must be {type(node[leaf]).__name__}, got "
+                              f"{type(value).__name__}{_how_to_write(key, node[leaf], value)}")
         with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
             node[leaf] = float(value) if isinstance(node[leaf], float) and not isinstance(value, bool) else value
+
+
+def _how_to_write(key: str, expected: Any, value: Any) -> str:
+    """How to write a value of `expected`'s type on the command line, where the one given was read as another:
+    Python literals (True, not true), and a string that reads as a number quoted."""
+    if isinstance(expected, bool):
+        return f" (--config.{key}=True or --config.{key}=False)"
+    if isinstance(expected, str) and not isinstance(value, str):
+        return f" (a text that reads as a number: quote it, \"--config.{key}='{value}'\")"
+    if isinstance(expected, tuple) and value is None:
+        return f" (none: --config.{key}=())"
+    return ""
 
 
 def _moved_key(item: str, key: str, new: str, text: str) -> None:

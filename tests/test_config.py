@@ -242,6 +242,17 @@ def test_missing_or_broken_config_file(tmp_path, monkeypatch):
     assert "get_config" in config_error(str(empty))
 
 
+@pytest.mark.parametrize("override, said", [
+    ("log.progress_bar=false", "must be bool, got str (--config.log.progress_bar=True or "
+                               "--config.log.progress_bar=False)"),
+    ("data.path=2024", "must be str, got int (a text that reads as a number: quote it, \"--config.data.path='2024'\")"),
+    ("optimizer.frozen=None", "must be tuple, got None (none: --config.optimizer.frozen=())"),
+])
+def test_a_value_of_another_type_says_how_to_write_it(override, said):
+    """"must be bool, got str" for `false`: the message did not say that Python's literals are read."""
+    assert said in config_error(DEMO, [f"--config.{override}"])
+
+
 def test_a_group_written_whole_in_a_config_file_keeps_the_fields_it_leaves_out(tmp_path):
     """`c.log = {"every_steps": 2}` (configs/pretrain.py writes its mesh so) had no other log field: the run failed
     after compiling ("unexpected error: AttributeError 'tensorboard'"), and `--config.mesh.data=1` on a mesh written
