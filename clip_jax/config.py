@@ -514,8 +514,8 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ConfigError(f"config file {path}, line {e.lineno}: syntax error: {e.msg}") from None
-    except Exception as e:
-        raise ConfigError(f"config file {path} failed to load: {_code_error(e, file)}") from None
+    except Exception as e:  # (chained: --debug shows the frames of the user's code, helpers of theirs too)
+        raise ConfigError(f"config file {path} failed to load: {_code_error(e, file)}") from e
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {path} defines no get_config()")
     if arg and not _takes_an_argument(module.get_config):
@@ -524,7 +524,7 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
         config = module.get_config(arg) if arg else module.get_config()
     except Exception as e:
         call = f"get_config({arg!r})" if arg else "get_config()"
-        raise ConfigError(f"config file {path}: {call} failed: {_code_error(e, file)}") from None
+        raise ConfigError(f"config file {path}: {call} failed: {_code_error(e, file)}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}, not the ConfigDict of "
                           "default_config() (a missing `return config`?)")
@@ -565,6 +565,9 @@ def _check_eval_entry(name: str, entry: Any, defaults: dict) -> None:
         check_templates(templates, f"evals.{name}.templates")
     if (n := entry.get("num_examples")) is not None and n < 0:
         raise ConfigError(f"evals.{name}.num_examples {n} is negative: give a count, or None for every example")
+    if (every := entry.get("every_steps")) is not None and every < 0:  # (-3 evaluated every 3 steps: Python's %)
+        raise ConfigError(f"evals.{name}.every_steps {every} is negative: give a period in steps, 0 for the end only, "
+                          "or None for eval.every_steps")
 
 
 def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

@@ -242,6 +242,21 @@ def test_missing_or_broken_config_file(tmp_path, monkeypatch):
     assert "get_config" in config_error(str(empty))
 
 
+def test_an_error_in_a_config_files_code_keeps_its_frames_for_debug(tmp_path):
+    """--debug showed only clip_jax's frames, ending at the config file's line: a helper of the user's that raised
+    was not in the traceback (the error was raised `from None`)."""
+    path = write_config_file(tmp_path, ["1 / 0"])
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "get_config() failed: ZeroDivisionError" in str(error.value)
+    assert isinstance(error.value.__cause__, ZeroDivisionError)
+
+
+def test_a_negative_period_of_an_evaluation_is_refused():
+    assert config_error(DEMO, ["--config.evals.shapes.every_steps=-3"]).startswith(
+        "evals.shapes.every_steps -3 is negative")  # it evaluated every 3 steps (Python's modulo)
+
+
 @pytest.mark.parametrize("override, said", [
     ("log.progress_bar=false", "must be bool, got str (--config.log.progress_bar=True or "
                                "--config.log.progress_bar=False)"),

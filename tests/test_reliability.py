@@ -183,11 +183,15 @@ def test_orbax_takes_the_checkpoints_replica_slice_threshold():
         MIN_REPLICA_SLICE_BYTES)
 
 
-def test_sigterm_sets_the_preemption_flag_without_killing_the_process():
+def test_sigterm_sets_the_preemption_flag_without_killing_the_process(capsys):
+    """And says so at once: nothing was said until the step (or the batch it waited for) ended, a minute for a slow
+    input pipeline, which a scheduler's grace period may not leave."""
     flag = PreemptionFlag()
     try:
         assert not flag.is_set(1)
         os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # said once
+        assert capsys.readouterr().err == "\nSIGTERM: saving a checkpoint after this step, then stopping\n"
         assert flag.is_set(2)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -899,6 +899,8 @@ class PreemptionFlag:
         self._previous = {}
 
     def _terminate(self, signum, frame):
+        if not self._set:  # said at once, as a Ctrl-C is: the step (or the batch it waits for) may take a while
+            print("\nSIGTERM: saving a checkpoint after this step, then stopping", file=sys.stderr, flush=True)
         self._set = True
 
     def _interrupt(self, signum, frame):
