@@ -450,3 +450,16 @@ def test_the_rotation_keeps_a_warm_starts_step_0(tmp_path, keep_period, kept):
         checkpointer.wait()
     checkpointer.close()
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == kept
+
+
+def test_a_run_without_progress_bar_logs_a_line_per_record_and_its_evaluations(tmp_path, caplog):
+    """With log.progress_bar False (a batch job's log) nothing was said between the compile report and the results;
+    an evaluation during the run showed in metrics.jsonl and TensorBoard only. The final one prints its own table."""
+    writer = MetricsWriter(tmp_path, 10, 0, tensorboard=False, progress_bar=False)
+    with caplog.at_level("INFO", logger="clip_jax.train.metrics"):
+        writer.write(5, {"loss": 2.5, "lr": 1e-3, "samples_per_s": 612.0, "i2t_acc": 0.5})
+        writer.write(5, {"zero_shot_top1": 0.8125, "i2t_r1": 0.25}, prefix="eval")
+        writer.write(10, {"zero_shot_top1": 0.9}, prefix="eval")
+    writer.close()
+    assert caplog.messages == ["step 5/10: loss 2.5, lr 0.001, samples_per_s 612",
+                               "evaluation at step 5: zero_shot_top1 0.8125, i2t_r1 0.25"]

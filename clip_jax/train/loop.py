@@ -749,6 +749,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                                 checkpointer.latest_step())
                 else:
                     checkpointer.save(done, state, data_iter)
+                    last_log_time = time.time()  # as evaluations: a save's wait is not the steps' throughput
             if (due := evals_due(config, done)) and done != config.total_steps:
                 if evaluated := evaluate(config, model, state.params, mesh, tokenizer, due, method):
                     writer.write(done, evaluated, prefix="eval")

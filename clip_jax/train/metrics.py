@@ -133,6 +133,7 @@ class MetricsWriter:
         self._logging_to_bar = None
         self._in_flight: collections.deque = collections.deque()
         self._ahead = dispatch_depth()
+        self._total_steps = total_steps
         if not self.enabled:
             return
         previous = self.path.read_bytes() if self.path.exists() else b""
@@ -167,11 +168,18 @@ class MetricsWriter:
                 if isinstance(v, float):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
             self._tb.flush()
-        if self._bar is not None and prefix == "train":
+        if prefix == "train":
             shown = {k: f"{clean[k]:.3g}" for k in ("loss", "lr", "samples_per_s", "mfu") if k in clean}
             if clean.get("nonfinite"):  # updates skipped in the window (the loss is the mean of the others)
                 shown["skipped"] = f"{clean['nonfinite']:g}"
-            self._bar.set_postfix(shown, refresh=False)
+            if self._bar is not None:
+                self._bar.set_postfix(shown, refresh=False)
+            else:  # a line per record: a run's log (a batch job's) said nothing between the compile and the end
+                log.info("step %d/%d: %s", step, self._total_steps, ", ".join(f"{k} {v}" for k, v in shown.items()))
+        elif prefix == "eval" and step != self._total_steps:  # during the run (the final one prints its table)
+            figures = [(k, v) for k, v in clean.items() if isinstance(v, float)]
+            log.info("evaluation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in figures[:8])
+                     + (f" and {len(figures) - 8} more (metrics.jsonl)" if len(figures) > 8 else ""))
 
     def dispatched(self, outputs: Any) -> None:
         """Counts a dispatched step by its outputs. The host then waits for the step `dispatch_depth()` back to
