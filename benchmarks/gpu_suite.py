@@ -73,7 +73,7 @@ RUNS: list[tuple[str, list[str], str]] = [
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, default=450, help="seconds for all the runs together")
+    p.add_argument("--budget", type=float, default=450, help="seconds for all the runs together (default: 450)")
     p.add_argument("--run-timeout", type=float, default=240, help="seconds for one run at most")
     p.add_argument("--min-left", type=float, default=45, help="no run starts with fewer seconds of budget left")
     p.add_argument("--steps", type=count, default=10, help="timed steps per run")

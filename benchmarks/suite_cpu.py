@@ -100,6 +100,9 @@ def main() -> None:
     out = checked_out_file(args.out, ROOT / "benchmarks" / "results" / f"suite_cpu_{today}.json")
 
     command, exit_code, wall, cpu, records = run_pytest(args.pytest_args)
+    if exit_code not in (0, 1) or not records:  # pytest's usage error, internal error or no test: no suite's time
+        sys.exit(f"pytest exited with {exit_code} after {len(records)} tests (2: interrupted, 3: internal error, "
+                 "4: usage error, 5: no test collected): nothing saved")
     files = per_file(records)
     tests = sorted(records, key=lambda r: -(r["cpu_s"] + r["children_cpu_s"]))
     result = {

@@ -81,7 +81,7 @@ DEFAULT_BATCH = 32  # a preset's global batch unless --batch says otherwise
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="time this recipe's step (path/to/config.py[:arg]) instead of --preset's CLIP")
-    p.add_argument("--preset", default="tiny", choices=PRESETS)
+    p.add_argument("--preset", default="tiny", choices=PRESETS, help="the model preset (default: tiny)")
     p.add_argument("--image-size", type=count, help="override the preset's image size")
     p.add_argument("--context-length", type=count, help="override the preset's text context")
     p.add_argument("--vocab-size", type=count, help="override the preset's vocabulary size")
@@ -103,7 +103,7 @@ def parse_args() -> argparse.Namespace:
                    help="fraction of patch tokens each training image drops (model.vision.patch_dropout; open_clip's "
                         "patch_dropout with --open-clip); default: the recipe's, else 0")
     p.add_argument("--accum", type=count, help="gradient accumulation steps (default: the recipe's, else 1)")
-    p.add_argument("--steps", type=count, default=10, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--steps", type=count, default=10, help="timed steps, after 2 warm-up steps (default: 10)")
     p.add_argument("--open-clip", action="store_true",
                    help="also time open_clip's same model (needs torch) in a process of its own, taking turns "
                         "with ours step by step")
