@@ -327,10 +327,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     del schema.model, schema.method, schema.evals
     top = {k: v for k, v in config.items() if k not in _SEPARATELY_CHECKED}
     _check_against(schema, top, "")
-    _check_against(_model_schema(config.model), config.model, "model")
+    try:
+        _check_against(_model_schema(config.model), config.model, "model")
+    except ConfigError as e:  # a tower's type switched alone (in a config file: an override of it is refused)
+        tower = next((t for t in TOWERS if str(e).startswith(f"unknown config key 'model.{t}.")), None)
+        if tower is None:
+            raise
+        kind = config.model[tower].get("type")
+        raise ConfigError(f"{e}: a field of another type of tower than model.{tower}.type {kind!r}; a config file "
+                          f"switches a tower by giving model.{tower} whole (configs/common.py's small_resnet, or "
+                          "model_preset('RN50')['vision'])") from None
     if "method" not in config or "name" not in config.method:
         raise ConfigError("config is missing method.name")
-    _check_against(method_class(config.method.name).defaults(), config.method, "method")
+    try:
+        _check_against(method_class(config.method.name).defaults(), config.method, "method")
+    except ConfigError as e:  # a method switched by its name alone: the fields of the one before are left
+        key = str(e).removeprefix("unknown config key 'method.").partition("'")[0]
+        owners = sorted(n for n, m in METHODS.items() if n != config.method.name and key in m.defaults())
+        if not str(e).startswith("unknown config key 'method.") or not owners:
+            raise
+        named = " / ".join(owners[:3]) + (" / ..." if len(owners) > 3 else "")
+        raise ConfigError(f"{e}: a field of method {named}, not of {config.method.name!r}; a config file "
+                          f"switches methods with config.method = method_config({config.method.name!r}), which "
+                          "gives it that method's fields") from None
     missing = [f"model.{k}" for k in REQUIRED_TOWERS if k not in config.model]
     if missing:
         raise ConfigError(f"config is missing {', '.join(missing)}")

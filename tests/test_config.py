@@ -252,6 +252,19 @@ def test_an_error_in_a_config_files_code_keeps_its_frames_for_debug(tmp_path):
     assert isinstance(error.value.__cause__, ZeroDivisionError)
 
 
+@pytest.mark.parametrize("line, said", [
+    ('c.method.name = "siglip"', "unknown config key 'method.label_smoothing'; valid keys here: multi_positive, name, "
+                                 "reset_logit_scale, ring: a field of method audioclip / clip / groupvit / ..., not of "
+                                 "'siglip'; a config file switches methods with config.method = "
+                                 "method_config('siglip')"),
+    ('c.model.vision.type = "resnet"', "a field of another type of tower than model.vision.type 'resnet'; a config "
+                                       "file switches a tower by giving model.vision whole"),
+])
+def test_a_method_or_tower_switched_by_its_name_alone_says_how_to_switch_it(tmp_path, line, said):
+    """"unknown config key 'method.label_smoothing'": a key the user never wrote, left by the method before."""
+    assert said in config_error(write_config_file(tmp_path, [line]))
+
+
 def test_a_negative_period_of_an_evaluation_is_refused():
     assert config_error(DEMO, ["--config.evals.shapes.every_steps=-3"]).startswith(
         "evals.shapes.every_steps -3 is negative")  # it evaluated every 3 steps (Python's modulo)
