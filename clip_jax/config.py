@@ -664,12 +664,22 @@ def _takes_an_argument(get_config) -> bool:
     return True
 
 
+# ConfigDict's own words for a value of another type set in a config file ("original type" is the new value's)
+_CONFIGDICT_TYPE = re.compile(r"Could not override field '(.+)' \(reference\)\. (.*) is of original type "
+                              r"<class '(\w+)'> and cannot be casted to type <class '(\w+)'>$", re.S)
+
+
 def _code_error(error: Exception, file: pathlib.Path) -> str:
     """`ValueError: unknown preset 'B/99' (line 12)`: an exception raised by a config file, with the line of that
-    file it was raised from."""
+    file it was raised from; a value of another type than the field's is said as an override's is."""
     line = next((f.lineno for f in reversed(traceback.extract_tb(error.__traceback__))
                  if pathlib.Path(f.filename).resolve() == file.resolve()), None)
-    return f"{type(error).__name__}: {error}" + (f" (line {line})" if line else "")
+    if isinstance(error, TypeError) and (m := _CONFIGDICT_TYPE.match(str(error))):
+        field, value, given, expected = m.groups()
+        text = f"field '{field}' must be {expected}, got {given} {value!r}"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return text + (f" (line {line})" if line else "")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:

@@ -265,6 +265,13 @@ def test_a_method_or_tower_switched_by_its_name_alone_says_how_to_switch_it(tmp_
     assert said in config_error(write_config_file(tmp_path, [line]))
 
 
+def test_a_value_of_another_type_in_a_config_file_is_said_as_an_overrides(tmp_path):
+    """ConfigDict's words: "Could not override field 'lr' (reference). 1e-3 is of original type <class 'str'> and
+    cannot be casted to type <class 'float'>", where the "original type" is the new value's."""
+    message = config_error(write_config_file(tmp_path, ['c.optimizer.lr = "1e-3"']))
+    assert message.endswith("get_config() failed: field 'lr' must be float, got str '1e-3' (line 7)"), message
+
+
 def test_a_negative_period_of_an_evaluation_is_refused():
     assert config_error(DEMO, ["--config.evals.shapes.every_steps=-3"]).startswith(
         "evals.shapes.every_steps -3 is negative")  # it evaluated every 3 steps (Python's modulo)
