@@ -892,6 +892,16 @@ COMMANDS = {"train": _train, "eval": _eval, "encode": _encode, "classify": _clas
             "data": _data}
 
 
+class _GivenOnce(argparse.Action):
+    """An option that may be given once: argparse takes the last of two silently, and a second --config (a recipe
+    of another model) trained that one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} is given twice ({getattr(namespace, self.dest)} and {values}): give it once")
+        setattr(namespace, self.dest, values)
+
+
 # --workdir of the commands that read a run's checkpoint
 READ_WORKDIR_HELP = "a run's folder, trained or converted (its latest checkpoint, or --step's)"
 
@@ -908,8 +918,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any config field is set on the command line as --config.key=value (one argument, with '='), e.g. "
         "--config.batch_size=256 --config.model.vision.layers=6; clip_jax/config.py's default_config() is the "
         f"commented schema. Without --config, the workdir's own config.json (a resume). {debug}")
-    train.add_argument("--config", help="config file, e.g. configs/demo.py or configs/pretrain.py:B/16")
-    train.add_argument("--workdir", required=True, help="a new or empty folder, or a run's to resume it")
+    train.add_argument("--config", action=_GivenOnce,
+                       help="config file, e.g. configs/demo.py or configs/pretrain.py:B/16")
+    train.add_argument("--workdir", required=True, action=_GivenOnce,
+                       help="a new or empty folder, or a run's to resume it")
     ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir",
                         epilog=f"--config.eval.*=value and --config.evals.*=value override the run's evaluation "
                         f"settings and entries. {debug}")

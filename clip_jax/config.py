@@ -695,6 +695,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
             if key == old or (key.startswith(old + ".") and old == "loss"):
                 _moved_key(item, key, new + key[len(old):], text)
         parsed.append((item, key, text))
+    given = [key for _, key, _ in parsed]
+    for key in sorted({k for k in given if given.count(k) > 1}):  # a script that appends may mean it; said anyway
+        values = [text for _, k, text in parsed if k == key]
+        log.warning("--config.%s is given %d times (%s): the last, %s, is taken", key, len(values), ", ".join(values),
+                    values[-1])
     for item, key, text in sorted(parsed, key=lambda p: p[1] != "method.name"):
         if key == "method.name":
             _switch_method(config, _parse_value(text), item)

@@ -272,6 +272,21 @@ def test_a_value_of_another_type_in_a_config_file_is_said_as_an_overrides(tmp_pa
     assert message.endswith("get_config() failed: field 'lr' must be float, got str '1e-3' (line 7)"), message
 
 
+def test_an_override_given_twice_is_told_and_a_second_config_refused(caplog, capsys):
+    """--config.total_steps=5 --config.total_steps=7 trained 7 without a word, and a second --config (another
+    recipe) was taken silently."""
+    from clip_jax import cli
+
+    with caplog.at_level("WARNING", logger="clip_jax.config"):
+        config = load_config(DEMO, ["--config.total_steps=5", "--config.total_steps=7"])
+    assert config.total_steps == 7
+    assert "--config.total_steps is given 2 times (5, 7): the last, 7, is taken" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--config", DEMO, "--config", f"{DEMO}:b128", "--workdir", "unused"])
+    assert exit_info.value.code == 2
+    assert f"--config is given twice ({DEMO} and {DEMO}:b128): give it once" in capsys.readouterr().err
+
+
 def test_a_negative_period_of_an_evaluation_is_refused():
     assert config_error(DEMO, ["--config.evals.shapes.every_steps=-3"]).startswith(
         "evals.shapes.every_steps -3 is negative")  # it evaluated every 3 steps (Python's modulo)
