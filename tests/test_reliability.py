@@ -197,6 +197,23 @@ def test_sigterm_sets_the_preemption_flag_without_killing_the_process(capsys):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def test_the_evaluation_due_at_the_step_a_run_stopped_runs_when_it_resumes(tmp_path, monkeypatch, capsys):
+    """A SIGTERM at a step whose evaluation was due saved before it, and the relaunch started at the next step: the
+    run's curves missed that evaluation for good."""
+    workdir = tmp_path / "run"
+    periodic = ["--config.eval.every_steps=1", "--config.eval.num_examples=16", "--config.eval.batch_size=16"]
+    monkeypatch.setattr(loop.PreemptionFlag, "is_set", lambda self, step: step == 3)
+    with pytest.raises(SystemExit):
+        cli.main(train_args(workdir, *periodic))
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "eval"] == [1, 2]
+    monkeypatch.setattr(loop.PreemptionFlag, "is_set", lambda self, step: False)
+    cli.main(["train", "--workdir", str(workdir)])
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "eval"] == [1, 2, 3, STEPS]
+    cli.main(["train", "--workdir", str(workdir), f"--config.total_steps={STEPS + 1}"])  # evaluated: not again
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "eval"] == [
+        1, 2, 3, STEPS, STEPS + 1]
+
+
 def test_preempted_run_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch, capsys):
     workdir = tmp_path / "run"
     monkeypatch.setattr(loop.PreemptionFlag, "is_set", lambda self, step: step == 3)

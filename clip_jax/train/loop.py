@@ -65,7 +65,7 @@ from clip_jax.train import memory as memory_lib
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
 from clip_jax.train.checkpoint import Checkpointer
-from clip_jax.train.metrics import MetricsWriter
+from clip_jax.train.metrics import MetricsWriter, read_metrics
 from clip_jax.train.run_lock import LOCK_NAME, Holding, hold_workdir
 
 log = logging.getLogger(__name__)
@@ -682,6 +682,15 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
 
     # --- Steps --------------------------------------------------------------------------------------------------
     writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, config.log.progress_bar)
+    if resume_step is not None and start_step < config.total_steps and (due := evals_due(config, start_step)):
+        # A stop at a step whose evaluations were due (a SIGTERM saves before them, a kill may land in them) resumed
+        # after it, and the run's curves missed that period: they are run first. (Process 0 reads the records.)
+        missing = jax.process_index() == 0 and not any(
+            r.get("split") == "eval" and r.get("step") == start_step for r in read_metrics(writer.path))
+        if jax.process_count() > 1:
+            missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+        if missing and (evaluated := evaluate(config, model, state.params, mesh, tokenizer, due, method)):
+            writer.write(start_step, evaluated, prefix="eval")
     pending: list[dict] = []
     data_counts = DataCounts()  # dropped and converted examples, truncated captions (host-side, from the batches)
     nonfinite_run = 0
