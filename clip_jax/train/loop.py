@@ -764,6 +764,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                     writer.write(done, evaluated, prefix="eval")
                 last_log_time = time.time()  # evaluation time is not training throughput
         preempted.close()
+        writer.close_bar()  # the steps are done: the bar's rate would fall through the final save and evaluation
 
         # --- Final checkpoint and evaluation ----------------------------------------------------------------------
         if nonfinite_run >= DIVERGING_STREAK:  # the final checkpoint would hold diverged parameters
