@@ -100,16 +100,14 @@ def maybe_initialize() -> str | None:
         log.info("joining a run of %s processes as process %s (coordinator %s); JAX waits up to 5 minutes for all "
                  "of them", os.environ["JAX_NUM_PROCESSES"], os.environ["JAX_PROCESS_ID"],
                  os.environ["JAX_COORDINATOR_ADDRESS"])
-    else:
-        log.info("joining the %s cluster's processes (jax.distributed.initialize); JAX waits up to 5 minutes for all "
-                 "of them", kind)
-    if kind == "explicit":
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=_int(os.environ, "JAX_NUM_PROCESSES"),
             process_id=_int(os.environ, "JAX_PROCESS_ID"),
         )
     else:
+        log.info("joining the %s cluster's processes (jax.distributed.initialize); JAX waits up to 5 minutes for all "
+                 "of them", kind)
         jax.distributed.initialize()
     log.info("jax.distributed (%s): process %d of %d, %d local devices of %d", kind, jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -125,7 +123,7 @@ def barrier(name: str) -> None:
 def gather_texts(text: str) -> list[str]:
     """Every process's `text`, in process order; every process calls it at the same point."""
     data = np.frombuffer(text.encode("utf-8"), np.uint8)
-    length = int(np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).max())
+    length = max(int(np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).max()), 1)
     padded = np.zeros(length, np.uint8)
     padded[:len(data)] = data
     return [bytes(row).rstrip(b"\0").decode("utf-8")
@@ -169,7 +167,8 @@ def kept_by_all(kept: np.ndarray) -> np.ndarray:
     batches; on one process, `kept` itself."""
     if jax.process_count() == 1:
         return kept
-    return np.asarray(multihost_utils.process_allgather(np.asarray(kept, bool))).reshape(-1, len(kept)).all(axis=0)
+    gathered = multihost_utils.process_allgather(np.asarray(kept, np.uint8))  # (bytes: a collective of bools may not)
+    return np.asarray(gathered).reshape(-1, len(kept)).all(axis=0)
 
 
 def sum_over_processes(values: np.ndarray) -> np.ndarray:
