@@ -27,10 +27,9 @@ def run_gpu_check(name: str, doc: str, needs: str, cases: dict[str, Any], measur
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = p.parse_args()
+    if cuda_compute_capability() is None:  # before the --out folder is made: nothing is written
+        sys.exit(f"{name}: {needs}; this machine runs on {jax.default_backend()}: nothing measured")
     out = checked_out_folder(args.out)
-    if cuda_compute_capability() is None:
-        print(f"{name}: {needs}; this machine runs on {jax.default_backend()}: nothing measured")
-        return
     device = jax.devices()[0]
     result = {"benchmark": name, "date": datetime.date.today().isoformat(), "device_kind": device.device_kind,
               "jax": jax.__version__, "machine": environment_facts(), "shapes": {}}
@@ -40,3 +39,7 @@ def run_gpu_check(name: str, doc: str, needs: str, cases: dict[str, Any], measur
         print(case_name, json.dumps(result["shapes"][case_name]), flush=True)
         path.write_text(results_json(result))
     print(f"saved {path}")
+
+
+if __name__ == "__main__":  # the frame of the checks, not a check
+    sys.exit("gpu_check.py is the frame of attention_parity.py and layer_norm.py: run one of those")
