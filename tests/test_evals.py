@@ -206,7 +206,7 @@ def write_folder(root, misfiled: int):
     (root / "red" / "broken.jpg").write_bytes(b"not a jpeg")
 
 
-def test_two_long_text_sets_keep_their_own_results(tmp_path):
+def test_two_long_text_sets_keep_their_own_results(tmp_path, caplog):
     # "one": a red and a blue image, both captioned red (in other words)
     sets = {"three": [("red", "red"), ("green", "green"), ("blue", "blue")], "one": [("red", "red"), ("blue", "red")]}
     for name, pairs in sets.items():
@@ -225,6 +225,8 @@ def test_two_long_text_sets_keep_their_own_results(tmp_path):
     # image's two captions tie and its own is first half of the time (ties count evenly).
     assert got["three_i2t_r1"] == 1.0 and got["three_t2i_r1"] == 1.0 and got["three_skipped"] == 0
     assert got["one_i2t_r1"] == 0.5 and got["one_skipped"] == 0
+
+    assert "evals.three: 3 images, so its text-to-image R@5/R@10 is 1.0 whatever the model" in caplog.text
 
     # a caption table whose red image has two captions: one image of two captions, not two images that tie
     (tmp_path / "table.csv").write_text("image,caption\nthree/0.png,a red square\nthree/2.png,a blue square\n"

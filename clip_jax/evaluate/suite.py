@@ -246,6 +246,10 @@ def run_long_text_set(ctx: Context, name: str, entry: LongTextSetEval) -> dict[s
         log.warning("evals.%s: %d of the %d captions are longer than the model's %d tokens and are scored on their "
                     "first %d (a model stretched to longer text reads more: clip-jax stretch)", name, cut,
                     len(captions), context, context)
+    if trivial := [k for k in (5, 10) if k >= len(images)]:  # every image is among the first k: 1.0 for any model
+        log.warning("evals.%s: %d images, so its text-to-image R@%s is 1.0 whatever the model (every image is among "
+                    "the first %d); read R@1, or give the set more images", name, len(images),
+                    "/R@".join(map(str, trivial)), trivial[0])
     recall = retrieval_recall(ctx.encoder.images(images), ctx.texts(captions), image_of_text, texts=captions)
     # Keys named by the entry, as every evaluator of a path does: two sets in one config keep both results.
     return {**{f"{name}_{k}": float(v) for k, v in recall.items()}, f"{name}_skipped": skipped}
