@@ -53,6 +53,16 @@ def pytest_runtest_protocol(item, nextitem):
         f.write(json.dumps(record) + "\n")
 
 
+@pytest.hookimpl
+def pytest_runtest_logreport(report):
+    """Each test's outcome (its call's, or its set-up's where that failed or skipped it), beside its CPU record."""
+    if RECORDS_ENV not in os.environ or not (report.when == "call" or (report.when == "setup" and not report.passed)):
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(pathlib.Path(os.environ[RECORDS_ENV]) / f"{worker}.outcomes", "a") as f:
+        f.write(json.dumps({"test": report.nodeid, "outcome": report.outcome}) + "\n")
+
+
 # ---- the script -----------------------------------------------------------------------------------------------------
 def per_file(records: list[dict]) -> list[dict]:
     """The records summed by test file, most CPU (own + children) first."""
@@ -66,13 +76,14 @@ def per_file(records: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda row: -row["total_cpu_s"])
 
 
-def read_records(folder: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for path in sorted(folder.glob("*.jsonl")) for line in path.read_text().splitlines()]
+def read_records(folder: pathlib.Path, suffix: str = "jsonl") -> list[dict]:
+    return [json.loads(line) for path in sorted(folder.glob(f"*.{suffix}")) for line in path.read_text().splitlines()]
 
 
-def run_pytest(pytest_args: list[str]) -> tuple[list[str], int, float, dict[str, float], list[dict]]:
+def run_pytest(pytest_args: list[str]) -> tuple[list[str], int, float, dict[str, float], list[dict], dict[str, int]]:
     """`python -m pytest PYTEST_ARGS` in the repository with the plugin: (the command, its exit code, its wall
-    seconds, its user and system CPU seconds with every process it started, the tests' records)."""
+    seconds, its user and system CPU seconds with every process it started, the tests' records, the count of each
+    outcome: passed, skipped, failed)."""
     command = [sys.executable, "-m", "pytest", "-p", "suite_cpu", "-p", "no:cacheprovider", *pytest_args]
     with tempfile.TemporaryDirectory(prefix="suite_cpu_") as folder:
         path = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))
@@ -81,8 +92,9 @@ def run_pytest(pytest_args: list[str]) -> tuple[list[str], int, float, dict[str,
         exit_code = subprocess.run(command, cwd=ROOT, env=env).returncode
         wall, after = time.monotonic() - wall, resource.getrusage(resource.RUSAGE_CHILDREN)
         records = read_records(pathlib.Path(folder))
+        outcomes = collections.Counter(r["outcome"] for r in read_records(pathlib.Path(folder), "outcomes"))
     cpu = {"user_s": after.ru_utime - before.ru_utime, "system_s": after.ru_stime - before.ru_stime}
-    return command, exit_code, wall, cpu, records
+    return command, exit_code, wall, cpu, records, dict(outcomes)
 
 
 def main() -> None:
@@ -99,7 +111,7 @@ def main() -> None:
     today = datetime.date.today().isoformat()
     out = checked_out_file(args.out, ROOT / "benchmarks" / "results" / f"suite_cpu_{today}.json")
 
-    command, exit_code, wall, cpu, records = run_pytest(args.pytest_args)
+    command, exit_code, wall, cpu, records, outcomes = run_pytest(args.pytest_args)
     if exit_code not in (0, 1) or not records:  # pytest's usage error, internal error or no test: no suite's time
         sys.exit(f"pytest exited with {exit_code} after {len(records)} tests (2: interrupted, 3: internal error, "
                  "4: usage error, 5: no test collected): nothing saved")
@@ -109,9 +121,11 @@ def main() -> None:
         "command": command[1:], "exit_code": exit_code, "wall_s": round(wall, 1),
         "cpu_s": round(cpu["user_s"] + cpu["system_s"], 1), **{k: round(v, 1) for k, v in cpu.items()},
         "tests_cpu_s": round(sum(r["cpu_s"] + r["children_cpu_s"] for r in records), 1), "tests": len(records),
+        "outcomes": outcomes,
         "files": files, "slowest_tests": tests[:args.top], "date": today, "machine": environment_facts(),
     }
-    print(f"\n{len(records)} tests, exit code {exit_code}: {result['wall_s']} s wall, {result['cpu_s']} s CPU "
+    print(f"\n{len(records)} tests ({', '.join(f'{n} {k}' for k, n in sorted(outcomes.items()))}), exit code "
+          f"{exit_code}: {result['wall_s']} s wall, {result['cpu_s']} s CPU "
           f"({result['tests_cpu_s']} s of it in the tests)")
     print(f"{'CPU s':>8} {'own':>7} {'children':>8} {'wall s':>7} {'tests':>5}  file")
     for row in files[:args.top]:

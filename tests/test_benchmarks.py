@@ -495,13 +495,16 @@ def test_suite_cpu_records_each_tests_cpu_and_that_of_the_processes_it_started(t
     suite_cpu = load_script("suite_cpu", "suite_cpu_script")
     (tmp_path / "test_two.py").write_text(
         "import subprocess, sys\n\n"
+        "import pytest\n\n"
         "def test_idle():\n    pass\n\n"
+        "def test_skipped():\n    pytest.skip('not here')\n\n"
         "def test_busy_child():\n"
         "    subprocess.run([sys.executable, '-c', 'sum(i * i for i in range(3_000_000))'], check=True)\n")
     # Its own root and no ini file: none of this project's options (xdist) or conftest.
-    _, exit_code, _, cpu, records = suite_cpu.run_pytest(
+    _, exit_code, _, cpu, records, outcomes = suite_cpu.run_pytest(
         ["-q", "-p", "no:xdist", "--rootdir", str(tmp_path), "-c", "/dev/null", str(tmp_path / "test_two.py")])
-    assert exit_code == 0
+    assert exit_code == 0 and outcomes == {"passed": 2, "skipped": 1}  # (the docs quote passed and skipped apart)
+    records = [r for r in records if not r["test"].endswith("test_skipped")]
     by_name = {r["test"].split("::")[-1]: r for r in records}
     assert set(by_name) == {"test_idle", "test_busy_child"}
     assert by_name["test_busy_child"]["children_cpu_s"] > 0.1 > by_name["test_idle"]["children_cpu_s"]
