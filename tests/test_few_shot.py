@@ -297,11 +297,15 @@ def test_coop_prompts_equal_token_embeddings_assembled_by_hand(tokenizer, positi
     np.testing.assert_allclose(got, scale * features @ np.stack(texts).T, rtol=1e-5, atol=1e-5)
 
 
-def test_coop_starts_from_the_phrase_and_counts_its_context_in_tokens(tokenizer):
+def test_coop_starts_from_the_phrase_and_counts_its_context_in_tokens(tokenizer, caplog):
     config = tiny_config("coop")
     config.method.ctx_init = "a photo of the"
-    method = prepared(tiny_few_shot(config), tokenizer)
+    with caplog.at_level("INFO", logger="clip_jax.methods.few_shot"):
+        method = prepared(tiny_few_shot(config), tokenizer)
     phrase = tokenizer.encode("a photo of the")
+    # config.json keeps n_ctx, which read as the context's length: said
+    assert (f"method.ctx_init 'a photo of the' gives the learned context its {len(phrase)} tokens (method.n_ctx "
+            f"{config.method.n_ctx} is not used)") in caplog.text
     model = method.model()
     initial = nn.unbox(model.init(jax.random.PRNGKey(0), *method.init_inputs())["params"])
     assert initial["learner"]["ctx"].shape == (len(phrase), config.model.text.width)

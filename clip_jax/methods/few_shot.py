@@ -317,7 +317,11 @@ class CoOpMethod(FewShotMethod):
         return PromptContext(n_ctx, self.config.model.text.width, classes)
 
     def check_prompts(self) -> None:
-        self.class_inputs(self.task.base if self.hparams.csc else [*self.task.base, *self.task.new])
+        h = self.hparams
+        if h.ctx_init and (length := self._n_ctx()) != h.n_ctx:  # config.json keeps n_ctx, which reads as the length
+            log.info("method.ctx_init %r gives the learned context its %d tokens (method.n_ctx %d is not used)",
+                     h.ctx_init, length, h.n_ctx)
+        self.class_inputs(self.task.base if h.csc else [*self.task.base, *self.task.new])
 
     def class_inputs(self, classes):
         if self.hparams.csc and list(classes) != list(self.task.base):
