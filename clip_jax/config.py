@@ -756,8 +756,8 @@ def _how_to_write(key: str, expected: Any, value: Any) -> str:
     Python literals (True, not true), and a string that reads as a number quoted."""
     if isinstance(expected, bool):
         return f" (--config.{key}=True or --config.{key}=False)"
-    if isinstance(expected, str) and not isinstance(value, str):
-        return f" (a text that reads as a number: quote it, \"--config.{key}='{value}'\")"
+    if isinstance(expected, str) and not isinstance(value, str):  # 2024, 1e3, True: Python literals of another type
+        return f" (to give it as a text, quote it: \"--config.{key}='{value}'\")"
     if isinstance(expected, tuple) and value is None:
         return f" (none: --config.{key}=())"
     return ""

@@ -295,7 +295,7 @@ def test_a_negative_period_of_an_evaluation_is_refused():
 @pytest.mark.parametrize("override, said", [
     ("log.progress_bar=false", "must be bool, got str (--config.log.progress_bar=True or "
                                "--config.log.progress_bar=False)"),
-    ("data.path=2024", "must be str, got int (a text that reads as a number: quote it, \"--config.data.path='2024'\")"),
+    ("data.path=2024", "must be str, got int (to give it as a text, quote it: \"--config.data.path='2024'\")"),
     ("optimizer.frozen=None", "must be tuple, got None (none: --config.optimizer.frozen=())"),
 ])
 def test_a_value_of_another_type_says_how_to_write_it(override, said):
