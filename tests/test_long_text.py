@@ -60,6 +60,14 @@ def test_a_caption_table_with_several_captions_of_an_image(tmp_path):
     assert captions == ["a red one", "a green one, square", "red again"] and skipped == 1
     assert image_of_text.tolist() == [0, 1, 0] and len(images) == 2
     np.testing.assert_array_equal(images[1], load_image(tmp_path / "b.jpg", SIZE))
+    # image paths relative to an image_root, as data.image_root for training (a table kept apart from its images)
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "val.csv").write_text("image,caption\na.jpg,a red one\nb.jpg,a green one\n")
+    rooted, rooted_captions, _, _ = load_long_text_set(tmp_path / "tables" / "val.csv", SIZE, image_root=str(tmp_path))
+    np.testing.assert_array_equal(rooted, images)
+    assert rooted_captions == ["a red one", "a green one"]
+    with pytest.raises(ValueError, match="image_root is for a caption table's image paths"):
+        load_long_text_set(tmp_path / "set.json", SIZE, image_root=str(tmp_path))
     # R@1 with embeddings that put "red again" nearest b.jpg: an image's row of captions is one image, not two
     image_embeds, text_embeds = np.eye(2, dtype=np.float32), np.asarray([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
     recall = retrieval_recall(image_embeds, text_embeds, image_of_text, texts=captions)

@@ -49,7 +49,7 @@ def _once_each(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
-def long_text_pairs(path: str | pathlib.Path) -> list[tuple[pathlib.Path, str]]:
+def long_text_pairs(path: str | pathlib.Path, image_root: str = "") -> list[tuple[pathlib.Path, str]]:
     """(image path, caption) of each pair of an Urban-1k-layout folder or a JSON file {image file name: caption}
     (names relative to its folder), read without any image; a ValueError, one line naming the file, for one that
     cannot be read as such."""
@@ -68,7 +68,10 @@ def long_text_pairs(path: str | pathlib.Path) -> list[tuple[pathlib.Path, str]]:
             pairs.append((path / "image" / f"{f.stem}.jpg", lines[0]))
         return pairs
     if path.suffix.lower() in TABLE_SUFFIXES:
-        return _table_pairs(path)
+        return _table_pairs(path, image_root)
+    if image_root:
+        raise ValueError(f"{path}: image_root is for a caption table's image paths; an Urban-1k folder's and a JSON "
+                         "file's images are found beside it: drop image_root")
     if path.suffix != ".json":
         raise FileNotFoundError(f"{path}: expected an Urban-1k-layout folder, a JSON file of image -> caption or a "
                                 f"caption table ({', '.join(TABLE_SUFFIXES)})")
@@ -88,11 +91,12 @@ def long_text_pairs(path: str | pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     return [(path.parent / name, caption) for name, caption in data.items()]
 
 
-def _table_pairs(path: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
-    """(image path, caption) of each row of a caption table, read as training reads one (`captions.read_table`);
-    a row without an image or a caption is refused, naming it: an evaluation scores every row it is given."""
+def _table_pairs(path: pathlib.Path, image_root: str = "") -> list[tuple[pathlib.Path, str]]:
+    """(image path, caption) of each row of a caption table, read as training reads one (`captions.read_table`; image
+    paths relative to `image_root`, else the table's folder); a row without an image or a caption is refused, naming
+    it: an evaluation scores every row it is given."""
     try:
-        rows = read_table(str(path), table_format(str(path)))
+        rows = read_table(str(path), table_format(str(path)), image_root or None)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8") from None
     pairs = []
@@ -107,12 +111,12 @@ def _table_pairs(path: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     return pairs
 
 
-def load_long_text_set(path: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-                       ) -> tuple[np.ndarray, list[str], np.ndarray, int]:
+def load_long_text_set(path: str | pathlib.Path, image_size: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                       image_root: str = "") -> tuple[np.ndarray, list[str], np.ndarray, int]:
     """(images uint8 [N, S, S, 3], captions [M], the image index of each caption int64 [M], number of images skipped:
     unreadable, undecodable, not regular files or over `max_image_bytes`) of `long_text_pairs(path)`; an image named
     by several pairs is read once."""
-    pairs = long_text_pairs(path)
+    pairs = long_text_pairs(path, image_root)
     index: dict[pathlib.Path, int] = {}
     for image, _ in pairs:
         index.setdefault(image, len(index))
@@ -122,7 +126,7 @@ def load_long_text_set(path: str | pathlib.Path, image_size: int, max_image_byte
         log.warning("skipping %s", message)
     if not images:
         where = pathlib.Path(path)
-        where = where if where.is_dir() else f"{where.parent}, the file's folder,"
+        where = where if where.is_dir() else image_root or f"{where.parent}, the file's folder,"
         raise ValueError(f"{path}: no readable image-caption pair (the images are looked for in {where} by name)")
     position = {image_index: i for i, image_index in enumerate(kept)}  # of the images read
     captions = [(caption, position[index[image]]) for image, caption in pairs if index[image] in position]

@@ -231,14 +231,15 @@ class LongTextSetEval:
     # an Urban-1k-layout folder (image/N.jpg, caption/N.txt), a JSON file {image file: caption} or a caption table
     # (.csv/.tsv/.jsonl, columns image and caption; several rows may name one image)
     path: str = ""
+    image_root: str = ""  # a caption table's image paths are relative to it (as data.image_root); "": its folder
     every_steps: int | None = None
 
 
 def run_long_text_set(ctx: Context, name: str, entry: LongTextSetEval) -> dict[str, float]:
     config = ctx.config
     try:
-        images, captions, image_of_text, skipped = load_long_text_set(entry.path, config.model.vision.image_size,
-                                                                      config.data.max_image_bytes)
+        images, captions, image_of_text, skipped = load_long_text_set(
+            entry.path, config.model.vision.image_size, config.data.max_image_bytes, entry.image_root)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"evals.{name}.path: {e}") from None
     context = config.model.text.context_length
@@ -482,7 +483,7 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str | os.PathLike 
             open_tfds(name, parse_entry(name, entry.to_dict()), config.model.vision.image_size)
         elif entry.type == "long_text_set" and entry.path:  # its pairs, read before training (not its images)
             try:
-                long_text_pairs(entry.path)
+                long_text_pairs(entry.path, entry.get("image_root", ""))
             except (ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"evals.{name}.path: {e}") from None
         elif entry.type == "zero_shot_folder" and entry.path:
