@@ -181,7 +181,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
     c.log.tensorboard = True
-    c.log.progress_bar = True
+    c.log.progress_bar = True  # on a terminal; in a log file (not a terminal) each record is a line instead
     return c
 
 
@@ -589,11 +589,11 @@ def _check_eval_entry(name: str, entry: Any, defaults: dict) -> None:
                           "or None for eval.every_steps")
 
 
-def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+def check_devices(config: ml_collections.ConfigDict, num_devices: int, fewer_devices: str = "") -> dict[str, int]:
     """The mesh's axis sizes over `num_devices` devices. Refuses (ConfigError) a `config.mesh` that does not fit
     them, a batch_size that the batch's shards (data x fsdp, times accum_steps) do not divide, and a part of it too
     small for the method (`Method.check_batch_shards`): the trainer's first check, and a launcher's before the job
-    waits in a queue."""
+    waits in a queue. `fewer_devices`: how the caller's user gives the job fewer devices, for the message."""
     try:
         sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh.to_dict(), num_devices), strict=True))
     except ValueError as e:  # sizes that do not fit the devices: a configuration mistake, said in one line
@@ -603,8 +603,8 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> dict[s
         raise ConfigError(
             f"batch_size {config.batch_size} must be a multiple of {batch_shards * config.accum_steps} (batch shards "
             f"{batch_shards} x accum_steps {config.accum_steps}, on {num_devices} devices): give such a batch_size, "
-            "fewer batch shards (--config.mesh.data, --config.mesh.fsdp), or fewer devices (a recipe of batch 1 "
-            "runs on one: CUDA_VISIBLE_DEVICES=0)"
+            "fewer batch shards (--config.mesh.data, --config.mesh.fsdp), or fewer devices"
+            + (f" ({fewer_devices})" if fewer_devices else "")
         )
     get_method(config).check_batch_shards(batch_shards)
     return sizes
@@ -627,7 +627,7 @@ def train_config(spec: str | None, overrides: list[str] | tuple[str, ...], workd
 
 
 def check_recipe(label: str, spec: str | None, overrides: list[str] | tuple[str, ...], base: pathlib.Path,
-                 num_devices: int | None = None, workdir: str | None = None) -> None:
+                 num_devices: int | None = None, workdir: str | None = None, fewer_devices: str = "") -> None:
     """For a launcher: exits (status 2, as the trainer and argparse) with `label: error: ...` where the trainer
     would refuse the settings (`train_config`: a recipe `path.py[:arg]`, a relative path taken from `base`, where
     the job starts, or without one the config.json of `workdir` where this machine sees it) and its overrides, or,
@@ -647,7 +647,7 @@ def check_recipe(label: str, spec: str | None, overrides: list[str] | tuple[str,
     try:
         config = train_config(spec, overrides, workdir or "")
         if config is not None and num_devices is not None:
-            check_devices(config, num_devices)
+            check_devices(config, num_devices, fewer_devices)
     except ConfigError as e:
         print(f"{label}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -101,11 +101,16 @@ def submit(args: argparse.Namespace) -> int:
     script = args.script or f"{job_name_of(args)}.sbatch"
     text = render(args)
     command = ["sbatch", script]
-    print(shlex.join(command), flush=True)
     if args.dry_run:
+        print(shlex.join(command), flush=True)
         print(text, end="")
         return 0
-    pathlib.Path(script).write_text(text)
+    try:
+        pathlib.Path(script).write_text(text)
+    except OSError as e:
+        sys.exit(f"launch/gpu.py submit: error: cannot write the job script {script} ({e.strerror}): give --script a "
+                 "path in an existing folder you can write")
+    print(shlex.join(command), flush=True)
     try:
         return subprocess.run(command).returncode  # an argument list: no shell
     except FileNotFoundError:
@@ -177,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     # without --config it resumes from the workdir's config.json, read here where this machine sees it.
     gpus = (args.nodes * args.gpus_per_node if args.command == "submit" else
             len(args.gpus.split(",")) if args.gpus else None)
-    check_recipe(f"launch/gpu.py {args.command}", args.config, args.overrides, pathlib.Path.cwd(), gpus, args.workdir)
+    fewer = "--nodes or --gpus-per-node" if args.command == "submit" else "--gpus, e.g. --gpus=0 for one"
+    check_recipe(f"launch/gpu.py {args.command}", args.config, args.overrides, pathlib.Path.cwd(), gpus, args.workdir,
+                 fewer)
     return submit(args) if args.command == "submit" else local(args)
 
 

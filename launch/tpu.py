@@ -7,7 +7,7 @@
                                      [--config.key=value ...]
   python3 launch/tpu.py tail    NAME --zone=ZONE --run-name=b16 [--worker=0] [--follow]
   python3 launch/tpu.py status  NAME --zone=ZONE [--queued] [--run-name=b16]
-  python3 launch/tpu.py stop    NAME --zone=ZONE --run-name=b16
+  python3 launch/tpu.py stop    NAME --zone=ZONE --run-name=b16 [--no-wait]
   python3 launch/tpu.py delete  NAME --zone=ZONE [--queued] [--yes]
 
 Every subcommand takes --dry-run: the commands are printed (one per line, shell-quoted) instead of run. A TPU pod is
@@ -22,6 +22,7 @@ run's log and pid in ~/clip_jax_logs/<run>.{log,pid}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import pathlib
 import re
 import shlex
@@ -33,7 +34,11 @@ from typing import NoReturn
 from trainer_args import check_recipe, trainer_overrides
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-START_CHECK_SECONDS = 3  # `run` checks that the trainer is still alive this long after its start
+# `run` waits this long at most for the trainer's mesh line (STARTED_MARK, clip_jax/train/loop.py), by which the
+# settings, the devices, the mesh and the batch have passed the trainer's own checks on the TPU; a trainer that ends
+# before is reported with its log's end.
+START_CHECK_SECONDS = 120
+STARTED_MARK = "clip_jax.train.loop: mesh {"
 SRC = "~/clip_jax"  # remote paths stay unquoted in remote commands so that the remote shell expands `~`
 VENV = "~/clip_jax_venv"
 LOGS = "~/clip_jax_logs"
@@ -50,15 +55,17 @@ RUNTIME_VERSIONS = {
     "v6e": "v2-alpha-tpuv6e",
 }
 
+_ACCELERATOR_TYPE = re.compile(r"^(v2|v3|v4|v5p|v5litepod|v6e)-[0-9]+$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # run names become file names in unquoted remote paths
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def default_runtime_version(accelerator_type: str) -> str:
-    generation = accelerator_type.rpartition("-")[0]
-    if generation not in RUNTIME_VERSIONS:
-        usage_error(f"no default runtime version for {accelerator_type!r}: pass --version")
-    return RUNTIME_VERSIONS[generation]
+    if not _ACCELERATOR_TYPE.match(accelerator_type):  # (a typo more often than a generation this table lacks)
+        usage_error(f"--accelerator-type {accelerator_type!r} is none of GENERATION-SIZE with GENERATION one of "
+                    f"{', '.join(RUNTIME_VERSIONS)} (v5e is v5litepod), e.g. v4-32 or v5litepod-16; for another "
+                    "generation pass --version too")
+    return RUNTIME_VERSIONS[accelerator_type.rpartition("-")[0]]
 
 
 def usage_error(message: str) -> NoReturn:
@@ -105,21 +112,41 @@ def create(args: argparse.Namespace) -> list[list[str]]:
              *tier]]
 
 
+def head_tarball() -> pathlib.Path:
+    """Where `install --tarball` writes this checkout's HEAD: a name of this checkout's own, so that two checkouts
+    (or users) of one machine do not send each other's."""
+    checkout = hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:12]
+    return pathlib.Path(tempfile.gettempdir()) / f"clip_jax_src_{checkout}.tar.gz"
+
+
+def changes_not_committed(*paths: str) -> list[str]:
+    """The files of this checkout (of `paths` only, where given) that differ from HEAD or are not tracked."""
+    try:
+        status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", *paths],
+                                capture_output=True, text=True, check=False).stdout.splitlines()
+    except FileNotFoundError:
+        usage_error("git not found: it makes the tarball of this checkout's HEAD; install git, or give --tarball PATH "
+                    "of a source tarball you made")
+    return [line[3:] for line in status]
+
+
 def install(args: argparse.Namespace) -> list[list[str]]:
     commands = []
     if args.git:
         fetch = f"rm -rf {SRC} && git clone {shlex.quote(args.git)} {SRC}"
         if args.ref:
             fetch += f" && git -C {SRC} checkout {shlex.quote(args.ref)}"
-    else:  # this checkout's committed HEAD (uncommitted edits are not shipped: what runs is a commit)
-        tarball = args.tarball or str(pathlib.Path(tempfile.gettempdir()) / TARBALL_REMOTE)
-        if not args.tarball or not pathlib.Path(args.tarball).exists():
+    else:
+        if args.tarball:  # one the user made: sent as it is
+            tarball = args.tarball
+            if not pathlib.Path(tarball).is_file():
+                usage_error(f"--tarball {tarball}: no such file (without a PATH, --tarball sends this checkout's HEAD)")
+        else:  # this checkout's committed HEAD, made afresh (uncommitted edits are not shipped: what runs is a commit)
+            tarball = str(head_tarball())
             commands.append(["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"])
-            status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"], capture_output=True,
-                                    text=True, check=False).stdout.splitlines()
-            if status:  # a config of one's own, not committed, passes `run`'s local check and is not on the workers
-                print(f"warning: the tarball holds HEAD only; not in it: {', '.join(line[3:] for line in status[:5])}"
-                      f"{', ...' if len(status) > 5 else ''} (commit what the run needs)", file=sys.stderr)
+            if uncommitted := changes_not_committed():  # a config of one's own passes `run`'s check, not on workers
+                print(f"warning: the tarball holds HEAD only; not in it: {', '.join(uncommitted[:5])}"
+                      f"{', ...' if len(uncommitted) > 5 else ''} (commit what the run needs)", file=sys.stderr)
         commands.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{args.name}:{TARBALL_REMOTE}",
                          *_where(args), "--worker=all"])
         fetch = f"rm -rf {SRC} && mkdir -p {SRC} && tar -xzf ~/{TARBALL_REMOTE} -C {SRC}"
@@ -141,6 +168,14 @@ def train_command(args: argparse.Namespace) -> list[str]:
     return [*argv, f"--workdir={args.workdir}", *args.overrides]
 
 
+def _alive(run_name: str) -> str:
+    """A shell function `alive`: whether the run's recorded pid is a live clip_jax process (a pid file outlives its
+    trainer, and the system may give its number to another process since)."""
+    pid = f"{LOGS}/{run_name}.pid"
+    return (f'alive() {{ p=$(cat {pid} 2>/dev/null) && kill -0 "$p" 2>/dev/null && grep -qa clip_jax /proc/"$p"/cmdline'
+            " 2>/dev/null; }")
+
+
 def run(args: argparse.Namespace) -> list[list[str]]:
     run_name = run_name_of(args)
     if not args.workdir.startswith("gs://"):  # (a one-host VM may keep it on its disk, while the VM lasts)
@@ -157,42 +192,70 @@ def run(args: argparse.Namespace) -> list[list[str]]:
     argv = train_command(args)
     trainer = " ".join([argv[0], *map(shlex.quote, argv[1:])])  # argv[0] keeps its `~` unquoted
     # nohup + redirected stdin/stdout/stderr: the trainer outlives the SSH session. The log is appended to, so a
-    # relaunch after a preemption keeps the history. `cd` and the guard run in the foreground (`a && b & c` would
-    # background the whole list and $! would not be the trainer's pid).
-    # A trainer that cannot start (no venv, a broken install) ends within seconds: `run` then fails with the log's
-    # tail, rather than exit 0 with the error only in the log.
+    # relaunch after a preemption keeps the history; `since` is where this launch's part begins. `cd` and the guard
+    # run in the foreground (`a && b & c` would background the whole list and $! would not be the trainer's pid).
+    # Then `run` waits for the trainer's mesh line: a trainer that ends before it (a broken install, settings the
+    # TPU's devices refuse) makes `run` fail with the log's end, rather than exit 0 with the error only in the log.
+    checks = max(1, round(START_CHECK_SECONDS * 2))  # (every half second)
     remote = "; ".join([
+        _alive(run_name),
         f"mkdir -p {LOGS} && cd {SRC} || exit 1",
-        f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo "{run_name} is already running" >&2;'
-        " exit 1; fi",
+        f'if alive; then echo "$(hostname): {run_name} is already running" >&2; exit 1; fi',
+        f"since=$(( $(stat -c %s {log} 2>/dev/null || echo 0) + 1 ))",
         " ".join([*env, "nohup", trainer, f">> {log} 2>&1 < /dev/null & echo $! > {pid}"]),
-        f"sleep {START_CHECK_SECONDS}",
-        f'if ! kill -0 "$(cat {pid})" 2>/dev/null; then echo "{run_name} stopped at once; the end of {log}:" >&2;'
-        f" tail -n 20 {log} >&2; exit 1; fi",
+        f"for _ in $(seq {checks}); do"
+        f' if tail -c +"$since" {log} | grep -qF {shlex.quote(STARTED_MARK)}; then'
+        f' echo "$(hostname): {run_name} started"; exit 0; fi;'
+        f' if ! alive; then echo "$(hostname): {run_name} ended before its start was through; the end of {log}:" >&2;'
+        f" tail -n 20 {log} >&2; exit 1; fi; sleep 0.5; done",
+        f'echo "$(hostname): {run_name} is running, not yet past its start after {START_CHECK_SECONDS:g} s: tail '
+        'its log to watch"',
     ])
     return [ssh(args, remote)]
 
 
+def _no_run_here(run_name: str) -> str:
+    """Shell: on a worker without the run's log, a line naming the runs it has, and status 1."""
+    return (f'if [ ! -f {LOGS}/{run_name}.log ]; then echo "$(hostname): no run {run_name} here (runs: $(ls {LOGS} '
+            '2>/dev/null | sed -n "s/\\.log$//p" | tr "\\n" " "))" >&2; exit 1; fi')
+
+
 def tail(args: argparse.Namespace) -> list[list[str]]:
     follow = " -F" if args.follow else ""
-    return [ssh(args, f"tail -n {args.lines}{follow} {LOGS}/{args.run_name}.log", worker=args.worker)]
+    return [ssh(args, f"{_no_run_here(args.run_name)}; tail -n {args.lines}{follow} {LOGS}/{args.run_name}.log",
+                worker=args.worker)]
 
 
 def status(args: argparse.Namespace) -> list[list[str]]:
     kind = ["queued-resources"] if args.queued else ["tpu-vm"]
     commands = [["gcloud", "compute", "tpus", *kind, "describe", args.name, *_where(args)]]
     if args.run_name:
-        pid, log = f"{LOGS}/{args.run_name}.pid", f"{LOGS}/{args.run_name}.log"
-        commands.append(ssh(args, (
-            f'if kill -0 "$(cat {pid} 2>/dev/null)" 2>/dev/null; then echo "$(hostname): {args.run_name} running";'
-            f' else echo "$(hostname): {args.run_name} not running"; fi; tail -n 2 {log}'
-        )))
+        log = f"{LOGS}/{args.run_name}.log"
+        commands.append(ssh(args, "; ".join([
+            _alive(args.run_name), _no_run_here(args.run_name),
+            f'if alive; then echo "$(hostname): {args.run_name} running"; else echo "$(hostname): {args.run_name} not '
+            'running"; fi',
+            # the log's last lines, a progress bar's redraws (carriage returns) cut to the latest
+            f"tail -n 2 {log} | sed 's/.*\\r//'",
+        ])))
     return commands
 
 
 def stop(args: argparse.Namespace) -> list[list[str]]:
-    # SIGTERM: the trainer saves a checkpoint and exits 0; `run` with the same arguments resumes from it.
-    return [ssh(args, f'kill -TERM "$(cat {LOGS}/{args.run_name}.pid)"')]
+    # SIGTERM: the trainer saves a checkpoint and exits 0; `run` with the same arguments resumes from it. Waiting for
+    # that exit (unless --no-wait) lets a `delete` that follows keep the checkpoint: the hosts agree on a step a few
+    # steps on, then save, which takes a while on a pod.
+    name = args.run_name
+    commands = [_alive(name), _no_run_here(name),
+                f'if ! alive; then echo "$(hostname): {name} is not running"; exit 0; fi',
+                'kill -TERM "$p"']
+    if args.no_wait:
+        commands.append(f'echo "$(hostname): {name}: SIGTERM sent; it saves a checkpoint, then exits"')
+    else:
+        commands += [f'echo "$(hostname): {name}: SIGTERM sent, waiting for its checkpoint and exit"',
+                     "while alive; do sleep 2; done",
+                     f'echo "$(hostname): {name} stopped; its log ends:"; tail -n 2 {LOGS}/{name}.log']
+    return [ssh(args, "; ".join(commands))]
 
 
 def delete(args: argparse.Namespace) -> list[list[str]]:
@@ -251,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queued", action="store_true", help="NAME is a queued resource")
     p.add_argument("--run-name")
 
-    p = add("stop", "SIGTERM the run on every worker: it checkpoints and exits")
+    p = add("stop", "SIGTERM the run on every worker: it checkpoints and exits; waits for that (delete can follow)")
     p.add_argument("--run-name", required=True)
+    p.add_argument("--no-wait", action="store_true", help="return once the signal is sent, before the checkpoint")
 
     p = add("delete", "delete the TPU VM (with --queued: the queued resource and its VM)")
     p.add_argument("--queued", action="store_true", help="NAME is a queued resource")
@@ -272,10 +336,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--ref goes with --git")
     if getattr(args, "run_name", None):
         run_name_of(args)
-    if args.command == "run" and args.config:  # (without one the workers resume from the workdir's config.json)
-        # the workers start in their copy of this checkout
-        check_recipe(f"launch/tpu.py {args.command}", args.config, args.overrides, REPO_ROOT)
+    if args.command == "run":  # the workers start in their copy of this checkout; without --config they resume
+        # from the workdir's config.json, read here where this machine sees it (not a gs:// bucket)
+        check_recipe(f"launch/tpu.py {args.command}", args.config, args.overrides, REPO_ROOT, workdir=args.workdir)
+        if args.config:
+            warn_if_not_on_the_workers(args.config.partition(":")[0])
     return args
+
+
+def warn_if_not_on_the_workers(recipe: str) -> None:
+    """A recipe the workers' copy of this checkout lacks (outside it, or not committed, which `install` does not
+    ship) passes the check above here and is not there: said before the job starts."""
+    path = pathlib.Path(recipe)
+    absolute = path if path.is_absolute() else REPO_ROOT / path
+    try:
+        inside = absolute.resolve().relative_to(REPO_ROOT)
+    except ValueError:
+        print(f"warning: --config {recipe} is outside this checkout: each worker reads that path on its own disk",
+              file=sys.stderr)
+        return
+    if changes_not_committed(str(inside)):
+        print(f"warning: --config {recipe} is not committed: a worker installed from a commit (--tarball or --git) "
+              "has another version of it or none (commit it, then install again)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result = subprocess.run(command)  # an argument list: no shell on this side
             except FileNotFoundError:
-                sys.exit(f"launch/tpu.py {args.command}: error: {command[0]} not found: install the Google Cloud SDK "
-                         "(gcloud) on this machine, or print the commands with --dry-run")
+                what = "git" if command[0] == "git" else "the Google Cloud SDK (gcloud)"
+                sys.exit(f"launch/tpu.py {args.command}: error: {command[0]} not found: install {what} on this "
+                         "machine, or print the commands with --dry-run")
             if result.returncode:
                 return result.returncode
     return 0

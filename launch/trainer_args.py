@@ -22,7 +22,7 @@ def trainer_overrides(parser: argparse.ArgumentParser, rest: list[str], *, accep
 
 
 def check_recipe(command: str, config: str | None, overrides: list[str], root: pathlib.Path,
-                 num_devices: int | None = None, workdir: str | None = None) -> None:
+                 num_devices: int | None = None, workdir: str | None = None, fewer_devices: str = "") -> None:
     """The recipe, or without one the config.json of `workdir` where this machine sees it, read as the job will read
     it from `root`, and its mesh and batch checked against the job's `num_devices` where known
     (clip_jax.config.check_recipe: a bad file, override, mesh or batch exits here, not minutes later on every host);
@@ -31,4 +31,4 @@ def check_recipe(command: str, config: str | None, overrides: list[str], root: p
         from clip_jax.config import check_recipe as check
     except ImportError:
         return
-    check(command, config, overrides, root, num_devices, workdir)
+    check(command, config, overrides, root, num_devices, workdir, fewer_devices)

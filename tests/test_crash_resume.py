@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 import resource
 import shlex
 import shutil
@@ -189,6 +190,15 @@ def test_resumed_run_equals_uninterrupted_run(chain, reference):
     data = lambda w: sorted(p.read_text() for p in (w / "checkpoints" / str(STEPS) / "data").glob("*.json"))
     assert data(workdir) == data(reference)
     assert json.loads((workdir / "results.json").read_text()) == json.loads((reference / "results.json").read_text())
+
+
+def test_a_run_logs_the_line_that_launch_tpu_run_waits_for(runs):
+    """`launch/tpu.py run` takes a trainer as started once its log has this line (its mesh: the settings, devices,
+    mesh and batch passed the trainer's checks): a trainer's real output has it."""
+    _, _, output = runs[1]
+    line = re.search(r"^.*mesh \{.*$", output, re.M)
+    mark = re.search(r'^STARTED_MARK = "(.*)"$', (REPO / "launch" / "tpu.py").read_text(), re.M).group(1)
+    assert line and mark in line.group(0), (mark, output[:2000])
 
 
 def test_metrics_hold_one_record_per_logged_step(chain, reference):

@@ -87,7 +87,7 @@ def test_default_runtime_versions(accelerator, version, capsys):
     assert tpu.default_runtime_version(accelerator) == version
     with pytest.raises(SystemExit, match="^2$"):
         tpu.default_runtime_version("v9x-8")
-    assert "no default runtime version for 'v9x-8': pass --version" in capsys.readouterr().err
+    assert "--accelerator-type 'v9x-8' is none of GENERATION-SIZE" in capsys.readouterr().err
 
 
 SETUP = ("python3 -m pip install --user --upgrade uv && ~/.local/bin/uv venv --allow-existing --python 3.11 "
@@ -106,30 +106,43 @@ def test_install_from_git(capsys):
 
 
 def test_install_from_a_tarball(capsys, tmp_path, monkeypatch):
+    def send(tarball):
+        return [shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "scp", str(tarball), "clip-v4:clip_jax_src.tar.gz",
+                            f"--zone={ZONE}", "--worker=all"]),
+                shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "ssh", "clip-v4", f"--zone={ZONE}", "--worker=all",
+                            "--command=rm -rf ~/clip_jax && mkdir -p ~/clip_jax && tar -xzf ~/clip_jax_src.tar.gz -C "
+                            f"~/clip_jax && {SETUP}"])]
+
+    # --tarball: this checkout's HEAD, made afresh every time (a tarball left from an earlier install was sent as
+    # it was: the workers ran the old code), under a name of this checkout's own
+    head = tpu.head_tarball()
+    archive = shlex.join(["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={head}", "HEAD"])
+    monkeypatch.setattr(tpu.subprocess, "run", lambda *a, **k: types.SimpleNamespace(stdout=""))  # a clean tree
+    for _ in range(2):
+        assert dry_run(tpu, capsys, "install", "clip-v4", f"--zone={ZONE}", "--tarball") == [archive, *send(head)]
+    assert head.name.startswith("clip_jax_src_") and head.name != tpu.TARBALL_REMOTE
+    # --tarball PATH: one of the user's own, sent as it is; a PATH that is not there is refused (it became the
+    # place to write HEAD to, and then was never written again)
     tarball = tmp_path / "src.tar.gz"
-    copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(tarball), "clip-v4:clip_jax_src.tar.gz",
-            f"--zone={ZONE}", "--worker=all"]
-    extract = shlex.join([
-        "gcloud", "compute", "tpus", "tpu-vm", "ssh", "clip-v4", f"--zone={ZONE}", "--worker=all",
-        "--command=rm -rf ~/clip_jax && mkdir -p ~/clip_jax && tar -xzf ~/clip_jax_src.tar.gz -C ~/clip_jax"
-        f" && {SETUP}",
-    ])
-    # No tarball yet: made from this checkout's HEAD first.
-    assert dry_run(tpu, capsys, "install", "clip-v4", f"--zone={ZONE}", f"--tarball={tarball}") == [
-        shlex.join(["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"]),
-        shlex.join(copy), extract,
-    ]
-    tarball.write_bytes(b"")  # an existing tarball is sent as it is
-    assert dry_run(tpu, capsys, "install", "clip-v4", f"--zone={ZONE}", f"--tarball={tarball}") == [
-        shlex.join(copy), extract,
-    ]
+    with pytest.raises(SystemExit, match="^2$"):
+        tpu.main(["install", "clip-v4", f"--zone={ZONE}", f"--tarball={tarball}", "--dry-run"])
+    assert f"--tarball {tarball}: no such file" in capsys.readouterr().err
+    tarball.write_bytes(b"")
+    assert dry_run(tpu, capsys, "install", "clip-v4", f"--zone={ZONE}", f"--tarball={tarball}") == send(tarball)
     # A config of one's own, not committed, passed run's local check and was not on the workers: said
-    tarball.unlink()
     monkeypatch.setattr(tpu.subprocess, "run", lambda *args, **kwargs: types.SimpleNamespace(
         stdout="?? configs/mine.py\n M clip_jax/cli.py\n"))
-    assert tpu.main(["install", "clip-v4", f"--zone={ZONE}", f"--tarball={tarball}", "--dry-run"]) == 0
+    assert tpu.main(["install", "clip-v4", f"--zone={ZONE}", "--tarball", "--dry-run"]) == 0
     assert "warning: the tarball holds HEAD only; not in it: configs/mine.py, clip_jax/cli.py (commit what the run " \
            "needs)" in capsys.readouterr().err
+
+    def no_git(command, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", command[0])
+
+    monkeypatch.setattr(tpu.subprocess, "run", no_git)  # a traceback, even with --dry-run
+    with pytest.raises(SystemExit, match="^2$"):
+        tpu.main(["install", "clip-v4", f"--zone={ZONE}", "--tarball", "--dry-run"])
+    assert "launch/tpu.py: error: git not found: it makes the tarball" in capsys.readouterr().err
 
 
 def test_run_starts_the_trainer_on_every_worker_with_a_kept_log(capsys):
@@ -137,15 +150,21 @@ def test_run_starts_the_trainer_on_every_worker_with_a_kept_log(capsys):
     assert shlex.split(line)[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "clip-v4", f"--zone={ZONE}",
                                      "--worker=all"]
     assert remote_command(line) == (
+        'alive() { p=$(cat ~/clip_jax_logs/b16.pid 2>/dev/null) && kill -0 "$p" 2>/dev/null && grep -qa clip_jax '
+        '/proc/"$p"/cmdline 2>/dev/null; }; '
         "mkdir -p ~/clip_jax_logs && cd ~/clip_jax || exit 1; "
-        'if [ -f ~/clip_jax_logs/b16.pid ] && kill -0 "$(cat ~/clip_jax_logs/b16.pid)" 2>/dev/null; '
-        'then echo "b16 is already running" >&2; exit 1; fi; '
+        'if alive; then echo "$(hostname): b16 is already running" >&2; exit 1; fi; '
+        "since=$(( $(stat -c %s ~/clip_jax_logs/b16.log 2>/dev/null || echo 0) + 1 )); "
         "XLA_FLAGS='--xla_dump_to=/tmp/x y' nohup ~/clip_jax_venv/bin/python -m clip_jax train "
         "--config=configs/pretrain.py:B/16 --workdir=gs://bucket/runs/b16 --config.batch_size=4096 "
         ">> ~/clip_jax_logs/b16.log 2>&1 < /dev/null & echo $! > ~/clip_jax_logs/b16.pid; "
-        f"sleep {tpu.START_CHECK_SECONDS}; "
-        'if ! kill -0 "$(cat ~/clip_jax_logs/b16.pid)" 2>/dev/null; then echo "b16 stopped at once; the end of '
-        '~/clip_jax_logs/b16.log:" >&2; tail -n 20 ~/clip_jax_logs/b16.log >&2; exit 1; fi'
+        f"for _ in $(seq {tpu.START_CHECK_SECONDS * 2}); do "
+        "if tail -c +\"$since\" ~/clip_jax_logs/b16.log | grep -qF 'clip_jax.train.loop: mesh {'; then "
+        'echo "$(hostname): b16 started"; exit 0; fi; '
+        'if ! alive; then echo "$(hostname): b16 ended before its start was through; the end of '
+        '~/clip_jax_logs/b16.log:" >&2; tail -n 20 ~/clip_jax_logs/b16.log >&2; exit 1; fi; sleep 0.5; done; '
+        f'echo "$(hostname): b16 is running, not yet past its start after {tpu.START_CHECK_SECONDS} s: tail its log '
+        'to watch"'
     )
 
 
@@ -168,16 +187,20 @@ def test_run_resumes_from_the_workdir_config_and_takes_a_run_name(capsys):
 def test_tail_status_stop_delete(capsys):
     where = ("clip-v4", f"--zone={ZONE}")
     ssh = f"gcloud compute tpus tpu-vm ssh clip-v4 --zone={ZONE}"
-    assert dry_run(tpu, capsys, "tail", *where, "--run-name=b16") == [
-        f"{ssh} --worker=0 '--command=tail -n 100 ~/clip_jax_logs/b16.log'"]
-    assert dry_run(tpu, capsys, "tail", *where, "--run-name=b16", "--worker=3", "--lines=20", "--follow") == [
-        f"{ssh} --worker=3 '--command=tail -n 20 -F ~/clip_jax_logs/b16.log'"]
+    (tail,) = dry_run(tpu, capsys, "tail", *where, "--run-name=b16")
+    assert tail.startswith(f"{ssh} --worker=0 ")
+    assert remote_command(tail).endswith("; tail -n 100 ~/clip_jax_logs/b16.log")
+    (tail,) = dry_run(tpu, capsys, "tail", *where, "--run-name=b16", "--worker=3", "--lines=20", "--follow")
+    assert tail.startswith(f"{ssh} --worker=3 ") and remote_command(tail).endswith("; tail -n 20 -F "
+                                                                                   "~/clip_jax_logs/b16.log")
     assert dry_run(tpu, capsys, "status", *where) == [f"gcloud compute tpus tpu-vm describe clip-v4 --zone={ZONE}"]
     status = dry_run(tpu, capsys, "status", *where, "--queued", "--run-name=b16")
     assert status[0] == f"gcloud compute tpus queued-resources describe clip-v4 --zone={ZONE}"
     assert status[1].startswith(f"{ssh} --worker=all ")
-    assert dry_run(tpu, capsys, "stop", *where, "--run-name=b16") == [
-        f"""{ssh} --worker=all '--command=kill -TERM "$(cat ~/clip_jax_logs/b16.pid)"'"""]
+    for wait in ([], ["--no-wait"]):
+        (stop,) = dry_run(tpu, capsys, "stop", *where, "--run-name=b16", *wait)
+        assert stop.startswith(f"{ssh} --worker=all ") and 'kill -TERM "$p"' in remote_command(stop)
+        assert ("while alive; do sleep 2; done" in remote_command(stop)) == (not wait)
     assert dry_run(tpu, capsys, "delete", *where) == [f"gcloud compute tpus tpu-vm delete clip-v4 --zone={ZONE}"]
     assert dry_run(tpu, capsys, "delete", *where, "--queued", "--yes") == [
         f"gcloud compute tpus queued-resources delete clip-v4 --zone={ZONE} --force --quiet"]
@@ -191,6 +214,7 @@ def test_bad_arguments_are_refused(capsys):
         ["status", "clip-v4", f"--zone={ZONE}", "--config.batch_size=8"],  # overrides only go to `run`
         ["install", "clip-v4", f"--zone={ZONE}", "--tarball", "--ref=main"],
         ["run", "clip-v4", "--workdir=gs://b/runs/x"],  # no zone
+        ["create", "clip-v4", f"--zone={ZONE}", "--accelerator-type=v5e-16"],  # v5litepod-16
     ):
         with pytest.raises(SystemExit) as e:
             tpu.main([*argv, "--dry-run"])
@@ -218,7 +242,7 @@ def test_commands_run_without_a_shell(monkeypatch, capsys):
 
 ALL_REMOTE = [
     ("install", "clip-v4", f"--zone={ZONE}", "--git=https://github.com/org/clip_jax.git", "--ref=main"),
-    ("install", "clip-v4", f"--zone={ZONE}", "--tarball=/nonexistent/src.tar.gz"),
+    ("install", "clip-v4", f"--zone={ZONE}", "--tarball"),
     RUN,
     ("tail", "clip-v4", f"--zone={ZONE}", "--run-name=b16", "--follow"),
     ("status", "clip-v4", f"--zone={ZONE}", "--run-name=b16"),
@@ -234,7 +258,9 @@ def test_remote_commands_are_valid_bash(capsys, argv):
 
 FAKE_TRAINER = """#!/bin/bash
 echo "started in $PWD with CLIP_TEST_ENV=${CLIP_TEST_ENV:-}: $*"
-trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
+[[ -n ${FAKE_SLOW_START:-} ]] && sleep 5  # a TPU's start takes longer than `run` waits
+echo "2026-12-07 12:00:00,000 INFO clip_jax.train.loop: mesh {'data': 1, 'fsdp': 4, 'tensor': 1} over 4 devices"
+trap 'sleep 0.5; echo "SIGTERM: checkpoint saved"; exit 0' TERM  # (a save takes a while)
 while :; do sleep 0.05; done
 """
 
@@ -248,7 +274,7 @@ def _wait_for(predicate, what, timeout=10.0):
 
 def test_run_status_stop_on_a_fake_worker(capsys, tmp_path, monkeypatch):
     """The snippets that `run`, `status`, `tail` and `stop` send to the workers, run by bash in a fake home."""
-    monkeypatch.setattr(tpu, "START_CHECK_SECONDS", 0.5)  # the fake trainer fails (or runs) at once
+    monkeypatch.setattr(tpu, "START_CHECK_SECONDS", 2)
     home = tmp_path / "home"
     (home / "clip_jax").mkdir(parents=True)
     python = home / "clip_jax_venv" / "bin" / "python"
@@ -257,41 +283,57 @@ def test_run_status_stop_on_a_fake_worker(capsys, tmp_path, monkeypatch):
     python.chmod(0o755)
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
 
-    def remote(*argv):
+    def remote(*argv, **extra_env):
         (line,) = [ln for ln in dry_run(tpu, capsys, *argv) if "--command=" in ln]
-        return subprocess.run(["bash", "-c", remote_command(line)], env=env, capture_output=True, text=True,
-                              timeout=30)
+        return subprocess.run(["bash", "-c", remote_command(line)], env={**env, **extra_env}, capture_output=True,
+                              text=True, timeout=30)
+
+    def alive(pid):  # (an exited trainer may wait a while as a zombie for whoever adopted it to reap it)
+        stat = pathlib.Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().rpartition(")")[2].split()[0] != "Z"
 
     log, pid_file = home / "clip_jax_logs" / "b16.log", home / "clip_jax_logs" / "b16.pid"
     where = ("clip-v4", f"--zone={ZONE}")
-    started = remote(*RUN, "--env=CLIP_TEST_ENV=a b")  # returns at once: the trainer runs on in the background
-    assert started.returncode == 0, started.stderr
-    _wait_for(lambda: log.exists() and "started" in log.read_text(), "the trainer to start")
+    started = remote(*RUN, "--env=CLIP_TEST_ENV=a b")  # returns once the trainer's mesh line is in its log
+    assert started.returncode == 0 and started.stdout.endswith(": b16 started\n"), started.stderr
     pid = int(pid_file.read_text())
+    pids = {pid}
     try:
-        assert log.read_text() == (f"started in {home}/clip_jax with CLIP_TEST_ENV=a b: -m clip_jax train "
-                                   "--config=configs/pretrain.py:B/16 --workdir=gs://bucket/runs/b16 "
-                                   "--config.batch_size=4096\n")
+        assert log.read_text().splitlines()[0] == (
+            f"started in {home}/clip_jax with CLIP_TEST_ENV=a b: -m clip_jax train --config=configs/pretrain.py:B/16 "
+            "--workdir=gs://bucket/runs/b16 --config.batch_size=4096")
         again = remote(*RUN)
         assert again.returncode == 1 and "b16 is already running" in again.stderr
         assert int(pid_file.read_text()) == pid
         assert remote("status", *where, "--run-name=b16").stdout.splitlines()[0].endswith(": b16 running")
-        assert remote("tail", *where, "--run-name=b16", "--lines=1").stdout.startswith("started in")
-        assert remote("stop", *where, "--run-name=b16").returncode == 0
-        _wait_for(lambda: "SIGTERM: checkpoint saved" in log.read_text(), "the trainer to checkpoint")
-        _wait_for(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0,
-                  "the trainer to exit")
+        assert "clip_jax.train.loop: mesh" in remote("tail", *where, "--run-name=b16", "--lines=1").stdout
+        stopped = remote("stop", *where, "--run-name=b16")  # returns once the trainer has saved and exited
+        assert stopped.returncode == 0 and "b16 stopped; its log ends:" in stopped.stdout, stopped.stderr
+        assert not alive(pid) and log.read_text().endswith("SIGTERM: checkpoint saved\n")
         assert remote("status", *where, "--run-name=b16").stdout.splitlines()[0].endswith(": b16 not running")
-        assert remote(*RUN).returncode == 0  # a relaunch appends to the same log
-        _wait_for(lambda: log.read_text().count("started") == 2, "the relaunch")
-        assert remote("stop", *where, "--run-name=b16").returncode == 0
+        assert remote("stop", *where, "--run-name=b16").stdout.endswith(": b16 is not running\n")
+        # A pid file outlives its trainer, and the number may go to another process: not the run
+        stranger = subprocess.Popen(["sleep", "30"])
+        pids.add(stranger.pid)
+        pid_file.write_text(f"{stranger.pid}\n")
+        assert remote("status", *where, "--run-name=b16").stdout.splitlines()[0].endswith(": b16 not running")
+        assert remote("stop", *where, "--run-name=b16").returncode == 0 and alive(stranger.pid)
+        relaunch = remote(*RUN, FAKE_SLOW_START="1")  # a relaunch appends to the same log
+        pids.add(int(pid_file.read_text()))
+        assert relaunch.returncode == 0 and "b16 is running, not yet past its start after 2 s" in relaunch.stdout
+        _wait_for(lambda: log.read_text().count("mesh {") == 2, "the relaunch")
+        assert remote("stop", *where, "--run-name=b16", "--no-wait").returncode == 0
+        # A run name that is not there: said, with the runs there (tail -F waited for the file forever)
+        for command in ("tail", "status", "stop"):
+            missing = remote(command, *where, "--run-name=b61", *(["--follow"] if command == "tail" else []))
+            assert missing.returncode == 1 and "no run b61 here (runs: b16 )" in missing.stderr, missing.stderr
     finally:
-        for p in {pid, int(pid_file.read_text())}:
+        for p in pids:
             subprocess.run(["kill", "-9", str(p)], capture_output=True)
     # A trainer that cannot start: `run` fails and shows why (it exited 0, the error only in the log).
     python.unlink()
     failed = remote(*RUN, "--run-name=broken")
-    assert failed.returncode == 1 and "broken stopped at once; the end of" in failed.stderr, failed.stderr
+    assert failed.returncode == 1 and "broken ended before its start was through; the end of" in failed.stderr
     assert "clip_jax_venv/bin/python" in failed.stderr  # nohup's own message, from the log
 
 
@@ -371,6 +413,9 @@ def test_a_mesh_or_batch_that_does_not_fit_the_gpus_is_refused_before_the_job_is
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(f"launch/gpu.py {argv[0]}: error: ") and words in err and err.count("\n") == 1, err
+        if "must be a multiple" in words:  # fewer devices, as this command gives them (CUDA_VISIBLE_DEVICES was said)
+            assert err.endswith("(--nodes or --gpus-per-node)\n" if argv[0] == "submit" else
+                                "(--gpus, e.g. --gpus=0 for one)\n"), err
     assert dry_run(gpu, capsys, *three_nodes, "--config.batch_size=24576")[0].startswith("sbatch ")  # 1,024 per GPU
 
 
@@ -469,6 +514,8 @@ def test_a_missing_sbatch_or_gcloud_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match=f"sbatch not found: the job script is {script}; submit it from a SLURM"):
         gpu.main([*SUBMIT, f"--script={script}"])
     assert script.exists()  # kept: the job script to carry to a login node
+    with pytest.raises(SystemExit, match=f"cannot write the job script {tmp_path}/no/job.sbatch \\(No such file"):
+        gpu.main([*SUBMIT, f"--script={tmp_path}/no/job.sbatch"])  # (a traceback)
     monkeypatch.setattr(tpu.subprocess, "run", missing)
     with pytest.raises(SystemExit, match="launch/tpu.py delete: error: gcloud not found"):
         tpu.main(["delete", "clip-v4", f"--zone={ZONE}", "--yes"])
@@ -592,6 +639,24 @@ def test_batch_script_checkpoints_on_signals(slurm, sig, trainer_status, requeue
     assert all((fake_dir / f"task.{r}.out").read_text().endswith("TERM\n") for r in (0, 1))
     assert "scancel --signal=TERM 4242" in calls()
     assert ("scontrol requeue 4242" in calls()) == requeued
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGUSR1), (signal.SIGUSR1, signal.SIGTERM)])
+def test_a_stop_is_never_requeued_whatever_the_time_limit_says(slurm, first, second):
+    """A graceful stop (`scancel --batch --signal=TERM`) while the time limit's USR1 comes, before or after it: the
+    trainers checkpoint once, and the job ends (the USR1 after a stop requeued it: the stop was undone)."""
+    start, calls, fake_dir = slurm
+    job = start(FAKE_HOLD="0")
+    try:
+        _wait_for(lambda: all((fake_dir / f"task.{r}.pid").exists() for r in (0, 1)), "both tasks to start")
+        job.send_signal(first)
+        _wait_for(lambda: "scancel --signal=TERM 4242" in calls(), "the forward")
+        job.send_signal(second)
+        out, _ = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    assert job.returncode == 0, out
+    assert calls().count("scancel --signal=TERM 4242") == 1 and "scontrol requeue 4242" not in calls(), out
 
 
 # --- docs/launch.md -------------------------------------------------------------------------------------------------
