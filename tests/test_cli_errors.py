@@ -3,14 +3,20 @@ names the cause, a non-zero exit, no traceback, and no change to the files of an
 not lose data: a workdir trained on one mesh is read on other machines, Ctrl-C saves, a corrupt newest checkpoint is
 set aside, `max_to_keep=0` is refused."""
 
+import fcntl
 import hashlib
 import json
 import os
 import pathlib
+import pty
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 
 import numpy as np
@@ -1068,17 +1074,56 @@ def test_a_misspelt_option_is_named_with_the_one_meant(argv, said, capsys):
     assert info.value.code == 2 and err[0].startswith("usage: ") and said in err[-1], err  # (usage may wrap)
 
 
+def run_cli_on_a_terminal(args, devices: int = 8, timeout: float = 300) -> subprocess.CompletedProcess:
+    """run_cli with stderr on a pseudo-terminal, as on a user's console (the progress bar is drawn there only)."""
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # (0 columns: tqdm draws nothing)
+    env = child_env(devices)
+    env.pop("CLIP_JAX_DEBUG", None)
+    process = subprocess.Popen([sys.executable, "-m", "clip_jax", *args], stdout=subprocess.PIPE, stderr=terminal,
+                               env=env, cwd=REPO)
+    os.close(terminal)
+    chunks = []
+
+    def drain():  # (a terminal's buffer is small: unread, the child would block on its writes)
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child's side is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+        reader.join(timeout=30)
+        os.close(master)
+    return subprocess.CompletedProcess(process.args, process.returncode, out.decode(),
+                                       b"".join(chunks).decode(errors="replace"))
+
+
 def test_log_lines_during_training_stand_on_lines_of_their_own_above_the_progress_bar(tmp_path):
-    # A run that diverges at step 3 warns at every later checkpoint step, with the bar on.
-    result = run_cli(train_args(tmp_path / "run", "--config.log.progress_bar=True", "--config.optimizer.lr=1e30",
-                                "--config.optimizer.warmup_steps=1", "--config.checkpoint.every_steps=1",
-                                "--config.optimizer.max_consecutive_nonfinite=3", "--config.total_steps=8",
-                                "--config.log.every_steps=4"), devices=1)
+    # A run that diverges at step 3 warns at every later checkpoint step, with the bar on (on a terminal).
+    args = train_args(tmp_path / "run", "--config.log.progress_bar=True", "--config.optimizer.lr=1e30",
+                      "--config.optimizer.warmup_steps=1", "--config.checkpoint.every_steps=1",
+                      "--config.optimizer.max_consecutive_nonfinite=3", "--config.total_steps=8",
+                      "--config.log.every_steps=4")
+    result = run_cli_on_a_terminal(args, devices=1)
     lines = result.stderr.replace("\r", "\n").splitlines()
     warned = [line for line in lines if "updates were NaN/inf and skipped" in line]
     assert result.returncode == 2 and warned, result.stderr[-3000:]
     assert all(line.startswith("WARNING") or line[:4].isdigit() and line[4] == "-" for line in warned), warned
     assert "skipped=" in result.stderr and "NaN or Inf found in input tensor" not in result.stderr
+    # In a log file (not a terminal: nohup, a batch job's output) no bar: its redraws made lines of thousands of
+    # characters there. Each record is a line of its own instead.
+    logged = run_cli(train_args(tmp_path / "logged", "--config.log.progress_bar=True"), devices=1)
+    assert logged.returncode == 0 and "\r" not in logged.stderr and "it/s" not in logged.stderr, logged.stderr[-3000:]
+    assert re.search(r"INFO clip_jax\.train\.metrics: step \d+/\d+: loss ", logged.stderr), logged.stderr[-3000:]
 
 
 def test_the_commands_info_lines_reach_stderr_though_orbax_configured_logging_first():

@@ -431,7 +431,9 @@ def _launch(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
     check_input_paths(config, workdir=workdir)
     check_train_source(config)
     checked_tokenizer = check_tokenizer_file(config, new_run=not checkpoint_steps(workdir))
-    mesh = make_mesh(check_devices(config, jax.device_count()))
+    # the devices the run sees: on a GPU machine CUDA_VISIBLE_DEVICES gives fewer (a TPU slice or a CPU has its own)
+    fewer = "a recipe of batch 1 runs on one: CUDA_VISIBLE_DEVICES=0" if jax.default_backend() == "gpu" else ""
+    mesh = make_mesh(check_devices(config, jax.device_count(), fewer))
     check_gpu_implementations(config, jax.devices()[0].platform)
     method = get_method(config)
     method.check(mesh)
@@ -681,7 +683,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         _report_compiled(compiled, time.time() - t0, flops_per_step, peak, mesh.size)
 
     # --- Steps --------------------------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, config.log.progress_bar)
+    # The bar on a terminal only: in a log file (nohup, a batch job's output) its redraws made one line of thousands
+    # of characters; there each record is a line of its own.
+    bar = config.log.progress_bar and sys.stderr.isatty()
+    writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, bar)
     if resume_step is not None and start_step < config.total_steps and (due := evals_due(config, start_step)):
         # A stop at a step whose evaluations were due (a SIGTERM saves before them, a kill may land in them) resumed
         # after it, and the run's curves missed that period: they are run first. (Process 0 reads the records.)
