@@ -179,8 +179,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.log = ml_collections.ConfigDict()
-    c.log.every_steps = 10
-    c.log.tensorboard = True
+    c.log.every_steps = 10  # a train record (metrics.jsonl, TensorBoard, console) per this many steps, their means
+    c.log.tensorboard = True  # also write the records as TensorBoard events under WORKDIR/tensorboard/
     c.log.progress_bar = True  # on a terminal; in a log file (not a terminal) each record is a line instead
     return c
 

@@ -19,6 +19,7 @@ import termios
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -1142,3 +1143,14 @@ def test_a_group_given_whole_is_refused_with_its_fields_one_by_one(tmp_path, cap
     assert message.endswith("'mesh' is a group of settings, set one by one: --config.mesh.data=2 "
                             "--config.mesh.fsdp=2 --config.mesh.tensor=2"), message
     assert not (tmp_path / "run").exists()
+
+
+def test_the_start_counts_the_parameters_by_module_and_those_trained():
+    """big_vision and the flax examples print the parameter count at the start: here by top-level module, with how
+    many the optimizer updates (a frozen tower's are not)."""
+    params = {"text": {"w": jax.ShapeDtypeStruct((3, 4), np.float32), "b": jax.ShapeDtypeStruct((4,), np.float32)},
+              "visual": {"w": jax.ShapeDtypeStruct((2, 5, 7), np.float32)}, "logit_scale": np.zeros(())}
+    every = jax.tree.map(lambda _: True, params)
+    assert loop._parameter_counts(params, every) == "parameters 87 (logit_scale 1, text 16, visual 70); all trained"
+    text_frozen = {**every, "text": {"w": False, "b": False}}
+    assert loop._parameter_counts(params, text_frozen).endswith("; 71 trained")

@@ -10,8 +10,10 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -682,6 +684,21 @@ def test_eval_of_the_same_relative_path_from_another_folder_keeps_the_earlier_re
     assert recorded == [str(tmp_path / "a" / "set" / "pairs.json"), str(tmp_path / "b" / "set" / "pairs.json")]
 
 
+def tensorboard_scalars(workdir, tag):
+    """The (step, value) of every `tag` event in the workdir's TensorBoard files, in file order."""
+    from tensorboardX.proto import event_pb2
+
+    found = []
+    for events in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        data = events.read_bytes()
+        while data:  # TFRecord framing: length (8 bytes), its CRC (4), the record, its CRC (4)
+            length = int.from_bytes(data[:8], "little")
+            event = event_pb2.Event.FromString(data[12:12 + length])
+            data = data[16 + length:]
+            found += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return found
+
+
 def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
@@ -698,10 +715,13 @@ def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_pat
     out = capsys.readouterr().out
     assert f"resuming {workdir} from step {STEPS} of {STEPS}: the run is complete; evaluating its final checkpoint " \
            "(not evaluated yet: no results.json of this step)" in out and "again" not in out, out
+    logged = tensorboard_scalars(workdir, "eval/zero_shot_top1")
     cli.main(train_args(workdir))
     out = capsys.readouterr().out
     assert f"resuming {workdir} from step {STEPS} of {STEPS}: the run is complete; evaluating its final checkpoint" \
            " again" in out
+    # TensorBoard, which keeps every event, got another copy of the same evaluation at each such relaunch
+    assert tensorboard_scalars(workdir, "eval/zero_shot_top1") == logged and logged[-1][0] == STEPS
     assert json.loads((workdir / "results.json").read_text()) == json.loads((trained / "results.json").read_text())
     # With other evaluation settings its results.json would hold figures of another kind: refused, nothing written.
     before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
@@ -711,6 +731,58 @@ def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_pat
     assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
     cli.main(train_args(workdir, "--config.eval.every_steps=3", "--config.eval.batch_size=32"))  # the same figures
     assert json.loads((workdir / "results.json").read_text()) == json.loads((trained / "results.json").read_text())
+
+
+def test_throughput_is_of_the_steps_and_a_stop_during_the_final_save_keeps_it(tmp_path, monkeypatch, capsys):
+    """Two things of the loop's edges in one small run. (1) An evaluation inside a logging window: its time is left
+    out of the window's throughput, and the steps' time before it is kept (it was dropped too: samples_per_s came
+    out about twice the steps' rate). (2) A first Ctrl-C during the final checkpoint's save: the save finishes and
+    the run stops with it (the handlers were gone by then: the save was cut short, a temporary folder left, and
+    the relaunch trained the last steps again)."""
+    from clip_jax.train import loop
+
+    pauses = []  # ("eval" or "save", seconds) of each evaluation and save during the run, in order
+    real_evaluate, real_save = loop.evaluate, loop.Checkpointer.save
+
+    def timed_evaluate(config, model, params, mesh, tokenizer, due=None, method=None):
+        started = time.time()
+        result = real_evaluate(config, model, params, mesh, tokenizer, due, method)
+        if due is not None:
+            pauses.append(("eval", time.time() - started))
+        return result
+
+    def save(self, step, *args, force=False, **kwargs):
+        if force and step == 8:  # the final save: Ctrl-C while it is being written
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_save(self, step, *args, force=force, **kwargs)
+        started = time.time()
+        real_save(self, step, *args, force=force, **kwargs)
+        pauses.append(("save", time.time() - started))
+
+    monkeypatch.setattr(loop, "evaluate", timed_evaluate)
+    monkeypatch.setattr(loop.Checkpointer, "save", save)
+    workdir = tmp_path / "run"
+    args = train_args(workdir, "--config.total_steps=8", "--config.log.every_steps=4", "--config.eval.every_steps=2",
+                      "--config.checkpoint.every_steps=4", "--config.eval.num_examples=32")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(args)
+    assert stopped.value.code == 130
+    assert "interrupted: saved the final checkpoint, step 8; the same command evaluates it" in capsys.readouterr().out
+    assert 8 in checkpoint_steps(workdir) and not list((workdir / "checkpoints").glob("*tmp*"))
+    assert not (workdir / "results.json").exists()
+    # (1) the window of steps 5-8 holds the save and the evaluation after step 4 (after its record), and the
+    # evaluation after step 6; the one of step 2 is in the first window
+    records = {r["step"]: r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"}
+    assert sorted(records) == [4, 8] and [kind for kind, _ in pauses] == ["eval", "save", "eval", "eval"], pauses
+    steps_seconds = records[8]["time"] - records[4]["time"] - sum(seconds for _, seconds in pauses[1:])
+    assert steps_seconds > 0, (pauses, records)
+    ratio = records[8]["samples_per_s"] / (4 * 16 / steps_seconds)
+    assert 0.7 < ratio < 1.3, (ratio, pauses, records[8])  # (the 2x of before is far outside)
+    # The relaunch trains nothing more: it evaluates the final checkpoint
+    monkeypatch.setattr(loop.Checkpointer, "save", real_save)
+    cli.main(args)
+    assert f"resuming {workdir} from step 8 of 8: the run is complete" in capsys.readouterr().out
+    assert (workdir / "results.json").exists()
 
 
 def test_a_tensor_axis_that_does_not_divide_the_heads_is_told():

@@ -47,6 +47,10 @@ def test_long_text_flops_match_published(preset, gflops):
 
 def test_peak_flops_lookup():
     assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    # the PCIe and NVL parts, whose names begin as the SXM's, got the SXM's peak: their MFU came out too low
+    assert flops.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert flops.peak_flops_per_device("NVIDIA H100 NVL") == 835e12
+    assert flops.peak_flops_per_device("NVIDIA H200") == 989e12
     assert flops.peak_flops_per_device("TPU v5 lite") == 197e12
     assert flops.peak_flops_per_device("cpu") is None
 

@@ -109,8 +109,12 @@ def pass_factor(trainable: Any) -> float:
     return 3.0 if any(bool(t) for t in jax.tree.leaves(trainable)) else 1.0
 
 
-# Peak dense bf16 FLOP/s per device, by `device_kind` prefix (vendor figures; H100/H200 SXM).
+# Peak dense bf16 FLOP/s per device, by `device_kind` prefix (vendor figures), the first that matches: the PCIe and
+# NVL parts before their SXM kin, whose names (e.g. "NVIDIA H100 80GB HBM3") they begin alike.
 PEAK_FLOPS: dict[str, float] = {
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200 NVL": 835e12,
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,

@@ -441,7 +441,8 @@ def _launch(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
                                     mesh.shape["fsdp"] * mesh.shape["tensor"])
     if too_big:
         raise ConfigError(too_big)
-    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+    log.info("mesh %s over %d device%s (%s)", dict(mesh.shape), mesh.size, "s" if mesh.size > 1 else "",
+             jax.devices()[0].device_kind)
     if unsplit := unsplit_by_tensor(config, mesh.shape["tensor"]):
         log.warning(unsplit)
     if (across := tensor_across_processes(mesh.devices, mesh.axis_names)) and jax.process_index() == 0:
@@ -680,12 +681,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     # a watching user (or test) takes as "training has started".
     preempted = PreemptionFlag()
     if compiled is not None and jax.process_index() == 0:  # (every process's is the same program)
+        print(_parameter_counts(abstract_state.params, trainable), flush=True)
         _report_compiled(compiled, time.time() - t0, flops_per_step, peak, mesh.size)
 
     # --- Steps --------------------------------------------------------------------------------------------------
     # The bar on a terminal only: in a log file (nohup, a batch job's output) its redraws made one line of thousands
     # of characters; there each record is a line of its own.
-    bar = config.log.progress_bar and sys.stderr.isatty()
+    bar = config.log.progress_bar and sys.stderr.isatty() and start_step < config.total_steps  # (a run left)
     writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, bar)
     if resume_step is not None and start_step < config.total_steps and (due := evals_due(config, start_step)):
         # A stop at a step whose evaluations were due (a SIGTERM saves before them, a kill may land in them) resumed
@@ -699,11 +701,24 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     pending: list[dict] = []
     data_counts = DataCounts()  # dropped and converted examples, truncated captions (host-side, from the batches)
     nonfinite_run = 0
-    last_log_time, last_log_step = time.time(), start_step
+    # Throughput is of the steps alone: a window's time runs from its start (or the end of an evaluation or a save
+    # within it) and stops at an evaluation or save (`pause_window`), and at its record.
+    window_start, window_seconds, last_log_step = time.time(), 0.0, start_step
+
+    def pause_window() -> None:
+        """Stops the window's clock before an evaluation or a save, once the dispatched steps have run."""
+        nonlocal window_seconds
+        if pending:
+            jax.block_until_ready(pending[-1])
+        window_seconds += time.time() - window_start
+
+    def resume_window() -> None:
+        nonlocal window_start
+        window_start = time.time()
 
     def log_pending(done: int) -> None:
         """Writes the record of the steps in `pending`, ending at step `done`."""
-        nonlocal pending, nonfinite_run, last_log_time, last_log_step
+        nonlocal pending, nonfinite_run, window_start, window_seconds, last_log_step
         history = jax.device_get(pending)
         pending = []
         writer.synced()
@@ -713,14 +728,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
             if nonfinite_run >= config.optimizer.max_consecutive_nonfinite and streak_end is None:
                 streak_end, streak = done - len(history) + i + 1, nonfinite_run
         summary = _summarise(history) | data_counts.metrics(done)
-        elapsed = time.time() - last_log_time
+        elapsed = window_seconds + time.time() - window_start
         steps = done - last_log_step
         summary["samples_per_s"] = steps * config.batch_size / elapsed
         summary["tflops_per_s_per_device"] = steps * flops_per_step / elapsed / mesh.size / 1e12
         if peak:
             summary["mfu"] = steps * flops_per_step / elapsed / (peak * mesh.size)
         writer.write(done, summary)  # also a window that ends the run: its record shows what went wrong
-        last_log_time, last_log_step = time.time(), done
+        window_start, window_seconds, last_log_step = time.time(), 0.0, done
         if streak_end is not None:
             writer.close()  # the progress bar's line ends before the error's
             checkpointer.wait()  # the latest save is complete before the message names it
@@ -762,13 +777,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
                                 "are (the latest stays step %s)", done - nonfinite_run + 1, done,
                                 checkpointer.latest_step())
                 else:
+                    pause_window()
                     checkpointer.save(done, state, data_iter)
-                    last_log_time = time.time()  # as evaluations: a save's wait is not the steps' throughput
+                    resume_window()
             if (due := evals_due(config, done)) and done != config.total_steps:
+                pause_window()
                 if evaluated := evaluate(config, model, state.params, mesh, tokenizer, due, method):
                     writer.write(done, evaluated, prefix="eval")
-                last_log_time = time.time()  # evaluation time is not training throughput
-        preempted.close()
+                resume_window()
         writer.close_bar()  # the steps are done: the bar's rate would fall through the final save and evaluation
 
         # --- Final checkpoint and evaluation ----------------------------------------------------------------------
@@ -781,6 +797,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         if checkpointer.latest_step() != config.total_steps:
             checkpointer.save(config.total_steps, state, data_iter, force=True)
         checkpointer.wait()
+        # A SIGTERM or first Ctrl-C during the final save (minutes on a pod) waited for it, as during the steps: one
+        # process stops here with it saved (with the handlers gone before the save, it was cut short and lost)
+        preempted.close()
+        if preempted.requested:
+            writer.close()
+            print(f"{preempted.reason}: saved the final checkpoint, step {config.total_steps}; the same command "
+                  "evaluates it and writes results.json", flush=True)
+            raise SystemExit(130 if preempted.interrupted else 0)
         # grain's shared memory behind the last batch is freed before its workers stop (else: a leak warning)
         batch = None
         close_iterator(data_iter)
@@ -791,6 +815,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         # the interpreter's shutdown leaves it a temporary folder and the message's "latest checkpoint" is not there.
         with contextlib.suppress(Exception):
             checkpointer.wait()
+        preempted.close()
         batch = None
         close_iterator(data_iter)
         writer.close_bar()
@@ -804,7 +829,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
 
     # --- Results ----------------------------------------------------------------------------------------------
     if results:  # (every entry skipped, or none: no record of a step alone)
-        writer.write(config.total_steps, results, prefix="eval")
+        # A finished run relaunched evaluates its final checkpoint again: TensorBoard, which keeps what it was given,
+        # has that evaluation already (metrics.jsonl's record is replaced)
+        again = start_step == config.total_steps and jax.process_index() == 0 and _evaluated(workdir, start_step)
+        writer.write(config.total_steps, results, prefix="eval", tensorboard=not again)
     writer.close()
     checkpointer.close()
     if jax.process_index() == 0:
@@ -812,8 +840,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         write_atomic(workdir / "results.json", results_json(results))
         print_results(results)
         draw_curves(workdir)
-        print(f"wrote {workdir / 'results.json'} and {workdir / 'curves.png'} (metrics.jsonl, tensorboard/ and "
-              "checkpoints/ beside them)", flush=True)
+        beside = "metrics.jsonl, tensorboard/ and checkpoints/" if config.log.tensorboard else \
+            "metrics.jsonl and checkpoints/"
+        print(f"wrote {workdir / 'results.json'} and {workdir / 'curves.png'} ({beside} beside them)", flush=True)
     return results
 
 
@@ -938,6 +967,11 @@ class PreemptionFlag:
         return self._interrupted
 
     @property
+    def requested(self) -> bool:
+        """A stop asked on one process, whatever the step (several processes agree on theirs through `is_set`)."""
+        return self._set
+
+    @property
     def reason(self) -> str:
         return "interrupted" if self._interrupted else "preempted"
 
@@ -1015,6 +1049,15 @@ def _summarise(history: list[dict]) -> dict[str, float]:
         else:
             out[key] = float(values[applied].mean()) if applied.any() else float("nan")
     return out
+
+
+def _parameter_counts(params: Any, trainable: Any) -> str:
+    """The model's parameter count, by top-level module, and how many of them the optimizer updates."""
+    sizes = jax.tree.map(lambda p: int(np.prod(p.shape)), params)
+    total = sum(jax.tree.leaves(sizes))
+    trained = sum(n for n, t in zip(jax.tree.leaves(sizes), jax.tree.leaves(trainable), strict=True) if t)
+    parts = ", ".join(f"{name} {sum(jax.tree.leaves(part)):,}" for name, part in sizes.items())
+    return f"parameters {total:,} ({parts}); {'all' if trained == total else f'{trained:,}'} trained"
 
 
 def _report_compiled(compiled, seconds: float, flops_per_step: float, peak: float | None, n_devices: int) -> None:

@@ -144,7 +144,8 @@ class MetricsWriter:
             self._lines = kept
         if tensorboard:
             # The events of the steps after the checkpoint, from a killed launch, are hidden: this launch logs them
-            # again. (The final evaluation of a launch resumed from the last step is logged twice: harmless.)
+            # again. (A finished run relaunched evaluates its last step again, which this cannot hide: the loop
+            # leaves that evaluation out of TensorBoard.)
             self._tb = _summary_writer(workdir / "tensorboard", start_step + 1)
         if progress_bar:
             from tqdm import tqdm
@@ -152,7 +153,7 @@ class MetricsWriter:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
             self._logging_to_bar = _LogLinesAboveBar()
 
-    def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "train", tensorboard: bool = True) -> None:
         if not self.enabled:
             return
         clean = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in metrics.items()}
@@ -163,7 +164,7 @@ class MetricsWriter:
         else:
             self._lines.append(line)
             write_atomic(self.path, "".join(self._lines))
-        if self._tb is not None:
+        if self._tb is not None and tensorboard:
             for k, v in clean.items():
                 if isinstance(v, float):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
