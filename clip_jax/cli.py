@@ -142,7 +142,6 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     import numpy as np
     from etils import epath
 
-    from clip_jax.data.images import list_images
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
@@ -156,7 +155,7 @@ def _encode(args: argparse.Namespace, overrides: list[str]) -> None:
     refuse_inside_workdir(out, "--out")  # its files would mix with the run's (docs/your_data.md)
     _refuse_previous_output(out, ENCODE_OUTPUTS, "encode")  # new embeddings beside another model's would mix
     texts = _read_lines(args.texts) if args.texts else None  # a bad file is found before the model is loaded
-    files = list_images(args.images) if args.images else None
+    files = _listed_images(args.images) if args.images else None
     if args.audio:
         _check_audio_model(args.workdir)
     maybe_initialize()
@@ -226,12 +225,13 @@ def _remove_written(written: list) -> None:
                 path.unlink()
 
 
-def _image_chunks(files: list, size: int, max_bytes: int, batch_size: int, skipped: list[str]
-                  ) -> Iterator[tuple[Any, list[int]]]:
+def _image_chunks(files: list, size: int, max_bytes: int, batch_size: int, skipped: list[str],
+                  pad: tuple[int, int, int] | None = None) -> Iterator[tuple[Any, list[int]]]:
     """(uint8 images [n, size, size, 3], the indices of their files) of every readable file of `files`, a chunk of
     whole batches at a time (data/images.py::image_chunks, about IMAGE_CHUNK images: a folder of any size fits in
-    memory). A file that cannot be read is warned of as it is found and its message added to `skipped`; none
-    readable is a ConfigError once all are tried."""
+    memory): centre crops, or the whole images letterboxed in `pad` (a detector's). A file that cannot be read is
+    warned of as it is found and its message added to `skipped`; none readable is a ConfigError once all are
+    tried."""
     import numpy as np
 
     from clip_jax.data.images import image_chunk_size, image_chunks
@@ -240,7 +240,7 @@ def _image_chunks(files: list, size: int, max_bytes: int, batch_size: int, skipp
     refuse_different_inputs("image files", [str(f) for f in files])
     found, chunk = False, image_chunk_size(batch_size)
     for start, (images, indices, messages) in zip(range(0, len(files), chunk),
-                                                   image_chunks(files, size, max_bytes, chunk), strict=True):
+                                                   image_chunks(files, size, max_bytes, chunk, pad), strict=True):
         # On several processes, only the files every process read: the hosts then embed the same batches.
         read = np.zeros(min(chunk, len(files) - start), bool)
         read[np.asarray(indices, int) - start] = True
@@ -258,6 +258,18 @@ def _image_chunks(files: list, size: int, max_bytes: int, batch_size: int, skipp
             yield images, indices
     if not found:
         raise ConfigError(f"no readable image among the {len(files)} files of --images")
+
+
+def _listed_images(paths: list[str]) -> list:
+    """The image files of --images (`list_images`), or one line where there is none (it said "no readable image
+    among the 0 files")."""
+    from clip_jax.data.images import IMAGE_SUFFIXES, list_images
+
+    files = list_images(paths)
+    if not files:
+        raise ConfigError(f"--images {' '.join(paths)}: no image files there ({', '.join(IMAGE_SUFFIXES)}, in "
+                          "folders and their subfolders)")
+    return files
 
 
 def _per_image(fn: Callable[[Any], Any], files: list, size: int, max_bytes: int, batch_size: int
@@ -329,7 +341,6 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     from scipy.special import softmax
 
     from clip_jax.data.classification import DEFAULT_TEMPLATES
-    from clip_jax.data.images import list_images
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.classify import (
         check_templates,
@@ -357,7 +368,7 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
     if tabbed is not None:  # a few-shot names file's `label<TAB>name`: the tab would be part of the prompt
         raise ConfigError(f"--names {args.names}: the line {tabbed!r} holds a tab; give one class name a line (the "
                           "name the prompts say and the output shows)")
-    files = list_images(args.images)
+    files = _listed_images(args.images)
     # (args.out as given: a trailing '/', a folder meant, is gone from the Path)
     refuse_replacing(args.out, _earlier_classify_csv, [*files, *([args.names] if args.names else [])])
     maybe_initialize()
@@ -479,7 +490,6 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     from etils import epath
     from PIL import Image
 
-    from clip_jax.data.images import list_images
     from clip_jax.data.segmentation import BACKGROUND, mask_png
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.classify import check_templates, refuse_same_tokens
@@ -488,6 +498,11 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.train.loop import load_trained
 
     labels = [name.strip() for name in args.labels.split(",") if name.strip()]
+    if any(". " in label for label in labels):  # detect's --queries take ". "; segment's --labels commas
+        print(f"note: --labels separates names with commas: {', '.join(map(repr, labels))} "
+              f"{'is one label' if len(labels) == 1 else 'are the labels'}", file=sys.stderr)
+    if said := next((label for label in labels if label.lower() == BACKGROUND and label != BACKGROUND), None):
+        raise ConfigError(f"--labels: {said!r} is the background, label 0, which segment adds itself: leave it out")
     if not labels or len(set(labels)) != len(labels) or BACKGROUND in labels:
         raise ConfigError(f"--labels needs distinct comma-separated names other than {BACKGROUND!r} (it is label 0), "
                           f"got {args.labels!r}")
@@ -504,7 +519,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     refuse_inside_workdir(out, "--out")
     _refuse_out_in_images(out, args.images)
     _refuse_previous_output(out, ("masks", "overlays", "labels.txt", "images.txt"), "segment")
-    files = list_images(args.images)
+    files = _listed_images(args.images)
     maybe_initialize()
     trained = load_trained(args.workdir, args.step)
     config = trained.config
@@ -513,12 +528,19 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     if background == "label" and args.threshold is not None:
         raise ConfigError("--threshold applies to a background found by threshold, and this run's is a label of its "
                           "own (LSeg's): add --background threshold to use it")
+    if background == "threshold" and len(labels) == 1:  # a softmax over one label is 1 everywhere
+        raise ConfigError(f"--labels {labels[0]!r} alone: this run finds the background by a threshold on the softmax "
+                          "over the labels, which one label gets everywhere (every pixel would be it): give two or "
+                          "more, e.g. the other things in the images")
     threshold = 0.5 if args.threshold is None else args.threshold
     templates, prompts = _segment_templates(config.method, args.templates)
     context = config.model.text.context_length
     # with the background when it is a label: "Background" would be the same text as it
     refuse_same_tokens("--labels", [BACKGROUND, *labels] if background == "label" else labels, trained.tokenizer,
                         context, templates)
+    if config.method.name not in ("lseg", "groupvit"):
+        print(f"note: {args.workdir} is a {config.method.name} run, not a segmenter: segment uses its CLIP's patch "
+              "features (the training-free dense baseline of docs/segmentation.md)", file=sys.stderr)
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
     embeddings = label_embeddings(texts, labels, background, templates)
@@ -564,8 +586,8 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     from etils import epath
     from PIL import Image, ImageDraw
 
-    from clip_jax.data.coco import to_original_xywh
-    from clip_jax.data.images import list_images
+    from clip_jax.data.coco import letterbox_to_original_xywh
+    from clip_jax.data.images import rgb_image
     from clip_jax.distributed import maybe_initialize
     from clip_jax.evaluate.classify import refuse_same_tokens
     from clip_jax.evaluate.detection import detect
@@ -590,7 +612,7 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     refuse_inside_workdir(out, "--out")
     _refuse_out_in_images(out, args.images)
     _refuse_previous_output(out, ("boxes", "detections.json"), "detect")
-    files = list_images(args.images)
+    files = _listed_images(args.images)
     maybe_initialize()
     trained = load_trained(args.workdir, args.step)
     if not hasattr(trained.method, "detection_queries"):
@@ -604,8 +626,11 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
     prepared = trained.method.detection_queries(texts, trained.tokenizer, queries)
+    # The whole image, letterboxed as ViLD and GLIP see theirs (a centre crop searched only the middle square of a wide
+    # image), padded in the model's mean colour: zeros once normalised, as theirs
+    fill = tuple(round(255 * m) for m in trained.config.model.image_mean)
     found, kept, skipped = [], [], []
-    for images, indices in _image_chunks(files, size, args.max_image_bytes, encoder.batch_size, skipped):
+    for images, indices in _image_chunks(files, size, args.max_image_bytes, encoder.batch_size, skipped, fill):
         found.extend(detect(encoder, prepared, images, max_detections=args.max_detections, min_score=args.min_score))
         kept.extend(indices)
     if jax.process_index() != 0:
@@ -614,8 +639,9 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     report, total, names = [], 0, _output_names(files)
     for det, i in zip(found, kept, strict=True):
         with Image.open(files[i]) as original:
-            picture = original.convert("RGB")
-        xywh = to_original_xywh(det.boxes, picture.width, picture.height, size)
+            original.load()
+            picture = rgb_image(original)  # as the model saw it (16-bit pixels scaled, not saturated to white)
+        xywh = letterbox_to_original_xywh(det.boxes, picture.width, picture.height, size)
         draw = ImageDraw.Draw(picture)
         boxes = []
         for (x, y, w, h), score, c in zip(xywh, det.scores, det.classes, strict=True):

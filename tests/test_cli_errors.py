@@ -1154,3 +1154,16 @@ def test_the_start_counts_the_parameters_by_module_and_those_trained():
     assert loop._parameter_counts(params, every) == "parameters 87 (logit_scale 1, text 16, visual 70); all trained"
     text_frozen = {**every, "text": {"w": False, "b": False}}
     assert loop._parameter_counts(params, text_frozen).endswith("; 71 trained")
+
+
+@pytest.mark.parametrize("command", ["segment", "detect", "classify", "encode"])
+def test_images_without_an_image_file_are_said_so(command, tmp_path, capsys):
+    """It said "no readable image among the 0 files of --images", after loading the model."""
+    empty = tmp_path / "notes"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    names = {"segment": ["--labels", "red,blue"], "detect": ["--queries", "red"], "classify": [], "encode": []}
+    message = exit_message([command, "--workdir", str(tmp_path / "nowhere"), "--images", str(empty), *names[command],
+                            "--out", str(tmp_path / "out")], capsys)
+    assert message.endswith(f"--images {empty}: no image files there (.jpg, .jpeg, .png, .webp, .bmp, .gif, .tif, "
+                            ".tiff, in folders and their subfolders)"), message

@@ -244,3 +244,21 @@ def test_a_results_file_is_written_only_over_an_earlier_results_list(tmp_path: p
     ctx = types.SimpleNamespace(config=config, method=method)
     with pytest.raises(ConfigError, match=own_files):
         run_coco_detection(ctx, "coco", entry(workdir / "config.json"))
+
+
+def test_a_letterboxed_images_boxes_come_back_to_its_own_pixels():
+    """detect's geometry: the whole image in the square (its longer side fits, the rest padded at the bottom or
+    right), and a box of the square back in the original's pixels, clipped to it where it reaches the padding."""
+    from PIL import Image
+
+    from clip_jax.data.coco import letterbox_to_original_xywh
+    from clip_jax.data.images import letterbox, letterbox_geometry
+
+    assert letterbox_geometry(300, 100, 32) == (32, 11) and letterbox_geometry(100, 250, 32) == (13, 32)
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, 270:] = 255  # a white band at the far right, which a centre crop leaves out
+    square = letterbox(Image.fromarray(wide), 32, (1, 2, 3))
+    assert square.shape == (32, 32, 3) and (square[:11, 30:] > 200).all() and (square[12:] == (1, 2, 3)).all()
+    boxes = np.array([[0, 0, 1, 11 / 32], [0.5, 0, 1, 1]])  # the image's own square; a box into the padding
+    np.testing.assert_allclose(letterbox_to_original_xywh(boxes, 300, 100, 32), [[0, 0, 300, 100], [150, 0, 150, 100]])
+

@@ -474,7 +474,22 @@ def test_segment_refuses_labels_that_are_one_text_to_the_model(clip_workdir, tmp
         assert message.startswith(f"clip-jax segment: error: --labels: {first}") and f" and {second}" in message
         assert "are one text to this model (its tokenizer lower-cases, and its text tower reads 22 tokens)" in message
         assert len(message) < 400, message
+    # One label, the background by threshold: a softmax over one label is 1 everywhere, every pixel was that label
+    message = exit_message(["segment", "--workdir", str(clip_workdir), "--images", str(images), "--labels",
+                            "red square", "--out", str(tmp_path / "o")], capsys)
+    assert "--labels 'red square' alone: this run finds the background by a threshold on the softmax" in message
+    # The background's own name in another case: it said "'background' and 'Background' are one text"
+    message = exit_message(["segment", "--workdir", str(clip_workdir), "--images", str(images), "--labels",
+                            "Background,red square", "--out", str(tmp_path / "o")], capsys)
+    assert message.endswith("--labels: 'Background' is the background, label 0, which segment adds itself: leave it "
+                            "out"), message
     assert not (tmp_path / "o").exists()
+    # A CLIP run segments with its patch features, which is said; ". " between names is one label here
+    main(["segment", "--workdir", str(clip_workdir), "--images", str(images), "--labels", "red square. blue star,x",
+          "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "is a clip run, not a segmenter: segment uses its CLIP's patch features" in err, err
+    assert "note: --labels separates names with commas: 'red square. blue star', 'x' are the labels" in err, err
 
 
 def test_a_resnets_dense_features_are_its_attention_pool_at_each_position():
@@ -546,6 +561,16 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
             x0, y0, x1, y1 = d["box_xyxy"]
             assert -0.1 <= x0 <= x1 <= 40.1 and -0.1 <= y0 <= y1 <= 40.1
     assert Image.open(out / "boxes" / "scene0.png").size == (40, 40)
+    # A wide image: the whole of it is searched (letterboxed, as ViLD and GLIP do), not its centre square alone
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    Image.fromarray(np.concatenate([images[0], images[1], images[2]], axis=1)).save(wide / "wide.png")  # 120 x 40
+    main(["detect", "--workdir", str(workdir), "--images", str(wide), "--queries", "red star. blue circle", "--out",
+          str(tmp_path / "wide_boxes"), "--min-score", "0", "--max-detections", "100"])
+    (entry,) = json.loads((tmp_path / "wide_boxes" / "detections.json").read_text())
+    xs = [x for d in entry["detections"] for x in d["box_xyxy"][::2]]
+    assert (entry["width"], entry["height"]) == (120, 40) and min(xs) < 40 and max(xs) > 80, xs  # (centre: 40-80)
+    assert all(0 <= v <= 120 for v in xs) and all(0 <= d["box_xyxy"][3] <= 40 for d in entry["detections"])
     with pytest.MonkeyPatch.context() as patch:  # two images at a time: the same files
         patch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
         main(["detect", "--workdir", str(workdir), "--images", str(scenes), "--queries", "red star. blue circle",

@@ -103,6 +103,23 @@ def resize_center_crop(image: np.ndarray | Image.Image, size: int, resample: int
     return np.asarray(img, dtype=np.uint8)
 
 
+def letterbox_geometry(width: int, height: int, size: int) -> tuple[int, int]:
+    """(new width, new height) of `letterbox`: the longer side resized to `size`, the shorter in proportion (at least
+    a pixel)."""
+    scale = size / max(width, height)
+    return max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+
+
+def letterbox(image: Image.Image, size: int, fill: tuple[int, int, int]) -> np.ndarray:
+    """The whole image in a `size` square, as detectors see it (ViLD, GLIP): resized so its longer side fits (bicubic),
+    at the top left, the rest `fill`. Where the centre crop would leave out the sides of a wide image."""
+    new_width, new_height = letterbox_geometry(*image.size, size)
+    square = Image.new("RGB", (size, size), fill)
+    square.paste(image if image.size == (new_width, new_height) else image.resize((new_width, new_height),
+                                                                               Image.BICUBIC))
+    return np.asarray(square, dtype=np.uint8)
+
+
 def random_crop_box(
     height: int, width: int, rng: np.random.Generator, scale: tuple[float, float] = (0.8, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -213,10 +230,12 @@ def decode_error_text(error: Exception) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
-def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
+def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+               pad: tuple[int, int, int] | None = None) -> np.ndarray:
     """Decodes any PIL-readable file to RGB uint8 [size, size, 3] (grayscale, palette, RGBA, CMYK and 16-bit
-    images are converted). Raises ValueError naming the file if it cannot be read (missing, not a regular file,
-    over `max_bytes`: `read_image_file`) or decoded (a decompression bomb too)."""
+    images are converted): its centre crop, or with a `pad` colour the whole image, `letterbox`ed. Raises ValueError
+    naming the file if it cannot be read (missing, not a regular file, over `max_bytes`: `read_image_file`) or
+    decoded (a decompression bomb too)."""
     try:
         data = read_image_file(path, max_bytes)
     except RefusedFile as e:  # its message names the path and why
@@ -226,18 +245,18 @@ def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return resize_center_crop(rgb_image(img), size)
+            return resize_center_crop(rgb_image(img), size) if pad is None else letterbox(rgb_image(img), size, pad)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; the caller skips the file
         raise ValueError(f"cannot decode image {path} ({bad_image_reason(e)}): {decode_error_text(e)}") from None
 
 
-def load_images(paths: Sequence[str | pathlib.Path], size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-                ) -> tuple[list[np.ndarray], list[int], list[str]]:
+def load_images(paths: Sequence[str | pathlib.Path], size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                pad: tuple[int, int, int] | None = None) -> tuple[list[np.ndarray], list[int], list[str]]:
     """`load_image` of each path, an unreadable or undecodable file skipped rather than fatal: (the images, the
     indices of the paths they came from, the messages of the files skipped). Decoded on a thread per core."""
     images, kept, skipped = [], [], []
     with ThreadPoolExecutor(decode_threads()) as pool:
-        for i, (image, error) in enumerate(pool.map(lambda p: _try_load(p, size, max_bytes), paths)):
+        for i, (image, error) in enumerate(pool.map(lambda p: _try_load(p, size, max_bytes, pad), paths)):
             if error is None:
                 images.append(image)
                 kept.append(i)
@@ -247,18 +266,20 @@ def load_images(paths: Sequence[str | pathlib.Path], size: int, max_bytes: int =
 
 
 def image_chunks(paths: Sequence[str | pathlib.Path], size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                 chunk_size: int = IMAGE_CHUNK) -> Iterator[tuple[np.ndarray | None, list[int], list[str]]]:
+                 chunk_size: int = IMAGE_CHUNK, pad: tuple[int, int, int] | None = None
+                 ) -> Iterator[tuple[np.ndarray | None, list[int], list[str]]]:
     """`load_images` of `chunk_size` paths at a time: (uint8 [n, size, size, 3] or None where none decoded, the
     indices of their paths among all `paths`, the messages of the files skipped), so that a folder of any size is
     encoded in the memory of one chunk."""
     for start in range(0, len(paths), chunk_size):
-        images, kept, skipped = load_images(paths[start:start + chunk_size], size, max_bytes)
+        images, kept, skipped = load_images(paths[start:start + chunk_size], size, max_bytes, pad)
         yield (np.stack(images) if images else None), [start + i for i in kept], skipped
 
 
-def _try_load(path: str | pathlib.Path, size: int, max_bytes: int) -> tuple[np.ndarray | None, str | None]:
+def _try_load(path: str | pathlib.Path, size: int, max_bytes: int, pad: tuple[int, int, int] | None = None
+              ) -> tuple[np.ndarray | None, str | None]:
     try:
-        return load_image(path, size, max_bytes), None
+        return load_image(path, size, max_bytes, pad), None
     except ValueError as e:
         return None, str(e)
 
