@@ -123,7 +123,9 @@ def folder_set(root: str, image_size: int, names_file: str = "", max_bytes: int 
                     unlisted[:5], names_file)
     files, labels = [], []
     for label, key in enumerate(names):
-        found = sorted(f for f in folders[key].rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        # hidden entries left out at every depth, as at the top: a notebook's .ipynb_checkpoints/ copies, macOS's ._x
+        found = sorted(f for f in folders[key].rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(folders[key]).parts))
         if not found:
             raise ValueError(f"{root}: the class folder {key!r} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))});"
                              " add images or remove the folder")
@@ -262,8 +264,8 @@ def _open(config: ml_collections.ConfigDict, which: str) -> LabelledSet:
     if f.dataset == "tfds":
         return tfds_set(f.tfds_name, location, size, f.tfds_data_dir, f.names_file)
     if not pathlib.Path(location).exists():  # a typo, or a set moved since its run trained
-        raise ValueError(f"few_shot.{which}: {location} does not exist (a trained few-shot run reads its sets where "
-                         "it trained on them: put a moved set back there)")
+        raise ValueError(f"few_shot.{which}: {location} does not exist (a typo? A run that has trained reads its "
+                         "sets where it trained on them: put a moved set back there)")
     opener = folder_set if f.dataset == "folder" else table_set
     return opener(location, size, f.names_file, config.data.max_image_bytes)
 
@@ -294,8 +296,8 @@ def few_shot_task(config: ml_collections.ConfigDict) -> FewShotTask:
             rows = np.flatnonzero(np.isin(labelled.labels, base + new))
             return labelled.subset(np.sort(rows[classes_in_turn(labelled.labels[rows], f.eval_examples)]))
 
-    except ValueError as e:
-        raise ConfigError(f"few_shot: {e}") from None
+    except ValueError as e:  # (a message naming its few_shot field already: not "few_shot: few_shot.train: ...")
+        raise ConfigError(str(e) if str(e).startswith("few_shot.") else f"few_shot: {e}") from None
     return FewShotTask(names, full_train.subset(shots), keep(val), keep(test), base, new, name_templates(config))
 
 
@@ -326,7 +328,7 @@ def recorded_task(config: ml_collections.ConfigDict, names: Sequence[str], why: 
     is a ConfigError saying `why` (an evaluation scores the sets: it needs them back)."""
 
     def unreadable(rows: Sequence[int]) -> np.ndarray:
-        raise ConfigError(f"few_shot: {why}")
+        raise ConfigError(why if why.startswith("few_shot.") else f"few_shot: {why}")
 
     names = [str(n) for n in names]
     empty = LabelledSet("few_shot (not found)", names, np.zeros(0, np.int64), unreadable)

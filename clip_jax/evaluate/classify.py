@@ -103,7 +103,7 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
         raise ConfigError(f"the workdir's method {config.method.name!r} has no classes of its own: give class names "
                           "for zero-shot classification (--names FILE, one a line; in Python, class_names)")
     if group not in CLASS_GROUPS:
-        raise ConfigError(f"--classes must be one of {', '.join(CLASS_GROUPS)}, got {group!r}")
+        raise ConfigError(f"--classes (in Python, classes=) must be one of {', '.join(CLASS_GROUPS)}, got {group!r}")
     task = method.task
     classes = {"all": sorted(task.base + task.new), "base": task.base, "new": task.new}[group]
     if not classes:
@@ -154,7 +154,8 @@ def class_scores(trained: Any, encoder: Encoder, images: np.ndarray, request: Cl
 
 
 def _unscorable(config: Any, group: str, error: UnscorableClasses) -> ConfigError:
-    return ConfigError(f"method {config.method.name} cannot score --classes {group} ({error}): use --classes base")
+    return ConfigError(f"method {config.method.name} cannot score --classes {group} ({error}): use --classes base (in "
+                       "Python, classes='base')")
 
 
 def zero_shot_embeddings(trained: Any, encoder: Encoder, request: ClassRequest) -> np.ndarray:

@@ -371,10 +371,12 @@ def _few_shot_scored(config_json: str, shapes_domain: str, split: str = "test"):
         try:
             images.append(scored.read([i])[0])
             kept.append(i)
-        except ValueError as e:
-            log.warning("skipping %s", e)
+        except ValueError as e:  # (its message begins with the set's name: "skipping SET" read as the whole set)
+            log.warning("few_shot.%s: one image skipped: %s", split, e)
     if not kept:
         raise ConfigError(f"few_shot.{split}: no readable image in {scored.name}")
+    if len(kept) < len(scored):
+        log.warning("few_shot.%s: %d of its %d images scored", split, len(kept), len(scored))
     return dataclasses.replace(task, test=scored.subset(kept)), np.stack(images)
 
 
@@ -387,6 +389,9 @@ def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float
     domains = {"": ctx.config.few_shot.shapes_domain}
     if entry.shapes_domain and ctx.config.few_shot.dataset == "shapes":  # another set has no rendering domains
         domains["_shifted"] = entry.shapes_domain
+    elif entry.shapes_domain:
+        log.info("evals.%s: shapes_domain %r is a domain of the shapes set only: no %s_shifted_* on this %s set",
+                 name, entry.shapes_domain, name, ctx.config.few_shot.dataset)
     results = {}
     for suffix, domain in domains.items():
         task, images = _few_shot_scored(ctx.config.to_json(), domain, entry.split)
