@@ -462,20 +462,6 @@ def _split_queries(text: str) -> list[str]:
     return [q.strip() for q in re.split(r"\.+\s+", text) if q.strip()]  # ("a.. b": a doubled '.' is one separator)
 
 
-def _segment_templates(method, given: list[str] | None) -> tuple[tuple[str, ...], str]:
-    """(the label prompts of `segment`, where they come from): --templates; else the run's own, as its training and
-    evaluations used them (LSeg's and ViLD's method.templates, GroupViT's method.prompt_templates); else the shapes
-    prompts. Using the shapes prompts always gave masks other than the run's segmentation_folder evaluation."""
-    from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
-    from clip_jax.evaluate.segmentation import run_templates
-
-    if given:
-        return tuple(given), "--templates"
-    if own := run_templates(method):
-        return own, f"the run's method.{'templates' if method.get('templates') else 'prompt_templates'}"
-    return tuple(ZERO_SHOT_TEMPLATES), "the shapes prompts"
-
-
 def _refuse_previous_output(out, parts: tuple[str, ...], command: str) -> None:
     """An --out holding an earlier run's outputs: new files beside stale ones (of other images or labels) would be
     read as one result."""
@@ -492,27 +478,16 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.data.segmentation import BACKGROUND, mask_png
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.classify import check_templates, refuse_same_tokens
     from clip_jax.evaluate.encoder import Encoder
-    from clip_jax.evaluate.segmentation import label_embeddings, overlay, predict_labels
+    from clip_jax.evaluate.segmentation import check_labels, label_request, overlay, predict_labels
     from clip_jax.train.loop import load_trained
 
     labels = [name.strip() for name in args.labels.split(",") if name.strip()]
     if any(". " in label for label in labels):  # detect's --queries take ". "; segment's --labels commas
         print(f"note: --labels separates names with commas: {', '.join(map(repr, labels))} "
               f"{'is one label' if len(labels) == 1 else 'are the labels'}", file=sys.stderr)
-    if said := next((label for label in labels if label.lower() == BACKGROUND and label != BACKGROUND), None):
-        raise ConfigError(f"--labels: {said!r} is the background, label 0, which segment adds itself: leave it out")
-    if not labels or len(set(labels)) != len(labels) or BACKGROUND in labels:
-        raise ConfigError(f"--labels needs distinct comma-separated names other than {BACKGROUND!r} (it is label 0), "
-                          f"got {args.labels!r}")
-    if len(labels) > 254:
-        raise ConfigError(f"--labels: at most 254 names fit the mask PNGs, got {len(labels)}")
-    if args.threshold is not None and not 0 < args.threshold < 1:
-        raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
+    check_labels(labels, args.threshold, args.templates)  # before the model is read
     _check_batch_size(args.batch_size)
-    if args.templates:
-        check_templates(args.templates)
     out = epath.Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the masks and overlays")
@@ -523,27 +498,12 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     maybe_initialize()
     trained = load_trained(args.workdir, args.step)
     config = trained.config
-    # LSeg trains with the background as a label; the others find it by threshold.
-    background = args.background or ("label" if config.method.name == "lseg" else "threshold")
-    if background == "label" and args.threshold is not None:
-        raise ConfigError("--threshold applies to a background found by threshold, and this run's is a label of its "
-                          "own (LSeg's): add --background threshold to use it")
-    if background == "threshold" and len(labels) == 1:  # a softmax over one label is 1 everywhere
-        raise ConfigError(f"--labels {labels[0]!r} alone: this run finds the background by a threshold on the softmax "
-                          "over the labels, which one label gets everywhere (every pixel would be it): give two or "
-                          "more, e.g. the other things in the images")
-    threshold = 0.5 if args.threshold is None else args.threshold
-    templates, prompts = _segment_templates(config.method, args.templates)
-    context = config.model.text.context_length
-    # with the background when it is a label: "Background" would be the same text as it
-    refuse_same_tokens("--labels", [BACKGROUND, *labels] if background == "label" else labels, trained.tokenizer,
-                        context, templates)
+    encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
+    request = label_request(trained, lambda t: encoder.texts(trained.tokenizer(t, config.model.text.context_length)),
+                            labels, args.background, args.threshold, args.templates)
     if config.method.name not in ("lseg", "groupvit"):
         print(f"note: {args.workdir} is a {config.method.name} run, not a segmenter: segment uses its CLIP's patch "
               "features (the training-free dense baseline of docs/segmentation.md)", file=sys.stderr)
-    encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
-    texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
-    embeddings = label_embeddings(texts, labels, background, templates)
     primary, names, kept, skipped = jax.process_index() == 0, _output_names(files), [], []
     # This run's files and folders (--out too, if it made it): removed if it stops midway, as a half output would
     # block the rerun.
@@ -551,8 +511,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     try:
         for images, indices in _image_chunks(files, config.model.vision.image_size, args.max_image_bytes,
                                              encoder.batch_size, skipped):
-            masks = predict_labels(*encoder.segment(images, embeddings),
-                                   threshold if background == "threshold" else None)
+            masks = predict_labels(*encoder.segment(images, request.embeddings), request.threshold)
             kept.extend(indices)
             if not primary:
                 continue
@@ -575,8 +534,8 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
         _remove_written(written)
         raise
     if primary:
-        print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({background}), with "
-              f"{prompts} ({len(templates)}) -> "
+        print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({request.background}), "
+              f"with {request.templates_from} ({len(request.templates)}) -> "
               f"{out}/masks, {out}/overlays, {out}/labels.txt, {out}/images.txt" + (
                   f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
@@ -586,11 +545,9 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     from etils import epath
     from PIL import Image, ImageDraw
 
-    from clip_jax.data.coco import letterbox_to_original_xywh
     from clip_jax.data.images import rgb_image
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.classify import refuse_same_tokens
-    from clip_jax.evaluate.detection import detect
+    from clip_jax.evaluate.detection import detect, in_original_pixels, letterbox_fill, prepared_queries
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
@@ -615,22 +572,14 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     files = _listed_images(args.images)
     maybe_initialize()
     trained = load_trained(args.workdir, args.step)
-    if not hasattr(trained.method, "detection_queries"):
-        raise ConfigError(f"{args.workdir} is a {trained.config.method.name} run, not a detector: train one with "
-                          "configs/vild_shapes.py or configs/glip_shapes.py (docs/detection.md)")
-    context = trained.config.model.text.context_length
-    # the prompts the detector builds: ViLD's templates around each name, GLIP's names as they are (one prompt)
-    refuse_same_tokens("--queries", queries, trained.tokenizer, context,
-                        tuple(trained.config.method.get("templates") or ("{}",)))
-    size = trained.config.model.vision.image_size
+    context, size = trained.config.model.text.context_length, trained.config.model.vision.image_size
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
-    texts = lambda t: encoder.texts(trained.tokenizer(t, context))  # noqa: E731
-    prepared = trained.method.detection_queries(texts, trained.tokenizer, queries)
+    prepared = prepared_queries(trained, lambda t: encoder.texts(trained.tokenizer(t, context)), queries)
     # The whole image, letterboxed as ViLD and GLIP see theirs (a centre crop searched only the middle square of a wide
-    # image), padded in the model's mean colour: zeros once normalised, as theirs
-    fill = tuple(round(255 * m) for m in trained.config.model.image_mean)
+    # image)
     found, kept, skipped = [], [], []
-    for images, indices in _image_chunks(files, size, args.max_image_bytes, encoder.batch_size, skipped, fill):
+    for images, indices in _image_chunks(files, size, args.max_image_bytes, encoder.batch_size, skipped,
+                                         letterbox_fill(trained.config)):
         found.extend(detect(encoder, prepared, images, max_detections=args.max_detections, min_score=args.min_score))
         kept.extend(indices)
     if jax.process_index() != 0:
@@ -641,14 +590,12 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
         with Image.open(files[i]) as original:
             original.load()
             picture = rgb_image(original)  # as the model saw it (16-bit pixels scaled, not saturated to white)
-        xywh = letterbox_to_original_xywh(det.boxes, picture.width, picture.height, size)
+        boxes = in_original_pixels(det, queries, picture.width, picture.height, size)
         draw = ImageDraw.Draw(picture)
-        boxes = []
-        for (x, y, w, h), score, c in zip(xywh, det.scores, det.classes, strict=True):
-            boxes.append({"label": queries[c], "score": round(float(score), 4),
-                          "box_xyxy": [round(float(v), 1) for v in (x, y, x + w, y + h)]})
-            draw.rectangle((x, y, x + w, y + h), outline=(255, 0, 0), width=max(1, picture.width // 200))
-            draw.text((x + 2, y + 1), f"{queries[c]} {score:.2f}", fill=(255, 0, 0))
+        for box in boxes:
+            x0, y0, x1, y1 = box["box_xyxy"]
+            draw.rectangle((x0, y0, x1, y1), outline=(255, 0, 0), width=max(1, picture.width // 200))
+            draw.text((x0 + 2, y0 + 1), f"{box['label']} {box['score']:.2f}", fill=(255, 0, 0))
         total += len(boxes)
         report.append({"image": str(files[i]), "drawn": f"boxes/{names[i]}", "width": picture.width,
                        "height": picture.height, "detections": boxes})

@@ -6,10 +6,13 @@
     image_emb = model.encode_images(["a.png", pil_image, uint8_array])   # float32 [3, D], unit rows
     text_emb = model.encode_texts(["a red circle.", "a blue star."])      # float32 [2, D], unit rows
     names, probs = model.classify(["a.png"], ["red circle", "blue star"])  # probs [1, 2], rows sum to 1
+    labels, masks = model.segment(["a.png"], ["red circle", "blue star"])  # masks uint8 [1, S, S], 0 background
+    boxes = model.detect(["a.png"], ["red circle", "blue star"])  # a ViLD or GLIP run: a list of boxes per image
 
 A workdir is a `clip-jax train` run or one that `clip-jax convert` wrote from an OpenAI, open_clip or Hugging Face
-checkpoint. These are the functions behind `clip-jax encode` and `clip-jax classify`, with one difference: an image
-that cannot be read is an error naming it (row i of a result is input i), where the commands skip it with a warning.
+checkpoint. These are the functions behind `clip-jax encode`, `classify`, `segment` and `detect`, with one
+difference: an image that cannot be read is an error naming it (row i of a result is input i), where the commands
+skip it with a warning.
 """
 
 from __future__ import annotations
@@ -80,7 +83,17 @@ class Model:
         """`preprocess` of a chunk of images at a time (`image_chunk_size`: about IMAGE_CHUNK, whole batches), each
         decoded on a thread per core: what the encode and classify calls hold at once, whatever the number of
         images."""
-        from clip_jax.data.images import decode_threads, image_chunk_size
+        from clip_jax.data.images import decode_threads
+
+        with ThreadPoolExecutor(decode_threads()) as pool:
+            for start, chunk in self._chunks(images):
+                pixels = pool.map(lambda item: self._pixels(*item), enumerate(chunk, start))
+                yield np.stack(list(pixels))  # the first error, in input order
+
+    def _chunks(self, images: Sequence[ImageInput] | np.ndarray) -> Iterator[tuple[int, list[ImageInput]]]:
+        """(the index of its first image, a chunk of the images) of about IMAGE_CHUNK images (`image_chunk_size`,
+        whole batches) at a time; the PIL images among them read (one object may be given twice)."""
+        from clip_jax.data.images import image_chunk_size
 
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
@@ -90,21 +103,27 @@ class Model:
         if not images:
             raise ValueError("no images given")
         chunk_size = image_chunk_size(self.encoder.batch_size)
-        with ThreadPoolExecutor(decode_threads()) as pool:
-            for start in range(0, len(images), chunk_size):
-                chunk = images[start:start + chunk_size]
-                for image in chunk:  # a PIL image opened lazily is read here: one object may be given twice
-                    if isinstance(image, Image.Image):
-                        image.load()
-                pixels = pool.map(lambda item: self._pixels(*item), enumerate(chunk, start))
-                yield np.stack(list(pixels))  # the first error, in input order
+        for start in range(0, len(images), chunk_size):
+            chunk = images[start:start + chunk_size]
+            for image in chunk:  # a PIL image opened lazily is read here
+                if isinstance(image, Image.Image):
+                    image.load()
+            yield start, chunk
 
     def _pixels(self, i: int, image: ImageInput) -> np.ndarray:
         """uint8 [S, S, 3] of input `i`; ValueError naming it (its file, or its index) if it cannot be one."""
-        from clip_jax.data.images import load_image, resize_center_crop, rgb_image
+        from clip_jax.data.images import load_image, resize_center_crop
 
         if isinstance(image, str | os.PathLike):
             return load_image(image, self.image_size)  # a ValueError naming the file if unreadable
+        return resize_center_crop(self._rgb(i, image), self.image_size)
+
+    def _rgb(self, i: int, image: ImageInput) -> Image.Image:
+        """Input `i` as an RGB PIL image; TypeError or ValueError naming it (its file, or its index)."""
+        from clip_jax.data.images import load_rgb, rgb_image
+
+        if isinstance(image, str | os.PathLike):
+            return load_rgb(image)  # a ValueError naming the file if unreadable
         if not isinstance(image, Image.Image):
             if image is None or isinstance(image, bytes | dict):  # as an array: "object []"
                 raise TypeError(f"image {i}: expected a file path, a PIL image or a uint8 array, got "
@@ -120,7 +139,7 @@ class Model:
             if 0 in array.shape:
                 raise ValueError(f"image {i}: an empty array {list(array.shape)}")
             image = Image.fromarray(array)
-        return resize_center_crop(rgb_image(image), self.image_size)
+        return rgb_image(image)
 
     def encode_images(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
         """float32 [N, D] L2-normalised embeddings of N images (any of `images`' kinds)."""
@@ -158,6 +177,55 @@ class Model:
         logits = np.concatenate([np.asarray(class_scores(self.trained, self.encoder, pixels, request, embeds))
                                  for pixels in self._preprocessed(images)])
         return list(request.names), softmax(logits.astype(np.float32), axis=-1)
+
+
+    def segment(self, images: Sequence[ImageInput] | np.ndarray, labels: Sequence[str], background: str | None = None,
+                threshold: float | None = None, templates: Sequence[str] | None = None
+                ) -> tuple[list[str], np.ndarray]:
+        """(the names of the mask values, uint8 masks [N, S, S]) of N images, as `clip-jax segment`: each pixel of
+        the centre square (`preprocess`'s) labelled 1..L by `labels`, 0 the background: LSeg's own label, or for
+        the others (`background="threshold"`) the pixels whose best label is less probable than `threshold` (0.5).
+        The labels are prompted as the run trained unless `templates` are given. A run that is neither LSeg nor
+        GroupViT segments with its CLIP's patch features (the training-free baseline)."""
+        from clip_jax.data.segmentation import BACKGROUND
+        from clip_jax.evaluate.segmentation import label_request, predict_labels
+
+        if isinstance(labels, str):
+            raise TypeError("give a list of labels, not one string")
+        if isinstance(templates, str):
+            raise TypeError("give a list of templates, not one string")
+        request = label_request(self.trained, lambda t: self.encoder.texts(self.tokenize(t)), list(labels),
+                                background, threshold, templates)
+        masks = [predict_labels(*self.encoder.segment(pixels, request.embeddings), request.threshold)
+                 for pixels in self._preprocessed(images)]
+        return [BACKGROUND, *request.labels], np.concatenate(masks).astype(np.uint8)
+
+    def detect(self, images: Sequence[ImageInput] | np.ndarray, queries: Sequence[str], min_score: float = 0.3,
+               max_detections: int = 100) -> list[list[dict]]:
+        """The boxes of N images, as `clip-jax detect` (a ViLD or GLIP run): for each image a list of {"label",
+        "score", "box_xyxy"}, best first, the box in the image's own pixels (x0, y0, x1, y1). The model sees each
+        whole image, letterboxed (its longer side fitted, the rest padded in the model's mean colour)."""
+        from clip_jax.data.images import letterbox
+        from clip_jax.errors import ConfigError
+        from clip_jax.evaluate.detection import detect, in_original_pixels, letterbox_fill, prepared_queries
+
+        if isinstance(queries, str):
+            raise TypeError('give a list of queries, not one string (the command\'s ". "-separated form)')
+        queries = list(queries)
+        if not queries or len(set(queries)) != len(queries):
+            raise ConfigError(f"queries: give distinct names, got {queries}")
+        if not 0 <= min_score < 1 or max_detections < 1:
+            raise ConfigError(f"min_score must be in [0, 1) and max_detections >= 1, got {min_score} and "
+                              f"{max_detections}")
+        prepared = prepared_queries(self.trained, lambda t: self.encoder.texts(self.tokenize(t)), queries)
+        fill, found = letterbox_fill(self.trained.config), []
+        for start, chunk in self._chunks(images):
+            pictures = [self._rgb(i, image) for i, image in enumerate(chunk, start)]
+            pixels = np.stack([letterbox(p, self.image_size, fill) for p in pictures])
+            for det, picture in zip(detect(self.encoder, prepared, pixels, max_detections=max_detections,
+                                           min_score=min_score), pictures, strict=True):
+                found.append(in_original_pixels(det, queries, picture.width, picture.height, self.image_size))
+        return found
 
 
 def _array_hint(array: np.ndarray) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import clip_jax as clip_jax_api
 from clip_jax.cli import main
 from clip_jax.config import load_config
 from clip_jax.data.segmentation import SegmentationFolder, write_shapes_segmentation_set
@@ -308,6 +309,12 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
     assert (out / "labels.txt").read_text().splitlines() == ["background", "red star", "blue circle"]
     mask = Image.open(out / "masks" / "scene0.png")
     assert mask.mode == "P" and mask.size == (32, 32) and set(np.unique(np.asarray(mask))) <= {0, 1, 2}
+    # From Python: the command's masks
+    model = clip_jax_api.load(lseg)
+    names, masks = model.segment([images / f"scene{i}.png" for i in range(3)], ["red star", "blue circle"])
+    assert names == ["background", "red star", "blue circle"] and masks.dtype == np.uint8
+    for i in range(3):
+        np.testing.assert_array_equal(masks[i], np.asarray(Image.open(out / "masks" / f"scene{i}.png")))
     assert Image.open(out / "overlays" / "scene0.png").size == (32, 32)
     # Read and segmented two images at a time (any folder fits in memory): the same files.
     with pytest.MonkeyPatch.context() as patch:
@@ -571,6 +578,14 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
     xs = [x for d in entry["detections"] for x in d["box_xyxy"][::2]]
     assert (entry["width"], entry["height"]) == (120, 40) and min(xs) < 40 and max(xs) > 80, xs  # (centre: 40-80)
     assert all(0 <= v <= 120 for v in xs) and all(0 <= d["box_xyxy"][3] <= 40 for d in entry["detections"])
+    # From Python: the command's boxes, whatever the kind of image given
+    model = clip_jax_api.load(workdir)
+    wide_image = Image.open(wide / "wide.png")
+    found = model.detect([wide / "wide.png", wide_image, np.asarray(wide_image)], ["red star", "blue circle"],
+                         min_score=0, max_detections=100)
+    assert found == [entry["detections"]] * 3
+    with pytest.raises(ConfigError, match="is a clip run, not a detector"):
+        clip_jax_api.load(clip_workdir).detect([wide / "wide.png"], ["red star"])
     with pytest.MonkeyPatch.context() as patch:  # two images at a time: the same files
         patch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
         main(["detect", "--workdir", str(workdir), "--images", str(scenes), "--queries", "red star. blue circle",

@@ -230,12 +230,10 @@ def decode_error_text(error: Exception) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
-def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-               pad: tuple[int, int, int] | None = None) -> np.ndarray:
-    """Decodes any PIL-readable file to RGB uint8 [size, size, 3] (grayscale, palette, RGBA, CMYK and 16-bit
-    images are converted): its centre crop, or with a `pad` colour the whole image, `letterbox`ed. Raises ValueError
-    naming the file if it cannot be read (missing, not a regular file, over `max_bytes`: `read_image_file`) or
-    decoded (a decompression bomb too)."""
+def load_rgb(path: str | pathlib.Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Image.Image:
+    """Decodes any PIL-readable file to an RGB PIL image (grayscale, palette, RGBA, CMYK and 16-bit images are
+    converted). Raises ValueError naming the file if it cannot be read (missing, not a regular file, over
+    `max_bytes`: `read_image_file`) or decoded (a decompression bomb too)."""
     try:
         data = read_image_file(path, max_bytes)
     except RefusedFile as e:  # its message names the path and why
@@ -245,9 +243,17 @@ def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return resize_center_crop(rgb_image(img), size) if pad is None else letterbox(rgb_image(img), size, pad)
+            return rgb_image(img)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; the caller skips the file
         raise ValueError(f"cannot decode image {path} ({bad_image_reason(e)}): {decode_error_text(e)}") from None
+
+
+def load_image(path: str | pathlib.Path, size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+               pad: tuple[int, int, int] | None = None) -> np.ndarray:
+    """`load_rgb` as uint8 [size, size, 3]: its centre crop, or with a `pad` colour the whole image, `letterbox`ed.
+    ValueError naming the file if it cannot be read or decoded."""
+    image = load_rgb(path, max_bytes)
+    return resize_center_crop(image, size) if pad is None else letterbox(image, size, pad)
 
 
 def load_images(paths: Sequence[str | pathlib.Path], size: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,

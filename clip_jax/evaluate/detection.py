@@ -69,6 +69,37 @@ def detect(encoder, queries, images: np.ndarray, **kwargs) -> list[Detections]:
     return [top_detections(b, s, **kwargs) for b, s in zip(boxes, scores, strict=True)]
 
 
+def prepared_queries(trained, texts, queries: Sequence[str]):
+    """A detector run's (ViLD's or GLIP's) prompts of `queries`, `texts` embedding token ids; ConfigError for a run
+    that is not a detector, or two queries that are one text to it."""
+    from clip_jax.errors import ConfigError
+    from clip_jax.evaluate.classify import refuse_same_tokens
+
+    config = trained.config
+    if not hasattr(trained.method, "detection_queries"):
+        raise ConfigError(f"the workdir's run is a {config.method.name} run, not a detector: train one with "
+                          "configs/vild_shapes.py or configs/glip_shapes.py (docs/detection.md)")
+    # the prompts the detector builds: ViLD's templates around each name, GLIP's names as they are (one prompt)
+    refuse_same_tokens("--queries", queries, trained.tokenizer, config.model.text.context_length,
+                       tuple(config.method.get("templates") or ("{}",)))
+    return trained.method.detection_queries(texts, trained.tokenizer, list(queries))
+
+
+def letterbox_fill(config) -> tuple[int, int, int]:
+    """The colour a detector's input is padded with: the model's mean, zeros once normalised (as ViLD's and GLIP's)."""
+    return tuple(round(255 * m) for m in config.model.image_mean)
+
+
+def in_original_pixels(det: Detections, queries: Sequence[str], width: int, height: int, size: int) -> list[dict]:
+    """One letterboxed image's detections as {"label", "score", "box_xyxy"} in its original width x height pixels."""
+    from clip_jax.data.coco import letterbox_to_original_xywh
+
+    xywh = letterbox_to_original_xywh(det.boxes, width, height, size)
+    return [{"label": queries[c], "score": round(float(score), 4),
+             "box_xyxy": [round(float(v), 1) for v in (x, y, x + w, y + h)]}
+            for (x, y, w, h), score, c in zip(xywh, det.scores, det.classes, strict=True)]
+
+
 def results_in_model_pixels(detections: Sequence[Detections], size: int) -> list[dict]:
     """COCO results of the detections of images 1..N (`DetectionSet.ground_truth`'s ids) in the model image's
     pixels, category id = class index + 1."""

@@ -110,6 +110,83 @@ def label_embeddings(texts, class_names: Sequence[str], background: str, templat
     return class_embeddings(texts, names, templates)
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelRequest:
+    """What `segment` (the command, and `Model.segment`) asks of a model: its labels' embeddings, the background's
+    rule, and the prompts."""
+
+    labels: tuple[str, ...]  # the names of mask values 1..L (0 is the background)
+    embeddings: np.ndarray  # [L (+1 for the background's own prompt), D]
+    background: str  # "label" (LSeg's own) or "threshold"
+    threshold: float | None  # the background's, with background "threshold"
+    templates: tuple[str, ...]
+    templates_from: str  # where the templates came from, for the report
+
+
+def segment_templates(method: ml_collections.ConfigDict, given: Sequence[str] | None) -> tuple[tuple[str, ...], str]:
+    """(the label prompts of `segment`, where they come from): those given; else the run's own, as its training and
+    evaluations used them (LSeg's and ViLD's method.templates, GroupViT's method.prompt_templates); else the shapes
+    prompts. Using the shapes prompts always gave masks other than the run's segmentation_folder evaluation."""
+    from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES
+
+    if given:
+        return tuple(given), "--templates"
+    if own := run_templates(method):
+        return own, f"the run's method.{'templates' if method.get('templates') else 'prompt_templates'}"
+    return tuple(ZERO_SHOT_TEMPLATES), "the shapes prompts"
+
+
+def check_labels(labels: Sequence[str], threshold: float | None = None, templates: Sequence[str] | None = None
+                 ) -> None:
+    """What is wrong with a label set whatever the model (ConfigError, before a model is loaded)."""
+    from clip_jax.errors import ConfigError
+    from clip_jax.evaluate.classify import check_templates
+
+    if isinstance(labels, str):
+        raise TypeError("give a list of labels, not one string")
+    if said := next((label for label in labels if label.lower() == BACKGROUND and label != BACKGROUND), None):
+        raise ConfigError(f"--labels: {said!r} is the background, label 0, which segment adds itself: leave it out")
+    if not labels or len(set(labels)) != len(labels) or BACKGROUND in labels:
+        raise ConfigError(f"--labels needs distinct names other than {BACKGROUND!r} (it is label 0), got "
+                          f"{list(labels)}")
+    if len(labels) > 254:
+        raise ConfigError(f"--labels: at most 254 names fit the mask PNGs, got {len(labels)}")
+    if threshold is not None and not 0 < threshold < 1:
+        raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+    if templates:
+        check_templates(templates)
+
+
+def label_request(trained, texts, labels: Sequence[str], background: str | None = None,
+                  threshold: float | None = None, templates: Sequence[str] | None = None) -> LabelRequest:
+    """The request of `labels` to the trained model (`load_trained`'s), `texts` embedding token ids: LSeg's
+    background is a label of its own, the others' the pixels whose best label is less probable than `threshold`
+    (0.5 unless given). ConfigError for what cannot give the masks asked for (named as the command's flags)."""
+    from clip_jax.errors import ConfigError
+    from clip_jax.evaluate.classify import refuse_same_tokens
+
+    labels = list(labels)
+    check_labels(labels, threshold, templates)
+    config = trained.config
+    background = background or ("label" if config.method.name == "lseg" else "threshold")
+    if background not in ("label", "threshold"):
+        raise ConfigError(f"--background must be 'label' or 'threshold', got {background!r}")
+    if background == "label" and threshold is not None:
+        raise ConfigError("--threshold applies to a background found by threshold, and this run's is a label of its "
+                          "own (LSeg's): add --background threshold to use it")
+    if background == "threshold" and len(labels) == 1:  # a softmax over one label is 1 everywhere
+        raise ConfigError(f"--labels {labels[0]!r} alone: this run finds the background by a threshold on the softmax "
+                          "over the labels, which one label gets everywhere (every pixel would be it): give two or "
+                          "more, e.g. the other things in the images")
+    templates, templates_from = segment_templates(config.method, templates)
+    # with the background when it is a label: "Background" would be the same text as it
+    refuse_same_tokens("--labels", [BACKGROUND, *labels] if background == "label" else labels, trained.tokenizer,
+                       config.model.text.context_length, templates)
+    return LabelRequest(tuple(labels), label_embeddings(texts, labels, background, templates), background,
+                        (0.5 if threshold is None else threshold) if background == "threshold" else None, templates,
+                        templates_from)
+
+
 def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.55) -> np.ndarray:
     """The image with each non-background pixel tinted by its class colour (VOC's, as the mask PNGs); ignored pixels
     white."""
