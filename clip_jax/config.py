@@ -65,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(model_preset("B/16"))
 
-    # The method: `name` (clip | siglip | longclip: clip_jax.methods.METHODS) and its own fields, those of its
+    # The method: `name` (clip, siglip, longclip, coop, ...: clip_jax.methods.METHODS) and its own fields, those of its
     # Config dataclass (e.g. clip_jax/methods/clip.py::ClipConfig). `--config.method.name=X` switches to X's fields
     # at their defaults, keeping the values set before that X also has; a config file uses `method_config`.
     c.method = method_config("clip")

@@ -407,15 +407,26 @@ def shard_loss(loss_fn: LossFn, mesh: Mesh) -> Callable[[dict[str, jax.Array], d
     """`loss(per_example, shared)` on global arrays, from a local-shard `loss_fn(outputs, *, axis_name)`: the
     per-example arrays split over the batch axes, the shared ones (temperatures, class embeddings) replicated."""
 
+    def checked(per_example: dict[str, jax.Array], shared: dict[str, jax.Array]):
+        if clash := sorted(set(per_example) & set(shared)):  # {**p, **s} would drop the per-example ones
+            raise ValueError(f"the method's outputs {clash} are both per-example and shared: name them apart")
+        loss, metrics = loss_fn({**per_example, **shared}, axis_name=BATCH_AXES)
+        if jnp.ndim(loss) or any(jnp.ndim(v) for v in metrics.values()):  # (jax's own error: "Gradient only defined
+            shapes = {k: jnp.shape(v) for k, v in {"loss": loss, **metrics}.items() if jnp.ndim(v)}  # for scalar...")
+            raise ValueError(f"the method's loss must return a scalar loss and scalar metrics, got the shapes {shapes}"
+                             ": reduce over the batch (a mean of the local rows, then pmean over axis_name)")
+        return loss, metrics
+
     def run(per_example: dict[str, jax.Array], shared: dict[str, jax.Array]):
         specs = ({k: PartitionSpec(BATCH_AXES) for k in per_example}, {k: PartitionSpec() for k in shared})
-        fn = jax.shard_map(
-            lambda p, s: loss_fn({**p, **s}, axis_name=BATCH_AXES),
-            mesh=mesh,
-            in_specs=specs,
-            out_specs=PartitionSpec(),
-            check_vma=True,
-        )
-        return fn(per_example, shared)
+        fn = jax.shard_map(checked, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(), check_vma=True)
+        try:
+            return fn(per_example, shared)
+        except ValueError as e:  # shard_map's words for a value left different on each device: say what to do
+            if "out_specs" not in str(e) or "replicat" not in str(e):
+                raise
+            raise ValueError("the method's loss returned a value that differs between devices (the loss or a metric "
+                             "computed from the local rows alone): psum or pmean it over axis_name "
+                             f"(docs/methods.md). JAX said: {str(e)[:300]}") from None
 
     return run

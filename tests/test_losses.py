@@ -3,6 +3,7 @@ on meshes 8x1x1, 4x2x1 and 2x2x2 of fake CPU devices."""
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -409,3 +410,25 @@ def test_sharded_multi_label_loss_equals_a_numpy_loop(multi_positive):
     placed = {name: jax.device_put(v, batch_sharding(mesh)) for name, v in placed.items()}
     got, _ = jax.jit(loss_fn)(placed, {"multi_label_scale": jnp.asarray(scale)})
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_methods_loss_that_breaks_the_contract_is_told_what_to_do():
+    """A new method's loss with a metric of the local rows alone, a loss per example, or an output both per-example
+    and shared got JAX's own words ("out_specs which require replication", "Gradient only defined for scalar-output
+    functions"), and the CLI called it an internal error."""
+    mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    x = jnp.ones((8, 3))
+
+    def local_metric(outputs, *, axis_name):
+        local = outputs["x"].sum()
+        return jax.lax.psum(local, axis_name), {"loss_local": local}  # the metric not psum'd
+
+    def per_example(outputs, *, axis_name):
+        return outputs["x"].sum(-1), {}
+
+    for fn, said in ((local_metric, "returned a value that differs between devices"),
+                     (per_example, "must return a scalar loss and scalar metrics, got the shapes {'loss': (1,)}")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            jax.jit(losses.shard_loss(fn, mesh))({"x": x}, {})
+    with pytest.raises(ValueError, match=r"outputs \['x'\] are both per-example and shared"):
+        jax.jit(losses.shard_loss(per_example, mesh))({"x": x}, {"x": jnp.ones(3)})

@@ -332,3 +332,19 @@ def test_a_config_json_of_the_versions_before_methods_reads_as_its_method(tmp_pa
     (tmp_path / "config.json").write_text(json.dumps(old))
     got = read_config(tmp_path / "config.json").method.to_dict()
     assert got == {"name": "siglip", "ring": True, "multi_positive": False, "reset_logit_scale": True}
+
+
+def test_a_method_without_a_required_hook_is_told_which():
+    """A new method that left out flops_per_example stopped at the first step with a bare NotImplementedError."""
+    from clip_jax.methods.base import Method
+
+    class Partial(Method):
+        name = "partial"
+
+    config = default_config()
+    config.method = {"name": "partial"}
+    method = Partial(config)
+    for hook, call in (("flops_per_example", lambda: method.flops_per_example({})), ("fields", method.fields),
+                       ("model_config", method.model_config)):
+        with pytest.raises(NotImplementedError, match=f"Partial must define {hook}, a hook every method has"):
+            call()

@@ -3,13 +3,14 @@ frozen parameters untouched, non-finite updates skipped."""
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from clip_jax.config import default_config, method_config
 from clip_jax.errors import ConfigError
 from clip_jax.methods import get_method
-from clip_jax.methods.base import abstract_batch
+from clip_jax.methods.base import StepFns, abstract_batch
 from clip_jax.sharding import batch_sharding, global_batch, make_mesh
 from clip_jax.train import state as state_lib
 from clip_jax.train import step as step_lib
@@ -151,3 +152,22 @@ def test_a_rule_that_matches_nothing_names_the_closest_parameter_paths(rule, sai
         state_lib.check_patterns(params, [rule], "optimizer.frozen")
     assert str(info.value).startswith(f"optimizer.frozen rule {rule!r} ") and said in str(info.value), info.value
     assert "--config.optimizer.frozen" in str(info.value)
+
+
+def test_a_method_metric_named_as_the_trainers_own_is_refused():
+    """A method's metric named "lr" or "loss" was overwritten by the trainer's, without a word."""
+    import optax
+
+    mesh = make_mesh({"data": 8})
+
+    def loss(outputs, *, axis_name):
+        mean = jax.lax.pmean(outputs["x"].mean(), axis_name)
+        return mean, {"lr": mean}
+
+    fns = StepFns(embed=lambda params, batch, rng: {"x": batch["x"] * params["w"]}, shared=lambda params: {},
+                  loss=loss)
+    tx = optax.sgd(0.1)
+    params = {"w": jnp.ones(())}
+    step = step_lib.make_train_step(fns, tx, {"w": True}, lambda count: 0.1, mesh, 1)
+    with pytest.raises(ValueError, match=r"returned the metrics \['lr'\], names the trainer logs itself"):
+        jax.eval_shape(step, state_lib.init_state(params, tx, jax.random.key(0)), {"x": jnp.ones((8, 2))})

@@ -21,7 +21,7 @@ import dataclasses
 import io
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import flax.linen as nn
 import jax
@@ -123,23 +123,33 @@ class Method:
         """`config.method` of this method with every field at its default."""
         return {"name": cls.name, **dataclasses.asdict(cls.Config())}
 
-    # --- the batch --------------------------------------------------------------------------------------------
+    def _required(self, hook: str) -> NoReturn:
+        raise NotImplementedError(f"{type(self).__name__} must define {hook}, a hook every method has (docs/methods.md,"
+                                  " 'Adding a method'; ClipMethod defines it for a CLIP-like batch)")
+
+    # --- the batch (required) ---------------------------------------------------------------------------------
     def fields(self) -> dict[str, Field]:
-        raise NotImplementedError
+        """The arrays of one example of the batch, by name."""
+        self._required("fields")
 
     def captions(self) -> Captions:
-        raise NotImplementedError
+        """The caption source the default `train_data` reads (a method with a `train_data` of its own needs none)."""
+        self._required("captions")
 
-    # --- model and step ---------------------------------------------------------------------------------------
+    # --- model and step (required) ----------------------------------------------------------------------------
+    def model_config(self) -> Any:
+        """The towers' CLIPConfig the model is built on (the FLOP counts and the method contract tests read it)."""
+        self._required("model_config")
+
     def model(self) -> nn.Module:
-        raise NotImplementedError
+        self._required("model")
 
     def init_inputs(self) -> tuple[np.ndarray, ...]:
         """Arguments of `model.init` after the rng: a batch of one."""
-        raise NotImplementedError
+        self._required("init_inputs")
 
     def step_fns(self, model: nn.Module) -> StepFns:
-        raise NotImplementedError
+        self._required("step_fns")
 
     # --- data -----------------------------------------------------------------------------------------------
     def prepare(self, prep: Preparation) -> None:
@@ -177,8 +187,8 @@ class Method:
         return restored
 
     def flops_per_example(self, trainable: Mapping[str, Any]) -> float:
-        """Model FLOPs of one training example (2 per multiply-add), given the tree of trainable flags."""
-        raise NotImplementedError
+        """Model FLOPs of one training example (2 per multiply-add), given the tree of trainable flags (required)."""
+        self._required("flops_per_example")
 
 
 def abstract_batch(fields: Mapping[str, Field], batch_size: int, sharding: Any = None

@@ -112,6 +112,9 @@ def make_train_step(
             opt_state=keep(opt_state, state.opt_state),
             rng=rng,
         )
+        if taken := sorted(set(metrics) & {"loss", "grad_norm", "lr", "nonfinite"}):  # (traced once: a method's bug)
+            raise ValueError(f"the method's loss returned the metrics {taken}, names the trainer logs itself: name "
+                             "them otherwise (loss_<part> for a part of the loss, which curves.png draws)")
         metrics = {
             **metrics,
             "loss": loss,
