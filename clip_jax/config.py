@@ -232,6 +232,51 @@ _NULLABLE = ("model.logit_bias_init",)
 _SEPARATELY_CHECKED = ("model", "method", "evals")
 
 
+# open_clip's training flags (open_clip_train.main), where an open_clip user looks for them: said for an unknown key of
+# that name (docs/open_clip.md has the whole table).
+_OPEN_CLIP_FLAGS = {
+    "lr": "optimizer.lr",
+    "wd": "optimizer.weight_decay",
+    "warmup": "optimizer.warmup_steps (steps)",
+    "beta1": "optimizer.b1",
+    "beta2": "optimizer.b2",
+    "eps": "optimizer.eps",
+    "grad_clip_norm": "optimizer.grad_clip_norm",
+    "epochs": "total_steps (steps: epochs x rows / batch_size)",
+    "precision": "model.dtype ('bfloat16' or 'float32')",
+    "grad_checkpointing": "model.remat_policy (e.g. 'full')",
+    "lock_image": "optimizer.frozen, e.g. ('^visual/',)",
+    "lock_text": "optimizer.frozen, e.g. ('^text/',)",
+    "accum_freq": "accum_steps (it splits batch_size, every device's batch together, into micro-batches)",
+    "pretrained": "init_from, a workdir (clip-jax convert a PyTorch checkpoint into one)",
+    "resume": "nothing to set: relaunching on the same --workdir resumes",
+    "train_data": "data.path (data.source 'captions' for a table)",
+    "csv_img_key": "data.image_field",
+    "csv_caption_key": "data.caption_field",
+    "csv_separator": "nothing to set: a .tsv file is read tab-separated, a .csv comma-separated",
+    "zeroshot_frequency": "eval.every_steps (steps)",
+    "save_frequency": "checkpoint.every_steps (steps)",
+    "force_patch_dropout": "model.vision.patch_dropout",
+    "report_to": "log.tensorboard (no wandb)",
+    "local_loss": "nothing to set: the CLIP loss scores each device's rows against every column",
+    "gather_with_grad": "nothing to set: the CLIP loss's gather carries gradients",
+}
+
+
+# Data formats other projects train from, by the name a user gives data.source: how they are read here.
+_OTHER_SOURCES = {
+    name: " (WebDataset .tar shards: clip-jax data convert --format webdataset SHARDS_FOLDER --out RECORDS, then "
+          "data.source 'records' and data.path RECORDS)" for name in ("webdataset", "wds", "tar")
+} | {name: " (a caption table, .csv/.tsv/.jsonl: data.source 'captions', data.path the file)"
+     for name in ("csv", "tsv", "jsonl", "table")}
+
+
+def _open_clip_flag(key: str) -> str:
+    """Where open_clip's flag `key` (its last part, - or _) is here, for an unknown key of that name; "" if none."""
+    where = _OPEN_CLIP_FLAGS.get(str(key).split(".")[-1].replace("-", "_"))
+    return f" (open_clip's --{key.split('.')[-1].replace('_', '-')} is {where} here)" if where else ""
+
+
 def _did_you_mean(key: str, valid) -> str:
     close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -245,8 +290,8 @@ def _check_against(schema: Any, value: Any, path: str) -> None:
             sub = f"{path}.{key}" if path else key
             if key not in schema:
                 valid = sorted({*schema, *_SEPARATELY_CHECKED}) if not path else sorted(schema)
-                raise ConfigError(f"unknown config key '{sub}'{_did_you_mean(key, valid)}; valid keys here: "
-                                  f"{', '.join(valid)}")
+                hint = _open_clip_flag(key) or _did_you_mean(key, valid)
+                raise ConfigError(f"unknown config key '{sub}'{hint}; valid keys here: {', '.join(valid)}")
             _check_against(schema[key], value[key], sub)
     elif value is None and schema is not None and path not in _NULLABLE:
         raise ConfigError(f"config key '{path}' must be {type(schema).__name__}, got None"
@@ -307,7 +352,8 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
             value = value.get(part) if value is not None else None  # None where the key does not apply (a resnet
             # has no activation, a model without audio no audio tower)
         if value is not None and value not in registry:
-            raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(sorted(registry))}")
+            raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(sorted(registry))}"
+                              + (_OTHER_SOURCES.get(str(value).lower(), "") if key == "data.source" else ""))
     for key in ("no_decay", "frozen"):
         for pattern in config.optimizer[key]:
             try:
@@ -730,13 +776,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
         for i, part in enumerate(parents):
             if part not in node:
                 raise ConfigError(f"unknown config key '{'.'.join(parents[: i + 1])}' in override "
-                                  f"{item!r}{_did_you_mean(part, node)}")
+                                  f"{item!r}{_open_clip_flag(part) or _did_you_mean(part, node)}")
             node = node[part]
         if leaf not in node:
             owners = sorted(n for n, m in METHODS.items() if parents == ["method"] and leaf in m.defaults())
             hint = (f" (a field of method {' / '.join(owners)}: also set --config.method.name="
                     f"{owners[0] if len(owners) == 1 else '...'})" if owners
-                    else _did_you_mean(leaf, node))
+                    else _open_clip_flag(leaf) or _did_you_mean(leaf, node))
             if not hint and len(node) <= 30:  # nothing close: the keys there, as an evals entry's error lists them
                 hint = f"; valid keys here: {', '.join(sorted(node))}"
             raise ConfigError(f"unknown config key '{key}' in override {item!r}{hint}")
@@ -760,6 +806,8 @@ def _how_to_write(key: str, expected: Any, value: Any) -> str:
         return f" (to give it as a text, quote it: \"--config.{key}='{value}'\")"
     if isinstance(expected, tuple) and value is None:
         return f" (none: --config.{key}=())"
+    if isinstance(expected, tuple) and isinstance(value, str):  # ('^visual/') is a string in parentheses
+        return f" (a tuple of one needs its comma: \"--config.{key}=('{value}',)\")"
     return ""
 
 

@@ -1007,6 +1007,10 @@ def test_the_memory_lower_bound_by_hand():
     assert need["params"] == 16 * (vision_params + text_params) // 2  # fp32 params, grads, 2 moments; 2 shards
     assert need["activations"] == 4 * 4 * (2 * 5 * 8 + 1 * 6 * 4)  # 4 rows, fp32, 4 patches + class token
     assert need["images"] == 4 * 32 * 32 * 3
+    for half in ("bfloat16", "float16"):  # two bytes a value (float16 was counted at four)
+        config.model.dtype = half
+        halved = min_train_bytes_per_device(model_config(config), batch_size=16, batch_shards=4, param_shards=2)
+        assert halved["activations"] == need["activations"] // 2, half
 
 
 def test_a_compiled_step_that_cannot_fit_is_refused_before_it_runs(tmp_path, capsys, monkeypatch):

@@ -548,3 +548,23 @@ def test_a_data_path_that_the_shapes_source_does_not_read_is_told(tmp_path, capl
     with caplog.at_level("WARNING"):
         check_input_paths(load_config(DEMO))
     assert "is not read" not in caplog.text
+
+
+@pytest.mark.parametrize("override, said", [
+    ("--config.lr=1e-4", "(open_clip's --lr is optimizer.lr here)"),
+    ("--config.model.precision=bf16", "(open_clip's --precision is model.dtype ('bfloat16' or 'float32') here)"),
+    ("--config.grad_checkpointing=True", "(open_clip's --grad-checkpointing is model.remat_policy (e.g. 'full') here)"),
+    ("--config.epochs=2", "(open_clip's --epochs is total_steps (steps: epochs x rows / batch_size) here)"),
+    ("--config.optimizer.frozen=('^visual/')", "(a tuple of one needs its comma: \"--config.optimizer.frozen="
+                                               "('^visual/',)\")"),
+    ("--config.data.source=webdataset",
+     "(WebDataset .tar shards: clip-jax data convert --format webdataset SHARDS_FOLDER --out RECORDS, then "
+     "data.source 'records' and data.path RECORDS)"),
+])
+def test_open_clips_flag_names_are_answered_with_this_projects_keys(override, said):
+    """An open_clip user's flags got "did you mean 'checkpoint'?" for grad_checkpointing, 'vision' for
+    model.precision, or the top-level keys alone; ('^visual/') "must be tuple, got str" and no more."""
+    with pytest.raises(ConfigError) as e:
+        load_config(str(CONFIGS / "demo.py"), [override])
+    assert str(e.value).endswith(said), str(e.value)
+

@@ -630,6 +630,12 @@ def test_init_from_a_folder_without_checkpoints_is_one_line(tmp_path, capsys):
     assert "config.init_from" in message and "holds no checkpoint" in message
     assert "clip-jax train --config configs/demo.py --workdir workdirs/demo" in message  # what to do
     assert not (tmp_path / "nothing").exists()
+    # open_clip's --pretrained FILE habit: the file is named as one, with the conversion to run
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    message = exit_message(train_args(tmp_path / "run", f"--config.init_from={weights}"), capsys)
+    assert message.endswith(f"is a PyTorch weights file; init_from takes a workdir: clip-jax convert {weights} "
+                            "--to-workdir DIR, then --config.init_from=DIR"), message
 
 
 def test_module_entry_point_help():

@@ -286,3 +286,14 @@ def test_all_undecodable_is_an_error_not_a_hang(tmp_path, tokenizer):
             writer.write(records.encode_record(b"not an image", f"caption {i}"))
     with pytest.raises(ValueError, match="no decodable image"):
         next(iter(train_dataset(make_config(tmp_path), tokenizer)))
+
+
+def test_a_folder_of_webdataset_tars_names_the_conversion(tmp_path):
+    """data.source 'records' on WebDataset shards said "no .arrayrecord shards" and no more."""
+    from clip_jax.data.records import list_shards
+
+    (tmp_path / "00000.tar").write_bytes(b"")
+    (tmp_path / "00001.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"it holds 2 \.tar files \(WebDataset shards\?\): convert them first, "
+                                                f"clip-jax data convert --format webdataset {tmp_path} --out RECORDS"):
+        list_shards(str(tmp_path))

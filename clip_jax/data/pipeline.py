@@ -275,7 +275,9 @@ class DecodeExample(grain.transforms.Map):
             log.warning("dropping example %s: %s (%d dropped so far in process %d)", key, reason, dropped, os.getpid())
         if all_failed:
             raise ConfigError(f"the first {dropped} examples read have no decodable image or no caption: check "
-                              "data.path and data.image_root")
+                              "data.path and data.image_root (a table's image paths are read relative to "
+                              "data.image_root, by default the table's own folder; open_clip reads them from the "
+                              "current folder: --config.data.image_root=.)")
 
 
 class TrainExample(grain.transforms.RandomMap):

@@ -132,9 +132,12 @@ def list_shards(spec: str) -> list[str]:
                 matched = sorted(os.fspath(path / n) for n in names if n.endswith(SUFFIX))
                 if not matched:
                     unfinished = sum(f"{SUFFIX}.tmp-" in n for n in names)
+                    tars = sum(n.endswith(".tar") for n in names)
                     raise FileNotFoundError(f"no {SUFFIX} shards in {part}" + (
                         f": {unfinished} unfinished (.tmp-): is a `clip-jax data convert` into it still running? Run "
-                        "it (again) to finish them" if unfinished else ""))
+                        "it (again) to finish them" if unfinished else
+                        f": it holds {tars} .tar files (WebDataset shards?): convert them first, clip-jax data "
+                        f"convert --format webdataset {part} --out RECORDS" if tars else ""))
                 _check_complete(matched, part)
             elif path.exists():
                 matched = [os.fspath(path)]

@@ -611,8 +611,10 @@ class ClipTokenizer:
         if len(vocab) < vocab_size - 2:
             # A log line, not a Python warning: on the console it is one line without this file's source line.
             log.warning("the training captions give %d BPE tokens at min_frequency=%d, of the %d requested: the other "
-                        "ids stay unused (data.tokenizer_vocab_size and model.text.vocab_size %d would fit them)",
-                        len(vocab) + 2, min_frequency, vocab_size, len(vocab) + 2)
+                        "ids stay unused (data.tokenizer_vocab_size and model.text.vocab_size %d would fit them; "
+                        "data.tokenizer 'train' fits a vocabulary to these captions, 'openai' is OpenAI's BPE, as "
+                        "open_clip and the OpenAI checkpoints use)", len(vocab) + 2, min_frequency, vocab_size,
+                        len(vocab) + 2)
         return cls(vocab + [SOT_TOKEN, EOT_TOKEN], merges, name="trained")
 
     def save(self, path: epath.PathLike) -> None:

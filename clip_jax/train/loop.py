@@ -340,7 +340,11 @@ def checkpoint_steps(workdir: epath.Path) -> list[int]:
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:
     """A ConfigError if the workdir `config.init_from` names holds no checkpoint."""
-    if not checkpoint_steps(epath.Path(config.init_from)):
+    source = epath.Path(config.init_from)
+    if source.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin") and not source.is_dir():  # open_clip's habit
+        raise ConfigError(f"config.init_from: {config.init_from} is a PyTorch weights file; init_from takes a workdir: "
+                          f"clip-jax convert {config.init_from} --to-workdir DIR, then --config.init_from=DIR")
+    if not checkpoint_steps(source):
         relative = not (is_remote(config.init_from) or os.path.isabs(config.init_from))
         where = f" (a path relative to the current folder, {os.getcwd()})" if relative else ""
         raise ConfigError(f"config.init_from: {config.init_from}{where} holds no checkpoint (expected "
@@ -435,6 +439,9 @@ def _launch(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
     fewer = "a recipe of batch 1 runs on one: CUDA_VISIBLE_DEVICES=0" if jax.default_backend() == "gpu" else ""
     mesh = make_mesh(check_devices(config, jax.device_count(), fewer))
     check_gpu_implementations(config, jax.devices()[0].platform)
+    if config.model.dtype == "float16":  # (open_clip's --precision amp scales the loss; this trainer does not)
+        log.warning("model.dtype 'float16' trains without loss scaling: gradients below float16's range (~6e-8) "
+                    "become 0, overflows skip the step; 'bfloat16' has float32's range and needs none")
     method = get_method(config)
     method.check(mesh)
     too_big = memory_lib.check_fits(config, model_config(config), batch_divisor(mesh),

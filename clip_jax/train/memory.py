@@ -49,7 +49,7 @@ def min_train_bytes_per_device(model: CLIPConfig, batch_size: int, batch_shards:
     and `images` (its uint8 input). `batch_shards` devices split the batch."""
     v, t = model.vision, model.text
     rows = -(-batch_size // (batch_shards * accum_steps))  # this device's rows of one micro-batch
-    bytes_per_value = 2 if model.dtype == "bfloat16" else 4
+    bytes_per_value = 2 if model.dtype in ("bfloat16", "float16") else 4
     if isinstance(v, ResNetConfig):
         vision_params, vision_activations = _resnet_parameters(v), _resnet_activations(v, bytes_per_value)
     else:
