@@ -501,7 +501,7 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
     encoder = Encoder(trained.model, trained.params, trained.mesh, args.batch_size)
     request = label_request(trained, lambda t: encoder.texts(trained.tokenizer(t, config.model.text.context_length)),
                             labels, args.background, args.threshold, args.templates)
-    if config.method.name not in ("lseg", "groupvit"):
+    if trained.method.segment_background is None:
         print(f"note: {args.workdir} is a {config.method.name} run, not a segmenter: segment uses its CLIP's patch "
               "features (the training-free dense baseline of docs/segmentation.md)", file=sys.stderr)
     primary, names, kept, skipped = jax.process_index() == 0, _output_names(files), [], []

@@ -168,7 +168,7 @@ def label_request(trained, texts, labels: Sequence[str], background: str | None 
     labels = list(labels)
     check_labels(labels, threshold, templates)
     config = trained.config
-    background = background or ("label" if config.method.name == "lseg" else "threshold")
+    background = background or trained.method.segment_background or "threshold"
     if background not in ("label", "threshold"):
         raise ConfigError(f"--background must be 'label' or 'threshold', got {background!r}")
     if background == "label" and threshold is not None:

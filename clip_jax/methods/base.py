@@ -113,6 +113,9 @@ class Method:
     needs_pretrained: ClassVar[bool] = False
     # Whether training reads `config.data` (the few-shot methods read their own `few_shot` sets instead).
     reads_data: ClassVar[bool] = True
+    # How `segment` finds a run's background: "label", a label the method trained (LSeg's), or "threshold" on the
+    # best label's probability; None for a method that is no segmenter (its CLIP's patch features then, said).
+    segment_background: ClassVar[str | None] = None
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

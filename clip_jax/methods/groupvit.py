@@ -155,6 +155,7 @@ class GroupViTMethod(ClipMethod):
     """CLIP's batch plus K per-object phrases; CLIP's loss plus the weighted multi-label loss."""
 
     name = "groupvit"
+    segment_background = "threshold"
     Config = GroupViTConfig
     image_dropout = False  # its grouping stages assign every patch to a segment; its tower has its own blocks
 

@@ -137,6 +137,7 @@ class LSegMethod(Method):
     """Images and their masks; per-pixel cross-entropy against the frozen text embeddings of the label set."""
 
     name = "lseg"
+    segment_background = "label"
     Config = LSegConfig
 
     def __init__(self, config):
