@@ -353,18 +353,23 @@ class Checkpointer:
         other = [f"{k} of shape {saved[k]} where this config has {wanted[k]}"
                  for k in sorted(wanted.keys() & saved.keys()) if saved[k] != wanted[k]]
         if lacks or extra or other:
-            differ = (f"it lacks {lacks[:5]}" if lacks else f"it also holds {extra[:5]}" if extra else other[0])
+            # every kind of difference, not the first alone: a fix of one then met the next
+            differ = "; ".join([*([f"it lacks {lacks[:5]}"] if lacks else []),
+                                *([f"it also holds {extra[:5]}"] if extra else []), *other[:4]])
             # A resume (not partial) of another method: the run's weights can still start a new run of it.
             start = ("" if partial else f"; to train this config from the run's weights, give a new --workdir and "
                      f"--config.init_from={self.directory.parent}")
+            advice = ("give a config of that run's model (its config.json's `model`: a preset's recipe of its size, "
+                      "e.g. configs/pretrain.py:B/32, with --config.model.* for what differs), or train in "
+                      f"{self.directory.parent} itself (train --workdir reads its config.json), or use a checkpoint of "
+                      f"this config's architecture{start}")
             # Long-CLIP's kept positions (model.text.keep_positions) are a parameter a plain CLIP lacks: the run
             # starts from a stretched copy of it, which has them, not from the CLIP itself.
             if any(k.endswith("['positional_embedding_res']") for k in lacks):
-                start += (f"; a Long-CLIP model starts from a stretched workdir: clip-jax stretch --workdir "
+                advice = (f"a Long-CLIP model starts from a stretched workdir: clip-jax stretch --workdir "
                           f"{self.directory.parent} --out-workdir NEW, then train in NEW")
             raise ConfigError(f"checkpoint {where} holds parameters of another model ({differ}): this config's model "
-                              "or method differs from the run's that wrote it; use that run's settings (its "
-                              f"config.json), or a checkpoint of this config's architecture{start}")
+                              f"or method differs from the run's that wrote it; {advice}")
 
     def wait(self) -> None:
         """Waits for the asynchronous save; its failure raises here."""
