@@ -534,7 +534,8 @@ def _segment(args: argparse.Namespace, overrides: list[str]) -> None:
         _remove_written(written)
         raise
     if primary:
-        print(f"segmented {len(kept)} images into {len(labels)} labels and the background ({request.background}), "
+        print(f"segmented {len(kept)} images into {len(labels)} label{'s' if len(labels) > 1 else ''} and the "
+              f"background ({request.background}), "
               f"with {request.templates_from} ({len(request.templates)}) -> "
               f"{out}/masks, {out}/overlays, {out}/labels.txt, {out}/images.txt" + (
                   f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
@@ -547,7 +548,13 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from clip_jax.data.images import rgb_image
     from clip_jax.distributed import maybe_initialize
-    from clip_jax.evaluate.detection import detect, in_original_pixels, letterbox_fill, prepared_queries
+    from clip_jax.evaluate.detection import (
+        detect,
+        in_original_pixels,
+        letterbox_extent,
+        letterbox_fill,
+        prepared_queries,
+    )
     from clip_jax.evaluate.encoder import Encoder
     from clip_jax.train.loop import load_trained
 
@@ -580,7 +587,12 @@ def _detect(args: argparse.Namespace, overrides: list[str]) -> None:
     found, kept, skipped = [], [], []
     for images, indices in _image_chunks(files, size, args.max_image_bytes, encoder.batch_size, skipped,
                                          letterbox_fill(trained.config)):
-        found.extend(detect(encoder, prepared, images, max_detections=args.max_detections, min_score=args.min_score))
+        extents = []  # each image's part of its square: a box in the padding is none
+        for i in indices:
+            with Image.open(files[i]) as header:
+                extents.append(letterbox_extent(*header.size, size))
+        found.extend(detect(encoder, prepared, images, extents, max_detections=args.max_detections,
+                            min_score=args.min_score))
         kept.extend(indices)
     if jax.process_index() != 0:
         return

@@ -195,7 +195,7 @@ class Model:
         if isinstance(templates, str):
             raise TypeError("give a list of templates, not one string")
         request = label_request(self.trained, lambda t: self.encoder.texts(self.tokenize(t)), list(labels),
-                                background, threshold, templates)
+                                background, threshold, templates, python=True)
         masks = [predict_labels(*self.encoder.segment(pixels, request.embeddings), request.threshold)
                  for pixels in self._preprocessed(images)]
         return [BACKGROUND, *request.labels], np.concatenate(masks).astype(np.uint8)
@@ -207,22 +207,29 @@ class Model:
         whole image, letterboxed (its longer side fitted, the rest padded in the model's mean colour)."""
         from clip_jax.data.images import letterbox
         from clip_jax.errors import ConfigError
-        from clip_jax.evaluate.detection import detect, in_original_pixels, letterbox_fill, prepared_queries
+        from clip_jax.evaluate.detection import (
+            detect,
+            in_original_pixels,
+            letterbox_extent,
+            letterbox_fill,
+            prepared_queries,
+        )
 
         if isinstance(queries, str):
             raise TypeError('give a list of queries, not one string (the command\'s ". "-separated form)')
         queries = list(queries)
         if not queries or len(set(queries)) != len(queries):
-            raise ConfigError(f"queries: give distinct names, got {queries}")
+            raise ConfigError(f"queries= needs one name or more, each once, got {queries}")
         if not 0 <= min_score < 1 or max_detections < 1:
             raise ConfigError(f"min_score must be in [0, 1) and max_detections >= 1, got {min_score} and "
                               f"{max_detections}")
-        prepared = prepared_queries(self.trained, lambda t: self.encoder.texts(self.tokenize(t)), queries)
+        prepared = prepared_queries(self.trained, lambda t: self.encoder.texts(self.tokenize(t)), queries, "queries=")
         fill, found = letterbox_fill(self.trained.config), []
         for start, chunk in self._chunks(images):
             pictures = [self._rgb(i, image) for i, image in enumerate(chunk, start)]
             pixels = np.stack([letterbox(p, self.image_size, fill) for p in pictures])
-            for det, picture in zip(detect(self.encoder, prepared, pixels, max_detections=max_detections,
+            extents = [letterbox_extent(p.width, p.height, self.image_size) for p in pictures]
+            for det, picture in zip(detect(self.encoder, prepared, pixels, extents, max_detections=max_detections,
                                            min_score=min_score), pictures, strict=True):
                 found.append(in_original_pixels(det, queries, picture.width, picture.height, self.image_size))
         return found

@@ -1174,3 +1174,21 @@ def test_images_without_an_image_file_are_said_so(command, tmp_path, capsys):
                             "--out", str(tmp_path / "out")], capsys)
     assert message.endswith(f"--images {empty}: no image files there (.jpg, .jpeg, .png, .webp, .bmp, .gif, .tif, "
                             ".tiff, in folders and their subfolders)"), message
+
+
+def test_the_progress_bar_needs_a_terminal_with_columns(monkeypatch):
+    """On a pseudo-terminal of 0 columns (`script` run from a pipe) tqdm drew nothing and the records' lines were off:
+    neither showed. A file is no terminal; a sized terminal draws the bar."""
+    master, terminal = pty.openpty()
+    try:
+        with os.fdopen(os.dup(terminal), "w") as stream:
+            monkeypatch.setattr(sys, "stderr", stream)
+            for columns, draws in ((0, False), (120, True)):
+                fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+                assert loop.draws_a_bar() is draws, columns
+    finally:
+        os.close(terminal)
+        os.close(master)
+    with open(os.devnull, "w") as stream:
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert not loop.draws_a_bar()

@@ -241,6 +241,8 @@ def test_folder_layouts(tmp_path):
         {"a.jpg": "caption a", "sub/b.png": {"caption": "long b", "short_caption": "b"}, "A.JPG": "miscased"}))
     write_images(tmp_path / "f2", ["p.jpg", "q.jpg"])
     (tmp_path / "f2" / "p.txt").write_text("sidecar p\n")
+    # hidden entries are no examples (they were a missing caption each): a notebook's copy, macOS's ._p.jpg
+    write_images(tmp_path / "f2", [".ipynb_checkpoints/p-checkpoint.jpg", "._p.jpg"])
     summary = convert.convert("folder", [str(tmp_path / "f1"), str(tmp_path / "f2")], str(tmp_path / "out"),
                               shard_size=2)
     assert summary["shards"] == 3 and summary["skipped"] == {"missing_caption": 2, "missing_file": 1}

@@ -550,6 +550,15 @@ def test_glip_detect_scatters_each_phrase_end_score_and_word_features_are_causal
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------------
+def test_a_letterboxed_images_padding_holds_no_detection():
+    """A box wholly in the padding below a wide image came back as a box of no height on its edge, and took one of
+    the max_detections places; one reaching into the padding is cut to the image."""
+    boxes = np.array([[0.1, 0.5, 0.3, 0.9], [0.1, 0.1, 0.3, 0.6]], np.float32)  # the image fills the top 0.4
+    got = top_detections(boxes, np.array([[0.9], [0.8]], np.float32), extent=(1.0, 0.4))
+    np.testing.assert_allclose(got.boxes, [[0.1, 0.1, 0.3, 0.4]])
+    np.testing.assert_allclose(got.scores, [0.8])
+
+
 def test_top_detections_suppress_overlaps_within_a_class_only():
     boxes = np.array([[0, 0, 0.5, 0.5], [0.05, 0, 0.55, 0.5], [0.6, 0.6, 1, 1]], np.float32)
     # Boxes 0 and 1: IoU 0.225 / 0.275 = 0.82 > 0.5. Same class: the weaker goes; box 2 is below min_score.

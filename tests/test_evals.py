@@ -12,6 +12,7 @@ from PIL import Image
 
 from clip_jax.config import ConfigError, check_input_paths, load_config, read_config
 from clip_jax.data.folder_source import ImageFolderSource
+from clip_jax.data.images import list_images
 from clip_jax.evaluate import suite
 
 DEMO = "configs/demo.py"
@@ -342,8 +343,13 @@ def test_an_image_folder_names_its_classes_and_spreads_a_subset_over_them(tmp_pa
     (tmp_path / "dark_red").mkdir()
     Image.new("RGB", (8, 8), (100, 0, 0)).save(tmp_path / "dark_red" / "a.png")
     (tmp_path / ".ipynb_checkpoints").mkdir()  # hidden: no class, as in a few-shot set
+    # hidden inside a class folder too (a notebook's copy was one more image, macOS's ._a.png an undecodable one)
+    (tmp_path / "dark_red" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8), (100, 0, 0)).save(tmp_path / "dark_red" / ".ipynb_checkpoints" / "a-checkpoint.png")
+    (tmp_path / "dark_red" / "._a.png").write_bytes(b"x")
     source = ImageFolderSource(tmp_path, 16)
     assert source.class_names() == ["blue", "dark red", "green", "red"] and len(source) == 14
+    assert list_images([str(tmp_path / "dark_red")]) == [tmp_path / "dark_red" / "a.png"]  # the commands' --images
     images, labels, skipped = source.arrays(4)  # each class's first file
     assert images.shape == (4, 16, 16, 3) and labels.tolist() == [0, 1, 2, 3] and skipped == 0
     images, labels, skipped = source.arrays(9)  # then the second files of the classes that have one, ...

@@ -315,6 +315,11 @@ def test_lseg_and_groupvit_start_from_a_clip_and_segment_through_the_command(cli
     assert names == ["background", "red star", "blue circle"] and masks.dtype == np.uint8
     for i in range(3):
         np.testing.assert_array_equal(masks[i], np.asarray(Image.open(out / "masks" / f"scene{i}.png")))
+    # its mistakes named as its arguments, not the command's flags
+    with pytest.raises(ConfigError, match=r"^labels= 'red star' alone: this run finds the background by a threshold"):
+        model.segment([images / "scene0.png"], ["red star"], background="threshold")
+    with pytest.raises(ConfigError, match=r"^threshold= must be in \(0, 1\), got 1.5"):
+        model.segment([images / "scene0.png"], ["red star", "blue circle"], background="threshold", threshold=1.5)
     assert Image.open(out / "overlays" / "scene0.png").size == (32, 32)
     # Read and segmented two images at a time (any folder fits in memory): the same files.
     with pytest.MonkeyPatch.context() as patch:
@@ -578,6 +583,8 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
     xs = [x for d in entry["detections"] for x in d["box_xyxy"][::2]]
     assert (entry["width"], entry["height"]) == (120, 40) and min(xs) < 40 and max(xs) > 80, xs  # (centre: 40-80)
     assert all(0 <= v <= 120 for v in xs) and all(0 <= d["box_xyxy"][3] <= 40 for d in entry["detections"])
+    # none in the padding below the image (they came back as boxes of no height on its lower edge)
+    assert all(x1 > x0 and y1 > y0 for x0, y0, x1, y1 in (d["box_xyxy"] for d in entry["detections"]))
     # From Python: the command's boxes, whatever the kind of image given
     model = clip_jax_api.load(workdir)
     wide_image = Image.open(wide / "wide.png")

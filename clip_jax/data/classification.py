@@ -25,7 +25,7 @@ import numpy as np
 from clip_jax.data import shapes
 from clip_jax.data.captions import read_table, table_format
 from clip_jax.data.folder_source import class_folders, classes_in_turn, loose_images
-from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_image
+from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, image_files, load_image
 from clip_jax.data.tokenizer import same_text
 from clip_jax.errors import ConfigError
 
@@ -123,9 +123,7 @@ def folder_set(root: str, image_size: int, names_file: str = "", max_bytes: int 
                     unlisted[:5], names_file)
     files, labels = [], []
     for label, key in enumerate(names):
-        # hidden entries left out at every depth, as at the top: a notebook's .ipynb_checkpoints/ copies, macOS's ._x
-        found = sorted(f for f in folders[key].rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
-                       and not any(part.startswith(".") for part in f.relative_to(folders[key]).parts))
+        found = image_files(folders[key])  # (hidden entries left out at every depth, as at the top)
         if not found:
             raise ValueError(f"{root}: the class folder {key!r} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))});"
                              " add images or remove the folder")

@@ -137,8 +137,12 @@ def clean_caption(raw: Any) -> str:
 
 
 def _walk(folder: epath.Path) -> Iterator[epath.Path]:
-    """Files under `folder`, recursively (epath refuses `**` globs, which cost one request per folder on GCS)."""
+    """Files under `folder`, recursively (epath refuses `**` globs, which cost one request per folder on GCS); hidden
+    entries left out (a notebook's .ipynb_checkpoints/ copies, macOS's ._x.jpg), as image folders are read
+    elsewhere (`images.image_files`)."""
     for p in folder.iterdir():
+        if p.name.startswith("."):
+            continue
         if p.is_dir():
             yield from _walk(p)
         else:

@@ -11,7 +11,7 @@ import pathlib
 
 import numpy as np
 
-from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, load_images
+from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, image_files, load_images
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,7 @@ class ImageFolderSource:
         self.root, self.image_size, self.max_image_bytes = root, image_size, max_image_bytes
         self._folders = [d.name for d in classes]
         self._names = [folder.replace("_", " ") for folder in self._folders]
-        self.files = [(f, label) for label, d in enumerate(classes)
-                      for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        self.files = [(f, label) for label, d in enumerate(classes) for f in image_files(d)]
         if not self.files:
             raise ValueError(f"{root}: its class folders hold no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
         if empty := sorted(set(self._folders) - {self._folders[label] for _, label in self.files}):

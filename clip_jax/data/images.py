@@ -303,13 +303,20 @@ def image_chunk_size(batch_size: int) -> int:
     return batch_size * max(1, IMAGE_CHUNK // batch_size)
 
 
+def image_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The image files (by suffix) under `folder` at any depth, sorted; hidden entries left out at every depth (a
+    notebook's .ipynb_checkpoints/ copies, macOS's ._x.jpg, .git/)."""
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
 def list_images(paths: list[str]) -> list[pathlib.Path]:
     """Paths given directly, plus image files (by suffix, sorted) inside given directories. Whether each is a
     readable image is `load_image`'s to say (a FIFO or device is then skipped like a corrupt file)."""
     found: list[pathlib.Path] = []
     for p in map(pathlib.Path, paths):
         if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(image_files(p))
         elif p.exists():
             found.append(p)
         else:

@@ -49,12 +49,15 @@ class Detections:
 
 
 def top_detections(boxes: np.ndarray, scores: np.ndarray, max_detections: int = 100, nms_iou: float = 0.5,
-                   min_score: float = 1e-3, candidates: int = 1000) -> Detections:
+                   min_score: float = 1e-3, candidates: int = 1000, extent: tuple[float, float] = (1.0, 1.0)
+                   ) -> Detections:
     """One image's detections from its candidates (boxes [N, 4], cut to the image; scores [N, C]): every (box, class)
     pair scoring at least `min_score`, the best `candidates` of them, per-class NMS at `nms_iou`, the best
-    `max_detections` kept."""
-    boxes = np.clip(boxes, 0.0, 1.0)  # a box head may reach past the image's edge
-    rows, classes = np.nonzero(scores >= min_score)
+    `max_detections` kept. `extent`: the image's part of the square (a letterboxed image's width and height, the rest
+    padding): boxes are cut to it, and a box left without area is no detection."""
+    boxes = np.clip(boxes, 0.0, np.array([*extent, *extent]))  # a box head may reach past the image's edge
+    inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    rows, classes = np.nonzero((scores >= min_score) & inside[:, None])
     values = scores[rows, classes]
     order = np.argsort(-values, kind="stable")[:candidates]
     rows, classes, values = rows[order], classes[order], values[order]
@@ -63,15 +66,26 @@ def top_detections(boxes: np.ndarray, scores: np.ndarray, max_detections: int = 
                       classes[keep].astype(np.int32))
 
 
-def detect(encoder, queries, images: np.ndarray, **kwargs) -> list[Detections]:
-    """The detections of every image (`top_detections` of the model's `detect` under `queries`)."""
+def detect(encoder, queries, images: np.ndarray, extents: Sequence[tuple[float, float]] | None = None,
+           **kwargs) -> list[Detections]:
+    """The detections of every image (`top_detections` of the model's `detect` under `queries`); `extents`: each
+    letterboxed image's part of its square (`letterbox_extent`)."""
     boxes, scores = encoder.predict("detect", images, queries)
-    return [top_detections(b, s, **kwargs) for b, s in zip(boxes, scores, strict=True)]
+    extents = extents or [(1.0, 1.0)] * len(boxes)
+    return [top_detections(b, s, extent=e, **kwargs) for b, s, e in zip(boxes, scores, extents, strict=True)]
 
 
-def prepared_queries(trained, texts, queries: Sequence[str]):
+def letterbox_extent(width: int, height: int, size: int) -> tuple[float, float]:
+    """The part of the square a width x height image fills once letterboxed (`images.letterbox`), normalised."""
+    from clip_jax.data.images import letterbox_geometry
+
+    new_width, new_height = letterbox_geometry(width, height, size)
+    return new_width / size, new_height / size
+
+
+def prepared_queries(trained, texts, queries: Sequence[str], what: str = "--queries"):
     """A detector run's (ViLD's or GLIP's) prompts of `queries`, `texts` embedding token ids; ConfigError for a run
-    that is not a detector, or two queries that are one text to it."""
+    that is not a detector, or two queries that are one text to it (`what`: how the message names them)."""
     from clip_jax.errors import ConfigError
     from clip_jax.evaluate.classify import refuse_same_tokens
 
@@ -80,7 +94,7 @@ def prepared_queries(trained, texts, queries: Sequence[str]):
         raise ConfigError(f"the workdir's run is a {config.method.name} run, not a detector: train one with "
                           "configs/vild_shapes.py or configs/glip_shapes.py (docs/detection.md)")
     # the prompts the detector builds: ViLD's templates around each name, GLIP's names as they are (one prompt)
-    refuse_same_tokens("--queries", queries, trained.tokenizer, config.model.text.context_length,
+    refuse_same_tokens(what, queries, trained.tokenizer, config.model.text.context_length,
                        tuple(config.method.get("templates") or ("{}",)))
     return trained.method.detection_queries(texts, trained.tokenizer, list(queries))
 

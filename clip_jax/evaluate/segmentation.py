@@ -29,7 +29,7 @@ import functools
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -136,52 +136,64 @@ def segment_templates(method: ml_collections.ConfigDict, given: Sequence[str] | 
     return tuple(ZERO_SHOT_TEMPLATES), "the shapes prompts"
 
 
-def check_labels(labels: Sequence[str], threshold: float | None = None, templates: Sequence[str] | None = None
-                 ) -> None:
-    """What is wrong with a label set whatever the model (ConfigError, before a model is loaded)."""
+def _named(python: bool) -> Callable[[str], str]:
+    """How a message names an argument: the command's flag (--labels), or the Python argument (labels=)."""
+    return (lambda name: f"{name}=") if python else (lambda name: f"--{name}")
+
+
+def check_labels(labels: Sequence[str], threshold: float | None = None, templates: Sequence[str] | None = None,
+                 python: bool = False) -> None:
+    """What is wrong with a label set whatever the model (ConfigError, before a model is loaded); `python`: name
+    the arguments as `Model.segment`'s, not as the command's flags."""
     from clip_jax.errors import ConfigError
     from clip_jax.evaluate.classify import check_templates
 
+    named = _named(python)
     if isinstance(labels, str):
         raise TypeError("give a list of labels, not one string")
-    if said := next((label for label in labels if label.lower() == BACKGROUND and label != BACKGROUND), None):
-        raise ConfigError(f"--labels: {said!r} is the background, label 0, which segment adds itself: leave it out")
-    if not labels or len(set(labels)) != len(labels) or BACKGROUND in labels:
-        raise ConfigError(f"--labels needs distinct names other than {BACKGROUND!r} (it is label 0), got "
-                          f"{list(labels)}")
+    if said := next((label for label in labels if label.lower() == BACKGROUND), None):
+        raise ConfigError(f"{named('labels')}: {said!r} is the background, label 0, which segment adds itself: leave "
+                          "it out")
+    if not labels or len(set(labels)) != len(labels):
+        raise ConfigError(f"{named('labels')} needs distinct names, got {list(labels)}")
     if len(labels) > 254:
-        raise ConfigError(f"--labels: at most 254 names fit the mask PNGs, got {len(labels)}")
+        raise ConfigError(f"{named('labels')}: at most 254 names fit the mask PNGs, got {len(labels)}")
     if threshold is not None and not 0 < threshold < 1:
-        raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+        raise ConfigError(f"{named('threshold')} must be in (0, 1), got {threshold}")
     if templates:
-        check_templates(templates)
+        check_templates(templates, named("templates"))
 
 
 def label_request(trained, texts, labels: Sequence[str], background: str | None = None,
-                  threshold: float | None = None, templates: Sequence[str] | None = None) -> LabelRequest:
+                  threshold: float | None = None, templates: Sequence[str] | None = None, python: bool = False
+                  ) -> LabelRequest:
     """The request of `labels` to the trained model (`load_trained`'s), `texts` embedding token ids: LSeg's
     background is a label of its own, the others' the pixels whose best label is less probable than `threshold`
-    (0.5 unless given). ConfigError for what cannot give the masks asked for (named as the command's flags)."""
+    (0.5 unless given). ConfigError for what cannot give the masks asked for (named as the command's flags, or with
+    `python` as `Model.segment`'s arguments)."""
     from clip_jax.errors import ConfigError
     from clip_jax.evaluate.classify import refuse_same_tokens
 
+    named = _named(python)
     labels = list(labels)
-    check_labels(labels, threshold, templates)
+    check_labels(labels, threshold, templates, python)
     config = trained.config
     background = background or trained.method.segment_background or "threshold"
     if background not in ("label", "threshold"):
-        raise ConfigError(f"--background must be 'label' or 'threshold', got {background!r}")
+        raise ConfigError(f"{named('background')} must be 'label' or 'threshold', got {background!r}")
     if background == "label" and threshold is not None:
-        raise ConfigError("--threshold applies to a background found by threshold, and this run's is a label of its "
-                          "own (LSeg's): add --background threshold to use it")
+        raise ConfigError(f"{named('threshold')} applies to a background found by threshold, and this run's is a "
+                          f"label of its own (LSeg's): give {named('background')}'threshold' to use it"
+                          if python else "--threshold applies to a background found by threshold, and this run's "
+                          "is a label of its own (LSeg's): add --background threshold to use it")
     if background == "threshold" and len(labels) == 1:  # a softmax over one label is 1 everywhere
-        raise ConfigError(f"--labels {labels[0]!r} alone: this run finds the background by a threshold on the softmax "
-                          "over the labels, which one label gets everywhere (every pixel would be it): give two or "
-                          "more, e.g. the other things in the images")
+        raise ConfigError(f"{named('labels')} {labels[0]!r} alone: this run finds the background by a threshold on "
+                          "the softmax over the labels, which one label gets everywhere (every pixel would be it): "
+                          "give two or more, e.g. the other things in the images")
     templates, templates_from = segment_templates(config.method, templates)
     # with the background when it is a label: "Background" would be the same text as it
-    refuse_same_tokens("--labels", [BACKGROUND, *labels] if background == "label" else labels, trained.tokenizer,
-                       config.model.text.context_length, templates)
+    refuse_same_tokens(named("labels"), [BACKGROUND, *labels] if background == "label" else labels,
+                       trained.tokenizer, config.model.text.context_length, templates)
     return LabelRequest(tuple(labels), label_embeddings(texts, labels, background, templates), background,
                         (0.5 if threshold is None else threshold) if background == "threshold" else None, templates,
                         templates_from)

@@ -354,15 +354,16 @@ class Checkpointer:
                  for k in sorted(wanted.keys() & saved.keys()) if saved[k] != wanted[k]]
         if lacks or extra or other:
             # every kind of difference, not the first alone: a fix of one then met the next
-            differ = "; ".join([*([f"it lacks {lacks[:5]}"] if lacks else []),
-                                *([f"it also holds {extra[:5]}"] if extra else []), *other[:4]])
+            differ = "; ".join([*([f"it lacks {lacks[:3]}"] if lacks else []),
+                                *([f"it also holds {extra[:3]}"] if extra else []), *other[:3]])
             # A resume (not partial) of another method: the run's weights can still start a new run of it.
             start = ("" if partial else f"; to train this config from the run's weights, give a new --workdir and "
                      f"--config.init_from={self.directory.parent}")
-            advice = ("give a config of that run's model (its config.json's `model`: a preset's recipe of its size, "
-                      "e.g. configs/pretrain.py:B/32, with --config.model.* for what differs), or train in "
-                      f"{self.directory.parent} itself (train --workdir reads its config.json), or use a checkpoint of "
-                      f"this config's architecture{start}")
+            advice = (("give this run that run's model (its config.json's `model`: a preset's recipe of its size, e.g. "
+                       "configs/pretrain.py:B/32, with --config.model.* for what differs), or start from a checkpoint "
+                       "of this config's architecture") if partial else
+                      (f"relaunch without the changes to its model ({self.directory.parent}'s config.json holds the "
+                       f"run's own){start}"))
             # Long-CLIP's kept positions (model.text.keep_positions) are a parameter a plain CLIP lacks: the run
             # starts from a stretched copy of it, which has them, not from the CLIP itself.
             if any(k.endswith("['positional_embedding_res']") for k in lacks):

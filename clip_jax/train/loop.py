@@ -694,7 +694,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     # --- Steps --------------------------------------------------------------------------------------------------
     # The bar on a terminal only: in a log file (nohup, a batch job's output) its redraws made one line of thousands
     # of characters; there each record is a line of its own.
-    bar = config.log.progress_bar and sys.stderr.isatty() and start_step < config.total_steps  # (a run left)
+    bar = config.log.progress_bar and draws_a_bar() and start_step < config.total_steps  # (a run left)
     writer = MetricsWriter(workdir, config.total_steps, start_step, config.log.tensorboard, bar)
     if resume_step is not None and start_step < config.total_steps and (due := evals_due(config, start_step)):
         # A stop at a step whose evaluations were due (a SIGTERM saves before them, a kill may land in them) resumed
@@ -804,8 +804,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         if checkpointer.latest_step() != config.total_steps:
             checkpointer.save(config.total_steps, state, data_iter, force=True)
         checkpointer.wait()
-        # A SIGTERM or first Ctrl-C during the final save (minutes on a pod) waited for it, as during the steps: one
-        # process stops here with it saved (with the handlers gone before the save, it was cut short and lost)
+        # A SIGTERM or first Ctrl-C during the final save (minutes on a pod) waits for it, as during the steps: one
+        # process stops here with it saved (with the handlers gone before the save, it was cut short and lost). On
+        # several, JAX's preemption service holds the signal: the save finishes, and the run goes on to its final
+        # evaluation (docs/launch.md: a SIGTERM outside the steps is JAX's)
         preempted.close()
         if preempted.requested:
             writer.close()
@@ -1056,6 +1058,15 @@ def _summarise(history: list[dict]) -> dict[str, float]:
         else:
             out[key] = float(values[applied].mean()) if applied.any() else float("nan")
     return out
+
+
+def draws_a_bar() -> bool:
+    """Whether stderr is a terminal a progress bar shows on: one of 0 columns (a pseudo-terminal nobody sized, as
+    `script` gives from a pipe) draws nothing, and the records' lines would be missing too."""
+    try:
+        return sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):  # (a stderr without a file descriptor: a test's capture)
+        return False
 
 
 def _parameter_counts(params: Any, trainable: Any) -> str:
