@@ -670,21 +670,19 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> None:
 def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     from clip_jax.config import read_config
     from clip_jax.interop.workdir import export_workdir
+    from clip_jax.methods import method_class
 
     config_path = os.path.join(args.workdir, "config.json")
-    method = read_config(config_path).method.name if os.path.exists(config_path) else None
-    if method == "groupvit" and args.format != "hf-text":
-        raise ConfigError(f"{args.workdir} is a GroupViT run: its image tower (grouping stages) has no OpenAI or "
-                          "Hugging Face layout; export its text tower alone (--format hf-text), or use the workdir "
-                          "itself (clip-jax segment, encode, eval)")
+    method = method_class(read_config(config_path).method.name) if os.path.exists(config_path) else None
+    if method is not None and not method.exports_image_tower and args.format != "hf-text":
+        raise ConfigError(f"{args.workdir} is a {method.name} run: its image tower has no OpenAI or Hugging Face "
+                          "layout; export its text tower alone (--format hf-text), or use the workdir itself "
+                          "(clip-jax segment, encode, eval)")
     for path in export_workdir(args.workdir, args.format, args.out, pt=args.pt, force=args.force,
                                step=args.step):
         print(f"wrote {path}")
     # What the workdir holds beyond the exported towers, and what uses it there.
-    beyond = {"lseg": ("LSeg's decoder has", "clip-jax segment"), "groupvit": ("GroupViT's image tower has",
-              "clip-jax segment, encode"), "slip": ("SLIP's self-supervised head has", "only "
-              "training uses it"), **dict.fromkeys(("vild", "glip"), (f"the {method} detector's heads have",
-                                                                     "clip-jax detect"))}.get(method)
+    beyond = method.export_leaves if method is not None else None
     if "audio" in read_config(config_path).model:  # export read it: it exists
         beyond = ("the audio tower has", "clip-jax encode --audio")
     if beyond:

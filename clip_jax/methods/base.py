@@ -116,6 +116,11 @@ class Method:
     # How `segment` finds a run's background: "label", a label the method trained (LSeg's), or "threshold" on the
     # best label's probability; None for a method that is no segmenter (its CLIP's patch features then, said).
     segment_background: ClassVar[str | None] = None
+    # What `export` leaves in the workdir, which has no OpenAI or Hugging Face layout: (what, e.g. "LSeg's decoder
+    # has", and what uses it there), said in a note; and whether the image tower exports at all (GroupViT's grouping
+    # stages do not: only --format hf-text, its text tower).
+    export_leaves: ClassVar[tuple[str, str] | None] = None
+    exports_image_tower: ClassVar[bool] = True
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

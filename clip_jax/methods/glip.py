@@ -46,6 +46,7 @@ class GLIPConfig(DetectionConfig):
 class GLIPMethod(DetectionMethod):
     name = "glip"
     Config = GLIPConfig
+    export_leaves = ("the glip detector's heads have", "clip-jax detect")
 
     def __init__(self, config):
         super().__init__(config)

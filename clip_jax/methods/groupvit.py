@@ -156,6 +156,8 @@ class GroupViTMethod(ClipMethod):
 
     name = "groupvit"
     segment_background = "threshold"
+    export_leaves = ("GroupViT's image tower has", "clip-jax segment, encode")
+    exports_image_tower = False
     Config = GroupViTConfig
     image_dropout = False  # its grouping stages assign every patch to a segment; its tower has its own blocks
 

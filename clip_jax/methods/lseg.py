@@ -138,6 +138,7 @@ class LSegMethod(Method):
 
     name = "lseg"
     segment_background = "label"
+    export_leaves = ("LSeg's decoder has", "clip-jax segment")
     Config = LSegConfig
 
     def __init__(self, config):

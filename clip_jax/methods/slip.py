@@ -86,6 +86,7 @@ class SlipMethod(ClipMethod):
 
     name = "slip"
     Config = SlipConfig
+    export_leaves = ("SLIP's self-supervised head has", "only training uses it")
 
     def __init__(self, config):
         super().__init__(config)

@@ -56,6 +56,7 @@ class ViLDConfig(DetectionConfig):
 class ViLDMethod(DetectionMethod):
     name = "vild"
     Config = ViLDConfig
+    export_leaves = ("the vild detector's heads have", "clip-jax detect")
 
     def __init__(self, config):
         super().__init__(config)
