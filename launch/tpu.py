@@ -119,14 +119,14 @@ def head_tarball() -> pathlib.Path:
     return pathlib.Path(tempfile.gettempdir()) / f"clip_jax_src_{checkout}.tar.gz"
 
 
-def changes_not_committed(*paths: str) -> list[str]:
-    """The files of this checkout (of `paths` only, where given) that differ from HEAD or are not tracked."""
+def changes_not_committed(*paths: str) -> list[str] | None:
+    """The files of this checkout (of `paths` only, where given) that differ from HEAD or are not tracked; None
+    without git."""
     try:
         status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", *paths],
                                 capture_output=True, text=True, check=False).stdout.splitlines()
     except FileNotFoundError:
-        usage_error("git not found: it makes the tarball of this checkout's HEAD; install git, or give --tarball PATH "
-                    "of a source tarball you made")
+        return None
     return [line[3:] for line in status]
 
 
@@ -144,7 +144,11 @@ def install(args: argparse.Namespace) -> list[list[str]]:
         else:  # this checkout's committed HEAD, made afresh (uncommitted edits are not shipped: what runs is a commit)
             tarball = str(head_tarball())
             commands.append(["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"])
-            if uncommitted := changes_not_committed():  # a config of one's own passes `run`'s check, not on workers
+            uncommitted = changes_not_committed()
+            if uncommitted is None:
+                usage_error("git not found: it makes the tarball of this checkout's HEAD; install git, or give "
+                            "--tarball PATH of a source tarball you made")
+            if uncommitted:  # a config of one's own passes `run`'s check, not on the workers
                 print(f"warning: the tarball holds HEAD only; not in it: {', '.join(uncommitted[:5])}"
                       f"{', ...' if len(uncommitted) > 5 else ''} (commit what the run needs)", file=sys.stderr)
         commands.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{args.name}:{TARBALL_REMOTE}",

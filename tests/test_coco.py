@@ -251,8 +251,8 @@ def test_a_letterboxed_images_boxes_come_back_to_its_own_pixels():
     right), and a box of the square back in the original's pixels, clipped to it where it reaches the padding."""
     from PIL import Image
 
-    from clip_jax.data.coco import letterbox_to_original_xywh
     from clip_jax.data.images import letterbox, letterbox_geometry
+    from clip_jax.evaluate.detection import letterbox_to_original_xyxy
 
     assert letterbox_geometry(300, 100, 32) == (32, 11) and letterbox_geometry(100, 250, 32) == (13, 32)
     wide = np.zeros((100, 300, 3), np.uint8)
@@ -260,5 +260,5 @@ def test_a_letterboxed_images_boxes_come_back_to_its_own_pixels():
     square = letterbox(Image.fromarray(wide), 32, (1, 2, 3))
     assert square.shape == (32, 32, 3) and (square[:11, 30:] > 200).all() and (square[12:] == (1, 2, 3)).all()
     boxes = np.array([[0, 0, 1, 11 / 32], [0.5, 0, 1, 1]])  # the image's own square; a box into the padding
-    np.testing.assert_allclose(letterbox_to_original_xywh(boxes, 300, 100, 32), [[0, 0, 300, 100], [150, 0, 150, 100]])
+    np.testing.assert_allclose(letterbox_to_original_xyxy(boxes, 300, 100, 32), [[0, 0, 300, 100], [150, 0, 300, 100]])
 

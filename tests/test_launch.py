@@ -143,6 +143,7 @@ def test_install_from_a_tarball(capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="^2$"):
         tpu.main(["install", "clip-v4", f"--zone={ZONE}", "--tarball", "--dry-run"])
     assert "launch/tpu.py: error: git not found: it makes the tarball" in capsys.readouterr().err
+    assert tpu.main([*RUN, "--dry-run"]) == 0  # run's check of the recipe's commit is a warning: skipped without git
 
 
 def test_run_starts_the_trainer_on_every_worker_with_a_kept_log(capsys):

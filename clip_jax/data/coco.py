@@ -39,7 +39,6 @@ from clip_jax.data.images import (
     center_crop_geometry,
     decode_error_text,
     decode_image,
-    letterbox_geometry,
     read_image_file,
     resize_center_crop,
 )
@@ -88,17 +87,6 @@ def to_original_xywh(boxes: np.ndarray, width: int, height: int, image_size: int
     pixels = np.asarray(boxes, np.float64).reshape(-1, 4) * image_size
     x0, x1 = (pixels[:, 0] + left) / scale_x, (pixels[:, 2] + left) / scale_x
     y0, y1 = (pixels[:, 1] + top) / scale_y, (pixels[:, 3] + top) / scale_y
-    return np.stack([x0, y0, x1 - x0, y1 - y0], axis=-1)
-
-
-def letterbox_to_original_xywh(boxes: np.ndarray, width: int, height: int, image_size: int) -> np.ndarray:
-    """Pixel (x, y, w, h) boxes [n, 4] (float64) in the original width x height image of normalised xyxy boxes
-    [n, 4] in its `letterbox` to image_size (each axis scaled by its own rounded ratio, as PIL resized it), clipped to
-    the image: a box may reach into the padding."""
-    new_width, new_height = letterbox_geometry(width, height, image_size)
-    pixels = np.asarray(boxes, np.float64).reshape(-1, 4) * image_size
-    x0, x1 = np.clip(pixels[:, [0, 2]] * width / new_width, 0, width).T
-    y0, y1 = np.clip(pixels[:, [1, 3]] * height / new_height, 0, height).T
     return np.stack([x0, y0, x1 - x0, y1 - y0], axis=-1)
 
 

@@ -33,6 +33,7 @@ from clip_jax.data.detection import (
     region_crop_embeddings,
     shapes_detection_set,
 )
+from clip_jax.data.images import letterbox_geometry
 from clip_jax.errors import ConfigError
 from clip_jax.evaluate import tell_skipped, trained_on_shapes
 from clip_jax.files import refuse_replacing, refuse_run_files
@@ -77,8 +78,6 @@ def detect(encoder, queries, images: np.ndarray, extents: Sequence[tuple[float, 
 
 def letterbox_extent(width: int, height: int, size: int) -> tuple[float, float]:
     """The part of the square a width x height image fills once letterboxed (`images.letterbox`), normalised."""
-    from clip_jax.data.images import letterbox_geometry
-
     new_width, new_height = letterbox_geometry(width, height, size)
     return new_width / size, new_height / size
 
@@ -104,14 +103,20 @@ def letterbox_fill(config) -> tuple[int, int, int]:
     return tuple(round(255 * m) for m in config.model.image_mean)
 
 
+def letterbox_to_original_xyxy(boxes: np.ndarray, width: int, height: int, size: int) -> np.ndarray:
+    """Pixel xyxy boxes [n, 4] (float64) in the original width x height image of normalised xyxy boxes [n, 4] in its
+    `letterbox` to `size` (each axis scaled by its own rounded ratio, as PIL resized it), clipped to the image: a box
+    may reach into the padding."""
+    new_width, new_height = letterbox_geometry(width, height, size)
+    scale = np.array([width / new_width, height / new_height] * 2) * size
+    return np.clip(np.asarray(boxes, np.float64).reshape(-1, 4) * scale, 0, [width, height, width, height])
+
+
 def in_original_pixels(det: Detections, queries: Sequence[str], width: int, height: int, size: int) -> list[dict]:
     """One letterboxed image's detections as {"label", "score", "box_xyxy"} in its original width x height pixels."""
-    from clip_jax.data.coco import letterbox_to_original_xywh
-
-    xywh = letterbox_to_original_xywh(det.boxes, width, height, size)
-    return [{"label": queries[c], "score": round(float(score), 4),
-             "box_xyxy": [round(float(v), 1) for v in (x, y, x + w, y + h)]}
-            for (x, y, w, h), score, c in zip(xywh, det.scores, det.classes, strict=True)]
+    xyxy = letterbox_to_original_xyxy(det.boxes, width, height, size)
+    return [{"label": queries[c], "score": round(float(score), 4), "box_xyxy": [round(float(v), 1) for v in box]}
+            for box, score, c in zip(xyxy, det.scores, det.classes, strict=True)]
 
 
 def results_in_model_pixels(detections: Sequence[Detections], size: int) -> list[dict]:

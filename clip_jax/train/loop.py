@@ -636,6 +636,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     abstract_state = abstract_train_state(init_fn, shardings)
 
     # --- Restore or initialise ----------------------------------------------------------------------------------
+    evaluated_before = False  # (a relaunch's) the run's results.json holds the evaluation of its last step
     if init_source is not None:
         # Take the checkpoint's parameters and build the optimizer state of *this* config, whose frozen/decay rules
         # may differ from the ones it was written with.
@@ -646,13 +647,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
         if jax.process_index() == 0:  # as a resume is told: the run starts from another model's parameters
             print(f"warm start: {workdir} starts from the parameters of {source.directory / str(step)}", flush=True)
     elif resume_step is not None:
+        # "again" only if its evaluation finished: a Ctrl-C during it leaves no results.json of this step (process 0's)
+        evaluated_before = jax.process_index() == 0 and _evaluated(workdir, config.total_steps)
         state = checkpointer.restore(abstract_state, data_iter)
         if (restored := int(state.step)) < resume_step and jax.process_index() == 0:
             _move_kept_settings(workdir, resume_step, restored)
         if jax.process_index() == 0:  # a relaunch says what it does: a finished run only evaluates
             done = int(state.step) >= config.total_steps
-            # "again" only if its evaluation finished: a Ctrl-C during it leaves no results.json of this step
-            evaluation = ("evaluating its final checkpoint again" if _evaluated(workdir, config.total_steps) else
+            evaluation = ("evaluating its final checkpoint again" if evaluated_before else
                           "evaluating its final checkpoint (not evaluated yet: no results.json of this step)")
             print(f"resuming {workdir} from step {int(state.step)} of {config.total_steps}" +
                   (f": the run is complete; {evaluation}" if done else ""), flush=True)
@@ -840,7 +842,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     if results:  # (every entry skipped, or none: no record of a step alone)
         # A finished run relaunched evaluates its final checkpoint again: TensorBoard, which keeps what it was given,
         # has that evaluation already (metrics.jsonl's record is replaced)
-        again = start_step == config.total_steps and jax.process_index() == 0 and _evaluated(workdir, start_step)
+        again = start_step == config.total_steps and evaluated_before
         writer.write(config.total_steps, results, prefix="eval", tensorboard=not again)
     writer.close()
     checkpointer.close()
