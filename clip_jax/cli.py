@@ -45,6 +45,7 @@ from clip_jax.files import (
     refuse_replacing,
     results_json,
     same_setting,
+    visible_files,
     write_atomic,
 )
 from clip_jax.host_memory import keep_freed_memory
@@ -297,11 +298,15 @@ def _check_audio_model(workdir: str) -> None:
                           f" the model of {workdir} has none")
 
 
+# Audio formats a folder given to --audio may hold that are not read: named in a warning, with the conversion.
+_OTHER_AUDIO_SUFFIXES = {".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma"}
+
+
 def _read_sounds(paths: list[str], config) -> tuple[list, list[str], int]:
     """`encode --audio`'s inputs: (the sounds, their files, the number skipped) of WAV files (a folder: its *.wav and
-    *.wave, sorted; its other files are named in a warning) for a model with an audio tower; a file that does not
-    decode is skipped with a warning, and none readable is an error (it printed "encoded 0 sounds" and wrote no
-    embeddings)."""
+    *.wave at any depth, sorted, hidden ones left out; its files of other audio formats named in a warning) for a
+    model with an audio tower; a file that does not decode is skipped with a warning, and none readable is an error
+    (it printed "encoded 0 sounds" and wrote no embeddings)."""
     from etils import epath
 
     from clip_jax.data.audio import AudioError, read_wav
@@ -310,12 +315,12 @@ def _read_sounds(paths: list[str], config) -> tuple[list, list[str], int]:
     audio = audio_config(config)
     files = []
     for path in map(epath.Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file())
+        if path.is_dir():  # read as --images reads a folder: at any depth, hidden files left out
+            found = sorted(visible_files(path))
             files.extend(p for p in found if p.suffix.lower() in (".wav", ".wave"))
-            if other := sorted({p.suffix.lower() for p in found if p.suffix.lower() not in (".wav", ".wave", "")}):
+            if other := sorted({p.suffix.lower() for p in found} & _OTHER_AUDIO_SUFFIXES):
                 print(f"warning: --audio {path}: its {', '.join(other)} files are not read (WAV only; convert them, "
-                      "e.g. with ffmpeg)", file=sys.stderr)
+                      "e.g. with ffmpeg -i IN -ac 1 OUT.wav)", file=sys.stderr)
         elif path.exists():
             files.append(path)
         else:
@@ -326,9 +331,10 @@ def _read_sounds(paths: list[str], config) -> tuple[list, list[str], int]:
             sounds.append(read_wav(file, audio.sample_rate, audio.num_samples))
             kept.append(str(file))
         except AudioError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
+            print(f"warning: a file skipped: {e}", file=sys.stderr)
     if not sounds:
-        raise ConfigError(f"no readable sound among the {len(files)} WAV files of --audio")
+        raise ConfigError(f"--audio: no readable WAV file among the {len(files)} files given (the warnings above say "
+                          "why)" if files else "--audio: no WAV file (.wav, .wave) in the folders given")
     return sounds, kept, len(files) - len(kept)
 
 

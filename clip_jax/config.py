@@ -507,7 +507,7 @@ def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = Tru
     be evaluated, encoded and exported). A path that is a pattern or a list (records) is left to its source. The
     evaluations' outputs are checked with them (`check_sources`), `workdir` the run's."""
     paths = {f"evals.{name}.{key}": entry[key] for name, entry in config.evals.items()
-             for key in ("path", "names_file", "annotations", "image_root") if key in entry}
+             for key in ("path", "names_file", "annotations", "image_root", "audio_root") if key in entry}
     if training:
         for key in ("annotations", "image_root"):  # a detection method's COCO training file
             if config.method.get(key):
@@ -527,8 +527,9 @@ def check_input_paths(config: ml_collections.ConfigDict, *, training: bool = Tru
     for key, path in paths.items():
         if path and not is_remote(path) and not pathlib.Path(path).exists():
             raise ConfigError(f"{key}: {path} does not exist")
-        if key.endswith("image_root") and path and not is_remote(path) and not pathlib.Path(path).is_dir():
-            raise ConfigError(f"{key}: {path} is not a folder (the folder that the image paths are relative to)")
+        is_root = key.endswith(("image_root", "audio_root"))
+        if is_root and path and not is_remote(path) and not pathlib.Path(path).is_dir():
+            raise ConfigError(f"{key}: {path} is not a folder (the folder that the file paths are relative to)")
     check_sources(config, workdir)
 
 

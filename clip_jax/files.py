@@ -10,7 +10,7 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from etils import epath
@@ -21,6 +21,19 @@ from clip_jax.errors import ConfigError
 def is_remote(path: epath.PathLike) -> bool:
     """A URI (gs://, s3://, ...) rather than a local path."""
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", os.fspath(path)) is not None
+
+
+def visible_files(folder: epath.PathLike) -> Iterator[epath.Path]:
+    """The files under `folder` at any depth, hidden entries left out at every depth (a notebook's
+    .ipynb_checkpoints/ copies, macOS's ._x.jpg, .git/): what a user means by "the files of this folder". Walked
+    folder by folder: epath refuses `**` globs, which would cost a request per folder on GCS anyway."""
+    for path in epath.Path(folder).iterdir():
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            yield from visible_files(path)
+        else:
+            yield path
 
 
 def file_stamp(path: epath.PathLike) -> dict[str, int | float]:

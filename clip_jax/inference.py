@@ -8,6 +8,7 @@
     names, probs = model.classify(["a.png"], ["red circle", "blue star"])  # probs [1, 2], rows sum to 1
     labels, masks = model.segment(["a.png"], ["red circle", "blue star"])  # masks uint8 [1, S, S], 0 background
     boxes = model.detect(["a.png"], ["red circle", "blue star"])  # a ViLD or GLIP run: a list of boxes per image
+    audio_emb = model.encode_audio(["a.wav", waveform])  # an AudioCLIP run: float32 [2, D], unit rows
 
 A workdir is a `clip-jax train` run or one that `clip-jax convert` wrote from an OpenAI, open_clip or Hugging Face
 checkpoint. These are the functions behind `clip-jax encode`, `classify`, `segment` and `detect`, with one
@@ -148,6 +149,36 @@ class Model:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [N, D] L2-normalised embeddings of N texts; a text longer than the model's context is cut to it."""
         return self.encoder.texts(self.tokenize(texts))
+
+    def encode_audio(self, sounds: Sequence[str | os.PathLike | np.ndarray] | np.ndarray) -> np.ndarray:
+        """float32 [N, D] L2-normalised embeddings of N sounds, for a model with an audio tower (an AudioCLIP run):
+        WAV files, read as `clip-jax encode --audio` reads them (mono, resampled to the model's rate), or float
+        waveforms in [-1, 1] at the model's rate (a [N, T] array, or a list of 1-D arrays); each cut or zero-padded
+        to the model's `num_samples`. An unreadable file is an error naming it."""
+        if "audio" not in self.trained.config.model:
+            raise ValueError("this model has no audio tower; encode_audio needs an AudioCLIP run's "
+                             "(docs/audioclip.md)")
+        from clip_jax.data.audio import read_wav
+        from clip_jax.evaluate.audio import audio_config
+
+        audio = audio_config(self.trained.config)
+        if isinstance(sounds, str | os.PathLike) or (isinstance(sounds, np.ndarray) and sounds.ndim < 2):
+            raise TypeError("give a list of sounds (or a float array [N, T]), not one sound")
+        sounds = list(sounds)
+        if not sounds:
+            raise ValueError("no sounds given")
+        waveforms = np.zeros((len(sounds), audio.num_samples), np.float32)
+        for i, sound in enumerate(sounds):
+            if isinstance(sound, str | os.PathLike):
+                waveforms[i] = read_wav(sound, audio.sample_rate, audio.num_samples)
+                continue
+            wave = np.asarray(sound)
+            if wave.ndim != 1 or wave.dtype.kind != "f":
+                raise ValueError(f"sound {i}: expected a WAV file's path or a 1-D float waveform, got {wave.dtype} "
+                                 f"{list(wave.shape)}")
+            kept = min(len(wave), audio.num_samples)
+            waveforms[i, :kept] = wave[:kept]
+        return self.encoder.audio(waveforms)
 
     def classify(self, images: Sequence[ImageInput] | np.ndarray, class_names: Sequence[str] | None = None,
                  classes: str = "all", templates: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:

@@ -313,6 +313,20 @@ def test_missing_oversized_and_non_files_raise_one_line_audio_errors(tmp_path):
     assert read_wav(tmp_path / "big.wav", SR, 100, max_bytes=2044).shape == (100,)  # exactly at the limit
 
 
+def test_a_sample_rate_beyond_resampling_is_one_line(tmp_path):
+    """A header's rate of 999,999,937 Hz (a prime) asked scipy for a filter of 149 GiB: a MemoryError took the
+    command down. An odd rate within reason (44,101 Hz, a prime too) is resampled."""
+    buffer = io.BytesIO()
+    wavfile.write(buffer, 999_999_937, np.zeros(50, np.int16))
+    (tmp_path / "absurd.wav").write_bytes(buffer.getvalue())
+    with pytest.raises(AudioError, match="declares a sample rate of 999999937 Hz, which cannot be resampled"):
+        read_wav(tmp_path / "absurd.wav", SR, 100)
+    t = np.arange(44_101) / 44_101
+    write_wav(tmp_path / "odd.wav", 0.5 * np.sin(2 * np.pi * 440 * t), 44_101)
+    want = 0.5 * np.sin(2 * np.pi * 440 * np.arange(SR) / SR)
+    np.testing.assert_allclose(read_wav(tmp_path / "odd.wav", SR, SR)[100:-100], want[100:-100], atol=2e-3)
+
+
 # ---------------------------------------------------------------------------------------------- labelled folder
 
 ESC_HEADER = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
@@ -365,6 +379,27 @@ def test_an_audio_folder_beside_the_csv_is_found(tmp_path):
     write_table(tmp_path / "esc" / "labels.csv", ("filename", "category"), rows, files_in=tmp_path / "esc" / "audio")
     table = read_audio_table(tmp_path / "esc" / "labels.csv")  # the layout users read "its sibling audio/" as
     assert table.paths == [str(tmp_path / "esc" / "audio" / "a.wav"), str(tmp_path / "esc" / "audio" / "b.wav")]
+
+
+def test_an_audio_folder_above_is_read_for_a_csv_in_meta_only(tmp_path):
+    """ESC-50's meta/../audio: another folder's CSV read an unrelated audio/ above it, files of the same names."""
+    rows = [("a.wav", "rooster"), ("b.wav", "dog")]
+    write_table(tmp_path / "proj" / "eval" / "labels.csv", ("filename", "category"), rows,
+                files_in=tmp_path / "proj" / "eval")
+    (tmp_path / "proj" / "audio").mkdir()
+    write_wav(tmp_path / "proj" / "audio" / "a.wav", np.ones(10) / 2, SR)
+    table = read_audio_table(tmp_path / "proj" / "eval" / "labels.csv")
+    assert table.paths == [str(tmp_path / "proj" / "eval" / "a.wav"), str(tmp_path / "proj" / "eval" / "b.wav")]
+
+
+def test_categories_that_are_one_text_are_refused(tmp_path):
+    """"Dog" and "dog" (or "dog_bark" and "dog bark") are one prompt: the later class was never predicted."""
+    rows = [("a.wav", "Dog"), ("b.wav", "cat"), ("c.wav", "dog")]
+    write_table(tmp_path / "t.csv", ("filename", "category"), rows, files_in=tmp_path)
+    assert "the categories 'Dog' and 'dog' are one text to CLIP" in audio_error(tmp_path / "t.csv")
+    rows = [("a.wav", "dog_bark"), ("b.wav", "cat"), ("c.wav", "dog  bark")]
+    write_table(tmp_path / "u.csv", ("filename", "category"), rows, files_in=tmp_path)
+    assert "'dog  bark' and 'dog_bark'" in audio_error(tmp_path / "u.csv")  # by sorted name, the class order
 
 
 def test_explicit_audio_root_and_target_gaps(tmp_path):

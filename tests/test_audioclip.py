@@ -6,6 +6,7 @@ test_methods.py, the pairwise loss against a hand-written sum in test_losses.py,
 
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import clip_jax
 from clip_jax import cli
 from clip_jax.config import ConfigError, load_config
 from clip_jax.data.audio import read_wav, write_shapes_audio_set, write_wav
@@ -168,18 +170,27 @@ def test_encode_audio_equals_the_model_and_skips_bad_files(runs, tmp_path, capsy
     csv = write_shapes_audio_set(tmp_path / "set", 3, seconds=SAMPLES / 8000)
     folder = csv.parent.parent / "audio"
     (folder / "z_not_audio.wav").write_text("this is text, not a WAV file\n")
+    # A folder is read as --images reads one: at any depth (a sub-folder was left out), hidden files left out (macOS's
+    # ._x.wav was one more undecodable file).
+    (folder / "sub").mkdir()
+    shutil.copy(folder / "0.wav", folder / "sub" / "3.wav")
+    shutil.copy(folder / "1.wav", folder / ".hidden.wav")
     out = tmp_path / "out"
     cli.main(["encode", "--workdir", str(partial), "--audio", str(folder), "--out", str(out)])
     captured = capsys.readouterr()
     assert "z_not_audio.wav" in captured.err and "1 undecodable" in captured.out
     got = np.load(out / "audio_embeddings.npy")
     kept = (out / "audio_files.txt").read_text().splitlines()
-    assert [pathlib.Path(f).name for f in kept] == ["0.wav", "1.wav", "2.wav"]
+    assert [pathlib.Path(f).relative_to(folder).as_posix() for f in kept] == ["0.wav", "1.wav", "2.wav", "sub/3.wav"]
     trained = load_trained(partial)
     sounds = np.stack([read_wav(f, 8000, SAMPLES) for f in kept])
     want = trained.model.apply({"params": jax.device_get(trained.params)}, sounds, method=CLIP.encode_audio)
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    model = clip_jax.load(partial)  # the Python API: files as the command reads them, or waveforms
+    np.testing.assert_allclose(model.encode_audio(kept), got, atol=1e-6)
+    np.testing.assert_allclose(model.encode_audio(sounds), got, atol=1e-6)
+    np.testing.assert_allclose(model.encode_audio([np.concatenate([s, s]) for s in sounds]), got, atol=1e-6)  # cut
 
 
 def test_encode_audio_without_a_readable_sound_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
@@ -195,7 +206,7 @@ def test_encode_audio_without_a_readable_sound_is_one_line_and_writes_nothing(ru
         cli.main(["encode", "--workdir", str(partial), "--audio", str(tmp_path / "clips"), "--out", str(out)])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "no readable sound among the 2 WAV files of --audio" in err
+    assert "--audio: no readable WAV file among the 2 files given" in err
     assert f"warning: --audio {tmp_path / 'clips'}: its .mp3 files are not read (WAV only" in err
     assert not out.exists()
 
@@ -217,6 +228,12 @@ def test_the_labelled_folder_evaluation_counts_and_skips(runs, tmp_path, capsys)
     out = capsys.readouterr().out
     lines = dict(line.split()[:2] for line in out.splitlines() if line.startswith("esc_"))
     assert float(lines["esc_skipped"]) == 1 and 0.0 <= float(lines["esc_top1"]) <= 1.0
+    for wav in (csv.parent.parent / "audio").iterdir():  # none readable: it printed `esc_skipped 10` and exited 0
+        wav.write_text("not a WAV file\n")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", "--workdir", str(partial), f"--config.evals.esc={entry}"])
+    assert info.value.code == 2
+    assert "evals.esc: none of the 10 audio files of" in capsys.readouterr().err
 
 
 def test_encode_audio_with_a_model_without_audio_is_one_line(runs, tmp_path, capsys):

@@ -58,6 +58,19 @@ def test_a_missing_path_is_found_when_the_run_starts_not_when_the_config_loads()
         check_input_paths(config, training=False)
 
 
+def test_an_audio_table_is_read_before_training(tmp_path):
+    """A wrong audio_root, or a table whose files are not there, stopped the run after training, at its evaluation."""
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "labels.csv").write_text("filename,category\na.wav,dog\nb.wav,cat\n")
+    entry = f"{{'type': 'zero_shot_audio_folder', 'path': '{tmp_path / 'labels.csv'}'"
+    config = load_config(DEMO, [f"--config.evals.esc={entry}, 'audio_root': '{tmp_path / 'clipz'}'}}"])
+    with pytest.raises(ConfigError, match=r"evals.esc.audio_root: .*clipz does not exist"):
+        check_input_paths(config)
+    config = load_config(DEMO, [f"--config.evals.esc={entry}, 'audio_root': '{tmp_path / 'clips'}'}}"])
+    with pytest.raises(ConfigError, match=r"evals.esc: 2 of the 2 audio files of .*labels.csv do not exist"):
+        check_input_paths(config)
+
+
 def test_a_config_json_with_the_old_eval_fields_reads_as_entries(tmp_path):
     data = json.loads(json.dumps(load_config(DEMO).to_dict(), default=list))
     del data["evals"]

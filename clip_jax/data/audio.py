@@ -50,6 +50,7 @@ from clip_jax.data.shapes import (
     class_index,
     validate_scene,
 )
+from clip_jax.data.tokenizer import same_text
 from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote
 
@@ -195,10 +196,13 @@ def scene_waveform(scene: Scene, rng: np.random.Generator, sample_rate: int = 80
 _OTHER_FORMATS = ((b"ID3", "an MP3 file"), (b"\xff\xfb", "an MP3 file"), (b"\xff\xf3", "an MP3 file"),
                   (b"fLaC", "a FLAC file"), (b"OggS", "an Ogg file"), (b"\x89PNG", "a PNG image"),
                   (b"\xff\xd8\xff", "a JPEG image"), (b"FORM", "an AIFF file"))  # fmt: skip
+# Resampling's up or down factor (the rates over their gcd) beyond which a file is refused: 44,101 Hz to 16 kHz is
+# 44,101; a header's rate of 999,999,937 Hz (a prime) is 10^9, a filter too large to allocate.
+_MAX_RESAMPLING_FACTOR = 1 << 20
 _CONVERT = "convert it to WAV (e.g. ffmpeg -i IN -ac 1 OUT.wav)"
 
 
-def _read_bytes(path: epath.PathLike, max_bytes: int) -> bytes:
+def _read_bytes(path: epath.PathLike, max_bytes: int, heard_seconds: float) -> bytes:
     try:
         # The project's one bounded reader: refuses a FIFO or device without blocking, and a file over the cap
         # without reading it (a wrong path to a disk image costs a message, not the host's memory).
@@ -206,7 +210,7 @@ def _read_bytes(path: epath.PathLike, max_bytes: int) -> bytes:
     except RefusedFile as e:
         if e.reason == "file_too_large":
             raise AudioError(f"audio file {path} is over the limit of {max_bytes} bytes; cut it into shorter clips "
-                             "or raise max_bytes") from None
+                             f"(the model hears the first {heard_seconds:g} s)") from None
         raise AudioError(f"{e}; give the path of a WAV file") from None
     except FileNotFoundError:
         raise AudioError(f"audio file {path} does not exist; check the path (and the audio root)") from None
@@ -239,14 +243,15 @@ def read_wav(path: epath.PathLike, sample_rate: int, num_samples: int, max_bytes
     Reads PCM 8-bit (unsigned), 16-, 24- and 32-bit, and float 32/64-bit files (local or remote through etils).
     Channels are averaged; another sample rate is converted with a polyphase filter (scipy.signal.resample_poly,
     up/down = the rates over their gcd). The first `num_samples` samples are kept; a shorter file is padded with
-    zeros at the end. A data chunk cut short (an interrupted copy) gives the samples it holds.
+    zeros at the end. A data chunk cut short on a frame's boundary (an interrupted copy) gives the samples it holds;
+    one cut within a frame is refused as truncated.
 
     Raises AudioError (one line naming the file, the problem and what to do) for a missing, empty or over
     `max_bytes` file, a file that is not a WAV, a truncated or corrupt header, an encoding scipy cannot decode
     (e.g. ADPCM) and a file of no samples."""
     if sample_rate < 1 or num_samples < 1:
         raise ValueError(f"sample_rate and num_samples must be positive, got {sample_rate} and {num_samples}")
-    data = _read_bytes(path, max_bytes)
+    data = _read_bytes(path, max_bytes, num_samples / sample_rate)
     # A header cut short of the WAVE tag is scipy's to report as truncated, not a different format.
     if data[:4] not in (b"RIFF", b"RIFX", b"RF64") or not b"WAVE".startswith(data[8:12]):
         kind = next((name for magic, name in _OTHER_FORMATS if data.startswith(magic)), None)
@@ -274,6 +279,10 @@ def read_wav(path: epath.PathLike, sample_rate: int, num_samples: int, max_bytes
     if rate != sample_rate:
         g = math.gcd(rate, sample_rate)
         up, down = sample_rate // g, rate // g
+        if max(up, down) > _MAX_RESAMPLING_FACTOR:  # the filter has 20 * max(up, down) taps: 10^9 Hz would be 149 GiB
+            raise AudioError(f"WAV file {path} declares a sample rate of {rate} Hz, which cannot be resampled to "
+                             f"{sample_rate} Hz in reasonable memory (a corrupt header?); re-export it at a common "
+                             "rate (e.g. 44100 or 48000 Hz)")
         # Resample only the input that the first num_samples outputs depend on: output j needs input around
         # j * down / up, within the filter's half-length of 10 * max(up, down) taps at the upsampled rate.
         needed = math.ceil(num_samples * down / up) + math.ceil(10 * max(up, down) / up) + 1
@@ -350,8 +359,8 @@ def read_audio_table(csv_path: epath.PathLike, audio_root: str = "", folds: tupl
     Underscores in a category become spaces in its class name ("chirping_birds" -> "chirping birds"). `folds`
     keeps the rows whose `fold` is one of them (ESC-50's five cross-validation folds are 1-5).
 
-    File names are relative to `audio_root`, by default the folder `audio` beside the CSV's folder if there is
-    one (ESC-50: meta/../audio), else the CSV's folder. Raises AudioError, in one line, for a missing file or
+    File names are relative to `audio_root`, by default ESC-50's `audio/` beside a CSV's folder named `meta`, else
+    an `audio/` folder beside the CSV, else the CSV's folder. Raises AudioError, in one line, for a missing file or
     column, an empty table or selection, a non-integer fold or target, targets that contradict the categories, and
     audio files that do not exist (the first one and how many)."""
     csv_path = epath.Path(csv_path)
@@ -391,6 +400,12 @@ def read_audio_table(csv_path: epath.PathLike, audio_root: str = "", folds: tupl
     names = [""] * (max(classes.values()) + 1)
     for category, index in classes.items():
         names[index] = category.replace("_", " ")
+    categories = list(classes)
+    if pair := same_text([category.replace("_", " ") for category in categories]):  # one prompt for two classes
+        first, second = (categories[i] for i in pair)
+        raise AudioError(f"audio table {csv_path}: the categories {first!r} and {second!r} are one text to CLIP (its "
+                         "tokenizer lower-cases, and '_' is read as a space): the model could not tell them apart; "
+                         "give them distinct names")
     if folds:
         wanted = {int(f) for f in folds}
         fold_of = [_int_cell(row, "fold", csv_path, line) for line, row in rows]
@@ -411,12 +426,13 @@ def read_audio_table(csv_path: epath.PathLike, audio_root: str = "", folds: tupl
 
 
 def _default_audio_root(csv_path: epath.Path) -> epath.Path:
-    """Where the files of a table without audio_root are: ESC-50's layout (meta/esc50.csv beside audio/), else an
-    `audio/` folder beside the CSV, else the CSV's own folder."""
-    for root in (csv_path.parent.parent / "audio", csv_path.parent / "audio"):
-        if root.is_dir():
-            return root
-    return csv_path.parent
+    """Where the files of a table without audio_root are: ESC-50's layout (a CSV in `meta/` beside `audio/`), else
+    an `audio/` folder beside the CSV, else the CSV's own folder. The folder above is looked at only when the CSV's
+    is named `meta`: an `audio/` there may hold other files of the same names."""
+    candidates = [csv_path.parent / "audio"]
+    if csv_path.parent.name == "meta":
+        candidates.insert(0, csv_path.parent.parent / "audio")
+    return next((root for root in candidates if root.is_dir()), csv_path.parent)
 
 
 def write_shapes_audio_set(out_dir: epath.PathLike, num_examples: int, split: str = "test_held_out", seed: int = 0,

@@ -51,7 +51,7 @@ from clip_jax.data.images import (
     to_rgb,
 )
 from clip_jax.errors import sigterm_raises
-from clip_jax.files import absolute_path, canonical_path, file_stamp
+from clip_jax.files import absolute_path, canonical_path, file_stamp, visible_files
 
 FORMATS = ("webdataset", *TABLE_FORMATS, "folder")
 KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -136,19 +136,6 @@ def clean_caption(raw: Any) -> str:
 # --- Reading inputs -------------------------------------------------------------------------------------------
 
 
-def _walk(folder: epath.Path) -> Iterator[epath.Path]:
-    """Files under `folder`, recursively (epath refuses `**` globs, which cost one request per folder on GCS); hidden
-    entries left out (a notebook's .ipynb_checkpoints/ copies, macOS's ._x.jpg), as image folders are read
-    elsewhere (`images.image_files`)."""
-    for p in folder.iterdir():
-        if p.name.startswith("."):
-            continue
-        if p.is_dir():
-            yield from _walk(p)
-        else:
-            yield p
-
-
 def _read_by_folder(folder: epath.Path, path: epath.Path) -> bool:
     """Whether `read_folder` reads `path`: an image, a caption sidecar or the top captions.json (not, say, the shards
     and reports of an --out inside the folder)."""
@@ -158,7 +145,7 @@ def _read_by_folder(folder: epath.Path, path: epath.Path) -> bool:
 def read_folder(path: str) -> list[Row]:
     """Rows of a folder input: its images, sorted, with captions from captions.json or sidecar .txt files."""
     folder = epath.Path(path)
-    images = sorted(p for p in _walk(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
     index = folder / "captions.json"
     captions = json.loads(decode_text(index.read_bytes())) if index.exists() else None
     rows = []
@@ -315,7 +302,7 @@ def fingerprint(path: str, fmt: str) -> dict[str, Any]:
         return file_stamp(path)
     folder = epath.Path(path)
     digest, count = hashlib.sha256(), 0
-    for p in sorted(p for p in _walk(folder) if _read_by_folder(folder, p)):
+    for p in sorted(p for p in visible_files(folder) if _read_by_folder(folder, p)):
         digest.update(json.dumps([p.relative_to(folder).as_posix(), file_stamp(p)]).encode() + b"\n")
         count += 1
     return {"files": count, "sha256": digest.hexdigest()}

@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
-from clip_jax.files import is_remote
+from clip_jax.files import is_remote, visible_files
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # The most bytes read for one image file (`data convert --max-image-bytes`, `encode --max-image-bytes`,
@@ -304,10 +304,8 @@ def image_chunk_size(batch_size: int) -> int:
 
 
 def image_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    """The image files (by suffix) under `folder` at any depth, sorted; hidden entries left out at every depth (a
-    notebook's .ipynb_checkpoints/ copies, macOS's ._x.jpg, .git/)."""
-    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    """The image files (by suffix) under `folder` at any depth, sorted; hidden entries left out (`visible_files`)."""
+    return sorted(pathlib.Path(f) for f in visible_files(folder) if f.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def list_images(paths: list[str]) -> list[pathlib.Path]:

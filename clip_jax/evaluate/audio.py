@@ -98,7 +98,8 @@ def run_shapes_audio(ctx, name: str, entry: ShapesAudioEval) -> dict[str, float]
 @dataclasses.dataclass(frozen=True)
 class ZeroShotAudioFolderEval:
     path: str = ""  # the CSV (columns filename, category[, target, fold]); files in audio_root
-    audio_root: str = ""  # "": ESC-50's `audio/` beside the CSV's folder, else `audio/` beside the CSV, else its folder
+    # "": ESC-50's `audio/` beside the CSV's folder named `meta`, else `audio/` beside the CSV, else the CSV's folder
+    audio_root: str = ""
     folds: tuple = ()  # keep these folds only (ESC-50: 1-5); () = every row
     templates: tuple = ("{}",)  # the reference's prompt: the class name alone
     every_steps: int | None = None
@@ -117,14 +118,16 @@ def run_zero_shot_audio_folder(ctx, name: str, entry: ZeroShotAudioFolderEval) -
         except AudioError as e:
             skipped += 1
             if skipped <= 10:
-                log.warning("evals.%s: skipping %s", name, e)
+                log.warning("evals.%s: a file skipped: %s", name, e)
+    if not sounds:  # an accuracy of nothing: no figure, and no silent success either
+        raise AudioError(f"evals.{name}: none of the {len(table)} audio files of {entry.path} could be read (the "
+                         "warnings above say why); convert them to WAV or fix the table")
     results = {f"{name}_skipped": skipped}
-    if sounds:
-        # The classes the table names (a table's targets may skip indices: those have no name and no prompt).
-        named = [i for i, class_name in enumerate(table.class_names) if class_name]
-        index = {old: new for new, old in enumerate(named)}
-        classes = class_embeddings(ctx.texts, [table.class_names[i] for i in named], tuple(entry.templates))
-        labels = np.asarray([index[label] for label in labels])
-        acc = zero_shot_accuracy(ctx.encoder.audio(np.stack(sounds)), labels, classes)
-        results |= accuracy_entries(name, acc, len(classes))
+    # The classes the table names (a table's targets may skip indices: those have no name and no prompt).
+    named = [i for i, class_name in enumerate(table.class_names) if class_name]
+    index = {old: new for new, old in enumerate(named)}
+    classes = class_embeddings(ctx.texts, [table.class_names[i] for i in named], tuple(entry.templates))
+    labels = np.asarray([index[label] for label in labels])
+    acc = zero_shot_accuracy(ctx.encoder.audio(np.stack(sounds)), labels, classes)
+    results |= accuracy_entries(name, acc, len(classes))
     return results

@@ -43,6 +43,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from clip_jax.data.audio import read_audio_table
 from clip_jax.data.classification import class_embeddings, few_shot_task, read_names
 from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.pipeline import get_source, shapes_held_out_split
@@ -497,6 +498,12 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str | os.PathLike 
             except (ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"evals.{name}.path: {e}") from None
             folder_class_names(name, parse_entry(name, entry.to_dict()), source)
+        elif entry.type == "zero_shot_audio_folder" and entry.path:  # its table and that its files are there
+            audio = parse_entry(name, entry.to_dict())
+            try:
+                read_audio_table(audio.path, audio.audio_root, tuple(audio.folds))
+            except ConfigError as e:
+                raise ConfigError(f"evals.{name}: {e}") from None
 
 
 def due(config: ml_collections.ConfigDict, step: int) -> list[str]:

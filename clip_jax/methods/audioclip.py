@@ -105,7 +105,9 @@ class AudioClipMethod(ClipMethod):
                               "has one)")
         if config.data.source != "shapes":
             raise ConfigError(f"method audioclip trains on data.source 'shapes' (its scenes have sounds); "
-                              f"{config.data.source!r} has no audio")
+                              f"{config.data.source!r} has no audio. Your own WAV files are encoded (clip-jax encode "
+                              "--audio) and evaluated (a zero_shot_audio_folder entry) with such a run: "
+                              "docs/audioclip.md")
         unknown = [p for p in h.pairs if p not in PAIRS]
         if unknown or not h.pairs or len(set(h.pairs)) != len(h.pairs):
             raise ConfigError(f"method.pairs {tuple(h.pairs)} must be distinct names among {', '.join(PAIRS)}")

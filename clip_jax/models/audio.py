@@ -127,9 +127,10 @@ class AudioTransformer(nn.Module):
     @nn.compact
     def __call__(self, waveform: jax.Array) -> TowerOutput:
         cfg = self.config
-        if waveform.shape[1:] != (cfg.num_samples,):
-            raise ValueError(f"audio tower expects waveforms of {cfg.num_samples} samples, got shape "
-                             f"{waveform.shape[1:]}; pad or crop them (data/audio.py) or set model.audio.num_samples")
+        if waveform.ndim != 2 or waveform.shape[1] != cfg.num_samples:
+            raise ValueError(f"audio tower expects a batch of waveforms [N, {cfg.num_samples}], got shape "
+                             f"{tuple(waveform.shape)}; pad or crop them (data/audio.py read_wav does), add the batch "
+                             "axis to one waveform, or set model.audio.num_samples")
         times, freqs = cfg.grid
         features = log_mel_spectrogram(waveform, cfg)[:, :times * cfg.patch_time, :freqs * cfg.patch_freq]
         x = PatchEmbedding(cfg.width, (cfg.patch_time, cfg.patch_freq), self.dtype, name="conv1")(features[..., None])
