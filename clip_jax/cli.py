@@ -26,6 +26,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import pathlib
 import shlex
@@ -727,6 +728,8 @@ def longclip_recipe(model: dict, workdir: str, data: dict | None = None) -> str:
     text, vision = model["text"], model["vision"]
     interpolated = text.get("keep_positions", 0) == 0
     recipe = LONGCLIP_RECIPES.get((vision.get("width"), vision.get("layers"), vision.get("patch_size")))
+    if recipe is None and not _shapes_recipe_size(model):  # a model of one's own (a converted one): its config.json
+        return _longclip_command(model, workdir, data)
     flags, files = [], ["--config.data.path=..."]  # your captions
     if data and data.get("source", "shapes") != "shapes" and data.get("path"):  # the stretched run's own files
         files = [f"--config.data.source={data['source']}", shlex.quote(f"--config.data.path={data['path']}")]
@@ -748,6 +751,37 @@ def longclip_recipe(model: dict, workdir: str, data: dict | None = None) -> str:
         recipe = str(shipped) + (f":{variant}" if variant else "")
     return " ".join(["clip-jax train --config", shlex.quote(recipe), "--workdir", shlex.quote(str(workdir)), *flags,
                      *files])
+
+
+def _shapes_recipe_size(model: dict) -> bool:
+    """Whether `model` has the size of configs/longclip_shapes.py's (the tiny model at 96 px, a vocabulary of
+    1,024): that recipe restores it."""
+    from clip_jax.config import PROJECT_ROOT, load_config
+
+    def size(m: dict) -> tuple:
+        return (m["embed_dim"], *(m["vision"].get(k) for k in ("type", "width", "layers", "patch_size", "image_size",
+                                                                "heads")),
+                *(m["text"].get(k) for k in ("width", "layers", "heads", "vocab_size")))
+
+    return size(model) == size(load_config(str(PROJECT_ROOT / "configs" / "longclip_shapes.py")).model.to_dict())
+
+
+def _longclip_command(model: dict, workdir: str, data: dict | None) -> str:
+    """The fine-tune of a stretched model of no recipe's size: its own config.json (its model and tokenizer) with
+    Long-CLIP's method, temperature and frozen kept table; the length of the run is the user's to give."""
+    keep = model["text"].get("keep_positions", 0)
+    flags = ["--config.method.name=longclip", f"--config.model.logit_scale_init={math.log(100)}",
+             "--config.model.max_logit_scale=0", "--config.method.reset_logit_scale=True"]
+    if keep:  # the kept first positions stay as stretched
+        flags.append(shlex.quote("--config.optimizer.frozen=('^text/positional_embedding$',)"))
+    if data and data.get("source", "shapes") == "shapes":  # shapes' long captions
+        flags.append("--config.data.long_caption_prob=1.0")
+    elif data and data.get("path"):  # the stretched run's own files
+        flags += [f"--config.data.source={data['source']}", shlex.quote(f"--config.data.path={data['path']}")]
+    else:
+        flags += ["--config.data.source=captions", "--config.data.path=..."]  # your long captions
+    return (" ".join(["clip-jax train --workdir", shlex.quote(str(workdir)), *flags])
+            + " (with your run's --config.total_steps, --config.batch_size and --config.optimizer.lr)")
 
 
 def _wise_ft(args: argparse.Namespace, overrides: list[str]) -> None:

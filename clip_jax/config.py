@@ -79,8 +79,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-6
     c.optimizer.weight_decay = 0.2
     c.optimizer.grad_clip_norm = 1.0  # <= 0 disables clipping
-    # Regexes over parameter paths like "visual/transformer/resblocks_0/attn/in_proj/kernel" (re.search).
-    c.optimizer.no_decay = (r"bias$", r"ln_[^/]*/scale$", r"ln_(pre|post|final)/", r"embedding", r"logit_")
+    # Regexes over parameter paths like "visual/transformer/resblocks_0/attn/in_proj/kernel" (re.search): biases,
+    # every norm's scale (LayerNorm's, a ResNet's BatchNorm or GroupNorm, a method's own), the temperatures
+    # (logit_scale, ...) and the embeddings (token and position tables, the class token).
+    c.optimizer.no_decay = (r"bias$", r"scale$", r"embedding")
     c.optimizer.frozen = ()  # matching parameters get no update and no optimizer state (e.g. r"^visual/" for LiT)
     # A step whose loss or gradient is NaN/inf is skipped (parameters and optimizer state unchanged); this many in
     # a row stop the run, since the run is then diverging rather than hitting one bad batch.
@@ -333,7 +335,7 @@ _MINIMUM = {
 }
 
 
-_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_names(config: ml_collections.ConfigDict) -> None:
@@ -342,7 +344,7 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
         "data.source": TRAIN_SOURCES, "model.remat_policy": REMAT_POLICIES,
         "model.attention": ATTENTION_IMPLEMENTATIONS, "model.layer_norm": LAYER_NORM_IMPLEMENTATIONS,
         "model.vision.activation": ACTIVATIONS, "model.vision.pool": VISION_POOLS, "model.text.activation": ACTIVATIONS,
-        "model.audio.activation": ACTIVATIONS, "model.dtype": _COMPUTE_DTYPES,
+        "model.audio.activation": ACTIVATIONS, "model.dtype": COMPUTE_DTYPES,
         "few_shot.dataset": FEW_SHOT_DATASETS, "few_shot.classes": ("base", "all"),
         "few_shot.class_split": CLASS_SPLITS,
     }
@@ -829,10 +831,13 @@ def _set_eval_entry(config: ml_collections.ConfigDict, name: str, value: Any, it
     `--config.evals.NAME=None` drops it."""
     with config.evals.unlocked():
         if value is None:
-            if name not in config.evals:
-                raise ConfigError(f"override {item!r}: no evaluation named {name!r}; the run has "
-                                  f"{', '.join(config.evals) or 'none'}")
-            del config.evals[name]
+            # Said, not refused: a command that dropped an entry is re-run as it was to resume, where the run's
+            # config.json has the entry no more.
+            if name in config.evals:
+                del config.evals[name]
+            else:
+                log.warning("override %r: no evaluation named %r to drop (the run has %s)", item, name,
+                            ", ".join(config.evals) or "none")
             return
         if not isinstance(value, dict) or "type" not in value:
             raise ConfigError(f"override {item!r}: an evaluation is a dict with a 'type', e.g. "

@@ -277,12 +277,23 @@ def _array_hint(array: np.ndarray) -> str:
     return ""
 
 
-def load(workdir: str | os.PathLike, step: int | None = None, batch_size: int = 256) -> Model:
+def load(workdir: str | os.PathLike, step: int | None = None, batch_size: int = 256, dtype: str | None = None
+         ) -> Model:
     """The model of `workdir` at its latest checkpoint (or `step`), on every local device; `batch_size` examples
-    per device call. FileNotFoundError if `workdir` is not a workdir or has no checkpoint."""
+    per device call. `dtype`: the compute dtype, "float32", "bfloat16" or "float16" (the parameters stay float32),
+    by default the run's: a bfloat16 run's embeddings are ~1e-3 from a float32 model's, so compare with PyTorch in
+    "float32". FileNotFoundError if `workdir` is not a workdir or has no checkpoint."""
+    from clip_jax.config import COMPUTE_DTYPES
+
     if step is not None and (isinstance(step, bool) or not isinstance(step, int | np.integer)):
         raise TypeError(f"step must be an int (a checkpoint's step), got {type(step).__name__} {step!r}")
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
     keep_freed_memory()  # on the CPU, before JAX starts (it does nothing after): host_memory.py says why
     from clip_jax.train.loop import load_trained
 
-    return Model(load_trained(workdir, None if step is None else int(step)), batch_size)
+    def compute_in(config) -> None:
+        if dtype is not None:
+            config.model.dtype = dtype
+
+    return Model(load_trained(workdir, None if step is None else int(step), adjust=compute_in), batch_size)

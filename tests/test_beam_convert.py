@@ -125,6 +125,21 @@ def test_a_rerun_skips_finished_shards_and_redoes_the_others(tmp_path):
     changed = [name for name, t in mtimes.items() if (out / name).stat().st_mtime_ns != t]
     assert changed == ["train-00003-of-00005.arrayrecord"]
 
+    # A DirectRunner conversion killed at once left its shard's temporary file and its staged rows: a re-run kept
+    # them for ever. Those of a process that runs no more, on this host, go.
+    import socket
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    host = socket.gethostname()
+    left = [out / f"train-00001-of-00005.arrayrecord.tmp-{host}-{ended.pid}",
+            out / f".train-rows-{host}-{ended.pid}.json"]
+    for path in left:
+        path.write_bytes(b"partial")
+    beam(fmt, inputs, out, kwargs)
+    assert not any(path.exists() for path in left)
+
 
 def test_a_failed_shard_is_listed_and_the_others_finish(tmp_path):
     fmt, inputs, kwargs = tar_input(tmp_path)

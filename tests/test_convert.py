@@ -274,6 +274,31 @@ def test_machines_split_the_shards_and_reruns_skip_finished_ones(tmp_path):
         ("00000", True), ("00001", True), ("00002", False)]
     assert shard1.stat().st_mtime_ns == mtimes[shard1.name] and again["written"] == 6
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    # A shard deleted by hand, its report left: it was "converted before, skipped" for ever, and the summary said
+    # 3 of 3 done with 2 shards on disk
+    shard1.unlink()
+    summary = convert.summarize(str(out), "train", 3)
+    assert summary["shards_done"] == 2 and summary["missing"] == [shard1.name]
+    seen.clear()
+    again = convert.convert("webdataset", [str(p) for p in tars], str(out), progress=seen.append)
+    assert [r.get("redone") for r in seen if r["shard"] == shard1.name] == ["its shard file is gone (its report "
+                                                                            "remains)"]
+    assert shard1.exists() and again["shards_done"] == 3 and again["written"] == 6
+
+
+def test_a_workers_stop_swallowed_in_a_gc_callback_still_stops_its_shard(tmp_path, monkeypatch):
+    """A worker's SIGTERM raised its SystemExit inside jax's gc callback, where Python prints and ignores it: the
+    worker went on and finished its shards after the command had said "interrupted". The stop is kept and raised
+    again between samples; the shard's temporary file goes."""
+    write_images(tmp_path, [f"{i}.jpg" for i in range(4)])
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps({"image": f"{i}.jpg", "caption": f"c{i}"}) + "\n"
+                                              for i in range(4)))
+    tasks, opts = convert.prepare("jsonl", [str(tmp_path / "l.jsonl")], str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(convert, "_stop_code", 143)
+    with pytest.raises(SystemExit) as stop:
+        convert.convert_shard(tasks[0], opts)
+    assert stop.value.code == 143 and not list((tmp_path / "out").rglob("*"))
 
 
 def test_parallel_workers_write_the_same_shards(tmp_path):

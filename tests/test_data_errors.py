@@ -555,6 +555,26 @@ def test_a_record_whose_caption_is_white_space_is_dropped(caplog):
     assert decode.map({"long_caption": " a caption ", "image_bytes": SMALL, "key": "k2"}) is not None
 
 
+def test_an_example_dropped_again_is_not_named_again(caplog):
+    """A small table's empty caption was named at every epoch (8 lines in 20 steps); the count goes on."""
+    decode = DecodeExample(16, 16)
+    for _ in range(3):
+        assert decode.map({"long_caption": "", "image_bytes": SMALL, "key": "k1"}) is None
+    assert decode.map({"long_caption": "", "image_bytes": SMALL, "key": "k2"}) is None
+    assert caplog.text.count("dropping example k1") == 1 and "dropping example k2: empty caption (4 dropped" in \
+        caplog.text
+
+
+def test_a_caption_that_is_not_text_is_dropped_as_such(tmp_path, caplog):
+    """A JSONL caption that is a number or a list was dropped as an "empty caption"."""
+    from clip_jax.data.captions import CaptionFileSource, read_table
+
+    (tmp_path / "t.jsonl").write_text('{"image": "a.png", "caption": 12345}\n{"image": "b.png", "caption": ["x"]}\n')
+    source = CaptionFileSource(read_table(str(tmp_path / "t.jsonl"), "jsonl"), "t.jsonl")
+    assert [source[i]["error"] for i in range(2)] == ["its caption is an int, not text",
+                                                      "its caption is a list, not text"]
+
+
 def test_a_tars_metadata_with_bytes_that_are_not_utf8_and_a_key_written_twice(tmp_path):
     """A .json with one byte that is not UTF-8 lost all its keys, and its caption counted as missing_caption; a
     key's files written twice in a row kept the second pair only, with no count."""

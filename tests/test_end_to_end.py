@@ -369,6 +369,14 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
         model.encode_images([np.zeros((0, 0, 3), np.uint8)])
     with pytest.raises(TypeError, match="step must be an int .* got str '4'"):
         clip_jax.load(trained, step="4")
+    # Another compute dtype (a bf16 run compared with PyTorch in float32): the same parameters, computed otherwise
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'fp32'"):
+        clip_jax.load(trained, dtype="fp32")
+    bf16 = clip_jax.load(trained, dtype="bfloat16")
+    assert bf16.trained.config.model.dtype == "bfloat16" and model.trained.config.model.dtype == "float32"
+    texts = ["a red circle.", "a blue star."]
+    difference = np.abs(bf16.encode_texts(texts) - model.encode_texts(texts)).max()
+    assert 0 < difference < 0.05, difference
     with pytest.raises(TypeError, match="list of images"):
         model.encode_images(str(tmp_path / "broken.png"))
     # The usual mistakes of an array, each with its fix; [H, W, 1] is grayscale, as [H, W] is.
@@ -381,8 +389,8 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
             model.encode_images([array])
     with pytest.raises(ConfigError, match="no classes of its own"):  # refused before the broken image is read
         model.classify([tmp_path / "broken.png"])
-    for names in ([], ["red circle"]):  # one class won every image with probability 1
-        with pytest.raises(ConfigError, match=f"{len(names)} class names given: zero-shot classification chooses"):
+    for names, given in (([], "no class name"), (["red circle"], "1 class name")):  # one won every image, p = 1
+        with pytest.raises(ConfigError, match=f"^{given} given: zero-shot classification chooses"):
             model.classify([np.zeros((8, 8, 3), np.uint8)], names)
     with pytest.raises(ConfigError, match="class name 'red circle' is given twice"):
         model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", "blue square", "red circle"])
@@ -981,6 +989,13 @@ def test_what_tells_a_changed_table_or_shard_set(tmp_path, caplog):
     assert not told()
     (shards / "s-00002-of-00003.arrayrecord").write_bytes(b"")
     assert "(2 shards then, 3 now)" in told()
+    # A shard written again under its name (`data convert` of an input that changed): resumed without a word
+    (shards / "s-00001-of-00003.arrayrecord").write_bytes(b"other records")
+    assert "(3 shards then and now, not all the same)" in told()
+    # A record of an earlier version, without the sizes, is compared on what it has
+    record = json.loads((tmp_path / "train_data.json").read_text())
+    (tmp_path / "train_data.json").write_text(json.dumps({k: v for k, v in record.items() if k != "sizes"}))
+    assert not told()
 
 
 def _run_at(workdir: pathlib.Path, config, steps) -> None:

@@ -36,7 +36,6 @@ def test_entries_are_added_set_and_dropped_from_the_command_line(tmp_path):
     (["--config.evals.x={'path': '/tmp'}"], "an evaluation is a dict with a 'type'"),
     (["--config.evals.x={'type': 'zero_shot_folder'}"], "evals.x (zero_shot_folder) needs path"),
     (["--config.evals.x={'type': 'shapes', 'pth': 1}"], "unknown config key 'evals.x.pth'"),
-    (["--config.evals.nothing=None"], "no evaluation named 'nothing'"),
     (["--config.evals.shapes.num_examples='10'"], "'evals.shapes.num_examples' must be"),
     (["--config.evals.fs={'type': 'few_shot', 'split': 'tset'}"],  # found before the training, not after it
      "config key 'evals.fs.split' is 'tset': choose one of 'test', 'val'"),
@@ -49,6 +48,17 @@ def test_entry_mistakes_are_one_line(overrides, words):
     with pytest.raises(ConfigError) as e:
         load_config(DEMO, overrides)
     assert words in str(e.value)
+
+
+def test_dropping_an_evaluation_the_run_lacks_is_said_not_refused(caplog):
+    """A command that dropped an entry (the README's fine-tune: --config.evals.shapes=None) is re-run as it was to
+    resume, and the run's config.json has that entry no more: it was refused, and the run could not resume."""
+    config = load_config(DEMO, ["--config.evals.shapes=None"])
+    assert "shapes" not in config.evals
+    with caplog.at_level("WARNING"):
+        again = load_config(DEMO, ["--config.evals.shapes=None", "--config.evals.shapes=None"])
+    assert again.evals.to_dict() == config.evals.to_dict()
+    assert "override '--config.evals.shapes=None': no evaluation named 'shapes' to drop (the run has " in caplog.text
 
 
 def test_a_missing_path_is_found_when_the_run_starts_not_when_the_config_loads():

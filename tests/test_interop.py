@@ -181,6 +181,14 @@ def test_longclip_two_tables_import_export(tmp_path):
 
     back = read_tensors(wd.export_params(imported.params, imported.model, "openai", tmp_path / "b.safetensors")[0])
     assert set(back) == set(longclip) and all(np.array_equal(back[k], longclip[k]) for k in longclip)
+    # Another kept count (a `stretch --keep 10` run): the two tables read back as keep 20's, another text model
+    # without a word; the file holds the one table they amount to, which reads back as the same model.
+    keep_10 = dict(imported.model, text=dict(imported.model["text"], keep_positions=10))
+    file = wd.export_params(imported.params, keep_10, "openai", tmp_path / "k10.safetensors")[0]
+    again = wd.load_source(file, heads_vision=2, heads_text=2, activation="gelu")
+    assert again.model["text"]["keep_positions"] == 0 and "positional_embedding_res" not in read_tensors(file)
+    np.testing.assert_array_equal(again.params["text"]["positional_embedding"],
+                                  np.where(np.arange(248)[:, None] < 10, frozen, trained))
 
     wd.export_params(imported.params, imported.model, "hf-text", tmp_path / "text")
     hf_text = wd.load_source(tmp_path / "text")
@@ -438,7 +446,8 @@ def test_a_bare_file_export_names_the_convert_flags_it_needs_back(tmp_path, smal
     assert path.is_file() and path == tmp_path / "M.SAFETENSORS"
     said = ("M.SAFETENSORS holds the weights only, and this model's 2 vision heads and 2 text heads and activation "
             "gelu are not what a weights file is read with (heads of 64 wide, QuickGELU): `clip-jax convert "
-            "M.SAFETENSORS --heads-vision 2 --heads-text 2 --activation gelu` reads it back as this model")
+            f"{tmp_path / 'M.SAFETENSORS'} --heads-vision 2 --heads-text 2 --activation gelu` reads it back as this "
+            "model")  # the path given to --out, where it named the file alone
     assert said in caplog.text
     assert wd.load_source(path).model != imported.model  # without the flags: another model
     back = wd.load_source(path, heads_vision=2, heads_text=2, activation="gelu")

@@ -64,8 +64,11 @@ def test_stretch_writes_a_warm_start_workdir(runs, capsys):
               "interpolate", "--length", "100"])
     said = capsys.readouterr().out  # from how many positions, and the recipe that fits this model and stretch
     assert f"-> {root / 'interp'}: 77 -> 100 text positions, keep_positions 0" in said
-    assert (f"clip-jax train --config configs/longclip_shapes.py:interpolate --workdir {root / 'interp'} "
-            "--config.model.text.context_length=100") in said
+    # (a model of no recipe's size: its own config.json, with Long-CLIP's settings; nothing frozen, and shapes' long
+    # captions)
+    assert f"clip-jax train --workdir {root / 'interp'} --config.method.name=longclip" in said
+    assert "--config.data.long_caption_prob=1.0 (with your run's --config.total_steps" in said
+    assert "--config.optimizer.frozen" not in said
     trained = load_trained(root / "interp")
     config, params = trained.config, trained.params
     assert (config.model.text.context_length, config.model.text.keep_positions) == (100, 0)
@@ -234,6 +237,16 @@ def test_the_recipe_stretch_names_fits_the_model(tmp_path, monkeypatch):
         "captions", "/d/my table.csv", "/d/images")
     b16 = load_config(str(root / LONGCLIP_RECIPES[(768, 12, 16)])).model.to_dict()
     assert longclip_recipe(b16, "o", table).endswith("--config.data.skip=0")
+    # A model of no recipe's size (a converted one of one's own): the shapes recipe's command was refused (another
+    # tokenizer, another model); its own config.json is fine-tuned with Long-CLIP's settings.
+    own = load_config(str(root / "configs/pretrain.py:B/32")).model.to_dict()
+    own["text"].update(context_length=248, keep_positions=20)
+    told = longclip_recipe(own, "o", table)
+    assert told.startswith("clip-jax train --workdir o --config.method.name=longclip") and "--config " not in told
+    command = shlex.split(told.split(" (with your run's")[0])
+    followed = load_config(str(root / "configs/pretrain.py:B/32"), command[4:])  # as its config.json, B/32's
+    assert followed.method.name == "longclip" and followed.optimizer.frozen == (r"^text/positional_embedding$",)
+    assert (followed.model.max_logit_scale, followed.data.path) == (0, "/d/my table.csv")
     # from another folder, a recipe path that resolves
     monkeypatch.chdir(tmp_path)
     assert f"--config {root / 'configs' / 'longclip_shapes.py'}:interpolate --workdir o" in longclip_recipe(shapes, "o")

@@ -7,6 +7,7 @@ parity then exercises the folding of real statistics and every branch of every b
 
 import json
 import pathlib
+import re
 import sys
 import types
 
@@ -171,6 +172,23 @@ def test_small_resnet_converts_both_ways(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("vision_cfg, words", [
+    ({"layers": 2, "width": 64, "head_width": 64, "image_size": 64, "patch_size": 16},  # a ViT's config
+     "says a ViT image tower but its weights are a ResNet's"),
+    ({"layers": [1, 1, 1, 1], "width": 16, "head_width": 128, "image_size": 64}, "vision_cfg.layers (1, 1, 1, 1)"),
+    ({"layers": [1, 1, 2, 1], "width": 16, "head_width": 128, "image_size": 288}, "vision_cfg.image_size 288"),
+])
+def test_an_open_clip_folder_whose_config_is_another_resnets_is_refused(tmp_path, vision_cfg, words):
+    """Its heads come from the config: another model's read the weights with other heads (1 for a ViT's config,
+    where the model has 4), and converted without a word."""
+    write_tensors(tmp_path / "open_clip_model.safetensors", state_dict(small_resnet_clip()))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 32, "vision_cfg": vision_cfg,
+        "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 2, "layers": 1}}}))
+    with pytest.raises(ConversionError, match=re.escape(words)):
+        wd.load_source(tmp_path)
+
+
 def test_a_group_norm_resnet_the_hf_format_and_a_damaged_batch_norm_are_refused(tmp_path):
     imported = wd.load_source_state_dict(state_dict(small_resnet_clip()), heads_vision=4)
     group = dict(imported.model, vision=dict(imported.model["vision"], norm="group"))
@@ -187,6 +205,17 @@ def test_a_group_norm_resnet_the_hf_format_and_a_damaged_batch_norm_are_refused(
     with pytest.raises(ConversionError, match="BatchNorm 'visual.layer2.0.bn2' has running_mean but no "
                                               "visual.layer2.0.bn2.running_var"):
         wd.load_source_state_dict(damaged, heads_vision=4)
+    # named_parameters() alone: the weights were read as folded scales (embeddings 0.31 away), silently
+    parameters_only = {k: v for k, v in state_dict(small_resnet_clip()).items()
+                       if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    with pytest.raises(ConversionError, match=r"BatchNorms of the image tower, the first 'visual.bn1.weight', have a "
+                                              r"weight but no running statistics .* save the model's state_dict\(\)"):
+        wd.load_source_state_dict(parameters_only, heads_vision=4)
+    for statistic, value in (("running_var", -1.0), ("running_mean", np.nan)):  # named the folded weight and bias
+        damaged = state_dict(small_resnet_clip())
+        damaged[f"visual.layer2.0.bn2.{statistic}"][0] = value
+        with pytest.raises(ConversionError, match=f"BatchNorm 'visual.layer2.0.bn2' has a damaged {statistic}"):
+            wd.load_source_state_dict(damaged, heads_vision=4)
     written = wd.export_params(imported.params, imported.model, "hf-text", tmp_path / "text")  # the text tower is
     assert (tmp_path / "text" / "config.json") in written  # a plain transformer
 
@@ -257,7 +286,7 @@ def test_another_resolution_interpolates_the_pool_positions():
         resize_image_positions(params, vision, 100)
 
 
-def test_a_config_file_of_ones_own_gives_a_recipe_the_other_tower(tmp_path):
+def test_a_config_file_of_ones_own_gives_a_recipe_the_other_tower(tmp_path, caplog):
     """A few-shot recipe names a ViT and overrides cannot switch the tower type: a file of the user's, outside the
     checkout, could not import the recipes (no `configs` on its path). And an init_from of the other tower's type
     failed on the first parameter it lacked (the ViT's class_embedding)."""
@@ -291,3 +320,46 @@ def test_a_config_file_of_ones_own_gives_a_recipe_the_other_tower(tmp_path):
     with pytest.raises(ConfigError, match=f"config.init_from {vit_run} holds a CLIP with a vit image tower, and this "
                                           "config's is a resnet: give the recipe that tower in a config file"):
         _tell_init_from_changes(config)
+    # A converted ResNet (BatchNorm folded) read into a GroupNorm recipe (configs/pretrain.py:RN50's) trained
+    # another function of the same parameters without a word; another attention-pool head count, likewise.
+    bn_run = tmp_path / "bn_run"
+    bn_run.mkdir()
+    converted = default_config()
+    converted.model.vision = {"type": "resnet", "layers": (1, 1, 1, 1), "width": 8, "heads": 2, "image_size": 32,
+                              "norm": "frozen_bn"}
+    save_config(converted, bn_run / "config.json")
+    config = load_config(str(own), [f"--config.init_from={bn_run}"])
+    with pytest.raises(ConfigError, match=f"config.init_from {bn_run} holds a ResNet with norm 'frozen_bn', and "
+                                          "this config's is 'group': .* set --config.model.vision.norm=frozen_bn"):
+        _tell_init_from_changes(config)
+    config = load_config(str(own), [f"--config.init_from={bn_run}", "--config.model.vision.norm=frozen_bn",
+                                    "--config.model.vision.heads=4"])
+    with caplog.at_level("WARNING", logger="clip_jax.train.loop"):
+        _tell_init_from_changes(config)
+    assert "other model settings (model.vision.heads 2 -> 4)" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("name, norm", [("clip", "frozen_bn"), ("clip", "group"), ("lseg", None), ("vild", None),
+                                        ("groupvit", None)])
+def test_the_default_weight_decay_spares_every_norm_and_temperature(name, norm):
+    """A ResNet's BatchNorm (or GroupNorm) scales and a method's own norms were decayed (the rules named LayerNorms
+    only): a fine-tuned converted ResNet's folded scales shrank, where open_clip, which decays no 1-D parameter,
+    keeps them. The kernels and projections are decayed (GLIP's layer-scale gammas, 1-D, are too: not checked)."""
+    import flax.linen as nn
+
+    from clip_jax.train.state import match_any, param_paths
+
+    config = tiny_config(name)
+    if norm:
+        config.model.vision = {"type": "resnet", "layers": (1, 1, 1, 1), "width": 8, "heads": 2, "image_size": 32,
+                               "norm": norm}
+    method = get_method(config)
+    params = nn.unbox(jax.eval_shape(method.model().init, jax.random.PRNGKey(0), *method.init_inputs())["params"])
+    leaves = dict(zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params), strict=True))
+    decayed = {path for path in leaves if not match_any(config.optimizer.no_decay, path)}
+    assert not [path for path in decayed if leaves[path].ndim < 2]
+    # (attention biases are [heads, head_dim]: 1-D in open_clip's in_proj_bias)
+    assert not [path for path in leaves if leaves[path].ndim >= 2 and path not in decayed
+                and not path.endswith("bias") and "embedding" not in path]
+    if norm:
+        assert "visual/layer1_0/bn1/scale" in leaves and "visual/layer1_0/conv1/kernel" in decayed

@@ -229,7 +229,7 @@ def test_the_cli_evaluates_every_alpha_of_a_trained_run(wise_ft_run, tmp_path, t
         assert before is None or out.read_bytes() == before
 
 
-def test_one_alpha_is_saved_as_a_workdir_that_eval_and_classify_read(wise_ft_run, tmp_path, capsys):
+def test_one_alpha_is_saved_as_a_workdir_that_eval_and_classify_read(wise_ft_run, tmp_path, capsys, caplog):
     from clip_jax.cli import main
     from clip_jax.train.loop import load_trained
 
@@ -268,9 +268,13 @@ def test_one_alpha_is_saved_as_a_workdir_that_eval_and_classify_read(wise_ft_run
     evaluated = json.loads((saved / "eval_0.json").read_text())
     assert {k: evaluated[k] for k in results if k.startswith("few_shot")} == pytest.approx(
         json.loads((tmp_path / "sweep.json").read_text())["0.25"])
-    main(["wise-ft", "--workdir", str(saved), "--alphas", "0", "--out", str(tmp_path / "from_saved.json")])
+    with caplog.at_level("WARNING"):
+        main(["wise-ft", "--workdir", str(saved), "--alphas", "0", "--out", str(tmp_path / "from_saved.json")])
     assert json.loads((tmp_path / "from_saved.json").read_text())["0.0"] == pytest.approx(
         json.loads((tmp_path / "sweep.json").read_text())["0.25"])  # its alpha 0 is theta_0.25, not the base CLIP
+    # (not trained since: every alpha is that model, which ran without a word)
+    assert f"{saved} is the interpolation at alpha 0.25 of {ft} (wise-ft --save-workdir), not trained since" in \
+        caplog.text
     (tmp_path / "images").mkdir()
     image = np.zeros((config.model.vision.image_size,) * 2 + (3,), np.uint8)
     Image.fromarray(image).save(tmp_path / "images" / "black.png")
@@ -339,8 +343,19 @@ def test_a_start_that_trained_on_since_is_found_among_its_checkpoints(wise_ft_ru
     shutil.rmtree(tmp_path / "base" / "checkpoints" / "0")  # the start itself gone: refused, naming the steps tried
     with pytest.raises(SystemExit):
         main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0"])
-    assert f"config.init_from {tmp_path / 'base'} (step 7) holds not the CLIP this run started from" in (
-        capsys.readouterr().err)
+    assert (f"config.init_from {tmp_path / 'base'} no longer holds the CLIP this run started from (step 7: a CLIP "
+            "whose text differs from the run's frozen one)") in capsys.readouterr().err
+    # a model of another size there: the restore's advice named train's --config flags, which wise-ft has not
+    other = tiny_config("clip")
+    other.model.embed_dim *= 2  # (a model with more blocks restores into fewer: its text then differs)
+    other_params = clip_params(other)
+    shutil.rmtree(tmp_path / "base" / "checkpoints" / "7")
+    write_workdir(other, other_params, tokenizer, tmp_path / "bigger")
+    shutil.copytree(tmp_path / "bigger" / "checkpoints" / "0", tmp_path / "base" / "checkpoints" / "7")
+    with pytest.raises(SystemExit):
+        main(["wise-ft", "--workdir", str(tmp_path / "ft"), "--alphas", "0"])
+    err = capsys.readouterr().err
+    assert "(step 7: a model of another size)" in err and "--config" not in err, err
 
 
 @pytest.mark.parametrize(
@@ -379,3 +394,15 @@ def test_the_b16_recipe_counts_its_epochs_over_the_shots_and_classes_of_its_argu
     config = load_config(f"{recipe}:{arg}")
     assert (config.total_steps, config.optimizer.warmup_steps, config.few_shot.classes) == (steps, warmup, classes)
     assert config.few_shot.shots == int(arg.split(",")[0])
+
+
+def test_an_export_says_the_classes_head_stays_in_the_workdir(wise_ft_run, tmp_path, capsys):
+    """The fine-tuned CLIP exports without its classes' head, which `classify --classes` uses: it said nothing, so
+    the exported model classified otherwise, silently (SLIP's, LSeg's and AudioCLIP's exports say what stays)."""
+    from clip_jax.cli import main
+
+    run, *_ = wise_ft_run
+    main(["export", "--workdir", str(run / "ft"), "--format", "openai", "--out", str(tmp_path / "clip")])
+    assert ("note: the export holds the image and text towers; this few-shot run's learner (its classes' prompts, "
+            "adapter, cache or head) has no OpenAI or Hugging Face layout and stays in the workdir") in \
+        capsys.readouterr().err

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ from etils import epath
 from clip_jax.data import convert as local
 from clip_jax.data.captions import Row
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
+from clip_jax.errors import sigterm_raises
 
 NAMESPACE = "clip_jax.data.convert"
 SKIPPED = "skipped_"  # counter name prefix of a bad-sample reason: skipped_truncated_image, ...
@@ -139,6 +141,15 @@ def build(pipeline: beam.Pipeline, elements: Sequence[tuple[local.Task, RowsRef 
     )
 
 
+def _remove_stale_staging(out: str, prefix: str) -> None:
+    """Removes the staged rows (`_stage_rows`) that a DirectRunner conversion on this host left when it was killed:
+    those of a process id that runs no process here."""
+    staged = re.compile(rf"^\.{re.escape(prefix)}-rows-{re.escape(socket.gethostname())}-(\d+)\.json$")
+    for path in epath.Path(out).iterdir():
+        if (m := staged.match(path.name)) and not local.process_running(int(m[1])):
+            path.unlink(missing_ok=True)
+
+
 def read_counters(result: PipelineResult) -> dict[str, int]:
     """This module's Beam counters of a finished pipeline, by name (committed values where the runner has them)."""
     totals: Counter[str] = Counter()
@@ -161,13 +172,22 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, runner: str, pipeline_
     local.check_same_set(tasks, opts)
     pipeline = beam.Pipeline(options=PipelineOptions(flags=list(pipeline_options), runner=runner))
     epath.Path(out).mkdir(parents=True, exist_ok=True)
+    # What a conversion killed at once left on this host: its shards' temporary files, and with the DirectRunner
+    # (whose job ends with its process) its staged rows; a cluster's job may outlive its launcher and read them.
+    in_process = runner in ("DirectRunner", "direct")
+    local.remove_stale_temporaries(out)
+    if in_process:
+        _remove_stale_staging(out, prefix)
     # in `out`, which every worker can read (a local folder for the DirectRunner, a bucket for a cluster)
     staging = epath.Path(out) / f".{prefix}-rows-{socket.gethostname()}-{os.getpid()}.json"
     build(pipeline, _stage_rows(tasks, staging), opts)
     try:
-        result = pipeline.run()
-        state = result.wait_until_finish()
+        with sigterm_raises(KeyboardInterrupt):  # stopped as a Ctrl-C stops it: "interrupted", not killed at once
+            result = pipeline.run()
+            state = result.wait_until_finish()
     except KeyboardInterrupt:
+        if in_process:
+            staging.unlink(missing_ok=True)
         raise  # a job on a cluster may still be running and reading the staged rows: keep them
     except BaseException:
         staging.unlink(missing_ok=True)

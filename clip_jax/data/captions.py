@@ -266,6 +266,9 @@ class CaptionFileSource:
             caption, bad_long = caption_text(row.caption)
             short, bad_short = caption_text(row.short_caption)
             negative, bad_negative, problem = (), False, row.problem
+            if not problem and row.caption is not None and not isinstance(row.caption, str | bytes):  # JSONL: 12, [..]
+                kind = type(row.caption).__name__
+                problem = f"its caption is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not text"
             if negative_field:
                 # The negative stands against the row's caption: the short one, which has none, is not trained on.
                 negative, bad_negative = negative_captions((row.metadata or {}).get(negative_field))

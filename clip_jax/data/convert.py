@@ -29,6 +29,7 @@ import posixpath
 import re
 import signal
 import socket
+import sys
 import tarfile
 import time
 import zlib
@@ -331,7 +332,10 @@ def convert_shard(task: Task, opts: Options) -> dict[str, Any]:
     stamp = task.fingerprint or fingerprint(task.source, "webdataset")
     made_with = recipe(task, opts)
     redone = None
-    if report_file.exists():  # the report is written last: its presence means the shard is complete
+    # The report is written last: its presence means the shard was complete (and is, unless deleted since).
+    if report_file.exists() and not (epath.Path(opts.out) / name).exists():
+        redone = "its shard file is gone (its report remains)"
+    elif report_file.exists():
         old = json.loads(report_file.read_text())
         # A report of a version before recipes were kept resumes on the input's fingerprint alone, as it did then.
         if old.get("input_fingerprint") == stamp and old.get("recipe", made_with) == made_with:
@@ -344,6 +348,8 @@ def convert_shard(task: Task, opts: Options) -> dict[str, Any]:
     samples, make = (_tar_samples(task.source, stats), _tar_record) if task.rows is None else (task.rows, _row_record)
     with records.ShardWriter(epath.Path(opts.out) / name) as writer:
         for sample in samples:
+            if _stop_code is not None:  # a stop whose exception was swallowed (raised inside a gc callback)
+                raise SystemExit(_stop_code)
             stats.samples += 1
             try:
                 writer.write(make(sample, opts, stats))
@@ -440,9 +446,11 @@ def _shard_index(name: str) -> int:
 
 
 def read_reports(out: str, prefix: str, count: int) -> list[dict[str, Any]]:
-    """The reports present in `out` of the data set's `count` shards, in shard order."""
+    """The reports present in `out` of the data set's `count` shards whose shard is there too, in shard order (a
+    shard deleted by hand is not done, whatever its report says)."""
     opts = Options(out, prefix, count, 0)
-    return [json.loads(p.read_text()) for p in (report_path(opts, i) for i in range(count)) if p.exists()]
+    return [json.loads(report.read_text()) for i, report in enumerate(report_path(opts, i) for i in range(count))
+            if report.exists() and (epath.Path(out) / records.shard_name(prefix, i, count)).exists()]
 
 
 def failure(task: Task, opts: Options, error: BaseException) -> dict[str, str]:
@@ -662,12 +670,27 @@ def _worker_signals() -> None:
     # A terminal's Ctrl-C reaches every process of its group: the parent alone decides, and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_exit)
+    sys.unraisablehook = _quiet_stop
+
+
+def _quiet_stop(unraisable) -> None:
+    """The stop's SystemExit, swallowed in a gc callback, is not a traceback on the console: `convert_shard` raises
+    it again. Anything else is reported as Python does."""
+    if not (isinstance(unraisable.exc_value, SystemExit) and _stop_code is not None):
+        sys.__unraisablehook__(unraisable)
+
+
+# A worker's stop (`_raise_exit`), also kept here: raised inside a gc callback (jax registers one), the exception is
+# printed and ignored, so `convert_shard` looks at this between samples too.
+_stop_code: int | None = None
 
 
 def _raise_exit(signum, frame) -> NoReturn:
+    global _stop_code
     # Once: the executor sends another SIGTERM to the workers left when one has ended, which would cut the unwinding.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)  # unwinds the shard being written: ShardWriter removes its temporary file
+    _stop_code = 128 + signum
+    raise SystemExit(_stop_code)  # unwinds the shard being written: ShardWriter removes its temporary file
 
 
 def remove_stale_temporaries(out: str) -> None:
@@ -682,11 +705,13 @@ def remove_temporaries(out: str, pid: int | None) -> None:
     marker = re.compile(rf"\.tmp-{re.escape(socket.gethostname())}-(\d+)$")
     for folder in (epath.Path(out), epath.Path(out) / "reports"):
         for path in folder.iterdir() if folder.is_dir() else ():
-            if (m := marker.search(path.name)) and (int(m[1]) == pid if pid is not None else not _running(int(m[1]))):
+            if not (m := marker.search(path.name)):
+                continue
+            if int(m[1]) == pid if pid is not None else not process_running(int(m[1])):
                 path.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -176,12 +176,16 @@ def get_source(config: ml_collections.ConfigDict, split: str):
 def train_data_identity(config: ml_collections.ConfigDict) -> dict | None:
     """What a checkpoint's data position counts in, for a training source of the user's files: a caption table's
     rows (their count and `CaptionFileSource.digest`; the table is read once per version of the file, so after the
-    pipeline has read it this costs the digest alone) or a records set's shards (count and names: shards are written
-    once). None for the sources that are functions of the config (shapes) or whose files a method checks itself."""
+    pipeline has read it this costs the digest alone) or a records set's shards (count, names, and their sizes:
+    `data convert` writes a shard again under its name when its input changed). None for the sources that are
+    functions of the config (shapes) or whose files a method checks itself."""
     source = config.data.source
     if source == "records":
-        names = [os.path.basename(p) for p in records.list_shards(config.data.path)]
-        return {"shards": len(names), "digest": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+        paths = records.list_shards(config.data.path)
+        names = [os.path.basename(p) for p in paths]
+        sizes = [f"{name} {epath.Path(path).stat().length}" for name, path in zip(names, paths, strict=True)]
+        return {"shards": len(names), "digest": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+                "sizes": hashlib.sha256("\n".join(sizes).encode()).hexdigest()}
     if source in ("captions", "sharegpt4v"):
         table = get_source(config, "train")
         return {"rows": len(table), "digest": table.digest()}
@@ -228,9 +232,10 @@ class DecodeExample(grain.transforms.Map):
     Returns None, which grain drops, for an item with an `error` (a record or row that does not parse), an empty
     caption, a missing, unreadable, undecodable or truncated image, a path that is not a regular file (a FIFO, a
     device) or a file over `max_bytes` (`images.read_image_file`), or an image whose shorter side is below
-    MIN_IMAGE_SIDE: the stream's positions count the drops (`DataCounts`), the log names them (the first 10, then
-    every 100th, per process). Marks a kept example `converted` (a mode other than RGB: grayscale, palette, RGBA,
-    CMYK, 16-bit) and `upscaled` (shorter side below `image_size`). A class, so worker processes can pickle it."""
+    MIN_IMAGE_SIDE: the stream's positions count the drops (`DataCounts`), the log names them (the first 10 examples
+    once each, then every 100th drop, per process). Marks a kept example `converted` (a mode other than RGB:
+    grayscale, palette, RGBA, CMYK, 16-bit) and `upscaled` (shorter side below `image_size`). A class, so worker
+    processes can pickle it."""
 
     def __init__(self, image_size: int, min_side: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.image_size = image_size
@@ -238,6 +243,7 @@ class DecodeExample(grain.transforms.Map):
         self.max_bytes = max_bytes
         self._lock = threading.Lock()  # grain's reader threads share the map
         self._decoded = self._dropped = 0  # this map's own: a data set none of whose first examples decode is an error
+        self._named: set[str] = set()  # the examples the log has named (the first 10)
 
     def __getstate__(self) -> dict:
         return {"image_size": self.image_size, "min_side": self.min_side, "max_bytes": self.max_bytes}
@@ -271,7 +277,11 @@ class DecodeExample(grain.transforms.Map):
         with self._lock:
             self._dropped += 1
             dropped, all_failed = self._dropped, self._decoded == 0 and self._dropped >= _ALL_FAILED_LIMIT
-        if dropped <= 10 or dropped % 100 == 0:
+            # An example met again (a small table's next epoch) is not named again: it said nothing new.
+            first_time = key not in self._named and len(self._named) < 10
+            if first_time:
+                self._named.add(key)
+        if first_time or dropped % 100 == 0:
             log.warning("dropping example %s: %s (%d dropped so far in process %d)", key, reason, dropped, os.getpid())
         if all_failed:
             raise ConfigError(f"the first {dropped} examples read have no decodable image or no caption: check "

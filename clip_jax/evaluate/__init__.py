@@ -5,15 +5,21 @@ import logging
 import ml_collections
 
 log = logging.getLogger(__name__)
-_told_skipped: set[str] = set()
+_told: set[str] = set()
+
+
+def tell_once(message: str, level: int = logging.WARNING) -> None:
+    """Logs `message` the first time only: a note on an evaluation entry, not repeated at every evaluation (each
+    alpha of a WiSE-FT sweep, each eval during training)."""
+    if message not in _told:
+        _told.add(message)
+        log.log(level, message)
 
 
 def tell_skipped(name: str, reason: str) -> None:
-    """Says once per entry (not at every evaluation) that `evals.<name>` is skipped, and why: else its figures are
-    missing from the results unsaid."""
-    if name not in _told_skipped:
-        _told_skipped.add(name)
-        log.warning("evals.%s: skipped, %s", name, reason)
+    """Says once (`tell_once`) that `evals.<name>` is skipped, and why: else its figures are missing from the results
+    unsaid."""
+    tell_once(f"evals.{name}: skipped, {reason}")
 
 
 def trained_on_shapes(config: ml_collections.ConfigDict, name: str) -> bool:

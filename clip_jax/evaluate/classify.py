@@ -120,7 +120,8 @@ def _check_names(names: Sequence[str]) -> None:
     """Class names are non-empty texts, each once (a blank line's "" became a class that won images; a name given
     twice split its probability in half)."""
     if len(names) < 2:  # one class wins every image with probability 1
-        raise ConfigError(f"{len(names)} class names given: zero-shot classification chooses among two or more")
+        given = "no class name" if not names else "1 class name"
+        raise ConfigError(f"{given} given: zero-shot classification chooses among two or more")
     seen = set()
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():

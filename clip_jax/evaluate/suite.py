@@ -50,7 +50,7 @@ from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES, with_article
 from clip_jax.data.tokenizer import ClipTokenizer, same_text
 from clip_jax.errors import ConfigError, UnscorableClasses
-from clip_jax.evaluate import trained_on_shapes
+from clip_jax.evaluate import tell_once, trained_on_shapes
 from clip_jax.evaluate.audio import (
     ShapesAudioEval,
     ZeroShotAudioFolderEval,
@@ -391,8 +391,8 @@ def run_few_shot(ctx: Context, name: str, entry: FewShotEval) -> dict[str, float
     if entry.shapes_domain and ctx.config.few_shot.dataset == "shapes":  # another set has no rendering domains
         domains["_shifted"] = entry.shapes_domain
     elif entry.shapes_domain:
-        log.info("evals.%s: shapes_domain %r is a domain of the shapes set only: no %s_shifted_* on this %s set",
-                 name, entry.shapes_domain, name, ctx.config.few_shot.dataset)
+        tell_once(f"evals.{name}: shapes_domain {entry.shapes_domain!r} is a domain of the shapes set only: no "
+                  f"{name}_shifted_* on this {ctx.config.few_shot.dataset} set", logging.INFO)
     results = {}
     for suffix, domain in domains.items():
         task, images = _few_shot_scored(ctx.config.to_json(), domain, entry.split)

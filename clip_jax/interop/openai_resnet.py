@@ -22,6 +22,8 @@ from clip_jax.interop import ConversionError
 from clip_jax.models.resnet import BATCH_NORM_EPS, STRIDE
 
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+# An image tower BatchNorm's weight: the stem's bn1-3, each block's bn1-3 and its shortcut's downsample.1.
+_BATCH_NORM_WEIGHT = re.compile(r"^visual\.(?:.+\.)?(?:bn\d+|downsample\.1)\.weight$")
 
 
 def resnet_rows(v: Mapping[str, Any], embed_dim: int) -> list[tuple]:
@@ -71,6 +73,14 @@ def fold_batch_norms(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The state dict with every BatchNorm (a prefix with `running_mean`) folded into `weight` (the scale) and
     `bias`, its statistics dropped."""
     out = dict(sd)
+    # A dump of the parameters alone (named_parameters) has the affines without the statistics: read as folded
+    # scales, they would compute another function.
+    unfolded = [key for key in sd if _BATCH_NORM_WEIGHT.match(key)
+                and f"{key[: -len('.weight')]}.running_mean" not in sd]
+    if unfolded:
+        raise ConversionError(f"{len(unfolded)} BatchNorms of the image tower, the first {unfolded[0]!r}, have a "
+                              "weight but no running statistics (running_mean, running_var): a dump of the parameters "
+                              "alone leaves them out; save the model's state_dict(), which holds them")
     for key in sd:
         if not key.endswith(".running_mean"):
             continue
@@ -78,6 +88,11 @@ def fold_batch_norms(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [f"{prefix}.{n}" for n in ("weight", "bias", "running_var") if f"{prefix}.{n}" not in sd]
         if missing:
             raise ConversionError(f"BatchNorm {prefix!r} has running_mean but no {', '.join(missing)}")
+        statistics = {n: np.asarray(sd[f"{prefix}.{n}"], np.float64) for n in ("running_mean", "running_var")}
+        bad = [n for n, v in statistics.items() if not np.isfinite(v).all() or (n == "running_var" and (v < 0).any())]
+        if bad:  # named here: folded, they would show as NaN in the weight and bias
+            raise ConversionError(f"BatchNorm {prefix!r} has a damaged {' and '.join(bad)} (NaN, infinite or a "
+                                  "negative variance): the checkpoint is damaged; convert another one")
         mean = np.asarray(sd[key], np.float64)
         scale = np.asarray(sd[f"{prefix}.weight"], np.float64) / np.sqrt(
             np.asarray(sd[f"{prefix}.running_var"], np.float64) + BATCH_NORM_EPS)

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import pathlib
+import shlex
 import shutil
 import tempfile
 from typing import Any
@@ -158,12 +159,19 @@ def _check_open_clip_sizes(config_json: dict[str, Any], model: dict[str, Any], w
                for key, ours in (("width", "width"), ("layers", "layers"), ("context_length", "context_length"),
                                  ("vocab_size", "vocab_size"))]
     vision = mc.get("vision_cfg", {})
-    if model["vision"].get("type") != "resnet":  # a ResNet's layers are a list of blocks per stage, its width per 32
-        stated += [(f"vision_cfg.{key}", vision.get(key), model["vision"][key])
-                   for key in ("width", "layers", "patch_size", "image_size")]
+    resnet = model["vision"].get("type") == "resnet"
+    if "layers" in vision and isinstance(vision["layers"], list | tuple) != resnet:  # open_clip: a list for a ResNet
+        said, found = ("a ResNet", "a ViT's") if not resnet else ("a ViT", "a ResNet's")
+        raise ConversionError(f"{where} says {said} image tower but its weights are {found}: the config is not this "
+                              "model's; put the model's own config beside its weights")
+    for key in ("width", "layers", "image_size", *(() if resnet else ("patch_size",))):
+        said, found = vision.get(key), model["vision"][key]
+        if key == "layers" and resnet:  # its blocks per stage, a list in the JSON (its width is the stem's)
+            said, found = tuple(said) if said else None, tuple(found)
+        stated.append((f"vision_cfg.{key}", said, found))
     for key, said, found in stated:
-        if isinstance(said, list | tuple) and len(set(said)) == 1:  # open_clip also writes a size as [224, 224]
-            said = said[0]
+        if key.endswith("image_size") and isinstance(said, list | tuple) and len(set(said)) == 1:
+            said = said[0]  # open_clip also writes a size as [224, 224]
         if said is not None and said != found:
             raise ConversionError(f"{where} says {key} {said!r} but its weights have {found!r}: the config is not "
                                   "this model's; put the model's own config beside its weights")
@@ -689,13 +697,18 @@ def _write_export(params: dict[str, Any], model: dict[str, Any], fmt: str, out: 
         own_vocab = tokenizer is not None and tokenizer.get("name") != OPENAI_VOCAB_NAME
         sd = oa.state_dict_from_params(params, model)
         if out.suffix.lower() in _FILE_SUFFIXES:
+            if model["text"].get("keep_positions", 0) not in (0, oa.LONGCLIP_KEEP):
+                # Long-CLIP's layout says its 20 kept positions by convention only (its code, and `convert`, assume
+                # 20): another count is written as the one table it amounts to, which reads back as the same model.
+                sd = oa.single_position_table(sd, model)
             oa.check_class_token_pooled(model, f"{out.name} (a state dict without a config)")
             oa.check_one_activation(model, f"{out.name} (a state dict without a config)")
             if flags := _flags_a_weights_file_needs(model, sd):
                 log.warning("%s holds the weights only, and this model's %s are not what a weights file is read with "
                             "(heads of 64 wide, QuickGELU): `clip-jax convert %s %s` reads it back as this model, "
                             "open_clip needs a model config of them, or export to a folder (its open_clip_config.json "
-                            "says them)", out.name, " and ".join(flags.values()), out.name, " ".join(flags))
+                            "says them)", out.name, " and ".join(flags.values()), shlex.quote(str(out)),
+                            " ".join(flags))
             if oa.normalisation(model) != oa.normalisation({}):
                 log.warning("%s holds the weights only, and this model normalises its images with mean %s and std %s, "
                             "not OpenAI's, which open_clip's transforms assume for a weights file: give open_clip "

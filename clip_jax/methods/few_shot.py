@@ -69,6 +69,9 @@ class FewShotMethod(Method):
     # tower (computed once), or "images", the uint8 image itself, for a learner that enters the image tower (MaPLe's
     # vision prompts) or trains it (WiSE-FT).
     inputs: ClassVar[str] = "features"
+    # (an export is the run's CLIP: without its learner it classifies zero-shot, not as the run does)
+    export_leaves = ("this few-shot run's learner (its classes' prompts, adapter, cache or head) has",
+                     "clip-jax classify --workdir and eval use it")
 
     def __init__(self, config):
         super().__init__(config)

@@ -290,8 +290,9 @@ def tell_data_changes(workdir: epath.Path, config: ml_collections.ConfigDict, re
         before = json.loads(path.read_text()) if resume_step and path.exists() else None
     except (OSError, ValueError):  # torn or unreadable: nothing to compare with, and it is written again below
         before = None
+    # (compared on what both recorded: a record of an earlier version lacks the shards' sizes)
     if (isinstance(before, dict) and (before.get("source"), before.get("path")) == (record["source"], record["path"])
-            and before != record):
+            and any(before[key] != value for key, value in record.items() if key in before)):
         unit = "rows" if "rows" in record else "shards"
         counts = (f"{before.get(unit)} {unit} then, {record[unit]} now" if before.get(unit) != record[unit] else
                   f"{record[unit]} {unit} then and now, not all the same")
@@ -1024,20 +1025,31 @@ def _tell_init_from_changes(config: ml_collections.ConfigDict) -> None:
                           f"config's is a {ours}: give the recipe that tower in a config file of your own "
                           f"(docs/resnet.md, \"A recipe on the other tower\"), or start from a CLIP with a {ours} "
                           "tower")
+    # A ResNet's norm: BatchNorm folded into scales (a converted checkpoint's) read as GroupNorm's computes another
+    # function with the same parameters (configs/pretrain.py's ResNets train from scratch with GroupNorm).
+    theirs, ours = old.get("vision", {}).get("norm", "frozen_bn"), config.model.vision.get("norm", "frozen_bn")
+    if config.model.vision.get("type") == "resnet" and theirs != ours:
+        raise ConfigError(f"config.init_from {config.init_from} holds a ResNet with norm {theirs!r}, and this "
+                          f"config's is {ours!r}: its parameters would compute another function; set "
+                          f"--config.model.vision.norm={theirs} to start from it (docs/resnet.md)")
     if jax.process_index() == 0:
         _tell_meaning_changes(old, config.model, f"config.init_from {config.init_from}")
 
 
 def _tell_meaning_changes(old: dict, model: ml_collections.ConfigDict, source: str) -> None:
     """Settings that change what a model's parameters compute without changing their shapes: a tower's pooling or
-    activation. A warm start restores parameters into other such settings without an error, so a difference from
-    those `source` was trained with is said in one line (a change of shapes fails the restore with its own message).
-    A tower only one side has (a method's own) is not compared, nor the temperature's clamp, which Long-CLIP's
-    recipes lift on purpose."""
+    activation, a ResNet's attention-pool heads. A warm start restores parameters into other such settings without an
+    error, so a difference from those `source` was trained with is said in one line (a change of shapes fails the
+    restore with its own message). A tower only one side has (a method's own) is not compared, nor the temperature's
+    clamp, which Long-CLIP's recipes lift on purpose."""
     new = model.to_dict()
+
+    def fields(tower: dict) -> tuple[str, ...]:  # a transformer's heads shape its parameters: the restore says it
+        return ("pool", "activation", "heads") if tower.get("type") == "resnet" else ("pool", "activation")
+
     changed = [f"model.{tower}.{field} {old[tower][field]!r} -> {new[tower][field]!r}"
                for tower in sorted(set(old) & set(new)) if isinstance(old[tower], dict) and isinstance(new[tower], dict)
-               for field in ("pool", "activation")
+               for field in fields(new[tower])
                if field in old[tower] and field in new[tower] and old[tower][field] != new[tower][field]]
     if changed:
         log.warning("%s was trained with other model settings (%s): its parameters are read into this model as "

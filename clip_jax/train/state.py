@@ -83,8 +83,8 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, params: PyTree) -> optax.GradientTransformation:
-    """AdamW with clipping and warm-up + cosine; no decay on biases, norms, embeddings and the temperature; frozen
-    parameters get zero updates and no optimizer state at all."""
+    """AdamW with clipping and warm-up + cosine; no decay where `opt.no_decay` matches (by default biases, norms'
+    scales, embeddings and temperatures); frozen parameters get zero updates and no optimizer state at all."""
     check_patterns(params, opt.frozen, "optimizer.frozen")
     check_patterns(params, opt.no_decay, "optimizer.no_decay")
     paths = param_paths(params)

@@ -78,8 +78,12 @@ def zero_shot_params(trained, workdir) -> Any:
     steps = [step] if not config.init_from else sorted(loop.checkpoint_steps(source.directory.parent), reverse=True)
     differs = ""
     for candidate in steps:
-        theta0 = method.warm_start(source.restore_params(candidate, method.base_params(abstract.params)),
-                                   trained.params)
+        try:
+            base = source.restore_params(candidate, method.base_params(abstract.params))
+        except ConfigError:  # parameters of another model (train's advice on it names flags wise-ft has not)
+            differs = "model"
+            continue
+        theta0 = method.warm_start(base, trained.params)
         check_same_tree(theta0, trained.params)
         differs = next((key for key in ("text", "logit_scale", "logit_bias") if key in theta0 and not all(
             np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(theta0[key])),
@@ -91,8 +95,11 @@ def zero_shot_params(trained, workdir) -> Any:
                             "is of training since)", where, candidate, step)
             return jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), theta0, trained.params)
     tried = f"step {step}" if len(steps) == 1 else f"steps {', '.join(map(str, steps))}"
-    raise ConfigError(f"{where} ({tried}) holds not the CLIP this run started from (its {differs} differs from the "
-                      "run's frozen one): restore that checkpoint to rebuild the zero-shot model")
+    what = ("a model of another size" if differs == "model" else
+            f"a CLIP whose {differs} differs from the run's frozen one")
+    raise ConfigError(f"{where} no longer holds the CLIP this run started from ({tried}: {what}), and wise-ft "
+                      "interpolates toward it: put back the workdir, or the checkpoint (its latest step when this run "
+                      "began), that the run started from")
 
 
 def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split: str = "test",
@@ -114,6 +121,12 @@ def run_sweep(workdir, alphas: Sequence[float] = DEFAULT_ALPHAS, out=None, split
             f"{workdir} holds a {name} run: clip-jax wise-ft interpolates a fine-tuned wise_ft run (method.name="
             "wise_ft, e.g. configs/wise_ft/shapes.py) with its zero-shot start"
         )
+    saved = workdir / "wise_ft_alpha.json"
+    if saved.exists() and loop.checkpoint_steps(workdir) == [0]:  # its step 0 is the model: nothing fine-tuned since
+        source = json.loads(saved.read_text())
+        log.warning("%s is the interpolation at alpha %s of %s (wise-ft --save-workdir), not trained since: every "
+                    "alpha is that one model; sweep that run for the curve", workdir, source.get("alpha"),
+                    source.get("fine_tuned"))
     out = sweep_out(workdir, out, split, save_workdir)
     primary = jax.process_index() == 0
     if out is not None:
