@@ -449,8 +449,12 @@ def read_reports(out: str, prefix: str, count: int) -> list[dict[str, Any]]:
     """The reports present in `out` of the data set's `count` shards whose shard is there too, in shard order (a
     shard deleted by hand is not done, whatever its report says)."""
     opts = Options(out, prefix, count, 0)
-    return [json.loads(report.read_text()) for i, report in enumerate(report_path(opts, i) for i in range(count))
-            if report.exists() and (epath.Path(out) / records.shard_name(prefix, i, count)).exists()]
+    reports = []
+    for i in range(count):
+        report = report_path(opts, i)
+        if report.exists() and (epath.Path(out) / records.shard_name(prefix, i, count)).exists():
+            reports.append(json.loads(report.read_text()))
+    return reports
 
 
 def failure(task: Task, opts: Options, error: BaseException) -> dict[str, str]:
