@@ -631,6 +631,8 @@ def _read_lines(path: str) -> list[str]:
     and line where it is not UTF-8 or holds nothing."""
     from etils import epath
 
+    from clip_jax.data.captions import text_lines
+
     data = epath.Path(path).read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -638,7 +640,7 @@ def _read_lines(path: str) -> list[str]:
         line = data[: e.start].count(b"\n") + 1
         raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
                           ) from None
-    lines = text.splitlines()
+    lines = text_lines(text)  # (str.splitlines split a line at U+2028 and the like: row i was another line's)
     if not lines:
         raise ConfigError(f"{path} holds no text (one text per line expected)")
     return lines

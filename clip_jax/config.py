@@ -459,7 +459,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           "does); set it to False")
     for name, entry in config.evals.items():
         if not isinstance(entry, ml_collections.ConfigDict | dict) or "type" not in entry:
-            raise ConfigError(f"config key 'evals.{name}' must be a dict with a 'type' (clip_jax/evaluate/suite.py)")
+            drop = (f"; to drop the entry in a config file, `del config.evals[{name!r}]` (None drops it as an "
+                    "override only)") if entry is None else ""
+            raise ConfigError(f"config key 'evals.{name}' must be a dict with a 'type' (clip_jax/evaluate/suite.py)"
+                              f"{drop}")
         _check_against(eval_defaults(entry["type"]), entry, f"evals.{name}")
         parse_entry(name, dict(entry))
         _check_eval_entry(name, entry, eval_defaults(entry["type"]))

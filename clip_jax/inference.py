@@ -281,8 +281,8 @@ def load(workdir: str | os.PathLike, step: int | None = None, batch_size: int = 
          ) -> Model:
     """The model of `workdir` at its latest checkpoint (or `step`), on every local device; `batch_size` examples
     per device call. `dtype`: the compute dtype, "float32", "bfloat16" or "float16" (the parameters stay float32),
-    by default the run's: a bfloat16 run's embeddings are ~1e-3 from a float32 model's, so compare with PyTorch in
-    "float32". FileNotFoundError if `workdir` is not a workdir or has no checkpoint."""
+    by default the run's: a bfloat16 run's embeddings differ from a float32 model's by bfloat16's rounding, so compare
+    with PyTorch in "float32". FileNotFoundError if `workdir` is not a workdir or has no checkpoint."""
     from clip_jax.config import COMPUTE_DTYPES
 
     if step is not None and (isinstance(step, bool) or not isinstance(step, int | np.integer)):

@@ -239,3 +239,23 @@ def test_a_trained_tokenizer_reads_captions_from_across_a_table(tmp_path):
                                              f"--config.data.path={tmp_path / 't.csv'}"])
     assert tokenizer_corpus(config, n=4) == ["caption 0", "caption 3", "caption 6", "caption 9"]  # first to last
     assert tokenizer_corpus(config, n=12)[-2:] == ["caption 0", "caption 1"]  # a small table: every row, and again
+
+
+def test_text_lines_end_at_line_ends_only():
+    """str.splitlines also splits at U+2028, U+2029, U+0085 and \\x0b-\\x1e, which a caption or a class name may
+    hold."""
+    from clip_jax.data.captions import text_lines
+
+    assert text_lines("a\u2028b\r\nc\x85d\re\x0cf\n\ng\n") == ["a\u2028b", "c\x85d", "e\x0cf", "", "g"]
+    assert text_lines("") == [] and text_lines("one") == ["one"]
+
+
+def test_a_table_mostly_not_utf8_is_said_to_be_in_another_encoding(tmp_path, caplog):
+    """A table saved as GBK trained on U+FFFD captions, said only as a count: the likely cause is named."""
+    from clip_jax.data.captions import CaptionFileSource, read_table
+
+    (tmp_path / "t.csv").write_bytes("image,caption\na.png,红色的圆\nb.png,蓝色的方块\nc.png,a cat\n".encode("gb18030"))
+    with caplog.at_level("WARNING"):
+        CaptionFileSource(read_table(str(tmp_path / "t.csv"), "csv"), "t.csv")
+    assert "2 of 3 rows have captions with bytes that are not UTF-8" in caplog.text
+    assert "likely in another encoding (GBK, Shift-JIS, Latin-1): save it as UTF-8" in caplog.text

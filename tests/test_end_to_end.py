@@ -207,7 +207,8 @@ def test_eval_reproduces_results_json(trained, capsys):
 
 
 def test_encode_writes_normalised_embeddings_and_skips_corrupt_images(trained, tmp_path, capsys, monkeypatch):
-    texts = ["a red circle.", "a picture of a blue square.", "there is a green star in the image.", "x"]
+    # (a line holding U+2028 or a form feed is one text: str.splitlines made three rows of it, every later row off)
+    texts = ["a red circle.", "a picture of a blue square.", "there is a green star\u2028in the\x0cimage.", "x"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     images = tmp_path / "images"
     images.mkdir()

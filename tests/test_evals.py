@@ -3,6 +3,7 @@ from the command line; old workdirs' eval fields migrated; the periods; the zero
 class folders and on a TFDS set, scored against hand-computed accuracies with an encoder whose embeddings are known."""
 
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -13,6 +14,7 @@ from PIL import Image
 from clip_jax.config import ConfigError, check_input_paths, load_config, read_config
 from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.images import list_images
+from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.evaluate import suite
 
 DEMO = "configs/demo.py"
@@ -48,6 +50,13 @@ def test_entry_mistakes_are_one_line(overrides, words):
     with pytest.raises(ConfigError) as e:
         load_config(DEMO, overrides)
     assert words in str(e.value)
+
+
+def test_an_entry_set_to_none_in_a_config_file_is_told_how_to_drop_it(tmp_path):
+    (tmp_path / "mine.py").write_text("from configs.demo import get_config as demo\n\n\ndef get_config():\n"
+                                      "    config = demo()\n    config.evals.shapes = None\n    return config\n")
+    with pytest.raises(ConfigError, match=r"to drop the entry in a config file, `del config.evals\['shapes'\]`"):
+        load_config(str(tmp_path / "mine.py"))
 
 
 def test_dropping_an_evaluation_the_run_lacks_is_said_not_refused(caplog):
@@ -140,8 +149,15 @@ class KnownContext(suite.Context):
         return np.stack([np.eye(3, dtype=np.float32)[[c in t for c in COLOURS].index(True)] for t in texts])
 
 
+@functools.cache
+def colour_tokenizer() -> ClipTokenizer:
+    """A small BPE tokenizer of the colours' texts: what the evaluators tokenize besides embedding (a check that two
+    class names are one prompt)."""
+    return ClipTokenizer.train([f"a photo of a {c} thing." for c in COLOURS] * 3, 600)
+
+
 def context(config):
-    return KnownContext(config, ColourEncoder(), tokenizer=None)
+    return KnownContext(config, ColourEncoder(), tokenizer=colour_tokenizer())
 
 
 @pytest.mark.parametrize("encoder", ["words", "salient_colour", "pairs"])
@@ -319,6 +335,21 @@ def test_zero_shot_folder_of_wordnet_ids_prompts_with_its_names_file(tmp_path, c
         suite.run_zero_shot_folder(context(config), "ids", suite.parse_entry("ids", config.evals.ids.to_dict()))
     assert ("the class folders of " in caplog.text and "are WordNet ids (n00000001, ...), and the prompts say them as "
             "they are ('a n00000001 thing.'): give the entry a names_file" in caplog.text)
+
+
+def test_class_names_cut_to_one_prompt_by_the_context_are_refused(tmp_path):
+    """Names the cleaning tells apart whose prompts the context cuts to the same tokens (Hindi in OpenAI's
+    vocabulary, ~3 tokens a character) were scored, one of them never predicted; classify refused them."""
+    write_folder(tmp_path / "set", misfiled=0)
+    names = tmp_path / "names.txt"
+    long = "red green blue " * 6
+    names.write_text(f"red\t{long}red\ngreen\t{long}green\nblue\tblue\n")
+    entry = f"{{'type': 'zero_shot_folder', 'path': '{tmp_path / 'set'}', 'names_file': '{names}'}}"
+    config = load_config(DEMO, [f"--config.evals.cut={entry}", "--config.model.text.context_length=16"])
+    check_input_paths(config)  # the cleaning tells them apart; the tokenizer is the run's, known at evaluation
+    with pytest.raises(ConfigError, match=r"evals.cut: 'red green blue .* are one text to this model .* its text "
+                                          r"tower reads 14 tokens"):
+        suite.run_zero_shot_folder(context(config), "cut", suite.parse_entry("cut", config.evals.cut.to_dict()))
 
 
 def test_a_folder_of_fewer_than_two_classes_is_refused_before_training(tmp_path, caplog):

@@ -88,7 +88,7 @@ def test_hidden_folders_are_no_classes_and_loose_images_are_told(tmp_path, caplo
     ("too_few_shots", "class 'blue star' has 2 examples, fewer than 3 shots"),
     ("one_name_twice", "the classes 'red circle' and 'red_circle' are both named 'red circle'"),
     ("one_name_two_cases", "the classes 'Red Circle' and 'red circle' are named 'Red Circle' and 'red circle', one "
-                           "text to CLIP (its tokenizer lower-cases)"),
+                           "text to CLIP (its tokenizer lower-cases and undoes HTML entities"),
     ("label_twice", "line 3: the label 'n01' is listed again; list each class once"),
 ])
 def test_bad_few_shot_data_is_one_line(tmp_path, case, words):

@@ -107,6 +107,13 @@ def test_a_run_that_would_train_the_kept_positions_is_warned():
     bare = load_config(CONFIG, ["--config.optimizer.frozen=()"])  # what a stretched workdir's config.json holds
     said = positions_warning(bare, trainable_mask(params, bare.optimizer.frozen))
     assert "keep_positions is 20" in said and "'^text/positional_embedding$'" in said
+    # its override, followed (it named the B/16 and L/14 recipes, which another model's run cannot use), keeps the
+    # run's other rules and freezes the kept table
+    visual = load_config(CONFIG, ["--config.optimizer.frozen=('^visual/',)"])
+    said = positions_warning(visual, trainable_mask(params, visual.optimizer.frozen))
+    followed = load_config(CONFIG, [shlex.split(said.rsplit(": ", 1)[1])[0]])
+    assert followed.optimizer.frozen == ("^visual/", "^text/positional_embedding$")
+    assert positions_warning(followed, trainable_mask(params, followed.optimizer.frozen)) is None
     plain = load_config(CONFIG, ["--config.optimizer.frozen=()", "--config.model.text.keep_positions=0"])
     assert positions_warning(plain, trainable_mask({"text": {"positional_embedding": 0}}, ())) is None
 

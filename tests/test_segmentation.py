@@ -485,7 +485,8 @@ def test_segment_refuses_labels_that_are_one_text_to_the_model(clip_workdir, tmp
         message = exit_message(["segment", "--workdir", str(clip_workdir), "--images", str(images), "--labels",
                                 labels, "--out", str(tmp_path / "o")], capsys)
         assert message.startswith(f"clip-jax segment: error: --labels: {first}") and f" and {second}" in message
-        assert "are one text to this model (its tokenizer lower-cases, and its text tower reads 22 tokens)" in message
+        assert ("are one text to this model (its tokenizer lower-cases and undoes HTML entities, full- and half-width "
+                "forms and ligatures, and its text tower reads 22 tokens)") in message
         assert len(message) < 400, message
     # One label, the background by threshold: a softmax over one label is 1 everywhere, every pixel was that label
     message = exit_message(["segment", "--workdir", str(clip_workdir), "--images", str(images), "--labels",
@@ -526,7 +527,8 @@ def test_a_resnets_dense_features_are_its_attention_pool_at_each_position():
     np.testing.assert_allclose(np.asarray(dense)[:, 0, 0], pooled, rtol=1e-4, atol=1e-5)
 
 
-def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_through_the_command(clip_workdir, tmp_path):
+def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_through_the_command(clip_workdir, tmp_path,
+                                                                                          caplog):
     from clip_jax.data.coco import write_detection_folder
     from clip_jax.data.shapes import scene_boxes
 
@@ -594,6 +596,9 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
     assert found == [entry["detections"]] * 3
     with pytest.raises(ConfigError, match="is a clip run, not a detector"):
         clip_jax_api.load(clip_workdir).detect([wide / "wide.png"], ["red star"])
+    with caplog.at_level("WARNING"):  # a query longer than the context was cut in its prompts without a word
+        model.detect([wide / "wide.png"], ["red star", " ".join(["blue circle"] * 40)], min_score=0)
+    assert "queries=: 1 queries are longer than the model's" in caplog.text and "'blue circle blue" in caplog.text
     with pytest.MonkeyPatch.context() as patch:  # two images at a time: the same files
         patch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
         main(["detect", "--workdir", str(workdir), "--images", str(scenes), "--queries", "red star. blue circle",

@@ -50,7 +50,7 @@ from clip_jax.data.shapes import (
     class_index,
     validate_scene,
 )
-from clip_jax.data.tokenizer import same_text
+from clip_jax.data.tokenizer import READS_ALIKE, same_text
 from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote
 
@@ -403,8 +403,8 @@ def read_audio_table(csv_path: epath.PathLike, audio_root: str = "", folds: tupl
     categories = list(classes)
     if pair := same_text([category.replace("_", " ") for category in categories]):  # one prompt for two classes
         first, second = (categories[i] for i in pair)
-        raise AudioError(f"audio table {csv_path}: the categories {first!r} and {second!r} are one text to CLIP (its "
-                         "tokenizer lower-cases, and '_' is read as a space): the model could not tell them apart; "
+        raise AudioError(f"audio table {csv_path}: the categories {first!r} and {second!r} are one text to CLIP "
+                         f"({READS_ALIKE}, and '_' is read as a space): the model could not tell them apart; "
                          "give them distinct names")
     if folds:
         wanted = {int(f) for f in folds}

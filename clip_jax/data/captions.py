@@ -160,12 +160,18 @@ class MissingColumns(ValueError):
     """A table without the image or caption column: its reader says which option names them."""
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a text file's `text`, ended as the csv module ends them (\\n, \\r\\n, \\r), without their ends:
+    str.splitlines also splits at U+2028, U+2029, U+0085 and the form feed and separators \\x0b-\\x1e, which a line
+    of a caption, class name or JSON string may hold (row i of an output then stood for another line)."""
+    return [line.rstrip("\r\n") for line in io.StringIO(text, newline="")]
+
+
 def _jsonl_objects(text: str) -> list[tuple[int, Any]]:
-    """(1-based line number, object or None where the line is not JSON) per non-blank line. Lines end as the csv
-    module ends them (\\n, \\r\\n, \\r): str.splitlines would also split inside a JSON string holding U+2028 or
-    U+0085, which JSON allows unescaped, and number the file's lines wrongly."""
+    """(1-based line number, object or None where the line is not JSON) per non-blank line (`text_lines`: JSON
+    allows U+2028 and U+0085 unescaped in a string)."""
     objects = []
-    for n, line in enumerate(io.StringIO(text, newline=""), 1):
+    for n, line in enumerate(text_lines(text), 1):
         if line.strip():
             try:
                 objects.append((n, json.loads(line)))
@@ -282,7 +288,9 @@ class CaptionFileSource:
         unusable = sum(bool(e.problem or not e.caption) for e in self._entries)
         if bad_utf8:
             log.warning("%s: %d of %d rows have captions with bytes that are not UTF-8; they are replaced by U+FFFD "
-                        "(training counts them in data_bad_utf8)", name, bad_utf8, len(rows))
+                        "(training counts them in data_bad_utf8)%s", name, bad_utf8, len(rows),
+                        "; so many that the file is likely in another encoding (GBK, Shift-JIS, Latin-1): save it as "
+                        "UTF-8" if bad_utf8 > len(rows) // 2 else "")
         if unusable:
             log.warning("%s: %d of %d rows have no image path or no caption%s; training drops them (data_dropped)",
                         name, unusable, len(rows), f" or no {negative_field}" if negative_field else "")

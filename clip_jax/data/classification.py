@@ -23,10 +23,10 @@ import ml_collections
 import numpy as np
 
 from clip_jax.data import shapes
-from clip_jax.data.captions import read_table, table_format
+from clip_jax.data.captions import read_table, table_format, text_lines
 from clip_jax.data.folder_source import class_folders, classes_in_turn, loose_images
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SUFFIXES, image_files, load_image
-from clip_jax.data.tokenizer import same_text
+from clip_jax.data.tokenizer import READS_ALIKE, same_text
 from clip_jax.errors import ConfigError
 
 CLASS_SPLITS = ("reference", "balanced")
@@ -58,7 +58,7 @@ def read_names(path: str) -> dict[str, str]:
     """A names file: label -> prompt name, in the file's order (lines `label` or `label<TAB>name`; blank lines and
     lines starting with # are skipped; a byte-order mark, as Windows editors write, is not part of the first label)."""
     names: dict[str, str] = {}
-    for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(text_lines(pathlib.Path(path).read_text(encoding="utf-8-sig")), 1):
         if line.strip() and not line.startswith("#"):
             label, _, name = line.partition("\t")
             if label.strip() in names:  # the later line would rename the class silently
@@ -86,7 +86,7 @@ def _distinct(where: str, names: dict[str, str]) -> list[str]:
     if pair := same_text(texts):
         (other, label), (other_name, name) = ([labels[i] for i in pair], [texts[i] for i in pair])
         same = (f"both named {name!r}" if other_name == name else
-                f"named {other_name!r} and {name!r}, one text to CLIP (its tokenizer lower-cases)")
+                f"named {other_name!r} and {name!r}, one text to CLIP ({READS_ALIKE})")
         raise ValueError(f"{where}: the classes {other!r} and {label!r} are {same}; give them distinct names "
                          "(few_shot.names_file: label<TAB>name)")
     return texts

@@ -42,7 +42,7 @@ from clip_jax.data.images import (
     read_image_file,
     resize_center_crop,
 )
-from clip_jax.data.tokenizer import clean_text, same_text
+from clip_jax.data.tokenizer import READS_ALIKE, clean_text, same_text
 from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote, write_atomic
 
@@ -150,7 +150,7 @@ def _check_entries(data: dict, path: epath.Path) -> None:
     if pair := same_text([c["name"] for c in data["categories"]]):  # two ids of one text: one query
         first, second = (data["categories"][i] for i in pair)
         same = (f"both {second['name']!r}" if first["name"] == second["name"] else
-                f"{first['name']!r} and {second['name']!r}, one text to CLIP (its tokenizer lower-cases)")
+                f"{first['name']!r} and {second['name']!r}, one text to CLIP ({READS_ALIKE})")
         raise DetectionError(f"annotation file {path} names categories {first['id']!r} and {second['id']!r} {same}; "
                              "give each category a unique name (or merge them)")
     for annotation in data["annotations"]:

@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
-from clip_jax.data.captions import decode_text
+from clip_jax.data.captions import decode_text, text_lines
 from clip_jax.data.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     RefusedFile,
@@ -35,7 +35,7 @@ from clip_jax.data.images import (
     resize_center_crop,
 )
 from clip_jax.data.shapes import ShapesConfig, ShapesDataset, class_names
-from clip_jax.data.tokenizer import same_text
+from clip_jax.data.tokenizer import READS_ALIKE, same_text
 from clip_jax.errors import ConfigError, one_line
 from clip_jax.files import is_remote
 
@@ -143,7 +143,7 @@ def _read_ids(path: epath.Path) -> list[str]:
                                 f"of the folder, laid out as {_LAYOUT}") from None
     except OSError as e:
         raise SegmentationError(f"cannot read split file {path}: {e.strerror or e}") from None
-    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    ids = [line.strip() for line in text_lines(text) if line.strip()]
     if not ids:
         raise SegmentationError(f"split file {path} lists no id; write one image id a line")
     return ids
@@ -163,7 +163,7 @@ def _read_class_names(path: epath.Path) -> list[str]:
                         path.parent, _NAMES, len(VOC_CLASSES) - 1, ", ".join(VOC_CLASSES[1:4]))
         return list(VOC_CLASSES)
     try:
-        lines = [line.strip() for line in decode_text(path.read_bytes()).splitlines()]
+        lines = [line.strip() for line in text_lines(decode_text(path.read_bytes()))]
     except OSError as e:
         raise SegmentationError(f"cannot read class names {path}: {e.strerror or e}") from None
     while lines and not lines[-1]:
@@ -177,7 +177,7 @@ def _read_class_names(path: epath.Path) -> list[str]:
     if pair := same_text(lines):  # two labels of one prompt: the second could never be predicted
         earlier, later = pair
         raise SegmentationError(f"{path}, lines {earlier + 1} and {later + 1}: {lines[earlier]!r} and {lines[later]!r} "
-                                "are one text to CLIP (its tokenizer lower-cases); give each class a name of its own")
+                                f"are one text to CLIP ({READS_ALIKE}); give each class a name of its own")
     return lines
 
 

@@ -412,6 +412,10 @@ def clean_text(text: str) -> str:
     return " ".join(_fix_text(text).split()).lower()
 
 
+# Why two names are one text to CLIP, as messages say it (`clean_text`: ftfy's fixes, then lower-case).
+READS_ALIKE = "its tokenizer lower-cases and undoes HTML entities, full- and half-width forms and ligatures"
+
+
 def same_text(names: Sequence[str]) -> tuple[int, int] | None:
     """(earlier, later) indices of the first two of `names` that CLIP's tokenizer reads as one text (`clean_text`:
     case, white space, HTML entities aside), None if every one differs: two classes of one prompt, the later never

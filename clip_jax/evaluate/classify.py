@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from clip_jax.data.classification import name_templates, prompt_ensemble
+from clip_jax.data.tokenizer import READS_ALIKE
 from clip_jax.errors import ConfigError, UnscorableClasses, quoted
 from clip_jax.evaluate.encoder import Encoder
 
@@ -41,7 +42,7 @@ def check_templates(templates: Sequence[str], what: str = "--templates") -> None
 def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_length: int,
                        templates: Sequence[str]) -> np.ndarray:
     """The token ids [len(names) x len(templates), context_length] of every name in every template, name-major.
-    Two names whose prompts are the same token ids to the run's tokenizer (it lower-cases, and the text tower
+    Two names whose prompts are the same token ids to the run's tokenizer (`READS_ALIKE`, and the text tower
     reads context_length - 2 tokens) get one embedding: a class's probability was split between them, a mask's
     second label was never chosen, a detector drew each box twice. Refused, naming the two (`what`: the flag or
     argument that gave them)."""
@@ -51,8 +52,8 @@ def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_
     for i, row in enumerate(tokens.reshape(len(names), -1)):
         j = first.setdefault(row.tobytes(), i)
         if j != i:
-            raise ConfigError(f"{what}: {quoted(names[j])} and {quoted(names[i])} are one text to this model (its "
-                              f"tokenizer lower-cases, and its text tower reads {context_length - 2} tokens): they "
+            raise ConfigError(f"{what}: {quoted(names[j])} and {quoted(names[i])} are one text to this model "
+                              f"({READS_ALIKE}, and its text tower reads {context_length - 2} tokens): they "
                               "would get one embedding; keep one, or make them differ early on")
     return tokens
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -38,6 +39,8 @@ from clip_jax.errors import ConfigError
 from clip_jax.evaluate import tell_skipped, trained_on_shapes
 from clip_jax.files import refuse_replacing, refuse_run_files
 from clip_jax.models.boxes import batched_nms
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -93,8 +96,17 @@ def prepared_queries(trained, texts, queries: Sequence[str], what: str = "--quer
         raise ConfigError(f"the workdir's run is a {config.method.name} run, not a detector: train one with "
                           "configs/vild_shapes.py or configs/glip_shapes.py (docs/detection.md)")
     # the prompts the detector builds: ViLD's templates around each name, GLIP's names as they are (one prompt)
-    refuse_same_tokens(what, queries, trained.tokenizer, config.model.text.context_length,
-                       tuple(config.method.get("templates") or ("{}",)))
+    templates = tuple(config.method.get("templates") or ("{}",))
+    context = config.model.text.context_length
+    refuse_same_tokens(what, queries, trained.tokenizer, context, templates)
+    if config.method.get("templates"):  # ViLD: a prompt per template, cut at the context (GLIP refuses a long one)
+        _, lengths = trained.tokenizer.tokenize_with_lengths([t.format(q) for q in queries for t in templates],
+                                                             context)
+        cut = [q for q, n in zip(queries, lengths.reshape(len(queries), -1).max(axis=1), strict=True)
+               if n > context - 2]
+        if cut:
+            log.warning("%s: %d queries are longer than the model's %d tokens in their prompts and are cut (the "
+                        "first: %r): shorten them", what, len(cut), context, cut[0])
     return trained.method.detection_queries(texts, trained.tokenizer, list(queries))
 
 

@@ -22,7 +22,7 @@ import pathlib
 
 import numpy as np
 
-from clip_jax.data.captions import caption_text, read_table, table_format
+from clip_jax.data.captions import caption_text, read_table, table_format, text_lines
 from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, load_images
 from clip_jax.data.shapes import COLOURS, ShapesConfig, ShapesDataset, describe_scene
 from clip_jax.data.tokenizer import ClipTokenizer
@@ -60,7 +60,7 @@ def long_text_pairs(path: str | pathlib.Path, image_root: str = "") -> list[tupl
         pairs = []
         for f in sorted((path / "caption").glob("*.txt")):
             try:
-                lines = f.read_text(encoding="utf-8-sig").splitlines()
+                lines = text_lines(f.read_text(encoding="utf-8-sig"))
             except UnicodeDecodeError as e:
                 raise ValueError(f"{f}: not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8") from None
             if not lines or not lines[0].strip():

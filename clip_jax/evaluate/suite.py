@@ -48,7 +48,7 @@ from clip_jax.data.classification import class_embeddings, few_shot_task, read_n
 from clip_jax.data.folder_source import ImageFolderSource
 from clip_jax.data.pipeline import get_source, shapes_held_out_split
 from clip_jax.data.shapes import ZERO_SHOT_TEMPLATES, with_article
-from clip_jax.data.tokenizer import ClipTokenizer, same_text
+from clip_jax.data.tokenizer import READS_ALIKE, ClipTokenizer, same_text
 from clip_jax.errors import ConfigError, UnscorableClasses
 from clip_jax.evaluate import tell_once, trained_on_shapes
 from clip_jax.evaluate.audio import (
@@ -57,6 +57,7 @@ from clip_jax.evaluate.audio import (
     run_shapes_audio,
     run_zero_shot_audio_folder,
 )
+from clip_jax.evaluate.classify import refuse_same_tokens
 from clip_jax.evaluate.detection import (
     CocoDetectionEval,
     ShapesDetectionEval,
@@ -277,7 +278,7 @@ def folder_class_names(name: str, entry: ZeroShotFolderEval, source: ImageFolder
     if pair := same_text(names):
         (a, b), (first, second) = ([folders[i] for i in pair], [names[i] for i in pair])
         same = f"both named {first!r}" if first == second else f"named {first!r} and {second!r}, one text to CLIP"
-        raise ConfigError(f"evals.{name}: the class folders {a!r} and {b!r} are {same} (its tokenizer lower-cases): "
+        raise ConfigError(f"evals.{name}: the class folders {a!r} and {b!r} are {same} ({READS_ALIKE}): "
                           "the model could not tell them apart; give them distinct names (names_file: "
                           "folder<TAB>class name)")
     return names
@@ -302,6 +303,10 @@ def run_zero_shot_folder(ctx: Context, name: str, entry: ZeroShotFolderEval) -> 
     config = ctx.config
     source = ImageFolderSource(entry.path, config.model.vision.image_size, config.data.max_image_bytes)
     class_names, folders = folder_class_names(name, entry, source), source.folder_names()
+    # names the cleaning tells apart but the context cuts to one prompt (Hindi or Arabic in OpenAI's vocabulary:
+    # ~3 tokens a character): known once the run's tokenizer is
+    refuse_same_tokens(f"evals.{name}", class_names, ctx.tokenizer, config.model.text.context_length,
+                       tuple(entry.templates))
     if not entry.names_file and all(_WORDNET_ID.fullmatch(f) for f in folders):
         log.warning("evals.%s: the class folders of %s are WordNet ids (%s, ...), and the prompts say them as they are "
                     "('%s'): give the entry a names_file (lines `folder<TAB>class name`)", name, entry.path,

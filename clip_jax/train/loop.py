@@ -582,9 +582,10 @@ def positions_warning(config: ml_collections.ConfigDict, trainable: dict) -> str
     keep = config.model.text.get("keep_positions", 0)
     table_trains = trainable["text"]["positional_embedding"]
     if keep and table_trains:
+        rules = (*config.optimizer.frozen, r"^text/positional_embedding$")
         return (f"model.text.keep_positions is {keep}, but optimizer.frozen does not freeze text/positional_embedding: "
-                "the kept positions will train. A Long-CLIP fine-tune freezes them: use its recipe (--config "
-                "configs/longclip_b16.py or longclip_l14.py), or add '^text/positional_embedding$' to optimizer.frozen")
+                "the kept positions will train. A Long-CLIP fine-tune freezes them (as its recipes, "
+                f"configs/longclip_*.py, do): {shlex.quote(f'--config.optimizer.frozen={rules!r}')}")
     if not keep and not table_trains and config.method.name == "longclip":
         return (f"optimizer.frozen freezes text/positional_embedding, this model's whole position table "
                 f"({config.model.text.context_length} positions, none kept): none of them will train, the "
