@@ -180,7 +180,7 @@ def summarise(per_seed: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out-dir", default="workdirs/detection_shapes")
     parser.add_argument("--start-workdirs", nargs="+", default=["workdirs/demo", "workdirs/resnet_shapes/vit_seed1"])

@@ -405,7 +405,8 @@ def _classify(args: argparse.Namespace, overrides: list[str]) -> None:
                      if trained.config.few_shot.templates else "the shapes prompts of its evaluations"
                      if templates != DEFAULT_TEMPLATES else "the default")
             prompts = f" prompted by {where} ({', '.join(map(quoted, templates[:2]))}{', ...' * (len(templates) > 2)})"
-        print(f"classified {len(kept)} images among {len(class_names)} classes{prompts} -> {out}" + (
+        images = "1 image" if len(kept) == 1 else f"{len(kept)} images"
+        print(f"classified {images} among {len(class_names)} classes{prompts} -> {out}" + (
             f" ({len(skipped)} undecodable files skipped)" if skipped else ""))
 
 

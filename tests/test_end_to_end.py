@@ -742,7 +742,7 @@ def test_a_finished_run_relaunched_says_so_and_compiles_nothing(trained, tmp_pat
     before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
     message = exit_message(train_args(workdir, "--config.eval.num_examples=32"), capsys)
     assert f"{workdir} is complete (step {STEPS}), and its results.json holds the figures of its own evaluation " \
-           "settings" in message and "clip-jax eval --workdir" in message
+           "settings, which these differ from (eval.num_examples " in message and "clip-jax eval --workdir" in message
     assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
     cli.main(train_args(workdir, "--config.eval.every_steps=3", "--config.eval.batch_size=32"))  # the same figures
     assert json.loads((workdir / "results.json").read_text()) == json.loads((trained / "results.json").read_text())
@@ -1092,3 +1092,22 @@ def test_a_workdir_that_cannot_be_written_is_refused_at_launch(tmp_path, monkeyp
     monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != read_only)  # (root may write anything)
     with pytest.raises(ConfigError, match=f"{read_only} is not writable"):
         check_writable(tmp_path)
+
+
+def test_a_resume_says_which_changes_move_the_schedule_and_which_change_its_figures(tmp_path, caplog):
+    """A weight-decay rule changed by a version's defaults was said as "the learning rate follows the new schedule",
+    and an evaluation entry's prompts changed (a default of a newer version) unsaid: metrics.jsonl's figures before
+    and after the resume were of two kinds."""
+    from clip_jax.config import default_config
+    from clip_jax.train.loop import prepare_workdir
+
+    workdir = tmp_path / "run"
+    _run_at(workdir, default_config(), [2])
+    changed = default_config()
+    changed.optimizer.no_decay = ("bias$",)
+    changed.evals.shapes.num_examples = 7
+    with caplog.at_level(logging.WARNING, logger="clip_jax.train.loop"):
+        prepare_workdir(changed, workdir, checkpoint_step=2)
+    assert "resuming at step 2 with changed settings (optimizer.no_decay " in caplog.text
+    assert "learning rate follows" not in caplog.text and "relaunch without --config" in caplog.text
+    assert "resuming at step 2 with other evaluation settings (evals.shapes.num_examples " in caplog.text

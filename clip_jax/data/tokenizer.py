@@ -413,7 +413,7 @@ def clean_text(text: str) -> str:
 
 
 # Why two names are one text to CLIP, as messages say it (`clean_text`: ftfy's fixes, then lower-case).
-READS_ALIKE = "its tokenizer lower-cases and undoes HTML entities, full- and half-width forms and ligatures"
+READS_ALIKE = "its tokenizer lower-cases and undoes HTML entities, character widths and ligatures"
 
 
 def same_text(names: Sequence[str]) -> tuple[int, int] | None:

@@ -144,6 +144,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, chec
             return  # config.json keeps the settings that trained
         _refuse_losing_kept_checkpoints(previous.checkpoint, config.checkpoint, checkpoint_steps(workdir))
         _tell_resume_changes(previous, config, checkpoint_step, path)
+        _tell_evaluation_changes(previous, config, checkpoint_step)
     barrier("config.json checked")  # process 0 rewrites it only once every process has read the old one
     if jax.process_index() == 0:
         save_config(config, path)
@@ -267,10 +268,34 @@ def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collect
         return
     if not kept.exists():
         save_config(previous, kept)
-    schedule = any(c.startswith(("total_steps ", "optimizer.")) for c in changed)
-    log.warning("resuming at step %d with changed settings (%s)%s; the settings until now are kept in %s", step,
-                ", ".join(changed), ": the learning rate follows the new schedule from this step on" if schedule
-                else "", kept.name)
+    schedule = any(c.startswith(_SCHEDULE_SETTINGS) for c in changed)
+    log.warning("resuming at step %d with changed settings (%s)%s; the settings until now are kept in %s. A setting "
+                "this launch does not name comes from its --config file or this version's defaults: relaunch "
+                "without --config to go on with config.json's", step, ", ".join(changed),
+                ": the learning rate follows the new schedule from this step on" if schedule else "", kept.name)
+
+
+# The settings the learning rate schedule is a function of (`state.learning_rate_schedule`), as changes name them.
+_SCHEDULE_SETTINGS = ("total_steps ", "optimizer.lr ", "optimizer.warmup_steps ", "optimizer.min_lr_ratio ")
+
+
+def _tell_evaluation_changes(previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                             step: int) -> None:
+    """A resume's evaluation settings that change its figures (another entry, other prompts or examples): not a
+    change of training, but metrics.jsonl's figures before and after `step` are then of two kinds, said in one line
+    (an entry's default that changed between versions came in unsaid)."""
+    before, after = (_figures_of(evaluation_settings(c)) for c in (previous, config))
+    if step and jax.process_index() == 0 and not same_setting(before, after):
+        changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in diff_settings(before, after, "config")]
+        log.warning("resuming at step %d with other evaluation settings (%s): its figures from here on are not "
+                    "comparable with the earlier ones in metrics.jsonl", step, ", ".join(changed))
+
+
+def _figures_of(settings: dict) -> dict:
+    """The evaluation settings that change the figures (not when, nor in what batches, it evaluates)."""
+    return {"eval": {k: v for k, v in settings["eval"].items() if k not in ("every_steps", "batch_size")},
+            "evals": {name: {k: v for k, v in entry.items() if k != "every_steps"}
+                      for name, entry in settings["evals"].items()}}
 
 
 TRAIN_DATA_RECORD = "train_data.json"
@@ -876,17 +901,18 @@ def _refuse_other_evaluations_of_a_finished_run(config: ml_collections.ConfigDic
     if latest is None or latest < config.total_steps or not (workdir / "results.json").exists():
         return
 
-    def figures_of(settings: dict) -> dict:  # when and in what batches it evaluates do not change its figures
-        return {"eval": {k: v for k, v in settings["eval"].items() if k not in ("every_steps", "batch_size")},
-                "evals": {name: {k: v for k, v in entry.items() if k != "every_steps"}
-                          for name, entry in settings["evals"].items()}}
-
-    previous = evaluation_settings(read_config(workdir / "config.json"))
-    if not same_setting(figures_of(previous), figures_of(evaluation_settings(config))):
+    before = _figures_of(evaluation_settings(read_config(workdir / "config.json")))
+    after = _figures_of(evaluation_settings(config))
+    if not same_setting(before, after):
+        changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in diff_settings(before, after, "config")]
         raise ConfigError(f"{workdir} is complete (step {latest}), and its results.json holds the figures of its own "
-                          "evaluation settings, which these differ from: evaluate it with other settings through "
-                          f"clip-jax eval --workdir {workdir} --config.eval.*=... --config.evals.*=... (into "
-                          f"eval_{latest}.json), or raise --config.total_steps to train on")
+                          f"evaluation settings, which these differ from ({', '.join(changed[:3])}"
+                          f"{', ...' if len(changed) > 3 else ''}; a setting the command does not name comes from "
+                          "this version's defaults): relaunch without --config, or evaluate it with other settings "
+                          "through "
+                          f"clip-jax eval --workdir {workdir} --config.eval.*=... --config.evals.*=... (into a file of "
+                          f"its own, eval_{latest}.json or eval_{latest}_<n>.json), or raise --config.total_steps to "
+                          "train on")
 
 
 # Skipped updates in a row from which a run is taken to be diverging: its parameters (the last applied update's) may

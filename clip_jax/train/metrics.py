@@ -167,7 +167,8 @@ class MetricsWriter:
         if self._tb is not None and tensorboard:
             for k, v in clean.items():
                 if isinstance(v, float):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+                    # (TensorBoard's names have no spaces: tensorboardX logged a line per class name with one)
+                    self._tb.add_scalar(f"{prefix}/{k}".replace(" ", "_"), v, step)
             self._tb.flush()
         if prefix == "train":
             shown = {k: f"{clean[k]:.3g}" for k in ("loss", "lr", "samples_per_s", "mfu") if k in clean}
