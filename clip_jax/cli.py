@@ -777,8 +777,8 @@ def _longclip_command(model: dict, workdir: str, data: dict | None) -> str:
              "--config.model.max_logit_scale=0", "--config.method.reset_logit_scale=True"]
     if keep:  # the kept first positions stay as stretched
         flags.append(shlex.quote("--config.optimizer.frozen=('^text/positional_embedding$',)"))
-    if data and data.get("source", "shapes") == "shapes":  # shapes' long captions
-        flags.append("--config.data.long_caption_prob=1.0")
+    if data and data.get("source", "shapes") == "shapes":  # shapes' long captions, all of them
+        flags += ["--config.data.long_caption_prob=1.0", "--config.data.partial_caption_prob=0.0"]
     elif data and data.get("path"):  # the stretched run's own files
         flags += [f"--config.data.source={data['source']}", shlex.quote(f"--config.data.path={data['path']}")]
     else:

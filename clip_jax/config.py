@@ -80,9 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.2
     c.optimizer.grad_clip_norm = 1.0  # <= 0 disables clipping
     # Regexes over parameter paths like "visual/transformer/resblocks_0/attn/in_proj/kernel" (re.search): biases,
-    # every norm's scale (LayerNorm's, a ResNet's BatchNorm or GroupNorm, a method's own), the temperatures
-    # (logit_scale, ...) and the embeddings (token and position tables, the class token).
-    c.optimizer.no_decay = (r"bias$", r"scale$", r"embedding")
+    # every scale (a norm's: LayerNorm's, a ResNet's BatchNorm or GroupNorm, a method's own; the temperatures,
+    # logit_scale and AudioCLIP's logit_scale_audio_*; GLIP's layer scales: 1-D all, as open_clip decays none) and the
+    # embeddings (token and position tables, the class token).
+    c.optimizer.no_decay = (r"bias$", r"scale", r"embedding")
     c.optimizer.frozen = ()  # matching parameters get no update and no optimizer state (e.g. r"^visual/" for LiT)
     # A step whose loss or gradient is NaN/inf is skipped (parameters and optimizer state unchanged); this many in
     # a row stop the run, since the run is then diverging rather than hitting one bad batch.

@@ -23,15 +23,22 @@ def is_remote(path: epath.PathLike) -> bool:
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", os.fspath(path)) is not None
 
 
-def visible_files(folder: epath.PathLike) -> Iterator[epath.Path]:
+def visible_files(folder: epath.PathLike, _seen: set[str] | None = None) -> Iterator[epath.Path]:
     """The files under `folder` at any depth, hidden entries left out at every depth (a notebook's
     .ipynb_checkpoints/ copies, macOS's ._x.jpg, .git/): what a user means by "the files of this folder". Walked
-    folder by folder: epath refuses `**` globs, which would cost a request per folder on GCS anyway."""
-    for path in epath.Path(folder).iterdir():
+    folder by folder (epath refuses `**` globs, which would cost a request per folder on GCS anyway); a linked folder
+    is read once, wherever it is reached from (a link to a folder above would loop)."""
+    folder = epath.Path(folder)
+    seen = set() if _seen is None else _seen
+    real = str(folder) if is_remote(folder) else os.path.realpath(folder)
+    if real in seen:
+        return
+    seen.add(real)
+    for path in folder.iterdir():
         if path.name.startswith("."):
             continue
         if path.is_dir():
-            yield from visible_files(path)
+            yield from visible_files(path, seen)
         else:
             yield path
 

@@ -555,8 +555,8 @@ def test_non_utf8_bytes_in_metrics_jsonl_do_not_block_resuming(trained, tmp_path
     # settings it had until then are kept.
     assert (f"resuming at step {STEPS} with changed settings (total_steps {STEPS} -> {STEPS + 2}): the learning rate "
             f"follows the new schedule from this step on; the settings until now are kept in "
-            f"config_until_step_{STEPS}.json. A setting this launch does not name comes from its --config file or "
-            "this version's defaults: relaunch without --config to go on with config.json's") in caplog.text
+            f"config_until_step_{STEPS}.json (a change the command does not name comes from its --config file, or "
+            "from this version's defaults: without --config a relaunch goes on with config.json's)") in caplog.text
     assert "other evaluation settings" not in caplog.text
     assert json.loads((workdir / f"config_until_step_{STEPS}.json").read_text()) == json.loads(
         (trained / "config.json").read_text())

@@ -592,3 +592,21 @@ def test_a_tars_metadata_with_bytes_that_are_not_utf8_and_a_key_written_twice(tm
         [str(out / "train-00000-of-00001.arrayrecord")])]
     assert [(r["key"], r["caption"]) for r in recs] == [("a", "a caption"), ("c", "first c"), ("c", "second c")]
     assert records.record_metadata(recs[0]) == {"url": "http://x/caf\udce9", "w": 64}  # the byte as an escape
+
+
+def test_a_folder_linked_into_itself_is_read_once(tmp_path):
+    """A link to a folder above (or to itself) walked for ever, or gave every image many times over; a linked folder
+    of images is read, once."""
+    import os
+
+    from clip_jax.data.images import image_files
+
+    (tmp_path / "set" / "cats").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.jpg").write_bytes(b"")
+    (tmp_path / "set" / "cats" / "a.jpg").write_bytes(b"")
+    os.symlink("..", tmp_path / "set" / "cats" / "up")
+    os.symlink(".", tmp_path / "set" / "here")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "set" / "linked")
+    assert [p.relative_to(tmp_path / "set").as_posix() for p in image_files(tmp_path / "set")] == [
+        "cats/a.jpg", "linked/b.jpg"]

@@ -990,12 +990,19 @@ def test_what_tells_a_changed_table_or_shard_set(tmp_path, caplog):
     assert not told()
     (shards / "s-00002-of-00003.arrayrecord").write_bytes(b"")
     assert "(2 shards then, 3 now)" in told()
-    # A shard written again under its name (`data convert` of an input that changed): resumed without a word
+    # A shard written again under its name (`data convert` of an input that changed): resumed without a word. Its
+    # report says when (ArrayRecord pads a shard: its size seldom changes); without one, its size.
     (shards / "s-00001-of-00003.arrayrecord").write_bytes(b"other records")
     assert "(3 shards then and now, not all the same)" in told()
-    # A record of an earlier version, without the sizes, is compared on what it has
+    (shards / "reports").mkdir()
+    report = shards / "reports" / "s-00000-of-00003.json"
+    report.write_text(json.dumps({"input_fingerprint": {"sha256": "a"}, "finished": "2026-12-07T10:00:00+00:00"}))
+    told()
+    report.write_text(json.dumps({"input_fingerprint": {"sha256": "b"}, "finished": "2026-12-08T10:00:00+00:00"}))
+    assert "(3 shards then and now, not all the same)" in told()
+    # A record of an earlier version, without the shards' versions, is compared on what it has
     record = json.loads((tmp_path / "train_data.json").read_text())
-    (tmp_path / "train_data.json").write_text(json.dumps({k: v for k, v in record.items() if k != "sizes"}))
+    (tmp_path / "train_data.json").write_text(json.dumps({k: v for k, v in record.items() if k != "versions"}))
     assert not told()
 
 
@@ -1109,5 +1116,5 @@ def test_a_resume_says_which_changes_move_the_schedule_and_which_change_its_figu
     with caplog.at_level(logging.WARNING, logger="clip_jax.train.loop"):
         prepare_workdir(changed, workdir, checkpoint_step=2)
     assert "resuming at step 2 with changed settings (optimizer.no_decay " in caplog.text
-    assert "learning rate follows" not in caplog.text and "relaunch without --config" in caplog.text
+    assert "learning rate follows" not in caplog.text and "without --config a relaunch goes on" in caplog.text
     assert "resuming at step 2 with other evaluation settings (evals.shapes.num_examples " in caplog.text

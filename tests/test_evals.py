@@ -347,9 +347,13 @@ def test_class_names_cut_to_one_prompt_by_the_context_are_refused(tmp_path):
     entry = f"{{'type': 'zero_shot_folder', 'path': '{tmp_path / 'set'}', 'names_file': '{names}'}}"
     config = load_config(DEMO, [f"--config.evals.cut={entry}", "--config.model.text.context_length=16"])
     check_input_paths(config)  # the cleaning tells them apart; the tokenizer is the run's, known at evaluation
-    with pytest.raises(ConfigError, match=r"evals.cut: 'red green blue .* are one text to this model .* its text "
-                                          r"tower reads 14 tokens"):
+    words = (r"evals.cut: 'red green blue .* are one text to this model \(its text tower reads 14 tokens, and they "
+             r"differ only after them\): they would get one embedding; give them distinct names early on \(the "
+             r"entry's names_file")
+    with pytest.raises(ConfigError, match=words):
         suite.run_zero_shot_folder(context(config), "cut", suite.parse_entry("cut", config.evals.cut.to_dict()))
+    with pytest.raises(ConfigError, match=words):  # before training, once the run's tokenizer is made
+        suite.check_prompts(config, colour_tokenizer())
 
 
 def test_a_folder_of_fewer_than_two_classes_is_refused_before_training(tmp_path, caplog):

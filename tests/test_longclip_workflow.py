@@ -67,7 +67,7 @@ def test_stretch_writes_a_warm_start_workdir(runs, capsys):
     # (a model of no recipe's size: its own config.json, with Long-CLIP's settings; nothing frozen, and shapes' long
     # captions)
     assert f"clip-jax train --workdir {root / 'interp'} --config.method.name=longclip" in said
-    assert "--config.data.long_caption_prob=1.0 (with your run's --config.total_steps" in said
+    assert "--config.data.long_caption_prob=1.0 --config.data.partial_caption_prob=0.0 (with your run's" in said
     assert "--config.optimizer.frozen" not in said
     trained = load_trained(root / "interp")
     config, params = trained.config, trained.params

@@ -340,11 +340,11 @@ def test_a_config_file_of_ones_own_gives_a_recipe_the_other_tower(tmp_path, capl
 
 
 @pytest.mark.parametrize("name, norm", [("clip", "frozen_bn"), ("clip", "group"), ("lseg", None), ("vild", None),
-                                        ("groupvit", None)])
+                                        ("groupvit", None), ("glip", None), ("audioclip", None)])
 def test_the_default_weight_decay_spares_every_norm_and_temperature(name, norm):
     """A ResNet's BatchNorm (or GroupNorm) scales and a method's own norms were decayed (the rules named LayerNorms
     only): a fine-tuned converted ResNet's folded scales shrank, where open_clip, which decays no 1-D parameter,
-    keeps them. The kernels and projections are decayed (GLIP's layer-scale gammas, 1-D, are too: not checked)."""
+    keeps them; AudioCLIP's audio temperatures too. The kernels and projections are decayed."""
     import flax.linen as nn
 
     from clip_jax.train.state import match_any, param_paths
@@ -357,7 +357,7 @@ def test_the_default_weight_decay_spares_every_norm_and_temperature(name, norm):
     params = nn.unbox(jax.eval_shape(method.model().init, jax.random.PRNGKey(0), *method.init_inputs())["params"])
     leaves = dict(zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params), strict=True))
     decayed = {path for path in leaves if not match_any(config.optimizer.no_decay, path)}
-    assert not [path for path in decayed if leaves[path].ndim < 2]
+    assert not [path for path in decayed if leaves[path].ndim < 2], decayed
     # (attention biases are [heads, head_dim]: 1-D in open_clip's in_proj_bias)
     assert not [path for path in leaves if leaves[path].ndim >= 2 and path not in decayed
                 and not path.endswith("bias") and "embedding" not in path]

@@ -39,8 +39,9 @@ from clip_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
 from clip_jax.errors import sigterm_raises
 
 NAMESPACE = "clip_jax.data.convert"
-# Runners whose job runs in the launching process (and ends with it): Beam's local ones.
-IN_PROCESS_RUNNERS = ("DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+# Runners whose job runs in the launching process (and ends with it): Beam's local ones, by the names Beam reads
+# (case aside, "Runner" optional).
+IN_PROCESS_RUNNERS = ("direct", "fnapi", "bundlebaseddirect", "switchingdirect")
 SKIPPED = "skipped_"  # counter name prefix of a bad-sample reason: skipped_truncated_image, ...
 # (path, offset, length) of a shard's rows, as JSON, in the staging file
 RowsRef = tuple[str, int, int]
@@ -176,7 +177,7 @@ def convert(fmt: str, inputs: Sequence[str], out: str, *, runner: str, pipeline_
     epath.Path(out).mkdir(parents=True, exist_ok=True)
     # What a conversion killed at once left on this host: its shards' temporary files, and with the DirectRunner
     # (whose job ends with its process) its staged rows; a cluster's job may outlive its launcher and read them.
-    in_process = runner in IN_PROCESS_RUNNERS
+    in_process = runner.lower().removesuffix("runner") in IN_PROCESS_RUNNERS
     local.remove_stale_temporaries(out)
     if in_process:
         _remove_stale_staging(out, prefix)

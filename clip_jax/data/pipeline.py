@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -176,20 +177,32 @@ def get_source(config: ml_collections.ConfigDict, split: str):
 def train_data_identity(config: ml_collections.ConfigDict) -> dict | None:
     """What a checkpoint's data position counts in, for a training source of the user's files: a caption table's
     rows (their count and `CaptionFileSource.digest`; the table is read once per version of the file, so after the
-    pipeline has read it this costs the digest alone) or a records set's shards (count, names, and their sizes:
-    `data convert` writes a shard again under its name when its input changed). None for the sources that are
-    functions of the config (shapes) or whose files a method checks itself."""
+    pipeline has read it this costs the digest alone) or a records set's shards (count, names, and each one's
+    version: `data convert` writes a shard again under its name when its input changed, and ArrayRecord's padding
+    keeps most sizes, so its report's time of writing where it has one, else its size). None for the sources that
+    are functions of the config (shapes) or whose files a method checks itself."""
     source = config.data.source
     if source == "records":
         paths = records.list_shards(config.data.path)
         names = [os.path.basename(p) for p in paths]
-        sizes = [f"{name} {epath.Path(path).stat().length}" for name, path in zip(names, paths, strict=True)]
+        versions = [f"{name} {_shard_version(epath.Path(path))}" for name, path in zip(names, paths, strict=True)]
         return {"shards": len(names), "digest": hashlib.sha256("\n".join(names).encode()).hexdigest(),
-                "sizes": hashlib.sha256("\n".join(sizes).encode()).hexdigest()}
+                "versions": hashlib.sha256("\n".join(versions).encode()).hexdigest()}
     if source in ("captions", "sharegpt4v"):
         table = get_source(config, "train")
         return {"rows": len(table), "digest": table.digest()}
     return None
+
+
+def _shard_version(shard: epath.Path) -> str:
+    """What changes when `data convert` writes `shard` again: its report's input fingerprint and time, else (a shard
+    of another writer, or its reports removed) its size."""
+    report = shard.parent / "reports" / f"{shard.name.removesuffix(records.SUFFIX)}.json"
+    try:
+        stamp = json.loads(report.read_text())
+        return json.dumps([stamp.get("input_fingerprint"), stamp.get("finished")], sort_keys=True)
+    except (OSError, ValueError, AttributeError):
+        return str(shard.stat().length)
 
 
 def check_train_source(config: ml_collections.ConfigDict) -> None:

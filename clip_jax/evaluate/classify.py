@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from clip_jax.data.classification import name_templates, prompt_ensemble
-from clip_jax.data.tokenizer import READS_ALIKE
+from clip_jax.data.tokenizer import READS_ALIKE, clean_text
 from clip_jax.errors import ConfigError, UnscorableClasses, quoted
 from clip_jax.evaluate.encoder import Encoder
 
@@ -40,7 +40,7 @@ def check_templates(templates: Sequence[str], what: str = "--templates") -> None
 
 
 def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_length: int,
-                       templates: Sequence[str]) -> np.ndarray:
+                       templates: Sequence[str], fix: str = "keep one, or make them differ early on") -> np.ndarray:
     """The token ids [len(names) x len(templates), context_length] of every name in every template, name-major.
     Two names whose prompts are the same token ids to the run's tokenizer (`READS_ALIKE`, and the text tower
     reads context_length - 2 tokens) get one embedding: a class's probability was split between them, a mask's
@@ -52,9 +52,10 @@ def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_
     for i, row in enumerate(tokens.reshape(len(names), -1)):
         j = first.setdefault(row.tobytes(), i)
         if j != i:
-            raise ConfigError(f"{what}: {quoted(names[j])} and {quoted(names[i])} are one text to this model "
-                              f"({READS_ALIKE}, and its text tower reads {context_length - 2} tokens): they "
-                              "would get one embedding; keep one, or make them differ early on")
+            why = (READS_ALIKE if clean_text(names[j]) == clean_text(names[i]) else
+                   f"its text tower reads {context_length - 2} tokens, and they differ only after them")
+            raise ConfigError(f"{what}: {quoted(names[j])} and {quoted(names[i])} are one text to this model ({why}): "
+                              f"they would get one embedding; {fix}")
     return tokens
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -36,11 +35,9 @@ from clip_jax.data.detection import (
 )
 from clip_jax.data.images import letterbox_geometry
 from clip_jax.errors import ConfigError
-from clip_jax.evaluate import tell_skipped, trained_on_shapes
+from clip_jax.evaluate import tell_once, tell_skipped, trained_on_shapes
 from clip_jax.files import refuse_replacing, refuse_run_files
 from clip_jax.models.boxes import batched_nms
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -105,8 +102,9 @@ def prepared_queries(trained, texts, queries: Sequence[str], what: str = "--quer
         cut = [q for q, n in zip(queries, lengths.reshape(len(queries), -1).max(axis=1), strict=True)
                if n > context - 2]
         if cut:
-            log.warning("%s: %d queries are longer than the model's %d tokens in their prompts and are cut (the "
-                        "first: %r): shorten them", what, len(cut), context, cut[0])
+            queries_are = "1 query is" if len(cut) == 1 else f"{len(cut)} queries are"
+            tell_once(f"{what}: {queries_are} longer in its prompts than the {context - 2} tokens the text tower reads "
+                      f"and cut there (the first: {cut[0]!r}): shorten them")
     return trained.method.detection_queries(texts, trained.tokenizer, list(queries))
 
 

@@ -306,7 +306,8 @@ def run_zero_shot_folder(ctx: Context, name: str, entry: ZeroShotFolderEval) -> 
     # names the cleaning tells apart but the context cuts to one prompt (Hindi or Arabic in OpenAI's vocabulary:
     # ~3 tokens a character): known once the run's tokenizer is
     refuse_same_tokens(f"evals.{name}", class_names, ctx.tokenizer, config.model.text.context_length,
-                       tuple(entry.templates))
+                       tuple(entry.templates), "give them distinct names early on (the entry's names_file: "
+                       "folder<TAB>class name)")
     if not entry.names_file and all(_WORDNET_ID.fullmatch(f) for f in folders):
         log.warning("evals.%s: the class folders of %s are WordNet ids (%s, ...), and the prompts say them as they are "
                     "('%s'): give the entry a names_file (lines `folder<TAB>class name`)", name, entry.path,
@@ -509,6 +510,18 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str | os.PathLike 
                 read_audio_table(audio.path, audio.audio_root, tuple(audio.folds))
             except ConfigError as e:
                 raise ConfigError(f"evals.{name}: {e}") from None
+
+
+def check_prompts(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer) -> None:
+    """The class names of the `zero_shot_folder` entries against the run's tokenizer, once it is made: two whose
+    prompts are one token sequence (the context cuts them alike) are refused before training, not at its end."""
+    for name, entry in config.evals.items():
+        if entry.type == "zero_shot_folder" and entry.path:
+            parsed = parse_entry(name, entry.to_dict())
+            names = folder_class_names(name, parsed, ImageFolderSource(parsed.path, config.model.vision.image_size))
+            refuse_same_tokens(f"evals.{name}", names, tokenizer, config.model.text.context_length,
+                               tuple(parsed.templates), "give them distinct names early on (the entry's names_file: "
+                               "folder<TAB>class name)")
 
 
 def due(config: ml_collections.ConfigDict, step: int) -> list[str]:

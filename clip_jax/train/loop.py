@@ -43,8 +43,8 @@ from clip_jax.data.tokenizer import ClipTokenizer
 from clip_jax.distributed import barrier, batch_rows, refuse_different_launches
 from clip_jax.errors import sigterm_raises
 from clip_jax.evaluate.encoder import Encoder
+from clip_jax.evaluate.suite import check_prompts, evaluate, evaluation_settings, print_results
 from clip_jax.evaluate.suite import due as evals_due
-from clip_jax.evaluate.suite import evaluate, evaluation_settings, print_results
 from clip_jax.files import absolute_path, diff_settings, is_remote, is_workdir, results_json, same_setting, write_atomic
 from clip_jax.hlo import collective_traffic, describe_traffic
 from clip_jax.methods import get_method
@@ -269,10 +269,15 @@ def _tell_resume_changes(previous: ml_collections.ConfigDict, config: ml_collect
     if not kept.exists():
         save_config(previous, kept)
     schedule = any(c.startswith(_SCHEDULE_SETTINGS) for c in changed)
-    log.warning("resuming at step %d with changed settings (%s)%s; the settings until now are kept in %s. A setting "
-                "this launch does not name comes from its --config file or this version's defaults: relaunch "
-                "without --config to go on with config.json's", step, ", ".join(changed),
+    log.warning("resuming at step %d with changed settings (%s)%s; the settings until now are kept in %s (a change "
+                "the command does not name comes from its --config file, or from this version's defaults: without "
+                "--config a relaunch goes on with config.json's)", step, ", ".join(map(_short, changed)),
                 ": the learning rate follows the new schedule from this step on" if schedule else "", kept.name)
+
+
+def _short(change: str, limit: int = 100) -> str:
+    """A setting's change as a message lists it, cut where its values are long (a list of prompts)."""
+    return change if len(change) <= limit else change[:limit - 3] + "..."
 
 
 # The settings the learning rate schedule is a function of (`state.learning_rate_schedule`), as changes name them.
@@ -288,7 +293,7 @@ def _tell_evaluation_changes(previous: ml_collections.ConfigDict, config: ml_col
     if step and jax.process_index() == 0 and not same_setting(before, after):
         changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in diff_settings(before, after, "config")]
         log.warning("resuming at step %d with other evaluation settings (%s): its figures from here on are not "
-                    "comparable with the earlier ones in metrics.jsonl", step, ", ".join(changed))
+                    "comparable with the earlier ones in metrics.jsonl", step, ", ".join(map(_short, changed)))
 
 
 def _figures_of(settings: dict) -> dict:
@@ -651,6 +656,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, method:
     # --- Data ---------------------------------------------------------------------------------------------------
     tokenizer = make_tokenizer(config, workdir, new_run=checkpointer.latest_step() is None,
                                checked=checked_tokenizer)
+    check_prompts(config, tokenizer)  # (the evaluations' class names, with the tokenizer they are read with)
     method.prepare(preparation(config, method, mesh, workdir, tokenizer, init_source or (checkpointer, resume_step),
                                rng, training=True, resumed=resume_step is not None))
     # This host's rows of every global batch: the ones its devices hold.
@@ -906,10 +912,9 @@ def _refuse_other_evaluations_of_a_finished_run(config: ml_collections.ConfigDic
     if not same_setting(before, after):
         changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in diff_settings(before, after, "config")]
         raise ConfigError(f"{workdir} is complete (step {latest}), and its results.json holds the figures of its own "
-                          f"evaluation settings, which these differ from ({', '.join(changed[:3])}"
-                          f"{', ...' if len(changed) > 3 else ''}; a setting the command does not name comes from "
-                          "this version's defaults): relaunch without --config, or evaluate it with other settings "
-                          "through "
+                          f"evaluation settings, which these differ from ({', '.join(map(_short, changed[:3]))}"
+                          f"{', ...' if len(changed) > 3 else ''}): relaunch with its own (without the overrides, or "
+                          "the --config, that change them), or evaluate it with other settings through "
                           f"clip-jax eval --workdir {workdir} --config.eval.*=... --config.evals.*=... (into a file of "
                           f"its own, eval_{latest}.json or eval_{latest}_<n>.json), or raise --config.total_steps to "
                           "train on")
