@@ -341,7 +341,7 @@ def test_the_python_api_embeds_and_classifies_as_the_model_does(trained, tmp_pat
         model.classify(pixels, ["red circle", "blue square"], templates=[])
 
 
-def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
+def test_the_python_api_names_what_it_cannot_use(trained, tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="not a clip_jax workdir"):
         clip_jax.load(tmp_path)
     (tmp_path / "config.json").write_text('{"architectures": ["CLIPModel"]}')  # another tool's folder
@@ -393,6 +393,9 @@ def test_the_python_api_names_what_it_cannot_use(trained, tmp_path):
     for names, given in (([], "no class name"), (["red circle"], "1 class name")):  # one won every image, p = 1
         with pytest.raises(ConfigError, match=f"^{given} given: zero-shot classification chooses"):
             model.classify([np.zeros((8, 8, 3), np.uint8)], names)
+    with caplog.at_level("WARNING"):  # a name its prompts cut: counted, as encode counts its cut texts
+        model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", "blue square " * 20], templates=["a {}."])
+    assert "class names: 1 of the 2 are longer in their prompts than the" in caplog.text, caplog.text
     with pytest.raises(ConfigError, match="class name 'red circle' is given twice"):
         model.classify([np.zeros((8, 8, 3), np.uint8)], ["red circle", "blue square", "red circle"])
     with pytest.raises(ConfigError, match="class names: 'red circle' and 'Red Circle' are one text to this model"):

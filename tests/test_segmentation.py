@@ -600,7 +600,8 @@ def test_vild_trains_on_a_coco_folder_without_its_novel_boxes_and_detects_throug
         clip_jax_api.load(clip_workdir).detect([wide / "wide.png"], ["red star"])
     with caplog.at_level("WARNING"):  # a query longer than the context was cut in its prompts without a word
         model.detect([wide / "wide.png"], ["red star", " ".join(["blue circle"] * 40)], min_score=0)
-    assert "queries=: 1 query is longer in its prompts than the" in caplog.text and "'blue circle blue" in caplog.text
+    assert "queries=: 1 of the 2 are longer in their prompts than the" in caplog.text and "'blue circle blue" in \
+        caplog.text
     with pytest.MonkeyPatch.context() as patch:  # two images at a time: the same files
         patch.setattr("clip_jax.data.images.image_chunk_size", lambda batch_size: 2)
         main(["detect", "--workdir", str(workdir), "--images", str(scenes), "--queries", "red star. blue circle",

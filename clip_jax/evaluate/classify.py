@@ -13,6 +13,7 @@ import numpy as np
 from clip_jax.data.classification import name_templates, prompt_ensemble
 from clip_jax.data.tokenizer import READS_ALIKE, clean_text
 from clip_jax.errors import ConfigError, UnscorableClasses, quoted
+from clip_jax.evaluate import tell_once
 from clip_jax.evaluate.encoder import Encoder
 
 CLASS_GROUPS = ("all", "base", "new")
@@ -59,6 +60,18 @@ def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_
     return tokens
 
 
+def tell_cut_prompts(what: str, names: Sequence[str], templates: Sequence[str], tokenizer: Any,
+                     context_length: int) -> None:
+    """Says once (`tell_once`) how many of `names` are longer in one of their prompts than the text tower reads
+    (context_length - 2 tokens): cut there, as open_clip cuts them, but no longer silently (`encode` counts its cut
+    texts likewise)."""
+    _, lengths = tokenizer.tokenize_with_lengths([t.format(n) for n in names for t in templates], context_length)
+    cut = [n for n, m in zip(names, lengths.reshape(len(names), -1).max(axis=1), strict=True) if m > context_length - 2]
+    if cut:
+        tell_once(f"{what}: {len(cut)} of the {len(names)} are longer in their prompts than the {context_length - 2} "
+                  f"tokens the text tower reads, and are cut there (the first: {quoted(cut[0])}): shorten them")
+
+
 @dataclass(frozen=True, eq=False)  # (an array field: compared by identity)
 class ClassRequest:
     """The classes `class_scores` scores, checked: zero-shot over `names` (`tokens`: their prompts' token ids,
@@ -97,6 +110,7 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
             check_templates(templates, "templates")
         templates = tuple(templates or name_templates(config, method.reads_data))
         tokens = refuse_same_tokens(what, names, trained.tokenizer, config.model.text.context_length, templates)
+        tell_cut_prompts(what, names, templates, trained.tokenizer, config.model.text.context_length)
         return ClassRequest(tuple(names), tokens=tokens, templates=templates)
     if templates:
         raise ConfigError("templates prompt the class names given for zero-shot classification (--names FILE); a "

@@ -35,7 +35,7 @@ from clip_jax.data.detection import (
 )
 from clip_jax.data.images import letterbox_geometry
 from clip_jax.errors import ConfigError
-from clip_jax.evaluate import tell_once, tell_skipped, trained_on_shapes
+from clip_jax.evaluate import tell_skipped, trained_on_shapes
 from clip_jax.files import refuse_replacing, refuse_run_files
 from clip_jax.models.boxes import batched_nms
 
@@ -86,7 +86,7 @@ def prepared_queries(trained, texts, queries: Sequence[str], what: str = "--quer
     """A detector run's (ViLD's or GLIP's) prompts of `queries`, `texts` embedding token ids; ConfigError for a run
     that is not a detector, or two queries that are one text to it (`what`: how the message names them)."""
     from clip_jax.errors import ConfigError
-    from clip_jax.evaluate.classify import refuse_same_tokens
+    from clip_jax.evaluate.classify import refuse_same_tokens, tell_cut_prompts
 
     config = trained.config
     if not hasattr(trained.method, "detection_queries"):
@@ -97,14 +97,7 @@ def prepared_queries(trained, texts, queries: Sequence[str], what: str = "--quer
     context = config.model.text.context_length
     refuse_same_tokens(what, queries, trained.tokenizer, context, templates)
     if config.method.get("templates"):  # ViLD: a prompt per template, cut at the context (GLIP refuses a long one)
-        _, lengths = trained.tokenizer.tokenize_with_lengths([t.format(q) for q in queries for t in templates],
-                                                             context)
-        cut = [q for q, n in zip(queries, lengths.reshape(len(queries), -1).max(axis=1), strict=True)
-               if n > context - 2]
-        if cut:
-            queries_are = "1 query is" if len(cut) == 1 else f"{len(cut)} queries are"
-            tell_once(f"{what}: {queries_are} longer in its prompts than the {context - 2} tokens the text tower reads "
-                      f"and cut there (the first: {cut[0]!r}): shorten them")
+        tell_cut_prompts(what, queries, templates, trained.tokenizer, context)
     return trained.method.detection_queries(texts, trained.tokenizer, list(queries))
 
 

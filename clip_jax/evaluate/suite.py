@@ -303,11 +303,7 @@ def run_zero_shot_folder(ctx: Context, name: str, entry: ZeroShotFolderEval) -> 
     config = ctx.config
     source = ImageFolderSource(entry.path, config.model.vision.image_size, config.data.max_image_bytes)
     class_names, folders = folder_class_names(name, entry, source), source.folder_names()
-    # names the cleaning tells apart but the context cuts to one prompt (Hindi or Arabic in OpenAI's vocabulary:
-    # ~3 tokens a character): known once the run's tokenizer is
-    refuse_same_tokens(f"evals.{name}", class_names, ctx.tokenizer, config.model.text.context_length,
-                       tuple(entry.templates), "give them distinct names early on (the entry's names_file: "
-                       "folder<TAB>class name)")
+    _refuse_same_prompts(config, name, entry, class_names, ctx.tokenizer)
     if not entry.names_file and all(_WORDNET_ID.fullmatch(f) for f in folders):
         log.warning("evals.%s: the class folders of %s are WordNet ids (%s, ...), and the prompts say them as they are "
                     "('%s'): give the entry a names_file (lines `folder<TAB>class name`)", name, entry.path,
@@ -519,9 +515,16 @@ def check_prompts(config: ml_collections.ConfigDict, tokenizer: ClipTokenizer) -
         if entry.type == "zero_shot_folder" and entry.path:
             parsed = parse_entry(name, entry.to_dict())
             names = folder_class_names(name, parsed, ImageFolderSource(parsed.path, config.model.vision.image_size))
-            refuse_same_tokens(f"evals.{name}", names, tokenizer, config.model.text.context_length,
-                               tuple(parsed.templates), "give them distinct names early on (the entry's names_file: "
-                               "folder<TAB>class name)")
+            _refuse_same_prompts(config, name, parsed, names, tokenizer)
+
+
+def _refuse_same_prompts(config: ml_collections.ConfigDict, name: str, entry: ZeroShotFolderEval,
+                         class_names: list[str], tokenizer: ClipTokenizer) -> None:
+    """Class names the cleaning tells apart (`folder_class_names`) whose prompts the context cuts to one (Hindi or
+    Arabic in OpenAI's vocabulary: ~3 tokens a character), refused: known once the run's tokenizer is."""
+    refuse_same_tokens(f"evals.{name}", class_names, tokenizer, config.model.text.context_length,
+                       tuple(entry.templates), "give them distinct names early on (the entry's names_file: "
+                       "folder<TAB>class name)")
 
 
 def due(config: ml_collections.ConfigDict, step: int) -> list[str]:

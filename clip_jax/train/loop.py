@@ -320,7 +320,7 @@ def tell_data_changes(workdir: epath.Path, config: ml_collections.ConfigDict, re
         before = json.loads(path.read_text()) if resume_step and path.exists() else None
     except (OSError, ValueError):  # torn or unreadable: nothing to compare with, and it is written again below
         before = None
-    # (compared on what both recorded: a record of an earlier version lacks the shards' sizes)
+    # (compared on what both recorded: a record of an earlier version lacks the shards' versions)
     if (isinstance(before, dict) and (before.get("source"), before.get("path")) == (record["source"], record["path"])
             and any(before[key] != value for key, value in record.items() if key in before)):
         unit = "rows" if "rows" in record else "shards"
