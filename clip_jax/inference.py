@@ -158,7 +158,7 @@ class Model:
         if "audio" not in self.trained.config.model:
             raise ValueError("this model has no audio tower; encode_audio needs an AudioCLIP run's "
                              "(docs/audioclip.md)")
-        from clip_jax.data.audio import read_wav
+        from clip_jax.data.audio import fit_length, read_wav
         from clip_jax.evaluate.audio import audio_config
 
         audio = audio_config(self.trained.config)
@@ -176,8 +176,7 @@ class Model:
             if wave.ndim != 1 or wave.dtype.kind != "f":
                 raise ValueError(f"sound {i}: expected a WAV file's path or a 1-D float waveform, got {wave.dtype} "
                                  f"{list(wave.shape)}")
-            kept = min(len(wave), audio.num_samples)
-            waveforms[i, :kept] = wave[:kept]
+            waveforms[i] = fit_length(wave, audio.num_samples)
         return self.encoder.audio(waveforms)
 
     def classify(self, images: Sequence[ImageInput] | np.ndarray, class_names: Sequence[str] | None = None,

@@ -289,9 +289,14 @@ def read_wav(path: epath.PathLike, sample_rate: int, num_samples: int, max_bytes
         from scipy import signal
 
         audio = np.clip(signal.resample_poly(audio[:needed], up, down), -1, 1)  # filter ringing may overshoot
+    return fit_length(audio, num_samples)
+
+
+def fit_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
+    """float32 [num_samples]: the first `num_samples` samples of a 1-D waveform, zeros after a shorter one's end."""
     out = np.zeros(num_samples, np.float32)
-    kept = min(num_samples, len(audio))
-    out[:kept] = audio[:kept]
+    kept = min(num_samples, len(waveform))
+    out[:kept] = waveform[:kept]
     return out
 
 

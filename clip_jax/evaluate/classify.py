@@ -41,14 +41,16 @@ def check_templates(templates: Sequence[str], what: str = "--templates") -> None
 
 
 def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_length: int,
-                       templates: Sequence[str], fix: str = "keep one, or make them differ early on") -> np.ndarray:
+                       templates: Sequence[str], fix: str = "keep one, or make them differ early on",
+                       tell_cut: bool = True) -> np.ndarray:
     """The token ids [len(names) x len(templates), context_length] of every name in every template, name-major.
     Two names whose prompts are the same token ids to the run's tokenizer (`READS_ALIKE`, and the text tower
     reads context_length - 2 tokens) get one embedding: a class's probability was split between them, a mask's
     second label was never chosen, a detector drew each box twice. Refused, naming the two (`what`: the flag or
-    argument that gave them)."""
+    argument that gave them). With `tell_cut`, names longer in a prompt than the tower reads are said once
+    (`tell_once`): cut there, as open_clip cuts them, but not silently (`encode` counts its cut texts likewise)."""
     prompts = [template.format(name) for name in names for template in templates]
-    tokens = tokenizer(prompts, context_length)
+    tokens, lengths = tokenizer.tokenize_with_lengths(prompts, context_length)
     first: dict[bytes, int] = {}
     for i, row in enumerate(tokens.reshape(len(names), -1)):
         j = first.setdefault(row.tobytes(), i)
@@ -57,19 +59,11 @@ def refuse_same_tokens(what: str, names: Sequence[str], tokenizer: Any, context_
                    f"its text tower reads {context_length - 2} tokens, and they differ only after them")
             raise ConfigError(f"{what}: {quoted(names[j])} and {quoted(names[i])} are one text to this model ({why}): "
                               f"they would get one embedding; {fix}")
-    return tokens
-
-
-def tell_cut_prompts(what: str, names: Sequence[str], templates: Sequence[str], tokenizer: Any,
-                     context_length: int) -> None:
-    """Says once (`tell_once`) how many of `names` are longer in one of their prompts than the text tower reads
-    (context_length - 2 tokens): cut there, as open_clip cuts them, but no longer silently (`encode` counts its cut
-    texts likewise)."""
-    _, lengths = tokenizer.tokenize_with_lengths([t.format(n) for n in names for t in templates], context_length)
     cut = [n for n, m in zip(names, lengths.reshape(len(names), -1).max(axis=1), strict=True) if m > context_length - 2]
-    if cut:
+    if cut and tell_cut:
         tell_once(f"{what}: {len(cut)} of the {len(names)} are longer in their prompts than the {context_length - 2} "
                   f"tokens the text tower reads, and are cut there (the first: {quoted(cut[0])}): shorten them")
+    return tokens
 
 
 @dataclass(frozen=True, eq=False)  # (an array field: compared by identity)
@@ -110,7 +104,6 @@ def requested_classes(trained: Any, group: str = "all", names: Sequence[str] | N
             check_templates(templates, "templates")
         templates = tuple(templates or name_templates(config, method.reads_data))
         tokens = refuse_same_tokens(what, names, trained.tokenizer, config.model.text.context_length, templates)
-        tell_cut_prompts(what, names, templates, trained.tokenizer, config.model.text.context_length)
         return ClassRequest(tuple(names), tokens=tokens, templates=templates)
     if templates:
         raise ConfigError("templates prompt the class names given for zero-shot classification (--names FILE); a "

@@ -85,8 +85,7 @@ def letterbox_extent(width: int, height: int, size: int) -> tuple[float, float]:
 def prepared_queries(trained, texts, queries: Sequence[str], what: str = "--queries"):
     """A detector run's (ViLD's or GLIP's) prompts of `queries`, `texts` embedding token ids; ConfigError for a run
     that is not a detector, or two queries that are one text to it (`what`: how the message names them)."""
-    from clip_jax.errors import ConfigError
-    from clip_jax.evaluate.classify import refuse_same_tokens, tell_cut_prompts
+    from clip_jax.evaluate.classify import refuse_same_tokens
 
     config = trained.config
     if not hasattr(trained.method, "detection_queries"):
@@ -95,9 +94,9 @@ def prepared_queries(trained, texts, queries: Sequence[str], what: str = "--quer
     # the prompts the detector builds: ViLD's templates around each name, GLIP's names as they are (one prompt)
     templates = tuple(config.method.get("templates") or ("{}",))
     context = config.model.text.context_length
-    refuse_same_tokens(what, queries, trained.tokenizer, context, templates)
-    if config.method.get("templates"):  # ViLD: a prompt per template, cut at the context (GLIP refuses a long one)
-        tell_cut_prompts(what, queries, templates, trained.tokenizer, context)
+    # (ViLD cuts a long prompt at the context, said; GLIP refuses one)
+    refuse_same_tokens(what, queries, trained.tokenizer, context, templates,
+                       tell_cut=bool(config.method.get("templates")))
     return trained.method.detection_queries(texts, trained.tokenizer, list(queries))
 
 

@@ -248,6 +248,11 @@ def _training_changes(old: ml_collections.ConfigDict, new: ml_collections.Config
     untold = ("mesh", "log", "eval", "evals", "checkpoint")
     a, b = ({k: v for k, v in json.loads(json.dumps(c.to_dict(), default=list)).items() if k not in untold}
             for c in (old, new))
+    return _changes(a, b)
+
+
+def _changes(a: dict, b: dict) -> list[str]:
+    """The settings that differ between two config dicts, as messages list them ("optimizer.lr 0.001 -> 0.0005")."""
     return [d.removeprefix("config.").replace(": ", " ", 1) for d in diff_settings(a, b, "config")]
 
 
@@ -291,7 +296,7 @@ def _tell_evaluation_changes(previous: ml_collections.ConfigDict, config: ml_col
     (an entry's default that changed between versions came in unsaid)."""
     before, after = (_figures_of(evaluation_settings(c)) for c in (previous, config))
     if step and jax.process_index() == 0 and not same_setting(before, after):
-        changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in diff_settings(before, after, "config")]
+        changed = _changes(before, after)
         log.warning("resuming at step %d with other evaluation settings (%s): its figures from here on are not "
                     "comparable with the earlier ones in metrics.jsonl", step, ", ".join(map(_short, changed)))
 
@@ -910,7 +915,7 @@ def _refuse_other_evaluations_of_a_finished_run(config: ml_collections.ConfigDic
     before = _figures_of(evaluation_settings(read_config(workdir / "config.json")))
     after = _figures_of(evaluation_settings(config))
     if not same_setting(before, after):
-        changed = [d.removeprefix("config.").replace(": ", " ", 1) for d in diff_settings(before, after, "config")]
+        changed = _changes(before, after)
         raise ConfigError(f"{workdir} is complete (step {latest}), and its results.json holds the figures of its own "
                           f"evaluation settings, which these differ from ({', '.join(map(_short, changed[:3]))}"
                           f"{', ...' if len(changed) > 3 else ''}): relaunch with its own (without the overrides, or "
