@@ -145,7 +145,6 @@ def check_labels(labels: Sequence[str], threshold: float | None = None, template
                  python: bool = False) -> None:
     """What is wrong with a label set whatever the model (ConfigError, before a model is loaded); `python`: name
     the arguments as `Model.segment`'s, not as the command's flags."""
-    from clip_jax.errors import ConfigError
     from clip_jax.evaluate.classify import check_templates
 
     named = _named(python)
@@ -171,7 +170,6 @@ def label_request(trained, texts, labels: Sequence[str], background: str | None 
     background is a label of its own, the others' the pixels whose best label is less probable than `threshold`
     (0.5 unless given). ConfigError for what cannot give the masks asked for (named as the command's flags, or with
     `python` as `Model.segment`'s arguments)."""
-    from clip_jax.errors import ConfigError
     from clip_jax.evaluate.classify import refuse_same_tokens
 
     named = _named(python)
