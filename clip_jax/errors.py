@@ -53,9 +53,16 @@ class BackgroundErrorsOnce:
         kind = ":".join(text.split(":")[:2])
         if kind not in self.seen:
             self.seen.add(kind)
-            text = text.split(" See full TensorStore details")[0]
-            print(f"warning: in a background thread: {text[:300]} (further ones not shown{self.hint})",
-                  file=sys.stderr)
+            print(f"warning: in a background thread: {tensorstore_brief(text, 300)} (further ones not shown"
+                  f"{self.hint})", file=sys.stderr)
+
+
+def tensorstore_brief(text: str, limit: int = 400) -> str:
+    """The gist of a TensorStore error's message: its first line, without the multi-kilobyte spec it quotes (a
+    background thread's error printed it whole, now and then, where the restore's own warning left it out)."""
+    text = text.splitlines()[0] if text else ""
+    text = text.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @contextlib.contextmanager

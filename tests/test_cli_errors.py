@@ -1194,3 +1194,17 @@ def test_the_progress_bar_needs_a_terminal_with_columns(monkeypatch):
     with open(os.devnull, "w") as stream:
         monkeypatch.setattr(sys, "stderr", stream)
         assert not loop.draws_a_bar()
+
+
+def test_a_background_threads_tensorstore_error_is_said_without_its_spec(capsys):
+    """The restore's warning left TensorStore's multi-kilobyte spec out, a background thread's error printed it (now
+    and then: which thread fails first is timing); one function cuts both."""
+    import types
+
+    from clip_jax.errors import BackgroundErrorsOnce
+
+    error = ValueError("Error reading \"d/abc\": Unexpected end of file of size 7 [tensorstore_spec='{\"driver\": "
+                       "\"zarr\"}'] See full TensorStore details")
+    BackgroundErrorsOnce()(types.SimpleNamespace(exc_value=error))
+    err = capsys.readouterr().err
+    assert "of size 7 (further ones not shown)" in err and "tensorstore_spec" not in err, err

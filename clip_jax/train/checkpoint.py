@@ -41,7 +41,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from clip_jax import errors
 from clip_jax.distributed import barrier
-from clip_jax.errors import BackgroundErrorsOnce, ConfigError
+from clip_jax.errors import BackgroundErrorsOnce, ConfigError, tensorstore_brief
 from clip_jax.files import CheckpointWriteError, os_error
 from clip_jax.models.layers import has_stacked_blocks, relayout_blocks, relayout_parameter_trees
 
@@ -427,10 +427,8 @@ def quiet_background_errors() -> Iterator[ReadScope]:
 
 
 def _brief(error: Exception) -> str:
-    """The gist of a TensorStore error: its first line, without the multi-kilobyte spec it quotes."""
-    text = str(error).splitlines()[0] if str(error) else ""
-    text = text.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
-    return text if len(text) <= 400 else text[:400] + "..."
+    """The gist of a TensorStore error (`errors.tensorstore_brief`)."""
+    return tensorstore_brief(str(error))
 
 
 def abstract_like(tree: Any) -> Any:
